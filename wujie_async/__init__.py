@@ -1,0 +1,72 @@
+"""wujie_async: an asyncio client of the Wujie "OpenAI Image" gateway.
+
+Submit many image jobs at once; one background poller per client asks about all of them in
+shared batch calls; each job (and each image) is an awaitable that resolves as results land.
+"""
+
+from ._auth import Credentials
+from ._client import ClientStats, Images, WujieClient
+from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._errors import (
+    APIError,
+    AuthenticationError,
+    BusinessError,
+    ClientStateError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    JobCancelledError,
+    JobError,
+    JobFailedError,
+    JobTimeoutError,
+    LockRaceError,
+    ModerationRejectedError,
+    ParameterError,
+    ProtocolError,
+    RateLimitedError,
+    SensitivePromptError,
+    ServerError,
+    SubmitUncertainError,
+    TransportError,
+    UnknownJobError,
+    WujieError,
+)
+from ._jobs import ImageJob
+from ._models import GeneratedImage, ImageResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "BusinessError",
+    "ClientStateError",
+    "ClientStats",
+    "Credentials",
+    "GeneratedImage",
+    "ImageJob",
+    "ImageResult",
+    "Images",
+    "InsufficientBalanceError",
+    "InvalidRequestError",
+    "JobCancelledError",
+    "JobError",
+    "JobFailedError",
+    "JobTimeoutError",
+    "Limits",
+    "LockRaceError",
+    "ModerationRejectedError",
+    "ParameterError",
+    "PollPolicy",
+    "ProtocolError",
+    "RateLimitedError",
+    "RetryPolicy",
+    "SensitivePromptError",
+    "ServerError",
+    "SubmitUncertainError",
+    "Timeouts",
+    "TransportError",
+    "UnknownJobError",
+    "WujieClient",
+    "WujieError",
+    "__version__",
+]

@@ -1,0 +1,174 @@
+"""The platform's RSA request signature, and a signer that caches the header it makes.
+
+``original`` is the compact JSON ``{"appId":...,"timestamp":...}``; ``sign`` is base64 of an
+RSA PKCS#1 v1.5 / SHA-256 signature over it; both travel in the ``Authorization`` header as a
+JSON object. PKCS#1 v1.5 is deterministic, which is what lets a test vector pin it byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from . import _contract
+from ._errors import InvalidRequestError
+
+REDACTED = "<redacted>"
+
+
+def load_private_key(text: str) -> rsa.RSAPrivateKey:
+    """Parse a private key given as base64 of PKCS#8 DER (the console's form) or as PEM.
+
+    Raises:
+        InvalidRequestError: naming ``private_key`` (never echoing it) when it cannot be used.
+    """
+    try:
+        if "-----BEGIN" in text:
+            key = serialization.load_pem_private_key(text.encode(), password=None)
+        else:
+            der = base64.b64decode("".join(text.split()), validate=True)
+            key = serialization.load_der_private_key(der, password=None)
+    except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm):
+        # The cause is dropped on purpose: its text may quote the key material.
+        raise InvalidRequestError(
+            [("private_key", "must be an RSA key: base64 of PKCS#8 DER, or PEM")]
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise InvalidRequestError([("private_key", "must be an RSA key")])
+    return key
+
+
+def original_text(app_id: str, timestamp: int) -> str:
+    """The signed text: compact JSON, keys in alphabetical order."""
+    return json.dumps({"appId": app_id, "timestamp": timestamp}, separators=(",", ":"))
+
+
+def sign_original(key: rsa.RSAPrivateKey, original: str) -> str:
+    """base64 of RSA PKCS#1 v1.5 over SHA-256 of ``original``'s UTF-8 bytes."""
+    signature = key.sign(original.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    return base64.b64encode(signature).decode("ascii")
+
+
+def authorization_header(app_id: str, key: rsa.RSAPrivateKey, timestamp: int) -> str:
+    """The ``Authorization`` header value for one timestamp, in the documented key order."""
+    original = original_text(app_id, timestamp)
+    header = {
+        "secretKeyVersion": _contract.SECRET_KEY_VERSION,
+        "appId": app_id,
+        "sign": sign_original(key, original),
+        "original": original,
+    }
+    return json.dumps(header, separators=(",", ":"))
+
+
+def verify_signature(public_key: rsa.RSAPublicKey, original: str, sign: str) -> bool:
+    """True when ``sign`` is a valid signature of ``original`` (used by the emulator)."""
+    try:
+        signature = base64.b64decode(sign, validate=True)
+        public_key.verify(signature, original.encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, ValueError, binascii.Error):
+        return False
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """An app id and its RSA private key (base64 PKCS#8 DER, or PEM).
+
+    The key is parsed once, at construction, so a bad key fails here and not mid-run; it never
+    appears in ``repr`` or in any error message.
+    """
+
+    app_id: str
+    private_key: str = field(repr=False)
+    _key: rsa.RSAPrivateKey = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.app_id, str) or not self.app_id.strip():
+            raise InvalidRequestError([("app_id", "required: a non-empty string")])
+        if not isinstance(self.private_key, str) or not self.private_key.strip():
+            raise InvalidRequestError([("private_key", "required: a non-empty string")])
+        object.__setattr__(self, "_key", load_private_key(self.private_key))
+
+    def __repr__(self) -> str:
+        return f"Credentials(app_id={self.app_id!r}, private_key={REDACTED!r})"
+
+    @classmethod
+    def from_env(cls) -> Credentials:
+        """Read ``WUJIE_APP_ID`` and ``WUJIE_PRIVATE_KEY``.
+
+        Raises:
+            InvalidRequestError: naming the missing variable.
+        """
+        app_id = os.environ.get("WUJIE_APP_ID", "")
+        private_key = os.environ.get("WUJIE_PRIVATE_KEY", "")
+        missing = [
+            (name, "environment variable is not set")
+            for name, value in (("WUJIE_APP_ID", app_id), ("WUJIE_PRIVATE_KEY", private_key))
+            if not value
+        ]
+        if missing:
+            raise InvalidRequestError(missing)
+        return cls(app_id=app_id, private_key=private_key)
+
+    def public_key(self) -> rsa.RSAPublicKey:
+        """The public half of the key, for a server that verifies these credentials."""
+        return self._key.public_key()
+
+    def header_at(self, timestamp: int) -> str:
+        """The Authorization header for ``timestamp`` (unix seconds)."""
+        return authorization_header(self.app_id, self._key, timestamp)
+
+
+class HeaderSigner:
+    """Hands out an Authorization header, re-signing only when the cached one gets old.
+
+    Signing (about a millisecond of RSA) runs in a worker thread so the event loop never waits
+    on it, and concurrent callers share one signing.
+    """
+
+    __slots__ = ("_clock", "_credentials", "_header", "_lock", "_max_age", "_signed_at")
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        max_age: float = _contract.SIGNATURE_REUSE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._credentials = credentials
+        self._max_age = max_age
+        self._clock = clock
+        self._header: str | None = None
+        self._signed_at = 0.0
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"HeaderSigner(app_id={self._credentials.app_id!r})"
+
+    def invalidate(self) -> None:
+        """Forget the cached header (after a 401, say) so the next call signs anew."""
+        self._header = None
+
+    async def header(self) -> str:
+        """A header whose timestamp is at most ``max_age`` seconds old."""
+        header = self._header
+        if header is not None and self._clock() - self._signed_at < self._max_age:
+            return header
+        async with self._lock:
+            if self._header is not None and self._clock() - self._signed_at < self._max_age:
+                return self._header
+            now = self._clock()
+            self._header = await asyncio.to_thread(self._credentials.header_at, int(now))
+            self._signed_at = now
+            return self._header

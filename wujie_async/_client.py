@@ -1,0 +1,451 @@
+"""WujieClient: lifecycle, submits, attach, as_completed and stats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+
+from . import _contract
+from ._auth import Credentials, HeaderSigner
+from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._errors import (
+    ClientStateError,
+    InvalidRequestError,
+    JobCancelledError,
+    ProtocolError,
+    SubmitUncertainError,
+)
+from ._jobs import ImageJob
+from ._models import EditRequest, GenerationRequest, ImageResult, SubmitData
+from ._poller import BatchPoller
+from ._transport import SubmitRateLimiter, Transport
+
+_State = Literal["unopened", "open", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    """What the client has done so far (a snapshot; read ``client.stats`` again to refresh).
+
+    Attributes:
+        submits: submits the gateway accepted (each gave a key).
+        submit_errors: submits that raised.
+        batch_calls: batch-detail calls sent.
+        batch_errors: batch-detail calls that failed after their retries.
+        keys_polled: keys asked about, over all batch calls.
+        mean_batch_fill: keys per batch call on average (50 is full).
+        http_calls: HTTP requests sent, retries included.
+        retries: HTTP requests that were retries.
+        rate_limited: 429 replies received.
+        jobs_outstanding: jobs being tracked now.
+        jobs_succeeded: jobs that ended with images.
+        jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
+    """
+
+    submits: int
+    submit_errors: int
+    batch_calls: int
+    batch_errors: int
+    keys_polled: int
+    mean_batch_fill: float
+    http_calls: int
+    retries: int
+    rate_limited: int
+    jobs_outstanding: int
+    jobs_succeeded: int
+    jobs_failed: int
+
+
+def _check_base_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise InvalidRequestError(
+            [("base_url", "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL)]
+        )
+    return base_url.rstrip("/")
+
+
+class Images:
+    """``client.images``: submit, generate, edit and attach image jobs."""
+
+    def __init__(self, client: WujieClient) -> None:
+        self._client = client
+
+    async def submit(
+        self,
+        *,
+        prompt: str,
+        model: str,
+        n: int | None = None,
+        quality: str | None = None,
+        size: str | None = None,
+        background: str | None = None,
+        moderation: str | None = None,
+        output_format: str | None = None,
+        output_compression: int | None = None,
+        style: str | None = None,
+        job_timeout: float | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> ImageJob:
+        """Submit a generation; returns its job as soon as the gateway gives a key.
+
+        Fields are those of API.md section 1; None leaves a field out (the gateway's default).
+        ``job_timeout`` is the job's deadline in seconds (default ``Timeouts.job``);
+        ``extra_body`` adds fields this client does not know yet, sent as given.
+
+        Raises:
+            InvalidRequestError: a field breaks the model's rules (nothing was sent).
+            SubmitUncertainError: the reply was lost; the gateway may have accepted the job.
+            APIError: the gateway refused the submit.
+        """
+        fields = {
+            "prompt": prompt,
+            "model": model,
+            "n": n,
+            "quality": quality,
+            "size": size,
+            "background": background,
+            "moderation": moderation,
+            "output_format": output_format,
+            "output_compression": output_compression,
+            "style": style,
+        }
+        request = GenerationRequest.build(fields)
+        return await self._client._submit(
+            _contract.GENERATIONS_PATH, request.body(), request.n, job_timeout, extra_body
+        )
+
+    async def submit_edit(
+        self,
+        *,
+        prompt: str,
+        model: str,
+        image: list[str],
+        mask: str | None = None,
+        n: int | None = None,
+        quality: str | None = None,
+        size: str | None = None,
+        background: str | None = None,
+        moderation: str | None = None,
+        output_format: str | None = None,
+        output_compression: int | None = None,
+        style: str | None = None,
+        job_timeout: float | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> ImageJob:
+        """Submit an edit of ``image`` (URLs, base64 or data URLs), optionally with ``mask``.
+
+        See :meth:`submit` for the other arguments and errors.
+        """
+        fields = {
+            "prompt": prompt,
+            "model": model,
+            "image": image,
+            "mask": mask,
+            "n": n,
+            "quality": quality,
+            "size": size,
+            "background": background,
+            "moderation": moderation,
+            "output_format": output_format,
+            "output_compression": output_compression,
+            "style": style,
+        }
+        request = EditRequest.build(fields)
+        return await self._client._submit(
+            _contract.EDITS_PATH, request.body(), request.n, job_timeout, extra_body
+        )
+
+    async def generate(self, **fields: Any) -> ImageResult:
+        """Submit a generation and wait for its result (``submit`` then ``await job``).
+
+        Takes the arguments of :meth:`submit`; the wait is bounded by the job's deadline.
+        """
+        job = await self.submit(**fields)
+        return await job
+
+    async def edit(self, **fields: Any) -> ImageResult:
+        """Submit an edit and wait for its result (``submit_edit`` then ``await job``)."""
+        job = await self.submit_edit(**fields)
+        return await job
+
+    def attach(
+        self, key: str, *, job_timeout: float | None = None, n: int | None = None
+    ) -> ImageJob:
+        """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
+
+        Attaching a key this client already tracks returns the same job. ``n``, when given,
+        lets ``job.image(i)`` reject indexes out of range at once.
+        """
+        return self._client._attach(key, job_timeout=job_timeout, n=n)
+
+
+class WujieClient:
+    """An asyncio client of the Wujie "OpenAI Image" gateway.
+
+    Use it as ``async with WujieClient(...) as client:``; one client per event loop, shared by
+    every task. With no arguments it reads ``WUJIE_APP_ID``, ``WUJIE_PRIVATE_KEY`` and
+    ``WUJIE_BASE_URL`` (default: the production gateway).
+
+    Args:
+        credentials: the app id and RSA private key.
+        base_url: the gateway's base URL, ending in ``/wj-open/v1``.
+        poll: when keys are polled.
+        limits: connection, concurrency and rate limits.
+        timeouts: connect/request/job/close deadlines.
+        retry: backoff for retryable failures.
+    """
+
+    def __init__(
+        self,
+        credentials: Credentials | None = None,
+        *,
+        base_url: str | None = None,
+        poll: PollPolicy | None = None,
+        limits: Limits | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.credentials = credentials if credentials is not None else Credentials.from_env()
+        self.base_url = _check_base_url(
+            base_url or os.environ.get("WUJIE_BASE_URL") or _contract.PRODUCTION_BASE_URL
+        )
+        self.poll_policy = poll or PollPolicy()
+        self.limits = limits or Limits()
+        self.timeouts = timeouts or Timeouts()
+        self.retry_policy = retry or RetryPolicy()
+        self.images = Images(self)
+        self._state: _State = "unopened"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._transport = Transport(
+            base_url=self.base_url,
+            signer=HeaderSigner(self.credentials),
+            limits=self.limits,
+            timeouts=self.timeouts,
+            retry=self.retry_policy,
+        )
+        self._poller = BatchPoller(self._transport, self.poll_policy, self.limits)
+        self._poller_task: asyncio.Task[None] | None = None
+        self._submit_slots: asyncio.Semaphore | None = None
+        self._in_flight_slots: asyncio.Semaphore | None = None
+        self._rate_limiter: SubmitRateLimiter | None = None
+        self._submits = 0
+        self._submit_errors = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"WujieClient(app_id={self.credentials.app_id!r}, base_url={self.base_url!r}, "
+            f"state={self._state!r}, outstanding={len(self._poller)})"
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open the HTTP session and start the poller (``async with`` does this)."""
+        if self._state != "unopened":
+            raise ClientStateError(f"the client is {self._state}; a client opens once")
+        self._loop = asyncio.get_running_loop()
+        await self._transport.open()
+        self._submit_slots = asyncio.Semaphore(self.limits.max_concurrent_submits)
+        if self.limits.max_in_flight is not None:
+            self._in_flight_slots = asyncio.Semaphore(self.limits.max_in_flight)
+        if self.limits.max_submits_per_second is not None:
+            self._rate_limiter = SubmitRateLimiter(self.limits.max_submits_per_second)
+        self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
+        self._state = "open"
+
+    async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
+        """Close the client; every job left is settled and no task or socket is left behind.
+
+        Args:
+            drain: first wait for outstanding jobs to end (up to ``timeout``, default
+                ``Timeouts.close``); jobs still running then are cancelled.
+            timeout: bound of the drain, in seconds.
+        """
+        if self._state != "open":
+            self._state = "closed"
+            return
+        self._check_loop()
+        self._state = "closed"
+        jobs = self._poller.jobs()
+        if drain and jobs:
+            wait = self.timeouts.close if timeout is None else timeout
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await asyncio.gather(
+                        *(asyncio.shield(job._future) for job in jobs), return_exceptions=True
+                    )
+        for job in self._poller.jobs():
+            self._poller.forget(job)
+            job.fail(
+                JobCancelledError("the client was closed before the job ended", job_key=job.key)
+            )
+        if self._poller_task is not None:
+            self._poller_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller_task
+            self._poller_task = None
+        await self._transport.close()
+
+    def _check_loop(self) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            raise ClientStateError(
+                "this client belongs to another event loop; create one client per loop"
+            )
+
+    def _check_open(self) -> asyncio.AbstractEventLoop:
+        if self._state != "open":
+            hint = (
+                "use `async with WujieClient(...)`"
+                if self._state == "unopened"
+                else "open a new client"
+            )
+            raise ClientStateError(f"the client is {self._state}: {hint}")
+        self._check_loop()
+        assert self._loop is not None
+        return self._loop
+
+    # --- jobs --------------------------------------------------------------------------------
+    async def _submit(
+        self,
+        path: str,
+        body: dict[str, Any],
+        n: int | None,
+        job_timeout: float | None,
+        extra_body: Mapping[str, Any] | None,
+    ) -> ImageJob:
+        loop = self._check_open()
+        deadline_s = self._job_timeout(job_timeout)
+        if extra_body:
+            body = {**body, **extra_body}
+        assert self._submit_slots is not None
+        if self._in_flight_slots is not None:
+            await self._in_flight_slots.acquire()
+        try:
+            async with self._submit_slots:
+                if self._rate_limiter is not None:
+                    await self._rate_limiter.wait()
+                data = await self._transport.post(path, body, kind="submit")
+            key = self._parse_key(data, body)
+        except BaseException:
+            self._submit_errors += 1
+            if self._in_flight_slots is not None:
+                self._in_flight_slots.release()
+            raise
+        self._submits += 1
+        job = ImageJob(
+            key,
+            loop=loop,
+            deadline=loop.time() + deadline_s,
+            request=body,
+            n=n or 1,
+            on_cancel=self._poller.forget,
+        )
+        if self._in_flight_slots is not None:
+            slots = self._in_flight_slots
+            job.add_done_callback(lambda _: slots.release())
+        self._poller.track(job)
+        return job
+
+    @staticmethod
+    def _parse_key(data: Any, body: dict[str, Any]) -> str:
+        try:
+            return SubmitData.model_validate(data).key
+        except ValueError as exc:
+            # The gateway said "200" but gave no usable key: the job may exist, unreachable.
+            raise SubmitUncertainError(
+                f"the submit reply has no usable key: {str(data)[:200]}", request=body
+            ) from ProtocolError(str(exc)[:300])
+
+    def _job_timeout(self, job_timeout: float | None) -> float:
+        seconds = self.timeouts.job if job_timeout is None else job_timeout
+        if not isinstance(seconds, int | float) or not seconds > 0:
+            raise InvalidRequestError([("job_timeout", "must be a positive number of seconds")])
+        return seconds
+
+    def _attach(self, key: str, *, job_timeout: float | None, n: int | None) -> ImageJob:
+        loop = self._check_open()
+        if not isinstance(key, str) or not key.strip():
+            raise InvalidRequestError([("key", "must be a non-empty job key")])
+        existing = self._poller.get(key)
+        if existing is not None:
+            return existing
+        deadline_s = self._job_timeout(job_timeout)
+        job = ImageJob(
+            key, loop=loop, deadline=loop.time() + deadline_s, n=n, on_cancel=self._poller.forget
+        )
+        self._poller.track(job, first_delay=0.0)
+        return job
+
+    async def as_completed(
+        self, jobs: Iterable[ImageJob], *, timeout: float | None = None
+    ) -> AsyncIterator[ImageJob]:
+        """Yield ``jobs`` in the order they end (succeeded or not: await each to see which).
+
+        Args:
+            timeout: bound of the whole iteration, in seconds.
+
+        Raises:
+            TimeoutError: ``timeout`` passed with jobs still running.
+        """
+        pending = list(dict.fromkeys(jobs))
+        finished: asyncio.Queue[ImageJob] = asyncio.Queue()
+        handles = [(job, job.add_done_callback(finished.put_nowait)) for job in pending]
+        loop = self._check_open()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            for _ in pending:
+                # The deadline wraps each wait only: a timeout scope held across ``yield``
+                # would fire inside the caller's loop body instead.
+                async with asyncio.timeout_at(deadline):
+                    job = await finished.get()
+                yield job
+        finally:
+            for job, handle in handles:
+                job.remove_done_callback(handle)
+
+    def jobs(self) -> list[ImageJob]:
+        """Every job being tracked now."""
+        return self._poller.jobs()
+
+    @property
+    def stats(self) -> ClientStats:
+        """A snapshot of what the client has done."""
+        poller = self._poller.counters
+        transport = self._transport.counters
+        calls = poller.batch_calls
+        return ClientStats(
+            submits=self._submits,
+            submit_errors=self._submit_errors,
+            batch_calls=calls,
+            batch_errors=poller.batch_errors,
+            keys_polled=poller.keys_polled,
+            mean_batch_fill=poller.keys_polled / calls if calls else 0.0,
+            http_calls=transport.http_calls,
+            retries=transport.retries,
+            rate_limited=transport.rate_limited,
+            jobs_outstanding=len(self._poller),
+            jobs_succeeded=poller.succeeded,
+            jobs_failed=poller.failed,
+        )

@@ -1,0 +1,147 @@
+"""Policies: small frozen value objects, each with safe defaults.
+
+``None`` means "off" (no limit); every field is keyword-only so call sites read as settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._errors import InvalidRequestError
+
+
+def _check_positive(owner: str, **values: float | None) -> None:
+    bad = [
+        (f"{owner}.{name}", "must be a positive number or None")
+        for name, value in values.items()
+        if value is not None and (not isinstance(value, int | float) or not value > 0)
+    ]
+    if bad:
+        raise InvalidRequestError(bad)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PollPolicy:
+    """When the batching poller asks about a key.
+
+    A key is first asked about ``first_poll_delay`` after its submit. After that, each answer
+    sets the next ask: a fraction of the server's ``expected_seconds`` (so a job queued for a
+    minute is not asked about every half second), never sooner than ``min_interval`` and never
+    later than ``max_interval``; a job that runs long backs off with its age.
+
+    Attributes:
+        first_poll_delay: seconds from submit to the first ask.
+        min_interval: the shortest gap between two asks about one key; this bounds how late a
+            finished job can be noticed.
+        max_interval: the longest gap between two asks about one key.
+        estimate_fraction: share of ``expected_seconds`` to wait before asking again.
+        age_fraction: share of a job's age to wait (backs off for slow jobs).
+        batch_fill_horizon: keys due within this many seconds may ride along in a batch call
+            that has room, so calls go out full instead of more often.
+        unknown_key_grace: how long a key may be absent from replies before it fails as unknown.
+    """
+
+    first_poll_delay: float = 1.0
+    min_interval: float = 0.5
+    max_interval: float = 5.0
+    estimate_fraction: float = 0.5
+    age_fraction: float = 0.05
+    batch_fill_horizon: float = 1.0
+    unknown_key_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "PollPolicy",
+            first_poll_delay=self.first_poll_delay,
+            min_interval=self.min_interval,
+            max_interval=self.max_interval,
+            unknown_key_grace=self.unknown_key_grace,
+        )
+        if self.max_interval < self.min_interval:
+            raise InvalidRequestError([("PollPolicy.max_interval", "must be >= min_interval")])
+        for name in ("estimate_fraction", "age_fraction", "batch_fill_horizon"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0 or math.isnan(value):
+                raise InvalidRequestError([(f"PollPolicy.{name}", "must be a number >= 0")])
+
+    def next_delay(self, *, expected_seconds: float | None, age: float) -> float:
+        """Seconds until the next ask about a key that is still running."""
+        wanted = max(self.estimate_fraction * (expected_seconds or 0.0), self.age_fraction * age)
+        return min(max(wanted, self.min_interval), self.max_interval)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """How hard the client may push the gateway (the platform sells QPS and channels).
+
+    Attributes:
+        max_connections: pooled HTTP connections per client.
+        max_concurrent_submits: submits on the wire at once; more wait their turn (FIFO).
+        max_submits_per_second: a steady cap on submit rate; None is no cap.
+        max_concurrent_polls: batch-detail calls on the wire at once.
+        max_in_flight: jobs tracked at once; further submits wait for room. None is no bound.
+        max_response_bytes: a reply larger than this is a ProtocolError, not a memory spike.
+    """
+
+    max_connections: int = 64
+    max_concurrent_submits: int = 32
+    max_submits_per_second: float | None = None
+    max_concurrent_polls: int = 4
+    max_in_flight: int | None = None
+    max_response_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "Limits",
+            max_connections=self.max_connections,
+            max_concurrent_submits=self.max_concurrent_submits,
+            max_submits_per_second=self.max_submits_per_second,
+            max_concurrent_polls=self.max_concurrent_polls,
+            max_in_flight=self.max_in_flight,
+            max_response_bytes=self.max_response_bytes,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timeouts:
+    """Deadlines, in seconds. Every wait in the client is bounded by one of these.
+
+    Attributes:
+        connect: opening a connection.
+        request: one HTTP exchange, end to end.
+        job: from submit until the job must be terminal (overridable per submit).
+        close: how long ``aclose(drain=True)`` waits for outstanding jobs.
+    """
+
+    connect: float = 10.0
+    request: float = 30.0
+    job: float = 900.0
+    close: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "Timeouts", connect=self.connect, request=self.request, job=self.job, close=self.close
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for retryable failures.
+
+    Attributes:
+        max_attempts: tries per call, the first included.
+        initial_wait: the first backoff ceiling in seconds; 0 makes retries instant (tests).
+        max_wait: the largest single wait (a server's Retry-After is honoured up to this).
+        max_elapsed: give up retrying once this many seconds have gone by.
+    """
+
+    max_attempts: int = 6
+    initial_wait: float = 0.25
+    max_wait: float = 10.0
+    max_elapsed: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_positive("RetryPolicy", max_attempts=self.max_attempts, max_elapsed=self.max_elapsed)
+        if self.initial_wait < 0 or self.max_wait < 0:
+            raise InvalidRequestError([("RetryPolicy.initial_wait", "must be >= 0")])

@@ -1,0 +1,205 @@
+"""ImageJob: an awaitable handle on one gateway job, with a future per image.
+
+A job holds no task and polls nothing: the client's one poller feeds it. It costs one
+``asyncio.Future`` plus a few slots; per-image futures exist only once someone asks for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Generator
+from typing import Any
+
+from . import _contract
+from ._errors import JobCancelledError, JobError
+from ._models import GeneratedImage, ImageResult
+
+# Job states as users read them (``job.status``); the numbers are the gateway's (see _contract).
+STATUS_NAMES = {
+    _contract.STATUS_QUEUED: "queued",
+    _contract.STATUS_GENERATING: "generating",
+    _contract.STATUS_FAILED: "failed",
+    _contract.STATUS_SUCCEEDED: "succeeded",
+    _contract.STATUS_MODERATION_REJECTED: "rejected",
+}
+
+
+class ImageJob:
+    """One submitted job. ``await job`` gives its :class:`ImageResult` or raises a JobError.
+
+    Awaiting from many tasks at once is fine, and cancelling one awaiting task does not disturb
+    the others or the job. Attributes are read-only views kept current by the poller.
+
+    Attributes:
+        key: the gateway's job key.
+        request: the body that was submitted (None for an attached key).
+        n: how many images the job makes, when known.
+        status: the last status the gateway reported (None before the first report).
+        progress: ``complete_percent`` from the last report, 0 to 100.
+        expected_seconds: the gateway's last estimate of seconds left.
+        deadline: loop time by which the job must end, or it fails with JobTimeoutError.
+    """
+
+    __slots__ = (
+        "_future",
+        "_image_futures",
+        "_on_cancel",
+        "created_at",
+        "deadline",
+        "due",
+        "expected_seconds",
+        "images",
+        "key",
+        "last_seen",
+        "n",
+        "progress",
+        "request",
+        "status",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        request: dict[str, Any] | None = None,
+        n: int | None = None,
+        on_cancel: Callable[[ImageJob], None] | None = None,
+    ) -> None:
+        self.key = key
+        self.request = request
+        self.n = n
+        self.status: int | None = None
+        self.progress = 0.0
+        self.expected_seconds: float | None = None
+        self.images: list[GeneratedImage] = []
+        self.created_at = loop.time()
+        self.deadline = deadline
+        self.last_seen: float | None = None
+        self.due = math.inf  # when the poller asks next (owned by the poller)
+        self._future: asyncio.Future[ImageResult] = loop.create_future()
+        self._image_futures: dict[int, asyncio.Future[GeneratedImage]] | None = None
+        self._on_cancel = on_cancel
+
+    def __repr__(self) -> str:
+        state = (
+            STATUS_NAMES.get(self.status, str(self.status))
+            if self.status is not None
+            else "pending"
+        )
+        return f"<ImageJob {self.key} {state} {self.progress:.0f}%>"
+
+    def __await__(self) -> Generator[Any, None, ImageResult]:
+        return self.result().__await__()
+
+    @property
+    def status_name(self) -> str:
+        """``queued``, ``generating``, ``succeeded``, ``failed``, ``rejected`` or ``pending``."""
+        if self.status is None:
+            return "pending"
+        return STATUS_NAMES.get(self.status, f"status {self.status}")
+
+    def done(self) -> bool:
+        """True once the job has a result or an error."""
+        return self._future.done()
+
+    def exception(self) -> BaseException | None:
+        """The job's error, once done (None if it succeeded)."""
+        return self._future.exception() if self._future.done() else None
+
+    async def result(self, timeout: float | None = None) -> ImageResult:
+        """Wait for the job; ``timeout`` bounds this wait only (the job keeps its deadline).
+
+        Raises:
+            JobError: the job failed, was rejected, timed out or is unknown.
+            TimeoutError: ``timeout`` passed first.
+        """
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(self._future)
+
+    async def image(self, index: int, timeout: float | None = None) -> GeneratedImage:
+        """Wait for image ``index`` alone: it resolves as soon as the gateway lists it.
+
+        Raises:
+            IndexError: the job has fewer images.
+            JobError: the job ended without this image.
+        """
+        if index < 0 or (self.n is not None and index >= self.n):
+            raise IndexError(f"job {self.key} has {self.n} image(s); index {index} is out of range")
+        if index < len(self.images):
+            return self.images[index]
+        if self._future.done():
+            self._future.result()  # raises the job's error, if any
+            raise IndexError(f"job {self.key} finished with {len(self.images)} image(s)")
+        if self._image_futures is None:
+            self._image_futures = {}
+        future = self._image_futures.get(index)
+        if future is None:
+            future = self._future.get_loop().create_future()
+            self._image_futures[index] = future
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(future)
+
+    def cancel(self) -> bool:
+        """Stop tracking the job; its awaiters get JobCancelledError. False if already done.
+
+        The gateway is not told (it has no cancel endpoint): the job may still run and be
+        charged, and ``client.images.attach(key)`` can pick it up again.
+        """
+        if self._future.done():
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel(self)
+        self.fail(JobCancelledError("no longer tracked (cancelled)", job_key=self.key))
+        return True
+
+    # --- fed by the poller ------------------------------------------------------------------------
+    def add_images(self, images: list[GeneratedImage]) -> None:
+        """Record images listed so far and resolve their futures."""
+        if len(images) <= len(self.images):
+            return
+        self.images = images
+        if self._image_futures:
+            for index, future in self._image_futures.items():
+                if index < len(images) and not future.done():
+                    future.set_result(images[index])
+
+    def succeed(self, status: int) -> None:
+        """The job ended with images."""
+        if self._future.done():
+            return
+        self.status = status
+        self.progress = 100.0
+        self._future.set_result(ImageResult(self.key, status, tuple(self.images)))
+        if self._image_futures:
+            missing = IndexError(f"job {self.key} finished with {len(self.images)} image(s)")
+            self._settle_images(missing)
+
+    def fail(self, error: JobError) -> None:
+        """The job ended without (all of) its images."""
+        if self._future.done():
+            return
+        self._future.set_exception(error)
+        self._future.exception()  # a failed job nobody awaits is not worth a log line
+        self._settle_images(error)
+
+    def _settle_images(self, error: BaseException) -> None:
+        for future in (self._image_futures or {}).values():
+            if not future.done():
+                future.set_exception(error)
+                future.exception()
+
+    def add_done_callback(self, callback: Callable[[ImageJob], None]) -> Callable[[Any], None]:
+        """Call ``callback(job)`` when the job ends; returns the handle for removal."""
+
+        def on_done(_: Any) -> None:
+            callback(self)
+
+        self._future.add_done_callback(on_done)
+        return on_done
+
+    def remove_done_callback(self, handle: Callable[[Any], None]) -> None:
+        """Undo :meth:`add_done_callback`."""
+        self._future.remove_done_callback(handle)

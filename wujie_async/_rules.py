@@ -1,0 +1,222 @@
+"""The per-model request rules of API.md sections 1 and 2, as one table and one checker.
+
+The client runs :func:`violations` before anything is sent (unknown models pass through, so a
+new model works without a release); the emulator runs the same table with
+``unknown_models=False``, as a gateway knows its own models. One table, so the two never drift.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+RequestKind = Literal["generation", "edit"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRules:
+    """What one model accepts."""
+
+    max_n: int
+    qualities: frozenset[str]
+    sizes: frozenset[str]
+    # Fields documented for other models only (e.g. ``style`` is dall-e-3's).
+    gpt_image_only: bool = False
+
+
+MODEL_RULES: Final[dict[str, ModelRules]] = {
+    "gpt-image-1": ModelRules(
+        max_n=10,
+        qualities=frozenset({"auto", "high", "medium", "low"}),
+        sizes=frozenset({"1024x1024", "1536x1024", "1024x1536", "auto"}),
+        gpt_image_only=True,
+    ),
+    "dall-e-2": ModelRules(
+        max_n=10,
+        qualities=frozenset({"auto", "standard"}),
+        sizes=frozenset({"256x256", "512x512", "1024x1024"}),
+    ),
+    "dall-e-3": ModelRules(
+        max_n=1,
+        qualities=frozenset({"auto", "hd", "standard"}),
+        sizes=frozenset({"1024x1024", "1792x1024", "1024x1792"}),
+    ),
+}
+KNOWN_MODELS: Final = tuple(MODEL_RULES)
+
+BACKGROUNDS: Final = frozenset({"transparent", "opaque", "auto"})
+MODERATIONS: Final = frozenset({"low", "auto"})
+OUTPUT_FORMATS: Final = frozenset({"png", "jpeg", "webp"})
+STYLES: Final = frozenset({"vivid", "natural"})
+
+# The server-side validators the doc prints, which contradict its prose (API.md section 1).
+STRICT_QUALITY_RE: Final = re.compile(r"low|medium|high")
+STRICT_SIZE_RE: Final = re.compile(r"1024x1024|1536x1024|1024x1536")
+
+GPT_IMAGE_MAX_BYTES: Final = 25 * 1024 * 1024
+DALL_E_2_MAX_BYTES: Final = 4 * 1024 * 1024
+_DATA_URL_RE: Final = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=-]+)*;base64,", re.IGNORECASE)
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+
+Violation = tuple[str, str]
+
+
+def _choices(values: frozenset[str]) -> str:
+    return "|".join(sorted(values))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def size_pixels(size: str | None) -> tuple[int, int]:
+    """Width and height of a size string; ``auto`` and absent mean 1024x1024."""
+    if not size or size == "auto":
+        return 1024, 1024
+    width, _, height = size.partition("x")
+    return int(width), int(height)
+
+
+def _image_violations(model: str, images: object) -> list[Violation]:
+    if not isinstance(images, list) or not images:
+        return [("image", "required: a non-empty array of URL or base64 strings")]
+    found: list[Violation] = []
+    if model == "dall-e-2" and len(images) != 1:
+        found.append(("image", "dall-e-2 takes exactly one image"))
+    for index, item in enumerate(images):
+        field = f"image[{index}]"
+        if not isinstance(item, str) or not item:
+            found.append((field, "must be a non-empty string (URL, base64 or data URL)"))
+            continue
+        if item.startswith(("http://", "https://")):
+            continue  # a URL: the gateway fetches and checks it
+        found.extend(_inline_image_violations(model, field, item))
+    return found
+
+
+def _inline_image_violations(model: str, field: str, item: str) -> list[Violation]:
+    mime = None
+    payload = item
+    match = _DATA_URL_RE.match(item)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        payload = item[match.end() :]
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        return [(field, "must be an http(s) URL, base64, or a base64 data URL")]
+    if model == "dall-e-2":
+        if len(raw) >= DALL_E_2_MAX_BYTES:
+            return [(field, "dall-e-2 takes a PNG smaller than 4 MB")]
+        if not raw.startswith(_PNG_SIGNATURE) or (mime and mime != "image/png"):
+            return [(field, "dall-e-2 takes a PNG image")]
+        width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+        if width != height:
+            return [(field, f"dall-e-2 takes a square image, got {width}x{height}")]
+    elif model == "gpt-image-1":
+        if len(raw) >= GPT_IMAGE_MAX_BYTES:
+            return [(field, "gpt-image-1 takes images smaller than 25 MB")]
+        if mime and mime not in {"image/png", "image/webp", "image/jpeg", "image/jpg"}:
+            return [(field, "gpt-image-1 takes png, webp or jpg images")]
+    return []
+
+
+def violations(
+    kind: RequestKind,
+    body: Mapping[str, Any],
+    *,
+    unknown_models: bool = True,
+    strict_regexps: bool = False,
+) -> list[Violation]:
+    """Every ``(field, rule)`` that ``body`` breaks; empty when it is valid.
+
+    Args:
+        kind: ``"generation"`` or ``"edit"``.
+        body: the JSON body as it would be sent (absent fields omitted or None).
+        unknown_models: let models outside :data:`MODEL_RULES` through unchecked (client side).
+        strict_regexps: also apply the validators printed on the doc page (emulator knob).
+    """
+    found: list[Violation] = []
+    present = {name: value for name, value in body.items() if value is not None}
+
+    prompt = present.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        found.append(("prompt", "required: a non-empty string"))
+    model = present.get("model")
+    if not isinstance(model, str) or not model:
+        found.append(("model", f"required: one of {'|'.join(KNOWN_MODELS)}"))
+        return found
+    rules = MODEL_RULES.get(model)
+    if rules is None:
+        if not unknown_models:
+            found.append(("model", f"must be one of {'|'.join(KNOWN_MODELS)}"))
+        return found
+
+    found.extend(_field_violations(model, rules, present))
+    if strict_regexps:
+        quality, size = present.get("quality"), present.get("size")
+        if isinstance(quality, str) and not STRICT_QUALITY_RE.fullmatch(quality):
+            found.append(("quality", "Validate[regexp: low|medium|high]"))
+        if isinstance(size, str) and not STRICT_SIZE_RE.fullmatch(size):
+            found.append(("size", "Validate[regexp: 1024x1024|1536x1024|1024x1536]"))
+    if kind == "edit":
+        found.extend(_image_violations(model, present.get("image")))
+        mask = present.get("mask")
+        if mask is not None and (not isinstance(mask, str) or not mask):
+            found.append(("mask", "must be a non-empty string (URL or base64)"))
+    return found
+
+
+def _field_violations(model: str, rules: ModelRules, present: Mapping[str, Any]) -> list[Violation]:
+    found: list[Violation] = []
+    n = present.get("n", 1)
+    if not _is_int(n) or not 1 <= n <= 10:
+        found.append(("n", "must be an integer from 1 to 10"))
+    elif n > rules.max_n:
+        found.append(("n", f"{model} allows n from 1 to {rules.max_n}"))
+
+    for name, choices in (("quality", rules.qualities), ("size", rules.sizes)):
+        value = present.get(name)
+        if value is not None and (not isinstance(value, str) or value not in choices):
+            found.append((name, f"{model} allows {_choices(choices)}"))
+
+    output_format = present.get("output_format")
+    gpt_image_fields: tuple[tuple[str, frozenset[str] | None], ...] = (
+        ("background", BACKGROUNDS),
+        ("moderation", MODERATIONS),
+        ("output_format", OUTPUT_FORMATS),
+        ("output_compression", None),
+    )
+    for name, allowed in gpt_image_fields:
+        if name not in present:
+            continue
+        if not rules.gpt_image_only:
+            found.append((name, "only gpt-image-1 takes this field"))
+        elif allowed is not None and (
+            not isinstance(present[name], str) or present[name] not in allowed
+        ):
+            found.append((name, f"must be one of {_choices(allowed)}"))
+
+    compression = present.get("output_compression")
+    if compression is not None and rules.gpt_image_only:
+        if not _is_int(compression) or not 0 <= compression <= 100:
+            found.append(("output_compression", "must be an integer from 0 to 100"))
+        elif output_format not in {"jpeg", "webp"}:
+            found.append(("output_compression", "applies only with output_format jpeg or webp"))
+    if present.get("background") == "transparent" and output_format not in {None, "png", "webp"}:
+        found.append(("background", "transparent needs output_format png or webp"))
+
+    style = present.get("style")
+    if style is not None:
+        if model != "dall-e-3":
+            found.append(("style", "only dall-e-3 takes this field"))
+        elif not isinstance(style, str) or style not in STYLES:
+            found.append(("style", f"must be one of {_choices(STYLES)}"))
+    return found
+
+
+__all__ = ["KNOWN_MODELS", "MODEL_RULES", "size_pixels", "violations"]

@@ -1,0 +1,423 @@
+"""The emulated gateway: an aiohttp.web application serving API.md over real HTTP.
+
+Order of work for an API request, as at a real edge: injected faults (a proxy's doing), then
+auth (401), then the per-app rate limit (429), then the body (20010001), then the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Final
+
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from .. import _contract, _rules
+from .._auth import verify_signature
+from . import _png
+from ._state import EmulatedJob, EmulatorConfig, FaultConfig, JobStore
+
+ENDPOINTS: Final = {
+    "generations": _contract.GENERATIONS_PATH,
+    "edits": _contract.EDITS_PATH,
+    "info": _contract.BATCH_INFO_PATH,
+}
+_HTML_PAGE: Final = (
+    b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
+    b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+)
+_JOB_FAIL_CODE: Final = 50000001
+_VERIFIED_CACHE_MAX: Final = 10_000
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters kept by the emulator for tests and benchmarks."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    http_statuses: Counter[int] = field(default_factory=Counter)
+    batch_sizes: list[int] = field(default_factory=list)
+    submits_accepted: int = 0
+    faults: Counter[str] = field(default_factory=Counter)
+
+
+class _Refused(Exception):
+    """An early, complete answer to a request (auth failure, rate limit, bad body)."""
+
+    def __init__(self, response: web.StreamResponse, *, dropped: bool = False) -> None:
+        self.response = response
+        self.dropped = dropped
+
+
+def envelope(
+    code: str, message: str, data: Any = None, *, status: int = 200, headers: Any = None
+) -> web.Response:
+    """A reply in the platform's envelope."""
+    body = json.dumps({"code": code, "message": message, "data": data}, separators=(",", ":"))
+    return web.Response(
+        body=body.encode(), status=status, content_type="application/json", headers=headers
+    )
+
+
+class _TokenBucket:
+    __slots__ = ("capacity", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.tokens = self.capacity
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0 when a token was taken, else seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class Gateway:
+    """State and handlers of one emulated gateway."""
+
+    def __init__(self, config: EmulatorConfig) -> None:
+        self.config = config
+        self.rng = random.Random(config.seed)
+        self.store = JobStore(config, self.rng)
+        self.stats = Stats()
+        self.apps: dict[str, rsa.RSAPublicKey] = {}
+        self._verified: dict[str, tuple[str, int]] = {}
+        self._buckets: dict[str, _TokenBucket] = {}
+        self._burst_left = config.faults.burst_429
+
+    # --- configuration at run time ------------------------------------------------------------
+    @property
+    def faults(self) -> FaultConfig:
+        """The fault settings in force."""
+        return self.config.faults
+
+    def set_faults(self, faults: FaultConfig) -> None:
+        """Replace the fault settings (takes effect on the next request)."""
+        self.config = replace(self.config, faults=faults)
+        self.store.config = self.config
+        self._burst_left = faults.burst_429
+
+    def set_rate_limit(self, rps: float | None) -> None:
+        """Change the per-app rate limit."""
+        self.config = replace(self.config, rate_limit_rps=rps)
+        self.store.config = self.config
+        self._buckets.clear()
+
+    def register_app(self, app_id: str, public_key: rsa.RSAPublicKey) -> None:
+        """Accept requests signed by ``app_id``'s key."""
+        self.apps[app_id] = public_key
+
+    # --- the application ------------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        base = _contract.BASE_PATH
+        app.router.add_post(base + ENDPOINTS["generations"], self._generations, name="generations")
+        app.router.add_post(base + ENDPOINTS["edits"], self._edits, name="edits")
+        app.router.add_post(base + ENDPOINTS["info"], self._info, name="info")
+        app.router.add_get("/files/{key}/{index}.png", self._file, name="files")
+        app.router.add_get("/_emulator/stats", self._stats, name="stats")
+        app.router.add_post("/_emulator/faults", self._set_faults, name="faults")
+        return app
+
+    def snapshot(self, *, timelines: bool = True) -> dict[str, Any]:
+        """Every counter, as JSON-ready data."""
+        now = time.time()
+        stats = self.stats
+        data: dict[str, Any] = {
+            "requests": dict(stats.requests),
+            "http_statuses": {str(k): v for k, v in stats.http_statuses.items()},
+            "batch_calls": len(stats.batch_sizes),
+            "batch_sizes": list(stats.batch_sizes),
+            "submits_accepted": stats.submits_accepted,
+            "jobs_by_state": self.store.counts_by_state(now),
+            "faults": dict(stats.faults),
+        }
+        if timelines:
+            data["timelines"] = {
+                job.key: {
+                    "created": job.created_at,
+                    "done": job.ends_at,
+                    "first_listed_done": job.first_listed_done,
+                }
+                for job in self.store.jobs.values()
+            }
+        return data
+
+    # --- the steps every API request goes through ------------------------------------------------
+    async def _front(self, request: web.Request, endpoint: str) -> str:
+        """Faults, auth and rate limit; returns the app id, or raises _Refused / drops."""
+        self.stats.requests[endpoint] += 1
+        faults = self.config.faults
+        if endpoint in faults.endpoints:
+            await self._inject_faults(request, faults)
+        app_id = self._authenticate(request)
+        if self.config.rate_limit_rps is not None:
+            bucket = self._buckets.get(app_id)
+            if bucket is None:
+                bucket = self._buckets[app_id] = _TokenBucket(self.config.rate_limit_rps)
+            wait = bucket.take()
+            if wait:
+                self.stats.faults["rate_limited"] += 1
+                raise self._too_many(max(1, math.ceil(wait)))
+        return app_id
+
+    def _too_many(self, retry_after: int) -> _Refused:
+        return _Refused(
+            envelope(
+                "429",
+                "too many requests",
+                status=429,
+                headers={"Retry-After": str(retry_after)},
+            )
+        )
+
+    async def _inject_faults(self, request: web.Request, faults: FaultConfig) -> None:
+        roll = self.rng.random
+        if faults.slow_reply and roll() < faults.slow_reply:
+            self.stats.faults["slow_reply"] += 1
+            await asyncio.sleep(faults.slow_reply_s)
+        if faults.drop_connection and roll() < faults.drop_connection:
+            self.stats.faults["drop_connection"] += 1
+            raise self._drop(request)
+        if self._burst_left > 0:
+            self._burst_left -= 1
+            self.stats.faults["burst_429"] += 1
+            raise self._too_many(faults.retry_after_s)
+        if faults.http_429 and roll() < faults.http_429:
+            self.stats.faults["http_429"] += 1
+            raise self._too_many(faults.retry_after_s)
+        if faults.http_5xx and roll() < faults.http_5xx:
+            self.stats.faults["http_5xx"] += 1
+            raise _Refused(envelope("500", "internal server error", status=faults.http_5xx_status))
+        if faults.html_reply and roll() < faults.html_reply:
+            self.stats.faults["html_reply"] += 1
+            raise _Refused(
+                web.Response(body=_HTML_PAGE, status=faults.html_status, content_type="text/html")
+            )
+
+    @staticmethod
+    def _drop(request: web.Request) -> _Refused:
+        # Close the socket with nothing written: the client sees the connection die mid-request.
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        return _Refused(web.Response(status=499), dropped=True)
+
+    def _unauthorized(self, reason: str) -> _Refused:
+        return _Refused(envelope(_contract.AUTH_ERROR_CODE, f"unauthorized: {reason}", status=401))
+
+    def _authenticate(self, request: web.Request) -> str:
+        header = request.headers.get("Authorization")
+        if not header:
+            raise self._unauthorized("missing Authorization header")
+        now = time.time()
+        cached = self._verified.get(header)
+        if cached is None:
+            cached = self._verify(header)
+            if len(self._verified) >= _VERIFIED_CACHE_MAX:
+                self._verified.clear()
+            self._verified[header] = cached
+        app_id, timestamp = cached
+        if now - timestamp > _contract.TIMESTAMP_MAX_AGE_SECONDS:
+            raise self._unauthorized("timestamp is too old")
+        if timestamp - now > _contract.TIMESTAMP_MAX_FUTURE_SECONDS:
+            raise self._unauthorized("timestamp is in the future")
+        return app_id
+
+    def _verify(self, header: str) -> tuple[str, int]:
+        try:
+            parsed = json.loads(header)
+        except ValueError:
+            raise self._unauthorized("Authorization is not a JSON object") from None
+        if not isinstance(parsed, dict):
+            raise self._unauthorized("Authorization is not a JSON object")
+        app_id, sign, original = parsed.get("appId"), parsed.get("sign"), parsed.get("original")
+        if parsed.get("secretKeyVersion") != _contract.SECRET_KEY_VERSION:
+            raise self._unauthorized('secretKeyVersion must be "1"')
+        if not all(isinstance(v, str) and v for v in (app_id, sign, original)):
+            raise self._unauthorized("appId, sign and original are required strings")
+        assert isinstance(app_id, str) and isinstance(sign, str) and isinstance(original, str)
+        try:
+            signed = json.loads(original)
+        except ValueError:
+            raise self._unauthorized("original is not JSON") from None
+        timestamp = signed.get("timestamp") if isinstance(signed, dict) else None
+        if not isinstance(signed, dict) or signed.get("appId") != app_id:
+            raise self._unauthorized("original does not name the same appId")
+        if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+            raise self._unauthorized("original.timestamp must be an integer")
+        public_key = self.apps.get(app_id)
+        if public_key is None:
+            raise self._unauthorized(f"unknown appId {app_id!r}")
+        if not verify_signature(public_key, original, sign):
+            raise self._unauthorized("signature does not verify")
+        return app_id, timestamp
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> Any:
+        try:
+            return json.loads(await request.read())
+        except ValueError:
+            raise _Refused(
+                envelope(_contract.CODE_INVALID_PARAMETER, "body: must be valid JSON")
+            ) from None
+
+    async def _answer(self, request: web.Request, endpoint: str, work: Any) -> web.StreamResponse:
+        try:
+            app_id = await self._front(request, endpoint)
+            response: web.StreamResponse = await work(request, app_id)
+        except _Refused as refused:
+            response = refused.response
+            if refused.dropped:
+                return response  # nothing reaches the client; aiohttp discards it
+        self.stats.http_statuses[response.status] += 1
+        return response
+
+    # --- endpoints -------------------------------------------------------------------------------
+    async def _generations(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "generations", self._submit_generation)
+
+    async def _edits(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "edits", self._submit_edit)
+
+    async def _submit_generation(self, request: web.Request, app_id: str) -> web.StreamResponse:
+        return await self._submit(request, app_id, "generation")
+
+    async def _submit_edit(self, request: web.Request, app_id: str) -> web.StreamResponse:
+        return await self._submit(request, app_id, "edit")
+
+    async def _submit(
+        self, request: web.Request, app_id: str, kind: _rules.RequestKind
+    ) -> web.StreamResponse:
+        body = await self._json_body(request)
+        if not isinstance(body, dict):
+            return envelope(_contract.CODE_INVALID_PARAMETER, "body: must be a JSON object")
+        found = _rules.violations(
+            kind, body, unknown_models=False, strict_regexps=self.config.strict_regexps
+        )
+        if found:
+            text = "; ".join(f"{name}: {rule}" for name, rule in found)
+            return envelope(_contract.CODE_INVALID_PARAMETER, f"invalid parameter: {text}")
+        faults = self.config.faults
+        if faults.business_error and self.rng.random() < faults.business_error:
+            self.stats.faults["business_error"] += 1
+            return envelope(faults.business_error_code, "business error (injected)")
+        job = self.store.create(app_id, body)
+        self.stats.submits_accepted += 1
+        if faults.drop_after_accept and self.rng.random() < faults.drop_after_accept:
+            self.stats.faults["drop_after_accept"] += 1
+            raise self._drop(request)
+        return envelope(_contract.SUCCESS_CODE, "success", {"key": job.key})
+
+    async def _info(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "info", self._batch_info)
+
+    async def _batch_info(self, request: web.Request, app_id: str) -> web.StreamResponse:
+        keys = await self._json_body(request)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            return envelope(_contract.CODE_INVALID_PARAMETER, "body: must be a JSON array of keys")
+        if len(keys) > _contract.MAX_KEYS_PER_BATCH:
+            return envelope(
+                _contract.CODE_INVALID_PARAMETER,
+                f"body: at most {_contract.MAX_KEYS_PER_BATCH} keys per call, got {len(keys)}",
+            )
+        self.stats.batch_sizes.append(len(keys))
+        now = time.time()
+        origin = str(request.url.origin())
+        entries: list[dict[str, Any]] = []
+        faults = self.config.faults
+        for key in keys:
+            job = self.store.visible(key, app_id, now)
+            if job is None:
+                continue
+            entry = self._entry(job, now, origin, faults)
+            entries.append(entry)
+            if faults.duplicate_entries and self.rng.random() < faults.duplicate_entries:
+                self.stats.faults["duplicate_entries"] += 1
+                entries.append(entry)
+        if faults.shuffle_entries:
+            self.rng.shuffle(entries)
+        return envelope(_contract.SUCCESS_CODE, "success", {"list": entries})
+
+    def _entry(
+        self, job: EmulatedJob, now: float, origin: str, faults: FaultConfig
+    ) -> dict[str, Any]:
+        status = job.status_at(now)
+        if status in _contract.TERMINAL_STATUSES:
+            if job.first_listed_done is None:
+                job.first_listed_done = now
+        elif faults.unknown_status and self.rng.random() < faults.unknown_status:
+            self.stats.faults["unknown_status"] += 1
+            status = 2
+        fail: dict[str, Any] | None = None
+        if job.outcome == _contract.STATUS_FAILED and status == _contract.STATUS_FAILED:
+            fail = {"fail_code": _JOB_FAIL_CODE, "fail_message": "generation failed upstream"}
+        elif status == _contract.STATUS_MODERATION_REJECTED:
+            fail = {
+                "fail_code": int(_contract.CODE_SENSITIVE_PROMPT),
+                "fail_message": "prompt contains sensitive words",
+            }
+        images = [
+            {
+                "url": f"{origin}/files/{job.key}/{index}.png",
+                "b64_json": None,
+                "revised_prompt": None,
+            }
+            for index in range(job.images_done_at(now))
+        ]
+        return {
+            "key": job.key,
+            "status": status,
+            "complete_percent": job.percent_at(now),
+            "expected_seconds": job.expected_at(now),
+            "images": images,
+            "fail_message": fail,
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self.stats.requests["files"] += 1
+        job = self.store.jobs.get(request.match_info["key"])
+        try:
+            index = int(request.match_info["index"])
+        except ValueError:
+            index = -1
+        if job is None or not 0 <= index < job.images_done_at(time.time()):
+            return web.Response(status=404, text="no such image")
+        width, height = _png.downscaled(*job.size)
+        png = await asyncio.to_thread(_png.render_png, job.key, index, width, height)
+        return web.Response(body=png, content_type="image/png")
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        timelines = request.query.get("timelines", "1") != "0"
+        return web.json_response(self.snapshot(timelines=timelines))
+
+    async def _set_faults(self, request: web.Request) -> web.StreamResponse:
+        try:
+            wanted = await request.json()
+            known = {f.name for f in fields(FaultConfig)}
+            if not isinstance(wanted, dict) or set(wanted) - known:
+                raise ValueError(f"fields must be among {sorted(known)}")
+            if "endpoints" in wanted:
+                wanted["endpoints"] = frozenset(wanted["endpoints"])
+            if "moderation_words" in wanted:
+                wanted["moderation_words"] = tuple(wanted["moderation_words"])
+            self.set_faults(FaultConfig(**wanted))
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        current = asdict(self.config.faults)
+        current["endpoints"] = sorted(current["endpoints"])
+        return web.json_response(current)

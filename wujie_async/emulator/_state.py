@@ -1,0 +1,226 @@
+"""The emulator's settings, its latency model, and its jobs.
+
+A job's whole life is drawn once, at creation (queue wait, then one duration per image); its
+status at any moment is computed from the clock, so 100,000 jobs cost no timers and no tasks.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import _contract, _rules
+
+# Typical durations in seconds at time_scale 1, per model: (queue wait, one image). They shape
+# the sampled truth AND the estimate sent as expected_seconds, as a real gateway's estimate
+# comes from typical figures, not from the future.
+TYPICAL_SECONDS: dict[str, tuple[float, float]] = {
+    "gpt-image-1": (4.0, 14.0),
+    "dall-e-2": (1.5, 5.0),
+    "dall-e-3": (3.0, 11.0),
+}
+_UNKNOWN_MODEL_SECONDS = (3.0, 10.0)
+# Gamma shape of the sampled durations: spread like real queues, never negative.
+_SHAPE = 4.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FaultConfig:
+    """Faults on demand; every knob is off by default.
+
+    Probabilities apply per request to the API endpoints in ``endpoints`` (``generations``,
+    ``edits``, ``info``); job-level knobs apply per job.
+
+    Attributes:
+        http_5xx: probability of an HTTP ``http_5xx_status`` reply with a JSON envelope.
+        http_429: probability of a 429 with ``Retry-After: retry_after_s``.
+        burst_429: the next N requests all get 429 (a burst), then the count runs out.
+        drop_connection: probability of closing the socket without any reply, before handling.
+        drop_after_accept: probability that a submit is accepted (a job exists) and then its
+            reply is lost (the socket is closed): the ambiguous case.
+        slow_reply: probability of holding a reply for ``slow_reply_s`` seconds first.
+        html_reply: probability of an HTML page (``html_status``) instead of JSON.
+        business_error: probability that a submit is refused with ``business_error_code``.
+        absent_jobs: probability that a new job is missing from batch replies for its first
+            ``absent_s`` seconds (real seconds, not scaled).
+        duplicate_entries: probability that each listed entry appears twice.
+        shuffle_entries: list entries in random order.
+        unknown_status: probability that a running job is reported with status 2.
+        fail_jobs: probability that a job fails (status 3) partway.
+        moderation_words: a prompt containing any of these ends in status 5.
+    """
+
+    endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
+    http_5xx: float = 0.0
+    http_5xx_status: int = 503
+    http_429: float = 0.0
+    burst_429: int = 0
+    retry_after_s: int = 1
+    drop_connection: float = 0.0
+    drop_after_accept: float = 0.0
+    slow_reply: float = 0.0
+    slow_reply_s: float = 2.0
+    html_reply: float = 0.0
+    html_status: int = 200
+    business_error: float = 0.0
+    business_error_code: str = _contract.CODE_LOCK_RACE
+    absent_jobs: float = 0.0
+    absent_s: float = 1.0
+    duplicate_entries: float = 0.0
+    shuffle_entries: bool = False
+    unknown_status: float = 0.0
+    fail_jobs: float = 0.0
+    moderation_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmulatorConfig:
+    """How the emulated gateway behaves.
+
+    Attributes:
+        time_scale: multiplies every duration of the latency model (0.01 makes a 15 s job take
+            150 ms; expected_seconds is scaled the same way).
+        seed: seeds every random draw (durations, faults, keys), for repeatable runs.
+        rate_limit_rps: requests per second allowed per app, answered with 429 above it;
+            None is no limit.
+        strict_regexps: apply the validators printed on the doc page (rejects dall-e values).
+        faults: fault injection settings.
+        retain_finished_s: finished jobs are forgotten (absent from replies) after this long;
+            None keeps them for the emulator's lifetime.
+    """
+
+    time_scale: float = 1.0
+    seed: int | None = None
+    rate_limit_rps: float | None = None
+    strict_regexps: bool = False
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    retain_finished_s: float | None = None
+
+
+@dataclass(slots=True)
+class EmulatedJob:
+    """One job: its request and its whole timeline, drawn at creation."""
+
+    key: str
+    app_id: str
+    model: str
+    n: int
+    size: tuple[int, int]
+    created_at: float
+    started_at: float
+    image_done_at: list[float]
+    outcome: int  # the terminal status it will reach: 3, 4 or 5
+    ends_at: float
+    estimate_total: float
+    absent_until: float
+    first_listed_done: float | None = None
+
+    def status_at(self, now: float) -> int:
+        """The status the gateway reports at ``now``."""
+        if now >= self.ends_at:
+            return self.outcome
+        if now >= self.started_at:
+            return _contract.STATUS_GENERATING
+        return _contract.STATUS_QUEUED
+
+    def images_done_at(self, now: float) -> int:
+        """How many images exist at ``now`` (none for a job that does not succeed)."""
+        if self.outcome != _contract.STATUS_SUCCEEDED:
+            return 0
+        return sum(1 for done in self.image_done_at if done <= now)
+
+    def percent_at(self, now: float) -> float:
+        """True progress: share of the generation time elapsed."""
+        if now >= self.ends_at and self.outcome == _contract.STATUS_SUCCEEDED:
+            return 100.0
+        if now <= self.started_at:
+            return 0.0
+        span = self.image_done_at[-1] - self.started_at
+        return round(min(100.0, 100.0 * (min(now, self.ends_at) - self.started_at) / span), 1)
+
+    def expected_at(self, now: float) -> float:
+        """The gateway's ESTIMATE of seconds left, from typical durations only."""
+        if now >= self.ends_at:
+            return 0.0
+        return round(max(0.0, self.estimate_total - (now - self.created_at)), 2)
+
+
+class JobStore:
+    """Creates jobs from requests and answers what they look like at a moment."""
+
+    def __init__(self, config: EmulatorConfig, rng: random.Random) -> None:
+        self.config = config
+        self.rng = rng
+        self.jobs: dict[str, EmulatedJob] = {}
+
+    def new_key(self) -> str:
+        """A fresh 32-hex-digit key, as the gateway hands out."""
+        while True:
+            key = f"{self.rng.getrandbits(128):032X}"
+            if key not in self.jobs:
+                return key
+
+    def create(self, app_id: str, body: dict[str, Any], now: float | None = None) -> EmulatedJob:
+        """Draw a job's life for a validated request body."""
+        now = time.time() if now is None else now
+        config, faults, rng = self.config, self.config.faults, self.rng
+        model = str(body["model"])
+        n = int(body.get("n") or 1)
+        queue_typ, image_typ = TYPICAL_SECONDS.get(model, _UNKNOWN_MODEL_SECONDS)
+        scale = config.time_scale
+        started = now + rng.gammavariate(_SHAPE, queue_typ / _SHAPE) * scale
+        done_at: list[float] = []
+        clock = started
+        for _ in range(n):
+            clock += rng.gammavariate(_SHAPE, image_typ / _SHAPE) * scale
+            done_at.append(clock)
+        prompt = str(body.get("prompt", "")).lower()
+        if any(word.lower() in prompt for word in faults.moderation_words):
+            outcome, ends = _contract.STATUS_MODERATION_REJECTED, started
+        elif faults.fail_jobs and rng.random() < faults.fail_jobs:
+            outcome = _contract.STATUS_FAILED
+            ends = started + (done_at[-1] - started) * rng.uniform(0.1, 0.9)
+        else:
+            outcome, ends = _contract.STATUS_SUCCEEDED, done_at[-1]
+        absent = faults.absent_jobs and rng.random() < faults.absent_jobs
+        job = EmulatedJob(
+            key=self.new_key(),
+            app_id=app_id,
+            model=model,
+            n=n,
+            size=_rules.size_pixels(body.get("size")),
+            created_at=now,
+            started_at=started,
+            image_done_at=done_at,
+            outcome=outcome,
+            ends_at=ends,
+            estimate_total=(queue_typ + n * image_typ) * scale,
+            absent_until=now + faults.absent_s if absent else now,
+        )
+        self.jobs[job.key] = job
+        return job
+
+    def visible(self, key: str, app_id: str, now: float) -> EmulatedJob | None:
+        """The job as a batch query may see it, or None when the gateway would not list it."""
+        job = self.jobs.get(key)
+        if job is None or job.app_id != app_id or now < job.absent_until:
+            return None
+        retain = self.config.retain_finished_s
+        if retain is not None and now >= job.ends_at + retain:
+            return None
+        return job
+
+    def counts_by_state(self, now: float) -> dict[str, int]:
+        """How many jobs are in each state at ``now``."""
+        names = {
+            _contract.STATUS_QUEUED: "queued",
+            _contract.STATUS_GENERATING: "generating",
+            _contract.STATUS_FAILED: "failed",
+            _contract.STATUS_SUCCEEDED: "succeeded",
+            _contract.STATUS_MODERATION_REJECTED: "rejected",
+        }
+        counts = Counter(names[job.status_at(now)] for job in self.jobs.values())
+        return {name: counts.get(name, 0) for name in names.values()}
