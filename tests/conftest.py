@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wujie_async import PollPolicy, RetryPolicy, WujieClient
+from wujie_async.emulator import Emulator, EmulatorConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+# Polling tuned to emulator jobs that take tens of milliseconds (time_scale 0.005).
+FAST_POLL = PollPolicy(
+    first_poll_delay=0.03,
+    min_interval=0.03,
+    max_interval=0.3,
+    batch_fill_horizon=0.03,
+    unknown_key_grace=1.0,
+)
+INSTANT_RETRY = RetryPolicy(initial_wait=0.0, max_wait=0.05, max_attempts=8)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiohttp is asyncio-only
+
+
+@pytest.fixture
+def auth_vector() -> dict[str, Any]:
+    path = SHARED / "vectors" / "auth.json"
+    if not path.exists():
+        pytest.fail(f"the shared signing vector is missing: {path}")
+    return json.loads(path.read_text())
+
+
+EmulatorFactory = Callable[..., AbstractAsyncContextManager[Emulator]]
+
+
+@pytest.fixture
+def emulator() -> EmulatorFactory:
+    """``async with emulator(time_scale=..., faults=...) as emu``, seeded, on loopback."""
+
+    @asynccontextmanager
+    async def start(**config: Any) -> AsyncIterator[Emulator]:
+        config.setdefault("time_scale", 0.005)
+        config.setdefault("seed", 7)
+        async with Emulator(EmulatorConfig(**config)) as emu:
+            yield emu
+
+    return start
+
+
+def make_client(emu: Emulator, **kwargs: Any) -> WujieClient:
+    kwargs.setdefault("poll", FAST_POLL)
+    kwargs.setdefault("retry", INSTANT_RETRY)
+    return WujieClient(emu.credentials, base_url=emu.base_url, **kwargs)

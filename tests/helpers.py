@@ -1,0 +1,93 @@
+"""Test helpers: a minimal signing client written from API.md alone, and PNG checks.
+
+It deliberately does not use wujie_async's transport or signer, so emulator tests do not lean
+on the code they are meant to check.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+BASE_PATH = "/wj-open/v1"
+GENERATIONS = "/ai/wj/images/generations"
+EDITS = "/ai/wj/images/edits"
+INFO = "/ai/wj/images/info"
+
+
+def load_key(text: str) -> rsa.RSAPrivateKey:
+    if "-----BEGIN" in text:
+        key = serialization.load_pem_private_key(text.encode(), None)
+    else:
+        key = serialization.load_der_private_key(base64.b64decode(text), None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
+
+
+def sign_header(app_id: str, private_key: str, timestamp: int | None = None) -> str:
+    ts = int(time.time()) if timestamp is None else timestamp
+    original = json.dumps({"appId": app_id, "timestamp": ts}, separators=(",", ":"))
+    signature = load_key(private_key).sign(original.encode(), padding.PKCS1v15(), hashes.SHA256())
+    sign = base64.b64encode(signature).decode()
+    return json.dumps(
+        {"secretKeyVersion": "1", "appId": app_id, "sign": sign, "original": original},
+        separators=(",", ":"),
+    )
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_post(
+    base_url: str,
+    path: str,
+    body: Any,
+    *,
+    header: str | None,
+    raw_body: bytes | None = None,
+) -> Reply:
+    headers = {"Content-Type": "application/json"}
+    if header is not None:
+        headers["Authorization"] = header
+    data = raw_body if raw_body is not None else json.dumps(body).encode()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(base_url + path, data=data, headers=headers) as reply,
+    ):
+        return Reply(reply.status, dict(reply.headers), await reply.read())
+
+
+async def raw_get(url: str) -> Reply:
+    async with aiohttp.ClientSession() as session, session.get(url) as reply:
+        return Reply(reply.status, dict(reply.headers), await reply.read())
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a PNG after checking its signature, IHDR and data."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    crc = struct.unpack(">I", data[29:33])[0]
+    assert crc == zlib.crc32(data[12:29]) & 0xFFFFFFFF, "bad IHDR crc"
+    idat_at = data.index(b"IDAT")
+    idat_len = struct.unpack(">I", data[idat_at - 4 : idat_at])[0]
+    raw = zlib.decompress(data[idat_at + 4 : idat_at + 4 + idat_len])
+    assert len(raw) == height * (1 + 3 * width), "pixel data does not match IHDR"
+    return width, height

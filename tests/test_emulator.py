@@ -1,0 +1,522 @@
+"""The emulator over real loopback sockets, driven by the minimal client in helpers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wujie_async.emulator import DOWNSCALE, Emulator, EmulatorConfig, FaultConfig
+
+from .conftest import EmulatorFactory
+from .helpers import EDITS, GENERATIONS, INFO, png_size, raw_get, raw_post, sign_header
+
+pytestmark = pytest.mark.anyio
+
+
+def header_for(emu: Emulator, timestamp: int | None = None) -> str:
+    return sign_header(emu.credentials.app_id, emu.credentials.private_key, timestamp)
+
+
+async def submit(emu: Emulator, body: dict[str, Any]) -> dict[str, Any]:
+    reply = await raw_post(emu.base_url, GENERATIONS, body, header=header_for(emu))
+    assert reply.status == 200, reply.body
+    return reply.json()  # type: ignore[no-any-return]
+
+
+async def info(emu: Emulator, keys: list[str]) -> dict[str, Any]:
+    reply = await raw_post(emu.base_url, INFO, keys, header=header_for(emu))
+    assert reply.status == 200, reply.body
+    return reply.json()  # type: ignore[no-any-return]
+
+
+async def new_key(emu: Emulator, **fields: Any) -> str:
+    body = {"prompt": "a red fox", "model": "gpt-image-1", **fields}
+    reply = await submit(emu, body)
+    assert reply["code"] == "200", reply
+    return str(reply["data"]["key"])
+
+
+# --- auth ---------------------------------------------------------------------------------------
+async def test_a_correctly_signed_request_is_accepted(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        reply = await submit(emu, {"prompt": "fox", "model": "dall-e-2"})
+        assert reply["code"] == "200" and len(reply["data"]["key"]) == 32
+
+
+async def test_the_shared_vector_app_can_be_registered(
+    emulator: EmulatorFactory, auth_vector: dict[str, Any]
+) -> None:
+    from wujie_async import Credentials
+
+    async with emulator() as emu:
+        emu.register(Credentials(auth_vector["app_id"], auth_vector["private_key_pem"]))
+        header = sign_header(auth_vector["app_id"], auth_vector["private_key_pem"])
+        reply = await raw_post(emu.base_url, INFO, [], header=header)
+        assert reply.status == 200 and reply.json()["code"] == "200"
+        # The vector's own header is signed for a fixed, long-past timestamp: stale.
+        reply = await raw_post(emu.base_url, INFO, [], header=auth_vector["header"])
+        assert reply.status == 401 and "too old" in reply.json()["message"]
+
+
+def _forged(emu: Emulator) -> str:
+    header = json.loads(header_for(emu))
+    sign = bytearray(header["sign"].encode())
+    sign[10] = ord("A") if sign[10] != ord("A") else ord("B")
+    header["sign"] = sign.decode()
+    return json.dumps(header)
+
+
+def _other_app_original(emu: Emulator) -> str:
+    header = json.loads(header_for(emu))
+    header["original"] = json.dumps({"appId": "someoneelse", "timestamp": int(time.time())})
+    return json.dumps(header)
+
+
+@pytest.mark.parametrize(
+    ("make_header", "reason"),
+    [
+        (lambda emu: None, "missing"),
+        (lambda emu: "Bearer abc", "not a JSON object"),
+        (lambda emu: "[1,2]", "not a JSON object"),
+        (_forged, "does not verify"),
+        (lambda emu: header_for(emu, int(time.time()) - 601), "too old"),
+        (lambda emu: header_for(emu, int(time.time()) + 301), "future"),
+        (lambda emu: sign_header("nobody", emu.credentials.private_key), "unknown appId"),
+        (_other_app_original, "same appId"),
+        (
+            lambda emu: header_for(emu).replace('"secretKeyVersion":"1"', '"secretKeyVersion":"2"'),
+            "secretKeyVersion",
+        ),
+    ],
+)
+async def test_bad_auth_gets_401_with_envelope(
+    emulator: EmulatorFactory, make_header: Any, reason: str
+) -> None:
+    async with emulator() as emu:
+        reply = await raw_post(
+            emu.base_url, GENERATIONS, {"prompt": "x", "model": "dall-e-2"}, header=make_header(emu)
+        )
+        assert reply.status == 401
+        body = reply.json()
+        assert body["code"] == "401" and body["data"] is None
+        assert reason in body["message"]
+        assert emu.stats()["submits_accepted"] == 0
+
+
+async def test_timestamp_window_edges_are_accepted(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        for offset in (-590, 290):
+            reply = await raw_post(
+                emu.base_url, INFO, [], header=header_for(emu, int(time.time()) + offset)
+            )
+            assert reply.status == 200, (offset, reply.body)
+
+
+# --- validation ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"model": "gpt-image-1"}, "prompt"),
+        ({"prompt": "x"}, "model"),
+        ({"prompt": "x", "model": "dall-e-9"}, "model"),
+        ({"prompt": "x", "model": "gpt-image-1", "n": 11}, "n"),
+        ({"prompt": "x", "model": "gpt-image-1", "n": 0}, "n"),
+        ({"prompt": "x", "model": "dall-e-3", "n": 2}, "n"),
+        ({"prompt": "x", "model": "gpt-image-1", "quality": "hd"}, "quality"),
+        ({"prompt": "x", "model": "dall-e-3", "quality": "high"}, "quality"),
+        ({"prompt": "x", "model": "dall-e-2", "quality": "hd"}, "quality"),
+        ({"prompt": "x", "model": "gpt-image-1", "size": "256x256"}, "size"),
+        ({"prompt": "x", "model": "dall-e-2", "size": "1792x1024"}, "size"),
+        ({"prompt": "x", "model": "dall-e-3", "size": "512x512"}, "size"),
+        ({"prompt": "x", "model": "dall-e-3", "background": "opaque"}, "background"),
+        ({"prompt": "x", "model": "gpt-image-1", "background": "pink"}, "background"),
+        (
+            {
+                "prompt": "x",
+                "model": "gpt-image-1",
+                "background": "transparent",
+                "output_format": "jpeg",
+            },
+            "background",
+        ),
+        ({"prompt": "x", "model": "gpt-image-1", "moderation": "high"}, "moderation"),
+        ({"prompt": "x", "model": "gpt-image-1", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "model": "gpt-image-1", "output_compression": 50}, "output_compression"),
+        (
+            {
+                "prompt": "x",
+                "model": "gpt-image-1",
+                "output_format": "jpeg",
+                "output_compression": 101,
+            },
+            "output_compression",
+        ),
+        ({"prompt": "x", "model": "gpt-image-1", "style": "vivid"}, "style"),
+        ({"prompt": "x", "model": "dall-e-3", "style": "loud"}, "style"),
+    ],
+)
+async def test_each_rule_is_enforced_with_20010001_naming_the_field(
+    emulator: EmulatorFactory, body: dict[str, Any], field: str
+) -> None:
+    async with emulator() as emu:
+        reply = await submit(emu, body)
+        assert reply["code"] == "20010001", reply
+        assert f"{field}:" in reply["message"]
+        assert emu.stats()["submits_accepted"] == 0
+
+
+async def test_valid_requests_per_model_are_accepted(emulator: EmulatorFactory) -> None:
+    bodies = [
+        {
+            "model": "gpt-image-1",
+            "n": 10,
+            "quality": "high",
+            "size": "1536x1024",
+            "background": "transparent",
+            "output_format": "webp",
+            "output_compression": 80,
+            "moderation": "low",
+        },
+        {"model": "dall-e-2", "n": 3, "quality": "standard", "size": "256x256"},
+        {"model": "dall-e-3", "quality": "hd", "size": "1792x1024", "style": "natural"},
+    ]
+    async with emulator() as emu:
+        for body in bodies:
+            assert (await submit(emu, {"prompt": "x", **body}))["code"] == "200", body
+        assert emu.stats()["submits_accepted"] == 3
+
+
+async def test_strict_regexps_knob_rejects_dall_e_values(emulator: EmulatorFactory) -> None:
+    async with emulator(strict_regexps=True) as emu:
+        reply = await submit(emu, {"prompt": "x", "model": "dall-e-3", "quality": "hd"})
+        assert reply["code"] == "20010001" and "Validate[regexp" in reply["message"]
+
+
+async def test_edit_rules(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        header = header_for(emu)
+        reply = await raw_post(
+            emu.base_url, EDITS, {"prompt": "x", "model": "gpt-image-1"}, header=header
+        )
+        assert reply.json()["code"] == "20010001" and "image:" in reply.json()["message"]
+        two = {"prompt": "x", "model": "dall-e-2", "image": ["https://a/1.png", "https://a/2.png"]}
+        reply = await raw_post(emu.base_url, EDITS, two, header=header)
+        assert "exactly one" in reply.json()["message"]
+        ok = {
+            "prompt": "x",
+            "model": "gpt-image-1",
+            "image": ["https://a/1.png"],
+            "mask": "https://a/m.png",
+        }
+        reply = await raw_post(emu.base_url, EDITS, ok, header=header)
+        assert reply.json()["code"] == "200"
+
+
+async def test_body_that_is_not_json_is_a_parameter_error(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        reply = await raw_post(
+            emu.base_url, GENERATIONS, None, header=header_for(emu), raw_body=b"{oops"
+        )
+        assert reply.status == 200 and reply.json()["code"] == "20010001"
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+async def test_job_lifecycle_follows_the_latency_model(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.02) as emu:
+        key = await new_key(emu, n=3)
+        job = emu.gateway.store.jobs[key]
+        assert (
+            job.created_at
+            < job.started_at
+            < job.image_done_at[0]
+            < job.image_done_at[2]
+            == job.ends_at
+        )
+        seen: list[tuple[int, int, float]] = []
+        while True:
+            entry = (await info(emu, [key]))["data"]["list"][0]
+            seen.append((entry["status"], len(entry["images"]), entry["complete_percent"]))
+            if entry["status"] == 4:
+                break
+            assert time.time() < job.ends_at + 1.0, "job did not finish within its timeline"
+            await asyncio.sleep(0.005)
+        statuses = [s for s, _, _ in seen]
+        assert statuses == sorted(statuses) and statuses[0] in (0, 1) and 1 in statuses
+        # Images appear one by one while generating; progress never goes backwards.
+        counts = [c for _, c, _ in seen]
+        assert counts == sorted(counts) and counts[-1] == 3
+        assert any(s == 1 and 0 < c < 3 for s, c, _ in seen), "no partial image list seen"
+        assert [p for _, _, p in seen] == sorted(p for _, _, p in seen)
+        assert seen[-1][2] == 100
+
+
+async def test_expected_seconds_is_an_estimate_not_the_truth(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=1.0) as emu:
+        key = await new_key(emu, n=2)
+        entry = (await info(emu, [key]))["data"]["list"][0]
+        job = emu.gateway.store.jobs[key]
+        typical = 4.0 + 2 * 14.0  # TYPICAL_SECONDS for gpt-image-1, scale 1
+        assert abs(entry["expected_seconds"] - typical) < 1.0
+        assert abs((job.ends_at - job.created_at) - typical) > 0.01
+        assert entry["status"] == 0 and entry["images"] == [] and entry["fail_message"] is None
+
+
+async def test_images_are_real_pngs_at_the_downscaled_size(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        key = await new_key(emu, n=2, size="1536x1024")
+        early = await raw_get(f"{emu.origin}/files/{key}/0.png")
+        assert early.status == 404  # not generated yet
+        await asyncio.sleep(emu.gateway.store.jobs[key].ends_at - time.time() + 0.01)
+        entry = (await info(emu, [key]))["data"]["list"][0]
+        urls = [image["url"] for image in entry["images"]]
+        assert len(urls) == 2
+        bodies = []
+        for url in urls:
+            assert url.startswith("http://127.0.0.1:")
+            reply = await raw_get(url)
+            assert reply.status == 200 and reply.headers["Content-Type"] == "image/png"
+            assert png_size(reply.body) == (1536 // DOWNSCALE, 1024 // DOWNSCALE)
+            bodies.append(reply.body)
+        assert bodies[0] != bodies[1]
+        assert (await raw_get(urls[0])).body == bodies[0]  # deterministic
+        assert (await raw_get(f"{emu.origin}/files/{key}/2.png")).status == 404
+
+
+async def test_batch_limit_and_unknown_keys(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        key = await new_key(emu)
+        reply = await info(emu, [key] * 51)
+        assert reply["code"] == "20010001" and "50" in reply["message"]
+        reply = await info(emu, [key, "NOPE"] + ["X"] * 48)
+        assert [entry["key"] for entry in reply["data"]["list"]] == [key]
+        bad = await raw_post(emu.base_url, INFO, {"keys": [key]}, header=header_for(emu))
+        assert bad.json()["code"] == "20010001"
+
+
+async def test_keys_of_another_app_are_not_listed(emulator: EmulatorFactory) -> None:
+    from wujie_async import Credentials
+
+    other = Credentials("otherapp", Emulator().credentials.private_key)
+    async with emulator() as emu:
+        emu.register(other)
+        key = await new_key(emu)
+        header = sign_header("otherapp", other.private_key)
+        reply = await raw_post(emu.base_url, INFO, [key], header=header)
+        assert reply.json()["data"]["list"] == []
+
+
+# --- faults ---------------------------------------------------------------------------------------
+async def _many_infos(emu: Emulator, count: int) -> list[Any]:
+    out = []
+    header = header_for(emu)
+    for _ in range(count):
+        try:
+            out.append(await raw_post(emu.base_url, INFO, [], header=header))
+        except Exception as exc:  # a dropped connection surfaces as a client error
+            out.append(exc)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("faults", "check"),
+    [
+        (FaultConfig(http_5xx=1.0), lambda r: r.status == 503 and r.json()["code"] == "500"),
+        (
+            FaultConfig(http_429=1.0, retry_after_s=3),
+            lambda r: r.status == 429 and r.headers["Retry-After"] == "3",
+        ),
+        (
+            FaultConfig(html_reply=1.0),
+            lambda r: r.status == 200 and r.body.startswith(b"<!DOCTYPE html>"),
+        ),
+        (FaultConfig(drop_connection=1.0), lambda r: isinstance(r, Exception)),
+    ],
+)
+async def test_request_fault_knobs(
+    emulator: EmulatorFactory, faults: FaultConfig, check: Any
+) -> None:
+    async with emulator(faults=faults) as emu:
+        replies = await _many_infos(emu, 5)
+        assert all(check(r) for r in replies), replies
+
+
+async def test_fault_probability_is_honoured(emulator: EmulatorFactory) -> None:
+    async with emulator(faults=FaultConfig(http_5xx=0.3)) as emu:
+        replies = await _many_infos(emu, 200)
+        failed = sum(r.status == 503 for r in replies)
+        assert 30 <= failed <= 90
+        assert emu.stats()["faults"]["http_5xx"] == failed
+
+
+async def test_burst_429_counts_down(emulator: EmulatorFactory) -> None:
+    async with emulator(faults=FaultConfig(burst_429=3)) as emu:
+        statuses = [r.status for r in await _many_infos(emu, 5)]
+        assert statuses == [429, 429, 429, 200, 200]
+
+
+async def test_slow_reply(emulator: EmulatorFactory) -> None:
+    async with emulator(faults=FaultConfig(slow_reply=1.0, slow_reply_s=0.2)) as emu:
+        started = time.monotonic()
+        await _many_infos(emu, 1)
+        assert time.monotonic() - started >= 0.2
+
+
+async def test_business_error_and_drop_after_accept(emulator: EmulatorFactory) -> None:
+    async with emulator(
+        faults=FaultConfig(business_error=1.0, business_error_code="20110010")
+    ) as emu:
+        reply = await submit(emu, {"prompt": "x", "model": "dall-e-2"})
+        assert reply["code"] == "20110010" and emu.stats()["submits_accepted"] == 0
+    async with emulator(faults=FaultConfig(drop_after_accept=1.0)) as emu:
+        with pytest.raises(Exception):  # noqa: B017 - any client-side connection error
+            await submit(emu, {"prompt": "x", "model": "dall-e-2"})
+        assert emu.stats()["submits_accepted"] == 1  # the job exists; its reply was lost
+
+
+async def test_absent_duplicated_shuffled_and_unknown_status(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(absent_jobs=1.0, absent_s=0.3, endpoints=frozenset())
+    async with emulator(time_scale=1.0, faults=faults) as emu:
+        key = await new_key(emu)
+        assert (await info(emu, [key]))["data"]["list"] == []
+        await asyncio.sleep(0.35)
+        assert len((await info(emu, [key]))["data"]["list"]) == 1
+    faults = FaultConfig(duplicate_entries=1.0, shuffle_entries=True, unknown_status=1.0)
+    async with emulator(time_scale=1.0, faults=FaultConfig()) as emu:
+        keys = [await new_key(emu) for _ in range(20)]
+        emu.set_faults(faults)
+        listed = (await info(emu, keys))["data"]["list"]
+        assert len(listed) == 40
+        assert [e["key"] for e in listed[::2]] != keys  # shuffled
+        assert {e["status"] for e in listed} == {2}
+
+
+async def test_failing_and_moderated_jobs(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(fail_jobs=1.0, moderation_words=("forbidden",), endpoints=frozenset())
+    async with emulator(faults=faults) as emu:
+        failing = await new_key(emu, n=2)
+        moderated = await new_key(emu, prompt="a Forbidden thing")
+        await asyncio.sleep(
+            max(j.ends_at for j in emu.gateway.store.jobs.values()) - time.time() + 0.01
+        )
+        entries = {e["key"]: e for e in (await info(emu, [failing, moderated]))["data"]["list"]}
+        assert entries[failing]["status"] == 3 and entries[failing]["images"] == []
+        assert entries[failing]["fail_message"]["fail_message"]
+        assert entries[moderated]["status"] == 5
+        assert entries[moderated]["fail_message"]["fail_code"] == 20110001
+
+
+async def test_rate_limit_per_app(emulator: EmulatorFactory) -> None:
+    async with emulator(rate_limit_rps=5) as emu:
+        header = header_for(emu)
+        started = time.monotonic()
+        replies = await asyncio.gather(
+            *(raw_post(emu.base_url, INFO, [], header=header) for _ in range(12))
+        )
+        refilled = int((time.monotonic() - started) * 5) + 1
+        statuses = [r.status for r in replies]
+        assert 5 <= statuses.count(200) <= 5 + refilled
+        assert statuses.count(429) == 12 - statuses.count(200)
+        assert all(r.headers["Retry-After"] == "1" for r in replies if r.status == 429)
+        await asyncio.sleep(0.5)
+        assert (await _many_infos(emu, 1))[0].status == 200
+
+
+async def test_faults_can_be_set_over_http(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{emu.origin}/_emulator/faults", json={"http_5xx": 1.0}) as r:
+                assert r.status == 200 and (await r.json())["http_5xx"] == 1.0
+            async with session.post(f"{emu.origin}/_emulator/faults", json={"nope": 1}) as r:
+                assert r.status == 400
+        assert (await _many_infos(emu, 1))[0].status == 503
+
+
+# --- stats --------------------------------------------------------------------------------------
+async def test_stats_counters_are_exact(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        keys = [await new_key(emu, n=1) for _ in range(3)]
+        await raw_post(emu.base_url, INFO, keys, header=None)  # 401, still a request
+        await asyncio.sleep(
+            max(j.ends_at for j in emu.gateway.store.jobs.values()) - time.time() + 0.01
+        )
+        await info(emu, keys[:2])
+        await info(emu, keys)
+        stats = (await raw_get(f"{emu.origin}/_emulator/stats")).json()
+        assert stats["requests"] == {"generations": 3, "info": 3}
+        assert stats["http_statuses"] == {"200": 5, "401": 1}
+        assert stats["batch_sizes"] == [2, 3] and stats["batch_calls"] == 2
+        assert stats["submits_accepted"] == 3
+        assert stats["jobs_by_state"]["succeeded"] == 3
+        timeline = stats["timelines"][keys[0]]
+        assert timeline["created"] < timeline["done"] <= timeline["first_listed_done"]
+        first = timeline["first_listed_done"]
+        await info(emu, keys)
+        assert emu.stats()["timelines"][keys[0]]["first_listed_done"] == first
+
+
+# --- standalone -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "entry", [["-m", "wujie_async.emulator"], ["-m", "wujie_async", "emulator"]]
+)
+async def test_standalone_emulator_writes_credentials(tmp_path: Path, entry: list[str]) -> None:
+    creds_path = tmp_path / "creds.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *entry,
+        "--port",
+        "0",
+        "--credentials-out",
+        str(creds_path),
+        "--time-scale",
+        "0.01",
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        creds = json.loads(creds_path.read_text())
+        assert creds["base_url"].endswith("/wj-open/v1") and creds["base_url"] in line
+        assert oct(creds_path.stat().st_mode & 0o777) == "0o600"
+        header = sign_header(creds["app_id"], creds["private_key"])
+        body = {"prompt": "x", "model": "dall-e-2"}
+        reply = await raw_post(creds["base_url"], GENERATIONS, body, header=header)
+        assert reply.json()["code"] == "200"
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+    assert proc.returncode == 0
+
+
+async def test_emulator_config_defaults_have_no_faults() -> None:
+    config = EmulatorConfig()
+    assert config.rate_limit_rps is None and not config.strict_regexps
+    faults = config.faults
+    assert not any(
+        getattr(faults, name)
+        for name in (
+            "http_5xx",
+            "http_429",
+            "burst_429",
+            "drop_connection",
+            "drop_after_accept",
+            "slow_reply",
+            "html_reply",
+            "business_error",
+            "absent_jobs",
+            "duplicate_entries",
+            "shuffle_entries",
+            "unknown_status",
+            "fail_jobs",
+            "moderation_words",
+        )
+    )
