@@ -6,6 +6,7 @@ on the code they are meant to check.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
@@ -91,3 +92,15 @@ def png_size(data: bytes) -> tuple[int, int]:
     raw = zlib.decompress(data[idat_at + 4 : idat_at + 4 + idat_len])
     assert len(raw) == height * (1 + 3 * width), "pixel data does not match IHDR"
     return width, height
+
+
+def stray_tasks(before: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    """Tasks started since ``before`` that are still alive, the in-process emulator's aside."""
+    current = asyncio.current_task()
+    return {
+        task
+        for task in asyncio.all_tasks() - before
+        if task is not current
+        and not task.done()
+        and not getattr(task.get_coro(), "__qualname__", "").startswith("RequestHandler")
+    }

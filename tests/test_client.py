@@ -1,0 +1,365 @@
+"""The client core against the emulator over loopback: submits, the batching poller, futures."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from wujie_async import (
+    ClientStateError,
+    ImageJob,
+    InvalidRequestError,
+    JobCancelledError,
+    JobFailedError,
+    JobTimeoutError,
+    ModerationRejectedError,
+    ParameterError,
+    PollPolicy,
+    UnknownJobError,
+    WujieClient,
+)
+from wujie_async.emulator import Emulator, FaultConfig
+
+from .conftest import FAST_POLL, EmulatorFactory, make_client
+from .helpers import png_size, raw_get, stray_tasks
+
+pytestmark = pytest.mark.anyio
+
+
+def mixed_request(rng: random.Random, index: int) -> dict[str, Any]:
+    model = rng.choice(["gpt-image-1", "dall-e-2", "dall-e-3"])
+    n = 1 if model == "dall-e-3" else rng.randint(1, 4)
+    return {"prompt": f"prompt {index}", "model": model, "n": n}
+
+
+async def test_a_thousand_concurrent_jobs_resolve_through_batch_calls_only(
+    emulator: EmulatorFactory,
+) -> None:
+    rng = random.Random(3)
+    requests = [mixed_request(rng, i) for i in range(1000)]
+    async with emulator(time_scale=0.005) as emu, make_client(emu) as client:
+        jobs = await asyncio.gather(*(client.images.submit(**r) for r in requests))
+        results = await asyncio.gather(*(job.result(timeout=60) for job in jobs))
+        stats = client.stats
+        for request, job, result in zip(requests, jobs, results, strict=True):
+            assert result.key == job.key and result.status == 4
+            assert len(result.images) == request["n"]
+            assert [image.index for image in result.images] == list(range(request["n"]))
+        for result in results[:5]:
+            reply = await raw_get(result.images[-1].url or "")
+            assert png_size(reply.body)[0] > 0
+
+    server = emu.stats()
+    assert server["requests"] == {"generations": 1000, "info": stats.batch_calls, "files": 5}
+    assert server["submits_accepted"] == 1000
+    assert max(server["batch_sizes"]) <= 50
+    assert stats.batch_calls == server["batch_calls"] and stats.batch_errors == 0
+    # Lower bound: every job must be seen finished at least once, 50 keys a call at best.
+    assert stats.batch_calls >= math.ceil(1000 / 50)
+    # Upper bound: a per-key poller at the same min_interval would make sum(duration / interval)
+    # calls; sharing calls must cut that at least tenfold.
+    jobs_by_key = emu.gateway.store.jobs
+    per_key_calls = sum(
+        (j.ends_at - j.created_at) / FAST_POLL.min_interval + 1 for j in jobs_by_key.values()
+    )
+    assert stats.batch_calls <= per_key_calls / 10, (stats.batch_calls, per_key_calls)
+    assert stats.mean_batch_fill >= 20
+    assert stats.jobs_succeeded == 1000 and stats.jobs_outstanding == 0
+
+
+async def test_images_resolve_one_by_one_before_the_job(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="gpt-image-1", n=3)
+        landed: dict[str, float] = {}
+
+        async def note(name: str, waitable: Any) -> None:
+            await waitable
+            landed[name] = time.monotonic()
+
+        await asyncio.gather(
+            note("image0", job.image(0)),
+            note("image1", job.image(1)),
+            note("image2", job.image(2)),
+            note("job", job),
+        )
+        assert landed["image0"] < landed["image1"] <= landed["image2"] <= landed["job"]
+        assert landed["image0"] < landed["job"]
+        assert (await job.image(2)).url == (await job).images[2].url
+        with pytest.raises(IndexError):
+            await job.image(3)
+
+
+async def test_failed_and_moderated_jobs_raise_typed_errors(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(fail_jobs=1.0, moderation_words=("forbidden",))
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        failing = await client.images.submit(prompt="a fox", model="dall-e-2", n=2)
+        moderated = await client.images.submit(prompt="FORBIDDEN fox", model="dall-e-2")
+        with pytest.raises(JobFailedError) as failed:
+            await failing
+        assert type(failed.value) is JobFailedError
+        assert failed.value.job_key == failing.key and failed.value.fail_code == 50000001
+        assert failed.value.fail_message
+        with pytest.raises(JobFailedError):
+            await failing.image(0)
+        with pytest.raises(ModerationRejectedError) as rejected:
+            await moderated
+        assert rejected.value.fail_code == 20110001 and moderated.status_name == "rejected"
+        assert client.stats.jobs_failed == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": "", "model": "gpt-image-1"}, "prompt"),
+        ({"prompt": "x", "model": "dall-e-3", "n": 2}, "n"),
+        ({"prompt": "x", "model": "gpt-image-1", "n": 11}, "n"),
+        ({"prompt": "x", "model": "dall-e-2", "size": "1536x1024"}, "size"),
+        ({"prompt": "x", "model": "gpt-image-1", "quality": "hd"}, "quality"),
+        ({"prompt": "x", "model": "dall-e-2", "style": "vivid"}, "style"),
+        ({"prompt": "x", "model": "gpt-image-1", "output_compression": 80}, "output_compression"),
+        ({"prompt": "x", "model": "dall-e-3", "background": "auto"}, "background"),
+        ({"prompt": "x", "model": "gpt-image-1", "n": "two"}, "n"),
+    ],
+)
+async def test_validation_fails_before_any_request(
+    emulator: EmulatorFactory, fields: dict[str, Any], field: str
+) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        with pytest.raises(InvalidRequestError) as info:
+            await client.images.submit(**fields)
+        assert info.value.field == field and info.value.rule
+        assert field in str(info.value)
+        assert emu.stats()["requests"] == {}
+
+
+async def test_edit_validation_and_round_trip(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        with pytest.raises(InvalidRequestError) as info:
+            await client.images.submit_edit(prompt="x", model="dall-e-2", image=["a", "b"])
+        assert info.value.field == "image"
+        with pytest.raises(InvalidRequestError) as info:
+            await client.images.submit_edit(prompt="x", model="gpt-image-1", image=["not base64!"])
+        assert info.value.field == "image[0]"
+        assert emu.stats()["requests"] == {}
+        result = await client.images.edit(
+            prompt="make it blue", model="gpt-image-1", image=["https://example.com/a.png"], n=2
+        )
+        assert len(result.images) == 2
+
+
+async def test_unknown_models_pass_through_to_the_gateway(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        with pytest.raises(ParameterError) as info:
+            await client.images.submit(prompt="x", model="gpt-image-2", quality="ultra")
+        assert info.value.code == "20010001" and "model" in info.value.message
+        assert emu.stats()["requests"] == {"generations": 1}
+
+
+async def test_a_key_absent_past_the_grace_period_fails_as_unknown(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        job = client.images.attach("0123456789ABCDEF0123456789ABCDEF")
+        started = time.monotonic()
+        with pytest.raises(UnknownJobError) as info:
+            await job
+        assert info.value.job_key == job.key
+        assert time.monotonic() - started >= FAST_POLL.unknown_key_grace
+
+
+async def test_a_key_absent_briefly_still_resolves(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(absent_jobs=1.0, absent_s=0.4)
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        result = await client.images.generate(prompt="x", model="dall-e-2")
+        assert result.status == 4
+
+
+async def test_attach_picks_up_a_key_submitted_by_another_client(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(time_scale=0.02) as emu:
+        async with make_client(emu) as first:
+            submitted = await first.images.submit(prompt="x", model="gpt-image-1", n=2)
+        assert emu.stats()["submits_accepted"] == 1
+        async with make_client(emu) as second:
+            job = second.images.attach(submitted.key, n=2)
+            assert second.images.attach(submitted.key) is job
+            result = await job.result(timeout=10)
+            assert len(result.images) == 2
+        assert emu.stats()["submits_accepted"] == 1
+
+
+async def test_closing_cancels_outstanding_jobs_and_leaves_no_task(
+    emulator: EmulatorFactory,
+) -> None:
+    before = asyncio.all_tasks()
+    async with emulator(time_scale=1.0) as emu:
+        client = make_client(emu)
+        async with client:
+            job = await client.images.submit(prompt="x", model="gpt-image-1")
+            waiter = asyncio.ensure_future(job.result())
+            await asyncio.sleep(0.05)
+        with pytest.raises(JobCancelledError):
+            await waiter
+        assert stray_tasks(before) == set()
+        with pytest.raises(ClientStateError):
+            await client.images.submit(prompt="x", model="dall-e-2")
+
+
+async def test_drain_on_close_waits_for_jobs(emulator: EmulatorFactory) -> None:
+    before = asyncio.all_tasks()
+    async with emulator(time_scale=0.01) as emu:
+        client = make_client(emu)
+        await client.open()
+        jobs = [await client.images.submit(prompt="x", model="dall-e-2") for _ in range(5)]
+        await client.aclose(drain=True, timeout=10)
+        assert all(job.done() and job.exception() is None for job in jobs)
+        assert stray_tasks(before) == set()
+
+
+async def test_many_awaiters_and_cancelling_one(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="x", model="dall-e-2")
+        waiters = [asyncio.ensure_future(job.result()) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        waiters[0].cancel()
+        done = await asyncio.gather(*waiters[1:])
+        assert done[0] is done[1]
+        assert waiters[0].cancelled()
+
+
+async def test_job_cancel_stops_tracking(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=1.0) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="x", model="dall-e-2")
+        assert client.stats.jobs_outstanding == 1
+        assert job.cancel() is True
+        with pytest.raises(JobCancelledError):
+            await job
+        assert client.stats.jobs_outstanding == 0 and job.cancel() is False
+
+
+async def test_job_deadline(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=1.0) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="x", model="dall-e-2", job_timeout=0.2)
+        with pytest.raises(JobTimeoutError):
+            await job
+        with pytest.raises(TimeoutError):
+            other = await client.images.submit(prompt="x", model="dall-e-2")
+            await other.result(timeout=0.05)
+        assert not other.done()  # a wait timeout does not end the job
+
+
+async def test_as_completed_yields_in_completion_order(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.01) as emu, make_client(emu) as client:
+        jobs = [
+            await client.images.submit(prompt=f"{i}", model="gpt-image-1", n=1 + i % 4)
+            for i in range(20)
+        ]
+        order: list[ImageJob] = []
+        async for job in client.as_completed(jobs, timeout=30):
+            assert job.done()
+            assert all(earlier.done() for earlier in order)
+            order.append(job)
+        assert sorted(j.key for j in order) == sorted(j.key for j in jobs)
+        with pytest.raises(TimeoutError):
+            slow = await client.images.submit(prompt="x", model="gpt-image-1", n=4)
+            async for _ in client.as_completed([slow], timeout=0.01):
+                pass
+
+
+async def test_noisy_listing_is_handled(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(duplicate_entries=0.5, shuffle_entries=True, unknown_status=0.3)
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        jobs = [await client.images.submit(prompt=f"{i}", model="dall-e-2", n=2) for i in range(60)]
+        results = await asyncio.gather(*(job.result(timeout=30) for job in jobs))
+        assert all(len(r.images) == 2 for r in results)
+        assert emu.stats()["faults"]["duplicate_entries"] > 0
+
+
+async def test_misuse_raises_clear_state_errors(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        client = make_client(emu)
+        with pytest.raises(ClientStateError, match="async with"):
+            await client.images.submit(prompt="x", model="dall-e-2")
+        async with client:
+            errors: list[BaseException] = []
+
+            def other_loop() -> None:
+                async def use() -> None:
+                    await client.images.submit(prompt="x", model="dall-e-2")
+
+                try:
+                    asyncio.run(use())
+                except BaseException as exc:
+                    errors.append(exc)
+
+            thread = threading.Thread(target=other_loop)
+            thread.start()
+            await asyncio.to_thread(thread.join, 10)
+            assert len(errors) == 1 and isinstance(errors[0], ClientStateError)
+            assert "another event loop" in str(errors[0])
+            with pytest.raises(ClientStateError):
+                await client.open()
+
+
+async def test_poller_sleeps_when_idle(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        await client.images.generate(prompt="x", model="dall-e-2")
+        calls = emu.stats()["requests"]["info"]
+        await asyncio.sleep(0.3)  # ten min_intervals with nothing outstanding
+        assert emu.stats()["requests"]["info"] == calls
+
+
+async def test_client_reads_the_environment(
+    emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with emulator() as emu:
+        monkeypatch.setenv("WUJIE_APP_ID", emu.credentials.app_id)
+        monkeypatch.setenv("WUJIE_PRIVATE_KEY", emu.credentials.private_key)
+        monkeypatch.setenv("WUJIE_BASE_URL", emu.base_url)
+        async with WujieClient(poll=FAST_POLL) as client:
+            assert client.base_url == emu.base_url
+            assert (await client.images.generate(prompt="x", model="dall-e-2")).status == 4
+        monkeypatch.delenv("WUJIE_BASE_URL")
+        assert WujieClient().base_url == "https://gate.wujieai.net/wj-open/v1"
+
+
+def test_policies_reject_nonsense() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        PollPolicy(min_interval=0)
+    assert info.value.field == "PollPolicy.min_interval"
+    with pytest.raises(InvalidRequestError):
+        PollPolicy(min_interval=2, max_interval=1)
+
+
+async def test_repr_and_errors_never_show_secrets(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    async with emulator(faults=FaultConfig(html_reply=0.2, http_5xx=0.2)) as emu:
+        secret = emu.credentials.private_key
+        body = secret.split("\n")[5]
+        texts: list[str] = []
+        async with make_client(emu) as client:
+            texts += [repr(client), repr(client.credentials), str(client.credentials)]
+            for _ in range(10):
+                try:
+                    await client.images.generate(prompt="x", model="dall-e-2")
+                except Exception as exc:
+                    texts += [str(exc), repr(exc), str(exc.__cause__)]
+        texts.append(caplog.text)
+        joined = "\n".join(texts)
+        assert body not in joined and "PRIVATE KEY" not in joined
+        assert '"sign"' not in joined and "secretKeyVersion" not in joined
+
+
+def test_emulator_is_importable_without_starting() -> None:
+    assert Emulator().base_url == ""
