@@ -87,7 +87,7 @@ def _other_app_original(emu: Emulator) -> str:
         (lambda emu: "[1,2]", "not a JSON object"),
         (_forged, "does not verify"),
         (lambda emu: header_for(emu, int(time.time()) - 601), "too old"),
-        (lambda emu: header_for(emu, int(time.time()) + 301), "future"),
+        (lambda emu: header_for(emu, int(time.time()) + 305), "future"),
         (lambda emu: sign_header("nobody", emu.credentials.private_key), "unknown appId"),
         (_other_app_original, "same appId"),
         (

@@ -31,6 +31,7 @@ from ._errors import (
     WujieError,
 )
 from ._jobs import ImageJob
+from ._journal import JournalEntry
 from ._models import GeneratedImage, ImageResult
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = [
     "JobError",
     "JobFailedError",
     "JobTimeoutError",
+    "JournalEntry",
     "Limits",
     "LockRaceError",
     "ModerationRejectedError",

@@ -20,11 +20,14 @@ from ._errors import (
     JobCancelledError,
     ProtocolError,
     SubmitUncertainError,
+    WujieError,
 )
 from ._jobs import ImageJob
+from ._journal import Journal, JournalEntry
 from ._models import EditRequest, GenerationRequest, ImageResult, SubmitData
 from ._poller import BatchPoller
-from ._transport import SubmitRateLimiter, Transport
+from ._ratelimit import Pacer
+from ._transport import Transport
 
 _State = Literal["unopened", "open", "closed"]
 
@@ -200,6 +203,9 @@ class WujieClient:
         limits: connection, concurrency and rate limits.
         timeouts: connect/request/job/close deadlines.
         retry: backoff for retryable failures.
+        journal: a SQLite file recording every submit (intent before sending, key before
+            ``submit()`` returns, outcomes after), so :meth:`resume` can pick up after a crash
+            and :meth:`uncertain_submits` can say which submits may have been charged.
     """
 
     def __init__(
@@ -211,6 +217,7 @@ class WujieClient:
         limits: Limits | None = None,
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
+        journal: str | os.PathLike[str] | None = None,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = _check_base_url(
@@ -234,9 +241,10 @@ class WujieClient:
         self._poller_task: asyncio.Task[None] | None = None
         self._submit_slots: asyncio.Semaphore | None = None
         self._in_flight_slots: asyncio.Semaphore | None = None
-        self._rate_limiter: SubmitRateLimiter | None = None
+        self._submit_pacer: Pacer | None = None
         self._submits = 0
         self._submit_errors = 0
+        self._journal = Journal(journal) if journal is not None else None
 
     def __repr__(self) -> str:
         return (
@@ -262,12 +270,14 @@ class WujieClient:
         if self._state != "unopened":
             raise ClientStateError(f"the client is {self._state}; a client opens once")
         self._loop = asyncio.get_running_loop()
+        if self._journal is not None:
+            await self._journal.open()
         await self._transport.open()
         self._submit_slots = asyncio.Semaphore(self.limits.max_concurrent_submits)
         if self.limits.max_in_flight is not None:
             self._in_flight_slots = asyncio.Semaphore(self.limits.max_in_flight)
         if self.limits.max_submits_per_second is not None:
-            self._rate_limiter = SubmitRateLimiter(self.limits.max_submits_per_second)
+            self._submit_pacer = Pacer(self.limits.max_submits_per_second)
         self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
         self._state = "open"
 
@@ -303,6 +313,8 @@ class WujieClient:
                 await self._poller_task
             self._poller_task = None
         await self._transport.close()
+        if self._journal is not None:
+            await self._journal.close()
 
     def _check_loop(self) -> None:
         try:
@@ -342,16 +354,29 @@ class WujieClient:
         assert self._submit_slots is not None
         if self._in_flight_slots is not None:
             await self._in_flight_slots.acquire()
+        journal = self._journal
+        row_id: int | None = None
         try:
             async with self._submit_slots:
-                if self._rate_limiter is not None:
-                    await self._rate_limiter.wait()
+                if self._submit_pacer is not None:
+                    await self._submit_pacer.wait()
+                if journal is not None:
+                    row_id = await journal.record_intent(path, body)
                 data = await self._transport.post(path, body, kind="submit")
             key = self._parse_key(data, body)
-        except BaseException:
+            if journal is not None and row_id is not None:
+                await journal.record_accepted(row_id, key)
+        except BaseException as exc:
             self._submit_errors += 1
             if self._in_flight_slots is not None:
                 self._in_flight_slots.release()
+            if journal is not None and row_id is not None:
+                # Definite refusals cost nothing; anything else (a lost reply, a cancel while
+                # the request was out) may have been charged and stays on record as uncertain.
+                refused = isinstance(exc, WujieError) and not isinstance(exc, SubmitUncertainError)
+                journal.record_unsent(
+                    row_id, "rejected" if refused else "uncertain", repr(exc)[:500]
+                )
             raise
         self._submits += 1
         job = ImageJob(
@@ -365,8 +390,21 @@ class WujieClient:
         if self._in_flight_slots is not None:
             slots = self._in_flight_slots
             job.add_done_callback(lambda _: slots.release())
+        if journal is not None:
+            job.add_done_callback(self._record_outcome)
         self._poller.track(job)
         return job
+
+    def _record_outcome(self, job: ImageJob) -> None:
+        assert self._journal is not None
+        error = job.exception()
+        if error is None:
+            self._journal.record_outcome(job.key, "succeeded")
+        elif isinstance(error, JobCancelledError):
+            if self._state != "closed":  # closing leaves the key resumable
+                self._journal.record_outcome(job.key, "cancelled", str(error))
+        else:
+            self._journal.record_outcome(job.key, "failed", str(error))
 
     @staticmethod
     def _parse_key(data: Any, body: dict[str, Any]) -> str:
@@ -384,7 +422,14 @@ class WujieClient:
             raise InvalidRequestError([("job_timeout", "must be a positive number of seconds")])
         return seconds
 
-    def _attach(self, key: str, *, job_timeout: float | None, n: int | None) -> ImageJob:
+    def _attach(
+        self,
+        key: str,
+        *,
+        job_timeout: float | None,
+        n: int | None,
+        request: dict[str, Any] | None = None,
+    ) -> ImageJob:
         loop = self._check_open()
         if not isinstance(key, str) or not key.strip():
             raise InvalidRequestError([("key", "must be a non-empty job key")])
@@ -393,10 +438,52 @@ class WujieClient:
             return existing
         deadline_s = self._job_timeout(job_timeout)
         job = ImageJob(
-            key, loop=loop, deadline=loop.time() + deadline_s, n=n, on_cancel=self._poller.forget
+            key,
+            loop=loop,
+            deadline=loop.time() + deadline_s,
+            request=request,
+            n=n,
+            on_cancel=self._poller.forget,
         )
+        if self._journal is not None:
+            job.add_done_callback(self._record_outcome)
         self._poller.track(job, first_delay=0.0)
         return job
+
+    async def resume(self, *, job_timeout: float | None = None) -> list[ImageJob]:
+        """Re-attach every journaled key whose job had not ended; returns their jobs.
+
+        Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`.
+
+        Raises:
+            ClientStateError: the client has no journal.
+        """
+        self._check_open()
+        journal = self._require_journal()
+        return [
+            self._attach(
+                entry.job_key,
+                job_timeout=job_timeout,
+                n=entry.request.get("n") or 1,
+                request=entry.request,
+            )
+            for entry in await journal.entries("accepted")
+            if entry.job_key
+        ]
+
+    async def uncertain_submits(self) -> list[JournalEntry]:
+        """Submits that were sent but got no recorded reply: they may have been charged.
+
+        They include intents of a process that died mid-request. Check them in the platform's
+        console before sending the same prompts again.
+        """
+        self._check_open()
+        return await self._require_journal().entries("uncertain")
+
+    def _require_journal(self) -> Journal:
+        if self._journal is None:
+            raise ClientStateError("this client has no journal: WujieClient(journal='jobs.sqlite')")
+        return self._journal
 
     async def as_completed(
         self, jobs: Iterable[ImageJob], *, timeout: float | None = None

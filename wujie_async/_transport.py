@@ -41,6 +41,7 @@ from ._errors import (
     snippet,
 )
 from ._models import Envelope
+from ._ratelimit import AdaptiveLimiter
 
 logger = logging.getLogger("wujie_async")
 
@@ -130,24 +131,6 @@ def _retryable(exc: WujieError, kind: CallKind) -> bool:
     return isinstance(exc, TransportError) and not exc.reached_server
 
 
-class SubmitRateLimiter:
-    """Spaces submits at most ``rate`` per second, first come first served."""
-
-    __slots__ = ("_next_slot", "_period")
-
-    def __init__(self, rate: float) -> None:
-        self._period = 1.0 / rate
-        self._next_slot = 0.0
-
-    async def wait(self) -> None:
-        """Return when this caller's slot has come."""
-        now = time.monotonic()
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self._period
-        if slot > now:
-            await asyncio.sleep(slot - now)
-
-
 class Transport:
     """Signed JSON POSTs to the gateway, with retries and typed errors."""
 
@@ -167,6 +150,7 @@ class Transport:
         self._retry = retry
         self._session: aiohttp.ClientSession | None = None
         self.counters = TransportCounters()
+        self.brake = AdaptiveLimiter()
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self.base_url!r})"
@@ -217,12 +201,13 @@ class Transport:
         while True:
             tries += 1
             try:
-                return await attempt()
+                result = await attempt()
             except WujieError as exc:
                 if isinstance(exc, AuthenticationError):
                     self._signer.invalidate()
                 if isinstance(exc, RateLimitedError):
                     self.counters.rate_limited += 1
+                    self.brake.rate_limited()
                 elapsed = time.monotonic() - started
                 retry = _retryable(exc, kind) and tries < policy.max_attempts
                 # A second 401 in a row is not a stale signature: stop there.
@@ -240,9 +225,13 @@ class Transport:
                 self.counters.retries += 1
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 await asyncio.sleep(delay)
+            else:
+                self.brake.succeeded()
+                return result
 
     async def _post_once(self, path: str, payload: bytes) -> Any:
         header = await self._signer.header()
+        await self.brake.acquire()
         self.counters.http_calls += 1
         headers = {"Authorization": header, "Content-Type": "application/json"}
         try:

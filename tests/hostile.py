@@ -1,0 +1,62 @@
+"""A deliberately broken gateway for the cases the emulator is too well-behaved to produce."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+HUGE = 20 * 1024 * 1024
+
+REPLIES: dict[str, tuple[int, bytes, str]] = {
+    "nested": (200, b"[" * 200_000 + b"]" * 200_000, "application/json"),
+    "wrong-types": (
+        200,
+        b'{"code":"200","message":"ok","data":{"list":[{"key":5,"status":"done"},'
+        b'{"key":"K","status":[1]},{"nokey":true}]}}',
+        "application/json",
+    ),
+    "no-list": (200, b'{"code":"200","message":"ok","data":{"items":[]}}', "application/json"),
+    "not-envelope": (200, b'{"status":"ok"}', "application/json"),
+    "array": (200, b"[1,2,3]", "application/json"),
+    "empty-key": (200, b'{"code":"200","message":"ok","data":{"key":"  "}}', "application/json"),
+    "teapot": (418, b"short and stout", "text/plain"),
+    "balance-429": (
+        429,
+        b'{"code":"20110010","message":"insufficient points","data":null}',
+        "application/json",
+    ),
+}
+
+
+async def _reply(request: web.Request) -> web.StreamResponse:
+    mode = request.match_info["mode"]
+    if mode == "huge-declared":
+        return web.Response(body=b"x" * HUGE, content_type="application/json")
+    if mode == "huge-chunked":
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        chunk = b" " * 1024 * 1024
+        for _ in range(HUGE // len(chunk)):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    status, body, content_type = REPLIES[mode]
+    return web.Response(status=status, body=body, content_type=content_type)
+
+
+@asynccontextmanager
+async def hostile_gateway() -> AsyncIterator[str]:
+    """Yields a base URL; ``{base}/{mode}`` answers with the broken reply named ``mode``."""
+    app = web.Application()
+    app.router.add_post("/{mode}", _reply)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

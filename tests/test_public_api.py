@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import inspect
+
+import wujie_async
+from wujie_async import WujieError
+
+
+def test_all_is_sorted_and_complete() -> None:
+    names = wujie_async.__all__
+    assert names == sorted(names)
+    public = {
+        name
+        for name, value in vars(wujie_async).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert public == set(names) - {"__version__"}
+
+
+def test_every_public_error_derives_from_wujie_error_and_is_documented() -> None:
+    errors = [
+        value
+        for value in vars(wujie_async).values()
+        if inspect.isclass(value) and issubclass(value, BaseException)
+    ]
+    assert len(errors) > 10
+    tree = wujie_async._errors.__doc__ or ""
+    for error in errors:
+        assert issubclass(error, WujieError)
+        assert error.__name__ in tree, f"{error.__name__} is missing from the drawn tree"
+        assert error.__doc__
+
+
+def test_every_public_name_has_a_docstring() -> None:
+    for name in wujie_async.__all__:
+        value = getattr(wujie_async, name)
+        if inspect.isclass(value) or inspect.isfunction(value):
+            assert value.__doc__, name
+
+
+def test_package_ships_py_typed() -> None:
+    from pathlib import Path
+
+    assert (Path(wujie_async.__file__).parent / "py.typed").exists()
