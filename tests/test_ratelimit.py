@@ -15,36 +15,61 @@ class FakeClock:
         return self.now
 
 
-async def test_no_limit_until_a_429_then_halved_observed_rate() -> None:
+async def test_no_limit_until_a_429_then_cut_to_what_got_through() -> None:
     clock = FakeClock()
     brake = AdaptiveLimiter(clock=clock)
-    for _ in range(100):  # 100 requests per second
-        await brake.acquire()
+    sent = []
+    for _ in range(100):  # 100 successes in the last second
+        sent.append(await brake.acquire())
+        brake.succeeded()
         clock.now += 0.01
     assert brake.rate is None
-    brake.rate_limited()
-    assert brake.rate == pytest.approx(50, rel=0.02)
-    brake.rate_limited()  # same burst: not cut again
-    assert brake.rate == pytest.approx(50, rel=0.02)
-    clock.now += 1.1
-    brake.rate_limited()
-    assert brake.rate is not None and brake.rate < 50
+    brake.rate_limited(sent[-1])
+    first_cut = brake.rate
+    assert first_cut == pytest.approx(80)
+    brake.rate_limited(sent[-2])  # sent before the cut: the same burst
+    assert brake.rate == first_cut
+    clock.now += 0.5
+    brake.rate_limited(await brake.acquire())  # sent after the cut: cut again
+    assert brake.rate is not None and brake.rate < first_cut
+
+
+async def test_no_evidence_no_brake() -> None:
+    clock = FakeClock()
+    brake = AdaptiveLimiter(clock=clock)
+    for _ in range(4):
+        brake.succeeded()
+    brake.rate_limited(await brake.acquire())  # a 429 storm at start-up: nothing to go on
+    assert brake.rate is None
+
+
+async def test_consecutive_429s_stop_at_the_floor() -> None:
+    clock = FakeClock()
+    brake = AdaptiveLimiter(clock=clock)
+    for _ in range(100):
+        brake.succeeded()
+        clock.now += 0.01
+    for _ in range(50):
+        clock.now += 0.001
+        brake.rate_limited(clock.now)  # each sent after the previous cut
+    assert brake.rate == pytest.approx(10, rel=0.02)  # a tenth of the first estimate
 
 
 async def test_recovers_additively_then_lifts_the_limit() -> None:
     clock = FakeClock()
     brake = AdaptiveLimiter(clock=clock)
     for _ in range(100):
-        await brake.acquire()
+        brake.succeeded()
         clock.now += 0.01
-    brake.rate_limited()  # ceiling ~200, ramp ~20 per second, start at ~50
+    brake.rate_limited(await brake.acquire())  # ceiling 200, ramp 20/s, from 80
+    assert brake.rate == pytest.approx(80)
     successes = 0
     while brake.rate is not None:
         brake.succeeded()
         successes += 1
         assert successes < 10_000
-    # From 50 to 200 at +20/s takes ~7.5 s of traffic, about sum(rate) successes.
-    assert 500 < successes < 2000
+    # From 80 to 200 at +20/s is ~6 s of traffic: about sum(rate) successes.
+    assert 500 < successes < 1500
 
 
 async def test_pacer_spaces_callers_in_order() -> None:

@@ -172,7 +172,7 @@ async def test_retry_after_is_honoured(emulator: EmulatorFactory) -> None:
 
 async def test_auth_failure_is_typed_and_not_retried_forever(emulator: EmulatorFactory) -> None:
     async with emulator() as emu:
-        stranger = Credentials("wjemulator0001", Credentials_key())
+        stranger = Credentials("wjemulator0001", unregistered_key())
         async with make_client(emu) as client:
             client._transport._signer = HeaderSigner(stranger)
             with pytest.raises(AuthenticationError) as info:
@@ -181,7 +181,7 @@ async def test_auth_failure_is_typed_and_not_retried_forever(emulator: EmulatorF
             assert emu.stats()["requests"]["generations"] == 2  # once re-signed, then stop
 
 
-def Credentials_key() -> str:  # noqa: N802 - a second, unregistered key
+def unregistered_key() -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

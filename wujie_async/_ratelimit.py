@@ -43,86 +43,93 @@ class Pacer:
 class AdaptiveLimiter:
     """Slows every request down after a 429, then speeds back up (AIMD).
 
-    Until the first 429 there is no limit at all. A 429 sets the rate to ``decrease`` times the
-    rate actually observed over the last second (further 429s within one second count as the
-    same event, since one burst yields many). Successes then raise the rate additively, by
-    about a tenth of the ceiling per second, whatever the rate; once it reaches the ceiling
-    (``recover_factor`` times the rate that first drew a 429) the limit is lifted. Additive
-    increase keeps the sawtooth shallow: a gateway limiting at R sees a 429 every few seconds,
-    not every burst.
+    Until a 429 there is no limit at all. A 429 sets the rate to ``decrease`` times the number
+    of requests that succeeded over the last second: what the gateway actually let through.
+    With fewer than ``min_evidence`` successes there is nothing to estimate from (a storm of
+    429s at start-up, say), so the brake stays off and each request's own retry, which honours
+    Retry-After, does the waiting. 429s for requests sent before a cut are the same burst and
+    do not cut again. Successes raise the rate additively, a tenth of the ceiling per second
+    whatever the rate, so a gateway limiting at R sees a shallow sawtooth around R; the rate
+    never drops below a tenth of the first estimate, and at the ceiling (``recover_factor``
+    times the first estimate) the limit is lifted.
     """
 
     __slots__ = (
         "_ceiling",
         "_clock",
         "_decrease",
+        "_floor",
         "_last_cut",
+        "_min_evidence",
         "_pacer",
         "_ramp",
         "_recover_factor",
-        "_sent",
-        "floor",
+        "_successes",
     )
 
     def __init__(
         self,
         *,
-        floor: float = 1.0,
-        decrease: float = 0.5,
+        decrease: float = 0.8,
         recover_factor: float = 2.0,
+        min_evidence: int = 5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.floor = floor
         self._decrease = decrease
-        self._ramp = floor
         self._recover_factor = recover_factor
+        self._min_evidence = min_evidence
         self._clock = clock
         self._pacer: Pacer | None = None
-        self._ceiling = 0.0
-        self._last_cut = -1e9
-        self._sent: deque[float] = deque()
+        self._ceiling = self._ramp = self._floor = 1.0
+        self._last_cut = -1e18
+        self._successes: deque[float] = deque()
 
     @property
     def rate(self) -> float | None:
         """Requests per second allowed now; None when no limit is in force."""
         return self._pacer.rate if self._pacer is not None else None
 
-    async def acquire(self) -> None:
-        """Wait for a send slot (at once while no limit is in force)."""
-        now = self._clock()
-        sent = self._sent
-        sent.append(now)
-        while sent and sent[0] < now - 1.0:
-            sent.popleft()
+    async def acquire(self) -> float:
+        """Wait for a send slot (at once while no limit is in force); returns the send time."""
         if self._pacer is not None:
             await self._pacer.wait()
+        return self._clock()
 
-    def rate_limited(self) -> None:
-        """A 429 came back: cut the rate."""
+    def rate_limited(self, sent_at: float) -> None:
+        """The request sent at ``sent_at`` drew a 429: cut the rate, once per burst."""
+        if sent_at <= self._last_cut:
+            return
         now = self._clock()
-        if now - self._last_cut < 1.0:
+        self._forget_before(now - 1.0)
+        estimate = float(len(self._successes))
+        if estimate < self._min_evidence:
             return
         self._last_cut = now
-        # Requests per second over the last second, or over what there is of it so far.
-        span = max(now - self._sent[0], 0.1) if self._sent else 1.0
-        observed = max(len(self._sent) / min(span, 1.0), self.floor)
-        current = self._pacer.rate if self._pacer is not None else observed
-        new_rate = max(self.floor, min(current, observed) * self._decrease)
         if self._pacer is None:
-            self._ceiling = observed * self._recover_factor
-            self._ramp = max(self.floor, self._ceiling / 10)
-            self._pacer = Pacer(new_rate, clock=self._clock)
+            self._ceiling = estimate * self._recover_factor
+            self._ramp = self._ceiling / 10
+            self._floor = max(1.0, estimate / 10)
+            self._pacer = Pacer(estimate * self._decrease, clock=self._clock)
         else:
-            self._pacer.rate = new_rate
+            current = self._pacer.rate
+            self._pacer.rate = max(self._floor, min(current, estimate) * self._decrease)
 
     def succeeded(self) -> None:
         """A request went through: raise the rate a little, or lift the limit."""
+        now = self._clock()
+        self._successes.append(now)
+        self._forget_before(now - 1.0)
         pacer = self._pacer
         if pacer is None:
             return
-        # ``rate`` successes arrive per second, so each adds ramp/rate: +ramp per second.
+        # About ``rate`` successes arrive per second, so each adds ramp/rate: +ramp per second.
         raised = pacer.rate + self._ramp / pacer.rate
         if raised >= self._ceiling:
             self._pacer = None
         else:
             pacer.rate = raised
+
+    def _forget_before(self, horizon: float) -> None:
+        successes = self._successes
+        while successes and successes[0] < horizon:
+            successes.popleft()

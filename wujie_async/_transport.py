@@ -205,9 +205,6 @@ class Transport:
             except WujieError as exc:
                 if isinstance(exc, AuthenticationError):
                     self._signer.invalidate()
-                if isinstance(exc, RateLimitedError):
-                    self.counters.rate_limited += 1
-                    self.brake.rate_limited()
                 elapsed = time.monotonic() - started
                 retry = _retryable(exc, kind) and tries < policy.max_attempts
                 # A second 401 in a row is not a stale signature: stop there.
@@ -226,12 +223,11 @@ class Transport:
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 await asyncio.sleep(delay)
             else:
-                self.brake.succeeded()
                 return result
 
     async def _post_once(self, path: str, payload: bytes) -> Any:
         header = await self._signer.header()
-        await self.brake.acquire()
+        sent_at = await self.brake.acquire()
         self.counters.http_calls += 1
         headers = {"Authorization": header, "Content-Type": "application/json"}
         try:
@@ -249,7 +245,14 @@ class Transport:
                 f"no complete reply from {self.base_url}{path}: {type(exc).__name__}",
                 reached_server=True,
             ) from None
-        return decode_reply(status, raw, reply_headers)
+        try:
+            data = decode_reply(status, raw, reply_headers)
+        except RateLimitedError:
+            self.counters.rate_limited += 1
+            self.brake.rate_limited(sent_at)
+            raise
+        self.brake.succeeded()
+        return data
 
     async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes:
         cap = self._limits.max_response_bytes

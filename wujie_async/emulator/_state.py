@@ -106,6 +106,7 @@ class EmulatedJob:
 
     key: str
     app_id: str
+    prompt: str
     model: str
     n: int
     size: tuple[int, int]
@@ -177,8 +178,8 @@ class JobStore:
         for _ in range(n):
             clock += rng.gammavariate(_SHAPE, image_typ / _SHAPE) * scale
             done_at.append(clock)
-        prompt = str(body.get("prompt", "")).lower()
-        if any(word.lower() in prompt for word in faults.moderation_words):
+        prompt = str(body.get("prompt", ""))
+        if any(word.lower() in prompt.lower() for word in faults.moderation_words):
             outcome, ends = _contract.STATUS_MODERATION_REJECTED, started
         elif faults.fail_jobs and rng.random() < faults.fail_jobs:
             outcome = _contract.STATUS_FAILED
@@ -189,6 +190,7 @@ class JobStore:
         job = EmulatedJob(
             key=self.new_key(),
             app_id=app_id,
+            prompt=prompt,
             model=model,
             n=n,
             size=_rules.size_pixels(body.get("size")),

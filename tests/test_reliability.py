@@ -1,0 +1,289 @@
+"""Faults, limits, cancellation, the journal and crash recovery, against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from wujie_async import (
+    ClientStateError,
+    ImageJob,
+    JobFailedError,
+    Limits,
+    PollPolicy,
+    RetryPolicy,
+    SubmitUncertainError,
+    WujieClient,
+    WujieError,
+)
+from wujie_async.emulator import FaultConfig
+
+from .conftest import EmulatorFactory, make_client
+from .helpers import stray_tasks
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+FAULT_RETRY = RetryPolicy(initial_wait=0.01, max_wait=1.0, max_attempts=10)
+
+
+@pytest.mark.slow
+async def test_two_thousand_jobs_through_every_fault(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    faults = FaultConfig(
+        http_5xx=0.05,
+        drop_connection=0.01,
+        drop_after_accept=0.01,
+        burst_429=30,
+        retry_after_s=1,
+        html_reply=0.02,
+        absent_jobs=0.1,
+        absent_s=0.3,
+        duplicate_entries=0.1,
+        shuffle_entries=True,
+        unknown_status=0.05,
+        fail_jobs=0.02,
+    )
+    before = asyncio.all_tasks()
+    count = 2000
+    outcomes: dict[int, Any] = {}
+    async with emulator(faults=faults, time_scale=0.005) as emu:
+        client = make_client(emu, retry=FAULT_RETRY, journal=tmp_path / "jobs.sqlite")
+        async with client:
+
+            async def submit(index: int) -> ImageJob | BaseException:
+                try:
+                    return await client.images.submit(prompt=f"job {index}", model="dall-e-2")
+                except WujieError as exc:
+                    return exc
+
+            half = count // 2
+            submitted = await asyncio.gather(*(submit(i) for i in range(half)))
+            emu.gateway._burst_left = 20  # a second 429 burst, mid-run
+            submitted += await asyncio.gather(*(submit(i) for i in range(half, count)))
+            jobs = [s for s in submitted if isinstance(s, ImageJob)]
+            for index, job in enumerate(jobs):
+                try:
+                    outcomes[index] = await job.result(timeout=60)
+                except WujieError as exc:
+                    outcomes[index] = exc
+            assert all(job.done() for job in jobs)  # zero awaits left pending
+            uncertain_rows = await client.uncertain_submits()
+        assert stray_tasks(before) == set()
+
+        stats = emu.stats(timelines=False)
+        store = emu.gateway.store.jobs
+        errors = [s for s in submitted if not isinstance(s, ImageJob)]
+        uncertain = [e for e in errors if isinstance(e, SubmitUncertainError)]
+        # Every submit error is typed; every uncertain one carries its request.
+        assert all(isinstance(e, WujieError) for e in errors)
+        assert all(e.request["prompt"].startswith("job ") for e in uncertain)
+        # Nothing silently lost: each accepted job is known, or its submit was reported uncertain.
+        known = {job.key for job in jobs}
+        assert known <= set(store)
+        lost_replies = stats["faults"].get("drop_after_accept", 0)
+        assert stats["submits_accepted"] == len(known) + lost_replies
+        assert len(uncertain) >= lost_replies
+        assert len(uncertain_rows) == len(uncertain)
+        # Nothing paid twice: no prompt was accepted more than once.
+        prompts = Counter(job.prompt for job in store.values())
+        assert max(prompts.values()) == 1
+        # Every job ended as the emulator's own record says it should.
+        for index, job in enumerate(jobs):
+            outcome, truth = outcomes[index], store[job.key].outcome
+            if truth == 4:
+                assert not isinstance(outcome, BaseException), (job.key, outcome)
+                assert len(outcome.images) == 1
+            else:
+                assert isinstance(outcome, JobFailedError) and truth == 3, (job.key, outcome)
+        assert stats["faults"]["http_5xx"] > 0 and stats["faults"]["burst_429"] == 50
+        assert stats["faults"]["html_reply"] > 0 and stats["faults"]["drop_connection"] > 0
+
+
+@pytest.mark.slow
+async def test_adaptive_rate_limiting(emulator: EmulatorFactory) -> None:
+    poll = PollPolicy(first_poll_delay=0.3, min_interval=0.3, max_interval=1.0)
+    async with emulator(rate_limit_rps=100, time_scale=0.01) as emu:
+        async with make_client(emu, poll=poll, retry=FAULT_RETRY) as client:
+            run = asyncio.gather(
+                *(client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(500))
+            )
+            await asyncio.sleep(1.0)
+            first_ones = client.stats.rate_limited
+            await asyncio.gather(*await run)
+            later_ones = client.stats.rate_limited - first_ones
+        # The first burst draws 429s (at most one per submit slot); after it, over the ~4 s
+        # the rest takes at 100/s, the brake lets through about one probe a second.
+        assert client.stats.rate_limited == emu.stats()["faults"]["rate_limited"]
+        assert 0 < first_ones <= client.limits.max_concurrent_submits + 5, first_ones
+        assert later_ones <= 15, later_ones
+    async with emulator(rate_limit_rps=100, time_scale=0.01) as emu:
+        limits = Limits(max_submits_per_second=60)
+        async with make_client(emu, poll=poll, limits=limits) as client:
+            jobs = await asyncio.gather(
+                *(client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(500))
+            )
+            await asyncio.gather(*jobs)
+            assert client.stats.rate_limited == 0
+        assert emu.stats()["faults"].get("rate_limited", 0) == 0
+
+
+async def test_max_in_flight_bounds_outstanding_jobs(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.005) as emu:
+        async with make_client(emu, limits=Limits(max_in_flight=20)) as client:
+            peak = 0
+            done = asyncio.Event()
+
+            async def watch() -> None:
+                nonlocal peak
+                while not done.is_set():
+                    peak = max(peak, client.stats.jobs_outstanding)
+                    await asyncio.sleep(0.002)
+
+            watcher = asyncio.create_task(watch())
+            jobs = await asyncio.gather(
+                *(client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(200))
+            )
+            await asyncio.gather(*jobs)
+            done.set()
+            await watcher
+            assert 0 < peak <= 20
+
+
+async def test_cancelling_generate_cancels_the_submit_cleanly(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=5.0, endpoints=frozenset({"generations"}))
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator(faults=faults) as emu:
+        client = make_client(emu, limits=Limits(max_in_flight=1), journal=journal)
+        async with client:
+            task = asyncio.create_task(client.images.generate(prompt="slow", model="dall-e-2"))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            emu.set_faults(FaultConfig())
+            # The in-flight slot was given back: another submit gets through.
+            result = await client.images.generate(prompt="fast", model="dall-e-2")
+            assert result.status == 4
+            uncertain = await client.uncertain_submits()
+        assert [row.request["prompt"] for row in uncertain] == ["slow"]
+
+
+async def test_journal_records_intent_before_sending_and_key_before_returning(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.5, endpoints=frozenset({"generations"}))
+
+    def rows() -> list[tuple[Any, ...]]:
+        with sqlite3.connect(journal) as db:
+            return db.execute("SELECT state, job_key, request FROM submits").fetchall()
+
+    async with emulator(faults=faults) as emu, make_client(emu, journal=journal) as client:
+        submit = asyncio.create_task(client.images.submit(prompt="fox", model="dall-e-2"))
+        await asyncio.sleep(0.2)  # the request is at the emulator, its reply held back
+        assert emu.stats()["requests"]["generations"] == 1
+        [(state, key, request)] = rows()
+        assert state == "intent" and key is None and json.loads(request)["prompt"] == "fox"
+        job = await submit
+        assert rows()[0][:2] == ("accepted", job.key)  # durable before submit() returned
+        await job
+    assert rows()[0][:2] == ("succeeded", job.key)
+    with sqlite3.connect(journal) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_journal_batches_its_writes(emulator: EmulatorFactory, tmp_path: Path) -> None:
+    async with emulator() as emu:
+        client = make_client(emu, journal=tmp_path / "jobs.sqlite")
+        async with client:
+            jobs = await asyncio.gather(
+                *(client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(1000))
+            )
+            await asyncio.gather(*jobs)
+            journal = client._journal
+            assert journal is not None
+        # 1,000 intents + 1,000 keys + 1,000 outcomes, in far fewer transactions.
+        assert journal.commits < 1000, journal.commits
+
+
+async def test_resume_and_uncertain_need_a_journal(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        with pytest.raises(ClientStateError, match="journal"):
+            await client.resume()
+
+
+async def _emulator_stats(base_url: str) -> dict[str, Any]:
+    origin = base_url.removesuffix("/wj-open/v1")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{origin}/_emulator/stats") as reply:
+            return await reply.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+async def test_crash_and_resume(tmp_path: Path) -> None:
+    creds_path, journal = tmp_path / "creds.json", tmp_path / "jobs.sqlite"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async.emulator", "--port", "0",
+        "--credentials-out", str(creds_path), "--time-scale", "0.05",
+        "--slow-reply", "1.0", "--slow-reply-s", "0.01",
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    child = None
+    try:
+        assert server.stdout is not None
+        await asyncio.wait_for(server.stdout.readline(), 20)
+        base_url = json.loads(creds_path.read_text())["base_url"]
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.crash_child", str(creds_path), str(journal), "400",
+            cwd=ROOT, env=env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while (await _emulator_stats(base_url))["submits_accepted"] < 60:
+            assert time.monotonic() < deadline and child.returncode is None
+            await asyncio.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+        before = await _emulator_stats(base_url)
+        accepted_keys = set(before["timelines"])
+        assert 60 <= len(accepted_keys) < 400  # killed mid-run
+
+        creds = json.loads(creds_path.read_text())
+        from wujie_async import Credentials
+
+        credentials = Credentials(creds["app_id"], creds["private_key"])
+        async with WujieClient(credentials, base_url=base_url, journal=journal) as client:
+            resumed = await client.resume()
+            uncertain = await client.uncertain_submits()
+            results = await asyncio.gather(*(job.result(timeout=60) for job in resumed))
+        assert all(result.status == 4 for result in results)
+        with sqlite3.connect(journal) as db:
+            journaled = {key for (key,) in db.execute("SELECT job_key FROM submits") if key}
+        # Every key the emulator accepted is in the journal, except submits whose reply the kill
+        # cut off, and those are each reported as uncertain.
+        assert journaled <= accepted_keys
+        assert len(accepted_keys - journaled) <= len(uncertain)
+        assert {job.key for job in resumed} <= journaled
+        after = await _emulator_stats(base_url)
+        assert after["submits_accepted"] == before["submits_accepted"]  # nothing resubmitted
+    finally:
+        if child is not None and child.returncode is None:
+            child.kill()
+            await child.wait()
+        server.terminate()
+        await server.wait()
