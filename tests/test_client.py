@@ -192,6 +192,7 @@ async def test_attach_picks_up_a_key_submitted_by_another_client(
             assert second.images.attach(submitted.key) is job
             result = await job.result(timeout=10)
             assert len(result.images) == 2
+            assert second.images.attach(submitted.key) is job  # ended lately: the same job
         assert emu.stats()["submits_accepted"] == 1
 
 

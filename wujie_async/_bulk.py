@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -124,7 +124,10 @@ class BulkTally:
 
 
 class BulkRun:
-    """Submits every item, saves each image as its own future resolves, writes the manifest."""
+    """Submits every item, saves each image as its own future resolves, writes the manifest.
+
+    ``resumed`` jobs (from a journal) are collected the same way, without being submitted.
+    """
 
     def __init__(
         self,
@@ -133,15 +136,17 @@ class BulkRun:
         out: Path,
         *,
         console: Console,
+        resumed: list[ImageJob] | None = None,
         allow_http: bool = False,
     ) -> None:
         self._client = client
         self._items = items
+        self._resumed = resumed or []
         self._out = out
         self._console = console
         self._allow_http = allow_http
-        self.tally = BulkTally(total=len(items))
-        self.jobs: list[ImageJob] = []
+        self.tally = BulkTally(total=len(items) + len(self._resumed))
+        self.tally.submitted = len(self._resumed)
 
     async def run(self) -> BulkTally:
         """Run to the end; the tally says how it went."""
@@ -149,9 +154,8 @@ class BulkRun:
         downloader = Downloader(
             self._client._transport.session, self._out, allow_http=self._allow_http
         )
-        manifest_path = self._out / "manifest.jsonl"
         with (
-            manifest_path.open("a", encoding="utf-8") as manifest,
+            (self._out / "manifest.jsonl").open("a", encoding="utf-8") as manifest,
             Progress(
                 SpinnerColumn(),
                 TextColumn("[bold]jobs"),
@@ -165,19 +169,23 @@ class BulkRun:
                 refresh_per_second=8,
             ) as progress,
         ):
-            task = progress.add_task("jobs", total=len(self._items), detail=self.tally.line())
+            task = progress.add_task("jobs", total=self.tally.total, detail=self.tally.line())
 
             def refresh() -> None:
                 progress.update(
                     task, completed=self.tally.done + self.tally.failed, detail=self.tally.line()
                 )
 
+            collect = _Collector(downloader, manifest, refresh, self.tally, self._fail)
             queue: asyncio.Queue[BulkItem] = asyncio.Queue()
             for item in self._items:
                 queue.put_nowait(item)
             async with anyio.create_task_group() as group:
+                for job in self._resumed:
+                    prompt = str((job.request or {}).get("prompt", ""))
+                    group.start_soon(collect, f"key {job.key}", prompt, job, time.monotonic())
                 for _ in range(self._client.limits.max_concurrent_submits):
-                    group.start_soon(self._submitter, queue, group, downloader, manifest, refresh)
+                    group.start_soon(self._submitter, queue, group, collect, refresh)
             refresh()
         return self.tally
 
@@ -185,71 +193,80 @@ class BulkRun:
         self,
         queue: asyncio.Queue[BulkItem],
         group: anyio.abc.TaskGroup,
-        downloader: Downloader,
-        manifest: TextIO,
-        refresh: Any,
+        collect: _Collector,
+        refresh: Callable[[], None],
     ) -> None:
         while not queue.empty():
             item = queue.get_nowait()
-            body = item.request.body()
             started = time.monotonic()
             try:
-                job = await self._client.images.submit(**body)
+                job = await self._client.images.submit(**item.request.body())
             except WujieError as exc:
                 if isinstance(exc, SubmitUncertainError):
                     self.tally.uncertain += 1
                 self._fail(f"line {item.line}: submit failed: {exc}")
                 refresh()
                 continue
-            self.jobs.append(job)
             self.tally.submitted += 1
             refresh()
-            group.start_soon(self._collect, item, job, started, downloader, manifest, refresh)
-
-    async def _collect(
-        self,
-        item: BulkItem,
-        job: ImageJob,
-        started: float,
-        downloader: Downloader,
-        manifest: TextIO,
-        refresh: Any,
-    ) -> None:
-        count = item.request.n or 1
-
-        async def save(index: int) -> None:
-            image = await job.image(index)
-            if image.url is None:
-                raise WujieError(f"image {index} has no URL")
-            saved = await downloader.save(image.url, job.key, index)
-            record = {
-                "prompt": item.request.prompt,
-                "key": job.key,
-                "index": index,
-                "path": saved.path.name,
-                "sha256": saved.sha256,
-                "bytes": saved.bytes,
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
-            manifest.flush()
-            self.tally.images += 1
-            self.tally.saved.append(saved.path)
-            refresh()
-
-        try:
-            results = await asyncio.gather(*(save(i) for i in range(count)), return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                raise errors[0]
-            await job
-        except (WujieError, OSError) as exc:
-            self._fail(f"line {item.line}: {exc}")
-        else:
-            self.tally.done += 1
-        refresh()
+            group.start_soon(collect, f"line {item.line}", item.request.prompt, job, started)
 
     def _fail(self, message: str) -> None:
         self.tally.failed += 1
         self.tally.failures.append(message)
         self._console.print(f"[red]✗[/red] {message}", markup=True, highlight=False)
+
+
+class _Collector:
+    """Saves a job's images as each lands, one manifest line per image."""
+
+    def __init__(
+        self,
+        downloader: Downloader,
+        manifest: TextIO,
+        refresh: Callable[[], None],
+        tally: BulkTally,
+        fail: Callable[[str], None],
+    ) -> None:
+        self._downloader = downloader
+        self._manifest = manifest
+        self._refresh = refresh
+        self._tally = tally
+        self._fail = fail
+
+    async def __call__(self, label: str, prompt: str, job: ImageJob, started: float) -> None:
+        count = job.n or 1
+        results = await asyncio.gather(
+            *(self._save(prompt, job, index, started) for index in range(count)),
+            return_exceptions=True,
+        )
+        try:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            await job
+        except (WujieError, OSError) as exc:
+            self._fail(f"{label}: {exc}")
+        else:
+            self._tally.done += 1
+        self._refresh()
+
+    async def _save(self, prompt: str, job: ImageJob, index: int, started: float) -> None:
+        image = await job.image(index)
+        if image.url is None:
+            raise WujieError(f"job {job.key}: image {index} has no URL")
+        saved = await self._downloader.save(image.url, job.key, index)
+        record = {
+            "prompt": prompt,
+            "key": job.key,
+            "index": index,
+            "path": saved.path.name,
+            "sha256": saved.sha256,
+            "bytes": saved.bytes,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        self._manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._manifest.flush()
+        self._tally.images += 1
+        self._tally.saved.append(saved.path)
+        self._refresh()

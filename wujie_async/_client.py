@@ -23,7 +23,7 @@ from ._errors import (
     WujieError,
 )
 from ._jobs import ImageJob
-from ._journal import Journal, JournalEntry
+from ._journal import ALL_STATES, Journal, JournalEntry
 from ._models import EditRequest, GenerationRequest, ImageResult, SubmitData
 from ._poller import BatchPoller
 from ._ratelimit import Pacer
@@ -95,12 +95,15 @@ class Images:
         style: str | None = None,
         job_timeout: float | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        tag: str | None = None,
     ) -> ImageJob:
         """Submit a generation; returns its job as soon as the gateway gives a key.
 
         Fields are those of API.md section 1; None leaves a field out (the gateway's default).
         ``job_timeout`` is the job's deadline in seconds (default ``Timeouts.job``);
-        ``extra_body`` adds fields this client does not know yet, sent as given.
+        ``extra_body`` adds fields this client does not know yet, sent as given. ``tag`` is
+        your own id for this submit (a queue message id, say): never sent, but kept in the
+        journal so :meth:`WujieClient.find_submit` can tell whether it was already sent.
 
         Raises:
             InvalidRequestError: a field breaks the model's rules (nothing was sent).
@@ -121,7 +124,7 @@ class Images:
         }
         request = GenerationRequest.build(fields)
         return await self._client._submit(
-            _contract.GENERATIONS_PATH, request.body(), request.n, job_timeout, extra_body
+            _contract.GENERATIONS_PATH, request.body(), request.n, job_timeout, extra_body, tag
         )
 
     async def submit_edit(
@@ -141,6 +144,7 @@ class Images:
         style: str | None = None,
         job_timeout: float | None = None,
         extra_body: Mapping[str, Any] | None = None,
+        tag: str | None = None,
     ) -> ImageJob:
         """Submit an edit of ``image`` (URLs, base64 or data URLs), optionally with ``mask``.
 
@@ -162,7 +166,7 @@ class Images:
         }
         request = EditRequest.build(fields)
         return await self._client._submit(
-            _contract.EDITS_PATH, request.body(), request.n, job_timeout, extra_body
+            _contract.EDITS_PATH, request.body(), request.n, job_timeout, extra_body, tag
         )
 
     async def generate(self, **fields: Any) -> ImageResult:
@@ -183,8 +187,9 @@ class Images:
     ) -> ImageJob:
         """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
 
-        Attaching a key this client already tracks returns the same job. ``n``, when given,
-        lets ``job.image(i)`` reject indexes out of range at once.
+        Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
+        that same job. ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
+        once.
         """
         return self._client._attach(key, job_timeout=job_timeout, n=n)
 
@@ -346,6 +351,7 @@ class WujieClient:
         n: int | None,
         job_timeout: float | None,
         extra_body: Mapping[str, Any] | None,
+        tag: str | None,
     ) -> ImageJob:
         loop = self._check_open()
         deadline_s = self._job_timeout(job_timeout)
@@ -361,7 +367,7 @@ class WujieClient:
                 if self._submit_pacer is not None:
                     await self._submit_pacer.wait()
                 if journal is not None:
-                    row_id = await journal.record_intent(path, body)
+                    row_id = await journal.record_intent(path, body, tag)
                 data = await self._transport.post(path, body, kind="submit")
             key = self._parse_key(data, body)
             if journal is not None and row_id is not None:
@@ -479,6 +485,16 @@ class WujieClient:
         """
         self._check_open()
         return await self._require_journal().entries("uncertain")
+
+    async def find_submit(self, tag: str) -> JournalEntry | None:
+        """The journaled submit made with ``tag``, if any (the latest one).
+
+        Lets a queue consumer that is handed a message again (it crashed before acknowledging)
+        attach to the key it already has instead of paying for the same request twice.
+        """
+        self._check_open()
+        found = await self._require_journal().entries(*ALL_STATES, tag=tag)
+        return found[-1] if found else None
 
     def _require_journal(self) -> Journal:
         if self._journal is None:

@@ -42,15 +42,17 @@ CREATE TABLE IF NOT EXISTS submits (
     request  TEXT NOT NULL,
     state    TEXT NOT NULL,
     job_key  TEXT,
+    tag      TEXT,
     error    TEXT,
     created  REAL NOT NULL,
     updated  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS submits_state ON submits(state);
 CREATE INDEX IF NOT EXISTS submits_key ON submits(job_key);
+CREATE INDEX IF NOT EXISTS submits_tag ON submits(tag);
 """
-# Kept apart so a row never loses its state to an out-of-order write.
 _FINAL_STATES = ("succeeded", "failed", "cancelled", "rejected", "uncertain")
+ALL_STATES = ("intent", "accepted", *_FINAL_STATES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class JournalEntry:
         request: the body that was (or was about to be) sent.
         state: intent, accepted, succeeded, failed, cancelled, rejected or uncertain.
         job_key: the gateway's key, once known.
+        tag: the caller's own id for the submit (e.g. a queue message id), if given.
         error: what went wrong, for rejected/uncertain/failed rows.
         created: unix time of the intent.
     """
@@ -72,6 +75,7 @@ class JournalEntry:
     request: dict[str, Any]
     state: str
     job_key: str | None
+    tag: str | None
     error: str | None
     created: float
 
@@ -197,15 +201,17 @@ class Journal:
             self._queue.put((ops, None))
 
     # --- records ---------------------------------------------------------------------------------
-    async def record_intent(self, path: str, request: dict[str, Any]) -> int:
+    async def record_intent(
+        self, path: str, request: dict[str, Any], tag: str | None = None
+    ) -> int:
         """Write a submit's request before it is sent; returns its row id."""
         now = time.time()
         row_id: int = await self._write(
             [
                 (
-                    "INSERT INTO submits (path, request, state, created, updated)"
-                    " VALUES (?, ?, 'intent', ?, ?)",
-                    (path, json.dumps(request, ensure_ascii=False), now, now),
+                    "INSERT INTO submits (path, request, state, tag, created, updated)"
+                    " VALUES (?, ?, 'intent', ?, ?, ?)",
+                    (path, json.dumps(request, ensure_ascii=False), tag, now, now),
                 )
             ]
         )
@@ -251,20 +257,33 @@ class Journal:
             ]
         )
 
-    async def entries(self, *states: str) -> list[JournalEntry]:
-        """Rows in the given states, oldest first."""
-        marks = ",".join("?" * len(states))
+    async def entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
+        """Rows in the given states (and with ``tag``, if given), oldest first."""
+        where = f"state IN ({','.join('?' * len(states))})"
+        params: tuple[Any, ...] = tuple(states)
+        if tag is not None:
+            where += " AND tag = ?"
+            params += (tag,)
         rows = await self._write(
             [
                 (
-                    "SELECT id, path, request, state, job_key, error, created FROM submits"
-                    f" WHERE state IN ({marks}) ORDER BY id",
-                    tuple(states),
+                    "SELECT id, path, request, state, job_key, tag, error, created FROM submits"
+                    f" WHERE {where} ORDER BY id",
+                    params,
                 )
             ]
         )
         return [
-            JournalEntry(row[0], row[1], json.loads(row[2]), row[3], row[4], row[5], row[6])
+            JournalEntry(
+                id=row[0],
+                path=row[1],
+                request=json.loads(row[2]),
+                state=row[3],
+                job_key=row[4],
+                tag=row[5],
+                error=row[6],
+                created=row[7],
+            )
             for row in rows
         ]
 

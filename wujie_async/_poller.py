@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from ._models import FailInfo, GeneratedImage, JobInfo
 from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
+ENDED_JOBS_KEPT = 1024
 
 
 @dataclass(slots=True)
@@ -87,14 +89,17 @@ class BatchPoller:
         self._wakeup = asyncio.Event()
         self._in_flight: set[str] = set()
         self._unknown_statuses: set[int] = set()
+        # Jobs that ended lately, so attach(key) right after the end returns the ended job
+        # (a status endpoint attaching per request) instead of starting over; bounded.
+        self._ended: OrderedDict[str, ImageJob] = OrderedDict()
         self.counters = PollerCounters()
 
     def __len__(self) -> int:
         return len(self._jobs)
 
     def get(self, key: str) -> ImageJob | None:
-        """The tracked job for ``key``, if any."""
-        return self._jobs.get(key)
+        """The tracked job for ``key``, or one that ended lately; None if neither."""
+        return self._jobs.get(key) or self._ended.get(key)
 
     def jobs(self) -> list[ImageJob]:
         """Every outstanding job."""
@@ -230,6 +235,7 @@ class BatchPoller:
             self.forget(job)
             self.counters.succeeded += 1
             job.succeed(entry.status)
+            self._remember_ended(job)
         elif entry.status in (_contract.STATUS_FAILED, _contract.STATUS_MODERATION_REJECTED):
             fail = entry.fail_message
             if not isinstance(fail, FailInfo):
@@ -260,3 +266,9 @@ class BatchPoller:
         self.forget(job)
         self.counters.failed += 1
         job.fail(error)
+        self._remember_ended(job)
+
+    def _remember_ended(self, job: ImageJob) -> None:
+        self._ended[job.key] = job
+        if len(self._ended) > ENDED_JOBS_KEPT:
+            self._ended.popitem(last=False)

@@ -1,0 +1,81 @@
+"""Bulk generation from a prompts file: submit them all, handle results in completion order.
+
+    python examples/bulk_script.py examples/prompts-1000.txt --out out/bulk
+
+The client bounds what is on the wire (Limits); one poller asks about every job in shared
+batch calls; `as_completed` hands back jobs as they finish, and each job's images are saved
+as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from _connect import connect
+
+from wujie_async import ImageJob, Limits, WujieError
+
+
+async def save(http: aiohttp.ClientSession, url: str, path: Path) -> None:
+    async with http.get(url) as reply:
+        reply.raise_for_status()
+        data = await reply.read()
+    await asyncio.to_thread(path.write_bytes, data)
+
+
+def read_prompts(prompts_file: Path, limit: int | None) -> list[str]:
+    lines = prompts_file.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")][:limit]
+
+
+async def main(prompts: list[str], out: Path) -> int:
+    started = time.monotonic()
+    failed = 0
+    async with connect(limits=Limits(max_in_flight=500)) as client:
+        submits = [
+            client.images.submit(prompt=prompt, model="dall-e-2", size="256x256")
+            for prompt in prompts
+        ]
+        outcomes = await asyncio.gather(*submits, return_exceptions=True)
+        jobs: list[ImageJob] = []
+        for prompt, outcome in zip(prompts, outcomes, strict=True):
+            if isinstance(outcome, ImageJob):
+                jobs.append(outcome)
+            else:
+                failed += 1
+                print(f"submit failed for {prompt!r}: {outcome}")
+        async with aiohttp.ClientSession() as http:
+            async for job in client.as_completed(jobs):
+                try:
+                    result = await job
+                except WujieError as exc:
+                    failed += 1
+                    print(f"job failed: {exc}")
+                    continue
+                for image in result.images:
+                    if image.url:
+                        await save(http, image.url, out / f"{job.key}-{image.index}.png")
+        stats = client.stats
+    print(
+        f"{len(jobs) - failed} of {len(prompts)} jobs done in {time.monotonic() - started:.1f}s; "
+        f"{stats.batch_calls} batch calls (mean fill {stats.mean_batch_fill:.1f} keys) "
+        f"for {stats.submits} submits"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "prompts", type=Path, nargs="?", default=Path(__file__).parent / "prompts-1000.txt"
+    )
+    parser.add_argument("--out", type=Path, default=Path("out/bulk"))
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.exit(asyncio.run(main(read_prompts(args.prompts, args.limit), args.out)))

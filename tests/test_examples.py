@@ -1,0 +1,238 @@
+"""The examples, run as written: real processes, real HTTP, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from wujie_async import WujieClient
+
+from .conftest import FAST_POLL, EmulatorFactory
+from .helpers import png_size
+
+pytestmark = pytest.mark.anyio
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NO_CREDENTIALS = {
+    name: value
+    for name, value in os.environ.items()
+    if name not in {"WUJIE_APP_ID", "WUJIE_PRIVATE_KEY", "WUJIE_BASE_URL"}
+} | {"PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def run_example(*args: str, timeout: float = 120) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, env=NO_CREDENTIALS,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+@pytest.mark.slow
+async def test_bulk_script_runs_a_thousand_prompts(tmp_path: Path) -> None:
+    code, output = await run_example(str(EXAMPLES / "bulk_script.py"), "--out", str(tmp_path))
+    assert code == 0, output
+    assert "1000 of 1000 jobs done" in output
+    files = sorted(tmp_path.glob("*.png"))
+    assert len(files) == 1000
+    assert png_size(files[0].read_bytes()) == (32, 32)  # 256x256, downscaled by the emulator
+
+
+@contextlib.asynccontextmanager
+async def process(*args: str, ready: Any) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, *args, env=NO_CREDENTIALS,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not await ready():
+            assert proc.returncode is None, "the example exited early"
+            assert time.monotonic() < deadline, "the example never became ready"
+            await asyncio.sleep(0.1)
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def test_web_app_serves_real_requests() -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    async def listening() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    async with (
+        process(str(EXAMPLES / "web_app.py"), "--port", str(port), ready=listening),
+        aiohttp.ClientSession() as http,
+    ):
+        body = {"prompt": "a fox", "model": "dall-e-2", "n": 2}
+        async with http.post(f"{base}/images", json=body) as reply:
+            assert reply.status == 200
+            done = await reply.json()
+        assert len(done["images"]) == 2 and done["images"][0].startswith("http://127.0.0.1")
+
+        async with http.post(f"{base}/jobs", json={"prompt": "a crow", "model": "dall-e-3"}) as r:
+            assert r.status == 202
+            key = (await r.json())["key"]
+        deadline = time.monotonic() + 60
+        while True:
+            async with http.get(f"{base}/jobs/{key}") as reply:
+                status = await reply.json()
+            if status["status"] == "succeeded":
+                break
+            assert status["status"] in {"pending", "queued", "generating"}, status
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert len(status["images"]) == 1
+
+        bad = {"prompt": "x", "model": "dall-e-3", "n": 3}
+        async with http.post(f"{base}/images", json=bad) as reply:
+            assert reply.status == 400
+            assert (await reply.json())["field"] == "n"
+
+
+@contextlib.asynccontextmanager
+async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
+    """The CI's redis (WUJIE_TEST_REDIS_URL), or a redis-server of our own on a free port."""
+    url = os.environ.get("WUJIE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server here and WUJIE_TEST_REDIS_URL unset (.ci/run installs one)")
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await writer.wait_closed()
+                break
+            await asyncio.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        server.terminate()
+        await server.wait()
+
+
+async def _results(redis: Any) -> list[dict[str, Any]]:
+    entries = await redis.xrange("wujie:results")
+    return [json.loads(fields[b"result"]) for _, fields in entries]
+
+
+async def test_queue_consumer_with_a_real_redis(tmp_path: Path) -> None:
+    import redis.asyncio as aioredis
+
+    async with redis_url(tmp_path) as url:
+        redis = aioredis.from_url(url)
+        try:
+            await redis.delete("wujie:requests", "wujie:results")
+            for i in range(20):
+                request = {"prompt": f"queued {i}", "model": "dall-e-2", "n": 1 + i % 2}
+                await redis.xadd("wujie:requests", {"request": json.dumps(request)})
+            await redis.xadd(
+                "wujie:requests",
+                {"request": json.dumps({"prompt": "x", "model": "dall-e-3", "n": 5})},
+            )
+
+            async def finished() -> bool:
+                states = [r["state"] for r in await _results(redis)]
+                return states.count("succeeded") == 20 and "invalid" in states
+
+            script = str(EXAMPLES / "queue_consumer.py")
+            journal = str(tmp_path / "worker.sqlite")
+            async with process(
+                script, "--redis", url, "--journal", journal, ready=finished
+            ) as proc:
+                pass
+            assert proc.returncode == 0
+            results = await _results(redis)
+            assert {r["state"] for r in results} == {"submitted", "succeeded", "invalid"}
+            assert sum(len(r.get("images", [])) for r in results) == 30
+            pending = await redis.xpending("wujie:requests", "wujie-workers")
+            assert pending["pending"] == 0  # every message acknowledged
+        finally:
+            await redis.aclose()
+
+
+async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    import redis.asyncio as aioredis
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from queue_consumer import GROUP, REQUESTS, Worker  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+    journal = tmp_path / "worker.sqlite"
+    async with redis_url(tmp_path) as url, emulator(time_scale=0.01) as emu:
+        redis = aioredis.from_url(url)
+        try:
+            await redis.delete(REQUESTS, "wujie:results")
+            await redis.xgroup_create(REQUESTS, GROUP, id="0", mkstream=True)
+            request = {"prompt": "only once", "model": "dall-e-2"}
+            await redis.xadd(REQUESTS, {"request": json.dumps(request)})
+            # A first worker takes the message, journals its key, and dies before acknowledging.
+            [[_, [(message_id, _)]]] = await redis.xreadgroup(GROUP, "worker-1", {REQUESTS: ">"})
+            async with WujieClient(emu.credentials, base_url=emu.base_url, journal=journal) as c:
+                await c.images.submit(**request, tag=message_id.decode())
+            assert emu.stats()["submits_accepted"] == 1
+
+            async with WujieClient(
+                emu.credentials, base_url=emu.base_url, journal=journal, poll=FAST_POLL
+            ) as client:
+                stop = asyncio.Event()
+                worker = asyncio.create_task(Worker(redis, client, "worker-1").run(stop))
+                deadline = time.monotonic() + 30
+                while not any(r["state"] == "succeeded" for r in await _results(redis)):
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.05)
+                stop.set()
+                await worker
+            assert emu.stats()["submits_accepted"] == 1  # attached, not resubmitted
+            states = [r["state"] for r in await _results(redis)]
+            assert states.count("succeeded") == 1
+            assert (await redis.xpending(REQUESTS, GROUP))["pending"] == 0
+        finally:
+            await redis.aclose()
