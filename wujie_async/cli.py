@@ -24,6 +24,7 @@ from ._bulk import BulkItem, BulkRun, BulkTally, InputFileError, read_requests
 from ._client import WujieClient
 from ._config import Limits
 from ._errors import InvalidRequestError, WujieError
+from ._jobs import ImageJob
 from ._journal import ALL_STATES
 from ._models import GenerationRequest
 from .emulator import _server as emulator_server
@@ -198,6 +199,28 @@ async def _not_yet_journaled(client: WujieClient, items: list[BulkItem]) -> list
     return fresh
 
 
+def _saved_images(manifest: Path) -> Counter[str]:
+    """How many images of each key the manifest already lists."""
+    saved: Counter[str] = Counter()
+    with contextlib.suppress(FileNotFoundError):
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                saved[json.loads(line)["key"]] += 1
+    return saved
+
+
+async def _jobs_to_collect(client: WujieClient, manifest: Path) -> list[ImageJob]:
+    """Unfinished journaled jobs, and finished ones whose images are not all in the manifest
+    (a run stopped after the gateway finished them but before their files were written)."""
+    jobs = await client.resume()
+    saved = await asyncio.to_thread(_saved_images, manifest)
+    for entry in await client._require_journal().entries("succeeded"):
+        n = entry.request.get("n") or 1
+        if entry.job_key and saved[entry.job_key] < n:
+            jobs.append(client._attach(entry.job_key, job_timeout=None, n=n, request=entry.request))
+    return jobs
+
+
 class _Session:
     """What a command did, for the closing summary (also after Ctrl-C)."""
 
@@ -229,7 +252,7 @@ class _Session:
         async with _open_client(args, self.limits(), self.journal) as client:
             resumed = []
             if args.command == "resume":
-                resumed = await client.resume()
+                resumed = await _jobs_to_collect(client, args.out / "manifest.jsonl")
             elif self.journal is not None:
                 fresh = await _not_yet_journaled(client, items)
                 if len(fresh) < len(items):

@@ -1,0 +1,191 @@
+"""The wujie-async command end to end, as a user runs it (real processes, real files)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .helpers import png_size
+
+pytestmark = pytest.mark.anyio
+
+CLEAN_ENV = {
+    name: value
+    for name, value in os.environ.items()
+    if name not in {"WUJIE_APP_ID", "WUJIE_PRIVATE_KEY", "WUJIE_BASE_URL"}
+} | {"PYTHONUNBUFFERED": "1"}
+
+
+async def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async", *args, env=env or CLEAN_ENV,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def check_manifest(out: Path) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    for line in lines:
+        data = (out / str(line["path"])).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == line["sha256"]
+        assert len(data) == line["bytes"]
+        png_size(data)
+        assert line["path"] == f"{line['key']}-{line['index']}.png"
+    files = {p.name for p in out.glob("*.png")}
+    assert files == {str(line["path"]) for line in lines}  # no stray or half-written files
+    assert not list(out.glob(".*.part"))
+    return lines
+
+
+@pytest.mark.slow
+async def test_bulk_of_two_hundred_prompts(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt number {i}" for i in range(200)) + "\n")
+    out = tmp_path / "out"
+    code, _, err = await cli(
+        "bulk", str(prompts), "--emulator", "--emulator-time-scale", "0.01",
+        "--model", "dall-e-2", "-n", "2", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    lines = check_manifest(out)
+    assert len(lines) == 400
+    assert {line["prompt"] for line in lines} == {f"prompt number {i}" for i in range(200)}
+    assert "200 job(s) done, 0 failed, 400 image(s)" in err
+    assert "submitted 200" in err and "img/s" in err  # the progress line
+
+
+async def test_jsonl_requests_and_failed_jobs_exit_1(tmp_path: Path) -> None:
+    requests = tmp_path / "requests.jsonl"
+    lines = [
+        {"prompt": "one", "model": "gpt-image-1", "n": 2, "size": "1536x1024"},
+        {"prompt": "two", "model": "dall-e-3", "quality": "hd"},
+    ]
+    requests.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    code, _, err = await cli(
+        "bulk", str(requests), "--emulator", "--emulator-time-scale", "0.01", "--out", str(out)
+    )
+    assert code == 0, err
+    sizes = {png_size((out / str(line["path"])).read_bytes()) for line in check_manifest(out)}
+    assert sizes == {(192, 128), (128, 128)}
+
+    code, _, err = await cli(
+        "bulk", str(requests), "--emulator", "--emulator-time-scale", "0.01",
+        "--emulator-fault", "fail_jobs=1.0", "--out", str(tmp_path / "failing"),
+    )  # fmt: skip
+    assert code == 1
+    assert "0 job(s) done, 2 failed" in err and "fail_code=50000001" in err
+
+
+async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"prompt": "fine", "model": "dall-e-2"}\n'
+        "# a comment\n"
+        '{"prompt": "x", "model": "dall-e-3", "n": 4}\n'
+        "not json\n"
+        '["a list"]\n'
+    )
+    code, _, err = await cli("bulk", str(bad), "--emulator", "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert f"{bad}:3: n: dall-e-3 allows n from 1 to 1" in err
+    assert f"{bad}:4: not valid JSON" in err
+    assert f"{bad}:5: must be a JSON object" in err
+    assert not (tmp_path / "o").exists()  # nothing was started
+
+    code, _, err = await cli("bulk", str(tmp_path / "missing.txt"), "--emulator")
+    assert code == 2 and "cannot read" in err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    code, _, err = await cli("bulk", str(empty), "--emulator")
+    assert code == 2 and "no prompts" in err
+
+
+async def test_no_credentials_is_said_clearly(tmp_path: Path) -> None:
+    code, _, err = await cli("generate", "a fox", "--out", str(tmp_path))
+    assert code == 2
+    assert "WUJIE_APP_ID" in err and "--emulator" in err
+
+
+async def test_generate_prints_the_saved_paths(tmp_path: Path) -> None:
+    code, out, err = await cli(
+        "generate", "a red fox", "-n", "3", "--model", "dall-e-2", "--emulator",
+        "--emulator-time-scale", "0.01", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert code == 0, err
+    paths = out.split()
+    assert len(paths) == 3 and all(Path(p).exists() for p in paths)
+
+
+async def _stats(base_url: str) -> dict[str, object]:
+    origin = base_url.removesuffix("/wj-open/v1")
+    async with aiohttp.ClientSession() as http, http.get(f"{origin}/_emulator/stats") as r:
+        return await r.json()  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+async def test_ctrl_c_then_resume_then_rerun(tmp_path: Path) -> None:
+    creds_file = tmp_path / "creds.json"
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async", "emulator", "--port", "0",
+        "--credentials-out", str(creds_file), "--time-scale", "0.05",
+        stdout=asyncio.subprocess.PIPE, env=CLEAN_ENV,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        await asyncio.wait_for(server.stdout.readline(), 20)
+        creds = json.loads(creds_file.read_text())
+        env = CLEAN_ENV | {
+            "WUJIE_APP_ID": creds["app_id"],
+            "WUJIE_PRIVATE_KEY": creds["private_key"],
+            "WUJIE_BASE_URL": creds["base_url"],
+        }
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(f"resumable {i}" for i in range(60)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "--out", str(out), "--rate", "20"]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", *bulk, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not (out / "manifest.jsonl").exists() or not (out / "manifest.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.returncode is None
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 130, err.decode()
+        assert f"wujie-async resume {out / 'journal.sqlite'}" in err.decode()
+        accepted = (await _stats(creds["base_url"]))["submits_accepted"]
+        assert isinstance(accepted, int) and 0 < accepted < 60
+
+        code, _, err_text = await cli(
+            "resume", str(out / "journal.sqlite"), "--out", str(out), env=env
+        )
+        assert code == 0, err_text
+        code, _, err_text = await cli(*bulk, env=env)
+        assert code == 0, err_text
+        assert "skipping" in err_text
+
+        lines = check_manifest(out)
+        assert sorted(str(line["prompt"]) for line in lines) == sorted(
+            f"resumable {i}" for i in range(60)
+        )
+        assert (await _stats(creds["base_url"]))["submits_accepted"] == 60  # none paid twice
+    finally:
+        server.terminate()
+        await server.wait()
