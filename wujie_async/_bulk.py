@@ -108,6 +108,7 @@ class BulkTally:
     started: float = field(default_factory=time.monotonic)
     failures: list[str] = field(default_factory=list)
     saved: list[Path] = field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def running(self) -> int:
@@ -127,6 +128,9 @@ class BulkRun:
     """Submits every item, saves each image as its own future resolves, writes the manifest.
 
     ``resumed`` jobs (from a journal) are collected the same way, without being submitted.
+    Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their
+    keys (so none is left uncertain), then image collection is abandoned (the jobs stay in
+    the journal for ``resume``); ``tally.interrupted`` says so.
     """
 
     def __init__(
@@ -138,8 +142,11 @@ class BulkRun:
         console: Console,
         resumed: list[ImageJob] | None = None,
         allow_http: bool = False,
+        stop: asyncio.Event | None = None,
     ) -> None:
         self._client = client
+        self._stop = stop or asyncio.Event()
+        self._submitters_idle = asyncio.Event()
         self._items = items
         self._resumed = resumed or []
         self._out = out
@@ -180,14 +187,39 @@ class BulkRun:
             queue: asyncio.Queue[BulkItem] = asyncio.Queue()
             for item in self._items:
                 queue.put_nowait(item)
-            async with anyio.create_task_group() as group:
-                for job in self._resumed:
-                    prompt = str((job.request or {}).get("prompt", ""))
-                    group.start_soon(collect, f"key {job.key}", prompt, job, time.monotonic())
-                for _ in range(self._client.limits.max_concurrent_submits):
-                    group.start_soon(self._submitter, queue, group, collect, refresh)
+            with anyio.CancelScope() as scope:
+                watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
+                try:
+                    async with anyio.create_task_group() as group:
+                        for job in self._resumed:
+                            prompt = str((job.request or {}).get("prompt", ""))
+                            start = time.monotonic()
+                            group.start_soon(collect, f"key {job.key}", prompt, job, start)
+                        await self._submit_all(queue, group, collect, refresh)
+                finally:
+                    watcher.cancel()
+            self.tally.interrupted = self._stop.is_set()
             refresh()
         return self.tally
+
+    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self._stop.wait()
+        await self._submitters_idle.wait()
+        scope.cancel()
+
+    async def _submit_all(
+        self,
+        queue: asyncio.Queue[BulkItem],
+        collectors: anyio.abc.TaskGroup,
+        collect: _Collector,
+        refresh: Callable[[], None],
+    ) -> None:
+        try:
+            async with anyio.create_task_group() as submitters:
+                for _ in range(self._client.limits.max_concurrent_submits):
+                    submitters.start_soon(self._submitter, queue, collectors, collect, refresh)
+        finally:
+            self._submitters_idle.set()
 
     async def _submitter(
         self,
@@ -196,7 +228,7 @@ class BulkRun:
         collect: _Collector,
         refresh: Callable[[], None],
     ) -> None:
-        while not queue.empty():
+        while not queue.empty() and not self._stop.is_set():
             item = queue.get_nowait()
             started = time.monotonic()
             try:

@@ -11,9 +11,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,18 +264,52 @@ class _Session:
                     )
                 items = fresh
             allow_http = args.allow_http or args.emulator
+            stop = asyncio.Event()
             run = BulkRun(
-                client, items, args.out, console=console, resumed=resumed, allow_http=allow_http
+                client,
+                items,
+                args.out,
+                console=console,
+                resumed=resumed,
+                allow_http=allow_http,
+                stop=stop,
             )
             self.tally = run.tally
-            await run.run()
+            with self._first_ctrl_c_stops(stop):
+                await run.run()
             if self.journal is not None:
                 await self._report_uncertain(client)
+        if run.tally.interrupted:
+            self.interrupted()
+            return EXIT_INTERRUPTED
         self.summary()
         if args.command == "generate":
             for path in run.tally.saved:
                 print(path)  # noqa: T201 - the saved paths are this command's output
         return EXIT_FAILED if run.tally.failed else EXIT_OK
+
+    @contextlib.contextmanager
+    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[None]:
+        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once."""
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def on_interrupt() -> None:
+            if stop.is_set() and main is not None:
+                main.cancel()
+                return
+            stop.set()
+            self.console.print("stopping: letting submits on the wire finish (Ctrl-C to quit now)")
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            yield
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
 
     async def _report_uncertain(self, client: WujieClient) -> None:
         uncertain = await client.uncertain_submits()
@@ -305,6 +340,8 @@ class _Session:
                 f"  wujie-async resume {self.journal} --out {self.args.out}\n"
                 "and re-run the same bulk command to send the prompts not sent yet."
             )
+        elif self.args.emulator:
+            self.console.print("interrupted (the embedded emulator stops with this process)")
         else:
             self.console.print(
                 "interrupted: submitted jobs keep running on the gateway, but without a journal "
@@ -341,7 +378,7 @@ def _run(args: argparse.Namespace) -> int:
     except InvalidRequestError as exc:
         console.print(f"error: {exc}", markup=False, highlight=False)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         session.interrupted()
         return EXIT_INTERRUPTED
     except WujieError as exc:

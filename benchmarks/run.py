@@ -1,0 +1,492 @@
+"""Every benchmark scenario in one run, against an emulator in its own process.
+
+    .venv/bin/pip install -e '.[bench]' && .venv/bin/python benchmarks/run.py
+
+Writes benchmarks/results/latest.json, latest.md (the table) and latest.png (the plot, when
+matplotlib is installed). Figures are measured fresh, in this run, on this machine: the
+client's CPU is this process's; the emulator's is its own.
+
+Scenarios (see README, "Performance"):
+ 1. HTTP calls per completed job: our batching poller vs a per-key poller baseline (one task
+    per job, polling its own key every `interval`, as replicate-python and fal-client wait),
+    same jobs, same interval.
+ 2. Resolution latency: from the emulator marking a job done to the future resolving.
+ 3. Client CPU per job vs the floor (plain aiohttp POSTs of the same bodies, one per job, same
+    concurrency), and submit throughput vs the floor's requests/s.
+ 4. Event-loop lag of a 10 ms ticker while 10,000 jobs are in flight.
+ 5. Memory per pending job with 100,000 jobs pending.
+ 6. Scaling: the figures at N = 1k, 10k, 100k.
+ 7. The same on uvloop, when it is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import wujie_async
+from wujie_async import Credentials, Limits, PollPolicy, WujieClient
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INTERVAL = 0.5  # the poll interval both pollers use (replicate-python's)
+CONCURRENCY = 32  # submits on the wire at once, for ours and for the floor alike
+GENERATIONS = "/ai/wj/images/generations"
+INFO = "/ai/wj/images/info"
+
+
+# --- the emulator, in its own process ------------------------------------------------------------
+@dataclass
+class Gateway:
+    base_url: str
+    credentials: Credentials
+
+    @property
+    def origin(self) -> str:
+        return self.base_url.removesuffix("/wj-open/v1")
+
+    async def stats(self) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http, http.get(f"{self.origin}/_emulator/stats") as r:
+            return await r.json()  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def emulator(time_scale: float, seed: int) -> AsyncIterator[Gateway]:
+    with tempfile.TemporaryDirectory() as folder:
+        creds_path = Path(folder) / "creds.json"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async.emulator", "--port", "0", "--time-scale",
+            str(time_scale), "--seed", str(seed), "--credentials-out", str(creds_path),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            await asyncio.wait_for(proc.stdout.readline(), 30)
+            creds = json.loads(creds_path.read_text())
+            yield Gateway(creds["base_url"], Credentials(creds["app_id"], creds["private_key"]))
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+def requests_for(count: int) -> list[dict[str, Any]]:
+    """A realistic mix: mostly single images, some sets of 2-4, all three models."""
+    mix = []
+    for index in range(count):
+        model = ("gpt-image-1", "dall-e-2", "dall-e-3")[index % 3]
+        n = 1 if model == "dall-e-3" or index % 4 else 1 + index % 3
+        mix.append({"prompt": f"benchmark prompt {index}", "model": model, "n": n})
+    return mix
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+class LagTicker:
+    """Measures how late a 10 ms ticker fires: the event loop's responsiveness."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+        self.lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            planned = loop.time() + self.period
+            await asyncio.sleep(self.period)
+            self.lags.append(max(0.0, loop.time() - planned))
+
+    def __enter__(self) -> LagTicker:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+# --- scenario: ours ------------------------------------------------------------------------------
+async def run_ours(gateway: Gateway, count: int, *, lag: bool = False) -> dict[str, Any]:
+    requests = requests_for(count)
+    resolved_at: dict[str, float] = {}
+    poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
+    limits = Limits(max_concurrent_submits=CONCURRENCY, max_connections=64)
+    before = await gateway.stats()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    ticker = LagTicker()
+    async with WujieClient(
+        gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
+    ) as client:
+        with ticker if lag else contextlib.nullcontext():
+            jobs = await asyncio.gather(*(client.images.submit(**r) for r in requests))
+            submit_wall = time.monotonic() - wall0
+            for job in jobs:
+                job.add_done_callback(lambda j: resolved_at.__setitem__(j.key, time.time()))
+            await asyncio.gather(*jobs)
+        stats = client.stats
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    after = await gateway.stats()
+    calls = _calls(before, after)
+    timelines = after["timelines"]
+    latencies = [resolved_at[key] - timelines[key]["done"] for key in resolved_at]
+    return {
+        "jobs": count,
+        "http_calls": calls,
+        "requests_per_job": calls / count,
+        "poll_calls_per_job": stats.batch_calls / count,
+        "mean_batch_fill": stats.mean_batch_fill,
+        "resolve_p50_s": percentile(latencies, 0.5),
+        "resolve_p99_s": percentile(latencies, 0.99),
+        "cpu_s": cpu,
+        "cpu_per_job_us": cpu / count * 1e6,
+        "submits_per_s": count / submit_wall,
+        "wall_s": wall,
+        "loop_lag_p99_ms": percentile(ticker.lags, 0.99) * 1e3 if lag else None,
+        "loop_lag_max_ms": max(ticker.lags) * 1e3 if lag and ticker.lags else None,
+    }
+
+
+def _calls(before: dict[str, Any], after: dict[str, Any]) -> int:
+    endpoints = ("generations", "edits", "info")
+    return sum(after["requests"].get(e, 0) - before["requests"].get(e, 0) for e in endpoints)
+
+
+# --- scenario: the per-key baseline --------------------------------------------------------------
+async def run_per_key(gateway: Gateway, count: int) -> dict[str, Any]:
+    """A competent per-key poller: pooled session, cached signature, one task per job."""
+    requests = requests_for(count)
+    header = gateway.credentials.header_at(int(time.time()))
+    headers = {"Authorization": header, "Content-Type": "application/json"}
+    slots = asyncio.Semaphore(CONCURRENCY)
+    resolved: dict[str, float] = {}
+    before = await gateway.stats()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    connector = aiohttp.TCPConnector(limit=64)
+
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def post(path: str, body: Any) -> Any:
+            async with http.post(gateway.base_url + path, json=body, headers=headers) as reply:
+                return json.loads(await reply.read())
+
+        async def one(request: dict[str, Any]) -> None:
+            async with slots:
+                key = (await post(GENERATIONS, request))["data"]["key"]
+            while True:
+                await asyncio.sleep(INTERVAL)
+                entries = (await post(INFO, [key]))["data"]["list"]
+                if entries and entries[0]["status"] in (3, 4, 5):
+                    resolved[key] = time.time()
+                    return
+
+        await asyncio.gather(*(one(r) for r in requests))
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    after = await gateway.stats()
+    calls = _calls(before, after)
+    latencies = [resolved[key] - after["timelines"][key]["done"] for key in resolved]
+    return {
+        "jobs": count,
+        "http_calls": calls,
+        "requests_per_job": calls / count,
+        "poll_calls_per_job": (calls - count) / count,
+        "resolve_p50_s": percentile(latencies, 0.5),
+        "resolve_p99_s": percentile(latencies, 0.99),
+        "cpu_per_job_us": cpu / count * 1e6,
+        "wall_s": wall,
+    }
+
+
+# --- scenario: the floor -------------------------------------------------------------------------
+async def run_floor(gateway: Gateway, count: int) -> dict[str, Any]:
+    """Plain aiohttp POSTs of the same submit bodies, one per job, same concurrency."""
+    requests = requests_for(count)
+    header = gateway.credentials.header_at(int(time.time()))
+    headers = {"Authorization": header, "Content-Type": "application/json"}
+    slots = asyncio.Semaphore(CONCURRENCY)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+
+        async def one(request: dict[str, Any]) -> None:
+            async with (
+                slots,
+                http.post(gateway.base_url + GENERATIONS, json=request, headers=headers) as reply,
+            ):
+                json.loads(await reply.read())
+
+        await asyncio.gather(*(one(r) for r in requests))
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    return {"jobs": count, "cpu_per_job_us": cpu / count * 1e6, "requests_per_s": count / wall}
+
+
+# --- scenario: memory ----------------------------------------------------------------------------
+async def run_memory(gateway: Gateway, count: int) -> dict[str, Any]:
+    """Bytes per pending job: allocations still held once ``count`` jobs are submitted."""
+    requests = requests_for(count)
+    poll = PollPolicy(first_poll_delay=3600, min_interval=3600, max_interval=3600)
+    limits = Limits(max_concurrent_submits=CONCURRENCY)
+    async with WujieClient(
+        gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
+    ) as client:
+        await client.images.submit(**requests[0])  # warm up: session, signer, pools
+        gc.collect()
+        tracemalloc.start()
+        base, _ = tracemalloc.get_traced_memory()
+        jobs = await asyncio.gather(*(client.images.submit(**r) for r in requests[1:]))
+        gc.collect()
+        held, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        pending = sum(not job.done() for job in jobs)
+        for job in jobs:
+            job.cancel()
+    # What the user's own list of jobs costs is counted too: it is part of holding them.
+    return {"jobs": pending, "bytes_per_pending_job": (held - base) / max(pending, 1)}
+
+
+# --- orchestration -------------------------------------------------------------------------------
+async def scenario(
+    label: str, time_scale: float, work: Callable[[Gateway], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    print(f"  {label} ...", flush=True)
+    async with emulator(time_scale, seed=11) as gateway:
+        result = await work(gateway)
+    print(f"    {json.dumps({k: _round(v) for k, v in result.items()})}", flush=True)
+    return result
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
+
+
+async def main_async(sizes: list[int], memory_jobs: int, time_scale: float) -> dict[str, Any]:
+    runs: dict[str, Any] = {"ours": {}, "per_key": {}, "floor": {}, "memory": {}}
+    for count in sizes:
+        print(f"N = {count}", flush=True)
+        runs["floor"][count] = await scenario(
+            "floor", time_scale, functools.partial(run_floor, count=count)
+        )
+        runs["ours"][count] = await scenario(
+            "ours", time_scale, functools.partial(run_ours, count=count, lag=True)
+        )
+        if count <= 10_000:  # 100k per-key pollers would only measure the emulator
+            runs["per_key"][count] = await scenario(
+                "per-key baseline", time_scale, functools.partial(run_per_key, count=count)
+            )
+    runs["memory"][memory_jobs] = await scenario(
+        f"memory at {memory_jobs} pending", 1.0, functools.partial(run_memory, count=memory_jobs)
+    )
+    return runs
+
+
+def machine() -> dict[str, Any]:
+    cpu_model = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    loop = type(asyncio.get_event_loop_policy()).__module__.split(".")[0]
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "wujie_async": wujie_async.__version__,
+        "loop": "uvloop" if loop == "uvloop" else "asyncio",
+    }
+
+
+def summarize(runs: dict[str, Any], headline: int) -> dict[str, Any]:
+    ours, per_key, floor = (
+        runs["ours"][headline],
+        runs["per_key"][headline],
+        runs["floor"][headline],
+    )
+    memory = next(iter(runs["memory"].values()))
+    return {
+        "jobs": headline,
+        "poll_interval_s": INTERVAL,
+        "requests_per_job_ours": ours["requests_per_job"],
+        "requests_per_job_per_key": per_key["requests_per_job"],
+        "poll_calls_ratio_per_key_to_ours": per_key["poll_calls_per_job"]
+        / max(ours["poll_calls_per_job"], 1e-9),
+        "resolve_p50_s": ours["resolve_p50_s"],
+        "resolve_p99_s": ours["resolve_p99_s"],
+        "resolve_p50_s_per_key": per_key["resolve_p50_s"],
+        "resolve_p99_s_per_key": per_key["resolve_p99_s"],
+        "cpu_per_job_us_ours": ours["cpu_per_job_us"],
+        "cpu_per_job_us_floor": floor["cpu_per_job_us"],
+        "cpu_per_job_ratio_to_floor": ours["cpu_per_job_us"] / floor["cpu_per_job_us"],
+        "submits_per_s_ours": ours["submits_per_s"],
+        "requests_per_s_floor": floor["requests_per_s"],
+        "loop_lag_p99_ms": ours["loop_lag_p99_ms"],
+        "loop_lag_max_ms": ours["loop_lag_max_ms"],
+        "bytes_per_pending_job": memory["bytes_per_pending_job"],
+        "pending_jobs_measured": memory["jobs"],
+    }
+
+
+TARGETS = [
+    ("requests_per_job_ours", "<=", 1.1),
+    ("poll_calls_ratio_per_key_to_ours", ">=", 15.0),
+    ("cpu_per_job_ratio_to_floor", "<=", 1.3),
+    ("loop_lag_p99_ms", "<=", 15.0),
+    ("loop_lag_max_ms", "<=", 50.0),
+    ("bytes_per_pending_job", "<=", 1024.0),
+]
+
+
+def verdicts(summary: dict[str, Any]) -> dict[str, bool]:
+    met = {
+        name: (summary[name] <= bound if op == "<=" else summary[name] >= bound)
+        for name, op, bound in TARGETS
+    }
+    met["resolve_p99_within_per_key_plus_20ms"] = (
+        summary["resolve_p99_s"] <= summary["resolve_p99_s_per_key"] + 0.020
+    )
+    met["submit_throughput_0.8x_floor"] = (
+        summary["submits_per_s_ours"] >= 0.8 * summary["requests_per_s_floor"]
+    )
+    return met
+
+
+def markdown(summary: dict[str, Any], runs: dict[str, Any], met: dict[str, bool]) -> str:
+    lines = [
+        f"Machine: {summary['machine']['cores']} cores, {summary['machine']['cpu_model']}, "
+        f"Python {summary['machine']['python']}, aiohttp {summary['machine']['aiohttp']}, "
+        f"{summary['machine']['loop']} loop; {summary['timestamp']}.",
+        "",
+        "| "
+        + " | ".join(
+            [
+                "N",
+                "calls/job ours",
+                "calls/job per-key",
+                "poll calls per-key/ours",
+                "p50 / p99 resolve ours",
+                "p50 / p99 resolve per-key",
+                "CPU/job ours",
+                "CPU/job floor",
+                "submits/s ours",
+                "floor req/s",
+                "loop lag p99 / max",
+            ]
+        )
+        + " |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for count, ours in sorted(runs["ours"].items()):
+        per_key = runs["per_key"].get(count)
+        floor = runs["floor"][count]
+        pk = (
+            (
+                f"{per_key['requests_per_job']:.2f}",
+                f"{per_key['poll_calls_per_job'] / max(ours['poll_calls_per_job'], 1e-9):.0f}x",
+                f"{per_key['resolve_p50_s'] * 1e3:.0f} / {per_key['resolve_p99_s'] * 1e3:.0f} ms",
+            )
+            if per_key
+            else ("not run", "-", "-")
+        )
+        lines.append(
+            f"| {count:,} | {ours['requests_per_job']:.3f} | {pk[0]} | {pk[1]} | "
+            f"{ours['resolve_p50_s'] * 1e3:.0f} / {ours['resolve_p99_s'] * 1e3:.0f} ms | {pk[2]} | "
+            f"{ours['cpu_per_job_us']:.0f} µs | {floor['cpu_per_job_us']:.0f} µs | "
+            f"{ours['submits_per_s']:.0f} | {floor['requests_per_s']:.0f} | "
+            f"{ours['loop_lag_p99_ms']:.1f} / {ours['loop_lag_max_ms']:.1f} ms |"
+        )
+    lines += [
+        "",
+        f"Memory: {summary['bytes_per_pending_job']:.0f} bytes per pending job with "
+        f"{summary['pending_jobs_measured']:,} jobs pending (tracemalloc).",
+        "",
+        "Targets: " + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in met.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = sorted(runs["ours"])
+    fig, (calls, cpu) = plt.subplots(1, 2, figsize=(10, 4))
+    calls.plot(sizes, [runs["ours"][n]["requests_per_job"] for n in sizes], "o-", label="ours")
+    keyed = [n for n in sizes if n in runs["per_key"]]
+    calls.plot(
+        keyed, [runs["per_key"][n]["requests_per_job"] for n in keyed], "s-", label="per-key"
+    )
+    calls.set(xscale="log", xlabel="jobs", ylabel="HTTP calls per job", title="Calls per job")
+    calls.legend()
+    cpu.plot(sizes, [runs["ours"][n]["cpu_per_job_us"] for n in sizes], "o-", label="ours")
+    cpu.plot(sizes, [runs["floor"][n]["cpu_per_job_us"] for n in sizes], "^-", label="floor")
+    cpu.set(xscale="log", xlabel="jobs", ylabel="client CPU µs per job", title="CPU per job")
+    cpu.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", default="1000,10000,100000", help="N values, comma-separated")
+    parser.add_argument("--memory-jobs", type=int, default=100_000)
+    parser.add_argument(
+        "--time-scale", type=float, default=0.1,
+        help="emulator latency scale (0.1: a one-image gpt-image-1 job takes ~1.8 s)",
+    )  # fmt: skip
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.uvloop:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    runs = asyncio.run(main_async(sizes, args.memory_jobs, args.time_scale))
+    headline = 10_000 if 10_000 in runs["per_key"] else max(runs["per_key"])
+    summary = summarize(runs, headline)
+    summary["machine"] = machine()
+    summary["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    summary["time_scale"] = args.time_scale
+    summary["targets_met"] = verdicts(summary)
+    summary["runs"] = {k: {str(n): r for n, r in v.items()} for k, v in runs.items()}
+    summary["scaling_cpu_per_job_us"] = {
+        str(n): runs["ours"][n]["cpu_per_job_us"] for n in sorted(runs["ours"])
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-uvloop" if args.uvloop else ""
+    (args.out / f"latest{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary, runs, summary["targets_met"])
+    (args.out / f"latest{suffix}.md").write_text(table)
+    plotted = plot(runs, args.out / f"latest{suffix}.png")
+    print(table)
+    print("plot written" if plotted else "matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
