@@ -362,6 +362,7 @@ class WujieClient:
             await self._in_flight_slots.acquire()
         journal = self._journal
         row_id: int | None = None
+        key: str | None = None
         try:
             async with self._submit_slots:
                 if self._submit_pacer is not None:
@@ -377,12 +378,17 @@ class WujieClient:
             if self._in_flight_slots is not None:
                 self._in_flight_slots.release()
             if journal is not None and row_id is not None:
-                # Definite refusals cost nothing; anything else (a lost reply, a cancel while
-                # the request was out) may have been charged and stays on record as uncertain.
-                refused = isinstance(exc, WujieError) and not isinstance(exc, SubmitUncertainError)
-                journal.record_unsent(
-                    row_id, "rejected" if refused else "uncertain", repr(exc)[:500]
-                )
+                if key is not None:
+                    # Interrupted after the gateway gave the key: keep it, resume finds it.
+                    journal.record_accepted_later(row_id, key)
+                else:
+                    # A definite refusal cost nothing; anything else (a lost reply, a cancel
+                    # while the request was out) may have been charged: uncertain.
+                    refused = isinstance(exc, WujieError) and not isinstance(
+                        exc, SubmitUncertainError
+                    )
+                    state = "rejected" if refused else "uncertain"
+                    journal.record_unsent(row_id, state, repr(exc)[:500])
             raise
         self._submits += 1
         job = ImageJob(

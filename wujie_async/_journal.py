@@ -219,14 +219,20 @@ class Journal:
 
     async def record_accepted(self, row_id: int, key: str) -> None:
         """Write the key the gateway gave (before ``submit()`` returns)."""
-        await self._write(
-            [
-                (
-                    "UPDATE submits SET state='accepted', job_key=?, updated=? WHERE id=?",
-                    (key, time.time(), row_id),
-                )
-            ]
-        )
+        await self._write(self._accepted(row_id, key))
+
+    def record_accepted_later(self, row_id: int, key: str) -> None:
+        """The same, not awaited: for a submit interrupted after its key came back."""
+        self._write_later(self._accepted(row_id, key))
+
+    @staticmethod
+    def _accepted(row_id: int, key: str) -> list[_Op]:
+        return [
+            (
+                "UPDATE submits SET state='accepted', job_key=?, updated=? WHERE id=?",
+                (key, time.time(), row_id),
+            )
+        ]
 
     def record_unsent(self, row_id: int, state: str, error: str) -> None:
         """A submit that got no key: ``rejected`` (refused) or ``uncertain`` (reply lost).
