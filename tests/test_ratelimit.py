@@ -52,7 +52,7 @@ async def test_consecutive_429s_stop_at_the_floor() -> None:
     for _ in range(50):
         clock.now += 0.001
         brake.rate_limited(clock.now)  # each sent after the previous cut
-    assert brake.rate == pytest.approx(10, rel=0.02)  # a tenth of the first estimate
+    assert brake.rate is not None and 9 <= brake.rate <= 10  # a tenth of the first estimate
 
 
 async def test_recovers_additively_then_lifts_the_limit() -> None:

@@ -243,6 +243,8 @@ class WujieClient:
             retry=self.retry_policy,
         )
         self._poller = BatchPoller(self._transport, self.poll_policy, self.limits)
+        # One bound method for every job's cancel hook, not one allocated per job.
+        self._forget_job = self._poller.forget
         self._poller_task: asyncio.Task[None] | None = None
         self._submit_slots: asyncio.Semaphore | None = None
         self._in_flight_slots: asyncio.Semaphore | None = None
@@ -397,7 +399,7 @@ class WujieClient:
             deadline=loop.time() + deadline_s,
             request=body,
             n=n or 1,
-            on_cancel=self._poller.forget,
+            on_cancel=self._forget_job,
         )
         if self._in_flight_slots is not None:
             slots = self._in_flight_slots
@@ -455,7 +457,7 @@ class WujieClient:
             deadline=loop.time() + deadline_s,
             request=request,
             n=n,
-            on_cancel=self._poller.forget,
+            on_cancel=self._forget_job,
         )
         if self._journal is not None:
             job.add_done_callback(self._record_outcome)

@@ -47,7 +47,7 @@ class PollPolicy:
     max_interval: float = 5.0
     estimate_fraction: float = 0.5
     age_fraction: float = 0.05
-    batch_fill_horizon: float = 1.0
+    batch_fill_horizon: float = 0.25
     unknown_key_grace: float = 30.0
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from . import _contract
@@ -74,7 +74,8 @@ class ImageJob:
         self.status: int | None = None
         self.progress = 0.0
         self.expected_seconds: float | None = None
-        self.images: list[GeneratedImage] = []
+        # Shared empty tuple until images land: a pending job should cost next to nothing.
+        self.images: Sequence[GeneratedImage] = ()
         self.created_at = loop.time()
         self.deadline = deadline
         self.last_seen: float | None = None
@@ -92,7 +93,11 @@ class ImageJob:
         return f"<ImageJob {self.key} {state} {self.progress:.0f}%>"
 
     def __await__(self) -> Generator[Any, None, ImageResult]:
-        return self.result().__await__()
+        future = self._future
+        if not future.done():
+            # A shield per awaiter: cancelling one awaiting task must not cancel the job.
+            yield from asyncio.shield(future).__await__()
+        return future.result()
 
     @property
     def status_name(self) -> str:
@@ -116,8 +121,10 @@ class ImageJob:
             JobError: the job failed, was rejected, timed out or is unknown.
             TimeoutError: ``timeout`` passed first.
         """
+        if timeout is None:
+            return await self
         async with asyncio.timeout(timeout):
-            return await asyncio.shield(self._future)
+            return await self
 
     async def image(self, index: int, timeout: float | None = None) -> GeneratedImage:
         """Wait for image ``index`` alone: it resolves as soon as the gateway lists it.

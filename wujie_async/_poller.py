@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from . import _contract
 from ._config import Limits, PollPolicy
@@ -39,6 +38,7 @@ from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
 ENDED_JOBS_KEPT = 1024
+_JOB_LIST = TypeAdapter(list[JobInfo])
 
 
 @dataclass(slots=True)
@@ -84,9 +84,10 @@ class BatchPoller:
         self._policy = policy
         self._call_slots = asyncio.Semaphore(limits.max_concurrent_polls)
         self._jobs: dict[str, ImageJob] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._sequence = itertools.count()
+        # (due, key): keys are unique, so ties on ``due`` are broken by key, no counter needed.
+        self._heap: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
+        self._sleeping_until = math.inf  # when the idle poller will next look at the heap
         self._in_flight: set[str] = set()
         self._unknown_statuses: set[int] = set()
         # Jobs that ended lately, so attach(key) right after the end returns the ended job
@@ -110,7 +111,8 @@ class BatchPoller:
         self._jobs[job.key] = job
         delay = self._policy.first_poll_delay if first_delay is None else first_delay
         self._schedule(job, job.created_at + delay)
-        self._wakeup.set()
+        if job.due < self._sleeping_until:  # only wake the poller if this key is due sooner
+            self._wakeup.set()
 
     def forget(self, job: ImageJob) -> None:
         """Stop polling ``job`` (it ended or was cancelled)."""
@@ -120,12 +122,12 @@ class BatchPoller:
 
     def _schedule(self, job: ImageJob, when: float) -> None:
         job.due = min(when, job.deadline)
-        heapq.heappush(self._heap, (job.due, next(self._sequence), job.key))
+        heapq.heappush(self._heap, (job.due, job.key))
 
     def _pop_due(self, horizon: float) -> ImageJob | None:
         """The next job due by ``horizon``, skipping heap entries made stale by rescheduling."""
         while self._heap and self._heap[0][0] <= horizon:
-            due, _, key = heapq.heappop(self._heap)
+            due, key = heapq.heappop(self._heap)
             job = self._jobs.get(key)
             if job is not None and job.due == due and key not in self._in_flight:
                 return job
@@ -165,11 +167,14 @@ class BatchPoller:
 
     async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wakeup.clear()
-        while self._heap and self._heap[0][2] not in self._jobs:
+        while self._heap and self._heap[0][1] not in self._jobs:
             heapq.heappop(self._heap)  # drop entries of jobs that ended
-        timeout = self._heap[0][0] - loop.time() if self._heap else math.inf
-        with anyio.move_on_after(timeout):
-            await self._wakeup.wait()
+        self._sleeping_until = self._heap[0][0] if self._heap else math.inf
+        try:
+            with anyio.move_on_after(self._sleeping_until - loop.time()):
+                await self._wakeup.wait()
+        finally:
+            self._sleeping_until = -math.inf  # awake: new keys need no wake-up call
 
     async def _poll_chunk(self, chunk: list[ImageJob]) -> None:
         keys = [job.key for job in chunk]
@@ -199,13 +204,16 @@ class BatchPoller:
     def _parse(self, data: Any) -> dict[str, JobInfo]:
         if not isinstance(data, dict) or not isinstance(data.get("list"), list):
             raise ProtocolError(f"batch reply data has no list: {str(data)[:200]}")
-        entries: list[JobInfo] = []
-        for raw in data["list"]:
-            try:
-                entries.append(JobInfo.model_validate(raw))
-            except ValidationError as exc:
-                self.counters.malformed_entries += 1
-                logger.warning("ignoring a malformed batch entry: %s", str(exc)[:300])
+        try:  # one validation call for the whole list: the common, well-formed case
+            entries = _JOB_LIST.validate_python(data["list"])
+        except ValidationError:
+            entries = []
+            for raw in data["list"]:  # find the bad entries, keep the good ones
+                try:
+                    entries.append(JobInfo.model_validate(raw))
+                except ValidationError as exc:
+                    self.counters.malformed_entries += 1
+                    logger.warning("ignoring a malformed batch entry: %s", str(exc)[:300])
         return _most_advanced(entries)
 
     def _dispatch(self, job: ImageJob, entry: JobInfo | None, now: float) -> None:
@@ -229,7 +237,7 @@ class BatchPoller:
         if entry.complete_percent is not None:
             job.progress = entry.complete_percent
         job.expected_seconds = entry.expected_seconds
-        if entry.images:
+        if entry.images and len(entry.images) > len(job.images):
             job.add_images(_images(entry))
         if entry.status == _contract.STATUS_SUCCEEDED:
             self.forget(job)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Callable
+
+_BUCKETS = 10
 
 
 class Pacer:
@@ -64,7 +65,8 @@ class AdaptiveLimiter:
         "_pacer",
         "_ramp",
         "_recover_factor",
-        "_successes",
+        "_success_counts",
+        "_tick",
     )
 
     def __init__(
@@ -82,7 +84,9 @@ class AdaptiveLimiter:
         self._pacer: Pacer | None = None
         self._ceiling = self._ramp = self._floor = 1.0
         self._last_cut = -1e18
-        self._successes: deque[float] = deque()
+        # Successes over the last second, in ten 100 ms buckets: O(1) memory at any rate.
+        self._success_counts = [0] * _BUCKETS
+        self._tick = 0
 
     @property
     def rate(self) -> float | None:
@@ -100,8 +104,8 @@ class AdaptiveLimiter:
         if sent_at <= self._last_cut:
             return
         now = self._clock()
-        self._forget_before(now - 1.0)
-        estimate = float(len(self._successes))
+        self._advance(now)
+        estimate = float(sum(self._success_counts))
         if estimate < self._min_evidence:
             return
         self._last_cut = now
@@ -116,9 +120,8 @@ class AdaptiveLimiter:
 
     def succeeded(self) -> None:
         """A request went through: raise the rate a little, or lift the limit."""
-        now = self._clock()
-        self._successes.append(now)
-        self._forget_before(now - 1.0)
+        self._advance(self._clock())
+        self._success_counts[self._tick % _BUCKETS] += 1
         pacer = self._pacer
         if pacer is None:
             return
@@ -129,7 +132,9 @@ class AdaptiveLimiter:
         else:
             pacer.rate = raised
 
-    def _forget_before(self, horizon: float) -> None:
-        successes = self._successes
-        while successes and successes[0] < horizon:
-            successes.popleft()
+    def _advance(self, now: float) -> None:
+        """Move the bucket ring to ``now``, emptying the buckets that fell out of the second."""
+        tick = int(now * _BUCKETS)
+        for step in range(1, min(tick - self._tick, _BUCKETS) + 1):
+            self._success_counts[(self._tick + step) % _BUCKETS] = 0
+        self._tick = max(tick, self._tick)
