@@ -60,3 +60,31 @@ async def hostile_gateway() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+async def _file(request: web.Request) -> web.StreamResponse:
+    kind = request.match_info["kind"]
+    if kind == "png":
+        from wujie_async.emulator._png import render_png
+
+        return web.Response(body=render_png("K", 0, 8, 8), content_type="image/png")
+    if kind == "html":
+        return web.Response(body=b"<html>not an image</html>", content_type="image/png")
+    if kind == "huge":
+        return web.Response(body=b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024))
+    return web.Response(status=404)
+
+
+@asynccontextmanager
+async def file_server() -> AsyncIterator[str]:
+    """Yields an origin; ``{origin}/files/{png|html|huge|missing}`` serve those bodies."""
+    app = web.Application()
+    app.router.add_get("/files/{kind}", _file)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

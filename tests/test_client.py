@@ -364,3 +364,23 @@ async def test_repr_and_errors_never_show_secrets(
 
 def test_emulator_is_importable_without_starting() -> None:
     assert Emulator().base_url == ""
+
+
+@pytest.mark.slow
+async def test_ten_thousand_jobs_fill_their_batch_calls(emulator: EmulatorFactory) -> None:
+    """The issue's yardstick: with many jobs due, calls go out nearly full (50 keys)."""
+    async with emulator(time_scale=0.05) as emu, make_client(emu) as client:
+        pending = iter(range(10_000))
+        jobs: list[ImageJob] = []
+
+        async def worker() -> None:
+            while (index := next(pending, None)) is not None:
+                jobs.append(await client.images.submit(prompt=f"{index}", model="dall-e-2"))
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+        for job in jobs:
+            await job.result(timeout=120)
+        stats = client.stats
+    assert stats.jobs_succeeded == 10_000
+    assert stats.mean_batch_fill >= 45, stats
+    assert max(emu.stats(timelines=False)["batch_sizes"]) <= 50

@@ -51,7 +51,8 @@ class _Request(BaseModel):
                     for err in exc.errors()
                 ]
             ) from None
-        found = _rules.violations(cls.kind, request.body())
+        # The field values as validated (None for unset): no need to dump the model for this.
+        found = _rules.violations(cls.kind, request.__dict__)
         if found:
             raise InvalidRequestError(found)
         return request

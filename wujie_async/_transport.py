@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -75,8 +75,7 @@ def decode_reply(status: int, raw: bytes, headers: Any) -> Any:
     try:
         payload: Any = json.loads(raw)
     except (ValueError, RecursionError):
-        payload = None
-        is_json = False
+        payload, is_json = None, False
     else:
         is_json = True
     envelope: Envelope | None = None
@@ -85,21 +84,29 @@ def decode_reply(status: int, raw: bytes, headers: Any) -> Any:
             envelope = Envelope.model_validate(payload)
         except ValidationError:
             envelope = None
+    if status == 200 and envelope is not None and envelope.code == _contract.SUCCESS_CODE:
+        return envelope.data  # the common case: nothing more to look at
+    raise _reply_error(status, raw, headers, envelope, is_json)
+
+
+def _reply_error(
+    status: int, raw: bytes, headers: Any, envelope: Envelope | None, is_json: bool
+) -> WujieError:
+    """The typed error for a reply that is not a successful envelope."""
     message = envelope.message if envelope else ""
     code = envelope.code if envelope else None
     body = snippet(raw)
-
     if code == _contract.CODE_INSUFFICIENT_BALANCE:
         # Out of points is never a rate limit, whatever the HTTP status says.
-        raise InsufficientBalanceError(
+        return InsufficientBalanceError(
             message or "insufficient balance", code=code, http_status=status
         )
     if status == 401:
-        raise AuthenticationError(
+        return AuthenticationError(
             message or "authentication refused", http_status=status, code=code, body=body
         )
     if status == _contract.HTTP_RATE_LIMITED:
-        raise RateLimitedError(
+        return RateLimitedError(
             message or "rate limited",
             retry_after=_retry_after(headers),
             http_status=status,
@@ -107,18 +114,16 @@ def decode_reply(status: int, raw: bytes, headers: Any) -> Any:
             body=body,
         )
     if status >= 500:
-        raise ServerError(message or "server error", http_status=status, code=code, body=body)
+        return ServerError(message or "server error", http_status=status, code=code, body=body)
     if not is_json:
-        raise ProtocolError("the reply is not JSON", http_status=status, body=body)
+        return ProtocolError("the reply is not JSON", http_status=status, body=body)
     if status != 200:
-        raise ProtocolError("unexpected HTTP status", http_status=status, code=code, body=body)
+        return ProtocolError("unexpected HTTP status", http_status=status, code=code, body=body)
     if envelope is None:
-        raise ProtocolError(
+        return ProtocolError(
             "the reply is not a {code, message, data} envelope", http_status=status, body=body
         )
-    if envelope.code != _contract.SUCCESS_CODE:
-        raise business_error(envelope.code, envelope.message, http_status=status)
-    return envelope.data
+    return business_error(envelope.code, envelope.message, http_status=status)
 
 
 def _retryable(exc: WujieError, kind: CallKind) -> bool:
@@ -194,8 +199,7 @@ class Transport:
         self, attempt: Callable[[], Awaitable[T]], kind: CallKind, body: Any
     ) -> T:
         policy = self._retry
-        waits = backoff.expo(factor=policy.initial_wait, max_value=policy.max_wait)
-        next(waits)  # backoff's generators are primed with one None
+        waits: Iterator[float | None] | None = None  # made on the first failure only
         started = time.monotonic()
         tries = 0
         while True:
@@ -216,6 +220,9 @@ class Transport:
                             f"the submit may have been accepted: {exc}", request=body
                         ) from exc
                     raise
+                if waits is None:
+                    waits = backoff.expo(factor=policy.initial_wait, max_value=policy.max_wait)
+                    next(waits)  # backoff's generators are primed with one None
                 delay = backoff.full_jitter(next(waits) or 0.0)
                 if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, policy.max_wait))
@@ -261,6 +268,8 @@ class Transport:
                 f"the reply is {reply.content_length} bytes, over the {cap}-byte cap",
                 http_status=reply.status,
             )
+        if reply.content_length is not None:
+            return await reply.read()  # declared, and within the cap
         chunks: list[bytes] = []
         size = 0
         async for chunk in reply.content.iter_chunked(64 * 1024):
