@@ -22,6 +22,7 @@ becomes ``uncertain``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -106,7 +107,11 @@ class Journal:
             target=self._worker, args=(ready,), name="wujie-async journal", daemon=True
         )
         self._thread.start()
-        await ready
+        try:
+            await ready
+        except BaseException:
+            self._thread = None  # the worker has stopped: nothing to close
+            raise
 
     async def close(self) -> None:
         """Flush what is queued and stop the worker."""
@@ -166,9 +171,10 @@ class Journal:
                     results.append((done, last))
                 connection.execute("COMMIT")
                 self.commits += 1
-            except sqlite3.Error as exc:
-                if connection.in_transaction:
-                    connection.execute("ROLLBACK")
+            except Exception as exc:  # any failure must reach the waiters, or they would hang
+                with contextlib.suppress(sqlite3.Error):
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
                 error = ClientStateError(f"journal write failed: {exc}")
                 for _, done in batch:
                     if done is not None:

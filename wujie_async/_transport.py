@@ -48,6 +48,7 @@ logger = logging.getLogger("wujie_async")
 CallKind = Literal["submit", "poll"]
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
+IDLE_CONNECTION_SECONDS = 4.0
 
 
 @dataclass(slots=True)
@@ -168,7 +169,11 @@ class Transport:
 
     async def open(self) -> None:
         """Create the pooled session."""
-        connector = aiohttp.TCPConnector(limit=self._limits.max_connections)
+        # Idle connections are dropped after 4 s, before common server idle timeouts (5 s and
+        # up): a submit sent on a connection the server is closing would be uncertain.
+        connector = aiohttp.TCPConnector(
+            limit=self._limits.max_connections, keepalive_timeout=IDLE_CONNECTION_SECONDS
+        )
         timeout = aiohttp.ClientTimeout(
             total=self._timeouts.request, sock_connect=self._timeouts.connect
         )
