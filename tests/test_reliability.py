@@ -287,3 +287,13 @@ async def test_crash_and_resume(tmp_path: Path) -> None:
             await child.wait()
         server.terminate()
         await server.wait()
+
+
+async def test_a_journal_that_cannot_open_fails_fast(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    async with emulator() as emu:
+        client = make_client(emu, journal=tmp_path / "missing-dir" / "jobs.sqlite")
+        with pytest.raises(ClientStateError, match="cannot open journal"):
+            await asyncio.wait_for(client.open(), 10)
+        await asyncio.wait_for(client.aclose(), 10)  # nothing to close, nothing hangs
