@@ -48,10 +48,8 @@ async def _reply(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def hostile_gateway() -> AsyncIterator[str]:
-    """Yields a base URL; ``{base}/{mode}`` answers with the broken reply named ``mode``."""
-    app = web.Application()
-    app.router.add_post("/{mode}", _reply)
+async def _serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port; yields its origin."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -60,6 +58,15 @@ async def hostile_gateway() -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def hostile_gateway() -> AsyncIterator[str]:
+    """Yields a base URL; ``{base}/{mode}`` answers with the broken reply named ``mode``."""
+    app = web.Application()
+    app.router.add_post("/{mode}", _reply)
+    async with _serve(app) as origin:
+        yield origin
 
 
 async def _file(request: web.Request) -> web.StreamResponse:
@@ -80,11 +87,5 @@ async def file_server() -> AsyncIterator[str]:
     """Yields an origin; ``{origin}/files/{png|html|huge|missing}`` serve those bodies."""
     app = web.Application()
     app.router.add_get("/files/{kind}", _file)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with _serve(app) as origin:
+        yield origin

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -14,6 +15,7 @@ from wujie_async import (
     Credentials,
     InsufficientBalanceError,
     Limits,
+    PollPolicy,
     ProtocolError,
     RateLimitedError,
     RetryPolicy,
@@ -23,6 +25,7 @@ from wujie_async import (
     TransportError,
 )
 from wujie_async._auth import HeaderSigner
+from wujie_async._poller import BatchPoller
 from wujie_async._transport import Transport
 from wujie_async.emulator import FaultConfig
 
@@ -32,14 +35,22 @@ from .hostile import hostile_gateway
 pytestmark = pytest.mark.anyio
 
 
-def transport_for(base_url: str, creds: Credentials, **kwargs: Any) -> Transport:
-    return Transport(
+@contextlib.asynccontextmanager
+async def open_transport(
+    base_url: str, creds: Credentials, *, retry: RetryPolicy | None = None
+) -> AsyncIterator[Transport]:
+    transport = Transport(
         base_url=base_url,
         signer=HeaderSigner(creds),
-        limits=kwargs.pop("limits", Limits(max_response_bytes=1024 * 1024)),
-        timeouts=kwargs.pop("timeouts", Timeouts(request=10)),
-        retry=kwargs.pop("retry", RetryPolicy(max_attempts=2, initial_wait=0)),
+        limits=Limits(max_response_bytes=1024 * 1024),
+        timeouts=Timeouts(request=10),
+        retry=retry or RetryPolicy(max_attempts=2, initial_wait=0),
     )
+    await transport.open()
+    try:
+        yield transport
+    finally:
+        await transport.close()
 
 
 @pytest.mark.parametrize(
@@ -57,9 +68,7 @@ async def test_bad_replies_become_protocol_errors(
     emulator: EmulatorFactory, mode: str, says: str
 ) -> None:
     async with emulator() as emu, hostile_gateway() as base:
-        transport = transport_for(base, emu.credentials)
-        await transport.open()
-        try:
+        async with open_transport(base, emu.credentials) as transport:
             with pytest.raises(ProtocolError) as info:
                 await transport.post(f"/{mode}", [], kind="poll")
             assert says in str(info.value)
@@ -68,39 +77,25 @@ async def test_bad_replies_become_protocol_errors(
                 await transport.post(f"/{mode}", {"prompt": "p"}, kind="submit")
             assert isinstance(uncertain.value.__cause__, ProtocolError)
             assert uncertain.value.request == {"prompt": "p"}
-        finally:
-            await transport.close()
 
 
 async def test_out_of_points_is_never_a_rate_limit(emulator: EmulatorFactory) -> None:
     async with emulator() as emu, hostile_gateway() as base:
-        transport = transport_for(base, emu.credentials)
-        await transport.open()
-        try:
+        async with open_transport(base, emu.credentials) as transport:
             with pytest.raises(InsufficientBalanceError) as info:
                 await transport.post("/balance-429", [], kind="poll")
             assert info.value.code == "20110010" and transport.counters.http_calls == 1
-        finally:
-            await transport.close()
 
 
 async def test_malformed_entries_and_empty_keys(emulator: EmulatorFactory) -> None:
     async with emulator() as emu, hostile_gateway() as base:
-        transport = transport_for(base, emu.credentials)
-        await transport.open()
-        try:
+        async with open_transport(base, emu.credentials) as transport:
             data = await transport.post("/wrong-types", [], kind="poll")
-            from wujie_async._config import Limits as L
-            from wujie_async._config import PollPolicy
-            from wujie_async._poller import BatchPoller
-
-            poller = BatchPoller(transport, PollPolicy(), L())
+            poller = BatchPoller(transport, PollPolicy(), Limits())
             assert poller._parse(data) == {}
             assert poller.counters.malformed_entries == 3
             with pytest.raises(ProtocolError, match="no list"):
                 poller._parse(await transport.post("/no-list", [], kind="poll"))
-        finally:
-            await transport.close()
     async with emulator() as emu:
         async with make_client(emu) as client:
             client._transport.base_url = base  # the hostile server is gone: nothing listens
@@ -116,15 +111,13 @@ async def test_connect_refused_submits_are_retried_then_raised(emulator: Emulato
         port = probe.getsockname()[1]
     async with emulator() as emu:
         retry = RetryPolicy(max_attempts=3, initial_wait=0)
-        transport = transport_for(f"http://127.0.0.1:{port}", emu.credentials, retry=retry)
-        await transport.open()
-        try:
+        async with open_transport(
+            f"http://127.0.0.1:{port}", emu.credentials, retry=retry
+        ) as transport:
             with pytest.raises(TransportError) as info:
                 await transport.post("/x", {}, kind="submit")
             assert info.value.reached_server is False
             assert transport.counters.http_calls == 3
-        finally:
-            await transport.close()
 
 
 async def test_submit_faults_map_to_the_right_errors(emulator: EmulatorFactory) -> None:
