@@ -236,3 +236,23 @@ async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
             assert (await redis.xpending(REQUESTS, GROUP))["pending"] == 0
         finally:
             await redis.aclose()
+
+
+async def test_the_readme_example_runs_as_written(emulator: EmulatorFactory) -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("## Ten lines", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    async with emulator(time_scale=0.01) as emu:
+        env = NO_CREDENTIALS | {
+            "WUJIE_APP_ID": emu.credentials.app_id,
+            "WUJIE_PRIVATE_KEY": emu.credentials.private_key,
+            "WUJIE_BASE_URL": emu.base_url,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    key, first_url, *_ = out.decode().split()
+    assert len(key) == 32 and first_url.startswith("http://127.0.0.1")
+    assert out.decode().count("/files/") == 5  # image 0, then all four
