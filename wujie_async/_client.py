@@ -422,6 +422,9 @@ class WujieClient:
 
     @staticmethod
     def _parse_key(data: Any, body: dict[str, Any]) -> str:
+        key = data.get("key") if isinstance(data, dict) else None
+        if isinstance(key, str) and key.strip():
+            return key  # the common case; the model below explains anything else
         try:
             return SubmitData.model_validate(data).key
         except ValueError as exc:

@@ -79,14 +79,16 @@ def decode_reply(status: int, raw: bytes, headers: Any) -> Any:
         payload, is_json = None, False
     else:
         is_json = True
+    if status == 200 and isinstance(payload, dict):
+        code = payload.get("code")
+        if code == _contract.SUCCESS_CODE or code == int(_contract.SUCCESS_CODE):
+            return payload.get("data")  # the common case, without building a model
     envelope: Envelope | None = None
     if is_json and isinstance(payload, dict):
         try:
             envelope = Envelope.model_validate(payload)
         except ValidationError:
             envelope = None
-    if status == 200 and envelope is not None and envelope.code == _contract.SUCCESS_CODE:
-        return envelope.data  # the common case: nothing more to look at
     raise _reply_error(status, raw, headers, envelope, is_json)
 
 
