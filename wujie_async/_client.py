@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ._ratelimit import Pacer
 from ._transport import Transport
 
 _State = Literal["unopened", "open", "closed"]
+logger = logging.getLogger("wujie_async")
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,7 +288,18 @@ class WujieClient:
         if self.limits.max_submits_per_second is not None:
             self._submit_pacer = Pacer(self.limits.max_submits_per_second)
         self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
+        self._poller_task.add_done_callback(self._poller_stopped)
         self._state = "open"
+
+    def _poller_stopped(self, task: asyncio.Task[None]) -> None:
+        """If the poller ever dies, settle every job now instead of leaving awaits hanging."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        logger.error("the wujie-async poller stopped: %r", error)
+        for job in self._poller.jobs():
+            self._poller.forget(job)
+            job.fail(JobCancelledError(f"the poller stopped: {error!r}", job_key=job.key))
 
     async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
         """Close the client; every job left is settled and no task or socket is left behind.
@@ -341,6 +354,10 @@ class WujieClient:
                 else "open a new client"
             )
             raise ClientStateError(f"the client is {self._state}: {hint}")
+        if self._poller_task is not None and self._poller_task.done():
+            raise ClientStateError(
+                "the client's poller has stopped (see the log): open a new client"
+            )
         self._check_loop()
         assert self._loop is not None
         return self._loop

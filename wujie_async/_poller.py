@@ -134,7 +134,7 @@ class BatchPoller:
         return None
 
     async def run(self) -> None:
-        """Poll until cancelled. Run exactly once per client, in the client's task group."""
+        """Poll until cancelled. The client runs this once, as its one background task."""
         loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as calls:
             while True:
@@ -187,6 +187,10 @@ class BatchPoller:
         except WujieError as exc:
             self.counters.batch_errors += 1
             logger.warning("batch query of %d keys failed: %s", len(keys), exc)
+            entries = None
+        except Exception:  # a bug must not take the poller, and every job with it, down
+            self.counters.batch_errors += 1
+            logger.exception("batch query of %d keys failed unexpectedly", len(keys))
             entries = None
         finally:
             self._in_flight.difference_update(keys)
