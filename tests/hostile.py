@@ -18,6 +18,12 @@ REPLIES: dict[str, tuple[int, bytes, str]] = {
         "application/json",
     ),
     "no-list": (200, b'{"code":"200","message":"ok","data":{"items":[]}}', "application/json"),
+    "null-list": (200, b'{"code":"200","message":"ok","data":{"list":null}}', "application/json"),
+    "bare-list": (
+        200,
+        b'{"code":"200","message":"ok","data":[{"key":"K","status":1,"extra":{"x":1}}]}',
+        "application/json",
+    ),
     "not-envelope": (200, b'{"status":"ok"}', "application/json"),
     "array": (200, b"[1,2,3]", "application/json"),
     "empty-key": (200, b'{"code":"200","message":"ok","data":{"key":"  "}}', "application/json"),

@@ -96,6 +96,9 @@ async def test_malformed_entries_and_empty_keys(emulator: EmulatorFactory) -> No
             assert poller.counters.malformed_entries == 3
             with pytest.raises(ProtocolError, match="no list"):
                 poller._parse(await transport.post("/no-list", [], kind="poll"))
+            assert poller._parse(await transport.post("/null-list", [], kind="poll")) == {}
+            bare = poller._parse(await transport.post("/bare-list", [], kind="poll"))
+            assert bare["K"].status == 1
     async with emulator() as emu:
         async with make_client(emu) as client:
             client._transport.base_url = base  # the hostile server is gone: nothing listens

@@ -35,6 +35,8 @@ CODE_INSUFFICIENT_BALANCE: Final = "20110010"  # [platform]
 
 # --- Batch detail query ---------------------------------------------------------------------------
 MAX_KEYS_PER_BATCH: Final = 50  # [assumed] more gets CODE_INVALID_PARAMETER
+# [assumed] the reply is {"data": {"list": [entry, ...]}}; the client also reads a bare array.
+BATCH_LIST_FIELD: Final = "list"
 
 # Job status values [assumed]. Anything else is "not terminal": keep polling.
 STATUS_QUEUED: Final = 0

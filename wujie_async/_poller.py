@@ -206,13 +206,18 @@ class BatchPoller:
         self._wakeup.set()
 
     def _parse(self, data: Any) -> dict[str, JobInfo]:
-        if not isinstance(data, dict) or not isinstance(data.get("list"), list):
+        # The reply's shape is [assumed] (see _contract). A bare array, or a null list
+        # (nothing found), are read the same way rather than failing every job.
+        listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
+        if listed is None:
+            listed = []
+        if not isinstance(listed, list):
             raise ProtocolError(f"batch reply data has no list: {str(data)[:200]}")
         try:  # one validation call for the whole list: the common, well-formed case
-            entries = _JOB_LIST.validate_python(data["list"])
+            entries = _JOB_LIST.validate_python(listed)
         except ValidationError:
             entries = []
-            for raw in data["list"]:  # find the bad entries, keep the good ones
+            for raw in listed:  # find the bad entries, keep the good ones
                 try:
                     entries.append(JobInfo.model_validate(raw))
                 except ValidationError as exc:

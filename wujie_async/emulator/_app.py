@@ -351,7 +351,7 @@ class Gateway:
                 entries.append(entry)
         if faults.shuffle_entries:
             self.rng.shuffle(entries)
-        return envelope(_contract.SUCCESS_CODE, "success", {"list": entries})
+        return envelope(_contract.SUCCESS_CODE, "success", {_contract.BATCH_LIST_FIELD: entries})
 
     def _entry(
         self, job: EmulatedJob, now: float, origin: str, faults: FaultConfig
