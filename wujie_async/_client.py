@@ -297,9 +297,7 @@ class WujieClient:
             return
         error = task.exception()
         logger.error("the wujie-async poller stopped: %r", error)
-        for job in self._poller.jobs():
-            self._poller.forget(job)
-            job.fail(JobCancelledError(f"the poller stopped: {error!r}", job_key=job.key))
+        self._poller.cancel_all(f"the poller stopped: {error!r}")
 
     async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
         """Close the client; every job left is settled and no task or socket is left behind.
@@ -322,11 +320,7 @@ class WujieClient:
                     await asyncio.gather(
                         *(asyncio.shield(job._future) for job in jobs), return_exceptions=True
                     )
-        for job in self._poller.jobs():
-            self._poller.forget(job)
-            job.fail(
-                JobCancelledError("the client was closed before the job ended", job_key=job.key)
-            )
+        self._poller.cancel_all("the client was closed before the job ended")
         if self._poller_task is not None:
             self._poller_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

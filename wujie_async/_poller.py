@@ -24,6 +24,7 @@ from pydantic import TypeAdapter, ValidationError
 from . import _contract
 from ._config import Limits, PollPolicy
 from ._errors import (
+    JobCancelledError,
     JobError,
     JobFailedError,
     JobTimeoutError,
@@ -119,6 +120,12 @@ class BatchPoller:
         if self._jobs.get(job.key) is job:
             del self._jobs[job.key]
         job.due = math.inf
+
+    def cancel_all(self, reason: str) -> None:
+        """Stop tracking every job; each awaiter gets JobCancelledError saying ``reason``."""
+        for job in self.jobs():
+            self.forget(job)
+            job.fail(JobCancelledError(reason, job_key=job.key))
 
     def _schedule(self, job: ImageJob, when: float) -> None:
         job.due = min(when, job.deadline)
