@@ -1,0 +1,222 @@
+"""When the poller next asks about a running key: the schedule and its latency promise.
+
+The promise (README, "How polling works"):
+
+* while a job runs inside the window the poller has learned its estimates fall in, it is asked
+  about every ``min_interval``: a job that ends there is seen within ``min_interval``;
+* a job that overran that window (or whose gateway gives no usable estimate) is asked about
+  every ``max(min_interval, age_fraction x its age)``, capped at ``max_interval``;
+* before the window opens, nothing is asked (one ask at the window's start), so a job whose
+  estimate is right costs about three asks: the first, one at the window, one to see it done.
+
+The window is learned. Every ended job that had an estimate adds one sample of how far its end
+fell from the predicted end, relative to the predicted duration. The window opens at the low
+quantile of those errors and closes at the high one: tight when the gateway's estimates are
+good, wide when they are noisy, biased or a placeholder. Until there are enough samples a mild
+prior holds. An estimate that does not count down between two reports (a constant placeholder)
+is not an estimate: that job is polled as if it had none.
+
+Pure arithmetic on loop times; the poller owns the heap and the calls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from ._config import PollPolicy
+
+# Until this many ended jobs are seen, the prior window below holds.
+_MIN_SAMPLES = 8
+_SAMPLES_KEPT = 256
+_LOW_QUANTILE = 0.02
+_HIGH_QUANTILE = 0.98
+# The prior: an estimate is taken to be right within 10% of the job's predicted duration.
+_PRIOR_LOW = -0.10
+_PRIOR_HIGH = 0.10
+# A later report may move the predicted end by this share of the time between the two reports
+# (plus ``min_interval``) before the estimate counts as not counting down.
+_LIVE_DRIFT = 0.5
+# While nothing is learned, an estimate is checked once this share of the way to its window.
+_CHECK_SHARE = 0.2
+
+
+class _Quantiles:
+    """The last ``_SAMPLES_KEPT`` samples, kept sorted for O(log n) quantiles."""
+
+    __slots__ = ("_order", "_sorted")
+
+    def __init__(self) -> None:
+        self._order: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def add(self, value: float) -> None:
+        if len(self._order) == _SAMPLES_KEPT:
+            old = self._order.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._order.append(value)
+        bisect.insort(self._sorted, value)
+
+    def quantile(self, q: float) -> float:
+        data = self._sorted
+        return data[min(len(data) - 1, max(0, round(q * (len(data) - 1))))]
+
+
+@dataclass(slots=True)
+class KeyTiming:
+    """The poller's record of one key: what the schedule needs, nothing a user reads.
+
+    Attributes:
+        created_at: loop time of the submit (or attach).
+        model: the request's model, when known; estimates and durations are learned per model.
+        last_ask: loop time of the last answered ask about the key.
+        predicted_end: loop time the gateway's last estimate says the job ends; None if no
+            usable estimate.
+        predicted_span: ``predicted_end - created_at`` as first predicted (the error scale).
+        estimate_live: False once the estimate failed to count down (a placeholder).
+        live_reports: reports whose estimate was usable and kept counting down.
+    """
+
+    created_at: float
+    model: str | None = None
+    last_ask: float | None = None
+    predicted_end: float | None = None
+    predicted_span: float | None = None
+    estimate_live: bool = True
+    live_reports: int = 0
+
+
+class PollSchedule:
+    """The schedule of one poller: next ask times, and what it learns from ended jobs."""
+
+    __slots__ = ("_durations", "_errors", "_policy", "generation")
+
+    def __init__(self, policy: PollPolicy) -> None:
+        self._policy = policy
+        self._errors: dict[str | None, _Quantiles] = {}
+        self._durations: dict[str | None, _Quantiles] = {}
+        # Bumped when the learned window widens: jobs already waiting for a later window start
+        # should be looked at again (the poller reschedules them).
+        self.generation = 0
+
+    # --- learning --------------------------------------------------------------------------
+    def window(self, model: str | None) -> tuple[float, float]:
+        """The learned (low, high) relative error of estimates for ``model``."""
+        errors = self._errors.get(model)
+        if errors is None or len(errors) < _MIN_SAMPLES:
+            return _PRIOR_LOW, _PRIOR_HIGH
+        low = min(0.0, errors.quantile(_LOW_QUANTILE))
+        high = max(0.0, errors.quantile(_HIGH_QUANTILE))
+        return low, high
+
+    def job_ended(self, timing: KeyTiming, now: float, ended_at: float | None = None) -> None:
+        """Learn from a job seen ended at ``now`` (``ended_at``: the gateway's end time, if any).
+
+        The true end lies between the previous ask and ``now``; the gateway's own end time
+        narrows it when it falls there, else the middle is the best guess.
+        """
+        earliest = timing.last_ask if timing.last_ask is not None else timing.created_at
+        if ended_at is not None and earliest <= ended_at <= now:
+            end = ended_at
+        else:
+            end = (earliest + now) / 2
+        self._sample(self._durations, timing.model).add(end - timing.created_at)
+        if timing.predicted_end is None or not timing.predicted_span or not timing.estimate_live:
+            return
+        before = self.window(timing.model)
+        error = (end - timing.predicted_end) / timing.predicted_span
+        self._sample(self._errors, timing.model).add(max(-1.0, min(error, 10.0)))
+        if self.window(timing.model)[0] < before[0] - 0.02:
+            self.generation += 1
+
+    @staticmethod
+    def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
+        found = table.get(model)
+        if found is None:
+            found = table[model] = _Quantiles()
+        return found
+
+    # --- scheduling ------------------------------------------------------------------------
+    def first_ask(self, timing: KeyTiming) -> float:
+        """Loop time of the first ask about a new key."""
+        return timing.created_at + self._policy.first_poll_delay
+
+    def report(
+        self,
+        timing: KeyTiming,
+        now: float,
+        *,
+        expected_seconds: float | None,
+        queue_position: int | None = None,
+    ) -> float:
+        """Record a running job's report at ``now``; returns the loop time of the next ask."""
+        policy = self._policy
+        if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
+            predicted = now + expected_seconds
+            previous = timing.predicted_end
+            if previous is None:
+                timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
+            elif timing.last_ask is not None:
+                # A live estimate keeps its predicted end as time passes; a placeholder moves it
+                # forward by the time between reports.
+                drift = abs(predicted - previous)
+                if drift > _LIVE_DRIFT * (now - timing.last_ask) + policy.min_interval:
+                    timing.estimate_live = False
+            if timing.estimate_live:
+                timing.predicted_end = predicted
+                timing.live_reports += 1
+            else:
+                timing.predicted_end = None
+        elif expected_seconds is not None and expected_seconds <= 0:
+            timing.predicted_end = None  # "0 s left" while still running: it has overrun
+        timing.last_ask = now
+        return self.next_ask(timing, now, queue_position=queue_position)
+
+    def next_ask(
+        self, timing: KeyTiming, now: float, *, queue_position: int | None = None
+    ) -> float:
+        """Loop time of the next ask about a running job, from what is known at ``now``."""
+        policy = self._policy
+        if timing.predicted_end is not None and timing.predicted_span:
+            low, high = self.window(timing.model)
+            opens = timing.predicted_end + low * timing.predicted_span
+            closes = timing.predicted_end + high * timing.predicted_span
+            if now + policy.min_interval < opens:
+                if timing.live_reports < 2 and self._learning(timing.model):
+                    # Nothing learned yet: before a long wait on one estimate, check once that
+                    # it counts down (a placeholder would leave the job unseen for long).
+                    check = now + max(2 * policy.min_interval, _CHECK_SHARE * (opens - now))
+                    return min(opens, check)
+                return min(opens, now + policy.max_estimate_wait)
+            if now < closes:
+                return now + policy.min_interval
+            return now + self._backoff(now - timing.created_at)
+        if queue_position is not None and queue_position > 0:
+            wait = queue_position * policy.queue_position_seconds
+            return now + min(max(wait, policy.min_interval), policy.max_interval)
+        durations = self._durations.get(timing.model)
+        if durations is not None and len(durations) >= _MIN_SAMPLES:
+            earliest = timing.created_at + durations.quantile(_LOW_QUANTILE)
+            if now + policy.min_interval < earliest:
+                return min(earliest, now + policy.max_estimate_wait)
+        return now + self._backoff(now - timing.created_at)
+
+    def _learning(self, model: str | None) -> bool:
+        errors = self._errors.get(model)
+        return errors is None or len(errors) < _MIN_SAMPLES
+
+    def watch_start(self, timing: KeyTiming) -> float:
+        """Loop time from which ``timing``'s job is asked about densely (-inf: already)."""
+        if timing.predicted_end is None or not timing.predicted_span:
+            return -math.inf
+        low, _ = self.window(timing.model)
+        return timing.predicted_end + low * timing.predicted_span
+
+    def _backoff(self, age: float) -> float:
+        policy = self._policy
+        return min(max(policy.age_fraction * age, policy.min_interval), policy.max_interval)
