@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 def test_signer_reproduces_the_shared_vector_byte_for_byte(
     auth_vector: dict[str, Any], form: str
 ) -> None:
-    """tests/data/auth.json (the contract's vector): our signer must produce its original, sign and header."""
+    """tests/data/auth.json (the contract's vector): our signer reproduces it exactly."""
     creds = Credentials(app_id=auth_vector["app_id"], private_key=auth_vector[form])
     assert original_text(auth_vector["app_id"], auth_vector["timestamp"]) == auth_vector["original"]
     header = creds.header_at(auth_vector["timestamp"])
