@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -8,6 +9,8 @@ import pytest
 from wujie_async import Credentials, InvalidRequestError
 from wujie_async._auth import HeaderSigner, original_text
 
+from .conftest import AUTH_VECTOR, SHARED_AUTH_VECTOR
+
 pytestmark = pytest.mark.anyio
 
 
@@ -15,12 +18,19 @@ pytestmark = pytest.mark.anyio
 def test_signer_reproduces_the_shared_vector_byte_for_byte(
     auth_vector: dict[str, Any], form: str
 ) -> None:
-    """../shared/vectors/auth.json: our signer must produce its original, sign and header."""
+    """tests/data/auth.json (the contract's vector): our signer reproduces it exactly."""
     creds = Credentials(app_id=auth_vector["app_id"], private_key=auth_vector[form])
     assert original_text(auth_vector["app_id"], auth_vector["timestamp"]) == auth_vector["original"]
     header = creds.header_at(auth_vector["timestamp"])
     assert header == auth_vector["header"]
     assert auth_vector["sign"] in header
+
+
+def test_the_vector_copy_matches_the_shared_one() -> None:
+    """tests/data/auth.json is a copy of ../shared/vectors/auth.json; they must not drift."""
+    if not SHARED_AUTH_VECTOR.exists():
+        pytest.skip(f"no shared vector beside this clone ({SHARED_AUTH_VECTOR})")
+    assert json.loads(AUTH_VECTOR.read_text()) == json.loads(SHARED_AUTH_VECTOR.read_text())
 
 
 def test_credentials_repr_hides_the_key(auth_vector: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from wujie_async.emulator import DOWNSCALE, Emulator, EmulatorConfig, FaultConfig
@@ -520,3 +521,215 @@ async def test_emulator_config_defaults_have_no_faults() -> None:
             "moderation_words",
         )
     )
+
+
+# --- the command line: one source of settings, env lines, safe files, clear errors ---------------
+def _non_default(name: str, value: Any) -> Any:
+    """A value for a FaultConfig field that differs from its default, by the default's type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 7
+    if isinstance(value, float):
+        return 0.25 if value != 0.25 else 0.5
+    if isinstance(value, str):
+        return value + "9"
+    if isinstance(value, frozenset):
+        return frozenset({"info"})
+    if isinstance(value, tuple):
+        return ("forbidden", "nope")
+    raise AssertionError(f"FaultConfig.{name}: a field of a type the command line cannot set")
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, frozenset | tuple):
+        return ",".join(sorted(value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_every_fault_field_is_settable_from_the_command_line() -> None:
+    import argparse
+    import dataclasses
+
+    from wujie_async.emulator import add_arguments, fault_config_from_pairs
+    from wujie_async.emulator._server import config_from_args
+
+    defaults = FaultConfig()
+    wanted = {
+        f.name: _non_default(f.name, getattr(defaults, f.name))
+        for f in dataclasses.fields(FaultConfig)
+    }
+    argv = ["--time-scale", "0.5", "--rate-limit-rps", "3"]
+    for name, value in wanted.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, _as_text(value)]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
+    assert config.faults == FaultConfig(**wanted)
+    assert config.time_scale == 0.5 and config.rate_limit_rps == 3
+    # The key=value form (`--emulator-fault` in the main CLI) reads the same fields.
+    pairs = [f"{name}={_as_text(value)}" for name, value in wanted.items()]
+    assert fault_config_from_pairs(pairs) == FaultConfig(**wanted)
+    # Old spellings still work, and repeated list flags add up.
+    old = config_from_args(
+        parser.parse_args(["--rate-limit", "2", "--moderation-word", "a", "--moderation-word", "b"])
+    )
+    assert old.rate_limit_rps == 2 and old.faults.moderation_words == ("a", "b")
+    assert config_from_args(parser.parse_args([])) == EmulatorConfig()
+
+
+def test_fault_pairs_name_the_field_and_the_rule() -> None:
+    from wujie_async import InvalidRequestError
+    from wujie_async.emulator import fault_config_from_mapping, fault_config_from_pairs
+
+    with pytest.raises(InvalidRequestError) as info:
+        fault_config_from_pairs(["burst_429=lots", "nope=1", "fail_jobs"])
+    fields = [field for field, _ in info.value.violations]
+    assert fields == ["burst_429", "nope", "fail_jobs"]
+    assert "whole number" in info.value.violations[0][1]
+    with pytest.raises(InvalidRequestError, match="finite"):
+        fault_config_from_pairs(["http_5xx=nan"])
+    assert fault_config_from_pairs(['endpoints=["info"]']).endpoints == frozenset({"info"})
+    assert fault_config_from_mapping({"moderation_words": ["x"]}).moderation_words == ("x",)
+
+
+async def _emulator_process(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async.emulator", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+
+
+def _exports(text: str) -> dict[str, str]:
+    import shlex
+
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        assert line.startswith("export "), line
+        name, _, value = line.removeprefix("export ").partition("=")
+        values[name] = shlex.split(value)[0]
+    return values
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+    await asyncio.wait_for(proc.communicate(), 10)
+
+
+async def test_print_env_says_url_port_and_time_scale_and_sets_the_burst() -> None:
+    proc = await _emulator_process(
+        "--port", "0", "--print-env", "--time-scale", "0.05",
+        "--burst-429", "2", "--retry-after-s", "3", "--endpoints", "info",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 20)).decode() for _ in range(4)]
+        banner = lines[0]
+        env = _exports("".join(lines))
+        assert set(env) == {"WUJIE_APP_ID", "WUJIE_PRIVATE_KEY", "WUJIE_BASE_URL"}
+        port = env["WUJIE_BASE_URL"].split(":")[2].split("/")[0]
+        assert banner.startswith("# ") and env["WUJIE_BASE_URL"] in banner
+        assert f"port {port}" in banner and "time scale 0.05" in banner
+        header = sign_header(env["WUJIE_APP_ID"], env["WUJIE_PRIVATE_KEY"])
+        replies = [await raw_post(env["WUJIE_BASE_URL"], INFO, [], header=header) for _ in range(3)]
+        assert [r.status for r in replies] == [429, 429, 200]
+        assert replies[0].headers["Retry-After"] == "3"
+        submit = await raw_post(
+            env["WUJIE_BASE_URL"], GENERATIONS, {"prompt": "x", "model": "dall-e-2"}, header=header
+        )
+        assert submit.json()["code"] == "200"  # endpoints=info: submits are not faulted
+    finally:
+        await _stop(proc)
+
+
+async def test_background_detaches_once_listening_and_prints_the_exports() -> None:
+    proc = await _emulator_process("--port", "0", "--background", "--time-scale", "0.01")
+    out, err = await asyncio.wait_for(proc.communicate(), 30)  # returns: nothing keeps the pipes
+    assert proc.returncode == 0, err.decode()
+    env = _exports(out.decode())
+    pid = int(env["WUJIE_EMULATOR_PID"])
+    try:
+        header = sign_header(env["WUJIE_APP_ID"], env["WUJIE_PRIVATE_KEY"])
+        body = {"prompt": "x", "model": "dall-e-2"}
+        reply = await raw_post(env["WUJIE_BASE_URL"], GENERATIONS, body, header=header)
+        assert reply.json()["code"] == "200"
+        assert "time scale 0.01" in out.decode()
+    finally:
+        os.kill(pid, 15)
+    for _ in range(100):  # it stops on SIGTERM
+        try:
+            await raw_post(env["WUJIE_BASE_URL"], INFO, [], header=None)
+        except (OSError, aiohttp.ClientError):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the background emulator did not stop on SIGTERM")
+
+
+@pytest.mark.parametrize(
+    "entry", [["-m", "wujie_async.emulator"], ["-m", "wujie_async", "emulator"]]
+)
+async def test_a_port_in_use_is_one_line_and_exit_2(entry: list[str]) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *entry, "--port", str(port),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    message = err.decode()
+    assert "Traceback" not in message and len(message.strip().splitlines()) == 1, message
+    assert f"port {port}" in message and "--port" in message
+
+
+async def test_credentials_out_is_a_new_0600_file_and_never_follows_a_symlink(
+    tmp_path: Path,
+) -> None:
+    existing = tmp_path / "creds.json"
+    existing.write_text("old")
+    existing.chmod(0o644)
+    proc = await _emulator_process("--port", "0", "--credentials-out", str(existing))
+    try:
+        assert proc.stdout is not None
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert "wujie-async emulator serving" in banner
+        assert oct(existing.stat().st_mode & 0o777) == "0o600"
+        assert json.loads(existing.read_text())["base_url"] in banner
+    finally:
+        await _stop(proc)
+    assert [p.name for p in tmp_path.iterdir()] == ["creds.json"]  # no temporary left
+
+    target = tmp_path / "elsewhere.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    proc = await _emulator_process("--port", "0", "--credentials-out", str(link))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and "symlink" in err.decode() and "Traceback" not in err.decode()
+    assert not target.exists() and link.is_symlink()
+
+
+def test_credentials_files_named_in_the_readme_are_ignored_by_git() -> None:
+    import fnmatch
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = [
+        line.strip() for line in (root / ".gitignore").read_text().splitlines() if line.strip()
+    ]
+    names = set(re.findall(r"--credentials-out\s+([\w./-]+)", (root / "README.md").read_text()))
+    assert names, "the README names no credentials file; drop this test"
+    for name in names:
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name

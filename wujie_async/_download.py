@@ -1,32 +1,73 @@
-"""Saving images to disk: bounded, streamed, checked, never half-written.
+"""Saving images to disk: bounded, streamed, checked, retried, never half-written.
 
-File names come from the job key and image index only (never from prompts or URLs), the bytes
-must carry a PNG/JPEG/WEBP signature, and a file appears under its final name only once it is
-complete (written to a temporary name in the same folder, then renamed).
+The downloader owns its own HTTP session and timeouts (image downloads never take a connection
+or a slot from the API's pool). Where it may connect is checked on every hop: the scheme
+(https, or plain http to loopback only), a literal address in the URL, and every address a
+host name resolves to (checked by the session's resolver just before connecting, so a name
+that re-resolves to a private address is refused too). Link-local (cloud metadata), private,
+multicast, unspecified and reserved addresses are refused unless ``allow_private``. Redirects
+are followed by hand, at most ``max_redirects`` of them, each one checked again.
+
+File names come from a template over the job key, image index, extension, the user's row id
+and input line, never from prompts or URLs; the bytes must carry a PNG/JPEG/WEBP signature;
+a file appears under its final name only once complete: written under a temporary name in the
+same folder with the user's umask, fsynced, then renamed. Writes and fsyncs run on worker
+threads, never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import os
 import re
-import tempfile
+import secrets
+import socket
+import string
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
 from urllib.parse import urlsplit
 
 import aiohttp
+import anyio
+import backoff
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
-from ._errors import InvalidRequestError, ProtocolError, TransportError
+from ._config import RetryPolicy
+from ._errors import (
+    ClientStateError,
+    InvalidRequestError,
+    ProtocolError,
+    TransportError,
+    WujieError,
+)
+
+logger = logging.getLogger("wujie_async.download")
 
 _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "png",
     b"\xff\xd8\xff": "jpg",
 }
-_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: no trailing newline slips by
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_NAME_FIELDS = frozenset({"key", "index", "ext", "id", "line"})
+_JOB_FIELDS = frozenset({"key", "id", "line"})  # a name must tell jobs apart
+# Path separators, C0 and C1 control characters and DEL never reach a file name.
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
+_MAX_NAME_BYTES = 255
+_CHUNK = 256 * 1024
+DEFAULT_NAME = "{key}-{index}.{ext}"
+
+AddressCheck = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,98 +99,511 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_url(url: str, *, allow_http: bool) -> None:
-    """Refuse URLs we will not fetch: not http(s), or plain http to a non-loopback host."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" or (
-        parts.scheme == "http" and (allow_http or is_loopback(parts.hostname or ""))
+def address_allowed(address: str, *, allow_private: bool = False) -> bool:
+    """May we connect to this IP address? Loopback and public addresses only, by default.
+
+    Refused unless ``allow_private``: link-local (169.254/16 with the cloud metadata service,
+    fe80::/10), private (10/8, 172.16/12, 192.168/16, fc00::/7), shared (100.64/10),
+    multicast, unspecified and reserved addresses, IPv4-mapped IPv6 forms included.
+    """
+    if allow_private:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+def check_url(url: str, *, allow_http: bool, allow_private: bool = False) -> None:
+    """Refuse URLs we will not fetch.
+
+    Raises:
+        InvalidRequestError: not http(s); plain http to a non-loopback host without
+            ``allow_http``; or a literal address that ``address_allowed`` refuses.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        _ = parts.port  # a malformed port raises here, not later
+    except ValueError:
+        raise InvalidRequestError([("url", "not a valid URL")]) from None
+    if not (
+        parts.scheme == "https" or (parts.scheme == "http" and (allow_http or is_loopback(host)))
     ):
-        return
-    raise InvalidRequestError(
+        raise InvalidRequestError(
+            [
+                (
+                    "url",
+                    f"refusing to download {parts.scheme}://{host}: https only "
+                    "(plain http is allowed for loopback, or with allow_http)",
+                )
+            ]
+        )
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return  # a name: the session's resolver checks its addresses when connecting
+    if not address_allowed(host, allow_private=allow_private):
+        raise _refused_address(host, host)
+
+
+def _refused_address(host: str, address: str) -> InvalidRequestError:
+    return InvalidRequestError(
         [
             (
                 "url",
-                f"refusing to download {parts.scheme}://{parts.hostname}: https only "
-                "(plain http is allowed for loopback, or with allow_http)",
+                f"refusing to download from {host} ({address}): a link-local, private, "
+                "multicast or reserved address (allow_private permits it)",
             )
         ]
     )
 
 
+class _ForbiddenAddressError(OSError):
+    """Raised by the resolver; aiohttp wraps it in ClientConnectorError, we unwrap it."""
+
+    def __init__(self, host: str, address: str) -> None:
+        super().__init__(f"{host} resolves to a refused address {address}")
+        self.host = host
+        self.address = address
+
+
+class _CheckingResolver(AbstractResolver):
+    """Resolves as usual, then refuses the whole name if any address it gives is refused.
+
+    aiohttp connects to what the resolver returns, so checking here (not before the request)
+    also catches a name that resolves to a public address once and to a private one later.
+    """
+
+    def __init__(self, *, allow_private: bool) -> None:
+        self._inner = DefaultResolver()
+        self._allow_private = allow_private
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            if not address_allowed(result["host"], allow_private=self._allow_private):
+                raise _ForbiddenAddressError(host, result["host"])
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class _RetryableError(Exception):
+    """A transient download failure; ``error`` is raised if retries run out."""
+
+    def __init__(self, error: WujieError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _check_template(template: str) -> None:
+    problems: list[str] = []
+    used: set[str] = set()
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InvalidRequestError([("name", f"not a valid template: {exc}")]) from None
+    for literal, field, _spec, conversion in parsed:
+        if _UNSAFE_NAME.search(literal):
+            problems.append("no path separators or control characters outside the fields")
+        if field is None:
+            continue
+        if field not in _NAME_FIELDS:
+            problems.append(f"unknown field {{{field}}}; fields: {', '.join(sorted(_NAME_FIELDS))}")
+        if conversion:
+            problems.append(f"no conversions (!{conversion})")
+        used.add(field)
+    if template.startswith("."):
+        problems.append("must not start with a dot (a hidden file)")
+    if not used & _JOB_FIELDS:
+        problems.append("must use {key}, {id} or {line}, or every job would get the same name")
+    if problems:
+        raise InvalidRequestError([("name", rule) for rule in problems])
+
+
+def _clean_field(value: str) -> str:
+    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".")
+    return cleaned or "_"
+
+
+def render_name(
+    template: str, *, key: str, index: int, ext: str, id: str | None, line: int | None
+) -> str:
+    """A file name from ``template``; every field is sanitised, the result checked.
+
+    Raises:
+        InvalidRequestError: a field the template uses is missing, or the name is unusable.
+    """
+    values: dict[str, Any] = {"key": key, "index": index, "ext": ext}
+    missing: list[tuple[str, str]] = []
+    for name, value in (("id", id), ("line", line)):
+        if value is not None:
+            values[name] = _clean_field(str(value)) if name == "id" else value
+        elif "{" + name in template:
+            missing.append(("name", f"the template uses {{{name}}} but this image has none"))
+    if missing:
+        raise InvalidRequestError(missing)
+    try:
+        name = template.format_map(values)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise InvalidRequestError([("name", f"cannot fill the template: {exc}")]) from None
+    if (
+        _UNSAFE_NAME.search(name)
+        or name.startswith(".")
+        or name in {"", ".", ".."}
+        or len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
+    ):
+        raise InvalidRequestError([("name", f"{name[:80]!r} is not a usable file name")])
+    return name
+
+
+def _join(base: URL, location: str) -> URL:
+    try:
+        return base.join(URL(location))
+    except ValueError:
+        raise InvalidRequestError([("url", "a redirect gave an invalid URL")]) from None
+
+
+def _check_key(key: str) -> None:
+    if not _KEY_RE.fullmatch(key):
+        raise InvalidRequestError(
+            [("key", "not a plain job key ([A-Za-z0-9_-], 1 to 128); refusing it in a file name")]
+        )
+
+
 class Downloader:
-    """Saves image URLs into ``folder`` with bounded concurrency."""
+    """Saves images into ``folder`` with bounded concurrency, on a session of its own.
+
+    Example::
+
+        async with Downloader(Path("out"), name="{id}-{index}.{ext}") as downloader:
+            saved = await downloader.save(url, job.key, 0, id="row-7")
+            saved = await downloader.save_b64(image.b64_json, job.key, 1)
+
+    Args:
+        folder: where images go (created if missing).
+        concurrency: downloads (and connections) at once.
+        max_bytes: larger images are refused.
+        allow_http: allow plain http to non-loopback hosts (off: https only).
+        allow_private: allow link-local, private and reserved addresses (off).
+        max_redirects: redirects followed per download, each checked; 0 follows none.
+        retry: backoff for transient failures (connect errors, 5xx, 429, truncated bodies,
+            timeouts); the same rules as API calls.
+        connect_timeout: seconds to connect.
+        read_timeout: seconds of silence allowed while reading.
+        total_timeout: seconds per attempt, all included.
+        name: the file-name template; fields ``{key}``, ``{index}``, ``{ext}``, ``{id}``,
+            ``{line}`` (sanitised: no path separators, no control characters, no leading dot).
+    """
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        folder: Path,
+        folder: Path | aiohttp.ClientSession,
+        legacy_folder: Path | None = None,
         *,
         concurrency: int = 16,
         max_bytes: int = 64 * 1024 * 1024,
         allow_http: bool = False,
+        allow_private: bool = False,
+        max_redirects: int = 5,
+        retry: RetryPolicy | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+        total_timeout: float = 300.0,
+        name: str = DEFAULT_NAME,
     ) -> None:
-        self._session = session
+        _check_template(name)
+        # Transitional: the old call `Downloader(session, folder)` (still in _bulk.py until it
+        # moves to `async with Downloader(folder)`) downloads on the caller's session, without
+        # the resolver's address check. Remove this branch once nothing calls it so.
+        self._borrowed: aiohttp.ClientSession | None = None
+        if isinstance(folder, aiohttp.ClientSession):
+            if legacy_folder is None:
+                raise InvalidRequestError([("folder", "required")])
+            self._borrowed, folder = folder, legacy_folder
+            folder.mkdir(parents=True, exist_ok=True)
+        if concurrency < 1 or max_bytes < 1 or max_redirects < 0:
+            raise InvalidRequestError(
+                [("Downloader", "concurrency and max_bytes must be >= 1, max_redirects >= 0")]
+            )
         self._folder = folder
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._slots = anyio.Semaphore(concurrency)
         self._max_bytes = max_bytes
         self._allow_http = allow_http
-        folder.mkdir(parents=True, exist_ok=True)
+        self._allow_private = allow_private
+        self._max_redirects = max_redirects
+        self._retry = retry or RetryPolicy()
+        self._timeout = aiohttp.ClientTimeout(
+            total=total_timeout, connect=connect_timeout, sock_read=read_timeout
+        )
+        self._template = name
+        self._session: aiohttp.ClientSession | None = self._borrowed
 
-    async def save(self, url: str, key: str, index: int) -> SavedImage:
-        """Download ``url`` as ``<key>-<index>.<ext>``.
+    async def __aenter__(self) -> Self:
+        await anyio.to_thread.run_sync(lambda: self._folder.mkdir(parents=True, exist_ok=True))
+        connector = aiohttp.TCPConnector(
+            limit=self._concurrency, resolver=_CheckingResolver(allow_private=self._allow_private)
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, trust_env=False
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the session (idempotent)."""
+        session, self._session = self._session, None
+        if session is not None and session is not self._borrowed:
+            await session.close()
+
+    async def save(
+        self, url: str, key: str, index: int, *, id: str | None = None, line: int | None = None
+    ) -> SavedImage:
+        """Download ``url`` into the folder under the template's name.
 
         Raises:
-            InvalidRequestError: the URL or key is not one we accept.
-            ProtocolError: the reply is not an image, or too large.
-            TransportError: the download failed.
+            InvalidRequestError: the URL (or a redirect's target), key or name is refused.
+            ProtocolError: the reply is not an image, too large, or not 200 (after retries
+                for 5xx and 429), or redirects too often.
+            TransportError: the download failed after its retries.
+            ClientStateError: used outside ``async with``.
         """
-        check_url(url, allow_http=self._allow_http)
-        if not _KEY_RE.match(key):
-            raise InvalidRequestError(
-                [("key", "not a plain job key; refusing to use it in a file name")]
-            )
+        _check_key(key)
+        check_url(url, allow_http=self._allow_http, allow_private=self._allow_private)
+        session = self._require_session()
         async with self._slots:
+            return await self._retrying(lambda: self._download(session, url, key, index, id, line))
+
+    async def save_bytes(
+        self, data: bytes, key: str, index: int, *, id: str | None = None, line: int | None = None
+    ) -> SavedImage:
+        """Save image bytes (e.g. a decoded ``b64_json``) exactly as a download is saved.
+
+        Raises:
+            InvalidRequestError: the key or name is refused.
+            ProtocolError: not a PNG/JPEG/WEBP image, or larger than ``max_bytes``.
+        """
+        _check_key(key)
+        if len(data) > self._max_bytes:
+            raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
+        kind = sniff_format(data[:16])
+        if kind is None:
+            raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
+        path = self._folder / render_name(
+            self._template, key=key, index=index, ext=kind, id=id, line=line
+        )
+        async with self._slots:
+            await anyio.to_thread.run_sync(self._write_whole, data, path)
+        return SavedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+    async def save_b64(
+        self, text: str, key: str, index: int, *, id: str | None = None, line: int | None = None
+    ) -> SavedImage:
+        """Decode a ``b64_json`` image (size-capped before decoding) and save it.
+
+        Raises:
+            ProtocolError: not base64, larger than ``max_bytes``, or not an image.
+            InvalidRequestError: the key or name is refused.
+        """
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        if len(text) > (self._max_bytes + 2) // 3 * 4 + 4:
+            raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("b64_json is not valid base64") from None
+        return await self.save_bytes(data, key, index, id=id, line=line)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _require_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise ClientStateError("use the Downloader in `async with` (it owns a session)")
+        return self._session
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[SavedImage]]) -> SavedImage:
+        policy = self._retry
+
+        def log_retry(details: Any) -> None:
+            logger.debug(
+                "image download: %s; try %d in %.2f s",
+                details["exception"],
+                details["tries"] + 1,
+                details["wait"],
+            )
+
+        async def once() -> SavedImage:  # backoff wants a coroutine function to await
+            return await attempt()
+
+        retrying = backoff.on_exception(
+            backoff.expo,
+            _RetryableError,
+            max_tries=policy.max_attempts,
+            max_time=policy.max_elapsed,
+            jitter=backoff.full_jitter,
+            on_backoff=log_retry,
+            logger=None,
+            factor=policy.initial_wait,
+            max_value=policy.max_wait,
+        )(once)
+        try:
+            return await retrying()
+        except _RetryableError as exc:
+            raise exc.error from None
+
+    async def _download(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        key: str,
+        index: int,
+        id: str | None,
+        line: int | None,
+    ) -> SavedImage:
+        current = URL(url)
+        for hop in range(self._max_redirects + 1):
+            if hop:
+                check_url(
+                    str(current), allow_http=self._allow_http, allow_private=self._allow_private
+                )
+            # The error text never includes the URL: a CDN's URL may carry a signed token.
+            # `from None` drops aiohttp's exception, which holds the request and its URL.
             try:
-                async with self._session.get(url) as reply:
+                async with session.get(current, allow_redirects=False) as reply:
+                    if reply.status in _REDIRECT_STATUSES:
+                        location = reply.headers.get("Location")
+                        if not location:
+                            raise ProtocolError(f"HTTP {reply.status} redirect without a Location")
+                        current = _join(reply.url, location)
+                        continue
+                    if reply.status >= 500 or reply.status == 429:
+                        raise _RetryableError(
+                            ProtocolError(
+                                f"image download got HTTP {reply.status}", http_status=reply.status
+                            )
+                        )
                     if reply.status != 200:
                         raise ProtocolError(
                             f"image download got HTTP {reply.status}", http_status=reply.status
                         )
-                    return await self._stream_to_file(reply, key, index)
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise TransportError(
-                    f"image download failed: {type(exc).__name__}", reached_server=True
+                    return await self._stream_to_file(reply, key, index, id, line)
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, _ForbiddenAddressError):
+                    raise _refused_address(exc.os_error.host, exc.os_error.address) from None
+                raise _RetryableError(
+                    TransportError(
+                        f"image download could not connect: {exc.os_error.strerror or 'error'}",
+                        reached_server=False,
+                    )
                 ) from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # Reset, disconnected, truncated body (ClientPayloadError), read timeout.
+                raise _RetryableError(
+                    TransportError(
+                        f"image download failed: {type(exc).__name__}", reached_server=True
+                    )
+                ) from None
+        raise ProtocolError(f"image download redirected more than {self._max_redirects} times")
 
     async def _stream_to_file(
-        self, reply: aiohttp.ClientResponse, key: str, index: int
+        self,
+        reply: aiohttp.ClientResponse,
+        key: str,
+        index: int,
+        id: str | None,
+        line: int | None,
     ) -> SavedImage:
+        declared = reply.content_length
+        if declared is not None and declared > self._max_bytes:
+            raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
         digest = hashlib.sha256()
         size = 0
         head = b""
-        fd, temp_name = tempfile.mkstemp(
-            prefix=f".{key}-{index}.", suffix=".part", dir=self._folder
-        )
+        handle, temp = await anyio.to_thread.run_sync(self._open_temp, f"{key}-{index}")
         try:
-            with os.fdopen(fd, "wb") as handle:
-                async for chunk in reply.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > self._max_bytes:
-                        raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
-                    if len(head) < 16:
-                        head += chunk[: 16 - len(head)]
-                    digest.update(chunk)
-                    handle.write(chunk)
+            async for chunk in reply.content.iter_chunked(_CHUNK):
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
+                if len(head) < 16:
+                    head += chunk[: 16 - len(head)]
+                digest.update(chunk)
+                await anyio.to_thread.run_sync(handle.write, chunk)
+            if declared is not None and size != declared:
+                raise _RetryableError(
+                    TransportError("image download was cut short", reached_server=True)
+                )
             kind = sniff_format(head)
             if kind is None:
                 raise ProtocolError(
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
-            path = self._folder / f"{key}-{index}.{kind}"
-            os.replace(temp_name, path)
+            path = self._folder / render_name(
+                self._template, key=key, index=index, ext=kind, id=id, line=line
+            )
+            await anyio.to_thread.run_sync(self._commit, handle, temp, path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(temp_name)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._discard, handle, temp)
             raise
         return SavedImage(path=path, sha256=digest.hexdigest(), bytes=size)
+
+    # --- file operations (run on worker threads) -----------------------------------------------
+    def _open_temp(self, stem: str) -> tuple[IO[bytes], Path]:
+        # O_EXCL + O_NOFOLLOW: a new file, never through a link; mode 0o666 & ~umask, like the
+        # manifest (mkstemp would force 0600).
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        temp = self._folder / f".{stem}.{secrets.token_hex(6)}.part"
+        fd = os.open(temp, flags, 0o666)
+        return os.fdopen(fd, "wb"), temp
+
+    def _commit(self, handle: IO[bytes], temp: Path, path: Path) -> None:
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.replace(temp, path)
+        self._sync_folder()
+
+    def _sync_folder(self) -> None:
+        # The rename is durable once the folder's entry is on disk too.
+        with contextlib.suppress(OSError):
+            fd = os.open(self._folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _discard(handle: IO[bytes], temp: Path) -> None:
+        with contextlib.suppress(OSError):
+            handle.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+
+    def _write_whole(self, data: bytes, path: Path) -> None:
+        handle, temp = self._open_temp(path.stem)
+        try:
+            handle.write(data)
+            self._commit(handle, temp, path)
+        except BaseException:
+            self._discard(handle, temp)
+            raise

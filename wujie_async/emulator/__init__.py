@@ -11,8 +11,9 @@ demand and counts everything. Use it to test code that talks to the gateway::
 """
 
 from ._app import Gateway
+from ._options import fault_config_from_mapping, fault_config_from_pairs
 from ._png import DOWNSCALE
-from ._server import Emulator, main
+from ._server import Emulator, add_arguments, main, run
 from ._state import TYPICAL_SECONDS, EmulatorConfig, FaultConfig
 
 __all__ = [
@@ -22,5 +23,9 @@ __all__ = [
     "EmulatorConfig",
     "FaultConfig",
     "Gateway",
+    "add_arguments",
+    "fault_config_from_mapping",
+    "fault_config_from_pairs",
     "main",
+    "run",
 ]

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import os
+import shlex
 import signal
+import socket
+import sys
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -20,7 +25,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .. import _contract
 from .._auth import Credentials
 from ._app import Gateway
+from ._options import (
+    add_config_arguments,
+    config_from_args,
+    config_to_json,
+    emulator_config_from_json,
+)
 from ._state import EmulatorConfig, FaultConfig
+
+__all__ = ["Emulator", "add_arguments", "config_from_args", "main", "run", "serve"]
 
 DEFAULT_APP_ID = "wjemulator0001"
 
@@ -59,18 +72,38 @@ class Emulator:
         host: str = "127.0.0.1",
         port: int = 0,
         app_id: str = DEFAULT_APP_ID,
+        credentials: Credentials | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
+        """Prepare an emulator; nothing listens until ``start()`` (or ``async with``).
+
+        Args:
+            config: how the gateway behaves (default: no faults, time scale 1).
+            host: address to bind (loopback by default).
+            port: port to bind; 0 picks a free one.
+            app_id: the app id of the generated credentials.
+            credentials: serve this app instead of generating a key pair.
+            sock: an already listening socket to serve on (``host``/``port`` are then unused).
+        """
         self.gateway = Gateway(config or EmulatorConfig())
-        self.credentials = Credentials(app_id=app_id, private_key=_generated_key_pem())
+        self.credentials = credentials or Credentials(
+            app_id=app_id, private_key=_generated_key_pem()
+        )
         self.register(self.credentials)
         self._host = host
         self._port = port
+        self._sock = sock
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
     def register(self, credentials: Credentials) -> None:
         """Accept requests signed with these credentials too (several apps may coexist)."""
         self.gateway.register_app(credentials.app_id, credentials.public_key())
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (0 before ``start()``)."""
+        return int(self._runner.addresses[0][1]) if self._runner is not None else 0
 
     @property
     def origin(self) -> str:
@@ -89,11 +122,20 @@ class Emulator:
         """Bind the port and start serving."""
         runner = web.AppRunner(self.gateway.build_app(), access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
-        await site.start()
+        site: web.BaseSite
+        if self._sock is not None:
+            site = web.SockSite(runner, self._sock)
+        else:
+            site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         self._runner = runner
-        port = runner.addresses[0][1]
-        host = f"[{self._host}]" if ":" in self._host else self._host
+        bound_host, port = runner.addresses[0][:2]
+        bound_host = self._host if self._sock is None else bound_host
+        host = f"[{bound_host}]" if ":" in bound_host else bound_host
         self.base_url = f"http://{host}:{port}{_contract.BASE_PATH}"
 
     async def stop(self) -> None:
@@ -115,94 +157,251 @@ class Emulator:
         await self.stop()
 
 
+# --- the command line -----------------------------------------------------------------------------
+class _StartError(Exception):
+    """The emulator cannot start as asked; the message is one line that says what to do."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The emulator's command-line options (shared by both entry points)."""
+    """The emulator's command-line options (shared by both entry points).
+
+    Every EmulatorConfig and FaultConfig field has a flag named after it (``--time-scale``,
+    ``--burst-429``, ``--endpoints``...): the dataclasses are the one source of the settings.
+    """
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    parser.add_argument("--port", type=int, default=8080, help="port (0 picks a free one)")
-    parser.add_argument("--credentials-out", type=Path, help="write app_id/private_key/base_url")
-    parser.add_argument("--time-scale", type=float, default=1.0, help="multiply every latency")
-    parser.add_argument("--seed", type=int, default=None, help="seed every random draw")
-    parser.add_argument("--rate-limit", type=float, default=None, help="requests/s per app")
     parser.add_argument(
-        "--strict-regexps", action="store_true", help="apply the doc's strict validators"
+        "--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)"
     )
-    faults = parser.add_argument_group("faults (probabilities 0..1, off by default)")
-    for name, help_text in (
-        ("http-5xx", "reply 503"),
-        ("http-429", "reply 429 with Retry-After"),
-        ("drop-connection", "close the socket without a reply"),
-        ("drop-after-accept", "accept a submit, then lose its reply"),
-        ("slow-reply", "delay a reply by --slow-reply-s"),
-        ("html-reply", "reply with an HTML page"),
-        ("business-error", "refuse a submit with --business-error-code"),
-        ("absent-jobs", "hide a new job from batch replies for --absent-s"),
-        ("duplicate-entries", "list an entry twice"),
-        ("unknown-status", "report a running job with status 2"),
-        ("fail-jobs", "make a job fail (status 3)"),
-    ):
-        faults.add_argument(f"--{name}", type=float, default=0.0, help=help_text)
-    faults.add_argument("--slow-reply-s", type=float, default=2.0)
-    faults.add_argument("--business-error-code", default=_contract.CODE_LOCK_RACE)
-    faults.add_argument("--absent-s", type=float, default=1.0)
-    faults.add_argument("--shuffle-entries", action="store_true")
-    faults.add_argument("--moderation-word", action="append", default=[], dest="moderation_words")
+    parser.add_argument(
+        "--print-env",
+        action="store_true",
+        help="print `export WUJIE_APP_ID=... WUJIE_PRIVATE_KEY=... WUJIE_BASE_URL=...` lines "
+        "for the served app (other lines are # comments), so `eval` can take them",
+    )
+    parser.add_argument(
+        "--background",
+        action="store_true",
+        help="detach once listening, print the --print-env lines plus WUJIE_EMULATOR_PID and "
+        'exit: eval "$(wujie-async emulator --background)" leaves it running; '
+        'stop it with kill "$WUJIE_EMULATOR_PID"',
+    )
+    parser.add_argument(
+        "--credentials-out",
+        type=Path,
+        help="write {app_id, private_key, base_url} as JSON to a new file, mode 0600",
+    )
+    parser.add_argument("--child-fds", help=argparse.SUPPRESS)  # --background's own child
+    add_config_arguments(parser)
 
 
-def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
-    """An EmulatorConfig from parsed command-line options."""
-    faults = FaultConfig(
-        http_5xx=args.http_5xx,
-        http_429=args.http_429,
-        drop_connection=args.drop_connection,
-        drop_after_accept=args.drop_after_accept,
-        slow_reply=args.slow_reply,
-        slow_reply_s=args.slow_reply_s,
-        html_reply=args.html_reply,
-        business_error=args.business_error,
-        business_error_code=args.business_error_code,
-        absent_jobs=args.absent_jobs,
-        absent_s=args.absent_s,
-        duplicate_entries=args.duplicate_entries,
-        shuffle_entries=args.shuffle_entries,
-        unknown_status=args.unknown_status,
-        fail_jobs=args.fail_jobs,
-        moderation_words=tuple(args.moderation_words),
-    )
-    return EmulatorConfig(
-        time_scale=args.time_scale,
-        seed=args.seed,
-        rate_limit_rps=args.rate_limit,
-        strict_regexps=args.strict_regexps,
-        faults=faults,
-    )
+def _key_base64(credentials: Credentials) -> str:
+    """The private key as one line (base64 PKCS#8 DER), easy to put in a variable."""
+    key = credentials.private_key
+    if "-----BEGIN" not in key:
+        return key
+    return "".join(line.strip() for line in key.splitlines() if not line.startswith("-----"))
+
+
+def _env_lines(credentials: Credentials, base_url: str, pid: int | None = None) -> list[str]:
+    values = {
+        "WUJIE_APP_ID": credentials.app_id,
+        "WUJIE_PRIVATE_KEY": _key_base64(credentials),
+        "WUJIE_BASE_URL": base_url,
+    }
+    if pid is not None:
+        values["WUJIE_EMULATOR_PID"] = str(pid)
+    return [f"export {name}={shlex.quote(value)}" for name, value in values.items()]
 
 
 def write_credentials(path: Path, emulator: Emulator) -> None:
-    """Write the emulator's app credentials as JSON, readable by the owner only."""
+    """Write the app's credentials as JSON to a NEW file readable by the owner only.
+
+    The file is written under a temporary name in the same folder, synced, then renamed over
+    ``path``: an existing file is replaced (never rewritten in place, so its old mode does not
+    survive), and a symlink at ``path`` is refused, never followed.
+
+    Raises:
+        OSError: the file cannot be written (the message names it).
+    """
+    _write_credentials(path, emulator.credentials, emulator.base_url)
+
+
+def _write_credentials(path: Path, credentials: Credentials, base_url: str) -> None:
     data = {
-        "app_id": emulator.credentials.app_id,
-        "private_key": emulator.credentials.private_key,
-        "base_url": emulator.base_url,
+        "app_id": credentials.app_id,
+        "private_key": credentials.private_key,
+        "base_url": base_url,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
+    if path.is_symlink():
+        raise _StartError(f"--credentials-out {path} is a symlink; refusing to write through it")
+    if path.exists() and not path.is_file():
+        raise _StartError(f"--credentials-out {path} exists and is not a regular file")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates with O_EXCL (never through a link) and mode 0600.
+        fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _StartError(f"cannot write --credentials-out {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(temp)
+        if isinstance(exc, OSError):
+            raise _StartError(f"cannot write --credentials-out {path}: {exc.strerror}") from None
+        raise
+
+
+def _bind_error(host: str, port: int, exc: OSError) -> _StartError:
+    if exc.errno == errno.EADDRINUSE:
+        return _StartError(
+            f"port {port} on {host} is already in use: stop what runs there, or pick another "
+            "with --port (--port 0 takes a free one)"
+        )
+    return _StartError(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise _bind_error(host, port, exc) from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(host, port, exc) from None
+    return sock
+
+
+def _banner(base_url: str, port: int, config: EmulatorConfig) -> str:
+    return (
+        f"wujie-async emulator serving {base_url} (port {port}, time scale {config.time_scale}"
+        f"{'' if config.faults == FaultConfig() else ', faults on'})"
+    )
+
+
+def _detach(args: argparse.Namespace, config: EmulatorConfig) -> None:
+    """``--background``: bind here, hand the socket to a new session's process, print, return.
+
+    The socket is listening before this returns, so a client started right after connects at
+    once (the child accepts as soon as it is up). The key travels through a pipe, not argv.
+    """
+    sock = _listening_socket(args.host, args.port)
+    credentials = Credentials(app_id=DEFAULT_APP_ID, private_key=_generated_key_pem())
+    port = sock.getsockname()[1]
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    base_url = f"http://{host}:{port}{_contract.BASE_PATH}"
+    if args.credentials_out:
+        _write_credentials(args.credentials_out, credentials, base_url)
+    read_end, write_end = os.pipe()
+    try:
+        handoff = {
+            "app_id": credentials.app_id,
+            "private_key": credentials.private_key,
+            "config": config_to_json(config),
+        }
+        with os.fdopen(write_end, "w", encoding="utf-8") as pipe:
+            json.dump(handoff, pipe)  # a few KB: fits the pipe's buffer
+        sock.set_inheritable(True)
+        os.set_inheritable(read_end, True)
+        argv = [
+            sys.executable, "-m", "wujie_async.emulator",
+            "--child-fds", f"{sock.fileno()},{read_end}",
+        ]  # fmt: skip
+        quiet = [
+            (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)
+        ]  # nothing holds the caller's pipes open (so `$(...)` returns)
+        pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=quiet, setsid=True)
+    finally:
+        os.close(read_end)
+        sock.close()
+    print(  # noqa: T201
+        f"# {_banner(base_url, port, config)}, detached as pid {pid}; "
+        f'stop it with: kill "$WUJIE_EMULATOR_PID"'
+    )
+    print("\n".join(_env_lines(credentials, base_url, pid)), flush=True)  # noqa: T201
+
+
+def _from_parent(fds: str) -> Emulator:
+    """The emulator ``--background`` handed over: its socket, its app and its settings."""
+    listen_fd, pipe_fd = (int(fd) for fd in fds.split(","))
+    with os.fdopen(pipe_fd, encoding="utf-8") as pipe:
+        handoff = json.load(pipe)
+    return Emulator(
+        emulator_config_from_json(handoff["config"]),
+        credentials=Credentials(app_id=handoff["app_id"], private_key=handoff["private_key"]),
+        sock=socket.socket(fileno=listen_fd),
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
-    """Run the emulator until SIGINT/SIGTERM."""
-    emulator = Emulator(config_from_args(args), host=args.host, port=args.port)
-    async with emulator:
+    """Run the emulator the flags describe until SIGINT/SIGTERM.
+
+    It prints its URL, port and time scale at start. A problem starting it (a port in use, a
+    credentials file it may not write) is one line on stderr and ``SystemExit(2)``.
+    """
+    try:
+        if args.child_fds:
+            emulator = _from_parent(args.child_fds)
+            config = emulator.gateway.config
+        else:
+            config = config_from_args(args)
+            if args.background:
+                _detach(args, config)
+                return
+            emulator = Emulator(config, host=args.host, port=args.port)
+        try:
+            await emulator.start()
+        except OSError as exc:
+            raise _bind_error(args.host, args.port, exc) from None
+        try:
+            await _serve_started(args, emulator, config)
+        finally:
+            await emulator.stop()
+    except _StartError as exc:
+        print(f"wujie-async emulator: {exc}", file=sys.stderr, flush=True)  # noqa: T201
+        raise SystemExit(2) from None
+
+
+async def _serve_started(
+    args: argparse.Namespace, emulator: Emulator, config: EmulatorConfig
+) -> None:
+    if args.credentials_out:
+        write_credentials(args.credentials_out, emulator)
+    banner = f"{_banner(emulator.base_url, emulator.port, config)}; Ctrl-C stops it"
+    if args.print_env:
+        lines = [f"# {banner}", *_env_lines(emulator.credentials, emulator.base_url)]
+    else:
+        lines = [banner]
         if args.credentials_out:
-            write_credentials(args.credentials_out, emulator)
-        print(f"wujie-async emulator serving {emulator.base_url}", flush=True)  # noqa: T201
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            lines.append(f"credentials (mode 0600): {args.credentials_out}")
+    print("\n".join(lines), flush=True)  # noqa: T201
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve as the parsed flags ask; the exit code (0, or 2 when it could not start)."""
+    try:
+        asyncio.run(serve(args))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,5 +410,4 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m wujie_async.emulator", description="Run the Wujie gateway emulator."
     )
     add_arguments(parser)
-    asyncio.run(serve(parser.parse_args(argv)))
-    return 0
+    return run(parser.parse_args(argv))
