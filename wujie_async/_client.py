@@ -270,6 +270,8 @@ class WujieClient:
         self._no_submits = asyncio.Event()
         self._no_submits.set()
         self._closed: asyncio.Event | None = None
+        # True from open() until aclose() is done draining: jobs made meanwhile are tracked.
+        self._tracking = False
         # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
         self._claimed_keys: set[str] = set()
         self._unjournaled: list[JournalEntry] = []
@@ -313,6 +315,7 @@ class WujieClient:
         self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
         self._poller_task.add_done_callback(self._poller_stopped)
         self._state = "open"
+        self._tracking = True
 
     def _poller_stopped(self, task: asyncio.Task[None]) -> None:
         """If the poller ever stops while open, settle every job now instead of leaving awaits
@@ -348,6 +351,8 @@ class WujieClient:
         self._check_loop()
         self._state = "closing"
         self._closed = asyncio.Event()
+        if not drain:
+            self._tracking = False
         try:
             if drain:
                 wait = self.timeouts.close if timeout is None else timeout
@@ -355,6 +360,7 @@ class WujieClient:
                     async with asyncio.timeout(wait):
                         await self._no_submits.wait()
                         await self._drain_jobs()
+            self._tracking = False
             await self._stop_submits()
             self._poller.cancel_all("the client was closed before the job ended")
             await self._stop_poller()
@@ -366,6 +372,7 @@ class WujieClient:
                     if self._journal is not None:
                         await self._journal.close()
                 finally:
+                    self._tracking = False
                     self._state = "closed"
                     self._closed.set()
 
@@ -425,9 +432,9 @@ class WujieClient:
         return self._loop
 
     def _taking_jobs(self) -> bool:
-        """True while new jobs can be tracked (open, and the poller alive)."""
+        """True while new jobs can be tracked (open or draining, and the poller alive)."""
         task = self._poller_task
-        return self._state == "open" and task is not None and not task.done()
+        return self._tracking and task is not None and not task.done()
 
     # --- jobs --------------------------------------------------------------------------------
     async def _submit(
@@ -576,7 +583,7 @@ class WujieClient:
         elif isinstance(error, JobCancelledError):
             # Only the user's own cancel ends a row; closing, or a stopped poller, leaves the
             # key accepted, so resume() picks it up.
-            if self._taking_jobs():
+            if self._state == "open" and self._taking_jobs():
                 journal.record_outcome(job.key, "cancelled", str(error))
         else:
             journal.record_outcome(job.key, "failed", str(error))
