@@ -26,7 +26,7 @@ from wujie_async import (
     TransportError,
     WujieClient,
 )
-from wujie_async.emulator import FaultConfig
+from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import EmulatorFactory, make_client
 
@@ -254,10 +254,13 @@ def _write_locked(journal: Path) -> Iterator[None]:
         db.close()
 
 
-async def _at_gateway(emu: object, count: int) -> None:
-    async with asyncio.timeout(10):
-        while emu.stats()["requests"].get("generations", 0) < count:  # type: ignore[attr-defined]
-            await asyncio.sleep(0.005)
+async def _at_gateway(emu: Emulator, count: int) -> None:
+    """Wait until the gateway has received ``count`` submits."""
+    for _ in range(2000):
+        if emu.stats()["requests"].get("generations", 0) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the submit never reached the gateway")
 
 
 async def test_a_key_interrupted_on_its_way_to_the_journal_is_kept(
