@@ -57,6 +57,8 @@ class ClientStats:
         jobs_outstanding: jobs being tracked now.
         jobs_succeeded: jobs that ended with images.
         jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
+        journal_commits: journal transactions committed (each holds many records; 0 without
+            a journal).
     """
 
     submits: int
@@ -71,6 +73,7 @@ class ClientStats:
     jobs_outstanding: int
     jobs_succeeded: int
     jobs_failed: int
+    journal_commits: int = 0
 
 
 def _check_base_url(base_url: str) -> str:
@@ -761,6 +764,7 @@ class WujieClient:
             jobs_outstanding=len(self._poller),
             jobs_succeeded=poller.succeeded,
             jobs_failed=poller.failed,
+            journal_commits=self._journal.commits if self._journal is not None else 0,
         )
 
 
