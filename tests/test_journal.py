@@ -28,7 +28,7 @@ from wujie_async import (
 )
 from wujie_async.emulator import Emulator, FaultConfig
 
-from .conftest import EmulatorFactory, make_client
+from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
 
 pytestmark = pytest.mark.anyio
 
@@ -154,7 +154,8 @@ async def test_a_submit_that_never_connected_is_unsent(
         credentials = emu.credentials
     journal = tmp_path / "jobs.sqlite"
     base_url = f"http://127.0.0.1:{_free_port()}/wj-open/v1"  # nothing listens there
-    async with WujieClient(credentials, base_url=base_url, journal=journal) as client:
+    refused = WujieClient(credentials, base_url=base_url, journal=journal, retry=INSTANT_RETRY)
+    async with refused as client:
         with pytest.raises(TransportError) as info:
             await client.images.submit(prompt="refused", model="dall-e-2")
         assert info.value.reached_server is False
