@@ -31,7 +31,7 @@ from ._errors import (
     WujieError,
 )
 from ._jobs import ImageJob
-from ._journal import JournalEntry
+from ._journal import JournalEntry, JournalLockedError
 from ._models import GeneratedImage, ImageResult
 
 __version__ = "0.1.0"
@@ -54,6 +54,7 @@ __all__ = [
     "JobFailedError",
     "JobTimeoutError",
     "JournalEntry",
+    "JournalLockedError",
     "Limits",
     "LockRaceError",
     "ModerationRejectedError",

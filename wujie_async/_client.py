@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -21,17 +22,22 @@ from ._errors import (
     JobCancelledError,
     ProtocolError,
     SubmitUncertainError,
-    WujieError,
+    snippet,
 )
 from ._jobs import ImageJob
-from ._journal import ALL_STATES, Journal, JournalEntry
-from ._models import EditRequest, GenerationRequest, ImageResult, SubmitData
+from ._journal import Journal, JournalEntry
+from ._models import EditRequest, GenerationRequest, ImageResult
 from ._poller import BatchPoller
-from ._ratelimit import Pacer
+from ._submitting import Admission, SubmitRecord
 from ._transport import Transport
 
-_State = Literal["unopened", "open", "closed"]
+_State = Literal["unopened", "open", "closing", "closed"]
 logger = logging.getLogger("wujie_async")
+
+# A job key as the gateway may give it: 1 to 128 characters, none of them whitespace or a
+# control character (C0, DEL, C1). Checked with fullmatch: `$` would let "KEY\n" through.
+_KEY = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,128}")
+MAX_KEY_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +57,8 @@ class ClientStats:
         jobs_outstanding: jobs being tracked now.
         jobs_succeeded: jobs that ended with images.
         jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
+        journal_commits: journal transactions committed (each holds many records; 0 without
+            a journal).
     """
 
     submits: int
@@ -65,6 +73,7 @@ class ClientStats:
     jobs_outstanding: int
     jobs_succeeded: int
     jobs_failed: int
+    journal_commits: int = 0
 
 
 def _check_base_url(base_url: str) -> str:
@@ -185,15 +194,24 @@ class Images:
         return await job
 
     def attach(
-        self, key: str, *, job_timeout: float | None = None, n: int | None = None
+        self,
+        key: str,
+        *,
+        job_timeout: float | None = None,
+        n: int | None = None,
+        request: Mapping[str, Any] | None = None,
     ) -> ImageJob:
         """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
 
         Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
         that same job. ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
-        once.
+        once. ``request`` is the body it was submitted with, kept as ``job.request``.
+
+        Raises:
+            InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.
+            ClientStateError: the client is not open.
         """
-        return self._client._attach(key, job_timeout=job_timeout, n=n)
+        return self._client._attach(key, job_timeout=job_timeout, n=n, request=request)
 
 
 class WujieClient:
@@ -248,9 +266,18 @@ class WujieClient:
         # One bound method for every job's cancel hook, not one allocated per job.
         self._forget_job = self._poller.forget
         self._poller_task: asyncio.Task[None] | None = None
-        self._submit_slots: asyncio.Semaphore | None = None
-        self._in_flight_slots: asyncio.Semaphore | None = None
-        self._submit_pacer: Pacer | None = None
+        self._admission: Admission | None = None
+        # Tasks inside submit(), so aclose() can end each of them promptly.
+        self._submitting: set[asyncio.Task[Any]] = set()
+        self._cancelled_by_close: set[asyncio.Task[Any]] = set()
+        self._no_submits = asyncio.Event()
+        self._no_submits.set()
+        self._closed: asyncio.Event | None = None
+        # True from open() until aclose() is done draining: jobs made meanwhile are tracked.
+        self._tracking = False
+        # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
+        self._claimed_keys: set[str] = set()
+        self._unjournaled: list[JournalEntry] = []
         self._submits = 0
         self._submit_errors = 0
         self._journal = Journal(journal) if journal is not None else None
@@ -275,60 +302,110 @@ class WujieClient:
         await self.aclose()
 
     async def open(self) -> None:
-        """Open the HTTP session and start the poller (``async with`` does this)."""
+        """Open the journal and the HTTP session and start the poller (``async with`` does this).
+
+        Raises:
+            JournalLockedError: another process (or client) has the journal open.
+            ClientStateError: the client was opened before, or the journal cannot be opened.
+        """
         if self._state != "unopened":
             raise ClientStateError(f"the client is {self._state}; a client opens once")
         self._loop = asyncio.get_running_loop()
         if self._journal is not None:
             await self._journal.open()
         await self._transport.open()
-        self._submit_slots = asyncio.Semaphore(self.limits.max_concurrent_submits)
-        if self.limits.max_in_flight is not None:
-            self._in_flight_slots = asyncio.Semaphore(self.limits.max_in_flight)
-        if self.limits.max_submits_per_second is not None:
-            self._submit_pacer = Pacer(self.limits.max_submits_per_second)
+        self._admission = Admission(self.limits)
         self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
         self._poller_task.add_done_callback(self._poller_stopped)
         self._state = "open"
+        self._tracking = True
 
     def _poller_stopped(self, task: asyncio.Task[None]) -> None:
-        """If the poller ever dies, settle every job now instead of leaving awaits hanging."""
-        if task.cancelled():
-            return
-        error = task.exception()
-        logger.error("the wujie-async poller stopped: %r", error)
-        self._poller.cancel_all(f"the poller stopped: {error!r}")
+        """If the poller ever stops while open, settle every job now instead of leaving awaits
+        hanging; new submits are refused from then on."""
+        if self._state != "open":
+            return  # aclose() stopped it
+        reason = "it was cancelled" if task.cancelled() else repr(task.exception())
+        logger.error("the wujie-async poller stopped: %s", reason)
+        self._poller.cancel_all(f"the poller stopped ({reason}): open a new client")
 
     async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
-        """Close the client; every job left is settled and no task or socket is left behind.
+        """Close the client; every job and submit left is settled, no task or socket left behind.
+
+        Submits still in progress end at once: with ``ClientStateError`` if their request had
+        not left, with ``SubmitUncertainError`` if it may have (it may have been charged), or
+        by returning their job, already cancelled, if the key had come back (with a journal the
+        key is kept: :meth:`resume` picks it up). The transport and the journal are closed
+        whatever else fails.
 
         Args:
-            drain: first wait for outstanding jobs to end (up to ``timeout``, default
-                ``Timeouts.close``); jobs still running then are cancelled.
+            drain: first wait for submits in progress and outstanding jobs to end (up to
+                ``timeout``, default ``Timeouts.close``); what is still running then is
+                cancelled.
             timeout: bound of the drain, in seconds.
         """
-        if self._state != "open":
+        if self._state == "unopened":
             self._state = "closed"
             return
+        if self._state != "open":
+            if self._closed is not None:
+                await self._closed.wait()  # another task is closing it: return once it is shut
+            return
         self._check_loop()
-        self._state = "closed"
+        self._state = "closing"
+        self._closed = asyncio.Event()
+        if not drain:
+            self._tracking = False
+        try:
+            if drain:
+                wait = self.timeouts.close if timeout is None else timeout
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._no_submits.wait()
+                        await self._drain_jobs()
+            self._tracking = False
+            await self._stop_submits()
+            self._poller.cancel_all("the client was closed before the job ended")
+            await self._stop_poller()
+        finally:
+            try:
+                await self._transport.close()
+            finally:
+                try:
+                    if self._journal is not None:
+                        await self._journal.close()
+                finally:
+                    self._tracking = False
+                    self._state = "closed"
+                    self._closed.set()
+
+    async def _drain_jobs(self) -> None:
         jobs = self._poller.jobs()
-        if drain and jobs:
-            wait = self.timeouts.close if timeout is None else timeout
+        if jobs:
+            await asyncio.gather(*(job.result() for job in jobs), return_exceptions=True)
+
+    async def _stop_submits(self) -> None:
+        """End every submit in progress (see aclose) and wait for them to unwind."""
+        current = asyncio.current_task()
+        for task in self._submitting:
+            if task is not current and not task.done():
+                self._cancelled_by_close.add(task)
+                task.cancel("the client is closing")
+        if self._submitting - {current}:
+            # Unwinding awaits nothing slow (journal records are queued, not awaited); bounded
+            # all the same.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await asyncio.gather(
-                        *(asyncio.shield(job._future) for job in jobs), return_exceptions=True
-                    )
-        self._poller.cancel_all("the client was closed before the job ended")
-        if self._poller_task is not None:
-            self._poller_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller_task
-            self._poller_task = None
-        await self._transport.close()
-        if self._journal is not None:
-            await self._journal.close()
+                async with asyncio.timeout(self.timeouts.close):
+                    await self._no_submits.wait()
+
+    async def _stop_poller(self) -> None:
+        task, self._poller_task = self._poller_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait([task])  # never raises the poller's own error: closing goes on
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("the wujie-async poller had stopped: %r", task.exception())
 
     def _check_loop(self) -> None:
         try:
@@ -353,8 +430,14 @@ class WujieClient:
                 "the client's poller has stopped (see the log): open a new client"
             )
         self._check_loop()
-        assert self._loop is not None
+        if self._loop is None:  # set by open(); here for the type checker
+            raise ClientStateError("the client has no event loop")
         return self._loop
+
+    def _taking_jobs(self) -> bool:
+        """True while new jobs can be tracked (open or draining, and the poller alive)."""
+        task = self._poller_task
+        return self._tracking and task is not None and not task.done()
 
     # --- jobs --------------------------------------------------------------------------------
     async def _submit(
@@ -366,83 +449,147 @@ class WujieClient:
         extra_body: Mapping[str, Any] | None,
         tag: str | None,
     ) -> ImageJob:
-        loop = self._check_open()
+        self._check_open()
         deadline_s = self._job_timeout(job_timeout)
         if extra_body:
             body = {**body, **extra_body}
-        assert self._submit_slots is not None
-        if self._in_flight_slots is not None:
-            await self._in_flight_slots.acquire()
-        journal = self._journal
-        row_id: int | None = None
-        key: str | None = None
+        task = asyncio.current_task()
+        if task is None:
+            raise ClientStateError("submit() must run in an asyncio task")
+        record = SubmitRecord(self._journal, path, body, tag)
+        # Registered before the first await: aclose() cannot miss a submit in progress.
+        self._submitting.add(task)
+        self._no_submits.clear()
         try:
-            async with self._submit_slots:
-                if self._submit_pacer is not None:
-                    await self._submit_pacer.wait()
-                if journal is not None:
-                    row_id = await journal.record_intent(path, body, tag)
-                data = await self._transport.post(path, body, kind="submit")
-            key = self._parse_key(data, body)
-            if journal is not None and row_id is not None:
-                await journal.record_accepted(row_id, key)
-        except BaseException as exc:
+            return await self._send(record, path, body, n or 1, deadline_s)
+        except asyncio.CancelledError:
+            if task not in self._cancelled_by_close or task.uncancel() > 0:
+                self._submit_errors += 1
+                raise  # not (only) our cancel: the caller's own cancellation goes on
+            if record.job is not None:
+                return record.job  # the key came back: its job, settled as cancelled
             self._submit_errors += 1
-            if self._in_flight_slots is not None:
-                self._in_flight_slots.release()
-            if journal is not None and row_id is not None:
-                if key is not None:
-                    # Interrupted after the gateway gave the key: keep it, resume finds it.
-                    journal.record_accepted_later(row_id, key)
-                else:
-                    # A definite refusal cost nothing; anything else (a lost reply, a cancel
-                    # while the request was out) may have been charged: uncertain.
-                    refused = isinstance(exc, WujieError) and not isinstance(
-                        exc, SubmitUncertainError
-                    )
-                    state = "rejected" if refused else "uncertain"
-                    journal.record_unsent(row_id, state, repr(exc)[:500])
+            if record.may_have_left:
+                raise SubmitUncertainError(
+                    "the client was closed while this submit was on the wire: the gateway may "
+                    "have accepted (and charged) it",
+                    request=body,
+                ) from None
+            raise ClientStateError(
+                "the client was closed before this submit was sent (nothing was sent)"
+            ) from None
+        except BaseException:
+            self._submit_errors += 1
             raise
+        finally:
+            self._submitting.discard(task)
+            self._cancelled_by_close.discard(task)
+            if not self._submitting:
+                self._no_submits.set()
+
+    async def _send(
+        self, record: SubmitRecord, path: str, body: dict[str, Any], n: int, deadline_s: float
+    ) -> ImageJob:
+        """Admission, the journal record, the request and the job, in that order."""
+        admission = self._admission
+        if admission is None:
+            raise ClientStateError("the client is not open")
+        release = await admission.take_in_flight()
+        try:
+            async with record:
+                async with admission.send_slot():
+                    await record.intent()
+                    record.sending()
+                    data = await self._transport.post(path, body, kind="submit")
+                key = self._claim_key(data, body)
+                try:
+                    await record.accepted(key)
+                finally:
+                    # Whatever happens now, the key gets its job (tracked, or settled at once
+                    # if the client is closing): an accepted key is never dropped.
+                    record.job = self._new_job(
+                        key, deadline_s=deadline_s, request=body, n=n, release=release
+                    )
+                    release = None  # the job gives the in-flight slot back when it ends
+                    self._claimed_keys.discard(key)
+        finally:
+            if release is not None:
+                release()
+        if record.unjournaled is not None:
+            self._unjournaled.append(record.unjournaled_entry())
+            logger.warning(
+                "the gateway accepted a submit as %s but the journal could not record the "
+                "key (%s); the job is tracked, and uncertain_submits() lists it",
+                key,
+                record.unjournaled,
+            )
         self._submits += 1
+        return record.job
+
+    def _claim_key(self, data: Any, body: dict[str, Any]) -> str:
+        """The reply's key, if usable and not in use by another job of this client."""
+        key = _usable_key(data, body)
+        if key in self._claimed_keys or self._poller.get(key) is not None:
+            # The gateway charged this submit but gave the key of another job: this job cannot
+            # be followed, and overwriting the other would orphan it.
+            raise SubmitUncertainError(
+                f"the gateway returned a key already in use ({key}): this submit may have "
+                "been charged but its job cannot be followed; the earlier job is unaffected",
+                request=body,
+            ) from ProtocolError("the gateway returned a key already in use", body=key)
+        self._claimed_keys.add(key)
+        return key
+
+    def _new_job(
+        self,
+        key: str,
+        *,
+        deadline_s: float,
+        request: dict[str, Any] | None,
+        n: int | None,
+        first_delay: float | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> ImageJob:
+        """The one job factory (submit, attach, resume): build, hook up, track.
+
+        A job made while the client is closing, or after its poller stopped, is settled at once
+        (JobCancelledError) rather than left to wait for a poller that will never ask.
+        """
+        loop = self._loop
+        if loop is None:
+            raise ClientStateError("the client is not open")
         job = ImageJob(
             key,
             loop=loop,
             deadline=loop.time() + deadline_s,
-            request=body,
-            n=n or 1,
+            request=request,
+            n=n,
             on_cancel=self._forget_job,
         )
-        if self._in_flight_slots is not None:
-            slots = self._in_flight_slots
-            job.add_done_callback(lambda _: slots.release())
-        if journal is not None:
+        if release is not None:
+            job.add_done_callback(lambda _: release())
+        if self._journal is not None:
             job.add_done_callback(self._record_outcome)
-        self._poller.track(job)
+        if self._taking_jobs():
+            self._poller.track(job, first_delay=first_delay)
+        else:
+            job.cancel()
         return job
 
     def _record_outcome(self, job: ImageJob) -> None:
-        assert self._journal is not None
+        journal = self._journal
+        if journal is None:
+            return
         error = job.exception()
         if error is None:
-            self._journal.record_outcome(job.key, "succeeded")
+            journal.record_outcome(job.key, "succeeded")
         elif isinstance(error, JobCancelledError):
-            if self._state != "closed":  # closing leaves the key resumable
-                self._journal.record_outcome(job.key, "cancelled", str(error))
+            # Only the user's own cancel ends a row; closing, or a stopped poller, leaves the
+            # key accepted, so resume() picks it up.
+            if self._state == "open" and self._taking_jobs():
+                journal.record_outcome(job.key, "cancelled", str(error))
         else:
-            self._journal.record_outcome(job.key, "failed", str(error))
-
-    @staticmethod
-    def _parse_key(data: Any, body: dict[str, Any]) -> str:
-        key = data.get("key") if isinstance(data, dict) else None
-        if isinstance(key, str) and key.strip():
-            return key  # the common case; the model below explains anything else
-        try:
-            return SubmitData.model_validate(data).key
-        except ValueError as exc:
-            # The gateway said "200" but gave no usable key: the job may exist, unreachable.
-            raise SubmitUncertainError(
-                f"the submit reply has no usable key: {str(data)[:200]}", request=body
-            ) from ProtocolError(str(exc)[:300])
+            journal.record_outcome(job.key, "failed", str(error))
 
     def _job_timeout(self, job_timeout: float | None) -> float:
         seconds = self.timeouts.job if job_timeout is None else job_timeout
@@ -456,32 +603,40 @@ class WujieClient:
         *,
         job_timeout: float | None,
         n: int | None,
-        request: dict[str, Any] | None = None,
+        request: Mapping[str, Any] | None = None,
     ) -> ImageJob:
-        loop = self._check_open()
-        if not isinstance(key, str) or not key.strip():
-            raise InvalidRequestError([("key", "must be a non-empty job key")])
+        self._check_open()
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            raise InvalidRequestError(
+                [
+                    (
+                        "key",
+                        f"must be a job key: 1 to {MAX_KEY_CHARS} characters, no whitespace "
+                        "or control characters",
+                    )
+                ]
+            )
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise InvalidRequestError([("n", "must be a positive int (images in the job)")])
+        if request is not None and not isinstance(request, Mapping):
+            raise InvalidRequestError([("request", "must be a mapping (the submitted body)")])
+        deadline_s = self._job_timeout(job_timeout)
         existing = self._poller.get(key)
         if existing is not None:
             return existing
-        deadline_s = self._job_timeout(job_timeout)
-        job = ImageJob(
+        return self._new_job(
             key,
-            loop=loop,
-            deadline=loop.time() + deadline_s,
-            request=request,
+            deadline_s=deadline_s,
+            request=dict(request) if request is not None else None,
             n=n,
-            on_cancel=self._forget_job,
+            first_delay=0.0,
         )
-        if self._journal is not None:
-            job.add_done_callback(self._record_outcome)
-        self._poller.track(job, first_delay=0.0)
-        return job
 
     async def resume(self, *, job_timeout: float | None = None) -> list[ImageJob]:
         """Re-attach every journaled key whose job had not ended; returns their jobs.
 
-        Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`.
+        Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`. A row
+        with an unreadable request is still resumed by its key (a WARNING names it).
 
         Raises:
             ClientStateError: the client has no journal.
@@ -492,7 +647,7 @@ class WujieClient:
             self._attach(
                 entry.job_key,
                 job_timeout=job_timeout,
-                n=entry.request.get("n") or 1,
+                n=_images_in(entry.request),
                 request=entry.request,
             )
             for entry in await journal.entries("accepted")
@@ -500,13 +655,49 @@ class WujieClient:
         ]
 
     async def uncertain_submits(self) -> list[JournalEntry]:
-        """Submits that were sent but got no recorded reply: they may have been charged.
+        """Submits that may have been charged without the journal holding their key.
 
-        They include intents of a process that died mid-request. Check them in the platform's
-        console before sending the same prompts again.
+        These are the journal's ``uncertain`` rows (sent, no reply recorded; they include
+        intents of a process that died mid-request), then, in memory for the life of this
+        client, submits the gateway accepted whose key the journal could not write (a full
+        disk, say): those are listed with ``state="uncertain"`` and their ``job_key``, and
+        their jobs are tracked as usual. Check them in the platform's console before sending
+        the same prompts again.
+
+        Raises:
+            ClientStateError: the client has no journal, or is not open.
         """
         self._check_open()
-        return await self._require_journal().entries("uncertain")
+        rows = await self._require_journal().entries("uncertain")
+        return rows + self._unjournaled
+
+    async def journal_entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
+        """Journal rows in ``states`` (every row if none), with ``tag`` if given; oldest first.
+
+        States: intent, accepted, succeeded, failed, cancelled, rejected, uncertain, unsent.
+
+        Raises:
+            ValueError: a state that is not one of those.
+            ClientStateError: the client has no journal, or is not open.
+        """
+        self._check_open()
+        return await self._require_journal().entries(*states, tag=tag)
+
+    async def forget_submits(self, ids: Iterable[int]) -> int:
+        """Delete these journal rows (by :attr:`JournalEntry.id`); returns how many were deleted.
+
+        Forgetting an uncertain row means you have settled it yourself (checked the console,
+        or decided to send it again).
+
+        Raises:
+            TypeError: an id is not an int.
+            ClientStateError: the client has no journal, or is not open.
+        """
+        self._check_open()
+        forgotten = set(ids)
+        deleted = await self._require_journal().forget(forgotten)
+        self._unjournaled = [e for e in self._unjournaled if e.id not in forgotten]
+        return deleted
 
     async def find_submit(self, tag: str) -> JournalEntry | None:
         """The journaled submit made with ``tag``, if any (the latest one).
@@ -515,7 +706,7 @@ class WujieClient:
         attach to the key it already has instead of paying for the same request twice.
         """
         self._check_open()
-        found = await self._require_journal().entries(*ALL_STATES, tag=tag)
+        found = await self._require_journal().entries(tag=tag)
         return found[-1] if found else None
 
     def _require_journal(self) -> Journal:
@@ -573,4 +764,30 @@ class WujieClient:
             jobs_outstanding=len(self._poller),
             jobs_succeeded=poller.succeeded,
             jobs_failed=poller.failed,
+            journal_commits=self._journal.commits if self._journal is not None else 0,
         )
+
+
+def _usable_key(data: Any, body: dict[str, Any]) -> str:
+    """The key of a submit reply, checked; anything else is a protocol error (maybe charged)."""
+    key = data.get("key") if isinstance(data, dict) else None
+    if isinstance(key, str) and _KEY.fullmatch(key):
+        return key
+    if not isinstance(key, str):
+        problem = "no key" if key is None else f"a key that is a {type(key).__name__}"
+    elif not key:
+        problem = "an empty key"
+    elif len(key) > MAX_KEY_CHARS:
+        problem = f"a key of {len(key)} characters (over {MAX_KEY_CHARS})"
+    else:
+        problem = "a key with whitespace or control characters"
+    # The gateway said "200" but gave no usable key: the job may exist, unreachable.
+    raise SubmitUncertainError(
+        f"the submit reply has {problem}: {snippet(str(data)[:1000])}", request=body
+    ) from ProtocolError(f"the submit reply has {problem}")
+
+
+def _images_in(request: Mapping[str, Any]) -> int | None:
+    """``n`` of a journaled request, if it is a usable count."""
+    n = request.get("n", 1)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

@@ -5,6 +5,7 @@
     WujieError                      every error this package raises
     ├── InvalidRequestError         bad input, caught before any network call (field, rule)
     ├── ClientStateError            client used before open, after close, or from another loop
+    │   └── JournalLockedError      another live process has the journal open (pid, host)
     ├── APIError                    the gateway answered, and the answer is an error
     │   ├── AuthenticationError     HTTP 401: bad credentials, clock skew, unknown app
     │   ├── RateLimitedError        HTTP 429 (retry_after in seconds, when the server said)

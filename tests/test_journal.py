@@ -1,0 +1,366 @@
+"""The journal: one writer across processes, files at rest, unsent submits, bad rows, and what
+happens when a write fails (a full disk, another writer holding the file)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wujie_async import (
+    ClientStateError,
+    JournalLockedError,
+    Limits,
+    TransportError,
+    WujieClient,
+)
+from wujie_async.emulator import Emulator, FaultConfig
+
+from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A process that opens a client on a journal, says so, and waits to be stopped.
+HOLDER = """
+import asyncio, sys
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from wujie_async import Credentials, WujieClient
+
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+).decode()
+
+async def main() -> None:
+    client = WujieClient(Credentials("a", key), base_url="http://127.0.0.1:9", journal=sys.argv[1])
+    async with client:
+        print("open", flush=True)
+        await asyncio.sleep(float(sys.argv[2]))
+
+asyncio.run(main())
+"""
+
+
+def _holder(journal: Path, seconds: float = 60) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(journal), str(seconds)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def _wait_open(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), 20)
+    assert line.strip() == "open", process.stderr.read() if process.stderr else line
+
+
+# --- one writer ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("stop", ["exit", "kill"])
+async def test_a_journal_has_one_writer_across_processes(
+    emulator: EmulatorFactory, tmp_path: Path, stop: str
+) -> None:
+    """Issue 9 item 2: a second process on the same journal fails fast, naming the first."""
+    journal = tmp_path / "jobs.sqlite"
+    first = _holder(journal, seconds=1.5 if stop == "exit" else 60)
+    try:
+        await _wait_open(first)
+        async with emulator() as emu:
+            client = make_client(emu, journal=journal)
+            started = time.monotonic()
+            with pytest.raises(JournalLockedError) as info:
+                await client.open()
+            assert time.monotonic() - started < 2
+            assert isinstance(info.value, ClientStateError)
+            assert info.value.pid == first.pid and info.value.host == socket.gethostname()
+            message = str(info.value)
+            assert str(first.pid) in message and socket.gethostname() in message
+            assert "another journal" in message or "use another" in message
+            await client.aclose()
+
+            # A second process gets the same error (and a clean exit, no hang).
+            second = _holder(journal)
+            _, err = await asyncio.to_thread(second.communicate, timeout=30)
+            assert second.returncode != 0 and "JournalLockedError" in err, err
+            assert f"process {first.pid}" in err
+
+            if stop == "kill":
+                first.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(first.wait, 30)
+            # The lock went with its holder, however it ended.
+            async with make_client(emu, journal=journal) as again:
+                assert await again.journal_entries() == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            first.kill()
+        first.communicate()  # reaps it and closes its pipes
+
+
+async def test_two_clients_in_one_process_cannot_share_a_journal(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator() as emu:
+        async with make_client(emu, journal=journal):
+            with pytest.raises(JournalLockedError, match=f"process {os.getpid()}"):
+                await make_client(emu, journal=journal).open()
+        # Closing released it.
+        async with make_client(emu, journal=journal) as client:
+            await client.images.generate(prompt="x", model="dall-e-2")
+
+
+async def test_journal_files_are_private(emulator: EmulatorFactory, tmp_path: Path) -> None:
+    """Issue 9 item 15: prompts, edit images and tags at rest are readable by the owner only."""
+    journal = tmp_path / "jobs.sqlite"
+    old = os.umask(0o022)
+    try:
+        async with emulator() as emu, make_client(emu, journal=journal) as client:
+            await client.images.generate(prompt="x", model="dall-e-2")
+            names = ["jobs.sqlite", "jobs.sqlite-wal", "jobs.sqlite-shm", "jobs.sqlite.lock"]
+            modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in names}
+            assert modes == dict.fromkeys(names, 0o600)
+    finally:
+        os.umask(old)
+
+
+# --- unsent --------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_submit_that_never_connected_is_unsent(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Issue 9 item 16: refused connections never reached the gateway: unsent, not uncertain."""
+    async with emulator() as emu:
+        credentials = emu.credentials
+    journal = tmp_path / "jobs.sqlite"
+    base_url = f"http://127.0.0.1:{_free_port()}/wj-open/v1"  # nothing listens there
+    refused = WujieClient(credentials, base_url=base_url, journal=journal, retry=INSTANT_RETRY)
+    async with refused as client:
+        with pytest.raises(TransportError) as info:
+            await client.images.submit(prompt="refused", model="dall-e-2")
+        assert info.value.reached_server is False
+        assert await client.uncertain_submits() == []
+    async with WujieClient(credentials, base_url=base_url, journal=journal) as client:
+        [row] = await client.journal_entries()
+        assert row.state == "unsent" and row.request["prompt"] == "refused"
+        assert await client.uncertain_submits() == []
+
+
+async def test_submits_cancelled_before_sending_are_unsent(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Issue 9 item 16: a cancel while the intent is being written leaves no orphan intent."""
+    journal = tmp_path / "jobs.sqlite"
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.2, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu:
+        limits = Limits(max_concurrent_submits=50)
+        async with make_client(emu, journal=journal, limits=limits) as client:
+            tasks = [
+                asyncio.create_task(client.images.submit(prompt=f"p{i}", model="dall-e-2"))
+                for i in range(50)
+            ]
+            await asyncio.sleep(0)  # every task is now waiting for its intent to be written
+            await asyncio.sleep(0)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0.3)  # the requests that did go out are answered
+        reached = {job.prompt for job in emu.gateway.store.jobs.values()}
+    async with make_client(emu, journal=journal) as client:
+        rows = await client.journal_entries()
+    assert len(rows) == 50
+    states = {row.state for row in rows}
+    assert states <= {"unsent", "uncertain"}, states
+    unsent = {row.request["prompt"] for row in rows if row.state == "unsent"}
+    assert unsent, "no submit was cancelled before sending"
+    assert not unsent & reached  # an unsent row's request never reached the gateway
+
+
+# --- bad rows, entries, forget -------------------------------------------------------------------
+async def test_a_bad_row_does_not_break_resume(
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 9 item 17: one non-JSON ``request`` column is reported and skipped over."""
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator(time_scale=1.0) as emu:
+        async with make_client(emu, journal=journal) as client:
+            jobs = [await client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(3)]
+        with sqlite3.connect(journal) as db:
+            db.execute("UPDATE submits SET request='{not json' WHERE job_key=?", (jobs[1].key,))
+            db.execute("UPDATE submits SET request='[1]' WHERE job_key=?", (jobs[2].key,))
+        caplog.set_level(logging.WARNING, logger="wujie_async")
+        async with make_client(emu, journal=journal) as client:
+            resumed = await client.resume()
+            assert [job.key for job in resumed] == [job.key for job in jobs]
+            assert resumed[1].request == {} and resumed[0].request == jobs[0].request
+            for job in resumed:
+                job.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("journal row 2" in text and "not JSON" in text for text in warnings), warnings
+    assert any("journal row 3" in text for text in warnings), warnings
+
+
+async def test_journal_entries_and_forget_submits(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="a", model="dall-e-2")
+        await client.images.submit(prompt="b", model="dall-e-2", tag="t-b")
+        with pytest.raises(ValueError, match="not one of"):
+            await client.journal_entries("sent")
+        everything = await client.journal_entries()
+        assert [row.request["prompt"] for row in everything] == ["a", "b"]
+        [tagged] = await client.journal_entries(tag="t-b")
+        assert tagged.request["prompt"] == "b"
+        assert await client.journal_entries("rejected") == []
+        assert await client.forget_submits([everything[0].id, 999]) == 1
+        assert await client.forget_submits([]) == 0
+        with pytest.raises(TypeError):
+            await client.forget_submits(["1"])  # type: ignore[list-item]
+        assert [row.id for row in await client.journal_entries()] == [tagged.id]
+
+
+# --- writes that fail ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _write_locked(journal: Path) -> Iterator[None]:
+    """Hold the journal's SQLite write lock from another connection (as a sqlite3 shell
+    writing to the file would): the client's commits wait, then fail after 5 s."""
+    db = sqlite3.connect(journal, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+async def _at_gateway(emu: Emulator, count: int) -> None:
+    """Wait until the gateway has received ``count`` submits."""
+    for _ in range(2000):
+        if emu.stats()["requests"].get("generations", 0) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the submit never reached the gateway")
+
+
+async def test_a_key_interrupted_on_its_way_to_the_journal_is_kept(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """``record_accepted_later``: a submit cancelled after its key came back, while the key
+    was being written. The key lands in the journal and its job is still followed."""
+    journal = tmp_path / "jobs.sqlite"
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.2, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu, make_client(emu, journal=journal) as client:
+        submit = asyncio.create_task(client.images.submit(prompt="x", model="dall-e-2"))
+        await _at_gateway(emu, 1)  # the intent is written, the request is out
+        with _write_locked(journal):
+            await asyncio.sleep(0.4)  # the key came back; its write waits for the lock
+            assert not submit.done()
+            submit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await submit
+        [job] = client.jobs()
+        await job.result(timeout=10)
+        await asyncio.sleep(0.1)  # outcome records are queued, not awaited
+        [row] = await client.journal_entries()
+        assert (row.state, row.job_key) == ("succeeded", job.key)
+
+
+@pytest.mark.slow
+async def test_a_key_the_journal_cannot_write_is_returned_and_listed(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Issue 9 item 9 on any machine: the key's write fails (the file is write-locked by
+    another connection past SQLite's 5 s wait), the failed commit reaches its waiter, and
+    submit() still returns the job and keeps the key in memory."""
+    journal = tmp_path / "jobs.sqlite"
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.2, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu, make_client(emu, journal=journal) as client:
+        submit = asyncio.create_task(client.images.submit(prompt="x", model="dall-e-2"))
+        await _at_gateway(emu, 1)
+        with _write_locked(journal):
+            job = await asyncio.wait_for(submit, 15)
+        [listed] = await client.uncertain_submits()
+        assert listed.job_key == job.key and "could not be journaled" in (listed.error or "")
+        assert (await job.result(timeout=10)).status == 4
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB tmpfs (needs root or CAP_SYS_ADMIN); skipped where it cannot be mounted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here: {exc}")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+
+
+def _fill(directory: Path) -> None:
+    """Write until the filesystem is full, to the last byte."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (64 * 1024, 4096, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+async def test_disk_full_never_drops_a_paid_key(emulator: EmulatorFactory, small_fs: Path) -> None:
+    """Issue 9 item 9 on a real 1 MiB filesystem: the disk fills while a submit is out."""
+    journal = small_fs / "jobs.sqlite"
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.2, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu:
+        async with make_client(emu, journal=journal) as client:
+            submit = asyncio.create_task(client.images.submit(prompt="paid", model="dall-e-2"))
+            await _at_gateway(emu, 1)
+            _fill(small_fs)
+            job = await asyncio.wait_for(submit, 10)  # returned, not lost
+            [listed] = await client.uncertain_submits()
+            assert listed.job_key == job.key and "full" in (listed.error or "")
+            # Nothing else is sent while the journal cannot record it.
+            with pytest.raises(ClientStateError, match="not sent"):
+                await asyncio.wait_for(client.images.submit(prompt="x", model="dall-e-2"), 10)
+            assert emu.stats()["requests"]["generations"] == 1
+            assert (await job.result(timeout=10)).status == 4
+        # aclose() above did not hang on the failing journal.
+        (small_fs / "filler").unlink()
+        async with make_client(emu, journal=journal) as client:
+            [row] = await client.uncertain_submits()  # the intent of a run that lost its key
+            assert row.request["prompt"] == "paid"
