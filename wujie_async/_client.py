@@ -10,7 +10,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, Unpack
 from urllib.parse import urlsplit
 
 from . import _contract
@@ -28,6 +28,7 @@ from ._jobs import ImageJob
 from ._journal import Journal, JournalEntry
 from ._models import EditRequest, GenerationRequest, ImageResult
 from ._poller import BatchPoller
+from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
 from ._submitting import Admission, SubmitRecord
 from ._transport import Transport
 
@@ -91,96 +92,45 @@ class Images:
     def __init__(self, client: WujieClient) -> None:
         self._client = client
 
-    async def submit(
-        self,
-        *,
-        prompt: str,
-        model: str,
-        n: int | None = None,
-        quality: str | None = None,
-        size: str | None = None,
-        background: str | None = None,
-        moderation: str | None = None,
-        output_format: str | None = None,
-        output_compression: int | None = None,
-        style: str | None = None,
-        job_timeout: float | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        tag: str | None = None,
-    ) -> ImageJob:
+    async def submit(self, **fields: Unpack[GenerationFields]) -> ImageJob:
         """Submit a generation; returns its job as soon as the gateway gives a key.
 
-        Fields are those of API.md section 1; None leaves a field out (the gateway's default).
-        ``job_timeout`` is the job's deadline in seconds (default ``Timeouts.job``);
-        ``extra_body`` adds fields this client does not know yet, sent as given. ``tag`` is
-        your own id for this submit (a queue message id, say): never sent, but kept in the
-        journal so :meth:`WujieClient.find_submit` can tell whether it was already sent.
+        Fields are those of API.md section 1 (see :class:`GenerationFields`); None or leaving
+        one out lets the gateway use its default. ``job_timeout`` is the job's deadline in
+        seconds (default ``Timeouts.job``); ``extra_body`` adds fields this client does not
+        know yet, sent as given. ``tag`` is your own id for this submit (a queue message id,
+        say): never sent, but kept in the journal so :meth:`WujieClient.find_submit` can tell
+        whether it was already sent.
 
         Raises:
             InvalidRequestError: a field breaks the model's rules (nothing was sent).
             SubmitUncertainError: the reply was lost; the gateway may have accepted the job.
             APIError: the gateway refused the submit.
         """
-        fields = {
-            "prompt": prompt,
-            "model": model,
-            "n": n,
-            "quality": quality,
-            "size": size,
-            "background": background,
-            "moderation": moderation,
-            "output_format": output_format,
-            "output_compression": output_compression,
-            "style": style,
-        }
-        request = GenerationRequest.build(fields)
-        return await self._client._submit(
-            _contract.GENERATIONS_PATH, request.body(), request.n, job_timeout, extra_body, tag
-        )
+        return await self._send(_contract.GENERATIONS_PATH, GenerationRequest, dict(fields))
 
-    async def submit_edit(
-        self,
-        *,
-        prompt: str,
-        model: str,
-        image: list[str],
-        mask: str | None = None,
-        n: int | None = None,
-        quality: str | None = None,
-        size: str | None = None,
-        background: str | None = None,
-        moderation: str | None = None,
-        output_format: str | None = None,
-        output_compression: int | None = None,
-        style: str | None = None,
-        job_timeout: float | None = None,
-        extra_body: Mapping[str, Any] | None = None,
-        tag: str | None = None,
-    ) -> ImageJob:
+    async def submit_edit(self, **fields: Unpack[EditFields]) -> ImageJob:
         """Submit an edit of ``image`` (URLs, base64 or data URLs), optionally with ``mask``.
 
         See :meth:`submit` for the other arguments and errors.
         """
-        fields = {
-            "prompt": prompt,
-            "model": model,
-            "image": image,
-            "mask": mask,
-            "n": n,
-            "quality": quality,
-            "size": size,
-            "background": background,
-            "moderation": moderation,
-            "output_format": output_format,
-            "output_compression": output_compression,
-            "style": style,
-        }
-        request = EditRequest.build(fields)
+        return await self._send(_contract.EDITS_PATH, EditRequest, dict(fields))
+
+    async def _send(
+        self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
+    ) -> ImageJob:
+        options = {name: fields.pop(name, None) for name in CLIENT_ONLY_FIELDS}
+        request = kind.build(fields)
         return await self._client._submit(
-            _contract.EDITS_PATH, request.body(), request.n, job_timeout, extra_body, tag
+            path,
+            request.body(),
+            request.n,
+            options["job_timeout"],
+            options["extra_body"],
+            options["tag"],
         )
 
-    async def generate(self, **fields: Any) -> ImageResult:
+    async def generate(self, **fields: Unpack[GenerationFields]) -> ImageResult:
         """Submit a generation and wait for its result (``submit`` then ``await job``).
 
         Takes the arguments of :meth:`submit`; the wait is bounded by the job's deadline.
@@ -188,7 +138,7 @@ class Images:
         job = await self.submit(**fields)
         return await job
 
-    async def edit(self, **fields: Any) -> ImageResult:
+    async def edit(self, **fields: Unpack[EditFields]) -> ImageResult:
         """Submit an edit and wait for its result (``submit_edit`` then ``await job``)."""
         job = await self.submit_edit(**fields)
         return await job

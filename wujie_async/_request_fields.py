@@ -20,9 +20,10 @@ Style = Literal["vivid", "natural"]
 class GenerationFields(TypedDict, total=False):
     """Keyword arguments of ``images.submit`` and ``images.generate`` (API.md section 1).
 
-    Leaving a field out lets the gateway use its default. ``model`` is any string (a model
-    the gateway adds works before this client knows it); the closed sets of API.md are
-    ``Literal`` types, so a typo is caught by the type checker before the run-time check.
+    Leaving a field out (or passing None) lets the gateway use its default. ``model`` is any
+    string (a model the gateway adds works before this client knows it); the closed sets of
+    API.md are ``Literal`` types, so a typo is caught by the type checker before the run-time
+    check.
 
     Keys:
         prompt: the text of the image (required).
@@ -37,17 +38,17 @@ class GenerationFields(TypedDict, total=False):
 
     prompt: Required[str]
     model: Required[str]
-    n: int
-    quality: Quality
-    size: str
-    background: Background
-    moderation: Moderation
-    output_format: OutputFormat
-    output_compression: int
-    style: Style
-    job_timeout: float
-    extra_body: Mapping[str, Any]
-    tag: str
+    n: int | None
+    quality: Quality | None
+    size: str | None
+    background: Background | None
+    moderation: Moderation | None
+    output_format: OutputFormat | None
+    output_compression: int | None
+    style: Style | None
+    job_timeout: float | None
+    extra_body: Mapping[str, Any] | None
+    tag: str | None
 
 
 class EditFields(GenerationFields, total=False):
@@ -59,7 +60,7 @@ class EditFields(GenerationFields, total=False):
     """
 
     image: Required[list[str]]
-    mask: str
+    mask: str | None
 
 
 # Fields that shape the job and the journal, not the request body.
