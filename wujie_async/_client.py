@@ -508,6 +508,20 @@ class WujieClient:
         self._check_open()
         return await self._require_journal().entries("uncertain")
 
+    async def journal_entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
+        """Journal rows in ``states`` (every row when none is given), oldest first.
+
+        Raises:
+            ClientStateError: the client has no journal.
+        """
+        self._check_open()
+        return await self._require_journal().entries(*(states or ALL_STATES), tag=tag)
+
+    async def forget_submits(self, ids: Iterable[int]) -> int:
+        """Delete these journal rows (by ``JournalEntry.id``); returns how many were deleted."""
+        self._check_open()
+        return await self._require_journal().forget(ids)
+
     async def find_submit(self, tag: str) -> JournalEntry | None:
         """The journaled submit made with ``tag``, if any (the latest one).
 

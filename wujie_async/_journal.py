@@ -29,7 +29,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,20 @@ class Journal:
                 )
             ]
         )
+
+    async def forget(self, ids: Iterable[int]) -> int:
+        """Delete the rows with these ids; returns how many existed."""
+        wanted = sorted({int(row_id) for row_id in ids})
+        if not wanted:
+            return 0
+        marks = ",".join("?" * len(wanted))
+        found = await self._write(
+            [
+                (f"SELECT COUNT(*) FROM submits WHERE id IN ({marks})", tuple(wanted)),
+            ]
+        )
+        await self._write([(f"DELETE FROM submits WHERE id IN ({marks})", tuple(wanted))])
+        return int(found[0][0])
 
     async def entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
         """Rows in the given states (and with ``tag``, if given), oldest first."""
