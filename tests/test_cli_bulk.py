@@ -155,7 +155,7 @@ async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None
     assert err.count("stopped:") == 1 and "cannot connect" in err and "--base-url" in err
 
 
-# --- 4. never a traceback --------------------------------------------------------------------------
+# --- 4. never a traceback ------------------------------------------------------------------
 async def test_usage_problems_are_one_line_each(tmp_path: Path) -> None:
     file = prompts(tmp_path, 2)
     code, _, err = await cli(
