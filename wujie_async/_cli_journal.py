@@ -20,7 +20,7 @@ from ._bulk import BulkRun, Row
 from ._cli_common import EXIT_OK, UsageError, open_client
 from ._cli_outcome import Manifest, clean, read_manifest, saved_indexes
 from ._cli_progress import Display, Tally
-from ._cli_run import _line_of, check_out_folder
+from ._cli_run import check_out_folder, line_of, readable_error
 from ._config import Limits
 from ._download import Downloader
 from ._journal import ALL_STATES, Journal, JournalEntry
@@ -76,14 +76,14 @@ def _journal_file(args: argparse.Namespace) -> Path:
 
 
 def _name(entry: JournalEntry) -> str:
-    line, row_id = _line_of(entry)
+    line, row_id = line_of(entry)
     if row_id is not None:
         return f"id {clean(row_id)}"
     return f"line {line}" if line else f"#{entry.id}"
 
 
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
-    line, row_id = _line_of(entry)
+    line, row_id = line_of(entry)
     return (row_id is not None and row_id in wanted) or (line > 0 and str(line) in wanted)
 
 
@@ -114,22 +114,22 @@ async def run(args: argparse.Namespace, console: Console) -> int:
     await journal.open()
     try:
         if args.action == "list":
-            _list(console, await journal.entries(*(args.status or _STATES)))
+            _list(await journal.entries(*(args.status or _STATES)))
             return EXIT_OK
         return await _forget(args, console, journal)
     finally:
         await journal.close()
 
 
-def _list(console: Console, entries: list[JournalEntry]) -> None:
+def _list(entries: list[JournalEntry]) -> None:
     for entry in entries:
         when = datetime.datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M:%S")
         prompt = clean(str(entry.request.get("prompt", "")))[:60]
         parts = [when, f"{_name(entry):<12}", f"{entry.state:<10}", entry.job_key or "-", prompt]
         if entry.error:
-            parts.append(f"({clean(entry.error)[:120]})")
-        console.print(Text("  ".join(parts)), soft_wrap=True)
-    console.print(Text(f"{len(entries)} row(s)"))
+            parts.append(f"({readable_error(entry.error)[:160]})")
+        print("  ".join(parts))  # noqa: T201 - the listing is this command's output
+    print(f"{len(entries)} row(s)")  # noqa: T201
 
 
 async def _forget(args: argparse.Namespace, console: Console, journal: Journal) -> int:
@@ -163,12 +163,15 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             "through",
             args.yes,
         )
-        rows = []
-        for entry in chosen:
-            line, row_id = _line_of(entry)
-            rows.append(Row(line, row_id, entry.tag, entry.request))
         manifest_path = args.out / "manifest.jsonl"
         records = await asyncio.to_thread(read_manifest, manifest_path)
+        # An id tag does not hold the line number; the manifest remembers it.
+        lines_by_id = {r["id"]: r["line"] for r in records if "id" in r and "line" in r}
+        rows = []
+        for entry in chosen:
+            line, row_id = line_of(entry)
+            line = line or int(lines_by_id.get(row_id, 0))
+            rows.append(Row(line, row_id, entry.tag, entry.request))
         display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
         handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
         with handle:
@@ -186,8 +189,10 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
                 job_timeout=args.job_timeout,
             ).run()
         # The old rows are superseded by the new submits; rows not sent stay as they were.
-        sent = {(o.line, o.row_id) for o in result.outcomes if o.status != "not_sent"}
-        await client.forget_submits(entry.id for entry in chosen if _line_of(entry) in sent)
+        sent = {o.row_id or o.line for o in result.outcomes if o.status != "not_sent"}
+        await client.forget_submits(
+            entry.id for entry in chosen if (line_of(entry)[1] or line_of(entry)[0]) in sent
+        )
     saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
     console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
     return EXIT_OK if saved == len(rows) else 1

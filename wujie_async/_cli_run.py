@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -49,6 +50,7 @@ from ._download import Downloader
 from ._jobs import ImageJob
 from ._journal import JournalEntry
 
+_REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
 
 
@@ -93,7 +95,13 @@ def journal_path(args: argparse.Namespace) -> Path | None:
     return None if args.emulator else args.out / "journal.sqlite"
 
 
-def _line_of(entry: JournalEntry) -> tuple[int, str | None]:
+def readable_error(error: str) -> str:
+    """A journaled error as words: rows may hold ``Class('message')``; keep the message."""
+    found = _REPR.match(error)
+    return clean(found.group(2) if found else error)
+
+
+def line_of(entry: JournalEntry) -> tuple[int, str | None]:
     tag = entry.tag or ""
     if tag.startswith("id:"):
         return 0, tag[3:]
@@ -119,7 +127,7 @@ def _settled_from(
         row.row_id,
         entry.job_key,
         record.get("error_code"),
-        clean(record.get("error") or entry.error or entry.state),
+        clean(record.get("error") or readable_error(entry.error or entry.state)),
     )
 
 
@@ -169,7 +177,7 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
         n = int(entry.request.get("n") or 1)
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
             continue
-        line, row_id = _line_of(entry)
+        line, row_id = line_of(entry)
         row = Row(line, row_id, entry.tag, entry.request)
         plan.collect.append((row, client.images.attach(entry.job_key, n=n)))
     return plan
