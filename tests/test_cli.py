@@ -38,7 +38,8 @@ async def cli(
 
 
 def check_manifest(out: Path) -> list[dict[str, object]]:
-    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    lines = [record for record in records if record["status"] == "saved"]
     for line in lines:
         data = (out / str(line["path"])).read_bytes()
         assert hashlib.sha256(data).hexdigest() == line["sha256"]
@@ -64,8 +65,8 @@ async def test_bulk_of_two_hundred_prompts(tmp_path: Path) -> None:
     lines = check_manifest(out)
     assert len(lines) == 400
     assert {line["prompt"] for line in lines} == {f"prompt number {i}" for i in range(200)}
-    assert "200 job(s) done, 0 failed, 400 image(s)" in err
-    assert "submitted 200" in err and "img/s" in err  # the progress line
+    assert "200 line(s): saved 200; 400 image(s)" in err
+    assert "progress: 200/200 lines" in err and "img/s" in err  # the progress line
 
 
 async def test_jsonl_requests_and_failed_jobs_exit_1(tmp_path: Path) -> None:
@@ -88,7 +89,7 @@ async def test_jsonl_requests_and_failed_jobs_exit_1(tmp_path: Path) -> None:
         "--emulator-fault", "fail_jobs=1.0", "--out", str(tmp_path / "failing"),
     )  # fmt: skip
     assert code == 1
-    assert "0 job(s) done, 2 failed" in err and "fail_code=50000001" in err
+    assert "2 line(s): failed 2" in err and "fail_code=50000001" in err
 
 
 async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -105,13 +106,25 @@ class Credentials:
 
     @classmethod
     def from_env(cls) -> Credentials:
-        """Read ``WUJIE_APP_ID`` and ``WUJIE_PRIVATE_KEY``.
+        """Read ``WUJIE_APP_ID`` and ``WUJIE_PRIVATE_KEY`` (or ``WUJIE_PRIVATE_KEY_FILE``).
+
+        ``WUJIE_PRIVATE_KEY_FILE`` names a file holding the key; it is read only when
+        ``WUJIE_PRIVATE_KEY`` is not set.
 
         Raises:
-            InvalidRequestError: naming the missing variable.
+            InvalidRequestError: naming the missing variable, or the key file that cannot be read.
         """
         app_id = os.environ.get("WUJIE_APP_ID", "")
         private_key = os.environ.get("WUJIE_PRIVATE_KEY", "")
+        key_file = os.environ.get("WUJIE_PRIVATE_KEY_FILE", "")
+        if not private_key and key_file:
+            try:
+                private_key = Path(key_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+                raise InvalidRequestError(
+                    [("WUJIE_PRIVATE_KEY_FILE", f"cannot read {key_file}: {reason}")]
+                ) from None
         missing = [
             (name, "environment variable is not set")
             for name, value in (("WUJIE_APP_ID", app_id), ("WUJIE_PRIVATE_KEY", private_key))

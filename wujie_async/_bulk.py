@@ -1,295 +1,213 @@
-"""The main job: many prompts in, images and a manifest out, with a live progress display."""
+"""The main job: rows in, images and a manifest out, every row ending in one known outcome.
+
+The first submit goes alone: when the credentials, the URL or the balance are wrong, that one
+request says so and nothing else is sent. After it, ``max_concurrent_submits`` submitters share
+the queue. A systemic error (see ``_cli_outcome.is_systemic``) stops all submitting at once:
+submits already on the wire finish (and keep their keys), the rest end ``not_sent``.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import anyio
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+import anyio.abc
 
+from ._cli_input import BulkItem
+from ._cli_outcome import (
+    LineOutcome,
+    Manifest,
+    Status,
+    base_record,
+    classify,
+    clean,
+    is_systemic,
+)
+from ._cli_progress import Display
 from ._client import WujieClient
 from ._download import Downloader
-from ._errors import InvalidRequestError, SubmitUncertainError, WujieError
+from ._errors import JobError
 from ._jobs import ImageJob
-from ._models import GenerationRequest
-
-_MAX_REPORTED_INPUT_ERRORS = 20
-
-
-class InputFileError(Exception):
-    """The prompts file has bad lines; each message names its line."""
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 @dataclass(frozen=True, slots=True)
-class BulkItem:
-    """One request from the input file, with the line it came from."""
+class Row:
+    """One input row as the run tracks it: from the input file, or from the journal."""
 
     line: int
-    request: GenerationRequest
+    row_id: str | None
+    tag: str | None
+    body: dict[str, Any]
 
+    @classmethod
+    def of(cls, item: BulkItem) -> Row:
+        """The row of an input-file item."""
+        return cls(item.line, item.row_id, item.tag, item.request.body())
 
-def read_requests(path: Path, defaults: dict[str, Any]) -> list[BulkItem]:
-    """Parse a prompts file: a prompt per line (``.txt``) or a JSON request per line (``.jsonl``).
-
-    Every line is checked against the per-model rules before anything is sent; blank lines and
-    lines starting with ``#`` are skipped.
-
-    Raises:
-        InputFileError: listing each bad line as ``file:line: field: rule``.
-    """
-    as_json = path.suffix.lower() in {".jsonl", ".ndjson"}
-    items: list[BulkItem] = []
-    problems: list[str] = []
-    try:
-        lines: Iterator[str] = iter(path.read_text(encoding="utf-8").splitlines())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError([f"{path}: cannot read: {exc}"]) from None
-    for number, text in enumerate(lines, start=1):
-        stripped = text.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        fields: dict[str, Any] = dict(defaults)
-        if as_json:
-            try:
-                loaded = json.loads(stripped)
-            except json.JSONDecodeError as exc:
-                problems.append(f"{path}:{number}: not valid JSON ({exc.msg})")
-                continue
-            if not isinstance(loaded, dict):
-                problems.append(f"{path}:{number}: must be a JSON object with a prompt")
-                continue
-            fields.update(loaded)
-        else:
-            fields["prompt"] = stripped
-        try:
-            items.append(BulkItem(number, GenerationRequest.build(fields)))
-        except InvalidRequestError as exc:
-            rules = "; ".join(f"{name}: {rule}" for name, rule in exc.violations)
-            problems.append(f"{path}:{number}: {rules}")
-        if len(problems) >= _MAX_REPORTED_INPUT_ERRORS:
-            problems.append("(stopping after 20 bad lines)")
-            break
-    if problems:
-        raise InputFileError(problems)
-    if not items:
-        raise InputFileError([f"{path}: no prompts found"])
-    return items
+    @property
+    def label(self) -> str:
+        """How messages name the row."""
+        named = f" (id {clean(self.row_id)})" if self.row_id is not None else ""
+        return f"line {self.line}{named}" if self.line else f"id {clean(self.row_id)}"
 
 
 @dataclass(slots=True)
-class BulkTally:
-    """What a bulk run has done so far."""
+class BulkResult:
+    """What a run did."""
 
-    total: int
-    submitted: int = 0
-    done: int = 0
-    failed: int = 0
+    outcomes: list[LineOutcome] = field(default_factory=list)
+    saved_paths: list[Path] = field(default_factory=list)
     images: int = 0
-    uncertain: int = 0
-    started: float = field(default_factory=time.monotonic)
-    failures: list[str] = field(default_factory=list)
-    saved: list[Path] = field(default_factory=list)
+    pending: int = 0
+    systemic: BaseException | None = None
     interrupted: bool = False
-
-    @property
-    def running(self) -> int:
-        """Jobs submitted and not yet ended."""
-        return self.submitted - self.done - self.failed
-
-    def line(self) -> str:
-        """The live status line."""
-        rate = self.images / max(time.monotonic() - self.started, 1e-9)
-        return (
-            f"submitted {self.submitted} · generating {self.running} · done {self.done} · "
-            f"failed {self.failed} · {rate:.1f} img/s"
-        )
 
 
 class BulkRun:
-    """Submits every item, saves each image as its own future resolves, writes the manifest.
+    """Sends ``send``, collects ``collect`` (jobs already accepted), and records every outcome.
 
-    ``resumed`` jobs (from a journal) are collected the same way, without being submitted.
-    Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their
-    keys (so none is left uncertain), then image collection is abandoned (the jobs stay in
-    the journal for ``resume``); ``tally.interrupted`` says so.
+    ``settled`` are lines a previous run ended and this one does not touch (counted only).
+    Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
+    then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
     """
 
     def __init__(
         self,
         client: WujieClient,
-        items: list[BulkItem],
-        out: Path,
         *,
-        console: Console,
-        resumed: list[ImageJob] | None = None,
-        allow_http: bool = False,
+        send: list[Row],
+        collect: list[tuple[Row, ImageJob]],
+        settled: list[LineOutcome],
+        manifest: Manifest,
+        downloader: Downloader,
+        display: Display,
+        already_saved: dict[str, set[int]],
+        job_timeout: float | None = None,
         stop: asyncio.Event | None = None,
     ) -> None:
         self._client = client
+        self._send = send
+        self._collect = collect
+        self._manifest = manifest
+        self._downloader = downloader
+        self._display = display
+        self._already_saved = already_saved
+        self._job_timeout = job_timeout
         self._stop = stop or asyncio.Event()
         self._submitters_idle = asyncio.Event()
-        self._items = items
-        self._resumed = resumed or []
-        self._out = out
-        self._console = console
-        self._allow_http = allow_http
-        self.tally = BulkTally(total=len(items) + len(self._resumed))
-        self.tally.submitted = len(self._resumed)
+        self._systemic_stop = False
+        self.result = BulkResult(outcomes=list(settled))
+        self._tally = display.tally
+        self._seq: dict[int, int] = {}
+        for number, outcome in enumerate(settled):
+            self._tally.move(-1 - number, "saved" if outcome.status == "saved" else "failed")
 
-    async def run(self) -> BulkTally:
-        """Run to the end; the tally says how it went."""
-        self._out.mkdir(parents=True, exist_ok=True)
-        downloader = Downloader(
-            self._client._transport.session, self._out, allow_http=self._allow_http
-        )
-        with (
-            (self._out / "manifest.jsonl").open("a", encoding="utf-8") as manifest,
-            Progress(
-                SpinnerColumn(),
-                TextColumn("[bold]jobs"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[detail]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                console=self._console,
-                refresh_per_second=8,
-            ) as progress,
-        ):
-            task = progress.add_task("jobs", total=self.tally.total, detail=self.tally.line())
+    async def run(self) -> BulkResult:
+        """Run to the end; the result says how every line ended."""
+        queue: asyncio.Queue[Row] = asyncio.Queue()
+        for row in self._send:
+            queue.put_nowait(row)
+        with self._display.running(), anyio.CancelScope() as scope:
+            watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
+            try:
+                async with anyio.create_task_group() as collectors:
+                    for row, job in self._collect:
+                        self._move(row, "generating")
+                        collectors.start_soon(self._collect_job, row, job)
+                    await self._submit_all(queue, collectors)
+            finally:
+                watcher.cancel()
+        for row in _drain(queue):
+            reason = "the run stopped before this line was sent"
+            self._end(row, "not_sent", None, "not_sent", reason)
+        self.result.interrupted = self._stop.is_set() and not self._systemic_stop
+        self.result.pending = self._tally.total - len(self.result.outcomes)
+        return self.result
 
-            def refresh() -> None:
-                progress.update(
-                    task, completed=self.tally.done + self.tally.failed, detail=self.tally.line()
-                )
-
-            collect = _Collector(downloader, manifest, refresh, self.tally, self._fail)
-            queue: asyncio.Queue[BulkItem] = asyncio.Queue()
-            for item in self._items:
-                queue.put_nowait(item)
-            with anyio.CancelScope() as scope:
-                watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
-                try:
-                    async with anyio.create_task_group() as group:
-                        for job in self._resumed:
-                            prompt = str((job.request or {}).get("prompt", ""))
-                            start = time.monotonic()
-                            group.start_soon(collect, f"key {job.key}", prompt, job, start)
-                        await self._submit_all(queue, group, collect, refresh)
-                finally:
-                    watcher.cancel()
-            self.tally.interrupted = self._stop.is_set()
-            refresh()
-        return self.tally
+    def _move(self, row: Row, to: Any) -> None:
+        self._tally.move(self._seq.setdefault(id(row), len(self._seq)), to)
+        self._display.refresh()
 
     async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
         await self._stop.wait()
         await self._submitters_idle.wait()
-        scope.cancel()
+        if not self._systemic_stop:
+            scope.cancel()  # Ctrl-C: abandon collection, the journal keeps the keys
 
-    async def _submit_all(
-        self,
-        queue: asyncio.Queue[BulkItem],
-        collectors: anyio.abc.TaskGroup,
-        collect: _Collector,
-        refresh: Callable[[], None],
-    ) -> None:
+    async def _submit_all(self, queue: asyncio.Queue[Row], collectors: anyio.abc.TaskGroup) -> None:
         try:
+            if not queue.empty():
+                await self._submit_one(queue.get_nowait(), collectors)  # the probe, alone
             async with anyio.create_task_group() as submitters:
                 for _ in range(self._client.limits.max_concurrent_submits):
-                    submitters.start_soon(self._submitter, queue, collectors, collect, refresh)
+                    submitters.start_soon(self._submitter, queue, collectors)
         finally:
             self._submitters_idle.set()
 
-    async def _submitter(
-        self,
-        queue: asyncio.Queue[BulkItem],
-        group: anyio.abc.TaskGroup,
-        collect: _Collector,
-        refresh: Callable[[], None],
-    ) -> None:
+    async def _submitter(self, queue: asyncio.Queue[Row], collectors: anyio.abc.TaskGroup) -> None:
         while not queue.empty() and not self._stop.is_set():
-            item = queue.get_nowait()
-            started = time.monotonic()
-            try:
-                job = await self._client.images.submit(**item.request.body())
-            except WujieError as exc:
-                if isinstance(exc, SubmitUncertainError):
-                    self.tally.uncertain += 1
-                self._fail(f"line {item.line}: submit failed: {exc}")
-                refresh()
-                continue
-            self.tally.submitted += 1
-            refresh()
-            group.start_soon(collect, f"line {item.line}", item.request.prompt, job, started)
+            await self._submit_one(queue.get_nowait(), collectors)
 
-    def _fail(self, message: str) -> None:
-        self.tally.failed += 1
-        self.tally.failures.append(message)
-        self._console.print(f"[red]✗[/red] {message}", markup=True, highlight=False)
+    async def _submit_one(self, row: Row, collectors: anyio.abc.TaskGroup) -> None:
+        self._move(row, "submitting")
+        try:
+            job = await self._client.images.submit(
+                **row.body, tag=row.tag, job_timeout=self._job_timeout
+            )
+        except Exception as exc:
+            if is_systemic(exc):
+                if self.result.systemic is None:
+                    self.result.systemic = exc
+                self._systemic_stop = True
+                self._stop.set()
+            status, code, message = classify(exc)
+            self._end(row, status, None, code, message, quiet=self._systemic_stop)
+            return
+        self._move(row, "generating")
+        collectors.start_soon(self._collect_job, row, job)
 
-
-class _Collector:
-    """Saves a job's images as each lands, one manifest line per image."""
-
-    def __init__(
-        self,
-        downloader: Downloader,
-        manifest: TextIO,
-        refresh: Callable[[], None],
-        tally: BulkTally,
-        fail: Callable[[str], None],
-    ) -> None:
-        self._downloader = downloader
-        self._manifest = manifest
-        self._refresh = refresh
-        self._tally = tally
-        self._fail = fail
-
-    async def __call__(self, label: str, prompt: str, job: ImageJob, started: float) -> None:
-        count = job.n or 1
-        results = await asyncio.gather(
-            *(self._save(prompt, job, index, started) for index in range(count)),
+    async def _collect_job(self, row: Row, job: ImageJob) -> None:
+        started = time.monotonic()
+        count = job.n or int(row.body.get("n") or 1)
+        done = self._already_saved.get(job.key, set())
+        outcomes = await asyncio.gather(
+            *(self._save(row, job, index, started) for index in range(count) if index not in done),
             return_exceptions=True,
         )
-        try:
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-            await job
-        except (WujieError, OSError) as exc:
-            self._fail(f"{label}: {exc}")
-        else:
-            self._tally.done += 1
-        self._refresh()
+        problem = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if isinstance(problem, asyncio.CancelledError):
+            raise problem
+        if problem is None:
+            try:
+                await job
+            except Exception as exc:
+                problem = exc
+        if problem is None:
+            self._end(row, "saved", job.key, None, None)
+            return
+        if isinstance(problem, JobError):
+            status, code, message = classify(problem)
+        else:  # the job succeeded, but an image could not be fetched or saved
+            status, code = "failed", "download"
+            message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
+        self._end(row, status, job.key, code, message)
 
-    async def _save(self, prompt: str, job: ImageJob, index: int, started: float) -> None:
+    async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
         image = await job.image(index)
-        if image.url is None:
-            raise WujieError(f"job {job.key}: image {index} has no URL")
-        saved = await self._downloader.save(image.url, job.key, index)
-        record = {
-            "prompt": prompt,
+        if image.url is not None:
+            saved = await self._downloader.save(image.url, job.key, index)
+        elif image.b64_json is not None and hasattr(self._downloader, "save_bytes"):
+            # Inline images: the downloader learns to save them in the download rework.
+            saved = await self._downloader.save_bytes(image.b64_json, job.key, index)
+        else:
+            raise ValueError(f"image {index} has no URL")
+        record = base_record("saved", row.line, row.row_id, row.body)
+        record |= {
             "key": job.key,
             "index": index,
             "path": saved.path.name,
@@ -297,8 +215,44 @@ class _Collector:
             "bytes": saved.bytes,
             "seconds": round(time.monotonic() - started, 3),
         }
-        self._manifest.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._manifest.flush()
+        self._manifest.write(record)
+        self.result.images += 1
         self._tally.images += 1
-        self._tally.saved.append(saved.path)
-        self._refresh()
+        self.result.saved_paths.append(saved.path)
+        self._display.refresh()
+
+    def _end(
+        self,
+        row: Row,
+        status: Status,
+        key: str | None,
+        code: str | None,
+        message: str | None,
+        *,
+        quiet: bool = False,
+    ) -> None:
+        outcome = LineOutcome(status, row.line, row.row_id, key, code, message)
+        self.result.outcomes.append(outcome)
+        self._move(row, "saved" if status == "saved" else "failed")
+        if status == "saved":
+            return
+        record = base_record(status, row.line, row.row_id, row.body)
+        if key is not None:
+            record["key"] = key
+        record |= {"error_code": code, "error": message}
+        self._manifest.write(record)
+        if not quiet and status != "not_sent":
+            self._display.note(f"✗ {row.label}: {status}: {message}")
+
+
+def _describe(exc: BaseException) -> str:
+    text = clean(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _drain(queue: asyncio.Queue[Row]) -> list[Row]:
+    rows = []
+    with contextlib.suppress(asyncio.QueueEmpty):
+        while True:
+            rows.append(queue.get_nowait())
+    return rows

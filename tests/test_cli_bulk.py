@@ -1,0 +1,233 @@
+"""``wujie-async bulk`` on its unhappy paths, end to end in real processes (issue 10)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .cli_helpers import FAST, cli, final_outcomes, manifest, served_emulator
+
+pytestmark = pytest.mark.anyio
+
+
+def prompts(tmp_path: Path, count: int, name: str = "prompts.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(f"prompt number {i}" for i in range(count)) + "\n")
+    return path
+
+
+# --- 1. outcomes ---------------------------------------------------------------------------------
+async def test_every_line_has_one_outcome_in_the_manifest_and_the_json_summary(
+    tmp_path: Path,
+) -> None:
+    requests = tmp_path / "rows.jsonl"
+    rows = [
+        {"id": "fox", "prompt": "a fox", "model": "dall-e-2", "n": 2},
+        {"id": "nope", "prompt": "a forbidden thing", "model": "dall-e-2"},
+        {"prompt": "an owl", "model": "dall-e-2"},
+    ]
+    requests.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out = tmp_path / "out"
+    code, stdout, err = await cli(
+        "bulk", str(requests), "--emulator", *FAST, "-o", str(out), "--json",
+        "--emulator-fault", 'moderation_words=["forbidden"]',
+    )  # fmt: skip
+    assert code == 1, err
+    summary = json.loads(stdout)
+    assert summary["lines"] == 3
+    assert summary["outcomes"]["saved"] == 2 and summary["outcomes"]["moderated"] == 1
+    records = manifest(out)
+    saved = [r for r in records if r["status"] == "saved"]
+    assert len(saved) == 3  # 2 images of "fox", 1 of "an owl"
+    assert {r.get("id") for r in saved} == {"fox", None}
+    (moderated,) = [r for r in records if r["status"] != "saved"]
+    assert moderated["status"] == "moderated" and moderated["id"] == "nope"
+    assert moderated["line"] == 2 and moderated["model"] == "dall-e-2" and moderated["key"]
+    assert moderated["error_code"] and "Error(" not in moderated["error"]
+    assert "\n" not in moderated["error"]
+    assert "moderated 1" in err and "saved 2" in err  # the summary on stderr
+
+
+async def test_a_submit_refused_per_line_is_rejected_not_a_crash(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = await cli(
+        "bulk", str(prompts(tmp_path, 3)), "--emulator", *FAST, "-o", str(out), "--json",
+        "--emulator-fault", "business_error=1.0",
+        "--emulator-fault", "business_error_code=20110001",
+    )  # fmt: skip
+    assert code == 1, err
+    assert json.loads(stdout)["outcomes"]["rejected"] == 3
+    assert {r["error_code"] for r in manifest(out)} == {"20110001"}
+    assert "Traceback" not in err
+
+
+# --- 2. re-runs ----------------------------------------------------------------------------------
+@pytest.mark.slow
+async def test_retry_failed_until_all_saved_and_a_saved_line_is_never_resent(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path, "--fail-jobs", "0.3", "--seed", "3") as emu:
+        file = prompts(tmp_path, 20)
+        out = tmp_path / "out"
+        bulk = ["bulk", str(file), "--model", "dall-e-2", "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1, err
+        failed_first = json.loads(stdout)["outcomes"]["failed"]
+        assert failed_first > 0
+
+        # A plain re-run sends nothing: failed lines wait for --retry-failed, and say so.
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and "--retry-failed" in err
+        assert json.loads(stdout)["outcomes"]["failed"] == failed_first
+        assert (await emu.stats())["submits_accepted"] == 20
+
+        for _ in range(12):
+            code, stdout, err = await cli(*bulk, "--retry-failed", env=emu.env)
+            if code == 0:
+                break
+            assert code == 1, err
+        assert code == 0, err
+        assert json.loads(stdout)["outcomes"]["saved"] == 20
+        finals = final_outcomes(out)
+        assert sorted(finals) == list(range(1, 21)) and set(finals.values()) == {"saved"}
+        failures = sum(1 for r in manifest(out) if r["status"] == "failed")
+        # One paid submit per attempt a line needed; no saved line was ever sent again.
+        assert (await emu.stats())["submits_accepted"] == 20 + failures
+        saved = [r for r in manifest(out) if r["status"] == "saved"]
+        assert len(saved) == 20 and len({r["key"] for r in saved}) == 20
+
+
+# --- 3. systemic errors --------------------------------------------------------------------------
+async def test_wrong_app_id_stops_at_once_and_exits_3(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path) as emu:
+        out = tmp_path / "out"
+        env = emu.env | {"WUJIE_APP_ID": "not-my-app"}
+        code, stdout, err = await cli(
+            "bulk", str(prompts(tmp_path, 200)), "-o", str(out), "--concurrency", "8", "--json",
+            env=env,
+        )  # fmt: skip
+        assert code == 3, err
+        assert "WUJIE_APP_ID" in err and "Traceback" not in err
+        assert err.count("stopped:") == 1  # one message, not 200
+        stats = await emu.stats()
+        # Each submit is tried twice (the second with a fresh signature): at most 8 submits.
+        assert stats["requests"].get("generations", 0) <= 2 * 8
+        summary = json.loads(stdout)
+        assert summary["outcomes"]["not_sent"] == 200 and summary["exit_code"] == 3
+        assert summary["outcomes"]["uncertain"] == 0
+
+
+async def test_wrong_base_path_is_not_uncertain_and_the_corrected_rerun_saves_all(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path) as emu:
+        out = tmp_path / "out"
+        file = prompts(tmp_path, 200)
+        wrong = emu.base_url.replace("/wj-open/v1", "/wrong/v1")
+        code, stdout, err = await cli(
+            "bulk", str(file), "-o", str(out), "--model", "dall-e-2", "--json",
+            env=emu.env | {"WUJIE_BASE_URL": wrong},
+        )  # fmt: skip
+        assert code == 3, err
+        assert "--base-url" in err and "404" in err
+        assert json.loads(stdout)["outcomes"]["uncertain"] == 0
+        code, listing, err = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert code == 0 and "0 row(s)" in listing + err
+
+        code, stdout, err = await cli(
+            "bulk", str(file), "-o", str(out), "--model", "dall-e-2", "--json", env=emu.env
+        )
+        assert code == 0, err
+        assert json.loads(stdout)["outcomes"]["saved"] == 200
+        assert (await emu.stats())["submits_accepted"] == 200
+
+
+async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path) as emu:
+        env = emu.env
+    # The emulator has stopped: its port now refuses connections.
+    code, _, err = await cli(
+        "bulk", str(prompts(tmp_path, 20)), "-o", str(tmp_path / "out"), env=env, timeout=50
+    )
+    assert code == 3, err
+    assert err.count("stopped:") == 1 and "cannot connect" in err and "--base-url" in err
+
+
+# --- 4. never a traceback ------------------------------------------------------------------
+async def test_usage_problems_are_one_line_each(tmp_path: Path) -> None:
+    file = prompts(tmp_path, 2)
+    code, _, err = await cli(
+        "bulk", str(file), "--app-id", "x", "--private-key-file", str(tmp_path / "missing.pem")
+    )
+    assert code == 2 and "--private-key-file" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    code, _, err = await cli("bulk", str(file), "--emulator", "-o", str(a_file))
+    assert code == 2 and "--out" in err and "is a file" in err and "Traceback" not in err
+
+    code, _, err = await cli("bulk", str(file), "--emulator", "-o", str(a_file / "below"))
+    assert code == 2 and "--out" in err and "Traceback" not in err
+
+    code, _, err = await cli("bulk", str(file), "--emulator", "-o", "/proc/no-such/out")
+    assert code == 2 and "--out" in err and "Traceback" not in err
+    assert "uvloop" not in err
+
+
+async def test_emulator_port_in_use_is_one_line(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path) as emu:
+        port = emu.base_url.split(":")[2].split("/")[0]
+        code, _, err = await cli("emulator", "--port", port)
+    assert code == 2 and "--port" in err and "in use" in err and "Traceback" not in err
+
+
+# --- 5. inputs -----------------------------------------------------------------------------------
+async def test_csv_and_json_inputs(tmp_path: Path) -> None:
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_text("id,prompt,model,n\nfox,a fox,dall-e-2,2\nowl,an owl,dall-e-3,\n")
+    out = tmp_path / "csv"
+    code, stdout, err = await cli(
+        "bulk", str(csv_file), "--emulator", *FAST, "-o", str(out), "--json"
+    )
+    assert code == 0, err
+    assert json.loads(stdout)["outcomes"]["saved"] == 2
+    records = manifest(out)
+    assert sorted(r["prompt"] for r in records) == ["a fox", "a fox", "an owl"]  # no header row
+    assert {r["id"] for r in records} == {"fox", "owl"}
+
+    json_file = tmp_path / "rows.json"
+    json_file.write_text(json.dumps(["a cat", {"prompt": "a dog", "model": "dall-e-2"}]))
+    out = tmp_path / "json"
+    code, stdout, err = await cli(
+        "bulk", str(json_file), "--emulator", *FAST, "-o", str(out), "--json"
+    )
+    assert code == 0, err
+    assert sorted(r["prompt"] for r in manifest(out)) == ["a cat", "a dog"]
+
+
+async def test_input_errors_before_anything_is_sent(tmp_path: Path) -> None:
+    xlsx = tmp_path / "rows.xlsx"
+    xlsx.write_bytes(b"PK\x03\x04")
+    code, _, err = await cli("bulk", str(xlsx), "--emulator")
+    assert code == 2 and ".csv" in err and ".jsonl" in err and ".json" in err and ".txt" in err
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"id": "a", "prompt": "one", "model": "dall-e-2"}\n'
+        '{"id": "a", "prompt": "two", "model": "dall-e-2"}\n'
+        '{"prompt": "three", "model": "dall-e-2", "colour": "red"}\n'
+    )
+    out = tmp_path / "o"
+    code, _, err = await cli("bulk", str(rows), "--emulator", "-o", str(out))
+    assert code == 2
+    assert f"{rows}:2: id:" in err and "unique" in err
+    assert f"{rows}:3: colour: unknown field; allowed: id, prompt, model" in err
+    assert not out.exists()
+
+    bad_csv = tmp_path / "rows.csv"
+    bad_csv.write_text("prompt,weight\nx,3\n")
+    code, _, err = await cli("bulk", str(bad_csv), "--emulator")
+    assert code == 2 and "weight: unknown column" in err

@@ -1,0 +1,113 @@
+"""``wujie-async journal`` and the CLI conventions (issue 10), as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from wujie_async import Credentials
+
+from .cli_helpers import CLEAN_ENV, FAST, cli, final_outcomes, served_emulator
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_uncertain_lines_are_listed_and_resent_only_when_confirmed(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(3)
+            )
+        )
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1, err
+        assert json.loads(stdout)["outcomes"]["uncertain"] == 3
+        assert "journal list --status uncertain" in err
+        accepted = (await emu.stats())["submits_accepted"]
+
+        # A re-run never resends them silently, even with --retry-failed.
+        code, stdout, _ = await cli(*bulk, "--retry-failed", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3
+        assert (await emu.stats())["submits_accepted"] == accepted
+
+        code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert code == 0 and "3 row(s)" in listing
+        assert "id r0" in listing and "uncertain" in listing and "Error(" not in listing
+
+        # No terminal, no --yes: nothing happens.
+        code, _, err = await cli(
+            "journal", "resend", "--all-uncertain", "-o", str(out), env=emu.env
+        )
+        assert code == 2 and "--yes" in err
+        assert (await emu.stats())["submits_accepted"] == accepted
+
+        async with served_emulator(tmp_path / "healthy") as healthy:
+            code, _, err = await cli(
+                "journal", "resend", "--all-uncertain", "--yes", "-o", str(out), env=healthy.env
+            )
+            assert code == 0, err
+            assert (await healthy.stats())["submits_accepted"] == 3
+        code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert "0 row(s)" in listing
+        assert set(final_outcomes(out).values()) == {"saved"}
+
+        code, _, _ = await cli("journal", "forget", "r0", "--yes", "-o", str(out))
+        assert code == 0
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "id r0" not in listing and "id r1" in listing
+
+
+async def test_cli_conventions(tmp_path: Path) -> None:
+    code, stdout, _ = await cli("--version")
+    assert code == 0 and stdout.startswith("wujie-async ")
+
+    code, stdout, err = await cli(
+        "generate", "a fox", "--model", "gpt-image-1", "--size", "1536x1024", "--quality", "low",
+        "--background", "opaque", "--output-format", "png", "--moderation", "low",
+        "--job-timeout", "30", "--emulator", *FAST, "-o", str(tmp_path / "g"),
+    )  # fmt: skip
+    assert code == 0, err
+    assert len(stdout.split()) == 1 and Path(stdout.strip()).exists()
+
+    code, _, err = await cli("generate", "a fox", "--model", "dall-e-3", "-n", "3", "--emulator")
+    assert code == 2 and "-n" in err and "Traceback" not in err
+
+    code, stdout, err = await cli("generate", "a fox", "--no-wait", "--emulator", *FAST)
+    assert code == 0, err
+    assert len(stdout.strip()) == 32  # the job key
+
+
+async def test_private_key_file_variable(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path) as emu:
+        key_file = tmp_path / "key.pem"
+        key_file.write_text(emu.env["WUJIE_PRIVATE_KEY"])
+        env = {k: v for k, v in emu.env.items() if k != "WUJIE_PRIVATE_KEY"}
+        env["WUJIE_PRIVATE_KEY_FILE"] = str(key_file)
+        code, _, err = await cli("generate", "a fox", "-o", str(tmp_path / "o"), env=env)
+        assert code == 0, err
+
+        env["WUJIE_PRIVATE_KEY_FILE"] = str(tmp_path / "nope.pem")
+        code, _, err = await cli("generate", "a fox", env=env)
+        assert code == 2 and "WUJIE_PRIVATE_KEY_FILE" in err and "Traceback" not in err
+
+
+def test_credentials_from_env_reads_the_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wujie_async.emulator._server import _generated_key_pem
+
+    key_file = tmp_path / "key.pem"
+    key_file.write_text(_generated_key_pem())
+    for name in list(CLEAN_ENV):
+        if name.startswith("WUJIE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("WUJIE_PRIVATE_KEY", raising=False)
+    monkeypatch.setenv("WUJIE_APP_ID", "app")
+    monkeypatch.setenv("WUJIE_PRIVATE_KEY_FILE", str(key_file))
+    assert Credentials.from_env().app_id == "app"

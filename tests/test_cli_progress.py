@@ -1,0 +1,154 @@
+"""Progress output and hostile job replies in `bulk` (issue 10; issue 9 items 8 and 12)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from wujie_async.emulator._png import render_png
+
+from .cli_helpers import CLEAN_ENV, FAST, cli, manifest
+
+pytestmark = pytest.mark.anyio
+
+# A job per prompt; the prompt picks what the gateway does wrong with it.
+HOSTILE_FAIL_MESSAGE = "[/nope] [bold]x \x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[31mred\x9b"
+
+
+@asynccontextmanager
+async def hostile_jobs_gateway() -> AsyncIterator[str]:
+    """Submits get key = prompt; the batch reply does what the prompt says. Yields base URL."""
+    origin = ""
+
+    async def submit(request: web.Request) -> web.Response:
+        body = await request.json()
+        return web.json_response({"code": "200", "message": "ok", "data": {"key": body["prompt"]}})
+
+    def entry(key: str) -> dict[str, object]:
+        image = {"url": f"{origin}/files/{key}.png"}
+        if key == "short":  # asked for n=2, gives one image
+            return {"key": key, "status": 4, "images": [image]}
+        if key == "badurl":
+            return {"key": key, "status": 4, "images": [{"url": "https://[::1"}, image]}
+        if key == "markup":
+            return {
+                "key": key,
+                "status": 3,
+                "fail_message": {"fail_code": 7, "fail_message": HOSTILE_FAIL_MESSAGE},
+            }
+        return {"key": key, "status": 4, "images": [image, {"url": f"{origin}/files/{key}1.png"}]}
+
+    async def info(request: web.Request) -> web.Response:
+        sent = await request.json()
+        keys = sent if isinstance(sent, list) else sent.get("keys", [])
+        data = {"list": [entry(key) for key in keys]}
+        return web.json_response({"code": "200", "message": "ok", "data": data})
+
+    async def file(request: web.Request) -> web.Response:
+        return web.Response(body=render_png("K", 0, 8, 8), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_post("/wj-open/v1/ai/wj/images/generations", submit)
+    app.router.add_post("/wj-open/v1/ai/wj/images/info", info)
+    app.router.add_get("/files/{name}", file)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield f"{origin}/wj-open/v1"
+    finally:
+        await runner.cleanup()
+
+
+async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
+    tmp_path: Path,
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    rows = tmp_path / "rows.txt"
+    rows.write_text("short\nbadurl\nmarkup\nfine\n")
+    out = tmp_path / "out"
+    async with hostile_jobs_gateway() as base_url:
+        code, stdout, err = await cli(
+            "bulk", str(rows), "--model", "dall-e-2", "-n", "2", "--no-journal",
+            "--app-id", "app", "--private-key-file", str(pem), "--base-url", base_url,
+            "-o", str(out), "--json", "--progress", "rich",
+        )  # fmt: skip
+    assert code == 1, err
+    assert "Traceback" not in err and "MarkupError" not in err
+    assert "\x1b" not in err and "\x9b" not in err and "\x07" not in err
+    assert "[/nope]" in err  # shown as text, not parsed as markup
+    outcomes = json.loads(stdout)["outcomes"]
+    assert outcomes["saved"] == 1 and outcomes["failed"] == 3
+    failed = {r["line"]: r for r in manifest(out) if r["status"] == "failed"}
+    assert set(failed) == {1, 2, 3}
+    assert all("\x1b" not in r["error"] for r in failed.values())
+    assert failed[1]["error_code"] == "download" and failed[2]["error_code"] == "download"
+
+
+async def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("\n".join(f"p{i}" for i in range(6)))
+    code, _, err = await cli(
+        "bulk", str(rows), "--emulator", "--emulator-time-scale", "0.1", "--model", "dall-e-2",
+        "--progress-interval", "0.2", "-o", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith("progress: ")]
+    assert len(lines) >= 3, err
+    assert lines[-1].startswith("progress: 6/6 lines (100%)")
+    for line in lines:
+        assert "queued " in line and "generating " in line and "jobs/s" in line
+        assert "img/s" in line and " -" not in line  # no negative counts
+
+
+async def test_no_negative_counts_when_submits_are_refused(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("\n".join(f"p{i}" for i in range(5)))
+    code, _, err = await cli(
+        "bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "out"),
+        "--emulator-fault", "business_error=1.0", "--emulator-fault",
+        "business_error_code=20010001",
+    )  # fmt: skip
+    assert code == 1
+    assert "generating -" not in err
+    assert "failed 5" in err
+
+
+async def test_rich_progress_keeps_bar_count_and_eta_at_80_columns(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("\n".join(f"p{i}" for i in range(4)))
+    code, _, err = await cli(
+        "bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "out"), "--progress",
+        "rich", env=CLEAN_ENV | {"COLUMNS": "80", "TERM": "xterm"},
+    )  # fmt: skip
+    assert code == 0, err
+    assert "lines" in err and "4/4" in err and "ETA" in err
+
+
+async def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a\nb\n")
+    code, _, err = await cli(
+        "bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "out"), "--quiet",
+        "--emulator-fault", "fail_jobs=1.0",
+    )  # fmt: skip
+    assert code == 1
+    assert err.strip().splitlines() == [err.strip().splitlines()[0]]
+    assert "failed 2" in err

@@ -1,0 +1,208 @@
+"""Reading a bulk input file: every row validated before anything is sent.
+
+Formats, chosen by extension: ``.txt`` (a prompt per line; blank lines and ``#`` comments
+skipped), ``.jsonl``/``.ndjson`` (a JSON object per line), ``.csv`` (a header row with a
+``prompt`` column plus request-field columns) and ``.json`` (an array of strings or objects).
+A row may carry ``id``: the user's own name for it, written to the manifest and used as the
+journal tag, so re-runs recognise the row even when lines move.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._errors import InvalidRequestError
+from ._models import GenerationRequest
+
+MAX_REPORTED_PROBLEMS = 20
+FORMATS = {
+    ".txt": "text",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".json": "json",
+}
+REQUEST_FIELDS = tuple(GenerationRequest.model_fields)
+ALLOWED_FIELDS = ("id", *REQUEST_FIELDS)
+# Numbers arrive as text in a CSV cell; these fields are converted before validation.
+_INT_FIELDS = frozenset({"n", "output_compression"})
+
+
+class InputFileError(Exception):
+    """The input file cannot be used; each problem reads ``file:line: field: rule``."""
+
+    def __init__(self, problems: list[str], *, usage: bool = False) -> None:
+        self.problems = problems
+        self.usage = usage
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class BulkItem:
+    """One request of the input, with where it came from.
+
+    Attributes:
+        line: the line (or array element, counted from 1) it came from.
+        request: the validated request.
+        row_id: the row's own ``id``, when it gave one.
+    """
+
+    line: int
+    request: GenerationRequest
+    row_id: str | None = None
+
+    @property
+    def tag(self) -> str:
+        """The journal tag of this row: its id, or its line number and a digest of its body.
+
+        The digest makes an edited line a new row, so a re-run never mistakes it for the
+        request that used to stand there.
+        """
+        if self.row_id is not None:
+            return f"id:{self.row_id}"
+        body = json.dumps(self.request.body(), sort_keys=True, ensure_ascii=False)
+        digest = hashlib.sha256(body.encode()).hexdigest()[:12]
+        return f"line:{self.line}:{digest}"
+
+
+def _raw_rows(path: Path, kind: str, text: str) -> list[tuple[int, Any]]:
+    """(line number, raw row) pairs; raises InputFileError for a file that cannot be parsed."""
+    if kind == "text":
+        rows: list[tuple[int, Any]] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            stripped = line.strip()
+            if stripped and not stripped.startswith("#"):
+                rows.append((number, {"prompt": stripped}))
+        return rows
+    if kind == "jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#"):
+                continue
+            try:
+                rows.append((number, json.loads(stripped)))
+            except json.JSONDecodeError as exc:
+                rows.append((number, _Bad(f"not valid JSON ({exc.msg})")))
+        return rows
+    if kind == "json":
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputFileError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg})"]) from None
+        if not isinstance(loaded, list):
+            raise InputFileError([f"{path}:1: must be a JSON array of prompts or request objects"])
+        return [
+            (number, {"prompt": row} if isinstance(row, str) else row)
+            for number, row in enumerate(loaded, start=1)
+        ]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames is None:
+        return []
+    header = [name.strip() for name in reader.fieldnames]
+    if "prompt" not in header:
+        raise InputFileError([f"{path}:1: the header row needs a 'prompt' column"])
+    unknown = [name for name in header if name not in ALLOWED_FIELDS]
+    if unknown:
+        raise InputFileError(
+            [
+                f"{path}:1: {', '.join(unknown)}: unknown column; "
+                f"allowed: {', '.join(ALLOWED_FIELDS)}"
+            ]
+        )
+    rows = []
+    for record in reader:
+        number = reader.line_num
+        values = list(record.values())
+        if None in record or any(isinstance(v, list) for v in values):
+            rows.append((number, _Bad("more cells than the header has columns")))
+            continue
+        row: dict[str, Any] = {}
+        for name, cell in zip(header, values, strict=True):
+            if cell is None or not cell.strip():
+                continue  # an empty cell leaves the field to the default
+            row[name] = int(cell) if name in _INT_FIELDS and cell.strip().isdecimal() else cell
+        if row:
+            rows.append((number, row))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    """A row that could not even be parsed, with why."""
+
+    reason: str
+
+
+def read_requests(path: Path, defaults: dict[str, Any]) -> list[BulkItem]:
+    """Parse and validate every row of ``path`` before anything is sent.
+
+    Raises:
+        InputFileError: listing each bad row as ``file:line: field: rule`` (``usage`` is True
+            when the file's extension is not one we read).
+    """
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        known = ", ".join(sorted(FORMATS))
+        raise InputFileError(
+            [f"{path}: unsupported input type {path.suffix or '(none)'!r}; use one of {known}"],
+            usage=True,
+        )
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InputFileError([f"{path}: cannot read: {reason}"]) from None
+    items: list[BulkItem] = []
+    problems: list[str] = []
+    seen_ids: dict[str, int] = {}
+    for number, raw in _raw_rows(path, kind, text):
+        problem = _check_row(raw, defaults, number, seen_ids, items)
+        if problem is not None:
+            problems.append(f"{path}:{number}: {problem}")
+        if len(problems) >= MAX_REPORTED_PROBLEMS:
+            problems.append(f"(stopping after {MAX_REPORTED_PROBLEMS} bad rows)")
+            break
+    if problems:
+        raise InputFileError(problems)
+    if not items:
+        raise InputFileError([f"{path}: no prompts found"])
+    return items
+
+
+def _check_row(
+    raw: Any,
+    defaults: dict[str, Any],
+    number: int,
+    seen_ids: dict[str, int],
+    items: list[BulkItem],
+) -> str | None:
+    """Append the row's item to ``items``, or return what is wrong with it."""
+    if isinstance(raw, _Bad):
+        return raw.reason
+    if not isinstance(raw, dict):
+        return "must be a JSON object with a prompt (or, in a .json array, a string)"
+    unknown = sorted(name for name in raw if name not in ALLOWED_FIELDS)
+    if unknown:
+        return f"{', '.join(unknown)}: unknown field; allowed: {', '.join(ALLOWED_FIELDS)}"
+    fields = {**defaults, **raw}
+    row_id = fields.pop("id", None)
+    if row_id is not None:
+        if isinstance(row_id, bool) or not isinstance(row_id, str | int) or str(row_id) == "":
+            return "id: must be a non-empty string or integer"
+        row_id = str(row_id)
+        if row_id in seen_ids:
+            return f"id: {row_id!r} is also the id of line {seen_ids[row_id]}; ids must be unique"
+        seen_ids[row_id] = number
+    try:
+        request = GenerationRequest.build(fields)
+    except InvalidRequestError as exc:
+        return "; ".join(f"{name}: {rule}" for name, rule in exc.violations)
+    items.append(BulkItem(number, request, row_id))
+    return None

@@ -1,0 +1,206 @@
+"""``wujie-async journal list|resend|forget``: see and settle what a bulk run left open.
+
+Rows are named the way the input named them: ``id`` when the row had one, else its line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from ._bulk import BulkRun, Row
+from ._cli_common import EXIT_OK, UsageError, open_client
+from ._cli_outcome import Manifest, clean, read_manifest, saved_indexes
+from ._cli_progress import Display, Tally
+from ._cli_run import check_out_folder, line_of, readable_error
+from ._config import Limits
+from ._download import Downloader
+from ._journal import ALL_STATES, Journal, JournalEntry
+from ._models import GenerationRequest
+
+_STATES = (*ALL_STATES, "unsent")
+
+
+def add_parser(
+    commands: Any,
+    add_common: Callable[[argparse.ArgumentParser], None],
+    add_connection: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """The ``journal`` command and its three subcommands."""
+    journal = commands.add_parser("journal", help="list, resend or forget journaled submits")
+    actions = journal.add_subparsers(dest="action", required=True)
+
+    def where(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "-o", "--out", type=Path, default=Path("out"), help="the run's folder (default out/)"
+        )
+        parser.add_argument(
+            "--journal", type=Path, default=None, help="the journal (default OUT/journal.sqlite)"
+        )
+        add_common(parser)
+
+    listing = actions.add_parser("list", help="show journaled submits, oldest first")
+    listing.add_argument("--status", action="append", choices=_STATES, help="only these states")
+    where(listing)
+
+    resend = actions.add_parser(
+        "resend", help="send rows again (each resend may be charged) and collect their images"
+    )
+    resend.add_argument("rows", nargs="*", metavar="LINE_OR_ID", help="input line numbers or ids")
+    resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
+    resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    resend.add_argument("--job-timeout", type=float, default=None, help="seconds a job may take")
+    where(resend)
+    add_connection(resend)
+
+    forget = actions.add_parser("forget", help="drop rows from the journal")
+    forget.add_argument("rows", nargs="*", metavar="LINE_OR_ID", help="input line numbers or ids")
+    forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    where(forget)
+
+
+def _journal_file(args: argparse.Namespace) -> Path:
+    path: Path = args.journal or args.out / "journal.sqlite"
+    if not path.exists():
+        raise UsageError(f"no journal at {path}; pass --journal or -o/--out of the run")
+    return path
+
+
+def _name(entry: JournalEntry) -> str:
+    line, row_id = line_of(entry)
+    if row_id is not None:
+        return f"id {clean(row_id)}"
+    return f"line {line}" if line else f"#{entry.id}"
+
+
+def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
+    line, row_id = line_of(entry)
+    return (row_id is not None and row_id in wanted) or (line > 0 and str(line) in wanted)
+
+
+def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
+    latest: dict[str, JournalEntry] = {}
+    for entry in entries:
+        latest[entry.tag or f"#{entry.id}"] = entry
+    return sorted(latest.values(), key=lambda entry: entry.id)
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question}: pass --yes to confirm (stdin is not a terminal)")
+    answer = input(f"{question} [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was changed")
+
+
+async def run(args: argparse.Namespace, console: Console) -> int:
+    """Run ``journal ACTION``."""
+    path = _journal_file(args)
+    if args.action == "resend":
+        return await _resend(args, console, path)
+    # Listing and forgetting need no gateway, so no credentials: the journal alone.
+    journal = Journal(path)
+    await journal.open()
+    try:
+        if args.action == "list":
+            _list(await journal.entries(*(args.status or _STATES)))
+            return EXIT_OK
+        return await _forget(args, console, journal)
+    finally:
+        await journal.close()
+
+
+def _list(entries: list[JournalEntry]) -> None:
+    for entry in entries:
+        when = datetime.datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M:%S")
+        prompt = clean(str(entry.request.get("prompt", "")))[:60]
+        parts = [when, f"{_name(entry):<12}", f"{entry.state:<10}", entry.job_key or "-", prompt]
+        if entry.error:
+            parts.append(f"({readable_error(entry.error)[:160]})")
+        print("  ".join(parts))  # noqa: T201 - the listing is this command's output
+    print(f"{len(entries)} row(s)")  # noqa: T201
+
+
+async def _forget(args: argparse.Namespace, console: Console, journal: Journal) -> int:
+    if not args.rows and not args.status:
+        raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
+    entries = await journal.entries(*(args.status or _STATES))
+    if args.rows:
+        entries = [entry for entry in entries if _matches(entry, set(args.rows))]
+    if entries:
+        _confirm(f"forget {len(entries)} journal row(s)", args.yes)
+    count = await journal.forget(entry.id for entry in entries)
+    console.print(Text(f"forgot {count} row(s)"))
+    return EXIT_OK
+
+
+async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int:
+    if not args.rows and not args.all_uncertain:
+        raise UsageError("journal resend: name LINE_OR_ID rows or pass --all-uncertain")
+    check_out_folder(args.out)
+    async with open_client(args, Limits(max_concurrent_submits=4), path) as client:
+        entries = _latest_per_row(await client.journal_entries())
+        if args.all_uncertain:
+            chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
+        else:
+            chosen = [entry for entry in entries if _matches(entry, set(args.rows))]
+        if not chosen:
+            console.print(Text("nothing to resend"))
+            return EXIT_OK
+        _confirm(
+            f"resend {len(chosen)} row(s)? each may be charged again if the first submit went "
+            "through",
+            args.yes,
+        )
+        manifest_path = args.out / "manifest.jsonl"
+        records = await asyncio.to_thread(read_manifest, manifest_path)
+        # An id tag does not hold the line number; the manifest remembers it.
+        lines_by_id = {r["id"]: r["line"] for r in records if "id" in r and "line" in r}
+        rows = []
+        for entry in chosen:
+            line, row_id = line_of(entry)
+            line = line or int(lines_by_id.get(row_id, 0))
+            rows.append(Row(line, row_id, entry.tag, entry.request))
+        display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
+        handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
+        with handle:
+            result = await BulkRun(
+                client,
+                send=rows,
+                collect=[],
+                settled=[],
+                manifest=Manifest(handle),
+                downloader=Downloader(
+                    client._transport.session, args.out, allow_http=args.allow_http
+                ),
+                display=display,
+                already_saved=saved_indexes(records),
+                job_timeout=args.job_timeout,
+            ).run()
+        # The old rows are superseded by the new submits; rows not sent stay as they were.
+        sent = {o.row_id or o.line for o in result.outcomes if o.status != "not_sent"}
+        await client.forget_submits(
+            entry.id for entry in chosen if (line_of(entry)[1] or line_of(entry)[0]) in sent
+        )
+    saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
+    console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
+    return EXIT_OK if saved == len(rows) else 1
+
+
+async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest) -> int:
+    """``generate --no-wait``: submit, print the key, exit."""
+    async with open_client(args, Limits(), None) as client:
+        job = await client.images.submit(**request.body(), job_timeout=args.job_timeout)
+        print(job.key)  # noqa: T201 - the key is this command's output
+    return EXIT_OK

@@ -1,0 +1,250 @@
+"""How each input line ended, in words a user can act on, and the manifest that records it.
+
+Every line ends in exactly one outcome:
+
+- ``saved``: all its images are on disk (one manifest line per image).
+- ``failed``: the gateway ran the job and said it failed (or it timed out, or an image could not
+  be saved).
+- ``moderated``: the gateway's moderation rejected the job.
+- ``rejected``: the gateway refused the submit before accepting it (nothing was charged).
+- ``uncertain``: the submit may have been accepted (and charged); it is never resent silently.
+- ``not_sent``: the line was never sent (the run stopped first, or a systemic error refused it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, TextIO
+
+from ._errors import (
+    APIError,
+    AuthenticationError,
+    InsufficientBalanceError,
+    JobCancelledError,
+    JobFailedError,
+    JobTimeoutError,
+    ModerationRejectedError,
+    ProtocolError,
+    SubmitUncertainError,
+    TransportError,
+    UnknownJobError,
+    WujieError,
+    snippet,
+)
+
+Status = Literal["saved", "failed", "moderated", "rejected", "uncertain", "not_sent"]
+STATUSES: Final[tuple[Status, ...]] = (
+    "saved",
+    "failed",
+    "moderated",
+    "rejected",
+    "uncertain",
+    "not_sent",
+)
+# ESC sequences (CSI, OSC, and two-byte ones), then any single control character left.
+_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def clean(text: object) -> str:
+    """Server (or any foreign) text as one printable line: no escape codes, no controls."""
+    raw = str(text)
+    without = _CONTROLS.sub(" ", _ESCAPES.sub("", raw))
+    return snippet(without)
+
+
+def is_systemic(exc: BaseException) -> bool:
+    """True for errors that are not about one line: stop sending.
+
+    Uses ``exc.systemic`` when the error tree has it; until then the same classes by hand:
+    credentials refused, out of points, cannot connect at all, and a missing route (an HTTP
+    404/405 that is not a JSON envelope, which the current transport reports as uncertain).
+    """
+    flag = getattr(exc, "systemic", None)
+    if isinstance(flag, bool) and flag:
+        return True
+    if isinstance(exc, AuthenticationError | InsufficientBalanceError):
+        return True
+    if isinstance(exc, APIError) and exc.http_status == 403:
+        return True
+    if _missing_route(exc) is not None:
+        return True
+    return (
+        isinstance(exc, TransportError)
+        and not isinstance(exc, SubmitUncertainError)
+        and not exc.reached_server
+    )
+
+
+def _missing_route(exc: BaseException) -> APIError | None:
+    """The 404/405 non-envelope reply behind ``exc``, if that is what it is."""
+    for candidate in (exc, exc.__cause__):
+        if type(candidate).__name__ == "EndpointNotFoundError":
+            assert isinstance(candidate, APIError)
+            return candidate
+        if (
+            isinstance(candidate, ProtocolError)
+            and candidate.http_status in (404, 405)
+            and candidate.code is None
+        ):
+            return candidate
+    return None
+
+
+def never_accepted(exc: BaseException) -> bool:
+    """True when a failed submit provably never reached the gateway's accounting."""
+    if _missing_route(exc) is not None:
+        return True
+    if isinstance(exc, SubmitUncertainError):
+        return False
+    if isinstance(exc, TransportError):
+        return not exc.reached_server
+    return isinstance(exc, WujieError)
+
+
+def fix_message(exc: BaseException, base_url: str, *, app_id_flag: bool) -> str:
+    """The one line that says what stopped the run and what to change."""
+    where = "--app-id" if app_id_flag else "WUJIE_APP_ID"
+    if isinstance(exc, AuthenticationError) or (
+        isinstance(exc, APIError) and exc.http_status == 403
+    ):
+        status = exc.http_status
+        return (
+            f"stopped: the gateway refused the credentials (HTTP {status}: {clean(exc.message)}); "
+            f"check {where} and WUJIE_PRIVATE_KEY (or --private-key-file), and the clock"
+        )
+    if isinstance(exc, InsufficientBalanceError):
+        return (
+            "stopped: the account is out of points (code 20110010, insufficient balance); "
+            "top up the balance, then re-run the same command"
+        )
+    route = _missing_route(exc)
+    if route is not None:
+        url = getattr(route, "url", None) or base_url
+        return (
+            f"stopped: {clean(url)} answered HTTP {route.http_status} (no such API route); "
+            "check --base-url / WUJIE_BASE_URL, which must end in /wj-open/v1"
+        )
+    return (
+        f"stopped: cannot connect to {clean(base_url)} ({clean(exc)}); "
+        "check --base-url / WUJIE_BASE_URL and the network"
+    )
+
+
+def classify(exc: BaseException) -> tuple[Status, str, str]:
+    """(status, error_code, one-line error) of a line that ended with ``exc``."""
+    message = clean(exc) or type(exc).__name__
+    if isinstance(exc, ModerationRejectedError):
+        return "moderated", str(exc.fail_code or "moderated"), message
+    if isinstance(exc, JobFailedError):
+        return "failed", clean(exc.fail_code) if exc.fail_code is not None else "failed", message
+    if isinstance(exc, JobTimeoutError):
+        return "failed", "timeout", message
+    if isinstance(exc, UnknownJobError):
+        return "failed", "unknown_job", message
+    if isinstance(exc, JobCancelledError):
+        return "failed", "cancelled", message
+    if isinstance(exc, SubmitUncertainError) and _missing_route(exc) is None:
+        return "uncertain", "uncertain", message + " (it may have been charged; not resent)"
+    if is_systemic(exc) and never_accepted(exc):
+        return "not_sent", _code(exc), message
+    if isinstance(exc, APIError):
+        return "rejected", _code(exc), message
+    if isinstance(exc, TransportError):
+        return "failed", "download", message
+    return "failed", "error", message
+
+
+def _code(exc: BaseException) -> str:
+    route = _missing_route(exc)
+    if route is not None:
+        return f"http_{route.http_status}"
+    if isinstance(exc, APIError):
+        if exc.code is not None and exc.code != str(exc.http_status):
+            return clean(exc.code)
+        if exc.http_status is not None:
+            return f"http_{exc.http_status}"
+        return "api"
+    if isinstance(exc, TransportError):
+        return "connect" if not exc.reached_server else "transport"
+    return "error"
+
+
+@dataclass(slots=True)
+class LineOutcome:
+    """How one input line ended."""
+
+    status: Status
+    line: int
+    row_id: str | None
+    key: str | None = None
+    error_code: str | None = None
+    error: str | None = None
+
+
+class Manifest:
+    """``manifest.jsonl``: one line per saved image, one per line that ended without images.
+
+    Append-only: a re-run adds lines, and a line's final outcome is its last record.
+    """
+
+    def __init__(self, handle: TextIO) -> None:
+        self._handle = handle
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it (a crash loses at most the line being written)."""
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+
+def base_record(
+    status: Status, line: int, row_id: str | None, body: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields every manifest line has."""
+    record: dict[str, Any] = {"status": status, "line": line}
+    if row_id is not None:
+        record["id"] = row_id
+    record["model"] = body.get("model")
+    record["size"] = body.get("size")
+    record["prompt"] = body.get("prompt")
+    return record
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """Every readable record of a manifest (a torn last line is skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def saved_indexes(records: Iterable[dict[str, Any]]) -> dict[str, set[int]]:
+    """Image indexes already saved, per job key."""
+    saved: dict[str, set[int]] = {}
+    for record in records:
+        key, index = record.get("key"), record.get("index")
+        if record.get("status", "saved") == "saved" and isinstance(key, str):
+            if isinstance(index, int):
+                saved.setdefault(key, set()).add(index)
+    return saved
+
+
+def count(outcomes: Iterable[LineOutcome]) -> Counter[str]:
+    """Outcomes counted by status, every status present (zero when none)."""
+    counts: Counter[str] = Counter(dict.fromkeys(STATUSES, 0))
+    counts.update(outcome.status for outcome in outcomes)
+    return counts

@@ -1,0 +1,162 @@
+"""Progress of a bulk run that reads anywhere: a live bar on a terminal, plain lines in a log.
+
+Counts are of input lines, each in exactly one state at a time (queued, submitting, generating,
+saved, failed); a line moves between states, so no count can go negative.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Final, Literal
+
+from rich.console import Console, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+Mode = Literal["rich", "plain", "none"]
+LineState = Literal["queued", "submitting", "generating", "saved", "failed"]
+PLAIN_INTERVAL_S: Final = 10.0
+
+
+class Tally:
+    """Where every input line is now, moved by transitions only."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.states: Counter[str] = Counter(queued=total)
+        self._where: dict[int, str] = {}
+        self.images = 0
+        self.started = time.monotonic()
+
+    def move(self, line: int, to: LineState) -> None:
+        """Line ``line`` is now in state ``to``."""
+        before = self._where.get(line, "queued")
+        if before == to:
+            return
+        self.states[before] -= 1
+        self.states[to] += 1
+        self._where[line] = to
+
+    @property
+    def ended(self) -> int:
+        """Lines that have ended (saved or not)."""
+        return self.states["saved"] + self.states["failed"]
+
+    def rates(self) -> tuple[float, float]:
+        """(jobs/s, images/s) since the start."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        return self.ended / elapsed, self.images / elapsed
+
+    def detail(self) -> str:
+        """The counts and rates, one short line."""
+        jobs, images = self.rates()
+        states = self.states
+        return (
+            f"queued {states['queued'] + states['submitting']} · generating "
+            f"{states['generating']} · saved {states['saved']} · failed {states['failed']} · "
+            f"{jobs:.1f} jobs/s · {images:.1f} img/s"
+        )
+
+    def plain_line(self) -> str:
+        """A full progress line for logs."""
+        percent = 100.0 * self.ended / self.total if self.total else 100.0
+        eta = ""
+        jobs, _ = self.rates()
+        if 0 < self.ended < self.total and jobs > 0:
+            eta = f" · ETA {_clock((self.total - self.ended) / jobs)}"
+        return f"progress: {self.ended}/{self.total} lines ({percent:.0f}%){eta} · {self.detail()}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _TwoLineProgress(Progress):
+    """Bar, count and ETA on the first line (they fit 80 columns), the counts below it."""
+
+    def __init__(self, tally: Tally, console: Console) -> None:
+        self._tally = tally
+        super().__init__(
+            TextColumn("[bold]lines"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            refresh_per_second=8,
+        )
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        yield Text(self._tally.detail(), no_wrap=True, overflow="ellipsis")
+
+
+class Display:
+    """Shows a run's progress in ``mode`` and prints per-line messages above it."""
+
+    def __init__(
+        self,
+        tally: Tally,
+        console: Console,
+        *,
+        mode: Mode,
+        quiet: bool = False,
+        interval: float = PLAIN_INTERVAL_S,
+    ) -> None:
+        self.tally = tally
+        self.console = console
+        self.mode = mode
+        self.quiet = quiet
+        self._interval = interval
+        self._progress: _TwoLineProgress | None = None
+        self._task: int | None = None
+
+    def note(self, message: str) -> None:
+        """A one-line message (foreign text must already be cleaned); never markup."""
+        if not self.quiet:
+            self.console.print(Text(message), soft_wrap=True)
+
+    def refresh(self) -> None:
+        """Show the latest counts (the plain mode prints on its own clock)."""
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=self.tally.ended)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Show progress for the duration of the block."""
+        if self.mode == "rich" and not self.quiet:
+            with _TwoLineProgress(self.tally, self.console) as progress:
+                self._progress = progress
+                self._task = int(progress.add_task("lines", total=self.tally.total))
+                try:
+                    yield
+                finally:
+                    self.refresh()
+                    self._progress = None
+            return
+        if self.mode == "plain" and not self.quiet:
+            ticker = asyncio.get_running_loop().create_task(self._tick())
+            try:
+                yield
+            finally:
+                ticker.cancel()
+                self.console.print(Text(self.tally.plain_line()), soft_wrap=True)
+            return
+        yield
+
+    async def _tick(self) -> None:
+        self.console.print(Text(self.tally.plain_line()), soft_wrap=True)
+        while True:
+            await asyncio.sleep(self._interval)
+            self.console.print(Text(self.tally.plain_line()), soft_wrap=True)

@@ -1,0 +1,387 @@
+"""What ``bulk``, ``generate`` and ``resume`` do once their arguments are read.
+
+A re-run of ``bulk`` on the same journal decides per line from its journal row (found by the
+row's tag): saved lines are skipped, pending ones are collected, uncertain ones are never
+resent, failed/moderated/rejected ones are resent only with ``--retry-failed``, and lines never
+sent are sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from ._bulk import BulkResult, BulkRun, Row
+from ._cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SYSTEMIC,
+    UsageError,
+    open_client,
+)
+from ._cli_input import BulkItem
+from ._cli_outcome import (
+    LineOutcome,
+    Manifest,
+    Status,
+    clean,
+    count,
+    fix_message,
+    read_manifest,
+    saved_indexes,
+)
+from ._cli_progress import Display, Mode, Tally
+from ._client import WujieClient
+from ._config import Limits
+from ._download import Downloader
+from ._jobs import ImageJob
+from ._journal import JournalEntry
+
+_REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
+_OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
+
+
+@dataclass(slots=True)
+class Plan:
+    """What this run does with each line."""
+
+    send: list[Row] = field(default_factory=list)
+    collect: list[tuple[Row, ImageJob]] = field(default_factory=list)
+    settled: list[LineOutcome] = field(default_factory=list)
+    skipped: int = 0
+    last_journal_id: int = 0
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is a file or cannot be written, before anything is sent."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder for the images")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".wujie-async-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(
+            f"--out {out}: cannot write there ({reason}); give a writable folder"
+        ) from None
+
+
+def journal_path(args: argparse.Namespace) -> Path | None:
+    """The run's journal: ``--journal``, else OUT/journal.sqlite (none with --emulator)."""
+    if args.command not in ("bulk", "resume"):
+        return None
+    if args.command == "resume":
+        return Path(args.journal)
+    if args.no_journal:
+        return None
+    if args.journal is not None:
+        return Path(args.journal)
+    # The embedded emulator's jobs die with this process: nothing to resume there.
+    return None if args.emulator else args.out / "journal.sqlite"
+
+
+def readable_error(error: str) -> str:
+    """A journaled error as words: rows may hold ``Class('message')``; keep the message."""
+    found = _REPR.match(error)
+    return clean(found.group(2) if found else error)
+
+
+def line_of(entry: JournalEntry) -> tuple[int, str | None]:
+    tag = entry.tag or ""
+    if tag.startswith("id:"):
+        return 0, tag[3:]
+    parts = tag.split(":")
+    if len(parts) == 3 and parts[0] == "line" and parts[1].isdecimal():
+        return int(parts[1]), None
+    return 0, None
+
+
+def _settled_from(
+    entry: JournalEntry, row: Row, by_key: dict[str, dict[str, Any]], by_line: dict[int, Any]
+) -> LineOutcome:
+    """The outcome a previous run recorded for a line this run leaves alone."""
+    record = by_key.get(entry.job_key or "") or by_line.get(row.line) or {}
+    status: Status = record.get("status") if record.get("status") in _OPEN_STATES else None  # type: ignore[assignment]
+    if status is None:
+        status = "uncertain" if entry.state in ("uncertain", "intent") else "failed"
+        if entry.state == "rejected":
+            status = "rejected"
+    return LineOutcome(
+        status,
+        row.line,
+        row.row_id,
+        entry.job_key,
+        record.get("error_code"),
+        clean(record.get("error") or readable_error(entry.error or entry.state)),
+    )
+
+
+async def plan_rerun(
+    client: WujieClient,
+    items: list[BulkItem],
+    manifest_records: list[dict[str, Any]],
+    *,
+    retry_failed: bool,
+    job_timeout: float | None,
+) -> Plan:
+    """Decide, per line, from the journal: send, collect, or leave as it ended."""
+    plan = Plan()
+    entries = await client.journal_entries()
+    plan.last_journal_id = max((entry.id for entry in entries), default=0)
+    latest = {entry.tag: entry for entry in entries if entry.tag}
+    saved = saved_indexes(manifest_records)
+    by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
+    by_line = {r["line"]: r for r in manifest_records if r.get("status") != "saved" and "line" in r}
+    for item in items:
+        row = Row.of(item)
+        entry = latest.get(item.tag)
+        state = entry.state if entry is not None else "unsent"
+        n = int(row.body.get("n") or 1)
+        if entry is None or state == "unsent":
+            plan.send.append(row)
+        elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
+            if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
+                plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
+            else:
+                job = client.images.attach(entry.job_key, job_timeout=job_timeout, n=n)
+                plan.collect.append((row, job))
+            plan.skipped += 1
+        elif state in ("failed", "rejected") and retry_failed:
+            plan.send.append(row)
+        else:
+            plan.settled.append(_settled_from(entry, row, by_key, by_line))
+            plan.skipped += 1
+    return plan
+
+
+async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]]) -> Plan:
+    """``resume``: collect every journaled job not ended, or ended with images not saved."""
+    plan = Plan()
+    saved = saved_indexes(manifest_records)
+    for entry in await client.journal_entries("accepted", "succeeded"):
+        n = int(entry.request.get("n") or 1)
+        if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
+            continue
+        line, row_id = line_of(entry)
+        row = Row(line, row_id, entry.tag, entry.request)
+        plan.collect.append((row, client.images.attach(entry.job_key, n=n)))
+    return plan
+
+
+class Session:
+    """One command's run: client, display, Ctrl-C handling and the closing summary."""
+
+    def __init__(self, args: argparse.Namespace, console: Console, mode: Mode) -> None:
+        self.args = args
+        self.console = console
+        self.mode = mode
+        self.journal = journal_path(args)
+        self.result: BulkResult | None = None
+        self.base_url = ""
+
+    def limits(self) -> Limits:
+        args = self.args
+        return Limits(
+            max_in_flight=getattr(args, "max_in_flight", None),
+            max_concurrent_submits=getattr(args, "concurrency", 4),
+            max_submits_per_second=getattr(args, "rate", None),
+        )
+
+    async def run(self, items: list[BulkItem]) -> int:
+        """Run the command; returns its exit code."""
+        args = self.args
+        out: Path = args.out
+        if self.journal is not None:
+            self.journal.parent.mkdir(parents=True, exist_ok=True)
+        manifest_path = out / "manifest.jsonl"
+        records = await asyncio.to_thread(read_manifest, manifest_path)
+        async with self._client() as client:
+            if args.command == "resume":
+                plan = await plan_resume(client, records)
+            elif self.journal is not None:
+                plan = await plan_rerun(
+                    client,
+                    items,
+                    records,
+                    retry_failed=args.retry_failed,
+                    job_timeout=args.job_timeout,
+                )
+                if plan.skipped:
+                    self._say(
+                        f"skipping {plan.skipped} line(s) this journal already sent "
+                        f"(pending ones are collected, uncertain ones are never resent)"
+                    )
+            else:
+                plan = Plan(send=[Row.of(item) for item in items])
+            total = len(plan.send) + len(plan.collect) + len(plan.settled)
+            display = Display(
+                Tally(total),
+                self.console,
+                mode=self.mode,
+                quiet=args.quiet,
+                interval=args.progress_interval,
+            )
+            stop = asyncio.Event()
+            handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
+            with handle:
+                run = BulkRun(
+                    client,
+                    send=plan.send,
+                    collect=plan.collect,
+                    settled=plan.settled,
+                    manifest=Manifest(handle),
+                    downloader=Downloader(
+                        client._transport.session, out, allow_http=args.allow_http or args.emulator
+                    ),
+                    display=display,
+                    already_saved=saved_indexes(records),
+                    job_timeout=args.job_timeout,
+                    stop=stop,
+                )
+                with self._first_ctrl_c_stops(stop):
+                    self.result = await run.run()
+            if self.journal is not None:
+                await self._forget_refused(client, plan)
+        return self.finish(total)
+
+    @contextlib.asynccontextmanager
+    async def _client(self) -> AsyncIterator[WujieClient]:
+        async with open_client(self.args, self.limits(), self.journal) as client:
+            self.base_url = client.base_url
+            yield client
+
+    async def _forget_refused(self, client: WujieClient, plan: Plan) -> None:
+        """Journal rows of submits a systemic error refused: never accepted, so forget them.
+
+        (The current transport journals a 404 as uncertain; it is provably not charged.)
+        """
+        assert self.result is not None
+        if self.result.systemic is None:
+            return
+        tags = {
+            row.tag
+            for row in plan.send
+            for outcome in self.result.outcomes
+            if outcome.status == "not_sent" and outcome.line == row.line and outcome.key is None
+        }
+        rows = await client.journal_entries("uncertain", "rejected", "intent")
+        refused = [e.id for e in rows if e.tag in tags and e.id > plan.last_journal_id]
+        if refused:
+            await client.forget_submits(refused)
+
+    def _say(self, message: str) -> None:
+        if not self.args.quiet:
+            self.console.print(Text(message), soft_wrap=True)
+
+    @contextlib.contextmanager
+    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[None]:
+        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once."""
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+
+        def on_interrupt() -> None:
+            if stop.is_set() and main is not None:
+                main.cancel()
+                return
+            stop.set()
+            self.console.print("stopping: letting submits on the wire finish (Ctrl-C to quit now)")
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_interrupt)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            yield
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    def finish(self, total: int) -> int:
+        """Print the summary (stderr; ``--json`` also on stdout) and return the exit code."""
+        result = self.result
+        assert result is not None
+        counts = count(result.outcomes)
+        stopped = None
+        if result.systemic is not None:
+            code = EXIT_SYSTEMIC
+            stopped = fix_message(
+                result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
+            )
+        elif result.interrupted:
+            code = EXIT_INTERRUPTED
+        elif counts["saved"] == total:
+            code = EXIT_OK
+        else:
+            code = EXIT_FAILED
+        out = self.args.out
+        parts = " · ".join(f"{name} {counts[name]}" for name in counts if counts[name])
+        self.console.print(
+            Text(
+                f"{total} line(s): {parts or 'none ended'}"
+                + (f" · pending {result.pending}" if result.pending else "")
+                + f"; {result.images} image(s) saved in {out}/ (manifest: {out / 'manifest.jsonl'})"
+            ),
+            soft_wrap=True,
+        )
+        self._hints(counts, result, stopped)
+        if getattr(self.args, "json", False):
+            summary = {
+                "lines": total,
+                "outcomes": dict(counts),
+                "pending": result.pending,
+                "images": result.images,
+                "exit_code": code,
+                "stopped": stopped,
+                "manifest": str(out / "manifest.jsonl"),
+                "journal": str(self.journal) if self.journal else None,
+            }
+            print(json.dumps(summary))  # noqa: T201 - the machine-readable summary is output
+        elif self.args.command == "generate":
+            for path in result.saved_paths:
+                print(path)  # noqa: T201 - the saved paths are this command's output
+        return code
+
+    def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
+        say = self._say
+        if stopped is not None:
+            self.console.print(Text(stopped), soft_wrap=True)
+            return
+        command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
+        if result.interrupted:
+            if self.journal is not None:
+                say(
+                    "interrupted: submitted jobs keep running on the gateway; re-run the same "
+                    f"command to collect them and send the rest:\n  wujie-async {command}\n"
+                    f"(or collect only: wujie-async resume {self.journal} --out {self.args.out})"
+                )
+            elif self.args.emulator:
+                say("interrupted (the embedded emulator stops with this process)")
+            else:
+                say(
+                    "interrupted: submitted jobs keep running on the gateway, but without a "
+                    "journal their keys are not kept; run bulk with a journal to make it resumable"
+                )
+            return
+        if counts["uncertain"]:
+            say(
+                f"{counts['uncertain']} line(s) may have been charged without a reply; they are "
+                "never resent silently. See them with: wujie-async journal list --status "
+                "uncertain"
+            )
+        if (counts["failed"] or counts["moderated"] or counts["rejected"]) and self.journal:
+            say("resend the failed lines (each resend costs points) by adding --retry-failed")
