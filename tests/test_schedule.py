@@ -54,12 +54,13 @@ def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness(
     assert max(late for _, late in results) <= POLICY.min_interval
 
 
-def test_before_anything_is_learned_an_estimate_is_checked_once() -> None:
-    # first ask, one check that the estimate counts down, the window (opening 5% early under
-    # the prior), two asks in it, the one that sees the job done.
-    asks, late = follow(PollSchedule(POLICY), 20.0, exact)
-    assert asks <= 6
-    assert late <= POLICY.min_interval
+def test_before_anything_is_learned_the_poller_closes_in_on_the_estimate_in_steps() -> None:
+    # Each step goes a quarter of the way to the window (at least 2 x min_interval): the asks
+    # grow with the log of the job's length, and lateness stays within min_interval.
+    for end, most_asks in ((20.0, 14), (200.0, 24)):
+        asks, late = follow(PollSchedule(POLICY), end, exact)
+        assert asks <= most_asks
+        assert late <= POLICY.min_interval
 
 
 def test_a_placeholder_estimate_is_found_out_and_the_job_is_still_seen_promptly() -> None:
