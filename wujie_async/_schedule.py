@@ -36,6 +36,8 @@ _HIGH_QUANTILE = 0.98
 # The prior: an estimate is taken to be right within 5% of the job's predicted duration.
 _PRIOR_LOW = -0.05
 _PRIOR_HIGH = 0.05
+# ...and never opens more than this many ``min_interval`` before the predicted end.
+_PRIOR_MAX_STEPS = 4
 # A later report may move the predicted end by this share of the time between the two reports
 # (plus ``min_interval``) before the estimate counts as not counting down.
 _LIVE_DRIFT = 0.5
@@ -189,9 +191,7 @@ class PollSchedule:
         """Loop time of the next ask about a running job, from what is known at ``now``."""
         policy = self._policy
         if timing.predicted_end is not None and timing.predicted_span:
-            low, high = self.window(timing.model)
-            opens = timing.predicted_end + low * timing.predicted_span
-            closes = timing.predicted_end + high * timing.predicted_span
+            opens, closes = self._window_at(timing)
             if now + policy.min_interval < opens:
                 if self._learning(timing.model):
                     # Nothing learned yet: close in on the window in steps rather than trust
@@ -221,8 +221,20 @@ class PollSchedule:
         """Loop time from which ``timing``'s job is asked about densely (-inf: already)."""
         if timing.predicted_end is None or not timing.predicted_span:
             return -math.inf
-        low, _ = self.window(timing.model)
-        return timing.predicted_end + low * timing.predicted_span
+        return self._window_at(timing)[0]
+
+    def _window_at(self, timing: KeyTiming) -> tuple[float, float]:
+        """Loop times when ``timing``'s window opens and closes (it has a prediction)."""
+        assert timing.predicted_end is not None and timing.predicted_span is not None
+        low, high = self.window(timing.model)
+        span = timing.predicted_span
+        if self._learning(timing.model):
+            # The prior is a guess: it must not make a long job's window long as well.
+            cap = _PRIOR_MAX_STEPS * self._policy.min_interval
+            return timing.predicted_end + max(low * span, -cap), (
+                timing.predicted_end + min(high * span, cap)
+            )
+        return timing.predicted_end + low * span, timing.predicted_end + high * span
 
     def _backoff(self, age: float) -> float:
         policy = self._policy
