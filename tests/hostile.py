@@ -90,7 +90,7 @@ async def _reply(request: web.Request) -> web.StreamResponse:
     if mode == "redirect-self":  # a 307 loop: a client that follows it POSTs again and again
         raise web.HTTPTemporaryRedirect(location=str(request.url))
     if mode == "redirect-away":
-        location = "http://user:hunter2@169.254.169.254/latest/\x1b[2Jmeta"
+        location = "http://user:hunter2@169.254.169.254/latest/meta-data"
         return web.Response(status=302, headers={"Location": location})
     if mode == "gzip-bomb":
         return web.Response(
