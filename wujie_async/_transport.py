@@ -28,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -216,7 +218,11 @@ def _failure_reason(exc: BaseException) -> str:
     the request headers (those live on ``request_info``, which is not kept).
     """
     if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or str(exc.os_error)
+        os_error = exc.os_error
+        reason = os_error.strerror or str(os_error)
+        if os_error.errno and not isinstance(os_error, socket.gaierror):
+            # asyncio words a refusal "Connect call failed (...)": name the errno as well.
+            reason = f"{os.strerror(os_error.errno)} ({reason})"
     else:
         reason = str(exc)
     name = type(exc).__name__
