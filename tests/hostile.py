@@ -98,7 +98,7 @@ async def _reply(request: web.Request) -> web.StreamResponse:
             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
         )
     if mode == "slow":
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)  # past the tests' short request timeouts
         return web.Response(body=b'{"code":"200","message":"ok","data":{}}')
     if mode == "huge-declared":
         return web.Response(body=b"x" * HUGE, content_type="application/json")
