@@ -84,9 +84,9 @@ def _check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        # The message never repeats the URL: it may hold a password.
-        raise InvalidRequestError([("base_url", rule_http)]) from None
-    if parts.scheme not in {"http", "https"} or not host:
+        host = None  # raised below, outside this block, so no ValueError rides along
+    # Messages never repeat the URL: it may hold a password.
+    if host is None or parts.scheme not in {"http", "https"}:
         raise InvalidRequestError([("base_url", rule_http)])
     if "@" in parts.netloc:
         raise InvalidRequestError(
