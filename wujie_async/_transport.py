@@ -17,10 +17,11 @@ wherever a ``Location`` points could be replayed there (and a 307 loop would pay
 Secrets and exception chains: aiohttp's ``ClientResponseError`` and every ``ClientResponse``
 carry ``request_info``, whose headers hold the signed Authorization header, and a traceback
 keeps the locals of each frame it passes. ``raise ... from None`` is not enough: it hides the
-cause from the printout but keeps it in ``__context__``. So one exchange (:meth:`Transport.
-_exchange`) *returns* its failure as a ``WujieError`` built from the lower-level error's text
-(the OS reason such as "Connection refused" is kept), and the caller raises it outside any
-``except`` block: no aiohttp exception, response or header is reachable from what we raise.
+cause from the printout but keeps it in ``__context__``. So one exchange
+(``Transport._exchange``) *returns* its failure as a ``WujieError`` built from the lower-level
+error's text (the OS reason such as "Connection refused" is kept), and the caller raises it
+outside any ``except`` block: no aiohttp exception, response or header is reachable from what
+we raise, and the header is never a local of a frame that a traceback keeps.
 """
 
 from __future__ import annotations
