@@ -75,6 +75,12 @@ class PollPolicy:
                 raise InvalidRequestError([(f"PollPolicy.{name}", "must be a number >= 0")])
 
 
+    def next_delay(self, *, expected_seconds: float | None, age: float) -> float:
+        """Seconds until the next ask about a key that is still running (being replaced)."""
+        wanted = max(0.5 * (expected_seconds or 0.0), self.age_fraction * age)
+        return min(max(wanted, self.min_interval), self.max_interval)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
     """How hard the client may push the gateway (the platform sells QPS and channels).
