@@ -10,6 +10,7 @@
     │   ├── RateLimitedError        HTTP 429 (retry_after in seconds, when the server said)
     │   ├── ServerError             HTTP 5xx: transient on the gateway's side
     │   ├── ProtocolError           the reply is not what the contract promises (what came back)
+    │   │   └── ResponseTooLargeError   the reply is over Limits.max_response_bytes
     │   └── BusinessError           HTTP 200 with code != "200" (code, message)
     │       ├── ParameterError          20010001 / 20010015: the gateway rejected a field
     │       ├── LockRaceError           20010018: safe to resubmit
@@ -22,6 +23,8 @@
         ├── ModerationRejectedError status 5
         ├── JobTimeoutError         the job's deadline passed while it was still running
         ├── UnknownJobError         the gateway kept not listing the key past the grace period
+        ├── JobProtocolError        the gateway's entry for the job is unreadable (also a
+        │                           ProtocolError)
         └── JobCancelledError       job.cancel() or client shutdown stopped tracking it
 
 Every error carries what it knows (``job_key``, ``code``, ``http_status``, what came back) and
@@ -121,6 +124,10 @@ class ProtocolError(APIError):
     """The reply breaks the contract (not JSON, wrong shape, too large); ``body`` shows it."""
 
 
+class ResponseTooLargeError(ProtocolError):
+    """The reply is larger than ``Limits.max_response_bytes``; it was not read whole."""
+
+
 class BusinessError(APIError):
     """HTTP 200 with an envelope code other than ``"200"``."""
 
@@ -212,3 +219,11 @@ class UnknownJobError(JobError):
 
 class JobCancelledError(JobError):
     """The client stopped tracking the job (``job.cancel()`` or shutdown); it may still run."""
+
+
+class JobProtocolError(JobError, ProtocolError):
+    """The gateway's report on this one job breaks the contract (malformed, or too large).
+
+    The job ends; every other job carries on. It is both a ``JobError`` (the job ended without
+    images) and a ``ProtocolError`` (the gateway's reply is at fault).
+    """
