@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import _contract, _rules
 from ._errors import InvalidRequestError
@@ -194,14 +194,15 @@ def _text(value: Any) -> Any:
 
 
 def _fail(value: Any) -> Any:
-    return value if isinstance(value, dict | str) else None
+    if isinstance(value, dict):
+        return _with_fields_cleaned(value, _FAIL_CLEANERS)
+    return value if isinstance(value, str) else None
 
 
 def _with_fields_cleaned(data: Any, cleaners: dict[str, Any]) -> Any:
     """``data`` with each optional field that is unreadable replaced by None (or clamped).
 
-    Optional fields never fail an entry: a NaN estimate or a hostile fail code is dropped, and
-    the entry's key and status still count. The input is copied only when something changes.
+    The input is copied only when something changes (and returned as is otherwise).
     """
     if not isinstance(data, dict):
         return data
@@ -217,49 +218,63 @@ def _with_fields_cleaned(data: Any, cleaners: dict[str, Any]) -> Any:
     return data if fixed is None else fixed
 
 
-class FailInfo(_Reply):
-    """Why a job failed. Unreadable values are dropped (None), never a reason to reject."""
-
-    fail_code: int | None = None
-    fail_message: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _clean(cls, data: Any) -> Any:
-        return _with_fields_cleaned(data, _FAIL_CLEANERS)
-
-
 _FAIL_CLEANERS = {"fail_code": _fail_code, "fail_message": _text}
 # The largest and smallest status a gateway could mean; anything outside is a malformed entry.
 _STATUS_BOUND = 2**31
+# allow_inf_nan on the float member only: on a union it would also run on text, and raise.
+_FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Short text with no control characters (C0, DEL, C1): it may end up in a log or a terminal.
+_TimeText = Annotated[str, Field(max_length=_MAX_TIME_TEXT, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
+
+
+class FailInfo(_Reply):
+    """Why a job failed."""
+
+    fail_code: int | None = Field(default=None, gt=-(10**_MAX_CODE_DIGITS), lt=10**_MAX_CODE_DIGITS)
+    fail_message: str | None = None
 
 
 class JobInfo(_Reply):
     """One entry of a batch-detail reply's ``list``.
 
-    ``key`` and ``status`` are required and checked; an entry without them is malformed. Every
-    other field is optional and hostile-checked on its own: non-finite or unreadable numbers
-    (NaN, Infinity, text, a 5,000-digit code) are dropped to None, out-of-range ones clamped
-    (``expected_seconds`` to 0 to a day, ``complete_percent`` to 0 to 100), so one bad field
-    never fails the entry, and nothing non-finite ever reaches the poll schedule.
+    The model is strict about every number: NaN, Infinity and out-of-range values are rejected
+    (``allow_inf_nan=False``, bounds), so nothing non-finite can reach the poll schedule. Use
+    :meth:`read` for a hostile entry: it keeps an entry whose key and status are sound even when
+    an optional field is not, dropping that field (None) or clamping it.
     """
 
     key: str
     status: int = Field(ge=-_STATUS_BOUND, le=_STATUS_BOUND)
-    complete_percent: float | None = Field(default=None, allow_inf_nan=False)
-    expected_seconds: float | None = Field(default=None, allow_inf_nan=False)
+    complete_percent: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    expected_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_EXPECTED_SECONDS, allow_inf_nan=False
+    )
     images: list[ImageInfo] | None = None
     fail_message: FailInfo | str | None = None
     # [platform] optional progress fields (API.md): read when present, never required.
-    queue_before_num: int | None = None
-    start_gen_time: float | str | None = None
-    complete_time: float | str | None = None
-    integral_cost: float | None = Field(default=None, allow_inf_nan=False)
+    queue_before_num: int | None = Field(default=None, ge=0, le=_MAX_QUEUE_POSITION)
+    start_gen_time: _FiniteFloat | _TimeText | None = None
+    complete_time: _FiniteFloat | _TimeText | None = None
+    integral_cost: float | None = Field(default=None, ge=0, le=_MAX_POINTS, allow_inf_nan=False)
 
-    @model_validator(mode="before")
     @classmethod
-    def _clean(cls, data: Any) -> Any:
-        return _with_fields_cleaned(data, _ENTRY_CLEANERS)
+    def read(cls, raw: Any) -> JobInfo:
+        """Validate a hostile entry; optional fields that break a rule are dropped or clamped.
+
+        ``expected_seconds`` is clamped to 0 to a day and ``complete_percent`` to 0 to 100; any
+        other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
+        wrong type) becomes None. Only a bad key, status or image list fails the entry.
+
+        Raises:
+            ValidationError: the key, status or images are unreadable.
+        """
+        try:
+            return cls.model_validate(raw)
+        except ValidationError:
+            cleaned = _with_fields_cleaned(raw, _ENTRY_CLEANERS)
+            if cleaned is raw:
+                raise
+            return cls.model_validate(cleaned)
 
     @property
     def terminal(self) -> bool:

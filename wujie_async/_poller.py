@@ -405,15 +405,17 @@ class BatchPoller:
         ignored = len(listed) - len(relevant)
         malformed: dict[str, str] = {}
         first_problem = ""
+        # Validating hostile input may only ever mean "malformed": anything it raises (a
+        # ValidationError, or a TypeError from deep inside a validator) marks the entry bad.
         try:  # one validation call for the whole list: the common, well-formed case
             entries = _JOB_LIST.validate_python(relevant)
-        except ValidationError:
+        except Exception:
             entries = []
             for raw in relevant:  # find the bad entries, keep the good ones
                 try:
-                    entries.append(JobInfo.model_validate(raw))
-                except ValidationError as exc:
-                    why = _why(exc)
+                    entries.append(JobInfo.read(raw))
+                except Exception as exc:
+                    why = _why(exc) if isinstance(exc, ValidationError) else type(exc).__name__
                     first_problem = first_problem or why
                     key = raw.get("key") if isinstance(raw, dict) else None
                     if isinstance(key, str):
