@@ -140,8 +140,11 @@ class ImageJob:
 
     @property
     def status_name(self) -> str:
-        """``queued``, ``generating``, ``succeeded``, ``failed``, ``rejected``, ``ended without a
-        result`` or ``pending``."""
+        """The status in words: ``pending``, ``queued``, ``generating``, ``succeeded``, ...
+
+        Also ``failed``, ``rejected``, ``ended without a result``, or ``status N`` for a status
+        the contract does not name.
+        """
         if self.status is None:
             return "pending"
         return STATUS_NAMES.get(self.status, f"status {self.status}")
