@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import json
 import struct
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from wujie_async import Credentials
+
+from .helpers import GENERATIONS, INFO
 
 HUGE = 20 * 1024 * 1024
 BOMB_INFLATED = 1024 * 1024 * 1024  # what the gzip bomb inflates to: 1 GiB of zeros
@@ -189,3 +198,69 @@ async def file_server() -> AsyncIterator[str]:
     app.router.add_get("/files/{kind}", _file)
     async with _serve(app) as origin:
         yield origin
+
+
+@functools.cache
+def throwaway_credentials() -> Credentials:
+    """Credentials with a fresh RSA key: the scripted gateway checks no signature."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return Credentials("hostile-app", pem)
+
+
+# What a test's script returns for the keys of one batch call: the ``list`` as Python objects
+# (dumped with Python's json, so NaN and Infinity go out as written), or as raw JSON bytes.
+BatchScript = Callable[[list[str]], Any]
+
+
+@dataclass
+class ScriptedGateway:
+    """A gateway whose batch replies a test writes (see :func:`scripted_gateway`).
+
+    Attributes:
+        base_url: give this to ``WujieClient(base_url=...)``.
+        asked: the keys of every batch call, in order.
+        released: set when the gateway shuts down; a script holding a reply can wait on it.
+    """
+
+    base_url: str
+    asked: list[list[str]] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    submits: int = 0
+
+
+@asynccontextmanager
+async def scripted_gateway(script: BatchScript) -> AsyncIterator[ScriptedGateway]:
+    """A gateway that accepts every submit (keys ``K00000``, ``K00001``, ...) and answers each
+    batch call with ``{"code":"200","data":{"list": script(keys)}}``; ``script`` may be async.
+    """
+    app = web.Application(client_max_size=1024 * 1024)
+    gateway = ScriptedGateway(base_url="")
+
+    async def submit(request: web.Request) -> web.Response:
+        key = f"K{gateway.submits:05d}"
+        gateway.submits += 1
+        return web.json_response({"code": "200", "message": "success", "data": {"key": key}})
+
+    async def info(request: web.Request) -> web.Response:
+        keys = await request.json()
+        gateway.asked.append(keys)
+        listed = script(keys)
+        if inspect.isawaitable(listed):
+            listed = await listed
+        raw = listed if isinstance(listed, bytes) else json.dumps(listed).encode()
+        body = b'{"code":"200","message":"success","data":{"list":' + raw + b"}}"
+        return web.Response(body=body, content_type="application/json")
+
+    app.router.add_post(GENERATIONS, submit)
+    app.router.add_post(INFO, info)
+    async with _serve(app) as origin:
+        gateway.base_url = origin
+        try:
+            yield gateway
+        finally:
+            gateway.released.set()  # let held replies go, so shutdown does not wait on them

@@ -27,6 +27,8 @@
         ├── ModerationRejectedError status 5
         ├── JobTimeoutError         the job's deadline passed while it was still running
         ├── UnknownJobError         the gateway kept not listing the key past the grace period
+        ├── JobProtocolError        the gateway's entry for the job is unreadable (also a
+        │                           ProtocolError)
         └── JobCancelledError       job.cancel() or client shutdown stopped tracking it
 
 Every error carries what it knows (``job_key``, ``code``, ``http_status``, what came back) and
@@ -329,3 +331,11 @@ class UnknownJobError(JobError):
 
 class JobCancelledError(JobError):
     """The client stopped tracking the job (``job.cancel()`` or shutdown); it may still run."""
+
+
+class JobProtocolError(JobError, ProtocolError):
+    """The gateway's report on this one job breaks the contract (malformed, or too large).
+
+    The job ends; every other job carries on. It is both a ``JobError`` (the job ended without
+    images) and a ``ProtocolError`` (the gateway's reply is at fault).
+    """
