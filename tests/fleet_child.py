@@ -1,7 +1,8 @@
 """A fleet member in its own process, for the fleet tests. One JSON line per event on stdout.
 
 Roles:
-  limiter URL NAME RATE SECONDS START   acquire for SECONDS from unix time START; print times
+  limiter URL NAME RATE SECONDS         print ready, read a unix start time from stdin, acquire
+                                        for SECONDS from then; print the times
   leader URL NAME LEASE                 hold shard 0's lease and act (take due keys) in a loop
   journal URL NAME TIMEOUT N            journal N accepted submits, print ready, then idle
   reports URL NAME N                    register N keys, print ready, read reports until all came
@@ -24,11 +25,13 @@ def say(**event: Any) -> None:
     sys.stdout.flush()
 
 
-async def limiter(url: str, name: str, rate: str, seconds: str, start: str) -> None:
+async def limiter(url: str, name: str, rate: str, seconds: str) -> None:
     async with RedisFleet(url, name=name) as fleet:
         limit = fleet.limiter(float(rate))
-        await asyncio.sleep(max(0.0, float(start) - time.time()))
-        stop = float(start) + float(seconds)
+        say(ready=True)
+        start = float(await asyncio.to_thread(sys.stdin.readline))
+        await asyncio.sleep(max(0.0, start - time.time()))
+        stop = start + float(seconds)
         times = []
         while time.time() < stop:
             await limit.acquire()

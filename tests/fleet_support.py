@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -12,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -90,7 +92,7 @@ async def any_redis(tmp_path: Path) -> AsyncIterator[str]:
 async def start_child(*args: str) -> asyncio.subprocess.Process:
     """``tests/fleet_child.py`` with ``args``, its stdout piped (one JSON line per event)."""
     return await asyncio.create_subprocess_exec(
-        sys.executable, str(CHILD), *args,
+        sys.executable, str(CHILD), *args, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
 
@@ -99,3 +101,15 @@ async def stop_child(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.kill()
     await proc.communicate()
+
+
+async def next_event(proc: asyncio.subprocess.Process, timeout: float = 30) -> dict[str, Any]:
+    """The child's next JSON line."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        assert proc.stderr is not None
+        error = await proc.stderr.read()
+        raise AssertionError(f"the child exited: {error.decode()[-2000:]}")
+    event: dict[str, Any] = json.loads(line)
+    return event

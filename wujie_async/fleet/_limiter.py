@@ -1,20 +1,19 @@
 """FleetLimiter: one submit rate for every member of a fleet (GCRA in one Lua script).
 
 The limiter keeps GCRA's *theoretical arrival time* (TAT) in Redis, in Redis server time, so
-members on machines with different clocks agree. One script call per attempt, atomically:
+members on machines with different clocks agree. One script call per acquisition, atomically:
 
-- while the fleet is paused (a 429 with Retry-After seen by any member), it answers "wait for
-  the rest of the pause";
-- otherwise, when the next free slot is at most ``horizon`` ahead, it reserves that slot
-  (TAT += 1/rate) and answers "granted, your slot is in ``w``": the caller sleeps ``w`` and goes;
-- otherwise it answers "not granted, a slot becomes reservable in ``w``": the caller sleeps
-  ``w`` and asks again. Nobody spins.
+- while the fleet is paused (a 429 with Retry-After seen by any member) it answers "wait for
+  the rest of the pause", and the caller sleeps that long and asks again;
+- otherwise it reserves the next slot (TAT += 1/rate) and answers "your slot is in ``w``": the
+  caller sleeps ``w`` and goes. Nobody spins and nobody retries while the fleet is not paused.
 
 Slots are handed out one period apart, so no window of one second holds more than ``rate + 1``
-slots. The short reservation horizon bounds how late a pause can take effect (slots already
-reserved still go) and keeps members fair: every member's waiting caller asks again at the
-moment a slot becomes reservable, and Redis serves them in arrival order. Inside one member,
-callers queue on a local FIFO lock, so each member has one caller at a time at Redis.
+slots. Fairness: Redis serves reservations in arrival order, and each member holds at most
+one reservation at a time (its callers queue on a local FIFO lock held until the slot comes),
+so saturated members take turns. A reservation more than ``horizon`` (50 ms) ahead checks the
+pause once more when its slot comes, so a pause reaches every member within 50 ms; a slot
+given up that way is simply unused.
 """
 
 from __future__ import annotations
@@ -29,22 +28,18 @@ from .._errors import InvalidRequestError
 if TYPE_CHECKING:
     from ._fleet import RedisFleet
 
-# KEYS: tat, pause. ARGV: period_us, horizon_us. Reply: {granted 0|1, wait_us}.
+# KEYS: tat, pause. ARGV: period_us. Reply: {1, wait_us until the slot} or {0, pause left_us}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then return {0, pause * 1000} end
-local period = tonumber(ARGV[1])
-local horizon = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local ahead = tat - now
-if ahead > horizon then return {0, ahead - horizon} end
-local next_tat = tat + period
+local next_tat = tat + tonumber(ARGV[1])
 redis.call('SET', KEYS[1], string.format('%d', next_tat),
            'PX', math.floor((next_tat - now) / 1000) + 1000)
-return {1, ahead}
+return {1, tat - now}
 """
 
 # KEYS: pause. ARGV: ms. A pause is only ever lengthened. Reply: the pause now in force (ms).
@@ -58,7 +53,7 @@ end
 return left
 """
 
-_MIN_HORIZON = 0.05  # seconds of slots a caller may reserve ahead (at least one period)
+_HORIZON = 0.05  # a reservation further ahead than this checks for a pause before it goes
 
 
 class FleetLimiter:
@@ -87,26 +82,27 @@ class FleetLimiter:
         return self._rate
 
     async def acquire(self) -> None:
-        """Return when this caller's fleet-wide slot has come (one Redis call per attempt).
+        """Return when this caller's fleet-wide slot has come.
+
+        One Redis call; a second one only after a wait longer than 50 ms (the pause check).
 
         Raises:
             FleetUnavailableError: Redis is unreachable or missed its deadline.
         """
         period = 1.0 / self._rate
-        horizon = max(_MIN_HORIZON, period)
-        args = (round(period * 1e6), round(horizon * 1e6))
         keys = (self._fleet.keys.rate_tat, self._fleet.keys.rate_pause)
         async with self._turn:
             while True:
-                granted, wait_us = await self._acquire(keys, args)
+                granted, wait_us = await self._acquire(keys, (round(period * 1e6),))
                 wait = int(wait_us) / 1e6
-                if granted:
+                if not granted:  # paused; a little jitter so members do not return as a herd
+                    await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))
+                    continue
+                # Still holding the turn: one reservation per member at a time (fairness).
+                await asyncio.sleep(wait)
+                if wait <= _HORIZON or await self.paused_for() == 0:
                     break
-                # A little jitter so the members' waiting callers do not arrive as one herd.
-                await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))
-        self.acquired += 1
-        if wait > 0:
-            await asyncio.sleep(wait)
+            self.acquired += 1
 
     async def pause(self, seconds: float) -> float:
         """Stop every member's acquisitions for ``seconds`` (e.g. a 429's Retry-After).
