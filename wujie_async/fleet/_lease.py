@@ -117,7 +117,7 @@ class LeaderLease:
             LeaseLostError: not leading, or the lease may run out within ``seconds``.
         """
         left = self.remaining()
-        if self._fence is None or left < seconds:
+        if self._fence is None or left <= 0 or left < seconds:
             raise LeaseLostError(
                 f"shard {self.shard}: {left:.3f}s of lease left, {seconds:.3f}s needed; not acting",
                 shard=self.shard,
