@@ -52,7 +52,7 @@ async def leader(url: str, name: str, lease_seconds: str) -> None:
                     await registry.take_due(0, fence, limit=50, hold=1.0)
                 except LeaseLostError:
                     continue
-                say(act=lease.token, t=time.time())
+                say(act=int(fence.rsplit("|", 1)[1]), t=time.time())  # the token it acted with
 
 
 async def journal(url: str, name: str, timeout: str, n: str) -> None:
