@@ -70,7 +70,10 @@ async def own_redis(
         for _ in range(200):
             if await _listening(port):
                 break
+            assert process.returncode is None, f"redis-server exited ({process.returncode})"
             await asyncio.sleep(0.025)
+        else:
+            raise AssertionError(f"redis-server is not listening on port {port} after 5 s")
         yield RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
     finally:
         if process.returncode is None:

@@ -57,7 +57,7 @@ async def hammer(limiter: FleetLimiter, until: float, callers: int = 3) -> list[
 
 
 async def test_four_members_share_one_rate_fairly(url: str) -> None:
-    rate, seconds = 60.0, 2.5
+    rate, seconds = 60.0, 1.8
     async with AsyncExitStack() as stack:
         limiters = await members(stack, url, fleet_name(), 4, rate)
         until = time.monotonic() + seconds
@@ -69,8 +69,9 @@ async def test_four_members_share_one_rate_fairly(url: str) -> None:
     assert all(0.15 <= share <= 0.35 for share in shares), shares
 
 
+@pytest.mark.slow
 async def test_four_member_processes_never_exceed_the_rate(url: str) -> None:
-    rate, seconds, name = 40.0, 2.5, fleet_name()
+    rate, seconds, name = 40.0, 1.8, fleet_name()
     children = [await start_child("limiter", url, name, str(rate), str(seconds)) for _ in range(4)]
     try:
         for child in children:

@@ -120,6 +120,7 @@ async def test_a_malformed_stream_entry_is_skipped_not_fatal(url: str) -> None:
         assert [r.body for r in await fleet.inbox("m").read(0.2)] == [{"ok": True}]
 
 
+@pytest.mark.slow
 async def test_reports_across_processes(url: str) -> None:
     """Two member processes register keys; a leader process polls them all and reports."""
     name = fleet_name()
