@@ -168,3 +168,21 @@ async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
                         assert asyncio.get_running_loop().time() < deadline
                         await asyncio.sleep(0.05)
                 assert entry.job_key == "KEPT" and entry.tag == "t"
+
+
+async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: Path) -> None:
+    async with own_redis(tmp_path) as server:
+        async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.2) as fleet:
+            journal = fleet.journal("me")
+            await journal.open()
+            row = await journal.record_intent("/gen", {"prompt": "x"})
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(5):
+                    journal.record_unsent(row, "unsent", "cancelled")
+                started = asyncio.get_running_loop().time()
+                await journal.close()
+                assert asyncio.get_running_loop().time() - started < 0.6
+            finally:
+                server.process.send_signal(signal.SIGCONT)

@@ -225,13 +225,24 @@ class RedisJournal:
         )
 
     async def close(self) -> None:
-        """Write what is queued (each write with its deadline), then stop."""
+        """Write what is queued, then stop; gives up after two command deadlines.
+
+        What is given up stays in its earlier state: an intent becomes ``uncertain`` when the
+        member's jobs are claimed, the safe reading.
+        """
         queue, writer = self._later, self._writer
         self._later = self._writer = None
         if queue is None or writer is None:
             return
         queue.put_nowait(None)
-        await writer
+        try:
+            async with asyncio.timeout(2 * self._fleet.config.command_timeout):
+                await writer
+        except TimeoutError:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            logger.warning("fleet journal: %d records not written at close", queue.qsize())
 
     async def _write_later(self, queue: asyncio.Queue[_Later]) -> None:
         while (args := await queue.get()) is not None:
