@@ -95,6 +95,7 @@ async def test_aof_on_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture)
                 assert fleet.durability.appendonly is True
                 assert fleet.durability.appendfsync == "everysec"
                 assert fleet.durability.warning is None
+                assert fleet.durability.maxmemory_policy == "noeviction"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -116,3 +117,15 @@ async def test_start_twice_and_close_twice(tmp_path: Path) -> None:
             await fleet.start()
         await fleet.aclose()
         await fleet.aclose()
+
+
+async def test_an_evicting_redis_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = ("--maxmemory-policy", "allkeys-lru")
+    async with own_redis(tmp_path, appendonly=True, extra=extra) as server:
+        with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):
+            async with RedisFleet(server.url, name=fleet_name()) as fleet:
+                assert fleet.durability is not None
+                assert fleet.durability.maxmemory_policy == "allkeys-lru"
+    assert any("evict journal rows" in r.getMessage() for r in caplog.records)

@@ -92,11 +92,13 @@ class FleetDurability:
     Attributes:
         appendonly: whether the append-only file (AOF) is on.
         appendfsync: ``always``, ``everysec`` or ``no``.
-        warning: the warning that was logged, or None when the setup is durable.
+        maxmemory_policy: what Redis evicts when memory runs out (``allkeys-*`` is unsafe).
+        warning: the warning(s) that were logged, or None when the setup is durable.
     """
 
     appendonly: bool | None
     appendfsync: str | None
+    maxmemory_policy: str | None
     warning: str | None
 
 
@@ -283,11 +285,15 @@ class RedisFleet:
     async def _check_durability(self) -> FleetDurability:
         appendonly: bool | None = None
         appendfsync: str | None = None
+        eviction: str | None = None
         try:
             config = await self.call(lambda r: r.config_get("append*"))
             if "appendonly" in config:
                 appendonly = str(config["appendonly"]).lower() == "yes"
             appendfsync = config.get("appendfsync")
+            eviction = (await self.call(lambda r: r.config_get("maxmemory-policy"))).get(
+                "maxmemory-policy"
+            )
         except FleetUnavailableError:
             # CONFIG is often renamed or disabled (managed Redis); INFO still tells AOF on/off.
             try:
@@ -296,10 +302,22 @@ class RedisFleet:
                     appendonly = bool(int(info["aof_enabled"]))
             except FleetUnavailableError:
                 pass
-        warning = durability_warning(self.config.url, appendonly, appendfsync)
-        if warning is not None:
-            logger.warning("%s", warning)
-        return FleetDurability(appendonly=appendonly, appendfsync=appendfsync, warning=warning)
+        warnings = [
+            text
+            for text in (
+                durability_warning(self.config.url, appendonly, appendfsync),
+                eviction_warning(self.config.url, eviction),
+            )
+            if text is not None
+        ]
+        for text in warnings:
+            logger.warning("%s", text)
+        return FleetDurability(
+            appendonly=appendonly,
+            appendfsync=appendfsync,
+            maxmemory_policy=eviction,
+            warning=" ".join(warnings) or None,
+        )
 
 
 def durability_warning(url: str, appendonly: bool | None, appendfsync: str | None) -> str | None:
@@ -321,6 +339,16 @@ def durability_warning(url: str, appendonly: bool | None, appendfsync: str | Non
             f"~30 s of journal writes; {advice}"
         )
     return None
+
+
+def eviction_warning(url: str, policy: str | None) -> str | None:
+    """The warning for a ``maxmemory-policy`` that may evict journal rows, or None."""
+    if policy is None or not policy.startswith("allkeys"):
+        return None  # noeviction, or volatile-*: journal rows have no TTL and are never evicted
+    return (
+        f"fleet Redis at {url} has maxmemory-policy {policy}: when memory runs out Redis may "
+        "evict journal rows (accepted job keys); use `noeviction` (or a volatile-* policy)"
+    )
 
 
 class FleetScript:
