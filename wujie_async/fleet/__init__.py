@@ -16,14 +16,16 @@ Building blocks, each made from a started :class:`RedisFleet`:
 
 from ._errors import FleetUnavailableError, LeaseLostError
 from ._fleet import FleetConfig, FleetDurability, RedisFleet
-from ._journal import RedisJournal
+from ._journal import Claim, RedisJournal
 from ._lease import LeaderLease
 from ._limiter import FleetLimiter
 from ._membership import Membership
-from ._registry import DueKey, KeyRegistry
+from ._registry import DueBatch, DueKey, KeyRegistry
 from ._reports import Report, ReportInbox, ReportOutbox
 
 __all__ = [
+    "Claim",
+    "DueBatch",
     "DueKey",
     "FleetConfig",
     "FleetDurability",
