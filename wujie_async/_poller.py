@@ -32,7 +32,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from pydantic import TypeAdapter, ValidationError
@@ -67,6 +67,25 @@ _JOB_LIST = TypeAdapter(list[JobInfo])
 _KNOWN_RUNNING = frozenset({_contract.STATUS_QUEUED, _contract.STATUS_GENERATING})
 
 
+class PollDelegate(Protocol):
+    """Someone else asks the gateway for this poller's keys (a fleet's leader), while it can.
+
+    While :meth:`delegating` is True, keys that come due are not asked about by this poller:
+    they are looked at again ``backstop`` seconds later (or at their deadline), and their
+    reports arrive through :meth:`BatchPoller.apply_report`. When it turns False the poller
+    asks for its own keys again, as without a delegate.
+    """
+
+    @property
+    def backstop(self) -> float:
+        """Seconds after which a delegated key comes due locally again, if no report came."""
+        ...
+
+    def delegating(self) -> bool:
+        """True while the delegate asks the gateway for this poller's keys."""
+        ...
+
+
 @dataclass(slots=True)
 class PollerCounters:
     """Mutable counters behind ``client.stats``."""
@@ -79,6 +98,7 @@ class PollerCounters:
     malformed_entries: int = 0
     ignored_entries: int = 0
     split_batches: int = 0
+    reports_applied: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -122,6 +142,55 @@ def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
         ):
             best[entry.key] = entry
     return best
+
+
+def _listed(data: Any) -> list[Any]:
+    """The list of entries of a batch reply's ``data``.
+
+    The reply's shape is [assumed] (see _contract). A bare array, or a null list (nothing
+    found), are read the same way rather than failing every job.
+    """
+    listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
+    if listed is None:
+        return []
+    if not isinstance(listed, list):
+        raise ProtocolError(f"batch reply data has no list: {snippet(str(data)[:400])}")
+    return listed
+
+
+def _relevant(listed: list[Any], asked: Container[str]) -> list[dict[str, Any]]:
+    """The entries of ``listed`` for keys in ``asked``, at most ENTRIES_PER_KEY per key.
+
+    One dict lookup per entry before any validation: a reply flooded with junk costs one pass.
+    """
+    relevant: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for raw in listed:
+        if type(raw) is dict:
+            key = raw.get("key")
+            # Exact match only: a key with a newline or control character is not ours.
+            if type(key) is str and key in asked:
+                seen = counts.get(key, 0)
+                if seen < ENTRIES_PER_KEY:
+                    counts[key] = seen + 1
+                    relevant.append(raw)
+    return relevant
+
+
+def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[str, Any]]]:
+    """A batch reply's raw entries for the keys asked, grouped by key (not validated).
+
+    For a fleet's leader, who passes each key's entries to its owner unread: the owner
+    validates them with :meth:`BatchPoller.apply_report`, exactly as its own replies.
+    At most ENTRIES_PER_KEY entries per key; entries for keys not asked are dropped.
+
+    Raises:
+        ProtocolError: ``data`` holds no list of entries.
+    """
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for raw in _relevant(_listed(data), asked):
+        grouped.setdefault(raw["key"], []).append(raw)
+    return grouped
 
 
 def _why(exc: ValidationError) -> str:
@@ -183,6 +252,7 @@ class BatchPoller:
 
     def __init__(self, transport: Transport, policy: PollPolicy, limits: Limits) -> None:
         self._transport = transport
+        self._delegate: PollDelegate | None = None
         self._policy = policy
         self._schedule_of = PollSchedule(policy)
         self._generation = self._schedule_of.generation
@@ -278,6 +348,12 @@ class BatchPoller:
                 if not batch:
                     await self._sleep_until_due(loop)
                     continue
+                delegate = self._delegate
+                if delegate is not None and delegate.delegating():
+                    # Another member asks for these; its reports come through apply_report.
+                    for tracked in batch:
+                        self._schedule(tracked, now + delegate.backstop)
+                    continue
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
@@ -360,21 +436,103 @@ class BatchPoller:
             if reading is None:
                 self._schedule(tracked, now + self._policy.min_interval)
                 continue
-            try:
-                self._dispatch(tracked, reading, now, unix_to_loop)
-            except Exception as exc:  # contained per entry: this job fails, the rest go on
-                logger.exception("handling the batch entry of one job failed")
-                if self._tracks(tracked):
-                    self._end(
-                        tracked.job,
-                        JobProtocolError(
-                            f"its batch entry could not be handled: {type(exc).__name__}",
-                            job_key=tracked.job.key,
-                        ),
-                    )
+            self._dispatch_contained(tracked, reading, now, unix_to_loop)
+        self._after_replies(now)
+
+    def _dispatch_contained(
+        self, tracked: _Tracked, reading: _Reading, now: float, unix_to_loop: float
+    ) -> None:
+        try:
+            self._dispatch(tracked, reading, now, unix_to_loop)
+        except Exception as exc:  # contained per entry: this job fails, the rest go on
+            logger.exception("handling the batch entry of one job failed")
+            if self._tracks(tracked):
+                self._end(
+                    tracked.job,
+                    JobProtocolError(
+                        f"its batch entry could not be handled: {type(exc).__name__}",
+                        job_key=tracked.job.key,
+                    ),
+                )
+
+    def _after_replies(self, now: float) -> None:
         if self._schedule_of.generation != self._generation:
             self._generation = self._schedule_of.generation
             self._pull_in_waiting(now)
+
+    # --- seams for a fleet (a leader asks the gateway; this poller applies its reports) -------
+    def set_delegate(self, delegate: PollDelegate | None) -> None:
+        """Let ``delegate`` ask the gateway for this poller's keys while it is delegating."""
+        self._delegate = delegate
+        self._wakeup.set()
+
+    def apply_report(
+        self, key: str, entries: list[Any] | None, *, too_large: bool = False
+    ) -> float | None:
+        """Apply what another member's batch call said about ``key``, exactly as a reply.
+
+        Args:
+            key: the job's key.
+            entries: the raw entries the gateway listed for ``key`` (hostile: validated here
+                as in a reply of this poller's own); None or empty when it listed none.
+            too_large: the gateway's entry for this key alone was over the reply cap.
+
+        Returns:
+            When the key is next due (loop time) if its job still runs, else None (ended, not
+            tracked, or in a call of this poller's own on the wire, whose reply counts).
+        """
+        tracked = self._jobs.get(key)
+        if tracked is None or tracked.due == math.inf:
+            return None
+        self.counters.reports_applied += 1
+        if too_large:
+            self._end_too_large(tracked.job)
+            return None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if entries:
+            try:
+                reading = self._read(entries, (key,))
+            except Exception:  # hostile input may only ever mean "malformed"
+                reading = _Reading({}, {key: "unreadable report"})
+        else:
+            reading = _Reading({}, {})
+        self._dispatch_contained(tracked, reading, now, now - time.time())
+        self._after_replies(now)
+        if not self._tracks(tracked):
+            return None
+        self._wakeup.set()
+        return tracked.due
+
+    def next_due(self, key: str) -> float | None:
+        """When ``key`` is next asked about (loop time); None if not tracked or on the wire."""
+        tracked = self._jobs.get(key)
+        if tracked is None or tracked.due == math.inf:
+            return None
+        return tracked.due
+
+    def due_times(self) -> dict[str, float]:
+        """Every tracked key not on the wire -> when it is next asked about (loop time)."""
+        return {key: t.due for key, t in self._jobs.items() if t.due != math.inf}
+
+    def poll_soon(self) -> None:
+        """Make every tracked key not on the wire due now (the delegate went away)."""
+        now = asyncio.get_running_loop().time()
+        for tracked in self._jobs.values():
+            if tracked.due != math.inf and tracked.due > now:
+                self._schedule(tracked, now)
+        self._wakeup.set()
+
+    def _end_too_large(self, job: ImageJob) -> None:
+        self._end(
+            job,
+            JobProtocolError(
+                "the gateway's entry for this job alone is over the "
+                f"{self._max_response_bytes}-byte reply cap "
+                "(raise Limits.max_response_bytes to fetch it)",
+                job_key=job.key,
+            ),
+        )
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
@@ -390,17 +548,8 @@ class BatchPoller:
     async def _split(self, chunk: list[_Tracked]) -> None:
         if len(chunk) == 1:
             [tracked] = chunk
-            job = tracked.job
             if self._tracks(tracked):
-                self._end(
-                    job,
-                    JobProtocolError(
-                        "the gateway's entry for this job alone is over the "
-                        f"{self._max_response_bytes}-byte reply cap "
-                        "(raise Limits.max_response_bytes to fetch it)",
-                        job_key=job.key,
-                    ),
-                )
+                self._end_too_large(tracked.job)
             return
         self.counters.split_batches += 1
         logger.warning(
@@ -417,27 +566,8 @@ class BatchPoller:
         lookup, before any validation, and at most ENTRIES_PER_KEY entries of one key are read.
         Problems are summed up in one warning per reply, never one line per entry.
         """
-        # The reply's shape is [assumed] (see _contract). A bare array, or a null list
-        # (nothing found), are read the same way rather than failing every job.
-        listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
-        if listed is None:
-            listed = []
-        if not isinstance(listed, list):
-            raise ProtocolError(f"batch reply data has no list: {snippet(str(data)[:400])}")
-        if asked is None:
-            relevant = listed
-        else:
-            relevant = []
-            counts: dict[str, int] = {}
-            for raw in listed:
-                if type(raw) is dict:
-                    key = raw.get("key")
-                    # Exact match only: a key with a newline or control character is not ours.
-                    if type(key) is str and key in asked:
-                        seen = counts.get(key, 0)
-                        if seen < ENTRIES_PER_KEY:
-                            counts[key] = seen + 1
-                            relevant.append(raw)
+        listed = _listed(data)
+        relevant = listed if asked is None else _relevant(listed, asked)
         ignored = len(listed) - len(relevant)
         malformed: dict[str, str] = {}
         first_problem = ""
