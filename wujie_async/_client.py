@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -11,7 +12,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self, Unpack
+from typing import TYPE_CHECKING, Any, Literal, Self, Unpack
 from urllib.parse import urlsplit
 
 from . import _contract
@@ -25,13 +26,17 @@ from ._errors import (
     SubmitUncertainError,
     snippet,
 )
+from ._fleet_link import FleetLink
 from ._jobs import ImageJob
-from ._journal import Journal, JournalEntry
+from ._journal import Journal, JournalEntry, SubmitJournal
 from ._models import EditRequest, GenerationRequest, ImageResult
 from ._poller import BatchPoller
 from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
 from ._submitting import Admission, SubmitRecord
 from ._transport import Transport
+
+if TYPE_CHECKING:
+    from .fleet import RedisFleet
 
 _State = Literal["unopened", "open", "closing", "closed"]
 logger = logging.getLogger("wujie_async")
@@ -61,6 +66,14 @@ class ClientStats:
         jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
         journal_commits: journal transactions committed (each holds many records; 0 without
             a journal).
+        fleet_role: with ``fleet=``: ``leader`` (this member polls for the fleet),
+            ``follower`` (a leader polls for it) or ``local`` (Redis is away: it polls its own
+            keys); None without a fleet.
+        fleet_size: live members of the fleet (0 without a fleet).
+        fleet_rate: the fleet-wide submit rate (None: no fleet, or no rate set).
+        fleet_batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed
+            about every second).
+        fleet_mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
     """
 
     submits: int
@@ -76,6 +89,11 @@ class ClientStats:
     jobs_succeeded: int
     jobs_failed: int
     journal_commits: int = 0
+    fleet_role: str | None = None
+    fleet_size: int = 0
+    fleet_rate: float | None = None
+    fleet_batch_calls: int = 0
+    fleet_mean_batch_fill: float = 0.0
 
 
 def _check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
@@ -235,6 +253,9 @@ class WujieClient:
         allow_insecure_http: allow a plain ``http://`` base URL to a host that is not loopback.
             Off by default: over plain http anyone on the path can replay the signed header
             with other bodies, paid for by this account. A WARNING is logged when it is used.
+        fleet: a ``wujie_async.fleet.RedisFleet``: share the submit rate, the poller and the
+            journal (kept in Redis, in place of ``journal``) with every client of the same
+            fleet, in any process or machine. See the README, "Running many workers".
     """
 
     def __init__(
@@ -248,6 +269,7 @@ class WujieClient:
         retry: RetryPolicy | None = None,
         journal: str | os.PathLike[str] | None = None,
         allow_insecure_http: bool = False,
+        fleet: RedisFleet | None = None,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = _check_base_url(
@@ -261,12 +283,30 @@ class WujieClient:
         self.images = Images(self)
         self._state: _State = "unopened"
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._fleet: FleetLink | None = None
+        headers: dict[str, str] = {}
+        if fleet is not None:
+            if journal is not None:
+                raise InvalidRequestError(
+                    [
+                        (
+                            "journal",
+                            "cannot be used with fleet=: a fleet keeps its journal in Redis, "
+                            "shared by every member (drop journal=)",
+                        )
+                    ]
+                )
+            from .fleet._member import FleetMember  # the caller imported .fleet already
+
+            self._fleet = FleetMember(fleet)
+            headers["X-Wujie-Member"] = self._fleet.header_token
         self._transport = Transport(
             base_url=self.base_url,
             signer=HeaderSigner(self.credentials),
             limits=self.limits,
             timeouts=self.timeouts,
             retry=self.retry_policy,
+            headers=headers,
         )
         self._poller = BatchPoller(self._transport, self.poll_policy, self.limits)
         # One bound method for every job's cancel hook, not one allocated per job.
@@ -286,7 +326,11 @@ class WujieClient:
         self._unjournaled: list[JournalEntry] = []
         self._submits = 0
         self._submit_errors = 0
-        self._journal = Journal(journal) if journal is not None else None
+        self._journal: SubmitJournal | None = None
+        if self._fleet is not None:
+            self._journal = self._fleet.journal
+        elif journal is not None:
+            self._journal = Journal(journal)
 
     def __repr__(self) -> str:
         return (
@@ -317,10 +361,23 @@ class WujieClient:
         if self._state != "unopened":
             raise ClientStateError(f"the client is {self._state}; a client opens once")
         self._loop = asyncio.get_running_loop()
-        if self._journal is not None:
+        fleet = self._fleet
+        if self._journal is not None and fleet is None:
             await self._journal.open()
         await self._transport.open()
-        self._admission = Admission(self.limits)
+        if fleet is not None:
+            try:
+                await fleet.start(
+                    poller=self._poller,
+                    transport=self._transport,
+                    poll=self.poll_policy,
+                    limits=self.limits,
+                )
+                await fleet.journal.open()
+            except BaseException:
+                await self._transport.close()
+                raise
+        self._admission = Admission(self.limits, pace=fleet.acquire if fleet is not None else None)
         self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
         self._poller_task.add_done_callback(self._poller_stopped)
         self._state = "open"
@@ -375,15 +432,21 @@ class WujieClient:
             await self._stop_poller()
         finally:
             try:
+                if self._fleet is not None:
+                    await self._fleet.stop_polling()
                 await self._transport.close()
             finally:
                 try:
                     if self._journal is not None:
                         await self._journal.close()
                 finally:
-                    self._tracking = False
-                    self._state = "closed"
-                    self._closed.set()
+                    try:
+                        if self._fleet is not None:
+                            await self._fleet.aclose()  # after the journal's last records
+                    finally:
+                        self._tracking = False
+                        self._state = "closed"
+                        self._closed.set()
 
     async def _drain_jobs(self) -> None:
         jobs = self._poller.jobs()
@@ -578,9 +641,16 @@ class WujieClient:
             job.add_done_callback(self._record_outcome)
         if self._taking_jobs():
             self._poller.track(job, first_delay=first_delay)
+            if self._fleet is not None:
+                self._fleet.tracked(key)
+                job.add_done_callback(self._fleet_job_ended)
         else:
             job.cancel()
         return job
+
+    def _fleet_job_ended(self, job: ImageJob) -> None:
+        if self._fleet is not None:
+            self._fleet.ended(job.key)
 
     def _record_outcome(self, job: ImageJob) -> None:
         journal = self._journal
@@ -644,11 +714,20 @@ class WujieClient:
         Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`. A row
         with an unreadable request is still resumed by its key (a WARNING names it).
 
+        In fleet mode it claims the accepted submits of members whose heartbeat expired
+        (``RedisFleet(member_timeout=...)``) and attaches those: each dead member's job goes
+        to exactly one member, and nothing is resubmitted.
+
         Raises:
             ClientStateError: the client has no journal.
+            FleetUnavailableError: fleet mode, and Redis cannot be reached.
         """
         self._check_open()
         journal = self._require_journal()
+        if self._fleet is not None:
+            entries = await self._fleet.claim_dead()
+        else:
+            entries = await journal.entries("accepted")
         return [
             self._attach(
                 entry.job_key,
@@ -656,7 +735,7 @@ class WujieClient:
                 n=_images_in(entry.request),
                 request=entry.request,
             )
-            for entry in await journal.entries("accepted")
+            for entry in entries
             if entry.job_key
         ]
 
@@ -715,7 +794,7 @@ class WujieClient:
         found = await self._require_journal().entries(tag=tag)
         return found[-1] if found else None
 
-    def _require_journal(self) -> Journal:
+    def _require_journal(self) -> SubmitJournal:
         if self._journal is None:
             raise ClientStateError("this client has no journal: WujieClient(journal='jobs.sqlite')")
         return self._journal
@@ -756,14 +835,17 @@ class WujieClient:
         """A snapshot of what the client has done."""
         poller = self._poller.counters
         transport = self._transport.counters
-        calls = poller.batch_calls
-        return ClientStats(
+        calls, keys = poller.batch_calls, poller.keys_polled
+        fleet = self._fleet.stats() if self._fleet is not None else None
+        if fleet is not None:  # calls this process sent as the fleet's leader count too
+            calls, keys = calls + fleet.leader_calls, keys + fleet.leader_keys
+        stats = ClientStats(
             submits=self._submits,
             submit_errors=self._submit_errors,
             batch_calls=calls,
             batch_errors=poller.batch_errors,
-            keys_polled=poller.keys_polled,
-            mean_batch_fill=poller.keys_polled / calls if calls else 0.0,
+            keys_polled=keys,
+            mean_batch_fill=keys / calls if calls else 0.0,
             http_calls=transport.http_calls,
             retries=transport.retries,
             rate_limited=transport.rate_limited,
@@ -771,6 +853,18 @@ class WujieClient:
             jobs_succeeded=poller.succeeded,
             jobs_failed=poller.failed,
             journal_commits=self._journal.commits if self._journal is not None else 0,
+        )
+        if fleet is None:
+            return stats
+        return dataclasses.replace(
+            stats,
+            fleet_role=fleet.role,
+            fleet_size=fleet.size,
+            fleet_rate=fleet.rate,
+            fleet_batch_calls=fleet.batch_calls,
+            fleet_mean_batch_fill=fleet.keys_polled / fleet.batch_calls
+            if fleet.batch_calls
+            else 0.0,
         )
 
 

@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ._errors import ClientStateError
 
@@ -151,6 +151,57 @@ def _check_state(state: str, allowed: tuple[str, ...]) -> None:
     # A real check, not an assert: `python -O` must not let a bad state into the file.
     if state not in allowed:
         raise ValueError(f"journal state {state!r} is not one of {', '.join(allowed)}")
+
+
+class SubmitJournal(Protocol):
+    """What the client needs of a journal: the SQLite :class:`Journal`, or a fleet's in Redis.
+
+    Same protocol for both: intent before sending, key before ``submit()`` returns, outcomes
+    queued (not awaited), ``uncertain`` for a request whose reply was lost.
+    """
+
+    @property
+    def commits(self) -> int:
+        """Writes committed so far (for ``client.stats``)."""
+        ...
+
+    async def open(self) -> None:
+        """Make it ready for records."""
+        ...
+
+    async def close(self) -> None:
+        """Write what is queued and stop."""
+        ...
+
+    async def record_intent(
+        self, path: str, request: dict[str, Any], tag: str | None = None
+    ) -> int:
+        """Write a submit's request before it is sent; returns its row id."""
+        ...
+
+    async def record_accepted(self, row_id: int, key: str) -> None:
+        """Write the key the gateway gave."""
+        ...
+
+    def record_accepted_later(self, row_id: int, key: str) -> None:
+        """The same, not awaited."""
+        ...
+
+    def record_unsent(self, row_id: int, state: str, error: str) -> None:
+        """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent``."""
+        ...
+
+    def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
+        """Note how a job ended."""
+        ...
+
+    async def forget(self, ids: Iterable[int]) -> int:
+        """Delete rows; how many were deleted."""
+        ...
+
+    async def entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
+        """Rows in ``states`` (every row if none), with ``tag`` if given; oldest first."""
+        ...
 
 
 class Journal:

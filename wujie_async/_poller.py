@@ -68,21 +68,16 @@ _KNOWN_RUNNING = frozenset({_contract.STATUS_QUEUED, _contract.STATUS_GENERATING
 
 
 class PollDelegate(Protocol):
-    """Someone else asks the gateway for this poller's keys (a fleet's leader), while it can.
+    """Someone else asks the gateway for this poller's keys (a fleet's leader), while it can."""
 
-    While :meth:`delegating` is True, keys that come due are not asked about by this poller:
-    they are looked at again ``backstop`` seconds later (or at their deadline), and their
-    reports arrive through :meth:`BatchPoller.apply_report`. When it turns False the poller
-    asks for its own keys again, as without a delegate.
-    """
+    def take(self, keys: list[str]) -> float | None:
+        """Keys of this poller that are due now; the delegate sees they get asked about.
 
-    @property
-    def backstop(self) -> float:
-        """Seconds after which a delegated key comes due locally again, if no report came."""
-        ...
-
-    def delegating(self) -> bool:
-        """True while the delegate asks the gateway for this poller's keys."""
+        Returns:
+            Seconds after which those keys come due here again if no report came meanwhile
+            (reports arrive through :meth:`BatchPoller.apply_report`), or None when the
+            delegate cannot ask for them now: the poller then asks itself, as without one.
+        """
         ...
 
 
@@ -349,11 +344,13 @@ class BatchPoller:
                     await self._sleep_until_due(loop)
                     continue
                 delegate = self._delegate
-                if delegate is not None and delegate.delegating():
-                    # Another member asks for these; its reports come through apply_report.
-                    for tracked in batch:
-                        self._schedule(tracked, now + delegate.backstop)
-                    continue
+                if delegate is not None:
+                    backstop = delegate.take([tracked.job.key for tracked in batch])
+                    if backstop is not None:
+                        # Another member asks for these; its reports come through apply_report.
+                        for tracked in batch:
+                            self._schedule(tracked, now + backstop)
+                        continue
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
@@ -462,7 +459,7 @@ class BatchPoller:
 
     # --- seams for a fleet (a leader asks the gateway; this poller applies its reports) -------
     def set_delegate(self, delegate: PollDelegate | None) -> None:
-        """Let ``delegate`` ask the gateway for this poller's keys while it is delegating."""
+        """Let ``delegate`` ask the gateway for this poller's keys (see PollDelegate)."""
         self._delegate = delegate
         self._wakeup.set()
 

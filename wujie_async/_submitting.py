@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
@@ -24,25 +24,31 @@ from typing import Any, Self
 from ._config import Limits
 from ._errors import ClientStateError, SubmitUncertainError, TransportError, WujieError
 from ._jobs import ImageJob
-from ._journal import Journal, JournalEntry
+from ._journal import JournalEntry, SubmitJournal
 from ._ratelimit import Pacer
 
 logger = logging.getLogger("wujie_async")
 
 
 class Admission:
-    """When a submit may go out: the in-flight bound, the submit slots and the pacer."""
+    """When a submit may go out: the in-flight bound, the submit slots and the pacer.
 
-    def __init__(self, limits: Limits) -> None:
+    Args:
+        limits: the client's limits.
+        pace: waits for each submit's turn in place of the local pacer: a fleet's shared
+            rate and its 429 pause (called whether or not ``max_submits_per_second`` is set).
+    """
+
+    def __init__(
+        self, limits: Limits, *, pace: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
         self._send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
         self._in_flight = (
             asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
         )
-        self._pacer = (
-            Pacer(limits.max_submits_per_second)
-            if limits.max_submits_per_second is not None
-            else None
-        )
+        self._pace = pace
+        if pace is None and limits.max_submits_per_second is not None:
+            self._pace = Pacer(limits.max_submits_per_second).wait
 
     async def take_in_flight(self) -> Callable[[], None] | None:
         """Wait for room under ``max_in_flight``; returns the release (held until the job ends).
@@ -59,8 +65,8 @@ class Admission:
     async def send_slot(self) -> AsyncIterator[None]:
         """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out."""
         async with self._send_slots:
-            if self._pacer is not None:
-                await self._pacer.wait()
+            if self._pace is not None:
+                await self._pace()
             yield
 
 
@@ -97,7 +103,7 @@ class SubmitRecord:
     """
 
     def __init__(
-        self, journal: Journal | None, path: str, body: dict[str, Any], tag: str | None
+        self, journal: SubmitJournal | None, path: str, body: dict[str, Any], tag: str | None
     ) -> None:
         self._journal = journal
         self._path = path
@@ -129,6 +135,8 @@ class SubmitRecord:
         try:
             self._row_id = await self._journal.record_intent(self._path, self._body, self._tag)
         except ClientStateError as exc:
+            if type(exc) is not ClientStateError:
+                raise  # a subclass (the fleet's Redis is away, say) already says what it is
             raise ClientStateError(f"the submit was not sent: {exc}") from None
 
     def sending(self) -> None:

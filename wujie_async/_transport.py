@@ -251,8 +251,12 @@ class Transport:
         limits: Limits,
         timeouts: Timeouts,
         retry: RetryPolicy,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._extra_headers = dict(headers or {})
+        # Told of every 429 (kind of call, Retry-After if any): a fleet pauses its members.
+        self.on_rate_limited: Callable[[CallKind, float | None], None] | None = None
         self._signer = signer
         self._limits = limits
         self._timeouts = timeouts
@@ -292,7 +296,7 @@ class Transport:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=timeout,
-            headers={"User-Agent": _USER_AGENT},
+            headers={"User-Agent": _USER_AGENT, **self._extra_headers},
             raise_for_status=False,
         )
 
@@ -379,9 +383,11 @@ class Transport:
             raise reply  # outside any except block: no aiohttp error rides in __context__
         try:
             data = decode_reply(reply.status, reply.body, reply.headers, url=url)
-        except RateLimitedError:
+        except RateLimitedError as exc:
             self.counters.rate_limited += 1
             brake.rate_limited(sent_at)
+            if self.on_rate_limited is not None:
+                self.on_rate_limited(kind, exc.retry_after)
             raise
         brake.succeeded()
         return data

@@ -45,6 +45,8 @@ class Stats:
     batch_sizes: list[int] = field(default_factory=list)
     submits_accepted: int = 0
     faults: Counter[str] = field(default_factory=Counter)
+    # (unix time, X-Wujie-Member header or "") of each batch call: tells fleet members apart.
+    batch_callers: list[tuple[float, str]] = field(default_factory=list)
 
 
 class _Refused(Exception):
@@ -142,6 +144,7 @@ class Gateway:
             "http_statuses": {str(k): v for k, v in stats.http_statuses.items()},
             "batch_calls": len(stats.batch_sizes),
             "batch_sizes": list(stats.batch_sizes),
+            "batch_callers": [list(call) for call in stats.batch_callers],
             "submits_accepted": stats.submits_accepted,
             "jobs_by_state": self.store.counts_by_state(now),
             "faults": dict(stats.faults),
@@ -336,6 +339,7 @@ class Gateway:
                 f"body: at most {_contract.MAX_KEYS_PER_BATCH} keys per call, got {len(keys)}",
             )
         self.stats.batch_sizes.append(len(keys))
+        self.stats.batch_callers.append((time.time(), request.headers.get("X-Wujie-Member", "")))
         now = time.time()
         origin = str(request.url.origin())
         entries: list[dict[str, Any]] = []

@@ -70,6 +70,8 @@ class FleetConfig:
         lease_seconds: how long a shard's leader lease lasts without a renewal.
         shards: how many shards (each with its own leader lease and key registry).
         command_timeout: the deadline of one Redis command (blocking reads add their wait).
+        unavailable_wait: how long a submit waits for an unreachable Redis (its rate slot,
+            its journal intent) before it raises FleetUnavailableError, nothing sent.
     """
 
     url: str
@@ -78,6 +80,7 @@ class FleetConfig:
     lease_seconds: float
     shards: int
     command_timeout: float
+    unavailable_wait: float = 10.0
 
     @property
     def heartbeat_interval(self) -> float:
@@ -114,6 +117,9 @@ class RedisFleet:
             within about this long.
         shards: how many independent leader leases and key registries the keys are split over.
         command_timeout: deadline of one Redis command.
+        unavailable_wait: how long a submit waits for Redis to come back (for its fleet-wide
+            rate slot and its journal intent) before raising ``FleetUnavailableError``; nothing
+            is sent meanwhile.
 
     Raises:
         InvalidRequestError: an option breaks its rule (nothing is contacted).
@@ -128,6 +134,7 @@ class RedisFleet:
         lease_seconds: float = 5.0,
         shards: int = 1,
         command_timeout: float = 5.0,
+        unavailable_wait: float = 10.0,
     ) -> None:
         problems: list[tuple[str, str]] = []
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
@@ -138,6 +145,7 @@ class RedisFleet:
             ("member_timeout", member_timeout),
             ("lease_seconds", lease_seconds),
             ("command_timeout", command_timeout),
+            ("unavailable_wait", unavailable_wait),
         ):
             if not _positive(value):
                 problems.append((field, "must be a positive finite number of seconds"))
@@ -152,6 +160,7 @@ class RedisFleet:
             lease_seconds=float(lease_seconds),
             shards=shards,
             command_timeout=float(command_timeout),
+            unavailable_wait=float(unavailable_wait),
         )
         self.keys = FleetKeys(name)
         self.durability: FleetDurability | None = None
@@ -160,6 +169,11 @@ class RedisFleet:
 
     def __repr__(self) -> str:
         return f"RedisFleet({self.config.url!r}, name={self.config.name!r})"
+
+    @property
+    def started(self) -> bool:
+        """True between :meth:`start` and :meth:`aclose`."""
+        return self._redis is not None
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> FleetDurability:

@@ -26,7 +26,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -212,6 +212,7 @@ class RedisJournal:
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self.commits = 0  # writes Redis acknowledged (for client.stats)
 
     def __repr__(self) -> str:
         return f"RedisJournal({self._fleet.config.name!r}, member={self.member_id!r})"
@@ -252,6 +253,7 @@ class RedisJournal:
                 continue
             try:
                 await self._move((self._seq,), args)
+                self.commits += 1
             except FleetUnavailableError as exc:
                 # The row keeps its earlier state; an intent becomes uncertain on claim, the
                 # safe reading. An outcome that is lost only means one more poll.
@@ -268,10 +270,31 @@ class RedisJournal:
     ) -> int:
         """Write a submit's request before it is sent; returns its row id."""
         body = json.dumps(request, ensure_ascii=False)
-        row_id = await self._intent(
-            (self._seq,), (self._prefix, self.member_id, path, body, tag or "", time.time())
+        args = (self._prefix, self.member_id, path, body, tag or "", time.time())
+        row_id = await self._waiting_for_redis(
+            lambda: self._intent((self._seq,), args), "the submit was not sent"
         )
+        self.commits += 1
         return int(row_id)
+
+    async def _waiting_for_redis(self, write: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """``write()``, tried again while Redis is away, up to ``unavailable_wait`` seconds.
+
+        A retry after a lost reply may write an intent twice; the extra row reads as
+        ``uncertain`` once claimed, the safe side.
+        """
+        loop = asyncio.get_running_loop()
+        wait = self._fleet.config.unavailable_wait
+        deadline = loop.time() + wait
+        while True:
+            try:
+                return await write()
+            except FleetUnavailableError as exc:
+                if loop.time() >= deadline:
+                    raise FleetUnavailableError(
+                        f"{what}: fleet Redis unavailable for {wait:g}s ({exc})", url=exc.url
+                    ) from None
+                await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
 
     async def record_accepted(self, row_id: int, key: str) -> None:
         """Write the key the gateway gave (before ``submit()`` returns).
@@ -279,7 +302,11 @@ class RedisJournal:
         Raises:
             ClientStateError: the row is not this member's open intent (claimed meanwhile).
         """
-        moved = await self._move((self._seq,), self._accepted(row_id, key))
+        args = self._accepted(row_id, key)
+        moved = await self._waiting_for_redis(
+            lambda: self._move((self._seq,), args), f"key {key} was not journaled"
+        )
+        self.commits += 1
         if int(moved) != 1:
             raise ClientStateError(
                 f"journal row {row_id} is not an intent of member {self.member_id} any more "
@@ -336,6 +363,9 @@ class RedisJournal:
         The whole fleet's rows, oldest first: a member that took over a queue message finds
         the dead member's submit by its tag.
         """
+        for state in states:
+            if state not in ALL_STATES:
+                raise ValueError(f"journal state {state!r} is not one of {', '.join(ALL_STATES)}")
         wanted = states or ALL_STATES
         reply = await self._entries(
             (self._seq,), (self._prefix, tag or "", owned_by or "", *wanted)

@@ -66,6 +66,11 @@ class FleetKeys:
         """Hash: member id -> JSON (host, pid, started)."""
         return f"{self.tag}:member-info"
 
+    @property
+    def stats(self) -> str:
+        """Hash: fleet-wide counters (``batch_calls``, ``keys_polled``) kept by the leaders."""
+        return f"{self.tag}:stats"
+
     # --- journal (fleet tag) -------------------------------------------------------------------
     @property
     def journal_prefix(self) -> str:

@@ -28,15 +28,20 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: due, owners. ARGV: member, key1, delay1_ms, key2, delay2_ms, ...
+# KEYS: due, owners. ARGV: member, only_new (0/1), key1, delay1_ms, key2, delay2_ms, ...
+# With only_new, keys already registered (or taken into a poll) are left as they are.
 _REGISTER = (
     _NOW_MS
     + """
-for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + 1]), ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
+local n = 0
+for i = 3, #ARGV, 2 do
+  if ARGV[2] == '0' or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + 1]), ARGV[i])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
+    n = n + 1
+  end
 end
-return #ARGV / 2
+return n
 """
 )
 
@@ -49,13 +54,22 @@ end
 return #ARGV
 """
 
-# KEYS: lease, due, owners. ARGV: fence, limit, hold_ms.
+# KEYS: lease, due, owners. ARGV: fence, limit, hold_ms, fill_ms, call_size.
+# Takes the due keys (at most limit), then tops the last call up to call_size with keys due
+# within fill_ms (fuller calls, not more of them: the local poller's rule, fleet-wide).
 # Reply: {0} when the fence is stale, else {1, next_due_in_ms or -1, key1, owner1, ...}.
 _TAKE_DUE = (
     _NOW_MS
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
-local keys = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local limit, size = tonumber(ARGV[2]), tonumber(ARGV[5])
+local keys = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
+local room = (size - #keys % size) % size
+if #keys > 0 and room > 0 and tonumber(ARGV[4]) > 0 then
+  local more = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, now + tonumber(ARGV[4]),
+                          'LIMIT', 0, room)
+  for _, key in ipairs(more) do keys[#keys + 1] = key end
+end
 local reply = {1, -1}
 for _, key in ipairs(keys) do
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), key)
@@ -140,15 +154,18 @@ class KeyRegistry:
             groups[self.shard_of(key)].append(key)
         return groups
 
-    async def register(self, member: str, due_in: Mapping[str, float]) -> None:
+    async def register(
+        self, member: str, due_in: Mapping[str, float], *, only_new: bool = False
+    ) -> None:
         """Register ``member``'s keys, each due ``due_in[key]`` seconds from now.
 
         Registering a key again moves its due time and makes ``member`` its owner (a member
-        that claimed a dead member's job does this).
+        that claimed a dead member's job does this). With ``only_new``, keys already in the
+        registry are left alone (a member making sure none of its keys was lost).
         """
         keys = self._fleet.keys
         for shard, group in self._by_shard(due_in).items():
-            args: list[str | int] = [member]
+            args: list[str | int] = [member, int(only_new)]
             for key in group:
                 args += [key, max(0, round(due_in[key] * 1000))]
             await self._register((keys.due(shard), keys.owners(shard)), args)
@@ -159,11 +176,21 @@ class KeyRegistry:
         for shard, group in self._by_shard(job_keys).items():
             await self._remove((keys.due(shard), keys.owners(shard)), group)
 
-    async def take_due(self, shard: int, fence: str, *, limit: int, hold: float) -> DueBatch:
+    async def take_due(
+        self,
+        shard: int,
+        fence: str,
+        *,
+        limit: int,
+        hold: float,
+        fill_horizon: float = 0.0,
+        call_size: int = 50,
+    ) -> DueBatch:
         """As the shard's leader, take up to ``limit`` due keys of every member.
 
         Each taken key is pushed ``hold`` seconds ahead (a poll in flight); reschedule or
-        remove it when the poll is done.
+        remove it when the poll is done. When some keys are due, the last call of
+        ``call_size`` keys is topped up with keys due within ``fill_horizon`` seconds.
 
         Raises:
             LeaseLostError: ``fence`` is not the shard's lease any more (nothing was taken).
@@ -171,7 +198,7 @@ class KeyRegistry:
         keys = self._fleet.keys
         reply = await self._take(
             (keys.lease(shard), keys.due(shard), keys.owners(shard)),
-            (fence, limit, max(1, round(hold * 1000))),
+            (fence, limit, max(1, round(hold * 1000)), round(fill_horizon * 1000), call_size),
         )
         if int(reply[0]) == 0:
             raise LeaseLostError(f"shard {shard}: fence {fence!r} is stale", shard=shard)

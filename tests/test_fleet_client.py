@@ -1,0 +1,185 @@
+"""WujieClient(fleet=...): one poller, one rate, one journal for every member (one process)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from wujie_async import InvalidRequestError, Limits, WujieClient
+from wujie_async.emulator import Emulator
+from wujie_async.fleet import FleetUnavailableError, RedisFleet
+
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory
+from .fleet_support import any_redis, fleet_name, free_port, own_redis
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def url(tmp_path: Path) -> AsyncIterator[str]:
+    async with any_redis(tmp_path) as redis_url:
+        yield redis_url
+
+
+def member(emu: Emulator, url: str, name: str, **fleet_options: float) -> WujieClient:
+    fleet_options.setdefault("lease_seconds", 1.0)
+    return WujieClient(
+        emu.credentials,
+        base_url=emu.base_url,
+        poll=FAST_POLL,
+        retry=INSTANT_RETRY,
+        fleet=RedisFleet(url, name=name, **fleet_options),  # type: ignore[arg-type]
+    )
+
+
+async def wait_for(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> None:
+    name = fleet_name()
+    async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
+        await wait_for(lambda: {a.stats.fleet_role, b.stats.fleet_role} == {"leader", "follower"})
+        jobs = [
+            await c.images.submit(prompt=f"p{i}", model="dall-e-2")
+            for i in range(30)
+            for c in (a, b)
+        ]
+        results = await asyncio.gather(*jobs)
+        assert all(len(r.images) == 1 for r in results)
+        callers = {caller for _, caller in emu.stats()["batch_callers"]}
+        leader = a if a.stats.fleet_role == "leader" else b
+        follower = b if leader is a else a
+        assert len(callers) == 1, callers  # one poller for the fleet: the leader
+        assert follower.stats.batch_calls == 0
+        assert leader.stats.batch_calls == emu.stats()["batch_calls"]
+        await wait_for(lambda: a.stats.fleet_batch_calls > 0 and a.stats.fleet_size == 2)
+        assert emu.stats()["submits_accepted"] == 60
+
+
+async def test_a_journal_path_and_a_fleet_are_refused(
+    url: str, tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    async with emulator() as emu:
+        with pytest.raises(InvalidRequestError, match="journal"):
+            WujieClient(
+                emu.credentials,
+                base_url=emu.base_url,
+                journal=tmp_path / "j.sqlite",
+                fleet=RedisFleet(url, name=fleet_name()),
+            )
+
+
+async def test_unreachable_redis_at_start_names_the_url(emulator: EmulatorFactory) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    async with emulator() as emu:
+        client = member(emu, url, fleet_name(), command_timeout=1.0)
+        with pytest.raises(FleetUnavailableError) as caught:
+            await client.open()
+    message = str(caught.value)
+    assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in message
+    assert "hunter2" not in message and "***" in message
+
+
+async def test_resume_claims_a_dead_members_jobs_without_resubmitting(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    name = fleet_name()
+    async with emulator(time_scale=0.05) as emu, member(emu, url, name) as survivor:
+        async with member(emu, url, name) as doomed:
+            keys = {
+                (await doomed.images.submit(prompt=f"d{i}", model="dall-e-2")).key for i in range(5)
+            }
+        # Closing left the fleet at once; its accepted keys wait for a claimer.
+        claimed = await survivor.resume()
+        assert {job.key for job in claimed} == keys
+        assert await survivor.resume() == []  # claimed once
+        await asyncio.gather(*claimed)
+        assert emu.stats()["submits_accepted"] == 5  # attached, never resubmitted
+        found = await survivor.find_submit("nope")
+        assert found is None
+
+
+async def test_find_submit_works_fleet_wide(url: str, emulator: EmulatorFactory) -> None:
+    name = fleet_name()
+    async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
+        job = await a.images.submit(prompt="tagged", tag="msg-1", model="dall-e-2")
+        found = await b.find_submit("msg-1")
+        assert found is not None and found.job_key == job.key
+        await job
+        await a.journal_entries()  # the whole fleet's rows
+        assert [e.job_key for e in await b.journal_entries("accepted", "succeeded")] == [job.key]
+
+
+async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFactory) -> None:
+    name = fleet_name()
+    limits = Limits(max_submits_per_second=20)
+    async with emulator() as emu:
+        clients = [
+            WujieClient(
+                emu.credentials,
+                base_url=emu.base_url,
+                poll=FAST_POLL,
+                limits=limits,
+                fleet=RedisFleet(url, name=name),
+            )
+            for _ in range(3)
+        ]
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients:
+                await stack.enter_async_context(client)
+            started = time.monotonic()
+            await asyncio.gather(
+                *(
+                    c.images.submit(prompt=f"{i}", model="dall-e-2")
+                    for i in range(10)
+                    for c in clients
+                )
+            )
+            elapsed = time.monotonic() - started
+        assert elapsed >= 29 / 20 * 0.95  # 30 submits at 20/s fleet-wide, not 60/s
+        assert clients[0].stats.fleet_rate == 20
+
+
+async def test_redis_lost_mid_run_falls_back_and_rejoins(
+    tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    port = free_port()
+    name = fleet_name()
+    async with emulator(time_scale=0.05) as emu:
+        async with own_redis(tmp_path, port=port, appendonly=True) as server:
+            client = member(emu, server.url, name, command_timeout=0.5, unavailable_wait=0.5)
+            await client.open()
+            try:
+                jobs = [
+                    await client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(10)
+                ]
+                assert server.process is not None
+                server.process.terminate()
+                await server.process.wait()
+                # Nothing hangs: the member polls its own keys while Redis is away.
+                results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
+                assert len(results) == 10
+                assert client.stats.fleet_role == "local"
+                assert "polls its own keys" in caplog.text
+                # The stated submit policy: wait up to unavailable_wait, then a typed error.
+                with pytest.raises(FleetUnavailableError, match="not sent"):
+                    await client.images.submit(prompt="while away", model="dall-e-2")
+                async with own_redis(tmp_path, port=port, appendonly=True):
+                    await wait_for(lambda: client.stats.fleet_role != "local", 15)
+                    assert "rejoined" in caplog.text
+                    job = await client.images.submit(prompt="back", model="dall-e-2")
+                    await asyncio.wait_for(job, 10)
+                    assert emu.stats()["submits_accepted"] == 11
+            finally:
+                await client.aclose()
