@@ -7,6 +7,11 @@ Roles:
   journal URL NAME TIMEOUT N            journal N accepted submits, print ready, then idle
   reports URL NAME N                    register N keys, print ready, read reports until all came
   poller URL NAME LEASE                 as shard 0's leader, answer every due key with a report
+  member URL NAME CREDS N RATE LEASE TIMEOUT
+                                        a WujieClient in fleet mode (CREDS: the emulator's
+                                        --credentials-out file; RATE 0: none); then commands
+                                        on stdin: go (submit N, await them), resume, quit
+  single CREDS N RATE                   the same N jobs from one client without a fleet
 """
 
 from __future__ import annotations
@@ -108,7 +113,81 @@ async def poller(url: str, name: str, lease_seconds: str) -> None:
                 await asyncio.sleep(wait)
 
 
+def _client(creds: str, rate: str, fleet: Any = None) -> Any:
+    from wujie_async import Credentials, Limits, PollPolicy, WujieClient
+
+    with open(creds) as handle:  # read once, at start
+        data = json.load(handle)
+    poll = PollPolicy(
+        first_poll_delay=0.05,
+        min_interval=0.05,
+        max_interval=0.3,
+        max_estimate_wait=0.3,
+        batch_fill_horizon=0.05,
+        unknown_key_grace=5.0,
+    )
+    limits = Limits(max_submits_per_second=float(rate) if float(rate) > 0 else None)
+    return WujieClient(
+        Credentials(app_id=data["app_id"], private_key=data["private_key"]),
+        base_url=data["base_url"],
+        poll=poll,
+        limits=limits,
+        fleet=fleet,
+    )
+
+
+async def _outcomes(jobs: list[Any]) -> dict[str, str]:
+    results = await asyncio.gather(*jobs, return_exceptions=True)
+    return {
+        job.key: "ok" if not isinstance(r, BaseException) else type(r).__name__
+        for job, r in zip(jobs, results, strict=True)
+    }
+
+
+async def _submit_all(client: Any, n: int, tag: str) -> list[Any]:
+    async def one(i: int) -> Any:
+        return await client.images.submit(prompt=f"{tag} {i}", model="dall-e-2", tag=f"{tag}-{i}")
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def _stats(client: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(client.stats)
+
+
+async def member(
+    url: str, name: str, creds: str, n: str, rate: str, lease: str, timeout: str
+) -> None:
+    fleet = RedisFleet(url, name=name, lease_seconds=float(lease), member_timeout=float(timeout))
+    async with _client(creds, rate, fleet) as client:
+        token = client.fleet_member.rsplit(":", 1)[1]
+        say(member=client.fleet_member, token=token)
+        while line := (await asyncio.to_thread(sys.stdin.readline)).strip():
+            if line == "go":
+                jobs = await _submit_all(client, int(n), token)
+                say(submitted=[job.key for job in jobs])
+                say(resolved=await _outcomes(jobs), stats=_stats(client))
+            elif line == "resume":
+                claimed = await client.resume()
+                say(claimed=[job.key for job in claimed])
+                say(claimed_resolved=await _outcomes(claimed), stats=_stats(client))
+            elif line == "stats":
+                say(stats=_stats(client))
+            elif line == "quit":
+                break
+
+
+async def single(creds: str, n: str, rate: str) -> None:
+    async with _client(creds, rate) as client:
+        jobs = await _submit_all(client, int(n), "single")
+        say(resolved=await _outcomes(jobs), stats=_stats(client))
+
+
 ROLES = {
+    "member": member,
+    "single": single,
     "limiter": limiter,
     "leader": leader,
     "journal": journal,

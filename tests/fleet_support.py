@@ -96,7 +96,7 @@ async def start_child(*args: str) -> asyncio.subprocess.Process:
     """``tests/fleet_child.py`` with ``args``, its stdout piped (one JSON line per event)."""
     return await asyncio.create_subprocess_exec(
         sys.executable, str(CHILD), *args, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=2**24,
     )  # fmt: skip
 
 

@@ -826,6 +826,14 @@ class WujieClient:
             for job, handle in handles:
                 job.remove_done_callback(handle)
 
+    @property
+    def fleet_member(self) -> str | None:
+        """This client's member id in its fleet (``host:pid:random``); None without one.
+
+        Its last part is sent to the gateway as the ``X-Wujie-Member`` header.
+        """
+        return self._fleet.member_id if self._fleet is not None else None
+
     def jobs(self) -> list[ImageJob]:
         """Every job being tracked now."""
         return self._poller.jobs()

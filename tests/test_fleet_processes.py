@@ -1,0 +1,201 @@
+"""Fleet mode with real processes: members, an emulator of its own, a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .fleet_support import (
+    any_redis,
+    fleet_name,
+    next_event,
+    own_redis,
+    start_child,
+    stop_child,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@contextlib.asynccontextmanager
+async def emulator_process(tmp_path: Path, label: str) -> AsyncIterator[dict[str, Any]]:
+    """``python -m wujie_async.emulator`` in its own process; yields its credentials file."""
+    creds = tmp_path / f"{label}.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async.emulator", "--port", "0", "--time-scale", "0.01",
+        "--seed", "3", "--credentials-out", str(creds),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while not creds.exists():
+            assert proc.returncode is None, "the emulator exited"
+            assert time.monotonic() < deadline, "the emulator did not start"
+            await asyncio.sleep(0.05)
+        data: dict[str, Any] = json.loads(creds.read_text())
+        data["file"] = str(creds)
+        data["origin"] = data["base_url"].split("/wj-open")[0]
+        yield data
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+
+
+async def emulator_stats(emu: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(emu["origin"] + "/_emulator/stats") as reply,
+    ):
+        stats: dict[str, Any] = await reply.json()
+        return stats
+
+
+async def wait_event(proc: Any, field: str, timeout: float = 40) -> dict[str, Any]:
+    while True:
+        event = await next_event(proc, timeout)
+        if field in event:
+            return event
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most events in any 1-second window (sliding, starting at each event)."""
+    times = sorted(times)
+    best, first = 0, 0
+    for last, t in enumerate(times):
+        while times[first] <= t - 1.0:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
+
+
+def overlapping_pollers(callers: list[list[Any]]) -> int:
+    """Batch calls made by a member other than the last caller within 0.5 s before it."""
+    calls = sorted((float(t), str(who)) for t, who in callers)
+    overlaps = 0
+    for (t0, a), (t1, b) in itertools.pairwise(calls):
+        if a != b and t1 - t0 < 0.5:
+            overlaps += 1
+    return overlaps
+
+
+@contextlib.asynccontextmanager
+async def members(
+    url: str, emu: dict[str, Any], name: str, count: int, n: int, rate: float, **opts: float
+) -> AsyncIterator[list[Any]]:
+    lease, timeout = opts.get("lease", 1.0), opts.get("timeout", 3.0)
+    procs = [
+        await start_child(
+            "member", url, name, emu["file"], str(n), str(rate), str(lease), str(timeout)
+        )
+        for _ in range(count)
+    ]
+    try:
+        for proc in procs:
+            proc.info = await wait_event(proc, "member")
+        yield procs
+    finally:
+        for proc in procs:
+            await stop_child(proc)
+
+
+def send(proc: Any, line: str) -> None:
+    proc.stdin.write(line.encode() + b"\n")
+
+
+async def test_four_members_one_poller_one_rate(tmp_path: Path) -> None:
+    n, rate = 500, 250.0
+    async with (
+        any_redis(tmp_path) as url,
+        emulator_process(tmp_path, "fleet") as emu,
+        emulator_process(tmp_path, "single") as alone,
+    ):
+        async with members(url, emu, fleet_name(), 4, n, rate) as procs:
+            single = await start_child("single", alone["file"], str(4 * n), str(rate))
+            try:
+                for proc in procs:
+                    send(proc, "go")
+                done = [await wait_event(proc, "resolved", 50) for proc in procs]
+                baseline = await wait_event(single, "resolved", 50)
+            finally:
+                await stop_child(single)
+        outcomes = [o for event in done for o in event["resolved"].values()]
+        assert outcomes.count("ok") == 4 * n
+        fleet, single_stats = await emulator_stats(emu), await emulator_stats(alone)
+        assert fleet["submits_accepted"] == 4 * n
+        assert list(baseline["resolved"].values()).count("ok") == 4 * n
+        # One poller at a time: every batch call came from one member, bar a takeover.
+        assert overlapping_pollers(fleet["batch_callers"]) == 0
+        assert fleet["batch_calls"] <= 1.2 * single_stats["batch_calls"], (
+            fleet["batch_calls"],
+            single_stats["batch_calls"],
+        )
+        created = [t["created"] for t in fleet["timelines"].values()]
+        assert busiest_second(created) <= rate * 1.05 + 1
+
+
+async def test_sigkill_of_the_leader(tmp_path: Path) -> None:
+    n, rate = 40, 0.0
+    async with any_redis(tmp_path) as url, emulator_process(tmp_path, "emu") as emu:
+        async with members(url, emu, fleet_name(), 3, n, rate, lease=1.0, timeout=2.0) as procs:
+            for proc in procs:
+                send(proc, "go")
+            submitted = [await wait_event(proc, "submitted") for proc in procs]
+            before = (await emulator_stats(emu))["batch_callers"]
+            leader_token = before[-1][1] if before else None
+            assert leader_token, "no batch call yet"
+            [leader] = [p for p in procs if p.info["token"] == leader_token]
+            leader.send_signal(signal.SIGKILL)
+            killed_at = time.time()
+            survivors = [p for p in procs if p is not leader]
+            done = [await wait_event(proc, "resolved") for proc in survivors]
+            for event in done:
+                assert set(event["resolved"].values()) == {"ok"}
+            after = (await emulator_stats(emu))["batch_callers"]
+            takeover = [t for t, who in after if t > killed_at and who != leader_token]
+            assert takeover and takeover[0] - killed_at < 1.0 + 1.5  # lease + a tick or two
+            # The killed member's accepted keys go to a survivor's resume(), exactly once.
+            killed_keys = set(submitted[procs.index(leader)]["submitted"])
+            await asyncio.sleep(2.5)  # its heartbeat expires (member_timeout 2 s)
+            send(survivors[0], "resume")
+            first = await wait_event(survivors[0], "claimed_resolved")
+            send(survivors[1], "resume")
+            second = await wait_event(survivors[1], "claimed_resolved")
+            assert set(first["claimed_resolved"]) == killed_keys
+            assert set(first["claimed_resolved"].values()) == {"ok"}
+            assert second["claimed_resolved"] == {}
+            assert (await emulator_stats(emu))["submits_accepted"] == 3 * n  # none paid twice
+
+
+async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
+    n = 60
+    async with (
+        own_redis(tmp_path, appendonly=True) as server,
+        emulator_process(tmp_path, "emu") as emu,
+    ):
+        async with members(server.url, emu, fleet_name(), 2, n, 0.0, lease=1.0) as procs:
+            for proc in procs:
+                send(proc, "go")
+            for proc in procs:
+                await wait_event(proc, "submitted")
+            assert server.process is not None
+            server.process.terminate()
+            await server.process.wait()
+            async with own_redis(tmp_path, appendonly=True, port=server.port):
+                done = [await wait_event(proc, "resolved") for proc in procs]
+                for event in done:
+                    assert set(event["resolved"].values()) == {"ok"}
+                assert (await emulator_stats(emu))["submits_accepted"] == 2 * n
+                for proc in procs:
+                    send(proc, "resume")  # nothing was lost or left to claim
+                    assert (await wait_event(proc, "claimed"))["claimed"] == []
