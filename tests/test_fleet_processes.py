@@ -29,11 +29,13 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 @contextlib.asynccontextmanager
-async def emulator_process(tmp_path: Path, label: str) -> AsyncIterator[dict[str, Any]]:
+async def emulator_process(
+    tmp_path: Path, label: str, time_scale: float = 0.01
+) -> AsyncIterator[dict[str, Any]]:
     """``python -m wujie_async.emulator`` in its own process; yields its credentials file."""
     creds = tmp_path / f"{label}.json"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wujie_async.emulator", "--port", "0", "--time-scale", "0.01",
+        sys.executable, "-m", "wujie_async.emulator", "--port", "0", "--time-scale", str(time_scale),
         "--seed", "3", "--credentials-out", str(creds),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -181,7 +183,7 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
     n = 60
     async with (
         own_redis(tmp_path, appendonly=True) as server,
-        emulator_process(tmp_path, "emu") as emu,
+        emulator_process(tmp_path, "emu", time_scale=0.1) as emu,
     ):
         async with members(server.url, emu, fleet_name(), 2, n, 0.0, lease=1.0) as procs:
             for proc in procs:
@@ -191,6 +193,9 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
             assert server.process is not None
             server.process.terminate()
             await server.process.wait()
+            await asyncio.sleep(1.0)  # members poll their own keys meanwhile
+            running = (await emulator_stats(emu))["jobs_by_state"]
+            assert running.get("queued", 0) + running.get("generating", 0) > 0, running
             async with own_redis(tmp_path, appendonly=True, port=server.port):
                 done = [await wait_event(proc, "resolved") for proc in procs]
                 for event in done:
