@@ -7,14 +7,17 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 CHILD = Path(__file__).resolve().parent / "fleet_child.py"
@@ -116,3 +119,38 @@ async def next_event(proc: asyncio.subprocess.Process, timeout: float = 30) -> d
         raise AssertionError(f"the child exited: {error.decode()[-2000:]}")
     event: dict[str, Any] = json.loads(line)
     return event
+
+
+@contextlib.asynccontextmanager
+async def emulator_process(
+    tmp_path: Path, label: str, time_scale: float = 0.01
+) -> AsyncIterator[dict[str, Any]]:
+    """``python -m wujie_async.emulator`` in its own process; yields its credentials file."""
+    creds = tmp_path / f"{label}.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async.emulator", "--port", "0",
+        "--time-scale", str(time_scale), "--seed", "3", "--credentials-out", str(creds),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 15
+        while not creds.exists():
+            assert proc.returncode is None, "the emulator exited"
+            assert time.monotonic() < deadline, "the emulator did not start"
+            await asyncio.sleep(0.05)
+        data: dict[str, Any] = json.loads(creds.read_text())
+        data["file"] = str(creds)
+        data["origin"] = data["base_url"].split("/wj-open")[0]
+        yield data
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+
+
+async def emulator_stats(emu: dict[str, Any]) -> dict[str, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(emu["origin"] + "/_emulator/stats") as reply,
+    ):
+        stats: dict[str, Any] = await reply.json()
+        return stats

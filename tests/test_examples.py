@@ -284,3 +284,76 @@ def test_the_readme_links_nothing_outside_the_repository() -> None:
         if not re.match(r"[a-z]+://", target):
             assert (root / target).resolve().is_relative_to(root.resolve()), target
             assert (root / target).exists(), target
+
+
+@pytest.mark.slow
+async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -> None:
+    """Two workers in one fleet; the one holding a message dies mid-job (SIGKILL)."""
+    import redis.asyncio as aioredis
+
+    from .fleet_support import emulator_process, emulator_stats, fleet_name, own_redis
+
+    async with (
+        own_redis(tmp_path) as server,
+        emulator_process(tmp_path, "emu", time_scale=0.3) as emu,
+    ):
+        redis = aioredis.from_url(server.url)
+        env = {
+            **NO_CREDENTIALS,
+            "WUJIE_APP_ID": emu["app_id"],
+            "WUJIE_PRIVATE_KEY": emu["private_key"],
+            "WUJIE_BASE_URL": emu["base_url"],
+        }
+        name = fleet_name()
+        script = str(EXAMPLES / "queue_consumer.py")
+        args = ("--redis", server.url, "--fleet", name, "--member-timeout", "1.5")
+        workers: list[asyncio.subprocess.Process] = []
+
+        async def start(consumer: str) -> asyncio.subprocess.Process:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, script, *args, "--name", consumer, env=env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            workers.append(proc)
+            return proc
+
+        async def results_until(state: str, timeout: float = 30) -> list[dict[str, Any]]:
+            deadline = time.monotonic() + timeout
+            while True:
+                found = await _results(redis)
+                if any(r["state"] == state for r in found):
+                    return found
+                assert time.monotonic() < deadline, f"no {state!r} result: {found}"
+                await asyncio.sleep(0.05)
+
+        try:
+            request = {"prompt": "paid for once", "model": "dall-e-2"}
+            await redis.xadd("wujie:requests", {"request": json.dumps(request)})
+            doomed = await start("worker-a")
+            [submitted] = await results_until("submitted")
+            doomed.send_signal(signal.SIGKILL)  # mid-job: the message is not acknowledged
+            await doomed.wait()
+            await start("worker-b")
+            results = await results_until("succeeded")
+            await asyncio.sleep(1.0)  # a second delivery would show up by now
+            results = await _results(redis)
+            assert [r["state"] for r in results].count("succeeded") == 1
+            [done] = [r for r in results if r["state"] == "succeeded"]
+            assert done["message_id"] == submitted["message_id"]
+            assert done["key"] == submitted["key"]
+            assert len(done["images"]) == 1
+            assert (await emulator_stats(emu))["submits_accepted"] == 1  # never resubmitted
+            deadline = time.monotonic() + 10
+            while (await redis.xpending("wujie:requests", "wujie-workers"))["pending"]:
+                assert time.monotonic() < deadline, "the message was never acknowledged"
+                await asyncio.sleep(0.05)
+        finally:
+            for proc in workers:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGINT)
+                    try:
+                        await asyncio.wait_for(proc.wait(), 15)
+                    except TimeoutError:
+                        proc.kill()
+                        await proc.wait()
+            await redis.aclose()
