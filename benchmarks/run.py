@@ -246,7 +246,7 @@ async def main_async(args: argparse.Namespace, only: list[str]) -> dict[str, Any
     real_sizes = real_durations.QUICK if args.quick else real_durations.FULL
     for name, work in real_durations.SCENARIOS.items():
         if name in only:
-            print(f"{name} (time_scale 1.0 unless said)", flush=True)
+            print(f"{name} (jobs of real length, time_scale 1.0, unless said)", flush=True)
             blocks[name] = await work(real_sizes, cache)
     return {"runs": runs, "blocks": blocks}
 
