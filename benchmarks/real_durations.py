@@ -522,4 +522,4 @@ def markdown(blocks: dict[str, Any], met: dict[str, bool]) -> str:
             "Issue-12 targets: "
             + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in met.items()),
         ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"

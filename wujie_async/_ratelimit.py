@@ -175,8 +175,10 @@ class AdaptiveLimiter:
         if succeeded < self._min_evidence:
             return
         assert self._first_seen is not None  # set by _advance
-        # Successes per second over the window, or over what there is of it yet.
-        span = min(self._window_s, max(now - self._first_seen, self._bucket_s / 5))
+        # Successes per second over the window, or over what there is of it yet, but never
+        # over less than a second: a gateway's token bucket lets a short burst through at any
+        # speed, and a rate read from that burst would be far above what it sustains.
+        span = min(self._window_s, max(now - self._first_seen, 1.0))
         estimate = succeeded / span
         self._last_cut = now
         self._limited_counts = [0] * _BUCKETS  # the next cut needs fresh evidence
