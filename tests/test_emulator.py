@@ -538,6 +538,8 @@ def _non_default(name: str, value: Any) -> Any:
         return frozenset({"info"})
     if isinstance(value, tuple):
         return ("forbidden", "nope")
+    if value is None:  # an optional number, off by default
+        return 12.5
     raise AssertionError(f"FaultConfig.{name}: a field of a type the command line cannot set")
 
 

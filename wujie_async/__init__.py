@@ -7,6 +7,7 @@ shared batch calls; each job (and each image) is an awaitable that resolves as r
 from ._auth import Credentials
 from ._client import ClientStats, Images, WujieClient
 from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._contract import JobStatus
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -59,6 +60,7 @@ __all__ = [
     "JobError",
     "JobFailedError",
     "JobProtocolError",
+    "JobStatus",
     "JobTimeoutError",
     "JournalEntry",
     "JournalLockedError",
