@@ -174,7 +174,7 @@ async def test_each_rule_is_enforced_with_20010001_naming_the_field(
 
 
 async def test_valid_requests_per_model_are_accepted(emulator: EmulatorFactory) -> None:
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {
             "model": "gpt-image-1",
             "n": 10,
@@ -315,7 +315,7 @@ async def test_keys_of_another_app_are_not_listed(emulator: EmulatorFactory) -> 
 
 # --- faults ---------------------------------------------------------------------------------------
 async def _many_infos(emu: Emulator, count: int) -> list[Any]:
-    out = []
+    out: list[Any] = []
     header = header_for(emu)
     for _ in range(count):
         try:

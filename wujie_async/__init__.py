@@ -39,6 +39,7 @@ from ._errors import (
 from ._jobs import ImageJob
 from ._journal import JournalEntry, JournalLockedError
 from ._models import GeneratedImage, ImageResult
+from ._request_fields import EditFields, GenerationFields
 
 __version__ = "0.1.0"
 
@@ -49,8 +50,10 @@ __all__ = [
     "ClientStateError",
     "ClientStats",
     "Credentials",
+    "EditFields",
     "EndpointNotFoundError",
     "GeneratedImage",
+    "GenerationFields",
     "ImageJob",
     "ImageResult",
     "Images",
