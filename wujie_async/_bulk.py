@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from ._cli_input import BulkItem
+from ._cli_jobs import submit
 from ._cli_outcome import (
     LineOutcome,
     Manifest,
@@ -31,7 +32,7 @@ from ._cli_outcome import (
 from ._cli_progress import Display
 from ._client import WujieClient
 from ._download import Downloader
-from ._errors import JobError
+from ._errors import JobError, ProtocolError
 from ._jobs import ImageJob
 
 
@@ -156,9 +157,7 @@ class BulkRun:
     async def _submit_one(self, row: Row, collectors: anyio.abc.TaskGroup) -> None:
         self._move(row, "submitting")
         try:
-            job = await self._client.images.submit(
-                **row.body, tag=row.tag, job_timeout=self._job_timeout
-            )
+            job = await submit(self._client, row.body, tag=row.tag, job_timeout=self._job_timeout)
         except Exception as exc:
             if is_systemic(exc):
                 if self.result.systemic is None:
@@ -173,7 +172,11 @@ class BulkRun:
 
     async def _collect_job(self, row: Row, job: ImageJob) -> None:
         started = time.monotonic()
-        count = job.n or int(row.body.get("n") or 1)
+        count = job.n or row.body.get("n")
+        if count is None:  # a key attached by `status --wait`: its images say how many
+            with contextlib.suppress(Exception):
+                await job
+            count = max(len(job.images), 1)
         done = self._already_saved.get(job.key, set())
         outcomes = await asyncio.gather(
             *(self._save(row, job, index, started) for index in range(count) if index not in done),
@@ -199,13 +202,15 @@ class BulkRun:
 
     async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
         image = await job.image(index)
+        line = row.line or None  # rows resumed from an id-only tag have no line number
         if image.url is not None:
-            saved = await self._downloader.save(image.url, job.key, index)
-        elif image.b64_json is not None and hasattr(self._downloader, "save_bytes"):
-            # Inline images: the downloader learns to save them in the download rework.
-            saved = await self._downloader.save_bytes(image.b64_json, job.key, index)
+            saved = await self._downloader.save(image.url, job.key, index, id=row.row_id, line=line)
+        elif image.b64_json is not None:
+            saved = await self._downloader.save_b64(
+                image.b64_json, job.key, index, id=row.row_id, line=line
+            )
         else:
-            raise ValueError(f"image {index} has no URL")
+            raise ProtocolError(f"image {index} has neither a URL nor b64_json")
         record = base_record("saved", row.line, row.row_id, row.body)
         record |= {
             "key": job.key,
@@ -245,8 +250,14 @@ class BulkRun:
             self._display.note(f"✗ {row.label}: {status}: {message}")
 
 
+# The library's option names in its messages, as the command line spells them.
+_FLAG_NAMES = (("allow_private", "--allow-private-addresses"), ("allow_http", "--allow-http"))
+
+
 def _describe(exc: BaseException) -> str:
     text = clean(exc)
+    for option, flag in _FLAG_NAMES:
+        text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

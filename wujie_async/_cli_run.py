@@ -30,6 +30,7 @@ from ._cli_common import (
     EXIT_OK,
     EXIT_SYSTEMIC,
     UsageError,
+    downloader,
     open_client,
 )
 from ._cli_input import BulkItem
@@ -46,7 +47,7 @@ from ._cli_outcome import (
 from ._cli_progress import Display, Mode, Tally
 from ._client import WujieClient
 from ._config import Limits
-from ._download import Downloader
+from ._errors import InvalidRequestError
 from ._jobs import ImageJob
 from ._journal import JournalEntry
 
@@ -183,6 +184,26 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     return plan
 
 
+def plan_status(
+    client: WujieClient,
+    keys: list[str],
+    *,
+    job_timeout: float | None,
+) -> Plan:
+    """``status --wait``: collect the jobs of these keys (numbered 1.. in the order given).
+
+    Images an earlier run saved (the manifest says which) are not fetched again.
+    """
+    plan = Plan()
+    for number, key in enumerate(keys, start=1):
+        try:
+            job = client.images.attach(key, job_timeout=job_timeout)
+        except InvalidRequestError as exc:
+            raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
+        plan.collect.append((Row(number, None, None, {}), job))
+    return plan
+
+
 class Session:
     """One command's run: client, display, Ctrl-C handling and the closing summary."""
 
@@ -213,6 +234,8 @@ class Session:
         async with self._client() as client:
             if args.command == "resume":
                 plan = await plan_resume(client, records)
+            elif args.command == "status":
+                plan = plan_status(client, args.keys, job_timeout=args.job_timeout)
             elif self.journal is not None:
                 plan = await plan_rerun(
                     client,
@@ -239,22 +262,21 @@ class Session:
             stop = asyncio.Event()
             handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
             with handle:
-                run = BulkRun(
-                    client,
-                    send=plan.send,
-                    collect=plan.collect,
-                    settled=plan.settled,
-                    manifest=Manifest(handle),
-                    downloader=Downloader(
-                        client._transport.session, out, allow_http=args.allow_http or args.emulator
-                    ),
-                    display=display,
-                    already_saved=saved_indexes(records),
-                    job_timeout=args.job_timeout,
-                    stop=stop,
-                )
-                with self._first_ctrl_c_stops(stop):
-                    self.result = await run.run()
+                async with downloader(args, out) as images:
+                    run = BulkRun(
+                        client,
+                        send=plan.send,
+                        collect=plan.collect,
+                        settled=plan.settled,
+                        manifest=Manifest(handle),
+                        downloader=images,
+                        display=display,
+                        already_saved=saved_indexes(records),
+                        job_timeout=args.job_timeout,
+                        stop=stop,
+                    )
+                    with self._first_ctrl_c_stops(stop):
+                        self.result = await run.run()
             if self.journal is not None:
                 await self._forget_refused(client, plan)
         return self.finish(total)
@@ -351,7 +373,7 @@ class Session:
                 "journal": str(self.journal) if self.journal else None,
             }
             print(json.dumps(summary))  # noqa: T201 - the machine-readable summary is output
-        elif self.args.command == "generate":
+        elif self.args.command in ("generate", "edit", "status"):
             for path in result.saved_paths:
                 print(path)  # noqa: T201 - the saved paths are this command's output
         return code
