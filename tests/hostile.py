@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import functools
+import inspect
+import json
+import struct
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from wujie_async import Credentials
+
+from .helpers import GENERATIONS, INFO
 
 HUGE = 20 * 1024 * 1024
+BOMB_INFLATED = 1024 * 1024 * 1024  # what the gzip bomb inflates to: 1 GiB of zeros
+ESCAPES = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\x1b[0m"  # set a title, clear, colour
 
 REPLIES: dict[str, tuple[int, bytes, str]] = {
     "nested": (200, b"[" * 200_000 + b"]" * 200_000, "application/json"),
@@ -33,11 +50,65 @@ REPLIES: dict[str, tuple[int, bytes, str]] = {
         b'{"code":"20110010","message":"insufficient points","data":null}',
         "application/json",
     ),
+    "unauthorized": (401, b'{"code":"401","message":"bad sign","data":null}', "application/json"),
+    "forbidden": (403, b'{"code":"403","message":"forbidden","data":null}', "application/json"),
+    "not-found-html": (404, b"<html><body>404 Not Found</body></html>", "text/html"),
+    "not-found-json": (
+        404,
+        b'{"timestamp":"2024-01-01","status":404,"error":"Not Found","path":"/x"}',
+        "application/json",
+    ),
+    "not-allowed": (405, b"Method Not Allowed", "text/plain"),
+    "server-error": (503, b'{"code":"503","message":"busy","data":null}', "application/json"),
+    "html-200": (200, b"<html>maintenance</html>", "text/html"),
+    "escapes-business": (
+        200,
+        (
+            b'{"code":"20010001","message":"bad \\u001b]0;PWNED\\u0007\\u001b[2J'
+            b'\\u001b[31mred\\u001b[0m size","data":null}'
+        ),
+        "application/json",
+    ),
+    "escapes-5xx": (500, f"<html>{ESCAPES}oops</html>".encode(), "text/html"),
 }
+
+
+@functools.cache
+def gzip_bomb() -> bytes:
+    """About 1 MiB of gzip that inflates to ``BOMB_INFLATED`` zero bytes.
+
+    Built from one full-flushed deflate block repeated (a full flush resets the compressor, so
+    every block of zeros compresses to the same bytes): 0.3 s instead of compressing 1 GiB.
+    """
+    block_size = 1024 * 1024
+    zeros = bytes(block_size)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = deflate.compress(zeros) + deflate.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(BOMB_INFLATED // block_size):
+        crc = zlib.crc32(zeros, crc)
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+    trailer = struct.pack("<II", crc, BOMB_INFLATED & 0xFFFFFFFF)
+    return header + block * (BOMB_INFLATED // block_size) + deflate.flush() + trailer
 
 
 async def _reply(request: web.Request) -> web.StreamResponse:
     mode = request.match_info["mode"]
+    request.app[HITS][mode] += 1
+    request.app[AUTHORIZATIONS].append(request.headers.get("Authorization", ""))
+    if mode == "redirect-self":  # a 307 loop: a client that follows it POSTs again and again
+        raise web.HTTPTemporaryRedirect(location=str(request.url))
+    if mode == "redirect-away":
+        location = "http://user:hunter2@169.254.169.254/latest/meta-data"
+        return web.Response(status=302, headers={"Location": location})
+    if mode == "gzip-bomb":
+        return web.Response(
+            body=gzip_bomb(),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
+    if mode == "slow":
+        await asyncio.sleep(0.5)  # past the tests' short request timeouts
+        return web.Response(body=b'{"code":"200","message":"ok","data":{}}')
     if mode == "huge-declared":
         return web.Response(body=b"x" * HUGE, content_type="application/json")
     if mode == "huge-chunked":
@@ -45,9 +116,12 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         response.enable_chunked_encoding()
         await response.prepare(request)
         chunk = b" " * 1024 * 1024
-        for _ in range(HUGE // len(chunk)):
-            await response.write(chunk)
-        await response.write_eof()
+        try:
+            for _ in range(HUGE // len(chunk)):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client stopped reading at its cap, as it should
         return response
     status, body, content_type = REPLIES[mode]
     return web.Response(status=status, body=body, content_type=content_type)
@@ -66,13 +140,42 @@ async def _serve(app: web.Application) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+HITS = web.AppKey("hits", Counter[str])
+AUTHORIZATIONS = web.AppKey("authorizations", list[str])
+
+
+@dataclass
+class HostileGateway:
+    """A running hostile gateway: its origin and what it has seen."""
+
+    origin: str
+    hits: Counter[str] = field(default_factory=Counter)  # requests per mode
+    authorizations: list[str] = field(default_factory=list)  # Authorization headers received
+
+
+@asynccontextmanager
+async def recording_gateway() -> AsyncIterator[HostileGateway]:
+    """Like :func:`hostile_gateway`, and says how often each mode was asked.
+
+    ``{origin}/{mode}`` and ``{origin}/{mode}/any/path`` both answer as ``mode``, so a client can
+    use ``{origin}/{mode}`` as its base URL.
+    """
+    app = web.Application()
+    seen = HostileGateway(origin="")
+    app[HITS] = seen.hits
+    app[AUTHORIZATIONS] = seen.authorizations
+    app.router.add_post("/{mode}", _reply)
+    app.router.add_post("/{mode}/{tail:.*}", _reply)
+    async with _serve(app) as origin:
+        seen.origin = origin
+        yield seen
+
+
 @asynccontextmanager
 async def hostile_gateway() -> AsyncIterator[str]:
     """Yields a base URL; ``{base}/{mode}`` answers with the broken reply named ``mode``."""
-    app = web.Application()
-    app.router.add_post("/{mode}", _reply)
-    async with _serve(app) as origin:
-        yield origin
+    async with recording_gateway() as gateway:
+        yield gateway.origin
 
 
 async def _file(request: web.Request) -> web.StreamResponse:
@@ -95,3 +198,69 @@ async def file_server() -> AsyncIterator[str]:
     app.router.add_get("/files/{kind}", _file)
     async with _serve(app) as origin:
         yield origin
+
+
+@functools.cache
+def throwaway_credentials() -> Credentials:
+    """Credentials with a fresh RSA key: the scripted gateway checks no signature."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return Credentials("hostile-app", pem)
+
+
+# What a test's script returns for the keys of one batch call: the ``list`` as Python objects
+# (dumped with Python's json, so NaN and Infinity go out as written), or as raw JSON bytes.
+BatchScript = Callable[[list[str]], Any]
+
+
+@dataclass
+class ScriptedGateway:
+    """A gateway whose batch replies a test writes (see :func:`scripted_gateway`).
+
+    Attributes:
+        base_url: give this to ``WujieClient(base_url=...)``.
+        asked: the keys of every batch call, in order.
+        released: set when the gateway shuts down; a script holding a reply can wait on it.
+    """
+
+    base_url: str
+    asked: list[list[str]] = field(default_factory=list)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    submits: int = 0
+
+
+@asynccontextmanager
+async def scripted_gateway(script: BatchScript) -> AsyncIterator[ScriptedGateway]:
+    """A gateway that accepts every submit (keys ``K00000``, ``K00001``, ...) and answers each
+    batch call with ``{"code":"200","data":{"list": script(keys)}}``; ``script`` may be async.
+    """
+    app = web.Application(client_max_size=1024 * 1024)
+    gateway = ScriptedGateway(base_url="")
+
+    async def submit(request: web.Request) -> web.Response:
+        key = f"K{gateway.submits:05d}"
+        gateway.submits += 1
+        return web.json_response({"code": "200", "message": "success", "data": {"key": key}})
+
+    async def info(request: web.Request) -> web.Response:
+        keys = await request.json()
+        gateway.asked.append(keys)
+        listed = script(keys)
+        if inspect.isawaitable(listed):
+            listed = await listed
+        raw = listed if isinstance(listed, bytes) else json.dumps(listed).encode()
+        body = b'{"code":"200","message":"success","data":{"list":' + raw + b"}}"
+        return web.Response(body=body, content_type="application/json")
+
+    app.router.add_post(GENERATIONS, submit)
+    app.router.add_post(INFO, info)
+    async with _serve(app) as origin:
+        gateway.base_url = origin
+        try:
+            yield gateway
+        finally:
+            gateway.released.set()  # let held replies go, so shutdown does not wait on them

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from wujie_async import (
     AuthenticationError,
     Credentials,
+    EndpointNotFoundError,
     InsufficientBalanceError,
     Limits,
     PollPolicy,
     ProtocolError,
     RateLimitedError,
+    ResponseTooLargeError,
     RetryPolicy,
     ServerError,
     SubmitUncertainError,
     Timeouts,
     TransportError,
+    UnexpectedRedirectError,
+    WujieClient,
+    WujieError,
 )
 from wujie_async._auth import HeaderSigner
 from wujie_async._poller import BatchPoller
@@ -30,19 +37,24 @@ from wujie_async._transport import Transport
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
-from .hostile import hostile_gateway
+from .helpers import GENERATIONS, INFO
+from .hostile import BOMB_INFLATED, gzip_bomb, hostile_gateway, recording_gateway
 
 pytestmark = pytest.mark.anyio
 
 
 @contextlib.asynccontextmanager
 async def open_transport(
-    base_url: str, creds: Credentials, *, retry: RetryPolicy | None = None
+    base_url: str,
+    creds: Credentials,
+    *,
+    retry: RetryPolicy | None = None,
+    limits: Limits | None = None,
 ) -> AsyncIterator[Transport]:
     transport = Transport(
         base_url=base_url,
         signer=HeaderSigner(creds),
-        limits=Limits(max_response_bytes=1024 * 1024),
+        limits=limits or Limits(max_response_bytes=1024 * 1024),
         timeouts=Timeouts(request=10),
         retry=retry or RetryPolicy(max_attempts=2, initial_wait=0),
     )
@@ -54,25 +66,26 @@ async def open_transport(
 
 
 @pytest.mark.parametrize(
-    ("mode", "says"),
+    ("mode", "says", "error", "calls"),
     [
-        ("huge-declared", "cap"),
-        ("huge-chunked", "cap"),
-        ("nested", "not JSON"),
-        ("not-envelope", "envelope"),
-        ("array", "envelope"),
-        ("teapot", "HTTP 418"),
+        # An oversized reply is not retried: the same question gets the same answer.
+        ("huge-declared", "cap", ResponseTooLargeError, 1),
+        ("huge-chunked", "cap", ResponseTooLargeError, 1),
+        ("nested", "not JSON", ProtocolError, 2),
+        ("not-envelope", "envelope", ProtocolError, 2),
+        ("array", "envelope", ProtocolError, 2),
+        ("teapot", "HTTP 418", ProtocolError, 2),
     ],
 )
 async def test_bad_replies_become_protocol_errors(
-    emulator: EmulatorFactory, mode: str, says: str
+    emulator: EmulatorFactory, mode: str, says: str, error: type[ProtocolError], calls: int
 ) -> None:
     async with emulator() as emu, hostile_gateway() as base:
         async with open_transport(base, emu.credentials) as transport:
-            with pytest.raises(ProtocolError) as info:
+            with pytest.raises(error) as info:
                 await transport.post(f"/{mode}", [], kind="poll")
             assert says in str(info.value)
-            assert transport.counters.http_calls == 2  # polls are retried, then give up
+            assert transport.counters.http_calls == calls  # polls are retried, then give up
             with pytest.raises(SubmitUncertainError) as uncertain:
                 await transport.post(f"/{mode}", {"prompt": "p"}, kind="submit")
             assert isinstance(uncertain.value.__cause__, ProtocolError)
@@ -209,3 +222,117 @@ def test_rate_limited_error_carries_retry_after() -> None:
     error = RateLimitedError("slow down", retry_after=2.0, http_status=429)
     assert error.retry_after == 2.0 and "HTTP 429" in str(error)
     assert isinstance(ServerError("x"), Exception)
+
+
+async def test_a_redirect_is_never_followed(tmp_path: Path) -> None:
+    # A 307 to itself: a client that follows redirects POSTs (and pays) again and again.
+    creds = Credentials("wjhostile", unregistered_key())
+    async with recording_gateway() as gateway:
+        base = f"{gateway.origin}/redirect-self"
+        journal = tmp_path / "journal.sqlite"
+        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
+            with pytest.raises(UnexpectedRedirectError) as info:
+                await c.images.submit(prompt="x", model="dall-e-2")
+            assert gateway.hits["redirect-self"] == 1
+            error = info.value
+            assert not isinstance(error, SubmitUncertainError) and error.systemic
+            assert error.http_status == 307 and "base URL" in str(error)
+            assert error.location.endswith("/redirect-self/ai/wj/images/generations")
+            assert await c.uncertain_submits() == []  # nothing was accepted at our URL
+        async with open_transport(gateway.origin, creds) as transport:
+            with pytest.raises(UnexpectedRedirectError) as away:
+                await transport.post("/redirect-away", [], kind="poll")
+            assert gateway.hits["redirect-away"] == 1  # polls are not retried either
+            text = str(away.value)
+            assert "169.254.169.254" in text and "hunter2" not in text and "\x1b" not in text
+
+
+async def test_a_gzip_bomb_stops_at_the_decoded_cap() -> None:
+    bomb = gzip_bomb()  # built before measuring
+    cap = Limits().max_response_bytes
+    assert len(bomb) < cap < BOMB_INFLATED  # the compressed size passes a Content-Length check
+    creds = Credentials("wjhostile", unregistered_key())
+    async with (
+        recording_gateway() as gateway,
+        open_transport(gateway.origin, creds, limits=Limits()) as transport,
+    ):
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        started = time.monotonic()
+        with pytest.raises(ResponseTooLargeError) as info:
+            await transport.post("/gzip-bomb", [], kind="poll")
+        elapsed = time.monotonic() - started
+        growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert info.value.limit == cap and "decoded" in str(info.value)
+    assert gateway.hits["gzip-bomb"] == 1
+    assert growth_mib < 200, f"the peak memory grew by {growth_mib:.0f} MiB"
+    assert elapsed < 5, f"took {elapsed:.1f} s: it inflated far past the cap"
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "fix"),
+    [
+        ("unauthorized", AuthenticationError, "WUJIE_APP_ID and WUJIE_PRIVATE_KEY"),
+        ("forbidden", AuthenticationError, "WUJIE_APP_ID and WUJIE_PRIVATE_KEY"),
+        ("not-found-html", EndpointNotFoundError, "WUJIE_BASE_URL / --base-url"),
+        ("not-found-json", EndpointNotFoundError, "WUJIE_BASE_URL / --base-url"),
+        ("not-allowed", EndpointNotFoundError, "does not accept POST"),
+        ("balance-429", InsufficientBalanceError, "top up"),
+    ],
+)
+async def test_systemic_errors_say_what_to_fix_and_are_not_repeated(
+    mode: str, error: type[WujieError], fix: str
+) -> None:
+    creds = Credentials("wjhostile", unregistered_key())
+    async with recording_gateway() as gateway:
+        async with open_transport(gateway.origin, creds) as transport:
+            with pytest.raises(error) as polled:
+                await transport.post(f"/{mode}", [], kind="poll")
+            assert polled.value.systemic and fix in str(polled.value)
+            # 401 is re-signed once (the cached signature may have gone stale); nothing else
+            # that is systemic is sent twice.
+            assert gateway.hits[mode] == (2 if mode == "unauthorized" else 1)
+        base = f"{gateway.origin}/{mode}"
+        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY) as client:
+            with pytest.raises(error) as submitted:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert not isinstance(submitted.value, SubmitUncertainError)
+            if isinstance(submitted.value, EndpointNotFoundError):
+                assert submitted.value.url == base + "/ai/wj/images/generations"
+                assert submitted.value.url in str(submitted.value)
+
+
+async def test_systemic_flags_of_the_error_tree() -> None:
+    assert TransportError("refused", reached_server=False).systemic
+    assert not TransportError("reset", reached_server=True).systemic
+    assert not SubmitUncertainError("lost", request={}).systemic
+    assert not ServerError("busy", http_status=503).systemic
+    assert not RateLimitedError("slow", http_status=429).systemic
+    assert not ProtocolError("odd").systemic and not ResponseTooLargeError("big", limit=1).systemic
+
+
+async def test_a_missing_route_is_rejected_not_uncertain(tmp_path: Path) -> None:
+    creds = Credentials("wjhostile", unregistered_key())
+    async with recording_gateway() as gateway:
+        base = f"{gateway.origin}/not-found-html"
+        journal = tmp_path / "journal.sqlite"
+        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
+            with pytest.raises(EndpointNotFoundError):
+                await c.images.submit(prompt="x", model="dall-e-2")
+            assert await c.uncertain_submits() == []
+        assert gateway.hits["not-found-html"] == 1
+
+
+async def test_submits_and_polls_have_separate_429_brakes(emulator: EmulatorFactory) -> None:
+    for endpoint, braked, free in (("generations", "submit", "poll"), ("info", "poll", "submit")):
+        faults = FaultConfig(endpoints=frozenset({endpoint}), http_429=0.3, retry_after_s=0)
+        async with emulator(faults=faults) as emu:
+            async with open_transport(emu.base_url, emu.credentials, retry=INSTANT_RETRY) as t:
+                keys: list[str] = []
+                # Until the 429s of one kind of call put its brake on (a few calls suffice).
+                while t.brake_rates[braked] is None and len(keys) < 200:
+                    body = {"prompt": f"{len(keys)}", "model": "dall-e-2"}
+                    keys.append((await t.post(GENERATIONS, body, kind="submit"))["key"])
+                    await t.post(INFO, keys[-50:], kind="poll")
+                rates = t.brake_rates
+                assert rates[braked] is not None and t.counters.rate_limited > 0, rates
+                assert rates[free] is None, rates  # the other kind of call never slowed down

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import re
@@ -77,13 +78,63 @@ class ClientStats:
     journal_commits: int = 0
 
 
-def _check_base_url(base_url: str) -> str:
-    parts = urlsplit(base_url)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+def _check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
+    """The base URL without its trailing slash, once it passes the rules below.
+
+    Plain ``http://`` is allowed only to a loopback host (the emulator): the signature covers
+    only the app id and a timestamp, so anyone on the path who sees one request's header can
+    replay it with other bodies, each paid for, for minutes. ``user:password@`` in the URL is
+    refused: the gateway does not use it, and it would show in reprs and logs.
+    """
+    rule_http = "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL
+    if not isinstance(base_url, str):
+        raise InvalidRequestError([("base_url", rule_http)])
+    try:
+        parts = urlsplit(base_url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        host = None  # raised below, outside this block, so no ValueError rides along
+    # Messages never repeat the URL: it may hold a password.
+    if host is None or parts.scheme not in {"http", "https"}:
+        raise InvalidRequestError([("base_url", rule_http)])
+    if "@" in parts.netloc:
         raise InvalidRequestError(
-            [("base_url", "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL)]
+            [
+                (
+                    "base_url",
+                    "must not contain user:password@ (the gateway authenticates with the "
+                    "signed Authorization header; remove the credentials from the URL)",
+                )
+            ]
+        )
+    if parts.scheme == "http" and not _is_loopback(host):
+        if not allow_insecure_http:
+            raise InvalidRequestError(
+                [
+                    (
+                        "base_url",
+                        f"plain http:// is allowed only to a loopback host, not {host!r}: "
+                        "anyone on the path could replay the signed header and be paid for; "
+                        "use https://, or pass allow_insecure_http=True if you accept that",
+                    )
+                ]
+            )
+        logger.warning(
+            "INSECURE: sending signed requests over plain http to %s (allow_insecure_http=True);"
+            " anyone on the path can replay the Authorization header",
+            host,
         )
     return base_url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere
 
 
 class Images:
@@ -181,6 +232,9 @@ class WujieClient:
         journal: a SQLite file recording every submit (intent before sending, key before
             ``submit()`` returns, outcomes after), so :meth:`resume` can pick up after a crash
             and :meth:`uncertain_submits` can say which submits may have been charged.
+        allow_insecure_http: allow a plain ``http://`` base URL to a host that is not loopback.
+            Off by default: over plain http anyone on the path can replay the signed header
+            with other bodies, paid for by this account. A WARNING is logged when it is used.
     """
 
     def __init__(
@@ -193,10 +247,12 @@ class WujieClient:
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
         journal: str | os.PathLike[str] | None = None,
+        allow_insecure_http: bool = False,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = _check_base_url(
-            base_url or os.environ.get("WUJIE_BASE_URL") or _contract.PRODUCTION_BASE_URL
+            base_url or os.environ.get("WUJIE_BASE_URL") or _contract.PRODUCTION_BASE_URL,
+            allow_insecure_http=allow_insecure_http,
         )
         self.poll_policy = poll or PollPolicy()
         self.limits = limits or Limits()

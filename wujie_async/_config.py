@@ -23,20 +23,27 @@ def _check_positive(owner: str, **values: float | None) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PollPolicy:
-    """When the batching poller asks about a key.
+    """When the batching poller asks about a key (README, "How polling works").
 
-    A key is first asked about ``first_poll_delay`` after its submit. After that, each answer
-    sets the next ask: a fraction of the server's ``expected_seconds`` (so a job queued for a
-    minute is not asked about every half second), never sooner than ``min_interval`` and never
-    later than ``max_interval``; a job that runs long backs off with its age.
+    A key is first asked about ``first_poll_delay`` after its submit. The gateway's
+    ``expected_seconds`` then predicts when the job ends, and the poller learns how far real
+    ends fall from such predictions. Inside that learned window the key is asked about every
+    ``min_interval``, so a job that ends there is seen within ``min_interval``; before the
+    window nothing is asked (at most ``max_estimate_wait`` apart); a job that overran the window,
+    or has no usable estimate, is asked about every ``age_fraction`` of its age, within
+    ``min_interval`` and ``max_interval``.
 
     Attributes:
         first_poll_delay: seconds from submit to the first ask.
-        min_interval: the shortest gap between two asks about one key; this bounds how late a
-            finished job can be noticed.
-        max_interval: the longest gap between two asks about one key.
-        estimate_fraction: share of ``expected_seconds`` to wait before asking again.
-        age_fraction: share of a job's age to wait (backs off for slow jobs).
+        min_interval: the shortest gap between two asks about one key, and the gap while a job
+            is expected to end: how late a finished job can be noticed then.
+        max_interval: the longest gap between asks about a job that has overrun its estimate,
+            or has none, or is still queued.
+        age_fraction: share of a job's age to wait between asks once it overran (backs off
+            for slow jobs; bounds how late they are noticed).
+        max_estimate_wait: the longest wait on an estimate before asking again.
+        queue_position_seconds: with no estimate, seconds to wait per job ahead in the queue
+            (``queue_before_num``), within ``min_interval`` and ``max_interval``.
         batch_fill_horizon: keys due within this many seconds may ride along in a batch call
             that has room, so calls go out full instead of more often.
         unknown_key_grace: how long a key may be absent from replies before it fails as unknown.
@@ -45,8 +52,9 @@ class PollPolicy:
     first_poll_delay: float = 1.0
     min_interval: float = 0.5
     max_interval: float = 5.0
-    estimate_fraction: float = 0.5
-    age_fraction: float = 0.05
+    age_fraction: float = 0.03
+    max_estimate_wait: float = 60.0
+    queue_position_seconds: float = 1.0
     batch_fill_horizon: float = 0.25
     unknown_key_grace: float = 30.0
 
@@ -56,18 +64,20 @@ class PollPolicy:
             first_poll_delay=self.first_poll_delay,
             min_interval=self.min_interval,
             max_interval=self.max_interval,
+            max_estimate_wait=self.max_estimate_wait,
             unknown_key_grace=self.unknown_key_grace,
         )
         if self.max_interval < self.min_interval:
             raise InvalidRequestError([("PollPolicy.max_interval", "must be >= min_interval")])
-        for name in ("estimate_fraction", "age_fraction", "batch_fill_horizon"):
+        for name in ("age_fraction", "queue_position_seconds", "batch_fill_horizon"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0 or math.isnan(value):
                 raise InvalidRequestError([(f"PollPolicy.{name}", "must be a number >= 0")])
 
+
     def next_delay(self, *, expected_seconds: float | None, age: float) -> float:
-        """Seconds until the next ask about a key that is still running."""
-        wanted = max(self.estimate_fraction * (expected_seconds or 0.0), self.age_fraction * age)
+        """Seconds until the next ask about a key that is still running (being replaced)."""
+        wanted = max(0.5 * (expected_seconds or 0.0), self.age_fraction * age)
         return min(max(wanted, self.min_interval), self.max_interval)
 
 

@@ -44,7 +44,17 @@ STATUS_GENERATING: Final = 1
 STATUS_FAILED: Final = 3
 STATUS_SUCCEEDED: Final = 4
 STATUS_MODERATION_REJECTED: Final = 5
-TERMINAL_STATUSES: Final = frozenset({STATUS_FAILED, STATUS_SUCCEEDED, STATUS_MODERATION_REJECTED})
+# [platform] a public integration of the platform's own-model API treats -1 as finished: the
+# job ended without a result (a terminal failure, not a status to keep polling).
+STATUS_ENDED_WITHOUT_RESULT: Final = -1
+TERMINAL_STATUSES: Final = frozenset(
+    {STATUS_FAILED, STATUS_SUCCEEDED, STATUS_MODERATION_REJECTED, STATUS_ENDED_WITHOUT_RESULT}
+)
+# Statuses that end a job without images, each failing it with JobFailedError (or a subclass).
+FAILED_STATUSES: Final = frozenset(
+    {STATUS_FAILED, STATUS_MODERATION_REJECTED, STATUS_ENDED_WITHOUT_RESULT}
+)
+
 
 # --- Gateway-level HTTP statuses [assumed] ----------------------------------------------
 HTTP_RATE_LIMITED: Final = 429  # may carry Retry-After (seconds)

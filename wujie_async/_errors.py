@@ -7,46 +7,98 @@
     ├── ClientStateError            client used before open, after close, or from another loop
     │   └── JournalLockedError      another live process has the journal open (pid, host)
     ├── APIError                    the gateway answered, and the answer is an error
-    │   ├── AuthenticationError     HTTP 401: bad credentials, clock skew, unknown app
+    │   ├── AuthenticationError     HTTP 401/403: bad credentials, clock skew, unknown app  [S]
+    │   ├── EndpointNotFoundError   HTTP 404/405 without an envelope: wrong base URL (url)  [S]
     │   ├── RateLimitedError        HTTP 429 (retry_after in seconds, when the server said)
     │   ├── ServerError             HTTP 5xx: transient on the gateway's side
     │   ├── ProtocolError           the reply is not what the contract promises (what came back)
+    │   │   ├── ResponseTooLargeError   the reply, decoded, is over Limits.max_response_bytes
+    │   │   └── UnexpectedRedirectError a 3xx reply (location); never followed            [S]
     │   └── BusinessError           HTTP 200 with code != "200" (code, message)
     │       ├── ParameterError          20010001 / 20010015: the gateway rejected a field
     │       ├── LockRaceError           20010018: safe to resubmit
     │       ├── SensitivePromptError    20110001: the prompt contains sensitive words
-    │       └── InsufficientBalanceError 20110010: out of points; never retried
+    │       └── InsufficientBalanceError 20110010: out of points; never retried         [S]
     ├── TransportError              no usable reply (connection refused, reset, timed out)
+    │   │                           [S] when it never reached the server (reached_server=False)
     │   └── SubmitUncertainError    a submit whose reply was lost: it may have been charged
     └── JobError                    a job (job_key) ended without images
         ├── JobFailedError          status 3 (fail_code, fail_message)
         ├── ModerationRejectedError status 5
         ├── JobTimeoutError         the job's deadline passed while it was still running
         ├── UnknownJobError         the gateway kept not listing the key past the grace period
+        ├── JobProtocolError        the gateway's entry for the job is unreadable (also a
+        │                           ProtocolError)
         └── JobCancelledError       job.cancel() or client shutdown stopped tracking it
 
 Every error carries what it knows (``job_key``, ``code``, ``http_status``, what came back) and
-its message says what to do. No message ever contains a private key or an Authorization header.
+its message says what to do. No message ever contains a private key or an Authorization header,
+and no error reaches one through ``__cause__``/``__context__`` (see ``_transport.py``).
+
+``[S]`` marks the *systemic* errors (``error.systemic`` is True): not a problem of one request
+but of the setup (credentials, base URL, balance, network), so a program sending many requests
+should stop sending instead of failing each one the same way. Every server-provided text put in
+a message goes through :func:`snippet` first, so a hostile reply cannot drive the terminal.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from . import _contract
 
 _SNIPPET_CHARS = 300
+# Only this much of a text is looked at: an 8 MiB reply costs no more than a short one.
+_SNIPPET_SCAN_CHARS = 4 * 1024
+
+# Terminal escape sequences, removed whole so that their parameters do not leak through as
+# text: OSC/DCS/SOS/PM/APC strings up to BEL or ST (``ESC ]0;title BEL``), CSI sequences
+# (``ESC [2J``, colours), their 8-bit C1 forms, and any other two-byte ``ESC x`` sequence.
+_ESCAPE_SEQUENCE = re.compile(
+    r"""
+      (?:\x1b[\]PX^_]|[\x90\x98\x9d\x9e\x9f]) [^\x07\x1b\x9c]* (?:\x07|\x1b\\|\x9c)?
+    | (?:\x1b\[|\x9b) [0-?]* [ -/]* [@-~]?
+    | \x1b [ -/]* [0-~]?
+    """,
+    re.VERBOSE,
+)
+# Every other control character: C0 (but whitespace, folded below), DEL, C1, and the Unicode
+# bidirectional overrides that can make a terminal show text in another order.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-def snippet(body: bytes | str) -> str:
-    """A short, printable excerpt of a reply body for error messages."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
-    return text if len(text) <= _SNIPPET_CHARS else text[:_SNIPPET_CHARS] + "..."
+def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
+    """A short one-line excerpt of server text, safe to print to a terminal or a log.
+
+    Every control character is removed: C0 (escape included), DEL, C1, bidi overrides and
+    whole ANSI/OSC escape sequences (titles, screen clears, colours); runs of whitespace,
+    newlines included, become one space. Use it for any server-provided text that is printed
+    or logged.
+
+    Args:
+        text: the text, or raw bytes (decoded as UTF-8, bad bytes replaced).
+        limit: the most characters kept; longer texts end in ``...``.
+    """
+    if isinstance(text, bytes | bytearray):
+        text = bytes(text[: _SNIPPET_SCAN_CHARS * 4]).decode("utf-8", "replace")
+    elif not isinstance(text, str):
+        text = str(text)
+    text = _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS])
+    text = " ".join(_CONTROL.sub("", text).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class WujieError(Exception):
-    """Base class of every error raised by wujie_async."""
+    """Base class of every error raised by wujie_async.
+
+    Attributes:
+        systemic: True when the error is not about one request but about the setup
+            (credentials, base URL, balance, network): further requests would fail the same
+            way, so stop sending and fix what the message names.
+    """
+
+    systemic: bool = False
 
 
 class InvalidRequestError(WujieError, ValueError):
@@ -88,9 +140,10 @@ class APIError(WujieError):
         body: str = "",
     ) -> None:
         self.http_status = http_status
-        self.code = code
-        self.message = message
-        self.body = body
+        self.code = None if code is None else snippet(code, limit=40)
+        # Messages often quote the server's own text: never let it drive the terminal.
+        self.message = snippet(message, limit=500)
+        self.body = snippet(body)
         super().__init__(self._describe())
 
     def _describe(self) -> str:
@@ -103,7 +156,29 @@ class APIError(WujieError):
 
 
 class AuthenticationError(APIError):
-    """HTTP 401: the signature, app id or timestamp was refused. Check credentials and clock."""
+    """HTTP 401 or 403: the app id, key or timestamp was refused. Check credentials and clock.
+
+    Systemic: every request with these credentials fails the same way.
+    """
+
+    systemic = True
+
+
+class EndpointNotFoundError(APIError):
+    """HTTP 404/405 with a body that is not a JSON envelope: the route does not exist there.
+
+    The base URL is wrong (a proxy or web server answered, not the gateway), so nothing was
+    accepted: a submit that gets this is refused, never uncertain. Systemic.
+
+    Attributes:
+        url: the URL that does not exist.
+    """
+
+    systemic = True
+
+    def __init__(self, message: str, *, url: str, **kwargs: Any) -> None:
+        self.url = url
+        super().__init__(message, **kwargs)
 
 
 class RateLimitedError(APIError):
@@ -120,6 +195,39 @@ class ServerError(APIError):
 
 class ProtocolError(APIError):
     """The reply breaks the contract (not JSON, wrong shape, too large); ``body`` shows it."""
+
+
+class ResponseTooLargeError(ProtocolError):
+    """The reply, decoded, is larger than ``Limits.max_response_bytes``; reading stopped there.
+
+    Compressed replies are measured after decompression, so a small gzip bomb cannot inflate
+    past the cap. A batch query that gets this asked about too much at once: ask about fewer.
+
+    Attributes:
+        limit: the cap, in bytes.
+    """
+
+    def __init__(self, message: str, *, limit: int, **kwargs: Any) -> None:
+        self.limit = limit
+        super().__init__(message, **kwargs)
+
+
+class UnexpectedRedirectError(ProtocolError):
+    """A 3xx reply to an API call. Redirects are never followed: a signed request that a
+    redirect could send elsewhere (or loop on, paying each time) is not sent twice.
+
+    The base URL is probably wrong (``http`` for ``https``, a missing path prefix). Nothing was
+    accepted at the URL asked, so a submit that gets this is not uncertain. Systemic.
+
+    Attributes:
+        location: where the reply pointed (sanitized), or ``""`` when it did not say.
+    """
+
+    systemic = True
+
+    def __init__(self, message: str, *, location: str, **kwargs: Any) -> None:
+        self.location = location
+        super().__init__(message, **kwargs)
 
 
 class BusinessError(APIError):
@@ -139,7 +247,9 @@ class SensitivePromptError(BusinessError):
 
 
 class InsufficientBalanceError(BusinessError):
-    """20110010: the account is out of points. Top up; retrying will not help."""
+    """20110010: the account is out of points. Top up; retrying will not help. Systemic."""
+
+    systemic = True
 
 
 _BUSINESS_ERRORS: dict[str, type[BusinessError]] = {
@@ -163,10 +273,13 @@ class TransportError(WujieError):
     Attributes:
         reached_server: False when the request provably never reached the gateway
             (connection refused, DNS failure, connect timeout), so resending is safe.
+        systemic: True exactly when ``reached_server`` is False: the gateway cannot be reached
+            at all, so every request would fail the same way.
     """
 
     def __init__(self, message: str, *, reached_server: bool) -> None:
         self.reached_server = reached_server
+        self.systemic = not reached_server
         super().__init__(message)
 
 
@@ -187,11 +300,16 @@ class JobError(WujieError):
 
     def __init__(self, message: str, *, job_key: str) -> None:
         self.job_key = job_key
-        super().__init__(f"job {job_key}: {message}")
+        # The message quotes server text (fail_message): strip what could drive a terminal.
+        super().__init__(f"job {snippet(job_key, limit=140)}: {snippet(message, limit=500)}")
 
 
 class JobFailedError(JobError):
-    """The gateway reported status 3 (failed) with ``fail_code`` and ``fail_message``."""
+    """The gateway reported status 3 (failed) with ``fail_code`` and ``fail_message``.
+
+    ``fail_message`` is the server's text as sent; the error's message carries it through
+    :func:`snippet`. Pass it through ``snippet`` too before printing it yourself.
+    """
 
     def __init__(self, *, job_key: str, fail_code: int | None, fail_message: str | None) -> None:
         self.fail_code = fail_code
@@ -213,3 +331,11 @@ class UnknownJobError(JobError):
 
 class JobCancelledError(JobError):
     """The client stopped tracking the job (``job.cancel()`` or shutdown); it may still run."""
+
+
+class JobProtocolError(JobError, ProtocolError):
+    """The gateway's report on this one job breaks the contract (malformed, or too large).
+
+    The job ends; every other job carries on. It is both a ``JobError`` (the job ended without
+    images) and a ``ProtocolError`` (the gateway's reply is at fault).
+    """

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import _contract
 from ._errors import JobCancelledError, JobError
-from ._models import GeneratedImage, ImageResult
+from ._models import GeneratedImage, ImageResult, JobInfo
 
 # Job states as users read them (``job.status``); the numbers are the gateway's (see _contract).
 STATUS_NAMES = {
@@ -22,7 +22,11 @@ STATUS_NAMES = {
     _contract.STATUS_FAILED: "failed",
     _contract.STATUS_SUCCEEDED: "succeeded",
     _contract.STATUS_MODERATION_REJECTED: "rejected",
+    _contract.STATUS_ENDED_WITHOUT_RESULT: "ended without a result",
 }
+
+# Request fields that can be large (an edit's source images, as URLs or base64, and its mask).
+_BULK_FIELDS = ("image", "mask")
 
 
 class ImageJob:
@@ -39,12 +43,23 @@ class ImageJob:
         progress: ``complete_percent`` from the last report, 0 to 100.
         expected_seconds: the gateway's last estimate of seconds left.
         deadline: loop time by which the job must end, or it fails with JobTimeoutError.
+        queue_position: jobs ahead of this one in the gateway's queue (``queue_before_num``),
+            when the gateway reports it.
+        points_charged: points the gateway says the job cost (``integral_cost``), when reported.
+        gateway_start_time: when generation started (``start_gen_time``), as the gateway wrote
+            it (a number or short text: the format is not published).
+        gateway_complete_time: when the job ended (``complete_time``), likewise.
     """
 
     __slots__ = (
+        "__weakref__",  # the poller remembers ended jobs weakly: no images kept alive for it
+        "_complete_time",
         "_future",
         "_image_futures",
         "_on_cancel",
+        "_points_charged",
+        "_queue_position",
+        "_start_time",
         "created_at",
         "deadline",
         "due",
@@ -80,6 +95,10 @@ class ImageJob:
         self.deadline = deadline
         self.last_seen: float | None = None
         self.due = math.inf  # when the poller asks next (owned by the poller)
+        self._queue_position: int | None = None
+        self._points_charged: float | None = None
+        self._start_time: float | str | None = None
+        self._complete_time: float | str | None = None
         self._future: asyncio.Future[ImageResult] = loop.create_future()
         self._image_futures: dict[int, asyncio.Future[GeneratedImage]] | None = None
         self._on_cancel = on_cancel
@@ -100,8 +119,32 @@ class ImageJob:
         return future.result()
 
     @property
+    def queue_position(self) -> int | None:
+        """Jobs ahead of this one in the gateway's queue, when the gateway reports it."""
+        return self._queue_position
+
+    @property
+    def points_charged(self) -> float | None:
+        """Points the gateway says this job cost, when it reports them."""
+        return self._points_charged
+
+    @property
+    def gateway_start_time(self) -> float | str | None:
+        """When generation started, as the gateway reported it (format unpublished)."""
+        return self._start_time
+
+    @property
+    def gateway_complete_time(self) -> float | str | None:
+        """When the job ended, as the gateway reported it (format unpublished)."""
+        return self._complete_time
+
+    @property
     def status_name(self) -> str:
-        """``queued``, ``generating``, ``succeeded``, ``failed``, ``rejected`` or ``pending``."""
+        """The status in words: ``pending``, ``queued``, ``generating``, ``succeeded``, ...
+
+        Also ``failed``, ``rejected``, ``ended without a result``, or ``status N`` for a status
+        the contract does not name.
+        """
         if self.status is None:
             return "pending"
         return STATUS_NAMES.get(self.status, f"status {self.status}")
@@ -162,7 +205,67 @@ class ImageJob:
         self.fail(JobCancelledError("no longer tracked (cancelled)", job_key=self.key))
         return True
 
+    def holds_bulk(self) -> bool:
+        """True when the job holds inline image bytes or an edit's source images."""
+        if any(image.b64_json for image in self.images):
+            return True
+        return self.request is not None and any(field in self.request for field in _BULK_FIELDS)
+
+    def ended_copy(self) -> ImageJob:
+        """A settled copy of this ended job without its bulk: what an ended-jobs cache keeps.
+
+        The copy has the same key, status, progress fields and outcome, but its images carry
+        no inline bytes (``b64_json`` is None: fetch ``url``, or keep the original job) and its
+        request no edit source images or mask.
+        """
+        assert self._future.done(), "only an ended job is copied"
+        loop = self._future.get_loop()
+        request = self.request
+        if request is not None:
+            request = {name: value for name, value in request.items() if name not in _BULK_FIELDS}
+        copy = ImageJob(self.key, loop=loop, deadline=self.deadline, request=request, n=self.n)
+        for name in (
+            "status",
+            "progress",
+            "expected_seconds",
+            "created_at",
+            "last_seen",
+            "_queue_position",
+            "_points_charged",
+            "_start_time",
+            "_complete_time",
+        ):
+            setattr(copy, name, getattr(self, name))
+        copy.images = [
+            GeneratedImage(image.index, image.url, None, image.revised_prompt)
+            for image in self.images
+        ]
+        error = self._future.exception()
+        if error is None:
+            result = self._future.result()
+            copy._future.set_result(ImageResult(self.key, result.status, tuple(copy.images)))
+        else:
+            copy._future.set_exception(error)
+            copy._future.exception()  # nobody may await the copy: not worth a log line
+        return copy
+
     # --- fed by the poller ------------------------------------------------------------------------
+    def record_report(self, entry: JobInfo) -> None:
+        """Take the progress fields of the gateway's latest (already checked) entry."""
+        self.status = entry.status
+        if entry.complete_percent is not None:
+            self.progress = entry.complete_percent
+        self.expected_seconds = entry.expected_seconds
+        # Optional fields keep their last known value when a report leaves them out.
+        if entry.queue_before_num is not None:
+            self._queue_position = entry.queue_before_num
+        if entry.integral_cost is not None:
+            self._points_charged = entry.integral_cost
+        if entry.start_gen_time is not None:
+            self._start_time = entry.start_gen_time
+        if entry.complete_time is not None:
+            self._complete_time = entry.complete_time
+
     def add_images(self, images: list[GeneratedImage]) -> None:
         """Record images listed so far and resolve their futures."""
         if len(images) <= len(self.images):

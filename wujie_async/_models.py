@@ -6,10 +6,11 @@ Reply models ignore unknown fields, since the gateway may add fields at any time
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import _contract, _rules
 from ._errors import InvalidRequestError
@@ -110,27 +111,186 @@ class ImageInfo(_Reply):
     revised_prompt: str | None = None
 
 
+# Beyond a day, an estimate of seconds left says nothing a day would not.
+MAX_EXPECTED_SECONDS = 86_400.0
+# Fail codes are short numbers; a longer one is noise (and int() of >4,300 digits raises).
+_MAX_CODE_DIGITS = 18
+_MAX_QUEUE_POSITION = 10**9
+_MAX_POINTS = 1e12
+_MAX_TIME_TEXT = 64
+
+
+def _number(value: Any) -> float | None:
+    """A finite real number from a JSON number (or numeric text), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int):
+        return float(value) if -1e18 < value < 1e18 else None
+    if isinstance(value, str) and len(value) <= 32:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None
+
+
+def _clamped(value: Any, low: float, high: float) -> Any:
+    number = _number(value)
+    if number is None:
+        return None
+    if low <= number <= high:
+        return value if isinstance(value, float) else number  # the same object when fine
+    return min(max(number, low), high)
+
+
+def _expected_seconds(value: Any) -> Any:
+    return _clamped(value, 0.0, MAX_EXPECTED_SECONDS)
+
+
+def _percent(value: Any) -> Any:
+    return _clamped(value, 0.0, 100.0)
+
+
+def _queue_position(value: Any) -> Any:
+    number = _number(value)
+    if number is None or not 0 <= number <= _MAX_QUEUE_POSITION or number != int(number):
+        return None
+    return value if type(value) is int else int(number)
+
+
+def _points(value: Any) -> Any:
+    number = _number(value)
+    if number is None or not 0 <= number <= _MAX_POINTS:
+        return None
+    return value if isinstance(value, float) else number
+
+
+def _time_stamp(value: Any) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= _MAX_TIME_TEXT and value.isprintable() else None
+    number = _number(value)
+    return None if number is None else value if isinstance(value, int | float) else number
+
+
+def _fail_code(value: Any) -> Any:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if abs(value) < 10**_MAX_CODE_DIGITS else None
+    if isinstance(value, str):
+        # ASCII digits only: "²".isdigit() is True, yet int("²") raises.
+        text = value.strip()
+        digits = text.removeprefix("-")
+        if digits.isascii() and digits.isdigit() and len(digits) <= _MAX_CODE_DIGITS:
+            return int(text)
+    return None
+
+
+def _text(value: Any) -> Any:
+    return value if isinstance(value, str) else None
+
+
+def _fail(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _with_fields_cleaned(value, _FAIL_CLEANERS)
+    return value if isinstance(value, str) else None
+
+
+def _with_fields_cleaned(data: Any, cleaners: dict[str, Any]) -> Any:
+    """``data`` with each optional field that is unreadable replaced by None (or clamped).
+
+    The input is copied only when something changes (and returned as is otherwise).
+    """
+    if not isinstance(data, dict):
+        return data
+    fixed: dict[str, Any] | None = None
+    for name, clean in cleaners.items():
+        if name in data:
+            value = data[name]
+            cleaned = clean(value)
+            if cleaned is not value:
+                if fixed is None:
+                    fixed = dict(data)
+                fixed[name] = cleaned
+    return data if fixed is None else fixed
+
+
+_FAIL_CLEANERS = {"fail_code": _fail_code, "fail_message": _text}
+# The largest and smallest status a gateway could mean; anything outside is a malformed entry.
+_STATUS_BOUND = 2**31
+# allow_inf_nan on the float member only: on a union it would also run on text, and raise.
+_FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# Short text with no control characters (C0, DEL, C1): it may end up in a log or a terminal.
+_TimeText = Annotated[str, Field(max_length=_MAX_TIME_TEXT, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
+
+
 class FailInfo(_Reply):
     """Why a job failed."""
 
-    fail_code: int | str | None = None
+    fail_code: int | None = Field(default=None, gt=-(10**_MAX_CODE_DIGITS), lt=10**_MAX_CODE_DIGITS)
     fail_message: str | None = None
 
 
 class JobInfo(_Reply):
-    """One entry of a batch-detail reply's ``list``."""
+    """One entry of a batch-detail reply's ``list``.
+
+    The model is strict about every number: NaN, Infinity and out-of-range values are rejected
+    (``allow_inf_nan=False``, bounds), so nothing non-finite can reach the poll schedule. Use
+    :meth:`read` for a hostile entry: it keeps an entry whose key and status are sound even when
+    an optional field is not, dropping that field (None) or clamping it.
+    """
 
     key: str
-    status: int
-    complete_percent: float | None = None
-    expected_seconds: float | None = None
+    status: int = Field(ge=-_STATUS_BOUND, le=_STATUS_BOUND)
+    complete_percent: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    expected_seconds: float | None = Field(
+        default=None, ge=0, le=MAX_EXPECTED_SECONDS, allow_inf_nan=False
+    )
     images: list[ImageInfo] | None = None
     fail_message: FailInfo | str | None = None
+    # [platform] optional progress fields (API.md): read when present, never required.
+    queue_before_num: int | None = Field(default=None, ge=0, le=_MAX_QUEUE_POSITION)
+    start_gen_time: _FiniteFloat | _TimeText | None = None
+    complete_time: _FiniteFloat | _TimeText | None = None
+    integral_cost: float | None = Field(default=None, ge=0, le=_MAX_POINTS, allow_inf_nan=False)
+
+    @classmethod
+    def read(cls, raw: Any) -> JobInfo:
+        """Validate a hostile entry; optional fields that break a rule are dropped or clamped.
+
+        ``expected_seconds`` is clamped to 0 to a day and ``complete_percent`` to 0 to 100; any
+        other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
+        wrong type) becomes None. Only a bad key, status or image list fails the entry.
+
+        Raises:
+            ValidationError: the key, status or images are unreadable.
+        """
+        try:
+            return cls.model_validate(raw)
+        except ValidationError:
+            cleaned = _with_fields_cleaned(raw, _ENTRY_CLEANERS)
+            if cleaned is raw:
+                raise
+            return cls.model_validate(cleaned)
 
     @property
     def terminal(self) -> bool:
-        """True for the statuses that end a job (3, 4, 5)."""
+        """True for the statuses that end a job (3, 4, 5 and -1)."""
         return self.status in _contract.TERMINAL_STATUSES
+
+
+_ENTRY_CLEANERS = {
+    "complete_percent": _percent,
+    "expected_seconds": _expected_seconds,
+    "fail_message": _fail,
+    "queue_before_num": _queue_position,
+    "start_gen_time": _time_stamp,
+    "complete_time": _time_stamp,
+    "integral_cost": _points,
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,20 @@ deadline if sooner). Each round takes the keys that are due, tops the last batch
 keys due soon (so calls go out full rather than more often), sends calls of at most 50 keys
 concurrently (bounded), and hands every entry to its job. With nothing outstanding it waits on
 an event: no timer ticks, no cost.
+
+Every reply is hostile until checked, and one bad entry never costs more than its own job:
+
+* only entries for keys this call asked about are looked at (a bounded few per key), so a reply
+  flooded with junk costs one cheap pass, and warnings are one summary line per reply;
+* optional fields that are unreadable are dropped at the model (``_models.JobInfo``); an entry
+  whose key or status is unreadable is malformed, and a job listed only in malformed entries
+  fails with ``JobProtocolError`` once that lasts the unknown-key grace period;
+* a bug while handling one entry fails that job with ``JobProtocolError``, logged, and the
+  poller goes on;
+* a reply over ``Limits.max_response_bytes`` is asked again in halves, down to one key; a key
+  whose entry alone is too large fails with ``JobProtocolError``;
+* a job's deadline fires on time even while its key is in a call on the wire (a timer per call);
+  the late reply is then ignored for that job.
 """
 
 from __future__ import annotations
@@ -13,8 +27,9 @@ import asyncio
 import heapq
 import logging
 import math
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,19 +42,27 @@ from ._errors import (
     JobCancelledError,
     JobError,
     JobFailedError,
+    JobProtocolError,
     JobTimeoutError,
     ModerationRejectedError,
     ProtocolError,
+    ResponseTooLargeError,
     UnknownJobError,
     WujieError,
+    snippet,
 )
 from ._jobs import ImageJob
-from ._models import FailInfo, GeneratedImage, JobInfo
+from ._models import GeneratedImage, JobInfo
 from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
 ENDED_JOBS_KEPT = 1024
+# Distinct unknown statuses remembered (each is logged once); past this, one last line says so.
+UNKNOWN_STATUSES_KEPT = 64
+# A reply may repeat a key; more than this many entries for one key are not even looked at.
+ENTRIES_PER_KEY = 4
 _JOB_LIST = TypeAdapter(list[JobInfo])
+_KNOWN_RUNNING = frozenset({_contract.STATUS_QUEUED, _contract.STATUS_GENERATING})
 
 
 @dataclass(slots=True)
@@ -52,6 +75,17 @@ class PollerCounters:
     succeeded: int = 0
     failed: int = 0
     malformed_entries: int = 0
+    ignored_entries: int = 0
+    split_batches: int = 0
+
+
+@dataclass(slots=True)
+class _Reading:
+    """What one batch reply said about the keys asked."""
+
+    entries: dict[str, JobInfo]
+    # Keys that were listed only in malformed entries, with why (a short, clean excerpt).
+    malformed: dict[str, str]
 
 
 def _images(entry: JobInfo) -> list[GeneratedImage]:
@@ -77,31 +111,97 @@ def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
     return best
 
 
+def _why(exc: ValidationError) -> str:
+    """A short account of a validation error that never echoes the hostile input itself."""
+    return snippet(
+        "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'entry'}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)[:3]
+        )
+    )
+
+
+class _DeadlineWatch:
+    """Ends the jobs of one call on the wire whose deadline passes before the reply is back.
+
+    One timer per call (armed for the earliest deadline among its jobs), not one per job: a
+    job waiting on a slow reply still fails with JobTimeoutError on time.
+    """
+
+    __slots__ = ("_chunk", "_expire", "_handle", "_loop", "_when")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        chunk: list[ImageJob],
+        expire: Callable[[ImageJob], None],
+    ) -> None:
+        self._loop = loop
+        self._chunk = chunk
+        self._expire = expire
+        self._handle: asyncio.TimerHandle | None = None
+        self._when = math.inf
+        self._arm()
+
+    def _arm(self) -> None:
+        self._when = min((job.deadline for job in self._chunk if not job.done()), default=math.inf)
+        if self._when < math.inf:
+            self._handle = self._loop.call_at(self._when, self._fire)
+
+    def _fire(self) -> None:
+        # asyncio may run a timer a clock tick early: the time it was armed for counts as now.
+        now = max(self._loop.time(), self._when)
+        for job in self._chunk:
+            if not job.done() and job.deadline <= now:
+                self._expire(job)
+        self._arm()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class BatchPoller:
     """Holds every outstanding job and polls them in shared batch calls."""
 
     def __init__(self, transport: Transport, policy: PollPolicy, limits: Limits) -> None:
         self._transport = transport
         self._policy = policy
+        self._max_response_bytes = limits.max_response_bytes
         self._call_slots = asyncio.Semaphore(limits.max_concurrent_polls)
         self._jobs: dict[str, ImageJob] = {}
         # (due, key): keys are unique, so ties on ``due`` are broken by key, no counter needed.
+        # An entry counts only while it matches its job's ``due``: a job taken into a call has
+        # ``due == inf`` until its reply reschedules it, so it cannot be taken twice.
         self._heap: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
         self._sleeping_until = math.inf  # when the idle poller will next look at the heap
-        self._in_flight: set[str] = set()
         self._unknown_statuses: set[int] = set()
+        self._unknown_statuses_full = False
         # Jobs that ended lately, so attach(key) right after the end returns the ended job
-        # (a status endpoint attaching per request) instead of starting over; bounded.
-        self._ended: OrderedDict[str, ImageJob] = OrderedDict()
+        # (a status endpoint attaching per request) instead of starting over; bounded. A job
+        # holding bulk (inline image bytes, an edit's source images) is held weakly, next to a
+        # light settled copy: the cache never keeps those bytes alive by itself.
+        self._ended: OrderedDict[str, ImageJob | tuple[weakref.ref[ImageJob], ImageJob]] = (
+            OrderedDict()
+        )
         self.counters = PollerCounters()
 
     def __len__(self) -> int:
         return len(self._jobs)
 
     def get(self, key: str) -> ImageJob | None:
-        """The tracked job for ``key``, or one that ended lately; None if neither."""
-        return self._jobs.get(key) or self._ended.get(key)
+        """The tracked job for ``key``, or one that ended lately (see ``_remember_ended``)."""
+        job = self._jobs.get(key)
+        if job is None:
+            ended = self._ended.get(key)
+            if isinstance(ended, tuple):
+                held, copy = ended
+                job = held() or copy  # the original while someone still holds it
+            else:
+                job = ended
+        return job
 
     def jobs(self) -> list[ImageJob]:
         """Every outstanding job."""
@@ -127,6 +227,9 @@ class BatchPoller:
             self.forget(job)
             job.fail(JobCancelledError(reason, job_key=job.key))
 
+    def _tracks(self, job: ImageJob) -> bool:
+        return self._jobs.get(job.key) is job
+
     def _schedule(self, job: ImageJob, when: float) -> None:
         job.due = min(when, job.deadline)
         heapq.heappush(self._heap, (job.due, job.key))
@@ -136,7 +239,8 @@ class BatchPoller:
         while self._heap and self._heap[0][0] <= horizon:
             due, key = heapq.heappop(self._heap)
             job = self._jobs.get(key)
-            if job is not None and job.due == due and key not in self._in_flight:
+            if job is not None and job.due == due:
+                job.due = math.inf  # taken: no other heap entry of it counts until rescheduled
                 return job
         return None
 
@@ -152,15 +256,13 @@ class BatchPoller:
                     continue
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
-                    chunk = batch[start : start + size]
-                    self._in_flight.update(job.key for job in chunk)
-                    calls.start_soon(self._poll_chunk, chunk)
+                    calls.start_soon(self._poll_chunk, batch[start : start + size])
 
     def _take_due(self, now: float) -> list[ImageJob]:
         batch: list[ImageJob] = []
         while (job := self._pop_due(now)) is not None:
             if now >= job.deadline:
-                self._end(job, JobTimeoutError("still running at its deadline", job_key=job.key))
+                self._expire(job)
                 continue
             batch.append(job)
         if batch:
@@ -174,116 +276,236 @@ class BatchPoller:
 
     async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wakeup.clear()
-        while self._heap and self._heap[0][1] not in self._jobs:
-            heapq.heappop(self._heap)  # drop entries of jobs that ended
-        self._sleeping_until = self._heap[0][0] if self._heap else math.inf
+        heap, jobs = self._heap, self._jobs
+        while heap and ((job := jobs.get(heap[0][1])) is None or job.due != heap[0][0]):
+            heapq.heappop(heap)  # drop entries of jobs that ended or were rescheduled
+        self._sleeping_until = heap[0][0] if heap else math.inf
         try:
             with anyio.move_on_after(self._sleeping_until - loop.time()):
                 await self._wakeup.wait()
         finally:
             self._sleeping_until = -math.inf  # awake: new keys need no wake-up call
 
+    def _expire(self, job: ImageJob) -> None:
+        if self._tracks(job):
+            self._end(job, JobTimeoutError("still running at its deadline", job_key=job.key))
+
     async def _poll_chunk(self, chunk: list[ImageJob]) -> None:
-        keys = [job.key for job in chunk]
+        watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
+        try:
+            await self._poll_keys(chunk)
+        finally:
+            watch.cancel()
+            self._wakeup.set()
+
+    async def _poll_keys(self, chunk: list[ImageJob]) -> None:
+        """One batch call for ``chunk``; an over-cap reply is asked again in halves."""
+        chunk = [job for job in chunk if self._tracks(job)]  # a deadline may have ended some
+        if not chunk:
+            return
+        asked = {job.key: job for job in chunk}
+        reading: _Reading | None = None
+        too_large = False
         try:
             async with self._call_slots:
                 self.counters.batch_calls += 1
-                self.counters.keys_polled += len(keys)
-                data = await self._transport.post(_contract.BATCH_INFO_PATH, keys, kind="poll")
-            entries = self._parse(data)
+                self.counters.keys_polled += len(asked)
+                data = await self._transport.post(
+                    _contract.BATCH_INFO_PATH, list(asked), kind="poll"
+                )
+            reading = self._read(data, asked)
         except WujieError as exc:
             self.counters.batch_errors += 1
-            logger.warning("batch query of %d keys failed: %s", len(keys), exc)
-            entries = None
+            too_large = isinstance(exc, ResponseTooLargeError)
+            if not too_large:
+                logger.warning("batch query of %d keys failed: %s", len(asked), snippet(str(exc)))
         except Exception:  # a bug must not take the poller, and every job with it, down
             self.counters.batch_errors += 1
-            logger.exception("batch query of %d keys failed unexpectedly", len(keys))
-            entries = None
-        finally:
-            self._in_flight.difference_update(keys)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+            logger.exception("batch query of %d keys failed unexpectedly", len(asked))
+        if too_large:
+            await self._split(chunk)
+            return
+        now = asyncio.get_running_loop().time()
         for job in chunk:
-            if self._jobs.get(job.key) is not job:
-                continue  # cancelled while the call was out
-            if entries is None:
+            if not self._tracks(job):
+                continue  # cancelled, or past its deadline, while the call was out
+            if reading is None:
                 self._schedule(job, now + self._policy.min_interval)
-            else:
-                self._dispatch(job, entries.get(job.key), now)
-        self._wakeup.set()
+                continue
+            try:
+                self._dispatch(job, reading, now)
+            except Exception as exc:  # contained per entry: this job fails, the rest go on
+                logger.exception("handling the batch entry of one job failed")
+                if self._tracks(job):
+                    self._end(
+                        job,
+                        JobProtocolError(
+                            f"its batch entry could not be handled: {type(exc).__name__}",
+                            job_key=job.key,
+                        ),
+                    )
 
-    def _parse(self, data: Any) -> dict[str, JobInfo]:
+    async def _split(self, chunk: list[ImageJob]) -> None:
+        if len(chunk) == 1:
+            [job] = chunk
+            if self._tracks(job):
+                self._end(
+                    job,
+                    JobProtocolError(
+                        "the gateway's entry for this job alone is over the "
+                        f"{self._max_response_bytes}-byte reply cap "
+                        "(raise Limits.max_response_bytes to fetch it)",
+                        job_key=job.key,
+                    ),
+                )
+            return
+        self.counters.split_batches += 1
+        logger.warning(
+            "a batch reply for %d keys was over the size cap: asking in halves", len(chunk)
+        )
+        middle = len(chunk) // 2
+        await self._poll_keys(chunk[:middle])
+        await self._poll_keys(chunk[middle:])
+
+    def _read(self, data: Any, asked: Container[str] | None) -> _Reading:
+        """The entries of a reply for the keys in ``asked`` (every entry when None).
+
+        Work is bounded by the keys asked: an entry for another key is skipped with one dict
+        lookup, before any validation, and at most ENTRIES_PER_KEY entries of one key are read.
+        Problems are summed up in one warning per reply, never one line per entry.
+        """
         # The reply's shape is [assumed] (see _contract). A bare array, or a null list
         # (nothing found), are read the same way rather than failing every job.
         listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
         if listed is None:
             listed = []
         if not isinstance(listed, list):
-            raise ProtocolError(f"batch reply data has no list: {str(data)[:200]}")
+            raise ProtocolError(f"batch reply data has no list: {snippet(str(data)[:400])}")
+        if asked is None:
+            relevant = listed
+        else:
+            relevant = []
+            counts: dict[str, int] = {}
+            for raw in listed:
+                if type(raw) is dict:
+                    key = raw.get("key")
+                    # Exact match only: a key with a newline or control character is not ours.
+                    if type(key) is str and key in asked:
+                        seen = counts.get(key, 0)
+                        if seen < ENTRIES_PER_KEY:
+                            counts[key] = seen + 1
+                            relevant.append(raw)
+        ignored = len(listed) - len(relevant)
+        malformed: dict[str, str] = {}
+        first_problem = ""
+        # Validating hostile input may only ever mean "malformed": anything it raises (a
+        # ValidationError, or a TypeError from deep inside a validator) marks the entry bad.
         try:  # one validation call for the whole list: the common, well-formed case
-            entries = _JOB_LIST.validate_python(listed)
-        except ValidationError:
+            entries = _JOB_LIST.validate_python(relevant)
+        except Exception:
             entries = []
-            for raw in listed:  # find the bad entries, keep the good ones
+            for raw in relevant:  # find the bad entries, keep the good ones
                 try:
-                    entries.append(JobInfo.model_validate(raw))
-                except ValidationError as exc:
-                    self.counters.malformed_entries += 1
-                    logger.warning("ignoring a malformed batch entry: %s", str(exc)[:300])
-        return _most_advanced(entries)
+                    entries.append(JobInfo.read(raw))
+                except Exception as exc:
+                    why = _why(exc) if isinstance(exc, ValidationError) else type(exc).__name__
+                    first_problem = first_problem or why
+                    key = raw.get("key") if isinstance(raw, dict) else None
+                    if isinstance(key, str):
+                        malformed.setdefault(key, why)
+        bad = len(relevant) - len(entries)
+        self.counters.malformed_entries += bad
+        self.counters.ignored_entries += ignored
+        if bad or ignored:
+            logger.warning(
+                "batch reply: ignored %d malformed entries and %d entries for keys not asked "
+                "about%s",
+                bad,
+                ignored,
+                f" (first problem: {first_problem})" if first_problem else "",
+            )
+        best = _most_advanced(entries)
+        for key in best:
+            malformed.pop(key, None)  # one readable entry is enough
+        return _Reading(best, malformed)
 
-    def _dispatch(self, job: ImageJob, entry: JobInfo | None, now: float) -> None:
+    def _parse(self, data: Any) -> dict[str, JobInfo]:
+        """Every readable entry of a reply, one per key (reads all keys: for tests and tools)."""
+        return self._read(data, None).entries
+
+    def _dispatch(self, job: ImageJob, reading: _Reading, now: float) -> None:
         policy = self._policy
+        entry = reading.entries.get(job.key)
         if entry is None:
             since = job.last_seen if job.last_seen is not None else job.created_at
-            if now - since >= policy.unknown_key_grace:
-                self._end(
-                    job,
-                    UnknownJobError(
-                        f"the gateway has not listed this key for {now - since:.1f}s "
-                        "(wrong key, another app's key, or a result already cleaned up)",
-                        job_key=job.key,
-                    ),
+            if now - since < policy.unknown_key_grace:
+                self._schedule(job, now + policy.min_interval)
+                return
+            why = reading.malformed.get(job.key)
+            error: JobError
+            if why is not None:
+                error = JobProtocolError(
+                    f"the gateway has listed this key only in malformed entries for "
+                    f"{now - since:.1f}s ({why})",
+                    job_key=job.key,
                 )
             else:
-                self._schedule(job, now + policy.min_interval)
+                error = UnknownJobError(
+                    f"the gateway has not listed this key for {now - since:.1f}s "
+                    "(wrong key, another app's key, or a result already cleaned up)",
+                    job_key=job.key,
+                )
+            self._end(job, error)
             return
         job.last_seen = now
-        job.status = entry.status
-        if entry.complete_percent is not None:
-            job.progress = entry.complete_percent
-        job.expected_seconds = entry.expected_seconds
+        job.record_report(entry)
         if entry.images and len(entry.images) > len(job.images):
             job.add_images(_images(entry))
-        if entry.status == _contract.STATUS_SUCCEEDED:
+        status = entry.status
+        if status == _contract.STATUS_SUCCEEDED:
             self.forget(job)
             self.counters.succeeded += 1
-            job.succeed(entry.status)
+            job.succeed(status)
             self._remember_ended(job)
-        elif entry.status in (_contract.STATUS_FAILED, _contract.STATUS_MODERATION_REJECTED):
-            fail = entry.fail_message
-            if not isinstance(fail, FailInfo):
-                fail = FailInfo(fail_message=fail)
-            raw_code = str(fail.fail_code) if fail.fail_code is not None else ""
-            code = int(raw_code) if raw_code.isdigit() else None
-            error_type = (
-                ModerationRejectedError
-                if entry.status == _contract.STATUS_MODERATION_REJECTED
-                else JobFailedError
-            )
-            self._end(
-                job, error_type(job_key=job.key, fail_code=code, fail_message=fail.fail_message)
-            )
+        elif status in _contract.FAILED_STATUSES:
+            self._end(job, self._failure(job, entry))
         else:
-            if entry.status not in (_contract.STATUS_QUEUED, _contract.STATUS_GENERATING):
-                if entry.status not in self._unknown_statuses:
-                    self._unknown_statuses.add(entry.status)
-                    logger.warning(
-                        "unknown job status %r (key %s): still polling", entry.status, job.key
-                    )
+            if status not in _KNOWN_RUNNING:
+                self._note_unknown_status(status, job.key)
             age = now - job.created_at
             self._schedule(
                 job, now + policy.next_delay(expected_seconds=entry.expected_seconds, age=age)
+            )
+
+    @staticmethod
+    def _failure(job: ImageJob, entry: JobInfo) -> JobFailedError:
+        fail = entry.fail_message
+        if fail is None or isinstance(fail, str):
+            code, text = None, fail
+        else:
+            code, text = fail.fail_code, fail.fail_message
+        message = snippet(text) if text else None  # server text: one clean, short line
+        if entry.status == _contract.STATUS_ENDED_WITHOUT_RESULT:
+            said = f": {message}" if message else ""
+            message = f"the gateway ended the job without a result (status -1){said}"
+        if entry.status == _contract.STATUS_MODERATION_REJECTED:
+            return ModerationRejectedError(job_key=job.key, fail_code=code, fail_message=message)
+        return JobFailedError(job_key=job.key, fail_code=code, fail_message=message)
+
+    def _note_unknown_status(self, status: int, key: str) -> None:
+        """Log each unknown status once, remembering a bounded number of them."""
+        known = self._unknown_statuses
+        if status in known:
+            return
+        if len(known) < UNKNOWN_STATUSES_KEPT:
+            known.add(status)
+            logger.warning("unknown job status %d (key %s): still polling", status, snippet(key))
+        elif not self._unknown_statuses_full:
+            self._unknown_statuses_full = True
+            logger.warning(
+                "more than %d distinct unknown job statuses: no longer logging new ones "
+                "(jobs with them are still polled until their deadline)",
+                UNKNOWN_STATUSES_KEPT,
             )
 
     def _end(self, job: ImageJob, error: JobError) -> None:
@@ -293,6 +515,8 @@ class BatchPoller:
         self._remember_ended(job)
 
     def _remember_ended(self, job: ImageJob) -> None:
-        self._ended[job.key] = job
-        if len(self._ended) > ENDED_JOBS_KEPT:
-            self._ended.popitem(last=False)
+        ended = self._ended
+        ended[job.key] = (weakref.ref(job), job.ended_copy()) if job.holds_bulk() else job
+        ended.move_to_end(job.key)
+        if len(ended) > ENDED_JOBS_KEPT:
+            ended.popitem(last=False)

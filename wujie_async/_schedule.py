@@ -33,14 +33,16 @@ _MIN_SAMPLES = 8
 _SAMPLES_KEPT = 256
 _LOW_QUANTILE = 0.02
 _HIGH_QUANTILE = 0.98
-# The prior: an estimate is taken to be right within 10% of the job's predicted duration.
-_PRIOR_LOW = -0.10
-_PRIOR_HIGH = 0.10
+# The prior: an estimate is taken to be right within 5% of the job's predicted duration.
+_PRIOR_LOW = -0.05
+_PRIOR_HIGH = 0.05
+# ...and never opens more than this many ``min_interval`` before the predicted end.
+_PRIOR_MAX_STEPS = 4
 # A later report may move the predicted end by this share of the time between the two reports
 # (plus ``min_interval``) before the estimate counts as not counting down.
 _LIVE_DRIFT = 0.5
-# While nothing is learned, an estimate is checked once this share of the way to its window.
-_CHECK_SHARE = 0.2
+# While nothing is learned, the next ask comes this share of the way to the window.
+_CHECK_SHARE = 0.25
 
 
 class _Quantiles:
@@ -114,6 +116,11 @@ class PollSchedule:
         high = max(0.0, errors.quantile(_HIGH_QUANTILE))
         return low, high
 
+    def samples(self, model: str | None) -> int:
+        """How many ended jobs of ``model`` the estimate window is learned from (bounded)."""
+        errors = self._errors.get(model)
+        return len(errors) if errors is not None else 0
+
     def job_ended(self, timing: KeyTiming, now: float, ended_at: float | None = None) -> None:
         """Learn from a job seen ended at ``now`` (``ended_at``: the gateway's end time, if any).
 
@@ -172,8 +179,9 @@ class PollSchedule:
                 timing.live_reports += 1
             else:
                 timing.predicted_end = None
-        elif expected_seconds is not None and expected_seconds <= 0:
-            timing.predicted_end = None  # "0 s left" while still running: it has overrun
+        # "0 s left" while still running: it has overrun. The last prediction stays, so the
+        # window still tells (dense asks until it closes, backing off after) and its end is
+        # learned from.
         timing.last_ask = now
         return self.next_ask(timing, now, queue_position=queue_position)
 
@@ -183,13 +191,12 @@ class PollSchedule:
         """Loop time of the next ask about a running job, from what is known at ``now``."""
         policy = self._policy
         if timing.predicted_end is not None and timing.predicted_span:
-            low, high = self.window(timing.model)
-            opens = timing.predicted_end + low * timing.predicted_span
-            closes = timing.predicted_end + high * timing.predicted_span
+            opens, closes = self._window_at(timing)
             if now + policy.min_interval < opens:
-                if timing.live_reports < 2 and self._learning(timing.model):
-                    # Nothing learned yet: before a long wait on one estimate, check once that
-                    # it counts down (a placeholder would leave the job unseen for long).
+                if self._learning(timing.model):
+                    # Nothing learned yet: close in on the window in steps rather than trust
+                    # one estimate for long. A placeholder is found out at the first step, and
+                    # jobs that end early teach the window while the others still wait.
                     check = now + max(2 * policy.min_interval, _CHECK_SHARE * (opens - now))
                     return min(opens, check)
                 return min(opens, now + policy.max_estimate_wait)
@@ -214,8 +221,20 @@ class PollSchedule:
         """Loop time from which ``timing``'s job is asked about densely (-inf: already)."""
         if timing.predicted_end is None or not timing.predicted_span:
             return -math.inf
-        low, _ = self.window(timing.model)
-        return timing.predicted_end + low * timing.predicted_span
+        return self._window_at(timing)[0]
+
+    def _window_at(self, timing: KeyTiming) -> tuple[float, float]:
+        """Loop times when ``timing``'s window opens and closes (it has a prediction)."""
+        assert timing.predicted_end is not None and timing.predicted_span is not None
+        low, high = self.window(timing.model)
+        span = timing.predicted_span
+        if self._learning(timing.model):
+            # The prior is a guess: it must not make a long job's window long as well.
+            cap = _PRIOR_MAX_STEPS * self._policy.min_interval
+            return timing.predicted_end + max(low * span, -cap), (
+                timing.predicted_end + min(high * span, cap)
+            )
+        return timing.predicted_end + low * span, timing.predicted_end + high * span
 
     def _backoff(self, age: float) -> float:
         policy = self._policy

@@ -8,6 +8,20 @@ retried depends on what the call is (see README, "Reliability"):
 * submits are not: retried only when the request provably never reached the gateway (connect
   refused, DNS, connect timeout), on 429 (the gateway refused it) and on code 20010018 (the
   platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``.
+
+Nothing is retried that would fail the same way again: 403, a missing route (404/405 without an
+envelope), a redirect, an empty balance, a reply over the size cap. Redirects are never
+followed: the signature covers only the app id and a timestamp, so a signed request sent on to
+wherever a ``Location`` points could be replayed there (and a 307 loop would pay once per hop).
+
+Secrets and exception chains: aiohttp's ``ClientResponseError`` and every ``ClientResponse``
+carry ``request_info``, whose headers hold the signed Authorization header, and a traceback
+keeps the locals of each frame it passes. ``raise ... from None`` is not enough: it hides the
+cause from the printout but keeps it in ``__context__``. So one exchange
+(``Transport._exchange``) *returns* its failure as a ``WujieError`` built from the lower-level
+error's text (the OS reason such as "Connection refused" is kept), and the caller raises it
+outside any ``except`` block: no aiohttp exception, response or header is reachable from what
+we raise, and the header is never a local of a frame that a traceback keeps.
 """
 
 from __future__ import annotations
@@ -15,10 +29,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import backoff
@@ -29,13 +46,16 @@ from ._auth import HeaderSigner
 from ._config import Limits, RetryPolicy, Timeouts
 from ._errors import (
     AuthenticationError,
+    EndpointNotFoundError,
     InsufficientBalanceError,
     LockRaceError,
     ProtocolError,
     RateLimitedError,
+    ResponseTooLargeError,
     ServerError,
     SubmitUncertainError,
     TransportError,
+    UnexpectedRedirectError,
     WujieError,
     business_error,
     snippet,
@@ -46,9 +66,12 @@ from ._ratelimit import AdaptiveLimiter
 logger = logging.getLogger("wujie_async")
 
 CallKind = Literal["submit", "poll"]
+CALL_KINDS: tuple[CallKind, ...] = ("submit", "poll")
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
 IDLE_CONNECTION_SECONDS = 4.0
+_FIX_CREDENTIALS = "check WUJIE_APP_ID and WUJIE_PRIVATE_KEY"
+_FIX_BASE_URL = "check the base URL (WUJIE_BASE_URL / --base-url)"
 
 
 @dataclass(slots=True)
@@ -60,7 +83,7 @@ class TransportCounters:
     rate_limited: int = 0
 
 
-def _retry_after(headers: Any) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     if value is None:
         return None
@@ -68,11 +91,18 @@ def _retry_after(headers: Any) -> float | None:
         seconds = float(value)
     except ValueError:
         return None  # an HTTP date: rare for 429, and the backoff covers it
-    return seconds if seconds >= 0 else None
+    return seconds if 0 <= seconds < float("inf") else None
 
 
-def decode_reply(status: int, raw: bytes, headers: Any) -> Any:
-    """The ``data`` of a successful envelope, or the typed error the reply means."""
+def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: str = "") -> Any:
+    """The ``data`` of a successful envelope, or the typed error the reply means.
+
+    Args:
+        status: the HTTP status.
+        raw: the reply body, decoded from any content encoding.
+        headers: the reply headers.
+        url: the URL asked, named by errors that say it does not exist.
+    """
     try:
         payload: Any = json.loads(raw)
     except (ValueError, RecursionError):
@@ -89,35 +119,58 @@ def decode_reply(status: int, raw: bytes, headers: Any) -> Any:
             envelope = Envelope.model_validate(payload)
         except ValidationError:
             envelope = None
-    raise _reply_error(status, raw, headers, envelope, is_json)
+    raise _reply_error(status, raw, headers, envelope, is_json, url)
 
 
 def _reply_error(
-    status: int, raw: bytes, headers: Any, envelope: Envelope | None, is_json: bool
+    status: int,
+    raw: bytes,
+    headers: Mapping[str, str],
+    envelope: Envelope | None,
+    is_json: bool,
+    url: str,
 ) -> WujieError:
-    """The typed error for a reply that is not a successful envelope."""
-    message = envelope.message if envelope else ""
+    """The typed error for a reply that is not a successful envelope.
+
+    Server text reaches messages only through ``snippet`` (APIError applies it).
+    """
+    said = envelope.message if envelope else ""
     code = envelope.code if envelope else None
     body = snippet(raw)
     if code == _contract.CODE_INSUFFICIENT_BALANCE:
         # Out of points is never a rate limit, whatever the HTTP status says.
         return InsufficientBalanceError(
-            message or "insufficient balance", code=code, http_status=status
+            _with_server_text("insufficient points balance: top up the account", said),
+            code=code,
+            http_status=status,
         )
-    if status == 401:
+    if status in (401, 403):
+        refused = "authentication refused" if status == 401 else "access forbidden"
         return AuthenticationError(
-            message or "authentication refused", http_status=status, code=code, body=body
+            _with_server_text(f"{refused}: {_FIX_CREDENTIALS} (and this machine's clock)", said),
+            http_status=status,
+            code=code,
+            body=body,
+        )
+    if status in (404, 405) and envelope is None:
+        # A web server or proxy answered, not the gateway: the route does not exist there.
+        missing = "does not exist" if status == 404 else "does not accept POST"
+        return EndpointNotFoundError(
+            f"{_FIX_BASE_URL}: {url or 'the URL'} {missing}",
+            url=url,
+            http_status=status,
+            body=body,
         )
     if status == _contract.HTTP_RATE_LIMITED:
         return RateLimitedError(
-            message or "rate limited",
+            said or "rate limited",
             retry_after=_retry_after(headers),
             http_status=status,
             code=code,
             body=body,
         )
     if status >= 500:
-        return ServerError(message or "server error", http_status=status, code=code, body=body)
+        return ServerError(said or "server error", http_status=status, code=code, body=body)
     if not is_json:
         return ProtocolError("the reply is not JSON", http_status=status, body=body)
     if status != 200:
@@ -129,14 +182,62 @@ def _reply_error(
     return business_error(envelope.code, envelope.message, http_status=status)
 
 
-def _retryable(exc: WujieError, kind: CallKind) -> bool:
-    if isinstance(exc, RateLimitedError | AuthenticationError):
-        return True  # refused outright: nothing happened, resending is safe
-    if kind == "poll":
-        return isinstance(exc, ServerError | ProtocolError | TransportError)
-    if isinstance(exc, LockRaceError):
-        return True
-    return isinstance(exc, TransportError) and not exc.reached_server
+def _with_server_text(advice: str, said: str) -> str:
+    return f"{advice} (the gateway said: {said})" if said else advice
+
+
+def _safe_url(text: str) -> str:
+    """A URL from a reply, fit for a message: no user:password@, no control characters."""
+    text = snippet(text, limit=200)
+    try:
+        parts = urlsplit(text)
+        if parts.username is not None or parts.password is not None:
+            host = parts.hostname or ""
+            netloc = f"[{host}]" if ":" in host else host
+            if parts.port is not None:
+                netloc += f":{parts.port}"
+            text = urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        pass  # not a URL we can parse: the snippet is all we show
+    return text
+
+
+def _redirect_error(url: str, status: int, location: str) -> UnexpectedRedirectError:
+    where = _safe_url(location)
+    return UnexpectedRedirectError(
+        f"{url} answered with a redirect to {where or '(no Location given)'}; redirects are "
+        f"not followed: the base URL is probably wrong, {_FIX_BASE_URL}",
+        location=where,
+        http_status=status,
+    )
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """The lower-level error's own words (the OS reason, say), without any object it holds.
+
+    Only text is taken: ``str()`` of aiohttp's errors names the URL and the OS error, never
+    the request headers (those live on ``request_info``, which is not kept).
+    """
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        reason = os_error.strerror or str(os_error)
+        if os_error.errno and not isinstance(os_error, socket.gaierror):
+            # asyncio words a refusal "Connect call failed (...)": name the errno as well.
+            reason = f"{os.strerror(os_error.errno)} ({reason})"
+    else:
+        reason = str(exc)
+    name = type(exc).__name__
+    reason = snippet(reason, limit=200)
+    return f"{name}: {reason}" if reason else name
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """What one exchange brought back: nothing of aiohttp's objects is kept."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
 
 
 class Transport:
@@ -158,10 +259,19 @@ class Transport:
         self._retry = retry
         self._session: aiohttp.ClientSession | None = None
         self.counters = TransportCounters()
-        self.brake = AdaptiveLimiter()
+        # One 429 brake per kind of call: the gateway may limit submits and batch queries
+        # separately, and a burst of refused submits must not slow the polls (or the reverse).
+        self._brakes: dict[CallKind, AdaptiveLimiter] = {
+            kind: AdaptiveLimiter() for kind in CALL_KINDS
+        }
 
     def __repr__(self) -> str:
         return f"Transport(base_url={self.base_url!r})"
+
+    @property
+    def brake_rates(self) -> dict[CallKind, float | None]:
+        """The 429 brake's rate per kind of call (requests/s), None where no brake is on."""
+        return {kind: brake.rate for kind, brake in self._brakes.items()}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -200,98 +310,173 @@ class Transport:
                 ``SubmitUncertainError`` (its ``__cause__`` says what happened).
         """
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        return await self._with_retries(lambda: self._post_once(path, payload), kind, body)
+        return await self._with_retries(lambda: self._post_once(path, payload, kind), kind, body)
+
+    # --- retries ---------------------------------------------------------------------------
+    # The loop is kept by hand rather than written as ``backoff.on_exception``: whether to
+    # retry depends on the call's kind and on the attempt before (a second 401 in a row is not
+    # a stale signature), a retry re-signs, the wait honours Retry-After above the jittered
+    # backoff, and giving up on a submit turns some errors into SubmitUncertainError. The
+    # decorator takes fixed callables and re-raises as is, so all of that would become
+    # closures sharing state around it. The pieces below each do one of those things.
 
     async def _with_retries(
         self, attempt: Callable[[], Awaitable[T]], kind: CallKind, body: Any
     ) -> T:
-        policy = self._retry
         waits: Iterator[float | None] | None = None  # made on the first failure only
         started = time.monotonic()
         tries = 0
         while True:
             tries += 1
             try:
-                result = await attempt()
+                return await attempt()
             except WujieError as exc:
                 if isinstance(exc, AuthenticationError):
                     self._signer.invalidate()
-                elapsed = time.monotonic() - started
-                retry = _retryable(exc, kind) and tries < policy.max_attempts
-                # A second 401 in a row is not a stale signature: stop there.
-                if isinstance(exc, AuthenticationError) and tries >= 2:
-                    retry = False
-                if not retry or elapsed >= policy.max_elapsed:
+                if not self._should_retry(exc, kind, tries, time.monotonic() - started):
                     if kind == "submit" and _uncertain(exc):
                         raise SubmitUncertainError(
                             f"the submit may have been accepted: {exc}", request=body
                         ) from exc
                     raise
                 if waits is None:
-                    waits = backoff.expo(factor=policy.initial_wait, max_value=policy.max_wait)
-                    next(waits)  # backoff's generators are primed with one None
-                delay = backoff.full_jitter(next(waits) or 0.0)
-                if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-                    delay = max(delay, min(exc.retry_after, policy.max_wait))
+                    waits = self._backoff_waits()
+                delay = self._next_delay(waits, exc)
                 self.counters.retries += 1
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 await asyncio.sleep(delay)
-            else:
-                return result
 
-    async def _post_once(self, path: str, payload: bytes) -> Any:
-        header = await self._signer.header()
-        sent_at = await self.brake.acquire()
+    def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:
+        """Whether the call gets another attempt, within the policy's tries and time."""
+        if tries >= self._retry.max_attempts or elapsed >= self._retry.max_elapsed:
+            return False
+        # A 401 is retried once, re-signed, in case the cached signature went stale; a second
+        # one in a row means the credentials are wrong.
+        if isinstance(exc, AuthenticationError) and tries >= 2:
+            return False
+        return _retryable(exc, kind)
+
+    def _backoff_waits(self) -> Iterator[float | None]:
+        waits = backoff.expo(factor=self._retry.initial_wait, max_value=self._retry.max_wait)
+        next(waits)  # backoff's generators are primed with one None
+        return waits
+
+    def _next_delay(self, waits: Iterator[float | None], exc: WujieError) -> float:
+        """The next jittered backoff, or the server's Retry-After when that is longer."""
+        delay = backoff.full_jitter(next(waits) or 0.0)
+        if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, self._retry.max_wait))
+        return delay
+
+    # --- one attempt ---------------------------------------------------------------------------
+    async def _post_once(self, path: str, payload: bytes, kind: CallKind) -> Any:
+        brake = self._brakes[kind]
+        sent_at = await brake.acquire()
         self.counters.http_calls += 1
-        headers = {"Authorization": header, "Content-Type": "application/json"}
+        url = self.base_url + path
+        reply = await self._exchange(url, payload)
+        if isinstance(reply, WujieError):
+            raise reply  # outside any except block: no aiohttp error rides in __context__
         try:
-            async with self.session.post(
-                self.base_url + path, data=payload, headers=headers
-            ) as reply:
-                raw = await self._read_capped(reply)
-                status, reply_headers = reply.status, reply.headers
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise TransportError(
-                f"could not connect to {self.base_url}: {type(exc).__name__}", reached_server=False
-            ) from None
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TransportError(
-                f"no complete reply from {self.base_url}{path}: {type(exc).__name__}",
-                reached_server=True,
-            ) from None
-        try:
-            data = decode_reply(status, raw, reply_headers)
+            data = decode_reply(reply.status, reply.body, reply.headers, url=url)
         except RateLimitedError:
             self.counters.rate_limited += 1
-            self.brake.rate_limited(sent_at)
+            brake.rate_limited(sent_at)
             raise
-        self.brake.succeeded()
+        brake.succeeded()
         return data
 
-    async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes:
+    async def _exchange(self, url: str, payload: bytes) -> _Reply | WujieError:
+        """One signed POST. A failure is returned as a clean error, not raised (see module doc).
+
+        The Authorization header is built in the call expression, so no local of this frame
+        holds it, nor the response (whose ``request_info`` does).
+        """
+        try:
+            async with self.session.post(
+                url,
+                data=payload,
+                headers={
+                    "Authorization": await self._signer.header(),
+                    "Content-Type": "application/json",
+                },
+                allow_redirects=False,
+            ) as reply:
+                if 300 <= reply.status < 400:
+                    reply.close()
+                    return _redirect_error(url, reply.status, reply.headers.get("Location", ""))
+                body = await self._read_capped(reply)
+                if isinstance(body, ResponseTooLargeError):
+                    return body
+                return _Reply(reply.status, reply.headers, body)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return TransportError(
+                f"could not connect to {self.base_url}: {_failure_reason(exc)}; "
+                f"{_FIX_BASE_URL} and the network",
+                reached_server=False,
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            reason = _failure_reason(exc)
+            if isinstance(exc, TimeoutError) and not str(exc):
+                reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
+            return TransportError(f"no complete reply from {url}: {reason}", reached_server=True)
+
+    async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | ResponseTooLargeError:
+        """The reply body, decoded; an error once its DECODED size passes the cap.
+
+        ``Content-Length`` counts compressed bytes, and ``read()`` would inflate without limit
+        (a 1 MiB gzip of zeros is 1 GiB), so the body is streamed and counted as it inflates;
+        reading stops at the cap and the connection is dropped.
+        """
         cap = self._limits.max_response_bytes
-        if reply.content_length is not None and reply.content_length > cap:
-            raise ProtocolError(
-                f"the reply is {reply.content_length} bytes, over the {cap}-byte cap",
+        declared = reply.content_length
+        if declared is not None and declared > cap:
+            reply.close()
+            return ResponseTooLargeError(
+                f"the reply declares {declared} bytes, over the {cap}-byte cap "
+                "(Limits.max_response_bytes)",
+                limit=cap,
                 http_status=reply.status,
             )
-        if reply.content_length is not None:
-            return await reply.read()  # declared, and within the cap
         chunks: list[bytes] = []
         size = 0
-        async for chunk in reply.content.iter_chunked(64 * 1024):
+        async for chunk in reply.content.iter_any():
             size += len(chunk)
             if size > cap:
-                raise ProtocolError(
-                    f"the reply exceeds the {cap}-byte cap", http_status=reply.status
+                reply.close()
+                return ResponseTooLargeError(
+                    f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) "
+                    "once decoded",
+                    limit=cap,
+                    http_status=reply.status,
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _retryable(exc: WujieError, kind: CallKind) -> bool:
+    """Whether an attempt's error may be retried at all (the policy's bounds aside)."""
+    if isinstance(exc, AuthenticationError):
+        return exc.http_status == 401  # 403: these credentials may not do this; stop
+    if isinstance(exc, RateLimitedError):
+        return True  # refused outright: nothing happened, resending is safe
+    if exc.systemic and not isinstance(exc, TransportError):
+        return False  # a missing route, a redirect, no balance: the same again every time
+    if isinstance(exc, ResponseTooLargeError):
+        return False  # the same question gets the same oversized answer; ask about fewer keys
+    if kind == "poll":
+        return isinstance(exc, ServerError | ProtocolError | TransportError)
+    if isinstance(exc, LockRaceError):
+        return True
+    return isinstance(exc, TransportError) and not exc.reached_server
 
 
 def _uncertain(exc: WujieError) -> bool:
     """True when a submit failed in a way that leaves its fate unknown."""
     if isinstance(exc, TransportError):
         return exc.reached_server
+    if isinstance(exc, UnexpectedRedirectError):
+        return False  # the URL asked answered "not here": nothing was accepted at it
     # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
+    # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
     return isinstance(exc, ServerError | ProtocolError)

@@ -1,0 +1,493 @@
+"""The poller against hostile batch replies: one bad entry costs its own job, never the poller.
+
+Each test runs a WujieClient against a scripted gateway on loopback (tests/hostile.py) whose
+batch replies the test writes, entry by entry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import math
+import time
+import weakref
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from wujie_async import (
+    ImageJob,
+    JobFailedError,
+    JobProtocolError,
+    JobTimeoutError,
+    Limits,
+    PollPolicy,
+    ProtocolError,
+    RetryPolicy,
+    SubmitUncertainError,
+    Timeouts,
+    UnknownJobError,
+    WujieClient,
+    WujieError,
+)
+from wujie_async._errors import snippet
+from wujie_async._models import JobInfo
+from wujie_async.emulator import FaultConfig
+
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
+from .helpers import stray_tasks
+from .hostile import ScriptedGateway, scripted_gateway, throwaway_credentials
+
+pytestmark = pytest.mark.anyio
+
+IMAGE = {"url": "https://cdn.example/x.png", "b64_json": None, "revised_prompt": None}
+
+
+def done(key: str, **extra: Any) -> dict[str, Any]:
+    return {"key": key, "status": 4, "complete_percent": 100, "images": [IMAGE], **extra}
+
+
+def client_for(gateway: ScriptedGateway, **kwargs: Any) -> WujieClient:
+    kwargs.setdefault("poll", FAST_POLL)
+    kwargs.setdefault("retry", INSTANT_RETRY)
+    return WujieClient(throwaway_credentials(), base_url=gateway.base_url, **kwargs)
+
+
+async def submit(client: WujieClient, count: int, **kwargs: Any) -> list[ImageJob]:
+    return [
+        await client.images.submit(prompt=f"p{i}", model="dall-e-2", **kwargs) for i in range(count)
+    ]
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "wujie_async" and r.levelno >= logging.WARNING]
+
+
+async def outcome(job: ImageJob) -> Any:
+    try:
+        return await job.result(timeout=10)
+    except WujieError as exc:
+        return exc
+
+
+# --- item 4: one hostile entry never kills the poller ------------------------------------------
+HOSTILE_FIRST_REPORT: dict[int, dict[str, Any]] = {
+    # Running entries with hostile numbers: the job carries on and succeeds on the next ask.
+    1: {"status": 1, "expected_seconds": math.nan, "complete_percent": math.inf},
+    2: {"status": 1, "expected_seconds": math.inf, "complete_percent": -5},
+    3: {"status": 1, "expected_seconds": -30, "complete_percent": 1e300},
+    4: {"status": 1, "expected_seconds": 1e308, "queue_before_num": "many"},
+    5: {"status": 0, "expected_seconds": "soon", "integral_cost": {"a": 1}},
+}
+HOSTILE_FINAL_REPORT: dict[int, dict[str, Any]] = {
+    # Terminal failures with hostile fail codes: each fails its own job, with no code.
+    6: {"status": 3, "fail_message": {"fail_code": "\u00b2", "fail_message": "superscript"}},
+    7: {"status": 3, "fail_message": {"fail_code": "9" * 5000, "fail_message": "5,000 digits"}},
+    8: {"status": 3, "fail_message": {"fail_code": [1], "fail_message": 42}},
+    9: {"status": 5, "fail_message": ["not", "an", "object"]},
+}
+MALFORMED = 10  # its only entry has a status that means nothing: fails after the grace period
+STATUS_ENDED = 11
+
+
+async def test_hostile_entries_fail_only_their_own_job(caplog: pytest.LogCaptureFixture) -> None:
+    asks: Counter[str] = Counter()
+
+    def script(keys: list[str]) -> list[Any]:
+        entries: list[Any] = [{"nokey": True}, "junk", None]  # unasked noise in every reply
+        for key in keys:
+            asks[key] += 1
+            index = int(key[1:])
+            if index in HOSTILE_FIRST_REPORT and asks[key] == 1:
+                entries.append({"key": key, **HOSTILE_FIRST_REPORT[index]})
+            elif index in HOSTILE_FINAL_REPORT:
+                entries.append({"key": key, **HOSTILE_FINAL_REPORT[index]})
+            elif index == MALFORMED:
+                entries.append({"key": key, "status": "done"})
+            elif index == STATUS_ENDED:
+                entries.append({"key": key, "status": -1, "fail_message": None})
+            else:
+                entries.append(done(key))
+        return entries
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        jobs = await submit(client, 12)
+        results = [await outcome(job) for job in jobs]
+        for index in (0, *HOSTILE_FIRST_REPORT):
+            assert not isinstance(results[index], BaseException), (index, results[index])
+            assert results[index].status == 4
+            assert 0 <= jobs[index].progress <= 100
+        for index in HOSTILE_FINAL_REPORT:
+            error = results[index]
+            assert isinstance(error, JobFailedError), (index, error)
+            assert error.fail_code is None
+        assert isinstance(results[MALFORMED], JobProtocolError)
+        assert isinstance(results[MALFORMED], ProtocolError)
+        assert "malformed" in str(results[MALFORMED])
+        ended = results[STATUS_ENDED]
+        assert type(ended) is JobFailedError and "without a result" in str(ended)
+        assert jobs[STATUS_ENDED].status_name == "ended without a result"
+        # The poller lives on: a new submit is polled and resolves.
+        [late] = await submit(client, 1)
+        assert (await late.result(timeout=10)).status == 4
+    assert all("Traceback" not in r.getMessage() for r in warnings_of(caplog))
+
+
+def test_the_model_rejects_non_finite_numbers_and_read_drops_or_clamps_them() -> None:
+    raw = json.loads(
+        '{"key":"K","status":1,"expected_seconds":NaN,"complete_percent":Infinity,'
+        '"integral_cost":-Infinity,"queue_before_num":1e400,"start_gen_time":"\\u001b[2J"}'
+    )
+    with pytest.raises(ValidationError):
+        JobInfo.model_validate(raw)  # the model itself never takes a non-finite number
+    entry = JobInfo.read(raw)
+    assert entry.expected_seconds is None and entry.complete_percent is None
+    assert entry.integral_cost is None and entry.queue_before_num is None
+    assert entry.start_gen_time is None
+    clamped = JobInfo.read(
+        {"key": "K", "status": 1, "expected_seconds": -4, "complete_percent": 250}
+    )
+    assert clamped.expected_seconds == 0 and clamped.complete_percent == 100
+    absurd = JobInfo.read({"key": "K", "status": 1, "expected_seconds": 1e300})
+    assert absurd.expected_seconds == 86_400
+    for status in ("done", 2**40, [1], None):
+        with pytest.raises(ValidationError):
+            JobInfo.read({"key": "K", "status": status})
+
+
+# --- item 10: a flood of junk entries is bounded work and one warning per reply ---------------
+def _junk(count: int) -> bytes:
+    # Keyless entries, entries for keys nobody asked about, and malformed ones with no key.
+    parts = []
+    for i in range(count):
+        if i % 3 == 0:
+            parts.append(b"{}")
+        elif i % 3 == 1:
+            parts.append(b'{"key":"Z%d","status":4}' % i)
+        else:
+            parts.append(b'{"status":"x"}')
+    return b",".join(parts)
+
+
+async def test_a_flood_of_junk_entries_does_not_stall_or_flood_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    junk = _junk(200_000)
+
+    def script(keys: list[str]) -> bytes:
+        good = b",".join(json.dumps(done(key)).encode() for key in keys)
+        return b"[" + junk + b"," + good + b"]"
+
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        started = time.monotonic()
+        jobs = await submit(client, 20)
+        results = await asyncio.gather(*(job.result(timeout=20) for job in jobs))
+        elapsed = time.monotonic() - started
+        assert [r.status for r in results] == [4] * 20
+        assert elapsed < 15, elapsed  # the old per-entry path took tens of seconds here
+        calls = client.stats.batch_calls
+    warnings = warnings_of(caplog)
+    assert 0 < len(warnings) <= calls, (len(warnings), calls)  # one summary line per reply
+    assert "200000 entries for keys not asked about" in warnings[0].getMessage()
+
+
+async def test_repeated_entries_of_one_key_are_read_a_bounded_number_of_times(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def script(keys: list[str]) -> list[Any]:
+        # 20,000 copies of each asked key's entry, half of them malformed.
+        return [
+            entry
+            for key in keys
+            for _ in range(10_000)
+            for entry in ({"key": key, "status": "x"}, done(key))
+        ]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        jobs = await submit(client, 2)
+        started = time.monotonic()
+        assert [(await job.result(timeout=20)).status for job in jobs] == [4, 4]
+        assert time.monotonic() - started < 10
+        calls = client.stats.batch_calls
+    assert len(warnings_of(caplog)) <= calls  # not one line per malformed copy
+
+
+# --- item 11: an over-cap reply is split; the ended-jobs cache keeps no image bytes -------------
+INLINE = "A" * (2 * 1024 * 1024)  # a ~2 MB inline image per job: five of them pass the 8 MiB cap
+
+
+async def test_an_over_cap_batch_is_split_down_to_one_key() -> None:
+    too_big = 5  # the sixth job's entry alone is over the cap
+
+    def script(keys: list[str]) -> list[Any]:
+        entries = []
+        for key in keys:
+            image = {"url": None, "b64_json": INLINE, "revised_prompt": None}
+            if int(key[1:]) == too_big:
+                image["b64_json"] = INLINE * 5
+            entries.append({"key": key, "status": 4, "images": [image]})
+        return entries
+
+    retry = RetryPolicy(initial_wait=0.0, max_wait=0.01, max_attempts=2)
+    async with (
+        scripted_gateway(script) as gateway,
+        client_for(gateway, retry=retry, limits=Limits(max_response_bytes=8 * 1024 * 1024)) as c,
+    ):
+        jobs = await submit(c, 6, job_timeout=20)
+        results = [await outcome(job) for job in jobs]
+        for result in results[:too_big]:
+            assert not isinstance(result, BaseException), result
+            assert result.images[0].b64_json == INLINE
+        error = results[too_big]
+        assert isinstance(error, JobProtocolError), error
+        assert "cap" in str(error) and "max_response_bytes" in str(error)
+        # The full call came back too large (never retried as it is); then halves, down to one.
+        sizes = [len(keys) for keys in gateway.asked]
+        assert sizes[0] == 6 and max(sizes[1:]) <= 3 and 1 in sizes, sizes
+
+        # The ended-jobs cache keeps none of those bytes alive: once the caller lets go of a
+        # job, it is freed, and attaching its key again gives its outcome without the bytes.
+        key = jobs[0].key
+        held = weakref.ref(jobs[0])
+        del jobs, results, result
+        gc.collect()
+        assert held() is None
+        again = c.images.attach(key)
+        assert again.done() and again.status == 4
+        assert (await again).images[0].b64_json is None
+
+
+async def test_attach_right_after_the_end_returns_the_same_job() -> None:
+    async with (
+        scripted_gateway(lambda keys: [done(key) for key in keys]) as gateway,
+        client_for(gateway) as client,
+    ):
+        [job] = await submit(client, 1)
+        await job
+        assert client.images.attach(job.key) is job
+
+
+# --- item 13: a deadline fires on time while its key is on the wire -----------------------------
+async def test_a_deadline_fires_while_the_poll_is_in_flight() -> None:
+    gateway_ref: list[ScriptedGateway] = []
+
+    async def script(keys: list[str]) -> list[Any]:
+        # Hold the reply for 5 s (or until the test ends), then say the job finished.
+        try:
+            await asyncio.wait_for(gateway_ref[0].released.wait(), 5)
+        except TimeoutError:
+            pass
+        return [done(key) for key in keys]
+
+    async with scripted_gateway(script) as gateway:
+        gateway_ref.append(gateway)
+        async with client_for(gateway, timeouts=Timeouts(request=30)) as client:
+            started = time.monotonic()
+            [job] = await submit(client, 1, job_timeout=1)
+            with pytest.raises(JobTimeoutError):
+                await job.result(timeout=10)
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.8, elapsed
+            assert gateway.asked  # the key was on the wire when its deadline passed
+
+
+# --- item 14: unknown statuses are remembered and logged within bounds -------------------------
+async def test_ten_thousand_unknown_statuses_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    statuses = iter(range(100, 10_100))
+
+    def script(keys: list[str]) -> list[Any]:
+        return [
+            {"key": key, "status": status}
+            if (status := next(statuses, None)) is not None
+            else done(key)
+            for key in keys
+        ]
+
+    poll = PollPolicy(
+        first_poll_delay=0.001, min_interval=0.001, max_interval=0.005, batch_fill_horizon=0.01
+    )
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with scripted_gateway(script) as gateway, client_for(gateway, poll=poll) as client:
+        jobs = await submit(client, 200)
+        results = await asyncio.gather(*(job.result(timeout=30) for job in jobs))
+        assert {r.status for r in results} == {4}
+        assert next(statuses, None) is None  # all 10,000 statuses were reported
+    unknown = [r for r in warnings_of(caplog) if "unknown job status" in r.getMessage()]
+    assert 0 < len(unknown) <= 65, len(unknown)
+
+
+# --- item 12: server text is cleaned; keys are matched exactly ---------------------------------
+async def test_server_text_in_errors_is_one_short_line() -> None:
+    message = "line one\nline two\r\n" + "x" * 5000
+
+    def script(keys: list[str]) -> list[Any]:
+        return [
+            {"key": key, "status": 3, "fail_message": {"fail_code": 7, "fail_message": message}}
+            for key in keys
+        ]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        [job] = await submit(client, 1)
+        with pytest.raises(JobFailedError) as info:
+            await job
+    text = str(info.value)
+    assert "\n" not in text and "\r" not in text and len(text) < 500
+    assert info.value.fail_code == 7 and info.value.fail_message == snippet(message)
+
+
+@pytest.mark.skipif(
+    "\x1b" in snippet("\x1b[2J"), reason="snippet() strips control characters on another branch"
+)
+async def test_escape_sequences_never_reach_error_messages() -> None:
+    def script(keys: list[str]) -> list[Any]:
+        evil = "\x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[31mred\x9b"
+        return [{"key": key, "status": 3, "fail_message": evil} for key in keys]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        [job] = await submit(client, 1)
+        with pytest.raises(JobFailedError) as info:
+            await job
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in str(info.value))
+
+
+async def test_keys_with_control_characters_are_not_matched() -> None:
+    def script(keys: list[str]) -> list[Any]:
+        return [done(variant) for key in keys for variant in (key + "\n", " " + key, key + "\x00")]
+
+    poll = PollPolicy(first_poll_delay=0.01, min_interval=0.02, unknown_key_grace=0.3)
+    async with scripted_gateway(script) as gateway, client_for(gateway, poll=poll) as client:
+        [job] = await submit(client, 1)
+        with pytest.raises(UnknownJobError):
+            await job.result(timeout=10)
+
+
+# --- API.md: progress fields are read when present and ignored when unreadable -----------------
+async def test_progress_fields_are_exposed_and_hostile_ones_ignored() -> None:
+    def script(keys: list[str]) -> list[Any]:
+        good, bad = keys[0], keys[1]
+        return [
+            done(
+                good,
+                queue_before_num=0,
+                integral_cost=12.5,
+                start_gen_time="2024-05-01 10:00:00",
+                complete_time=1714557600000,
+            ),
+            done(
+                bad,
+                queue_before_num=-3,
+                integral_cost="lots",
+                start_gen_time={"at": 1},
+                complete_time="\x1b[2J" + "x" * 500,
+            ),
+        ][: len(keys)]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        good, bad = await submit(client, 2)
+        await good.result(timeout=10)
+        await bad.result(timeout=10)
+    assert good.queue_position == 0 and good.points_charged == 12.5
+    assert good.gateway_start_time == "2024-05-01 10:00:00"
+    assert good.gateway_complete_time == 1714557600000
+    assert bad.queue_position is None and bad.points_charged is None
+    assert bad.gateway_start_time is None and bad.gateway_complete_time is None
+
+
+async def test_queue_position_is_kept_while_queued() -> None:
+    seen: list[int | None] = []
+    asks: Counter[str] = Counter()
+
+    def script(keys: list[str]) -> list[Any]:
+        entries = []
+        for key in keys:
+            asks[key] += 1
+            if asks[key] < 3:
+                entries.append({"key": key, "status": 0, "queue_before_num": 10 - asks[key]})
+            else:
+                entries.append(done(key))
+        return entries
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        [job] = await submit(client, 1)
+        while not job.done():
+            seen.append(job.queue_position)
+            await asyncio.sleep(0.005)
+    assert 9 in seen and 8 in seen
+
+
+# --- issue 9 "done when": 20,000 journaled jobs through the fault mix ---------------------------
+FAULT_RETRY = RetryPolicy(initial_wait=0.01, max_wait=1.0, max_attempts=10)
+
+
+@pytest.mark.slow
+async def test_twenty_thousand_journaled_jobs_through_the_fault_mix(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    faults = FaultConfig(
+        http_5xx=0.05,
+        drop_connection=0.01,
+        drop_after_accept=0.01,
+        burst_429=30,
+        retry_after_s=1,
+        html_reply=0.02,
+        business_error=0.02,  # lock races (code 20010018): resent, never paid twice
+        absent_jobs=0.1,
+        absent_s=0.3,
+        duplicate_entries=0.1,
+        shuffle_entries=True,
+        unknown_status=0.05,
+        fail_jobs=0.02,
+    )
+    before = asyncio.all_tasks()
+    count = 20_000
+    async with emulator(faults=faults, time_scale=0.002) as emu:
+        client = make_client(emu, retry=FAULT_RETRY, journal=tmp_path / "jobs.sqlite")
+        async with client:
+
+            async def one(index: int) -> ImageJob | BaseException:
+                try:
+                    return await client.images.submit(prompt=f"job {index}", model="dall-e-2")
+                except WujieError as exc:
+                    return exc
+
+            submitted = await asyncio.gather(*(one(i) for i in range(count)))
+            jobs = [s for s in submitted if isinstance(s, ImageJob)]
+            await asyncio.wait_for(
+                asyncio.gather(*(job.result() for job in jobs), return_exceptions=True), 50
+            )
+            assert all(job.done() for job in jobs)  # 0 hung
+            uncertain_rows = await client.uncertain_submits()
+        assert stray_tasks(before) == set()
+
+        stats = emu.stats(timelines=False)
+        store = emu.gateway.store.jobs
+        errors = [s for s in submitted if not isinstance(s, ImageJob)]
+        uncertain = [e for e in errors if isinstance(e, SubmitUncertainError)]
+        assert all(isinstance(e, WujieError) for e in errors)
+        # Every job accounted for: each accepted key is known, or its submit was uncertain.
+        known = {job.key for job in jobs}
+        assert known <= set(store)
+        lost_replies = stats["faults"].get("drop_after_accept", 0)
+        assert stats["submits_accepted"] == len(known) + lost_replies
+        assert len(uncertain) >= lost_replies
+        assert len(uncertain_rows) == len(uncertain)
+        # 0 paid twice.
+        prompts = Counter(job.prompt for job in store.values())
+        assert max(prompts.values()) == 1
+        # Every outcome matches the emulator's own record.
+        for job in jobs:
+            truth = store[job.key].outcome
+            error = job.exception()
+            if truth == 4:
+                assert error is None, (job.key, error)
+            else:
+                assert isinstance(error, JobFailedError) and truth == 3, (job.key, error)
+        for fault in ("http_5xx", "html_reply", "drop_connection", "duplicate_entries"):
+            assert stats["faults"].get(fault, 0) > 0, fault
+        assert stats["faults"].get("unknown_status", 0) > 0

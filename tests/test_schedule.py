@@ -1,0 +1,145 @@
+"""The poll schedule's promise, checked on simulated time (the schedule is pure arithmetic).
+
+The end-to-end figures (resolution latency against per-key polling, asks per key, calls per
+job) are measured by ``benchmarks/run.py``; these tests pin the behaviour each figure rests on.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from wujie_async import PollPolicy
+from wujie_async._schedule import KeyTiming, PollSchedule
+
+POLICY = PollPolicy()
+
+# expected_seconds as a gateway would report it: (job's true end, ask time) -> seconds or None.
+Estimate = Callable[[float, float], float | None]
+
+
+def exact(end: float, now: float) -> float | None:
+    return end - now
+
+
+def placeholder(end: float, now: float) -> float | None:
+    return 30.0
+
+
+def absent(end: float, now: float) -> float | None:
+    return None
+
+
+def follow(schedule: PollSchedule, end: float, estimate: Estimate) -> tuple[int, float]:
+    """Ask about one job created at 0 that ends at ``end``; (asks, lateness of the last ask)."""
+    timing = KeyTiming(created_at=0.0, model="m")
+    due = schedule.first_ask(timing)
+    asks = 0
+    while True:
+        asks += 1
+        if due >= end:
+            schedule.job_ended(timing, due, end)
+            return asks, due - end
+        due = schedule.report(timing, due, expected_seconds=estimate(end, due))
+
+
+def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness() -> None:
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(1)
+    results = [follow(schedule, rng.uniform(10, 30), exact) for _ in range(200)]
+    learned = results[20:]  # after the first ended jobs taught the window
+    assert max(asks for asks, _ in learned) <= 3
+    assert max(late for _, late in results) <= POLICY.min_interval
+
+
+def test_before_anything_is_learned_the_poller_closes_in_on_the_estimate_in_steps() -> None:
+    # Each step goes a quarter of the way to the window (at least 2 x min_interval): the asks
+    # grow with the log of the job's length, and lateness stays within min_interval.
+    for end, most_asks in ((20.0, 14), (200.0, 24)):
+        asks, late = follow(PollSchedule(POLICY), end, exact)
+        assert asks <= most_asks
+        assert late <= POLICY.min_interval
+
+
+def test_a_placeholder_estimate_is_found_out_and_the_job_is_still_seen_promptly() -> None:
+    schedule = PollSchedule(POLICY)
+    for end in (10.0, 14.0, 19.0):
+        _, late = follow(schedule, end, placeholder)
+        assert late <= max(POLICY.min_interval, POLICY.age_fraction * end) + 1e-9
+
+
+def test_with_no_estimate_lateness_stays_within_the_age_promise() -> None:
+    schedule = PollSchedule(POLICY)
+    for end in (3.0, 12.0, 45.0, 200.0):
+        _, late = follow(schedule, end, absent)
+        bound = min(max(POLICY.min_interval, POLICY.age_fraction * end), POLICY.max_interval)
+        assert late <= bound + 1e-9
+
+
+def test_noisy_estimates_widen_the_window_and_say_so() -> None:
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(2)
+    generation = schedule.generation
+    low_before, _ = schedule.window("m")
+    for _ in range(40):
+        factor = rng.uniform(0.5, 1.5)
+        # A biased estimate of the whole job: it predicts an end at end * factor.
+        follow(schedule, rng.uniform(10, 30), lambda end, now, f=factor: end * f - now)
+    low_after, high_after = schedule.window("m")
+    assert low_after < low_before - 0.1
+    assert high_after > 0.1
+    assert schedule.generation > generation  # the poller reschedules waiting keys
+
+
+def test_right_estimates_keep_the_window_tight() -> None:
+    schedule = PollSchedule(POLICY)
+    for end in range(10, 60):
+        follow(schedule, float(end), exact)
+    low, high = schedule.window("m")
+    assert -0.05 <= low <= 0.0 <= high <= 0.05
+
+
+def test_an_overrunning_job_backs_off_with_its_age() -> None:
+    schedule = PollSchedule(POLICY)
+    timing = KeyTiming(created_at=0.0)
+    schedule.report(timing, 1.0, expected_seconds=5.0)
+    gap_late = schedule.report(timing, 100.0, expected_seconds=0.0) - 100.0
+    assert gap_late == pytest.approx(min(POLICY.age_fraction * 100.0, POLICY.max_interval))
+
+
+def test_a_queue_position_spaces_asks_when_there_is_no_estimate() -> None:
+    schedule = PollSchedule(POLICY)
+    timing = KeyTiming(created_at=0.0)
+    far = schedule.report(timing, 1.0, expected_seconds=None, queue_position=50) - 1.0
+    near = schedule.report(timing, 2.0, expected_seconds=None, queue_position=1) - 2.0
+    assert far == POLICY.max_interval
+    assert near == POLICY.queue_position_seconds
+
+
+def test_learned_durations_stand_in_for_a_missing_estimate() -> None:
+    schedule = PollSchedule(POLICY)
+    for end in range(20, 40):
+        follow(schedule, float(end), absent)
+    timing = KeyTiming(created_at=0.0, model="m")
+    first = schedule.report(timing, 1.0, expected_seconds=None)
+    assert first >= 19.0  # nothing asked before the shortest job seen could end
+
+
+def test_the_gateways_end_time_narrows_what_is_learned() -> None:
+    schedule = PollSchedule(POLICY)
+    for _ in range(20):
+        timing = KeyTiming(created_at=0.0, model="m")
+        schedule.report(timing, 1.0, expected_seconds=19.0)  # predicts an end at 20
+        schedule.job_ended(timing, 30.0, ended_at=20.0)  # seen late, but it says when
+    low, high = schedule.window("m")
+    assert low == pytest.approx(0.0, abs=1e-9)
+    assert high == pytest.approx(0.0, abs=1e-9)
+
+
+def test_memory_per_model_is_bounded() -> None:
+    schedule = PollSchedule(POLICY)
+    for end in range(10, 2000):
+        follow(schedule, float(end % 50 + 10), exact)
+    assert schedule.samples("m") <= 256

@@ -1,0 +1,295 @@
+"""What a hostile network or gateway must never get: replayable requests, secrets, a terminal."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from wujie_async import (
+    APIError,
+    BusinessError,
+    Credentials,
+    InvalidRequestError,
+    JobFailedError,
+    Limits,
+    RetryPolicy,
+    Timeouts,
+    WujieClient,
+    WujieError,
+    snippet,
+)
+from wujie_async._auth import HeaderSigner
+from wujie_async._transport import Transport
+
+from .helpers import INFO
+from .hostile import ESCAPES, gzip_bomb, recording_gateway
+
+pytestmark = pytest.mark.anyio
+
+NO_RETRY = RetryPolicy(max_attempts=2, initial_wait=0)
+
+
+@functools.cache
+def credentials() -> Credentials:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return Credentials("wjsecurity", pem)
+
+
+# --- base URL rules ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://gate.example.com/wj-open/v1",
+        "http://10.0.0.5:8080/wj-open/v1",
+        "http://[2001:db8::1]/wj-open/v1",
+        "http://127.0.0.1.nip.io/wj-open/v1",  # a name, even one that looks like loopback
+    ],
+)
+def test_plain_http_to_a_non_loopback_host_is_refused(base_url: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(credentials(), base_url=base_url)
+    assert info.value.field == "base_url"
+    assert "loopback" in info.value.rule and "allow_insecure_http" in info.value.rule
+
+
+def test_the_insecure_opt_in_works_and_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="wujie_async"):
+        client = WujieClient(
+            credentials(), base_url="http://gate.example.com/wj-open/v1/", allow_insecure_http=True
+        )
+    assert client.base_url == "http://gate.example.com/wj-open/v1"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "INSECURE" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "http://127.0.0.1:8080/wj-open/v1",
+        "http://127.9.9.9/wj-open/v1",
+        "http://[::1]:8080/wj-open/v1",
+        "http://localhost:8080/wj-open/v1",
+        "https://gate.wujieai.net/wj-open/v1",
+    ],
+)
+def test_loopback_http_and_https_need_no_opt_in(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="wujie_async"):
+        WujieClient(credentials(), base_url=base_url)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "https://alice:s3cret-pw@gate.example.com/wj-open/v1",
+        "https://:s3cret-pw@gate.example.com/wj-open/v1",
+        "http://alice:s3cret-pw@127.0.0.1:8080/wj-open/v1",
+    ],
+)
+def test_credentials_in_the_base_url_are_refused_without_showing_them(base_url: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(credentials(), base_url=base_url, allow_insecure_http=True)
+    assert info.value.field == "base_url" and "user:password@" in info.value.rule
+    assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in repr(info.value)
+    assert info.value.__context__ is None  # nothing else rides along
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    ["https://[::1/wj-open/v1", "https://gate.example.com:port/x", "ftp://gate.example.com", ""],
+)
+def test_malformed_base_urls_are_typed_errors(base_url: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(credentials(), base_url=base_url or "https://")
+    assert info.value.field == "base_url"
+
+
+# --- the signed header is never reachable from an error --------------------------------------
+
+
+def _reachable(error: BaseException) -> Iterator[str]:
+    """Text of everything reachable from ``error`` that could hold the header.
+
+    Follows ``__cause__``/``__context__``, ``args``, attributes, any ``request_info`` (aiohttp
+    keeps the request headers there) and the locals of our own frames in each traceback.
+    """
+    stack: list[Any] = [error]
+    seen: set[int] = set()
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, str | bytes):
+            yield item.decode("utf-8", "replace") if isinstance(item, bytes) else item
+            continue
+        if isinstance(item, int | float | bool):
+            continue
+        yield repr(item)
+        if isinstance(item, BaseException):
+            yield str(item)
+            stack += [item.__cause__, item.__context__, *item.args, *vars(item).values()]
+            stack += _our_frame_locals(item.__traceback__)
+        elif isinstance(item, Mapping):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack += list(item)
+        for name in ("request_info", "headers", "history"):
+            stack.append(getattr(item, name, None))
+
+
+def _our_frame_locals(tb: TracebackType | None) -> list[Any]:
+    found: list[Any] = []
+    while tb is not None:
+        frame = tb.tb_frame
+        if "/wujie_async/" in frame.f_code.co_filename:
+            # Only values that are themselves text or containers: ``self`` holds the signer
+            # (whose job is to keep the header), which is not what an error should carry.
+            found += [
+                value
+                for value in frame.f_locals.values()
+                if isinstance(value, str | bytes | Mapping | list | tuple | BaseException)
+                or hasattr(value, "request_info")
+            ]
+        tb = tb.tb_next
+    return found
+
+
+def _secrets(creds: Credentials, seen_by_server: list[str]) -> list[str]:
+    """The header markers to look for: every signature made around now, and what was sent."""
+    now = int(time.time())
+    signs = [json.loads(creds.header_at(t))["sign"] for t in range(now - 30, now + 5)]
+    sent = [json.loads(header)["sign"] for header in seen_by_server if header]
+    return ["secretKeyVersion", *signs, *sent]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(
+    ("mode", "what"),
+    [
+        (None, "Connection refused"),
+        ("unauthorized", "WUJIE_APP_ID"),
+        ("server-error", "HTTP 503"),
+        ("slow", "Timeouts.request"),
+        ("html-200", "not JSON"),
+        ("redirect-self", "redirect"),
+        ("not-found-html", "does not exist"),
+        ("gzip-bomb", "cap"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["submit", "poll"])
+async def test_no_error_chain_reaches_the_signed_header(
+    mode: str | None, what: str, kind: str
+) -> None:
+    creds = credentials()
+    gzip_bomb()  # built now, not within the short request timeout
+    async with recording_gateway() as gateway:
+        origin = gateway.origin if mode is not None else f"http://127.0.0.1:{_free_port()}"
+        base_url = f"{origin}/{mode or 'x'}"
+        timeouts = Timeouts(request=0.2)
+        limits = Limits(max_response_bytes=64 * 1024)
+        with pytest.raises(WujieError) as info:
+            if kind == "submit":
+                client = WujieClient(
+                    creds, base_url=base_url, retry=NO_RETRY, timeouts=timeouts, limits=limits
+                )
+                async with client:
+                    await client.images.submit(prompt="x", model="dall-e-2")
+            else:
+                transport = Transport(
+                    base_url=base_url,
+                    signer=HeaderSigner(creds),
+                    limits=limits,
+                    timeouts=timeouts,
+                    retry=NO_RETRY,
+                )
+                await transport.open()
+                try:
+                    await transport.post(INFO, ["K" * 32], kind="poll")
+                finally:
+                    await transport.close()
+        secrets = _secrets(creds, gateway.authorizations)
+        texts = list(_reachable(info.value))
+        assert any(what in text for text in texts), (what, str(info.value))
+        for text in texts:
+            for secret in secrets:
+                assert secret not in text, f"the signed header is reachable: {text[:200]!r}"
+        if mode is None:
+            assert "Connection refused" in str(info.value)  # the OS reason is kept
+
+
+# --- server text never drives the terminal ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\x1b]0;PWNED\x07",  # set the window title (OSC, BEL-terminated)
+        "\x1b]0;PWNED\x1b\\",  # the same, ST-terminated
+        "\x1b[2J",  # clear the screen
+        "\x1b[1;31mred\x1b[0m",  # colours
+        "\x9b2J",  # the 8-bit CSI
+        "\x00\x07\x08\x7f\x85",  # NUL, BEL, BS, DEL, NEL
+        "a\u202eb",  # a bidi override
+    ],
+)
+def test_snippet_strips_every_control_character(text: str) -> None:
+    cleaned = snippet(f"before {text} after")
+    assert cleaned.startswith("before ") and cleaned.endswith(" after")
+    assert "PWNED" not in cleaned and "2J" not in cleaned and "31m" not in cleaned
+    assert all(ch.isprintable() for ch in cleaned), repr(cleaned)
+
+
+def test_snippet_folds_whitespace_and_stays_short() -> None:
+    assert snippet("a\n\n\tb\r\nc  d") == "a b c d"
+    assert snippet(b"x" * 10_000).endswith("...") and len(snippet(b"x" * 10_000)) == 303
+    assert snippet(b"\xff\xfeok") == "\ufffd\ufffdok"
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"), [("escapes-business", BusinessError), ("escapes-5xx", APIError)]
+)
+async def test_server_text_in_errors_is_stripped(mode: str, error: type[APIError]) -> None:
+    async with recording_gateway() as gateway:
+        base = f"{gateway.origin}/{mode}"
+        async with WujieClient(credentials(), base_url=base, retry=NO_RETRY) as client:
+            with pytest.raises(WujieError) as info:
+                await client.images.submit(prompt="x", model="dall-e-2")
+    chain: list[BaseException] = [info.value]
+    if info.value.__cause__ is not None:
+        chain.append(info.value.__cause__)
+    api_errors = [e for e in chain if isinstance(e, error)]
+    assert api_errors, chain
+    for item in chain:
+        for text in (str(item), getattr(item, "body", ""), getattr(item, "message", "")):
+            assert "\x1b" not in text and "\x07" not in text and "PWNED" not in text, repr(text)
+    assert "red" in str(api_errors[0]) + api_errors[0].body
+
+
+def test_job_failure_messages_are_stripped() -> None:
+    error = JobFailedError(job_key="K", fail_code=1, fail_message=f"boom {ESCAPES}\nnext line")
+    assert "\x1b" not in str(error) and "\n" not in str(error) and "PWNED" not in str(error)
+    assert error.fail_message is not None and "\x1b" in error.fail_message  # kept as sent
