@@ -132,6 +132,16 @@ def _settled_from(
     )
 
 
+def _refused_by_a_stop(state: str, record: dict[str, Any] | None) -> bool:
+    """A line the gateway refused as a whole (wrong app id, base URL, balance): send it again.
+
+    Such a submit is journaled ``rejected`` (never accepted, nothing charged) and its manifest
+    line says ``not_sent``; once the setup is fixed, the plain re-run sends it. A line the
+    gateway itself rejected (a bad field) stays ``rejected`` until ``--retry-failed``.
+    """
+    return state == "rejected" and record is not None and record.get("status") == "not_sent"
+
+
 async def plan_rerun(
     client: WujieClient,
     items: list[BulkItem],
@@ -153,7 +163,7 @@ async def plan_rerun(
         entry = latest.get(item.tag)
         state = entry.state if entry is not None else "unsent"
         n = int(row.body.get("n") or 1)
-        if entry is None or state == "unsent":
+        if entry is None or state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
             plan.send.append(row)
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
             if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
@@ -277,8 +287,6 @@ class Session:
                     )
                     with self._first_ctrl_c_stops(stop):
                         self.result = await run.run()
-            if self.journal is not None:
-                await self._forget_refused(client, plan)
         return self.finish(total)
 
     @contextlib.asynccontextmanager
@@ -286,25 +294,6 @@ class Session:
         async with open_client(self.args, self.limits(), self.journal) as client:
             self.base_url = client.base_url
             yield client
-
-    async def _forget_refused(self, client: WujieClient, plan: Plan) -> None:
-        """Journal rows of submits a systemic error refused: never accepted, so forget them.
-
-        (The current transport journals a 404 as uncertain; it is provably not charged.)
-        """
-        assert self.result is not None
-        if self.result.systemic is None:
-            return
-        tags = {
-            row.tag
-            for row in plan.send
-            for outcome in self.result.outcomes
-            if outcome.status == "not_sent" and outcome.line == row.line and outcome.key is None
-        }
-        rows = await client.journal_entries("uncertain", "rejected", "intent")
-        refused = [e.id for e in rows if e.tag in tags and e.id > plan.last_journal_id]
-        if refused:
-            await client.forget_submits(refused)
 
     def _say(self, message: str) -> None:
         if not self.args.quiet:

@@ -74,7 +74,6 @@ class PollPolicy:
             if not isinstance(value, int | float) or value < 0 or math.isnan(value):
                 raise InvalidRequestError([(f"PollPolicy.{name}", "must be a number >= 0")])
 
-
     def next_delay(self, *, expected_seconds: float | None, age: float) -> float:
         """Seconds until the next ask about a key that is still running (being replaced)."""
         wanted = max(0.5 * (expected_seconds or 0.0), self.age_fraction * age)
