@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
 import os
+import signal
 import socket
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,11 +36,15 @@ def inline_png(size: int) -> str:
 
 
 @asynccontextmanager
-async def hostile_jobs_gateway(files_host: str = "127.0.0.1") -> AsyncIterator[str]:
+async def hostile_jobs_gateway(
+    files_host: str = "127.0.0.1", finished: set[str] | None = None
+) -> AsyncIterator[str]:
     """Submits get key = prompt; the batch reply does what the prompt says. Yields base URL.
 
-    Image URLs point at ``files_host`` (the same server, also listening there).
+    Image URLs point at ``files_host`` (the same server, also listening there). The job
+    ``partial`` has one of its two images until the test adds it to ``finished``.
     """
+    finished = finished if finished is not None else set()
     origin = ""
     files_origin = ""
 
@@ -46,6 +54,11 @@ async def hostile_jobs_gateway(files_host: str = "127.0.0.1") -> AsyncIterator[s
 
     def entry(key: str) -> dict[str, object]:
         image = {"url": f"{files_origin}/files/{key}.png"}
+        if key == "partial":
+            if key in finished:
+                second = {"url": f"{files_origin}/files/{key}1.png"}
+                return {"key": key, "status": 4, "images": [image, second]}
+            return {"key": key, "status": 2, "complete_percent": 50, "images": [image]}
         if key == "inline":  # b64_json only: bare base64, and a data URL
             inline = [
                 {"b64_json": inline_png(8)},
@@ -251,3 +264,38 @@ async def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
     assert code == 1
     assert err.strip().splitlines() == [err.strip().splitlines()[0]]
     assert "failed 2" in err
+
+
+async def test_a_partly_saved_job_resumes_without_duplicate_manifest_lines(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("partial\nfine\n")
+    out = tmp_path / "out"
+    finished: set[str] = set()
+    async with hostile_jobs_gateway(finished=finished) as base_url:
+        bulk = (
+            "bulk", str(rows), "--model", "dall-e-2", "-n", "2", "-o", str(out),
+            *gateway_flags(tmp_path, base_url),
+        )  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", *bulk, env=CLEAN_ENV,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not any(r.get("key") == "partial" for r in manifest(out)):
+            assert time.monotonic() < deadline and proc.returncode is None
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 130, err.decode()
+        assert {(r["key"], r["index"]) for r in manifest(out) if r["key"] == "partial"} == {
+            ("partial", 0)
+        }
+
+        finished.add("partial")
+        code, _, err_text = await cli(*bulk)
+        assert code == 0, err_text
+    saved = [(r["key"], r["index"]) for r in manifest(out) if r["status"] == "saved"]
+    assert sorted(saved) == [("fine", 0), ("fine", 1), ("partial", 0), ("partial", 1)]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "fine-0.png", "fine-1.png", "partial-0.png", "partial-1.png"
+    ]  # fmt: skip

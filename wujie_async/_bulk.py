@@ -105,12 +105,14 @@ class BulkRun:
         self.result = BulkResult(outcomes=list(settled))
         self._tally = display.tally
         self._seq: dict[int, int] = {}
+        self._queue: asyncio.Queue[Row] = asyncio.Queue()
+        self._on_the_wire: dict[int, Row] = {}
         for number, outcome in enumerate(settled):
             self._tally.move(-1 - number, "saved" if outcome.status == "saved" else "failed")
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
-        queue: asyncio.Queue[Row] = asyncio.Queue()
+        queue = self._queue
         for row in self._send:
             queue.put_nowait(row)
         with self._display.running(), anyio.CancelScope() as scope:
@@ -123,10 +125,29 @@ class BulkRun:
                     await self._submit_all(queue, collectors)
             finally:
                 watcher.cancel()
-        for row in _drain(queue):
+        return self._close(interrupted=self._stop.is_set() and not self._systemic_stop)
+
+    def interrupted_at_once(self) -> BulkResult:
+        """The result after ``run()`` was cancelled outright (a second Ctrl-C).
+
+        Lines whose submit was under way end ``uncertain``: the request may have reached the
+        gateway (the journal, when there is one, knows which did). Lines not sent end
+        ``not_sent``; accepted jobs stay pending (their keys are in the journal).
+        """
+        for row in list(self._on_the_wire.values()):
+            message = (
+                "interrupted while its submit was under way: it may have been accepted (and "
+                "charged); it is never resent silently"
+            )
+            self._end(row, "uncertain", None, "interrupted", message, quiet=True)
+        self._on_the_wire.clear()
+        return self._close(interrupted=True)
+
+    def _close(self, *, interrupted: bool) -> BulkResult:
+        for row in _drain(self._queue):
             reason = "the run stopped before this line was sent"
             self._end(row, "not_sent", None, "not_sent", reason)
-        self.result.interrupted = self._stop.is_set() and not self._systemic_stop
+        self.result.interrupted = interrupted
         self.result.pending = self._tally.total - len(self.result.outcomes)
         return self.result
 
@@ -156,9 +177,11 @@ class BulkRun:
 
     async def _submit_one(self, row: Row, collectors: anyio.abc.TaskGroup) -> None:
         self._move(row, "submitting")
+        self._on_the_wire[id(row)] = row
         try:
             job = await submit(self._client, row.body, tag=row.tag, job_timeout=self._job_timeout)
         except Exception as exc:
+            del self._on_the_wire[id(row)]
             if is_systemic(exc):
                 if self.result.systemic is None:
                     self.result.systemic = exc
@@ -167,6 +190,7 @@ class BulkRun:
             status, code, message = classify(exc)
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
+        del self._on_the_wire[id(row)]
         self._move(row, "generating")
         collectors.start_soon(self._collect_job, row, job)
 

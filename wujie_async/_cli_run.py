@@ -82,6 +82,12 @@ def check_out_folder(out: Path) -> None:
         ) from None
 
 
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
 def journal_path(args: argparse.Namespace) -> Path | None:
     """The run's journal: ``--journal``, else OUT/journal.sqlite (none with --emulator)."""
     if args.command not in ("bulk", "resume"):
@@ -97,9 +103,21 @@ def journal_path(args: argparse.Namespace) -> Path | None:
 
 
 def readable_error(error: str) -> str:
-    """A journaled error as words: rows may hold ``Class('message')``; keep the message."""
+    """A journaled error as words: rows may hold ``Class('message')``; keep the message.
+
+    A cancelled submit is journaled as ``CancelledError(...)`` whose text says nothing to a
+    user (``Cancelled via cancel scope 7f79...``): it is said in words instead.
+    """
+    if error.startswith("CancelledError("):
+        return "interrupted while the submit was under way: it may have been accepted (and charged)"
     found = _REPR.match(error)
     return clean(found.group(2) if found else error)
+
+
+def _line_name(outcome: LineOutcome) -> str:
+    if outcome.row_id is not None:
+        return f"line {outcome.line} (id {clean(outcome.row_id)})"
+    return f"line {outcome.line}"
 
 
 def line_of(entry: JournalEntry) -> tuple[int, str | None]:
@@ -285,8 +303,15 @@ class Session:
                         job_timeout=args.job_timeout,
                         stop=stop,
                     )
-                    with self._first_ctrl_c_stops(stop):
-                        self.result = await run.run()
+                    with self._first_ctrl_c_stops(stop) as quit_now:
+                        try:
+                            self.result = await run.run()
+                        except asyncio.CancelledError:
+                            if not quit_now.is_set():
+                                raise
+                            # Our own second Ctrl-C: close everything normally, then report.
+                            _uncancel()
+                            self.result = run.interrupted_at_once()
         return self.finish(total)
 
     @contextlib.asynccontextmanager
@@ -300,14 +325,20 @@ class Session:
             self.console.print(Text(message), soft_wrap=True)
 
     @contextlib.contextmanager
-    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[None]:
-        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once."""
+    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[asyncio.Event]:
+        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once.
+
+        Yields an event set when the second Ctrl-C cancels the run.
+        """
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
+        quit_now = asyncio.Event()
 
         def on_interrupt() -> None:
             if stop.is_set() and main is not None:
-                main.cancel()
+                if not quit_now.is_set():
+                    quit_now.set()
+                    main.cancel()
                 return
             stop.set()
             self.console.print("stopping: letting submits on the wire finish (Ctrl-C to quit now)")
@@ -315,10 +346,10 @@ class Session:
         try:
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            yield
+            yield quit_now
             return
         try:
-            yield
+            yield quit_now
         finally:
             loop.remove_signal_handler(signal.SIGINT)
 
@@ -374,6 +405,20 @@ class Session:
             return
         command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
         if result.interrupted:
+            uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
+            if uncertain:
+                names = ", ".join(_line_name(o) for o in uncertain[:10])
+                more = f" and {len(uncertain) - 10} more" if len(uncertain) > 10 else ""
+                see = (
+                    f"wujie-async journal list --status uncertain -o {self.args.out}"
+                    if self.journal is not None
+                    else "the gateway's console (no journal kept their fate)"
+                )
+                say(
+                    f"interrupted at once: {len(uncertain)} line(s) were being submitted and may "
+                    f"have been charged ({names}{more}); they are never resent silently. "
+                    f"See: {see}"
+                )
             if self.journal is not None:
                 say(
                     "interrupted: submitted jobs keep running on the gateway; re-run the same "
