@@ -21,6 +21,7 @@ FAST_POLL = PollPolicy(
     first_poll_delay=0.03,
     min_interval=0.03,
     max_interval=0.3,
+    max_estimate_wait=0.3,
     batch_fill_horizon=0.03,
     unknown_key_grace=1.0,
 )

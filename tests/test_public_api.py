@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import asyncio
 import inspect
 
+import pytest
+
 import wujie_async
-from wujie_async import WujieError
+from wujie_async import ImageJob, WujieError
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -42,3 +45,16 @@ def test_package_ships_py_typed() -> None:
     from pathlib import Path
 
     assert (Path(wujie_async.__file__).parent / "py.typed").exists()
+
+
+@pytest.mark.anyio
+async def test_an_image_job_is_read_only_for_its_users() -> None:
+    """Only the poller feeds a job: its views cannot be set, and it has no feeding methods."""
+    loop = asyncio.get_running_loop()
+    job = ImageJob("K1", loop=loop, deadline=loop.time() + 60, n=2)
+    for name, value in (("status", 4), ("progress", 100.0), ("images", ()), ("key", "K2")):
+        with pytest.raises(AttributeError):
+            setattr(job, name, value)
+    for name in ("succeed", "fail", "add_images", "record_report", "due", "last_seen"):
+        assert not hasattr(job, name), name
+    assert job.status is None and job.status_name == "pending" and not job.done()

@@ -67,17 +67,13 @@ class PollPolicy:
             max_estimate_wait=self.max_estimate_wait,
             unknown_key_grace=self.unknown_key_grace,
         )
-        if self.max_interval < self.min_interval:
-            raise InvalidRequestError([("PollPolicy.max_interval", "must be >= min_interval")])
+        for name in ("max_interval", "max_estimate_wait"):
+            if getattr(self, name) < self.min_interval:
+                raise InvalidRequestError([(f"PollPolicy.{name}", "must be >= min_interval")])
         for name in ("age_fraction", "queue_position_seconds", "batch_fill_horizon"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0 or math.isnan(value):
                 raise InvalidRequestError([(f"PollPolicy.{name}", "must be a number >= 0")])
-
-    def next_delay(self, *, expected_seconds: float | None, age: float) -> float:
-        """Seconds until the next ask about a key that is still running (being replaced)."""
-        wanted = max(0.5 * (expected_seconds or 0.0), self.age_fraction * age)
-        return min(max(wanted, self.min_interval), self.max_interval)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

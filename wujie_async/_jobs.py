@@ -7,7 +7,6 @@ A job holds no task and polls nothing: the client's one poller feeds it. It cost
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -33,7 +32,8 @@ class ImageJob:
     """One submitted job. ``await job`` gives its :class:`ImageResult` or raises a JobError.
 
     Awaiting from many tasks at once is fine, and cancelling one awaiting task does not disturb
-    the others or the job. Attributes are read-only views kept current by the poller.
+    the others or the job. Attributes are read-only views kept current by the poller (through
+    this module's feeding functions, which only the poller calls).
 
     Attributes:
         key: the gateway's job key.
@@ -54,23 +54,20 @@ class ImageJob:
     __slots__ = (
         "__weakref__",  # the poller remembers ended jobs weakly: no images kept alive for it
         "_complete_time",
+        "_deadline",
+        "_expected_seconds",
         "_future",
         "_image_futures",
+        "_images",
+        "_key",
+        "_n",
         "_on_cancel",
         "_points_charged",
+        "_progress",
         "_queue_position",
+        "_request",
         "_start_time",
-        "created_at",
-        "deadline",
-        "due",
-        "expected_seconds",
-        "images",
-        "key",
-        "last_seen",
-        "n",
-        "progress",
-        "request",
-        "status",
+        "_status",
     )
 
     def __init__(
@@ -83,18 +80,15 @@ class ImageJob:
         n: int | None = None,
         on_cancel: Callable[[ImageJob], None] | None = None,
     ) -> None:
-        self.key = key
-        self.request = request
-        self.n = n
-        self.status: int | None = None
-        self.progress = 0.0
-        self.expected_seconds: float | None = None
+        self._key = key
+        self._request = request
+        self._n = n
+        self._status: int | None = None
+        self._progress = 0.0
+        self._expected_seconds: float | None = None
         # Shared empty tuple until images land: a pending job should cost next to nothing.
-        self.images: Sequence[GeneratedImage] = ()
-        self.created_at = loop.time()
-        self.deadline = deadline
-        self.last_seen: float | None = None
-        self.due = math.inf  # when the poller asks next (owned by the poller)
+        self._images: Sequence[GeneratedImage] = ()
+        self._deadline = deadline
         self._queue_position: int | None = None
         self._points_charged: float | None = None
         self._start_time: float | str | None = None
@@ -102,6 +96,47 @@ class ImageJob:
         self._future: asyncio.Future[ImageResult] = loop.create_future()
         self._image_futures: dict[int, asyncio.Future[GeneratedImage]] | None = None
         self._on_cancel = on_cancel
+
+    # Read-only views: only this module's feeding functions (the poller's side) change them.
+    @property
+    def key(self) -> str:
+        """The gateway's job key."""
+        return self._key
+
+    @property
+    def request(self) -> dict[str, Any] | None:
+        """The body that was submitted (None for an attached key)."""
+        return self._request
+
+    @property
+    def n(self) -> int | None:
+        """How many images the job makes, when known."""
+        return self._n
+
+    @property
+    def status(self) -> int | None:
+        """The last status the gateway reported (None before the first report)."""
+        return self._status
+
+    @property
+    def progress(self) -> float:
+        """``complete_percent`` from the last report, 0 to 100."""
+        return self._progress
+
+    @property
+    def expected_seconds(self) -> float | None:
+        """The gateway's last estimate of seconds left."""
+        return self._expected_seconds
+
+    @property
+    def images(self) -> Sequence[GeneratedImage]:
+        """The images listed so far (all of them once the job succeeded)."""
+        return self._images
+
+    @property
+    def deadline(self) -> float:
+        """Loop time by which the job must end, or it fails with JobTimeoutError."""
+        return self._deadline
 
     def __repr__(self) -> str:
         state = (
@@ -202,98 +237,8 @@ class ImageJob:
             return False
         if self._on_cancel is not None:
             self._on_cancel(self)
-        self.fail(JobCancelledError("no longer tracked (cancelled)", job_key=self.key))
+        fail(self, JobCancelledError("no longer tracked (cancelled)", job_key=self.key))
         return True
-
-    def holds_bulk(self) -> bool:
-        """True when the job holds inline image bytes or an edit's source images."""
-        if any(image.b64_json for image in self.images):
-            return True
-        return self.request is not None and any(field in self.request for field in _BULK_FIELDS)
-
-    def ended_copy(self) -> ImageJob:
-        """A settled copy of this ended job without its bulk: what an ended-jobs cache keeps.
-
-        The copy has the same key, status, progress fields and outcome, but its images carry
-        no inline bytes (``b64_json`` is None: fetch ``url``, or keep the original job) and its
-        request no edit source images or mask.
-        """
-        assert self._future.done(), "only an ended job is copied"
-        loop = self._future.get_loop()
-        request = self.request
-        if request is not None:
-            request = {name: value for name, value in request.items() if name not in _BULK_FIELDS}
-        copy = ImageJob(self.key, loop=loop, deadline=self.deadline, request=request, n=self.n)
-        for name in (
-            "status",
-            "progress",
-            "expected_seconds",
-            "created_at",
-            "last_seen",
-            "_queue_position",
-            "_points_charged",
-            "_start_time",
-            "_complete_time",
-        ):
-            setattr(copy, name, getattr(self, name))
-        copy.images = [
-            GeneratedImage(image.index, image.url, None, image.revised_prompt)
-            for image in self.images
-        ]
-        error = self._future.exception()
-        if error is None:
-            result = self._future.result()
-            copy._future.set_result(ImageResult(self.key, result.status, tuple(copy.images)))
-        else:
-            copy._future.set_exception(error)
-            copy._future.exception()  # nobody may await the copy: not worth a log line
-        return copy
-
-    # --- fed by the poller ------------------------------------------------------------------------
-    def record_report(self, entry: JobInfo) -> None:
-        """Take the progress fields of the gateway's latest (already checked) entry."""
-        self.status = entry.status
-        if entry.complete_percent is not None:
-            self.progress = entry.complete_percent
-        self.expected_seconds = entry.expected_seconds
-        # Optional fields keep their last known value when a report leaves them out.
-        if entry.queue_before_num is not None:
-            self._queue_position = entry.queue_before_num
-        if entry.integral_cost is not None:
-            self._points_charged = entry.integral_cost
-        if entry.start_gen_time is not None:
-            self._start_time = entry.start_gen_time
-        if entry.complete_time is not None:
-            self._complete_time = entry.complete_time
-
-    def add_images(self, images: list[GeneratedImage]) -> None:
-        """Record images listed so far and resolve their futures."""
-        if len(images) <= len(self.images):
-            return
-        self.images = images
-        if self._image_futures:
-            for index, future in self._image_futures.items():
-                if index < len(images) and not future.done():
-                    future.set_result(images[index])
-
-    def succeed(self, status: int) -> None:
-        """The job ended with images."""
-        if self._future.done():
-            return
-        self.status = status
-        self.progress = 100.0
-        self._future.set_result(ImageResult(self.key, status, tuple(self.images)))
-        if self._image_futures:
-            missing = IndexError(f"job {self.key} finished with {len(self.images)} image(s)")
-            self._settle_images(missing)
-
-    def fail(self, error: JobError) -> None:
-        """The job ended without (all of) its images."""
-        if self._future.done():
-            return
-        self._future.set_exception(error)
-        self._future.exception()  # a failed job nobody awaits is not worth a log line
-        self._settle_images(error)
 
     def _settle_images(self, error: BaseException) -> None:
         for future in (self._image_futures or {}).values():
@@ -313,3 +258,95 @@ class ImageJob:
     def remove_done_callback(self, handle: Callable[[Any], None]) -> None:
         """Undo :meth:`add_done_callback`."""
         self._future.remove_done_callback(handle)
+
+
+# --- the poller's side: the only writers of a job ---------------------------------------------
+def record_report(job: ImageJob, entry: JobInfo) -> None:
+    """Take the progress fields of the gateway's latest (already checked) entry."""
+    job._status = entry.status
+    if entry.complete_percent is not None:
+        job._progress = entry.complete_percent
+    job._expected_seconds = entry.expected_seconds
+    # Optional fields keep their last known value when a report leaves them out.
+    if entry.queue_before_num is not None:
+        job._queue_position = entry.queue_before_num
+    if entry.integral_cost is not None:
+        job._points_charged = entry.integral_cost
+    if entry.start_gen_time is not None:
+        job._start_time = entry.start_gen_time
+    if entry.complete_time is not None:
+        job._complete_time = entry.complete_time
+
+
+def add_images(job: ImageJob, images: list[GeneratedImage]) -> None:
+    """Record images listed so far and resolve their futures."""
+    if len(images) <= len(job._images):
+        return
+    job._images = images
+    if job._image_futures:
+        for index, future in job._image_futures.items():
+            if index < len(images) and not future.done():
+                future.set_result(images[index])
+
+
+def succeed(job: ImageJob, status: int) -> None:
+    """The job ended with images."""
+    if job._future.done():
+        return
+    job._status = status
+    job._progress = 100.0
+    job._future.set_result(ImageResult(job._key, status, tuple(job._images)))
+    if job._image_futures:
+        missing = IndexError(f"job {job._key} finished with {len(job._images)} image(s)")
+        job._settle_images(missing)
+
+
+def fail(job: ImageJob, error: JobError) -> None:
+    """The job ended without (all of) its images."""
+    if job._future.done():
+        return
+    job._future.set_exception(error)
+    job._future.exception()  # a failed job nobody awaits is not worth a log line
+    job._settle_images(error)
+
+
+def holds_bulk(job: ImageJob) -> bool:
+    """True when the job holds inline image bytes or an edit's source images."""
+    if any(image.b64_json for image in job._images):
+        return True
+    request = job._request
+    return request is not None and any(field in request for field in _BULK_FIELDS)
+
+
+def ended_copy(job: ImageJob) -> ImageJob:
+    """A settled copy of an ended job without its bulk: what an ended-jobs cache keeps.
+
+    The copy has the same key, status, progress fields and outcome, but its images carry no
+    inline bytes (``b64_json`` is None: fetch ``url``, or keep the original job) and its
+    request no edit source images or mask.
+    """
+    future = job._future
+    if not future.done():
+        raise ValueError("only an ended job is copied")
+    request = job._request
+    if request is not None:
+        request = {name: value for name, value in request.items() if name not in _BULK_FIELDS}
+    copy = ImageJob(job._key, loop=future.get_loop(), deadline=job._deadline, request=request)
+    copy._n = job._n
+    copy._status = job._status
+    copy._progress = job._progress
+    copy._expected_seconds = job._expected_seconds
+    copy._queue_position = job._queue_position
+    copy._points_charged = job._points_charged
+    copy._start_time = job._start_time
+    copy._complete_time = job._complete_time
+    copy._images = [
+        GeneratedImage(image.index, image.url, None, image.revised_prompt) for image in job._images
+    ]
+    error = future.exception()
+    if error is None:
+        copy._future.set_result(ImageResult(job._key, future.result().status, tuple(copy._images)))
+    else:
+        copy._future.set_exception(error)
+        copy._future.exception()  # nobody may await the copy: not worth a log line
+    return copy

@@ -27,6 +27,7 @@ import asyncio
 import heapq
 import logging
 import math
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable
@@ -36,7 +37,7 @@ from typing import Any
 import anyio
 from pydantic import TypeAdapter, ValidationError
 
-from . import _contract
+from . import _contract, _jobs
 from ._config import Limits, PollPolicy
 from ._errors import (
     JobCancelledError,
@@ -53,6 +54,7 @@ from ._errors import (
 )
 from ._jobs import ImageJob
 from ._models import GeneratedImage, JobInfo
+from ._schedule import KeyTiming, PollSchedule
 from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
@@ -77,6 +79,17 @@ class PollerCounters:
     malformed_entries: int = 0
     ignored_entries: int = 0
     split_batches: int = 0
+
+
+@dataclass(slots=True, kw_only=True)
+class _Tracked(KeyTiming):
+    """A tracked job with the poller's own state of it: none of this is the user's to see."""
+
+    job: ImageJob
+    # When the key is asked about next; ``inf`` while it is in a call on the wire.
+    due: float = math.inf
+    # When the gateway last listed the key (None: not yet); absence is measured from here.
+    last_seen: float | None = None
 
 
 @dataclass(slots=True)
@@ -133,8 +146,8 @@ class _DeadlineWatch:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        chunk: list[ImageJob],
-        expire: Callable[[ImageJob], None],
+        chunk: list[_Tracked],
+        expire: Callable[[_Tracked], None],
     ) -> None:
         self._loop = loop
         self._chunk = chunk
@@ -144,16 +157,19 @@ class _DeadlineWatch:
         self._arm()
 
     def _arm(self) -> None:
-        self._when = min((job.deadline for job in self._chunk if not job.done()), default=math.inf)
+        self._when = min(
+            (tracked.job.deadline for tracked in self._chunk if not tracked.job.done()),
+            default=math.inf,
+        )
         if self._when < math.inf:
             self._handle = self._loop.call_at(self._when, self._fire)
 
     def _fire(self) -> None:
         # asyncio may run a timer a clock tick early: the time it was armed for counts as now.
         now = max(self._loop.time(), self._when)
-        for job in self._chunk:
-            if not job.done() and job.deadline <= now:
-                self._expire(job)
+        for tracked in self._chunk:
+            if not tracked.job.done() and tracked.job.deadline <= now:
+                self._expire(tracked)
         self._arm()
 
     def cancel(self) -> None:
@@ -168,12 +184,14 @@ class BatchPoller:
     def __init__(self, transport: Transport, policy: PollPolicy, limits: Limits) -> None:
         self._transport = transport
         self._policy = policy
+        self._schedule_of = PollSchedule(policy)
+        self._generation = self._schedule_of.generation
         self._max_response_bytes = limits.max_response_bytes
         self._call_slots = asyncio.Semaphore(limits.max_concurrent_polls)
-        self._jobs: dict[str, ImageJob] = {}
+        self._jobs: dict[str, _Tracked] = {}
         # (due, key): keys are unique, so ties on ``due`` are broken by key, no counter needed.
-        # An entry counts only while it matches its job's ``due``: a job taken into a call has
-        # ``due == inf`` until its reply reschedules it, so it cannot be taken twice.
+        # An entry counts only while it matches its record's ``due``: a key taken into a call
+        # has ``due == inf`` until its reply reschedules it, so it cannot be taken twice.
         self._heap: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
         self._sleeping_until = math.inf  # when the idle poller will next look at the heap
@@ -193,55 +211,61 @@ class BatchPoller:
 
     def get(self, key: str) -> ImageJob | None:
         """The tracked job for ``key``, or one that ended lately (see ``_remember_ended``)."""
-        job = self._jobs.get(key)
-        if job is None:
-            ended = self._ended.get(key)
-            if isinstance(ended, tuple):
-                held, copy = ended
-                job = held() or copy  # the original while someone still holds it
-            else:
-                job = ended
-        return job
+        tracked = self._jobs.get(key)
+        if tracked is not None:
+            return tracked.job
+        ended = self._ended.get(key)
+        if isinstance(ended, tuple):
+            held, copy = ended
+            return held() or copy  # the original while someone still holds it
+        return ended
 
     def jobs(self) -> list[ImageJob]:
         """Every outstanding job."""
-        return list(self._jobs.values())
+        return [tracked.job for tracked in self._jobs.values()]
 
     def track(self, job: ImageJob, first_delay: float | None = None) -> None:
         """Start polling ``job``: first ask after ``first_delay`` (default: the policy's)."""
-        self._jobs[job.key] = job
-        delay = self._policy.first_poll_delay if first_delay is None else first_delay
-        self._schedule(job, job.created_at + delay)
-        if job.due < self._sleeping_until:  # only wake the poller if this key is due sooner
+        now = asyncio.get_running_loop().time()
+        request = job.request
+        model = request.get("model") if request is not None else None
+        tracked = _Tracked(created_at=now, model=model if isinstance(model, str) else None, job=job)
+        self._jobs[job.key] = tracked
+        if first_delay is None:
+            self._schedule(tracked, self._schedule_of.first_ask(tracked))
+        else:
+            self._schedule(tracked, now + first_delay)
+        if tracked.due < self._sleeping_until:  # only wake the poller if this key is due sooner
             self._wakeup.set()
 
     def forget(self, job: ImageJob) -> None:
         """Stop polling ``job`` (it ended or was cancelled)."""
-        if self._jobs.get(job.key) is job:
+        tracked = self._jobs.get(job.key)
+        if tracked is not None and tracked.job is job:
             del self._jobs[job.key]
-        job.due = math.inf
+            tracked.due = math.inf
 
     def cancel_all(self, reason: str) -> None:
         """Stop tracking every job; each awaiter gets JobCancelledError saying ``reason``."""
         for job in self.jobs():
             self.forget(job)
-            job.fail(JobCancelledError(reason, job_key=job.key))
+            _jobs.fail(job, JobCancelledError(reason, job_key=job.key))
 
-    def _tracks(self, job: ImageJob) -> bool:
-        return self._jobs.get(job.key) is job
+    def _tracks(self, tracked: _Tracked) -> bool:
+        return self._jobs.get(tracked.job.key) is tracked
 
-    def _schedule(self, job: ImageJob, when: float) -> None:
-        job.due = min(when, job.deadline)
-        heapq.heappush(self._heap, (job.due, job.key))
+    def _schedule(self, tracked: _Tracked, when: float) -> None:
+        tracked.due = min(when, tracked.job.deadline)
+        heapq.heappush(self._heap, (tracked.due, tracked.job.key))
 
-    def _pop_due(self, horizon: float) -> ImageJob | None:
-        """The next job due by ``horizon``, skipping heap entries made stale by rescheduling."""
+    def _pop_due(self, horizon: float) -> _Tracked | None:
+        """The next key due by ``horizon``, skipping heap entries made stale by rescheduling."""
         while self._heap and self._heap[0][0] <= horizon:
             due, key = heapq.heappop(self._heap)
-            job = self._jobs.get(key)
-            if job is not None and job.due == due:
-                job.due = math.inf  # taken: no other heap entry of it counts until rescheduled
-                return job
+            tracked = self._jobs.get(key)
+            if tracked is not None and tracked.due == due:
+                tracked.due = math.inf  # taken: no other heap entry counts until rescheduled
+                return tracked
         return None
 
     async def run(self) -> None:
@@ -258,26 +282,26 @@ class BatchPoller:
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
 
-    def _take_due(self, now: float) -> list[ImageJob]:
-        batch: list[ImageJob] = []
-        while (job := self._pop_due(now)) is not None:
-            if now >= job.deadline:
-                self._expire(job)
+    def _take_due(self, now: float) -> list[_Tracked]:
+        batch: list[_Tracked] = []
+        while (tracked := self._pop_due(now)) is not None:
+            if now >= tracked.job.deadline:
+                self._expire(tracked)
                 continue
-            batch.append(job)
+            batch.append(tracked)
         if batch:
             # Fill the last call's free places with keys due soon: same calls, fuller batches.
             room = -len(batch) % _contract.MAX_KEYS_PER_BATCH
             horizon = now + self._policy.batch_fill_horizon
-            while room and (job := self._pop_due(horizon)) is not None:
-                batch.append(job)
+            while room and (tracked := self._pop_due(horizon)) is not None:
+                batch.append(tracked)
                 room -= 1
         return batch
 
     async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._wakeup.clear()
         heap, jobs = self._heap, self._jobs
-        while heap and ((job := jobs.get(heap[0][1])) is None or job.due != heap[0][0]):
+        while heap and ((tracked := jobs.get(heap[0][1])) is None or tracked.due != heap[0][0]):
             heapq.heappop(heap)  # drop entries of jobs that ended or were rescheduled
         self._sleeping_until = heap[0][0] if heap else math.inf
         try:
@@ -286,11 +310,12 @@ class BatchPoller:
         finally:
             self._sleeping_until = -math.inf  # awake: new keys need no wake-up call
 
-    def _expire(self, job: ImageJob) -> None:
-        if self._tracks(job):
+    def _expire(self, tracked: _Tracked) -> None:
+        if self._tracks(tracked):
+            job = tracked.job
             self._end(job, JobTimeoutError("still running at its deadline", job_key=job.key))
 
-    async def _poll_chunk(self, chunk: list[ImageJob]) -> None:
+    async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
         watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
         try:
             await self._poll_keys(chunk)
@@ -298,12 +323,12 @@ class BatchPoller:
             watch.cancel()
             self._wakeup.set()
 
-    async def _poll_keys(self, chunk: list[ImageJob]) -> None:
+    async def _poll_keys(self, chunk: list[_Tracked]) -> None:
         """One batch call for ``chunk``; an over-cap reply is asked again in halves."""
-        chunk = [job for job in chunk if self._tracks(job)]  # a deadline may have ended some
+        chunk = [tracked for tracked in chunk if self._tracks(tracked)]  # some may have ended
         if not chunk:
             return
-        asked = {job.key: job for job in chunk}
+        asked = {tracked.job.key: tracked for tracked in chunk}
         reading: _Reading | None = None
         too_large = False
         try:
@@ -325,30 +350,48 @@ class BatchPoller:
         if too_large:
             await self._split(chunk)
             return
-        now = asyncio.get_running_loop().time()
-        for job in chunk:
-            if not self._tracks(job):
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # Gateway times are unix seconds; loop time is not: this maps one onto the other.
+        unix_to_loop = now - time.time()
+        for tracked in chunk:
+            if not self._tracks(tracked):
                 continue  # cancelled, or past its deadline, while the call was out
             if reading is None:
-                self._schedule(job, now + self._policy.min_interval)
+                self._schedule(tracked, now + self._policy.min_interval)
                 continue
             try:
-                self._dispatch(job, reading, now)
+                self._dispatch(tracked, reading, now, unix_to_loop)
             except Exception as exc:  # contained per entry: this job fails, the rest go on
                 logger.exception("handling the batch entry of one job failed")
-                if self._tracks(job):
+                if self._tracks(tracked):
                     self._end(
-                        job,
+                        tracked.job,
                         JobProtocolError(
                             f"its batch entry could not be handled: {type(exc).__name__}",
-                            job_key=job.key,
+                            job_key=tracked.job.key,
                         ),
                     )
+        if self._schedule_of.generation != self._generation:
+            self._generation = self._schedule_of.generation
+            self._pull_in_waiting(now)
 
-    async def _split(self, chunk: list[ImageJob]) -> None:
+    def _pull_in_waiting(self, now: float) -> None:
+        """The learned window widened: keys waiting for a later window start are due sooner."""
+        schedule = self._schedule_of
+        for tracked in self._jobs.values():
+            if tracked.due == math.inf:
+                continue  # in a call on the wire: its reply reschedules it
+            opens = schedule.watch_start(tracked)
+            if opens < tracked.due:
+                self._schedule(tracked, max(now, opens))
+        self._wakeup.set()
+
+    async def _split(self, chunk: list[_Tracked]) -> None:
         if len(chunk) == 1:
-            [job] = chunk
-            if self._tracks(job):
+            [tracked] = chunk
+            job = tracked.job
+            if self._tracks(tracked):
                 self._end(
                     job,
                     JobProtocolError(
@@ -433,13 +476,16 @@ class BatchPoller:
         """Every readable entry of a reply, one per key (reads all keys: for tests and tools)."""
         return self._read(data, None).entries
 
-    def _dispatch(self, job: ImageJob, reading: _Reading, now: float) -> None:
+    def _dispatch(
+        self, tracked: _Tracked, reading: _Reading, now: float, unix_to_loop: float
+    ) -> None:
         policy = self._policy
+        job = tracked.job
         entry = reading.entries.get(job.key)
         if entry is None:
-            since = job.last_seen if job.last_seen is not None else job.created_at
+            since = tracked.last_seen if tracked.last_seen is not None else tracked.created_at
             if now - since < policy.unknown_key_grace:
-                self._schedule(job, now + policy.min_interval)
+                self._schedule(tracked, now + policy.min_interval)
                 return
             why = reading.malformed.get(job.key)
             error: JobError
@@ -457,24 +503,36 @@ class BatchPoller:
                 )
             self._end(job, error)
             return
-        job.last_seen = now
-        job.record_report(entry)
+        tracked.last_seen = now
+        _jobs.record_report(job, entry)
         if entry.images and len(entry.images) > len(job.images):
-            job.add_images(_images(entry))
+            _jobs.add_images(job, _images(entry))
         status = entry.status
+        if status in _contract.TERMINAL_STATUSES:
+            ended_at = entry.complete_time
+            self._schedule_of.job_ended(
+                tracked,
+                now,
+                ended_at + unix_to_loop if isinstance(ended_at, int | float) else None,
+            )
         if status == _contract.STATUS_SUCCEEDED:
             self.forget(job)
             self.counters.succeeded += 1
-            job.succeed(status)
+            _jobs.succeed(job, status)
             self._remember_ended(job)
         elif status in _contract.FAILED_STATUSES:
             self._end(job, self._failure(job, entry))
         else:
             if status not in _KNOWN_RUNNING:
                 self._note_unknown_status(status, job.key)
-            age = now - job.created_at
             self._schedule(
-                job, now + policy.next_delay(expected_seconds=entry.expected_seconds, age=age)
+                tracked,
+                self._schedule_of.report(
+                    tracked,
+                    now,
+                    expected_seconds=entry.expected_seconds,
+                    queue_position=entry.queue_before_num,
+                ),
             )
 
     @staticmethod
@@ -511,12 +569,12 @@ class BatchPoller:
     def _end(self, job: ImageJob, error: JobError) -> None:
         self.forget(job)
         self.counters.failed += 1
-        job.fail(error)
+        _jobs.fail(job, error)
         self._remember_ended(job)
 
     def _remember_ended(self, job: ImageJob) -> None:
         ended = self._ended
-        ended[job.key] = (weakref.ref(job), job.ended_copy()) if job.holds_bulk() else job
+        ended[job.key] = (weakref.ref(job), _jobs.ended_copy(job)) if _jobs.holds_bulk(job) else job
         ended.move_to_end(job.key)
         if len(ended) > ENDED_JOBS_KEPT:
             ended.popitem(last=False)

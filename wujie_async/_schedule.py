@@ -197,8 +197,8 @@ class PollSchedule:
                     # Nothing learned yet: close in on the window in steps rather than trust
                     # one estimate for long. A placeholder is found out at the first step, and
                     # jobs that end early teach the window while the others still wait.
-                    check = now + max(2 * policy.min_interval, _CHECK_SHARE * (opens - now))
-                    return min(opens, check)
+                    step = max(2 * policy.min_interval, _CHECK_SHARE * (opens - now))
+                    return min(opens, now + min(step, policy.max_estimate_wait))
                 return min(opens, now + policy.max_estimate_wait)
             if now < closes:
                 return now + policy.min_interval

@@ -1,0 +1,118 @@
+"""Shared by the fleet tests: a real redis-server, unique fleet names, child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHILD = Path(__file__).resolve().parent / "fleet_child.py"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def fleet_name() -> str:
+    """A fresh fleet name: tests sharing the CI's redis never see each other's keys."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    process: asyncio.subprocess.Process | None
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+@contextlib.asynccontextmanager
+async def own_redis(
+    tmp_path: Path,
+    *,
+    appendonly: bool = False,
+    port: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> AsyncIterator[RedisServer]:
+    """A redis-server of our own (needed to configure or restart it); skips without one."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server here (.ci/run installs one)")
+    port = port or free_port()
+    process = await asyncio.create_subprocess_exec(
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+        "--dir", str(tmp_path), *extra, stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(200):
+            if await _listening(port):
+                break
+            assert process.returncode is None, f"redis-server exited ({process.returncode})"
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError(f"redis-server is not listening on port {port} after 5 s")
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def any_redis(tmp_path: Path) -> AsyncIterator[str]:
+    """The CI's redis (WUJIE_TEST_REDIS_URL), or a redis-server of our own."""
+    url = os.environ.get("WUJIE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    async with own_redis(tmp_path) as server:
+        yield server.url
+
+
+async def start_child(*args: str) -> asyncio.subprocess.Process:
+    """``tests/fleet_child.py`` with ``args``, its stdout piped (one JSON line per event)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(CHILD), *args, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def stop_child(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+    await proc.communicate()
+
+
+async def next_event(proc: asyncio.subprocess.Process, timeout: float = 30) -> dict[str, Any]:
+    """The child's next JSON line."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+    if not line:
+        assert proc.stderr is not None
+        error = await proc.stderr.read()
+        raise AssertionError(f"the child exited: {error.decode()[-2000:]}")
+    event: dict[str, Any] = json.loads(line)
+    return event

@@ -1,0 +1,131 @@
+"""RedisFleet: options, connection errors, deadlines, the durability check, import isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wujie_async import ClientStateError, InvalidRequestError
+from wujie_async.fleet import FleetUnavailableError, RedisFleet
+
+from .fleet_support import any_redis, fleet_name, free_port, own_redis
+
+pytestmark = pytest.mark.anyio
+
+
+def test_importing_the_package_does_not_import_redis() -> None:
+    code = "import wujie_async, sys; assert 'redis' not in sys.modules, 'redis was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"url": "http://localhost"}, "url"),
+        ({"name": "a{b}"}, "name"),
+        ({"name": ""}, "name"),
+        ({"member_timeout": 0}, "member_timeout"),
+        ({"lease_seconds": float("nan")}, "lease_seconds"),
+        ({"shards": 0}, "shards"),
+        ({"shards": True}, "shards"),
+    ],
+)
+def test_bad_options_fail_before_any_connection(kwargs: dict[str, object], field: str) -> None:
+    options: dict[str, object] = {"url": "redis://127.0.0.1:1/0", "name": "ok"} | kwargs
+    with pytest.raises(InvalidRequestError) as caught:
+        RedisFleet(**options)  # type: ignore[arg-type]
+    assert caught.value.field == field
+
+
+async def test_unreachable_redis_names_the_url_without_its_password() -> None:
+    port = free_port()  # nothing listens there
+    fleet = RedisFleet(f"redis://:s3cret@127.0.0.1:{port}/0", name="x", command_timeout=2)
+    with pytest.raises(FleetUnavailableError) as caught:
+        await fleet.start()
+    error = caught.value
+    assert f"127.0.0.1:{port}" in str(error) and error.url.endswith(f":{port}/0")
+    assert isinstance(error, ClientStateError)
+    chain: BaseException | None = error
+    while chain is not None:
+        assert "s3cret" not in str(chain) and "s3cret" not in repr(chain)
+        chain = chain.__cause__ or chain.__context__
+    assert "s3cret" not in repr(fleet)
+
+
+async def test_use_before_start_is_a_state_error() -> None:
+    fleet = RedisFleet("redis://127.0.0.1:1/0", name="x")
+    with pytest.raises(ClientStateError, match="not started"):
+        await fleet.limiter(10).acquire()
+
+
+async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> None:
+    async with own_redis(tmp_path) as server:
+        async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.3) as fleet:
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                started = asyncio.get_running_loop().time()
+                with pytest.raises(FleetUnavailableError, match=r"did not answer within 0\.3s"):
+                    await fleet.limiter(10).acquire()
+                assert asyncio.get_running_loop().time() - started < 1.0
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+
+
+async def test_aof_off_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with own_redis(tmp_path, appendonly=False) as server:
+        with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):
+            async with RedisFleet(server.url, name=fleet_name()) as fleet:
+                assert fleet.durability is not None
+                assert fleet.durability.appendonly is False
+    assert any("appendonly no" in r.getMessage() for r in caplog.records)
+
+
+async def test_aof_on_is_quiet(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with own_redis(tmp_path, appendonly=True) as server:
+        with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):
+            async with RedisFleet(server.url, name=fleet_name()) as fleet:
+                assert fleet.durability is not None
+                assert fleet.durability.appendonly is True
+                assert fleet.durability.appendfsync == "everysec"
+                assert fleet.durability.warning is None
+                assert fleet.durability.maxmemory_policy == "noeviction"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_disabled_config_command_falls_back_to_info(tmp_path: Path) -> None:
+    async with own_redis(
+        tmp_path, appendonly=True, extra=("--rename-command", "CONFIG", '""')
+    ) as server:
+        async with RedisFleet(server.url, name=fleet_name()) as fleet:
+            assert fleet.durability is not None
+            assert fleet.durability.appendonly is True  # read from INFO persistence
+            assert fleet.durability.appendfsync is None
+
+
+async def test_start_twice_and_close_twice(tmp_path: Path) -> None:
+    async with any_redis(tmp_path) as url:
+        fleet = RedisFleet(url, name=fleet_name())
+        await fleet.start()
+        with pytest.raises(ClientStateError, match="already started"):
+            await fleet.start()
+        await fleet.aclose()
+        await fleet.aclose()
+
+
+async def test_an_evicting_redis_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = ("--maxmemory-policy", "allkeys-lru")
+    async with own_redis(tmp_path, appendonly=True, extra=extra) as server:
+        with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):
+            async with RedisFleet(server.url, name=fleet_name()) as fleet:
+                assert fleet.durability is not None
+                assert fleet.durability.maxmemory_policy == "allkeys-lru"
+    assert any("evict journal rows" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,188 @@
+"""RedisJournal: the SQLite journal's protocol, owners, and claims of dead members' jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from wujie_async import ClientStateError
+from wujie_async.fleet import FleetUnavailableError, RedisFleet, RedisJournal
+
+from .fleet_support import any_redis, fleet_name, next_event, own_redis, start_child, stop_child
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def url(tmp_path: Path) -> AsyncIterator[str]:
+    async with any_redis(tmp_path) as redis_url:
+        yield redis_url
+
+
+@contextlib.asynccontextmanager
+async def opened(fleet: RedisFleet, member: str) -> AsyncIterator[RedisJournal]:
+    journal = fleet.journal(member)
+    await journal.open()
+    try:
+        yield journal
+    finally:
+        await journal.close()
+
+
+async def test_the_sqlite_journal_protocol(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        request = {"prompt": "a fox 🦊", "model": "dall-e-2"}
+        done = await journal.record_intent("/gen", request, tag="msg-1")
+        assert [e.state for e in await journal.entries("intent")] == ["intent"]
+        await journal.record_accepted(done, "KEY-DONE")
+        journal.record_outcome("KEY-DONE", "succeeded")
+        later = await journal.record_intent("/gen", request)
+        journal.record_accepted_later(later, "KEY-LATER")
+        refused = await journal.record_intent("/gen", request)
+        journal.record_unsent(refused, "rejected", "20010001 bad size")
+        lost = await journal.record_intent("/edit", request)
+        journal.record_unsent(lost, "uncertain", "reply lost")
+        never = await journal.record_intent("/gen", request)
+        journal.record_unsent(never, "unsent", "cancelled before sending")
+        await journal.flush()
+
+        every = await journal.entries()  # no states: every row, oldest first
+        assert [(e.id, e.state) for e in every] == [
+            (done, "succeeded"), (later, "accepted"), (refused, "rejected"),
+            (lost, "uncertain"), (never, "unsent"),
+        ]  # fmt: skip
+        first = every[0]
+        assert first.request == request and first.path == "/gen" and first.job_key == "KEY-DONE"
+        assert first.tag == "msg-1" and first.created > 0 and first.error is None
+        assert every[2].error == "20010001 bad size"
+        assert [e.job_key for e in await journal.entries("accepted")] == ["KEY-LATER"]
+        assert [e.id for e in await journal.find("msg-1")] == [done]
+        assert [e.id for e in await journal.entries("accepted", tag="msg-1")] == []
+        assert await journal.forget([done, refused, 999_999]) == 2
+        assert [e.id for e in await journal.entries()] == [later, lost, never]
+        assert await journal.find("msg-1") == []
+        with pytest.raises(ValueError, match="final state"):
+            journal.record_outcome("KEY-LATER", "accepted")
+
+
+async def test_members_only_change_their_own_rows(url: str) -> None:
+    async with (
+        RedisFleet(url, name=fleet_name()) as fleet,
+        opened(fleet, "owner") as mine,
+        opened(fleet, "stranger") as other,
+    ):
+        row = await mine.record_intent("/gen", {"prompt": "x"})
+        with pytest.raises(ClientStateError, match="not an intent of member stranger"):
+            await other.record_accepted(row, "K")
+        await mine.record_accepted(row, "K")
+        other.record_outcome("K", "failed", "not mine")
+        await other.flush()
+        [entry] = await mine.entries()
+        assert entry.state == "accepted"
+        assert [e.id for e in await mine.entries(owned_by="owner")] == [row]
+        assert await mine.entries(owned_by="stranger") == []
+
+
+async def test_claim_needs_a_live_claimer(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "ghost") as journal:
+        with pytest.raises(ClientStateError, match="not a live fleet member"):
+            await journal.claim_dead()
+
+
+@pytest.mark.slow
+async def test_two_claimers_split_dead_members_jobs_exactly_once(url: str) -> None:
+    """Four member processes journal jobs and are SIGKILLed; two claimers race for them."""
+    name, timeout = fleet_name(), 0.6
+    children = [await start_child("journal", url, name, str(timeout), "5") for _ in range(4)]
+    expected: dict[str, str] = {}  # job key -> dead member
+    try:
+        for child in children:
+            joined = await next_event(child)
+            expected |= dict.fromkeys(joined["keys"], joined["member"])
+    finally:
+        for child in children:
+            await stop_child(child)  # SIGKILL: no goodbye, heartbeats just stop
+
+    async with AsyncExitStack() as stack:
+        claimers = []
+        for _ in range(2):
+            fleet = await stack.enter_async_context(
+                RedisFleet(url, name=name, member_timeout=timeout)
+            )
+            member = await stack.enter_async_context(fleet.membership())
+            claimers.append(await stack.enter_async_context(opened(fleet, member.member_id)))
+        await asyncio.sleep(timeout + 0.2)
+
+        async def claim_repeatedly(journal: RedisJournal) -> tuple[list[str], list[str]]:
+            keys: list[str] = []
+            dead: list[str] = []
+            for _ in range(20):
+                claim = await journal.claim_dead(timeout)
+                keys += [e.job_key or "" for e in claim.entries]
+                dead += claim.dead_members
+            return keys, dead
+
+        (keys_a, dead_a), (keys_b, dead_b) = await asyncio.gather(
+            *(claim_repeatedly(journal) for journal in claimers)
+        )
+        assert not set(keys_a) & set(keys_b)  # never the same job twice
+        assert sorted(keys_a + keys_b) == sorted(expected)  # and every job once
+        assert sorted(dead_a + dead_b) == sorted(set(expected.values()))
+        # Their in-flight intents are uncertain now, never resent silently.
+        uncertain = await claimers[0].entries("uncertain")
+        assert len(uncertain) == 4 and all("died before" in (e.error or "") for e in uncertain)
+        # The claimers own the rows and can finish them; the dead are gone from the list.
+        owned = await claimers[0].entries("accepted", owned_by=claimers[0].member_id)
+        assert sorted(e.job_key or "" for e in owned) == sorted(keys_a)
+        for key in keys_a:
+            claimers[0].record_outcome(key, "succeeded")
+        await claimers[0].flush()
+        assert len(await claimers[1].entries("succeeded")) == len(keys_a)
+        assert (await claimers[1].claim_dead(timeout)).dead_members == []
+
+
+async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
+    async with own_redis(tmp_path, appendonly=True) as server:
+        fleet = RedisFleet(server.url, name=fleet_name(), command_timeout=0.5)
+        async with fleet, opened(fleet, "me") as journal:
+            row = await journal.record_intent("/gen", {"prompt": "kept"}, tag="t")
+            await journal.record_accepted(row, "KEPT")
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)  # Redis stops (and flushes its AOF)
+            await server.process.wait()
+            with pytest.raises(FleetUnavailableError):
+                await journal.entries()
+            async with own_redis(tmp_path, appendonly=True, port=server.port):
+                deadline = asyncio.get_running_loop().time() + 5
+                while True:  # the same pool reconnects once Redis is back
+                    try:
+                        [entry] = await journal.entries("accepted")
+                        break
+                    except FleetUnavailableError:
+                        assert asyncio.get_running_loop().time() < deadline
+                        await asyncio.sleep(0.05)
+                assert entry.job_key == "KEPT" and entry.tag == "t"
+
+
+async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: Path) -> None:
+    async with own_redis(tmp_path) as server:
+        async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.2) as fleet:
+            journal = fleet.journal("me")
+            await journal.open()
+            row = await journal.record_intent("/gen", {"prompt": "x"})
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(5):
+                    journal.record_unsent(row, "unsent", "cancelled")
+                started = asyncio.get_running_loop().time()
+                await journal.close()
+                assert asyncio.get_running_loop().time() - started < 0.6
+            finally:
+                server.process.send_signal(signal.SIGCONT)

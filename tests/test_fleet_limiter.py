@@ -1,0 +1,122 @@
+"""FleetLimiter: one rate for every member (connections and processes), fair, pausable."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import pytest
+
+from wujie_async import InvalidRequestError
+from wujie_async.fleet import FleetLimiter, RedisFleet
+
+from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
+
+pytestmark = pytest.mark.anyio
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most acquisitions in any 1-second window [t, t + 1)."""
+    times = sorted(times)
+    return max((bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)), default=0)
+
+
+@pytest.fixture
+async def url(tmp_path: Path) -> AsyncIterator[str]:
+    async with any_redis(tmp_path) as redis_url:
+        yield redis_url
+
+
+async def members(
+    stack: AsyncExitStack, url: str, name: str, count: int, rate: float
+) -> list[FleetLimiter]:
+    """``count`` members, each with its own fleet object and connection pool."""
+    limiters = []
+    for _ in range(count):
+        fleet = await stack.enter_async_context(RedisFleet(url, name=name))
+        limiters.append(fleet.limiter(rate))
+    return limiters
+
+
+async def hammer(limiter: FleetLimiter, until: float, callers: int = 3) -> list[float]:
+    """``callers`` concurrent tasks of one member acquiring until ``until``; the times."""
+    times: list[float] = []
+
+    async def caller() -> None:
+        while time.monotonic() < until:
+            await limiter.acquire()
+            times.append(time.monotonic())
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return times
+
+
+async def test_four_members_share_one_rate_fairly(url: str) -> None:
+    rate, seconds = 60.0, 1.8
+    async with AsyncExitStack() as stack:
+        limiters = await members(stack, url, fleet_name(), 4, rate)
+        until = time.monotonic() + seconds
+        per_member = await asyncio.gather(*(hammer(limiter, until) for limiter in limiters))
+    everything = [t for times in per_member for t in times]
+    assert busiest_second(everything) <= rate * 1.05
+    assert len(everything) >= rate * seconds * 0.9  # the rate is used, not just capped
+    shares = [len(times) / len(everything) for times in per_member]
+    assert all(0.15 <= share <= 0.35 for share in shares), shares
+
+
+@pytest.mark.slow
+async def test_four_member_processes_never_exceed_the_rate(url: str) -> None:
+    rate, seconds, name = 40.0, 1.8, fleet_name()
+    children = [await start_child("limiter", url, name, str(rate), str(seconds)) for _ in range(4)]
+    try:
+        for child in children:
+            assert (await next_event(child))["ready"]
+        start = f"{time.time() + 0.2}\n".encode()
+        outputs = await asyncio.wait_for(
+            asyncio.gather(*(c.communicate(start) for c in children)), 30
+        )
+    finally:
+        for child in children:
+            await stop_child(child)
+    per_process = [json.loads(out.decode().splitlines()[-1])["times"] for out, _ in outputs]
+    everything = [t for times in per_process for t in times]
+    assert busiest_second(everything) <= rate * 1.05
+    assert len(everything) >= rate * seconds * 0.9
+    counts = [len(times) for times in per_process]
+    assert all(0.15 <= count / len(everything) <= 0.35 for count in counts), counts  # fair
+
+
+async def test_a_pause_stops_every_member(url: str) -> None:
+    rate, pause = 50.0, 0.6
+    async with AsyncExitStack() as stack:
+        first, second = await members(stack, url, fleet_name(), 2, rate)
+        started = time.monotonic()
+        running = [
+            asyncio.create_task(hammer(m, started + 1.6, callers=2)) for m in (first, second)
+        ]
+        await asyncio.sleep(0.4)
+        paused_at = time.monotonic()
+        assert await first.pause(pause) == pytest.approx(pause)
+        assert await second.paused_for() > pause - 0.1  # the other member sees the pause
+        assert await second.pause(0.1) == pytest.approx(pause, abs=0.05)  # never shortened
+        times = sorted(t for per_member in await asyncio.gather(*running) for t in per_member)
+    # Slots reserved just before the pause may still go (at most the 50 ms horizon ahead).
+    during = [t for t in times if paused_at + 0.06 < t < paused_at + pause - 0.02]
+    assert during == []
+    assert any(t > paused_at + pause for t in times)  # and everyone resumes afterwards
+    assert any(t < paused_at for t in times)
+
+
+async def test_bad_rate_and_pause_are_typed_errors(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        with pytest.raises(InvalidRequestError) as caught:
+            fleet.limiter(0)
+        assert caught.value.field == "rate"
+        with pytest.raises(InvalidRequestError):
+            await fleet.limiter(1).pause(-1)
+        assert await fleet.limiter(1).pause(0) == 0.0

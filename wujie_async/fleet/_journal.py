@@ -1,0 +1,406 @@
+"""RedisJournal: the SQLite journal's protocol, kept in Redis so any member can take over.
+
+Same promises as ``wujie_async._journal.Journal``: an intent is written (and acknowledged by
+Redis) before the request is sent, the key before ``submit()`` returns, a lost reply is
+``uncertain``, never resent silently. Every write is one Lua script, so it is atomic and lands
+in Redis' AOF as one unit; how durable an acknowledged write is depends on ``appendfsync``
+(see ``RedisFleet.start``'s check).
+
+Rows carry an owner, the member that wrote them; a member only changes its own rows (a write
+for a row claimed by someone else is ignored). :meth:`RedisJournal.claim_dead`, in one atomic
+script, finds the members whose heartbeat is older than ``member_timeout``, makes the claimer
+the owner of their ``accepted`` rows, turns their ``intent`` rows into ``uncertain`` (they died
+mid-request), and removes them from the member list: two claimers can never get the same row.
+
+Layout, all under the fleet's hash tag (prefix ``{wujie:<name>}:journal:``): ``seq`` (row
+ids), ``row:<id>`` (a hash), ``state:<state>`` / ``tag:<tag>`` / ``owner:<member>`` (sorted
+sets of ids; ``owner:`` holds only open rows, intent and accepted) and ``key:<job key>``
+(the row id). Scripts build these names from the prefix; all share one slot, which Redis
+Cluster accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._errors import ClientStateError
+from .._journal import JournalEntry
+from ._errors import FleetUnavailableError
+
+if TYPE_CHECKING:
+    from ._fleet import RedisFleet
+
+logger = logging.getLogger("wujie_async.fleet")
+
+OPEN_STATES = ("intent", "accepted")
+FINAL_STATES = ("succeeded", "failed", "cancelled", "rejected", "uncertain", "unsent")
+ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
+_ERROR_CHARS = 2000
+
+# A row's move from one state to another, shared by the scripts below.
+_TRANSITION = """
+local function transition(p, id, from, to, job_key, err, now, owner)
+  local row = p .. 'row:' .. id
+  local cur = redis.call('HGET', row, 'state')
+  if cur ~= from then return 0 end
+  local row_owner = redis.call('HGET', row, 'owner')
+  if owner ~= '' and row_owner ~= owner then return 0 end
+  redis.call('ZREM', p .. 'state:' .. cur, id)
+  redis.call('ZADD', p .. 'state:' .. to, id, id)
+  redis.call('HSET', row, 'state', to, 'updated', now)
+  if job_key ~= '' then
+    redis.call('HSET', row, 'job_key', job_key)
+    redis.call('SET', p .. 'key:' .. job_key, id)
+  end
+  if err ~= '' then redis.call('HSET', row, 'error', err) end
+  if to ~= 'intent' and to ~= 'accepted' then
+    redis.call('ZREM', p .. 'owner:' .. row_owner, id)
+  end
+  return 1
+end
+"""
+
+# KEYS: seq. ARGV: prefix, owner, path, request, tag ('' = none), now. Reply: the row id.
+_INTENT = """
+local p = ARGV[1]
+local id = redis.call('INCR', KEYS[1])
+redis.call('HSET', p .. 'row:' .. id, 'path', ARGV[3], 'request', ARGV[4], 'state', 'intent',
+           'tag', ARGV[5], 'owner', ARGV[2], 'created', ARGV[6], 'updated', ARGV[6])
+redis.call('ZADD', p .. 'state:intent', id, id)
+redis.call('ZADD', p .. 'owner:' .. ARGV[2], id, id)
+if ARGV[5] ~= '' then redis.call('ZADD', p .. 'tag:' .. ARGV[5], id, id) end
+return id
+"""
+
+# KEYS: seq. ARGV: prefix, id ('' = look up job_key), from, to, job_key, error, now, owner.
+_MOVE = (
+    _TRANSITION
+    + """
+local p = ARGV[1]
+local id = ARGV[2]
+if id == '' then
+  id = redis.call('GET', p .. 'key:' .. ARGV[5])
+  if not id then return 0 end
+end
+return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+"""
+)
+
+# KEYS: seq, members, member-info. ARGV: prefix, claimer, timeout_ms, now.
+# Reply: {-1} when the claimer itself is not a live member, else {1, {dead...}, {claimed ids}}.
+_CLAIM_DEAD = (
+    _TRANSITION
+    + """
+local p, claimer, timeout, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local mine = redis.call('ZSCORE', KEYS[2], claimer)
+if not mine or now_ms - tonumber(mine) > timeout then return {-1} end
+local dead, claimed = {}, {}
+local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+for i = 1, #all, 2 do
+  local member = all[i]
+  if member ~= claimer and now_ms - tonumber(all[i + 1]) > timeout then
+    dead[#dead + 1] = member
+    local set = p .. 'owner:' .. member
+    for _, id in ipairs(redis.call('ZRANGE', set, 0, -1)) do
+      local row = p .. 'row:' .. id
+      local state = redis.call('HGET', row, 'state')
+      if state == 'accepted' then
+        redis.call('HSET', row, 'owner', claimer, 'updated', now)
+        redis.call('ZADD', p .. 'owner:' .. claimer, id, id)
+        claimed[#claimed + 1] = id
+      elseif state == 'intent' then
+        transition(p, id, 'intent', 'uncertain', '',
+                   'member ' .. member .. ' died before the gateway reply was recorded', now, '')
+      end
+    end
+    redis.call('DEL', set)
+    redis.call('ZREM', KEYS[2], member)
+    redis.call('HDEL', KEYS[3], member)
+  end
+end
+return {1, dead, claimed}
+"""
+)
+
+_Later = tuple[Any, ...] | asyncio.Future[None] | None
+_FIELDS = ("path", "request", "state", "job_key", "tag", "error", "created", "owner")
+
+# KEYS: seq. ARGV: prefix, tag ('' = any), owner ('' = any), state1, state2, ...
+# Reply: {id1, fields1..., id2, ...} (len(_FIELDS) + 1 items per row), ids ascending.
+_ENTRIES = """
+local p, tag, owner = ARGV[1], ARGV[2], ARGV[3]
+local wanted, ids = {}, {}
+for i = 4, #ARGV do wanted[ARGV[i]] = true end
+if tag ~= '' then
+  ids = redis.call('ZRANGE', p .. 'tag:' .. tag, 0, -1)
+else
+  for state, _ in pairs(wanted) do
+    for _, id in ipairs(redis.call('ZRANGE', p .. 'state:' .. state, 0, -1)) do
+      ids[#ids + 1] = id
+    end
+  end
+end
+table.sort(ids, function(a, b) return tonumber(a) < tonumber(b) end)
+local reply = {}
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', p .. 'row:' .. id,
+    'path', 'request', 'state', 'job_key', 'tag', 'error', 'created', 'owner')
+  if f[3] and wanted[f[3]] and (owner == '' or f[8] == owner) then
+    reply[#reply + 1] = id
+    for j = 1, 8 do reply[#reply + 1] = f[j] or '' end
+  end
+end
+return reply
+"""
+
+# KEYS: seq. ARGV: prefix, id1, id2, ... Reply: how many rows were deleted.
+_FORGET = """
+local p, n = ARGV[1], 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local row = p .. 'row:' .. id
+  local f = redis.call('HMGET', row, 'state', 'job_key', 'tag', 'owner')
+  if f[1] then
+    redis.call('ZREM', p .. 'state:' .. f[1], id)
+    if f[2] and f[2] ~= '' then redis.call('DEL', p .. 'key:' .. f[2]) end
+    if f[3] and f[3] ~= '' then redis.call('ZREM', p .. 'tag:' .. f[3], id) end
+    if f[4] then redis.call('ZREM', p .. 'owner:' .. f[4], id) end
+    redis.call('DEL', row)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What :meth:`RedisJournal.claim_dead` took over.
+
+    Attributes:
+        dead_members: the members found dead (now removed from the member list); their report
+            streams may still hold reports for the claimed keys.
+        entries: their ``accepted`` rows, now owned by the claimer, oldest first.
+    """
+
+    dead_members: list[str]
+    entries: list[JournalEntry]
+
+
+class RedisJournal:
+    """The fleet's journal, as written by one member. Open with :meth:`open`."""
+
+    def __init__(self, fleet: RedisFleet, member_id: str) -> None:
+        self._fleet = fleet
+        self.member_id = member_id
+        self._prefix = fleet.keys.journal_prefix
+        self._seq = self._prefix + "seq"
+        self._intent = fleet.script(_INTENT)
+        self._move = fleet.script(_MOVE)
+        self._claim = fleet.script(_CLAIM_DEAD)
+        self._entries = fleet.script(_ENTRIES)
+        self._forget = fleet.script(_FORGET)
+        # Writes that are not awaited go through one queue, in order (accepted before outcome).
+        self._later: asyncio.Queue[_Later] | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisJournal({self._fleet.config.name!r}, member={self.member_id!r})"
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Start the writer of not-awaited records."""
+        self._later = asyncio.Queue()
+        self._writer = asyncio.create_task(
+            self._write_later(self._later), name="wujie fleet journal"
+        )
+
+    async def close(self) -> None:
+        """Write what is queued, then stop; gives up after two command deadlines.
+
+        What is given up stays in its earlier state: an intent becomes ``uncertain`` when the
+        member's jobs are claimed, the safe reading.
+        """
+        queue, writer = self._later, self._writer
+        self._later = self._writer = None
+        if queue is None or writer is None:
+            return
+        queue.put_nowait(None)
+        try:
+            async with asyncio.timeout(2 * self._fleet.config.command_timeout):
+                await writer
+        except TimeoutError:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            logger.warning("fleet journal: %d records not written at close", queue.qsize())
+
+    async def _write_later(self, queue: asyncio.Queue[_Later]) -> None:
+        while (args := await queue.get()) is not None:
+            if isinstance(args, asyncio.Future):  # a flush() barrier
+                if not args.done():
+                    args.set_result(None)
+                continue
+            try:
+                await self._move((self._seq,), args)
+            except FleetUnavailableError as exc:
+                # The row keeps its earlier state; an intent becomes uncertain on claim, the
+                # safe reading. An outcome that is lost only means one more poll.
+                logger.warning("fleet journal: a record was not written: %s", exc)
+
+    def _queue(self, args: tuple[Any, ...]) -> None:
+        if self._later is None:
+            raise ClientStateError(f"{self!r} is not open")
+        self._later.put_nowait(args)
+
+    # --- records (the SQLite journal's protocol) ------------------------------------------------
+    async def record_intent(
+        self, path: str, request: dict[str, Any], tag: str | None = None
+    ) -> int:
+        """Write a submit's request before it is sent; returns its row id."""
+        body = json.dumps(request, ensure_ascii=False)
+        row_id = await self._intent(
+            (self._seq,), (self._prefix, self.member_id, path, body, tag or "", time.time())
+        )
+        return int(row_id)
+
+    async def record_accepted(self, row_id: int, key: str) -> None:
+        """Write the key the gateway gave (before ``submit()`` returns).
+
+        Raises:
+            ClientStateError: the row is not this member's open intent (claimed meanwhile).
+        """
+        moved = await self._move((self._seq,), self._accepted(row_id, key))
+        if int(moved) != 1:
+            raise ClientStateError(
+                f"journal row {row_id} is not an intent of member {self.member_id} any more "
+                f"(claimed by another member?); key {key} was not recorded"
+            )
+
+    def record_accepted_later(self, row_id: int, key: str) -> None:
+        """The same, not awaited: for a submit interrupted after its key came back."""
+        self._queue(self._accepted(row_id, key))
+
+    def _accepted(self, row_id: int, key: str) -> tuple[Any, ...]:
+        return (self._prefix, row_id, "intent", "accepted", key, "", time.time(), self.member_id)
+
+    def record_unsent(self, row_id: int, state: str, error: str) -> None:
+        """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
+        if state not in ("rejected", "uncertain", "unsent"):
+            raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
+        self._queue(
+            (
+                self._prefix,
+                row_id,
+                "intent",
+                state,
+                "",
+                error[:_ERROR_CHARS],
+                time.time(),
+                self.member_id,
+            )
+        )
+
+    def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
+        """Note how a job ended (queued, not awaited: the key is already safe)."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"record_outcome: {state!r} is not a final state")
+        self._queue(
+            (self._prefix, "", "accepted", state, key, (error or "")[:_ERROR_CHARS], time.time(),
+             self.member_id)
+        )  # fmt: skip
+
+    async def flush(self) -> None:
+        """Wait until every not-awaited record queued so far is written (or given up)."""
+        if self._later is None:
+            return
+        reached: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._later.put_nowait(reached)
+        await reached
+
+    # --- reads ---------------------------------------------------------------------------------
+    async def entries(
+        self, *states: str, tag: str | None = None, owned_by: str | None = None
+    ) -> list[JournalEntry]:
+        """Rows in the given states (every state when none), with ``tag`` and owner if given.
+
+        The whole fleet's rows, oldest first: a member that took over a queue message finds
+        the dead member's submit by its tag.
+        """
+        wanted = states or ALL_STATES
+        reply = await self._entries(
+            (self._seq,), (self._prefix, tag or "", owned_by or "", *wanted)
+        )
+        return _rows(reply)
+
+    async def find(self, tag: str) -> list[JournalEntry]:
+        """Every row with ``tag`` (a queue message id, say), oldest first."""
+        return await self.entries(tag=tag)
+
+    async def forget(self, ids: Iterable[int]) -> int:
+        """Delete rows; returns how many existed."""
+        args = [str(int(i)) for i in ids]
+        if not args:
+            return 0
+        return int(await self._forget((self._seq,), (self._prefix, *args)))
+
+    # --- takeover ------------------------------------------------------------------------------
+    async def claim_dead(self, member_timeout: float | None = None) -> Claim:
+        """Take over the accepted rows of members silent for more than ``member_timeout``.
+
+        Atomic: every dead member's row goes to exactly one claimer. Their intents become
+        ``uncertain``. The claimer must itself be a live member (registered, heartbeating).
+
+        Args:
+            member_timeout: seconds without a heartbeat that make a member dead (default: the
+                fleet's ``member_timeout``).
+
+        Raises:
+            ClientStateError: this member is not a live member of the fleet.
+        """
+        timeout = self._fleet.config.member_timeout if member_timeout is None else member_timeout
+        keys = self._fleet.keys
+        reply = await self._claim(
+            (self._seq, keys.members, keys.member_info),
+            (self._prefix, self.member_id, round(timeout * 1000), time.time()),
+        )
+        if int(reply[0]) != 1:
+            raise ClientStateError(
+                f"member {self.member_id} is not a live fleet member: it cannot claim jobs"
+            )
+        dead, claimed = list(reply[1]), {int(i) for i in reply[2]}
+        entries = []
+        if claimed:
+            entries = [e for e in await self.entries("accepted", owned_by=self.member_id)
+                       if e.id in claimed]  # fmt: skip
+        return Claim(dead_members=dead, entries=entries)
+
+
+def _rows(reply: list[Any]) -> list[JournalEntry]:
+    width = len(_FIELDS) + 1
+    rows = []
+    for i in range(0, len(reply), width):
+        row_id, path, request, state, job_key, tag, error, created, _owner = reply[i : i + width]
+        with contextlib.suppress(ValueError):
+            rows.append(
+                JournalEntry(
+                    id=int(row_id),
+                    path=path,
+                    request=json.loads(request),
+                    state=state,
+                    job_key=job_key or None,
+                    tag=tag or None,
+                    error=error or None,
+                    created=float(created),
+                )
+            )
+    return rows

@@ -1,0 +1,127 @@
+"""FleetLimiter: one submit rate for every member of a fleet (GCRA in one Lua script).
+
+The limiter keeps GCRA's *theoretical arrival time* (TAT) in Redis, in Redis server time, so
+members on machines with different clocks agree. One script call per acquisition, atomically:
+
+- while the fleet is paused (a 429 with Retry-After seen by any member) it answers "wait for
+  the rest of the pause", and the caller sleeps that long and asks again;
+- otherwise it reserves the next slot (TAT += 1/rate) and answers "your slot is in ``w``": the
+  caller sleeps ``w`` and goes. Nobody spins and nobody retries while the fleet is not paused.
+
+Slots are handed out one period apart, so no window of one second holds more than ``rate + 1``
+slots. Fairness: Redis serves reservations in arrival order, and each member holds at most
+one reservation at a time (its callers queue on a local FIFO lock held until the slot comes),
+so saturated members take turns. A reservation more than ``horizon`` (50 ms) ahead checks the
+pause once more when its slot comes, so a pause reaches every member within 50 ms; a slot
+given up that way is simply unused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from typing import TYPE_CHECKING
+
+from .._errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from ._fleet import RedisFleet
+
+# KEYS: tat, pause. ARGV: period_us. Reply: {1, wait_us until the slot} or {0, pause left_us}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local pause = redis.call('PTTL', KEYS[2])
+if pause > 0 then return {0, pause * 1000} end
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local next_tat = tat + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%d', next_tat),
+           'PX', math.floor((next_tat - now) / 1000) + 1000)
+return {1, tat - now}
+"""
+
+# KEYS: pause. ARGV: ms. A pause is only ever lengthened. Reply: the pause now in force (ms).
+_PAUSE = """
+local ms = tonumber(ARGV[1])
+local left = redis.call('PTTL', KEYS[1])
+if left < ms then
+  redis.call('SET', KEYS[1], '1', 'PX', ms)
+  return ms
+end
+return left
+"""
+
+_HORIZON = 0.05  # a reservation further ahead than this checks for a pause before it goes
+
+
+class FleetLimiter:
+    """Paces acquisitions across the whole fleet at ``rate`` per second.
+
+    Every member should use the same rate; each call carries the caller's rate.
+
+    Args:
+        fleet: the started fleet.
+        rate: acquisitions per second, fleet-wide.
+    """
+
+    def __init__(self, fleet: RedisFleet, rate: float) -> None:
+        if not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
+            raise InvalidRequestError([("rate", "must be a positive finite number per second")])
+        self._fleet = fleet
+        self._rate = float(rate)
+        self._acquire = fleet.script(_ACQUIRE)
+        self._pause = fleet.script(_PAUSE)
+        self._turn = asyncio.Lock()  # FIFO: one caller of this member at Redis at a time
+        self.acquired = 0  # how many slots this member has taken (for stats)
+
+    @property
+    def rate(self) -> float:
+        """Acquisitions per second, fleet-wide."""
+        return self._rate
+
+    async def acquire(self) -> None:
+        """Return when this caller's fleet-wide slot has come.
+
+        One Redis call; a second one only after a wait longer than 50 ms (the pause check).
+
+        Raises:
+            FleetUnavailableError: Redis is unreachable or missed its deadline.
+        """
+        period = 1.0 / self._rate
+        keys = (self._fleet.keys.rate_tat, self._fleet.keys.rate_pause)
+        async with self._turn:
+            while True:
+                granted, wait_us = await self._acquire(keys, (round(period * 1e6),))
+                wait = int(wait_us) / 1e6
+                if not granted:  # paused; a little jitter so members do not return as a herd
+                    await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))
+                    continue
+                # Still holding the turn: one reservation per member at a time (fairness).
+                await asyncio.sleep(wait)
+                if wait <= _HORIZON or await self.paused_for() == 0:
+                    break
+            self.acquired += 1
+
+    async def pause(self, seconds: float) -> float:
+        """Stop every member's acquisitions for ``seconds`` (e.g. a 429's Retry-After).
+
+        A pause is only lengthened, never shortened, by another call.
+
+        Returns:
+            The pause now in force, in seconds.
+        """
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+            raise InvalidRequestError([("seconds", "must be a finite number >= 0")])
+        ms = math.ceil(seconds * 1000)
+        if ms == 0:
+            return 0.0
+        left = await self._pause((self._fleet.keys.rate_pause,), (ms,))
+        return int(left) / 1000
+
+    async def paused_for(self) -> float:
+        """Seconds left of the fleet-wide pause (0.0 when none)."""
+        key = self._fleet.keys.rate_pause
+        left = await self._fleet.call(lambda r: r.pttl(key))
+        return max(0, int(left)) / 1000
