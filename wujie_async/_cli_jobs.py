@@ -100,7 +100,7 @@ async def show_status(args: argparse.Namespace) -> int:
         unknown = 0
         for job in jobs:
             print(describe(job))  # noqa: T201 - the status lines are this command's output
-            unknown += job.last_seen is None and not job.done()
+            unknown += not _reported(job)
     return EXIT_FAILED if unknown else EXIT_OK
 
 
@@ -120,16 +120,21 @@ async def _first_reports(client: WujieClient, jobs: list[ImageJob]) -> None:
     polled_before = client.stats.keys_polled
     deadline = time.monotonic() + STATUS_WAIT_S
     while time.monotonic() < deadline:
-        if all(job.done() or job.last_seen is not None for job in jobs):
+        if all(_reported(job) for job in jobs):
             return
         if client.stats.keys_polled - polled_before >= 2 * len(jobs) + 1:
             return
         await asyncio.sleep(0.02)  # reads in-memory job state only; the poller does the asking
 
 
+def _reported(job: ImageJob) -> bool:
+    """Has the gateway listed this key (or has the job ended) since it was attached?"""
+    return job.status is not None or job.done()
+
+
 def describe(job: ImageJob) -> str:
     """One status line: key, state, progress, images, or why it ended."""
-    if job.last_seen is None and not job.done():
+    if not _reported(job):
         return f"{job.key}  not found (the gateway does not list this key)"
     parts = [job.key, job.status_name, f"{job.progress:.0f}%"]
     if job.images:
