@@ -171,7 +171,7 @@ async def test_status_minus_one_ends_a_job_without_a_result(emulator: EmulatorFa
             assert entry["expected_seconds"] == 0.0
             assert entry["integral_cost"] == 0  # nothing delivered, nothing charged
         stats = emu.stats()
-        assert stats["jobs_by_state"]["ended_without_result"] == 3
+        assert stats["jobs_by_state"]["ended_without_a_result"] == 3
         assert all(t["first_listed_done"] is not None for t in stats["timelines"].values())
 
 

@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import _contract, _rules
 from .._auth import verify_signature
+from .._contract import JobStatus
 from . import _png
 from ._state import (
-    TERMINAL_STATUSES,
     EmulatedJob,
     EmulatorConfig,
     FaultConfig,
@@ -362,17 +362,17 @@ class Gateway:
     def _entry(
         self, job: EmulatedJob, now: float, origin: str, faults: FaultConfig
     ) -> dict[str, Any]:
-        status = job.status_at(now)
-        if status in TERMINAL_STATUSES:
+        status: int = job.status_at(now)
+        if status in _contract.TERMINAL_STATUSES:
             if job.first_listed_done is None:
                 job.first_listed_done = now
         elif faults.unknown_status and self.rng.random() < faults.unknown_status:
             self.stats.faults["unknown_status"] += 1
             status = 2
         fail: dict[str, Any] | None = None
-        if job.outcome == _contract.STATUS_FAILED and status == _contract.STATUS_FAILED:
+        if job.outcome == JobStatus.FAILED and status == JobStatus.FAILED:
             fail = {"fail_code": _JOB_FAIL_CODE, "fail_message": "generation failed upstream"}
-        elif status == _contract.STATUS_MODERATION_REJECTED:
+        elif status == JobStatus.MODERATION_REJECTED:
             fail = {
                 "fail_code": int(_contract.CODE_SENSITIVE_PROMPT),
                 "fail_message": "prompt contains sensitive words",
@@ -403,7 +403,7 @@ class Gateway:
         """The platform's optional progress fields, each only once it is known."""
         if now < job.started_at:
             entry["queue_before_num"] = self.store.queue_before(job, now)
-        elif job.outcome != _contract.STATUS_MODERATION_REJECTED:
+        elif job.outcome != JobStatus.MODERATION_REJECTED:
             entry["start_gen_time"] = round(job.started_at, 3)
         if now >= job.ends_at:
             entry["complete_time"] = round(job.ends_at, 3)

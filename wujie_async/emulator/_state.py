@@ -11,9 +11,10 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from .. import _contract, _rules
+from .._contract import JobStatus
 
 # Typical durations in seconds at time_scale 1, per model: (queue wait, one image). They shape
 # the sampled truth AND the estimate sent as expected_seconds, as a real gateway's estimate
@@ -29,10 +30,6 @@ _SHAPE = 4.0
 # Points charged per image once a job succeeds (integral_cost); the emulator's own figures.
 POINTS_PER_IMAGE: dict[str, int] = {"gpt-image-1": 8, "dall-e-2": 2, "dall-e-3": 6}
 _UNKNOWN_MODEL_POINTS = 5
-# API.md: status -1 is "ended without a result", a terminal failure. _contract gains the
-# constant (STATUS_ENDED_WITHOUT_RESULT) in the poller's branch; the literal lives here until then.
-STATUS_ENDED_WITHOUT_RESULT: Final = -1
-TERMINAL_STATUSES: Final = _contract.TERMINAL_STATUSES | {STATUS_ENDED_WITHOUT_RESULT}
 # Share of a job_seconds-model job spent queued before generation starts.
 _QUEUE_SHARE = (0.05, 0.25)
 
@@ -154,30 +151,30 @@ class EmulatedJob:
     created_at: float
     started_at: float
     image_done_at: list[float]
-    outcome: int  # the terminal status it will reach: -1, 3, 4 or 5
+    outcome: JobStatus  # the terminal status it will reach: -1, 3, 4 or 5
     ends_at: float
     estimate_total: float | None  # seconds from creation to the end; None: not given
     absent_until: float
     estimate_constant: float | None = None  # a placeholder sent instead of any countdown
     first_listed_done: float | None = None
 
-    def status_at(self, now: float) -> int:
+    def status_at(self, now: float) -> JobStatus:
         """The status the gateway reports at ``now``."""
         if now >= self.ends_at:
             return self.outcome
         if now >= self.started_at:
-            return _contract.STATUS_GENERATING
-        return _contract.STATUS_QUEUED
+            return JobStatus.GENERATING
+        return JobStatus.QUEUED
 
     def images_done_at(self, now: float) -> int:
         """How many images exist at ``now`` (none for a job that does not succeed)."""
-        if self.outcome != _contract.STATUS_SUCCEEDED:
+        if self.outcome != JobStatus.SUCCEEDED:
             return 0
         return sum(1 for done in self.image_done_at if done <= now)
 
     def percent_at(self, now: float) -> float:
         """True progress: share of the generation time elapsed."""
-        if now >= self.ends_at and self.outcome == _contract.STATUS_SUCCEEDED:
+        if now >= self.ends_at and self.outcome == JobStatus.SUCCEEDED:
             return 100.0
         if now <= self.started_at:
             return 0.0
@@ -196,7 +193,7 @@ class EmulatedJob:
 
     def cost(self) -> int:
         """Points charged once the job has ended: only images delivered are paid for."""
-        if self.outcome != _contract.STATUS_SUCCEEDED:
+        if self.outcome != JobStatus.SUCCEEDED:
             return 0
         return self.n * POINTS_PER_IMAGE.get(self.model, _UNKNOWN_MODEL_POINTS)
 
@@ -242,15 +239,15 @@ class JobStore:
             typical_total = (queue_typ + n * image_typ) * scale
         prompt = str(body.get("prompt", ""))
         if any(word.lower() in prompt.lower() for word in faults.moderation_words):
-            outcome, ends = _contract.STATUS_MODERATION_REJECTED, started
+            outcome, ends = JobStatus.MODERATION_REJECTED, started
         elif faults.fail_jobs and rng.random() < faults.fail_jobs:
-            outcome = _contract.STATUS_FAILED
+            outcome = JobStatus.FAILED
             ends = started + (done_at[-1] - started) * rng.uniform(0.1, 0.9)
         elif faults.end_without_result and rng.random() < faults.end_without_result:
-            outcome = STATUS_ENDED_WITHOUT_RESULT
+            outcome = JobStatus.ENDED_WITHOUT_RESULT
             ends = started + (done_at[-1] - started) * rng.uniform(0.1, 0.9)
         else:
-            outcome, ends = _contract.STATUS_SUCCEEDED, done_at[-1]
+            outcome, ends = JobStatus.SUCCEEDED, done_at[-1]
         absent = faults.absent_jobs and rng.random() < faults.absent_jobs
         basis = ends - now if config.estimate_basis == "actual" else typical_total
         estimate: float | None = basis * faults.estimate_bias
@@ -298,14 +295,10 @@ class JobStore:
         )
 
     def counts_by_state(self, now: float) -> dict[str, int]:
-        """How many jobs are in each state at ``now``."""
-        names = {
-            _contract.STATUS_QUEUED: "queued",
-            _contract.STATUS_GENERATING: "generating",
-            _contract.STATUS_FAILED: "failed",
-            _contract.STATUS_SUCCEEDED: "succeeded",
-            _contract.STATUS_MODERATION_REJECTED: "rejected",
-            STATUS_ENDED_WITHOUT_RESULT: "ended_without_result",
-        }
-        counts = Counter(names[job.status_at(now)] for job in self.jobs.values())
-        return {name: counts.get(name, 0) for name in names.values()}
+        """How many jobs are in each state at ``now`` (keyed by the status's label)."""
+        counts = Counter(job.status_at(now) for job in self.jobs.values())
+        return {_state_name(status): counts.get(status, 0) for status in JobStatus}
+
+
+def _state_name(status: JobStatus) -> str:
+    return status.label.replace(" ", "_")
