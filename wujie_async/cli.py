@@ -80,7 +80,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--emulator-time-scale",
         type=float,
         default=DEMO_TIME_SCALE,
-        help=f"latency scale of the embedded emulator (default {DEMO_TIME_SCALE})",
+        help=f"latency scale of the embedded emulator (default {DEMO_TIME_SCALE}); the "
+        "client's poll waits scale with it (never below 0.02 s)",
     )
     group.add_argument(
         "--emulator-fault",
