@@ -177,7 +177,9 @@ async def run_per_key(gateway: Gateway, count: int) -> dict[str, Any]:
 async def run_memory(gateway: Gateway, count: int) -> dict[str, Any]:
     """Bytes per pending job: allocations still held once ``count`` jobs are submitted."""
     requests = requests_for(count + 1)
-    poll = PollPolicy(first_poll_delay=3600, min_interval=3600, max_interval=3600)
+    poll = PollPolicy(
+        first_poll_delay=3600, min_interval=3600, max_interval=3600, max_estimate_wait=3600
+    )
     limits = Limits(max_concurrent_submits=CONCURRENCY)
     jobs: list[ImageJob] = []
     async with WujieClient(
