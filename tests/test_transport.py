@@ -215,7 +215,9 @@ async def test_polls_ride_out_server_trouble(emulator: EmulatorFactory) -> None:
             assert (await job.result(timeout=30)).status == 4
         faults_seen = emu.stats()["faults"]
         assert faults_seen.get("http_5xx", 0) + faults_seen.get("html_reply", 0) > 0
-        assert client.stats.retries >= sum(faults_seen.values())
+        # Every fault was retried, except the last of a call that ran out of tries (rare).
+        stats = client.stats
+        assert stats.retries + stats.batch_errors >= sum(faults_seen.values())
 
 
 def test_rate_limited_error_carries_retry_after() -> None:
