@@ -27,7 +27,9 @@ import run  # the sibling module: python puts this script's folder first on sys.
 
 from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
 
-NO_POLLING = PollPolicy(first_poll_delay=3600, min_interval=3600, max_interval=3600)
+NO_POLLING = PollPolicy(
+    first_poll_delay=3600, min_interval=3600, max_interval=3600, max_estimate_wait=3600
+)
 POLLING = PollPolicy(min_interval=run.INTERVAL, first_poll_delay=run.INTERVAL)
 
 

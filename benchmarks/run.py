@@ -16,7 +16,13 @@ Scenarios (see README, "Performance"):
  4. Event-loop lag of a 10 ms ticker while 10,000 jobs are in flight.
  5. Memory per pending job with 100,000 jobs pending.
  6. Scaling: the figures at N = 1k, 10k, 100k.
- 7. The same on uvloop, when it is installed.
+ 7. The same on uvloop, when it is installed (--uvloop).
+ 8. Issue 12, jobs of real length (time_scale 1.0), see real_durations.py: burst, trickle
+    (and a single job awaited alone), bad estimates, 3% random 429s, loop lag at 100k pending.
+
+Pick scenarios with --only (e.g. --only burst,trickle); --quick runs small versions of them
+(200 jobs of 2-6 s, ...) so a change can be checked in about a minute. Only a full run writes
+latest.*; other runs write only-<scenarios>.* unless --name says otherwise.
 """
 
 from __future__ import annotations
@@ -29,120 +35,49 @@ import gc
 import json
 import os
 import platform
-import sys
-import tempfile
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import real_durations
+from common import (  # the sibling module: python puts this script's folder on sys.path
+    CONCURRENCY,
+    GENERATIONS,
+    INFO,
+    INTERVAL,
+    RESULTS,
+    Gateway,
+    LagTicker,
+    calls_between,
+    emulator,
+    percentile,
+    requests_for,
+    run_floor,
+    submit_all,
+)
 
 import wujie_async
-from wujie_async import Credentials, ImageJob, Limits, PollPolicy, WujieClient
+from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
 
-RESULTS = Path(__file__).resolve().parent / "results"
-INTERVAL = 0.5  # the poll interval both pollers use (replicate-python's)
-CONCURRENCY = 32  # submits on the wire at once, for ours and for the floor alike
-GENERATIONS = "/ai/wj/images/generations"
-INFO = "/ai/wj/images/info"
-
-
-# --- the emulator, in its own process ------------------------------------------------------------
-@dataclass
-class Gateway:
-    base_url: str
-    credentials: Credentials
-
-    @property
-    def origin(self) -> str:
-        return self.base_url.removesuffix("/wj-open/v1")
-
-    async def stats(self) -> dict[str, Any]:
-        async with aiohttp.ClientSession() as http, http.get(f"{self.origin}/_emulator/stats") as r:
-            return await r.json()  # type: ignore[no-any-return]
-
-
-@contextlib.asynccontextmanager
-async def emulator(time_scale: float, seed: int) -> AsyncIterator[Gateway]:
-    with tempfile.TemporaryDirectory() as folder:
-        creds_path = Path(folder) / "creds.json"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wujie_async.emulator", "--port", "0", "--time-scale",
-            str(time_scale), "--seed", str(seed), "--credentials-out", str(creds_path),
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            await asyncio.wait_for(proc.stdout.readline(), 30)
-            creds = json.loads(creds_path.read_text())
-            yield Gateway(creds["base_url"], Credentials(creds["app_id"], creds["private_key"]))
-        finally:
-            proc.terminate()
-            await proc.wait()
-
-
-def requests_for(count: int) -> list[dict[str, Any]]:
-    """A realistic mix: mostly single images, some sets of 2-4, all three models."""
-    mix = []
-    for index in range(count):
-        model = ("gpt-image-1", "dall-e-2", "dall-e-3")[index % 3]
-        n = 1 if model == "dall-e-3" or index % 4 else 1 + index % 3
-        mix.append({"prompt": f"benchmark prompt {index}", "model": model, "n": n})
-    return mix
-
-
-def percentile(values: list[float], share: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
-
-
-class LagTicker:
-    """Measures how late a 10 ms ticker fires: the event loop's responsiveness."""
-
-    def __init__(self, period: float = 0.01) -> None:
-        self.period = period
-        self.lags: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            planned = loop.time() + self.period
-            await asyncio.sleep(self.period)
-            self.lags.append(max(0.0, loop.time() - planned))
-
-    def __enter__(self) -> LagTicker:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
+__all__ = [  # what cpu_profile.py uses from here
+    "CONCURRENCY",
+    "GENERATIONS",
+    "INFO",
+    "INTERVAL",
+    "RESULTS",
+    "Gateway",
+    "emulator",
+    "percentile",
+    "requests_for",
+    "run_floor",
+    "submit_all",
+]
 
 
 # --- scenario: ours ------------------------------------------------------------------------------
-async def submit_all(
-    submit: Callable[[dict[str, Any]], Awaitable[Any]], requests: list[dict[str, Any]]
-) -> None:
-    """Send ``requests`` through CONCURRENCY workers sharing one iterator, as the CLI does.
-
-    A gather() over N coroutines would instead start N tasks in one loop iteration: a burst
-    that measures the caller's choice, not the client (and that every caller can avoid).
-    """
-    pending = iter(requests)
-
-    async def worker() -> None:
-        while (request := next(pending, None)) is not None:
-            await submit(request)
-
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-
-
 async def run_ours(gateway: Gateway, count: int, *, lag: bool = False) -> dict[str, Any]:
     requests = requests_for(count)
     resolved_at: dict[str, float] = {}
@@ -173,7 +108,7 @@ async def run_ours(gateway: Gateway, count: int, *, lag: bool = False) -> dict[s
         stats = client.stats
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     after = await gateway.stats()
-    calls = _calls(before, after)
+    calls = calls_between(before, after)
     timelines = after["timelines"]
     latencies = [resolved_at[key] - timelines[key]["done"] for key in resolved_at]
     return {
@@ -191,11 +126,6 @@ async def run_ours(gateway: Gateway, count: int, *, lag: bool = False) -> dict[s
         "loop_lag_p99_ms": percentile(ticker.lags, 0.99) * 1e3 if lag else None,
         "loop_lag_max_ms": max(ticker.lags) * 1e3 if lag and ticker.lags else None,
     }
-
-
-def _calls(before: dict[str, Any], after: dict[str, Any]) -> int:
-    endpoints = ("generations", "edits", "info")
-    return sum(after["requests"].get(e, 0) - before["requests"].get(e, 0) for e in endpoints)
 
 
 # --- scenario: the per-key baseline --------------------------------------------------------------
@@ -229,7 +159,7 @@ async def run_per_key(gateway: Gateway, count: int) -> dict[str, Any]:
         await asyncio.gather(*(one(r) for r in requests))
     cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
     after = await gateway.stats()
-    calls = _calls(before, after)
+    calls = calls_between(before, after)
     latencies = [resolved[key] - after["timelines"][key]["done"] for key in resolved]
     return {
         "jobs": count,
@@ -243,30 +173,13 @@ async def run_per_key(gateway: Gateway, count: int) -> dict[str, Any]:
     }
 
 
-# --- scenario: the floor -------------------------------------------------------------------------
-async def run_floor(gateway: Gateway, count: int) -> dict[str, Any]:
-    """Plain aiohttp POSTs of the same submit bodies, one per job, same workers."""
-    requests = requests_for(count)
-    header = gateway.credentials.header_at(int(time.time()))
-    headers = {"Authorization": header, "Content-Type": "application/json"}
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-
-        async def post(request: dict[str, Any]) -> None:
-            url = gateway.base_url + GENERATIONS
-            async with http.post(url, json=request, headers=headers) as reply:
-                json.loads(await reply.read())
-
-        await submit_all(post, requests)
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    return {"jobs": count, "cpu_per_job_us": cpu / count * 1e6, "requests_per_s": count / wall}
-
-
 # --- scenario: memory ----------------------------------------------------------------------------
 async def run_memory(gateway: Gateway, count: int) -> dict[str, Any]:
     """Bytes per pending job: allocations still held once ``count`` jobs are submitted."""
     requests = requests_for(count + 1)
-    poll = PollPolicy(first_poll_delay=3600, min_interval=3600, max_interval=3600)
+    poll = PollPolicy(
+        first_poll_delay=3600, min_interval=3600, max_interval=3600, max_estimate_wait=3600
+    )
     limits = Limits(max_concurrent_submits=CONCURRENCY)
     jobs: list[ImageJob] = []
     async with WujieClient(
@@ -306,24 +219,38 @@ def _round(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-async def main_async(sizes: list[int], memory_jobs: int, time_scale: float) -> dict[str, Any]:
+async def main_async(args: argparse.Namespace, only: list[str]) -> dict[str, Any]:
+    sizes: list[int] = args.sizes
+    time_scale: float = args.time_scale
     runs: dict[str, Any] = {"ours": {}, "per_key": {}, "floor": {}, "memory": {}}
-    for count in sizes:
-        print(f"N = {count}", flush=True)
-        runs["floor"][count] = await scenario(
-            "floor", time_scale, functools.partial(run_floor, count=count)
-        )
-        runs["ours"][count] = await scenario(
-            "ours", time_scale, functools.partial(run_ours, count=count, lag=True)
-        )
-        if count <= 10_000:  # 100k per-key pollers would only measure the emulator
-            runs["per_key"][count] = await scenario(
-                "per-key baseline", time_scale, functools.partial(run_per_key, count=count)
+    if "scaling" in only:
+        for count in sizes:
+            print(f"N = {count}", flush=True)
+            runs["floor"][count] = await scenario(
+                "floor", time_scale, functools.partial(run_floor, count=count)
             )
-    runs["memory"][memory_jobs] = await scenario(
-        f"memory at {memory_jobs} pending", 1.0, functools.partial(run_memory, count=memory_jobs)
-    )
-    return runs
+            runs["ours"][count] = await scenario(
+                "ours", time_scale, functools.partial(run_ours, count=count, lag=True)
+            )
+            if count <= 10_000:  # 100k per-key pollers would only measure the emulator
+                runs["per_key"][count] = await scenario(
+                    "per-key baseline", time_scale, functools.partial(run_per_key, count=count)
+                )
+    if "memory" in only:
+        memory_jobs: int = args.memory_jobs
+        runs["memory"][memory_jobs] = await scenario(
+            f"memory at {memory_jobs} pending",
+            1.0,
+            functools.partial(run_memory, count=memory_jobs),
+        )
+    blocks: dict[str, Any] = {}
+    cache: dict[str, Any] = {}  # figures one issue-12 scenario may reuse from another
+    real_sizes = real_durations.QUICK if args.quick else real_durations.FULL
+    for name, work in real_durations.SCENARIOS.items():
+        if name in only:
+            print(f"{name} (jobs of real length, time_scale 1.0, unless said)", flush=True)
+            blocks[name] = await work(real_sizes, cache)
+    return {"runs": runs, "blocks": blocks}
 
 
 def machine() -> dict[str, Any]:
@@ -478,43 +405,91 @@ def plot(runs: dict[str, Any], path: Path) -> bool:
     return True
 
 
+SCENARIO_NAMES = ("scaling", "memory", *real_durations.SCENARIOS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="1000,10000,100000", help="N values, comma-separated")
-    parser.add_argument("--memory-jobs", type=int, default=100_000)
+    parser.add_argument("--sizes", default=None, help="N values, comma-separated")
+    parser.add_argument("--memory-jobs", type=int, default=None)
     parser.add_argument(
         "--time-scale", type=float, default=0.1,
-        help="emulator latency scale (0.1: a one-image gpt-image-1 job takes ~1.8 s)",
+        help="emulator latency scale of the scaling runs (0.1: a one-image gpt-image-1 job "
+        "takes ~1.8 s); the issue-12 scenarios run at 1.0",
+    )  # fmt: skip
+    parser.add_argument(
+        "--only", default=",".join(SCENARIO_NAMES),
+        help=f"scenarios to run, comma-separated, among {','.join(SCENARIO_NAMES)}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true",
+        help="small versions to iterate with in about a minute (200 jobs of 2-6 s, ...)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--name", default=None,
+        help="results file name (default: latest for a full run, else only-<scenarios>)",
     )  # fmt: skip
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop (if installed)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(only) - set(SCENARIO_NAMES))
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose among {list(SCENARIO_NAMES)}")
+    default_sizes = "1000" if args.quick else "1000,10000,100000"
+    args.sizes = [int(s) for s in (args.sizes or default_sizes).split(",")]
+    if args.memory_jobs is None:
+        args.memory_jobs = 10_000 if args.quick else 100_000
+    full = set(only) == set(SCENARIO_NAMES) and not args.quick
+    name = args.name or ("latest" if full else "only-" + "-".join(only))
     if args.uvloop:
         import uvloop  # type: ignore[import-not-found, unused-ignore]
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    runs = asyncio.run(main_async(sizes, args.memory_jobs, args.time_scale))
-    headline = 10_000 if 10_000 in runs["per_key"] else max(runs["per_key"])
-    summary = summarize(runs, headline)
+        name += "-uvloop" if args.name is None else ""
+    measured = asyncio.run(main_async(args, only))
+    runs, blocks = measured["runs"], measured["blocks"]
+    summary: dict[str, Any] = {}
+    table = ""
+    if runs["per_key"] and runs["memory"]:
+        headline = 10_000 if 10_000 in runs["per_key"] else max(runs["per_key"])
+        summary = summarize(runs, headline)
     summary["machine"] = machine()
     summary["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     summary["time_scale"] = args.time_scale
-    summary["targets_met"] = verdicts(summary)
+    summary["quick"] = args.quick
+    summary["scenarios"] = only
+    if "jobs" in summary:
+        summary["targets_met"] = verdicts(summary)
+        table = markdown(summary, runs, summary["targets_met"])
     summary["runs"] = {k: {str(n): r for n, r in v.items()} for k, v in runs.items()}
-    summary["scaling_cpu_per_job_us"] = {
-        str(n): runs["ours"][n]["cpu_per_job_us"] for n in sorted(runs["ours"])
-    }
+    if runs["ours"]:
+        summary["scaling_cpu_per_job_us"] = {
+            str(n): runs["ours"][n]["cpu_per_job_us"] for n in sorted(runs["ours"])
+        }
+    summary.update(blocks)
+    met = real_durations.verdicts(blocks)
+    summary["targets_met_issue12"] = met
+    if blocks:
+        table += ("\n" if table else _machine_line(summary) + "\n\n") + real_durations.markdown(
+            blocks, met
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-uvloop" if args.uvloop else ""
-    (args.out / f"latest{suffix}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = markdown(summary, runs, summary["targets_met"])
-    (args.out / f"latest{suffix}.md").write_text(table)
-    plotted = plot(runs, args.out / f"latest{suffix}.png")
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(table)
+    plotted = runs["ours"] and plot(runs, args.out / f"{name}.png")
     print(table)
-    print("plot written" if plotted else "matplotlib not installed: no plot")
+    print(f"written: {args.out / name}.json/.md" + (" and .png" if plotted else ""))
+
+
+def _machine_line(summary: dict[str, Any]) -> str:
+    m = summary["machine"]
+    return (
+        f"Machine: {m['cores']} cores, {m['cpu_model']}, Python {m['python']}, aiohttp "
+        f"{m['aiohttp']}, {m['loop']} loop; {summary['timestamp']}."
+    )
 
 
 if __name__ == "__main__":

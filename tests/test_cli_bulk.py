@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -231,3 +235,40 @@ async def test_input_errors_before_anything_is_sent(tmp_path: Path) -> None:
     bad_csv.write_text("prompt,weight\nx,3\n")
     code, _, err = await cli("bulk", str(bad_csv), "--emulator")
     assert code == 2 and "weight: unknown column" in err
+
+
+async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path, "--slow-reply", "1.0", "--slow-reply-s", "2") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(4)
+            )
+        )
+        out = tmp_path / "out"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", "bulk", str(rows), "-o", str(out), "--json",
+            env=emu.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not (await emu.stats())["faults"].get("slow_reply"):  # the first submit is out
+            assert time.monotonic() < deadline and proc.returncode is None
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # stop gently: would wait for the submit's reply
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGINT)  # quit now
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
+        err = stderr.decode()
+        assert proc.returncode == 130, err
+        assert "interrupted at once: 1 line(s)" in err and "line 1 (id r0)" in err
+        assert "journal list --status uncertain" in err
+        assert "CancelledError" not in err and "cancel scope" not in err and "Traceback" not in err
+        summary = json.loads(stdout)
+        assert summary["outcomes"]["uncertain"] == 1 and summary["outcomes"]["not_sent"] == 3
+        assert final_outcomes(out) == {1: "uncertain", 2: "not_sent", 3: "not_sent", 4: "not_sent"}
+
+        code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert code == 0 and "id r0" in listing and "1 row(s)" in listing
+        assert "interrupted while the submit was under way" in listing
+        assert "CancelledError" not in listing and "cancel scope" not in listing

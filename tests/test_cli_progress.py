@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import ipaddress
 import json
+import os
+import signal
+import socket
+import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from wujie_async.emulator._png import render_png
 
 from .cli_helpers import CLEAN_ENV, FAST, cli, manifest
+from .helpers import png_size
 
 pytestmark = pytest.mark.anyio
 
@@ -22,17 +31,40 @@ pytestmark = pytest.mark.anyio
 HOSTILE_FAIL_MESSAGE = "[/nope] [bold]x \x1b]0;PWNED-TITLE\x07\x1b[2J\x1b[31mred\x9b"
 
 
+def inline_png(size: int) -> str:
+    return base64.b64encode(render_png("K", 0, size, size)).decode()
+
+
 @asynccontextmanager
-async def hostile_jobs_gateway() -> AsyncIterator[str]:
-    """Submits get key = prompt; the batch reply does what the prompt says. Yields base URL."""
+async def hostile_jobs_gateway(
+    files_host: str = "127.0.0.1", finished: set[str] | None = None
+) -> AsyncIterator[str]:
+    """Submits get key = prompt; the batch reply does what the prompt says. Yields base URL.
+
+    Image URLs point at ``files_host`` (the same server, also listening there). The job
+    ``partial`` has one of its two images until the test adds it to ``finished``.
+    """
+    finished = finished if finished is not None else set()
     origin = ""
+    files_origin = ""
 
     async def submit(request: web.Request) -> web.Response:
         body = await request.json()
         return web.json_response({"code": "200", "message": "ok", "data": {"key": body["prompt"]}})
 
     def entry(key: str) -> dict[str, object]:
-        image = {"url": f"{origin}/files/{key}.png"}
+        image = {"url": f"{files_origin}/files/{key}.png"}
+        if key == "partial":
+            if key in finished:
+                second = {"url": f"{files_origin}/files/{key}1.png"}
+                return {"key": key, "status": 4, "images": [image, second]}
+            return {"key": key, "status": 2, "complete_percent": 50, "images": [image]}
+        if key == "inline":  # b64_json only: bare base64, and a data URL
+            inline = [
+                {"b64_json": inline_png(8)},
+                {"b64_json": "data:image/png;base64," + inline_png(9)},
+            ]
+            return {"key": key, "status": 4, "images": inline}
         if key == "short":  # asked for n=2, gives one image
             return {"key": key, "status": 4, "images": [image]}
         if key == "badurl":
@@ -43,7 +75,8 @@ async def hostile_jobs_gateway() -> AsyncIterator[str]:
                 "status": 3,
                 "fail_message": {"fail_code": 7, "fail_message": HOSTILE_FAIL_MESSAGE},
             }
-        return {"key": key, "status": 4, "images": [image, {"url": f"{origin}/files/{key}1.png"}]}
+        second = {"url": f"{files_origin}/files/{key}1.png"}
+        return {"key": key, "status": 4, "images": [image, second]}
 
     async def info(request: web.Request) -> web.Response:
         sent = await request.json()
@@ -60,18 +93,19 @@ async def hostile_jobs_gateway() -> AsyncIterator[str]:
     app.router.add_get("/files/{name}", file)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    files_origin = origin
+    if files_host != "127.0.0.1":
+        await web.TCPSite(runner, files_host, 0).start()
+        files_origin = f"http://{files_host}:{runner.addresses[1][1]}"
     try:
         yield f"{origin}/wj-open/v1"
     finally:
         await runner.cleanup()
 
 
-async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
-    tmp_path: Path,
-) -> None:
+def pem_file(tmp_path: Path) -> Path:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = tmp_path / "key.pem"
     pem.write_bytes(
@@ -81,6 +115,84 @@ async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
             serialization.NoEncryption(),
         )
     )
+    return pem
+
+
+def gateway_flags(tmp_path: Path, base_url: str) -> tuple[str, ...]:
+    return (
+        "--app-id",
+        "app",
+        "--private-key-file",
+        str(pem_file(tmp_path)),
+        "--base-url",
+        base_url,
+    )
+
+
+async def test_b64_json_images_are_saved_like_url_images(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("inline\nfine\n")
+    out = tmp_path / "out"
+    async with hostile_jobs_gateway() as base_url:
+        code, stdout, err = await cli(
+            "bulk", str(rows), "--model", "dall-e-2", "-n", "2", "-o", str(out), "--json",
+            *gateway_flags(tmp_path, base_url),
+        )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(stdout)["outcomes"]["saved"] == 2
+    inline = sorted(
+        (r for r in manifest(out) if r["key"] == "inline"), key=lambda record: record["index"]
+    )
+    assert [r["path"] for r in inline] == ["inline-0.png", "inline-1.png"]
+    assert [png_size((out / r["path"]).read_bytes()) for r in inline] == [(8, 8), (9, 9)]
+    assert (out / "inline-0.png").stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def private_address() -> str | None:
+    """An address of this machine that is neither loopback nor public, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # UDP: nothing is sent
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    ip = ipaddress.ip_address(address)
+    return None if ip.is_loopback or ip.is_global else address
+
+
+async def test_image_urls_on_private_addresses_need_the_flag(tmp_path: Path) -> None:
+    host = private_address()
+    if host is None:
+        pytest.skip("this machine has no private (non-loopback, non-public) address")
+    rows = tmp_path / "rows.txt"
+    rows.write_text("fine\n")
+    out = tmp_path / "out"
+    async with hostile_jobs_gateway(files_host=host) as base_url:
+        flags = (*gateway_flags(tmp_path, base_url), "--allow-http", "-o", str(out), "--json")
+        bulk = ("bulk", str(rows), "--model", "dall-e-2", "-n", "2", *flags)
+        code, stdout, err = await cli(*bulk)
+        assert code == 1, err
+        (failed,) = [r for r in manifest(out) if r["status"] == "failed"]
+        assert failed["error_code"] == "download"
+        assert "--allow-private-addresses" in failed["error"] and "allow_private" not in err
+
+        # The job itself succeeded: the re-run with the flag fetches its images, sends nothing.
+        code, stdout, err = await cli(*bulk, "--allow-private-addresses")
+        assert code == 0, err
+        assert json.loads(stdout)["outcomes"]["saved"] == 1
+        assert sorted(p.name for p in out.glob("*.png")) == ["fine-0.png", "fine-1.png"]
+
+
+async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
+    tmp_path: Path,
+) -> None:
+    pem = pem_file(tmp_path)
     rows = tmp_path / "rows.txt"
     rows.write_text("short\nbadurl\nmarkup\nfine\n")
     out = tmp_path / "out"
@@ -152,3 +264,38 @@ async def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
     assert code == 1
     assert err.strip().splitlines() == [err.strip().splitlines()[0]]
     assert "failed 2" in err
+
+
+async def test_a_partly_saved_job_resumes_without_duplicate_manifest_lines(tmp_path: Path) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("partial\nfine\n")
+    out = tmp_path / "out"
+    finished: set[str] = set()
+    async with hostile_jobs_gateway(finished=finished) as base_url:
+        bulk = (
+            "bulk", str(rows), "--model", "dall-e-2", "-n", "2", "-o", str(out),
+            *gateway_flags(tmp_path, base_url),
+        )  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", *bulk, env=CLEAN_ENV,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not any(r.get("key") == "partial" for r in manifest(out)):
+            assert time.monotonic() < deadline and proc.returncode is None
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 130, err.decode()
+        assert {(r["key"], r["index"]) for r in manifest(out) if r["key"] == "partial"} == {
+            ("partial", 0)
+        }
+
+        finished.add("partial")
+        code, _, err_text = await cli(*bulk)
+        assert code == 0, err_text
+    saved = [(r["key"], r["index"]) for r in manifest(out) if r["status"] == "saved"]
+    assert sorted(saved) == [("fine", 0), ("fine", 1), ("partial", 0), ("partial", 1)]
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "fine-0.png", "fine-1.png", "partial-0.png", "partial-1.png"
+    ]  # fmt: skip

@@ -174,7 +174,7 @@ async def test_each_rule_is_enforced_with_20010001_naming_the_field(
 
 
 async def test_valid_requests_per_model_are_accepted(emulator: EmulatorFactory) -> None:
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {
             "model": "gpt-image-1",
             "n": 10,
@@ -315,7 +315,7 @@ async def test_keys_of_another_app_are_not_listed(emulator: EmulatorFactory) -> 
 
 # --- faults ---------------------------------------------------------------------------------------
 async def _many_infos(emu: Emulator, count: int) -> list[Any]:
-    out = []
+    out: list[Any] = []
     header = header_for(emu)
     for _ in range(count):
         try:
@@ -538,6 +538,8 @@ def _non_default(name: str, value: Any) -> Any:
         return frozenset({"info"})
     if isinstance(value, tuple):
         return ("forbidden", "nope")
+    if value is None:  # an optional number, off by default
+        return 12.5
     raise AssertionError(f"FaultConfig.{name}: a field of a type the command line cannot set")
 
 

@@ -49,7 +49,8 @@ async def main() -> None:
     client = WujieClient(Credentials("a", key), base_url="http://127.0.0.1:9", journal=sys.argv[1])
     async with client:
         print("open", flush=True)
-        await asyncio.sleep(float(sys.argv[2]))
+        # Hold the journal until told (a line on stdin) or for argv[2] seconds at most.
+        await asyncio.wait_for(asyncio.to_thread(sys.stdin.readline), float(sys.argv[2]))
 
 asyncio.run(main())
 """
@@ -59,6 +60,7 @@ def _holder(journal: Path, seconds: float = 60) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(journal), str(seconds)],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -78,7 +80,7 @@ async def test_a_journal_has_one_writer_across_processes(
 ) -> None:
     """Issue 9 item 2: a second process on the same journal fails fast, naming the first."""
     journal = tmp_path / "jobs.sqlite"
-    first = _holder(journal, seconds=1.5 if stop == "exit" else 60)
+    first = _holder(journal)
     try:
         await _wait_open(first)
         async with emulator() as emu:
@@ -102,7 +104,12 @@ async def test_a_journal_has_one_writer_across_processes(
 
             if stop == "kill":
                 first.send_signal(signal.SIGKILL)
+            else:  # a clean exit: it closes its client
+                assert first.stdin is not None
+                first.stdin.write("\n")
+                first.stdin.flush()
             await asyncio.to_thread(first.wait, 30)
+            assert stop == "kill" or first.returncode == 0, first.stderr
             # The lock went with its holder, however it ended.
             async with make_client(emu, journal=journal) as again:
                 assert await again.journal_entries() == []

@@ -1,81 +1,233 @@
+"""The pacer and the 429 brake on a fake clock and a fake sleep: no real waiting."""
+
 from __future__ import annotations
+
+import asyncio
+import time
 
 import pytest
 
 from wujie_async._ratelimit import AdaptiveLimiter, Pacer
 
-pytestmark = pytest.mark.anyio
 
+class FakeTime:
+    """A clock that moves only when told, and a sleep that ends when the clock passes it."""
 
-class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
 
     def __call__(self) -> float:
         return self.now
 
+    async def sleep(self, delay: float) -> None:
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers.append((self.now + delay, wake))
+        await wake
 
-async def test_no_limit_until_a_429_then_cut_to_what_got_through() -> None:
-    clock = FakeClock()
-    brake = AdaptiveLimiter(clock=clock)
-    sent = []
-    for _ in range(100):  # 100 successes in the last second
-        sent.append(await brake.acquire())
-        brake.succeeded()
+    async def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [entry for entry in self._sleepers if entry[0] <= self.now + 1e-9]
+        for entry in due:
+            self._sleepers.remove(entry)
+            if not entry[1].done():
+                entry[1].set_result(None)
+        await settle()
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def traffic(
+    brake: AdaptiveLimiter, clock: FakeTime, *, seconds: float, per_second: float, share: float
+) -> None:
+    """Replies at ``per_second`` for ``seconds``, a ``share`` of them 429s, spread evenly."""
+    owed = 0.0
+    for _ in range(round(seconds * per_second)):
+        owed += share
+        if owed >= 1.0:
+            owed -= 1.0
+            brake.rate_limited(clock.now)
+        else:
+            brake.succeeded()
+        clock.now += 1.0 / per_second
+
+
+def braked(clock: FakeTime) -> AdaptiveLimiter:
+    """A brake that cut once: 100 successes in a second, then 429s only until the cut."""
+    brake = AdaptiveLimiter(clock=clock, sleep=clock.sleep)
+    traffic(brake, clock, seconds=1.0, per_second=100, share=0.0)
+    while brake.rate is None:
+        brake.rate_limited(clock.now)
         clock.now += 0.01
+    return brake
+
+
+@pytest.mark.anyio
+async def test_an_isolated_429_does_not_lower_the_rate() -> None:
+    clock = FakeTime()
+    brake = AdaptiveLimiter(clock=clock, sleep=clock.sleep)
+    traffic(brake, clock, seconds=2.0, per_second=100, share=0.0)
+    brake.rate_limited(await brake.acquire())  # one 429: its own Retry-After handles it
     assert brake.rate is None
-    brake.rate_limited(sent[-1])
+    # Nor with a limit in force: one 429 amid successes leaves the rate alone.
+    brake = braked(clock)
+    traffic(brake, clock, seconds=1.0, per_second=50, share=0.0)
+    before = brake.rate
+    brake.rate_limited(clock.now)
+    assert brake.rate == before
+
+
+@pytest.mark.anyio
+async def test_sparse_random_429s_never_brake() -> None:
+    clock = FakeTime()
+    brake = AdaptiveLimiter(clock=clock, sleep=clock.sleep)
+    traffic(brake, clock, seconds=30.0, per_second=300, share=0.03)  # the issue's 3%
+    assert brake.rate is None
+    traffic(brake, clock, seconds=30.0, per_second=20, share=0.03)  # and at a low rate
+    assert brake.rate is None
+
+
+@pytest.mark.anyio
+async def test_a_sustained_429_share_cuts_to_what_got_through() -> None:
+    clock = FakeTime()
+    brake = AdaptiveLimiter(clock=clock, sleep=clock.sleep)
+    traffic(brake, clock, seconds=1.0, per_second=100, share=0.0)
+    traffic(brake, clock, seconds=0.1, per_second=100, share=0.3)
+    assert brake.rate is None  # three 429s so far: not yet evidence
+    for _ in range(100):  # 0.1 s steps until the share is sustained enough to cut
+        traffic(brake, clock, seconds=0.1, per_second=100, share=0.3)
+        if brake.rate is not None:
+            break
+    # 100 then 70 successes per second got through; the cut is to 0.8 of what the window saw.
+    assert brake.rate is not None and 56 <= brake.rate <= 80
     first_cut = brake.rate
-    assert first_cut == pytest.approx(80)
-    brake.rate_limited(sent[-2])  # sent before the cut: the same burst
-    assert brake.rate == first_cut
-    clock.now += 0.5
-    brake.rate_limited(await brake.acquire())  # sent after the cut: cut again
+    traffic(brake, clock, seconds=1.0, per_second=100, share=0.3)  # still 30%: cut again
     assert brake.rate is not None and brake.rate < first_cut
 
 
+def test_a_burst_let_through_at_once_is_not_taken_for_the_rate() -> None:
+    clock = FakeTime()
+    brake = AdaptiveLimiter(clock=clock, sleep=clock.sleep)
+    traffic(brake, clock, seconds=0.1, per_second=1000, share=0.0)  # a bucket's 100 at once
+    for _ in range(20):
+        brake.rate_limited(clock.now)
+        clock.now += 0.001
+    assert brake.rate is not None and brake.rate <= 100  # not 1000/s
+
+
+@pytest.mark.anyio
+async def test_429s_of_requests_sent_before_a_cut_do_not_cut_again() -> None:
+    clock = FakeTime()
+    brake = braked(clock)
+    first_cut = brake.rate
+    for back in range(1, 50):
+        brake.rate_limited(clock.now - back * 0.001)  # in flight when the cut came
+    assert brake.rate == first_cut
+
+
+@pytest.mark.anyio
 async def test_no_evidence_no_brake() -> None:
-    clock = FakeClock()
-    brake = AdaptiveLimiter(clock=clock)
+    clock = FakeTime()
+    brake = AdaptiveLimiter(clock=clock, sleep=clock.sleep)
     for _ in range(4):
         brake.succeeded()
-    brake.rate_limited(await brake.acquire())  # a 429 storm at start-up: nothing to go on
+    for _ in range(50):  # a 429 storm at start-up: nothing to estimate a rate from
+        brake.rate_limited(await brake.acquire())
+        clock.now += 0.01
     assert brake.rate is None
 
 
-async def test_consecutive_429s_stop_at_the_floor() -> None:
-    clock = FakeClock()
-    brake = AdaptiveLimiter(clock=clock)
-    for _ in range(100):
-        brake.succeeded()
+@pytest.mark.anyio
+async def test_sustained_429s_stop_at_the_floor() -> None:
+    clock = FakeTime()
+    brake = braked(clock)
+    assert brake.rate is not None
+    floor = brake.rate / 0.8 / 10  # a tenth of the first estimate
+    for _ in range(1000):
         clock.now += 0.01
-    for _ in range(50):
-        clock.now += 0.001
-        brake.rate_limited(clock.now)  # each sent after the previous cut
-    assert brake.rate is not None and 9 <= brake.rate <= 10  # a tenth of the first estimate
+        brake.rate_limited(clock.now)
+    assert brake.rate == pytest.approx(floor)
 
 
+@pytest.mark.anyio
 async def test_recovers_additively_then_lifts_the_limit() -> None:
-    clock = FakeClock()
-    brake = AdaptiveLimiter(clock=clock)
-    for _ in range(100):
-        brake.succeeded()
-        clock.now += 0.01
-    brake.rate_limited(await brake.acquire())  # ceiling 200, ramp 20/s, from 80
-    assert brake.rate == pytest.approx(80)
+    clock = FakeTime()
+    brake = braked(clock)  # first estimate ~89/s: rate ~71, ceiling ~178, ramp ~18/s
     successes = 0
     while brake.rate is not None:
         brake.succeeded()
         successes += 1
         assert successes < 10_000
-    # From 80 to 200 at +20/s is ~6 s of traffic: about sum(rate) successes.
-    assert 500 < successes < 1500
+    # From ~71 to ~178 at +18/s is ~6 s of traffic: about sum(rate) successes.
+    assert 400 < successes < 1500
 
 
+@pytest.mark.anyio
 async def test_pacer_spaces_callers_in_order() -> None:
-    clock = FakeClock()
-    pacer = Pacer(1000.0, clock=clock)
-    await pacer.wait()
-    assert pacer._next_slot == pytest.approx(clock.now + 0.001)
-    pacer.rate = 10
-    assert pacer.rate == pytest.approx(10)
+    clock = FakeTime()
+    pacer = Pacer(10.0, clock=clock, sleep=clock.sleep)
+    done: list[tuple[int, float]] = []
+
+    async def caller(index: int) -> None:
+        await pacer.wait()
+        done.append((index, clock.now))
+
+    tasks = [asyncio.create_task(caller(i)) for i in range(4)]
+    await settle()
+    assert done == [(0, 1000.0)]
+    for _ in range(3):
+        await clock.advance(0.1)
+    assert [index for index, _ in done] == list(range(4))
+    assert [at for _, at in done] == pytest.approx([1000.0 + i * 0.1 for i in range(4)])
+    await asyncio.gather(*tasks)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_gives_back_its_slot() -> None:
+    clock = FakeTime()
+    pacer = Pacer(10.0, clock=clock, sleep=clock.sleep)
+    await pacer.wait()  # takes the slot at 1000.0; the next is at 1000.1
+    head = asyncio.create_task(pacer.wait())  # sleeps until 1000.1
+    middle = asyncio.create_task(pacer.wait())
+    last = asyncio.create_task(pacer.wait())
+    await settle()
+    head.cancel()
+    await settle()
+    await clock.advance(0.1)
+    assert middle.done() and not last.done()  # the cancelled caller's slot went to the next
+    behind = asyncio.create_task(pacer.wait())
+    await settle()
+    behind.cancel()  # cancelled behind another: leaves without taking a slot either
+    await settle()
+    await clock.advance(0.1)
+    assert last.done()
+    assert head.cancelled()
+    await clock.advance(0.1)
+    waited = asyncio.create_task(pacer.wait())
+    await settle()
+    assert waited.done()  # nobody is owed a slot: no gap left behind by the cancelled ones
+
+
+def test_the_default_clock_is_the_event_loops() -> None:
+    class ShiftedLoop(asyncio.SelectorEventLoop):
+        """A loop whose clock is far from time.monotonic, as uvloop's may be."""
+
+        def time(self) -> float:
+            return super().time() + 1e6
+
+    async def two_slots(pacer: Pacer) -> float:
+        await pacer.wait()
+        started = time.monotonic()
+        await pacer.wait()
+        return time.monotonic() - started
+
+    loop = ShiftedLoop()
+    try:
+        sent_at = loop.run_until_complete(AdaptiveLimiter().acquire())
+        assert sent_at > time.monotonic() + 1e5
+        assert 0.005 < loop.run_until_complete(two_slots(Pacer(100.0))) < 0.5
+    finally:
+        loop.close()

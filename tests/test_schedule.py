@@ -85,8 +85,11 @@ def test_noisy_estimates_widen_the_window_and_say_so() -> None:
     low_before, _ = schedule.window("m")
     for _ in range(40):
         factor = rng.uniform(0.5, 1.5)
-        # A biased estimate of the whole job: it predicts an end at end * factor.
-        follow(schedule, rng.uniform(10, 30), lambda end, now, f=factor: end * f - now)
+
+        def biased(end: float, now: float, f: float = factor) -> float | None:
+            return end * f - now  # a biased estimate of the whole job: it ends at end * f
+
+        follow(schedule, rng.uniform(10, 30), biased)
     low_after, high_after = schedule.window("m")
     assert low_after < low_before - 0.1
     assert high_after > 0.1

@@ -33,7 +33,7 @@ from wujie_async import (
 )
 from wujie_async._auth import HeaderSigner
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import Transport
+from wujie_async._transport import CallKind, Transport
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
@@ -215,7 +215,9 @@ async def test_polls_ride_out_server_trouble(emulator: EmulatorFactory) -> None:
             assert (await job.result(timeout=30)).status == 4
         faults_seen = emu.stats()["faults"]
         assert faults_seen.get("http_5xx", 0) + faults_seen.get("html_reply", 0) > 0
-        assert client.stats.retries >= sum(faults_seen.values())
+        # Every fault was retried, except the last of a call that ran out of tries (rare).
+        stats = client.stats
+        assert stats.retries + stats.batch_errors >= sum(faults_seen.values())
 
 
 def test_rate_limited_error_carries_retry_after() -> None:
@@ -323,7 +325,11 @@ async def test_a_missing_route_is_rejected_not_uncertain(tmp_path: Path) -> None
 
 
 async def test_submits_and_polls_have_separate_429_brakes(emulator: EmulatorFactory) -> None:
-    for endpoint, braked, free in (("generations", "submit", "poll"), ("info", "poll", "submit")):
+    kinds: tuple[tuple[str, CallKind, CallKind], ...] = (
+        ("generations", "submit", "poll"),
+        ("info", "poll", "submit"),
+    )
+    for endpoint, braked, free in kinds:
         faults = FaultConfig(endpoints=frozenset({endpoint}), http_429=0.3, retry_after_s=0)
         async with emulator(faults=faults) as emu:
             async with open_transport(emu.base_url, emu.credentials, retry=INSTANT_RETRY) as t:

@@ -7,6 +7,7 @@ shared batch calls; each job (and each image) is an awaitable that resolves as r
 from ._auth import Credentials
 from ._client import ClientStats, Images, WujieClient
 from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._contract import JobStatus
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -38,6 +39,7 @@ from ._errors import (
 from ._jobs import ImageJob
 from ._journal import JournalEntry, JournalLockedError
 from ._models import GeneratedImage, ImageResult
+from ._request_fields import EditFields, GenerationFields
 
 __version__ = "0.1.0"
 
@@ -48,8 +50,10 @@ __all__ = [
     "ClientStateError",
     "ClientStats",
     "Credentials",
+    "EditFields",
     "EndpointNotFoundError",
     "GeneratedImage",
+    "GenerationFields",
     "ImageJob",
     "ImageResult",
     "Images",
@@ -59,6 +63,7 @@ __all__ = [
     "JobError",
     "JobFailedError",
     "JobProtocolError",
+    "JobStatus",
     "JobTimeoutError",
     "JournalEntry",
     "JournalLockedError",

@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from ._cli_input import BulkItem
+from ._cli_jobs import submit
 from ._cli_outcome import (
     LineOutcome,
     Manifest,
@@ -31,7 +32,7 @@ from ._cli_outcome import (
 from ._cli_progress import Display
 from ._client import WujieClient
 from ._download import Downloader
-from ._errors import JobError
+from ._errors import JobError, ProtocolError
 from ._jobs import ImageJob
 
 
@@ -104,12 +105,14 @@ class BulkRun:
         self.result = BulkResult(outcomes=list(settled))
         self._tally = display.tally
         self._seq: dict[int, int] = {}
+        self._queue: asyncio.Queue[Row] = asyncio.Queue()
+        self._on_the_wire: dict[int, Row] = {}
         for number, outcome in enumerate(settled):
             self._tally.move(-1 - number, "saved" if outcome.status == "saved" else "failed")
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
-        queue: asyncio.Queue[Row] = asyncio.Queue()
+        queue = self._queue
         for row in self._send:
             queue.put_nowait(row)
         with self._display.running(), anyio.CancelScope() as scope:
@@ -122,10 +125,29 @@ class BulkRun:
                     await self._submit_all(queue, collectors)
             finally:
                 watcher.cancel()
-        for row in _drain(queue):
+        return self._close(interrupted=self._stop.is_set() and not self._systemic_stop)
+
+    def interrupted_at_once(self) -> BulkResult:
+        """The result after ``run()`` was cancelled outright (a second Ctrl-C).
+
+        Lines whose submit was under way end ``uncertain``: the request may have reached the
+        gateway (the journal, when there is one, knows which did). Lines not sent end
+        ``not_sent``; accepted jobs stay pending (their keys are in the journal).
+        """
+        for row in list(self._on_the_wire.values()):
+            message = (
+                "interrupted while its submit was under way: it may have been accepted (and "
+                "charged); it is never resent silently"
+            )
+            self._end(row, "uncertain", None, "interrupted", message, quiet=True)
+        self._on_the_wire.clear()
+        return self._close(interrupted=True)
+
+    def _close(self, *, interrupted: bool) -> BulkResult:
+        for row in _drain(self._queue):
             reason = "the run stopped before this line was sent"
             self._end(row, "not_sent", None, "not_sent", reason)
-        self.result.interrupted = self._stop.is_set() and not self._systemic_stop
+        self.result.interrupted = interrupted
         self.result.pending = self._tally.total - len(self.result.outcomes)
         return self.result
 
@@ -155,11 +177,11 @@ class BulkRun:
 
     async def _submit_one(self, row: Row, collectors: anyio.abc.TaskGroup) -> None:
         self._move(row, "submitting")
+        self._on_the_wire[id(row)] = row
         try:
-            job = await self._client.images.submit(
-                **row.body, tag=row.tag, job_timeout=self._job_timeout
-            )
+            job = await submit(self._client, row.body, tag=row.tag, job_timeout=self._job_timeout)
         except Exception as exc:
+            del self._on_the_wire[id(row)]
             if is_systemic(exc):
                 if self.result.systemic is None:
                     self.result.systemic = exc
@@ -168,12 +190,17 @@ class BulkRun:
             status, code, message = classify(exc)
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
+        del self._on_the_wire[id(row)]
         self._move(row, "generating")
         collectors.start_soon(self._collect_job, row, job)
 
     async def _collect_job(self, row: Row, job: ImageJob) -> None:
         started = time.monotonic()
-        count = job.n or int(row.body.get("n") or 1)
+        count = job.n or row.body.get("n")
+        if count is None:  # a key attached by `status --wait`: its images say how many
+            with contextlib.suppress(Exception):
+                await job
+            count = max(len(job.images), 1)
         done = self._already_saved.get(job.key, set())
         outcomes = await asyncio.gather(
             *(self._save(row, job, index, started) for index in range(count) if index not in done),
@@ -199,13 +226,15 @@ class BulkRun:
 
     async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
         image = await job.image(index)
+        line = row.line or None  # rows resumed from an id-only tag have no line number
         if image.url is not None:
-            saved = await self._downloader.save(image.url, job.key, index)
-        elif image.b64_json is not None and hasattr(self._downloader, "save_bytes"):
-            # Inline images: the downloader learns to save them in the download rework.
-            saved = await self._downloader.save_bytes(image.b64_json, job.key, index)
+            saved = await self._downloader.save(image.url, job.key, index, id=row.row_id, line=line)
+        elif image.b64_json is not None:
+            saved = await self._downloader.save_b64(
+                image.b64_json, job.key, index, id=row.row_id, line=line
+            )
         else:
-            raise ValueError(f"image {index} has no URL")
+            raise ProtocolError(f"image {index} has neither a URL nor b64_json")
         record = base_record("saved", row.line, row.row_id, row.body)
         record |= {
             "key": job.key,
@@ -245,8 +274,14 @@ class BulkRun:
             self._display.note(f"✗ {row.label}: {status}: {message}")
 
 
+# The library's option names in its messages, as the command line spells them.
+_FLAG_NAMES = (("allow_private", "--allow-private-addresses"), ("allow_http", "--allow-http"))
+
+
 def _describe(exc: BaseException) -> str:
     text = clean(exc)
+    for option, flag in _FLAG_NAMES:
+        text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from ._auth import Credentials
 from ._client import WujieClient
-from ._config import Limits
+from ._config import Limits, PollPolicy
+from ._download import DEFAULT_NAME, Downloader
 from ._errors import InvalidRequestError
 from .emulator import _server as emulator_server
+from .emulator import fault_config_from_pairs
 from .emulator._state import EmulatorConfig, FaultConfig
 
 EXIT_OK: Final = 0
@@ -26,8 +27,60 @@ EXIT_INTERNAL: Final = 70  # a bug: one line, the traceback with --verbose
 EXIT_INTERRUPTED: Final = 130
 
 
+# The shortest poll gap against the embedded emulator, however small its time scale: below
+# this a tiny scale would turn polling into a busy loop.
+EMULATOR_POLL_FLOOR_S: Final = 0.02
+
+
 class UsageError(Exception):
     """A command-line problem, said in one line that names the flag to change."""
+
+
+def emulator_poll_policy(time_scale: float) -> PollPolicy:
+    """The default PollPolicy with its waits scaled to the emulator's time scale.
+
+    The embedded emulator runs jobs ``time_scale`` times as long as the real gateway, so its
+    waits shrink by the same factor (never below ``EMULATOR_POLL_FLOOR_S``). Without this a
+    demo at scale 0.01 would still wait a whole second for its first poll.
+    """
+    base = PollPolicy()
+    factor = min(time_scale, 1.0)
+
+    def scaled(seconds: float) -> float:
+        return max(seconds * factor, EMULATOR_POLL_FLOOR_S)
+
+    min_interval = scaled(base.min_interval)
+    return dataclasses.replace(
+        base,
+        first_poll_delay=scaled(base.first_poll_delay),
+        min_interval=min_interval,
+        max_interval=max(scaled(base.max_interval), min_interval),
+        batch_fill_horizon=base.batch_fill_horizon * factor,
+    )
+
+
+def check_name_template(template: str, rows_without_id: list[int]) -> None:
+    """Refuse a bad ``--name`` before anything is sent (and one using {id} for rows with none)."""
+    try:
+        Downloader(Path("."), name=template)  # validates the template; opens nothing
+    except InvalidRequestError as exc:
+        raise UsageError("; ".join(f"--name: {rule}" for _, rule in exc.violations)) from None
+    if "{id" in template and rows_without_id:
+        where = ", ".join(str(line) for line in rows_without_id[:5])
+        raise UsageError(
+            f"--name {template!r} uses {{id}}, but line(s) {where} have no id; give every row "
+            "an id or use {key} or {line}"
+        )
+
+
+def downloader(args: argparse.Namespace, out: Path) -> Downloader:
+    """The image downloader the flags ask for (use it in ``async with``)."""
+    return Downloader(
+        out,
+        allow_http=args.allow_http,
+        allow_private=args.allow_private_addresses,
+        name=getattr(args, "name", None) or DEFAULT_NAME,
+    )
 
 
 def read_key_file(path: Path, flag: str) -> str:
@@ -64,25 +117,13 @@ def credentials(args: argparse.Namespace) -> Credentials:
 
 
 def emulator_faults(pairs: list[str]) -> FaultConfig:
-    """``--emulator-fault NAME=VALUE`` pairs as a FaultConfig."""
-    known = {f.name: f for f in dataclasses.fields(FaultConfig)}
-    values: dict[str, Any] = {}
-    for pair in pairs:
-        name, _, raw = pair.partition("=")
-        if name not in known or not raw:
-            raise UsageError(
-                f"--emulator-fault {pair!r}: expected NAME=VALUE, NAME among {', '.join(known)}"
-            )
-        try:
-            values[name] = json.loads(raw)
-        except ValueError:
-            values[name] = raw
-        if isinstance(values[name], list):
-            values[name] = tuple(values[name])
+    """``--emulator-fault NAME=VALUE`` pairs as a FaultConfig (a UsageError names the flag)."""
     try:
-        return FaultConfig(**values)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--emulator-fault: {exc}") from None
+        return fault_config_from_pairs(pairs)
+    except InvalidRequestError as exc:
+        raise UsageError(
+            "; ".join(f"--emulator-fault {field}: {rule}" for field, rule in exc.violations)
+        ) from None
 
 
 @contextlib.asynccontextmanager
@@ -96,7 +137,11 @@ async def open_client(
         )
         async with emulator_server.Emulator(config) as emu:
             client = WujieClient(
-                emu.credentials, base_url=emu.base_url, limits=limits, journal=journal
+                emu.credentials,
+                base_url=emu.base_url,
+                limits=limits,
+                journal=journal,
+                poll=emulator_poll_policy(config.time_scale),
             )
             async with client:
                 yield client

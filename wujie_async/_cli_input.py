@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import InvalidRequestError
-from ._models import GenerationRequest
+from ._models import EditRequest, GenerationRequest
 
 MAX_REPORTED_PROBLEMS = 20
 FORMATS = {
@@ -54,7 +54,7 @@ class BulkItem:
     """
 
     line: int
-    request: GenerationRequest
+    request: GenerationRequest | EditRequest
     row_id: str | None = None
 
     @property

@@ -17,12 +17,11 @@ from rich.console import Console
 from rich.text import Text
 
 from ._bulk import BulkRun, Row
-from ._cli_common import EXIT_OK, UsageError, open_client
+from ._cli_common import EXIT_OK, UsageError, downloader, open_client
 from ._cli_outcome import Manifest, clean, read_manifest, saved_indexes
 from ._cli_progress import Display, Tally
 from ._cli_run import check_out_folder, line_of, readable_error
 from ._config import Limits
-from ._download import Downloader
 from ._journal import ALL_STATES, Journal, JournalEntry
 from ._models import GenerationRequest
 
@@ -175,19 +174,18 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
         handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
         with handle:
-            result = await BulkRun(
-                client,
-                send=rows,
-                collect=[],
-                settled=[],
-                manifest=Manifest(handle),
-                downloader=Downloader(
-                    client._transport.session, args.out, allow_http=args.allow_http
-                ),
-                display=display,
-                already_saved=saved_indexes(records),
-                job_timeout=args.job_timeout,
-            ).run()
+            async with downloader(args, args.out) as images:
+                result = await BulkRun(
+                    client,
+                    send=rows,
+                    collect=[],
+                    settled=[],
+                    manifest=Manifest(handle),
+                    downloader=images,
+                    display=display,
+                    already_saved=saved_indexes(records),
+                    job_timeout=args.job_timeout,
+                ).run()
         # The old rows are superseded by the new submits; rows not sent stay as they were.
         sent = {o.row_id or o.line for o in result.outcomes if o.status != "not_sent"}
         await client.forget_submits(

@@ -14,7 +14,6 @@ Every line ends in exactly one outcome:
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,14 +23,15 @@ from typing import Any, Final, Literal, TextIO
 from ._errors import (
     APIError,
     AuthenticationError,
+    EndpointNotFoundError,
     InsufficientBalanceError,
     JobCancelledError,
     JobFailedError,
     JobTimeoutError,
     ModerationRejectedError,
-    ProtocolError,
     SubmitUncertainError,
     TransportError,
+    UnexpectedRedirectError,
     UnknownJobError,
     WujieError,
     snippet,
@@ -46,73 +46,23 @@ STATUSES: Final[tuple[Status, ...]] = (
     "uncertain",
     "not_sent",
 )
-# ESC sequences (CSI, OSC, and two-byte ones), then any single control character left.
-_ESCAPES = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def clean(text: object) -> str:
     """Server (or any foreign) text as one printable line: no escape codes, no controls."""
-    raw = str(text)
-    without = _CONTROLS.sub(" ", _ESCAPES.sub("", raw))
-    return snippet(without)
+    return snippet(str(text))
 
 
 def is_systemic(exc: BaseException) -> bool:
-    """True for errors that are not about one line: stop sending.
-
-    Uses ``exc.systemic`` when the error tree has it; until then the same classes by hand:
-    credentials refused, out of points, cannot connect at all, and a missing route (an HTTP
-    404/405 that is not a JSON envelope, which the current transport reports as uncertain).
-    """
-    flag = getattr(exc, "systemic", None)
-    if isinstance(flag, bool) and flag:
-        return True
-    if isinstance(exc, AuthenticationError | InsufficientBalanceError):
-        return True
-    if isinstance(exc, APIError) and exc.http_status == 403:
-        return True
-    if _missing_route(exc) is not None:
-        return True
-    return (
-        isinstance(exc, TransportError)
-        and not isinstance(exc, SubmitUncertainError)
-        and not exc.reached_server
-    )
-
-
-def _missing_route(exc: BaseException) -> APIError | None:
-    """The 404/405 non-envelope reply behind ``exc``, if that is what it is."""
-    for candidate in (exc, exc.__cause__):
-        if type(candidate).__name__ == "EndpointNotFoundError":
-            assert isinstance(candidate, APIError)
-            return candidate
-        if (
-            isinstance(candidate, ProtocolError)
-            and candidate.http_status in (404, 405)
-            and candidate.code is None
-        ):
-            return candidate
-    return None
-
-
-def never_accepted(exc: BaseException) -> bool:
-    """True when a failed submit provably never reached the gateway's accounting."""
-    if _missing_route(exc) is not None:
-        return True
-    if isinstance(exc, SubmitUncertainError):
-        return False
-    if isinstance(exc, TransportError):
-        return not exc.reached_server
-    return isinstance(exc, WujieError)
+    """True for errors that are not about one line (credentials, base URL, balance, network):
+    the run stops sending. The library classifies them (``WujieError.systemic``)."""
+    return isinstance(exc, WujieError) and exc.systemic
 
 
 def fix_message(exc: BaseException, base_url: str, *, app_id_flag: bool) -> str:
     """The one line that says what stopped the run and what to change."""
     where = "--app-id" if app_id_flag else "WUJIE_APP_ID"
-    if isinstance(exc, AuthenticationError) or (
-        isinstance(exc, APIError) and exc.http_status == 403
-    ):
+    if isinstance(exc, AuthenticationError):
         status = exc.http_status
         return (
             f"stopped: the gateway refused the credentials (HTTP {status}: {clean(exc.message)}); "
@@ -123,12 +73,16 @@ def fix_message(exc: BaseException, base_url: str, *, app_id_flag: bool) -> str:
             "stopped: the account is out of points (code 20110010, insufficient balance); "
             "top up the balance, then re-run the same command"
         )
-    route = _missing_route(exc)
-    if route is not None:
-        url = getattr(route, "url", None) or base_url
+    if isinstance(exc, EndpointNotFoundError):
         return (
-            f"stopped: {clean(url)} answered HTTP {route.http_status} (no such API route); "
-            "check --base-url / WUJIE_BASE_URL, which must end in /wj-open/v1"
+            f"stopped: {clean(exc.url or base_url)} answered HTTP {exc.http_status} (no such API "
+            "route); check --base-url / WUJIE_BASE_URL, which must end in /wj-open/v1"
+        )
+    if isinstance(exc, UnexpectedRedirectError):
+        return (
+            f"stopped: {clean(base_url)} answered with a redirect (to "
+            f"{clean(exc.location) or 'somewhere unsaid'}), which is never followed; check "
+            "--base-url / WUJIE_BASE_URL (https, ending in /wj-open/v1)"
         )
     return (
         f"stopped: cannot connect to {clean(base_url)} ({clean(exc)}); "
@@ -149,9 +103,9 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
         return "failed", "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
-    if isinstance(exc, SubmitUncertainError) and _missing_route(exc) is None:
+    if isinstance(exc, SubmitUncertainError):
         return "uncertain", "uncertain", message + " (it may have been charged; not resent)"
-    if is_systemic(exc) and never_accepted(exc):
+    if is_systemic(exc):  # the gateway never accepted it (the library promises so): not sent
         return "not_sent", _code(exc), message
     if isinstance(exc, APIError):
         return "rejected", _code(exc), message
@@ -161,9 +115,6 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
 
 
 def _code(exc: BaseException) -> str:
-    route = _missing_route(exc)
-    if route is not None:
-        return f"http_{route.http_status}"
     if isinstance(exc, APIError):
         if exc.code is not None and exc.code != str(exc.http_status):
             return clean(exc.code)

@@ -30,6 +30,7 @@ from ._cli_common import (
     EXIT_OK,
     EXIT_SYSTEMIC,
     UsageError,
+    downloader,
     open_client,
 )
 from ._cli_input import BulkItem
@@ -46,7 +47,7 @@ from ._cli_outcome import (
 from ._cli_progress import Display, Mode, Tally
 from ._client import WujieClient
 from ._config import Limits
-from ._download import Downloader
+from ._errors import InvalidRequestError
 from ._jobs import ImageJob
 from ._journal import JournalEntry
 
@@ -81,6 +82,12 @@ def check_out_folder(out: Path) -> None:
         ) from None
 
 
+def _uncancel() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
 def journal_path(args: argparse.Namespace) -> Path | None:
     """The run's journal: ``--journal``, else OUT/journal.sqlite (none with --emulator)."""
     if args.command not in ("bulk", "resume"):
@@ -96,9 +103,21 @@ def journal_path(args: argparse.Namespace) -> Path | None:
 
 
 def readable_error(error: str) -> str:
-    """A journaled error as words: rows may hold ``Class('message')``; keep the message."""
+    """A journaled error as words: rows may hold ``Class('message')``; keep the message.
+
+    A cancelled submit is journaled as ``CancelledError(...)`` whose text says nothing to a
+    user (``Cancelled via cancel scope 7f79...``): it is said in words instead.
+    """
+    if error.startswith("CancelledError("):
+        return "interrupted while the submit was under way: it may have been accepted (and charged)"
     found = _REPR.match(error)
     return clean(found.group(2) if found else error)
+
+
+def _line_name(outcome: LineOutcome) -> str:
+    if outcome.row_id is not None:
+        return f"line {outcome.line} (id {clean(outcome.row_id)})"
+    return f"line {outcome.line}"
 
 
 def line_of(entry: JournalEntry) -> tuple[int, str | None]:
@@ -131,6 +150,16 @@ def _settled_from(
     )
 
 
+def _refused_by_a_stop(state: str, record: dict[str, Any] | None) -> bool:
+    """A line the gateway refused as a whole (wrong app id, base URL, balance): send it again.
+
+    Such a submit is journaled ``rejected`` (never accepted, nothing charged) and its manifest
+    line says ``not_sent``; once the setup is fixed, the plain re-run sends it. A line the
+    gateway itself rejected (a bad field) stays ``rejected`` until ``--retry-failed``.
+    """
+    return state == "rejected" and record is not None and record.get("status") == "not_sent"
+
+
 async def plan_rerun(
     client: WujieClient,
     items: list[BulkItem],
@@ -152,7 +181,7 @@ async def plan_rerun(
         entry = latest.get(item.tag)
         state = entry.state if entry is not None else "unsent"
         n = int(row.body.get("n") or 1)
-        if entry is None or state == "unsent":
+        if entry is None or state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
             plan.send.append(row)
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
             if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
@@ -180,6 +209,26 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
         line, row_id = line_of(entry)
         row = Row(line, row_id, entry.tag, entry.request)
         plan.collect.append((row, client.images.attach(entry.job_key, n=n)))
+    return plan
+
+
+def plan_status(
+    client: WujieClient,
+    keys: list[str],
+    *,
+    job_timeout: float | None,
+) -> Plan:
+    """``status --wait``: collect the jobs of these keys (numbered 1.. in the order given).
+
+    Images an earlier run saved (the manifest says which) are not fetched again.
+    """
+    plan = Plan()
+    for number, key in enumerate(keys, start=1):
+        try:
+            job = client.images.attach(key, job_timeout=job_timeout)
+        except InvalidRequestError as exc:
+            raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
+        plan.collect.append((Row(number, None, None, {}), job))
     return plan
 
 
@@ -213,6 +262,8 @@ class Session:
         async with self._client() as client:
             if args.command == "resume":
                 plan = await plan_resume(client, records)
+            elif args.command == "status":
+                plan = plan_status(client, args.keys, job_timeout=args.job_timeout)
             elif self.journal is not None:
                 plan = await plan_rerun(
                     client,
@@ -239,24 +290,28 @@ class Session:
             stop = asyncio.Event()
             handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
             with handle:
-                run = BulkRun(
-                    client,
-                    send=plan.send,
-                    collect=plan.collect,
-                    settled=plan.settled,
-                    manifest=Manifest(handle),
-                    downloader=Downloader(
-                        client._transport.session, out, allow_http=args.allow_http or args.emulator
-                    ),
-                    display=display,
-                    already_saved=saved_indexes(records),
-                    job_timeout=args.job_timeout,
-                    stop=stop,
-                )
-                with self._first_ctrl_c_stops(stop):
-                    self.result = await run.run()
-            if self.journal is not None:
-                await self._forget_refused(client, plan)
+                async with downloader(args, out) as images:
+                    run = BulkRun(
+                        client,
+                        send=plan.send,
+                        collect=plan.collect,
+                        settled=plan.settled,
+                        manifest=Manifest(handle),
+                        downloader=images,
+                        display=display,
+                        already_saved=saved_indexes(records),
+                        job_timeout=args.job_timeout,
+                        stop=stop,
+                    )
+                    with self._first_ctrl_c_stops(stop) as quit_now:
+                        try:
+                            self.result = await run.run()
+                        except asyncio.CancelledError:
+                            if not quit_now.is_set():
+                                raise
+                            # Our own second Ctrl-C: close everything normally, then report.
+                            _uncancel()
+                            self.result = run.interrupted_at_once()
         return self.finish(total)
 
     @contextlib.asynccontextmanager
@@ -265,38 +320,25 @@ class Session:
             self.base_url = client.base_url
             yield client
 
-    async def _forget_refused(self, client: WujieClient, plan: Plan) -> None:
-        """Journal rows of submits a systemic error refused: never accepted, so forget them.
-
-        (The current transport journals a 404 as uncertain; it is provably not charged.)
-        """
-        assert self.result is not None
-        if self.result.systemic is None:
-            return
-        tags = {
-            row.tag
-            for row in plan.send
-            for outcome in self.result.outcomes
-            if outcome.status == "not_sent" and outcome.line == row.line and outcome.key is None
-        }
-        rows = await client.journal_entries("uncertain", "rejected", "intent")
-        refused = [e.id for e in rows if e.tag in tags and e.id > plan.last_journal_id]
-        if refused:
-            await client.forget_submits(refused)
-
     def _say(self, message: str) -> None:
         if not self.args.quiet:
             self.console.print(Text(message), soft_wrap=True)
 
     @contextlib.contextmanager
-    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[None]:
-        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once."""
+    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[asyncio.Event]:
+        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once.
+
+        Yields an event set when the second Ctrl-C cancels the run.
+        """
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
+        quit_now = asyncio.Event()
 
         def on_interrupt() -> None:
             if stop.is_set() and main is not None:
-                main.cancel()
+                if not quit_now.is_set():
+                    quit_now.set()
+                    main.cancel()
                 return
             stop.set()
             self.console.print("stopping: letting submits on the wire finish (Ctrl-C to quit now)")
@@ -304,10 +346,10 @@ class Session:
         try:
             loop.add_signal_handler(signal.SIGINT, on_interrupt)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            yield
+            yield quit_now
             return
         try:
-            yield
+            yield quit_now
         finally:
             loop.remove_signal_handler(signal.SIGINT)
 
@@ -351,7 +393,7 @@ class Session:
                 "journal": str(self.journal) if self.journal else None,
             }
             print(json.dumps(summary))  # noqa: T201 - the machine-readable summary is output
-        elif self.args.command == "generate":
+        elif self.args.command in ("generate", "edit", "status"):
             for path in result.saved_paths:
                 print(path)  # noqa: T201 - the saved paths are this command's output
         return code
@@ -363,6 +405,20 @@ class Session:
             return
         command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
         if result.interrupted:
+            uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
+            if uncertain:
+                names = ", ".join(_line_name(o) for o in uncertain[:10])
+                more = f" and {len(uncertain) - 10} more" if len(uncertain) > 10 else ""
+                see = (
+                    f"wujie-async journal list --status uncertain -o {self.args.out}"
+                    if self.journal is not None
+                    else "the gateway's console (no journal kept their fate)"
+                )
+                say(
+                    f"interrupted at once: {len(uncertain)} line(s) were being submitted and may "
+                    f"have been charged ({names}{more}); they are never resent silently. "
+                    f"See: {see}"
+                )
             if self.journal is not None:
                 say(
                     "interrupted: submitted jobs keep running on the gateway; re-run the same "

@@ -7,6 +7,7 @@ a real gateway disagrees one edit corrects the client and the emulator together.
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Final
 
 # --- Base URL and paths -----------------------------------------------------------------------
@@ -38,22 +39,54 @@ MAX_KEYS_PER_BATCH: Final = 50  # [assumed] more gets CODE_INVALID_PARAMETER
 # [assumed] the reply is {"data": {"list": [entry, ...]}}; the client also reads a bare array.
 BATCH_LIST_FIELD: Final = "list"
 
-# Job status values [assumed]. Anything else is "not terminal": keep polling.
-STATUS_QUEUED: Final = 0
-STATUS_GENERATING: Final = 1
-STATUS_FAILED: Final = 3
-STATUS_SUCCEEDED: Final = 4
-STATUS_MODERATION_REJECTED: Final = 5
-# [platform] a public integration of the platform's own-model API treats -1 as finished: the
-# job ended without a result (a terminal failure, not a status to keep polling).
-STATUS_ENDED_WITHOUT_RESULT: Final = -1
-TERMINAL_STATUSES: Final = frozenset(
-    {STATUS_FAILED, STATUS_SUCCEEDED, STATUS_MODERATION_REJECTED, STATUS_ENDED_WITHOUT_RESULT}
-)
+
+class JobStatus(IntEnum):
+    """A job's ``status`` in batch replies [assumed values]; any other value: keep polling.
+
+    Shared by the client and the emulator, so the two never disagree on what a number means.
+    A status the gateway sends that is not listed here is kept as a plain ``int``.
+    """
+
+    # [platform] ended without a result: a terminal failure (a public integration of the
+    # platform's own-model API treats -1 as finished), not a status to keep polling.
+    ENDED_WITHOUT_RESULT = -1
+    QUEUED = 0  # waiting in the gateway's queue (``queue_before_num`` may say how many ahead)
+    GENERATING = 1  # being made; images finished so far may already be listed
+    FAILED = 3  # ended without (all) images; ``fail_message`` says why
+    SUCCEEDED = 4  # ended with every image listed
+    MODERATION_REJECTED = 5  # refused by moderation
+
+    @property
+    def label(self) -> str:
+        """The status in words, as users read it (``job.status_name``)."""
+        return _STATUS_LABELS[self]
+
+    @property
+    def terminal(self) -> bool:
+        """True for the statuses that end a job."""
+        return self in TERMINAL_STATUSES
+
+
+_STATUS_LABELS: Final = {
+    JobStatus.ENDED_WITHOUT_RESULT: "ended without a result",
+    JobStatus.QUEUED: "queued",
+    JobStatus.GENERATING: "generating",
+    JobStatus.FAILED: "failed",
+    JobStatus.SUCCEEDED: "succeeded",
+    JobStatus.MODERATION_REJECTED: "rejected",
+}
+_BY_VALUE: Final[dict[int, JobStatus]] = {status.value: status for status in JobStatus}
+
+
+def job_status(value: int) -> JobStatus | int:
+    """``value`` as a :class:`JobStatus` when the contract names it, else the plain number."""
+    return _BY_VALUE.get(value, value)
+
+
+RUNNING_STATUSES: Final = frozenset({JobStatus.QUEUED, JobStatus.GENERATING})
+TERMINAL_STATUSES: Final = frozenset(set(JobStatus) - RUNNING_STATUSES)
 # Statuses that end a job without images, each failing it with JobFailedError (or a subclass).
-FAILED_STATUSES: Final = frozenset(
-    {STATUS_FAILED, STATUS_MODERATION_REJECTED, STATUS_ENDED_WITHOUT_RESULT}
-)
+FAILED_STATUSES: Final = TERMINAL_STATUSES - {JobStatus.SUCCEEDED}
 
 
 # --- Gateway-level HTTP statuses [assumed] ----------------------------------------------

@@ -307,8 +307,7 @@ class Downloader:
 
     def __init__(
         self,
-        folder: Path | aiohttp.ClientSession,
-        legacy_folder: Path | None = None,
+        folder: Path,
         *,
         concurrency: int = 16,
         max_bytes: int = 64 * 1024 * 1024,
@@ -322,15 +321,6 @@ class Downloader:
         name: str = DEFAULT_NAME,
     ) -> None:
         _check_template(name)
-        # Transitional: the old call `Downloader(session, folder)` (still in _bulk.py until it
-        # moves to `async with Downloader(folder)`) downloads on the caller's session, without
-        # the resolver's address check. Remove this branch once nothing calls it so.
-        self._borrowed: aiohttp.ClientSession | None = None
-        if isinstance(folder, aiohttp.ClientSession):
-            if legacy_folder is None:
-                raise InvalidRequestError([("folder", "required")])
-            self._borrowed, folder = folder, legacy_folder
-            folder.mkdir(parents=True, exist_ok=True)
         if concurrency < 1 or max_bytes < 1 or max_redirects < 0:
             raise InvalidRequestError(
                 [("Downloader", "concurrency and max_bytes must be >= 1, max_redirects >= 0")]
@@ -347,7 +337,7 @@ class Downloader:
             total=total_timeout, connect=connect_timeout, sock_read=read_timeout
         )
         self._template = name
-        self._session: aiohttp.ClientSession | None = self._borrowed
+        self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         await anyio.to_thread.run_sync(lambda: self._folder.mkdir(parents=True, exist_ok=True))
@@ -370,7 +360,7 @@ class Downloader:
     async def aclose(self) -> None:
         """Close the session (idempotent)."""
         session, self._session = self._session, None
-        if session is not None and session is not self._borrowed:
+        if session is not None:
             await session.close()
 
     async def save(

@@ -10,19 +10,9 @@ import asyncio
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from . import _contract
+from ._contract import JobStatus, job_status
 from ._errors import JobCancelledError, JobError
 from ._models import GeneratedImage, ImageResult, JobInfo
-
-# Job states as users read them (``job.status``); the numbers are the gateway's (see _contract).
-STATUS_NAMES = {
-    _contract.STATUS_QUEUED: "queued",
-    _contract.STATUS_GENERATING: "generating",
-    _contract.STATUS_FAILED: "failed",
-    _contract.STATUS_SUCCEEDED: "succeeded",
-    _contract.STATUS_MODERATION_REJECTED: "rejected",
-    _contract.STATUS_ENDED_WITHOUT_RESULT: "ended without a result",
-}
 
 # Request fields that can be large (an edit's source images, as URLs or base64, and its mask).
 _BULK_FIELDS = ("image", "mask")
@@ -83,7 +73,7 @@ class ImageJob:
         self._key = key
         self._request = request
         self._n = n
-        self._status: int | None = None
+        self._status: JobStatus | int | None = None
         self._progress = 0.0
         self._expected_seconds: float | None = None
         # Shared empty tuple until images land: a pending job should cost next to nothing.
@@ -114,8 +104,11 @@ class ImageJob:
         return self._n
 
     @property
-    def status(self) -> int | None:
-        """The last status the gateway reported (None before the first report)."""
+    def status(self) -> JobStatus | int | None:
+        """The last status the gateway reported (None before the first report).
+
+        A :class:`JobStatus` when the contract names it, else the plain number.
+        """
         return self._status
 
     @property
@@ -139,11 +132,7 @@ class ImageJob:
         return self._deadline
 
     def __repr__(self) -> str:
-        state = (
-            STATUS_NAMES.get(self.status, str(self.status))
-            if self.status is not None
-            else "pending"
-        )
+        state = self.status_name
         return f"<ImageJob {self.key} {state} {self.progress:.0f}%>"
 
     def __await__(self) -> Generator[Any, None, ImageResult]:
@@ -180,9 +169,10 @@ class ImageJob:
         Also ``failed``, ``rejected``, ``ended without a result``, or ``status N`` for a status
         the contract does not name.
         """
-        if self.status is None:
+        status = self._status
+        if status is None:
             return "pending"
-        return STATUS_NAMES.get(self.status, f"status {self.status}")
+        return status.label if isinstance(status, JobStatus) else f"status {status}"
 
     def done(self) -> bool:
         """True once the job has a result or an error."""
@@ -263,7 +253,7 @@ class ImageJob:
 # --- the poller's side: the only writers of a job ---------------------------------------------
 def record_report(job: ImageJob, entry: JobInfo) -> None:
     """Take the progress fields of the gateway's latest (already checked) entry."""
-    job._status = entry.status
+    job._status = job_status(entry.status)
     if entry.complete_percent is not None:
         job._progress = entry.complete_percent
     job._expected_seconds = entry.expected_seconds
@@ -289,7 +279,7 @@ def add_images(job: ImageJob, images: list[GeneratedImage]) -> None:
                 future.set_result(images[index])
 
 
-def succeed(job: ImageJob, status: int) -> None:
+def succeed(job: ImageJob, status: JobStatus) -> None:
     """The job ended with images."""
     if job._future.done():
         return

@@ -39,6 +39,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from . import _contract, _jobs
 from ._config import Limits, PollPolicy
+from ._contract import JobStatus
 from ._errors import (
     JobCancelledError,
     JobError,
@@ -64,7 +65,6 @@ UNKNOWN_STATUSES_KEPT = 64
 # A reply may repeat a key; more than this many entries for one key are not even looked at.
 ENTRIES_PER_KEY = 4
 _JOB_LIST = TypeAdapter(list[JobInfo])
-_KNOWN_RUNNING = frozenset({_contract.STATUS_QUEUED, _contract.STATUS_GENERATING})
 
 
 class PollDelegate(Protocol):
@@ -642,15 +642,15 @@ class BatchPoller:
                 now,
                 ended_at + unix_to_loop if isinstance(ended_at, int | float) else None,
             )
-        if status == _contract.STATUS_SUCCEEDED:
+        if status == JobStatus.SUCCEEDED:
             self.forget(job)
             self.counters.succeeded += 1
-            _jobs.succeed(job, status)
+            _jobs.succeed(job, JobStatus.SUCCEEDED)
             self._remember_ended(job)
         elif status in _contract.FAILED_STATUSES:
             self._end(job, self._failure(job, entry))
         else:
-            if status not in _KNOWN_RUNNING:
+            if status not in _contract.RUNNING_STATUSES:
                 self._note_unknown_status(status, job.key)
             self._schedule(
                 tracked,
@@ -670,10 +670,10 @@ class BatchPoller:
         else:
             code, text = fail.fail_code, fail.fail_message
         message = snippet(text) if text else None  # server text: one clean, short line
-        if entry.status == _contract.STATUS_ENDED_WITHOUT_RESULT:
+        if entry.status == JobStatus.ENDED_WITHOUT_RESULT:
             said = f": {message}" if message else ""
             message = f"the gateway ended the job without a result (status -1){said}"
-        if entry.status == _contract.STATUS_MODERATION_REJECTED:
+        if entry.status == JobStatus.MODERATION_REJECTED:
             return ModerationRejectedError(job_key=job.key, fail_code=code, fail_message=message)
         return JobFailedError(job_key=job.key, fail_code=code, fail_message=message)
 

@@ -1,27 +1,49 @@
 """Pacing requests: a fixed submit rate the user bought, and an adaptive brake on 429s.
 
 Both hand out send slots in arrival order, so waiting callers are served first come, first
-served, and neither costs anything while no limit is in force.
+served, and neither costs anything while no limit is in force. Both read and sleep on ONE
+clock, the event loop's (``loop.time()``, which uvloop keeps differently from
+``time.monotonic``); tests inject a fake clock and a fake sleep instead of waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
+import collections
+from collections.abc import Awaitable, Callable
 
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[object]]
+
+# The 429 brake looks at the last _WINDOW_S seconds of replies, in _BUCKETS buckets: O(1)
+# memory at any request rate.
 _BUCKETS = 10
+_WINDOW_S = 5.0
+
+
+def loop_clock() -> float:
+    """The running event loop's clock: the one ``asyncio.sleep`` and timers run on."""
+    return asyncio.get_running_loop().time()
 
 
 class Pacer:
-    """Spaces callers ``1/rate`` seconds apart, first come first served."""
+    """Spaces callers ``1/rate`` seconds apart, first come first served.
 
-    __slots__ = ("_clock", "_next_slot", "_period")
+    Only the caller at the head of the line sleeps; the others wait for their turn. A caller
+    that is cancelled while waiting leaves the line without taking a slot, so the ones behind
+    it move up instead of keeping the gap it would have used.
+    """
 
-    def __init__(self, rate: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    __slots__ = ("_clock", "_line", "_next_slot", "_period", "_sleep")
+
+    def __init__(
+        self, rate: float, *, clock: Clock = loop_clock, sleep: Sleep = asyncio.sleep
+    ) -> None:
         self._period = 1.0 / rate
-        self._next_slot = 0.0
+        self._next_slot = -float("inf")
         self._clock = clock
+        self._sleep = sleep
+        self._line: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
     def rate(self) -> float:
@@ -34,39 +56,70 @@ class Pacer:
 
     async def wait(self) -> None:
         """Return when this caller's slot has come."""
-        now = self._clock()
-        slot = max(now, self._next_slot)
-        self._next_slot = slot + self._period
-        if slot > now:
-            await asyncio.sleep(slot - now)
+        if not self._line and self._clock() >= self._next_slot:
+            self._next_slot = self._clock() + self._period
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._line.append(turn)
+        try:
+            if self._line[0] is not turn:
+                await turn  # set when every caller ahead has had its slot or left
+            # At the head: sleep until the slot, re-reading it (the rate may change meanwhile).
+            while (delay := self._next_slot - self._clock()) > 0:
+                await self._sleep(delay)
+            self._next_slot = self._clock() + self._period
+        finally:
+            self._leave(turn)
+
+    def _leave(self, turn: asyncio.Future[None]) -> None:
+        if self._line[0] is not turn:
+            self._line.remove(turn)  # cancelled while others were ahead: no slot taken
+            return
+        self._line.popleft()
+        # Hand the head on. A caller cancelled in line has a done future but is still in the
+        # line until its own cleanup runs; that cleanup hands the head on in turn.
+        if self._line and not self._line[0].done():
+            self._line[0].set_result(None)
 
 
 class AdaptiveLimiter:
-    """Slows every request down after a 429, then speeds back up (AIMD).
+    """Slows every request down when 429s are sustained, then speeds back up (AIMD).
 
-    Until a 429 there is no limit at all. A 429 sets the rate to ``decrease`` times the number
-    of requests that succeeded over the last second: what the gateway actually let through.
-    With fewer than ``min_evidence`` successes there is nothing to estimate from (a storm of
-    429s at start-up, say), so the brake stays off and each request's own retry, which honours
-    Retry-After, does the waiting. 429s for requests sent before a cut are the same burst and
-    do not cut again. Successes raise the rate additively, a tenth of the ceiling per second
-    whatever the rate, so a gateway limiting at R sees a shallow sawtooth around R; the rate
-    never drops below a tenth of the first estimate, and at the ceiling (``recover_factor``
-    times the first estimate) the limit is lifted.
+    An isolated 429 does not touch the rate: the request's own retry waits its Retry-After. The
+    rate is cut only when, over the last ``window_s`` seconds, more than ``cut_share`` of the
+    replies were 429s and at least ``min_429s`` of them: the gateway is refusing a real share
+    of what is sent, so sending less is what helps. A 3% sprinkle of 429s never brakes.
+
+    A cut sets the rate to ``decrease`` times the successes per second over the window: what
+    the gateway actually let through. With fewer than ``min_evidence`` successes there is
+    nothing to estimate from (a storm of 429s at start-up, say), so the brake stays off and
+    each request's retry does the waiting. 429s for requests sent before a cut are the same
+    burst and do not count again; after a cut, a new one needs new evidence. Successes raise
+    the rate additively, a tenth of the ceiling per second whatever the rate, so a gateway
+    limiting at R sees a shallow sawtooth around R; the rate never drops below a tenth of the
+    first estimate, and at the ceiling (``recover_factor`` times the first estimate) the limit
+    is lifted.
     """
 
     __slots__ = (
+        "_bucket_s",
         "_ceiling",
         "_clock",
+        "_cut_share",
         "_decrease",
+        "_first_seen",
         "_floor",
         "_last_cut",
+        "_limited_counts",
+        "_min_429s",
         "_min_evidence",
         "_pacer",
         "_ramp",
         "_recover_factor",
+        "_sleep",
         "_success_counts",
         "_tick",
+        "_window_s",
     )
 
     def __init__(
@@ -75,17 +128,27 @@ class AdaptiveLimiter:
         decrease: float = 0.8,
         recover_factor: float = 2.0,
         min_evidence: int = 5,
-        clock: Callable[[], float] = time.monotonic,
+        cut_share: float = 0.1,
+        min_429s: int = 5,
+        window_s: float = _WINDOW_S,
+        clock: Clock = loop_clock,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._decrease = decrease
         self._recover_factor = recover_factor
         self._min_evidence = min_evidence
+        self._cut_share = cut_share
+        self._min_429s = min_429s
+        self._window_s = window_s
+        self._bucket_s = window_s / _BUCKETS
         self._clock = clock
+        self._sleep = sleep
         self._pacer: Pacer | None = None
         self._ceiling = self._ramp = self._floor = 1.0
-        self._last_cut = -1e18
-        # Successes over the last second, in ten 100 ms buckets: O(1) memory at any rate.
+        self._last_cut = -float("inf")
+        self._first_seen: float | None = None
         self._success_counts = [0] * _BUCKETS
+        self._limited_counts = [0] * _BUCKETS
         self._tick = 0
 
     @property
@@ -100,20 +163,30 @@ class AdaptiveLimiter:
         return self._clock()
 
     def rate_limited(self, sent_at: float) -> None:
-        """The request sent at ``sent_at`` drew a 429: cut the rate, once per burst."""
+        """The request sent at ``sent_at`` drew a 429: cut the rate if 429s are sustained."""
         if sent_at <= self._last_cut:
-            return
+            return  # sent at the old rate: the cut already answered it
         now = self._clock()
         self._advance(now)
-        estimate = float(sum(self._success_counts))
-        if estimate < self._min_evidence:
+        self._limited_counts[self._tick % _BUCKETS] += 1
+        limited, succeeded = sum(self._limited_counts), sum(self._success_counts)
+        if limited < self._min_429s or limited <= self._cut_share * (limited + succeeded):
+            return  # sparse: each such request's retry honours its Retry-After
+        if succeeded < self._min_evidence:
             return
+        assert self._first_seen is not None  # set by _advance
+        # Successes per second over the window, or over what there is of it yet, but never
+        # over less than a second: a gateway's token bucket lets a short burst through at any
+        # speed, and a rate read from that burst would be far above what it sustains.
+        span = min(self._window_s, max(now - self._first_seen, 1.0))
+        estimate = succeeded / span
         self._last_cut = now
+        self._limited_counts = [0] * _BUCKETS  # the next cut needs fresh evidence
         if self._pacer is None:
             self._ceiling = estimate * self._recover_factor
             self._ramp = self._ceiling / 10
             self._floor = max(1.0, estimate / 10)
-            self._pacer = Pacer(estimate * self._decrease, clock=self._clock)
+            self._pacer = Pacer(estimate * self._decrease, clock=self._clock, sleep=self._sleep)
         else:
             current = self._pacer.rate
             self._pacer.rate = max(self._floor, min(current, estimate) * self._decrease)
@@ -128,13 +201,17 @@ class AdaptiveLimiter:
         # About ``rate`` successes arrive per second, so each adds ramp/rate: +ramp per second.
         raised = pacer.rate + self._ramp / pacer.rate
         if raised >= self._ceiling:
-            self._pacer = None
+            self._pacer = None  # callers already in its line still get their slots from it
         else:
             pacer.rate = raised
 
     def _advance(self, now: float) -> None:
-        """Move the bucket ring to ``now``, emptying the buckets that fell out of the second."""
-        tick = int(now * _BUCKETS)
+        """Move the bucket rings to ``now``, emptying the buckets that fell out of the window."""
+        if self._first_seen is None:
+            self._first_seen = now
+        tick = int(now / self._bucket_s)
         for step in range(1, min(tick - self._tick, _BUCKETS) + 1):
-            self._success_counts[(self._tick + step) % _BUCKETS] = 0
+            slot = (self._tick + step) % _BUCKETS
+            self._success_counts[slot] = 0
+            self._limited_counts[slot] = 0
         self._tick = max(tick, self._tick)

@@ -96,12 +96,13 @@ class KeyTiming:
 class PollSchedule:
     """The schedule of one poller: next ask times, and what it learns from ended jobs."""
 
-    __slots__ = ("_durations", "_errors", "_policy", "generation")
+    __slots__ = ("_durations", "_errors", "_policy", "_windows", "generation")
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
         self._errors: dict[str | None, _Quantiles] = {}
         self._durations: dict[str | None, _Quantiles] = {}
+        self._windows: dict[str | None, tuple[float, float]] = {}
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -109,12 +110,16 @@ class PollSchedule:
     # --- learning --------------------------------------------------------------------------
     def window(self, model: str | None) -> tuple[float, float]:
         """The learned (low, high) relative error of estimates for ``model``."""
-        errors = self._errors.get(model)
-        if errors is None or len(errors) < _MIN_SAMPLES:
-            return _PRIOR_LOW, _PRIOR_HIGH
-        low = min(0.0, errors.quantile(_LOW_QUANTILE))
-        high = max(0.0, errors.quantile(_HIGH_QUANTILE))
-        return low, high
+        window = self._windows.get(model)
+        if window is None:
+            errors = self._errors.get(model)
+            if errors is None or len(errors) < _MIN_SAMPLES:
+                window = (_PRIOR_LOW, _PRIOR_HIGH)
+            else:
+                low = min(0.0, errors.quantile(_LOW_QUANTILE))
+                window = (low, max(0.0, errors.quantile(_HIGH_QUANTILE)))
+            self._windows[model] = window  # asked per report, changed per ended job: cached
+        return window
 
     def samples(self, model: str | None) -> int:
         """How many ended jobs of ``model`` the estimate window is learned from (bounded)."""
@@ -138,6 +143,7 @@ class PollSchedule:
         before = self.window(timing.model)
         error = (end - timing.predicted_end) / timing.predicted_span
         self._sample(self._errors, timing.model).add(max(-1.0, min(error, 10.0)))
+        self._windows.pop(timing.model, None)
         if self.window(timing.model)[0] < before[0] - 0.02:
             self.generation += 1
 

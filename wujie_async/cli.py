@@ -9,33 +9,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import sys
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from . import _cli_journal
+from . import _cli_journal, emulator
 from ._cli_common import (
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
-    EXIT_OK,
     EXIT_USAGE,
     UsageError,
+    check_name_template,
 )
 from ._cli_input import FORMATS, BulkItem, InputFileError, read_requests
+from ._cli_jobs import build_request, show_status, submit_no_wait
 from ._cli_outcome import clean
 from ._cli_progress import PLAIN_INTERVAL_S, Mode
 from ._cli_run import Session, check_out_folder
+from ._download import DEFAULT_NAME
 from ._errors import InvalidRequestError, WujieError
-from ._models import GenerationRequest
-from .emulator import _server as emulator_server
 
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
 DEMO_TIME_SCALE = 0.15
@@ -81,7 +80,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--emulator-time-scale",
         type=float,
         default=DEMO_TIME_SCALE,
-        help=f"latency scale of the embedded emulator (default {DEMO_TIME_SCALE})",
+        help=f"latency scale of the embedded emulator (default {DEMO_TIME_SCALE}); the "
+        "client's poll waits scale with it (never below 0.02 s)",
     )
     group.add_argument(
         "--emulator-fault",
@@ -91,7 +91,15 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         help="a fault knob of the embedded emulator, e.g. fail_jobs=0.1 (repeatable)",
     )
     group.add_argument(
-        "--allow-http", action="store_true", help="allow image downloads over plain http"
+        "--allow-http",
+        action="store_true",
+        help="allow image downloads over plain http from non-loopback hosts",
+    )
+    group.add_argument(
+        "--allow-private-addresses",
+        action="store_true",
+        help="allow image downloads from private, link-local and reserved addresses "
+        "(refused by default: an image URL must not reach your internal network)",
     )
 
 
@@ -101,12 +109,33 @@ def _add_request_arguments(parser: argparse.ArgumentParser, *, defaults_only: bo
     parser.add_argument("-n", type=int, default=None, help=f"images per prompt{what}")
     for flag, dest, kind, text in _REQUEST_FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text + what)
+    _add_output_arguments(parser)
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("out"), help="folder for images (default out/)"
     )
     parser.add_argument(
+        "--name",
+        default=DEFAULT_NAME,
+        metavar="TEMPLATE",
+        help=f"image file names (default {DEFAULT_NAME!r}); fields {{key}}, {{index}}, {{ext}}, "
+        "{id} (the row's id), {line} (the input line); e.g. '{id}-{index}.{ext}'",
+    )
+    parser.add_argument(
         "--job-timeout", type=float, default=None, help="seconds a job may take (default 900)"
     )
+
+
+def _add_single_job_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_request_arguments(parser, defaults_only=False)
+    parser.add_argument(
+        "--no-wait", action="store_true", help="print the job key and exit without waiting"
+    )
+    _add_run_arguments(parser)
+    _add_common_arguments(parser)
+    _add_connection_arguments(parser)
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,15 +163,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wujie-async {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="one prompt: submit, wait, save the images")
-    generate.add_argument("prompt")
-    _add_request_arguments(generate, defaults_only=False)
-    generate.add_argument(
-        "--no-wait", action="store_true", help="print the job key and exit without waiting"
+    generate = commands.add_parser(
+        "generate",
+        help="one prompt: submit, wait, save the images (prints their paths)",
+        description="Submit one prompt, wait for its images and save them; prints each saved "
+        "file's path on stdout (with --no-wait: the job key).",
     )
-    _add_run_arguments(generate)
-    _add_common_arguments(generate)
-    _add_connection_arguments(generate)
+    generate.add_argument("prompt")
+    _add_single_job_arguments(generate)
+
+    edit = commands.add_parser(
+        "edit",
+        help="edit images with a prompt: submit, wait, save (prints their paths)",
+        description="Edit one or more source images with a prompt. --image and --mask take an "
+        "http(s) URL (the gateway fetches it) or a local PNG/JPEG/WEBP file (sent inline as a "
+        "base64 data URL).",
+    )
+    edit.add_argument("prompt")
+    edit.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="PATH_OR_URL",
+        help="a source image: a local file or an http(s) URL (repeatable)",
+    )
+    edit.add_argument(
+        "--mask", metavar="PATH_OR_URL", help="a mask image: transparent where to edit"
+    )
+    _add_single_job_arguments(edit)
+
+    status = commands.add_parser(
+        "status",
+        help="show jobs by key (submitted elsewhere, or with --no-wait); --wait saves them",
+        description="Print one line per key: its state, progress and images, or why it ended "
+        "(exit 1 when a key is not found). With --wait, wait for the jobs and save their "
+        "images like generate.",
+    )
+    status.add_argument("keys", nargs="+", metavar="KEY", help="job keys")
+    status.add_argument(
+        "--wait", action="store_true", help="wait for the jobs and save their images"
+    )
+    _add_output_arguments(status)
+    _add_run_arguments(status)
+    _add_common_arguments(status)
+    _add_connection_arguments(status)
 
     bulk = commands.add_parser(
         "bulk",
@@ -186,16 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         "resume", help="collect the images of a journaled run's unfinished jobs"
     )
     resume.add_argument("journal", type=Path, help="the run's journal (e.g. out/journal.sqlite)")
-    resume.add_argument("-o", "--out", type=Path, default=Path("out"), help="folder for images")
-    resume.add_argument("--job-timeout", type=float, default=None, help="seconds a job may take")
+    _add_output_arguments(resume)
     _add_run_arguments(resume)
     _add_common_arguments(resume)
     _add_connection_arguments(resume)
 
     _cli_journal.add_parser(commands, _add_common_arguments, _add_connection_arguments)
 
-    emulator = commands.add_parser("emulator", help="serve the gateway emulator")
-    emulator_server.add_arguments(emulator)
+    emulator_parser = commands.add_parser("emulator", help="serve the gateway emulator")
+    emulator.add_arguments(emulator_parser)
     return parser
 
 
@@ -206,14 +269,18 @@ def _defaults(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
-    # Import outside any except block: an error in the run must not chain under ImportError.
+    return _loop_runner()(main)
+
+
+def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    # The import is tried apart from the run: an error in the run must not chain under an
+    # ImportError of an optional speed-up.
     try:
         import uvloop  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
-        uvloop = None
-    if uvloop is None:
-        return asyncio.run(main)
-    return int(uvloop.run(main))
+        return asyncio.run
+    run: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    return run
 
 
 def _progress_mode(args: argparse.Namespace) -> Mode:
@@ -230,6 +297,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--concurrency", "concurrency"),
         ("--max-in-flight", "max_in_flight"),
         ("--progress-interval", "progress_interval"),
+        ("--emulator-time-scale", "emulator_time_scale"),
     ):
         value = getattr(args, dest, None)
         if value is not None and not value > 0:
@@ -241,38 +309,26 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _run_loop(_cli_journal.run(args, console))
     _check_numbers(args)
     items: list[BulkItem] = []
+    rows_without_id: list[int] = []
     if args.command == "bulk":
         items = read_requests(args.file, _defaults(args))
-    elif args.command == "generate":
-        try:
-            request = GenerationRequest.build({**_defaults(args), "prompt": args.prompt})
-        except InvalidRequestError as exc:
-            raise UsageError(
-                "; ".join(f"--{f.replace('_', '-')}: {r}" for f, r in exc.violations)
-            ) from None
-        items = [BulkItem(1, request)]
+        rows_without_id = [item.line for item in items if item.row_id is None]
+    elif args.command in ("generate", "edit"):
+        request = build_request(args, _defaults(args))
         if args.no_wait:
-            return _run_loop(_cli_journal.submit_no_wait(args, request))
+            return _run_loop(submit_no_wait(args, request))
+        items = [BulkItem(1, request)]
+        rows_without_id = [1]
+    elif args.command == "status":
+        rows_without_id = list(range(1, len(args.keys) + 1))
+        if not args.wait:
+            return _run_loop(show_status(args))
     elif not args.journal.exists():
         raise UsageError(f"{args.journal}: no such journal")
+    check_name_template(args.name, rows_without_id)
     check_out_folder(args.out)
     session = Session(args, console, _progress_mode(args))
     return _run_loop(session.run(items))
-
-
-def _serve_emulator(args: argparse.Namespace) -> int:
-    try:
-        asyncio.run(emulator_server.serve(args))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise UsageError(
-                f"emulator: port {args.port} on {args.host} is in use; pick another --port "
-                "(--port 0 picks a free one)"
-            ) from None
-        raise UsageError(
-            f"emulator: cannot listen on {args.host}:{args.port}: {exc.strerror}"
-        ) from None
-    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     say = console.out  # plain text, never markup
     try:
         if args.command == "emulator":
-            return _serve_emulator(args)
+            return emulator.run(args)
         return _dispatch(args, console)
     except InputFileError as exc:
         for problem in exc.problems:

@@ -20,8 +20,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import _contract, _rules
 from .._auth import verify_signature
+from .._contract import JobStatus
 from . import _png
-from ._state import EmulatedJob, EmulatorConfig, FaultConfig, JobStore
+from ._state import (
+    EmulatedJob,
+    EmulatorConfig,
+    FaultConfig,
+    JobStore,
+)
 
 ENDPOINTS: Final = {
     "generations": _contract.GENERATIONS_PATH,
@@ -360,7 +366,7 @@ class Gateway:
     def _entry(
         self, job: EmulatedJob, now: float, origin: str, faults: FaultConfig
     ) -> dict[str, Any]:
-        status = job.status_at(now)
+        status: int = job.status_at(now)
         if status in _contract.TERMINAL_STATUSES:
             if job.first_listed_done is None:
                 job.first_listed_done = now
@@ -368,9 +374,9 @@ class Gateway:
             self.stats.faults["unknown_status"] += 1
             status = 2
         fail: dict[str, Any] | None = None
-        if job.outcome == _contract.STATUS_FAILED and status == _contract.STATUS_FAILED:
+        if job.outcome == JobStatus.FAILED and status == JobStatus.FAILED:
             fail = {"fail_code": _JOB_FAIL_CODE, "fail_message": "generation failed upstream"}
-        elif status == _contract.STATUS_MODERATION_REJECTED:
+        elif status == JobStatus.MODERATION_REJECTED:
             fail = {
                 "fail_code": int(_contract.CODE_SENSITIVE_PROMPT),
                 "fail_message": "prompt contains sensitive words",
@@ -383,14 +389,29 @@ class Gateway:
             }
             for index in range(job.images_done_at(now))
         ]
-        return {
+        entry: dict[str, Any] = {
             "key": job.key,
             "status": status,
             "complete_percent": job.percent_at(now),
-            "expected_seconds": job.expected_at(now),
-            "images": images,
-            "fail_message": fail,
         }
+        expected = job.expected_at(now)
+        if expected is not None:
+            entry["expected_seconds"] = expected
+        entry["images"] = images
+        entry["fail_message"] = fail
+        if self.config.progress_fields:
+            self._progress(entry, job, now)
+        return entry
+
+    def _progress(self, entry: dict[str, Any], job: EmulatedJob, now: float) -> None:
+        """The platform's optional progress fields, each only once it is known."""
+        if now < job.started_at:
+            entry["queue_before_num"] = self.store.queue_before(job, now)
+        elif job.outcome != JobStatus.MODERATION_REJECTED:
+            entry["start_gen_time"] = round(job.started_at, 3)
+        if now >= job.ends_at:
+            entry["complete_time"] = round(job.ends_at, 3)
+            entry["integral_cost"] = job.cost()
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests["files"] += 1

@@ -6,13 +6,15 @@ status at any moment is computed from the clock, so 100,000 jobs cost no timers 
 
 from __future__ import annotations
 
+import bisect
 import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .. import _contract, _rules
+from .._contract import JobStatus
 
 # Typical durations in seconds at time_scale 1, per model: (queue wait, one image). They shape
 # the sampled truth AND the estimate sent as expected_seconds, as a real gateway's estimate
@@ -25,6 +27,11 @@ TYPICAL_SECONDS: dict[str, tuple[float, float]] = {
 _UNKNOWN_MODEL_SECONDS = (3.0, 10.0)
 # Gamma shape of the sampled durations: spread like real queues, never negative.
 _SHAPE = 4.0
+# Points charged per image once a job succeeds (integral_cost); the emulator's own figures.
+POINTS_PER_IMAGE: dict[str, int] = {"gpt-image-1": 8, "dall-e-2": 2, "dall-e-3": 6}
+_UNKNOWN_MODEL_POINTS = 5
+# Share of a job_seconds-model job spent queued before generation starts.
+_QUEUE_SHARE = (0.05, 0.25)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,7 +39,12 @@ class FaultConfig:
     """Faults on demand; every knob is off by default.
 
     Probabilities apply per request to the API endpoints in ``endpoints`` (``generations``,
-    ``edits``, ``info``); job-level knobs apply per job.
+    ``edits``, ``info``); job-level knobs apply per job, drawn when the job is created (so a
+    change affects the jobs created after it).
+
+    The ``estimate_*`` knobs live here rather than in EmulatorConfig because a wrong estimate
+    is the gateway misbehaving, and like every fault it can be switched while the emulator runs
+    (``set_faults``, or ``POST /_emulator/faults`` for an emulator in its own process).
 
     Attributes:
         http_5xx: probability of an HTTP ``http_5xx_status`` reply with a JSON envelope.
@@ -50,7 +62,15 @@ class FaultConfig:
         shuffle_entries: list entries in random order.
         unknown_status: probability that a running job is reported with status 2.
         fail_jobs: probability that a job fails (status 3) partway.
+        end_without_result: probability that a job ends partway with status -1 ("ended
+            without a result": terminal, no images, no fail_message).
         moderation_words: a prompt containing any of these ends in status 5.
+        estimate_noise: each job's ``expected_seconds`` is its estimate times a factor drawn
+            once per job, uniformly from ``[1 - x, 1 + x]`` (0.5: off by up to 50%).
+        estimate_bias: multiplies every job's estimate (1.5: the gateway is 50% pessimistic).
+        estimate_constant: when set, ``expected_seconds`` is always this many seconds, whatever
+            the job and however long it has run (a placeholder estimate).
+        estimate_absent: probability that a job's entries carry no ``expected_seconds``.
     """
 
     endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
@@ -73,7 +93,12 @@ class FaultConfig:
     shuffle_entries: bool = False
     unknown_status: float = 0.0
     fail_jobs: float = 0.0
+    end_without_result: float = 0.0
     moderation_words: tuple[str, ...] = ()
+    estimate_noise: float = 0.0
+    estimate_bias: float = 1.0
+    estimate_constant: float | None = None
+    estimate_absent: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +115,16 @@ class EmulatorConfig:
         faults: fault injection settings.
         retain_finished_s: finished jobs are forgotten (absent from replies) after this long;
             None keeps them for the emulator's lifetime.
+        job_seconds: when set, ``(low, high)``: each job lasts a uniform draw from this range
+            (times ``time_scale``) from submit to its end, a few tenths of it queued, instead
+            of the per-model latency model. Benchmarks use it for "jobs of 10-30 s".
+        estimate_basis: what ``expected_seconds`` is computed from before any ``estimate_*``
+            fault: ``"typical"`` (default) from typical durations, as a real gateway's estimate
+            comes from typical figures and not from the future; ``"actual"`` from the job's own
+            drawn timeline, i.e. an estimate that is right.
+        progress_fields: list the platform's optional progress fields: ``queue_before_num``
+            (jobs ahead, while queued), ``start_gen_time`` and ``complete_time`` (unix seconds,
+            once known) and ``integral_cost`` (points charged, once finished).
     """
 
     time_scale: float = 1.0
@@ -98,6 +133,9 @@ class EmulatorConfig:
     strict_regexps: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
     retain_finished_s: float | None = None
+    job_seconds: tuple[float, float] | None = None
+    estimate_basis: Literal["typical", "actual"] = "typical"
+    progress_fields: bool = True
 
 
 @dataclass(slots=True)
@@ -113,40 +151,51 @@ class EmulatedJob:
     created_at: float
     started_at: float
     image_done_at: list[float]
-    outcome: int  # the terminal status it will reach: 3, 4 or 5
+    outcome: JobStatus  # the terminal status it will reach: -1, 3, 4 or 5
     ends_at: float
-    estimate_total: float
+    estimate_total: float | None  # seconds from creation to the end; None: not given
     absent_until: float
+    estimate_constant: float | None = None  # a placeholder sent instead of any countdown
     first_listed_done: float | None = None
 
-    def status_at(self, now: float) -> int:
+    def status_at(self, now: float) -> JobStatus:
         """The status the gateway reports at ``now``."""
         if now >= self.ends_at:
             return self.outcome
         if now >= self.started_at:
-            return _contract.STATUS_GENERATING
-        return _contract.STATUS_QUEUED
+            return JobStatus.GENERATING
+        return JobStatus.QUEUED
 
     def images_done_at(self, now: float) -> int:
         """How many images exist at ``now`` (none for a job that does not succeed)."""
-        if self.outcome != _contract.STATUS_SUCCEEDED:
+        if self.outcome != JobStatus.SUCCEEDED:
             return 0
         return sum(1 for done in self.image_done_at if done <= now)
 
     def percent_at(self, now: float) -> float:
         """True progress: share of the generation time elapsed."""
-        if now >= self.ends_at and self.outcome == _contract.STATUS_SUCCEEDED:
+        if now >= self.ends_at and self.outcome == JobStatus.SUCCEEDED:
             return 100.0
         if now <= self.started_at:
             return 0.0
         span = self.image_done_at[-1] - self.started_at
         return round(min(100.0, 100.0 * (min(now, self.ends_at) - self.started_at) / span), 1)
 
-    def expected_at(self, now: float) -> float:
-        """The gateway's ESTIMATE of seconds left, from typical durations only."""
+    def expected_at(self, now: float) -> float | None:
+        """The gateway's ESTIMATE of seconds left (None when it gives none)."""
+        if self.estimate_total is None:
+            return None
         if now >= self.ends_at:
             return 0.0
+        if self.estimate_constant is not None:
+            return self.estimate_constant
         return round(max(0.0, self.estimate_total - (now - self.created_at)), 2)
+
+    def cost(self) -> int:
+        """Points charged once the job has ended: only images delivered are paid for."""
+        if self.outcome != JobStatus.SUCCEEDED:
+            return 0
+        return self.n * POINTS_PER_IMAGE.get(self.model, _UNKNOWN_MODEL_POINTS)
 
 
 class JobStore:
@@ -156,6 +205,8 @@ class JobStore:
         self.config = config
         self.rng = rng
         self.jobs: dict[str, EmulatedJob] = {}
+        # Every job's generation start, sorted: a queue position is two bisections.
+        self._starts: list[float] = []
 
     def new_key(self) -> str:
         """A fresh 32-hex-digit key, as the gateway hands out."""
@@ -172,21 +223,39 @@ class JobStore:
         n = int(body.get("n") or 1)
         queue_typ, image_typ = TYPICAL_SECONDS.get(model, _UNKNOWN_MODEL_SECONDS)
         scale = config.time_scale
-        started = now + rng.gammavariate(_SHAPE, queue_typ / _SHAPE) * scale
         done_at: list[float] = []
-        clock = started
-        for _ in range(n):
-            clock += rng.gammavariate(_SHAPE, image_typ / _SHAPE) * scale
-            done_at.append(clock)
+        if config.job_seconds is not None:
+            low, high = config.job_seconds
+            total = rng.uniform(low, high) * scale
+            started = now + total * rng.uniform(*_QUEUE_SHARE)
+            done_at = [started + (now + total - started) * (i + 1) / n for i in range(n)]
+            typical_total = (low + high) / 2 * scale
+        else:
+            started = now + rng.gammavariate(_SHAPE, queue_typ / _SHAPE) * scale
+            clock = started
+            for _ in range(n):
+                clock += rng.gammavariate(_SHAPE, image_typ / _SHAPE) * scale
+                done_at.append(clock)
+            typical_total = (queue_typ + n * image_typ) * scale
         prompt = str(body.get("prompt", ""))
         if any(word.lower() in prompt.lower() for word in faults.moderation_words):
-            outcome, ends = _contract.STATUS_MODERATION_REJECTED, started
+            outcome, ends = JobStatus.MODERATION_REJECTED, started
         elif faults.fail_jobs and rng.random() < faults.fail_jobs:
-            outcome = _contract.STATUS_FAILED
+            outcome = JobStatus.FAILED
+            ends = started + (done_at[-1] - started) * rng.uniform(0.1, 0.9)
+        elif faults.end_without_result and rng.random() < faults.end_without_result:
+            outcome = JobStatus.ENDED_WITHOUT_RESULT
             ends = started + (done_at[-1] - started) * rng.uniform(0.1, 0.9)
         else:
-            outcome, ends = _contract.STATUS_SUCCEEDED, done_at[-1]
+            outcome, ends = JobStatus.SUCCEEDED, done_at[-1]
         absent = faults.absent_jobs and rng.random() < faults.absent_jobs
+        basis = ends - now if config.estimate_basis == "actual" else typical_total
+        estimate: float | None = basis * faults.estimate_bias
+        if faults.estimate_noise:
+            noise = faults.estimate_noise
+            estimate = basis * faults.estimate_bias * rng.uniform(1 - noise, 1 + noise)
+        if faults.estimate_absent and rng.random() < faults.estimate_absent:
+            estimate = None
         job = EmulatedJob(
             key=self.new_key(),
             app_id=app_id,
@@ -199,9 +268,11 @@ class JobStore:
             image_done_at=done_at,
             outcome=outcome,
             ends_at=ends,
-            estimate_total=(queue_typ + n * image_typ) * scale,
+            estimate_total=estimate,
+            estimate_constant=faults.estimate_constant,
             absent_until=now + faults.absent_s if absent else now,
         )
+        bisect.insort(self._starts, started)
         self.jobs[job.key] = job
         return job
 
@@ -215,14 +286,19 @@ class JobStore:
             return None
         return job
 
+    def queue_before(self, job: EmulatedJob, now: float) -> int:
+        """Jobs ahead of ``job`` in the queue: still queued at ``now``, starting before it."""
+        return max(
+            0,
+            bisect.bisect_left(self._starts, job.started_at)
+            - bisect.bisect_right(self._starts, now),
+        )
+
     def counts_by_state(self, now: float) -> dict[str, int]:
-        """How many jobs are in each state at ``now``."""
-        names = {
-            _contract.STATUS_QUEUED: "queued",
-            _contract.STATUS_GENERATING: "generating",
-            _contract.STATUS_FAILED: "failed",
-            _contract.STATUS_SUCCEEDED: "succeeded",
-            _contract.STATUS_MODERATION_REJECTED: "rejected",
-        }
-        counts = Counter(names[job.status_at(now)] for job in self.jobs.values())
-        return {name: counts.get(name, 0) for name in names.values()}
+        """How many jobs are in each state at ``now`` (keyed by the status's label)."""
+        counts = Counter(job.status_at(now) for job in self.jobs.values())
+        return {_state_name(status): counts.get(status, 0) for status in JobStatus}
+
+
+def _state_name(status: JobStatus) -> str:
+    return status.label.replace(" ", "_")

@@ -1,0 +1,525 @@
+"""Issue 12's scenarios: jobs of real length (time_scale 1.0), each against per-key polling.
+
+Used by run.py (``--only burst,trickle,bad_estimates,rate429,lag``). Every figure is measured
+in this process (the client) against an emulator in its own process:
+  burst          N jobs lasting 10-30 s, submitted at once through the worker pool
+  trickle        5 new jobs per second for 60 s, each 10-30 s; and single jobs awaited alone
+  bad_estimates  the burst with expected_seconds off by up to 50%, a constant 30 s, or absent
+  rate429        jobs finished per second with 3% random 429s vs without (short jobs)
+  lag            event-loop lag while N jobs are pending (none ends during the measure)
+Resolution is "the emulator's record of when the job finished" to "the future resolved".
+The per-key poller is one task per job asking about its own key every 0.5 s (INTERVAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from common import (
+    CONCURRENCY,
+    GENERATIONS,
+    INFO,
+    INTERVAL,
+    Gateway,
+    LagTicker,
+    calls_between,
+    emulator,
+    percentile,
+    requests_for,
+    run_floor,
+    submit_all,
+)
+
+from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
+
+SEED = 12
+# Statuses a per-key poller stops at (API.md: -1, 3, 4, 5 are terminal).
+TERMINAL = (-1, 3, 4, 5)
+BAD_ESTIMATES: dict[str, dict[str, Any]] = {
+    "noise_50pct": {"estimate_noise": 0.5},
+    "constant_30s": {"estimate_constant": 30.0},
+    "absent": {"estimate_absent": 1.0},
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sizes:
+    """How big each scenario is: the issue's figures, or a quick version to iterate with."""
+
+    burst_jobs: int = 2000
+    job_seconds: tuple[float, float] = (10.0, 30.0)
+    trickle_per_s: float = 5.0
+    trickle_s: float = 60.0
+    single_rounds: int = 3
+    rate429_jobs: int = 3000
+    rate429_time_scale: float = 0.1
+    lag_pending: int = 100_000
+    lag_hold_s: float = 10.0
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    burst_jobs=200,
+    job_seconds=(2.0, 6.0),
+    trickle_s=12.0,
+    single_rounds=1,
+    rate429_jobs=500,
+    lag_pending=10_000,
+    lag_hold_s=3.0,
+)
+
+
+def real_jobs(sizes: Sizes, **faults: Any) -> dict[str, Any]:
+    """Emulator settings: jobs of sizes.job_seconds whose estimate is right unless faulted."""
+    return {"job_seconds": list(sizes.job_seconds), "estimate_basis": "actual", "faults": faults}
+
+
+async def paced(
+    start_one: Callable[[dict[str, Any]], Awaitable[Any]],
+    requests: list[dict[str, Any]],
+    per_second: float,
+) -> None:
+    """Start ``start_one(request)`` for each request at ``per_second``, as web requests come."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    tasks = []
+    for index, request in enumerate(requests):
+        delay = began + index / per_second - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(start_one(request)))
+    await asyncio.gather(*tasks)
+
+
+def _figures(
+    count: int,
+    calls: int,
+    asks: float,
+    latencies: list[float],
+    cpu: float,
+    wall: float,
+) -> dict[str, Any]:
+    return {
+        "jobs": count,
+        "resolved": len(latencies),
+        "calls_per_job": calls / count,
+        "asks_per_key": asks / count,
+        "resolve_p50_s": percentile(latencies, 0.5),
+        "resolve_p99_s": percentile(latencies, 0.99),
+        "resolve_max_s": max(latencies, default=float("nan")),
+        "cpu_per_job_us": cpu / count * 1e6,
+        "wall_s": wall,
+    }
+
+
+# --- ours ----------------------------------------------------------------------------------------
+async def ours(
+    gateway: Gateway, requests: list[dict[str, Any]], *, per_second: float | None = None
+) -> dict[str, Any]:
+    """Our client: submit (all at once, or paced), then wait for every job."""
+    resolved_at: dict[str, float] = {}
+    jobs: list[ImageJob] = []
+    poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
+    limits = Limits(max_concurrent_submits=CONCURRENCY, max_connections=64)
+    before = await gateway.stats(timelines=False)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+
+    def note(job: ImageJob) -> None:
+        resolved_at[job.key] = time.time()
+
+    async with WujieClient(
+        gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
+    ) as client:
+
+        async def submit(request: dict[str, Any]) -> None:
+            job = await client.images.submit(**request)
+            job.add_done_callback(note)  # at once: jobs may end while others are submitted
+            jobs.append(job)
+
+        if per_second is None:
+            await submit_all(submit, requests)
+        else:
+            await paced(submit, requests, per_second)
+        failed = 0
+        for job in jobs:
+            try:
+                await job
+            except Exception:
+                failed += 1
+        stats = client.stats
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    after = await gateway.stats()
+    done = after["timelines"]
+    latencies = [resolved_at[key] - done[key]["done"] for key in resolved_at]
+    result = _figures(
+        len(requests), calls_between(before, after), stats.keys_polled, latencies, cpu, wall
+    )
+    result.update(
+        jobs_failed=failed,
+        mean_batch_fill=stats.mean_batch_fill,
+        rate_limited=stats.rate_limited,
+        jobs_per_s=len(requests) / wall,
+    )
+    return result
+
+
+# --- the per-key baseline ------------------------------------------------------------------------
+async def per_key(
+    gateway: Gateway, requests: list[dict[str, Any]], *, per_second: float | None = None
+) -> dict[str, Any]:
+    """A competent per-key poller: pooled session, cached signature, one task per job."""
+    header = gateway.credentials.header_at(int(time.time()))
+    headers = {"Authorization": header, "Content-Type": "application/json"}
+    slots = asyncio.Semaphore(CONCURRENCY)
+    resolved: dict[str, float] = {}
+    polls = 0
+    before = await gateway.stats(timelines=False)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+
+        async def post(path: str, body: Any) -> Any:
+            async with http.post(gateway.base_url + path, json=body, headers=headers) as reply:
+                return json.loads(await reply.read())
+
+        async def one(request: dict[str, Any]) -> None:
+            nonlocal polls
+            async with slots:
+                key = (await post(GENERATIONS, request))["data"]["key"]
+            while True:
+                await asyncio.sleep(INTERVAL)
+                polls += 1
+                entries = (await post(INFO, [key]))["data"]["list"]
+                if entries and entries[0]["status"] in TERMINAL:
+                    resolved[key] = time.time()
+                    return
+
+        if per_second is None:
+            await asyncio.gather(*(one(r) for r in requests))
+        else:
+            await paced(one, requests, per_second)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    after = await gateway.stats()
+    done = after["timelines"]
+    latencies = [resolved[key] - done[key]["done"] for key in resolved]
+    return _figures(len(requests), calls_between(before, after), polls, latencies, cpu, wall)
+
+
+# --- the comparisons -----------------------------------------------------------------------------
+def compare(mine: dict[str, Any], theirs: dict[str, Any], floor: dict[str, Any]) -> dict[str, Any]:
+    """One block of latest.json: ours against per-key polling and the floor, same jobs."""
+    return {
+        "jobs": mine["jobs"],
+        "calls_per_job": mine["calls_per_job"],
+        "calls_per_job_per_key": theirs["calls_per_job"],
+        "calls_ratio_per_key_to_ours": theirs["calls_per_job"] / mine["calls_per_job"],
+        "asks_per_key": mine["asks_per_key"],
+        "asks_per_key_per_key": theirs["asks_per_key"],
+        "resolve_p50_s": mine["resolve_p50_s"],
+        "resolve_p99_s": mine["resolve_p99_s"],
+        "resolve_p50_s_per_key": theirs["resolve_p50_s"],
+        "resolve_p99_s_per_key": theirs["resolve_p99_s"],
+        "cpu_per_job_us": mine["cpu_per_job_us"],
+        "cpu_per_job_us_floor": floor["cpu_per_job_us"],
+        "cpu_ratio_to_floor": mine["cpu_per_job_us"] / floor["cpu_per_job_us"],
+        "runs": {"ours": mine, "per_key": theirs, "floor": floor},
+    }
+
+
+def _say(label: str, result: dict[str, Any]) -> None:
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+    print(f"    {label}: {json.dumps(shown)}", flush=True)
+
+
+async def _in_emulator(
+    label: str,
+    settings: dict[str, Any],
+    work: Callable[[Gateway], Awaitable[dict[str, Any]]],
+    *,
+    time_scale: float = 1.0,
+) -> dict[str, Any]:
+    print(f"  {label} ...", flush=True)
+    async with emulator(time_scale, SEED, **settings) as gateway:
+        result = await work(gateway)
+    _say(label, result)
+    return result
+
+
+async def burst(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
+    """N jobs of 10-30 s submitted at once: ours, per-key, floor (each its own emulator)."""
+    requests = requests_for(sizes.burst_jobs)
+    settings = real_jobs(sizes)
+    floor = await _in_emulator("burst floor", settings, lambda g: run_floor(g, len(requests)))
+    mine = await _in_emulator("burst ours", settings, lambda g: ours(g, requests))
+    theirs = await _in_emulator("burst per-key", settings, lambda g: per_key(g, requests))
+    cache["burst_per_key"], cache["burst_floor"] = theirs, floor
+    return compare(mine, theirs, floor)
+
+
+async def trickle(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
+    """A web app: new jobs at a steady rate; then single jobs, each awaited alone."""
+    count = round(sizes.trickle_per_s * sizes.trickle_s)
+    requests = requests_for(count)
+    settings = real_jobs(sizes)
+    rate = sizes.trickle_per_s
+    floor = await _in_emulator("trickle floor", settings, lambda g: run_floor(g, count))
+    mine = await _in_emulator(
+        "trickle ours", settings, lambda g: ours(g, requests, per_second=rate)
+    )
+    theirs = await _in_emulator(
+        "trickle per-key", settings, lambda g: per_key(g, requests, per_second=rate)
+    )
+    block = compare(mine, theirs, floor)
+    block["single"] = await _in_emulator(
+        "single job awaited alone", settings, lambda g: single_jobs(g, sizes.single_rounds)
+    )
+    return block
+
+
+async def single_jobs(gateway: Gateway, rounds: int) -> dict[str, Any]:
+    """One job at a time: ours (a client already open, as in a web app) and a per-key loop,
+    side by side on the same emulator; resolution of each."""
+    mine: list[float] = []
+    theirs: list[float] = []
+    poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
+    request = requests_for(1)[0]
+    header = gateway.credentials.header_at(int(time.time()))
+    headers = {"Authorization": header, "Content-Type": "application/json"}
+    async with (
+        WujieClient(gateway.credentials, base_url=gateway.base_url, poll=poll) as client,
+        aiohttp.ClientSession() as http,
+    ):
+
+        async def post(path: str, body: Any) -> Any:
+            async with http.post(gateway.base_url + path, json=body, headers=headers) as reply:
+                return json.loads(await reply.read())
+
+        async def ours_one() -> tuple[str, float]:
+            job = await client.images.submit(**request)
+            with contextlib.suppress(Exception):
+                await job
+            return job.key, time.time()
+
+        async def per_key_one() -> tuple[str, float]:
+            key = (await post(GENERATIONS, request))["data"]["key"]
+            while True:
+                await asyncio.sleep(INTERVAL)
+                entries = (await post(INFO, [key]))["data"]["list"]
+                if entries and entries[0]["status"] in TERMINAL:
+                    return key, time.time()
+
+        for _ in range(rounds):
+            (key_a, at_a), (key_b, at_b) = await asyncio.gather(ours_one(), per_key_one())
+            done = (await gateway.stats())["timelines"]
+            mine.append(at_a - done[key_a]["done"])
+            theirs.append(at_b - done[key_b]["done"])
+    return {
+        "rounds": rounds,
+        "resolve_s": mine,
+        "resolve_s_per_key": theirs,
+        "resolve_max_s": max(mine),
+        "resolve_max_s_per_key": max(theirs),
+    }
+
+
+async def bad_estimates(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
+    """The burst with a wrong estimate. The per-key poller never reads the estimate, so its
+    figures are those of the burst with a right one: measured once per run (reused from the
+    burst when it ran), not once per variant."""
+    requests = requests_for(sizes.burst_jobs)
+    theirs = cache.get("burst_per_key")
+    floor = cache.get("burst_floor")
+    if floor is None:
+        floor = await _in_emulator(
+            "bad estimates floor", real_jobs(sizes), lambda g: run_floor(g, len(requests))
+        )
+    if theirs is None:
+        theirs = await _in_emulator(
+            "bad estimates per-key", real_jobs(sizes), lambda g: per_key(g, requests)
+        )
+    variants = {}
+    for name, faults in BAD_ESTIMATES.items():
+        mine = await _in_emulator(
+            f"bad estimates ({name}) ours", real_jobs(sizes, **faults), lambda g: ours(g, requests)
+        )
+        variants[name] = compare(mine, theirs, floor)
+    worst = {
+        key: max(block[key] for block in variants.values())
+        for key in ("calls_per_job", "asks_per_key", "resolve_p99_s", "cpu_ratio_to_floor")
+    }
+    return {
+        **worst,
+        "resolve_p99_s_per_key": theirs["resolve_p99_s"],
+        "calls_ratio_per_key_to_ours": min(
+            block["calls_ratio_per_key_to_ours"] for block in variants.values()
+        ),
+        "variants": variants,
+        "note": "top-level figures are the worst variant's",
+    }
+
+
+async def rate429(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
+    """Jobs finished per second (submit of the first to the end of the last) with 3% random
+    429s on every endpoint (Retry-After 1 s) against the same run without any."""
+    requests = requests_for(sizes.rate429_jobs)
+    scale = sizes.rate429_time_scale
+    clean = await _in_emulator(
+        "no 429s", {"faults": {}}, lambda g: ours(g, requests), time_scale=scale
+    )
+    noisy = await _in_emulator(
+        "3% random 429s",
+        {"faults": {"http_429": 0.03, "retry_after_s": 1}},
+        lambda g: ours(g, requests),
+        time_scale=scale,
+    )
+    return {
+        "jobs": len(requests),
+        "time_scale": scale,
+        "jobs_per_s_no_429": clean["jobs_per_s"],
+        "jobs_per_s_3pct_429": noisy["jobs_per_s"],
+        "throughput_ratio": noisy["jobs_per_s"] / clean["jobs_per_s"],
+        "mean_batch_fill_no_429": clean["mean_batch_fill"],
+        "mean_batch_fill_3pct_429": noisy["mean_batch_fill"],
+        "rate_limited": noisy["rate_limited"],
+        "jobs_failed_3pct_429": noisy["jobs_failed"],
+        "runs": {"no_429": clean, "http_429_3pct": noisy},
+    }
+
+
+async def lag(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
+    """Loop lag of a 10 ms ticker while N jobs are pending: during the submits, and over a
+    hold period once all are pending (polling goes on; no job ends: they last 10-15 min)."""
+    count = sizes.lag_pending
+    requests = requests_for(count)
+    settings = {"job_seconds": [600.0, 900.0], "estimate_basis": "actual"}
+
+    async def work(gateway: Gateway) -> dict[str, Any]:
+        poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
+        limits = Limits(max_concurrent_submits=CONCURRENCY, max_connections=64)
+        jobs: list[ImageJob] = []
+        async with WujieClient(
+            gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
+        ) as client:
+
+            async def submit(request: dict[str, Any]) -> None:
+                jobs.append(await client.images.submit(**request))
+
+            with LagTicker() as during:
+                await submit_all(submit, requests)
+            with LagTicker() as holding:
+                await asyncio.sleep(sizes.lag_hold_s)
+            pending = sum(not job.done() for job in jobs)
+            for job in jobs:
+                job.cancel()
+        lags = during.lags + holding.lags
+        return {
+            "pending": pending,
+            "loop_lag_max_ms": max(lags) * 1e3,
+            "loop_lag_p99_ms": percentile(lags, 0.99) * 1e3,
+            "loop_lag_max_ms_while_submitting": max(during.lags) * 1e3,
+            "loop_lag_max_ms_all_pending": max(holding.lags) * 1e3,
+            "hold_s": sizes.lag_hold_s,
+        }
+
+    return await _in_emulator(f"loop lag at {count:,} pending", settings, work)
+
+
+SCENARIOS: dict[str, Callable[[Sizes, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+    "burst": burst,
+    "trickle": trickle,
+    "bad_estimates": bad_estimates,
+    "rate429": rate429,
+    "lag": lag,
+}
+
+# (block, figure, "<=" or ">=", bound or a function of the block) from issue 12.
+TARGETS: list[tuple[str, str, str, Any]] = [
+    ("burst", "resolve_p99_s", "<=", lambda b: b["resolve_p99_s_per_key"] + 0.020),
+    ("burst", "calls_ratio_per_key_to_ours", ">=", 30.0),
+    ("burst", "asks_per_key", "<=", 3.0),
+    ("burst", "cpu_ratio_to_floor", "<=", 1.5),
+    ("trickle", "resolve_p99_s", "<=", lambda b: b["resolve_p99_s_per_key"] + 0.020),
+    ("trickle", "calls_ratio_per_key_to_ours", ">=", 10.0),
+    ("trickle", "asks_per_key", "<=", 3.0),
+    ("bad_estimates", "resolve_p99_s", "<=", lambda b: 2 * b["resolve_p99_s_per_key"]),
+    ("bad_estimates", "calls_ratio_per_key_to_ours", ">=", 15.0),
+    ("rate429", "throughput_ratio", ">=", 0.7),
+    ("lag", "loop_lag_max_ms", "<=", 50.0),
+]
+
+
+def verdicts(blocks: dict[str, Any]) -> dict[str, bool]:
+    met = {}
+    for block, figure, op, bound in TARGETS:
+        if block not in blocks:
+            continue
+        limit = bound(blocks[block]) if callable(bound) else bound
+        value = blocks[block][figure]
+        met[f"{block}.{figure}"] = value <= limit if op == "<=" else value >= limit
+    return met
+
+
+def markdown(blocks: dict[str, Any], met: dict[str, bool]) -> str:
+    """The tables of the issue-12 scenarios."""
+    lines: list[str] = []
+    rows = [(name, blocks[name]) for name in ("burst", "trickle") if name in blocks]
+    rows += [
+        (f"bad estimates: {name}", block)
+        for name, block in blocks.get("bad_estimates", {}).get("variants", {}).items()
+    ]
+    if rows:
+        lines += [
+            "| scenario | jobs | calls/job ours / per-key (ratio) | asks per key ours / per-key "
+            "| resolve p50 / p99 ours | resolve p50 / p99 per-key | CPU/job ours / floor |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, b in rows:
+            lines.append(
+                f"| {name} | {b['jobs']:,} | {b['calls_per_job']:.2f} / "
+                f"{b['calls_per_job_per_key']:.1f} ({b['calls_ratio_per_key_to_ours']:.0f}x) | "
+                f"{b['asks_per_key']:.1f} / {b['asks_per_key_per_key']:.1f} | "
+                f"{b['resolve_p50_s']:.2f} / {b['resolve_p99_s']:.2f} s | "
+                f"{b['resolve_p50_s_per_key']:.2f} / {b['resolve_p99_s_per_key']:.2f} s | "
+                f"{b['cpu_per_job_us']:.0f} / {b['cpu_per_job_us_floor']:.0f} µs "
+                f"({b['cpu_ratio_to_floor']:.1f}x) |"
+            )
+    single = blocks.get("trickle", {}).get("single")
+    if single:
+        lines += [
+            "",
+            f"Single job awaited alone ({single['rounds']} rounds): resolution ours "
+            + ", ".join(f"{v:.2f}" for v in single["resolve_s"])
+            + " s; per-key "
+            + ", ".join(f"{v:.2f}" for v in single["resolve_s_per_key"])
+            + " s.",
+        ]
+    if "rate429" in blocks:
+        r = blocks["rate429"]
+        lines += [
+            "",
+            f"3% random 429s ({r['jobs']:,} jobs, time_scale {r['time_scale']}): "
+            f"{r['jobs_per_s_3pct_429']:.0f} jobs/s vs {r['jobs_per_s_no_429']:.0f} without "
+            f"({r['throughput_ratio']:.2f}x); batch fill {r['mean_batch_fill_3pct_429']:.1f} vs "
+            f"{r['mean_batch_fill_no_429']:.1f}; {r['rate_limited']} 429s received.",
+        ]
+    if "lag" in blocks:
+        lg = blocks["lag"]
+        lines += [
+            "",
+            f"Loop lag with {lg['pending']:,} jobs pending: max {lg['loop_lag_max_ms']:.0f} ms "
+            f"(while submitting {lg['loop_lag_max_ms_while_submitting']:.0f} ms, all pending "
+            f"{lg['loop_lag_max_ms_all_pending']:.0f} ms), p99 {lg['loop_lag_p99_ms']:.1f} ms.",
+        ]
+    if met:
+        lines += [
+            "",
+            "Issue-12 targets: "
+            + ", ".join(f"{name} {'met' if ok else 'MISSED'}" for name, ok in met.items()),
+        ]
+    return "\n".join(lines).lstrip("\n") + "\n"

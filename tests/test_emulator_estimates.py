@@ -1,0 +1,219 @@
+"""The emulator's estimate knobs, status -1 and optional progress fields, over loopback.
+
+Driven by the independent signing client in helpers.py, not by wujie_async's own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from wujie_async.emulator import Emulator, FaultConfig
+
+from .conftest import EmulatorFactory
+from .helpers import GENERATIONS, INFO, raw_post, sign_header
+
+pytestmark = pytest.mark.anyio
+
+# Jobs of 10-30 s (time_scale 1): long enough that nothing ends while a test looks at it.
+LONG = {"time_scale": 1.0, "job_seconds": (10.0, 30.0)}
+PROGRESS_FIELDS = {"queue_before_num", "start_gen_time", "complete_time", "integral_cost"}
+
+
+async def submit_many(emu: Emulator, count: int, **fields: Any) -> list[str]:
+    header = sign_header(emu.credentials.app_id, emu.credentials.private_key)
+    keys = []
+    for index in range(count):
+        body = {"prompt": f"fox {index}", "model": "gpt-image-1", **fields}
+        reply = await raw_post(emu.base_url, GENERATIONS, body, header=header)
+        assert reply.status == 200 and reply.json()["code"] == "200", reply.body
+        keys.append(reply.json()["data"]["key"])
+    return keys
+
+
+async def entries(emu: Emulator, keys: list[str]) -> dict[str, dict[str, Any]]:
+    header = sign_header(emu.credentials.app_id, emu.credentials.private_key)
+    listed: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(keys), 50):
+        reply = await raw_post(emu.base_url, INFO, keys[start : start + 50], header=header)
+        assert reply.status == 200 and reply.json()["code"] == "200", reply.body
+        listed.update((e["key"], e) for e in reply.json()["data"]["list"])
+    assert set(listed) == set(keys)
+    return listed
+
+
+def estimate_factors(emu: Emulator, listed: dict[str, dict[str, Any]]) -> list[float]:
+    """Each job's whole estimate over its true length (1.0 is an estimate that is right)."""
+    now = time.time()
+    factors = []
+    for key, entry in listed.items():
+        job = emu.gateway.store.jobs[key]
+        factors.append(
+            (entry["expected_seconds"] + now - job.created_at) / (job.ends_at - job.created_at)
+        )
+    return factors
+
+
+async def wait_until_all_ended(emu: Emulator) -> None:
+    last_end = max(job.ends_at for job in emu.gateway.store.jobs.values())
+    await asyncio.sleep(max(0.0, last_end - time.time()) + 0.01)
+
+
+async def test_job_seconds_draws_each_job_length_from_the_range(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(**LONG) as emu:
+        await submit_many(emu, 30)
+        lengths = [job.ends_at - job.created_at for job in emu.gateway.store.jobs.values()]
+        assert all(10.0 <= length <= 30.0 for length in lengths)
+        assert max(lengths) - min(lengths) > 5.0  # spread over the range, not one value
+
+
+async def test_actual_basis_gives_an_estimate_that_is_right(emulator: EmulatorFactory) -> None:
+    async with emulator(**LONG, estimate_basis="actual") as emu:
+        keys = await submit_many(emu, 20)
+        factors = estimate_factors(emu, await entries(emu, keys))
+        assert all(f == pytest.approx(1.0, abs=0.01) for f in factors), factors
+
+
+async def test_default_basis_is_the_typical_figure_not_the_truth(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(**LONG) as emu:
+        keys = await submit_many(emu, 20)
+        listed = await entries(emu, keys)
+        # The typical length of a 10-30 s job is 20 s, whatever each job really takes.
+        assert all(abs(e["expected_seconds"] - 20.0) < 0.5 for e in listed.values())
+        assert max(estimate_factors(emu, listed)) > 1.2
+
+
+async def test_estimate_noise_spreads_each_estimate_within_the_band(
+    emulator: EmulatorFactory,
+) -> None:
+    faults = FaultConfig(estimate_noise=0.5)
+    async with emulator(**LONG, estimate_basis="actual", faults=faults) as emu:
+        keys = await submit_many(emu, 60)
+        first = estimate_factors(emu, await entries(emu, keys))
+        assert all(0.49 <= f <= 1.51 for f in first), first
+        assert min(first) < 0.8 and max(first) > 1.2  # actually noisy, both ways
+        # Drawn once per job: asked again, each job's estimate is the same estimate.
+        again = estimate_factors(emu, await entries(emu, keys))
+        assert again == pytest.approx(first, abs=0.01)
+
+
+async def test_estimate_bias_multiplies_every_estimate(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(estimate_bias=2.0)
+    async with emulator(**LONG, estimate_basis="actual", faults=faults) as emu:
+        keys = await submit_many(emu, 20)
+        factors = estimate_factors(emu, await entries(emu, keys))
+        assert all(f == pytest.approx(2.0, abs=0.02) for f in factors), factors
+
+
+async def test_estimate_constant_is_always_the_same_placeholder(
+    emulator: EmulatorFactory,
+) -> None:
+    faults = FaultConfig(estimate_constant=30.0)
+    # Jobs of 0.5-1.5 s: still running 50 ms after the first look, over soon after.
+    async with emulator(time_scale=0.05, job_seconds=(10.0, 30.0), faults=faults) as emu:
+        keys = await submit_many(emu, 10)
+        listed = await entries(emu, keys)
+        assert {e["expected_seconds"] for e in listed.values()} == {30.0}
+        await asyncio.sleep(0.05)  # time passes: a placeholder does not count down
+        later = await entries(emu, keys)
+        assert {e["status"] for e in later.values()} <= {0, 1}
+        assert {e["expected_seconds"] for e in later.values()} == {30.0}
+        await wait_until_all_ended(emu)
+        done = await entries(emu, keys)
+        assert {e["status"] for e in done.values()} == {4}
+        assert {e["expected_seconds"] for e in done.values()} == {0.0}
+
+
+async def test_estimate_absent_omits_expected_seconds(emulator: EmulatorFactory) -> None:
+    async with emulator(**LONG, faults=FaultConfig(estimate_absent=1.0)) as emu:
+        keys = await submit_many(emu, 5)
+        for entry in (await entries(emu, keys)).values():
+            assert "expected_seconds" not in entry
+            assert entry["status"] in (0, 1) and "complete_percent" in entry
+    async with emulator(**LONG, faults=FaultConfig(estimate_absent=0.5)) as emu:
+        keys = await submit_many(emu, 40)
+        given = sum("expected_seconds" in e for e in (await entries(emu, keys)).values())
+        assert 8 <= given <= 32  # a per-job probability, not all or nothing
+
+
+async def test_estimate_faults_can_be_set_over_http_for_new_jobs(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(**LONG) as emu:
+        before = await submit_many(emu, 3)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{emu.origin}/_emulator/faults", json={"estimate_constant": 7}) as r,
+        ):
+            assert r.status == 200 and (await r.json())["estimate_constant"] == 7
+        after = await submit_many(emu, 3)
+        listed = await entries(emu, before + after)
+        assert {listed[k]["expected_seconds"] for k in after} == {7}
+        assert all(listed[k]["expected_seconds"] > 9 for k in before)  # drawn at creation
+
+
+async def test_status_minus_one_ends_a_job_without_a_result(emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(end_without_result=1.0, endpoints=frozenset())
+    async with emulator(faults=faults) as emu:
+        keys = await submit_many(emu, 3, n=2)
+        await wait_until_all_ended(emu)
+        for entry in (await entries(emu, keys)).values():
+            assert entry["status"] == -1
+            assert entry["images"] == [] and entry["fail_message"] is None
+            assert entry["expected_seconds"] == 0.0
+            assert entry["integral_cost"] == 0  # nothing delivered, nothing charged
+        stats = emu.stats()
+        assert stats["jobs_by_state"]["ended_without_a_result"] == 3
+        assert all(t["first_listed_done"] is not None for t in stats["timelines"].values())
+
+
+async def test_end_without_result_is_a_per_job_probability(emulator: EmulatorFactory) -> None:
+    async with emulator(faults=FaultConfig(end_without_result=0.5)) as emu:
+        keys = await submit_many(emu, 40)
+        await wait_until_all_ended(emu)
+        statuses = [e["status"] for e in (await entries(emu, keys)).values()]
+        assert set(statuses) == {-1, 4} and 8 <= statuses.count(-1) <= 32
+
+
+async def test_progress_fields_appear_once_known(emulator: EmulatorFactory) -> None:
+    async with emulator(**LONG) as emu:
+        keys = await submit_many(emu, 20)
+        listed = await entries(emu, keys)
+        jobs = emu.gateway.store.jobs
+        queued = [k for k, e in listed.items() if e["status"] == 0]
+        assert len(queued) >= 10  # 1.5-7.5 s of queue each: all still queued
+        now = time.time()
+        for key in queued:
+            entry = listed[key]
+            assert "start_gen_time" not in entry and "complete_time" not in entry
+            assert "integral_cost" not in entry
+            # Jobs ahead: the other queued jobs that start first.
+            ahead = sum(now < jobs[k].started_at < jobs[key].started_at for k in keys)
+            assert entry["queue_before_num"] == ahead
+        assert sorted(listed[k]["queue_before_num"] for k in queued) == list(range(len(queued)))
+    async with emulator(time_scale=0.01, job_seconds=(10.0, 30.0)) as emu:
+        keys = await submit_many(emu, 5, n=2)
+        await wait_until_all_ended(emu)
+        for key, entry in (await entries(emu, keys)).items():
+            job = emu.gateway.store.jobs[key]
+            assert entry["status"] == 4 and "queue_before_num" not in entry
+            assert entry["start_gen_time"] == pytest.approx(job.started_at, abs=0.001)
+            assert entry["complete_time"] == pytest.approx(job.ends_at, abs=0.001)
+            assert job.created_at < entry["start_gen_time"] < entry["complete_time"]
+            assert entry["integral_cost"] == 16  # 2 gpt-image-1 images at 8 points
+
+
+async def test_progress_fields_can_be_switched_off(emulator: EmulatorFactory) -> None:
+    async with emulator(progress_fields=False) as emu:
+        keys = await submit_many(emu, 3)
+        assert not any(PROGRESS_FIELDS & set(e) for e in (await entries(emu, keys)).values())
+        await wait_until_all_ended(emu)
+        assert not any(PROGRESS_FIELDS & set(e) for e in (await entries(emu, keys)).values())

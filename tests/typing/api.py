@@ -1,0 +1,51 @@
+"""A typed-API check (stamina's pattern): mypy --strict reads this file, pytest never runs it.
+
+Every line marked ``type: ignore[...]`` MUST stay an error: mypy runs with
+``warn_unused_ignores`` (part of --strict), so if the public API stops catching one of these
+mistakes, the ignore becomes unused and the check fails.
+"""
+
+from __future__ import annotations
+
+from wujie_async import (
+    ClientStats,
+    GeneratedImage,
+    ImageJob,
+    ImageResult,
+    JobStatus,
+    JournalEntry,
+    Limits,
+    PollPolicy,
+    WujieClient,
+)
+
+
+async def right_uses(client: WujieClient) -> None:
+    job: ImageJob = await client.images.submit(prompt="a cat", model="gpt-image-1", n=2)
+    result: ImageResult = await job
+    first: GeneratedImage = result.images[0]
+    _url: str | None = first.url
+    _status: JobStatus | int | None = job.status
+    _also: ImageResult = await client.images.generate(
+        prompt="a dog", model="dall-e-3", quality="hd", size="1024x1792", style="vivid", tag="m1"
+    )
+    _edit: ImageJob = await client.images.submit_edit(
+        prompt="add a hat", model="gpt-image-1", image=["https://example.com/a.png"], mask=None
+    )
+    _attached: ImageJob = client.images.attach("KEY", job_timeout=60.0, n=1)
+    _stats: ClientStats = client.stats
+    _rows: list[JournalEntry] = await client.journal_entries("uncertain")
+    _done: bool = JobStatus.SUCCEEDED.terminal
+    _policy = PollPolicy(min_interval=0.25, max_estimate_wait=30.0)
+    _limits = Limits(max_submits_per_second=5.0)
+
+
+async def wrong_uses(client: WujieClient, job: ImageJob) -> None:
+    await client.images.generate(promt="a cat", model="gpt-image-1")  # type: ignore[call-arg]
+    await client.images.generate(prompt="a cat", model="gpt-image-1", n="three")  # type: ignore[arg-type]
+    await client.images.submit(prompt="a cat", model="gpt-image-1", quality="ultra")  # type: ignore[arg-type]
+    await client.images.submit(model="gpt-image-1")  # type: ignore[call-arg]
+    await client.images.submit_edit(prompt="x", model="dall-e-2")  # type: ignore[call-arg]
+    job.status = JobStatus.SUCCEEDED  # type: ignore[misc]
+    job.succeed(4)  # type: ignore[attr-defined]
+    PollPolicy(min_interval="fast")  # type: ignore[arg-type]

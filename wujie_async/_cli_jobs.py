@@ -1,0 +1,147 @@
+"""One job at a time: ``generate``/``edit`` requests from flags, ``--no-wait``, ``status KEY...``.
+
+``edit`` takes ``--image`` and ``--mask`` as http(s) URLs (sent as given: the gateway fetches
+them) or local files, read here and sent inline as base64 data URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import re
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from ._cli_common import EXIT_FAILED, EXIT_OK, UsageError, open_client
+from ._cli_outcome import clean
+from ._client import WujieClient
+from ._config import Limits
+from ._download import sniff_format
+from ._errors import InvalidRequestError
+from ._jobs import ImageJob
+from ._models import EditRequest, GenerationRequest
+
+# Larger files than this are not read: no model takes an image this big (gpt-image-1: 25 MB).
+MAX_IMAGE_FILE_BYTES: Final = 50 * 1024 * 1024
+_MIME = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+_INDEXED = re.compile(r"^(?P<field>\w+)\[(?P<index>\d+)\]$")
+# How long ``status`` (without --wait) waits for the gateway to list every key.
+STATUS_WAIT_S: Final = 15.0
+
+
+def image_argument(value: str, flag: str) -> str:
+    """An ``--image``/``--mask`` value as the request carries it: a URL, or a data URL."""
+    if value.startswith(("http://", "https://", "data:")):
+        return value
+    path = Path(value)
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_FILE_BYTES:
+            raise UsageError(f"{flag} {value}: larger than {MAX_IMAGE_FILE_BYTES >> 20} MB")
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(
+            f"{flag} {value}: cannot read it ({reason}); give an image file or an http(s) URL"
+        ) from None
+    kind = sniff_format(data[:16])
+    if kind is None:
+        raise UsageError(f"{flag} {value}: not a PNG, JPEG or WEBP image")
+    return f"data:{_MIME[kind]};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _flag(field: str) -> str:
+    """A request field as the command line names it (``image[1]`` is the 2nd ``--image``)."""
+    found = _INDEXED.match(field)
+    if found:
+        return f"--{found['field']} #{int(found['index']) + 1}"
+    return "-n" if field == "n" else f"--{field.replace('_', '-')}"
+
+
+def build_request(
+    args: argparse.Namespace, defaults: dict[str, Any]
+) -> GenerationRequest | EditRequest:
+    """The ``generate`` or ``edit`` request the flags describe; a UsageError names the flag."""
+    fields: dict[str, Any] = {**defaults, "prompt": args.prompt}
+    kind: type[GenerationRequest | EditRequest] = GenerationRequest
+    if args.command == "edit":
+        kind = EditRequest
+        fields["image"] = [image_argument(value, "--image") for value in args.image]
+        if args.mask is not None:
+            fields["mask"] = image_argument(args.mask, "--mask")
+    try:
+        return kind.build(fields)
+    except InvalidRequestError as exc:
+        raise UsageError("; ".join(f"{_flag(f)}: {r}" for f, r in exc.violations)) from None
+
+
+async def submit(client: WujieClient, body: dict[str, Any], **options: Any) -> ImageJob:
+    """Submit ``body`` to the endpoint it belongs to: an edit when it carries images."""
+    if "image" in body:
+        return await client.images.submit_edit(**body, **options)
+    return await client.images.submit(**body, **options)
+
+
+async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest | EditRequest) -> int:
+    """``generate --no-wait`` / ``edit --no-wait``: submit, print the key, exit."""
+    async with open_client(args, Limits(), None) as client:
+        job = await submit(client, request.body(), job_timeout=args.job_timeout)
+        print(job.key)  # noqa: T201 - the key is this command's output
+    return EXIT_OK
+
+
+async def show_status(args: argparse.Namespace) -> int:
+    """``status KEY...``: one line per key, as the gateway reports it now."""
+    async with open_client(args, Limits(), None) as client:
+        jobs = [_attach(client, key) for key in args.keys]
+        await _first_reports(client, jobs)
+        unknown = 0
+        for job in jobs:
+            print(describe(job))  # noqa: T201 - the status lines are this command's output
+            unknown += not _reported(job)
+    return EXIT_FAILED if unknown else EXIT_OK
+
+
+def _attach(client: WujieClient, key: str) -> ImageJob:
+    try:
+        return client.images.attach(key)
+    except InvalidRequestError as exc:
+        raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
+
+
+async def _first_reports(client: WujieClient, jobs: list[ImageJob]) -> None:
+    """Wait until the gateway has listed every key (or each has ended), or a short deadline.
+
+    A key the gateway does not know is never listed: once every key has been asked about
+    twice (or the deadline passes) the wait ends and that key reads as not found.
+    """
+    polled_before = client.stats.keys_polled
+    deadline = time.monotonic() + STATUS_WAIT_S
+    while time.monotonic() < deadline:
+        if all(_reported(job) for job in jobs):
+            return
+        if client.stats.keys_polled - polled_before >= 2 * len(jobs) + 1:
+            return
+        await asyncio.sleep(0.02)  # reads in-memory job state only; the poller does the asking
+
+
+def _reported(job: ImageJob) -> bool:
+    """Has the gateway listed this key (or has the job ended) since it was attached?"""
+    return job.status is not None or job.done()
+
+
+def describe(job: ImageJob) -> str:
+    """One status line: key, state, progress, images, or why it ended."""
+    if not _reported(job):
+        return f"{job.key}  not found (the gateway does not list this key)"
+    parts = [job.key, job.status_name, f"{job.progress:.0f}%"]
+    if job.images:
+        parts.append(f"{len(job.images)} image(s)")
+    error = job.exception()
+    if error is not None:
+        parts.append(clean(error))
+    elif not job.done() and job.expected_seconds is not None:
+        parts.append(f"about {job.expected_seconds:.0f} s left")
+    return "  ".join(parts)
