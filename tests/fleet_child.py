@@ -20,6 +20,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from wujie_async.fleet import LeaseLostError, RedisFleet, Report
@@ -185,7 +186,7 @@ async def single(creds: str, n: str, rate: str) -> None:
         say(resolved=await _outcomes(jobs), stats=_stats(client))
 
 
-ROLES = {
+ROLES: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
     "member": member,
     "single": single,
     "limiter": limiter,

@@ -214,9 +214,12 @@ async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
             request = {"prompt": "only once", "model": "dall-e-2"}
             await redis.xadd(REQUESTS, {"request": json.dumps(request)})
             # A first worker takes the message, journals its key, and dies before acknowledging.
-            [[_, [(message_id, _)]]] = await redis.xreadgroup(GROUP, "worker-1", {REQUESTS: ">"})
+            read: Any = await redis.xreadgroup(GROUP, "worker-1", {REQUESTS: ">"})
+            [[_, [(message_id, _)]]] = read
             async with WujieClient(emu.credentials, base_url=emu.base_url, journal=journal) as c:
-                await c.images.submit(**request, tag=message_id.decode())
+                await c.images.submit(
+                    prompt=request["prompt"], model="dall-e-2", tag=message_id.decode()
+                )
             assert emu.stats()["submits_accepted"] == 1
 
             async with WujieClient(

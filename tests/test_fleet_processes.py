@@ -8,6 +8,7 @@ import itertools
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,16 @@ from .fleet_support import (
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
-async def wait_event(proc: Any, field: str, timeout: float = 40) -> dict[str, Any]:
+@dataclass
+class Member:
+    proc: asyncio.subprocess.Process
+    token: str
+
+
+async def wait_event(
+    who: Member | asyncio.subprocess.Process, field: str, timeout: float = 40
+) -> dict[str, Any]:
+    proc = who.proc if isinstance(who, Member) else who
     while True:
         event = await next_event(proc, timeout)
         if field in event:
@@ -58,7 +68,7 @@ def overlapping_pollers(callers: list[list[Any]]) -> int:
 @contextlib.asynccontextmanager
 async def members(
     url: str, emu: dict[str, Any], name: str, count: int, n: int, rate: float, **opts: float
-) -> AsyncIterator[list[Any]]:
+) -> AsyncIterator[list[Member]]:
     lease, timeout = opts.get("lease", 1.0), opts.get("timeout", 3.0)
     procs = [
         await start_child(
@@ -67,16 +77,15 @@ async def members(
         for _ in range(count)
     ]
     try:
-        for proc in procs:
-            proc.info = await wait_event(proc, "member")
-        yield procs
+        yield [Member(proc, (await wait_event(proc, "member"))["token"]) for proc in procs]
     finally:
         for proc in procs:
             await stop_child(proc)
 
 
-def send(proc: Any, line: str) -> None:
-    proc.stdin.write(line.encode() + b"\n")
+def send(who: Member, line: str) -> None:
+    assert who.proc.stdin is not None
+    who.proc.stdin.write(line.encode() + b"\n")
 
 
 async def test_four_members_one_poller_one_rate(tmp_path: Path) -> None:
@@ -120,8 +129,8 @@ async def test_sigkill_of_the_leader(tmp_path: Path) -> None:
             before = (await emulator_stats(emu))["batch_callers"]
             leader_token = before[-1][1] if before else None
             assert leader_token, "no batch call yet"
-            [leader] = [p for p in procs if p.info["token"] == leader_token]
-            leader.send_signal(signal.SIGKILL)
+            [leader] = [p for p in procs if p.token == leader_token]
+            leader.proc.send_signal(signal.SIGKILL)
             killed_at = time.time()
             survivors = [p for p in procs if p is not leader]
             done = [await wait_event(proc, "resolved") for proc in survivors]
