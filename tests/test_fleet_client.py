@@ -183,3 +183,17 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                     assert emu.stats()["submits_accepted"] == 11
             finally:
                 await client.aclose()
+
+
+async def test_a_429_on_a_submit_pauses_every_member(url: str, emulator: EmulatorFactory) -> None:
+    from wujie_async.emulator import FaultConfig
+
+    name = fleet_name()
+    faults = FaultConfig(burst_429=1, retry_after_s=2, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu, member(emu, url, name) as a:
+        job = await a.images.submit(prompt="after a 429", model="dall-e-2")  # retried, then ok
+        assert a.stats.rate_limited == 1
+        async with RedisFleet(url, name=name) as other:
+            paused = await other.limiter(1.0).paused_for()
+        assert 0 < paused <= 2.0  # every member's next submit waits for it
+        await job
