@@ -121,14 +121,20 @@ async def test_four_members_one_poller_one_rate(tmp_path: Path) -> None:
 
 async def test_sigkill_of_the_leader(tmp_path: Path) -> None:
     n, rate = 40, 0.0
-    async with any_redis(tmp_path) as url, emulator_process(tmp_path, "emu") as emu:
+    # Jobs of 1-4 s: the leader's jobs are surely still running when it is killed.
+    async with (
+        any_redis(tmp_path) as url,
+        emulator_process(tmp_path, "emu", time_scale=0.3) as emu,
+    ):
         async with members(url, emu, fleet_name(), 3, n, rate, lease=1.0, timeout=2.0) as procs:
             for proc in procs:
                 send(proc, "go")
             submitted = [await wait_event(proc, "submitted") for proc in procs]
-            before = (await emulator_stats(emu))["batch_callers"]
-            leader_token = before[-1][1] if before else None
-            assert leader_token, "no batch call yet"
+            deadline = time.monotonic() + 10
+            while not (before := (await emulator_stats(emu))["batch_callers"]):
+                assert time.monotonic() < deadline, "no batch call yet"
+                await asyncio.sleep(0.05)
+            leader_token = before[-1][1]
             [leader] = [p for p in procs if p.token == leader_token]
             leader.proc.send_signal(signal.SIGKILL)
             killed_at = time.time()
