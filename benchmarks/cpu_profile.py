@@ -25,7 +25,9 @@ from typing import Any
 
 import run  # the sibling module: python puts this script's folder first on sys.path
 
-from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
+from wujie_async import ImageJob, Limits, PollPolicy, RetryPolicy, Timeouts, WujieClient
+from wujie_async._auth import HeaderSigner
+from wujie_async._transport import Transport
 
 NO_POLLING = PollPolicy(
     first_poll_delay=3600, min_interval=3600, max_interval=3600, max_estimate_wait=3600
@@ -59,8 +61,16 @@ async def client_run(gateway: run.Gateway, count: int, *, poll: bool) -> float:
 
 async def transport_run(gateway: run.Gateway, count: int) -> float:
     requests = run.requests_for(count)
-    async with WujieClient(gateway.credentials, base_url=gateway.base_url) as client:
-        transport = client._transport
+    # The client's own transport class, as a client builds it (no jobs, no poller).
+    transport = Transport(
+        base_url=gateway.base_url,
+        signer=HeaderSigner(gateway.credentials),
+        limits=Limits(),
+        timeouts=Timeouts(),
+        retry=RetryPolicy(),
+    )
+    await transport.open()
+    try:
         started = time.process_time()
 
         async def post(request: dict[str, Any]) -> None:
@@ -68,6 +78,8 @@ async def transport_run(gateway: run.Gateway, count: int) -> float:
 
         await run.submit_all(post, requests)
         return time.process_time() - started
+    finally:
+        await transport.close()
 
 
 async def main(count: int) -> str:

@@ -59,4 +59,5 @@ def emulator() -> EmulatorFactory:
 def make_client(emu: Emulator, **kwargs: Any) -> WujieClient:
     kwargs.setdefault("poll", FAST_POLL)
     kwargs.setdefault("retry", INSTANT_RETRY)
-    return WujieClient(emu.credentials, base_url=emu.base_url, **kwargs)
+    kwargs.setdefault("base_url", emu.base_url)
+    return WujieClient(emu.credentials, **kwargs)

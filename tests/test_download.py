@@ -206,6 +206,13 @@ async def test_transient_failures_are_retried_with_backoff(tmp_path: Path) -> No
         with pytest.raises(TransportError, match="could not connect") as info:
             await saver.save(f"http://127.0.0.1:{closed_port}/x.png", "K5", 4)
         assert info.value.reached_server is False
+        # No aiohttp exception (it holds the request and its URL) rides along in the chain.
+        seen: list[BaseException] = []
+        error: BaseException | None = info.value
+        while error is not None and len(seen) < 10:
+            seen.append(error)
+            error = error.__cause__ or error.__context__
+        assert not [e for e in seen if type(e).__module__.startswith("aiohttp")], seen
     assert sorted(p.name for p in tmp_path.iterdir()) == ["K5-0.png", "K5-1.png"]
 
 

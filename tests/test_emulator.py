@@ -735,3 +735,37 @@ def test_credentials_files_named_in_the_readme_are_ignored_by_git() -> None:
     assert names, "the README names no credentials file; drop this test"
     for name in names:
         assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
+    import argparse
+    import dataclasses
+
+    from wujie_async.emulator import add_arguments
+    from wujie_async.emulator._server import config_from_args
+
+    argv = [
+        "--time-scale", "0.5", "--seed", "3", "--rate-limit-rps", "9", "--strict-regexps",
+        "--retain-finished-s", "30", "--job-seconds", "2,6", "--estimate-basis", "actual",
+        "--no-progress-fields",
+    ]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(argv))
+    wanted = EmulatorConfig(
+        time_scale=0.5,
+        seed=3,
+        rate_limit_rps=9,
+        strict_regexps=True,
+        retain_finished_s=30,
+        job_seconds=(2.0, 6.0),
+        estimate_basis="actual",
+        progress_fields=False,
+    )
+    assert config == wanted
+    settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}
+    assert {
+        name for name in settable if getattr(wanted, name) == getattr(EmulatorConfig(), name)
+    } == set()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--estimate-basis", "psychic"])

@@ -113,8 +113,8 @@ async def test_malformed_entries_and_empty_keys(emulator: EmulatorFactory) -> No
             bare = poller._parse(await transport.post("/bare-list", [], kind="poll"))
             assert bare["K"].status == 1
     async with emulator() as emu:
-        async with make_client(emu) as client:
-            client._transport.base_url = base  # the hostile server is gone: nothing listens
+        # The hostile server is gone: nothing listens at its address any more.
+        async with make_client(emu, base_url=base) as client:
             with pytest.raises(TransportError) as refused:
                 await client.images.submit(prompt="x", model="dall-e-2")
             assert not refused.value.reached_server
@@ -181,9 +181,8 @@ async def test_retry_after_is_honoured(emulator: EmulatorFactory) -> None:
 
 async def test_auth_failure_is_typed_and_not_retried_forever(emulator: EmulatorFactory) -> None:
     async with emulator() as emu:
-        stranger = Credentials("wjemulator0001", unregistered_key())
-        async with make_client(emu) as client:
-            client._transport._signer = HeaderSigner(stranger)
+        stranger = Credentials("wjemulator0001", unregistered_key())  # the app's id, a wrong key
+        async with WujieClient(stranger, base_url=emu.base_url, retry=INSTANT_RETRY) as client:
             with pytest.raises(AuthenticationError) as info:
                 await client.images.submit(prompt="x", model="dall-e-2")
             assert info.value.http_status == 401 and info.value.code == "401"

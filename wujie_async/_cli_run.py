@@ -1,4 +1,4 @@
-"""What ``bulk``, ``generate`` and ``resume`` do once their arguments are read.
+"""What ``bulk``, ``generate``, ``resume`` and ``status`` do once their arguments are read.
 
 A re-run of ``bulk`` on the same journal decides per line from its journal row (found by the
 row's tag): saved lines are skipped, pending ones are collected, uncertain ones are never

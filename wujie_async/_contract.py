@@ -1,8 +1,10 @@
 """Every detail of the wire contract that the platform has not published.
 
-``../shared/API.md`` marks these lines **[assumed]**. They live here, and only here, so that when
-a real gateway disagrees one edit corrects the client and the emulator together. Published
-([doc]/[platform]) facts that several modules need are kept here too, labelled as such.
+``docs/API.md`` marks these lines **[assumed]** (and lists where each one lives here). They live
+here, and only here, so that when a real gateway disagrees one edit corrects the client and the
+emulator together. Published ([doc]/[platform]) facts that several modules need are kept here
+too, labelled as such: paths, envelope codes, the batch limit and reply shape, and
+:class:`JobStatus`, the job statuses both sides read.
 """
 
 from __future__ import annotations

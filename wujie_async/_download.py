@@ -473,8 +473,10 @@ class Downloader:
                 check_url(
                     str(current), allow_http=self._allow_http, allow_private=self._allow_private
                 )
-            # The error text never includes the URL: a CDN's URL may carry a signed token.
-            # `from None` drops aiohttp's exception, which holds the request and its URL.
+            # The error text never includes the URL: a CDN's URL may carry a signed token. The
+            # error is raised after the except block: `from None` alone would still keep
+            # aiohttp's exception (which holds the request and its URL) as __context__.
+            failure: Exception
             try:
                 async with session.get(current, allow_redirects=False) as reply:
                     if reply.status in _REDIRECT_STATUSES:
@@ -496,20 +498,22 @@ class Downloader:
                     return await self._stream_to_file(reply, key, index, id, line)
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, _ForbiddenAddressError):
-                    raise _refused_address(exc.os_error.host, exc.os_error.address) from None
-                raise _RetryableError(
-                    TransportError(
-                        f"image download could not connect: {exc.os_error.strerror or 'error'}",
-                        reached_server=False,
+                    failure = _refused_address(exc.os_error.host, exc.os_error.address)
+                else:
+                    failure = _RetryableError(
+                        TransportError(
+                            f"image download could not connect: {exc.os_error.strerror or 'error'}",
+                            reached_server=False,
+                        )
                     )
-                ) from None
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Reset, disconnected, truncated body (ClientPayloadError), read timeout.
-                raise _RetryableError(
+                failure = _RetryableError(
                     TransportError(
                         f"image download failed: {type(exc).__name__}", reached_server=True
                     )
-                ) from None
+                )
+            raise failure
         raise ProtocolError(f"image download redirected more than {self._max_redirects} times")
 
     async def _stream_to_file(

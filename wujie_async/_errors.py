@@ -305,10 +305,11 @@ class JobError(WujieError):
 
 
 class JobFailedError(JobError):
-    """The gateway reported status 3 (failed) with ``fail_code`` and ``fail_message``.
+    """The job ended without images: status 3 (failed), 5 (moderation) or -1 (no result).
 
-    ``fail_message`` is the server's text as sent; the error's message carries it through
-    :func:`snippet`. Pass it through ``snippet`` too before printing it yourself.
+    ``fail_code`` is the gateway's code when it is a short number (else None).
+    ``fail_message`` is the gateway's text made safe to print: control characters and escape
+    sequences removed, whitespace folded, at most 300 characters (:func:`snippet`).
     """
 
     def __init__(self, *, job_key: str, fail_code: int | None, fail_message: str | None) -> None:

@@ -2,6 +2,11 @@
 
 A job holds no task and polls nothing: the client's one poller feeds it. It costs one
 ``asyncio.Future`` plus a few slots; per-image futures exist only once someone asks for them.
+
+Users only read a job: every attribute is a property. The module functions at the bottom
+(``record_report``, ``add_images``, ``succeed``, ``fail``, ``ended_copy``) are the poller's
+side, the only writers; the poller's scheduling state of a key (when it is due, when it was
+last seen) lives in the poller, not here.
 """
 
 from __future__ import annotations

@@ -4,10 +4,14 @@ Every lower-layer failure is translated here, once, into the ``WujieError`` tree
 retried depends on what the call is (see README, "Reliability"):
 
 * batch-detail queries are idempotent: retried on 5xx, 429, timeouts, dropped connections and
-  replies that are not JSON;
+  replies that break the contract (not JSON, wrong shape);
 * submits are not: retried only when the request provably never reached the gateway (connect
   refused, DNS, connect timeout), on 429 (the gateway refused it) and on code 20010018 (the
-  platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``.
+  platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``;
+* both: a 401 is retried once, re-signed (the cached signature may have gone stale).
+
+Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``), so refused
+submits never slow the polls, nor the reverse.
 
 Nothing is retried that would fail the same way again: 403, a missing route (404/405 without an
 envelope), a redirect, an empty balance, a reply over the size cap. Redirects are never

@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from aiohttp import web
@@ -21,7 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .. import _contract, _rules
 from .._auth import verify_signature
 from .._contract import JobStatus
+from .._errors import InvalidRequestError
 from . import _png
+from ._options import fault_config_from_mapping
 from ._state import (
     EmulatedJob,
     EmulatorConfig,
@@ -431,17 +433,14 @@ class Gateway:
         return web.json_response(self.snapshot(timelines=timelines))
 
     async def _set_faults(self, request: web.Request) -> web.StreamResponse:
+        # The whole fault set is replaced (an empty object turns every fault off), read by the
+        # same field parser as the command line, so the two never drift.
         try:
             wanted = await request.json()
-            known = {f.name for f in fields(FaultConfig)}
-            if not isinstance(wanted, dict) or set(wanted) - known:
-                raise ValueError(f"fields must be among {sorted(known)}")
-            if "endpoints" in wanted:
-                wanted["endpoints"] = frozenset(wanted["endpoints"])
-            if "moderation_words" in wanted:
-                wanted["moderation_words"] = tuple(wanted["moderation_words"])
-            self.set_faults(FaultConfig(**wanted))
-        except (ValueError, TypeError) as exc:
+            if not isinstance(wanted, dict):
+                raise ValueError("the body must be a JSON object of FaultConfig fields")
+            self.set_faults(fault_config_from_mapping(wanted))
+        except (ValueError, InvalidRequestError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         current = asdict(self.config.faults)
         current["endpoints"] = sorted(current["endpoints"])

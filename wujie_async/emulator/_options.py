@@ -39,11 +39,12 @@ class _Setting:
     """One settable field: its name, how to read a text value, and how to read JSON."""
 
     name: str
-    kind: str  # bool, int, float, str, str-list (tuple or frozenset of str)
+    kind: str  # bool, int, float, str, str-list (tuple or frozenset of str), choice, float-pair
     optional: bool
     container: type | None  # tuple or frozenset for list kinds
     default: Any
     help: str
+    choices: tuple[str, ...] = ()  # the values of a Literal (kind "choice")
 
     def from_text(self, raw: str) -> Any:
         """The value of a command-line or ``name=value`` text; ValueError says the rule."""
@@ -63,6 +64,12 @@ class _Setting:
             return self.container(part.strip() for part in text.split(",") if part.strip())
         if self.kind == "str":
             return raw
+        if self.kind == "choice":
+            return self.from_json(text)
+        if self.kind == "float-pair":
+            if text.startswith("["):
+                return self.from_json(json.loads(text))
+            return self.from_json([_number("float", part) for part in text.split(",")])
         return self.from_json(_number(self.kind, text))
 
     def from_json(self, value: Any) -> Any:
@@ -82,6 +89,18 @@ class _Setting:
             return float(value)
         if self.kind == "str" and isinstance(value, str):
             return value
+        if self.kind == "choice" and value in self.choices:
+            return value
+        if (
+            self.kind == "float-pair"
+            and isinstance(value, list | tuple)
+            and len(value) == 2
+            and all(
+                isinstance(item, int | float) and not isinstance(item, bool) and math.isfinite(item)
+                for item in value
+            )
+        ):
+            return (float(value[0]), float(value[1]))
         if self.kind == "str-list":
             if isinstance(value, str):
                 return self.from_text(value)
@@ -94,6 +113,8 @@ class _Setting:
             "float": "a finite number",
             "str": "a string",
             "str-list": "a list of strings (comma-separated)",
+            "choice": "one of " + "|".join(self.choices),
+            "float-pair": "two numbers LOW,HIGH",
         }[self.kind]
         raise ValueError(f"expected {rule}{' or none' if self.optional else ''}, got {value!r}")
 
@@ -143,10 +164,15 @@ def settings(cls: type) -> dict[str, _Setting]:
             hint = rest[0] if len(rest) == 1 else hint
         origin = typing.get_origin(hint)
         container: type | None = None
+        choices: tuple[str, ...] = ()
         if hint in (bool, int, float, str):
             kind = hint.__name__
         elif origin in (tuple, frozenset) and typing.get_args(hint)[0] is str:
             kind, container = "str-list", origin
+        elif origin is typing.Literal and all(isinstance(a, str) for a in typing.get_args(hint)):
+            kind, choices = "choice", typing.get_args(hint)
+        elif origin is tuple and typing.get_args(hint) == (float, float):
+            kind = "float-pair"
         else:
             continue  # e.g. EmulatorConfig.faults: set through its own fields
         if field.default is not dataclasses.MISSING:
@@ -162,6 +188,7 @@ def settings(cls: type) -> dict[str, _Setting]:
             container=container,
             default=default,
             help=docs.get(field.name) or f"sets {cls.__name__}.{field.name}",
+            choices=choices,
         )
     return found
 
