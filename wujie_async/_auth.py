@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from . import _contract
+from ._env import Environment
 from ._errors import InvalidRequestError
 
 REDACTED = "<redacted>"
@@ -114,9 +114,10 @@ class Credentials:
         Raises:
             InvalidRequestError: naming the missing variable, or the key file that cannot be read.
         """
-        app_id = os.environ.get("WUJIE_APP_ID", "")
-        private_key = os.environ.get("WUJIE_PRIVATE_KEY", "")
-        key_file = os.environ.get("WUJIE_PRIVATE_KEY_FILE", "")
+        env = Environment.read()
+        app_id = env.app_id or ""
+        private_key = env.private_key or ""
+        key_file = env.private_key_file or ""
         if not private_key and key_file:
             try:
                 private_key = Path(key_file).read_text(encoding="utf-8")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
@@ -14,6 +13,7 @@ from ._auth import Credentials
 from ._client import WujieClient
 from ._config import Limits, PollPolicy
 from ._download import DEFAULT_NAME, Downloader
+from ._env import Environment
 from ._errors import InvalidRequestError
 from .emulator import _server as emulator_server
 from .emulator import fault_config_from_pairs
@@ -94,14 +94,14 @@ def read_key_file(path: Path, flag: str) -> str:
 
 def credentials(args: argparse.Namespace) -> Credentials:
     """Credentials from the flags, else the environment; a UsageError says what is missing."""
-    app_id = args.app_id or os.environ.get("WUJIE_APP_ID")
+    env = Environment.read()
+    app_id = args.app_id or env.app_id
     if args.private_key_file is not None:
         private_key: str | None = read_key_file(args.private_key_file, "--private-key-file")
-    elif os.environ.get("WUJIE_PRIVATE_KEY"):
-        private_key = os.environ["WUJIE_PRIVATE_KEY"]
-    elif os.environ.get("WUJIE_PRIVATE_KEY_FILE"):
-        key_file = Path(os.environ["WUJIE_PRIVATE_KEY_FILE"])
-        private_key = read_key_file(key_file, "WUJIE_PRIVATE_KEY_FILE")
+    elif env.private_key:
+        private_key = env.private_key
+    elif env.private_key_file:
+        private_key = read_key_file(Path(env.private_key_file), "WUJIE_PRIVATE_KEY_FILE")
     else:
         private_key = None
     if not app_id or not private_key:

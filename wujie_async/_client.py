@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from . import _contract
 from ._auth import Credentials, HeaderSigner
 from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._env import Environment
 from ._errors import (
     ClientStateError,
     InvalidRequestError,
@@ -273,7 +274,7 @@ class WujieClient:
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = _check_base_url(
-            base_url or os.environ.get("WUJIE_BASE_URL") or _contract.PRODUCTION_BASE_URL,
+            base_url or Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
             allow_insecure_http=allow_insecure_http,
         )
         self.poll_policy = poll or PollPolicy()
