@@ -14,7 +14,6 @@ import math
 import time
 import weakref
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +28,6 @@ from wujie_async import (
     PollPolicy,
     ProtocolError,
     RetryPolicy,
-    SubmitUncertainError,
     Timeouts,
     UnknownJobError,
     WujieClient,
@@ -37,10 +35,8 @@ from wujie_async import (
 )
 from wujie_async._errors import snippet
 from wujie_async._models import JobInfo
-from wujie_async.emulator import FaultConfig
 
-from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
-from .helpers import stray_tasks
+from .conftest import FAST_POLL, INSTANT_RETRY
 from .hostile import ScriptedGateway, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
@@ -419,75 +415,3 @@ async def test_queue_position_is_kept_while_queued() -> None:
             seen.append(job.queue_position)
             await asyncio.sleep(0.005)
     assert 9 in seen and 8 in seen
-
-
-# --- issue 9 "done when": 20,000 journaled jobs through the fault mix ---------------------------
-FAULT_RETRY = RetryPolicy(initial_wait=0.01, max_wait=1.0, max_attempts=10)
-
-
-@pytest.mark.slow
-async def test_twenty_thousand_journaled_jobs_through_the_fault_mix(
-    emulator: EmulatorFactory, tmp_path: Path
-) -> None:
-    faults = FaultConfig(
-        http_5xx=0.05,
-        drop_connection=0.01,
-        drop_after_accept=0.01,
-        burst_429=30,
-        retry_after_s=1,
-        html_reply=0.02,
-        business_error=0.02,  # lock races (code 20010018): resent, never paid twice
-        absent_jobs=0.1,
-        absent_s=0.3,
-        duplicate_entries=0.1,
-        shuffle_entries=True,
-        unknown_status=0.05,
-        fail_jobs=0.02,
-    )
-    before = asyncio.all_tasks()
-    count = 20_000
-    async with emulator(faults=faults, time_scale=0.002) as emu:
-        client = make_client(emu, retry=FAULT_RETRY, journal=tmp_path / "jobs.sqlite")
-        async with client:
-
-            async def one(index: int) -> ImageJob | BaseException:
-                try:
-                    return await client.images.submit(prompt=f"job {index}", model="dall-e-2")
-                except WujieError as exc:
-                    return exc
-
-            submitted = await asyncio.gather(*(one(i) for i in range(count)))
-            jobs = [s for s in submitted if isinstance(s, ImageJob)]
-            await asyncio.wait_for(
-                asyncio.gather(*(job.result() for job in jobs), return_exceptions=True), 50
-            )
-            assert all(job.done() for job in jobs)  # 0 hung
-            uncertain_rows = await client.uncertain_submits()
-        assert stray_tasks(before) == set()
-
-        stats = emu.stats(timelines=False)
-        store = emu.gateway.store.jobs
-        errors = [s for s in submitted if not isinstance(s, ImageJob)]
-        uncertain = [e for e in errors if isinstance(e, SubmitUncertainError)]
-        assert all(isinstance(e, WujieError) for e in errors)
-        # Every job accounted for: each accepted key is known, or its submit was uncertain.
-        known = {job.key for job in jobs}
-        assert known <= set(store)
-        lost_replies = stats["faults"].get("drop_after_accept", 0)
-        assert stats["submits_accepted"] == len(known) + lost_replies
-        assert len(uncertain) >= lost_replies
-        assert len(uncertain_rows) == len(uncertain)
-        # 0 paid twice.
-        prompts = Counter(job.prompt for job in store.values())
-        assert max(prompts.values()) == 1
-        # Every outcome matches the emulator's own record.
-        for job in jobs:
-            truth = store[job.key].outcome
-            error = job.exception()
-            if truth == 4:
-                assert error is None, (job.key, error)
-            else:
-                assert isinstance(error, JobFailedError) and truth == 3, (job.key, error)
-        for fault in ("http_5xx", "html_reply", "drop_connection", "duplicate_entries"):
-            assert stats["faults"].get(fault, 0) > 0, fault
-        assert stats["faults"].get("unknown_status", 0) > 0
