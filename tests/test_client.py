@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 
 from wujie_async import (
@@ -389,3 +390,28 @@ async def test_ten_thousand_jobs_fill_their_batch_calls(emulator: EmulatorFactor
     assert stats.jobs_succeeded == 10_000
     assert stats.mean_batch_fill >= 45, stats
     assert max(emu.stats(timelines=False)["batch_sizes"]) <= 50
+
+
+async def test_api_calls_go_through_a_session_the_caller_gives(emulator: EmulatorFactory) -> None:
+    """An aiohttp session of the caller's (its tracing, proxy, TLS) carries every API call."""
+    paths: list[str] = []
+
+    async def on_request_start(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        paths.append(params.url.path)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    async with aiohttp.ClientSession(trace_configs=[trace]) as session, emulator() as emu:
+        async with make_client(emu, session=session) as client:
+            result = await client.images.generate(prompt="x", model="dall-e-2")
+            assert result.status == 4
+        assert not session.closed  # the client never closes a session it was given
+        assert any(path.endswith("/images/generations") for path in paths), paths
+        assert any(path.endswith("/images/info") for path in paths), paths
+    closed = aiohttp.ClientSession()
+    await closed.close()
+    async with emulator() as emu:
+        with pytest.raises(ClientStateError, match="closed"):
+            await make_client(emu, session=closed).open()

@@ -15,6 +15,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self, Unpack
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from . import _contract
 from ._auth import Credentials, HeaderSigner
 from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
@@ -257,6 +259,9 @@ class WujieClient:
         fleet: a ``wujie_async.fleet.RedisFleet``: share the submit rate, the poller and the
             journal (kept in Redis, in place of ``journal``) with every client of the same
             fleet, in any process or machine. See the README, "Running many workers".
+        session: an ``aiohttp.ClientSession`` of yours to send the API calls on (your
+            connector, proxy, TLS or tracing settings apply). The client never closes it;
+            ``Limits.max_connections`` then does not apply. Default: the client's own.
     """
 
     def __init__(
@@ -271,6 +276,7 @@ class WujieClient:
         journal: str | os.PathLike[str] | None = None,
         allow_insecure_http: bool = False,
         fleet: RedisFleet | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = _check_base_url(
@@ -308,6 +314,7 @@ class WujieClient:
             timeouts=self.timeouts,
             retry=self.retry_policy,
             headers=headers,
+            session=session,
         )
         self._poller = BatchPoller(self._transport, self.poll_policy, self.limits)
         # One bound method for every job's cancel hook, not one allocated per job.

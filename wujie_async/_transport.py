@@ -50,6 +50,7 @@ from ._auth import HeaderSigner
 from ._config import Limits, RetryPolicy, Timeouts
 from ._errors import (
     AuthenticationError,
+    ClientStateError,
     EndpointNotFoundError,
     InsufficientBalanceError,
     LockRaceError,
@@ -256,9 +257,17 @@ class Transport:
         timeouts: Timeouts,
         retry: RetryPolicy,
         headers: Mapping[str, str] | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._extra_headers = dict(headers or {})
+        # Sent with every request (not as session defaults): a session may be the caller's.
+        self._fixed_headers = {
+            "User-Agent": _USER_AGENT,
+            "Content-Type": "application/json",
+            **(headers or {}),
+        }
+        # A caller's session is used as given and never closed here; ours is made at open().
+        self._given_session = session
         # Told of every 429 (kind of call, Retry-After if any): a fleet pauses its members.
         self.on_rate_limited: Callable[[CallKind, float | None], None] | None = None
         self._signer = signer
@@ -266,6 +275,7 @@ class Transport:
         self._timeouts = timeouts
         self._retry = retry
         self._session: aiohttp.ClientSession | None = None
+        self._timeout = aiohttp.ClientTimeout(total=timeouts.request, sock_connect=timeouts.connect)
         self.counters = TransportCounters()
         # One 429 brake per kind of call: the gateway may limit submits and batch queries
         # separately, and a burst of refused submits must not slow the polls (or the reverse).
@@ -288,27 +298,26 @@ class Transport:
         return self._session
 
     async def open(self) -> None:
-        """Create the pooled session."""
+        """Create the pooled session (or take the caller's)."""
+        if self._given_session is not None:
+            if self._given_session.closed:
+                raise ClientStateError("the aiohttp session given to the client is closed")
+            self._session = self._given_session
+            return
         # Idle connections are dropped after 4 s, before common server idle timeouts (5 s and
         # up): a submit sent on a connection the server is closing would be uncertain.
         connector = aiohttp.TCPConnector(
             limit=self._limits.max_connections, keepalive_timeout=IDLE_CONNECTION_SECONDS
         )
-        timeout = aiohttp.ClientTimeout(
-            total=self._timeouts.request, sock_connect=self._timeouts.connect
-        )
         self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=timeout,
-            headers={"User-Agent": _USER_AGENT, **self._extra_headers},
-            raise_for_status=False,
+            connector=connector, timeout=self._timeout, raise_for_status=False
         )
 
     async def close(self) -> None:
-        """Close the session and its connections."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close our session and its connections (a caller's session stays open)."""
+        session, self._session = self._session, None
+        if session is not None and session is not self._given_session:
+            await session.close()
 
     async def post(self, path: str, body: Any, *, kind: CallKind) -> Any:
         """POST ``body`` as JSON to ``path``; the envelope's ``data``, retried as ``kind`` allows.
@@ -406,11 +415,9 @@ class Transport:
             async with self.session.post(
                 url,
                 data=payload,
-                headers={
-                    "Authorization": await self._signer.header(),
-                    "Content-Type": "application/json",
-                },
+                headers={"Authorization": await self._signer.header(), **self._fixed_headers},
                 allow_redirects=False,
+                timeout=self._timeout,
             ) as reply:
                 if 300 <= reply.status < 400:
                     reply.close()
