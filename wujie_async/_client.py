@@ -66,6 +66,9 @@ class ClientStats:
         jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
         journal_commits: journal transactions committed (each holds many records; 0 without
             a journal).
+        submit_rate_limit: the submit rate (requests/s) the 429 brake allows now; None while
+            no brake is in force (the gateway has not refused a sustained share of submits).
+        poll_rate_limit: the same for batch-detail calls (each kind of call has its own brake).
         fleet_role: with ``fleet=``: ``leader`` (this member polls for the fleet),
             ``follower`` (a leader polls for it) or ``local`` (Redis is away: it polls its own
             keys); None without a fleet.
@@ -89,6 +92,8 @@ class ClientStats:
     jobs_succeeded: int
     jobs_failed: int
     journal_commits: int = 0
+    submit_rate_limit: float | None = None
+    poll_rate_limit: float | None = None
     fleet_role: str | None = None
     fleet_size: int = 0
     fleet_rate: float | None = None
@@ -845,6 +850,7 @@ class WujieClient:
         transport = self._transport.counters
         calls, keys = poller.batch_calls, poller.keys_polled
         fleet = self._fleet.stats() if self._fleet is not None else None
+        brakes = self._transport.brake_rates
         if fleet is not None:  # calls this process sent as the fleet's leader count too
             calls, keys = calls + fleet.leader_calls, keys + fleet.leader_keys
         stats = ClientStats(
@@ -861,6 +867,8 @@ class WujieClient:
             jobs_succeeded=poller.succeeded,
             jobs_failed=poller.failed,
             journal_commits=self._journal.commits if self._journal is not None else 0,
+            submit_rate_limit=brakes["submit"],
+            poll_rate_limit=brakes["poll"],
         )
         if fleet is None:
             return stats
