@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import pytest
 
 from wujie_async import InvalidRequestError
-from wujie_async._gc_freeze import FREEZE_EVERY
 from wujie_async._models import EditRequest, GenerationRequest
-
-from .conftest import EmulatorFactory, make_client
 
 
 class Text(str):
@@ -72,17 +68,3 @@ def test_the_fast_request_check_matches_pydantic(
         body, _ = fast
         assert list(body) == list(slow()[0])  # the same field order on the wire
         assert all(body[name] is not fields[name] for name in body if type(body[name]) is list)
-
-
-@pytest.mark.anyio
-async def test_gc_freeze_is_opt_in_and_undone_on_close(emulator: EmulatorFactory) -> None:
-    async with emulator() as emu:
-        async with make_client(emu) as client:
-            for index in range(FREEZE_EVERY):
-                client.images.attach(f"key-{index}")
-            assert gc.get_freeze_count() == 0  # not asked for: never frozen
-        async with make_client(emu, gc_freeze=True) as client:
-            for index in range(FREEZE_EVERY):
-                client.images.attach(f"key-{index}")
-            assert gc.get_freeze_count() > 0
-        assert gc.get_freeze_count() == 0
