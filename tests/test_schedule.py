@@ -146,3 +146,26 @@ def test_memory_per_model_is_bounded() -> None:
     for end in range(10, 2000):
         follow(schedule, float(end % 50 + 10), exact)
     assert schedule.samples("m") <= 256
+
+
+def test_watch_starts_for_a_pass_matches_watch_start_per_key() -> None:
+    rng = random.Random(5)
+    schedule = PollSchedule(POLICY)
+    timings = []
+    for index in range(200):
+        timing = KeyTiming(created_at=rng.uniform(0, 10), model=rng.choice(["a", "b", None]))
+        if index % 5:  # a few keys without any prediction
+            schedule.report(timing, timing.created_at + 1, expected_seconds=rng.uniform(1, 60))
+        timings.append(timing)
+
+    def same() -> None:
+        watch_start = schedule.watch_starts()
+        assert [watch_start(t) for t in timings] == [schedule.watch_start(t) for t in timings]
+
+    same()  # every model still on the prior
+    for _ in range(20):  # model "a" learns a wide window; "b" and None stay on the prior
+        ended = KeyTiming(created_at=0.0, model="a")
+        schedule.report(ended, 1.0, expected_seconds=10.0)
+        schedule.job_ended(ended, rng.uniform(2.0, 20.0))
+    assert schedule.samples("a") >= 8
+    same()
