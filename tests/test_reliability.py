@@ -144,6 +144,26 @@ async def test_adaptive_rate_limiting(emulator: EmulatorFactory) -> None:
         assert emu.stats()["faults"].get("rate_limited", 0) == 0
 
 
+async def test_stats_show_the_429_brake_rate_of_each_kind_of_call(
+    emulator: EmulatorFactory,
+) -> None:
+    # Half the submits are refused with 429 (a sustained share: the submit brake cuts in);
+    # batch queries never are, so their own brake stays off.
+    faults = FaultConfig(http_429=0.5, retry_after_s=0, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu:
+        async with make_client(emu) as client:
+            assert client.stats.submit_rate_limit is None
+            assert client.stats.poll_rate_limit is None
+            for index in range(60):
+                await client.images.submit(prompt=f"{index}", model="dall-e-2")
+                if client.stats.submit_rate_limit is not None:
+                    break
+            stats = client.stats
+            assert stats.rate_limited >= 5
+            assert stats.submit_rate_limit is not None and stats.submit_rate_limit > 0
+            assert stats.poll_rate_limit is None
+
+
 async def test_max_in_flight_bounds_outstanding_jobs(emulator: EmulatorFactory) -> None:
     async with emulator(time_scale=0.005) as emu:
         async with make_client(emu, limits=Limits(max_in_flight=20)) as client:

@@ -6,6 +6,7 @@ job) are measured by ``benchmarks/run.py``; these tests pin the behaviour each f
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -146,3 +147,36 @@ def test_memory_per_model_is_bounded() -> None:
     for end in range(10, 2000):
         follow(schedule, float(end % 50 + 10), exact)
     assert schedule.samples("m") <= 256
+
+
+def test_watch_starts_for_a_pass_matches_watch_start_per_key() -> None:
+    rng = random.Random(5)
+    schedule = PollSchedule(POLICY)
+    timings = []
+    for index in range(200):
+        timing = KeyTiming(created_at=rng.uniform(0, 10), model=rng.choice(["a", "b", None]))
+        if index % 5:  # a few keys without any prediction
+            schedule.report(timing, timing.created_at + 1, expected_seconds=rng.uniform(1, 60))
+        timings.append(timing)
+
+    def same() -> None:
+        watch_start = schedule.watch_starts()
+        assert [watch_start(t) for t in timings] == [schedule.watch_start(t) for t in timings]
+
+    same()  # every model still on the prior
+    for _ in range(20):  # model "a" learns a wide window; "b" and None stay on the prior
+        ended = KeyTiming(created_at=0.0, model="a")
+        schedule.report(ended, 1.0, expected_seconds=10.0)
+        schedule.job_ended(ended, rng.uniform(2.0, 20.0))
+    assert schedule.samples("a") >= 8
+    same()
+
+
+def test_a_job_without_an_estimate_is_not_pulled_in_when_the_window_widens() -> None:
+    # The poller pulls in keys whose window now opens before their due time; a job with no
+    # usable estimate has no window, and its asks follow its age whatever is learned.
+    schedule = PollSchedule(POLICY)
+    no_estimate = KeyTiming(created_at=0.0, model="m")
+    schedule.report(no_estimate, 1.0, expected_seconds=None)
+    assert schedule.watch_start(no_estimate) == math.inf
+    assert schedule.watch_starts()(no_estimate) == math.inf

@@ -307,10 +307,15 @@ def fail(job: ImageJob, error: JobError) -> None:
 
 def holds_bulk(job: ImageJob) -> bool:
     """True when the job holds inline image bytes or an edit's source images."""
-    if any(image.b64_json for image in job._images):
-        return True
+    for image in job._images:  # a loop, not any(<generator>): called for every ended job
+        if image.b64_json:
+            return True
     request = job._request
-    return request is not None and any(field in request for field in _BULK_FIELDS)
+    if request is not None:
+        for field in _BULK_FIELDS:
+            if field in request:
+                return True
+    return False
 
 
 def ended_copy(job: ImageJob) -> ImageJob:

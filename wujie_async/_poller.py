@@ -533,11 +533,11 @@ class BatchPoller:
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
-        schedule = self._schedule_of
+        watch_start = self._schedule_of.watch_starts()
         for tracked in self._jobs.values():
             if tracked.due == math.inf:
                 continue  # in a call on the wire: its reply reschedules it
-            opens = schedule.watch_start(tracked)
+            opens = watch_start(tracked)
             if opens < tracked.due:
                 self._schedule(tracked, max(now, opens))
         self._wakeup.set()

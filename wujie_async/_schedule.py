@@ -24,6 +24,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._config import PollPolicy
@@ -224,10 +225,39 @@ class PollSchedule:
         return errors is None or len(errors) < _MIN_SAMPLES
 
     def watch_start(self, timing: KeyTiming) -> float:
-        """Loop time from which ``timing``'s job is asked about densely (-inf: already)."""
+        """Loop time from which ``timing``'s job is asked about densely.
+
+        ``inf`` for a job with no usable estimate: it has no window, so a widening of the
+        learned window does not concern it (its asks follow its age).
+        """
         if timing.predicted_end is None or not timing.predicted_span:
-            return -math.inf
+            return math.inf
         return self._window_at(timing)[0]
+
+    def watch_starts(self) -> Callable[[KeyTiming], float]:
+        """:meth:`watch_start` for a pass over every key: each model's window is read once.
+
+        For one pass only, with nothing learned meanwhile (the windows are taken as they are).
+        """
+        opening: dict[str | None, tuple[float, float]] = {}  # model -> (low, lowest offset)
+        cap = _PRIOR_MAX_STEPS * self._policy.min_interval
+
+        def watch_start(timing: KeyTiming) -> float:
+            end, span = timing.predicted_end, timing.predicted_span
+            if end is None or not span:
+                return math.inf
+            found = opening.get(timing.model)
+            if found is None:
+                # As _window_at: while learning, the prior opens at most ``cap`` early.
+                low = self.window(timing.model)[0]
+                found = opening[timing.model] = (
+                    low,
+                    -cap if self._learning(timing.model) else -math.inf,
+                )
+            low, lowest = found
+            return end + max(low * span, lowest)
+
+        return watch_start
 
     def _window_at(self, timing: KeyTiming) -> tuple[float, float]:
         """Loop times when ``timing``'s window opens and closes (it has a prediction)."""

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
@@ -61,13 +60,34 @@ class Admission:
         await slots.acquire()
         return slots.release
 
-    @asynccontextmanager
-    async def send_slot(self) -> AsyncIterator[None]:
+    def send_slot(self) -> _SendSlot:
         """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out."""
-        async with self._send_slots:
-            if self._pace is not None:
+        return _SendSlot(self._send_slots, self._pace)
+
+
+class _SendSlot:
+    """``async with admission.send_slot():`` as a plain class: one small object per submit
+    rather than the generator and wrapper of ``@asynccontextmanager`` (the submit hot path)."""
+
+    __slots__ = ("_pace", "_slots")
+
+    def __init__(
+        self, slots: asyncio.Semaphore, pace: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        self._slots = slots
+        self._pace = pace
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+        if self._pace is not None:
+            try:
                 await self._pace()
-            yield
+            except BaseException:
+                self._slots.release()
+                raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._slots.release()
 
 
 def outcome_state(error: BaseException, *, sending: bool) -> str:

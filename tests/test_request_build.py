@@ -1,0 +1,70 @@
+"""The submit path's request check: the fast path gives exactly what pydantic's build gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from wujie_async import InvalidRequestError
+from wujie_async._models import EditRequest, GenerationRequest
+
+
+class Text(str):
+    """A str subclass: pydantic turns it into a plain str, so the fast path must step aside."""
+
+
+GENERATIONS: list[dict[str, Any]] = [
+    {"prompt": "a cat", "model": "gpt-image-1"},
+    {"model": "dall-e-3", "prompt": "a cat", "size": "1024x1024", "quality": "hd", "n": 1},
+    {"prompt": "a cat", "model": "dall-e-2", "n": None, "style": None},
+    {"prompt": "a cat", "model": "dall-e-2", "n": 11},  # breaks a per-model rule
+    {"prompt": "a cat", "model": "dall-e-3", "style": "vivid", "size": "256x256"},
+    {"prompt": "a cat", "model": "gpt-image-1", "n": True},  # a bool is no count
+    {"prompt": "a cat", "model": "gpt-image-1", "n": 2.0},  # pydantic converts this
+    {"prompt": "a cat", "model": "gpt-image-1", "n": "3"},
+    {"prompt": Text("a cat"), "model": "gpt-image-1"},
+    {"prompt": "a cat", "model": "gpt-image-1", "colour": "red"},  # unknown field
+    {"prompt": "a cat"},  # no model
+    {"prompt": None, "model": "gpt-image-1"},
+    {"prompt": "", "model": "gpt-image-1"},
+    {"prompt": "a cat", "model": "a-new-model", "n": 99, "quality": "ultra"},
+    {"prompt": "a cat", "model": "gpt-image-1", "output_compression": 101},
+    {"prompt": 5, "model": "gpt-image-1"},
+]
+EDITS: list[dict[str, Any]] = [
+    {"prompt": "a hat", "model": "gpt-image-1", "image": ["https://example.com/a.png"]},
+    {"prompt": "a hat", "model": "dall-e-2", "image": ["https://example.com/a.png"], "mask": ""},
+    {"prompt": "a hat", "model": "gpt-image-1", "image": ("https://example.com/a.png",)},
+    {"prompt": "a hat", "model": "gpt-image-1", "image": [Text("https://example.com/a.png")]},
+    {"prompt": "a hat", "model": "gpt-image-1", "image": []},
+    {"prompt": "a hat", "model": "gpt-image-1", "image": "https://example.com/a.png"},
+    {"prompt": "a hat", "model": "gpt-image-1"},  # no image
+]
+
+
+def _outcome(call: Any) -> Any:
+    try:
+        return call()
+    except InvalidRequestError as exc:
+        return ("invalid", exc.violations, str(exc))
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [(GenerationRequest, fields) for fields in GENERATIONS]
+    + [(EditRequest, fields) for fields in EDITS],
+)
+def test_the_fast_request_check_matches_pydantic(
+    kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
+) -> None:
+    def slow() -> Any:
+        request = kind.build(dict(fields))
+        return request.body(), request.n
+
+    fast = _outcome(lambda: kind.checked_body(dict(fields)))
+    assert fast == _outcome(slow)
+    if not isinstance(fast[0], str):
+        body, _ = fast
+        assert list(body) == list(slow()[0])  # the same field order on the wire
+        assert all(body[name] is not fields[name] for name in body if type(body[name]) is list)
