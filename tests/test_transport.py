@@ -105,12 +105,12 @@ async def test_malformed_entries_and_empty_keys(emulator: EmulatorFactory) -> No
         async with open_transport(base, emu.credentials) as transport:
             data = await transport.post("/wrong-types", [], kind="poll")
             poller = BatchPoller(transport, PollPolicy(), Limits())
-            assert poller._parse(data) == {}
+            assert poller.read_reply(data) == {}
             assert poller.counters.malformed_entries == 3
             with pytest.raises(ProtocolError, match="no list"):
-                poller._parse(await transport.post("/no-list", [], kind="poll"))
-            assert poller._parse(await transport.post("/null-list", [], kind="poll")) == {}
-            bare = poller._parse(await transport.post("/bare-list", [], kind="poll"))
+                poller.read_reply(await transport.post("/no-list", [], kind="poll"))
+            assert poller.read_reply(await transport.post("/null-list", [], kind="poll")) == {}
+            bare = poller.read_reply(await transport.post("/bare-list", [], kind="poll"))
             assert bare["K"].status == 1
     async with emulator() as emu:
         # The hostile server is gone: nothing listens at its address any more.

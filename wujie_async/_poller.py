@@ -599,8 +599,15 @@ class BatchPoller:
             malformed.pop(key, None)  # one readable entry is enough
         return _Reading(best, malformed)
 
-    def _parse(self, data: Any) -> dict[str, JobInfo]:
-        """Every readable entry of a reply, one per key (reads all keys: for tests and tools)."""
+    def read_reply(self, data: Any) -> dict[str, JobInfo]:
+        """Every readable entry of a batch reply's ``data``, one per key, as polls read them.
+
+        Reads every key (a poll reads only the keys it asked about); malformed entries are
+        counted in ``counters.malformed_entries`` and left out. For tools and tests.
+
+        Raises:
+            ProtocolError: ``data`` holds no list of entries.
+        """
         return self._read(data, None).entries
 
     def _dispatch(
