@@ -15,9 +15,7 @@ from ._config import Limits, PollPolicy
 from ._download import DEFAULT_NAME, Downloader
 from ._env import Environment
 from ._errors import InvalidRequestError
-from .emulator import _server as emulator_server
-from .emulator import fault_config_from_pairs
-from .emulator._state import EmulatorConfig, FaultConfig
+from .emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # some lines ended failed/moderated/rejected/uncertain
@@ -135,7 +133,7 @@ async def open_client(
         config = EmulatorConfig(
             time_scale=args.emulator_time_scale, faults=emulator_faults(args.emulator_fault)
         )
-        async with emulator_server.Emulator(config) as emu:
+        async with Emulator(config) as emu:
             client = WujieClient(
                 emu.credentials,
                 base_url=emu.base_url,
