@@ -16,6 +16,7 @@ from wujie_async.emulator import Emulator, EmulatorConfig
 AUTH_VECTOR = Path(__file__).resolve().parent / "data" / "auth.json"
 SHARED_AUTH_VECTOR = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "auth.json"
 
+
 # Polling tuned to emulator jobs that take tens of milliseconds (time_scale 0.005).
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow scenarios (many jobs, many processes, timing) run one after another on one worker.

@@ -55,13 +55,29 @@ def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness(
     assert max(late for _, late in results) <= POLICY.min_interval
 
 
-def test_before_anything_is_learned_the_poller_closes_in_on_the_estimate_in_steps() -> None:
-    # Each step goes a quarter of the way to the window (at least 2 x min_interval): the asks
-    # grow with the log of the job's length, and lateness stays within min_interval.
-    for end, most_asks in ((20.0, 14), (200.0, 24)):
+def test_a_right_estimate_costs_at_most_three_asks_from_the_first_job() -> None:
+    # Issue 12's behaviour: the first ask, one check that the estimate counts down, one just
+    # after the predicted end; seen done within min_interval. Nothing learned beforehand.
+    for end in (8.0, 20.0, 45.0, 200.0):
         asks, late = follow(PollSchedule(POLICY), end, exact)
-        assert asks <= most_asks
+        # A job longer than max_estimate_wait is also asked about once per that wait.
+        assert asks <= 3 + int(end // POLICY.max_estimate_wait), (end, asks)
         assert late <= POLICY.min_interval
+
+
+def test_a_typical_figure_estimate_is_closed_in_on_in_steps() -> None:
+    # Every job is told the same figure (20 s); one ends at 12 s. Trusting it would see that
+    # job 8 s late; stepping towards the window sees it within a step.
+    schedule = PollSchedule(POLICY)
+    for _ in range(10):
+        timing = KeyTiming(created_at=0.0, model="m")
+        schedule.report(timing, 1.0, expected_seconds=19.0)
+
+    def typical(end: float, now: float) -> float | None:
+        return 20.0 - now
+
+    asks, late = follow(schedule, 12.0, typical)
+    assert late < 3.0, (asks, late)
 
 
 def test_a_placeholder_estimate_is_found_out_and_the_job_is_still_seen_promptly() -> None:

@@ -34,16 +34,23 @@ _MIN_SAMPLES = 8
 _SAMPLES_KEPT = 256
 _LOW_QUANTILE = 0.02
 _HIGH_QUANTILE = 0.98
-# The prior: an estimate is taken to be right within 5% of the job's predicted duration.
-_PRIOR_LOW = -0.05
+# The prior: an estimate is taken to be right, or up to 5% short (the job may end later).
+_PRIOR_LOW = 0.0
 _PRIOR_HIGH = 0.05
+# ...and its window opens this share of ``min_interval`` after the predicted end, so a right
+# estimate is asked about once, just after the end, not just before it.
+_PRIOR_OPEN_DELAY = 0.25
 # ...and never opens more than this many ``min_interval`` before the predicted end.
 _PRIOR_MAX_STEPS = 4
 # A later report may move the predicted end by this share of the time between the two reports
 # (plus ``min_interval``) before the estimate counts as not counting down.
 _LIVE_DRIFT = 0.5
-# While nothing is learned, the next ask comes this share of the way to the window.
+# While nothing is learned, a check (or each step) comes this share of the way to the window.
 _CHECK_SHARE = 0.25
+# The predicted durations of a model's last jobs: when they are all the same, the estimate is
+# a typical figure, not this job's (it says nothing of which jobs end early).
+_SPANS_KEPT = 32
+_SAME_SPAN_SHARE = 0.02
 
 
 class _Quantiles:
@@ -97,13 +104,14 @@ class KeyTiming:
 class PollSchedule:
     """The schedule of one poller: next ask times, and what it learns from ended jobs."""
 
-    __slots__ = ("_durations", "_errors", "_policy", "_windows", "generation")
+    __slots__ = ("_durations", "_errors", "_policy", "_spans", "_windows", "generation")
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
         self._errors: dict[str | None, _Quantiles] = {}
         self._durations: dict[str | None, _Quantiles] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
+        self._spans: dict[str | None, deque[float]] = {}
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -117,8 +125,11 @@ class PollSchedule:
             if errors is None or len(errors) < _MIN_SAMPLES:
                 window = (_PRIOR_LOW, _PRIOR_HIGH)
             else:
-                low = min(0.0, errors.quantile(_LOW_QUANTILE))
-                window = (low, max(0.0, errors.quantile(_HIGH_QUANTILE)))
+                # Taken as symmetric until shown otherwise: ends seen later than predicted are
+                # evidence that others end as much earlier. Overruns are seen first (at the
+                # predicted end); early ends only once a job is asked, which this makes sooner.
+                early, late = errors.quantile(_LOW_QUANTILE), errors.quantile(_HIGH_QUANTILE)
+                window = (min(0.0, early, -late), max(0.0, late, -early))
             self._windows[model] = window  # asked per report, changed per ended job: cached
         return window
 
@@ -175,6 +186,10 @@ class PollSchedule:
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
+                spans = self._spans.get(timing.model)
+                if spans is None:
+                    spans = self._spans[timing.model] = deque(maxlen=_SPANS_KEPT)
+                spans.append(timing.predicted_span)
             elif timing.last_ask is not None:
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it
                 # forward by the time between reports.
@@ -200,10 +215,13 @@ class PollSchedule:
         if timing.predicted_end is not None and timing.predicted_span:
             opens, closes = self._window_at(timing)
             if now + policy.min_interval < opens:
-                if self._learning(timing.model):
-                    # Nothing learned yet: close in on the window in steps rather than trust
-                    # one estimate for long. A placeholder is found out at the first step, and
-                    # jobs that end early teach the window while the others still wait.
+                if self._learning(timing.model) and (
+                    timing.live_reports < 2 or self._typical_figure(timing.model)
+                ):
+                    # Nothing learned yet. Before a long wait on an estimate, check once that
+                    # it counts down (a placeholder is found out there). When every job gets
+                    # the same estimate, it says nothing of which jobs end early: close in on
+                    # the window in steps, so early ends are seen and teach the window.
                     step = max(2 * policy.min_interval, _CHECK_SHARE * (opens - now))
                     return min(opens, now + min(step, policy.max_estimate_wait))
                 return min(opens, now + policy.max_estimate_wait)
@@ -224,6 +242,15 @@ class PollSchedule:
         errors = self._errors.get(model)
         return errors is None or len(errors) < _MIN_SAMPLES
 
+    def _typical_figure(self, model: str | None) -> bool:
+        """True when the model's last jobs were all predicted to last the same (a typical
+        figure, not a per-job estimate)."""
+        spans = self._spans.get(model)
+        if spans is None or len(spans) < _MIN_SAMPLES:
+            return False
+        low, high = min(spans), max(spans)
+        return high - low <= _SAME_SPAN_SHARE * high + self._policy.min_interval / 2
+
     def watch_start(self, timing: KeyTiming) -> float:
         """Loop time from which ``timing``'s job is asked about densely.
 
@@ -239,8 +266,10 @@ class PollSchedule:
 
         For one pass only, with nothing learned meanwhile (the windows are taken as they are).
         """
-        opening: dict[str | None, tuple[float, float]] = {}  # model -> (low, lowest offset)
+        # model -> (low, lowest offset, delay): as _window_at, read once per model.
+        opening: dict[str | None, tuple[float, float, float]] = {}
         cap = _PRIOR_MAX_STEPS * self._policy.min_interval
+        delay = _PRIOR_OPEN_DELAY * self._policy.min_interval
 
         def watch_start(timing: KeyTiming) -> float:
             end, span = timing.predicted_end, timing.predicted_span
@@ -250,12 +279,14 @@ class PollSchedule:
             if found is None:
                 # As _window_at: while learning, the prior opens at most ``cap`` early.
                 low = self.window(timing.model)[0]
+                learning = self._learning(timing.model)
                 found = opening[timing.model] = (
                     low,
-                    -cap if self._learning(timing.model) else -math.inf,
+                    -cap if learning else -math.inf,
+                    delay if learning else 0.0,
                 )
-            low, lowest = found
-            return end + max(low * span, lowest)
+            low, lowest, shift = found
+            return end + max(low * span, lowest) + shift
 
         return watch_start
 
@@ -267,8 +298,9 @@ class PollSchedule:
         if self._learning(timing.model):
             # The prior is a guess: it must not make a long job's window long as well.
             cap = _PRIOR_MAX_STEPS * self._policy.min_interval
-            return timing.predicted_end + max(low * span, -cap), (
-                timing.predicted_end + min(high * span, cap)
+            delay = _PRIOR_OPEN_DELAY * self._policy.min_interval
+            return timing.predicted_end + max(low * span, -cap) + delay, (
+                timing.predicted_end + min(high * span, cap) + delay
             )
         return timing.predicted_end + low * span, timing.predicted_end + high * span
 
