@@ -5,36 +5,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
+from .cli_helpers import cli, served_emulator
 from .helpers import png_size
 
 pytestmark = pytest.mark.anyio
-
-CLEAN_ENV = {
-    name: value
-    for name, value in os.environ.items()
-    if name not in {"WUJIE_APP_ID", "WUJIE_PRIVATE_KEY", "WUJIE_BASE_URL"}
-} | {"PYTHONUNBUFFERED": "1"}
-
-
-async def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 120
-) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wujie_async", *args, env=env or CLEAN_ENV,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def check_manifest(out: Path) -> list[dict[str, object]]:
@@ -132,29 +113,10 @@ async def test_generate_prints_the_saved_paths(tmp_path: Path) -> None:
     assert len(paths) == 3 and all(Path(p).exists() for p in paths)
 
 
-async def _stats(base_url: str) -> dict[str, object]:
-    origin = base_url.removesuffix("/wj-open/v1")
-    async with aiohttp.ClientSession() as http, http.get(f"{origin}/_emulator/stats") as r:
-        return await r.json()  # type: ignore[no-any-return]
-
-
 @pytest.mark.slow
 async def test_ctrl_c_then_resume_then_rerun(tmp_path: Path) -> None:
-    creds_file = tmp_path / "creds.json"
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wujie_async", "emulator", "--port", "0",
-        "--credentials-out", str(creds_file), "--time-scale", "0.05",
-        stdout=asyncio.subprocess.PIPE, env=CLEAN_ENV,
-    )  # fmt: skip
-    try:
-        assert server.stdout is not None
-        await asyncio.wait_for(server.stdout.readline(), 20)
-        creds = json.loads(creds_file.read_text())
-        env = CLEAN_ENV | {
-            "WUJIE_APP_ID": creds["app_id"],
-            "WUJIE_PRIVATE_KEY": creds["private_key"],
-            "WUJIE_BASE_URL": creds["base_url"],
-        }
+    async with served_emulator(tmp_path, "--time-scale", "0.05") as emu:
+        env = emu.env
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("\n".join(f"resumable {i}" for i in range(60)))
         out = tmp_path / "out"
@@ -171,7 +133,7 @@ async def test_ctrl_c_then_resume_then_rerun(tmp_path: Path) -> None:
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 130, err.decode()
         assert f"wujie-async resume {out / 'journal.sqlite'}" in err.decode()
-        accepted = (await _stats(creds["base_url"]))["submits_accepted"]
+        accepted = (await emu.stats())["submits_accepted"]
         assert isinstance(accepted, int) and 0 < accepted < 60
 
         code, _, err_text = await cli(
@@ -186,7 +148,4 @@ async def test_ctrl_c_then_resume_then_rerun(tmp_path: Path) -> None:
         assert sorted(str(line["prompt"]) for line in lines) == sorted(
             f"resumable {i}" for i in range(60)
         )
-        assert (await _stats(creds["base_url"]))["submits_accepted"] == 60  # none paid twice
-    finally:
-        server.terminate()
-        await server.wait()
+        assert (await emu.stats())["submits_accepted"] == 60  # none paid twice
