@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from .helpers import stop_process
+
 CLEAN_ENV = {name: value for name, value in os.environ.items() if not name.startswith("WUJIE_")} | {
     "PYTHONUNBUFFERED": "1"
 }
@@ -67,8 +69,7 @@ async def served_emulator(tmp_path: Path, *flags: str) -> AsyncIterator[Served]:
         }
         yield Served(env, creds["base_url"])
     finally:
-        server.terminate()
-        await server.wait()
+        await stop_process(server)
 
 
 def manifest(out: Path) -> list[dict[str, Any]]:

@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from .helpers import stop_process
+
 CHILD = Path(__file__).resolve().parent / "fleet_child.py"
 
 
@@ -79,9 +81,7 @@ async def own_redis(
             raise AssertionError(f"redis-server is not listening on port {port} after 5 s")
         yield RedisServer(f"redis://127.0.0.1:{port}/0", port, process)
     finally:
-        if process.returncode is None:
-            process.terminate()
-            await process.wait()
+        await stop_process(process)
 
 
 @contextlib.asynccontextmanager
@@ -104,9 +104,7 @@ async def start_child(*args: str) -> asyncio.subprocess.Process:
 
 
 async def stop_child(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-    await proc.communicate()
+    await stop_process(proc, sig=signal.SIGKILL)
 
 
 async def next_event(proc: asyncio.subprocess.Process, timeout: float = 30) -> dict[str, Any]:
@@ -143,8 +141,7 @@ async def emulator_process(
         data["origin"] = data["base_url"].split("/wj-open")[0]
         yield data
     finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.communicate()
+        await stop_process(proc)
 
 
 async def emulator_stats(emu: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import struct
 import time
@@ -104,3 +105,25 @@ def stray_tasks(before: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
         and not task.done()
         and not getattr(task.get_coro(), "__qualname__", "").startswith("RequestHandler")
     }
+
+
+async def stop_process(
+    proc: asyncio.subprocess.Process, *, sig: int = 15, grace: float = 5.0
+) -> tuple[bytes, bytes]:
+    """End a child process within bounded time: ``sig`` (SIGTERM), then SIGKILL after ``grace``.
+
+    Its pipes are drained with a deadline too, so a grandchild holding them open (or a child
+    slow to shut down) can never hang a test.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+    try:
+        return await asyncio.wait_for(proc.communicate(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        try:
+            return await asyncio.wait_for(proc.communicate(), grace)
+        except TimeoutError:
+            return b"", b""

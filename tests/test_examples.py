@@ -21,7 +21,7 @@ import pytest
 from wujie_async import WujieClient
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .helpers import png_size
+from .helpers import png_size, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -150,8 +150,7 @@ async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
             await asyncio.sleep(0.05)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        server.terminate()
-        await server.wait()
+        await stop_process(server)
 
 
 async def _results(redis: Any) -> list[dict[str, Any]]:
@@ -335,7 +334,7 @@ async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -
             doomed = await start("worker-a")
             [submitted] = await results_until("submitted")
             doomed.send_signal(signal.SIGKILL)  # mid-job: the message is not acknowledged
-            await doomed.wait()
+            await asyncio.wait_for(doomed.wait(), 15)
             await start("worker-b")
             results = await results_until("succeeded")
             await asyncio.sleep(1.0)  # a second delivery would show up by now

@@ -166,7 +166,7 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                 ]
                 assert server.process is not None
                 server.process.terminate()
-                await server.process.wait()
+                await asyncio.wait_for(server.process.wait(), 15)
                 # Nothing hangs: the member polls its own keys while Redis is away.
                 results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
                 assert len(results) == 10

@@ -155,7 +155,7 @@ async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
             await journal.record_accepted(row, "KEPT")
             assert server.process is not None
             server.process.send_signal(signal.SIGTERM)  # Redis stops (and flushes its AOF)
-            await server.process.wait()
+            await asyncio.wait_for(server.process.wait(), 15)
             with pytest.raises(FleetUnavailableError):
                 await journal.entries()
             async with own_redis(tmp_path, appendonly=True, port=server.port):

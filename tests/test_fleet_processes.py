@@ -173,7 +173,7 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
                 await wait_event(proc, "submitted")
             assert server.process is not None
             server.process.terminate()
-            await server.process.wait()
+            await asyncio.wait_for(server.process.wait(), 15)
             await asyncio.sleep(1.0)  # members poll their own keys meanwhile
             running = (await emulator_stats(emu))["jobs_by_state"]
             assert running.get("queued", 0) + running.get("generating", 0) > 0, running

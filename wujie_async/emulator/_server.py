@@ -50,6 +50,9 @@ def _generated_key_pem() -> str:
     return pem.decode("ascii")
 
 
+SHUTDOWN_GRACE_SECONDS = 1.0
+
+
 class Emulator:
     """The emulated gateway on a loopback port, for tests, benchmarks and demos.
 
@@ -120,7 +123,14 @@ class Emulator:
 
     async def start(self) -> None:
         """Bind the port and start serving."""
-        runner = web.AppRunner(self.gateway.build_app(), access_log=None, handle_signals=False)
+        # A stopping emulator waits at most a second for replies still on the wire (a slow-reply
+        # fault, a client killed mid-request): a test or a Ctrl-C never waits a minute for them.
+        runner = web.AppRunner(
+            self.gateway.build_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+        )
         await runner.setup()
         site: web.BaseSite
         if self._sock is not None:
