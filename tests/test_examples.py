@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -21,7 +19,8 @@ import pytest
 from wujie_async import WujieClient
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .helpers import png_size, stop_process
+from .fleet_support import any_redis, free_port
+from .helpers import png_size
 
 pytestmark = pytest.mark.anyio
 
@@ -31,12 +30,6 @@ NO_CREDENTIALS = {
     for name, value in os.environ.items()
     if name not in {"WUJIE_APP_ID", "WUJIE_PRIVATE_KEY", "WUJIE_BASE_URL"}
 } | {"PYTHONUNBUFFERED": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def run_example(*args: str, timeout: float = 120) -> tuple[int, str]:
@@ -125,34 +118,6 @@ async def test_web_app_serves_real_requests() -> None:
             assert (await reply.json())["field"] == "n"
 
 
-@contextlib.asynccontextmanager
-async def redis_url(tmp_path: Path) -> AsyncIterator[str]:
-    """The CI's redis (WUJIE_TEST_REDIS_URL), or a redis-server of our own on a free port."""
-    url = os.environ.get("WUJIE_TEST_REDIS_URL")
-    if url:
-        yield url
-        return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server here and WUJIE_TEST_REDIS_URL unset (.ci/run installs one)")
-    port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--dir", str(tmp_path), stdout=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                await writer.wait_closed()
-                break
-            await asyncio.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        await stop_process(server)
-
-
 async def _results(redis: Any) -> list[dict[str, Any]]:
     entries = await redis.xrange("wujie:results")
     return [json.loads(fields[b"result"]) for _, fields in entries]
@@ -161,7 +126,7 @@ async def _results(redis: Any) -> list[dict[str, Any]]:
 async def test_queue_consumer_with_a_real_redis(tmp_path: Path) -> None:
     import redis.asyncio as aioredis
 
-    async with redis_url(tmp_path) as url:
+    async with any_redis(tmp_path) as url:
         redis = aioredis.from_url(url)
         try:
             await redis.delete("wujie:requests", "wujie:results")
@@ -205,7 +170,7 @@ async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
         sys.path.remove(str(EXAMPLES))
 
     journal = tmp_path / "worker.sqlite"
-    async with redis_url(tmp_path) as url, emulator(time_scale=0.01) as emu:
+    async with any_redis(tmp_path) as url, emulator(time_scale=0.01) as emu:
         redis = aioredis.from_url(url)
         try:
             await redis.delete(REQUESTS, "wujie:results")
