@@ -17,19 +17,10 @@ AUTH_VECTOR = Path(__file__).resolve().parent / "data" / "auth.json"
 SHARED_AUTH_VECTOR = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "auth.json"
 
 
+pytest_plugins = ["tests.run_guard"]  # no run hangs, no run leaves processes behind
+
+
 # Polling tuned to emulator jobs that take tens of milliseconds (time_scale 0.005).
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow scenarios (many jobs, many processes, timing) run one after another on one worker.
-
-    With ``--dist loadgroup`` they share one xdist group: their CPU-heavy processes never
-    compete with each other, so their timing holds on two cores, and the fast tests fill the
-    other workers meanwhile.
-    """
-    for item in items:
-        if item.get_closest_marker("slow") is not None:
-            item.add_marker(pytest.mark.xdist_group("slow"))
-
-
 FAST_POLL = PollPolicy(
     first_poll_delay=0.03,
     min_interval=0.03,
