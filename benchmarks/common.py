@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from wujie_async import Credentials
+from wujie_async import ClientStats, Credentials, ImageJob, Limits, PollPolicy, WujieClient
 
 RESULTS = Path(__file__).resolve().parent / "results"
 INTERVAL = 0.5  # the poll interval both pollers use (replicate-python's)
@@ -133,6 +133,91 @@ async def submit_all(
             await submit(request)
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+
+
+# --- our client: one run, as every scenario drives it ---------------------------------------------
+@dataclass
+class ClientRun:
+    """What one run of our client measured (see :func:`run_client`)."""
+
+    jobs: int
+    resolved_at: dict[str, float]  # key -> unix time its future resolved
+    failed: int
+    stats: ClientStats
+    cpu_s: float
+    wall_s: float
+    submit_wall_s: float
+    lags: list[float]  # the loop-lag ticker's, when asked for
+
+
+async def paced(
+    start_one: Callable[[dict[str, Any]], Awaitable[Any]],
+    requests: list[dict[str, Any]],
+    per_second: float,
+) -> None:
+    """Start ``start_one(request)`` for each request at ``per_second``, as web requests come."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    tasks = []
+    for index, request in enumerate(requests):
+        delay = began + index / per_second - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(loop.create_task(start_one(request)))
+    await asyncio.gather(*tasks)
+
+
+async def run_client(
+    gateway: Gateway,
+    requests: list[dict[str, Any]],
+    *,
+    per_second: float | None = None,
+    lag: bool = False,
+) -> ClientRun:
+    """Our client, as the benchmarks run it: submit every request (through the worker pool, or
+    paced at ``per_second``), then wait for every job; public API only."""
+    resolved_at: dict[str, float] = {}
+    jobs: list[ImageJob] = []
+    poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
+    limits = Limits(max_concurrent_submits=CONCURRENCY, max_connections=64)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    ticker = LagTicker()
+
+    def note(job: ImageJob) -> None:
+        resolved_at[job.key] = time.time()
+
+    async with WujieClient(
+        gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
+    ) as client:
+
+        async def submit(request: dict[str, Any]) -> None:
+            job = await client.images.submit(**request)
+            job.add_done_callback(note)  # at once: jobs may end while others are submitted
+            jobs.append(job)
+
+        failed = 0
+        with ticker if lag else contextlib.nullcontext():
+            if per_second is None:
+                await submit_all(submit, requests)
+            else:
+                await paced(submit, requests, per_second)
+            submit_wall = time.monotonic() - wall0
+            for job in jobs:
+                try:
+                    await job
+                except Exception:
+                    failed += 1
+        stats = client.stats
+    return ClientRun(
+        jobs=len(requests),
+        resolved_at=resolved_at,
+        failed=failed,
+        stats=stats,
+        cpu_s=time.process_time() - cpu0,
+        wall_s=time.monotonic() - wall0,
+        submit_wall_s=submit_wall,
+        lags=ticker.lags,
+    )
 
 
 # --- the floor: what any client must spend ------------------------------------------------------

@@ -5,11 +5,11 @@
 Writes benchmarks/results/profile.txt. Every figure is client CPU per job, measured in this
 process against one emulator in its own process:
   floor            plain aiohttp POSTs of the submit bodies (as in run.py)
-  transport only   the client's signed transport posting the same bodies (no jobs made)
   submit only      client.images.submit(...) with polling pushed out of the run
   full run         submit, poll until every job ended, resolve every future
 then the garbage collector's pauses during a full run (gc.callbacks), and the cProfile of
-one full run, sorted by own time.
+one full run, sorted by own time. (It uses the public API only: the transport's own share
+shows in the profile, under wujie_async/_transport.py.)
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from typing import Any
 
 import run  # the sibling module: python puts this script's folder first on sys.path
 
-from wujie_async import ImageJob, Limits, PollPolicy, RetryPolicy, Timeouts, WujieClient
-from wujie_async._auth import HeaderSigner
-from wujie_async._transport import Transport
+from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
 
 NO_POLLING = PollPolicy(
     first_poll_delay=3600, min_interval=3600, max_interval=3600, max_estimate_wait=3600
@@ -59,36 +57,12 @@ async def client_run(gateway: run.Gateway, count: int, *, poll: bool) -> float:
     return time.process_time() - started
 
 
-async def transport_run(gateway: run.Gateway, count: int) -> float:
-    requests = run.requests_for(count)
-    # The client's own transport class, as a client builds it (no jobs, no poller).
-    transport = Transport(
-        base_url=gateway.base_url,
-        signer=HeaderSigner(gateway.credentials),
-        limits=Limits(),
-        timeouts=Timeouts(),
-        retry=RetryPolicy(),
-    )
-    await transport.open()
-    try:
-        started = time.process_time()
-
-        async def post(request: dict[str, Any]) -> None:
-            await transport.post(run.GENERATIONS, request, kind="submit")
-
-        await run.submit_all(post, requests)
-        return time.process_time() - started
-    finally:
-        await transport.close()
-
-
 async def main(count: int) -> str:
     lines: list[str] = [f"{count:,} jobs, time_scale 0.1, {run.CONCURRENCY} submit workers", ""]
     async with run.emulator(0.1, seed=11) as gateway:
         floor = (await run.run_floor(gateway, count))["cpu_per_job_us"]
         rows = [
             ("floor", floor),
-            ("transport only", await transport_run(gateway, count) / count * 1e6),
             ("submit only", await client_run(gateway, count, poll=False) / count * 1e6),
             ("full run", await client_run(gateway, count, poll=True) / count * 1e6),
         ]

@@ -32,8 +32,10 @@ from common import (
     LagTicker,
     calls_between,
     emulator,
+    paced,
     percentile,
     requests_for,
+    run_client,
     run_floor,
     submit_all,
 )
@@ -82,23 +84,6 @@ def real_jobs(sizes: Sizes, **faults: Any) -> dict[str, Any]:
     return {"job_seconds": list(sizes.job_seconds), "estimate_basis": "actual", "faults": faults}
 
 
-async def paced(
-    start_one: Callable[[dict[str, Any]], Awaitable[Any]],
-    requests: list[dict[str, Any]],
-    per_second: float,
-) -> None:
-    """Start ``start_one(request)`` for each request at ``per_second``, as web requests come."""
-    loop = asyncio.get_running_loop()
-    began = loop.time()
-    tasks = []
-    for index, request in enumerate(requests):
-        delay = began + index / per_second - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(loop.create_task(start_one(request)))
-    await asyncio.gather(*tasks)
-
-
 def _figures(
     count: int,
     calls: int,
@@ -125,48 +110,25 @@ async def ours(
     gateway: Gateway, requests: list[dict[str, Any]], *, per_second: float | None = None
 ) -> dict[str, Any]:
     """Our client: submit (all at once, or paced), then wait for every job."""
-    resolved_at: dict[str, float] = {}
-    jobs: list[ImageJob] = []
-    poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
-    limits = Limits(max_concurrent_submits=CONCURRENCY, max_connections=64)
     before = await gateway.stats(timelines=False)
-    cpu0, wall0 = time.process_time(), time.monotonic()
-
-    def note(job: ImageJob) -> None:
-        resolved_at[job.key] = time.time()
-
-    async with WujieClient(
-        gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
-    ) as client:
-
-        async def submit(request: dict[str, Any]) -> None:
-            job = await client.images.submit(**request)
-            job.add_done_callback(note)  # at once: jobs may end while others are submitted
-            jobs.append(job)
-
-        if per_second is None:
-            await submit_all(submit, requests)
-        else:
-            await paced(submit, requests, per_second)
-        failed = 0
-        for job in jobs:
-            try:
-                await job
-            except Exception:
-                failed += 1
-        stats = client.stats
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    run = await run_client(gateway, requests, per_second=per_second)
     after = await gateway.stats()
     done = after["timelines"]
-    latencies = [resolved_at[key] - done[key]["done"] for key in resolved_at]
+    latencies = [at - done[key]["done"] for key, at in run.resolved_at.items()]
+    stats = run.stats
     result = _figures(
-        len(requests), calls_between(before, after), stats.keys_polled, latencies, cpu, wall
+        len(requests),
+        calls_between(before, after),
+        stats.keys_polled,
+        latencies,
+        run.cpu_s,
+        run.wall_s,
     )
     result.update(
-        jobs_failed=failed,
+        jobs_failed=run.failed,
         mean_batch_fill=stats.mean_batch_fill,
         rate_limited=stats.rate_limited,
-        jobs_per_s=len(requests) / wall,
+        jobs_per_s=len(requests) / run.wall_s,
     )
     return result
 

@@ -50,11 +50,11 @@ from common import (  # the sibling module: python puts this script's folder on 
     INTERVAL,
     RESULTS,
     Gateway,
-    LagTicker,
     calls_between,
     emulator,
     percentile,
     requests_for,
+    run_client,
     run_floor,
     submit_all,
 )
@@ -79,52 +79,26 @@ __all__ = [  # what cpu_profile.py uses from here
 
 # --- scenario: ours ------------------------------------------------------------------------------
 async def run_ours(gateway: Gateway, count: int, *, lag: bool = False) -> dict[str, Any]:
-    requests = requests_for(count)
-    resolved_at: dict[str, float] = {}
-    jobs: list[ImageJob] = []
-    poll = PollPolicy(min_interval=INTERVAL, first_poll_delay=INTERVAL)
-    limits = Limits(max_concurrent_submits=CONCURRENCY, max_connections=64)
     before = await gateway.stats()
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    ticker = LagTicker()
-
-    def note(job: ImageJob) -> None:
-        resolved_at[job.key] = time.time()
-
-    async with WujieClient(
-        gateway.credentials, base_url=gateway.base_url, poll=poll, limits=limits
-    ) as client:
-
-        async def submit(request: dict[str, Any]) -> None:
-            job = await client.images.submit(**request)
-            job.add_done_callback(note)  # at once: jobs may end while others are submitted
-            jobs.append(job)
-
-        with ticker if lag else contextlib.nullcontext():
-            await submit_all(submit, requests)
-            submit_wall = time.monotonic() - wall0
-            for job in jobs:
-                await job
-        stats = client.stats
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    run = await run_client(gateway, requests_for(count), lag=lag)
     after = await gateway.stats()
     calls = calls_between(before, after)
     timelines = after["timelines"]
-    latencies = [resolved_at[key] - timelines[key]["done"] for key in resolved_at]
+    latencies = [at - timelines[key]["done"] for key, at in run.resolved_at.items()]
     return {
         "jobs": count,
         "http_calls": calls,
         "requests_per_job": calls / count,
-        "poll_calls_per_job": stats.batch_calls / count,
-        "mean_batch_fill": stats.mean_batch_fill,
+        "poll_calls_per_job": run.stats.batch_calls / count,
+        "mean_batch_fill": run.stats.mean_batch_fill,
         "resolve_p50_s": percentile(latencies, 0.5),
         "resolve_p99_s": percentile(latencies, 0.99),
-        "cpu_s": cpu,
-        "cpu_per_job_us": cpu / count * 1e6,
-        "submits_per_s": count / submit_wall,
-        "wall_s": wall,
-        "loop_lag_p99_ms": percentile(ticker.lags, 0.99) * 1e3 if lag else None,
-        "loop_lag_max_ms": max(ticker.lags) * 1e3 if lag and ticker.lags else None,
+        "cpu_s": run.cpu_s,
+        "cpu_per_job_us": run.cpu_s / count * 1e6,
+        "submits_per_s": count / run.submit_wall_s,
+        "wall_s": run.wall_s,
+        "loop_lag_p99_ms": percentile(run.lags, 0.99) * 1e3 if lag else None,
+        "loop_lag_max_ms": max(run.lags) * 1e3 if lag and run.lags else None,
     }
 
 

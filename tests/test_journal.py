@@ -21,6 +21,7 @@ import pytest
 
 from wujie_async import (
     ClientStateError,
+    JournalFile,
     JournalLockedError,
     Limits,
     TransportError,
@@ -246,6 +247,37 @@ async def test_journal_entries_and_forget_submits(
         with pytest.raises(TypeError):
             await client.forget_submits(["1"])  # type: ignore[list-item]
         assert [row.id for row in await client.journal_entries()] == [tagged.id]
+
+
+async def test_a_journal_file_reads_and_forgets_without_a_client(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    with pytest.raises(FileNotFoundError, match="no journal at"):
+        async with JournalFile(journal):
+            pass
+    assert not journal.exists()  # nothing was created
+    async with emulator() as emu:
+        async with make_client(emu, journal=journal) as client:
+            await client.images.generate(prompt="a", model="dall-e-2")
+            await client.images.submit(prompt="b", model="dall-e-2", tag="t-b")
+            with pytest.raises(JournalLockedError):  # a live client holds it
+                async with JournalFile(journal):
+                    pass
+        reader = JournalFile(journal)
+        with pytest.raises(ClientStateError, match="not open"):
+            await reader.entries()
+        async with reader:
+            everything = await reader.entries()
+            assert [row.request["prompt"] for row in everything] == ["a", "b"]
+            [tagged] = await reader.entries(tag="t-b")
+            assert [row.id for row in await reader.entries("succeeded")] == [everything[0].id]
+            with pytest.raises(ValueError, match="not one of"):
+                await reader.entries("sent")
+            assert await reader.forget([everything[0].id, 999]) == 1
+        # Closing released the lock, and the forget was kept.
+        async with make_client(emu, journal=journal) as client:
+            assert [row.id for row in await client.journal_entries()] == [tagged.id]
 
 
 # --- writes that fail ----------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from wujie_async import (
     UnknownJobError,
     WujieClient,
     WujieError,
+    snippet,
 )
-from wujie_async._errors import snippet
 from wujie_async._models import JobInfo
 
 from .conftest import FAST_POLL, INSTANT_RETRY

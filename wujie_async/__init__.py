@@ -38,6 +38,7 @@ from ._errors import (
 )
 from ._jobs import ImageJob
 from ._journal import JournalEntry, JournalLockedError
+from ._journal_file import JournalFile
 from ._models import GeneratedImage, ImageResult
 from ._request_fields import EditFields, GenerationFields
 
@@ -66,6 +67,7 @@ __all__ = [
     "JobStatus",
     "JobTimeoutError",
     "JournalEntry",
+    "JournalFile",
     "JournalLockedError",
     "Limits",
     "LockRaceError",

@@ -9,6 +9,7 @@ submits already on the wire finish (and keep their keys), the rest end ``not_sen
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ class BulkRun:
         display: Display,
         already_saved: dict[str, set[int]],
         job_timeout: float | None = None,
-        stop: asyncio.Event | None = None,
+        stop: anyio.Event | None = None,
     ) -> None:
         self._client = client
         self._send = send
@@ -99,13 +100,15 @@ class BulkRun:
         self._display = display
         self._already_saved = already_saved
         self._job_timeout = job_timeout
-        self._stop = stop or asyncio.Event()
-        self._submitters_idle = asyncio.Event()
+        self._stop = stop or anyio.Event()
+        self._submitters_idle = anyio.Event()
         self._systemic_stop = False
         self.result = BulkResult(outcomes=list(settled))
         self._tally = display.tally
         self._seq: dict[int, int] = {}
-        self._queue: asyncio.Queue[Row] = asyncio.Queue()
+        # Rows not yet sent. A plain deque: submitters take rows without waiting (an empty
+        # queue means the work is done), so no queue that blocks is needed.
+        self._queue: collections.deque[Row] = collections.deque()
         self._on_the_wire: dict[int, Row] = {}
         for number, outcome in enumerate(settled):
             self._tally.move(-1 - number, "saved" if outcome.status == "saved" else "failed")
@@ -114,8 +117,11 @@ class BulkRun:
         """Run to the end; the result says how every line ended."""
         queue = self._queue
         for row in self._send:
-            queue.put_nowait(row)
+            queue.append(row)
         with self._display.running(), anyio.CancelScope() as scope:
+            # A bare task, not a task group's: the watcher waits on ``stop``, which may never
+            # come, so it must not hold the run open, and a task group around the collectors
+            # would wrap their ExceptionGroup in another. It is cancelled when the work ends.
             watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
             try:
                 async with anyio.create_task_group() as collectors:
@@ -161,19 +167,23 @@ class BulkRun:
         if not self._systemic_stop:
             scope.cancel()  # Ctrl-C: abandon collection, the journal keeps the keys
 
-    async def _submit_all(self, queue: asyncio.Queue[Row], collectors: anyio.abc.TaskGroup) -> None:
+    async def _submit_all(
+        self, queue: collections.deque[Row], collectors: anyio.abc.TaskGroup
+    ) -> None:
         try:
-            if not queue.empty():
-                await self._submit_one(queue.get_nowait(), collectors)  # the probe, alone
+            if queue:
+                await self._submit_one(queue.popleft(), collectors)  # the probe, alone
             async with anyio.create_task_group() as submitters:
                 for _ in range(self._client.limits.max_concurrent_submits):
                     submitters.start_soon(self._submitter, queue, collectors)
         finally:
             self._submitters_idle.set()
 
-    async def _submitter(self, queue: asyncio.Queue[Row], collectors: anyio.abc.TaskGroup) -> None:
-        while not queue.empty() and not self._stop.is_set():
-            await self._submit_one(queue.get_nowait(), collectors)
+    async def _submitter(
+        self, queue: collections.deque[Row], collectors: anyio.abc.TaskGroup
+    ) -> None:
+        while queue and not self._stop.is_set():
+            await self._submit_one(queue.popleft(), collectors)
 
     async def _submit_one(self, row: Row, collectors: anyio.abc.TaskGroup) -> None:
         self._move(row, "submitting")
@@ -202,6 +212,9 @@ class BulkRun:
                 await job
             count = max(len(job.images), 1)
         done = self._already_saved.get(job.key, set())
+        # gather(return_exceptions=True), not a task group: every image is tried even when
+        # one fails, and the first problem is the one reported (a task group would cancel
+        # the others at the first failure).
         outcomes = await asyncio.gather(
             *(self._save(row, job, index, started) for index in range(count) if index not in done),
             return_exceptions=True,
@@ -285,9 +298,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _drain(queue: asyncio.Queue[Row]) -> list[Row]:
-    rows = []
-    with contextlib.suppress(asyncio.QueueEmpty):
-        while True:
-            rows.append(queue.get_nowait())
+def _drain(queue: collections.deque[Row]) -> list[Row]:
+    rows = list(queue)
+    queue.clear()
     return rows

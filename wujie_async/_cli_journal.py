@@ -6,13 +6,14 @@ Rows are named the way the input named them: ``id`` when the row had one, else i
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 from rich.console import Console
 from rich.text import Text
 
@@ -22,7 +23,8 @@ from ._cli_outcome import Manifest, clean, read_manifest, saved_indexes
 from ._cli_progress import Display, Tally
 from ._cli_run import check_out_folder, line_of, readable_error
 from ._config import Limits
-from ._journal import ALL_STATES, Journal, JournalEntry
+from ._journal import ALL_STATES, JournalEntry
+from ._journal_file import JournalFile
 from ._models import GenerationRequest
 
 _STATES = (*ALL_STATES, "unsent")
@@ -108,16 +110,12 @@ async def run(args: argparse.Namespace, console: Console) -> int:
     path = _journal_file(args)
     if args.action == "resend":
         return await _resend(args, console, path)
-    # Listing and forgetting need no gateway, so no credentials: the journal alone.
-    journal = Journal(path)
-    await journal.open()
-    try:
+    # Listing and forgetting need no gateway, so no credentials: the journal file alone.
+    async with JournalFile(path) as journal:
         if args.action == "list":
             _list(await journal.entries(*(args.status or _STATES)))
             return EXIT_OK
         return await _forget(args, console, journal)
-    finally:
-        await journal.close()
 
 
 def _list(entries: list[JournalEntry]) -> None:
@@ -131,7 +129,7 @@ def _list(entries: list[JournalEntry]) -> None:
     print(f"{len(entries)} row(s)")  # noqa: T201
 
 
-async def _forget(args: argparse.Namespace, console: Console, journal: Journal) -> int:
+async def _forget(args: argparse.Namespace, console: Console, journal: JournalFile) -> int:
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
@@ -163,7 +161,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             args.yes,
         )
         manifest_path = args.out / "manifest.jsonl"
-        records = await asyncio.to_thread(read_manifest, manifest_path)
+        records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
         # An id tag does not hold the line number; the manifest remembers it.
         lines_by_id = {r["id"]: r["line"] for r in records if "id" in r and "line" in r}
         rows = []
@@ -172,7 +170,9 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             line = line or int(lines_by_id.get(row_id, 0))
             rows.append(Row(line, row_id, entry.tag, entry.request))
         display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
-        handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
+        handle = await anyio.to_thread.run_sync(
+            functools.partial(manifest_path.open, "a", encoding="utf-8")
+        )
         with handle:
             async with downloader(args, args.out) as images:
                 result = await BulkRun(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from rich.console import Console
 from rich.text import Text
 
@@ -258,7 +260,7 @@ class Session:
         if self.journal is not None:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
         manifest_path = out / "manifest.jsonl"
-        records = await asyncio.to_thread(read_manifest, manifest_path)
+        records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
         async with self._client() as client:
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -287,8 +289,10 @@ class Session:
                 quiet=args.quiet,
                 interval=args.progress_interval,
             )
-            stop = asyncio.Event()
-            handle = await asyncio.to_thread(manifest_path.open, "a", encoding="utf-8")
+            stop = anyio.Event()
+            handle = await anyio.to_thread.run_sync(
+                functools.partial(manifest_path.open, "a", encoding="utf-8")
+            )
             with handle:
                 async with downloader(args, out) as images:
                     run = BulkRun(
@@ -325,14 +329,16 @@ class Session:
             self.console.print(Text(message), soft_wrap=True)
 
     @contextlib.contextmanager
-    def _first_ctrl_c_stops(self, stop: asyncio.Event) -> Iterator[asyncio.Event]:
+    def _first_ctrl_c_stops(self, stop: anyio.Event) -> Iterator[anyio.Event]:
         """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once.
 
         Yields an event set when the second Ctrl-C cancels the run.
         """
+        # Raw asyncio here: a signal handler on the loop, and the second Ctrl-C cancels the
+        # main task itself (then uncancelled once the run is closed), which is asyncio's API.
         loop = asyncio.get_running_loop()
         main = asyncio.current_task()
-        quit_now = asyncio.Event()
+        quit_now = anyio.Event()
 
         def on_interrupt() -> None:
             if stop.is_set() and main is not None:

@@ -1,245 +1,48 @@
-"""WujieClient: lifecycle, submits, attach, as_completed and stats."""
+"""WujieClient: the lifecycle of a client (open, aclose, its one poller task), the one job factory
+(submit, attach, resume), the journal's read API, as_completed and stats.
+
+What it delegates: the request surface to ``_images``, submits in progress to ``_submitting``,
+polling to ``_poller``, HTTP to ``_transport``, the stats snapshot to ``_stats``, base URL and
+key rules to ``_base_url`` and ``_keys``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import ipaddress
 import logging
 import os
-import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, Self, Unpack
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
+import anyio
 
-from . import _contract
+from . import _contract, _stats
 from ._auth import Credentials, HeaderSigner
+from ._base_url import check_base_url
 from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
 from ._env import Environment
-from ._errors import (
-    ClientStateError,
-    InvalidRequestError,
-    JobCancelledError,
-    ProtocolError,
-    SubmitUncertainError,
-    snippet,
-)
+from ._errors import ClientStateError, InvalidRequestError, JobCancelledError
 from ._fleet_link import FleetLink
 from ._gc_freeze import GcFreezer
+from ._images import Images
 from ._jobs import ImageJob
 from ._journal import Journal, JournalEntry, SubmitJournal
-from ._models import EditRequest, GenerationRequest, ImageResult
+from ._keys import check_key, images_in
 from ._poller import BatchPoller
-from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
-from ._submitting import Admission, SubmitRecord
+from ._stats import ClientStats
+from ._submitting import Admission, Submits
 from ._transport import Transport
+
+__all__ = ["ClientStats", "Images", "WujieClient"]  # the first two live in _stats, _images
 
 if TYPE_CHECKING:
     from .fleet import RedisFleet
 
 _State = Literal["unopened", "open", "closing", "closed"]
 logger = logging.getLogger("wujie_async")
-
-# A job key as the gateway may give it: 1 to 128 characters, none of them whitespace or a
-# control character (C0, DEL, C1). Checked with fullmatch: `$` would let "KEY\n" through.
-_KEY = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]{1,128}")
-MAX_KEY_CHARS = 128
-
-
-@dataclass(frozen=True, slots=True)
-class ClientStats:
-    """What the client has done so far (a snapshot; read ``client.stats`` again to refresh).
-
-    Attributes:
-        submits: submits the gateway accepted (each gave a key).
-        submit_errors: submits that raised.
-        batch_calls: batch-detail calls sent.
-        batch_errors: batch-detail calls that failed after their retries.
-        keys_polled: keys asked about, over all batch calls.
-        mean_batch_fill: keys per batch call on average (50 is full).
-        http_calls: HTTP requests sent, retries included.
-        retries: HTTP requests that were retries.
-        rate_limited: 429 replies received.
-        jobs_outstanding: jobs being tracked now.
-        jobs_succeeded: jobs that ended with images.
-        jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
-        journal_commits: journal transactions committed (each holds many records; 0 without
-            a journal).
-        submit_rate_limit: the submit rate (requests/s) the 429 brake allows now; None while
-            no brake is in force (the gateway has not refused a sustained share of submits).
-        poll_rate_limit: the same for batch-detail calls (each kind of call has its own brake).
-        fleet_role: with ``fleet=``: ``leader`` (this member polls for the fleet),
-            ``follower`` (a leader polls for it) or ``local`` (Redis is away: it polls its own
-            keys); None without a fleet.
-        fleet_size: live members of the fleet (0 without a fleet).
-        fleet_rate: the fleet-wide submit rate (None: no fleet, or no rate set).
-        fleet_batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed
-            about every second).
-        fleet_mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
-    """
-
-    submits: int
-    submit_errors: int
-    batch_calls: int
-    batch_errors: int
-    keys_polled: int
-    mean_batch_fill: float
-    http_calls: int
-    retries: int
-    rate_limited: int
-    jobs_outstanding: int
-    jobs_succeeded: int
-    jobs_failed: int
-    journal_commits: int = 0
-    submit_rate_limit: float | None = None
-    poll_rate_limit: float | None = None
-    fleet_role: str | None = None
-    fleet_size: int = 0
-    fleet_rate: float | None = None
-    fleet_batch_calls: int = 0
-    fleet_mean_batch_fill: float = 0.0
-
-
-def _check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
-    """The base URL without its trailing slash, once it passes the rules below.
-
-    Plain ``http://`` is allowed only to a loopback host (the emulator): the signature covers
-    only the app id and a timestamp, so anyone on the path who sees one request's header can
-    replay it with other bodies, each paid for, for minutes. ``user:password@`` in the URL is
-    refused: the gateway does not use it, and it would show in reprs and logs.
-    """
-    rule_http = "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL
-    if not isinstance(base_url, str):
-        raise InvalidRequestError([("base_url", rule_http)])
-    try:
-        parts = urlsplit(base_url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        host = None  # raised below, outside this block, so no ValueError rides along
-    # Messages never repeat the URL: it may hold a password.
-    if host is None or parts.scheme not in {"http", "https"}:
-        raise InvalidRequestError([("base_url", rule_http)])
-    if "@" in parts.netloc:
-        raise InvalidRequestError(
-            [
-                (
-                    "base_url",
-                    "must not contain user:password@ (the gateway authenticates with the "
-                    "signed Authorization header; remove the credentials from the URL)",
-                )
-            ]
-        )
-    if parts.scheme == "http" and not _is_loopback(host):
-        if not allow_insecure_http:
-            raise InvalidRequestError(
-                [
-                    (
-                        "base_url",
-                        f"plain http:// is allowed only to a loopback host, not {host!r}: "
-                        "anyone on the path could replay the signed header and be paid for; "
-                        "use https://, or pass allow_insecure_http=True if you accept that",
-                    )
-                ]
-            )
-        logger.warning(
-            "INSECURE: sending signed requests over plain http to %s (allow_insecure_http=True);"
-            " anyone on the path can replay the Authorization header",
-            host,
-        )
-    return base_url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere
-
-
-class Images:
-    """``client.images``: submit, generate, edit and attach image jobs."""
-
-    def __init__(self, client: WujieClient) -> None:
-        self._client = client
-
-    async def submit(self, **fields: Unpack[GenerationFields]) -> ImageJob:
-        """Submit a generation; returns its job as soon as the gateway gives a key.
-
-        Fields are those of API.md section 1 (see :class:`GenerationFields`); None or leaving
-        one out lets the gateway use its default. ``job_timeout`` is the job's deadline in
-        seconds (default ``Timeouts.job``); ``extra_body`` adds fields this client does not
-        know yet, sent as given. ``tag`` is your own id for this submit (a queue message id,
-        say): never sent, but kept in the journal so :meth:`WujieClient.find_submit` can tell
-        whether it was already sent.
-
-        Raises:
-            InvalidRequestError: a field breaks the model's rules (nothing was sent).
-            SubmitUncertainError: the reply was lost; the gateway may have accepted the job.
-            APIError: the gateway refused the submit.
-        """
-        return await self._send(_contract.GENERATIONS_PATH, GenerationRequest, dict(fields))
-
-    async def submit_edit(self, **fields: Unpack[EditFields]) -> ImageJob:
-        """Submit an edit of ``image`` (URLs, base64 or data URLs), optionally with ``mask``.
-
-        See :meth:`submit` for the other arguments and errors.
-        """
-        return await self._send(_contract.EDITS_PATH, EditRequest, dict(fields))
-
-    async def _send(
-        self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
-    ) -> ImageJob:
-        options = {name: fields.pop(name, None) for name in CLIENT_ONLY_FIELDS}
-        body, n = kind.checked_body(fields)
-        return await self._client._submit(
-            path,
-            body,
-            n,
-            options["job_timeout"],
-            options["extra_body"],
-            options["tag"],
-        )
-
-    async def generate(self, **fields: Unpack[GenerationFields]) -> ImageResult:
-        """Submit a generation and wait for its result (``submit`` then ``await job``).
-
-        Takes the arguments of :meth:`submit`; the wait is bounded by the job's deadline.
-        """
-        job = await self.submit(**fields)
-        return await job
-
-    async def edit(self, **fields: Unpack[EditFields]) -> ImageResult:
-        """Submit an edit and wait for its result (``submit_edit`` then ``await job``)."""
-        job = await self.submit_edit(**fields)
-        return await job
-
-    def attach(
-        self,
-        key: str,
-        *,
-        job_timeout: float | None = None,
-        n: int | None = None,
-        request: Mapping[str, Any] | None = None,
-    ) -> ImageJob:
-        """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
-
-        Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
-        that same job. ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
-        once. ``request`` is the body it was submitted with, kept as ``job.request``.
-
-        Raises:
-            InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.
-            ClientStateError: the client is not open.
-        """
-        return self._client._attach(key, job_timeout=job_timeout, n=n, request=request)
 
 
 class WujieClient:
@@ -293,7 +96,7 @@ class WujieClient:
         gc_freeze: bool = False,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
-        self.base_url = _check_base_url(
+        self.base_url = check_base_url(
             base_url or Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
             allow_insecure_http=allow_insecure_http,
         )
@@ -301,7 +104,7 @@ class WujieClient:
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
         self.retry_policy = retry or RetryPolicy()
-        self.images = Images(self)
+        self.images = Images(submit=self._submit, attach=self._attach)
         self._state: _State = "unopened"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fleet: FleetLink | None = None
@@ -335,25 +138,20 @@ class WujieClient:
         self._forget_job = self._poller.forget
         self._gc_freezer = GcFreezer() if gc_freeze else None
         self._poller_task: asyncio.Task[None] | None = None
-        self._admission: Admission | None = None
-        # Tasks inside submit(), so aclose() can end each of them promptly.
-        self._submitting: set[asyncio.Task[Any]] = set()
-        self._cancelled_by_close: set[asyncio.Task[Any]] = set()
-        self._no_submits = asyncio.Event()
-        self._no_submits.set()
-        self._closed: asyncio.Event | None = None
+        self._closed: anyio.Event | None = None
         # True from open() until aclose() is done draining: jobs made meanwhile are tracked.
         self._tracking = False
-        # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
-        self._claimed_keys: set[str] = set()
-        self._unjournaled: list[JournalEntry] = []
-        self._submits = 0
-        self._submit_errors = 0
         self._journal: SubmitJournal | None = None
         if self._fleet is not None:
             self._journal = self._fleet.journal
         elif journal is not None:
             self._journal = Journal(journal)
+        self._submits = Submits(
+            transport=self._transport,
+            journal=self._journal,
+            make_job=self._new_job,
+            in_use=lambda key: self._poller.get(key) is not None,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -400,7 +198,13 @@ class WujieClient:
             except BaseException:
                 await self._transport.close()
                 raise
-        self._admission = Admission(self.limits, pace=fleet.acquire if fleet is not None else None)
+        self._submits.open(
+            Admission(self.limits, pace=fleet.acquire if fleet is not None else None)
+        )
+        # A bare asyncio task, not a task group's: the poller lives from open() to aclose(),
+        # which may run in different tasks, and a task group (or cancel scope) must be left by
+        # the task that entered it. Its end is watched instead: a done callback settles every
+        # job if it ever stops while open, and aclose() cancels and awaits it.
         self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
         self._poller_task.add_done_callback(self._poller_stopped)
         self._state = "open"
@@ -441,18 +245,17 @@ class WujieClient:
             return
         self._check_loop()
         self._state = "closing"
-        self._closed = asyncio.Event()
+        self._closed = anyio.Event()
         if not drain:
             self._tracking = False
         try:
             if drain:
                 wait = self.timeouts.close if timeout is None else timeout
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._no_submits.wait()
-                        await self._drain_jobs()
+                with anyio.move_on_after(wait):
+                    await self._submits.wait_idle()
+                    await self._drain_jobs()
             self._tracking = False
-            await self._stop_submits()
+            await self._submits.stop(self.timeouts.close)
             self._poller.cancel_all("the client was closed before the job ended")
             await self._stop_poller()
         finally:
@@ -476,30 +279,18 @@ class WujieClient:
                         self._closed.set()
 
     async def _drain_jobs(self) -> None:
-        jobs = self._poller.jobs()
-        if jobs:
-            await asyncio.gather(*(job.result() for job in jobs), return_exceptions=True)
-
-    async def _stop_submits(self) -> None:
-        """End every submit in progress (see aclose) and wait for them to unwind."""
-        current = asyncio.current_task()
-        for task in self._submitting:
-            if task is not current and not task.done():
-                self._cancelled_by_close.add(task)
-                task.cancel("the client is closing")
-        if self._submitting - {current}:
-            # Unwinding awaits nothing slow (journal records are queued, not awaited); bounded
-            # all the same.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.timeouts.close):
-                    await self._no_submits.wait()
+        for job in self._poller.jobs():  # one after another: the wait is the longest one's
+            with contextlib.suppress(Exception):  # draining waits for ends, not for outcomes
+                await job
 
     async def _stop_poller(self) -> None:
         task, self._poller_task = self._poller_task, None
         if task is None:
             return
         task.cancel()
-        await asyncio.wait([task])  # never raises the poller's own error: closing goes on
+        # asyncio.wait: it waits for the task without raising the poller's own error (closing
+        # goes on) and without being cancelled with it.
+        await asyncio.wait([task])
         if not task.cancelled() and task.exception() is not None:
             logger.error("the wujie-async poller had stopped: %r", task.exception())
 
@@ -549,92 +340,7 @@ class WujieClient:
         deadline_s = self._job_timeout(job_timeout)
         if extra_body:
             body = {**body, **extra_body}
-        task = asyncio.current_task()
-        if task is None:
-            raise ClientStateError("submit() must run in an asyncio task")
-        record = SubmitRecord(self._journal, path, body, tag)
-        # Registered before the first await: aclose() cannot miss a submit in progress.
-        self._submitting.add(task)
-        self._no_submits.clear()
-        try:
-            return await self._send(record, path, body, n or 1, deadline_s)
-        except asyncio.CancelledError:
-            if task not in self._cancelled_by_close or task.uncancel() > 0:
-                self._submit_errors += 1
-                raise  # not (only) our cancel: the caller's own cancellation goes on
-            if record.job is not None:
-                return record.job  # the key came back: its job, settled as cancelled
-            self._submit_errors += 1
-            if record.may_have_left:
-                raise SubmitUncertainError(
-                    "the client was closed while this submit was on the wire: the gateway may "
-                    "have accepted (and charged) it",
-                    request=body,
-                ) from None
-            raise ClientStateError(
-                "the client was closed before this submit was sent (nothing was sent)"
-            ) from None
-        except BaseException:
-            self._submit_errors += 1
-            raise
-        finally:
-            self._submitting.discard(task)
-            self._cancelled_by_close.discard(task)
-            if not self._submitting:
-                self._no_submits.set()
-
-    async def _send(
-        self, record: SubmitRecord, path: str, body: dict[str, Any], n: int, deadline_s: float
-    ) -> ImageJob:
-        """Admission, the journal record, the request and the job, in that order."""
-        admission = self._admission
-        if admission is None:
-            raise ClientStateError("the client is not open")
-        release = await admission.take_in_flight()
-        try:
-            async with record:
-                async with admission.send_slot():
-                    await record.intent()
-                    record.sending()
-                    data = await self._transport.post(path, body, kind="submit")
-                key = self._claim_key(data, body)
-                try:
-                    await record.accepted(key)
-                finally:
-                    # Whatever happens now, the key gets its job (tracked, or settled at once
-                    # if the client is closing): an accepted key is never dropped.
-                    record.job = self._new_job(
-                        key, deadline_s=deadline_s, request=body, n=n, release=release
-                    )
-                    release = None  # the job gives the in-flight slot back when it ends
-                    self._claimed_keys.discard(key)
-        finally:
-            if release is not None:
-                release()
-        if record.unjournaled is not None:
-            self._unjournaled.append(record.unjournaled_entry())
-            logger.warning(
-                "the gateway accepted a submit as %s but the journal could not record the "
-                "key (%s); the job is tracked, and uncertain_submits() lists it",
-                key,
-                record.unjournaled,
-            )
-        self._submits += 1
-        return record.job
-
-    def _claim_key(self, data: Any, body: dict[str, Any]) -> str:
-        """The reply's key, if usable and not in use by another job of this client."""
-        key = _usable_key(data, body)
-        if key in self._claimed_keys or self._poller.get(key) is not None:
-            # The gateway charged this submit but gave the key of another job: this job cannot
-            # be followed, and overwriting the other would orphan it.
-            raise SubmitUncertainError(
-                f"the gateway returned a key already in use ({key}): this submit may have "
-                "been charged but its job cannot be followed; the earlier job is unaffected",
-                request=body,
-            ) from ProtocolError("the gateway returned a key already in use", body=key)
-        self._claimed_keys.add(key)
-        return key
+        return await self._submits.submit(path, body, n or 1, deadline_s, tag)
 
     def _new_job(
         self,
@@ -711,16 +417,7 @@ class WujieClient:
         request: Mapping[str, Any] | None = None,
     ) -> ImageJob:
         self._check_open()
-        if not isinstance(key, str) or not _KEY.fullmatch(key):
-            raise InvalidRequestError(
-                [
-                    (
-                        "key",
-                        f"must be a job key: 1 to {MAX_KEY_CHARS} characters, no whitespace "
-                        "or control characters",
-                    )
-                ]
-            )
+        check_key(key)
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise InvalidRequestError([("n", "must be a positive int (images in the job)")])
         if request is not None and not isinstance(request, Mapping):
@@ -761,7 +458,7 @@ class WujieClient:
             self._attach(
                 entry.job_key,
                 job_timeout=job_timeout,
-                n=_images_in(entry.request),
+                n=images_in(entry.request),
                 request=entry.request,
             )
             for entry in entries
@@ -783,7 +480,7 @@ class WujieClient:
         """
         self._check_open()
         rows = await self._require_journal().entries("uncertain")
-        return rows + self._unjournaled
+        return rows + self._submits.unjournaled
 
     async def journal_entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
         """Journal rows in ``states`` (every row if none), with ``tag`` if given; oldest first.
@@ -810,7 +507,8 @@ class WujieClient:
         self._check_open()
         forgotten = set(ids)
         deleted = await self._require_journal().forget(forgotten)
-        self._unjournaled = [e for e in self._unjournaled if e.id not in forgotten]
+        submits = self._submits
+        submits.unjournaled = [e for e in submits.unjournaled if e.id not in forgotten]
         return deleted
 
     async def find_submit(self, tag: str) -> JournalEntry | None:
@@ -840,6 +538,9 @@ class WujieClient:
             TimeoutError: ``timeout`` passed with jobs still running.
         """
         pending = list(dict.fromkeys(jobs))
+        # asyncio.Queue, not an anyio memory stream: it is fed by the jobs' done callbacks
+        # (plain functions on the loop), which may still run after this generator is closed,
+        # when a closed stream would raise in the loop's exception handler.
         finished: asyncio.Queue[ImageJob] = asyncio.Queue()
         handles = [(job, job.add_done_callback(finished.put_nowait)) for job in pending]
         loop = self._check_open()
@@ -848,7 +549,7 @@ class WujieClient:
             for _ in pending:
                 # The deadline wraps each wait only: a timeout scope held across ``yield``
                 # would fire inside the caller's loop body instead.
-                async with asyncio.timeout_at(deadline):
+                with anyio.fail_after(None if deadline is None else deadline - loop.time()):
                     job = await finished.get()
                 yield job
         finally:
@@ -870,64 +571,13 @@ class WujieClient:
     @property
     def stats(self) -> ClientStats:
         """A snapshot of what the client has done."""
-        poller = self._poller.counters
-        transport = self._transport.counters
-        calls, keys = poller.batch_calls, poller.keys_polled
-        fleet = self._fleet.stats() if self._fleet is not None else None
-        brakes = self._transport.brake_rates
-        if fleet is not None:  # calls this process sent as the fleet's leader count too
-            calls, keys = calls + fleet.leader_calls, keys + fleet.leader_keys
-        stats = ClientStats(
-            submits=self._submits,
-            submit_errors=self._submit_errors,
-            batch_calls=calls,
-            batch_errors=poller.batch_errors,
-            keys_polled=keys,
-            mean_batch_fill=keys / calls if calls else 0.0,
-            http_calls=transport.http_calls,
-            retries=transport.retries,
-            rate_limited=transport.rate_limited,
+        return _stats.snapshot(
+            submits=self._submits.accepted,
+            submit_errors=self._submits.errors,
+            poller=self._poller.counters,
+            transport=self._transport.counters,
+            brakes=self._transport.brake_rates,
             jobs_outstanding=len(self._poller),
-            jobs_succeeded=poller.succeeded,
-            jobs_failed=poller.failed,
             journal_commits=self._journal.commits if self._journal is not None else 0,
-            submit_rate_limit=brakes["submit"],
-            poll_rate_limit=brakes["poll"],
+            fleet=self._fleet.stats() if self._fleet is not None else None,
         )
-        if fleet is None:
-            return stats
-        return dataclasses.replace(
-            stats,
-            fleet_role=fleet.role,
-            fleet_size=fleet.size,
-            fleet_rate=fleet.rate,
-            fleet_batch_calls=fleet.batch_calls,
-            fleet_mean_batch_fill=fleet.keys_polled / fleet.batch_calls
-            if fleet.batch_calls
-            else 0.0,
-        )
-
-
-def _usable_key(data: Any, body: dict[str, Any]) -> str:
-    """The key of a submit reply, checked; anything else is a protocol error (maybe charged)."""
-    key = data.get("key") if isinstance(data, dict) else None
-    if isinstance(key, str) and _KEY.fullmatch(key):
-        return key
-    if not isinstance(key, str):
-        problem = "no key" if key is None else f"a key that is a {type(key).__name__}"
-    elif not key:
-        problem = "an empty key"
-    elif len(key) > MAX_KEY_CHARS:
-        problem = f"a key of {len(key)} characters (over {MAX_KEY_CHARS})"
-    else:
-        problem = "a key with whitespace or control characters"
-    # The gateway said "200" but gave no usable key: the job may exist, unreachable.
-    raise SubmitUncertainError(
-        f"the submit reply has {problem}: {snippet(str(data)[:1000])}", request=body
-    ) from ProtocolError(f"the submit reply has {problem}")
-
-
-def _images_in(request: Mapping[str, Any]) -> int | None:
-    """``n`` of a journaled request, if it is a usable count."""
-    n = request.get("n", 1)
-    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

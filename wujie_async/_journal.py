@@ -9,6 +9,12 @@ wakes goes into ONE transaction and one fsync (group commit), so a 10,000-job ru
 a few hundred commits, not 20,000. Reads take their own path through the same worker, after
 the writes queued before them are committed, outside any write transaction.
 
+Why a thread of its own with asyncio futures rather than ``anyio.to_thread``: the worker lives
+as long as the journal (it holds the SQLite connection and the lock), and each queued record
+is answered by ``loop.call_soon_threadsafe`` settling that record's future; many waiters share
+one commit. ``anyio.to_thread.run_sync`` runs one call per thread hop, which would forfeit the
+group commit. Closing waits for the worker with ``anyio.to_thread``.
+
 A journal has one writer: :meth:`Journal.open` takes an exclusive ``flock`` on the sidecar file
 ``<journal>.lock`` (which names the holder: pid and host) and keeps it until :meth:`close`. A
 second opener, in this process or another, gets :class:`JournalLockedError` at once. The
@@ -47,6 +53,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import anyio
 
 from ._errors import ClientStateError
 
@@ -257,7 +265,9 @@ class Journal:
         with self._gate:
             self._accepting = False
             self._queue.put(None)
-        await asyncio.to_thread(self._thread.join)
+        # abandon_on_cancel: cancelling close() stops the wait at once, as before; the worker
+        # still finishes its last commit and exits on its own.
+        await anyio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
         self._thread = None
 
     def _worker(self, ready: asyncio.Future[None]) -> None:
@@ -459,6 +469,9 @@ class Journal:
             )
         )
         try:
+            # asyncio.shield, not CancelScope(shield=True): the caller's cancel must take
+            # effect at once (a closing client ends its submits promptly) while the write goes
+            # on; a shielded scope would hold the caller until the commit.
             result: tuple[int | None, int] = await asyncio.shield(future)
         except asyncio.CancelledError:
             future.add_done_callback(self._unsend_cancelled_intent)

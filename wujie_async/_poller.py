@@ -1,4 +1,6 @@
-"""The one batching poller of a client.
+"""The one batching poller of a client: the due-time heap, batch calls, and what each reply
+means for its jobs (how a reply is read and checked is ``_replies``'s job); plus the seams a
+fleet uses to poll for this poller (``set_delegate``, ``apply_report``, ``due_times``, ...).
 
 Every outstanding key sits in a heap ordered by when it is next due (its next ask, or its
 deadline if sooner). Each round takes the keys that are due, tops the last batch call up with
@@ -9,7 +11,8 @@ an event: no timer ticks, no cost.
 Every reply is hostile until checked, and one bad entry never costs more than its own job:
 
 * only entries for keys this call asked about are looked at (a bounded few per key), so a reply
-  flooded with junk costs one cheap pass, and warnings are one summary line per reply;
+  flooded with junk costs one cheap pass, and warnings are one summary line per reply
+  (``_replies``);
 * optional fields that are unreadable are dropped at the model (``_models.JobInfo``); an entry
   whose key or status is unreadable is malformed, and a job listed only in malformed entries
   fails with ``JobProtocolError`` once that lasts the unknown-key grace period;
@@ -30,12 +33,11 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
-from pydantic import TypeAdapter, ValidationError
 
 from . import _contract, _jobs
 from ._config import Limits, PollPolicy
@@ -43,28 +45,26 @@ from ._contract import JobStatus
 from ._errors import (
     JobCancelledError,
     JobError,
-    JobFailedError,
     JobProtocolError,
     JobTimeoutError,
-    ModerationRejectedError,
-    ProtocolError,
     ResponseTooLargeError,
     UnknownJobError,
     WujieError,
     snippet,
 )
 from ._jobs import ImageJob
-from ._models import GeneratedImage, JobInfo
+from ._models import JobInfo
+from ._replies import Reading, failure, images_of, read
+from ._replies import raw_entries_by_key as raw_entries_by_key  # the fleet's seam, kept here
 from ._schedule import KeyTiming, PollSchedule
 from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
+# Time is the running loop's clock, read directly (``asyncio.get_running_loop().time()``, the
+# clock anyio's deadlines use too): it is read per key, on the hot path.
 ENDED_JOBS_KEPT = 1024
 # Distinct unknown statuses remembered (each is logged once); past this, one last line says so.
 UNKNOWN_STATUSES_KEPT = 64
-# A reply may repeat a key; more than this many entries for one key are not even looked at.
-ENTRIES_PER_KEY = 4
-_JOB_LIST = TypeAdapter(list[JobInfo])
 
 
 class PollDelegate(Protocol):
@@ -107,102 +107,16 @@ class _Tracked(KeyTiming):
     last_seen: float | None = None
 
 
-@dataclass(slots=True)
-class _Reading:
-    """What one batch reply said about the keys asked."""
-
-    entries: dict[str, JobInfo]
-    # Keys that were listed only in malformed entries, with why (a short, clean excerpt).
-    malformed: dict[str, str]
-
-
-def _images(entry: JobInfo) -> list[GeneratedImage]:
-    return [
-        GeneratedImage(index, image.url, image.b64_json, image.revised_prompt)
-        for index, image in enumerate(entry.images or ())
-    ]
-
-
-def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
-    """One entry per key: a repeated key keeps its terminal or most complete report."""
-    best: dict[str, JobInfo] = {}
-    for entry in entries:
-        seen = best.get(entry.key)
-        if (
-            seen is None
-            or (entry.terminal and not seen.terminal)
-            or (
-                entry.terminal == seen.terminal and len(entry.images or ()) > len(seen.images or ())
-            )
-        ):
-            best[entry.key] = entry
-    return best
-
-
-def _listed(data: Any) -> list[Any]:
-    """The list of entries of a batch reply's ``data``.
-
-    The reply's shape is [assumed] (see _contract). A bare array, or a null list (nothing
-    found), are read the same way rather than failing every job.
-    """
-    listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
-    if listed is None:
-        return []
-    if not isinstance(listed, list):
-        raise ProtocolError(f"batch reply data has no list: {snippet(str(data)[:400])}")
-    return listed
-
-
-def _relevant(listed: list[Any], asked: Container[str]) -> list[dict[str, Any]]:
-    """The entries of ``listed`` for keys in ``asked``, at most ENTRIES_PER_KEY per key.
-
-    One dict lookup per entry before any validation: a reply flooded with junk costs one pass.
-    """
-    relevant: list[dict[str, Any]] = []
-    counts: dict[str, int] = {}
-    for raw in listed:
-        if type(raw) is dict:
-            key = raw.get("key")
-            # Exact match only: a key with a newline or control character is not ours.
-            if type(key) is str and key in asked:
-                seen = counts.get(key, 0)
-                if seen < ENTRIES_PER_KEY:
-                    counts[key] = seen + 1
-                    relevant.append(raw)
-    return relevant
-
-
-def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[str, Any]]]:
-    """A batch reply's raw entries for the keys asked, grouped by key (not validated).
-
-    For a fleet's leader, who passes each key's entries to its owner unread: the owner
-    validates them with :meth:`BatchPoller.apply_report`, exactly as its own replies.
-    At most ENTRIES_PER_KEY entries per key; entries for keys not asked are dropped.
-
-    Raises:
-        ProtocolError: ``data`` holds no list of entries.
-    """
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for raw in _relevant(_listed(data), asked):
-        grouped.setdefault(raw["key"], []).append(raw)
-    return grouped
-
-
-def _why(exc: ValidationError) -> str:
-    """A short account of a validation error that never echoes the hostile input itself."""
-    return snippet(
-        "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'entry'}: {err['msg']}"
-            for err in exc.errors(include_url=False, include_input=False)[:3]
-        )
-    )
-
-
 class _DeadlineWatch:
     """Ends the jobs of one call on the wire whose deadline passes before the reply is back.
 
     One timer per call (armed for the earliest deadline among its jobs), not one per job: a
     job waiting on a slow reply still fails with JobTimeoutError on time.
+
+    A raw ``loop.call_at`` timer on purpose: it fires a plain callback at a loop time while the
+    call's task stays blocked in the request (that call must not be cancelled: its reply still
+    serves the other keys). anyio has no timer that runs a callback; a cancel scope would cancel
+    the call, and a task per call to sleep would cost more than one timer handle.
     """
 
     __slots__ = ("_chunk", "_expire", "_handle", "_loop", "_when")
@@ -252,13 +166,15 @@ class BatchPoller:
         self._schedule_of = PollSchedule(policy)
         self._generation = self._schedule_of.generation
         self._max_response_bytes = limits.max_response_bytes
-        self._call_slots = asyncio.Semaphore(limits.max_concurrent_polls)
+        self._call_slots = anyio.Semaphore(limits.max_concurrent_polls, fast_acquire=True)
         self._jobs: dict[str, _Tracked] = {}
         # (due, key): keys are unique, so ties on ``due`` are broken by key, no counter needed.
         # An entry counts only while it matches its record's ``due``: a key taken into a call
         # has ``due == inf`` until its reply reschedules it, so it cannot be taken twice.
         self._heap: list[tuple[float, str]] = []
-        self._wakeup = asyncio.Event()
+        # Set to wake the idle poller (a key due sooner, a reply in): a fresh one per sleep,
+        # since an anyio.Event is never cleared.
+        self._wakeup = anyio.Event()
         self._sleeping_until = math.inf  # when the idle poller will next look at the heap
         self._unknown_statuses: set[int] = set()
         self._unknown_statuses_full = False
@@ -372,14 +288,14 @@ class BatchPoller:
         return batch
 
     async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._wakeup.clear()
+        self._wakeup = wakeup = anyio.Event()  # what was set before this sleep is seen already
         heap, jobs = self._heap, self._jobs
         while heap and ((tracked := jobs.get(heap[0][1])) is None or tracked.due != heap[0][0]):
             heapq.heappop(heap)  # drop entries of jobs that ended or were rescheduled
         self._sleeping_until = heap[0][0] if heap else math.inf
         try:
             with anyio.move_on_after(self._sleeping_until - loop.time()):
-                await self._wakeup.wait()
+                await wakeup.wait()
         finally:
             self._sleeping_until = -math.inf  # awake: new keys need no wake-up call
 
@@ -402,7 +318,7 @@ class BatchPoller:
         if not chunk:
             return
         asked = {tracked.job.key: tracked for tracked in chunk}
-        reading: _Reading | None = None
+        reading: Reading | None = None
         too_large = False
         try:
             async with self._call_slots:
@@ -437,7 +353,7 @@ class BatchPoller:
         self._after_replies(now)
 
     def _dispatch_contained(
-        self, tracked: _Tracked, reading: _Reading, now: float, unix_to_loop: float
+        self, tracked: _Tracked, reading: Reading, now: float, unix_to_loop: float
     ) -> None:
         try:
             self._dispatch(tracked, reading, now, unix_to_loop)
@@ -491,9 +407,9 @@ class BatchPoller:
             try:
                 reading = self._read(entries, (key,))
             except Exception:  # hostile input may only ever mean "malformed"
-                reading = _Reading({}, {key: "unreadable report"})
+                reading = Reading({}, {key: "unreadable report"})
         else:
-            reading = _Reading({}, {})
+            reading = Reading({}, {})
         self._dispatch_contained(tracked, reading, now, now - time.time())
         self._after_replies(now)
         if not self._tracks(tracked):
@@ -556,48 +472,12 @@ class BatchPoller:
         await self._poll_keys(chunk[:middle])
         await self._poll_keys(chunk[middle:])
 
-    def _read(self, data: Any, asked: Container[str] | None) -> _Reading:
-        """The entries of a reply for the keys in ``asked`` (every entry when None).
-
-        Work is bounded by the keys asked: an entry for another key is skipped with one dict
-        lookup, before any validation, and at most ENTRIES_PER_KEY entries of one key are read.
-        Problems are summed up in one warning per reply, never one line per entry.
-        """
-        listed = _listed(data)
-        relevant = listed if asked is None else _relevant(listed, asked)
-        ignored = len(listed) - len(relevant)
-        malformed: dict[str, str] = {}
-        first_problem = ""
-        # Validating hostile input may only ever mean "malformed": anything it raises (a
-        # ValidationError, or a TypeError from deep inside a validator) marks the entry bad.
-        try:  # one validation call for the whole list: the common, well-formed case
-            entries = _JOB_LIST.validate_python(relevant)
-        except Exception:
-            entries = []
-            for raw in relevant:  # find the bad entries, keep the good ones
-                try:
-                    entries.append(JobInfo.read(raw))
-                except Exception as exc:
-                    why = _why(exc) if isinstance(exc, ValidationError) else type(exc).__name__
-                    first_problem = first_problem or why
-                    key = raw.get("key") if isinstance(raw, dict) else None
-                    if isinstance(key, str):
-                        malformed.setdefault(key, why)
-        bad = len(relevant) - len(entries)
-        self.counters.malformed_entries += bad
-        self.counters.ignored_entries += ignored
-        if bad or ignored:
-            logger.warning(
-                "batch reply: ignored %d malformed entries and %d entries for keys not asked "
-                "about%s",
-                bad,
-                ignored,
-                f" (first problem: {first_problem})" if first_problem else "",
-            )
-        best = _most_advanced(entries)
-        for key in best:
-            malformed.pop(key, None)  # one readable entry is enough
-        return _Reading(best, malformed)
+    def _read(self, data: Any, asked: Container[str] | None) -> Reading:
+        """A reading of ``data`` for the keys in ``asked`` (every key when None), counted."""
+        reading = read(data, asked)
+        self.counters.malformed_entries += reading.bad_entries
+        self.counters.ignored_entries += reading.ignored_entries
+        return reading
 
     def read_reply(self, data: Any) -> dict[str, JobInfo]:
         """Every readable entry of a batch reply's ``data``, one per key, as polls read them.
@@ -611,7 +491,7 @@ class BatchPoller:
         return self._read(data, None).entries
 
     def _dispatch(
-        self, tracked: _Tracked, reading: _Reading, now: float, unix_to_loop: float
+        self, tracked: _Tracked, reading: Reading, now: float, unix_to_loop: float
     ) -> None:
         policy = self._policy
         job = tracked.job
@@ -640,7 +520,7 @@ class BatchPoller:
         tracked.last_seen = now
         _jobs.record_report(job, entry)
         if entry.images and len(entry.images) > len(job.images):
-            _jobs.add_images(job, _images(entry))
+            _jobs.add_images(job, images_of(entry))
         status = entry.status
         if status in _contract.TERMINAL_STATUSES:
             ended_at = entry.complete_time
@@ -655,7 +535,7 @@ class BatchPoller:
             _jobs.succeed(job, JobStatus.SUCCEEDED)
             self._remember_ended(job)
         elif status in _contract.FAILED_STATUSES:
-            self._end(job, self._failure(job, entry))
+            self._end(job, failure(job.key, entry))
         else:
             if status not in _contract.RUNNING_STATUSES:
                 self._note_unknown_status(status, job.key)
@@ -668,21 +548,6 @@ class BatchPoller:
                     queue_position=entry.queue_before_num,
                 ),
             )
-
-    @staticmethod
-    def _failure(job: ImageJob, entry: JobInfo) -> JobFailedError:
-        fail = entry.fail_message
-        if fail is None or isinstance(fail, str):
-            code, text = None, fail
-        else:
-            code, text = fail.fail_code, fail.fail_message
-        message = snippet(text) if text else None  # server text: one clean, short line
-        if entry.status == JobStatus.ENDED_WITHOUT_RESULT:
-            said = f": {message}" if message else ""
-            message = f"the gateway ended the job without a result (status -1){said}"
-        if entry.status == JobStatus.MODERATION_REJECTED:
-            return ModerationRejectedError(job_key=job.key, fail_code=code, fail_message=message)
-        return JobFailedError(job_key=job.key, fail_code=code, fail_message=message)
 
     def _note_unknown_status(self, status: int, key: str) -> None:
         """Log each unknown status once, remembering a bounded number of them."""

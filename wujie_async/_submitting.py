@@ -1,6 +1,7 @@
-"""Around one submit: when it may go out (admission) and how the journal records it.
+"""Submits in progress: when one may go out (admission), how the journal records it, the key
+it gets, and how every submit still running ends when the client closes.
 
-The client's ``_submit`` reads as a sequence of these steps::
+:meth:`Submits.submit` reads as a sequence of these steps::
 
     admission.take_in_flight()          wait for room under Limits.max_in_flight
     async with SubmitRecord(...):       the journal protocol and the outcome classification
@@ -8,23 +9,39 @@ The client's ``_submit`` reads as a sequence of these steps::
             await record.intent()           intent written before anything is sent
             record.sending()                from here the request may leave the process
             POST
+        claim the key                   usable, and not another job's
         await record.accepted(key)      key written before submit() returns
+    make_job(key)                       the client's one job factory
+
+Each submit runs in its own cancel scope, so closing the client ends it at once (the scope's
+cancel is told apart from the caller's own cancellation, which always goes on).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import anyio
 
 from ._config import Limits
-from ._errors import ClientStateError, SubmitUncertainError, TransportError, WujieError
+from ._errors import (
+    ClientStateError,
+    ProtocolError,
+    SubmitUncertainError,
+    TransportError,
+    WujieError,
+)
 from ._jobs import ImageJob
 from ._journal import JournalEntry, SubmitJournal
+from ._keys import usable_key
 from ._ratelimit import Pacer
+
+if TYPE_CHECKING:
+    from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
 
@@ -41,9 +58,13 @@ class Admission:
     def __init__(
         self, limits: Limits, *, pace: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        self._send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
+        # fast_acquire: a free slot is taken without a trip through the event loop, as
+        # asyncio.Semaphore does (the submit hot path).
+        self._send_slots = anyio.Semaphore(limits.max_concurrent_submits, fast_acquire=True)
         self._in_flight = (
-            asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
+            anyio.Semaphore(limits.max_in_flight, fast_acquire=True)
+            if limits.max_in_flight is not None
+            else None
         )
         self._pace = pace
         if pace is None and limits.max_submits_per_second is not None:
@@ -71,9 +92,7 @@ class _SendSlot:
 
     __slots__ = ("_pace", "_slots")
 
-    def __init__(
-        self, slots: asyncio.Semaphore, pace: Callable[[], Awaitable[None]] | None
-    ) -> None:
+    def __init__(self, slots: anyio.Semaphore, pace: Callable[[], Awaitable[None]] | None) -> None:
         self._slots = slots
         self._pace = pace
 
@@ -207,3 +226,174 @@ class SubmitRecord:
             return
         state = outcome_state(exc, sending=self._sending)
         journal.record_unsent(row_id, state, repr(exc)[:500])
+
+
+class MakeJob(Protocol):
+    """The client's one job factory (build, hook up, track)."""
+
+    def __call__(
+        self,
+        key: str,
+        *,
+        deadline_s: float,
+        request: dict[str, Any] | None,
+        n: int | None,
+        release: Callable[[], None] | None = None,
+    ) -> ImageJob: ...
+
+
+class Submits:
+    """Every submit in progress of one client, from admission to its job, and their end.
+
+    Args:
+        transport: sends the request.
+        journal: records it (None: no journal).
+        make_job: the client's job factory, called once per accepted key.
+        in_use: True for a key a job of the client already has.
+
+    Attributes:
+        accepted: submits the gateway accepted (each gave a key).
+        errors: submits that raised.
+        unjournaled: accepted submits whose key the journal could not write (listed by
+            ``uncertain_submits()`` for the life of the client).
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        journal: SubmitJournal | None,
+        make_job: MakeJob,
+        in_use: Callable[[str], bool],
+    ) -> None:
+        self._transport = transport
+        self._journal = journal
+        self._make_job = make_job
+        self._in_use = in_use
+        self._admission: Admission | None = None
+        # One cancel scope per submit in progress, so stop() can end each of them promptly.
+        self._running: set[anyio.CancelScope] = set()
+        self._stopping: set[anyio.CancelScope] = set()
+        self._idle: anyio.Event | None = None  # set once no submit runs (None: none ran yet)
+        # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
+        self._claimed_keys: set[str] = set()
+        self.accepted = 0
+        self.errors = 0
+        self.unjournaled: list[JournalEntry] = []
+
+    def open(self, admission: Admission) -> None:
+        """Start taking submits, admitted by ``admission``."""
+        self._admission = admission
+
+    async def submit(
+        self, path: str, body: dict[str, Any], n: int, deadline_s: float, tag: str | None
+    ) -> ImageJob:
+        """Send one checked body; returns its job once the gateway gave a key.
+
+        Raises:
+            ClientStateError: the client closed before the request was sent (nothing was).
+            SubmitUncertainError: the client closed while it was on the wire, or the reply
+                was lost or unusable; the gateway may have accepted (and charged) it.
+        """
+        record = SubmitRecord(self._journal, path, body, tag)
+        scope = anyio.CancelScope()
+        # Registered before the first await: stop() cannot miss a submit in progress.
+        if not self._running:
+            self._idle = anyio.Event()
+        self._running.add(scope)
+        try:
+            with scope:
+                return await self._send(record, path, body, n, deadline_s)
+            # Only reached when stop() cancelled this scope: the caller's own cancellation
+            # is never swallowed by it (it goes on as CancelledError).
+            if record.job is not None:
+                return record.job  # the key came back: its job, settled as cancelled
+            if record.may_have_left:
+                raise SubmitUncertainError(
+                    "the client was closed while this submit was on the wire: the gateway may "
+                    "have accepted (and charged) it",
+                    request=body,
+                )
+            raise ClientStateError(
+                "the client was closed before this submit was sent (nothing was sent)"
+            )
+        except BaseException:
+            self.errors += 1
+            raise
+        finally:
+            self._running.discard(scope)
+            self._stopping.discard(scope)
+            if not self._running and self._idle is not None:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no submit is in progress."""
+        if self._running and self._idle is not None:
+            await self._idle.wait()
+
+    async def stop(self, timeout: float) -> None:
+        """End every submit in progress (see ``WujieClient.aclose``); wait for them to unwind.
+
+        Unwinding awaits nothing slow (journal records are queued, not awaited): bounded by
+        ``timeout`` all the same.
+        """
+        for scope in self._running:
+            if scope not in self._stopping:
+                self._stopping.add(scope)
+                scope.cancel("the client is closing")
+        if self._running:
+            with anyio.move_on_after(timeout):
+                await self.wait_idle()
+
+    async def _send(
+        self, record: SubmitRecord, path: str, body: dict[str, Any], n: int, deadline_s: float
+    ) -> ImageJob:
+        """Admission, the journal record, the request and the job, in that order."""
+        admission = self._admission
+        if admission is None:
+            raise ClientStateError("the client is not open")
+        release = await admission.take_in_flight()
+        try:
+            async with record:
+                async with admission.send_slot():
+                    await record.intent()
+                    record.sending()
+                    data = await self._transport.post(path, body, kind="submit")
+                key = self._claim_key(data, body)
+                try:
+                    await record.accepted(key)
+                finally:
+                    # Whatever happens now, the key gets its job (tracked, or settled at once
+                    # if the client is closing): an accepted key is never dropped.
+                    record.job = self._make_job(
+                        key, deadline_s=deadline_s, request=body, n=n, release=release
+                    )
+                    release = None  # the job gives the in-flight slot back when it ends
+                    self._claimed_keys.discard(key)
+        finally:
+            if release is not None:
+                release()
+        if record.unjournaled is not None:
+            self.unjournaled.append(record.unjournaled_entry())
+            logger.warning(
+                "the gateway accepted a submit as %s but the journal could not record the "
+                "key (%s); the job is tracked, and uncertain_submits() lists it",
+                key,
+                record.unjournaled,
+            )
+        self.accepted += 1
+        return record.job
+
+    def _claim_key(self, data: Any, body: dict[str, Any]) -> str:
+        """The reply's key, if usable and not in use by another job of this client."""
+        key = usable_key(data, body)
+        if key in self._claimed_keys or self._in_use(key):
+            # The gateway charged this submit but gave the key of another job: this job cannot
+            # be followed, and overwriting the other would orphan it.
+            raise SubmitUncertainError(
+                f"the gateway returned a key already in use ({key}): this submit may have "
+                "been charged but its job cannot be followed; the earlier job is unaffected",
+                request=body,
+            ) from ProtocolError("the gateway returned a key already in use", body=key)
+        self._claimed_keys.add(key)
+        return key

@@ -14,6 +14,7 @@ from wujie_async import (
     ImageResult,
     JobStatus,
     JournalEntry,
+    JournalFile,
     Limits,
     PollPolicy,
     WujieClient,
@@ -38,6 +39,9 @@ async def right_uses(client: WujieClient) -> None:
     _done: bool = JobStatus.SUCCEEDED.terminal
     _policy = PollPolicy(min_interval=0.25, max_estimate_wait=30.0)
     _limits = Limits(max_submits_per_second=5.0)
+    async with JournalFile("jobs.sqlite") as journal:
+        _listed: list[JournalEntry] = await journal.entries("uncertain", tag="m1")
+        _forgotten: int = await journal.forget(row.id for row in _listed)
 
 
 async def wrong_uses(client: WujieClient, job: ImageJob) -> None:
@@ -49,3 +53,6 @@ async def wrong_uses(client: WujieClient, job: ImageJob) -> None:
     job.status = JobStatus.SUCCEEDED  # type: ignore[misc]
     job.succeed(4)  # type: ignore[attr-defined]
     PollPolicy(min_interval="fast")  # type: ignore[arg-type]
+    async with JournalFile("jobs.sqlite") as journal:
+        await journal.forget(["1"])  # type: ignore[list-item]
+        await journal.record_intent("/x", {})  # type: ignore[attr-defined]

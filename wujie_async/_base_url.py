@@ -1,0 +1,71 @@
+"""The rules a gateway base URL must pass before anything is signed and sent to it."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from urllib.parse import urlsplit
+
+from . import _contract
+from ._errors import InvalidRequestError
+
+logger = logging.getLogger("wujie_async")
+
+
+def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
+    """The base URL without its trailing slash, once it passes the rules below.
+
+    Plain ``http://`` is allowed only to a loopback host (the emulator): the signature covers
+    only the app id and a timestamp, so anyone on the path who sees one request's header can
+    replay it with other bodies, each paid for, for minutes. ``user:password@`` in the URL is
+    refused: the gateway does not use it, and it would show in reprs and logs.
+    """
+    rule_http = "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL
+    if not isinstance(base_url, str):
+        raise InvalidRequestError([("base_url", rule_http)])
+    try:
+        parts = urlsplit(base_url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        host = None  # raised below, outside this block, so no ValueError rides along
+    # Messages never repeat the URL: it may hold a password.
+    if host is None or parts.scheme not in {"http", "https"}:
+        raise InvalidRequestError([("base_url", rule_http)])
+    if "@" in parts.netloc:
+        raise InvalidRequestError(
+            [
+                (
+                    "base_url",
+                    "must not contain user:password@ (the gateway authenticates with the "
+                    "signed Authorization header; remove the credentials from the URL)",
+                )
+            ]
+        )
+    if parts.scheme == "http" and not _is_loopback(host):
+        if not allow_insecure_http:
+            raise InvalidRequestError(
+                [
+                    (
+                        "base_url",
+                        f"plain http:// is allowed only to a loopback host, not {host!r}: "
+                        "anyone on the path could replay the signed header and be paid for; "
+                        "use https://, or pass allow_insecure_http=True if you accept that",
+                    )
+                ]
+            )
+        logger.warning(
+            "INSECURE: sending signed requests over plain http to %s (allow_insecure_http=True);"
+            " anyone on the path can replay the Authorization header",
+            host,
+        )
+    return base_url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve anywhere

@@ -1,0 +1,122 @@
+"""``client.images``: the typed request surface (submit, submit_edit, generate, edit, attach).
+
+It checks a request against its model and hands the body to the client (``submit``) or the key
+to the client's job factory (``attach``); it holds no state of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol, Unpack
+
+from . import _contract
+from ._jobs import ImageJob
+from ._models import EditRequest, GenerationRequest, ImageResult
+from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
+
+
+class SubmitJob(Protocol):
+    """The client's submit of a checked body (see ``WujieClient``)."""
+
+    def __call__(
+        self,
+        path: str,
+        body: dict[str, Any],
+        n: int | None,
+        job_timeout: float | None,
+        extra_body: Mapping[str, Any] | None,
+        tag: str | None,
+    ) -> Awaitable[ImageJob]: ...
+
+
+class AttachJob(Protocol):
+    """The client's attach of a key submitted earlier or elsewhere."""
+
+    def __call__(
+        self,
+        key: str,
+        *,
+        job_timeout: float | None,
+        n: int | None,
+        request: Mapping[str, Any] | None = None,
+    ) -> ImageJob: ...
+
+
+class Images:
+    """``client.images``: submit, generate, edit and attach image jobs."""
+
+    def __init__(self, *, submit: SubmitJob, attach: AttachJob) -> None:
+        # The client hands over the two things it does with a checked request: no reach-in.
+        self._submit = submit
+        self._attach = attach
+
+    async def submit(self, **fields: Unpack[GenerationFields]) -> ImageJob:
+        """Submit a generation; returns its job as soon as the gateway gives a key.
+
+        Fields are those of API.md section 1 (see :class:`GenerationFields`); None or leaving
+        one out lets the gateway use its default. ``job_timeout`` is the job's deadline in
+        seconds (default ``Timeouts.job``); ``extra_body`` adds fields this client does not
+        know yet, sent as given. ``tag`` is your own id for this submit (a queue message id,
+        say): never sent, but kept in the journal so :meth:`WujieClient.find_submit` can tell
+        whether it was already sent.
+
+        Raises:
+            InvalidRequestError: a field breaks the model's rules (nothing was sent).
+            SubmitUncertainError: the reply was lost; the gateway may have accepted the job.
+            APIError: the gateway refused the submit.
+        """
+        return await self._send(_contract.GENERATIONS_PATH, GenerationRequest, dict(fields))
+
+    async def submit_edit(self, **fields: Unpack[EditFields]) -> ImageJob:
+        """Submit an edit of ``image`` (URLs, base64 or data URLs), optionally with ``mask``.
+
+        See :meth:`submit` for the other arguments and errors.
+        """
+        return await self._send(_contract.EDITS_PATH, EditRequest, dict(fields))
+
+    async def _send(
+        self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
+    ) -> ImageJob:
+        options = {name: fields.pop(name, None) for name in CLIENT_ONLY_FIELDS}
+        body, n = kind.checked_body(fields)
+        return await self._submit(
+            path,
+            body,
+            n,
+            options["job_timeout"],
+            options["extra_body"],
+            options["tag"],
+        )
+
+    async def generate(self, **fields: Unpack[GenerationFields]) -> ImageResult:
+        """Submit a generation and wait for its result (``submit`` then ``await job``).
+
+        Takes the arguments of :meth:`submit`; the wait is bounded by the job's deadline.
+        """
+        job = await self.submit(**fields)
+        return await job
+
+    async def edit(self, **fields: Unpack[EditFields]) -> ImageResult:
+        """Submit an edit and wait for its result (``submit_edit`` then ``await job``)."""
+        job = await self.submit_edit(**fields)
+        return await job
+
+    def attach(
+        self,
+        key: str,
+        *,
+        job_timeout: float | None = None,
+        n: int | None = None,
+        request: Mapping[str, Any] | None = None,
+    ) -> ImageJob:
+        """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
+
+        Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
+        that same job. ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
+        once. ``request`` is the body it was submitted with, kept as ``job.request``.
+
+        Raises:
+            InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.
+            ClientStateError: the client is not open.
+        """
+        return self._attach(key, job_timeout=job_timeout, n=n, request=request)

@@ -1,0 +1,177 @@
+"""Reading a batch-detail reply: which entries count, how they are validated, what they mean.
+
+Every reply is hostile until checked. Only entries for keys the call asked about are looked at
+(at most ``ENTRIES_PER_KEY`` per key, one dict lookup each before any validation), a repeated
+key keeps its most advanced entry, and an entry that cannot be read marks only its own key as
+malformed. The poller (``_poller``) decides what to do with a reading; this module only reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from . import _contract
+from ._contract import JobStatus
+from ._errors import JobFailedError, ModerationRejectedError, ProtocolError, snippet
+from ._models import GeneratedImage, JobInfo
+
+logger = logging.getLogger("wujie_async")
+# A reply may repeat a key; more than this many entries for one key are not even looked at.
+ENTRIES_PER_KEY = 4
+_JOB_LIST = TypeAdapter(list[JobInfo])
+
+
+@dataclass(slots=True)
+class Reading:
+    """What one batch reply said about the keys asked."""
+
+    entries: dict[str, JobInfo]
+    # Keys that were listed only in malformed entries, with why (a short, clean excerpt).
+    malformed: dict[str, str]
+    # Entries that could not be read, and entries for keys not asked about.
+    bad_entries: int = 0
+    ignored_entries: int = 0
+
+
+def images_of(entry: JobInfo) -> list[GeneratedImage]:
+    return [
+        GeneratedImage(index, image.url, image.b64_json, image.revised_prompt)
+        for index, image in enumerate(entry.images or ())
+    ]
+
+
+def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
+    """One entry per key: a repeated key keeps its terminal or most complete report."""
+    best: dict[str, JobInfo] = {}
+    for entry in entries:
+        seen = best.get(entry.key)
+        if (
+            seen is None
+            or (entry.terminal and not seen.terminal)
+            or (
+                entry.terminal == seen.terminal and len(entry.images or ()) > len(seen.images or ())
+            )
+        ):
+            best[entry.key] = entry
+    return best
+
+
+def _listed(data: Any) -> list[Any]:
+    """The list of entries of a batch reply's ``data``.
+
+    The reply's shape is [assumed] (see _contract). A bare array, or a null list (nothing
+    found), are read the same way rather than failing every job.
+    """
+    listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
+    if listed is None:
+        return []
+    if not isinstance(listed, list):
+        raise ProtocolError(f"batch reply data has no list: {snippet(str(data)[:400])}")
+    return listed
+
+
+def _relevant(listed: list[Any], asked: Container[str]) -> list[dict[str, Any]]:
+    """The entries of ``listed`` for keys in ``asked``, at most ENTRIES_PER_KEY per key.
+
+    One dict lookup per entry before any validation: a reply flooded with junk costs one pass.
+    """
+    relevant: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for raw in listed:
+        if type(raw) is dict:
+            key = raw.get("key")
+            # Exact match only: a key with a newline or control character is not ours.
+            if type(key) is str and key in asked:
+                seen = counts.get(key, 0)
+                if seen < ENTRIES_PER_KEY:
+                    counts[key] = seen + 1
+                    relevant.append(raw)
+    return relevant
+
+
+def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[str, Any]]]:
+    """A batch reply's raw entries for the keys asked, grouped by key (not validated).
+
+    For a fleet's leader, who passes each key's entries to its owner unread: the owner
+    validates them with :meth:`BatchPoller.apply_report`, exactly as its own replies.
+    At most ENTRIES_PER_KEY entries per key; entries for keys not asked are dropped.
+
+    Raises:
+        ProtocolError: ``data`` holds no list of entries.
+    """
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for raw in _relevant(_listed(data), asked):
+        grouped.setdefault(raw["key"], []).append(raw)
+    return grouped
+
+
+def _why(exc: ValidationError) -> str:
+    """A short account of a validation error that never echoes the hostile input itself."""
+    return snippet(
+        "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'entry'}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)[:3]
+        )
+    )
+
+
+def read(data: Any, asked: Container[str] | None) -> Reading:
+    """The entries of a reply for the keys in ``asked`` (every entry when None).
+
+    Work is bounded by the keys asked: an entry for another key is skipped with one dict
+    lookup, before any validation, and at most ENTRIES_PER_KEY entries of one key are read.
+    Problems are summed up in one warning per reply, never one line per entry.
+    """
+    listed = _listed(data)
+    relevant = listed if asked is None else _relevant(listed, asked)
+    ignored = len(listed) - len(relevant)
+    malformed: dict[str, str] = {}
+    first_problem = ""
+    # Validating hostile input may only ever mean "malformed": anything it raises (a
+    # ValidationError, or a TypeError from deep inside a validator) marks the entry bad.
+    try:  # one validation call for the whole list: the common, well-formed case
+        entries = _JOB_LIST.validate_python(relevant)
+    except Exception:
+        entries = []
+        for raw in relevant:  # find the bad entries, keep the good ones
+            try:
+                entries.append(JobInfo.read(raw))
+            except Exception as exc:
+                why = _why(exc) if isinstance(exc, ValidationError) else type(exc).__name__
+                first_problem = first_problem or why
+                key = raw.get("key") if isinstance(raw, dict) else None
+                if isinstance(key, str):
+                    malformed.setdefault(key, why)
+    bad = len(relevant) - len(entries)
+    if bad or ignored:
+        logger.warning(
+            "batch reply: ignored %d malformed entries and %d entries for keys not asked about%s",
+            bad,
+            ignored,
+            f" (first problem: {first_problem})" if first_problem else "",
+        )
+    best = _most_advanced(entries)
+    for key in best:
+        malformed.pop(key, None)  # one readable entry is enough
+    return Reading(best, malformed, bad, ignored)
+
+
+def failure(key: str, entry: JobInfo) -> JobFailedError:
+    """The error of a job the gateway reports as failed, rejected or ended without a result."""
+    fail = entry.fail_message
+    if fail is None or isinstance(fail, str):
+        code, text = None, fail
+    else:
+        code, text = fail.fail_code, fail.fail_message
+    message = snippet(text) if text else None  # server text: one clean, short line
+    if entry.status == JobStatus.ENDED_WITHOUT_RESULT:
+        said = f": {message}" if message else ""
+        message = f"the gateway ended the job without a result (status -1){said}"
+    if entry.status == JobStatus.MODERATION_REJECTED:
+        return ModerationRejectedError(job_key=key, fail_code=code, fail_message=message)
+    return JobFailedError(job_key=key, fail_code=code, fail_message=message)

@@ -1,0 +1,111 @@
+"""``client.stats``: the ClientStats snapshot, and how it is put together from the counters of
+the poller, the transport, the journal and (in fleet mode) the fleet."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._fleet_link import FleetStats
+    from ._poller import PollerCounters
+    from ._transport import CallKind, TransportCounters
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStats:
+    """What the client has done so far (a snapshot; read ``client.stats`` again to refresh).
+
+    Attributes:
+        submits: submits the gateway accepted (each gave a key).
+        submit_errors: submits that raised.
+        batch_calls: batch-detail calls sent.
+        batch_errors: batch-detail calls that failed after their retries.
+        keys_polled: keys asked about, over all batch calls.
+        mean_batch_fill: keys per batch call on average (50 is full).
+        http_calls: HTTP requests sent, retries included.
+        retries: HTTP requests that were retries.
+        rate_limited: 429 replies received.
+        jobs_outstanding: jobs being tracked now.
+        jobs_succeeded: jobs that ended with images.
+        jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
+        journal_commits: journal transactions committed (each holds many records; 0 without
+            a journal).
+        submit_rate_limit: the submit rate (requests/s) the 429 brake allows now; None while
+            no brake is in force (the gateway has not refused a sustained share of submits).
+        poll_rate_limit: the same for batch-detail calls (each kind of call has its own brake).
+        fleet_role: with ``fleet=``: ``leader`` (this member polls for the fleet),
+            ``follower`` (a leader polls for it) or ``local`` (Redis is away: it polls its own
+            keys); None without a fleet.
+        fleet_size: live members of the fleet (0 without a fleet).
+        fleet_rate: the fleet-wide submit rate (None: no fleet, or no rate set).
+        fleet_batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed
+            about every second).
+        fleet_mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
+    """
+
+    submits: int
+    submit_errors: int
+    batch_calls: int
+    batch_errors: int
+    keys_polled: int
+    mean_batch_fill: float
+    http_calls: int
+    retries: int
+    rate_limited: int
+    jobs_outstanding: int
+    jobs_succeeded: int
+    jobs_failed: int
+    journal_commits: int = 0
+    submit_rate_limit: float | None = None
+    poll_rate_limit: float | None = None
+    fleet_role: str | None = None
+    fleet_size: int = 0
+    fleet_rate: float | None = None
+    fleet_batch_calls: int = 0
+    fleet_mean_batch_fill: float = 0.0
+
+
+def snapshot(
+    *,
+    submits: int,
+    submit_errors: int,
+    poller: PollerCounters,
+    transport: TransportCounters,
+    brakes: dict[CallKind, float | None],
+    jobs_outstanding: int,
+    journal_commits: int,
+    fleet: FleetStats | None,
+) -> ClientStats:
+    """One ClientStats from the live counters (read once, so the figures agree)."""
+    calls, keys = poller.batch_calls, poller.keys_polled
+    if fleet is not None:  # calls this process sent as the fleet's leader count too
+        calls, keys = calls + fleet.leader_calls, keys + fleet.leader_keys
+    stats = ClientStats(
+        submits=submits,
+        submit_errors=submit_errors,
+        batch_calls=calls,
+        batch_errors=poller.batch_errors,
+        keys_polled=keys,
+        mean_batch_fill=keys / calls if calls else 0.0,
+        http_calls=transport.http_calls,
+        retries=transport.retries,
+        rate_limited=transport.rate_limited,
+        jobs_outstanding=jobs_outstanding,
+        jobs_succeeded=poller.succeeded,
+        jobs_failed=poller.failed,
+        journal_commits=journal_commits,
+        submit_rate_limit=brakes["submit"],
+        poll_rate_limit=brakes["poll"],
+    )
+    if fleet is None:
+        return stats
+    return dataclasses.replace(
+        stats,
+        fleet_role=fleet.role,
+        fleet_size=fleet.size,
+        fleet_rate=fleet.rate,
+        fleet_batch_calls=fleet.batch_calls,
+        fleet_mean_batch_fill=fleet.keys_polled / fleet.batch_calls if fleet.batch_calls else 0.0,
+    )
