@@ -24,7 +24,7 @@ from ._config import Limits
 from ._errors import ClientStateError, SubmitUncertainError, TransportError, WujieError
 from ._jobs import ImageJob
 from ._journal import JournalEntry, SubmitJournal
-from ._ratelimit import Pacer
+from ._ratelimit import WINDOW_MARGIN_S, Pacer
 
 logger = logging.getLogger("wujie_async")
 
@@ -47,7 +47,7 @@ class Admission:
         )
         self._pace = pace
         if pace is None and limits.max_submits_per_second is not None:
-            self._pace = Pacer(limits.max_submits_per_second).wait
+            self._pace = Pacer(limits.max_submits_per_second, margin=WINDOW_MARGIN_S).wait
 
     async def take_in_flight(self) -> Callable[[], None] | None:
         """Wait for room under ``max_in_flight``; returns the release (held until the job ends).
