@@ -181,7 +181,7 @@ async def member(
                 task.add_done_callback(running.discard)
             elif line.startswith("stall "):  # a GC pause: the whole loop frozen
                 say(stall_from=time.time())
-                time.sleep(float(line.split()[1]))
+                time.sleep(float(line.split()[1]))  # noqa: ASYNC251 (the point)
                 say(stall_until=time.time())
             elif line == "resume":
                 claimed = await client.resume()
