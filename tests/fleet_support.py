@@ -153,6 +153,21 @@ async def emulator_stats(emu: dict[str, Any]) -> dict[str, Any]:
         return stats
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid, free port too."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 @contextlib.asynccontextmanager
 async def own_cluster(tmp_path: Path, nodes: int = 3) -> AsyncIterator[str]:
     """A Redis Cluster of ``nodes`` primaries of our own; yields one node's URL.
@@ -162,7 +177,7 @@ async def own_cluster(tmp_path: Path, nodes: int = 3) -> AsyncIterator[str]:
     """
     import redis.asyncio as aioredis
 
-    ports = [free_port() for _ in range(nodes)]
+    ports = [cluster_port() for _ in range(nodes)]
     async with contextlib.AsyncExitStack() as stack:
         for port in ports:
             folder = tmp_path / f"cluster-{port}"

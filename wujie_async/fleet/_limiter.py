@@ -5,8 +5,9 @@ members on machines with different clocks agree. One script call per acquisition
 
 - while the fleet is paused (a 429 with Retry-After seen by any member) it answers "wait for
   the rest of the pause", and the caller sleeps that long and asks again;
-- otherwise it reserves the next slot (TAT += the period below) and answers "your slot is in ``w``": the
-  caller sleeps ``w`` and goes. Nobody spins and nobody retries while the fleet is not paused.
+- otherwise it reserves the next slot (TAT += the period below) and answers "your slot is in
+  ``w``": the caller sleeps ``w`` and goes. Nobody spins and nobody retries while the fleet
+  is not paused.
 
 Slots are handed out ``(1 + WINDOW_MARGIN_S) / rate`` apart (``WINDOW_MARGIN_S`` = 50 ms), not
 ``1 / rate``: slots exactly ``1/rate`` apart put ``rate + 1`` of them in a closed one-second
