@@ -10,7 +10,9 @@ Roles:
   member URL NAME CREDS N RATE LEASE TIMEOUT
                                         a WujieClient in fleet mode (CREDS: the emulator's
                                         --credentials-out file; RATE 0: none); then commands
-                                        on stdin: go (submit N, await them), resume, quit
+                                        on stdin: go (submit N, await them, in the
+                                        background), stall SECONDS (block the loop),
+                                        resume, stats, quit
   single CREDS N RATE                   the same N jobs from one client without a fleet
 """
 
@@ -165,11 +167,22 @@ async def member(
     async with _client(creds, rate, fleet) as client:
         token = client.fleet_member.rsplit(":", 1)[1]
         say(member=client.fleet_member, token=token)
+        running: set[asyncio.Task[None]] = set()
+
+        async def go() -> None:
+            jobs = await _submit_all(client, int(n), token)
+            say(submitted=[job.key for job in jobs])
+            say(resolved=await _outcomes(jobs), stats=_stats(client))
+
         while line := (await asyncio.to_thread(sys.stdin.readline)).strip():
-            if line == "go":
-                jobs = await _submit_all(client, int(n), token)
-                say(submitted=[job.key for job in jobs])
-                say(resolved=await _outcomes(jobs), stats=_stats(client))
+            if line == "go":  # in the background: commands are read meanwhile
+                task = asyncio.create_task(go())
+                running.add(task)
+                task.add_done_callback(running.discard)
+            elif line.startswith("stall "):  # a GC pause: the whole loop frozen
+                say(stall_from=time.time())
+                time.sleep(float(line.split()[1]))  # noqa: ASYNC251 (the point)
+                say(stall_until=time.time())
             elif line == "resume":
                 claimed = await client.resume()
                 say(claimed=[job.key for job in claimed])

@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -197,3 +198,45 @@ async def test_a_429_on_a_submit_pauses_every_member(url: str, emulator: Emulato
             paused = await other.limiter(1.0).paused_for()
         assert 0 < paused <= 2.0  # every member's next submit waits for it
         await job
+
+
+def pollers_per_shard(
+    stats: dict[str, Any], shard_of: Callable[[str], int]
+) -> dict[int, list[tuple[float, str]]]:
+    """Each shard's batch calls, in time order, as (time, caller); a call must stay in one."""
+    calls: dict[int, list[tuple[float, str]]] = {}
+    for (at, who), keys in zip(stats["batch_callers"], stats["batch_keys"], strict=True):
+        shards = {shard_of(key) for key in keys}
+        assert len(shards) == 1, f"one batch call asked about shards {shards}"
+        calls.setdefault(shards.pop(), []).append((float(at), str(who)))
+    return {shard: sorted(times) for shard, times in calls.items()}
+
+
+async def test_shards_spread_the_polling_one_poller_per_shard(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    name, shards = fleet_name(), 3
+    async with emulator(time_scale=0.02) as emu, contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(member(emu, url, name, shards=shards)) for _ in range(3)
+        ]
+        jobs = [
+            await client.images.submit(prompt=f"{i}", model="dall-e-2")
+            for i in range(20)
+            for client in clients
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
+        assert all(len(result.images) == 1 for result in results)
+        stats = emu.stats()
+    by_shard = pollers_per_shard(
+        stats, RedisFleet(url, name=name, shards=shards).registry().shard_of
+    )
+    assert set(by_shard) == set(range(shards))  # 60 keys land in every shard
+    for calls in by_shard.values():
+        # One poller per shard at a time: the caller changes only at a takeover (none here).
+        assert len({who for _, who in calls}) == 1, calls
+    asked_together = [keys for keys in stats["batch_keys"] if len(keys) > 1]
+    keys_of = [{job.key for job in jobs[i :: len(clients)]} for i in range(len(clients))]
+    # The fleet polls for everyone: some call mixes keys of different members.
+    assert any(sum(1 for mine in keys_of if mine & set(keys)) > 1 for keys in asked_together)
+    assert stats["submits_accepted"] == 60

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from .fleet_support import (
@@ -185,3 +186,46 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
                 for proc in procs:
                     send(proc, "resume")  # nothing was lost or left to claim
                     assert (await wait_event(proc, "claimed"))["claimed"] == []
+
+
+async def test_a_stalled_leader_sends_nothing_after_losing_its_lease(tmp_path: Path) -> None:
+    n, lease, stall = 150, 1.0, 2.0
+    # Jobs of 1-4 s: the stalled leader's jobs are still running when it freezes. Slow batch
+    # replies and 300 keys (more than 4 calls of 50 at once) keep the leader holding taken
+    # keys while it waits for a free call slot, so the pause is likely to catch it with
+    # keys in hand: only its lease check stops it from sending them after it thaws.
+    async with (
+        any_redis(tmp_path) as url,
+        emulator_process(tmp_path, "emu", time_scale=0.3) as emu,
+        aiohttp.ClientSession() as http,
+    ):
+        slow = {"slow_reply": 1.0, "slow_reply_s": 0.3, "endpoints": "info"}
+        async with http.post(emu["origin"] + "/_emulator/faults", json=slow) as reply:
+            assert reply.status == 200, await reply.text()
+        async with members(url, emu, fleet_name(), 2, n, 0.0, lease=lease, timeout=6.0) as procs:
+            for proc in procs:
+                send(proc, "go")
+            submitted = [await wait_event(proc, "submitted") for proc in procs]
+            deadline = time.monotonic() + 10
+            while not (before := (await emulator_stats(emu))["batch_callers"]):
+                assert time.monotonic() < deadline, "no batch call yet"
+                await asyncio.sleep(0.05)
+            [leader] = [p for p in procs if p.token == before[-1][1]]
+            [other] = [p for p in procs if p is not leader]
+            send(leader, f"stall {stall}")  # a GC pause longer than its lease
+            stalled_from = (await wait_event(leader, "stall_from"))["stall_from"]
+            stalled_until = (await wait_event(leader, "stall_until"))["stall_until"]
+            done = [await wait_event(proc, "resolved") for proc in procs]
+            for event in done:
+                assert set(event["resolved"].values()) == {"ok"}
+            stats = await emulator_stats(emu)
+        calls = list(zip(stats["batch_callers"], stats["batch_keys"], strict=True))
+        # Fenced: the thawed leader found its lease gone and sent no batch call since...
+        assert [t for (t, who), _ in calls if t > stalled_until and who == leader.token] == []
+        # ...and its jobs resolved through the new leader's calls.
+        leaders_keys = set(submitted[procs.index(leader)]["submitted"])
+        asked = {
+            k for (t, who), keys in calls if t > stalled_from and who == other.token for k in keys
+        }
+        assert leaders_keys & asked
+        assert stats["submits_accepted"] == 2 * n

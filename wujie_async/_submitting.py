@@ -38,7 +38,7 @@ from ._errors import (
 from ._jobs import ImageJob
 from ._journal import JournalEntry, SubmitJournal
 from ._keys import usable_key
-from ._ratelimit import Pacer
+from ._ratelimit import WINDOW_MARGIN_S, Pacer
 
 if TYPE_CHECKING:
     from ._transport import Transport
@@ -68,7 +68,7 @@ class Admission:
         )
         self._pace = pace
         if pace is None and limits.max_submits_per_second is not None:
-            self._pace = Pacer(limits.max_submits_per_second).wait
+            self._pace = Pacer(limits.max_submits_per_second, margin=WINDOW_MARGIN_S).wait
 
     async def take_in_flight(self) -> Callable[[], None] | None:
         """Wait for room under ``max_in_flight``; returns the release (held until the job ends).

@@ -55,6 +55,8 @@ class Stats:
     faults: Counter[str] = field(default_factory=Counter)
     # (unix time, X-Wujie-Member header or "") of each batch call: tells fleet members apart.
     batch_callers: list[tuple[float, str]] = field(default_factory=list)
+    # The keys each batch call asked about, in the order of batch_callers.
+    batch_keys: list[list[str]] = field(default_factory=list)
 
 
 class _Refused(Exception):
@@ -153,6 +155,7 @@ class Gateway:
             "batch_calls": len(stats.batch_sizes),
             "batch_sizes": list(stats.batch_sizes),
             "batch_callers": [list(call) for call in stats.batch_callers],
+            "batch_keys": [list(keys) for keys in stats.batch_keys],
             "submits_accepted": stats.submits_accepted,
             "jobs_by_state": self.store.counts_by_state(now),
             "faults": dict(stats.faults),
@@ -348,6 +351,7 @@ class Gateway:
             )
         self.stats.batch_sizes.append(len(keys))
         self.stats.batch_callers.append((time.time(), request.headers.get("X-Wujie-Member", "")))
+        self.stats.batch_keys.append(keys)
         now = time.time()
         origin = str(request.url.origin())
         entries: list[dict[str, Any]] = []

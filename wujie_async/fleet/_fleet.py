@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ClientStateError, InvalidRequestError
@@ -28,7 +28,7 @@ from ._keys import FleetKeys, name_problem
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError
+    from redis.exceptions import RedisClusterException, RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("wujie_async.fleet needs redis-py: pip install 'wujie-async[fleet]'") from exc
 
@@ -72,6 +72,7 @@ class FleetConfig:
         command_timeout: the deadline of one Redis command (blocking reads add their wait).
         unavailable_wait: how long a submit waits for an unreachable Redis (its rate slot,
             its journal intent) before it raises FleetUnavailableError, nothing sent.
+        cluster: whether ``url`` is one node of a Redis Cluster.
     """
 
     url: str
@@ -81,6 +82,7 @@ class FleetConfig:
     shards: int
     command_timeout: float
     unavailable_wait: float = 10.0
+    cluster: bool = False
 
     @property
     def heartbeat_interval(self) -> float:
@@ -120,6 +122,11 @@ class RedisFleet:
         unavailable_wait: how long a submit waits for Redis to come back (for its fleet-wide
             rate slot and its journal intent) before raising ``FleetUnavailableError``; nothing
             is sent meanwhile.
+        cluster: ``url`` is one node of a Redis Cluster (``redis://`` or ``rediss://``): the
+            fleet connects with redis-py's ``RedisCluster``, which finds the other nodes.
+            Every script's keys share one hash tag, so each runs on one node; the fleet's
+            own keys spread over the cluster by tag (the fleet's, one per shard, one per
+            member's report stream). The durability check reads the node it lands on.
 
     Raises:
         InvalidRequestError: an option breaks its rule (nothing is contacted).
@@ -135,6 +142,7 @@ class RedisFleet:
         shards: int = 1,
         command_timeout: float = 5.0,
         unavailable_wait: float = 10.0,
+        cluster: bool = False,
     ) -> None:
         problems: list[tuple[str, str]] = []
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
@@ -149,6 +157,10 @@ class RedisFleet:
         ):
             if not _positive(value):
                 problems.append((field, "must be a positive finite number of seconds"))
+        if not isinstance(cluster, bool):
+            problems.append(("cluster", "must be True or False"))
+        elif cluster and isinstance(url, str) and urlsplit(url).scheme == "unix":
+            problems.append(("url", "a Redis Cluster is reached by redis:// or rediss://"))
         if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
             problems.append(("shards", "must be an integer from 1 to 1024"))
         if problems:
@@ -161,6 +173,7 @@ class RedisFleet:
             shards=shards,
             command_timeout=float(command_timeout),
             unavailable_wait=float(unavailable_wait),
+            cluster=cluster,
         )
         self.keys = FleetKeys(name)
         self.durability: FleetDurability | None = None
@@ -185,7 +198,20 @@ class RedisFleet:
         if self._redis is not None:
             raise ClientStateError(f"{self!r} is already started")
         timeout = self.config.command_timeout
-        redis = aioredis.from_url(self._url, decode_responses=True, socket_connect_timeout=timeout)
+        redis: aioredis.Redis
+        if self.config.cluster:
+            # RedisCluster offers every command and script call the fleet makes, routed by
+            # key; typed as Redis so that one set of call sites serves both.
+            redis = cast(
+                "aioredis.Redis",
+                aioredis.RedisCluster.from_url(
+                    self._url, decode_responses=True, socket_connect_timeout=timeout
+                ),
+            )
+        else:
+            redis = aioredis.from_url(
+                self._url, decode_responses=True, socket_connect_timeout=timeout
+            )
         self._redis = redis
         try:
             await self.call(lambda r: r.ping())
@@ -236,7 +262,7 @@ class RedisFleet:
                 f"{self.config.command_timeout + extra_wait:g}s",
                 url=self.config.url,
             ) from None
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             # `from None`: redis-py's exceptions can carry the connection (and its password).
             raise FleetUnavailableError(
                 f"Redis at {self.config.url} failed: {type(exc).__name__}: {exc}",
