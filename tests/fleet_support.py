@@ -188,16 +188,21 @@ async def own_cluster(tmp_path: Path, nodes: int = 3) -> AsyncIterator[str]:
         for i, port in enumerate(ports):
             last = 16383 if i == nodes - 1 else (i + 1) * step - 1
             async with aioredis.Redis(port=port) as node:
-                await node.execute_command("CLUSTER", "ADDSLOTSRANGE", i * step, last)
+                await _command(node, "CLUSTER", "ADDSLOTSRANGE", i * step, last)
                 if i:
-                    await node.execute_command("CLUSTER", "MEET", "127.0.0.1", ports[0])
+                    await _command(node, "CLUSTER", "MEET", "127.0.0.1", ports[0])
         deadline = time.monotonic() + 10
         for port in ports:
             async with aioredis.Redis(port=port, decode_responses=True) as node:
-                while not _cluster_ok(await node.execute_command("CLUSTER", "INFO")):
+                while not _cluster_ok(await _command(node, "CLUSTER", "INFO")):
                     assert time.monotonic() < deadline, "the cluster did not form"
                     await asyncio.sleep(0.05)
         yield f"redis://127.0.0.1:{ports[0]}/0"
+
+
+async def _command(node: Any, *args: Any) -> Any:
+    """A raw command on a ``redis.asyncio.Redis`` (redis-py leaves ``execute_command`` untyped)."""
+    return await node.execute_command(*args)
 
 
 def _cluster_ok(info: Any) -> bool:
