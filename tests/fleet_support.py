@@ -153,6 +153,15 @@ async def emulator_stats(emu: dict[str, Any]) -> dict[str, Any]:
         return stats
 
 
+async def first_batch_callers(emu: dict[str, Any], timeout: float = 10) -> list[Any]:
+    """The emulator's ``batch_callers`` once there is at least one batch call."""
+    deadline = time.monotonic() + timeout
+    while not (callers := (await emulator_stats(emu))["batch_callers"]):
+        assert time.monotonic() < deadline, "no batch call yet"
+        await asyncio.sleep(0.05)
+    return list(callers)
+
+
 def cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is a valid, free port too."""
     for _ in range(200):

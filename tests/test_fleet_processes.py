@@ -19,6 +19,7 @@ from .fleet_support import (
     any_redis,
     emulator_process,
     emulator_stats,
+    first_batch_callers,
     fleet_name,
     next_event,
     own_redis,
@@ -133,10 +134,7 @@ async def test_sigkill_of_the_leader(tmp_path: Path) -> None:
             for proc in procs:
                 send(proc, "go")
             submitted = [await wait_event(proc, "submitted") for proc in procs]
-            deadline = time.monotonic() + 10
-            while not (before := (await emulator_stats(emu))["batch_callers"]):
-                assert time.monotonic() < deadline, "no batch call yet"
-                await asyncio.sleep(0.05)
+            before = await first_batch_callers(emu)
             leader_token = before[-1][1]
             [leader] = [p for p in procs if p.token == leader_token]
             leader.proc.send_signal(signal.SIGKILL)
@@ -206,10 +204,7 @@ async def test_a_stalled_leader_sends_nothing_after_losing_its_lease(tmp_path: P
             for proc in procs:
                 send(proc, "go")
             submitted = [await wait_event(proc, "submitted") for proc in procs]
-            deadline = time.monotonic() + 10
-            while not (before := (await emulator_stats(emu))["batch_callers"]):
-                assert time.monotonic() < deadline, "no batch call yet"
-                await asyncio.sleep(0.05)
+            before = await first_batch_callers(emu)
             [leader] = [p for p in procs if p.token == before[-1][1]]
             [other] = [p for p in procs if p is not leader]
             send(leader, f"stall {stall}")  # a GC pause longer than its lease
