@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import looptime
 import pytest
 
 from wujie_async import PollPolicy, RetryPolicy, WujieClient
@@ -32,9 +35,28 @@ FAST_POLL = PollPolicy(
 INSTANT_RETRY = RetryPolicy(initial_wait=0.0, max_wait=0.05, max_attempts=8)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fake_clock: run on a looptime event loop: when nothing is ready, its clock jumps to the "
+        "next timer, so waits (Retry-After, poll intervals, deadlines, emulator jobs) take no "
+        "real time. Only for a client and an in-process emulator on one loop: no subprocess, "
+        "no journal (its worker thread is invisible to looptime, which would jump past it)",
+    )
+
+
+def fake_clock_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop on looptime's fast-forwarding clock, started at a realistic reading."""
+    return looptime.new_event_loop(start=time.monotonic())
+
+
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # aiohttp is asyncio-only
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    # aiohttp is asyncio-only. looptime's own pytest plugin needs pytest-asyncio, so the fake
+    # clock comes in through anyio's loop_factory instead (disabled plugin: see pyproject).
+    if request.node.get_closest_marker("fake_clock") is None:
+        return "asyncio"
+    return ("asyncio", {"loop_factory": fake_clock_loop})
 
 
 @pytest.fixture

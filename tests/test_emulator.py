@@ -246,7 +246,9 @@ async def test_job_lifecycle_follows_the_latency_model(emulator: EmulatorFactory
             seen.append((entry["status"], len(entry["images"]), entry["complete_percent"]))
             if entry["status"] == 4:
                 break
-            assert time.time() < job.ends_at + 1.0, "job did not finish within its timeline"
+            assert emu.gateway.clock.now() < job.ends_at + 1.0, (
+                "job did not finish within its timeline"
+            )
             await asyncio.sleep(0.005)
         statuses = [s for s, _, _ in seen]
         assert statuses == sorted(statuses) and statuses[0] in (0, 1) and 1 in statuses
@@ -274,7 +276,7 @@ async def test_images_are_real_pngs_at_the_downscaled_size(emulator: EmulatorFac
         key = await new_key(emu, n=2, size="1536x1024")
         early = await raw_get(f"{emu.origin}/files/{key}/0.png")
         assert early.status == 404  # not generated yet
-        await asyncio.sleep(emu.gateway.store.jobs[key].ends_at - time.time() + 0.01)
+        await asyncio.sleep(emu.gateway.store.jobs[key].ends_at - emu.gateway.clock.now() + 0.01)
         entry = (await info(emu, [key]))["data"]["list"][0]
         urls = [image["url"] for image in entry["images"]]
         assert len(urls) == 2
@@ -404,7 +406,7 @@ async def test_failing_and_moderated_jobs(emulator: EmulatorFactory) -> None:
         failing = await new_key(emu, n=2)
         moderated = await new_key(emu, prompt="a Forbidden thing")
         await asyncio.sleep(
-            max(j.ends_at for j in emu.gateway.store.jobs.values()) - time.time() + 0.01
+            max(j.ends_at for j in emu.gateway.store.jobs.values()) - emu.gateway.clock.now() + 0.01
         )
         entries = {e["key"]: e for e in (await info(emu, [failing, moderated]))["data"]["list"]}
         assert entries[failing]["status"] == 3 and entries[failing]["images"] == []
@@ -447,7 +449,7 @@ async def test_stats_counters_are_exact(emulator: EmulatorFactory) -> None:
         keys = [await new_key(emu, n=1) for _ in range(3)]
         await raw_post(emu.base_url, INFO, keys, header=None)  # 401, still a request
         await asyncio.sleep(
-            max(j.ends_at for j in emu.gateway.store.jobs.values()) - time.time() + 0.01
+            max(j.ends_at for j in emu.gateway.store.jobs.values()) - emu.gateway.clock.now() + 0.01
         )
         await info(emu, keys[:2])
         await info(emu, keys)

@@ -48,7 +48,7 @@ async def entries(emu: Emulator, keys: list[str]) -> dict[str, dict[str, Any]]:
 
 def estimate_factors(emu: Emulator, listed: dict[str, dict[str, Any]]) -> list[float]:
     """Each job's whole estimate over its true length (1.0 is an estimate that is right)."""
-    now = time.time()
+    now = emu.gateway.clock.now()
     factors = []
     for key, entry in listed.items():
         job = emu.gateway.store.jobs[key]
@@ -60,7 +60,7 @@ def estimate_factors(emu: Emulator, listed: dict[str, dict[str, Any]]) -> list[f
 
 async def wait_until_all_ended(emu: Emulator) -> None:
     last_end = max(job.ends_at for job in emu.gateway.store.jobs.values())
-    await asyncio.sleep(max(0.0, last_end - time.time()) + 0.01)
+    await asyncio.sleep(max(0.0, last_end - emu.gateway.clock.now()) + 0.01)
 
 
 async def test_job_seconds_draws_each_job_length_from_the_range(
@@ -190,7 +190,7 @@ async def test_progress_fields_appear_once_known(emulator: EmulatorFactory) -> N
         jobs = emu.gateway.store.jobs
         queued = [k for k, e in listed.items() if e["status"] == 0]
         assert len(queued) >= 10  # 1.5-7.5 s of queue each: all still queued
-        now = time.time()
+        now = emu.gateway.clock.now()
         for key in queued:
             entry = listed[key]
             assert "start_gen_time" not in entry and "complete_time" not in entry
@@ -204,10 +204,12 @@ async def test_progress_fields_appear_once_known(emulator: EmulatorFactory) -> N
         await wait_until_all_ended(emu)
         for key, entry in (await entries(emu, keys)).items():
             job = emu.gateway.store.jobs[key]
+            unix = emu.gateway.clock.unix  # the wire carries unix seconds, jobs clock readings
             assert entry["status"] == 4 and "queue_before_num" not in entry
-            assert entry["start_gen_time"] == pytest.approx(job.started_at, abs=0.001)
-            assert entry["complete_time"] == pytest.approx(job.ends_at, abs=0.001)
-            assert job.created_at < entry["start_gen_time"] < entry["complete_time"]
+            assert entry["start_gen_time"] == pytest.approx(unix(job.started_at), abs=0.001)
+            assert entry["complete_time"] == pytest.approx(unix(job.ends_at), abs=0.001)
+            assert unix(job.created_at) < entry["start_gen_time"] < entry["complete_time"]
+            assert abs(entry["complete_time"] - time.time()) < 60  # unix seconds, not loop time
             assert entry["integral_cost"] == 16  # 2 gpt-image-1 images at 8 points
 
 

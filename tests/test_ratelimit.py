@@ -231,3 +231,24 @@ def test_the_default_clock_is_the_event_loops() -> None:
         assert 0.005 < loop.run_until_complete(two_slots(Pacer(100.0))) < 0.5
     finally:
         loop.close()
+
+
+@pytest.mark.anyio
+async def test_a_timer_that_wakes_a_hair_early_still_gives_the_slot() -> None:
+    # asyncio runs a timer up to its clock resolution early, and a slot read back is off by a
+    # float's last bit. On a clock that moves only when the loop idles (looptime's, in tests)
+    # the pacer used to sleep the last 1e-9 s again and again, never taking its slot.
+    now = 1000.0
+    sleeps: list[float] = []
+
+    async def early_sleep(delay: float) -> None:
+        nonlocal now
+        sleeps.append(delay)
+        assert len(sleeps) < 5, f"the pacer keeps sleeping: {sleeps}"
+        now += max(0.0, delay - 1e-9)
+        await asyncio.sleep(0)
+
+    pacer = Pacer(3.0, clock=lambda: now, sleep=early_sleep)
+    await pacer.wait()  # the first slot at once
+    await pacer.wait()
+    assert len(sleeps) == 1 and sleeps[0] == pytest.approx(1 / 3)

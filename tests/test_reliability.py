@@ -116,7 +116,7 @@ async def test_journaled_jobs_through_every_fault(
         assert stats["faults"].get("unknown_status", 0) > 0
 
 
-@pytest.mark.slow
+@pytest.mark.fake_clock
 async def test_adaptive_rate_limiting(emulator: EmulatorFactory) -> None:
     poll = PollPolicy(first_poll_delay=0.3, min_interval=0.3, max_interval=1.0)
     async with emulator(rate_limit_rps=100, time_scale=0.01) as emu:

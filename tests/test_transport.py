@@ -169,13 +169,16 @@ async def test_retryable_refusals_are_retried(emulator: EmulatorFactory) -> None
         assert stats["faults"]["business_error"] > 0 and client.stats.retries > 0
 
 
+@pytest.mark.fake_clock
 async def test_retry_after_is_honoured(emulator: EmulatorFactory) -> None:
     retry = RetryPolicy(initial_wait=0, max_wait=5)
-    async with emulator(faults=FaultConfig(burst_429=1, retry_after_s=1)) as emu:
+    loop = asyncio.get_running_loop()
+    async with emulator(faults=FaultConfig(burst_429=1, retry_after_s=3)) as emu:
         async with make_client(emu, retry=retry) as client:
-            started = time.monotonic()
+            started, real_start = loop.time(), time.monotonic()
             await client.images.submit(prompt="x", model="dall-e-2")
-            assert time.monotonic() - started >= 1.0
+            assert 3.0 <= loop.time() - started < 5.0  # the loop's clock: Retry-After, not more
+            assert time.monotonic() - real_start < 2.0  # and no real second was spent on it
             assert client.stats.rate_limited == 1
 
 

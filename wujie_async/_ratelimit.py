@@ -26,6 +26,11 @@ WINDOW_MARGIN_S = 0.05
 # memory at any request rate.
 _BUCKETS = 10
 _WINDOW_S = 5.0
+# A slot this close is here: asyncio wakes a timer up to its clock resolution early, and
+# ``now + period`` read back is off by a float's last bit. On a real clock time moves on
+# between two reads; on a clock that only moves when the loop idles (looptime in the tests)
+# "sleep the remaining 2e-12 s" would wake early again, forever.
+_SLOT_SLACK_S = 1e-6
 
 
 def loop_clock() -> float:
@@ -76,7 +81,7 @@ class Pacer:
 
     async def wait(self) -> None:
         """Return when this caller's slot has come."""
-        if not self._line and self._clock() >= self._next_slot:
+        if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
             self._next_slot = self._clock() + self._period
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -85,7 +90,7 @@ class Pacer:
             if self._line[0] is not turn:
                 await turn  # set when every caller ahead has had its slot or left
             # At the head: sleep until the slot, re-reading it (the rate may change meanwhile).
-            while (delay := self._next_slot - self._clock()) > 0:
+            while (delay := self._next_slot - self._clock()) > _SLOT_SLACK_S:
                 await self._sleep(delay)
             self._next_slot = self._clock() + self._period
         finally:

@@ -10,7 +10,6 @@ import asyncio
 import json
 import math
 import random
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
@@ -23,6 +22,7 @@ from .._auth import verify_signature
 from .._contract import JobStatus
 from .._errors import InvalidRequestError
 from . import _png
+from ._clock import Clock, GatewayClock
 from ._options import fault_config_from_mapping
 from ._state import (
     EmulatedJob,
@@ -53,7 +53,8 @@ class Stats:
     batch_sizes: list[int] = field(default_factory=list)
     submits_accepted: int = 0
     faults: Counter[str] = field(default_factory=Counter)
-    # (unix time, X-Wujie-Member header or "") of each batch call: tells fleet members apart.
+    # (unix time, X-Wujie-Member header or "") of each batch call: tells fleet members apart
+    # (unix, not clock, seconds: the members compare them across processes).
     batch_callers: list[tuple[float, str]] = field(default_factory=list)
     # The keys each batch call asked about, in the order of batch_callers.
     batch_keys: list[list[str]] = field(default_factory=list)
@@ -80,15 +81,14 @@ def envelope(
 class _TokenBucket:
     __slots__ = ("capacity", "rate", "stamp", "tokens")
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, now: float) -> None:
         self.rate = rate
         self.capacity = max(1.0, rate)
         self.tokens = self.capacity
-        self.stamp = time.monotonic()
+        self.stamp = now
 
-    def take(self) -> float:
-        """0 when a token was taken, else seconds until one is available."""
-        now = time.monotonic()
+    def take(self, now: float) -> float:
+        """0 when a token was taken at ``now``, else seconds until one is available."""
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1.0:
@@ -98,12 +98,22 @@ class _TokenBucket:
 
 
 class Gateway:
-    """State and handlers of one emulated gateway."""
+    """State and handlers of one emulated gateway.
 
-    def __init__(self, config: EmulatorConfig) -> None:
+    Args:
+        config: how it behaves.
+        clock: the source of seconds for everything it times (jobs, rate limit, stats);
+            default: the running event loop's clock. Tests pass a fake one to move time.
+
+    Attributes:
+        clock: its clock; ``clock.unix(reading)`` turns a reading into unix seconds.
+    """
+
+    def __init__(self, config: EmulatorConfig, *, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock = GatewayClock(clock)
         self.rng = random.Random(config.seed)
-        self.store = JobStore(config, self.rng)
+        self.store = JobStore(config, self.rng, self.clock)
         self.stats = Stats()
         self.apps: dict[str, rsa.RSAPublicKey] = {}
         self._verified: dict[str, tuple[str, int]] = {}
@@ -147,7 +157,8 @@ class Gateway:
 
     def snapshot(self, *, timelines: bool = True) -> dict[str, Any]:
         """Every counter, as JSON-ready data."""
-        now = time.time()
+        now = self.clock.now()
+        unix = self.clock.unix
         stats = self.stats
         data: dict[str, Any] = {
             "requests": dict(stats.requests),
@@ -163,9 +174,11 @@ class Gateway:
         if timelines:
             data["timelines"] = {
                 job.key: {
-                    "created": job.created_at,
-                    "done": job.ends_at,
-                    "first_listed_done": job.first_listed_done,
+                    "created": unix(job.created_at),
+                    "done": unix(job.ends_at),
+                    "first_listed_done": (
+                        None if job.first_listed_done is None else unix(job.first_listed_done)
+                    ),
                 }
                 for job in self.store.jobs.values()
             }
@@ -182,8 +195,10 @@ class Gateway:
         if self.config.rate_limit_rps is not None:
             bucket = self._buckets.get(app_id)
             if bucket is None:
-                bucket = self._buckets[app_id] = _TokenBucket(self.config.rate_limit_rps)
-            wait = bucket.take()
+                bucket = self._buckets[app_id] = _TokenBucket(
+                    self.config.rate_limit_rps, self.clock.now()
+                )
+            wait = bucket.take(self.clock.now())
             if wait:
                 self.stats.faults["rate_limited"] += 1
                 raise self._too_many(max(1, math.ceil(wait)))
@@ -238,7 +253,7 @@ class Gateway:
         header = request.headers.get("Authorization")
         if not header:
             raise self._unauthorized("missing Authorization header")
-        now = time.time()
+        now = self.clock.unix_now()  # the signed timestamp is unix seconds
         cached = self._verified.get(header)
         if cached is None:
             cached = self._verify(header)
@@ -350,9 +365,10 @@ class Gateway:
                 f"body: at most {_contract.MAX_KEYS_PER_BATCH} keys per call, got {len(keys)}",
             )
         self.stats.batch_sizes.append(len(keys))
-        self.stats.batch_callers.append((time.time(), request.headers.get("X-Wujie-Member", "")))
+        now = self.clock.now()
+        member = request.headers.get("X-Wujie-Member", "")
+        self.stats.batch_callers.append((self.clock.unix(now), member))
         self.stats.batch_keys.append(keys)
-        now = time.time()
         origin = str(request.url.origin())
         entries: list[dict[str, Any]] = []
         faults = self.config.faults
@@ -414,9 +430,9 @@ class Gateway:
         if now < job.started_at:
             entry["queue_before_num"] = self.store.queue_before(job, now)
         elif job.outcome != JobStatus.MODERATION_REJECTED:
-            entry["start_gen_time"] = round(job.started_at, 3)
+            entry["start_gen_time"] = round(self.clock.unix(job.started_at), 3)
         if now >= job.ends_at:
-            entry["complete_time"] = round(job.ends_at, 3)
+            entry["complete_time"] = round(self.clock.unix(job.ends_at), 3)
             entry["integral_cost"] = job.cost()
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
@@ -426,7 +442,7 @@ class Gateway:
             index = int(request.match_info["index"])
         except ValueError:
             index = -1
-        if job is None or not 0 <= index < job.images_done_at(time.time()):
+        if job is None or not 0 <= index < job.images_done_at(self.clock.now()):
             return web.Response(status=404, text="no such image")
         width, height = _png.downscaled(*job.size)
         png = await asyncio.to_thread(_png.render_png, job.key, index, width, height)

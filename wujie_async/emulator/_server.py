@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from .. import _contract
 from .._auth import Credentials
 from ._app import Gateway
+from ._clock import Clock
 from ._options import (
     add_config_arguments,
     config_from_args,
@@ -77,6 +78,7 @@ class Emulator:
         app_id: str = DEFAULT_APP_ID,
         credentials: Credentials | None = None,
         sock: socket.socket | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """Prepare an emulator; nothing listens until ``start()`` (or ``async with``).
 
@@ -87,8 +89,12 @@ class Emulator:
             app_id: the app id of the generated credentials.
             credentials: serve this app instead of generating a key pair.
             sock: an already listening socket to serve on (``host``/``port`` are then unused).
+            clock: a zero-argument callable returning seconds, the one clock of everything the
+                emulator times (job progress, rate limit, 429 bursts, stats); default: the
+                running event loop's clock, so a test that fast-forwards the loop moves the
+                jobs too. Unix stamps (``complete_time``, stats timelines) are derived from it.
         """
-        self.gateway = Gateway(config or EmulatorConfig())
+        self.gateway = Gateway(config or EmulatorConfig(), clock=clock)
         self.credentials = credentials or Credentials(
             app_id=app_id, private_key=_generated_key_pem()
         )
@@ -123,6 +129,7 @@ class Emulator:
 
     async def start(self) -> None:
         """Bind the port and start serving."""
+        self.gateway.clock.start()  # unix stamps = clock readings + the offset taken now
         # A stopping emulator waits at most a second for replies still on the wire (a slow-reply
         # fault, a client killed mid-request): a test or a Ctrl-C never waits a minute for them.
         runner = web.AppRunner(

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import bisect
 import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import _contract, _rules
 from .._contract import JobStatus
+from ._clock import GatewayClock
 
 # Typical durations in seconds at time_scale 1, per model: (queue wait, one image). They shape
 # the sampled truth AND the estimate sent as expected_seconds, as a real gateway's estimate
@@ -57,7 +57,7 @@ class FaultConfig:
         html_reply: probability of an HTML page (``html_status``) instead of JSON.
         business_error: probability that a submit is refused with ``business_error_code``.
         absent_jobs: probability that a new job is missing from batch replies for its first
-            ``absent_s`` seconds (real seconds, not scaled).
+            ``absent_s`` seconds (seconds of the emulator's clock, not scaled).
         duplicate_entries: probability that each listed entry appears twice.
         shuffle_entries: list entries in random order.
         unknown_status: probability that a running job is reported with status 2.
@@ -140,7 +140,11 @@ class EmulatorConfig:
 
 @dataclass(slots=True)
 class EmulatedJob:
-    """One job: its request and its whole timeline, drawn at creation."""
+    """One job: its request and its whole timeline, drawn at creation.
+
+    Every ``*_at`` time is a reading of the gateway's clock (``Gateway.clock``), not unix
+    seconds: ``clock.unix(job.ends_at)`` is when it ends on the wall.
+    """
 
     key: str
     app_id: str
@@ -201,9 +205,12 @@ class EmulatedJob:
 class JobStore:
     """Creates jobs from requests and answers what they look like at a moment."""
 
-    def __init__(self, config: EmulatorConfig, rng: random.Random) -> None:
+    def __init__(
+        self, config: EmulatorConfig, rng: random.Random, clock: GatewayClock | None = None
+    ) -> None:
         self.config = config
         self.rng = rng
+        self.clock = GatewayClock() if clock is None else clock
         self.jobs: dict[str, EmulatedJob] = {}
         # Every job's generation start, sorted: a queue position is two bisections.
         self._starts: list[float] = []
@@ -217,7 +224,7 @@ class JobStore:
 
     def create(self, app_id: str, body: dict[str, Any], now: float | None = None) -> EmulatedJob:
         """Draw a job's life for a validated request body."""
-        now = time.time() if now is None else now
+        now = self.clock.now() if now is None else now
         config, faults, rng = self.config, self.config.faults, self.rng
         model = str(body["model"])
         n = int(body.get("n") or 1)
