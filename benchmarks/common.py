@@ -220,6 +220,67 @@ async def run_client(
     )
 
 
+# --- the per-key baseline: how replicate-python and fal-client wait ----------------------------
+TERMINAL = (-1, 3, 4, 5)  # the contract's end states: no result, failed, succeeded, moderated
+
+
+@dataclass
+class PerKeyRun:
+    """What one per-key run measured (each script turns it into its own figures)."""
+
+    calls: int  # HTTP calls the emulator counted, submits included
+    polls: int  # single-key info calls
+    latencies: list[float]  # seconds from each job's end to its poller noticing it
+    cpu_s: float
+    wall_s: float
+
+
+async def run_per_key(
+    gateway: Gateway, requests: list[dict[str, Any]], *, per_second: float | None = None
+) -> PerKeyRun:
+    """A competent per-key poller: pooled session, cached signature, one task per job polling
+    its own key every INTERVAL; submits through the same CONCURRENCY workers, or paced."""
+    header = gateway.credentials.header_at(int(time.time()))
+    headers = {"Authorization": header, "Content-Type": "application/json"}
+    slots = asyncio.Semaphore(CONCURRENCY)
+    resolved: dict[str, float] = {}
+    polls = 0
+    before = await gateway.stats(timelines=False)
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+
+        async def post(path: str, body: Any) -> Any:
+            async with http.post(gateway.base_url + path, json=body, headers=headers) as reply:
+                return json.loads(await reply.read())
+
+        async def one(request: dict[str, Any]) -> None:
+            nonlocal polls
+            async with slots:
+                key = (await post(GENERATIONS, request))["data"]["key"]
+            while True:
+                await asyncio.sleep(INTERVAL)
+                polls += 1
+                entries = (await post(INFO, [key]))["data"]["list"]
+                if entries and entries[0]["status"] in TERMINAL:
+                    resolved[key] = time.time()
+                    return
+
+        if per_second is None:
+            await asyncio.gather(*(one(r) for r in requests))
+        else:
+            await paced(one, requests, per_second)
+    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+    after = await gateway.stats()
+    done = after["timelines"]
+    return PerKeyRun(
+        calls=calls_between(before, after),
+        polls=polls,
+        latencies=[resolved[key] - done[key]["done"] for key in resolved],
+        cpu_s=cpu,
+        wall_s=wall,
+    )
+
+
 # --- the floor: what any client must spend ------------------------------------------------------
 async def run_floor(gateway: Gateway, count: int) -> dict[str, Any]:
     """Plain aiohttp POSTs of the same submit bodies, one per job, same workers."""

@@ -28,23 +28,22 @@ from common import (
     GENERATIONS,
     INFO,
     INTERVAL,
+    TERMINAL,
     Gateway,
     LagTicker,
     calls_between,
     emulator,
-    paced,
     percentile,
     requests_for,
     run_client,
     run_floor,
+    run_per_key,
     submit_all,
 )
 
 from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
 
 SEED = 12
-# Statuses a per-key poller stops at (API.md: -1, 3, 4, 5 are terminal).
-TERMINAL = (-1, 3, 4, 5)
 BAD_ESTIMATES: dict[str, dict[str, Any]] = {
     "noise_50pct": {"estimate_noise": 0.5},
     "constant_30s": {"estimate_constant": 30.0},
@@ -137,41 +136,9 @@ async def ours(
 async def per_key(
     gateway: Gateway, requests: list[dict[str, Any]], *, per_second: float | None = None
 ) -> dict[str, Any]:
-    """A competent per-key poller: pooled session, cached signature, one task per job."""
-    header = gateway.credentials.header_at(int(time.time()))
-    headers = {"Authorization": header, "Content-Type": "application/json"}
-    slots = asyncio.Semaphore(CONCURRENCY)
-    resolved: dict[str, float] = {}
-    polls = 0
-    before = await gateway.stats(timelines=False)
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-
-        async def post(path: str, body: Any) -> Any:
-            async with http.post(gateway.base_url + path, json=body, headers=headers) as reply:
-                return json.loads(await reply.read())
-
-        async def one(request: dict[str, Any]) -> None:
-            nonlocal polls
-            async with slots:
-                key = (await post(GENERATIONS, request))["data"]["key"]
-            while True:
-                await asyncio.sleep(INTERVAL)
-                polls += 1
-                entries = (await post(INFO, [key]))["data"]["list"]
-                if entries and entries[0]["status"] in TERMINAL:
-                    resolved[key] = time.time()
-                    return
-
-        if per_second is None:
-            await asyncio.gather(*(one(r) for r in requests))
-        else:
-            await paced(one, requests, per_second)
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    after = await gateway.stats()
-    done = after["timelines"]
-    latencies = [resolved[key] - done[key]["done"] for key in resolved]
-    return _figures(len(requests), calls_between(before, after), polls, latencies, cpu, wall)
+    """The per-key baseline (common.run_per_key), in this script's figures."""
+    run = await run_per_key(gateway, requests, per_second=per_second)
+    return _figures(len(requests), run.calls, run.polls, run.latencies, run.cpu_s, run.wall_s)
 
 
 # --- the comparisons -----------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from common import (  # the sibling module: python puts this script's folder on 
     run_floor,
     submit_all,
 )
+from common import run_per_key as per_key_baseline
 
 import wujie_async
 from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
@@ -104,46 +105,17 @@ async def run_ours(gateway: Gateway, count: int, *, lag: bool = False) -> dict[s
 
 # --- scenario: the per-key baseline --------------------------------------------------------------
 async def run_per_key(gateway: Gateway, count: int) -> dict[str, Any]:
-    """A competent per-key poller: pooled session, cached signature, one task per job."""
-    requests = requests_for(count)
-    header = gateway.credentials.header_at(int(time.time()))
-    headers = {"Authorization": header, "Content-Type": "application/json"}
-    slots = asyncio.Semaphore(CONCURRENCY)
-    resolved: dict[str, float] = {}
-    before = await gateway.stats()
-    cpu0, wall0 = time.process_time(), time.monotonic()
-    connector = aiohttp.TCPConnector(limit=64)
-
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def post(path: str, body: Any) -> Any:
-            async with http.post(gateway.base_url + path, json=body, headers=headers) as reply:
-                return json.loads(await reply.read())
-
-        async def one(request: dict[str, Any]) -> None:
-            async with slots:
-                key = (await post(GENERATIONS, request))["data"]["key"]
-            while True:
-                await asyncio.sleep(INTERVAL)
-                entries = (await post(INFO, [key]))["data"]["list"]
-                if entries and entries[0]["status"] in (3, 4, 5):
-                    resolved[key] = time.time()
-                    return
-
-        await asyncio.gather(*(one(r) for r in requests))
-    cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
-    after = await gateway.stats()
-    calls = calls_between(before, after)
-    latencies = [resolved[key] - after["timelines"][key]["done"] for key in resolved]
+    """The per-key baseline (common.run_per_key) on ``count`` jobs, in this script's figures."""
+    run = await per_key_baseline(gateway, requests_for(count))
     return {
         "jobs": count,
-        "http_calls": calls,
-        "requests_per_job": calls / count,
-        "poll_calls_per_job": (calls - count) / count,
-        "resolve_p50_s": percentile(latencies, 0.5),
-        "resolve_p99_s": percentile(latencies, 0.99),
-        "cpu_per_job_us": cpu / count * 1e6,
-        "wall_s": wall,
+        "http_calls": run.calls,
+        "requests_per_job": run.calls / count,
+        "poll_calls_per_job": (run.calls - count) / count,
+        "resolve_p50_s": percentile(run.latencies, 0.5),
+        "resolve_p99_s": percentile(run.latencies, 0.99),
+        "cpu_per_job_us": run.cpu_s / count * 1e6,
+        "wall_s": run.wall_s,
     }
 
 
