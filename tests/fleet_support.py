@@ -85,14 +85,18 @@ async def own_redis(
 
 
 @contextlib.asynccontextmanager
-async def any_redis(tmp_path: Path) -> AsyncIterator[str]:
-    """The CI's redis (WUJIE_TEST_REDIS_URL), or a redis-server of our own."""
+async def any_redis(tmp_path: Path, *, db: int | None = None) -> AsyncIterator[str]:
+    """The CI's redis (WUJIE_TEST_REDIS_URL), or a redis-server of our own.
+
+    ``db``: a logical database of its own, for a test whose key names are fixed (the queue
+    examples' streams): tests run in parallel on the one shared server.
+    """
     url = os.environ.get("WUJIE_TEST_REDIS_URL")
     if url:
-        yield url
+        yield url if db is None else url.rsplit("/", 1)[0] + f"/{db}"
         return
     async with own_redis(tmp_path) as server:
-        yield server.url
+        yield server.url if db is None else server.url.rsplit("/", 1)[0] + f"/{db}"
 
 
 async def start_child(*args: str) -> asyncio.subprocess.Process:

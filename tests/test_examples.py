@@ -126,7 +126,7 @@ async def _results(redis: Any) -> list[dict[str, Any]]:
 async def test_queue_consumer_with_a_real_redis(tmp_path: Path) -> None:
     import redis.asyncio as aioredis
 
-    async with any_redis(tmp_path) as url:
+    async with any_redis(tmp_path, db=1) as url:
         redis = aioredis.from_url(url)
         try:
             await redis.delete("wujie:requests", "wujie:results")
@@ -170,7 +170,7 @@ async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
         sys.path.remove(str(EXAMPLES))
 
     journal = tmp_path / "worker.sqlite"
-    async with any_redis(tmp_path) as url, emulator(time_scale=0.01) as emu:
+    async with any_redis(tmp_path, db=2) as url, emulator(time_scale=0.01) as emu:
         redis = aioredis.from_url(url)
         try:
             await redis.delete(REQUESTS, "wujie:results")

@@ -273,6 +273,19 @@ class RedisFleet:
         """A Lua script of this fleet, run with EVALSHA (loaded on first use)."""
         return FleetScript(self, lua)
 
+    async def stop_task(self, task: asyncio.Task[Any]) -> None:
+        """Cancel one of the fleet's background tasks and wait for it, within a deadline.
+
+        Every wait has one, shutdown included: a task still running after ``command_timeout``
+        plus a second (its Redis command has a deadline of its own, so only a bug gets here) is
+        left behind with a WARNING rather than hanging ``aclose()``. ``asyncio.wait`` neither
+        raises the task's error nor swallows the caller's own cancellation.
+        """
+        task.cancel()
+        _, pending = await asyncio.wait({task}, timeout=self.config.command_timeout + 1.0)
+        if pending:
+            logger.warning("fleet task %s did not stop when cancelled; left behind", task)
+
     # --- factories -----------------------------------------------------------------------------
     def new_member_id(self) -> str:
         """A member id unique across machines: host, pid and a random suffix."""

@@ -183,9 +183,7 @@ class LeaderLease:
         """Stop, and release the lease if held."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._fleet.stop_task(task)
         with contextlib.suppress(FleetUnavailableError):
             await self.release()
 

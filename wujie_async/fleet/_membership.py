@@ -107,9 +107,7 @@ class Membership:
         """Stop heartbeating; with ``leave``, mark this member dead at once (claimable now)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._fleet.stop_task(task)
         if leave and self.alive:
             with contextlib.suppress(FleetUnavailableError):
                 await self._leave((self._fleet.keys.members,), (self.member_id,))
