@@ -12,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from .cli_helpers import cli, served_emulator
+from .cli_helpers import (
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    served_emulator,
+)
 from .helpers import png_size
 
 pytestmark = pytest.mark.anyio

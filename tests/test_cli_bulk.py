@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from .cli_helpers import FAST, cli, final_outcomes, manifest, served_emulator
+from .cli_helpers import (
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
+    manifest,
+    served_emulator,
+)
 
 pytestmark = pytest.mark.anyio
 

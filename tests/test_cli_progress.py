@@ -22,7 +22,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.emulator._png import render_png
 
-from .cli_helpers import CLEAN_ENV, FAST, cli, manifest
+from .cli_helpers import (
+    CLEAN_ENV,
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+)
 from .helpers import png_size
 
 pytestmark = pytest.mark.anyio
