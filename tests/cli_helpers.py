@@ -121,17 +121,26 @@ class ForkedCli:
         self, pid: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, files: Path
     ) -> None:
         self.pid = pid
-        self.returncode: int | None = None
-        self._reader = reader
         self._writer = writer
         self._files = files
+        # The server writes the exit status when the child ends: read it as it comes, so
+        # ``returncode`` says at any time whether the child still runs.
+        self._status = asyncio.ensure_future(self._read_status(reader))
+
+    @staticmethod
+    async def _read_status(reader: asyncio.StreamReader) -> int:
+        line = await reader.readline()
+        # No line: the server went away, and it kills its children when it does.
+        return int(json.loads(line)["status"]) if line else -signal.SIGKILL
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it ended (negative: the signal that ended it), else None."""
+        return self._status.result() if self._status.done() else None
 
     async def wait(self) -> int:
-        """Its exit status (negative: the signal that ended it)."""
-        if self.returncode is None:
-            line = await self._reader.readline()
-            self.returncode = int(json.loads(line)["status"]) if line else -signal.SIGKILL
-        return self.returncode
+        """Wait until it ends; its exit status."""
+        return await asyncio.shield(self._status)
 
     def send_signal(self, sig: int) -> None:
         if self.returncode is None:
@@ -149,6 +158,15 @@ class ForkedCli:
     def stderr(self) -> bytes:
         return (self._files / "stderr").read_bytes()
 
+    async def finish(self, timeout: float) -> tuple[int, str, str]:
+        """Wait (bounded) until it ends; (exit code, stdout, stderr). Killed on timeout."""
+        try:
+            code = await asyncio.wait_for(self.wait(), timeout)
+        except TimeoutError:
+            self.kill()
+            raise
+        return code, self.stdout().decode(), self.stderr().decode()
+
     async def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> None:
         """End it within bounded time: ``sig``, then SIGKILL after ``grace``; forget its files."""
         try:
@@ -164,8 +182,71 @@ class ForkedCli:
 
     def close(self) -> None:
         """Hang up (the server kills the child if it still runs) and remove its files."""
+        self._status.cancel()
         self._writer.close()
         shutil.rmtree(self._files, ignore_errors=True)
+
+
+class _SubprocessCli:
+    """``python -m wujie_async`` as a plain subprocess (no fork server), same interface."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(sig)
+
+    async def finish(self, timeout: float) -> tuple[int, str, str]:
+        out, err = await asyncio.wait_for(self._proc.communicate(), timeout)
+        assert self._proc.returncode is not None
+        return self._proc.returncode, out.decode(), err.decode()
+
+    async def stop(self) -> None:
+        await stop_process(self._proc, sig=signal.SIGKILL)
+
+
+RunningCli = ForkedCli | _SubprocessCli
+
+
+@asynccontextmanager
+async def running_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
+) -> AsyncIterator[RunningCli]:
+    """``python -m wujie_async ARGS`` started; killed (if it still runs) when the block ends.
+
+    For tests that signal the process or watch it while it runs; ``finish(timeout)`` waits for
+    its end and gives (exit code, stdout, stderr).
+    """
+    server = _zygote_server()
+    if server is None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", *args, env=env or CLEAN_ENV,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        if stdin is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin)
+            proc.stdin.close()
+        running = _SubprocessCli(proc)
+        try:
+            yield running
+        finally:
+            await running.stop()
+        return
+    child = await server.spawn(args, env or CLEAN_ENV, stdin)
+    try:
+        yield child
+    finally:
+        child.kill()
+        child.close()
 
 
 _zygote: _Zygote | None = None
@@ -206,36 +287,8 @@ async def cli(
     *args: str, env: dict[str, str] | None = None, timeout: float = 50, stdin: bytes | None = None
 ) -> tuple[int, str, str]:
     """Run ``python -m wujie_async ARGS``; (exit code, stdout, stderr)."""
-    server = _zygote_server()
-    if server is None:
-        return await _cli_subprocess(*args, env=env, timeout=timeout, stdin=stdin)
-    child = await server.spawn(args, env or CLEAN_ENV, stdin)
-    try:
-        try:
-            code = await asyncio.wait_for(child.wait(), timeout)
-        except TimeoutError:
-            child.kill()
-            raise
-        return code, child.stdout().decode(), child.stderr().decode()
-    finally:
-        child.close()
-
-
-async def _cli_subprocess(
-    *args: str, env: dict[str, str] | None, timeout: float, stdin: bytes | None
-) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wujie_async", *args, env=env or CLEAN_ENV,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
-    except TimeoutError:
-        await stop_process(proc, sig=signal.SIGKILL)
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    async with running_cli(*args, env=env, stdin=stdin) as running:
+        return await running.finish(timeout)
 
 
 @dataclass
