@@ -20,6 +20,7 @@ Single-threaded with ``selectors`` on purpose: forking a process that runs threa
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -28,12 +29,21 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import wujie_async.cli  # noqa: F401  # what `python -m wujie_async` imports, emulator included
 
+# Imported by every run once its event loop starts (anyio's backend, its worker threads' module)
+# or it reads an input file (utf-8-sig): paid here once rather than in each child.
+LATE_IMPORTS = (
+    "anyio._backends._asyncio",
+    "anyio.to_thread",
+    "concurrent.futures.thread",
+    "encodings.utf_8_sig",
+)
 POLL_S = 0.1  # a bound on a missed SIGCHLD wake-up: children are reaped at least this often
 
 
@@ -115,6 +125,8 @@ def _run_child(request: _Request) -> NoReturn:
     except SystemExit as exc:
         code = exc.code
     except BaseException:
+        # Python's own exit for an uncaught exception. (A real interpreter ends an uncaught
+        # KeyboardInterrupt by SIGINT after its atexit handlers; the CLI catches it itself.)
         traceback.print_exc()
         code = 1
     # Leave as the interpreter would: atexit handlers (coverage's save) run, streams flush.
@@ -263,6 +275,11 @@ class Zygote:
 def main() -> None:
     """Serve on the socket path given; a forked child leaves through ``_run_child``."""
     path = sys.argv[1]
+    for name in LATE_IMPORTS:
+        importlib.import_module(name)
+    if threading.active_count() > 1:
+        # An import started a thread: forking now could copy a lock held by it, for ever held.
+        sys.exit(f"cli_zygote: {threading.active_count()} threads after the imports; not forking")
     zygote = Zygote(path)
     try:
         request = zygote.serve()
