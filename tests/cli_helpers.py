@@ -38,6 +38,7 @@ REAL_PROCESSES = bool(os.environ.get("WUJIE_TEST_REAL_PROCESSES")) or not (
     sys.platform == "linux" and hasattr(os, "fork")
 )
 ZYGOTE_START_S = 60.0  # its imports, on a loaded machine
+FORK_REPLY_S = 20.0  # a fork and a reply: well under a second, unless the machine is swamped
 STOP_GRACE_S = 5.0
 
 
@@ -54,7 +55,7 @@ class _Zygote:
         script = Path(__file__).with_name("cli_zygote.py")
         self.process = subprocess.Popen(
             [sys.executable, "-P", str(script), self.socket_path],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=CLEAN_ENV,
         )  # fmt: skip
         assert self.process.stdout is not None
         with selectors.DefaultSelector() as selector:
@@ -104,7 +105,7 @@ class _Zygote:
         )
         try:
             writer.write(json.dumps(request).encode() + b"\n")
-            reply = json.loads(await asyncio.wait_for(reader.readline(), ZYGOTE_START_S) or b"{}")
+            reply = json.loads(await asyncio.wait_for(reader.readline(), FORK_REPLY_S) or b"{}")
         except BaseException:
             writer.close()
             raise
