@@ -31,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -108,6 +109,7 @@ def _run_child(request: _Request) -> NoReturn:
         os.chdir(request.cwd)
         os.environ.clear()
         os.environ.update(request.env)
+        time.tzset()  # TZ as the new environment says, as a fresh interpreter would read it
         for fd, path, flags in (
             (0, request.stdin, os.O_RDONLY),
             (1, request.stdout, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
