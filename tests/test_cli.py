@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 import time
@@ -12,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from .cli_helpers import cli, served_emulator
+from .cli_helpers import (
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    running_cli,
+    served_emulator,
+)
 from .helpers import png_size
 
 pytestmark = pytest.mark.anyio
@@ -101,6 +107,28 @@ async def test_no_credentials_is_said_clearly(tmp_path: Path) -> None:
     code, _, err = await cli("generate", "a fox", "--out", str(tmp_path))
     assert code == 2
     assert "WUJIE_APP_ID" in err and "--emulator" in err
+
+
+async def test_each_cli_run_is_a_process_of_its_own(tmp_path: Path) -> None:
+    # The tests fork `wujie-async` from a pre-imported server (tests/cli_helpers.py): each run
+    # must still be a process with its own pid, signals and exit status, gone once it ended.
+    creds = tmp_path / "creds.json"
+    emulator = ("emulator", "--port", "0", "--credentials-out", str(creds))
+    async with running_cli(*emulator) as proc:
+        assert proc.pid != os.getpid()
+        deadline = time.monotonic() + 20
+        while not creds.exists():
+            assert time.monotonic() < deadline and proc.returncode is None
+            await asyncio.sleep(0.02)
+        os.kill(proc.pid, 0)  # alive
+        proc.send_signal(signal.SIGKILL)
+        code, _, _ = await proc.finish(10)
+    assert code == -signal.SIGKILL  # as asyncio reports a process a signal ended
+    async with running_cli("generate", "x", "--emulator", "--emulator-time-scale", "0") as proc:
+        code, _, err = await proc.finish(20)
+    assert code == 2 and "--emulator-time-scale" in err, err
+    with pytest.raises(TimeoutError):
+        await cli(*emulator, timeout=0.5)  # never ends by itself: killed when the wait gives up
 
 
 async def test_generate_prints_the_saved_paths(tmp_path: Path) -> None:

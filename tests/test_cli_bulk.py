@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .cli_helpers import FAST, cli, final_outcomes, manifest, served_emulator
+from .cli_helpers import (
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
+    manifest,
+    running_cli,
+    served_emulator,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -248,20 +255,16 @@ async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_pa
             )
         )
         out = tmp_path / "out"
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wujie_async", "bulk", str(rows), "-o", str(out), "--json",
-            env=emu.env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not (await emu.stats())["faults"].get("slow_reply"):  # the first submit is out
-            assert time.monotonic() < deadline and proc.returncode is None
-            await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGINT)  # stop gently: would wait for the submit's reply
-        await asyncio.sleep(0.3)
-        proc.send_signal(signal.SIGINT)  # quit now
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), 20)
-        err = stderr.decode()
-        assert proc.returncode == 130, err
+        async with running_cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env) as proc:
+            deadline = time.monotonic() + 20
+            while not (await emu.stats())["faults"].get("slow_reply"):  # the first submit is out
+                assert time.monotonic() < deadline and proc.returncode is None
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)  # stop gently: would wait for the submit's reply
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGINT)  # quit now
+            code, stdout, err = await proc.finish(20)
+        assert code == 130, err
         assert "interrupted at once: 1 line(s)" in err and "line 1 (id r0)" in err
         assert "journal list --status uncertain" in err
         assert "CancelledError" not in err and "cancel scope" not in err and "Traceback" not in err

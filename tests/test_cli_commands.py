@@ -9,7 +9,13 @@ import pytest
 
 from wujie_async.emulator._png import render_png
 
-from .cli_helpers import FAST, cli, manifest, served_emulator
+from .cli_helpers import (
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+    served_emulator,
+)
 from .helpers import png_size
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,14 @@ import pytest
 
 from wujie_async import Credentials
 
-from .cli_helpers import CLEAN_ENV, FAST, cli, final_outcomes, served_emulator
+from .cli_helpers import (
+    CLEAN_ENV,
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
+    served_emulator,
+)
 
 pytestmark = pytest.mark.anyio
 

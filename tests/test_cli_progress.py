@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.emulator._png import render_png
 
-from .cli_helpers import CLEAN_ENV, FAST, cli, manifest
+from .cli_helpers import (
+    CLEAN_ENV,
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+    running_cli,
+)
 from .helpers import png_size
 
 pytestmark = pytest.mark.anyio
@@ -276,17 +282,14 @@ async def test_a_partly_saved_job_resumes_without_duplicate_manifest_lines(tmp_p
             "bulk", str(rows), "--model", "dall-e-2", "-n", "2", "-o", str(out),
             *gateway_flags(tmp_path, base_url),
         )  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "wujie_async", *bulk, env=CLEAN_ENV,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        deadline = time.monotonic() + 20
-        while not any(r.get("key") == "partial" for r in manifest(out)):
-            assert time.monotonic() < deadline and proc.returncode is None
-            await asyncio.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(proc.communicate(), 20)
-        assert proc.returncode == 130, err.decode()
+        async with running_cli(*bulk) as proc:
+            deadline = time.monotonic() + 20
+            while not any(r.get("key") == "partial" for r in manifest(out)):
+                assert time.monotonic() < deadline and proc.returncode is None
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            code, _, err_text = await proc.finish(20)
+        assert code == 130, err_text
         assert {(r["key"], r["index"]) for r in manifest(out) if r["key"] == "partial"} == {
             ("partial", 0)
         }
