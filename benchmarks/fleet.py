@@ -15,7 +15,7 @@ account's bought rate, equal to the average demand): the fleet holds CAP for all
 bursts wait a moment), the independent clients each hold it for themselves only (their
 bursts go through).
 
-Figures (written to benchmarks/results/fleet.json):
+Figures (written to benchmarks/results/fleet.json; --quick: fleet-quick.json):
   * HTTP calls per job, and batch (poll) calls per job, counted by each emulator;
   * resolution latency: from the emulator's end of a job to its future resolving in the
     member (p50, p99);
@@ -265,7 +265,9 @@ def main() -> None:
         return
     figures_ = asyncio.run(run(args))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fleet.json").write_text(json.dumps(figures_, indent=2) + "\n")
+    # A quick run never overwrites the full run's figures (latest.json takes fleet.json).
+    name = "fleet-quick.json" if args.quick else "fleet.json"
+    (RESULTS / name).write_text(json.dumps(figures_, indent=2) + "\n")
     print(json.dumps(figures_, indent=2))
 
 
