@@ -20,6 +20,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from wujie_async import Limits, WujieClient
+from wujie_async.emulator import Emulator
+
+from .conftest import FAST_POLL, INSTANT_RETRY
 from .helpers import stop_process
 
 CHILD = Path(__file__).resolve().parent / "fleet_child.py"
@@ -223,3 +227,20 @@ def _cluster_ok(info: Any) -> bool:
     if isinstance(info, dict):
         return str(info.get("cluster_state")) == "ok"
     return "cluster_state:ok" in str(info)
+
+
+def member(
+    emu: Emulator, url: str, name: str, *, limits: Limits | None = None, **fleet_options: float
+) -> WujieClient:
+    """A client of fleet ``name`` on ``url``, against ``emu`` (fast polls, instant retries)."""
+    fleet_options.setdefault("lease_seconds", 1.0)
+    from wujie_async.fleet import RedisFleet  # only the fleet tests need redis-py
+
+    return WujieClient(
+        emu.credentials,
+        base_url=emu.base_url,
+        poll=FAST_POLL,
+        retry=INSTANT_RETRY,
+        limits=limits,
+        fleet=RedisFleet(url, name=name, **fleet_options),  # type: ignore[arg-type]
+    )

@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 
 from wujie_async import InvalidRequestError, Limits, WujieClient
-from wujie_async.emulator import Emulator
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
 
-from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory
-from .fleet_support import any_redis, fleet_name, free_port, own_redis
+from .conftest import EmulatorFactory
+from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.anyio
 async def url(tmp_path: Path) -> AsyncIterator[str]:
     async with any_redis(tmp_path) as redis_url:
         yield redis_url
-
-
-def member(emu: Emulator, url: str, name: str, **fleet_options: float) -> WujieClient:
-    fleet_options.setdefault("lease_seconds", 1.0)
-    return WujieClient(
-        emu.credentials,
-        base_url=emu.base_url,
-        poll=FAST_POLL,
-        retry=INSTANT_RETRY,
-        fleet=RedisFleet(url, name=name, **fleet_options),  # type: ignore[arg-type]
-    )
 
 
 async def wait_for(condition: object, timeout: float = 10.0) -> None:
@@ -125,16 +113,7 @@ async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFacto
     name = fleet_name()
     limits = Limits(max_submits_per_second=20)
     async with emulator() as emu:
-        clients = [
-            WujieClient(
-                emu.credentials,
-                base_url=emu.base_url,
-                poll=FAST_POLL,
-                limits=limits,
-                fleet=RedisFleet(url, name=name),
-            )
-            for _ in range(3)
-        ]
+        clients = [member(emu, url, name, limits=limits) for _ in range(3)]
         async with contextlib.AsyncExitStack() as stack:
             for client in clients:
                 await stack.enter_async_context(client)

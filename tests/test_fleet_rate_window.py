@@ -19,10 +19,9 @@ import pytest
 
 from wujie_async import Limits, WujieClient
 from wujie_async.emulator import Emulator
-from wujie_async.fleet import RedisFleet
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .fleet_support import any_redis, fleet_name
+from .fleet_support import any_redis, fleet_name, member
 
 pytestmark = pytest.mark.anyio
 
@@ -68,16 +67,8 @@ async def test_fleet_members_never_exceed_the_cap_in_any_second(
 ) -> None:
     name = fleet_name()
     async with emulator() as emu:
-        clients = [
-            WujieClient(
-                emu.credentials,
-                base_url=emu.base_url,
-                poll=FAST_POLL,
-                limits=Limits(max_submits_per_second=CAP),
-                fleet=RedisFleet(url, name=name),
-            )
-            for _ in range(3)
-        ]
+        limits = Limits(max_submits_per_second=CAP)
+        clients = [member(emu, url, name, limits=limits) for _ in range(3)]
         async with contextlib.AsyncExitStack() as stack:
             for client in clients:
                 await stack.enter_async_context(client)
