@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from wujie_async import Limits, WujieClient
+from wujie_async import Limits, PollPolicy, WujieClient
 from wujie_async.emulator import Emulator
 
 from .conftest import FAST_POLL, INSTANT_RETRY
@@ -230,7 +230,13 @@ def _cluster_ok(info: Any) -> bool:
 
 
 def member(
-    emu: Emulator, url: str, name: str, *, limits: Limits | None = None, **fleet_options: float
+    emu: Emulator,
+    url: str,
+    name: str,
+    *,
+    limits: Limits | None = None,
+    poll: PollPolicy = FAST_POLL,
+    **fleet_options: float,
 ) -> WujieClient:
     """A client of fleet ``name`` on ``url``, against ``emu`` (fast polls, instant retries)."""
     fleet_options.setdefault("lease_seconds", 1.0)
@@ -239,7 +245,7 @@ def member(
     return WujieClient(
         emu.credentials,
         base_url=emu.base_url,
-        poll=FAST_POLL,
+        poll=poll,
         retry=INSTANT_RETRY,
         limits=limits,
         fleet=RedisFleet(url, name=name, **fleet_options),  # type: ignore[arg-type]

@@ -51,6 +51,11 @@ _CHECK_SHARE = 0.25
 # a typical figure, not this job's (it says nothing of which jobs end early).
 _SPANS_KEPT = 32
 _SAME_SPAN_SHARE = 0.02
+# Two alike are enough to suspect a typical figure. The error is cheap one way (a few extra
+# steps until a differing estimate shows they are per job) and dear the other (an early end
+# seen only at the predicted end: a member of a fleet, learning from its own trickle, would
+# see its first several jobs that late).
+_SAME_SPANS_MIN = 2
 
 
 class _Quantiles:
@@ -246,7 +251,7 @@ class PollSchedule:
         """True when the model's last jobs were all predicted to last the same (a typical
         figure, not a per-job estimate)."""
         spans = self._spans.get(model)
-        if spans is None or len(spans) < _MIN_SAMPLES:
+        if spans is None or len(spans) < _SAME_SPANS_MIN:
             return False
         low, high = min(spans), max(spans)
         return high - low <= _SAME_SPAN_SHARE * high + self._policy.min_interval / 2

@@ -6,10 +6,11 @@ How the poller is shared:
   without a fleet. When its poller tracks a key, or applies a report about it, the owner
   registers the key's next due time (from its own schedule) in the fleet's key registry.
 * The leader of a shard (one lease per shard) takes the keys due (every member's, topping the
-  last call up with keys due within ``PollPolicy.batch_fill_horizon``), pushes them ``hold``
-  seconds ahead, asks the gateway in calls of up to 50, and posts each key's raw entries to
-  its owner's report stream. It never reschedules a key it answered: the owner does, from
-  its schedule, when it applies the report (through the poller's one dispatch code).
+  last call up with keys due within ``PollPolicy.min_interval``: see ``_fill_horizon``),
+  pushes them ``hold`` seconds ahead, asks the gateway in calls of up to 50, and posts each
+  key's raw entries to its owner's report stream. It never reschedules a key it answered: the
+  owner does, from its schedule, when it applies the report (through the poller's one
+  dispatch code).
 * A member's local poller does not ask the gateway while this member is connected: keys that
   come due locally are looked at again after ``hold`` (and re-registered if the registry
   lost them); deadlines still fire locally.
@@ -324,6 +325,7 @@ class FleetMember:
         size = _contract.MAX_KEYS_PER_BATCH
         limit = size * self._max_polls
         tick = min(_TICK, self._policy.min_interval / 2)
+        fill_horizon = _fill_horizon(self._policy)
         try:
             while True:
                 await lease.leading.wait()
@@ -334,7 +336,7 @@ class FleetMember:
                         fence,
                         limit=limit,
                         hold=self._hold,
-                        fill_horizon=self._policy.batch_fill_horizon,
+                        fill_horizon=fill_horizon,
                         call_size=size,
                     )
                 except LeaseLostError:
@@ -503,6 +505,17 @@ class FleetMember:
             leader_calls=self._leader_calls,
             leader_keys=self._leader_keys,
         )
+
+
+def _fill_horizon(policy: PollPolicy) -> float:
+    """How far ahead a leader tops up a call that has room: one ``min_interval`` at least.
+
+    A key the schedule asks about densely is asked every ``min_interval``, so taking it up to
+    that much early changes no lateness (it is asked sooner, never later) and puts every
+    member's dense keys on one cadence: calls go out fuller and fewer. A lone client keeps
+    ``batch_fill_horizon``: its few keys gain little from this, and each early ask costs one.
+    """
+    return max(policy.batch_fill_horizon, policy.min_interval)
 
 
 async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:
