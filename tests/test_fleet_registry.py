@@ -116,6 +116,7 @@ async def test_a_malformed_stream_entry_is_skipped_not_fatal(url: str) -> None:
         await fleet.call(lambda r: r.xadd(stream, {"junk": "x"}))
         await fleet.call(lambda r: r.xadd(stream, {"k": "K", "b": "not json"}))
         await fleet.call(lambda r: r.xadd(stream, {"k": "K", "b": "[1]"}))
+        await fleet.call(lambda r: r.xadd(stream, {"k": "K", "b": "[" * 100_000}))  # deep
         await fleet.outbox().post([("m", Report("K", {"ok": True}))])
         assert [r.body for r in await fleet.inbox("m").read(0.2)] == [{"ok": True}]
 

@@ -29,6 +29,7 @@ class FleetStats:
         keys_polled: keys those calls asked about.
         leader_calls: batch calls this member sent as a leader.
         leader_keys: keys those calls asked about.
+        lessons_learned: lessons this member's poll schedule took from other members' jobs.
     """
 
     role: str
@@ -38,6 +39,7 @@ class FleetStats:
     keys_polled: int
     leader_calls: int
     leader_keys: int
+    lessons_learned: int = 0
 
 
 class FleetLink(Protocol):

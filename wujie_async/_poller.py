@@ -33,7 +33,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,7 +56,7 @@ from ._jobs import ImageJob
 from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
 from ._replies import raw_entries_by_key as raw_entries_by_key  # the fleet's seam, kept here
-from ._schedule import KeyTiming, PollSchedule
+from ._schedule import KeyTiming, Lesson, PollSchedule
 from ._transport import Transport
 
 logger = logging.getLogger("wujie_async")
@@ -416,6 +416,16 @@ class BatchPoller:
             return None
         self._wakeup.set()
         return tracked.due
+
+    def share_lessons(self, listener: Callable[[Lesson], None] | None) -> None:
+        """Tell ``listener`` every lesson the schedule learns from this poller's own jobs."""
+        self._schedule_of.on_lesson = listener
+
+    def learn(self, lessons: Iterable[Lesson]) -> None:
+        """Learn other members' lessons, as if their jobs had been this poller's own."""
+        for lesson in lessons:
+            self._schedule_of.learn(lesson)
+        self._after_replies(asyncio.get_running_loop().time())  # the window may have widened
 
     def next_due(self, key: str) -> float | None:
         """When ``key`` is next asked about (loop time); None if not tracked or on the wire."""

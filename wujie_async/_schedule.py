@@ -82,6 +82,27 @@ class _Quantiles:
         return data[min(len(data) - 1, max(0, round(q * (len(data) - 1))))]
 
 
+@dataclass(frozen=True, slots=True)
+class Lesson:
+    """What one job taught a schedule, in a form another schedule can learn too.
+
+    A fleet's members share these, so each member's schedule learns from every member's
+    jobs: a member with a trickle of jobs learns as fast as the fleet does.
+
+    Attributes:
+        model: the job's model (None: not known).
+        span: the duration its first estimate predicted (a job's first report), else None.
+        duration: how long it ran, submit to end (a job that ended), else None.
+        error: how far its end fell from the predicted end, relative to ``span`` (a job that
+            ended with a usable estimate), else None.
+    """
+
+    model: str | None
+    span: float | None = None
+    duration: float | None = None
+    error: float | None = None
+
+
 @dataclass(slots=True)
 class KeyTiming:
     """The poller's record of one key: what the schedule needs, nothing a user reads.
@@ -109,10 +130,20 @@ class KeyTiming:
 class PollSchedule:
     """The schedule of one poller: next ask times, and what it learns from ended jobs."""
 
-    __slots__ = ("_durations", "_errors", "_policy", "_spans", "_windows", "generation")
+    __slots__ = (
+        "_durations",
+        "_errors",
+        "_policy",
+        "_spans",
+        "_windows",
+        "generation",
+        "on_lesson",
+    )
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
+        # Told every lesson learned from this schedule's own jobs (a fleet shares them).
+        self.on_lesson: Callable[[Lesson], None] | None = None
         self._errors: dict[str | None, _Quantiles] = {}
         self._durations: dict[str | None, _Quantiles] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
@@ -154,15 +185,32 @@ class PollSchedule:
             end = ended_at
         else:
             end = (earliest + now) / 2
-        self._sample(self._durations, timing.model).add(end - timing.created_at)
-        if timing.predicted_end is None or not timing.predicted_span or not timing.estimate_live:
-            return
-        before = self.window(timing.model)
-        error = (end - timing.predicted_end) / timing.predicted_span
-        self._sample(self._errors, timing.model).add(max(-1.0, min(error, 10.0)))
-        self._windows.pop(timing.model, None)
-        if self.window(timing.model)[0] < before[0] - 0.02:
-            self.generation += 1
+        error = None
+        if timing.predicted_end is not None and timing.predicted_span and timing.estimate_live:
+            error = (end - timing.predicted_end) / timing.predicted_span
+        self._teach(Lesson(timing.model, duration=end - timing.created_at, error=error))
+
+    def learn(self, lesson: Lesson) -> None:
+        """Learn ``lesson`` (from this schedule's own jobs, or another member's)."""
+        model = lesson.model
+        if lesson.span is not None:
+            spans = self._spans.get(model)
+            if spans is None:
+                spans = self._spans[model] = deque(maxlen=_SPANS_KEPT)
+            spans.append(lesson.span)
+        if lesson.duration is not None:
+            self._sample(self._durations, model).add(lesson.duration)
+        if lesson.error is not None:
+            before = self.window(model)
+            self._sample(self._errors, model).add(max(-1.0, min(lesson.error, 10.0)))
+            self._windows.pop(model, None)
+            if self.window(model)[0] < before[0] - 0.02:
+                self.generation += 1
+
+    def _teach(self, lesson: Lesson) -> None:
+        self.learn(lesson)
+        if self.on_lesson is not None:
+            self.on_lesson(lesson)
 
     @staticmethod
     def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
@@ -191,10 +239,7 @@ class PollSchedule:
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
-                spans = self._spans.get(timing.model)
-                if spans is None:
-                    spans = self._spans[timing.model] = deque(maxlen=_SPANS_KEPT)
-                spans.append(timing.predicted_span)
+                self._teach(Lesson(timing.model, span=timing.predicted_span))
             elif timing.last_ask is not None:
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it
                 # forward by the time between reports.

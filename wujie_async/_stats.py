@@ -43,6 +43,8 @@ class ClientStats:
         fleet_batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed
             about every second).
         fleet_mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
+        fleet_lessons_learned: what this member's poll schedule learned from other members'
+            jobs (their estimates' errors, durations and predicted spans), in lessons.
     """
 
     submits: int
@@ -65,6 +67,7 @@ class ClientStats:
     fleet_rate: float | None = None
     fleet_batch_calls: int = 0
     fleet_mean_batch_fill: float = 0.0
+    fleet_lessons_learned: int = 0
 
 
 def snapshot(
@@ -108,4 +111,5 @@ def snapshot(
         fleet_rate=fleet.rate,
         fleet_batch_calls=fleet.batch_calls,
         fleet_mean_batch_fill=fleet.keys_polled / fleet.batch_calls if fleet.batch_calls else 0.0,
+        fleet_lessons_learned=fleet.lessons_learned,
     )

@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if TYPE_CHECKING:
     from ._journal import RedisJournal
     from ._lease import LeaderLease
+    from ._lessons import SharedLessons
     from ._limiter import FleetLimiter
     from ._membership import Membership
     from ._registry import KeyRegistry
@@ -327,6 +328,12 @@ class RedisFleet:
         from ._reports import ReportInbox
 
         return ReportInbox(self, member_id)
+
+    def lessons(self, member_id: str) -> SharedLessons:
+        """The fleet's shared poll-schedule lessons, read and written as ``member_id``."""
+        from ._lessons import SharedLessons
+
+        return SharedLessons(self, member_id)
 
     def journal(self, member_id: str) -> RedisJournal:
         """The fleet's journal, writing as ``member_id``."""

@@ -420,7 +420,7 @@ def _rows(reply: list[Any]) -> list[JournalEntry]:
     rows = []
     for i in range(0, len(reply), width):
         row_id, path, request, state, job_key, tag, error, created, _owner = reply[i : i + width]
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, TypeError, RecursionError):  # not a member's write
             rows.append(
                 JournalEntry(
                     id=int(row_id),

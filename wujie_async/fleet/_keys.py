@@ -71,6 +71,11 @@ class FleetKeys:
         """Hash: fleet-wide counters (``batch_calls``, ``keys_polled``) kept by the leaders."""
         return f"{self.tag}:stats"
 
+    @property
+    def lessons(self) -> str:
+        """Stream: what members' poll schedules learned from ended jobs (capped)."""
+        return f"{self.tag}:lessons"
+
     # --- journal (fleet tag) -------------------------------------------------------------------
     @property
     def journal_prefix(self) -> str:

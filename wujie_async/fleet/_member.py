@@ -11,6 +11,8 @@ How the poller is shared:
   key's raw entries to its owner's report stream. It never reschedules a key it answered: the
   owner does, from its schedule, when it applies the report (through the poller's one
   dispatch code).
+* Each member's schedule learns from every member's ended jobs (``SharedLessons``): a member
+  with a trickle of jobs polls as well as one process doing the fleet's jobs would.
 * A member's local poller does not ask the gateway while this member is connected: keys that
   come due locally are looked at again after ``hold`` (and re-registered if the registry
   lost them); deadlines still fire locally.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +40,7 @@ from .._errors import ResponseTooLargeError, WujieError, snippet
 from .._fleet_link import FleetStats
 from .._journal import JournalEntry
 from .._poller import BatchPoller, raw_entries_by_key
+from .._schedule import Lesson
 from .._transport import Transport
 from ._errors import FleetUnavailableError, LeaseLostError
 from ._journal import RedisJournal
@@ -53,6 +57,8 @@ logger = logging.getLogger("wujie_async.fleet")
 _TICK = 0.25  # a leader looks for newly registered keys at least this often
 _RETRY = 0.5  # a member away from Redis tries it again this often
 _STATS_EVERY = 1.0
+_LESSONS_EVERY = 0.5  # lessons are sent and read this often
+_LESSONS_KEPT = 1_000  # unsent lessons kept while Redis is away (the oldest are dropped)
 
 
 class FleetMember:
@@ -68,6 +74,9 @@ class FleetMember:
         self._registry = fleet.registry()
         self._outbox = fleet.outbox()
         self._inbox = fleet.inbox(self._member_id)
+        self._lessons = fleet.lessons(self._member_id)
+        self._unsent_lessons: deque[Lesson] = deque(maxlen=_LESSONS_KEPT)
+        self._lessons_learned = 0
         self._leases: list[LeaderLease] = [
             fleet.lease(shard, self._member_id) for shard in range(config.shards)
         ]
@@ -141,10 +150,12 @@ class FleetMember:
         self._max_polls = limits.max_concurrent_polls
         self._changed = asyncio.Event()
         poller.set_delegate(self)
+        poller.share_lessons(self._unsent_lessons.append)
         transport.on_rate_limited = self._rate_limited
         self._spawn(self._read_reports(), "reports")
         self._spawn(self._write_registry(), "registry")
         self._spawn(self._watch(), "watch")
+        self._spawn(self._share_lessons(), "lessons")
         for lease in self._leases:
             self._spawn(self._lead(lease), f"leader {lease.shard}")
 
@@ -166,6 +177,7 @@ class FleetMember:
         await _cancel(tasks)
         if self._poller is not None:
             self._poller.set_delegate(None)
+            self._poller.share_lessons(None)
         if self._transport is not None:
             self._transport.on_rate_limited = None
 
@@ -316,6 +328,25 @@ class FleetMember:
             job = poller.get(key)
             if job is None or job.done():
                 self.ended(key)  # nobody here waits for it: stop the fleet polling it
+
+    # --- the schedule's lessons, shared -------------------------------------------------------
+    async def _share_lessons(self) -> None:
+        poller = self._poller
+        assert poller is not None
+        while True:
+            if self._healthy:
+                outgoing = list(self._unsent_lessons)
+                self._unsent_lessons.clear()
+                try:
+                    learned = await self._lessons.exchange(outgoing)
+                except FleetUnavailableError as exc:
+                    self._unsent_lessons.extendleft(reversed(outgoing))  # sent when back
+                    self._lost_redis(str(exc))
+                else:
+                    if learned:
+                        poller.learn(learned)
+                        self._lessons_learned += len(learned)
+            await asyncio.sleep(_LESSONS_EVERY)
 
     # --- leading a shard -----------------------------------------------------------------------
     async def _lead(self, lease: LeaderLease) -> None:
@@ -504,6 +535,7 @@ class FleetMember:
             keys_polled=self._fleet_keys,
             leader_calls=self._leader_calls,
             leader_keys=self._leader_keys,
+            lessons_learned=self._lessons_learned,
         )
 
 

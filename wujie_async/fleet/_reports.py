@@ -101,7 +101,7 @@ class ReportInbox:
                 try:
                     body = json.loads(fields["b"])
                     key = fields["k"]
-                except (KeyError, TypeError, ValueError):
+                except (KeyError, TypeError, ValueError, RecursionError):
                     continue  # not ours to read; skipped, left in place for a human
                 if isinstance(body, dict) and isinstance(key, str):
                     reports.append(Report(key, body, entry_id))
