@@ -235,6 +235,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             }
     fleet, alone = result["fleet"], result["independent"]
     return {
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "scenario": {
             "members": MEMBERS,
             "jobs_per_member_per_second": "1 on average (Poisson)",

@@ -55,6 +55,20 @@ def test_lessons_teach_another_schedule_what_the_first_learned() -> None:
     assert second.generation > generation  # its poller pulls waiting keys in
 
 
+def test_lessons_about_endless_models_keep_memory_bounded() -> None:
+    # Lessons come from other processes: a flood of made-up model names is not all kept.
+    schedule = PollSchedule(PollPolicy())
+    models = [f"model-{i}" for i in range(10_000)]
+    for model in models:
+        schedule.learn(Lesson(model, duration=5.0, error=0.1))
+    assert sum(schedule.samples(model) > 0 for model in models) == 64
+    # Its own jobs still teach it, whatever model they are of.
+    timing = KeyTiming(created_at=0.0, model="dall-e-3")
+    schedule.report(timing, 1.0, expected_seconds=9.0)
+    schedule.job_ended(timing, 10.5, 10.0)
+    assert schedule.samples("dall-e-3") == 1
+
+
 async def test_a_member_learns_the_others_lessons_and_skips_its_own(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         a, b = fleet.lessons("a"), fleet.lessons("b")

@@ -56,6 +56,8 @@ _SAME_SPAN_SHARE = 0.02
 # seen only at the predicted end: a member of a fleet, learning from its own trickle, would
 # see its first several jobs that late).
 _SAME_SPANS_MIN = 2
+# Models learned about at most (lessons may come from other processes: memory stays bounded).
+_MODELS_KEPT = 64
 
 
 class _Quantiles:
@@ -133,6 +135,7 @@ class PollSchedule:
     __slots__ = (
         "_durations",
         "_errors",
+        "_models",
         "_policy",
         "_spans",
         "_windows",
@@ -148,6 +151,7 @@ class PollSchedule:
         self._durations: dict[str | None, _Quantiles] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
+        self._models: set[str | None] = set()
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -191,8 +195,24 @@ class PollSchedule:
         self._teach(Lesson(timing.model, duration=end - timing.created_at, error=error))
 
     def learn(self, lesson: Lesson) -> None:
-        """Learn ``lesson`` (from this schedule's own jobs, or another member's)."""
+        """Learn another member's ``lesson``, as if its job had been one of this schedule's.
+
+        Lessons about models beyond the first ``_MODELS_KEPT`` are dropped: they come from
+        other processes, and memory stays bounded whatever those send.
+        """
+        if lesson.model not in self._models and len(self._models) >= _MODELS_KEPT:
+            return
+        self._apply(lesson)
+
+    def _teach(self, lesson: Lesson) -> None:
+        """Learn from one of this schedule's own jobs, and tell ``on_lesson``."""
+        self._apply(lesson)
+        if self.on_lesson is not None:
+            self.on_lesson(lesson)
+
+    def _apply(self, lesson: Lesson) -> None:
         model = lesson.model
+        self._models.add(model)
         if lesson.span is not None:
             spans = self._spans.get(model)
             if spans is None:
@@ -207,10 +227,6 @@ class PollSchedule:
             if self.window(model)[0] < before[0] - 0.02:
                 self.generation += 1
 
-    def _teach(self, lesson: Lesson) -> None:
-        self.learn(lesson)
-        if self.on_lesson is not None:
-            self.on_lesson(lesson)
 
     @staticmethod
     def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
