@@ -129,3 +129,49 @@ async def test_an_evicting_redis_is_warned_about(
                 assert fleet.durability is not None
                 assert fleet.durability.maxmemory_policy == "allkeys-lru"
     assert any("evict journal rows" in r.getMessage() for r in caplog.records)
+
+
+async def stubborn(release: asyncio.Event) -> None:
+    """A task that swallows every cancel until ``release`` is set."""
+    while not release.is_set():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            continue
+
+
+async def test_stopping_a_task_that_swallows_its_cancel_ends_within_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Shutdown must not hang on a background task that ignores cancellation (a bug, or a
+    # cancel lost inside a client library): it is left behind, with a WARNING.
+    fleet = RedisFleet("redis://127.0.0.1:1/0", name=fleet_name(), command_timeout=0.2)
+    release = asyncio.Event()
+    task = asyncio.create_task(stubborn(release))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level(logging.WARNING, "wujie_async.fleet"):
+        await fleet.stop_task(task)
+    assert loop.time() - started < 3.0
+    assert "did not stop" in caplog.text
+    release.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    assert task.done()
+
+
+async def test_stopping_a_task_does_not_swallow_the_callers_own_cancel() -> None:
+    fleet = RedisFleet("redis://127.0.0.1:1/0", name=fleet_name(), command_timeout=30.0)
+    release = asyncio.Event()
+    task = asyncio.create_task(stubborn(release))
+    await asyncio.sleep(0)
+    stopper = asyncio.create_task(fleet.stop_task(task))
+    await asyncio.sleep(0.05)
+    stopper.cancel()  # the caller is cancelled while it waits (30 s deadline)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(stopper, timeout=2.0)
+    release.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    assert task.done()
