@@ -227,7 +227,6 @@ class PollSchedule:
             if self.window(model)[0] < before[0] - 0.02:
                 self.generation += 1
 
-
     @staticmethod
     def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
         found = table.get(model)
