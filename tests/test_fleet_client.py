@@ -58,11 +58,12 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
 async def test_the_leader_tops_a_call_up_with_keys_due_within_min_interval(
     url: str, emulator: EmulatorFactory
 ) -> None:
-    # Two members' keys come due 0.2 s apart: within one min_interval, far outside
+    # Two members' keys come due 0.5 s apart: within one min_interval (1 s), far outside
     # batch_fill_horizon. The leader asks about both in one call (a key asked about densely is
     # asked every min_interval anyway), so the fleet's keys share one cadence and calls go out
-    # fuller. With batch_fill_horizon as the leader's horizon, these were two calls of one key.
-    poll = PollPolicy(first_poll_delay=1.0, min_interval=0.5, batch_fill_horizon=0.01)
+    # fuller. With batch_fill_horizon as its horizon, the leader (which looks at least every
+    # 0.25 s) took the first key alone.
+    poll = PollPolicy(first_poll_delay=1.0, min_interval=1.0, batch_fill_horizon=0.01)
     name = fleet_name()
     async with (
         emulator(time_scale=1.0, job_seconds=(5.0, 5.0)) as emu,
@@ -71,7 +72,7 @@ async def test_the_leader_tops_a_call_up_with_keys_due_within_min_interval(
     ):
         await wait_for(lambda: {a.stats.fleet_role, b.stats.fleet_role} == {"leader", "follower"})
         first = await a.images.submit(prompt="first", model="dall-e-2")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         second = await b.images.submit(prompt="second", model="dall-e-2")
         await wait_for(lambda: emu.stats(timelines=False)["batch_calls"] >= 1, timeout=5.0)
         first_call = emu.stats(timelines=False)["batch_keys"][0]

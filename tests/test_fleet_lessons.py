@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import pytest
 from wujie_async import PollPolicy
 from wujie_async._schedule import KeyTiming, Lesson, PollSchedule
 from wujie_async.fleet import RedisFleet
+from wujie_async.fleet._lessons import Exchange
 
 from .conftest import EmulatorFactory
 from .fleet_support import any_redis, fleet_name, member
@@ -62,24 +64,65 @@ def test_lessons_about_endless_models_keep_memory_bounded() -> None:
     for model in models:
         schedule.learn(Lesson(model, duration=5.0, error=0.1))
     assert sum(schedule.samples(model) > 0 for model in models) == 64
-    # Its own jobs still teach it, whatever model they are of.
-    timing = KeyTiming(created_at=0.0, model="dall-e-3")
+    # The client's known models are still learned from others, and its own jobs teach it
+    # whatever their model.
+    schedule.learn(Lesson("gpt-image-1", duration=5.0, error=0.1))
+    assert schedule.samples("gpt-image-1") == 1
+    timing = KeyTiming(created_at=0.0, model="a-model-of-our-own")
     schedule.report(timing, 1.0, expected_seconds=9.0)
     schedule.job_ended(timing, 10.5, 10.0)
-    assert schedule.samples("dall-e-3") == 1
+    assert schedule.samples("a-model-of-our-own") == 1
+
+
+def test_an_outlier_is_taught_within_the_bounds_others_accept() -> None:
+    # A job that ran 19 times its estimate: learned here, and taught (clamped) to the others,
+    # who would drop a lesson outside the bounds.
+    schedule = PollSchedule(PollPolicy())
+    lessons: list[Lesson] = []
+    schedule.on_lesson = lessons.append
+    timing = KeyTiming(created_at=0.0, model="m")
+    schedule.report(timing, 1.0, expected_seconds=1.0)
+    schedule.job_ended(timing, 40.0, 40.0)
+    assert lessons[-1].error == 10.0
+    assert lessons[-1].duration == 40.0
+
+
+def read(exchange: Exchange) -> list[Lesson]:
+    return [lesson for entry in exchange.entries for lesson in entry]
 
 
 async def test_a_member_learns_the_others_lessons_and_skips_its_own(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         a, b = fleet.lessons("a"), fleet.lessons("b")
-        assert await a.exchange([]) == []  # an empty stream
-        assert await b.exchange([]) == []
+        assert read(await a.exchange([])) == []  # an empty stream
+        assert read(await b.exchange([])) == []
         sent = [Lesson("gpt-image-1", span=18.0), Lesson("dall-e-2", duration=6.5, error=-0.2)]
-        assert await a.exchange(sent) == []  # its own are not read back
-        assert await b.exchange([]) == sent
-        assert await b.exchange([]) == []  # read once
+        assert read(await a.exchange(sent)) == []  # its own are not read back
+        assert read(await b.exchange([])) == sent
+        assert read(await b.exchange([])) == []  # read once
         # A member that joins later reads the recent history first.
-        assert await fleet.lessons("c").exchange([]) == sent
+        assert read(await fleet.lessons("c").exchange([])) == sent
+        # A big batch goes in entries of at most 200 lessons, and all of it arrives.
+        many = [Lesson("dall-e-3", duration=float(i)) for i in range(1, 451)]
+        await a.exchange(many)
+        got = await b.exchange([])
+        assert read(got) == many
+        assert [len(entry) for entry in got.entries] == [200, 200, 50]
+
+
+async def test_a_backlog_is_read_in_bounded_pieces(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        writer, reader = fleet.lessons("w"), fleet.lessons("r")
+        await reader.exchange([])  # joined: reads from here on
+        for i in range(120):
+            await writer.exchange([Lesson("m", duration=float(i + 1))])
+        pieces = []
+        while True:
+            got = await reader.exchange([])
+            pieces.append(len(got.entries))
+            if not got.more:
+                break
+        assert pieces == [50, 50, 20]
 
 
 async def test_malformed_lessons_are_skipped_not_fatal(url: str) -> None:
@@ -90,8 +133,9 @@ async def test_malformed_lessons_are_skipped_not_fatal(url: str) -> None:
             {"junk": "x"},
             {"m": "x", "l": "not json"},
             {"m": "x", "l": json.dumps({"not": "a list"})},
-            {"m": "x", "l": "[" * 100_000},
-            {"m": "x", "l": "x" * 300_000},
+            {"m": "x", "l": "[" * 60_000},  # nested deeper than json can follow
+            {"m": "x", "l": json.dumps([good] * 4_000)},  # over the entry's byte limit
+            {"m": "x", "l": "[[" + "1" * 400 + ", null, null, null]]"},  # int overflows a float
         ]
         bad_lessons = [
             [None, None, None, None],  # teaches nothing
@@ -103,12 +147,79 @@ async def test_malformed_lessons_are_skipped_not_fatal(url: str) -> None:
             ["m", None, 5.0, 99.0],  # error out of range
             ["m", True, None, None],  # a bool is not a number
             ["m", "18", None, None],  # a string is not a number
+            ["m", int("9" * 400), None, None],  # too large for a float
         ]
         payload = json.dumps([*bad_lessons, good])
         nan = '[["m", NaN, null, null]]'
-        for fields in [*bad_entries, {"m": "x", "l": payload}, {"m": "x", "l": nan}]:
+        too_many = json.dumps([["m", None, float(i + 1), None] for i in range(300)])
+        for fields in [
+            *bad_entries,
+            {"m": "x", "l": payload},
+            {"m": "x", "l": nan},
+            {"m": "x", "l": too_many},
+        ]:
             await fleet.call(functools.partial(add, stream, fields))
-        assert await fleet.lessons("reader").exchange([]) == [Lesson("m", span=18.0)]
+        got = read(await fleet.lessons("reader").exchange([]))
+        assert got[0] == Lesson("m", span=18.0)
+        assert len(got) == 1 + 200  # an entry's lessons beyond 200 are not read
+
+
+async def test_a_lessons_key_of_the_wrong_type_is_not_taken_for_redis_away(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        stream = fleet.keys.lessons
+        await fleet.call(lambda r: r.set(stream, "not a stream"))
+        lessons = fleet.lessons("m")
+        with caplog.at_level(logging.WARNING, "wujie_async.fleet"):
+            assert read(await lessons.exchange([Lesson("m", span=3.0)])) == []
+            assert read(await lessons.exchange([])) == []
+        assert caplog.text.count("unusable") == 1
+
+
+async def due_in(observer: RedisFleet, key: str) -> float | None:
+    """Seconds until the fleet's registry says ``key`` is due (None: not registered)."""
+    zset = observer.keys.due(observer.registry().shard_of(key))
+
+    async def look(redis: Any) -> list[Any]:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zscore(zset, key)
+            pipe.time()
+            found: list[Any] = await pipe.execute()
+            return found
+
+    score, (seconds, micros) = await observer.call(look)
+    return None if score is None else (score - (seconds * 1000 + micros / 1000)) / 1000
+
+
+async def test_lessons_that_widen_the_window_bring_a_registered_key_forward(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # One job of 4 s, told 4 s (a typical figure). Alone, the member waits for the predicted
+    # end (after one check). Then lessons from elsewhere say jobs of this model end up to half
+    # their estimate early: the key is due at about 2 s, here AND in the fleet's registry
+    # (the leader asks when the registry says so).
+    poll = PollPolicy(first_poll_delay=0.1, min_interval=0.05, batch_fill_horizon=0.01)
+    name = fleet_name()
+    async with (
+        emulator(time_scale=1.0, job_seconds=(4.0, 4.0)) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, poll=poll) as client,
+    ):
+        job = await client.images.submit(prompt="one", model="dall-e-2")
+        submitted = time.monotonic()
+        deadline = submitted + 3.0
+        while (waiting := await due_in(observer, job.key)) is None or waiting < 2.0:
+            assert time.monotonic() < deadline, waiting  # the check, then the predicted end
+            await asyncio.sleep(0.02)
+        teacher = observer.lessons("teacher")
+        await teacher.exchange([Lesson("dall-e-2", duration=2.0, error=-0.5)] * 10)
+        deadline = time.monotonic() + 1.5
+        while (waiting := await due_in(observer, job.key)) is None or waiting > 1.0:
+            assert time.monotonic() < deadline, waiting
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - submitted < 3.0  # brought forward, not come due anyway
+        assert client.stats.fleet_lessons_learned >= 10
 
 
 async def test_members_learn_from_each_others_jobs(url: str, emulator: EmulatorFactory) -> None:

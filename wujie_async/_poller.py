@@ -80,6 +80,11 @@ class PollDelegate(Protocol):
         """
         ...
 
+    def moved(self, due_times: dict[str, float]) -> None:
+        """Keys of this poller whose next ask moved sooner (loop times): the learned window
+        widened. The delegate asks for them then, not at the time it was told before."""
+        ...
+
 
 @dataclass(slots=True)
 class PollerCounters:
@@ -460,12 +465,16 @@ class BatchPoller:
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
         watch_start = self._schedule_of.watch_starts()
+        moved: dict[str, float] = {}
         for tracked in self._jobs.values():
             if tracked.due == math.inf:
                 continue  # in a call on the wire: its reply reschedules it
             opens = watch_start(tracked)
             if opens < tracked.due:
                 self._schedule(tracked, max(now, opens))
+                moved[tracked.job.key] = tracked.due
+        if moved and self._delegate is not None:
+            self._delegate.moved(moved)
         self._wakeup.set()
 
     async def _split(self, chunk: list[_Tracked]) -> None:

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._config import PollPolicy
+from ._rules import KNOWN_MODELS
 
 # Until this many ended jobs are seen, the prior window below holds.
 _MIN_SAMPLES = 8
@@ -56,8 +57,13 @@ _SAME_SPAN_SHARE = 0.02
 # seen only at the predicted end: a member of a fleet, learning from its own trickle, would
 # see its first several jobs that late).
 _SAME_SPANS_MIN = 2
-# Models learned about at most (lessons may come from other processes: memory stays bounded).
-_MODELS_KEPT = 64
+# Relative errors are kept within these bounds (ERROR_BOUNDS: what another member may send).
+_ERROR_FLOOR = -1.0
+_ERROR_CEILING = 10.0
+ERROR_BOUNDS = (_ERROR_FLOOR, _ERROR_CEILING)
+# Models outside KNOWN_MODELS learned about from other members' lessons, at most: lessons come
+# from other processes, and memory stays bounded whatever they send.
+_OTHER_MODELS_KEPT = 64
 
 
 class _Quantiles:
@@ -136,6 +142,7 @@ class PollSchedule:
         "_durations",
         "_errors",
         "_models",
+        "_other_models",
         "_policy",
         "_spans",
         "_windows",
@@ -152,6 +159,7 @@ class PollSchedule:
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._models: set[str | None] = set()
+        self._other_models = 0
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -192,16 +200,21 @@ class PollSchedule:
         error = None
         if timing.predicted_end is not None and timing.predicted_span and timing.estimate_live:
             error = (end - timing.predicted_end) / timing.predicted_span
+            error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
         self._teach(Lesson(timing.model, duration=end - timing.created_at, error=error))
 
     def learn(self, lesson: Lesson) -> None:
         """Learn another member's ``lesson``, as if its job had been one of this schedule's.
 
-        Lessons about models beyond the first ``_MODELS_KEPT`` are dropped: they come from
-        other processes, and memory stays bounded whatever those send.
+        Lessons about a model this schedule has not seen, outside :data:`KNOWN_MODELS`, are
+        dropped once ``_OTHER_MODELS_KEPT`` such models are known: they come from other
+        processes, and memory stays bounded whatever those send.
         """
-        if lesson.model not in self._models and len(self._models) >= _MODELS_KEPT:
-            return
+        model = lesson.model
+        if model not in self._models and model not in KNOWN_MODELS:
+            if self._other_models >= _OTHER_MODELS_KEPT:
+                return
+            self._other_models += 1
         self._apply(lesson)
 
     def _teach(self, lesson: Lesson) -> None:
@@ -222,7 +235,9 @@ class PollSchedule:
             self._sample(self._durations, model).add(lesson.duration)
         if lesson.error is not None:
             before = self.window(model)
-            self._sample(self._errors, model).add(max(-1.0, min(lesson.error, 10.0)))
+            self._sample(self._errors, model).add(
+                max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
+            )
             self._windows.pop(model, None)
             if self.window(model)[0] < before[0] - 0.02:
                 self.generation += 1

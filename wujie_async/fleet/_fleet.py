@@ -277,15 +277,22 @@ class RedisFleet:
     async def stop_task(self, task: asyncio.Task[Any]) -> None:
         """Cancel one of the fleet's background tasks and wait for it, within a deadline.
 
-        Every wait has one, shutdown included: a task still running after ``command_timeout``
-        plus a second (its Redis command has a deadline of its own, so only a bug gets here) is
-        left behind with a WARNING rather than hanging ``aclose()``. ``asyncio.wait`` neither
-        raises the task's error nor swallows the caller's own cancellation.
+        A cancel that lands just as a redis-py command completes can be lost inside the client
+        library, so the task is cancelled again every 0.1 s while it runs. Every wait has a
+        deadline, shutdown included: a task still running after ``command_timeout`` plus a
+        second (its Redis command has a deadline of its own, so only a bug gets here) is left
+        behind with a WARNING rather than hanging ``aclose()``. ``asyncio.wait`` neither raises
+        the task's error nor swallows the caller's own cancellation.
         """
-        task.cancel()
-        _, pending = await asyncio.wait({task}, timeout=self.config.command_timeout + 1.0)
-        if pending:
-            logger.warning("fleet task %s did not stop when cancelled; left behind", task)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.command_timeout + 1.0
+        while not task.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                logger.warning("fleet task %s did not stop when cancelled; left behind", task)
+                return
+            task.cancel()
+            await asyncio.wait({task}, timeout=min(0.1, left))
 
     # --- factories -----------------------------------------------------------------------------
     def new_member_id(self) -> str:

@@ -58,7 +58,7 @@ _TICK = 0.25  # a leader looks for newly registered keys at least this often
 _RETRY = 0.5  # a member away from Redis tries it again this often
 _STATS_EVERY = 1.0
 _LESSONS_EVERY = 0.5  # lessons are sent and read this often
-_LESSONS_KEPT = 1_000  # unsent lessons kept while Redis is away (the oldest are dropped)
+_LESSONS_KEPT = 1_000  # unsent lessons kept while Redis is away (the newest)
 
 
 class FleetMember:
@@ -85,6 +85,7 @@ class FleetMember:
         self._hold = max(2.0, 2 * config.lease_seconds)
         self._owns_fleet = False
         self._healthy = True
+        self._broken = False  # a background task failed (a bug): local polling for good
         self._limiter: FleetLimiter | None = None
         self._poller: BatchPoller | None = None
         self._transport: Transport | None = None
@@ -166,15 +167,29 @@ class FleetMember:
 
     def _task_ended(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # A bug: fall back to local polling rather than leave keys unpolled.
-            logger.error("fleet task %s stopped: %r", task.get_name(), task.exception())
-            self._lost_redis("a fleet task stopped")
+        if task.cancelled() or task.exception() is None or self._broken:
+            return
+        # A bug. Rejoining would leave that task's work undone (reports unread, a shard
+        # unpolled while its lease is still renewed), so this member polls its own keys for
+        # good, and gives its leases up so another member polls the fleet's keys.
+        logger.error(
+            "fleet task %s stopped: %r; member %s polls its own keys from now on",
+            task.get_name(),
+            task.exception(),
+            self._member_id,
+        )
+        self._lost_redis("a fleet task stopped")
+        self._broken = True
+        self._spawn(self._resign(), "resign")
+
+    async def _resign(self) -> None:
+        for lease in self._leases:
+            await lease.aclose()  # idempotent; Redis away: the lease runs out by itself
 
     async def stop_polling(self) -> None:
         """Stop leading and reading reports (before the client's transport closes)."""
         tasks, self._tasks = self._tasks, set()
-        await _cancel(tasks)
+        await asyncio.gather(*(self._fleet.stop_task(task) for task in tasks))
         if self._poller is not None:
             self._poller.set_delegate(None)
             self._poller.share_lessons(None)
@@ -264,6 +279,12 @@ class FleetMember:
             self._changed.set()
         return self._hold
 
+    def moved(self, due_times: dict[str, float]) -> None:
+        """PollDelegate: keys due sooner (the learned window widened): register the new times."""
+        if self._healthy:
+            for key, due in due_times.items():
+                self._register(key, due)
+
     async def _write_registry(self) -> None:
         changed = self._changed
         assert changed is not None
@@ -334,19 +355,24 @@ class FleetMember:
         poller = self._poller
         assert poller is not None
         while True:
+            more = False
             if self._healthy:
                 outgoing = list(self._unsent_lessons)
                 self._unsent_lessons.clear()
                 try:
-                    learned = await self._lessons.exchange(outgoing)
+                    exchange = await self._lessons.exchange(outgoing)
                 except FleetUnavailableError as exc:
-                    self._unsent_lessons.extendleft(reversed(outgoing))  # sent when back
+                    # Sent when Redis is back; the newest are kept if there are too many.
+                    self._unsent_lessons.extend(outgoing[-_LESSONS_KEPT:])
                     self._lost_redis(str(exc))
                 else:
-                    if learned:
-                        poller.learn(learned)
-                        self._lessons_learned += len(learned)
-            await asyncio.sleep(_LESSONS_EVERY)
+                    more = exchange.more
+                    for lessons in exchange.entries:
+                        poller.learn(lessons)
+                        self._lessons_learned += len(lessons)
+                        await asyncio.sleep(0)  # a long backlog does not hold up the loop
+            if not more:
+                await asyncio.sleep(_LESSONS_EVERY)
 
     # --- leading a shard -----------------------------------------------------------------------
     async def _lead(self, lease: LeaderLease) -> None:
@@ -463,7 +489,7 @@ class FleetMember:
                 self._lost_redis("this member was declared dead; it polls its own keys")
                 continue
             try:
-                if not self._healthy:
+                if not self._healthy and not self._broken:
                     await self._rejoin()
                 await self._refresh_stats()
             except FleetUnavailableError as exc:
@@ -548,18 +574,6 @@ def _fill_horizon(policy: PollPolicy) -> float:
     ``batch_fill_horizon``: its few keys gain little from this, and each early ask costs one.
     """
     return max(policy.batch_fill_horizon, policy.min_interval)
-
-
-async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and wait for them, cancelling again any that swallowed the cancel.
-
-    A cancel that lands just as a redis-py command completes can be lost inside the client
-    library; cancelling again (briefly) makes sure nothing outlives the member.
-    """
-    while pending := {task for task in tasks if not task.done()}:
-        for task in pending:
-            task.cancel()
-        await asyncio.wait(pending, timeout=0.1)
 
 
 __all__ = ["FleetMember"]
