@@ -14,6 +14,8 @@ import pytest
 
 from wujie_async import InvalidRequestError, Limits, PollPolicy, WujieClient
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
+from wujie_async.fleet._member import _next_take_in
+from wujie_async.fleet._registry import DueBatch
 
 from .conftest import EmulatorFactory
 from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
@@ -77,6 +79,17 @@ async def test_the_leader_tops_a_call_up_with_keys_due_within_min_interval(
         await wait_for(lambda: emu.stats(timelines=False)["batch_calls"] >= 1, timeout=5.0)
         first_call = emu.stats(timelines=False)["batch_keys"][0]
         assert sorted(first_call) == sorted([first.key, second.key])
+
+
+def test_a_leader_lets_due_keys_gather_before_it_asks() -> None:
+    # Taking at the first due key fills each call with keys taken early, and each costs an
+    # ask its schedule did not need. The leader waits until the earliest has been due a fifth
+    # of min_interval, unless a full call's worth is due sooner; at least every tick.
+    gather = 0.1
+    assert _next_take_in(DueBatch([], 0.3, None), 0.25, gather) == 0.25  # the tick
+    assert _next_take_in(DueBatch([], 0.05, None), 0.25, gather) == pytest.approx(0.15)
+    assert _next_take_in(DueBatch([], 0.05, 0.08), 0.25, gather) == 0.08  # a full call
+    assert _next_take_in(DueBatch([], None, None), 0.25, gather) == 0.25  # nothing registered
 
 
 async def test_a_journal_path_and_a_fleet_are_refused(

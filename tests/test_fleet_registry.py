@@ -48,6 +48,22 @@ async def test_the_leader_takes_due_keys_of_every_member_and_holds_them(url: str
         assert ("LATER", "m3") in {(k.job_key, k.owner) for k in taken.keys}
 
 
+async def test_a_take_says_when_a_full_call_will_be_due(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name(), shards=1) as fleet:
+        registry = fleet.registry()
+        await registry.register("m", {f"K{i}": 1.0 + i * 0.1 for i in range(60)})
+        lease = fleet.lease(0, "leader")
+        await lease.try_acquire()
+        batch = await registry.take_due(0, lease.require(0.1), limit=50, hold=1.0)
+        assert batch.keys == []
+        assert batch.next_due_in is not None and 0.9 < batch.next_due_in <= 1.0
+        # The 50th key (K49) is due at 5.9 s: a full call's worth is due then.
+        assert batch.full_due_in is not None and 5.8 < batch.full_due_in <= 5.9
+        await registry.remove([f"K{i}" for i in range(20)])
+        batch = await registry.take_due(0, lease.require(0.1), limit=50, hold=1.0)
+        assert batch.full_due_in is None  # 40 keys left: never a full call
+
+
 async def test_a_key_in_flight_comes_back_when_the_leader_dies_mid_poll(url: str) -> None:
     async with RedisFleet(url, name=fleet_name(), lease_seconds=0.2) as fleet:
         registry = fleet.registry()

@@ -44,7 +44,7 @@ from .._schedule import Lesson
 from .._transport import Transport
 from ._errors import FleetUnavailableError, LeaseLostError
 from ._journal import RedisJournal
-from ._registry import DueKey
+from ._registry import DueBatch, DueKey
 from ._reports import Report
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wujie_async.fleet")
 
 _TICK = 0.25  # a leader looks for newly registered keys at least this often
+# A leader lets due keys gather this share of min_interval before it asks (see _next_take_in).
+_GATHER_SHARE = 0.2
 _RETRY = 0.5  # a member away from Redis tries it again this often
 _STATS_EVERY = 1.0
 _LESSONS_EVERY = 0.5  # lessons are sent and read this often
@@ -383,6 +385,7 @@ class FleetMember:
         limit = size * self._max_polls
         tick = min(_TICK, self._policy.min_interval / 2)
         fill_horizon = _fill_horizon(self._policy)
+        gather = self._policy.min_interval * _GATHER_SHARE
         try:
             while True:
                 await lease.leading.wait()
@@ -411,8 +414,7 @@ class FleetMember:
                     task.add_done_callback(lambda _: slots.release())
                 if len(batch.keys) >= limit:
                     continue  # more may be due at once
-                wait = tick if batch.next_due_in is None else min(tick, batch.next_due_in)
-                await asyncio.sleep(max(wait, 0.005))
+                await asyncio.sleep(max(_next_take_in(batch, tick, gather), 0.005))
         finally:
             for task in calls:
                 task.cancel()
@@ -563,6 +565,22 @@ class FleetMember:
             leader_keys=self._leader_keys,
             lessons_learned=self._lessons_learned,
         )
+
+
+def _next_take_in(batch: DueBatch, tick: float, gather: float) -> float:
+    """Seconds until a leader takes due keys again (after ``batch``).
+
+    When the earliest key has been due ``gather`` seconds, or when enough keys for a full
+    call are due, whichever comes first; at least every ``tick`` (new keys are registered
+    meanwhile). Taking at the first due key would fill each call with keys taken early, and
+    each key taken early is asked about once more than its schedule needs.
+    """
+    wait = tick
+    if batch.next_due_in is not None:
+        wait = min(wait, batch.next_due_in + gather)
+    if batch.full_due_in is not None:
+        wait = min(wait, batch.full_due_in)
+    return wait
 
 
 def _fill_horizon(policy: PollPolicy) -> float:

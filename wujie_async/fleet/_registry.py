@@ -57,7 +57,8 @@ return #ARGV
 # KEYS: lease, due, owners. ARGV: fence, limit, hold_ms, fill_ms, call_size.
 # Takes the due keys (at most limit), then tops the last call up to call_size with keys due
 # within fill_ms (fuller calls, not more of them: the local poller's rule, fleet-wide).
-# Reply: {0} when the fence is stale, else {1, next_due_in_ms or -1, key1, owner1, ...}.
+# Reply: {0} when the fence is stale, else {1, next_due_in_ms or -1, full_due_in_ms or -1,
+# key1, owner1, ...}: full_due_in is when call_size keys will be due (-1: fewer registered).
 _TAKE_DUE = (
     _NOW_MS
     + """
@@ -70,7 +71,7 @@ if #keys > 0 and room > 0 and tonumber(ARGV[4]) > 0 then
                           'LIMIT', 0, room)
   for _, key in ipairs(more) do keys[#keys + 1] = key end
 end
-local reply = {1, -1}
+local reply = {1, -1, -1}
 for _, key in ipairs(keys) do
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), key)
   reply[#reply + 1] = key
@@ -78,6 +79,8 @@ for _, key in ipairs(keys) do
 end
 local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #first > 0 then reply[2] = math.max(0, tonumber(first[2]) - now) end
+local full = redis.call('ZRANGE', KEYS[2], size - 1, size - 1, 'WITHSCORES')
+if #full > 0 then reply[3] = math.max(0, tonumber(full[2]) - now) end
 return reply
 """
 )
@@ -126,10 +129,13 @@ class DueBatch:
     Attributes:
         keys: the due keys, at most ``limit``.
         next_due_in: seconds until the next key of the shard is due (None: the shard is empty).
+        full_due_in: seconds until ``call_size`` keys of the shard are due, enough for a full
+            call (None: fewer are registered).
     """
 
     keys: list[DueKey]
     next_due_in: float | None
+    full_due_in: float | None = None
 
 
 class KeyRegistry:
@@ -202,10 +208,14 @@ class KeyRegistry:
         )
         if int(reply[0]) == 0:
             raise LeaseLostError(f"shard {shard}: fence {fence!r} is stale", shard=shard)
-        next_due = int(reply[1])
-        flat = reply[2:]
+        next_due, full_due = int(reply[1]), int(reply[2])
+        flat = reply[3:]
         taken = [DueKey(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-        return DueBatch(taken, None if next_due < 0 else next_due / 1000)
+        return DueBatch(
+            taken,
+            None if next_due < 0 else next_due / 1000,
+            None if full_due < 0 else full_due / 1000,
+        )
 
     async def reschedule(self, shard: int, fence: str, due_in: Mapping[str, float]) -> int:
         """As the shard's leader, set the next due time of keys still registered.
