@@ -12,15 +12,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from wujie_async import PollPolicy
+from wujie_async import Limits, PollPolicy
+from wujie_async._jobs import ImageJob
+from wujie_async._poller import BatchPoller
 from wujie_async._schedule import KeyTiming, Lesson, PollSchedule
-from wujie_async.fleet import RedisFleet
+from wujie_async.fleet import FleetUnavailableError, RedisFleet
 from wujie_async.fleet._lessons import Exchange
 
 from .conftest import EmulatorFactory
-from .fleet_support import any_redis, fleet_name, member
+from .fleet_support import any_redis, fleet_name, member, own_redis
+from .test_transport import open_transport
 
 pytestmark = pytest.mark.anyio
 
@@ -177,6 +181,15 @@ async def test_a_lessons_key_of_the_wrong_type_is_not_taken_for_redis_away(
         assert caplog.text.count("unusable") == 1
 
 
+async def test_a_write_redis_refuses_is_redis_failing_not_a_wrong_type(tmp_path: Path) -> None:
+    # Out of memory (or read-only after a failover) is Redis failing: the member keeps its
+    # lessons to send again, rather than dropping them as for a key of the wrong type.
+    async with own_redis(tmp_path) as server, RedisFleet(server.url, name=fleet_name()) as fleet:
+        await fleet.call(lambda r: r.config_set("maxmemory", "1"))  # every write: OOM
+        with pytest.raises(FleetUnavailableError):
+            await fleet.lessons("m").exchange([Lesson("m", span=3.0)])
+
+
 async def due_in(observer: RedisFleet, key: str) -> float | None:
     """Seconds until the fleet's registry says ``key`` is due (None: not registered)."""
     zset = observer.keys.due(observer.registry().shard_of(key))
@@ -238,3 +251,58 @@ async def test_members_learn_from_each_others_jobs(url: str, emulator: EmulatorF
             while late.stats.fleet_lessons_learned < 10:
                 assert time.monotonic() < deadline, late.stats
                 await asyncio.sleep(0.05)
+
+
+class RecordingDelegate:
+    """A PollDelegate that asks for every key it is given (reports are fed by the test)."""
+
+    def __init__(self) -> None:
+        self.taken: list[str] = []
+        self.moved_keys: dict[str, float] = {}
+        self.took = anyio.Event()
+
+    def take(self, keys: list[str]) -> float | None:
+        self.taken += keys
+        self.took.set()
+        return 30.0  # held: a report reschedules them
+
+    def moved(self, due_times: dict[str, float]) -> None:
+        self.moved_keys.update(due_times)
+
+
+def running(key: str, expected_seconds: float) -> list[Any]:
+    return [{"key": key, "status": 1, "expected_seconds": expected_seconds}]
+
+
+async def test_a_widened_window_moves_only_keys_waiting_for_it(emulator: EmulatorFactory) -> None:
+    # Three keys when other members' lessons widen the window: WAITING waits for its window
+    # (it moves, and the delegate is told); DENSE is asked every min_interval already (asking
+    # it again at once would be an ask for nothing); HELD is with the delegate, whose report
+    # will reschedule it (moving it would have the leader ask it twice).
+    loop = asyncio.get_running_loop()
+    policy = PollPolicy(min_interval=0.5)
+    async with emulator() as emu, open_transport(emu.base_url, emu.credentials) as transport:
+        poller = BatchPoller(transport, policy, Limits())
+        delegate = RecordingDelegate()
+        poller.set_delegate(delegate)
+        for key in ("WAITING", "DENSE", "HELD"):
+            job = ImageJob(key, loop=loop, deadline=loop.time() + 600, request={"model": "m"})
+            poller.track(job, first_delay=30.0)
+        poller.apply_report("WAITING", running("WAITING", 20.0))  # the first report: a check
+        poller.apply_report("WAITING", running("WAITING", 19.9))  # counts down: wait for it
+        poller.apply_report("DENSE", running("DENSE", 0.1))  # in its window: asked densely
+        poller.apply_report("HELD", running("HELD", 20.0))
+        poller.poll_soon()  # everything due now...
+        poller.apply_report("WAITING", running("WAITING", 19.9))
+        poller.apply_report("DENSE", running("DENSE", 0.1))
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(poller.run)
+            with anyio.fail_after(5):
+                await delegate.took.wait()  # ...HELD goes to the delegate
+            tasks.cancel_scope.cancel()
+        assert "HELD" in delegate.taken
+        waiting_due = poller.next_due("WAITING")
+        assert waiting_due is not None and waiting_due > loop.time() + 10
+        poller.learn([Lesson("m", duration=5.0, error=-0.8)] * 10)
+        assert set(delegate.moved_keys) == {"WAITING"}
+        assert delegate.moved_keys["WAITING"] < waiting_due - 10

@@ -110,6 +110,8 @@ class _Tracked(KeyTiming):
     due: float = math.inf
     # When the gateway last listed the key (None: not yet); absence is measured from here.
     last_seen: float | None = None
+    # Handed to the delegate (a fleet's leader asks about it); its report reschedules it.
+    delegated: bool = False
 
 
 class _DeadlineWatch:
@@ -270,8 +272,11 @@ class BatchPoller:
                     if backstop is not None:
                         # Another member asks for these; its reports come through apply_report.
                         for tracked in batch:
+                            tracked.delegated = True
                             self._schedule(tracked, now + backstop)
                         continue
+                for tracked in batch:
+                    tracked.delegated = False
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
@@ -402,6 +407,7 @@ class BatchPoller:
         tracked = self._jobs.get(key)
         if tracked is None or tracked.due == math.inf:
             return None
+        tracked.delegated = False
         self.counters.reports_applied += 1
         if too_large:
             self._end_too_large(tracked.job)
@@ -447,6 +453,7 @@ class BatchPoller:
         """Make every tracked key not on the wire due now (the delegate went away)."""
         now = asyncio.get_running_loop().time()
         for tracked in self._jobs.values():
+            tracked.delegated = False
             if tracked.due != math.inf and tracked.due > now:
                 self._schedule(tracked, now)
         self._wakeup.set()
@@ -465,13 +472,17 @@ class BatchPoller:
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
         watch_start = self._schedule_of.watch_starts()
+        gap = self._policy.min_interval
         moved: dict[str, float] = {}
         for tracked in self._jobs.values():
-            if tracked.due == math.inf:
-                continue  # in a call on the wire: its reply reschedules it
-            opens = watch_start(tracked)
-            if opens < tracked.due:
-                self._schedule(tracked, max(now, opens))
+            if tracked.due == math.inf or tracked.delegated:
+                continue  # in a call on the wire, or the delegate's: a report reschedules it
+            # Never sooner than min_interval after the last ask: a key asked densely already
+            # is not asked again at once.
+            last = tracked.last_ask
+            when = max(now, watch_start(tracked), -math.inf if last is None else last + gap)
+            if when < tracked.due:
+                self._schedule(tracked, when)
                 moved[tracked.job.key] = tracked.due
         if moved and self._delegate is not None:
             self._delegate.moved(moved)

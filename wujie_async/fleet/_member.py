@@ -88,6 +88,7 @@ class FleetMember:
         self._owns_fleet = False
         self._healthy = True
         self._broken = False  # a background task failed (a bug): local polling for good
+        self._resigning: asyncio.Task[None] | None = None
         self._limiter: FleetLimiter | None = None
         self._poller: BatchPoller | None = None
         self._transport: Transport | None = None
@@ -182,11 +183,21 @@ class FleetMember:
         )
         self._lost_redis("a fleet task stopped")
         self._broken = True
-        self._spawn(self._resign(), "resign")
+        # Not one of self._tasks: stop_polling must not cancel it half-way (a lease left
+        # held, or a key left registered); aclose() waits for it.
+        self._resigning = asyncio.create_task(self._resign(), name="wujie fleet resign")
 
     async def _resign(self) -> None:
+        """Give up every lease, and take this member's keys out of the registry (it polls
+        them itself now: a leader asking too would ask twice)."""
         for lease in self._leases:
             await lease.aclose()  # idempotent; Redis away: the lease runs out by itself
+        with contextlib.suppress(FleetUnavailableError):
+            for shard in range(self._fleet.config.shards):
+                owners = await self._registry.owners(shard)
+                await self._registry.remove(
+                    [key for key, owner in owners.items() if owner == self._member_id]
+                )
 
     async def stop_polling(self) -> None:
         """Stop leading and reading reports (before the client's transport closes)."""
@@ -201,6 +212,13 @@ class FleetMember:
     async def aclose(self) -> None:
         """Release leases, leave (this member's open jobs are claimable at once), disconnect."""
         await self.stop_polling()
+        if self._resigning is not None:
+            # Let it finish (each of its Redis calls has a deadline), then make sure it has.
+            calls = 2 + 2 * self._fleet.config.shards
+            await asyncio.wait(
+                {self._resigning}, timeout=calls * self._fleet.config.command_timeout
+            )
+            await self._fleet.stop_task(self._resigning)
         try:
             for lease in self._leases:
                 await lease.aclose()
@@ -386,6 +404,7 @@ class FleetMember:
         tick = min(_TICK, self._policy.min_interval / 2)
         fill_horizon = _fill_horizon(self._policy)
         gather = self._policy.min_interval * _GATHER_SHARE
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 await lease.leading.wait()
@@ -406,6 +425,8 @@ class FleetMember:
                     self._lost_redis(str(exc))
                     await asyncio.sleep(_RETRY)
                     continue
+                # Measured from the take: waiting for a call slot below does not add to it.
+                wake_at = loop.time() + _next_take_in(batch, tick, gather)
                 for start in range(0, len(batch.keys), size):
                     await slots.acquire()
                     task = asyncio.create_task(self._ask(lease, batch.keys[start : start + size]))
@@ -414,7 +435,7 @@ class FleetMember:
                     task.add_done_callback(lambda _: slots.release())
                 if len(batch.keys) >= limit:
                     continue  # more may be due at once
-                await asyncio.sleep(max(_next_take_in(batch, tick, gather), 0.005))
+                await asyncio.sleep(max(wake_at - loop.time(), 0.005))
         finally:
             for task in calls:
                 task.cancel()
