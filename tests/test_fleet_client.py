@@ -92,6 +92,30 @@ def test_a_leader_lets_due_keys_gather_before_it_asks() -> None:
     assert _next_take_in(DueBatch([], None, None), 0.25, gather) == 0.25  # nothing registered
 
 
+@pytest.mark.parametrize("garbled", ["counters", "type"])
+async def test_garbled_fleet_figures_are_not_taken_for_redis_away(
+    url: str, emulator: EmulatorFactory, garbled: str
+) -> None:
+    # The fleet's stats hash is another process's writes. Counters that are not numbers, or
+    # a key of another type, must not crash the member's watch task or read as Redis away
+    # (which would send every member to local polling, again and again).
+    name = fleet_name()
+    async with emulator() as emu, RedisFleet(url, name=name) as observer:
+        stats = observer.keys.stats
+        if garbled == "counters":
+            await observer.call(lambda r: r.hset(stats, "batch_calls", "lots"))
+            await observer.call(lambda r: r.hset(stats, "keys_polled", "\u00b2"))
+        else:
+            await observer.call(lambda r: r.set(stats, "not a hash"))
+        async with member(emu, url, name) as only:
+            await wait_for(lambda: only.stats.fleet_role == "leader")
+            job = await only.images.submit(prompt="p", model="dall-e-2")
+            await job
+            await asyncio.sleep(1.5)  # a figures refresh (about every second) came and went
+            assert only.stats.fleet_role == "leader"
+            assert only.stats.fleet_batch_calls == 0
+
+
 async def test_a_journal_path_and_a_fleet_are_refused(
     url: str, tmp_path: Path, emulator: EmulatorFactory
 ) -> None:

@@ -28,7 +28,7 @@ from ._keys import FleetKeys, name_problem
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisClusterException, RedisError
+    from redis.exceptions import RedisClusterException, RedisError, ResponseError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("wujie_async.fleet needs redis-py: pip install 'wujie-async[fleet]'") from exc
 
@@ -43,6 +43,29 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wujie_async.fleet")
 T = TypeVar("T")
+
+
+def refused_for_its_data(item: object) -> bool:
+    """True for a command's error that says the key's data is not what the fleet wrote (the
+    wrong type, or a counter that is not an integer): Redis works, that key does not. Any
+    other error is Redis failing.
+
+    redis-py prefixes a pipeline command's error with the command; the code stays inside.
+    """
+    text = str(item) if isinstance(item, ResponseError) else ""
+    return "WRONGTYPE" in text or "not an integer" in text
+
+
+def raise_failures(results: list[Any]) -> None:
+    """Raise the first error in a pipeline's ``raise_on_error=False`` results that is Redis
+    failing (``call`` turns it into FleetUnavailableError); leave data refusals in place."""
+    for item in results:
+        if isinstance(item, BaseException) and not refused_for_its_data(item):
+            if isinstance(item, RedisError):
+                raise item
+            raise RedisError(type(item).__name__)
+
+
 _SCHEMES = ("redis", "rediss", "unix")
 
 

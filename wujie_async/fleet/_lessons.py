@@ -21,9 +21,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError, ResponseError
-
 from .._schedule import ERROR_BOUNDS, Lesson
+from ._fleet import raise_failures, refused_for_its_data
 
 if TYPE_CHECKING:
     from ._fleet import RedisFleet
@@ -100,19 +99,13 @@ class SharedLessons:
                     fields = {"m": member, "l": payload}
                     pipe.xadd(stream, fields, maxlen=_STREAM_CAP, approximate=True)
                 # A command refused comes back as its error: WRONGTYPE (the key holds another
-                # type) is read as "no lessons"; any other error is Redis failing, raised.
+                # type) is read as "no lessons"; any other error is Redis failing.
                 result: list[Any] = await pipe.execute(raise_on_error=False)
-            refused = [item for item in result if _wrong_type(item)]
-            for item in result:
-                if isinstance(item, BaseException) and not _wrong_type(item):
-                    # Redis failing (fleet.call says so): the member keeps its lessons.
-                    if isinstance(item, RedisError):
-                        raise item
-                    raise RedisError(type(item).__name__)
-            return refused or result
+            raise_failures(result)  # Redis failing: the member keeps its lessons
+            return result
 
         reply = await self._fleet.call(send)
-        refused = [item for item in reply if _wrong_type(item)]
+        refused = [item for item in reply if refused_for_its_data(item)]
         if refused:
             if not self._warned:
                 self._warned = True
@@ -137,11 +130,6 @@ class SharedLessons:
         if self._last_id is None:
             self._last_id = "0-0"  # an empty stream: read it from its start (ours are skipped)
         return Exchange(learned, more=last is not None and len(read) >= _READ_COUNT)
-
-
-def _wrong_type(item: object) -> bool:
-    # redis-py prefixes a pipeline command's error with the command; the code stays inside.
-    return isinstance(item, ResponseError) and "WRONGTYPE" in str(item)
 
 
 def _encode(lesson: Lesson) -> list[Any]:

@@ -43,6 +43,7 @@ from .._poller import BatchPoller, raw_entries_by_key
 from .._schedule import Lesson
 from .._transport import Transport
 from ._errors import FleetUnavailableError, LeaseLostError
+from ._fleet import raise_failures
 from ._journal import RedisJournal
 from ._registry import DueBatch, DueKey
 from ._reports import Report
@@ -545,7 +546,9 @@ class FleetMember:
                     pipe.hincrby(key, "batch_calls", calls)
                     pipe.hincrby(key, "keys_polled", keys)
                 pipe.hgetall(key)
-                return await pipe.execute()
+                result = await pipe.execute(raise_on_error=False)
+            raise_failures(result)
+            return result
 
         try:
             reply = await self._fleet.call(exchange)
@@ -553,9 +556,11 @@ class FleetMember:
             self._unflushed_calls += calls
             self._unflushed_keys += keys
             raise
-        figures = reply[-1]
-        self._fleet_calls = int(figures.get("batch_calls", 0))
-        self._fleet_keys = int(figures.get("keys_polled", 0))
+        # Another process's writes: a counter that is not a number reads as 0 (the figures
+        # are for show; polling does not depend on them).
+        figures = reply[-1] if isinstance(reply[-1], dict) else {}
+        self._fleet_calls = _counter(figures.get("batch_calls"))
+        self._fleet_keys = _counter(figures.get("keys_polled"))
         self._size = max(1, len(await self._membership.live_members()))
 
     # --- takeover and stats --------------------------------------------------------------------
@@ -586,6 +591,12 @@ class FleetMember:
             leader_keys=self._leader_keys,
             lessons_learned=self._lessons_learned,
         )
+
+
+def _counter(raw: object) -> int:
+    """A counter read back from Redis: a non-negative integer, else 0."""
+    text = raw if isinstance(raw, str) else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0
 
 
 def _next_take_in(batch: DueBatch, tick: float, gather: float) -> float:
