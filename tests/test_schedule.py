@@ -33,6 +33,10 @@ def absent(end: float, now: float) -> float | None:
     return None
 
 
+def told_20s(end: float, now: float) -> float | None:
+    return 20.0 - now  # a typical figure: every job is told it lasts 20 s
+
+
 def follow(schedule: PollSchedule, end: float, estimate: Estimate) -> tuple[int, float]:
     """Ask about one job created at 0 that ends at ``end``; (asks, lateness of the last ask)."""
     timing = KeyTiming(created_at=0.0, model="m")
@@ -73,10 +77,7 @@ def test_a_typical_figure_estimate_is_closed_in_on_in_steps() -> None:
         timing = KeyTiming(created_at=0.0, model="m")
         schedule.report(timing, 1.0, expected_seconds=19.0)
 
-    def typical(end: float, now: float) -> float | None:
-        return 20.0 - now
-
-    asks, late = follow(schedule, 12.0, typical)
+    asks, late = follow(schedule, 12.0, told_20s)
     assert late < 3.0, (asks, late)
 
 
@@ -88,10 +89,7 @@ def test_two_jobs_told_the_same_figure_are_enough_to_close_in_in_steps() -> None
     other = KeyTiming(created_at=0.0, model="m")
     schedule.report(other, 1.0, expected_seconds=19.0)
 
-    def typical(end: float, now: float) -> float | None:
-        return 20.0 - now
-
-    asks, late = follow(schedule, 11.0, typical)
+    asks, late = follow(schedule, 11.0, told_20s)
     assert late < 3.0, (asks, late)
 
 
