@@ -81,25 +81,25 @@ def test_a_typical_figure_estimate_is_closed_in_on_in_steps() -> None:
     assert late < 3.0, (asks, late)
 
 
+def after_one_other_job(*, told: float) -> PollSchedule:
+    """A schedule that has seen one other job's first report: ``told`` seconds left at 1 s."""
+    schedule = PollSchedule(POLICY)
+    schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=told)
+    return schedule
+
+
 def test_two_jobs_told_the_same_figure_are_enough_to_close_in_in_steps() -> None:
     # A fleet member learns from its own trickle of jobs: it must not wait for eight of them
     # before it distrusts a figure every job gets. Here one other job was told the same 20 s;
     # this one ends at 11 s. Trusting the figure after the check would see it 9 s late.
-    schedule = PollSchedule(POLICY)
-    other = KeyTiming(created_at=0.0, model="m")
-    schedule.report(other, 1.0, expected_seconds=19.0)
-
-    asks, late = follow(schedule, 11.0, told_20s)
+    asks, late = follow(after_one_other_job(told=19.0), 11.0, told_20s)
     assert late < 3.0, (asks, late)
 
 
 def test_estimates_that_differ_are_trusted_from_the_second_job() -> None:
     # One other job was told a different figure: these are per-job estimates, so a right one
     # still costs three asks (no steps).
-    schedule = PollSchedule(POLICY)
-    other = KeyTiming(created_at=0.0, model="m")
-    schedule.report(other, 1.0, expected_seconds=9.0)
-    asks, late = follow(schedule, 20.0, exact)
+    asks, late = follow(after_one_other_job(told=9.0), 20.0, exact)
     assert asks <= 3, asks
     assert late <= POLICY.min_interval
 
