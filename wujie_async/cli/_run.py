@@ -25,8 +25,9 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
+from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
 from ._bulk import BulkResult, BulkRun, Row
-from ._cli_common import (
+from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -35,8 +36,8 @@ from ._cli_common import (
     downloader,
     open_client,
 )
-from ._cli_input import BulkItem
-from ._cli_outcome import (
+from ._input import BulkItem
+from ._outcome import (
     LineOutcome,
     Manifest,
     Status,
@@ -46,12 +47,7 @@ from ._cli_outcome import (
     read_manifest,
     saved_indexes,
 )
-from ._cli_progress import Display, Mode, Tally
-from ._client import WujieClient
-from ._config import Limits
-from ._errors import InvalidRequestError
-from ._jobs import ImageJob
-from ._journal import JournalEntry
+from ._progress import Display, Mode, Tally
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")

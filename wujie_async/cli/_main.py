@@ -19,8 +19,10 @@ from typing import Any
 
 from rich.console import Console
 
-from . import _cli_journal, emulator
-from ._cli_common import (
+from .. import InvalidRequestError, WujieError, emulator
+from .._download import DEFAULT_NAME
+from . import _journal_commands
+from ._common import (
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -28,13 +30,11 @@ from ._cli_common import (
     UsageError,
     check_name_template,
 )
-from ._cli_input import FORMATS, BulkItem, InputFileError, read_requests
-from ._cli_jobs import build_request, show_status, submit_no_wait
-from ._cli_outcome import clean
-from ._cli_progress import PLAIN_INTERVAL_S, Mode
-from ._cli_run import Session, check_out_folder
-from ._download import DEFAULT_NAME
-from ._errors import InvalidRequestError, WujieError
+from ._input import FORMATS, BulkItem, InputFileError, read_requests
+from ._outcome import clean
+from ._progress import PLAIN_INTERVAL_S, Mode
+from ._run import Session, check_out_folder
+from ._single import build_request, show_status, submit_no_wait
 
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
 DEMO_TIME_SCALE = 0.15
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_arguments(resume)
     _add_connection_arguments(resume)
 
-    _cli_journal.add_parser(commands, _add_common_arguments, _add_connection_arguments)
+    _journal_commands.add_parser(commands, _add_common_arguments, _add_connection_arguments)
 
     emulator_parser = commands.add_parser("emulator", help="serve the gateway emulator")
     emulator.add_arguments(emulator_parser)
@@ -306,7 +306,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "journal":
-        return _run_loop(_cli_journal.run(args, console))
+        return _run_loop(_journal_commands.run(args, console))
     _check_numbers(args)
     items: list[BulkItem] = []
     rows_without_id: list[int] = []

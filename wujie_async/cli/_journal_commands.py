@@ -17,15 +17,14 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
+from .. import JournalEntry, JournalFile, Limits
+from .._journal import ALL_STATES
+from .._models import GenerationRequest
 from ._bulk import BulkRun, Row
-from ._cli_common import EXIT_OK, UsageError, downloader, open_client
-from ._cli_outcome import Manifest, clean, read_manifest, saved_indexes
-from ._cli_progress import Display, Tally
-from ._cli_run import check_out_folder, line_of, readable_error
-from ._config import Limits
-from ._journal import ALL_STATES, JournalEntry
-from ._journal_file import JournalFile
-from ._models import GenerationRequest
+from ._common import EXIT_OK, UsageError, downloader, open_client
+from ._outcome import Manifest, clean, read_manifest, saved_indexes
+from ._progress import Display, Tally
+from ._run import check_out_folder, line_of, readable_error
 
 _STATES = (*ALL_STATES, "unsent")
 

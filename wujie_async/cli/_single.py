@@ -14,14 +14,11 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from ._cli_common import EXIT_FAILED, EXIT_OK, UsageError, open_client
-from ._cli_outcome import clean
-from ._client import WujieClient
-from ._config import Limits
-from ._download import sniff_format
-from ._errors import InvalidRequestError
-from ._jobs import ImageJob
-from ._models import EditRequest, GenerationRequest
+from .. import ImageJob, InvalidRequestError, Limits, WujieClient
+from .._download import sniff_format
+from .._models import EditRequest, GenerationRequest
+from ._common import EXIT_FAILED, EXIT_OK, UsageError, open_client
+from ._outcome import clean
 
 # Larger files than this are not read: no model takes an image this big (gpt-image-1: 25 MB).
 MAX_IMAGE_FILE_BYTES: Final = 50 * 1024 * 1024

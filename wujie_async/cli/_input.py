@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._errors import InvalidRequestError
-from ._models import EditRequest, GenerationRequest
+from .. import InvalidRequestError
+from .._models import EditRequest, GenerationRequest
 
 MAX_REPORTED_PROBLEMS = 20
 FORMATS = {

@@ -18,9 +18,10 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from ._cli_input import BulkItem
-from ._cli_jobs import submit
-from ._cli_outcome import (
+from .. import ImageJob, JobError, ProtocolError, WujieClient
+from .._download import Downloader
+from ._input import BulkItem
+from ._outcome import (
     LineOutcome,
     Manifest,
     Status,
@@ -29,11 +30,8 @@ from ._cli_outcome import (
     clean,
     is_systemic,
 )
-from ._cli_progress import Display
-from ._client import WujieClient
-from ._download import Downloader
-from ._errors import JobError, ProtocolError
-from ._jobs import ImageJob
+from ._progress import Display
+from ._single import submit
 
 
 @dataclass(frozen=True, slots=True)

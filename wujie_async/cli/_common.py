@@ -9,13 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Final
 
-from ._auth import Credentials
-from ._client import WujieClient
-from ._config import Limits, PollPolicy
-from ._download import DEFAULT_NAME, Downloader
-from ._env import Environment
-from ._errors import InvalidRequestError
-from .emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
+from .. import Credentials, InvalidRequestError, Limits, PollPolicy, WujieClient
+from .._download import DEFAULT_NAME, Downloader
+from .._env import Environment
+from ..emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # some lines ended failed/moderated/rejected/uncertain

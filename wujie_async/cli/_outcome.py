@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
 
-from ._errors import (
+from .. import (
     APIError,
     AuthenticationError,
     EndpointNotFoundError,

@@ -1,0 +1,22 @@
+"""``wujie-async``, the command line: one job (``generate``/``edit``/``status``), the bulk job
+(``bulk``/``resume``), its journal (``journal list|resend|forget``) and the emulator.
+
+A world of its own on top of the library: it uses the library's public names, plus these
+documented internal seams, each for one reason:
+
+* ``wujie_async._download`` (``Downloader``, ``DEFAULT_NAME``, ``sniff_format``): the one
+  downloader, shared with ``ImageJob.save``;
+* ``wujie_async._models`` (``GenerationRequest``, ``EditRequest``): every input row is checked
+  against the per-model rules before anything is sent;
+* ``wujie_async._env`` (``Environment``): the environment is read in one place;
+* ``wujie_async._journal`` (``ALL_STATES``): the row states ``journal list`` filters on.
+
+Modules: ``_main`` (the parser and dispatch), ``_common`` (exit codes, opening a client),
+``_input`` (reading bulk input files), ``_single`` (one job at a time), ``_run`` (what ``bulk``,
+``resume`` and ``status`` do), ``_bulk`` (the bulk job itself), ``_outcome`` (how each line
+ended, the manifest), ``_progress`` (the progress display), ``_journal_commands``.
+"""
+
+from ._main import build_parser, main
+
+__all__ = ["build_parser", "main"]
