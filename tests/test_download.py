@@ -21,7 +21,9 @@ from wujie_async import (
     RetryPolicy,
     TransportError,
 )
-from wujie_async._download import Downloader, address_allowed, check_url, render_name
+from wujie_async._addresses import address_allowed, check_url
+from wujie_async._download import Downloader
+from wujie_async._file_names import render_name
 from wujie_async.emulator._png import render_png
 
 from .helpers import png_size

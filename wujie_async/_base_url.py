@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from urllib.parse import urlsplit
 
 from . import _contract
+from ._addresses import is_loopback
 from ._errors import InvalidRequestError
 
 logger = logging.getLogger("wujie_async")
@@ -42,7 +42,7 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
                 )
             ]
         )
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback(host):
         if not allow_insecure_http:
             raise InvalidRequestError(
                 [
@@ -60,12 +60,3 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
             host,
         )
     return base_url.rstrip("/")
-
-
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere

@@ -1,18 +1,12 @@
 """Saving images to disk: bounded, streamed, checked, retried, never half-written.
 
 The downloader owns its own HTTP session and timeouts (image downloads never take a connection
-or a slot from the API's pool). Where it may connect is checked on every hop: the scheme
-(https, or plain http to loopback only), a literal address in the URL, and every address a
-host name resolves to (checked by the session's resolver just before connecting, so a name
-that re-resolves to a private address is refused too). Link-local (cloud metadata), private,
-multicast, unspecified and reserved addresses are refused unless ``allow_private``. Redirects
-are followed by hand, at most ``max_redirects`` of them, each one checked again.
-
-File names come from a template over the job key, image index, extension, the user's row id
-and input line, never from prompts or URLs; the bytes must carry a PNG/JPEG/WEBP signature;
-a file appears under its final name only once complete: written under a temporary name in the
-same folder with the user's umask, fsynced, then renamed. Writes and fsyncs run on worker
-threads, never on the event loop.
+or a slot from the API's pool). Where it may connect is ``_addresses``'s rule, checked on every
+hop; redirects are followed by hand, at most ``max_redirects`` of them, each one checked again.
+File names come from ``_file_names``. The bytes must carry a PNG/JPEG/WEBP signature; a file
+appears under its final name only once complete: written under a temporary name in the same
+folder with the user's umask, fsynced, then renamed. Writes and fsyncs run on worker threads,
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -21,27 +15,21 @@ import base64
 import binascii
 import contextlib
 import hashlib
-import ipaddress
 import logging
 import os
-import re
 import secrets
-import socket
-import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
-from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
 import backoff
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from ._addresses import CheckingResolver, ForbiddenAddressError, check_url, refused_address
 from ._config import RetryPolicy
 from ._errors import (
     ClientStateError,
@@ -50,6 +38,7 @@ from ._errors import (
     TransportError,
     WujieError,
 )
+from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
 
 logger = logging.getLogger("wujie_async.download")
 
@@ -57,17 +46,8 @@ _SIGNATURES = {
     b"\x89PNG\r\n\x1a\n": "png",
     b"\xff\xd8\xff": "jpg",
 }
-_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: no trailing newline slips by
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_NAME_FIELDS = frozenset({"key", "index", "ext", "id", "line"})
-_JOB_FIELDS = frozenset({"key", "id", "line"})  # a name must tell jobs apart
-# Path separators, C0 and C1 control characters and DEL never reach a file name.
-_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
-_MAX_NAME_BYTES = 255
 _CHUNK = 256 * 1024
-DEFAULT_NAME = "{key}-{index}.{ext}"
-
-AddressCheck = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,114 +69,6 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def address_allowed(address: str, *, allow_private: bool = False) -> bool:
-    """May we connect to this IP address? Loopback and public addresses only, by default.
-
-    Refused unless ``allow_private``: link-local (169.254/16 with the cloud metadata service,
-    fe80::/10), private (10/8, 172.16/12, 192.168/16, fc00::/7), shared (100.64/10),
-    multicast, unspecified and reserved addresses, IPv4-mapped IPv6 forms included.
-    """
-    if allow_private:
-        return True
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return True
-    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
-
-
-def check_url(url: str, *, allow_http: bool, allow_private: bool = False) -> None:
-    """Refuse URLs we will not fetch.
-
-    Raises:
-        InvalidRequestError: not http(s); plain http to a non-loopback host without
-            ``allow_http``; or a literal address that ``address_allowed`` refuses.
-    """
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        _ = parts.port  # a malformed port raises here, not later
-    except ValueError:
-        raise InvalidRequestError([("url", "not a valid URL")]) from None
-    if not (
-        parts.scheme == "https" or (parts.scheme == "http" and (allow_http or is_loopback(host)))
-    ):
-        raise InvalidRequestError(
-            [
-                (
-                    "url",
-                    f"refusing to download {parts.scheme}://{host}: https only "
-                    "(plain http is allowed for loopback, or with allow_http)",
-                )
-            ]
-        )
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return  # a name: the session's resolver checks its addresses when connecting
-    if not address_allowed(host, allow_private=allow_private):
-        raise _refused_address(host, host)
-
-
-def _refused_address(host: str, address: str) -> InvalidRequestError:
-    return InvalidRequestError(
-        [
-            (
-                "url",
-                f"refusing to download from {host} ({address}): a link-local, private, "
-                "multicast or reserved address (allow_private permits it)",
-            )
-        ]
-    )
-
-
-class _ForbiddenAddressError(OSError):
-    """Raised by the resolver; aiohttp wraps it in ClientConnectorError, we unwrap it."""
-
-    def __init__(self, host: str, address: str) -> None:
-        super().__init__(f"{host} resolves to a refused address {address}")
-        self.host = host
-        self.address = address
-
-
-class _CheckingResolver(AbstractResolver):
-    """Resolves as usual, then refuses the whole name if any address it gives is refused.
-
-    aiohttp connects to what the resolver returns, so checking here (not before the request)
-    also catches a name that resolves to a public address once and to a private one later.
-    """
-
-    def __init__(self, *, allow_private: bool) -> None:
-        self._inner = DefaultResolver()
-        self._allow_private = allow_private
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        for result in results:
-            if not address_allowed(result["host"], allow_private=self._allow_private):
-                raise _ForbiddenAddressError(host, result["host"])
-        return results
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class _RetryableError(Exception):
     """A transient download failure; ``error`` is raised if retries run out."""
 
@@ -205,79 +77,11 @@ class _RetryableError(Exception):
         self.error = error
 
 
-def _check_template(template: str) -> None:
-    problems: list[str] = []
-    used: set[str] = set()
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise InvalidRequestError([("name", f"not a valid template: {exc}")]) from None
-    for literal, field, _spec, conversion in parsed:
-        if _UNSAFE_NAME.search(literal):
-            problems.append("no path separators or control characters outside the fields")
-        if field is None:
-            continue
-        if field not in _NAME_FIELDS:
-            problems.append(f"unknown field {{{field}}}; fields: {', '.join(sorted(_NAME_FIELDS))}")
-        if conversion:
-            problems.append(f"no conversions (!{conversion})")
-        used.add(field)
-    if template.startswith("."):
-        problems.append("must not start with a dot (a hidden file)")
-    if not used & _JOB_FIELDS:
-        problems.append("must use {key}, {id} or {line}, or every job would get the same name")
-    if problems:
-        raise InvalidRequestError([("name", rule) for rule in problems])
-
-
-def _clean_field(value: str) -> str:
-    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".")
-    return cleaned or "_"
-
-
-def render_name(
-    template: str, *, key: str, index: int, ext: str, id: str | None, line: int | None
-) -> str:
-    """A file name from ``template``; every field is sanitised, the result checked.
-
-    Raises:
-        InvalidRequestError: a field the template uses is missing, or the name is unusable.
-    """
-    values: dict[str, Any] = {"key": key, "index": index, "ext": ext}
-    missing: list[tuple[str, str]] = []
-    for name, value in (("id", id), ("line", line)):
-        if value is not None:
-            values[name] = _clean_field(str(value)) if name == "id" else value
-        elif "{" + name in template:
-            missing.append(("name", f"the template uses {{{name}}} but this image has none"))
-    if missing:
-        raise InvalidRequestError(missing)
-    try:
-        name = template.format_map(values)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise InvalidRequestError([("name", f"cannot fill the template: {exc}")]) from None
-    if (
-        _UNSAFE_NAME.search(name)
-        or name.startswith(".")
-        or name in {"", ".", ".."}
-        or len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
-    ):
-        raise InvalidRequestError([("name", f"{name[:80]!r} is not a usable file name")])
-    return name
-
-
 def _join(base: URL, location: str) -> URL:
     try:
         return base.join(URL(location))
     except ValueError:
         raise InvalidRequestError([("url", "a redirect gave an invalid URL")]) from None
-
-
-def _check_key(key: str) -> None:
-    if not _KEY_RE.fullmatch(key):
-        raise InvalidRequestError(
-            [("key", "not a plain job key ([A-Za-z0-9_-], 1 to 128); refusing it in a file name")]
-        )
 
 
 class Downloader:
@@ -320,7 +124,7 @@ class Downloader:
         total_timeout: float = 300.0,
         name: str = DEFAULT_NAME,
     ) -> None:
-        _check_template(name)
+        check_template(name)
         if concurrency < 1 or max_bytes < 1 or max_redirects < 0:
             raise InvalidRequestError(
                 [("Downloader", "concurrency and max_bytes must be >= 1, max_redirects >= 0")]
@@ -342,7 +146,7 @@ class Downloader:
     async def __aenter__(self) -> Self:
         await anyio.to_thread.run_sync(lambda: self._folder.mkdir(parents=True, exist_ok=True))
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, resolver=_CheckingResolver(allow_private=self._allow_private)
+            limit=self._concurrency, resolver=CheckingResolver(allow_private=self._allow_private)
         )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, trust_env=False
@@ -375,7 +179,7 @@ class Downloader:
             TransportError: the download failed after its retries.
             ClientStateError: used outside ``async with``.
         """
-        _check_key(key)
+        check_key(key)
         check_url(url, allow_http=self._allow_http, allow_private=self._allow_private)
         session = self._require_session()
         async with self._slots:
@@ -390,7 +194,7 @@ class Downloader:
             InvalidRequestError: the key or name is refused.
             ProtocolError: not a PNG/JPEG/WEBP image, or larger than ``max_bytes``.
         """
-        _check_key(key)
+        check_key(key)
         if len(data) > self._max_bytes:
             raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
         kind = sniff_format(data[:16])
@@ -497,8 +301,8 @@ class Downloader:
                         )
                     return await self._stream_to_file(reply, key, index, id, line)
             except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, _ForbiddenAddressError):
-                    failure = _refused_address(exc.os_error.host, exc.os_error.address)
+                if isinstance(exc.os_error, ForbiddenAddressError):
+                    failure = refused_address(exc.os_error.host, exc.os_error.address)
                 else:
                     failure = _RetryableError(
                         TransportError(

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Final
 
 from .. import Credentials, InvalidRequestError, Limits, PollPolicy, WujieClient
-from .._download import DEFAULT_NAME, Downloader
+from .._download import Downloader
 from .._env import Environment
+from .._file_names import DEFAULT_NAME
 from ..emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
 
 EXIT_OK: Final = 0

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from .. import InvalidRequestError, WujieError, emulator
-from .._download import DEFAULT_NAME
+from .._file_names import DEFAULT_NAME
 from . import _journal_commands
 from ._common import (
     EXIT_FAILED,
