@@ -37,8 +37,9 @@ from ._errors import (
     snippet,
 )
 from ._jobs import ImageJob
-from ._journal import JournalEntry, JournalLockedError
+from ._journal import JournalEntry
 from ._journal_file import JournalFile
+from ._journal_worker import JournalLockedError
 from ._models import GeneratedImage, ImageResult
 from ._request_fields import EditFields, GenerationFields
 
