@@ -154,19 +154,6 @@ class Envelope(_Reply):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-class SubmitData(_Reply):
-    """``data`` of a submit reply."""
-
-    key: str
-
-    @field_validator("key")
-    @classmethod
-    def _key_not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("the job key is empty")
-        return value
-
-
 class ImageInfo(_Reply):
     """One image in a batch-detail entry."""
 

@@ -96,8 +96,6 @@ class PollerCounters:
     succeeded: int = 0
     failed: int = 0
     malformed_entries: int = 0
-    ignored_entries: int = 0
-    split_batches: int = 0
     reports_applied: int = 0
 
 
@@ -494,7 +492,6 @@ class BatchPoller:
             if self._tracks(tracked):
                 self._end_too_large(tracked.job)
             return
-        self.counters.split_batches += 1
         logger.warning(
             "a batch reply for %d keys was over the size cap: asking in halves", len(chunk)
         )
@@ -506,7 +503,6 @@ class BatchPoller:
         """A reading of ``data`` for the keys in ``asked`` (every key when None), counted."""
         reading = read(data, asked)
         self.counters.malformed_entries += reading.bad_entries
-        self.counters.ignored_entries += reading.ignored_entries
         return reading
 
     def read_reply(self, data: Any) -> dict[str, JobInfo]:

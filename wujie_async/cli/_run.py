@@ -61,7 +61,6 @@ class Plan:
     collect: list[tuple[Row, ImageJob]] = field(default_factory=list)
     settled: list[LineOutcome] = field(default_factory=list)
     skipped: int = 0
-    last_journal_id: int = 0
 
 
 def check_out_folder(out: Path) -> None:
@@ -169,7 +168,6 @@ async def plan_rerun(
     """Decide, per line, from the journal: send, collect, or leave as it ended."""
     plan = Plan()
     entries = await client.journal_entries()
-    plan.last_journal_id = max((entry.id for entry in entries), default=0)
     latest = {entry.tag: entry for entry in entries if entry.tag}
     saved = saved_indexes(manifest_records)
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
