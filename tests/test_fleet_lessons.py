@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from wujie_async import Limits, PollPolicy
-from wujie_async._jobs import ImageJob
+from wujie_async._jobs import ImageJob, JobState
 from wujie_async._poller import BatchPoller
 from wujie_async._schedule import KeyTiming, Lesson, PollSchedule
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
@@ -286,8 +286,9 @@ async def test_a_widened_window_moves_only_keys_waiting_for_it(emulator: Emulato
         delegate = RecordingDelegate()
         poller.set_delegate(delegate)
         for key in ("WAITING", "DENSE", "HELD"):
-            job = ImageJob(key, loop=loop, deadline=loop.time() + 600, request={"model": "m"})
-            poller.track(job, first_delay=30.0)
+            state = JobState(loop)
+            job = ImageJob(key, state, deadline=loop.time() + 600, request={"model": "m"})
+            poller.track(job, state, first_delay=30.0)
         poller.apply_report("WAITING", running("WAITING", 20.0))  # the first report: a check
         poller.apply_report("WAITING", running("WAITING", 19.9))  # counts down: wait for it
         poller.apply_report("DENSE", running("DENSE", 0.1))  # in its window: asked densely

@@ -36,7 +36,7 @@ from ._errors import (
     WujieError,
     snippet,
 )
-from ._jobs import ImageJob
+from ._jobs import ImageJob, JobUpdate
 from ._journal import JournalEntry
 from ._journal_file import JournalFile
 from ._journal_worker import JournalLockedError
@@ -67,6 +67,7 @@ __all__ = [
     "JobProtocolError",
     "JobStatus",
     "JobTimeoutError",
+    "JobUpdate",
     "JournalEntry",
     "JournalFile",
     "JournalLockedError",

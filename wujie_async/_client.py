@@ -28,7 +28,7 @@ from ._errors import ClientStateError, InvalidRequestError, JobCancelledError
 from ._fleet_link import FleetLink
 from ._gc_freeze import GcFreezer
 from ._images import Images
-from ._jobs import ImageJob
+from ._jobs import ImageJob, JobState
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
 from ._poller import BatchPoller
@@ -360,9 +360,10 @@ class WujieClient:
         loop = self._loop
         if loop is None:
             raise ClientStateError("the client is not open")
+        state = JobState(loop)
         job = ImageJob(
             key,
-            loop=loop,
+            state,
             deadline=loop.time() + deadline_s,
             request=request,
             n=n,
@@ -373,7 +374,7 @@ class WujieClient:
         if self._journal is not None:
             job.add_done_callback(self._record_outcome)
         if self._taking_jobs():
-            self._poller.track(job, first_delay=first_delay)
+            self._poller.track(job, state, first_delay=first_delay)
             if self._gc_freezer is not None:
                 self._gc_freezer.job_tracked()
             if self._fleet is not None:

@@ -1,18 +1,17 @@
-"""ImageJob: an awaitable handle on one gateway job, with a future per image.
+"""ImageJob: an awaitable handle on one gateway job, with a future per image and a stream of
+updates.
 
-A job holds no task and polls nothing: the client's one poller feeds it. It costs one
-``asyncio.Future`` plus a few slots; per-image futures exist only once someone asks for them.
-
-Users only read a job: every attribute is a property. The module functions at the bottom
-(``record_report``, ``add_images``, ``succeed``, ``fail``, ``ended_copy``) are the poller's
-side, the only writers; the poller's scheduling state of a key (when it is due, when it was
-last seen) lives in the poller, not here.
+A job holds no task and polls nothing: the client's one poller feeds it. Its mutable state is one
+:class:`JobState`, which the poller owns and writes (it gets the state when it starts tracking
+the job); the job only reads it. A pending job costs one ``asyncio.Future`` plus a few slots;
+per-image futures and the update event exist only once someone asks for them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._contract import JobStatus, job_status
@@ -23,12 +22,170 @@ from ._models import GeneratedImage, ImageResult, JobInfo
 _BULK_FIELDS = ("image", "mask")
 
 
+def status_name(status: JobStatus | int | None) -> str:
+    """A status in words: ``pending`` (no report yet), ``queued``, ..., or ``status N``."""
+    if status is None:
+        return "pending"
+    return status.label if isinstance(status, JobStatus) else f"status {status}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobUpdate:
+    """One observed state of a job, as :meth:`ImageJob.updates` yields it.
+
+    Attributes:
+        key: the job's key.
+        status: the last status the gateway reported (None before the first report).
+        status_name: the status in words (``pending``, ``queued``, ``generating``, ...).
+        progress: ``complete_percent``, 0 to 100.
+        queue_position: jobs ahead in the gateway's queue, when reported.
+        expected_seconds: the gateway's estimate of seconds left, when reported.
+        images: the images listed so far.
+        done: True for the last update: the job has ended.
+        error: the job's error when it ended without its images (None otherwise).
+    """
+
+    key: str
+    status: JobStatus | int | None
+    status_name: str
+    progress: float
+    queue_position: int | None
+    expected_seconds: float | None
+    images: tuple[GeneratedImage, ...]
+    done: bool
+    error: JobError | None
+
+
+class JobState:
+    """Everything about a job that changes: the poller's to write, the job's to read.
+
+    Each change bumps ``version`` and wakes whoever waits in :meth:`changed` (the update
+    streams): a waiter reads the latest state, so a slow reader never builds up a queue.
+    """
+
+    __slots__ = (
+        "_changed",
+        "complete_time",
+        "expected_seconds",
+        "future",
+        "image_futures",
+        "images",
+        "points_charged",
+        "progress",
+        "queue_position",
+        "start_time",
+        "status",
+        "version",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.status: JobStatus | int | None = None
+        self.progress = 0.0
+        self.expected_seconds: float | None = None
+        # Shared empty tuple until images land: a pending job should cost next to nothing.
+        self.images: Sequence[GeneratedImage] = ()
+        self.queue_position: int | None = None
+        self.points_charged: float | None = None
+        self.start_time: float | str | None = None
+        self.complete_time: float | str | None = None
+        self.future: asyncio.Future[ImageResult] = loop.create_future()
+        self.image_futures: dict[int, asyncio.Future[GeneratedImage]] | None = None
+        self.version = 0
+        self._changed: asyncio.Event | None = None
+
+    # --- the poller's side ------------------------------------------------------------------
+    def report(self, entry: JobInfo) -> None:
+        """Take the progress fields of the gateway's latest (already checked) entry."""
+        before = (self.status, self.progress, self.expected_seconds, self.queue_position)
+        self.status = job_status(entry.status)
+        if entry.complete_percent is not None:
+            self.progress = entry.complete_percent
+        self.expected_seconds = entry.expected_seconds
+        # Optional fields keep their last known value when a report leaves them out.
+        if entry.queue_before_num is not None:
+            self.queue_position = entry.queue_before_num
+        if entry.integral_cost is not None:
+            self.points_charged = entry.integral_cost
+        if entry.start_gen_time is not None:
+            self.start_time = entry.start_gen_time
+        if entry.complete_time is not None:
+            self.complete_time = entry.complete_time
+        if (self.status, self.progress, self.expected_seconds, self.queue_position) != before:
+            self._bump()
+
+    def add_images(self, images: list[GeneratedImage]) -> None:
+        """Record images listed so far and resolve their futures."""
+        if len(images) <= len(self.images):
+            return
+        self.images = images
+        if self.image_futures:
+            for index, future in self.image_futures.items():
+                if index < len(images) and not future.done():
+                    future.set_result(images[index])
+        self._bump()
+
+    def succeed(self, key: str, status: JobStatus) -> None:
+        """The job ended with images."""
+        if self.future.done():
+            return
+        self.status = status
+        self.progress = 100.0
+        self.future.set_result(ImageResult(key, status, tuple(self.images)))
+        if self.image_futures:
+            self._settle_images(IndexError(f"job {key} finished with {len(self.images)} image(s)"))
+        self._bump()
+
+    def fail(self, error: JobError) -> None:
+        """The job ended without (all of) its images."""
+        if self.future.done():
+            return
+        self.future.set_exception(error)
+        self.future.exception()  # a failed job nobody awaits is not worth a log line
+        self._settle_images(error)
+        self._bump()
+
+    def settled_copy(self) -> JobState:
+        """A copy of every field but the waiters, its images without inline bytes; its future
+        is new and unsettled (the caller settles it)."""
+        copy = JobState.__new__(JobState)
+        for name in JobState.__slots__:
+            setattr(copy, name, getattr(self, name))
+        copy.future = self.future.get_loop().create_future()
+        copy.image_futures = None
+        copy._changed = None
+        copy.images = [
+            GeneratedImage(image.index, image.url, None, image.revised_prompt)
+            for image in self.images
+        ]
+        return copy
+
+    def _settle_images(self, error: BaseException) -> None:
+        for future in (self.image_futures or {}).values():
+            if not future.done():
+                future.set_exception(error)
+                future.exception()
+
+    def _bump(self) -> None:
+        self.version += 1
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    # --- the readers' side ------------------------------------------------------------------
+    async def changed(self) -> None:
+        """Wait for the next change (returns at once if the job has ended)."""
+        if self.future.done():
+            return
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        await self._changed.wait()
+
+
 class ImageJob:
     """One submitted job. ``await job`` gives its :class:`ImageResult` or raises a JobError.
 
     Awaiting from many tasks at once is fine, and cancelling one awaiting task does not disturb
-    the others or the job. Attributes are read-only views kept current by the poller (through
-    this module's feeding functions, which only the poller calls).
+    the others or the job. Attributes are read-only views of the state the poller keeps current.
 
     Attributes:
         key: the gateway's job key.
@@ -48,51 +205,31 @@ class ImageJob:
 
     __slots__ = (
         "__weakref__",  # the poller remembers ended jobs weakly: no images kept alive for it
-        "_complete_time",
         "_deadline",
-        "_expected_seconds",
-        "_future",
-        "_image_futures",
-        "_images",
         "_key",
         "_n",
         "_on_cancel",
-        "_points_charged",
-        "_progress",
-        "_queue_position",
         "_request",
-        "_start_time",
-        "_status",
+        "_state",
     )
 
     def __init__(
         self,
         key: str,
+        state: JobState,
         *,
-        loop: asyncio.AbstractEventLoop,
         deadline: float,
         request: dict[str, Any] | None = None,
         n: int | None = None,
         on_cancel: Callable[[ImageJob], None] | None = None,
     ) -> None:
         self._key = key
+        self._state = state
         self._request = request
         self._n = n
-        self._status: JobStatus | int | None = None
-        self._progress = 0.0
-        self._expected_seconds: float | None = None
-        # Shared empty tuple until images land: a pending job should cost next to nothing.
-        self._images: Sequence[GeneratedImage] = ()
         self._deadline = deadline
-        self._queue_position: int | None = None
-        self._points_charged: float | None = None
-        self._start_time: float | str | None = None
-        self._complete_time: float | str | None = None
-        self._future: asyncio.Future[ImageResult] = loop.create_future()
-        self._image_futures: dict[int, asyncio.Future[GeneratedImage]] | None = None
         self._on_cancel = on_cancel
 
-    # Read-only views: only this module's feeding functions (the poller's side) change them.
     @property
     def key(self) -> str:
         """The gateway's job key."""
@@ -114,58 +251,47 @@ class ImageJob:
 
         A :class:`JobStatus` when the contract names it, else the plain number.
         """
-        return self._status
+        return self._state.status
 
     @property
     def progress(self) -> float:
         """``complete_percent`` from the last report, 0 to 100."""
-        return self._progress
+        return self._state.progress
 
     @property
     def expected_seconds(self) -> float | None:
         """The gateway's last estimate of seconds left."""
-        return self._expected_seconds
+        return self._state.expected_seconds
 
     @property
     def images(self) -> Sequence[GeneratedImage]:
         """The images listed so far (all of them once the job succeeded)."""
-        return self._images
+        return self._state.images
 
     @property
     def deadline(self) -> float:
         """Loop time by which the job must end, or it fails with JobTimeoutError."""
         return self._deadline
 
-    def __repr__(self) -> str:
-        state = self.status_name
-        return f"<ImageJob {self.key} {state} {self.progress:.0f}%>"
-
-    def __await__(self) -> Generator[Any, None, ImageResult]:
-        future = self._future
-        if not future.done():
-            # A shield per awaiter: cancelling one awaiting task must not cancel the job.
-            yield from asyncio.shield(future).__await__()
-        return future.result()
-
     @property
     def queue_position(self) -> int | None:
         """Jobs ahead of this one in the gateway's queue, when the gateway reports it."""
-        return self._queue_position
+        return self._state.queue_position
 
     @property
     def points_charged(self) -> float | None:
         """Points the gateway says this job cost, when it reports them."""
-        return self._points_charged
+        return self._state.points_charged
 
     @property
     def gateway_start_time(self) -> float | str | None:
         """When generation started, as the gateway reported it (format unpublished)."""
-        return self._start_time
+        return self._state.start_time
 
     @property
     def gateway_complete_time(self) -> float | str | None:
         """When the job ended, as the gateway reported it (format unpublished)."""
-        return self._complete_time
+        return self._state.complete_time
 
     @property
     def status_name(self) -> str:
@@ -174,18 +300,26 @@ class ImageJob:
         Also ``failed``, ``rejected``, ``ended without a result``, or ``status N`` for a status
         the contract does not name.
         """
-        status = self._status
-        if status is None:
-            return "pending"
-        return status.label if isinstance(status, JobStatus) else f"status {status}"
+        return status_name(self._state.status)
+
+    def __repr__(self) -> str:
+        return f"<ImageJob {self.key} {self.status_name} {self.progress:.0f}%>"
+
+    def __await__(self) -> Generator[Any, None, ImageResult]:
+        future = self._state.future
+        if not future.done():
+            # A shield per awaiter: cancelling one awaiting task must not cancel the job.
+            yield from asyncio.shield(future).__await__()
+        return future.result()
 
     def done(self) -> bool:
         """True once the job has a result or an error."""
-        return self._future.done()
+        return self._state.future.done()
 
     def exception(self) -> BaseException | None:
         """The job's error, once done (None if it succeeded)."""
-        return self._future.exception() if self._future.done() else None
+        future = self._state.future
+        return future.exception() if future.done() else None
 
     async def result(self, timeout: float | None = None) -> ImageResult:
         """Wait for the job; ``timeout`` bounds this wait only (the job keeps its deadline).
@@ -208,19 +342,61 @@ class ImageJob:
         """
         if index < 0 or (self.n is not None and index >= self.n):
             raise IndexError(f"job {self.key} has {self.n} image(s); index {index} is out of range")
-        if index < len(self.images):
-            return self.images[index]
-        if self._future.done():
-            self._future.result()  # raises the job's error, if any
-            raise IndexError(f"job {self.key} finished with {len(self.images)} image(s)")
-        if self._image_futures is None:
-            self._image_futures = {}
-        future = self._image_futures.get(index)
+        state = self._state
+        if index < len(state.images):
+            return state.images[index]
+        if state.future.done():
+            state.future.result()  # raises the job's error, if any
+            raise IndexError(f"job {self.key} finished with {len(state.images)} image(s)")
+        if state.image_futures is None:
+            state.image_futures = {}
+        future = state.image_futures.get(index)
         if future is None:
-            future = self._future.get_loop().create_future()
-            self._image_futures[index] = future
+            future = state.future.get_loop().create_future()
+            state.image_futures[index] = future
         async with asyncio.timeout(timeout):
             return await asyncio.shield(future)
+
+    def snapshot(self) -> JobUpdate:
+        """The job's state now, as one :class:`JobUpdate`."""
+        state = self._state
+        error = self.exception()
+        return JobUpdate(
+            key=self._key,
+            status=state.status,
+            status_name=status_name(state.status),
+            progress=state.progress,
+            queue_position=state.queue_position,
+            expected_seconds=state.expected_seconds,
+            images=tuple(state.images),
+            done=state.future.done(),
+            error=error if isinstance(error, JobError) else None,
+        )
+
+    async def updates(self) -> AsyncIterator[JobUpdate]:
+        """Yield the job's state now, then once per change the poller sees, ending with the
+        update that has ``done=True``.
+
+        Many consumers may iterate one job at once. It costs no extra calls to the gateway,
+        and a slow consumer sees the latest state rather than a backlog (changes in between
+        are merged). Stopping early (``break``) is fine.
+
+        Example::
+
+            async for update in job.updates():
+                print(update.status_name, update.progress, len(update.images))
+        """
+        state = self._state
+        seen = -1
+        while True:
+            if state.version == seen:
+                await state.changed()
+                continue
+            seen = state.version
+            update = self.snapshot()
+            yield update
+            if update.done:
+                return
 
     def cancel(self) -> bool:
         """Stop tracking the job; its awaiters get JobCancelledError. False if already done.
@@ -228,18 +404,12 @@ class ImageJob:
         The gateway is not told (it has no cancel endpoint): the job may still run and be
         charged, and ``client.images.attach(key)`` can pick it up again.
         """
-        if self._future.done():
+        if self._state.future.done():
             return False
         if self._on_cancel is not None:
             self._on_cancel(self)
-        fail(self, JobCancelledError("no longer tracked (cancelled)", job_key=self.key))
+        self._state.fail(JobCancelledError("no longer tracked (cancelled)", job_key=self.key))
         return True
-
-    def _settle_images(self, error: BaseException) -> None:
-        for future in (self._image_futures or {}).values():
-            if not future.done():
-                future.set_exception(error)
-                future.exception()
 
     def add_done_callback(self, callback: Callable[[ImageJob], None]) -> Callable[[Any], None]:
         """Call ``callback(job)`` when the job ends; returns the handle for removal."""
@@ -247,70 +417,20 @@ class ImageJob:
         def on_done(_: Any) -> None:
             callback(self)
 
-        self._future.add_done_callback(on_done)
+        self._state.future.add_done_callback(on_done)
         return on_done
 
     def remove_done_callback(self, handle: Callable[[Any], None]) -> None:
         """Undo :meth:`add_done_callback`."""
-        self._future.remove_done_callback(handle)
-
-
-# --- the poller's side: the only writers of a job ---------------------------------------------
-def record_report(job: ImageJob, entry: JobInfo) -> None:
-    """Take the progress fields of the gateway's latest (already checked) entry."""
-    job._status = job_status(entry.status)
-    if entry.complete_percent is not None:
-        job._progress = entry.complete_percent
-    job._expected_seconds = entry.expected_seconds
-    # Optional fields keep their last known value when a report leaves them out.
-    if entry.queue_before_num is not None:
-        job._queue_position = entry.queue_before_num
-    if entry.integral_cost is not None:
-        job._points_charged = entry.integral_cost
-    if entry.start_gen_time is not None:
-        job._start_time = entry.start_gen_time
-    if entry.complete_time is not None:
-        job._complete_time = entry.complete_time
-
-
-def add_images(job: ImageJob, images: list[GeneratedImage]) -> None:
-    """Record images listed so far and resolve their futures."""
-    if len(images) <= len(job._images):
-        return
-    job._images = images
-    if job._image_futures:
-        for index, future in job._image_futures.items():
-            if index < len(images) and not future.done():
-                future.set_result(images[index])
-
-
-def succeed(job: ImageJob, status: JobStatus) -> None:
-    """The job ended with images."""
-    if job._future.done():
-        return
-    job._status = status
-    job._progress = 100.0
-    job._future.set_result(ImageResult(job._key, status, tuple(job._images)))
-    if job._image_futures:
-        missing = IndexError(f"job {job._key} finished with {len(job._images)} image(s)")
-        job._settle_images(missing)
-
-
-def fail(job: ImageJob, error: JobError) -> None:
-    """The job ended without (all of) its images."""
-    if job._future.done():
-        return
-    job._future.set_exception(error)
-    job._future.exception()  # a failed job nobody awaits is not worth a log line
-    job._settle_images(error)
+        self._state.future.remove_done_callback(handle)
 
 
 def holds_bulk(job: ImageJob) -> bool:
     """True when the job holds inline image bytes or an edit's source images."""
-    for image in job._images:  # a loop, not any(<generator>): called for every ended job
+    for image in job.images:  # a loop, not any(<generator>): called for every ended job
         if image.b64_json:
             return True
-    request = job._request
+    request = job.request
     if request is not None:
         for field in _BULK_FIELDS:
             if field in request:
@@ -318,35 +438,27 @@ def holds_bulk(job: ImageJob) -> bool:
     return False
 
 
-def ended_copy(job: ImageJob) -> ImageJob:
+def ended_copy(job: ImageJob, state: JobState) -> ImageJob:
     """A settled copy of an ended job without its bulk: what an ended-jobs cache keeps.
 
     The copy has the same key, status, progress fields and outcome, but its images carry no
     inline bytes (``b64_json`` is None: fetch ``url``, or keep the original job) and its
     request no edit source images or mask.
+
+    Raises:
+        ValueError: the job has not ended.
     """
-    future = job._future
+    future = state.future
     if not future.done():
         raise ValueError("only an ended job is copied")
-    request = job._request
+    request = job.request
     if request is not None:
         request = {name: value for name, value in request.items() if name not in _BULK_FIELDS}
-    copy = ImageJob(job._key, loop=future.get_loop(), deadline=job._deadline, request=request)
-    copy._n = job._n
-    copy._status = job._status
-    copy._progress = job._progress
-    copy._expected_seconds = job._expected_seconds
-    copy._queue_position = job._queue_position
-    copy._points_charged = job._points_charged
-    copy._start_time = job._start_time
-    copy._complete_time = job._complete_time
-    copy._images = [
-        GeneratedImage(image.index, image.url, None, image.revised_prompt) for image in job._images
-    ]
+    copy = state.settled_copy()
     error = future.exception()
     if error is None:
-        copy._future.set_result(ImageResult(job._key, future.result().status, tuple(copy._images)))
+        copy.future.set_result(ImageResult(job.key, future.result().status, tuple(copy.images)))
     else:
-        copy._future.set_exception(error)
-        copy._future.exception()  # nobody may await the copy: not worth a log line
-    return copy
+        copy.future.set_exception(error)
+        copy.future.exception()  # nobody may await the copy: not worth a log line
+    return ImageJob(job.key, copy, deadline=job.deadline, request=request, n=job.n)

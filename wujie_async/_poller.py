@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from . import _contract, _jobs
+from . import _contract
 from ._config import Limits, PollPolicy
 from ._contract import JobStatus
 from ._errors import (
@@ -52,7 +52,7 @@ from ._errors import (
     WujieError,
     snippet,
 )
-from ._jobs import ImageJob
+from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
 from ._replies import raw_entries_by_key as raw_entries_by_key  # the fleet's seam, kept here
@@ -104,6 +104,7 @@ class _Tracked(KeyTiming):
     """A tracked job with the poller's own state of it: none of this is the user's to see."""
 
     job: ImageJob
+    state: JobState  # the job's mutable state: this poller is its one writer
     # When the key is asked about next; ``inf`` while it is in a call on the wire.
     due: float = math.inf
     # When the gateway last listed the key (None: not yet); absence is measured from here.
@@ -210,12 +211,15 @@ class BatchPoller:
         """Every outstanding job."""
         return [tracked.job for tracked in self._jobs.values()]
 
-    def track(self, job: ImageJob, first_delay: float | None = None) -> None:
-        """Start polling ``job``: first ask after ``first_delay`` (default: the policy's)."""
+    def track(self, job: ImageJob, state: JobState, first_delay: float | None = None) -> None:
+        """Start polling ``job``, whose state (``state``) this poller now writes: first ask
+        after ``first_delay`` (default: the policy's)."""
         now = asyncio.get_running_loop().time()
         request = job.request
         model = request.get("model") if request is not None else None
-        tracked = _Tracked(created_at=now, model=model if isinstance(model, str) else None, job=job)
+        tracked = _Tracked(
+            created_at=now, model=model if isinstance(model, str) else None, job=job, state=state
+        )
         self._jobs[job.key] = tracked
         if first_delay is None:
             self._schedule(tracked, self._schedule_of.first_ask(tracked))
@@ -233,9 +237,9 @@ class BatchPoller:
 
     def cancel_all(self, reason: str) -> None:
         """Stop tracking every job; each awaiter gets JobCancelledError saying ``reason``."""
-        for job in self.jobs():
-            self.forget(job)
-            _jobs.fail(job, JobCancelledError(reason, job_key=job.key))
+        for tracked in list(self._jobs.values()):
+            self.forget(tracked.job)
+            tracked.state.fail(JobCancelledError(reason, job_key=tracked.job.key))
 
     def _tracks(self, tracked: _Tracked) -> bool:
         return self._jobs.get(tracked.job.key) is tracked
@@ -310,7 +314,7 @@ class BatchPoller:
     def _expire(self, tracked: _Tracked) -> None:
         if self._tracks(tracked):
             job = tracked.job
-            self._end(job, JobTimeoutError("still running at its deadline", job_key=job.key))
+            self._end(tracked, JobTimeoutError("still running at its deadline", job_key=job.key))
 
     async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
         watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
@@ -369,7 +373,7 @@ class BatchPoller:
             logger.exception("handling the batch entry of one job failed")
             if self._tracks(tracked):
                 self._end(
-                    tracked.job,
+                    tracked,
                     JobProtocolError(
                         f"its batch entry could not be handled: {type(exc).__name__}",
                         job_key=tracked.job.key,
@@ -408,7 +412,7 @@ class BatchPoller:
         tracked.delegated = False
         self.counters.reports_applied += 1
         if too_large:
-            self._end_too_large(tracked.job)
+            self._end_too_large(tracked)
             return None
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -456,9 +460,10 @@ class BatchPoller:
                 self._schedule(tracked, now)
         self._wakeup.set()
 
-    def _end_too_large(self, job: ImageJob) -> None:
+    def _end_too_large(self, tracked: _Tracked) -> None:
+        job = tracked.job
         self._end(
-            job,
+            tracked,
             JobProtocolError(
                 "the gateway's entry for this job alone is over the "
                 f"{self._max_response_bytes}-byte reply cap "
@@ -490,7 +495,7 @@ class BatchPoller:
         if len(chunk) == 1:
             [tracked] = chunk
             if self._tracks(tracked):
-                self._end_too_large(tracked.job)
+                self._end_too_large(tracked)
             return
         logger.warning(
             "a batch reply for %d keys was over the size cap: asking in halves", len(chunk)
@@ -541,12 +546,13 @@ class BatchPoller:
                     "(wrong key, another app's key, or a result already cleaned up)",
                     job_key=job.key,
                 )
-            self._end(job, error)
+            self._end(tracked, error)
             return
         tracked.last_seen = now
-        _jobs.record_report(job, entry)
-        if entry.images and len(entry.images) > len(job.images):
-            _jobs.add_images(job, images_of(entry))
+        state = tracked.state
+        state.report(entry)
+        if entry.images and len(entry.images) > len(state.images):
+            state.add_images(images_of(entry))
         status = entry.status
         if status in _contract.TERMINAL_STATUSES:
             ended_at = entry.complete_time
@@ -558,10 +564,10 @@ class BatchPoller:
         if status == JobStatus.SUCCEEDED:
             self.forget(job)
             self.counters.succeeded += 1
-            _jobs.succeed(job, JobStatus.SUCCEEDED)
-            self._remember_ended(job)
+            state.succeed(job.key, JobStatus.SUCCEEDED)
+            self._remember_ended(tracked)
         elif status in _contract.FAILED_STATUSES:
-            self._end(job, failure(job.key, entry))
+            self._end(tracked, failure(job.key, entry))
         else:
             if status not in _contract.RUNNING_STATUSES:
                 self._note_unknown_status(status, job.key)
@@ -591,15 +597,17 @@ class BatchPoller:
                 UNKNOWN_STATUSES_KEPT,
             )
 
-    def _end(self, job: ImageJob, error: JobError) -> None:
-        self.forget(job)
+    def _end(self, tracked: _Tracked, error: JobError) -> None:
+        self.forget(tracked.job)
         self.counters.failed += 1
-        _jobs.fail(job, error)
-        self._remember_ended(job)
+        tracked.state.fail(error)
+        self._remember_ended(tracked)
 
-    def _remember_ended(self, job: ImageJob) -> None:
-        ended = self._ended
-        ended[job.key] = (weakref.ref(job), _jobs.ended_copy(job)) if _jobs.holds_bulk(job) else job
+    def _remember_ended(self, tracked: _Tracked) -> None:
+        job, ended = tracked.job, self._ended
+        ended[job.key] = (
+            (weakref.ref(job), ended_copy(job, tracked.state)) if holds_bulk(job) else job
+        )
         ended.move_to_end(job.key)
         if len(ended) > ENDED_JOBS_KEPT:
             ended.popitem(last=False)

@@ -1,0 +1,99 @@
+"""ImageJob against the emulator over loopback: its state, and its stream of updates."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+
+import pytest
+
+from wujie_async import JobStatus, JobUpdate, ModerationRejectedError
+from wujie_async.emulator import FaultConfig
+
+from .conftest import EmulatorFactory, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+async def collect(updates: AsyncIterator[JobUpdate]) -> list[JobUpdate]:
+    return [update async for update in updates]
+
+
+async def test_updates_follow_a_job_to_its_end(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="gpt-image-1", n=3)
+        updates = await asyncio.wait_for(collect(job.updates()), 30)
+    first, last = updates[0], updates[-1]
+    assert first.status is None and first.status_name == "pending" and not first.done
+    assert last.done and last.status == JobStatus.SUCCEEDED and last.error is None
+    assert last.progress == 100.0 and len(last.images) == 3
+    assert [update.done for update in updates].count(True) == 1  # the end comes once, last
+    assert any(u.status == JobStatus.GENERATING and 0 < u.progress < 100 for u in updates)
+    # one update per change: no two in a row are the same
+    for before, after in itertools.pairwise(updates):
+        assert before != after
+    # images only ever grow
+    counts = [len(update.images) for update in updates]
+    assert counts == sorted(counts)
+
+
+async def test_progress_without_images_is_an_update_too(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="dall-e-3")  # one image, at the end
+        updates = await asyncio.wait_for(collect(job.updates()), 30)
+    running = [u for u in updates if not u.done and u.status is not None]
+    assert running and all(not u.images for u in running)
+
+
+async def test_many_consumers_see_the_same_end_and_cost_no_extra_calls(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="dall-e-2", n=2)
+        streams = await asyncio.wait_for(
+            asyncio.gather(*(collect(job.updates()) for _ in range(5))), 30
+        )
+        calls = client.stats.batch_calls
+        reports = emu.stats()["requests"]["info"]
+    ends = {stream[-1] for stream in streams}
+    assert len(ends) == 1 and next(iter(ends)).done
+    # the streams only read what the poller's calls brought: every call is the poller's own
+    assert reports == calls
+
+
+async def test_a_slow_consumer_sees_the_latest_state_not_a_backlog(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="gpt-image-1", n=4)
+        stream = job.updates()
+        first = await anext(stream)
+        assert not first.done
+        await job.result(timeout=30)  # many changes happen while nobody reads
+        second = await anext(stream)
+        assert second.done and len(second.images) == 4  # the end, at once: changes merged
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+
+
+async def test_the_last_update_of_a_failed_job_carries_its_error(
+    emulator: EmulatorFactory,
+) -> None:
+    faults = FaultConfig(moderation_words=("forbidden",))
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="forbidden fruit", model="dall-e-2")
+        updates = await asyncio.wait_for(collect(job.updates()), 30)
+    assert updates[-1].done and isinstance(updates[-1].error, ModerationRejectedError)
+
+
+async def test_updates_of_a_cancelled_job_end(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=1.0) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="dall-e-2")
+        stream = job.updates()
+        assert not (await anext(stream)).done
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0)
+        job.cancel()
+        last = await asyncio.wait_for(waiting, 5)
+        assert last.done and last.error is not None
