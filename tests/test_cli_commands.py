@@ -130,7 +130,7 @@ async def test_name_template_names_the_files(tmp_path: Path) -> None:
         ("../{key}.{ext}", "path separators"),
         ("{prompt}.{ext}", "unknown field"),
         ("image.png", "{key}"),
-        ("{id}.{ext}", "have no id"),  # generate rows carry no id
+        ("{id}.{ext}", "no id"),  # generate rows carry no id
     ):
         code, _, err = await cli(
             "generate", "x", "--emulator", "-o", str(tmp_path / "never"), "--name", template

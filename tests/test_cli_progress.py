@@ -232,7 +232,7 @@ async def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path
     assert len(lines) >= 3, err
     assert lines[-1].startswith("progress: 6/6 lines (100%)")
     for line in lines:
-        assert "queued " in line and "generating " in line and "jobs/s" in line
+        assert "queued " in line and "generating " in line and "lines/s" in line
         assert "img/s" in line and " -" not in line  # no negative counts
 
 
@@ -246,7 +246,8 @@ async def test_no_negative_counts_when_submits_are_refused(tmp_path: Path) -> No
     )  # fmt: skip
     assert code == 1
     assert "generating -" not in err
-    assert "failed 5" in err
+    last = [line for line in err.splitlines() if line.startswith("progress:")][-1]
+    assert "rejected 5" in last and "failed" not in last  # each outcome under its own name
 
 
 async def test_rich_progress_keeps_bar_count_and_eta_at_80_columns(tmp_path: Path) -> None:

@@ -439,7 +439,8 @@ class WujieClient:
         """Re-attach every journaled key whose job had not ended; returns their jobs.
 
         Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`. A row
-        with an unreadable request is still resumed by its key (a WARNING names it).
+        with an unreadable request is still resumed by its key (a WARNING names it); a row
+        whose key is not a usable job key is skipped, and one WARNING names such rows.
 
         In fleet mode it claims the accepted submits of members whose heartbeat expired
         (``RedisFleet(member_timeout=...)``) and attaches those: each dead member's job goes
@@ -455,16 +456,36 @@ class WujieClient:
             entries = await self._fleet.claim_dead()
         else:
             entries = await journal.entries("accepted")
-        return [
-            self._attach(
-                entry.job_key,
-                job_timeout=job_timeout,
-                n=images_in(entry.request),
-                request=entry.request,
+        jobs: list[ImageJob] = []
+        unusable: list[int] = []
+        for entry in entries:
+            if not entry.job_key:
+                continue
+            try:
+                check_key(entry.job_key)
+            except InvalidRequestError:
+                unusable.append(entry.id)  # one bad row never strands the others
+                continue
+            jobs.append(
+                self._attach(
+                    entry.job_key,
+                    job_timeout=job_timeout,
+                    n=images_in(entry.request),
+                    request=entry.request,
+                )
             )
-            for entry in entries
-            if entry.job_key
-        ]
+        if unusable:
+            shown = ", ".join(str(row_id) for row_id in unusable[:10])
+            more = f" and {len(unusable) - 10} more" if len(unusable) > 10 else ""
+            logger.warning(
+                "resume: %d journal row(s) hold a job key that is not usable (row id %s%s): "
+                "skipped; %d job(s) resumed",
+                len(unusable),
+                shown,
+                more,
+                len(jobs),
+            )
+        return jobs
 
     async def uncertain_submits(self) -> list[JournalEntry]:
         """Submits that may have been charged without the journal holding their key.

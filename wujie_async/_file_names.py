@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from ._errors import InvalidRequestError
@@ -17,6 +19,14 @@ _JOB_FIELDS = frozenset({"key", "id", "line"})  # a name must tell jobs apart
 _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 _MAX_NAME_BYTES = 255
 DEFAULT_NAME = "{key}-{index}.{ext}"
+# Device names that Windows (and so a share or a synced folder) refuses as a file's stem.
+_RESERVED_STEMS = frozenset(
+    {"con", "prn", "aux", "nul"} | {f"{kind}{n}" for kind in ("com", "lpt") for n in range(1, 10)}
+)
+# What checks stand in for before a job exists: a key as long as the gateway's (32 hex digits)
+# and the longest extension an image can get.
+_KEY_STAND_IN_LENGTH = 32
+_LONGEST_EXT = "webp"
 
 
 def check_template(template: str) -> None:
@@ -70,14 +80,90 @@ def render_name(
         name = template.format_map(values)
     except (ValueError, KeyError, IndexError) as exc:
         raise InvalidRequestError([("name", f"cannot fill the template: {exc}")]) from None
-    if (
-        _UNSAFE_NAME.search(name)
-        or name.startswith(".")
-        or name in {"", ".", ".."}
-        or len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
-    ):
-        raise InvalidRequestError([("name", f"{name[:80]!r} is not a usable file name")])
+    problem = unusable(name)
+    if problem is not None:
+        raise InvalidRequestError([("name", f"{name[:80]!r} is not a usable file name: {problem}")])
     return name
+
+
+def unusable(name: str) -> str | None:
+    """Why ``name`` cannot be a file name here (or on a share), or None if it can."""
+    if name in {"", ".", ".."} or name.startswith("."):
+        return "empty, a dot name or hidden"
+    if _UNSAFE_NAME.search(name):
+        return "a path separator or a control character"
+    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+        return f"longer than {_MAX_NAME_BYTES} bytes"
+    if name.split(".", 1)[0].rstrip(" ").casefold() in _RESERVED_STEMS:
+        return "a reserved device name (CON, NUL, COM1, ...)"
+    if name.endswith((" ", ".")):
+        return "ends in a space or a dot"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedJob:
+    """One job whose file names are checked before it is sent.
+
+    Attributes:
+        label: how messages name it (``line 3 (id a/b)``).
+        images: how many images it makes.
+        id: the row's id, for ``{id}``.
+        line: the input line, for ``{line}``.
+    """
+
+    label: str
+    images: int
+    id: str | None = None
+    line: int | None = None
+
+
+def check_planned_names(
+    template: str, jobs: Iterable[PlannedJob], *, taken: Iterable[str] = ()
+) -> None:
+    """Refuse, before anything is sent (and paid for), names that could not be saved.
+
+    Every image of every job gets its name with a stand-in key: each must be usable, no two
+    may be the same (compared without case: many file systems ignore it), and none may be one
+    of ``taken`` (e.g. the manifest's own name). Jobs tell apart by their key, so a template
+    with ``{key}`` never collides across jobs.
+
+    Raises:
+        InvalidRequestError: one violation per problem (at most 20), each naming the jobs.
+    """
+    check_template(template)
+    uses_key = "{key" in template
+    owners: dict[str, tuple[str, int]] = {name.casefold(): ("the run's own", -1) for name in taken}
+    problems: list[tuple[str, str]] = []
+    for number, job in enumerate(jobs):
+        # A stand-in as long as a real key, and different per job: real keys differ.
+        key = f"{number:0{_KEY_STAND_IN_LENGTH}d}" if uses_key else "K" * _KEY_STAND_IN_LENGTH
+        for index in range(job.images):
+            values = {"key": key, "index": index, "ext": _LONGEST_EXT, "line": job.line}
+            values["id"] = None if job.id is None else _clean_field(job.id)
+            try:
+                name = template.format_map(values)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                problems.append(("name", f"{job.label}: cannot fill the template: {exc}"))
+                break
+            problem = unusable(name)
+            if problem is not None:
+                problems.append(("name", f"{job.label}: {name[:60]!r} is not usable: {problem}"))
+                break
+            other, other_index = owners.setdefault(name.casefold(), (job.label, index))
+            if (other, other_index) != (job.label, index):
+                what = (
+                    f"its images {other_index} and {index}"
+                    if other == job.label
+                    else f"it and {other}{' file' if other_index < 0 else ''}"
+                )
+                shown = template.format_map({**values, "ext": "{ext}"})
+                problems.append(("name", f"{job.label}: {what} would both be saved as {shown!r}"))
+                break
+        if len(problems) >= 20:
+            break
+    if problems:
+        raise InvalidRequestError(problems)
 
 
 def check_key(key: str) -> None:

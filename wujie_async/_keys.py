@@ -52,6 +52,11 @@ def usable_key(data: Any, body: dict[str, Any]) -> str:
     ) from ProtocolError(f"the submit reply has {problem}")
 
 
+def is_job_key(key: object) -> bool:
+    """True when ``key`` passes :func:`check_key`."""
+    return isinstance(key, str) and KEY.fullmatch(key) is not None
+
+
 def images_in(request: Mapping[str, Any]) -> int | None:
     """``n`` of a journaled request, if it is a usable count."""
     n = request.get("n", 1)

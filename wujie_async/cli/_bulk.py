@@ -108,7 +108,7 @@ class BulkRun:
         self._queue: collections.deque[Row] = collections.deque()
         self._on_the_wire: dict[int, Row] = {}
         for number, outcome in enumerate(settled):
-            self._tally.move(-1 - number, "saved" if outcome.status == "saved" else "failed")
+            self._tally.settle(-1 - number, outcome.status)
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
@@ -273,7 +273,7 @@ class BulkRun:
     ) -> None:
         outcome = LineOutcome(status, row.line, row.row_id, key, code, message)
         self.result.outcomes.append(outcome)
-        self._move(row, "saved" if status == "saved" else "failed")
+        self._move(row, status)
         if status == "saved":
             return
         record = base_record(status, row.line, row.row_id, row.body)

@@ -5,20 +5,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Final
 
 from .. import Credentials, InvalidRequestError, Limits, PollPolicy, WujieClient
 from .._download import Downloader
 from .._env import Environment
-from .._file_names import DEFAULT_NAME
+from .._file_names import DEFAULT_NAME, PlannedJob, check_planned_names, check_template
 from ..emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # some lines ended failed/moderated/rejected/uncertain
 EXIT_USAGE: Final = 2  # bad input or usage
 EXIT_SYSTEMIC: Final = 3  # stopped on a systemic error (credentials, URL, balance, network)
+EXIT_BUSY: Final = 4  # the journal is in use by another process (wait for it, or another file)
 EXIT_INTERNAL: Final = 70  # a bug: one line, the traceback with --verbose
 EXIT_INTERRUPTED: Final = 130
 
@@ -55,18 +56,29 @@ def emulator_poll_policy(time_scale: float) -> PollPolicy:
     )
 
 
-def check_name_template(template: str, rows_without_id: list[int]) -> None:
-    """Refuse a bad ``--name`` before anything is sent (and one using {id} for rows with none)."""
+def check_names(template: str, jobs: list[PlannedJob], *, taken: Iterable[str] = ()) -> None:
+    """Refuse a bad ``--name``, and names some row could not be saved under (too long,
+    reserved, the same as another row's after cleaning), before anything is sent."""
     try:
-        Downloader(Path("."), name=template)  # validates the template; opens nothing
+        check_template(template)
     except InvalidRequestError as exc:
         raise UsageError("; ".join(f"--name: {rule}" for _, rule in exc.violations)) from None
-    if "{id" in template and rows_without_id:
-        where = ", ".join(str(line) for line in rows_without_id[:5])
+    without_id = [job.label for job in jobs if job.id is None]
+    if "{id" in template and without_id:
         raise UsageError(
-            f"--name {template!r} uses {{id}}, but line(s) {where} have no id; give every row "
-            "an id or use {key} or {line}"
+            f"--name {template!r} uses {{id}}, but {', '.join(without_id[:5])} "
+            f"{'has' if len(without_id) == 1 else 'have'} no id; give every row an id or use "
+            "{key} or {line}"
         )
+    try:
+        check_planned_names(template, jobs, taken=taken)
+    except InvalidRequestError as exc:
+        rules = [rule for _, rule in exc.violations]
+        raise UsageError(
+            f"--name {template!r} cannot save every image (nothing was sent):\n  "
+            + "\n  ".join(rules)
+            + "\nchange the ids or --name ({line} is unique per row, {index} per image)"
+        ) from None
 
 
 def downloader(args: argparse.Namespace, out: Path) -> Downloader:

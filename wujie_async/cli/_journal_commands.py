@@ -19,6 +19,7 @@ from rich.text import Text
 
 from .. import JournalEntry, JournalFile, Limits
 from .._journal import ALL_STATES
+from .._keys import is_job_key
 from .._models import GenerationRequest
 from ._bulk import BulkRun, Row
 from ._common import EXIT_OK, UsageError, downloader, open_client
@@ -27,6 +28,7 @@ from ._progress import Display, Tally
 from ._run import check_out_folder, line_of, readable_error
 
 _STATES = (*ALL_STATES, "unsent")
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def add_parser(
@@ -70,9 +72,25 @@ def add_parser(
 
 def _journal_file(args: argparse.Namespace) -> Path:
     path: Path = args.journal or args.out / "journal.sqlite"
+    check_journal_file(path)
+    return path
+
+
+def check_journal_file(path: Path) -> None:
+    """Refuse a path that is not a journal, before opening it (which would create its lock
+    file beside whatever file it is)."""
     if not path.exists():
         raise UsageError(f"no journal at {path}; pass --journal or -o/--out of the run")
-    return path
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror or 'error'})") from None
+    if head != _SQLITE_HEADER:
+        raise UsageError(
+            f"{path} is not a wujie-async journal (not an SQLite file); pass the run's journal, "
+            "e.g. --journal out/journal.sqlite"
+        )
 
 
 def _name(entry: JournalEntry) -> str:
@@ -121,7 +139,10 @@ def _list(entries: list[JournalEntry]) -> None:
     for entry in entries:
         when = datetime.datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M:%S")
         prompt = clean(str(entry.request.get("prompt", "")))[:60]
-        parts = [when, f"{_name(entry):<12}", f"{entry.state:<10}", entry.job_key or "-", prompt]
+        key = clean(entry.job_key) if entry.job_key else "-"
+        if entry.job_key and not is_job_key(entry.job_key):
+            key = f"{key[:40]!r} (not a usable key)"
+        parts = [when, f"{_name(entry):<12}", f"{entry.state:<10}", key, prompt]
         if entry.error:
             parts.append(f"({readable_error(entry.error)[:160]})")
         print("  ".join(parts))  # noqa: T201 - the listing is this command's output
@@ -133,6 +154,13 @@ async def _forget(args: argparse.Namespace, console: Console, journal: JournalFi
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
     if args.rows:
+        unknown = [row for row in args.rows if not any(_matches(e, {row}) for e in entries)]
+        if unknown:
+            shown = ", ".join(clean(row) for row in unknown[:20])
+            raise UsageError(
+                f"journal forget: no journal row for {shown} (rows are input line numbers or "
+                "ids, as `journal list` shows them); nothing was forgotten"
+            )
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)

@@ -1,8 +1,10 @@
 """``wujie-async``: generate images, run a bulk job, settle its journal, or serve the emulator.
 
 Exit codes: 0 every line saved · 1 some lines ended failed, moderated, rejected or uncertain ·
-2 bad input or usage · 3 stopped on a systemic error (credentials, base URL, balance, network) ·
-130 interrupted · 70 internal error (run with --verbose for the traceback).
+2 bad input or usage (including a file that is not a journal) · 3 stopped on a systemic error
+(credentials, base URL, balance, network) · 4 the journal is in use by another process ·
+130 interrupted (Ctrl-C) · 143 stopped by SIGTERM · 70 internal error (run with --verbose for
+the traceback).
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ from typing import Any
 
 from rich.console import Console
 
-from .. import InvalidRequestError, WujieError, emulator
-from .._file_names import DEFAULT_NAME
+from .. import InvalidRequestError, JournalLockedError, WujieError, emulator
+from .._file_names import DEFAULT_NAME, PlannedJob
 from . import _journal_commands
 from ._common import (
+    EXIT_BUSY,
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     UsageError,
-    check_name_template,
+    check_names,
 )
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
-from ._run import Session, check_out_folder
+from ._run import Session, check_out_folder, journal_path
 from ._single import build_request, show_status, submit_no_wait
 
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
@@ -304,28 +307,49 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be a positive number")
 
 
+def _planned(item: BulkItem) -> PlannedJob:
+    label = f"line {item.line}"
+    if item.row_id is not None:
+        shown = item.row_id if len(item.row_id) <= 40 else item.row_id[:40] + "…"
+        label += f" (id {clean(shown)!r})"
+    return PlannedJob(label, int(item.request.body().get("n") or 1), id=item.row_id, line=item.line)
+
+
+def _run_files(args: argparse.Namespace) -> list[str]:
+    """Names in OUT/ that belong to the run itself: no image may take them."""
+    names = ["manifest.jsonl"]
+    journal = journal_path(args)
+    if journal is not None and journal.parent.resolve() == Path(args.out).resolve():
+        names += [journal.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
+    return names
+
+
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command == "journal":
         return _run_loop(_journal_commands.run(args, console))
     _check_numbers(args)
     items: list[BulkItem] = []
-    rows_without_id: list[int] = []
+    planned: list[PlannedJob] = []
     if args.command == "bulk":
         items = read_requests(args.file, _defaults(args))
-        rows_without_id = [item.line for item in items if item.row_id is None]
+        planned = [_planned(item) for item in items]
+        if args.journal is not None and args.journal.exists():
+            _journal_commands.check_journal_file(args.journal)
     elif args.command in ("generate", "edit"):
         request = build_request(args, _defaults(args))
         if args.no_wait:
             return _run_loop(submit_no_wait(args, request))
         items = [BulkItem(1, request)]
-        rows_without_id = [1]
+        planned = [_planned(items[0])]
     elif args.command == "status":
-        rows_without_id = list(range(1, len(args.keys) + 1))
+        planned = [
+            PlannedJob(f"key {number}", 1, line=number) for number in range(1, len(args.keys) + 1)
+        ]
         if not args.wait:
             return _run_loop(show_status(args))
-    elif not args.journal.exists():
-        raise UsageError(f"{args.journal}: no such journal")
-    check_name_template(args.name, rows_without_id)
+    else:  # resume
+        _journal_commands.check_journal_file(args.journal)
+    check_names(args.name, planned, taken=_run_files(args))
     check_out_folder(args.out)
     session = Session(args, console, _progress_mode(args))
     return _run_loop(session.run(items))
@@ -358,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("interrupted", highlight=False)
         return EXIT_INTERRUPTED
+    except JournalLockedError as exc:
+        say(f"error: {clean(exc)}", highlight=False)
+        return EXIT_BUSY
     except WujieError as exc:
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_FAILED

@@ -24,18 +24,35 @@ from rich.progress import (
 from rich.text import Text
 
 Mode = Literal["rich", "plain", "none"]
-LineState = Literal["queued", "submitting", "generating", "saved", "failed"]
+LineState = Literal[
+    "queued",
+    "submitting",
+    "generating",
+    "saved",
+    "failed",
+    "moderated",
+    "rejected",
+    "uncertain",
+    "not_sent",
+]
+ENDED: Final = ("saved", "failed", "moderated", "rejected", "uncertain", "not_sent")
 PLAIN_INTERVAL_S: Final = 10.0
 
 
 class Tally:
-    """Where every input line is now, moved by transitions only."""
+    """Where every input line is now, moved by transitions only.
+
+    Each outcome is counted under its own name (as the summary says it). Rates count only
+    lines this run waited for: a line a re-run leaves as an earlier run ended it is settled
+    (:meth:`settle`), counted in its outcome but not in the rate.
+    """
 
     def __init__(self, total: int) -> None:
         self.total = total
         self.states: Counter[str] = Counter(queued=total)
         self._where: dict[int, str] = {}
         self.images = 0
+        self.settled = 0
         self.started = time.monotonic()
 
     def move(self, line: int, to: LineState) -> None:
@@ -47,25 +64,33 @@ class Tally:
         self.states[to] += 1
         self._where[line] = to
 
+    def settle(self, line: int, to: LineState) -> None:
+        """Line ``line`` ended in an earlier run as ``to``; this run does not touch it."""
+        if self._where.get(line, "queued") == "queued":
+            self.settled += 1
+        self.move(line, to)
+
     @property
     def ended(self) -> int:
-        """Lines that have ended (saved or not)."""
-        return self.states["saved"] + self.states["failed"]
+        """Lines that have ended (saved or not), settled ones included."""
+        return sum(self.states[state] for state in ENDED)
 
     def rates(self) -> tuple[float, float]:
-        """(jobs/s, images/s) since the start."""
+        """(lines/s, images/s) of this run's own work since its start."""
         elapsed = max(time.monotonic() - self.started, 1e-6)
-        return self.ended / elapsed, self.images / elapsed
+        return (self.ended - self.settled) / elapsed, self.images / elapsed
 
     def detail(self) -> str:
         """The counts and rates, one short line."""
         jobs, images = self.rates()
         states = self.states
-        return (
-            f"queued {states['queued'] + states['submitting']} · generating "
-            f"{states['generating']} · saved {states['saved']} · failed {states['failed']} · "
-            f"{jobs:.1f} jobs/s · {images:.1f} img/s"
-        )
+        parts = [
+            f"queued {states['queued'] + states['submitting']}",
+            f"generating {states['generating']}",
+            f"saved {states['saved']}",
+        ]
+        parts += [f"{name} {states[name]}" for name in ENDED[1:] if states[name]]
+        return " · ".join([*parts, f"{jobs:.1f} lines/s", f"{images:.1f} img/s"])
 
     def plain_line(self) -> str:
         """A full progress line for logs."""

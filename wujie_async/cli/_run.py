@@ -61,6 +61,7 @@ class Plan:
     collect: list[tuple[Row, ImageJob]] = field(default_factory=list)
     settled: list[LineOutcome] = field(default_factory=list)
     skipped: int = 0
+    unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
 
 
 def check_out_folder(out: Path) -> None:
@@ -182,9 +183,10 @@ async def plan_rerun(
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
             if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
-            else:
-                job = client.images.attach(entry.job_key, job_timeout=job_timeout, n=n)
+            elif (job := _attach(client, entry, plan, n, job_timeout)) is not None:
                 plan.collect.append((row, job))
+            else:
+                plan.settled.append(_unusable_key(entry, row))
             plan.skipped += 1
         elif state in ("failed", "rejected") and retry_failed:
             plan.send.append(row)
@@ -204,8 +206,36 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
             continue
         line, row_id = line_of(entry)
         row = Row(line, row_id, entry.tag, entry.request)
-        plan.collect.append((row, client.images.attach(entry.job_key, n=n)))
+        job = _attach(client, entry, plan, n, None)
+        if job is not None:
+            plan.collect.append((row, job))
+        else:
+            plan.settled.append(_unusable_key(entry, row))
     return plan
+
+
+def _attach(
+    client: WujieClient, entry: JournalEntry, plan: Plan, n: int, job_timeout: float | None
+) -> ImageJob | None:
+    """The job of a journaled key, or None (noted in ``plan``) when the key is not usable:
+    one damaged row never stops the others."""
+    try:
+        return client.images.attach(entry.job_key or "", job_timeout=job_timeout, n=n)
+    except InvalidRequestError:
+        plan.unusable.append(entry.id)
+        return None
+
+
+def _unusable_key(entry: JournalEntry, row: Row) -> LineOutcome:
+    return LineOutcome(
+        "failed",
+        row.line,
+        row.row_id,
+        None,
+        "journal",
+        f"journal row {entry.id} holds a job key that is not usable "
+        f"({clean(entry.job_key)[:40]!r}); its job cannot be followed (see the gateway's console)",
+    )
 
 
 def plan_status(
@@ -275,6 +305,16 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if plan.unusable:
+                shown = ", ".join(str(row_id) for row_id in plan.unusable[:10])
+                self.console.print(
+                    Text(
+                        f"warning: {len(plan.unusable)} journal row(s) hold a job key that is not "
+                        f"usable (row id {shown}{' ...' if len(plan.unusable) > 10 else ''}): "
+                        "they end failed; every other row goes on"
+                    ),
+                    soft_wrap=True,
+                )
             total = len(plan.send) + len(plan.collect) + len(plan.settled)
             display = Display(
                 Tally(total),
