@@ -246,7 +246,7 @@ class BulkRun:
             )
         else:
             raise ProtocolError(f"image {index} has neither a URL nor b64_json")
-        record = base_record("saved", row.line, row.row_id, row.body)
+        record = base_record("saved", row.line, row.row_id, row.body, row.tag)
         record |= {
             "key": job.key,
             "index": index,
@@ -276,7 +276,7 @@ class BulkRun:
         self._move(row, status)
         if status == "saved":
             return
-        record = base_record(status, row.line, row.row_id, row.body)
+        record = base_record(status, row.line, row.row_id, row.body, row.tag)
         if key is not None:
             record["key"] = key
         record |= {"error_code": code, "error": message}

@@ -23,7 +23,7 @@ from .._keys import is_job_key
 from .._models import GenerationRequest
 from ._bulk import BulkRun, Row
 from ._common import EXIT_OK, UsageError, downloader, open_client
-from ._outcome import Manifest, clean, read_manifest, saved_indexes
+from ._outcome import Manifest, clean, read_manifest, run_source, saved_indexes
 from ._progress import Display, Tally
 from ._run import check_out_folder, line_of, readable_error
 
@@ -207,7 +207,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
                     send=rows,
                     collect=[],
                     settled=[],
-                    manifest=Manifest(handle),
+                    manifest=Manifest(handle, source=run_source(records, "resend")),
                     downloader=images,
                     display=display,
                     already_saved=saved_indexes(records),

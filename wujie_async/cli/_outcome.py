@@ -138,28 +138,60 @@ class LineOutcome:
     error: str | None = None
 
 
+# What ``input`` says for records of commands that read no input file.
+COMMAND_SOURCES: Final = frozenset({"generate", "edit", "status", "resume", "resend"})
+
+
 class Manifest:
     """``manifest.jsonl``: one line per saved image, one per line that ended without images.
 
-    Append-only: a re-run adds lines, and a line's final outcome is its last record.
+    Append-only: a re-run adds lines, and a line's final outcome is its last record. Every
+    record says which input it belongs to (``input``: the input file's absolute path, or the
+    command that wrote it), so the runs of two inputs are never mistaken for one another.
     """
 
-    def __init__(self, handle: TextIO) -> None:
+    def __init__(self, handle: TextIO, *, source: str) -> None:
         self._handle = handle
+        self._source = source
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and flush it (a crash loses at most the line being written)."""
+        record = {**record, "input": self._source}
         self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._handle.flush()
 
 
+def other_inputs(records: Iterable[dict[str, Any]], source: str) -> list[str]:
+    """Input files other than ``source`` whose bulk runs wrote ``records``."""
+    found = {r.get("input") for r in records}
+    return sorted(
+        name
+        for name in found
+        if isinstance(name, str) and name != source and name not in COMMAND_SOURCES
+    )
+
+
+def run_source(records: Iterable[dict[str, Any]], fallback: str) -> str:
+    """The input a command that continues a run (``resume``, ``journal resend``) writes for:
+    the one input file the manifest holds, else ``fallback``."""
+    inputs = other_inputs(records, fallback)
+    return inputs[0] if len(inputs) == 1 else fallback
+
+
+def of_source(records: Iterable[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The records of ``source`` (records from before inputs were recorded count as its own)."""
+    return [r for r in records if r.get("input", source) == source]
+
+
 def base_record(
-    status: Status, line: int, row_id: str | None, body: dict[str, Any]
+    status: Status, line: int, row_id: str | None, body: dict[str, Any], tag: str | None = None
 ) -> dict[str, Any]:
-    """The fields every manifest line has."""
+    """The fields every manifest line has (``tag``: how re-runs recognise the row)."""
     record: dict[str, Any] = {"status": status, "line": line}
     if row_id is not None:
         record["id"] = row_id
+    if tag is not None:
+        record["tag"] = tag
     record["model"] = body.get("model")
     record["size"] = body.get("size")
     record["prompt"] = body.get("prompt")

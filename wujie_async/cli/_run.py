@@ -44,7 +44,10 @@ from ._outcome import (
     clean,
     count,
     fix_message,
+    of_source,
+    other_inputs,
     read_manifest,
+    run_source,
     saved_indexes,
 )
 from ._progress import Display, Mode, Tally
@@ -196,6 +199,75 @@ async def plan_rerun(
     return plan
 
 
+def plan_from_manifest(
+    client: WujieClient,
+    items: list[BulkItem],
+    records: list[dict[str, Any]],
+    *,
+    retry_failed: bool,
+    job_timeout: float | None,
+) -> Plan:
+    """A re-run without a journal continues its manifest: lines saved stay saved, a job whose
+    images were partly saved is collected again by its key, lines that ended otherwise keep
+    their outcome (failed ones are resent with ``--retry-failed``; uncertain ones never), and
+    the rest (not sent, or never recorded) are sent."""
+    plan = Plan()
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_row.setdefault(_row_of(record), []).append(record)
+    for item in items:
+        row = Row.of(item)
+        mine = by_row.get(item.tag) or by_row.get(_legacy_row(row.line, row.body), [])
+        if not mine or mine[-1].get("status") == "not_sent":
+            plan.send.append(row)
+            continue
+        last = mine[-1]
+        n = int(row.body.get("n") or 1)
+        key = last.get("key")
+        if last.get("status") == "saved" and isinstance(key, str):
+            indexes = {
+                r.get("index") for r in mine if r.get("status") == "saved" and r.get("key") == key
+            }
+            if len(indexes) >= n:
+                plan.settled.append(LineOutcome("saved", row.line, row.row_id, key))
+            elif (job := _attach_key(client, key, n, job_timeout)) is not None:
+                plan.collect.append((row, job))
+            else:
+                plan.send.append(row)
+        elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
+            plan.send.append(row)
+        else:
+            status: Status = last.get("status") if last.get("status") in _OPEN_STATES else "failed"  # type: ignore[assignment]
+            message = clean(last.get("error") or status)
+            plan.settled.append(
+                LineOutcome(status, row.line, row.row_id, key, last.get("error_code"), message)
+            )
+        plan.skipped += 1
+    return plan
+
+
+def _row_of(record: dict[str, Any]) -> str:
+    tag = record.get("tag")
+    if isinstance(tag, str):
+        return tag
+    body = {"prompt": record.get("prompt"), "model": record.get("model")}
+    return _legacy_row(record.get("line"), body)
+
+
+def _legacy_row(line: Any, body: dict[str, Any]) -> str:
+    """Records written before tags were: a line is its number and prompt."""
+    return f"legacy:{line}:{body.get('model')}:{body.get('prompt')}"
+
+
+def _attach_key(
+    client: WujieClient, key: str, n: int, job_timeout: float | None
+) -> ImageJob | None:
+    try:
+        return client.images.attach(key, job_timeout=job_timeout, n=n)
+    except InvalidRequestError:
+        return None
+
+
 async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]]) -> Plan:
     """``resume``: collect every journaled job not ended, or ended with images not saved."""
     plan = Plan()
@@ -285,6 +357,15 @@ class Session:
             self.journal.parent.mkdir(parents=True, exist_ok=True)
         manifest_path = out / "manifest.jsonl"
         records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
+        source = self.source(records)
+        if args.command == "bulk":
+            others = other_inputs(records, source)
+            if others:
+                raise UsageError(
+                    f"--out {out} holds the manifest of another input ({clean(others[0])}); "
+                    f"give this input its own --out, or move {manifest_path} away to start over"
+                )
+            records = of_source(records, source)
         async with self._client() as client:
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -302,6 +383,20 @@ class Session:
                     self._say(
                         f"skipping {plan.skipped} line(s) this journal already sent "
                         f"(pending ones are collected, uncertain ones are never resent)"
+                    )
+            elif args.command == "bulk":
+                plan = plan_from_manifest(
+                    client,
+                    items,
+                    records,
+                    retry_failed=args.retry_failed,
+                    job_timeout=args.job_timeout,
+                )
+                if plan.skipped:
+                    self._say(
+                        f"continuing {manifest_path}: skipping {plan.skipped} line(s) an earlier "
+                        "run ended (uncertain ones are never resent; --retry-failed resends "
+                        "failed ones)"
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
@@ -334,7 +429,7 @@ class Session:
                         send=plan.send,
                         collect=plan.collect,
                         settled=plan.settled,
-                        manifest=Manifest(handle),
+                        manifest=Manifest(handle, source=source),
                         downloader=images,
                         display=display,
                         already_saved=saved_indexes(records),
@@ -351,6 +446,15 @@ class Session:
                             _uncancel()
                             self.result = run.interrupted_at_once()
         return self.finish(total)
+
+    def source(self, records: list[dict[str, Any]]) -> str:
+        """What the manifest's records of this run say for ``input``."""
+        args = self.args
+        if args.command == "bulk":
+            return "<stdin>" if str(args.file) == "-" else str(Path(args.file).resolve())
+        if args.command == "resume":
+            return run_source(records, "resume")
+        return str(args.command)
 
     @contextlib.asynccontextmanager
     async def _client(self) -> AsyncIterator[WujieClient]:
