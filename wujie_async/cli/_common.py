@@ -21,7 +21,8 @@ EXIT_USAGE: Final = 2  # bad input or usage
 EXIT_SYSTEMIC: Final = 3  # stopped on a systemic error (credentials, URL, balance, network)
 EXIT_BUSY: Final = 4  # the journal is in use by another process (wait for it, or another file)
 EXIT_INTERNAL: Final = 70  # a bug: one line, the traceback with --verbose
-EXIT_INTERRUPTED: Final = 130
+EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED: Final = 143  # SIGTERM (128 + SIGTERM): docker stop, systemd, Kubernetes
 
 
 # The shortest poll gap against the embedded emulator, however small its time scale: below

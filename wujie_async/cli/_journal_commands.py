@@ -6,6 +6,7 @@ Rows are named the way the input named them: ``id`` when the row had one, else i
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import functools
 import sys
@@ -22,10 +23,19 @@ from .._journal import ALL_STATES
 from .._keys import is_job_key
 from .._models import GenerationRequest
 from ._bulk import BulkRun, Row
-from ._common import EXIT_OK, UsageError, downloader, open_client
+from ._common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    UsageError,
+    downloader,
+    open_client,
+)
 from ._outcome import Manifest, clean, read_manifest, run_source, saved_indexes
 from ._progress import Display, Tally
-from ._run import check_out_folder, line_of, readable_error
+from ._run import check_out_folder, line_of, readable_error, uncancel
+from ._signals import stopping_on_signals
 
 _STATES = (*ALL_STATES, "unsent")
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -200,9 +210,10 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         handle = await anyio.to_thread.run_sync(
             functools.partial(manifest_path.open, "a", encoding="utf-8")
         )
+        stop = anyio.Event()
         with handle:
             async with downloader(args, args.out) as images:
-                result = await BulkRun(
+                run = BulkRun(
                     client,
                     send=rows,
                     collect=[],
@@ -212,7 +223,16 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
                     display=display,
                     already_saved=saved_indexes(records),
                     job_timeout=args.job_timeout,
-                ).run()
+                    stop=stop,
+                )
+                with stopping_on_signals(stop, console) as signals:
+                    try:
+                        result = await run.run()
+                    except asyncio.CancelledError:
+                        if not signals.quit_now.is_set():
+                            raise
+                        uncancel()  # our own second signal: close normally, then report
+                        result = run.interrupted_at_once()
         # The old rows are superseded by the new submits; rows not sent stay as they were.
         sent = {o.row_id or o.line for o in result.outcomes if o.status != "not_sent"}
         await client.forget_submits(
@@ -220,7 +240,12 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         )
     saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
     console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
-    return EXIT_OK if saved == len(rows) else 1
+    if result.interrupted:
+        console.print(
+            Text("stopped: re-run `wujie-async resume` on this journal to collect the rest")
+        )
+        return EXIT_TERMINATED if signals.terminated else EXIT_INTERRUPTED
+    return EXIT_OK if saved == len(rows) else EXIT_FAILED
 
 
 async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest) -> int:

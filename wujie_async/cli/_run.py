@@ -14,9 +14,8 @@ import contextlib
 import functools
 import json
 import re
-import signal
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from ._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SYSTEMIC,
+    EXIT_TERMINATED,
     UsageError,
     downloader,
     open_client,
@@ -51,6 +51,7 @@ from ._outcome import (
     saved_indexes,
 )
 from ._progress import Display, Mode, Tally
+from ._signals import stopping_on_signals
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
@@ -83,7 +84,8 @@ def check_out_folder(out: Path) -> None:
         ) from None
 
 
-def _uncancel() -> None:
+def uncancel() -> None:
+    """Undo the cancel our own second signal sent to this task (the run closed normally)."""
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
@@ -340,6 +342,7 @@ class Session:
         self.journal = journal_path(args)
         self.result: BulkResult | None = None
         self.base_url = ""
+        self.terminated = False  # stopped by SIGTERM (exit 143), not Ctrl-C (130)
 
     def limits(self) -> Limits:
         args = self.args
@@ -436,15 +439,16 @@ class Session:
                         job_timeout=args.job_timeout,
                         stop=stop,
                     )
-                    with self._first_ctrl_c_stops(stop) as quit_now:
+                    with stopping_on_signals(stop, self.console) as signals:
                         try:
                             self.result = await run.run()
                         except asyncio.CancelledError:
-                            if not quit_now.is_set():
+                            if not signals.quit_now.is_set():
                                 raise
-                            # Our own second Ctrl-C: close everything normally, then report.
-                            _uncancel()
+                            # Our own second signal: close everything normally, then report.
+                            uncancel()
                             self.result = run.interrupted_at_once()
+                    self.terminated = signals.terminated
         return self.finish(total)
 
     def source(self, records: list[dict[str, Any]]) -> str:
@@ -466,37 +470,6 @@ class Session:
         if not self.args.quiet:
             self.console.print(Text(message), soft_wrap=True)
 
-    @contextlib.contextmanager
-    def _first_ctrl_c_stops(self, stop: anyio.Event) -> Iterator[anyio.Event]:
-        """First Ctrl-C: stop gently (submits on the wire get their keys). Second: at once.
-
-        Yields an event set when the second Ctrl-C cancels the run.
-        """
-        # Raw asyncio here: a signal handler on the loop, and the second Ctrl-C cancels the
-        # main task itself (then uncancelled once the run is closed), which is asyncio's API.
-        loop = asyncio.get_running_loop()
-        main = asyncio.current_task()
-        quit_now = anyio.Event()
-
-        def on_interrupt() -> None:
-            if stop.is_set() and main is not None:
-                if not quit_now.is_set():
-                    quit_now.set()
-                    main.cancel()
-                return
-            stop.set()
-            self.console.print("stopping: letting submits on the wire finish (Ctrl-C to quit now)")
-
-        try:
-            loop.add_signal_handler(signal.SIGINT, on_interrupt)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            yield quit_now
-            return
-        try:
-            yield quit_now
-        finally:
-            loop.remove_signal_handler(signal.SIGINT)
-
     def finish(self, total: int) -> int:
         """Print the summary (stderr; ``--json`` also on stdout) and return the exit code."""
         result = self.result
@@ -509,7 +482,7 @@ class Session:
                 result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
             )
         elif result.interrupted:
-            code = EXIT_INTERRUPTED
+            code = EXIT_TERMINATED if self.terminated else EXIT_INTERRUPTED
         elif counts["saved"] == total:
             code = EXIT_OK
         else:
@@ -549,6 +522,7 @@ class Session:
             return
         command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
         if result.interrupted:
+            word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
             if uncertain:
                 names = ", ".join(_line_name(o) for o in uncertain[:10])
@@ -565,15 +539,15 @@ class Session:
                 )
             if self.journal is not None:
                 say(
-                    "interrupted: submitted jobs keep running on the gateway; re-run the same "
+                    f"{word}: submitted jobs keep running on the gateway; re-run the same "
                     f"command to collect them and send the rest:\n  wujie-async {command}\n"
                     f"(or collect only: wujie-async resume {self.journal} --out {self.args.out})"
                 )
             elif self.args.emulator:
-                say("interrupted (the embedded emulator stops with this process)")
+                say(f"{word} (the embedded emulator stops with this process)")
             else:
                 say(
-                    "interrupted: submitted jobs keep running on the gateway, but without a "
+                    f"{word}: submitted jobs keep running on the gateway, but without a "
                     "journal their keys are not kept; run bulk with a journal to make it resumable"
                 )
             return

@@ -1,0 +1,229 @@
+"""Paid work is never lost, round 3: file names, bad journal rows, SIGTERM, re-runs without a
+journal, journal papercuts and honest progress, each against an emulator over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from .cli_helpers import (
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
+    manifest,
+    running_cli,
+    served_emulator,
+)
+from .conftest import EmulatorFactory, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+def write_rows(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+# --- 1 and 2: file names are checked before anything is sent -------------------------------------
+@pytest.mark.parametrize(
+    ("ids", "says"),
+    [
+        (["a/b", "a_b"], "would both be saved as 'a_b-0.{ext}'"),
+        ([".", ".."], "would both be saved as '_-0.{ext}'"),
+        (["ok", "L" * 300], "longer than 255 bytes"),
+    ],
+)
+async def test_names_that_could_not_be_saved_are_refused_before_any_submit(
+    tmp_path: Path, ids: list[str], says: str
+) -> None:
+    rows = write_rows(tmp_path / "rows.jsonl", [{"id": i, "prompt": f"p {i}"} for i in ids])
+    async with served_emulator(tmp_path) as emu:
+        code, _, err = await cli(
+            "bulk", str(rows), "--name", "{id}-{index}.{ext}", "-o", str(tmp_path / "out"),
+            env=emu.env,
+        )  # fmt: skip
+        assert code == 2, err
+        assert says in err and "nothing was sent" in err
+        assert (await emu.stats())["submits_accepted"] == 0
+    assert manifest(tmp_path / "out") == []
+
+
+async def test_images_of_one_job_never_share_a_name(tmp_path: Path) -> None:
+    rows = write_rows(tmp_path / "rows.jsonl", [{"id": "x", "prompt": "p", "n": 2}])
+    code, _, err = await cli(
+        "bulk", str(rows), "--name", "{id}.{ext}", "--emulator", *FAST, "-o", str(tmp_path / "o")
+    )
+    assert code == 2 and "its images 0 and 1 would both be saved as 'x.{ext}'" in err
+
+
+async def test_no_image_may_take_the_manifest_s_name(tmp_path: Path) -> None:
+    rows = write_rows(tmp_path / "rows.jsonl", [{"id": "manifest.jsonl", "prompt": "p"}])
+    code, _, err = await cli(
+        "bulk", str(rows), "--name", "{id}", "--emulator", *FAST, "-o", str(tmp_path / "o")
+    )
+    assert code == 2 and "the run's own file" in err
+
+
+# --- 3: one bad journal row does not strand the others -------------------------------------------
+async def test_resume_skips_a_row_with_an_unusable_key_and_resumes_the_rest(
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator(time_scale=1.0) as emu:
+        async with make_client(emu, journal=journal) as client:
+            jobs = [await client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(3)]
+        with sqlite3.connect(journal) as db:
+            for bad in ("KEY\nX", "K" * 200):
+                db.execute(
+                    "INSERT INTO submits (path, request, state, job_key, created, updated) "
+                    "VALUES ('/ai/wj/images/generations', '{}', 'accepted', ?, 0, 0)",
+                    (bad,),
+                )
+        caplog.set_level(logging.WARNING, logger="wujie_async")
+        async with make_client(emu, journal=journal) as client:
+            resumed = await client.resume()
+            assert sorted(job.key for job in resumed) == sorted(job.key for job in jobs)
+            for job in resumed:
+                job.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("2 journal row(s)" in text and "row id 4, 5" in text for text in warnings)
+
+
+async def test_the_cli_resume_and_journal_list_go_past_a_bad_row(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path, "--time-scale", "0.3") as emu:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("one\ntwo\n")
+        out = tmp_path / "out"
+        async with running_cli("bulk", str(prompts), "-o", str(out), env=emu.env) as proc:
+            deadline = time.monotonic() + 20
+            while (await emu.stats())["submits_accepted"] < 2:
+                assert time.monotonic() < deadline and proc.returncode is None
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            code, _, err = await proc.finish(20)
+        assert code == 130, err
+        journal = out / "journal.sqlite"
+        with sqlite3.connect(journal) as db:
+            db.execute(
+                "INSERT INTO submits (path, request, state, job_key, tag, created, updated) "
+                "VALUES ('/ai/wj/images/generations', '{}', 'accepted', 'KEY\nX', 'id:bad', 0, 0)"
+            )
+        code, listing, err = await cli("journal", "list", "--journal", str(journal))
+        assert code == 0, err
+        assert "'KEY_X' (not a usable key)" in listing or "(not a usable key)" in listing
+        assert "3 row(s)" in listing
+        code, _, err = await cli("resume", str(journal), "--out", str(out), env=emu.env)
+        assert code == 1, err  # the bad row ends failed; the two good ones are saved
+        assert "warning: 1 journal row(s) hold a job key that is not usable (row id 3)" in err
+        assert sorted(final_outcomes(out).values()).count("saved") == 2
+
+
+# --- 6: SIGTERM stops like Ctrl-C -----------------------------------------------------------------
+async def test_sigterm_stops_gently_says_how_to_continue_and_a_rerun_pays_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path, "--time-scale", "0.05") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(f"terminated {i}" for i in range(20)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--rate", "5"]
+        async with running_cli(*bulk, "--json", env=emu.env) as proc:
+            deadline = time.monotonic() + 30
+            while (await emu.stats())["submits_accepted"] < 3:
+                assert time.monotonic() < deadline and proc.returncode is None
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            code, stdout, err = await proc.finish(30)
+        assert code == 143, err
+        assert "SIGTERM: stopping" in err and "line(s):" in err  # the summary
+        assert "stopped by SIGTERM" in err and f"resume {out / 'journal.sqlite'}" in err
+        assert json.loads(stdout)["exit_code"] == 143
+        accepted = (await emu.stats())["submits_accepted"]
+        assert 0 < accepted < 20
+
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert sorted(final_outcomes(out).values()) == ["saved"] * 20
+        assert (await emu.stats())["submits_accepted"] == 20  # nothing paid twice
+
+
+# --- 7: re-runs without a journal continue the manifest ------------------------------------------
+async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(
+    tmp_path: Path,
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\n")
+    out = tmp_path / "out"
+    run = ("bulk", str(prompts), "--emulator", *FAST, "-o", str(out))
+    code, _, err = await cli(*run)
+    assert code == 0, err
+    code, _, err = await cli(*run)
+    assert code == 0, err
+    assert "skipping 3 line(s)" in err
+    assert len(list(out.glob("*.png"))) == 3 and len(manifest(out)) == 3
+    assert {record["input"] for record in manifest(out)} == {str(prompts.resolve())}
+
+    other = tmp_path / "other.txt"
+    other.write_text("d\n")
+    code, _, err = await cli("bulk", str(other), "--emulator", *FAST, "-o", str(out))
+    assert code == 2 and "holds the manifest of another input" in err
+    assert len(manifest(out)) == 3
+
+
+# --- 9: journal papercuts ------------------------------------------------------------------------
+async def test_journal_commands_refuse_a_file_that_is_not_a_journal_and_create_nothing(
+    tmp_path: Path,
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a journal\n")
+    for command in (["journal", "list"], ["journal", "forget", "1", "--yes"]):
+        code, _, err = await cli(*command, "--journal", str(readme))
+        assert code == 2 and "is not a wujie-async journal" in err, err
+    code, _, err = await cli("resume", str(readme), "--emulator")
+    assert code == 2 and "is not a wujie-async journal" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+
+
+async def test_forget_names_rows_it_does_not_know_and_forgets_nothing(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="a", model="dall-e-2", tag="line:1:abc")
+    code, _, err = await cli("journal", "forget", "1", "999", "nosuchid", "--yes",
+                             "--journal", str(journal))  # fmt: skip
+    assert (
+        code == 2 and "no journal row for 999, nosuchid" in err and "nothing was forgotten" in err
+    )
+    code, listing, _ = await cli("journal", "list", "--journal", str(journal))
+    assert code == 0 and "1 row(s)" in listing
+
+
+async def test_a_journal_in_use_exits_4(emulator: EmulatorFactory, tmp_path: Path) -> None:
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal):
+        code, _, err = await cli("journal", "list", "--journal", str(journal))
+    assert code == 4 and "in use" in err
+
+
+# --- 10: progress says each outcome by its name, and rates of this run's own lines ---------------
+async def test_progress_counts_outcomes_by_name_and_a_rerun_shows_no_inflated_rate(
+    tmp_path: Path,
+) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"p{i}" for i in range(4)))
+    out = tmp_path / "out"
+    run = ("bulk", str(prompts), "--emulator", *FAST, "-o", str(out), "--progress", "plain")
+    code, _, err = await cli(*run)
+    assert code == 0, err
+    code, _, err = await cli(*run)
+    last = [line for line in err.splitlines() if line.startswith("progress:")][-1]
+    assert "saved 4" in last and "0.0 lines/s" in last, last  # nothing waited for this time
