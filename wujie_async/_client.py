@@ -193,6 +193,7 @@ class WujieClient:
         telemetry = self._telemetry
         telemetry.start(
             base_url=self.base_url,
+            jobs_in_flight=lambda: len(self._poller),
             brake_rates=lambda: self._transport.brake_rates.items(),
             fleet_role=(lambda: fleet.stats().role) if fleet is not None else None,
         )
@@ -227,18 +228,13 @@ class WujieClient:
         self._tracking = True
         if self._gc_freezer is not None:
             self._gc_freezer.start()
-        if logger.isEnabledFor(logging.INFO):
-            otel = telemetry.otel
-            logger.info(
-                "client opened: %s, %r, %r, journal %s%s; OpenTelemetry traces %s, metrics %s",
-                self.base_url,
-                self.limits,
-                self.timeouts,
-                getattr(self._journal, "path", None) if fleet is None else "in the fleet",
-                f", fleet member {fleet.member_id}" if fleet is not None else "",
-                "on" if otel is not None and otel.tracer is not None else "off",
-                "on" if otel is not None and otel.instruments is not None else "off",
-            )
+        telemetry.client_opened(
+            base_url=self.base_url,
+            limits=self.limits,
+            timeouts=self.timeouts,
+            journal="in the fleet" if fleet is not None else getattr(self._journal, "path", None),
+            fleet_member=fleet.member_id if fleet is not None else None,
+        )
 
     def _poller_stopped(self, task: asyncio.Task[None]) -> None:
         """If the poller ever stops while open, settle every job now instead of leaving awaits
@@ -306,27 +302,10 @@ class WujieClient:
                             self._gc_freezer.stop()
                         try:
                             self._telemetry.stop()  # held-back warnings written
-                            self._log_closed()
+                            if logger.isEnabledFor(logging.INFO):
+                                self._telemetry.client_closed(self.stats)
                         finally:
                             self._closed.set()
-
-    def _log_closed(self) -> None:
-        if not logger.isEnabledFor(logging.INFO):
-            return
-        stats = self.stats
-        logger.info(
-            "client closed: %d submits (%d errors), %d jobs succeeded, %d failed; "
-            "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s",
-            stats.submits,
-            stats.submit_errors,
-            stats.jobs_succeeded,
-            stats.jobs_failed,
-            stats.batch_calls,
-            stats.mean_batch_fill,
-            stats.http_calls,
-            stats.retries,
-            stats.rate_limited,
-        )
 
     async def _drain_jobs(self) -> None:
         for job in self._poller.jobs():  # one after another: the wait is the longest one's
@@ -437,18 +416,7 @@ class WujieClient:
                 job.add_done_callback(self._fleet_job_ended)
         else:
             job.cancel()
-            if trace is not None and otel is not None:
-                otel.job_ended(
-                    trace,
-                    key=key,
-                    status="cancelled",
-                    error=job.exception(),
-                    asks=0,
-                    images=0,
-                    points=None,
-                    lateness=None,
-                    tracked=False,
-                )
+            self._telemetry.job_ended(trace, key, None, state, job.exception(), 0)
         return job
 
     def _fleet_job_ended(self, job: ImageJob) -> None:

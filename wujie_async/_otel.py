@@ -7,9 +7,9 @@ error types), never a body, a header or image bytes.
 Spans (names and attributes follow the OpenTelemetry semantic conventions where one exists):
 
 * ``wujie.job`` (INTERNAL): one per job, from ``submit()`` (or ``attach``/``resume``) to the
-  job's end; parent: the caller's current span. Events ``accepted`` and ``status`` (each
-  status change, with the asks so far); at its end its key, model, n, final status, asks,
-  images, points and lateness. A failed submit ends it with ``error.type``.
+  job's end; parent: the caller's current span. An event ``status`` per status change (with
+  the asks so far); its key once accepted; at its end its final status, asks, images, points
+  and lateness. A failed submit ends it with ``error.type``.
 * ``POST /ai/wj/images/...`` (CLIENT): one per HTTP attempt (a retry is a new span with
   ``http.request.resend_count``), the HTTP client conventions' attributes; child of its job
   span (submits) or batch span (polls).
@@ -129,8 +129,12 @@ class Instruments:
         self.jobs_ended = meter.create_counter(
             "wujie.jobs.ended", "{job}", "Jobs that ended, by final status"
         )
-        self.jobs_in_flight = meter.create_up_down_counter(
-            "wujie.jobs.in_flight", "{job}", "Jobs being tracked (submitted, not yet ended)"
+        # Observed at collection time, not counted per job: two measurements per job saved.
+        meter.create_observable_up_down_counter(
+            "wujie.jobs.in_flight",
+            [self._jobs_in_flight],
+            "{job}",
+            "Jobs being tracked (submitted or attached, not yet ended)",
         )
         self.points = meter.create_counter(
             "wujie.points.charged", "{point}", "Points the gateway reported charging for ended jobs"
@@ -165,6 +169,9 @@ class Instruments:
             "{request}/s",
             "Requests per second a 429 brake allows, per kind of call, while it is engaged",
         )
+
+    def _jobs_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(sum(recorder.jobs_in_flight() for recorder in list(self.recorders)))]
 
     def _fleet_roles(self, options: CallbackOptions) -> Iterable[Observation]:
         roles: Counter[str] = Counter()
@@ -201,6 +208,20 @@ def _attribute_text(value: str) -> str:
     return snippet(value, limit=120)
 
 
+_MODEL_NAMES: dict[str, str] = {}  # a model (checked, so one of a few) -> its attribute value
+
+
+def _model_name(model: Any) -> str:
+    if not isinstance(model, str):
+        return "unknown"
+    name = _MODEL_NAMES.get(model)
+    if name is None:
+        name = _attribute_text(model)
+        if len(_MODEL_NAMES) < 64:  # attached jobs' journaled requests could hold anything
+            _MODEL_NAMES[model] = name
+    return name
+
+
 class Recorder:
     """The spans and metrics of one client (see the module docstring)."""
 
@@ -210,11 +231,13 @@ class Recorder:
         instruments: Instruments | None,
         *,
         base_url: str | None,
+        jobs_in_flight: Callable[[], int] | None,
         brake_rates: Callable[[], Iterable[tuple[str, float | None]]] | None,
         fleet_role: Callable[[], str | None] | None,
     ) -> None:
         self.tracer = tracer
         self.instruments = instruments
+        self._jobs_in_flight = jobs_in_flight
         self._brake_rates = brake_rates
         self._fleet_role = fleet_role
         self._server: dict[str, Any] = {}
@@ -239,6 +262,7 @@ class Recorder:
         cls,
         *,
         base_url: str | None = None,
+        jobs_in_flight: Callable[[], int] | None = None,
         brake_rates: Callable[[], Iterable[tuple[str, float | None]]] | None = None,
         fleet_role: Callable[[], str | None] | None = None,
     ) -> Recorder | None:
@@ -257,6 +281,7 @@ class Recorder:
             tracer,
             instruments,
             base_url=base_url,
+            jobs_in_flight=jobs_in_flight,
             brake_rates=brake_rates,
             fleet_role=fleet_role,
         )
@@ -265,6 +290,9 @@ class Recorder:
         """Stop reporting this client in the observable gauges."""
         if self.instruments is not None:
             self.instruments.recorders.discard(self)
+
+    def jobs_in_flight(self) -> int:
+        return self._jobs_in_flight() if self._jobs_in_flight is not None else 0
 
     def fleet_role(self) -> str | None:
         return self._fleet_role() if self._fleet_role is not None else None
@@ -288,7 +316,7 @@ class Recorder:
     # --- jobs -----------------------------------------------------------------------------------
     def job_started(self, origin: str, model: Any, n: int | None) -> JobTrace:
         """A job begins: ``origin`` is ``submit`` or ``attach`` (attach and resume)."""
-        model_name = _attribute_text(model) if isinstance(model, str) else "unknown"
+        model_name = _model_name(model)
         span = None
         if self.tracer is not None:
             attributes: dict[str, Any] = {"wujie.job.origin": origin, "wujie.job.model": model_name}
@@ -299,9 +327,8 @@ class Recorder:
 
     def job_accepted(self, job: JobTrace, key: str) -> None:
         """The gateway gave the job its key."""
-        if job.span is not None:
+        if job.span is not None:  # when: the end of the submit's HTTP span, its child
             job.span.set_attribute("wujie.job.key", key)
-            job.span.add_event("accepted", {"wujie.job.key": key})
 
     def submit_ended(self, job: JobTrace, outcome: str, error: BaseException | None) -> None:
         """A submit ended: ``accepted``, or a failure (which also ends the job's span)."""
@@ -314,11 +341,6 @@ class Recorder:
             job.span.set_attribute("wujie.submit.outcome", outcome)
             _fail(job.span, error)
             job.span.end()
-
-    def job_tracked(self, job: JobTrace) -> None:
-        """The poller took the job on (it is in flight until it ends)."""
-        if self.instruments is not None:
-            self.instruments.jobs_in_flight.add(1)
 
     def job_status(self, job: JobTrace, status: str, asks: int) -> None:
         """The gateway reported a new status for the job."""
@@ -336,14 +358,11 @@ class Recorder:
         images: int,
         points: float | None,
         lateness: float | None,
-        tracked: bool = True,
     ) -> None:
         """The job ended (``status`` as ``_telemetry.ended_status`` words it)."""
         seconds = time.perf_counter() - job.started
         instruments = self.instruments
         if instruments is not None:
-            if tracked:
-                instruments.jobs_in_flight.add(-1)
             attributes = {"wujie.job.status": status, "wujie.job.model": job.model}
             instruments.jobs_ended.add(1, attributes)
             instruments.job_duration.record(seconds, attributes)

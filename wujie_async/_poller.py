@@ -11,8 +11,9 @@ an event: no timer ticks, no cost.
 Every reply is hostile until checked, and one bad entry never costs more than its own job:
 
 * only entries for keys this call asked about are looked at (a bounded few per key), so a reply
-  flooded with junk costs one cheap pass, and warnings are one summary line per reply
-  (``_replies``);
+  flooded with junk costs one cheap pass (``_replies``), and its warning is one summary line,
+  gated like every WARNING that can repeat per call (one line a minute of each kind, with a
+  count: ``_telemetry.RepeatedWarnings``);
 * optional fields that are unreadable are dropped at the model (``_models.JobInfo``); an entry
   whose key or status is unreadable is malformed, and a job listed only in malformed entries
   fails with ``JobProtocolError`` once that lasts the unknown-key grace period;
@@ -52,12 +53,11 @@ from ._errors import (
     WujieError,
     snippet,
 )
-from ._jobs import ImageJob, JobState, ended_copy, holds_bulk, status_name
+from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
 from ._replies import raw_entries_by_key as raw_entries_by_key  # the fleet's seam, kept here
 from ._schedule import KeyTiming, Lesson, PollSchedule
-from ._telemetry import ended_status
 from ._transport import Transport
 
 if TYPE_CHECKING:
@@ -69,8 +69,6 @@ logger = logging.getLogger("wujie_async")
 ENDED_JOBS_KEPT = 1024
 # Distinct unknown statuses remembered (each is logged once); past this, one last line says so.
 UNKNOWN_STATUSES_KEPT = 64
-# A gateway completion time further than this from now is not read as unix seconds.
-LATENESS_PLAUSIBLE_S = 86_400.0
 
 
 class PollDelegate(Protocol):
@@ -248,8 +246,6 @@ class BatchPoller:
             self._schedule(tracked, now + first_delay)
         if tracked.due < self._sleeping_until:  # only wake the poller if this key is due sooner
             self._wakeup.set()
-        if trace is not None and (otel := self._telemetry.otel) is not None:
-            otel.job_tracked(trace)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "job %s: pending (%s, first ask in %.2f s)",
@@ -375,11 +371,11 @@ class BatchPoller:
         batch: BatchTrace | None = None
         failure: BaseException | None = None
         try:
+            if otel is not None:  # begun before the wait for a call slot: a span shows that wait
+                batch = otel.batch_started([tracked.trace for tracked in chunk])
             async with self._call_slots:
                 self.counters.batch_calls += 1
                 self.counters.keys_polled += len(asked)
-                if otel is not None:
-                    batch = otel.batch_started([tracked.trace for tracked in chunk])
                 data = await self._transport.post(
                     _contract.BATCH_INFO_PATH, list(asked), kind="poll", parent=batch
                 )
@@ -661,56 +657,23 @@ class BatchPoller:
         self, tracked: _Tracked, before: JobStatus | int | None, now: float
     ) -> None:
         """A running job's status changed: its DEBUG line and its span's event."""
-        state = tracked.state
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "job %s: %s -> %s after %d ask(s) (%.0f%%, next ask in %.2f s)",
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+            self._telemetry.job_status(
+                tracked.trace,
                 tracked.job.key,
-                status_name(before),
-                status_name(state.status),
+                before,
+                tracked.state,
                 tracked.asks,
-                state.progress,
                 tracked.due - now,
             )
-        if tracked.trace is not None and (otel := self._telemetry.otel) is not None:
-            otel.job_status(tracked.trace, status_name(state.status), tracked.asks)
 
     def _observe_end(
         self, tracked: _Tracked, error: JobError | None, before: JobStatus | int | None
     ) -> None:
         """A tracked job ended: its DEBUG line, and its span and metrics."""
-        trace = tracked.trace
-        debug = logger.isEnabledFor(logging.DEBUG)
-        if trace is None and not debug:
-            return
-        state = tracked.state
-        lateness = None
-        done_at = state.complete_time
-        if isinstance(done_at, int | float) and not isinstance(done_at, bool):
-            lateness = time.time() - done_at
-            if not -LATENESS_PLAUSIBLE_S < lateness < LATENESS_PLAUSIBLE_S:
-                lateness = None  # not unix seconds after all (milliseconds?): not a figure
-        ended = ended_status(error, state.status)
-        if debug:
-            logger.debug(
-                "job %s: %s -> %s after %d ask(s)%s%s",
-                tracked.job.key,
-                status_name(before),
-                ended,
-                tracked.asks,
-                "" if lateness is None else f", {lateness:.2f} s after the gateway completed it",
-                "" if error is None else f": {type(error).__name__}",
-            )
-        if trace is not None and (otel := self._telemetry.otel) is not None:
-            otel.job_ended(
-                trace,
-                key=tracked.job.key,
-                status=ended,
-                error=error,
-                asks=tracked.asks,
-                images=len(state.images),
-                points=state.points_charged,
-                lateness=lateness,
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+            self._telemetry.job_ended(
+                tracked.trace, tracked.job.key, before, tracked.state, error, tracked.asks
             )
 
     def _note_unknown_status(self, status: int, key: str) -> None:

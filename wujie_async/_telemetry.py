@@ -45,9 +45,14 @@ from ._errors import (
     ModerationRejectedError,
     UnknownJobError,
 )
+from ._jobs import status_name
 
 if TYPE_CHECKING:
-    from ._otel import Recorder
+    from ._config import Limits, Timeouts
+    from ._contract import JobStatus
+    from ._jobs import JobState
+    from ._otel import JobTrace, Recorder
+    from ._stats import ClientStats
 
 logger = logging.getLogger("wujie_async")
 
@@ -58,6 +63,8 @@ _LEVELS: Mapping[str, int] = {
     "info": logging.INFO,
     "warning": logging.WARNING,
 }
+# A gateway completion time further than this from now is not read as unix seconds.
+LATENESS_PLAUSIBLE_S = 86_400.0
 _HANDLER_NAME = "wujie_async.stderr"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -229,6 +236,7 @@ class Telemetry:
         self,
         *,
         base_url: str | None = None,
+        jobs_in_flight: Callable[[], int] | None = None,
         brake_rates: Callable[[], Iterable[tuple[str, float | None]]] | None = None,
         fleet_role: Callable[[], str | None] | None = None,
     ) -> None:
@@ -236,6 +244,7 @@ class Telemetry:
 
         Args:
             base_url: the gateway's base URL (for the HTTP spans' server attributes).
+            jobs_in_flight: the jobs tracked now (read when metrics are collected).
             brake_rates: the 429 brakes' rates per kind of call (read when metrics are
                 collected).
             fleet_role: this member's fleet role (read when metrics are collected).
@@ -251,7 +260,10 @@ class Telemetry:
             _otel_missing = True
             return
         self.otel = _otel.Recorder.from_globals(
-            base_url=base_url, brake_rates=brake_rates, fleet_role=fleet_role
+            base_url=base_url,
+            jobs_in_flight=jobs_in_flight,
+            brake_rates=brake_rates,
+            fleet_role=fleet_role,
         )
 
     def stop(self) -> None:
@@ -269,6 +281,114 @@ class Telemetry:
             return
         with self.otel.detached():
             yield
+
+    # --- the story of a client --------------------------------------------------------------
+    def client_opened(
+        self,
+        *,
+        base_url: str,
+        limits: Limits,
+        timeouts: Timeouts,
+        journal: object,
+        fleet_member: str | None,
+    ) -> None:
+        """INFO: the client is open, with its limits and where its telemetry goes."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        otel = self.otel
+        logger.info(
+            "client opened: %s, %r, %r, journal %s%s; OpenTelemetry traces %s, metrics %s",
+            base_url,
+            limits,
+            timeouts,
+            journal,
+            f", fleet member {fleet_member}" if fleet_member is not None else "",
+            "on" if otel is not None and otel.tracer is not None else "off",
+            "on" if otel is not None and otel.instruments is not None else "off",
+        )
+
+    def client_closed(self, stats: ClientStats) -> None:
+        """INFO: the client is closed, with what it did."""
+        logger.info(
+            "client closed: %d submits (%d errors), %d jobs succeeded, %d failed; "
+            "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s",
+            stats.submits,
+            stats.submit_errors,
+            stats.jobs_succeeded,
+            stats.jobs_failed,
+            stats.batch_calls,
+            stats.mean_batch_fill,
+            stats.http_calls,
+            stats.retries,
+            stats.rate_limited,
+        )
+
+    # --- the story of a job --------------------------------------------------------------------
+    def job_status(
+        self,
+        trace: JobTrace | None,
+        key: str,
+        before: JobStatus | int | None,
+        state: JobState,
+        asks: int,
+        next_ask_in: float,
+    ) -> None:
+        """A running job's status changed: its DEBUG line and its span's event."""
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "job %s: %s -> %s after %d ask(s) (%.0f%%, next ask in %.2f s)",
+                key,
+                status_name(before),
+                status_name(state.status),
+                asks,
+                state.progress,
+                next_ask_in,
+            )
+        if trace is not None and self.otel is not None:
+            self.otel.job_status(trace, status_name(state.status), asks)
+
+    def job_ended(
+        self,
+        trace: JobTrace | None,
+        key: str,
+        before: JobStatus | int | None,
+        state: JobState,
+        error: BaseException | None,
+        asks: int,
+    ) -> None:
+        """A job ended (``error`` None: it succeeded): its DEBUG line, its span and metrics.
+
+        Lateness is from the gateway's ``complete_time`` (unix seconds, when it reports one)
+        to now, the moment the job's future resolved.
+        """
+        lateness = None
+        done_at = state.complete_time
+        if isinstance(done_at, int | float) and not isinstance(done_at, bool):
+            lateness = time.time() - done_at
+            if not -LATENESS_PLAUSIBLE_S < lateness < LATENESS_PLAUSIBLE_S:
+                lateness = None  # not unix seconds after all (milliseconds?): not a figure
+        ended = ended_status(error, state.status)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "job %s: %s -> %s after %d ask(s)%s%s",
+                key,
+                status_name(before),
+                ended,
+                asks,
+                "" if lateness is None else f", {lateness:.2f} s after the gateway completed it",
+                "" if error is None else f": {type(error).__name__}",
+            )
+        if trace is not None and self.otel is not None:
+            self.otel.job_ended(
+                trace,
+                key=key,
+                status=ended,
+                error=error,
+                asks=asks,
+                images=len(state.images),
+                points=state.points_charged,
+                lateness=lateness,
+            )
 
     def fleet_role_changed(self, role: str, *, member: str = "") -> None:
         """The hook a fleet member calls when its role changes (``leader``, ``follower``,
