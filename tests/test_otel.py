@@ -345,3 +345,21 @@ async def test_no_secret_reaches_a_log_record_a_span_or_a_metric(
     for secret in secrets:
         assert secret not in logged, secret
         assert secret not in recorded, secret
+
+
+async def test_a_provider_that_fails_leaves_the_client_working(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(trace.TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            raise RuntimeError("broken provider")
+
+    reset_globals()
+    try:
+        trace.set_tracer_provider(Broken())
+        async with emulator() as emu, make_client(emu) as client:
+            result = await (await client.images.submit(prompt="p", model="dall-e-2"))
+        assert result.status == 4
+    finally:
+        reset_globals()
+    assert "OpenTelemetry could not be set up (RuntimeError: broken provider)" in caplog.text

@@ -308,11 +308,6 @@ class Recorder:
         finally:
             otel_context.detach(token)
 
-    def fleet_role_changed(self, role: str) -> None:
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.add_event("wujie.fleet.role", {"wujie.fleet.role": role})
-
     # --- jobs -----------------------------------------------------------------------------------
     def job_started(self, origin: str, model: Any, n: int | None) -> JobTrace:
         """A job begins: ``origin`` is ``submit`` or ``attach`` (attach and resume)."""

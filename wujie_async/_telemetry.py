@@ -259,12 +259,21 @@ class Telemetry:
         except ImportError:
             _otel_missing = True
             return
-        self.otel = _otel.Recorder.from_globals(
-            base_url=base_url,
-            jobs_in_flight=jobs_in_flight,
-            brake_rates=brake_rates,
-            fleet_role=fleet_role,
-        )
+        try:
+            self.otel = _otel.Recorder.from_globals(
+                base_url=base_url,
+                jobs_in_flight=jobs_in_flight,
+                brake_rates=brake_rates,
+                fleet_role=fleet_role,
+            )
+        except Exception as exc:  # an opentelemetry too old, or a provider that fails: the
+            # client works without telemetry rather than not at all
+            logger.warning(
+                "OpenTelemetry could not be set up (%s: %s); this client records no spans or "
+                "metrics (wujie-async[otel] needs opentelemetry-api>=1.27)",
+                type(exc).__name__,
+                exc,
+            )
 
     def stop(self) -> None:
         """Write the held-back warnings; stop reporting this client's gauges."""
@@ -392,15 +401,13 @@ class Telemetry:
 
     def fleet_role_changed(self, role: str, *, member: str = "") -> None:
         """The hook a fleet member calls when its role changes (``leader``, ``follower``,
-        ``local``): one INFO line, and the span event / gauge of the new role."""
+        ``local``): one INFO line per change. (The ``wujie.fleet.role`` gauge reads the
+        member's role itself, when metrics are collected.)"""
         before, self._fleet_role = self._fleet_role, role
-        if role == before:
-            return
-        logger.info(
-            "fleet member %s: role %s -> %s", member or "(this client)", before or "none", role
-        )
-        if self.otel is not None:
-            self.otel.fleet_role_changed(role)
+        if role != before:
+            logger.info(
+                "fleet member %s: role %s -> %s", member or "(this client)", before or "none", role
+            )
 
 
 def brake_changed(kind: str, before: float | None, after: float | None) -> None:
