@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -111,6 +112,27 @@ async def test_a_batch_query_failing_every_call_is_one_warning(
             await job
         assert client.stats.batch_errors >= 5
         assert len(lines(caplog, logging.WARNING)) == 1
+
+
+async def test_a_journal_of_unreadable_rows_is_one_warning_and_a_count(
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator(time_scale=1.0) as emu:
+        async with make_client(emu, journal=journal) as client:
+            for i in range(30):
+                await client.images.submit(prompt=f"{i}", model="dall-e-2")
+        with sqlite3.connect(journal) as db:
+            db.execute("UPDATE submits SET request='{not json'")
+        caplog.set_level(logging.WARNING, logger="wujie_async")
+        async with make_client(emu, journal=journal) as client:
+            resumed = await client.resume()
+            assert len(resumed) == 30
+            for job in resumed:
+                job.cancel()
+    first, held = lines(caplog, logging.WARNING)
+    assert first.startswith("journal row 1: its stored request is not JSON")
+    assert held.startswith("journal row 2: ") and "(the first of 29 like this" in held
 
 
 # --- the story at DEBUG and INFO ------------------------------------------------------------------
