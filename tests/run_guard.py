@@ -118,3 +118,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         sys.stderr.write(f"run_guard: killing a process a test left running: {pid} {command}\n")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _watchdog_stream
+    # Closed, not left to the interpreter's exit (which would print a ResourceWarning whenever
+    # a test changed the warning filters, as opentelemetry's SDK does).
+    faulthandler.cancel_dump_traceback_later()
+    if _watchdog_stream is not None:
+        _watchdog_stream.close()
+        _watchdog_stream = None

@@ -34,11 +34,13 @@ from ._keys import check_key, images_in
 from ._poller import BatchPoller
 from ._stats import ClientStats
 from ._submitting import Admission, Submits
+from ._telemetry import Telemetry
 from ._transport import Transport
 
 __all__ = ["ClientStats", "Images", "WujieClient"]  # the first two live in _stats, _images
 
 if TYPE_CHECKING:
+    from ._otel import JobTrace
     from .fleet import RedisFleet
 
 _State = Literal["unopened", "open", "closing", "closed"]
@@ -124,6 +126,8 @@ class WujieClient:
 
             self._fleet = FleetMember(fleet)
             headers["X-Wujie-Member"] = self._fleet.header_token
+        # Logs' repeated-warnings gate, and spans and metrics once open (see _telemetry).
+        self._telemetry = Telemetry()
         self._transport = Transport(
             base_url=self.base_url,
             signer=HeaderSigner(self.credentials),
@@ -132,6 +136,7 @@ class WujieClient:
             retry=self.retry_policy,
             headers=headers,
             session=session,
+            telemetry=self._telemetry,
         )
         self._poller = BatchPoller(self._transport, self.poll_policy, self.limits)
         # One bound method for every job's cancel hook, not one allocated per job.
@@ -185,17 +190,26 @@ class WujieClient:
         fleet = self._fleet
         if self._journal is not None and fleet is None:
             await self._journal.open()
+        telemetry = self._telemetry
+        telemetry.start(
+            base_url=self.base_url,
+            jobs_in_flight=lambda: len(self._poller),
+            brake_rates=lambda: self._transport.brake_rates.items(),
+            fleet_role=(lambda: fleet.stats().role) if fleet is not None else None,
+        )
         await self._transport.open()
         if fleet is not None:
             try:
-                await fleet.start(
-                    poller=self._poller,
-                    transport=self._transport,
-                    poll=self.poll_policy,
-                    limits=self.limits,
-                )
+                with telemetry.detached():  # its tasks' spans are not the opener's children
+                    await fleet.start(
+                        poller=self._poller,
+                        transport=self._transport,
+                        poll=self.poll_policy,
+                        limits=self.limits,
+                    )
                 await fleet.journal.open()
             except BaseException:
+                telemetry.stop()
                 await self._transport.close()
                 raise
         self._submits.open(
@@ -205,12 +219,22 @@ class WujieClient:
         # which may run in different tasks, and a task group (or cancel scope) must be left by
         # the task that entered it. Its end is watched instead: a done callback settles every
         # job if it ever stops while open, and aclose() cancels and awaits it.
-        self._poller_task = self._loop.create_task(self._poller.run(), name="wujie-async poller")
+        with telemetry.detached():  # a batch call is a root span, not the opener's child
+            self._poller_task = self._loop.create_task(
+                self._poller.run(), name="wujie-async poller"
+            )
         self._poller_task.add_done_callback(self._poller_stopped)
         self._state = "open"
         self._tracking = True
         if self._gc_freezer is not None:
             self._gc_freezer.start()
+        telemetry.client_opened(
+            base_url=self.base_url,
+            limits=self.limits,
+            timeouts=self.timeouts,
+            journal="in the fleet" if fleet is not None else getattr(self._journal, "path", None),
+            fleet_member=fleet.member_id if fleet is not None else None,
+        )
 
     def _poller_stopped(self, task: asyncio.Task[None]) -> None:
         """If the poller ever stops while open, settle every job now instead of leaving awaits
@@ -276,7 +300,12 @@ class WujieClient:
                         self._state = "closed"
                         if self._gc_freezer is not None:
                             self._gc_freezer.stop()
-                        self._closed.set()
+                        try:
+                            self._telemetry.stop()  # held-back warnings written
+                            if logger.isEnabledFor(logging.INFO):
+                                self._telemetry.client_closed(self.stats)
+                        finally:
+                            self._closed.set()
 
     async def _drain_jobs(self) -> None:
         for job in self._poller.jobs():  # one after another: the wait is the longest one's
@@ -351,15 +380,20 @@ class WujieClient:
         n: int | None,
         first_delay: float | None = None,
         release: Callable[[], None] | None = None,
+        trace: JobTrace | None = None,
     ) -> ImageJob:
         """The one job factory (submit, attach, resume): build, hook up, track.
 
         A job made while the client is closing, or after its poller stopped, is settled at once
         (JobCancelledError) rather than left to wait for a poller that will never ask.
+        ``trace``: the job's telemetry record, begun at submit (an attached job's begins here).
         """
         loop = self._loop
         if loop is None:
             raise ClientStateError("the client is not open")
+        otel = self._telemetry.otel
+        if trace is None and otel is not None:
+            trace = otel.job_started("attach", (request or {}).get("model"), n)
         state = JobState(loop)
         job = ImageJob(
             key,
@@ -374,7 +408,7 @@ class WujieClient:
         if self._journal is not None:
             job.add_done_callback(self._record_outcome)
         if self._taking_jobs():
-            self._poller.track(job, state, first_delay=first_delay)
+            self._poller.track(job, state, first_delay=first_delay, trace=trace)
             if self._gc_freezer is not None:
                 self._gc_freezer.job_tracked()
             if self._fleet is not None:
@@ -382,6 +416,7 @@ class WujieClient:
                 job.add_done_callback(self._fleet_job_ended)
         else:
             job.cancel()
+            self._telemetry.job_ended(trace, key, None, state, job.exception(), 0)
         return job
 
     def _fleet_job_ended(self, job: ImageJob) -> None:
@@ -485,6 +520,11 @@ class WujieClient:
                 more,
                 len(jobs),
             )
+        logger.info(
+            "resumed %d job(s) %s",
+            len(jobs),
+            "of dead fleet members" if self._fleet is not None else "from the journal",
+        )
         return jobs
 
     async def uncertain_submits(self) -> list[JournalEntry]:

@@ -18,11 +18,12 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 import aiohttp
 import anyio
@@ -39,6 +40,10 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
+from ._telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 logger = logging.getLogger("wujie_async.download")
 
@@ -142,8 +147,10 @@ class Downloader:
         )
         self._template = name
         self._session: aiohttp.ClientSession | None = None
+        self._telemetry = Telemetry()  # a span and metrics per image, once opened
 
     async def __aenter__(self) -> Self:
+        self._telemetry.start()
         await anyio.to_thread.run_sync(lambda: self._folder.mkdir(parents=True, exist_ok=True))
         connector = aiohttp.TCPConnector(
             limit=self._concurrency, resolver=CheckingResolver(allow_private=self._allow_private)
@@ -182,6 +189,19 @@ class Downloader:
         check_key(key)
         check_url(url, allow_http=self._allow_http, allow_private=self._allow_private)
         session = self._require_session()
+        return await self._observed(
+            key, index, URL(url).host, lambda: self._save_url(session, url, key, index, id, line)
+        )
+
+    async def _save_url(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        key: str,
+        index: int,
+        id: str | None,
+        line: int | None,
+    ) -> SavedImage:
         async with self._slots:
             return await self._retrying(lambda: self._download(session, url, key, index, id, line))
 
@@ -203,9 +223,50 @@ class Downloader:
         path = self._folder / render_name(
             self._template, key=key, index=index, ext=kind, id=id, line=line
         )
+        return await self._observed(key, index, None, lambda: self._write_bytes(data, path))
+
+    async def _write_bytes(self, data: bytes, path: Path) -> SavedImage:
         async with self._slots:
             await anyio.to_thread.run_sync(self._write_whole, data, path)
         return SavedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+
+    async def _observed(
+        self, key: str, index: int, host: str | None, save: Callable[[], Awaitable[SavedImage]]
+    ) -> SavedImage:
+        """``save()``, with its span, metrics and DEBUG line when any of them is on (the one
+        place downloads are observed: every way of saving an image comes through here)."""
+        otel = self._telemetry.otel
+        if otel is None and not logger.isEnabledFor(logging.DEBUG):
+            return await save()
+        span = otel.download_started(key, index, host) if otel is not None else None
+        started = time.perf_counter()
+        try:
+            saved = await save()
+        except BaseException as exc:
+            self._saved(span, key, index, started, None, exc)
+            raise
+        self._saved(span, key, index, started, saved.bytes, None)
+        return saved
+
+    def _saved(
+        self,
+        span: Span | None,
+        key: str,
+        index: int,
+        started: float,
+        size: int | None,
+        error: BaseException | None,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        logger.debug(
+            "image %s #%d: %s in %.0f ms",
+            key,
+            index,
+            f"{size} bytes saved" if error is None else f"not saved ({type(error).__name__})",
+            seconds * 1e3,
+        )
+        if (otel := self._telemetry.otel) is not None:
+            otel.download_ended(span, seconds=seconds, size=size, error=error)
 
     async def save_b64(
         self, text: str, key: str, index: int, *, id: str | None = None, line: int | None = None

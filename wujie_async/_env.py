@@ -15,6 +15,7 @@ APP_ID: Final = "WUJIE_APP_ID"
 PRIVATE_KEY: Final = "WUJIE_PRIVATE_KEY"
 PRIVATE_KEY_FILE: Final = "WUJIE_PRIVATE_KEY_FILE"
 BASE_URL: Final = "WUJIE_BASE_URL"
+LOG: Final = "WUJIE_LOG"
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +28,22 @@ class Environment:
         private_key_file: ``WUJIE_PRIVATE_KEY_FILE``, a file holding the key (read only when
             ``WUJIE_PRIVATE_KEY`` is unset).
         base_url: ``WUJIE_BASE_URL``.
+        log: ``WUJIE_LOG``: ``debug``, ``info`` or ``warning`` shows the ``wujie_async`` log
+            from that level up on stderr (see ``_telemetry.log_level``).
     """
 
     app_id: str | None
     private_key: str | None
     private_key_file: str | None
     base_url: str | None
+    log: str | None = None
 
     def __repr__(self) -> str:
         key = None if self.private_key is None else "***"
         return (
             f"Environment(app_id={self.app_id!r}, private_key={key!r}, "
-            f"private_key_file={self.private_key_file!r}, base_url={self.base_url!r})"
+            f"private_key_file={self.private_key_file!r}, base_url={self.base_url!r}, "
+            f"log={self.log!r})"
         )
 
     @classmethod
@@ -50,4 +55,5 @@ class Environment:
             private_key=source.get(PRIVATE_KEY) or None,
             private_key_file=source.get(PRIVATE_KEY_FILE) or None,
             base_url=source.get(BASE_URL) or None,
+            log=source.get(LOG) or None,
         )

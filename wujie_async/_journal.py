@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 from ._errors import ClientStateError
 from ._journal_worker import JournalWorker, Op
+from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
 
@@ -150,7 +151,9 @@ class Journal:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._worker = JournalWorker(self.path, _prepare)
+        # WARNINGs that can repeat per row or per record: one line a minute of each kind.
+        self._warnings = RepeatedWarnings(logger)
+        self._worker = JournalWorker(self.path, _prepare, warnings=self._warnings)
         self.lock_path = self._worker.lock_path
 
     def __repr__(self) -> str:
@@ -169,10 +172,40 @@ class Journal:
             ClientStateError: the file cannot be created or read.
         """
         await self._worker.open()
+        if logger.isEnabledFor(logging.INFO):
+            rows = await self._worker.query(
+                "SELECT state, COUNT(*) FROM submits GROUP BY state", ()
+            )
+            counts = {str(state): int(count) for state, count in rows}
+            logger.info(
+                "journal %s opened: %d accepted job(s) not ended (resume() attaches them), "
+                "%d uncertain submit(s), %d row(s) in all",
+                self.path,
+                counts.get("accepted", 0),
+                counts.get("uncertain", 0),
+                sum(counts.values()),
+            )
 
     async def close(self) -> None:
         """Commit what is queued, stop the worker and release the lock."""
         await self._worker.close()
+        self._warnings.flush()
+
+    def _read_request(self, row_id: int, text: Any) -> dict[str, Any]:
+        try:
+            request = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as exc:
+            problem = f"not JSON ({type(exc).__name__})"
+        else:
+            if isinstance(request, dict):
+                return request
+            problem = f"a JSON {type(request).__name__}, not an object"
+        self._warnings.warning(
+            "journal row %d: its stored request is %s; listed with an empty request",
+            row_id,
+            problem,
+        )
+        return {}
 
     # --- records ---------------------------------------------------------------------------------
     async def record_intent(
@@ -315,7 +348,7 @@ class Journal:
             JournalEntry(
                 id=row[0],
                 path=row[1],
-                request=_read_request(row[0], row[2]),
+                request=self._read_request(row[0], row[2]),
                 state=row[3],
                 job_key=row[4],
                 tag=row[5],
@@ -333,18 +366,3 @@ def _prepare(connection: sqlite3.Connection) -> None:
         "UPDATE submits SET state='uncertain', error=?, updated=? WHERE state='intent'",
         ("the process stopped before the gateway's reply was recorded", time.time()),
     )
-
-
-def _read_request(row_id: int, text: Any) -> dict[str, Any]:
-    try:
-        request = json.loads(text)
-    except (TypeError, ValueError, RecursionError) as exc:
-        problem = f"not JSON ({type(exc).__name__})"
-    else:
-        if isinstance(request, dict):
-            return request
-        problem = f"a JSON {type(request).__name__}, not an object"
-    logger.warning(
-        "journal row %d: its stored request is %s; listed with an empty request", row_id, problem
-    )
-    return {}

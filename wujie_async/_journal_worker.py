@@ -42,6 +42,7 @@ from typing import Any
 import anyio
 
 from ._errors import ClientStateError
+from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
 
@@ -99,10 +100,19 @@ class JournalWorker:
         path: the database file (created ``0600`` if new).
         prepare: run on the worker thread once the file is open and locked (schema, repairs);
             it may raise ``sqlite3.Error``/``OSError``, which fail :meth:`open`.
+        warnings: the gate of WARNINGs that can repeat per record (a full disk fails every
+            commit; a closed journal refuses every late record).
     """
 
-    def __init__(self, path: Path, prepare: Callable[[sqlite3.Connection], None]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        prepare: Callable[[sqlite3.Connection], None],
+        *,
+        warnings: RepeatedWarnings | None = None,
+    ) -> None:
         self.path = path
+        self._warnings = warnings if warnings is not None else RepeatedWarnings(logger)
         self.lock_path = path.with_name(path.name + ".lock")
         self._prepare = prepare
         self._queue: queue.SimpleQueue[_Write | _Read | None] = queue.SimpleQueue()
@@ -272,7 +282,9 @@ class JournalWorker:
                 else:
                     unanswered += 1
             if unanswered:
-                logger.warning("%s; %d record(s) of job outcomes were not kept", error, unanswered)
+                self._warnings.warning(
+                    "%s; %d record(s) of job outcomes were not kept", error, unanswered
+                )
         else:
             for done, value in results:
                 if done is not None:
@@ -322,7 +334,9 @@ class JournalWorker:
             if self._accepting:
                 self._queue.put(_Write(ops, None))
                 return
-        logger.warning("journal %s is closed; a record was not kept: %s", self.path, ops[0][0])
+        self._warnings.warning(
+            "journal %s is closed; a record was not kept: %s", self.path, ops[0][0]
+        )
 
     async def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = await self.enqueue(lambda done: _Read(sql, params, done))

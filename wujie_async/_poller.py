@@ -11,8 +11,9 @@ an event: no timer ticks, no cost.
 Every reply is hostile until checked, and one bad entry never costs more than its own job:
 
 * only entries for keys this call asked about are looked at (a bounded few per key), so a reply
-  flooded with junk costs one cheap pass, and warnings are one summary line per reply
-  (``_replies``);
+  flooded with junk costs one cheap pass (``_replies``), and its warning is one summary line,
+  gated like every WARNING that can repeat per call (one line a minute of each kind, with a
+  count: ``_telemetry.RepeatedWarnings``);
 * optional fields that are unreadable are dropped at the model (``_models.JobInfo``); an entry
   whose key or status is unreadable is malformed, and a job listed only in malformed entries
   fails with ``JobProtocolError`` once that lasts the unknown-key grace period;
@@ -35,7 +36,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -58,6 +59,9 @@ from ._replies import Reading, failure, images_of, read
 from ._replies import raw_entries_by_key as raw_entries_by_key  # the fleet's seam, kept here
 from ._schedule import KeyTiming, Lesson, PollSchedule
 from ._transport import Transport
+
+if TYPE_CHECKING:
+    from ._otel import BatchTrace, JobTrace
 
 logger = logging.getLogger("wujie_async")
 # Time is the running loop's clock, read directly (``asyncio.get_running_loop().time()``, the
@@ -111,6 +115,8 @@ class _Tracked(KeyTiming):
     last_seen: float | None = None
     # Handed to the delegate (a fleet's leader asks about it); its report reschedules it.
     delegated: bool = False
+    asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
+    trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
 
 
 class _DeadlineWatch:
@@ -167,6 +173,8 @@ class BatchPoller:
 
     def __init__(self, transport: Transport, policy: PollPolicy, limits: Limits) -> None:
         self._transport = transport
+        self._telemetry = transport.telemetry  # the client's: spans, metrics, warnings
+        self._warnings = transport.telemetry.warnings
         self._delegate: PollDelegate | None = None
         self._policy = policy
         self._schedule_of = PollSchedule(policy)
@@ -211,14 +219,25 @@ class BatchPoller:
         """Every outstanding job."""
         return [tracked.job for tracked in self._jobs.values()]
 
-    def track(self, job: ImageJob, state: JobState, first_delay: float | None = None) -> None:
+    def track(
+        self,
+        job: ImageJob,
+        state: JobState,
+        first_delay: float | None = None,
+        trace: JobTrace | None = None,
+    ) -> None:
         """Start polling ``job``, whose state (``state``) this poller now writes: first ask
-        after ``first_delay`` (default: the policy's)."""
+        after ``first_delay`` (default: the policy's). ``trace``: the job's telemetry record,
+        ended with the job."""
         now = asyncio.get_running_loop().time()
         request = job.request
         model = request.get("model") if request is not None else None
         tracked = _Tracked(
-            created_at=now, model=model if isinstance(model, str) else None, job=job, state=state
+            created_at=now,
+            model=model if isinstance(model, str) else None,
+            job=job,
+            state=state,
+            trace=trace,
         )
         self._jobs[job.key] = tracked
         if first_delay is None:
@@ -227,19 +246,34 @@ class BatchPoller:
             self._schedule(tracked, now + first_delay)
         if tracked.due < self._sleeping_until:  # only wake the poller if this key is due sooner
             self._wakeup.set()
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "job %s: pending (%s, first ask in %.2f s)",
+                job.key,
+                "attached" if first_delay is not None else "submitted",
+                tracked.due - now,
+            )
 
     def forget(self, job: ImageJob) -> None:
-        """Stop polling ``job`` (it ended or was cancelled)."""
+        """Stop polling ``job``: the job's own cancel (``job.cancel()``) calls this."""
         tracked = self._jobs.get(job.key)
         if tracked is not None and tracked.job is job:
-            del self._jobs[job.key]
-            tracked.due = math.inf
+            self._untrack(tracked)
+            error = JobCancelledError("cancelled", job_key=job.key)
+            self._observe_end(tracked, error, tracked.state.status)
+
+    def _untrack(self, tracked: _Tracked) -> None:
+        if self._jobs.get(tracked.job.key) is tracked:
+            del self._jobs[tracked.job.key]
+        tracked.due = math.inf
 
     def cancel_all(self, reason: str) -> None:
         """Stop tracking every job; each awaiter gets JobCancelledError saying ``reason``."""
         for tracked in list(self._jobs.values()):
-            self.forget(tracked.job)
-            tracked.state.fail(JobCancelledError(reason, job_key=tracked.job.key))
+            self._untrack(tracked)
+            error = JobCancelledError(reason, job_key=tracked.job.key)
+            tracked.state.fail(error)
+            self._observe_end(tracked, error, tracked.state.status)
 
     def _tracks(self, tracked: _Tracked) -> bool:
         return self._jobs.get(tracked.job.key) is tracked
@@ -314,7 +348,8 @@ class BatchPoller:
     def _expire(self, tracked: _Tracked) -> None:
         if self._tracks(tracked):
             job = tracked.job
-            self._end(tracked, JobTimeoutError("still running at its deadline", job_key=job.key))
+            error = JobTimeoutError("still running at its deadline", job_key=job.key)
+            self._end(tracked, error, tracked.state.status)
 
     async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
         watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
@@ -332,22 +367,41 @@ class BatchPoller:
         asked = {tracked.job.key: tracked for tracked in chunk}
         reading: Reading | None = None
         too_large = False
+        otel = self._telemetry.otel
+        batch: BatchTrace | None = None
+        failure: BaseException | None = None
         try:
+            if otel is not None:  # begun before the wait for a call slot: a span shows that wait
+                batch = otel.batch_started([tracked.trace for tracked in chunk])
             async with self._call_slots:
                 self.counters.batch_calls += 1
                 self.counters.keys_polled += len(asked)
                 data = await self._transport.post(
-                    _contract.BATCH_INFO_PATH, list(asked), kind="poll"
+                    _contract.BATCH_INFO_PATH, list(asked), kind="poll", parent=batch
                 )
             reading = self._read(data, asked)
         except WujieError as exc:
             self.counters.batch_errors += 1
+            failure = exc
             too_large = isinstance(exc, ResponseTooLargeError)
             if not too_large:
-                logger.warning("batch query of %d keys failed: %s", len(asked), snippet(str(exc)))
-        except Exception:  # a bug must not take the poller, and every job with it, down
+                self._warnings.warning(
+                    "batch query of %d keys failed: %s", len(asked), snippet(str(exc))
+                )
+        except Exception as exc:  # a bug must not take the poller, and every job with it, down
             self.counters.batch_errors += 1
-            logger.exception("batch query of %d keys failed unexpectedly", len(asked))
+            failure = exc
+            self._warnings.warning(
+                "batch query of %d keys failed unexpectedly", len(asked), exc_info=True
+            )
+        finally:
+            if batch is not None and otel is not None:
+                otel.batch_ended(
+                    batch,
+                    error=failure,
+                    listed=len(reading.entries) if reading is not None else 0,
+                    malformed=reading.bad_entries if reading is not None else 0,
+                )
         if too_large:
             await self._split(chunk)
             return
@@ -356,6 +410,7 @@ class BatchPoller:
         # Gateway times are unix seconds; loop time is not: this maps one onto the other.
         unix_to_loop = now - time.time()
         for tracked in chunk:
+            tracked.asks += 1
             if not self._tracks(tracked):
                 continue  # cancelled, or past its deadline, while the call was out
             if reading is None:
@@ -370,7 +425,7 @@ class BatchPoller:
         try:
             self._dispatch(tracked, reading, now, unix_to_loop)
         except Exception as exc:  # contained per entry: this job fails, the rest go on
-            logger.exception("handling the batch entry of one job failed")
+            self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
             if self._tracks(tracked):
                 self._end(
                     tracked,
@@ -378,6 +433,7 @@ class BatchPoller:
                         f"its batch entry could not be handled: {type(exc).__name__}",
                         job_key=tracked.job.key,
                     ),
+                    tracked.state.status,
                 )
 
     def _after_replies(self, now: float) -> None:
@@ -410,6 +466,7 @@ class BatchPoller:
         if tracked is None or tracked.due == math.inf:
             return None
         tracked.delegated = False
+        tracked.asks += 1
         self.counters.reports_applied += 1
         if too_large:
             self._end_too_large(tracked)
@@ -470,6 +527,7 @@ class BatchPoller:
                 "(raise Limits.max_response_bytes to fetch it)",
                 job_key=job.key,
             ),
+            tracked.state.status,
         )
 
     def _pull_in_waiting(self, now: float) -> None:
@@ -497,7 +555,7 @@ class BatchPoller:
             if self._tracks(tracked):
                 self._end_too_large(tracked)
             return
-        logger.warning(
+        self._warnings.warning(
             "a batch reply for %d keys was over the size cap: asking in halves", len(chunk)
         )
         middle = len(chunk) // 2
@@ -508,6 +566,16 @@ class BatchPoller:
         """A reading of ``data`` for the keys in ``asked`` (every key when None), counted."""
         reading = read(data, asked)
         self.counters.malformed_entries += reading.bad_entries
+        if reading.bad_entries or reading.ignored_entries:
+            # Once per reply at most, and through the repeated-warnings gate: a gateway sending
+            # nothing but malformed entries must not write a line per call.
+            self._warnings.warning(
+                "batch reply: ignored %d malformed entries and %d entries for keys not asked "
+                "about%s",
+                reading.bad_entries,
+                reading.ignored_entries,
+                f" (first problem: {reading.first_problem})" if reading.first_problem else "",
+            )
         return reading
 
     def read_reply(self, data: Any) -> dict[str, JobInfo]:
@@ -546,10 +614,11 @@ class BatchPoller:
                     "(wrong key, another app's key, or a result already cleaned up)",
                     job_key=job.key,
                 )
-            self._end(tracked, error)
+            self._end(tracked, error, tracked.state.status)
             return
         tracked.last_seen = now
         state = tracked.state
+        before = state.status
         state.report(entry)
         if entry.images and len(entry.images) > len(state.images):
             state.add_images(images_of(entry))
@@ -562,12 +631,13 @@ class BatchPoller:
                 ended_at + unix_to_loop if isinstance(ended_at, int | float) else None,
             )
         if status == JobStatus.SUCCEEDED:
-            self.forget(job)
+            self._untrack(tracked)
             self.counters.succeeded += 1
             state.succeed(job.key, JobStatus.SUCCEEDED)
+            self._observe_end(tracked, None, before)
             self._remember_ended(tracked)
         elif status in _contract.FAILED_STATUSES:
-            self._end(tracked, failure(job.key, entry))
+            self._end(tracked, failure(job.key, entry), before)
         else:
             if status not in _contract.RUNNING_STATUSES:
                 self._note_unknown_status(status, job.key)
@@ -579,6 +649,31 @@ class BatchPoller:
                     expected_seconds=entry.expected_seconds,
                     queue_position=entry.queue_before_num,
                 ),
+            )
+            if state.status != before:
+                self._observe_status(tracked, before, now)
+
+    def _observe_status(
+        self, tracked: _Tracked, before: JobStatus | int | None, now: float
+    ) -> None:
+        """A running job's status changed: its DEBUG line and its span's event."""
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+            self._telemetry.job_status(
+                tracked.trace,
+                tracked.job.key,
+                before,
+                tracked.state,
+                tracked.asks,
+                tracked.due - now,
+            )
+
+    def _observe_end(
+        self, tracked: _Tracked, error: JobError | None, before: JobStatus | int | None
+    ) -> None:
+        """A tracked job ended: its DEBUG line, and its span and metrics."""
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+            self._telemetry.job_ended(
+                tracked.trace, tracked.job.key, before, tracked.state, error, tracked.asks
             )
 
     def _note_unknown_status(self, status: int, key: str) -> None:
@@ -597,10 +692,12 @@ class BatchPoller:
                 UNKNOWN_STATUSES_KEPT,
             )
 
-    def _end(self, tracked: _Tracked, error: JobError) -> None:
-        self.forget(tracked.job)
+    def _end(self, tracked: _Tracked, error: JobError, before: JobStatus | int | None) -> None:
+        """End a tracked job with ``error``; ``before``: its status before the last report."""
+        self._untrack(tracked)
         self.counters.failed += 1
         tracked.state.fail(error)
+        self._observe_end(tracked, error, before)
         self._remember_ended(tracked)
 
     def _remember_ended(self, tracked: _Tracked) -> None:

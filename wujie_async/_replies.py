@@ -8,7 +8,6 @@ malformed. The poller (``_poller``) decides what to do with a reading; this modu
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,6 @@ from ._contract import JobStatus
 from ._errors import JobFailedError, ModerationRejectedError, ProtocolError, snippet
 from ._models import GeneratedImage, JobInfo
 
-logger = logging.getLogger("wujie_async")
 # A reply may repeat a key; more than this many entries for one key are not even looked at.
 ENTRIES_PER_KEY = 4
 _JOB_LIST = TypeAdapter(list[JobInfo])
@@ -36,6 +34,8 @@ class Reading:
     # Entries that could not be read, and entries for keys not asked about.
     bad_entries: int = 0
     ignored_entries: int = 0
+    # Why the first unreadable entry could not be read (a short, clean excerpt), or "".
+    first_problem: str = ""
 
 
 def images_of(entry: JobInfo) -> list[GeneratedImage]:
@@ -125,7 +125,7 @@ def read(data: Any, asked: Container[str] | None) -> Reading:
 
     Work is bounded by the keys asked: an entry for another key is skipped with one dict
     lookup, before any validation, and at most ENTRIES_PER_KEY entries of one key are read.
-    Problems are summed up in one warning per reply, never one line per entry.
+    Problems are counted in the reading (the poller words them, at most once per reply).
     """
     listed = _listed(data)
     relevant = listed if asked is None else _relevant(listed, asked)
@@ -148,17 +148,10 @@ def read(data: Any, asked: Container[str] | None) -> Reading:
                 if isinstance(key, str):
                     malformed.setdefault(key, why)
     bad = len(relevant) - len(entries)
-    if bad or ignored:
-        logger.warning(
-            "batch reply: ignored %d malformed entries and %d entries for keys not asked about%s",
-            bad,
-            ignored,
-            f" (first problem: {first_problem})" if first_problem else "",
-        )
     best = _most_advanced(entries)
     for key in best:
         malformed.pop(key, None)  # one readable entry is enough
-    return Reading(best, malformed, bad, ignored)
+    return Reading(best, malformed, bad, ignored, first_problem)
 
 
 def failure(key: str, entry: JobInfo) -> JobFailedError:

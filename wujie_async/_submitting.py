@@ -19,7 +19,6 @@ cancel is told apart from the caller's own cancellation, which always goes on).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -41,9 +40,8 @@ from ._keys import usable_key
 from ._ratelimit import WINDOW_MARGIN_S, Pacer
 
 if TYPE_CHECKING:
+    from ._otel import JobTrace
     from ._transport import Transport
-
-logger = logging.getLogger("wujie_async")
 
 
 class Admission:
@@ -239,6 +237,7 @@ class MakeJob(Protocol):
         request: dict[str, Any] | None,
         n: int | None,
         release: Callable[[], None] | None = None,
+        trace: JobTrace | None = None,
     ) -> ImageJob: ...
 
 
@@ -267,6 +266,7 @@ class Submits:
         in_use: Callable[[str], bool],
     ) -> None:
         self._transport = transport
+        self._telemetry = transport.telemetry
         self._journal = journal
         self._make_job = make_job
         self._in_use = in_use
@@ -297,16 +297,23 @@ class Submits:
         """
         record = SubmitRecord(self._journal, path, body, tag)
         scope = anyio.CancelScope()
+        otel = self._telemetry.otel
+        trace = otel.job_started("submit", body.get("model"), n) if otel is not None else None
         # Registered before the first await: stop() cannot miss a submit in progress.
         if not self._running:
             self._idle = anyio.Event()
         self._running.add(scope)
         try:
             with scope:
-                return await self._send(record, path, body, n, deadline_s)
+                job = await self._send(record, path, body, n, deadline_s, trace)
+                if trace is not None:
+                    self._submit_ended(trace, record, None)
+                return job
             # Only reached when stop() cancelled this scope: the caller's own cancellation
             # is never swallowed by it (it goes on as CancelledError).
             if record.job is not None:
+                if trace is not None:
+                    self._submit_ended(trace, record, None)
                 return record.job  # the key came back: its job, settled as cancelled
             if record.may_have_left:
                 raise SubmitUncertainError(
@@ -317,14 +324,29 @@ class Submits:
             raise ClientStateError(
                 "the client was closed before this submit was sent (nothing was sent)"
             )
-        except BaseException:
+        except BaseException as exc:
             self.errors += 1
+            if trace is not None:
+                self._submit_ended(trace, record, exc)
             raise
         finally:
             self._running.discard(scope)
             self._stopping.discard(scope)
             if not self._running and self._idle is not None:
                 self._idle.set()
+
+    def _submit_ended(
+        self, trace: JobTrace, record: SubmitRecord, error: BaseException | None
+    ) -> None:
+        """Telemetry of a submit's end; once a key came back, its job carries the span on."""
+        otel = self._telemetry.otel
+        if otel is None:
+            return
+        if record.key is not None:
+            otel.submit_ended(trace, "accepted", None)
+        else:
+            assert error is not None  # no key and no error: _send returned a job without one
+            otel.submit_ended(trace, outcome_state(error, sending=record.may_have_left), error)
 
     async def wait_idle(self) -> None:
         """Return once no submit is in progress."""
@@ -346,7 +368,13 @@ class Submits:
                 await self.wait_idle()
 
     async def _send(
-        self, record: SubmitRecord, path: str, body: dict[str, Any], n: int, deadline_s: float
+        self,
+        record: SubmitRecord,
+        path: str,
+        body: dict[str, Any],
+        n: int,
+        deadline_s: float,
+        trace: JobTrace | None,
     ) -> ImageJob:
         """Admission, the journal record, the request and the job, in that order."""
         admission = self._admission
@@ -358,15 +386,17 @@ class Submits:
                 async with admission.send_slot():
                     await record.intent()
                     record.sending()
-                    data = await self._transport.post(path, body, kind="submit")
+                    data = await self._transport.post(path, body, kind="submit", parent=trace)
                 key = self._claim_key(data, body)
+                if trace is not None and (otel := self._telemetry.otel) is not None:
+                    otel.job_accepted(trace, key)
                 try:
                     await record.accepted(key)
                 finally:
                     # Whatever happens now, the key gets its job (tracked, or settled at once
                     # if the client is closing): an accepted key is never dropped.
                     record.job = self._make_job(
-                        key, deadline_s=deadline_s, request=body, n=n, release=release
+                        key, deadline_s=deadline_s, request=body, n=n, release=release, trace=trace
                     )
                     release = None  # the job gives the in-flight slot back when it ends
                     self._claimed_keys.discard(key)
@@ -375,7 +405,7 @@ class Submits:
                 release()
         if record.unjournaled is not None:
             self.unjournaled.append(record.unjournaled_entry())
-            logger.warning(
+            self._telemetry.warnings.warning(
                 "the gateway accepted a submit as %s but the journal could not record the "
                 "key (%s); the job is tracked, and uncertain_submits() lists it",
                 key,

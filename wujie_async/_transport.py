@@ -35,9 +35,10 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -66,6 +67,10 @@ from ._errors import (
 )
 from ._models import Envelope
 from ._ratelimit import AdaptiveLimiter
+from ._telemetry import Telemetry, brake_changed
+
+if TYPE_CHECKING:
+    from ._otel import BatchTrace, JobTrace, Recorder
 
 logger = logging.getLogger("wujie_async")
 
@@ -257,8 +262,12 @@ class Transport:
         retry: RetryPolicy,
         headers: Mapping[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # The client's telemetry (spans and metrics of each attempt; a fleet member calls its
+        # ``fleet_role_changed`` hook through here).
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
         # Sent with every request (not as session defaults): a session may be the caller's.
         self._fixed_headers = {
             "User-Agent": _USER_AGENT,
@@ -318,15 +327,26 @@ class Transport:
         if session is not None and session is not self._given_session:
             await session.close()
 
-    async def post(self, path: str, body: Any, *, kind: CallKind) -> Any:
+    async def post(
+        self, path: str, body: Any, *, kind: CallKind, parent: JobTrace | BatchTrace | None = None
+    ) -> Any:
         """POST ``body`` as JSON to ``path``; the envelope's ``data``, retried as ``kind`` allows.
+
+        Args:
+            path: the endpoint, after the base URL.
+            body: the JSON body.
+            kind: what the call is (submits and polls are retried differently).
+            parent: the job or batch call the attempts' spans belong to (telemetry).
 
         Raises:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
                 ``SubmitUncertainError`` (its ``__cause__`` says what happened).
         """
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        return await self._with_retries(lambda: self._post_once(path, payload, kind), kind, body)
+        keys = len(body) if kind == "poll" and isinstance(body, list) else None
+        return await self._with_retries(
+            lambda attempt: self._post_once(path, payload, kind, attempt, keys, parent), kind, body
+        )
 
     # --- retries ---------------------------------------------------------------------------
     # The loop is kept by hand rather than written as ``backoff.on_exception``: whether to
@@ -337,7 +357,7 @@ class Transport:
     # closures sharing state around it. The pieces below each do one of those things.
 
     async def _with_retries(
-        self, attempt: Callable[[], Awaitable[T]], kind: CallKind, body: Any
+        self, attempt: Callable[[int], Awaitable[T]], kind: CallKind, body: Any
     ) -> T:
         waits: Iterator[float | None] | None = None  # made on the first failure only
         # The retry budget is measured on the loop's clock, the one the waits below sleep on
@@ -348,7 +368,7 @@ class Transport:
         while True:
             tries += 1
             try:
-                return await attempt()
+                return await attempt(tries)
             except WujieError as exc:
                 if isinstance(exc, AuthenticationError):
                     self._signer.invalidate()
@@ -388,10 +408,33 @@ class Transport:
         return delay
 
     # --- one attempt ---------------------------------------------------------------------------
-    async def _post_once(self, path: str, payload: bytes, kind: CallKind) -> Any:
+    async def _post_once(
+        self,
+        path: str,
+        payload: bytes,
+        kind: CallKind,
+        attempt: int,
+        keys: int | None,
+        parent: JobTrace | BatchTrace | None,
+    ) -> Any:
         brake = self._brakes[kind]
         sent_at = await brake.acquire()
         self.counters.http_calls += 1
+        otel = self.telemetry.otel
+        if otel is None and not logger.isEnabledFor(logging.DEBUG):
+            return await self._send(path, payload, kind, sent_at)
+        # Observed: timed from here (after the brake's wait), recorded once it is over.
+        start_ns, started = time.time_ns(), time.perf_counter()
+        try:
+            data = await self._send(path, payload, kind, sent_at)
+        except BaseException as exc:  # re-raised as is: a cancel on the wire is recorded too
+            self._observe(otel, path, attempt, keys, parent, exc, start_ns, started)
+            raise
+        self._observe(otel, path, attempt, keys, parent, None, start_ns, started)
+        return data
+
+    async def _send(self, path: str, payload: bytes, kind: CallKind, sent_at: float) -> Any:
+        brake = self._brakes[kind]
         url = self.base_url + path
         reply = await self._exchange(url, payload)
         if isinstance(reply, WujieError):
@@ -400,12 +443,54 @@ class Transport:
             data = decode_reply(reply.status, reply.body, reply.headers, url=url)
         except RateLimitedError as exc:
             self.counters.rate_limited += 1
+            before = brake.rate
             brake.rate_limited(sent_at)
+            if brake.rate != before:
+                brake_changed(kind, before, brake.rate)
             if self.on_rate_limited is not None:
                 self.on_rate_limited(kind, exc.retry_after)
             raise
+        before = brake.rate
         brake.succeeded()
+        if before is not None and brake.rate is None:
+            brake_changed(kind, before, None)
         return data
+
+    @staticmethod
+    def _observe(
+        otel: Recorder | None,
+        path: str,
+        attempt: int,
+        keys: int | None,
+        parent: JobTrace | BatchTrace | None,
+        error: BaseException | None,
+        start_ns: int,
+        started: float,
+    ) -> None:
+        """The DEBUG line and the span and metrics of one attempt (no body, no header)."""
+        seconds = time.perf_counter() - started
+        status: int | None = 200 if error is None else getattr(error, "http_status", None)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "POST %s -> %s in %.1f ms%s (try %d)%s",
+                path,
+                status if status is not None else "no reply",
+                seconds * 1e3,
+                f", {keys} key(s)" if keys is not None else "",
+                attempt,
+                "" if error is None else _said(error),
+            )
+        if otel is not None:
+            otel.http_exchange(
+                path,
+                parent=parent,
+                keys=keys,
+                attempt=attempt,
+                status=status,
+                error=error,
+                start_ns=start_ns,
+                seconds=seconds,
+            )
 
     async def _exchange(self, url: str, payload: bytes) -> _Reply | WujieError:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
@@ -471,6 +556,11 @@ class Transport:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _said(error: BaseException) -> str:
+    """What a DEBUG line says of an attempt's error: its type and clean, short text."""
+    return f": {type(error).__name__}: {snippet(str(error), limit=160)}"
 
 
 def _retryable(exc: WujieError, kind: CallKind) -> bool:

@@ -9,7 +9,9 @@ documented internal seams, each for one reason:
 * ``wujie_async._models`` (``GenerationRequest``, ``EditRequest``): every input row is checked
   against the per-model rules before anything is sent;
 * ``wujie_async._env`` (``Environment``): the environment is read in one place;
-* ``wujie_async._journal`` (``ALL_STATES``): the row states ``journal list`` filters on.
+* ``wujie_async._journal`` (``ALL_STATES``): the row states ``journal list`` filters on;
+* ``wujie_async._telemetry`` (``show_log``, ``log_level``): ``--verbose`` and ``WUJIE_LOG`` show
+  the library's log the one way the library itself does.
 
 Modules: ``_main`` (the parser and dispatch), ``_common`` (exit codes, opening a client),
 ``_input`` (reading bulk input files), ``_single`` (one job at a time), ``_run`` (what ``bulk``,

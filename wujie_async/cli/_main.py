@@ -23,6 +23,7 @@ from rich.console import Console
 
 from .. import InvalidRequestError, JournalLockedError, WujieError, emulator
 from .._file_names import DEFAULT_NAME, PlannedJob
+from .._telemetry import log_level, show_log
 from . import _journal_commands
 from ._common import (
     EXIT_BUSY,
@@ -60,7 +61,11 @@ def _version() -> str:
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true", help="DEBUG logs (secrets redacted)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the DEBUG log: every request and job state change (never a secret)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
 
 
@@ -359,10 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wujie-async`` and ``python -m wujie_async``."""
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
+    # Other libraries' WARNINGs on stderr; ours from the level --verbose (DEBUG: the story of
+    # every request and job) or WUJIE_LOG asks for, else WARNING.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    show_log(logging.DEBUG if verbose else log_level() or logging.WARNING)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
     say = console.out  # plain text, never markup
     try:

@@ -1,0 +1,365 @@
+"""OpenTelemetry traces and metrics, read back from the SDK's in-memory exporter and reader,
+against the emulator (the SDK is a dev dependency only; the package needs just the API)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from wujie_async import (
+    AuthenticationError,
+    Credentials,
+    PollPolicy,
+    SensitivePromptError,
+    WujieClient,
+)
+from wujie_async._contract import CODE_SENSITIVE_PROMPT
+from wujie_async._download import Downloader
+from wujie_async._errors import ProtocolError
+from wujie_async.emulator import FaultConfig
+from wujie_async.emulator._png import render_png
+from wujie_async.fleet import RedisFleet
+
+from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
+from .fleet_support import any_redis, fleet_name
+from .helpers import sign_header
+from .hostile import file_server, scripted_gateway, throwaway_credentials
+from .otel_support import Otel, otel, reset_globals
+from .test_poller_hostile import client_for
+
+__all__ = ["otel"]  # the fixture, imported for its use here
+pytestmark = pytest.mark.anyio
+
+GENERATIONS = "/ai/wj/images/generations"
+INFO = "/ai/wj/images/info"
+
+
+def by_key(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
+    return {str((span.attributes or {})["wujie.job.key"]): span for span in spans}
+
+
+def span_id(span: ReadableSpan) -> int:
+    context = span.get_span_context()
+    assert context is not None
+    return context.span_id
+
+
+async def test_http_calls_and_jobs_are_spans_with_their_attributes(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    tracer = trace.get_tracer("the-users-app")
+    async with emulator() as emu, make_client(emu) as client:
+        with tracer.start_as_current_span("handle request") as request:
+            jobs = [
+                await client.images.submit(prompt=f"p{i}", model="gpt-image-1", n=2)
+                for i in range(3)
+            ]
+        await asyncio.gather(*jobs)
+    port = int(emu.base_url.split(":")[2].split("/")[0])
+
+    job_spans = by_key(otel.spans("wujie.job"))
+    assert set(job_spans) == {job.key for job in jobs}
+    for job in jobs:
+        span = job_spans[job.key]
+        attributes = span.attributes or {}
+        assert attributes["wujie.job.model"] == "gpt-image-1"
+        assert attributes["wujie.job.n"] == 2
+        assert attributes["wujie.job.status"] == "succeeded"
+        assert attributes["wujie.job.images"] == 2
+        assert attributes["wujie.job.asks"] == job_asks(otel, span)
+        assert attributes["wujie.job.points"] == job.points_charged
+        assert 0 <= float(attributes["wujie.job.lateness"]) < 5  # type: ignore[arg-type]
+        assert span.parent is not None and span.parent.span_id == request.get_span_context().span_id
+        assert span.status.status_code == StatusCode.UNSET
+        assert {event.name for event in span.events} <= {"status"}
+
+    submits = otel.spans(f"POST {GENERATIONS}")
+    assert len(submits) == 3
+    job_ids = {span_id(span) for span in job_spans.values()}
+    for span in submits:
+        attributes = span.attributes or {}
+        assert span.kind == SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id in job_ids
+        assert attributes["http.request.method"] == "POST"
+        assert attributes["server.address"] == "127.0.0.1"
+        assert attributes["server.port"] == port
+        assert attributes["url.full"] == f"http://127.0.0.1:{port}/wj-open/v1{GENERATIONS}"
+        assert attributes["http.response.status_code"] == 200
+        assert "error.type" not in attributes
+
+    batches = otel.spans("wujie.batch_query")
+    assert batches
+    linked: set[int] = set()
+    for batch in batches:
+        assert batch.parent is None  # a root: it serves many jobs, linked
+        links = {link.context.span_id for link in batch.links}
+        assert links <= job_ids
+        assert len(links) == (batch.attributes or {})["wujie.batch.keys"]
+        linked |= links
+    assert linked == job_ids
+    polls = otel.spans(f"POST {INFO}")
+    assert {span.parent.span_id for span in polls if span.parent} == {
+        span_id(batch) for batch in batches
+    }
+
+
+def job_asks(otel: Otel, job_span: ReadableSpan) -> int:
+    """How many batch calls linked this job's span: its asks, seen from the batch spans."""
+    me = span_id(job_span)
+    return sum(
+        any(link.context.span_id == me for link in batch.links)
+        for batch in otel.spans("wujie.batch_query")
+    )
+
+
+async def test_a_batch_span_links_no_more_than_its_fifty_keys(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    # Every key's first ask waits until all 60 are in: the first call asks about 50 of them.
+    poll = PollPolicy(first_poll_delay=1.0, min_interval=0.03, batch_fill_horizon=1.0)
+    async with emulator() as emu, make_client(emu, poll=poll) as client:
+        jobs = await asyncio.gather(
+            *(client.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(60))
+        )
+        await asyncio.gather(*jobs)
+    batches = otel.spans("wujie.batch_query")
+    assert max(len(batch.links) for batch in batches) == 50
+    linked = {link.context.span_id for batch in batches for link in batch.links}
+    assert len(linked) == 60
+
+
+async def test_retries_and_429s_are_counted_by_endpoint(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    faults = FaultConfig(burst_429=2, retry_after_s=0, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="p", model="dall-e-2")
+        await job
+    attempts = sorted(otel.spans(f"POST {GENERATIONS}"), key=lambda span: span.start_time or 0)
+    assert [(s.attributes or {})["http.response.status_code"] for s in attempts] == [429, 429, 200]
+    assert [(s.attributes or {}).get("error.type") for s in attempts] == ["429", "429", None]
+    assert [(s.attributes or {}).get("http.request.resend_count") for s in attempts] == [
+        None,
+        1,
+        2,
+    ]
+    assert attempts[0].status.status_code == StatusCode.ERROR
+    assert otel.total("wujie.http.rate_limited", **{"url.template": GENERATIONS}) == 2
+    assert otel.total("wujie.http.retries", **{"url.template": GENERATIONS}) == 2
+    assert otel.total("wujie.http.retries", **{"url.template": INFO}) == 0
+    assert otel.total("http.client.request.duration", **{"http.response.status_code": 429}) == 2
+
+
+async def test_a_refused_submit_ends_its_job_span_with_the_error(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    faults = FaultConfig(business_error=1.0, business_error_code=CODE_SENSITIVE_PROMPT)
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        with pytest.raises(SensitivePromptError):
+            await client.images.submit(prompt="p", model="dall-e-2")
+    [span] = otel.spans("wujie.job")
+    attributes = span.attributes or {}
+    assert span.status.status_code == StatusCode.ERROR
+    assert attributes["error.type"] == "SensitivePromptError"
+    assert attributes["wujie.submit.outcome"] == "rejected"
+    assert "wujie.job.key" not in attributes
+    assert otel.total("wujie.submits", **{"wujie.submit.outcome": "rejected"}) == 1
+    assert otel.total("wujie.submits", **{"wujie.submit.outcome": "accepted"}) == 0
+
+
+async def test_the_metrics_of_a_run(otel: Otel, emulator: EmulatorFactory) -> None:
+    faults = FaultConfig(moderation_words=("forbidden",))
+    async with emulator(faults=faults) as emu, make_client(emu) as client:
+        jobs = [await client.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(8)]
+        jobs.append(await client.images.submit(prompt="forbidden", model="dall-e-2"))
+        pending = sum(not job.done() for job in jobs)  # read with no await in between
+        assert pending and otel.total("wujie.jobs.in_flight") == pending
+        await asyncio.gather(*jobs, return_exceptions=True)
+        assert otel.total("wujie.jobs.in_flight") == 0
+        stats = client.stats
+    assert otel.total("wujie.submits", **{"wujie.submit.outcome": "accepted"}) == 9
+    assert otel.total("wujie.jobs.ended", **{"wujie.job.status": "succeeded"}) == 8
+    assert otel.total("wujie.jobs.ended", **{"wujie.job.status": "rejected"}) == 1
+    assert otel.total("wujie.job.duration", **{"wujie.job.model": "dall-e-2"}) == 9
+    assert otel.total("wujie.job.lateness") == 9  # the emulator reports complete_time
+    assert otel.total("wujie.batch.calls", **{"wujie.batch.outcome": "ok"}) == stats.batch_calls
+    assert otel.total("wujie.batch.keys") == stats.keys_polled
+    assert otel.total("wujie.batch.fill") == stats.batch_calls
+    assert otel.total("http.client.request.duration") == stats.http_calls
+    charged = sum(job.points_charged or 0 for job in jobs)
+    assert charged > 0
+    assert otel.total("wujie.points.charged") == pytest.approx(charged)
+
+
+async def test_an_attached_job_is_a_span_from_attach(otel: Otel, emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        async with make_client(emu) as first:
+            key = (await first.images.submit(prompt="p", model="dall-e-2")).key
+        otel.spans_exporter.clear()
+        async with make_client(emu) as second:
+            await second.images.attach(key)
+    [span] = otel.spans("wujie.job")
+    attributes = span.attributes or {}
+    assert attributes["wujie.job.origin"] == "attach"
+    assert attributes["wujie.job.key"] == key
+    assert attributes["wujie.job.status"] == "succeeded"
+
+
+async def test_downloads_are_traced(otel: Otel, tmp_path: Path) -> None:
+    async with file_server() as origin, Downloader(tmp_path, allow_private=True) as downloader:
+        saved = await downloader.save(f"{origin}/files/png", "K1", 0)
+        with pytest.raises(ProtocolError):
+            await downloader.save(f"{origin}/files/html", "K1", 1)
+    ok, failed = sorted(otel.spans("wujie.download"), key=lambda s: s.start_time or 0)
+    assert (ok.attributes or {})["wujie.download.bytes"] == saved.bytes
+    assert (ok.attributes or {})["wujie.job.key"] == "K1"
+    assert (ok.attributes or {})["server.address"] == "127.0.0.1"
+    assert (failed.attributes or {})["error.type"] == "ProtocolError"
+    assert failed.status.status_code == StatusCode.ERROR
+    assert otel.total("wujie.downloads", **{"wujie.download.outcome": "ok"}) == 1
+    assert otel.total("wujie.downloads", **{"wujie.download.outcome": "error"}) == 1
+
+
+async def test_a_fleet_members_role_is_a_gauge(
+    otel: Otel, emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    async with (
+        any_redis(tmp_path) as url,
+        emulator() as emu,
+        make_client(emu, fleet=RedisFleet(url, name=fleet_name())) as client,
+    ):
+        for _ in range(500):
+            if client.stats.fleet_role == "leader":
+                break
+            await asyncio.sleep(0.01)
+        assert client.stats.fleet_role == "leader"
+        assert otel.total("wujie.fleet.role", **{"wujie.fleet.role": "leader"}) == 1
+        assert otel.total("wujie.fleet.role", **{"wujie.fleet.role": "follower"}) == 0
+
+
+def test_the_fleet_role_hook_logs_each_change_once(caplog: pytest.LogCaptureFixture) -> None:
+    from wujie_async._telemetry import Telemetry
+
+    telemetry = Telemetry()
+    with caplog.at_level(logging.INFO, logger="wujie_async"):
+        telemetry.fleet_role_changed("follower", member="m1")
+        telemetry.fleet_role_changed("follower", member="m1")
+        telemetry.fleet_role_changed("leader", member="m1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "wujie_async"]
+    assert lines == [
+        "fleet member m1: role none -> follower",
+        "fleet member m1: role follower -> leader",
+    ]
+
+
+async def test_a_client_opened_before_any_provider_records_nothing(
+    emulator: EmulatorFactory,
+) -> None:
+    """The providers are resolved once, at open: none set then means no telemetry at all."""
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    reset_globals()
+    try:
+        async with emulator() as emu, make_client(emu) as client:
+            trace.set_tracer_provider(tracer_provider)
+            metrics.set_meter_provider(meter_provider)
+            await (await client.images.submit(prompt="p", model="dall-e-2"))
+        assert exporter.get_finished_spans() == ()
+        data = reader.get_metrics_data()
+        assert data is None or not data.resource_metrics
+    finally:
+        reset_globals()
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+def _spans_and_metrics_text(otel: Otel) -> str:
+    """Every name, attribute, event, link and status text of the spans, and every metric
+    attribute, as one text to search."""
+    parts: list[str] = []
+    for span in otel.spans():
+        parts += [span.name, repr(dict(span.attributes or {})), str(span.status.description)]
+        parts += [f"{event.name} {dict(event.attributes or {})}" for event in span.events]
+        parts += [repr(dict(link.attributes or {})) for link in span.links]
+    for name, points in otel.metrics().items():
+        parts += [name, *(repr(dict(point.attributes or {})) for point in points)]
+    return "\n".join(parts)
+
+
+async def test_no_secret_reaches_a_log_record_a_span_or_a_metric(
+    otel: Otel, emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    png = render_png("K", 0, 8, 8)
+    inline = base64.b64encode(png).decode()
+
+    def script(keys: list[str]) -> list[Any]:
+        image = {"url": None, "b64_json": inline, "revised_prompt": None}
+        return [{"key": key, "status": 4, "images": [image], "complete_time": 1} for key in keys]
+
+    started = int(time.time())
+    faults = FaultConfig(burst_429=1, retry_after_s=0)
+    async with emulator(faults=faults) as emu:
+        async with make_client(emu) as client:  # a 429 and its retry, polls, a job's end
+            await (await client.images.submit(prompt="p", model="dall-e-2"))
+        wrong = Credentials(emu.credentials.app_id, throwaway_credentials().private_key)
+        async with WujieClient(wrong, base_url=emu.base_url, retry=INSTANT_RETRY) as client:
+            # a 401, re-signed, a 401 again
+            with pytest.raises(AuthenticationError):
+                await client.images.submit(prompt="p", model="dall-e-2")
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        result = await (await client.images.submit(prompt="p", model="dall-e-2"))
+        assert result.images[0].b64_json == inline
+        async with Downloader(tmp_path) as downloader:
+            await downloader.save_b64(inline, result.key, 0)
+    ended = int(time.time())
+
+    logged = caplog.text + "\n".join(repr(record.args) for record in caplog.records)
+    recorded = _spans_and_metrics_text(otel)
+    assert "POST /ai/wj/images/generations -> 429" in logged  # the story was told
+    assert "wujie.job" in recorded and "wujie.download" in recorded
+    secrets = ["Authorization", "secretKeyVersion", inline[100:160]]
+    for credentials in (emu.credentials, wrong):
+        key = credentials.private_key
+        secrets += [key[i : i + 40] for i in range(0, len(key) - 40, 200)]
+        for second in range(started - 1, ended + 2):  # every signature these runs can have made
+            header = json.loads(sign_header(credentials.app_id, key, second))
+            secrets.append(header["sign"])
+    for secret in secrets:
+        assert secret not in logged, secret
+        assert secret not in recorded, secret
+
+
+async def test_a_provider_that_fails_leaves_the_client_working(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(trace.TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            raise RuntimeError("broken provider")
+
+    reset_globals()
+    try:
+        trace.set_tracer_provider(Broken())
+        async with emulator() as emu, make_client(emu) as client:
+            result = await (await client.images.submit(prompt="p", model="dall-e-2"))
+        assert result.status == 4
+    finally:
+        reset_globals()
+    assert "OpenTelemetry could not be set up (RuntimeError: broken provider)" in caplog.text
