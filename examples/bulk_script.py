@@ -1,6 +1,10 @@
 """Bulk generation from a prompts file: submit them all, handle results in completion order.
 
-    python examples/bulk_script.py examples/prompts-1000.txt --out out/bulk
+From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip install -q -e .``)::
+
+    .venv/bin/python examples/bulk_script.py examples/prompts-1000.txt --out out/bulk
+
+Without WUJIE_APP_ID and WUJIE_PRIVATE_KEY it runs against an embedded emulator.
 
 The client bounds what is on the wire (Limits); one poller asks about every job in shared
 batch calls; `as_completed` hands back jobs as they finish, and each job's images are saved

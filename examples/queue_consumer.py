@@ -1,10 +1,15 @@
 """A worker that takes generation requests from a Redis Stream and puts results on another.
 
-    python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 --journal worker.sqlite
+From the clone, in the README's venv with the fleet extra
+(``python3 -m venv .venv && .venv/bin/pip install -q -e '.[fleet]'``), with a redis-server
+running::
+
+    .venv/bin/python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 \
+        --journal worker.sqlite
 
 Many workers, one fleet (any number of processes and machines, one Redis)::
 
-    python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 --fleet acct-1
+    .venv/bin/python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 --fleet acct-1
 
 Producers add entries to the stream ``wujie:requests`` with one field, ``request``: a JSON
 generation request ({"prompt": ..., "model": ..., "n": ...}). Workers read them through the

@@ -1,6 +1,8 @@
 """An aiohttp.web app whose lifespan owns ONE WujieClient, shared by every request.
 
-    python examples/web_app.py --port 8000
+From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip install -q -e .``)::
+
+    .venv/bin/python examples/web_app.py --port 8000
 
     POST /images      {"prompt": ..., "model": ..., "n": ...}  waits, returns the image URLs
     POST /jobs        same body: returns {"key"} at once (202)

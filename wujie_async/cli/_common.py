@@ -157,8 +157,15 @@ async def open_client(
         return
     creds = credentials(args)
     try:
-        client = WujieClient(creds, base_url=args.base_url, limits=limits, journal=journal)
+        client = WujieClient(
+            creds,
+            base_url=args.base_url,
+            limits=limits,
+            journal=journal,
+            allow_insecure_http=args.allow_http,
+        )
     except InvalidRequestError as exc:
-        raise UsageError(f"--base-url / WUJIE_BASE_URL: {exc.rule}") from None
+        rule = exc.rule.replace("pass allow_insecure_http=True", "add --allow-http")
+        raise UsageError(f"--base-url / WUJIE_BASE_URL: {rule}") from None
     async with client:
         yield client

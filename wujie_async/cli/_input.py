@@ -140,25 +140,47 @@ class _Bad:
     reason: str
 
 
-def read_requests(path: Path, defaults: dict[str, Any]) -> list[BulkItem]:
+def sniff_format(text: str) -> str:
+    """The format of input with no file name (stdin): ``json`` for an array, ``jsonl`` for
+    objects, else ``text``."""
+    head = text.lstrip("\ufeff \t\r\n")[:1]
+    return {"[": "json", "{": "jsonl"}.get(head, "text")
+
+
+def read_requests(
+    path: Path, defaults: dict[str, Any], *, text: str | None = None, kind: str | None = None
+) -> list[BulkItem]:
     """Parse and validate every row of ``path`` before anything is sent.
+
+    Args:
+        path: the input file (its extension names the format), or how messages name ``text``.
+        defaults: request fields of rows that do not say.
+        text: the input itself, when it does not come from ``path`` (stdin).
+        kind: the format (``text``, ``jsonl``, ``csv``, ``json``), else from the extension,
+            or sniffed from ``text``.
 
     Raises:
         InputFileError: listing each bad row as ``file:line: field: rule`` (``usage`` is True
             when the file's extension is not one we read).
     """
-    kind = FORMATS.get(path.suffix.lower())
+    if kind is None and text is not None:
+        kind = sniff_format(text)
+    kind = kind or FORMATS.get(path.suffix.lower())
     if kind is None:
         known = ", ".join(sorted(FORMATS))
         raise InputFileError(
-            [f"{path}: unsupported input type {path.suffix or '(none)'!r}; use one of {known}"],
+            [
+                f"{path}: unsupported input type {path.suffix or '(none)'!r}; use one of {known} "
+                "(or --input-format)"
+            ],
             usage=True,
         )
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise InputFileError([f"{path}: cannot read: {reason}"]) from None
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise InputFileError([f"{path}: cannot read: {reason}"]) from None
     items: list[BulkItem] = []
     problems: list[str] = []
     seen_ids: dict[str, int] = {}

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime
 import functools
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from ._progress import Display, Tally
 from ._run import check_out_folder, line_of, readable_error, uncancel
 from ._signals import stopping_on_signals
 
-_STATES = (*ALL_STATES, "unsent")
+_STATES = ALL_STATES
 _SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -61,6 +62,7 @@ def add_parser(
 
     listing = actions.add_parser("list", help="show journaled submits, oldest first")
     listing.add_argument("--status", action="append", choices=_STATES, help="only these states")
+    listing.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     where(listing)
 
     resend = actions.add_parser(
@@ -140,9 +142,29 @@ async def run(args: argparse.Namespace, console: Console) -> int:
     # Listing and forgetting need no gateway, so no credentials: the journal file alone.
     async with JournalFile(path) as journal:
         if args.action == "list":
-            _list(await journal.entries(*(args.status or _STATES)))
+            entries = await journal.entries(*(args.status or _STATES))
+            if args.json:
+                for entry in entries:
+                    print(json.dumps(_as_json(entry)))  # noqa: T201 - this command's output
+            else:
+                _list(entries)
             return EXIT_OK
         return await _forget(args, console, journal)
+
+
+def _as_json(entry: JournalEntry) -> dict[str, Any]:
+    line, row_id = line_of(entry)
+    return {
+        "row": entry.id,
+        "line": line or None,
+        "id": row_id,
+        "state": entry.state,
+        "key": entry.job_key,
+        "key_usable": entry.job_key is not None and is_job_key(entry.job_key),
+        "created": entry.created,
+        "prompt": entry.request.get("prompt"),
+        "error": readable_error(entry.error) if entry.error else None,
+    }
 
 
 def _list(entries: list[JournalEntry]) -> None:

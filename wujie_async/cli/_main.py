@@ -23,6 +23,7 @@ from rich.console import Console
 
 from .. import InvalidRequestError, JournalLockedError, WujieError, emulator
 from .._file_names import DEFAULT_NAME, PlannedJob
+from .._models import GenerationRequest
 from .._telemetry import log_level, show_log
 from . import _journal_commands
 from ._common import (
@@ -30,18 +31,34 @@ from ._common import (
     EXIT_FAILED,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_USAGE,
     UsageError,
     check_names,
 )
+from ._completion import SHELLS, script
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
 from ._run import Session, check_out_folder, journal_path
 from ._single import build_request, show_status, submit_no_wait
 
+_DESCRIPTION = """wujie-async: generate images, run a bulk job, settle its journal, or serve
+the gateway emulator.
+
+exit codes:
+  0    every line saved
+  1    some lines ended failed, moderated, rejected or uncertain
+  2    bad input or usage (including a file that is not a journal)
+  3    stopped on a systemic error (credentials, base URL, balance, network)
+  4    the journal is in use by another process
+  70   internal error (run with --verbose for the traceback)
+  130  interrupted (Ctrl-C)
+  143  stopped by SIGTERM (docker stop, systemd, Kubernetes)"""
+
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
 DEMO_TIME_SCALE = 0.15
+_INPUT_FORMATS = {"txt": "text", "jsonl": "jsonl", "csv": "csv", "json": "json"}
 _REQUEST_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--size", "size", str, "image size, e.g. 1024x1024"),
     ("--quality", "quality", str, "quality (auto, high, medium, low, hd, standard)"),
@@ -101,7 +118,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allow-http",
         action="store_true",
-        help="allow image downloads over plain http from non-loopback hosts",
+        help="allow plain http to hosts that are not loopback: the base URL (anyone on the "
+        "path could replay the signed header) and image downloads",
     )
     group.add_argument(
         "--allow-private-addresses",
@@ -166,7 +184,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``wujie-async`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="wujie-async", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+        prog="wujie-async", description=_DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"wujie-async {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -227,9 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "file",
         type=Path,
-        help=f"prompts or requests: {', '.join(sorted(FORMATS))} "
+        help=f"prompts or requests, or - for stdin: {', '.join(sorted(FORMATS))} "
         "(.txt: a prompt per line; .jsonl: a request object per line; .csv: a header row with "
         "a prompt column; .json: an array of prompts or request objects; a row may have an id)",
+    )
+    bulk.add_argument(
+        "--input-format",
+        choices=sorted(_INPUT_FORMATS),
+        default=None,
+        help="the input's format (default: from its extension; for stdin, an array is json, "
+        "objects are jsonl, anything else a prompt per line)",
     )
     _add_request_arguments(bulk, defaults_only=True)
     bulk.add_argument(
@@ -267,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator_parser = commands.add_parser("emulator", help="serve the gateway emulator")
     emulator.add_arguments(emulator_parser)
+
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script (bash, zsh or fish)",
+        description="Print a completion script generated from this parser. Install it, e.g.: "
+        "wujie-async completion bash > ~/.local/share/bash-completion/completions/wujie-async; "
+        'eval "$(wujie-async completion zsh)" in ~/.zshrc; '
+        "wujie-async completion fish > ~/.config/fish/completions/wujie-async.fish",
+    )
+    completion.add_argument("shell", choices=SHELLS)
     return parser
 
 
@@ -274,6 +309,34 @@ def _defaults(args: argparse.Namespace) -> dict[str, Any]:
     fields = {"model": args.model, "n": args.n}
     fields |= {dest: getattr(args, dest) for _, dest, _, _ in _REQUEST_FLAGS}
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def _read_input(args: argparse.Namespace) -> list[BulkItem]:
+    kind = _INPUT_FORMATS.get(args.input_format) if args.input_format else None
+    if str(args.file) != "-":
+        return read_requests(args.file, _defaults(args), kind=kind)
+    try:
+        text = sys.stdin.read()
+    except UnicodeDecodeError:
+        raise UsageError("stdin is not UTF-8 text") from None
+    return read_requests(Path("<stdin>"), _defaults(args), text=text, kind=kind)
+
+
+def _check_defaults(args: argparse.Namespace) -> None:
+    """The request flags of ``bulk`` are every row's defaults: a bad one is said once, as a
+    flag error, not once per row."""
+    defaults = _defaults(args)
+    try:
+        GenerationRequest.build({**defaults, "prompt": "a prompt"})
+    except InvalidRequestError as exc:
+        flags = {"n": "-n", "model": "--model"} | {
+            dest: flag for flag, dest, _, _ in _REQUEST_FLAGS
+        }
+        problems = [f"{flags[field]}: {rule}" for field, rule in exc.violations if field in flags]
+        if problems:
+            raise UsageError(
+                "; ".join(problems) + " (flags are the defaults of every row)"
+            ) from None
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -336,7 +399,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     items: list[BulkItem] = []
     planned: list[PlannedJob] = []
     if args.command == "bulk":
-        items = read_requests(args.file, _defaults(args))
+        _check_defaults(args)
+        items = _read_input(args)
         planned = [_planned(item) for item in items]
         if args.journal is not None and args.journal.exists():
             _journal_commands.check_journal_file(args.journal)
@@ -375,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "emulator":
             return emulator.run(args)
+        if args.command == "completion":
+            print(script(build_parser(), args.shell), end="")  # noqa: T201 - the output
+            return EXIT_OK
         return _dispatch(args, console)
     except InputFileError as exc:
         for problem in exc.problems:

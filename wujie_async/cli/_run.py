@@ -509,6 +509,8 @@ class Session:
                 "manifest": str(out / "manifest.jsonl"),
                 "journal": str(self.journal) if self.journal else None,
             }
+            if self.args.command in ("generate", "edit", "status"):
+                summary["paths"] = [str(path) for path in result.saved_paths]
             print(json.dumps(summary))  # noqa: T201 - the machine-readable summary is output
         elif self.args.command in ("generate", "edit", "status"):
             for path in result.saved_paths:

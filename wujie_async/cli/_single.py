@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -85,7 +86,10 @@ async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest | 
     """``generate --no-wait`` / ``edit --no-wait``: submit, print the key, exit."""
     async with open_client(args, Limits(), None) as client:
         job = await submit(client, request.body(), job_timeout=args.job_timeout)
-        print(job.key)  # noqa: T201 - the key is this command's output
+        if args.json:
+            print(json.dumps({"key": job.key}))  # noqa: T201 - this command's output
+        else:
+            print(job.key)  # noqa: T201 - the key is this command's output
     return EXIT_OK
 
 
@@ -96,7 +100,8 @@ async def show_status(args: argparse.Namespace) -> int:
         await _first_reports(client, jobs)
         unknown = 0
         for job in jobs:
-            print(describe(job))  # noqa: T201 - the status lines are this command's output
+            line = json.dumps(as_json(job)) if args.json else describe(job)
+            print(line)  # noqa: T201 - the status lines are this command's output
             unknown += not _reported(job)
     return EXIT_FAILED if unknown else EXIT_OK
 
@@ -127,6 +132,26 @@ async def _first_reports(client: WujieClient, jobs: list[ImageJob]) -> None:
 def _reported(job: ImageJob) -> bool:
     """Has the gateway listed this key (or has the job ended) since it was attached?"""
     return job.status is not None or job.done()
+
+
+def as_json(job: ImageJob) -> dict[str, Any]:
+    """One key's status as a JSON object (``status --json`` prints one per line)."""
+    error = job.exception()
+    return {
+        "key": job.key,
+        "found": _reported(job),
+        "status": job.status_name if _reported(job) else "not found",
+        "status_code": None if job.status is None else int(job.status),
+        "progress": job.progress,
+        "expected_seconds": job.expected_seconds,
+        "queue_position": job.queue_position,
+        "points": job.points_charged,
+        "images": [
+            {"index": image.index, "url": image.url, "inline": image.b64_json is not None}
+            for image in job.images
+        ],
+        "error": clean(error) if error is not None else None,
+    }
 
 
 def describe(job: ImageJob) -> str:

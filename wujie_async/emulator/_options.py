@@ -315,6 +315,22 @@ def _argument_type(setting: _Setting) -> Callable[[str], Any]:
     return read
 
 
+_LITERAL = re.compile(r"``([^`]+)``")
+
+
+def _plain(text: str) -> str:
+    """A docstring's text as command-line help: ``literals`` lose their backticks, and a
+    setting's name reads as its flag."""
+
+    def flag(found: re.Match[str]) -> str:
+        name = found.group(1)
+        if name in settings(EmulatorConfig) or name in settings(FaultConfig):
+            return "--" + name.replace("_", "-")
+        return name
+
+    return _LITERAL.sub(flag, text)
+
+
 def _add_setting(group: Any, setting: _Setting, dest_prefix: str) -> None:
     flag = "--" + setting.name.replace("_", "-")
     flags = [flag, *_ALIASES.get(setting.name, ())]
@@ -324,7 +340,8 @@ def _add_setting(group: Any, setting: _Setting, dest_prefix: str) -> None:
         if (setting.kind == "str-list")
         else default
     )
-    text = f"{setting.help} (default: {shown})" if setting.help else f"(default: {shown})"
+    described = _plain(setting.help) if setting.help else ""
+    text = f"{described} (default: {shown})" if described else f"(default: {shown})"
     text = text.replace("%", "%%")  # argparse formats help with %
     dest = dest_prefix + setting.name
     if setting.kind == "bool":

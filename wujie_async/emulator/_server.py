@@ -192,8 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-env",
         action="store_true",
-        help="print `export WUJIE_APP_ID=... WUJIE_PRIVATE_KEY=... WUJIE_BASE_URL=...` lines "
-        "for the served app (other lines are # comments), so `eval` can take them",
+        help="print export WUJIE_APP_ID=... WUJIE_PRIVATE_KEY=... WUJIE_BASE_URL=... lines "
+        "for the served app (other lines are # comments), so eval can take them",
     )
     parser.add_argument(
         "--background",

@@ -1,0 +1,113 @@
+"""CLI conventions: --json everywhere, stdin input, shell completion, --allow-http for base
+URLs, help text, flag errors said once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import anyio
+import pytest
+
+from wujie_async.cli import build_parser
+
+from .cli_helpers import (
+    FAST,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+    served_emulator,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_json_from_generate_no_wait_status_and_journal_list(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path) as emu:
+        code, out, err = await cli("generate", "a fox", "--no-wait", "--json", env=emu.env)
+        assert code == 0, err
+        key = json.loads(out)["key"]
+        code, out, err = await cli("status", key, "NOSUCHKEY", "--json", env=emu.env)
+        assert code == 1, err  # one key is not found
+        known, unknown = (json.loads(line) for line in out.splitlines())
+        assert known["key"] == key and known["found"] and known["status"]
+        assert unknown == unknown | {"key": "NOSUCHKEY", "found": False}
+
+        code, out, err = await cli(
+            "generate", "an owl", "--json", "-o", str(tmp_path / "o"), env=emu.env
+        )
+        assert code == 0, err
+        summary = json.loads(out)
+        assert summary["outcomes"]["saved"] == 1 and Path(summary["paths"][0]).exists()
+
+        rows = tmp_path / "p.txt"
+        rows.write_text("one\ntwo\n")
+        code, _, err = await cli("bulk", str(rows), "-o", str(tmp_path / "b"), env=emu.env)
+        assert code == 0, err
+    code, out, err = await cli("journal", "list", "--json", "-o", str(tmp_path / "b"))
+    assert code == 0, err
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert [(row["line"], row["state"], row["key_usable"]) for row in listed] == [
+        (1, "succeeded", True),
+        (2, "succeeded", True),
+    ]
+
+
+async def test_bulk_reads_stdin(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rows = b'{"id": "a", "prompt": "a fox"}\n{"id": "b", "prompt": "an owl"}\n'
+    code, _, err = await cli("bulk", "-", "--emulator", *FAST, "-o", str(out), stdin=rows)
+    assert code == 0, err
+    assert sorted(r["id"] for r in manifest(out)) == ["a", "b"]
+    assert {r["input"] for r in manifest(out)} == {"<stdin>"}
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+async def test_completion_scripts_come_from_the_parser(shell: str) -> None:
+    code, out, err = await cli("completion", shell)
+    assert code == 0, err
+    for name in ("generate", "bulk", "journal", "completion", "max-in-flight", "progress"):
+        assert name in out, name
+    if shell == "bash" and shutil.which("bash"):
+        script = out + (
+            'COMP_WORDS=(wujie-async bulk --progress ""); COMP_CWORD=3; _wujie_async; '
+            'echo "${COMPREPLY[*]}"\n'
+        )
+        with anyio.fail_after(10):
+            done = await anyio.run_process(["bash", "-c", script], check=False)
+        assert done.stdout.decode().split() == ["auto", "rich", "plain", "none"], done.stderr
+
+
+async def test_allow_http_lets_the_cli_use_an_emulator_on_every_address(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path, "--host", "0.0.0.0") as emu:
+        assert emu.base_url.startswith("http://0.0.0.0:")
+        code, _, err = await cli("status", "K" * 32, env=emu.env)
+        assert code == 2 and "--allow-http" in err and "allow_insecure_http" not in err
+        code, out, err = await cli("status", "K" * 32, "--allow-http", "--json", env=emu.env)
+        assert code == 1 and json.loads(out)["found"] is False, err  # reached it: not found
+
+
+async def test_a_bad_default_flag_is_said_once(tmp_path: Path) -> None:
+    rows = tmp_path / "p.txt"
+    rows.write_text("\n".join(f"prompt {i}" for i in range(5)))
+    code, _, err = await cli("bulk", str(rows), "-n", "0", "--emulator")
+    assert code == 2 and err.count("-n:") == 1 and "line" not in err, err
+
+
+def test_help_texts_have_no_markup_and_no_repeated_choices() -> None:
+    parser = build_parser()
+    helps = [parser.format_help()]
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            choices = getattr(action, "choices", None)
+            if isinstance(choices, dict):  # subcommands
+                for sub in choices.values():
+                    helps.append(sub.format_help())
+                    pending.append(sub)
+            elif choices is not None:
+                assert len(list(choices)) == len(set(choices)), action.option_strings
+    for text in helps:
+        assert "`" not in text, text[:200]
