@@ -11,6 +11,7 @@ from ._contract import JobStatus
 from ._errors import (
     APIError,
     AuthenticationError,
+    BudgetExceededError,
     BusinessError,
     ClientStateError,
     EndpointNotFoundError,
@@ -48,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = [
     "APIError",
     "AuthenticationError",
+    "BudgetExceededError",
     "BusinessError",
     "ClientStateError",
     "ClientStats",

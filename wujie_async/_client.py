@@ -22,6 +22,7 @@ import anyio
 from . import _contract, _stats
 from ._auth import Credentials, HeaderSigner
 from ._base_url import check_base_url
+from ._budget import Budget
 from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
 from ._env import Environment
 from ._errors import ClientStateError, InvalidRequestError, JobCancelledError
@@ -156,6 +157,11 @@ class WujieClient:
             journal=self._journal,
             make_job=self._new_job,
             in_use=lambda key: self._poller.get(key) is not None,
+            budget=(
+                Budget(self.limits.max_points, self.limits.point_prices)
+                if self.limits.max_points is not None
+                else None
+            ),
         )
 
     def __repr__(self) -> str:
@@ -379,7 +385,7 @@ class WujieClient:
         request: dict[str, Any] | None,
         n: int | None,
         first_delay: float | None = None,
-        release: Callable[[], None] | None = None,
+        ended: Callable[[ImageJob], None] | None = None,
         trace: JobTrace | None = None,
     ) -> ImageJob:
         """The one job factory (submit, attach, resume): build, hook up, track.
@@ -403,8 +409,8 @@ class WujieClient:
             n=n,
             on_cancel=self._forget_job,
         )
-        if release is not None:
-            job.add_done_callback(lambda _: release())
+        if ended is not None:
+            job.add_done_callback(ended)
         if self._journal is not None:
             job.add_done_callback(self._record_outcome)
         if self._taking_jobs():

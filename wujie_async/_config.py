@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ._errors import InvalidRequestError
@@ -87,6 +88,14 @@ class Limits:
         max_concurrent_polls: batch-detail calls on the wire at once.
         max_in_flight: jobs tracked at once; further submits wait for room. None is no bound.
         max_response_bytes: a reply larger than this is a ProtocolError, not a memory spike.
+        max_points: a points budget: a submit that could take the points spent (the
+            gateway's ``integral_cost`` of ended jobs, plus what jobs in flight are expected to
+            cost) past it raises BudgetExceededError before anything is sent. None: no budget.
+            See the guide "Points and budgets" for how jobs in flight are reckoned.
+        point_prices: points per image, by ``model``, ``model/size`` or
+            ``model/size/quality`` (the most specific wins): what the budget expects a job to
+            cost before it has seen one of its kind end. Without it, the first job of a kind
+            runs alone until its cost is known.
     """
 
     max_connections: int = 64
@@ -95,6 +104,8 @@ class Limits:
     max_concurrent_polls: int = 4
     max_in_flight: int | None = None
     max_response_bytes: int = 8 * 1024 * 1024
+    max_points: float | None = None
+    point_prices: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         _check_positive(
@@ -106,6 +117,35 @@ class Limits:
             max_in_flight=self.max_in_flight,
             max_response_bytes=self.max_response_bytes,
         )
+        if self.max_points is not None:
+            points = self.max_points
+            if isinstance(points, bool) or not isinstance(points, int | float) or not points >= 0:
+                raise InvalidRequestError([("Limits.max_points", "must be a number >= 0 or None")])
+        if self.point_prices is not None:
+            if not isinstance(self.point_prices, Mapping):
+                raise InvalidRequestError(
+                    [
+                        (
+                            "Limits.point_prices",
+                            "must be a mapping of model[/size[/quality]] to points",
+                        )
+                    ]
+                )
+            for key, price in self.point_prices.items():
+                if (
+                    not isinstance(key, str)
+                    or isinstance(price, bool)
+                    or not isinstance(price, int | float)
+                    or not price >= 0
+                ):
+                    raise InvalidRequestError(
+                        [
+                            (
+                                "Limits.point_prices",
+                                f"{key!r}: points per image must be a number >= 0",
+                            )
+                        ]
+                    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

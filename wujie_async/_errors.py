@@ -4,6 +4,7 @@
 
     WujieError                      every error this package raises
     ├── InvalidRequestError         bad input, caught before any network call (field, rule)
+    ├── BudgetExceededError         a submit could take the points spent past Limits.max_points
     ├── ClientStateError            client used before open, after close, or from another loop
     │   └── JournalLockedError      another live process has the journal open (pid, host)
     ├── APIError                    the gateway answered, and the answer is an error
@@ -115,6 +116,40 @@ class InvalidRequestError(WujieError, ValueError):
         self.field, self.rule = violations[0]
         text = "; ".join(f"{field}: {rule}" for field, rule in violations)
         super().__init__(f"invalid request: {text}")
+
+
+class BudgetExceededError(WujieError):
+    """A submit could take the points spent past ``Limits.max_points``; nothing was sent.
+
+    Attributes:
+        max_points: the budget.
+        spent: points charged for jobs that ended.
+        reserved: points held for jobs in flight.
+        needed: what this submit is expected to cost (None: not known yet; no room was left).
+        model: the request's model.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_points: float,
+        spent: float,
+        reserved: float,
+        needed: float | None,
+        model: str,
+    ) -> None:
+        self.max_points = max_points
+        self.spent = spent
+        self.reserved = reserved
+        self.needed = needed
+        self.model = model
+        cost = f"about {needed:g} points" if needed is not None else "an unknown cost"
+        super().__init__(
+            f"over the points budget: this {model} job ({cost}) could take the points spent "
+            f"past max_points={max_points:g} (spent {spent:g}, held for jobs in flight "
+            f"{reserved:g}); nothing was sent. Raise Limits.max_points, or wait for jobs in "
+            "flight to end"
+        )
 
 
 class ClientStateError(WujieError, RuntimeError):

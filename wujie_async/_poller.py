@@ -101,6 +101,7 @@ class PollerCounters:
     failed: int = 0
     malformed_entries: int = 0
     reports_applied: int = 0
+    points_charged: float = 0.0  # the gateway's integral_cost of jobs that ended
 
 
 @dataclass(slots=True, kw_only=True)
@@ -701,6 +702,9 @@ class BatchPoller:
         self._remember_ended(tracked)
 
     def _remember_ended(self, tracked: _Tracked) -> None:
+        points = tracked.state.points_charged
+        if points is not None:
+            self.counters.points_charged += points
         job, ended = tracked.job, self._ended
         ended[job.key] = (
             (weakref.ref(job), ended_copy(job, tracked.state)) if holds_bulk(job) else job

@@ -30,6 +30,8 @@ class ClientStats:
         jobs_outstanding: jobs being tracked now.
         jobs_succeeded: jobs that ended with images.
         jobs_failed: jobs that ended with an error (failed, rejected, timed out, unknown).
+        points_charged: points the gateway charged (its ``integral_cost``) for jobs that ended,
+            as far as it reported them.
         journal_commits: journal transactions committed (each holds many records; 0 without
             a journal).
         submit_rate_limit: the submit rate (requests/s) the 429 brake allows now; None while
@@ -59,6 +61,7 @@ class ClientStats:
     jobs_outstanding: int
     jobs_succeeded: int
     jobs_failed: int
+    points_charged: float = 0.0
     journal_commits: int = 0
     submit_rate_limit: float | None = None
     poll_rate_limit: float | None = None
@@ -98,6 +101,7 @@ def snapshot(
         jobs_outstanding=jobs_outstanding,
         jobs_succeeded=poller.succeeded,
         jobs_failed=poller.failed,
+        points_charged=poller.points_charged,
         journal_commits=journal_commits,
         submit_rate_limit=brakes["submit"],
         poll_rate_limit=brakes["poll"],

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
 
+from ._budget import Budget, Reservation
 from ._config import Limits
 from ._errors import (
     ClientStateError,
@@ -236,9 +237,25 @@ class MakeJob(Protocol):
         deadline_s: float,
         request: dict[str, Any] | None,
         n: int | None,
-        release: Callable[[], None] | None = None,
+        ended: Callable[[ImageJob], None] | None = None,
         trace: JobTrace | None = None,
     ) -> ImageJob: ...
+
+
+def _on_end(
+    release: Callable[[], None] | None, held: Reservation | None
+) -> Callable[[ImageJob], None] | None:
+    """What a job gives back when it ends: its in-flight slot, and its points reservation
+    turned into what the gateway charged (None: nothing to give back, no callback)."""
+    if held is None:
+        return None if release is None else (lambda _job: release())
+
+    def ended(job: ImageJob) -> None:
+        if release is not None:
+            release()
+        held.settle(job.points_charged)
+
+    return ended
 
 
 class Submits:
@@ -249,6 +266,7 @@ class Submits:
         journal: records it (None: no journal).
         make_job: the client's job factory, called once per accepted key.
         in_use: True for a key a job of the client already has.
+        budget: the points budget (None: no budget).
 
     Attributes:
         accepted: submits the gateway accepted (each gave a key).
@@ -264,8 +282,10 @@ class Submits:
         journal: SubmitJournal | None,
         make_job: MakeJob,
         in_use: Callable[[str], bool],
+        budget: Budget | None = None,
     ) -> None:
         self._transport = transport
+        self._budget = budget
         self._telemetry = transport.telemetry
         self._journal = journal
         self._make_job = make_job
@@ -380,7 +400,14 @@ class Submits:
         admission = self._admission
         if admission is None:
             raise ClientStateError("the client is not open")
-        release = await admission.take_in_flight()
+        # The budget first: a submit it refuses waits for nothing and is never journaled.
+        held = await self._budget.reserve(body, n) if self._budget is not None else None
+        try:
+            release = await admission.take_in_flight()
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
         try:
             async with record:
                 async with admission.send_slot():
@@ -396,10 +423,22 @@ class Submits:
                     # Whatever happens now, the key gets its job (tracked, or settled at once
                     # if the client is closing): an accepted key is never dropped.
                     record.job = self._make_job(
-                        key, deadline_s=deadline_s, request=body, n=n, release=release, trace=trace
+                        key,
+                        deadline_s=deadline_s,
+                        request=body,
+                        n=n,
+                        ended=_on_end(release, held),
+                        trace=trace,
                     )
-                    release = None  # the job gives the in-flight slot back when it ends
+                    release = held = None  # the job gives them back when it ends
                     self._claimed_keys.discard(key)
+        except BaseException as exc:
+            if held is not None:
+                if outcome_state(exc, sending=record.may_have_left) == "uncertain":
+                    held.settle(None)  # it may have been charged: the points stay spent
+                else:
+                    held.release()  # refused or never sent: nothing was charged
+            raise
         finally:
             if release is not None:
                 release()

@@ -225,6 +225,15 @@ class BulkRun:
                 await job
             except Exception as exc:
                 problem = exc
+        # The images' rows are written once the job has ended, when its cost is known: each
+        # carries its share, so the rows of a run add up to what it was charged.
+        points = job.points_charged
+        rows = [record for record in outcomes if isinstance(record, dict)]
+        share = None if points is None else round(points / count, 6)
+        for record in rows:
+            if share is not None:
+                record["points"] = share
+            self._manifest.write(record)
         if problem is None:
             self._end(row, "saved", job.key, None, None)
             return
@@ -233,9 +242,11 @@ class BulkRun:
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
-        self._end(row, status, job.key, code, message)
+        rest = None if points is None or share is None else max(points - share * len(rows), 0)
+        self._end(row, status, job.key, code, message, points=rest)
 
-    async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
+    async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> dict[str, Any]:
+        """Save one image; returns its manifest row (written once the job has ended)."""
         image = await job.image(index)
         line = row.line or None  # rows resumed from an id-only tag have no line number
         if image.url is not None:
@@ -255,11 +266,11 @@ class BulkRun:
             "bytes": saved.bytes,
             "seconds": round(asyncio.get_running_loop().time() - started, 3),
         }
-        self._manifest.write(record)
         self.result.images += 1
         self._tally.images += 1
         self.result.saved_paths.append(saved.path)
         self._display.refresh()
+        return record
 
     def _end(
         self,
@@ -270,6 +281,7 @@ class BulkRun:
         message: str | None,
         *,
         quiet: bool = False,
+        points: float | None = None,
     ) -> None:
         outcome = LineOutcome(status, row.line, row.row_id, key, code, message)
         self.result.outcomes.append(outcome)
@@ -279,6 +291,8 @@ class BulkRun:
         record = base_record(status, row.line, row.row_id, row.body, row.tag)
         if key is not None:
             record["key"] = key
+        if points is not None:
+            record["points"] = points
         record |= {"error_code": code, "error": message}
         self._manifest.write(record)
         if not quiet and status != "not_sent":

@@ -275,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bulk.add_argument("--concurrency", type=int, default=16, help="submits on the wire at once")
     bulk.add_argument("--rate", type=float, default=None, help="max submits per second")
+    bulk.add_argument(
+        "--max-points",
+        type=float,
+        default=None,
+        help="a points budget for this input's run, re-runs included (what earlier runs into "
+        "OUT/ were charged counts): lines that could take it past end not_sent, and a re-run "
+        "with a larger budget sends them",
+    )
     _add_run_arguments(bulk)
     _add_common_arguments(bulk)
     _add_connection_arguments(bulk)
@@ -373,6 +381,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, dest, None)
         if value is not None and not value > 0:
             raise UsageError(f"{flag} must be a positive number")
+    points = getattr(args, "max_points", None)
+    if points is not None and not points >= 0:
+        raise UsageError("--max-points must be a number >= 0")
 
 
 def _planned(item: BulkItem) -> PlannedJob:

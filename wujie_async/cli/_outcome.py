@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, TextIO
 from .. import (
     APIError,
     AuthenticationError,
+    BudgetExceededError,
     EndpointNotFoundError,
     InsufficientBalanceError,
     JobCancelledError,
@@ -103,6 +104,16 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
         return "failed", "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
+    if isinstance(exc, BudgetExceededError):
+        return (
+            "not_sent",
+            "budget",
+            (
+                f"not sent: over the points budget (--max-points {exc.max_points:g}; "
+                f"{exc.spent:g} spent, {exc.reserved:g} held for jobs in flight); "
+                "re-run with a larger --max-points to send it"
+            ),
+        )
     if isinstance(exc, SubmitUncertainError):
         return "uncertain", "uncertain", message + " (it may have been charged; not resent)"
     if is_systemic(exc):  # the gateway never accepted it (the library promises so): not sent
@@ -213,6 +224,16 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def points_spent(records: Iterable[dict[str, Any]]) -> float:
+    """The points the manifest's rows say were charged."""
+    total = 0.0
+    for record in records:
+        points = record.get("points")
+        if isinstance(points, int | float) and not isinstance(points, bool) and points >= 0:
+            total += points
+    return total
 
 
 def saved_indexes(records: Iterable[dict[str, Any]]) -> dict[str, set[int]]:

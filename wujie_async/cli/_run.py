@@ -46,6 +46,7 @@ from ._outcome import (
     fix_message,
     of_source,
     other_inputs,
+    points_spent,
     read_manifest,
     run_source,
     saved_indexes,
@@ -343,13 +344,18 @@ class Session:
         self.result: BulkResult | None = None
         self.base_url = ""
         self.terminated = False  # stopped by SIGTERM (exit 143), not Ctrl-C (130)
+        self.points_before = 0.0  # what earlier runs of this input were charged
+        self.points = 0.0  # what this run's jobs were charged
 
     def limits(self) -> Limits:
         args = self.args
+        budget = getattr(args, "max_points", None)
         return Limits(
             max_in_flight=getattr(args, "max_in_flight", None),
             max_concurrent_submits=getattr(args, "concurrency", 4),
             max_submits_per_second=getattr(args, "rate", None),
+            # The budget is the input's, across re-runs: what earlier runs spent counts.
+            max_points=None if budget is None else max(budget - self.points_before, 0.0),
         )
 
     async def run(self, items: list[BulkItem]) -> int:
@@ -369,6 +375,7 @@ class Session:
                     f"give this input its own --out, or move {manifest_path} away to start over"
                 )
             records = of_source(records, source)
+            self.points_before = points_spent(records)
         async with self._client() as client:
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -449,6 +456,7 @@ class Session:
                             uncancel()
                             self.result = run.interrupted_at_once()
                     self.terminated = signals.terminated
+            self.points = client.stats.points_charged
         return self.finish(total)
 
     def source(self, records: list[dict[str, Any]]) -> str:
@@ -494,6 +502,7 @@ class Session:
                 f"{total} line(s): {parts or 'none ended'}"
                 + (f" · pending {result.pending}" if result.pending else "")
                 + f"; {result.images} image(s) saved in {out}/ (manifest: {out / 'manifest.jsonl'})"
+                + self._points_said()
             ),
             soft_wrap=True,
         )
@@ -508,6 +517,8 @@ class Session:
                 "stopped": stopped,
                 "manifest": str(out / "manifest.jsonl"),
                 "journal": str(self.journal) if self.journal else None,
+                "points": self.points,
+                "points_total": self.points_before + self.points,
             }
             if self.args.command in ("generate", "edit", "status"):
                 summary["paths"] = [str(path) for path in result.saved_paths]
@@ -516,6 +527,18 @@ class Session:
             for path in result.saved_paths:
                 print(path)  # noqa: T201 - the saved paths are this command's output
         return code
+
+    def _points_said(self) -> str:
+        if not self.points and not self.points_before:
+            return ""
+        earlier = (
+            f" ({self.points_before + self.points:g} with earlier runs)"
+            if self.points_before
+            else ""
+        )
+        budget = getattr(self.args, "max_points", None)
+        of = f" of a {budget:g} budget" if budget is not None else ""
+        return f"; {self.points:g} points spent{earlier}{of}"
 
     def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
         say = self._say
@@ -553,6 +576,12 @@ class Session:
                     "journal their keys are not kept; run bulk with a journal to make it resumable"
                 )
             return
+        over = sum(1 for o in result.outcomes if o.error_code == "budget")
+        if over:
+            say(
+                f"{over} line(s) not sent: over the points budget (--max-points "
+                f"{self.args.max_points:g}); re-run with a larger --max-points to send them"
+            )
         if counts["uncertain"]:
             say(
                 f"{counts['uncertain']} line(s) may have been charged without a reply; they are "

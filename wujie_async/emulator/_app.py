@@ -168,6 +168,10 @@ class Gateway:
             "batch_callers": [list(call) for call in stats.batch_callers],
             "batch_keys": [list(keys) for keys in stats.batch_keys],
             "submits_accepted": stats.submits_accepted,
+            # What the account has been charged: every job that has ended by now, polled or not.
+            "points_charged": sum(
+                job.cost() for job in self.store.jobs.values() if now >= job.ends_at
+            ),
             "jobs_by_state": self.store.counts_by_state(now),
             "faults": dict(stats.faults),
         }

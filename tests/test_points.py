@@ -1,0 +1,127 @@
+"""Points: counted from the gateway's integral_cost, and capped by Limits(max_points=...) before
+anything is sent; checked against the emulator's own record of what it charged."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from wujie_async import (
+    BudgetExceededError,
+    ImageJob,
+    InvalidRequestError,
+    Limits,
+    SubmitUncertainError,
+    WujieError,
+)
+from wujie_async.emulator import FaultConfig
+
+from .cli_helpers import cli, cli_zygote, manifest, served_emulator  # noqa: F401
+from .conftest import EmulatorFactory, make_client
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_points_charged_is_what_the_gateway_charged(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        jobs = [
+            await client.images.submit(prompt="a", model="gpt-image-1", n=2),
+            await client.images.submit(prompt="b", model="dall-e-2"),
+        ]
+        for job in jobs:
+            await job
+        assert client.stats.points_charged == emu.stats()["points_charged"] == 16 + 2
+        assert [job.points_charged for job in jobs] == [16, 2]
+
+
+async def test_concurrent_submits_racing_for_the_last_points_never_overspend(
+    emulator: EmulatorFactory,
+) -> None:
+    """The first job of a kind runs alone until its cost (8) is known; then reservations of 8
+    hold the total to the budget (40) while 20 submits race for it."""
+    async with emulator() as emu, make_client(emu, limits=Limits(max_points=40)) as client:
+
+        async def submit(i: int) -> ImageJob | BaseException:
+            try:
+                return await client.images.submit(prompt=f"p{i}", model="gpt-image-1")
+            except BudgetExceededError as exc:
+                return exc
+
+        outcomes = await asyncio.gather(*(submit(i) for i in range(20)))
+        jobs = [o for o in outcomes if isinstance(o, ImageJob)]
+        refused = [o for o in outcomes if isinstance(o, BudgetExceededError)]
+        for job in jobs:
+            await job
+        assert len(jobs) == 5 and len(refused) == 15
+        assert emu.stats()["submits_accepted"] == 5  # refused ones were never sent
+        assert emu.stats()["points_charged"] == client.stats.points_charged == 40
+        error = refused[-1]
+        assert isinstance(error, WujieError) and error.max_points == 40 and error.needed == 8
+        assert "max_points=40" in str(error) and "nothing was sent" in str(error)
+
+
+async def test_a_price_table_reserves_before_any_job_ended(emulator: EmulatorFactory) -> None:
+    limits = Limits(max_points=20, point_prices={"gpt-image-1": 8})
+    async with emulator(time_scale=1.0) as emu, make_client(emu, limits=limits) as client:
+        first = await client.images.submit(prompt="a", model="gpt-image-1")
+        second = await client.images.submit(prompt="b", model="gpt-image-1")
+        with pytest.raises(BudgetExceededError):
+            await client.images.submit(prompt="c", model="gpt-image-1")  # 8 + 8 + 8 > 20
+        assert emu.stats()["submits_accepted"] == 2
+        first.cancel()
+        second.cancel()
+
+
+async def test_a_refused_submit_gives_its_points_back_an_uncertain_one_keeps_them(
+    emulator: EmulatorFactory,
+) -> None:
+    limits = Limits(max_points=16, point_prices={"dall-e-2": 8})
+    async with emulator(time_scale=1.0) as emu, make_client(emu, limits=limits) as client:
+        emu.set_faults(FaultConfig(business_error=1.0, business_error_code="20010001"))
+        with pytest.raises(WujieError) as refused:
+            await client.images.submit(prompt="a", model="dall-e-2")
+        assert not isinstance(refused.value, BudgetExceededError)
+        emu.set_faults(FaultConfig(drop_after_accept=1.0))
+        with pytest.raises(SubmitUncertainError):  # may have been charged: its 8 stay held
+            await client.images.submit(prompt="b", model="dall-e-2")
+        emu.set_faults(FaultConfig())
+        job = await client.images.submit(prompt="c", model="dall-e-2")
+        with pytest.raises(BudgetExceededError):
+            await client.images.submit(prompt="d", model="dall-e-2")
+        job.cancel()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_points": -1}, {"max_points": True}, {"point_prices": {"gpt-image-1": "8"}}],
+)
+def test_bad_budget_settings_are_refused(options: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        Limits(**options)  # type: ignore[arg-type]
+    assert info.value.field.startswith("Limits.")
+
+
+async def test_bulk_max_points_stops_lines_and_a_rerun_with_more_continues(tmp_path: Path) -> None:
+    prompts = tmp_path / "five.txt"
+    prompts.write_text("a\nb\nc\nd\ne\n")
+    out = tmp_path / "out"
+    async with served_emulator(tmp_path) as emu:
+        run = ("bulk", str(prompts), "-o", str(out), "--json", "--progress", "none")
+        code, stdout, err = await cli(*run, "--max-points", "20", env=emu.env)
+        assert code == 1, err
+        summary = json.loads(stdout)
+        assert summary["outcomes"]["saved"] == 2 and summary["outcomes"]["not_sent"] == 3
+        assert summary["points"] == 16 and "over the points budget" in err
+        assert (await emu.stats())["points_charged"] == 16
+        refused = [r for r in manifest(out) if r["status"] == "not_sent"]
+        assert len(refused) == 3 and {r["error_code"] for r in refused} == {"budget"}
+
+        code, stdout, err = await cli(*run, "--max-points", "40", env=emu.env)
+        assert code == 0, err
+        summary = json.loads(stdout)
+        assert summary["points"] == 24 and summary["points_total"] == 40
+        assert (await emu.stats())["points_charged"] == 40  # the budget, never past it
+        assert sum(r.get("points", 0) for r in manifest(out)) == 40

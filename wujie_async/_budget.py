@@ -1,0 +1,143 @@
+"""``Limits(max_points=...)``: a points budget held before anything is sent.
+
+A job's cost (the gateway's ``integral_cost``) is known only once it ends, so every submit
+reserves what it is expected to cost, and the reservation turns into what was charged when the
+job ends. A submit whose reservation would take ``spent + reserved`` past ``max_points`` raises
+:class:`BudgetExceededError` before anything is sent (and before the journal records it: a
+re-run with a larger budget sends it).
+
+What a job is expected to cost, by its *kind* (model, size, quality and n):
+
+1. the price table the user passed (``Limits.point_prices``: points per image by ``model``,
+   ``model/size`` or ``model/size/quality``, the most specific key winning), times ``n``;
+2. else the most that a finished job of the same kind cost in this client;
+3. else nothing is known: the first job of the kind runs alone (if any room is left) and
+   others of its kind wait for it to end, then use what it cost.
+
+Worst case: each kind whose cost is not known yet may overshoot the budget by the cost of its
+one probing job. A job whose end is not reported with a cost (cancelled, timed out, or a gateway
+that never sends ``integral_cost``) keeps its reservation as spent, so the budget errs on the
+side of spending less. Jobs attached or resumed (not submitted by this client) are not reserved
+for; what they cost counts once they end.
+
+Everything runs on the event loop, with no await between the check and the reservation: two
+submits racing for the last points cannot both pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+
+from ._errors import BudgetExceededError
+
+Kind = tuple[str, str, str, int]
+
+
+def kind_of(body: Mapping[str, Any], n: int) -> Kind:
+    """The kind of a request: jobs of one kind cost the same."""
+    return (
+        str(body.get("model")),
+        str(body.get("size") or "auto"),
+        str(body.get("quality") or "auto"),
+        n,
+    )
+
+
+class Reservation:
+    """The points held for one submit, until it turns into what the job was charged."""
+
+    __slots__ = ("_budget", "_done", "kind", "points", "probing")
+
+    def __init__(self, budget: Budget, kind: Kind, points: float | None, probing: bool) -> None:
+        self._budget = budget
+        self.kind = kind
+        self.points = points
+        self.probing = probing
+        self._done = False
+
+    def release(self) -> None:
+        """Nothing was charged (the submit was refused, or never sent): give the points back."""
+        if not self._done:
+            self._done = True
+            self._budget.ended(self, None, charged=False)
+
+    def settle(self, charged: float | None) -> None:
+        """The job ended: ``charged`` is its reported cost (None: not reported; the
+        reservation is kept as spent)."""
+        if not self._done:
+            self._done = True
+            self._budget.ended(self, charged, charged=True)
+
+
+class Budget:
+    """One client's points budget (see the module docstring)."""
+
+    def __init__(self, max_points: float, prices: Mapping[str, float] | None = None) -> None:
+        self.max_points = max_points
+        self._prices = dict(prices or {})
+        self.spent = 0.0
+        self.reserved = 0.0
+        self._learned: dict[Kind, float] = {}
+        # Kinds whose first job is out, and the event set when it ends.
+        self._probes: dict[Kind, anyio.Event] = {}
+
+    def estimate(self, kind: Kind) -> float | None:
+        """What a job of ``kind`` is expected to cost, or None when nothing is known."""
+        model, size, quality, n = kind
+        for key in (f"{model}/{size}/{quality}", f"{model}/{size}", model):
+            price = self._prices.get(key)
+            if price is not None:
+                return price * n
+        return self._learned.get(kind)
+
+    async def reserve(self, body: Mapping[str, Any], n: int) -> Reservation:
+        """Hold the points of one submit, waiting for the probe of its kind if one is out.
+
+        Raises:
+            BudgetExceededError: the submit could take the spending past ``max_points``.
+        """
+        kind = kind_of(body, n)
+        while True:
+            points = self.estimate(kind)
+            if points is not None:
+                break
+            probe = self._probes.get(kind)
+            if probe is None:  # the first of its kind goes alone, if there is any room
+                self._check(0.0, kind, known=False)
+                self._probes[kind] = anyio.Event()
+                return Reservation(self, kind, None, probing=True)
+            await probe.wait()  # bounded: the probe ends by its job's deadline
+        self._check(points, kind, known=True)
+        self.reserved += points
+        return Reservation(self, kind, points, probing=False)
+
+    def _check(self, points: float, kind: Kind, *, known: bool) -> None:
+        room = self.max_points - self.spent - self.reserved
+        if points > room or (not known and room <= 0):
+            raise BudgetExceededError(
+                max_points=self.max_points,
+                spent=self.spent,
+                reserved=self.reserved,
+                needed=points if known else None,
+                model=kind[0],
+            )
+
+    def ended(self, reservation: Reservation, cost: float | None, *, charged: bool) -> None:
+        """``reservation`` ended: refused or unsent (``charged`` False), or its job ended with
+        ``cost`` reported (None: not reported)."""
+        held = reservation.points or 0.0
+        self.reserved -= held
+        if charged:
+            if cost is not None:
+                self.spent += cost
+                kind = reservation.kind
+                self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
+            else:
+                self.spent += held  # not reported: assume it cost what was held
+        if reservation.probing:
+            probe = self._probes.pop(reservation.kind, None)
+            if probe is not None:
+                probe.set()  # the others of its kind go on: with its cost, or as a new probe
