@@ -107,6 +107,7 @@ class BulkRun:
         # queue means the work is done), so no queue that blocks is needed.
         self._queue: collections.deque[Row] = collections.deque()
         self._on_the_wire: dict[int, Row] = {}
+        self._charged: set[str] = set()  # keys whose points a manifest row carries already
         for number, outcome in enumerate(settled):
             self._tally.settle(-1 - number, outcome.status)
 
@@ -225,15 +226,8 @@ class BulkRun:
                 await job
             except Exception as exc:
                 problem = exc
-        # The images' rows are written once the job has ended, when its cost is known: each
-        # carries its share, so the rows of a run add up to what it was charged.
-        points = job.points_charged
-        rows = [record for record in outcomes if isinstance(record, dict)]
-        share = None if points is None else round(points / count, 6)
-        for record in rows:
-            if share is not None:
-                record["points"] = share
-            self._manifest.write(record)
+        charged = job.key in self._charged
+        self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if problem is None:
             self._end(row, "saved", job.key, None, None)
             return
@@ -242,11 +236,10 @@ class BulkRun:
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
-        rest = None if points is None or share is None else max(points - share * len(rows), 0)
-        self._end(row, status, job.key, code, message, points=rest)
+        points = None if charged else job.points_charged
+        self._end(row, status, job.key, code, message, points=points)
 
-    async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> dict[str, Any]:
-        """Save one image; returns its manifest row (written once the job has ended)."""
+    async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
         image = await job.image(index)
         line = row.line or None  # rows resumed from an id-only tag have no line number
         if image.url is not None:
@@ -266,11 +259,16 @@ class BulkRun:
             "bytes": saved.bytes,
             "seconds": round(asyncio.get_running_loop().time() - started, 3),
         }
+        # The job's cost goes on the first of its rows written once the gateway reported it
+        # (the last image usually lands with it): the rows of a run add up to what it cost.
+        if job.points_charged is not None and job.key not in self._charged:
+            self._charged.add(job.key)
+            record["points"] = job.points_charged
+        self._manifest.write(record)
         self.result.images += 1
         self._tally.images += 1
         self.result.saved_paths.append(saved.path)
         self._display.refresh()
-        return record
 
     def _end(
         self,
