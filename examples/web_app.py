@@ -4,17 +4,22 @@ From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip i
 
     .venv/bin/python examples/web_app.py --port 8000
 
-    POST /images      {"prompt": ..., "model": ..., "n": ...}  waits, returns the image URLs
-    POST /jobs        same body: returns {"key"} at once (202)
-    GET  /jobs/{key}  the job's status, progress and images so far
+    POST /images             {"prompt": ..., "model": ..., "n": ...}  waits, returns the URLs
+    POST /jobs               same body: returns {"key"} at once (202)
+    GET  /jobs/{key}         the job's status, progress and images so far (404: unknown key)
+    GET  /jobs/{key}/events  server-sent events, one per change, until the job ends; a page
+                             follows it with ``new EventSource("/jobs/KEY/events")``
 
-Request handlers never poll: the client's single poller serves every awaiting handler.
+Request handlers never poll: the client's single poller serves every awaiting handler, and an
+events stream only reads what that poller already saw (``job.updates()``).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +30,7 @@ from wujie_async import (
     ImageJob,
     InvalidRequestError,
     JobError,
+    JobUpdate,
     WujieClient,
     WujieError,
 )
@@ -35,13 +41,52 @@ WAIT_SECONDS = 120.0
 _FIELDS = ("prompt", "model", "n", "size", "quality", "style", "background", "output_format")
 
 
+SUBMITTED = web.AppKey("submitted", set)
+# How long a key nobody here submitted may go unlisted by the gateway before it is a 404.
+LOOKUP_SECONDS = 5.0
+
+
 def _job_view(job: ImageJob) -> dict[str, Any]:
-    return {
-        "key": job.key,
-        "status": job.status_name,
-        "progress": job.progress,
-        "images": [image.url for image in job.images],
+    return _update_view(job.snapshot())
+
+
+def _update_view(update: JobUpdate) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "key": update.key,
+        "status": update.status_name,
+        "progress": update.progress,
+        "queue_position": update.queue_position,
+        "expected_seconds": update.expected_seconds,
+        "images": [image.url for image in update.images],
+        "done": update.done,
     }
+    if update.error is not None:
+        view["error"] = str(update.error)
+    return view
+
+
+async def _known_job(request: web.Request) -> ImageJob:
+    """The job of the URL's key, or 404 when the gateway does not know that key.
+
+    A key this app submitted is known. Any other is attached (the poller asks about it at
+    once) and is a 404 if the gateway has not listed it within ``LOOKUP_SECONDS``.
+    """
+    key = request.match_info["key"]
+    try:
+        job = request.app[CLIENT].images.attach(key)
+    except InvalidRequestError:
+        raise web.HTTPNotFound(text="not a job key") from None
+    if key in request.app[SUBMITTED] or job.status is not None or job.done():
+        return job
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LOOKUP_SECONDS):
+            async for update in job.updates():
+                if update.status is not None or update.done:
+                    break
+    if job.status is None:
+        job.cancel()  # stop asking about a key the gateway does not know
+        raise web.HTTPNotFound(text=f"the gateway does not know job {key}")
+    return job
 
 
 async def _request_fields(request: web.Request) -> dict[str, Any]:
@@ -64,6 +109,7 @@ async def create_image(request: web.Request) -> web.Response:
     client = request.app[CLIENT]
     try:
         job = await client.images.submit(**await _request_fields(request))
+        request.app[SUBMITTED].add(job.key)
         result = await job.result(timeout=WAIT_SECONDS)
     except InvalidRequestError as exc:
         return _bad_request(exc)
@@ -84,15 +130,28 @@ async def submit_job(request: web.Request) -> web.Response:
         return _bad_request(exc)
     except WujieError as exc:
         return web.json_response({"error": str(exc)}, status=502)
+    request.app[SUBMITTED].add(job.key)
     return web.json_response({"key": job.key}, status=202)
 
 
 async def job_status(request: web.Request) -> web.Response:
-    job = request.app[CLIENT].images.attach(request.match_info["key"])
-    view = _job_view(job)
-    if job.done() and job.exception() is not None:
-        view["error"] = str(job.exception())
-    return web.json_response(view)
+    return web.json_response(_job_view(await _known_job(request)))
+
+
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the job's state now, then one event per change; the last one is
+    ``event: done``. A slow reader gets the latest state, never a backlog."""
+    job = await _known_job(request)
+    stream = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await stream.prepare(request)
+    with contextlib.suppress(ConnectionResetError):  # the browser went away; the job goes on
+        async for update in job.updates():
+            kind = "done" if update.done else "update"
+            data = json.dumps(_update_view(update))
+            await stream.write(f"event: {kind}\ndata: {data}\n\n".encode())
+    return stream
 
 
 def create_app(
@@ -104,12 +163,14 @@ def create_app(
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         async with client_factory() as client:
             app[CLIENT] = client
+            app[SUBMITTED] = set()  # an example's memory: a real app keeps keys elsewhere
             yield
 
     app.cleanup_ctx.append(lifespan)
     app.router.add_post("/images", create_image)
     app.router.add_post("/jobs", submit_job)
     app.router.add_get("/jobs/{key}", job_status)
+    app.router.add_get("/jobs/{key}/events", job_events)
     return app
 
 

@@ -112,6 +112,28 @@ async def test_web_app_serves_real_requests() -> None:
             await asyncio.sleep(0.2)
         assert len(status["images"]) == 1
 
+        # The same job's server-sent events, over real HTTP, as a browser reads them.
+        async with http.post(f"{base}/jobs", json={"prompt": "an owl", "model": "dall-e-2"}) as r:
+            key = (await r.json())["key"]
+        events: list[tuple[str, dict[str, Any]]] = []
+        async with http.get(f"{base}/jobs/{key}/events") as reply:
+            assert reply.status == 200
+            assert reply.headers["Content-Type"].startswith("text/event-stream")
+            kind = ""
+            async for raw in reply.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    events.append((kind, json.loads(line.removeprefix("data: "))))
+        assert events[-1][0] == "done" and [kind for kind, _ in events].count("done") == 1
+        assert events[-1][1]["status"] == "succeeded" and len(events[-1][1]["images"]) == 1
+        assert all(data["key"] == key for _, data in events)
+
+        for path in ("/jobs/0123456789ABCDEF0123456789ABCDEF", "/jobs/NOT%0AKEY/events"):
+            async with http.get(base + path) as reply:
+                assert reply.status == 404, path
+
         bad = {"prompt": "x", "model": "dall-e-3", "n": 3}
         async with http.post(f"{base}/images", json=bad) as reply:
             assert reply.status == 400
