@@ -1,0 +1,90 @@
+"""Pytest fixtures for testing code that uses wujie_async: the gateway emulator and a client
+bound to it. Installed with the package as a pytest plugin (a ``pytest11`` entry point), so a
+project needs no conftest::
+
+    import pytest
+
+    @pytest.mark.anyio
+    async def test_fox(wujie_client):
+        result = await wujie_client.images.generate(prompt="a fox", model="dall-e-2")
+        assert len(result.images) == 1
+
+Fixtures:
+
+* ``wujie_emulator``: an :class:`~wujie_async.emulator.Emulator` on loopback, jobs on a fast
+  time scale (0.01: a "20 s" job takes 0.2 s), seeded. Settings come from the
+  ``@pytest.mark.wujie_emulator(...)`` marker (any :class:`~wujie_async.emulator.EmulatorConfig`
+  field, e.g. ``time_scale=0.05`` or ``faults=FaultConfig(fail_jobs=0.5)``); faults can also
+  change while it runs, with ``wujie_emulator.set_faults(FaultConfig(...))``.
+* ``wujie_client``: an open :class:`~wujie_async.WujieClient` bound to that emulator, polling
+  on the emulator's time scale (:data:`FAST_POLL`) with instant retries (:data:`INSTANT_RETRY`).
+
+The fixtures are async: the tests run under anyio's pytest plugin (``@pytest.mark.anyio``,
+shipped with anyio) on asyncio, which aiohttp needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from . import PollPolicy, RetryPolicy, WujieClient
+from .emulator import Emulator, EmulatorConfig
+
+__all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY"]
+
+DEFAULT_TIME_SCALE = 0.01
+"""The emulator's default time scale in these fixtures."""
+
+FAST_POLL = PollPolicy(
+    first_poll_delay=0.02,
+    min_interval=0.02,
+    max_interval=0.2,
+    max_estimate_wait=0.2,
+    batch_fill_horizon=0.02,
+    unknown_key_grace=2.0,
+)
+"""Polling for jobs of tenths of a second (the emulator at its default scale here)."""
+
+INSTANT_RETRY = RetryPolicy(initial_wait=0.0, max_wait=0.05, max_attempts=8)
+"""Retries without waiting: faults cost a test no time."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "wujie_emulator(**settings): EmulatorConfig settings of the wujie_emulator fixture, "
+        "e.g. time_scale=0.05 or faults=FaultConfig(fail_jobs=0.5)",
+    )
+
+
+@pytest.fixture
+async def wujie_emulator(
+    request: pytest.FixtureRequest, anyio_backend: Any
+) -> AsyncIterator[Emulator]:
+    """An emulator of the gateway on loopback, for this test (see the module docstring)."""
+    backend = anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
+    if backend != "asyncio":
+        pytest.skip(
+            "wujie_async runs on asyncio (aiohttp): this test's anyio backend is " + backend
+        )
+    marker = request.node.get_closest_marker("wujie_emulator")
+    settings: dict[str, Any] = {"time_scale": DEFAULT_TIME_SCALE, "seed": 0}
+    if marker is not None:
+        settings |= marker.kwargs
+    async with Emulator(EmulatorConfig(**settings)) as emulator:
+        yield emulator
+
+
+@pytest.fixture
+async def wujie_client(wujie_emulator: Emulator) -> AsyncIterator[WujieClient]:
+    """An open client bound to ``wujie_emulator`` (see the module docstring)."""
+    async with WujieClient(
+        wujie_emulator.credentials,
+        base_url=wujie_emulator.base_url,
+        poll=FAST_POLL,
+        retry=INSTANT_RETRY,
+    ) as client:
+        yield client
