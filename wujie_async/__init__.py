@@ -44,7 +44,7 @@ from ._journal_worker import JournalLockedError
 from ._models import GeneratedImage, ImageResult
 from ._request_fields import EditFields, GenerationFields
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "APIError",
