@@ -751,7 +751,8 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
     argv = [
         "--time-scale", "0.5", "--seed", "3", "--rate-limit-rps", "9", "--strict-regexps",
         "--retain-finished-s", "30", "--job-seconds", "2,6", "--estimate-basis", "actual",
-        "--no-progress-fields",
+        "--no-progress-fields", "--estimate-rounding", "floor",
+        "--estimate-while-queued", "generation", "--no-images-progressive",
     ]  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -765,6 +766,9 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         job_seconds=(2.0, 6.0),
         estimate_basis="actual",
         progress_fields=False,
+        estimate_rounding="floor",
+        estimate_while_queued="generation",
+        images_progressive=False,
     )
     assert config == wanted
     settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}
@@ -773,3 +777,5 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
     } == set()
     with pytest.raises(SystemExit):
         parser.parse_args(["--estimate-basis", "psychic"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--estimate-rounding", "sideways"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -219,3 +220,55 @@ async def test_progress_fields_can_be_switched_off(emulator: EmulatorFactory) ->
         assert not any(PROGRESS_FIELDS & set(e) for e in (await entries(emu, keys)).values())
         await wait_until_all_ended(emu)
         assert not any(PROGRESS_FIELDS & set(e) for e in (await entries(emu, keys)).values())
+
+
+# --- how estimates and images are reported: the settings a gateway may differ in -------------
+async def test_estimates_in_whole_seconds(emulator: EmulatorFactory) -> None:
+    checks: dict[str, Callable[[float, float], bool]] = {
+        "floor": lambda value, exact: value <= exact < value + 1,
+        "ceil": lambda value, exact: value - 1 < exact <= value,
+        "round": lambda value, exact: abs(value - exact) <= 0.5,
+    }
+    for rounding, check in checks.items():
+        async with emulator(**LONG, estimate_basis="actual", estimate_rounding=rounding) as emu:
+            keys = await submit_many(emu, 10)
+            listed = await entries(emu, keys)
+            now = emu.gateway.clock.now()
+            for key, entry in listed.items():
+                value = entry["expected_seconds"]
+                exact = emu.gateway.store.jobs[key].ends_at - now
+                assert value == int(value) and check(value, exact), (rounding, value, exact)
+
+
+async def test_an_estimate_may_leave_the_queue_out_or_be_absent_while_queued(
+    emulator: EmulatorFactory,
+) -> None:
+    settings = {**LONG, "estimate_basis": "actual"}
+    async with emulator(**settings, estimate_while_queued="generation") as emu:
+        keys = await submit_many(emu, 10)
+        now = emu.gateway.clock.now()
+        for key, entry in (await entries(emu, keys)).items():
+            job = emu.gateway.store.jobs[key]
+            assert entry["status"] == 0  # every job still queued, at time_scale 1
+            assert entry["expected_seconds"] == pytest.approx(
+                job.ends_at - job.started_at, abs=0.01
+            )
+            assert entry["expected_seconds"] < job.ends_at - now  # the queue is left out
+    for what, expected in (("absent", None), ("zero", 0.0)):
+        async with emulator(**settings, estimate_while_queued=what) as emu:
+            keys = await submit_many(emu, 5)
+            for entry in (await entries(emu, keys)).values():
+                assert entry.get("expected_seconds") == expected
+
+
+async def test_images_may_be_listed_only_once_the_job_ends(emulator: EmulatorFactory) -> None:
+    async with emulator(time_scale=0.02, images_progressive=False) as emu:
+        [key] = await submit_many(emu, 1, n=4)
+        job = emu.gateway.store.jobs[key]
+        seen: list[int] = []
+        while not seen or seen[-1] < 4:
+            entry = (await entries(emu, [key]))[key]
+            seen.append(len(entry["images"]))
+            assert entry["status"] == 4 or not entry["images"]
+            await asyncio.sleep(0.01)
+        assert set(seen) <= {0, 4} and emu.gateway.clock.now() >= job.ends_at

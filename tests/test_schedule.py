@@ -189,29 +189,6 @@ def test_memory_per_model_is_bounded() -> None:
     assert schedule.samples("m") <= 256
 
 
-def test_watch_starts_for_a_pass_matches_watch_start_per_key() -> None:
-    rng = random.Random(5)
-    schedule = PollSchedule(POLICY)
-    timings = []
-    for index in range(200):
-        timing = KeyTiming(created_at=rng.uniform(0, 10), model=rng.choice(["a", "b", None]))
-        if index % 5:  # a few keys without any prediction
-            schedule.report(timing, timing.created_at + 1, expected_seconds=rng.uniform(1, 60))
-        timings.append(timing)
-
-    def same() -> None:
-        watch_start = schedule.watch_starts()
-        assert [watch_start(t) for t in timings] == [schedule.watch_start(t) for t in timings]
-
-    same()  # every model still on the prior
-    for _ in range(20):  # model "a" learns a wide window; "b" and None stay on the prior
-        ended = KeyTiming(created_at=0.0, model="a")
-        schedule.report(ended, 1.0, expected_seconds=10.0)
-        schedule.job_ended(ended, rng.uniform(2.0, 20.0))
-    assert schedule.samples("a") >= 8
-    same()
-
-
 def test_a_job_without_an_estimate_is_not_pulled_in_when_the_window_widens() -> None:
     # The poller pulls in keys whose window now opens before their due time; a job with no
     # usable estimate has no window, and its asks follow its age whatever is learned.
@@ -219,4 +196,101 @@ def test_a_job_without_an_estimate_is_not_pulled_in_when_the_window_widens() -> 
     no_estimate = KeyTiming(created_at=0.0, model="m")
     schedule.report(no_estimate, 1.0, expected_seconds=None)
     assert schedule.watch_start(no_estimate) == math.inf
-    assert schedule.watch_starts()(no_estimate) == math.inf
+
+
+# --- gateways that report estimates their own way --------------------------------------------
+def follow_gateway(
+    schedule: PollSchedule,
+    end: float,
+    *,
+    queued_until: float = 0.0,
+    estimate: Callable[[float, float, bool], float | None],
+    end_time_known: bool = True,
+) -> tuple[int, float]:
+    """As ``follow``, for a job queued until ``queued_until``; ``estimate(end, now, queued)``;
+    without ``end_time_known`` the gateway gives no end time (or one the client cannot use)."""
+    timing = KeyTiming(created_at=0.0, model="m")
+    due = schedule.first_ask(timing)
+    asks = 0
+    while True:
+        asks += 1
+        if due >= end:
+            schedule.job_ended(timing, due, end if end_time_known else None)
+            return asks, due - end
+        queued = due < queued_until
+        due = schedule.report(
+            timing, due, expected_seconds=estimate(end, due, queued), queued=queued
+        )
+
+
+def exact_countdown(end: float, now: float, queued: bool) -> float | None:
+    return round(end - now, 2)
+
+
+def whole_seconds(end: float, now: float, queued: bool) -> float | None:
+    return float(math.floor(end - now))  # rounded down, as the platform's other endpoints
+
+
+def mean_asks(results: list[tuple[int, float]]) -> float:
+    return sum(asks for asks, _ in results) / len(results)
+
+
+@pytest.mark.parametrize("end_time_known", [True, False])
+def test_right_estimates_cost_three_asks_whether_or_not_the_end_time_is_given(
+    end_time_known: bool,
+) -> None:
+    """A gateway that gives no end time (``complete_time`` is optional) or one on a skewed
+    clock must not teach the schedule that right estimates are wrong: the end is then only
+    known to lie between two asks, and the middle of two far-apart asks is not a measurement."""
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(2)
+    results = [
+        follow_gateway(
+            schedule,
+            rng.uniform(10, 30),
+            estimate=exact_countdown,
+            end_time_known=end_time_known,
+        )
+        for _ in range(300)
+    ]
+    assert mean_asks(results[20:]) <= 3.0
+    assert max(late for _, late in results) <= POLICY.min_interval
+
+
+def test_whole_second_estimates_cost_at_most_four_asks() -> None:
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(3)
+    results = [
+        follow_gateway(schedule, rng.uniform(10, 30), estimate=whole_seconds, end_time_known=False)
+        for _ in range(300)
+    ]
+    assert mean_asks(results[20:]) <= 4.0
+    assert max(late for _, late in results) <= 1.0 + POLICY.min_interval
+
+
+def test_an_estimate_that_starts_counting_with_generation_is_not_a_placeholder() -> None:
+    """While queued the gateway tells the generation time alone, the same figure until the
+    job starts: that is not a placeholder, and the job is not polled by its age."""
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(4)
+    results = []
+    for _ in range(300):
+        end = rng.uniform(10, 30)
+        starts = end * rng.uniform(0.05, 0.25)
+
+        def generation_only(end: float, now: float, queued: bool, starts: float = starts) -> float:
+            return round(end - (starts if queued else now), 2)
+
+        results.append(follow_gateway(schedule, end, queued_until=starts, estimate=generation_only))
+    assert mean_asks(results[20:]) <= 3.5
+    assert max(late for _, late in results) <= POLICY.min_interval
+
+
+def test_a_placeholder_that_survives_the_queue_is_still_found_out() -> None:
+    # The same 30 s figure while queued and while generating: dropped soon after the job
+    # leaves the queue, so a 10 s job is seen about when it ends, not at 30 s.
+    schedule = PollSchedule(POLICY)
+    asks, late = follow_gateway(
+        schedule, 10.0, queued_until=2.0, estimate=lambda end, now, queued: 30.0
+    )
+    assert late <= 1.0, (asks, late)

@@ -533,7 +533,7 @@ class BatchPoller:
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
-        watch_start = self._schedule_of.watch_starts()
+        watch_start = self._schedule_of.watch_start
         gap = self._policy.min_interval
         moved: dict[str, float] = {}
         for tracked in self._jobs.values():
@@ -649,6 +649,7 @@ class BatchPoller:
                     now,
                     expected_seconds=entry.expected_seconds,
                     queue_position=entry.queue_before_num,
+                    queued=status == JobStatus.QUEUED,
                 ),
             )
             if state.status != before:

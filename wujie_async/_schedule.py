@@ -30,33 +30,6 @@ from dataclasses import dataclass
 from ._config import PollPolicy
 from ._rules import KNOWN_MODELS
 
-# Until this many ended jobs are seen, the prior window below holds.
-_MIN_SAMPLES = 8
-_SAMPLES_KEPT = 256
-_LOW_QUANTILE = 0.02
-_HIGH_QUANTILE = 0.98
-# The prior: an estimate is taken to be right, or up to 5% short (the job may end later).
-_PRIOR_LOW = 0.0
-_PRIOR_HIGH = 0.05
-# ...and its window opens this share of ``min_interval`` after the predicted end, so a right
-# estimate is asked about once, just after the end, not just before it.
-_PRIOR_OPEN_DELAY = 0.25
-# ...and never opens more than this many ``min_interval`` before the predicted end.
-_PRIOR_MAX_STEPS = 4
-# A later report may move the predicted end by this share of the time between the two reports
-# (plus ``min_interval``) before the estimate counts as not counting down.
-_LIVE_DRIFT = 0.5
-# While nothing is learned, a check (or each step) comes this share of the way to the window.
-_CHECK_SHARE = 0.25
-# The predicted durations of a model's last jobs: when they are all the same, the estimate is
-# a typical figure, not this job's (it says nothing of which jobs end early).
-_SPANS_KEPT = 32
-_SAME_SPAN_SHARE = 0.02
-# Two alike are enough to suspect a typical figure. The error is cheap one way (a few extra
-# steps until a differing estimate shows they are per job) and dear the other (an early end
-# seen only at the predicted end: a member of a fleet, learning from its own trickle, would
-# see its first several jobs that late).
-_SAME_SPANS_MIN = 2
 # Relative errors are kept within these bounds (ERROR_BOUNDS: what another member may send).
 _ERROR_FLOOR = -1.0
 _ERROR_CEILING = 10.0
@@ -66,8 +39,65 @@ ERROR_BOUNDS = (_ERROR_FLOOR, _ERROR_CEILING)
 _OTHER_MODELS_KEPT = 64
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleTuning:
+    """The schedule's tuning, in one place (every figure with its reason).
+
+    Attributes:
+        min_samples: ended jobs of a model before the learned window replaces the prior.
+        samples_kept: the last this many samples are what the window is learned from.
+        low_quantile: the window opens at this quantile of the errors...
+        high_quantile: ...and closes at this one.
+        prior_low: the prior: an estimate is taken to be right...
+        prior_high: ...or up to this share of its duration short (the job may end later).
+        open_delay: a window opens this share of ``min_interval`` after its start, so a right
+            estimate is asked about once just after the end, not just before it.
+        prior_max_steps: the prior never reaches more than this many ``min_interval`` from the
+            predicted end (a guess must not make a long job's window long as well).
+        live_drift: a later report may move the predicted end by this share of the time
+            between the two reports (plus ``min_interval``) before the estimate counts as not
+            counting down (a placeholder).
+        check_share: while nothing is learned, a check (or each step) comes this share of the
+            way to the window.
+        spans_kept: the predicted durations of a model's last jobs kept: when they are all the
+            same, the estimate is a typical figure, not this job's.
+        same_span_share: predicted durations within this share of each other are "the same".
+        same_spans_min: jobs alike before a typical figure is suspected. Two are enough: the
+            error is cheap one way (a few extra steps until a differing estimate shows they are
+            per job) and dear the other (an early end seen only at the predicted end).
+        narrow_gap: a job whose end is known only to lie between two asks this many
+            ``min_interval`` apart (or closer) teaches the middle of them; farther apart, only
+            what the asks prove (it ended early, or late, by at least so much), or nothing.
+        coarse_delay: seconds a window opens later for estimates in whole seconds: the end
+            lies anywhere in the second after (rounded down), around or before the figure, and
+            asking a quarter second later saves an ask for a little lateness.
+        coarse_after: whole-second estimates (and no finer one) seen before a model's
+            estimates are taken to come in whole seconds.
+    """
+
+    min_samples: int = 8
+    samples_kept: int = 256
+    low_quantile: float = 0.02
+    high_quantile: float = 0.98
+    prior_low: float = 0.0
+    prior_high: float = 0.05
+    open_delay: float = 0.25
+    prior_max_steps: float = 4.0
+    live_drift: float = 0.5
+    check_share: float = 0.25
+    spans_kept: int = 32
+    same_span_share: float = 0.02
+    same_spans_min: int = 2
+    narrow_gap: float = 2.0
+    coarse_delay: float = 0.25
+    coarse_after: int = 3
+
+
+TUNING = ScheduleTuning()
+
+
 class _Quantiles:
-    """The last ``_SAMPLES_KEPT`` samples, kept sorted for O(log n) quantiles."""
+    """The last ``TUNING.samples_kept`` samples, kept sorted for O(log n) quantiles."""
 
     __slots__ = ("_order", "_sorted")
 
@@ -79,7 +109,7 @@ class _Quantiles:
         return len(self._order)
 
     def add(self, value: float) -> None:
-        if len(self._order) == _SAMPLES_KEPT:
+        if len(self._order) == TUNING.samples_kept:
             old = self._order.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, old)]
         self._order.append(value)
@@ -121,9 +151,14 @@ class KeyTiming:
         last_ask: loop time of the last answered ask about the key.
         predicted_end: loop time the gateway's last estimate says the job ends; None if no
             usable estimate.
-        predicted_span: ``predicted_end - created_at`` as first predicted (the error scale).
+        predicted_span: ``predicted_end - created_at`` as first predicted while generating (the
+            error scale).
         estimate_live: False once the estimate failed to count down (a placeholder).
         live_reports: reports whose estimate was usable and kept counting down.
+        queued: the last report said the job is queued (its estimate may not count down yet).
+        last_expected: the last estimate the gateway gave, as it gave it (seconds left).
+        recheck: its estimate did not move as it left the queue: asked again soon, to tell a
+            placeholder from a countdown.
     """
 
     created_at: float
@@ -133,6 +168,9 @@ class KeyTiming:
     predicted_span: float | None = None
     estimate_live: bool = True
     live_reports: int = 0
+    queued: bool = False
+    last_expected: float | None = None
+    recheck: bool = False
 
 
 class PollSchedule:
@@ -141,6 +179,9 @@ class PollSchedule:
     __slots__ = (
         "_durations",
         "_errors",
+        "_excess_late",
+        "_fractional",
+        "_integral",
         "_models",
         "_other_models",
         "_policy",
@@ -155,7 +196,14 @@ class PollSchedule:
         # Told every lesson learned from this schedule's own jobs (a fleet shares them).
         self.on_lesson: Callable[[Lesson], None] | None = None
         self._errors: dict[str | None, _Quantiles] = {}
+        # Lateness beyond what the estimate's own resolution explains (whole seconds): what
+        # the window mirrors to its early side.
+        self._excess_late: dict[str | None, _Quantiles] = {}
         self._durations: dict[str | None, _Quantiles] = {}
+        # Models whose gateway gave a fractional estimate, and counts of whole-second ones: a
+        # model whose estimates all come in whole seconds has a second of resolution.
+        self._fractional: set[str | None] = set()
+        self._integral: dict[str | None, int] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._models: set[str | None] = set()
@@ -170,14 +218,19 @@ class PollSchedule:
         window = self._windows.get(model)
         if window is None:
             errors = self._errors.get(model)
-            if errors is None or len(errors) < _MIN_SAMPLES:
-                window = (_PRIOR_LOW, _PRIOR_HIGH)
+            if errors is None or len(errors) < TUNING.min_samples:
+                window = (TUNING.prior_low, TUNING.prior_high)
             else:
                 # Taken as symmetric until shown otherwise: ends seen later than predicted are
                 # evidence that others end as much earlier. Overruns are seen first (at the
                 # predicted end); early ends only once a job is asked, which this makes sooner.
-                early, late = errors.quantile(_LOW_QUANTILE), errors.quantile(_HIGH_QUANTILE)
-                window = (min(0.0, early, -late), max(0.0, late, -early))
+                # Lateness an estimate in whole seconds explains (it is up to a second short)
+                # is not mirrored: it says nothing of early ends.
+                early = errors.quantile(TUNING.low_quantile)
+                late = errors.quantile(TUNING.high_quantile)
+                excess = self._excess_late.get(model)
+                mirrored = excess.quantile(TUNING.high_quantile) if excess is not None else 0.0
+                window = (min(0.0, early, -mirrored), max(0.0, late, -early))
             self._windows[model] = window  # asked per report, changed per ended job: cached
         return window
 
@@ -189,55 +242,70 @@ class PollSchedule:
     def job_ended(self, timing: KeyTiming, now: float, ended_at: float | None = None) -> None:
         """Learn from a job seen ended at ``now`` (``ended_at``: the gateway's end time, if any).
 
-        The true end lies between the previous ask and ``now``; the gateway's own end time
-        narrows it when it falls there, else the middle is the best guess.
+        The true end lies between the previous ask and ``now``. The gateway's own end time
+        places it when it falls there; else the middle of the two asks, if they are close
+        enough to say; else only what the asks prove (it ended early, or late, by at least
+        so much), or nothing: a gateway that gives no end time (or one on a skewed clock) must
+        not teach the schedule that right estimates are wrong.
         """
         earliest = timing.last_ask if timing.last_ask is not None else timing.created_at
+        error = None
+        resolution = 0.0
+        end: float | None = None
         if ended_at is not None and earliest <= ended_at <= now:
             end = ended_at
-        else:
+        elif now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
             end = (earliest + now) / 2
-        error = None
         if timing.predicted_end is not None and timing.predicted_span and timing.estimate_live:
-            error = (end - timing.predicted_end) / timing.predicted_span
-            error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
-        self._teach(Lesson(timing.model, duration=end - timing.created_at, error=error))
+            span, predicted = timing.predicted_span, timing.predicted_end
+            if end is not None:
+                error = (end - predicted) / span
+            elif earliest > predicted:
+                error = (earliest - predicted) / span  # still running after the predicted end
+            elif now < predicted:
+                error = (now - predicted) / span  # already done before it
+            if self.coarse(timing.model):
+                resolution = 1.0 / span
+            if error is not None:
+                error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
+        duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
+        self._teach(Lesson(timing.model, duration=duration, error=error), resolution)
 
     def learn(self, lesson: Lesson) -> None:
         """Learn another member's ``lesson``, as if its job had been one of this schedule's.
 
         Lessons about a model this schedule has not seen, outside :data:`KNOWN_MODELS`, are
         dropped once ``_OTHER_MODELS_KEPT`` such models are known: they come from other
-        processes, and memory stays bounded whatever those send.
+        processes, and memory stays bounded whatever they send.
         """
         model = lesson.model
         if model not in self._models and model not in KNOWN_MODELS:
             if self._other_models >= _OTHER_MODELS_KEPT:
                 return
             self._other_models += 1
-        self._apply(lesson)
+        self._apply(lesson, 0.0)
 
-    def _teach(self, lesson: Lesson) -> None:
+    def _teach(self, lesson: Lesson, resolution: float = 0.0) -> None:
         """Learn from one of this schedule's own jobs, and tell ``on_lesson``."""
-        self._apply(lesson)
+        self._apply(lesson, resolution)
         if self.on_lesson is not None:
             self.on_lesson(lesson)
 
-    def _apply(self, lesson: Lesson) -> None:
+    def _apply(self, lesson: Lesson, resolution: float) -> None:
         model = lesson.model
         self._models.add(model)
         if lesson.span is not None:
             spans = self._spans.get(model)
             if spans is None:
-                spans = self._spans[model] = deque(maxlen=_SPANS_KEPT)
+                spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
             spans.append(lesson.span)
         if lesson.duration is not None:
             self._sample(self._durations, model).add(lesson.duration)
         if lesson.error is not None:
             before = self.window(model)
-            self._sample(self._errors, model).add(
-                max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
-            )
+            error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
+            self._sample(self._errors, model).add(error)
+            self._sample(self._excess_late, model).add(max(0.0, error - resolution))
             self._windows.pop(model, None)
             if self.window(model)[0] < before[0] - 0.02:
                 self.generation += 1
@@ -261,26 +329,51 @@ class PollSchedule:
         *,
         expected_seconds: float | None,
         queue_position: int | None = None,
+        queued: bool = False,
     ) -> float:
-        """Record a running job's report at ``now``; returns the loop time of the next ask."""
+        """Record a running job's report at ``now``; returns the loop time of the next ask.
+
+        ``queued``: the job has not started generating. A gateway may give no estimate then,
+        or one that leaves the queue out and does not count down until generation starts: a
+        queued job's estimate is taken for what it says now, never judged a placeholder, and
+        the first estimate while generating sets the error scale afresh.
+        """
         policy = self._policy
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
+            self._note_resolution(timing.model, expected_seconds)
+            coarse = self.coarse(timing.model)
             predicted = now + expected_seconds
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
                 self._teach(Lesson(timing.model, span=timing.predicted_span))
             elif timing.last_ask is not None:
+                gap = now - timing.last_ask
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it
-                # forward by the time between reports.
-                drift = abs(predicted - previous)
-                if drift > _LIVE_DRIFT * (now - timing.last_ask) + policy.min_interval:
-                    timing.estimate_live = False
+                # forward by the time between reports. Whole seconds move it by up to one.
+                drift = abs(predicted - previous) - (1.0 if coarse else 0.0)
+                timing.recheck = False
+                if not queued and expected_seconds == timing.last_expected:
+                    if timing.queued:
+                        timing.recheck = True  # it has just left the queue: ask again soon
+                    elif gap > policy.min_interval + (1.0 if coarse else 0.0):
+                        timing.estimate_live = False  # the same figure while generating
+                elif drift > TUNING.live_drift * gap + policy.min_interval:
+                    if timing.queued:
+                        # It may have left the queue out: judge it from here, on a new scale.
+                        timing.live_reports = 0
+                        timing.predicted_span = max(
+                            predicted - timing.created_at, policy.min_interval
+                        )
+                    else:
+                        timing.estimate_live = False
+            timing.last_expected = expected_seconds
             if timing.estimate_live:
                 timing.predicted_end = predicted
                 timing.live_reports += 1
             else:
                 timing.predicted_end = None
+        timing.queued = queued
         # "0 s left" while still running: it has overrun. The last prediction stays, so the
         # window still tells (dense asks until it closes, backing off after) and its end is
         # learned from.
@@ -293,8 +386,11 @@ class PollSchedule:
         """Loop time of the next ask about a running job, from what is known at ``now``."""
         policy = self._policy
         if timing.predicted_end is not None and timing.predicted_span:
-            opens, closes = self._window_at(timing)
+            opens, closes = self.watch_window(timing)
             if now + policy.min_interval < opens:
+                if timing.recheck:
+                    # Long enough to tell even whole seconds apart: one second plus two asks.
+                    return min(opens, now + 1.0 + 2 * policy.min_interval)
                 if self._learning(timing.model) and (
                     timing.live_reports < 2 or self._typical_figure(timing.model)
                 ):
@@ -302,7 +398,7 @@ class PollSchedule:
                     # it counts down (a placeholder is found out there). When every job gets
                     # the same estimate, it says nothing of which jobs end early: close in on
                     # the window in steps, so early ends are seen and teach the window.
-                    step = max(2 * policy.min_interval, _CHECK_SHARE * (opens - now))
+                    step = max(2 * policy.min_interval, TUNING.check_share * (opens - now))
                     return min(opens, now + min(step, policy.max_estimate_wait))
                 return min(opens, now + policy.max_estimate_wait)
             if now < closes:
@@ -312,24 +408,36 @@ class PollSchedule:
             wait = queue_position * policy.queue_position_seconds
             return now + min(max(wait, policy.min_interval), policy.max_interval)
         durations = self._durations.get(timing.model)
-        if durations is not None and len(durations) >= _MIN_SAMPLES:
-            earliest = timing.created_at + durations.quantile(_LOW_QUANTILE)
+        if durations is not None and len(durations) >= TUNING.min_samples:
+            earliest = timing.created_at + durations.quantile(TUNING.low_quantile)
             if now + policy.min_interval < earliest:
                 return min(earliest, now + policy.max_estimate_wait)
         return now + self._backoff(now - timing.created_at)
 
+    def _note_resolution(self, model: str | None, expected_seconds: float) -> None:
+        if model in self._fractional:
+            return
+        if expected_seconds != int(expected_seconds):
+            self._fractional.add(model)
+        else:
+            self._integral[model] = self._integral.get(model, 0) + 1
+
+    def coarse(self, model: str | None) -> bool:
+        """True when ``model``'s estimates come in whole seconds (a few seen, none finer)."""
+        return model not in self._fractional and self._integral.get(model, 0) >= TUNING.coarse_after
+
     def _learning(self, model: str | None) -> bool:
         errors = self._errors.get(model)
-        return errors is None or len(errors) < _MIN_SAMPLES
+        return errors is None or len(errors) < TUNING.min_samples
 
     def _typical_figure(self, model: str | None) -> bool:
         """True when the model's last jobs were all predicted to last the same (a typical
         figure, not a per-job estimate)."""
         spans = self._spans.get(model)
-        if spans is None or len(spans) < _SAME_SPANS_MIN:
+        if spans is None or len(spans) < TUNING.same_spans_min:
             return False
         low, high = min(spans), max(spans)
-        return high - low <= _SAME_SPAN_SHARE * high + self._policy.min_interval / 2
+        return high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
 
     def watch_start(self, timing: KeyTiming) -> float:
         """Loop time from which ``timing``'s job is asked about densely.
@@ -339,50 +447,23 @@ class PollSchedule:
         """
         if timing.predicted_end is None or not timing.predicted_span:
             return math.inf
-        return self._window_at(timing)[0]
+        return self.watch_window(timing)[0]
 
-    def watch_starts(self) -> Callable[[KeyTiming], float]:
-        """:meth:`watch_start` for a pass over every key: each model's window is read once.
-
-        For one pass only, with nothing learned meanwhile (the windows are taken as they are).
-        """
-        # model -> (low, lowest offset, delay): as _window_at, read once per model.
-        opening: dict[str | None, tuple[float, float, float]] = {}
-        cap = _PRIOR_MAX_STEPS * self._policy.min_interval
-        delay = _PRIOR_OPEN_DELAY * self._policy.min_interval
-
-        def watch_start(timing: KeyTiming) -> float:
-            end, span = timing.predicted_end, timing.predicted_span
-            if end is None or not span:
-                return math.inf
-            found = opening.get(timing.model)
-            if found is None:
-                # As _window_at: while learning, the prior opens at most ``cap`` early.
-                low = self.window(timing.model)[0]
-                learning = self._learning(timing.model)
-                found = opening[timing.model] = (
-                    low,
-                    -cap if learning else -math.inf,
-                    delay if learning else 0.0,
-                )
-            low, lowest, shift = found
-            return end + max(low * span, lowest) + shift
-
-        return watch_start
-
-    def _window_at(self, timing: KeyTiming) -> tuple[float, float]:
+    def watch_window(self, timing: KeyTiming) -> tuple[float, float]:
         """Loop times when ``timing``'s window opens and closes (it has a prediction)."""
         assert timing.predicted_end is not None and timing.predicted_span is not None
         low, high = self.window(timing.model)
-        span = timing.predicted_span
+        span, end = timing.predicted_span, timing.predicted_end
+        # After the end, and after it even when a call with room takes the key early.
+        policy = self._policy
+        delay = TUNING.open_delay * policy.min_interval + policy.batch_fill_horizon
+        if self.coarse(timing.model):
+            delay += TUNING.coarse_delay
         if self._learning(timing.model):
             # The prior is a guess: it must not make a long job's window long as well.
-            cap = _PRIOR_MAX_STEPS * self._policy.min_interval
-            delay = _PRIOR_OPEN_DELAY * self._policy.min_interval
-            return timing.predicted_end + max(low * span, -cap) + delay, (
-                timing.predicted_end + min(high * span, cap) + delay
-            )
-        return timing.predicted_end + low * span, timing.predicted_end + high * span
+            cap = TUNING.prior_max_steps * policy.min_interval
+            return end + max(low * span, -cap) + delay, end + min(high * span, cap) + delay
+        return end + low * span + delay, end + high * span + delay
 
     def _backoff(self, age: float) -> float:
         policy = self._policy

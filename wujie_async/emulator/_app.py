@@ -413,14 +413,20 @@ class Gateway:
                 "b64_json": None,
                 "revised_prompt": None,
             }
-            for index in range(job.images_done_at(now))
+            for index in range(
+                job.images_listed_at(now, progressive=self.config.images_progressive)
+            )
         ]
         entry: dict[str, Any] = {
             "key": job.key,
             "status": status,
             "complete_percent": job.percent_at(now),
         }
-        expected = job.expected_at(now)
+        expected = job.expected_at(
+            now,
+            rounding=self.config.estimate_rounding,
+            while_queued=self.config.estimate_while_queued,
+        )
         if expected is not None:
             entry["expected_seconds"] = expected
         entry["images"] = images

@@ -7,6 +7,7 @@ status at any moment is computed from the clock, so 100,000 jobs cost no timers 
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -125,6 +126,16 @@ class EmulatorConfig:
         progress_fields: list the platform's optional progress fields: ``queue_before_num``
             (jobs ahead, while queued), ``start_gen_time`` and ``complete_time`` (unix seconds,
             once known) and ``integral_cost`` (points charged, once finished).
+        estimate_rounding: how ``expected_seconds`` is rounded: ``"none"`` (to 10 ms),
+            ``"floor"``, ``"ceil"`` or ``"round"`` to whole seconds (the platform's other
+            endpoints give integers).
+        estimate_while_queued: what ``expected_seconds`` says before generation starts:
+            ``"countdown"`` (the time left, queue included, counting down from the submit),
+            ``"generation"`` (the generation time alone, the same figure until generation
+            starts: the countdown starts then), ``"absent"`` (no estimate while queued) or
+            ``"zero"`` (0 while queued).
+        images_progressive: list each image as it is done (True), or every image only once the
+            job has ended (False).
     """
 
     time_scale: float = 1.0
@@ -136,6 +147,9 @@ class EmulatorConfig:
     job_seconds: tuple[float, float] | None = None
     estimate_basis: Literal["typical", "actual"] = "typical"
     progress_fields: bool = True
+    estimate_rounding: Literal["none", "floor", "ceil", "round"] = "none"
+    estimate_while_queued: Literal["countdown", "generation", "absent", "zero"] = "countdown"
+    images_progressive: bool = True
 
 
 @dataclass(slots=True)
@@ -176,6 +190,12 @@ class EmulatedJob:
             return 0
         return sum(1 for done in self.image_done_at if done <= now)
 
+    def images_listed_at(self, now: float, *, progressive: bool) -> int:
+        """How many images a batch reply lists at ``now``."""
+        if not progressive and now < self.ends_at:
+            return 0
+        return self.images_done_at(now)
+
     def percent_at(self, now: float) -> float:
         """True progress: share of the generation time elapsed."""
         if now >= self.ends_at and self.outcome == JobStatus.SUCCEEDED:
@@ -185,15 +205,32 @@ class EmulatedJob:
         span = self.image_done_at[-1] - self.started_at
         return round(min(100.0, 100.0 * (min(now, self.ends_at) - self.started_at) / span), 1)
 
-    def expected_at(self, now: float) -> float | None:
-        """The gateway's ESTIMATE of seconds left (None when it gives none)."""
+    def expected_at(
+        self, now: float, *, rounding: str = "none", while_queued: str = "countdown"
+    ) -> float | None:
+        """The gateway's ESTIMATE of seconds left (None when it gives none), as the
+        ``EmulatorConfig.estimate_*`` settings say it is reported."""
         if self.estimate_total is None:
             return None
         if now >= self.ends_at:
             return 0.0
         if self.estimate_constant is not None:
             return self.estimate_constant
-        return round(max(0.0, self.estimate_total - (now - self.created_at)), 2)
+        left = max(0.0, self.estimate_total - (now - self.created_at))
+        if now < self.started_at and while_queued != "countdown":
+            if while_queued == "absent":
+                return None
+            if while_queued == "zero":
+                return 0.0
+            # "generation": the part after the queue, not counting down until it starts
+            left = max(0.0, self.estimate_total - (self.started_at - self.created_at))
+        if rounding == "floor":
+            return float(math.floor(left))
+        if rounding == "ceil":
+            return float(math.ceil(left))
+        if rounding == "round":
+            return float(round(left))
+        return round(left, 2)
 
     def cost(self) -> int:
         """Points charged once the job has ended: only images delivered are paid for."""

@@ -1,0 +1,100 @@
+"""How the default poll schedule fares against gateways that report estimates differently.
+
+    .venv/bin/python benchmarks/schedule_probe.py [--jobs 600] [--only NAME,...]
+
+Each variant is a burst of jobs of 10-30 s whose estimates are right in substance, reported
+the way a gateway written from the contract alone might (rounded to whole seconds, counting
+down only once generation starts, absent or zero while queued, images only at the end). The
+client and an in-process emulator share a fast-forwarding loop clock (looptime), so a burst of
+"30 s" jobs takes the CPU time of its calls, not 30 s, and asks per key, calls per job and how
+late each end is seen are exact, independent of the machine's load. Default ``PollPolicy()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import looptime
+
+from wujie_async import PollPolicy, WujieClient
+from wujie_async.emulator import Emulator, EmulatorConfig, FaultConfig
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "right (our emulator)": {},
+    "whole seconds, floor": {"estimate_rounding": "floor"},
+    "whole seconds, round": {"estimate_rounding": "round"},
+    "whole seconds, ceil": {"estimate_rounding": "ceil"},
+    "countdown from generation": {"estimate_while_queued": "generation"},
+    "absent while queued": {"estimate_while_queued": "absent"},
+    "zero while queued": {"estimate_while_queued": "zero"},
+    "images at the end": {"images_progressive": False},
+    "floor + generation + images at end": {
+        "estimate_rounding": "floor",
+        "estimate_while_queued": "generation",
+        "images_progressive": False,
+    },
+    "no complete_time": {"progress_fields": False},
+    "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
+    "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
+    "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
+    "bad: whole seconds, floor, no complete_time": {
+        "estimate_rounding": "floor",
+        "progress_fields": False,
+    },
+}
+
+
+async def burst(jobs: int, settings: dict[str, Any], policy: PollPolicy) -> dict[str, Any]:
+    config = EmulatorConfig(
+        time_scale=1.0, seed=5, job_seconds=(10, 30), estimate_basis="actual", **settings
+    )
+    async with (
+        Emulator(config) as emu,
+        WujieClient(emu.credentials, base_url=emu.base_url, poll=policy) as client,
+    ):
+        submitted = await asyncio.gather(
+            *(client.images.submit(prompt=f"p{i}", model="gpt-image-1") for i in range(jobs))
+        )
+        for job in submitted:
+            await job
+        stats = emu.stats()
+    asks = Counter(key for call in stats["batch_keys"] for key in call)
+    late = sorted(t["first_listed_done"] - t["done"] for t in stats["timelines"].values())
+    return {
+        "asks_per_key": round(statistics.mean(asks[job.key] for job in submitted), 2),
+        "calls_per_job": round((jobs + stats["batch_calls"]) / jobs, 3),
+        "seen_late_p50_s": round(late[len(late) // 2], 3),
+        "seen_late_p99_s": round(late[int(len(late) * 0.99) - 1], 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=600)
+    parser.add_argument("--only", default="", help="comma-separated variant names")
+    args = parser.parse_args()
+    wanted = [name for name in VARIANTS if not args.only or name in args.only.split(",")]
+    results = {}
+    for name in wanted:
+        started = time.perf_counter()
+        loop = looptime.new_event_loop(start=time.monotonic())
+        # Wall time follows the loop's fake clock, so unix stamps (complete_time) map onto it.
+        offset = time.time() - loop.time()
+        wall, time.time = time.time, lambda: loop.time() + offset
+        try:
+            figures = loop.run_until_complete(burst(args.jobs, VARIANTS[name], PollPolicy()))
+        finally:
+            time.time = wall
+            loop.close()
+        results[name] = figures
+        print(f"{name:38} {json.dumps(figures)}  ({time.perf_counter() - started:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
