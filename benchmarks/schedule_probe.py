@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import time
@@ -74,6 +75,10 @@ async def burst(jobs: int, settings: dict[str, Any], policy: PollPolicy) -> dict
     }
 
 
+def _follow(loop: asyncio.AbstractEventLoop, offset: float) -> float:
+    return loop.time() + offset
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=600)
@@ -85,8 +90,8 @@ def main() -> None:
         started = time.perf_counter()
         loop = looptime.new_event_loop(start=time.monotonic())
         # Wall time follows the loop's fake clock, so unix stamps (complete_time) map onto it.
-        offset = time.time() - loop.time()
-        wall, time.time = time.time, lambda: loop.time() + offset
+        wall = time.time
+        time.time = functools.partial(_follow, loop, wall() - loop.time())
         try:
             figures = loop.run_until_complete(burst(args.jobs, VARIANTS[name], PollPolicy()))
         finally:

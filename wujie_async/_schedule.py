@@ -88,7 +88,7 @@ class ScheduleTuning:
     spans_kept: int = 32
     same_span_share: float = 0.02
     same_spans_min: int = 2
-    narrow_gap: float = 2.0
+    narrow_gap: float = 1.0
     coarse_delay: float = 0.25
     coarse_after: int = 3
 
