@@ -43,7 +43,7 @@ _FIELDS = ("prompt", "model", "n", "size", "quality", "style", "background", "ou
 
 SUBMITTED = web.AppKey("submitted", set)
 # How long a key nobody here submitted may go unlisted by the gateway before it is a 404.
-LOOKUP_SECONDS = 5.0
+LOOKUP_SECONDS = web.AppKey("lookup_seconds", float)
 
 
 def _job_view(job: ImageJob) -> dict[str, Any]:
@@ -69,7 +69,7 @@ async def _known_job(request: web.Request) -> ImageJob:
     """The job of the URL's key, or 404 when the gateway does not know that key.
 
     A key this app submitted is known. Any other is attached (the poller asks about it at
-    once) and is a 404 if the gateway has not listed it within ``LOOKUP_SECONDS``.
+    once) and is a 404 if the gateway has not listed it within the app's lookup seconds.
     """
     key = request.match_info["key"]
     try:
@@ -79,7 +79,7 @@ async def _known_job(request: web.Request) -> ImageJob:
     if key in request.app[SUBMITTED] or job.status is not None or job.done():
         return job
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(LOOKUP_SECONDS):
+        async with asyncio.timeout(request.app[LOOKUP_SECONDS]):
             async for update in job.updates():
                 if update.status is not None or update.done:
                     break
@@ -156,9 +156,13 @@ async def job_events(request: web.Request) -> web.StreamResponse:
 
 def create_app(
     client_factory: Callable[[], contextlib.AbstractAsyncContextManager[WujieClient]],
+    *,
+    lookup_seconds: float = 5.0,
 ) -> web.Application:
-    """The app; ``client_factory()`` opens the client its lifespan owns."""
+    """The app; ``client_factory()`` opens the client its lifespan owns; a key nobody here
+    submitted is a 404 if the gateway has not listed it within ``lookup_seconds``."""
     app = web.Application()
+    app[LOOKUP_SECONDS] = lookup_seconds
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         async with client_factory() as client:
@@ -178,5 +182,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--lookup-seconds", type=float, default=5.0, help="how long an unknown key is looked for"
+    )
     args = parser.parse_args()
-    web.run_app(create_app(connect), host=args.host, port=args.port)
+    app = create_app(connect, lookup_seconds=args.lookup_seconds)
+    web.run_app(app, host=args.host, port=args.port)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import io
 import itertools
 import json
+import logging
 import os
 import selectors
 import shutil
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 
 from .helpers import stop_process
@@ -284,12 +288,62 @@ def cli_zygote() -> Iterator[None]:
     stop_zygote()
 
 
+# Most CLI tests run `wujie_async.cli.main(argv)` in this process (on a worker thread, with its
+# own environment, stdin, stdout and stderr), which is what `wujie-async` runs; the tests that
+# need a process of its own (signals, exit through sys.exit, a pid) use `running_cli`. Set
+# WUJIE_TEST_CLI_PROCESSES=1 to run every one as a process.
+IN_PROCESS = not os.environ.get("WUJIE_TEST_CLI_PROCESSES")
+_one_at_a_time = threading.Lock()  # the process's stdio and environment are swapped for a run
+
+
 async def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 50, stdin: bytes | None = None
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 50,
+    stdin: bytes | None = None,
+    process: bool = False,
 ) -> tuple[int, str, str]:
-    """Run ``python -m wujie_async ARGS``; (exit code, stdout, stderr)."""
-    async with running_cli(*args, env=env, stdin=stdin) as running:
-        return await running.finish(timeout)
+    """Run ``wujie-async ARGS``; (exit code, stdout, stderr). In this process unless
+    ``process`` (or WUJIE_TEST_CLI_PROCESSES) says to run it as a process of its own."""
+    if process or not IN_PROCESS:
+        async with running_cli(*args, env=env, stdin=stdin) as running:
+            return await running.finish(timeout)
+    with anyio.fail_after(timeout):
+        return await anyio.to_thread.run_sync(
+            _main_in_process, list(args), env or CLEAN_ENV, stdin, abandon_on_cancel=True
+        )
+
+
+def _main_in_process(
+    argv: list[str], env: dict[str, str], stdin: bytes | None
+) -> tuple[int, str, str]:
+    """``main(argv)`` as a run of the command would see it; everything swapped is restored."""
+    from wujie_async.cli import main
+
+    loggers = [logging.getLogger(), logging.getLogger("wujie_async")]
+    with _one_at_a_time:
+        saved_env = dict(os.environ)
+        saved = (sys.stdin, sys.stdout, sys.stderr, sys.argv)
+        saved_logging = [(log, list(log.handlers), log.level) for log in loggers]
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            sys.stdin = io.TextIOWrapper(io.BytesIO(stdin or b""), encoding="utf-8")
+            sys.stdout, sys.stderr = out, err
+            sys.argv = ["wujie-async", *argv]
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse's usage errors, --help, --version
+                code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stdin, sys.stdout, sys.stderr, sys.argv = saved
+            os.environ.clear()
+            os.environ.update(saved_env)
+            for log, handlers, level in saved_logging:
+                log.handlers[:] = handlers
+                log.setLevel(level)
+    return code, out.getvalue(), err.getvalue()
 
 
 @dataclass

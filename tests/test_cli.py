@@ -128,7 +128,8 @@ async def test_each_cli_run_is_a_process_of_its_own(tmp_path: Path) -> None:
         code, _, err = await proc.finish(20)
     assert code == 2 and "--emulator-time-scale" in err, err
     with pytest.raises(TimeoutError):
-        await cli(*emulator, timeout=0.5)  # never ends by itself: killed when the wait gives up
+        # never ends by itself: killed when the wait gives up
+        await cli(*emulator, timeout=0.5, process=True)
 
 
 async def test_generate_prints_the_saved_paths(tmp_path: Path) -> None:

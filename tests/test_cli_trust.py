@@ -98,7 +98,7 @@ async def test_resume_skips_a_row_with_an_unusable_key_and_resumes_the_rest(
 
 
 async def test_the_cli_resume_and_journal_list_go_past_a_bad_row(tmp_path: Path) -> None:
-    async with served_emulator(tmp_path, "--time-scale", "0.3") as emu:
+    async with served_emulator(tmp_path, "--time-scale", "0.1") as emu:
         prompts = tmp_path / "p.txt"
         prompts.write_text("one\ntwo\n")
         out = tmp_path / "out"

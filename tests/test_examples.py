@@ -89,7 +89,14 @@ async def test_web_app_serves_real_requests() -> None:
         return True
 
     async with (
-        process(str(EXAMPLES / "web_app.py"), "--port", str(port), ready=listening),
+        process(
+            str(EXAMPLES / "web_app.py"),
+            "--port",
+            str(port),
+            "--lookup-seconds",
+            "1",
+            ready=listening,
+        ),  # fmt: skip
         aiohttp.ClientSession() as http,
     ):
         body = {"prompt": "a fox", "model": "dall-e-2", "n": 2}

@@ -260,7 +260,7 @@ def test_wujie_log_shows_the_log_from_its_level_on_stderr(tmp_path: Path) -> Non
 async def test_the_clis_verbose_shows_the_debug_story(tmp_path: Path) -> None:
     code, _, err = await cli(
         "generate", "a fox", "--model", "dall-e-2", "--emulator", *FAST,
-        "--out", str(tmp_path), "--verbose",
+        "--out", str(tmp_path), "--verbose", process=True,
     )  # fmt: skip
     assert code == 0, err
     assert "DEBUG wujie_async: POST /ai/wj/images/generations -> 200" in err
@@ -273,7 +273,7 @@ async def test_wujie_log_applies_to_the_cli_too(tmp_path: Path) -> None:
     env = {**CLEAN_ENV, "WUJIE_LOG": "info"}
     code, _, err = await cli(
         "generate", "a fox", "--model", "dall-e-2", "--emulator", *FAST, "--out", str(tmp_path),
-        env=env,
+        env=env, process=True,  # WUJIE_LOG is read when the package is imported
     )  # fmt: skip
     assert code == 0, err
     assert "INFO wujie_async: client opened: " in err

@@ -62,7 +62,7 @@ def stopping_on_signals(stop: anyio.Event, console: Console) -> Iterator[Signals
         for number in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(number, on_signal, number)
-            except (NotImplementedError, RuntimeError):  # not the main thread, or no signals
+            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 break
             installed.append(number)
         yield signals
