@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,6 +412,11 @@ async def _served_subprocess(creds_file: Path, args: Sequence[str]) -> AsyncIter
         yield _served(creds_file)
     finally:
         await stop_process(server)
+
+
+def proc_alive(proc: RunningCli) -> Callable[[], bool]:
+    """For ``eventually(..., alive=...)``: True while ``proc`` runs."""
+    return lambda: proc.returncode is None
 
 
 def manifest(out: Path) -> list[dict[str, Any]]:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import json
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,3 +129,33 @@ async def stop_process(
             return await asyncio.wait_for(proc.communicate(), grace)
         except TimeoutError:
             return b"", b""
+
+
+async def eventually(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "the condition",
+    alive: Callable[[], bool] | None = None,
+) -> Any:
+    """Wait until ``check()`` (a function or a coroutine function) returns something truthy,
+    and return it; an AssertionError naming ``what`` after ``timeout`` seconds, or as soon as
+    ``alive()`` says the process the wait depends on has ended.
+
+    The one way the tests wait for something observable to happen (never to prove that
+    something did not).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if alive is not None and not alive():
+            raise AssertionError(f"the process ended before {what}")
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not after {timeout:g} s")
+        await asyncio.sleep(interval)

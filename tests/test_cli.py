@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from .cli_helpers import (
     running_cli,
     served_emulator,
 )
-from .helpers import png_size
+from .helpers import eventually, png_size
 
 pytestmark = pytest.mark.anyio
 
@@ -116,10 +115,8 @@ async def test_each_cli_run_is_a_process_of_its_own(tmp_path: Path) -> None:
     emulator = ("emulator", "--port", "0", "--credentials-out", str(creds))
     async with running_cli(*emulator) as proc:
         assert proc.pid != os.getpid()
-        deadline = time.monotonic() + 20
-        while not creds.exists():
-            assert time.monotonic() < deadline and proc.returncode is None
-            await asyncio.sleep(0.02)
+        alive = lambda: proc.returncode is None  # noqa: E731
+        await eventually(creds.exists, timeout=20, what="the credentials file", alive=alive)
         os.kill(proc.pid, 0)  # alive
         proc.send_signal(signal.SIGKILL)
         code, _, _ = await proc.finish(10)
@@ -154,10 +151,11 @@ async def test_ctrl_c_then_resume_then_rerun(tmp_path: Path) -> None:
             sys.executable, "-m", "wujie_async", *bulk, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not (out / "manifest.jsonl").exists() or not (out / "manifest.jsonl").read_text():
-            assert time.monotonic() < deadline and proc.returncode is None
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: (out / "manifest.jsonl").exists() and (out / "manifest.jsonl").read_text(),
+            what="a manifest line",
+            alive=lambda: proc.returncode is None,
+        )
         proc.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 130, err.decode()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ipaddress
 import json
 import os
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,9 +25,10 @@ from .cli_helpers import (
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     manifest,
+    proc_alive,
     running_cli,
 )
-from .helpers import png_size
+from .helpers import eventually, png_size
 
 pytestmark = pytest.mark.anyio
 
@@ -284,10 +283,11 @@ async def test_a_partly_saved_job_resumes_without_duplicate_manifest_lines(tmp_p
             *gateway_flags(tmp_path, base_url),
         )  # fmt: skip
         async with running_cli(*bulk) as proc:
-            deadline = time.monotonic() + 20
-            while not any(r.get("key") == "partial" for r in manifest(out)):
-                assert time.monotonic() < deadline and proc.returncode is None
-                await asyncio.sleep(0.05)
+            await eventually(
+                lambda: any(r.get("key") == "partial" for r in manifest(out)),
+                what="image 0 of the partial job",
+                alive=proc_alive(proc),
+            )
             proc.send_signal(signal.SIGINT)
             code, _, err_text = await proc.finish(20)
         assert code == 130, err_text

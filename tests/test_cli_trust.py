@@ -3,28 +3,37 @@ journal, journal papercuts and honest progress, each against an emulator over lo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import signal
 import sqlite3
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from .cli_helpers import (
     FAST,
+    Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
     manifest,
+    proc_alive,
     running_cli,
     served_emulator,
 )
 from .conftest import EmulatorFactory, make_client
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
+
+
+def accepted_at_least(emu: Served, count: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return int((await emu.stats())["submits_accepted"]) >= count
+
+    return check
 
 
 def write_rows(path: Path, rows: list[dict[str, object]]) -> Path:
@@ -103,10 +112,7 @@ async def test_the_cli_resume_and_journal_list_go_past_a_bad_row(tmp_path: Path)
         prompts.write_text("one\ntwo\n")
         out = tmp_path / "out"
         async with running_cli("bulk", str(prompts), "-o", str(out), env=emu.env) as proc:
-            deadline = time.monotonic() + 20
-            while (await emu.stats())["submits_accepted"] < 2:
-                assert time.monotonic() < deadline and proc.returncode is None
-                await asyncio.sleep(0.05)
+            await eventually(accepted_at_least(emu, 2), what="2 submits", alive=proc_alive(proc))
             proc.send_signal(signal.SIGINT)
             code, _, err = await proc.finish(20)
         assert code == 130, err
@@ -136,10 +142,7 @@ async def test_sigterm_stops_gently_says_how_to_continue_and_a_rerun_pays_nothin
         out = tmp_path / "out"
         bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--rate", "5"]
         async with running_cli(*bulk, "--json", env=emu.env) as proc:
-            deadline = time.monotonic() + 30
-            while (await emu.stats())["submits_accepted"] < 3:
-                assert time.monotonic() < deadline and proc.returncode is None
-                await asyncio.sleep(0.05)
+            await eventually(accepted_at_least(emu, 3), what="3 submits", alive=proc_alive(proc))
             proc.send_signal(signal.SIGTERM)
             code, stdout, err = await proc.finish(30)
         assert code == 143, err

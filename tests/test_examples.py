@@ -20,7 +20,7 @@ from wujie_async import WujieClient
 
 from .conftest import FAST_POLL, EmulatorFactory
 from .fleet_support import any_redis, free_port
-from .helpers import png_size
+from .helpers import eventually, png_size
 
 pytestmark = pytest.mark.anyio
 
@@ -59,11 +59,7 @@ async def process(*args: str, ready: Any) -> AsyncIterator[asyncio.subprocess.Pr
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 30
-        while not await ready():
-            assert proc.returncode is None, "the example exited early"
-            assert time.monotonic() < deadline, "the example never became ready"
-            await asyncio.sleep(0.1)
+        await eventually(ready, what="the example ready", alive=lambda: proc.returncode is None)
         yield proc
     finally:
         if proc.returncode is None:
@@ -220,10 +216,11 @@ async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
             ) as client:
                 stop = asyncio.Event()
                 worker = asyncio.create_task(Worker(redis, client, "worker-1").run(stop))
-                deadline = time.monotonic() + 30
-                while not any(r["state"] == "succeeded" for r in await _results(redis)):
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.05)
+
+                async def succeeded() -> bool:
+                    return any(r["state"] == "succeeded" for r in await _results(redis))
+
+                await eventually(succeeded, what="a succeeded result")
                 stop.set()
                 await worker
             assert emu.stats()["submits_accepted"] == 1  # attached, not resubmitted
@@ -314,13 +311,14 @@ async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -
             return proc
 
         async def results_until(state: str, timeout: float = 30) -> list[dict[str, Any]]:
-            deadline = time.monotonic() + timeout
-            while True:
-                found = await _results(redis)
-                if any(r["state"] == state for r in found):
-                    return found
-                assert time.monotonic() < deadline, f"no {state!r} result: {found}"
-                await asyncio.sleep(0.05)
+            async def found() -> list[dict[str, Any]]:
+                results = await _results(redis)
+                return results if any(r["state"] == state for r in results) else []
+
+            found_results: list[dict[str, Any]] = await eventually(
+                found, timeout=timeout, what=f"a {state!r} result"
+            )
+            return found_results
 
         try:
             request = {"prompt": "paid for once", "model": "dall-e-2"}
@@ -330,8 +328,13 @@ async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -
             doomed.send_signal(signal.SIGKILL)  # mid-job: the message is not acknowledged
             await asyncio.wait_for(doomed.wait(), 15)
             await start("worker-b")
-            results = await results_until("succeeded")
-            await asyncio.sleep(1.0)  # a second delivery would show up by now
+            await results_until("succeeded")
+
+            async def acknowledged() -> bool:
+                return not (await redis.xpending("wujie:requests", "wujie-workers"))["pending"]
+
+            # Once nothing is pending, no delivery is outstanding: count what was delivered.
+            await eventually(acknowledged, timeout=10, what="the message acknowledged")
             results = await _results(redis)
             assert [r["state"] for r in results].count("succeeded") == 1
             [done] = [r for r in results if r["state"] == "succeeded"]
@@ -339,10 +342,6 @@ async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -
             assert done["key"] == submitted["key"]
             assert len(done["images"]) == 1
             assert (await emulator_stats(emu))["submits_accepted"] == 1  # never resubmitted
-            deadline = time.monotonic() + 10
-            while (await redis.xpending("wujie:requests", "wujie-workers"))["pending"]:
-                assert time.monotonic() < deadline, "the message was never acknowledged"
-                await asyncio.sleep(0.05)
         finally:
             for proc in workers:
                 if proc.returncode is None:

@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import sys
-import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +30,7 @@ from wujie_async import (
 from wujie_async.emulator import FaultConfig
 
 from .conftest import EmulatorFactory, make_client
-from .helpers import stray_tasks
+from .helpers import eventually, stray_tasks
 
 pytestmark = pytest.mark.anyio
 
@@ -278,10 +277,13 @@ async def test_crash_and_resume(tmp_path: Path) -> None:
             sys.executable, "-m", "tests.crash_child", str(creds_path), str(journal), "400",
             cwd=ROOT, env=env,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while (await _emulator_stats(base_url))["submits_accepted"] < 60:
-            assert time.monotonic() < deadline and child.returncode is None
-            await asyncio.sleep(0.02)
+
+        async def sixty_accepted() -> bool:
+            return int((await _emulator_stats(base_url))["submits_accepted"]) >= 60
+
+        await eventually(
+            sixty_accepted, interval=0.02, what="60 submits", alive=lambda: child.returncode is None
+        )
         child.send_signal(signal.SIGKILL)
         await child.wait()
         before = await _emulator_stats(base_url)

@@ -1,5 +1,6 @@
-"""The client's lifecycle: aclose() racing submits, a stopped poller, and submit replies whose
-key cannot be used (duplicate, malformed), against the emulator or a small fake gateway."""
+"""Submits in progress (``_submitting``): aclose() racing submits, a stopped poller, and submit
+replies whose key cannot be used (duplicate, malformed), against the emulator or a small fake
+gateway."""
 
 from __future__ import annotations
 

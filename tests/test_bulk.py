@@ -1,11 +1,10 @@
-"""``wujie-async bulk`` on its unhappy paths, end to end in real processes (issue 10)."""
+"""``wujie-async bulk`` on its unhappy paths, end to end (the bulk job: `wujie_async.cli._bulk`)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,11 @@ from .cli_helpers import (
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
     manifest,
+    proc_alive,
     running_cli,
     served_emulator,
 )
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -256,10 +257,11 @@ async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_pa
         )
         out = tmp_path / "out"
         async with running_cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env) as proc:
-            deadline = time.monotonic() + 20
-            while not (await emu.stats())["faults"].get("slow_reply"):  # the first submit is out
-                assert time.monotonic() < deadline and proc.returncode is None
-                await asyncio.sleep(0.05)
+
+            async def first_submit_out() -> bool:
+                return bool((await emu.stats())["faults"].get("slow_reply"))
+
+            await eventually(first_submit_out, what="the first submit", alive=proc_alive(proc))
             proc.send_signal(signal.SIGINT)  # stop gently: would wait for the submit's reply
             await asyncio.sleep(0.3)
             proc.send_signal(signal.SIGINT)  # quit now
