@@ -168,7 +168,7 @@ class Downloader:
         self._policy = policy or DownloadPolicy()
         self._retry = retry or RetryPolicy()
         self._rule = addresses or AddressRule()
-        self._own_telemetry = telemetry is None
+        self._telemetry_to_start = telemetry is None  # its own: started at the first save
         self._telemetry = telemetry or Telemetry()  # a span and metrics per image, once on
         self._session: aiohttp.ClientSession | None = None
         self._slots: anyio.Semaphore | None = None
@@ -270,6 +270,9 @@ class Downloader:
             ClientStateError: the downloader (its client) is closed.
         """
         self._require_open()
+        if self._telemetry_to_start:
+            self._telemetry_to_start = False
+            self._telemetry.start()
         target = _Target(Path(path), image.index, claimed)
         url = image.url if image.b64_json is None else None
         host = _host(url) if url is not None else None
@@ -355,8 +358,6 @@ class Downloader:
         """The session and the concurrency slots, made at the first download."""
         self._require_open()
         if self._session is None or self._slots is None:
-            if self._own_telemetry:
-                self._telemetry.start()
             policy = self._policy
             connector = aiohttp.TCPConnector(
                 limit=policy.concurrency, resolver=CheckingResolver(self._rule)
