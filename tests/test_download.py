@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -41,9 +42,9 @@ PUBLIC = AddressRule()  # a gateway on a public address: public image hosts only
 LOOPBACK = AddressRule.for_gateway("http://127.0.0.1:8000/wj-open/v1")  # like the emulator's
 
 
-def local_downloader(**policy: object) -> Downloader:
+def local_downloader(**policy: Any) -> Downloader:
     """A downloader as a client on a loopback gateway has (the test servers are there too)."""
-    return Downloader(DownloadPolicy(**policy), retry=INSTANT, addresses=LOOPBACK)  # type: ignore[arg-type]
+    return Downloader(DownloadPolicy(**policy), retry=INSTANT, addresses=LOOPBACK)
 
 
 def at(url: str, index: int = 0) -> GeneratedImage:
