@@ -326,3 +326,17 @@ async def test_the_downloader_owns_its_session(tmp_path: Path) -> None:
         with pytest.raises(ClientStateError, match="closed"):
             await saver.save(at(f"{origin}/files/png"), tmp_path / "K-1.{ext}")
     assert names(tmp_path) == ["K-0.png"]
+
+
+async def test_the_deadline_ends_retries_and_names_the_last_failure(tmp_path: Path) -> None:
+    patient = RetryPolicy(initial_wait=0.05, max_wait=0.05, max_attempts=1000, max_elapsed=60)
+    policy = DownloadPolicy(deadline=0.3)
+    async with (
+        tricky_server() as (origin, hits),
+        Downloader(policy, retry=patient, addresses=LOOPBACK) as saver,
+    ):
+        with pytest.raises(TransportError, match=r"not saved within 0\.3 s") as info:
+            await saver.save(at(f"{origin}/always-5xx"), tmp_path / "x.{ext}")
+        assert "the last try: image download got HTTP 502" in str(info.value)
+        assert 2 <= hits["always-5xx"] < 1000
+    assert names(tmp_path) == []

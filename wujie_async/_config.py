@@ -171,8 +171,8 @@ class DownloadPolicy:
             ``rate_window`` seconds, or the attempt fails as too slow. None turns it off.
         rate_window: seconds over which ``min_rate`` is measured.
         connect_timeout: seconds to connect to an image server.
-        read_timeout: seconds to wait for an image server's status line and headers, and
-            the longest silence allowed while reading its body.
+        read_timeout: seconds to wait for an image server's status line and headers
+            (connecting included), and the longest silence allowed while reading its body.
         max_redirects: redirects followed per image, each one checked; 0 follows none.
         allow_http: allow plain ``http://`` image URLs on hosts that are not loopback (off:
             https only, so nobody on the path can swap the image).

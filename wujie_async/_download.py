@@ -286,13 +286,17 @@ class Downloader:
         url = image.url
         check_url(url, allow_http=self._policy.allow_http, rule=self._rule)
         session, slots = self._open_session()
+        failures: list[WujieError] = []
         async with slots:
             deadline = self._policy.deadline
             # The deadline runs from when the image gets its slot: waiting behind other
             # downloads is not the image server's slowness.
             with anyio.move_on_after(math.inf if deadline is None else deadline):
-                return await self._retrying(lambda: self._fetch(session, url, target))
-        raise _too_slow(f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline)")
+                return await self._retrying(lambda: self._fetch(session, url, target), failures)
+        last = f"; the last try: {failures[-1]}" if failures else ""
+        raise _too_slow(
+            f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline){last}"
+        )
 
     async def _save_inline(self, text: str, target: _Target) -> SavedImage:
         limit = self._policy.max_bytes
@@ -371,9 +375,12 @@ class Downloader:
             self._slots = anyio.Semaphore(policy.concurrency)
         return self._session, self._slots
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[SavedImage]]) -> SavedImage:
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[SavedImage]], failures: list[WujieError]
+    ) -> SavedImage:
         """``attempt()`` until it succeeds, fails for good, or the retry budget is spent:
-        exponential backoff with full jitter, as for API calls."""
+        exponential backoff with full jitter, as for API calls. Each retried failure is
+        appended to ``failures``."""
         policy = self._retry
         started = anyio.current_time()
         tries = 0
@@ -382,6 +389,7 @@ class Downloader:
             try:
                 return await attempt()
             except _RetryableError as exc:
+                failures.append(exc.error)
                 elapsed = anyio.current_time() - started
                 if tries >= policy.max_attempts or elapsed >= policy.max_elapsed:
                     raise exc.error from None
