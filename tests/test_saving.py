@@ -325,3 +325,24 @@ async def test_download_flags_are_checked_before_anything_is_sent(tmp_path: Path
     ):
         code, _, err = await cli("bulk", str(rows), "--emulator", "-o", str(tmp_path), *flags)
         assert code == 2 and said in err, err
+
+
+async def test_closing_the_client_ends_a_download_in_progress_and_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    async with image_server() as images:
+        async with (
+            scripted_gateway(images_at(images.url("trickle"))) as gateway,
+            client_on(gateway.base_url) as client,
+        ):
+            job = await client.images.submit(prompt="p", model="dall-e-2")
+            saving = asyncio.ensure_future(job.save(tmp_path))
+            for _ in range(500):  # until the image server has the request (bounded)
+                if images.hits["trickle"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert images.hits["trickle"] == 1 and not saving.done()
+            await client.aclose()
+            with pytest.raises(ClientStateError, match="closed"):
+                await asyncio.wait_for(saving, 10)
+    assert names(tmp_path) == []

@@ -173,6 +173,7 @@ class Downloader:
         self._session: aiohttp.ClientSession | None = None
         self._slots: anyio.Semaphore | None = None
         self._closed = False
+        self._in_progress: set[anyio.CancelScope] = set()  # cancelled by aclose()
 
     @property
     def policy(self) -> DownloadPolicy:
@@ -191,8 +192,13 @@ class Downloader:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the session (idempotent); later saves raise ClientStateError."""
+        """End the saves in progress (each raises ClientStateError and leaves no file), close
+        the session (idempotent); later saves raise ClientStateError too."""
         self._closed = True
+        # Closing the session alone would not stop a read in progress (a slow server would
+        # hold its save, and the caller, until the deadline).
+        for scope in self._in_progress:
+            scope.cancel()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -279,6 +285,15 @@ class Downloader:
         return await self._observed(key, image.index, host, lambda: self._save(image, target))
 
     async def _save(self, image: GeneratedImage, target: _Target) -> SavedImage:
+        with anyio.CancelScope() as scope:
+            self._in_progress.add(scope)
+            try:
+                return await self._save_now(image, target)
+            finally:
+                self._in_progress.discard(scope)
+        raise ClientStateError("the client was closed while the image was being saved")
+
+    async def _save_now(self, image: GeneratedImage, target: _Target) -> SavedImage:
         if image.b64_json is not None:
             return await self._save_inline(image.b64_json, target)
         if image.url is None:
@@ -406,6 +421,9 @@ class Downloader:
         for hop in range(policy.max_redirects + 1):
             if hop:
                 check_url(str(current), allow_http=policy.allow_http, rule=self._rule)
+            if session.closed:  # aclose() ran meanwhile: aiohttp would raise a RuntimeError
+                self._require_open()
+                raise ClientStateError("the download session was closed")
             # The error text never includes the URL: a CDN's URL may carry a signed token. The
             # error is raised after the except block: `from None` alone would still keep
             # aiohttp's exception (which holds the request and its URL) as __context__.

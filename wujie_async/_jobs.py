@@ -377,6 +377,10 @@ class ImageJob:
         writes: each file is written under a temporary name, fsynced, then renamed, so a file
         under its final name is always complete. See ``DownloadPolicy``.
 
+        Every image is tried; if one fails, the first error (by index) is raised once the
+        others are done. Files that were saved stay (complete), and the error's note names
+        them.
+
         Example::
 
             job = await client.images.submit(prompt="a cat", model="gpt-image-1", n=2)
@@ -401,10 +405,6 @@ class ImageJob:
             TransportError: an image could not be fetched in time, after its retries.
             ClientStateError: the job has no client (or the client is closed).
             OSError: the file could not be written.
-
-        Every image is tried; if one fails, the first error (by index) is raised once the
-        others are done, and the files that were saved (complete) stay; the error's note
-        names them.
         """
         saver = self._saver
         if saver is None:
