@@ -60,6 +60,7 @@ _SIGNATURES = {
 }
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 256 * 1024  # bytes handed to a worker thread per write
+_CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
 EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
 _CLI_ONLY_FIELDS = frozenset({"id", "line"})
 
@@ -174,6 +175,7 @@ class Downloader:
         self._slots: anyio.Semaphore | None = None
         self._closed = False
         self._in_progress: set[anyio.CancelScope] = set()  # cancelled by aclose()
+        self._all_ended: anyio.Event | None = None  # what aclose() waits on, while it does
 
     @property
     def policy(self) -> DownloadPolicy:
@@ -196,9 +198,14 @@ class Downloader:
         the session (idempotent); later saves raise ClientStateError too."""
         self._closed = True
         # Closing the session alone would not stop a read in progress (a slow server would
-        # hold its save, and the caller, until the deadline).
-        for scope in self._in_progress:
-            scope.cancel()
+        # hold its save, and the caller, until the deadline); and a save must end (its
+        # temporary file removed) before its connection is closed under it.
+        if self._in_progress:
+            self._all_ended = anyio.Event()
+            for scope in self._in_progress:
+                scope.cancel()
+            with anyio.move_on_after(_CLOSE_WAIT_S):
+                await self._all_ended.wait()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -291,6 +298,8 @@ class Downloader:
                 return await self._save_now(image, target)
             finally:
                 self._in_progress.discard(scope)
+                if not self._in_progress and self._all_ended is not None:
+                    self._all_ended.set()
         raise ClientStateError("the client was closed while the image was being saved")
 
     async def _save_now(self, image: GeneratedImage, target: _Target) -> SavedImage:
