@@ -128,14 +128,14 @@ async def _reply(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def _serve(app: web.Application) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port; yields its origin."""
+async def _serve(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of ``host`` (loopback by default); yields its origin."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, host, 0)
     await site.start()
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield f"http://{host}:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
 
@@ -234,9 +234,12 @@ class ScriptedGateway:
 
 
 @asynccontextmanager
-async def scripted_gateway(script: BatchScript) -> AsyncIterator[ScriptedGateway]:
+async def scripted_gateway(
+    script: BatchScript, host: str = "127.0.0.1"
+) -> AsyncIterator[ScriptedGateway]:
     """A gateway that accepts every submit (keys ``K00000``, ``K00001``, ...) and answers each
     batch call with ``{"code":"200","data":{"list": script(keys)}}``; ``script`` may be async.
+    It listens on ``host`` (loopback by default).
     """
     app = web.Application(client_max_size=1024 * 1024)
     gateway = ScriptedGateway(base_url="")
@@ -258,9 +261,88 @@ async def scripted_gateway(script: BatchScript) -> AsyncIterator[ScriptedGateway
 
     app.router.add_post(GENERATIONS, submit)
     app.router.add_post(INFO, info)
-    async with _serve(app) as origin:
+    async with _serve(app, host) as origin:
         gateway.base_url = origin
         try:
             yield gateway
         finally:
             gateway.released.set()  # let held replies go, so shutdown does not wait on them
+
+
+@dataclass
+class ImageServer:
+    """A running image server (see :func:`image_server`): its origins and what it saw."""
+
+    origin: str
+    other_origin: str | None = None  # on the second address, when one was asked for
+    hits: Counter[str] = field(default_factory=Counter)  # requests per first path segment
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # ends held replies
+
+    def url(self, path: str) -> str:
+        return f"{self.origin}/{path}"
+
+
+TRICKLE_GAP_S = 0.02  # a byte every 20 ms: 50 bytes/s
+
+
+@asynccontextmanager
+async def image_server(also_on: str | None = None) -> AsyncIterator[ImageServer]:
+    """An image server on 127.0.0.1 (and on ``also_on`` too, if given) whose paths say what
+    it does; every request is counted under its first path segment:
+
+    * ``png``: a small PNG;
+    * ``trickle``: a 64 KiB PNG's headers at once, then its body a byte every 20 ms;
+    * ``silent``: no reply at all (until the server stops);
+    * ``cut``: the headers and half the body, then the connection closes;
+    * ``to?url=URL``: a 302 to URL;
+    * anything else (``admin/reset``, say): a PNG, so a fetch that should not happen shows.
+    """
+    from wujie_async.emulator._png import render_png
+
+    png = render_png("K", 0, 8, 8)
+    big = png + b"\0" * (64 * 1024)
+    server = ImageServer(origin="")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        kind = request.match_info["path"].split("/", 1)[0]
+        server.hits[kind] += 1
+        if kind == "to":
+            raise web.HTTPFound(request.query["url"])
+        if kind == "silent":
+            await server.released.wait()
+            return web.Response(status=503)
+        if kind in ("trickle", "cut"):
+            body = big if kind == "trickle" else png
+            response = web.StreamResponse(
+                headers={"Content-Length": str(len(body)), "Content-Type": "image/png"}
+            )
+            await response.prepare(request)
+            if kind == "cut":
+                await response.write(body[: len(body) // 2])
+                request.transport.close()  # type: ignore[union-attr]
+                return response
+            try:
+                for byte in body:
+                    if server.released.is_set():
+                        break
+                    await response.write(bytes([byte]))
+                    await asyncio.sleep(TRICKLE_GAP_S)
+            except ConnectionError:
+                pass  # the client gave up, as it should
+            return response
+        return web.Response(body=png, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    server.origin = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    if also_on is not None:
+        await web.TCPSite(runner, also_on, 0).start()
+        server.other_origin = f"http://{also_on}:{runner.addresses[1][1]}"
+    try:
+        yield server
+    finally:
+        server.released.set()
+        await runner.cleanup()

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from wujie_async import (
     ClientStateError,
+    DownloadPolicy,
+    GeneratedImage,
+    ImageResult,
     InvalidRequestError,
     ProtocolError,
     RetryPolicy,
     TransportError,
 )
-from wujie_async._addresses import address_allowed, check_url
-from wujie_async._download import Downloader
+from wujie_async._addresses import AddressRule, check_url
+from wujie_async._download import Downloader, check_job_template
 from wujie_async._file_names import render_name
 from wujie_async.emulator._png import render_png
 
@@ -33,17 +38,37 @@ pytestmark = pytest.mark.anyio
 
 PNG = render_png("K", 0, 8, 8)
 INSTANT = RetryPolicy(initial_wait=0.0, max_wait=0.0, max_attempts=4)
+PUBLIC = AddressRule()  # a gateway on a public address: public image hosts only
+LOOPBACK = AddressRule.for_gateway("http://127.0.0.1:8000/wj-open/v1")  # like the emulator's
+
+
+def local_downloader(**policy: Any) -> Downloader:
+    """A downloader as a client on a loopback gateway has (the test servers are there too)."""
+    return Downloader(DownloadPolicy(**policy), retry=INSTANT, addresses=LOOPBACK)
+
+
+def at(url: str, index: int = 0) -> GeneratedImage:
+    return GeneratedImage(index, url)
+
+
+def inline(text: str, index: int = 0) -> GeneratedImage:
+    return GeneratedImage(index, None, text)
+
+
+def names(folder: Path) -> list[str]:
+    """Every entry of ``folder``, hidden temporary files included."""
+    return sorted(p.name for p in folder.iterdir())
 
 
 def test_only_https_or_loopback_http() -> None:
-    check_url("https://cdn.example/a.png", allow_http=False)
-    check_url("http://127.0.0.1:8080/a.png", allow_http=False)
-    check_url("http://[::1]:8080/a.png", allow_http=False)
-    check_url("http://localhost/a.png", allow_http=False)
-    check_url("http://cdn.example/a.png", allow_http=True)
+    check_url("https://cdn.example/a.png", allow_http=False, rule=PUBLIC)
+    check_url("http://127.0.0.1:8080/a.png", allow_http=False, rule=LOOPBACK)
+    check_url("http://[::1]:8080/a.png", allow_http=False, rule=LOOPBACK)
+    check_url("http://localhost/a.png", allow_http=False, rule=PUBLIC)  # resolved when connecting
+    check_url("http://cdn.example/a.png", allow_http=True, rule=PUBLIC)
     for url in ("http://cdn.example/a.png", "ftp://cdn.example/a.png", "file:///etc/passwd"):
         with pytest.raises(InvalidRequestError) as info:
-            check_url(url, allow_http=False)
+            check_url(url, allow_http=False, rule=PUBLIC)
         assert info.value.field == "url"
 
 
@@ -65,16 +90,19 @@ def test_only_https_or_loopback_http() -> None:
     ],
 )
 def test_private_link_local_and_reserved_addresses_are_refused(host: str) -> None:
-    for url in (f"https://{host}/a.png", f"http://{host}/a.png"):
-        with pytest.raises(InvalidRequestError, match="refusing to download"):
-            check_url(url, allow_http=True)
-    check_url(f"https://{host}/a.png", allow_http=False, allow_private=True)
+    for rule in (PUBLIC, LOOPBACK):
+        for url in (f"https://{host}/a.png", f"http://{host}/a.png"):
+            with pytest.raises(InvalidRequestError, match="refusing to download"):
+                check_url(url, allow_http=True, rule=rule)
+    check_url(f"https://{host}/a.png", allow_http=False, rule=AddressRule.everything())
 
 
-def test_public_and_loopback_addresses_are_allowed() -> None:
-    for address in ("8.8.8.8", "2606:4700::1111", "127.0.0.1", "::1", "127.3.4.5"):
-        assert address_allowed(address)
-    assert not address_allowed("not an address")
+def test_public_addresses_are_allowed_and_loopback_only_for_a_loopback_gateway() -> None:
+    for address in ("8.8.8.8", "2606:4700::1111"):
+        assert PUBLIC.allows(address) and LOOPBACK.allows(address)
+    for address in ("127.0.0.1", "::1", "127.3.4.5", "::ffff:127.0.0.1"):
+        assert LOOPBACK.allows(address) and not PUBLIC.allows(address)
+    assert not PUBLIC.allows("not an address") and not LOOPBACK.allows("localhost")
 
 
 @contextmanager
@@ -88,28 +116,29 @@ def umask(mask: int) -> Iterator[None]:
 
 async def test_saves_checks_and_cleans_up(tmp_path: Path) -> None:
     with umask(0o022):
-        async with file_server() as origin, Downloader(tmp_path, max_bytes=1024 * 1024) as saver:
-            saved = await saver.save(f"{origin}/files/png", "ABC123", 0)
+        async with file_server() as origin, local_downloader(max_bytes=1024 * 1024) as saver:
+            saved = await saver.save(at(f"{origin}/files/png"), tmp_path / "ABC123-0.{ext}")
             assert saved.path == tmp_path / "ABC123-0.png" and png_size(saved.path.read_bytes())
+            assert saved.index == 0 and saved.bytes == len(saved.path.read_bytes())
             with pytest.raises(ProtocolError, match="not a PNG, JPEG or WEBP"):
-                await saver.save(f"{origin}/files/html", "ABC123", 1)
+                await saver.save(at(f"{origin}/files/html", 1), tmp_path / "ABC123-1.{ext}")
             with pytest.raises(ProtocolError, match="larger than"):
-                await saver.save(f"{origin}/files/huge", "ABC123", 2)
+                await saver.save(at(f"{origin}/files/huge", 2), tmp_path / "ABC123-2.{ext}")
             with pytest.raises(ProtocolError, match="HTTP 404"):
-                await saver.save(f"{origin}/files/missing", "ABC123", 3)
-            with pytest.raises(InvalidRequestError):
-                await saver.save(f"{origin}/files/png", "../../etc/passwd", 0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ABC123-0.png"]  # no half files
+                await saver.save(at(f"{origin}/files/missing", 3), tmp_path / "ABC123-3.{ext}")
+    assert names(tmp_path) == ["ABC123-0.png"]  # no half files, no temporary files
     # Created with the user's umask, like the manifest (not 0600).
     assert oct(saved.path.stat().st_mode & 0o777) == "0o644"
 
 
 async def test_a_key_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
-    async with file_server() as origin, Downloader(tmp_path) as saver:
-        with pytest.raises(InvalidRequestError, match="plain job key"):
-            await saver.save(f"{origin}/files/png", "OKKEY\n", 0)
-        with pytest.raises(InvalidRequestError, match="plain job key"):
-            await saver.save_bytes(PNG, "OKKEY\n", 0)
+    async def finished(key: str) -> ImageResult:
+        return ImageResult(key, 4, (inline(base64.b64encode(PNG).decode()),))
+
+    async with local_downloader() as saver:
+        for key in ("OKKEY\n", "../../etc/passwd"):
+            with pytest.raises(InvalidRequestError, match="plain job key"):
+                await saver.save_job(finished(key), tmp_path, "{key}-{index}.{ext}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -155,7 +184,7 @@ async def test_a_redirect_to_the_metadata_service_is_refused_and_nothing_is_fetc
     tmp_path: Path,
 ) -> None:
     """Issue 9 item 7: the URL check ran on the first URL only, and the 302 was followed."""
-    async with tricky_server() as (origin, hits), Downloader(tmp_path, retry=INSTANT) as saver:
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
         for target in (
             "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
             "http://[fe80::1]/x.png",
@@ -164,49 +193,55 @@ async def test_a_redirect_to_the_metadata_service_is_refused_and_nothing_is_fetc
             "file:///etc/passwd",
         ):
             with pytest.raises(InvalidRequestError, match="refusing to download"):
-                await asyncio.wait_for(saver.save(f"{origin}/to?url={target}", "K1", 0), 5)
+                await asyncio.wait_for(
+                    saver.save(at(f"{origin}/to?url={target}"), tmp_path / "K1-0.{ext}"), 5
+                )
         assert hits["to"] == 5  # one request each, then refused: no retry, no second hop
         # An allowed hop is followed; the number of hops is bounded.
-        saved = await saver.save(f"{origin}/to?url={origin}/png", "K1", 1)
+        saved = await saver.save(at(f"{origin}/to?url={origin}/png", 1), tmp_path / "K1-1.{ext}")
         assert png_size(saved.path.read_bytes())
         with pytest.raises(ProtocolError, match="redirected more than 5 times"):
-            await saver.save(f"{origin}/loop", "K1", 2)
+            await saver.save(at(f"{origin}/loop", 2), tmp_path / "K1-2.{ext}")
         assert hits["loop"] == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["K1-1.png"]
+    assert names(tmp_path) == ["K1-1.png"]
 
 
-async def test_a_name_resolving_to_a_private_address_is_refused_at_connect(
-    tmp_path: Path,
-) -> None:
-    name = socket.gethostname()
-    try:
-        address = socket.gethostbyname(name)
-    except OSError:
-        pytest.skip("this machine's host name does not resolve")
-    if address_allowed(address):
-        pytest.skip(f"this machine's host name resolves to {address}, not a private address")
-    async with Downloader(tmp_path, retry=INSTANT) as saver:
-        with pytest.raises(InvalidRequestError, match=r"refused address|refusing to download"):
-            await saver.save(f"https://{name}/x.png", "K1", 0)
+async def test_a_name_resolving_to_a_local_address_is_refused_at_connect(tmp_path: Path) -> None:
+    """The resolver checks every address a name gives, as it connects: ``localhost`` (and this
+    machine's own name, which resolves to loopback or a private address) is refused for a
+    gateway on a public address, and nothing is fetched."""
+    async with file_server() as origin:
+        port = origin.rsplit(":", 1)[1]
+        hosts = ["localhost", socket.gethostname()]
+        plain_http = DownloadPolicy(allow_http=True)  # the address is what is refused
+        async with Downloader(plain_http, retry=INSTANT, addresses=PUBLIC) as saver:
+            for host in hosts:
+                with pytest.raises(InvalidRequestError, match="refusing to download") as info:
+                    await saver.save(at(f"http://{host}:{port}/files/png"), tmp_path / "x.{ext}")
+                assert "allow_private_addresses=True" in info.value.rule
+        # The same name is fetched for a gateway on loopback: the refusal was the rule's.
+        async with local_downloader() as saver:
+            await saver.save(at(f"http://localhost:{port}/files/png"), tmp_path / "x.{ext}")
+    assert names(tmp_path) == ["x.png"]
 
 
 async def test_transient_failures_are_retried_with_backoff(tmp_path: Path) -> None:
-    async with tricky_server() as (origin, hits), Downloader(tmp_path, retry=INSTANT) as saver:
-        await saver.save(f"{origin}/flaky-5xx", "K5", 0)
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
+        await saver.save(at(f"{origin}/flaky-5xx"), tmp_path / "K5-0.{ext}")
         assert hits["flaky-5xx"] == 3
-        saved = await saver.save(f"{origin}/flaky-cut", "K5", 1)  # truncated once
-        assert hits["flaky-cut"] == 2 and saved.bytes == len(PNG)
+        saved = await saver.save(at(f"{origin}/flaky-cut", 1), tmp_path / "K5-1.{ext}")
+        assert hits["flaky-cut"] == 2 and saved.bytes == len(PNG)  # truncated once
         with pytest.raises(ProtocolError, match="HTTP 502"):
-            await saver.save(f"{origin}/always-5xx", "K5", 2)
+            await saver.save(at(f"{origin}/always-5xx", 2), tmp_path / "K5-2.{ext}")
         assert hits["always-5xx"] == INSTANT.max_attempts
         with pytest.raises(ProtocolError, match="HTTP 404"):  # a 4xx is not retried
-            await saver.save(f"{origin}/files/nothing", "K5", 3)
+            await saver.save(at(f"{origin}/files/nothing", 3), tmp_path / "K5-3.{ext}")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    async with Downloader(tmp_path, retry=INSTANT) as saver:
+    async with local_downloader() as saver:
         with pytest.raises(TransportError, match="could not connect") as info:
-            await saver.save(f"http://127.0.0.1:{closed_port}/x.png", "K5", 4)
+            await saver.save(at(f"http://127.0.0.1:{closed_port}/x.png"), tmp_path / "x.{ext}")
         assert info.value.reached_server is False
         # No aiohttp exception (it holds the request and its URL) rides along in the chain.
         seen: list[BaseException] = []
@@ -215,34 +250,44 @@ async def test_transient_failures_are_retried_with_backoff(tmp_path: Path) -> No
             seen.append(error)
             error = error.__cause__ or error.__context__
         assert not [e for e in seen if type(e).__module__.startswith("aiohttp")], seen
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["K5-0.png", "K5-1.png"]
+    assert names(tmp_path) == ["K5-0.png", "K5-1.png"]
 
 
 async def test_concurrency_is_bounded(tmp_path: Path) -> None:
     async with tricky_server() as (origin, hits):
-        async with Downloader(tmp_path, concurrency=2) as saver:
-            await asyncio.gather(*(saver.save(f"{origin}/slow", "K", i) for i in range(8)))
+        async with local_downloader(concurrency=2) as saver:
+            await asyncio.gather(
+                *(
+                    saver.save(at(f"{origin}/slow", i), tmp_path / f"K-{i}.{{ext}}")
+                    for i in range(8)
+                )
+            )
     assert 1 <= hits["most-in-flight"] <= 2
     assert len(list(tmp_path.iterdir())) == 8
 
 
 async def test_b64_images_are_saved_like_url_images(tmp_path: Path) -> None:
     with umask(0o022):
-        async with Downloader(tmp_path, max_bytes=4096) as saver:
-            saved = await saver.save_b64(base64.b64encode(PNG).decode(), "KB", 0)
-            data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
-            again = await saver.save_b64(data_url, "KB", 1)
-            raw = await saver.save_bytes(PNG, "KB", 2)
+        async with local_downloader(max_bytes=4096) as saver:
+            encoded = base64.b64encode(PNG).decode()
+            saved = await saver.save(inline(encoded), tmp_path / "KB-0.{ext}")
+            data_url = "data:image/png;base64," + encoded
+            again = await saver.save(inline(data_url, 1), tmp_path / "KB-1.{ext}")
             with pytest.raises(ProtocolError, match="not a PNG"):
-                await saver.save_bytes(b"<html>", "KB", 3)
+                html = base64.b64encode(b"<html>").decode()
+                await saver.save(inline(html, 3), tmp_path / "KB-3.{ext}")
             with pytest.raises(ProtocolError, match="larger than"):
-                await saver.save_b64(base64.b64encode(PNG + b"\0" * 8192).decode(), "KB", 4)
+                big = base64.b64encode(PNG + b"\0" * 8192).decode()
+                await saver.save(inline(big, 4), tmp_path / "KB-4.{ext}")
             with pytest.raises(ProtocolError, match="not valid base64"):
-                await saver.save_b64("not base64!", "KB", 5)
+                await saver.save(inline("not base64!", 5), tmp_path / "KB-5.{ext}")
+            with pytest.raises(ProtocolError, match="neither a URL nor b64_json"):
+                await saver.save(GeneratedImage(6, None), tmp_path / "KB-6.{ext}")
     assert saved.path.read_bytes() == PNG and saved.path.name == "KB-0.png"
-    assert again.sha256 == saved.sha256 == raw.sha256 and raw.bytes == len(PNG)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["KB-0.png", "KB-1.png", "KB-2.png"]
-    assert oct(raw.path.stat().st_mode & 0o777) == "0o644"
+    assert again.sha256 == saved.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert saved.bytes == len(PNG) and again.index == 1
+    assert names(tmp_path) == ["KB-0.png", "KB-1.png"]
+    assert oct(again.path.stat().st_mode & 0o777) == "0o644"
 
 
 async def test_the_name_template_is_checked_and_sanitised(tmp_path: Path) -> None:
@@ -264,20 +309,34 @@ async def test_the_name_template_is_checked_and_sanitised(tmp_path: Path) -> Non
         "{index}.{ext}",
         "{key!r}",
         "{key",
+        "{id}-{key}-{index}.{ext}",  # the command line's row fields: a job has none
+        "{line}-{key}.{ext}",
     ):
         with pytest.raises(InvalidRequestError) as info:
-            Downloader(tmp_path, name=template)
+            check_job_template(template)
         assert info.value.field == "name"
-    async with Downloader(tmp_path, name="{id}-{index}.{ext}") as saver:
-        saved = await saver.save_bytes(PNG, "KEY1", 0, id="row 7")
-    assert saved.path == tmp_path / "row 7-0.png"
 
 
 async def test_the_downloader_owns_its_session(tmp_path: Path) -> None:
-    saver = Downloader(tmp_path)
-    with pytest.raises(ClientStateError, match="async with"):
-        await saver.save("https://cdn.example/x.png", "K", 0)
+    saver = local_downloader()
     async with file_server() as origin:
         async with saver:
-            await saver.save(f"{origin}/files/png", "K", 0)
+            await saver.save(at(f"{origin}/files/png"), tmp_path / "K-0.{ext}")
         await saver.aclose()  # idempotent
+        with pytest.raises(ClientStateError, match="closed"):
+            await saver.save(at(f"{origin}/files/png"), tmp_path / "K-1.{ext}")
+    assert names(tmp_path) == ["K-0.png"]
+
+
+async def test_the_deadline_ends_retries_and_names_the_last_failure(tmp_path: Path) -> None:
+    patient = RetryPolicy(initial_wait=0.05, max_wait=0.05, max_attempts=1000, max_elapsed=60)
+    policy = DownloadPolicy(deadline=0.3)
+    async with (
+        tricky_server() as (origin, hits),
+        Downloader(policy, retry=patient, addresses=LOOPBACK) as saver,
+    ):
+        with pytest.raises(TransportError, match=r"not saved within 0\.3 s") as info:
+            await saver.save(at(f"{origin}/always-5xx"), tmp_path / "x.{ext}")
+        assert "the last try: image download got HTTP 502" in str(info.value)
+        assert 2 <= hits["always-5xx"] < 1000
+    assert names(tmp_path) == []

@@ -23,10 +23,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from wujie_async import (
     AuthenticationError,
     Credentials,
+    GeneratedImage,
     PollPolicy,
     SensitivePromptError,
     WujieClient,
 )
+from wujie_async._addresses import AddressRule
 from wujie_async._contract import CODE_SENSITIVE_PROMPT
 from wujie_async._download import Downloader
 from wujie_async._errors import ProtocolError
@@ -220,10 +222,15 @@ async def test_an_attached_job_is_a_span_from_attach(otel: Otel, emulator: Emula
 
 
 async def test_downloads_are_traced(otel: Otel, tmp_path: Path) -> None:
-    async with file_server() as origin, Downloader(tmp_path, allow_private=True) as downloader:
-        saved = await downloader.save(f"{origin}/files/png", "K1", 0)
+    everything = AddressRule.everything()
+    async with file_server() as origin, Downloader(addresses=everything) as downloader:
+        png, html = (
+            GeneratedImage(0, f"{origin}/files/png"),
+            GeneratedImage(1, f"{origin}/files/html"),
+        )
+        saved = await downloader.save(png, tmp_path / "K1-0.{ext}", key="K1")
         with pytest.raises(ProtocolError):
-            await downloader.save(f"{origin}/files/html", "K1", 1)
+            await downloader.save(html, tmp_path / "K1-1.{ext}", key="K1")
     ok, failed = sorted(otel.spans("wujie.download"), key=lambda s: s.start_time or 0)
     assert (ok.attributes or {})["wujie.download.bytes"] == saved.bytes
     assert (ok.attributes or {})["wujie.job.key"] == "K1"
@@ -327,8 +334,7 @@ async def test_no_secret_reaches_a_log_record_a_span_or_a_metric(
     async with scripted_gateway(script) as gateway, client_for(gateway) as client:
         result = await (await client.images.submit(prompt="p", model="dall-e-2"))
         assert result.images[0].b64_json == inline
-        async with Downloader(tmp_path) as downloader:
-            await downloader.save_b64(inline, result.key, 0)
+        await client.download(result.images[0], tmp_path / "inline.{ext}", key=result.key)
     ended = int(time.time())
 
     logged = caplog.text + "\n".join(repr(record.args) for record in caplog.records)

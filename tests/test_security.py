@@ -7,11 +7,15 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -19,6 +23,7 @@ from wujie_async import (
     APIError,
     BusinessError,
     Credentials,
+    DownloadPolicy,
     InvalidRequestError,
     JobFailedError,
     Limits,
@@ -28,11 +33,21 @@ from wujie_async import (
     WujieError,
     snippet,
 )
+from wujie_async._addresses import AddressRule
 from wujie_async._auth import HeaderSigner
 from wujie_async._transport import Transport
 
+from .conftest import FAST_POLL, INSTANT_RETRY
 from .helpers import INFO
-from .hostile import ESCAPES, gzip_bomb, recording_gateway
+from .hostile import (
+    ESCAPES,
+    gzip_bomb,
+    image_server,
+    recording_gateway,
+    scripted_gateway,
+    throwaway_credentials,
+)
+from .test_cli_progress import private_address
 
 pytestmark = pytest.mark.anyio
 
@@ -293,3 +308,153 @@ def test_job_failure_messages_are_stripped() -> None:
     error = JobFailedError(job_key="K", fail_code=1, fail_message=f"boom {ESCAPES}\nnext line")
     assert "\x1b" not in str(error) and "\n" not in str(error) and "PWNED" not in str(error)
     assert error.fail_message is not None and "\x1b" in error.fail_message  # kept as sent
+
+
+# --- where image URLs may point (issue 17 item 8) ----------------------------------------------
+
+
+class _GatewayNames(AbstractResolver):
+    """The name service of the API calls' session in these tests: ``gateway.test`` is
+    127.0.0.1, where the test's gateway listens.
+
+    So the client sees what it sees for any gateway on the internet, a base URL with a name,
+    while its API calls reach the test's gateway. The session is the user's own (``session=``,
+    a public option); the client's downloads never use it (they have their own pool and
+    resolver), so they see ``gateway.test`` nowhere.
+    """
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host != "gateway.test":
+            raise OSError(f"{host}: unknown to this test")
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+@asynccontextmanager
+async def client_of_named_gateway(origin: str, **options: Any) -> AsyncIterator[WujieClient]:
+    """A client whose base URL is ``http://gateway.test:PORT``: not loopback, as far as it
+    can tell, though the gateway at ``origin`` listens on 127.0.0.1."""
+    port = origin.rsplit(":", 1)[1]
+    connector = aiohttp.TCPConnector(resolver=_GatewayNames())
+    async with aiohttp.ClientSession(connector=connector) as session:
+        client = WujieClient(
+            throwaway_credentials(),
+            base_url=f"http://gateway.test:{port}",
+            allow_insecure_http=True,  # plain http to a name: the test has no TLS
+            session=session,
+            poll=FAST_POLL,
+            retry=INSTANT_RETRY,
+            **options,
+        )
+        async with client:
+            yield client
+
+
+def test_what_image_hosts_a_base_url_allows() -> None:
+    cases = {
+        "http://127.0.0.1:8000/wj-open/v1": {"public", "loopback"},
+        "http://localhost:8000/wj-open/v1": {"public", "loopback"},
+        "http://[::1]:8000/wj-open/v1": {"public", "loopback"},
+        "https://10.0.0.5/wj-open/v1": {"public", "private"},
+        "https://192.168.1.20/wj-open/v1": {"public", "private"},
+        "https://[fd00::5]/wj-open/v1": {"public", "private"},
+        "https://gate.wujieai.net/wj-open/v1": {"public"},
+        "https://gateway.internal/wj-open/v1": {"public"},  # a name: where it resolves can change
+        "https://8.8.8.8/wj-open/v1": {"public"},
+        "https://169.254.169.254/wj-open/v1": {"public"},
+    }
+    for base_url, allowed in cases.items():
+        assert AddressRule.for_gateway(base_url).allowed == allowed, base_url
+        opted_in = AddressRule.for_gateway(base_url, allow_private_addresses=True)
+        assert opted_in.allowed == {"public", "loopback", "private", "special"}
+    with pytest.raises(InvalidRequestError, match="allow_private_addresses"):
+        WujieClient(credentials(), allow_private_addresses="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_gateway_not_on_loopback_cannot_aim_downloads_at_this_machine(
+    tmp_path: Path,
+) -> None:
+    """A hostile gateway lists image URLs on this machine's loopback: by address, by name, and
+    through a redirect. Nothing is fetched from it, and nothing is written."""
+    async with image_server() as local:
+        port = local.origin.rsplit(":", 1)[1]
+        urls = [
+            local.url("admin/reset"),
+            f"http://localhost:{port}/admin/delete",
+            local.url(f"to?url={local.url('admin/redirected')}"),
+        ]
+        listed = [{"url": url} for url in urls]
+        script = lambda keys: [{"key": k, "status": 4, "images": listed} for k in keys]  # noqa: E731
+        async with (
+            scripted_gateway(script) as gateway,
+            client_of_named_gateway(gateway.base_url) as client,
+        ):
+            job = await client.images.submit(prompt="p", model="dall-e-2", n=3)
+            with pytest.raises(InvalidRequestError, match="refusing to download") as info:
+                await job.save(tmp_path)
+            for image in job.images:
+                with pytest.raises(InvalidRequestError, match="refusing to download"):
+                    await client.download(image, tmp_path / "x.png")
+        assert "allow_private_addresses=True" in info.value.rule
+        assert "base URL is not on loopback" in info.value.rule
+        assert sum(local.hits.values()) == 0, local.hits
+        assert list(tmp_path.iterdir()) == []
+
+        # The user's opt-in lets them through, and the same gateway's images are saved.
+        async with (
+            scripted_gateway(script) as gateway,
+            client_of_named_gateway(gateway.base_url, allow_private_addresses=True) as client,
+        ):
+            job = await client.images.submit(prompt="p", model="dall-e-2", n=3)
+            saved = await job.save(tmp_path)
+        assert len(saved) == 3 and local.hits["admin"] == 3 and local.hits["to"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_gateway_on_a_private_address_gets_private_images_but_never_loopback(
+    tmp_path: Path,
+) -> None:
+    """The redirect case: an image host allowed for this gateway redirects to this machine's
+    loopback; the hop is refused. Needs an address of this machine that is private."""
+    host = private_address()
+    if host is None:
+        pytest.skip("this machine has no private (non-loopback, non-public) address")
+    async with image_server(also_on=host) as images:
+        assert images.other_origin is not None
+        listed = [
+            {"url": f"{images.other_origin}/png"},
+            {"url": f"{images.other_origin}/to?url={images.url('admin/reset')}"},
+        ]
+        script = lambda keys: [{"key": k, "status": 4, "images": listed} for k in keys]  # noqa: E731
+        async with scripted_gateway(script, host=host) as gateway:
+            client = WujieClient(
+                throwaway_credentials(),
+                base_url=gateway.base_url,
+                allow_insecure_http=True,
+                downloads=DownloadPolicy(allow_http=True),  # the test's servers have no TLS
+                poll=FAST_POLL,
+                retry=INSTANT_RETRY,
+            )
+            async with client:
+                job = await client.images.submit(prompt="p", model="dall-e-2", n=2)
+                result = await job
+                first = await client.download(result.images[0], tmp_path / "first.{ext}")
+                with pytest.raises(InvalidRequestError, match="refusing to download") as info:
+                    await client.download(result.images[1], tmp_path / "second.{ext}")
+        assert "a loopback address" in info.value.rule
+        assert images.hits["to"] == 1 and images.hits["admin"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name] == ["first.png"]

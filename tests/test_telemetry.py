@@ -202,9 +202,7 @@ CHILD = textwrap.dedent(
                     raise ImportError(f"{name} is blocked")
         sys.meta_path.insert(0, Blocker())
     from wujie_async import PollPolicy, WujieClient
-    from wujie_async._download import Downloader
     from wujie_async.emulator import Emulator, EmulatorConfig
-    from wujie_async.emulator._png import render_png
 
     async def main():
         poll = PollPolicy(first_poll_delay=0.02, min_interval=0.02)
@@ -212,8 +210,7 @@ CHILD = textwrap.dedent(
             async with WujieClient(emu.credentials, base_url=emu.base_url, poll=poll) as client:
                 job = await client.images.submit(prompt="p", model="dall-e-2")
                 result = await job
-        async with Downloader(Path(sys.argv[1])) as downloader:
-            await downloader.save_bytes(render_png("K", 0, 8, 8), result.key, 0)
+                await job.save(Path(sys.argv[1]))
         print("ok", result.status, "opentelemetry" in sys.modules)
 
     asyncio.run(main())

@@ -6,8 +6,9 @@ shared batch calls; each job (and each image) is an awaitable that resolves as r
 
 from ._auth import Credentials
 from ._client import ClientStats, Images, WujieClient
-from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts
 from ._contract import JobStatus
+from ._download import SavedImage
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -54,6 +55,7 @@ __all__ = [
     "ClientStateError",
     "ClientStats",
     "Credentials",
+    "DownloadPolicy",
     "EditFields",
     "EndpointNotFoundError",
     "GeneratedImage",
@@ -82,6 +84,7 @@ __all__ = [
     "RateLimitedError",
     "ResponseTooLargeError",
     "RetryPolicy",
+    "SavedImage",
     "SensitivePromptError",
     "ServerError",
     "SubmitUncertainError",

@@ -2,8 +2,9 @@
 (submit, attach, resume), the journal's read API, as_completed and stats.
 
 What it delegates: the request surface to ``_images``, submits in progress to ``_submitting``,
-polling to ``_poller``, HTTP to ``_transport``, the stats snapshot to ``_stats``, base URL and
-key rules to ``_base_url`` and ``_keys``.
+polling to ``_poller``, HTTP to ``_transport``, saving images to ``_download`` (one downloader,
+shared by the client's jobs), the stats snapshot to ``_stats``, base URL and key rules to
+``_base_url`` and ``_keys``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import aiohttp
 import anyio
 
 from . import _contract, _stats
+from ._addresses import AddressRule
 from ._auth import Credentials, HeaderSigner
 from ._base_url import check_base_url
 from ._budget import Budget
-from ._config import Limits, PollPolicy, RetryPolicy, Timeouts
+from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts
+from ._download import Downloader, SavedImage
 from ._env import Environment
 from ._errors import ClientStateError, InvalidRequestError, JobCancelledError
 from ._fleet_link import FleetLink
@@ -32,6 +35,7 @@ from ._images import Images
 from ._jobs import ImageJob, JobState
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
+from ._models import GeneratedImage
 from ._poller import BatchPoller
 from ._stats import ClientStats
 from ._submitting import Admission, Submits
@@ -81,6 +85,15 @@ class WujieClient:
             Process-wide, hence off by default: meanwhile an unreachable reference cycle among
             frozen objects is only reclaimed after that close (objects freed by reference
             counting, most of them, are freed as usual). See README, "Performance".
+        downloads: how images are downloaded and saved by :meth:`download` and
+            :meth:`ImageJob.save`: size cap, per-image deadline, minimum rate, redirects,
+            plain http. Downloads use a connection pool of their own, opened at the first.
+        allow_private_addresses: let image URLs point at loopback, private, link-local and
+            reserved addresses whatever the base URL. Off by default: image URLs come from
+            the gateway, and they may point at loopback (private) addresses only when the base
+            URL itself is on a loopback (private) address, as the emulator's is; otherwise a
+            hostile gateway could make this client fetch from services on your own machine
+            or network.
     """
 
     def __init__(
@@ -97,6 +110,8 @@ class WujieClient:
         fleet: RedisFleet | None = None,
         session: aiohttp.ClientSession | None = None,
         gc_freeze: bool = False,
+        downloads: DownloadPolicy | None = None,
+        allow_private_addresses: bool = False,
     ) -> None:
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = check_base_url(
@@ -107,6 +122,10 @@ class WujieClient:
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
         self.retry_policy = retry or RetryPolicy()
+        if downloads is not None and not isinstance(downloads, DownloadPolicy):
+            raise InvalidRequestError([("downloads", "must be a DownloadPolicy")])
+        if not isinstance(allow_private_addresses, bool):
+            raise InvalidRequestError([("allow_private_addresses", "must be True or False")])
         self.images = Images(submit=self._submit, attach=self._attach)
         self._state: _State = "unopened"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -140,6 +159,16 @@ class WujieClient:
             telemetry=self._telemetry,
         )
         self._poller = BatchPoller(self._transport, self.poll_policy, self.limits)
+        # One downloader for the client (its session opens at the first download); every job
+        # holds this one reference for job.save().
+        self._downloader = Downloader(
+            downloads,
+            retry=self.retry_policy,
+            addresses=AddressRule.for_gateway(
+                self.base_url, allow_private_addresses=allow_private_addresses
+            ),
+            telemetry=self._telemetry,
+        )
         # One bound method for every job's cancel hook, not one allocated per job.
         self._forget_job = self._poller.forget
         self._gc_freezer = GcFreezer() if gc_freeze else None
@@ -292,7 +321,10 @@ class WujieClient:
             try:
                 if self._fleet is not None:
                     await self._fleet.stop_polling()
-                await self._transport.close()
+                try:
+                    await self._downloader.aclose()
+                finally:
+                    await self._transport.close()
             finally:
                 try:
                     if self._journal is not None:
@@ -408,6 +440,7 @@ class WujieClient:
             request=request,
             n=n,
             on_cancel=self._forget_job,
+            saver=self._downloader,
         )
         if ended is not None:
             job.add_done_callback(ended)
@@ -623,6 +656,38 @@ class WujieClient:
         finally:
             for job, handle in handles:
                 job.remove_done_callback(handle)
+
+    async def download(
+        self, image: GeneratedImage, path: str | os.PathLike[str], *, key: str | None = None
+    ) -> SavedImage:
+        """Save one image (its ``b64_json``, else its URL) as the file ``path``.
+
+        Protected like :meth:`ImageJob.save`: the address rule, https only, redirects checked
+        hop by hop, the size cap, the per-image deadline and minimum rate, bounded retries,
+        and an atomic write (a temporary file, fsynced, then renamed: never a half file under
+        ``path``). An existing file at ``path`` is replaced.
+
+        Example::
+
+            image = await job.image(0)
+            saved = await client.download(image, "out/cat.{ext}")  # out/cat.png
+
+        Args:
+            image: an image of a job of this client (or of any job: URLs expire, so soon).
+            path: the file to write; its folder is created if missing. ``{ext}`` in the
+                file's name becomes the image's format (``png``, ``jpg`` or ``webp``).
+            key: the image's job key, for the log and traces (optional).
+
+        Raises:
+            InvalidRequestError: the URL, or a redirect's target, is refused.
+            ProtocolError: not an image, too large, no URL nor ``b64_json``, or the server
+                refused it.
+            TransportError: it could not be fetched in time, after its retries.
+            ClientStateError: the client is not open.
+            OSError: the file could not be written.
+        """
+        self._check_open()
+        return await self._downloader.save(image, path, key=key)
 
     @property
     def fleet_member(self) -> str | None:

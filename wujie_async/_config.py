@@ -190,3 +190,67 @@ class RetryPolicy:
         _check_positive("RetryPolicy", max_attempts=self.max_attempts, max_elapsed=self.max_elapsed)
         if self.initial_wait < 0 or self.max_wait < 0:
             raise InvalidRequestError([("RetryPolicy.initial_wait", "must be >= 0")])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DownloadPolicy:
+    """How images are downloaded and saved (``job.save``, ``client.download``, the CLI).
+
+    A download ends, one way or the other, within ``deadline``: a server that trickles bytes
+    fails as too slow (``min_rate``), and retries of transient failures stop once
+    ``RetryPolicy.max_elapsed`` has gone by.
+
+    Attributes:
+        max_bytes: an image larger than this is refused (the declared length, the bytes as
+            they stream, and ``b64_json`` text before it is decoded).
+        concurrency: downloads (and connections to image servers) at once, per client.
+        deadline: seconds one image may take in all: connecting, redirects, every attempt
+            and the waits between them; None for no deadline.
+        min_rate: bytes per second an image server must keep up, measured over
+            ``rate_window``: every ``min_rate * rate_window`` bytes must arrive within
+            ``rate_window`` seconds, or the attempt fails as too slow. None turns it off.
+        rate_window: seconds over which ``min_rate`` is measured.
+        connect_timeout: seconds to connect to an image server.
+        read_timeout: seconds to wait for an image server's status line and headers
+            (connecting included), and the longest silence allowed while reading its body.
+        max_redirects: redirects followed per image, each one checked; 0 follows none.
+        allow_http: allow plain ``http://`` image URLs on hosts that are not loopback (off:
+            https only, so nobody on the path can swap the image).
+    """
+
+    max_bytes: int = 64 * 1024 * 1024
+    concurrency: int = 16
+    deadline: float | None = 120.0
+    min_rate: float | None = 4096.0
+    rate_window: float = 10.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    max_redirects: int = 5
+    allow_http: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive(
+            "DownloadPolicy",
+            max_bytes=self.max_bytes,
+            concurrency=self.concurrency,
+            deadline=self.deadline,
+            min_rate=self.min_rate,
+            rate_window=self.rate_window,
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
+        bad = [
+            (f"DownloadPolicy.{name}", "must be a whole number")
+            for name in ("max_bytes", "concurrency")
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool)
+        ]
+        if (
+            not isinstance(self.max_redirects, int)
+            or isinstance(self.max_redirects, bool)
+            or self.max_redirects < 0
+        ):
+            bad.append(("DownloadPolicy.max_redirects", "must be a whole number >= 0"))
+        if not isinstance(self.allow_http, bool):
+            bad.append(("DownloadPolicy.allow_http", "must be True or False"))
+        if bad:
+            raise InvalidRequestError(bad)

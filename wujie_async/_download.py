@@ -1,37 +1,43 @@
 """Saving images to disk: bounded, streamed, checked, retried, never half-written.
 
-The downloader owns its own HTTP session and timeouts (image downloads never take a connection
-or a slot from the API's pool). Where it may connect is ``_addresses``'s rule, checked on every
-hop; redirects are followed by hand, at most ``max_redirects`` of them, each one checked again.
-File names come from ``_file_names``. The bytes must carry a PNG/JPEG/WEBP signature; a file
-appears under its final name only once complete: written under a temporary name in the same
-folder with the user's umask, fsynced, then renamed. Writes and fsyncs run on worker threads,
+One :class:`Downloader` per client (``job.save``, ``client.download`` and the CLI all come
+through it). It owns its own HTTP session, opened at the first download: image downloads never
+take a connection or a slot from the API's pool. Where it may connect is ``_addresses``'s rule,
+checked on every hop; redirects are followed by hand, at most ``max_redirects`` of them, each
+one checked again. The bytes must carry a PNG/JPEG/WEBP signature, and a file appears under its
+final name only once complete (``_atomic_file``). Writes and fsyncs run on worker threads,
 never on the event loop.
+
+Every image ends within ``DownloadPolicy.deadline``: an attempt fails as too slow when the
+server does not keep up ``min_rate``, transient failures are retried with backoff, and no new
+attempt starts once ``RetryPolicy.max_elapsed`` has gone by.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import logging
+import math
 import os
-import secrets
+import random
+import string
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Self
+from typing import IO, TYPE_CHECKING, Self
 
 import aiohttp
 import anyio
-import backoff
 from yarl import URL
 
-from ._addresses import CheckingResolver, ForbiddenAddressError, check_url, refused_address
-from ._config import RetryPolicy
+from . import _atomic_file
+from ._addresses import AddressRule, CheckingResolver, ForbiddenAddressError, check_url
+from ._config import DownloadPolicy, RetryPolicy
 from ._errors import (
     ClientStateError,
     InvalidRequestError,
@@ -40,6 +46,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
+from ._models import GeneratedImage, ImageResult
 from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -52,16 +59,27 @@ _SIGNATURES = {
     b"\xff\xd8\xff": "jpg",
 }
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 256 * 1024
+_CHUNK = 256 * 1024  # bytes handed to a worker thread per write
+_CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
+EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
+_CLI_ONLY_FIELDS = frozenset({"id", "line"})
 
 
 @dataclass(frozen=True, slots=True)
 class SavedImage:
-    """One image on disk."""
+    """One image saved to disk: complete, synced, under its final name.
 
+    Attributes:
+        index: the image's position in its job.
+        path: the file.
+        bytes: the file's size.
+        sha256: the SHA-256 of the file's bytes, in hex.
+    """
+
+    index: int
     path: Path
-    sha256: str
     bytes: int
+    sha256: str
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -82,6 +100,34 @@ class _RetryableError(Exception):
         self.error = error
 
 
+class _Target:
+    """Where one image goes: a path whose name may hold ``{ext}``, and the names already
+    taken by the other images of the same save call (none may be written twice)."""
+
+    __slots__ = ("claimed", "folder", "index", "name")
+
+    def __init__(self, path: Path, index: int, claimed: dict[str, int] | None) -> None:
+        self.folder = path.parent
+        self.name = path.name
+        self.index = index
+        self.claimed = claimed
+
+    def final(self, ext: str) -> Path:
+        """The final path for an image of format ``ext``, claimed for this image.
+
+        Raises:
+            InvalidRequestError: another image of the same save call has that name.
+        """
+        name = self.name.replace(EXT_FIELD, ext)
+        if self.claimed is not None:
+            other = self.claimed.setdefault(name.casefold(), self.index)
+            if other != self.index:
+                raise InvalidRequestError(
+                    [("name", f"images {other} and {self.index} would both be saved as {name!r}")]
+                )
+        return self.folder / name
+
+
 def _join(base: URL, location: str) -> URL:
     try:
         return base.join(URL(location))
@@ -89,75 +135,54 @@ def _join(base: URL, location: str) -> URL:
         raise InvalidRequestError([("url", "a redirect gave an invalid URL")]) from None
 
 
+def _too_slow(what: str) -> TransportError:
+    return TransportError(f"the image server was too slow: {what}", reached_server=True)
+
+
 class Downloader:
-    """Saves images into ``folder`` with bounded concurrency, on a session of its own.
+    """Saves images with bounded concurrency, on an HTTP session of its own.
+
+    The session opens at the first download and closes with :meth:`aclose` (or the end of
+    ``async with``); after that every save raises ClientStateError.
 
     Example::
 
-        async with Downloader(Path("out"), name="{id}-{index}.{ext}") as downloader:
-            saved = await downloader.save(url, job.key, 0, id="row-7")
-            saved = await downloader.save_b64(image.b64_json, job.key, 1)
+        async with Downloader(addresses=AddressRule.everything()) as downloader:
+            saved = await downloader.save(image, Path("out") / "cat.{ext}", key=job.key)
 
     Args:
-        folder: where images go (created if missing).
-        concurrency: downloads (and connections) at once.
-        max_bytes: larger images are refused.
-        allow_http: allow plain http to non-loopback hosts (off: https only).
-        allow_private: allow link-local, private and reserved addresses (off).
-        max_redirects: redirects followed per download, each checked; 0 follows none.
+        policy: sizes, deadlines, the minimum rate, redirects, plain http.
         retry: backoff for transient failures (connect errors, 5xx, 429, truncated bodies,
-            timeouts); the same rules as API calls.
-        connect_timeout: seconds to connect.
-        read_timeout: seconds of silence allowed while reading.
-        total_timeout: seconds per attempt, all included.
-        name: the file-name template; fields ``{key}``, ``{index}``, ``{ext}``, ``{id}``,
-            ``{line}`` (sanitised: no path separators, no control characters, no leading dot).
+            too slow); no new attempt starts after ``max_elapsed`` seconds.
+        addresses: which kinds of address may be fetched (default: public ones only).
+        telemetry: whose spans and metrics downloads add to (default: its own).
     """
 
     def __init__(
         self,
-        folder: Path,
+        policy: DownloadPolicy | None = None,
         *,
-        concurrency: int = 16,
-        max_bytes: int = 64 * 1024 * 1024,
-        allow_http: bool = False,
-        allow_private: bool = False,
-        max_redirects: int = 5,
         retry: RetryPolicy | None = None,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 60.0,
-        total_timeout: float = 300.0,
-        name: str = DEFAULT_NAME,
+        addresses: AddressRule | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
-        check_template(name)
-        if concurrency < 1 or max_bytes < 1 or max_redirects < 0:
-            raise InvalidRequestError(
-                [("Downloader", "concurrency and max_bytes must be >= 1, max_redirects >= 0")]
-            )
-        self._folder = folder
-        self._concurrency = concurrency
-        self._slots = anyio.Semaphore(concurrency)
-        self._max_bytes = max_bytes
-        self._allow_http = allow_http
-        self._allow_private = allow_private
-        self._max_redirects = max_redirects
+        self._policy = policy or DownloadPolicy()
         self._retry = retry or RetryPolicy()
-        self._timeout = aiohttp.ClientTimeout(
-            total=total_timeout, connect=connect_timeout, sock_read=read_timeout
-        )
-        self._template = name
+        self._rule = addresses or AddressRule()
+        self._telemetry_to_start = telemetry is None  # its own: started at the first save
+        self._telemetry = telemetry or Telemetry()  # a span and metrics per image, once on
         self._session: aiohttp.ClientSession | None = None
-        self._telemetry = Telemetry()  # a span and metrics per image, once opened
+        self._slots: anyio.Semaphore | None = None
+        self._closed = False
+        self._in_progress: set[anyio.CancelScope] = set()  # cancelled by aclose()
+        self._all_ended: anyio.Event | None = None  # what aclose() waits on, while it does
+
+    @property
+    def policy(self) -> DownloadPolicy:
+        """The download policy in force."""
+        return self._policy
 
     async def __aenter__(self) -> Self:
-        self._telemetry.start()
-        await anyio.to_thread.run_sync(lambda: self._folder.mkdir(parents=True, exist_ok=True))
-        connector = aiohttp.TCPConnector(
-            limit=self._concurrency, resolver=CheckingResolver(allow_private=self._allow_private)
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, trust_env=False
-        )
         return self
 
     async def __aexit__(
@@ -169,69 +194,153 @@ class Downloader:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the session (idempotent)."""
+        """End the saves in progress (each raises ClientStateError and leaves no file), close
+        the session (idempotent); later saves raise ClientStateError too."""
+        self._closed = True
+        # Closing the session alone would not stop a read in progress (a slow server would
+        # hold its save, and the caller, until the deadline); and a save must end (its
+        # temporary file removed) before its connection is closed under it.
+        if self._in_progress:
+            self._all_ended = anyio.Event()
+            for scope in self._in_progress:
+                scope.cancel()
+            with anyio.move_on_after(_CLOSE_WAIT_S):
+                await self._all_ended.wait()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
+    # --- saving ---------------------------------------------------------------------------------
+    async def save_job(
+        self, job: Awaitable[ImageResult], directory: str | os.PathLike[str], name: str
+    ) -> list[SavedImage]:
+        """Wait for ``job``, then save every image in ``directory`` under ``name``.
+
+        The template is checked before the wait; every image is tried, and if any could not
+        be saved the first error (by index) is raised once the others are done, with a note
+        naming the files that were saved.
+
+        Raises:
+            InvalidRequestError: the template, or two images with one name.
+            JobError: the job ended without its images.
+            ProtocolError, TransportError: an image could not be downloaded.
+        """
+        check_job_template(name)
+        self._require_open()
+        folder = Path(directory)
+        result = await job
+        check_key(result.key)
+        planned = {
+            image.index: render_name(
+                name, key=result.key, index=image.index, ext=EXT_FIELD, id=None, line=None
+            )
+            for image in result.images
+        }
+        seen: dict[str, int] = {}
+        for index, planned_name in planned.items():
+            other = seen.setdefault(planned_name.casefold(), index)
+            if other != index:
+                shown = planned_name.replace(EXT_FIELD, "{ext}")
+                raise InvalidRequestError(
+                    [("name", f"images {other} and {index} would both be saved as {shown!r}")]
+                )
+        claimed: dict[str, int] = {}
+        outcomes = await asyncio.gather(
+            *(
+                self.save(image, folder / planned[image.index], key=result.key, claimed=claimed)
+                for image in result.images
+            ),
+            return_exceptions=True,
+        )
+        saved = [outcome for outcome in outcomes if isinstance(outcome, SavedImage)]
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                if saved and isinstance(outcome, Exception):
+                    files = ", ".join(image.path.name for image in saved)
+                    outcome.add_note(f"saved before this error was raised: {files}")
+                raise outcome
+        return saved
+
     async def save(
-        self, url: str, key: str, index: int, *, id: str | None = None, line: int | None = None
-    ) -> SavedImage:
-        """Download ``url`` into the folder under the template's name.
-
-        Raises:
-            InvalidRequestError: the URL (or a redirect's target), key or name is refused.
-            ProtocolError: the reply is not an image, too large, or not 200 (after retries
-                for 5xx and 429), or redirects too often.
-            TransportError: the download failed after its retries.
-            ClientStateError: used outside ``async with``.
-        """
-        check_key(key)
-        check_url(url, allow_http=self._allow_http, allow_private=self._allow_private)
-        session = self._require_session()
-        return await self._observed(
-            key, index, URL(url).host, lambda: self._save_url(session, url, key, index, id, line)
-        )
-
-    async def _save_url(
         self,
-        session: aiohttp.ClientSession,
-        url: str,
-        key: str,
-        index: int,
-        id: str | None,
-        line: int | None,
+        image: GeneratedImage,
+        path: str | os.PathLike[str],
+        *,
+        key: str | None = None,
+        claimed: dict[str, int] | None = None,
     ) -> SavedImage:
-        async with self._slots:
-            return await self._retrying(lambda: self._download(session, url, key, index, id, line))
+        """Save ``image`` (its ``b64_json``, else its URL) as the file ``path``.
 
-    async def save_bytes(
-        self, data: bytes, key: str, index: int, *, id: str | None = None, line: int | None = None
-    ) -> SavedImage:
-        """Save image bytes (e.g. a decoded ``b64_json``) exactly as a download is saved.
+        ``{ext}`` in the file's name becomes the image's format (``png``, ``jpg``, ``webp``).
+        The one entry point of every download: observed here (span, metrics, DEBUG line).
 
         Raises:
-            InvalidRequestError: the key or name is refused.
-            ProtocolError: not a PNG/JPEG/WEBP image, or larger than ``max_bytes``.
+            InvalidRequestError: the URL (or a redirect's target) is refused, or the name is
+                taken by another image of the same save call.
+            ProtocolError: not an image, too large, not 200 (after retries for 5xx and 429),
+                too many redirects, not base64, or neither a URL nor ``b64_json``.
+            TransportError: the download failed after its retries, or was too slow.
+            ClientStateError: the downloader (its client) is closed.
         """
-        check_key(key)
-        if len(data) > self._max_bytes:
-            raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
-        kind = sniff_format(data[:16])
-        if kind is None:
-            raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
-        path = self._folder / render_name(
-            self._template, key=key, index=index, ext=kind, id=id, line=line
-        )
-        return await self._observed(key, index, None, lambda: self._write_bytes(data, path))
+        self._require_open()
+        if self._telemetry_to_start:
+            self._telemetry_to_start = False
+            self._telemetry.start()
+        target = _Target(Path(path), image.index, claimed)
+        url = image.url if image.b64_json is None else None
+        host = _host(url) if url is not None else None
+        return await self._observed(key, image.index, host, lambda: self._save(image, target))
 
-    async def _write_bytes(self, data: bytes, path: Path) -> SavedImage:
-        async with self._slots:
-            await anyio.to_thread.run_sync(self._write_whole, data, path)
-        return SavedImage(path=path, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    async def _save(self, image: GeneratedImage, target: _Target) -> SavedImage:
+        with anyio.CancelScope() as scope:
+            self._in_progress.add(scope)
+            try:
+                return await self._save_now(image, target)
+            finally:
+                self._in_progress.discard(scope)
+                if not self._in_progress and self._all_ended is not None:
+                    self._all_ended.set()
+        raise ClientStateError("the client was closed while the image was being saved")
+
+    async def _save_now(self, image: GeneratedImage, target: _Target) -> SavedImage:
+        if image.b64_json is not None:
+            return await self._save_inline(image.b64_json, target)
+        if image.url is None:
+            raise ProtocolError(f"image {image.index} has neither a URL nor b64_json")
+        url = image.url
+        check_url(url, allow_http=self._policy.allow_http, rule=self._rule)
+        session, slots = self._open_session()
+        failures: list[WujieError] = []
+        async with slots:
+            deadline = self._policy.deadline
+            # The deadline runs from when the image gets its slot: waiting behind other
+            # downloads is not the image server's slowness.
+            with anyio.move_on_after(math.inf if deadline is None else deadline):
+                return await self._retrying(lambda: self._fetch(session, url, target), failures)
+        last = f"; the last try: {failures[-1]}" if failures else ""
+        raise _too_slow(
+            f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline){last}"
+        )
+
+    async def _save_inline(self, text: str, target: _Target) -> SavedImage:
+        limit = self._policy.max_bytes
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        if len(text) > (limit + 2) // 3 * 4 + 4:  # the cap, before decoding
+            raise ProtocolError(f"image is larger than {limit} bytes")
+        _, slots = self._open_session()
+        async with slots:
+            data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
+            path = target.final(kind)
+            await anyio.to_thread.run_sync(_atomic_file.write_whole, data, path)
+        return SavedImage(target.index, path, len(data), hashlib.sha256(data).hexdigest())
 
     async def _observed(
-        self, key: str, index: int, host: str | None, save: Callable[[], Awaitable[SavedImage]]
+        self,
+        key: str | None,
+        index: int,
+        host: str | None,
+        save: Callable[[], Awaitable[SavedImage]],
     ) -> SavedImage:
         """``save()``, with its span, metrics and DEBUG line when any of them is on (the one
         place downloads are observed: every way of saving an image comes through here)."""
@@ -251,7 +360,7 @@ class Downloader:
     def _saved(
         self,
         span: Span | None,
-        key: str,
+        key: str | None,
         index: int,
         started: float,
         size: int | None,
@@ -260,7 +369,7 @@ class Downloader:
         seconds = time.perf_counter() - started
         logger.debug(
             "image %s #%d: %s in %.0f ms",
-            key,
+            key or "-",
             index,
             f"{size} bytes saved" if error is None else f"not saved ({type(error).__name__})",
             seconds * 1e3,
@@ -268,82 +377,69 @@ class Downloader:
         if (otel := self._telemetry.otel) is not None:
             otel.download_ended(span, seconds=seconds, size=size, error=error)
 
-    async def save_b64(
-        self, text: str, key: str, index: int, *, id: str | None = None, line: int | None = None
-    ) -> SavedImage:
-        """Decode a ``b64_json`` image (size-capped before decoding) and save it.
-
-        Raises:
-            ProtocolError: not base64, larger than ``max_bytes``, or not an image.
-            InvalidRequestError: the key or name is refused.
-        """
-        if text.startswith("data:"):
-            text = text.partition(",")[2]
-        if len(text) > (self._max_bytes + 2) // 3 * 4 + 4:
-            raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ProtocolError("b64_json is not valid base64") from None
-        return await self.save_bytes(data, key, index, id=id, line=line)
-
     # --- internals ------------------------------------------------------------------------------
-    def _require_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise ClientStateError("use the Downloader in `async with` (it owns a session)")
-        return self._session
+    def _require_open(self) -> None:
+        if self._closed:
+            raise ClientStateError("downloads are closed (the client was closed): open a new one")
 
-    async def _retrying(self, attempt: Callable[[], Awaitable[SavedImage]]) -> SavedImage:
-        policy = self._retry
-
-        def log_retry(details: Any) -> None:
-            logger.debug(
-                "image download: %s; try %d in %.2f s",
-                details["exception"],
-                details["tries"] + 1,
-                details["wait"],
+    def _open_session(self) -> tuple[aiohttp.ClientSession, anyio.Semaphore]:
+        """The session and the concurrency slots, made at the first download."""
+        self._require_open()
+        if self._session is None or self._slots is None:
+            policy = self._policy
+            connector = aiohttp.TCPConnector(
+                limit=policy.concurrency, resolver=CheckingResolver(self._rule)
             )
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=policy.connect_timeout, sock_read=policy.read_timeout
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, trust_env=False
+            )
+            self._slots = anyio.Semaphore(policy.concurrency)
+        return self._session, self._slots
 
-        async def once() -> SavedImage:  # backoff wants a coroutine function to await
-            return await attempt()
-
-        retrying = backoff.on_exception(
-            backoff.expo,
-            _RetryableError,
-            max_tries=policy.max_attempts,
-            max_time=policy.max_elapsed,
-            jitter=backoff.full_jitter,
-            on_backoff=log_retry,
-            logger=None,
-            factor=policy.initial_wait,
-            max_value=policy.max_wait,
-        )(once)
-        try:
-            return await retrying()
-        except _RetryableError as exc:
-            raise exc.error from None
-
-    async def _download(
-        self,
-        session: aiohttp.ClientSession,
-        url: str,
-        key: str,
-        index: int,
-        id: str | None,
-        line: int | None,
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[SavedImage]], failures: list[WujieError]
     ) -> SavedImage:
+        """``attempt()`` until it succeeds, fails for good, or the retry budget is spent:
+        exponential backoff with full jitter, as for API calls. Each retried failure is
+        appended to ``failures``."""
+        policy = self._retry
+        started = anyio.current_time()
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await attempt()
+            except _RetryableError as exc:
+                failures.append(exc.error)
+                elapsed = anyio.current_time() - started
+                if tries >= policy.max_attempts or elapsed >= policy.max_elapsed:
+                    raise exc.error from None
+                ceiling = min(policy.initial_wait * 2 ** (tries - 1), policy.max_wait)
+                wait = min(random.uniform(0, ceiling), policy.max_elapsed - elapsed)
+                logger.debug("image download: %s; try %d in %.2f s", exc, tries + 1, wait)
+            await anyio.sleep(wait)
+            self._require_open()
+
+    async def _fetch(self, session: aiohttp.ClientSession, url: str, target: _Target) -> SavedImage:
+        """One attempt: follow redirects by hand (each hop checked), stream the image."""
+        policy = self._policy
         current = URL(url)
-        for hop in range(self._max_redirects + 1):
+        for hop in range(policy.max_redirects + 1):
             if hop:
-                check_url(
-                    str(current), allow_http=self._allow_http, allow_private=self._allow_private
-                )
+                check_url(str(current), allow_http=policy.allow_http, rule=self._rule)
+            if session.closed:  # aclose() ran meanwhile: aiohttp would raise a RuntimeError
+                self._require_open()
+                raise ClientStateError("the download session was closed")
             # The error text never includes the URL: a CDN's URL may carry a signed token. The
             # error is raised after the except block: `from None` alone would still keep
             # aiohttp's exception (which holds the request and its URL) as __context__.
             failure: Exception
             try:
-                async with session.get(current, allow_redirects=False) as reply:
+                reply = await self._reply(session, current)
+                async with reply:
                     if reply.status in _REDIRECT_STATUSES:
                         location = reply.headers.get("Location")
                         if not location:
@@ -360,10 +456,10 @@ class Downloader:
                         raise ProtocolError(
                             f"image download got HTTP {reply.status}", http_status=reply.status
                         )
-                    return await self._stream_to_file(reply, key, index, id, line)
+                    return await self._stream_to_file(reply, target)
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, ForbiddenAddressError):
-                    failure = refused_address(exc.os_error.host, exc.os_error.address)
+                    failure = self._rule.refusal(exc.os_error.host, exc.os_error.address)
                 else:
                     failure = _RetryableError(
                         TransportError(
@@ -379,32 +475,26 @@ class Downloader:
                     )
                 )
             raise failure
-        raise ProtocolError(f"image download redirected more than {self._max_redirects} times")
+        raise ProtocolError(f"image download redirected more than {policy.max_redirects} times")
 
-    async def _stream_to_file(
-        self,
-        reply: aiohttp.ClientResponse,
-        key: str,
-        index: int,
-        id: str | None,
-        line: int | None,
-    ) -> SavedImage:
+    async def _reply(self, session: aiohttp.ClientSession, url: URL) -> aiohttp.ClientResponse:
+        """The reply's status line and headers, within ``read_timeout`` (a server that sends
+        its headers a byte at a time never trips a socket's read timeout)."""
+        wait = self._policy.read_timeout
+        with anyio.move_on_after(wait):
+            return await session.get(url, allow_redirects=False)
+        raise _RetryableError(_too_slow(f"no reply within {wait:g} s"))
+
+    async def _stream_to_file(self, reply: aiohttp.ClientResponse, target: _Target) -> SavedImage:
+        policy = self._policy
         declared = reply.content_length
-        if declared is not None and declared > self._max_bytes:
-            raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
-        digest = hashlib.sha256()
-        size = 0
-        head = b""
-        handle, temp = await anyio.to_thread.run_sync(self._open_temp, f"{key}-{index}")
+        if declared is not None and declared > policy.max_bytes:
+            raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
+        handle, temp = await anyio.to_thread.run_sync(
+            _atomic_file.open_temp, target.folder, f"wujie-{target.index}"
+        )
         try:
-            async for chunk in reply.content.iter_chunked(_CHUNK):
-                size += len(chunk)
-                if size > self._max_bytes:
-                    raise ProtocolError(f"image is larger than {self._max_bytes} bytes")
-                if len(head) < 16:
-                    head += chunk[: 16 - len(head)]
-                digest.update(chunk)
-                await anyio.to_thread.run_sync(handle.write, chunk)
+            size, digest, head = await self._stream(reply, handle)
             if declared is not None and size != declared:
                 raise _RetryableError(
                     TransportError("image download was cut short", reached_server=True)
@@ -415,54 +505,104 @@ class Downloader:
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
-            path = self._folder / render_name(
-                self._template, key=key, index=index, ext=kind, id=id, line=line
-            )
-            await anyio.to_thread.run_sync(self._commit, handle, temp, path)
+            path = target.final(kind)
+            await anyio.to_thread.run_sync(_atomic_file.commit, handle, temp, path)
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._discard, handle, temp)
+                await anyio.to_thread.run_sync(_atomic_file.discard, handle, temp)
             raise
-        return SavedImage(path=path, sha256=digest.hexdigest(), bytes=size)
+        return SavedImage(target.index, path, size, digest)
 
-    # --- file operations (run on worker threads) -----------------------------------------------
-    def _open_temp(self, stem: str) -> tuple[IO[bytes], Path]:
-        # O_EXCL + O_NOFOLLOW: a new file, never through a link; mode 0o666 & ~umask, like the
-        # manifest (mkstemp would force 0600).
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        flags |= getattr(os, "O_CLOEXEC", 0)
-        temp = self._folder / f".{stem}.{secrets.token_hex(6)}.part"
-        fd = os.open(temp, flags, 0o666)
-        return os.fdopen(fd, "wb"), temp
+    async def _stream(
+        self, reply: aiohttp.ClientResponse, handle: IO[bytes]
+    ) -> tuple[int, str, bytes]:
+        """Copy the body into ``handle``: (size, sha256, first bytes). Every ``min_rate *
+        rate_window`` bytes must arrive within ``rate_window`` seconds."""
+        policy = self._policy
+        window = policy.rate_window
+        quantum = None if policy.min_rate is None else policy.min_rate * window
+        digest = hashlib.sha256()
+        size = 0
+        head = b""
+        pending = bytearray()
+        window_ends = anyio.current_time() + window if quantum is not None else math.inf
+        window_bytes = 0
+        while True:
+            with anyio.CancelScope(deadline=window_ends) as scope:
+                chunk = await reply.content.read(_CHUNK)
+            if scope.cancelled_caught:
+                raise _RetryableError(
+                    _too_slow(
+                        f"fewer than {quantum:.0f} bytes in {window:g} s "
+                        f"(DownloadPolicy.min_rate is {policy.min_rate:g} bytes/s)"
+                    )
+                )
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > policy.max_bytes:
+                raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
+            if len(head) < 16:
+                head += chunk[: 16 - len(head)]
+            digest.update(chunk)
+            if quantum is not None:
+                window_bytes += len(chunk)
+                if window_bytes >= quantum:
+                    window_bytes = 0
+                    window_ends = anyio.current_time() + window
+            pending += chunk
+            if len(pending) >= _CHUNK:
+                await anyio.to_thread.run_sync(handle.write, bytes(pending))
+                pending.clear()
+        if pending:
+            await anyio.to_thread.run_sync(handle.write, bytes(pending))
+        return size, digest.hexdigest(), head
 
-    def _commit(self, handle: IO[bytes], temp: Path, path: Path) -> None:
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        os.replace(temp, path)
-        self._sync_folder()
 
-    def _sync_folder(self) -> None:
-        # The rename is durable once the folder's entry is on disk too.
-        with contextlib.suppress(OSError):
-            fd = os.open(self._folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+def check_job_template(name: str) -> None:
+    """Refuse a ``job.save`` template before waiting for the job.
 
-    @staticmethod
-    def _discard(handle: IO[bytes], temp: Path) -> None:
-        with contextlib.suppress(OSError):
-            handle.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
+    The fields are ``{key}``, ``{index}`` and ``{ext}``; ``{id}`` and ``{line}`` are the
+    command line's (a row's id and input line) and a library job has neither.
 
-    def _write_whole(self, data: bytes, path: Path) -> None:
-        handle, temp = self._open_temp(path.stem)
-        try:
-            handle.write(data)
-            self._commit(handle, temp, path)
-        except BaseException:
-            self._discard(handle, temp)
-            raise
+    Raises:
+        InvalidRequestError: an unusable template, or one with ``{id}`` or ``{line}``.
+    """
+    if not isinstance(name, str):
+        raise InvalidRequestError([("name", "must be a template string, e.g. " + DEFAULT_NAME)])
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(name) if field}
+    except ValueError:
+        fields = set()  # check_template says what is wrong with it
+    if fields & _CLI_ONLY_FIELDS:
+        raise InvalidRequestError(
+            [
+                (
+                    "name",
+                    "{id} and {line} are the command line's row fields, and a job has neither: "
+                    "use {key}, {index} and {ext}",
+                )
+            ]
+        )
+    check_template(name)
+
+
+def _decode(text: str, limit: int) -> tuple[bytes, str]:
+    """Decoded ``b64_json`` bytes and their format (runs on a worker thread)."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("b64_json is not valid base64") from None
+    if len(data) > limit:
+        raise ProtocolError(f"image is larger than {limit} bytes")
+    kind = sniff_format(data[:16])
+    if kind is None:
+        raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
+    return data, kind
+
+
+def _host(url: str) -> str | None:
+    try:
+        return URL(url).host
+    except ValueError:
+        return None

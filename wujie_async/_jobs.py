@@ -4,19 +4,25 @@ updates.
 A job holds no task and polls nothing: the client's one poller feeds it. Its mutable state is one
 :class:`JobState`, which the poller owns and writes (it gets the state when it starts tracking
 the job); the job only reads it. A pending job costs one ``asyncio.Future`` plus a few slots;
-per-image futures and the update event exist only once someone asks for them.
+per-image futures and the update event exist only once someone asks for them. ``job.save``
+goes through the client's one downloader, which every job of the client shares (one slot).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._contract import JobStatus, job_status
-from ._errors import JobCancelledError, JobError
+from ._errors import ClientStateError, JobCancelledError, JobError
+from ._file_names import DEFAULT_NAME
 from ._models import GeneratedImage, ImageResult, JobInfo
+
+if TYPE_CHECKING:
+    from ._download import Downloader, SavedImage
 
 # Request fields that can be large (an edit's source images, as URLs or base64, and its mask).
 _BULK_FIELDS = ("image", "mask")
@@ -210,6 +216,7 @@ class ImageJob:
         "_n",
         "_on_cancel",
         "_request",
+        "_saver",  # the client's one downloader, shared by all its jobs
         "_state",
     )
 
@@ -222,6 +229,7 @@ class ImageJob:
         request: dict[str, Any] | None = None,
         n: int | None = None,
         on_cancel: Callable[[ImageJob], None] | None = None,
+        saver: Downloader | None = None,
     ) -> None:
         self._key = key
         self._state = state
@@ -229,6 +237,7 @@ class ImageJob:
         self._n = n
         self._deadline = deadline
         self._on_cancel = on_cancel
+        self._saver = saver
 
     @property
     def key(self) -> str:
@@ -357,6 +366,54 @@ class ImageJob:
         async with asyncio.timeout(timeout):
             return await asyncio.shield(future)
 
+    async def save(
+        self, directory: str | os.PathLike[str], *, name: str = DEFAULT_NAME
+    ) -> list[SavedImage]:
+        """Wait for the job, then save every image (URL or ``b64_json``) in ``directory``.
+
+        Downloads go through the client's downloader, with its protections: the address rule,
+        https only, redirects checked hop by hop, a size cap (``b64_json`` is capped before it
+        is decoded), a deadline and a minimum rate per image, bounded retries, and atomic
+        writes: each file is written under a temporary name, fsynced, then renamed, so a file
+        under its final name is always complete. See ``DownloadPolicy``.
+
+        Every image is tried; if one fails, the first error (by index) is raised once the
+        others are done. Files that were saved stay (complete), and the error's note names
+        them.
+
+        Example::
+
+            job = await client.images.submit(prompt="a cat", model="gpt-image-1", n=2)
+            for saved in await job.save("out"):
+                print(saved.path, saved.bytes, saved.sha256)
+
+        Args:
+            directory: the folder (created if missing).
+            name: the file-name template: ``{key}`` (the job's key; required, so that two
+                jobs never share a name), ``{index}`` (the image's position) and ``{ext}``
+                (``png``, ``jpg`` or ``webp``, from the image's bytes). ``{id}`` and ``{line}``
+                are the command line's and are refused here. Checked before the wait.
+
+        Returns:
+            One :class:`SavedImage` per image, in index order.
+
+        Raises:
+            InvalidRequestError: a bad template, or two images would get one name (nothing
+                is downloaded then); or an image URL the address rule refuses.
+            JobError: the job failed, was rejected, timed out or was cancelled.
+            ProtocolError: an image is not an image, too large, or its server refused it.
+            TransportError: an image could not be fetched in time, after its retries.
+            ClientStateError: the job has no client (or the client is closed).
+            OSError: the file could not be written.
+        """
+        saver = self._saver
+        if saver is None:
+            raise ClientStateError(
+                f"job {self._key} was made without a client: save images with "
+                "client.download(image, path)"
+            )
+        return await saver.save_job(self, directory, name)
+
     def snapshot(self) -> JobUpdate:
         """The job's state now, as one :class:`JobUpdate`."""
         state = self._state
@@ -461,4 +518,6 @@ def ended_copy(job: ImageJob, state: JobState) -> ImageJob:
     else:
         copy.future.set_exception(error)
         copy.future.exception()  # nobody may await the copy: not worth a log line
-    return ImageJob(job.key, copy, deadline=job.deadline, request=request, n=job.n)
+    return ImageJob(
+        job.key, copy, deadline=job.deadline, request=request, n=job.n, saver=job._saver
+    )

@@ -477,11 +477,13 @@ class Recorder:
         span.end(start_ns + round(seconds * 1e9))
 
     # --- downloads --------------------------------------------------------------------------------
-    def download_started(self, key: str, index: int, host: str | None) -> Span | None:
-        """An image download (or save of inline bytes) begins."""
+    def download_started(self, key: str | None, index: int, host: str | None) -> Span | None:
+        """An image download (or save of inline bytes) begins (``key``: its job's, if known)."""
         if self.tracer is None:
             return None
-        attributes: dict[str, Any] = {"wujie.job.key": key, "wujie.image.index": index}
+        attributes: dict[str, Any] = {"wujie.image.index": index}
+        if key is not None:
+            attributes["wujie.job.key"] = key
         if host:
             attributes["server.address"] = _attribute_text(host)
         return self.tracer.start_span("wujie.download", attributes=attributes)

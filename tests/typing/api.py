@@ -7,8 +7,11 @@ mistakes, the ignore becomes unused and the check fails.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from wujie_async import (
     ClientStats,
+    DownloadPolicy,
     GeneratedImage,
     ImageJob,
     ImageResult,
@@ -17,6 +20,7 @@ from wujie_async import (
     JournalFile,
     Limits,
     PollPolicy,
+    SavedImage,
     WujieClient,
 )
 
@@ -39,6 +43,10 @@ async def right_uses(client: WujieClient) -> None:
     _done: bool = JobStatus.SUCCEEDED.terminal
     _policy = PollPolicy(min_interval=0.25, max_estimate_wait=30.0)
     _limits = Limits(max_submits_per_second=5.0)
+    _saved: list[SavedImage] = await job.save("out", name="{key}-{index}.{ext}")
+    _one: SavedImage = await client.download(first, Path("out") / "cat.{ext}", key=job.key)
+    _facts: tuple[int, Path, int, str] = (_one.index, _one.path, _one.bytes, _one.sha256)
+    _downloads = DownloadPolicy(deadline=60.0, min_rate=None, max_bytes=8 << 20)
     async with JournalFile("jobs.sqlite") as journal:
         _listed: list[JournalEntry] = await journal.entries("uncertain", tag="m1")
         _forgotten: int = await journal.forget(row.id for row in _listed)
@@ -53,6 +61,10 @@ async def wrong_uses(client: WujieClient, job: ImageJob) -> None:
     job.status = JobStatus.SUCCEEDED  # type: ignore[misc]
     job.succeed(4)  # type: ignore[attr-defined]
     PollPolicy(min_interval="fast")  # type: ignore[arg-type]
+    await job.save("out", "{key}.{ext}")  # type: ignore[call-arg]
+    await client.download("https://cdn.example/a.png", "a.png")  # type: ignore[arg-type]
+    DownloadPolicy(deadline="soon")  # type: ignore[arg-type]
+    WujieClient(allow_private_addresses="yes")  # type: ignore[arg-type]
     async with JournalFile("jobs.sqlite") as journal:
         await journal.forget(["1"])  # type: ignore[list-item]
         await journal.record_intent("/x", {})  # type: ignore[attr-defined]

@@ -18,8 +18,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .. import ImageJob, JobError, ProtocolError, WujieClient
-from .._download import Downloader
+from .. import ImageJob, JobError, WujieClient
+from .._file_names import render_name
 from ._input import BulkItem
 from ._outcome import (
     LineOutcome,
@@ -83,7 +83,8 @@ class BulkRun:
         collect: list[tuple[Row, ImageJob]],
         settled: list[LineOutcome],
         manifest: Manifest,
-        downloader: Downloader,
+        out: Path,
+        name: str,
         display: Display,
         already_saved: dict[str, set[int]],
         job_timeout: float | None = None,
@@ -93,7 +94,8 @@ class BulkRun:
         self._send = send
         self._collect = collect
         self._manifest = manifest
-        self._downloader = downloader
+        self._out = out
+        self._name = name
         self._display = display
         self._already_saved = already_saved
         self._job_timeout = job_timeout
@@ -108,6 +110,7 @@ class BulkRun:
         self._queue: collections.deque[Row] = collections.deque()
         self._on_the_wire: dict[int, Row] = {}
         self._charged: set[str] = set()  # keys whose points a manifest row carries already
+        self._downloads: collections.Counter[int] = collections.Counter()  # per row, now
         for number, outcome in enumerate(settled):
             self._tally.settle(-1 - number, outcome.status)
 
@@ -242,14 +245,15 @@ class BulkRun:
     async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
         image = await job.image(index)
         line = row.line or None  # rows resumed from an id-only tag have no line number
-        if image.url is not None:
-            saved = await self._downloader.save(image.url, job.key, index, id=row.row_id, line=line)
-        elif image.b64_json is not None:
-            saved = await self._downloader.save_b64(
-                image.b64_json, job.key, index, id=row.row_id, line=line
-            )
-        else:
-            raise ProtocolError(f"image {index} has neither a URL nor b64_json")
+        # The client's downloader fills in {ext} once it has seen the image's bytes.
+        name = render_name(
+            self._name, key=job.key, index=index, ext="{ext}", id=row.row_id, line=line
+        )
+        self._downloading(row, +1)
+        try:
+            saved = await self._client.download(image, self._out / name, key=job.key)
+        finally:
+            self._downloading(row, -1)
         record = base_record("saved", row.line, row.row_id, row.body, row.tag)
         record |= {
             "key": job.key,
@@ -269,6 +273,17 @@ class BulkRun:
         self._tally.images += 1
         self.result.saved_paths.append(saved.path)
         self._display.refresh()
+
+    def _downloading(self, row: Row, change: int) -> None:
+        """A download of the row's starts (+1) or ends (-1): the row shows ``saving`` while
+        one runs, ``generating`` between them (its job may still be making images)."""
+        downloads = self._downloads
+        downloads[id(row)] += change
+        if downloads[id(row)] <= 0:
+            del downloads[id(row)]
+            self._move(row, "generating")
+        elif change > 0 and downloads[id(row)] == 1:
+            self._move(row, "saving")
 
     def _end(
         self,
@@ -298,7 +313,12 @@ class BulkRun:
 
 
 # The library's option names in its messages, as the command line spells them.
-_FLAG_NAMES = (("allow_private", "--allow-private-addresses"), ("allow_http", "--allow-http"))
+_FLAG_NAMES = (
+    ("allow_private_addresses=True", "--allow-private-addresses"),
+    ("allow_http=True", "--allow-http"),
+    ("DownloadPolicy.deadline", "--download-timeout"),
+    ("DownloadPolicy.min_rate", "--min-download-rate"),
+)
 
 
 def _describe(exc: BaseException) -> str:

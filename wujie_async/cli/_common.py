@@ -9,10 +9,9 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Final
 
-from .. import Credentials, InvalidRequestError, Limits, PollPolicy, WujieClient
-from .._download import Downloader
+from .. import Credentials, DownloadPolicy, InvalidRequestError, Limits, PollPolicy, WujieClient
 from .._env import Environment
-from .._file_names import DEFAULT_NAME, PlannedJob, check_planned_names, check_template
+from .._file_names import PlannedJob, check_planned_names, check_template
 from ..emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
 
 EXIT_OK: Final = 0
@@ -82,13 +81,19 @@ def check_names(template: str, jobs: list[PlannedJob], *, taken: Iterable[str] =
         ) from None
 
 
-def downloader(args: argparse.Namespace, out: Path) -> Downloader:
-    """The image downloader the flags ask for (use it in ``async with``)."""
-    return Downloader(
-        out,
-        allow_http=args.allow_http,
-        allow_private=args.allow_private_addresses,
-        name=getattr(args, "name", None) or DEFAULT_NAME,
+# The defaults of the download flags: the library's.
+DOWNLOAD_DEFAULTS: Final = DownloadPolicy()
+
+
+def download_policy(args: argparse.Namespace) -> DownloadPolicy:
+    """How the flags ask for images to be downloaded (``--download-timeout``,
+    ``--min-download-rate``, ``--allow-http``); the client's one downloader follows it."""
+    min_rate = getattr(args, "min_download_rate", None)
+    return dataclasses.replace(
+        DOWNLOAD_DEFAULTS,
+        deadline=getattr(args, "download_timeout", None) or DOWNLOAD_DEFAULTS.deadline,
+        min_rate=DOWNLOAD_DEFAULTS.min_rate if min_rate is None else (min_rate or None),
+        allow_http=bool(getattr(args, "allow_http", False)),
     )
 
 
@@ -151,6 +156,8 @@ async def open_client(
                 limits=limits,
                 journal=journal,
                 poll=emulator_poll_policy(config.time_scale),
+                downloads=download_policy(args),
+                allow_private_addresses=bool(getattr(args, "allow_private_addresses", False)),
             )
             async with client:
                 yield client
@@ -163,6 +170,8 @@ async def open_client(
             limits=limits,
             journal=journal,
             allow_insecure_http=args.allow_http,
+            downloads=download_policy(args),
+            allow_private_addresses=bool(getattr(args, "allow_private_addresses", False)),
         )
     except InvalidRequestError as exc:
         rule = exc.rule.replace("pass allow_insecure_http=True", "add --allow-http")

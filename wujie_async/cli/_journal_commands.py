@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import JournalEntry, JournalFile, Limits
+from .._file_names import DEFAULT_NAME
 from .._journal import ALL_STATES
 from .._keys import is_job_key
 from .._models import GenerationRequest
@@ -30,7 +31,6 @@ from ._common import (
     EXIT_OK,
     EXIT_TERMINATED,
     UsageError,
-    downloader,
     open_client,
 )
 from ._outcome import Manifest, clean, read_manifest, run_source, saved_indexes
@@ -234,27 +234,27 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         )
         stop = anyio.Event()
         with handle:
-            async with downloader(args, args.out) as images:
-                run = BulkRun(
-                    client,
-                    send=rows,
-                    collect=[],
-                    settled=[],
-                    manifest=Manifest(handle, source=run_source(records, "resend")),
-                    downloader=images,
-                    display=display,
-                    already_saved=saved_indexes(records),
-                    job_timeout=args.job_timeout,
-                    stop=stop,
-                )
-                with stopping_on_signals(stop, console) as signals:
-                    try:
-                        result = await run.run()
-                    except asyncio.CancelledError:
-                        if not signals.quit_now.is_set():
-                            raise
-                        uncancel()  # our own second signal: close normally, then report
-                        result = run.interrupted_at_once()
+            run = BulkRun(
+                client,
+                send=rows,
+                collect=[],
+                settled=[],
+                manifest=Manifest(handle, source=run_source(records, "resend")),
+                out=args.out,
+                name=getattr(args, "name", None) or DEFAULT_NAME,
+                display=display,
+                already_saved=saved_indexes(records),
+                job_timeout=args.job_timeout,
+                stop=stop,
+            )
+            with stopping_on_signals(stop, console) as signals:
+                try:
+                    result = await run.run()
+                except asyncio.CancelledError:
+                    if not signals.quit_now.is_set():
+                        raise
+                    uncancel()  # our own second signal: close normally, then report
+                    result = run.interrupted_at_once()
         # The old rows are superseded by the new submits; rows not sent stay as they were.
         sent = {o.row_id or o.line for o in result.outcomes if o.status != "not_sent"}
         await client.forget_submits(

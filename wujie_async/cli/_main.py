@@ -27,6 +27,7 @@ from .._models import GenerationRequest
 from .._telemetry import log_level, show_log
 from . import _journal_commands
 from ._common import (
+    DOWNLOAD_DEFAULTS,
     EXIT_BUSY,
     EXIT_FAILED,
     EXIT_INTERNAL,
@@ -124,8 +125,10 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allow-private-addresses",
         action="store_true",
-        help="allow image downloads from private, link-local and reserved addresses "
-        "(refused by default: an image URL must not reach your internal network)",
+        help="allow image downloads from loopback, private, link-local and reserved addresses "
+        "(by default an image URL may point at loopback only when the gateway is on loopback, "
+        "as --emulator's is, and at a private address only when the gateway is on one: a "
+        "gateway must not reach services on your machine or network)",
     )
 
 
@@ -151,6 +154,23 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--job-timeout", type=float, default=None, help="seconds a job may take (default 900)"
+    )
+    parser.add_argument(
+        "--download-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds one image may take to download and save, retries included "
+        f"(default {DOWNLOAD_DEFAULTS.deadline:g})",
+    )
+    parser.add_argument(
+        "--min-download-rate",
+        type=float,
+        default=None,
+        metavar="BYTES_PER_S",
+        help=f"an image server sending less than this over {DOWNLOAD_DEFAULTS.rate_window:g} s "
+        f"is too slow (the try fails, retries are bounded); 0 turns it off "
+        f"(default {DOWNLOAD_DEFAULTS.min_rate:g})",
     )
 
 
@@ -377,6 +397,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--max-in-flight", "max_in_flight"),
         ("--progress-interval", "progress_interval"),
         ("--emulator-time-scale", "emulator_time_scale"),
+        ("--download-timeout", "download_timeout"),
     ):
         value = getattr(args, dest, None)
         if value is not None and not value > 0:
@@ -384,6 +405,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
     points = getattr(args, "max_points", None)
     if points is not None and not points >= 0:
         raise UsageError("--max-points must be a number >= 0")
+    min_rate = getattr(args, "min_download_rate", None)
+    if min_rate is not None and not min_rate >= 0:
+        raise UsageError("--min-download-rate must be a number >= 0 (0 turns the check off)")
 
 
 def _planned(item: BulkItem) -> PlannedJob:

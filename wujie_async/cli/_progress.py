@@ -1,7 +1,9 @@
 """Progress of a bulk run that reads anywhere: a live bar on a terminal, plain lines in a log.
 
 Counts are of input lines, each in exactly one state at a time (queued, submitting, generating,
-saved, failed); a line moves between states, so no count can go negative.
+saving, saved, failed, ...); a line moves between states, so no count can go negative. A line
+is ``saving`` while one of its images is being downloaded, so a slow image server shows as such
+rather than as a slow job.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LineState = Literal[
     "queued",
     "submitting",
     "generating",
+    "saving",
     "saved",
     "failed",
     "moderated",
@@ -87,6 +90,7 @@ class Tally:
         parts = [
             f"queued {states['queued'] + states['submitting']}",
             f"generating {states['generating']}",
+            f"saving {states['saving']}",
             f"saved {states['saved']}",
         ]
         parts += [f"{name} {states[name]}" for name in ENDED[1:] if states[name]]

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
+from .._file_names import DEFAULT_NAME
 from ._bulk import BulkResult, BulkRun, Row
 from ._common import (
     EXIT_FAILED,
@@ -33,7 +34,6 @@ from ._common import (
     EXIT_SYSTEMIC,
     EXIT_TERMINATED,
     UsageError,
-    downloader,
     open_client,
 )
 from ._input import BulkItem
@@ -433,29 +433,29 @@ class Session:
                 functools.partial(manifest_path.open, "a", encoding="utf-8")
             )
             with handle:
-                async with downloader(args, out) as images:
-                    run = BulkRun(
-                        client,
-                        send=plan.send,
-                        collect=plan.collect,
-                        settled=plan.settled,
-                        manifest=Manifest(handle, source=source),
-                        downloader=images,
-                        display=display,
-                        already_saved=saved_indexes(records),
-                        job_timeout=args.job_timeout,
-                        stop=stop,
-                    )
-                    with stopping_on_signals(stop, self.console) as signals:
-                        try:
-                            self.result = await run.run()
-                        except asyncio.CancelledError:
-                            if not signals.quit_now.is_set():
-                                raise
-                            # Our own second signal: close everything normally, then report.
-                            uncancel()
-                            self.result = run.interrupted_at_once()
-                    self.terminated = signals.terminated
+                run = BulkRun(
+                    client,
+                    send=plan.send,
+                    collect=plan.collect,
+                    settled=plan.settled,
+                    manifest=Manifest(handle, source=source),
+                    out=out,
+                    name=getattr(args, "name", None) or DEFAULT_NAME,
+                    display=display,
+                    already_saved=saved_indexes(records),
+                    job_timeout=args.job_timeout,
+                    stop=stop,
+                )
+                with stopping_on_signals(stop, self.console) as signals:
+                    try:
+                        self.result = await run.run()
+                    except asyncio.CancelledError:
+                        if not signals.quit_now.is_set():
+                            raise
+                        # Our own second signal: close everything normally, then report.
+                        uncancel()
+                        self.result = run.interrupted_at_once()
+                self.terminated = signals.terminated
             self.points = client.stats.points_charged
         return self.finish(total)
 

@@ -1,0 +1,68 @@
+"""Files that appear under their final name complete or not at all.
+
+Bytes go to a new hidden temporary file in the destination folder (``O_EXCL``, never through
+a link, with the user's umask), which is flushed, fsynced, closed and then renamed over the
+final name; the folder is fsynced so the rename itself survives a crash. On any failure the
+temporary file is removed. Every function here blocks: call them on a worker thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import IO
+
+
+def open_temp(folder: Path, stem: str) -> tuple[IO[bytes], Path]:
+    """A new temporary file in ``folder`` (created if missing), open for writing."""
+    # O_EXCL + O_NOFOLLOW: a new file, never through a link; mode 0o666 & ~umask, like the
+    # manifest (mkstemp would force 0600).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    flags |= getattr(os, "O_CLOEXEC", 0)
+    temp = folder / f".{stem}.{secrets.token_hex(6)}.part"
+    try:
+        fd = os.open(temp, flags, 0o666)
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(temp, flags, 0o666)
+    return os.fdopen(fd, "wb"), temp
+
+
+def commit(handle: IO[bytes], temp: Path, path: Path) -> None:
+    """Make the temporary file durable, then give it its final name."""
+    handle.flush()
+    os.fsync(handle.fileno())
+    handle.close()
+    os.replace(temp, path)
+    _sync_folder(path.parent)
+
+
+def discard(handle: IO[bytes], temp: Path) -> None:
+    """Close and remove a temporary file (whatever state it is in)."""
+    with contextlib.suppress(OSError):
+        handle.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(temp)
+
+
+def write_whole(data: bytes, path: Path) -> None:
+    """Write ``data`` as the file ``path``, through a temporary file."""
+    handle, temp = open_temp(path.parent, "wujie")
+    try:
+        handle.write(data)
+        commit(handle, temp, path)
+    except BaseException:
+        discard(handle, temp)
+        raise
+
+
+def _sync_folder(folder: Path) -> None:
+    # The rename is durable once the folder's entry is on disk too.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
