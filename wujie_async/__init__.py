@@ -41,6 +41,7 @@ from ._journal import JournalEntry, JournalLockedError
 from ._journal_file import JournalFile
 from ._models import GeneratedImage, ImageResult
 from ._request_fields import EditFields, GenerationFields
+from ._stats import FleetStats
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "Credentials",
     "EditFields",
     "EndpointNotFoundError",
+    "FleetStats",
     "GeneratedImage",
     "GenerationFields",
     "ImageJob",

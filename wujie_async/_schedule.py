@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._config import PollPolicy
-from ._rules import KNOWN_MODELS
 
 # Until this many ended jobs are seen, the prior window below holds.
 _MIN_SAMPLES = 8
@@ -54,16 +53,12 @@ _SPANS_KEPT = 32
 _SAME_SPAN_SHARE = 0.02
 # Two alike are enough to suspect a typical figure. The error is cheap one way (a few extra
 # steps until a differing estimate shows they are per job) and dear the other (an early end
-# seen only at the predicted end: a member of a fleet, learning from its own trickle, would
-# see its first several jobs that late).
+# seen only at the predicted end: a schedule with a trickle of jobs would see its first
+# several jobs that late).
 _SAME_SPANS_MIN = 2
-# Relative errors are kept within these bounds (ERROR_BOUNDS: what another member may send).
+# Relative errors are kept within these bounds: one outlier must not set the scale.
 _ERROR_FLOOR = -1.0
 _ERROR_CEILING = 10.0
-ERROR_BOUNDS = (_ERROR_FLOOR, _ERROR_CEILING)
-# Models outside KNOWN_MODELS learned about from other members' lessons, at most: lessons come
-# from other processes, and memory stays bounded whatever they send.
-_OTHER_MODELS_KEPT = 64
 
 
 class _Quantiles:
@@ -88,27 +83,6 @@ class _Quantiles:
     def quantile(self, q: float) -> float:
         data = self._sorted
         return data[min(len(data) - 1, max(0, round(q * (len(data) - 1))))]
-
-
-@dataclass(frozen=True, slots=True)
-class Lesson:
-    """What one job taught a schedule, in a form another schedule can learn too.
-
-    A fleet's members share these, so each member's schedule learns from every member's
-    jobs: a member with a trickle of jobs learns as fast as the fleet does.
-
-    Attributes:
-        model: the job's model (None: not known).
-        span: the duration its first estimate predicted (a job's first report), else None.
-        duration: how long it ran, submit to end (a job that ended), else None.
-        error: how far its end fell from the predicted end, relative to ``span`` (a job that
-            ended with a usable estimate), else None.
-    """
-
-    model: str | None
-    span: float | None = None
-    duration: float | None = None
-    error: float | None = None
 
 
 @dataclass(slots=True)
@@ -141,25 +115,18 @@ class PollSchedule:
     __slots__ = (
         "_durations",
         "_errors",
-        "_models",
-        "_other_models",
         "_policy",
         "_spans",
         "_windows",
         "generation",
-        "on_lesson",
     )
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
-        # Told every lesson learned from this schedule's own jobs (a fleet shares them).
-        self.on_lesson: Callable[[Lesson], None] | None = None
         self._errors: dict[str | None, _Quantiles] = {}
         self._durations: dict[str | None, _Quantiles] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
-        self._models: set[str | None] = set()
-        self._other_models = 0
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -201,43 +168,11 @@ class PollSchedule:
         if timing.predicted_end is not None and timing.predicted_span and timing.estimate_live:
             error = (end - timing.predicted_end) / timing.predicted_span
             error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
-        self._teach(Lesson(timing.model, duration=end - timing.created_at, error=error))
-
-    def learn(self, lesson: Lesson) -> None:
-        """Learn another member's ``lesson``, as if its job had been one of this schedule's.
-
-        Lessons about a model this schedule has not seen, outside :data:`KNOWN_MODELS`, are
-        dropped once ``_OTHER_MODELS_KEPT`` such models are known: they come from other
-        processes, and memory stays bounded whatever those send.
-        """
-        model = lesson.model
-        if model not in self._models and model not in KNOWN_MODELS:
-            if self._other_models >= _OTHER_MODELS_KEPT:
-                return
-            self._other_models += 1
-        self._apply(lesson)
-
-    def _teach(self, lesson: Lesson) -> None:
-        """Learn from one of this schedule's own jobs, and tell ``on_lesson``."""
-        self._apply(lesson)
-        if self.on_lesson is not None:
-            self.on_lesson(lesson)
-
-    def _apply(self, lesson: Lesson) -> None:
-        model = lesson.model
-        self._models.add(model)
-        if lesson.span is not None:
-            spans = self._spans.get(model)
-            if spans is None:
-                spans = self._spans[model] = deque(maxlen=_SPANS_KEPT)
-            spans.append(lesson.span)
-        if lesson.duration is not None:
-            self._sample(self._durations, model).add(lesson.duration)
-        if lesson.error is not None:
+        model = timing.model
+        self._sample(self._durations, model).add(end - timing.created_at)
+        if error is not None:
             before = self.window(model)
-            self._sample(self._errors, model).add(
-                max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
-            )
+            self._sample(self._errors, model).add(error)
             self._windows.pop(model, None)
             if self.window(model)[0] < before[0] - 0.02:
                 self.generation += 1
@@ -269,7 +204,10 @@ class PollSchedule:
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
-                self._teach(Lesson(timing.model, span=timing.predicted_span))
+                spans = self._spans.get(timing.model)
+                if spans is None:
+                    spans = self._spans[timing.model] = deque(maxlen=_SPANS_KEPT)
+                spans.append(timing.predicted_span)
             elif timing.last_ask is not None:
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it
                 # forward by the time between reports.

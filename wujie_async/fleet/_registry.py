@@ -1,247 +1,275 @@
-"""KeyRegistry: the fleet's outstanding job keys, their owners and when each is next due.
+"""KeyRegistry: the fleet's outstanding job keys, whose they are, and what the leader needs to
+know to poll them. Members write it; a shard's leader reads it.
 
-Per shard (keys are split by CRC-32 of the job key), a sorted set maps job key -> due time
-(Redis server time, ms) and a hash maps job key -> owning member, under the shard's hash tag.
-Members register their keys with a delay; the shard's leader takes the due keys of every
-member in one fenced script (the lease key must still hold the leader's ``"<member>|<token>"``)
-that also pushes each taken key ``hold`` seconds into the future, so a key in flight is not
-taken twice and comes back by itself if the leader dies mid-poll. After the poll the leader
-reschedules unfinished keys (fenced too; ``XX`` so a key finished meanwhile is not revived)
-and removes finished ones.
+Per shard (keys are split by CRC-32 of the job key), under the shard's hash tag:
+
+- a hash, job key -> record: JSON ``{"m": model, "f": first delay or null, "a": submit time,
+  "d": deadline (Redis time, ms), "o": [owners]}``. A key has several owners when more than one
+  member follows it (a member that claimed a dead member's job, and that member alive after
+  all): the leader reports to each.
+- a log (a stream): one entry per change, naming the key. A new leader loads the hash and the
+  log's last id in one atomic script, then follows the log from there (a cursor: no change is
+  missed, none is lost to a wake-up) and reads each changed key's record again. The log keeps
+  the last ``max(60 s, 3 x lease_seconds)``: a leader that read nothing for longer has lost its
+  lease, and loads afresh when it leads again.
+
+A leader that sees a key end removes its record, unless the record changed meanwhile (another
+member registered it): ``drop`` compares first.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeGuard
 
-from ._errors import LeaseLostError
-from ._keys import shard_of
+from ._keys import FleetKeys, shard_of
+from ._redis import RedisLink, stream_entries
 
-if TYPE_CHECKING:
-    from ._fleet import RedisFleet
-
-_NOW_MS = """
+_NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function changed(key)
+  redis.call('XADD', KEYS[2], 'MINID', '~', now - tonumber(ARGV[1]), '*', 'k', key)
+end
+local function record(key)
+  local ok, found = pcall(cjson.decode, redis.call('HGET', KEYS[1], key) or '')
+  if ok and type(found) == 'table' and type(found.o) == 'table' and type(found.a) == 'number'
+  then return found end
+end
 """
 
-# KEYS: due, owners. ARGV: member, only_new (0/1), key1, delay1_ms, key2, delay2_ms, ...
-# With only_new, keys already registered (or taken into a poll) are left as they are.
+# KEYS: hash, log. ARGV: log_ms, member, then per key: key, model, first_delay, age_ms,
+# deadline_in_ms ('' = none). A registered key gains an owner and keeps its record; a new (or
+# unreadable) one gets a new record.
 _REGISTER = (
-    _NOW_MS
+    _NOW
     + """
-local n = 0
-for i = 3, #ARGV, 2 do
-  if ARGV[2] == '0' or not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[i + 1]), ARGV[i])
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
-    n = n + 1
+for i = 3, #ARGV, 5 do
+  local key, found = ARGV[i], record(ARGV[i])
+  if found then
+    local mine = false
+    for _, owner in ipairs(found.o) do mine = mine or owner == ARGV[2] end
+    if not mine then table.insert(found.o, ARGV[2]) end
+    found.d = math.max(tonumber(found.d) or 0, now + tonumber(ARGV[i + 4]))
+  else
+    found = {m = ARGV[i + 1], f = tonumber(ARGV[i + 2]) or cjson.null,
+             a = now - tonumber(ARGV[i + 3]), d = now + tonumber(ARGV[i + 4]), o = {ARGV[2]}}
+  end
+  redis.call('HSET', KEYS[1], key, cjson.encode(found))
+  changed(key)
+end
+return 1
+"""
+)
+
+# KEYS: hash, log. ARGV: log_ms, member, key1, key2, ... This member no longer follows them.
+_UNREGISTER = (
+    _NOW
+    + """
+for i = 3, #ARGV do
+  local found = record(ARGV[i])
+  if found then
+    local kept = {}
+    for _, owner in ipairs(found.o) do
+      if owner ~= ARGV[2] then table.insert(kept, owner) end
+    end
+    if #kept == 0 then redis.call('HDEL', KEYS[1], ARGV[i]) elseif #kept < #found.o then
+      found.o = kept
+      redis.call('HSET', KEYS[1], ARGV[i], cjson.encode(found))
+    end
+    if #kept < #found.o then changed(ARGV[i]) end
   end
 end
-return n
+return 1
 """
 )
 
-# KEYS: due, owners. ARGV: key1, key2, ...
-_REMOVE = """
-for i = 1, #ARGV do
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i])
-end
-return #ARGV
-"""
-
-# KEYS: lease, due, owners. ARGV: fence, limit, hold_ms, fill_ms, call_size.
-# Takes the due keys (at most limit), then tops the last call up to call_size with keys due
-# within fill_ms (fuller calls, not more of them: the local poller's rule, fleet-wide).
-# Reply: {0} when the fence is stale, else {1, next_due_in_ms or -1, full_due_in_ms or -1,
-# key1, owner1, ...}: full_due_in is when call_size keys will be due (-1: fewer registered).
-_TAKE_DUE = (
-    _NOW_MS
-    + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {0} end
-local limit, size = tonumber(ARGV[2]), tonumber(ARGV[5])
-local keys = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, limit)
-local room = (size - #keys % size) % size
-if #keys > 0 and room > 0 and tonumber(ARGV[4]) > 0 then
-  local more = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, now + tonumber(ARGV[4]),
-                          'LIMIT', 0, room)
-  for _, key in ipairs(more) do keys[#keys + 1] = key end
-end
-local reply = {1, -1, -1}
-for _, key in ipairs(keys) do
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), key)
-  reply[#reply + 1] = key
-  reply[#reply + 1] = redis.call('HGET', KEYS[3], key) or ''
-end
-local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-if #first > 0 then reply[2] = math.max(0, tonumber(first[2]) - now) end
-local full = redis.call('ZRANGE', KEYS[2], size - 1, size - 1, 'WITHSCORES')
-if #full > 0 then reply[3] = math.max(0, tonumber(full[2]) - now) end
+# KEYS: hash, log. Reply: {now_ms, last log id, key1, record1, ...}.
+_LOAD = """
+local t = redis.call('TIME')
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local reply = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), '0-0'}
+if #last > 0 then reply[2] = last[1][1] end
+for _, item in ipairs(redis.call('HGETALL', KEYS[1])) do reply[#reply + 1] = item end
 return reply
 """
-)
 
-# KEYS: lease, due. ARGV: fence, key1, delay1_ms, ... Reply: -1 stale fence, else how many.
-_RESCHEDULE = (
-    _NOW_MS
-    + """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
-local n = 0
-for i = 2, #ARGV, 2 do
-  n = n + redis.call('ZADD', KEYS[2], 'XX', 'CH', now + tonumber(ARGV[i + 1]), ARGV[i])
+# KEYS: hash. ARGV: key1, key2, ... Reply: {now_ms, record1 or false, ...}.
+_READ = """
+local t = redis.call('TIME')
+local reply = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for i = 1, #ARGV do reply[#reply + 1] = redis.call('HGET', KEYS[1], ARGV[i]) end
+return reply
+"""
+
+# KEYS: hash. ARGV: key1, record1, ... Deletes each record still as it was read.
+_DROP = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
 end
-return n
+return 1
 """
-)
 
-# KEYS: due. Reply: ms until the earliest due key (0 if overdue), -1 when empty.
-_NEXT_DUE = (
-    _NOW_MS
-    + """
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #first == 0 then return -1 end
-return math.max(0, tonumber(first[2]) - now)
-"""
-)
+_MODEL_CHARS = 100
+_MAX_OWNERS = 64
 
 
 @dataclass(frozen=True, slots=True)
-class DueKey:
-    """A key the leader should poll now.
+class Registration:
+    """A key a member follows, as it tells the fleet.
 
     Attributes:
-        job_key: the gateway's key.
-        owner: the member whose job it is (its reports go to that member's stream).
+        key: the job key.
+        model: the request's model, when known (the schedule learns per model).
+        first_delay: seconds from now to the first ask (None: the leader's policy, from the
+            submit).
+        age: seconds since the job was submitted (or attached) here.
+        deadline_in: seconds until the job's deadline.
     """
 
-    job_key: str
-    owner: str
+    key: str
+    model: str | None
+    first_delay: float | None
+    age: float
+    deadline_in: float
 
 
 @dataclass(frozen=True, slots=True)
-class DueBatch:
-    """What :meth:`KeyRegistry.take_due` took.
+class KeyRecord:
+    """A registered key, as a leader reads it (``age`` and ``deadline_in`` as of the read).
 
     Attributes:
-        keys: the due keys, at most ``limit``.
-        next_due_in: seconds until the next key of the shard is due (None: the shard is empty).
-        full_due_in: seconds until ``call_size`` keys of the shard are due, enough for a full
-            call (None: fewer are registered).
+        key: the job key.
+        raw: the record as stored (to remove it only if it did not change).
+        model: the model, when known.
+        first_delay: seconds from the submit to the first ask (None: the leader's policy).
+        age: seconds since the submit.
+        deadline_in: seconds until the latest owner's deadline.
+        owners: the members that follow it.
     """
 
-    keys: list[DueKey]
-    next_due_in: float | None
-    full_due_in: float | None = None
+    key: str
+    raw: str
+    model: str | None
+    first_delay: float | None
+    age: float
+    deadline_in: float
+    owners: tuple[str, ...]
 
 
 class KeyRegistry:
     """The fleet's outstanding keys by shard (see the module docstring)."""
 
-    def __init__(self, fleet: RedisFleet) -> None:
-        self._fleet = fleet
-        self._shards = fleet.config.shards
-        self._register = fleet.script(_REGISTER)
-        self._remove = fleet.script(_REMOVE)
-        self._take = fleet.script(_TAKE_DUE)
-        self._reschedule = fleet.script(_RESCHEDULE)
-        self._next_due = fleet.script(_NEXT_DUE)
+    def __init__(
+        self, redis: RedisLink, keys: FleetKeys, *, shards: int, lease_seconds: float
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._shards = shards
+        self._log_ms = round(max(60.0, 3 * lease_seconds) * 1000)
+        self._register = redis.script(_REGISTER)
+        self._unregister = redis.script(_UNREGISTER)
+        self._load = redis.script(_LOAD)
+        self._read = redis.script(_READ)
+        self._drop = redis.script(_DROP)
 
     def shard_of(self, job_key: str) -> int:
         """The shard of ``job_key``."""
         return shard_of(job_key, self._shards)
 
-    def _by_shard(self, keys: Iterable[str]) -> dict[int, list[str]]:
-        groups: dict[int, list[str]] = defaultdict(list)
-        for key in keys:
-            groups[self.shard_of(key)].append(key)
-        return groups
+    def _where(self, shard: int) -> tuple[str, str]:
+        return self._keys.registry(shard), self._keys.registry_log(shard)
 
-    async def register(
-        self, member: str, due_in: Mapping[str, float], *, only_new: bool = False
-    ) -> None:
-        """Register ``member``'s keys, each due ``due_in[key]`` seconds from now.
+    async def register(self, member: str, registrations: Iterable[Registration]) -> None:
+        """Make ``member`` an owner of each key (registering the ones not registered yet)."""
+        by_shard: dict[int, list[str | float]] = defaultdict(list)
+        for r in registrations:
+            first = "" if r.first_delay is None else max(0.0, r.first_delay)
+            by_shard[self.shard_of(r.key)] += [
+                r.key, r.model or "", first, round(max(0.0, r.age) * 1000),
+                round(max(0.0, r.deadline_in) * 1000),
+            ]  # fmt: skip
+        for shard, args in by_shard.items():
+            await self._register(self._where(shard), (self._log_ms, member, *args))
 
-        Registering a key again moves its due time and makes ``member`` its owner (a member
-        that claimed a dead member's job does this). With ``only_new``, keys already in the
-        registry are left alone (a member making sure none of its keys was lost).
-        """
-        keys = self._fleet.keys
-        for shard, group in self._by_shard(due_in).items():
-            args: list[str | int] = [member, int(only_new)]
-            for key in group:
-                args += [key, max(0, round(due_in[key] * 1000))]
-            await self._register((keys.due(shard), keys.owners(shard)), args)
+    async def unregister(self, member: str, job_keys: Iterable[str]) -> None:
+        """``member`` no longer follows these keys (a key nobody follows is removed)."""
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for key in job_keys:
+            by_shard[self.shard_of(key)].append(key)
+        for shard, keys in by_shard.items():
+            await self._unregister(self._where(shard), (self._log_ms, member, *keys))
 
-    async def remove(self, job_keys: Iterable[str]) -> None:
-        """Forget keys (finished, or cancelled by their owner). Idempotent."""
-        keys = self._fleet.keys
-        for shard, group in self._by_shard(job_keys).items():
-            await self._remove((keys.due(shard), keys.owners(shard)), group)
+    async def load(self, shard: int) -> tuple[str, list[KeyRecord]]:
+        """Every record of ``shard`` and the log's cursor, at one instant."""
+        reply = await self._load(self._where(shard), ())
+        now, cursor, flat = int(reply[0]), str(reply[1]), reply[2:]
+        found = (_record(flat[i], flat[i + 1], now) for i in range(0, len(flat) - 1, 2))
+        return cursor, [record for record in found if record is not None]
 
-    async def take_due(
-        self,
-        shard: int,
-        fence: str,
-        *,
-        limit: int,
-        hold: float,
-        fill_horizon: float = 0.0,
-        call_size: int = 50,
-    ) -> DueBatch:
-        """As the shard's leader, take up to ``limit`` due keys of every member.
-
-        Each taken key is pushed ``hold`` seconds ahead (a poll in flight); reschedule or
-        remove it when the poll is done. When some keys are due, the last call of
-        ``call_size`` keys is topped up with keys due within ``fill_horizon`` seconds.
-
-        Raises:
-            LeaseLostError: ``fence`` is not the shard's lease any more (nothing was taken).
-        """
-        keys = self._fleet.keys
-        reply = await self._take(
-            (keys.lease(shard), keys.due(shard), keys.owners(shard)),
-            (fence, limit, max(1, round(hold * 1000)), round(fill_horizon * 1000), call_size),
+    async def changes(
+        self, shard: int, cursor: str, wait: float
+    ) -> tuple[str, dict[str, KeyRecord | None]]:
+        """The keys changed after ``cursor`` (waiting up to ``wait`` s for one), each with its
+        record now (None: no longer registered, or unreadable), and the cursor after them."""
+        log = self._keys.registry_log(shard)
+        reply: Any = await self._redis.call(
+            lambda r: r.xread({log: cursor}, count=1000, block=max(1, round(wait * 1000))),
+            extra_wait=wait,
         )
-        if int(reply[0]) == 0:
-            raise LeaseLostError(f"shard {shard}: fence {fence!r} is stale", shard=shard)
-        next_due, full_due = int(reply[1]), int(reply[2])
-        flat = reply[3:]
-        taken = [DueKey(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-        return DueBatch(
-            taken,
-            None if next_due < 0 else next_due / 1000,
-            None if full_due < 0 else full_due / 1000,
-        )
+        keys: list[str] = []
+        for entry_id, fields in stream_entries(reply):
+            cursor = entry_id
+            key = fields.get("k") if isinstance(fields, dict) else None
+            if isinstance(key, str) and key not in keys:
+                keys.append(key)
+        if not keys:
+            return cursor, {}
+        read = await self._read(self._where(shard)[:1], keys)
+        now = int(read[0])
+        return cursor, {
+            key: _record(key, raw, now) for key, raw in zip(keys, read[1:], strict=True)
+        }
 
-    async def reschedule(self, shard: int, fence: str, due_in: Mapping[str, float]) -> int:
-        """As the shard's leader, set the next due time of keys still registered.
+    async def drop(self, shard: int, records: Sequence[KeyRecord]) -> None:
+        """Remove these records, each only if it is still as it was read."""
+        args = [item for record in records for item in (record.key, record.raw)]
+        if args:
+            await self._drop(self._where(shard)[:1], args)
 
-        Returns:
-            How many keys were moved (keys removed meanwhile are not revived).
 
-        Raises:
-            LeaseLostError: ``fence`` is not the shard's lease any more (nothing was changed).
-        """
-        keys = self._fleet.keys
-        args: list[str | int] = [fence]
-        for key, delay in due_in.items():
-            args += [key, max(0, round(delay * 1000))]
-        moved = int(await self._reschedule((keys.lease(shard), keys.due(shard)), args))
-        if moved < 0:
-            raise LeaseLostError(f"shard {shard}: fence {fence!r} is stale", shard=shard)
-        return moved
+def _record(key: Any, raw: Any, now_ms: int) -> KeyRecord | None:
+    """A record read from Redis, checked (another process's writes): None when unusable."""
+    if not isinstance(key, str) or not isinstance(raw, str):
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    model, first, born, deadline, owners = (data.get(f) for f in ("m", "f", "a", "d", "o"))
+    if not (_number(born) and _number(deadline) and isinstance(owners, list)):
+        return None
+    owned = tuple(o for o in owners[:_MAX_OWNERS] if isinstance(o, str))
+    if not owned:
+        return None
+    return KeyRecord(
+        key=key,
+        raw=raw,
+        model=model[:_MODEL_CHARS] if isinstance(model, str) and model else None,
+        first_delay=float(first) if _number(first) else None,
+        age=max(0.0, (now_ms - born) / 1000),
+        deadline_in=(deadline - now_ms) / 1000,
+        owners=owned,
+    )
 
-    async def next_due_in(self, shard: int) -> float | None:
-        """Seconds until the shard's earliest key is due (0.0 if overdue; None when empty)."""
-        ms = int(await self._next_due((self._fleet.keys.due(shard),), ()))
-        return None if ms < 0 else ms / 1000
 
-    async def owners(self, shard: int) -> dict[str, str]:
-        """Every registered key of ``shard`` -> its owner."""
-        key = self._fleet.keys.owners(shard)
-        owners: dict[Any, Any] = await self._fleet.call(lambda r: r.hgetall(key))
-        return {str(k): str(v) for k, v in owners.items()}
+def _number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
