@@ -44,13 +44,12 @@ def test_every_scripts_keys_share_one_slot() -> None:
         groups[f"shard {shard}"] = [
             keys.lease(shard),
             keys.lease_counter(shard),
-            keys.registry(shard),
-            keys.registry_log(shard),
+            keys.keys_log(shard),
         ]
     for what, names in groups.items():
         assert len({slot(name) for name in names}) == 1, (what, names)
     # The shards' tags differ, so a cluster spreads them over its nodes.
-    assert len({slot(keys.registry(shard)) for shard in range(8)}) == 8
+    assert len({slot(keys.keys_log(shard)) for shard in range(8)}) == 8
     assert slot(keys.reports("m1")) != slot(keys.reports("m2"))
 
 

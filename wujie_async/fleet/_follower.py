@@ -1,13 +1,13 @@
 """Follower: the side of a member that follows its own jobs (every member, the leader too).
 
-It registers each key its poller tracks (with its owner, model, submit time and deadline) and
-feeds the leader's reports about them to that poller, which holds its own asks meanwhile and
-judges every entry as it judges its own replies. The jobs, their futures and their deadlines
-stay here, exactly as without a fleet.
+It tells the fleet's key log about each key its poller starts or stops tracking (with its
+model, age and deadline), announces them all again when a new leader asks, and feeds the
+leader's reports to that poller, which holds its own asks meanwhile and judges every entry as
+it judges its own replies. The jobs, their futures and their deadlines stay here, exactly as
+without a fleet.
 
 While Redis is away the poller asks for itself again (a WARNING says so); when the member
-rejoins, the follower registers every key it follows (what Redis lost comes back, what it kept
-is left as it is) before its poller holds its asks again.
+rejoins, the follower announces every key it follows before its poller holds its asks again.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ from .._jobs import ImageJob
 from .._poller import BatchPoller
 from ._errors import FleetUnavailableError
 from ._redis import RETRY
-from ._registry import KeyRegistry, Registration
-from ._reports import Ending, Report, ReportInbox
+from ._registry import Follow, KeyRegistry
+from ._reports import Announce, Ending, Reply, ReportInbox
 
 logger = logging.getLogger("wujie_async.fleet")
 
 
 class Follower:
-    """Registers a member's keys and applies the leader's reports to its poller.
+    """Tells the fleet a member's keys and applies the leader's reports to its poller.
 
     Attributes:
         connected: False while Redis is away (the poller then asks for itself).
@@ -42,7 +42,7 @@ class Follower:
         self._inbox = inbox
         self._poller = poller
         self._since: dict[str, float] = {}  # key -> loop time it was tracked (its age)
-        self._adds: dict[str, Registration] = {}
+        self._adds: dict[str, Follow] = {}
         self._removes: set[str] = set()
         self._changed = asyncio.Event()
 
@@ -51,7 +51,7 @@ class Follower:
         now = asyncio.get_running_loop().time()
         self._since[job.key] = now
         self._removes.discard(job.key)
-        self._adds[job.key] = _registration(job, first_delay, 0.0, now)
+        self._adds[job.key] = _follow(job, first_delay, 0.0, now)
         self._changed.set()
 
     def followed(self) -> list[str]:
@@ -77,17 +77,24 @@ class Follower:
             self._poller.hold_asks(False)
 
     async def rejoin(self) -> int:
-        """Register every key this member follows, then let the leader ask again; how many."""
-        now = asyncio.get_running_loop().time()
-        again = [
-            _registration(job, None, now - self._since.get(job.key, now), now)
-            for job in self._poller.jobs()
-        ]
-        await self._registry.register(self._member_id, again)
+        """Announce every key this member follows, then let the leader ask again; how many."""
+        announced = await self._announce(None)
         self._inbox.rewind()  # a restarted Redis numbers its streams afresh
         self.connected = True
         self._poller.hold_asks(True)
-        return len(again)
+        return announced
+
+    async def _announce(self, shard: int | None) -> int:
+        """Tell the fleet every key followed here (of ``shard`` only, unless None)."""
+        now = asyncio.get_running_loop().time()
+        registry = self._registry
+        follows = [
+            _follow(job, None, now - self._since.get(job.key, now), now)
+            for job in self._poller.jobs()
+            if shard is None or registry.shard_of(job.key) == shard
+        ]
+        await registry.follow(self._member_id, follows)
+        return len(follows)
 
     async def write(self) -> None:
         """Write registrations and removals as they come, batched (a background task)."""
@@ -99,10 +106,8 @@ class Follower:
             if not self.connected:
                 continue  # rejoin() registers every key followed; removals go by reports
             try:
-                if removes:
-                    await self._registry.unregister(self._member_id, removes)
-                if adds:
-                    await self._registry.register(self._member_id, adds.values())
+                await self._registry.leave(self._member_id, removes)
+                await self._registry.follow(self._member_id, adds.values())
             except FleetUnavailableError as exc:
                 self.lost(str(exc))
 
@@ -115,14 +120,18 @@ class Follower:
                 self.lost(str(exc))
                 await asyncio.sleep(RETRY)
                 continue
-            for report in reports:
-                self._apply(report)
             try:
+                for report in reports:
+                    if isinstance(report, Announce):
+                        if self.connected:  # else rejoin() announces them all
+                            await self._announce(report.shard)
+                    else:
+                        self._apply(report)
                 await self._inbox.ack(reports)
             except FleetUnavailableError as exc:
                 self.lost(str(exc))  # applying them again is harmless
 
-    def _apply(self, report: Report) -> None:
+    def _apply(self, report: Reply | Ending) -> None:
         poller = self._poller
         if isinstance(report, Ending):
             kind: type[JobError] = UnknownJobError if report.unknown else JobProtocolError
@@ -137,9 +146,9 @@ class Follower:
             self.ended(key)  # it ended here, and the fleet has not heard (or lost a removal)
 
 
-def _registration(job: ImageJob, first_delay: float | None, age: float, now: float) -> Registration:
+def _follow(job: ImageJob, first_delay: float | None, age: float, now: float) -> Follow:
     model = job.request.get("model") if job.request is not None else None
-    return Registration(
+    return Follow(
         key=job.key,
         model=model if isinstance(model, str) else None,
         first_delay=first_delay,

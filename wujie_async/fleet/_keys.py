@@ -6,7 +6,7 @@ hash tag (the part between ``{`` and ``}``):
 - ``{wujie:<name>}`` (the fleet tag): the rate limiter, the member list, the fleet's figures and
   the journal (claiming a dead member's jobs reads the member list and moves journal rows in
   one atomic script);
-- ``{wujie:<name>:s<i>}`` (one per shard): a shard's leader lease and its key registry;
+- ``{wujie:<name>:s<i>}`` (one per shard): a shard's leader lease and its log of keys;
 - ``{wujie:<name>:m:<member>}`` (one per member): that member's report stream.
 """
 
@@ -79,13 +79,9 @@ class FleetKeys:
         """The shard's token counter (INCR): every new lease gets a larger token."""
         return f"{self.shard_tag(shard)}:lease:token"
 
-    def registry(self, shard: int) -> str:
-        """Hash: job key -> its record (JSON: model, submit time, deadline, owners)."""
+    def keys_log(self, shard: int) -> str:
+        """Stream: which member follows which key of the shard, and leaders' terms."""
         return f"{self.shard_tag(shard)}:keys"
-
-    def registry_log(self, shard: int) -> str:
-        """Stream: one entry per change of the registry (the key that changed)."""
-        return f"{self.shard_tag(shard)}:keys:log"
 
     def reports(self, member: str) -> str:
         """The stream of poll reports addressed to ``member``."""

@@ -1,17 +1,17 @@
 """ShardLeader: while this member holds a shard's lease, it polls every key of the shard, whoever's
 it is, with one ordinary BatchPoller and its ordinary PollSchedule.
 
-A term starts by loading the shard's registry and follows the registry's log from then on: the
-leader keeps a stand-in job for each registered key and its poller asks about them exactly as
-a lone client asks about its own, so the fleet's keys share calls and the schedule learns from
-every job. The leader is its poller's transport (:meth:`ShardLeader.post`): before each call it
-checks that the lease has time left (a leader frozen past its lease sends nothing when it
-thaws), and after it posts the reply to the owners of the keys asked, who judge the entries
-themselves. When a stand-in ends, its record is removed (unless it changed meanwhile); when the
-leader gave up on a key for a reason no entry shows, the owners are told so.
+A term starts with a marker in the shard's key log and a request to every member to announce
+the keys it follows; the leader reads the log on from the marker. It keeps a stand-in job for
+each key someone follows, and its poller asks about them exactly as a lone client asks about
+its own: the fleet's keys share calls, and the schedule learns from every job. The leader is
+its poller's transport (:meth:`ShardLeader.post`): before each call it checks that the lease has
+time left (a leader frozen past its lease sends nothing when it thaws), and after it posts the
+reply to the owners of the keys asked, who judge the entries themselves. When it gives up on a
+key for a reason no entry shows, it tells the owners so.
 
-A term ends when the lease has no time left. Its stand-ins are dropped, not ended: the next
-leader loads them again. The poller, and what its schedule learned, stay for the next term.
+A term ends when the lease has no time left; its stand-ins are dropped (the next term's leader
+hears of the keys again). The poller, and what its schedule learned, stay for the next term.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from .._replies import raw_entries_by_key
 from .._transport import CallKind, Transport
 from ._errors import FleetUnavailableError
 from ._lease import LeaderLease
+from ._membership import Membership
 from ._redis import RETRY
-from ._registry import KeyRecord, KeyRegistry
-from ._reports import Ending, Reply, Report, ReportOutbox
+from ._registry import Follow, KeyRegistry
+from ._reports import Announce, Ending, Reply, Report, ReportOutbox
 
 _CALL_MARGIN = 0.1  # a batch call goes out only with this much lease left
 _LOG_WAIT = 0.25  # the lease is looked at again at least this often
@@ -50,6 +51,7 @@ class ShardLeader:
         self,
         *,
         lease: LeaderLease,
+        membership: Membership,
         registry: KeyRegistry,
         outbox: ReportOutbox,
         transport: Transport,
@@ -59,14 +61,15 @@ class ShardLeader:
     ) -> None:
         self.lease = lease
         self.calls = self.keys = 0
+        self._membership = membership
         self._registry = registry
         self._outbox = outbox
         self._transport = transport
         self._lost = on_redis_lost
         self._poller = BatchPoller(self, policy, limits)  # this leader is its transport
-        self._records: dict[str, KeyRecord] = {}
+        self._owners: dict[str, set[str]] = {}  # key -> the members that follow it
         self._standins: dict[str, ImageJob] = {}
-        self._ended: list[tuple[KeyRecord, BaseException | None]] = []
+        self._endings: list[tuple[str, Ending]] = []
         self._ending = asyncio.Event()
 
     async def run(self) -> None:
@@ -78,26 +81,24 @@ class ShardLeader:
                 continue
             try:
                 await self._term()
+            except FleetUnavailableError as exc:
+                self._lost(str(exc))
+                await asyncio.sleep(RETRY)
             finally:
                 for standin in self._standins.values():
                     self._poller.forget(standin)
                 self._standins.clear()
-                self._records.clear()
-                self._ended.clear()
+                self._owners.clear()
+                self._endings.clear()
 
     async def _term(self) -> None:
         shard = self.lease.shard
-        try:
-            cursor, records = await self._registry.load(shard)
-        except FleetUnavailableError as exc:
-            self._lost(str(exc))
-            await asyncio.sleep(RETRY)
-            return
-        for record in records:
-            self._follow(record)
+        cursor = await self._registry.begin_term(shard)
+        members = await self._membership.everyone()
+        await self._outbox.post([(member, Announce(shard)) for member in members])
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._poller.run)
-            tasks.start_soon(self._write_ends)
+            tasks.start_soon(self._post_endings)
             while self.lease.remaining() > 0:
                 try:
                     cursor, changes = await self._registry.changes(shard, cursor, _LOG_WAIT)
@@ -105,55 +106,55 @@ class ShardLeader:
                     self._lost(str(exc))
                     await asyncio.sleep(RETRY)
                     continue
-                for key, changed in changes.items():
-                    if changed is not None:
-                        self._follow(changed)
-                    elif (standin := self._standins.pop(key, None)) is not None:
-                        self._records.pop(key, None)
-                        self._poller.forget(standin)  # nobody follows it any more
+                for change in changes:
+                    if isinstance(change, Follow):
+                        self._follow(change)
+                    else:
+                        self._leave(change.key, change.owner)
             tasks.cancel_scope.cancel()
 
-    def _follow(self, record: KeyRecord) -> None:
-        """Poll ``record``'s key (already polled: only its owners may have changed)."""
-        key = record.key
-        self._records[key] = record
-        standin = self._standins.get(key)
-        if standin is not None and not standin.done():
+    def _follow(self, follow: Follow) -> None:
+        """Poll ``follow.key`` for its owner (already polled: one more owner)."""
+        key = follow.key
+        self._owners.setdefault(key, set()).add(follow.owner)
+        if key in self._standins:
             return
         loop = asyncio.get_running_loop()
-        model = {"model": record.model} if record.model else None
-        standin = ImageJob(key, loop=loop, deadline=loop.time() + record.deadline_in, request=model)
+        model = {"model": follow.model} if follow.model else None
+        standin = ImageJob(key, loop=loop, deadline=loop.time() + follow.deadline_in, request=model)
         standin.add_done_callback(self._standin_ended)
         self._standins[key] = standin
-        first = None if record.first_delay is None else max(0.0, record.first_delay - record.age)
-        self._poller.track(standin, first, age=record.age)
+        first = None if follow.first_delay is None else max(0.0, follow.first_delay - follow.age)
+        self._poller.track(standin, first, age=follow.age)
+
+    def _leave(self, key: str, owner: str) -> None:
+        owners = self._owners.get(key, set())
+        owners.discard(owner)
+        if not owners and (standin := self._standins.pop(key, None)) is not None:
+            self._owners.pop(key, None)
+            self._poller.forget(standin)  # nobody follows it any more
 
     def _standin_ended(self, standin: ImageJob) -> None:
         if self._standins.get(standin.key) is not standin:
             return
         del self._standins[standin.key]
-        record = self._records.pop(standin.key, None)
-        if record is not None:
-            self._ended.append((record, standin.exception()))
+        owners = self._owners.pop(standin.key, set())
+        error = standin.exception()
+        if isinstance(error, UnknownJobError | JobProtocolError):  # no entry shows it
+            why = str(error).split(": ", 1)[-1]  # without its "job KEY:" prefix
+            ending = Ending(standin.key, isinstance(error, UnknownJobError), why)
+            self._endings += [(owner, ending) for owner in owners]
             self._ending.set()
 
-    async def _write_ends(self) -> None:
-        """Tell owners what no entry shows, then remove the ended keys' records."""
+    async def _post_endings(self) -> None:
         while True:
             await self._ending.wait()
             self._ending.clear()
-            ended, self._ended = self._ended, []
-            endings = [
-                (owner, Ending(record.key, isinstance(error, UnknownJobError), _why(error)))
-                for record, error in ended
-                if isinstance(error, UnknownJobError | JobProtocolError)
-                for owner in record.owners
-            ]
+            endings, self._endings = self._endings, []
             try:
                 await self._outbox.post(endings)
-                await self._registry.drop(self.lease.shard, [record for record, _ in ended])
             except FleetUnavailableError as exc:
-                self._lost(str(exc))  # the records stay: a next term asks about them once more
+                self._lost(str(exc))  # the owners are local meanwhile: they judge for themselves
 
     async def post(self, path: str, body: Any, *, kind: CallKind) -> Any:
         """The poller's transport: one batch call, fenced by the lease, its reply reported."""
@@ -164,8 +165,7 @@ class ShardLeader:
         found = raw_entries_by_key(data, set(body))  # ProtocolError: a failed call
         asked: dict[str, list[str]] = {}
         for key in body:
-            record = self._records.get(key)
-            for owner in record.owners if record is not None else ():
+            for owner in self._owners.get(key, ()):
                 asked.setdefault(owner, []).append(key)
         replies: list[tuple[str, Report]] = [
             (owner, Reply(tuple(keys), [entry for key in keys for entry in found.get(key, ())]))
@@ -173,8 +173,3 @@ class ShardLeader:
         ]
         await self._outbox.post(replies)  # FleetUnavailableError: a failed call
         return data
-
-
-def _why(error: BaseException | None) -> str:
-    """A job error's message without its ``job KEY:`` prefix (the owner adds its own)."""
-    return str(error).split(": ", 1)[-1]

@@ -151,6 +151,7 @@ class FleetMember:
             self._leaders = [
                 ShardLeader(
                     lease=lease,
+                    membership=self._membership,
                     registry=self._registry,
                     outbox=outbox,
                     transport=transport,
@@ -202,7 +203,7 @@ class FleetMember:
             await leader.lease.aclose()  # idempotent; Redis away: the lease runs out
         if self._follower is not None:
             with contextlib.suppress(FleetUnavailableError):
-                await self._registry.unregister(self._member_id, self._follower.followed())
+                await self._registry.leave(self._member_id, self._follower.followed())
 
     async def stop_polling(self) -> None:
         """Stop leading, following and heartbeating (before the client's transport closes)."""

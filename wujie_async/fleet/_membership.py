@@ -77,6 +77,7 @@ class Membership:
         self, redis: RedisLink, keys: FleetKeys, member_id: str, member_timeout: float
     ) -> None:
         self.member_id = member_id
+        self._redis = redis
         self._keys = (keys.members, keys.stats)
         self._timeout_ms = round(member_timeout * 1000)
         self._beat = redis.script(_BEAT)
@@ -93,6 +94,12 @@ class Membership:
         return Beat(
             Standing(int(standing)), int(live), _counter(batch_calls), _counter(keys_polled)
         )
+
+    async def everyone(self) -> list[str]:
+        """Every member in the list, alive or not yet claimed."""
+        members = self._keys[0]
+        found = await self._redis.call(lambda r: r.zrange(members, 0, -1))
+        return [str(member) for member in found]
 
     async def leave(self) -> None:
         """Mark this member dead now: its unfinished jobs can be claimed at once."""

@@ -1,12 +1,12 @@
-"""Reports: what a leader learned about a member's keys, on that member's Redis stream.
+"""Reports: what a leader tells a member, on that member's Redis stream.
 
 After each batch call the leader appends one :class:`Reply` per owner of keys in the call: the
 keys it asked about and the gateway's raw entries for them. The owner checks the entries as it
 checks its own replies (the leader does not judge for it). When the leader gives up on a key for
 a reason no entry shows (the gateway kept not listing it; its entry was unreadable or too
-large), it appends an :class:`Ending`. A member reads by cursor (``XREAD BLOCK`` from the last
-id seen: nothing is lost to a missed wake-up) and deletes what it applied. Reports are facts,
-harmless to apply twice, so posting needs no fence.
+large), it appends an :class:`Ending`; when its term starts, an :class:`Announce`. A member
+reads by cursor (``XREAD BLOCK`` from the last id seen: nothing is lost to a missed wake-up)
+and deletes what it applied. Reports are facts, harmless to apply twice: posting needs no fence.
 
 A stream holds at most about 10,000 reports and expires when nobody has posted to it for a
 while: a dead member's stream does not outlive it for long.
@@ -60,7 +60,15 @@ class Ending:
     id: str = field(default="", compare=False)
 
 
-Report = Reply | Ending
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """A new leader of ``shard`` asks for every key the member follows there."""
+
+    shard: int
+    id: str = field(default="", compare=False)
+
+
+Report = Reply | Ending | Announce
 
 
 class ReportOutbox:
@@ -131,6 +139,8 @@ class ReportInbox:
 def _encode(report: Report) -> str:
     if isinstance(report, Reply):
         return json.dumps({"asked": report.asked, "entries": report.entries})
+    if isinstance(report, Announce):
+        return json.dumps({"announce": report.shard})
     return json.dumps({"ended": report.key, "unknown": report.unknown, "message": report.message})
 
 
@@ -151,4 +161,7 @@ def _decode(raw: str, entry_id: str) -> Report | None:
     key, unknown, message = body.get("ended"), body.get("unknown"), body.get("message")
     if isinstance(key, str) and len(key) <= _KEY_CHARS and isinstance(unknown, bool):
         return Ending(key, unknown, message if isinstance(message, str) else "", entry_id)
+    shard = body.get("announce")
+    if isinstance(shard, int) and not isinstance(shard, bool):
+        return Announce(shard, entry_id)
     return None
