@@ -197,7 +197,7 @@ async def _check_durability(redis: RedisConnection) -> FleetDurability:
     elif not appendonly:
         warnings.append(
             f"fleet Redis at {url} has AOF off (appendonly no): a Redis restart loses the "
-            f"fleet journal's accepted job keys and the key registry; {advice}"
+            f"fleet journal's accepted job keys; {advice}"
         )
     elif appendfsync == "no":
         warnings.append(

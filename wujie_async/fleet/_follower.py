@@ -47,7 +47,7 @@ class Follower:
         self._changed = asyncio.Event()
 
     def tracked(self, job: ImageJob, first_delay: float | None) -> None:
-        """Register ``job``'s key (first ask after ``first_delay``; None: after the submit)."""
+        """Follow ``job``'s key (first ask after ``first_delay``; None: after the submit)."""
         now = asyncio.get_running_loop().time()
         self._since[job.key] = now
         self._removes.discard(job.key)
@@ -97,14 +97,15 @@ class Follower:
         return len(follows)
 
     async def write(self) -> None:
-        """Write registrations and removals as they come, batched (a background task)."""
+        """Tell the key log what this member starts and stops following, batched (a
+        background task)."""
         while True:
             await self._changed.wait()
             self._changed.clear()
             removes, self._removes = self._removes, set()
             adds, self._adds = self._adds, {}
             if not self.connected:
-                continue  # rejoin() registers every key followed; removals go by reports
+                continue  # rejoin() announces every key followed; stale ones go by reports
             try:
                 await self._registry.leave(self._member_id, removes)
                 await self._registry.follow(self._member_id, adds.values())

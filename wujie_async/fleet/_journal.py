@@ -202,8 +202,8 @@ class RedisJournal:
         keys: the fleet's key names.
         member_id: the member writing.
         member_timeout: seconds without a heartbeat after which a member is dead.
-        unavailable_wait: how long a write a submit waits for (its intent, its key) waits for
-            an unreachable Redis before it raises FleetUnavailableError.
+        unavailable_wait: how long a submit's writes (its intent, its key) wait for an
+            unreachable Redis before they raise FleetUnavailableError.
         retake_turn: called when an intent had to wait for Redis, before the submit goes: the
             turn of the fleet-wide rate it took before is stale (sent on it, the submit could
             put one more than the cap into a 1-second window), so it takes a new one.
@@ -399,7 +399,7 @@ class RedisJournal:
         """Take over the accepted rows of members silent for more than ``member_timeout``.
 
         Atomic: every dead member's row goes to exactly one claimer. Their intents become
-        ``uncertain``. The claimer must itself be a live member (registered, heartbeating).
+        ``uncertain``. The claimer must itself be a live member (heartbeating).
 
         Args:
             member_timeout: seconds without a heartbeat that make a member dead (default: the

@@ -14,10 +14,9 @@ polling:
    which raises :class:`LeaseLostError` unless enough validity is left: a process frozen past
    its lease wakes with its clock moved on and fails this check before sending anything.
 
-A leader's only other writes are reports (facts from the gateway: harmless twice) and the
-removal of a record it saw end (checked against the record, see ``KeyRegistry.drop``), so no
-write needs a fence. A follower sleeps until the holder's TTL runs out and then tries again,
-so a dead leader is replaced within ``lease_seconds`` plus a few milliseconds.
+A leader's Redis writes are reports and term markers: facts, harmless from a deposed leader,
+so no write needs a fence. A follower sleeps until the holder's TTL runs out and then tries
+again, so a dead leader is replaced within ``lease_seconds`` plus a few milliseconds.
 """
 
 from __future__ import annotations

@@ -1,20 +1,19 @@
 """FleetMember: one client's part in a fleet (``WujieClient(fleet=...)`` gets it from
 ``RedisFleet.member()``).
 
-A member is a follower of its own jobs (``_follower``), a candidate leader of every shard
-(``_leader``, one lease each), and a heartbeat. The heartbeat is the member's pulse in both
-directions: every second (or third of ``member_timeout``) it tells the fleet this member lives
-and reads back the fleet's figures; while Redis is away it is tried every 0.25 s, and the
-first one that gets through rejoins at once: it comes back into the member list and registers
-every key the member follows, before the member could be judged dead. A member that was judged
-dead while alive (a long freeze) rejoins the same way and follows its jobs again.
+A member follows its own jobs (``_follower``), is a candidate leader of every shard
+(``_leader``, one lease each), and heartbeats. Every second (or third of ``member_timeout``) its
+heartbeat tells the fleet it lives and reads back the fleet's figures; while Redis is away it is
+tried every 0.25 s, and the first one that gets through rejoins at once, before anyone could
+judge the member dead: it is back in the member list and announces every key it follows. A
+member judged dead while alive (a long freeze) rejoins the same way and follows its jobs again.
 
 Submits wait for the fleet-wide rate (and its 429 pause) in place of the local pacer. While
-Redis is away a submit waits up to ``unavailable_wait`` for its slot and for its journal
+Redis is away a submit waits up to ``unavailable_wait`` for its turn and for its journal
 intent, then raises ``FleetUnavailableError``: nothing was sent.
 
 A fleet background task that fails with an unexpected error (a bug) is logged; the member then
-polls its own keys for good, takes them out of the registry and gives its leases up, so the
+polls its own keys for good, stops the fleet following them and gives its leases up, so the
 rest of the fleet carries on.
 """
 
@@ -170,7 +169,7 @@ class FleetMember:
             self._limiter = FleetLimiter(redis, keys, limits.max_submits_per_second)
         self._transport = transport
         transport.on_rate_limited = self._rate_limited
-        self._spawn(follower.write(), "registry")
+        self._spawn(follower.write(), "keys")
         self._spawn(follower.read(), "reports")
         self._spawn(self._keep_alive(), "heartbeat")
         for leader in self._leaders:
@@ -258,13 +257,13 @@ class FleetMember:
                 if self._broken or (follower.connected and beat.standing == Standing.ALIVE):
                     continue
                 was_connected = follower.connected
-                registered = await follower.rejoin()
+                announced = await follower.rejoin()
                 if not was_connected:
                     logger.warning(
-                        "fleet %s: Redis is back; member %s rejoined (%d keys registered)",
+                        "fleet %s: Redis is back; member %s rejoined (%d keys announced)",
                         self._config.name,
                         self._member_id,
-                        registered,
+                        announced,
                     )
             except FleetUnavailableError as exc:
                 follower.lost(str(exc))

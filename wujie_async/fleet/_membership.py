@@ -5,7 +5,7 @@ member whose last heartbeat is older than ``member_timeout`` is dead: another me
 ``resume()`` may claim its jobs (``RedisJournal.claim_dead``, which also takes it off the set).
 Death is a verdict on silence, not a sentence: a heartbeat always puts the member back, and
 says whether it had been judged dead or forgotten (a claim, or Redis lost its data), so the
-member can register again what the fleet may have lost. Leaving marks the member dead at once.
+member can announce again what the fleet may have lost. Leaving marks the member dead at once.
 
 Each heartbeat also carries the leader calls this member made since the last one into the
 fleet's counters and reads them back, with the number of live members (one script, one round

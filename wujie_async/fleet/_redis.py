@@ -27,14 +27,8 @@ T = TypeVar("T")
 RETRY = 0.25  # how often a wait for an unreachable Redis tries again
 
 
-class Script(Protocol):
-    """A Lua script of the fleet (EVALSHA, loaded on first use)."""
-
-    async def __call__(
-        self, keys: Sequence[str], args: Sequence[str | int | float], *, extra_wait: float = 0.0
-    ) -> Any:
-        """Run it on ``keys`` with ``args``; its reply as redis-py decodes it."""
-        ...
+# A Lua script (EVALSHA, loaded on first use): run on (keys, args), its reply as redis-py gives.
+Script = Callable[[Sequence[str], Sequence[str | int | float]], Awaitable[Any]]
 
 
 class RedisLink(Protocol):
@@ -52,7 +46,7 @@ class RedisLink(Protocol):
         ...
 
     def script(self, lua: str) -> Script:
-        """A Lua script run through :meth:`call`."""
+        """A Lua script, run through :meth:`call`."""
         ...
 
 
@@ -146,20 +140,18 @@ class RedisConnection:
             ) from None
 
     def script(self, lua: str) -> Script:
-        """A Lua script run through :meth:`call`."""
+        """A Lua script, run through :meth:`call`."""
         pool: aioredis.Redis | None = None  # registered per pool: a reopened one is new
         registered: Any = None
 
-        async def run(
-            keys: Sequence[str], args: Sequence[str | int | float], *, extra_wait: float = 0.0
-        ) -> Any:
+        async def run(keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
             async def on(redis: aioredis.Redis) -> Any:
                 nonlocal pool, registered
                 if pool is not redis:
                     pool, registered = redis, redis.register_script(lua)
                 return await registered(keys=list(keys), args=list(args))
 
-            return await self.call(on, extra_wait=extra_wait)
+            return await self.call(on)
 
         return run
 
