@@ -17,6 +17,7 @@ hears of the keys again). The poller, and what its schedule learned, stay for th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -66,6 +67,11 @@ class ShardLeader:
         self._outbox = outbox
         self._transport = transport
         self._lost = on_redis_lost
+        # A key asked densely is asked every min_interval anyway: topping a call up with keys
+        # due within one min_interval asks nothing sooner than its schedule needs by more
+        # than that, and puts a fleet's many dense keys on one cadence: fuller calls, fewer.
+        fill = max(policy.batch_fill_horizon, policy.min_interval)
+        policy = dataclasses.replace(policy, batch_fill_horizon=fill)
         self._poller = BatchPoller(self, policy, limits)  # this leader is its transport
         self._owners: dict[str, set[str]] = {}  # key -> the members that follow it
         self._standins: dict[str, ImageJob] = {}
