@@ -131,8 +131,9 @@ async def test_sigkill_of_the_leader(tmp_path: Path) -> None:
     async with (
         any_redis(tmp_path) as url,
         emulator_process(tmp_path, "emu", time_scale=0.3) as emu,
+        RedisFleet(url, name=(name := fleet_name())) as observer,
     ):
-        async with members(url, emu, fleet_name(), 3, n, rate, lease=1.0, timeout=2.0) as procs:
+        async with members(url, emu, name, 3, n, rate, lease=1.0, timeout=2.0) as procs:
             for proc in procs:
                 send(proc, "go")
             submitted = [await wait_event(proc, "submitted") for proc in procs]
@@ -150,7 +151,10 @@ async def test_sigkill_of_the_leader(tmp_path: Path) -> None:
             assert takeover and takeover[0] - killed_at < 1.0 + 1.5  # lease + a tick or two
             # The killed member's accepted keys go to a survivor's resume(), exactly once.
             killed_keys = set(submitted[procs.index(leader)]["submitted"])
-            await asyncio.sleep(2.5)  # its heartbeat expires (member_timeout 2 s)
+            deadline = time.monotonic() + 10
+            while not await judged_dead(observer, leader.token, 2.0):  # member_timeout 2 s
+                assert time.monotonic() < deadline, "never judged dead"
+                await asyncio.sleep(0.05)
             send(survivors[0], "resume")
             first = await wait_event(survivors[0], "claimed_resolved")
             send(survivors[1], "resume")

@@ -329,33 +329,25 @@ class RedisJournal:
         self._queue(self._accepted(row_id, key))
 
     def _accepted(self, row_id: int, key: str) -> tuple[Any, ...]:
-        return (self._prefix, row_id, "intent", "accepted", key, "", time.time(), self.member_id)
+        return self._move_args(row_id, "intent", "accepted", key, "")
+
+    def _move_args(
+        self, row: int | str, was: str, to: str, key: str, error: str
+    ) -> tuple[Any, ...]:
+        """``_MOVE``'s arguments: ``row`` (``""``: the row of ``key``) from ``was`` to ``to``."""
+        return (self._prefix, row, was, to, key, error[:_ERROR_CHARS], time.time(), self.member_id)
 
     def record_unsent(self, row_id: int, state: str, error: str) -> None:
         """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
         if state not in ("rejected", "uncertain", "unsent"):
             raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
-        self._queue(
-            (
-                self._prefix,
-                row_id,
-                "intent",
-                state,
-                "",
-                error[:_ERROR_CHARS],
-                time.time(),
-                self.member_id,
-            )
-        )
+        self._queue(self._move_args(row_id, "intent", state, "", error))
 
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
         """Note how a job ended (queued, not awaited: the key is already safe)."""
         if state not in FINAL_STATES:
             raise ValueError(f"record_outcome: {state!r} is not a final state")
-        self._queue(
-            (self._prefix, "", "accepted", state, key, (error or "")[:_ERROR_CHARS], time.time(),
-             self.member_id)
-        )  # fmt: skip
+        self._queue(self._move_args("", "accepted", state, key, error or ""))
 
     async def flush(self) -> None:
         """Wait until every not-awaited record queued so far is written (or given up)."""
