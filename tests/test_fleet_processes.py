@@ -342,3 +342,39 @@ async def judged_dead(observer: RedisFleet, token: str, timeout: float) -> bool:
     scores, (seconds, micros) = await observer.connection.call(read)
     now = int(seconds) * 1000 + int(micros) / 1000
     return any(m.endswith(token) and now - score > timeout * 1000 for m, score in scores)
+
+
+@pytest.mark.parametrize("freeze", [3.0, 8.0])
+async def test_a_frozen_redis_loses_nothing(tmp_path: Path, freeze: float) -> None:
+    # Redis stops answering (SIGSTOP) for less, then for more than a command deadline (5 s):
+    # every job resolves, nothing is paid twice, and the members end up a fleet again.
+    n = 40
+    async with (
+        own_redis(tmp_path, appendonly=True) as server,
+        emulator_process(tmp_path, "emu", time_scale=0.3) as emu,
+    ):
+        async with members(
+            server.url, emu, fleet_name(), 2, n, 8.0, lease=1.0, timeout=30
+        ) as procs:
+            for proc in procs:
+                send(proc, "go")
+            deadline = time.monotonic() + 30
+            while (await emulator_stats(emu))["submits_accepted"] < 16:  # 2 s of submits
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                await asyncio.sleep(freeze)  # Redis is frozen this long
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            done = [await wait_event(proc, "resolved", 60) for proc in procs]
+            roles = []
+            for proc in procs:
+                send(proc, "stats")
+                roles.append((await wait_event(proc, "stats"))["stats"]["fleet"]["role"])
+            stats = await emulator_stats(emu)
+    for event in done:
+        assert set(event["resolved"].values()) == {"ok"}
+    assert stats["submits_accepted"] == 2 * n
+    assert sorted(roles) == ["follower", "leader"]
