@@ -209,3 +209,33 @@ async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: P
                 assert asyncio.get_running_loop().time() - started < 0.6
             finally:
                 server.process.send_signal(signal.SIGCONT)
+
+
+async def test_an_intent_that_waited_for_redis_retakes_its_turn(tmp_path: Path) -> None:
+    # Its turn of the fleet-wide rate was taken before Redis went away: sent on it after Redis
+    # returns, the submit could land in the same second as fresh turns (one over the cap).
+    turns: list[float] = []
+
+    async def retake_turn() -> None:
+        turns.append(asyncio.get_running_loop().time())
+
+    async with own_redis(tmp_path, appendonly=True) as server:
+        fleet = RedisFleet(server.url, name=fleet_name(), command_timeout=0.5)
+        async with fleet:
+            journal = RedisJournal(
+                fleet.connection, fleet.keys, "me", member_timeout=30, unavailable_wait=20,
+                retake_turn=retake_turn,
+            )  # fmt: skip
+            await journal.record_intent("/gen", {"prompt": "in time"})
+            assert turns == []  # an intent written at once keeps its turn
+            assert server.process is not None
+            server.process.terminate()
+            await asyncio.wait_for(server.process.wait(), 15)
+            waiting = asyncio.create_task(journal.record_intent("/gen", {"prompt": "waits"}))
+            await asyncio.sleep(0.1)  # its first try meets no Redis
+            async with own_redis(tmp_path, appendonly=True, port=server.port):
+                await asyncio.wait_for(waiting, 15)
+                assert len(turns) == 1
+                assert [e.request["prompt"] for e in await journal.entries("intent")] == [
+                    "in time", "waits",
+                ]  # fmt: skip

@@ -185,9 +185,7 @@ async def retry_while_away(
     while True:
         try:
             done = await attempt()
-            if waited and after_waiting is not None:
-                await after_waiting()
-            return done
+            break
         except FleetUnavailableError as exc:
             waited = True
             if loop.time() >= deadline:
@@ -195,6 +193,9 @@ async def retry_while_away(
                     f"{what}: fleet Redis unavailable for {wait:g}s ({exc})", url=exc.url
                 ) from None
             await asyncio.sleep(min(RETRY, max(0.0, deadline - loop.time())))
+    if waited and after_waiting is not None:
+        await after_waiting()  # outside the loop: its failure must not write twice
+    return done
 
 
 async def stop_task(task: asyncio.Task[Any], *, within: float) -> None:
