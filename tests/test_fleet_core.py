@@ -26,6 +26,15 @@ def test_importing_the_package_does_not_import_redis() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_the_fleet_package_exports_what_users_touch() -> None:
+    import wujie_async.fleet as fleet
+
+    assert fleet.__all__ == [
+        "FleetConfig", "FleetDurability", "FleetUnavailableError", "LeaseLostError", "RedisFleet",
+    ]  # fmt: skip
+    assert all(getattr(fleet, name).__doc__ for name in fleet.__all__)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
