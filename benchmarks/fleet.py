@@ -85,9 +85,9 @@ async def member(mode: str, creds: str, redis_url: str, name: str, seconds: floa
         await asyncio.gather(*submits)
         await asyncio.gather(*jobs, return_exceptions=True)
         stats = client.stats
+        role = stats.fleet.role if stats.fleet is not None else None
         sys.stdout.write(
-            json.dumps({"resolved": resolved, "role": stats.fleet_role, "http": stats.http_calls})
-            + "\n"
+            json.dumps({"resolved": resolved, "role": role, "http": stats.http_calls}) + "\n"
         )
         sys.stdout.flush()
 

@@ -3,10 +3,11 @@
 Roles:
   limiter URL NAME RATE SECONDS         print ready, read a unix start time from stdin, acquire
                                         for SECONDS from then; print the times
-  leader URL NAME LEASE                 hold shard 0's lease and act (take due keys) in a loop
+  leader URL NAME LEASE                 hold shard 0's lease; print each time it would act
+                                        (act: its term) and each time its lease refuses it
+                                        (refused)
   journal URL NAME TIMEOUT N            journal N accepted submits, print ready, then idle
-  reports URL NAME N                    register N keys, print ready, read reports until all came
-  poller URL NAME LEASE                 as shard 0's leader, answer every due key with a report
+                                        (heartbeating)
   member URL NAME CREDS N RATE LEASE TIMEOUT
                                         a WujieClient in fleet mode (CREDS: the emulator's
                                         --credentials-out file; RATE 0: none); then commands
@@ -25,7 +26,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from wujie_async.fleet import LeaseLostError, RedisFleet, Report
+from wujie_async.fleet import LeaseLostError, RedisFleet
+from wujie_async.fleet._journal import RedisJournal
+from wujie_async.fleet._lease import LeaderLease
+from wujie_async.fleet._limiter import FleetLimiter
+from wujie_async.fleet._membership import Membership
 
 
 def say(**event: Any) -> None:
@@ -35,7 +40,7 @@ def say(**event: Any) -> None:
 
 async def limiter(url: str, name: str, rate: str, seconds: str) -> None:
     async with RedisFleet(url, name=name) as fleet:
-        limit = fleet.limiter(float(rate))
+        limit = FleetLimiter(fleet.connection, fleet.keys, float(rate))
         say(ready=True)
         start = float(await asyncio.to_thread(sys.stdin.readline))
         await asyncio.sleep(max(0.0, start - time.time()))
@@ -49,71 +54,44 @@ async def limiter(url: str, name: str, rate: str, seconds: str) -> None:
 
 async def leader(url: str, name: str, lease_seconds: str) -> None:
     async with RedisFleet(url, name=name, lease_seconds=float(lease_seconds)) as fleet:
-        member = fleet.new_member_id()
-        registry = fleet.registry()
-        async with fleet.lease(0, member) as lease:
-            say(member=member)
-            while True:
-                await asyncio.sleep(0.01)
-                try:
-                    fence = lease.require(0.1)
-                    await registry.take_due(0, fence, limit=50, hold=1.0)
-                except LeaseLostError:
-                    continue
-                say(act=int(fence.rsplit("|", 1)[1]), t=time.time())  # the token it acted with
+        member = f"leader-{time.monotonic_ns()}"
+        lease = LeaderLease(fleet.connection, fleet.keys, 0, member, float(lease_seconds))
+        await lease.start()
+        say(member=member)
+        refused = False
+        while True:
+            await asyncio.sleep(0.01)
+            try:
+                fence = lease.require(0.1)
+            except LeaseLostError:
+                if not refused:
+                    say(refused=time.time())
+                refused = True
+                continue
+            refused = False
+            say(act=int(fence.rsplit("|", 1)[1]), t=time.time())  # the term it acted in
 
 
 async def journal(url: str, name: str, timeout: str, n: str) -> None:
     async with RedisFleet(url, name=name, member_timeout=float(timeout)) as fleet:
-        async with fleet.membership() as me:
-            book = fleet.journal(me.member_id)
-            await book.open()
-            keys = []
-            for i in range(int(n)):
-                row = await book.record_intent("/gen", {"prompt": f"p{i}"}, tag=f"t{i}")
-                key = f"{me.member_id}-{i}"
-                await book.record_accepted(row, key)
-                keys.append(key)
-            await book.record_intent("/gen", {"prompt": "in flight"})  # dies before the reply
-            say(member=me.member_id, keys=keys)
-            await asyncio.Event().wait()
-
-
-async def reports(url: str, name: str, n: str) -> None:
-    async with RedisFleet(url, name=name) as fleet:
-        member = fleet.new_member_id()
-        keys = [f"{member}-{i}" for i in range(int(n))]
-        await fleet.registry().register(member, dict.fromkeys(keys, 0.0))
-        inbox = fleet.inbox(member)
-        say(member=member)
-        seen: dict[str, int] = {}
-        deadline = time.monotonic() + 30
-        while len(seen) < len(keys) and time.monotonic() < deadline:
-            got = await inbox.read(1.0)
-            for report in got:
-                seen[report.job_key] = seen.get(report.job_key, 0) + 1
-            await inbox.ack(got)
-        say(seen=seen)
-
-
-async def poller(url: str, name: str, lease_seconds: str) -> None:
-    async with RedisFleet(url, name=name, lease_seconds=float(lease_seconds)) as fleet:
-        member = fleet.new_member_id()
-        registry, outbox = fleet.registry(), fleet.outbox()
-        async with fleet.lease(0, member) as lease:
-            say(member=member)
-            while True:
-                try:
-                    fence = lease.require(0.5)
-                    batch = await registry.take_due(0, fence, limit=50, hold=2.0)
-                except LeaseLostError:
-                    await asyncio.sleep(0.05)
-                    continue
-                posted = [(k.owner, Report(k.job_key, {"status": 4})) for k in batch.keys]
-                await outbox.post(posted)
-                await registry.remove(k.job_key for k in batch.keys)
-                wait = 0.2 if batch.next_due_in is None else min(0.2, batch.next_due_in)
-                await asyncio.sleep(wait)
+        member = f"journal-{time.monotonic_ns()}"
+        me = Membership(fleet.connection, fleet.keys, member, float(timeout))
+        await me.beat()
+        book = RedisJournal(
+            fleet.connection, fleet.keys, member, member_timeout=float(timeout), unavailable_wait=1
+        )
+        await book.open()
+        keys = []
+        for i in range(int(n)):
+            row = await book.record_intent("/gen", {"prompt": f"p{i}"}, tag=f"t{i}")
+            key = f"{member}-{i}"
+            await book.record_accepted(row, key)
+            keys.append(key)
+        await book.record_intent("/gen", {"prompt": "in flight"})  # dies before the reply
+        say(member=member, keys=keys)
+        while True:
+            await asyncio.sleep(float(timeout) / 4)
+            await me.beat()
 
 
 def _client(creds: str, rate: str, fleet: Any = None) -> Any:
@@ -205,8 +183,6 @@ ROLES: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
     "limiter": limiter,
     "leader": leader,
     "journal": journal,
-    "reports": reports,
-    "poller": poller,
 }
 
 if __name__ == "__main__":

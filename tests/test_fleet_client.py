@@ -5,20 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from wujie_async import InvalidRequestError, Limits, PollPolicy, WujieClient
+from wujie_async import (
+    InvalidRequestError,
+    JobFailedError,
+    JobProtocolError,
+    JobTimeoutError,
+    Limits,
+    UnknownJobError,
+    WujieClient,
+)
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
-from wujie_async.fleet._member import _next_take_in
-from wujie_async.fleet._registry import DueBatch
+from wujie_async.fleet._limiter import FleetLimiter
+from wujie_async.fleet._registry import KeyRegistry
 
-from .conftest import EmulatorFactory
-from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory
+from .fleet_support import any_redis, fleet_name, free_port, member, own_redis, role
+from .hostile import scripted_gateway, throwaway_credentials
+from .test_poller_hostile import done
 
 pytestmark = pytest.mark.anyio
 
@@ -39,7 +51,7 @@ async def wait_for(condition: object, timeout: float = 10.0) -> None:
 async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> None:
     name = fleet_name()
     async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
-        await wait_for(lambda: {a.stats.fleet_role, b.stats.fleet_role} == {"leader", "follower"})
+        await wait_for(lambda: {role(a), role(b)} == {"leader", "follower"})
         jobs = [
             await c.images.submit(prompt=f"p{i}", model="dall-e-2")
             for i in range(30)
@@ -48,48 +60,64 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
         results = await asyncio.gather(*jobs)
         assert all(len(r.images) == 1 for r in results)
         callers = {caller for _, caller in emu.stats()["batch_callers"]}
-        leader = a if a.stats.fleet_role == "leader" else b
+        leader = a if role(a) == "leader" else b
         follower = b if leader is a else a
         assert len(callers) == 1, callers  # one poller for the fleet: the leader
         assert follower.stats.batch_calls == 0
         assert leader.stats.batch_calls == emu.stats()["batch_calls"]
-        await wait_for(lambda: a.stats.fleet_batch_calls > 0 and a.stats.fleet_size == 2)
+        await wait_for(lambda: (fleet := a.stats.fleet) is not None and fleet.batch_calls > 0)
+        fleet = a.stats.fleet
+        assert fleet is not None and fleet.size == 2 and 0 < fleet.mean_batch_fill <= 50
         assert emu.stats()["submits_accepted"] == 60
+        assert emu.stats()["batch_keys"]  # every key was asked about by one leader, in calls
+        assert sum(len(keys) for keys in emu.stats()["batch_keys"]) == leader.stats.keys_polled
 
 
-async def test_the_leader_tops_a_call_up_with_keys_due_within_min_interval(
+async def test_the_leader_tells_an_owner_when_it_gives_up_on_a_key(
     url: str, emulator: EmulatorFactory
 ) -> None:
-    # Two members' keys come due 0.5 s apart: within one min_interval (1 s), far outside
-    # batch_fill_horizon. The leader asks about both in one call (a key asked about densely is
-    # asked every min_interval anyway), so the fleet's keys share one cadence and calls go out
-    # fuller. With batch_fill_horizon as its horizon, the leader (which looks at least every
-    # 0.25 s) took the first key alone.
-    poll = PollPolicy(first_poll_delay=1.0, min_interval=1.0, batch_fill_horizon=0.01)
-    name = fleet_name()
-    async with (
-        emulator(time_scale=1.0, job_seconds=(5.0, 5.0)) as emu,
-        member(emu, url, name, poll=poll) as a,
-        member(emu, url, name, poll=poll) as b,
-    ):
-        await wait_for(lambda: {a.stats.fleet_role, b.stats.fleet_role} == {"leader", "follower"})
-        first = await a.images.submit(prompt="first", model="dall-e-2")
-        await asyncio.sleep(0.5)
-        second = await b.images.submit(prompt="second", model="dall-e-2")
-        await wait_for(lambda: emu.stats(timelines=False)["batch_calls"] >= 1, timeout=5.0)
-        first_call = emu.stats(timelines=False)["batch_keys"][0]
-        assert sorted(first_call) == sorted([first.key, second.key])
+    # The gateway never lists an attached key. The leader gives up after its grace period
+    # (1 s) and tells the owner, whose own grace (30 s) has not run out: its job fails now,
+    # not at its deadline, with the leader's reason.
+    name, patient = fleet_name(), replace(FAST_POLL, unknown_key_grace=30.0)
+    async with emulator() as emu, member(emu, url, name) as first:
+        await wait_for(lambda: role(first) == "leader")
+        async with member(emu, url, name, poll=patient) as owner:
+            await wait_for(lambda: role(owner) == "follower")
+            job = owner.images.attach("0" * 32, job_timeout=60)
+            with pytest.raises(UnknownJobError, match="fleet's poller gave up"):
+                await asyncio.wait_for(job, 10)
+            assert owner.stats.batch_calls == 0
 
 
-def test_a_leader_lets_due_keys_gather_before_it_asks() -> None:
-    # Taking at the first due key fills each call with keys taken early, and each costs an
-    # ask its schedule did not need. The leader waits until the earliest has been due a fifth
-    # of min_interval, unless a full call's worth is due sooner; at least every tick.
-    gather = 0.1
-    assert _next_take_in(DueBatch([], 0.3, None), 0.25, gather) == 0.25  # the tick
-    assert _next_take_in(DueBatch([], 0.05, None), 0.25, gather) == pytest.approx(0.15)
-    assert _next_take_in(DueBatch([], 0.05, 0.08), 0.25, gather) == 0.08  # a full call
-    assert _next_take_in(DueBatch([], None, None), 0.25, gather) == 0.25  # nothing registered
+async def test_a_followers_deadline_fires_in_its_own_process(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # The leader polls; the job, its future and its deadline stay with its member.
+    name, patient = fleet_name(), replace(FAST_POLL, unknown_key_grace=30.0)
+    async with emulator() as emu, member(emu, url, name, poll=patient) as first:
+        await wait_for(lambda: role(first) == "leader")
+        async with member(emu, url, name, poll=patient) as owner:
+            await wait_for(lambda: role(owner) == "follower")
+            job = owner.images.attach("0" * 32, job_timeout=0.5)
+            started = time.monotonic()
+            with pytest.raises(JobTimeoutError):
+                await asyncio.wait_for(job, 10)
+            assert time.monotonic() - started < 2.0
+            assert owner.stats.batch_calls == 0
+
+
+async def heartbeats_after(fleet: RedisFleet, member_id: str, count: int) -> None:
+    """Wait until ``member_id`` has heartbeated ``count`` times from now (seen in Redis)."""
+    members, seen = fleet.keys.members, 0
+    last = await fleet.connection.call(lambda r: r.zscore(members, member_id))
+    deadline = time.monotonic() + 10
+    while seen < count:
+        assert time.monotonic() < deadline, "no heartbeat"
+        await asyncio.sleep(0.02)
+        score = await fleet.connection.call(lambda r: r.zscore(members, member_id))
+        if score != last:
+            seen, last = seen + 1, score
 
 
 @pytest.mark.parametrize("garbled", ["counters", "type"])
@@ -103,17 +131,19 @@ async def test_garbled_fleet_figures_are_not_taken_for_redis_away(
     async with emulator() as emu, RedisFleet(url, name=name) as observer:
         stats = observer.keys.stats
         if garbled == "counters":
-            await observer.call(lambda r: r.hset(stats, "batch_calls", "lots"))
-            await observer.call(lambda r: r.hset(stats, "keys_polled", "\u00b2"))
+            await observer.connection.call(lambda r: r.hset(stats, "batch_calls", "lots"))
+            await observer.connection.call(lambda r: r.hset(stats, "keys_polled", "\u00b2"))
         else:
-            await observer.call(lambda r: r.set(stats, "not a hash"))
+            await observer.connection.call(lambda r: r.set(stats, "not a hash"))
         async with member(emu, url, name) as only:
-            await wait_for(lambda: only.stats.fleet_role == "leader")
+            await wait_for(lambda: role(only) == "leader")
             job = await only.images.submit(prompt="p", model="dall-e-2")
             await job
-            await asyncio.sleep(1.5)  # a figures refresh (about every second) came and went
-            assert only.stats.fleet_role == "leader"
-            assert only.stats.fleet_batch_calls == 0
+            assert only.fleet_member is not None
+            await heartbeats_after(observer, only.fleet_member, 2)  # both read the figures
+            assert role(only) == "leader"
+            fleet = only.stats.fleet
+            assert fleet is not None and fleet.batch_calls == 0 and fleet.leader_calls > 0
 
 
 async def test_a_journal_path_and_a_fleet_are_refused(
@@ -188,7 +218,8 @@ async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFacto
             )
             elapsed = time.monotonic() - started
         assert elapsed >= 29 / 20 * 0.95  # 30 submits at 20/s fleet-wide, not 60/s
-        assert clients[0].stats.fleet_rate == 20
+        fleet = clients[0].stats.fleet
+        assert fleet is not None and fleet.rate == 20
 
 
 async def test_redis_lost_mid_run_falls_back_and_rejoins(
@@ -211,13 +242,13 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                 # Nothing hangs: the member polls its own keys while Redis is away.
                 results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
                 assert len(results) == 10
-                assert client.stats.fleet_role == "local"
+                assert role(client) == "local"
                 assert "polls its own keys" in caplog.text
                 # The stated submit policy: wait up to unavailable_wait, then a typed error.
                 with pytest.raises(FleetUnavailableError, match="not sent"):
                     await client.images.submit(prompt="while away", model="dall-e-2")
                 async with own_redis(tmp_path, port=port, appendonly=True):
-                    await wait_for(lambda: client.stats.fleet_role != "local", 15)
+                    await wait_for(lambda: role(client) != "local", 15)
                     assert "rejoined" in caplog.text
                     job = await client.images.submit(prompt="back", model="dall-e-2")
                     await asyncio.wait_for(job, 10)
@@ -235,7 +266,7 @@ async def test_a_429_on_a_submit_pauses_every_member(url: str, emulator: Emulato
         job = await a.images.submit(prompt="after a 429", model="dall-e-2")  # retried, then ok
         assert a.stats.rate_limited == 1
         async with RedisFleet(url, name=name) as other:
-            paused = await other.limiter(1.0).paused_for()
+            paused = await FleetLimiter(other.connection, other.keys, 1.0).paused_for()
         assert 0 < paused <= 2.0  # every member's next submit waits for it
         await job
 
@@ -268,9 +299,9 @@ async def test_shards_spread_the_polling_one_poller_per_shard(
         results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
         assert all(len(result.images) == 1 for result in results)
         stats = emu.stats()
-    by_shard = pollers_per_shard(
-        stats, RedisFleet(url, name=name, shards=shards).registry().shard_of
-    )
+    fleet = RedisFleet(url, name=name, shards=shards)
+    registry = KeyRegistry(fleet.connection, fleet.keys, shards=shards, lease_seconds=1)
+    by_shard = pollers_per_shard(stats, registry.shard_of)
     assert set(by_shard) == set(range(shards))  # 60 keys land in every shard
     for calls in by_shard.values():
         # One poller per shard at a time: the caller changes only at a takeover (none here).
@@ -280,3 +311,56 @@ async def test_shards_spread_the_polling_one_poller_per_shard(
     # The fleet polls for everyone: some call mixes keys of different members.
     assert any(sum(1 for mine in keys_of if mine & set(keys)) > 1 for keys in asked_together)
     assert stats["submits_accepted"] == 60
+
+
+async def test_a_followers_jobs_meet_hostile_entries_as_a_lone_clients_do(url: str) -> None:
+    # The leader asks; the follower judges every entry of the reports itself, exactly as it
+    # judges its own replies: a bad entry costs its own job, never the follower (or leader).
+    def script(keys: list[str]) -> list[Any]:
+        entries: list[Any] = [{"nokey": True}, "junk", None, {"key": "NOT-ASKED", "status": 4}]
+        for key in keys:
+            kind = int(key[1:]) % 4
+            if kind == 1:
+                entries.append({"key": key, "status": 1, "expected_seconds": math.nan})
+                entries.append({**done(key), "complete_percent": math.inf})
+            elif kind == 2:
+                failure = {"fail_code": "\u00b2", "fail_message": "\x1b]0;PWNED\x07"}
+                entries.append({"key": key, "status": 3, "fail_message": failure})
+            elif kind == 3:
+                entries.append({"key": key, "status": "done"})
+            else:
+                entries.append(done(key))
+        return entries
+
+    name = fleet_name()
+    async with scripted_gateway(script) as gateway:
+        clients = [
+            WujieClient(
+                throwaway_credentials(),
+                base_url=gateway.base_url,
+                poll=FAST_POLL,
+                retry=INSTANT_RETRY,
+                fleet=RedisFleet(url, name=name, lease_seconds=1.0),
+            )
+            for _ in range(2)
+        ]
+        async with clients[0] as first, clients[1] as second:
+            await wait_for(lambda: {role(first), role(second)} == {"leader", "follower"})
+            follower = first if role(first) == "follower" else second
+            jobs = [
+                await follower.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(8)
+            ]
+            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                kind = int(job.key[1:]) % 4
+                if kind in (0, 1):
+                    assert not isinstance(outcome, BaseException), (job.key, outcome)
+                    assert 0 <= job.progress <= 100
+                elif kind == 2:
+                    assert isinstance(outcome, JobFailedError) and outcome.fail_code is None
+                    assert "\x1b" not in str(outcome)
+                else:
+                    assert isinstance(outcome, JobProtocolError) and "malformed" in str(outcome)
+            assert follower.stats.batch_calls == 0  # every reply came through the leader
+            late = await follower.images.submit(prompt="late", model="dall-e-2")
+            await asyncio.wait_for(asyncio.gather(late, return_exceptions=True), 10)  # lives on

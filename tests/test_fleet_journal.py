@@ -12,11 +12,24 @@ from pathlib import Path
 import pytest
 
 from wujie_async import ClientStateError
-from wujie_async.fleet import FleetUnavailableError, RedisFleet, RedisJournal
+from wujie_async.fleet import FleetUnavailableError, RedisFleet
+from wujie_async.fleet._journal import RedisJournal
+from wujie_async.fleet._membership import Membership
 
 from .fleet_support import any_redis, fleet_name, next_event, own_redis, start_child, stop_child
 
 pytestmark = pytest.mark.anyio
+
+
+def journal_of(fleet: RedisFleet, member: str) -> RedisJournal:
+    config = fleet.config
+    return RedisJournal(
+        fleet.connection,
+        fleet.keys,
+        member,
+        member_timeout=config.member_timeout,
+        unavailable_wait=config.unavailable_wait,
+    )
 
 
 @pytest.fixture
@@ -27,7 +40,7 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def opened(fleet: RedisFleet, member: str) -> AsyncIterator[RedisJournal]:
-    journal = fleet.journal(member)
+    journal = journal_of(fleet, member)
     await journal.open()
     try:
         yield journal
@@ -110,14 +123,24 @@ async def test_two_claimers_split_dead_members_jobs_exactly_once(url: str) -> No
             await stop_child(child)  # SIGKILL: no goodbye, heartbeats just stop
 
     async with AsyncExitStack() as stack:
-        claimers = []
-        for _ in range(2):
+        claimers, members = [], []
+        for i in range(2):
             fleet = await stack.enter_async_context(
                 RedisFleet(url, name=name, member_timeout=timeout)
             )
-            member = await stack.enter_async_context(fleet.membership())
-            claimers.append(await stack.enter_async_context(opened(fleet, member.member_id)))
-        await asyncio.sleep(timeout + 0.2)
+            members.append(Membership(fleet.connection, fleet.keys, f"claimer-{i}", timeout))
+            await members[-1].beat()
+            claimers.append(await stack.enter_async_context(opened(fleet, f"claimer-{i}")))
+
+        async def all_dead() -> bool:  # the children's last heartbeats are over timeout old
+            for claimer in members:
+                await claimer.beat()
+            return (await members[0].beat()).live == 2
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await all_dead():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
 
         async def claim_repeatedly(journal: RedisJournal) -> tuple[list[str], list[str]]:
             keys: list[str] = []
@@ -173,7 +196,7 @@ async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
 async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: Path) -> None:
     async with own_redis(tmp_path) as server:
         async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.2) as fleet:
-            journal = fleet.journal("me")
+            journal = journal_of(fleet, "me")
             await journal.open()
             row = await journal.record_intent("/gen", {"prompt": "x"})
             assert server.process is not None
@@ -186,3 +209,33 @@ async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: P
                 assert asyncio.get_running_loop().time() - started < 0.6
             finally:
                 server.process.send_signal(signal.SIGCONT)
+
+
+async def test_an_intent_that_waited_for_redis_retakes_its_turn(tmp_path: Path) -> None:
+    # Its turn of the fleet-wide rate was taken before Redis went away: sent on it after Redis
+    # returns, the submit could land in the same second as fresh turns (one over the cap).
+    turns: list[float] = []
+
+    async def retake_turn() -> None:
+        turns.append(asyncio.get_running_loop().time())
+
+    async with own_redis(tmp_path, appendonly=True) as server:
+        fleet = RedisFleet(server.url, name=fleet_name(), command_timeout=0.5)
+        async with fleet:
+            journal = RedisJournal(
+                fleet.connection, fleet.keys, "me", member_timeout=30, unavailable_wait=20,
+                retake_turn=retake_turn,
+            )  # fmt: skip
+            await journal.record_intent("/gen", {"prompt": "in time"})
+            assert turns == []  # an intent written at once keeps its turn
+            assert server.process is not None
+            server.process.terminate()
+            await asyncio.wait_for(server.process.wait(), 15)
+            waiting = asyncio.create_task(journal.record_intent("/gen", {"prompt": "waits"}))
+            await asyncio.sleep(0.1)  # its first try meets no Redis
+            async with own_redis(tmp_path, appendonly=True, port=server.port):
+                await asyncio.wait_for(waiting, 15)
+                assert len(turns) == 1
+                assert [e.request["prompt"] for e in await journal.entries("intent")] == [
+                    "in time", "waits",
+                ]  # fmt: skip

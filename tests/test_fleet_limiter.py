@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from wujie_async import InvalidRequestError
-from wujie_async.fleet import FleetLimiter, RedisFleet
+from wujie_async.fleet import RedisFleet
+from wujie_async.fleet._limiter import FleetLimiter
 
 from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
 
@@ -39,7 +40,7 @@ async def members(
     limiters = []
     for _ in range(count):
         fleet = await stack.enter_async_context(RedisFleet(url, name=name))
-        limiters.append(fleet.limiter(rate))
+        limiters.append(FleetLimiter(fleet.connection, fleet.keys, rate))
     return limiters
 
 
@@ -115,8 +116,9 @@ async def test_a_pause_stops_every_member(url: str) -> None:
 async def test_bad_rate_and_pause_are_typed_errors(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         with pytest.raises(InvalidRequestError) as caught:
-            fleet.limiter(0)
+            FleetLimiter(fleet.connection, fleet.keys, 0)
         assert caught.value.field == "rate"
+        one = FleetLimiter(fleet.connection, fleet.keys, 1)
         with pytest.raises(InvalidRequestError):
-            await fleet.limiter(1).pause(-1)
-        assert await fleet.limiter(1).pause(0) == 0.0
+            await one.pause(-1)
+        assert await one.pause(0) == 0.0

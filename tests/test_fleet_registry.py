@@ -1,17 +1,21 @@
-"""The key registry (due keys across members, by shard) and report delivery on streams."""
+"""The key log (who follows which key, by shard, read by its leader) and the reports."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from wujie_async.fleet import LeaseLostError, RedisFleet, Report
+from wujie_async.fleet import RedisFleet
+from wujie_async.fleet._registry import Follow, KeyRegistry, Leave
+from wujie_async.fleet._reports import Announce, Ending, Reply, ReportInbox, ReportOutbox
 
-from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
+from .fleet_support import any_redis, fleet_name
 
 pytestmark = pytest.mark.anyio
 
@@ -22,135 +26,131 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
         yield redis_url
 
 
-async def test_the_leader_takes_due_keys_of_every_member_and_holds_them(url: str) -> None:
-    async with RedisFleet(url, name=fleet_name(), shards=1) as fleet:
-        registry = fleet.registry()
-        await registry.register("m1", {"K1": 0.0, "K2": 0.0, "LATER": 5.0})
-        await registry.register("m2", {"K3": 0.0})
-        lease = fleet.lease(0, "leader")
-        await lease.try_acquire()
-        fence = lease.require(0.1)
-        batch = await registry.take_due(0, fence, limit=50, hold=1.0)
-        assert {(k.job_key, k.owner) for k in batch.keys} == {
-            ("K1", "m1"), ("K2", "m1"), ("K3", "m2"),
-        }  # fmt: skip
-        assert batch.next_due_in is not None and 0.5 < batch.next_due_in <= 1.0  # held ones
-        assert (await registry.take_due(0, fence, limit=50, hold=1.0)).keys == []  # in flight
-        # After the poll: K1 finished, K2 and K3 come back in 0 s; K1 is not revived.
-        await registry.remove(["K1"])
-        assert await registry.reschedule(0, fence, {"K1": 0.0, "K2": 0.0, "K3": 0.0}) == 2
-        again = await registry.take_due(0, fence, limit=1, hold=1.0)
-        assert len(again.keys) == 1 and again.next_due_in == 0.0  # the limit holds
-        assert set(await registry.owners(0)) == {"K2", "K3", "LATER"}
-        # A key re-registered by another member (a claimer) changes owner.
-        await registry.register("m3", {"LATER": 0.0})
-        taken = await registry.take_due(0, fence, limit=50, hold=1.0)
-        assert ("LATER", "m3") in {(k.job_key, k.owner) for k in taken.keys}
+def registry(fleet: RedisFleet) -> KeyRegistry:
+    return KeyRegistry(fleet.connection, fleet.keys, shards=fleet.config.shards, lease_seconds=1)
 
 
-async def test_a_take_says_when_a_full_call_will_be_due(url: str) -> None:
-    async with RedisFleet(url, name=fleet_name(), shards=1) as fleet:
-        registry = fleet.registry()
-        await registry.register("m", {f"K{i}": 1.0 + i * 0.1 for i in range(60)})
-        lease = fleet.lease(0, "leader")
-        await lease.try_acquire()
-        batch = await registry.take_due(0, lease.require(0.1), limit=50, hold=1.0)
-        assert batch.keys == []
-        assert batch.next_due_in is not None and 0.9 < batch.next_due_in <= 1.0
-        # The 50th key (K49) is due at 5.9 s: a full call's worth is due then.
-        assert batch.full_due_in is not None and 5.8 < batch.full_due_in <= 5.9
-        await registry.remove([f"K{i}" for i in range(20)])
-        batch = await registry.take_due(0, lease.require(0.1), limit=50, hold=1.0)
-        assert batch.full_due_in is None  # 40 keys left: never a full call
+def job(key: str, model: str | None = "dall-e-2", *, age: float = 0.0) -> Follow:
+    return Follow(key=key, model=model, first_delay=None, age=age, deadline_in=60.0)
 
 
-async def test_a_key_in_flight_comes_back_when_the_leader_dies_mid_poll(url: str) -> None:
-    async with RedisFleet(url, name=fleet_name(), lease_seconds=0.2) as fleet:
-        registry = fleet.registry()
-        await registry.register("m1", {"K": 0.0})
-        dying = fleet.lease(0, "dying")
-        await dying.try_acquire()
-        assert len((await registry.take_due(0, dying.require(0), limit=5, hold=0.3)).keys) == 1
-        await asyncio.sleep(0.35)  # the leader never reports back; its lease and hold expire
-        successor = fleet.lease(0, "successor")
-        assert await successor.try_acquire() == 0.0
-        batch = await registry.take_due(0, successor.require(0), limit=5, hold=0.3)
-        assert [k.job_key for k in batch.keys] == ["K"]
-        with pytest.raises(LeaseLostError):
-            await registry.reschedule(0, "dying|1", {"K": 0.0})
-
-
-async def test_keys_spread_over_shards_with_one_lease_each(url: str) -> None:
-    async with RedisFleet(url, name=fleet_name(), shards=4) as fleet:
-        registry = fleet.registry()
-        keys = [f"KEY{i:03d}" for i in range(200)]
-        await registry.register("m1", dict.fromkeys(keys, 0.0))
-        taken: list[str] = []
-        for shard in range(4):
-            lease = fleet.lease(shard, f"leader{shard}")
-            await lease.try_acquire()
-            batch = await registry.take_due(shard, lease.require(0), limit=200, hold=5)
-            assert all(registry.shard_of(k.job_key) == shard for k in batch.keys)
-            assert 20 < len(batch.keys) < 80  # roughly even
-            taken += [k.job_key for k in batch.keys]
-        assert sorted(taken) == keys
-
-
-async def test_reports_reach_two_members_in_one_process_without_lost_wakeups(url: str) -> None:
+async def test_a_leader_reads_who_follows_what_from_its_term_on(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
-        one, two = fleet.inbox("one"), fleet.inbox("two")
-        outbox = fleet.outbox()
+        keys = registry(fleet)
+        await keys.follow("m1", [job("BEFORE")])  # before the term: announced again if need be
+        cursor = await keys.begin_term(0)
+        await keys.follow("m1", [job("K1", age=5.0), Follow("K2", None, 0.0, 0.0, 30.0)])
+        await keys.leave("m2", ["K1"])
+        cursor, changes = await keys.changes(0, cursor, wait=1.0)
+        assert changes == [
+            Follow("K1", "dall-e-2", None, 5.0, 60.0, owner="m1"),
+            Follow("K2", None, 0.0, 0.0, 30.0, owner="m1"),
+            Leave("K1", "m2"),
+        ]
+        # Nothing new: the read waits its time and returns nothing.
+        cursor, changes = await keys.changes(0, cursor, wait=0.1)
+        assert changes == []
+        # A blocked read wakes when a member follows a key.
+        later = asyncio.create_task(keys.changes(0, cursor, wait=5.0))
+        await keys.follow("m3", [job("K3")])
+        _, changes = await asyncio.wait_for(later, 2.0)
+        assert [change.key for change in changes] == ["K3"]
+
+
+async def test_keys_spread_over_shards(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name(), shards=4) as fleet:
+        keys = registry(fleet)
+        cursors = [await keys.begin_term(shard) for shard in range(4)]
+        names = [f"KEY{i:03d}" for i in range(200)]
+        await keys.follow("m1", [job(name) for name in names])
+        found: list[str] = []
+        for shard, cursor in enumerate(cursors):
+            _, changes = await keys.changes(shard, cursor, wait=0.1)
+            assert all(keys.shard_of(change.key) == shard for change in changes)
+            assert 20 < len(changes) < 80  # roughly even
+            found += [change.key for change in changes]
+        assert sorted(found) == names
+
+
+async def test_garbled_log_entries_are_skipped(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        keys = registry(fleet)
+        log = fleet.keys.keys_log(0)
+        cursor = await keys.begin_term(0)
+        garbled: list[dict[Any, Any]] = [
+            {"junk": "x"},
+            {"k": "K", "o": "m", "f": "{"},
+            {"k": "K", "o": "m", "f": "[" * 100_000},
+            {"k": "K", "o": "m", "f": json.dumps([None, None, "soon", 60])},
+            {"k": "K", "o": "m", "f": json.dumps([None, None, 1, float("nan")])},
+            {"k": "K", "o": "m", "f": json.dumps([1, 2])},
+            {"k": "K", "o": "m", "f": json.dumps({"a": 1})},
+        ]
+
+        async def add(redis: Any, fields: dict[Any, Any]) -> None:
+            await redis.xadd(log, fields)
+
+        for fields in garbled:
+            await fleet.connection.call(functools.partial(add, fields=fields))
+        await keys.follow("m", [job("GOOD", model="x" * 500)])
+        _, changes = await keys.changes(0, cursor, wait=0.1)
+        assert [(change.key, len(getattr(change, "model", ""))) for change in changes] == [
+            ("GOOD", 100)
+        ]
+
+
+async def test_reports_reach_their_member_without_lost_wakeups(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        redis, names = fleet.connection, fleet.keys
+        outbox = ReportOutbox(redis, names, expire_after=60)
+        one, two = (
+            ReportInbox(redis, names, "one", 10_000),
+            ReportInbox(redis, names, "two", 10_000),
+        )
+        entry = {"key": "A", "status": 1}
         # Posted before anyone reads: still delivered (no lost wake-ups).
-        await outbox.post([("one", Report("A", {"status": 1})), ("two", Report("B", {"s": 4}))])
+        await outbox.post([("one", Reply(("A",), [entry])), ("two", Ending("B", True, "gone"))])
+        await outbox.post([("one", Announce(3))])
         got_one = await one.read(0.5)
-        assert [(r.job_key, r.body) for r in got_one] == [("A", {"status": 1})]
+        assert got_one == [Reply(("A",), [entry]), Announce(3)]
+        assert await two.read(0.5) == [Ending("B", True, "gone")]
         # A blocked reader wakes when a report is posted.
         reader = asyncio.create_task(two.read(5.0))
-        await asyncio.sleep(0.1)
-        got_two = await asyncio.wait_for(reader, 1.0)
-        assert [r.job_key for r in got_two] == ["B"]
-        reader = asyncio.create_task(two.read(5.0))
-        await asyncio.sleep(0.1)
-        await outbox.post([("two", Report("C", {"status": 4}))])
-        assert [r.job_key for r in await asyncio.wait_for(reader, 1.0)] == ["C"]
+        await outbox.post([("two", Reply(("C",), []))])
+        assert await asyncio.wait_for(reader, 1.0) == [Reply(("C",), [])]
         # The wait is bounded.
         started = asyncio.get_running_loop().time()
         assert await one.read(0.2) == []
         assert asyncio.get_running_loop().time() - started < 1.0
-        # Unacknowledged reports are read again by a new reader of the same member.
-        assert await fleet.inbox("one").read(0.1) == got_one
-        assert await one.ack(got_one) == 1
-        assert await fleet.inbox("one").read(0.1) == []
-        assert await two.pending() == 2
-        await two.drop()
-        assert await two.pending() == 0
+        # What was not acknowledged is read again from the start (after Redis came back).
+        one.rewind()
+        assert await one.read(0.1) == got_one
+        await one.ack(got_one)
+        one.rewind()
+        assert await one.read(0.1) == []
+        stream = names.reports("two")
+        assert 0 < await redis.call(lambda r: r.pttl(stream)) <= 60_000  # dies with its member
 
 
-async def test_a_malformed_stream_entry_is_skipped_not_fatal(url: str) -> None:
+async def test_a_malformed_report_is_skipped_not_fatal(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         stream = fleet.keys.reports("m")
-        await fleet.call(lambda r: r.xadd(stream, {"junk": "x"}))
-        await fleet.call(lambda r: r.xadd(stream, {"k": "K", "b": "not json"}))
-        await fleet.call(lambda r: r.xadd(stream, {"k": "K", "b": "[1]"}))
-        await fleet.call(lambda r: r.xadd(stream, {"k": "K", "b": "[" * 100_000}))  # deep
-        await fleet.outbox().post([("m", Report("K", {"ok": True}))])
-        assert [r.body for r in await fleet.inbox("m").read(0.2)] == [{"ok": True}]
 
+        async def add(fields: dict[Any, Any]) -> None:
+            await fleet.connection.call(lambda r: r.xadd(stream, fields))
 
-@pytest.mark.slow
-async def test_reports_across_processes(url: str) -> None:
-    """Two member processes register keys; a leader process polls them all and reports."""
-    name = fleet_name()
-    members = [await start_child("reports", url, name, "30") for _ in range(2)]
-    leader = await start_child("poller", url, name, "2")
-    try:
-        for member in members:
-            await next_event(member)
-        await next_event(leader)
-        for member in members:
-            seen = (await next_event(member, timeout=30))["seen"]
-            assert len(seen) == 30 and set(seen.values()) == {1}  # each report exactly once
-    finally:
-        for proc in (*members, leader):
-            with contextlib.suppress(ProcessLookupError):
-                await stop_child(proc)
+        for fields in (
+            {"junk": "x"},
+            {"r": "not json"},
+            {"r": "[1]"},
+            {"r": "[" * 100_000},  # nested deeper than json can follow
+            {"r": json.dumps({"asked": ["K"] * 51, "entries": []})},  # more than one call
+            {"r": json.dumps({"asked": [1], "entries": []})},
+            {"r": json.dumps({"asked": ["K"], "entries": {}})},
+            {"r": json.dumps({"ended": "K", "unknown": "yes"})},
+            {"r": json.dumps({"asked": ["K"], "entries": ["x" * 2000]})},  # over the size cap
+        ):
+            await add(fields)
+        await add({"r": json.dumps({"asked": ["K"], "entries": [{"key": "K"}]})})
+        inbox = ReportInbox(fleet.connection, fleet.keys, "m", max_bytes=1000)
+        assert await inbox.read(0.2) == [Reply(("K",), [{"key": "K"}])]

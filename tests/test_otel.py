@@ -38,7 +38,7 @@ from wujie_async.fleet import RedisFleet
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
 from .fleet_support import any_redis, fleet_name
-from .helpers import sign_header
+from .helpers import eventually, sign_header
 from .hostile import file_server, scripted_gateway, throwaway_credentials
 from .otel_support import Otel, otel, reset_globals
 from .test_poller_hostile import client_for
@@ -249,11 +249,11 @@ async def test_a_fleet_members_role_is_a_gauge(
         emulator() as emu,
         make_client(emu, fleet=RedisFleet(url, name=fleet_name())) as client,
     ):
-        for _ in range(500):
-            if client.stats.fleet_role == "leader":
-                break
-            await asyncio.sleep(0.01)
-        assert client.stats.fleet_role == "leader"
+        fleet = await eventually(
+            lambda: (stats := client.stats.fleet) is not None and stats.role == "leader",
+            what="the one member leading",
+        )
+        assert fleet
         assert otel.total("wujie.fleet.role", **{"wujie.fleet.role": "leader"}) == 1
         assert otel.total("wujie.fleet.role", **{"wujie.fleet.role": "follower"}) == 0
 

@@ -44,6 +44,7 @@ from ._journal_file import JournalFile
 from ._journal_worker import JournalLockedError
 from ._models import GeneratedImage, ImageResult
 from ._request_fields import EditFields, GenerationFields
+from ._stats import FleetStats
 
 __version__ = "0.2.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "DownloadPolicy",
     "EditFields",
     "EndpointNotFoundError",
+    "FleetStats",
     "GeneratedImage",
     "GenerationFields",
     "ImageJob",

@@ -142,9 +142,7 @@ class WujieClient:
                         )
                     ]
                 )
-            from .fleet._member import FleetMember  # the caller imported .fleet already
-
-            self._fleet = FleetMember(fleet)
+            self._fleet = fleet.member()
             headers["X-Wujie-Member"] = self._fleet.header_token
         # Logs' repeated-warnings gate, and spans and metrics once open (see _telemetry).
         self._telemetry = Telemetry()
@@ -451,7 +449,7 @@ class WujieClient:
             if self._gc_freezer is not None:
                 self._gc_freezer.job_tracked()
             if self._fleet is not None:
-                self._fleet.tracked(key)
+                self._fleet.tracked(job, first_delay)
                 job.add_done_callback(self._fleet_job_ended)
         else:
             job.cancel()

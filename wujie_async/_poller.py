@@ -1,6 +1,8 @@
 """The one batching poller of a client: the due-time heap, batch calls, and what each reply
-means for its jobs (how a reply is read and checked is ``_replies``'s job); plus the seams a
-fleet uses to poll for this poller (``set_delegate``, ``apply_report``, ``due_times``, ...).
+means for its jobs (how a reply is read and checked is ``_replies``'s job).
+
+Someone else may ask the gateway for its keys (a fleet's leader): ``hold_asks`` stops its calls,
+``apply_reply`` and ``end`` feed in what the other one learned, and deadlines fire as ever.
 
 Every outstanding key sits in a heap ordered by when it is next due (its next ask, or its
 deadline if sooner). Each round takes the keys that are due, tops the last batch call up with
@@ -34,7 +36,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,12 +58,12 @@ from ._errors import (
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
-from ._replies import raw_entries_by_key as raw_entries_by_key  # the fleet's seam, kept here
-from ._schedule import KeyTiming, Lesson, PollSchedule
-from ._transport import Transport
+from ._schedule import KeyTiming, PollSchedule
+from ._transport import CallKind
 
 if TYPE_CHECKING:
     from ._otel import BatchTrace, JobTrace
+    from ._telemetry import Telemetry
 
 logger = logging.getLogger("wujie_async")
 # Time is the running loop's clock, read directly (``asyncio.get_running_loop().time()``, the
@@ -71,22 +73,19 @@ ENDED_JOBS_KEPT = 1024
 UNKNOWN_STATUSES_KEPT = 64
 
 
-class PollDelegate(Protocol):
-    """Someone else asks the gateway for this poller's keys (a fleet's leader), while it can."""
+class BatchSender(Protocol):
+    """What the poller needs of a transport: one POST of a batch call, and the client's
+    telemetry (``Transport`` is one)."""
 
-    def take(self, keys: list[str]) -> float | None:
-        """Keys of this poller that are due now; the delegate sees they get asked about.
-
-        Returns:
-            Seconds after which those keys come due here again if no report came meanwhile
-            (reports arrive through :meth:`BatchPoller.apply_report`), or None when the
-            delegate cannot ask for them now: the poller then asks itself, as without one.
-        """
+    @property
+    def telemetry(self) -> Telemetry:
+        """The client's telemetry: spans, metrics, repeated-warning gate."""
         ...
 
-    def moved(self, due_times: dict[str, float]) -> None:
-        """Keys of this poller whose next ask moved sooner (loop times): the learned window
-        widened. The delegate asks for them then, not at the time it was told before."""
+    async def post(
+        self, path: str, body: Any, *, kind: CallKind, parent: BatchTrace | None = None
+    ) -> Any:
+        """POST ``body`` to ``path``; the reply envelope's ``data``."""
         ...
 
 
@@ -100,7 +99,6 @@ class PollerCounters:
     succeeded: int = 0
     failed: int = 0
     malformed_entries: int = 0
-    reports_applied: int = 0
     points_charged: float = 0.0  # the gateway's integral_cost of jobs that ended
 
 
@@ -114,8 +112,6 @@ class _Tracked(KeyTiming):
     due: float = math.inf
     # When the gateway last listed the key (None: not yet); absence is measured from here.
     last_seen: float | None = None
-    # Handed to the delegate (a fleet's leader asks about it); its report reschedules it.
-    delegated: bool = False
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
 
@@ -172,11 +168,11 @@ class _DeadlineWatch:
 class BatchPoller:
     """Holds every outstanding job and polls them in shared batch calls."""
 
-    def __init__(self, transport: Transport, policy: PollPolicy, limits: Limits) -> None:
+    def __init__(self, transport: BatchSender, policy: PollPolicy, limits: Limits) -> None:
         self._transport = transport
         self._telemetry = transport.telemetry  # the client's: spans, metrics, warnings
         self._warnings = transport.telemetry.warnings
-        self._delegate: PollDelegate | None = None
+        self._held = False  # someone else asks the gateway (hold_asks)
         self._policy = policy
         self._schedule_of = PollSchedule(policy)
         self._generation = self._schedule_of.generation
@@ -226,15 +222,18 @@ class BatchPoller:
         state: JobState,
         first_delay: float | None = None,
         trace: JobTrace | None = None,
+        *,
+        age: float = 0.0,
     ) -> None:
         """Start polling ``job``, whose state (``state``) this poller now writes: first ask
-        after ``first_delay`` (default: the policy's). ``trace``: the job's telemetry record,
-        ended with the job."""
+        after ``first_delay`` (default: the policy's, from its submit); ``trace``: the job's
+        telemetry record, ended with the job; ``age``: seconds since it was submitted (a job
+        taken over from elsewhere)."""
         now = asyncio.get_running_loop().time()
         request = job.request
         model = request.get("model") if request is not None else None
         tracked = _Tracked(
-            created_at=now,
+            created_at=now - age,
             model=model if isinstance(model, str) else None,
             job=job,
             state=state,
@@ -303,17 +302,10 @@ class BatchPoller:
                 if not batch:
                     await self._sleep_until_due(loop)
                     continue
-                delegate = self._delegate
-                if delegate is not None:
-                    backstop = delegate.take([tracked.job.key for tracked in batch])
-                    if backstop is not None:
-                        # Another member asks for these; its reports come through apply_report.
-                        for tracked in batch:
-                            tracked.delegated = True
-                            self._schedule(tracked, now + backstop)
-                        continue
-                for tracked in batch:
-                    tracked.delegated = False
+                if self._held:  # someone else asks: wait for what it feeds in (or the deadline)
+                    for tracked in batch:
+                        self._schedule(tracked, math.inf)
+                    continue
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
@@ -406,8 +398,11 @@ class BatchPoller:
         if too_large:
             await self._split(chunk)
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        self._apply_reading(chunk, reading)
+
+    def _apply_reading(self, chunk: list[_Tracked], reading: Reading | None) -> None:
+        """What a reply (None: a failed call) means for each job of ``chunk``."""
+        now = asyncio.get_running_loop().time()
         # Gateway times are unix seconds; loop time is not: this maps one onto the other.
         unix_to_loop = now - time.time()
         for tracked in chunk:
@@ -442,81 +437,44 @@ class BatchPoller:
             self._generation = self._schedule_of.generation
             self._pull_in_waiting(now)
 
-    # --- seams for a fleet (a leader asks the gateway; this poller applies its reports) -------
-    def set_delegate(self, delegate: PollDelegate | None) -> None:
-        """Let ``delegate`` ask the gateway for this poller's keys (see PollDelegate)."""
-        self._delegate = delegate
+    # --- someone else asks the gateway for this poller's keys (a fleet's leader) ------------
+    def hold_asks(self, held: bool) -> None:
+        """While held, this poller sends no batch call: someone else asks the gateway and feeds
+        in what it learns (:meth:`apply_reply`, :meth:`end`); deadlines fire as ever. Letting
+        go makes every key not on the wire due now."""
+        self._held = held
+        if not held:
+            now = asyncio.get_running_loop().time()
+            for tracked in self._jobs.values():
+                if now < tracked.due < math.inf:
+                    self._schedule(tracked, now)
         self._wakeup.set()
 
-    def apply_report(
-        self, key: str, entries: list[Any] | None, *, too_large: bool = False
-    ) -> float | None:
-        """Apply what another member's batch call said about ``key``, exactly as a reply.
+    def apply_reply(self, asked: Collection[str], data: Any) -> None:
+        """Apply a batch reply fetched elsewhere (``data`` as the gateway sent it) for the keys
+        ``asked``, exactly as a reply to a call of this poller's own: every entry is checked
+        the same way, and a key it does not list counts as absent. Keys not tracked, or in a
+        call of this poller's own on the wire (whose reply counts), are left alone."""
+        chunk = [
+            tracked
+            for key in asked
+            if (tracked := self._jobs.get(key)) is not None and tracked.due != math.inf
+        ]
+        if not chunk:
+            return
+        try:
+            reading: Reading | None = self._read(data, {tracked.job.key for tracked in chunk})
+        except Exception:  # hostile input may only ever mean "malformed": as a failed call
+            reading = None
+        self._apply_reading(chunk, reading)
+        self._wakeup.set()
 
-        Args:
-            key: the job's key.
-            entries: the raw entries the gateway listed for ``key`` (hostile: validated here
-                as in a reply of this poller's own); None or empty when it listed none.
-            too_large: the gateway's entry for this key alone was over the reply cap.
-
-        Returns:
-            When the key is next due (loop time) if its job still runs, else None (ended, not
-            tracked, or in a call of this poller's own on the wire, whose reply counts).
-        """
+    def end(self, key: str, error: JobError) -> None:
+        """End ``key``'s job with ``error``: whoever asks the gateway for it gave up on it (the
+        gateway kept not listing it, or its entry was unreadable or too large)."""
         tracked = self._jobs.get(key)
-        if tracked is None or tracked.due == math.inf:
-            return None
-        tracked.delegated = False
-        tracked.asks += 1
-        self.counters.reports_applied += 1
-        if too_large:
-            self._end_too_large(tracked)
-            return None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if entries:
-            try:
-                reading = self._read(entries, (key,))
-            except Exception:  # hostile input may only ever mean "malformed"
-                reading = Reading({}, {key: "unreadable report"})
-        else:
-            reading = Reading({}, {})
-        self._dispatch_contained(tracked, reading, now, now - time.time())
-        self._after_replies(now)
-        if not self._tracks(tracked):
-            return None
-        self._wakeup.set()
-        return tracked.due
-
-    def share_lessons(self, listener: Callable[[Lesson], None] | None) -> None:
-        """Tell ``listener`` every lesson the schedule learns from this poller's own jobs."""
-        self._schedule_of.on_lesson = listener
-
-    def learn(self, lessons: Iterable[Lesson]) -> None:
-        """Learn other members' lessons, as if their jobs had been this poller's own."""
-        for lesson in lessons:
-            self._schedule_of.learn(lesson)
-        self._after_replies(asyncio.get_running_loop().time())  # the window may have widened
-
-    def next_due(self, key: str) -> float | None:
-        """When ``key`` is next asked about (loop time); None if not tracked or on the wire."""
-        tracked = self._jobs.get(key)
-        if tracked is None or tracked.due == math.inf:
-            return None
-        return tracked.due
-
-    def due_times(self) -> dict[str, float]:
-        """Every tracked key not on the wire -> when it is next asked about (loop time)."""
-        return {key: t.due for key, t in self._jobs.items() if t.due != math.inf}
-
-    def poll_soon(self) -> None:
-        """Make every tracked key not on the wire due now (the delegate went away)."""
-        now = asyncio.get_running_loop().time()
-        for tracked in self._jobs.values():
-            tracked.delegated = False
-            if tracked.due != math.inf and tracked.due > now:
-                self._schedule(tracked, now)
-        self._wakeup.set()
+        if tracked is not None:
+            self._end(tracked, error, tracked.state.status)
 
     def _end_too_large(self, tracked: _Tracked) -> None:
         job = tracked.job
@@ -535,19 +493,15 @@ class BatchPoller:
         """The learned window widened: keys waiting for a later window start are due sooner."""
         watch_start = self._schedule_of.watch_start
         gap = self._policy.min_interval
-        moved: dict[str, float] = {}
         for tracked in self._jobs.values():
-            if tracked.due == math.inf or tracked.delegated:
-                continue  # in a call on the wire, or the delegate's: a report reschedules it
+            if tracked.due == math.inf:
+                continue  # in a call on the wire: its reply reschedules it
             # Never sooner than min_interval after the last ask: a key asked densely already
             # is not asked again at once.
             last = tracked.last_ask
             when = max(now, watch_start(tracked), -math.inf if last is None else last + gap)
             if when < tracked.due:
                 self._schedule(tracked, when)
-                moved[tracked.job.key] = tracked.due
-        if moved and self._delegate is not None:
-            self._delegate.moved(moved)
         self._wakeup.set()
 
     async def _split(self, chunk: list[_Tracked]) -> None:

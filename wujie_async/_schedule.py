@@ -24,19 +24,13 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._config import PollPolicy
-from ._rules import KNOWN_MODELS
 
-# Relative errors are kept within these bounds (ERROR_BOUNDS: what another member may send).
+# Relative errors are kept within these bounds: one outlier must not set the scale.
 _ERROR_FLOOR = -1.0
 _ERROR_CEILING = 10.0
-ERROR_BOUNDS = (_ERROR_FLOOR, _ERROR_CEILING)
-# Models outside KNOWN_MODELS learned about from other members' lessons, at most: lessons come
-# from other processes, and memory stays bounded whatever they send.
-_OTHER_MODELS_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,19 +115,9 @@ class _Quantiles:
 
 
 @dataclass(frozen=True, slots=True)
-class Lesson:
-    """What one job taught a schedule, in a form another schedule can learn too.
-
-    A fleet's members share these, so each member's schedule learns from every member's
-    jobs: a member with a trickle of jobs learns as fast as the fleet does.
-
-    Attributes:
-        model: the job's model (None: not known).
-        span: the duration its first estimate predicted (a job's first report), else None.
-        duration: how long it ran, submit to end (a job that ended), else None.
-        error: how far its end fell from the predicted end, relative to ``span`` (a job that
-            ended with a usable estimate), else None.
-    """
+class _Lesson:
+    """What one job taught the schedule: its predicted span (at its first report), or how long
+    it ran and how far its end fell from the predicted end (once it ended)."""
 
     model: str | None
     span: float | None = None
@@ -182,19 +166,14 @@ class PollSchedule:
         "_excess_late",
         "_fractional",
         "_integral",
-        "_models",
-        "_other_models",
         "_policy",
         "_spans",
         "_windows",
         "generation",
-        "on_lesson",
     )
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
-        # Told every lesson learned from this schedule's own jobs (a fleet shares them).
-        self.on_lesson: Callable[[Lesson], None] | None = None
         self._errors: dict[str | None, _Quantiles] = {}
         # Lateness beyond what the estimate's own resolution explains (whole seconds): what
         # the window mirrors to its early side.
@@ -206,8 +185,6 @@ class PollSchedule:
         self._integral: dict[str | None, int] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
-        self._models: set[str | None] = set()
-        self._other_models = 0
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -269,31 +246,10 @@ class PollSchedule:
             if error is not None:
                 error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
         duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
-        self._teach(Lesson(timing.model, duration=duration, error=error), resolution)
+        self._apply(_Lesson(timing.model, duration=duration, error=error), resolution)
 
-    def learn(self, lesson: Lesson) -> None:
-        """Learn another member's ``lesson``, as if its job had been one of this schedule's.
-
-        Lessons about a model this schedule has not seen, outside :data:`KNOWN_MODELS`, are
-        dropped once ``_OTHER_MODELS_KEPT`` such models are known: they come from other
-        processes, and memory stays bounded whatever they send.
-        """
+    def _apply(self, lesson: _Lesson, resolution: float = 0.0) -> None:
         model = lesson.model
-        if model not in self._models and model not in KNOWN_MODELS:
-            if self._other_models >= _OTHER_MODELS_KEPT:
-                return
-            self._other_models += 1
-        self._apply(lesson, 0.0)
-
-    def _teach(self, lesson: Lesson, resolution: float = 0.0) -> None:
-        """Learn from one of this schedule's own jobs, and tell ``on_lesson``."""
-        self._apply(lesson, resolution)
-        if self.on_lesson is not None:
-            self.on_lesson(lesson)
-
-    def _apply(self, lesson: Lesson, resolution: float) -> None:
-        model = lesson.model
-        self._models.add(model)
         if lesson.span is not None:
             spans = self._spans.get(model)
             if spans is None:
@@ -346,7 +302,7 @@ class PollSchedule:
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
-                self._teach(Lesson(timing.model, span=timing.predicted_span))
+                self._apply(_Lesson(timing.model, span=timing.predicted_span))
             elif timing.last_ask is not None:
                 gap = now - timing.last_ask
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it

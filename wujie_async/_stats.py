@@ -1,16 +1,41 @@
-"""``client.stats``: the ClientStats snapshot, and how it is put together from the counters of
-the poller, the transport, the journal and (in fleet mode) the fleet."""
+"""``client.stats``: the ClientStats snapshot (with FleetStats nested in fleet mode), and how it
+is put together from the counters of the poller, the transport, the journal and the fleet."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from ._fleet_link import FleetStats
     from ._poller import PollerCounters
     from ._transport import CallKind, TransportCounters
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetStats:
+    """This member's view of its fleet: ``client.stats.fleet`` (None without a fleet).
+
+    Attributes:
+        role: ``leader`` (this member polls for the fleet), ``follower`` (a leader polls for
+            it) or ``local`` (Redis is away: it polls its own keys).
+        size: live members, this one included (refreshed about every second).
+        rate: the fleet-wide submit rate (None: no rate set).
+        batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed about
+            every second).
+        keys_polled: keys those calls asked about.
+        mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
+        leader_calls: batch calls this member sent as a leader (part of ``batch_calls``).
+        leader_keys: keys those calls asked about.
+    """
+
+    role: Literal["leader", "follower", "local"]
+    size: int
+    rate: float | None
+    batch_calls: int
+    keys_polled: int
+    mean_batch_fill: float
+    leader_calls: int
+    leader_keys: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +62,9 @@ class ClientStats:
         submit_rate_limit: the submit rate (requests/s) the 429 brake allows now; None while
             no brake is in force (the gateway has not refused a sustained share of submits).
         poll_rate_limit: the same for batch-detail calls (each kind of call has its own brake).
-        fleet_role: with ``fleet=``: ``leader`` (this member polls for the fleet),
-            ``follower`` (a leader polls for it) or ``local`` (Redis is away: it polls its own
-            keys); None without a fleet.
-        fleet_size: live members of the fleet (0 without a fleet).
-        fleet_rate: the fleet-wide submit rate (None: no fleet, or no rate set).
-        fleet_batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed
-            about every second).
-        fleet_mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
-        fleet_lessons_learned: what this member's poll schedule learned from other members'
-            jobs (their estimates' errors, durations and predicted spans), in lessons.
+        fleet: with ``fleet=``, the fleet as this member sees it; None without a fleet.
+
+    ``batch_calls`` and ``keys_polled`` count what this process sent, as a fleet's leader too.
     """
 
     submits: int
@@ -65,12 +83,7 @@ class ClientStats:
     journal_commits: int = 0
     submit_rate_limit: float | None = None
     poll_rate_limit: float | None = None
-    fleet_role: str | None = None
-    fleet_size: int = 0
-    fleet_rate: float | None = None
-    fleet_batch_calls: int = 0
-    fleet_mean_batch_fill: float = 0.0
-    fleet_lessons_learned: int = 0
+    fleet: FleetStats | None = None
 
 
 def snapshot(
@@ -88,7 +101,7 @@ def snapshot(
     calls, keys = poller.batch_calls, poller.keys_polled
     if fleet is not None:  # calls this process sent as the fleet's leader count too
         calls, keys = calls + fleet.leader_calls, keys + fleet.leader_keys
-    stats = ClientStats(
+    return ClientStats(
         submits=submits,
         submit_errors=submit_errors,
         batch_calls=calls,
@@ -105,15 +118,5 @@ def snapshot(
         journal_commits=journal_commits,
         submit_rate_limit=brakes["submit"],
         poll_rate_limit=brakes["poll"],
-    )
-    if fleet is None:
-        return stats
-    return dataclasses.replace(
-        stats,
-        fleet_role=fleet.role,
-        fleet_size=fleet.size,
-        fleet_rate=fleet.rate,
-        fleet_batch_calls=fleet.batch_calls,
-        fleet_mean_batch_fill=fleet.keys_polled / fleet.batch_calls if fleet.batch_calls else 0.0,
-        fleet_lessons_learned=fleet.lessons_learned,
+        fleet=fleet,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from wujie_async import (
     ClientStats,
     DownloadPolicy,
+    FleetStats,
     GeneratedImage,
     ImageJob,
     ImageResult,
@@ -39,6 +40,7 @@ async def right_uses(client: WujieClient) -> None:
     )
     _attached: ImageJob = client.images.attach("KEY", job_timeout=60.0, n=1)
     _stats: ClientStats = client.stats
+    _fleet: FleetStats | None = client.stats.fleet
     _rows: list[JournalEntry] = await client.journal_entries("uncertain")
     _done: bool = JobStatus.SUCCEEDED.terminal
     _policy = PollPolicy(min_interval=0.25, max_estimate_wait=30.0)
@@ -59,6 +61,8 @@ async def wrong_uses(client: WujieClient, job: ImageJob) -> None:
     await client.images.submit(model="gpt-image-1")  # type: ignore[call-arg]
     await client.images.submit_edit(prompt="x", model="dall-e-2")  # type: ignore[call-arg]
     job.status = JobStatus.SUCCEEDED  # type: ignore[misc]
+    _role: str = client.stats.fleet.role  # type: ignore[union-attr]
+    client.stats.fleet_role  # type: ignore[attr-defined]  # noqa: B018
     job.succeed(4)  # type: ignore[attr-defined]
     PollPolicy(min_interval="fast")  # type: ignore[arg-type]
     await job.save("out", "{key}.{ext}")  # type: ignore[call-arg]

@@ -30,13 +30,11 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from typing import TYPE_CHECKING
 
 from .._errors import InvalidRequestError
 from .._ratelimit import WINDOW_MARGIN_S
-
-if TYPE_CHECKING:
-    from ._fleet import RedisFleet
+from ._keys import FleetKeys
+from ._redis import RedisLink
 
 # KEYS: tat, pause. ARGV: period_us. Reply: {1, wait_us until the slot} or {0, pause left_us}.
 _ACQUIRE = """
@@ -72,19 +70,20 @@ class FleetLimiter:
     Every member should use the same rate; each call carries the caller's rate.
 
     Args:
-        fleet: the started fleet.
+        redis: the fleet's Redis.
+        keys: the fleet's key names.
         rate: acquisitions per second, fleet-wide.
     """
 
-    def __init__(self, fleet: RedisFleet, rate: float) -> None:
+    def __init__(self, redis: RedisLink, keys: FleetKeys, rate: float) -> None:
         if not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
             raise InvalidRequestError([("rate", "must be a positive finite number per second")])
-        self._fleet = fleet
+        self._redis = redis
+        self._keys = (keys.rate_tat, keys.rate_pause)
         self._rate = float(rate)
-        self._acquire = fleet.script(_ACQUIRE)
-        self._pause = fleet.script(_PAUSE)
+        self._acquire = redis.script(_ACQUIRE)
+        self._pause = redis.script(_PAUSE)
         self._turn = asyncio.Lock()  # FIFO: one caller of this member at Redis at a time
-        self.acquired = 0  # how many slots this member has taken (for stats)
 
     @property
     def rate(self) -> float:
@@ -100,10 +99,9 @@ class FleetLimiter:
             FleetUnavailableError: Redis is unreachable or missed its deadline.
         """
         period = (1.0 + WINDOW_MARGIN_S) / self._rate  # see the module docstring
-        keys = (self._fleet.keys.rate_tat, self._fleet.keys.rate_pause)
         async with self._turn:
             while True:
-                granted, wait_us = await self._acquire(keys, (round(period * 1e6),))
+                granted, wait_us = await self._acquire(self._keys, (round(period * 1e6),))
                 wait = int(wait_us) / 1e6
                 if not granted:  # paused; a little jitter so members do not return as a herd
                     await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))
@@ -112,7 +110,6 @@ class FleetLimiter:
                 await asyncio.sleep(wait)
                 if wait <= _HORIZON or await self.paused_for() == 0:
                     break
-            self.acquired += 1
 
     async def pause(self, seconds: float) -> float:
         """Stop every member's acquisitions for ``seconds`` (e.g. a 429's Retry-After).
@@ -127,11 +124,11 @@ class FleetLimiter:
         ms = math.ceil(seconds * 1000)
         if ms == 0:
             return 0.0
-        left = await self._pause((self._fleet.keys.rate_pause,), (ms,))
+        left = await self._pause(self._keys[1:], (ms,))
         return int(left) / 1000
 
     async def paused_for(self) -> float:
         """Seconds left of the fleet-wide pause (0.0 when none)."""
-        key = self._fleet.keys.rate_pause
-        left = await self._fleet.call(lambda r: r.pttl(key))
+        key = self._keys[1]
+        left = await self._redis.call(lambda r: r.pttl(key))
         return max(0, int(left)) / 1000

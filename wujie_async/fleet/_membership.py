@@ -1,163 +1,112 @@
 """Membership: who is in the fleet, and who has died.
 
-Each member registers under a unique id and heartbeats every ``member_timeout / 3``. A
-sorted set maps member id -> last heartbeat (Redis server time, so machines' clocks do not
-matter). A member whose last heartbeat is older than ``member_timeout`` is dead, for good: its
-next heartbeat is refused (the script checks the age before refreshing it), so a member that
-was paused longer than the timeout learns it was declared dead and must stop acting for its
-old jobs, which another member may already have claimed (see ``RedisJournal.claim_dead``).
-Leaving gracefully marks the member dead at once, so its unfinished jobs are claimable
-immediately; a claim removes the dead member from the set.
+A sorted set maps member id -> last heartbeat (Redis time: machines' clocks do not matter). A
+member whose last heartbeat is older than ``member_timeout`` is dead: another member's
+``resume()`` may claim its jobs (``RedisJournal.claim_dead``, which also takes it off the set).
+Death is a verdict on silence, not a sentence: a heartbeat always puts the member back, and
+says whether it had been judged dead or forgotten (a claim, or Redis lost its data), so the
+member can announce again what the fleet may have lost. Leaving marks the member dead at once.
+
+Each heartbeat also carries the leader calls this member made since the last one into the
+fleet's counters and reads them back, with the number of live members (one script, one round
+trip): ``client.stats.fleet``. The counters are for show: another process may have garbled
+them, so they are read with ``pcall`` and checked, and never fail a heartbeat.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import logging
-import os
-import socket
-import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from enum import IntEnum
 
-from ._errors import FleetUnavailableError
+from ._keys import FleetKeys
+from ._redis import RedisLink
 
-if TYPE_CHECKING:
-    from ._fleet import RedisFleet
-
-logger = logging.getLogger("wujie_async.fleet")
-
-# KEYS: members, info. ARGV: id, info JSON. Reply: server time (ms).
-_REGISTER = """
+# KEYS: members, stats. ARGV: id, timeout_ms, calls, keys.
+# Reply: {standing, live members, batch_calls, keys_polled} (a figure: false when unreadable).
+_BEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return now
-"""
-
-# KEYS: members. ARGV: id, timeout_ms. Reply: 1 refreshed, 0 unknown (claimed), -1 expired.
-_HEARTBEAT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local timeout = tonumber(ARGV[2])
 local last = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not last then return 0 end
-if now - tonumber(last) > tonumber(ARGV[2]) then return -1 end
+local standing = 1
+if not last then standing = 0 elseif now - tonumber(last) > timeout then standing = -1 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-return 1
+if tonumber(ARGV[3]) > 0 then
+  redis.pcall('HINCRBY', KEYS[2], 'batch_calls', ARGV[3])
+  redis.pcall('HINCRBY', KEYS[2], 'keys_polled', ARGV[4])
+end
+local figures = redis.pcall('HMGET', KEYS[2], 'batch_calls', 'keys_polled')
+if type(figures) ~= 'table' or figures.err then figures = {false, false} end
+local live = redis.call('ZCOUNT', KEYS[1], now - timeout, '+inf')
+return {standing, live, figures[1], figures[2]}
 """
 
 # KEYS: members. ARGV: id. Marks the member dead now (its last heartbeat becomes 0).
-_LEAVE = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
-return 1
-"""
+_LEAVE = "return redis.call('ZADD', KEYS[1], 'XX', 0, ARGV[1])"
 
-# KEYS: members. Reply: {server time ms, id1, last1, id2, last2, ...}.
-_LIST = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local reply = {now}
-local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #all do reply[#reply + 1] = all[i] end
-return reply
-"""
+
+class Standing(IntEnum):
+    """What the fleet thought of a member when its heartbeat came."""
+
+    FORGOTTEN = 0  # not in the member list: its jobs were claimed, or Redis lost its data
+    ALIVE = 1  # in time
+    JUDGED_DEAD = -1  # its last heartbeat was older than member_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What one heartbeat learned.
+
+    Attributes:
+        standing: what the fleet thought of this member before this heartbeat.
+        live: live members, this one included.
+        batch_calls: the fleet's leaders' batch calls (0 when unreadable).
+        keys_polled: keys those calls asked about (0 when unreadable).
+    """
+
+    standing: Standing
+    live: int
+    batch_calls: int
+    keys_polled: int
 
 
 class Membership:
-    """One member of the fleet: its id and its heartbeat.
+    """One member of the fleet: its heartbeat and its leaving."""
 
-    Use ``async with fleet.membership() as me`` (or :meth:`start` / :meth:`aclose`).
-
-    Attributes:
-        member_id: this member's id, unique across the fleet.
-        lost: set when the fleet has declared this member dead (a heartbeat came too late);
-            from then on the member must not act for the jobs it had.
-    """
-
-    def __init__(self, fleet: RedisFleet, member_id: str) -> None:
-        self._fleet = fleet
+    def __init__(
+        self, redis: RedisLink, keys: FleetKeys, member_id: str, member_timeout: float
+    ) -> None:
         self.member_id = member_id
-        self.lost = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._register = fleet.script(_REGISTER)
-        self._heartbeat = fleet.script(_HEARTBEAT)
-        self._leave = fleet.script(_LEAVE)
-        self._list = fleet.script(_LIST)
+        self._redis = redis
+        self._keys = (keys.members, keys.stats)
+        self._timeout_ms = round(member_timeout * 1000)
+        self._beat = redis.script(_BEAT)
+        self._leave = redis.script(_LEAVE)
 
     def __repr__(self) -> str:
         return f"Membership({self.member_id!r})"
 
-    @property
-    def alive(self) -> bool:
-        """False once the fleet has declared this member dead."""
-        return not self.lost.is_set()
-
-    async def start(self) -> None:
-        """Register and start heartbeating in the background."""
-        info = json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    async def beat(self, calls: int = 0, keys: int = 0) -> Beat:
+        """Heartbeat (joining, or coming back, if need be) and add ``calls`` and ``keys`` (this
+        member's leader calls since the last beat) to the fleet's figures."""
+        args = (self.member_id, self._timeout_ms, calls, keys)
+        standing, live, batch_calls, keys_polled = await self._beat(self._keys, args)
+        return Beat(
+            Standing(int(standing)), int(live), _counter(batch_calls), _counter(keys_polled)
         )
-        keys = self._fleet.keys
-        await self._register((keys.members, keys.member_info), (self.member_id, info))
-        self._task = asyncio.create_task(self._beat(), name=f"wujie fleet heartbeat {self}")
 
-    async def aclose(self, *, leave: bool = True) -> None:
-        """Stop heartbeating; with ``leave``, mark this member dead at once (claimable now)."""
-        task, self._task = self._task, None
-        if task is not None:
-            await self._fleet.stop_task(task)
-        if leave and self.alive:
-            with contextlib.suppress(FleetUnavailableError):
-                await self._leave((self._fleet.keys.members,), (self.member_id,))
+    async def everyone(self) -> list[str]:
+        """Every member in the list, alive or not yet claimed."""
+        members = self._keys[0]
+        found = await self._redis.call(lambda r: r.zrange(members, 0, -1))
+        return [str(member) for member in found]
 
-    async def __aenter__(self) -> Membership:
-        await self.start()
-        return self
+    async def leave(self) -> None:
+        """Mark this member dead now: its unfinished jobs can be claimed at once."""
+        await self._leave(self._keys[:1], (self.member_id,))
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
-    async def heartbeat(self) -> bool:
-        """Heartbeat once. False (and :attr:`lost` set) when the fleet declared us dead."""
-        timeout_ms = round(self._fleet.config.member_timeout * 1000)
-        answer = await self._heartbeat((self._fleet.keys.members,), (self.member_id, timeout_ms))
-        if int(answer) != 1:
-            if self.alive:
-                logger.warning(
-                    "fleet member %s was declared dead (no heartbeat for %gs); "
-                    "its jobs may be claimed by other members",
-                    self.member_id,
-                    self._fleet.config.member_timeout,
-                )
-            self.lost.set()
-            return False
-        return True
-
-    async def _beat(self) -> None:
-        interval = self._fleet.config.heartbeat_interval
-        while self.alive:
-            await asyncio.sleep(interval)
-            try:
-                await self.heartbeat()
-            except FleetUnavailableError as exc:
-                # Keep trying: if Redis returns within member_timeout nothing was lost.
-                logger.warning("fleet heartbeat failed: %s", exc)
-
-    async def members(self) -> dict[str, float]:
-        """Every registered member -> seconds since its last heartbeat."""
-        reply = await self._list((self._fleet.keys.members,), ())
-        now = int(reply[0])
-        flat = reply[1:]
-        return {flat[i]: (now - int(float(flat[i + 1]))) / 1000 for i in range(0, len(flat), 2)}
-
-    async def live_members(self) -> list[str]:
-        """Members whose heartbeat is younger than ``member_timeout``, sorted."""
-        timeout = self._fleet.config.member_timeout
-        return sorted(m for m, age in (await self.members()).items() if age <= timeout)
-
-    async def dead_members(self) -> list[str]:
-        """Members whose heartbeat expired and whose jobs have not been claimed yet, sorted."""
-        timeout = self._fleet.config.member_timeout
-        return sorted(m for m, age in (await self.members()).items() if age > timeout)
+def _counter(raw: object) -> int:
+    """A counter read back from Redis: a non-negative integer, else 0."""
+    text = raw if isinstance(raw, str) else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0

@@ -1,140 +1,167 @@
-"""Report delivery: the leader's poll results, posted to each owning member on a Redis stream.
+"""Reports: what a leader tells a member, on that member's Redis stream.
 
-Each member has one stream. The leader appends (``XADD``) a report per job key it polled; the
-member reads with ``XREAD BLOCK`` from the last id it has seen, with a bounded wait, and
-deletes (``XDEL``) what it has applied. Reading by id cursor means no lost wake-ups: a report
-added while nobody was blocked is still read next time, and a member that restarts its inbox
-under the same id (or a member that claimed a dead one) re-reads whatever was not deleted.
+After each batch call the leader appends one :class:`Reply` per owner of keys in the call: the
+keys it asked about and the gateway's raw entries for them. The owner checks the entries as it
+checks its own replies (the leader does not judge for it). When the leader gives up on a key for
+a reason no entry shows (the gateway kept not listing it; its entry was unreadable or too
+large), it appends an :class:`Ending`; when its term starts, an :class:`Announce`. A member
+reads by cursor (``XREAD BLOCK`` from the last id seen: nothing is lost to a missed wake-up)
+and deletes what it applied. Reports are facts, harmless to apply twice: posting needs no fence.
 
-Reports are facts from the gateway (the batch entry of a key), so applying one twice is
-harmless; that is why posting them is not fenced by the lease.
+A stream holds at most about 10,000 reports and expires when nobody has posted to it for a
+while: a dead member's stream does not outlive it for long.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._fleet import RedisFleet
+from .. import _contract
+from ._keys import FleetKeys
+from ._redis import RedisLink, stream_entries
+
+_KEPT = 10_000
+_KEY_CHARS = 200
 
 
 @dataclass(frozen=True, slots=True)
-class Report:
-    """One poll result for one job key.
+class Reply:
+    """A batch reply, for the keys of one owner.
 
     Attributes:
-        job_key: the key the report is about.
-        body: the batch entry as the gateway sent it (hostile: the reader validates it), or
-            any JSON object the leader wants to tell (e.g. ``{"absent": true}``).
-        id: the stream id, set on reports that were read (empty before posting).
+        asked: the owner's keys the call asked about (absent from ``entries``: not listed).
+        entries: the gateway's raw entries for them (hostile: the owner checks them).
+        id: the stream id, once read.
     """
 
-    job_key: str
-    body: Mapping[str, Any]
+    asked: tuple[str, ...]
+    entries: list[Any]
     id: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """The leader gave up on ``key``.
+
+    Attributes:
+        key: the job key.
+        unknown: True when the gateway kept not listing it, False when its entry was
+            unreadable or too large.
+        message: why, in the leader's words (to be shown through ``snippet``).
+        id: the stream id, once read.
+    """
+
+    key: str
+    unknown: bool
+    message: str
+    id: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Announce:
+    """A new leader of ``shard`` asks for every key the member follows there."""
+
+    shard: int
+    id: str = field(default="", compare=False)
+
+
+Report = Reply | Ending | Announce
 
 
 class ReportOutbox:
     """Posts reports to their owners' streams (used by a leader)."""
 
-    def __init__(self, fleet: RedisFleet) -> None:
-        self._fleet = fleet
+    def __init__(self, redis: RedisLink, keys: FleetKeys, *, expire_after: float) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._expire_ms = round(expire_after * 1000)
 
-    async def post(self, reports: Iterable[tuple[str, Report]]) -> int:
-        """Append each ``(owner, report)`` to the owner's stream in one pipelined round trip.
+    async def post(self, reports: Sequence[tuple[str, Report]]) -> None:
+        """Append each ``(owner, report)`` to the owner's stream, in one round trip."""
+        if not reports:
+            return
 
-        Returns:
-            How many reports were posted.
-        """
-        by_owner: dict[str, list[Report]] = defaultdict(list)
-        for owner, report in reports:
-            by_owner[owner].append(report)
-        if not by_owner:
-            return 0
-        keys = self._fleet.keys
-
-        async def send(redis: Any) -> int:
+        async def send(redis: Any) -> None:
             async with redis.pipeline(transaction=False) as pipe:
-                for owner, group in by_owner.items():
-                    stream = keys.reports(owner)
-                    for report in group:
-                        pipe.xadd(stream, {"k": report.job_key, "b": json.dumps(report.body)})
-                return len(await pipe.execute())
+                for owner, report in reports:
+                    stream = self._keys.reports(owner)
+                    pipe.xadd(stream, {"r": _encode(report)}, maxlen=_KEPT, approximate=True)
+                    pipe.pexpire(stream, self._expire_ms)
+                await pipe.execute()
 
-        return await self._fleet.call(send)
+        await self._redis.call(send)
 
 
 class ReportInbox:
-    """One member's stream of reports (see the module docstring).
+    """One member's stream of reports (see the module docstring)."""
 
-    Args:
-        fleet: the started fleet.
-        member_id: whose reports to read.
-    """
+    def __init__(self, redis: RedisLink, keys: FleetKeys, member_id: str, max_bytes: int) -> None:
+        self._redis = redis
+        self._stream = keys.reports(member_id)
+        self._max_bytes = max_bytes
+        self._last_id = "0"
 
-    def __init__(self, fleet: RedisFleet, member_id: str) -> None:
-        self._fleet = fleet
-        self.member_id = member_id
-        self._stream = fleet.keys.reports(member_id)
-        self._last_id = "0"  # from the start: whatever an earlier reader left is re-read
+    def rewind(self) -> None:
+        """Read from the stream's start again (Redis may have restarted: ids start over)."""
+        self._last_id = "0"
 
-    async def read(self, timeout: float, *, count: int = 500) -> list[Report]:
+    async def read(self, timeout: float) -> list[Report]:
         """Reports not read yet, waiting at most ``timeout`` seconds for the first one.
 
-        Returns:
-            Up to ``count`` reports, oldest first; empty when none came within ``timeout``.
+        An entry that is not a report (another process's writes) is skipped and left in place.
         """
-        block = max(1, round(timeout * 1000)) if timeout > 0 else None
         stream, last = self._stream, self._last_id
-        reply: Any = await self._fleet.call(
-            lambda r: r.xread({stream: last}, count=count, block=block),
-            extra_wait=max(0.0, timeout),
+        reply: Any = await self._redis.call(
+            lambda r: r.xread({stream: last}, count=200, block=max(1, round(timeout * 1000))),
+            extra_wait=timeout,
         )
         reports: list[Report] = []
-        for _, entries in _stream_entries(reply):
-            for entry_id, fields in entries:
-                self._last_id = entry_id
-                try:
-                    body = json.loads(fields["b"])
-                    key = fields["k"]
-                except (KeyError, TypeError, ValueError, RecursionError):
-                    continue  # not ours to read; skipped, left in place for a human
-                if isinstance(body, dict) and isinstance(key, str):
-                    reports.append(Report(key, body, entry_id))
+        for entry_id, fields in stream_entries(reply):
+            self._last_id = entry_id
+            raw = fields.get("r") if isinstance(fields, dict) else None
+            fits = isinstance(raw, str) and len(raw) <= self._max_bytes
+            report = _decode(raw, entry_id) if fits and isinstance(raw, str) else None
+            if report is not None:
+                reports.append(report)
         return reports
 
-    async def ack(self, reports: Iterable[Report]) -> int:
-        """Delete applied reports from the stream. Returns how many were deleted."""
+    async def ack(self, reports: Iterable[Report]) -> None:
+        """Delete applied reports from the stream."""
         ids = [report.id for report in reports if report.id]
-        if not ids:
-            return 0
-        stream = self._stream
-        deleted: int = await self._fleet.call(lambda r: r.xdel(stream, *ids))
-        return deleted
-
-    async def pending(self) -> int:
-        """How many reports the stream holds (read or not, but not acknowledged)."""
-        stream = self._stream
-        length: int = await self._fleet.call(lambda r: r.xlen(stream))
-        return length
-
-    async def drop(self) -> None:
-        """Delete the whole stream (after a claimer has applied a dead member's reports)."""
-        stream = self._stream
-        await self._fleet.call(lambda r: r.delete(stream))
+        if ids:
+            stream = self._stream
+            await self._redis.call(lambda r: r.xdel(stream, *ids))
 
 
-def _stream_entries(reply: Any) -> list[tuple[str, list[tuple[str, dict[str, str]]]]]:
-    """XREAD's reply as ``[(stream, [(id, fields), ...])]`` under RESP2 and RESP3 alike."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):  # RESP3: {stream: [entries]} (or [[entries]])
-        return [
-            (name, value[0] if value and isinstance(value[0], list) else value)
-            for name, value in reply.items()
-        ]
-    return [(name, entries) for name, entries in reply]
+def _encode(report: Report) -> str:
+    if isinstance(report, Reply):
+        return json.dumps({"asked": report.asked, "entries": report.entries})
+    if isinstance(report, Announce):
+        return json.dumps({"announce": report.shard})
+    return json.dumps({"ended": report.key, "unknown": report.unknown, "message": report.message})
+
+
+def _decode(raw: str, entry_id: str) -> Report | None:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    asked, entries = body.get("asked"), body.get("entries")
+    if isinstance(asked, list) and isinstance(entries, list):
+        if len(asked) > _contract.MAX_KEYS_PER_BATCH or not all(
+            isinstance(key, str) and len(key) <= _KEY_CHARS for key in asked
+        ):
+            return None
+        return Reply(tuple(asked), entries, entry_id)
+    key, unknown, message = body.get("ended"), body.get("unknown"), body.get("message")
+    if isinstance(key, str) and len(key) <= _KEY_CHARS and isinstance(unknown, bool):
+        return Ending(key, unknown, message if isinstance(message, str) else "", entry_id)
+    shard = body.get("announce")
+    if isinstance(shard, int) and not isinstance(shard, bool):
+        return Announce(shard, entry_id)
+    return None
