@@ -3,11 +3,11 @@
 Roles:
   limiter URL NAME RATE SECONDS         print ready, read a unix start time from stdin, acquire
                                         for SECONDS from then; print the times
-  leader URL NAME LEASE                 hold shard 0's lease; print each time it would act
-                                        (act: its term) and each time its lease refuses it
-                                        (refused)
-  journal URL NAME TIMEOUT N            journal N accepted submits, print ready, then idle
-                                        (heartbeating)
+  leader URL NAME LEASE                 hold shard 0's lease and act (a fenced registry read) in
+                                        a loop
+  journal URL NAME TIMEOUT N            journal N accepted submits, print ready, then heartbeat
+  reports URL NAME N                    register N keys, print ready, read reports until all came
+  poller URL NAME LEASE                 as shard 0's leader, answer every new key with a report
   member URL NAME CREDS N RATE LEASE TIMEOUT
                                         a WujieClient in fleet mode (CREDS: the emulator's
                                         --credentials-out file; RATE 0: none); then commands
@@ -26,11 +26,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from wujie_async.fleet import LeaseLostError, RedisFleet
+from wujie_async.fleet import RedisFleet
+from wujie_async.fleet._errors import LeaseLostError
 from wujie_async.fleet._journal import RedisJournal
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
-from wujie_async.fleet._membership import Membership
+from wujie_async.fleet._membership import Membership, new_member_id
+from wujie_async.fleet._registry import KeyInfo, KeyRegistry
+from wujie_async.fleet._reports import Inbox, Report, post_reports
 
 
 def say(**event: Any) -> None:
@@ -40,7 +43,7 @@ def say(**event: Any) -> None:
 
 async def limiter(url: str, name: str, rate: str, seconds: str) -> None:
     async with RedisFleet(url, name=name) as fleet:
-        limit = FleetLimiter(fleet.connection, fleet.keys, float(rate))
+        limit = FleetLimiter(fleet, float(rate))
         say(ready=True)
         start = float(await asyncio.to_thread(sys.stdin.readline))
         await asyncio.sleep(max(0.0, start - time.time()))
@@ -52,46 +55,94 @@ async def limiter(url: str, name: str, rate: str, seconds: str) -> None:
         say(times=times)
 
 
+async def hold(lease: LeaderLease) -> None:
+    """Take the lease whenever it is free, and keep it while it can."""
+    while True:
+        await lease.acquire()
+        await lease.keep()
+
+
 async def leader(url: str, name: str, lease_seconds: str) -> None:
     async with RedisFleet(url, name=name, lease_seconds=float(lease_seconds)) as fleet:
-        member = f"leader-{time.monotonic_ns()}"
-        lease = LeaderLease(fleet.connection, fleet.keys, 0, member, float(lease_seconds))
-        await lease.start()
-        say(member=member)
-        refused = False
-        while True:
+        lease = LeaderLease(fleet, 0, new_member_id())
+        registry = KeyRegistry(fleet)
+        holding = asyncio.create_task(hold(lease))
+        say(member=lease.member_id)
+        acting = False
+        while not holding.done():
             await asyncio.sleep(0.01)
             try:
                 fence = lease.require(0.1)
+                await registry.read(0, fence, None)  # a fenced act
             except LeaseLostError:
-                if not refused:
-                    say(refused=time.time())
-                refused = True
+                if acting:  # said once per lease lost
+                    say(refused=True, t=time.time())
+                acting = False
                 continue
-            refused = False
-            say(act=int(fence.rsplit("|", 1)[1]), t=time.time())  # the term it acted in
+            acting = True
+            say(act=int(fence.rsplit("|", 1)[1]), t=time.time())  # the token it acted with
 
 
 async def journal(url: str, name: str, timeout: str, n: str) -> None:
     async with RedisFleet(url, name=name, member_timeout=float(timeout)) as fleet:
-        member = f"journal-{time.monotonic_ns()}"
-        me = Membership(fleet.connection, fleet.keys, member, float(timeout))
-        await me.beat()
-        book = RedisJournal(
-            fleet.connection, fleet.keys, member, member_timeout=float(timeout), unavailable_wait=1
-        )
+        me = Membership(fleet, new_member_id())
+        await me.join()
+        book = RedisJournal(fleet, me.member_id)
         await book.open()
         keys = []
         for i in range(int(n)):
             row = await book.record_intent("/gen", {"prompt": f"p{i}"}, tag=f"t{i}")
-            key = f"{member}-{i}"
+            key = f"{me.member_id}-{i}"
             await book.record_accepted(row, key)
             keys.append(key)
         await book.record_intent("/gen", {"prompt": "in flight"})  # dies before the reply
-        say(member=member, keys=keys)
+        say(member=me.member_id, keys=keys)
         while True:
-            await asyncio.sleep(float(timeout) / 4)
-            await me.beat()
+            await asyncio.sleep(fleet.config.heartbeat_interval)
+            await me.heartbeat()
+
+
+async def reports(url: str, name: str, n: str) -> None:
+    async with RedisFleet(url, name=name) as fleet:
+        member = new_member_id()
+        keys = [f"{member}-{i}" for i in range(int(n))]
+        info = KeyInfo(time.time(), 0.0, time.time() + 60, None)
+        await KeyRegistry(fleet).write((member, key, info) for key in keys)
+        inbox = Inbox(fleet, member)
+        say(member=member)
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while len(seen) < len(keys) and time.monotonic() < deadline:
+            got = await inbox.read(1.0)
+            for report in got:
+                for key in report.keys:
+                    seen[key] = seen.get(key, 0) + 1
+            await inbox.ack(got)
+        say(seen=seen)
+
+
+async def poller(url: str, name: str, lease_seconds: str) -> None:
+    async with RedisFleet(url, name=name, lease_seconds=float(lease_seconds)) as fleet:
+        lease = LeaderLease(fleet, 0, new_member_id())
+        registry = KeyRegistry(fleet)
+        holding = asyncio.create_task(hold(lease))
+        say(member=lease.member_id)
+        version: int | None = None
+        while not holding.done():
+            try:
+                version, changes = await registry.read(0, lease.require(0.5), version)
+            except LeaseLostError:
+                await asyncio.sleep(0.05)
+                continue
+            answers: dict[str, list[Report]] = {}
+            for change in changes:
+                if change.info is not None:
+                    entry = {"key": change.job_key, "status": 4}
+                    answers.setdefault(change.owner, []).append(
+                        Report(keys=[change.job_key], data=[entry])
+                    )
+            await post_reports(fleet, answers)
+            await asyncio.sleep(0.05)
 
 
 def _client(creds: str, rate: str, fleet: Any = None) -> Any:
@@ -183,6 +234,8 @@ ROLES: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
     "limiter": limiter,
     "leader": leader,
     "journal": journal,
+    "reports": reports,
+    "poller": poller,
 }
 
 if __name__ == "__main__":

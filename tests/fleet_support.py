@@ -229,12 +229,6 @@ def _cluster_ok(info: Any) -> bool:
     return "cluster_state:ok" in str(info)
 
 
-def role(client: WujieClient) -> str | None:
-    """The client's role in its fleet (None without one)."""
-    fleet = client.stats.fleet
-    return fleet.role if fleet is not None else None
-
-
 def member(
     emu: Emulator,
     url: str,

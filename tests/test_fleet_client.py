@@ -5,32 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from wujie_async import (
+    FleetStats,
     InvalidRequestError,
-    JobFailedError,
     JobProtocolError,
-    JobTimeoutError,
     Limits,
     UnknownJobError,
     WujieClient,
 )
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
+from wujie_async.fleet._keys import shard_of
+from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
-from wujie_async.fleet._registry import KeyRegistry
+from wujie_async.fleet._reports import Report, post_reports
 
-from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory
-from .fleet_support import any_redis, fleet_name, free_port, member, own_redis, role
-from .hostile import scripted_gateway, throwaway_credentials
-from .test_poller_hostile import done
+from .conftest import EmulatorFactory
+from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -41,17 +38,27 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
         yield redis_url
 
 
-async def wait_for(condition: object, timeout: float = 10.0) -> None:
+async def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+def fleet_of(client: WujieClient) -> FleetStats:
+    stats = client.stats.fleet
+    assert stats is not None
+    return stats
+
+
+def roles(*clients: WujieClient) -> list[str]:
+    return sorted(fleet_of(client).role for client in clients)
 
 
 async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> None:
     name = fleet_name()
     async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
-        await wait_for(lambda: {role(a), role(b)} == {"leader", "follower"})
+        await wait_for(lambda: roles(a, b) == ["follower", "leader"])
         jobs = [
             await c.images.submit(prompt=f"p{i}", model="dall-e-2")
             for i in range(30)
@@ -60,90 +67,64 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
         results = await asyncio.gather(*jobs)
         assert all(len(r.images) == 1 for r in results)
         callers = {caller for _, caller in emu.stats()["batch_callers"]}
-        leader = a if role(a) == "leader" else b
+        leader = a if fleet_of(a).role == "leader" else b
         follower = b if leader is a else a
         assert len(callers) == 1, callers  # one poller for the fleet: the leader
         assert follower.stats.batch_calls == 0
         assert leader.stats.batch_calls == emu.stats()["batch_calls"]
-        await wait_for(lambda: (fleet := a.stats.fleet) is not None and fleet.batch_calls > 0)
-        fleet = a.stats.fleet
-        assert fleet is not None and fleet.size == 2 and 0 < fleet.mean_batch_fill <= 50
+        assert fleet_of(leader).leader_calls == leader.stats.batch_calls
+        await wait_for(lambda: fleet_of(a).batch_calls > 0 and fleet_of(a).size == 2)
+        assert fleet_of(a).mean_batch_fill > 1
         assert emu.stats()["submits_accepted"] == 60
-        assert emu.stats()["batch_keys"]  # every key was asked about by one leader, in calls
-        assert sum(len(keys) for keys in emu.stats()["batch_keys"]) == leader.stats.keys_polled
+    assert WujieClient(emu.credentials, base_url=emu.base_url).stats.fleet is None
 
 
-async def test_the_leader_tells_an_owner_when_it_gives_up_on_a_key(
+async def test_a_key_attached_by_two_members_resolves_in_both(
     url: str, emulator: EmulatorFactory
 ) -> None:
-    # The gateway never lists an attached key. The leader gives up after its grace period
-    # (1 s) and tells the owner, whose own grace (30 s) has not run out: its job fails now,
-    # not at its deadline, with the leader's reason.
-    name, patient = fleet_name(), replace(FAST_POLL, unknown_key_grace=30.0)
-    async with emulator() as emu, member(emu, url, name) as first:
-        await wait_for(lambda: role(first) == "leader")
-        async with member(emu, url, name, poll=patient) as owner:
-            await wait_for(lambda: role(owner) == "follower")
-            job = owner.images.attach("0" * 32, job_timeout=60)
-            with pytest.raises(UnknownJobError, match="fleet's poller gave up"):
-                await asyncio.wait_for(job, 10)
-            assert owner.stats.batch_calls == 0
-
-
-async def test_a_followers_deadline_fires_in_its_own_process(
-    url: str, emulator: EmulatorFactory
-) -> None:
-    # The leader polls; the job, its future and its deadline stay with its member.
-    name, patient = fleet_name(), replace(FAST_POLL, unknown_key_grace=30.0)
-    async with emulator() as emu, member(emu, url, name, poll=patient) as first:
-        await wait_for(lambda: role(first) == "leader")
-        async with member(emu, url, name, poll=patient) as owner:
-            await wait_for(lambda: role(owner) == "follower")
-            job = owner.images.attach("0" * 32, job_timeout=0.5)
-            started = time.monotonic()
-            with pytest.raises(JobTimeoutError):
-                await asyncio.wait_for(job, 10)
-            assert time.monotonic() - started < 2.0
-            assert owner.stats.batch_calls == 0
-
-
-async def heartbeats_after(fleet: RedisFleet, member_id: str, count: int) -> None:
-    """Wait until ``member_id`` has heartbeated ``count`` times from now (seen in Redis)."""
-    members, seen = fleet.keys.members, 0
-    last = await fleet.connection.call(lambda r: r.zscore(members, member_id))
-    deadline = time.monotonic() + 10
-    while seen < count:
-        assert time.monotonic() < deadline, "no heartbeat"
-        await asyncio.sleep(0.02)
-        score = await fleet.connection.call(lambda r: r.zscore(members, member_id))
-        if score != last:
-            seen, last = seen + 1, score
+    # A status endpoint in every worker attaches the same key: each member is an owner of it,
+    # and the leader's reports reach both (one key, asked about once per call).
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.2) as emu,
+        member(emu, url, name) as a,
+        member(emu, url, name) as b,
+    ):
+        job = await a.images.submit(prompt="shared", model="dall-e-2")
+        other = b.images.attach(job.key)
+        ended: list[float] = []
+        for each in (job, other):
+            each.add_done_callback(lambda _: ended.append(time.monotonic()))
+        first, second = await asyncio.wait_for(asyncio.gather(job, other), 10)
+        assert first.images == second.images
+        assert max(ended) - min(ended) < 0.5  # the same report, not a second owner's turn
+        asked = [keys.count(job.key) for keys in emu.stats()["batch_keys"]]
+        assert max(asked) == 1
 
 
 @pytest.mark.parametrize("garbled", ["counters", "type"])
 async def test_garbled_fleet_figures_are_not_taken_for_redis_away(
     url: str, emulator: EmulatorFactory, garbled: str
 ) -> None:
-    # The fleet's stats hash is another process's writes. Counters that are not numbers, or
-    # a key of another type, must not crash the member's watch task or read as Redis away
-    # (which would send every member to local polling, again and again).
+    # The fleet's figures are another process's writes. Counters that are not numbers, or a
+    # key of another type, must not crash the member's watch or read as Redis away (which
+    # would send every member to local polling, again and again).
     name = fleet_name()
     async with emulator() as emu, RedisFleet(url, name=name) as observer:
         stats = observer.keys.stats
         if garbled == "counters":
-            await observer.connection.call(lambda r: r.hset(stats, "batch_calls", "lots"))
-            await observer.connection.call(lambda r: r.hset(stats, "keys_polled", "\u00b2"))
+            await observer.call(lambda r: r.hset(stats, "batch_calls", "lots"))
+            await observer.call(lambda r: r.hset(stats, "keys_polled", "\u00b2"))
         else:
-            await observer.connection.call(lambda r: r.set(stats, "not a hash"))
+            await observer.call(lambda r: r.set(stats, "not a hash"))
         async with member(emu, url, name) as only:
-            await wait_for(lambda: role(only) == "leader")
-            job = await only.images.submit(prompt="p", model="dall-e-2")
-            await job
-            assert only.fleet_member is not None
-            await heartbeats_after(observer, only.fleet_member, 2)  # both read the figures
-            assert role(only) == "leader"
-            fleet = only.stats.fleet
-            assert fleet is not None and fleet.batch_calls == 0 and fleet.leader_calls > 0
+            await wait_for(lambda: fleet_of(only).role == "leader")
+            await only.images.submit(prompt="p", model="dall-e-2")
+            await wait_for(lambda: only.stats.batch_calls > 0)
+            async with member(emu, url, name):  # the figures are read: the size changes
+                await wait_for(lambda: fleet_of(only).size == 2)
+            assert fleet_of(only).role == "leader"
+            assert fleet_of(only).batch_calls == 0
 
 
 async def test_a_journal_path_and_a_fleet_are_refused(
@@ -217,9 +198,8 @@ async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFacto
                 )
             )
             elapsed = time.monotonic() - started
+            assert fleet_of(clients[0]).rate == 20
         assert elapsed >= 29 / 20 * 0.95  # 30 submits at 20/s fleet-wide, not 60/s
-        fleet = clients[0].stats.fleet
-        assert fleet is not None and fleet.rate == 20
 
 
 async def test_redis_lost_mid_run_falls_back_and_rejoins(
@@ -242,19 +222,122 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                 # Nothing hangs: the member polls its own keys while Redis is away.
                 results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
                 assert len(results) == 10
-                assert role(client) == "local"
+                assert fleet_of(client).role == "local"
                 assert "polls its own keys" in caplog.text
                 # The stated submit policy: wait up to unavailable_wait, then a typed error.
                 with pytest.raises(FleetUnavailableError, match="not sent"):
                     await client.images.submit(prompt="while away", model="dall-e-2")
                 async with own_redis(tmp_path, port=port, appendonly=True):
-                    await wait_for(lambda: role(client) != "local", 15)
+                    await wait_for(lambda: fleet_of(client).role == "leader", 15)
                     assert "rejoined" in caplog.text
                     job = await client.images.submit(prompt="back", model="dall-e-2")
                     await asyncio.wait_for(job, 10)
                     assert emu.stats()["submits_accepted"] == 11
             finally:
                 await client.aclose()
+
+
+async def test_redis_losing_everything_mid_run_splits_nothing(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis restarted without its data (no AOF), while two members have jobs running: the
+    # member list, the registry and the lease are gone. Each member finds out at its next
+    # heartbeat or lease renewal, joins again and registers its keys again: one leader again,
+    # nobody local for good, every job resolved by the leader's reports.
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    options: dict[str, Any] = {"member_timeout": 0.9, "lease_seconds": 0.6}
+    async with (
+        emulator(time_scale=0.3) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, **options) as a,
+        member(emu, url, name, **options) as b,
+    ):
+        await wait_for(lambda: roles(a, b) == ["follower", "leader"])
+        jobs = [
+            await c.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(8) for c in (a, b)
+        ]
+        wiped = await observer.call(lambda r: r.keys(f"*{name}*"))
+        assert wiped
+        await observer.call(lambda r: r.delete(*wiped))
+        lost_at = time.time()
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 30)
+        assert all(len(result.images) == 1 for result in results)
+        await wait_for(lambda: roles(a, b) == ["follower", "leader"], 10)
+        late = [who for at, who in emu.stats()["batch_callers"] if at > lost_at + 1.5]
+        assert len(set(late)) <= 1, late  # one poller again
+        assert emu.stats()["submits_accepted"] == 16
+
+
+async def test_a_member_declared_dead_while_alive_joins_again_and_keeps_its_jobs(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The fleet declares a member dead (a long pause, say) while its jobs run. When it finds
+    # out (its heartbeat is refused) it joins again as a member, registers its keys again and
+    # its jobs resolve as before; it does not stay local, and they are not claimable any more.
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.2) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, member_timeout=0.6) as survivor,
+        member(emu, url, name, member_timeout=0.6) as paused,
+    ):
+        jobs = [await paused.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(5)]
+        members, me = observer.keys.members, paused.fleet_member
+        assert me is not None
+        await observer.call(lambda r: r.zadd(members, {me: 0}))  # dead now
+        await wait_for(lambda: "joined again" in caplog.text)
+        assert "declared dead" in caplog.text
+        assert fleet_of(paused).role != "local"
+        assert await survivor.resume() == []  # alive again: nothing to claim
+        await asyncio.wait_for(asyncio.gather(*jobs), 20)
+        assert fleet_of(paused).role != "local"
+        assert emu.stats()["submits_accepted"] == 5
+
+
+async def test_reports_are_checked_like_replies_and_verdicts_end_jobs(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # A leader's reports are other processes' writes: a malformed entry fails its own job
+    # only, a garbled stream entry or verdict is skipped, and the member carries on. Here the
+    # test holds the lease and plays the leader.
+    name = fleet_name()
+    async with emulator() as emu, RedisFleet(url, name=name, lease_seconds=30) as fake:
+        lease = LeaderLease(fake, 0, "the-test")
+        assert await lease.try_acquire() == 0.0
+        async with member(emu, url, name, lease_seconds=30) as client:
+            assert client.fleet_member is not None
+            me: str = client.fleet_member
+            ok, bad, lost, other = (client.images.attach(f"KEY-{k}") for k in "ABCD")
+            entries = [
+                {"key": ok.key, "status": 4, "complete_percent": 100,
+                 "images": [{"url": "https://files.example/a.png"}]},
+                {"key": bad.key, "status": "not a status"},
+                {"key": "NOT-ASKED", "status": 4},
+            ]  # fmt: skip
+            stream = fake.keys.reports(me)
+            await fake.call(lambda r: r.xadd(stream, {"b": "not json"}))
+            await fake.call(lambda r: r.xadd(stream, {"junk": "x"}))
+            await post_reports(
+                fake,
+                {
+                    me: [
+                        Report(keys=[ok.key, bad.key], data=entries),
+                        Report(ended={lost.key: ("UnknownJobError", "not listed for 30s")}),
+                        Report(ended={other.key: ("SystemExit", "not an error we know")}),
+                        Report(ended={bad.key: ("JobProtocolError", "listed only malformed")}),
+                    ]
+                },
+            )
+            assert len((await asyncio.wait_for(ok, 5)).images) == 1
+            with pytest.raises(UnknownJobError, match="fleet's leader"):
+                await asyncio.wait_for(lost, 5)
+            with pytest.raises(JobProtocolError):
+                await asyncio.wait_for(bad, 5)
+            assert not other.done()
+            assert fleet_of(client).role == "follower"
+            assert emu.stats()["batch_calls"] == 0  # nobody asked the gateway: the test did
 
 
 async def test_a_429_on_a_submit_pauses_every_member(url: str, emulator: EmulatorFactory) -> None:
@@ -266,18 +349,18 @@ async def test_a_429_on_a_submit_pauses_every_member(url: str, emulator: Emulato
         job = await a.images.submit(prompt="after a 429", model="dall-e-2")  # retried, then ok
         assert a.stats.rate_limited == 1
         async with RedisFleet(url, name=name) as other:
-            paused = await FleetLimiter(other.connection, other.keys, 1.0).paused_for()
+            paused = await FleetLimiter(other, 1.0).paused_for()
         assert 0 < paused <= 2.0  # every member's next submit waits for it
         await job
 
 
 def pollers_per_shard(
-    stats: dict[str, Any], shard_of: Callable[[str], int]
+    stats: dict[str, Any], shard: Callable[[str], int]
 ) -> dict[int, list[tuple[float, str]]]:
     """Each shard's batch calls, in time order, as (time, caller); a call must stay in one."""
     calls: dict[int, list[tuple[float, str]]] = {}
     for (at, who), keys in zip(stats["batch_callers"], stats["batch_keys"], strict=True):
-        shards = {shard_of(key) for key in keys}
+        shards = {shard(key) for key in keys}
         assert len(shards) == 1, f"one batch call asked about shards {shards}"
         calls.setdefault(shards.pop(), []).append((float(at), str(who)))
     return {shard: sorted(times) for shard, times in calls.items()}
@@ -299,9 +382,7 @@ async def test_shards_spread_the_polling_one_poller_per_shard(
         results = await asyncio.wait_for(asyncio.gather(*jobs), 20)
         assert all(len(result.images) == 1 for result in results)
         stats = emu.stats()
-    fleet = RedisFleet(url, name=name, shards=shards)
-    registry = KeyRegistry(fleet.connection, fleet.keys, shards=shards, lease_seconds=1)
-    by_shard = pollers_per_shard(stats, registry.shard_of)
+    by_shard = pollers_per_shard(stats, lambda key: shard_of(key, shards))
     assert set(by_shard) == set(range(shards))  # 60 keys land in every shard
     for calls in by_shard.values():
         # One poller per shard at a time: the caller changes only at a takeover (none here).
@@ -311,56 +392,3 @@ async def test_shards_spread_the_polling_one_poller_per_shard(
     # The fleet polls for everyone: some call mixes keys of different members.
     assert any(sum(1 for mine in keys_of if mine & set(keys)) > 1 for keys in asked_together)
     assert stats["submits_accepted"] == 60
-
-
-async def test_a_followers_jobs_meet_hostile_entries_as_a_lone_clients_do(url: str) -> None:
-    # The leader asks; the follower judges every entry of the reports itself, exactly as it
-    # judges its own replies: a bad entry costs its own job, never the follower (or leader).
-    def script(keys: list[str]) -> list[Any]:
-        entries: list[Any] = [{"nokey": True}, "junk", None, {"key": "NOT-ASKED", "status": 4}]
-        for key in keys:
-            kind = int(key[1:]) % 4
-            if kind == 1:
-                entries.append({"key": key, "status": 1, "expected_seconds": math.nan})
-                entries.append({**done(key), "complete_percent": math.inf})
-            elif kind == 2:
-                failure = {"fail_code": "\u00b2", "fail_message": "\x1b]0;PWNED\x07"}
-                entries.append({"key": key, "status": 3, "fail_message": failure})
-            elif kind == 3:
-                entries.append({"key": key, "status": "done"})
-            else:
-                entries.append(done(key))
-        return entries
-
-    name = fleet_name()
-    async with scripted_gateway(script) as gateway:
-        clients = [
-            WujieClient(
-                throwaway_credentials(),
-                base_url=gateway.base_url,
-                poll=FAST_POLL,
-                retry=INSTANT_RETRY,
-                fleet=RedisFleet(url, name=name, lease_seconds=1.0),
-            )
-            for _ in range(2)
-        ]
-        async with clients[0] as first, clients[1] as second:
-            await wait_for(lambda: {role(first), role(second)} == {"leader", "follower"})
-            follower = first if role(first) == "follower" else second
-            jobs = [
-                await follower.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(8)
-            ]
-            outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                kind = int(job.key[1:]) % 4
-                if kind in (0, 1):
-                    assert not isinstance(outcome, BaseException), (job.key, outcome)
-                    assert 0 <= job.progress <= 100
-                elif kind == 2:
-                    assert isinstance(outcome, JobFailedError) and outcome.fail_code is None
-                    assert "\x1b" not in str(outcome)
-                else:
-                    assert isinstance(outcome, JobProtocolError) and "malformed" in str(outcome)
-            assert follower.stats.batch_calls == 0  # every reply came through the leader
-            late = await follower.images.submit(prompt="late", model="dall-e-2")
-            await asyncio.wait_for(asyncio.gather(late, return_exceptions=True), 10)  # lives on

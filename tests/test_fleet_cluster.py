@@ -30,7 +30,7 @@ def test_every_scripts_keys_share_one_slot() -> None:
         # What each Lua script touches together (the journal's scripts build row, owner,
         # tag and key names from the prefix; claiming also reads the member list).
         "limiter": [keys.rate_tat, keys.rate_pause],
-        "heartbeat": [keys.members, keys.stats],
+        "membership": [keys.members, keys.member_info],
         "journal": [
             journal + "seq",
             journal + "row:1",
@@ -38,18 +38,22 @@ def test_every_scripts_keys_share_one_slot() -> None:
             journal + "tag:t1",
             journal + "key:k1",
             keys.members,
+            keys.member_info,
+            keys.stats,
         ],
     }
     for shard in range(8):
         groups[f"shard {shard}"] = [
             keys.lease(shard),
             keys.lease_counter(shard),
-            keys.keys_log(shard),
+            keys.registered(shard),
+            keys.changes(shard),
+            keys.version(shard),
         ]
     for what, names in groups.items():
         assert len({slot(name) for name in names}) == 1, (what, names)
     # The shards' tags differ, so a cluster spreads them over its nodes.
-    assert len({slot(keys.keys_log(shard)) for shard in range(8)}) == 8
+    assert len({slot(keys.registered(shard)) for shard in range(8)}) == 8
     assert slot(keys.reports("m1")) != slot(keys.reports("m2"))
 
 

@@ -14,7 +14,7 @@ import pytest
 from wujie_async import ClientStateError, InvalidRequestError
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
 from wujie_async.fleet._limiter import FleetLimiter
-from wujie_async.fleet._redis import stop_task
+from wujie_async.fleet._link import stop_task
 
 from .fleet_support import any_redis, fleet_name, free_port, own_redis
 
@@ -26,12 +26,15 @@ def test_importing_the_package_does_not_import_redis() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_fleet_package_exports_what_users_touch() -> None:
+def test_the_fleet_package_shows_what_users_touch() -> None:
     import wujie_async.fleet as fleet
 
     assert fleet.__all__ == [
-        "FleetConfig", "FleetDurability", "FleetUnavailableError", "LeaseLostError", "RedisFleet",
-    ]  # fmt: skip
+        "FleetConfig",
+        "FleetDurability",
+        "FleetUnavailableError",
+        "RedisFleet",
+    ]
     assert all(getattr(fleet, name).__doc__ for name in fleet.__all__)
 
 
@@ -72,7 +75,7 @@ async def test_unreachable_redis_names_the_url_without_its_password() -> None:
 async def test_use_before_start_is_a_state_error() -> None:
     fleet = RedisFleet("redis://127.0.0.1:1/0", name="x")
     with pytest.raises(ClientStateError, match="not started"):
-        await FleetLimiter(fleet.connection, fleet.keys, 10).acquire()
+        await FleetLimiter(fleet, 10).acquire()
 
 
 async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> None:
@@ -83,7 +86,7 @@ async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> No
             try:
                 started = asyncio.get_running_loop().time()
                 with pytest.raises(FleetUnavailableError, match=r"did not answer within 0\.3s"):
-                    await FleetLimiter(fleet.connection, fleet.keys, 10).acquire()
+                    await FleetLimiter(fleet, 10).acquire()
                 assert asyncio.get_running_loop().time() - started < 1.0
             finally:
                 server.process.send_signal(signal.SIGCONT)
@@ -162,7 +165,7 @@ async def test_stopping_a_task_that_swallows_its_cancel_ends_within_the_deadline
     loop = asyncio.get_running_loop()
     started = loop.time()
     with caplog.at_level(logging.WARNING, "wujie_async.fleet"):
-        await stop_task(task, within=1.2)
+        await stop_task(task, 1.2)
     assert loop.time() - started < 3.0
     assert "did not stop" in caplog.text
     release.set()
@@ -175,7 +178,7 @@ async def test_stopping_a_task_does_not_swallow_the_callers_own_cancel() -> None
     release = asyncio.Event()
     task = asyncio.create_task(stubborn(release))
     await asyncio.sleep(0)
-    stopper = asyncio.create_task(stop_task(task, within=31.0))
+    stopper = asyncio.create_task(stop_task(task, 30.0))
     await asyncio.sleep(0.05)
     stopper.cancel()  # the caller is cancelled while it waits (30 s deadline)
     with pytest.raises(asyncio.CancelledError):

@@ -14,22 +14,11 @@ import pytest
 from wujie_async import ClientStateError
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
 from wujie_async.fleet._journal import RedisJournal
-from wujie_async.fleet._membership import Membership
+from wujie_async.fleet._membership import Membership, new_member_id
 
 from .fleet_support import any_redis, fleet_name, next_event, own_redis, start_child, stop_child
 
 pytestmark = pytest.mark.anyio
-
-
-def journal_of(fleet: RedisFleet, member: str) -> RedisJournal:
-    config = fleet.config
-    return RedisJournal(
-        fleet.connection,
-        fleet.keys,
-        member,
-        member_timeout=config.member_timeout,
-        unavailable_wait=config.unavailable_wait,
-    )
 
 
 @pytest.fixture
@@ -40,7 +29,7 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def opened(fleet: RedisFleet, member: str) -> AsyncIterator[RedisJournal]:
-    journal = journal_of(fleet, member)
+    journal = RedisJournal(fleet, member)
     await journal.open()
     try:
         yield journal
@@ -75,11 +64,11 @@ async def test_the_sqlite_journal_protocol(url: str) -> None:
         assert first.tag == "msg-1" and first.created > 0 and first.error is None
         assert every[2].error == "20010001 bad size"
         assert [e.job_key for e in await journal.entries("accepted")] == ["KEY-LATER"]
-        assert [e.id for e in await journal.find("msg-1")] == [done]
+        assert [e.id for e in await journal.entries(tag="msg-1")] == [done]
         assert [e.id for e in await journal.entries("accepted", tag="msg-1")] == []
         assert await journal.forget([done, refused, 999_999]) == 2
         assert [e.id for e in await journal.entries()] == [later, lost, never]
-        assert await journal.find("msg-1") == []
+        assert await journal.entries(tag="msg-1") == []
         with pytest.raises(ValueError, match="final state"):
             journal.record_outcome("KEY-LATER", "accepted")
 
@@ -124,35 +113,28 @@ async def test_two_claimers_split_dead_members_jobs_exactly_once(url: str) -> No
 
     async with AsyncExitStack() as stack:
         claimers, members = [], []
-        for i in range(2):
+        for _ in range(2):
             fleet = await stack.enter_async_context(
                 RedisFleet(url, name=name, member_timeout=timeout)
             )
-            members.append(Membership(fleet.connection, fleet.keys, f"claimer-{i}", timeout))
-            await members[-1].beat()
-            claimers.append(await stack.enter_async_context(opened(fleet, f"claimer-{i}")))
+            members.append(Membership(fleet, new_member_id()))
+            claimers.append(await stack.enter_async_context(opened(fleet, members[-1].member_id)))
+        await asyncio.sleep(timeout + 0.2)  # the killed members' heartbeats expire
 
-        async def all_dead() -> bool:  # the children's last heartbeats are over timeout old
-            for claimer in members:
-                await claimer.beat()
-            return (await members[0].beat()).live == 2
-
-        deadline = asyncio.get_running_loop().time() + 10
-        while not await all_dead():
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
-
-        async def claim_repeatedly(journal: RedisJournal) -> tuple[list[str], list[str]]:
+        async def claim_repeatedly(
+            me: Membership, journal: RedisJournal
+        ) -> tuple[list[str], list[str]]:
             keys: list[str] = []
             dead: list[str] = []
             for _ in range(20):
+                await me.join()  # a live member (as its heartbeats would keep it)
                 claim = await journal.claim_dead(timeout)
                 keys += [e.job_key or "" for e in claim.entries]
                 dead += claim.dead_members
             return keys, dead
 
         (keys_a, dead_a), (keys_b, dead_b) = await asyncio.gather(
-            *(claim_repeatedly(journal) for journal in claimers)
+            *(claim_repeatedly(me, journal) for me, journal in zip(members, claimers, strict=True))
         )
         assert not set(keys_a) & set(keys_b)  # never the same job twice
         assert sorted(keys_a + keys_b) == sorted(expected)  # and every job once
@@ -167,6 +149,7 @@ async def test_two_claimers_split_dead_members_jobs_exactly_once(url: str) -> No
             claimers[0].record_outcome(key, "succeeded")
         await claimers[0].flush()
         assert len(await claimers[1].entries("succeeded")) == len(keys_a)
+        await members[1].join()
         assert (await claimers[1].claim_dead(timeout)).dead_members == []
 
 
@@ -196,7 +179,7 @@ async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
 async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: Path) -> None:
     async with own_redis(tmp_path) as server:
         async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.2) as fleet:
-            journal = journal_of(fleet, "me")
+            journal = RedisJournal(fleet, "me")
             await journal.open()
             row = await journal.record_intent("/gen", {"prompt": "x"})
             assert server.process is not None
@@ -209,33 +192,3 @@ async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: P
                 assert asyncio.get_running_loop().time() - started < 0.6
             finally:
                 server.process.send_signal(signal.SIGCONT)
-
-
-async def test_an_intent_that_waited_for_redis_retakes_its_turn(tmp_path: Path) -> None:
-    # Its turn of the fleet-wide rate was taken before Redis went away: sent on it after Redis
-    # returns, the submit could land in the same second as fresh turns (one over the cap).
-    turns: list[float] = []
-
-    async def retake_turn() -> None:
-        turns.append(asyncio.get_running_loop().time())
-
-    async with own_redis(tmp_path, appendonly=True) as server:
-        fleet = RedisFleet(server.url, name=fleet_name(), command_timeout=0.5)
-        async with fleet:
-            journal = RedisJournal(
-                fleet.connection, fleet.keys, "me", member_timeout=30, unavailable_wait=20,
-                retake_turn=retake_turn,
-            )  # fmt: skip
-            await journal.record_intent("/gen", {"prompt": "in time"})
-            assert turns == []  # an intent written at once keeps its turn
-            assert server.process is not None
-            server.process.terminate()
-            await asyncio.wait_for(server.process.wait(), 15)
-            waiting = asyncio.create_task(journal.record_intent("/gen", {"prompt": "waits"}))
-            await asyncio.sleep(0.1)  # its first try meets no Redis
-            async with own_redis(tmp_path, appendonly=True, port=server.port):
-                await asyncio.wait_for(waiting, 15)
-                assert len(turns) == 1
-                assert [e.request["prompt"] for e in await journal.entries("intent")] == [
-                    "in time", "waits",
-                ]  # fmt: skip

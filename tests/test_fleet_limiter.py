@@ -40,7 +40,7 @@ async def members(
     limiters = []
     for _ in range(count):
         fleet = await stack.enter_async_context(RedisFleet(url, name=name))
-        limiters.append(FleetLimiter(fleet.connection, fleet.keys, rate))
+        limiters.append(FleetLimiter(fleet, rate))
     return limiters
 
 
@@ -116,9 +116,25 @@ async def test_a_pause_stops_every_member(url: str) -> None:
 async def test_bad_rate_and_pause_are_typed_errors(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         with pytest.raises(InvalidRequestError) as caught:
-            FleetLimiter(fleet.connection, fleet.keys, 0)
+            FleetLimiter(fleet, 0)
         assert caught.value.field == "rate"
-        one = FleetLimiter(fleet.connection, fleet.keys, 1)
         with pytest.raises(InvalidRequestError):
-            await one.pause(-1)
-        assert await one.pause(0) == 0.0
+            await FleetLimiter(fleet, 1).pause(-1)
+        assert await FleetLimiter(fleet, 1).pause(0) == 0.0
+
+
+async def test_a_caller_that_wakes_late_for_its_slot_takes_a_new_one(url: str) -> None:
+    # A stall of the loop (a GC pause, a busy CPU) makes a caller wake well after its slot.
+    # Sent then, it would go out with the next slot's submit; it takes a fresh slot instead.
+    rate = 10.0  # slots 105 ms apart
+    async with AsyncExitStack() as stack:
+        first, second = await members(stack, url, fleet_name(), 2, rate)
+        await first.acquire()  # the slot now
+        late = asyncio.create_task(first.acquire())  # the next slot, about 105 ms ahead
+        await asyncio.sleep(0.01)
+        time.sleep(0.3)  # noqa: ASYNC251 (the stall is the point)
+        await late
+        sent_late = time.monotonic()
+        await second.acquire()  # the slot after: not at once
+        assert time.monotonic() - sent_late > 0.08
+        assert first.acquired == 2

@@ -1,10 +1,12 @@
-"""The key log (who follows which key, by shard, read by its leader) and the reports."""
+"""The key registry (every member's keys, their owners, read by each shard's leader) and the
+report streams (a leader's answers, read by their member)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,13 @@ from typing import Any
 import pytest
 
 from wujie_async.fleet import RedisFleet
-from wujie_async.fleet._registry import Follow, KeyRegistry, Leave
-from wujie_async.fleet._reports import Announce, Ending, Reply, ReportInbox, ReportOutbox
+from wujie_async.fleet._errors import LeaseLostError
+from wujie_async.fleet._keys import shard_of
+from wujie_async.fleet._lease import LeaderLease
+from wujie_async.fleet._registry import Change, KeyInfo, KeyRegistry
+from wujie_async.fleet._reports import Inbox, Report, post_reports
 
-from .fleet_support import any_redis, fleet_name
+from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
 
 pytestmark = pytest.mark.anyio
 
@@ -26,131 +31,155 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
         yield redis_url
 
 
-def registry(fleet: RedisFleet) -> KeyRegistry:
-    return KeyRegistry(fleet.connection, fleet.keys, shards=fleet.config.shards, lease_seconds=1)
+def info(model: str | None = "dall-e-2") -> KeyInfo:
+    return KeyInfo(time.time(), None, time.time() + 600, model)
 
 
-def job(key: str, model: str | None = "dall-e-2", *, age: float = 0.0) -> Follow:
-    return Follow(key=key, model=model, first_delay=None, age=age, deadline_in=60.0)
+async def leading(fleet: RedisFleet, shard: int = 0) -> str:
+    lease = LeaderLease(fleet, shard, f"leader-{shard}")
+    assert await lease.try_acquire() == 0.0
+    return lease.require(0)
 
 
-async def test_a_leader_reads_who_follows_what_from_its_term_on(url: str) -> None:
+async def test_a_leader_reads_the_whole_shard_then_its_changes(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name(), lease_seconds=30) as fleet:
+        registry = KeyRegistry(fleet)
+        first = info()
+        await registry.write([("m1", "K1", first), ("m1", "K2", info(None)), ("m2", "K3", info())])
+        fence = await leading(fleet)
+        version, everything = await registry.read(0, fence, None)
+        assert {(c.owner, c.job_key) for c in everything} == {
+            ("m1", "K1"),
+            ("m1", "K2"),
+            ("m2", "K3"),
+        }
+        assert [c.info for c in everything if c.job_key == "K1"] == [first]
+        assert version == 3
+        # The owner of K1 is done with it; m2 attaches K1 and adds K4; one read has them all,
+        # in order, and a removal is read once (its tombstone goes).
+        await registry.write([("m1", "K1", None), ("m2", "K1", first), ("m2", "K4", info())])
+        version, changes = await registry.read(0, fence, version)
+        assert changes == [Change("m1", "K1", None), Change("m2", "K1", first), changes[2]]
+        assert changes[2].job_key == "K4" and version == 6
+        assert await registry.read(0, fence, version) == (version, [])
+        changed = fleet.keys.changes(0)
+        assert await fleet.call(lambda r: r.zcard(changed)) == 4  # live fields only
+        # A limited read says how far it got; the next one goes on from there.
+        await registry.write([("m3", f"L{i}", info()) for i in range(5)])
+        later, some = await registry.read(0, fence, version, limit=2)
+        assert [c.job_key for c in some] == ["L0", "L1"] and later == version + 2
+        assert [c.job_key for c in (await registry.read(0, fence, later))[1]] == ["L2", "L3", "L4"]
+
+
+async def test_a_read_needs_the_shards_lease(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
-        keys = registry(fleet)
-        await keys.follow("m1", [job("BEFORE")])  # before the term: announced again if need be
-        cursor = await keys.begin_term(0)
-        await keys.follow("m1", [job("K1", age=5.0), Follow("K2", None, 0.0, 0.0, 30.0)])
-        await keys.leave("m2", ["K1"])
-        cursor, changes = await keys.changes(0, cursor, wait=1.0)
-        assert changes == [
-            Follow("K1", "dall-e-2", None, 5.0, 60.0, owner="m1"),
-            Follow("K2", None, 0.0, 0.0, 30.0, owner="m1"),
-            Leave("K1", "m2"),
-        ]
-        # Nothing new: the read waits its time and returns nothing.
-        cursor, changes = await keys.changes(0, cursor, wait=0.1)
-        assert changes == []
-        # A blocked read wakes when a member follows a key.
-        later = asyncio.create_task(keys.changes(0, cursor, wait=5.0))
-        await keys.follow("m3", [job("K3")])
-        _, changes = await asyncio.wait_for(later, 2.0)
-        assert [change.key for change in changes] == ["K3"]
+        with pytest.raises(LeaseLostError):
+            await KeyRegistry(fleet).read(0, "someone|1", None)
 
 
-async def test_keys_spread_over_shards(url: str) -> None:
-    async with RedisFleet(url, name=fleet_name(), shards=4) as fleet:
-        keys = registry(fleet)
-        cursors = [await keys.begin_term(shard) for shard in range(4)]
-        names = [f"KEY{i:03d}" for i in range(200)]
-        await keys.follow("m1", [job(name) for name in names])
-        found: list[str] = []
-        for shard, cursor in enumerate(cursors):
-            _, changes = await keys.changes(shard, cursor, wait=0.1)
-            assert all(keys.shard_of(change.key) == shard for change in changes)
+async def test_garbled_registrations_are_skipped_not_fatal(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name(), lease_seconds=30) as fleet:
+        registry = KeyRegistry(fleet)
+        good = info()
+        await registry.write([("m", "GOOD", good)])
+        hashed = fleet.keys.registered(0)
+        nan = "[1.0, null, NaN, null]"
+        garbage: dict[Any, Any] = {
+            "no-space": good.encode(),
+            "m NOT-JSON": "{",
+            "m NOT-A-LIST": json.dumps({"t": 1}),
+            "m NAN": nan,
+            "m DEEP": "[" * 100_000,
+            "m LONG-MODEL": json.dumps([1.0, None, 2.0, "x" * 200]),
+            "m NEGATIVE-DELAY": json.dumps([1.0, -5, 2.0, None]),
+            "m BOOL": json.dumps([True, None, 2.0, None]),
+        }
+        await fleet.call(lambda r: r.hset(hashed, mapping=garbage))
+        _, changes = await registry.read(0, await leading(fleet), None)
+        assert changes == [Change("m", "GOOD", good)]
+        assert KeyInfo.decode(good.encode()) == good
+        assert KeyInfo.decode(None) is None
+
+
+async def test_keys_spread_over_shards_each_read_by_its_leader(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name(), shards=4, lease_seconds=30) as fleet:
+        registry = KeyRegistry(fleet)
+        keys = [f"KEY{i:03d}" for i in range(200)]
+        await registry.write(("m1", key, info()) for key in keys)
+        read: list[str] = []
+        for shard in range(4):
+            _, changes = await registry.read(shard, await leading(fleet, shard), None)
+            assert all(shard_of(c.job_key, 4) == shard for c in changes)
             assert 20 < len(changes) < 80  # roughly even
-            found += [change.key for change in changes]
-        assert sorted(found) == names
-
-
-async def test_garbled_log_entries_are_skipped(url: str) -> None:
-    async with RedisFleet(url, name=fleet_name()) as fleet:
-        keys = registry(fleet)
-        log = fleet.keys.keys_log(0)
-        cursor = await keys.begin_term(0)
-        garbled: list[dict[Any, Any]] = [
-            {"junk": "x"},
-            {"k": "K", "o": "m", "f": "{"},
-            {"k": "K", "o": "m", "f": "[" * 100_000},
-            {"k": "K", "o": "m", "f": json.dumps([None, None, "soon", 60])},
-            {"k": "K", "o": "m", "f": json.dumps([None, None, 1, float("nan")])},
-            {"k": "K", "o": "m", "f": json.dumps([1, 2])},
-            {"k": "K", "o": "m", "f": json.dumps({"a": 1})},
-        ]
-
-        async def add(redis: Any, fields: dict[Any, Any]) -> None:
-            await redis.xadd(log, fields)
-
-        for fields in garbled:
-            await fleet.connection.call(functools.partial(add, fields=fields))
-        await keys.follow("m", [job("GOOD", model="x" * 500)])
-        _, changes = await keys.changes(0, cursor, wait=0.1)
-        assert [(change.key, len(getattr(change, "model", ""))) for change in changes] == [
-            ("GOOD", 100)
-        ]
+            read += [c.job_key for c in changes]
+        assert sorted(read) == keys
 
 
 async def test_reports_reach_their_member_without_lost_wakeups(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
-        redis, names = fleet.connection, fleet.keys
-        outbox = ReportOutbox(redis, names, expire_after=60)
-        one, two = (
-            ReportInbox(redis, names, "one", 10_000),
-            ReportInbox(redis, names, "two", 10_000),
-        )
-        entry = {"key": "A", "status": 1}
+        one, two = Inbox(fleet, "one"), Inbox(fleet, "two")
+        entries: list[Any] = [{"key": "A", "status": 1}]
         # Posted before anyone reads: still delivered (no lost wake-ups).
-        await outbox.post([("one", Reply(("A",), [entry])), ("two", Ending("B", True, "gone"))])
-        await outbox.post([("one", Announce(3))])
+        await post_reports(fleet, {"one": [Report(["A"], entries)], "two": [Report(["B"])]})
         got_one = await one.read(0.5)
-        assert got_one == [Reply(("A",), [entry]), Announce(3)]
-        assert await two.read(0.5) == [Ending("B", True, "gone")]
+        assert [(r.keys, r.data) for r in got_one] == [(["A"], entries)]
+        assert [r.keys for r in await two.read(0.5)] == [["B"]]
         # A blocked reader wakes when a report is posted.
         reader = asyncio.create_task(two.read(5.0))
-        await outbox.post([("two", Reply(("C",), []))])
-        assert await asyncio.wait_for(reader, 1.0) == [Reply(("C",), [])]
+        await asyncio.sleep(0.1)
+        await post_reports(fleet, {"two": [Report(ended={"C": ("UnknownJobError", "gone")})]})
+        [verdict] = await asyncio.wait_for(reader, 1.0)
+        assert verdict.ended == {"C": ("UnknownJobError", "gone")}
         # The wait is bounded.
         started = asyncio.get_running_loop().time()
         assert await one.read(0.2) == []
         assert asyncio.get_running_loop().time() - started < 1.0
-        # What was not acknowledged is read again from the start (after Redis came back).
-        one.rewind()
-        assert await one.read(0.1) == got_one
+        # Unacknowledged reports are read again by a new reader of the same member.
+        assert await Inbox(fleet, "one").read(0.1) == got_one
         await one.ack(got_one)
-        one.rewind()
-        assert await one.read(0.1) == []
-        stream = names.reports("two")
-        assert 0 < await redis.call(lambda r: r.pttl(stream)) <= 60_000  # dies with its member
+        assert await Inbox(fleet, "one").read(0.1) == []
+        stream = fleet.keys.reports("two")
+        assert await fleet.call(lambda r: r.xlen(stream)) == 2
+        assert 0 < await fleet.call(lambda r: r.pttl(stream))  # unread streams expire
+        await two.drop()
+        assert await fleet.call(lambda r: r.exists(stream)) == 0
 
 
-async def test_a_malformed_report_is_skipped_not_fatal(url: str) -> None:
+async def test_a_malformed_stream_entry_is_skipped_not_fatal(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         stream = fleet.keys.reports("m")
-
-        async def add(fields: dict[Any, Any]) -> None:
-            await fleet.connection.call(lambda r: r.xadd(stream, fields))
-
-        for fields in (
+        garbled: list[dict[Any, Any]] = [
             {"junk": "x"},
-            {"r": "not json"},
-            {"r": "[1]"},
-            {"r": "[" * 100_000},  # nested deeper than json can follow
-            {"r": json.dumps({"asked": ["K"] * 51, "entries": []})},  # more than one call
-            {"r": json.dumps({"asked": [1], "entries": []})},
-            {"r": json.dumps({"asked": ["K"], "entries": {}})},
-            {"r": json.dumps({"ended": "K", "unknown": "yes"})},
-            {"r": json.dumps({"asked": ["K"], "entries": ["x" * 2000]})},  # over the size cap
-        ):
-            await add(fields)
-        await add({"r": json.dumps({"asked": ["K"], "entries": [{"key": "K"}]})})
-        inbox = ReportInbox(fleet.connection, fleet.keys, "m", max_bytes=1000)
-        assert await inbox.read(0.2) == [Reply(("K",), [{"key": "K"}])]
+            {"b": "not json"},
+            {"b": "[1]"},
+            {"b": json.dumps({"k": "not a list", "d": [], "x": {}})},
+            {"b": "[" * 100_000},  # nested deeper than json can follow
+        ]
+        for fields in garbled:
+            await fleet.call(lambda r, fields=fields: r.xadd(stream, fields))  # type: ignore[misc]
+        odd: dict[Any, Any] = {
+            "b": json.dumps({"k": ["K", 7], "d": [], "x": {"E": "not a pair", "F": ["a", "b"]}})
+        }
+        await fleet.call(lambda r: r.xadd(stream, odd))
+        await post_reports(fleet, {"m": [Report(["K"], [{"key": "K"}])]})
+        reports = await Inbox(fleet, "m").read(0.2)
+        assert [(r.keys, r.ended) for r in reports] == [(["K"], {"F": ("a", "b")}), (["K"], {})]
+
+
+@pytest.mark.slow
+async def test_reports_across_processes(url: str) -> None:
+    """Two member processes register keys; a leader process answers each, exactly once."""
+    name = fleet_name()
+    members = [await start_child("reports", url, name, "30") for _ in range(2)]
+    leader = await start_child("poller", url, name, "2")
+    try:
+        for member in members:
+            await next_event(member)
+        await next_event(leader)
+        for member in members:
+            seen = (await next_event(member, timeout=30))["seen"]
+            assert len(seen) == 30 and set(seen.values()) == {1}  # each report exactly once
+    finally:
+        for proc in (*members, leader):
+            with contextlib.suppress(ProcessLookupError):
+                await stop_child(proc)

@@ -449,16 +449,11 @@ class WujieClient:
             if self._gc_freezer is not None:
                 self._gc_freezer.job_tracked()
             if self._fleet is not None:
-                self._fleet.tracked(job, first_delay)
-                job.add_done_callback(self._fleet_job_ended)
+                self._fleet.tracked(job, first_delay)  # it follows the job's end itself
         else:
             job.cancel()
             self._telemetry.job_ended(trace, key, None, state, job.exception(), 0)
         return job
-
-    def _fleet_job_ended(self, job: ImageJob) -> None:
-        if self._fleet is not None:
-            self._fleet.ended(job.key)
 
     def _record_outcome(self, job: ImageJob) -> None:
         journal = self._journal

@@ -1,7 +1,7 @@
 """What the client needs of fleet mode, without importing it (no Redis unless ``fleet=``).
 
-``WujieClient(fleet=fleet)`` asks ``fleet.member()`` for its hook, which satisfies
-:class:`FleetLink`; the client talks to it through these methods only.
+``WujieClient(fleet=fleet)`` gets this member's :class:`FleetLink` from ``fleet.member()`` (a
+``wujie_async.fleet.RedisFleet``) and only talks to it through these methods.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class FleetLink(Protocol):
     async def start(
         self, *, poller: BatchPoller, transport: Transport, poll: PollPolicy, limits: Limits
     ) -> None:
-        """Connect, join, and start leading/following (raises FleetUnavailableError)."""
+        """Connect, join, and follow or lead (raises FleetUnavailableError)."""
         ...
 
     async def stop_polling(self) -> None:
@@ -54,11 +54,10 @@ class FleetLink(Protocol):
         ...
 
     def tracked(self, job: ImageJob, first_delay: float | None) -> None:
-        """The poller now tracks ``job`` (first ask after ``first_delay``): the fleet asks."""
-        ...
+        """The poller now tracks ``job``: the fleet's leader asks about it until it ends.
 
-    def ended(self, key: str) -> None:
-        """``key``'s job ended here: the fleet need not ask about it for this member."""
+        ``first_delay``: seconds until the first ask (None: the poll policy's).
+        """
         ...
 
     async def claim_dead(self) -> list[JournalEntry]:

@@ -73,7 +73,7 @@ ENDED_JOBS_KEPT = 1024
 UNKNOWN_STATUSES_KEPT = 64
 
 
-class BatchSender(Protocol):
+class BatchPoster(Protocol):
     """What the poller needs of a transport: one POST of a batch call, and the client's
     telemetry (``Transport`` is one)."""
 
@@ -168,13 +168,22 @@ class _DeadlineWatch:
 class BatchPoller:
     """Holds every outstanding job and polls them in shared batch calls."""
 
-    def __init__(self, transport: BatchSender, policy: PollPolicy, limits: Limits) -> None:
+    def __init__(
+        self,
+        transport: BatchPoster,
+        policy: PollPolicy,
+        limits: Limits,
+        *,
+        schedule: PollSchedule | None = None,
+    ) -> None:
         self._transport = transport
         self._telemetry = transport.telemetry  # the client's: spans, metrics, warnings
         self._warnings = transport.telemetry.warnings
-        self._held = False  # someone else asks the gateway (hold_asks)
+        self._held = False  # someone else asks the gateway (set_asking)
         self._policy = policy
-        self._schedule_of = PollSchedule(policy)
+        # Two pollers of one process may share a schedule: a fleet's leader asks by what its
+        # member has learned.
+        self._schedule_of = schedule if schedule is not None else PollSchedule(policy)
         self._generation = self._schedule_of.generation
         self._max_response_bytes = limits.max_response_bytes
         self._call_slots = anyio.Semaphore(limits.max_concurrent_polls, fast_acquire=True)
@@ -200,6 +209,11 @@ class BatchPoller:
 
     def __len__(self) -> int:
         return len(self._jobs)
+
+    @property
+    def schedule(self) -> PollSchedule:
+        """The schedule this poller asks by (and learns with)."""
+        return self._schedule_of
 
     def get(self, key: str) -> ImageJob | None:
         """The tracked job for ``key``, or one that ended lately (see ``_remember_ended``)."""
@@ -438,12 +452,15 @@ class BatchPoller:
             self._pull_in_waiting(now)
 
     # --- someone else asks the gateway for this poller's keys (a fleet's leader) ------------
-    def hold_asks(self, held: bool) -> None:
-        """While held, this poller sends no batch call: someone else asks the gateway and feeds
-        in what it learns (:meth:`apply_reply`, :meth:`end`); deadlines fire as ever. Letting
-        go makes every key not on the wire due now."""
-        self._held = held
-        if not held:
+    def set_asking(self, asking: bool) -> None:
+        """Whether this poller sends its own batch calls (it does by default).
+
+        Off: its keys are asked about elsewhere (a fleet's leader) and what that learns is fed
+        in with :meth:`apply_reply` and :meth:`fail`; deadlines still fire here. Back on: every
+        key not on the wire is asked about now.
+        """
+        self._held = not asking
+        if asking:
             now = asyncio.get_running_loop().time()
             for tracked in self._jobs.values():
                 if now < tracked.due < math.inf:
@@ -469,7 +486,7 @@ class BatchPoller:
         self._apply_reading(chunk, reading)
         self._wakeup.set()
 
-    def end(self, key: str, error: JobError) -> None:
+    def fail(self, key: str, error: JobError) -> None:
         """End ``key``'s job with ``error``: whoever asks the gateway for it gave up on it (the
         gateway kept not listing it, or its entry was unreadable or too large)."""
         tracked = self._jobs.get(key)

@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from ._transport import CallKind, TransportCounters
 
 
+FleetRole = Literal["leader", "follower", "local"]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FleetStats:
     """This member's view of its fleet: ``client.stats.fleet`` (None without a fleet).

@@ -1,27 +1,54 @@
-"""RedisFleet: a fleet's options and its one Redis connection.
+"""RedisFleet: the fleet's options and its one Redis connection pool.
 
 It validates the options before anything touches the network, connects (a typed
-:class:`FleetUnavailableError` naming the URL when Redis cannot be reached), checks at start-up
-how durable Redis is and warns when a restart could lose the fleet's journal, and makes each
-client's :class:`FleetMember` (``WujieClient(fleet=...)`` asks :meth:`RedisFleet.member`).
+:class:`FleetUnavailableError` naming the URL when Redis cannot be reached), checks how durable
+Redis is (AOF) and warns when a restart could lose the fleet's journal, and runs every Redis
+command of the fleet with a deadline, translating Redis' errors in this one place. Each client
+gets its part in the fleet from :meth:`RedisFleet.member`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
 
 from .._errors import ClientStateError, InvalidRequestError
-from ._config import FleetConfig
 from ._errors import FleetUnavailableError
 from ._keys import FleetKeys, name_problem
-from ._redis import RedisConnection, logger, redact
+from ._link import FleetConfig
+from ._member import FleetMember
+
+try:
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisClusterException, RedisError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("wujie_async.fleet needs redis-py: pip install 'wujie-async[fleet]'") from exc
 
 if TYPE_CHECKING:
     from .._fleet_link import FleetLink
+
+logger = logging.getLogger("wujie_async.fleet")
+T = TypeVar("T")
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redact(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable Redis URL>"
+    if parts.password is None:
+        return url
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -48,14 +75,14 @@ class RedisFleet:
         url: ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``).
         name: the fleet's name; members with the same name share limits, poller and journal.
         member_timeout: seconds without a heartbeat after which a member counts as dead and
-            its jobs may be claimed.
+            its jobs may be claimed; members heartbeat every third of it.
         lease_seconds: the validity of a shard's leader lease; a dead leader is replaced
             within about this long.
-        shards: how many leaders the keys are split over (by CRC-32 of the job key).
+        shards: how many independent leader leases and key registries the keys are split over.
         command_timeout: deadline of one Redis command.
         unavailable_wait: how long a submit waits for Redis to come back (for its fleet-wide
-            rate slot and its journal intent) before raising ``FleetUnavailableError``;
-            nothing is sent meanwhile.
+            rate slot and its journal intent) before raising ``FleetUnavailableError``; nothing
+            is sent meanwhile.
         cluster: ``url`` is one node of a Redis Cluster (``redis://`` or ``rediss://``): the
             fleet connects with redis-py's ``RedisCluster``, which finds the other nodes.
 
@@ -76,8 +103,7 @@ class RedisFleet:
         cluster: bool = False,
     ) -> None:
         problems: list[tuple[str, str]] = []
-        scheme = urlsplit(url).scheme if isinstance(url, str) else None
-        if scheme not in ("redis", "rediss", "unix"):
+        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
             problems.append(("url", "must be a redis://, rediss:// or unix:// URL"))
         if (problem := name_problem(name)) is not None:
             problems.append(("name", problem))
@@ -91,13 +117,13 @@ class RedisFleet:
                 problems.append((field, "must be a positive finite number of seconds"))
         if not isinstance(cluster, bool):
             problems.append(("cluster", "must be True or False"))
-        elif cluster and scheme == "unix":
+        elif cluster and isinstance(url, str) and urlsplit(url).scheme == "unix":
             problems.append(("url", "a Redis Cluster is reached by redis:// or rediss://"))
         if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
             problems.append(("shards", "must be an integer from 1 to 1024"))
         if problems:
             raise InvalidRequestError(problems)
-        self.config = FleetConfig(
+        self._config = FleetConfig(
             url=redact(url),
             name=name,
             member_timeout=float(member_timeout),
@@ -107,51 +133,72 @@ class RedisFleet:
             unavailable_wait=float(unavailable_wait),
             cluster=cluster,
         )
-        self.keys = FleetKeys(name)
+        self._keys = FleetKeys(name)
         self.durability: FleetDurability | None = None
-        #: The connection the fleet's building blocks run their commands on (opened by start).
-        self.connection = RedisConnection(
-            url, cluster=cluster, command_timeout=self.config.command_timeout
-        )
+        self._url = url
+        self._redis: aioredis.Redis | None = None
 
     def __repr__(self) -> str:
-        return f"RedisFleet({self.config.url!r}, name={self.config.name!r})"
+        return f"RedisFleet({self._config.url!r}, name={self._config.name!r})"
+
+    @property
+    def config(self) -> FleetConfig:
+        """The fleet's options, validated."""
+        return self._config
+
+    @property
+    def keys(self) -> FleetKeys:
+        """The fleet's Redis key names."""
+        return self._keys
 
     @property
     def started(self) -> bool:
         """True between :meth:`start` and :meth:`aclose`."""
-        return self.connection.opened
+        return self._redis is not None
 
     def member(self) -> FleetLink:
-        """A new member of this fleet, for one client: what ``WujieClient(fleet=...)`` uses.
-
-        The member starts the fleet's connection when its client opens, unless it is started
-        already, and then closes it with its client.
-        """
-        from ._member import FleetMember  # the roles import redis-py; only members need them
-
+        """A new member of this fleet, for one client (``WujieClient(fleet=...)`` asks for it)."""
         return FleetMember(self)
 
+    # --- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> FleetDurability:
         """Connect, check that Redis answers, and check its durability.
 
         Raises:
             FleetUnavailableError: Redis did not answer within ``command_timeout``.
-            ClientStateError: already started.
         """
-        if self.started:
+        if self._redis is not None:
             raise ClientStateError(f"{self!r} is already started")
-        await self.connection.open()
+        timeout = self._config.command_timeout
+        redis: aioredis.Redis
+        if self._config.cluster:
+            # RedisCluster offers every command and script call the fleet makes, routed by
+            # key; typed as Redis so that one set of call sites serves both.
+            redis = cast(
+                "aioredis.Redis",
+                aioredis.RedisCluster.from_url(
+                    self._url, decode_responses=True, socket_connect_timeout=timeout
+                ),
+            )
+        else:
+            redis = aioredis.from_url(
+                self._url, decode_responses=True, socket_connect_timeout=timeout
+            )
+        self._redis = redis
         try:
-            self.durability = await _check_durability(self.connection)
+            await self.call(lambda r: r.ping())
+            self.durability = await self._check_durability()
         except BaseException:
-            await self.aclose()
+            self._redis = None
+            await redis.aclose()
             raise
         return self.durability
 
     async def aclose(self) -> None:
-        """Close the connection (idempotent)."""
-        await self.connection.aclose()
+        """Close the connection pool (idempotent)."""
+        redis, self._redis = self._redis, None
+        if redis is not None:
+            await redis.aclose()
 
     async def __aenter__(self) -> RedisFleet:
         await self.start()
@@ -165,58 +212,104 @@ class RedisFleet:
     ) -> None:
         await self.aclose()
 
+    async def call(
+        self, op: Callable[[aioredis.Redis], Awaitable[T]], *, extra_wait: float = 0.0
+    ) -> T:
+        """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``.
 
-async def _check_durability(redis: RedisConnection) -> FleetDurability:
-    """Read the persistence settings (``CONFIG GET``, else ``INFO persistence``: managed Redis
-    services often disable CONFIG) and log a WARNING for each unsafe one."""
-    appendonly: bool | None = None
-    appendfsync: str | None = None
-    eviction: str | None = None
-    try:
-        config = await redis.call(lambda r: r.config_get("append*"))
-        if "appendonly" in config:
-            appendonly = str(config["appendonly"]).lower() == "yes"
-        appendfsync = config.get("appendfsync")
-        policy = await redis.call(lambda r: r.config_get("maxmemory-policy"))
-        eviction = policy.get("maxmemory-policy")
-    except FleetUnavailableError:
+        Raises:
+            FleetUnavailableError: Redis is unreachable, failed, or missed the deadline.
+            ClientStateError: the fleet is not started.
+        """
+        redis = self._redis
+        if redis is None:
+            raise ClientStateError(f"{self!r} is not started (use `async with` or start())")
+        wait = self._config.command_timeout + extra_wait
         try:
-            info = await redis.call(lambda r: r.info("persistence"))
-            if "aof_enabled" in info:
-                appendonly = bool(int(info["aof_enabled"]))
+            async with asyncio.timeout(wait):
+                return await op(redis)
+        except TimeoutError:
+            raise FleetUnavailableError(
+                f"Redis at {self._config.url} did not answer within {wait:g}s",
+                url=self._config.url,
+            ) from None
+        except (RedisError, RedisClusterException, OSError) as exc:
+            # `from None`: redis-py's exceptions can carry the connection (and its password).
+            raise FleetUnavailableError(
+                f"Redis at {self._config.url} failed: {type(exc).__name__}: {exc}",
+                url=self._config.url,
+            ) from None
+
+    # --- durability ----------------------------------------------------------------------------
+    async def _check_durability(self) -> FleetDurability:
+        appendonly: bool | None = None
+        appendfsync: str | None = None
+        eviction: str | None = None
+        try:
+            config = await self.call(lambda r: r.config_get("append*"))
+            if "appendonly" in config:
+                appendonly = str(config["appendonly"]).lower() == "yes"
+            appendfsync = config.get("appendfsync")
+            eviction = (await self.call(lambda r: r.config_get("maxmemory-policy"))).get(
+                "maxmemory-policy"
+            )
         except FleetUnavailableError:
-            pass
-    url = redis.url
-    advice = "set `appendonly yes` and `appendfsync everysec` (or `always`) in redis.conf"
-    warnings = []
+            # CONFIG is often renamed or disabled (managed Redis); INFO still tells AOF on/off.
+            try:
+                info = await self.call(lambda r: r.info("persistence"))
+                if "aof_enabled" in info:
+                    appendonly = bool(int(info["aof_enabled"]))
+            except FleetUnavailableError:
+                pass
+        url = self._config.url
+        warnings = [
+            text
+            for text in (
+                _persistence_warning(url, appendonly, appendfsync),
+                _eviction_warning(url, eviction),
+            )
+            if text is not None
+        ]
+        for text in warnings:
+            logger.warning("%s", text)
+        return FleetDurability(
+            appendonly=appendonly,
+            appendfsync=appendfsync,
+            maxmemory_policy=eviction,
+            warning=" ".join(warnings) or None,
+        )
+
+
+_ADVICE = "set `appendonly yes` and `appendfsync everysec` (or `always`) in redis.conf"
+
+
+def _persistence_warning(url: str, appendonly: bool | None, appendfsync: str | None) -> str | None:
+    """The warning to log for this persistence setup, or None when it is durable."""
     if appendonly is None:
-        warnings.append(
+        return (
             f"fleet Redis at {url}: cannot read its persistence settings (CONFIG and INFO "
-            f"refused); if AOF is off, a Redis restart loses accepted job keys: {advice}"
+            f"refused); if AOF is off, a Redis restart loses accepted job keys: {_ADVICE}"
         )
-    elif not appendonly:
-        warnings.append(
+    if not appendonly:
+        return (
             f"fleet Redis at {url} has AOF off (appendonly no): a Redis restart loses the "
-            f"fleet journal's accepted job keys; {advice}"
+            f"fleet journal's accepted job keys; {_ADVICE}"
         )
-    elif appendfsync == "no":
-        warnings.append(
+    if appendfsync == "no":
+        return (
             f"fleet Redis at {url} has appendfsync no: a machine crash can lose the last "
-            f"~30 s of journal writes; {advice}"
+            f"~30 s of journal writes; {_ADVICE}"
         )
-    if eviction is not None and eviction.startswith("allkeys"):
-        # noeviction, or volatile-*: journal rows have no TTL and are never evicted
-        warnings.append(
-            f"fleet Redis at {url} has maxmemory-policy {eviction}: when memory runs out Redis "
-            "may evict journal rows (accepted job keys); use `noeviction` (or a volatile-* one)"
-        )
-    for text in warnings:
-        logger.warning("%s", text)
-    return FleetDurability(
-        appendonly=appendonly,
-        appendfsync=appendfsync,
-        maxmemory_policy=eviction,
-        warning=" ".join(warnings) or None,
+    return None
+
+
+def _eviction_warning(url: str, policy: str | None) -> str | None:
+    """The warning for a ``maxmemory-policy`` that may evict journal rows, or None."""
+    if policy is None or not policy.startswith("allkeys"):
+        return None  # noeviction, or volatile-*: journal rows have no TTL and are never evicted
+    return (
+        f"fleet Redis at {url} has maxmemory-policy {policy}: when memory runs out Redis may "
+        "evict journal rows (accepted job keys); use `noeviction` (or a volatile-* policy)"
     )
 
 

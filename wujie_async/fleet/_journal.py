@@ -33,8 +33,7 @@ from typing import Any
 from .._errors import ClientStateError
 from .._journal import JournalEntry
 from ._errors import FleetUnavailableError
-from ._keys import FleetKeys
-from ._redis import RedisLink, retry_while_away
+from ._link import RedisLink, Script
 
 logger = logging.getLogger("wujie_async.fleet")
 
@@ -92,7 +91,7 @@ return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
 )
 
-# KEYS: seq, members. ARGV: prefix, claimer, timeout_ms, now.
+# KEYS: seq, members, member-info. ARGV: prefix, claimer, timeout_ms, now.
 # Reply: {-1} when the claimer itself is not a live member, else {1, {dead...}, {claimed ids}}.
 _CLAIM_DEAD = (
     _TRANSITION
@@ -123,6 +122,7 @@ for i = 1, #all, 2 do
     end
     redis.call('DEL', set)
     redis.call('ZREM', KEYS[2], member)
+    redis.call('HDEL', KEYS[3], member)
   end
 end
 return {1, dead, claimed}
@@ -198,47 +198,38 @@ class RedisJournal:
     """The fleet's journal, as written by one member. Open with :meth:`open`.
 
     Args:
-        redis: the fleet's Redis.
-        keys: the fleet's key names.
+        link: the fleet's Redis.
         member_id: the member writing.
-        member_timeout: seconds without a heartbeat after which a member is dead.
-        unavailable_wait: how long a submit's writes (its intent, its key) wait for an
-            unreachable Redis before they raise FleetUnavailableError.
-        retake_turn: called when an intent had to wait for Redis, before the submit goes: the
-            turn of the fleet-wide rate it took before is stale (sent on it, the submit could
-            put one more than the cap into a 1-second window), so it takes a new one.
+        pace: takes a fresh turn of the fleet's submit rate (one try; FleetUnavailableError
+            while Redis is away). An intent that had to wait for Redis takes one before it is
+            written: the turn its submit took before Redis went away is stale, and sent after
+            the outage it would bunch with the turns taken since.
     """
 
     def __init__(
         self,
-        redis: RedisLink,
-        keys: FleetKeys,
+        link: RedisLink,
         member_id: str,
         *,
-        member_timeout: float,
-        unavailable_wait: float,
-        retake_turn: Callable[[], Awaitable[None]] | None = None,
+        pace: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        self._redis = redis
-        self._retake_turn = retake_turn
+        self._link = link
         self.member_id = member_id
-        self._members = keys.members
-        self._member_timeout = member_timeout
-        self._unavailable_wait = unavailable_wait
-        self._prefix = keys.journal_prefix
+        self._pace = pace
+        self._prefix = link.keys.journal_prefix
         self._seq = self._prefix + "seq"
-        self._intent = redis.script(_INTENT)
-        self._move = redis.script(_MOVE)
-        self._claim = redis.script(_CLAIM_DEAD)
-        self._entries = redis.script(_ENTRIES)
-        self._forget = redis.script(_FORGET)
+        self._intent = Script(link, _INTENT)
+        self._move = Script(link, _MOVE)
+        self._claim = Script(link, _CLAIM_DEAD)
+        self._entries = Script(link, _ENTRIES)
+        self._forget = Script(link, _FORGET)
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
         self.commits = 0  # writes Redis acknowledged (for client.stats)
 
     def __repr__(self) -> str:
-        return f"RedisJournal({self._prefix!r}, member={self.member_id!r})"
+        return f"RedisJournal({self._link.config.name!r}, member={self.member_id!r})"
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -260,7 +251,7 @@ class RedisJournal:
             return
         queue.put_nowait(None)
         try:
-            async with asyncio.timeout(2 * self._redis.command_timeout):
+            async with asyncio.timeout(2 * self._link.config.command_timeout):
                 await writer
         except TimeoutError:
             writer.cancel()
@@ -294,16 +285,37 @@ class RedisJournal:
         """Write a submit's request before it is sent; returns its row id."""
         body = json.dumps(request, ensure_ascii=False)
         args = (self._prefix, self.member_id, path, body, tag or "", time.time())
-        # Tried again while Redis is away: a retry after a lost reply may write an intent
-        # twice; the extra row reads as ``uncertain`` once claimed, the safe side.
-        row_id = await retry_while_away(
-            lambda: self._intent((self._seq,), args),
-            wait=self._unavailable_wait,
-            what="the submit was not sent",
-            after_waiting=self._retake_turn,
-        )
+        tries = 0
+
+        async def write() -> Any:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and self._pace is not None:
+                await self._pace()  # Redis was away: a fresh turn (see the class docstring)
+            return await self._intent((self._seq,), args)
+
+        row_id = await self._waiting_for_redis(write, "the submit was not sent")
         self.commits += 1
         return int(row_id)
+
+    async def _waiting_for_redis(self, write: Callable[[], Awaitable[Any]], what: str) -> Any:
+        """``write()``, tried again while Redis is away, up to ``unavailable_wait`` seconds.
+
+        A retry after a lost reply may write an intent twice; the extra row reads as
+        ``uncertain`` once claimed, the safe side.
+        """
+        loop = asyncio.get_running_loop()
+        wait = self._link.config.unavailable_wait
+        deadline = loop.time() + wait
+        while True:
+            try:
+                return await write()
+            except FleetUnavailableError as exc:
+                if loop.time() >= deadline:
+                    raise FleetUnavailableError(
+                        f"{what}: fleet Redis unavailable for {wait:g}s ({exc})", url=exc.url
+                    ) from None
+                await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
 
     async def record_accepted(self, row_id: int, key: str) -> None:
         """Write the key the gateway gave (before ``submit()`` returns).
@@ -312,10 +324,8 @@ class RedisJournal:
             ClientStateError: the row is not this member's open intent (claimed meanwhile).
         """
         args = self._accepted(row_id, key)
-        moved = await retry_while_away(
-            lambda: self._move((self._seq,), args),
-            wait=self._unavailable_wait,
-            what=f"key {key} was not journaled",
+        moved = await self._waiting_for_redis(
+            lambda: self._move((self._seq,), args), f"key {key} was not journaled"
         )
         self.commits += 1
         if int(moved) != 1:
@@ -329,25 +339,25 @@ class RedisJournal:
         self._queue(self._accepted(row_id, key))
 
     def _accepted(self, row_id: int, key: str) -> tuple[Any, ...]:
-        return self._move_args(row_id, "intent", "accepted", key, "")
-
-    def _move_args(
-        self, row: int | str, was: str, to: str, key: str, error: str
-    ) -> tuple[Any, ...]:
-        """``_MOVE``'s arguments: ``row`` (``""``: the row of ``key``) from ``was`` to ``to``."""
-        return (self._prefix, row, was, to, key, error[:_ERROR_CHARS], time.time(), self.member_id)
+        return (self._prefix, row_id, "intent", "accepted", key, "", time.time(), self.member_id)
 
     def record_unsent(self, row_id: int, state: str, error: str) -> None:
         """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
         if state not in ("rejected", "uncertain", "unsent"):
             raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
-        self._queue(self._move_args(row_id, "intent", state, "", error))
+        self._queue(
+            (self._prefix, row_id, "intent", state, "", error[:_ERROR_CHARS], time.time(),
+             self.member_id)
+        )  # fmt: skip
 
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
         """Note how a job ended (queued, not awaited: the key is already safe)."""
         if state not in FINAL_STATES:
             raise ValueError(f"record_outcome: {state!r} is not a final state")
-        self._queue(self._move_args("", "accepted", state, key, error or ""))
+        self._queue(
+            (self._prefix, "", "accepted", state, key, (error or "")[:_ERROR_CHARS], time.time(),
+             self.member_id)
+        )  # fmt: skip
 
     async def flush(self) -> None:
         """Wait until every not-awaited record queued so far is written (or given up)."""
@@ -375,10 +385,6 @@ class RedisJournal:
         )
         return _rows(reply)
 
-    async def find(self, tag: str) -> list[JournalEntry]:
-        """Every row with ``tag`` (a queue message id, say), oldest first."""
-        return await self.entries(tag=tag)
-
     async def forget(self, ids: Iterable[int]) -> int:
         """Delete rows; returns how many existed."""
         args = [str(int(i)) for i in ids]
@@ -391,7 +397,7 @@ class RedisJournal:
         """Take over the accepted rows of members silent for more than ``member_timeout``.
 
         Atomic: every dead member's row goes to exactly one claimer. Their intents become
-        ``uncertain``. The claimer must itself be a live member (heartbeating).
+        ``uncertain``. The claimer must itself be a live member (registered, heartbeating).
 
         Args:
             member_timeout: seconds without a heartbeat that make a member dead (default: the
@@ -400,9 +406,10 @@ class RedisJournal:
         Raises:
             ClientStateError: this member is not a live member of the fleet.
         """
-        timeout = self._member_timeout if member_timeout is None else member_timeout
+        timeout = self._link.config.member_timeout if member_timeout is None else member_timeout
+        keys = self._link.keys
         reply = await self._claim(
-            (self._seq, self._members),
+            (self._seq, keys.members, keys.member_info),
             (self._prefix, self.member_id, round(timeout * 1000), time.time()),
         )
         if int(reply[0]) != 1:

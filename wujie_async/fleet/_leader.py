@@ -1,171 +1,235 @@
-"""ShardLeader: while this member holds a shard's lease, it polls every key of the shard, whoever's
-it is, with one ordinary BatchPoller and its ordinary PollSchedule.
+"""ShardLeader: a shard's leader asks the gateway about every member's keys of the shard.
 
-A term starts with a marker in the shard's key log and a request to every member to announce
-the keys it follows; the leader reads the log on from the marker. It keeps a stand-in job for
-each key someone follows, and its poller asks about them exactly as a lone client asks about
-its own: the fleet's keys share calls, and the schedule learns from every job. The leader is
-its poller's transport (:meth:`ShardLeader.post`): before each call it checks that the lease has
-time left (a leader frozen past its lease sends nothing when it thaws), and after it posts the
-reply to the owners of the keys asked, who judge the entries themselves. When it gives up on a
-key for a reason no entry shows, it tells the owners so.
+While this member holds the shard's lease, its leader keeps a shadow job for every registered
+key of the shard (the whole registry read when it starts leading, then its changes) and polls
+them with an ordinary :class:`BatchPoller` and its ordinary schedule: the fleet's jobs have one
+schedule, which learns from all of them. Each batch reply goes, unread, to the owners of the
+keys asked; a shadow that ends without a terminal entry (unknown, malformed, too large, past
+its deadline) is reported to its owners with its error. A shadow that ended takes its key out
+of the registry (the owners' own removals may never come: an owner may have died).
 
-A term ends when the lease has no time left; its stand-ins are dropped (the next term's leader
-hears of the keys again). The poller, and what its schedule learned, stay for the next term.
+Before each batch call the lease must have time left, so a leader frozen past its lease sends
+nothing after it thaws. Losing the lease, or Redis, ends the leadership and every shadow with
+it: the next leader (maybe this member again) starts from the registry, so a report that was
+lost with Redis is asked for again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .._config import Limits, PollPolicy
-from .._errors import JobProtocolError, UnknownJobError
+from .._errors import JobProtocolError, JobTimeoutError, UnknownJobError, snippet
 from .._jobs import ImageJob, JobState
-from .._poller import BatchPoller
+from .._poller import BatchPoller, BatchPoster, PollerCounters
 from .._replies import raw_entries_by_key
+from .._schedule import PollSchedule
 from .._telemetry import Telemetry
-from .._transport import CallKind, Transport
-from ._errors import FleetUnavailableError
+from .._transport import CallKind
+from ._errors import LeaseLostError
 from ._lease import LeaderLease
-from ._membership import Membership
-from ._redis import RETRY
-from ._registry import Follow, KeyRegistry
-from ._reports import Announce, Ending, Reply, Report, ReportOutbox
+from ._link import RedisLink
+from ._registry import READ_LIMIT, Change, KeyRegistry
+from ._reports import Report, post_reports
 
 if TYPE_CHECKING:
     from .._otel import BatchTrace
 
-_CALL_MARGIN = 0.1  # a batch call goes out only with this much lease left
-_LOG_WAIT = 0.25  # the lease is looked at again at least this often
+_TICK = 0.25  # the leader reads the registry's changes at least this often
+_CALL_MARGIN = 0.1  # a batch call needs this much lease left (a quarter of a shorter lease)
+_ROUND_TRIP = 0.01  # a registration's way to the leader, besides the tick (a generous guess)
+# A shadow outlives its owner's deadline by this much (member clocks differ a little): the
+# owner's own deadline fires first, and the leader asks until then.
+_DEADLINE_MARGIN = 2.0
+# Errors of a shadow that its owners learn from the leader (a terminal entry they read
+# themselves).
+VERDICTS: dict[str, type[UnknownJobError | JobProtocolError | JobTimeoutError]] = {
+    cls.__name__: cls for cls in (UnknownJobError, JobProtocolError, JobTimeoutError)
+}
 
 
 class ShardLeader:
-    """Leads one shard whenever this member holds its lease (see the module docstring).
+    """One shard's leader, ready to lead whenever this member holds the shard's lease.
 
-    Attributes:
-        calls: batch calls this member sent as the shard's leader.
-        keys: keys those calls asked about.
+    Args:
+        link: the fleet's Redis.
+        lease: the shard's lease, as this member holds it.
+        transport: the client's transport (batch calls go through it, fenced by the lease).
+        policy: the client's poll policy: the fleet's schedule.
+        limits: the client's limits (concurrent batch calls, reply size).
+        schedule: the client's poller's schedule: a new leader asks by what its member has
+            learned from its own jobs, and its member learns from every job it leads for.
     """
 
     def __init__(
         self,
-        *,
+        link: RedisLink,
         lease: LeaderLease,
-        membership: Membership,
-        registry: KeyRegistry,
-        outbox: ReportOutbox,
-        transport: Transport,
+        transport: BatchPoster,
         policy: PollPolicy,
         limits: Limits,
-        on_redis_lost: Callable[[str], None],
+        schedule: PollSchedule,
     ) -> None:
-        self.lease = lease
-        self.calls = self.keys = 0
-        self._membership = membership
-        self._registry = registry
-        self._outbox = outbox
-        self._transport = transport
-        self._lost = on_redis_lost
-        # A key asked densely is asked every min_interval anyway: topping a call up with keys
-        # due within one min_interval asks nothing sooner than its schedule needs by more
-        # than that, and puts a fleet's many dense keys on one cadence: fuller calls, fewer.
-        fill = max(policy.batch_fill_horizon, policy.min_interval)
-        policy = dataclasses.replace(policy, batch_fill_horizon=fill)
-        self._poller = BatchPoller(self, policy, limits)  # this leader is its transport
-        self._owners: dict[str, set[str]] = {}  # key -> the members that follow it
-        self._standins: dict[str, ImageJob] = {}
-        self._endings: list[tuple[str, Ending]] = []
-        self._ending = asyncio.Event()
+        # A key asked about densely is asked every min_interval anyway: taking it up to that
+        # much early costs no lateness and puts the fleet's dense keys on one cadence, so
+        # calls go out full. (A single client keeps batch_fill_horizon: its few keys gain
+        # little, and each early ask costs one.)
+        policy = dataclasses.replace(
+            policy, batch_fill_horizon=max(policy.batch_fill_horizon, policy.min_interval)
+        )
+        self._link = link
+        self._lease = lease
+        self._policy = policy
+        self._registry = KeyRegistry(link)
+        self._poller = BatchPoller(
+            _Fenced(transport, lease, self._replied), policy, limits, schedule=schedule
+        )
+        self._tick = min(_TICK, policy.min_interval / 2)
+        # A key reaches the leader up to a tick (and a round trip) after its submit. A poller
+        # fills a call with keys due within batch_fill_horizon, so it must know a key that
+        # long before its first ask to fill calls as a single client does: when the policy's
+        # first_poll_delay leaves less room, first asks come that much later.
+        self._first_delay = max(
+            policy.first_poll_delay, self._tick + _ROUND_TRIP + policy.batch_fill_horizon
+        )
+        self._shadows: dict[str, tuple[ImageJob, set[str]]] = {}  # key -> (shadow, owners)
+        self._outbox: defaultdict[str, list[Report]] = defaultdict(list)
+        self._removals: list[tuple[str, str, None]] = []
+        self._queued = asyncio.Event()
 
-    async def run(self) -> None:
-        """Lead whenever this member holds the lease, until cancelled."""
+    @property
+    def counters(self) -> PollerCounters:
+        """The leader's batch calls (over all its terms)."""
+        return self._poller.counters
+
+    async def lead(self) -> None:
+        """Lead while the lease holds; returns once it is lost.
+
+        Raises:
+            FleetUnavailableError: Redis failed (in an ExceptionGroup): the leadership is over.
+        """
+        shard = self._lease.shard
+        try:
+            version, changes = await self._registry.read(shard, self._lease.require(0), None)
+            self._follow(changes)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._poller.run)
+                tasks.start_soon(self._send)
+                tasks.start_soon(self._read_changes, version)
+                await self._lease.keep()
+                tasks.cancel_scope.cancel()
+        except* LeaseLostError:
+            pass  # fenced out: a successor leads
+        finally:
+            self._lease.step_down()
+            self._shadows = {}
+            self._outbox.clear()
+            self._removals.clear()
+            self._poller.cancel_all(f"member {self._lease.member_id} stopped leading")
+
+    async def _read_changes(self, version: int) -> None:
         while True:
-            await self.lease.leading.wait()
-            if self.lease.remaining() <= 0:  # ran out: the lease task is about to step down
-                await asyncio.sleep(RETRY)
-                continue
-            try:
-                await self._term()
-            except FleetUnavailableError as exc:
-                self._lost(str(exc))
-                await asyncio.sleep(RETRY)
-            finally:
-                for standin in self._standins.values():
-                    self._poller.forget(standin)
-                self._standins.clear()
-                self._owners.clear()
-                self._endings.clear()
+            fence = self._lease.require(0)
+            version, changes = await self._registry.read(self._lease.shard, fence, version)
+            self._follow(changes)
+            if len(changes) < READ_LIMIT:  # a full read: more may be waiting
+                await asyncio.sleep(self._tick)
 
-    async def _term(self) -> None:
-        shard = self.lease.shard
-        cursor = await self._registry.begin_term(shard)
-        members = await self._membership.everyone()
-        await self._outbox.post([(member, Announce(shard)) for member in members])
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(self._poller.run)
-            tasks.start_soon(self._post_endings)
-            while self.lease.remaining() > 0:
-                try:
-                    cursor, changes = await self._registry.changes(shard, cursor, _LOG_WAIT)
-                except FleetUnavailableError as exc:
-                    self._lost(str(exc))
-                    await asyncio.sleep(RETRY)
-                    continue
-                for change in changes:
-                    if isinstance(change, Follow):
-                        self._follow(change)
-                    else:
-                        self._leave(change.key, change.owner)
-            tasks.cancel_scope.cancel()
-
-    def _follow(self, follow: Follow) -> None:
-        """Poll ``follow.key`` for its owner (already polled: one more owner)."""
-        key = follow.key
-        self._owners.setdefault(key, set()).add(follow.owner)
-        if key in self._standins:
-            return
+    def _follow(self, changes: list[Change]) -> None:
+        """Take registry changes in: new keys get a shadow, keys nobody owns lose theirs."""
         loop = asyncio.get_running_loop()
-        model = {"model": follow.model} if follow.model else None
-        state = JobState(loop)
-        standin = ImageJob(key, state, deadline=loop.time() + follow.deadline_in, request=model)
-        standin.add_done_callback(self._standin_ended)
-        self._standins[key] = standin
-        first = None if follow.first_delay is None else max(0.0, follow.first_delay - follow.age)
-        self._poller.track(standin, state, first, age=follow.age)
+        now, unix_now = loop.time(), time.time()
+        for change in changes:
+            key, owner, info = change.job_key, change.owner, change.info
+            found = self._shadows.get(key)
+            if info is None:
+                if found is not None:
+                    found[1].discard(owner)
+                    if not found[1]:
+                        del self._shadows[key]
+                        found[0].cancel()  # nobody waits for it
+            elif found is not None:
+                found[1].add(owner)
+            else:
+                state = JobState(loop)
+                shadow = ImageJob(
+                    key,
+                    state,
+                    deadline=now + info.deadline - unix_now + _DEADLINE_MARGIN,
+                    request={"model": info.model} if info.model is not None else None,
+                    on_cancel=self._poller.forget,
+                )
+                self._shadows[key] = (shadow, {owner})
+                shadow.add_done_callback(self._shadow_ended)
+                first = self._first_delay if info.first_delay is None else info.first_delay
+                self._poller.track(shadow, state, max(0.0, info.submitted + first - unix_now))
 
-    def _leave(self, key: str, owner: str) -> None:
-        owners = self._owners.get(key, set())
-        owners.discard(owner)
-        if not owners and (standin := self._standins.pop(key, None)) is not None:
-            self._owners.pop(key, None)
-            self._poller.forget(standin)  # nobody follows it any more
-
-    def _standin_ended(self, standin: ImageJob) -> None:
-        if self._standins.get(standin.key) is not standin:
+    def _replied(self, keys: list[str], data: Any) -> None:
+        """A batch call's reply: each owner's keys and their raw entries, to post."""
+        try:
+            grouped = raw_entries_by_key(data, set(keys))
+        except Exception:  # no list of entries: the poller counts the call as failed
             return
-        del self._standins[standin.key]
-        owners = self._owners.pop(standin.key, set())
-        error = standin.exception()
-        if isinstance(error, UnknownJobError | JobProtocolError):  # no entry shows it
-            why = str(error).split(": ", 1)[-1]  # without its "job KEY:" prefix
-            ending = Ending(standin.key, isinstance(error, UnknownJobError), why)
-            self._endings += [(owner, ending) for owner in owners]
-            self._ending.set()
+        reports: dict[str, Report] = {}
+        for key in keys:
+            found = self._shadows.get(key)
+            for owner in found[1] if found is not None else ():
+                report = reports.setdefault(owner, Report())
+                report.keys.append(key)
+                report.data.extend(grouped.get(key, ()))
+        for owner, report in reports.items():
+            self._outbox[owner].append(report)
+        self._queued.set()
 
-    async def _post_endings(self) -> None:
+    def _shadow_ended(self, shadow: ImageJob) -> None:
+        key = shadow.key
+        found = self._shadows.get(key)
+        if found is None or found[0] is not shadow:
+            return  # cancelled: nobody owns it, or the leadership ended
+        del self._shadows[key]
+        owners = found[1]
+        error = shadow.exception()
+        verdict = VERDICTS.get(type(error).__name__)
+        if verdict is not None and type(error) is verdict:
+            why = str(error).removeprefix(f"job {snippet(key, limit=140)}: ")
+            for owner in owners:
+                self._outbox[owner].append(Report(ended={key: (verdict.__name__, why)}))
+        self._removals += [(owner, key, None) for owner in owners]
+        self._queued.set()
+
+    async def _send(self) -> None:
+        """Post reports, then take ended keys out of the registry (after their reports)."""
         while True:
-            await self._ending.wait()
-            self._ending.clear()
-            endings, self._endings = self._endings, []
-            try:
-                await self._outbox.post(endings)
-            except FleetUnavailableError as exc:
-                self._lost(str(exc))  # the owners are local meanwhile: they judge for themselves
+            await self._queued.wait()
+            self._queued.clear()
+            outbox, self._outbox = self._outbox, defaultdict(list)
+            removals, self._removals = self._removals, []
+            await post_reports(self._link, outbox)
+            if removals:
+                await self._registry.write(removals)
+
+
+class _Fenced:
+    """The client's transport as a leader uses it: no batch call without lease time left, and
+    every reply handed to the leader to post."""
+
+    def __init__(
+        self,
+        transport: BatchPoster,
+        lease: LeaderLease,
+        replied: Callable[[list[str], Any], None],
+    ) -> None:
+        self._transport = transport
+        self._lease = lease
+        self._replied = replied
+        self._margin = min(_CALL_MARGIN, lease.seconds / 4)
 
     @property
     def telemetry(self) -> Telemetry:
@@ -175,19 +239,7 @@ class ShardLeader:
     async def post(
         self, path: str, body: Any, *, kind: CallKind, parent: BatchTrace | None = None
     ) -> Any:
-        """The poller's transport: one batch call, fenced by the lease, its reply reported."""
-        self.lease.require(_CALL_MARGIN)  # LeaseLostError: the poller counts a failed call
-        self.calls += 1
-        self.keys += len(body)
+        self._lease.require(self._margin)  # LeaseLostError: the call fails, nothing is sent
         data = await self._transport.post(path, body, kind=kind, parent=parent)
-        found = raw_entries_by_key(data, set(body))  # ProtocolError: a failed call
-        asked: dict[str, list[str]] = {}
-        for key in body:
-            for owner in self._owners.get(key, ()):
-                asked.setdefault(owner, []).append(key)
-        replies: list[tuple[str, Report]] = [
-            (owner, Reply(tuple(keys), [entry for key in keys for entry in found.get(key, ())]))
-            for owner, keys in asked.items()
-        ]
-        await self._outbox.post(replies)  # FleetUnavailableError: a failed call
+        self._replied(body, data)
         return data

@@ -20,9 +20,13 @@ long as those delays differ by less than 50 ms. The throughput cost: the fleet s
 
 Fairness: Redis serves reservations in arrival order, and each member holds at most one
 reservation at a time (its callers queue on a local FIFO lock held until the slot comes),
-so saturated members take turns. A reservation more than ``horizon`` (50 ms) ahead checks the
-pause once more when its slot comes, so a pause reaches every member within 50 ms; a slot
-given up that way is simply unused.
+so saturated members take turns.
+
+What lies between a slot and its send is kept short, since its jitter eats the 50 ms margin:
+a reservation more than 50 ms ahead checks the pause 50 ms *before* its slot (so a pause
+reaches every member within 50 ms, and that round trip is not between the slot and the send),
+and a caller whose loop woke more than 25 ms after its slot (a stall) takes a new slot once
+rather than go late. A slot given up either way is simply unused.
 """
 
 from __future__ import annotations
@@ -33,8 +37,7 @@ import random
 
 from .._errors import InvalidRequestError
 from .._ratelimit import WINDOW_MARGIN_S
-from ._keys import FleetKeys
-from ._redis import RedisLink
+from ._link import RedisLink, Script
 
 # KEYS: tat, pause. ARGV: period_us. Reply: {1, wait_us until the slot} or {0, pause left_us}.
 _ACQUIRE = """
@@ -62,6 +65,7 @@ return left
 """
 
 _HORIZON = 0.05  # a reservation further ahead than this checks for a pause before it goes
+_LATE = WINDOW_MARGIN_S / 2  # a caller this late for its slot takes a new one (once)
 
 
 class FleetLimiter:
@@ -70,20 +74,19 @@ class FleetLimiter:
     Every member should use the same rate; each call carries the caller's rate.
 
     Args:
-        redis: the fleet's Redis.
-        keys: the fleet's key names.
+        link: the fleet's Redis.
         rate: acquisitions per second, fleet-wide.
     """
 
-    def __init__(self, redis: RedisLink, keys: FleetKeys, rate: float) -> None:
+    def __init__(self, link: RedisLink, rate: float) -> None:
         if not isinstance(rate, int | float) or not math.isfinite(rate) or rate <= 0:
             raise InvalidRequestError([("rate", "must be a positive finite number per second")])
-        self._redis = redis
-        self._keys = (keys.rate_tat, keys.rate_pause)
+        self._link = link
         self._rate = float(rate)
-        self._acquire = redis.script(_ACQUIRE)
-        self._pause = redis.script(_PAUSE)
+        self._acquire = Script(link, _ACQUIRE)
+        self._pause = Script(link, _PAUSE)
         self._turn = asyncio.Lock()  # FIFO: one caller of this member at Redis at a time
+        self.acquired = 0  # how many slots this member has taken (for stats)
 
     @property
     def rate(self) -> float:
@@ -93,23 +96,34 @@ class FleetLimiter:
     async def acquire(self) -> None:
         """Return when this caller's fleet-wide slot has come.
 
-        One Redis call; a second one only after a wait longer than 50 ms (the pause check).
+        One Redis call; a second one when the slot is more than 50 ms ahead (the pause
+        check), a third after a stall.
 
         Raises:
             FleetUnavailableError: Redis is unreachable or missed its deadline.
         """
         period = (1.0 + WINDOW_MARGIN_S) / self._rate  # see the module docstring
+        keys = (self._link.keys.rate_tat, self._link.keys.rate_pause)
+        loop = asyncio.get_running_loop()
+        late_once = False
         async with self._turn:
             while True:
-                granted, wait_us = await self._acquire(self._keys, (round(period * 1e6),))
+                granted, wait_us = await self._acquire(keys, (round(period * 1e6),))
                 wait = int(wait_us) / 1e6
                 if not granted:  # paused; a little jitter so members do not return as a herd
                     await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))
                     continue
                 # Still holding the turn: one reservation per member at a time (fairness).
-                await asyncio.sleep(wait)
-                if wait <= _HORIZON or await self.paused_for() == 0:
+                slot = loop.time() + wait
+                if wait > _HORIZON:
+                    await asyncio.sleep(wait - _HORIZON)
+                    if await self.paused_for() > 0:
+                        continue  # the next reservation waits for the pause
+                await asyncio.sleep(slot - loop.time())
+                if loop.time() - slot <= _LATE or late_once:
                     break
+                late_once = True  # woke late (a stall): a fresh slot, not a bunched send
+            self.acquired += 1
 
     async def pause(self, seconds: float) -> float:
         """Stop every member's acquisitions for ``seconds`` (e.g. a 429's Retry-After).
@@ -124,11 +138,11 @@ class FleetLimiter:
         ms = math.ceil(seconds * 1000)
         if ms == 0:
             return 0.0
-        left = await self._pause(self._keys[1:], (ms,))
+        left = await self._pause((self._link.keys.rate_pause,), (ms,))
         return int(left) / 1000
 
     async def paused_for(self) -> float:
         """Seconds left of the fleet-wide pause (0.0 when none)."""
-        key = self._keys[1]
-        left = await self._redis.call(lambda r: r.pttl(key))
+        key = self._link.keys.rate_pause
+        left = await self._link.call(lambda r: r.pttl(key))
         return max(0, int(left)) / 1000

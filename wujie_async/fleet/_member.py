@@ -1,20 +1,26 @@
-"""FleetMember: one client's part in a fleet (``WujieClient(fleet=...)`` gets it from
-``RedisFleet.member()``).
+"""FleetMember: one WujieClient's part in a fleet (``RedisFleet.member()`` makes it).
 
-A member follows its own jobs (``_follower``), is a candidate leader of every shard
-(``_leader``, one lease each), and heartbeats. Every second (or third of ``member_timeout``) its
-heartbeat tells the fleet it lives and reads back the fleet's figures; while Redis is away it is
-tried every 0.25 s, and the first one that gets through rejoins at once, before anyone could
-judge the member dead: it is back in the member list and announces every key it follows. A
-member judged dead while alive (a long freeze) rejoins the same way and follows its jobs again.
+Every member follows the shared poller (:class:`Follower`: its keys registered, the leader's
+reports applied to its client's poller, which sends no batch call itself), and leads each shard
+whose lease it holds (:class:`ShardLeader`). Its role, ``leader``, ``follower`` or ``local``,
+changes in one place: :meth:`FleetMember._set_role`.
 
-Submits wait for the fleet-wide rate (and its 429 pause) in place of the local pacer. While
-Redis is away a submit waits up to ``unavailable_wait`` for its turn and for its journal
-intent, then raises ``FleetUnavailableError``: nothing was sent.
+Redis away (a command failing anywhere): the member goes ``local`` at once, its client's poller
+asks about its own keys again, and its Redis tasks stop. It tries Redis again every 0.25 s.
+When Redis answers, the member rejoins before anyone can judge it: it joins the member list
+again (a heartbeat at once; alive again if the fleet had declared it dead), registers again
+every key it tracks (Redis may have lost them), then restarts its tasks, which try each shard's
+lease at once. A member whose heartbeat is refused (the fleet declared it dead while its loop
+was frozen past ``member_timeout``, or Redis lost the member list) joins again and registers
+its keys again at once, and so takes back its jobs nobody claimed meanwhile; a job another
+member claimed meanwhile is followed by both.
 
-A fleet background task that fails with an unexpected error (a bug) is logged; the member then
-polls its own keys for good, stops the fleet following them and gives its leases up, so the
-rest of the fleet carries on.
+A background task that fails with an unexpected error (a bug) leaves its member local for good:
+it gives its leases up and takes its keys out of the registry, so the others carry on.
+
+Submits: the fleet-wide rate (``FleetLimiter``) and 429 pause in place of the local pacer.
+While Redis is away a submit waits up to ``unavailable_wait`` for its slot, then raises
+``FleetUnavailableError``: nothing was sent.
 """
 
 from __future__ import annotations
@@ -22,101 +28,73 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import socket
-import uuid
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any
 
+from .._config import Limits, PollPolicy
 from .._jobs import ImageJob
 from .._journal import JournalEntry
-from .._stats import FleetStats
-from ._config import FleetConfig
+from .._poller import BatchPoller
+from .._stats import FleetRole, FleetStats
+from .._transport import Transport
 from ._errors import FleetUnavailableError
 from ._follower import Follower
 from ._journal import RedisJournal
-from ._keys import FleetKeys
 from ._leader import ShardLeader
 from ._lease import LeaderLease
 from ._limiter import FleetLimiter
-from ._membership import Membership, Standing
-from ._redis import RETRY, RedisConnection, retry_while_away, stop_task
-from ._registry import KeyRegistry
-from ._reports import ReportInbox, ReportOutbox
-
-if TYPE_CHECKING:
-    from .._config import Limits, PollPolicy
-    from .._poller import BatchPoller
-    from .._transport import Transport
+from ._link import FleetConnection, stop_task
+from ._membership import Membership, new_member_id
+from ._reports import Inbox
 
 logger = logging.getLogger("wujie_async.fleet")
 
-
-class _Fleet(Protocol):
-    """What a member needs of its RedisFleet (which imports this module, not the reverse)."""
-
-    config: FleetConfig
-    keys: FleetKeys
-    connection: RedisConnection
-
-    @property
-    def started(self) -> bool: ...
-
-    async def start(self) -> object: ...
-
-    async def aclose(self) -> None: ...
+_RETRY = 0.25  # a member away from Redis tries it again this often
+_FIGURES_EVERY = 1.0
 
 
 class FleetMember:
-    """A client's membership of a fleet (see the module docstring). Satisfies FleetLink."""
+    """A client's membership of a fleet (see the module docstring); a ``FleetLink``."""
 
-    def __init__(self, fleet: _Fleet) -> None:
-        self._fleet = fleet
-        config = self._config = fleet.config
-        redis, keys = fleet.connection, fleet.keys
-        host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())
-        self._member_id = f"{host[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._journal = RedisJournal(
-            redis,
-            keys,
-            self._member_id,
-            member_timeout=config.member_timeout,
-            unavailable_wait=config.unavailable_wait,
-            retake_turn=self.acquire,
-        )
-        self._membership = Membership(redis, keys, self._member_id, config.member_timeout)
-        self._registry = KeyRegistry(
-            redis, keys, shards=config.shards, lease_seconds=config.lease_seconds
-        )
-        self._leases = [
-            LeaderLease(redis, keys, shard, self._member_id, config.lease_seconds)
-            for shard in range(config.shards)
-        ]
-        self._pauses = FleetLimiter(redis, keys, 1.0)  # the 429 pause, with no rate set
-        self._limiter: FleetLimiter | None = None
-        self._follower: Follower | None = None
+    def __init__(self, link: FleetConnection) -> None:
+        self._link = link
+        self._config = config = link.config
+        self._member_id = new_member_id()
+        self._token = self._member_id.rsplit(":", 1)[-1]
+        self._journal = RedisJournal(link, self._member_id, pace=self._take_turn)
+        self._membership = Membership(link, self._member_id)
+        self._leases = [LeaderLease(link, s, self._member_id) for s in range(config.shards)]
+        self._leading = [False] * config.shards
         self._leaders: list[ShardLeader] = []
+        self._follower: Follower | None = None
+        self._poller: BatchPoller | None = None
         self._transport: Transport | None = None
-        self._owns_fleet = False
-        self._broken = False  # a background task failed (a bug): local polling for good
-        self._resigning: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._limiter: FleetLimiter | None = None
+        self._pauses = FleetLimiter(link, 1.0)  # the 429 pause, with or without a rate
+        self._owns_link = False
+        self._role: FleetRole = "local"
+        self._joined = False
+        self._broken = False  # a task failed (a bug): local for good
+        self._tasks: set[asyncio.Task[None]] = set()  # what runs while joined
+        self._watcher: asyncio.Task[None] | None = None
+        self._others: set[asyncio.Task[None]] = set()  # 429 pauses, the resignation
+        self._wake = asyncio.Event()
         self._size = 1
         self._fleet_calls = self._fleet_keys = 0
-        self._flushed = (0, 0)  # leader calls and keys already added to the fleet's figures
+        self._flushed_calls = self._flushed_keys = 0
 
     def __repr__(self) -> str:
         return f"FleetMember({self._config.name!r}, member={self._member_id!r})"
 
     @property
     def member_id(self) -> str:
-        """This member's id, unique across the fleet: host, pid and a random part."""
+        """This member's id, unique across the fleet."""
         return self._member_id
 
     @property
     def header_token(self) -> str:
         """The random part of the member id, sent as ``X-Wujie-Member``."""
-        return self._member_id.rsplit(":", 1)[-1]
+        return self._token
 
     @property
     def journal(self) -> RedisJournal:
@@ -127,61 +105,54 @@ class FleetMember:
     async def start(
         self, *, poller: BatchPoller, transport: Transport, poll: PollPolicy, limits: Limits
     ) -> None:
-        """Connect (unless started), join, and start following, leading and heartbeating.
+        """Connect (unless connected), join, follow, and lead what it can.
 
         Raises:
             FleetUnavailableError: Redis cannot be reached (the message names its URL).
         """
-        if not self._fleet.started:
-            await self._fleet.start()
-            self._owns_fleet = True
+        if not self._link.started:
+            await self._link.start()
+            self._owns_link = True
         try:
-            await self._membership.beat()  # joins
-            redis, keys = self._fleet.connection, self._fleet.keys
-            inbox = ReportInbox(redis, keys, self._member_id, limits.max_response_bytes)
-            follower = self._follower = Follower(
-                member_id=self._member_id, registry=self._registry, inbox=inbox, poller=poller
-            )
-            await follower.rejoin()
-            # A stream nobody reads (a dead member's) expires well after it could be claimed.
-            outbox = ReportOutbox(
-                redis, keys, expire_after=max(60.0, 10 * self._config.member_timeout)
-            )
-            self._leaders = [
-                ShardLeader(
-                    lease=lease,
-                    membership=self._membership,
-                    registry=self._registry,
-                    outbox=outbox,
-                    transport=transport,
-                    policy=poll,
-                    limits=limits,
-                    on_redis_lost=follower.lost,
-                )
-                for lease in self._leases
-            ]
-            for lease in self._leases:
-                await lease.start()
+            await self._membership.join()
         except BaseException:
             await self.aclose()
             raise
+        self._poller, self._transport = poller, transport
+        self._follower = Follower(self._link, self._member_id, poller)
+        self._leaders = [
+            ShardLeader(self._link, lease, transport, poll, limits, poller.schedule)
+            for lease in self._leases
+        ]
         if limits.max_submits_per_second is not None:
-            self._limiter = FleetLimiter(redis, keys, limits.max_submits_per_second)
-        self._transport = transport
+            self._limiter = FleetLimiter(self._link, limits.max_submits_per_second)
         transport.on_rate_limited = self._rate_limited
-        self._spawn(follower.write(), "keys")
+        poller.set_asking(False)
+        self._joined = True
+        self._start_tasks()
+        self._watcher = asyncio.create_task(self._watch(), name="wujie fleet watch")
+        self._set_role()
+
+    def _start_tasks(self) -> None:
+        follower = self._follower
+        assert follower is not None
+        self._spawn(follower.write(), "registry")
         self._spawn(follower.read(), "reports")
-        self._spawn(self._keep_alive(), "heartbeat")
-        for leader in self._leaders:
-            self._spawn(leader.run(), f"leader {leader.lease.shard}")
+        for shard in range(self._config.shards):
+            self._spawn(self._lead(shard), f"leader {shard}")
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
-        task = asyncio.create_task(work, name=f"wujie fleet {what}")
+        async def guarded() -> None:
+            try:
+                await work
+            except* FleetUnavailableError as failed:
+                self._lost(str(failed.exceptions[0]))
+
+        task = asyncio.create_task(guarded(), name=f"wujie fleet {what}")
         self._tasks.add(task)
         task.add_done_callback(self._task_ended)
 
-    def _task_ended(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None or self._broken:
             return
         logger.error(
@@ -191,86 +162,162 @@ class FleetMember:
             self._member_id,
         )
         self._broken = True
-        if self._follower is not None:
-            self._follower.lost("a fleet task stopped")
-        # Not one of self._tasks: stop_polling must not cancel it half-way; aclose() waits.
-        self._resigning = asyncio.create_task(self._resign(), name="wujie fleet resign")
+        self._lost("a fleet task stopped")
+        # Not one of the joined tasks: nothing cancels it half-way; aclose() waits for it.
+        self._others.add(asyncio.create_task(self._resign(), name="wujie fleet resign"))
 
     async def _resign(self) -> None:
-        """Give every lease up, and stop the fleet polling this member's keys (it does now)."""
-        for leader in self._leaders:
-            await leader.lease.aclose()  # idempotent; Redis away: the lease runs out
-        if self._follower is not None:
-            with contextlib.suppress(FleetUnavailableError):
-                await self._registry.leave(self._member_id, self._follower.followed())
+        """Give every lease up and take this member's keys out of the registry."""
+        with contextlib.suppress(FleetUnavailableError):
+            for lease in self._leases:
+                await lease.release()
+            if self._follower is not None:
+                await self._follower.unregister_all()
 
     async def stop_polling(self) -> None:
-        """Stop leading, following and heartbeating (before the client's transport closes)."""
-        tasks, self._tasks = self._tasks, set()
+        """Stop leading, following and watching (before the client's transport closes)."""
         within = self._config.command_timeout + 1.0
-        await asyncio.gather(*(stop_task(task, within=within) for task in tasks))
+        tasks, self._tasks = self._tasks, set()
+        if self._watcher is not None:
+            tasks.add(self._watcher)
+            self._watcher = None
+        await asyncio.gather(*(stop_task(task, within) for task in tasks))
         if self._transport is not None:
             self._transport.on_rate_limited = None
 
     async def aclose(self) -> None:
-        """Give the leases up, leave (this member's open jobs are claimable at once), and
-        disconnect if the client's opening connected."""
+        """Leave the fleet (this member's open jobs are claimable at once) and disconnect."""
         await self.stop_polling()
-        if self._resigning is not None:
-            await stop_task(self._resigning, within=4 * self._config.command_timeout)
+        # What is left (the resignation, a 429 pause) is let finish, within deadlines.
+        others, self._others = self._others, set()
+        if others:
+            await asyncio.wait(others, timeout=4 * self._config.command_timeout)
+            await asyncio.gather(*(stop_task(task, 1.0) for task in others))
         try:
-            for lease in self._leases:
-                await lease.aclose()
+            if not self._link.started:
+                return
             with contextlib.suppress(FleetUnavailableError):
+                if self._follower is not None:
+                    await self._follower.flush()  # the jobs closing ended leave the registry
+                for lease in self._leases:
+                    await lease.release()
                 await self._membership.leave()
+                await Inbox(self._link, self._member_id).drop()
         finally:
-            if self._owns_fleet:
-                self._owns_fleet = False
-                await self._fleet.aclose()
+            if self._owns_link:
+                self._owns_link = False
+                await self._link.aclose()
 
-    # --- the heartbeat ---------------------------------------------------------------------------
-    async def _keep_alive(self) -> None:
+    # --- roles ---------------------------------------------------------------------------------
+    def _set_role(self) -> None:
+        """The one place the member's role changes (and is logged)."""
+        role: FleetRole
+        if not self._joined:
+            role = "local"
+        elif any(self._leading):
+            role = "leader"
+        else:
+            role = "follower"
+        if role != self._role:
+            self._role = role
+            if self._transport is not None:  # the client's telemetry logs it (INFO) once
+                self._transport.telemetry.fleet_role_changed(role, member=self._member_id)
+            else:
+                logger.info(
+                    "fleet %s: member %s is now %s", self._config.name, self._member_id, role
+                )
+
+    async def _lead(self, shard: int) -> None:
+        lease, leader = self._leases[shard], self._leaders[shard]
+        while True:
+            await lease.acquire()
+            self._leading[shard] = True
+            self._set_role()
+            try:
+                await leader.lead()
+            finally:
+                self._leading[shard] = False
+                self._set_role()
+
+    def _lost(self, why: str) -> None:
+        """Redis is away: poll its own keys, and rejoin when Redis answers."""
+        if not self._joined:
+            return
+        self._joined = False
+        for task in self._tasks:
+            task.cancel()  # stopped for good (within a deadline) when rejoining or closing
+        self._leading = [False] * self._config.shards
+        if self._poller is not None:
+            self._poller.set_asking(True)
+        logger.warning(
+            "fleet %s: %s; member %s polls its own keys until it rejoins",
+            self._config.name,
+            why,
+            self._member_id,
+        )
+        self._set_role()
+        self._wake.set()
+
+    async def _rejoin(self) -> None:
         follower = self._follower
         assert follower is not None
+        tasks, self._tasks = self._tasks, set()
+        await asyncio.gather(
+            *(stop_task(task, self._config.command_timeout + 1.0) for task in tasks)
+        )
+        await self._membership.join()
+        await follower.register_all()
+        self._joined = True
+        if self._poller is not None:
+            self._poller.set_asking(False)
+        self._start_tasks()
+        logger.warning(
+            "fleet %s: member %s rejoined (its %d keys registered again)",
+            self._config.name,
+            self._member_id,
+            follower.keys,
+        )
+        self._set_role()
+
+    async def _join_again(self) -> None:
+        """The fleet declared this member dead (or Redis lost it) while it was alive: it
+        joins again and registers its keys again; its tasks carry on (a lease it held has
+        run out, and its leader saw that on its own clock)."""
+        follower = self._follower
+        assert follower is not None
+        await self._membership.join()
+        await follower.register_all()
+        logger.warning(
+            "fleet %s: member %s was declared dead (no heartbeat for %gs) or forgotten by "
+            "Redis; it joined again (its %d keys registered again)",
+            self._config.name,
+            self._member_id,
+            self._config.member_timeout,
+            follower.keys,
+        )
+
+    async def _watch(self) -> None:
+        """Heartbeats and the fleet's figures while joined; rejoining while not."""
+        loop = asyncio.get_running_loop()
+        beat_at = loop.time() + self._config.heartbeat_interval
         while True:
-            waiting = not follower.connected and not self._broken  # for Redis to come back
-            await asyncio.sleep(RETRY if waiting else self._config.member_beat)
-            if self._transport is not None:  # an INFO line when the role changes, once
-                self._transport.telemetry.fleet_role_changed(
-                    self.stats().role, member=self._member_id
-                )
-            calls = sum(leader.calls for leader in self._leaders)
-            keys = sum(leader.keys for leader in self._leaders)
+            wait = _RETRY if not self._joined else min(_FIGURES_EVERY, beat_at - loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
+            self._wake.clear()
             try:
-                beat = await self._membership.beat(
-                    calls - self._flushed[0], keys - self._flushed[1]
-                )
-                self._flushed = (calls, keys)
-                self._size, self._fleet_calls, self._fleet_keys = (
-                    beat.live, beat.batch_calls, beat.keys_polled,
-                )  # fmt: skip
-                if beat.standing != Standing.ALIVE:
-                    logger.warning(
-                        "fleet %s: member %s had been %s; it rejoins and follows its jobs again",
-                        self._config.name,
-                        self._member_id,
-                        "judged dead (no heartbeat for longer than member_timeout)"
-                        if beat.standing == Standing.JUDGED_DEAD
-                        else "forgotten (Redis lost its data, or its jobs were claimed)",
-                    )
-                if self._broken or (follower.connected and beat.standing == Standing.ALIVE):
+                if not self._joined:
+                    if not self._broken:
+                        await self._rejoin()
+                        beat_at = loop.time() + self._config.heartbeat_interval
                     continue
-                was_connected = follower.connected
-                announced = await follower.rejoin()
-                if not was_connected:
-                    logger.warning(
-                        "fleet %s: Redis is back; member %s rejoined (%d keys announced)",
-                        self._config.name,
-                        self._member_id,
-                        announced,
-                    )
+                if loop.time() >= beat_at:
+                    beat_at = loop.time() + self._config.heartbeat_interval
+                    if not await self._membership.heartbeat():
+                        await self._join_again()
+                await self._refresh_figures()
             except FleetUnavailableError as exc:
-                follower.lost(str(exc))
+                self._lost(str(exc))
 
     # --- submits -------------------------------------------------------------------------------
     async def acquire(self) -> None:
@@ -279,59 +326,107 @@ class FleetMember:
         Raises:
             FleetUnavailableError: Redis stayed away for ``unavailable_wait`` (nothing sent).
         """
+        loop = asyncio.get_running_loop()
+        wait = self._config.unavailable_wait
+        deadline = loop.time() + wait
+        while True:
+            try:
+                return await self._take_turn()
+            except FleetUnavailableError as exc:
+                if loop.time() >= deadline:
+                    raise FleetUnavailableError(
+                        f"the submit was not sent: fleet Redis unavailable for {wait:g}s ({exc})",
+                        url=exc.url,
+                    ) from None
+                await asyncio.sleep(min(_RETRY, max(0.0, deadline - loop.time())))
 
-        async def turn() -> None:
-            if self._limiter is not None:
-                await self._limiter.acquire()
-            elif (paused := await self._pauses.paused_for()) > 0:
-                await asyncio.sleep(paused)
-
-        await retry_while_away(
-            turn, wait=self._config.unavailable_wait, what="the submit was not sent"
-        )
+    async def _take_turn(self) -> None:
+        """One try at a submit's turn (FleetUnavailableError while Redis is away)."""
+        if self._limiter is not None:
+            await self._limiter.acquire()
+        elif (paused := await self._pauses.paused_for()) > 0:
+            await asyncio.sleep(paused)
 
     def _rate_limited(self, kind: str, retry_after: float | None) -> None:
         """A 429 on a submit with Retry-After: pause every member's submits that long."""
-        if kind == "submit" and retry_after is not None and retry_after > 0:
-            self._spawn(self._pause((self._limiter or self._pauses), retry_after), "pause")
+        if kind != "submit" or retry_after is None or retry_after <= 0:
+            return
+        task = asyncio.create_task(self._pause(retry_after), name="wujie fleet pause")
+        self._others.add(task)
+        task.add_done_callback(self._others.discard)
 
-    @staticmethod
-    async def _pause(limiter: FleetLimiter, seconds: float) -> None:
+    async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(FleetUnavailableError):
-            await limiter.pause(seconds)
+            await self._pauses.pause(seconds)
 
     # --- jobs ----------------------------------------------------------------------------------
     def tracked(self, job: ImageJob, first_delay: float | None) -> None:
-        """The poller tracks ``job``: the fleet polls it for this member."""
+        """The leader asks about ``job`` until it ends (registered in the background)."""
         if self._follower is not None:
-            self._follower.tracked(job, first_delay)
-
-    def ended(self, key: str) -> None:
-        """``key``'s job ended here: this member no longer follows it."""
-        if self._follower is not None:
-            self._follower.ended(key)
+            self._follower.track(job, first_delay)
 
     async def claim_dead(self) -> list[JournalEntry]:
         """Claim dead members' accepted submits (atomically, each to one member)."""
-        return (await self._journal.claim_dead()).entries
+        claim = await self._journal.claim_dead()
+        for dead in claim.dead_members:
+            with contextlib.suppress(FleetUnavailableError):
+                await Inbox(self._link, dead).drop()
+        return claim.entries
 
+    # --- figures -------------------------------------------------------------------------------
     def stats(self) -> FleetStats:
         """A snapshot of the fleet as this member sees it."""
-        role: Literal["leader", "follower", "local"]
-        if self._follower is None or not self._follower.connected:
-            role = "local"
-        elif any(leader.lease.remaining() > 0 for leader in self._leaders):
-            role = "leader"
-        else:
-            role = "follower"
-        calls = self._fleet_calls
+        calls = sum(leader.counters.batch_calls for leader in self._leaders)
+        keys = sum(leader.counters.keys_polled for leader in self._leaders)
         return FleetStats(
-            role=role,
+            role=self._role,
             size=self._size,
             rate=self._limiter.rate if self._limiter is not None else None,
-            batch_calls=calls,
+            batch_calls=self._fleet_calls,
             keys_polled=self._fleet_keys,
-            mean_batch_fill=self._fleet_keys / calls if calls else 0.0,
-            leader_calls=sum(leader.calls for leader in self._leaders),
-            leader_keys=sum(leader.keys for leader in self._leaders),
+            mean_batch_fill=self._fleet_keys / self._fleet_calls if self._fleet_calls else 0.0,
+            leader_calls=calls,
+            leader_keys=keys,
         )
+
+    async def _refresh_figures(self) -> None:
+        """Add this member's new leader calls to the fleet's figures, and read them back.
+
+        The figures are other processes' writes: a counter that is not a number reads as 0,
+        and a key of another type reads as no figures (not as Redis failing).
+        """
+        key = self._link.keys.stats
+        now = self.stats()
+        calls, keys = now.leader_calls - self._flushed_calls, now.leader_keys - self._flushed_keys
+
+        async def exchange(redis: Any) -> list[Any]:
+            async with redis.pipeline(transaction=False) as pipe:
+                if calls:
+                    pipe.hincrby(key, "batch_calls", calls)
+                    pipe.hincrby(key, "keys_polled", keys)
+                pipe.hgetall(key)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+            for item in results:
+                if isinstance(item, BaseException) and not _refused_for_its_data(item):
+                    raise item
+            return results
+
+        reply = await self._link.call(exchange)
+        self._flushed_calls, self._flushed_keys = now.leader_calls, now.leader_keys
+        figures = reply[-1] if isinstance(reply[-1], dict) else {}
+        self._fleet_calls = _counter(figures.get("batch_calls"))
+        self._fleet_keys = _counter(figures.get("keys_polled"))
+        self._size = max(1, len(await self._membership.live_members()))
+
+
+def _refused_for_its_data(error: BaseException) -> bool:
+    """A command refused for the key's data (the wrong type, a counter that is not an
+    integer): that key is garbled, Redis works. redis-py prefixes the command; the code stays."""
+    text = str(error)
+    return "WRONGTYPE" in text or "not an integer" in text
+
+
+def _counter(raw: object) -> int:
+    """A counter read back from Redis: a non-negative integer, else 0."""
+    text = raw if isinstance(raw, str) else ""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 20 else 0

@@ -1,11 +1,14 @@
-"""KeyRegistry: which member follows which key, as a log per shard that the shard's leader reads.
+"""KeyRegistry: the fleet's outstanding keys, who owns each, and what a leader needs to ask.
 
-A member appends an entry when it starts following a key (with what the leader needs to poll
-it: model, first delay, age, deadline) and when it stops. A leader starts its term by appending
-a marker and reading on from there (by cursor: no entry is lost to a missed wake-up); it then
-asks every member to announce the keys it follows, so the term starts from what the members
-know now, not from a copy that could be stale. Nothing is deleted: the log keeps the last
-``max(60 s, 3 x lease_seconds)``, and a leader that read nothing for longer has lost its lease.
+Per shard (CRC-32 of the job key), under the shard's hash tag, a hash maps
+``"<owner> <job key>"`` to a :class:`KeyInfo`, and a sorted set holds the same fields scored by
+the version of their last change (an INCR counter). A key with two owners (attached by two
+members, or claimed from a member that was only frozen) has two fields; its reports go to both.
+
+Members add their keys and remove them when their jobs end. A leader reads the whole shard when
+it starts leading, then the changes after the last version it read. A removed field stays in
+the sorted set until a leader has read it; that read deletes it, fenced by the leader's lease.
+Fields and infos are other processes' writes: one that does not parse is skipped.
 """
 
 from __future__ import annotations
@@ -15,134 +18,151 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
-from ._keys import FleetKeys, shard_of
-from ._redis import RedisLink, stream_entries
+from ._errors import LeaseLostError
+from ._keys import shard_of
+from ._link import RedisLink, Script
 
-_MODEL_CHARS = 100
-
-# KEYS: log. ARGV: kept_ms, member, key1, what1, ... Trimmed by Redis time (ids are its ms).
-_APPEND = """
-local t = redis.call('TIME')
-local oldest = tonumber(t[1]) * 1000 - tonumber(ARGV[1])
-for i = 3, #ARGV, 2 do
-  redis.call('XADD', KEYS[1], 'MINID', '~', oldest, '*',
-             'k', ARGV[i], 'o', ARGV[2], 'f', ARGV[i + 1])
+# KEYS: registered, changes, version. ARGV: field1, info1, ... (an empty info removes).
+_WRITE = """
+for i = 1, #ARGV, 2 do
+  if ARGV[i + 1] == '' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[i])
 end
-return 1
+return #ARGV / 2
 """
+# KEYS: lease, registered, changes, version. ARGV: fence, after ('' = everything), limit.
+# Reply: false when the fence is stale, else {version read, field1, info1, ...} ('' = removed).
+_READ = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+local reply = {0}
+if ARGV[2] == '' then
+  reply[1] = tonumber(redis.call('GET', KEYS[4]) or '0')
+  for _, item in ipairs(redis.call('HGETALL', KEYS[2])) do reply[#reply + 1] = item end
+  for _, field in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    if redis.call('HEXISTS', KEYS[2], field) == 0 then redis.call('ZREM', KEYS[3], field) end
+  end
+  return reply
+end
+reply[1] = tonumber(ARGV[2])
+local rows = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[2], '+inf', 'WITHSCORES',
+                        'LIMIT', 0, tonumber(ARGV[3]))
+for i = 1, #rows, 2 do
+  local info = redis.call('HGET', KEYS[2], rows[i])
+  if not info then
+    info = ''
+    redis.call('ZREM', KEYS[3], rows[i])
+  end
+  reply[1] = tonumber(rows[i + 1])
+  reply[#reply + 1] = rows[i]
+  reply[#reply + 1] = info
+end
+return reply
+"""
+_MODEL_CHARS = 128
+READ_LIMIT = 2000  # changes one read returns at most (a full read: more may be waiting)
 
 
 @dataclass(frozen=True, slots=True)
-class Follow:
-    """A member follows a key.
+class KeyInfo:
+    """What a leader needs to poll a key, in unix time (member clocks, within their skew).
 
     Attributes:
-        key: the job key.
-        model: the request's model, when known (the schedule learns per model).
-        first_delay: seconds from the submit to the first ask (None: the leader's policy).
-        age: seconds since the submit (or attach).
-        deadline_in: seconds until the job's deadline.
-        owner: the member (set when read from the log).
+        submitted: when the owner started tracking it.
+        first_delay: seconds from then to the first ask (None: the leader's poll policy's).
+        deadline: when the owner gives the job up.
+        model: the request's model (None: unknown); the schedule learns per model.
     """
 
-    key: str
-    model: str | None
+    submitted: float
     first_delay: float | None
-    age: float
-    deadline_in: float
-    owner: str = ""
+    deadline: float
+    model: str | None
+
+    def encode(self) -> str:
+        """The JSON stored in the registry."""
+        return json.dumps([self.submitted, self.first_delay, self.deadline, self.model])
+
+    @staticmethod
+    def decode(raw: object) -> KeyInfo | None:
+        """The info in ``raw`` (another process's write), or None when anything is off."""
+        try:
+            submitted, first_delay, deadline, model = json.loads(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RecursionError):
+            return None
+        if not (_time(submitted) and _time(deadline)):
+            return None
+        if first_delay is not None and not (_time(first_delay) and first_delay >= 0):
+            return None
+        if model is not None and not (isinstance(model, str) and len(model) <= _MODEL_CHARS):
+            return None
+        return KeyInfo(float(submitted), first_delay, float(deadline), model)
 
 
 @dataclass(frozen=True, slots=True)
-class Leave:
-    """``owner`` no longer follows ``key``."""
+class Change:
+    """One field of the registry as a leader reads it.
 
-    key: str
+    Attributes:
+        owner: the member whose job it is.
+        job_key: the gateway's key.
+        info: what to poll it with; None: this owner removed it.
+    """
+
     owner: str
+    job_key: str
+    info: KeyInfo | None
 
 
 class KeyRegistry:
-    """The fleet's keys by shard (see the module docstring)."""
+    """The fleet's registry of outstanding keys (see the module docstring)."""
 
-    def __init__(
-        self, redis: RedisLink, keys: FleetKeys, *, shards: int, lease_seconds: float
-    ) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._shards = shards
-        self._kept_ms = round(max(60.0, 3 * lease_seconds) * 1000)
-        self._append_script = redis.script(_APPEND)
+    def __init__(self, link: RedisLink) -> None:
+        self._link = link
+        self._write = Script(link, _WRITE)
+        self._read = Script(link, _READ)
 
-    def shard_of(self, job_key: str) -> int:
-        """The shard of ``job_key``."""
-        return shard_of(job_key, self._shards)
-
-    async def follow(self, member: str, follows: Iterable[Follow]) -> None:
-        """``member`` follows these keys."""
-        await self._append(
-            member,
-            ((f.key, json.dumps([f.model, f.first_delay, f.age, f.deadline_in])) for f in follows),
-        )
-
-    async def leave(self, member: str, job_keys: Iterable[str]) -> None:
-        """``member`` no longer follows these keys."""
-        await self._append(member, ((key, "") for key in job_keys))
-
-    async def _append(self, member: str, entries: Iterable[tuple[str, str]]) -> None:
+    async def write(self, entries: Iterable[tuple[str, str, KeyInfo | None]]) -> None:
+        """Add (with its info) or remove (None) each ``(owner, job key, info)``, in order."""
+        keys, shards = self._link.keys, self._link.config.shards
         by_shard: dict[int, list[str]] = defaultdict(list)
-        for key, what in entries:
-            by_shard[self.shard_of(key)] += (key, what)
+        for owner, job_key, info in entries:
+            encoded = info.encode() if info is not None else ""
+            by_shard[shard_of(job_key, shards)] += [f"{owner} {job_key}", encoded]
         for shard, args in by_shard.items():
-            await self._append_script((self._keys.keys_log(shard),), (self._kept_ms, member, *args))
+            await self._write(
+                (keys.registered(shard), keys.changes(shard), keys.version(shard)), args
+            )
 
-    async def begin_term(self, shard: int) -> str:
-        """Mark the start of a leader's term in ``shard``'s log; its cursor."""
-        log = self._keys.keys_log(shard)
-        marker = await self._redis.call(lambda r: r.xadd(log, {"term": "1"}))
-        return str(marker)
+    async def read(
+        self, shard: int, fence: str, after: int | None, *, limit: int = READ_LIMIT
+    ) -> tuple[int, list[Change]]:
+        """As ``shard``'s leader: every field (``after`` None), or the changes after a version.
 
-    async def changes(
-        self, shard: int, cursor: str, wait: float
-    ) -> tuple[str, list[Follow | Leave]]:
-        """The entries after ``cursor`` (waiting up to ``wait`` s for one) and the cursor after
-        them. Entries that are not a member's (another process's writes) are skipped."""
-        log = self._keys.keys_log(shard)
-        reply: Any = await self._redis.call(
-            lambda r: r.xread({log: cursor}, count=1000, block=max(1, round(wait * 1000))),
-            extra_wait=wait,
+        Returns:
+            The version read up to (the next ``after``), and the fields, oldest change first;
+            with ``after``, at most ``limit`` of them (a full read: more may be waiting).
+
+        Raises:
+            LeaseLostError: ``fence`` is not the shard's lease any more.
+        """
+        keys = self._link.keys
+        reply: Any = await self._read(
+            (keys.lease(shard), keys.registered(shard), keys.changes(shard), keys.version(shard)),
+            (fence, "" if after is None else after, limit),
         )
-        found: list[Follow | Leave] = []
-        for entry_id, fields in stream_entries(reply):
-            cursor = entry_id
-            change = _change(fields) if isinstance(fields, dict) else None
-            if change is not None:
-                found.append(change)
-        return cursor, found
+        if not reply:
+            raise LeaseLostError(f"shard {shard}: the lease is not {fence!r} any more", shard=shard)
+        changes = []
+        for i in range(1, len(reply) - 1, 2):
+            owner, _, job_key = str(reply[i]).partition(" ")
+            info = KeyInfo.decode(reply[i + 1]) if reply[i + 1] else None
+            if owner and job_key and (info is not None or not reply[i + 1]):
+                changes.append(Change(owner, job_key, info))
+        return int(reply[0]), changes
 
 
-def _change(fields: dict[Any, Any]) -> Follow | Leave | None:
-    key, owner, what = fields.get("k"), fields.get("o"), fields.get("f")
-    if not (isinstance(key, str) and isinstance(owner, str) and isinstance(what, str)):
-        return None
-    if not what:
-        return Leave(key, owner)
-    try:
-        model, first, age, deadline_in = json.loads(what)
-    except (ValueError, TypeError, RecursionError):
-        return None
-    if not (_number(age) and _number(deadline_in)):
-        return None
-    return Follow(
-        key=key,
-        model=model[:_MODEL_CHARS] if isinstance(model, str) and model else None,
-        first_delay=float(first) if _number(first) else None,
-        age=max(0.0, float(age)),
-        deadline_in=float(deadline_in),
-        owner=owner,
-    )
-
-
-def _number(value: object) -> TypeGuard[int | float]:
+def _time(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,129 +1,105 @@
-"""Reports: what a leader tells a member, on that member's Redis stream.
+"""Reports: what a leader learned about a member's keys, on that member's Redis stream.
 
-After each batch call the leader appends one :class:`Reply` per owner of keys in the call: the
-keys it asked about and the gateway's raw entries for them. The owner checks the entries as it
-checks its own replies (the leader does not judge for it). When the leader gives up on a key for
-a reason no entry shows (the gateway kept not listing it; its entry was unreadable or too
-large), it appends an :class:`Ending`; when its term starts, an :class:`Announce`. A member
-reads by cursor (``XREAD BLOCK`` from the last id seen: nothing is lost to a missed wake-up)
-and deletes what it applied. Reports are facts, harmless to apply twice: posting needs no fence.
-
-A stream holds at most about 10,000 reports and expires when nobody has posted to it for a
-while: a dead member's stream does not outlive it for long.
+A leader appends one entry per batch call and owner: the keys it asked about and the gateway's
+raw entries for them (the owner reads them as a reply of its own: hostile until checked), or
+the keys whose job its poller ended without a terminal entry (unknown, malformed, too large,
+past the deadline), each with the error's kind and message. The owner reads from the last id it
+saw (no wake-up is lost, a restarted reader re-reads what was not deleted), applies, and
+deletes what it applied. A stream nobody reads expires (a member dead and never claimed).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import _contract
-from ._keys import FleetKeys
-from ._redis import RedisLink, stream_entries
-
-_KEPT = 10_000
-_KEY_CHARS = 200
+from ._link import RedisLink
 
 
 @dataclass(frozen=True, slots=True)
-class Reply:
-    """A batch reply, for the keys of one owner.
+class Report:
+    """One leader's report to one member.
 
     Attributes:
-        asked: the owner's keys the call asked about (absent from ``entries``: not listed).
-        entries: the gateway's raw entries for them (hostile: the owner checks them).
+        keys: the keys a batch call asked about.
+        data: the gateway's raw entries for them (not checked yet).
+        ended: keys whose job the leader's poller ended -> (error class name, message).
         id: the stream id, once read.
     """
 
-    asked: tuple[str, ...]
-    entries: list[Any]
+    keys: list[str] = field(default_factory=list)
+    data: list[Any] = field(default_factory=list)
+    ended: dict[str, tuple[str, str]] = field(default_factory=dict)
     id: str = field(default="", compare=False)
 
+    def encode(self) -> str:
+        """The stream entry's body."""
+        return json.dumps({"k": self.keys, "d": self.data, "x": self.ended})
 
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """The leader gave up on ``key``.
+    @staticmethod
+    def decode(entry_id: str, raw: object) -> Report | None:
+        """The report in ``raw`` (another process's write), or None when its shape is off."""
+        try:
+            body = json.loads(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RecursionError):
+            return None
+        if not isinstance(body, dict):
+            return None
+        keys, data, ended = body.get("k"), body.get("d"), body.get("x")
+        if not (isinstance(keys, list) and isinstance(data, list) and isinstance(ended, dict)):
+            return None
+        checked_ended = {
+            key: (str(why[0])[:64], str(why[1])[:500])
+            for key, why in ended.items()
+            if isinstance(why, list) and len(why) == 2
+        }
+        return Report([k for k in keys if isinstance(k, str)], data, checked_ended, entry_id)
 
-    Attributes:
-        key: the job key.
-        unknown: True when the gateway kept not listing it, False when its entry was
-            unreadable or too large.
-        message: why, in the leader's words (to be shown through ``snippet``).
-        id: the stream id, once read.
+
+async def post_reports(link: RedisLink, reports: Mapping[str, Iterable[Report]]) -> None:
+    """Append each member's reports to its stream, in one pipelined round trip."""
+    if not reports:
+        return
+    expire_ms = round(max(60.0, 10 * link.config.member_timeout) * 1000)
+
+    async def send(redis: Any) -> None:
+        async with redis.pipeline(transaction=False) as pipe:
+            for member, group in reports.items():
+                stream = link.keys.reports(member)
+                for report in group:
+                    pipe.xadd(stream, {"b": report.encode()})
+                pipe.pexpire(stream, expire_ms)
+            await pipe.execute()
+
+    await link.call(send)
+
+
+class Inbox:
+    """One member's stream of reports.
+
+    Args:
+        link: the fleet's Redis.
+        member_id: whose reports to read.
     """
 
-    key: str
-    unknown: bool
-    message: str
-    id: str = field(default="", compare=False)
+    def __init__(self, link: RedisLink, member_id: str) -> None:
+        self._link = link
+        self._stream = link.keys.reports(member_id)
+        self._last_id = "0"  # from the start: whatever an earlier reader left is read again
 
-
-@dataclass(frozen=True, slots=True)
-class Announce:
-    """A new leader of ``shard`` asks for every key the member follows there."""
-
-    shard: int
-    id: str = field(default="", compare=False)
-
-
-Report = Reply | Ending | Announce
-
-
-class ReportOutbox:
-    """Posts reports to their owners' streams (used by a leader)."""
-
-    def __init__(self, redis: RedisLink, keys: FleetKeys, *, expire_after: float) -> None:
-        self._redis = redis
-        self._keys = keys
-        self._expire_ms = round(expire_after * 1000)
-
-    async def post(self, reports: Sequence[tuple[str, Report]]) -> None:
-        """Append each ``(owner, report)`` to the owner's stream, in one round trip."""
-        if not reports:
-            return
-
-        async def send(redis: Any) -> None:
-            async with redis.pipeline(transaction=False) as pipe:
-                for owner, report in reports:
-                    stream = self._keys.reports(owner)
-                    pipe.xadd(stream, {"r": _encode(report)}, maxlen=_KEPT, approximate=True)
-                    pipe.pexpire(stream, self._expire_ms)
-                await pipe.execute()
-
-        await self._redis.call(send)
-
-
-class ReportInbox:
-    """One member's stream of reports (see the module docstring)."""
-
-    def __init__(self, redis: RedisLink, keys: FleetKeys, member_id: str, max_bytes: int) -> None:
-        self._redis = redis
-        self._stream = keys.reports(member_id)
-        self._max_bytes = max_bytes
-        self._last_id = "0"
-
-    def rewind(self) -> None:
-        """Read from the stream's start again (Redis may have restarted: ids start over)."""
-        self._last_id = "0"
-
-    async def read(self, timeout: float) -> list[Report]:
-        """Reports not read yet, waiting at most ``timeout`` seconds for the first one.
-
-        An entry that is not a report (another process's writes) is skipped and left in place.
-        """
+    async def read(self, timeout: float, *, count: int = 100) -> list[Report]:
+        """Reports not read yet, waiting at most ``timeout`` seconds for the first one."""
+        block = max(1, round(timeout * 1000))
         stream, last = self._stream, self._last_id
-        reply: Any = await self._redis.call(
-            lambda r: r.xread({stream: last}, count=200, block=max(1, round(timeout * 1000))),
-            extra_wait=timeout,
+        reply: Any = await self._link.call(
+            lambda r: r.xread({stream: last}, count=count, block=block), extra_wait=timeout
         )
         reports: list[Report] = []
-        for entry_id, fields in stream_entries(reply):
+        for entry_id, fields in _entries(reply):
             self._last_id = entry_id
-            raw = fields.get("r") if isinstance(fields, dict) else None
-            fits = isinstance(raw, str) and len(raw) <= self._max_bytes
-            report = _decode(raw, entry_id) if fits and isinstance(raw, str) else None
+            report = Report.decode(entry_id, fields.get("b") if isinstance(fields, dict) else None)
             if report is not None:
                 reports.append(report)
         return reports
@@ -133,35 +109,22 @@ class ReportInbox:
         ids = [report.id for report in reports if report.id]
         if ids:
             stream = self._stream
-            await self._redis.call(lambda r: r.xdel(stream, *ids))
+            await self._link.call(lambda r: r.xdel(stream, *ids))
+
+    async def drop(self) -> None:
+        """Delete the whole stream (its member is gone)."""
+        stream = self._stream
+        await self._link.call(lambda r: r.delete(stream))
 
 
-def _encode(report: Report) -> str:
-    if isinstance(report, Reply):
-        return json.dumps({"asked": report.asked, "entries": report.entries})
-    if isinstance(report, Announce):
-        return json.dumps({"announce": report.shard})
-    return json.dumps({"ended": report.key, "unknown": report.unknown, "message": report.message})
-
-
-def _decode(raw: str, entry_id: str) -> Report | None:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(body, dict):
-        return None
-    asked, entries = body.get("asked"), body.get("entries")
-    if isinstance(asked, list) and isinstance(entries, list):
-        if len(asked) > _contract.MAX_KEYS_PER_BATCH or not all(
-            isinstance(key, str) and len(key) <= _KEY_CHARS for key in asked
-        ):
-            return None
-        return Reply(tuple(asked), entries, entry_id)
-    key, unknown, message = body.get("ended"), body.get("unknown"), body.get("message")
-    if isinstance(key, str) and len(key) <= _KEY_CHARS and isinstance(unknown, bool):
-        return Ending(key, unknown, message if isinstance(message, str) else "", entry_id)
-    shard = body.get("announce")
-    if isinstance(shard, int) and not isinstance(shard, bool):
-        return Announce(shard, entry_id)
-    return None
+def _entries(reply: Any) -> list[tuple[str, Any]]:
+    """XREAD's entries as ``[(id, fields), ...]`` under RESP2 and RESP3 alike."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):  # RESP3: {stream: [entries]} (or [[entries]])
+        streams = [
+            value[0] if value and isinstance(value[0], list) else value for value in reply.values()
+        ]
+    else:
+        streams = [entries for _name, entries in reply]
+    return [(entry_id, fields) for entries in streams for entry_id, fields in entries]
