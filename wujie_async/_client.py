@@ -74,7 +74,7 @@ class WujieClient:
             with other bodies, paid for by this account. A WARNING is logged when it is used.
         fleet: a ``wujie_async.fleet.RedisFleet``: share the submit rate, the poller and the
             journal (kept in Redis, in place of ``journal``) with every client of the same
-            fleet, in any process or machine. See the README, "Running many workers".
+            fleet, in any process or machine. See the docs, "Running many workers".
         session: an ``aiohttp.ClientSession`` of yours to send the API calls on (your
             connector, proxy, TLS or tracing settings apply). The client never closes it;
             ``Limits.max_connections`` then does not apply. Default: the client's own.
@@ -84,7 +84,7 @@ class WujieClient:
             view (``gc.freeze()``); the last such client to close calls ``gc.unfreeze()``.
             Process-wide, hence off by default: meanwhile an unreachable reference cycle among
             frozen objects is only reclaimed after that close (objects freed by reference
-            counting, most of them, are freed as usual). See README, "Performance".
+            counting, most of them, are freed as usual). See the docs, "Performance".
         downloads: how images are downloaded and saved by :meth:`download` and
             :meth:`ImageJob.save`: size cap, per-image deadline, minimum rate, redirects,
             plain http. Downloads use a connection pool of their own, opened at the first.

@@ -24,7 +24,7 @@ def _check_positive(owner: str, **values: float | None) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PollPolicy:
-    """When the batching poller asks about a key (README, "How polling works").
+    """When the batching poller asks about a key (docs, "Polling and its latency promise").
 
     A key is first asked about ``first_poll_delay`` after its submit. The gateway's
     ``expected_seconds`` then predicts when the job ends, and the poller learns how far real

@@ -1,8 +1,9 @@
 """The one batching poller of a client: the due-time heap, batch calls, and what each reply
 means for its jobs (how a reply is read and checked is ``_replies``'s job).
 
-Someone else may ask the gateway for its keys (a fleet's leader): ``hold_asks`` stops its calls,
-``apply_reply`` and ``end`` feed in what the other one learned, and deadlines fire as ever.
+Someone else may ask the gateway for its keys (a fleet's leader): ``set_asking(False)`` stops
+its calls, ``apply_reply`` and ``fail`` feed in what the other one learned, and deadlines fire
+as ever.
 
 Every outstanding key sits in a heap ordered by when it is next due (its next ask, or its
 deadline if sooner). Each round takes the keys that are due, tops the last batch call up with

@@ -1,6 +1,6 @@
 """When the poller next asks about a running key: the schedule and its latency promise.
 
-The promise (README, "How polling works"):
+The promise (docs, "Polling and its latency promise"):
 
 * while a job runs inside the window the poller has learned its estimates fall in, it is asked
   about every ``min_interval``: a job that ends there is seen within ``min_interval``;

@@ -1,7 +1,7 @@
 """HTTP: one aiohttp session per client, envelope decoding, error mapping, retries.
 
 Every lower-layer failure is translated here, once, into the ``WujieError`` tree. What is
-retried depends on what the call is (see README, "Reliability"):
+retried depends on what the call is (see the docs, "Limits, retries and the 429 brake"):
 
 * batch-detail queries are idempotent: retried on 5xx, 429, timeouts, dropped connections and
   replies that break the contract (not JSON, wrong shape);
