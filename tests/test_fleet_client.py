@@ -28,6 +28,7 @@ from wujie_async.fleet._reports import Report, post_reports
 
 from .conftest import EmulatorFactory
 from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -36,13 +37,6 @@ pytestmark = pytest.mark.anyio
 async def url(tmp_path: Path) -> AsyncIterator[str]:
     async with any_redis(tmp_path) as redis_url:
         yield redis_url
-
-
-async def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def fleet_of(client: WujieClient) -> FleetStats:
@@ -58,7 +52,7 @@ def roles(*clients: WujieClient) -> list[str]:
 async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> None:
     name = fleet_name()
     async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
-        await wait_for(lambda: roles(a, b) == ["follower", "leader"])
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
         jobs = [
             await c.images.submit(prompt=f"p{i}", model="dall-e-2")
             for i in range(30)
@@ -73,10 +67,30 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
         assert follower.stats.batch_calls == 0
         assert leader.stats.batch_calls == emu.stats()["batch_calls"]
         assert fleet_of(leader).leader_calls == leader.stats.batch_calls
-        await wait_for(lambda: fleet_of(a).batch_calls > 0 and fleet_of(a).size == 2)
+        await eventually(lambda: fleet_of(a).batch_calls > 0 and fleet_of(a).size == 2)
         assert fleet_of(a).mean_batch_fill > 1
         assert emu.stats()["submits_accepted"] == 60
     assert WujieClient(emu.credentials, base_url=emu.base_url).stats.fleet is None
+
+
+async def test_a_leader_that_closes_hands_over_at_once(url: str, emulator: EmulatorFactory) -> None:
+    # A long lease: a successor that waited for it to run out would take 10 s. Closing stops
+    # the leading task first, and must still give the lease up.
+    name = fleet_name()
+    async with (
+        emulator() as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        job = await follower.images.submit(prompt="p", model="dall-e-2")
+        await leader.aclose()
+        loop = asyncio.get_running_loop()
+        closed_at = loop.time()
+        await eventually(lambda: fleet_of(follower).role == "leader", timeout=8)
+        assert loop.time() - closed_at < 3.0  # the lease was given up, not left to expire
+        assert len((await asyncio.wait_for(job.result(), 8)).images) == 1
 
 
 async def test_a_key_attached_by_two_members_resolves_in_both(
@@ -118,11 +132,11 @@ async def test_garbled_fleet_figures_are_not_taken_for_redis_away(
         else:
             await observer.call(lambda r: r.set(stats, "not a hash"))
         async with member(emu, url, name) as only:
-            await wait_for(lambda: fleet_of(only).role == "leader")
+            await eventually(lambda: fleet_of(only).role == "leader")
             await only.images.submit(prompt="p", model="dall-e-2")
-            await wait_for(lambda: only.stats.batch_calls > 0)
+            await eventually(lambda: only.stats.batch_calls > 0)
             async with member(emu, url, name):  # the figures are read: the size changes
-                await wait_for(lambda: fleet_of(only).size == 2)
+                await eventually(lambda: fleet_of(only).size == 2)
             assert fleet_of(only).role == "leader"
             assert fleet_of(only).batch_calls == 0
 
@@ -228,7 +242,7 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                 with pytest.raises(FleetUnavailableError, match="not sent"):
                     await client.images.submit(prompt="while away", model="dall-e-2")
                 async with own_redis(tmp_path, port=port, appendonly=True):
-                    await wait_for(lambda: fleet_of(client).role == "leader", 15)
+                    await eventually(lambda: fleet_of(client).role == "leader", timeout=15)
                     assert "rejoined" in caplog.text
                     job = await client.images.submit(prompt="back", model="dall-e-2")
                     await asyncio.wait_for(job, 10)
@@ -253,7 +267,7 @@ async def test_redis_losing_everything_mid_run_splits_nothing(
         member(emu, url, name, **options) as a,
         member(emu, url, name, **options) as b,
     ):
-        await wait_for(lambda: roles(a, b) == ["follower", "leader"])
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
         jobs = [
             await c.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(8) for c in (a, b)
         ]
@@ -263,7 +277,7 @@ async def test_redis_losing_everything_mid_run_splits_nothing(
         lost_at = time.time()
         results = await asyncio.wait_for(asyncio.gather(*jobs), 30)
         assert all(len(result.images) == 1 for result in results)
-        await wait_for(lambda: roles(a, b) == ["follower", "leader"], 10)
+        await eventually(lambda: roles(a, b) == ["follower", "leader"], timeout=10)
         late = [who for at, who in emu.stats()["batch_callers"] if at > lost_at + 1.5]
         assert len(set(late)) <= 1, late  # one poller again
         assert emu.stats()["submits_accepted"] == 16
@@ -287,7 +301,7 @@ async def test_a_member_declared_dead_while_alive_joins_again_and_keeps_its_jobs
         members, me = observer.keys.members, paused.fleet_member
         assert me is not None
         await observer.call(lambda r: r.zadd(members, {me: 0}))  # dead now
-        await wait_for(lambda: "joined again" in caplog.text)
+        await eventually(lambda: "joined again" in caplog.text)
         assert "declared dead" in caplog.text
         assert fleet_of(paused).role != "local"
         assert await survivor.resume() == []  # alive again: nothing to claim

@@ -72,6 +72,9 @@ class LeaderLease:
         self._keys = (link.keys.lease(shard), link.keys.lease_counter(shard))
         self._ttl = link.config.lease_seconds
         self._fence: str | None = None
+        # The fence of the last term, kept after stepping down so that closing still gives the
+        # lease up (the release is fenced: a successor's lease is left alone).
+        self._last_fence: str | None = None
         self._valid_until = 0.0
         self._acquire = Script(link, _ACQUIRE)
         self._renew = Script(link, _RENEW)
@@ -128,7 +131,7 @@ class LeaderLease:
         if int(reply[0]) != 1:
             holder_left = int(reply[1]) / 1000
             return holder_left if holder_left > 0 else _RETRY  # a lease set without a TTL
-        self._fence = f"{self.member_id}|{reply[1]}"
+        self._fence = self._last_fence = f"{self.member_id}|{reply[1]}"
         self._valid_until = sent + self._ttl * (1 - _DRIFT)
         logger.info("fleet member %s leads shard %d (%s)", self.member_id, self.shard, reply[1])
         return 0.0
@@ -165,8 +168,9 @@ class LeaderLease:
                 return
 
     async def release(self) -> None:
-        """Give the lease up now (a successor need not wait for it to expire)."""
-        fence = self._fence
+        """Give the lease up now (a successor need not wait for it to expire), also after the
+        term ended by stepping down (the leading task was stopped first when closing)."""
+        fence, self._last_fence = self._last_fence, None
         self.step_down()
         if fence is not None:
             await self._release(self._keys[:1], (fence,))
