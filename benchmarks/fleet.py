@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,8 @@ def figures(stats: dict[str, Any], outputs: list[dict[str, Any]]) -> dict[str, A
         "resolution_ms_p99": round(quantile(latencies, 0.99), 1),
         "max_submits_in_1s": busiest_second([t["created"] for t in timelines.values()]),
         "pollers": len({who for _, who in stats["batch_callers"]}),
+        # Batch calls by each caller, most first: one leader's, and a handover's few.
+        "calls_by_poller": sorted(Counter(who for _, who in stats["batch_callers"]).values())[::-1],
     }
 
 

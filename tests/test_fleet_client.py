@@ -17,9 +17,11 @@ from wujie_async import (
     InvalidRequestError,
     JobProtocolError,
     Limits,
+    PollPolicy,
     UnknownJobError,
     WujieClient,
 )
+from wujie_async.emulator import FaultConfig
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
 from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
@@ -91,6 +93,41 @@ async def test_a_leader_that_closes_hands_over_at_once(url: str, emulator: Emula
         await eventually(lambda: fleet_of(follower).role == "leader", timeout=8)
         assert loop.time() - closed_at < 3.0  # the lease was given up, not left to expire
         assert len((await asyncio.wait_for(job.result(), 8)).images) == 1
+
+
+async def test_a_new_leader_judges_a_running_job_by_its_age_since_submit(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # Jobs of 1.5 s without estimates: the schedule waits until a job is as old as the
+    # shortest it has seen end. A leader that takes over a job 1 s into its life must count
+    # its age from the submit (it ends 0.5 s later), not from the takeover (1.5 s later).
+    poll = PollPolicy(
+        first_poll_delay=0.05,
+        min_interval=0.05,
+        max_interval=0.2,
+        max_estimate_wait=10.0,
+        batch_fill_horizon=0.02,
+    )
+    name = fleet_name()
+    config = {"time_scale": 1.0, "job_seconds": (1.5, 1.6)}
+    async with (
+        emulator(**config, faults=FaultConfig(estimate_absent=1.0)) as emu,
+        member(emu, url, name, poll=poll, lease_seconds=10.0) as a,
+        member(emu, url, name, poll=poll, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        warm = [await follower.images.submit(prompt=f"w{i}", model="dall-e-2") for i in range(12)]
+        await asyncio.wait_for(asyncio.gather(*warm), 15)  # the follower learns how long jobs last
+        job = await follower.images.submit(prompt="taken over", model="dall-e-2")
+        resolved: list[float] = []
+        job.add_done_callback(lambda _: resolved.append(time.time()))
+        await asyncio.sleep(0.8)  # the job ages (not a wait for something to not happen)
+        await leader.aclose()
+        await asyncio.wait_for(job.result(), 10)
+        done = emu.stats()["timelines"][job.key]["done"]
+        assert fleet_of(follower).role == "leader"
+        assert resolved[0] - done < 0.6, resolved[0] - done
 
 
 async def test_a_key_attached_by_two_members_resolves_in_both(

@@ -169,7 +169,14 @@ class ShardLeader:
                 self._shadows[key] = (shadow, {owner})
                 shadow.add_done_callback(self._shadow_ended)
                 first = self._first_delay if info.first_delay is None else info.first_delay
-                self._poller.track(shadow, state, max(0.0, info.submitted + first - unix_now))
+                # Its age counts from the member's submit, not from this leader's start: the
+                # schedule judges when it can end (and learns durations) from its age.
+                self._poller.track(
+                    shadow,
+                    state,
+                    max(0.0, info.submitted + first - unix_now),
+                    age=max(0.0, unix_now - info.submitted),
+                )
 
     def _replied(self, keys: list[str], data: Any) -> None:
         """A batch call's reply: each owner's keys and their raw entries, to post."""
