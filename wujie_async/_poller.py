@@ -59,7 +59,7 @@ from ._errors import (
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
-from ._schedule import KeyTiming, PollSchedule
+from ._schedule import KeyTiming, PollSchedule, WindowShape
 from ._transport import CallKind
 
 if TYPE_CHECKING:
@@ -509,15 +509,19 @@ class BatchPoller:
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
-        watch_start = self._schedule_of.watch_start
+        shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
         gap = self._policy.min_interval
         for tracked in self._jobs.values():
-            if tracked.due == math.inf:
-                continue  # in a call on the wire: its reply reschedules it
+            end, span = tracked.predicted_end, tracked.predicted_span
+            if tracked.due == math.inf or end is None or not span:
+                continue  # in a call on the wire (its reply reschedules it), or no window
+            shape = shapes.get(tracked.model)
+            if shape is None:
+                shape = shapes[tracked.model] = self._schedule_of.window_shape(tracked.model)
             # Never sooner than min_interval after the last ask: a key asked densely already
             # is not asked again at once.
             last = tracked.last_ask
-            when = max(now, watch_start(tracked), -math.inf if last is None else last + gap)
+            when = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
             if when < tracked.due:
                 self._schedule(tracked, when)
         self._wakeup.set()

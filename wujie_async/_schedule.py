@@ -157,6 +157,29 @@ class KeyTiming:
     recheck: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class WindowShape:
+    """Where a model's watch window sits around a job's predicted end, as things stand.
+
+    The window of a job predicted to end at ``end`` after ``span`` seconds is
+    ``end + max(low * span, -cap) + delay`` to ``end + min(high * span, cap) + delay``.
+    One object serves every job of the model until the schedule learns something new.
+    """
+
+    low: float
+    high: float
+    delay: float
+    cap: float  # inf once the window is learned: only the prior's guess is capped
+
+    def opens(self, end: float, span: float) -> float:
+        """Loop time the window opens, for a job predicted to end at ``end`` after ``span``."""
+        return end + max(self.low * span, -self.cap) + self.delay
+
+    def around(self, end: float, span: float) -> tuple[float, float]:
+        """Loop times the window opens and closes."""
+        return self.opens(end, span), end + min(self.high * span, self.cap) + self.delay
+
+
 class PollSchedule:
     """The schedule of one poller: next ask times, and what it learns from ended jobs."""
 
@@ -408,18 +431,20 @@ class PollSchedule:
     def watch_window(self, timing: KeyTiming) -> tuple[float, float]:
         """Loop times when ``timing``'s window opens and closes (it has a prediction)."""
         assert timing.predicted_end is not None and timing.predicted_span is not None
-        low, high = self.window(timing.model)
-        span, end = timing.predicted_span, timing.predicted_end
+        return self.window_shape(timing.model).around(timing.predicted_end, timing.predicted_span)
+
+    def window_shape(self, model: str | None) -> WindowShape:
+        """How ``model``'s watch windows sit around predicted ends, as things stand now (a
+        caller that walks many jobs takes it once per model)."""
+        low, high = self.window(model)
         # After the end, and after it even when a call with room takes the key early.
         policy = self._policy
         delay = TUNING.open_delay * policy.min_interval + policy.batch_fill_horizon
-        if self.coarse(timing.model):
+        if self.coarse(model):
             delay += TUNING.coarse_delay
-        if self._learning(timing.model):
-            # The prior is a guess: it must not make a long job's window long as well.
-            cap = TUNING.prior_max_steps * policy.min_interval
-            return end + max(low * span, -cap) + delay, end + min(high * span, cap) + delay
-        return end + low * span + delay, end + high * span + delay
+        # The prior is a guess: it must not make a long job's window long as well.
+        cap = TUNING.prior_max_steps * policy.min_interval if self._learning(model) else math.inf
+        return WindowShape(low, high, delay, cap)
 
     def _backoff(self, age: float) -> float:
         policy = self._policy
