@@ -75,6 +75,35 @@ async def test_a_price_table_reserves_before_any_job_ended(emulator: EmulatorFac
         second.cancel()
 
 
+async def test_a_gateway_that_never_reports_costs_cannot_spend_past_the_budget_unseen(
+    emulator: EmulatorFactory,
+) -> None:
+    # No integral_cost in any reply: the first job of a kind runs, succeeds, and says nothing
+    # of its price. Going on would spend without counting; the next submit is refused, with
+    # the fix named, before anything is sent.
+    async with (
+        emulator(progress_fields=False) as emu,
+        make_client(emu, limits=Limits(max_points=1000)) as client,
+    ):
+        await (await client.images.submit(prompt="a", model="dall-e-2"))
+        with pytest.raises(BudgetExceededError) as refused:
+            await client.images.submit(prompt="b", model="dall-e-2")
+        assert refused.value.unpriced and "Limits.point_prices" in str(refused.value)
+        assert emu.stats()["submits_accepted"] == 1
+    # With a price table the budget is held by it: 2 points a job, 3 jobs in 6 points.
+    limits = Limits(max_points=6, point_prices={"dall-e-2": 2})
+    async with (
+        emulator(progress_fields=False) as emu,
+        make_client(emu, limits=limits) as client,
+    ):
+        for prompt in "abc":
+            await (await client.images.submit(prompt=prompt, model="dall-e-2"))
+        with pytest.raises(BudgetExceededError) as refused:
+            await client.images.submit(prompt="d", model="dall-e-2")
+        assert not refused.value.unpriced and refused.value.spent == 6
+        assert emu.stats()["submits_accepted"] == 3
+
+
 async def test_a_refused_submit_gives_its_points_back_an_uncertain_one_keeps_them(
     emulator: EmulatorFactory,
 ) -> None:
@@ -125,3 +154,24 @@ async def test_bulk_max_points_stops_lines_and_a_rerun_with_more_continues(tmp_p
         assert summary["points"] == 24 and summary["points_total"] == 40
         assert (await emu.stats())["points_charged"] == 40  # the budget, never past it
         assert sum(r.get("points", 0) for r in manifest(out)) == 40
+
+
+async def test_bulk_on_a_gateway_that_reports_no_costs_needs_point_prices(tmp_path: Path) -> None:
+    prompts = tmp_path / "three.txt"
+    prompts.write_text("a\nb\nc\n")
+    async with served_emulator(tmp_path, "--no-progress-fields") as emu:
+        run = ("bulk", str(prompts), "--json", "--progress", "none", "--concurrency", "1")
+        budget = ("--max-points", "100", "--model", "dall-e-2")
+        code, stdout, err = await cli(*run, "-o", str(tmp_path / "a"), *budget, env=emu.env)
+        assert code == 1, err
+        outcomes = json.loads(stdout)["outcomes"]
+        assert (outcomes["saved"], outcomes["not_sent"]) == (1, 2)
+        assert "--point-price MODEL=POINTS" in err
+        refused = [r for r in manifest(tmp_path / "a") if r["status"] == "not_sent"]
+        assert {r["error_code"] for r in refused} == {"unpriced"}
+        priced = (*budget, "--point-price", "dall-e-2=2")
+        code, stdout, err = await cli(*run, "-o", str(tmp_path / "b"), *priced, env=emu.env)
+        assert code == 0, err
+        assert json.loads(stdout)["outcomes"]["saved"] == 3
+        code, _, err = await cli(*run, "-o", str(tmp_path / "c"), "--point-price", "x", env=emu.env)
+        assert code == 2 and "--point-price 'x'" in err

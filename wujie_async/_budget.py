@@ -15,10 +15,13 @@ What a job is expected to cost, by its *kind* (model, size, quality and n):
    others of its kind wait for it to end, then use what it cost.
 
 Worst case: each kind whose cost is not known yet may overshoot the budget by the cost of its
-one probing job. A job whose end is not reported with a cost (cancelled, timed out, or a gateway
-that never sends ``integral_cost``) keeps its reservation as spent, so the budget errs on the
-side of spending less. Jobs attached or resumed (not submitted by this client) are not reserved
-for; what they cost counts once they end.
+one probing job. A job whose end is not reported with a cost (cancelled, timed out) keeps its
+reservation as spent, so the budget errs on the side of spending less. A gateway that does not
+report ``integral_cost`` for a job that succeeded leaves its kind without a price: without a
+price table the budget cannot be held for it, and further submits of the kind raise
+:class:`BudgetExceededError` (naming ``Limits.point_prices``) rather than go on uncounted.
+Jobs attached or resumed (not submitted by this client) are not reserved for; what they cost
+counts once they end.
 
 Everything runs on the event loop, with no await between the check and the reservation: two
 submits racing for the last points cannot both pass.
@@ -64,12 +67,12 @@ class Reservation:
             self._done = True
             self._budget.ended(self, None, charged=False)
 
-    def settle(self, charged: float | None) -> None:
+    def settle(self, charged: float | None, *, succeeded: bool = False) -> None:
         """The job ended: ``charged`` is its reported cost (None: not reported; the
-        reservation is kept as spent)."""
+        reservation is kept as spent); ``succeeded``: it ended with its images."""
         if not self._done:
             self._done = True
-            self._budget.ended(self, charged, charged=True)
+            self._budget.ended(self, charged, charged=True, succeeded=succeeded)
 
 
 class Budget:
@@ -81,6 +84,8 @@ class Budget:
         self.spent = 0.0
         self.reserved = 0.0
         self._learned: dict[Kind, float] = {}
+        # Kinds whose job succeeded without a reported cost: no price to hold the budget by.
+        self._unpriced: set[Kind] = set()
         # Kinds whose first job is out, and the event set when it ends.
         self._probes: dict[Kind, anyio.Event] = {}
 
@@ -104,6 +109,15 @@ class Budget:
             points = self.estimate(kind)
             if points is not None:
                 break
+            if kind in self._unpriced:
+                raise BudgetExceededError(
+                    max_points=self.max_points,
+                    spent=self.spent,
+                    reserved=self.reserved,
+                    needed=None,
+                    model=kind[0],
+                    unpriced=True,
+                )
             probe = self._probes.get(kind)
             if probe is None:  # the first of its kind goes alone, if there is any room
                 self._check(0.0, kind, known=False)
@@ -125,9 +139,16 @@ class Budget:
                 model=kind[0],
             )
 
-    def ended(self, reservation: Reservation, cost: float | None, *, charged: bool) -> None:
+    def ended(
+        self,
+        reservation: Reservation,
+        cost: float | None,
+        *,
+        charged: bool,
+        succeeded: bool = False,
+    ) -> None:
         """``reservation`` ended: refused or unsent (``charged`` False), or its job ended with
-        ``cost`` reported (None: not reported)."""
+        ``cost`` reported (None: not reported); ``succeeded``: with its images."""
         held = reservation.points or 0.0
         self.reserved -= held
         if charged:
@@ -137,6 +158,8 @@ class Budget:
                 self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
             else:
                 self.spent += held  # not reported: assume it cost what was held
+                if succeeded and reservation.points is None:
+                    self._unpriced.add(reservation.kind)  # charged, at a price never told
         if reservation.probing:
             probe = self._probes.pop(reservation.kind, None)
             if probe is not None:

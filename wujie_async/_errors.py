@@ -127,6 +127,8 @@ class BudgetExceededError(WujieError):
         reserved: points held for jobs in flight.
         needed: what this submit is expected to cost (None: not known yet; no room was left).
         model: the request's model.
+        unpriced: the gateway did not report what a finished job of this kind cost
+            (``integral_cost``) and no price was given: the budget cannot be held for it.
     """
 
     def __init__(
@@ -137,19 +139,30 @@ class BudgetExceededError(WujieError):
         reserved: float,
         needed: float | None,
         model: str,
+        unpriced: bool = False,
     ) -> None:
         self.max_points = max_points
         self.spent = spent
         self.reserved = reserved
         self.needed = needed
         self.model = model
-        cost = f"about {needed:g} points" if needed is not None else "an unknown cost"
-        super().__init__(
-            f"over the points budget: this {model} job ({cost}) could take the points spent "
-            f"past max_points={max_points:g} (spent {spent:g}, held for jobs in flight "
-            f"{reserved:g}); nothing was sent. Raise Limits.max_points, or wait for jobs in "
-            "flight to end"
-        )
+        self.unpriced = unpriced
+        if unpriced:
+            message = (
+                f"over the points budget: the gateway did not report what a finished {model} "
+                f"job cost (integral_cost), so max_points={max_points:g} cannot be held for "
+                "more of them; nothing was sent. Give its price in "
+                f'Limits.point_prices (e.g. {{"{model}": 8}}, points per image)'
+            )
+        else:
+            cost = f"about {needed:g} points" if needed is not None else "an unknown cost"
+            message = (
+                f"over the points budget: this {model} job ({cost}) could take the points "
+                f"spent past max_points={max_points:g} (spent {spent:g}, held for jobs in "
+                f"flight {reserved:g}); nothing was sent. Raise Limits.max_points, or wait for "
+                "jobs in flight to end"
+            )
+        super().__init__(message)
 
 
 class ClientStateError(WujieError, RuntimeError):

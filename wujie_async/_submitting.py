@@ -253,7 +253,7 @@ def _on_end(
     def ended(job: ImageJob) -> None:
         if release is not None:
             release()
-        held.settle(job.points_charged)
+        held.settle(job.points_charged, succeeded=job.done() and job.exception() is None)
 
     return ended
 

@@ -303,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/ were charged counts): lines that could take it past end not_sent, and a re-run "
         "with a larger budget sends them",
     )
+    bulk.add_argument(
+        "--point-price",
+        action="append",
+        default=None,
+        metavar="MODEL=POINTS",
+        help="points per image of MODEL (or MODEL/SIZE, MODEL/SIZE/QUALITY), for --max-points: "
+        "reserved before the first job of a kind ends, and needed when the gateway does not "
+        "report what jobs cost; repeat for each model",
+    )
     _add_run_arguments(bulk)
     _add_common_arguments(bulk)
     _add_connection_arguments(bulk)
@@ -405,6 +414,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
     points = getattr(args, "max_points", None)
     if points is not None and not points >= 0:
         raise UsageError("--max-points must be a number >= 0")
+    prices: dict[str, float] = {}
+    for given in getattr(args, "point_price", None) or ():
+        key, sep, value = given.partition("=")
+        try:
+            points = float(value)
+        except ValueError:
+            points = -1.0
+        if not sep or not key.strip() or not points >= 0 or points == float("inf"):
+            raise UsageError(
+                f"--point-price {given!r}: must be MODEL=POINTS (or MODEL/SIZE=POINTS), "
+                "points per image as a number >= 0"
+            )
+        prices[key.strip()] = points
+    args.point_prices = prices or None
     min_rate = getattr(args, "min_download_rate", None)
     if min_rate is not None and not min_rate >= 0:
         raise UsageError("--min-download-rate must be a number >= 0 (0 turns the check off)")

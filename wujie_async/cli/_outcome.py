@@ -104,6 +104,16 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
         return "failed", "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
+    if isinstance(exc, BudgetExceededError) and exc.unpriced:
+        return (
+            "not_sent",
+            "unpriced",
+            (
+                f"not sent: the gateway did not report what a {exc.model} job cost, so "
+                f"--max-points {exc.max_points:g} cannot be held; give its price with "
+                f"--point-price {exc.model}=POINTS (points per image) and re-run"
+            ),
+        )
     if isinstance(exc, BudgetExceededError):
         return (
             "not_sent",

@@ -356,6 +356,7 @@ class Session:
             max_submits_per_second=getattr(args, "rate", None),
             # The budget is the input's, across re-runs: what earlier runs spent counts.
             max_points=None if budget is None else max(budget - self.points_before, 0.0),
+            point_prices=getattr(args, "point_prices", None),
         )
 
     async def run(self, items: list[BulkItem]) -> int:
@@ -576,6 +577,13 @@ class Session:
                     "journal their keys are not kept; run bulk with a journal to make it resumable"
                 )
             return
+        unpriced = sum(1 for o in result.outcomes if o.error_code == "unpriced")
+        if unpriced:
+            say(
+                f"{unpriced} line(s) not sent: the gateway does not report what jobs cost, so "
+                "--max-points cannot be held; give each model's price with --point-price "
+                "MODEL=POINTS and re-run"
+            )
         over = sum(1 for o in result.outcomes if o.error_code == "budget")
         if over:
             say(
