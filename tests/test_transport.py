@@ -272,6 +272,39 @@ async def test_a_gzip_bomb_stops_at_the_decoded_cap() -> None:
     assert elapsed < 5, f"took {elapsed:.1f} s: it inflated far past the cap"
 
 
+async def test_a_small_content_length_beside_a_chunked_body_is_still_capped() -> None:
+    # A reply that declares 20 bytes but sends a chunked body far over the cap: whatever the
+    # HTTP parser makes of the two, the client reads no more than the cap.
+    cap = Limits().max_response_bytes
+    chunk = b"x" * (1024 * 1024)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 20\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            for _ in range(4 * cap // len(chunk)):
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    creds = Credentials("wjhostile", unregistered_key())
+    try:
+        async with open_transport(f"http://127.0.0.1:{port}", creds, limits=Limits()) as transport:
+            with pytest.raises((ResponseTooLargeError, TransportError)) as info:
+                await transport.post("/both", [], kind="poll")
+        if isinstance(info.value, ResponseTooLargeError):
+            assert info.value.limit == cap
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(
     ("mode", "error", "fix"),
     [

@@ -542,6 +542,12 @@ class Transport:
                 limit=cap,
                 http_status=reply.status,
             )
+        headers = reply.headers
+        if declared is not None and not (
+            "Content-Encoding" in headers or "Transfer-Encoding" in headers
+        ):
+            # Neither compressed nor chunked: the body is the declared length, within the cap.
+            return await reply.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in reply.content.iter_any():
