@@ -171,9 +171,11 @@ async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None
 # --- 4. never a traceback ------------------------------------------------------------------
 async def test_usage_problems_are_one_line_each(tmp_path: Path) -> None:
     file = prompts(tmp_path, 2)
+    # Its own --out: the README's main job leaves a manifest in ./out of another input.
     code, _, err = await cli(
-        "bulk", str(file), "--app-id", "x", "--private-key-file", str(tmp_path / "missing.pem")
-    )
+        "bulk", str(file), "-o", str(tmp_path / "out"),
+        "--app-id", "x", "--private-key-file", str(tmp_path / "missing.pem"),
+    )  # fmt: skip
     assert code == 2 and "--private-key-file" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
 
