@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -111,3 +113,18 @@ def test_help_texts_have_no_markup_and_no_repeated_choices() -> None:
                 assert len(list(choices)) == len(set(choices)), action.option_strings
     for text in helps:
         assert "`" not in text, text[:200]
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
+    # `wujie-async ... | head -1`: the pipe closes before the command writes.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wujie_async", "completion", "bash"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    with proc.stderr:
+        error = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, error
+    assert "internal error" not in error and "Traceback" not in error

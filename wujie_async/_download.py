@@ -573,7 +573,8 @@ def check_job_template(name: str) -> None:
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(name) if field}
     except ValueError:
-        fields = set()  # check_template says what is wrong with it
+        check_template(name)  # says what is wrong with it
+        raise
     if fields & _CLI_ONLY_FIELDS:
         raise InvalidRequestError(
             [
@@ -583,6 +584,11 @@ def check_job_template(name: str) -> None:
                     "use {key}, {index} and {ext}",
                 )
             ]
+        )
+    if "key" not in fields and not fields - {"key", "index", "ext"}:
+        # check_template would name the command line's {id} and {line} too.
+        raise InvalidRequestError(
+            [("name", "must use {key}, or every job would get the same name")]
         )
     check_template(name)
 

@@ -20,6 +20,7 @@ EXIT_USAGE: Final = 2  # bad input or usage
 EXIT_SYSTEMIC: Final = 3  # stopped on a systemic error (credentials, URL, balance, network)
 EXIT_BUSY: Final = 4  # the journal is in use by another process (wait for it, or another file)
 EXIT_INTERNAL: Final = 70  # a bug: one line, the traceback with --verbose
+EXIT_BROKEN_PIPE: Final = 141  # stdout's reader left (`| head`): as SIGPIPE ends a command
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C (128 + SIGINT)
 EXIT_TERMINATED: Final = 143  # SIGTERM (128 + SIGTERM): docker stop, systemd, Kubernetes
 

@@ -1,17 +1,19 @@
 """``wujie-async``: generate images, run a bulk job, settle its journal, or serve the emulator.
 
-Exit codes: 0 every line saved · 1 some lines ended failed, moderated, rejected or uncertain ·
-2 bad input or usage (including a file that is not a journal) · 3 stopped on a systemic error
-(credentials, base URL, balance, network) · 4 the journal is in use by another process ·
-130 interrupted (Ctrl-C) · 143 stopped by SIGTERM · 70 internal error (run with --verbose for
-the traceback).
+Exit codes: 0 every line saved · 1 some lines ended failed, moderated, rejected, uncertain
+or not sent · 2 bad input or usage (including a file that is not a journal) · 3 stopped on a
+systemic error (credentials, base URL, balance, network) · 4 the journal is in use by another
+process · 130 interrupted (Ctrl-C) · 143 stopped by SIGTERM · 70 internal error (run with
+--verbose for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -28,6 +30,7 @@ from .._telemetry import log_level, show_log
 from . import _journal_commands
 from ._common import (
     DOWNLOAD_DEFAULTS,
+    EXIT_BROKEN_PIPE,
     EXIT_BUSY,
     EXIT_FAILED,
     EXIT_INTERNAL,
@@ -49,12 +52,13 @@ the gateway emulator.
 
 exit codes:
   0    every line saved
-  1    some lines ended failed, moderated, rejected or uncertain
+  1    some lines ended failed, moderated, rejected, uncertain or not sent
   2    bad input or usage (including a file that is not a journal)
   3    stopped on a systemic error (credentials, base URL, balance, network)
   4    the journal is in use by another process
   70   internal error (run with --verbose for the traceback)
   130  interrupted (Ctrl-C)
+  141  stdout was closed by its reader (e.g. | head)
   143  stopped by SIGTERM (docker stop, systemd, Kubernetes)"""
 
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
@@ -520,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
     except WujieError as exc:
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_FAILED
+    except BrokenPipeError:
+        # The reader of stdout left (`| head`): stop quietly, as a command killed by SIGPIPE
+        # does, and let nothing flush into the closed pipe at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         say(f"internal error: {type(exc).__name__}: {clean(exc)}", highlight=False)
         if verbose:
