@@ -23,7 +23,9 @@ from wujie_async.emulator import Emulator
 from .conftest import FAST_POLL, EmulatorFactory
 from .fleet_support import any_redis, fleet_name, member
 
-pytestmark = pytest.mark.anyio
+# Slow: they run one after another. The margin covers arrival jitter of up to 50 ms, which
+# four test workers on two cores can exceed (a run under such load counted 9 in a second).
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 CAP = 8
 
