@@ -224,20 +224,30 @@ async def burst(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
     return block
 
 
+async def _burst_baselines(
+    sizes: Sizes, cache: dict[str, Any], label: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-key, floor) of the burst with right estimates: measured once per run, by the
+    first scenario that needs them, and reused by the others."""
+    requests = requests_for(sizes.burst_jobs)
+    floor = cache.get("burst_floor")
+    if floor is None:
+        floor = cache["burst_floor"] = await _in_emulator(
+            f"{label} floor", real_jobs(sizes), lambda g: run_floor(g, len(requests))
+        )
+    theirs = cache.get("burst_per_key")
+    if theirs is None:
+        theirs = cache["burst_per_key"] = await _in_emulator(
+            f"{label} per-key", real_jobs(sizes), lambda g: per_key(g, requests)
+        )
+    return theirs, floor
+
+
 async def gateways(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
     """The burst at the default policy against gateways that report right estimates another
     way (no end time, an estimate that leaves the queue out, whole seconds)."""
     requests = requests_for(sizes.burst_jobs)
-    theirs = cache.get("burst_per_key")
-    floor = cache.get("burst_floor")
-    if floor is None:
-        floor = await _in_emulator(
-            "gateways floor", real_jobs(sizes), lambda g: run_floor(g, len(requests))
-        )
-    if theirs is None:
-        theirs = await _in_emulator(
-            "gateways per-key", real_jobs(sizes), lambda g: per_key(g, requests)
-        )
+    theirs, floor = await _burst_baselines(sizes, cache, "gateways")
     variants = {}
     for name, config in GATEWAYS.items():
         mine = await _in_emulator(
@@ -326,16 +336,7 @@ async def bad_estimates(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
     figures are those of the burst with a right one: measured once per run (reused from the
     burst when it ran), not once per variant."""
     requests = requests_for(sizes.burst_jobs)
-    theirs = cache.get("burst_per_key")
-    floor = cache.get("burst_floor")
-    if floor is None:
-        floor = await _in_emulator(
-            "bad estimates floor", real_jobs(sizes), lambda g: run_floor(g, len(requests))
-        )
-    if theirs is None:
-        theirs = await _in_emulator(
-            "bad estimates per-key", real_jobs(sizes), lambda g: per_key(g, requests)
-        )
+    theirs, floor = await _burst_baselines(sizes, cache, "bad estimates")
     variants = {}
     settings = {name: real_jobs(sizes, **faults) for name, faults in BAD_ESTIMATES.items()}
     settings["whole_seconds_floor"] = real_jobs(sizes, GATEWAYS["whole_seconds_floor"])

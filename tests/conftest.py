@@ -11,8 +11,9 @@ from typing import Any
 import looptime
 import pytest
 
-from wujie_async import PollPolicy, RetryPolicy, WujieClient
+from wujie_async import PollPolicy, WujieClient
 from wujie_async.emulator import Emulator, EmulatorConfig
+from wujie_async.testing import INSTANT_RETRY as INSTANT_RETRY  # the plugin's, re-exported
 
 # The signing vector of the wire contract, kept inside the repository so that a clone with
 # nothing beside it passes; test_auth.py also compares it with ../shared when that exists.
@@ -32,7 +33,6 @@ FAST_POLL = PollPolicy(
     batch_fill_horizon=0.03,
     unknown_key_grace=1.0,
 )
-INSTANT_RETRY = RetryPolicy(initial_wait=0.0, max_wait=0.05, max_attempts=8)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -39,15 +39,7 @@ def told_20s(end: float, now: float) -> float | None:
 
 def follow(schedule: PollSchedule, end: float, estimate: Estimate) -> tuple[int, float]:
     """Ask about one job created at 0 that ends at ``end``; (asks, lateness of the last ask)."""
-    timing = KeyTiming(created_at=0.0, model="m")
-    due = schedule.first_ask(timing)
-    asks = 0
-    while True:
-        asks += 1
-        if due >= end:
-            schedule.job_ended(timing, due, end)
-            return asks, due - end
-        due = schedule.report(timing, due, expected_seconds=estimate(end, due))
+    return follow_gateway(schedule, end, estimate=lambda end, now, _queued: estimate(end, now))
 
 
 def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness() -> None:

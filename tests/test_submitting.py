@@ -14,8 +14,6 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async import (
     ClientStateError,
@@ -32,7 +30,7 @@ from wujie_async.emulator import FaultConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import stray_tasks
-from .hostile import REPLIES
+from .hostile import REPLIES, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -220,13 +218,7 @@ class FakeGateway:
 
 @pytest.fixture(scope="module")
 def credentials() -> Credentials:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
-    return Credentials("fake-app", pem)
+    return throwaway_credentials()  # the fake gateways here check no signature
 
 
 def fake_client(base_url: str, credentials: Credentials, **kwargs: Any) -> WujieClient:
