@@ -112,6 +112,7 @@ async def test_retry_failed_until_all_saved_and_a_saved_line_is_never_resent(
 
 
 # --- 3. systemic errors --------------------------------------------------------------------------
+@pytest.mark.long
 async def test_wrong_app_id_stops_at_once_and_exits_3(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         out = tmp_path / "out"
@@ -132,6 +133,7 @@ async def test_wrong_app_id_stops_at_once_and_exits_3(tmp_path: Path) -> None:
         assert summary["outcomes"]["uncertain"] == 0
 
 
+@pytest.mark.long
 async def test_wrong_base_path_is_not_uncertain_and_the_corrected_rerun_saves_all(
     tmp_path: Path,
 ) -> None:
@@ -157,6 +159,7 @@ async def test_wrong_base_path_is_not_uncertain_and_the_corrected_rerun_saves_al
         assert (await emu.stats())["submits_accepted"] == 200
 
 
+@pytest.mark.long
 async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         env = emu.env
@@ -192,6 +195,7 @@ async def test_usage_problems_are_one_line_each(tmp_path: Path) -> None:
     assert "uvloop" not in err
 
 
+@pytest.mark.long
 async def test_emulator_port_in_use_is_one_line(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         port = emu.base_url.split(":")[2].split("/")[0]
@@ -248,6 +252,7 @@ async def test_input_errors_before_anything_is_sent(tmp_path: Path) -> None:
     assert code == 2 and "weight: unknown column" in err
 
 
+@pytest.mark.long
 async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_path: Path) -> None:
     async with served_emulator(tmp_path, "--slow-reply", "1.0", "--slow-reply-s", "2") as emu:
         rows = tmp_path / "rows.jsonl"

@@ -55,6 +55,7 @@ async def test_bulk_of_two_hundred_prompts(tmp_path: Path) -> None:
     assert "progress: 200/200 lines" in err and "img/s" in err  # the progress line
 
 
+@pytest.mark.long
 async def test_jsonl_requests_and_failed_jobs_exit_1(tmp_path: Path) -> None:
     requests = tmp_path / "requests.jsonl"
     lines = [
@@ -108,6 +109,7 @@ async def test_no_credentials_is_said_clearly(tmp_path: Path) -> None:
     assert "WUJIE_APP_ID" in err and "--emulator" in err
 
 
+@pytest.mark.long
 async def test_each_cli_run_is_a_process_of_its_own(tmp_path: Path) -> None:
     # The tests fork `wujie-async` from a pre-imported server (tests/cli_helpers.py): each run
     # must still be a process with its own pid, signals and exit status, gone once it ended.

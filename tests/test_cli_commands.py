@@ -21,6 +21,7 @@ from .helpers import png_size
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.long
 async def test_edit_sends_local_files_inline_and_urls_as_given(tmp_path: Path) -> None:
     source = tmp_path / "source.png"
     source.write_bytes(render_png("S", 0, 16, 16))
@@ -61,6 +62,7 @@ async def test_edit_sends_local_files_inline_and_urls_as_given(tmp_path: Path) -
     assert code == 2 and "--image" in err  # required
 
 
+@pytest.mark.long
 async def test_status_of_keys_submitted_elsewhere_and_wait_saves_them(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         code, stdout, err = await cli(

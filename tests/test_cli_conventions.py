@@ -25,6 +25,7 @@ from .cli_helpers import (
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.long
 async def test_json_from_generate_no_wait_status_and_journal_list(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         code, out, err = await cli("generate", "a fox", "--no-wait", "--json", env=emu.env)
@@ -81,6 +82,7 @@ async def test_completion_scripts_come_from_the_parser(shell: str) -> None:
         assert done.stdout.decode().split() == ["auto", "rich", "plain", "none"], done.stderr
 
 
+@pytest.mark.long
 async def test_allow_http_lets_the_cli_use_an_emulator_on_every_address(tmp_path: Path) -> None:
     async with served_emulator(tmp_path, "--host", "0.0.0.0") as emu:
         assert emu.base_url.startswith("http://0.0.0.0:")
@@ -115,6 +117,7 @@ def test_help_texts_have_no_markup_and_no_repeated_choices() -> None:
         assert "`" not in text, text[:200]
 
 
+@pytest.mark.long
 def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
     # `wujie-async ... | head -1`: the pipe closes before the command writes.
     proc = subprocess.Popen(

@@ -21,6 +21,7 @@ from .cli_helpers import (
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.long
 async def test_uncertain_lines_are_listed_and_resent_only_when_confirmed(tmp_path: Path) -> None:
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
         rows = tmp_path / "rows.jsonl"
@@ -90,6 +91,7 @@ async def test_cli_conventions(tmp_path: Path) -> None:
     assert len(stdout.strip()) == 32  # the job key
 
 
+@pytest.mark.long
 async def test_private_key_file_variable(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         key_file = tmp_path / "key.pem"

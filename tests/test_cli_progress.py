@@ -134,6 +134,7 @@ def gateway_flags(tmp_path: Path, base_url: str) -> tuple[str, ...]:
     )
 
 
+@pytest.mark.long
 async def test_b64_json_images_are_saved_like_url_images(tmp_path: Path) -> None:
     rows = tmp_path / "rows.txt"
     rows.write_text("inline\nfine\n")
@@ -171,6 +172,7 @@ def private_address() -> str | None:
     return None if ip.is_loopback or ip.is_global else address
 
 
+@pytest.mark.long
 async def test_image_urls_on_private_addresses_need_the_flag(tmp_path: Path) -> None:
     host = private_address()
     if host is None:
@@ -194,6 +196,7 @@ async def test_image_urls_on_private_addresses_need_the_flag(tmp_path: Path) -> 
         assert sorted(p.name for p in out.glob("*.png")) == ["fine-0.png", "fine-1.png"]
 
 
+@pytest.mark.long
 async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
     tmp_path: Path,
 ) -> None:
@@ -219,6 +222,7 @@ async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
     assert failed[1]["error_code"] == "download" and failed[2]["error_code"] == "download"
 
 
+@pytest.mark.long
 async def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
     rows = tmp_path / "rows.txt"
     rows.write_text("\n".join(f"p{i}" for i in range(6)))
@@ -272,6 +276,7 @@ async def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
     assert "failed 2" in err
 
 
+@pytest.mark.long
 async def test_a_partly_saved_job_resumes_without_duplicate_manifest_lines(tmp_path: Path) -> None:
     rows = tmp_path / "rows.txt"
     rows.write_text("partial\nfine\n")

@@ -42,6 +42,7 @@ def write_rows(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 # --- 1 and 2: file names are checked before anything is sent -------------------------------------
+@pytest.mark.long
 @pytest.mark.parametrize(
     ("ids", "says"),
     [
@@ -106,6 +107,7 @@ async def test_resume_skips_a_row_with_an_unusable_key_and_resumes_the_rest(
     assert any("2 journal row(s)" in text and "row id 4, 5" in text for text in warnings)
 
 
+@pytest.mark.long
 async def test_the_cli_resume_and_journal_list_go_past_a_bad_row(tmp_path: Path) -> None:
     async with served_emulator(tmp_path, "--time-scale", "0.1") as emu:
         prompts = tmp_path / "p.txt"
@@ -133,6 +135,7 @@ async def test_the_cli_resume_and_journal_list_go_past_a_bad_row(tmp_path: Path)
 
 
 # --- 6: SIGTERM stops like Ctrl-C -----------------------------------------------------------------
+@pytest.mark.long
 async def test_sigterm_stops_gently_says_how_to_continue_and_a_rerun_pays_nothing_twice(
     tmp_path: Path,
 ) -> None:

@@ -39,6 +39,7 @@ def mixed_request(rng: random.Random, index: int) -> dict[str, Any]:
     return {"prompt": f"prompt {index}", "model": model, "n": n}
 
 
+@pytest.mark.long
 async def test_a_thousand_concurrent_jobs_resolve_through_batch_calls_only(
     emulator: EmulatorFactory,
 ) -> None:
@@ -74,6 +75,7 @@ async def test_a_thousand_concurrent_jobs_resolve_through_batch_calls_only(
     assert stats.jobs_succeeded == 1000 and stats.jobs_outstanding == 0
 
 
+@pytest.mark.long
 async def test_images_resolve_one_by_one_before_the_job(emulator: EmulatorFactory) -> None:
     async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
         job = await client.images.submit(prompt="a fox", model="gpt-image-1", n=3)
@@ -184,6 +186,7 @@ async def test_a_key_absent_briefly_still_resolves(emulator: EmulatorFactory) ->
         assert result.status == 4
 
 
+@pytest.mark.long
 async def test_attach_picks_up_a_key_submitted_by_another_client(
     emulator: EmulatorFactory,
 ) -> None:

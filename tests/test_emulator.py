@@ -229,6 +229,7 @@ async def test_body_that_is_not_json_is_a_parameter_error(emulator: EmulatorFact
 
 
 # --- jobs -----------------------------------------------------------------------------------------
+@pytest.mark.long
 async def test_job_lifecycle_follows_the_latency_model(emulator: EmulatorFactory) -> None:
     async with emulator(time_scale=0.02) as emu:
         key = await new_key(emu, n=3)
@@ -383,6 +384,7 @@ async def test_business_error_and_drop_after_accept(emulator: EmulatorFactory) -
         assert emu.stats()["submits_accepted"] == 1  # the job exists; its reply was lost
 
 
+@pytest.mark.long
 async def test_absent_duplicated_shuffled_and_unknown_status(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(absent_jobs=1.0, absent_s=0.3, endpoints=frozenset())
     async with emulator(time_scale=1.0, faults=faults) as emu:
@@ -444,6 +446,7 @@ async def test_faults_can_be_set_over_http(emulator: EmulatorFactory) -> None:
 
 
 # --- stats --------------------------------------------------------------------------------------
+@pytest.mark.long
 async def test_stats_counters_are_exact(emulator: EmulatorFactory) -> None:
     async with emulator() as emu:
         keys = [await new_key(emu, n=1) for _ in range(3)]
@@ -467,6 +470,7 @@ async def test_stats_counters_are_exact(emulator: EmulatorFactory) -> None:
 
 
 # --- standalone -----------------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.parametrize(
     "entry", [["-m", "wujie_async.emulator"], ["-m", "wujie_async", "emulator"]]
 )
@@ -628,6 +632,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     await asyncio.wait_for(proc.communicate(), 10)
 
 
+@pytest.mark.long
 async def test_print_env_says_url_port_and_time_scale_and_sets_the_burst() -> None:
     proc = await _emulator_process(
         "--port", "0", "--print-env", "--time-scale", "0.05",
@@ -654,6 +659,7 @@ async def test_print_env_says_url_port_and_time_scale_and_sets_the_burst() -> No
         await _stop(proc)
 
 
+@pytest.mark.long
 async def test_background_detaches_once_listening_and_prints_the_exports() -> None:
     proc = await _emulator_process("--port", "0", "--background", "--time-scale", "0.01")
     out, err = await asyncio.wait_for(proc.communicate(), 30)  # returns: nothing keeps the pipes
@@ -678,6 +684,7 @@ async def test_background_detaches_once_listening_and_prints_the_exports() -> No
         raise AssertionError("the background emulator did not stop on SIGTERM")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize(
     "entry", [["-m", "wujie_async.emulator"], ["-m", "wujie_async", "emulator"]]
 )
@@ -699,6 +706,7 @@ async def test_a_port_in_use_is_one_line_and_exit_2(entry: list[str]) -> None:
     assert f"port {port}" in message and "--port" in message
 
 
+@pytest.mark.long
 async def test_credentials_out_is_a_new_0600_file_and_never_follows_a_symlink(
     tmp_path: Path,
 ) -> None:

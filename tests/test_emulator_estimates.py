@@ -114,6 +114,7 @@ async def test_estimate_bias_multiplies_every_estimate(emulator: EmulatorFactory
         assert all(f == pytest.approx(2.0, abs=0.02) for f in factors), factors
 
 
+@pytest.mark.long
 async def test_estimate_constant_is_always_the_same_placeholder(
     emulator: EmulatorFactory,
 ) -> None:
@@ -133,6 +134,7 @@ async def test_estimate_constant_is_always_the_same_placeholder(
         assert {e["expected_seconds"] for e in done.values()} == {0.0}
 
 
+@pytest.mark.long
 async def test_estimate_absent_omits_expected_seconds(emulator: EmulatorFactory) -> None:
     async with emulator(**LONG, faults=FaultConfig(estimate_absent=1.0)) as emu:
         keys = await submit_many(emu, 5)
@@ -184,6 +186,7 @@ async def test_end_without_result_is_a_per_job_probability(emulator: EmulatorFac
         assert set(statuses) == {-1, 4} and 8 <= statuses.count(-1) <= 32
 
 
+@pytest.mark.long
 async def test_progress_fields_appear_once_known(emulator: EmulatorFactory) -> None:
     async with emulator(**LONG) as emu:
         keys = await submit_many(emu, 20)
@@ -223,6 +226,7 @@ async def test_progress_fields_can_be_switched_off(emulator: EmulatorFactory) ->
 
 
 # --- how estimates and images are reported: the settings a gateway may differ in -------------
+@pytest.mark.long
 async def test_estimates_in_whole_seconds(emulator: EmulatorFactory) -> None:
     checks: dict[str, Callable[[float, float], bool]] = {
         # ``exact`` is read just after the reply: a few tens of ms later at most.
@@ -241,6 +245,7 @@ async def test_estimates_in_whole_seconds(emulator: EmulatorFactory) -> None:
                 assert value == int(value) and check(value, exact), (rounding, value, exact)
 
 
+@pytest.mark.long
 async def test_an_estimate_may_leave_the_queue_out_or_be_absent_while_queued(
     emulator: EmulatorFactory,
 ) -> None:
@@ -262,6 +267,7 @@ async def test_an_estimate_may_leave_the_queue_out_or_be_absent_while_queued(
                 assert entry.get("expected_seconds") == expected
 
 
+@pytest.mark.long
 async def test_images_may_be_listed_only_once_the_job_ends(emulator: EmulatorFactory) -> None:
     async with emulator(time_scale=0.02, images_progressive=False) as emu:
         [key] = await submit_many(emu, 1, n=4)

@@ -71,6 +71,7 @@ async def process(*args: str, ready: Any) -> AsyncIterator[asyncio.subprocess.Pr
                 await proc.wait()
 
 
+@pytest.mark.long
 async def test_web_app_serves_real_requests() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -148,6 +149,7 @@ async def _results(redis: Any) -> list[dict[str, Any]]:
     return [json.loads(fields[b"result"]) for _, fields in entries]
 
 
+@pytest.mark.long
 async def test_queue_consumer_with_a_real_redis(tmp_path: Path) -> None:
     import redis.asyncio as aioredis
 
@@ -240,6 +242,7 @@ def _readme_block(section: str, language: str, containing: str = "") -> str:
     raise AssertionError(f"README: no {language} block with {containing!r} in {section}")
 
 
+@pytest.mark.long
 async def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
     """The ten lines and the three shell lines that run them, as a user would, in a clone.
 

@@ -51,6 +51,7 @@ def roles(*clients: WujieClient) -> list[str]:
     return sorted(fleet_of(client).role for client in clients)
 
 
+@pytest.mark.long
 async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> None:
     name = fleet_name()
     async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
@@ -95,6 +96,7 @@ async def test_a_leader_that_closes_hands_over_at_once(url: str, emulator: Emula
         assert len((await asyncio.wait_for(job.result(), 8)).images) == 1
 
 
+@pytest.mark.long
 async def test_a_new_leader_judges_a_running_job_by_its_age_since_submit(
     url: str, emulator: EmulatorFactory
 ) -> None:
@@ -130,6 +132,7 @@ async def test_a_new_leader_judges_a_running_job_by_its_age_since_submit(
         assert resolved[0] - done < 0.6, resolved[0] - done
 
 
+@pytest.mark.long
 async def test_a_key_attached_by_two_members_resolves_in_both(
     url: str, emulator: EmulatorFactory
 ) -> None:
@@ -153,6 +156,7 @@ async def test_a_key_attached_by_two_members_resolves_in_both(
         assert max(asked) == 1
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("garbled", ["counters", "type"])
 async def test_garbled_fleet_figures_are_not_taken_for_redis_away(
     url: str, emulator: EmulatorFactory, garbled: str
@@ -232,6 +236,7 @@ async def test_find_submit_works_fleet_wide(url: str, emulator: EmulatorFactory)
         assert [e.job_key for e in await b.journal_entries("accepted", "succeeded")] == [job.key]
 
 
+@pytest.mark.long
 async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFactory) -> None:
     name = fleet_name()
     limits = Limits(max_submits_per_second=20)
@@ -253,6 +258,7 @@ async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFacto
         assert elapsed >= 29 / 20 * 0.95  # 30 submits at 20/s fleet-wide, not 60/s
 
 
+@pytest.mark.long
 async def test_redis_lost_mid_run_falls_back_and_rejoins(
     tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -288,6 +294,7 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                 await client.aclose()
 
 
+@pytest.mark.long
 async def test_redis_losing_everything_mid_run_splits_nothing(
     url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -320,6 +327,7 @@ async def test_redis_losing_everything_mid_run_splits_nothing(
         assert emu.stats()["submits_accepted"] == 16
 
 
+@pytest.mark.long
 async def test_a_member_declared_dead_while_alive_joins_again_and_keeps_its_jobs(
     url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -417,6 +425,7 @@ def pollers_per_shard(
     return {shard: sorted(times) for shard, times in calls.items()}
 
 
+@pytest.mark.long
 async def test_shards_spread_the_polling_one_poller_per_shard(
     url: str, emulator: EmulatorFactory
 ) -> None:

@@ -21,6 +21,7 @@ from .fleet_support import any_redis, fleet_name, free_port, own_redis
 pytestmark = pytest.mark.anyio
 
 
+@pytest.mark.long
 def test_importing_the_package_does_not_import_redis() -> None:
     code = "import wujie_async, sys; assert 'redis' not in sys.modules, 'redis was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -154,6 +155,7 @@ async def stubborn(release: asyncio.Event) -> None:
             continue
 
 
+@pytest.mark.long
 async def test_stopping_a_task_that_swallows_its_cancel_ends_within_the_deadline(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

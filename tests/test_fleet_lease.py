@@ -112,6 +112,7 @@ async def test_release_hands_over_at_once(url: str) -> None:
         assert await second.try_acquire() == 0.0
 
 
+@pytest.mark.long
 async def test_renewal_keeps_the_lease_and_shards_are_independent(url: str) -> None:
     async with RedisFleet(url, name=fleet_name(), lease_seconds=0.3, shards=2) as fleet:
         a0, b1, b0 = (

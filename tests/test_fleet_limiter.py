@@ -57,6 +57,7 @@ async def hammer(limiter: FleetLimiter, until: float, callers: int = 3) -> list[
     return times
 
 
+@pytest.mark.long
 async def test_four_members_share_one_rate_fairly(url: str) -> None:
     rate, seconds = 60.0, 1.8
     async with AsyncExitStack() as stack:
@@ -92,6 +93,7 @@ async def test_four_member_processes_never_exceed_the_rate(url: str) -> None:
     assert all(0.15 <= count / len(everything) <= 0.35 for count in counts), counts  # fair
 
 
+@pytest.mark.long
 async def test_a_pause_stops_every_member(url: str) -> None:
     rate, pause = 50.0, 0.6
     async with AsyncExitStack() as stack:

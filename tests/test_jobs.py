@@ -20,6 +20,7 @@ async def collect(updates: AsyncIterator[JobUpdate]) -> list[JobUpdate]:
     return [update async for update in updates]
 
 
+@pytest.mark.long
 async def test_updates_follow_a_job_to_its_end(emulator: EmulatorFactory) -> None:
     async with emulator(time_scale=0.02) as emu, make_client(emu) as client:
         job = await client.images.submit(prompt="a fox", model="gpt-image-1", n=3)
@@ -62,6 +63,7 @@ async def test_many_consumers_see_the_same_end_and_cost_no_extra_calls(
     assert reports == calls
 
 
+@pytest.mark.long
 async def test_a_slow_consumer_sees_the_latest_state_not_a_backlog(
     emulator: EmulatorFactory,
 ) -> None:

@@ -75,6 +75,7 @@ async def _wait_open(process: subprocess.Popen[str]) -> None:
 
 
 # --- one writer ----------------------------------------------------------------------------------
+@pytest.mark.long
 @pytest.mark.parametrize("stop", ["exit", "kill"])
 async def test_a_journal_has_one_writer_across_processes(
     emulator: EmulatorFactory, tmp_path: Path, stop: str

@@ -128,6 +128,7 @@ def job_asks(otel: Otel, job_span: ReadableSpan) -> int:
     )
 
 
+@pytest.mark.long
 async def test_a_batch_span_links_no_more_than_its_fifty_keys(
     otel: Otel, emulator: EmulatorFactory
 ) -> None:
@@ -310,6 +311,7 @@ def _spans_and_metrics_text(otel: Otel) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.long
 async def test_no_secret_reaches_a_log_record_a_span_or_a_metric(
     otel: Otel, emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

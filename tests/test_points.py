@@ -133,6 +133,7 @@ def test_bad_budget_settings_are_refused(options: dict[str, object]) -> None:
     assert info.value.field.startswith("Limits.")
 
 
+@pytest.mark.long
 async def test_bulk_max_points_stops_lines_and_a_rerun_with_more_continues(tmp_path: Path) -> None:
     prompts = tmp_path / "five.txt"
     prompts.write_text("a\nb\nc\nd\ne\n")
@@ -156,6 +157,7 @@ async def test_bulk_max_points_stops_lines_and_a_rerun_with_more_continues(tmp_p
         assert sum(r.get("points", 0) for r in manifest(out)) == 40
 
 
+@pytest.mark.long
 async def test_bulk_on_a_gateway_that_reports_no_costs_needs_point_prices(tmp_path: Path) -> None:
     prompts = tmp_path / "three.txt"
     prompts.write_text("a\nb\nc\n")

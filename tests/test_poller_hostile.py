@@ -91,6 +91,7 @@ MALFORMED = 10  # its only entry has a status that means nothing: fails after th
 STATUS_ENDED = 11
 
 
+@pytest.mark.long
 async def test_hostile_entries_fail_only_their_own_job(caplog: pytest.LogCaptureFixture) -> None:
     asks: Counter[str] = Counter()
 
@@ -193,6 +194,7 @@ async def test_a_flood_of_junk_entries_does_not_stall_or_flood_the_log(
     assert "200000 entries for keys not asked about" in warnings[0].getMessage()
 
 
+@pytest.mark.long
 async def test_repeated_entries_of_one_key_are_read_a_bounded_number_of_times(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -218,6 +220,7 @@ async def test_repeated_entries_of_one_key_are_read_a_bounded_number_of_times(
 INLINE = "A" * (2 * 1024 * 1024)  # a ~2 MB inline image per job: five of them pass the 8 MiB cap
 
 
+@pytest.mark.long
 async def test_an_over_cap_batch_is_split_down_to_one_key() -> None:
     too_big = 5  # the sixth job's entry alone is over the cap
 
@@ -270,6 +273,7 @@ async def test_attach_right_after_the_end_returns_the_same_job() -> None:
 
 
 # --- item 13: a deadline fires on time while its key is on the wire -----------------------------
+@pytest.mark.long
 async def test_a_deadline_fires_while_the_poll_is_in_flight() -> None:
     gateway_ref: list[ScriptedGateway] = []
 

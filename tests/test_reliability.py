@@ -115,6 +115,7 @@ async def test_journaled_jobs_through_every_fault(
         assert stats["faults"].get("unknown_status", 0) > 0
 
 
+@pytest.mark.long
 @pytest.mark.fake_clock
 async def test_adaptive_rate_limiting(emulator: EmulatorFactory) -> None:
     poll = PollPolicy(first_poll_delay=0.3, min_interval=0.3, max_interval=1.0)
@@ -188,6 +189,7 @@ async def test_max_in_flight_bounds_outstanding_jobs(emulator: EmulatorFactory) 
             assert 0 < peak <= 20
 
 
+@pytest.mark.long
 async def test_cancelling_generate_cancels_the_submit_cleanly(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
@@ -233,6 +235,7 @@ async def test_journal_records_intent_before_sending_and_key_before_returning(
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.long
 async def test_journal_batches_its_writes(emulator: EmulatorFactory, tmp_path: Path) -> None:
     async with emulator() as emu:
         client = make_client(emu, journal=tmp_path / "jobs.sqlite")

@@ -280,6 +280,7 @@ async def bulk_against(
         )  # fmt: skip
 
 
+@pytest.mark.long
 async def test_a_trickling_image_ends_its_line_failed_as_too_slow_and_shows_saving(
     tmp_path: Path,
 ) -> None:
@@ -300,6 +301,7 @@ async def test_a_trickling_image_ends_its_line_failed_as_too_slow_and_shows_savi
     assert names(tmp_path / "out") == ["manifest.jsonl"]
 
 
+@pytest.mark.long
 async def test_the_manifest_names_only_whole_files_with_their_sha256(tmp_path: Path) -> None:
     async with image_server() as images:
         # A body cut short is retried, with backoff, until the one-second deadline.

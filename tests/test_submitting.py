@@ -322,6 +322,7 @@ async def test_the_longest_key_is_accepted(credentials: Credentials) -> None:
 
 
 # --- attach ---------------------------------------------------------------------------------------
+@pytest.mark.long
 async def test_attach_keeps_the_request_and_checks_its_arguments(
     emulator: EmulatorFactory,
 ) -> None:

@@ -79,6 +79,7 @@ def status_of(value: Any) -> Any:
     return script
 
 
+@pytest.mark.long
 async def test_a_reply_of_malformed_entries_is_one_warning_and_jobs_end_on_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -100,6 +101,7 @@ async def test_a_reply_of_malformed_entries_is_one_warning_and_jobs_end_on_time(
     assert f"the first of {calls - 1} like this" in held
 
 
+@pytest.mark.long
 async def test_a_batch_query_failing_every_call_is_one_warning(
     emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -229,6 +231,7 @@ def run_child(tmp_path: Path, *flags: str, **env: str) -> subprocess.CompletedPr
     )
 
 
+@pytest.mark.long
 def test_without_opentelemetry_the_package_imports_and_runs(tmp_path: Path) -> None:
     done = run_child(tmp_path, "--block-otel", WUJIE_LOG="debug")
     assert done.returncode == 0, done.stderr
@@ -237,6 +240,7 @@ def test_without_opentelemetry_the_package_imports_and_runs(tmp_path: Path) -> N
     assert "OpenTelemetry traces off, metrics off" in done.stderr
 
 
+@pytest.mark.long
 def test_wujie_log_shows_the_log_from_its_level_on_stderr(tmp_path: Path) -> None:
     debug = run_child(tmp_path, WUJIE_LOG="debug")
     assert debug.returncode == 0, debug.stderr
@@ -254,6 +258,7 @@ def test_wujie_log_shows_the_log_from_its_level_on_stderr(tmp_path: Path) -> Non
     assert "client opened" not in wrong.stderr
 
 
+@pytest.mark.long
 async def test_the_clis_verbose_shows_the_debug_story(tmp_path: Path) -> None:
     code, _, err = await cli(
         "generate", "a fox", "--model", "dall-e-2", "--emulator", *FAST,
@@ -266,6 +271,7 @@ async def test_the_clis_verbose_shows_the_debug_story(tmp_path: Path) -> None:
     assert "asyncio" not in err  # the DEBUG story is ours, not every library's
 
 
+@pytest.mark.long
 async def test_wujie_log_applies_to_the_cli_too(tmp_path: Path) -> None:
     env = {**CLEAN_ENV, "WUJIE_LOG": "info"}
     code, _, err = await cli(
@@ -277,6 +283,7 @@ async def test_wujie_log_applies_to_the_cli_too(tmp_path: Path) -> None:
     assert "DEBUG" not in err
 
 
+@pytest.mark.long
 def test_no_opentelemetry_is_imported_by_the_package_itself() -> None:
     code = "import sys, wujie_async; print(any(m.startswith('opentelemetry') for m in sys.modules))"
     done = subprocess.run(

@@ -40,6 +40,7 @@ async def test_faults_while_running(wujie_emulator, wujie_client):
 """
 
 
+@pytest.mark.long
 async def test_a_users_project_without_conftest_gets_the_fixtures(tmp_path: Path) -> None:
     (tmp_path / "test_user.py").write_text(USER_TESTS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "WUJIE_"))}

@@ -251,6 +251,7 @@ async def test_a_redirect_is_never_followed(tmp_path: Path) -> None:
             assert "169.254.169.254" in text and "hunter2" not in text and "\x1b" not in text
 
 
+@pytest.mark.long
 async def test_a_gzip_bomb_stops_at_the_decoded_cap() -> None:
     bomb = gzip_bomb()  # built before measuring
     cap = Limits().max_response_bytes
@@ -338,6 +339,7 @@ async def test_systemic_errors_say_what_to_fix_and_are_not_repeated(
                 assert submitted.value.url in str(submitted.value)
 
 
+@pytest.mark.long
 async def test_systemic_flags_of_the_error_tree() -> None:
     assert TransportError("refused", reached_server=False).systemic
     assert not TransportError("reset", reached_server=True).systemic
@@ -359,6 +361,7 @@ async def test_a_missing_route_is_rejected_not_uncertain(tmp_path: Path) -> None
         assert gateway.hits["not-found-html"] == 1
 
 
+@pytest.mark.long
 async def test_submits_and_polls_have_separate_429_brakes(emulator: EmulatorFactory) -> None:
     kinds: tuple[tuple[str, CallKind, CallKind], ...] = (
         ("generations", "submit", "poll"),

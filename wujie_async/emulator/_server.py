@@ -51,6 +51,12 @@ def _generated_key_pem() -> str:
     return pem.decode("ascii")
 
 
+@functools.cache
+def _generated_credentials(app_id: str) -> Credentials:
+    # Parsing the key checks it (~50 ms of CPU): once per app id and process, as for the key.
+    return Credentials(app_id=app_id, private_key=_generated_key_pem())
+
+
 SHUTDOWN_GRACE_SECONDS = 1.0
 
 
@@ -95,9 +101,7 @@ class Emulator:
                 jobs too. Unix stamps (``complete_time``, stats timelines) are derived from it.
         """
         self.gateway = Gateway(config or EmulatorConfig(), clock=clock)
-        self.credentials = credentials or Credentials(
-            app_id=app_id, private_key=_generated_key_pem()
-        )
+        self.credentials = credentials or _generated_credentials(app_id)
         self.register(self.credentials)
         self._host = host
         self._port = port
@@ -315,7 +319,7 @@ def _detach(args: argparse.Namespace, config: EmulatorConfig) -> None:
     once (the child accepts as soon as it is up). The key travels through a pipe, not argv.
     """
     sock = _listening_socket(args.host, args.port)
-    credentials = Credentials(app_id=DEFAULT_APP_ID, private_key=_generated_key_pem())
+    credentials = _generated_credentials(DEFAULT_APP_ID)
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     base_url = f"http://{host}:{port}{_contract.BASE_PATH}"
