@@ -204,6 +204,7 @@ async def test_emulator_port_in_use_is_one_line(tmp_path: Path) -> None:
 
 
 # --- 5. inputs -----------------------------------------------------------------------------------
+@pytest.mark.long
 async def test_csv_and_json_inputs(tmp_path: Path) -> None:
     csv_file = tmp_path / "rows.csv"
     csv_file.write_text("id,prompt,model,n\nfox,a fox,dall-e-2,2\nowl,an owl,dall-e-3,\n")

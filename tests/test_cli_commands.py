@@ -98,6 +98,7 @@ async def test_status_of_keys_submitted_elsewhere_and_wait_saves_them(tmp_path: 
     assert code == 2 and "KEY" in err and "Traceback" not in err
 
 
+@pytest.mark.long
 async def test_name_template_names_the_files(tmp_path: Path) -> None:
     rows = tmp_path / "rows.jsonl"
     rows.write_text(

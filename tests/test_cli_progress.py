@@ -264,6 +264,7 @@ async def test_rich_progress_keeps_bar_count_and_eta_at_80_columns(tmp_path: Pat
     assert "lines" in err and "4/4" in err and "ETA" in err
 
 
+@pytest.mark.long
 async def test_quiet_prints_only_the_summary(tmp_path: Path) -> None:
     rows = tmp_path / "rows.txt"
     rows.write_text("a\nb\n")

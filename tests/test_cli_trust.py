@@ -162,6 +162,7 @@ async def test_sigterm_stops_gently_says_how_to_continue_and_a_rerun_pays_nothin
 
 
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------
+@pytest.mark.long
 async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(
     tmp_path: Path,
 ) -> None:

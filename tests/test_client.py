@@ -179,6 +179,7 @@ async def test_a_key_absent_past_the_grace_period_fails_as_unknown(
         assert loop.time() - started >= FAST_POLL.unknown_key_grace
 
 
+@pytest.mark.long
 async def test_a_key_absent_briefly_still_resolves(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(absent_jobs=1.0, absent_s=0.4)
     async with emulator(faults=faults) as emu, make_client(emu) as client:

@@ -417,6 +417,7 @@ async def test_failing_and_moderated_jobs(emulator: EmulatorFactory) -> None:
         assert entries[moderated]["fail_message"]["fail_code"] == 20110001
 
 
+@pytest.mark.long
 async def test_rate_limit_per_app(emulator: EmulatorFactory) -> None:
     async with emulator(rate_limit_rps=5) as emu:
         header = header_for(emu)

@@ -185,6 +185,7 @@ async def test_queue_consumer_with_a_real_redis(tmp_path: Path) -> None:
             await redis.aclose()
 
 
+@pytest.mark.long
 async def test_queue_consumer_never_pays_twice_for_a_redelivered_message(
     tmp_path: Path, emulator: EmulatorFactory
 ) -> None:

@@ -76,6 +76,7 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
     assert WujieClient(emu.credentials, base_url=emu.base_url).stats.fleet is None
 
 
+@pytest.mark.long
 async def test_a_leader_that_closes_hands_over_at_once(url: str, emulator: EmulatorFactory) -> None:
     # A long lease: a successor that waited for it to run out would take 10 s. Closing stops
     # the leading task first, and must still give the lease up.
@@ -206,6 +207,7 @@ async def test_unreachable_redis_at_start_names_the_url(emulator: EmulatorFactor
     assert "hunter2" not in message and "***" in message
 
 
+@pytest.mark.long
 async def test_resume_claims_a_dead_members_jobs_without_resubmitting(
     url: str, emulator: EmulatorFactory
 ) -> None:

@@ -79,6 +79,7 @@ async def test_use_before_start_is_a_state_error() -> None:
         await FleetLimiter(fleet, 10).acquire()
 
 
+@pytest.mark.long
 async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> None:
     async with own_redis(tmp_path) as server:
         async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.3) as fleet:

@@ -176,6 +176,7 @@ async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
                 assert entry.job_key == "KEPT" and entry.tag == "t"
 
 
+@pytest.mark.long
 async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: Path) -> None:
     async with own_redis(tmp_path) as server:
         async with RedisFleet(server.url, name=fleet_name(), command_timeout=0.2) as fleet:

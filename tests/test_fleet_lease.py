@@ -29,6 +29,7 @@ async def url(tmp_path: Path) -> AsyncIterator[str]:
 
 
 # --- membership ---------------------------------------------------------------------------------
+@pytest.mark.long
 async def test_a_silent_member_is_dead_until_it_joins_again(url: str) -> None:
     async with RedisFleet(url, name=fleet_name(), member_timeout=0.6) as fleet:
         alive, silent = Membership(fleet, new_member_id()), Membership(fleet, new_member_id())
@@ -60,6 +61,7 @@ async def test_leaving_makes_a_member_dead_at_once(url: str) -> None:
 
 
 # --- lease --------------------------------------------------------------------------------------
+@pytest.mark.long
 async def test_one_leader_and_a_larger_token_on_every_takeover(url: str) -> None:
     async with RedisFleet(url, name=fleet_name(), lease_seconds=0.4) as fleet:
         first, second = LeaderLease(fleet, 0, "a"), LeaderLease(fleet, 0, "b")

@@ -125,6 +125,7 @@ async def test_bad_rate_and_pause_are_typed_errors(url: str) -> None:
         assert await FleetLimiter(fleet, 1).pause(0) == 0.0
 
 
+@pytest.mark.long
 async def test_a_caller_that_wakes_late_for_its_slot_takes_a_new_one(url: str) -> None:
     # A stall of the loop (a GC pause, a busy CPU) makes a caller wake well after its slot.
     # Sent then, it would go out with the next slot's submit; it takes a fresh slot instead.

@@ -115,6 +115,7 @@ async def test_keys_spread_over_shards_each_read_by_its_leader(url: str) -> None
         assert sorted(read) == keys
 
 
+@pytest.mark.long
 async def test_reports_reach_their_member_without_lost_wakeups(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         one, two = Inbox(fleet, "one"), Inbox(fleet, "two")

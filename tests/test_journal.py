@@ -304,6 +304,7 @@ async def _at_gateway(emu: Emulator, count: int) -> None:
     raise AssertionError("the submit never reached the gateway")
 
 
+@pytest.mark.long
 async def test_a_key_interrupted_on_its_way_to_the_journal_is_kept(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:

@@ -298,6 +298,7 @@ async def test_a_deadline_fires_while_the_poll_is_in_flight() -> None:
 
 
 # --- item 14: unknown statuses are remembered and logged within bounds -------------------------
+@pytest.mark.long
 async def test_ten_thousand_unknown_statuses_are_bounded(caplog: pytest.LogCaptureFixture) -> None:
     statuses = iter(range(100, 10_100))
 
@@ -399,6 +400,7 @@ async def test_progress_fields_are_exposed_and_hostile_ones_ignored() -> None:
     assert bad.gateway_start_time is None and bad.gateway_complete_time is None
 
 
+@pytest.mark.long
 async def test_queue_position_is_kept_while_queued() -> None:
     seen: list[int | None] = []
     asks: Counter[str] = Counter()

@@ -167,6 +167,7 @@ async def test_stats_show_the_429_brake_rate_of_each_kind_of_call(
             assert stats.poll_rate_limit is None
 
 
+@pytest.mark.long
 async def test_max_in_flight_bounds_outstanding_jobs(emulator: EmulatorFactory) -> None:
     async with emulator(time_scale=0.005) as emu:
         async with make_client(emu, limits=Limits(max_in_flight=20)) as client:
@@ -211,6 +212,7 @@ async def test_cancelling_generate_cancels_the_submit_cleanly(
         assert [row.request["prompt"] for row in uncertain] == ["slow"]
 
 
+@pytest.mark.long
 async def test_journal_records_intent_before_sending_and_key_before_returning(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:

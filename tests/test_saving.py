@@ -187,6 +187,7 @@ async def test_an_image_that_fails_half_way_leaves_no_file_and_the_others_stay_w
 
 
 # --- a trickling image server (issue 17 item 4) ---------------------------------------------------
+@pytest.mark.long
 async def test_a_trickling_image_server_fails_as_too_slow_once_the_retry_budget_is_spent(
     tmp_path: Path,
 ) -> None:
@@ -211,6 +212,7 @@ async def test_a_trickling_image_server_fails_as_too_slow_once_the_retry_budget_
     assert names(tmp_path) == []
 
 
+@pytest.mark.long
 async def test_the_per_image_deadline_bounds_every_try_and_wait(tmp_path: Path) -> None:
     policy = DownloadPolicy(min_rate=None, deadline=0.4)
     async with image_server() as images:
@@ -230,6 +232,7 @@ async def test_the_per_image_deadline_bounds_every_try_and_wait(tmp_path: Path) 
     assert names(tmp_path) == []
 
 
+@pytest.mark.long
 async def test_a_server_that_never_answers_fails_within_the_read_timeout(tmp_path: Path) -> None:
     policy = DownloadPolicy(read_timeout=0.2)
     retry = RetryPolicy(initial_wait=0.0, max_wait=0.0, max_attempts=3, max_elapsed=30)

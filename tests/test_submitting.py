@@ -129,6 +129,7 @@ async def test_a_second_aclose_waits_for_the_first(emulator: EmulatorFactory) ->
         await first
 
 
+@pytest.mark.long
 async def test_a_cancel_by_the_caller_is_not_swallowed_during_close(
     emulator: EmulatorFactory,
 ) -> None:

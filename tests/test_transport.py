@@ -160,6 +160,7 @@ async def test_submit_faults_map_to_the_right_errors(emulator: EmulatorFactory) 
                 assert info.value.request["prompt"] == "x"
 
 
+@pytest.mark.long
 async def test_retryable_refusals_are_retried(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(business_error=0.3, business_error_code="20010018", http_429=0.1)
     async with emulator(faults=faults) as emu, make_client(emu) as client:
@@ -202,6 +203,7 @@ def unregistered_key() -> str:
     ).decode()
 
 
+@pytest.mark.long
 async def test_polls_ride_out_server_trouble(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(
         endpoints=frozenset({"info"}), http_5xx=0.3, html_reply=0.2, drop_connection=0.1
