@@ -278,6 +278,22 @@ def test_an_estimate_that_starts_counting_with_generation_is_not_a_placeholder()
     assert max(late for _, late in results) <= POLICY.min_interval
 
 
+def test_a_job_queued_at_its_first_ask_costs_three_asks_before_anything_is_learned() -> None:
+    """A burst: every job still queued at its first ask, the estimate leaving the queue out,
+    nothing learned yet. Its first figure after the queue is lower than the queue's (it has
+    counted down once): one check already, so no second one before the window."""
+    for end, starts in ((12.0, 3.0), (16.0, 3.2), (20.0, 4.0), (28.0, 5.3), (30.0, 1.5)):
+
+        def generation_only(end: float, now: float, queued: bool, starts: float = starts) -> float:
+            return round(end - (starts if queued else now), 2)
+
+        asks, late = follow_gateway(
+            PollSchedule(POLICY), end, queued_until=starts, estimate=generation_only
+        )
+        assert asks <= 3, (end, starts, asks)
+        assert late <= POLICY.min_interval
+
+
 def test_a_placeholder_that_survives_the_queue_is_still_found_out() -> None:
     # The same 30 s figure while queued and while generating: dropped soon after the job
     # leaves the queue, so a 10 s job is seen about when it ends, not at 30 s.

@@ -340,7 +340,13 @@ class PollSchedule:
                 elif drift > TUNING.live_drift * gap + policy.min_interval:
                     if timing.queued:
                         # It may have left the queue out: judge it from here, on a new scale.
-                        timing.live_reports = 0
+                        # A figure lower than the queue's has counted down once already: no
+                        # second check before the window (a job queued at its first ask would
+                        # otherwise cost one ask more than the others).
+                        last = timing.last_expected
+                        timing.live_reports = (
+                            1 if last is not None and expected_seconds < last else 0
+                        )
                         timing.predicted_span = max(
                             predicted - timing.created_at, policy.min_interval
                         )
