@@ -788,3 +788,11 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         parser.parse_args(["--estimate-basis", "psychic"])
     with pytest.raises(SystemExit):
         parser.parse_args(["--estimate-rounding", "sideways"])
+
+
+def test_emulators_of_one_process_share_one_checked_key() -> None:
+    # Loading a private key checks it (about 50 ms of CPU): a test run starts hundreds of
+    # emulators, and each used to load the same generated key again.
+    first, second = Emulator(), Emulator()
+    assert first.credentials is second.credentials
+    assert Emulator(app_id="another").credentials.app_id == "another"
