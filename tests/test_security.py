@@ -208,7 +208,7 @@ def _free_port() -> int:
         (None, "Connection refused"),
         ("unauthorized", "WUJIE_APP_ID"),
         ("server-error", "HTTP 503"),
-        ("slow", "Timeouts.request"),
+        pytest.param("slow", "Timeouts.request", marks=pytest.mark.long),  # waits out a timeout
         ("html-200", "not JSON"),
         ("redirect-self", "redirect"),
         ("not-found-html", "does not exist"),
