@@ -77,6 +77,24 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
 
 
 @pytest.mark.long
+@pytest.mark.parametrize(("batch_wait", "first_call"), [(1.0, 2), (0, 1)])
+async def test_the_leader_lets_a_call_wait_for_keys_coming_due(
+    url: str, emulator: EmulatorFactory, batch_wait: float, first_call: int
+) -> None:
+    # batch_wait: a call that is not full waits that long for more of the fleet's keys to come
+    # due. The second key comes due about 0.3 s after the first.
+    name = fleet_name()
+    async with emulator() as emu, member(emu, url, name, batch_wait=batch_wait) as only:
+        await eventually(lambda: fleet_of(only).role == "leader")
+        first = await only.images.submit(prompt="a", model="dall-e-2")
+        await asyncio.sleep(0.3)  # spacing the submits, not waiting for an outcome
+        second = await only.images.submit(prompt="b", model="dall-e-2")
+        await asyncio.gather(first, second)
+        asked = emu.stats()["batch_keys"][0]
+        assert len(asked) == first_call and asked[0] == first.key, asked
+
+
+@pytest.mark.long
 async def test_a_leader_that_closes_hands_over_at_once(url: str, emulator: EmulatorFactory) -> None:
     # A long lease: a successor that waited for it to run out would take 10 s. Closing stops
     # the leading task first, and must still give the lease up.

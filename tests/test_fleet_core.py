@@ -49,6 +49,8 @@ def test_the_fleet_package_shows_what_users_touch() -> None:
         ({"lease_seconds": float("nan")}, "lease_seconds"),
         ({"shards": 0}, "shards"),
         ({"shards": True}, "shards"),
+        ({"batch_wait": -0.1}, "batch_wait"),
+        ({"batch_wait": False}, "batch_wait"),
     ],
 )
 def test_bad_options_fail_before_any_connection(kwargs: dict[str, object], field: str) -> None:

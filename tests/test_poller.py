@@ -15,9 +15,22 @@ import statistics
 from collections import Counter
 from typing import Any
 
+import anyio
 import pytest
 
-from wujie_async import PollPolicy, WujieClient
+from wujie_async import (
+    ImageJob,
+    JobTimeoutError,
+    Limits,
+    PollPolicy,
+    RetryPolicy,
+    Timeouts,
+    WujieClient,
+)
+from wujie_async._auth import HeaderSigner
+from wujie_async._jobs import JobState
+from wujie_async._poller import BatchPoller
+from wujie_async._transport import Transport
 
 from .conftest import EmulatorFactory
 
@@ -63,3 +76,83 @@ async def test_asks_per_key_hold_across_gateways(
     asks, late = await burst(emulator, **settings)
     assert asks <= most_asks, asks
     assert late <= 1.0 + PollPolicy().min_interval, late
+
+
+# --- a poller that gathers (a fleet's leader): partial calls wait for keys coming due -----------
+NO_ASKS = PollPolicy(
+    first_poll_delay=3600, min_interval=3600, max_interval=3600, max_estimate_wait=3600
+)
+
+
+async def gathered_calls(
+    emulator: EmulatorFactory, first_asks: list[float], *, gather: float, deadline: float = 600
+) -> tuple[list[tuple[float, int]], dict[ImageJob, float]]:
+    """The batch calls, as (seconds after the first, keys asked), of a poller that gathers for
+    ``gather`` seconds, tracking one running job first due at each of ``first_asks``; and the
+    jobs that ended, with their end (seconds after tracking began)."""
+    async with (
+        emulator(time_scale=1.0, seed=3, job_seconds=(300, 300)) as emu,
+        WujieClient(emu.credentials, base_url=emu.base_url, poll=NO_ASKS) as client,
+    ):
+        submitted = [
+            await client.images.submit(prompt=f"p{i}", model="dall-e-2")
+            for i in range(len(first_asks))
+        ]
+        transport = Transport(
+            base_url=emu.base_url,
+            signer=HeaderSigner(emu.credentials),
+            limits=Limits(),
+            timeouts=Timeouts(),
+            retry=RetryPolicy(),
+        )
+        await transport.open()
+        try:
+            poller = BatchPoller(transport, PollPolicy(), Limits(), gather=gather)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            before = len(emu.stats()["batch_sizes"])
+            jobs = []
+            ended: dict[ImageJob, float] = {}
+            for job, first in zip(submitted, first_asks, strict=True):
+                state = JobState(loop)
+                shadow = ImageJob(job.key, state, deadline=start + deadline)
+                poller.track(shadow, state, first)
+                shadow.add_done_callback(lambda j: ended.__setitem__(j, loop.time() - start))
+                jobs.append(shadow)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(poller.run)
+                await asyncio.sleep(100)  # the fake clock jumps: no wall time passes
+                tasks.cancel_scope.cancel()
+            stats = emu.stats()
+        finally:
+            await transport.close()
+    unix_start = stats["batch_callers"][before][0] if len(stats["batch_sizes"]) > before else 0
+    calls = [
+        (round(at - unix_start, 2), size)
+        for (at, _), size in zip(
+            stats["batch_callers"][before:], stats["batch_sizes"][before:], strict=True
+        )
+    ]
+    return calls, ended
+
+
+async def test_a_gathering_poller_holds_a_partial_call_for_keys_coming_due(
+    emulator: EmulatorFactory,
+) -> None:
+    calls, _ = await gathered_calls(emulator, [0.0, 0.3, 0.6, 1.5], gather=1.0)
+    # The first key waits its full second; the two that came due meanwhile ride along, none
+    # early. The fourth waits its own second. (Times from the first call.)
+    assert calls[:2] == [(0.0, 3), (1.5, 1)], calls
+
+
+async def test_a_gathering_poller_sends_a_full_call_at_once(emulator: EmulatorFactory) -> None:
+    calls, _ = await gathered_calls(emulator, [0.0] * 51, gather=30.0)
+    assert calls[:2] == [(0.0, 50), (30.0, 1)], calls  # the 51st waits for company
+
+
+async def test_a_held_key_still_ends_at_its_deadline(emulator: EmulatorFactory) -> None:
+    calls, ended = await gathered_calls(emulator, [0.0], gather=30.0, deadline=5.0)
+    assert calls == [], calls  # held past its deadline: never asked
+    [(job, at)] = ended.items()
+    assert isinstance(job.exception(), JobTimeoutError)
+    assert 5.0 <= at < 5.1, at  # at its deadline, not when the gathering would have ended

@@ -9,7 +9,9 @@ Every outstanding key sits in a heap ordered by when it is next due (its next as
 deadline if sooner). Each round takes the keys that are due, tops the last batch call up with
 keys due soon (so calls go out full rather than more often), sends calls of at most 50 keys
 concurrently (bounded), and hands every entry to its job. With nothing outstanding it waits on
-an event: no timer ticks, no cost.
+an event: no timer ticks, no cost. A poller built with ``gather`` (a fleet's leader, whose keys
+come due many a second) holds a call that is not full back for up to that long, for more keys
+to come due, rather than ask any key early.
 
 Every reply is hostile until checked, and one bad entry never costs more than its own job:
 
@@ -176,6 +178,7 @@ class BatchPoller:
         limits: Limits,
         *,
         schedule: PollSchedule | None = None,
+        gather: float = 0.0,
     ) -> None:
         self._transport = transport
         self._telemetry = transport.telemetry  # the client's: spans, metrics, warnings
@@ -197,6 +200,12 @@ class BatchPoller:
         # since an anyio.Event is never cleared.
         self._wakeup = anyio.Event()
         self._sleeping_until = math.inf  # when the idle poller will next look at the heap
+        # Keys due that wait (taken, ``due == inf``) for more to fill a call, up to ``gather``
+        # seconds after the first of them came due (see ``_take_due``).
+        self._gather = gather
+        self._gathered: list[_Tracked] = []
+        self._gathered_since: float | None = None  # when the held keys came due
+        self._gathered_until = math.inf  # when they go out (or the first of them expires)
         self._unknown_statuses: set[int] = set()
         self._unknown_statuses_full = False
         # Jobs that ended lately, so attach(key) right after the end returns the ended job
@@ -284,6 +293,7 @@ class BatchPoller:
 
     def cancel_all(self, reason: str) -> None:
         """Stop tracking every job; each awaiter gets JobCancelledError saying ``reason``."""
+        self._gathered, self._gathered_since, self._gathered_until = [], None, math.inf
         for tracked in list(self._jobs.values()):
             self._untrack(tracked)
             error = JobCancelledError(reason, job_key=tracked.job.key)
@@ -326,12 +336,31 @@ class BatchPoller:
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
 
     def _take_due(self, now: float) -> list[_Tracked]:
-        batch: list[_Tracked] = []
+        batch = [tracked for tracked in self._gathered if self._tracks(tracked)]
+        self._gathered = []
         while (tracked := self._pop_due(now)) is not None:
-            if now >= tracked.job.deadline:
-                self._expire(tracked)
-                continue
             batch.append(tracked)
+        if any(now >= tracked.job.deadline for tracked in batch):
+            for tracked in batch:
+                if now >= tracked.job.deadline:
+                    self._expire(tracked)
+            batch = [tracked for tracked in batch if self._tracks(tracked)]
+        size = _contract.MAX_KEYS_PER_BATCH
+        partial = len(batch) % size
+        if partial and self._gather and not self._held:
+            # A poller that gathers (a fleet's leader: many keys, each asked densely) holds the
+            # keys of a partial call back until it is full or its first key has waited
+            # ``gather``: calls go out full, and no key is asked early to fill them.
+            if len(batch) > partial or self._gathered_since is None:
+                self._gathered_since = now  # the held keys came due in this round
+            held = batch[len(batch) - partial :]
+            until = min(
+                self._gathered_since + self._gather, *(tracked.job.deadline for tracked in held)
+            )
+            if now < until:
+                self._gathered, self._gathered_until = held, until
+                return batch[: len(batch) - partial]
+        self._gathered_since, self._gathered_until = None, math.inf
         if batch:
             # Fill the last call's free places with keys due soon: same calls, fuller batches.
             room = -len(batch) % _contract.MAX_KEYS_PER_BATCH
@@ -346,7 +375,7 @@ class BatchPoller:
         heap, jobs = self._heap, self._jobs
         while heap and ((tracked := jobs.get(heap[0][1])) is None or tracked.due != heap[0][0]):
             heapq.heappop(heap)  # drop entries of jobs that ended or were rescheduled
-        self._sleeping_until = heap[0][0] if heap else math.inf
+        self._sleeping_until = min(heap[0][0] if heap else math.inf, self._gathered_until)
         try:
             with anyio.move_on_after(self._sleeping_until - loop.time()):
                 await wakeup.wait()

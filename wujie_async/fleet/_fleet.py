@@ -85,6 +85,9 @@ class RedisFleet:
             is sent meanwhile.
         cluster: ``url`` is one node of a Redis Cluster (``redis://`` or ``rediss://``): the
             fleet connects with redis-py's ``RedisCluster``, which finds the other nodes.
+        batch_wait: how long the leader lets a batch call that is not full wait for more of
+            the fleet's keys to come due. Longer: fewer, fuller calls, each result seen up to
+            that much later; 0: every call goes out at once, topped up with keys due soon.
 
     Raises:
         InvalidRequestError: an option breaks its rule (nothing is contacted).
@@ -101,6 +104,7 @@ class RedisFleet:
         command_timeout: float = 5.0,
         unavailable_wait: float = 10.0,
         cluster: bool = False,
+        batch_wait: float = 0.25,
     ) -> None:
         problems: list[tuple[str, str]] = []
         if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
@@ -113,8 +117,10 @@ class RedisFleet:
             ("command_timeout", command_timeout),
             ("unavailable_wait", unavailable_wait),
         ):
-            if not _positive(value):
+            if not _seconds(value):
                 problems.append((field, "must be a positive finite number of seconds"))
+        if not _seconds(batch_wait, zero=True):
+            problems.append(("batch_wait", "must be 0 or a positive finite number of seconds"))
         if not isinstance(cluster, bool):
             problems.append(("cluster", "must be True or False"))
         elif cluster and isinstance(url, str) and urlsplit(url).scheme == "unix":
@@ -132,6 +138,7 @@ class RedisFleet:
             command_timeout=float(command_timeout),
             unavailable_wait=float(unavailable_wait),
             cluster=cluster,
+            batch_wait=float(batch_wait),
         )
         self._keys = FleetKeys(name)
         self.durability: FleetDurability | None = None
@@ -313,10 +320,11 @@ def _eviction_warning(url: str, policy: str | None) -> str | None:
     )
 
 
-def _positive(value: object) -> bool:
+def _seconds(value: object, *, zero: bool = False) -> bool:
+    """A finite number of seconds (not a bool), above 0 (or 0 itself with ``zero``)."""
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
         and math.isfinite(value)
-        and value > 0
+        and (value > 0 or (zero and value == 0))
     )

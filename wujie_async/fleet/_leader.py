@@ -17,7 +17,6 @@ lost with Redis is asked for again.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -77,19 +76,19 @@ class ShardLeader:
         limits: Limits,
         schedule: PollSchedule,
     ) -> None:
-        # A key asked about densely is asked every min_interval anyway: taking it up to that
-        # much early costs no lateness and puts the fleet's dense keys on one cadence, so
-        # calls go out full. (A single client keeps batch_fill_horizon: its few keys gain
-        # little, and each early ask costs one.)
-        policy = dataclasses.replace(
-            policy, batch_fill_horizon=max(policy.batch_fill_horizon, policy.min_interval)
-        )
         self._link = link
         self._lease = lease
         self._policy = policy
         self._registry = KeyRegistry(link)
+        # The fleet's keys come due many a second: a call that is not full waits a moment
+        # (batch_wait) for more to come due, so calls go out full without asking any key
+        # early. (A single client does not wait: its few keys would only come later.)
         self._poller = BatchPoller(
-            _Fenced(transport, lease, self._replied), policy, limits, schedule=schedule
+            _Fenced(transport, lease, self._replied),
+            policy,
+            limits,
+            schedule=schedule,
+            gather=link.config.batch_wait,
         )
         self._tick = min(_TICK, policy.min_interval / 2)
         # A key reaches the leader up to a tick (and a round trip) after its submit. A poller

@@ -37,6 +37,7 @@ class FleetConfig:
         unavailable_wait: how long a submit waits for an unreachable Redis before it raises
             FleetUnavailableError, nothing sent.
         cluster: whether ``url`` is one node of a Redis Cluster.
+        batch_wait: how long the leader lets a batch call that is not full wait for more keys.
     """
 
     url: str
@@ -47,6 +48,7 @@ class FleetConfig:
     command_timeout: float
     unavailable_wait: float = 10.0
     cluster: bool = False
+    batch_wait: float = 0.25
 
     @property
     def heartbeat_interval(self) -> float:
