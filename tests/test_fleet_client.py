@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
 from wujie_async.fleet._reports import Report, post_reports
 
-from .conftest import EmulatorFactory
+from .conftest import FAST_POLL, EmulatorFactory
 from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
 from .helpers import eventually
 
@@ -81,10 +82,14 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
 async def test_the_leader_lets_a_call_wait_for_keys_coming_due(
     url: str, emulator: EmulatorFactory, batch_wait: float, first_call: int
 ) -> None:
-    # batch_wait: a call that is not full waits that long for more of the fleet's keys to come
-    # due. The second key comes due about 0.3 s after the first.
+    # batch_wait: a call that is not full waits up to that long for more of the fleet's keys
+    # to come due. The second key comes due about 0.3 s after the first.
     name = fleet_name()
-    async with emulator() as emu, member(emu, url, name, batch_wait=batch_wait) as only:
+    poll = dataclasses.replace(FAST_POLL, first_poll_delay=1.0)
+    async with (
+        emulator() as emu,
+        member(emu, url, name, poll=poll, batch_wait=batch_wait) as only,
+    ):
         await eventually(lambda: fleet_of(only).role == "leader")
         first = await only.images.submit(prompt="a", model="dall-e-2")
         await asyncio.sleep(0.3)  # spacing the submits, not waiting for an outcome

@@ -10,8 +10,8 @@ deadline if sooner). Each round takes the keys that are due, tops the last batch
 keys due soon (so calls go out full rather than more often), sends calls of at most 50 keys
 concurrently (bounded), and hands every entry to its job. With nothing outstanding it waits on
 an event: no timer ticks, no cost. A poller built with ``gather`` (a fleet's leader, whose keys
-come due many a second) holds a call that is not full back for up to that long, for more keys
-to come due, rather than ask any key early.
+come due many a second) holds a call that is not full back for up to that long while more keys
+come due, rather than ask any key early.
 
 Every reply is hostile until checked, and one bad entry never costs more than its own job:
 
@@ -349,15 +349,16 @@ class BatchPoller:
         partial = len(batch) % size
         if partial and self._gather and not self._held:
             # A poller that gathers (a fleet's leader: many keys, each asked densely) holds the
-            # keys of a partial call back until it is full or its first key has waited
-            # ``gather``: calls go out full, and no key is asked early to fill them.
+            # keys of a partial call back while another key comes due before its first key has
+            # waited ``gather``: calls go out full, no key is asked early to fill them, and no
+            # key waits for nothing.
             if len(batch) > partial or self._gathered_since is None:
                 self._gathered_since = now  # the held keys came due in this round
             held = batch[len(batch) - partial :]
             until = min(
                 self._gathered_since + self._gather, *(tracked.job.deadline for tracked in held)
             )
-            if now < until:
+            if self._next_due() < until:
                 self._gathered, self._gathered_until = held, until
                 return batch[: len(batch) - partial]
         self._gathered_since, self._gathered_until = None, math.inf
@@ -370,12 +371,16 @@ class BatchPoller:
                 room -= 1
         return batch
 
-    async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._wakeup = wakeup = anyio.Event()  # what was set before this sleep is seen already
+    def _next_due(self) -> float:
+        """When the next key is due (inf: none)."""
         heap, jobs = self._heap, self._jobs
         while heap and ((tracked := jobs.get(heap[0][1])) is None or tracked.due != heap[0][0]):
             heapq.heappop(heap)  # drop entries of jobs that ended or were rescheduled
-        self._sleeping_until = min(heap[0][0] if heap else math.inf, self._gathered_until)
+        return heap[0][0] if heap else math.inf
+
+    async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wakeup = wakeup = anyio.Event()  # what was set before this sleep is seen already
+        self._sleeping_until = min(self._next_due(), self._gathered_until)
         try:
             with anyio.move_on_after(self._sleeping_until - loop.time()):
                 await wakeup.wait()

@@ -86,8 +86,9 @@ class RedisFleet:
         cluster: ``url`` is one node of a Redis Cluster (``redis://`` or ``rediss://``): the
             fleet connects with redis-py's ``RedisCluster``, which finds the other nodes.
         batch_wait: how long the leader lets a batch call that is not full wait for more of
-            the fleet's keys to come due. Longer: fewer, fuller calls, each result seen up to
-            that much later; 0: every call goes out at once, topped up with keys due soon.
+            the fleet's keys to come due (it waits only while one does). Longer: fewer, fuller
+            calls, a result seen up to that much later; 0: every call goes out at once, topped
+            up with keys due soon.
 
     Raises:
         InvalidRequestError: an option breaks its rule (nothing is contacted).

@@ -81,8 +81,8 @@ class ShardLeader:
         self._policy = policy
         self._registry = KeyRegistry(link)
         # The fleet's keys come due many a second: a call that is not full waits a moment
-        # (batch_wait) for more to come due, so calls go out full without asking any key
-        # early. (A single client does not wait: its few keys would only come later.)
+        # (batch_wait) while more come due, so calls go out full without asking any key
+        # early. (A single client does not wait: its keys are fewer, and each wait costs.)
         self._poller = BatchPoller(
             _Fenced(transport, lease, self._replied),
             policy,

@@ -37,7 +37,7 @@ class FleetConfig:
         unavailable_wait: how long a submit waits for an unreachable Redis before it raises
             FleetUnavailableError, nothing sent.
         cluster: whether ``url`` is one node of a Redis Cluster.
-        batch_wait: how long the leader lets a batch call that is not full wait for more keys.
+        batch_wait: how long the leader lets a call that is not full wait for keys coming due.
     """
 
     url: str
