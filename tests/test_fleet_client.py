@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from wujie_async import (
 )
 from wujie_async.emulator import FaultConfig
 from wujie_async.fleet import FleetUnavailableError, RedisFleet
+from wujie_async.fleet._journal import _INTENT
 from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
@@ -75,6 +77,19 @@ async def test_members_share_one_poller(url: str, emulator: EmulatorFactory) -> 
         assert fleet_of(a).mean_batch_fill > 1
         assert emu.stats()["submits_accepted"] == 60
     assert WujieClient(emu.credentials, base_url=emu.base_url).stats.fleet is None
+
+
+async def test_a_member_loads_its_intent_script_when_it_joins(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # A submit writes its journal intent between its rate slot and its send: that way must not
+    # hold a NOSCRIPT round trip (a member's first intent, or its first after Redis restarted).
+    sha = hashlib.sha1(_INTENT.encode()).hexdigest()
+    name = fleet_name()
+    async with RedisFleet(url, name=name) as probe:
+        await probe.call(lambda r: r.script_flush())
+        async with emulator() as emu, member(emu, url, name):
+            assert await probe.call(lambda r: r.script_exists(sha)) == [True]
 
 
 @pytest.mark.long

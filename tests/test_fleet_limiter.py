@@ -125,6 +125,18 @@ async def test_bad_rate_and_pause_are_typed_errors(url: str) -> None:
         assert await FleetLimiter(fleet, 1).pause(0) == 0.0
 
 
+async def test_the_slot_after_an_idle_limiters_first_comes_a_margin_later(url: str) -> None:
+    # The fleet's first submit after a lull (or after Redis restarted empty) is the likeliest
+    # to leave late: the slot after it keeps a margin more (0.05 s), so they cannot bunch.
+    rate = 2.0  # slots 0.525 s apart
+    async with AsyncExitStack() as stack:
+        first, second = await members(stack, url, fleet_name(), 2, rate)
+        await first.acquire()  # idle: the slot now
+        went = time.monotonic()
+        await second.acquire()
+        assert time.monotonic() - went >= 0.56  # 0.575 s, less the first reply's way back
+
+
 @pytest.mark.long
 async def test_a_caller_that_wakes_late_for_its_slot_takes_a_new_one(url: str) -> None:
     # A stall of the loop (a GC pause, a busy CPU) makes a caller wake well after its slot.

@@ -186,6 +186,28 @@ async def test_pacer_spaces_callers_in_order() -> None:
 
 
 @pytest.mark.anyio
+async def test_the_slot_after_an_idle_pacers_first_comes_a_margin_later() -> None:
+    # The first send after a lull is the likeliest to leave late (a new connection, cold
+    # code): the slot after it keeps a margin more, so a late first send cannot bunch with it.
+    clock = FakeTime()
+    pacer = Pacer(10.0, margin=0.05, clock=clock, sleep=clock.sleep)  # slots 0.105 s apart
+    done: list[float] = []
+
+    async def caller() -> None:
+        await pacer.wait()
+        done.append(clock.now)
+
+    for _ in range(2):  # a burst, a lull, a burst
+        start = clock.now
+        tasks = [asyncio.create_task(caller()) for _ in range(3)]
+        await settle()
+        while not all(task.done() for task in tasks):
+            await clock.advance(0.005)
+        assert done[-3:] == pytest.approx([start, start + 0.155, start + 0.26], abs=0.006)
+        await clock.advance(5.0)
+
+
+@pytest.mark.anyio
 async def test_a_cancelled_waiter_gives_back_its_slot() -> None:
     clock = FakeTime()
     pacer = Pacer(10.0, clock=clock, sleep=clock.sleep)

@@ -46,7 +46,9 @@ class Pacer:
     :data:`WINDOW_MARGIN_S`: then ``rate + 1`` slots span more than a second plus the margin,
     so no 1-second window sees more than ``rate`` sends even with up to ``margin`` seconds of
     uneven delay between a slot and its send; the cost is a sustained throughput of
-    ``rate / (1 + margin)`` (4.8% below the cap at the default margin).
+    ``rate / (1 + margin)`` (4.8% below the cap at the default margin). The slot after an
+    idle pacer's first one comes a margin later still: that first send is the one most likely
+    to leave late.
 
     Only the caller at the head of the line sleeps; the others wait for their turn. A caller
     that is cancelled while waiting leaves the line without taking a slot, so the ones behind
@@ -82,7 +84,10 @@ class Pacer:
     async def wait(self) -> None:
         """Return when this caller's slot has come."""
         if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
-            self._next_slot = self._clock() + self._period
+            # Idle: this send is the one most likely to leave late (a new connection, cold
+            # code), and a late first send bunches with the slots after it: the next slot
+            # comes a margin later still.
+            self._next_slot = self._clock() + self._period + self._margin
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._line.append(turn)

@@ -239,6 +239,15 @@ class RedisJournal:
             self._write_later(self._later), name="wujie fleet journal"
         )
 
+    async def warm(self) -> None:
+        """Load the intent's script into Redis, which a submit runs between its rate slot
+        and its send: that way should be short, and the same for every submit.
+
+        Raises:
+            FleetUnavailableError: Redis is unreachable or missed its deadline.
+        """
+        await self._intent.load()
+
     async def close(self) -> None:
         """Write what is queued, then stop; gives up after two command deadlines.
 

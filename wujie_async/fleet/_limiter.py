@@ -18,6 +18,11 @@ the gateway holds more than ``rate`` submits (an integer rate; ``ceil(rate)`` ot
 long as those delays differ by less than 50 ms. The throughput cost: the fleet sustains
 ``rate / 1.05``, 4.8% below the rate asked for.
 
+The first slot after an idle limiter (no slot reserved ahead: the fleet's start, a lull, a
+Redis that restarted empty) is followed by the next one a margin later still: its submit is
+the one most likely to leave late (a new connection, cold code and caches), and a late first
+submit is what would bunch with the slots after it.
+
 Fairness: Redis serves reservations in arrival order, and each member holds at most one
 reservation at a time (its callers queue on a local FIFO lock held until the slot comes),
 so saturated members take turns.
@@ -39,15 +44,19 @@ from .._errors import InvalidRequestError
 from .._ratelimit import WINDOW_MARGIN_S
 from ._link import RedisLink, Script
 
-# KEYS: tat, pause. ARGV: period_us. Reply: {1, wait_us until the slot} or {0, pause left_us}.
+# KEYS: tat, pause. ARGV: period_us, margin_us. Reply: {1, wait_us until the slot} or
+# {0, pause left_us}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local pause = redis.call('PTTL', KEYS[2])
 if pause > 0 then return {0, pause * 1000} end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
 local next_tat = tat + tonumber(ARGV[1])
+if tat < now then
+  tat = now
+  next_tat = now + tonumber(ARGV[1]) + tonumber(ARGV[2])
+end
 redis.call('SET', KEYS[1], string.format('%d', next_tat),
            'PX', math.floor((next_tat - now) / 1000) + 1000)
 return {1, tat - now}
@@ -108,7 +117,9 @@ class FleetLimiter:
         late_once = False
         async with self._turn:
             while True:
-                granted, wait_us = await self._acquire(keys, (round(period * 1e6),))
+                granted, wait_us = await self._acquire(
+                    keys, (round(period * 1e6), round(WINDOW_MARGIN_S * 1e6))
+                )
                 wait = int(wait_us) / 1e6
                 if not granted:  # paused; a little jitter so members do not return as a herd
                     await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))

@@ -100,6 +100,12 @@ class Script:
 
         return await self._link.call(run, extra_wait=extra_wait)
 
+    async def load(self) -> None:
+        """Load the script into Redis now: its next run is one EVALSHA, with no NOSCRIPT
+        round trip (Redis forgets scripts when it restarts)."""
+        lua = self._lua
+        await self._link.call(lambda redis: redis.script_load(lua))
+
 
 async def stop_task(task: asyncio.Task[Any], within: float) -> None:
     """Cancel one of the fleet's background tasks and wait for it, ``within`` seconds at most.

@@ -115,6 +115,7 @@ class FleetMember:
             self._owns_link = True
         try:
             await self._membership.join()
+            await self._journal.warm()
         except BaseException:
             await self.aclose()
             raise
@@ -266,6 +267,7 @@ class FleetMember:
             *(stop_task(task, self._config.command_timeout + 1.0) for task in tasks)
         )
         await self._membership.join()
+        await self._journal.warm()
         await follower.register_all()
         self._joined = True
         if self._poller is not None:
