@@ -8,7 +8,6 @@ from ._auth import Credentials
 from ._client import ClientStats, Images, WujieClient
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts
 from ._contract import JobStatus
-from ._download import SavedImage
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -42,7 +41,7 @@ from ._jobs import ImageJob, JobUpdate
 from ._journal import JournalEntry
 from ._journal_file import JournalFile
 from ._journal_worker import JournalLockedError
-from ._models import GeneratedImage, ImageResult
+from ._models import GeneratedImage, ImageResult, SavedImage
 from ._request_fields import EditFields, GenerationFields
 from ._stats import FleetStats
 

@@ -26,7 +26,7 @@ from ._auth import Credentials, HeaderSigner
 from ._base_url import check_base_url
 from ._budget import Budget
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts
-from ._download import Downloader, SavedImage
+from ._download import Downloader
 from ._env import Environment
 from ._errors import ClientStateError, InvalidRequestError, JobCancelledError
 from ._fleet_link import FleetLink
@@ -35,7 +35,7 @@ from ._images import Images
 from ._jobs import ImageJob, JobState
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
-from ._models import GeneratedImage
+from ._models import GeneratedImage, SavedImage
 from ._poller import BatchPoller
 from ._stats import ClientStats
 from ._submitting import Admission, Submits
@@ -697,12 +697,14 @@ class WujieClient:
     @property
     def stats(self) -> ClientStats:
         """A snapshot of what the client has done."""
+        brakes = self._transport.brake_rates
         return _stats.snapshot(
             submits=self._submits.accepted,
             submit_errors=self._submits.errors,
             poller=self._poller.counters,
             transport=self._transport.counters,
-            brakes=self._transport.brake_rates,
+            submit_rate_limit=brakes["submit"],
+            poll_rate_limit=brakes["poll"],
             jobs_outstanding=len(self._poller),
             journal_commits=self._journal.commits if self._journal is not None else 0,
             fleet=self._fleet.stats() if self._fleet is not None else None,

@@ -26,7 +26,6 @@ import random
 import string
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Self
@@ -46,7 +45,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
-from ._models import GeneratedImage, ImageResult
+from ._models import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -63,23 +62,6 @@ _CHUNK = 256 * 1024  # bytes handed to a worker thread per write
 _CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
 EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
 _CLI_ONLY_FIELDS = frozenset({"id", "line"})
-
-
-@dataclass(frozen=True, slots=True)
-class SavedImage:
-    """One image saved to disk: complete, synced, under its final name.
-
-    Attributes:
-        index: the image's position in its job.
-        path: the file.
-        bytes: the file's size.
-        sha256: the SHA-256 of the file's bytes, in hex.
-    """
-
-    index: int
-    path: Path
-    bytes: int
-    sha256: str
 
 
 def sniff_format(head: bytes) -> str | None:

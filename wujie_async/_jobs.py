@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._contract import JobStatus, job_status
 from ._errors import ClientStateError, JobCancelledError, JobError
 from ._file_names import DEFAULT_NAME
-from ._models import GeneratedImage, ImageResult, JobInfo
-
-if TYPE_CHECKING:
-    from ._download import Downloader, SavedImage
+from ._models import GeneratedImage, ImageResult, JobInfo, SavedImage
 
 # Request fields that can be large (an edit's source images, as URLs or base64, and its mask).
 _BULK_FIELDS = ("image", "mask")
@@ -33,6 +30,15 @@ def status_name(status: JobStatus | int | None) -> str:
     if status is None:
         return "pending"
     return status.label if isinstance(status, JobStatus) else f"status {status}"
+
+
+class ImageSaver(Protocol):
+    """What a job needs of its client's downloader to save its images (``Downloader`` is
+    one): the job holds it without knowing how downloads are made."""
+
+    async def save_job(
+        self, job: Awaitable[ImageResult], directory: str | os.PathLike[str], name: str
+    ) -> list[SavedImage]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +235,7 @@ class ImageJob:
         request: dict[str, Any] | None = None,
         n: int | None = None,
         on_cancel: Callable[[ImageJob], None] | None = None,
-        saver: Downloader | None = None,
+        saver: ImageSaver | None = None,
     ) -> None:
         self._key = key
         self._state = state

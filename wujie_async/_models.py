@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -368,3 +369,20 @@ class ImageResult:
     key: str
     status: int
     images: tuple[GeneratedImage, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedImage:
+    """One image saved to disk: complete, synced, under its final name.
+
+    Attributes:
+        index: the image's position in its job.
+        path: the file.
+        bytes: the file's size.
+        sha256: the SHA-256 of the file's bytes, in hex.
+    """
+
+    index: int
+    path: Path
+    bytes: int
+    sha256: str

@@ -62,6 +62,7 @@ from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
 from ._schedule import KeyTiming, PollSchedule, WindowShape
+from ._stats import PollerCounters
 from ._transport import CallKind
 
 if TYPE_CHECKING:
@@ -90,19 +91,6 @@ class BatchPoster(Protocol):
     ) -> Any:
         """POST ``body`` to ``path``; the reply envelope's ``data``."""
         ...
-
-
-@dataclass(slots=True)
-class PollerCounters:
-    """Mutable counters behind ``client.stats``."""
-
-    batch_calls: int = 0
-    batch_errors: int = 0
-    keys_polled: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    malformed_entries: int = 0
-    points_charged: float = 0.0  # the gateway's integral_cost of jobs that ended
 
 
 @dataclass(slots=True, kw_only=True)

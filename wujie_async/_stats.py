@@ -1,17 +1,35 @@
-"""``client.stats``: the ClientStats snapshot (with FleetStats nested in fleet mode), and how it
-is put together from the counters of the poller, the transport, the journal and the fleet."""
+"""``client.stats``: the ClientStats snapshot (with FleetStats nested in fleet mode), the live
+counters of the poller and the transport behind it, and how it is put together from them, the
+journal's and the fleet's. It imports nothing of the package: every part counts into it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from ._poller import PollerCounters
-    from ._transport import CallKind, TransportCounters
-
+from typing import Literal
 
 FleetRole = Literal["leader", "follower", "local"]
+
+
+@dataclass(slots=True)
+class PollerCounters:
+    """Mutable counters behind ``client.stats``."""
+
+    batch_calls: int = 0
+    batch_errors: int = 0
+    keys_polled: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    malformed_entries: int = 0
+    points_charged: float = 0.0  # the gateway's integral_cost of jobs that ended
+
+
+@dataclass(slots=True)
+class TransportCounters:
+    """Mutable counters behind ``client.stats``."""
+
+    http_calls: int = 0
+    retries: int = 0
+    rate_limited: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -95,7 +113,8 @@ def snapshot(
     submit_errors: int,
     poller: PollerCounters,
     transport: TransportCounters,
-    brakes: dict[CallKind, float | None],
+    submit_rate_limit: float | None,
+    poll_rate_limit: float | None,
     jobs_outstanding: int,
     journal_commits: int,
     fleet: FleetStats | None,
@@ -119,7 +138,7 @@ def snapshot(
         jobs_failed=poller.failed,
         points_charged=poller.points_charged,
         journal_commits=journal_commits,
-        submit_rate_limit=brakes["submit"],
-        poll_rate_limit=brakes["poll"],
+        submit_rate_limit=submit_rate_limit,
+        poll_rate_limit=poll_rate_limit,
         fleet=fleet,
     )

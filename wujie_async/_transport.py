@@ -67,6 +67,7 @@ from ._errors import (
 )
 from ._models import Envelope
 from ._ratelimit import AdaptiveLimiter
+from ._stats import TransportCounters
 from ._telemetry import Telemetry, brake_changed
 
 if TYPE_CHECKING:
@@ -81,15 +82,6 @@ _USER_AGENT = "wujie-async"
 IDLE_CONNECTION_SECONDS = 4.0
 _FIX_CREDENTIALS = "check WUJIE_APP_ID and WUJIE_PRIVATE_KEY"
 _FIX_BASE_URL = "check the base URL (WUJIE_BASE_URL / --base-url)"
-
-
-@dataclass(slots=True)
-class TransportCounters:
-    """Mutable counters behind ``client.stats``."""
-
-    http_calls: int = 0
-    retries: int = 0
-    rate_limited: int = 0
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -27,9 +27,10 @@ import anyio
 from .._config import Limits, PollPolicy
 from .._errors import JobProtocolError, JobTimeoutError, UnknownJobError, snippet
 from .._jobs import ImageJob, JobState
-from .._poller import BatchPoller, BatchPoster, PollerCounters
+from .._poller import BatchPoller, BatchPoster
 from .._replies import raw_entries_by_key
 from .._schedule import PollSchedule
+from .._stats import PollerCounters
 from .._telemetry import Telemetry
 from .._transport import CallKind
 from ._errors import LeaseLostError
