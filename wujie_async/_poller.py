@@ -324,15 +324,16 @@ class BatchPoller:
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
 
     def _take_due(self, now: float) -> list[_Tracked]:
-        batch = [tracked for tracked in self._gathered if self._tracks(tracked)]
+        taken = [tracked for tracked in self._gathered if self._tracks(tracked)]
         self._gathered = []
         while (tracked := self._pop_due(now)) is not None:
-            batch.append(tracked)
-        if any(now >= tracked.job.deadline for tracked in batch):
-            for tracked in batch:
-                if now >= tracked.job.deadline:
-                    self._expire(tracked)
-            batch = [tracked for tracked in batch if self._tracks(tracked)]
+            taken.append(tracked)
+        batch: list[_Tracked] = []
+        for tracked in taken:
+            if now >= tracked.job.deadline:
+                self._expire(tracked)
+            else:
+                batch.append(tracked)
         size = _contract.MAX_KEYS_PER_BATCH
         partial = len(batch) % size
         if partial and self._gather and not self._held:
@@ -352,7 +353,7 @@ class BatchPoller:
         self._gathered_since, self._gathered_until = None, math.inf
         if batch:
             # Fill the last call's free places with keys due soon: same calls, fuller batches.
-            room = -len(batch) % _contract.MAX_KEYS_PER_BATCH
+            room = -len(batch) % size
             horizon = now + self._policy.batch_fill_horizon
             while room and (tracked := self._pop_due(horizon)) is not None:
                 batch.append(tracked)
