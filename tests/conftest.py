@@ -11,7 +11,9 @@ from typing import Any
 import looptime
 import pytest
 
-from wujie_async import PollPolicy, WujieClient
+from wujie_async import Credentials, Limits, PollPolicy, RetryPolicy, Timeouts, WujieClient
+from wujie_async._auth import HeaderSigner
+from wujie_async._transport import Transport
 from wujie_async.emulator import Emulator, EmulatorConfig
 from wujie_async.testing import INSTANT_RETRY as INSTANT_RETRY  # the plugin's, re-exported
 
@@ -80,6 +82,29 @@ def emulator() -> EmulatorFactory:
             yield emu
 
     return start
+
+
+@asynccontextmanager
+async def open_transport(
+    base_url: str,
+    creds: Credentials,
+    *,
+    retry: RetryPolicy | None = None,
+    limits: Limits | None = None,
+) -> AsyncIterator[Transport]:
+    """A bare Transport to ``base_url`` (no client around it), opened and closed."""
+    transport = Transport(
+        base_url=base_url,
+        signer=HeaderSigner(creds),
+        limits=limits or Limits(max_response_bytes=1024 * 1024),
+        timeouts=Timeouts(request=10),
+        retry=retry or RetryPolicy(max_attempts=2, initial_wait=0),
+    )
+    await transport.open()
+    try:
+        yield transport
+    finally:
+        await transport.close()
 
 
 def make_client(emu: Emulator, **kwargs: Any) -> WujieClient:

@@ -18,20 +18,11 @@ from typing import Any
 import anyio
 import pytest
 
-from wujie_async import (
-    ImageJob,
-    Limits,
-    PollPolicy,
-    RetryPolicy,
-    Timeouts,
-    WujieClient,
-)
-from wujie_async._auth import HeaderSigner
+from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
 from wujie_async._jobs import JobState
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import Transport
 
-from .conftest import EmulatorFactory
+from .conftest import EmulatorFactory, open_transport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fake_clock]
 
@@ -101,15 +92,7 @@ async def gathered_calls(
             await client.images.submit(prompt=f"p{i}", model="dall-e-2")
             for i in range(len(first_asks))
         ]
-        transport = Transport(
-            base_url=emu.base_url,
-            signer=HeaderSigner(emu.credentials),
-            limits=Limits(),
-            timeouts=Timeouts(),
-            retry=RetryPolicy(),
-        )
-        await transport.open()
-        try:
+        async with open_transport(emu.base_url, emu.credentials) as transport:
             poller = BatchPoller(transport, PollPolicy(), Limits(), gather=gather)
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -130,8 +113,6 @@ async def gathered_calls(
                 tasks.cancel_scope.cancel()
             stats = emu.stats()
             unix_start = emu.gateway.clock.unix(start)
-        finally:
-            await transport.close()
     calls = [
         (round(at - unix_start, 2), size)
         for (at, _), size in zip(

@@ -7,7 +7,6 @@ import contextlib
 import resource
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,44 +24,20 @@ from wujie_async import (
     RetryPolicy,
     ServerError,
     SubmitUncertainError,
-    Timeouts,
     TransportError,
     UnexpectedRedirectError,
     WujieClient,
     WujieError,
 )
-from wujie_async._auth import HeaderSigner
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import CallKind, Transport
+from wujie_async._transport import CallKind
 from wujie_async.emulator import FaultConfig
 
-from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
+from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport
 from .helpers import GENERATIONS, INFO
 from .hostile import BOMB_INFLATED, gzip_bomb, hostile_gateway, recording_gateway
 
 pytestmark = pytest.mark.anyio
-
-
-@contextlib.asynccontextmanager
-async def open_transport(
-    base_url: str,
-    creds: Credentials,
-    *,
-    retry: RetryPolicy | None = None,
-    limits: Limits | None = None,
-) -> AsyncIterator[Transport]:
-    transport = Transport(
-        base_url=base_url,
-        signer=HeaderSigner(creds),
-        limits=limits or Limits(max_response_bytes=1024 * 1024),
-        timeouts=Timeouts(request=10),
-        retry=retry or RetryPolicy(max_attempts=2, initial_wait=0),
-    )
-    await transport.open()
-    try:
-        yield transport
-    finally:
-        await transport.close()
 
 
 @pytest.mark.parametrize(
