@@ -245,6 +245,23 @@ async def test_unreachable_redis_at_start_names_the_url(emulator: EmulatorFactor
     assert "hunter2" not in message and "***" in message
 
 
+async def test_a_read_only_replica_at_start_is_named(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    (tmp_path / "replica").mkdir()
+    async with own_redis(tmp_path) as primary:
+        replica_of = ("--replicaof", "127.0.0.1", str(primary.port))
+        async with (
+            own_redis(tmp_path / "replica", extra=replica_of) as replica,
+            emulator() as emu,
+        ):
+            client = member(emu, replica.url, fleet_name(), command_timeout=1.0)
+            with pytest.raises(FleetUnavailableError, match="read-only replica") as caught:
+                await client.open()
+            assert "point the fleet at the primary" in str(caught.value)
+            assert not emu.stats()["requests"]  # nothing reached the gateway
+
+
 @pytest.mark.long
 async def test_resume_claims_a_dead_members_jobs_without_resubmitting(
     url: str, emulator: EmulatorFactory
@@ -332,6 +349,42 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                     assert emu.stats()["submits_accepted"] == 11
             finally:
                 await client.aclose()
+
+
+@pytest.mark.long
+async def test_a_redis_that_refuses_writes_sends_nothing_and_says_why(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    # A full Redis (maxmemory reached, no eviction) answers but refuses every write: no
+    # journal intent can be written, so no submit may go out. The jobs already out go on
+    # (polled locally); once Redis has room again the member rejoins, their outcomes are
+    # journaled, and submits go out again.
+    async with (
+        emulator(time_scale=0.05) as emu,
+        own_redis(tmp_path) as server,
+        RedisFleet(server.url, name=fleet_name()) as observer,
+    ):
+        name = observer.config.name
+        client = member(emu, server.url, name, command_timeout=0.5, unavailable_wait=0.5)
+        async with client:
+            jobs = [await client.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(3)]
+            await observer.call(lambda r: r.config_set("maxmemory", 1))  # full: no room at all
+            with pytest.raises(FleetUnavailableError, match="not sent") as refused:
+                await client.images.submit(prompt="while full", model="dall-e-2")
+            assert "refuses writes (out of memory" in str(refused.value)
+            assert emu.stats()["submits_accepted"] == 3  # nothing was sent
+            await asyncio.wait_for(asyncio.gather(*jobs), 20)
+            await observer.call(lambda r: r.config_set("maxmemory", 0))
+            await eventually(lambda: fleet_of(client).role != "local", timeout=10)
+            job = await client.images.submit(prompt="room again", model="dall-e-2")
+            await asyncio.wait_for(job, 10)
+            assert emu.stats()["submits_accepted"] == 4
+
+            async def journaled() -> bool:
+                entries = await client.journal_entries()
+                return sorted(entry.state for entry in entries) == ["succeeded"] * 4
+
+            await eventually(journaled, timeout=10)
 
 
 @pytest.mark.long

@@ -26,7 +26,7 @@ from ._member import FleetMember
 
 try:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisClusterException, RedisError
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("wujie_async.fleet needs redis-py: pip install 'wujie-async[fleet]'") from exc
 
@@ -243,8 +243,10 @@ class RedisFleet:
             ) from None
         except (RedisError, RedisClusterException, OSError) as exc:
             # `from None`: redis-py's exceptions can carry the connection (and its password).
+            refusal = _write_refusal(exc)
+            said = f"refuses writes ({refusal})" if refusal else "failed"
             raise FleetUnavailableError(
-                f"Redis at {self._config.url} failed: {type(exc).__name__}: {exc}",
+                f"Redis at {self._config.url} {said}: {type(exc).__name__}: {exc}",
                 url=self._config.url,
             ) from None
 
@@ -286,6 +288,21 @@ class RedisFleet:
             maxmemory_policy=eviction,
             warning=" ".join(warnings) or None,
         )
+
+
+def _write_refusal(error: BaseException) -> str | None:
+    """What to do about a Redis that answers but refuses writes, or None for other failures.
+
+    Such a Redis is as good as away for the fleet (no intent can be written, so no submit is
+    sent), but the fix is on the Redis side, so the error says which.
+    """
+    if isinstance(error, OutOfMemoryError):
+        return "out of memory: free memory or raise `maxmemory`"
+    if isinstance(error, ReadOnlyError):
+        return "a read-only replica: point the fleet at the primary"
+    if "MISCONF" in str(error):
+        return "it cannot persist to disk: check its disk and its log"
+    return None
 
 
 _ADVICE = "set `appendonly yes` and `appendfsync everysec` (or `always`) in redis.conf"
