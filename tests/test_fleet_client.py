@@ -347,6 +347,13 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                     job = await client.images.submit(prompt="back", model="dall-e-2")
                     await asyncio.wait_for(job, 10)
                     assert emu.stats()["submits_accepted"] == 11
+
+                    # The outcomes of the jobs that ended while Redis was away waited for it.
+                    async def all_succeeded() -> bool:
+                        entries = await client.journal_entries()
+                        return sorted(entry.state for entry in entries) == ["succeeded"] * 11
+
+                    await eventually(all_succeeded, timeout=10, what="every outcome journaled")
             finally:
                 await client.aclose()
 

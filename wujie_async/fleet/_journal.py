@@ -41,6 +41,7 @@ OPEN_STATES = ("intent", "accepted")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "rejected", "uncertain", "unsent")
 ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
 _ERROR_CHARS = 2000
+_RETRY = 0.25  # a record that met Redis away is tried again this often
 
 # A row's move from one state to another, shared by the scripts below.
 _TRANSITION = """
@@ -226,6 +227,7 @@ class RedisJournal:
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._trying: tuple[Any, ...] | None = None  # the record the writer is on
         self.commits = 0  # writes Redis acknowledged (for client.stats)
 
     def __repr__(self) -> str:
@@ -266,21 +268,45 @@ class RedisJournal:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            logger.warning("fleet journal: %d records not written at close", queue.qsize())
+            left = int(self._trying is not None)  # taken out of the queue, not written
+            while not queue.empty():
+                item = queue.get_nowait()
+                if isinstance(item, asyncio.Future):
+                    if not item.done():
+                        item.set_result(None)  # a flush() waiting: given up, as it says
+                elif item is not None:
+                    left += 1
+            logger.warning("fleet journal: %d records not written at close", left)
 
     async def _write_later(self, queue: asyncio.Queue[_Later]) -> None:
+        """Write queued records in order; one that meets Redis away is tried again until it
+        lands (or the journal closes), so an outage shorter than ``member_timeout`` loses no
+        outcome and no late key: the records after it wait, in order."""
         while (args := await queue.get()) is not None:
             if isinstance(args, asyncio.Future):  # a flush() barrier
                 if not args.done():
                     args.set_result(None)
                 continue
-            try:
-                await self._move((self._seq,), args)
+            self._trying = args
+            waited = False
+            while True:
+                try:
+                    await self._move((self._seq,), args)
+                except FleetUnavailableError as exc:
+                    if not waited:
+                        logger.warning(
+                            "fleet journal: records wait for Redis (tried every %gs): %s",
+                            _RETRY,
+                            exc,
+                        )
+                        waited = True
+                    await asyncio.sleep(_RETRY)
+                    continue
                 self.commits += 1
-            except FleetUnavailableError as exc:
-                # The row keeps its earlier state; an intent becomes uncertain on claim, the
-                # safe reading. An outcome that is lost only means one more poll.
-                logger.warning("fleet journal: a record was not written: %s", exc)
+                break
+            self._trying = None
+            if waited:
+                logger.info("fleet journal: Redis is back; the waiting records are written")
 
     def _queue(self, args: tuple[Any, ...]) -> None:
         if self._later is None:
