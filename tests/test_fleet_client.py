@@ -359,6 +359,42 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
 
 
 @pytest.mark.long
+async def test_a_key_redis_was_away_for_is_journaled_when_it_returns(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    # Redis goes away while a submit is on the wire: its key cannot be journaled within
+    # unavailable_wait, so submit() returns the job with the key kept in memory. The key is
+    # written again in the background and lands when Redis returns (AOF kept the intent).
+    port = free_port()
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=1.0, endpoints=frozenset({"generations"}))
+    async with emulator(time_scale=0.05, faults=faults) as emu:
+        async with own_redis(tmp_path, port=port, appendonly=True) as server:
+            client = member(
+                emu, server.url, fleet_name(), command_timeout=0.5, unavailable_wait=0.5
+            )
+            await client.open()
+            try:
+                submit = asyncio.create_task(client.images.submit(prompt="x", model="dall-e-2"))
+                await eventually(lambda: emu.stats()["requests"].get("generations", 0) == 1)
+                assert server.process is not None
+                server.process.terminate()
+                await asyncio.wait_for(server.process.wait(), 15)
+                job = await asyncio.wait_for(submit, 15)  # returned, the key kept in memory
+                async with own_redis(tmp_path, port=port, appendonly=True):
+
+                    async def journaled() -> bool:
+                        rows = await client.journal_entries()
+                        return [row.job_key for row in rows] == [job.key]
+
+                    await eventually(journaled, timeout=15, what="the key in the journal")
+                    assert await client.uncertain_submits() == []
+                    await asyncio.wait_for(job, 10)
+                    assert emu.stats()["submits_accepted"] == 1
+            finally:
+                await client.aclose()
+
+
+@pytest.mark.long
 async def test_a_redis_that_refuses_writes_sends_nothing_and_says_why(
     tmp_path: Path, emulator: EmulatorFactory
 ) -> None:

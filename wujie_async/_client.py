@@ -566,15 +566,23 @@ class WujieClient:
         intents of a process that died mid-request), then, in memory for the life of this
         client, submits the gateway accepted whose key the journal could not write (a full
         disk, say): those are listed with ``state="uncertain"`` and their ``job_key``, and
-        their jobs are tracked as usual. Check them in the platform's console before sending
-        the same prompts again.
+        their jobs are tracked as usual, and their keys are written again in the background
+        (such a submit leaves this list once its key is in the journal). Check them in the
+        platform's console before sending the same prompts again.
 
         Raises:
             ClientStateError: the client has no journal, or is not open.
         """
         self._check_open()
-        rows = await self._require_journal().entries("uncertain")
-        return rows + self._submits.unjournaled
+        journal = self._require_journal()
+        rows = await journal.entries("uncertain")
+        unjournaled = self._submits.unjournaled
+        if unjournaled:
+            # Their keys are written again in the background: once one landed, it is the
+            # journal's like any other.
+            kept = {row.job_key for row in await journal.entries() if row.job_key}
+            unjournaled[:] = [entry for entry in unjournaled if entry.job_key not in kept]
+        return rows + list(unjournaled)
 
     async def journal_entries(self, *states: str, tag: str | None = None) -> list[JournalEntry]:
         """Journal rows in ``states`` (every row if none), with ``tag`` if given; oldest first.

@@ -19,6 +19,7 @@ cancel is told apart from the caller's own cancellation, which always goes on).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -184,7 +185,9 @@ class SubmitRecord:
     async def accepted(self, key: str) -> None:
         """Keep the key the gateway gave; a journal that cannot write it does not lose it.
 
-        If the write fails, ``unjournaled`` says why and the caller keeps the key in memory.
+        If the write fails, ``unjournaled`` says why and the caller keeps the key in memory;
+        the write is queued once more, so a journal that recovers (Redis back, room on the
+        disk again) gets the key after all.
         """
         self.key = key
         if self._journal is None or self._row_id is None:
@@ -193,6 +196,8 @@ class SubmitRecord:
             await self._journal.record_accepted(self._row_id, key)
         except ClientStateError as exc:
             self.unjournaled = str(exc)
+            with contextlib.suppress(ClientStateError):  # a journal already closed
+                self._journal.record_accepted_later(self._row_id, key)
         else:
             self._key_written = True
 
