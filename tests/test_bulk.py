@@ -111,6 +111,28 @@ async def test_retry_failed_until_all_saved_and_a_saved_line_is_never_resent(
         assert len(saved) == 20 and len({r["key"] for r in saved}) == 20
 
 
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+async def test_lines_that_timed_out_are_collected_by_a_rerun_never_resent(
+    tmp_path: Path, journal: bool
+) -> None:
+    # --job-timeout is how long the run waits, not the jobs' fate: they are paid and may
+    # still end. A plain re-run collects them by key (even --retry-failed does not resend).
+    async with served_emulator(tmp_path, "--time-scale", "0.3") as emu:
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts(tmp_path, 3)), "--model", "dall-e-2", "-o", str(out)]
+        bulk += ["--json"] if journal else ["--json", "--no-journal"]
+        code, stdout, err = await cli(*bulk, "--job-timeout", "0.05", env=emu.env)
+        assert code == 1, err
+        assert json.loads(stdout)["outcomes"]["failed"] == 3
+        assert "3 line(s) timed out" in err and "re-run the same command to collect" in err
+        assert {r["error_code"] for r in manifest(out)} == {"timeout"}
+        code, stdout, err = await cli(*bulk, "--retry-failed", env=emu.env)
+        assert code == 0, err
+        assert json.loads(stdout)["outcomes"]["saved"] == 3
+        assert (await emu.stats())["submits_accepted"] == 3
+
+
 # --- 3. systemic errors --------------------------------------------------------------------------
 @pytest.mark.long
 async def test_wrong_app_id_stops_at_once_and_exits_3(tmp_path: Path) -> None:

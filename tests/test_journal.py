@@ -21,6 +21,7 @@ import pytest
 
 from wujie_async import (
     ClientStateError,
+    JobTimeoutError,
     JournalFile,
     JournalLockedError,
     Limits,
@@ -327,6 +328,26 @@ async def test_a_key_interrupted_on_its_way_to_the_journal_is_kept(
         await asyncio.sleep(0.1)  # outcome records are queued, not awaited
         [row] = await client.journal_entries()
         assert (row.state, row.job_key) == ("succeeded", job.key)
+
+
+@pytest.mark.long
+async def test_a_job_that_timed_out_stays_resumable(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    # job_timeout is how long this client waits, not the job's fate: the job may still run,
+    # and it is paid. Its row stays accepted, so resume() collects it; nothing is resent.
+    async with emulator(time_scale=0.3) as emu:
+        async with make_client(emu, journal=tmp_path / "jobs.sqlite") as client:
+            job = await client.images.submit(prompt="slow", model="dall-e-2", job_timeout=0.1)
+            with pytest.raises(JobTimeoutError):
+                await job
+            [row] = await client.journal_entries()
+            assert row.state == "accepted" and row.job_key == job.key
+            [again] = await client.resume(job_timeout=60)
+            assert again.key == job.key and (await again).status == 4
+            [row] = await client.journal_entries()
+            assert row.state == "succeeded"
+        assert emu.stats()["submits_accepted"] == 1
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from ._budget import Budget
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts
 from ._download import Downloader
 from ._env import Environment
-from ._errors import ClientStateError, InvalidRequestError, JobCancelledError
+from ._errors import ClientStateError, InvalidRequestError, JobCancelledError, JobTimeoutError
 from ._fleet_link import FleetLink
 from ._gc_freeze import GcFreezer
 from ._images import Images
@@ -462,6 +462,10 @@ class WujieClient:
         error = job.exception()
         if error is None:
             journal.record_outcome(job.key, "succeeded")
+        elif isinstance(error, JobTimeoutError):
+            # Only this client stopped waiting: the job may still run (and is paid). The row
+            # stays accepted, so resume() and a bulk re-run collect it rather than resend it.
+            return
         elif isinstance(error, JobCancelledError):
             # Only the user's own cancel ends a row; closing, or a stopped poller, leaves the
             # key accepted, so resume() picks it up.

@@ -371,7 +371,11 @@ class ModerationRejectedError(JobFailedError):
 
 
 class JobTimeoutError(JobError, TimeoutError):
-    """The job's deadline passed while the gateway still reported it as running."""
+    """The job's deadline passed while the gateway still reported it as running.
+
+    Only the client's wait ended: the job is paid and may still end. Its journal row stays
+    ``accepted`` (``resume()`` collects it) and ``attach(job_key)`` waits on it afresh.
+    """
 
 
 class UnknownJobError(JobError):

@@ -699,12 +699,15 @@ class BatchPoller:
         self.counters.failed += 1
         tracked.state.fail(error)
         self._observe_end(tracked, error, before)
-        self._remember_ended(tracked)
+        # A deadline ends only this wait (the job may still run): attach() waits afresh.
+        self._remember_ended(tracked, keep=not isinstance(error, JobTimeoutError))
 
-    def _remember_ended(self, tracked: _Tracked) -> None:
+    def _remember_ended(self, tracked: _Tracked, *, keep: bool = True) -> None:
         points = tracked.state.points_charged
         if points is not None:
             self.counters.points_charged += points
+        if not keep:
+            return
         job, ended = tracked.job, self._ended
         ended[job.key] = (
             (weakref.ref(job), ended_copy(job, tracked.state)) if holds_bulk(job) else job

@@ -1,9 +1,9 @@
 """What ``bulk``, ``generate``, ``resume`` and ``status`` do once their arguments are read.
 
 A re-run of ``bulk`` on the same journal decides per line from its journal row (found by the
-row's tag): saved lines are skipped, pending ones are collected, uncertain ones are never
-resent, failed/moderated/rejected ones are resent only with ``--retry-failed``, and lines never
-sent are sent.
+row's tag): saved lines are skipped, pending ones (timed out ones too: their rows stay
+accepted) are collected, uncertain ones are never resent, failed/moderated/rejected ones are
+resent only with ``--retry-failed``, and lines never sent are sent.
 """
 
 from __future__ import annotations
@@ -211,9 +211,9 @@ def plan_from_manifest(
     job_timeout: float | None,
 ) -> Plan:
     """A re-run without a journal continues its manifest: lines saved stay saved, a job whose
-    images were partly saved is collected again by its key, lines that ended otherwise keep
-    their outcome (failed ones are resent with ``--retry-failed``; uncertain ones never), and
-    the rest (not sent, or never recorded) are sent."""
+    images were partly saved, or that timed out, is collected again by its key, lines that
+    ended otherwise keep their outcome (failed ones are resent with ``--retry-failed``;
+    uncertain ones never), and the rest (not sent, or never recorded) are sent."""
     plan = Plan()
     by_row: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -237,6 +237,12 @@ def plan_from_manifest(
                 plan.collect.append((row, job))
             else:
                 plan.send.append(row)
+        elif (
+            last.get("error_code") == "timeout"
+            and isinstance(key, str)
+            and (job := _attach_key(client, key, n, job_timeout)) is not None
+        ):
+            plan.collect.append((row, job))  # paid, and may have ended since: never resent
         elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
             plan.send.append(row)
         else:
@@ -596,5 +602,14 @@ class Session:
                 "never resent silently. See them with: wujie-async journal list --status "
                 "uncertain"
             )
-        if (counts["failed"] or counts["moderated"] or counts["rejected"]) and self.journal:
+        timed_out = sum(1 for o in result.outcomes if o.error_code == "timeout")
+        if timed_out:
+            # Paid and maybe still running: collected by a re-run, never resent.
+            say(
+                f"{timed_out} line(s) timed out while their jobs still ran on the gateway "
+                f"(already paid); re-run the same command to collect them (they are not sent "
+                "again; --job-timeout sets how long to wait)"
+            )
+        resendable = counts["failed"] - timed_out + counts["moderated"] + counts["rejected"]
+        if resendable and self.journal:
             say("resend the failed lines (each resend costs points) by adding --retry-failed")
