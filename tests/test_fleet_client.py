@@ -18,6 +18,7 @@ from wujie_async import (
     FleetStats,
     InvalidRequestError,
     JobProtocolError,
+    JobTimeoutError,
     Limits,
     PollPolicy,
     UnknownJobError,
@@ -275,11 +276,25 @@ async def test_resume_claims_a_dead_members_jobs_without_resubmitting(
         # Closing left the fleet at once; its accepted keys wait for a claimer.
         claimed = await survivor.resume()
         assert {job.key for job in claimed} == keys
-        assert await survivor.resume() == []  # claimed once
+        again = await survivor.resume()  # now its own: the same jobs, none claimed twice
+        assert all(any(job is mine for mine in claimed) for job in again)
         await asyncio.gather(*claimed)
         assert emu.stats()["submits_accepted"] == 5  # attached, never resubmitted
         found = await survivor.find_submit("nope")
         assert found is None
+
+
+@pytest.mark.long
+async def test_a_job_that_timed_out_is_resumed_by_its_own_member(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    async with emulator(time_scale=0.3) as emu, member(emu, url, fleet_name()) as client:
+        job = await client.images.submit(prompt="slow", model="dall-e-2", job_timeout=0.1)
+        with pytest.raises(JobTimeoutError):
+            await job
+        [again] = await client.resume(job_timeout=60)
+        assert again.key == job.key and (await again).status == 4
+        assert emu.stats()["submits_accepted"] == 1
 
 
 async def test_find_submit_works_fleet_wide(url: str, emulator: EmulatorFactory) -> None:

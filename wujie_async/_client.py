@@ -515,7 +515,8 @@ class WujieClient:
 
         In fleet mode it claims the accepted submits of members whose heartbeat expired
         (``RedisFleet(member_timeout=...)``) and attaches those: each dead member's job goes
-        to exactly one member, and nothing is resubmitted.
+        to exactly one member, and nothing is resubmitted. This member's own accepted
+        submits (a job that timed out, say) are attached too.
 
         Raises:
             ClientStateError: the client has no journal.
@@ -524,7 +525,7 @@ class WujieClient:
         self._check_open()
         journal = self._require_journal()
         if self._fleet is not None:
-            entries = await self._fleet.claim_dead()
+            entries = await self._fleet.resumable()
         else:
             entries = await journal.entries("accepted")
         jobs: list[ImageJob] = []

@@ -60,8 +60,9 @@ class FleetLink(Protocol):
         """
         ...
 
-    async def claim_dead(self) -> list[JournalEntry]:
-        """The accepted submits of dead members, now this member's (each to one member)."""
+    async def resumable(self) -> list[JournalEntry]:
+        """The accepted submits this member should follow: dead members' (now this member's,
+        each claimed by one member) and its own (a job that timed out, say)."""
         ...
 
     def stats(self) -> FleetStats:

@@ -36,7 +36,7 @@ from .._transport import CallKind
 from ._errors import LeaseLostError
 from ._lease import LeaderLease
 from ._link import RedisLink
-from ._registry import READ_LIMIT, Change, KeyRegistry
+from ._registry import READ_LIMIT, Change, KeyInfo, KeyRegistry
 from ._reports import Report, post_reports
 
 if TYPE_CHECKING:
@@ -155,28 +155,41 @@ class ShardLeader:
                     if not found[1]:
                         del self._shadows[key]
                         found[0].cancel()  # nobody waits for it
-            elif found is not None:
-                found[1].add(owner)
+            elif found is None:
+                self._shadow(key, info, {owner}, now, unix_now)
+            elif now + info.deadline - unix_now > found[0].deadline:
+                # An owner waits well past the shadow's deadline (it attached the key again
+                # once its own wait ended; a registration merely repeated, on rejoining, is
+                # within the margin): a new shadow asks until then.
+                del self._shadows[key]
+                found[0].cancel()
+                self._shadow(key, info, found[1] | {owner}, now, unix_now)
             else:
-                state = JobState(loop)
-                shadow = ImageJob(
-                    key,
-                    state,
-                    deadline=now + info.deadline - unix_now + _DEADLINE_MARGIN,
-                    request={"model": info.model} if info.model is not None else None,
-                    on_cancel=self._poller.forget,
-                )
-                self._shadows[key] = (shadow, {owner})
-                shadow.add_done_callback(self._shadow_ended)
-                first = self._first_delay if info.first_delay is None else info.first_delay
-                # Its age counts from the member's submit, not from this leader's start: the
-                # schedule judges when it can end (and learns durations) from its age.
-                self._poller.track(
-                    shadow,
-                    state,
-                    max(0.0, info.submitted + first - unix_now),
-                    age=max(0.0, unix_now - info.submitted),
-                )
+                found[1].add(owner)
+
+    def _shadow(
+        self, key: str, info: KeyInfo, owners: set[str], now: float, unix_now: float
+    ) -> None:
+        """A shadow job for ``key``, polled until the owners' deadline (``info``'s)."""
+        state = JobState(asyncio.get_running_loop())
+        shadow = ImageJob(
+            key,
+            state,
+            deadline=now + info.deadline - unix_now + _DEADLINE_MARGIN,
+            request={"model": info.model} if info.model is not None else None,
+            on_cancel=self._poller.forget,
+        )
+        self._shadows[key] = (shadow, owners)
+        shadow.add_done_callback(self._shadow_ended)
+        first = self._first_delay if info.first_delay is None else info.first_delay
+        # Its age counts from the member's submit, not from this leader's start: the
+        # schedule judges when it can end (and learns durations) from its age.
+        self._poller.track(
+            shadow,
+            state,
+            max(0.0, info.submitted + first - unix_now),
+            age=max(0.0, unix_now - info.submitted),
+        )
 
     def _replied(self, keys: list[str], data: Any) -> None:
         """A batch call's reply: each owner's keys and their raw entries, to post."""
