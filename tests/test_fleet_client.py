@@ -197,6 +197,25 @@ async def test_a_key_attached_by_two_members_resolves_in_both(
 
 
 @pytest.mark.long
+async def test_two_owners_of_a_key_each_keep_their_own_deadline(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # The leader asks about a key until its last owner's deadline: an owner that waits
+    # longer is not failed at another owner's (earlier) deadline.
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.3) as emu,
+        member(emu, url, name) as a,
+        member(emu, url, name) as b,
+    ):
+        job = await a.images.submit(prompt="shared", model="dall-e-2", job_timeout=0.1)
+        patient = b.images.attach(job.key, job_timeout=60)
+        with pytest.raises(JobTimeoutError):
+            await job
+        assert (await asyncio.wait_for(patient, 30)).status == 4
+
+
+@pytest.mark.long
 @pytest.mark.parametrize("garbled", ["counters", "type"])
 async def test_garbled_fleet_figures_are_not_taken_for_redis_away(
     url: str, emulator: EmulatorFactory, garbled: str
