@@ -236,6 +236,13 @@ class BulkRun:
             return
         if isinstance(problem, JobError):
             status, code, message = classify(problem)
+        elif isinstance(problem, IndexError) and job.done() and len(job.images) < count:
+            # Paid, and reported done with fewer images than asked: nothing to fetch.
+            status, code = "failed", "incomplete"
+            message = (
+                f"job {job.key}: the gateway reported it done with {len(job.images)} of "
+                f"{count} image(s)"
+            )
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
