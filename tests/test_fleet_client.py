@@ -415,6 +415,7 @@ async def test_a_key_redis_was_away_for_is_journaled_when_it_returns(
                 await asyncio.wait_for(server.process.wait(), 15)
                 job = await asyncio.wait_for(submit, 15)  # returned, the key kept in memory
                 async with own_redis(tmp_path, port=port, appendonly=True):
+                    await eventually(lambda: fleet_of(client).role != "local", timeout=15)
 
                     async def journaled() -> bool:
                         rows = await client.journal_entries()

@@ -91,6 +91,39 @@ async def test_members_only_change_their_own_rows(url: str) -> None:
         assert await mine.entries(owned_by="stranger") == []
 
 
+async def test_garbled_rows_strand_no_other_row_and_hold_up_no_record(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Rows are other processes' writes. A row overwritten with another type, or with a
+    # request that is not JSON, must not fail every read (resume() would strand every job),
+    # and a record for a garbled row must not hold up the records queued after it.
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        await Membership(fleet, "me").join()
+        rows = {}
+        for name in ("overwritten", "bad-request", "fine"):
+            rows[name] = await journal.record_intent("/gen", {"prompt": name})
+            await journal.record_accepted(rows[name], f"KEY-{name}")
+        prefix = fleet.keys.journal_prefix
+        overwritten = f"{prefix}row:{rows['overwritten']}"
+        await fleet.call(lambda r: r.delete(overwritten))
+        await fleet.call(lambda r: r.set(overwritten, "not a hash"))
+        bad = f"{prefix}row:{rows['bad-request']}"
+        await fleet.call(lambda r: r.hset(bad, "request", "{not json"))
+
+        journal.record_outcome("KEY-overwritten", "succeeded")  # can never land
+        journal.record_outcome("KEY-fine", "succeeded")  # must land all the same
+        await asyncio.wait_for(journal.flush(), 10)
+        listed = {entry.job_key: entry for entry in await journal.entries()}
+        assert set(listed) == {"KEY-bad-request", "KEY-fine"}
+        assert listed["KEY-fine"].state == "succeeded"
+        assert listed["KEY-bad-request"].request == {}  # its key still resumes it
+        await journal.entries()
+        warned = [r.getMessage() for r in caplog.records if "fleet journal: rows" in r.getMessage()]
+        assert len(warned) == 2  # once per row, not once per read
+        claim = await journal.claim_dead()  # the claim script goes past the garbled row too
+        assert claim.entries == []
+
+
 async def test_claim_needs_a_live_claimer(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "ghost") as journal:
         with pytest.raises(ClientStateError, match="not a live fleet member"):

@@ -30,10 +30,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import ClientStateError
+from .._errors import ClientStateError, snippet
 from .._journal import JournalEntry
 from ._errors import FleetUnavailableError
-from ._link import RedisLink, Script
+from ._link import RedisLink, Script, refused_for_its_data
 
 logger = logging.getLogger("wujie_async.fleet")
 
@@ -111,7 +111,7 @@ for i = 1, #all, 2 do
     local set = p .. 'owner:' .. member
     for _, id in ipairs(redis.call('ZRANGE', set, 0, -1)) do
       local row = p .. 'row:' .. id
-      local state = redis.call('HGET', row, 'state')
+      local state = redis.pcall('HGET', row, 'state')  -- an error table for a garbled row
       if state == 'accepted' then
         redis.call('HSET', row, 'owner', claimer, 'updated', now)
         redis.call('ZADD', p .. 'owner:' .. claimer, id, id)
@@ -134,7 +134,8 @@ _Later = tuple[Any, ...] | asyncio.Future[None] | None
 _FIELDS = ("path", "request", "state", "job_key", "tag", "error", "created", "owner")
 
 # KEYS: seq. ARGV: prefix, tag ('' = any), owner ('' = any), state1, state2, ...
-# Reply: {id1, fields1..., id2, ...} (len(_FIELDS) + 1 items per row), ids ascending.
+# Reply: {{id1, fields1..., id2, ...}, {garbled ids}}: len(_FIELDS) + 1 items per row, ids
+# ascending; a row key that is not a hash (another process wrote over it) is listed apart.
 _ENTRIES = """
 local p, tag, owner = ARGV[1], ARGV[2], ARGV[3]
 local wanted, ids = {}, {}
@@ -149,16 +150,18 @@ else
   end
 end
 table.sort(ids, function(a, b) return tonumber(a) < tonumber(b) end)
-local reply = {}
+local reply, garbled = {}, {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', p .. 'row:' .. id,
+  local f = redis.pcall('HMGET', p .. 'row:' .. id,
     'path', 'request', 'state', 'job_key', 'tag', 'error', 'created', 'owner')
-  if f[3] and wanted[f[3]] and (owner == '' or f[8] == owner) then
+  if f.err then
+    garbled[#garbled + 1] = id
+  elseif f[3] and wanted[f[3]] and (owner == '' or f[8] == owner) then
     reply[#reply + 1] = id
     for j = 1, 8 do reply[#reply + 1] = f[j] or '' end
   end
 end
-return reply
+return {reply, garbled}
 """
 
 # KEYS: seq. ARGV: prefix, id1, id2, ... Reply: how many rows were deleted.
@@ -228,6 +231,7 @@ class RedisJournal:
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._trying: tuple[Any, ...] | None = None  # the record the writer is on
+        self._warned_rows: set[str] = set()  # damaged rows already warned about
         self.commits = 0  # writes Redis acknowledged (for client.stats)
 
     def __repr__(self) -> str:
@@ -293,6 +297,11 @@ class RedisJournal:
                 try:
                     await self._move((self._seq,), args)
                 except FleetUnavailableError as exc:
+                    if refused_for_its_data(exc):
+                        # Its row is garbled (another process wrote over it): this record
+                        # can never land, and must not hold up the ones after it.
+                        logger.warning("fleet journal: a record was not written: %s", exc)
+                        break
                     if not waited:
                         logger.warning(
                             "fleet journal: records wait for Redis (tried every %gs): %s",
@@ -418,7 +427,19 @@ class RedisJournal:
         reply = await self._entries(
             (self._seq,), (self._prefix, tag or "", owned_by or "", *wanted)
         )
-        return _rows(reply)
+        rows, damaged, unreadable = _rows(reply)
+        for ids, what in (
+            (damaged, "hold a request that cannot be read (listed with request={}; a key "
+             "still resumes them)"),
+            (unreadable, "cannot be read at all (left out)"),
+        ):  # fmt: skip
+            new = [row_id for row_id in ids if row_id not in self._warned_rows]
+            if new:  # once per row, not per read
+                self._warned_rows.update(new)
+                logger.warning(
+                    "fleet journal: rows %s %s", snippet(", ".join(new), limit=200), what
+                )
+        return rows
 
     async def forget(self, ids: Iterable[int]) -> int:
         """Delete rows; returns how many existed."""
@@ -459,22 +480,43 @@ class RedisJournal:
         return Claim(dead_members=dead, entries=entries)
 
 
-def _rows(reply: list[Any]) -> list[JournalEntry]:
+def _rows(reply: list[Any]) -> tuple[list[JournalEntry], list[str], list[str]]:
+    """The rows of an entries script's reply, and the ids of rows that are damaged (their
+    request cannot be read: listed as ``{}``, their key still resumes them) and unreadable
+    (not a hash, or no row id: left out). Rows are other processes' writes."""
+    flat, garbled = reply
     width = len(_FIELDS) + 1
-    rows = []
-    for i in range(0, len(reply), width):
-        row_id, path, request, state, job_key, tag, error, created, _owner = reply[i : i + width]
-        with contextlib.suppress(ValueError, TypeError, RecursionError):  # not a member's write
-            rows.append(
-                JournalEntry(
-                    id=int(row_id),
-                    path=path,
-                    request=json.loads(request),
-                    state=state,
-                    job_key=job_key or None,
-                    tag=tag or None,
-                    error=error or None,
-                    created=float(created),
-                )
+    rows: list[JournalEntry] = []
+    damaged: list[str] = []
+    unreadable = [str(row_id) for row_id in garbled]
+    for i in range(0, len(flat), width):
+        row_id, path, request, state, job_key, tag, error, created, _owner = flat[i : i + width]
+        try:
+            parsed = json.loads(request)
+        except (ValueError, TypeError, RecursionError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            damaged.append(str(row_id))
+            parsed = {}
+        try:
+            number = int(row_id)
+        except (ValueError, TypeError):
+            unreadable.append(str(row_id))
+            continue
+        try:
+            when = float(created)
+        except (ValueError, TypeError):
+            when = 0.0
+        rows.append(
+            JournalEntry(
+                id=number,
+                path=path,
+                request=parsed,
+                state=state,
+                job_key=job_key or None,
+                tag=tag or None,
+                error=error or None,
+                created=when,
             )
-    return rows
+        )
+    return rows, damaged, unreadable

@@ -56,6 +56,14 @@ class FleetConfig:
         return self.member_timeout / 3
 
 
+def refused_for_its_data(error: BaseException) -> bool:
+    """A command refused for the key's data (the wrong type, a counter that is not an
+    integer): that key is garbled, Redis works, and trying again will not help. redis-py
+    prefixes the command, and ``RedisFleet.call`` the URL; the code stays in the text."""
+    text = str(error)
+    return "WRONGTYPE" in text or "not an integer" in text
+
+
 class RedisLink(Protocol):
     """A started fleet's Redis, as a building block uses it."""
 

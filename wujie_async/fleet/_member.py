@@ -44,7 +44,7 @@ from ._journal import RedisJournal
 from ._leader import ShardLeader
 from ._lease import LeaderLease
 from ._limiter import FleetLimiter
-from ._link import FleetConnection, stop_task
+from ._link import FleetConnection, refused_for_its_data, stop_task
 from ._membership import Membership, new_member_id
 from ._reports import Inbox
 
@@ -414,7 +414,7 @@ class FleetMember:
                 pipe.hgetall(key)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             for item in results:
-                if isinstance(item, BaseException) and not _refused_for_its_data(item):
+                if isinstance(item, BaseException) and not refused_for_its_data(item):
                     raise item
             return results
 
@@ -424,13 +424,6 @@ class FleetMember:
         self._fleet_calls = _counter(figures.get("batch_calls"))
         self._fleet_keys = _counter(figures.get("keys_polled"))
         self._size = max(1, len(await self._membership.live_members()))
-
-
-def _refused_for_its_data(error: BaseException) -> bool:
-    """A command refused for the key's data (the wrong type, a counter that is not an
-    integer): that key is garbled, Redis works. redis-py prefixes the command; the code stays."""
-    text = str(error)
-    return "WRONGTYPE" in text or "not an integer" in text
 
 
 def _counter(raw: object) -> int:
