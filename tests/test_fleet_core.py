@@ -68,6 +68,7 @@ async def test_unreachable_redis_names_the_url_without_its_password() -> None:
     error = caught.value
     assert f"127.0.0.1:{port}" in str(error) and error.url.endswith(f":{port}/0")
     assert isinstance(error, ClientStateError)
+    assert error.__context__ is None  # no redis-py exception (or connection) rides along
     chain: BaseException | None = error
     while chain is not None:
         assert "s3cret" not in str(chain) and "s3cret" not in repr(chain)

@@ -10,6 +10,7 @@ gets its part in the fleet from :meth:`RedisFleet.member`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,7 @@ from ._member import FleetMember
 
 try:
     import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("wujie_async.fleet needs redis-py: pip install 'wujie-async[fleet]'") from exc
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wujie_async.fleet")
 T = TypeVar("T")
 _SCHEMES = ("redis", "rediss", "unix")
+_DROP_WAIT = 1.0  # seconds closing the idle connections may take after a lost one
 
 
 def redact(url: str) -> str:
@@ -237,18 +240,28 @@ class RedisFleet:
             async with asyncio.timeout(wait):
                 return await op(redis)
         except TimeoutError:
-            raise FleetUnavailableError(
-                f"Redis at {self._config.url} did not answer within {wait:g}s",
-                url=self._config.url,
-            ) from None
+            why = f"did not answer within {wait:g}s"
+            lost = True
         except (RedisError, RedisClusterException, OSError) as exc:
-            # `from None`: redis-py's exceptions can carry the connection (and its password).
             refusal = _write_refusal(exc)
             said = f"refuses writes ({refusal})" if refusal else "failed"
-            raise FleetUnavailableError(
-                f"Redis at {self._config.url} {said}: {type(exc).__name__}: {exc}",
-                url=self._config.url,
-            ) from None
+            why = f"{said}: {type(exc).__name__}: {exc}"
+            lost = isinstance(exc, RedisConnectionError | OSError)
+        if lost:
+            await self._drop_idle_connections(redis)
+        # Raised outside the except blocks: redis-py's exceptions can carry the connection (and
+        # its password), and none rides along in __context__.
+        raise FleetUnavailableError(f"Redis at {self._config.url} {why}", url=self._config.url)
+
+    @staticmethod
+    async def _drop_idle_connections(redis: aioredis.Redis) -> None:
+        """After a lost connection, the pool's idle ones are likely dead too (Redis restarted):
+        closed at once, so the next commands connect afresh rather than fail one by one."""
+        pool = getattr(redis, "connection_pool", None)  # a cluster client keeps one per node
+        if pool is not None:
+            with contextlib.suppress(Exception):  # a close that stalls is given up, not awaited
+                async with asyncio.timeout(_DROP_WAIT):
+                    await pool.disconnect(inuse_connections=False)
 
     # --- durability ----------------------------------------------------------------------------
     async def _check_durability(self) -> FleetDurability:

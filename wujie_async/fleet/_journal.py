@@ -139,9 +139,16 @@ _FIELDS = ("path", "request", "state", "job_key", "tag", "error", "created", "ow
 _ENTRIES = """
 local p, tag, owner = ARGV[1], ARGV[2], ARGV[3]
 local wanted, ids = {}, {}
-for i = 4, #ARGV do wanted[ARGV[i]] = true end
+local only_open = owner ~= ''
+for i = 4, #ARGV do
+  wanted[ARGV[i]] = true
+  if ARGV[i] ~= 'intent' and ARGV[i] ~= 'accepted' then only_open = false end
+end
 if tag ~= '' then
   ids = redis.call('ZRANGE', p .. 'tag:' .. tag, 0, -1)
+elseif only_open then
+  -- one member's open rows: its own index, not every member's rows in those states
+  ids = redis.call('ZRANGE', p .. 'owner:' .. owner, 0, -1)
 else
   for state, _ in pairs(wanted) do
     for _, id in ipairs(redis.call('ZRANGE', p .. 'state:' .. state, 0, -1)) do
