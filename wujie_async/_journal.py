@@ -89,6 +89,21 @@ class JournalEntry:
     created: float
 
 
+def read_stored_request(text: Any) -> tuple[dict[str, Any], str | None]:
+    """A journal row's stored request, and None; or ``{}`` and what is wrong with it.
+
+    Rows may be other processes' writes (or a damaged file): a request that cannot be read
+    is listed as ``{}``, so its row, and its key, still come back.
+    """
+    try:
+        request = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {}, f"not JSON ({type(exc).__name__})"
+    if isinstance(request, dict):
+        return request, None
+    return {}, f"a JSON {type(request).__name__}, not an object"
+
+
 def _check_state(state: str, allowed: tuple[str, ...]) -> None:
     # A real check, not an assert: `python -O` must not let a bad state into the file.
     if state not in allowed:
@@ -192,20 +207,14 @@ class Journal:
         self._warnings.flush()
 
     def _read_request(self, row_id: int, text: Any) -> dict[str, Any]:
-        try:
-            request = json.loads(text)
-        except (TypeError, ValueError, RecursionError) as exc:
-            problem = f"not JSON ({type(exc).__name__})"
-        else:
-            if isinstance(request, dict):
-                return request
-            problem = f"a JSON {type(request).__name__}, not an object"
-        self._warnings.warning(
-            "journal row %d: its stored request is %s; listed with an empty request",
-            row_id,
-            problem,
-        )
-        return {}
+        request, problem = read_stored_request(text)
+        if problem is not None:
+            self._warnings.warning(
+                "journal row %d: its stored request is %s; listed with an empty request",
+                row_id,
+                problem,
+            )
+        return request
 
     # --- records ---------------------------------------------------------------------------------
     async def record_intent(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._errors import ClientStateError, snippet
-from .._journal import JournalEntry
+from .._journal import JournalEntry, read_stored_request
 from ._errors import FleetUnavailableError
 from ._link import RedisLink, Script, refused_for_its_data
 
@@ -299,30 +299,32 @@ class RedisJournal:
                     args.set_result(None)
                 continue
             self._trying = args
-            waited = False
-            while True:
-                try:
-                    await self._move((self._seq,), args)
-                except FleetUnavailableError as exc:
-                    if refused_for_its_data(exc):
-                        # Its row is garbled (another process wrote over it): this record
-                        # can never land, and must not hold up the ones after it.
-                        logger.warning("fleet journal: a record was not written: %s", exc)
-                        break
-                    if not waited:
-                        logger.warning(
-                            "fleet journal: records wait for Redis (tried every %gs): %s",
-                            _RETRY,
-                            exc,
-                        )
-                        waited = True
-                    await asyncio.sleep(_RETRY)
-                    continue
-                self.commits += 1
-                break
+            await self._write_until_landed(args)
             self._trying = None
+
+    async def _write_until_landed(self, args: tuple[Any, ...]) -> None:
+        """One queued record, tried every ``_RETRY`` seconds while Redis is away."""
+        waited = False
+        while True:
+            try:
+                await self._move((self._seq,), args)
+            except FleetUnavailableError as exc:
+                if refused_for_its_data(exc):
+                    # Its row is garbled (another process wrote over it): this record can
+                    # never land, and must not hold up the ones after it.
+                    logger.warning("fleet journal: a record was not written: %s", exc)
+                    return
+                if not waited:
+                    waited = True
+                    logger.warning(
+                        "fleet journal: records wait for Redis (tried every %gs): %s", _RETRY, exc
+                    )
+                await asyncio.sleep(_RETRY)
+                continue
+            self.commits += 1
             if waited:
                 logger.info("fleet journal: Redis is back; the waiting records are written")
+            return
 
     def _queue(self, args: tuple[Any, ...]) -> None:
         if self._later is None:
@@ -499,17 +501,13 @@ def _rows(reply: list[Any]) -> tuple[list[JournalEntry], list[str], list[str]]:
     for i in range(0, len(flat), width):
         row_id, path, request, state, job_key, tag, error, created, _owner = flat[i : i + width]
         try:
-            parsed = json.loads(request)
-        except (ValueError, TypeError, RecursionError):
-            parsed = None
-        if not isinstance(parsed, dict):
-            damaged.append(str(row_id))
-            parsed = {}
-        try:
             number = int(row_id)
         except (ValueError, TypeError):
             unreadable.append(str(row_id))
             continue
+        parsed, problem = read_stored_request(request)
+        if problem is not None:
+            damaged.append(str(row_id))
         try:
             when = float(created)
         except (ValueError, TypeError):

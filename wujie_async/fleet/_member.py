@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine
-from operator import attrgetter
 from typing import Any
 
 from .._config import Limits, PollPolicy
@@ -369,16 +368,14 @@ class FleetMember:
             self._follower.track(job, first_delay)
 
     async def resumable(self) -> list[JournalEntry]:
-        """Claim dead members' accepted submits (atomically, each to one member); with this
-        member's own accepted ones (a job that timed out stays accepted), oldest first."""
+        """Claim dead members' accepted submits (atomically, each to one member), then every
+        accepted submit this member owns, oldest first: the claimed ones, and its own (a job
+        that timed out stays accepted)."""
         claim = await self._journal.claim_dead()
         for dead in claim.dead_members:
             with contextlib.suppress(FleetUnavailableError):
                 await Inbox(self._link, dead).drop()
-        claimed = {entry.id for entry in claim.entries}
-        own = await self._journal.entries("accepted", owned_by=self._member_id)
-        entries = [*claim.entries, *(entry for entry in own if entry.id not in claimed)]
-        return sorted(entries, key=attrgetter("id"))
+        return await self._journal.entries("accepted", owned_by=self._member_id)
 
     # --- figures -------------------------------------------------------------------------------
     def stats(self) -> FleetStats:
