@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import os
 import socket
@@ -170,6 +171,10 @@ async def tricky_server() -> AsyncIterator[tuple[str, Counter[str]]]:
             in_flight[0] -= 1
         if kind == "always-5xx":
             return web.Response(status=502, text="bad gateway")
+        if kind == "gzip":  # Content-Length counts the compressed bytes, as HTTP says
+            packed = gzip.compress(PNG + bytes(4096))  # compresses well: decodes to more
+            headers = {"Content-Encoding": "gzip", "Content-Type": "image/png"}
+            return web.Response(body=packed, headers=headers)
         return web.Response(body=PNG, content_type="image/png")
 
     app = web.Application()
@@ -251,6 +256,17 @@ async def test_transient_failures_are_retried_with_backoff(tmp_path: Path) -> No
             error = error.__cause__ or error.__context__
         assert not [e for e in seen if type(e).__module__.startswith("aiohttp")], seen
     assert names(tmp_path) == ["K5-0.png", "K5-1.png"]
+
+
+async def test_a_compressed_image_is_saved_whole(tmp_path: Path) -> None:
+    """A server may send an image gzip-encoded: its Content-Length is the compressed size,
+    so the decoded body is longer than declared and is not "cut short"."""
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
+        saved = await saver.save(at(f"{origin}/gzip"), tmp_path / "GZ-0.{ext}")
+    body = PNG + bytes(4096)
+    assert hits["gzip"] == 1  # no retry either
+    assert saved.path.read_bytes() == body and saved.bytes == len(body)
+    assert saved.sha256 == hashlib.sha256(body).hexdigest()
 
 
 async def test_concurrency_is_bounded(tmp_path: Path) -> None:

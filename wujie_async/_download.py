@@ -477,7 +477,9 @@ class Downloader:
         )
         try:
             size, digest, head = await self._stream(reply, handle)
-            if declared is not None and size != declared:
+            # Content-Length counts the bytes on the wire: a compressed body decodes to more.
+            encoded = reply.headers.get("Content-Encoding", "identity").lower() != "identity"
+            if declared is not None and not encoded and size != declared:
                 raise _RetryableError(
                     TransportError("image download was cut short", reached_server=True)
                 )
