@@ -42,12 +42,13 @@ def inline_png(size: int) -> str:
 
 @asynccontextmanager
 async def hostile_jobs_gateway(
-    files_host: str = "127.0.0.1", finished: set[str] | None = None
+    files_host: str = "127.0.0.1", finished: set[str] | None = None, cost: int | None = None
 ) -> AsyncIterator[str]:
     """Submits get key = prompt; the batch reply does what the prompt says. Yields base URL.
 
     Image URLs point at ``files_host`` (the same server, also listening there). The job
-    ``partial`` has one of its two images until the test adds it to ``finished``.
+    ``partial`` has one of its two images until the test adds it to ``finished``. ``cost``:
+    the ``integral_cost`` every ended job reports.
     """
     finished = finished if finished is not None else set()
     origin = ""
@@ -86,7 +87,12 @@ async def hostile_jobs_gateway(
     async def info(request: web.Request) -> web.Response:
         sent = await request.json()
         keys = sent if isinstance(sent, list) else sent.get("keys", [])
-        data = {"list": [entry(key) for key in keys]}
+        listed = [entry(key) for key in keys]
+        if cost is not None:
+            for item in listed:
+                if item["status"] in (3, 4):
+                    item["integral_cost"] = cost
+        data = {"list": listed}
         return web.json_response({"code": "200", "message": "ok", "data": data})
 
     async def file(request: web.Request) -> web.Response:
@@ -222,6 +228,32 @@ async def test_per_job_problems_fail_that_job_only_and_server_text_is_inert(
     # Reported done with 1 of 2 images: said as such, not as a failed download.
     assert failed[1]["error_code"] == "incomplete" and "1 of 2 image" in failed[1]["error"]
     assert failed[2]["error_code"] == "download"
+
+
+@pytest.mark.long
+async def test_a_job_collected_again_is_not_charged_again(tmp_path: Path) -> None:
+    """A line whose images could not be saved is collected by every re-run: what its job
+    cost is recorded once, so re-runs spend nothing and the budget keeps its room."""
+    rows = tmp_path / "rows.txt"
+    rows.write_text("badurl\nfine\n")
+    out = tmp_path / "out"
+    async with hostile_jobs_gateway(cost=8) as base_url:
+        flags = (*gateway_flags(tmp_path, base_url), "--allow-http", "-o", str(out), "--json")
+        bulk = ("bulk", str(rows), "--model", "dall-e-2", "-n", "2", "--progress", "none")
+        for _ in range(3):  # the first run pays; the others only collect badurl again
+            code, stdout, err = await cli(*bulk, *flags)
+            assert code == 1, err
+            summary = json.loads(stdout)
+            assert summary["points_total"] == 16, (summary, manifest(out))
+        assert summary["points"] == 0
+        assert sum(r.get("points") or 0 for r in manifest(out)) == 16
+        # A new line fits a budget of 24 at 4 points an image: 16 spent, 8 left.
+        rows.write_text("badurl\nfine\nmore\n")
+        budget = ("--max-points", "24", "--point-price", "dall-e-2=4")
+        code, stdout, err = await cli(*bulk, *flags, *budget)
+        summary = json.loads(stdout)
+        assert summary["outcomes"]["not_sent"] == 0, err
+        assert (summary["points"], summary["points_total"]) == (8, 24)
 
 
 @pytest.mark.long

@@ -20,8 +20,8 @@ reservation as spent, so the budget errs on the side of spending less. A gateway
 report ``integral_cost`` for a job that succeeded leaves its kind without a price: without a
 price table the budget cannot be held for it, and further submits of the kind raise
 :class:`BudgetExceededError` (naming ``Limits.point_prices``) rather than go on uncounted.
-Jobs attached or resumed (not submitted by this client) are not reserved for; what they cost
-counts once they end.
+Jobs attached or resumed (not submitted by this client) are neither reserved for nor counted:
+their cost belongs to the budget of the client that submitted them.
 
 Everything runs on the event loop, with no await between the check and the reservation: two
 submits racing for the last points cannot both pass.

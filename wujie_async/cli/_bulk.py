@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,12 +66,15 @@ class BulkResult:
     pending: int = 0
     systemic: BaseException | None = None
     interrupted: bool = False
+    points: float = 0.0  # what this run's manifest rows record as charged
 
 
 class BulkRun:
     """Sends ``send``, collects ``collect`` (jobs already accepted), and records every outcome.
 
     ``settled`` are lines a previous run ended and this one does not touch (counted only).
+    ``charged_before``: keys whose cost an earlier run's manifest row records already (a job
+    collected again is never counted twice).
     Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
     then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
     """
@@ -89,6 +93,7 @@ class BulkRun:
         already_saved: dict[str, set[int]],
         job_timeout: float | None = None,
         stop: anyio.Event | None = None,
+        charged_before: frozenset[str] = frozenset(),
     ) -> None:
         self._client = client
         self._send = send
@@ -109,7 +114,8 @@ class BulkRun:
         # queue means the work is done), so no queue that blocks is needed.
         self._queue: collections.deque[Row] = collections.deque()
         self._on_the_wire: dict[int, Row] = {}
-        self._charged: set[str] = set()  # keys whose points a manifest row carries already
+        self._charged: set[str] = set()  # keys whose points a row of this run carries
+        self._charged_before = charged_before
         self._downloads: collections.Counter[int] = collections.Counter()  # per row, now
         for number, outcome in enumerate(settled):
             self._tally.settle(-1 - number, outcome.status)
@@ -224,12 +230,13 @@ class BulkRun:
         problem = next((o for o in outcomes if isinstance(o, BaseException)), None)
         if isinstance(problem, asyncio.CancelledError):
             raise problem
-        if problem is None:
-            try:
-                await job
-            except Exception as exc:
-                problem = exc
-        charged = job.key in self._charged
+        # The line ends with its job (bounded by the job's deadline), so that its last row
+        # carries what the job cost even when an image failed while the job still ran.
+        try:
+            await job
+        except Exception as exc:
+            problem = problem or exc
+        charged = job.key in self._charged or job.key in self._charged_before
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if problem is None:
             self._end(row, "saved", job.key, None, None)
@@ -272,14 +279,22 @@ class BulkRun:
         }
         # The job's cost goes on the first of its rows written once the gateway reported it
         # (the last image usually lands with it): the rows of a run add up to what it cost.
-        if job.points_charged is not None and job.key not in self._charged:
+        if self._uncharged(job):
             self._charged.add(job.key)
             record["points"] = job.points_charged
+            self.result.points += job.points_charged or 0.0
         self._manifest.write(record)
         self.result.images += 1
         self._tally.images += 1
         self.result.saved_paths.append(saved.path)
         self._display.refresh()
+
+    def _uncharged(self, job: ImageJob) -> bool:
+        """True when the job's cost is known and no manifest row records it yet."""
+        key = job.key
+        return job.points_charged is not None and not (
+            key in self._charged or key in self._charged_before
+        )
 
     def _downloading(self, row: Row, change: int) -> None:
         """A download of the row's starts (+1) or ends (-1): the row shows ``saving`` while
@@ -313,6 +328,7 @@ class BulkRun:
             record["key"] = key
         if points is not None:
             record["points"] = points
+            self.result.points += points
         record |= {"error_code": code, "error": message}
         self._manifest.write(record)
         if not quiet and status != "not_sent":
@@ -333,6 +349,15 @@ def _describe(exc: BaseException) -> str:
     for option, flag in _FLAG_NAMES:
         text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def charged_keys(records: Iterable[dict[str, Any]]) -> frozenset[str]:
+    """Keys whose cost a manifest row records (``points``)."""
+    return frozenset(
+        key
+        for record in records
+        if isinstance(key := record.get("key"), str) and record.get("points") is not None
+    )
 
 
 def _drain(queue: collections.deque[Row]) -> list[Row]:

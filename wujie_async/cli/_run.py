@@ -26,7 +26,7 @@ from rich.text import Text
 
 from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
 from .._file_names import DEFAULT_NAME
-from ._bulk import BulkResult, BulkRun, Row
+from ._bulk import BulkResult, BulkRun, Row, charged_keys
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -452,6 +452,7 @@ class Session:
                     already_saved=saved_indexes(records),
                     job_timeout=args.job_timeout,
                     stop=stop,
+                    charged_before=charged_keys(records),
                 )
                 with stopping_on_signals(stop, self.console) as signals:
                     try:
@@ -463,7 +464,9 @@ class Session:
                         uncancel()
                         self.result = run.interrupted_at_once()
                 self.terminated = signals.terminated
-            self.points = client.stats.points_charged
+            # What this run's manifest rows record: a job collected again was counted by
+            # the run that first recorded its cost.
+            self.points = self.result.points if self.result is not None else 0.0
         return self.finish(total)
 
     def source(self, records: list[dict[str, Any]]) -> str:
