@@ -161,6 +161,26 @@ async def test_sigterm_stops_gently_says_how_to_continue_and_a_rerun_pays_nothin
         assert (await emu.stats())["submits_accepted"] == 20  # nothing paid twice
 
 
+@pytest.mark.long
+async def test_sigterm_sends_no_line_that_was_waiting_for_room(tmp_path: Path) -> None:
+    """Lines taken by a submitter but waiting for --max-in-flight room are not sent after
+    the signal: the run ends at once (not when a job ends), they end not_sent, and the
+    re-run sends them."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "20,20") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(f"waiting {i}" for i in range(6)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        async with running_cli(*bulk, "--max-in-flight", "2", "--json", env=emu.env) as proc:
+            await eventually(accepted_at_least(emu, 2), what="2 submits", alive=proc_alive(proc))
+            proc.send_signal(signal.SIGTERM)
+            code, stdout, err = await proc.finish(10)  # the jobs take 20 s: not waited for
+        assert code == 143, err
+        assert (await emu.stats())["submits_accepted"] == 2  # nothing sent after the signal
+        outcomes = json.loads(stdout)["outcomes"]
+        assert outcomes["not_sent"] == 4 and outcomes["uncertain"] == 0, outcomes
+
+
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------
 @pytest.mark.long
 async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(

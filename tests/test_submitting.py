@@ -102,6 +102,40 @@ async def test_aclose_ends_every_pending_submit_promptly(
     assert len(unsent_tags) + states.count("uncertain") + len(journaled) == len(rows)
 
 
+async def test_stop_submitting_sends_nothing_more_and_keeps_what_was_sent(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """A graceful stop: submits waiting for room end unsent at once (before the journal saw
+    them), later ones are refused, and the job already accepted is still polled to its end."""
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator(time_scale=0.05) as emu:
+        limits = Limits(max_in_flight=1)
+        async with make_client(emu, limits=limits, journal=journal) as client:
+            first = await client.images.submit(prompt="first", model="dall-e-2", tag="1")
+            waiting = [
+                asyncio.create_task(
+                    client.images.submit(prompt=f"p{i}", model="dall-e-2", tag=f"w{i}")
+                )
+                for i in range(3)
+            ]
+            await asyncio.sleep(0)  # each has started and waits for room (max_in_flight)
+            client.stop_submitting()
+            done, _ = await asyncio.wait(waiting, timeout=5)
+            assert len(done) == 3, "a waiting submit was not ended at once"
+            for task in waiting:
+                error = task.exception()
+                assert isinstance(error, ClientStateError), error
+                assert "nothing was sent" in str(error) and "stop_submitting" in str(error)
+            with pytest.raises(ClientStateError, match="nothing was sent"):
+                await client.images.submit(prompt="late", model="dall-e-2")
+            result = await first  # still polled to its end
+            assert result.images
+            assert len(emu.gateway.store.jobs) == 1  # only the first was ever sent
+    with sqlite3.connect(journal) as db:
+        rows = dict(db.execute("SELECT tag, state FROM submits").fetchall())
+    assert rows == {"1": "succeeded"}  # the others never reached the journal: nothing to resend
+
+
 async def test_drain_lets_submits_in_progress_finish(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.05, endpoints=frozenset({"generations"}))
     async with emulator(faults=faults, time_scale=0.01) as emu:

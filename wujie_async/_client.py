@@ -278,6 +278,19 @@ class WujieClient:
         logger.error("the wujie-async poller stopped: %s", reason)
         self._poller.cancel_all(f"the poller stopped ({reason}): open a new client")
 
+    def stop_submitting(self) -> None:
+        """Send no more submits; everything already sent carries on.
+
+        For a graceful stop (SIGTERM, a deploy): every submit whose request has not left yet
+        (waiting for ``max_in_flight``, the rate cap, a submit slot or the points budget) ends
+        at once with ``ClientStateError`` (nothing was sent or charged, and the journal holds
+        nothing to resend by mistake), and so does every later submit. Submits on the
+        wire finish and return their jobs; accepted jobs keep being polled, so they can still
+        be awaited (or left to the journal) before :meth:`aclose`.
+        """
+        self._check_open()
+        self._submits.stop_sending()
+
     async def aclose(self, *, drain: bool = False, timeout: float | None = None) -> None:
         """Close the client; every job and submit left is settled, no task or socket left behind.
 

@@ -127,6 +127,11 @@ def outcome_state(error: BaseException, *, sending: bool) -> str:
     return "uncertain"  # a cancel or a bug while the request was out: it may have gone through
 
 
+_NOT_SENT_STOPPED = (
+    "submits were stopped (stop_submitting()) before this one was sent (nothing was sent)"
+)
+
+
 class SubmitRecord:
     """The journal protocol of one submit, and the one place its outcome is classified.
 
@@ -296,9 +301,11 @@ class Submits:
         self._make_job = make_job
         self._in_use = in_use
         self._admission: Admission | None = None
-        # One cancel scope per submit in progress, so stop() can end each of them promptly.
-        self._running: set[anyio.CancelScope] = set()
+        # One cancel scope per submit in progress (with its record: how far it got), so
+        # stop() and stop_sending() can end each of them promptly.
+        self._running: dict[anyio.CancelScope, SubmitRecord] = {}
         self._stopping: set[anyio.CancelScope] = set()
+        self._refusing = False  # stop_sending() was called: no submit leaves from now on
         self._idle: anyio.Event | None = None  # set once no submit runs (None: none ran yet)
         # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
         self._claimed_keys: set[str] = set()
@@ -320,6 +327,8 @@ class Submits:
             SubmitUncertainError: the client closed while it was on the wire, or the reply
                 was lost or unusable; the gateway may have accepted (and charged) it.
         """
+        if self._refusing:
+            raise ClientStateError(_NOT_SENT_STOPPED)
         record = SubmitRecord(self._journal, path, body, tag)
         scope = anyio.CancelScope()
         otel = self._telemetry.otel
@@ -327,15 +336,15 @@ class Submits:
         # Registered before the first await: stop() cannot miss a submit in progress.
         if not self._running:
             self._idle = anyio.Event()
-        self._running.add(scope)
+        self._running[scope] = record
         try:
             with scope:
                 job = await self._send(record, path, body, n, deadline_s, trace)
                 if trace is not None:
                     self._submit_ended(trace, record, None)
                 return job
-            # Only reached when stop() cancelled this scope: the caller's own cancellation
-            # is never swallowed by it (it goes on as CancelledError).
+            # Only reached when stop() or stop_sending() cancelled this scope: the caller's
+            # own cancellation is never swallowed by it (it goes on as CancelledError).
             if record.job is not None:
                 if trace is not None:
                     self._submit_ended(trace, record, None)
@@ -347,7 +356,9 @@ class Submits:
                     request=body,
                 )
             raise ClientStateError(
-                "the client was closed before this submit was sent (nothing was sent)"
+                _NOT_SENT_STOPPED
+                if self._refusing
+                else "the client was closed before this submit was sent (nothing was sent)"
             )
         except BaseException as exc:
             self.errors += 1
@@ -355,7 +366,7 @@ class Submits:
                 self._submit_ended(trace, record, exc)
             raise
         finally:
-            self._running.discard(scope)
+            self._running.pop(scope, None)
             self._stopping.discard(scope)
             if not self._running and self._idle is not None:
                 self._idle.set()
@@ -377,6 +388,16 @@ class Submits:
         """Return once no submit is in progress."""
         if self._running and self._idle is not None:
             await self._idle.wait()
+
+    def stop_sending(self) -> None:
+        """Send nothing more: every submit whose request has not left yet (waiting for
+        admission, the budget or the journal) ends with ClientStateError, and so does every
+        later one. Submits already on the wire carry on and get their keys."""
+        self._refusing = True
+        for scope, record in self._running.items():
+            if not record.may_have_left and scope not in self._stopping:
+                self._stopping.add(scope)
+                scope.cancel("submits were stopped")
 
     async def stop(self, timeout: float) -> None:
         """End every submit in progress (see ``WujieClient.aclose``); wait for them to unwind.

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .. import ImageJob, JobError, WujieClient
+from .. import ClientStateError, ImageJob, JobError, WujieClient
 from .._file_names import render_name
 from ._input import BulkItem
 from ._outcome import (
@@ -170,6 +170,10 @@ class BulkRun:
 
     async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
         await self._stop.wait()
+        # Rows already taken may wait for a slot (--max-in-flight, --rate): they must not be
+        # sent after the stop. The client ends them at once, unsent; those on the wire finish.
+        with contextlib.suppress(ClientStateError):
+            self._client.stop_submitting()
         await self._submitters_idle.wait()
         if not self._systemic_stop:
             scope.cancel()  # Ctrl-C: abandon collection, the journal keeps the keys
@@ -199,6 +203,10 @@ class BulkRun:
             job = await submit(self._client, row.body, tag=row.tag, job_timeout=self._job_timeout)
         except Exception as exc:
             del self._on_the_wire[id(row)]
+            if self._stop.is_set() and _not_sent(exc):
+                reason = "the run stopped before this line was sent"
+                self._end(row, "not_sent", None, "not_sent", reason, quiet=True)
+                return
             if is_systemic(exc):
                 if self.result.systemic is None:
                     self.result.systemic = exc
@@ -349,6 +357,11 @@ def _describe(exc: BaseException) -> str:
     for option, flag in _FLAG_NAMES:
         text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """True for a submit that ended before its request left (stop_submitting(), say)."""
+    return isinstance(exc, ClientStateError)
 
 
 def charged_keys(records: Iterable[dict[str, Any]]) -> frozenset[str]:
