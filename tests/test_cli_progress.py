@@ -42,13 +42,16 @@ def inline_png(size: int) -> str:
 
 @asynccontextmanager
 async def hostile_jobs_gateway(
-    files_host: str = "127.0.0.1", finished: set[str] | None = None, cost: int | None = None
+    files_host: str = "127.0.0.1",
+    finished: set[str] | None = None,
+    cost: int | None = None,
+    submits: list[str] | None = None,
 ) -> AsyncIterator[str]:
     """Submits get key = prompt; the batch reply does what the prompt says. Yields base URL.
 
     Image URLs point at ``files_host`` (the same server, also listening there). The job
     ``partial`` has one of its two images until the test adds it to ``finished``. ``cost``:
-    the ``integral_cost`` every ended job reports.
+    the ``integral_cost`` every ended job reports; ``submits`` gets each submit's prompt.
     """
     finished = finished if finished is not None else set()
     origin = ""
@@ -56,6 +59,8 @@ async def hostile_jobs_gateway(
 
     async def submit(request: web.Request) -> web.Response:
         body = await request.json()
+        if submits is not None:
+            submits.append(body["prompt"])
         return web.json_response({"code": "200", "message": "ok", "data": {"key": body["prompt"]}})
 
     def entry(key: str) -> dict[str, object]:
@@ -254,6 +259,25 @@ async def test_a_job_collected_again_is_not_charged_again(tmp_path: Path) -> Non
         summary = json.loads(stdout)
         assert summary["outcomes"]["not_sent"] == 0, err
         assert (summary["points"], summary["points_total"]) == (8, 24)
+
+
+@pytest.mark.long
+async def test_without_a_journal_an_image_not_saved_is_fetched_again_never_resent(
+    tmp_path: Path,
+) -> None:
+    rows = tmp_path / "rows.txt"
+    rows.write_text("badurl\n")
+    out = tmp_path / "out"
+    submits: list[str] = []
+    async with hostile_jobs_gateway(submits=submits) as base_url:
+        flags = (*gateway_flags(tmp_path, base_url), "--allow-http", "-o", str(out), "--json")
+        bulk = ("bulk", str(rows), "--model", "dall-e-2", "-n", "2", "--no-journal", *flags)
+        for extra in ((), ("--retry-failed",)):  # the job succeeded: nothing to resend
+            code, _, err = await cli(*bulk, *extra)
+            assert code == 1, err
+        assert submits == ["badurl"]
+        failed = [r["error_code"] for r in manifest(out) if r["status"] == "failed"]
+        assert failed == ["download", "download"]  # image 1 was saved, image 0 never can be
 
 
 @pytest.mark.long

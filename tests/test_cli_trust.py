@@ -181,6 +181,28 @@ async def test_sigterm_sends_no_line_that_was_waiting_for_room(tmp_path: Path) -
         assert outcomes["not_sent"] == 4 and outcomes["uncertain"] == 0, outcomes
 
 
+@pytest.mark.long
+async def test_sigterm_without_a_journal_leaves_the_keys_and_a_rerun_pays_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(f"running {i}" for i in range(3)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--no-journal"]
+        async with running_cli(*bulk, env=emu.env) as proc:
+            await eventually(accepted_at_least(emu, 3), what="3 submits", alive=proc_alive(proc))
+            proc.send_signal(signal.SIGTERM)
+            code, _, err = await proc.finish(10)
+        assert code == 143, err
+        pending = [r for r in manifest(out) if r["status"] == "pending"]
+        assert len(pending) == 3 and all(r["error_code"] == "interrupted" for r in pending)
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert sorted(final_outcomes(out).values()) == ["saved"] * 3
+        assert (await emu.stats())["submits_accepted"] == 3  # collected by key, never resent
+
+
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------
 @pytest.mark.long
 async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(

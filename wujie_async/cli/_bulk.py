@@ -220,6 +220,26 @@ class BulkRun:
         collectors.start_soon(self._collect_job, row, job)
 
     async def _collect_job(self, row: Row, job: ImageJob) -> None:
+        try:
+            await self._collect_images(row, job)
+        except asyncio.CancelledError:
+            if self._stop.is_set():
+                self._left_pending(row, job)
+            raise
+
+    def _left_pending(self, row: Row, job: ImageJob) -> None:
+        """The run stopped while ``job`` ran: a row with its key lets a re-run collect it,
+        journal or not (without one, the manifest is the only record of the key)."""
+        record = base_record("not_sent", row.line, row.row_id, row.body, row.tag)
+        record |= {
+            "status": "pending",
+            "key": job.key,
+            "error_code": "interrupted",
+            "error": "the run stopped while its job ran: a re-run collects it (never resends it)",
+        }
+        self._manifest.write(record)
+
+    async def _collect_images(self, row: Row, job: ImageJob) -> None:
         # Loop time, as every other duration the client measures (one clock for tests to move).
         started = asyncio.get_running_loop().time()
         count = job.n or row.body.get("n")

@@ -56,6 +56,9 @@ from ._signals import stopping_on_signals
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
+# Lines whose job was paid and may still give its images (it ran on past the deadline or the
+# stop, or succeeded but an image could not be saved): a re-run collects them by key.
+_COLLECTED_AGAIN = ("timeout", "interrupted", "download")
 
 
 @dataclass(slots=True)
@@ -211,8 +214,9 @@ def plan_from_manifest(
     job_timeout: float | None,
 ) -> Plan:
     """A re-run without a journal continues its manifest: lines saved stay saved, a job whose
-    images were partly saved, or that timed out, is collected again by its key, lines that
-    ended otherwise keep their outcome (failed ones are resent with ``--retry-failed``;
+    images were partly saved, that timed out, whose run stopped while it ran or whose images
+    could not be saved is collected again by its key, lines that ended otherwise keep their
+    outcome (failed ones are resent with ``--retry-failed``;
     uncertain ones never), and the rest (not sent, or never recorded) are sent."""
     plan = Plan()
     by_row: dict[str, list[dict[str, Any]]] = {}
@@ -238,7 +242,7 @@ def plan_from_manifest(
             else:
                 plan.send.append(row)
         elif (
-            last.get("error_code") == "timeout"
+            last.get("error_code") in _COLLECTED_AGAIN
             and isinstance(key, str)
             and (job := _attach_key(client, key, n, job_timeout)) is not None
         ):
