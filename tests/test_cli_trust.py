@@ -203,6 +203,29 @@ async def test_sigterm_without_a_journal_leaves_the_keys_and_a_rerun_pays_nothin
         assert (await emu.stats())["submits_accepted"] == 3  # collected by key, never resent
 
 
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+async def test_lines_added_above_resend_nothing(tmp_path: Path, journal: bool) -> None:
+    """A .txt row is known by its line and request: when lines are added above it (a header,
+    a new prompt), its request still recognises it, and only the new line is sent."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a cat\na dog\na cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        if not journal:
+            bulk.append("--no-journal")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        prompts.write_text("# my batch\na fox\na cat\na dog\n\na cat\n")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        # "a cat" on line 3 is where it was; "a dog" and the second "a cat" moved.
+        assert "2 line(s) moved since they were recorded" in err
+        assert (await emu.stats())["submits_accepted"] == 4  # 3, then only "a fox"
+        assert len(list(out.glob("*.png"))) == 4
+
+
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------
 @pytest.mark.long
 async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(

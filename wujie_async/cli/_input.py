@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,42 @@ class BulkItem:
         body = json.dumps(self.request.body(), sort_keys=True, ensure_ascii=False)
         digest = hashlib.sha256(body.encode()).hexdigest()[:12]
         return f"line:{self.line}:{digest}"
+
+
+def _line_tag(tag: str) -> tuple[int, str] | None:
+    """(line, digest) of a ``line:N:DIGEST`` tag; None for an id tag or anything else."""
+    parts = tag.split(":")
+    if len(parts) == 3 and parts[0] == "line" and parts[1].isdecimal():
+        return int(parts[1]), parts[2]
+    return None
+
+
+def moved_rows(items: list[BulkItem], recorded: Collection[str]) -> dict[str, str]:
+    """Lines that moved since they were recorded: item tag -> the recorded tag it stands for.
+
+    A row without an id is known by its line and its request. When lines are added or
+    removed above it, its line changes but its request does not: a line whose own tag was
+    never recorded takes the first recorded line of the same request that no line of the
+    input claims (in line order). So a header added to the file resends nothing, and two
+    identical lines stay two rows.
+    """
+    current = {item.tag for item in items}
+    free: dict[str, list[tuple[int, str]]] = {}
+    for tag in recorded:
+        parsed = _line_tag(tag)
+        if parsed is not None and tag not in current:
+            free.setdefault(parsed[1], []).append((parsed[0], tag))
+    for lines in free.values():
+        lines.sort(reverse=True)  # popped from the end: lowest line first
+    moved: dict[str, str] = {}
+    for item in sorted(items, key=lambda item: item.line):
+        parsed = _line_tag(item.tag)
+        if parsed is None or item.tag in recorded:
+            continue
+        candidates = free.get(parsed[1])
+        if candidates:
+            moved[item.tag] = candidates.pop()[1]
+    return moved
 
 
 def _raw_rows(path: Path, kind: str, text: str) -> list[tuple[int, Any]]:

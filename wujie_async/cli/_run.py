@@ -36,7 +36,7 @@ from ._common import (
     UsageError,
     open_client,
 )
-from ._input import BulkItem
+from ._input import BulkItem, moved_rows
 from ._outcome import (
     LineOutcome,
     Manifest,
@@ -69,6 +69,7 @@ class Plan:
     collect: list[tuple[Row, ImageJob]] = field(default_factory=list)
     settled: list[LineOutcome] = field(default_factory=list)
     skipped: int = 0
+    moved: int = 0  # lines recognised by their request at another line than recorded
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
 
 
@@ -179,12 +180,14 @@ async def plan_rerun(
     plan = Plan()
     entries = await client.journal_entries()
     latest = {entry.tag: entry for entry in entries if entry.tag}
+    moved = moved_rows(items, latest)
+    plan.moved = len(moved)
     saved = saved_indexes(manifest_records)
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
     by_line = {r["line"]: r for r in manifest_records if r.get("status") != "saved" and "line" in r}
     for item in items:
         row = Row.of(item)
-        entry = latest.get(item.tag)
+        entry = latest.get(moved.get(item.tag, item.tag))
         state = entry.state if entry is not None else "unsent"
         n = int(row.body.get("n") or 1)
         if entry is None or state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
@@ -222,9 +225,13 @@ def plan_from_manifest(
     by_row: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_row.setdefault(_row_of(record), []).append(record)
+    moved = moved_rows(items, by_row)
+    plan.moved = len(moved)
     for item in items:
         row = Row.of(item)
-        mine = by_row.get(item.tag) or by_row.get(_legacy_row(row.line, row.body), [])
+        mine = by_row.get(moved.get(item.tag, item.tag)) or by_row.get(
+            _legacy_row(row.line, row.body), []
+        )
         if not mine or mine[-1].get("status") == "not_sent":
             plan.send.append(row)
             continue
@@ -421,6 +428,11 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if plan.moved:
+                self._say(
+                    f"{plan.moved} line(s) moved since they were recorded: recognised by their "
+                    "request (give rows an id to name them whatever their place)"
+                )
             if plan.unusable:
                 shown = ", ".join(str(row_id) for row_id in plan.unusable[:10])
                 self.console.print(
