@@ -598,8 +598,9 @@ class Session:
                 say(f"{word} (the embedded emulator stops with this process)")
             else:
                 say(
-                    f"{word}: submitted jobs keep running on the gateway, but without a "
-                    "journal their keys are not kept; run bulk with a journal to make it resumable"
+                    f"{word}: submitted jobs keep running on the gateway; their keys are in "
+                    f"the manifest (pending rows): re-run the same command to collect them and "
+                    f"send the rest:\n  wujie-async {command}"
                 )
             return
         unpriced = sum(1 for o in result.outcomes if o.error_code == "unpriced")
@@ -616,10 +617,14 @@ class Session:
                 f"{self.args.max_points:g}); re-run with a larger --max-points to send them"
             )
         if counts["uncertain"]:
+            see = (
+                "wujie-async journal list --status uncertain"
+                if self.journal is not None
+                else f"their rows in {self.args.out / 'manifest.jsonl'} (status uncertain)"
+            )
             say(
                 f"{counts['uncertain']} line(s) may have been charged without a reply; they are "
-                "never resent silently. See them with: wujie-async journal list --status "
-                "uncertain"
+                f"never resent silently. See them with: {see}"
             )
         timed_out = sum(1 for o in result.outcomes if o.error_code == "timeout")
         if timed_out:
@@ -629,6 +634,14 @@ class Session:
                 f"(already paid); re-run the same command to collect them (they are not sent "
                 "again; --job-timeout sets how long to wait)"
             )
-        resendable = counts["failed"] - timed_out + counts["moderated"] + counts["rejected"]
+        unsaved = sum(1 for o in result.outcomes if o.error_code == "download")
+        if unsaved:
+            say(
+                f"{unsaved} line(s) succeeded but their images could not be saved; re-run the "
+                "same command to fetch them again (they are not sent again)"
+            )
+        resendable = (
+            counts["failed"] - timed_out - unsaved + counts["moderated"] + counts["rejected"]
+        )
         if resendable and self.journal:
             say("resend the failed lines (each resend costs points) by adding --retry-failed")
