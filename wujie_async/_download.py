@@ -314,7 +314,8 @@ class Downloader:
         async with slots:
             data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
             path = target.final(kind)
-            await anyio.to_thread.run_sync(_atomic_file.write_whole, data, path)
+            with anyio.CancelScope(shield=True):  # see _stream_to_file
+                await anyio.to_thread.run_sync(_atomic_file.write_whole, data, path)
         return SavedImage(target.index, path, len(data), hashlib.sha256(data).hexdigest())
 
     async def _observed(
@@ -472,9 +473,13 @@ class Downloader:
         declared = reply.content_length
         if declared is not None and declared > policy.max_bytes:
             raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
-        handle, temp = await anyio.to_thread.run_sync(
-            _atomic_file.open_temp, target.folder, f"wujie-{target.index}"
-        )
+        # The file operations on worker threads run to their end even when the task is
+        # cancelled meanwhile: shielded, their result is kept, so a cancel never leaves a
+        # temporary file nobody knows of, nor a complete image its caller is told was not saved.
+        with anyio.CancelScope(shield=True):
+            handle, temp = await anyio.to_thread.run_sync(
+                _atomic_file.open_temp, target.folder, f"wujie-{target.index}"
+            )
         try:
             size, digest, head = await self._stream(reply, handle)
             # Content-Length counts the bytes on the wire: a compressed body decodes to more.
@@ -490,7 +495,8 @@ class Downloader:
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
             path = target.final(kind)
-            await anyio.to_thread.run_sync(_atomic_file.commit, handle, temp, path)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_atomic_file.commit, handle, temp, path)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_atomic_file.discard, handle, temp)
