@@ -3,11 +3,13 @@ journal, journal papercuts and honest progress, each against an emulator over lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import sqlite3
-from collections.abc import Awaitable, Callable
+import subprocess
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -224,6 +226,46 @@ async def test_lines_added_above_resend_nothing(tmp_path: Path, journal: bool) -
         assert "2 line(s) moved since they were recorded" in err
         assert (await emu.stats())["submits_accepted"] == 4  # 3, then only "a fox"
         assert len(list(out.glob("*.png"))) == 4
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path) -> Iterator[Path]:
+    """A small tmpfs at ``folder``, filled up (skips where mounting is not allowed)."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        with (folder / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(bytes(4096))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.long
+async def test_a_manifest_the_disk_refuses_stops_the_run_and_keeps_the_keys(
+    tmp_path: Path,
+) -> None:
+    with full_disk(tmp_path / "disk") as disk:
+        out = disk / "out"
+        out.mkdir()
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(f"full {i}" for i in range(4)))
+        code, _, err = await cli(
+            "bulk", str(prompts), "--emulator", *FAST, "-o", str(out), "--no-journal",
+            "--concurrency", "1",
+        )  # fmt: skip
+        assert code == 3, err
+        assert "Traceback" not in err and "internal error" not in err
+        assert "the manifest could not be written" in err and "nothing more was sent" in err
+        assert "whose outcome the manifest could not record" in err
+        assert not [p.name for p in out.iterdir() if p.suffix == ".part"]
 
 
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------

@@ -67,6 +67,7 @@ class BulkResult:
     systemic: BaseException | None = None
     interrupted: bool = False
     points: float = 0.0  # what this run's manifest rows record as charged
+    unrecorded: list[dict[str, Any]] = field(default_factory=list)  # rows the disk refused
 
 
 class BulkRun:
@@ -237,7 +238,7 @@ class BulkRun:
             "error_code": "interrupted",
             "error": "the run stopped while its job ran: a re-run collects it (never resends it)",
         }
-        self._manifest.write(record)
+        self._record(record)
 
     async def _collect_images(self, row: Row, job: ImageJob) -> None:
         # Loop time, as every other duration the client measures (one clock for tests to move).
@@ -311,11 +312,25 @@ class BulkRun:
             self._charged.add(job.key)
             record["points"] = job.points_charged
             self.result.points += job.points_charged or 0.0
-        self._manifest.write(record)
+        self._record(record)
         self.result.images += 1
         self._tally.images += 1
         self.result.saved_paths.append(saved.path)
         self._display.refresh()
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Write one manifest row. A manifest that cannot be written (disk full, say) stops
+        the run like a systemic error: nothing more is sent (a job whose outcome cannot be
+        recorded would be paid again by a re-run without a journal), the jobs out are still
+        collected, and the summary lists the rows it could not write, keys included."""
+        try:
+            self._manifest.write(record)
+        except OSError as exc:
+            self.result.unrecorded.append(record)
+            if self.result.systemic is None:
+                self.result.systemic = ManifestUnwritableError(exc)
+                self._systemic_stop = True
+                self._stop.set()
 
     def _uncharged(self, job: ImageJob) -> bool:
         """True when the job's cost is known and no manifest row records it yet."""
@@ -358,7 +373,7 @@ class BulkRun:
             record["points"] = points
             self.result.points += points
         record |= {"error_code": code, "error": message}
-        self._manifest.write(record)
+        self._record(record)
         if not quiet and status != "not_sent":
             self._display.note(f"✗ {row.label}: {status}: {message}")
 
@@ -377,6 +392,18 @@ def _describe(exc: BaseException) -> str:
     for option, flag in _FLAG_NAMES:
         text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class ManifestUnwritableError(Exception):
+    """The manifest could not be written: the run stops sending."""
+
+    def __init__(self, cause: OSError) -> None:
+        self.cause = cause
+        why = cause.strerror or type(cause).__name__
+        super().__init__(
+            f"stopped: the manifest could not be written ({why}); nothing more was sent. Make "
+            "room in (or fix the permissions of) the output folder, then re-run the same command"
+        )
 
 
 def _not_sent(exc: BaseException) -> bool:

@@ -15,10 +15,10 @@ import functools
 import json
 import re
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import anyio
 from rich.console import Console
@@ -26,7 +26,7 @@ from rich.text import Text
 
 from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
 from .._file_names import DEFAULT_NAME
-from ._bulk import BulkResult, BulkRun, Row, charged_keys
+from ._bulk import BulkResult, BulkRun, ManifestUnwritableError, Row, charged_keys
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -71,6 +71,30 @@ class Plan:
     skipped: int = 0
     moved: int = 0  # lines recognised by their request at another line than recorded
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
+
+
+@contextlib.contextmanager
+def _closed_after(handle: TextIO) -> Iterator[TextIO]:
+    """``handle``, closed at the end. Every row was flushed as it was written, so a close that
+    fails (a full disk) has nothing left to lose, and the run has reported it already."""
+    try:
+        yield handle
+    finally:
+        with contextlib.suppress(OSError):
+            handle.close()
+
+
+def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
+    """What the summary says of rows the manifest could not take: the keys they held."""
+    keys = list(dict.fromkeys(r["key"] for r in records if isinstance(r.get("key"), str)))
+    if not keys:
+        return ""
+    shown = ", ".join(clean(key) for key in keys[:20])
+    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+    return (
+        f"\n{len(keys)} job(s) whose outcome the manifest could not record (keep these keys; "
+        f"`wujie-async status KEY` fetches one): {shown}{more}"
+    )
 
 
 def check_out_folder(out: Path) -> None:
@@ -455,7 +479,7 @@ class Session:
             handle = await anyio.to_thread.run_sync(
                 functools.partial(manifest_path.open, "a", encoding="utf-8")
             )
-            with handle:
+            with _closed_after(handle):
                 run = BulkRun(
                     client,
                     send=plan.send,
@@ -510,7 +534,10 @@ class Session:
         assert result is not None
         counts = count(result.outcomes)
         stopped = None
-        if result.systemic is not None:
+        if isinstance(result.systemic, ManifestUnwritableError):
+            code = EXIT_SYSTEMIC
+            stopped = str(result.systemic) + _unrecorded_keys(result.unrecorded)
+        elif result.systemic is not None:
             code = EXIT_SYSTEMIC
             stopped = fix_message(
                 result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
