@@ -268,6 +268,27 @@ async def test_a_manifest_the_disk_refuses_stops_the_run_and_keeps_the_keys(
         assert not [p.name for p in out.iterdir() if p.suffix == ".part"]
 
 
+@pytest.mark.long
+async def test_an_id_row_changed_after_its_job_was_sent_says_so_and_is_not_stuck(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path) as emu:
+        rows = [{"id": "fox", "prompt": "a fox"}, {"id": "cat", "prompt": "a cat", "n": 1}]
+        file = write_rows(tmp_path / "rows.jsonl", rows)
+        out = tmp_path / "out"
+        bulk = ["bulk", str(file), "--model", "dall-e-2", "-o", str(out)]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        rows = [{"id": "fox", "prompt": "a red fox"}, {"id": "cat", "prompt": "a cat", "n": 2}]
+        write_rows(file, rows)
+        for _ in range(2):  # the same each time: nothing sent, nothing stuck
+            code, _, err = await cli(*bulk, env=emu.env)
+            assert code == 0, err
+            assert "2 row(s) with an id changed since their jobs were sent" in err
+        assert (await emu.stats())["submits_accepted"] == 2
+        assert len(list(out.glob("*.png"))) == 2
+
+
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------
 @pytest.mark.long
 async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(

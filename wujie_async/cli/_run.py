@@ -26,6 +26,7 @@ from rich.text import Text
 
 from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
 from .._file_names import DEFAULT_NAME
+from .._keys import images_in
 from ._bulk import BulkResult, BulkRun, ManifestUnwritableError, Row, charged_keys
 from ._common import (
     EXIT_FAILED,
@@ -70,6 +71,7 @@ class Plan:
     settled: list[LineOutcome] = field(default_factory=list)
     skipped: int = 0
     moved: int = 0  # lines recognised by their request at another line than recorded
+    changed: int = 0  # id rows whose request differs from the job the journal holds
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
 
 
@@ -217,6 +219,12 @@ async def plan_rerun(
         if entry is None or state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
             plan.send.append(row)
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
+            if entry.request and entry.request != row.body:
+                # An id row edited since its job was sent: that job stands, collected (and
+                # recorded) as the request it was, never mistaken for the new one.
+                plan.changed += 1
+                row = Row(row.line, row.row_id, row.tag, dict(entry.request))
+                n = images_in(entry.request) or n
             if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
             elif (job := _attach(client, entry, plan, n, job_timeout)) is not None:
@@ -452,6 +460,12 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if plan.changed:
+                self._say(
+                    f"{plan.changed} row(s) with an id changed since their jobs were sent: "
+                    "those jobs stand, as the requests they were; give a changed row a new id "
+                    "to send it as it is now"
+                )
             if plan.moved:
                 self._say(
                     f"{plan.moved} line(s) moved since they were recorded: recognised by their "
