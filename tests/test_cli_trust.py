@@ -289,6 +289,28 @@ async def test_an_id_row_changed_after_its_job_was_sent_says_so_and_is_not_stuck
         assert len(list(out.glob("*.png"))) == 2
 
 
+@pytest.mark.long
+async def test_a_settled_line_the_manifest_lacks_is_recorded_by_the_rerun(tmp_path: Path) -> None:
+    """A run killed after the journal knew a line's fate but before the manifest did: the
+    re-run writes that line's outcome (here: uncertain, never resent)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("lost reply\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1, err
+        assert final_outcomes(out) == {1: "uncertain"}
+        (out / "manifest.jsonl").unlink()  # as if killed before the row was written
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1, err
+        assert json.loads(stdout)["outcomes"]["uncertain"] == 1
+        assert final_outcomes(out) == {1: "uncertain"}
+        (record,) = manifest(out)
+        assert record["error_code"] and record["error"]
+        assert (await emu.stats())["submits_accepted"] == 1  # never resent
+
+
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------
 @pytest.mark.long
 async def test_a_rerun_without_a_journal_continues_and_another_input_is_refused(

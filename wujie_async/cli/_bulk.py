@@ -75,7 +75,8 @@ class BulkRun:
 
     ``settled`` are lines a previous run ended and this one does not touch (counted only).
     ``charged_before``: keys whose cost an earlier run's manifest row records already (a job
-    collected again is never counted twice).
+    collected again is never counted twice). ``unrecorded``: settled lines whose outcome the
+    manifest lacks (a run killed before writing it): written once at the start.
     Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
     then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
     """
@@ -95,6 +96,7 @@ class BulkRun:
         job_timeout: float | None = None,
         stop: anyio.Event | None = None,
         charged_before: frozenset[str] = frozenset(),
+        unrecorded: list[tuple[Row, LineOutcome]] | None = None,
     ) -> None:
         self._client = client
         self._send = send
@@ -120,9 +122,15 @@ class BulkRun:
         self._downloads: collections.Counter[int] = collections.Counter()  # per row, now
         for number, outcome in enumerate(settled):
             self._tally.settle(-1 - number, outcome.status)
+        self._unrecorded = unrecorded or []
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
+        for row, outcome in self._unrecorded:
+            record = base_record(outcome.status, row.line, row.row_id, row.body, row.tag)
+            if outcome.key is not None:
+                record["key"] = outcome.key
+            self._record(record | {"error_code": outcome.error_code, "error": outcome.error})
         queue = self._queue
         for row in self._send:
             queue.append(row)

@@ -72,6 +72,8 @@ class Plan:
     skipped: int = 0
     moved: int = 0  # lines recognised by their request at another line than recorded
     changed: int = 0  # id rows whose request differs from the job the journal holds
+    # Settled lines whose outcome the manifest lacks (a run killed before writing it).
+    unrecorded: list[tuple[Row, LineOutcome]] = field(default_factory=list)
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
 
 
@@ -174,12 +176,13 @@ def _settled_from(
         status = "uncertain" if entry.state in ("uncertain", "intent") else "failed"
         if entry.state == "rejected":
             status = "rejected"
+    code = record.get("error_code") or (status if status == "uncertain" else entry.state)
     return LineOutcome(
         status,
         row.line,
         row.row_id,
         entry.job_key,
-        record.get("error_code"),
+        code,
         clean(record.get("error") or readable_error(entry.error or entry.state)),
     )
 
@@ -235,7 +238,10 @@ async def plan_rerun(
         elif state in ("failed", "rejected") and retry_failed:
             plan.send.append(row)
         else:
-            plan.settled.append(_settled_from(entry, row, by_key, by_line))
+            outcome = _settled_from(entry, row, by_key, by_line)
+            plan.settled.append(outcome)
+            if not (by_key.get(entry.job_key or "") or by_line.get(row.line)):
+                plan.unrecorded.append((row, outcome))
             plan.skipped += 1
     return plan
 
@@ -507,6 +513,7 @@ class Session:
                     job_timeout=args.job_timeout,
                     stop=stop,
                     charged_before=charged_keys(records),
+                    unrecorded=plan.unrecorded,
                 )
                 with stopping_on_signals(stop, self.console) as signals:
                     try:
