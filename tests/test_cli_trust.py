@@ -4,6 +4,7 @@ journal, journal papercuts and honest progress, each against an emulator over lo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -309,6 +310,28 @@ async def test_a_settled_line_the_manifest_lacks_is_recorded_by_the_rerun(tmp_pa
         (record,) = manifest(out)
         assert record["error_code"] and record["error"]
         assert (await emu.stats())["submits_accepted"] == 1  # never resent
+
+
+@pytest.mark.long
+async def test_a_name_an_earlier_job_saved_under_is_never_overwritten(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a cat\na dog\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        bulk += ["--name", "{line}-{index}.{ext}"]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        prompts.write_text("a cat\na bird\n")  # line 2 is a new row, named like the old one
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+    saved = [r for r in manifest(out) if r["status"] == "saved"]
+    assert len(saved) == 3 and len({r["path"] for r in saved}) == 3
+    for record in saved:  # every file the manifest names is still the one it recorded
+        body = (out / record["path"]).read_bytes()
+        assert hashlib.sha256(body).hexdigest() == record["sha256"], record["path"]
+    bird = next(r for r in saved if r["prompt"] == "a bird")
+    assert bird["path"] == f"2-0-{bird['key']}.png"
 
 
 # --- 7: re-runs without a journal continue the manifest ------------------------------------------

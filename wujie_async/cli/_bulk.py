@@ -77,6 +77,8 @@ class BulkRun:
     ``charged_before``: keys whose cost an earlier run's manifest row records already (a job
     collected again is never counted twice). ``unrecorded``: settled lines whose outcome the
     manifest lacks (a run killed before writing it): written once at the start.
+    ``names_taken``: file names (``{ext}`` for the extension) an earlier run saved, and the
+    job key each belongs to (see :func:`names_taken`).
     Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
     then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
     """
@@ -97,6 +99,7 @@ class BulkRun:
         stop: anyio.Event | None = None,
         charged_before: frozenset[str] = frozenset(),
         unrecorded: list[tuple[Row, LineOutcome]] | None = None,
+        names_taken: dict[str, str] | None = None,
     ) -> None:
         self._client = client
         self._send = send
@@ -123,6 +126,7 @@ class BulkRun:
         for number, outcome in enumerate(settled):
             self._tally.settle(-1 - number, outcome.status)
         self._unrecorded = unrecorded or []
+        self._names_taken = names_taken or {}
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
@@ -300,6 +304,12 @@ class BulkRun:
         name = render_name(
             self._name, key=job.key, index=index, ext="{ext}", id=row.row_id, line=line
         )
+        owner = self._names_taken.get(name)
+        if owner is not None and owner != job.key:
+            # An earlier run saved another job's image under this name (a {line} template,
+            # and the input changed since): that paid image is kept, this one is named apart.
+            stem, dot, ext = name.rpartition(".")
+            name = f"{stem}-{job.key}{dot}{ext}" if dot else f"{name}-{job.key}"
         self._downloading(row, +1)
         try:
             saved = await self._client.download(image, self._out / name, key=job.key)
@@ -417,6 +427,17 @@ class ManifestUnwritableError(Exception):
 def _not_sent(exc: BaseException) -> bool:
     """True for a submit that ended before its request left (stop_submitting(), say)."""
     return isinstance(exc, ClientStateError)
+
+
+def names_taken(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Saved file names, their extension as ``{ext}``, and the job key each belongs to."""
+    taken: dict[str, str] = {}
+    for record in records:
+        path, key = record.get("path"), record.get("key")
+        if record.get("status") == "saved" and isinstance(path, str) and isinstance(key, str):
+            stem, dot, _ = path.rpartition(".")
+            taken[f"{stem}.{{ext}}" if dot else path] = key
+    return taken
 
 
 def charged_keys(records: Iterable[dict[str, Any]]) -> frozenset[str]:

@@ -27,7 +27,14 @@ from rich.text import Text
 from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
 from .._file_names import DEFAULT_NAME
 from .._keys import images_in
-from ._bulk import BulkResult, BulkRun, ManifestUnwritableError, Row, charged_keys
+from ._bulk import (
+    BulkResult,
+    BulkRun,
+    ManifestUnwritableError,
+    Row,
+    charged_keys,
+    names_taken,
+)
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -514,6 +521,7 @@ class Session:
                     stop=stop,
                     charged_before=charged_keys(records),
                     unrecorded=plan.unrecorded,
+                    names_taken=names_taken(records),
                 )
                 with stopping_on_signals(stop, self.console) as signals:
                     try:
