@@ -274,7 +274,10 @@ async def test_an_id_row_changed_after_its_job_was_sent_says_so_and_is_not_stuck
     tmp_path: Path,
 ) -> None:
     async with served_emulator(tmp_path) as emu:
-        rows = [{"id": "fox", "prompt": "a fox"}, {"id": "cat", "prompt": "a cat", "n": 1}]
+        rows: list[dict[str, object]] = [
+            {"id": "fox", "prompt": "a fox"},
+            {"id": "cat", "prompt": "a cat", "n": 1},
+        ]
         file = write_rows(tmp_path / "rows.jsonl", rows)
         out = tmp_path / "out"
         bulk = ["bulk", str(file), "--model", "dall-e-2", "-o", str(out)]

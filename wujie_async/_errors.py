@@ -30,7 +30,9 @@
         ├── UnknownJobError         the gateway kept not listing the key past the grace period
         ├── JobProtocolError        the gateway's entry for the job is unreadable (also a
         │                           ProtocolError)
-        └── JobCancelledError       job.cancel() or client shutdown stopped tracking it
+        ├── JobCancelledError       job.cancel() or client shutdown stopped tracking it
+        └── IncompleteJobError      status 4 with fewer images than the job makes (result:
+                                    the images that came, paid for; expected)
 
 Every error carries what it knows (``job_key``, ``code``, ``http_status``, what came back) and
 its message says what to do. No message ever contains a private key or an Authorization header,
@@ -45,9 +47,12 @@ a message goes through :func:`snippet` first, so a hostile reply cannot drive th
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _contract
+
+if TYPE_CHECKING:
+    from ._models import ImageResult
 
 _SNIPPET_CHARS = 300
 # Only this much of a text is looked at: an 8 MiB reply costs no more than a short one.
@@ -344,7 +349,7 @@ class SubmitUncertainError(TransportError):
 
 
 class JobError(WujieError):
-    """A job ended without images. ``job_key`` names it."""
+    """A job ended without (all of) its images. ``job_key`` names it."""
 
     def __init__(self, message: str, *, job_key: str) -> None:
         self.job_key = job_key
@@ -392,3 +397,34 @@ class JobProtocolError(JobError, ProtocolError):
     The job ends; every other job carries on. It is both a ``JobError`` (the job ended without
     images) and a ``ProtocolError`` (the gateway's reply is at fault).
     """
+
+
+class IncompleteJobError(JobError):
+    """The gateway reported the job done (status 4) with fewer images than it makes.
+
+    The job is paid: nothing that came is hidden. ``await job`` raises this; ``job.image(i)``
+    still gives each image that came and raises this for the others; ``job.save()`` saves
+    the images that came, then raises this (its note names their files).
+
+    When the job's ``n`` is not known (a key attached without it), only a job done with no
+    image at all is incomplete (``expected`` is 1 then).
+
+    Attributes:
+        result: an :class:`ImageResult` of the images that did come (status 4).
+        expected: how many images the job makes (its ``n``; 1 when not known).
+        landed: how many of those came (the other images of ``result``, if any, have an
+            index past ``expected``).
+    """
+
+    def __init__(self, *, job_key: str, result: ImageResult, expected: int) -> None:
+        self.result = result
+        self.expected = expected
+        super().__init__(
+            f"the gateway reported the job done with {self.landed} of {expected} image(s)",
+            job_key=job_key,
+        )
+
+    @property
+    def landed(self) -> int:
+        """How many of the ``expected`` images came."""
+        return sum(1 for image in self.result.images if image.index < self.expected)

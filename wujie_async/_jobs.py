@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ._contract import JobStatus, job_status
-from ._errors import ClientStateError, JobCancelledError, JobError
+from ._errors import ClientStateError, IncompleteJobError, JobCancelledError, JobError
 from ._file_names import DEFAULT_NAME
 from ._models import GeneratedImage, ImageResult, JobInfo, SavedImage
 
@@ -52,7 +52,7 @@ class JobUpdate:
         progress: ``complete_percent``, 0 to 100.
         queue_position: jobs ahead in the gateway's queue, when reported.
         expected_seconds: the gateway's estimate of seconds left, when reported.
-        images: the images listed so far.
+        images: the images landed so far, in index order (the newest listing of each).
         done: True for the last update: the job has ended.
         error: the job's error when it ended without its images (None otherwise).
     """
@@ -94,8 +94,10 @@ class JobState:
         self.status: JobStatus | int | None = None
         self.progress = 0.0
         self.expected_seconds: float | None = None
-        # Shared empty tuple until images land: a pending job should cost next to nothing.
-        self.images: Sequence[GeneratedImage] = ()
+        # The images landed so far, in index order (an index may be missing: its image has
+        # not landed). The shared empty tuple until one lands: a pending job costs next to
+        # nothing.
+        self.images: tuple[GeneratedImage, ...] = ()
         self.queue_position: int | None = None
         self.points_charged: float | None = None
         self.start_time: float | str | None = None
@@ -125,16 +127,43 @@ class JobState:
         if (self.status, self.progress, self.expected_seconds, self.queue_position) != before:
             self._bump()
 
-    def add_images(self, images: list[GeneratedImage]) -> None:
-        """Record images listed so far and resolve their futures."""
-        if len(images) <= len(self.images):
+    def list_images(self, listed: Sequence[GeneratedImage]) -> None:
+        """Take the images of the gateway's newest listing (landed ones only, in index order).
+
+        The newest listing wins, position by position: an image listed again replaces the one
+        held at its index (a temporary URL becomes the final one); an image held but missing
+        from the listing (a shorter list, a placeholder at its index) is kept. An image's
+        future resolves once, when it first lands.
+        """
+        held = self.images
+        if not held:
+            images = tuple(listed)
+            new: Sequence[GeneratedImage] = images
+        else:
+            merged = {image.index: image for image in held}
+            new = [image for image in listed if image.index not in merged]
+            merged.update((image.index, image) for image in listed)
+            images = tuple(merged[index] for index in sorted(merged))
+        if images == held:
             return
         self.images = images
-        if self.image_futures:
-            for index, future in self.image_futures.items():
-                if index < len(images) and not future.done():
-                    future.set_result(images[index])
+        if new and self.image_futures:
+            futures = self.image_futures
+            for image in new:
+                future = futures.get(image.index)
+                if future is not None and not future.done():
+                    future.set_result(image)
         self._bump()
+
+    def image_at(self, index: int) -> GeneratedImage | None:
+        """The landed image at ``index``, or None."""
+        images = self.images
+        if index < len(images) and images[index].index == index:
+            return images[index]  # every image up to it has landed: the usual case
+        for image in images:
+            if image.index == index:
+                return image
+        return None
 
     def succeed(self, key: str, status: JobStatus) -> None:
         """The job ended with images."""
@@ -142,7 +171,7 @@ class JobState:
             return
         self.status = status
         self.progress = 100.0
-        self.future.set_result(ImageResult(key, status, tuple(self.images)))
+        self.future.set_result(ImageResult(key, status, self.images))
         if self.image_futures:
             self._settle_images(IndexError(f"job {key} finished with {len(self.images)} image(s)"))
         self._bump()
@@ -165,10 +194,10 @@ class JobState:
         copy.future = self.future.get_loop().create_future()
         copy.image_futures = None
         copy._changed = None
-        copy.images = [
+        copy.images = tuple(
             GeneratedImage(image.index, image.url, None, image.revised_prompt)
             for image in self.images
-        ]
+        )
         return copy
 
     def _settle_images(self, error: BaseException) -> None:
@@ -280,7 +309,12 @@ class ImageJob:
 
     @property
     def images(self) -> Sequence[GeneratedImage]:
-        """The images listed so far (all of them once the job succeeded)."""
+        """The images landed so far, in index order (all of them once the job succeeded).
+
+        Each is the gateway's newest listing of it: a later report may replace an image's
+        URL (a temporary one by the final one), never drop an image. An image listed with
+        neither a URL nor ``b64_json`` (not finished) has not landed.
+        """
         return self._state.images
 
     @property
@@ -349,17 +383,24 @@ class ImageJob:
             return await self
 
     async def image(self, index: int, timeout: float | None = None) -> GeneratedImage:
-        """Wait for image ``index`` alone: it resolves as soon as the gateway lists it.
+        """Wait for image ``index`` alone: it resolves as soon as the gateway lists it with a
+        URL or ``b64_json`` (a listed placeholder with neither does not count).
+
+        It resolves once, with the image as first listed: should a later report replace the
+        image's URL (say a temporary URL by the final one), ``job.images`` and the job's
+        result carry the newest listing; save from those once the job is done.
 
         Raises:
             IndexError: the job has fewer images.
+            IncompleteJobError: the gateway reported the job done without this image.
             JobError: the job ended without this image.
         """
         if index < 0 or (self.n is not None and index >= self.n):
             raise IndexError(f"job {self.key} has {self.n} image(s); index {index} is out of range")
         state = self._state
-        if index < len(state.images):
-            return state.images[index]
+        landed = state.image_at(index)
+        if landed is not None:
+            return landed
         if state.future.done():
             state.future.result()  # raises the job's error, if any
             raise IndexError(f"job {self.key} finished with {len(state.images)} image(s)")
@@ -385,7 +426,8 @@ class ImageJob:
 
         Every image is tried; if one fails, the first error (by index) is raised once the
         others are done. Files that were saved stay (complete), and the error's note names
-        them.
+        them. A job the gateway reported done with fewer images than it makes has the
+        images that came saved, then IncompleteJobError raised (its note names the files).
 
         Example::
 
@@ -406,6 +448,8 @@ class ImageJob:
         Raises:
             InvalidRequestError: a bad template, or two images would get one name (nothing
                 is downloaded then); or an image URL the address rule refuses.
+            IncompleteJobError: the job was reported done without all its images (those that
+                came are saved first).
             JobError: the job failed, was rejected, timed out or was cancelled.
             ProtocolError: an image is not an image, too large, or its server refused it.
             TransportError: an image could not be fetched in time, after its retries.
@@ -418,7 +462,24 @@ class ImageJob:
                 f"job {self._key} was made without a client: save images with "
                 "client.download(image, path)"
             )
-        return await saver.save_job(self, directory, name)
+        landed = _Landed(self)
+        try:
+            saved = await saver.save_job(landed, directory, name)
+        except Exception as exc:
+            if landed.incomplete is not None:
+                exc.add_note(f"the job also ended incomplete: {landed.incomplete}")
+            raise
+        incomplete = landed.incomplete
+        if incomplete is None:
+            return saved
+        # A new error per call: notes added here must not pile up on the job's own error.
+        error = IncompleteJobError(
+            job_key=self._key, result=incomplete.result, expected=incomplete.expected
+        )
+        if saved:
+            files = ", ".join(image.path.name for image in saved)
+            error.add_note(f"saved before this error was raised: {files}")
+        raise error
 
     def snapshot(self) -> JobUpdate:
         """The job's state now, as one :class:`JobUpdate`."""
@@ -488,6 +549,24 @@ class ImageJob:
         self._state.future.remove_done_callback(handle)
 
 
+class _Landed:
+    """Awaits a job for ``job.save``: its result, or for a job reported done without all its
+    images, the images that came (the error is kept in ``incomplete``)."""
+
+    __slots__ = ("_job", "incomplete")
+
+    def __init__(self, job: ImageJob) -> None:
+        self._job = job
+        self.incomplete: IncompleteJobError | None = None
+
+    def __await__(self) -> Generator[Any, None, ImageResult]:
+        try:
+            return (yield from self._job.__await__())
+        except IncompleteJobError as exc:
+            self.incomplete = exc
+            return exc.result
+
+
 def holds_bulk(job: ImageJob) -> bool:
     """True when the job holds inline image bytes or an edit's source images."""
     for image in job.images:  # a loop, not any(<generator>): called for every ended job
@@ -519,6 +598,12 @@ def ended_copy(job: ImageJob, state: JobState) -> ImageJob:
         request = {name: value for name, value in request.items() if name not in _BULK_FIELDS}
     copy = state.settled_copy()
     error = future.exception()
+    if isinstance(error, IncompleteJobError):  # its result, as light as the copy's images
+        error = IncompleteJobError(
+            job_key=error.job_key,
+            result=ImageResult(job.key, error.result.status, copy.images),
+            expected=error.expected,
+        )
     if error is None:
         copy.future.set_result(ImageResult(job.key, future.result().status, tuple(copy.images)))
     else:

@@ -49,6 +49,7 @@ from . import _contract
 from ._config import Limits, PollPolicy
 from ._contract import JobStatus
 from ._errors import (
+    IncompleteJobError,
     JobCancelledError,
     JobError,
     JobProtocolError,
@@ -59,7 +60,7 @@ from ._errors import (
     snippet,
 )
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
-from ._models import JobInfo
+from ._models import ImageResult, JobInfo
 from ._replies import Reading, failure, images_of, read
 from ._schedule import KeyTiming, PollSchedule, WindowShape
 from ._stats import PollerCounters
@@ -620,8 +621,8 @@ class BatchPoller:
         state = tracked.state
         before = state.status
         state.report(entry)
-        if entry.images and len(entry.images) > len(state.images):
-            state.add_images(images_of(entry))
+        if entry.images:  # the newest listing wins (most reports list none: nothing to do)
+            state.list_images(images_of(entry))
         status = entry.status
         if status in _contract.TERMINAL_STATUSES:
             ended_at = entry.complete_time
@@ -631,6 +632,15 @@ class BatchPoller:
                 ended_at + unix_to_loop if isinstance(ended_at, int | float) else None,
             )
         if status == JobStatus.SUCCEEDED:
+            # Done with fewer images than the job makes (n; when unknown, at least one) is
+            # not a success: the job fails, and its error holds the images that came.
+            expected = job.n or 1
+            images = state.images  # in index order: [k].index == k means 0..k all landed
+            if len(images) < expected or images[expected - 1].index != expected - 1:
+                result = ImageResult(job.key, JobStatus.SUCCEEDED, state.images)
+                error = IncompleteJobError(job_key=job.key, result=result, expected=expected)
+                self._end(tracked, error, before)
+                return
             self._untrack(tracked)
             self.counters.succeeded += 1
             state.succeed(job.key, JobStatus.SUCCEEDED)

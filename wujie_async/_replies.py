@@ -39,10 +39,21 @@ class Reading:
 
 
 def images_of(entry: JobInfo) -> list[GeneratedImage]:
+    """The images an entry lists that have landed, by position in its list (``index``).
+
+    An image with neither a URL nor ``b64_json`` (null or empty) is a placeholder for one not
+    finished: it is left out, and its position stays free (a later image keeps its index).
+    """
     return [
         GeneratedImage(index, image.url, image.b64_json, image.revised_prompt)
         for index, image in enumerate(entry.images or ())
+        if image.url or image.b64_json
     ]
+
+
+def _landed(entry: JobInfo) -> int:
+    """How many images of an entry have landed (placeholders do not count)."""
+    return sum(1 for image in entry.images or () if image.url or image.b64_json)
 
 
 def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
@@ -53,9 +64,7 @@ def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
         if (
             seen is None
             or (entry.terminal and not seen.terminal)
-            or (
-                entry.terminal == seen.terminal and len(entry.images or ()) > len(seen.images or ())
-            )
+            or (entry.terminal == seen.terminal and _landed(entry) > _landed(seen))
         ):
             best[entry.key] = entry
     return best

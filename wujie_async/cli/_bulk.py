@@ -282,15 +282,8 @@ class BulkRun:
         if problem is None:
             self._end(row, "saved", job.key, None, None)
             return
-        if isinstance(problem, JobError):
+        if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
-        elif isinstance(problem, IndexError) and job.done() and len(job.images) < count:
-            # Paid, and reported done with fewer images than asked: nothing to fetch.
-            status, code = "failed", "incomplete"
-            message = (
-                f"job {job.key}: the gateway reported it done with {len(job.images)} of "
-                f"{count} image(s)"
-            )
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"

@@ -25,6 +25,7 @@ from .. import (
     AuthenticationError,
     BudgetExceededError,
     EndpointNotFoundError,
+    IncompleteJobError,
     InsufficientBalanceError,
     JobCancelledError,
     JobFailedError,
@@ -104,6 +105,15 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
         return "failed", "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
+    if isinstance(exc, IncompleteJobError):
+        return (
+            "failed",
+            "incomplete",
+            clean(
+                f"job {exc.job_key}: the gateway reported it done with {exc.landed} of "
+                f"{exc.expected} image(s)"
+            ),
+        )
     if isinstance(exc, BudgetExceededError) and exc.unpriced:
         return (
             "not_sent",
