@@ -36,7 +36,8 @@ async def test_uncertain_lines_are_listed_and_resent_only_when_confirmed(tmp_pat
         code, stdout, err = await cli(*bulk, env=emu.env)
         assert code == 1, err
         assert json.loads(stdout)["outcomes"]["uncertain"] == 3
-        assert "journal list --status uncertain" in err
+        # The command that lists them names this run's journal (not the default one).
+        assert f"journal list --status uncertain --journal {out / 'journal.sqlite'}" in err
         accepted = (await emu.stats())["submits_accepted"]
 
         # A re-run never resends them silently, even with --retry-failed.

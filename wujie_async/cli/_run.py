@@ -635,7 +635,7 @@ class Session:
                 names = ", ".join(_line_name(o) for o in uncertain[:10])
                 more = f" and {len(uncertain) - 10} more" if len(uncertain) > 10 else ""
                 see = (
-                    f"wujie-async journal list --status uncertain -o {self.args.out}"
+                    f"wujie-async journal list --status uncertain --journal {self.journal}"
                     if self.journal is not None
                     else "the gateway's console (no journal kept their fate)"
                 )
@@ -674,7 +674,7 @@ class Session:
             )
         if counts["uncertain"]:
             see = (
-                "wujie-async journal list --status uncertain"
+                f"wujie-async journal list --status uncertain --journal {self.journal}"
                 if self.journal is not None
                 else f"their rows in {self.args.out / 'manifest.jsonl'} (status uncertain)"
             )
