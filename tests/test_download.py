@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import gzip
 import hashlib
+import ipaddress
 import os
 import socket
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -16,6 +19,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from wujie_async import (
     ClientStateError,
@@ -267,6 +274,66 @@ async def test_a_compressed_image_is_saved_whole(tmp_path: Path) -> None:
     assert hits["gzip"] == 1  # no retry either
     assert saved.path.read_bytes() == body and saved.bytes == len(body)
     assert saved.sha256 == hashlib.sha256(body).hexdigest()
+
+
+def self_signed_context(folder: Path) -> ssl.SSLContext:
+    """A server TLS context for 127.0.0.1 whose certificate no CA vouches for."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+async def test_an_unverifiable_certificate_is_not_retried(tmp_path: Path) -> None:
+    """TLS verification is on, and its failure is final: not retried until the deadline and
+    then reported as "too slow"."""
+    hits: Counter[str] = Counter()
+
+    async def image(request: web.Request) -> web.Response:
+        hits["image"] += 1  # never reached: the handshake fails first
+        return web.Response(body=PNG, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/a.png", image)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    context = self_signed_context(tmp_path)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with local_downloader(deadline=5) as saver:
+            with pytest.raises(TransportError, match="certificate could not be verified") as info:
+                await saver.save(at(f"https://127.0.0.1:{port}/a.png"), tmp_path / "K.{ext}")
+    finally:
+        await runner.cleanup()
+    assert "too slow" not in str(info.value) and hits["image"] == 0
+    assert not list(tmp_path.glob("K.*"))
 
 
 async def test_concurrency_is_bounded(tmp_path: Path) -> None:

@@ -440,6 +440,15 @@ class Downloader:
                             f"image download got HTTP {reply.status}", http_status=reply.status
                         )
                     return await self._stream_to_file(reply, target)
+            except aiohttp.ClientConnectorCertificateError:
+                # Not transient: trying again until the deadline would only hide it behind
+                # "too slow".
+                failure = TransportError(
+                    "image download refused: the image server's TLS certificate could not be "
+                    "verified (not retried; check the image host, or this machine's CA "
+                    "certificates)",
+                    reached_server=True,
+                )
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, ForbiddenAddressError):
                     failure = self._rule.refusal(exc.os_error.host, exc.os_error.address)
