@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -390,6 +391,34 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
                     await eventually(all_succeeded, timeout=10, what="every outcome journaled")
             finally:
                 await client.aclose()
+
+
+@pytest.mark.long
+async def test_time_queued_for_the_fleet_rate_is_not_time_waiting_for_redis(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Submits queued behind the fleet's rate longer than unavailable_wait survive a Redis
+    freeze shorter than it: the wait for Redis counts from its first failure."""
+    async with emulator(time_scale=0.05) as emu, own_redis(tmp_path) as server:
+        limits = Limits(max_submits_per_second=2)
+        client = member(
+            emu, server.url, fleet_name(), limits=limits, command_timeout=0.2, unavailable_wait=1.5
+        )
+        async with client:
+            submits = [
+                asyncio.create_task(client.images.submit(prompt=f"q{i}", model="dall-e-2"))
+                for i in range(10)
+            ]
+            # About 1.6 s in: the others have queued for more than unavailable_wait.
+            await eventually(lambda: emu.stats()["submits_accepted"] >= 4, timeout=10)
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)  # commands miss their 0.2 s deadline
+            try:
+                await asyncio.sleep(0.9)  # the freeze itself, shorter than unavailable_wait
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            jobs = await asyncio.wait_for(asyncio.gather(*submits), 20)
+            assert len(jobs) == 10 and emu.stats()["submits_accepted"] == 10
 
 
 @pytest.mark.long

@@ -522,6 +522,9 @@ class WujieClient:
     async def resume(self, *, job_timeout: float | None = None) -> list[ImageJob]:
         """Re-attach every journaled key whose job had not ended; returns their jobs.
 
+        Jobs this client already follows are not returned again (a caller that handles each
+        returned job handles each job once).
+
         Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`. A row
         with an unreadable request is still resumed by its key (a WARNING names it); a row
         whose key is not a usable job key is skipped, and one WARNING names such rows.
@@ -544,8 +547,8 @@ class WujieClient:
         jobs: list[ImageJob] = []
         unusable: list[int] = []
         for entry in entries:
-            if not entry.job_key:
-                continue
+            if not entry.job_key or self._poller.get(entry.job_key) is not None:
+                continue  # no key, or a job this client follows already
             try:
                 check_key(entry.job_key)
             except InvalidRequestError:
