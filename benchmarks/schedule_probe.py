@@ -28,9 +28,9 @@ from wujie_async.emulator import Emulator, EmulatorConfig, FaultConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "right (our emulator)": {},
-    "whole seconds, floor": {"estimate_rounding": "floor"},
-    "whole seconds, round": {"estimate_rounding": "round"},
-    "whole seconds, ceil": {"estimate_rounding": "ceil"},
+    "whole seconds (floor)": {"estimate_rounding": "floor"},
+    "whole seconds (round)": {"estimate_rounding": "round"},
+    "whole seconds (ceil)": {"estimate_rounding": "ceil"},
     "countdown from generation": {"estimate_while_queued": "generation"},
     "absent while queued": {"estimate_while_queued": "absent"},
     "zero while queued": {"estimate_while_queued": "zero"},
@@ -44,7 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
     "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
-    "bad: whole seconds, floor, no complete_time": {
+    "bad: whole seconds (floor) + no complete_time": {
         "estimate_rounding": "floor",
         "progress_fields": False,
     },
@@ -82,9 +82,19 @@ def _follow(loop: asyncio.AbstractEventLoop, offset: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=600)
-    parser.add_argument("--only", default="", help="comma-separated variant names")
+    parser.add_argument(
+        "--only",
+        default="",
+        metavar="NAME,...",
+        help="comma-separated variant names (no name has a comma): "
+        + "; ".join(VARIANTS).replace("%", "%%"),
+    )
     args = parser.parse_args()
-    wanted = [name for name in VARIANTS if not args.only or name in args.only.split(",")]
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--only: unknown variant(s) {unknown}; variants: {'; '.join(VARIANTS)}")
+    wanted = [name for name in VARIANTS if not only or name in only]
     results = {}
     for name in wanted:
         started = time.perf_counter()
@@ -98,7 +108,7 @@ def main() -> None:
             time.time = wall
             loop.close()
         results[name] = figures
-        print(f"{name:38} {json.dumps(figures)}  ({time.perf_counter() - started:.1f} s)")
+        print(f"{name:46} {json.dumps(figures)}  ({time.perf_counter() - started:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip i
 Without WUJIE_APP_ID and WUJIE_PRIVATE_KEY it runs against an embedded emulator.
 
 The client bounds what is on the wire (Limits); one poller asks about every job in shared
-batch calls; `as_completed` hands back jobs as they finish, and each job's images are saved
-as soon as it is done.
+batch calls; `as_completed` hands back jobs as they finish, and `job.save()` saves each job's
+images as soon as it is done, through the client's downloader (see docs/guides/saving.md).
 """
 
 from __future__ import annotations
@@ -19,17 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 from _connect import connect
 
 from wujie_async import ImageJob, Limits, WujieError
-
-
-async def save(http: aiohttp.ClientSession, url: str, path: Path) -> None:
-    async with http.get(url) as reply:
-        reply.raise_for_status()
-        data = await reply.read()
-    await asyncio.to_thread(path.write_bytes, data)
 
 
 def read_prompts(prompts_file: Path, limit: int | None) -> list[str]:
@@ -39,7 +31,7 @@ def read_prompts(prompts_file: Path, limit: int | None) -> list[str]:
 
 async def main(prompts: list[str], out: Path) -> int:
     started = time.monotonic()
-    failed = 0
+    done = 0
     async with connect(limits=Limits(max_in_flight=500)) as client:
         submits = [
             client.images.submit(prompt=prompt, model="dall-e-2", size="256x256")
@@ -51,26 +43,22 @@ async def main(prompts: list[str], out: Path) -> int:
             if isinstance(outcome, ImageJob):
                 jobs.append(outcome)
             else:
-                failed += 1
                 print(f"submit failed for {prompt!r}: {outcome}")
-        async with aiohttp.ClientSession() as http:
-            async for job in client.as_completed(jobs):
-                try:
-                    result = await job
-                except WujieError as exc:
-                    failed += 1
-                    print(f"job failed: {exc}")
-                    continue
-                for image in result.images:
-                    if image.url:
-                        await save(http, image.url, out / f"{job.key}-{image.index}.png")
+        async for job in client.as_completed(jobs):
+            try:
+                # Checked URLs, a size cap, atomic files named {key}-{index}.{ext}.
+                await job.save(out)
+            except (WujieError, OSError) as exc:
+                print(f"job {job.key} failed: {exc}")
+                continue
+            done += 1
         stats = client.stats
     print(
-        f"{len(jobs) - failed} of {len(prompts)} jobs done in {time.monotonic() - started:.1f}s; "
+        f"{done} of {len(prompts)} jobs done in {time.monotonic() - started:.1f}s; "
         f"{stats.batch_calls} batch calls (mean fill {stats.mean_batch_fill:.1f} keys) "
         f"for {stats.submits} submits"
     )
-    return 1 if failed else 0
+    return 0 if done == len(prompts) else 1
 
 
 if __name__ == "__main__":

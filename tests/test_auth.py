@@ -58,6 +58,7 @@ def test_missing_environment_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InvalidRequestError) as info:
         Credentials.from_env()
     assert [field for field, _ in info.value.violations] == ["WUJIE_APP_ID", "WUJIE_PRIVATE_KEY"]
+    assert "WUJIE_PRIVATE_KEY_FILE" in str(info.value)  # the other way to give the key
 
 
 async def test_header_is_cached_then_renewed(auth_vector: dict[str, Any]) -> None:

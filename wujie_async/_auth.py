@@ -127,8 +127,15 @@ class Credentials:
                     [("WUJIE_PRIVATE_KEY_FILE", f"cannot read {key_file}: {reason}")]
                 ) from None
         missing = [
-            (name, "environment variable is not set")
-            for name, value in (("WUJIE_APP_ID", app_id), ("WUJIE_PRIVATE_KEY", private_key))
+            (name, f"environment variable is not set{also}")
+            for name, value, also in (
+                ("WUJIE_APP_ID", app_id, ""),
+                (
+                    "WUJIE_PRIVATE_KEY",
+                    private_key,
+                    " (nor WUJIE_PRIVATE_KEY_FILE, a file of the key)",
+                ),
+            )
             if not value
         ]
         if missing:

@@ -88,21 +88,24 @@ def _journal_file(args: argparse.Namespace) -> Path:
     return path
 
 
-def check_journal_file(path: Path) -> None:
+def check_journal_file(path: Path, *, resume: bool = False) -> None:
     """Refuse a path that is not a journal, before opening it (which would create its lock
-    file beside whatever file it is)."""
+    file beside whatever file it is). ``resume`` takes the journal as its argument, not as
+    ``--journal``: its messages say so."""
+    if resume:
+        missing = not_journal = "pass the run's journal: wujie-async resume out/journal.sqlite"
+    else:
+        missing = "pass --journal or -o/--out of the run"
+        not_journal = "pass the run's journal, e.g. --journal out/journal.sqlite"
     if not path.exists():
-        raise UsageError(f"no journal at {path}; pass --journal or -o/--out of the run")
+        raise UsageError(f"no journal at {path}; {missing}")
     try:
         with path.open("rb") as handle:
             head = handle.read(len(_SQLITE_HEADER))
     except OSError as exc:
         raise UsageError(f"{path}: cannot read it ({exc.strerror or 'error'})") from None
     if head != _SQLITE_HEADER:
-        raise UsageError(
-            f"{path} is not a wujie-async journal (not an SQLite file); pass the run's journal, "
-            "e.g. --journal out/journal.sqlite"
-        )
+        raise UsageError(f"{path} is not a wujie-async journal (not an SQLite file); {not_journal}")
 
 
 def _name(entry: JournalEntry) -> str:

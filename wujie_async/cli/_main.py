@@ -136,16 +136,30 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_request_arguments(parser: argparse.ArgumentParser, *, defaults_only: bool) -> None:
+# The fields --name takes, per command: only bulk's rows have an id and an input line; a
+# resumed job has the ones its bulk row had.
+_NAME_FIELDS = "fields {key} (the job key), {index} (the image's position), {ext}"
+_NAME_HELP = {
+    "single": _NAME_FIELDS + "; e.g. 'fox-{key}-{index}.{ext}'",
+    "bulk": _NAME_FIELDS + ", {id} (the row's id; every row needs one), {line} (the input "
+    "line); e.g. '{id}-{index}.{ext}'",
+    "resume": _NAME_FIELDS + ", and those of the bulk run's rows: {id} for rows that had "
+    "one, {line} for the others; e.g. 'fox-{key}-{index}.{ext}'",
+}
+
+
+def _add_request_arguments(
+    parser: argparse.ArgumentParser, *, defaults_only: bool, names: str
+) -> None:
     what = " (default for rows that do not say)" if defaults_only else ""
     parser.add_argument("--model", default="gpt-image-1", help=f"model{what}")
     parser.add_argument("-n", type=int, default=None, help=f"images per prompt{what}")
     for flag, dest, kind, text in _REQUEST_FLAGS:
         parser.add_argument(flag, dest=dest, type=kind, default=None, help=text + what)
-    _add_output_arguments(parser)
+    _add_output_arguments(parser, names=names)
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_output_arguments(parser: argparse.ArgumentParser, *, names: str) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("out"), help="folder for images (default out/)"
     )
@@ -153,8 +167,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
         "--name",
         default=DEFAULT_NAME,
         metavar="TEMPLATE",
-        help=f"image file names (default {DEFAULT_NAME!r}); fields {{key}}, {{index}}, {{ext}}, "
-        "{id} (the row's id), {line} (the input line); e.g. '{id}-{index}.{ext}'",
+        help=f"image file names (default {DEFAULT_NAME!r}); {_NAME_HELP[names]}",
     )
     parser.add_argument(
         "--job-timeout", type=float, default=None, help="seconds a job may take (default 900)"
@@ -179,7 +192,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_single_job_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_request_arguments(parser, defaults_only=False)
+    _add_request_arguments(parser, defaults_only=False, names="single")
     parser.add_argument(
         "--no-wait", action="store_true", help="print the job key and exit without waiting"
     )
@@ -253,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--wait", action="store_true", help="wait for the jobs and save their images"
     )
-    _add_output_arguments(status)
+    _add_output_arguments(status, names="single")
     _add_run_arguments(status)
     _add_common_arguments(status)
     _add_connection_arguments(status)
@@ -263,8 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="many prompts from a file, with live progress",
         description="Every input line ends in one outcome (saved, failed, moderated, rejected, "
         "uncertain, not_sent), recorded in OUT/manifest.jsonl. Re-running the same command "
-        "skips saved and pending lines, never resends uncertain ones, and resends failed ones "
-        "only with --retry-failed.",
+        "skips saved lines and collects pending ones, never resends uncertain ones, and "
+        "resends failed ones only with --retry-failed.",
     )
     bulk.add_argument(
         "file",
@@ -280,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the input's format (default: from its extension; for stdin, an array is json, "
         "objects are jsonl, anything else a prompt per line)",
     )
-    _add_request_arguments(bulk, defaults_only=True)
+    _add_request_arguments(bulk, defaults_only=True, names="bulk")
     bulk.add_argument(
         "--journal",
         type=Path,
@@ -295,10 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="resend lines that ended failed, moderated or rejected (each resend costs points)",
     )
     bulk.add_argument(
-        "--max-in-flight", type=int, default=2000, help="jobs tracked at once (memory bound)"
+        "--max-in-flight",
+        type=int,
+        default=2000,
+        help="jobs tracked at once (memory bound; default 2000)",
     )
-    bulk.add_argument("--concurrency", type=int, default=16, help="submits on the wire at once")
-    bulk.add_argument("--rate", type=float, default=None, help="max submits per second")
+    bulk.add_argument(
+        "--concurrency", type=int, default=16, help="submits on the wire at once (default 16)"
+    )
+    bulk.add_argument(
+        "--rate", type=float, default=None, help="max submits per second (default: no limit)"
+    )
     bulk.add_argument(
         "--max-points",
         type=float,
@@ -324,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
         "resume", help="collect the images of a journaled run's unfinished jobs"
     )
     resume.add_argument("journal", type=Path, help="the run's journal (e.g. out/journal.sqlite)")
-    _add_output_arguments(resume)
+    _add_output_arguments(resume, names="resume")
     _add_run_arguments(resume)
     _add_common_arguments(resume)
     _add_connection_arguments(resume)
@@ -479,7 +499,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         if not args.wait:
             return _run_loop(show_status(args))
     else:  # resume
-        _journal_commands.check_journal_file(args.journal)
+        _journal_commands.check_journal_file(args.journal, resume=True)
     check_names(args.name, planned, taken=_run_files(args))
     check_out_folder(args.out)
     session = Session(args, console, _progress_mode(args))
