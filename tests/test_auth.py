@@ -52,6 +52,27 @@ def test_bad_key_error_names_the_field_and_never_echoes_it(caplog: Any) -> None:
     assert secret not in caplog.text
 
 
+@pytest.mark.parametrize("form", ["private_key_pem", "private_key_pkcs8_der_base64"])
+def test_a_key_pasted_where_its_file_belongs_is_never_echoed(
+    auth_vector: dict[str, Any], monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """``WUJIE_PRIVATE_KEY_FILE="$(cat key.pem)"``: the error names the variable, not the key."""
+    key = auth_vector[form]
+    monkeypatch.setenv("WUJIE_APP_ID", "app")
+    monkeypatch.delenv("WUJIE_PRIVATE_KEY", raising=False)
+    monkeypatch.setenv("WUJIE_PRIVATE_KEY_FILE", key)
+    with pytest.raises(InvalidRequestError) as info:
+        Credentials.from_env()
+    assert info.value.field == "WUJIE_PRIVATE_KEY_FILE"
+    assert "not a file name" in str(info.value)
+    error: BaseException | None = info.value
+    while error is not None:  # the whole chain, __context__ included
+        for line in key.splitlines():
+            if len(line) > 20:
+                assert line[:20] not in str(error) and line[:20] not in repr(error)
+        error = error.__cause__ or error.__context__
+
+
 def test_missing_environment_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WUJIE_APP_ID", raising=False)
     monkeypatch.delenv("WUJIE_PRIVATE_KEY", raising=False)

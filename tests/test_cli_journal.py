@@ -105,6 +105,15 @@ async def test_private_key_file_variable(tmp_path: Path) -> None:
         env["WUJIE_PRIVATE_KEY_FILE"] = str(tmp_path / "nope.pem")
         code, _, err = await cli("generate", "a fox", env=env)
         assert code == 2 and "WUJIE_PRIVATE_KEY_FILE" in err and "Traceback" not in err
+        assert "nope.pem" in err  # a file name is shown
+
+        # The key itself where its file name belongs: named, never echoed.
+        key = emu.env["WUJIE_PRIVATE_KEY"]
+        env["WUJIE_PRIVATE_KEY_FILE"] = key
+        code, _, err = await cli("generate", "a fox", env=env)
+        assert code == 2 and "WUJIE_PRIVATE_KEY_FILE" in err and "not a file name" in err
+        body = [line for line in key.splitlines() if line and not line.startswith("-----")]
+        assert body and not any(line[:20] in err for line in body)
 
 
 def test_credentials_from_env_reads_the_key_file(

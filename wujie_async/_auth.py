@@ -49,6 +49,29 @@ def load_private_key(text: str) -> rsa.RSAPrivateKey:
     return key
 
 
+def read_key_file(location: str | Path, name: str) -> str:
+    """The text of the private-key file at ``location``.
+
+    Raises:
+        InvalidRequestError: naming ``name``, when the file cannot be read. The location is
+            shown only when it looks like a file name: a key pasted where its path belongs
+            (``WUJIE_PRIVATE_KEY_FILE="$(cat key.pem)"``) is never echoed, and no exception
+            holding it rides along as ``__context__``.
+    """
+    text = str(location)
+    try:
+        return Path(text).read_text(encoding="utf-8")
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__  # never the file name
+    except UnicodeDecodeError:
+        reason = "not a text file"
+    if "\n" in text or "-----" in text or len(text) > 255:
+        shown = "its value, which is not a file name (a key itself goes in WUJIE_PRIVATE_KEY)"
+    else:
+        shown = text
+    raise InvalidRequestError([(name, f"cannot read {shown}: {reason}")])
+
+
 def original_text(app_id: str, timestamp: int) -> str:
     """The signed text: compact JSON, keys in alphabetical order."""
     return json.dumps({"appId": app_id, "timestamp": timestamp}, separators=(",", ":"))
@@ -119,13 +142,7 @@ class Credentials:
         private_key = env.private_key or ""
         key_file = env.private_key_file or ""
         if not private_key and key_file:
-            try:
-                private_key = Path(key_file).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
-                raise InvalidRequestError(
-                    [("WUJIE_PRIVATE_KEY_FILE", f"cannot read {key_file}: {reason}")]
-                ) from None
+            private_key = read_key_file(key_file, "WUJIE_PRIVATE_KEY_FILE")
         missing = [
             (name, f"environment variable is not set{also}")
             for name, value, also in (

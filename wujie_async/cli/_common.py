@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Final
 
 from .. import Credentials, DownloadPolicy, InvalidRequestError, Limits, PollPolicy, WujieClient
+from .._auth import read_key_file as key_file_text
 from .._env import Environment
 from .._file_names import PlannedJob, check_planned_names, check_template
 from ..emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_pairs
@@ -99,12 +100,13 @@ def download_policy(args: argparse.Namespace) -> DownloadPolicy:
 
 
 def read_key_file(path: Path, flag: str) -> str:
-    """The text of a private-key file, or a UsageError naming ``flag``."""
+    """The text of a private-key file, or a UsageError naming ``flag`` (never a key pasted
+    where its path belongs)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a text file"
-        raise UsageError(f"{flag} {path}: cannot read it ({reason})") from None
+        return key_file_text(path, flag)
+    except InvalidRequestError as exc:
+        problem = exc.rule
+    raise UsageError(f"{flag}: {problem}")
 
 
 def credentials(args: argparse.Namespace) -> Credentials:
