@@ -141,6 +141,39 @@ async def test_validation_fails_before_any_request(
         assert emu.stats()["requests"] == {}
 
 
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"extra_body": {"n": 4}}, "must not set n"),  # would pass the rules and the budget
+        ({"extra_body": {"model": "dall-e-3", "n": 5}}, "must not set model, n"),
+        ({"extra_body": ["x"]}, "must be a mapping"),
+        ({"extra_body": {1: "x"}}, "must be a mapping"),
+        ({"extra_body": {"x": math.nan}}, "JSON values only"),
+        ({"extra_body": {"x": object()}}, "JSON values only"),
+        ({"job_timeout": True}, "positive, finite"),
+        ({"job_timeout": math.inf}, "positive, finite"),
+    ],
+)
+async def test_submit_options_are_checked_before_any_request(
+    emulator: EmulatorFactory, options: dict[str, Any], says: str
+) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        with pytest.raises(InvalidRequestError) as info:
+            await client.images.submit(prompt="x", model="gpt-image-1", **options)
+        assert info.value.field in options and says in info.value.rule
+        assert emu.stats()["requests"] == {}
+
+
+async def test_extra_body_sends_a_field_the_client_does_not_know(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator() as emu, make_client(emu) as client:
+        result = await client.images.generate(
+            prompt="x", model="dall-e-2", extra_body={"user": "u-1", "seed": 7}
+        )
+        assert result.images and emu.stats()["requests"]["generations"] == 1
+
+
 async def test_edit_validation_and_round_trip(emulator: EmulatorFactory) -> None:
     async with emulator() as emu, make_client(emu) as client:
         with pytest.raises(InvalidRequestError) as info:

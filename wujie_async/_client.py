@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
@@ -35,7 +37,7 @@ from ._images import Images
 from ._jobs import ImageJob, JobState
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
-from ._models import GeneratedImage, SavedImage
+from ._models import EditRequest, GeneratedImage, GenerationRequest, SavedImage
 from ._poller import BatchPoller
 from ._stats import ClientStats
 from ._submitting import Admission, Submits
@@ -50,6 +52,38 @@ if TYPE_CHECKING:
 
 _State = Literal["unopened", "open", "closing", "closed"]
 logger = logging.getLogger("wujie_async")
+
+
+# Fields the client checks itself: extra_body may not set them behind its back (the rules,
+# the points budget and the job's image count all rest on them).
+_KNOWN_FIELDS = frozenset(GenerationRequest.model_fields) | frozenset(EditRequest.model_fields)
+
+
+def _checked_extra_body(extra: Any) -> dict[str, Any]:
+    """``extra_body`` as sent: new fields only, with JSON values."""
+    if not isinstance(extra, Mapping) or not all(isinstance(name, str) for name in extra):
+        raise InvalidRequestError(
+            [("extra_body", "must be a mapping of field names (str) to JSON values")]
+        )
+    known = sorted(set(extra) & _KNOWN_FIELDS)
+    if known:
+        raise InvalidRequestError(
+            [
+                (
+                    "extra_body",
+                    f"must not set {', '.join(known)}: pass it as an argument, where it is "
+                    "checked (the budget and the job's image count rest on it)",
+                )
+            ]
+        )
+    try:
+        json.dumps(extra, allow_nan=False)
+        plain = True
+    except (TypeError, ValueError):
+        plain = False
+    if not plain:
+        raise InvalidRequestError([("extra_body", "must hold JSON values only (finite numbers)")])
+    return dict(extra)
 
 
 class WujieClient:
@@ -416,8 +450,8 @@ class WujieClient:
     ) -> ImageJob:
         self._check_open()
         deadline_s = self._job_timeout(job_timeout)
-        if extra_body:
-            body = {**body, **extra_body}
+        if extra_body is not None:
+            body = {**body, **_checked_extra_body(extra_body)}
         return await self._submits.submit(path, body, n or 1, deadline_s, tag)
 
     def _new_job(
@@ -489,8 +523,14 @@ class WujieClient:
 
     def _job_timeout(self, job_timeout: float | None) -> float:
         seconds = self.timeouts.job if job_timeout is None else job_timeout
-        if not isinstance(seconds, int | float) or not seconds > 0:
-            raise InvalidRequestError([("job_timeout", "must be a positive number of seconds")])
+        if (
+            not isinstance(seconds, int | float)
+            or isinstance(seconds, bool)
+            or not 0 < seconds < math.inf
+        ):
+            raise InvalidRequestError(
+                [("job_timeout", "must be a positive, finite number of seconds")]
+            )
         return seconds
 
     def _attach(
