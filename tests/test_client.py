@@ -28,7 +28,7 @@ from wujie_async import (
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import FAST_POLL, EmulatorFactory, make_client
-from .helpers import png_size, raw_get, stray_tasks
+from .helpers import eventually, png_size, raw_get, stray_tasks
 
 pytestmark = pytest.mark.anyio
 
@@ -262,6 +262,28 @@ async def test_drain_on_close_waits_for_jobs(emulator: EmulatorFactory) -> None:
         jobs = [await client.images.submit(prompt="x", model="dall-e-2") for _ in range(5)]
         await client.aclose(drain=True, timeout=10)
         assert all(job.done() and job.exception() is None for job in jobs)
+        assert stray_tasks(before) == set()
+
+
+async def test_a_drain_cancelled_midway_still_closes_everything(
+    emulator: EmulatorFactory,
+) -> None:
+    """``wait_for(client.aclose(drain=True), ...)`` running out (or any cancel of the closing
+    task) still settles every job and stops the poller: nothing waits for a job's deadline."""
+    before = asyncio.all_tasks()
+    async with emulator(time_scale=1.0) as emu:
+        client = make_client(emu)
+        await client.open()
+        jobs = [await client.images.submit(prompt="x", model="gpt-image-1") for _ in range(3)]
+        closing = asyncio.create_task(client.aclose(drain=True, timeout=60))
+        await eventually(lambda: "state='closing'" in repr(client), what="the drain")
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert "state='closed'" in repr(client)
+        for job in jobs:
+            with pytest.raises(JobCancelledError):
+                await asyncio.wait_for(job, 5)
         assert stray_tasks(before) == set()
 
 

@@ -358,6 +358,15 @@ class WujieClient:
                 with anyio.move_on_after(wait):
                     await self._submits.wait_idle()
                     await self._drain_jobs()
+        finally:
+            # Whatever ended the drain (its bound, or a cancel of the closing task), every job
+            # and submit is settled and every task and socket shut: shielded from that cancel,
+            # each step bounded on its own.
+            with anyio.CancelScope(shield=True):
+                await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        try:
             self._tracking = False
             await self._submits.stop(self.timeouts.close)
             self._poller.cancel_all("the client was closed before the job ended")
@@ -388,6 +397,7 @@ class WujieClient:
                             if logger.isEnabledFor(logging.INFO):
                                 self._telemetry.client_closed(self.stats)
                         finally:
+                            assert self._closed is not None
                             self._closed.set()
 
     async def _drain_jobs(self) -> None:
