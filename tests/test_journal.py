@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from wujie_async import (
@@ -133,6 +134,21 @@ async def test_two_clients_in_one_process_cannot_share_a_journal(
                 await make_client(emu, journal=journal).open()
         # Closing released it.
         async with make_client(emu, journal=journal) as client:
+            await client.images.generate(prompt="x", model="dall-e-2")
+
+
+async def test_a_client_that_fails_to_open_holds_no_journal_and_no_session(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator() as emu:
+        closed = aiohttp.ClientSession()
+        await closed.close()
+        failed = make_client(emu, journal=journal, session=closed)
+        with pytest.raises(ClientStateError, match="session given to the client is closed"):
+            await failed.open()
+        assert "state='closed'" in repr(failed)
+        async with make_client(emu, journal=journal) as client:  # the journal is free again
             await client.images.generate(prompt="x", model="dall-e-2")
 
 

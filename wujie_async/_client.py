@@ -254,6 +254,32 @@ class WujieClient:
         if self._state != "unopened":
             raise ClientStateError(f"the client is {self._state}; a client opens once")
         self._loop = asyncio.get_running_loop()
+        try:
+            await self._open_parts()
+        except BaseException:
+            # Whatever was opened (the journal's lock, the HTTP session, the fleet) is shut:
+            # a client that failed to open holds nothing, and a new one can take the journal.
+            self._state = "closing"
+            self._closed = anyio.Event()
+            with anyio.CancelScope(shield=True):
+                await self._shut_down()
+            raise
+        assert self._poller_task is not None
+        self._poller_task.add_done_callback(self._poller_stopped)
+        self._state = "open"
+        self._tracking = True
+        if self._gc_freezer is not None:
+            self._gc_freezer.start()
+        fleet = self._fleet
+        self._telemetry.client_opened(
+            base_url=self.base_url,
+            limits=self.limits,
+            timeouts=self.timeouts,
+            journal="in the fleet" if fleet is not None else getattr(self._journal, "path", None),
+            fleet_member=fleet.member_id if fleet is not None else None,
+        )
+
+    async def _open_parts(self) -> None:
         fleet = self._fleet
         if self._journal is not None and fleet is None:
             await self._journal.open()
@@ -266,19 +292,14 @@ class WujieClient:
         )
         await self._transport.open()
         if fleet is not None:
-            try:
-                with telemetry.detached():  # its tasks' spans are not the opener's children
-                    await fleet.start(
-                        poller=self._poller,
-                        transport=self._transport,
-                        poll=self.poll_policy,
-                        limits=self.limits,
-                    )
-                await fleet.journal.open()
-            except BaseException:
-                telemetry.stop()
-                await self._transport.close()
-                raise
+            with telemetry.detached():  # its tasks' spans are not the opener's children
+                await fleet.start(
+                    poller=self._poller,
+                    transport=self._transport,
+                    poll=self.poll_policy,
+                    limits=self.limits,
+                )
+            await fleet.journal.open()
         self._submits.open(
             Admission(self.limits, pace=fleet.acquire if fleet is not None else None)
         )
@@ -287,21 +308,10 @@ class WujieClient:
         # the task that entered it. Its end is watched instead: a done callback settles every
         # job if it ever stops while open, and aclose() cancels and awaits it.
         with telemetry.detached():  # a batch call is a root span, not the opener's child
+            assert self._loop is not None
             self._poller_task = self._loop.create_task(
                 self._poller.run(), name="wujie-async poller"
             )
-        self._poller_task.add_done_callback(self._poller_stopped)
-        self._state = "open"
-        self._tracking = True
-        if self._gc_freezer is not None:
-            self._gc_freezer.start()
-        telemetry.client_opened(
-            base_url=self.base_url,
-            limits=self.limits,
-            timeouts=self.timeouts,
-            journal="in the fleet" if fleet is not None else getattr(self._journal, "path", None),
-            fleet_member=fleet.member_id if fleet is not None else None,
-        )
 
     def _poller_stopped(self, task: asyncio.Task[None]) -> None:
         """If the poller ever stops while open, settle every job now instead of leaving awaits
