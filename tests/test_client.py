@@ -27,8 +27,9 @@ from wujie_async import (
 )
 from wujie_async.emulator import Emulator, FaultConfig
 
-from .conftest import FAST_POLL, EmulatorFactory, make_client
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import eventually, png_size, raw_get, stray_tasks
+from .hostile import throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -285,6 +286,26 @@ async def test_a_drain_cancelled_midway_still_closes_everything(
             with pytest.raises(JobCancelledError):
                 await asyncio.wait_for(job, 5)
         assert stray_tasks(before) == set()
+
+
+async def test_a_deadline_reached_while_polls_are_refused_says_why(
+    emulator: EmulatorFactory,
+) -> None:
+    """Credentials the gateway refuses on every batch call: the job's timeout names that,
+    not a job "still running"."""
+    async with emulator() as emu:
+        async with make_client(emu) as owner:
+            key = (await owner.images.submit(prompt="x", model="dall-e-2")).key
+        stranger = WujieClient(
+            throwaway_credentials(), base_url=emu.base_url, poll=FAST_POLL, retry=INSTANT_RETRY
+        )
+        async with stranger:
+            job = stranger.images.attach(key, job_timeout=1.0)
+            with pytest.raises(JobTimeoutError) as info:
+                await asyncio.wait_for(job, 10)
+        message = str(info.value)
+        assert "not reported by the gateway before its deadline" in message
+        assert "the batch calls are failing: AuthenticationError" in message
 
 
 async def test_many_awaiters_and_cancelling_one(emulator: EmulatorFactory) -> None:

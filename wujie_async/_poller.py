@@ -197,6 +197,10 @@ class BatchPoller:
         self._gathered_until = math.inf  # when they go out (or the first of them expires)
         self._unknown_statuses: set[int] = set()
         self._unknown_statuses_full = False
+        # Why the last batch call failed, while no call has succeeded since: a job that
+        # reaches its deadline meanwhile says so (credentials revoked mid-run read as a plain
+        # timeout otherwise).
+        self._failing: str | None = None
         # Jobs that ended lately, so attach(key) right after the end returns the ended job
         # (a status endpoint attaching per request) instead of starting over; bounded. A job
         # holding bulk (inline image bytes, an edit's source images) is held weakly, next to a
@@ -380,7 +384,12 @@ class BatchPoller:
     def _expire(self, tracked: _Tracked) -> None:
         if self._tracks(tracked):
             job = tracked.job
-            error = JobTimeoutError("still running at its deadline", job_key=job.key)
+            message = "still running at its deadline"
+            if tracked.last_seen is None:
+                message = "not reported by the gateway before its deadline"
+            if self._failing is not None:
+                message += f" (the batch calls are failing: {self._failing})"
+            error = JobTimeoutError(message, job_key=job.key)
             self._end(tracked, error, tracked.state.status)
 
     async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
@@ -412,9 +421,11 @@ class BatchPoller:
                     _contract.BATCH_INFO_PATH, list(asked), kind="poll", parent=batch
                 )
             reading = self._read(data, asked)
+            self._failing = None
         except WujieError as exc:
             self.counters.batch_errors += 1
             failure = exc
+            self._failing = f"{type(exc).__name__}: {snippet(str(exc), limit=120)}"
             too_large = isinstance(exc, ResponseTooLargeError)
             if not too_large:
                 self._warnings.warning(
