@@ -1,6 +1,9 @@
 """Policies: small frozen value objects, each with safe defaults.
 
 ``None`` means "off" (no limit); every field is keyword-only so call sites read as settings.
+Every value is checked at construction (InvalidRequestError naming ``Class.field`` and the
+rule): counts are ints (never a float, even ``2.0``, nor a bool); seconds, rates and points are
+finite ints or floats (never a bool, NaN or infinity: where a field has no bound, None says so).
 """
 
 from __future__ import annotations
@@ -11,15 +14,47 @@ from dataclasses import dataclass
 
 from ._errors import InvalidRequestError
 
+Violation = tuple[str, str]
 
-def _check_positive(owner: str, **values: float | None) -> None:
-    bad = [
-        (f"{owner}.{name}", "must be a positive number or None")
-        for name, value in values.items()
-        if value is not None and (not isinstance(value, int | float) or not value > 0)
-    ]
-    if bad:
-        raise InvalidRequestError(bad)
+
+def _count(
+    owner: str, name: str, value: object, *, minimum: int = 1, optional: bool = False
+) -> list[Violation]:
+    """A whole number (an int; never a float, even 2.0, nor a bool) >= ``minimum``; None too
+    if optional."""
+    if optional and value is None:
+        return []
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return []
+    none = " or None" if optional else ""
+    return [(f"{owner}.{name}", f"must be a whole number >= {minimum}{none}")]
+
+
+def _amount(
+    owner: str, name: str, value: object, *, zero: bool = False, optional: bool = False
+) -> list[Violation]:
+    """A finite real number (an int or float, not a bool), > 0 (or >= 0 with ``zero``); None
+    too if optional.
+
+    Infinity is refused: where a field has no bound, None says so (and where None is not
+    allowed, the field is a bound that must hold).
+    """
+    if optional and value is None:
+        return []
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int past the largest float: no use as seconds or points
+            finite = False
+        if finite and (value >= 0 if zero else value > 0):
+            return []
+    rule = "a finite number >= 0" if zero else "a positive finite number"
+    return [(f"{owner}.{name}", f"must be {rule}{' or None' if optional else ''}")]
+
+
+def _raise(found: list[Violation]) -> None:
+    if found:
+        raise InvalidRequestError(found)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,21 +95,25 @@ class PollPolicy:
     unknown_key_grace: float = 30.0
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "PollPolicy",
-            first_poll_delay=self.first_poll_delay,
-            min_interval=self.min_interval,
-            max_interval=self.max_interval,
-            max_estimate_wait=self.max_estimate_wait,
-            unknown_key_grace=self.unknown_key_grace,
-        )
-        for name in ("max_interval", "max_estimate_wait"):
-            if getattr(self, name) < self.min_interval:
-                raise InvalidRequestError([(f"PollPolicy.{name}", "must be >= min_interval")])
-        for name in ("age_fraction", "queue_position_seconds", "batch_fill_horizon"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value < 0 or math.isnan(value):
-                raise InvalidRequestError([(f"PollPolicy.{name}", "must be a number >= 0")])
+        found = [
+            *_amount("PollPolicy", "first_poll_delay", self.first_poll_delay),
+            *_amount("PollPolicy", "min_interval", self.min_interval),
+            *_amount("PollPolicy", "max_interval", self.max_interval),
+            *_amount("PollPolicy", "age_fraction", self.age_fraction, zero=True),
+            *_amount("PollPolicy", "max_estimate_wait", self.max_estimate_wait),
+            *_amount(
+                "PollPolicy", "queue_position_seconds", self.queue_position_seconds, zero=True
+            ),
+            *_amount("PollPolicy", "batch_fill_horizon", self.batch_fill_horizon, zero=True),
+            *_amount("PollPolicy", "unknown_key_grace", self.unknown_key_grace),
+        ]
+        if not found:
+            found = [
+                (f"PollPolicy.{name}", "must be >= min_interval")
+                for name in ("max_interval", "max_estimate_wait")
+                if getattr(self, name) < self.min_interval
+            ]
+        _raise(found)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,49 +147,40 @@ class Limits:
     point_prices: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "Limits",
-            max_connections=self.max_connections,
-            max_concurrent_submits=self.max_concurrent_submits,
-            max_submits_per_second=self.max_submits_per_second,
-            max_concurrent_polls=self.max_concurrent_polls,
-            max_in_flight=self.max_in_flight,
-            max_response_bytes=self.max_response_bytes,
-        )
-        if self.max_points is not None:
-            points = self.max_points
-            if isinstance(points, bool) or not isinstance(points, int | float) or not points >= 0:
-                raise InvalidRequestError([("Limits.max_points", "must be a number >= 0 or None")])
-        if self.point_prices is not None:
-            if not isinstance(self.point_prices, Mapping):
-                raise InvalidRequestError(
-                    [
-                        (
-                            "Limits.point_prices",
-                            "must be a mapping of model[/size[/quality]] to points",
-                        )
-                    ]
+        found = [
+            *_count("Limits", "max_connections", self.max_connections),
+            *_count("Limits", "max_concurrent_submits", self.max_concurrent_submits),
+            *_amount(
+                "Limits", "max_submits_per_second", self.max_submits_per_second, optional=True
+            ),
+            *_count("Limits", "max_concurrent_polls", self.max_concurrent_polls),
+            *_count("Limits", "max_in_flight", self.max_in_flight, optional=True),
+            *_count("Limits", "max_response_bytes", self.max_response_bytes),
+            *_amount("Limits", "max_points", self.max_points, zero=True, optional=True),
+        ]
+        prices = self.point_prices
+        if prices is not None:
+            if not isinstance(prices, Mapping):
+                found.append(
+                    ("Limits.point_prices", "must be a mapping of model[/size[/quality]] to points")
                 )
-            for key, price in self.point_prices.items():
-                if (
-                    not isinstance(key, str)
-                    or isinstance(price, bool)
-                    or not isinstance(price, int | float)
-                    or not price >= 0
-                ):
-                    raise InvalidRequestError(
-                        [
-                            (
-                                "Limits.point_prices",
-                                f"{key!r}: points per image must be a number >= 0",
-                            )
-                        ]
+            else:
+                found.extend(
+                    (
+                        "Limits.point_prices",
+                        f"{key!r}: points per image must be a finite number >= 0",
                     )
+                    for key, price in prices.items()
+                    if not isinstance(key, str) or _amount("", "", price, zero=True)
+                )
+        _raise(found)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Timeouts:
     """Deadlines, in seconds. Every wait in the client is bounded by one of these.
+
+    Each is a finite number > 0 (a long ``job``, days even, is fine; infinity is refused).
 
     Attributes:
         connect: opening a connection.
@@ -165,14 +195,22 @@ class Timeouts:
     close: float = 30.0
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "Timeouts", connect=self.connect, request=self.request, job=self.job, close=self.close
+        _raise(
+            [
+                *_amount("Timeouts", "connect", self.connect),
+                *_amount("Timeouts", "request", self.request),
+                *_amount("Timeouts", "job", self.job),
+                *_amount("Timeouts", "close", self.close),
+            ]
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RetryPolicy:
     """Exponential backoff with full jitter for retryable failures.
+
+    ``max_attempts`` is an int >= 1; the waits are finite numbers (``initial_wait`` and
+    ``max_wait`` >= 0, ``max_elapsed`` > 0).
 
     Attributes:
         max_attempts: tries per call, the first included.
@@ -187,9 +225,14 @@ class RetryPolicy:
     max_elapsed: float = 60.0
 
     def __post_init__(self) -> None:
-        _check_positive("RetryPolicy", max_attempts=self.max_attempts, max_elapsed=self.max_elapsed)
-        if self.initial_wait < 0 or self.max_wait < 0:
-            raise InvalidRequestError([("RetryPolicy.initial_wait", "must be >= 0")])
+        _raise(
+            [
+                *_count("RetryPolicy", "max_attempts", self.max_attempts),
+                *_amount("RetryPolicy", "initial_wait", self.initial_wait, zero=True),
+                *_amount("RetryPolicy", "max_wait", self.max_wait, zero=True),
+                *_amount("RetryPolicy", "max_elapsed", self.max_elapsed),
+            ]
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -229,28 +272,16 @@ class DownloadPolicy:
     allow_http: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive(
-            "DownloadPolicy",
-            max_bytes=self.max_bytes,
-            concurrency=self.concurrency,
-            deadline=self.deadline,
-            min_rate=self.min_rate,
-            rate_window=self.rate_window,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-        )
-        bad = [
-            (f"DownloadPolicy.{name}", "must be a whole number")
-            for name in ("max_bytes", "concurrency")
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool)
+        found = [
+            *_count("DownloadPolicy", "max_bytes", self.max_bytes),
+            *_count("DownloadPolicy", "concurrency", self.concurrency),
+            *_amount("DownloadPolicy", "deadline", self.deadline, optional=True),
+            *_amount("DownloadPolicy", "min_rate", self.min_rate, optional=True),
+            *_amount("DownloadPolicy", "rate_window", self.rate_window),
+            *_amount("DownloadPolicy", "connect_timeout", self.connect_timeout),
+            *_amount("DownloadPolicy", "read_timeout", self.read_timeout),
+            *_count("DownloadPolicy", "max_redirects", self.max_redirects, minimum=0),
         ]
-        if (
-            not isinstance(self.max_redirects, int)
-            or isinstance(self.max_redirects, bool)
-            or self.max_redirects < 0
-        ):
-            bad.append(("DownloadPolicy.max_redirects", "must be a whole number >= 0"))
         if not isinstance(self.allow_http, bool):
-            bad.append(("DownloadPolicy.allow_http", "must be True or False"))
-        if bad:
-            raise InvalidRequestError(bad)
+            found.append(("DownloadPolicy.allow_http", "must be True or False"))
+        _raise(found)

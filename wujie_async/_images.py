@@ -10,8 +10,9 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol, Unpack
 
 from . import _contract
+from ._errors import InvalidRequestError
 from ._jobs import ImageJob
-from ._models import EditRequest, GenerationRequest, ImageResult
+from ._models import EditRequest, GenerationRequest, ImageResult, unencodable
 from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
 
 
@@ -78,14 +79,28 @@ class Images:
         self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
     ) -> ImageJob:
         options = {name: fields.pop(name, None) for name in CLIENT_ONLY_FIELDS}
-        body, n = kind.checked_body(fields)
+        tag = options["tag"]
+        # The tag is kept in the journal as text: it must be a str that can be stored.
+        tag_found = (
+            []
+            if tag is None
+            else [("tag", "must be a string (or None)")]
+            if not isinstance(tag, str)
+            else unencodable({"tag": tag})
+        )
+        try:
+            body, n = kind.checked_body(fields)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.violations + tag_found) from None
+        if tag_found:
+            raise InvalidRequestError(tag_found)
         return await self._submit(
             path,
             body,
             n,
             options["job_timeout"],
             options["extra_body"],
-            options["tag"],
+            tag,
         )
 
     async def generate(self, **fields: Unpack[GenerationFields]) -> ImageResult:

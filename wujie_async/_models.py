@@ -7,6 +7,7 @@ Reply models ignore unknown fields, since the gateway may add fields at any time
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
@@ -17,8 +18,46 @@ from . import _contract, _rules
 from ._errors import InvalidRequestError
 
 
+def unencodable(fields: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(field, rule)`` for each text in ``fields`` (or item of a list of texts) that is not
+    encodable as UTF-8 (a lone surrogate such as ``"\\ud800"``): it could not be sent."""
+    found: list[tuple[str, str]] = []
+    for name, value in fields.items():
+        if isinstance(value, str):
+            if not _utf8(value):
+                found.append((name, _NOT_UTF8))
+        elif isinstance(value, list | tuple):
+            found.extend(
+                (f"{name}[{index}]", _NOT_UTF8)
+                for index, item in enumerate(value)
+                if isinstance(item, str) and not _utf8(item)
+            )
+    return found
+
+
+_NOT_UTF8 = "must be text encodable as UTF-8 (no lone surrogates such as '\\ud800')"
+
+
+def _utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the rules name fields: ``image[1]``, not ``image.1``."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+    return text.removeprefix(".") or "body"
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong type is refused, never converted ("3", 2.0 or True for an
+    # int; bytes for a str), so what is sent is what the caller wrote.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     prompt: str
     model: str
@@ -61,14 +100,13 @@ class _Request(BaseModel):
         try:
             request = cls.model_validate(fields)
         except ValidationError as exc:
-            raise InvalidRequestError(
-                [
-                    (".".join(str(p) for p in err["loc"]) or "body", err["msg"])
-                    for err in exc.errors()
-                ]
-            ) from None
+            found = [(_location(err["loc"]), err["msg"]) for err in exc.errors()]
+            named = {field for field, _ in found}
+            # Text that could not be sent is named too, so one error lists every bad field.
+            found += [(f, rule) for f, rule in unencodable(fields) if f not in named]
+            raise InvalidRequestError(found) from None
         # The field values as validated (None for unset): no need to dump the model for this.
-        found = _rules.violations(cls.kind, request.__dict__)
+        found = unencodable(request.__dict__) + _rules.violations(cls.kind, request.__dict__)
         if found:
             raise InvalidRequestError(found)
         return request
@@ -79,9 +117,10 @@ class _Request(BaseModel):
 
         The hot path of every submit. When every value already has its field's exact type
         (``str``, ``int``, a list of ``str``; None for an optional field), validating with
-        pydantic would hand the same values back, so it is skipped: the per-model rules still
-        run, as in :meth:`build`. Anything else (a str subclass, a bool for an int, an unknown
-        field, a missing one) goes through :meth:`build`, which converts or names the error.
+        pydantic would hand the same values back, so it is skipped: the UTF-8 check and the
+        per-model rules still run, as in :meth:`build`. Anything else (a str subclass, a bool
+        for an int, an unknown field, a missing one) goes through :meth:`build`, which converts
+        (a str subclass to str, a tuple of images to a list) or names the error.
 
         Raises:
             InvalidRequestError: naming every field that breaks a rule, and the rule.
@@ -89,7 +128,7 @@ class _Request(BaseModel):
         if not cls._plain(fields):
             request = cls.build(fields)
             return request.body(), request.n
-        found = _rules.violations(cls.kind, fields)
+        found = unencodable(fields) + _rules.violations(cls.kind, fields)
         if found:
             raise InvalidRequestError(found)
         # Field order and copies as ``model_dump`` gives them: fresh lists, declared order.
@@ -127,6 +166,12 @@ class EditRequest(_Request):
 
     image: list[str]
     mask: str | None = None
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _images_as_list(cls, value: Any) -> Any:
+        # A tuple of texts is the same images: taken as a list (its items are still strict).
+        return list(value) if isinstance(value, tuple) else value
 
     kind: ClassVar[_rules.RequestKind] = "edit"
     _plain_types: ClassVar[dict[str, type]] = {

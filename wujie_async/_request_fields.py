@@ -2,7 +2,9 @@
 
 ``Images.submit(**fields: Unpack[GenerationFields])`` keeps one list of fields for the four
 methods, and mypy still catches ``generate(promt=...)`` or ``generate(n="three")``. The values
-are checked again at run time (``_models``), since not every caller runs a type checker.
+are checked again at run time (``_models``), since not every caller runs a type checker, and as
+strictly: a value of another type is refused, never converted (``n="3"``, ``n=2.0``, ``n=True``
+raise InvalidRequestError), and text must be encodable as UTF-8.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class GenerationFields(TypedDict, total=False):
             as API.md section 1, per model.
         job_timeout: the job's deadline in seconds (default ``Timeouts.job``).
         extra_body: fields this client does not know yet, sent as given.
-        tag: your own id for the submit (a queue message id), kept in the journal only.
+        tag: your own id for the submit (a queue message id), a str kept in the journal only.
     """
 
     prompt: Required[str]

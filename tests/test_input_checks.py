@@ -1,0 +1,287 @@
+"""Bad input is refused with InvalidRequestError naming the field, before anything is sent.
+
+Request fields are strict (a count is an int, never ``"3"``, ``2.0`` or ``True``; text is a str
+encodable as UTF-8), the ``tag`` of a submit is a str, and every policy refuses, at
+construction, a float for a count, a bool for a number, NaN, and infinity for a bound.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wujie_async import (
+    DownloadPolicy,
+    InvalidRequestError,
+    Limits,
+    PollPolicy,
+    RetryPolicy,
+    Timeouts,
+)
+from wujie_async._models import EditRequest, GenerationRequest
+
+from .conftest import EmulatorFactory, make_client
+
+pytestmark = pytest.mark.anyio
+
+CAT: dict[str, Any] = {"prompt": "a cat", "model": "gpt-image-1"}
+JPEG: dict[str, Any] = {**CAT, "output_format": "jpeg"}
+HAT: dict[str, Any] = {
+    "prompt": "a hat",
+    "model": "gpt-image-1",
+    "image": ["https://example.com/a.png"],
+}
+
+# (fields of images.submit, the field the error must name)
+BAD_GENERATIONS: list[tuple[dict[str, Any], str]] = [
+    ({**CAT, "n": "3"}, "n"),
+    ({**CAT, "n": 2.0}, "n"),
+    ({**CAT, "n": True}, "n"),
+    ({**JPEG, "output_compression": "50"}, "output_compression"),
+    ({**JPEG, "output_compression": 50.0}, "output_compression"),
+    ({**JPEG, "output_compression": True}, "output_compression"),
+    ({**CAT, "prompt": b"a cat"}, "prompt"),
+    ({**CAT, "quality": b"high"}, "quality"),
+    ({**CAT, "prompt": "\ud800"}, "prompt"),
+    ({**CAT, "prompt": "a cat \udfff"}, "prompt"),
+    ({**CAT, "model": "gpt-image-\ud800"}, "model"),  # an unknown model is still text
+    ({**CAT, "model": "a-new-model", "size": "1024x1024\ud800"}, "size"),
+    ({**CAT, "tag": 123}, "tag"),
+    ({**CAT, "tag": b"x"}, "tag"),
+    ({**CAT, "tag": object()}, "tag"),
+    ({**CAT, "tag": "\ud800"}, "tag"),
+]
+BAD_EDITS: list[tuple[dict[str, Any], str]] = [
+    ({**HAT, "image": ["https://example.com/\ud800.png"]}, "image[0]"),
+    ({**HAT, "image": ["https://example.com/a.png", b"https://example.com/b.png"]}, "image[1]"),
+    ({**HAT, "mask": "https://example.com/m\ud800.png"}, "mask"),
+    ({**HAT, "n": "2"}, "n"),
+    ({**HAT, "tag": 7}, "tag"),
+]
+
+
+def _ids(cases: list[tuple[dict[str, Any], str]]) -> list[str]:
+    """``field=value`` ids, the same in every xdist worker (no ``object at 0x...``)."""
+    ids = []
+    for fields, field in cases:
+        value = fields[field.split("[")[0]]
+        shown = repr(value) if isinstance(value, str | bytes | int | float | list) else "object"
+        ids.append(f"{field}={shown}")
+    return ids
+
+
+def _names(exc: InvalidRequestError) -> list[str]:
+    return [field for field, _ in exc.violations]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_rule(exc: InvalidRequestError, fields: dict[str, Any], field: str) -> None:
+    """The field is named; text that is no UTF-8 is refused for that reason, not another."""
+    assert field in _names(exc)
+    assert field in str(exc)
+    value = fields[field.split("[")[0]]
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(text, str) and _SURROGATE.search(text) for text in texts):
+        assert "UTF-8" in dict(exc.violations)[field]
+
+
+def _nothing_sent(stats: dict[str, Any]) -> None:
+    assert stats["submits_accepted"] == 0
+    assert stats["requests"].get("generations", 0) == 0
+    assert stats["requests"].get("edits", 0) == 0
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_GENERATIONS, ids=_ids(BAD_GENERATIONS))
+async def test_a_bad_generation_field_is_refused_before_sending(
+    emulator: EmulatorFactory, tmp_path: Path, fields: dict[str, Any], field: str
+) -> None:
+    async with emulator() as emu:
+        # With a journal: a bad tag must not surface as a journal error, nor leave a row.
+        async with make_client(emu, journal=tmp_path / "jobs.sqlite") as client:
+            with pytest.raises(InvalidRequestError) as caught:
+                await client.images.submit(**fields)
+            _check_rule(caught.value, fields, field)
+            assert await client.journal_entries() == []
+        _nothing_sent(emu.stats())
+
+
+@pytest.mark.parametrize(("fields", "field"), BAD_EDITS, ids=_ids(BAD_EDITS))
+async def test_a_bad_edit_field_is_refused_before_sending(
+    emulator: EmulatorFactory, fields: dict[str, Any], field: str
+) -> None:
+    async with emulator() as emu:
+        async with make_client(emu) as client:
+            with pytest.raises(InvalidRequestError) as caught:
+                await client.images.submit_edit(**fields)
+            _check_rule(caught.value, fields, field)
+        _nothing_sent(emu.stats())
+
+
+async def test_every_bad_field_is_named_at_once(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        async with make_client(emu) as client:
+            with pytest.raises(InvalidRequestError) as caught:
+                bad: dict[str, Any] = {**CAT, "n": "3", "prompt": "\ud800", "tag": 5}
+                await client.images.submit(**bad)
+            assert set(_names(caught.value)) == {"n", "prompt", "tag"}
+        _nothing_sent(emu.stats())
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "field"),
+    [(GenerationRequest, fields, field) for fields, field in BAD_GENERATIONS if "tag" not in fields]
+    + [(EditRequest, fields, field) for fields, field in BAD_EDITS if "tag" not in fields],
+)
+def test_build_is_as_strict_as_submit(
+    kind: type[GenerationRequest | EditRequest], fields: dict[str, Any], field: str
+) -> None:
+    """``build`` (what the CLI checks each input row with) refuses what submit refuses."""
+    with pytest.raises(InvalidRequestError) as caught:
+        kind.build(dict(fields))
+    _check_rule(caught.value, fields, field)
+
+
+async def test_valid_requests_still_go_through(emulator: EmulatorFactory) -> None:
+    async with emulator() as emu:
+        async with make_client(emu) as client:
+            jobs = [
+                await client.images.submit(**CAT, n=2, tag="message-1"),
+                await client.images.submit(**JPEG, output_compression=50, n=None),
+                await client.images.submit(prompt="一只猫 🐱, é", model="dall-e-3", style="vivid"),
+                await client.images.submit_edit(**{**HAT, "image": tuple(HAT["image"])}),
+            ]
+            for job in jobs:
+                await job
+        assert emu.stats()["submits_accepted"] == len(jobs)
+
+
+# --- policies ------------------------------------------------------------------------------------
+Policy = type[Limits | PollPolicy | Timeouts | RetryPolicy | DownloadPolicy]
+
+BAD_POLICIES: list[tuple[Policy, dict[str, Any], list[str]]] = [
+    # counts are ints: a float (even a whole one) or a bool is refused
+    (
+        Limits,
+        {
+            "max_connections": 2.5,
+            "max_concurrent_submits": 1.5,
+            "max_concurrent_polls": 1.5,
+            "max_in_flight": 2.5,
+            "max_response_bytes": 1.5,
+        },
+        [
+            "max_connections",
+            "max_concurrent_submits",
+            "max_concurrent_polls",
+            "max_in_flight",
+            "max_response_bytes",
+        ],
+    ),
+    (Limits, {"max_connections": 8.0}, ["max_connections"]),
+    (Limits, {"max_connections": True}, ["max_connections"]),
+    (Limits, {"max_in_flight": True}, ["max_in_flight"]),
+    (Limits, {"max_concurrent_polls": 0}, ["max_concurrent_polls"]),
+    # a bound that is None when there is none: infinity is refused in favour of None
+    (Limits, {"max_submits_per_second": math.inf}, ["max_submits_per_second"]),
+    (Limits, {"max_submits_per_second": True}, ["max_submits_per_second"]),
+    (Limits, {"max_points": math.inf}, ["max_points"]),
+    (Limits, {"max_points": math.nan}, ["max_points"]),
+    (Limits, {"point_prices": {"gpt-image-1": math.inf}}, ["point_prices"]),
+    (Limits, {"point_prices": {"gpt-image-1": math.nan}}, ["point_prices"]),
+    (Limits, {"point_prices": {"gpt-image-1": True}}, ["point_prices"]),
+    (PollPolicy, {"max_interval": math.inf}, ["max_interval"]),
+    (PollPolicy, {"first_poll_delay": math.inf}, ["first_poll_delay"]),
+    (PollPolicy, {"age_fraction": math.inf}, ["age_fraction"]),
+    (PollPolicy, {"batch_fill_horizon": math.inf}, ["batch_fill_horizon"]),
+    (PollPolicy, {"unknown_key_grace": math.inf}, ["unknown_key_grace"]),
+    (PollPolicy, {"max_estimate_wait": math.inf}, ["max_estimate_wait"]),
+    (PollPolicy, {"queue_position_seconds": math.inf}, ["queue_position_seconds"]),
+    (PollPolicy, {"min_interval": True}, ["min_interval"]),
+    (PollPolicy, {"age_fraction": False}, ["age_fraction"]),
+    (PollPolicy, {"min_interval": "0.5"}, ["min_interval"]),
+    (Timeouts, {"request": math.inf}, ["request"]),
+    (Timeouts, {"close": math.inf}, ["close"]),
+    (Timeouts, {"connect": math.inf}, ["connect"]),
+    (Timeouts, {"job": math.inf}, ["job"]),
+    (Timeouts, {"job": 10**400}, ["job"]),  # no float holds it: a deadline could not be reckoned
+    (Timeouts, {"request": True}, ["request"]),
+    (RetryPolicy, {"initial_wait": math.nan}, ["initial_wait"]),
+    (RetryPolicy, {"max_wait": math.nan}, ["max_wait"]),
+    (RetryPolicy, {"max_wait": math.inf}, ["max_wait"]),
+    (RetryPolicy, {"max_attempts": 2.5}, ["max_attempts"]),
+    (RetryPolicy, {"max_attempts": math.inf}, ["max_attempts"]),
+    (RetryPolicy, {"max_attempts": True}, ["max_attempts"]),
+    (RetryPolicy, {"initial_wait": "x"}, ["initial_wait"]),
+    (RetryPolicy, {"max_wait": None}, ["max_wait"]),
+    (RetryPolicy, {"max_wait": -1}, ["max_wait"]),
+    (RetryPolicy, {"max_elapsed": math.inf}, ["max_elapsed"]),
+    (DownloadPolicy, {"deadline": math.inf}, ["deadline"]),
+    (DownloadPolicy, {"min_rate": math.inf}, ["min_rate"]),
+    (DownloadPolicy, {"connect_timeout": True}, ["connect_timeout"]),
+    (DownloadPolicy, {"rate_window": math.inf}, ["rate_window"]),
+    (DownloadPolicy, {"max_redirects": 2.0}, ["max_redirects"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "kwargs", "fields"),
+    BAD_POLICIES,
+    ids=[f"{policy.__name__}-{kwargs!r}" for policy, kwargs, _ in BAD_POLICIES],
+)
+def test_a_bad_policy_value_is_refused_at_construction(
+    policy: Policy, kwargs: dict[str, Any], fields: list[str]
+) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        policy(**kwargs)
+    named = [f"{policy.__name__}.{field}" for field in fields]
+    assert _names(caught.value) == named  # each bad field, and only those
+    assert all(name in str(caught.value) for name in named)
+
+
+GOOD_POLICIES: list[tuple[Policy, dict[str, Any]]] = [
+    (Limits, {}),
+    (
+        Limits,
+        {
+            "max_connections": 1,
+            "max_submits_per_second": 8,
+            "max_in_flight": None,
+            "max_points": 0,
+            "point_prices": {"gpt-image-1": 8, "dall-e-3/1024x1024": 0.5},
+        },
+    ),
+    (Limits, {"max_submits_per_second": 0.5, "max_in_flight": 2000, "max_points": 12.5}),
+    (PollPolicy, {}),
+    (PollPolicy, {"age_fraction": 0, "queue_position_seconds": 0, "batch_fill_horizon": 0}),
+    (
+        PollPolicy,
+        {
+            "first_poll_delay": 3600,
+            "min_interval": 3600,
+            "max_interval": 3600,
+            "max_estimate_wait": 3600,
+        },
+    ),
+    (Timeouts, {}),
+    (Timeouts, {"job": 7 * 86_400, "request": 1, "connect": 0.5, "close": 600}),
+    (RetryPolicy, {}),
+    (RetryPolicy, {"initial_wait": 0, "max_wait": 0, "max_attempts": 1}),
+    (DownloadPolicy, {}),
+    (DownloadPolicy, {"deadline": None, "min_rate": None, "max_redirects": 0}),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "kwargs"),
+    GOOD_POLICIES,
+    ids=[f"{policy.__name__}-{kwargs!r}" for policy, kwargs in GOOD_POLICIES],
+)
+def test_documented_policy_values_still_work(policy: Policy, kwargs: dict[str, Any]) -> None:
+    made = policy(**kwargs)
+    assert all(getattr(made, name) == value for name, value in kwargs.items())
