@@ -325,8 +325,11 @@ async def test_download_flags_are_checked_before_anything_is_sent(tmp_path: Path
     rows = tmp_path / "rows.txt"
     rows.write_text("one\n")
     for flags, said in (
-        (("--download-timeout", "0"), "--download-timeout must be a positive number"),
-        (("--min-download-rate", "-1"), "--min-download-rate must be a number >= 0"),
+        (("--download-timeout", "0"), "--download-timeout must be a positive, finite number"),
+        (("--download-timeout", "inf"), "--download-timeout must be a positive, finite number"),
+        (("--min-download-rate", "-1"), "--min-download-rate must be a finite number >= 0"),
+        (("--rate", "inf"), "--rate must be a positive, finite number"),
+        (("--max-points", "inf"), "--max-points must be a finite number >= 0"),
     ):
         code, _, err = await cli("bulk", str(rows), "--emulator", "-o", str(tmp_path), *flags)
         assert code == 2 and said in err, err

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 import traceback
@@ -433,11 +434,11 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--download-timeout", "download_timeout"),
     ):
         value = getattr(args, dest, None)
-        if value is not None and not value > 0:
-            raise UsageError(f"{flag} must be a positive number")
+        if value is not None and not 0 < value < math.inf:
+            raise UsageError(f"{flag} must be a positive, finite number")
     points = getattr(args, "max_points", None)
-    if points is not None and not points >= 0:
-        raise UsageError("--max-points must be a number >= 0")
+    if points is not None and not 0 <= points < math.inf:
+        raise UsageError("--max-points must be a finite number >= 0")
     prices: dict[str, float] = {}
     for given in getattr(args, "point_price", None) or ():
         key, sep, value = given.partition("=")
@@ -453,8 +454,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         prices[key.strip()] = points
     args.point_prices = prices or None
     min_rate = getattr(args, "min_download_rate", None)
-    if min_rate is not None and not min_rate >= 0:
-        raise UsageError("--min-download-rate must be a number >= 0 (0 turns the check off)")
+    if min_rate is not None and not 0 <= min_rate < math.inf:
+        raise UsageError("--min-download-rate must be a finite number >= 0 (0 turns the check off)")
 
 
 def _planned(item: BulkItem) -> PlannedJob:
