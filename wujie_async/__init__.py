@@ -42,8 +42,8 @@ from ._jobs import ImageJob, JobUpdate
 from ._journal import JournalEntry
 from ._journal_file import JournalFile
 from ._journal_worker import JournalLockedError
-from ._models import GeneratedImage, ImageResult, SavedImage
 from ._request_fields import EditFields, GenerationFields
+from ._results import GeneratedImage, ImageResult, SavedImage
 from ._stats import FleetStats
 
 __version__ = "0.2.0"

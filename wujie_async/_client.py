@@ -37,8 +37,9 @@ from ._images import Images
 from ._jobs import ImageJob, JobState
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
-from ._models import EditRequest, GeneratedImage, GenerationRequest, SavedImage
+from ._models import EditRequest, GenerationRequest
 from ._poller import BatchPoller
+from ._results import GeneratedImage, SavedImage
 from ._stats import ClientStats
 from ._submitting import Admission, Submits
 from ._telemetry import Telemetry

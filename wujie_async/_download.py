@@ -45,7 +45,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
-from ._models import GeneratedImage, ImageResult, SavedImage
+from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
 if TYPE_CHECKING:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from . import _contract
 
 if TYPE_CHECKING:
-    from ._models import ImageResult
+    from ._results import ImageResult
 
 _SNIPPET_CHARS = 300
 # Only this much of a text is looked at: an 8 MiB reply costs no more than a short one.

@@ -12,8 +12,9 @@ from typing import Any, Protocol, Unpack
 from . import _contract
 from ._errors import InvalidRequestError
 from ._jobs import ImageJob
-from ._models import EditRequest, GenerationRequest, ImageResult, unencodable
+from ._models import EditRequest, GenerationRequest, unencodable
 from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
+from ._results import ImageResult
 
 
 class SubmitJob(Protocol):

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 from ._contract import JobStatus, job_status
 from ._errors import ClientStateError, IncompleteJobError, JobCancelledError, JobError
 from ._file_names import DEFAULT_NAME
-from ._models import GeneratedImage, ImageResult, JobInfo, SavedImage
+from ._models import JobInfo
+from ._results import GeneratedImage, ImageResult, SavedImage
 
 # Request fields that can be large (an edit's source images, as URLs or base64, and its mask).
 _BULK_FIELDS = ("image", "mask")

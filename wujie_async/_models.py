@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -388,46 +386,3 @@ _ENTRY_CLEANERS = {
     "complete_time": _time_stamp,
     "integral_cost": _points,
 }
-
-
-@dataclass(frozen=True, slots=True)
-class GeneratedImage:
-    """One finished image.
-
-    Attributes:
-        index: its position in the job (0 to n-1).
-        url: where to download it (URLs expire: download promptly).
-        b64_json: the image inline, when the gateway sent it that way.
-        revised_prompt: the prompt the model actually used, when reported.
-    """
-
-    index: int
-    url: str | None
-    b64_json: str | None = None
-    revised_prompt: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ImageResult:
-    """A job that succeeded: its key, final status and images."""
-
-    key: str
-    status: int
-    images: tuple[GeneratedImage, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class SavedImage:
-    """One image saved to disk: complete, synced, under its final name.
-
-    Attributes:
-        index: the image's position in its job.
-        path: the file.
-        bytes: the file's size.
-        sha256: the SHA-256 of the file's bytes, in hex.
-    """
-
-    index: int
-    path: Path
-    bytes: int
-    sha256: str

@@ -60,8 +60,9 @@ from ._errors import (
     snippet,
 )
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
-from ._models import ImageResult, JobInfo
+from ._models import JobInfo
 from ._replies import Reading, failure, images_of, read
+from ._results import ImageResult
 from ._schedule import KeyTiming, PollSchedule, WindowShape
 from ._stats import PollerCounters
 from ._transport import CallKind

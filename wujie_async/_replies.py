@@ -17,7 +17,8 @@ from pydantic import TypeAdapter, ValidationError
 from . import _contract
 from ._contract import JobStatus
 from ._errors import JobFailedError, ModerationRejectedError, ProtocolError, snippet
-from ._models import GeneratedImage, JobInfo
+from ._models import JobInfo
+from ._results import GeneratedImage
 
 # A reply may repeat a key; more than this many entries for one key are not even looked at.
 ENTRIES_PER_KEY = 4

@@ -1,0 +1,53 @@
+"""What a job gives back: its images, its result, and the images saved from it.
+
+Plain values with no dependency inside the package, so that the error tree (an incomplete
+job's error carries its result) and the models can both use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    """One finished image.
+
+    Attributes:
+        index: its position in the job (0 to n-1).
+        url: where to download it (URLs expire: download promptly).
+        b64_json: the image inline, when the gateway sent it that way.
+        revised_prompt: the prompt the model actually used, when reported.
+    """
+
+    index: int
+    url: str | None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """A job that succeeded: its key, final status and images."""
+
+    key: str
+    status: int
+    images: tuple[GeneratedImage, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedImage:
+    """One image saved to disk: complete, synced, under its final name.
+
+    Attributes:
+        index: the image's position in its job.
+        path: the file.
+        bytes: the file's size.
+        sha256: the SHA-256 of the file's bytes, in hex.
+    """
+
+    index: int
+    path: Path
+    bytes: int
+    sha256: str
