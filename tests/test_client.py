@@ -425,6 +425,29 @@ def test_policies_reject_nonsense() -> None:
         PollPolicy(min_interval=2, max_interval=1)
 
 
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("credentials", "app:key"),
+        ("poll", "fast"),
+        ("limits", 5),
+        ("timeouts", 5),
+        ("retry", 5),
+        ("journal", 5),
+        ("session", "x"),
+        ("gc_freeze", "yes"),
+        ("allow_insecure_http", "no"),
+    ],
+)
+def test_client_arguments_of_the_wrong_type_are_named(argument: str, value: object) -> None:
+    options: dict[str, Any] = {"base_url": "http://127.0.0.1:9/wj-open/v1", argument: value}
+    if argument != "credentials":
+        options["credentials"] = throwaway_credentials()
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(**options)
+    assert info.value.field == argument
+
+
 async def test_repr_and_errors_never_show_secrets(
     emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

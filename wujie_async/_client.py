@@ -87,6 +87,32 @@ def _checked_extra_body(extra: Any) -> dict[str, Any]:
     return dict(extra)
 
 
+def _check_arguments(**given: Any) -> None:
+    """Each of ``WujieClient``'s arguments is of its type, or None where that means the default:
+    a wrong one is named now, not met as an AttributeError at the first submit."""
+    kinds: dict[str, tuple[type, ...]] = {
+        "credentials": (Credentials,),
+        "poll": (PollPolicy,),
+        "limits": (Limits,),
+        "timeouts": (Timeouts,),
+        "retry": (RetryPolicy,),
+        "journal": (str, os.PathLike),
+        "session": (aiohttp.ClientSession,),
+    }
+    found = [
+        (name, f"must be a {' or '.join(kind.__name__ for kind in kinds[name])} (or None)")
+        for name, value in given.items()
+        if name in kinds and value is not None and not isinstance(value, kinds[name])
+    ]
+    found += [
+        (name, "must be True or False")
+        for name in ("allow_insecure_http", "gc_freeze")
+        if not isinstance(given[name], bool)
+    ]
+    if found:
+        raise InvalidRequestError(found)
+
+
 class WujieClient:
     """An asyncio client of the Wujie "OpenAI Image" gateway.
 
@@ -148,6 +174,17 @@ class WujieClient:
         downloads: DownloadPolicy | None = None,
         allow_private_addresses: bool = False,
     ) -> None:
+        _check_arguments(
+            credentials=credentials,
+            poll=poll,
+            limits=limits,
+            timeouts=timeouts,
+            retry=retry,
+            journal=journal,
+            allow_insecure_http=allow_insecure_http,
+            session=session,
+            gc_freeze=gc_freeze,
+        )
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = check_base_url(
             base_url or Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
