@@ -369,27 +369,38 @@ async def test_noisy_listing_is_handled(emulator: EmulatorFactory) -> None:
 
 
 async def test_misuse_raises_clear_state_errors(emulator: EmulatorFactory) -> None:
-    async with emulator() as emu:
+    async with emulator(time_scale=1.0) as emu:  # the job runs while the other loop tries
         client = make_client(emu)
         with pytest.raises(ClientStateError, match="async with"):
             await client.images.submit(prompt="x", model="dall-e-2")
         async with client:
+            job = await client.images.submit(prompt="x", model="gpt-image-1", n=2)
             errors: list[BaseException] = []
 
             def other_loop() -> None:
-                async def use() -> None:
+                async def submit() -> None:
                     await client.images.submit(prompt="x", model="dall-e-2")
 
-                try:
-                    asyncio.run(use())
-                except BaseException as exc:
-                    errors.append(exc)
+                async def wait() -> None:
+                    await job
+
+                async def image() -> None:
+                    await job.image(1)
+
+                for use in (submit, wait, image):
+                    try:
+                        asyncio.run(use())
+                    except BaseException as exc:
+                        errors.append(exc)
 
             thread = threading.Thread(target=other_loop)
             thread.start()
             await asyncio.to_thread(thread.join, 10)
-            assert len(errors) == 1 and isinstance(errors[0], ClientStateError)
-            assert "another event loop" in str(errors[0])
+            assert len(errors) == 3, errors
+            for error in errors:  # the submit, awaiting the job, and one of its images
+                assert isinstance(error, ClientStateError), repr(error)
+                assert "another event loop" in str(error)
+            assert not job.done() and job.cancel()  # still its own loop's to use
             with pytest.raises(ClientStateError):
                 await client.open()
 

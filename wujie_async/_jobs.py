@@ -358,6 +358,7 @@ class ImageJob:
     def __await__(self) -> Generator[Any, None, ImageResult]:
         future = self._state.future
         if not future.done():
+            _check_loop(future)
             # A shield per awaiter: cancelling one awaiting task must not cancel the job.
             yield from asyncio.shield(future).__await__()
         return future.result()
@@ -405,6 +406,7 @@ class ImageJob:
         if state.future.done():
             state.future.result()  # raises the job's error, if any
             raise IndexError(f"job {self.key} finished with {len(state.images)} image(s)")
+        _check_loop(state.future)
         if state.image_futures is None:
             state.image_futures = {}
         future = state.image_futures.get(index)
@@ -566,6 +568,14 @@ class _Landed:
         except IncompleteJobError as exc:
             self.incomplete = exc
             return exc.result
+
+
+def _check_loop(future: asyncio.Future[Any]) -> None:
+    """A job is awaited on its client's event loop (asyncio's own error says nothing of it)."""
+    if asyncio.get_running_loop() is not future.get_loop():
+        raise ClientStateError(
+            "this job belongs to a client on another event loop; await it on that loop"
+        )
 
 
 def holds_bulk(job: ImageJob) -> bool:
