@@ -448,6 +448,8 @@ def test_policies_reject_nonsense() -> None:
         ("session", "x"),
         ("gc_freeze", "yes"),
         ("allow_insecure_http", "no"),
+        ("downloads", 5),
+        ("allow_private_addresses", "yes"),
     ],
 )
 def test_client_arguments_of_the_wrong_type_are_named(argument: str, value: object) -> None:

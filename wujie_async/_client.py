@@ -98,6 +98,7 @@ def _check_arguments(**given: Any) -> None:
         "retry": (RetryPolicy,),
         "journal": (str, os.PathLike),
         "session": (aiohttp.ClientSession,),
+        "downloads": (DownloadPolicy,),
     }
     found = [
         (name, f"must be a {' or '.join(kind.__name__ for kind in kinds[name])} (or None)")
@@ -106,7 +107,7 @@ def _check_arguments(**given: Any) -> None:
     ]
     found += [
         (name, "must be True or False")
-        for name in ("allow_insecure_http", "gc_freeze")
+        for name in ("allow_insecure_http", "gc_freeze", "allow_private_addresses")
         if not isinstance(given[name], bool)
     ]
     if found:
@@ -184,6 +185,8 @@ class WujieClient:
             allow_insecure_http=allow_insecure_http,
             session=session,
             gc_freeze=gc_freeze,
+            downloads=downloads,
+            allow_private_addresses=allow_private_addresses,
         )
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = check_base_url(
@@ -194,10 +197,6 @@ class WujieClient:
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
         self.retry_policy = retry or RetryPolicy()
-        if downloads is not None and not isinstance(downloads, DownloadPolicy):
-            raise InvalidRequestError([("downloads", "must be a DownloadPolicy")])
-        if not isinstance(allow_private_addresses, bool):
-            raise InvalidRequestError([("allow_private_addresses", "must be True or False")])
         self.images = Images(submit=self._submit, attach=self._attach)
         self._state: _State = "unopened"
         self._loop: asyncio.AbstractEventLoop | None = None
