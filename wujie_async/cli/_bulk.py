@@ -277,7 +277,8 @@ class BulkRun:
             await job
         except Exception as exc:
             problem = problem or exc
-        charged = job.key in self._charged or job.key in self._charged_before
+        # The cost goes on this line's last row unless a row already carries it.
+        points = job.points_charged if self._uncharged(job) else None
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if problem is None:
             self._end(row, "saved", job.key, None, None)
@@ -287,7 +288,6 @@ class BulkRun:
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
-        points = None if charged else job.points_charged
         self._end(row, status, job.key, code, message, points=points)
 
     async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
