@@ -72,7 +72,7 @@ class BulkItem:
         return f"line:{self.line}:{digest}"
 
 
-def _line_tag(tag: str) -> tuple[int, str] | None:
+def line_tag(tag: str) -> tuple[int, str] | None:
     """(line, digest) of a ``line:N:DIGEST`` tag; None for an id tag or anything else."""
     parts = tag.split(":")
     if len(parts) == 3 and parts[0] == "line" and parts[1].isdecimal():
@@ -92,14 +92,14 @@ def moved_rows(items: list[BulkItem], recorded: Collection[str]) -> dict[str, st
     current = {item.tag for item in items}
     free: dict[str, list[tuple[int, str]]] = {}
     for tag in recorded:
-        parsed = _line_tag(tag)
+        parsed = line_tag(tag)
         if parsed is not None and tag not in current:
             free.setdefault(parsed[1], []).append((parsed[0], tag))
     for lines in free.values():
         lines.sort(reverse=True)  # popped from the end: lowest line first
     moved: dict[str, str] = {}
     for item in sorted(items, key=lambda item: item.line):
-        parsed = _line_tag(item.tag)
+        parsed = line_tag(item.tag)
         if parsed is None or item.tag in recorded:
             continue
         candidates = free.get(parsed[1])

@@ -44,7 +44,7 @@ from ._common import (
     UsageError,
     open_client,
 )
-from ._input import BulkItem, moved_rows
+from ._input import BulkItem, line_tag, moved_rows
 from ._outcome import (
     LineOutcome,
     Manifest,
@@ -167,10 +167,8 @@ def line_of(entry: JournalEntry) -> tuple[int, str | None]:
     tag = entry.tag or ""
     if tag.startswith("id:"):
         return 0, tag[3:]
-    parts = tag.split(":")
-    if len(parts) == 3 and parts[0] == "line" and parts[1].isdecimal():
-        return int(parts[1]), None
-    return 0, None
+    parsed = line_tag(tag)
+    return (parsed[0] if parsed is not None else 0), None
 
 
 def _settled_from(
