@@ -397,6 +397,33 @@ async def test_a_journal_in_use_exits_4(emulator: EmulatorFactory, tmp_path: Pat
     assert code == 4 and "in use" in err
 
 
+@pytest.mark.long
+@pytest.mark.parametrize("second", [["--no-journal"], ["--journal", "other.sqlite"]])
+async def test_a_second_run_into_the_same_out_folder_exits_4_and_pays_nothing(
+    tmp_path: Path, second: list[str]
+) -> None:
+    """Two runs of one input into one --out would each plan from the manifest before the
+    other wrote it, and both pay: the second is refused, whatever journal it keeps."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "6,6") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("\n".join(f"once {i}" for i in range(3)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        async with running_cli(*bulk, "--no-journal", env=emu.env) as first:
+            await eventually(accepted_at_least(emu, 3), what="3 submits", alive=proc_alive(first))
+            if second[0] == "--journal":
+                second = ["--journal", str(tmp_path / second[1])]
+            code, _, err = await cli(*bulk, *second, env=emu.env)
+            assert code == 4 and "in use by another run (process" in err, err
+            assert (await emu.stats())["submits_accepted"] == 3
+            first.send_signal(signal.SIGTERM)
+            code, _, err = await first.finish(10)
+        assert code == 143, err
+        code, _, err = await cli(*bulk, "--no-journal", env=emu.env)  # the lock is free again
+        assert code == 0, err
+        assert (await emu.stats())["submits_accepted"] == 3  # collected by key, never resent
+
+
 # --- 10: progress says each outcome by its name, and rates of this run's own lines ---------------
 async def test_progress_counts_outcomes_by_name_and_a_rerun_shows_no_inflated_rate(
     tmp_path: Path,

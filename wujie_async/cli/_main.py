@@ -43,6 +43,7 @@ from ._common import (
 )
 from ._completion import SHELLS, script
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
+from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
 from ._run import Session, check_out_folder, journal_path
@@ -468,7 +469,7 @@ def _planned(item: BulkItem) -> PlannedJob:
 
 def _run_files(args: argparse.Namespace) -> list[str]:
     """Names in OUT/ that belong to the run itself: no image may take them."""
-    names = ["manifest.jsonl"]
+    names = ["manifest.jsonl", LOCK_NAME]
     journal = journal_path(args)
     if journal is not None and journal.parent.resolve() == Path(args.out).resolve():
         names += [journal.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
@@ -504,7 +505,10 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     check_names(args.name, planned, taken=_run_files(args))
     check_out_folder(args.out)
     session = Session(args, console, _progress_mode(args))
-    return _run_loop(session.run(items))
+    if args.command not in ("bulk", "resume"):
+        return _run_loop(session.run(items))  # one job each: runs side by side may share OUT
+    with out_folder_lock(args.out):  # plans from OUT's manifest: one such run at a time
+        return _run_loop(session.run(items))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -539,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         say("interrupted", highlight=False)
         return EXIT_INTERRUPTED
-    except JournalLockedError as exc:
+    except (JournalLockedError, OutFolderBusyError) as exc:
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_BUSY
     except WujieError as exc:
