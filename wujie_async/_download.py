@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Self
+from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
 
 import aiohttp
 import anyio
@@ -314,8 +314,7 @@ class Downloader:
         async with slots:
             data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
             path = target.final(kind)
-            with anyio.CancelScope(shield=True):  # see _stream_to_file
-                await anyio.to_thread.run_sync(_atomic_file.write_whole, data, path)
+            await _to_end(_atomic_file.write_whole, data, path)  # see _stream_to_file
         return SavedImage(target.index, path, len(data), hashlib.sha256(data).hexdigest())
 
     async def _observed(
@@ -482,13 +481,15 @@ class Downloader:
         declared = reply.content_length
         if declared is not None and declared > policy.max_bytes:
             raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
-        # The file operations on worker threads run to their end even when the task is
-        # cancelled meanwhile: shielded, their result is kept, so a cancel never leaves a
-        # temporary file nobody knows of, nor a complete image its caller is told was not saved.
-        with anyio.CancelScope(shield=True):
-            handle, temp = await anyio.to_thread.run_sync(
-                _atomic_file.open_temp, target.folder, f"wujie-{target.index}"
-            )
+        # The file steps on worker threads run to their end even when the task is cancelled
+        # meanwhile (_to_end), so a cancel never leaves a temporary file nobody knows of: each
+        # image is either complete under its final name or not there at all.
+        handle, temp = await _to_end(
+            _atomic_file.open_temp,
+            target.folder,
+            f"wujie-{target.index}",
+            undo=lambda opened: _atomic_file.discard(*opened),
+        )
         try:
             size, digest, head = await self._stream(reply, handle)
             # Content-Length counts the bytes on the wire: a compressed body decodes to more.
@@ -504,11 +505,9 @@ class Downloader:
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
             path = target.final(kind)
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_atomic_file.commit, handle, temp, path)
+            await _to_end(_atomic_file.commit, handle, temp, path)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_atomic_file.discard, handle, temp)
+            await _to_end(_atomic_file.discard, handle, temp)
             raise
         return SavedImage(target.index, path, size, digest)
 
@@ -611,3 +610,33 @@ def _host(url: str) -> str | None:
         return URL(url).host
     except ValueError:
         return None
+
+
+_T = TypeVar("_T")
+
+
+async def _to_end(
+    step: Callable[..., _T], *args: Any, undo: Callable[[_T], object] | None = None
+) -> _T:
+    """``step(*args)`` on a worker thread, run to its end whatever cancels this task meanwhile.
+
+    A shielded anyio scope holds off only anyio's own cancels; a plain ``task.cancel()`` (an
+    ``asyncio.timeout`` around ``job.save()``, a web framework dropping its request) would
+    still abandon the step half-way, its temporary file open and left behind. So the step
+    runs as a task of its own, waited for through every cancel; a cancel that came meanwhile
+    is raised once it has ended, after ``undo`` (given the step's result) has removed what
+    nobody will now use.
+    """
+    done = asyncio.ensure_future(anyio.to_thread.run_sync(step, *args))
+    cancel: BaseException | None = None
+    while not done.done():
+        try:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({done})  # returns when it ends; never cancels it
+        except asyncio.CancelledError as exc:
+            cancel = exc
+    if cancel is None:
+        return done.result()
+    if undo is not None and not done.cancelled() and done.exception() is None:
+        undo(done.result())
+    raise cancel
