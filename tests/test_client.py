@@ -266,11 +266,13 @@ async def test_drain_on_close_waits_for_jobs(emulator: EmulatorFactory) -> None:
         assert stray_tasks(before) == set()
 
 
+@pytest.mark.parametrize("again", [False, True], ids=["once", "at-every-step"])
 async def test_a_drain_cancelled_midway_still_closes_everything(
-    emulator: EmulatorFactory,
+    emulator: EmulatorFactory, again: bool
 ) -> None:
     """``wait_for(client.aclose(drain=True), ...)`` running out (or any cancel of the closing
-    task) still settles every job and stops the poller: nothing waits for a job's deadline."""
+    task, again while it shuts down) still settles every job and stops the poller: nothing
+    waits for a job's deadline."""
     before = asyncio.all_tasks()
     async with emulator(time_scale=1.0) as emu:
         client = make_client(emu)
@@ -279,6 +281,11 @@ async def test_a_drain_cancelled_midway_still_closes_everything(
         closing = asyncio.create_task(client.aclose(drain=True, timeout=60))
         await eventually(lambda: "state='closing'" in repr(client), what="the drain")
         closing.cancel()
+        for _ in range(10_000 if again else 0):  # and again at each step of the shutdown
+            await asyncio.sleep(0)
+            if closing.done():
+                break
+            closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
         assert "state='closed'" in repr(client)
