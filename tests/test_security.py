@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import time
+import unicodedata
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -269,6 +270,9 @@ async def test_no_error_chain_reaches_the_signed_header(
         "\x9b2J",  # the 8-bit CSI
         "\x00\x07\x08\x7f\x85",  # NUL, BEL, BS, DEL, NEL
         "a\u202eb",  # a bidi override
+        "a\u2066b\u2069",  # a bidi isolate
+        "a\u200e\u200f\u061cb",  # bidi marks (LRM, RLM, ALM)
+        "a\u200bb\ufeff",  # zero-width space, BOM
     ],
 )
 def test_snippet_strips_every_control_character(text: str) -> None:
@@ -276,6 +280,7 @@ def test_snippet_strips_every_control_character(text: str) -> None:
     assert cleaned.startswith("before ") and cleaned.endswith(" after")
     assert "PWNED" not in cleaned and "2J" not in cleaned and "31m" not in cleaned
     assert all(ch.isprintable() for ch in cleaned), repr(cleaned)
+    assert all(unicodedata.category(ch) != "Cf" for ch in cleaned), repr(cleaned)
 
 
 def test_snippet_folds_whitespace_and_stays_short() -> None:

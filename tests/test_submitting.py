@@ -26,6 +26,7 @@ from wujie_async import (
     SubmitUncertainError,
     WujieClient,
 )
+from wujie_async._keys import is_job_key
 from wujie_async.emulator import FaultConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
@@ -317,6 +318,9 @@ async def test_concurrent_submits_given_one_key_never_share_a_job(
         (json.dumps({"code": "200", "data": {"key": "\x1b]0;PWNED"}}).encode(), "control"),
         (json.dumps({"code": "200", "data": {"key": "K\x85"}}).encode(), "control"),
         (json.dumps({"code": "200", "data": {"key": "K" * 129}}).encode(), "129 characters"),
+        (json.dumps({"code": "200", "data": {"key": "INVOICE\u202egnp.EXE"}}).encode(), "format"),
+        (json.dumps({"code": "200", "data": {"key": "K\u200bK"}}).encode(), "format"),
+        (json.dumps({"code": "200", "data": {"key": "\ufeffK"}}).encode(), "format"),
     ],
     ids=[
         "empty-key",
@@ -329,6 +333,9 @@ async def test_concurrent_submits_given_one_key_never_share_a_job(
         "esc",
         "c1",
         "long",
+        "bidi",
+        "zero-width",
+        "bom",
     ],
 )
 async def test_a_reply_without_a_usable_key_is_uncertain(
@@ -346,6 +353,15 @@ async def test_a_reply_without_a_usable_key_is_uncertain(
             assert row.request["prompt"] == "x" and row.job_key is None
             assert client.jobs() == []
     assert gateway.submits == 1  # charged maybe, but never resent
+
+
+@pytest.mark.parametrize(
+    "key", ["3E46BF62A51256A96EEFB73079BD55E2", "a1b2-c3d4_e5+f6/g7==", "キー123", "ключ"]
+)
+def test_printable_keys_are_usable_and_invisible_characters_are_not(key: str) -> None:
+    assert is_job_key(key)
+    for hidden in ("\u202e", "\u200e", "\u061c", "\u2066", "\ufeff", "\u00a0", "\ue000"):
+        assert not is_job_key(key + hidden), repr(hidden)
 
 
 async def test_the_longest_key_is_accepted(credentials: Credentials) -> None:

@@ -70,17 +70,20 @@ _ESCAPE_SEQUENCE = re.compile(
     re.VERBOSE,
 )
 # Every other control character: C0 (but whitespace, folded below), DEL, C1, and the Unicode
-# bidirectional overrides that can make a terminal show text in another order.
-_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# format characters that can make a terminal show text in another order or hide some of it:
+# bidi overrides, isolates and marks (LRM, RLM, ALM), zero-width ones, the BOM.
+_CONTROL = re.compile(
+    r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]"
+)
 
 
 def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     """A short one-line excerpt of server text, safe to print to a terminal or a log.
 
-    Every control character is removed: C0 (escape included), DEL, C1, bidi overrides and
-    whole ANSI/OSC escape sequences (titles, screen clears, colours); runs of whitespace,
-    newlines included, become one space. Use it for any server-provided text that is printed
-    or logged.
+    Every control character is removed: C0 (escape included), DEL, C1, bidi overrides, marks
+    and isolates, zero-width characters, the BOM, and whole ANSI/OSC escape sequences (titles,
+    screen clears, colours); runs of whitespace, newlines included, become one space. Use it
+    for any server-provided text that is printed or logged.
 
     Args:
         text: the text, or raw bytes (decoded as UTF-8, bad bytes replaced).
