@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 
 from wujie_async import (
+    BusinessError,
     ClientStateError,
     Credentials,
     ImageJob,
@@ -216,8 +217,9 @@ class FakeGateway:
     """Answers submits with the keys queued in ``keys`` (the last one repeats), and lists
     every key asked about as finished, with one image, once ``finish`` is set."""
 
-    def __init__(self, keys: list[Any]) -> None:
+    def __init__(self, keys: list[Any], *, status: int = 200) -> None:
         self.keys = keys
+        self.status = status  # the HTTP status of submit replies
         self.submits = 0
         self.finish = asyncio.Event()
 
@@ -225,8 +227,9 @@ class FakeGateway:
         self.submits += 1
         key = self.keys.pop(0) if len(self.keys) > 1 else self.keys[0]
         if isinstance(key, bytes):  # a raw reply body
-            return web.Response(body=key, content_type="application/json")
-        return web.json_response({"code": "200", "message": "ok", "data": {"key": key}})
+            return web.Response(body=key, status=self.status, content_type="application/json")
+        reply = {"code": "200", "message": "ok", "data": {"key": key}}
+        return web.json_response(reply, status=self.status)
 
     async def info(self, request: web.Request) -> web.Response:
         keys = await request.json()
@@ -362,6 +365,29 @@ def test_printable_keys_are_usable_and_invisible_characters_are_not(key: str) ->
     assert is_job_key(key)
     for hidden in ("\u202e", "\u200e", "\u061c", "\u2066", "\ufeff", "\u00a0", "\ue000"):
         assert not is_job_key(key + hidden), repr(hidden)
+
+
+@pytest.mark.parametrize("status", [201, 202])
+async def test_a_success_envelope_under_another_2xx_status_is_accepted(
+    credentials: Credentials, tmp_path: Path, status: int
+) -> None:
+    """The contract names HTTP 200; a gateway (or a proxy) answering 201 or 202 with a
+    success envelope has accepted the submit: its key is kept, the job followed."""
+    gateway = FakeGateway(["KEY201"], status=status)
+    async with gateway.serve() as base:
+        async with fake_client(base, credentials, journal=tmp_path / "j.sqlite") as client:
+            job = await client.images.submit(prompt="x", model="dall-e-2")
+            assert job.key == "KEY201" and await client.uncertain_submits() == []
+            gateway.finish.set()
+            assert len((await asyncio.wait_for(job.result(), 10)).images) == 1
+
+
+async def test_a_business_error_under_a_201_is_a_business_error(credentials: Credentials) -> None:
+    refused = {"code": "20110001", "message": "sensitive words", "data": None}
+    gateway = FakeGateway([json.dumps(refused).encode()], status=201)
+    async with gateway.serve() as base, fake_client(base, credentials) as client:
+        with pytest.raises(BusinessError, match="sensitive"):
+            await client.images.submit(prompt="x", model="dall-e-2")
 
 
 async def test_the_longest_key_is_accepted(credentials: Credentials) -> None:

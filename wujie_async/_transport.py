@@ -110,7 +110,9 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
         payload, is_json = None, False
     else:
         is_json = True
-    if status == 200 and isinstance(payload, dict):
+    # Any 2xx: the contract names 200, but a gateway (or a proxy before it) answering 201 or
+    # 202 with a success envelope has accepted the call, and its key must not be dropped.
+    if 200 <= status < 300 and isinstance(payload, dict):
         code = payload.get("code")
         if code == _contract.SUCCESS_CODE or code == int(_contract.SUCCESS_CODE):
             return payload.get("data")  # the common case, without building a model
@@ -174,7 +176,7 @@ def _reply_error(
         return ServerError(said or "server error", http_status=status, code=code, body=body)
     if not is_json:
         return ProtocolError("the reply is not JSON", http_status=status, body=body)
-    if status != 200:
+    if not 200 <= status < 300:
         return ProtocolError("unexpected HTTP status", http_status=status, code=code, body=body)
     if envelope is None:
         return ProtocolError(
