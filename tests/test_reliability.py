@@ -212,6 +212,34 @@ async def test_cancelling_generate_cancels_the_submit_cleanly(
         assert [row.request["prompt"] for row in uncertain] == ["slow"]
 
 
+@pytest.mark.parametrize("stop", ["aclose", "stop_submitting"])
+async def test_a_submit_waiting_to_retry_after_a_429_ends_unsent_when_stopped(
+    emulator: EmulatorFactory, tmp_path: Path, stop: str
+) -> None:
+    """A 429 refused the submit outright, so while it waits for its retry nothing is on the
+    wire: closing the client (or stop_submitting) ends it as not sent, never as "may have
+    been charged", and the journal keeps it resendable."""
+    faults = FaultConfig(http_429=1.0, retry_after_s=30, endpoints=frozenset({"generations"}))
+    journal = tmp_path / "jobs.sqlite"
+    retry = RetryPolicy(max_attempts=5, initial_wait=0.01, max_wait=60, max_elapsed=120)
+    async with emulator(faults=faults) as emu:
+        client = make_client(emu, journal=journal, retry=retry)
+        async with client:
+            submit = asyncio.create_task(client.images.submit(prompt="later", model="dall-e-2"))
+            await eventually(lambda: emu.stats()["faults"].get("http_429", 0) >= 1, what="a 429")
+            if stop == "aclose":
+                await client.aclose()
+            else:
+                client.stop_submitting()
+            with pytest.raises(ClientStateError, match=r"nothing was sent"):
+                await asyncio.wait_for(submit, 10)
+            if stop == "stop_submitting":
+                assert await client.uncertain_submits() == []
+        assert emu.stats()["requests"]["generations"] == 1
+    with sqlite3.connect(journal) as db:
+        assert db.execute("SELECT state FROM submits").fetchall() == [("unsent",)]
+
+
 @pytest.mark.long
 async def test_journal_records_intent_before_sending_and_key_before_returning(
     emulator: EmulatorFactory, tmp_path: Path

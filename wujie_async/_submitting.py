@@ -7,8 +7,8 @@ it gets, and how every submit still running ends when the client closes.
     async with SubmitRecord(...):       the journal protocol and the outcome classification
         async with admission.send_slot():   Limits.max_concurrent_submits and the pacer
             await record.intent()           intent written before anything is sent
-            record.sending()                from here the request may leave the process
-            POST
+            POST(on_wire=record.on_wire)    the transport says when a try may leave the
+                                            process, and when a refused one waits to retry
         claim the key                   usable, and not another job's
         await record.accepted(key)      key written before submit() returns
     make_job(key)                       the client's one job factory
@@ -183,9 +183,11 @@ class SubmitRecord:
                 raise  # a subclass (the fleet's Redis is away, say) already says what it is
             raise ClientStateError(f"the submit was not sent: {exc}") from None
 
-    def sending(self) -> None:
-        """From now on the request may leave the process."""
-        self._sending = True
+    def on_wire(self, may_leave: bool) -> None:
+        """The transport says whether the request may now leave the process (``True`` just
+        before each try) or has nothing on the wire (``False``: a try was refused outright and
+        the next one waits)."""
+        self._sending = may_leave
 
     async def accepted(self, key: str) -> None:
         """Keep the key the gateway gave; a journal that cannot write it does not lose it.
@@ -438,8 +440,9 @@ class Submits:
             async with record:
                 async with admission.send_slot():
                     await record.intent()
-                    record.sending()
-                    data = await self._transport.post(path, body, kind="submit", parent=trace)
+                    data = await self._transport.post(
+                        path, body, kind="submit", parent=trace, on_wire=record.on_wire
+                    )
                 key = self._claim_key(data, body)
                 if trace is not None and (otel := self._telemetry.otel) is not None:
                     otel.job_accepted(trace, key)

@@ -322,7 +322,13 @@ class Transport:
             await session.close()
 
     async def post(
-        self, path: str, body: Any, *, kind: CallKind, parent: JobTrace | BatchTrace | None = None
+        self,
+        path: str,
+        body: Any,
+        *,
+        kind: CallKind,
+        parent: JobTrace | BatchTrace | None = None,
+        on_wire: Callable[[bool], None] | None = None,
     ) -> Any:
         """POST ``body`` as JSON to ``path``; the envelope's ``data``, retried as ``kind`` allows.
 
@@ -331,6 +337,9 @@ class Transport:
             body: the JSON body.
             kind: what the call is (submits and polls are retried differently).
             parent: the job or batch call the attempts' spans belong to (telemetry).
+            on_wire: told ``True`` just before each attempt's request may leave, and ``False``
+                when an attempt was refused outright and the next one waits (a submit waiting
+                to retry after a 429 has nothing on the wire: stopping it costs nothing).
 
         Raises:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
@@ -339,7 +348,10 @@ class Transport:
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         keys = len(body) if kind == "poll" and isinstance(body, list) else None
         return await self._with_retries(
-            lambda attempt: self._post_once(path, payload, kind, attempt, keys, parent), kind, body
+            lambda attempt: self._post_once(path, payload, kind, attempt, keys, parent, on_wire),
+            kind,
+            body,
+            on_wire,
         )
 
     # --- retries ---------------------------------------------------------------------------
@@ -351,7 +363,11 @@ class Transport:
     # closures sharing state around it. The pieces below each do one of those things.
 
     async def _with_retries(
-        self, attempt: Callable[[int], Awaitable[T]], kind: CallKind, body: Any
+        self,
+        attempt: Callable[[int], Awaitable[T]],
+        kind: CallKind,
+        body: Any,
+        on_wire: Callable[[bool], None] | None,
     ) -> T:
         waits: Iterator[float | None] | None = None  # made on the first failure only
         # The retry budget is measured on the loop's clock, the one the waits below sleep on
@@ -377,6 +393,8 @@ class Transport:
                 delay = self._next_delay(waits, exc)
                 self.counters.retries += 1
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
+                if on_wire is not None:
+                    on_wire(False)  # retried: refused outright (_retryable), nothing accepted
                 await asyncio.sleep(delay)
 
     def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:
@@ -410,9 +428,12 @@ class Transport:
         attempt: int,
         keys: int | None,
         parent: JobTrace | BatchTrace | None,
+        on_wire: Callable[[bool], None] | None,
     ) -> Any:
         brake = self._brakes[kind]
         sent_at = await brake.acquire()
+        if on_wire is not None:
+            on_wire(True)
         self.counters.http_calls += 1
         otel = self.telemetry.otel
         if otel is None and not logger.isEnabledFor(logging.DEBUG):
