@@ -13,14 +13,17 @@ from wujie_async import (
     BudgetExceededError,
     ImageJob,
     InvalidRequestError,
+    JobTimeoutError,
     Limits,
     SubmitUncertainError,
+    WujieClient,
     WujieError,
 )
 from wujie_async.emulator import FaultConfig
 
 from .cli_helpers import cli, cli_zygote, manifest, served_emulator  # noqa: F401
-from .conftest import EmulatorFactory, make_client
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
+from .hostile import scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -35,6 +38,31 @@ async def test_points_charged_is_what_the_gateway_charged(emulator: EmulatorFact
             await job
         assert client.stats.points_charged == emu.stats()["points_charged"] == 16 + 2
         assert [job.points_charged for job in jobs] == [16, 2]
+
+
+async def test_a_job_whose_wait_timed_out_is_counted_once_when_attach_sees_it_end() -> None:
+    """A gateway may report ``integral_cost`` while the job runs. A timeout ends the wait,
+    not the job: its points are counted when the job ends, once (attach() waits afresh)."""
+    finished = asyncio.Event()
+
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        status = 4 if finished.is_set() else 1
+        images = [{"url": "https://cdn.example/a.png"}] if finished.is_set() else []
+        return [{"key": k, "status": status, "integral_cost": 8, "images": images} for k in keys]
+
+    async with scripted_gateway(script) as gateway:
+        client = WujieClient(
+            throwaway_credentials(), base_url=gateway.base_url, poll=FAST_POLL, retry=INSTANT_RETRY
+        )
+        async with client:
+            job = await client.images.submit(prompt="x", model="dall-e-2", job_timeout=0.3)
+            with pytest.raises(JobTimeoutError):
+                await asyncio.wait_for(job, 10)
+            again = client.images.attach(job.key, n=1)
+            finished.set()
+            await asyncio.wait_for(again, 10)
+            assert again.points_charged == 8
+            assert client.stats.points_charged == 8
 
 
 async def test_concurrent_submits_racing_for_the_last_points_never_overspend(

@@ -725,11 +725,13 @@ class BatchPoller:
         self._remember_ended(tracked, keep=not isinstance(error, JobTimeoutError))
 
     def _remember_ended(self, tracked: _Tracked, *, keep: bool = True) -> None:
+        if not keep:
+            # Only the wait ended (a deadline): the job runs on, and whoever attach()es it
+            # counts its points when it ends. Counted here too, they would be counted twice.
+            return
         points = tracked.state.points_charged
         if points is not None:
             self.counters.points_charged += points
-        if not keep:
-            return
         job, ended = tracked.job, self._ended
         ended[job.key] = (
             (weakref.ref(job), ended_copy(job, tracked.state)) if holds_bulk(job) else job
