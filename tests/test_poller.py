@@ -11,6 +11,7 @@ gives no usable end time: the hard case for learning when estimates are right.
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 from collections import Counter
 from typing import Any
@@ -141,3 +142,30 @@ async def test_a_key_is_not_held_past_its_deadline(emulator: EmulatorFactory) ->
     # Held for the second key, the first would be asked only after its deadline.
     assert calls[0] == (0.0, 1), calls
     assert ended == [5.0, 5.0], ended  # each at its deadline
+
+
+async def test_a_reply_applied_from_elsewhere_warns_only_of_keys_its_call_did_not_ask(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fleet member applies the leader's replies: an entry for a key the call asked about
+    but this member no longer tracks (it ended here meanwhile) is no gateway anomaly."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with emulator() as emu, open_transport(emu.base_url, emu.credentials) as transport:
+        poller = BatchPoller(transport, PollPolicy(), Limits())
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for key in ("KA", "KB"):
+            state = JobState(loop)
+            job = ImageJob(key, state, deadline=loop.time() + 60)
+            poller.track(job, state)
+            jobs.append(job)
+        done = {"key": "KA", "status": 4, "images": [{"url": "https://cdn.example/a.png"}]}
+        poller.apply_reply(["KA"], {"list": [done]})
+        assert jobs[0].done()
+        running = [{"key": key, "status": 1} for key in ("KA", "KB")]
+        poller.apply_reply(["KA", "KB"], {"list": running})
+        assert "not asked about" not in caplog.text
+        poller.apply_reply(["KB"], {"list": [*running, {"key": "KZ", "status": 1}]})
+        assert "ignored 0 malformed entries and 2 entries for keys not asked about" in caplog.text
+        for job in jobs:
+            job.cancel()

@@ -517,7 +517,9 @@ class BatchPoller:
         if not chunk:
             return
         try:
-            reading: Reading | None = self._read(data, {tracked.job.key for tracked in chunk})
+            # Read against every key the call asked (not only those still tracked here): an
+            # entry for a key that ended meanwhile was asked about, not a gateway anomaly.
+            reading: Reading | None = self._read(data, set(asked))
         except Exception:  # hostile input may only ever mean "malformed": as a failed call
             reading = None
         self._apply_reading(chunk, reading)
