@@ -226,3 +226,37 @@ async def test_close_gives_up_on_a_stalled_redis_within_its_deadline(tmp_path: P
                 assert asyncio.get_running_loop().time() - started < 0.6
             finally:
                 server.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("frozen_s", [0.6, 2.0], ids=["shorter", "longer-than-unavailable-wait"])
+async def test_an_intent_write_retried_through_a_frozen_redis_makes_one_row_or_none(
+    tmp_path: Path, frozen_s: float
+) -> None:
+    """Tries that timed out while Redis was frozen still run when it wakes: the retried
+    intent makes one row (not a second, phantom intent that would read as uncertain), and an
+    intent its submit gave up on makes no open row."""
+    async with own_redis(tmp_path) as server:
+        fleet = RedisFleet(server.url, name=fleet_name(), command_timeout=0.2, unavailable_wait=1)
+        async with fleet:
+            journal = RedisJournal(fleet, "me")
+            await journal.open()
+            await journal.warm()
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            loop = asyncio.get_running_loop()
+            thaw = loop.call_later(frozen_s, server.process.send_signal, signal.SIGCONT)
+            try:
+                row: int | None = await journal.record_intent("/gen", {"prompt": "x"}, tag="t1")
+            except FleetUnavailableError:
+                row = None
+            finally:
+                thaw.cancel()
+                server.process.send_signal(signal.SIGCONT)
+            await asyncio.wait_for(journal.flush(), 10)
+            rows = [(e.id, e.state) for e in await journal.entries(tag="t1")]
+            await journal.close()
+    if frozen_s < 1:
+        assert row is not None and rows == [(row, "intent")]
+    else:
+        assert row is None and all(state == "unsent" for _, state in rows), rows

@@ -14,9 +14,10 @@ mid-request), and removes them from the member list: two claimers can never get 
 
 Layout, all under the fleet's hash tag (prefix ``{wujie:<name>}:journal:``): ``seq`` (row
 ids), ``row:<id>`` (a hash), ``state:<state>`` / ``tag:<tag>`` / ``owner:<member>`` (sorted
-sets of ids; ``owner:`` holds only open rows, intent and accepted) and ``key:<job key>``
-(the row id). Scripts build these names from the prefix; all share one slot, which Redis
-Cluster accepts.
+sets of ids; ``owner:`` holds only open rows, intent and accepted), ``key:<job key>`` (the
+row id) and ``once:<token>`` (the row an intent write made, kept a day, so that a retried
+write makes no second row). Scripts build these names from the prefix; all share one slot,
+which Redis Cluster accepts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -66,19 +68,28 @@ local function transition(p, id, from, to, job_key, err, now, owner)
 end
 """
 
-# KEYS: seq. ARGV: prefix, owner, path, request, tag ('' = none), now. Reply: the row id.
+# KEYS: seq. ARGV: prefix, owner, path, request, tag ('' = none), now, once (the write's
+# token). Reply: the row id; the same id again for a retry of the same write (its first try
+# may have run after all, late, once a frozen Redis woke: one row, not two), 0 for a write
+# its submit gave up on (see record_intent).
 _INTENT = """
 local p = ARGV[1]
+local once = p .. 'once:' .. ARGV[7]
+local done = redis.call('GET', once)
+if done then return tonumber(done) end
 local id = redis.call('INCR', KEYS[1])
 redis.call('HSET', p .. 'row:' .. id, 'path', ARGV[3], 'request', ARGV[4], 'state', 'intent',
            'tag', ARGV[5], 'owner', ARGV[2], 'created', ARGV[6], 'updated', ARGV[6])
 redis.call('ZADD', p .. 'state:intent', id, id)
 redis.call('ZADD', p .. 'owner:' .. ARGV[2], id, id)
 if ARGV[5] ~= '' then redis.call('ZADD', p .. 'tag:' .. ARGV[5], id, id) end
+redis.call('SET', once, id, 'EX', 86400)
 return id
 """
 
-# KEYS: seq. ARGV: prefix, id ('' = look up job_key), from, to, job_key, error, now, owner.
+# KEYS: seq. ARGV: prefix, id ('' = look up job_key; 'once:<token>' = the row an intent
+# write with that token made, if it ran, and it may not run later), from, to, job_key, error,
+# now, owner.
 _MOVE = (
     _TRANSITION
     + """
@@ -87,6 +98,11 @@ local id = ARGV[2]
 if id == '' then
   id = redis.call('GET', p .. 'key:' .. ARGV[5])
   if not id then return 0 end
+elseif string.sub(id, 1, 5) == 'once:' then
+  local once = p .. id
+  id = redis.call('GET', once)
+  redis.call('SET', once, '0', 'EX', 86400)
+  if not id or id == '0' then return 0 end
 end
 return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
@@ -337,7 +353,8 @@ class RedisJournal:
     ) -> int:
         """Write a submit's request before it is sent; returns its row id."""
         body = json.dumps(request, ensure_ascii=False)
-        args = (self._prefix, self.member_id, path, body, tag or "", time.time())
+        once = secrets.token_hex(8)  # every try is the same write: one row however many run
+        args = (self._prefix, self.member_id, path, body, tag or "", time.time(), once)
         tries = 0
 
         async def write() -> Any:
@@ -347,16 +364,23 @@ class RedisJournal:
                 await self._pace()  # Redis was away: a fresh turn (see the class docstring)
             return await self._intent((self._seq,), args)
 
-        row_id = await self._waiting_for_redis(write, "the submit was not sent")
+        try:
+            row_id = await self._waiting_for_redis(write, "the submit was not sent")
+        except FleetUnavailableError as exc:
+            # A try that timed out may still run when Redis wakes: its row is marked unsent
+            # (or never made) once Redis is back, not left an intent to read as uncertain.
+            with contextlib.suppress(ClientStateError):
+                self._queue(
+                    (self._prefix, f"once:{once}", "intent", "unsent", "",
+                     str(exc)[:_ERROR_CHARS], time.time(), self.member_id)
+                )  # fmt: skip
+            raise
         self.commits += 1
         return int(row_id)
 
     async def _waiting_for_redis(self, write: Callable[[], Awaitable[Any]], what: str) -> Any:
-        """``write()``, tried again while Redis is away, up to ``unavailable_wait`` seconds.
-
-        A retry after a lost reply may write an intent twice; the extra row reads as
-        ``uncertain`` once claimed, the safe side.
-        """
+        """``write()``, tried again while Redis is away, up to ``unavailable_wait`` seconds
+        (each write is idempotent: a try whose reply was lost may have run)."""
         loop = asyncio.get_running_loop()
         wait = self._link.config.unavailable_wait
         deadline = loop.time() + wait
