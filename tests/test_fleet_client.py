@@ -422,6 +422,37 @@ async def test_time_queued_for_the_fleet_rate_is_not_time_waiting_for_redis(
 
 
 @pytest.mark.long
+async def test_submits_queued_behind_a_frozen_redis_fail_together_at_unavailable_wait(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Submits queued for the fleet's rate while Redis is frozen do not each spend a command
+    deadline in turn (20 x 0.5 s): they all fail once Redis has failed for unavailable_wait."""
+    async with emulator(time_scale=0.05) as emu, own_redis(tmp_path) as server:
+        limits = Limits(max_submits_per_second=2)
+        client = member(
+            emu, server.url, fleet_name(), limits=limits, command_timeout=0.5, unavailable_wait=1.5
+        )
+        async with client:
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                submits = [
+                    asyncio.create_task(client.images.submit(prompt=f"f{i}", model="dall-e-2"))
+                    for i in range(20)
+                ]
+                # unavailable_wait + one command deadline, and room for a loaded machine; each
+                # submit in turn would take 20 x 0.5 s.
+                outcomes = await asyncio.wait_for(
+                    asyncio.gather(*submits, return_exceptions=True), 6
+                )
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+        assert all(isinstance(o, FleetUnavailableError) for o in outcomes), outcomes
+        assert "not sent" in str(outcomes[-1])
+        assert emu.stats()["submits_accepted"] == 0
+
+
+@pytest.mark.long
 async def test_a_key_redis_was_away_for_is_journaled_when_it_returns(
     tmp_path: Path, emulator: EmulatorFactory
 ) -> None:

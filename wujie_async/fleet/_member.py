@@ -79,6 +79,11 @@ class FleetMember:
         self._watcher: asyncio.Task[None] | None = None
         self._others: set[asyncio.Task[None]] = set()  # 429 pauses, the resignation
         self._wake = asyncio.Event()
+        # Since when Redis has failed this member's submit turns (None: it answers), the
+        # latest failure, and its words (see acquire).
+        self._failing_since: float | None = None
+        self._failing_last = 0.0
+        self._failing_why = ""
         self._size = 1
         self._fleet_calls = self._fleet_keys = 0
         self._flushed_calls = self._flushed_keys = 0
@@ -330,21 +335,58 @@ class FleetMember:
         """
         loop = asyncio.get_running_loop()
         wait = self._config.unavailable_wait
-        # From the first failure on: time queued behind the fleet's rate is not time spent
-        # waiting for Redis (a submit queued 10 s would fail at any blip).
-        deadline: float | None = None
+        # The wait counts from Redis's first failure, for every submit of this member at once:
+        # time queued behind the fleet's rate is not time waiting for Redis (a submit queued
+        # 10 s would fail at any blip), and submits queued behind one whose turn hangs on a
+        # frozen Redis must not each wait a command deadline of their own in turn.
         while True:
+            turn = asyncio.ensure_future(self._take_turn())
             try:
-                return await self._take_turn()
+                await self._until_redis_gone_too_long(turn, wait)
+                turn.result()
             except FleetUnavailableError as exc:
-                if deadline is None:
-                    deadline = loop.time() + wait
-                if loop.time() >= deadline:
+                now = loop.time()
+                since = self._outage_since(now)
+                if since is None:
+                    since = self._failing_since = now
+                self._failing_last, self._failing_why = now, str(exc)
+                if now >= since + wait:
                     raise FleetUnavailableError(
-                        f"the submit was not sent: fleet Redis unavailable for {wait:g}s ({exc})",
+                        f"the submit was not sent: fleet Redis unavailable for {wait:g}s "
+                        f"({self._failing_why})",
                         url=exc.url,
                     ) from None
-                await asyncio.sleep(min(_RETRY, max(0.0, deadline - loop.time())))
+                await asyncio.sleep(min(_RETRY, since + wait - now))
+                continue
+            finally:
+                if not turn.done():
+                    turn.cancel()  # a slot reserved and left unused is simply not used
+            self._failing_since = None
+            return
+
+    def _outage_since(self, now: float) -> float | None:
+        """When Redis began failing this member's turns, if it still is (a failure within a
+        command deadline and a retry); None while it answers, or when nobody asked lately."""
+        since = self._failing_since
+        if since is None or now - self._failing_last > self._config.command_timeout + 4 * _RETRY:
+            return None
+        return since
+
+    async def _until_redis_gone_too_long(self, turn: asyncio.Future[None], wait: float) -> None:
+        """Return when ``turn`` ends; raise FleetUnavailableError once Redis, failing (any turn
+        of this member) since this one began, has been failing for ``wait`` seconds. Looks
+        again every ``_RETRY``."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while not turn.done():
+            now = loop.time()
+            since = self._outage_since(now)
+            if since is not None and self._failing_last < began:
+                since = None  # failures from before this turn: it gets its own chance
+            left = _RETRY if since is None else min(_RETRY, since + wait - now)
+            if left <= 0:
+                raise FleetUnavailableError(self._failing_why, url=self._config.url)
+            await asyncio.wait({turn}, timeout=left)
 
     async def _take_turn(self) -> None:
         """One try at a submit's turn (FleetUnavailableError while Redis is away)."""
