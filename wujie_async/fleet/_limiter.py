@@ -30,8 +30,9 @@ so saturated members take turns.
 What lies between a slot and its send is kept short, since its jitter eats the 50 ms margin:
 a reservation more than 50 ms ahead checks the pause 50 ms *before* its slot (so a pause
 reaches every member within 50 ms, and that round trip is not between the slot and the send),
-and a caller whose loop woke more than 25 ms after its slot (a stall) takes a new slot once
-rather than go late. A slot given up either way is simply unused.
+and a caller whose loop woke more than 25 ms after its slot (a stall) takes a new slot rather
+than go late, up to three times for one acquisition (a loop late at every wake is starved,
+and must still send). A slot given up either way is simply unused.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ return left
 """
 
 _HORIZON = 0.05  # a reservation further ahead than this checks for a pause before it goes
-_LATE = WINDOW_MARGIN_S / 2  # a caller this late for its slot takes a new one (once)
+_LATE = WINDOW_MARGIN_S / 2  # a caller this late for its slot takes a new one...
+_LATE_RETAKES = 3  # ...this many times at most for one acquisition
 
 
 class FleetLimiter:
@@ -114,7 +116,7 @@ class FleetLimiter:
         period = (1.0 + WINDOW_MARGIN_S) / self._rate  # see the module docstring
         keys = (self._link.keys.rate_tat, self._link.keys.rate_pause)
         loop = asyncio.get_running_loop()
-        late_once = False
+        retakes = 0
         async with self._turn:
             while True:
                 granted, wait_us = await self._acquire(
@@ -131,9 +133,9 @@ class FleetLimiter:
                     if await self.paused_for() > 0:
                         continue  # the next reservation waits for the pause
                 await asyncio.sleep(slot - loop.time())
-                if loop.time() - slot <= _LATE or late_once:
+                if loop.time() - slot <= _LATE or retakes == _LATE_RETAKES:
                     break
-                late_once = True  # woke late (a stall): a fresh slot, not a bunched send
+                retakes += 1  # woke late (a stall): a fresh slot, not a bunched send
             self.acquired += 1
 
     async def pause(self, seconds: float) -> float:
