@@ -6,7 +6,8 @@
     ├── InvalidRequestError         bad input, caught before any network call (field, rule)
     ├── BudgetExceededError         a submit could take the points spent past Limits.max_points
     ├── ClientStateError            client used before open, after close, or from another loop
-    │   └── JournalLockedError      another live process has the journal open (pid, host)
+    │   ├── JournalLockedError      another live process has the journal open (pid, host)
+    │   └── fleet.FleetUnavailableError  Redis away or refusing writes (url)  [fleet mode]
     ├── APIError                    the gateway answered, and the answer is an error
     │   ├── AuthenticationError     HTTP 401/403: bad credentials, clock skew, unknown app  [S]
     │   ├── EndpointNotFoundError   HTTP 404/405 without an envelope: wrong base URL (url)  [S]
@@ -15,7 +16,7 @@
     │   ├── ProtocolError           the reply is not what the contract promises (what came back)
     │   │   ├── ResponseTooLargeError   the reply, decoded, is over Limits.max_response_bytes
     │   │   └── UnexpectedRedirectError a 3xx reply (location); never followed            [S]
-    │   └── BusinessError           HTTP 200 with code != "200" (code, message)
+    │   └── BusinessError           HTTP 2xx with code != "200" (code, message)
     │       ├── ParameterError          20010001 / 20010015: the gateway rejected a field
     │       ├── LockRaceError           20010018: safe to resubmit
     │       ├── SensitivePromptError    20110001: the prompt contains sensitive words

@@ -2,9 +2,9 @@
 
 Exit codes: 0 every line saved · 1 some lines ended failed, moderated, rejected, uncertain
 or not sent · 2 bad input or usage (including a file that is not a journal) · 3 stopped on a
-systemic error (credentials, base URL, balance, network) · 4 the journal is in use by another
-process · 130 interrupted (Ctrl-C) · 143 stopped by SIGTERM · 70 internal error (run with
---verbose for the traceback).
+systemic error (credentials, base URL, balance, network) · 4 the journal, or the --out folder
+(bulk, resume), is in use by another run · 130 interrupted (Ctrl-C) · 143 stopped by SIGTERM
+· 70 internal error (run with --verbose for the traceback).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ exit codes:
   1    some lines ended failed, moderated, rejected, uncertain or not sent
   2    bad input or usage (including a file that is not a journal)
   3    stopped on a systemic error (credentials, base URL, balance, network)
-  4    the journal is in use by another process
+  4    the journal, or the --out folder (bulk, resume), is in use by another run
   70   internal error (run with --verbose for the traceback)
   130  interrupted (Ctrl-C)
   141  stdout was closed by its reader (e.g. | head)
