@@ -301,7 +301,7 @@ async def test_a_trickling_image_ends_its_line_failed_as_too_slow_and_shows_savi
     progress = [line for line in err.splitlines() if line.startswith("progress: ")]
     assert any("generating 0 · saving 1" in line for line in progress), err
     assert progress[-1].startswith("progress: 1/1") and "saving 0" in progress[-1]
-    assert names(tmp_path / "out") == ["manifest.jsonl"]
+    assert names(tmp_path / "out") == [".wujie-async.lock", "manifest.jsonl"]
 
 
 @pytest.mark.long
@@ -318,7 +318,8 @@ async def test_the_manifest_names_only_whole_files_with_their_sha256(tmp_path: P
     assert [record["index"] for record in saved] == [0] and len(failed) == 1
     assert sha256(out / saved[0]["path"]) == saved[0]["sha256"]
     assert saved[0]["bytes"] == len(PNG)
-    assert names(out) == sorted([saved[0]["path"], "manifest.jsonl"])  # no half file
+    # No half file (the lock is bulk's: one run at a time in OUT).
+    assert names(out) == sorted([saved[0]["path"], "manifest.jsonl", ".wujie-async.lock"])
 
 
 async def test_download_flags_are_checked_before_anything_is_sent(tmp_path: Path) -> None:
