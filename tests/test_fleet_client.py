@@ -255,15 +255,32 @@ async def test_a_journal_path_and_a_fleet_are_refused(
             )
 
 
-async def test_unreachable_redis_at_start_names_the_url(emulator: EmulatorFactory) -> None:
-    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@127.0.0.1:{port}/0",
+        "redis://127.0.0.1:{port}/0?password=hunter2",
+        "redis://user:hunter2@[::1]:{port}/0",
+        "unix:///nonexistent/{port}.sock?db=0&password=hunter2",
+    ],
+)
+async def test_unreachable_redis_at_start_names_the_url(
+    emulator: EmulatorFactory, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The password, as ``user:password@`` or as redis-py's ``?password=`` (the only form for
+    a unix socket), is in no message, repr or log line."""
+    caplog.set_level(logging.DEBUG)
+    port = free_port()
+    url = url.format(port=port)
     async with emulator() as emu:
-        client = member(emu, url, fleet_name(), command_timeout=1.0)
+        fleet = RedisFleet(url, name=fleet_name(), command_timeout=1.0)
+        client = WujieClient(emu.credentials, base_url=emu.base_url, fleet=fleet)
         with pytest.raises(FleetUnavailableError) as caught:
             await client.open()
     message = str(caught.value)
-    assert f"127.0.0.1:{url.rsplit(':', 1)[1].split('/')[0]}" in message
-    assert "hunter2" not in message and "***" in message
+    assert str(port) in message and "***" in message
+    for text in (message, repr(fleet), repr(fleet.config), caplog.text):
+        assert "hunter2" not in text
 
 
 async def test_a_read_only_replica_at_start_is_named(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from wujie_async import (
     PollPolicy,
     SensitivePromptError,
     WujieClient,
+    WujieError,
 )
 from wujie_async._addresses import AddressRule
 from wujie_async._contract import CODE_SENSITIVE_PROMPT
@@ -182,6 +184,23 @@ async def test_a_refused_submit_ends_its_job_span_with_the_error(
     assert "wujie.job.key" not in attributes
     assert otel.total("wujie.submits", **{"wujie.submit.outcome": "rejected"}) == 1
     assert otel.total("wujie.submits", **{"wujie.submit.outcome": "accepted"}) == 0
+
+
+async def test_the_model_attribute_has_few_values_whatever_callers_pass(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    """A web app may pass its users' text as the model: a metric label must not take a new
+    value for each (unknown models are ``other``)."""
+    async with emulator() as emu, make_client(emu) as client:
+        for i in range(5):
+            with contextlib.suppress(WujieError):
+                await client.images.submit(prompt="p", model=f"user-text-{i}")
+        await client.images.submit(prompt="p", model="dall-e-2")
+    models = {
+        (point.attributes or {}).get("wujie.job.model") for point in otel.metrics()["wujie.submits"]
+    }
+    assert models == {"other", "dall-e-2"}
+    assert {(s.attributes or {})["wujie.job.model"] for s in otel.spans("wujie.job")} == models
 
 
 async def test_the_metrics_of_a_run(otel: Otel, emulator: EmulatorFactory) -> None:

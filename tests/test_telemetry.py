@@ -205,6 +205,9 @@ CHILD = textwrap.dedent(
         sys.meta_path.insert(0, Blocker())
     from wujie_async import PollPolicy, WujieClient
     from wujie_async.emulator import Emulator, EmulatorConfig
+    if "--basic-config" in sys.argv:  # the app configures logging after importing us
+        import logging
+        logging.basicConfig(level=logging.INFO, format="APP %(name)s: %(message)s")
 
     async def main():
         poll = PollPolicy(first_poll_delay=0.02, min_interval=0.02)
@@ -253,6 +256,9 @@ def test_wujie_log_shows_the_log_from_its_level_on_stderr(tmp_path: Path) -> Non
     assert "DEBUG" not in info.stderr
     quiet = run_child(tmp_path)
     assert quiet.stderr == ""
+    configured = run_child(tmp_path, "--basic-config", WUJIE_LOG="info")
+    assert configured.stderr.count("client opened") == 1, configured.stderr  # once, the app's
+    assert "APP wujie_async: client opened: " in configured.stderr
     wrong = run_child(tmp_path, WUJIE_LOG="loud")
     assert "WUJIE_LOG='loud' is not one of debug, info, warning: ignored" in wrong.stderr
     assert "client opened" not in wrong.stderr

@@ -38,6 +38,7 @@ from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
 from ._errors import snippet
+from ._rules import KNOWN_MODELS
 
 SCOPE = "wujie_async"
 MAX_LINKS = 50  # a batch call asks about at most 50 keys; a span never links more
@@ -208,18 +209,15 @@ def _attribute_text(value: str) -> str:
     return snippet(value, limit=120)
 
 
-_MODEL_NAMES: dict[str, str] = {}  # a model (checked, so one of a few) -> its attribute value
-
-
 def _model_name(model: Any) -> str:
+    """The model as a span and metric attribute: one of the known models, else ``other``.
+
+    A metric label must have few values: a model string comes from the caller (a web app may
+    pass its users' text through) or a journaled request, and could be anything.
+    """
     if not isinstance(model, str):
         return "unknown"
-    name = _MODEL_NAMES.get(model)
-    if name is None:
-        name = _attribute_text(model)
-        if len(_MODEL_NAMES) < 64:  # attached jobs' journaled requests could hold anything
-            _MODEL_NAMES[model] = name
-    return name
+    return model if model in KNOWN_MODELS else "other"
 
 
 class Recorder:

@@ -177,6 +177,9 @@ def show_log(level: int) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.set_name(_HANDLER_NAME)
         handler.setFormatter(logging.Formatter(_FORMAT))
+        # Checked at each record too: an app that configures logging after importing us (the
+        # usual order) gets each line once, through its own handlers.
+        handler.addFilter(lambda record: not logging.getLogger().handlers)
         log.addHandler(handler)
 
 

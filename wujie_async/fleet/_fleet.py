@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import ClientStateError, InvalidRequestError
 from ._errors import FleetUnavailableError
@@ -42,16 +42,30 @@ _DROP_WAIT = 1.0  # seconds closing the idle connections may take after a lost o
 
 
 def redact(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, for messages and logs."""
+    """``url`` with its password (if any) replaced by ``***``, for messages and logs: the
+    ``user:password@`` form and the ``?password=`` query (redis-py's form for ``unix://``)."""
     try:
         parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparsable Redis URL>"
-    if parts.password is None:
-        return url
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        netloc = f"{parts.username or ''}:***@{f'[{host}]' if ':' in host else host}{port}"
+        parts = parts._replace(netloc=netloc)
+    if parts.query:
+        query = [
+            (name, "***" if name.lower() == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    # Put together by hand: urlunsplit drops the "//" of an empty host (unix:///path).
+    text = f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return (
+        text
+        + (f"?{parts.query}" if parts.query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
