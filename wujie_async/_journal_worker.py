@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
-import json
 import logging
 import os
 import queue
-import socket
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -41,6 +37,7 @@ from typing import Any
 
 import anyio
 
+from . import _lock_file
 from ._errors import ClientStateError
 from ._telemetry import RepeatedWarnings
 
@@ -210,11 +207,7 @@ class JournalWorker:
         fd, self._lock_fd = self._lock_fd, None
         if fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)  # still ours while we truncate: nobody else's name is erased
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _lock_file.release(fd)
 
     def _fail_leftovers(self, loop: asyncio.AbstractEventLoop) -> None:
         """If the worker stops for any reason, nothing queued may wait for ever."""
@@ -360,35 +353,11 @@ def _restrict(path: Path) -> None:
 
 def _take_lock(lock_path: Path, journal: Path) -> int:
     """Take the journal's exclusive lock; returns the open lock file (kept until close)."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    _restrict(lock_path)  # an older lock file may have been created with looser rights
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _read_holder(fd)
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise JournalLockedError(journal, pid=holder[0], host=holder[1]) from None
-        raise
-    try:
-        _restrict(lock_path)
-        os.ftruncate(fd, 0)
-        holder_text = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-        os.pwrite(fd, holder_text.encode(), 0)
-    except OSError:
-        pass  # the lock is what matters; the name in it is only for the error message
-    return fd
-
-
-def _read_holder(fd: int) -> tuple[int | None, str | None]:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0))
-        pid, host = holder.get("pid"), holder.get("host")
-    except (OSError, ValueError, AttributeError):
-        return None, None
-    return (
-        pid if isinstance(pid, int) else None,
-        host if isinstance(host, str) else None,
-    )
+        return _lock_file.take(lock_path)
+    except _lock_file.LockHeldError as held:
+        raise JournalLockedError(journal, pid=held.pid, host=held.host) from None
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, done: _Done, value: Any) -> None:

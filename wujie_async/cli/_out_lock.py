@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
+
+from .. import _lock_file
 
 LOCK_NAME = ".wujie-async.lock"
 
@@ -32,40 +30,25 @@ def out_folder_lock(out: Path) -> Iterator[None]:
     Raises:
         OutFolderBusyError: another run holds it.
     """
-    path = out / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = _lock_file.take(out / LOCK_NAME)
+    except _lock_file.LockHeldError as held:
+        raise OutFolderBusyError(
+            f"--out {out} is in use by another run{_named(held)}; wait for it to end, "
+            "or give this run its own --out"
+        ) from None
     except OSError as exc:
-        holder = _holder(fd)
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise OutFolderBusyError(
-                f"--out {out} is in use by another run{holder}; wait for it to end, "
-                "or give this run its own --out"
-            ) from None
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            yield  # a file system without locks: run as before rather than not at all
-            return
-        raise
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        yield  # a file system without locks: run as before rather than not at all
+        return
     try:
-        with contextlib.suppress(OSError):  # the name in it only serves the message above
-            os.ftruncate(fd, 0)
-            mine = {"pid": os.getpid(), "host": socket.gethostname()}
-            os.pwrite(fd, json.dumps(mine).encode(), 0)
         yield
     finally:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        _lock_file.release(fd)
 
 
-def _holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0))
-        pid, host = holder["pid"], holder["host"]
-    except (OSError, ValueError, KeyError, TypeError):
+def _named(held: _lock_file.LockHeldError) -> str:
+    if held.pid is None or held.host is None:
         return ""
-    if not isinstance(pid, int) or not isinstance(host, str):
-        return ""
-    return f" (process {pid} on {host})"
+    return f" (process {held.pid} on {held.host})"
