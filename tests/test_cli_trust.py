@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import signal
 import sqlite3
 import subprocess
@@ -422,6 +423,81 @@ async def test_a_second_run_into_the_same_out_folder_exits_4_and_pays_nothing(
         code, _, err = await cli(*bulk, "--no-journal", env=emu.env)  # the lock is free again
         assert code == 0, err
         assert (await emu.stats())["submits_accepted"] == 3  # collected by key, never resent
+
+
+@pytest.mark.long
+async def test_a_torn_last_manifest_line_costs_no_other_row(tmp_path: Path) -> None:
+    """A crash mid-write leaves a torn last line: the next run's first row starts on a line
+    of its own (written onto the torn one, both were unreadable and paid again each run)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "0.2,0.2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("first\nsecond\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--no-journal"]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        path = out / "manifest.jsonl"
+        text = path.read_text()
+        path.write_text(text[: len(text) - 40])  # the last row torn, no newline
+        for _ in range(2):
+            code, _, err = await cli(*bulk, env=emu.env)
+            assert code == 0, err
+        assert (await emu.stats())["submits_accepted"] == 3  # the torn line once, then never
+        lines = path.read_text().splitlines()
+        assert not _parses(lines[1]) and all(_parses(line) for line in lines[2:])
+        rows = [json.loads(line) for line in lines if _parses(line)]
+        assert sorted((row["line"], row["status"]) for row in rows) == [(1, "saved"), (2, "saved")]
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only even for root (a read-only bind mount); skips where not allowed."""
+    path.chmod(0o444)
+    try:
+        if os.geteuid() == 0:
+            bound = subprocess.run(
+                ["mount", "--bind", "-o", "ro", str(path), str(path)],
+                capture_output=True,
+                check=False,
+            )
+            if bound.returncode != 0:
+                pytest.skip(f"cannot bind-mount read-only: {bound.stderr.decode().strip()}")
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=False)
+            try:
+                yield
+            finally:
+                subprocess.run(["umount", "-l", str(path)], check=False)
+        else:
+            yield
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.long
+async def test_a_read_only_manifest_is_a_usage_error_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "0.2,0.2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("first\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--no-journal"]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        prompts.write_text("first\nsecond\n")
+        with read_only(out / "manifest.jsonl"):
+            code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 2 and "cannot write" in err and "manifest.jsonl" in err, err
+        assert "nothing was sent" in err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 # --- 10: progress says each outcome by its name, and rates of this run's own lines ---------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
-import functools
 import json
 import sys
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from ._common import (
     UsageError,
     open_client,
 )
-from ._outcome import Manifest, clean, read_manifest, run_source, saved_indexes
+from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source, saved_indexes
 from ._progress import Display, Tally
 from ._run import check_out_folder, line_of, readable_error, uncancel
 from ._signals import stopping_on_signals
@@ -232,9 +231,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             line = line or int(lines_by_id.get(row_id, 0))
             rows.append(Row(line, row_id, entry.tag, entry.request))
         display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
-        handle = await anyio.to_thread.run_sync(
-            functools.partial(manifest_path.open, "a", encoding="utf-8")
-        )
+        handle = await anyio.to_thread.run_sync(open_manifest, manifest_path)
         stop = anyio.Event()
         with handle:
             run = BulkRun(

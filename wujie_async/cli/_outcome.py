@@ -246,6 +246,28 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def open_manifest(path: Path) -> TextIO:
+    """The manifest, open for appending rows (blocking: call it on a worker thread).
+
+    A torn last line (a crash mid-write) is ended first, so the next row starts on a line of
+    its own: written onto the torn one, both would be unreadable, and the run's own row lost.
+
+    Raises:
+        OSError: the file cannot be opened or written.
+    """
+    handle = path.open("a", encoding="utf-8")
+    try:
+        with path.open("rb") as raw:
+            torn = raw.seek(0, 2) > 0 and raw.seek(-1, 2) >= 0 and raw.read(1) != b"\n"
+        if torn:
+            handle.write("\n")
+            handle.flush()
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 def points_spent(records: Iterable[dict[str, Any]]) -> float:
     """The points the manifest's rows say were charged."""
     total = 0.0

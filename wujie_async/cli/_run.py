@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import json
 import re
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ from ._outcome import (
     count,
     fix_message,
     of_source,
+    open_manifest,
     other_inputs,
     points_spent,
     read_manifest,
@@ -114,9 +115,9 @@ def check_out_folder(out: Path) -> None:
         raise UsageError(f"--out {out} is a file; give a folder for the images")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".wujie-async-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A name of its own: two runs testing one folder at once must not remove each other's.
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".wujie-async-write-test-"):
+            pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise UsageError(
@@ -501,9 +502,13 @@ class Session:
                 interval=args.progress_interval,
             )
             stop = anyio.Event()
-            handle = await anyio.to_thread.run_sync(
-                functools.partial(manifest_path.open, "a", encoding="utf-8")
-            )
+            try:
+                handle = await anyio.to_thread.run_sync(open_manifest, manifest_path)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot write {manifest_path} ({exc.strerror or type(exc).__name__}); "
+                    "make it writable (nothing was sent)"
+                ) from None
             with _closed_after(handle):
                 run = BulkRun(
                     client,
