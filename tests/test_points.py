@@ -132,6 +132,38 @@ async def test_a_gateway_that_never_reports_costs_cannot_spend_past_the_budget_u
         assert emu.stats()["submits_accepted"] == 3
 
 
+async def test_an_attached_job_charged_to_the_budget_holds_its_cost(
+    emulator: EmulatorFactory,
+) -> None:
+    """``attach(..., charge_budget=True)``: a job already paid counts against this client's
+    budget; of a kind whose cost is not known yet, it holds that kind's submits back until it
+    ends (then its cost is known and counted)."""
+    async with (
+        emulator(time_scale=1.0, job_seconds=(0.6, 0.6)) as emu,
+        make_client(emu) as other,
+    ):
+        paid = await other.images.submit(prompt="a", model="dall-e-2")  # costs 2
+        body = {"prompt": "a", "model": "dall-e-2"}
+        async with make_client(emu, limits=Limits(max_points=3)) as client:
+            job = client.images.attach(paid.key, request=body, charge_budget=True)
+            with pytest.raises(BudgetExceededError) as refused:
+                await client.images.submit(prompt="b", model="dall-e-2")
+            assert job.done() and refused.value.spent == 2  # it waited for the job to end
+        assert emu.stats()["submits_accepted"] == 1
+
+        priced = Limits(max_points=10, point_prices={"dall-e-2": 8})
+        more = await other.images.submit(prompt="c", model="dall-e-2")
+        async with make_client(emu, limits=priced) as client:
+            job = client.images.attach(more.key, request=body, charge_budget=True)
+            with pytest.raises(BudgetExceededError) as refused:
+                await client.images.submit(prompt="d", model="dall-e-2")
+            assert not job.done() and refused.value.reserved == 8  # refused at once
+        async with make_client(emu, limits=priced) as client:
+            client.images.attach(more.key, request=body)  # not charged: its own budget
+            await client.images.submit(prompt="e", model="dall-e-2")
+        assert emu.stats()["submits_accepted"] == 3
+
+
 async def test_a_refused_submit_gives_its_points_back_an_uncertain_one_keeps_them(
     emulator: EmulatorFactory,
 ) -> None:
@@ -205,3 +237,27 @@ async def test_bulk_on_a_gateway_that_reports_no_costs_needs_point_prices(tmp_pa
         assert json.loads(stdout)["outcomes"]["saved"] == 3
         code, _, err = await cli(*run, "-o", str(tmp_path / "c"), "--point-price", "x", env=emu.env)
         assert code == 2 and "--point-price 'x'" in err
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_bulk_max_points_counts_the_jobs_a_rerun_collects(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """The budget is the input's across re-runs: jobs an earlier run left running (here: past
+    its --job-timeout) are paid, and the re-run that collects them holds their cost."""
+    prompts = tmp_path / "eight.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(8)))
+    out = tmp_path / "out"
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "2,2") as emu:
+        run = ("bulk", str(prompts), "-o", str(out), "--json", "--progress", "none", *journal)
+        budget = ("--max-points", "40", "--point-price", "gpt-image-1=8")
+        code, stdout, err = await cli(*run, *budget, "--job-timeout", "0.3", env=emu.env)
+        assert code == 1, err
+        assert (await emu.stats())["submits_accepted"] == 5  # 5 x 8 = the budget
+        code, stdout, err = await cli(*run, *budget, env=emu.env)
+        summary = json.loads(stdout)
+        assert summary["outcomes"]["saved"] == 5 and summary["outcomes"]["not_sent"] == 3, err
+        assert (await emu.stats())["submits_accepted"] == 5  # nothing new: the budget is spent
+        assert (await emu.stats())["points_charged"] == 40
+        assert summary["points_total"] == 40

@@ -21,7 +21,11 @@ report ``integral_cost`` for a job that succeeded leaves its kind without a pric
 price table the budget cannot be held for it, and further submits of the kind raise
 :class:`BudgetExceededError` (naming ``Limits.point_prices``) rather than go on uncounted.
 Jobs attached or resumed (not submitted by this client) are neither reserved for nor counted:
-their cost belongs to the budget of the client that submitted them.
+their cost belongs to the budget of the client that submitted them, unless the caller says the
+budget is theirs too (``attach(..., charge_budget=True)``: a re-run collecting what an earlier
+run of the same budget paid for). Such a job is already paid, so it is never refused: its
+expected cost is held like a submit's (a job of a kind whose cost is not known yet holds its
+kind's submits back, like a probe, until it ends) and turns into what it cost when it ends.
 
 Everything runs on the event loop, with no await between the check and the reservation: two
 submits racing for the last points cannot both pass.
@@ -86,8 +90,9 @@ class Budget:
         self._learned: dict[Kind, float] = {}
         # Kinds whose job succeeded without a reported cost: no price to hold the budget by.
         self._unpriced: set[Kind] = set()
-        # Kinds whose first job is out, and the event set when it ends.
-        self._probes: dict[Kind, anyio.Event] = {}
+        # Kinds whose cost is not known yet with a job out (a submit's probe, or jobs held by
+        # hold()): how many, and the event set when the last of them ends.
+        self._probes: dict[Kind, _Probe] = {}
 
     def estimate(self, kind: Kind) -> float | None:
         """What a job of ``kind`` is expected to cost, or None when nothing is known."""
@@ -121,10 +126,25 @@ class Budget:
             probe = self._probes.get(kind)
             if probe is None:  # the first of its kind goes alone, if there is any room
                 self._check(0.0, kind, known=False)
-                self._probes[kind] = anyio.Event()
+                self._probes[kind] = _Probe()
                 return Reservation(self, kind, None, probing=True)
-            await probe.wait()  # bounded: the probe ends by its job's deadline
+            await probe.ended.wait()  # bounded: probes end by their jobs' deadlines
         self._check(points, kind, known=True)
+        self.reserved += points
+        return Reservation(self, kind, points, probing=False)
+
+    def hold(self, body: Mapping[str, Any], n: int) -> Reservation:
+        """Hold the expected cost of a job already paid for (attached): never refused, even
+        past ``max_points`` (later submits are); an unknown cost holds its kind back."""
+        kind = kind_of(body, n)
+        points = self.estimate(kind)
+        if points is None:
+            probe = self._probes.get(kind)
+            if probe is None:
+                self._probes[kind] = _Probe()
+            else:
+                probe.out += 1
+            return Reservation(self, kind, None, probing=True)
         self.reserved += points
         return Reservation(self, kind, points, probing=False)
 
@@ -161,6 +181,20 @@ class Budget:
                 if succeeded and reservation.points is None:
                     self._unpriced.add(reservation.kind)  # charged, at a price never told
         if reservation.probing:
-            probe = self._probes.pop(reservation.kind, None)
+            probe = self._probes.get(reservation.kind)
             if probe is not None:
-                probe.set()  # the others of its kind go on: with its cost, or as a new probe
+                probe.out -= 1
+                if probe.out <= 0:
+                    del self._probes[reservation.kind]
+                    # The others of its kind go on: with its cost, or as a new probe.
+                    probe.ended.set()
+
+
+class _Probe:
+    """The jobs out of a kind whose cost is not known yet."""
+
+    __slots__ = ("ended", "out")
+
+    def __init__(self) -> None:
+        self.out = 1
+        self.ended = anyio.Event()

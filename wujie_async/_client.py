@@ -597,6 +597,7 @@ class WujieClient:
         job_timeout: float | None,
         n: int | None,
         request: Mapping[str, Any] | None = None,
+        charge_budget: bool = False,
     ) -> ImageJob:
         self._check_open()
         check_key(key)
@@ -607,13 +608,18 @@ class WujieClient:
         deadline_s = self._job_timeout(job_timeout)
         existing = self._poller.get(key)
         if existing is not None:
-            return existing
+            return existing  # held already, if it was to be
+        ended = None
+        if charge_budget:
+            body = request or {}
+            ended = self._submits.charge_attached(body, n or images_in(body) or 1)
         return self._new_job(
             key,
             deadline_s=deadline_s,
             request=dict(request) if request is not None else None,
             n=n,
             first_delay=0.0,
+            ended=ended,
         )
 
     async def resume(self, *, job_timeout: float | None = None) -> list[ImageJob]:

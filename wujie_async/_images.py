@@ -41,6 +41,7 @@ class AttachJob(Protocol):
         job_timeout: float | None,
         n: int | None,
         request: Mapping[str, Any] | None = None,
+        charge_budget: bool = False,
     ) -> ImageJob: ...
 
 
@@ -124,6 +125,7 @@ class Images:
         job_timeout: float | None = None,
         n: int | None = None,
         request: Mapping[str, Any] | None = None,
+        charge_budget: bool = False,
     ) -> ImageJob:
         """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
 
@@ -131,8 +133,16 @@ class Images:
         that same job. ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
         once. ``request`` is the body it was submitted with, kept as ``job.request``.
 
+        ``charge_budget=True`` counts the job's cost against this client's points budget
+        (``Limits(max_points=...)``), as when a re-run collects what an earlier run of the same
+        budget paid for: its expected cost (by ``request`` and ``n``) is held from now, and
+        turns into what it cost when it ends. It is never refused (it is paid already); the
+        submits after it are. Without a budget it changes nothing.
+
         Raises:
             InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.
             ClientStateError: the client is not open.
         """
-        return self._attach(key, job_timeout=job_timeout, n=n, request=request)
+        return self._attach(
+            key, job_timeout=job_timeout, n=n, request=request, charge_budget=charge_budget
+        )

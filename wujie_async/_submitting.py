@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -318,6 +318,15 @@ class Submits:
     def open(self, admission: Admission) -> None:
         """Start taking submits, admitted by ``admission``."""
         self._admission = admission
+
+    def charge_attached(
+        self, request: Mapping[str, Any], n: int
+    ) -> Callable[[ImageJob], None] | None:
+        """Hold an attached job's expected cost on the budget; the callback its job calls when
+        it ends turns that into what it cost (None: no budget, nothing to hold)."""
+        if self._budget is None:
+            return None
+        return _on_end(None, self._budget.hold(request, n))
 
     async def submit(
         self, path: str, body: dict[str, Any], n: int, deadline_s: float, tag: str | None

@@ -211,8 +211,12 @@ async def plan_rerun(
     retry_failed: bool,
     job_timeout: float | None,
 ) -> Plan:
-    """Decide, per line, from the journal: send, collect, or leave as it ended."""
+    """Decide, per line, from the journal: send, collect, or leave as it ended.
+
+    A job collected counts against ``--max-points`` unless a manifest row records its cost
+    (the budget is the input's, across re-runs)."""
     plan = Plan()
+    charged = charged_keys(manifest_records)
     entries = await client.journal_entries()
     latest = {entry.tag: entry for entry in entries if entry.tag}
     moved = moved_rows(items, latest)
@@ -236,7 +240,7 @@ async def plan_rerun(
                 n = images_in(entry.request) or n
             if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
-            elif (job := _attach(client, entry, plan, n, job_timeout)) is not None:
+            elif (job := _attach(client, entry, plan, n, job_timeout, charged)) is not None:
                 plan.collect.append((row, job))
             else:
                 plan.settled.append(_unusable_key(entry, row))
@@ -264,8 +268,10 @@ def plan_from_manifest(
     images were partly saved, that timed out, whose run stopped while it ran or whose images
     could not be saved is collected again by its key, lines that ended otherwise keep their
     outcome (failed ones are resent with ``--retry-failed``;
-    uncertain ones never), and the rest (not sent, or never recorded) are sent."""
+    uncertain ones never), and the rest (not sent, or never recorded) are sent. A job
+    collected counts against ``--max-points`` unless a row records its cost."""
     plan = Plan()
+    charged = charged_keys(records)
     by_row: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_row.setdefault(_row_of(record), []).append(record)
@@ -288,14 +294,14 @@ def plan_from_manifest(
             }
             if len(indexes) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, key))
-            elif (job := _attach_key(client, key, n, job_timeout)) is not None:
+            elif (job := _attach_key(client, key, row, n, job_timeout, charged)) is not None:
                 plan.collect.append((row, job))
             else:
                 plan.send.append(row)
         elif (
             last.get("error_code") in _COLLECTED_AGAIN
             and isinstance(key, str)
-            and (job := _attach_key(client, key, n, job_timeout)) is not None
+            and (job := _attach_key(client, key, row, n, job_timeout, charged)) is not None
         ):
             plan.collect.append((row, job))  # paid, and may have ended since: never resent
         elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
@@ -324,10 +330,17 @@ def _legacy_row(line: Any, body: dict[str, Any]) -> str:
 
 
 def _attach_key(
-    client: WujieClient, key: str, n: int, job_timeout: float | None
+    client: WujieClient,
+    key: str,
+    row: Row,
+    n: int,
+    job_timeout: float | None,
+    charged: frozenset[str],
 ) -> ImageJob | None:
     try:
-        return client.images.attach(key, job_timeout=job_timeout, n=n)
+        return client.images.attach(
+            key, job_timeout=job_timeout, n=n, request=row.body, charge_budget=key not in charged
+        )
     except InvalidRequestError:
         return None
 
@@ -342,7 +355,7 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
             continue
         line, row_id = line_of(entry)
         row = Row(line, row_id, entry.tag, entry.request)
-        job = _attach(client, entry, plan, n, None)
+        job = _attach(client, entry, plan, n, None, frozenset())
         if job is not None:
             plan.collect.append((row, job))
         else:
@@ -351,12 +364,25 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
 
 
 def _attach(
-    client: WujieClient, entry: JournalEntry, plan: Plan, n: int, job_timeout: float | None
+    client: WujieClient,
+    entry: JournalEntry,
+    plan: Plan,
+    n: int,
+    job_timeout: float | None,
+    charged: frozenset[str],
 ) -> ImageJob | None:
     """The job of a journaled key, or None (noted in ``plan``) when the key is not usable:
-    one damaged row never stops the others."""
+    one damaged row never stops the others. Its cost counts against the budget (if any)
+    unless ``charged`` says a manifest row records it."""
+    key = entry.job_key or ""
     try:
-        return client.images.attach(entry.job_key or "", job_timeout=job_timeout, n=n)
+        return client.images.attach(
+            key,
+            job_timeout=job_timeout,
+            n=n,
+            request=entry.request,
+            charge_budget=key not in charged,
+        )
     except InvalidRequestError:
         plan.unusable.append(entry.id)
         return None
