@@ -126,7 +126,7 @@ async def test_lines_that_timed_out_are_collected_by_a_rerun_never_resent(
         assert code == 1, err
         assert json.loads(stdout)["outcomes"]["failed"] == 3
         assert "3 line(s) timed out" in err and "re-run the same command to collect" in err
-        assert {r["error_code"] for r in manifest(out)} == {"timeout"}
+        assert {r["error_code"] for r in manifest(out) if r["status"] != "pending"} == {"timeout"}
         code, stdout, err = await cli(*bulk, "--retry-failed", env=emu.env)
         assert code == 0, err
         assert json.loads(stdout)["outcomes"]["saved"] == 3

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from .cli_helpers import (
@@ -231,23 +232,55 @@ async def test_lines_added_above_resend_nothing(tmp_path: Path, journal: bool) -
 
 
 @contextlib.contextmanager
-def full_disk(folder: Path) -> Iterator[Path]:
-    """A small tmpfs at ``folder``, filled up (skips where mounting is not allowed)."""
+def full_disk(folder: Path, *, size: str = "256k", fill: bool = True) -> Iterator[Path]:
+    """A small tmpfs at ``folder``, filled up unless not ``fill`` (skips where mounting is not
+    allowed)."""
     folder.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
         capture_output=True,
         check=False,
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-        with (folder / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
-            while True:
-                filler.write(bytes(4096))
+        if fill:
+            with (
+                (folder / "filler").open("wb", buffering=0) as filler,
+                contextlib.suppress(OSError),
+            ):
+                while True:
+                    filler.write(bytes(4096))
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.long
+async def test_a_disk_that_fills_mid_run_still_records_every_paid_job(tmp_path: Path) -> None:
+    """Images fill the disk mid-run: the run stops sending, and the rows of the jobs still out
+    (keys included) are written once their downloads end (room was set aside for them), so
+    the re-run the summary advises collects them rather than paying for their lines again,
+    without a journal too."""
+    async with served_emulator(tmp_path, "--time-scale", "0.05") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"disk {i}\n" for i in range(40)))
+        with full_disk(tmp_path / "disk", size="300k", fill=False) as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "10"]
+            code, _, err = await cli(*bulk, env=emu.env)
+            assert code == 3, err
+            assert "the manifest could not be written" in err
+            assert "could not record" not in err  # every row written in the end
+            sent = (await emu.stats())["submits_accepted"]
+            assert 0 < sent < 40
+            assert not (out / ".wujie-async.reserve").exists()
+            remount = ["mount", "-o", "remount,size=8m", str(disk)]
+            await anyio.to_thread.run_sync(lambda: subprocess.run(remount, check=True))
+            code, _, err = await cli(*bulk, env=emu.env)
+            assert code == 0, err
+            assert (await emu.stats())["submits_accepted"] == 40  # each line paid once
+            assert sorted(set(final_outcomes(out).values())) == ["saved"]
 
 
 @pytest.mark.long
@@ -428,7 +461,8 @@ async def test_a_second_run_into_the_same_out_folder_exits_4_and_pays_nothing(
 @pytest.mark.long
 async def test_a_torn_last_manifest_line_costs_no_other_row(tmp_path: Path) -> None:
     """A crash mid-write leaves a torn last line: the next run's first row starts on a line
-    of its own (written onto the torn one, both were unreadable and paid again each run)."""
+    of its own (written onto the torn one, both were unreadable and the work redone, or with
+    no key to collect by, paid again, on every run)."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "0.2,0.2") as emu:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("first\nsecond\n")
@@ -439,14 +473,42 @@ async def test_a_torn_last_manifest_line_costs_no_other_row(tmp_path: Path) -> N
         path = out / "manifest.jsonl"
         text = path.read_text()
         path.write_text(text[: len(text) - 40])  # the last row torn, no newline
-        for _ in range(2):
-            code, _, err = await cli(*bulk, env=emu.env)
-            assert code == 0, err
-        assert (await emu.stats())["submits_accepted"] == 3  # the torn line once, then never
+        code, _, err = await cli(*bulk, env=emu.env)  # its line is done again
+        assert code == 0, err
+        code, stdout, err = await cli(*bulk, "--json", env=emu.env)
+        assert code == 0, err
+        assert json.loads(stdout)["images"] == 0  # nothing left: the last run's rows all read
+        assert (await emu.stats())["submits_accepted"] == 2  # collected by key, never resent
         lines = path.read_text().splitlines()
-        assert not _parses(lines[1]) and all(_parses(line) for line in lines[2:])
-        rows = [json.loads(line) for line in lines if _parses(line)]
-        assert sorted((row["line"], row["status"]) for row in rows) == [(1, "saved"), (2, "saved")]
+        assert [_parses(line) for line in lines].count(False) == 1
+        final = {row["line"]: row["status"] for row in map(json.loads, filter(_parses, lines))}
+        assert final == {1: "saved", 2: "saved"}
+
+
+@pytest.mark.long
+async def test_without_a_journal_a_run_killed_outright_pays_for_no_line_again(
+    tmp_path: Path,
+) -> None:
+    """``kill -9`` without a journal: the manifest has each accepted job's key from the
+    moment it was accepted, so the re-run collects those jobs instead of paying again."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("one\ntwo\nthree\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--no-journal"]
+
+        async def keys_recorded() -> bool:
+            return len({r.get("key") for r in manifest(out) if r["status"] == "pending"}) == 3
+
+        async with running_cli(*bulk, env=emu.env) as run:
+            await eventually(keys_recorded, what="3 keys in the manifest", alive=proc_alive(run))
+            run.send_signal(signal.SIGKILL)
+            code, _, _ = await run.finish(10)
+        assert code == -signal.SIGKILL
+        code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+        assert code == 0, err
+        assert (await emu.stats())["submits_accepted"] == 3  # collected by key, never resent
+        assert sorted(set(final_outcomes(out).values())) == ["saved"]
 
 
 @contextlib.contextmanager

@@ -293,7 +293,8 @@ async def test_a_trickling_image_ends_its_line_failed_as_too_slow_and_shows_savi
             "--progress", "plain", "--progress-interval", "0.05",
         )  # fmt: skip
     assert code == 1, err
-    [record] = manifest(tmp_path / "out")
+    sent, record = manifest(tmp_path / "out")  # its key as it was accepted, then its end
+    assert sent["status"] == "pending" and sent["key"] == record["key"]
     assert record["status"] == "failed" and record["error_code"] == "download"
     assert (
         "image server was too slow" in record["error"] and "--download-timeout" in record["error"]

@@ -78,7 +78,9 @@ class BulkRun:
     collected again is never counted twice). ``unrecorded``: settled lines whose outcome the
     manifest lacks (a run killed before writing it): written once at the start.
     ``names_taken``: file names (``{ext}`` for the extension) an earlier run saved, and the
-    job key each belongs to (see :func:`names_taken`).
+    job key each belongs to (see :func:`names_taken`). ``keys_on_accept``: write a ``pending``
+    row with its key as each job is accepted (no journal: the manifest is the only record of
+    the key, and a run killed outright would otherwise leave the re-run to pay again).
     Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
     then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
     """
@@ -100,6 +102,7 @@ class BulkRun:
         charged_before: frozenset[str] = frozenset(),
         unrecorded: list[tuple[Row, LineOutcome]] | None = None,
         names_taken: dict[str, str] | None = None,
+        keys_on_accept: bool = False,
     ) -> None:
         self._client = client
         self._send = send
@@ -127,6 +130,7 @@ class BulkRun:
             self._tally.settle(-1 - number, outcome.status)
         self._unrecorded = unrecorded or []
         self._names_taken = names_taken or {}
+        self._keys_on_accept = keys_on_accept
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
@@ -229,6 +233,8 @@ class BulkRun:
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
         del self._on_the_wire[id(row)]
+        if self._keys_on_accept:
+            self._left_pending(row, job)  # what it says if no later row follows it
         self._move(row, "generating")
         collectors.start_soon(self._collect_job, row, job)
 
@@ -236,7 +242,7 @@ class BulkRun:
         try:
             await self._collect_images(row, job)
         except asyncio.CancelledError:
-            if self._stop.is_set():
+            if self._stop.is_set() and not self._keys_on_accept:
                 self._left_pending(row, job)
             raise
 
@@ -248,7 +254,7 @@ class BulkRun:
             "status": "pending",
             "key": job.key,
             "error_code": "interrupted",
-            "error": "the run stopped while its job ran: a re-run collects it (never resends it)",
+            "error": "the run ended while its job ran: a re-run collects it (never resends it)",
         }
         self._record(record)
 

@@ -14,11 +14,12 @@ Every line ends in exactly one outcome:
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, TextIO
+from typing import Any, BinaryIO, Final, Literal
 
 from .. import (
     APIError,
@@ -181,15 +182,39 @@ class Manifest:
     command that wrote it), so the runs of two inputs are never mistaken for one another.
     """
 
-    def __init__(self, handle: TextIO, *, source: str) -> None:
-        self._handle = handle
+    def __init__(self, handle: BinaryIO, *, source: str) -> None:
+        self._handle = handle  # unbuffered: a failed write leaves nothing behind to retry
         self._source = source
+        self._torn = False  # a write the disk cut short left part of a line
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record and flush it (a crash loses at most the line being written)."""
+        """Append one record, straight to the file (a crash loses at most the line being
+        written). A line the disk cut short is ended before the next, which stays readable.
+
+        Raises:
+            OSError: the disk refused it (full, say); nothing of it was kept, or a torn part.
+        """
         record = {**record, "input": self._source}
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        ending = b"\n" if self._torn else b""
+        data = ending + data
+        fd = self._handle.fileno()
+        start = os.fstat(fd).st_size
+        written = 0
+        try:
+            while written < len(data):
+                written += self._handle.write(data[written:]) or 0
+        except OSError:
+            if written > len(ending):  # part of the row went in: take it out again
+                try:
+                    os.ftruncate(fd, start + len(ending))
+                    self._torn = False
+                except OSError:
+                    self._torn = True
+            elif written:
+                self._torn = False  # the torn line was ended, nothing of this row went in
+            raise
+        self._torn = False
 
 
 def other_inputs(records: Iterable[dict[str, Any]], source: str) -> list[str]:
@@ -246,8 +271,8 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def open_manifest(path: Path) -> TextIO:
-    """The manifest, open for appending rows (blocking: call it on a worker thread).
+def open_manifest(path: Path) -> BinaryIO:
+    """The manifest, open for appending rows, unbuffered (blocking: call it on a worker thread).
 
     A torn last line (a crash mid-write) is ended first, so the next row starts on a line of
     its own: written onto the torn one, both would be unreadable, and the run's own row lost.
@@ -255,13 +280,12 @@ def open_manifest(path: Path) -> TextIO:
     Raises:
         OSError: the file cannot be opened or written.
     """
-    handle = path.open("a", encoding="utf-8")
+    handle = path.open("ab", buffering=0)
     try:
         with path.open("rb") as raw:
             torn = raw.seek(0, 2) > 0 and raw.seek(-1, 2) >= 0 and raw.read(1) != b"\n"
         if torn:
-            handle.write("\n")
-            handle.flush()
+            handle.write(b"\n")
     except BaseException:
         handle.close()
         raise

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 import anyio
 from rich.console import Console
@@ -44,6 +44,7 @@ from ._common import (
     UsageError,
     open_client,
 )
+from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem, line_tag, moved_rows
 from ._outcome import (
     LineOutcome,
@@ -86,7 +87,7 @@ class Plan:
 
 
 @contextlib.contextmanager
-def _closed_after(handle: TextIO) -> Iterator[TextIO]:
+def _closed_after(handle: BinaryIO) -> Iterator[BinaryIO]:
     """``handle``, closed at the end. Every row was flushed as it was written, so a close that
     fails (a full disk) has nothing left to lose, and the run has reported it already."""
     try:
@@ -94,6 +95,25 @@ def _closed_after(handle: TextIO) -> Iterator[TextIO]:
     finally:
         with contextlib.suppress(OSError):
             handle.close()
+
+
+@contextlib.contextmanager
+def _released_after(reserve: DiskReserve) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        reserve.release()
+
+
+def _write_refused_rows(rows: list[dict[str, Any]], manifest: Manifest) -> None:
+    """Write the rows the disk refused, in order, as far as it now takes them (``rows`` keeps
+    the ones still not written)."""
+    while rows:
+        try:
+            manifest.write(rows[0])
+        except OSError:
+            return
+        del rows[0]
 
 
 def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
@@ -535,13 +555,19 @@ class Session:
                     f"cannot write {manifest_path} ({exc.strerror or type(exc).__name__}); "
                     "make it writable (nothing was sent)"
                 ) from None
-            with _closed_after(handle):
+            manifest = Manifest(handle, source=source)
+            reserve = DiskReserve(
+                out,
+                reserve_size([row.body for row in plan.send] + [r.body for r, _ in plan.collect]),
+            )
+            await anyio.to_thread.run_sync(reserve.take)
+            with _closed_after(handle), _released_after(reserve):
                 run = BulkRun(
                     client,
                     send=plan.send,
                     collect=plan.collect,
                     settled=plan.settled,
-                    manifest=Manifest(handle, source=source),
+                    manifest=manifest,
                     out=out,
                     name=getattr(args, "name", None) or DEFAULT_NAME,
                     display=display,
@@ -551,6 +577,8 @@ class Session:
                     charged_before=charged_keys(records),
                     unrecorded=plan.unrecorded,
                     names_taken=names_taken(records),
+                    # The embedded emulator's jobs end with this process: no key outlives it.
+                    keys_on_accept=self.journal is None and not getattr(args, "emulator", False),
                 )
                 with stopping_on_signals(stop, self.console) as signals:
                     try:
@@ -562,6 +590,10 @@ class Session:
                         uncancel()
                         self.result = run.interrupted_at_once()
                 self.terminated = signals.terminated
+                if self.result.unrecorded:
+                    # Every download has ended: the room set aside goes to these rows only.
+                    await anyio.to_thread.run_sync(reserve.release)
+                    _write_refused_rows(self.result.unrecorded, manifest)
             # What this run's manifest rows record: a job collected again was counted by
             # the run that first recorded its cost.
             self.points = self.result.points if self.result is not None else 0.0
