@@ -554,6 +554,84 @@ async def test_a_read_only_manifest_is_a_usage_error_before_anything_is_sent(
         assert (await emu.stats())["submits_accepted"] == 1
 
 
+@pytest.mark.long
+async def test_without_a_journal_an_id_row_edited_while_its_job_runs_is_recorded_as_sent(
+    tmp_path: Path,
+) -> None:
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1.5,1.5") as emu:
+        file = write_rows(tmp_path / "rows.jsonl", [{"id": "fox", "prompt": "a fox"}])
+        out = tmp_path / "out"
+        bulk = ["bulk", str(file), "--model", "dall-e-2", "-o", str(out), "--no-journal"]
+        code, _, err = await cli(*bulk, "--job-timeout", "0.2", env=emu.env)
+        assert code == 1, err
+        write_rows(file, [{"id": "fox", "prompt": "a red fox"}])
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert "1 row(s) with an id changed since their jobs were sent" in err
+        assert (await emu.stats())["submits_accepted"] == 1
+        saved = [r for r in manifest(out) if r["status"] == "saved"]
+        assert [r["prompt"] for r in saved] == ["a fox"]  # the request its job was
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_the_job_of_a_line_edited_while_it_ran_is_still_collected(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """A line without an id is its place and its request: edited, it is a new line, and the
+    job sent for the old one is paid all the same. The re-run collects it and says so."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1.5,1.5") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\na cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), *journal]
+        code, _, err = await cli(*bulk, "--job-timeout", "0.2", env=emu.env)
+        assert code == 1, err
+        prompts.write_text("a red fox\na cat\n")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert "collecting 1 job(s) sent for rows no longer in the input" in err
+        assert (await emu.stats())["submits_accepted"] == 3  # the red fox is a new line
+        saved = sorted(r["prompt"] for r in manifest(out) if r["status"] == "saved")
+        assert saved == ["a cat", "a fox", "a red fox"]
+        code, _, err = await cli(*bulk, env=emu.env)  # nothing left to do
+        assert code == 0 and "collecting" not in err, err
+        assert (await emu.stats())["submits_accepted"] == 3
+
+
+@pytest.mark.long
+async def test_a_removed_line_whose_job_only_the_journal_knows_is_named_with_resume(
+    tmp_path: Path,
+) -> None:
+    """Killed outright with a journal, then the line removed: only the journal has the key
+    (and a journal may be shared by inputs), so the re-run names the job and how to collect it."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+
+        def journaled() -> bool:
+            path = out / "journal.sqlite"
+            if not path.exists():
+                return False
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                query = "SELECT COUNT(*) FROM submits WHERE state = 'accepted' AND job_key != ''"
+                with contextlib.suppress(sqlite3.Error):
+                    return bool(db.execute(query).fetchone()[0] == 1)
+            return False
+
+        async with running_cli(*bulk, env=emu.env) as run:
+            await eventually(journaled, what="the key in the journal", alive=proc_alive(run))
+            run.send_signal(signal.SIGKILL)
+            await run.finish(10)
+        prompts.write_text("a cat\n")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert "1 job(s) in the journal may still be running for rows no longer" in err
+        assert f"wujie-async resume {out / 'journal.sqlite'} -o {out}" in err
+
+
 def _parses(line: str) -> bool:
     try:
         json.loads(line)

@@ -251,7 +251,21 @@ def base_record(
     record["model"] = body.get("model")
     record["size"] = body.get("size")
     record["prompt"] = body.get("prompt")
+    record["n"] = body.get("n")
     return record
+
+
+def recorded_request(record: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """The request a manifest row was written for, as far as rows tell it (the fields of
+    ``body`` they do not record are taken from it)."""
+    recorded = dict(body)
+    for name in ("model", "size", "prompt", "n"):
+        if name in record:
+            if record[name] is None:
+                recorded.pop(name, None)
+            else:
+                recorded[name] = record[name]
+    return recorded
 
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:

@@ -58,6 +58,7 @@ from ._outcome import (
     other_inputs,
     points_spent,
     read_manifest,
+    recorded_request,
     run_source,
     saved_indexes,
 )
@@ -81,6 +82,10 @@ class Plan:
     skipped: int = 0
     moved: int = 0  # lines recognised by their request at another line than recorded
     changed: int = 0  # id rows whose request differs from the job the journal holds
+    # Jobs of rows no longer in the input (edited or removed since) collected all the same,
+    # and running ones the journal holds that no row of this input's manifest names.
+    orphans: int = 0
+    unclaimed: int = 0
     # Settled lines whose outcome the manifest lacks (a run killed before writing it).
     unrecorded: list[tuple[Row, LineOutcome]] = field(default_factory=list)
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
@@ -273,6 +278,27 @@ async def plan_rerun(
             if not (by_key.get(entry.job_key or "") or by_line.get(row.line)):
                 plan.unrecorded.append((row, outcome))
             plan.skipped += 1
+    claimed = {moved.get(item.tag, item.tag) for item in items}
+    for tag, entry in latest.items():
+        key = entry.job_key
+        if tag in claimed or entry.state not in ("accepted", "succeeded") or not key:
+            continue
+        n = images_in(entry.request) or 1
+        if entry.state == "succeeded" and len(saved.get(key, ())) >= n:
+            continue
+        if key not in by_key:
+            # Nothing of this input's manifest names it: a row removed before its job's key
+            # was written there, or another input's job in a journal the two share.
+            if entry.state == "accepted":
+                plan.unclaimed += 1
+            continue
+        # A row edited or removed since its job was sent: that job is paid, and collected as
+        # the request it was (the new row, if any, is a new line).
+        line, row_id = line_of(entry)
+        row = Row(line, row_id, tag, dict(entry.request))
+        if (job := _attach(client, entry, plan, n, job_timeout, charged)) is not None:
+            plan.collect.append((row, job))
+            plan.orphans += 1
     return plan
 
 
@@ -306,8 +332,15 @@ def plan_from_manifest(
             plan.send.append(row)
             continue
         last = mine[-1]
-        n = int(row.body.get("n") or 1)
         key = last.get("key")
+        if row.row_id is not None and isinstance(key, str):
+            recorded = recorded_request(last, row.body)
+            if recorded != row.body:
+                # An id row edited since its job was sent: that job stands, collected (and
+                # recorded) as the request it was, never mistaken for the new one.
+                plan.changed += 1
+                row = Row(row.line, row.row_id, row.tag, recorded)
+        n = int(row.body.get("n") or 1)
         if last.get("status") == "saved" and isinstance(key, str):
             indexes = {
                 r.get("index") for r in mine if r.get("status") == "saved" and r.get("key") == key
@@ -333,7 +366,45 @@ def plan_from_manifest(
                 LineOutcome(status, row.line, row.row_id, key, last.get("error_code"), message)
             )
         plan.skipped += 1
+    claimed = {moved.get(item.tag, item.tag) for item in items}
+    for tag, mine in by_row.items():
+        last = mine[-1]
+        key = last.get("key")
+        if tag in claimed or tag.startswith("legacy:") or not isinstance(key, str):
+            continue
+        if not _still_paid_for(last, mine):
+            continue
+        # A row edited or removed since its job was sent: that job is paid, and collected as
+        # the request it was (the new row, if any, is a new line).
+        row_id = last.get("id")
+        row = Row(
+            _int(last.get("line")),
+            row_id if isinstance(row_id, str) else None,
+            tag,
+            recorded_request(last, {}),
+        )
+        n = _int(row.body.get("n")) or 1
+        if (job := _attach_key(client, key, row, n, job_timeout, charged)) is not None:
+            plan.collect.append((row, job))
+            plan.orphans += 1
     return plan
+
+
+def _still_paid_for(last: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
+    """True when a row's last record says its job may still give images this run should save:
+    it was running when the run ended, ran past its deadline, or some images were not saved."""
+    if last.get("status") == "pending" or last.get("error_code") in _COLLECTED_AGAIN:
+        return True
+    if last.get("status") != "saved":
+        return False
+    key = last.get("key")
+    saved = {r.get("index") for r in rows if r.get("status") == "saved" and r.get("key") == key}
+    n = last.get("n")
+    return isinstance(n, int) and len(saved) < n
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _row_of(record: dict[str, Any]) -> str:
@@ -523,6 +594,17 @@ class Session:
                     f"{plan.changed} row(s) with an id changed since their jobs were sent: "
                     "those jobs stand, as the requests they were; give a changed row a new id "
                     "to send it as it is now"
+                )
+            if plan.orphans:
+                self._say(
+                    f"collecting {plan.orphans} job(s) sent for rows no longer in the input "
+                    "(edited or removed since): they are paid, and saved as the requests they were"
+                )
+            if plan.unclaimed:
+                self._say(
+                    f"{plan.unclaimed} job(s) in the journal may still be running for rows no "
+                    "longer in the input (edited or removed since): they are paid; "
+                    f"`wujie-async resume {self.journal} -o {out}` collects them"
                 )
             if plan.moved:
                 self._say(
