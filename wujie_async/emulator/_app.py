@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import random
 from collections import Counter
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from .. import _contract, _rules
@@ -43,6 +45,8 @@ _HTML_PAGE: Final = (
 _JOB_FAIL_CODE: Final = 50000001
 _VERIFIED_CACHE_MAX: Final = 10_000
 
+logger = logging.getLogger("wujie_async.emulator")
+
 
 @dataclass(slots=True)
 class Stats:
@@ -58,6 +62,8 @@ class Stats:
     batch_callers: list[tuple[float, str]] = field(default_factory=list)
     # The keys each batch call asked about, in the order of batch_callers.
     batch_keys: list[list[str]] = field(default_factory=list)
+    # Requests whose client left before the reply was ready (a timeout, a cancelled task).
+    clients_gone: int = 0
 
 
 class _Refused(Exception):
@@ -145,7 +151,7 @@ class Gateway:
     # --- the application ------------------------------------------------------------------------
     def build_app(self) -> web.Application:
         """The aiohttp application."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._peer_gone])
         base = _contract.BASE_PATH
         app.router.add_post(base + ENDPOINTS["generations"], self._generations, name="generations")
         app.router.add_post(base + ENDPOINTS["edits"], self._edits, name="edits")
@@ -154,6 +160,34 @@ class Gateway:
         app.router.add_get("/_emulator/stats", self._stats, name="stats")
         app.router.add_post("/_emulator/faults", self._set_faults, name="faults")
         return app
+
+    @web.middleware
+    async def _peer_gone(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A client that leaves mid-request is normal for a gateway: one DEBUG line, no ERROR.
+
+        Once the peer has closed its connection, aiohttp fails the request's body with
+        ConnectionResetError: a handler still reading it (after a ``slow_reply`` delay, or a
+        client that gave up mid-upload) would raise it, and aiohttp logs any exception out of
+        a handler as "Error handling request" at ERROR with a traceback. Only a connection
+        error while the connection is gone is taken for the client leaving; any other error,
+        or a connection error on a live connection, goes on to aiohttp and is logged as the
+        bug it is.
+        """
+        try:
+            return await handler(request)
+        except ConnectionError as exc:
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                raise
+            self.stats.clients_gone += 1
+            logger.debug(
+                "emulator: client left before the reply to %s %s (%s)",
+                request.method,
+                request.path,
+                exc,
+            )
+            # Nothing reaches the client: aiohttp fails to write this and drops it quietly.
+            return web.Response(status=499)
 
     def snapshot(self, *, timelines: bool = True) -> dict[str, Any]:
         """Every counter, as JSON-ready data."""
@@ -168,6 +202,7 @@ class Gateway:
             "batch_callers": [list(call) for call in stats.batch_callers],
             "batch_keys": [list(keys) for keys in stats.batch_keys],
             "submits_accepted": stats.submits_accepted,
+            "clients_gone": stats.clients_gone,
             # What the account has been charged: every job that has ended by now, polled or not.
             "points_charged": sum(
                 job.cost() for job in self.store.jobs.values() if now >= job.ends_at

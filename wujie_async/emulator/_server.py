@@ -136,11 +136,15 @@ class Emulator:
         self.gateway.clock.start()  # unix stamps = clock readings + the offset taken now
         # A stopping emulator waits at most a second for replies still on the wire (a slow-reply
         # fault, a client killed mid-request): a test or a Ctrl-C never waits a minute for them.
+        # A client that leaves does not cancel its handler (aiohttp's default, spelled out): a
+        # submit that arrived is carried out, as at a real gateway, and the handler's reading
+        # of a body that will never come is answered quietly (Gateway._peer_gone).
         runner = web.AppRunner(
             self.gateway.build_app(),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+            handler_cancellation=False,
         )
         await runner.setup()
         site: web.BaseSite
