@@ -12,6 +12,13 @@ From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip i
 
 Request handlers never poll: the client's single poller serves every awaiting handler, and an
 events stream only reads what that poller already saw (``job.updates()``).
+
+Every wait has a deadline, and stopping (Ctrl-C, SIGTERM) ends them all at once: open event
+streams get a last ``event: closing`` (the browser reconnects later by itself), waiting
+requests answer 503 with their job's key, submits not yet sent are refused, and the client
+closes, all within a few seconds. What the gateway says is bounded before it reaches a browser:
+an image URL longer than 4,096 characters (or not http/https) is left out with a note, and
+error text goes through ``wujie_async.snippet()``.
 """
 
 from __future__ import annotations
@@ -20,19 +27,22 @@ import argparse
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from _connect import connect
 from aiohttp import web
 
 from wujie_async import (
+    ClientStateError,
+    GeneratedImage,
     ImageJob,
     InvalidRequestError,
     JobError,
     JobUpdate,
     WujieClient,
     WujieError,
+    snippet,
 )
 
 CLIENT = web.AppKey("client", WujieClient)
@@ -44,6 +54,75 @@ _FIELDS = ("prompt", "model", "n", "size", "quality", "style", "background", "ou
 SUBMITTED = web.AppKey("submitted", set)
 # How long a key nobody here submitted may go unlisted by the gateway before it is a 404.
 LOOKUP_SECONDS = web.AppKey("lookup_seconds", float)
+
+# Once stopping, how long requests still open get before aiohttp cancels them. The app's own
+# waits (event streams included) end at once, so this is only a backstop.
+SHUTDOWN_SECONDS = 3.0
+# How long one event may take to reach a reader: a reader that stopped reading is dropped.
+WRITE_SECONDS = 30.0
+# How long a stream's last event may take when the app stops; and when a browser reconnects.
+CLOSING_WRITE_SECONDS = 1.0
+RECONNECT_MS = 5000
+# What the gateway says is bounded before it reaches a browser: the longest image URL passed
+# on (a real one is a few hundred characters), and the most characters of any other text.
+MAX_URL_CHARS = 4096
+MAX_TEXT_CHARS = 500
+
+
+class Waits:
+    """The app's open waits (a request waiting on its job, an event stream), each with a
+    deadline, and all ended at once when the app stops (see ``end_all``)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._open: set[asyncio.Timeout] = set()
+
+    @contextlib.asynccontextmanager
+    async def until_stopping(self, seconds: float | None) -> AsyncIterator[None]:
+        """Run the block; TimeoutError after ``seconds`` (None: no limit) or when the app stops
+        (``self.stopping`` says which)."""
+        async with asyncio.timeout(seconds) as deadline:
+            if self.stopping:
+                deadline.reschedule(asyncio.get_running_loop().time())
+            self._open.add(deadline)
+            try:
+                yield
+            finally:
+                self._open.discard(deadline)
+
+    def end_all(self) -> None:
+        """Every open wait ends now, and every later one at once."""
+        self.stopping = True
+        now = asyncio.get_running_loop().time()
+        for deadline in self._open:
+            deadline.reschedule(now)
+
+
+WAITS = web.AppKey("waits", Waits)
+
+
+def _text(text: object) -> str:
+    """Server text (an error message may quote the gateway), safe and short for a browser."""
+    return snippet(str(text), limit=MAX_TEXT_CHARS)
+
+
+def _images_view(images: Iterable[GeneratedImage]) -> dict[str, Any]:
+    """``images``: each image's URL, in index order; null for one left out, and a note in
+    ``notes`` saying why (too long, not http or https: a broken or hostile gateway's)."""
+    urls: list[str | None] = []
+    notes: list[str] = []
+    for image in images:
+        url = image.url
+        if url is not None and len(url) > MAX_URL_CHARS:
+            notes.append(f"image {image.index}: its URL of {len(url):,} characters is left out")
+            url = None
+        elif url is not None and (
+            not url.startswith(("https://", "http://")) or not url.isprintable() or " " in url
+        ):
+            notes.append(f"image {image.index}: its URL is left out (not an http(s) URL)")
+            url = None
+        urls.append(url)
+    return {"images": urls, "notes": notes} if notes else {"images": urls}
 
 
 def _job_view(job: ImageJob) -> dict[str, Any]:
@@ -57,12 +136,19 @@ def _update_view(update: JobUpdate) -> dict[str, Any]:
         "progress": update.progress,
         "queue_position": update.queue_position,
         "expected_seconds": update.expected_seconds,
-        "images": [image.url for image in update.images],
+        **_images_view(update.images),
         "done": update.done,
     }
     if update.error is not None:
-        view["error"] = str(update.error)
+        view["error"] = _text(update.error)
     return view
+
+
+def _event(kind: str, data: dict[str, Any], retry_ms: int | None = None) -> bytes:
+    """One server-sent event. The JSON is ASCII (``ensure_ascii``) and on one line, so no
+    text in it can end the event or start another."""
+    retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
+    return f"event: {kind}\n{retry}data: {json.dumps(data)}\n\n".encode()
 
 
 async def _known_job(request: web.Request) -> ImageJob:
@@ -78,11 +164,14 @@ async def _known_job(request: web.Request) -> ImageJob:
         raise web.HTTPNotFound(text="not a job key") from None
     if key in request.app[SUBMITTED] or job.status is not None or job.done():
         return job
+    waits = request.app[WAITS]
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(request.app[LOOKUP_SECONDS]):
+        async with waits.until_stopping(request.app[LOOKUP_SECONDS]):
             async for update in job.updates():
                 if update.status is not None or update.done:
                     break
+    if job.status is None and waits.stopping:
+        raise web.HTTPServiceUnavailable(text="the server is stopping")
     if job.status is None:
         job.cancel()  # stop asking about a key the gateway does not know
         raise web.HTTPNotFound(text=f"the gateway does not know job {key}")
@@ -102,24 +191,37 @@ async def _request_fields(request: web.Request) -> dict[str, Any]:
 
 
 def _bad_request(exc: InvalidRequestError) -> web.Response:
-    return web.json_response({"error": str(exc), "field": exc.field, "rule": exc.rule}, status=400)
+    return web.json_response(
+        {"error": _text(exc), "field": exc.field, "rule": exc.rule}, status=400
+    )
+
+
+def _stopping() -> web.Response:
+    return web.json_response({"error": "the server is stopping"}, status=503)
 
 
 async def create_image(request: web.Request) -> web.Response:
     client = request.app[CLIENT]
+    waits = request.app[WAITS]
     try:
         job = await client.images.submit(**await _request_fields(request))
         request.app[SUBMITTED].add(job.key)
-        result = await job.result(timeout=WAIT_SECONDS)
+        async with waits.until_stopping(WAIT_SECONDS):
+            result = await job.result()
     except InvalidRequestError as exc:
         return _bad_request(exc)
     except TimeoutError:
+        if waits.stopping:  # the job goes on: its key finds it once the app is back
+            body = {"error": "the server is stopping", "key": job.key}
+            return web.json_response(body, status=503)
         return web.json_response({"error": "still running", "key": job.key}, status=504)
     except JobError as exc:
-        return web.json_response({"error": str(exc), "key": exc.job_key}, status=422)
+        return web.json_response({"error": _text(exc), "key": exc.job_key}, status=422)
+    except ClientStateError:
+        return _stopping()  # stopping: submits not yet sent are refused
     except WujieError as exc:
-        return web.json_response({"error": str(exc)}, status=502)
-    return web.json_response({"key": result.key, "images": [i.url for i in result.images]})
+        return web.json_response({"error": _text(exc)}, status=502)
+    return web.json_response({"key": result.key, **_images_view(result.images)})
 
 
 async def submit_job(request: web.Request) -> web.Response:
@@ -128,8 +230,10 @@ async def submit_job(request: web.Request) -> web.Response:
         job = await client.images.submit(**await _request_fields(request))
     except InvalidRequestError as exc:
         return _bad_request(exc)
+    except ClientStateError:
+        return _stopping()
     except WujieError as exc:
-        return web.json_response({"error": str(exc)}, status=502)
+        return web.json_response({"error": _text(exc)}, status=502)
     request.app[SUBMITTED].add(job.key)
     return web.json_response({"key": job.key}, status=202)
 
@@ -140,17 +244,36 @@ async def job_status(request: web.Request) -> web.Response:
 
 async def job_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the job's state now, then one event per change; the last one is
-    ``event: done``. A slow reader gets the latest state, never a backlog."""
+    ``event: done``. A slow reader gets the latest state, never a backlog.
+
+    When the app stops, the stream ends at once with ``event: closing`` (the job goes on; the
+    browser reconnects after ``retry`` ms). A reader that takes no event for WRITE_SECONDS is
+    dropped.
+    """
     job = await _known_job(request)
+    waits = request.app[WAITS]
     stream = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await stream.prepare(request)
     with contextlib.suppress(ConnectionResetError):  # the browser went away; the job goes on
-        async for update in job.updates():
-            kind = "done" if update.done else "update"
-            data = json.dumps(_update_view(update))
-            await stream.write(f"event: {kind}\ndata: {data}\n\n".encode())
+        try:
+            async with waits.until_stopping(None):
+                await stream.prepare(request)
+                async for update in job.updates():
+                    kind = "done" if update.done else "update"
+                    async with asyncio.timeout(WRITE_SECONDS):
+                        await stream.write(_event(kind, _update_view(update)))
+        except TimeoutError:
+            if not stream.prepared:  # the app stopped before the stream began
+                raise web.HTTPServiceUnavailable(text="the server is stopping") from None
+            if not waits.stopping:  # a reader that stopped reading: drop it
+                if request.transport is not None:
+                    request.transport.abort()
+                return stream
+            closing = {"key": job.key, "reason": "the server is stopping; the job goes on"}
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSING_WRITE_SECONDS):
+                    await stream.write(_event("closing", closing, retry_ms=RECONNECT_MS))
     return stream
 
 
@@ -163,14 +286,26 @@ def create_app(
     submitted is a 404 if the gateway has not listed it within ``lookup_seconds``."""
     app = web.Application()
     app[LOOKUP_SECONDS] = lookup_seconds
+    app[WAITS] = Waits()
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        # Closed after the requests end (aiohttp runs cleanup after them), which on_shutdown
+        # below makes prompt.
         async with client_factory() as client:
             app[CLIENT] = client
             app[SUBMITTED] = set()  # an example's memory: a real app keeps keys elsewhere
             yield
 
+    async def stopping(app: web.Application) -> None:
+        # aiohttp's on_shutdown: the app stops listening, then calls this before it waits
+        # for the requests still open; end their waits now rather than when their jobs end.
+        app[WAITS].end_all()
+        if CLIENT in app:
+            with contextlib.suppress(ClientStateError):  # it is closed already
+                app[CLIENT].stop_submitting()
+
     app.cleanup_ctx.append(lifespan)
+    app.on_shutdown.append(stopping)
     app.router.add_post("/images", create_image)
     app.router.add_post("/jobs", submit_job)
     app.router.add_get("/jobs/{key}", job_status)
@@ -187,4 +322,4 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     app = create_app(connect, lookup_seconds=args.lookup_seconds)
-    web.run_app(app, host=args.host, port=args.port)
+    web.run_app(app, host=args.host, port=args.port, shutdown_timeout=SHUTDOWN_SECONDS)

@@ -1,0 +1,335 @@
+"""examples/web_app.py: how it stops with event streams open, and what its events pass on
+from a gateway that sends too much.
+
+The long tests run it as ``python examples/web_app.py``, against a standalone emulator process
+or a scripted hostile gateway served by the test; one quick test runs its app in this process,
+on a real socket, against an embedded emulator. Events are read over real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from wujie_async import ClientStateError, WujieClient
+
+from .cli_helpers import (
+    CLEAN_ENV,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    served_emulator,
+)
+from .conftest import EmulatorFactory, make_client
+from .fleet_support import free_port
+from .helpers import eventually
+from .hostile import ESCAPES, scripted_gateway, throwaway_credentials
+
+pytestmark = pytest.mark.anyio
+
+# The example under test (a test run may point this at another copy of it).
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "web_app.py"
+
+START_S = 30.0  # the example's imports and its client's start, on a loaded machine
+READ_S = 15.0  # one event, or a reply
+# From the signal to the process gone: "within a few seconds" (the example gives requests
+# still open 3 s as a backstop; its streams end at once), with room for a loaded machine.
+STOP_S = 8.0
+KILL_GRACE_S = 5.0
+MAX_EVENT_BYTES = 16 * 1024  # far above any event of the example's; far below a hostile one
+READ_CAP_BYTES = 4 * 1024 * 1024  # the most a test reads from one stream
+
+
+@dataclass
+class App:
+    process: asyncio.subprocess.Process
+    base: str
+    output: Path  # its stdout and stderr
+
+    def log(self) -> str:
+        return self.output.read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def web_app(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[App]:
+    """``python examples/web_app.py --port P`` with ``env``, listening; killed (bounded) if it
+    still runs when the block ends."""
+    port = free_port()
+    output = tmp_path / "web_app.log"
+    with output.open("wb") as sink:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLE), "--port", str(port), "--lookup-seconds", "1",
+            env=env, stdin=asyncio.subprocess.DEVNULL, stdout=sink, stderr=sink,
+        )  # fmt: skip
+    app = App(proc, f"http://127.0.0.1:{port}", output)
+
+    async def listening() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    try:
+        await eventually(
+            listening, timeout=START_S, what="the web app listening",
+            alive=lambda: proc.returncode is None,
+        )  # fmt: skip
+        yield app
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), KILL_GRACE_S)
+
+
+@dataclass
+class Event:
+    kind: str
+    data: dict[str, Any]
+    retry: str | None
+    size: int  # bytes on the wire
+
+
+class EventReader:
+    """Reads server-sent events off a reply one at a time, never more than READ_CAP_BYTES."""
+
+    def __init__(self, reply: aiohttp.ClientResponse) -> None:
+        self.reply = reply
+        self.buffer = b""
+        self.total = 0
+
+    async def next(self) -> Event | None:
+        """The next event, or None at the end of the stream."""
+        while b"\n\n" not in self.buffer:
+            chunk = await self.reply.content.readany()
+            if not chunk:
+                assert not self.buffer.strip(), f"the stream ended mid-event: {self.buffer[:200]!r}"
+                return None
+            self.total += len(chunk)
+            assert self.total <= READ_CAP_BYTES, "a stream of megabytes"
+            self.buffer += chunk
+        raw, self.buffer = self.buffer.split(b"\n\n", 1)
+        fields: dict[str, str] = {}
+        for line in raw.decode().split("\n"):
+            name, _, value = line.partition(": ")
+            fields[name] = value
+        return Event(fields["event"], json.loads(fields["data"]), fields.get("retry"), len(raw))
+
+    async def rest(self) -> list[Event]:
+        """Every event left, up to the end of the stream."""
+        events = []
+        while (event := await self.next()) is not None:
+            events.append(event)
+        return events
+
+
+async def submit(http: aiohttp.ClientSession, base: str, **body: Any) -> str:
+    async with http.post(f"{base}/jobs", json=body) as reply:
+        assert reply.status == 202, await reply.text()
+        key: str = (await reply.json())["key"]
+    return key
+
+
+def load_example() -> ModuleType:
+    """The example's module, loaded from EXAMPLE (its folder on sys.path for ``_connect``)."""
+    sys.path.insert(0, str(EXAMPLE.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("web_app_under_test", EXAMPLE)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(EXAMPLE.parent))
+    return module
+
+
+async def test_shutdown_ends_event_streams_before_waiting_for_requests(
+    emulator: EmulatorFactory,
+) -> None:
+    """The app's own shutdown (what ``run_app`` does on a signal) with aiohttp's default 60 s
+    for requests still open: its on_shutdown ends the streams, so that is not waited for."""
+    example = load_example()
+    clients: list[WujieClient] = []
+
+    def client_factory() -> WujieClient:
+        clients.append(make_client(emu))
+        return clients[-1]
+
+    async with emulator(time_scale=1.0, job_seconds=(600.0, 600.0)) as emu:
+        runner = web.AppRunner(example.create_app(client_factory), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+                key = await submit(http, base, prompt="slow", model="dall-e-2")
+                async with http.get(f"{base}/jobs/{key}/events") as reply:
+                    reader = EventReader(reply)
+                    first = await asyncio.wait_for(reader.next(), READ_S)
+                    assert first is not None and first.kind == "update"
+                    try:
+                        async with asyncio.timeout(STOP_S):
+                            await runner.cleanup()
+                            rest = await reader.rest()
+                    except TimeoutError:
+                        raise AssertionError(
+                            f"the app's shutdown still waits after {STOP_S:.0f} s, with an event "
+                            "stream open"
+                        ) from None
+        finally:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(KILL_GRACE_S):
+                    await runner.cleanup()  # a no-op when it ran: bounded when it did not
+    assert [event.kind for event in rest] == ["closing"]
+    [client] = clients
+    with pytest.raises(ClientStateError):  # the lifespan closed it
+        await client.images.submit(prompt="after", model="dall-e-2")
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_stopping_ends_open_event_streams_at_once(tmp_path: Path, sig: int) -> None:
+    """Streams of jobs that run for ten minutes, and a request waiting on one: the signal
+    ends each stream with ``event: closing`` and the process within seconds."""
+    async with (
+        served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "600,600") as emu,
+        web_app(tmp_path, emu.env) as app,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+    ):
+        keys = [
+            await submit(http, app.base, prompt=f"slow {i}", model="dall-e-2") for i in range(3)
+        ]
+        async with contextlib.AsyncExitStack() as streams:
+            readers = []
+            for key in keys:
+                reply = await streams.enter_async_context(http.get(f"{app.base}/jobs/{key}/events"))
+                assert reply.status == 200
+                readers.append(EventReader(reply))
+            for key, reader in zip(keys, readers, strict=True):
+                first = await asyncio.wait_for(reader.next(), READ_S)
+                assert first is not None and first.kind == "update"
+                assert first.data["key"] == key and not first.data["done"]
+
+            async def wait_for_images() -> tuple[int, dict[str, Any]]:
+                body = {"prompt": "waited for", "model": "dall-e-2"}
+                async with http.post(f"{app.base}/images", json=body) as reply:
+                    return reply.status, await reply.json()
+
+            async def submitted_four() -> bool:
+                return int((await emu.stats())["submits_accepted"]) >= 4
+
+            waiting = asyncio.create_task(wait_for_images())
+            await eventually(submitted_four, timeout=READ_S, what="the fourth submit")
+
+            app.process.send_signal(sig)
+            try:
+                code = await asyncio.wait_for(app.process.wait(), STOP_S)
+            except TimeoutError:
+                raise AssertionError(
+                    f"the web app still runs {STOP_S:.0f} s after {signal.Signals(sig).name}, "
+                    f"with event streams open:\n{app.log()}"
+                ) from None
+            assert code == 0, app.log()
+
+            for key, reader in zip(keys, readers, strict=True):
+                rest = await asyncio.wait_for(reader.rest(), READ_S)
+                assert [event.kind for event in rest] == ["closing"], rest
+                assert rest[0].data["key"] == key
+                assert rest[0].retry is not None and int(rest[0].retry) > 0
+            status, body = await asyncio.wait_for(waiting, READ_S)
+            assert status == 503 and body["key"], body
+
+        log = app.log()
+        for sign in ("Traceback", "Error handling request", "Unclosed", "was destroyed"):
+            assert sign not in log, log
+
+
+LONG_URL = "https://cdn.example/" + "a" * 200_000 + ".png"
+SHORT_URL = "https://cdn.example/fine.png"
+HOSTILE_TEXT = ESCAPES + "\u202e" + "x" * 50_000
+
+
+def _listing(keys: list[str]) -> list[dict[str, Any]]:
+    """K00000, K00002, ... succeed with a 200 KB URL beside a fine one; K00001, K00003, ...
+    fail with 50 KB of text full of terminal escapes."""
+    entries: list[dict[str, Any]] = []
+    for key in keys:
+        if int(key[1:]) % 2 == 0:
+            images = [
+                {"url": LONG_URL, "b64_json": None, "revised_prompt": None},
+                {"url": SHORT_URL, "b64_json": None, "revised_prompt": HOSTILE_TEXT},
+            ]
+            entries.append({"key": key, "status": 4, "complete_percent": 100, "images": images})
+        else:
+            failure = {"fail_code": "7", "fail_message": HOSTILE_TEXT}
+            entries.append({"key": key, "status": 3, "fail_message": failure})
+    return entries
+
+
+@pytest.mark.long
+async def test_events_bound_what_a_hostile_gateway_sends(tmp_path: Path) -> None:
+    credentials = throwaway_credentials()
+    async with scripted_gateway(_listing) as gateway:
+        env = CLEAN_ENV | {
+            "WUJIE_APP_ID": credentials.app_id,
+            "WUJIE_PRIVATE_KEY": credentials.private_key,
+            "WUJIE_BASE_URL": gateway.base_url,
+        }
+        async with (
+            web_app(tmp_path, env) as app,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http,
+        ):
+            succeeded = await submit(http, app.base, prompt="p", model="dall-e-2", n=2)
+            failed = await submit(http, app.base, prompt="q", model="dall-e-2")
+            assert (succeeded, failed) == ("K00000", "K00001")
+
+            async def events_of(key: str) -> list[Event]:
+                async with http.get(f"{app.base}/jobs/{key}/events") as reply:
+                    assert reply.status == 200
+                    return await asyncio.wait_for(EventReader(reply).rest(), READ_S)
+
+            events = await events_of(succeeded)
+            assert events and events[-1].kind == "done", events
+            for event in events:
+                assert event.size <= MAX_EVENT_BYTES, f"an event of {event.size:,} bytes"
+            done = events[-1].data
+            assert done["status"] == "succeeded"
+            assert done["images"] == [None, SHORT_URL]
+            assert len(done["notes"]) == 1 and "200,024 characters" in done["notes"][0]
+
+            events = await events_of(failed)
+            assert events and events[-1].kind == "done", events
+            for event in events:
+                assert event.size <= MAX_EVENT_BYTES, f"an event of {event.size:,} bytes"
+            error = events[-1].data["error"]
+            assert "x" in error and len(error) <= 1000
+            assert error.isprintable() and "\u202e" not in error and "PWNED" not in error
+
+            # The same bound on the job's status and on a request that waits for the images.
+            async with http.get(f"{app.base}/jobs/{succeeded}") as reply:
+                assert len(await reply.read()) <= MAX_EVENT_BYTES
+                assert (await reply.json())["images"] == [None, SHORT_URL]
+            body = {"prompt": "p", "model": "dall-e-2", "n": 2}
+            async with http.post(f"{app.base}/images", json=body) as reply:
+                assert reply.status == 200  # K00002
+                assert len(await reply.read()) <= MAX_EVENT_BYTES
+                assert (await reply.json())["images"] == [None, SHORT_URL]
+            async with http.post(f"{app.base}/images", json=body) as reply:
+                assert reply.status == 422  # K00003
+                assert len(await reply.read()) <= MAX_EVENT_BYTES
+                assert "PWNED" not in (await reply.json())["error"]
