@@ -132,6 +132,25 @@ async def test_a_gateway_that_never_reports_costs_cannot_spend_past_the_budget_u
         assert emu.stats()["submits_accepted"] == 3
 
 
+async def test_a_probe_that_timed_out_leaves_its_kind_unpriced_not_free(
+    emulator: EmulatorFactory,
+) -> None:
+    """The first job of a kind whose cost is unknown goes alone; when only the wait for it
+    ends (a timeout), it runs on and will be charged at a price nobody knows. Letting the next
+    one go as a new probe would spend without limit (one per timeout): it is refused."""
+    async with (
+        emulator(time_scale=1.0, job_seconds=(3.0, 3.0)) as emu,
+        make_client(emu, limits=Limits(max_points=16)) as client,
+    ):
+        job = await client.images.submit(prompt="a", model="dall-e-2", job_timeout=0.2)
+        with pytest.raises(JobTimeoutError):
+            await job
+        with pytest.raises(BudgetExceededError) as refused:
+            await client.images.submit(prompt="b", model="dall-e-2")
+        assert refused.value.unpriced and "timed out" in str(refused.value)
+        assert emu.stats()["submits_accepted"] == 1
+
+
 async def test_an_attached_job_charged_to_the_budget_holds_its_cost(
     emulator: EmulatorFactory,
 ) -> None:

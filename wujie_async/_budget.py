@@ -17,9 +17,12 @@ What a job is expected to cost, by its *kind* (model, size, quality and n):
 Worst case: each kind whose cost is not known yet may overshoot the budget by the cost of its
 one probing job. A job whose end is not reported with a cost (cancelled, timed out) keeps its
 reservation as spent, so the budget errs on the side of spending less. A gateway that does not
-report ``integral_cost`` for a job that succeeded leaves its kind without a price: without a
-price table the budget cannot be held for it, and further submits of the kind raise
-:class:`BudgetExceededError` (naming ``Limits.point_prices``) rather than go on uncounted.
+report ``integral_cost`` for a job that succeeded leaves its kind without a price, and so does
+a probing job whose wait ended (timed out, cancelled) before the gateway said what it cost:
+it runs on and will be charged, at a price nobody knows. Without a price table the budget
+cannot be held for such a kind, and further submits of it raise :class:`BudgetExceededError`
+(naming ``Limits.point_prices``) rather than go on uncounted (each timed-out probe letting the
+next one go would spend without limit).
 Jobs attached or resumed (not submitted by this client) are neither reserved for nor counted:
 their cost belongs to the budget of the client that submitted them, unless the caller says the
 budget is theirs too (``attach(..., charge_budget=True)``: a re-run collecting what an earlier
@@ -71,12 +74,17 @@ class Reservation:
             self._done = True
             self._budget.ended(self, None, charged=False)
 
-    def settle(self, charged: float | None, *, succeeded: bool = False) -> None:
+    def settle(
+        self, charged: float | None, *, succeeded: bool = False, unfinished: bool = False
+    ) -> None:
         """The job ended: ``charged`` is its reported cost (None: not reported; the
-        reservation is kept as spent); ``succeeded``: it ended with its images."""
+        reservation is kept as spent); ``succeeded``: it ended with its images;
+        ``unfinished``: only the wait for it ended (timed out, cancelled): it may run on."""
         if not self._done:
             self._done = True
-            self._budget.ended(self, charged, charged=True, succeeded=succeeded)
+            self._budget.ended(
+                self, charged, charged=True, succeeded=succeeded, unfinished=unfinished
+            )
 
 
 class Budget:
@@ -166,9 +174,11 @@ class Budget:
         *,
         charged: bool,
         succeeded: bool = False,
+        unfinished: bool = False,
     ) -> None:
         """``reservation`` ended: refused or unsent (``charged`` False), or its job ended with
-        ``cost`` reported (None: not reported); ``succeeded``: with its images."""
+        ``cost`` reported (None: not reported); ``succeeded``: with its images;
+        ``unfinished``: only the wait for it ended, and the job may run on."""
         held = reservation.points or 0.0
         self.reserved -= held
         if charged:
@@ -178,8 +188,9 @@ class Budget:
                 self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
             else:
                 self.spent += held  # not reported: assume it cost what was held
-                if succeeded and reservation.points is None:
-                    self._unpriced.add(reservation.kind)  # charged, at a price never told
+                if (succeeded or unfinished) and reservation.points is None:
+                    # Charged (or to be), at a price never told: a next probe would be too.
+                    self._unpriced.add(reservation.kind)
         if reservation.probing:
             probe = self._probes.get(reservation.kind)
             if probe is not None:

@@ -136,8 +136,9 @@ class BudgetExceededError(WujieError):
         reserved: points held for jobs in flight.
         needed: what this submit is expected to cost (None: not known yet; no room was left).
         model: the request's model.
-        unpriced: the gateway did not report what a finished job of this kind cost
-            (``integral_cost``) and no price was given: the budget cannot be held for it.
+        unpriced: no job of this kind has reported what it cost (``integral_cost``: a
+            finished one did not say, or the wait for the first one ended before it did, a
+            timeout or a cancel) and no price was given: the budget cannot be held for it.
     """
 
     def __init__(
@@ -158,8 +159,9 @@ class BudgetExceededError(WujieError):
         self.unpriced = unpriced
         if unpriced:
             message = (
-                f"over the points budget: the gateway did not report what a finished {model} "
-                f"job cost (integral_cost), so max_points={max_points:g} cannot be held for "
+                f"over the points budget: the gateway has not reported what a {model} job "
+                "costs (integral_cost: a finished one did not say, or the first one timed out "
+                f"or was cancelled first), so max_points={max_points:g} cannot be held for "
                 "more of them; nothing was sent. Give its price in "
                 f'Limits.point_prices (e.g. {{"{model}": 8}}, points per image)'
             )

@@ -31,6 +31,8 @@ from ._budget import Budget, Reservation
 from ._config import Limits
 from ._errors import (
     ClientStateError,
+    JobCancelledError,
+    JobTimeoutError,
     ProtocolError,
     SubmitUncertainError,
     TransportError,
@@ -265,7 +267,13 @@ def _on_end(
     def ended(job: ImageJob) -> None:
         if release is not None:
             release()
-        held.settle(job.points_charged, succeeded=job.done() and job.exception() is None)
+        error = job.exception()
+        held.settle(
+            job.points_charged,
+            succeeded=job.done() and error is None,
+            # Only the wait ended: the job may run on, and be charged.
+            unfinished=isinstance(error, JobTimeoutError | JobCancelledError),
+        )
 
     return ended
 
