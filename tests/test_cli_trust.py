@@ -632,6 +632,31 @@ async def test_a_removed_line_whose_job_only_the_journal_knows_is_named_with_res
         assert f"wujie-async resume {out / 'journal.sqlite'} -o {out}" in err
 
 
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_lines_that_moved_while_their_jobs_ran_are_collected_once(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """A line added at the top moves every line down: the re-run collects each job under
+    its new place, and the run after that has nothing left to do (the old place's row was
+    taken for a row no longer in the input, and collected again on every run)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\na cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), *journal]
+        code, _, err = await cli(*bulk, "--job-timeout", "0.2", env=emu.env)
+        assert code == 1, err
+        prompts.write_text("a new first line\na fox\na cat\n")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert "2 line(s) moved" in err and "collecting" not in err
+        code, stdout, err = await cli(*bulk, "--json", env=emu.env)
+        assert code == 0, err
+        assert "collecting" not in err and json.loads(stdout)["images"] == 0
+        assert (await emu.stats())["submits_accepted"] == 3
+
+
 def _parses(line: str) -> bool:
     try:
         json.loads(line)

@@ -367,10 +367,15 @@ def plan_from_manifest(
             )
         plan.skipped += 1
     claimed = {moved.get(item.tag, item.tag) for item in items}
+    # Each key's newest row, whatever row it is under: a line that moved had its job recorded
+    # under its new place since, and its old place's row is no longer the last word on it.
+    newest = {r["key"]: r for r in records if isinstance(r.get("key"), str)}
     for tag, mine in by_row.items():
         last = mine[-1]
         key = last.get("key")
         if tag in claimed or tag.startswith("legacy:") or not isinstance(key, str):
+            continue
+        if newest.get(key) is not last:
             continue
         if not _still_paid_for(last, mine):
             continue
