@@ -284,9 +284,11 @@ async def test_a_disk_that_fills_mid_run_still_records_every_paid_job(tmp_path: 
 
 
 @pytest.mark.long
-async def test_a_manifest_the_disk_refuses_stops_the_run_and_keeps_the_keys(
+async def test_a_disk_with_no_room_for_the_manifest_is_refused_before_anything_is_sent(
     tmp_path: Path,
 ) -> None:
+    """Without room for the manifest rows a run would pay for jobs it cannot record: a disk
+    already full is refused up front (the room a run sets aside cannot be taken)."""
     with full_disk(tmp_path / "disk") as disk:
         out = disk / "out"
         out.mkdir()
@@ -294,13 +296,12 @@ async def test_a_manifest_the_disk_refuses_stops_the_run_and_keeps_the_keys(
         prompts.write_text("\n".join(f"full {i}" for i in range(4)))
         code, _, err = await cli(
             "bulk", str(prompts), "--emulator", *FAST, "-o", str(out), "--no-journal",
-            "--concurrency", "1",
+            "--concurrency", "1", "--json",
         )  # fmt: skip
-        assert code == 3, err
+        assert code == 2, err
         assert "Traceback" not in err and "internal error" not in err
-        assert "the manifest could not be written" in err and "nothing more was sent" in err
-        assert "whose outcome the manifest could not record" in err
-        assert not [p.name for p in out.iterdir() if p.suffix == ".part"]
+        assert "no room on its disk" in err and "nothing was sent" in err
+        assert not (out / ".wujie-async.reserve").exists()
 
 
 @pytest.mark.long
@@ -600,22 +601,25 @@ async def test_the_job_of_a_line_edited_while_it_ran_is_still_collected(
 
 
 @pytest.mark.long
-async def test_a_removed_line_whose_job_only_the_journal_knows_is_named_with_resume(
-    tmp_path: Path,
-) -> None:
-    """Killed outright with a journal, then the line removed: only the journal has the key
-    (and a journal may be shared by inputs), so the re-run names the job and how to collect it."""
+@pytest.mark.parametrize("own", [True, False])
+async def test_a_removed_line_whose_job_only_the_journal_knows(tmp_path: Path, own: bool) -> None:
+    """Killed outright with a journal, then the line removed: only the journal has the key.
+    The folder's own journal holds this input's jobs only (one input per folder): the job is
+    collected, and held against --max-points. A journal kept elsewhere may be shared by
+    inputs: the job is named, with the command that collects it (and is not held)."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a fox\n")
         out = tmp_path / "out"
+        journal = out / "journal.sqlite" if own else tmp_path / "shared.sqlite"
         bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        bulk += [] if own else ["--journal", str(journal)]
+        bulk += ["--max-points", "8", "--point-price", "dall-e-2=8"]
 
         def journaled() -> bool:
-            path = out / "journal.sqlite"
-            if not path.exists():
+            if not journal.exists():
                 return False
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
                 query = "SELECT COUNT(*) FROM submits WHERE state = 'accepted' AND job_key != ''"
                 with contextlib.suppress(sqlite3.Error):
                     return bool(db.execute(query).fetchone()[0] == 1)
@@ -627,9 +631,16 @@ async def test_a_removed_line_whose_job_only_the_journal_knows_is_named_with_res
             await run.finish(10)
         prompts.write_text("a cat\n")
         code, _, err = await cli(*bulk, env=emu.env)
-        assert code == 0, err
-        assert "1 job(s) in the journal may still be running for rows no longer" in err
-        assert f"wujie-async resume {out / 'journal.sqlite'} -o {out}" in err
+        if own:
+            assert code == 1, err  # "a cat" is over the budget: the fox's job holds it
+            assert "collecting 1 job(s) sent for rows no longer in the input" in err
+            saved = [r["prompt"] for r in manifest(out) if r["status"] == "saved"]
+            assert saved == ["a fox"]
+        else:
+            assert "1 job(s) in the journal may still be running for rows no longer" in err
+            assert f"wujie-async resume {journal} -o {out}" in err
+            return
+        assert (await emu.stats())["submits_accepted"] == 1  # the budget held
 
 
 @pytest.mark.long

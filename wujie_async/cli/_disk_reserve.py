@@ -11,6 +11,7 @@ first). The file is removed at the end of every run; one left by a killed run is
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterable
@@ -43,19 +44,36 @@ class DiskReserve:
         self.path = folder / RESERVE_NAME
         self.size = size
 
-    def take(self) -> None:
-        """Set the room aside, as much of it as the disk has (a disk already full gets none:
-        the run then meets the full disk at its first row, before it pays for much)."""
-        with contextlib.suppress(OSError), self.path.open("wb") as file:
+    def take(self) -> bool:
+        """Set the room aside: all of it, or at least the rows of a summary's worth (a disk
+        with less free is one a run would fill at once). False: not even that much."""
+        for size in dict.fromkeys((self.size, min(self.size, _BASE))):
             try:
-                os.posix_fallocate(file.fileno(), 0, self.size)
-            except (AttributeError, OSError):  # no fallocate here: write it out
-                chunk = bytes(64 * 1024)
-                for _ in range(0, self.size, len(chunk)):
-                    file.write(chunk)
-                file.flush()
+                with self.path.open("wb") as file:
+                    _allocate(file.fileno(), size)
+                return True
+            except OSError:
+                continue
+        self.release()
+        return False
 
     def release(self) -> None:
         """Give the room back (to the rows that need it, or at the end of the run)."""
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)
+
+
+def _allocate(fd: int, size: int) -> None:
+    """``size`` bytes of real blocks for ``fd`` (written out where fallocate is missing)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform
+        pass
+    chunk = bytes(64 * 1024)
+    for start in range(0, size, len(chunk)):
+        os.write(fd, chunk[: size - start])
+    os.fsync(fd)

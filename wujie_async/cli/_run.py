@@ -102,6 +102,13 @@ def _closed_after(handle: BinaryIO) -> Iterator[BinaryIO]:
             handle.close()
 
 
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return one.resolve() == other.resolve()
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _released_after(reserve: DiskReserve) -> Iterator[None]:
     try:
@@ -235,11 +242,14 @@ async def plan_rerun(
     *,
     retry_failed: bool,
     job_timeout: float | None,
+    own_journal: bool = False,
 ) -> Plan:
     """Decide, per line, from the journal: send, collect, or leave as it ended.
 
     A job collected counts against ``--max-points`` unless a manifest row records its cost
-    (the budget is the input's, across re-runs)."""
+    (the budget is the input's, across re-runs). ``own_journal``: the journal is the output
+    folder's own, so every job in it is this input's (one input per folder), the jobs of rows
+    removed since included."""
     plan = Plan()
     charged = charged_keys(manifest_records)
     entries = await client.journal_entries()
@@ -286,7 +296,7 @@ async def plan_rerun(
         n = images_in(entry.request) or 1
         if entry.state == "succeeded" and len(saved.get(key, ())) >= n:
             continue
-        if key not in by_key:
+        if key not in by_key and not own_journal:
             # Nothing of this input's manifest names it: a row removed before its job's key
             # was written there, or another input's job in a journal the two share.
             if entry.state == "accepted":
@@ -572,6 +582,7 @@ class Session:
                     records,
                     retry_failed=args.retry_failed,
                     job_timeout=args.job_timeout,
+                    own_journal=_same_file(self.journal, out / "journal.sqlite"),
                 )
                 if plan.skipped:
                     self._say(
@@ -647,7 +658,13 @@ class Session:
                 out,
                 reserve_size([row.body for row in plan.send] + [r.body for r, _ in plan.collect]),
             )
-            await anyio.to_thread.run_sync(reserve.take)
+            if not await anyio.to_thread.run_sync(reserve.take):
+                with contextlib.suppress(OSError):
+                    handle.close()
+                raise UsageError(
+                    f"--out {out}: no room on its disk for the manifest (not even 64 KB free); "
+                    "make room, then re-run (nothing was sent)"
+                )
             with _closed_after(handle), _released_after(reserve):
                 run = BulkRun(
                     client,
