@@ -257,6 +257,47 @@ def full_disk(folder: Path, *, size: str = "256k", fill: bool = True) -> Iterato
 
 
 @pytest.mark.long
+async def test_a_key_the_full_disk_refused_is_on_disk_before_a_kill(tmp_path: Path) -> None:
+    """Without a journal, a job's key refused by a disk that just filled is written at once
+    (with room set aside for it), not held in memory until the run ends: a run killed outright
+    then pays for no line again."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        prompts = tmp_path / "prompts.txt"
+        # Long prompts: rows of 3 KB, so the full disk refuses the next one (tmpfs pages).
+        prompts.write_text("".join(f"kill {i} {'x' * 3000}\n" for i in range(10)))
+        with full_disk(tmp_path / "disk", size="1m", fill=False) as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
+            async with running_cli(*bulk, env=emu.env) as run:
+                await eventually(accepted_at_least(emu, 2), what="2 submits", alive=proc_alive(run))
+
+                def fill() -> None:
+                    with (
+                        (disk / "filler").open("wb", buffering=0) as filler,
+                        contextlib.suppress(OSError),
+                    ):
+                        while True:
+                            filler.write(bytes(4096))
+
+                await anyio.to_thread.run_sync(fill)
+
+                async def every_key_recorded() -> bool:
+                    accepted = int((await emu.stats())["submits_accepted"])
+                    keys = {r.get("key") for r in manifest(out) if r["status"] == "pending"}
+                    return accepted > 2 and len(keys) == accepted
+
+                await eventually(every_key_recorded, what="every key", alive=proc_alive(run))
+                run.send_signal(signal.SIGKILL)
+                await run.finish(10)
+            sent = (await emu.stats())["submits_accepted"]
+            assert sent < 10
+            (disk / "filler").unlink()
+            code, _, err = await cli(*bulk, "--job-timeout", "0.3", env=emu.env)
+            assert code == 1, err  # the jobs out time out: collected later
+            assert (await emu.stats())["submits_accepted"] == 10  # each line paid once
+
+
+@pytest.mark.long
 async def test_a_disk_that_fills_mid_run_still_records_every_paid_job(tmp_path: Path) -> None:
     """Images fill the disk mid-run: the run stops sending, and the rows of the jobs still out
     (keys included) are written once their downloads end (room was set aside for them), so

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +81,7 @@ class BulkRun:
     job key each belongs to (see :func:`names_taken`). ``keys_on_accept``: write a ``pending``
     row with its key as each job is accepted (no journal: the manifest is the only record of
     the key, and a run killed outright would otherwise leave the re-run to pay again).
+    ``make_room``: called once, at the first row the disk refuses, before writing it again.
     Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
     then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
     """
@@ -103,6 +104,7 @@ class BulkRun:
         unrecorded: list[tuple[Row, LineOutcome]] | None = None,
         names_taken: dict[str, str] | None = None,
         keys_on_accept: bool = False,
+        make_room: Callable[[], None] | None = None,
     ) -> None:
         self._client = client
         self._send = send
@@ -131,6 +133,7 @@ class BulkRun:
         self._unrecorded = unrecorded or []
         self._names_taken = names_taken or {}
         self._keys_on_accept = keys_on_accept
+        self._make_room = make_room
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
@@ -343,11 +346,24 @@ class BulkRun:
         try:
             self._manifest.write(record)
         except OSError as exc:
-            self.result.unrecorded.append(record)
+            if not self._wrote_with_room_made(record):
+                self.result.unrecorded.append(record)
             if self.result.systemic is None:
                 self.result.systemic = ManifestUnwritableError(exc)
                 self._systemic_stop = True
                 self._stop.set()
+
+    def _wrote_with_room_made(self, record: dict[str, Any]) -> bool:
+        """At the first row the disk refuses, make room (once) and write it again."""
+        make_room, self._make_room = self._make_room, None
+        if make_room is None:
+            return False
+        make_room()
+        try:
+            self._manifest.write(record)
+        except OSError:
+            return False
+        return True
 
     def _uncharged(self, job: ImageJob) -> bool:
         """True when the job's cost is known and no manifest row records it yet."""

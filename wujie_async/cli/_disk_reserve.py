@@ -4,8 +4,10 @@ Images fill a disk far faster than manifest rows do. When the disk fills mid-run
 sending, but the jobs already out still end, and their rows (key included) are what a re-run
 needs to collect them instead of paying for their lines again: without a journal the manifest
 is the only record. So a run sets aside a little room before it sends anything, and gives it
-back to the rows the disk refused once every download has ended (nothing else can take it
-first). The file is removed at the end of every run; one left by a killed run is reused.
+back to the rows the disk refused: half at the first refusal (that row, often a job's key, is
+written at once, since a run killed outright would lose it), the rest once every download has
+ended (nothing else can take it first). The file is removed at the end of every run; one left
+by a killed run is reused.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class DiskReserve:
     def __init__(self, folder: Path, size: int) -> None:
         self.path = folder / RESERVE_NAME
         self.size = size
+        self.taken = 0
 
     def take(self) -> bool:
         """Set the room aside: all of it, or at least the rows of a summary's worth (a disk
@@ -51,11 +54,19 @@ class DiskReserve:
             try:
                 with self.path.open("wb") as file:
                     _allocate(file.fileno(), size)
+                self.taken = size
                 return True
             except OSError:
                 continue
         self.release()
         return False
+
+    def halve(self) -> None:
+        """Give half the room back now: for the row the disk just refused (a key must be on
+        disk at once: a run killed outright would lose it), the rest kept for the end."""
+        with contextlib.suppress(OSError):
+            os.truncate(self.path, self.taken // 2)
+            self.taken //= 2
 
     def release(self) -> None:
         """Give the room back (to the rows that need it, or at the end of the run)."""

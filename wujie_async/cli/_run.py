@@ -683,6 +683,7 @@ class Session:
                     names_taken=names_taken(records),
                     # The embedded emulator's jobs end with this process: no key outlives it.
                     keys_on_accept=self.journal is None and not getattr(args, "emulator", False),
+                    make_room=reserve.halve,
                 )
                 with stopping_on_signals(stop, self.console) as signals:
                     try:
