@@ -257,6 +257,23 @@ def full_disk(folder: Path, *, size: str = "256k", fill: bool = True) -> Iterato
 
 
 @pytest.mark.long
+async def test_a_full_disk_with_the_default_journal_is_refused_the_same_way(
+    tmp_path: Path,
+) -> None:
+    """The room is set aside before the journal is opened on that disk: exit 2, one message."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("full\n")
+        with full_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            out.mkdir()
+            code, _, err = await cli("bulk", str(prompts), "-o", str(out), env=emu.env)
+        assert code == 2, err
+        assert "no room on its disk" in err and "nothing was sent" in err
+        assert (await emu.stats())["submits_accepted"] == 0
+
+
+@pytest.mark.long
 async def test_a_key_the_full_disk_refused_is_on_disk_before_a_kill(tmp_path: Path) -> None:
     """Without a journal, a job's key refused by a disk that just filled is written at once
     (with room set aside for it), not held in memory until the run ends: a run killed outright
@@ -314,7 +331,7 @@ async def test_a_disk_that_fills_mid_run_still_records_every_paid_job(tmp_path: 
             assert "the manifest could not be written" in err
             assert "could not record" not in err  # every row written in the end
             sent = (await emu.stats())["submits_accepted"]
-            assert 0 < sent < 40
+            assert 0 < sent <= 40  # the disk usually fills first (not on a slow machine)
             assert not (out / ".wujie-async.reserve").exists()
             remount = ["mount", "-o", "remount,size=8m", str(disk)]
             await anyio.to_thread.run_sync(lambda: subprocess.run(remount, check=True))

@@ -13,6 +13,7 @@ from wujie_async import (
     BudgetExceededError,
     ImageJob,
     InvalidRequestError,
+    JobError,
     JobTimeoutError,
     Limits,
     SubmitUncertainError,
@@ -151,6 +152,31 @@ async def test_a_probe_that_timed_out_leaves_its_kind_unpriced_not_free(
         assert emu.stats()["submits_accepted"] == 1
 
 
+async def test_a_failed_first_job_that_cost_nothing_is_no_price_for_its_kind(
+    emulator: EmulatorFactory,
+) -> None:
+    """A moderated job costs 0: learning 0 as the kind's price let every later submit go at
+    once (152 points on a 16-point budget). The next job of the kind goes alone, as a first."""
+    faults = FaultConfig(moderation_words=("forbidden",))
+    async with (
+        emulator(time_scale=1.0, job_seconds=(0.3, 0.3), faults=faults) as emu,
+        make_client(emu, limits=Limits(max_points=16)) as client,
+    ):
+        with pytest.raises(JobError):
+            await (await client.images.submit(prompt="forbidden", model="gpt-image-1"))
+        outcomes = await asyncio.gather(
+            *(client.images.submit(prompt=f"p{i}", model="gpt-image-1") for i in range(4)),
+            return_exceptions=True,
+        )
+        refused = [o for o in outcomes if isinstance(o, BudgetExceededError)]
+        assert len(refused) == 2, outcomes  # 8 points each: two fit in 16
+        for job in outcomes:
+            if isinstance(job, ImageJob):
+                await job
+        assert emu.stats()["points_charged"] == 16
+        assert emu.stats()["submits_accepted"] == 3
+
+
 async def test_an_attached_job_charged_to_the_budget_holds_its_cost(
     emulator: EmulatorFactory,
 ) -> None:
@@ -164,6 +190,9 @@ async def test_an_attached_job_charged_to_the_budget_holds_its_cost(
         paid = await other.images.submit(prompt="a", model="dall-e-2")  # costs 2
         body = {"prompt": "a", "model": "dall-e-2"}
         async with make_client(emu, limits=Limits(max_points=3)) as client:
+            with pytest.raises(InvalidRequestError) as no_kind:  # nothing to price it by
+                client.images.attach(paid.key, request={"prompt": "a"}, charge_budget=True)
+            assert no_kind.value.field == "request"
             job = client.images.attach(paid.key, request=body, charge_budget=True)
             with pytest.raises(BudgetExceededError) as refused:
                 await client.images.submit(prompt="b", model="dall-e-2")

@@ -10,7 +10,8 @@ What a job is expected to cost, by its *kind* (model, size, quality and n):
 
 1. the price table the user passed (``Limits.point_prices``: points per image by ``model``,
    ``model/size`` or ``model/size/quality``, the most specific key winning), times ``n``;
-2. else the most that a finished job of the same kind cost in this client;
+2. else the most that a job of the same kind that succeeded cost in this client (a failed job
+   often costs nothing: that is no price);
 3. else nothing is known: the first job of the kind runs alone (if any room is left) and
    others of its kind wait for it to end, then use what it cost.
 
@@ -185,7 +186,8 @@ class Budget:
             if cost is not None:
                 self.spent += cost
                 kind = reservation.kind
-                self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
+                if succeeded:  # what a failed job cost (often 0) is no price for the kind
+                    self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
             else:
                 self.spent += held  # not reported: assume it cost what was held
                 if (succeeded or unfinished) and reservation.points is None:

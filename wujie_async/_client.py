@@ -612,6 +612,12 @@ class WujieClient:
         ended = None
         if charge_budget:
             body = request or {}
+            if not isinstance(body.get("model"), str):
+                # Its cost is known by its kind (model, size, quality, n): without a model
+                # it would hold nothing against the submits it should hold back.
+                raise InvalidRequestError(
+                    [("request", "charge_budget=True needs the request it was submitted with")]
+                )
             ended = self._submits.charge_attached(body, n or images_in(body) or 1)
         return self._new_job(
             key,

@@ -137,7 +137,8 @@ class Images:
         (``Limits(max_points=...)``), as when a re-run collects what an earlier run of the same
         budget paid for: its expected cost (by ``request`` and ``n``) is held from now, and
         turns into what it cost when it ends. It is never refused (it is paid already); the
-        submits after it are. Without a budget it changes nothing.
+        submits after it are. Without a budget it changes nothing. It needs ``request`` (with
+        its ``model``): a job's cost is known by its kind.
 
         Raises:
             InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.

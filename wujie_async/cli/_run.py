@@ -24,7 +24,15 @@ import anyio
 from rich.console import Console
 from rich.text import Text
 
-from .. import ImageJob, InvalidRequestError, JournalEntry, Limits, WujieClient
+from .. import (
+    ClientStateError,
+    ImageJob,
+    InvalidRequestError,
+    JournalEntry,
+    JournalLockedError,
+    Limits,
+    WujieClient,
+)
 from .._file_names import DEFAULT_NAME
 from .._keys import images_in
 from ._bulk import (
@@ -107,14 +115,6 @@ def _same_file(one: Path, other: Path) -> bool:
         return one.resolve() == other.resolve()
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def _released_after(reserve: DiskReserve) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        reserve.release()
 
 
 def _write_refused_rows(rows: list[dict[str, Any]], manifest: Manifest) -> None:
@@ -445,7 +445,11 @@ def _attach_key(
 ) -> ImageJob | None:
     try:
         return client.images.attach(
-            key, job_timeout=job_timeout, n=n, request=row.body, charge_budget=key not in charged
+            key,
+            job_timeout=job_timeout,
+            n=n,
+            request=row.body,
+            charge_budget=key not in charged and isinstance(row.body.get("model"), str),
         )
     except InvalidRequestError:
         return None
@@ -487,7 +491,7 @@ def _attach(
             job_timeout=job_timeout,
             n=n,
             request=entry.request,
-            charge_budget=key not in charged,
+            charge_budget=key not in charged and isinstance(entry.request.get("model"), str),
         )
     except InvalidRequestError:
         plan.unusable.append(entry.id)
@@ -570,7 +574,7 @@ class Session:
                 )
             records = of_source(records, source)
             self.points_before = points_spent(records)
-        async with self._client() as client:
+        async with self._opened(items) as (client, reserve):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
             elif args.command == "status":
@@ -654,18 +658,7 @@ class Session:
                     "make it writable (nothing was sent)"
                 ) from None
             manifest = Manifest(handle, source=source)
-            reserve = DiskReserve(
-                out,
-                reserve_size([row.body for row in plan.send] + [r.body for r, _ in plan.collect]),
-            )
-            if not await anyio.to_thread.run_sync(reserve.take):
-                with contextlib.suppress(OSError):
-                    handle.close()
-                raise UsageError(
-                    f"--out {out}: no room on its disk for the manifest (not even 64 KB free); "
-                    "make room, then re-run (nothing was sent)"
-                )
-            with _closed_after(handle), _released_after(reserve):
+            with _closed_after(handle):
                 run = BulkRun(
                     client,
                     send=plan.send,
@@ -714,10 +707,32 @@ class Session:
         return str(args.command)
 
     @contextlib.asynccontextmanager
-    async def _client(self) -> AsyncIterator[WujieClient]:
-        async with open_client(self.args, self.limits(), self.journal) as client:
-            self.base_url = client.base_url
-            yield client
+    async def _opened(
+        self, items: list[BulkItem]
+    ) -> AsyncIterator[tuple[WujieClient, DiskReserve]]:
+        """Room set aside on the output folder's disk first (before the journal is opened
+        there), then the client; both given back at the end."""
+        out: Path = self.args.out
+        reserve = DiskReserve(out, reserve_size(item.request.body() for item in items))
+        if not await anyio.to_thread.run_sync(reserve.take):
+            raise UsageError(
+                f"--out {out}: no room on its disk for the manifest (not even 64 KB free); "
+                "make room, then re-run (nothing was sent)"
+            )
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                try:
+                    client = await stack.enter_async_context(
+                        open_client(self.args, self.limits(), self.journal)
+                    )
+                except JournalLockedError:
+                    raise  # another run holds it: exit 4
+                except ClientStateError as exc:  # the journal cannot be opened (a full disk)
+                    raise UsageError(f"{clean(exc)} (nothing was sent)") from None
+                self.base_url = client.base_url
+                yield client, reserve
+        finally:
+            reserve.release()
 
     def _say(self, message: str) -> None:
         if not self.args.quiet:
@@ -828,9 +843,10 @@ class Session:
         unpriced = sum(1 for o in result.outcomes if o.error_code == "unpriced")
         if unpriced:
             say(
-                f"{unpriced} line(s) not sent: the gateway does not report what jobs cost, so "
-                "--max-points cannot be held; give each model's price with --point-price "
-                "MODEL=POINTS and re-run"
+                f"{unpriced} line(s) not sent: the gateway has not reported what these jobs "
+                "cost (it does not say, or the first job timed out first), so --max-points "
+                "cannot be held; give each model's price with --point-price MODEL=POINTS "
+                "and re-run"
             )
         over = sum(1 for o in result.outcomes if o.error_code == "budget")
         if over:
