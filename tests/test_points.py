@@ -283,6 +283,9 @@ async def test_bulk_on_a_gateway_that_reports_no_costs_needs_point_prices(tmp_pa
         code, stdout, err = await cli(*run, "-o", str(tmp_path / "b"), *priced, env=emu.env)
         assert code == 0, err
         assert json.loads(stdout)["outcomes"]["saved"] == 3
+        # Nothing in the manifest counts them: a re-run's budget would start from zero.
+        assert "the gateway did not say what 3 job(s) cost" in err
+        assert "lower it by what these cost" in err
         code, _, err = await cli(*run, "-o", str(tmp_path / "c"), "--point-price", "x", env=emu.env)
         assert code == 2 and "--point-price 'x'" in err
 

@@ -68,6 +68,7 @@ class BulkResult:
     interrupted: bool = False
     points: float = 0.0  # what this run's manifest rows record as charged
     unrecorded: list[dict[str, Any]] = field(default_factory=list)  # rows the disk refused
+    uncosted: int = 0  # jobs that succeeded without the gateway saying what they cost
 
 
 class BulkRun:
@@ -289,6 +290,8 @@ class BulkRun:
         # The cost goes on this line's last row unless a row already carries it.
         points = job.points_charged if self._uncharged(job) else None
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
+        if job.points_charged is None and job.done() and job.exception() is None:
+            self.result.uncosted += 1
         if problem is None:
             self._end(row, "saved", job.key, None, None)
             return

@@ -809,6 +809,12 @@ class Session:
             self.console.print(Text(stopped), soft_wrap=True)
             return
         command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
+        if result.uncosted and getattr(self.args, "max_points", None) is not None:
+            say(
+                f"the gateway did not say what {result.uncosted} job(s) cost: the manifest "
+                "cannot count them, so the next run's --max-points counts only its own jobs; "
+                "lower it by what these cost (your --point-price prices) before re-running"
+            )
         if result.interrupted:
             word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
