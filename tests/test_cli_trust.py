@@ -726,6 +726,23 @@ async def test_lines_that_moved_while_their_jobs_ran_are_collected_once(
         assert (await emu.stats())["submits_accepted"] == 3
 
 
+@pytest.mark.long
+async def test_a_manifest_row_with_a_junk_n_is_no_internal_error(tmp_path: Path) -> None:
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        file = write_rows(tmp_path / "rows.jsonl", [{"id": "fox", "prompt": "a fox"}])
+        out = tmp_path / "out"
+        bulk = ["bulk", str(file), "--model", "dall-e-2", "-o", str(out), "--no-journal"]
+        code, _, err = await cli(*bulk, "--job-timeout", "0.2", env=emu.env)
+        assert code == 1, err
+        path = out / "manifest.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        rows[-1]["n"] = "abc"  # a hand-edited (or damaged) manifest
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code != 70 and "internal error" not in err, err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
 def _parses(line: str) -> bool:
     try:
         json.loads(line)

@@ -350,7 +350,7 @@ def plan_from_manifest(
                 # recorded) as the request it was, never mistaken for the new one.
                 plan.changed += 1
                 row = Row(row.line, row.row_id, row.tag, recorded)
-        n = int(row.body.get("n") or 1)
+        n = _int(row.body.get("n")) or 1  # a manifest's value: any JSON at all
         if last.get("status") == "saved" and isinstance(key, str):
             indexes = {
                 r.get("index") for r in mine if r.get("status") == "saved" and r.get("key") == key
@@ -460,7 +460,7 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     plan = Plan()
     saved = saved_indexes(manifest_records)
     for entry in await client.journal_entries("accepted", "succeeded"):
-        n = int(entry.request.get("n") or 1)
+        n = images_in(entry.request) or 1
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
             continue
         line, row_id = line_of(entry)
