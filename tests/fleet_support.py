@@ -47,7 +47,8 @@ class RedisServer:
     process: asyncio.subprocess.Process | None
 
 
-async def _listening(port: int) -> bool:
+async def listening(port: int) -> bool:
+    """True once something accepts connections on 127.0.0.1:``port``."""
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError:
@@ -77,7 +78,7 @@ async def own_redis(
     )  # fmt: skip
     try:
         for _ in range(200):
-            if await _listening(port):
+            if await listening(port):
                 break
             assert process.returncode is None, f"redis-server exited ({process.returncode})"
             await asyncio.sleep(0.025)

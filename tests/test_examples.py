@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import pytest
 from wujie_async import WujieClient
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .fleet_support import any_redis, free_port
+from .fleet_support import any_redis, free_port, listening
 from .helpers import eventually, png_size
 
 pytestmark = pytest.mark.anyio
@@ -76,15 +77,6 @@ async def test_web_app_serves_real_requests() -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
 
-    async def listening() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        await writer.wait_closed()
-        return True
-
     async with (
         process(
             str(EXAMPLES / "web_app.py"),
@@ -92,7 +84,7 @@ async def test_web_app_serves_real_requests() -> None:
             str(port),
             "--lookup-seconds",
             "1",
-            ready=listening,
+            ready=functools.partial(listening, port),
         ),  # fmt: skip
         aiohttp.ClientSession() as http,
     ):

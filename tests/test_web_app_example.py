@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import json
 import signal
@@ -32,7 +33,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .conftest import EmulatorFactory, make_client
-from .fleet_support import free_port
+from .fleet_support import free_port, listening
 from .helpers import eventually
 from .hostile import ESCAPES, scripted_gateway, throwaway_credentials
 
@@ -74,18 +75,9 @@ async def web_app(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[App]:
         )  # fmt: skip
     app = App(proc, f"http://127.0.0.1:{port}", output)
 
-    async def listening() -> bool:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            return False
-        writer.close()
-        await writer.wait_closed()
-        return True
-
     try:
         await eventually(
-            listening, timeout=START_S, what="the web app listening",
+            functools.partial(listening, port), timeout=START_S, what="the web app listening",
             alive=lambda: proc.returncode is None,
         )  # fmt: skip
         yield app
