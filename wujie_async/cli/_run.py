@@ -444,15 +444,32 @@ def _attach_key(
     charged: frozenset[str],
 ) -> ImageJob | None:
     try:
-        return client.images.attach(
-            key,
-            job_timeout=job_timeout,
-            n=n,
-            request=row.body,
-            charge_budget=key not in charged and isinstance(row.body.get("model"), str),
-        )
+        return _attach_charged(client, key, row.body, n, job_timeout, charged)
     except InvalidRequestError:
         return None
+
+
+def _attach_charged(
+    client: WujieClient,
+    key: str,
+    request: dict[str, Any],
+    n: int,
+    job_timeout: float | None,
+    charged: frozenset[str],
+) -> ImageJob:
+    """The job of an earlier run's key. Its cost counts against the budget (if any) unless
+    ``charged`` says a manifest row records it, or the request names no model to price it by.
+
+    Raises:
+        InvalidRequestError: the key (or ``n``) is not usable.
+    """
+    return client.images.attach(
+        key,
+        job_timeout=job_timeout,
+        n=n,
+        request=request,
+        charge_budget=key not in charged and isinstance(request.get("model"), str),
+    )
 
 
 async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]]) -> Plan:
@@ -481,18 +498,10 @@ def _attach(
     job_timeout: float | None,
     charged: frozenset[str],
 ) -> ImageJob | None:
-    """The job of a journaled key, or None (noted in ``plan``) when the key is not usable:
-    one damaged row never stops the others. Its cost counts against the budget (if any)
-    unless ``charged`` says a manifest row records it."""
-    key = entry.job_key or ""
+    """The job of a journaled key (see :func:`_attach_charged`), or None (noted in ``plan``)
+    when the key is not usable: one damaged row never stops the others."""
     try:
-        return client.images.attach(
-            key,
-            job_timeout=job_timeout,
-            n=n,
-            request=entry.request,
-            charge_budget=key not in charged and isinstance(entry.request.get("model"), str),
-        )
+        return _attach_charged(client, entry.job_key or "", entry.request, n, job_timeout, charged)
     except InvalidRequestError:
         plan.unusable.append(entry.id)
         return None
