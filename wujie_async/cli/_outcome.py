@@ -198,8 +198,6 @@ class Manifest:
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         ending = b"\n" if self._torn else b""
         data = ending + data
-        fd = self._handle.fileno()
-        start = os.fstat(fd).st_size
         written = 0
         try:
             while written < len(data):
@@ -207,7 +205,10 @@ class Manifest:
         except OSError:
             if written > len(ending):  # part of the row went in: take it out again
                 try:
-                    os.ftruncate(fd, start + len(ending))
+                    # Appended last, by the one writer (the out-folder lock): the row's part
+                    # is the file's last ``written - len(ending)`` bytes.
+                    fd = self._handle.fileno()
+                    os.ftruncate(fd, os.fstat(fd).st_size - (written - len(ending)))
                     self._torn = False
                 except OSError:
                     self._torn = True
