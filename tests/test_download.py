@@ -36,7 +36,7 @@ from wujie_async import (
 )
 from wujie_async._addresses import AddressRule, check_url
 from wujie_async._download import Downloader, check_job_template
-from wujie_async._file_names import render_name
+from wujie_async._file_names import check_template, render_name
 from wujie_async.emulator._png import render_png
 
 from .helpers import png_size
@@ -379,6 +379,7 @@ async def test_the_name_template_is_checked_and_sanitised(tmp_path: Path) -> Non
     )
     assert "/" not in name and "\n" not in name and "\x1b" not in name
     assert not name.startswith(".") and name.endswith("-0.png")
+    check_template("{line:04d}-{key}-{index:3}.{ext}")  # a width pads a number: allowed
     assert render_name("{line:04d}-{key}.{ext}", key="K", index=1, ext="jpg", id=None, line=7) == (
         "0007-K.jpg"
     )
@@ -394,6 +395,10 @@ async def test_the_name_template_is_checked_and_sanitised(tmp_path: Path) -> Non
         "{key",
         "{id}-{key}-{index}.{ext}",  # the command line's row fields: a job has none
         "{line}-{key}.{ext}",
+        "{key:.4}-{index}.{ext}",  # cut short, two jobs' keys could give one name
+        "{key:>40}-{index}.{ext}",
+        "{key}-{index:x}.{ext}",
+        "{key}-{index}.{ext:.1}",
     ):
         with pytest.raises(InvalidRequestError) as info:
             check_job_template(template)

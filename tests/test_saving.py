@@ -120,6 +120,7 @@ async def test_a_name_template_is_checked_before_waiting_and_never_gives_two_ima
             ("cat-{index}.{ext}", "must use {key}"),
             ("../{key}-{index}.{ext}", "no path separators"),
             ("{key}-{nope}.{ext}", "unknown field"),
+            ("{key:.0}-{index}.{ext}", "no format spec {key:.0}"),  # every job: "-0.png"
         ):
             with pytest.raises(InvalidRequestError, match=rule.replace("{", r"\{")):
                 await job.save(tmp_path, name=template)

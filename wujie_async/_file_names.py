@@ -15,6 +15,10 @@ from ._errors import InvalidRequestError
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: no trailing newline slips by
 _NAME_FIELDS = frozenset({"key", "index", "ext", "id", "line"})
 _JOB_FIELDS = frozenset({"key", "id", "line"})  # a name must tell jobs apart
+# A format spec may pad a number ({index:03d}), nothing more: "{key:.4}" would cut keys short
+# and let two jobs share a name (one job's files overwritten by another's).
+_NUMBER_FIELDS = frozenset({"index", "line"})
+_PADDING_SPEC = re.compile(r"0?[1-9][0-9]?d?|d")
 # Path separators, C0 and C1 control characters and DEL never reach a file name.
 _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 _MAX_NAME_BYTES = 255
@@ -36,7 +40,7 @@ def check_template(template: str) -> None:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
         raise InvalidRequestError([("name", f"not a valid template: {exc}")]) from None
-    for literal, field, _spec, conversion in parsed:
+    for literal, field, spec, conversion in parsed:
         if _UNSAFE_NAME.search(literal):
             problems.append("no path separators or control characters outside the fields")
         if field is None:
@@ -45,6 +49,11 @@ def check_template(template: str) -> None:
             problems.append(f"unknown field {{{field}}}; fields: {', '.join(sorted(_NAME_FIELDS))}")
         if conversion:
             problems.append(f"no conversions (!{conversion})")
+        if spec and not (field in _NUMBER_FIELDS and _PADDING_SPEC.fullmatch(spec)):
+            problems.append(
+                f"no format spec {{{field}:{spec}}}: only a width on {{index}} or {{line}} "
+                "(such as {index:03d}); a spec that cuts a key could give two jobs one name"
+            )
         used.add(field)
     if template.startswith("."):
         problems.append("must not start with a dot (a hidden file)")
