@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,11 @@ async def test_concurrent_submits_racing_for_the_last_points_never_overspend(
 
 
 async def test_a_price_table_reserves_before_any_job_ended(emulator: EmulatorFactory) -> None:
-    limits = Limits(max_points=20, point_prices={"gpt-image-1": 8})
+    prices = {"gpt-image-1": 8.0}
+    limits = Limits(max_points=20, point_prices=prices)
+    prices["gpt-image-1"] = math.nan  # the caller's table changed after the checks: not ours
+    with pytest.raises(TypeError):
+        limits.point_prices["gpt-image-1"] = 0  # type: ignore[index]
     async with emulator(time_scale=1.0) as emu, make_client(emu, limits=limits) as client:
         first = await client.images.submit(prompt="a", model="gpt-image-1")
         second = await client.images.submit(prompt="b", model="gpt-image-1")

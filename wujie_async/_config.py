@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from ._errors import InvalidRequestError
 
@@ -134,7 +135,7 @@ class Limits:
         point_prices: points per image, by ``model``, ``model/size`` or
             ``model/size/quality`` (the most specific wins): what the budget expects a job to
             cost before it has seen one of its kind end. Without it, the first job of a kind
-            runs alone until its cost is known.
+            runs alone until its cost is known. Kept as a read-only copy.
     """
 
     max_connections: int = 64
@@ -165,6 +166,10 @@ class Limits:
                     ("Limits.point_prices", "must be a mapping of model[/size[/quality]] to points")
                 )
             else:
+                # A copy, read-only: the caller's table changed later (a price turned NaN by a
+                # reload) must not slip past the checks below into the budget.
+                prices = MappingProxyType(dict(prices))
+                object.__setattr__(self, "point_prices", prices)
                 found.extend(
                     (
                         "Limits.point_prices",
