@@ -7,6 +7,7 @@ construction, a float for a count, a bool for a number, NaN, and infinity for a 
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 from pathlib import Path
@@ -22,7 +23,9 @@ from wujie_async import (
     RetryPolicy,
     Timeouts,
 )
+from wujie_async._image_formats import PNG_SIGNATURE
 from wujie_async._models import EditRequest, GenerationRequest
+from wujie_async.emulator._png import render_png
 
 from .conftest import EmulatorFactory, make_client
 
@@ -55,7 +58,12 @@ BAD_GENERATIONS: list[tuple[dict[str, Any], str]] = [
     ({**CAT, "tag": object()}, "tag"),
     ({**CAT, "tag": "\ud800"}, "tag"),
 ]
+TEXT = base64.b64encode(b"hello, this is not an image").decode()
+SQUARE = base64.b64encode(render_png("k", 0, 8, 8)).decode()
 BAD_EDITS: list[tuple[dict[str, Any], str]] = [
+    ({**HAT, "image": [TEXT]}, "image[0]"),  # base64, but of text: sent, it would be paid
+    ({**HAT, "image": [SQUARE, "data:image/png;base64," + TEXT]}, "image[1]"),  # says png
+    ({**HAT, "model": "dall-e-2", "image": [base64.b64encode(PNG_SIGNATURE).decode()]}, "image[0]"),
     ({**HAT, "image": ["https://example.com/\ud800.png"]}, "image[0]"),
     ({**HAT, "image": ["https://example.com/a.png", b"https://example.com/b.png"]}, "image[1]"),
     ({**HAT, "mask": "https://example.com/m\ud800.png"}, "mask"),
@@ -70,7 +78,7 @@ def _ids(cases: list[tuple[dict[str, Any], str]]) -> list[str]:
     for fields, field in cases:
         value = fields[field.split("[")[0]]
         shown = repr(value) if isinstance(value, str | bytes | int | float | list) else "object"
-        ids.append(f"{field}={shown}")
+        ids.append(f"{field}={shown[:40]}")
     return ids
 
 
@@ -155,6 +163,10 @@ async def test_valid_requests_still_go_through(emulator: EmulatorFactory) -> Non
                 await client.images.submit(**JPEG, output_compression=50, n=None),
                 await client.images.submit(prompt="一只猫 🐱, é", model="dall-e-3", style="vivid"),
                 await client.images.submit_edit(**{**HAT, "image": tuple(HAT["image"])}),
+                await client.images.submit_edit(**{**HAT, "image": [SQUARE]}),
+                await client.images.submit_edit(
+                    **{**HAT, "model": "dall-e-2", "image": ["data:image/png;base64," + SQUARE]}
+                ),
             ]
             for job in jobs:
                 await job

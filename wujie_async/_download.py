@@ -45,6 +45,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
+from ._image_formats import sniff_format
 from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
@@ -53,25 +54,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wujie_async.download")
 
-_SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "png",
-    b"\xff\xd8\xff": "jpg",
-}
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 256 * 1024  # bytes handed to a worker thread per write
 _CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
 EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
 _CLI_ONLY_FIELDS = frozenset({"id", "line"})
-
-
-def sniff_format(head: bytes) -> str | None:
-    """``png``, ``jpg`` or ``webp`` from the first bytes of a file; None if neither."""
-    for signature, name in _SIGNATURES.items():
-        if head.startswith(signature):
-            return name
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 class _RetryableError(Exception):

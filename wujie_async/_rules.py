@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from ._image_formats import png_size, sniff_format
+
 RequestKind = Literal["generation", "edit"]
 
 
@@ -60,7 +62,6 @@ STRICT_SIZE_RE: Final = re.compile(r"1024x1024|1536x1024|1024x1536")
 GPT_IMAGE_MAX_BYTES: Final = 25 * 1024 * 1024
 DALL_E_2_MAX_BYTES: Final = 4 * 1024 * 1024
 _DATA_URL_RE: Final = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=-]+)*;base64,", re.IGNORECASE)
-_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 
 Violation = tuple[str, str]
 
@@ -112,9 +113,10 @@ def _inline_image_violations(model: str, field: str, item: str) -> list[Violatio
     if model == "dall-e-2":
         if len(raw) >= DALL_E_2_MAX_BYTES:
             return [(field, "dall-e-2 takes a PNG smaller than 4 MB")]
-        if not raw.startswith(_PNG_SIGNATURE) or (mime and mime != "image/png"):
+        size = png_size(raw)
+        if size is None or not all(size) or (mime and mime != "image/png"):
             return [(field, "dall-e-2 takes a PNG image")]
-        width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
+        width, height = size
         if width != height:
             return [(field, f"dall-e-2 takes a square image, got {width}x{height}")]
     elif model == "gpt-image-1":
@@ -122,6 +124,8 @@ def _inline_image_violations(model: str, field: str, item: str) -> list[Violatio
             return [(field, "gpt-image-1 takes images smaller than 25 MB")]
         if mime and mime not in {"image/png", "image/webp", "image/jpeg", "image/jpg"}:
             return [(field, "gpt-image-1 takes png, webp or jpg images")]
+    if sniff_format(raw[:16]) is None:  # whatever its data URL says: the bytes are what is paid
+        return [(field, "must be a png, webp or jpg image (its bytes are neither)")]
     return []
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from .. import ImageJob, InvalidRequestError, Limits, WujieClient
-from .._download import sniff_format
+from .._image_formats import sniff_format
 from .._models import EditRequest, GenerationRequest
 from ._common import EXIT_FAILED, EXIT_OK, UsageError, open_client
 from ._outcome import clean
