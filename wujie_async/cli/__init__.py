@@ -4,9 +4,10 @@
 A world of its own on top of the library: it uses the library's public names, plus these
 documented internal seams, each for one reason:
 
-* ``wujie_async._image_formats`` (``sniff_format``) and ``wujie_async._file_names`` (``DEFAULT_NAME``,
-  ``render_name`` and the checks of ``--name``): image formats and file names, shared with the
-  library (images are saved through ``WujieClient.download``, the client's one downloader);
+* ``wujie_async._image_formats`` (``sniff_format``) and ``wujie_async._file_names``
+  (``DEFAULT_NAME``, ``render_name`` and the checks of ``--name``): image formats and file
+  names, shared with the library (images are saved through ``WujieClient.download``, the
+  client's one downloader);
 * ``wujie_async._models`` (``GenerationRequest``, ``EditRequest``): every input row is checked
   against the per-model rules before anything is sent;
 * ``wujie_async._env`` (``Environment``): the environment is read in one place;
