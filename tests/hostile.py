@@ -101,6 +101,12 @@ async def _reply(request: web.Request) -> web.StreamResponse:
     if mode == "redirect-away":
         location = "http://user:hunter2@169.254.169.254/latest/meta-data"
         return web.Response(status=302, headers={"Location": location})
+    if mode.startswith("echo-"):  # a gateway or proxy that quotes the request's headers
+        said = f"bad request; headers: Authorization: {request.headers.get('Authorization')}"
+        if mode == "echo-html-502":
+            return web.Response(status=502, text=f"<h1>Bad gateway</h1><pre>{said}</pre>")
+        status = 401 if mode == "echo-401" else 200
+        return web.json_response({"code": "20010001", "message": said, "data": None}, status=status)
     if mode == "gzip-bomb":
         return web.Response(
             body=gzip_bomb(),

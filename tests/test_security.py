@@ -39,7 +39,7 @@ from wujie_async._auth import HeaderSigner
 from wujie_async._transport import Transport
 
 from .conftest import FAST_POLL, INSTANT_RETRY
-from .helpers import INFO
+from .helpers import GENERATIONS, INFO
 from .hostile import (
     ESCAPES,
     gzip_bomb,
@@ -140,11 +140,12 @@ def test_malformed_base_urls_are_typed_errors(base_url: str) -> None:
 # --- the signed header is never reachable from an error --------------------------------------
 
 
-def _reachable(error: BaseException) -> Iterator[str]:
+def _reachable(error: BaseException, *, frames: bool = True) -> Iterator[str]:
     """Text of everything reachable from ``error`` that could hold the header.
 
     Follows ``__cause__``/``__context__``, ``args``, attributes, any ``request_info`` (aiohttp
-    keeps the request headers there) and the locals of our own frames in each traceback.
+    keeps the request headers there) and (``frames``) the locals of our own frames in each
+    traceback.
     """
     stack: list[Any] = [error]
     seen: set[int] = set()
@@ -162,7 +163,8 @@ def _reachable(error: BaseException) -> Iterator[str]:
         if isinstance(item, BaseException):
             yield str(item)
             stack += [item.__cause__, item.__context__, *item.args, *vars(item).values()]
-            stack += _our_frame_locals(item.__traceback__)
+            if frames:
+                stack += _our_frame_locals(item.__traceback__)
         elif isinstance(item, Mapping):
             stack += [*item.keys(), *item.values()]
         elif isinstance(item, list | tuple | set | frozenset):
@@ -255,6 +257,42 @@ async def test_no_error_chain_reaches_the_signed_header(
                 assert secret not in text, f"the signed header is reachable: {text[:200]!r}"
         if mode is None:
             assert "Connection refused" in str(info.value)  # the OS reason is kept
+
+
+@pytest.mark.parametrize("mode", ["echo-business", "echo-401", "echo-html-502"])
+@pytest.mark.parametrize("kind", ["submit", "poll"])
+async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
+    mode: str, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="wujie_async")
+    creds = credentials()
+    async with recording_gateway() as gateway:
+        transport = Transport(
+            base_url=f"{gateway.origin}/{mode}",
+            signer=HeaderSigner(creds),
+            limits=Limits(),
+            timeouts=Timeouts(request=5),
+            retry=NO_RETRY,
+        )
+        await transport.open()
+        try:
+            with pytest.raises(WujieError) as info:
+                if kind == "submit":
+                    await transport.post(GENERATIONS, {"prompt": "x"}, kind="submit")
+                else:
+                    await transport.post(INFO, ["K" * 32], kind="poll")
+        finally:
+            await transport.close()
+    signs = [json.loads(header)["sign"] for header in gateway.authorizations]
+    assert signs and all(len(sign) == 344 for sign in signs)
+    # The reply itself stays in the locals of the frames that read it (it is the server's own
+    # text); what is said from it (messages, reprs, attributes, the chain, logs) leaves it out.
+    texts = [*_reachable(info.value, frames=False), caplog.text]
+    assert any("headers: Authorization" in text for text in texts)  # the rest of it is kept
+    for text in texts:
+        for sign in signs:
+            pieces = {sign[start : start + 24] for start in range(0, len(sign) - 24, 8)}
+            assert not any(piece in text for piece in pieces), f"the signature: {text[:300]!r}"
 
 
 # --- server text never drives the terminal ----------------------------------------------------

@@ -76,6 +76,10 @@ _ESCAPE_SEQUENCE = re.compile(
 _CONTROL = re.compile(
     r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]"
 )
+# A run of base64 this long is a signature (RSA-1024 gives 172 characters), not words: a gateway
+# or proxy that echoes the request's Authorization header in its error text must not put a
+# replayable header into a message or a log. Escaped (``\/``) and URL-encoded forms count too.
+_SIGNATURE_LIKE = re.compile(r"[A-Za-z0-9+/\\%_=-]{128,}")
 
 
 def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
@@ -83,7 +87,9 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
 
     Every control character is removed: C0 (escape included), DEL, C1, bidi overrides, marks
     and isolates, zero-width characters, the BOM, and whole ANSI/OSC escape sequences (titles,
-    screen clears, colours); runs of whitespace, newlines included, become one space. Use it
+    screen clears, colours); runs of whitespace, newlines included, become one space. A run of
+    128 or more base64 characters (a signature, as in an echoed Authorization header) is left
+    out. Use it
     for any server-provided text that is printed or logged.
 
     Args:
@@ -96,7 +102,16 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
         text = str(text)
     text = _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS])
     text = " ".join(_CONTROL.sub("", text).split())
+    text = _SIGNATURE_LIKE.sub(_redacted, text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _redacted(match: re.Match[str]) -> str:
+    run = match.group()
+    # A signature mixes cases and digits; a run of one letter or of hex digits is kept.
+    if run.lower() == run or run.upper() == run or not any(ch.isdigit() for ch in run):
+        return run
+    return f"[{len(run)} characters like a signature, left out]"
 
 
 class WujieError(Exception):
