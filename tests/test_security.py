@@ -439,6 +439,9 @@ async def test_a_gateway_not_on_loopback_cannot_aim_downloads_at_this_machine(
             local.url("admin/reset"),
             f"http://localhost:{port}/admin/delete",
             local.url(f"to?url={local.url('admin/redirected')}"),
+            # Spellings that parse as a name but that aiohttp connects to as 127.0.0.1.
+            f"http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:{port}/admin/fullwidth",
+            f"http://127\u30020\u30020\u30021:{port}/admin/ideographic-dots",
         ]
         listed = [{"url": url} for url in urls]
         script = lambda keys: [{"key": k, "status": 4, "images": listed} for k in keys]  # noqa: E731
@@ -446,7 +449,7 @@ async def test_a_gateway_not_on_loopback_cannot_aim_downloads_at_this_machine(
             scripted_gateway(script) as gateway,
             client_of_named_gateway(gateway.base_url) as client,
         ):
-            job = await client.images.submit(prompt="p", model="dall-e-2", n=3)
+            job = await client.images.submit(prompt="p", model="dall-e-2", n=len(urls))
             with pytest.raises(InvalidRequestError, match="refusing to download") as info:
                 await job.save(tmp_path)
             for image in job.images:
@@ -462,9 +465,9 @@ async def test_a_gateway_not_on_loopback_cannot_aim_downloads_at_this_machine(
             scripted_gateway(script) as gateway,
             client_of_named_gateway(gateway.base_url, allow_private_addresses=True) as client,
         ):
-            job = await client.images.submit(prompt="p", model="dall-e-2", n=3)
+            job = await client.images.submit(prompt="p", model="dall-e-2", n=len(urls))
             saved = await job.save(tmp_path)
-        assert len(saved) == 3 and local.hits["admin"] == 3 and local.hits["to"] == 1
+        assert len(saved) == 5 and local.hits["admin"] == 5 and local.hits["to"] == 1
 
 
 @pytest.mark.anyio

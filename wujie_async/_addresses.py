@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 from ._errors import InvalidRequestError
 
@@ -141,18 +142,20 @@ def check_url(url: str, *, allow_http: bool, rule: AddressRule) -> None:
     """
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
         _ = parts.port  # a malformed port raises here, not later
+        # The host as aiohttp will connect to it: yarl normalises it (IDNA), so fullwidth
+        # digits or ideographic dots become the literal address they spell, and a literal
+        # address never goes through the checking resolver.
+        host = URL(url).raw_host or ""
     except ValueError:
         raise InvalidRequestError([("url", "not a valid URL")]) from None
-    if not (
-        parts.scheme == "https" or (parts.scheme == "http" and (allow_http or is_loopback(host)))
-    ):
+    scheme = parts.scheme.lower()
+    if not (scheme == "https" or (scheme == "http" and (allow_http or is_loopback(host)))):
         raise InvalidRequestError(
             [
                 (
                     "url",
-                    f"refusing to download {parts.scheme}://{host}: https only "
+                    f"refusing to download {scheme}://{host}: https only "
                     "(plain http is allowed for loopback, or with allow_http=True)",
                 )
             ]
