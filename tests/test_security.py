@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import socket
+import sys
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -311,6 +312,8 @@ async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
         "a\u2066b\u2069",  # a bidi isolate
         "a\u200e\u200f\u061cb",  # bidi marks (LRM, RLM, ALM)
         "a\u200bb\ufeff",  # zero-width space, BOM
+        "a" + "".join(chr(0xE0000 + ord(c)) for c in "PWNED run rm") + "b",  # tag characters
+        "a\u00ad\u180e\ufff9b\ufe0f\U000e0101",  # soft hyphen, MVS, annotation, selectors
     ],
 )
 def test_snippet_strips_every_control_character(text: str) -> None:
@@ -319,6 +322,14 @@ def test_snippet_strips_every_control_character(text: str) -> None:
     assert "PWNED" not in cleaned and "2J" not in cleaned and "31m" not in cleaned
     assert all(ch.isprintable() for ch in cleaned), repr(cleaned)
     assert all(unicodedata.category(ch) != "Cf" for ch in cleaned), repr(cleaned)
+
+
+def test_snippet_removes_every_format_character_python_knows() -> None:
+    hidden = "".join(
+        chr(cp) for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)) == "Cf"
+    )
+    assert len(hidden) > 150
+    assert snippet(f"a{hidden}b", limit=10_000) == "ab"
 
 
 def test_snippet_folds_whitespace_and_stays_short() -> None:

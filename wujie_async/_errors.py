@@ -70,11 +70,16 @@ _ESCAPE_SEQUENCE = re.compile(
     """,
     re.VERBOSE,
 )
-# Every other control character: C0 (but whitespace, folded below), DEL, C1, and the Unicode
-# format characters that can make a terminal show text in another order or hide some of it:
-# bidi overrides, isolates and marks (LRM, RLM, ALM), zero-width ones, the BOM.
+# Every other control character: C0 (but whitespace, folded below), DEL, C1, and every Unicode
+# format character (category Cf), which can make a terminal show text in another order or hide
+# some of it: bidi overrides, isolates and marks, zero-width ones, the BOM, the soft hyphen, and
+# the tag characters (U+E0000 block) that can carry a whole hidden sentence. Variation selectors
+# and the blank Hangul fillers hide text as well.
 _CONTROL = re.compile(
-    r"[\x00-\x08\x0e-\x1f\x7f-\x9f\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]"
+    "[\x00-\x08\x0e-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    "\u115f\u1160\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f"
+    "\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
 # A run of base64 this long is a signature (RSA-1024 gives 172 characters), not words: a gateway
 # or proxy that echoes the request's Authorization header in its error text must not put a
@@ -85,8 +90,9 @@ _SIGNATURE_LIKE = re.compile(r"[A-Za-z0-9+/\\%_=-]{128,}")
 def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     """A short one-line excerpt of server text, safe to print to a terminal or a log.
 
-    Every control character is removed: C0 (escape included), DEL, C1, bidi overrides, marks
-    and isolates, zero-width characters, the BOM, and whole ANSI/OSC escape sequences (titles,
+    Every control character is removed: C0 (escape included), DEL, C1, every Unicode format
+    character (bidi overrides, marks and isolates, zero-width characters, the BOM, the soft
+    hyphen, tag characters), variation selectors, and whole ANSI/OSC escape sequences (titles,
     screen clears, colours); runs of whitespace, newlines included, become one space. A run of
     128 or more base64 characters (a signature, as in an echoed Authorization header) is left
     out. Use it
