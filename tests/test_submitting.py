@@ -367,12 +367,14 @@ def test_printable_keys_are_usable_and_invisible_characters_are_not(key: str) ->
         assert not is_job_key(key + hidden), repr(hidden)
 
 
-@pytest.mark.parametrize("status", [201, 202])
-async def test_a_success_envelope_under_another_2xx_status_is_accepted(
+@pytest.mark.parametrize("status", [201, 202, 429, 503])
+async def test_a_success_envelope_under_another_status_is_accepted(
     credentials: Credentials, tmp_path: Path, status: int
 ) -> None:
     """The contract names HTTP 200; a gateway (or a proxy) answering 201 or 202 with a
-    success envelope has accepted the submit: its key is kept, the job followed."""
+    success envelope has accepted the submit: its key is kept, the job followed. So has one
+    whose success envelope with a key a proxy stamped 429 or 503: sent again, it would be paid
+    for again."""
     gateway = FakeGateway(["KEY201"], status=status)
     async with gateway.serve() as base:
         async with fake_client(base, credentials, journal=tmp_path / "j.sqlite") as client:
@@ -380,6 +382,7 @@ async def test_a_success_envelope_under_another_2xx_status_is_accepted(
             assert job.key == "KEY201" and await client.uncertain_submits() == []
             gateway.finish.set()
             assert len((await asyncio.wait_for(job.result(), 10)).images) == 1
+    assert gateway.submits == 1
 
 
 async def test_a_business_error_under_a_201_is_a_business_error(credentials: Credentials) -> None:

@@ -110,12 +110,16 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
         payload, is_json = None, False
     else:
         is_json = True
-    # Any 2xx: the contract names 200, but a gateway (or a proxy before it) answering 201 or
-    # 202 with a success envelope has accepted the call, and its key must not be dropped.
-    if 200 <= status < 300 and isinstance(payload, dict):
+    # The contract names 200, but a gateway (or a proxy before it) answering 201 or 202 with a
+    # success envelope has accepted the call, and its key must not be dropped. Nor when a proxy
+    # stamps another status (429, 503) on a success envelope that carries data: the job exists
+    # and is paid for, and sending the submit again would pay for another.
+    if isinstance(payload, dict):
         code = payload.get("code")
         if code == _contract.SUCCESS_CODE or code == int(_contract.SUCCESS_CODE):
-            return payload.get("data")  # the common case, without building a model
+            data = payload.get("data")
+            if 200 <= status < 300 or data is not None:
+                return data  # the common case, without building a model
     envelope: Envelope | None = None
     if is_json and isinstance(payload, dict):
         try:
