@@ -34,7 +34,7 @@ from wujie_async import (
     WujieError,
     snippet,
 )
-from wujie_async._models import JobInfo
+from wujie_async._models import FailInfo, JobInfo
 
 from .conftest import FAST_POLL, INSTANT_RETRY
 from .hostile import ScriptedGateway, scripted_gateway, throwaway_credentials
@@ -152,9 +152,14 @@ def test_the_model_rejects_non_finite_numbers_and_read_drops_or_clamps_them() ->
     assert clamped.expected_seconds == 0 and clamped.complete_percent == 100
     absurd = JobInfo.read({"key": "K", "status": 1, "expected_seconds": 1e300})
     assert absurd.expected_seconds == 86_400
-    for status in ("done", 2**40, [1], None):
+    for status in ("done", 2**40, [1], None, True, False):  # true is no "generating"
         with pytest.raises(ValidationError):
             JobInfo.read({"key": "K", "status": status})
+    fields = ("complete_percent", "expected_seconds", "integral_cost", "queue_before_num")
+    booleans = JobInfo.read({"key": "K", "status": 1, **dict.fromkeys(fields, True)})
+    assert all(getattr(booleans, name) is None for name in fields)
+    failed = JobInfo.read({"key": "K", "status": 3, "fail_message": {"fail_code": True}})
+    assert isinstance(failed.fail_message, FailInfo) and failed.fail_message.fail_code is None
 
 
 # --- item 10: a flood of junk entries is bounded work and one warning per reply ---------------

@@ -10,7 +10,14 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from . import _contract, _rules
 from ._errors import InvalidRequestError
@@ -316,6 +323,16 @@ def _with_fields_cleaned(data: Any, cleaners: dict[str, Any]) -> Any:
 _FAIL_CLEANERS = {"fail_code": _fail_code, "fail_message": _text}
 # The largest and smallest status a gateway could mean; anything outside is a malformed entry.
 _STATUS_BOUND = 2**31
+
+
+def _no_bool(value: Any) -> Any:
+    # Lax pydantic reads JSON true as 1: a status of true would be "generating" for ever.
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+_NotBool = BeforeValidator(_no_bool)
 # allow_inf_nan on the float member only: on a union it would also run on text, and raise.
 _FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # Short text with no control characters (C0, DEL, C1): it may end up in a log or a terminal.
@@ -325,7 +342,9 @@ _TimeText = Annotated[str, Field(max_length=_MAX_TIME_TEXT, pattern=r"^[^\x00-\x
 class FailInfo(_Reply):
     """Why a job failed."""
 
-    fail_code: int | None = Field(default=None, gt=-(10**_MAX_CODE_DIGITS), lt=10**_MAX_CODE_DIGITS)
+    fail_code: Annotated[int | None, _NotBool] = Field(
+        default=None, gt=-(10**_MAX_CODE_DIGITS), lt=10**_MAX_CODE_DIGITS
+    )
     fail_message: str | None = None
 
 
@@ -339,18 +358,24 @@ class JobInfo(_Reply):
     """
 
     key: str
-    status: int = Field(ge=-_STATUS_BOUND, le=_STATUS_BOUND)
-    complete_percent: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
-    expected_seconds: float | None = Field(
+    status: Annotated[int, _NotBool] = Field(ge=-_STATUS_BOUND, le=_STATUS_BOUND)
+    complete_percent: Annotated[float | None, _NotBool] = Field(
+        default=None, ge=0, le=100, allow_inf_nan=False
+    )
+    expected_seconds: Annotated[float | None, _NotBool] = Field(
         default=None, ge=0, le=MAX_EXPECTED_SECONDS, allow_inf_nan=False
     )
     images: list[ImageInfo] | None = None
     fail_message: FailInfo | str | None = None
     # [platform] optional progress fields (API.md): read when present, never required.
-    queue_before_num: int | None = Field(default=None, ge=0, le=_MAX_QUEUE_POSITION)
-    start_gen_time: _FiniteFloat | _TimeText | None = None
-    complete_time: _FiniteFloat | _TimeText | None = None
-    integral_cost: float | None = Field(default=None, ge=0, le=_MAX_POINTS, allow_inf_nan=False)
+    queue_before_num: Annotated[int | None, _NotBool] = Field(
+        default=None, ge=0, le=_MAX_QUEUE_POSITION
+    )
+    start_gen_time: Annotated[_FiniteFloat | _TimeText | None, _NotBool] = None
+    complete_time: Annotated[_FiniteFloat | _TimeText | None, _NotBool] = None
+    integral_cost: Annotated[float | None, _NotBool] = Field(
+        default=None, ge=0, le=_MAX_POINTS, allow_inf_nan=False
+    )
 
     @classmethod
     def read(cls, raw: Any) -> JobInfo:
