@@ -37,6 +37,7 @@ from wujie_async import (
 from wujie_async._addresses import AddressRule, check_url
 from wujie_async._download import Downloader, check_job_template
 from wujie_async._file_names import check_template, render_name
+from wujie_async._image_formats import TAIL_BYTES, ends_complete
 from wujie_async.emulator._png import render_png
 
 from .helpers import png_size
@@ -178,8 +179,10 @@ async def tricky_server() -> AsyncIterator[tuple[str, Counter[str]]]:
             in_flight[0] -= 1
         if kind == "always-5xx":
             return web.Response(status=502, text="bad gateway")
-        if kind == "gzip":  # Content-Length counts the compressed bytes, as HTTP says
+        if kind in ("gzip", "gzip-cut"):  # Content-Length counts the compressed bytes
             packed = gzip.compress(PNG + bytes(4096))  # compresses well: decodes to more
+            if kind == "gzip-cut" and hits[kind] == 1:  # a stream cut short, its length right
+                packed = packed[: len(packed) // 2]
             headers = {"Content-Encoding": "gzip", "Content-Type": "image/png"}
             return web.Response(body=packed, headers=headers)
         return web.Response(body=PNG, content_type="image/png")
@@ -274,6 +277,25 @@ async def test_a_compressed_image_is_saved_whole(tmp_path: Path) -> None:
     assert hits["gzip"] == 1  # no retry either
     assert saved.path.read_bytes() == body and saved.bytes == len(body)
     assert saved.sha256 == hashlib.sha256(body).hexdigest()
+
+
+async def test_a_compressed_image_cut_short_is_fetched_again(tmp_path: Path) -> None:
+    """A gzip stream cut short decodes without an error, and its Content-Length (of the
+    compressed bytes) says nothing of the image: the image must reach its own end marker."""
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
+        saved = await saver.save(at(f"{origin}/gzip-cut"), tmp_path / "GZ-0.{ext}")
+    body = PNG + bytes(4096)
+    assert hits["gzip-cut"] == 2
+    assert saved.path.read_bytes() == body and saved.sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_an_image_ends_complete_only_with_its_end_marker() -> None:
+    jpeg = b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9"
+    webp = b"RIFF" + (20).to_bytes(4, "little") + b"WEBPVP8 " + bytes(12)
+    for kind, whole in (("png", PNG), ("jpg", jpeg), ("webp", webp)):
+        assert ends_complete(kind, whole[:16], whole[-TAIL_BYTES:], len(whole))
+        cut = whole[: len(whole) - 3]
+        assert not ends_complete(kind, cut[:16], cut[-TAIL_BYTES:], len(cut)), kind
 
 
 def self_signed_context(folder: Path) -> ssl.SSLContext:

@@ -45,7 +45,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
-from ._image_formats import sniff_format
+from ._image_formats import TAIL_BYTES, ends_complete, sniff_format
 from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
@@ -478,7 +478,7 @@ class Downloader:
             undo=lambda opened: _atomic_file.discard(*opened),
         )
         try:
-            size, digest, head = await self._stream(reply, handle)
+            size, digest, head, tail = await self._stream(reply, handle)
             # Content-Length counts the bytes on the wire: a compressed body decodes to more.
             encoded = reply.headers.get("Content-Encoding", "identity").lower() != "identity"
             if declared is not None and not encoded and size != declared:
@@ -491,6 +491,15 @@ class Downloader:
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
+            # Without a length to hold it to (a compressed stream cut short decodes without an
+            # error), the image must reach its own end marker.
+            if (encoded or declared is None) and not ends_complete(kind, head, tail, size):
+                raise _RetryableError(
+                    TransportError(
+                        f"image download was cut short (the {kind} ends before its end marker)",
+                        reached_server=True,
+                    )
+                )
             path = target.final(kind)
             await _to_end(_atomic_file.commit, handle, temp, path)
         except BaseException:
@@ -500,15 +509,15 @@ class Downloader:
 
     async def _stream(
         self, reply: aiohttp.ClientResponse, handle: IO[bytes]
-    ) -> tuple[int, str, bytes]:
-        """Copy the body into ``handle``: (size, sha256, first bytes). Every ``min_rate *
-        rate_window`` bytes must arrive within ``rate_window`` seconds."""
+    ) -> tuple[int, str, bytes, bytes]:
+        """Copy the body into ``handle``: (size, sha256, first bytes, last bytes). Every
+        ``min_rate * rate_window`` bytes must arrive within ``rate_window`` seconds."""
         policy = self._policy
         window = policy.rate_window
         quantum = None if policy.min_rate is None else policy.min_rate * window
         digest = hashlib.sha256()
         size = 0
-        head = b""
+        head = tail = b""
         pending = bytearray()
         window_ends = anyio.current_time() + window if quantum is not None else math.inf
         window_bytes = 0
@@ -529,6 +538,7 @@ class Downloader:
                 raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
             if len(head) < 16:
                 head += chunk[: 16 - len(head)]
+            tail = (tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
             digest.update(chunk)
             if quantum is not None:
                 window_bytes += len(chunk)
@@ -541,7 +551,7 @@ class Downloader:
                 pending.clear()
         if pending:
             await anyio.to_thread.run_sync(handle.write, bytes(pending))
-        return size, digest.hexdigest(), head
+        return size, digest.hexdigest(), head, tail
 
 
 def check_job_template(name: str) -> None:
