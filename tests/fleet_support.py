@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -25,6 +25,9 @@ from wujie_async.emulator import Emulator
 
 from .conftest import FAST_POLL, INSTANT_RETRY
 from .helpers import stop_process
+
+if TYPE_CHECKING:
+    from wujie_async.fleet import RedisFleet  # only the fleet tests need redis-py
 
 CHILD = Path(__file__).resolve().parent / "fleet_child.py"
 
@@ -230,6 +233,17 @@ def _cluster_ok(info: Any) -> bool:
     return "cluster_state:ok" in str(info)
 
 
+async def forget_fleet(fleet: RedisFleet) -> int:
+    """Delete every key of ``fleet``'s name, as a Redis restart without AOF (or a FLUSHALL)
+    loses them, without touching the other tests' fleets on a shared Redis. Returns how many."""
+
+    async def drop(redis: Any) -> int:
+        keys = [key async for key in redis.scan_iter(match=f"{fleet.keys.tag}*", count=1000)]
+        return int(await redis.delete(*keys)) if keys else 0
+
+    return await fleet.call(drop)
+
+
 def member(
     emu: Emulator,
     url: str,
@@ -241,7 +255,7 @@ def member(
 ) -> WujieClient:
     """A client of fleet ``name`` on ``url``, against ``emu`` (fast polls, instant retries)."""
     fleet_options.setdefault("lease_seconds", 1.0)
-    from wujie_async.fleet import RedisFleet  # only the fleet tests need redis-py
+    from wujie_async.fleet import RedisFleet
 
     return WujieClient(
         emu.credentials,

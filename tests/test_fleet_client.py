@@ -34,7 +34,7 @@ from wujie_async.fleet._limiter import FleetLimiter
 from wujie_async.fleet._reports import Report, post_reports
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .fleet_support import any_redis, fleet_name, free_port, member, own_redis
+from .fleet_support import any_redis, fleet_name, forget_fleet, free_port, member, own_redis
 from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
@@ -601,6 +601,32 @@ async def test_a_member_declared_dead_while_alive_joins_again_and_keeps_its_jobs
         await asyncio.wait_for(asyncio.gather(*jobs), 20)
         assert fleet_of(paused).role != "local"
         assert emu.stats()["submits_accepted"] == 5
+
+
+@pytest.mark.long
+async def test_a_member_redis_forgot_resumes_at_once_and_finishes_its_jobs(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis lost the fleet's keys (a restart without AOF, FLUSHALL). ``resume()`` said "not
+    a live fleet member" until the next heartbeat (10 s away by default); it now joins again
+    at once, and the jobs of before and after go on to the end."""
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.2) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name) as forgotten,
+    ):
+        before = await forgotten.images.submit(prompt="before", model="dall-e-2")
+        assert await forget_fleet(observer) > 0
+        assert await forgotten.resume() == []  # it follows its jobs already: none again
+        assert "joined again" in caplog.text
+        assert forgotten.fleet_member in await observer.call(
+            lambda r: r.zrange(observer.keys.members, 0, -1)
+        )
+        after = await forgotten.images.submit(prompt="after", model="dall-e-2")
+        await asyncio.wait_for(asyncio.gather(before, after), 20)
+        assert emu.stats()["submits_accepted"] == 2
 
 
 async def test_reports_are_checked_like_replies_and_verdicts_end_jobs(

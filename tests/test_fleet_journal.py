@@ -16,7 +16,15 @@ from wujie_async.fleet import FleetUnavailableError, RedisFleet
 from wujie_async.fleet._journal import RedisJournal
 from wujie_async.fleet._membership import Membership, new_member_id
 
-from .fleet_support import any_redis, fleet_name, next_event, own_redis, start_child, stop_child
+from .fleet_support import (
+    any_redis,
+    fleet_name,
+    forget_fleet,
+    next_event,
+    own_redis,
+    start_child,
+    stop_child,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -128,6 +136,48 @@ async def test_claim_needs_a_live_claimer(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "ghost") as journal:
         with pytest.raises(ClientStateError, match="not a live fleet member"):
             await journal.claim_dead()
+
+
+@pytest.mark.long
+async def test_rows_of_a_member_redis_forgot_are_claimable_if_it_dies_before_its_heartbeat(
+    url: str,
+) -> None:
+    """Redis lost the fleet's keys (a restart without AOF, FLUSHALL); a member writes rows
+    before its next heartbeat would make it a member again, and dies. Its rows must not be
+    stranded: its first write makes it a member again, so its death is seen."""
+    timeout = 0.6
+    async with RedisFleet(url, name=fleet_name(), member_timeout=timeout) as fleet:
+        doomed, heir = Membership(fleet, new_member_id()), Membership(fleet, new_member_id())
+        await doomed.join()
+        assert await forget_fleet(fleet) > 0
+        async with opened(fleet, doomed.member_id) as journal:
+            row = await journal.record_intent("generations", {"prompt": "p", "model": "dall-e-2"})
+            await journal.record_accepted(row, "PAIDKEY")
+        assert doomed.member_id in await heir.members()  # the write put it back
+        await heir.join()
+        deadline = asyncio.get_running_loop().time() + 10
+        while (await heir.members())[doomed.member_id] <= timeout:  # it never heartbeats again
+            assert await heir.heartbeat()
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        async with opened(fleet, heir.member_id) as journal:
+            claim = await journal.claim_dead()
+        assert claim.dead_members == [doomed.member_id]
+        assert [entry.job_key for entry in claim.entries] == ["PAIDKEY"]
+
+
+async def test_a_member_only_a_journal_write_put_back_is_told_to_join_again(url: str) -> None:
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        me = Membership(fleet, new_member_id())
+        await me.join()
+        await forget_fleet(fleet)
+        async with opened(fleet, me.member_id) as journal:
+            await journal.record_intent("generations", {"prompt": "p", "model": "dall-e-2"})
+        # Alive to a claim, yet its heartbeat says "unknown": it joins again and registers its
+        # keys again, which Redis lost with the rest.
+        assert await me.beat() == "unknown"
+        await me.join()
+        assert await me.beat() == "refreshed"
 
 
 @pytest.mark.slow

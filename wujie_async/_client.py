@@ -644,7 +644,12 @@ class WujieClient:
         submits (a job that timed out, say) are attached too.
 
         Raises:
-            ClientStateError: the client has no journal.
+            ClientStateError: the client has no journal; or, in fleet mode, this member's own
+                heartbeat expired (Redis was away from it for longer than ``member_timeout``):
+                it claims nothing until its next heartbeat, a third of ``member_timeout``
+                away, lest it take the jobs of members whose heartbeats have not landed yet.
+                Call again then. (A member Redis forgot, after a restart without AOF or a
+                FLUSHALL, joins again at once and claims.)
             FleetUnavailableError: fleet mode, and Redis cannot be reached.
         """
         self._check_open()

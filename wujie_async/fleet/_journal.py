@@ -68,12 +68,20 @@ local function transition(p, id, from, to, job_key, err, now, owner)
 end
 """
 
-# KEYS: seq. ARGV: prefix, owner, path, request, tag ('' = none), now, once (the write's
-# token). Reply: the row id; the same id again for a retry of the same write (its first try
-# may have run after all, late, once a frozen Redis woke: one row, not two), 0 for a write
+# KEYS: seq, members. ARGV: prefix, owner, path, request, tag ('' = none), now, once (the
+# write's token). Reply: the row id; the same id again for a retry of the same write (its first
+# try may have run after all, late, once a frozen Redis woke: one row, not two), 0 for a write
 # its submit gave up on (see record_intent).
+# An owner the member list does not hold (Redis lost it, or the fleet claimed it as dead) is
+# put back with a heartbeat of now, and without its info: rows it writes until it joins again
+# are a member's, claimable if it dies first. Its next heartbeat finds no info and has it join
+# again (see _membership), which registers its keys again.
 _INTENT = """
 local p = ARGV[1]
+if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[2])
+end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
 if done then return tonumber(done) end
@@ -362,7 +370,7 @@ class RedisJournal:
             tries += 1
             if tries > 1 and self._pace is not None:
                 await self._pace()  # Redis was away: a fresh turn (see the class docstring)
-            return await self._intent((self._seq,), args)
+            return await self._intent((self._seq, self._link.keys.members), args)
 
         try:
             row_id = await self._waiting_for_redis(write, "the submit was not sent")

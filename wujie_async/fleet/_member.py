@@ -32,6 +32,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from .._config import Limits, PollPolicy
+from .._errors import ClientStateError
 from .._jobs import ImageJob
 from .._journal import JournalEntry
 from .._poller import BatchPoller
@@ -417,7 +418,17 @@ class FleetMember:
         """Claim dead members' accepted submits (atomically, each to one member), then every
         accepted submit this member owns, oldest first: the claimed ones, and its own (a job
         that timed out stays accepted)."""
-        claim = await self._journal.claim_dead()
+        try:
+            claim = await self._journal.claim_dead()
+        except ClientStateError:
+            # Not a live member. Redis lost it (a restart without AOF, FLUSHALL), or the fleet
+            # claimed it: it joins again now rather than at its next heartbeat, then claims.
+            # Expired (Redis was away from it longer than member_timeout) it does not: the
+            # others' heartbeats may not have landed yet, and they would look dead.
+            if await self._membership.beat() != "unknown":
+                raise
+            await self._join_again()
+            claim = await self._journal.claim_dead()
         for dead in claim.dead_members:
             with contextlib.suppress(FleetUnavailableError):
                 await Inbox(self._link, dead).drop()

@@ -6,6 +6,11 @@ is older than ``member_timeout`` is dead: ``RedisJournal.claim_dead`` may give i
 another member, and removes it from the set. A heartbeat does not bring a dead member back (it
 says so instead); only joining again does, and the member then takes back the jobs nobody has
 claimed yet. Leaving marks the member dead at once, so its jobs are claimable at once.
+
+A member Redis lost (a restart without AOF, FLUSHALL) or that was claimed as dead is put back
+by its first journal write, with that moment as its heartbeat and no info: if it dies before
+its next heartbeat, the rows it wrote are still claimable. That heartbeat finds no info and
+answers "unknown", so the member joins again and registers its keys again.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ import os
 import socket
 import time
 import uuid
+from typing import Literal
 
 from ._link import RedisLink, Script
+
+Beat = Literal["refreshed", "unknown", "expired"]
 
 _NOW_MS = """
 local t = redis.call('TIME')
@@ -31,13 +39,13 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return now
 """
 )
-# KEYS: members. ARGV: id, timeout_ms. Reply: 1 refreshed, 0 unknown (claimed, or Redis lost
-# it), -1 expired (dead).
+# KEYS: members, info. ARGV: id, timeout_ms. Reply: 1 refreshed, 0 unknown (claimed, or Redis
+# lost it; also when only a journal write put it back, without its info), -1 expired (dead).
 _HEARTBEAT = (
     _NOW_MS
     + """
 local last = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not last then return 0 end
+if not last or redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then return 0 end
 if now - tonumber(last) > tonumber(ARGV[2]) then return -1 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1
@@ -94,9 +102,18 @@ class Membership:
 
     async def heartbeat(self) -> bool:
         """Heartbeat once. False: the fleet lost this member or declared it dead (join again)."""
+        return await self.beat() == "refreshed"
+
+    async def beat(self) -> Beat:
+        """Heartbeat once: ``refreshed``; ``unknown`` (Redis lost this member, or another
+        member claimed it as dead: join again); ``expired`` (its last heartbeat is older than
+        ``member_timeout``: the fleet may claim it as dead any moment; join again)."""
         timeout_ms = round(self._link.config.member_timeout * 1000)
-        answer = await self._heartbeat((self._link.keys.members,), (self.member_id, timeout_ms))
-        return int(answer) == 1
+        keys = self._link.keys
+        answer = int(
+            await self._heartbeat((keys.members, keys.member_info), (self.member_id, timeout_ms))
+        )
+        return "refreshed" if answer == 1 else "unknown" if answer == 0 else "expired"
 
     async def leave(self) -> None:
         """Leave: dead at once, so this member's open jobs are claimable at once."""
