@@ -41,9 +41,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "images_progressive": False,
     },
     "no complete_time": {"progress_fields": False},
+    "complete_time in whole seconds": {"stamp_rounding": "floor"},
+    "gateway clock 1 s behind": {"stamp_skew": -1.0},
+    "gateway clock 3 s behind": {"stamp_skew": -3.0},
+    "gateway clock 3 s ahead": {"stamp_skew": 3.0},
     "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
     "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
+    "bad: ±50% noise + clock 3 s behind": {
+        "faults": FaultConfig(estimate_noise=0.5),
+        "stamp_skew": -3.0,
+    },
+    "bad: ±50% noise + no complete_time": {
+        "faults": FaultConfig(estimate_noise=0.5),
+        "progress_fields": False,
+    },
     "bad: whole seconds (floor) + no complete_time": {
         "estimate_rounding": "floor",
         "progress_fields": False,

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
+import time
 from collections import Counter
 from typing import Any
+from unittest import mock
 
 import anyio
 import pytest
@@ -31,7 +33,17 @@ JOBS = 200
 
 
 async def burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, float]:
-    """(mean asks per key, the worst lateness in seconds) of a burst at the default policy."""
+    """(mean asks per key, the worst lateness in seconds) of a burst at the default policy.
+
+    Wall time follows the fast-forwarding loop clock, as it follows a real one, so the
+    gateway's unix stamps (``complete_time``) mean to the client what they say."""
+    loop = asyncio.get_running_loop()
+    offset = time.time() - loop.time()
+    with mock.patch.object(time, "time", lambda: loop.time() + offset):
+        return await _burst(emulator, **settings)
+
+
+async def _burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, float]:
     async with (
         emulator(
             time_scale=1.0, seed=5, job_seconds=(10, 30), estimate_basis="actual", **settings
@@ -59,6 +71,12 @@ async def burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, floa
         pytest.param({"images_progressive": False}, 3.0, id="images at the end"),
         pytest.param({"estimate_rounding": "floor"}, 4.0, id="whole seconds, rounded down"),
         pytest.param({"estimate_rounding": "round"}, 4.0, id="whole seconds, rounded"),
+        # End stamps that say a job ended before it did must not teach that right estimates
+        # end early (they did: 8.5 and 16.5 asks per key).
+        pytest.param({"stamp_rounding": "floor"}, 3.0, id="complete_time in whole seconds"),
+        pytest.param({"stamp_skew": -1.0}, 4.5, id="gateway clock 1 s behind"),
+        pytest.param({"stamp_skew": -3.0}, 4.5, id="gateway clock 3 s behind"),
+        pytest.param({"stamp_skew": 3.0}, 3.0, id="gateway clock 3 s ahead"),
     ],
 )
 async def test_asks_per_key_hold_across_gateways(

@@ -640,11 +640,11 @@ class BatchPoller:
         status = entry.status
         if status in _contract.TERMINAL_STATUSES:
             ended_at = entry.complete_time
-            self._schedule_of.job_ended(
-                tracked,
-                now,
-                ended_at + unix_to_loop if isinstance(ended_at, int | float) else None,
-            )
+            if isinstance(ended_at, int | float):
+                fine = ended_at != int(ended_at)  # a stamp in whole seconds places no end alone
+                self._schedule_of.job_ended(tracked, now, ended_at + unix_to_loop, fine=fine)
+            else:
+                self._schedule_of.job_ended(tracked, now)
         if status == JobStatus.SUCCEEDED:
             # Done with fewer images than the job makes (n; when unknown, at least one) is
             # not a success: the job fails, and its error holds the images that came.

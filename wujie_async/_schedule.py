@@ -10,11 +10,15 @@ The promise (docs, "Polling and its latency promise"):
   estimate is right costs about three asks: the first, one at the window, one to see it done.
 
 The window is learned. Every ended job that had an estimate adds one sample of how far its end
-fell from the predicted end, relative to the predicted duration. The window opens at the low
-quantile of those errors and closes at the high one: tight when the gateway's estimates are
-good, wide when they are noisy, biased or a placeholder. Until there are enough samples a mild
-prior holds. An estimate that does not count down between two reports (a constant placeholder)
-is not an estimate: that job is polled as if it had none.
+fell from the predicted end, relative to the predicted duration. Where the end fell is what the
+asks prove. The gateway's own end stamp (``complete_time``) places it too: a stamp finer than a
+second at its word, until one disagrees with the asks (a skewed clock: what stamps taught is
+dropped); any stamp once stamps have been checked against ends two close asks pinned, and then
+only by as much as it can prove. An end stamped early would teach that right estimates end
+early. The window opens at the low quantile of those errors and closes at the high one: tight
+when the gateway's estimates are good, wide when they are noisy, biased or a placeholder. Until
+there are enough samples a mild prior holds. An estimate that does not count down between two
+reports (a constant placeholder) is not an estimate: that job is polled as if it had none.
 
 Pure arithmetic on loop times; the poller owns the heap and the calls.
 """
@@ -191,6 +195,8 @@ class PollSchedule:
         "_integral",
         "_policy",
         "_spans",
+        "_stamp_offsets",
+        "_stamps_at_their_word",
         "_windows",
         "generation",
     )
@@ -208,6 +214,13 @@ class PollSchedule:
         self._integral: dict[str | None, int] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
+        # How far the gateway's end stamps sit from ends two close asks pinned (its clock's
+        # skew and resolution): one gateway, one clock, whatever the model.
+        self._stamp_offsets = _Quantiles()
+        # Until then, stamps finer than a second are taken at their word, until one disagrees
+        # with the asks (it says a job ended before an ask that saw it running, or after one
+        # that saw it done): that clock is skewed.
+        self._stamps_at_their_word = True
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
@@ -239,23 +252,30 @@ class PollSchedule:
         errors = self._errors.get(model)
         return len(errors) if errors is not None else 0
 
-    def job_ended(self, timing: KeyTiming, now: float, ended_at: float | None = None) -> None:
+    def job_ended(
+        self, timing: KeyTiming, now: float, ended_at: float | None = None, *, fine: bool = True
+    ) -> None:
         """Learn from a job seen ended at ``now`` (``ended_at``: the gateway's end time, if any).
 
-        The true end lies between the previous ask and ``now``. The gateway's own end time
-        places it when it falls there; else the middle of the two asks, if they are close
-        enough to say; else only what the asks prove (it ended early, or late, by at least
-        so much), or nothing: a gateway that gives no end time (or one on a skewed clock) must
+        The true end lies between the previous ask and ``now``. Two asks close together place
+        it (their middle), and teach how the gateway's end stamps sit against ours; the stamp,
+        once so checked, places it between asks far apart, by as much as it can prove; else
+        only what the asks prove (it ended early, or late, by at least so much), or nothing:
+        a gateway that gives no end time, stamps whole seconds or runs on a skewed clock must
         not teach the schedule that right estimates are wrong.
         """
         earliest = timing.last_ask if timing.last_ask is not None else timing.created_at
         error = None
         resolution = 0.0
         end: float | None = None
-        if ended_at is not None and earliest <= ended_at <= now:
-            end = ended_at
-        elif now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
+        if now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
             end = (earliest + now) / 2
+            if ended_at is not None:
+                stamped = self._stamped_end(ended_at, earliest, now, fine=fine)
+                self._stamp_offsets.add(ended_at - end)
+                end = stamped if stamped is not None else end
+        elif ended_at is not None:
+            end = self._stamped_end(ended_at, earliest, now, timing.predicted_end, fine=fine)
         if timing.predicted_end is not None and timing.predicted_span and timing.estimate_live:
             span, predicted = timing.predicted_span, timing.predicted_end
             if end is not None:
@@ -270,6 +290,42 @@ class PollSchedule:
                 error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
         duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
         self._apply(_Lesson(timing.model, duration=duration, error=error), resolution)
+
+    def _stamped_end(
+        self,
+        stamp: float,
+        earliest: float,
+        now: float,
+        predicted: float | None = None,
+        *,
+        fine: bool = True,
+    ) -> float | None:
+        """Where a gateway's end stamp places an end known to lie between ``earliest`` and
+        ``now``: None until stamps have been checked against enough ends that asks pinned, or
+        when it cannot place it.
+
+        The stamp places the end within the spread of the offsets seen; of that stretch (within
+        the asks), the point nearest ``predicted`` is taken, so a stamp shows a job ended early
+        (or late) only by as much as it can prove. Without ``predicted`` (two close asks), the
+        stamp corrected by the typical offset, within that stretch.
+        """
+        offsets = self._stamp_offsets
+        if len(offsets) < TUNING.min_samples:
+            if self._stamps_at_their_word and not earliest <= stamp <= now:
+                # A skewed clock: what its stamps taught is void, and learning starts afresh.
+                self._stamps_at_their_word = False
+                self._errors.clear()
+                self._excess_late.clear()
+                self._windows.clear()
+                self.generation += 1
+            return stamp if fine and self._stamps_at_their_word else None
+        low = stamp - offsets.quantile(TUNING.high_quantile)
+        high = stamp - offsets.quantile(TUNING.low_quantile)
+        low, high = max(low, earliest), min(high, now)
+        if low > high:
+            return None  # the stamp disagrees with the asks: it teaches nothing
+        target = stamp - offsets.quantile(0.5) if predicted is None else predicted
+        return min(max(target, low), high)
 
     def _apply(self, lesson: _Lesson, resolution: float = 0.0) -> None:
         model = lesson.model

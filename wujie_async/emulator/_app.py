@@ -470,14 +470,19 @@ class Gateway:
             self._progress(entry, job, now)
         return entry
 
+    def _stamp(self, at: float) -> float | int:
+        """A progress stamp: unix seconds as this gateway's clock and rounding give them."""
+        unix = self.clock.unix(at) + self.config.stamp_skew
+        return math.floor(unix) if self.config.stamp_rounding == "floor" else round(unix, 3)
+
     def _progress(self, entry: dict[str, Any], job: EmulatedJob, now: float) -> None:
         """The platform's optional progress fields, each only once it is known."""
         if now < job.started_at:
             entry["queue_before_num"] = self.store.queue_before(job, now)
         elif job.outcome != JobStatus.MODERATION_REJECTED:
-            entry["start_gen_time"] = round(self.clock.unix(job.started_at), 3)
+            entry["start_gen_time"] = self._stamp(job.started_at)
         if now >= job.ends_at:
-            entry["complete_time"] = round(self.clock.unix(job.ends_at), 3)
+            entry["complete_time"] = self._stamp(job.ends_at)
             entry["integral_cost"] = job.cost()
 
     async def _file(self, request: web.Request) -> web.StreamResponse:

@@ -136,6 +136,10 @@ class EmulatorConfig:
             ``"zero"`` (0 while queued).
         images_progressive: list each image as it is done (True), or every image only once the
             job has ended (False).
+        stamp_rounding: how ``start_gen_time`` and ``complete_time`` are given: ``"none"`` (to
+            the millisecond) or ``"floor"`` (whole unix seconds).
+        stamp_skew: seconds the gateway's stamps are off from the real clock (negative: its
+            clock runs behind). Only the stamps: the signature check keeps the real clock.
     """
 
     time_scale: float = 1.0
@@ -150,6 +154,8 @@ class EmulatorConfig:
     estimate_rounding: Literal["none", "floor", "ceil", "round"] = "none"
     estimate_while_queued: Literal["countdown", "generation", "absent", "zero"] = "countdown"
     images_progressive: bool = True
+    stamp_rounding: Literal["none", "floor"] = "none"
+    stamp_skew: float = 0.0
 
 
 @dataclass(slots=True)
