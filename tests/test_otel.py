@@ -26,6 +26,7 @@ from wujie_async import (
     Credentials,
     GeneratedImage,
     PollPolicy,
+    RetryPolicy,
     SensitivePromptError,
     WujieClient,
     WujieError,
@@ -169,6 +170,33 @@ async def test_retries_and_429s_are_counted_by_endpoint(
     assert otel.total("http.client.request.duration", **{"http.response.status_code": 429}) == 2
 
 
+async def test_a_close_counts_no_retry_it_never_sent_and_no_call_it_cut_short(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    """A submit waiting out a 429's Retry-After, and a batch call waiting for a slow reply,
+    when the client closes: no retry was sent and no call answered, and nothing says so."""
+    faults = FaultConfig(burst_429=1, retry_after_s=5, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults) as emu:
+        client = make_client(emu, retry=RetryPolicy())
+        async with client:
+            waiting = asyncio.ensure_future(client.images.submit(prompt="p", model="dall-e-2"))
+            await eventually(lambda: emu.stats()["requests"].get("generations", 0) == 1)
+        with contextlib.suppress(WujieError):
+            await waiting
+        assert emu.stats()["requests"]["generations"] == 1
+    assert client.stats.retries == 0
+    assert otel.total("wujie.http.retries") == 0
+
+    slow = FaultConfig(slow_reply=1.0, slow_reply_s=60, endpoints=frozenset({"info"}))
+    async with emulator(faults=slow) as emu:
+        async with make_client(emu) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2")
+            await eventually(lambda: emu.stats()["requests"].get("info", 0) == 1)
+        assert job.done()
+    assert otel.total("wujie.batch.calls", **{"wujie.batch.outcome": "cancelled"}) == 1
+    assert otel.total("wujie.batch.calls", **{"wujie.batch.outcome": "ok"}) == 0
+
+
 async def test_a_refused_submit_ends_its_job_span_with_the_error(
     otel: Otel, emulator: EmulatorFactory
 ) -> None:
@@ -259,6 +287,8 @@ async def test_downloads_are_traced(otel: Otel, tmp_path: Path) -> None:
     assert failed.status.status_code == StatusCode.ERROR
     assert otel.total("wujie.downloads", **{"wujie.download.outcome": "ok"}) == 1
     assert otel.total("wujie.downloads", **{"wujie.download.outcome": "error"}) == 1
+    [duration, *_] = otel.metrics()["wujie.download.duration"]
+    assert tuple(duration.explicit_bounds)[:3] == (0.05, 0.1, 0.25)  # type: ignore[union-attr]
 
 
 async def test_a_fleet_members_role_is_a_gauge(

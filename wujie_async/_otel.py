@@ -23,6 +23,7 @@ docs/guides/observability.md).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import weakref
@@ -50,6 +51,7 @@ _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 
 _JOB_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 _LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 _FILL_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 45, 49, 50)
+_DOWNLOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
 
 try:  # the provider get_meter_provider() hands out while none is set (not public API)
     from opentelemetry.metrics._internal import _ProxyMeterProvider as _UnsetMeterProvider
@@ -156,7 +158,10 @@ class Instruments:
             "wujie.downloads", "{image}", "Images saved by the downloader, by outcome"
         )
         self.download_duration = meter.create_histogram(
-            "wujie.download.duration", "s", "Duration of one image's download and save"
+            "wujie.download.duration",
+            "s",
+            "Duration of one image's download and save",
+            explicit_bucket_boundaries_advisory=_DOWNLOAD_BUCKETS,
         )
         meter.create_observable_gauge(
             "wujie.fleet.role",
@@ -405,8 +410,10 @@ class Recorder:
         """The batch call ended: ``listed`` entries read, ``malformed`` of them unreadable."""
         instruments = self.instruments
         if instruments is not None:
-            outcome = {"wujie.batch.outcome": "ok" if error is None else "error"}
-            if error is not None:
+            cancelled = isinstance(error, asyncio.CancelledError)  # no reply: the client closed
+            said = "ok" if error is None else "cancelled" if cancelled else "error"
+            outcome = {"wujie.batch.outcome": said}
+            if error is not None and not cancelled:
                 outcome["error.type"] = type(error).__name__
             instruments.batch_calls.add(1, outcome)
             instruments.batch_keys.add(batch.keys)

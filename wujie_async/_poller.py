@@ -432,6 +432,9 @@ class BatchPoller:
                 self._warnings.warning(
                     "batch query of %d keys failed: %s", len(asked), snippet(str(exc))
                 )
+        except asyncio.CancelledError as exc:  # closed or stopped while on the wire: no reply
+            failure = exc
+            raise
         except Exception as exc:  # a bug must not take the poller, and every job with it, down
             self.counters.batch_errors += 1
             failure = exc

@@ -395,11 +395,11 @@ class Transport:
                 if waits is None:
                     waits = self._backoff_waits()
                 delay = self._next_delay(waits, exc)
-                self.counters.retries += 1
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 if on_wire is not None:
                     on_wire(False)  # retried: refused outright (_retryable), nothing accepted
                 await asyncio.sleep(delay)
+                self.counters.retries += 1  # after the wait: a close during it sends none
 
     def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:
         """Whether the call gets another attempt, within the policy's tries and time."""
