@@ -166,6 +166,12 @@ async def test_the_debug_and_info_story_of_a_run(
     assert info[0].startswith(f"journal {journal} opened: 0 accepted job(s) not ended")
     assert "client opened: " in info[1] and "max_in_flight=7" in info[1]
     assert info[2].startswith("client closed: 2 submits (0 errors), 1 jobs succeeded")
+    # The job left running is paid for and was not collected: the close line says so.
+    assert info[2].endswith(
+        "; 1 job(s) still running were not collected (the journal keeps their keys: resume() "
+        "collects them; aclose(drain=True) waits for jobs)"
+    )
+    assert "not collected" not in info[-1]  # the second client collected everything
     assert info[3].startswith(f"journal {journal} opened: 1 accepted job(s) not ended")
     assert "resumed 1 job(s) from the journal" in info
     assert not lines(caplog, logging.WARNING)

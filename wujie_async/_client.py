@@ -413,9 +413,11 @@ class WujieClient:
                 await self._shut_down()
 
     async def _shut_down(self) -> None:
+        left = 0
         try:
             self._tracking = False
             await self._submits.stop(self.timeouts.close)
+            left = len(self._poller)  # accepted, so paid for: named in the close line
             self._poller.cancel_all("the client was closed before the job ended")
             await self._stop_poller()
         finally:
@@ -442,7 +444,9 @@ class WujieClient:
                         try:
                             self._telemetry.stop()  # held-back warnings written
                             if logger.isEnabledFor(logging.INFO):
-                                self._telemetry.client_closed(self.stats)
+                                self._telemetry.client_closed(
+                                    self.stats, left, journal=self._journal is not None
+                                )
                         finally:
                             assert self._closed is not None
                             self._closed.set()

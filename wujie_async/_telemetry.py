@@ -319,11 +319,20 @@ class Telemetry:
             "on" if otel is not None and otel.instruments is not None else "off",
         )
 
-    def client_closed(self, stats: ClientStats) -> None:
-        """INFO: the client is closed, with what it did."""
+    def client_closed(self, stats: ClientStats, left: int = 0, *, journal: bool = False) -> None:
+        """INFO: the client is closed, with what it did; ``left``: jobs still running at close
+        (accepted, so paid for, and their results not collected)."""
+        uncollected = ""
+        if left:
+            uncollected = (
+                f"; {left} job(s) still running were not collected ("
+                + ("the journal keeps their keys: resume() collects them" if journal else
+                   "no journal: their keys are lost")
+                + "; aclose(drain=True) waits for jobs)"
+            )  # fmt: skip
         logger.info(
             "client closed: %d submits (%d errors), %d jobs succeeded, %d failed; "
-            "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s",
+            "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s%s",
             stats.submits,
             stats.submit_errors,
             stats.jobs_succeeded,
@@ -333,6 +342,7 @@ class Telemetry:
             stats.http_calls,
             stats.retries,
             stats.rate_limited,
+            uncollected,
         )
 
     # --- the story of a job --------------------------------------------------------------------
