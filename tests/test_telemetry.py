@@ -72,6 +72,31 @@ def test_a_repeated_warning_is_one_line_a_minute_with_a_count(
     ]
 
 
+def test_a_new_cause_of_a_repeated_warning_is_written_not_counted_away(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A storm of 503s, then the credentials are revoked: the 401 must show."""
+    clock = FakeClock()
+    warnings = RepeatedWarnings(logging.getLogger("wujie_async"), every=60, clock=clock)
+    msg = "batch query of %d keys failed: %s"
+    with caplog.at_level(logging.WARNING, logger="wujie_async"):
+        for _ in range(20):
+            warnings.warning(msg, 50, "internal server error | HTTP 503", cause="ServerError")
+            clock.now += 0.1
+        for _ in range(20):
+            warnings.warning(msg, 50, "check WUJIE_APP_ID | HTTP 401", cause="AuthenticationError")
+            clock.now += 0.1
+        warnings.flush()
+    assert lines(caplog, logging.WARNING) == [
+        "batch query of 50 keys failed: internal server error | HTTP 503",
+        "batch query of 50 keys failed: check WUJIE_APP_ID | HTTP 401",
+        "batch query of 50 keys failed: internal server error | HTTP 503 (the first of 19 like "
+        "this in the last 4 s that were not logged)",
+        "batch query of 50 keys failed: check WUJIE_APP_ID | HTTP 401 (the first of 19 like "
+        "this in the last 2 s that were not logged)",
+    ]
+
+
 def status_of(value: Any) -> Any:
     def script(keys: list[str]) -> list[dict[str, Any]]:
         return [{"key": key, "status": value} for key in keys]

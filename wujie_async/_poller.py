@@ -430,7 +430,10 @@ class BatchPoller:
             too_large = isinstance(exc, ResponseTooLargeError)
             if not too_large:
                 self._warnings.warning(
-                    "batch query of %d keys failed: %s", len(asked), snippet(str(exc))
+                    "batch query of %d keys failed: %s",
+                    len(asked),
+                    snippet(str(exc)),
+                    cause=type(exc).__name__,  # a new cause (a 401 among 503s) is written
                 )
         except asyncio.CancelledError as exc:  # closed or stopped while on the wire: no reply
             failure = exc

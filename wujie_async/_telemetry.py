@@ -105,19 +105,27 @@ class RepeatedWarnings:
         self._kinds: dict[str, _Kind] = {}
         self._lock = threading.Lock()
 
-    def warning(self, msg: str, *args: Any, exc_info: bool = False) -> None:
-        """Write ``msg % args`` as a WARNING, unless one of its kind was written lately."""
+    def warning(
+        self, msg: str, *args: Any, exc_info: bool = False, cause: str | None = None
+    ) -> None:
+        """Write ``msg % args`` as a WARNING, unless one of its kind was written lately.
+
+        ``cause`` splits one call site's kind by what went wrong (an error's type), so that a
+        new cause (credentials revoked in a storm of 5xx) is written, not counted away. It must
+        take few values.
+        """
         if not self._log.isEnabledFor(logging.WARNING):
             return
+        key = msg if cause is None else f"{msg}\0{cause}"
         with self._lock:
             now = self._clock()
-            kind = self._kinds.get(msg)
+            kind = self._kinds.get(key)
             if kind is not None and now - kind.opened < self._every:
                 kind.held += 1
                 if kind.first_held is None:
                     kind.first_held = args
                 return
-            self._kinds[msg] = _Kind(now)
+            self._kinds[key] = _Kind(now)
         if kind is not None and kind.held:
             self._log.warning(
                 msg + " (%d more like this in the last %.0f s were not logged)",
@@ -134,8 +142,9 @@ class RepeatedWarnings:
         held: list[tuple[str, tuple[Any, ...], int, float]] = []
         with self._lock:
             now = self._clock()
-            for msg, kind in self._kinds.items():
+            for key, kind in self._kinds.items():
                 if kind.held:
+                    msg = key.split("\0", 1)[0]  # the format, without its cause
                     held.append((msg, kind.first_held or (), kind.held, now - kind.opened))
                     kind.held, kind.first_held = 0, None
         for msg, args, count, seconds in held:
