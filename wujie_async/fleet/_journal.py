@@ -35,7 +35,7 @@ from typing import Any
 from .._errors import ClientStateError, snippet
 from .._journal import JournalEntry, read_stored_request
 from ._errors import FleetUnavailableError
-from ._link import RedisLink, Script, refused_for_its_data
+from ._link import REDIS_MS, RedisLink, Script, refused_for_its_data
 
 logger = logging.getLogger("wujie_async.fleet")
 
@@ -76,11 +76,12 @@ end
 # put back with a heartbeat of now, and without its info: rows it writes until it joins again
 # are a member's, claimable if it dies first. Its next heartbeat finds no info and has it join
 # again (see _membership), which registers its keys again.
-_INTENT = """
+_INTENT = (
+    REDIS_MS
+    + """
 local p = ARGV[1]
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[2])
+  redis.call('ZADD', KEYS[2], redis_ms(), ARGV[2])
 end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
@@ -94,6 +95,7 @@ if ARGV[5] ~= '' then redis.call('ZADD', p .. 'tag:' .. ARGV[5], id, id) end
 redis.call('SET', once, id, 'EX', 86400)
 return id
 """
+)
 
 # KEYS: seq. ARGV: prefix, id ('' = look up job_key; 'once:<token>' = the row an intent
 # write with that token made, if it ran, and it may not run later), from, to, job_key, error,
@@ -119,11 +121,11 @@ return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 # KEYS: seq, members, member-info. ARGV: prefix, claimer, timeout_ms, now.
 # Reply: {-1} when the claimer itself is not a live member, else {1, {dead...}, {claimed ids}}.
 _CLAIM_DEAD = (
-    _TRANSITION
+    REDIS_MS
+    + _TRANSITION
     + """
 local p, claimer, timeout, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_ms = redis_ms()
 local mine = redis.call('ZSCORE', KEYS[2], claimer)
 if not mine or now_ms - tonumber(mine) > timeout then return {-1} end
 local dead, claimed = {}, {}

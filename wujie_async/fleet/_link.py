@@ -84,6 +84,16 @@ class RedisLink(Protocol):
         ...
 
 
+# Lua: Redis server time in milliseconds, the fleet's one clock (machines' clocks do not
+# matter). Scripts that need it start with this.
+REDIS_MS = """
+local function redis_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+
 class Script:
     """A Lua script of a fleet, run with EVALSHA through the link's deadline and errors."""
 

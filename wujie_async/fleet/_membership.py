@@ -22,14 +22,11 @@ import time
 import uuid
 from typing import Literal
 
-from ._link import RedisLink, Script
+from ._link import REDIS_MS, RedisLink, Script
 
 Beat = Literal["refreshed", "unknown", "expired"]
 
-_NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
+_NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # KEYS: members, info. ARGV: id, info JSON.
 _JOIN = (
     _NOW_MS
