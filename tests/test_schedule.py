@@ -302,3 +302,18 @@ def test_a_placeholder_that_survives_the_queue_is_still_found_out() -> None:
         schedule, 10.0, queued_until=2.0, estimate=lambda end, now, queued: 30.0
     )
     assert late <= 1.0, (asks, late)
+
+
+def test_a_whole_second_stamp_before_the_last_ask_does_not_reset_what_was_learned() -> None:
+    """Whole-second stamps are never taken at their word, so one that falls before an ask
+    (rounded down) says nothing of the gateway's clock: what was learned stays."""
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(4)
+    for _ in range(40):
+        follow_gateway(schedule, rng.uniform(10, 30), estimate=exact_countdown)
+    learned = schedule.samples("m")
+    timing = KeyTiming(created_at=0.0, model="m")
+    schedule.report(timing, 1.0, expected_seconds=9.0)
+    schedule.report(timing, 10.2, expected_seconds=0.1)
+    schedule.job_ended(timing, 10.5, ended_at=10.0, fine=False)  # 10.3 on a floored stamp
+    assert schedule.samples("m") == learned + 1

@@ -95,8 +95,7 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     hyphen, tag characters), variation selectors, and whole ANSI/OSC escape sequences (titles,
     screen clears, colours); runs of whitespace, newlines included, become one space. A run of
     128 or more base64 characters (a signature, as in an echoed Authorization header) is left
-    out. Use it
-    for any server-provided text that is printed or logged.
+    out. Use it for any server-provided text that is printed or logged.
 
     Args:
         text: the text, or raw bytes (decoded as UTF-8, bad bytes replaced).

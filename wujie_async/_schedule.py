@@ -311,7 +311,7 @@ class PollSchedule:
         """
         offsets = self._stamp_offsets
         if len(offsets) < TUNING.min_samples:
-            if self._stamps_at_their_word and not earliest <= stamp <= now:
+            if fine and self._stamps_at_their_word and not earliest <= stamp <= now:
                 # A skewed clock: what its stamps taught is void, and learning starts afresh.
                 self._stamps_at_their_word = False
                 self._errors.clear()
