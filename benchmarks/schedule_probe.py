@@ -56,6 +56,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "faults": FaultConfig(estimate_noise=0.5),
         "progress_fields": False,
     },
+    "whole seconds (ceil) + no complete_time": {
+        "estimate_rounding": "ceil",
+        "progress_fields": False,
+    },
+    "whole seconds (round) + no complete_time": {
+        "estimate_rounding": "round",
+        "progress_fields": False,
+    },
     "bad: whole seconds (floor) + no complete_time": {
         "estimate_rounding": "floor",
         "progress_fields": False,
