@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import struct
+import urllib.parse
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -102,7 +103,16 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         location = "http://user:hunter2@169.254.169.254/latest/meta-data"
         return web.Response(status=302, headers={"Location": location})
     if mode.startswith("echo-"):  # a gateway or proxy that quotes the request's headers
-        said = f"bad request; headers: Authorization: {request.headers.get('Authorization')}"
+        header = request.headers.get("Authorization", "")
+        if mode == "echo-entities":  # HTML-escaped as OWASP ESAPI's encodeForHTML writes it
+            header = "".join(
+                c if c.isalnum() or c in ",.-_ " else f"&#x{ord(c):x};" for c in header
+            )
+        elif mode == "echo-wrapped":  # a header dump wrapped at 64 columns
+            header = "\n".join(header[start : start + 64] for start in range(0, len(header), 64))
+        elif mode == "echo-percent":  # URL-encoded
+            header = urllib.parse.quote(header, safe="")
+        said = f"bad request; headers: Authorization: {header}"
         if mode == "echo-html-502":
             return web.Response(status=502, text=f"<h1>Bad gateway</h1><pre>{said}</pre>")
         status = 401 if mode == "echo-401" else 200

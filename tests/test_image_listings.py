@@ -34,6 +34,7 @@ from wujie_async import (
     WujieClient,
 )
 from wujie_async._auth import verify_signature
+from wujie_async._models import JobInfo
 from wujie_async.cli._outcome import classify
 from wujie_async.emulator._png import render_png
 
@@ -403,6 +404,42 @@ async def test_an_attached_key_without_n_accepts_what_came_but_not_nothing() -> 
         # An attached key whose n is given is held to it.
         gateway.script("TWO", done(image(gateway.url("a.png"))))
         assert (await incomplete(client.images.attach("TWO", n=2))).expected == 2
+
+
+async def test_images_past_n_are_neither_results_nor_fetched(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job of n=1 reported done with three image URLs: one image, one fetch, one file."""
+    async with listing_gateway() as gateway, client_of(gateway) as client:
+        job = await submit(client, 1)
+        data = gateway.png("a.png")
+        gateway.png("b.png")
+        gateway.png("c.png")
+        gateway.script(
+            job.key,
+            done(
+                image(gateway.url("a.png")),
+                image(gateway.url("b.png")),
+                image(gateway.url("c.png")),
+            ),
+        )
+        result = await job.result(timeout=WAIT_S)
+        assert result.images == (GeneratedImage(0, gateway.url("a.png")),)
+        saved = await job.save(tmp_path)
+        assert [file.name for file in tmp_path.iterdir()] == [f"{job.key}-0.png"]
+        assert len(saved) == 1 and sha256((tmp_path / f"{job.key}-0.png").read_bytes()) == sha256(
+            data
+        )
+        assert gateway.fetched == Counter({"a.png": 1})
+    assert "listed more images than a job asked for" in caplog.text
+
+
+def test_an_entry_lists_at_most_a_jobs_images() -> None:
+    """A reply listing a million placeholders builds ten (n is at most 10): the rest is not
+    read, let alone validated one by one."""
+    raw = {"key": "K", "status": 1, "images": [{}] * 1_000_000}
+    entry = JobInfo.read(raw)
+    assert entry.images is not None and len(entry.images) == 10
 
 
 def test_classify_cleans_what_it_quotes() -> None:

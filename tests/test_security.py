@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import html
 import json
 import logging
 import socket
 import sys
 import time
 import unicodedata
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -260,7 +262,10 @@ async def test_no_error_chain_reaches_the_signed_header(
             assert "Connection refused" in str(info.value)  # the OS reason is kept
 
 
-@pytest.mark.parametrize("mode", ["echo-business", "echo-401", "echo-html-502"])
+@pytest.mark.parametrize(
+    "mode",
+    ["echo-business", "echo-401", "echo-html-502", "echo-entities", "echo-wrapped", "echo-percent"],
+)
 @pytest.mark.parametrize("kind", ["submit", "poll"])
 async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
     mode: str, kind: str, caplog: pytest.LogCaptureFixture
@@ -289,11 +294,17 @@ async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
     # The reply itself stays in the locals of the frames that read it (it is the server's own
     # text); what is said from it (messages, reprs, attributes, the chain, logs) leaves it out.
     texts = [*_reachable(info.value, frames=False), caplog.text]
-    assert any("headers: Authorization" in text for text in texts)  # the rest of it is kept
+    if mode in ("echo-entities", "echo-wrapped"):
+        # Re-encoded on the way (no long run left): what quotes the signature is left out whole.
+        assert any("it quotes this client's request signature" in text for text in texts)
+    else:
+        assert any("headers: Authorization" in text for text in texts)  # the rest is kept
     for text in texts:
         for sign in signs:
             pieces = {sign[start : start + 24] for start in range(0, len(sign) - 24, 8)}
-            assert not any(piece in text for piece in pieces), f"the signature: {text[:300]!r}"
+            for seen in (text, html.unescape(text), urllib.parse.unquote(text)):
+                letters = "".join(seen.split())
+                assert not any(piece in letters for piece in pieces), f"signature: {text[:300]!r}"
 
 
 # --- server text never drives the terminal ----------------------------------------------------

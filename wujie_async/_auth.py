@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from . import _contract
 from ._env import Environment
 from ._errors import InvalidRequestError
+from ._redaction import remember_signature
 
 REDACTED = "<redacted>"
 
@@ -86,10 +87,12 @@ def sign_original(key: rsa.RSAPrivateKey, original: str) -> str:
 def authorization_header(app_id: str, key: rsa.RSAPrivateKey, timestamp: int) -> str:
     """The ``Authorization`` header value for one timestamp, in the documented key order."""
     original = original_text(app_id, timestamp)
+    sign = sign_original(key, original)
+    remember_signature(sign)  # a server that quotes it back must not get it into a message
     header = {
         "secretKeyVersion": _contract.SECRET_KEY_VERSION,
         "appId": app_id,
-        "sign": sign_original(key, original),
+        "sign": sign,
         "original": original,
     }
     return json.dumps(header, separators=(",", ":"))

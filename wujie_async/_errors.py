@@ -51,6 +51,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from . import _contract
+from ._redaction import quotes_a_signature
 
 if TYPE_CHECKING:
     from ._results import ImageResult
@@ -85,6 +86,7 @@ _CONTROL = re.compile(
 # or proxy that echoes the request's Authorization header in its error text must not put a
 # replayable header into a message or a log. Escaped (``\/``) and URL-encoded forms count too.
 _SIGNATURE_LIKE = re.compile(r"[A-Za-z0-9+/\\%_=-]{128,}")
+_QUOTES_A_SIGNATURE = "[server text left out: it quotes this client's request signature]"
 
 
 def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
@@ -95,7 +97,9 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     hyphen, tag characters), variation selectors, and whole ANSI/OSC escape sequences (titles,
     screen clears, colours); runs of whitespace, newlines included, become one space. A run of
     128 or more base64 characters (a signature, as in an echoed Authorization header) is left
-    out. Use it for any server-provided text that is printed or logged.
+    out; a text that still quotes a signature this process made, in another encoding (HTML
+    entities, percent-encoding, wrapped lines), is left out whole. Use it for any
+    server-provided text that is printed or logged.
 
     Args:
         text: the text, or raw bytes (decoded as UTF-8, bad bytes replaced).
@@ -108,6 +112,8 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     text = _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS])
     text = " ".join(_CONTROL.sub("", text).split())
     text = _SIGNATURE_LIKE.sub(_redacted, text)
+    if quotes_a_signature(text):  # still, in another encoding: left out whole
+        text = _QUOTES_A_SIGNATURE
     return text if len(text) <= limit else text[:limit] + "..."
 
 

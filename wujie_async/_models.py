@@ -333,6 +333,17 @@ def _no_bool(value: Any) -> Any:
 
 
 _NotBool = BeforeValidator(_no_bool)
+
+
+def _at_most_a_jobs_images(value: Any) -> Any:
+    # No job makes more than MAX_IMAGES_PER_JOB images: the rest of a longer list is not read
+    # (a reply of a few MB can list millions of empty placeholders, each a model to build).
+    if isinstance(value, list) and len(value) > _contract.MAX_IMAGES_PER_JOB:
+        return value[: _contract.MAX_IMAGES_PER_JOB]
+    return value
+
+
+_ImageList = Annotated[list[ImageInfo] | None, BeforeValidator(_at_most_a_jobs_images)]
 # allow_inf_nan on the float member only: on a union it would also run on text, and raise.
 _FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # Short text with no control characters (C0, DEL, C1): it may end up in a log or a terminal.
@@ -365,7 +376,7 @@ class JobInfo(_Reply):
     expected_seconds: Annotated[float | None, _NotBool] = Field(
         default=None, ge=0, le=MAX_EXPECTED_SECONDS, allow_inf_nan=False
     )
-    images: list[ImageInfo] | None = None
+    images: _ImageList = None  # the first MAX_IMAGES_PER_JOB only
     fail_message: FailInfo | str | None = None
     # [platform] optional progress fields (API.md): read when present, never required.
     queue_before_num: Annotated[int | None, _NotBool] = Field(

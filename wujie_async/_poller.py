@@ -61,7 +61,7 @@ from ._errors import (
 )
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
-from ._replies import Reading, failure, images_of, read
+from ._replies import Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
 from ._schedule import KeyTiming, PollSchedule, WindowShape
 from ._stats import PollerCounters
@@ -642,7 +642,15 @@ class BatchPoller:
         before = state.status
         state.report(entry)
         if entry.images:  # the newest listing wins (most reports list none: nothing to do)
-            state.list_images(images_of(entry))
+            state.list_images(images_of(entry, job.n))
+            if job.n is not None and lists_extra_images(entry, job.n):
+                # Never fetched nor saved: a gateway cannot make a job of n=1 fill a disk.
+                self._warnings.warning(
+                    "the gateway listed more images than a job asked for (key %s, n=%d): "
+                    "the extra ones are ignored",
+                    snippet(job.key),
+                    job.n,
+                )
         status = entry.status
         if status in _contract.TERMINAL_STATUSES:
             ended_at = entry.complete_time

@@ -39,17 +39,24 @@ class Reading:
     first_problem: str = ""
 
 
-def images_of(entry: JobInfo) -> list[GeneratedImage]:
+def images_of(entry: JobInfo, count: int | None = None) -> list[GeneratedImage]:
     """The images an entry lists that have landed, by position in its list (``index``).
 
     An image with neither a URL nor ``b64_json`` (null or empty) is a placeholder for one not
     finished: it is left out, and its position stays free (a later image keeps its index).
+    With ``count`` (the job's ``n``), positions from ``count`` on are not the job's images
+    and are left out too (see :func:`lists_extra_images`).
     """
     return [
         GeneratedImage(index, image.url, image.b64_json, image.revised_prompt)
-        for index, image in enumerate(entry.images or ())
+        for index, image in enumerate((entry.images or ())[:count])
         if image.url or image.b64_json
     ]
+
+
+def lists_extra_images(entry: JobInfo, count: int) -> bool:
+    """True when ``entry`` lists a landed image at a position from ``count`` on."""
+    return any(image.url or image.b64_json for image in (entry.images or ())[count:])
 
 
 def _landed(entry: JobInfo) -> int:

@@ -1,0 +1,53 @@
+"""The request signatures this process made, so that server text quoting one is left out.
+
+A gateway or proxy that echoes the request's ``Authorization`` header in its error text hands
+a replayable signature back to the client, which would put it into an error message and a log.
+A general rule (long base64 runs, in ``snippet``) catches a verbatim echo; an echo that was
+re-encoded on the way (HTML entities, percent-encoding, wrapped lines, split by markup) gets
+past it. This module matches what the client itself signed, whatever came between its
+letters: the recent signatures' letters and digits, in pieces of ``_PIECE``, against the
+server text's letters and digits (as sent, HTML-unescaped and URL-unquoted).
+
+Process-wide on purpose: every client of the process signs through ``authorization_header``,
+and every server text reaches a message through ``snippet``.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections import deque
+from urllib.parse import unquote
+
+# Sixteen letters and digits in a row from a signature do not come by chance (62**16), and a
+# 2048-bit signature (344 characters) has runs of that length between its "+" and "/".
+_PIECE = 16
+_KEPT = 8  # signatures remembered (one per few minutes per client: re-signed when stale)
+_NOT_LETTERS = re.compile(r"[^A-Za-z0-9]+")
+
+_recent: deque[frozenset[str]] = deque(maxlen=_KEPT)
+_pieces: frozenset[str] = frozenset()  # every piece of the recent signatures
+
+
+def remember_signature(sign: str) -> None:
+    """Keep ``sign`` (a base64 signature this process made) out of server text from now on."""
+    global _pieces
+    letters = _NOT_LETTERS.sub("", sign)
+    _recent.append(
+        frozenset(letters[start : start + _PIECE] for start in range(len(letters) - _PIECE + 1))
+    )
+    _pieces = frozenset().union(*_recent)  # one assignment: a reader sees old or new, whole
+
+
+def quotes_a_signature(text: str) -> bool:
+    """True when ``text`` quotes a piece of a signature this process made, in any encoding
+    that keeps its letters and digits in order (after HTML-unescaping or URL-unquoting)."""
+    pieces = _pieces
+    if not pieces or len(text) < _PIECE:
+        return False
+    for form in {text, html.unescape(text), unquote(text)}:
+        letters = _NOT_LETTERS.sub("", form)
+        for start in range(len(letters) - _PIECE + 1):
+            if letters[start : start + _PIECE] in pieces:
+                return True
+    return False
