@@ -45,9 +45,15 @@ def quotes_a_signature(text: str) -> bool:
     pieces = _pieces
     if not pieces or len(text) < _PIECE:
         return False
-    for form in {text, html.unescape(text), unquote(text)}:
+    forms = [text]
+    if "&" in text:
+        forms.append(html.unescape(text))
+    if "%" in text:
+        forms.append(unquote(text))
+    for form in forms:
         letters = _NOT_LETTERS.sub("", form)
-        for start in range(len(letters) - _PIECE + 1):
-            if letters[start : start + _PIECE] in pieces:
-                return True
+        if any(
+            letters[start : start + _PIECE] in pieces for start in range(len(letters) - _PIECE + 1)
+        ):
+            return True
     return False
