@@ -47,6 +47,8 @@ pytestmark = pytest.mark.anyio
         ("huge-declared", "cap", ResponseTooLargeError, 1),
         ("huge-chunked", "cap", ResponseTooLargeError, 1),
         ("nested", "not JSON", ProtocolError, 2),
+        ("deeply-nested", "over 100,000 JSON objects and arrays", ProtocolError, 2),
+        ("many-objects", "over 100,000 JSON objects and arrays", ProtocolError, 2),
         ("not-envelope", "envelope", ProtocolError, 2),
         ("array", "envelope", ProtocolError, 2),
         ("teapot", "HTTP 418", ProtocolError, 2),

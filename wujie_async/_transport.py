@@ -95,6 +95,12 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return seconds if 0 <= seconds < float("inf") else None
 
 
+# Parsed JSON takes up to 25 times its size (a 3-byte "{}," is a 64-byte dict): a reply of
+# millions of empty objects under the size cap would take gigabytes. A batch reply of 50 keys
+# holds a few thousand; a brace inside a string counts too (an overcount, never an under).
+MAX_JSON_CONTAINERS = 100_000
+
+
 def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: str = "") -> Any:
     """The ``data`` of a successful envelope, or the typed error the reply means.
 
@@ -104,6 +110,13 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
         headers: the reply headers.
         url: the URL asked, named by errors that say it does not exist.
     """
+    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
+        raise ProtocolError(
+            f"the reply holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays (no reply "
+            "of this contract does): not read",
+            http_status=status,
+            body=snippet(raw),
+        )
     try:
         payload: Any = json.loads(raw)
     except (ValueError, RecursionError):
