@@ -28,13 +28,12 @@ BOMB_INFLATED = 1024 * 1024 * 1024  # what the gzip bomb inflates to: 1 GiB of z
 ESCAPES = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred\x1b[0m"  # set a title, clear, colour
 
 REPLIES: dict[str, tuple[int, bytes, str]] = {
-    "nested": (200, b"[" * 90_000 + b"]" * 90_000, "application/json"),
-    "deeply-nested": (200, b"[" * 200_000 + b"]" * 200_000, "application/json"),
-    # Half a megabyte that json.loads would turn into 150,000 dicts (about 10 MB).
+    "nested": (200, b"[" * 200_000 + b"]" * 200_000, "application/json"),
+    # 3.3 MB that json.loads would turn into 1.1 million dicts (about 80 MB).
     "many-objects": (
         200,
         b'{"code":"200","message":"success","data":{"list":[{"key":"K","status":1,"images":['
-        + b",".join([b"{}"] * 150_000)
+        + b",".join([b"{}"] * 1_100_000)
         + b"]}]}}",
         "application/json",
     ),

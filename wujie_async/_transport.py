@@ -96,9 +96,10 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 # Parsed JSON takes up to 25 times its size (a 3-byte "{}," is a 64-byte dict): a reply of
-# millions of empty objects under the size cap would take gigabytes. A batch reply of 50 keys
-# holds a few thousand; a brace inside a string counts too (an overcount, never an under).
-MAX_JSON_CONTAINERS = 100_000
+# millions of empty objects under the size cap would take hundreds of MB. A batch reply of 50
+# keys holds a few thousand (a flood of junk entries for other keys is skipped, and read, up
+# to this); a brace inside a string counts too (an overcount, never an under).
+MAX_JSON_CONTAINERS = 1_000_000
 
 
 def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: str = "") -> Any:
