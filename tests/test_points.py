@@ -271,6 +271,28 @@ async def test_bulk_max_points_stops_lines_and_a_rerun_with_more_continues(tmp_p
 
 
 @pytest.mark.long
+async def test_a_rerun_with_the_same_budget_knows_what_earlier_runs_paid_per_image(
+    tmp_path: Path,
+) -> None:
+    """48 of 50 points spent by the first run: the re-run knows a line costs 8 (from the
+    manifest) and sends nothing, rather than a job to learn the price that passes the budget."""
+    prompts = tmp_path / "nine.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(9)))
+    out = tmp_path / "out"
+    async with served_emulator(tmp_path) as emu:
+        run = ("bulk", str(prompts), "-o", str(out), "--json", "--progress", "none")
+        code, stdout, err = await cli(*run, "--max-points", "50", env=emu.env)
+        assert code == 1, err
+        assert json.loads(stdout)["points"] == 48
+        code, stdout, err = await cli(*run, "--max-points", "50", env=emu.env)
+        assert code == 1, err
+        summary = json.loads(stdout)
+        assert summary["points"] == 0 and summary["points_total"] == 48
+        assert (await emu.stats())["points_charged"] == 48  # never past the budget
+        assert summary["outcomes"]["not_sent"] == 3
+
+
+@pytest.mark.long
 async def test_bulk_on_a_gateway_that_reports_no_costs_needs_point_prices(tmp_path: Path) -> None:
     prompts = tmp_path / "three.txt"
     prompts.write_text("a\nb\nc\n")

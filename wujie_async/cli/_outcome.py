@@ -14,9 +14,10 @@ Every line ends in exactly one outcome:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
@@ -315,6 +316,33 @@ def points_spent(records: Iterable[dict[str, Any]]) -> float:
         if isinstance(points, int | float) and not isinstance(points, bool) and points >= 0:
             total += points
     return total
+
+
+def prices_charged(
+    records: Iterable[dict[str, Any]], bodies: Mapping[str, Mapping[str, Any]]
+) -> dict[str, float]:
+    """Points per image earlier runs were charged, as ``Limits.point_prices`` keys.
+
+    ``bodies``: this run's request bodies by row tag; a saved row whose tag is among them
+    gives its job's cost (on one row of the job) for the kind of that request,
+    ``model/size/quality`` ("auto" where not given, as the budget reads a kind). Only jobs
+    that saved images count (a failed job often costs nothing: that is no price); the most a
+    kind cost wins.
+    """
+    prices: dict[str, float] = {}
+    for record in records:
+        points, body = record.get("points"), bodies.get(str(record.get("tag")))
+        if record.get("status") != "saved" or body is None:
+            continue
+        if not isinstance(points, int | float) or isinstance(points, bool):
+            continue
+        n = body.get("n") or 1
+        if not (points >= 0 and math.isfinite(points)) or not isinstance(n, int) or n < 1:
+            continue
+        size, quality = body.get("size") or "auto", body.get("quality") or "auto"
+        key = f"{body.get('model')}/{size}/{quality}"
+        prices[key] = max(prices.get(key, 0.0), points / n)
+    return prices
 
 
 def saved_indexes(records: Iterable[dict[str, Any]]) -> dict[str, set[int]]:
