@@ -130,3 +130,39 @@ def test_credentials_from_env_reads_the_key_file(
     monkeypatch.setenv("WUJIE_APP_ID", "app")
     monkeypatch.setenv("WUJIE_PRIVATE_KEY_FILE", str(key_file))
     assert Credentials.from_env().app_id == "app"
+
+
+@pytest.mark.long
+async def test_resend_refuses_rows_whose_job_was_paid_and_rows_it_does_not_know(
+    tmp_path: Path,
+) -> None:
+    """A row whose job is running (accepted) or ended with its images (succeeded) is not sent
+    again: that would pay again and drop the row that leads to the first job's images."""
+    async with served_emulator(tmp_path, "--time-scale", "1") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"id": "slow", "prompt": "p", "model": "dall-e-2"}) + "\n")
+        out = tmp_path / "out"
+        # Its wait ends long before the job (10 s or more): the row stays accepted.
+        code, _, err = await cli(
+            "bulk", str(rows), "-o", str(out), "--job-timeout", "1", env=emu.env
+        )
+        assert code == 1, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "accepted" in listing, listing
+        accepted = (await emu.stats())["submits_accepted"]
+        code, _, err = await cli("journal", "resend", "slow", "--yes", "-o", str(out), env=emu.env)
+        assert code == 2, err
+        assert "row slow is accepted: its job is running (paid)" in err
+        assert "wujie-async resume" in err and "nothing was sent" in err
+        code, _, err = await cli(
+            "journal", "resend", "nope", "slow", "--yes", "-o", str(out), env=emu.env
+        )
+        assert code == 2 and "no journal row for nope" in err and "nothing was sent" in err
+        assert (await emu.stats())["submits_accepted"] == accepted
+    async with served_emulator(tmp_path / "fast") as emu:
+        out = tmp_path / "done"
+        code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        code, _, err = await cli("journal", "resend", "slow", "--yes", "-o", str(out), env=emu.env)
+        assert code == 2 and "row slow is succeeded" in err
+        assert (await emu.stats())["submits_accepted"] == 1

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
 
 from wujie_async import InvalidRequestError
 from wujie_async._models import EditRequest, GenerationRequest
+from wujie_async._rules import violations
+from wujie_async.emulator._png import render_png
 
 
 class Text(str):
@@ -68,3 +71,17 @@ def test_the_fast_request_check_matches_pydantic(
         body, _ = fast
         assert list(body) == list(slow()[0])  # the same field order on the wire
         assert all(body[name] is not fields[name] for name in body if type(body[name]) is list)
+
+
+def test_a_dall_e_2_png_labelled_as_another_type_is_told_so() -> None:
+    """The bytes are a square PNG: the rule broken is the label, and the message says so."""
+    png = render_png("label", 0, 8, 8)
+    inline = base64.b64encode(png).decode()
+    body = {"prompt": "a hat", "model": "dall-e-2", "image": [f"data:image/jpeg;base64,{inline}"]}
+    assert violations("edit", body) == [
+        ("image[0]", "dall-e-2 takes a PNG labelled image/png (this data URL says image/jpeg)")
+    ]
+    body["image"] = [f"data:image/png;base64,{inline}"]
+    assert violations("edit", body) == []
+    body["image"] = [inline]
+    assert violations("edit", body) == []

@@ -114,8 +114,11 @@ def _inline_image_violations(model: str, field: str, item: str) -> list[Violatio
         if len(raw) >= DALL_E_2_MAX_BYTES:
             return [(field, "dall-e-2 takes a PNG smaller than 4 MB")]
         size = png_size(raw)
-        if size is None or not all(size) or (mime and mime != "image/png"):
+        if size is None or not all(size):
             return [(field, "dall-e-2 takes a PNG image")]
+        if mime and mime != "image/png":
+            # The label travels with the image: a PNG sent as another type may be refused.
+            return [(field, f"dall-e-2 takes a PNG labelled image/png (this data URL says {mime})")]
         width, height = size
         if width != height:
             return [(field, f"dall-e-2 takes a square image, got {width}x{height}")]

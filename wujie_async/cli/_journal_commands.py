@@ -183,18 +183,46 @@ def _list(entries: list[JournalEntry]) -> None:
     print(f"{len(entries)} row(s)")  # noqa: T201
 
 
+def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
+    unknown = [row for row in rows if not any(_matches(entry, {row}) for entry in entries)]
+    if unknown:
+        shown = ", ".join(clean(row) for row in unknown[:20])
+        raise UsageError(
+            f"journal {action}: no journal row for {shown} (rows are input line numbers or "
+            f"ids, as `journal list` shows them); nothing was {done}"
+        )
+
+
+# Rows whose job the gateway took (and charged for): sending them again pays again, and the
+# new row would replace the one that leads to the first job's images.
+_PAID_STATES = {
+    "accepted": "its job is running (paid)",
+    "succeeded": "its job succeeded (paid)",
+    "cancelled": "its job was accepted (paid) and only its wait cancelled",
+}
+
+
+def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
+    paid = [entry for entry in chosen if entry.state in _PAID_STATES]
+    if paid:
+        said = "; ".join(
+            f"row {line_of(entry)[1] or line_of(entry)[0] or entry.id} is {entry.state}: "
+            f"{_PAID_STATES[entry.state]}"
+            for entry in paid[:10]
+        )
+        raise UsageError(
+            f"journal resend: {said}. Sending it again would pay again and drop the row that "
+            "leads to its images (a job still running is collected with `wujie-async resume "
+            f"{clean(str(path))} -o {clean(str(out))}`); nothing was sent"
+        )
+
+
 async def _forget(args: argparse.Namespace, console: Console, journal: JournalFile) -> int:
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
     if args.rows:
-        unknown = [row for row in args.rows if not any(_matches(e, {row}) for e in entries)]
-        if unknown:
-            shown = ", ".join(clean(row) for row in unknown[:20])
-            raise UsageError(
-                f"journal forget: no journal row for {shown} (rows are input line numbers or "
-                "ids, as `journal list` shows them); nothing was forgotten"
-            )
+        _refuse_unknown("forget", "forgotten", args.rows, entries)
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
@@ -212,7 +240,9 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         if args.all_uncertain:
             chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
         else:
+            _refuse_unknown("resend", "sent", args.rows, entries)
             chosen = [entry for entry in entries if _matches(entry, set(args.rows))]
+            _refuse_paid(chosen, path, args.out)
         if not chosen:
             console.print(Text("nothing to resend"))
             return EXIT_OK
