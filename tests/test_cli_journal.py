@@ -152,7 +152,7 @@ async def test_resend_refuses_rows_whose_job_was_paid_and_rows_it_does_not_know(
         accepted = (await emu.stats())["submits_accepted"]
         code, _, err = await cli("journal", "resend", "slow", "--yes", "-o", str(out), env=emu.env)
         assert code == 2, err
-        assert "row slow is accepted: its job is running (paid)" in err
+        assert "id slow is accepted: its job is running (paid)" in err
         assert "wujie-async resume" in err and "nothing was sent" in err
         code, _, err = await cli(
             "journal", "resend", "nope", "slow", "--yes", "-o", str(out), env=emu.env
@@ -164,5 +164,5 @@ async def test_resend_refuses_rows_whose_job_was_paid_and_rows_it_does_not_know(
         code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
         assert code == 0, err
         code, _, err = await cli("journal", "resend", "slow", "--yes", "-o", str(out), env=emu.env)
-        assert code == 2 and "row slow is succeeded" in err
+        assert code == 2 and "id slow is succeeded" in err
         assert (await emu.stats())["submits_accepted"] == 1

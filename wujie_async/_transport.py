@@ -111,7 +111,8 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
         headers: the reply headers.
         url: the URL asked, named by errors that say it does not exist.
     """
-    if raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
+    # Each container takes a byte at least: only a reply that long can hold too many.
+    if len(raw) > MAX_JSON_CONTAINERS and raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
         raise ProtocolError(
             f"the reply holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays (no reply "
             "of this contract does): not read",

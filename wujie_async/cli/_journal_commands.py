@@ -206,9 +206,7 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
     paid = [entry for entry in chosen if entry.state in _PAID_STATES]
     if paid:
         said = "; ".join(
-            f"row {line_of(entry)[1] or line_of(entry)[0] or entry.id} is {entry.state}: "
-            f"{_PAID_STATES[entry.state]}"
-            for entry in paid[:10]
+            f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
         )
         raise UsageError(
             f"journal resend: {said}. Sending it again would pay again and drop the row that "

@@ -40,6 +40,7 @@ from .. import (
     WujieError,
     snippet,
 )
+from .._budget import kind_of
 
 Status = Literal["saved", "failed", "moderated", "rejected", "uncertain", "not_sent"]
 STATUSES: Final[tuple[Status, ...]] = (
@@ -308,14 +309,17 @@ def open_manifest(path: Path) -> BinaryIO:
     return handle
 
 
+def _points_of(record: dict[str, Any]) -> float | None:
+    """The points a manifest row says its job was charged, when it says (and makes sense)."""
+    points = record.get("points")
+    if isinstance(points, int | float) and not isinstance(points, bool) and points >= 0:
+        return points
+    return None
+
+
 def points_spent(records: Iterable[dict[str, Any]]) -> float:
     """The points the manifest's rows say were charged."""
-    total = 0.0
-    for record in records:
-        points = record.get("points")
-        if isinstance(points, int | float) and not isinstance(points, bool) and points >= 0:
-            total += points
-    return total
+    return sum((points for record in records if (points := _points_of(record)) is not None), 0.0)
 
 
 def prices_charged(
@@ -331,16 +335,14 @@ def prices_charged(
     """
     prices: dict[str, float] = {}
     for record in records:
-        points, body = record.get("points"), bodies.get(str(record.get("tag")))
-        if record.get("status") != "saved" or body is None:
-            continue
-        if not isinstance(points, int | float) or isinstance(points, bool):
+        points, body = _points_of(record), bodies.get(str(record.get("tag")))
+        if record.get("status") != "saved" or body is None or points is None:
             continue
         n = body.get("n") or 1
-        if not (points >= 0 and math.isfinite(points)) or not isinstance(n, int) or n < 1:
+        if not math.isfinite(points) or not isinstance(n, int) or n < 1:
             continue
-        size, quality = body.get("size") or "auto", body.get("quality") or "auto"
-        key = f"{body.get('model')}/{size}/{quality}"
+        model, size, quality, _ = kind_of(body, n)
+        key = f"{model}/{size}/{quality}"
         prices[key] = max(prices.get(key, 0.0), points / n)
     return prices
 

@@ -552,7 +552,7 @@ class Session:
         self.base_url = ""
         self.terminated = False  # stopped by SIGTERM (exit 143), not Ctrl-C (130)
         self.points_before = 0.0  # what earlier runs of this input were charged
-        self.prices_before: dict[str, float] = {}  # what they cost, per image, by kind
+        self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         self.points = 0.0  # what this run's jobs were charged
 
     def limits(self) -> Limits:
@@ -564,21 +564,20 @@ class Session:
             max_submits_per_second=getattr(args, "rate", None),
             # The budget is the input's, across re-runs: what earlier runs spent counts.
             max_points=None if budget is None else max(budget - self.points_before, 0.0),
-            point_prices=self._point_prices(budget is not None),
+            point_prices=self._point_prices(),
         )
 
-    def _point_prices(self, budgeted: bool) -> dict[str, float] | None:
-        """The user's ``--point-price`` table; with a budget, also what earlier runs of this
+    def _point_prices(self) -> dict[str, float] | None:
+        """The user's ``--point-price`` table, and (with a budget) what earlier runs of this
         input were charged, by kind, for models the user gave no price for: a kind whose cost
         is known is not sent to learn it again (that probing job could pass the budget)."""
         given: dict[str, float] = dict(getattr(self.args, "point_prices", None) or {})
-        if budgeted:
-            priced = {key.split("/", 1)[0] for key in given}
-            given.update(
-                (key, price)
-                for key, price in self.prices_before.items()
-                if key.split("/", 1)[0] not in priced
-            )
+        priced = {key.split("/", 1)[0] for key in given}
+        given.update(
+            (key, price)
+            for key, price in self.prices_before.items()
+            if key.split("/", 1)[0] not in priced
+        )
         return given or None
 
     async def run(self, items: list[BulkItem]) -> int:
@@ -599,8 +598,9 @@ class Session:
                 )
             records = of_source(records, source)
             self.points_before = points_spent(records)
-            bodies = {item.tag: item.request.body() for item in items}
-            self.prices_before = prices_charged(records, bodies)
+            if getattr(args, "max_points", None) is not None:  # prices serve the budget only
+                bodies = {item.tag: item.request.body() for item in items}
+                self.prices_before = prices_charged(records, bodies)
         async with self._opened(items) as (client, reserve):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
