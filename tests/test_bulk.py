@@ -274,6 +274,12 @@ async def test_input_errors_before_anything_is_sent(tmp_path: Path) -> None:
     code, _, err = await cli("bulk", str(bad_csv), "--emulator")
     assert code == 2 and "weight: unknown column" in err
 
+    # A quoted prompt spanning lines 2-4: the rows are named by their first lines (2 and 5).
+    spanning = tmp_path / "spanning.csv"
+    spanning.write_text('prompt,n\n"a cat\non two\nlines",11\nowl,0\n')
+    code, _, err = await cli("bulk", str(spanning), "--emulator")
+    assert code == 2 and f"{spanning}:2: n:" in err and f"{spanning}:5: n:" in err, err
+
 
 @pytest.mark.long
 async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_path: Path) -> None:

@@ -155,8 +155,10 @@ def _raw_rows(path: Path, kind: str, text: str) -> list[tuple[int, Any]]:
         )
     rows = []
     for record in reader:
-        number = reader.line_num
         values = list(record.values())
+        # A quoted cell may span lines: the row is named by its first line, not its last.
+        cells = [c for v in values for c in (v if isinstance(v, list) else [v]) if c is not None]
+        number = reader.line_num - sum(cell.count("\n") for cell in cells)
         if None in record or any(isinstance(v, list) for v in values):
             rows.append((number, _Bad("more cells than the header has columns")))
             continue
