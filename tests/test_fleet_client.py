@@ -629,6 +629,41 @@ async def test_a_member_redis_forgot_resumes_at_once_and_finishes_its_jobs(
         assert emu.stats()["submits_accepted"] == 2
 
 
+@pytest.mark.long
+async def test_members_redis_forgot_join_again_long_before_their_next_heartbeat(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FLUSHALL with the default member_timeout (30 s: a heartbeat every 10 s): the members
+    read the member list every second, find themselves gone and join again with their keys
+    then, so a new leader polls them; they waited for their next heartbeat (up to 10 s)."""
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.2) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, lease_seconds=1.0) as a,
+        member(emu, url, name, lease_seconds=1.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        jobs = [
+            await c.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(4) for c in (a, b)
+        ]
+        assert await forget_fleet(observer) > 0
+        # Their journal writes put them back on the list, but not as joined (no info).
+        jobs += [await c.images.submit(prompt="after", model="dall-e-2") for c in (a, b)]
+
+        async def both_listed() -> bool:
+            joined = await observer.call(lambda r: r.hkeys(observer.keys.member_info))
+            return {a.fleet_member, b.fleet_member} <= set(joined)
+
+        # Well inside the 10 s to the next heartbeat (the members joined a moment ago).
+        await eventually(both_listed, timeout=5, what="both members listed again")
+        assert caplog.text.count("joined again") >= 2
+        await asyncio.wait_for(asyncio.gather(*jobs), 20)
+        assert roles(a, b) == ["follower", "leader"]
+        assert emu.stats()["submits_accepted"] == 10
+
+
 async def test_reports_are_checked_like_replies_and_verdicts_end_jobs(
     url: str, emulator: EmulatorFactory
 ) -> None:

@@ -74,8 +74,8 @@ end
 # its submit gave up on (see record_intent).
 # An owner the member list does not hold (Redis lost it, or the fleet claimed it as dead) is
 # put back with a heartbeat of now, and without its info: rows it writes until it joins again
-# are a member's, claimable if it dies first. Its next heartbeat finds no info and has it join
-# again (see _membership), which registers its keys again.
+# are a member's, claimable if it dies first. It finds its info missing within a second (or at
+# its next heartbeat) and joins again (see _membership), which registers its keys again.
 _INTENT = (
     REDIS_MS
     + """

@@ -10,8 +10,9 @@ asks about its own keys again, and its Redis tasks stop. It tries Redis again ev
 When Redis answers, the member rejoins before anyone can judge it: it joins the member list
 again (a heartbeat at once; alive again if the fleet had declared it dead), registers again
 every key it tracks (Redis may have lost them), then restarts its tasks, which try each shard's
-lease at once. A member whose heartbeat is refused (the fleet declared it dead while its loop
-was frozen past ``member_timeout``, or Redis lost the member list) joins again and registers
+lease at once. A member whose heartbeat is refused, or that finds itself missing from the
+member list it reads every second for the figures (the fleet declared it dead while its loop
+was frozen past ``member_timeout``, or Redis lost the member list), joins again and registers
 its keys again at once, and so takes back its jobs nobody claimed meanwhile; a job another
 member claimed meanwhile is followed by both.
 
@@ -323,7 +324,12 @@ class FleetMember:
                     beat_at = loop.time() + self._config.heartbeat_interval
                     if not await self._membership.heartbeat():
                         await self._join_again()
-                await self._refresh_figures()
+                if not await self._refresh_figures():
+                    # Redis lost this member (a FLUSHALL, a restart without AOF) or the fleet
+                    # declared it dead: join again now, not at the next heartbeat (a third of
+                    # member_timeout away), so its keys are not left unpolled until then.
+                    beat_at = loop.time() + self._config.heartbeat_interval
+                    await self._join_again()
             except FleetUnavailableError as exc:
                 self._lost(str(exc))
 
@@ -450,13 +456,14 @@ class FleetMember:
             leader_keys=keys,
         )
 
-    async def _refresh_figures(self) -> None:
-        """Add this member's new leader calls to the fleet's figures, and read them back.
+    async def _refresh_figures(self) -> bool:
+        """Add this member's new leader calls to the fleet's figures, and read them back;
+        False when the fleet does not hold this member as a live, joined member.
 
         The figures are other processes' writes: a counter that is not a number reads as 0,
         and a key of another type reads as no figures (not as Redis failing).
         """
-        key = self._link.keys.stats
+        key, info = self._link.keys.stats, self._link.keys.member_info
         now = self.stats()
         calls, keys = now.leader_calls - self._flushed_calls, now.leader_keys - self._flushed_keys
 
@@ -466,6 +473,8 @@ class FleetMember:
                     pipe.hincrby(key, "batch_calls", calls)
                     pipe.hincrby(key, "keys_polled", keys)
                 pipe.hgetall(key)
+                # Joined members have their info; a journal write alone puts one back without.
+                pipe.hexists(info, self._member_id)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             for item in results:
                 if isinstance(item, BaseException) and not refused_for_its_data(item):
@@ -474,10 +483,15 @@ class FleetMember:
 
         reply = await self._link.call(exchange)
         self._flushed_calls, self._flushed_keys = now.leader_calls, now.leader_keys
-        figures = reply[-1] if isinstance(reply[-1], dict) else {}
+        figures = reply[-2] if isinstance(reply[-2], dict) else {}
         self._fleet_calls = _counter(figures.get("batch_calls"))
         self._fleet_keys = _counter(figures.get("keys_polled"))
-        self._size = max(1, len(await self._membership.live_members()))
+        ages = await self._membership.members()
+        timeout = self._config.member_timeout
+        self._size = max(1, sum(1 for age in ages.values() if age <= timeout))
+        age = ages.get(self._member_id)
+        has_info = reply[-1] not in (False, 0)  # only a definite "no" (not a refusal) counts
+        return has_info and age is not None and age <= timeout
 
 
 def _counter(raw: object) -> int:

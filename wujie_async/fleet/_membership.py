@@ -9,8 +9,9 @@ claimed yet. Leaving marks the member dead at once, so its jobs are claimable at
 
 A member Redis lost (a restart without AOF, FLUSHALL) or that was claimed as dead is put back
 by its first journal write, with that moment as its heartbeat and no info: if it dies before
-its next heartbeat, the rows it wrote are still claimable. That heartbeat finds no info and
-answers "unknown", so the member joins again and registers its keys again.
+its next heartbeat, the rows it wrote are still claimable. The member's reading of the member
+list (every second) or that heartbeat finds no info, so the member joins again and registers its
+keys again.
 """
 
 from __future__ import annotations
