@@ -47,6 +47,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gateway clock 3 s ahead": {"stamp_skew": 3.0},
     "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
     "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
+    "bad: constant 100 s (jobs of 10-30 s)": {"faults": FaultConfig(estimate_constant=100.0)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
     "bad: ±50% noise + clock 3 s behind": {
         "faults": FaultConfig(estimate_noise=0.5),

@@ -54,11 +54,24 @@ def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness(
 def test_a_right_estimate_costs_at_most_three_asks_from_the_first_job() -> None:
     # Issue 12's behaviour: the first ask, one check that the estimate counts down, one just
     # after the predicted end; seen done within min_interval. Nothing learned beforehand.
-    for end in (8.0, 20.0, 45.0, 200.0):
+    # Ends off whole seconds: exact estimates that come out whole at every ask are taken for
+    # whole-second ones, whose window opens coarse_delay later by design.
+    for end in (8.3, 20.3, 45.3, 200.3):
         asks, late = follow(PollSchedule(POLICY), end, exact)
         # A job longer than max_estimate_wait is also asked about once per that wait.
         assert asks <= 3 + int(end // POLICY.max_estimate_wait), (end, asks)
         assert late <= POLICY.min_interval
+
+
+def test_a_placeholder_far_above_the_real_durations_is_found_out_within_max_interval() -> None:
+    # Every job told 100 s while it takes 3-8 s, and nothing learned yet (a burst): the check
+    # that the estimate counts down comes within max_interval, not a quarter of the way to
+    # the 100 s, so no job is seen more than max_interval late (it was 20 s and more).
+    for end in (3.3, 5.3, 8.3):
+        asks, late = follow(PollSchedule(POLICY), end, lambda end, now: 100.0)
+        assert late <= POLICY.max_interval, (end, late)
+        # Found out, it is asked about as a job without an estimate is (one ask more at most).
+        assert asks <= follow(PollSchedule(POLICY), end, absent)[0] + 1, (end, asks)
 
 
 def test_a_typical_figure_estimate_is_closed_in_on_in_steps() -> None:

@@ -75,7 +75,8 @@ class PollPolicy:
         min_interval: the shortest gap between two asks about one key, and the gap while a job
             is expected to end: how late a finished job can be noticed then.
         max_interval: the longest gap between asks about a job that has overrun its estimate,
-            or has none, or is still queued.
+            or has none, or is still queued; and before a first estimate is seen counting
+            down (the check that it is not a placeholder).
         age_fraction: share of a job's age to wait between asks once it overran (backs off
             for slow jobs; bounds how late they are noticed).
         max_estimate_wait: the longest wait on an estimate before asking again.

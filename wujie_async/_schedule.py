@@ -18,7 +18,9 @@ only by as much as it can prove. An end stamped early would teach that right est
 early. The window opens at the low quantile of those errors and closes at the high one: tight
 when the gateway's estimates are good, wide when they are noisy, biased or a placeholder. Until
 there are enough samples a mild prior holds. An estimate that does not count down between two
-reports (a constant placeholder) is not an estimate: that job is polled as if it had none.
+reports (a constant placeholder) is not an estimate: that job is polled as if it had none. Until
+something is learned, that check comes within ``max_interval`` of the first ask, however far
+the figure: a placeholder far above the real durations must not hold a job back.
 
 Pure arithmetic on loop times; the poller owns the heap and the calls.
 """
@@ -440,6 +442,12 @@ class PollSchedule:
                     # the same estimate, it says nothing of which jobs end early: close in on
                     # the window in steps, so early ends are seen and teach the window.
                     step = max(2 * policy.min_interval, TUNING.check_share * (opens - now))
+                    if timing.live_reports < 2:
+                        # An estimate not yet seen counting down is no better than none: its
+                        # check comes within max_interval, so a placeholder far above the real
+                        # durations (100 s for jobs of 5) is found out in seconds, not in a
+                        # quarter of its figure. The check is asked anyway: no ask more.
+                        step = min(step, policy.max_interval)
                     return min(opens, now + min(step, policy.max_estimate_wait))
                 return min(opens, now + policy.max_estimate_wait)
             if now < closes:
