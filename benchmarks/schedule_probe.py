@@ -48,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
     "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
     "bad: constant 100 s (jobs of 10-30 s)": {"faults": FaultConfig(estimate_constant=100.0)},
+    "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
+    "bad: 2x optimistic": {"faults": FaultConfig(estimate_bias=0.5)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
     "bad: ±50% noise + clock 3 s behind": {
         "faults": FaultConfig(estimate_noise=0.5),
