@@ -221,6 +221,90 @@ async def test_repeated_entries_of_one_key_are_read_a_bounded_number_of_times(
     assert len(warnings_of(caplog)) <= calls  # not one line per malformed copy
 
 
+def _generating(key: str, percent: float) -> dict[str, Any]:
+    return {"key": key, "status": 1, "complete_percent": percent, "expected_seconds": 0.1}
+
+
+@pytest.mark.parametrize("position", [0, 3, 4, 7, 9])
+async def test_a_key_repeated_past_the_bound_still_ends_on_its_terminal_report(
+    position: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "list may ... repeat a key": ten copies of it, nine of them stale "generating" reports and
+    # the one that ends the job at any position (before, the fifth copy on was never read).
+    def script(keys: list[str]) -> list[Any]:
+        copies = [_generating(key, 10) for key in keys for _ in range(9)]
+        for i, key in enumerate(keys):
+            copies.insert(i * 10 + position, done(key))
+        return copies
+
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        jobs = await submit(client, 3)
+        results = await asyncio.gather(*(job.result(timeout=10) for job in jobs))
+    assert [r.status for r in results] == [4, 4, 4]
+    said = " ".join(r.getMessage() for r in warnings_of(caplog))
+    assert "keys not asked about" not in said  # a repeat is not a stranger's key
+    if position >= 4:
+        assert "listed more than 4 times" in said and "repeats were not read" in said
+
+
+async def test_the_most_advanced_of_repeated_running_reports_stands_for_the_job() -> None:
+    # The list's order says nothing of age: a stale "queued" copy listed first must not hide
+    # that the job is generating (before, the first copy won and progress stayed at "queued").
+    calls = 0
+
+    def script(keys: list[str]) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            return [
+                entry
+                for key in keys
+                for entry in (
+                    {"key": key, "status": 0, "queue_before_num": 3},
+                    _generating(key, 40),
+                    _generating(key, 20),
+                )
+            ]
+        return [done(key) for key in keys]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        [job] = await submit(client, 1)
+        seen = [(update.status, update.progress) async for update in job.updates()]
+    assert (1, 40) in seen, seen
+    assert not any(status == 0 for status, _ in seen), seen
+
+
+@pytest.mark.parametrize(
+    ("status", "fail_message", "expected"),
+    [
+        (3, "ABSENT", "failed: the gateway gave no reason"),
+        (3, None, "failed: the gateway gave no reason"),
+        (3, {}, "failed: the gateway gave no reason"),
+        (3, {"fail_code": 12}, "failed (fail_code=12): the gateway gave no reason"),
+        (5, None, "rejected by moderation: the gateway gave no reason"),
+        (5, {"fail_code": 4, "fail_message": "nsfw"}, "rejected by moderation (fail_code=4): nsfw"),
+        (-1, None, "failed: the gateway ended the job without a result (status -1)"),
+    ],
+)
+async def test_a_failure_without_a_reason_is_worded_without_none(
+    status: int, fail_message: Any, expected: str
+) -> None:
+    def script(keys: list[str]) -> list[Any]:
+        entries = [{"key": key, "status": status, "fail_message": fail_message} for key in keys]
+        if fail_message == "ABSENT":
+            for entry in entries:
+                del entry["fail_message"]
+        return entries
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        [job] = await submit(client, 1)
+        with pytest.raises(JobFailedError) as info:
+            await job
+    assert str(info.value) == f"job K00000: {expected}"
+    assert "None" not in str(info.value)
+
+
 # --- item 11: an over-cap reply is split; the ended-jobs cache keeps no image bytes -------------
 INLINE = "A" * (2 * 1024 * 1024)  # a ~2 MB inline image per job: five of them pass the 8 MiB cap
 

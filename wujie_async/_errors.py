@@ -397,14 +397,22 @@ class JobFailedError(JobError):
     sequences removed, whitespace folded, at most 300 characters (:func:`snippet`).
     """
 
+    # How the message words the ending (a subclass says more).
+    _ended = "failed"
+
     def __init__(self, *, job_key: str, fail_code: int | None, fail_message: str | None) -> None:
         self.fail_code = fail_code
         self.fail_message = fail_message
-        super().__init__(f"failed (fail_code={fail_code}): {fail_message}", job_key=job_key)
+        # Only what the gateway said: no "fail_code=None", no "None" for a reason not given.
+        code = "" if fail_code is None else f" (fail_code={fail_code})"
+        reason = fail_message or "the gateway gave no reason"
+        super().__init__(f"{self._ended}{code}: {reason}", job_key=job_key)
 
 
 class ModerationRejectedError(JobFailedError):
     """The gateway reported status 5: the job was rejected by moderation."""
+
+    _ended = "rejected by moderation"
 
 
 class JobTimeoutError(JobError, TimeoutError):

@@ -61,7 +61,7 @@ from ._errors import (
 )
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
 from ._models import JobInfo
-from ._replies import Reading, failure, images_of, lists_extra_images, read
+from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
 from ._schedule import KeyTiming, PollSchedule, WindowShape
 from ._stats import PollerCounters
@@ -596,6 +596,13 @@ class BatchPoller:
                 reading.bad_entries,
                 reading.ignored_entries,
                 f" (first problem: {reading.first_problem})" if reading.first_problem else "",
+            )
+        if reading.surplus_entries:
+            self._warnings.warning(
+                "batch reply: a key was listed more than %d times; %d repeats were not read "
+                "(the latest and any report that ends the job were)",
+                ENTRIES_PER_KEY,
+                reading.surplus_entries,
             )
         return reading
 

@@ -1,9 +1,10 @@
 """Reading a batch-detail reply: which entries count, how they are validated, what they mean.
 
 Every reply is hostile until checked. Only entries for keys the call asked about are looked at
-(at most ``ENTRIES_PER_KEY`` per key, one dict lookup each before any validation), a repeated
-key keeps its most advanced entry, and an entry that cannot be read marks only its own key as
-malformed. The poller (``_poller``) decides what to do with a reading; this module only reads.
+(at most ``ENTRIES_PER_KEY`` per key, one dict lookup each before any validation, and a report
+that ends the job is always among them), a repeated key keeps its most advanced entry, and an
+entry that cannot be read marks only its own key as malformed. The poller (``_poller``)
+decides what to do with a reading; this module only reads.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ from ._errors import JobFailedError, ModerationRejectedError, ProtocolError, sni
 from ._models import JobInfo
 from ._results import GeneratedImage
 
-# A reply may repeat a key; more than this many entries for one key are not even looked at.
+# A reply may repeat a key; at most this many entries of one key are validated. Past it, a
+# later entry takes the last place (unless only it would drop a report that ends the job), so
+# neither the newest report nor the terminal one is lost to a run of stale copies.
 ENTRIES_PER_KEY = 4
+# Statuses that end a job as a raw entry may carry them, before validation reads them as ints.
+_TERMINAL_RAW: frozenset[object] = frozenset(
+    {*map(int, _contract.TERMINAL_STATUSES), *(str(int(s)) for s in _contract.TERMINAL_STATUSES)}
+)
 _JOB_LIST = TypeAdapter(list[JobInfo])
 
 
@@ -32,9 +39,11 @@ class Reading:
     entries: dict[str, JobInfo]
     # Keys that were listed only in malformed entries, with why (a short, clean excerpt).
     malformed: dict[str, str]
-    # Entries that could not be read, and entries for keys not asked about.
+    # Entries that could not be read, entries for keys not asked about, and repeats of a key
+    # past ENTRIES_PER_KEY that were not read.
     bad_entries: int = 0
     ignored_entries: int = 0
+    surplus_entries: int = 0
     # Why the first unreadable entry could not be read (a short, clean excerpt), or "".
     first_problem: str = ""
 
@@ -64,18 +73,38 @@ def _landed(entry: JobInfo) -> int:
     return sum(1 for image in entry.images or () if image.url or image.b64_json)
 
 
+def _advance(entry: JobInfo) -> tuple[bool, int, bool, float]:
+    """How far a report has got: ended, images landed, generating, percent (higher: further)."""
+    percent = entry.complete_percent
+    return (
+        entry.terminal,
+        _landed(entry),
+        entry.status == JobStatus.GENERATING,
+        -1.0 if percent is None else percent,
+    )
+
+
 def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
-    """One entry per key: a repeated key keeps its terminal or most complete report."""
+    """One entry per key: a repeated key keeps its most advanced report (first of equals).
+
+    The list's order says nothing of age (the contract allows any order), so the report that
+    has got furthest stands for the job: a stale "queued" copy does not hide "generating".
+    """
     best: dict[str, JobInfo] = {}
+    ranks: dict[str, tuple[bool, int, bool, float]] = {}
     for entry in entries:
-        seen = best.get(entry.key)
-        if (
-            seen is None
-            or (entry.terminal and not seen.terminal)
-            or (entry.terminal == seen.terminal and _landed(entry) > _landed(seen))
-        ):
+        rank = _advance(entry)
+        seen = ranks.get(entry.key)
+        if seen is None or rank > seen:
             best[entry.key] = entry
+            ranks[entry.key] = rank
     return best
+
+
+def _looks_terminal(raw: dict[str, Any]) -> bool:
+    """True when a raw entry's status reads as one that ends a job (one lookup, no validation)."""
+    status = raw.get("status")
+    return type(status) in (int, float, str) and status in _TERMINAL_RAW
 
 
 def _listed(data: Any) -> list[Any]:
@@ -92,23 +121,29 @@ def _listed(data: Any) -> list[Any]:
     return listed
 
 
-def _relevant(listed: list[Any], asked: Container[str]) -> list[dict[str, Any]]:
+def _relevant(listed: list[Any], asked: Container[str]) -> tuple[list[dict[str, Any]], int]:
     """The entries of ``listed`` for keys in ``asked``, at most ENTRIES_PER_KEY per key.
 
+    Returns them with how many repeats were passed over. Past the bound, a later entry of a key
+    replaces its last kept one, unless that one looks terminal and the later one does not: a
+    run of stale copies can hide neither the report that ends the job nor the newest one.
     One dict lookup per entry before any validation: a reply flooded with junk costs one pass.
     """
-    relevant: list[dict[str, Any]] = []
-    counts: dict[str, int] = {}
+    kept: dict[str, list[dict[str, Any]]] = {}
+    surplus = 0
     for raw in listed:
         if type(raw) is dict:
             key = raw.get("key")
             # Exact match only: a key with a newline or control character is not ours.
             if type(key) is str and key in asked:
-                seen = counts.get(key, 0)
-                if seen < ENTRIES_PER_KEY:
-                    counts[key] = seen + 1
-                    relevant.append(raw)
-    return relevant
+                entries = kept.setdefault(key, [])
+                if len(entries) < ENTRIES_PER_KEY:
+                    entries.append(raw)
+                    continue
+                surplus += 1
+                if _looks_terminal(raw) or not _looks_terminal(entries[-1]):
+                    entries[-1] = raw
+    return [raw for entries in kept.values() for raw in entries], surplus
 
 
 def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[str, Any]]]:
@@ -122,7 +157,7 @@ def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[
         ProtocolError: ``data`` holds no list of entries.
     """
     grouped: dict[str, list[dict[str, Any]]] = {}
-    for raw in _relevant(_listed(data), asked):
+    for raw in _relevant(_listed(data), asked)[0]:
         grouped.setdefault(raw["key"], []).append(raw)
     return grouped
 
@@ -145,8 +180,8 @@ def read(data: Any, asked: Container[str] | None) -> Reading:
     Problems are counted in the reading (the poller words them, at most once per reply).
     """
     listed = _listed(data)
-    relevant = listed if asked is None else _relevant(listed, asked)
-    ignored = len(listed) - len(relevant)
+    relevant, surplus = (listed, 0) if asked is None else _relevant(listed, asked)
+    ignored = len(listed) - len(relevant) - surplus
     malformed: dict[str, str] = {}
     first_problem = ""
     # Validating hostile input may only ever mean "malformed": anything it raises (a
@@ -168,7 +203,7 @@ def read(data: Any, asked: Container[str] | None) -> Reading:
     best = _most_advanced(entries)
     for key in best:
         malformed.pop(key, None)  # one readable entry is enough
-    return Reading(best, malformed, bad, ignored, first_problem)
+    return Reading(best, malformed, bad, ignored, surplus, first_problem)
 
 
 def failure(key: str, entry: JobInfo) -> JobFailedError:
