@@ -316,6 +316,13 @@ class BatchPoller:
         loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as calls:
             while True:
+                if self._call_slots.value == 0:
+                    # Every call slot is taken (slow replies): keys are chosen once one frees,
+                    # so those that come due meanwhile share a call instead of each queueing
+                    # for a slot in a call of its own. The wait is bounded by the transport's
+                    # timeouts; a deadline passed meanwhile is seen when the keys are taken.
+                    async with self._call_slots:
+                        pass
                 now = loop.time()
                 batch = self._take_due(now)
                 if not batch:
@@ -407,6 +414,7 @@ class BatchPoller:
         if not chunk:
             return
         asked = {tracked.job.key: tracked for tracked in chunk}
+        asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
         too_large = False
         otel = self._telemetry.otel
@@ -418,6 +426,7 @@ class BatchPoller:
             async with self._call_slots:
                 self.counters.batch_calls += 1
                 self.counters.keys_polled += len(asked)
+                asked_at = asyncio.get_running_loop().time()
                 data = await self._transport.post(
                     _contract.BATCH_INFO_PATH, list(asked), kind="poll", parent=batch
                 )
@@ -455,11 +464,19 @@ class BatchPoller:
         if too_large:
             await self._split(chunk)
             return
-        self._apply_reading(chunk, reading)
+        self._apply_reading(chunk, reading, asked_at)
 
-    def _apply_reading(self, chunk: list[_Tracked], reading: Reading | None) -> None:
-        """What a reply (None: a failed call) means for each job of ``chunk``."""
+    def _apply_reading(
+        self, chunk: list[_Tracked], reading: Reading | None, asked_at: float | None = None
+    ) -> None:
+        """What a reply (None: a failed call) means for each job of ``chunk``.
+
+        ``asked_at``: when the call went out (None: now). The gateway read its state somewhere
+        between then and now; estimates count from the ask, so a slow reply does not push
+        every predicted end back by its own length.
+        """
         now = asyncio.get_running_loop().time()
+        asked_at = now if asked_at is None else asked_at
         # Gateway times are unix seconds; loop time is not: this maps one onto the other.
         unix_to_loop = now - time.time()
         for tracked in chunk:
@@ -469,14 +486,14 @@ class BatchPoller:
             if reading is None:
                 self._schedule(tracked, now + self._policy.min_interval)
                 continue
-            self._dispatch_contained(tracked, reading, now, unix_to_loop)
+            self._dispatch_contained(tracked, reading, now, asked_at, unix_to_loop)
         self._after_replies(now)
 
     def _dispatch_contained(
-        self, tracked: _Tracked, reading: Reading, now: float, unix_to_loop: float
+        self, tracked: _Tracked, reading: Reading, now: float, asked_at: float, unix_to_loop: float
     ) -> None:
         try:
-            self._dispatch(tracked, reading, now, unix_to_loop)
+            self._dispatch(tracked, reading, now, asked_at, unix_to_loop)
         except Exception as exc:  # contained per entry: this job fails, the rest go on
             self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
             if self._tracks(tracked):
@@ -587,22 +604,26 @@ class BatchPoller:
         """A reading of ``data`` for the keys in ``asked`` (every key when None), counted."""
         reading = read(data, asked)
         self.counters.malformed_entries += reading.bad_entries
-        if reading.bad_entries or reading.ignored_entries:
-            # Once per reply at most, and through the repeated-warnings gate: a gateway sending
-            # nothing but malformed entries must not write a line per call.
+        if reading.bad_entries or reading.ignored_entries or reading.surplus_entries:
+            # One line per reply at most, and through the repeated-warnings gate: a gateway
+            # sending nothing but malformed entries must not write a line per call.
+            said = []
+            if reading.bad_entries or reading.ignored_entries:
+                said.append(
+                    f"ignored {reading.bad_entries} malformed entries and "
+                    f"{reading.ignored_entries} entries for keys not asked about"
+                )
+            if reading.surplus_entries:
+                said.append(
+                    f"did not read {reading.surplus_entries} repeats of keys listed more than "
+                    f"{ENTRIES_PER_KEY} times (the latest and any report that ends the job "
+                    "were read)"
+                )
+            problem = reading.first_problem
             self._warnings.warning(
-                "batch reply: ignored %d malformed entries and %d entries for keys not asked "
-                "about%s",
-                reading.bad_entries,
-                reading.ignored_entries,
-                f" (first problem: {reading.first_problem})" if reading.first_problem else "",
-            )
-        if reading.surplus_entries:
-            self._warnings.warning(
-                "batch reply: a key was listed more than %d times; %d repeats were not read "
-                "(the latest and any report that ends the job were)",
-                ENTRIES_PER_KEY,
-                reading.surplus_entries,
+                "batch reply: %s%s",
+                "; ".join(said),
+                f" (first problem: {problem})" if problem else "",
             )
         return reading
 
@@ -618,7 +639,7 @@ class BatchPoller:
         return self._read(data, None).entries
 
     def _dispatch(
-        self, tracked: _Tracked, reading: Reading, now: float, unix_to_loop: float
+        self, tracked: _Tracked, reading: Reading, now: float, asked_at: float, unix_to_loop: float
     ) -> None:
         policy = self._policy
         job = tracked.job
@@ -691,6 +712,7 @@ class BatchPoller:
                 self._schedule_of.report(
                     tracked,
                     now,
+                    asked_at=asked_at,
                     expected_seconds=entry.expected_seconds,
                     queue_position=entry.queue_before_num,
                     queued=status == JobStatus.QUEUED,

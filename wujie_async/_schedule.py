@@ -367,8 +367,13 @@ class PollSchedule:
         expected_seconds: float | None,
         queue_position: int | None = None,
         queued: bool = False,
+        asked_at: float | None = None,
     ) -> float:
         """Record a running job's report at ``now``; returns the loop time of the next ask.
+
+        ``asked_at``: when the call that brought the report went out (None: ``now``). The
+        gateway read the job's state somewhere between the two: its estimate counts from the
+        ask (the earliest it can mean), and the ask is when the job was last seen running.
 
         ``queued``: the job has not started generating. A gateway may give no estimate then,
         or one that leaves the queue out and does not count down until generation starts: a
@@ -376,16 +381,17 @@ class PollSchedule:
         the first estimate while generating sets the error scale afresh.
         """
         policy = self._policy
+        seen = now if asked_at is None else asked_at
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)
-            predicted = now + expected_seconds
+            predicted = seen + expected_seconds
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
                 self._apply(_Lesson(timing.model, span=timing.predicted_span))
             elif timing.last_ask is not None:
-                gap = now - timing.last_ask
+                gap = seen - timing.last_ask
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it
                 # forward by the time between reports. Whole seconds move it by up to one.
                 drift = abs(predicted - previous) - (1.0 if coarse else 0.0)
@@ -420,7 +426,7 @@ class PollSchedule:
         # "0 s left" while still running: it has overrun. The last prediction stays, so the
         # window still tells (dense asks until it closes, backing off after) and its end is
         # learned from.
-        timing.last_ask = now
+        timing.last_ask = seen
         return self.next_ask(timing, now, queue_position=queue_position)
 
     def next_ask(
