@@ -334,6 +334,28 @@ async def test_done_with_none_of_one_image_is_incomplete(tmp_path: Path) -> None
         assert stats.points_charged == 8  # it was paid: counted as ever
 
 
+async def test_images_listed_a_moment_after_the_job_is_done_are_collected(
+    tmp_path: Path,
+) -> None:
+    # A gateway may turn the status to 4 before it lists the images: the job is asked about
+    # again for a few seconds rather than ending short at once (its paid images were lost:
+    # an ended job is never asked about again).
+    async with listing_gateway() as gateway, client_of(gateway) as client:
+        job = await submit(client, 2)
+        data = [gateway.png("a.png"), gateway.png("b.png")]
+        first, second = image(gateway.url("a.png")), image(gateway.url("b.png"))
+        gateway.script(job.key, done(), done(first), done(first, second))
+        await gateway.read_again(job.key)  # read "done, no image" twice: still tracked
+        assert not job.done() and job.status == JobStatus.SUCCEEDED
+        gateway.advance(job.key)
+        await gateway.read_again(job.key)
+        gateway.advance(job.key)
+        result = await job.result(timeout=WAIT_S)
+        assert [saved.sha256 for saved in await job.save(tmp_path)] == [sha256(d) for d in data]
+    assert [i.index for i in result.images] == [0, 1]
+    assert client.stats.jobs_succeeded == 1 and client.stats.jobs_failed == 0
+
+
 async def test_done_with_one_of_two_images_is_incomplete_and_the_one_is_kept(
     tmp_path: Path,
 ) -> None:

@@ -106,6 +106,8 @@ class _Tracked(KeyTiming):
     # When the gateway last listed the key (None: not yet); absence is measured from here.
     last_seen: float | None = None
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
+    # When the gateway first said "succeeded" while images were still missing (None: not so).
+    done_short_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
 
 
@@ -156,6 +158,11 @@ class _DeadlineWatch:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+# How long a job reported succeeded with images missing is asked about again before it ends
+# with IncompleteJobError: a status may turn to 4 a moment before the last images are listed.
+IMAGES_AFTER_SUCCESS_GRACE = 3.0
 
 
 class BatchPoller:
@@ -680,7 +687,7 @@ class BatchPoller:
                     job.n,
                 )
         status = entry.status
-        if status in _contract.TERMINAL_STATUSES:
+        if status in _contract.TERMINAL_STATUSES and tracked.done_short_since is None:
             ended_at = entry.complete_time
             if isinstance(ended_at, int | float):
                 fine = ended_at != int(ended_at)  # a stamp in whole seconds places no end alone
@@ -693,6 +700,14 @@ class BatchPoller:
             expected = job.n or 1
             images = state.images  # in index order: [k].index == k means 0..k all landed
             if len(images) < expected or images[expected - 1].index != expected - 1:
+                # A gateway may say "succeeded" a moment before it lists the last images: ask
+                # again for a few seconds before the paid job ends short (then for good: an
+                # ended job is not asked about again, not even by attach).
+                if tracked.done_short_since is None:
+                    tracked.done_short_since = now
+                if now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE:
+                    self._schedule(tracked, now + policy.min_interval)
+                    return
                 result = ImageResult(job.key, JobStatus.SUCCEEDED, state.images)
                 error = IncompleteJobError(job_key=job.key, result=result, expected=expected)
                 self._end(tracked, error, before)
