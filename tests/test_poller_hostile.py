@@ -37,6 +37,7 @@ from wujie_async import (
 from wujie_async._models import FailInfo, JobInfo
 
 from .conftest import FAST_POLL, INSTANT_RETRY
+from .helpers import eventually
 from .hostile import ScriptedGateway, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
@@ -450,6 +451,33 @@ async def test_a_deadline_fires_while_the_poll_is_in_flight() -> None:
             elapsed = time.monotonic() - started
             assert elapsed < 1.8, elapsed
             assert gateway.asked  # the key was on the wire when its deadline passed
+
+
+async def test_a_deadline_fires_while_every_call_slot_is_taken() -> None:
+    # One call slot, held by a call the gateway does not answer: a job submitted after it
+    # waits for the slot outside any call, and its deadline still fires on time.
+    gateway_ref: list[ScriptedGateway] = []
+
+    async def script(keys: list[str]) -> list[Any]:
+        try:
+            await asyncio.wait_for(gateway_ref[0].released.wait(), 8)
+        except TimeoutError:
+            pass
+        return [done(key) for key in keys]
+
+    async with scripted_gateway(script) as gateway:
+        gateway_ref.append(gateway)
+        limits = Limits(max_concurrent_polls=1)
+        async with client_for(gateway, timeouts=Timeouts(request=30), limits=limits) as client:
+            [first] = await submit(client, 1)
+            await eventually(lambda: gateway.asked, timeout=5, interval=0.01, what="a call")
+            started = time.monotonic()
+            [job] = await submit(client, 1, job_timeout=1)
+            with pytest.raises(JobTimeoutError):
+                await job.result(timeout=10)
+            elapsed = time.monotonic() - started
+            assert elapsed < 1.8, elapsed
+            assert gateway.asked == [[first.key]]  # it was never asked: no slot came free
 
 
 # --- item 14: unknown statuses are remembered and logged within bounds -------------------------

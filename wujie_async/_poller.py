@@ -323,13 +323,6 @@ class BatchPoller:
         loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as calls:
             while True:
-                if self._call_slots.value == 0:
-                    # Every call slot is taken (slow replies): keys are chosen once one frees,
-                    # so those that come due meanwhile share a call instead of each queueing
-                    # for a slot in a call of its own. The wait is bounded by the transport's
-                    # timeouts; a deadline passed meanwhile is seen when the keys are taken.
-                    async with self._call_slots:
-                        pass
                 now = loop.time()
                 batch = self._take_due(now)
                 if not batch:
@@ -338,6 +331,18 @@ class BatchPoller:
                 if self._held:  # someone else asks: wait for what it feeds in (or the deadline)
                     for tracked in batch:
                         self._schedule(tracked, math.inf)
+                    continue
+                if self._call_slots.value == 0:
+                    # Every call slot is taken (slow replies): the keys go back and are chosen
+                    # again once one frees, so those that come due meanwhile share a call
+                    # instead of each queueing for a slot in a call of its own. The first of
+                    # their deadlines ends the wait: it fires on time.
+                    soonest = min(tracked.job.deadline for tracked in batch)
+                    for tracked in batch:
+                        self._schedule(tracked, now)
+                    with anyio.move_on_after(soonest - now):
+                        async with self._call_slots:
+                            pass
                     continue
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
