@@ -152,6 +152,13 @@ async def test_a_key_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
 
 
 # --- a loopback server that redirects, fails, cuts bodies short and counts ----------------------
+JPEG = b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9"
+WEBP = b"RIFF" + (20).to_bytes(4, "little") + b"WEBPVP8 " + bytes(12)
+# Each format whole, and how many bytes from its end to leave out: its end marker (a PNG's
+# IEND chunk, a JPEG's end-of-image marker, the last bytes a WebP's RIFF length counts).
+CUT_IMAGES = {"cut-png": (PNG, 12), "cut-jpg": (JPEG, 2), "cut-webp": (WEBP, 3)}
+
+
 @asynccontextmanager
 async def tricky_server() -> AsyncIterator[tuple[str, Counter[str]]]:
     hits: Counter[str] = Counter()
@@ -172,6 +179,19 @@ async def tricky_server() -> AsyncIterator[tuple[str, Counter[str]]]:
             await response.write(PNG[:20])
             request.transport.close()  # type: ignore[union-attr]
             return response
+        if kind == "always-cut":  # a Content-Length longer than the body ever sent
+            response = web.StreamResponse(headers={"Content-Length": str(len(PNG) * 4)})
+            await response.prepare(request)
+            await response.write(PNG[:20])
+            request.transport.close()  # type: ignore[union-attr]
+            return response
+        if kind in CUT_IMAGES or (kind.endswith("-once") and kind[:-5] in CUT_IMAGES):
+            # An image without its end, sent with a Content-Length that matches what is sent
+            # (a server that declares a short length and sends the rest after it looks the
+            # same to the client: it reads no further than the length).
+            whole, cut = CUT_IMAGES[kind.removesuffix("-once")]
+            body = whole if kind.endswith("-once") and hits[kind] > 1 else whole[:-cut]
+            return web.Response(body=body, content_type="application/octet-stream")
         if kind == "slow":
             in_flight[0] += 1
             in_flight[1] = max(in_flight)
@@ -290,9 +310,7 @@ async def test_a_compressed_image_cut_short_is_fetched_again(tmp_path: Path) -> 
 
 
 def test_an_image_ends_complete_only_with_its_end_marker() -> None:
-    jpeg = b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9"
-    webp = b"RIFF" + (20).to_bytes(4, "little") + b"WEBPVP8 " + bytes(12)
-    for kind, whole in (("png", PNG), ("jpg", jpeg), ("webp", webp)):
+    for kind, whole in (("png", PNG), ("jpg", JPEG), ("webp", WEBP)):
         assert ends_complete(kind, whole[:16], whole[-TAIL_BYTES:], len(whole))
         cut = whole[: len(whole) - 3]
         assert not ends_complete(kind, cut[:16], cut[-TAIL_BYTES:], len(cut)), kind
@@ -436,6 +454,51 @@ async def test_the_downloader_owns_its_session(tmp_path: Path) -> None:
         with pytest.raises(ClientStateError, match="closed"):
             await saver.save(at(f"{origin}/files/png"), tmp_path / "K-1.{ext}")
     assert names(tmp_path) == ["K-0.png"]
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "webp"])
+async def test_an_image_without_its_end_is_never_saved_whatever_its_length_says(
+    tmp_path: Path, kind: str
+) -> None:
+    """A Content-Length that matches the bytes sent says nothing of whether they are the
+    whole image (a server may declare a short length and send the rest after it): the end
+    marker is checked on every image, not only when no length can tell. Before, the cut image
+    was saved, with the sha256 of the cut bytes."""
+    whole, cut = CUT_IMAGES[f"cut-{kind}"]
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
+        saved = await saver.save(at(f"{origin}/cut-{kind}-once"), tmp_path / "once.{ext}")
+        assert hits[f"cut-{kind}-once"] == 2  # the cut body was fetched again
+        assert saved.path.read_bytes() == whole
+        assert saved.sha256 == hashlib.sha256(whole).hexdigest()
+        with pytest.raises(TransportError) as info:
+            await saver.save(at(f"{origin}/cut-{kind}"), tmp_path / "always.{ext}")
+    assert str(info.value) == (
+        f"image download was cut short: the {kind} ends before its end marker after the "
+        f"{len(whole) - cut} bytes its Content-Length declared (the server declared a wrong "
+        "length, or sent only part of the image)"
+    )
+    assert names(tmp_path) == [f"once.{kind}"]
+
+
+async def test_an_inline_image_without_its_end_is_not_saved(tmp_path: Path) -> None:
+    cut = base64.b64encode(PNG[:-12]).decode()
+    async with local_downloader() as saver:
+        with pytest.raises(ProtocolError, match="b64_json image ends before its png end marker"):
+            await saver.save(inline(cut), tmp_path / "x.{ext}")
+    assert names(tmp_path) == []
+
+
+async def test_a_body_shorter_than_its_length_says_why_it_failed(tmp_path: Path) -> None:
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
+        with pytest.raises(TransportError) as info:
+            await saver.save(at(f"{origin}/always-cut"), tmp_path / "x.{ext}")
+    assert hits["always-cut"] == INSTANT.max_attempts
+    assert str(info.value) == (
+        "image download failed: the connection ended before the whole body arrived (fewer "
+        "bytes than its Content-Length, or a broken chunked or compressed body) "
+        "(ClientPayloadError)"
+    )
+    assert names(tmp_path) == []
 
 
 async def test_the_deadline_ends_retries_and_names_the_last_failure(tmp_path: Path) -> None:

@@ -449,11 +449,33 @@ class Downloader:
                 # Reset, disconnected, truncated body (ClientPayloadError), read timeout.
                 failure = _RetryableError(
                     TransportError(
-                        f"image download failed: {type(exc).__name__}", reached_server=True
+                        f"image download failed: {self._why(exc)} ({type(exc).__name__})",
+                        reached_server=True,
                     )
                 )
             raise failure
         raise ProtocolError(f"image download redirected more than {policy.max_redirects} times")
+
+    def _why(self, exc: TimeoutError | aiohttp.ClientError) -> str:
+        """What went wrong, in words a user can act on: never aiohttp's own text, which
+        quotes the URL (a CDN's URL may carry a signed token) and the server's bytes."""
+        if isinstance(exc, aiohttp.ClientPayloadError):
+            return (
+                "the connection ended before the whole body arrived (fewer bytes than its "
+                "Content-Length, or a broken chunked or compressed body)"
+            )
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            return "the image server closed the connection before it replied"
+        if isinstance(exc, aiohttp.ClientResponseError):
+            return (
+                "the image server's reply could not be read as HTTP (bytes past its "
+                "Content-Length, or a malformed status line or header)"
+            )
+        if isinstance(exc, TimeoutError):
+            return f"no data within {self._policy.read_timeout:g} s (DownloadPolicy.read_timeout)"
+        if isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
+            return f"the connection failed ({exc.strerror})"
+        return "the connection failed"
 
     async def _reply(self, session: aiohttp.ClientSession, url: URL) -> aiohttp.ClientResponse:
         """The reply's status line and headers, within ``read_timeout`` (a server that sends
@@ -483,7 +505,11 @@ class Downloader:
             encoded = reply.headers.get("Content-Encoding", "identity").lower() != "identity"
             if declared is not None and not encoded and size != declared:
                 raise _RetryableError(
-                    TransportError("image download was cut short", reached_server=True)
+                    TransportError(
+                        f"image download was cut short: {size} of the {declared} bytes its "
+                        "Content-Length declared",
+                        reached_server=True,
+                    )
                 )
             kind = sniff_format(head)
             if kind is None:
@@ -491,12 +517,21 @@ class Downloader:
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
-            # Without a length to hold it to (a compressed stream cut short decodes without an
-            # error), the image must reach its own end marker.
-            if (encoded or declared is None) and not ends_complete(kind, head, tail, size):
+            # Every image must reach its own end marker: a compressed stream cut short decodes
+            # without an error, a body may end with the connection, and a Content-Length may
+            # itself be short (the server sends the rest after it, which aiohttp never reads).
+            if not ends_complete(kind, head, tail, size):
+                if declared is None or encoded:
+                    said = f"after {size} bytes (the server sent only part of the image)"
+                else:
+                    said = (
+                        f"after the {size} bytes its Content-Length declared (the server "
+                        "declared a wrong length, or sent only part of the image)"
+                    )
                 raise _RetryableError(
                     TransportError(
-                        f"image download was cut short (the {kind} ends before its end marker)",
+                        f"image download was cut short: the {kind} ends before its end marker "
+                        + said,
                         reached_server=True,
                     )
                 )
@@ -599,6 +634,11 @@ def _decode(text: str, limit: int) -> tuple[bytes, str]:
     kind = sniff_format(data[:16])
     if kind is None:
         raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
+    if not ends_complete(kind, data[:16], data[-TAIL_BYTES:], len(data)):
+        raise ProtocolError(
+            f"b64_json image ends before its {kind} end marker after {len(data)} bytes "
+            "(the gateway listed only part of the image)"
+        )
     return data, kind
 
 
