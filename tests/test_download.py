@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -37,7 +38,7 @@ from wujie_async import (
 from wujie_async._addresses import AddressRule, check_url
 from wujie_async._download import Downloader, check_job_template
 from wujie_async._file_names import check_template, render_name
-from wujie_async._image_formats import TAIL_BYTES, ends_complete
+from wujie_async._image_formats import TAIL_BYTES, end_problem
 from wujie_async.emulator._png import render_png
 
 from .helpers import png_size
@@ -49,6 +50,10 @@ PNG = render_png("K", 0, 8, 8)
 INSTANT = RetryPolicy(initial_wait=0.0, max_wait=0.0, max_attempts=4)
 PUBLIC = AddressRule()  # a gateway on a public address: public image hosts only
 LOOPBACK = AddressRule.for_gateway("http://127.0.0.1:8000/wj-open/v1")  # like the emulator's
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
 
 
 def local_downloader(**policy: Any) -> Downloader:
@@ -154,9 +159,30 @@ async def test_a_key_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
 # --- a loopback server that redirects, fails, cuts bodies short and counts ----------------------
 JPEG = b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9"
 WEBP = b"RIFF" + (20).to_bytes(4, "little") + b"WEBPVP8 " + bytes(12)
+# A PNG that compresses well: 4 KiB of blank text in a chunk before its IEND.
+ROOMY_PNG = PNG[:-12] + png_chunk(b"tEXt", b"Comment\x00" + b" " * 4096) + PNG[-12:]
+# A JPEG whose EXIF segment holds a thumbnail, itself a JPEG ending with FF D9, a few hundred
+# bytes before the image's own end marker.
+THUMBNAIL = b"\xff\xd8\xff\xdb" + bytes(64) + b"\xff\xd9"
+EXIF = b"Exif\x00\x00" + THUMBNAIL
+EXIF_JPEG = (
+    b"\xff\xd8\xff\xe1" + (len(EXIF) + 2).to_bytes(2, "big") + EXIF + b"\xff\xda" + bytes(300)
+)
+EXIF_JPEG += b"\xff\xd9"
 # Each format whole, and how many bytes from its end to leave out: its end marker (a PNG's
 # IEND chunk, a JPEG's end-of-image marker, the last bytes a WebP's RIFF length counts).
-CUT_IMAGES = {"cut-png": (PNG, 12), "cut-jpg": (JPEG, 2), "cut-webp": (WEBP, 3)}
+CUT_IMAGES = {
+    "cut-png": (PNG, 12),
+    "cut-jpg": (JPEG, 2),
+    "cut-webp": (WEBP, 3),
+    "cut-exif-jpg": (EXIF_JPEG, 100),  # cut in its scan data, the thumbnail's end kept
+}
+# What a cut image of each kind is said to lack.
+MISSING_END = {
+    "png": "the PNG does not reach its end marker (an IEND chunk)",
+    "jpg": "the JPEG does not end with its end marker (FF D9)",
+    "webp": f"the WebP's RIFF header declares {len(WEBP)} bytes, not {len(WEBP) - 3}",
+}
 
 
 @asynccontextmanager
@@ -200,7 +226,7 @@ async def tricky_server() -> AsyncIterator[tuple[str, Counter[str]]]:
         if kind == "always-5xx":
             return web.Response(status=502, text="bad gateway")
         if kind in ("gzip", "gzip-cut"):  # Content-Length counts the compressed bytes
-            packed = gzip.compress(PNG + bytes(4096))  # compresses well: decodes to more
+            packed = gzip.compress(ROOMY_PNG)  # compresses well: decodes to more
             if kind == "gzip-cut" and hits[kind] == 1:  # a stream cut short, its length right
                 packed = packed[: len(packed) // 2]
             headers = {"Content-Encoding": "gzip", "Content-Type": "image/png"}
@@ -293,7 +319,7 @@ async def test_a_compressed_image_is_saved_whole(tmp_path: Path) -> None:
     so the decoded body is longer than declared and is not "cut short"."""
     async with tricky_server() as (origin, hits), local_downloader() as saver:
         saved = await saver.save(at(f"{origin}/gzip"), tmp_path / "GZ-0.{ext}")
-    body = PNG + bytes(4096)
+    body = ROOMY_PNG
     assert hits["gzip"] == 1  # no retry either
     assert saved.path.read_bytes() == body and saved.bytes == len(body)
     assert saved.sha256 == hashlib.sha256(body).hexdigest()
@@ -304,16 +330,30 @@ async def test_a_compressed_image_cut_short_is_fetched_again(tmp_path: Path) -> 
     compressed bytes) says nothing of the image: the image must reach its own end marker."""
     async with tricky_server() as (origin, hits), local_downloader() as saver:
         saved = await saver.save(at(f"{origin}/gzip-cut"), tmp_path / "GZ-0.{ext}")
-    body = PNG + bytes(4096)
+    body = ROOMY_PNG
     assert hits["gzip-cut"] == 2
     assert saved.path.read_bytes() == body and saved.sha256 == hashlib.sha256(body).hexdigest()
 
 
-def test_an_image_ends_complete_only_with_its_end_marker() -> None:
-    for kind, whole in (("png", PNG), ("jpg", JPEG), ("webp", WEBP)):
-        assert ends_complete(kind, whole[:16], whole[-TAIL_BYTES:], len(whole))
-        cut = whole[: len(whole) - 3]
-        assert not ends_complete(kind, cut[:16], cut[-TAIL_BYTES:], len(cut)), kind
+def end_of(kind: str, data: bytes) -> str | None:
+    return end_problem(kind, data[:16], data[-TAIL_BYTES:], len(data))
+
+
+def test_an_image_must_reach_its_own_end_marker() -> None:
+    """Not merely hold an end marker near its end: a JPEG cut after its EXIF thumbnail (whose
+    own FF D9 sat in the last bytes looked at) passed as whole. Padding after an image's end
+    is still accepted: refusing it would refuse a whole, paid image."""
+    for kind, whole in (("png", PNG), ("jpg", JPEG), ("jpg", EXIF_JPEG), ("webp", WEBP)):
+        assert end_of(kind, whole) is None, kind
+        assert end_of(kind, whole[: len(whole) - 3]) is not None, kind
+        assert end_of(kind, whole + bytes(4)) is None, kind  # padding after the end
+    assert end_of("png", PNG + b"metadata after IEND") is None
+    assert end_of("jpg", EXIF_JPEG[:-100]) == MISSING_END["jpg"]
+    assert end_of("jpg", JPEG + b"\xff\xff") is None
+    assert end_of("jpg", JPEG + b"scan data") == MISSING_END["jpg"]
+    assert end_of("webp", WEBP[:-4]) == (
+        f"the WebP's RIFF header declares {len(WEBP)} bytes, not {len(WEBP) - 4}"
+    )
 
 
 def self_signed_context(folder: Path) -> ssl.SSLContext:
@@ -473,19 +513,44 @@ async def test_an_image_without_its_end_is_never_saved_whatever_its_length_says(
         with pytest.raises(TransportError) as info:
             await saver.save(at(f"{origin}/cut-{kind}"), tmp_path / "always.{ext}")
     assert str(info.value) == (
-        f"image download was cut short: the {kind} ends before its end marker after the "
-        f"{len(whole) - cut} bytes its Content-Length declared (the server declared a wrong "
-        "length, or sent only part of the image)"
+        f"image download was cut short: {MISSING_END[kind]}, after the {len(whole) - cut} "
+        "bytes its Content-Length declared (the server declared a length short of the image, "
+        "or sent only part of it)"
     )
+    assert hits[f"cut-{kind}"] == INSTANT.max_attempts  # retried like a body short of its length
     assert names(tmp_path) == [f"once.{kind}"]
+
+
+async def test_a_jpeg_cut_after_its_exif_thumbnail_is_fetched_again(tmp_path: Path) -> None:
+    """The thumbnail's FF D9 sat among the last bytes of the cut JPEG, which was saved as
+    whole; it must end with its own."""
+    async with tricky_server() as (origin, hits), local_downloader() as saver:
+        saved = await saver.save(at(f"{origin}/cut-exif-jpg-once"), tmp_path / "x.{ext}")
+    assert hits["cut-exif-jpg-once"] == 2
+    assert saved.path.read_bytes() == EXIF_JPEG
+    assert saved.sha256 == hashlib.sha256(EXIF_JPEG).hexdigest()
 
 
 async def test_an_inline_image_without_its_end_is_not_saved(tmp_path: Path) -> None:
     cut = base64.b64encode(PNG[:-12]).decode()
     async with local_downloader() as saver:
-        with pytest.raises(ProtocolError, match="b64_json image ends before its png end marker"):
+        with pytest.raises(ProtocolError) as info:
             await saver.save(inline(cut), tmp_path / "x.{ext}")
+    assert str(info.value) == (
+        "b64_json image is cut short: the PNG does not reach its end marker (an IEND "
+        f"chunk), after {len(PNG) - 12} bytes (the gateway listed only part of the image)"
+    )
     assert names(tmp_path) == []
+
+
+def aiohttp_errors_in(error: BaseException) -> list[BaseException]:
+    """aiohttp's exceptions among ``error``'s causes and contexts (they quote the URL)."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return [e for e in seen if type(e).__module__.startswith("aiohttp")]
 
 
 async def test_a_body_shorter_than_its_length_says_why_it_failed(tmp_path: Path) -> None:
@@ -494,10 +559,66 @@ async def test_a_body_shorter_than_its_length_says_why_it_failed(tmp_path: Path)
             await saver.save(at(f"{origin}/always-cut"), tmp_path / "x.{ext}")
     assert hits["always-cut"] == INSTANT.max_attempts
     assert str(info.value) == (
-        "image download failed: the connection ended before the whole body arrived (fewer "
-        "bytes than its Content-Length, or a broken chunked or compressed body) "
-        "(ClientPayloadError)"
+        f"image download was cut short: the server closed the connection before sending the "
+        f"{len(PNG) * 4} bytes its Content-Length declared (a Content-Length longer than the "
+        "image, or a server that stopped part-way)"
     )
+    assert info.value.reached_server and not aiohttp_errors_in(info.value)
+    assert names(tmp_path) == []
+
+
+@asynccontextmanager
+async def wrong_length_server(wrong_by: int) -> AsyncIterator[tuple[str, Counter[str]]]:
+    """An image server that sends the whole PNG in one write under a Content-Length
+    ``wrong_by`` bytes off it, then closes the connection."""
+    hits: Counter[str] = Counter()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        hits["image"] += 1
+        head = (
+            "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(PNG) + wrong_by}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + PNG)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", hits
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("wrong_by", [-20, 20])
+async def test_a_wrong_content_length_says_so(tmp_path: Path, wrong_by: int) -> None:
+    """Before, these read only "image download failed: ClientResponseError" (a length 20
+    bytes short of the body) and "... ClientPayloadError" (20 bytes past it)."""
+    async with wrong_length_server(wrong_by) as (origin, hits), local_downloader() as saver:
+        with pytest.raises(TransportError) as info:
+            await saver.save(at(f"{origin}/a.png"), tmp_path / "x.{ext}")
+    declared = len(PNG) + wrong_by
+    if wrong_by > 0:
+        said = {
+            "image download was cut short: the server closed the connection before sending "
+            f"the {declared} bytes its Content-Length declared (a Content-Length longer than "
+            "the image, or a server that stopped part-way)"
+        }
+    else:
+        said = {
+            # aiohttp's C parser refuses the bytes past the length ...
+            "image download failed: the image server sent more bytes than its Content-Length "
+            "declared (a Content-Length that does not match the body) (ClientResponseError)",
+            # ... its Python one stops reading at the length: the PNG has no end.
+            f"image download was cut short: {MISSING_END['png']}, after the {declared} bytes "
+            "its Content-Length declared (the server declared a length short of the image, or "
+            "sent only part of it)",
+        }
+    assert str(info.value) in said
+    assert hits["image"] == INSTANT.max_attempts  # retried, as any body cut short
+    assert info.value.reached_server and not aiohttp_errors_in(info.value)
     assert names(tmp_path) == []
 
 

@@ -4,9 +4,9 @@ One :class:`Downloader` per client (``job.save``, ``client.download`` and the CL
 through it). It owns its own HTTP session, opened at the first download: image downloads never
 take a connection or a slot from the API's pool. Where it may connect is ``_addresses``'s rule,
 checked on every hop; redirects are followed by hand, at most ``max_redirects`` of them, each
-one checked again. The bytes must carry a PNG/JPEG/WEBP signature, and a file appears under its
-final name only once complete (``_atomic_file``). Writes and fsyncs run on worker threads,
-never on the event loop.
+one checked again. The bytes must carry a PNG/JPEG/WEBP signature and end where that format
+says (``end_problem``), and a file appears under its final name only once complete
+(``_atomic_file``). Writes and fsyncs run on worker threads, never on the event loop.
 
 Every image ends within ``DownloadPolicy.deadline``: an attempt fails as too slow when the
 server does not keep up ``min_rate``, transient failures are retried with backoff, and no new
@@ -45,7 +45,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
-from ._image_formats import TAIL_BYTES, ends_complete, sniff_format
+from ._image_formats import TAIL_BYTES, end_problem, sniff_format
 from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
@@ -467,9 +467,17 @@ class Downloader:
         if isinstance(exc, aiohttp.ServerDisconnectedError):
             return "the image server closed the connection before it replied"
         if isinstance(exc, aiohttp.ClientResponseError):
+            # aiohttp's text is read only to choose these words, never shown: its HTTP parser
+            # says "Data after `Connection: close`" when bytes follow a body whose length
+            # was declared, which is a Content-Length short of the body.
+            if str(exc.message).startswith("Data after"):
+                return (
+                    "the image server sent more bytes than its Content-Length declared (a "
+                    "Content-Length that does not match the body)"
+                )
             return (
-                "the image server's reply could not be read as HTTP (bytes past its "
-                "Content-Length, or a malformed status line or header)"
+                "the image server's reply could not be read as HTTP (more bytes than its "
+                "Content-Length declared, or a malformed status line or header)"
             )
         if isinstance(exc, TimeoutError):
             return f"no data within {self._policy.read_timeout:g} s (DownloadPolicy.read_timeout)"
@@ -517,22 +525,16 @@ class Downloader:
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
                     f"(Content-Type {reply.headers.get('Content-Type')!r})"
                 )
-            # Every image must reach its own end marker: a compressed stream cut short decodes
-            # without an error, a body may end with the connection, and a Content-Length may
-            # itself be short (the server sends the rest after it, which aiohttp never reads).
-            if not ends_complete(kind, head, tail, size):
-                if declared is None or encoded:
-                    said = f"after {size} bytes (the server sent only part of the image)"
-                else:
-                    said = (
-                        f"after the {size} bytes its Content-Length declared (the server "
-                        "declared a wrong length, or sent only part of the image)"
-                    )
+            # Every image must reach its own end, whatever its length says: a compressed
+            # stream cut short decodes without an error, a body may end with the connection,
+            # and a Content-Length may itself be short (the server sends the rest after it,
+            # which aiohttp never reads). Cut short like a body short of its length: retried.
+            problem = end_problem(kind, head, tail, size)
+            if problem is not None:
+                came = _what_came(size, None if encoded else declared)
                 raise _RetryableError(
                     TransportError(
-                        f"image download was cut short: the {kind} ends before its end marker "
-                        + said,
-                        reached_server=True,
+                        f"image download was cut short: {problem}, {came}", reached_server=True
                     )
                 )
             path = target.final(kind)
@@ -558,7 +560,12 @@ class Downloader:
         window_bytes = 0
         while True:
             with anyio.CancelScope(deadline=window_ends) as scope:
-                chunk = await reply.content.read(_CHUNK)
+                try:
+                    chunk: bytes | None = await reply.content.read(_CHUNK)
+                except aiohttp.ClientPayloadError:
+                    # Raised below, out of this handler: aiohttp's exception (its text quotes
+                    # the server's bytes) must not ride along as the error's __context__.
+                    chunk = None
             if scope.cancelled_caught:
                 raise _RetryableError(
                     _too_slow(
@@ -566,6 +573,8 @@ class Downloader:
                         f"(DownloadPolicy.min_rate is {policy.min_rate:g} bytes/s)"
                     )
                 )
+            if chunk is None:
+                raise _RetryableError(_broken_body(reply))
             if not chunk:
                 break
             size += len(chunk)
@@ -634,12 +643,39 @@ def _decode(text: str, limit: int) -> tuple[bytes, str]:
     kind = sniff_format(data[:16])
     if kind is None:
         raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
-    if not ends_complete(kind, data[:16], data[-TAIL_BYTES:], len(data)):
+    problem = end_problem(kind, data[:16], data[-TAIL_BYTES:], len(data))
+    if problem is not None:
         raise ProtocolError(
-            f"b64_json image ends before its {kind} end marker after {len(data)} bytes "
-            "(the gateway listed only part of the image)"
+            f"b64_json image is cut short: {problem}, after {len(data)} bytes (the gateway "
+            "listed only part of the image)"
         )
     return data, kind
+
+
+def _what_came(size: int, declared: int | None) -> str:
+    """How many bytes came before an image fell short of its end, and what that tells."""
+    if declared is None:
+        return f"after {size} bytes (the server sent only part of the image)"
+    return (
+        f"after the {size} bytes its Content-Length declared (the server declared a length "
+        "short of the image, or sent only part of it)"
+    )
+
+
+def _broken_body(reply: aiohttp.ClientResponse) -> TransportError:
+    """Why a body broke off (aiohttp's ClientPayloadError), from what its reply declared.
+    How many bytes came is not said: aiohttp drops what it held when the connection ended."""
+    if reply.headers.get("Content-Encoding", "identity").lower() != "identity":
+        why = "its compressed body broke off, or could not be decoded"
+    elif reply.content_length is not None:
+        why = (
+            f"the server closed the connection before sending the {reply.content_length} "
+            "bytes its Content-Length declared (a Content-Length longer than the image, or a "
+            "server that stopped part-way)"
+        )
+    else:
+        why = "the connection ended inside its chunked body, before the last chunk"
+    return TransportError(f"image download was cut short: {why}", reached_server=True)
 
 
 def _host(url: str) -> str | None:
