@@ -592,6 +592,48 @@ async def wrong_length_server(wrong_by: int) -> AsyncIterator[tuple[str, Counter
         await server.wait_closed()
 
 
+async def test_the_rest_of_a_short_length_body_is_not_read_as_the_next_reply(
+    tmp_path: Path,
+) -> None:
+    """A kept-alive server declares a length 12 bytes short of the PNG (its IEND chunk) and
+    sends those 12 bytes only when the next request comes on the same connection, before that
+    request's reply. The failed try's connection is closed, so the retry asks on a fresh one
+    and gets the image. (With aiohttp 3.14 the connection was not reused before either; the
+    downloader now closes it itself rather than rely on that.)"""
+    connections: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections))
+        leftover = b""
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                first = len(connections) == 1 and not leftover  # the first request of all
+                body = PNG[:-12] if first else PNG
+                head = (
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n"
+                )
+                writer.write(leftover + head.encode() + body)
+                await writer.drain()
+                leftover = PNG[-12:] if first else b""
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with local_downloader() as saver:
+            saved = await saver.save(at(f"{origin}/a.png"), tmp_path / "x.{ext}")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert saved.path.read_bytes() == PNG
+    assert len(connections) == 2  # the retry came on a new connection
+
+
 @pytest.mark.parametrize("wrong_by", [-20, 20])
 async def test_a_wrong_content_length_says_so(tmp_path: Path, wrong_by: int) -> None:
     """Before, these read only "image download failed: ClientResponseError" (a length 20

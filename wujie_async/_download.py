@@ -540,6 +540,9 @@ class Downloader:
             path = target.final(kind)
             await _to_end(_atomic_file.commit, handle, temp, path)
         except BaseException:
+            # The connection is not reused: a server that declared a length short of its body
+            # may still send the rest, which the next request on it would read as its reply.
+            reply.close()
             await _to_end(_atomic_file.discard, handle, temp)
             raise
         return SavedImage(target.index, path, size, digest)
