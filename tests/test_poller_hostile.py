@@ -429,54 +429,52 @@ async def test_attach_right_after_the_end_returns_the_same_job() -> None:
 
 
 # --- item 13: a deadline fires on time while its key is on the wire -----------------------------
-@pytest.mark.long
-async def test_a_deadline_fires_while_the_poll_is_in_flight() -> None:
+def _held_then_done(seconds: float) -> tuple[list[ScriptedGateway], Any]:
+    """A script that holds each reply for ``seconds`` (or until the gateway shuts down), then
+    says the jobs finished; put the gateway in the returned list once it is up."""
     gateway_ref: list[ScriptedGateway] = []
 
     async def script(keys: list[str]) -> list[Any]:
-        # Hold the reply for 5 s (or until the test ends), then say the job finished.
         try:
-            await asyncio.wait_for(gateway_ref[0].released.wait(), 5)
+            await asyncio.wait_for(gateway_ref[0].released.wait(), seconds)
         except TimeoutError:
             pass
         return [done(key) for key in keys]
 
+    return gateway_ref, script
+
+
+async def _a_job_times_out_on_time(client: WujieClient) -> None:
+    """A job of ``job_timeout=1`` submitted now fails with JobTimeoutError within 1.8 s."""
+    started = time.monotonic()
+    [job] = await submit(client, 1, job_timeout=1)
+    with pytest.raises(JobTimeoutError):
+        await job.result(timeout=10)
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.8, elapsed
+
+
+@pytest.mark.long
+async def test_a_deadline_fires_while_the_poll_is_in_flight() -> None:
+    gateway_ref, script = _held_then_done(5)
     async with scripted_gateway(script) as gateway:
         gateway_ref.append(gateway)
         async with client_for(gateway, timeouts=Timeouts(request=30)) as client:
-            started = time.monotonic()
-            [job] = await submit(client, 1, job_timeout=1)
-            with pytest.raises(JobTimeoutError):
-                await job.result(timeout=10)
-            elapsed = time.monotonic() - started
-            assert elapsed < 1.8, elapsed
+            await _a_job_times_out_on_time(client)
             assert gateway.asked  # the key was on the wire when its deadline passed
 
 
 async def test_a_deadline_fires_while_every_call_slot_is_taken() -> None:
     # One call slot, held by a call the gateway does not answer: a job submitted after it
     # waits for the slot outside any call, and its deadline still fires on time.
-    gateway_ref: list[ScriptedGateway] = []
-
-    async def script(keys: list[str]) -> list[Any]:
-        try:
-            await asyncio.wait_for(gateway_ref[0].released.wait(), 8)
-        except TimeoutError:
-            pass
-        return [done(key) for key in keys]
-
+    gateway_ref, script = _held_then_done(8)
     async with scripted_gateway(script) as gateway:
         gateway_ref.append(gateway)
         limits = Limits(max_concurrent_polls=1)
         async with client_for(gateway, timeouts=Timeouts(request=30), limits=limits) as client:
             [first] = await submit(client, 1)
             await eventually(lambda: gateway.asked, timeout=5, interval=0.01, what="a call")
-            started = time.monotonic()
-            [job] = await submit(client, 1, job_timeout=1)
-            with pytest.raises(JobTimeoutError):
-                await job.result(timeout=10)
-            elapsed = time.monotonic() - started
-            assert elapsed < 1.8, elapsed
+            await _a_job_times_out_on_time(client)
             assert gateway.asked == [[first.key]]  # it was never asked: no slot came free
 
 

@@ -510,7 +510,7 @@ class Downloader:
         try:
             size, digest, head, tail = await self._stream(reply, handle)
             # Content-Length counts the bytes on the wire: a compressed body decodes to more.
-            encoded = reply.headers.get("Content-Encoding", "identity").lower() != "identity"
+            encoded = _encoded(reply)
             if declared is not None and not encoded and size != declared:
                 raise _RetryableError(
                     TransportError(
@@ -655,6 +655,11 @@ def _decode(text: str, limit: int) -> tuple[bytes, str]:
     return data, kind
 
 
+def _encoded(reply: aiohttp.ClientResponse) -> bool:
+    """True when the body came compressed (its Content-Length counts the compressed bytes)."""
+    return reply.headers.get("Content-Encoding", "identity").lower() != "identity"
+
+
 def _what_came(size: int, declared: int | None) -> str:
     """How many bytes came before an image fell short of its end, and what that tells."""
     if declared is None:
@@ -668,7 +673,7 @@ def _what_came(size: int, declared: int | None) -> str:
 def _broken_body(reply: aiohttp.ClientResponse) -> TransportError:
     """Why a body broke off (aiohttp's ClientPayloadError), from what its reply declared.
     How many bytes came is not said: aiohttp drops what it held when the connection ended."""
-    if reply.headers.get("Content-Encoding", "identity").lower() != "identity":
+    if _encoded(reply):
         why = "its compressed body broke off, or could not be decoded"
     elif reply.content_length is not None:
         why = (
