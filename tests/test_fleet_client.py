@@ -652,13 +652,14 @@ async def test_members_redis_forgot_join_again_long_before_their_next_heartbeat(
         # Their journal writes put them back on the list, but not as joined (no info).
         jobs += [await c.images.submit(prompt="after", model="dall-e-2") for c in (a, b)]
 
-        async def both_listed() -> bool:
+        async def both_joined_again() -> bool:
+            # Listed again, and each has said so (its line comes just after its listing).
             joined = await observer.call(lambda r: r.hkeys(observer.keys.member_info))
-            return {a.fleet_member, b.fleet_member} <= set(joined)
+            listed = {a.fleet_member, b.fleet_member} <= set(joined)
+            return listed and caplog.text.count("joined again") >= 2
 
         # Well inside the 10 s to the next heartbeat (the members joined a moment ago).
-        await eventually(both_listed, timeout=5, what="both members listed again")
-        assert caplog.text.count("joined again") >= 2
+        await eventually(both_joined_again, timeout=5, what="both members joined again")
         await asyncio.wait_for(asyncio.gather(*jobs), 20)
         assert roles(a, b) == ["follower", "leader"]
         assert emu.stats()["submits_accepted"] == 10
