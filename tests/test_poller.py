@@ -24,6 +24,8 @@ import pytest
 from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
 from wujie_async._jobs import JobState
 from wujie_async._poller import BatchPoller
+from wujie_async._schedule import TUNING
+from wujie_async.emulator import FaultConfig
 
 from .conftest import EmulatorFactory, open_transport
 
@@ -32,8 +34,9 @@ pytestmark = [pytest.mark.anyio, pytest.mark.fake_clock]
 JOBS = 200
 
 
-async def burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, float]:
-    """(mean asks per key, the worst lateness in seconds) of a burst at the default policy.
+async def burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, list[float]]:
+    """(mean asks per key, each job's lateness in seconds, sorted) of a burst at the default
+    policy.
 
     Wall time follows the fast-forwarding loop clock, as it follows a real one, so the
     gateway's unix stamps (``complete_time``) mean to the client what they say."""
@@ -43,7 +46,7 @@ async def burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, floa
         return await _burst(emulator, **settings)
 
 
-async def _burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, float]:
+async def _burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, list[float]]:
     async with (
         emulator(
             time_scale=1.0, seed=5, job_seconds=(10, 30), estimate_basis="actual", **settings
@@ -57,8 +60,14 @@ async def _burst(emulator: EmulatorFactory, **settings: Any) -> tuple[float, flo
             await job
         stats = emu.stats()
     asks = Counter(key for call in stats["batch_keys"] for key in call)
-    late = max(t["first_listed_done"] - t["done"] for t in stats["timelines"].values())
+    late = sorted(t["first_listed_done"] - t["done"] for t in stats["timelines"].values())
     return statistics.mean(asks[job.key] for job in jobs), late
+
+
+# While a model's window is unlearned its first jobs are scouts, asked every max_interval
+# until their window opens: up to three asks more each in these bursts of 10-30 s jobs, the
+# price of finding out early a gateway whose estimates run long (the test after this one).
+SCOUT_ASKS = TUNING.scouts * 3 / JOBS
 
 
 @pytest.mark.parametrize(
@@ -83,8 +92,22 @@ async def test_asks_per_key_hold_across_gateways(
     emulator: EmulatorFactory, settings: dict[str, Any], most_asks: float
 ) -> None:
     asks, late = await burst(emulator, **settings)
-    assert asks <= most_asks, asks
-    assert late <= 1.0 + PollPolicy().min_interval, late
+    assert asks <= most_asks + SCOUT_ASKS, asks
+    assert late[-1] <= 1.0 + PollPolicy().min_interval, late[-1]
+
+
+@pytest.mark.parametrize("bias", [3.0, 5.0])
+async def test_estimates_that_run_long_are_found_out_before_the_predicted_ends(
+    emulator: EmulatorFactory, bias: float
+) -> None:
+    # Every estimate 3 (5) times the job's length, counting down as a right one would: the
+    # schedule cannot tell it from a right one until jobs end, and it learns from the first
+    # ends it sees. Waiting for the predicted ends, half the jobs were seen 13 s (34 s) or
+    # more after they ended; the scouts see the first ends within seconds.
+    asks, late = await burst(emulator, faults=FaultConfig(estimate_bias=bias))
+    assert late[len(late) // 2] <= 3.0, late[len(late) // 2]
+    assert late[-1] <= 15.0, late[-1]
+    assert asks <= 3.0 + SCOUT_ASKS, asks
 
 
 # --- a poller that gathers (a fleet's leader): partial calls wait for keys coming due -----------

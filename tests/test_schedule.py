@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from wujie_async import PollPolicy
-from wujie_async._schedule import KeyTiming, PollSchedule
+from wujie_async._schedule import TUNING, KeyTiming, PollSchedule
 
 POLICY = PollPolicy()
 
@@ -51,16 +51,40 @@ def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness(
     assert max(late for _, late in results) <= POLICY.min_interval
 
 
-def test_a_right_estimate_costs_at_most_three_asks_from_the_first_job() -> None:
+def past_the_scouts() -> PollSchedule:
+    """A schedule that has nothing learned and no scout left to send: ``TUNING.scouts`` other
+    jobs reported a first estimate each (all different: per-job estimates)."""
+    schedule = PollSchedule(POLICY)
+    for told in range(TUNING.scouts):
+        schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=9.0 + told)
+    return schedule
+
+
+def test_a_right_estimate_costs_at_most_three_asks_before_anything_is_learned() -> None:
     # Issue 12's behaviour: the first ask, one check that the estimate counts down, one just
-    # after the predicted end; seen done within min_interval. Nothing learned beforehand.
+    # after the predicted end; seen done within min_interval. Nothing learned beforehand (the
+    # model's scouts, its first jobs, are asked more: the test after this one).
     # Ends off whole seconds: exact estimates that come out whole at every ask are taken for
     # whole-second ones, whose window opens coarse_delay later by design.
     for end in (8.3, 20.3, 45.3, 200.3):
-        asks, late = follow(PollSchedule(POLICY), end, exact)
+        asks, late = follow(past_the_scouts(), end, exact)
         # A job longer than max_estimate_wait is also asked about once per that wait.
         assert asks <= 3 + int(end // POLICY.max_estimate_wait), (end, asks)
         assert late <= POLICY.min_interval
+
+
+def test_a_scout_sees_an_estimate_that_runs_long_end_within_max_interval() -> None:
+    # A model's first jobs, nothing learned: an estimate three times the job's length that
+    # counts down looks right until the job ends. Trusted, a 10 s job told 30 s is seen at
+    # 30 s; a scout is asked every max_interval until its window, at one ask each.
+    for end in (8.3, 10.3, 20.3, 45.3):
+        three_times = follow(PollSchedule(POLICY), end, lambda end, now: 3 * end - now)
+        assert three_times[1] <= POLICY.max_interval, (end, three_times)
+        right = follow(PollSchedule(POLICY), end, exact)
+        assert right[1] <= POLICY.min_interval, (end, right)
+        assert right[0] <= 3 + math.ceil(end / POLICY.max_interval), (end, right)
+    # Only the first TUNING.scouts jobs of a model are scouts.
+    assert follow(past_the_scouts(), 10.3, lambda end, now: 3 * end - now)[1] > 15
 
 
 def test_a_placeholder_far_above_the_real_durations_is_found_out_within_max_interval() -> None:
@@ -103,8 +127,14 @@ def test_two_jobs_told_the_same_figure_are_enough_to_close_in_in_steps() -> None
 
 def test_estimates_that_differ_are_trusted_from_the_second_job() -> None:
     # One other job was told a different figure: these are per-job estimates, so a right one
-    # still costs three asks (no steps).
+    # is not closed in on in steps (about ten asks here): it costs a scout's asks, one per
+    # max_interval (it is among the model's first jobs), and three asks past the scouts.
     asks, late = follow(after_one_other_job(told=9.0), 20.0, exact)
+    assert asks <= 3 + math.ceil(20.0 / POLICY.max_interval), asks
+    assert late <= POLICY.min_interval
+    schedule = past_the_scouts()
+    schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=9.0)
+    asks, late = follow(schedule, 20.0, exact)
     assert asks <= 3, asks
     assert late <= POLICY.min_interval
 
@@ -301,7 +331,7 @@ def test_a_job_queued_at_its_first_ask_costs_three_asks_before_anything_is_learn
             return round(end - (starts if queued else now), 2)
 
         asks, late = follow_gateway(
-            PollSchedule(POLICY), end, queued_until=starts, estimate=generation_only
+            past_the_scouts(), end, queued_until=starts, estimate=generation_only
         )
         assert asks <= 3, (end, starts, asks)
         assert late <= POLICY.min_interval
