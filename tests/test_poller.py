@@ -21,7 +21,7 @@ from unittest import mock
 import anyio
 import pytest
 
-from wujie_async import ImageJob, Limits, PollPolicy, WujieClient
+from wujie_async import ImageJob, JobTimeoutError, Limits, PollPolicy, Timeouts, WujieClient
 from wujie_async._jobs import JobState
 from wujie_async._poller import BatchPoller
 from wujie_async._schedule import TUNING
@@ -211,3 +211,50 @@ async def test_a_reply_applied_from_elsewhere_warns_only_of_keys_its_call_did_no
         assert "ignored 0 malformed entries and 2 entries for keys not asked about" in caplog.text
         for job in jobs:
             job.cancel()
+
+
+# --- a 429 storm on batch queries: refused keys go in the next call ------------------------
+async def test_keys_of_a_refused_batch_call_go_in_the_next_call_with_the_others(
+    emulator: EmulatorFactory,
+) -> None:
+    # Half the calls refused with 429 (Retry-After 1 s), jobs of 2-4 s, 8 s deadlines. A
+    # refused batch call used to be resent as it was, its keys held in it while other calls
+    # went through: 13 to 17 of 40 jobs that ended at 3-4 s timed out "still running at its
+    # deadline" (eight runs). Now a refused call's keys are due again after Retry-After and go
+    # with every other key then due: 2 to 6.
+    faults = FaultConfig(http_429=0.5, retry_after_s=1)  # on submits too: they come apart
+    async with (
+        emulator(time_scale=1.0, seed=3, job_seconds=(2, 4), faults=faults) as emu,
+        WujieClient(emu.credentials, base_url=emu.base_url, timeouts=Timeouts(job=8)) as client,
+    ):
+        submitted = await asyncio.gather(
+            *(client.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(40)),
+            return_exceptions=True,  # a submit refused six times in a row gives up
+        )
+        jobs = [job for job in submitted if isinstance(job, ImageJob)]
+        ended = await asyncio.gather(*jobs, return_exceptions=True)
+        refused = client.stats.rate_limited
+    timed_out = [error for error in ended if isinstance(error, JobTimeoutError)]
+    assert refused >= 10  # the storm was on
+    assert len(timed_out) <= 8, [str(error) for error in timed_out]
+    for error in timed_out:  # each says what was seen, and why nothing more was
+        assert "still running at its deadline" not in str(error)
+        assert "the batch calls are failing: RateLimitedError" in str(error) or (
+            "when last reported" in str(error)
+        ), str(error)
+    assert client.stats.batch_errors == 0  # a refused call is a 429, not a failed call
+
+
+async def test_a_deadline_says_when_the_job_was_last_reported_running(
+    emulator: EmulatorFactory,
+) -> None:
+    async with (
+        emulator(time_scale=1.0, job_seconds=(60, 60)) as emu,
+        WujieClient(emu.credentials, base_url=emu.base_url) as client,
+    ):
+        job = await client.images.submit(prompt="p", model="dall-e-2", job_timeout=5)
+        with pytest.raises(JobTimeoutError) as info:
+            await job
+    message = str(info.value)
+    assert "still running when last reported, " in message, message
+    assert "s before its deadline" in message, message

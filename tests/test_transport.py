@@ -362,7 +362,26 @@ async def test_submits_and_polls_have_separate_429_brakes(emulator: EmulatorFact
                 while t.brake_rates[braked] is None and len(keys) < 200:
                     body = {"prompt": f"{len(keys)}", "model": "dall-e-2"}
                     keys.append((await t.post(GENERATIONS, body, kind="submit"))["key"])
-                    await t.post(INFO, keys[-50:], kind="poll")
+                    # A poll's 429 is not retried here: the poller asks again itself.
+                    with contextlib.suppress(RateLimitedError):
+                        await t.post(INFO, keys[-50:], kind="poll")
                 rates = t.brake_rates
                 assert rates[braked] is not None and t.counters.rate_limited > 0, rates
                 assert rates[free] is None, rates  # the other kind of call never slowed down
+
+
+async def test_a_refused_poll_is_left_to_the_poller_and_a_refused_submit_is_retried(
+    emulator: EmulatorFactory,
+) -> None:
+    # A batch query refused with 429 is raised at once, Retry-After with it: the poller asks
+    # again with every key due by then (test_poller). A refused submit is resent.
+    faults = FaultConfig(burst_429=1, retry_after_s=2)
+    async with emulator(faults=faults) as emu:
+        async with open_transport(emu.base_url, emu.credentials, retry=INSTANT_RETRY) as t:
+            with pytest.raises(RateLimitedError) as info:
+                await t.post(INFO, ["K"], kind="poll")
+            assert info.value.retry_after == 2 and t.counters.http_calls == 1
+            emu.set_faults(FaultConfig(burst_429=1, retry_after_s=0))
+            body = {"prompt": "p", "model": "dall-e-2"}
+            assert (await t.post(GENERATIONS, body, kind="submit"))["key"]
+            assert t.counters.http_calls == 3 and t.counters.retries == 1

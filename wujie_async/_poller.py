@@ -54,6 +54,7 @@ from ._errors import (
     JobError,
     JobProtocolError,
     JobTimeoutError,
+    RateLimitedError,
     ResponseTooLargeError,
     UnknownJobError,
     WujieError,
@@ -404,9 +405,12 @@ class BatchPoller:
     def _expire(self, tracked: _Tracked) -> None:
         if self._tracks(tracked):
             job = tracked.job
-            message = "still running at its deadline"
             if tracked.last_seen is None:
                 message = "not reported by the gateway before its deadline"
+            else:
+                # Only what was seen: the job may have ended since, unseen (calls refused).
+                ago = asyncio.get_running_loop().time() - tracked.last_seen
+                message = f"still running when last reported, {ago:.1f}s before its deadline"
             if self._failing is not None:
                 message += f" (the batch calls are failing: {self._failing})"
             error = JobTimeoutError(message, job_key=job.key)
@@ -429,6 +433,7 @@ class BatchPoller:
         asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
         too_large = False
+        retry_wait = self._policy.min_interval  # after a failed call
         otel = self._telemetry.otel
         batch: BatchTrace | None = None
         failure: BaseException | None = None
@@ -444,6 +449,16 @@ class BatchPoller:
                 )
             reading = self._read(data, asked)
             self._failing = None
+        except RateLimitedError as exc:  # refused outright, not retried by the transport
+            failure = exc
+            self._failing = f"{type(exc).__name__}: {snippet(str(exc), limit=120)}"
+            # Asked again after Retry-After (at least min_interval), with the keys due then.
+            retry_wait = max(self._policy.min_interval, exc.retry_after or 0.0)
+            logger.debug(
+                "batch query of %d keys refused (429): asked again in %.2fs",
+                len(asked),
+                retry_wait,
+            )
         except WujieError as exc:
             self.counters.batch_errors += 1
             failure = exc
@@ -476,16 +491,21 @@ class BatchPoller:
         if too_large:
             await self._split(chunk)
             return
-        self._apply_reading(chunk, reading, asked_at)
+        self._apply_reading(chunk, reading, asked_at, retry_wait)
 
     def _apply_reading(
-        self, chunk: list[_Tracked], reading: Reading | None, asked_at: float | None = None
+        self,
+        chunk: list[_Tracked],
+        reading: Reading | None,
+        asked_at: float | None = None,
+        retry_wait: float | None = None,
     ) -> None:
         """What a reply (None: a failed call) means for each job of ``chunk``.
 
         ``asked_at``: when the call went out (None: now). The gateway read its state somewhere
         between then and now; estimates count from the ask, so a slow reply does not push
-        every predicted end back by its own length.
+        every predicted end back by its own length. ``retry_wait``: after a failed call, when
+        its keys are due again (None: ``min_interval``).
         """
         now = asyncio.get_running_loop().time()
         asked_at = now if asked_at is None else asked_at
@@ -496,7 +516,8 @@ class BatchPoller:
             if not self._tracks(tracked):
                 continue  # cancelled, or past its deadline, while the call was out
             if reading is None:
-                self._schedule(tracked, now + self._policy.min_interval)
+                wait = self._policy.min_interval if retry_wait is None else retry_wait
+                self._schedule(tracked, now + wait)
                 continue
             self._dispatch_contained(tracked, reading, now, asked_at, unix_to_loop)
         self._after_replies(now)

@@ -67,7 +67,8 @@ class ClientStats:
         submits: submits the gateway accepted (each gave a key).
         submit_errors: submits that raised.
         batch_calls: batch-detail calls sent.
-        batch_errors: batch-detail calls that failed after their retries.
+        batch_errors: batch-detail calls that failed after their retries (a call refused with
+            429 is counted in ``rate_limited``; its keys are asked again after Retry-After).
         keys_polled: keys asked about, over all batch calls.
         mean_batch_fill: keys per batch call on average (50 is full).
         http_calls: HTTP requests sent, retries included.

@@ -608,7 +608,11 @@ def _retryable(exc: WujieError, kind: CallKind) -> bool:
     if isinstance(exc, AuthenticationError):
         return exc.http_status == 401  # 403: these credentials may not do this; stop
     if isinstance(exc, RateLimitedError):
-        return True  # refused outright: nothing happened, resending is safe
+        # Refused outright: nothing happened, resending a submit is safe. A batch query is not
+        # resent as it was: the poller asks again after Retry-After, in a call with every key
+        # then due, so its keys are not held in one call that keeps being refused while
+        # other calls go through.
+        return kind != "poll"
     if exc.systemic and not isinstance(exc, TransportError):
         return False  # a missing route, a redirect, no balance: the same again every time
     if isinstance(exc, ResponseTooLargeError):
