@@ -285,8 +285,10 @@ class BatchPoller:
         tracked = self._jobs.get(job.key)
         if tracked is not None and tracked.job is job:
             self._untrack(tracked)
-            error = JobCancelledError("cancelled", job_key=job.key)
-            self._observe_end(tracked, error, tracked.state.status)
+            if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+                # Only for the record: the job's own cancel sets the error its awaiters get.
+                error = JobCancelledError("cancelled", job_key=job.key)
+                self._observe_end(tracked, error, tracked.state.status)
 
     def _untrack(self, tracked: _Tracked) -> None:
         if self._jobs.get(tracked.job.key) is tracked:
