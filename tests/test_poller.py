@@ -258,3 +258,20 @@ async def test_a_deadline_says_when_the_job_was_last_reported_running(
     message = str(info.value)
     assert "still running when last reported, " in message, message
     assert "s before its deadline" in message, message
+
+
+async def test_a_retry_after_of_an_hour_on_a_batch_query_does_not_park_the_jobs(
+    emulator: EmulatorFactory,
+) -> None:
+    # A refused call's keys wait its Retry-After, but never more than max_interval.
+    faults = FaultConfig(endpoints=frozenset({"info"}), burst_429=1, retry_after_s=3600)
+    async with (
+        emulator(time_scale=1.0, job_seconds=(2, 2), faults=faults) as emu,
+        WujieClient(emu.credentials, base_url=emu.base_url) as client,
+    ):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        job = await client.images.submit(prompt="p", model="dall-e-2")
+        await job
+        assert client.stats.rate_limited == 1
+    assert loop.time() - start <= 2 + PollPolicy().max_interval + 1.0

@@ -454,8 +454,11 @@ class BatchPoller:
         except RateLimitedError as exc:  # refused outright, not retried by the transport
             failure = exc
             self._failing = f"{type(exc).__name__}: {snippet(str(exc), limit=120)}"
-            # Asked again after Retry-After (at least min_interval), with the keys due then.
-            retry_wait = max(self._policy.min_interval, exc.retry_after or 0.0)
+            # Asked again after Retry-After, with the keys due then: at least min_interval,
+            # and at most max_interval (an hour's Retry-After must not park every job; the 429
+            # brake slows the calls down if the refusals go on).
+            policy = self._policy
+            retry_wait = min(max(policy.min_interval, exc.retry_after or 0.0), policy.max_interval)
             logger.debug(
                 "batch query of %d keys refused (429): asked again in %.2fs",
                 len(asked),
