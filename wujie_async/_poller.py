@@ -112,6 +112,11 @@ class _Tracked(KeyTiming):
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
 
 
+def _recorded(tracked: _Tracked) -> bool:
+    """Whether ``tracked``'s changes are written down (a span, or the DEBUG log)."""
+    return tracked.trace is not None or logger.isEnabledFor(logging.DEBUG)
+
+
 class _DeadlineWatch:
     """Ends the jobs of one call on the wire whose deadline passes before the reply is back.
 
@@ -285,7 +290,7 @@ class BatchPoller:
         tracked = self._jobs.get(job.key)
         if tracked is not None and tracked.job is job:
             self._untrack(tracked)
-            if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+            if _recorded(tracked):
                 # Only for the record: the job's own cancel sets the error its awaiters get.
                 error = JobCancelledError("cancelled", job_key=job.key)
                 self._observe_end(tracked, error, tracked.state.status)
@@ -435,7 +440,7 @@ class BatchPoller:
         asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
         too_large = False
-        retry_wait = self._policy.min_interval  # after a failed call
+        retry_wait: float | None = None  # after a failed call (None: min_interval)
         otel = self._telemetry.otel
         batch: BatchTrace | None = None
         failure: BaseException | None = None
@@ -451,31 +456,32 @@ class BatchPoller:
                 )
             reading = self._read(data, asked)
             self._failing = None
-        except RateLimitedError as exc:  # refused outright, not retried by the transport
-            failure = exc
-            self._failing = f"{type(exc).__name__}: {snippet(str(exc), limit=120)}"
-            # Asked again after Retry-After, with the keys due then: at least min_interval,
-            # and at most max_interval (an hour's Retry-After must not park every job; the 429
-            # brake slows the calls down if the refusals go on).
-            policy = self._policy
-            retry_wait = min(max(policy.min_interval, exc.retry_after or 0.0), policy.max_interval)
-            logger.debug(
-                "batch query of %d keys refused (429): asked again in %.2fs",
-                len(asked),
-                retry_wait,
-            )
         except WujieError as exc:
-            self.counters.batch_errors += 1
             failure = exc
             self._failing = f"{type(exc).__name__}: {snippet(str(exc), limit=120)}"
-            too_large = isinstance(exc, ResponseTooLargeError)
-            if not too_large:
-                self._warnings.warning(
-                    "batch query of %d keys failed: %s",
-                    len(asked),
-                    snippet(str(exc)),
-                    cause=type(exc).__name__,  # a new cause (a 401 among 503s) is written
+            if isinstance(exc, RateLimitedError):  # refused outright, not retried by the transport
+                # Asked again after Retry-After, with the keys due then: at least min_interval,
+                # and at most max_interval (an hour's Retry-After must not park every job; the
+                # 429 brake slows the calls down if the refusals go on).
+                policy = self._policy
+                retry_wait = min(
+                    max(policy.min_interval, exc.retry_after or 0.0), policy.max_interval
                 )
+                logger.debug(
+                    "batch query of %d keys refused (429): asked again in %.2fs",
+                    len(asked),
+                    retry_wait,
+                )
+            else:
+                self.counters.batch_errors += 1
+                too_large = isinstance(exc, ResponseTooLargeError)
+                if not too_large:
+                    self._warnings.warning(
+                        "batch query of %d keys failed: %s",
+                        len(asked),
+                        snippet(str(exc)),
+                        cause=type(exc).__name__,  # a new cause (a 401 among 503s) is written
+                    )
         except asyncio.CancelledError as exc:  # closed or stopped while on the wire: no reply
             failure = exc
             raise
@@ -771,7 +777,7 @@ class BatchPoller:
         self, tracked: _Tracked, before: JobStatus | int | None, now: float
     ) -> None:
         """A running job's status changed: its DEBUG line and its span's event."""
-        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+        if _recorded(tracked):
             self._telemetry.job_status(
                 tracked.trace,
                 tracked.job.key,
@@ -785,7 +791,7 @@ class BatchPoller:
         self, tracked: _Tracked, error: JobError | None, before: JobStatus | int | None
     ) -> None:
         """A tracked job ended: its DEBUG line, and its span and metrics."""
-        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):
+        if _recorded(tracked):
             self._telemetry.job_ended(
                 tracked.trace, tracked.job.key, before, tracked.state, error, tracked.asks
             )
