@@ -7,6 +7,7 @@ batch replies the test writes, entry by entry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -14,6 +15,7 @@ import math
 import time
 import weakref
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -307,25 +309,47 @@ async def test_a_failure_without_a_reason_is_worded_without_none(
 
 
 # --- slow replies: estimates count from the ask; keys are chosen when a call slot is free ------
-def _slow_gateway(
-    lengths: dict[str, float], created: dict[str, float], latency: float, seen: list[float]
-) -> Any:
-    """A gateway that reads each job's state when a call arrives (exact estimates) and sends
-    the reply ``latency`` seconds later: a slow network or a busy gateway."""
+class _SlowGateway:
+    """A gateway that reads each job's state when a call arrives (exact estimates for jobs of
+    ``lengths`` seconds) and sends the reply ``latency`` seconds later: a slow network or a
+    busy gateway. ``seen``: when each call arrived."""
 
-    async def script(keys: list[str]) -> list[Any]:
+    def __init__(self, lengths: dict[str, float], latency: float) -> None:
+        self.lengths = lengths
+        self.latency = latency
+        self.created: dict[str, float] = {}
+        self.seen: list[float] = []
+
+    async def script(self, keys: list[str]) -> list[Any]:
         now = time.monotonic()
-        seen.append(now)
+        self.seen.append(now)
         listed = []
         for key in keys:
-            left = created[key] + lengths[key] - now
+            left = self.created[key] + self.lengths[key] - now
             listed.append(
                 done(key) if left <= 0 else _generating(key, 50) | {"expected_seconds": left}
             )
-        await asyncio.sleep(latency)
+        await asyncio.sleep(self.latency)
         return listed
 
-    return script
+    async def submit(self, client: WujieClient) -> ImageJob:
+        """One job, its length counted from now."""
+        [job] = await submit(client, 1)
+        self.created[job.key] = time.monotonic()
+        return job
+
+
+@contextlib.asynccontextmanager
+async def _slow_client(
+    lengths: dict[str, float], latency: float
+) -> AsyncIterator[tuple[_SlowGateway, ScriptedGateway, WujieClient]]:
+    """A client at the default policy against a :class:`_SlowGateway`."""
+    slow = _SlowGateway(lengths, latency)
+    async with (
+        scripted_gateway(slow.script) as gateway,
+        client_for(gateway, poll=PollPolicy()) as client,
+    ):
+        yield slow, gateway, client
 
 
 @pytest.mark.long
@@ -333,20 +357,12 @@ async def test_a_slow_reply_does_not_push_the_predicted_end_back_by_its_length()
     # The gateway reads the state when the call arrives and answers 3 s later. An estimate
     # counted from the reply's arrival put the end 3 s late, and the job was first asked
     # about 3.4 s after it ended (6.4 s before it resolved); counted from the ask, 0.6 s.
-    lengths = {"K00000": 8.0}
-    created: dict[str, float] = {}
-    seen: list[float] = []
-    script = _slow_gateway(lengths, created, 3.0, seen)
-    async with (
-        scripted_gateway(script) as gateway,
-        client_for(gateway, poll=PollPolicy()) as client,
-    ):
-        [job] = await submit(client, 1)
-        created[job.key] = time.monotonic()
+    async with _slow_client({"K00000": 8.0}, 3.0) as (slow, _, client):
+        job = await slow.submit(client)
         await job.result(timeout=30)
-    end = created["K00000"] + 8.0
-    first_after_end = min(t for t in seen if t >= end)
-    assert first_after_end - end < 1.5, [round(t - created["K00000"], 2) for t in seen]
+    end = slow.created["K00000"] + 8.0
+    first_after_end = min(t for t in slow.seen if t >= end)
+    assert first_after_end - end < 1.5, [round(t - slow.created["K00000"], 2) for t in slow.seen]
 
 
 @pytest.mark.long
@@ -356,18 +372,8 @@ async def test_keys_due_while_every_call_slot_is_taken_share_the_next_call() -> 
     # 8.6 s late); chosen once a slot frees, those due meanwhile share a call.
     count = 30
     lengths = {f"K{i:05d}": 3 + 0.3 * i for i in range(count)}
-    created: dict[str, float] = {}
-    seen: list[float] = []
-    script = _slow_gateway(lengths, created, 2.0, seen)
-    async with (
-        scripted_gateway(script) as gateway,
-        client_for(gateway, poll=PollPolicy()) as client,
-    ):
-        jobs = []
-        for _ in range(count):
-            [job] = await submit(client, 1)
-            created[job.key] = time.monotonic()
-            jobs.append(job)
+    async with _slow_client(lengths, 2.0) as (slow, gateway, client):
+        jobs = [await slow.submit(client) for _ in range(count)]
         await asyncio.gather(*(job.result(timeout=60) for job in jobs))
     assert len(gateway.asked) < 0.8 * count, [len(keys) for keys in gateway.asked]
 
