@@ -328,7 +328,9 @@ async def test_a_disk_that_fills_mid_run_still_records_every_paid_job(tmp_path: 
             bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "10"]
             code, _, err = await cli(*bulk, env=emu.env)
             assert code == 3, err
-            assert "the manifest could not be written" in err
+            # An image or the manifest (whichever the disk refuses first) stops the run.
+            assert "could not be saved" in err or "could not be written" in err
+            assert "nothing more was sent" in err
             assert "could not record" not in err  # every row written in the end
             sent = (await emu.stats())["submits_accepted"]
             assert 0 < sent <= 40  # the disk usually fills first (not on a slow machine)
@@ -336,6 +338,36 @@ async def test_a_disk_that_fills_mid_run_still_records_every_paid_job(tmp_path: 
             remount = ["mount", "-o", "remount,size=8m", str(disk)]
             await anyio.to_thread.run_sync(lambda: subprocess.run(remount, check=True))
             code, _, err = await cli(*bulk, env=emu.env)
+            assert code == 0, err
+            assert (await emu.stats())["submits_accepted"] == 40  # each line paid once
+            assert sorted(set(final_outcomes(out).values())) == ["saved"]
+
+
+@pytest.mark.long
+async def test_a_disk_too_full_for_images_but_not_for_rows_stops_the_run(tmp_path: Path) -> None:
+    """Images refused for the disk's sake while the manifest rows still fit: every later job
+    would be paid for and refused the same way, so the first refusal stops the run (it went
+    on sending every line before) and the re-run collects the jobs by key."""
+    async with served_emulator(tmp_path, "--time-scale", "0.05") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"room {i}\n" for i in range(40)))
+        # About 106 KB set aside for the rows, then room for two images of 34 KB: the third
+        # is refused, and the rows (a few hundred bytes each) keep fitting.
+        with full_disk(tmp_path / "disk", size="200k", fill=False) as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal"]
+            code, _, err = await cli(*bulk, "--rate", "2", env=emu.env)
+            assert code == 3, err
+            assert "stopped: an image could not be saved (No space left on device)" in err
+            assert "nothing more was sent" in err and "could not record" not in err
+            # About 4 sent here; 21 before, when only the manifest's refusal stopped the run.
+            sent = (await emu.stats())["submits_accepted"]
+            assert 0 < sent <= 12
+            outcomes = final_outcomes(out)
+            assert list(outcomes.values()).count("not_sent") == 40 - sent
+            remount = ["mount", "-o", "remount,size=8m", str(disk)]
+            await anyio.to_thread.run_sync(lambda: subprocess.run(remount, check=True))
+            code, _, err = await cli(*bulk, "--rate", "20", env=emu.env)
             assert code == 0, err
             assert (await emu.stats())["submits_accepted"] == 40  # each line paid once
             assert sorted(set(final_outcomes(out).values())) == ["saved"]

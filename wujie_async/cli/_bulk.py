@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,6 +301,9 @@ class BulkRun:
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
+            if isinstance(problem, OSError) and problem.errno in _DISK_REFUSALS:
+                # Every later image would be paid for and refused the same way.
+                self._stop_sending(OutputUnwritableError("an image could not be saved", problem))
         self._end(row, status, job.key, code, message, points=points)
 
     async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
@@ -351,10 +355,14 @@ class BulkRun:
         except OSError as exc:
             if not self._wrote_with_room_made(record):
                 self.result.unrecorded.append(record)
-            if self.result.systemic is None:
-                self.result.systemic = ManifestUnwritableError(exc)
-                self._systemic_stop = True
-                self._stop.set()
+            self._stop_sending(OutputUnwritableError("the manifest could not be written", exc))
+
+    def _stop_sending(self, problem: OutputUnwritableError) -> None:
+        """Stop the run as a systemic error does (the first such problem is the one said)."""
+        if self.result.systemic is None:
+            self.result.systemic = problem
+            self._systemic_stop = True
+            self._stop.set()
 
     def _wrote_with_room_made(self, record: dict[str, Any]) -> bool:
         """At the first row the disk refuses, make room (once) and write it again."""
@@ -430,15 +438,20 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-class ManifestUnwritableError(Exception):
-    """The manifest could not be written: the run stops sending."""
+# What a disk (not one file) refuses: every later write to the output folder would fail too.
+_DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
-    def __init__(self, cause: OSError) -> None:
+
+class OutputUnwritableError(Exception):
+    """The output folder refused the manifest, or an image for its disk's sake (full,
+    read-only, not writable): the run stops sending."""
+
+    def __init__(self, what: str, cause: OSError) -> None:
         self.cause = cause
         why = cause.strerror or type(cause).__name__
         super().__init__(
-            f"stopped: the manifest could not be written ({why}); nothing more was sent. Make "
-            "room in (or fix the permissions of) the output folder, then re-run the same command"
+            f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
+            "permissions of) the output folder, then re-run the same command"
         )
 
 

@@ -38,7 +38,7 @@ from .._keys import images_in
 from ._bulk import (
     BulkResult,
     BulkRun,
-    ManifestUnwritableError,
+    OutputUnwritableError,
     Row,
     charged_keys,
     names_taken,
@@ -771,7 +771,7 @@ class Session:
         assert result is not None
         counts = count(result.outcomes)
         stopped = None
-        if isinstance(result.systemic, ManifestUnwritableError):
+        if isinstance(result.systemic, OutputUnwritableError):
             code = EXIT_SYSTEMIC
             stopped = str(result.systemic) + _unrecorded_keys(result.unrecorded)
         elif result.systemic is not None:
