@@ -153,3 +153,34 @@ async def test_a_caller_that_wakes_late_for_its_slot_takes_a_new_one(url: str) -
         await second.acquire()  # the slot after: not at once
         assert time.monotonic() - sent_late > 0.08
         assert first.acquired == 2
+
+
+@pytest.mark.long
+async def test_an_uneven_ready_before_the_slot_keeps_every_second_under_the_rate(
+    url: str,
+) -> None:
+    # The journal's intent is a Redis round trip that takes uneven time (a busy Redis, a
+    # stalled member). Awaited between the slot and the send, 0.12 s for one acquisition in
+    # three put nine sends in a second at a rate of 8 (every run); awaited before the slot,
+    # a caller it makes late takes a fresh slot instead.
+    rate, seconds = 8.0, 2.5
+    async with AsyncExitStack() as stack:
+        limiters = await members(stack, url, fleet_name(), 3, rate)
+        until = time.monotonic() + seconds
+        times: list[float] = []
+        calls = 0
+
+        async def ready() -> None:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.12 if calls % 3 == 1 else 0.0)
+
+        async def caller(limiter: FleetLimiter) -> None:
+            while time.monotonic() < until:
+                await limiter.acquire(ready)
+                times.append(time.monotonic())
+
+        await asyncio.gather(*(caller(limiter) for limiter in limiters for _ in range(2)))
+    assert calls == len(times)  # once per acquisition, retakes included
+    assert busiest_second(times) <= rate, sorted(times)
+    assert len(times) >= rate * seconds * 0.5  # retakes cost slots, not the rate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -205,6 +206,35 @@ async def test_the_slot_after_an_idle_pacers_first_comes_a_margin_later() -> Non
             await clock.advance(0.005)
         assert done[-3:] == pytest.approx([start, start + 0.155, start + 0.26], abs=0.006)
         await clock.advance(5.0)
+
+
+@pytest.mark.anyio
+async def test_a_slow_ready_is_awaited_before_the_slot_and_sends_stay_a_period_apart() -> None:
+    # ``ready`` (the journal's intent) takes uneven time: awaited after the slot, it would
+    # put sends 0.04 s apart here; awaited just before it, the next slot counts from its end.
+    clock = FakeTime()
+    pacer = Pacer(10.0, clock=clock, sleep=clock.sleep)  # slots 0.1 s apart
+    readies: list[float] = []
+    sends: list[float] = []
+
+    async def caller(ready_takes: float) -> None:
+        async def ready() -> None:
+            readies.append(clock.now)
+            await clock.sleep(ready_takes)
+
+        await pacer.wait(ready)
+        sends.append(clock.now)
+
+    tasks = [asyncio.create_task(caller(takes)) for takes in (0.06, 0.0, 0.16, 0.0)]
+    await settle()
+    while not all(task.done() for task in tasks):
+        await clock.advance(0.01)
+    # Each ready ran once, READY_AHEAD_S (0.05 s) before its slot as known then (the second
+    # slot moved on when the first ready ended), and each slot counts from the end of the
+    # ready before it.
+    assert readies == pytest.approx([1000.0, 1000.05, 1000.21, 1000.42], abs=0.006)
+    assert sends == pytest.approx([1000.06, 1000.16, 1000.37, 1000.47], abs=0.006)
+    assert all(b - a >= 0.1 - 1e-6 for a, b in itertools.pairwise(sends))
 
 
 @pytest.mark.anyio

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from ._jobs import ImageJob
     from ._journal import JournalEntry, SubmitJournal
     from ._poller import BatchPoller
+    from ._ratelimit import Ready
     from ._stats import FleetStats
     from ._transport import Transport
 
@@ -49,8 +50,9 @@ class FleetLink(Protocol):
         """Leave the fleet (its jobs become claimable at once) and disconnect."""
         ...
 
-    async def acquire(self) -> None:
-        """Wait for this submit's turn under the fleet-wide rate and 429 pause."""
+    async def acquire(self, ready: Ready) -> None:
+        """Wait for this submit's turn under the fleet-wide rate and 429 pause, awaiting
+        ``ready`` (the journal's intent) shortly before the turn comes."""
         ...
 
     def tracked(self, job: ImageJob, first_delay: float | None) -> None:

@@ -14,6 +14,10 @@ from collections.abc import Awaitable, Callable
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
+# What must be done before a send, awaited by a pacer shortly before the send's slot (the
+# journal's intent): it is then not between the slot and the send, where its delay would make
+# sends uneven.
+Ready = Callable[[], Awaitable[None]]
 
 # A fixed cap keeps ``cap + 1`` consecutive slots this much more than one second apart, so
 # that no 1-second window, however it is placed, holds more than ``cap`` sends even when
@@ -26,6 +30,9 @@ WINDOW_MARGIN_S = 0.05
 # memory at any request rate.
 _BUCKETS = 10
 _WINDOW_S = 5.0
+# ``ready`` is awaited this long before a slot (or at once, when the slot is closer): the
+# window in which a process killed outright leaves an intent that was never sent.
+READY_AHEAD_S = 0.05
 # A slot this close is here: asyncio wakes a timer up to its clock resolution early, and
 # ``now + period`` read back is off by a float's last bit. On a real clock time moves on
 # between two reads; on a clock that only moves when the loop idles (looptime in the tests)
@@ -52,7 +59,9 @@ class Pacer:
 
     Only the caller at the head of the line sleeps; the others wait for their turn. A caller
     that is cancelled while waiting leaves the line without taking a slot, so the ones behind
-    it move up instead of keeping the gap it would have used.
+    it move up instead of keeping the gap it would have used. A caller's ``ready`` (the
+    journal's intent) is awaited up to :data:`READY_AHEAD_S` before its slot, and the next
+    slot counts from when it ends: however long it takes, sends stay the period apart.
     """
 
     __slots__ = ("_clock", "_line", "_margin", "_next_slot", "_period", "_sleep")
@@ -81,13 +90,18 @@ class Pacer:
     def rate(self, value: float) -> None:
         self._period = (1.0 + self._margin) / value
 
-    async def wait(self) -> None:
-        """Return when this caller's slot has come."""
+    async def wait(self, ready: Ready | None = None) -> None:
+        """Return when this caller's slot has come, ``ready`` awaited just before it."""
         if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
             # Idle: this send is the one most likely to leave late (a new connection, cold
             # code), and a late first send bunches with the slots after it: the next slot
             # comes a margin later still.
             self._next_slot = self._clock() + self._period + self._margin
+            if ready is not None:
+                await ready()
+                # Callers that came meanwhile re-read the slot when they wake.
+                late = self._clock() + self._period + self._margin
+                self._next_slot = max(self._next_slot, late)
             return
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._line.append(turn)
@@ -96,7 +110,15 @@ class Pacer:
                 await turn  # set when every caller ahead has had its slot or left
             # At the head: sleep until the slot, re-reading it (the rate may change meanwhile).
             while (delay := self._next_slot - self._clock()) > _SLOT_SLACK_S:
-                await self._sleep(delay)
+                if ready is None:
+                    await self._sleep(delay)
+                elif delay - READY_AHEAD_S > _SLOT_SLACK_S:  # (see _SLOT_SLACK_S)
+                    await self._sleep(delay - READY_AHEAD_S)
+                else:
+                    await ready()
+                    ready = None
+            if ready is not None:
+                await ready()
             self._next_slot = self._clock() + self._period
         finally:
             self._leave(turn)

@@ -5,8 +5,8 @@ it gets, and how every submit still running ends when the client closes.
 
     admission.take_in_flight()          wait for room under Limits.max_in_flight
     async with SubmitRecord(...):       the journal protocol and the outcome classification
-        async with admission.send_slot():   Limits.max_concurrent_submits and the pacer
-            await record.intent()           intent written before anything is sent
+        async with admission.send_slot(record.intent):  Limits.max_concurrent_submits and the
+                                            pacer, the intent written just before the slot
             POST(on_wire=record.on_wire)    the transport says when a try may leave the
                                             process, and when a refused one waits to retry
         claim the key                   usable, and not another job's
@@ -41,7 +41,7 @@ from ._errors import (
 from ._jobs import ImageJob
 from ._journal import JournalEntry, SubmitJournal
 from ._keys import usable_key
-from ._ratelimit import WINDOW_MARGIN_S, Pacer
+from ._ratelimit import WINDOW_MARGIN_S, Pacer, Ready
 
 if TYPE_CHECKING:
     from ._otel import JobTrace
@@ -55,10 +55,12 @@ class Admission:
         limits: the client's limits.
         pace: waits for each submit's turn in place of the local pacer: a fleet's shared
             rate and its 429 pause (called whether or not ``max_submits_per_second`` is set).
+            It awaits the ``ready`` it is given (the journal's intent) shortly before the
+            turn comes, not between the turn and the send.
     """
 
     def __init__(
-        self, limits: Limits, *, pace: Callable[[], Awaitable[None]] | None = None
+        self, limits: Limits, *, pace: Callable[[Ready], Awaitable[None]] | None = None
     ) -> None:
         # fast_acquire: a free slot is taken without a trip through the event loop, as
         # asyncio.Semaphore does (the submit hot path).
@@ -83,29 +85,38 @@ class Admission:
         await slots.acquire()
         return slots.release
 
-    def send_slot(self) -> _SendSlot:
-        """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out."""
-        return _SendSlot(self._send_slots, self._pace)
+    def send_slot(self, ready: Ready) -> _SendSlot:
+        """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out;
+        ``ready`` (the journal's intent) is awaited once, as late as the pacing allows."""
+        return _SendSlot(self._send_slots, self._pace, ready)
 
 
 class _SendSlot:
-    """``async with admission.send_slot():`` as a plain class: one small object per submit
-    rather than the generator and wrapper of ``@asynccontextmanager`` (the submit hot path)."""
+    """``async with admission.send_slot(ready):`` as a plain class: one small object per
+    submit rather than the generator and wrapper of ``@asynccontextmanager`` (the submit hot
+    path)."""
 
-    __slots__ = ("_pace", "_slots")
+    __slots__ = ("_pace", "_ready", "_slots")
 
-    def __init__(self, slots: anyio.Semaphore, pace: Callable[[], Awaitable[None]] | None) -> None:
+    def __init__(
+        self, slots: anyio.Semaphore, pace: Callable[[Ready], Awaitable[None]] | None, ready: Ready
+    ) -> None:
         self._slots = slots
         self._pace = pace
+        self._ready = ready
 
     async def __aenter__(self) -> None:
         await self._slots.acquire()
-        if self._pace is not None:
-            try:
-                await self._pace()
-            except BaseException:
-                self._slots.release()
-                raise
+        try:
+            if self._pace is not None:
+                # Written while the pace waits: a slow or uneven write (the fleet's Redis, a
+                # busy disk) would otherwise lie between the slot and the send, and bunch sends.
+                await self._pace(self._ready)
+            else:
+                await self._ready()
+        except BaseException:
+            self._slots.release()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
         self._slots.release()
@@ -455,8 +466,7 @@ class Submits:
             raise
         try:
             async with record:
-                async with admission.send_slot():
-                    await record.intent()
+                async with admission.send_slot(record.intent):
                     data = await self._transport.post(
                         path, body, kind="submit", parent=trace, on_wire=record.on_wire
                     )

@@ -237,22 +237,11 @@ class RedisJournal:
     Args:
         link: the fleet's Redis.
         member_id: the member writing.
-        pace: takes a fresh turn of the fleet's submit rate (one try; FleetUnavailableError
-            while Redis is away). An intent that had to wait for Redis takes one before it is
-            written: the turn its submit took before Redis went away is stale, and sent after
-            the outage it would bunch with the turns taken since.
     """
 
-    def __init__(
-        self,
-        link: RedisLink,
-        member_id: str,
-        *,
-        pace: Callable[[], Awaitable[None]] | None = None,
-    ) -> None:
+    def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link
         self.member_id = member_id
-        self._pace = pace
         self._prefix = link.keys.journal_prefix
         self._seq = self._prefix + "seq"
         self._intent = Script(link, _INTENT)
@@ -365,13 +354,8 @@ class RedisJournal:
         body = json.dumps(request, ensure_ascii=False)
         once = secrets.token_hex(8)  # every try is the same write: one row however many run
         args = (self._prefix, self.member_id, path, body, tag or "", time.time(), once)
-        tries = 0
 
         async def write() -> Any:
-            nonlocal tries
-            tries += 1
-            if tries > 1 and self._pace is not None:
-                await self._pace()  # Redis was away: a fresh turn (see the class docstring)
             return await self._intent((self._seq, self._link.keys.members), args)
 
         try:

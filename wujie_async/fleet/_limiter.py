@@ -11,8 +11,8 @@ members on machines with different clocks agree. One script call per acquisition
 
 Slots are handed out ``(1 + WINDOW_MARGIN_S) / rate`` apart (``WINDOW_MARGIN_S`` = 50 ms), not
 ``1 / rate``: slots exactly ``1/rate`` apart put ``rate + 1`` of them in a closed one-second
-window, and uneven delays between a slot and its arrival at the gateway (signing, the
-journal's intent in Redis, a loop waking late, another process on the CPU) do the rest. With
+window, and uneven delays between a slot and its arrival at the gateway (signing, a loop
+waking late, another process on the CPU) do the rest. With
 the margin, ``rate + 1`` slots span more than a second plus 50 ms, so no one-second window at
 the gateway holds more than ``rate`` submits (an integer rate; ``ceil(rate)`` otherwise) as
 long as those delays differ by less than 50 ms. The throughput cost: the fleet sustains
@@ -24,15 +24,16 @@ the one most likely to leave late (a new connection, cold code and caches), and 
 submit is what would bunch with the slots after it.
 
 Fairness: Redis serves reservations in arrival order, and each member holds at most one
-reservation at a time (its callers queue on a local FIFO lock held until the slot comes),
-so saturated members take turns.
+reservation further than 50 ms ahead (its callers queue on a local FIFO lock held until the
+slot is that close), so saturated members take turns.
 
-What lies between a slot and its send is kept short, since its jitter eats the 50 ms margin:
-a reservation more than 50 ms ahead checks the pause 50 ms *before* its slot (so a pause
-reaches every member within 50 ms, and that round trip is not between the slot and the send),
-and a caller whose loop woke more than 25 ms after its slot (a stall) takes a new slot rather
-than go late, up to three times for one acquisition (a loop late at every wake is starved,
-and must still send). A slot given up either way is simply unused.
+What lies between a slot and its send is kept short, since its jitter eats the 50 ms margin.
+Redis round trips come before the slot: a reservation more than 50 ms ahead checks the pause
+50 ms before its slot (so a pause reaches every member within 50 ms), and then the caller's
+``ready`` runs (the journal's intent, one more round trip, longer while Redis is away). A
+caller that reaches its slot more than 25 ms late (a slow intent, a stall) takes a new slot
+rather than go late, up to three times for one acquisition (a loop late at every wake is
+starved, and must still send). A slot given up either way is simply unused.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections.abc import Awaitable, Callable
 
 from .._errors import InvalidRequestError
-from .._ratelimit import WINDOW_MARGIN_S
+from .._ratelimit import READY_AHEAD_S, WINDOW_MARGIN_S, Ready
 from ._link import RedisLink, Script
 
 # KEYS: tat, pause. ARGV: period_us, margin_us. Reply: {1, wait_us until the slot} or
@@ -74,7 +76,7 @@ end
 return left
 """
 
-_HORIZON = 0.05  # a reservation further ahead than this checks for a pause before it goes
+_HORIZON = READY_AHEAD_S  # a reservation further ahead checks for a pause, then ready runs
 _LATE = WINDOW_MARGIN_S / 2  # a caller this late for its slot takes a new one...
 _LATE_RETAKES = 3  # ...this many times at most for one acquisition
 
@@ -104,11 +106,38 @@ class FleetLimiter:
         """Acquisitions per second, fleet-wide."""
         return self._rate
 
-    async def acquire(self) -> None:
+    async def acquire(
+        self, ready: Ready | None = None, *, reserve: Callable[[], Awaitable[float]] | None = None
+    ) -> None:
         """Return when this caller's fleet-wide slot has come.
 
-        One Redis call; a second one when the slot is more than 50 ms ahead (the pause
-        check), a third after a stall.
+        Args:
+            ready: awaited once, before the slot (see the module docstring): what must be done
+                before the send, so that its delay is not between the slot and the send.
+            reserve: how to take a slot (default :meth:`reserve`; a member retries it while
+                Redis is away).
+
+        Raises:
+            FleetUnavailableError: Redis is unreachable or missed its deadline.
+        """
+        loop = asyncio.get_running_loop()
+        retakes = 0
+        while True:
+            slot = await (reserve or self.reserve)()
+            if ready is not None:
+                await ready()
+                ready = None
+            await asyncio.sleep(slot - loop.time())
+            if loop.time() - slot <= _LATE or retakes == _LATE_RETAKES:
+                break
+            retakes += 1  # late (a slow ready, a stall): a fresh slot, not a bunched send
+        self.acquired += 1
+
+    async def reserve(self) -> float:
+        """Reserve this caller's next slot; return its time on the loop's clock once it is at
+        most 50 ms away (a pause met on the way is waited out, and a new slot taken).
+
+        One Redis call; a second when the slot is more than 50 ms ahead (the pause check).
 
         Raises:
             FleetUnavailableError: Redis is unreachable or missed its deadline.
@@ -116,7 +145,6 @@ class FleetLimiter:
         period = (1.0 + WINDOW_MARGIN_S) / self._rate  # see the module docstring
         keys = (self._link.keys.rate_tat, self._link.keys.rate_pause)
         loop = asyncio.get_running_loop()
-        retakes = 0
         async with self._turn:
             while True:
                 granted, wait_us = await self._acquire(
@@ -132,11 +160,7 @@ class FleetLimiter:
                     await asyncio.sleep(wait - _HORIZON)
                     if await self.paused_for() > 0:
                         continue  # the next reservation waits for the pause
-                await asyncio.sleep(slot - loop.time())
-                if loop.time() - slot <= _LATE or retakes == _LATE_RETAKES:
-                    break
-                retakes += 1  # woke late (a stall): a fresh slot, not a bunched send
-            self.acquired += 1
+                return slot
 
     async def pause(self, seconds: float) -> float:
         """Stop every member's acquisitions for ``seconds`` (e.g. a 429's Retry-After).

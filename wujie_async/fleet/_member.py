@@ -29,14 +29,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from .._config import Limits, PollPolicy
 from .._errors import ClientStateError
 from .._jobs import ImageJob
 from .._journal import JournalEntry
 from .._poller import BatchPoller
+from .._ratelimit import Ready
 from .._stats import FleetRole, FleetStats
 from .._transport import Transport
 from ._errors import FleetUnavailableError
@@ -51,6 +52,7 @@ from ._reports import Inbox
 
 logger = logging.getLogger("wujie_async.fleet")
 
+_T = TypeVar("_T")
 _RETRY = 0.25  # a member away from Redis tries it again this often
 _FIGURES_EVERY = 1.0
 
@@ -63,7 +65,7 @@ class FleetMember:
         self._config = config = link.config
         self._member_id = new_member_id()
         self._token = self._member_id.rsplit(":", 1)[-1]
-        self._journal = RedisJournal(link, self._member_id, pace=self._take_turn)
+        self._journal = RedisJournal(link, self._member_id)
         self._membership = Membership(link, self._member_id)
         self._leases = [LeaderLease(link, s, self._member_id) for s in range(config.shards)]
         self._leading = [False] * config.shards
@@ -334,12 +336,28 @@ class FleetMember:
                 self._lost(str(exc))
 
     # --- submits -------------------------------------------------------------------------------
-    async def acquire(self) -> None:
-        """Wait for this submit's turn: the fleet's rate (if set) and its 429 pause.
+    async def acquire(self, ready: Ready) -> None:
+        """Wait for this submit's turn: the fleet's rate (if set) and its 429 pause, with
+        ``ready`` (the journal's intent, which has its own patience for Redis) awaited just
+        before the turn comes.
 
         Raises:
             FleetUnavailableError: Redis stayed away for ``unavailable_wait`` (nothing sent).
         """
+        limiter = self._limiter
+        if limiter is None:
+            await self._patiently(self._sit_out_pause)
+            await ready()
+        else:
+            await limiter.acquire(ready, reserve=lambda: self._patiently(limiter.reserve))
+
+    async def _sit_out_pause(self) -> None:
+        if (paused := await self._pauses.paused_for()) > 0:
+            await asyncio.sleep(paused)
+
+    async def _patiently(self, step: Callable[[], Awaitable[_T]]) -> _T:
+        """``step()`` (a turn's Redis part), tried again while Redis is away, until it has
+        been away ``unavailable_wait`` seconds."""
         loop = asyncio.get_running_loop()
         wait = self._config.unavailable_wait
         # The wait counts from Redis's first failure, for every submit of this member at once:
@@ -347,10 +365,10 @@ class FleetMember:
         # 10 s would fail at any blip), and submits queued behind one whose turn hangs on a
         # frozen Redis must not each wait a command deadline of their own in turn.
         while True:
-            turn = asyncio.ensure_future(self._take_turn())
+            turn = asyncio.ensure_future(step())
             try:
                 await self._until_redis_gone_too_long(turn, wait)
-                turn.result()
+                result = turn.result()
             except FleetUnavailableError as exc:
                 now = loop.time()
                 since = self._outage_since(now)
@@ -369,7 +387,7 @@ class FleetMember:
                 if not turn.done():
                     turn.cancel()  # a slot reserved and left unused is simply not used
             self._failing_since = None
-            return
+            return result
 
     def _outage_since(self, now: float) -> float | None:
         """When Redis began failing this member's turns, if it still is (a failure within a
@@ -379,7 +397,7 @@ class FleetMember:
             return None
         return since
 
-    async def _until_redis_gone_too_long(self, turn: asyncio.Future[None], wait: float) -> None:
+    async def _until_redis_gone_too_long(self, turn: asyncio.Future[Any], wait: float) -> None:
         """Return when ``turn`` ends; raise FleetUnavailableError once Redis, failing (any turn
         of this member) since this one began, has been failing for ``wait`` seconds. Looks
         again every ``_RETRY``."""
@@ -394,13 +412,6 @@ class FleetMember:
             if left <= 0:
                 raise FleetUnavailableError(self._failing_why, url=self._config.url)
             await asyncio.wait({turn}, timeout=left)
-
-    async def _take_turn(self) -> None:
-        """One try at a submit's turn (FleetUnavailableError while Redis is away)."""
-        if self._limiter is not None:
-            await self._limiter.acquire()
-        elif (paused := await self._pauses.paused_for()) > 0:
-            await asyncio.sleep(paused)
 
     def _rate_limited(self, kind: str, retry_after: float | None) -> None:
         """A 429 on a submit with Retry-After: pause every member's submits that long."""
