@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from aiohttp import web
 from pydantic import ValidationError
 
 from wujie_async import (
@@ -608,3 +609,47 @@ async def test_queue_position_is_kept_while_queued() -> None:
             seen.append(job.queue_position)
             await asyncio.sleep(0.005)
     assert 9 in seen and 8 in seen
+
+
+class _RefusingGateway(_SlowGateway):
+    """A :class:`_SlowGateway` (no latency) that refuses every other batch call with a 429."""
+
+    def __init__(self, lengths: dict[str, float]) -> None:
+        super().__init__(lengths, 0.0)
+        self.refused = 0
+
+    async def script(self, keys: list[str]) -> list[Any]:
+        if len(self.seen) % 2:
+            self.seen.append(time.monotonic())
+            self.refused += 1
+            raise web.HTTPTooManyRequests()
+        return await super().script(keys)
+
+
+@pytest.mark.long
+async def test_keys_due_while_the_429_brake_holds_calls_back_share_the_next_call() -> None:
+    # Every other batch call refused with 429: the poll brake cuts in (about 2 calls/s) while
+    # keys come due 0.2 s apart. Keys chosen before the call waited for the brake's slot went
+    # out two per call, each call queued behind the others (25 calls; p50 2.6 s and up to
+    # 6.6 s after the job ended); chosen when the brake lets a call go, those due meanwhile
+    # share it (17 calls; p50 0.8 s, at most 1.8 s).
+    count = 30
+    lengths = {f"K{i:05d}": 3 + 0.2 * i for i in range(count)}
+    refusing = _RefusingGateway(lengths)
+    async with (
+        scripted_gateway(refusing.script) as gateway,
+        client_for(gateway, poll=PollPolicy()) as client,
+    ):
+        jobs = [await refusing.submit(client) for _ in range(count)]
+        resolved: dict[str, float] = {}
+
+        async def resolve(job: ImageJob) -> None:
+            await job.result(timeout=60)
+            resolved[job.key] = time.monotonic()
+
+        await asyncio.gather(*(resolve(job) for job in jobs))
+        assert client.stats.poll_rate_limit is not None  # the brake was on
+    late = sorted(at - refusing.created[key] - lengths[key] for key, at in resolved.items())
+    sizes = [len(keys) for keys in gateway.asked]
+    assert late[count // 2] < 1.6 and late[-1] < 4.0, (late, sizes)
+    assert refusing.refused >= 5, sizes

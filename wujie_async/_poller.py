@@ -95,6 +95,10 @@ class BatchPoster(Protocol):
         """POST ``body`` to ``path``; the reply envelope's ``data``."""
         ...
 
+    def brake_free_in(self, kind: CallKind) -> float:
+        """Seconds until the 429 brake of ``kind`` lets a call go (0.0: at once)."""
+        ...
+
 
 @dataclass(slots=True, kw_only=True)
 class _Tracked(KeyTiming):
@@ -107,6 +111,8 @@ class _Tracked(KeyTiming):
     # When the gateway last listed the key (None: not yet); absence is measured from here.
     last_seen: float | None = None
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
+    # Why the last call that asked about the key failed, until the gateway lists it again.
+    failed_call: str | None = None
     # When the gateway first said "succeeded" while images were still missing (None: not so).
     done_short_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
@@ -332,6 +338,14 @@ class BatchPoller:
         async with anyio.create_task_group() as calls:
             while True:
                 now = loop.time()
+                if (braked := self._transport.brake_free_in("poll")) > 0 and (
+                    self._next_due() <= now or self._gathered
+                ):
+                    # The 429 brake holds calls back: keys are chosen when a call may go, so
+                    # that those coming due meanwhile go in it (not in calls of their own,
+                    # each waiting behind it for a slot). Bounded by the brake's period.
+                    await anyio.sleep(braked)
+                    continue
                 batch = self._take_due(now)
                 if not batch:
                     await self._sleep_until_due(loop)
@@ -420,6 +434,8 @@ class BatchPoller:
                 message = f"still running when last reported, {ago:.1f}s before its deadline"
             if self._failing is not None:
                 message += f" (the batch calls are failing: {self._failing})"
+            elif tracked.failed_call is not None:  # other calls went through, not its own
+                message += f" (its last batch call failed: {tracked.failed_call})"
             error = JobTimeoutError(message, job_key=job.key)
             self._end(tracked, error, tracked.state.status)
 
@@ -527,6 +543,7 @@ class BatchPoller:
             if not self._tracks(tracked):
                 continue  # cancelled, or past its deadline, while the call was out
             if reading is None:
+                tracked.failed_call = self._failing
                 wait = self._policy.min_interval if retry_wait is None else retry_wait
                 self._schedule(tracked, now + wait)
                 continue
@@ -710,6 +727,7 @@ class BatchPoller:
             self._end(tracked, error, tracked.state.status)
             return
         tracked.last_seen = now
+        tracked.failed_call = None
         state = tracked.state
         before = state.status
         state.report(entry)

@@ -90,6 +90,12 @@ class Pacer:
     def rate(self, value: float) -> None:
         self._period = (1.0 + self._margin) / value
 
+    def free_in(self) -> float:
+        """Seconds until a caller arriving now would have its slot (0.0: at once)."""
+        if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
+            return 0.0
+        return max(0.0, self._next_slot - self._clock()) + len(self._line) * self._period
+
     async def wait(self, ready: Ready | None = None) -> None:
         """Return when this caller's slot has come, ``ready`` awaited just before it."""
         if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
@@ -207,6 +213,10 @@ class AdaptiveLimiter:
     def rate(self) -> float | None:
         """Requests per second allowed now; None when no limit is in force."""
         return self._pacer.rate if self._pacer is not None else None
+
+    def free_in(self) -> float:
+        """Seconds until a request asking now would have its send slot (0.0: at once)."""
+        return self._pacer.free_in() if self._pacer is not None else 0.0
 
     async def acquire(self) -> float:
         """Wait for a send slot (at once while no limit is in force); returns the send time."""

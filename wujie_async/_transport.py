@@ -312,6 +312,10 @@ class Transport:
         """The 429 brake's rate per kind of call (requests/s), None where no brake is on."""
         return {kind: brake.rate for kind, brake in self._brakes.items()}
 
+    def brake_free_in(self, kind: CallKind) -> float:
+        """Seconds until the 429 brake of ``kind`` lets a call go (0.0: at once)."""
+        return self._brakes[kind].free_in()
+
     @property
     def session(self) -> aiohttp.ClientSession:
         """The open aiohttp session (also used to download images)."""

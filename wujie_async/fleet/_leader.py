@@ -263,3 +263,6 @@ class _Fenced:
         data = await self._transport.post(path, body, kind=kind, parent=parent)
         self._replied(body, data)
         return data
+
+    def brake_free_in(self, kind: CallKind) -> float:
+        return self._transport.brake_free_in(kind)
