@@ -338,14 +338,6 @@ class BatchPoller:
         async with anyio.create_task_group() as calls:
             while True:
                 now = loop.time()
-                if (braked := self._transport.brake_free_in("poll")) > 0 and (
-                    self._next_due() <= now or self._gathered
-                ):
-                    # The 429 brake holds calls back: keys are chosen when a call may go, so
-                    # that those coming due meanwhile go in it (not in calls of their own,
-                    # each waiting behind it for a slot). Bounded by the brake's period.
-                    await anyio.sleep(braked)
-                    continue
                 batch = self._take_due(now)
                 if not batch:
                     await self._sleep_until_due(loop)
@@ -354,17 +346,22 @@ class BatchPoller:
                     for tracked in batch:
                         self._schedule(tracked, math.inf)
                     continue
-                if self._call_slots.value == 0:
-                    # Every call slot is taken (slow replies): the keys go back and are chosen
-                    # again once one frees, so those that come due meanwhile share a call
-                    # instead of each queueing for a slot in a call of its own. The first of
-                    # their deadlines ends the wait: it fires on time.
+                braked = self._transport.brake_free_in("poll")
+                if braked > 0 or self._call_slots.value == 0:
+                    # No call may go yet (the 429 brake paces batch queries, or every call slot
+                    # is taken by slow replies): the keys go back and are chosen again when one
+                    # may, so those that come due meanwhile share that call instead of each
+                    # queueing in a call of its own. The first of their deadlines ends the
+                    # wait: it fires on time.
                     soonest = min(tracked.job.deadline for tracked in batch)
                     for tracked in batch:
                         self._schedule(tracked, now)
                     with anyio.move_on_after(soonest - now):
-                        async with self._call_slots:
-                            pass
+                        if braked > 0:
+                            await anyio.sleep(braked)
+                        else:
+                            async with self._call_slots:
+                                pass
                     continue
                 size = _contract.MAX_KEYS_PER_BATCH
                 for start in range(0, len(batch), size):
