@@ -715,11 +715,16 @@ async def test_a_429_on_a_submit_pauses_every_member(url: str, emulator: Emulato
     name = fleet_name()
     faults = FaultConfig(burst_429=1, retry_after_s=2, endpoints=frozenset({"generations"}))
     async with emulator(faults=faults) as emu, member(emu, url, name) as a:
-        job = await a.images.submit(prompt="after a 429", model="dall-e-2")  # retried, then ok
-        assert a.stats.rate_limited == 1
+        loop = asyncio.get_running_loop()
+        refused_at = loop.time()
+        submitting = asyncio.create_task(a.images.submit(prompt="after a 429", model="dall-e-2"))
         async with RedisFleet(url, name=name) as other:
-            paused = await FleetLimiter(other, 1.0).paused_for()
+            pause = FleetLimiter(other, 1.0)
+            paused = await eventually(pause.paused_for, what="the fleet's pause")
         assert 0 < paused <= 2.0  # every member's next submit waits for it
+        job = await submitting  # sent again once the pause is over: in the fleet's rate too
+        assert a.stats.rate_limited == 1
+        assert loop.time() - refused_at >= 2.0 - 0.1
         await job
 
 

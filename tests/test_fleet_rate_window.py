@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from wujie_async import Limits, WujieClient
-from wujie_async.emulator import Emulator
+from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import FAST_POLL, EmulatorFactory
 from .fleet_support import any_redis, fleet_name, member
@@ -96,3 +96,46 @@ async def test_one_client_never_exceeds_the_cap_in_any_second(emulator: Emulator
     assert len(times) == 21
     assert busiest_closed_second(times) <= CAP, sorted(times)
     assert max(times) - min(times) < 20 / CAP * 1.25
+
+
+def submit_arrivals(emu: Emulator) -> list[float]:
+    return [float(t) for t in emu.stats()["submit_arrivals"]]
+
+
+# A gateway whose own limit is below the cap refuses some submits with 429 and Retry-After.
+# A single client's resend went out when its Retry-After ended, past the cap: 10 submits in a
+# second against a cap of 8 (two runs of the old code). A fleet's members already paused for
+# the Retry-After (7 in its busiest second); the resend now takes a fleet slot as well (6).
+REFUSING = FaultConfig(http_429=0.3, retry_after_s=1, endpoints=frozenset({"generations"}))
+
+
+async def test_a_resend_after_a_429_takes_a_slot_of_the_cap(emulator: EmulatorFactory) -> None:
+    async with (
+        emulator(faults=REFUSING) as emu,
+        WujieClient(
+            emu.credentials,
+            base_url=emu.base_url,
+            poll=FAST_POLL,
+            limits=Limits(max_submits_per_second=CAP),
+        ) as client,
+    ):
+        await submit_all([client], 24)
+        times = submit_arrivals(emu)
+    assert emu.stats()["faults"]["http_429"] >= 3  # some were refused and sent again
+    assert busiest_closed_second(times) <= CAP, sorted(times)
+
+
+async def test_a_fleet_resend_after_a_429_takes_a_slot_of_the_fleet_cap(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    name = fleet_name()
+    async with emulator(faults=REFUSING) as emu:
+        limits = Limits(max_submits_per_second=CAP)
+        clients = [member(emu, url, name, limits=limits) for _ in range(3)]
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients:
+                await stack.enter_async_context(client)
+            await submit_all(clients, 8)
+        times = submit_arrivals(emu)
+    assert emu.stats()["faults"]["http_429"] >= 3
+    assert busiest_closed_second(times) <= CAP, sorted(times)

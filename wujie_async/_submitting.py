@@ -9,6 +9,7 @@ it gets, and how every submit still running ends when the client closes.
                                             pacer, the intent written just before the slot
             POST(on_wire=record.on_wire)    the transport says when a try may leave the
                                             process, and when a refused one waits to retry
+                                            (then takes a fresh turn of the pacer)
         claim the key                   usable, and not another job's
         await record.accepted(key)      key written before submit() returns
     make_job(key)                       the client's one job factory
@@ -85,10 +86,19 @@ class Admission:
         await slots.acquire()
         return slots.release
 
+    async def pace_again(self) -> None:
+        """A fresh turn of the submit rate for a resend (a submit refused with 429)."""
+        if self._pace is not None:
+            await self._pace(_nothing_to_do)
+
     def send_slot(self, ready: Ready) -> _SendSlot:
         """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out;
         ``ready`` (the journal's intent) is awaited once, as late as the pacing allows."""
         return _SendSlot(self._send_slots, self._pace, ready)
+
+
+async def _nothing_to_do() -> None:
+    """A resend's ``ready``: its intent is written already."""
 
 
 class _SendSlot:
@@ -468,7 +478,12 @@ class Submits:
             async with record:
                 async with admission.send_slot(record.intent):
                     data = await self._transport.post(
-                        path, body, kind="submit", parent=trace, on_wire=record.on_wire
+                        path,
+                        body,
+                        kind="submit",
+                        parent=trace,
+                        on_wire=record.on_wire,
+                        before_retry=admission.pace_again,
                     )
                 key = self._claim_key(data, body)
                 if trace is not None and (otel := self._telemetry.otel) is not None:

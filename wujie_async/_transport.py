@@ -352,6 +352,7 @@ class Transport:
         kind: CallKind,
         parent: JobTrace | BatchTrace | None = None,
         on_wire: Callable[[bool], None] | None = None,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> Any:
         """POST ``body`` as JSON to ``path``; the envelope's ``data``, retried as ``kind`` allows.
 
@@ -363,6 +364,8 @@ class Transport:
             on_wire: told ``True`` just before each attempt's request may leave, and ``False``
                 when an attempt was refused outright and the next one waits (a submit waiting
                 to retry after a 429 has nothing on the wire: stopping it costs nothing).
+            before_retry: awaited after each retry's wait, before it is sent (a submit takes
+                a fresh slot of the submit rate: a resend counts against it too).
 
         Raises:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
@@ -375,6 +378,7 @@ class Transport:
             kind,
             body,
             on_wire,
+            before_retry,
         )
 
     # --- retries ---------------------------------------------------------------------------
@@ -391,6 +395,7 @@ class Transport:
         kind: CallKind,
         body: Any,
         on_wire: Callable[[bool], None] | None,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> T:
         waits: Iterator[float | None] | None = None  # made on the first failure only
         # The retry budget is measured on the loop's clock, the one the waits below sleep on
@@ -418,6 +423,8 @@ class Transport:
                 if on_wire is not None:
                     on_wire(False)  # retried: refused outright (_retryable), nothing accepted
                 await asyncio.sleep(delay)
+                if before_retry is not None:
+                    await before_retry()
                 self.counters.retries += 1  # after the wait: a close during it sends none
 
     def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:

@@ -64,6 +64,9 @@ class Stats:
     batch_keys: list[list[str]] = field(default_factory=list)
     # Requests whose client left before the reply was ready (a timeout, a cancelled task).
     clients_gone: int = 0
+    # Unix time of every submit (generation or edit) that arrived, refused ones included: what
+    # a submit rate limit counts.
+    submit_arrivals: list[float] = field(default_factory=list)
 
 
 class _Refused(Exception):
@@ -203,6 +206,7 @@ class Gateway:
             "batch_keys": [list(keys) for keys in stats.batch_keys],
             "submits_accepted": stats.submits_accepted,
             "clients_gone": stats.clients_gone,
+            "submit_arrivals": list(stats.submit_arrivals),
             # What the account has been charged: every job that has ended by now, polled or not.
             "points_charged": sum(
                 job.cost() for job in self.store.jobs.values() if now >= job.ends_at
@@ -227,6 +231,8 @@ class Gateway:
     async def _front(self, request: web.Request, endpoint: str) -> str:
         """Faults, auth and rate limit; returns the app id, or raises _Refused / drops."""
         self.stats.requests[endpoint] += 1
+        if endpoint in ("generations", "edits"):
+            self.stats.submit_arrivals.append(self.clock.unix(self.clock.now()))
         faults = self.config.faults
         if endpoint in faults.endpoints:
             await self._inject_faults(request, faults)
