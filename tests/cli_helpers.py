@@ -427,6 +427,16 @@ def manifest(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def manifest_so_far(out: Path) -> list[dict[str, Any]]:
+    """The complete records of OUT/manifest.jsonl while a run writes it: its last line may be
+    a row being written, or one a full disk cut short that the run has yet to take out."""
+    path = out / "manifest.jsonl"
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
 def final_outcomes(out: Path) -> dict[int, str]:
     """Each input line's last recorded status."""
     final: dict[int, str] = {}

@@ -24,6 +24,7 @@ from .cli_helpers import (
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
     manifest,
+    manifest_so_far,
     proc_alive,
     running_cli,
     served_emulator,
@@ -300,7 +301,8 @@ async def test_a_key_the_full_disk_refused_is_on_disk_before_a_kill(tmp_path: Pa
 
                 async def every_key_recorded() -> bool:
                     accepted = int((await emu.stats())["submits_accepted"])
-                    keys = {r.get("key") for r in manifest(out) if r["status"] == "pending"}
+                    rows = manifest_so_far(out)  # read while the run writes it
+                    keys = {r.get("key") for r in rows if r["status"] == "pending"}
                     return accepted > 2 and len(keys) == accepted
 
                 await eventually(every_key_recorded, what="every key", alive=proc_alive(run))
