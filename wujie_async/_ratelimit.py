@@ -90,15 +90,19 @@ class Pacer:
     def rate(self, value: float) -> None:
         self._period = (1.0 + self._margin) / value
 
+    def _idle(self) -> bool:
+        """Nobody waits and the next slot has come: a caller now goes at once."""
+        return not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S
+
     def free_in(self) -> float:
         """Seconds until a caller arriving now would have its slot (0.0: at once)."""
-        if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
+        if self._idle():
             return 0.0
         return max(0.0, self._next_slot - self._clock()) + len(self._line) * self._period
 
     async def wait(self, ready: Ready | None = None) -> None:
         """Return when this caller's slot has come, ``ready`` awaited just before it."""
-        if not self._line and self._clock() >= self._next_slot - _SLOT_SLACK_S:
+        if self._idle():
             # Idle: this send is the one most likely to leave late (a new connection, cold
             # code), and a late first send bunches with the slots after it: the next slot
             # comes a margin later still.
