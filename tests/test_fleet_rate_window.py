@@ -64,17 +64,32 @@ async def submit_all(clients: list[WujieClient], per_client: int) -> None:
     await asyncio.gather(*jobs)
 
 
+async def submit_in_a_fleet(emu: Emulator, url: str, per_member: int) -> None:
+    """Three members of one fleet, capped at CAP together, each submitting ``per_member``."""
+    name = fleet_name()
+    limits = Limits(max_submits_per_second=CAP)
+    clients = [member(emu, url, name, limits=limits) for _ in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
+        await submit_all(clients, per_member)
+
+
+def capped_client(emu: Emulator) -> WujieClient:
+    """One client capped at CAP."""
+    return WujieClient(
+        emu.credentials,
+        base_url=emu.base_url,
+        poll=FAST_POLL,
+        limits=Limits(max_submits_per_second=CAP),
+    )
+
+
 async def test_fleet_members_never_exceed_the_cap_in_any_second(
     url: str, emulator: EmulatorFactory
 ) -> None:
-    name = fleet_name()
     async with emulator() as emu:
-        limits = Limits(max_submits_per_second=CAP)
-        clients = [member(emu, url, name, limits=limits) for _ in range(3)]
-        async with contextlib.AsyncExitStack() as stack:
-            for client in clients:
-                await stack.enter_async_context(client)
-            await submit_all(clients, 7)  # 21 submits: about 2.6 s at the cap
+        await submit_in_a_fleet(emu, url, 7)  # 21 submits: about 2.6 s at the cap
         times = arrivals(emu)
     assert len(times) == 21
     assert busiest_closed_second(times) <= CAP, sorted(times)
@@ -82,15 +97,7 @@ async def test_fleet_members_never_exceed_the_cap_in_any_second(
 
 
 async def test_one_client_never_exceeds_the_cap_in_any_second(emulator: EmulatorFactory) -> None:
-    async with (
-        emulator() as emu,
-        WujieClient(
-            emu.credentials,
-            base_url=emu.base_url,
-            poll=FAST_POLL,
-            limits=Limits(max_submits_per_second=CAP),
-        ) as client,
-    ):
+    async with emulator() as emu, capped_client(emu) as client:
         await submit_all([client], 21)
         times = arrivals(emu)
     assert len(times) == 21
@@ -110,15 +117,7 @@ REFUSING = FaultConfig(http_429=0.3, retry_after_s=1, endpoints=frozenset({"gene
 
 
 async def test_a_resend_after_a_429_takes_a_slot_of_the_cap(emulator: EmulatorFactory) -> None:
-    async with (
-        emulator(faults=REFUSING) as emu,
-        WujieClient(
-            emu.credentials,
-            base_url=emu.base_url,
-            poll=FAST_POLL,
-            limits=Limits(max_submits_per_second=CAP),
-        ) as client,
-    ):
+    async with emulator(faults=REFUSING) as emu, capped_client(emu) as client:
         await submit_all([client], 24)
         times = submit_arrivals(emu)
     assert emu.stats()["faults"]["http_429"] >= 3  # some were refused and sent again
@@ -128,14 +127,8 @@ async def test_a_resend_after_a_429_takes_a_slot_of_the_cap(emulator: EmulatorFa
 async def test_a_fleet_resend_after_a_429_takes_a_slot_of_the_fleet_cap(
     url: str, emulator: EmulatorFactory
 ) -> None:
-    name = fleet_name()
     async with emulator(faults=REFUSING) as emu:
-        limits = Limits(max_submits_per_second=CAP)
-        clients = [member(emu, url, name, limits=limits) for _ in range(3)]
-        async with contextlib.AsyncExitStack() as stack:
-            for client in clients:
-                await stack.enter_async_context(client)
-            await submit_all(clients, 8)
+        await submit_in_a_fleet(emu, url, 8)
         times = submit_arrivals(emu)
     assert emu.stats()["faults"]["http_429"] >= 3
     assert busiest_closed_second(times) <= CAP, sorted(times)
