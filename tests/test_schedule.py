@@ -360,3 +360,74 @@ def test_a_whole_second_stamp_before_the_last_ask_does_not_reset_what_was_learne
     schedule.report(timing, 10.2, expected_seconds=0.1)
     schedule.job_ended(timing, 10.5, ended_at=10.0, fine=False)  # 10.3 on a floored stamp
     assert schedule.samples("m") == learned + 1
+
+
+# --- a model's first figures, once its jobs' checks have seen them count down ----------------
+Burst = list[tuple[KeyTiming, float, float]]  # each job's timing, next ask, true end
+
+
+def a_burst(schedule: PollSchedule, ends: list[float]) -> Burst:
+    """Jobs created at 0, each first reported at 1 s with an exact figure, before any check.
+    The first ``TUNING.scouts`` are scouts (asked every max_interval): look past them."""
+    burst = []
+    for end in ends:
+        timing = KeyTiming(created_at=0.0, model="m")
+        burst.append((timing, schedule.report(timing, 1.0, expected_seconds=end - 1.0), end))
+    return burst
+
+
+def check(schedule: PollSchedule, jobs: Burst, *, held: bool = False) -> None:
+    """Each job's check at its next ask: the figure counts down (or ``held``: it does not)."""
+    for timing, due, end in jobs:
+        schedule.report(timing, due, expected_seconds=end - (1.0 if held else due))
+
+
+def test_once_a_models_figures_are_seen_counting_down_the_checks_still_to_come_are_dropped() -> (
+    None
+):
+    # Each job's next ask is its check (a placeholder would be found out there). Once
+    # countdowns_trusted checks saw the figures count down, the checks still to come tell
+    # nothing: those jobs wait for their window (two asks each, not three), and so does every
+    # job reported from then on.
+    schedule = PollSchedule(POLICY)
+    burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)])
+    assert all(due < end - 2.0 for _, due, end in burst)
+    generation = schedule.generation
+    check(schedule, burst[: TUNING.countdowns_trusted])
+    assert schedule.generation != generation  # the poller revisits every waiting key
+    shape = schedule.window_shape("m")
+    for timing, due, end in burst[TUNING.scouts :]:
+        assert end < schedule.revisit(timing, due, 3.0, shape) <= end + POLICY.min_interval
+    later = KeyTiming(created_at=2.0, model="m")
+    assert 18.0 < schedule.report(later, 3.0, expected_seconds=15.0) <= 18.0 + POLICY.min_interval
+
+
+def test_one_figure_seen_not_counting_down_keeps_every_job_checked() -> None:
+    # The same, but one check saw its figure hold while generating (a placeholder): whatever
+    # the others showed, each job keeps its check.
+    schedule = PollSchedule(POLICY)
+    burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)])
+    check(schedule, burst[:1], held=True)
+    check(schedule, burst[1:20])
+    shape = schedule.window_shape("m")
+    for timing, due, _ in burst[20:]:
+        assert schedule.revisit(timing, due, 3.0, shape) == due
+    later = KeyTiming(created_at=2.0, model="m")
+    assert schedule.report(later, 3.0, expected_seconds=15.0) < 10.0
+
+
+def test_a_queued_figure_that_leaves_the_queue_out_is_waited_on_as_the_earliest_end() -> None:
+    # The gateway tells a queued job its generation time alone, the same figure until the job
+    # starts. Once checks saw figures given while generating count down, and figures given
+    # while queued never give an end that came sooner, a queued job goes to the end its figure
+    # gives (the earliest it can end: it is generating by then), not to a check first.
+    schedule = PollSchedule(POLICY)
+    check(schedule, a_burst(schedule, [10.3 + 0.5 * i for i in range(TUNING.scouts + 8)]))
+    for _ in range(TUNING.countdowns_trusted):  # told 12 s at 1 s, and at its check: held
+        timing = KeyTiming(created_at=0.0, model="m")
+        due = schedule.report(timing, 1.0, expected_seconds=12.0, queued=True)
+        assert due < 13.0 - 2.0
+        schedule.report(timing, due, expected_seconds=12.0, queued=True)
+    fresh = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(fresh, 1.0, expected_seconds=12.0, queued=True)
+    assert 13.0 < due <= 13.0 + POLICY.min_interval

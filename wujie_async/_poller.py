@@ -567,7 +567,7 @@ class BatchPoller:
     def _after_replies(self, now: float) -> None:
         if self._schedule_of.generation != self._generation:
             self._generation = self._schedule_of.generation
-            self._pull_in_waiting(now)
+            self._revisit_waiting(now)
 
     # --- someone else asks the gateway for this poller's keys (a fleet's leader) ------------
     def set_asking(self, asking: bool) -> None:
@@ -626,22 +626,18 @@ class BatchPoller:
             tracked.state.status,
         )
 
-    def _pull_in_waiting(self, now: float) -> None:
-        """The learned window widened: keys waiting for a later window start are due sooner."""
+    def _revisit_waiting(self, now: float) -> None:
+        """The schedule learned something: every waiting key's next ask may move."""
         shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
-        gap = self._policy.min_interval
+        schedule = self._schedule_of
         for tracked in self._jobs.values():
-            end, span = tracked.predicted_end, tracked.predicted_span
-            if tracked.due == math.inf or end is None or not span:
-                continue  # in a call on the wire (its reply reschedules it), or no window
+            if tracked.due == math.inf:
+                continue  # in a call on the wire: its reply reschedules it
             shape = shapes.get(tracked.model)
             if shape is None:
-                shape = shapes[tracked.model] = self._schedule_of.window_shape(tracked.model)
-            # Never sooner than min_interval after the last ask: a key asked densely already
-            # is not asked again at once.
-            last = tracked.last_ask
-            when = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
-            if when < tracked.due:
+                shape = shapes[tracked.model] = schedule.window_shape(tracked.model)
+            when = schedule.revisit(tracked, tracked.due, now, shape)
+            if when != tracked.due:
                 self._schedule(tracked, when)
         self._wakeup.set()
 

@@ -6,8 +6,9 @@ The promise (docs, "Polling and its latency promise"):
   about every ``min_interval``: a job that ends there is seen within ``min_interval``;
 * a job that overran that window (or whose gateway gives no usable estimate) is asked about
   every ``max(min_interval, age_fraction x its age)``, capped at ``max_interval``;
-* before the window opens, nothing is asked (one ask at the window's start), so a job whose
-  estimate is right costs about three asks: the first, one at the window, one to see it done.
+* before the window opens, nothing is asked but a check that the estimate counts down, until
+  the model's estimates are seen to (``_Checks``): a job whose estimate is right costs two or
+  three asks (the first, perhaps the check, one just after its predicted end).
 
 The window is learned. Every ended job that had an estimate adds one sample of how far its end
 fell from the predicted end, relative to the predicted duration. Where the end fell is what the
@@ -80,6 +81,10 @@ class ScheduleTuning:
             first ends seen. Twice ``min_samples``, so half of them ending teaches it: with 8
             (every scout must end) a burst whose estimates were 3x long was seen 11 s late
             (p50), with 12 to 32 about 1.5 s. The price: a few asks more for each, per model.
+        countdowns_trusted: checks of a model's jobs that saw its first figures count down
+            (given while queued: give an end that never came sooner) before such a figure is
+            trusted without a check (``_Checks``): a job whose first report comes after that,
+            or whose check is still to come, goes straight to its window.
     """
 
     min_samples: int = 8
@@ -99,6 +104,7 @@ class ScheduleTuning:
     coarse_delay: float = 0.25
     coarse_after: int = 3
     scouts: int = 16
+    countdowns_trusted: int = 8
 
 
 TUNING = ScheduleTuning()
@@ -140,6 +146,39 @@ class _Lesson:
 
 
 @dataclass(slots=True)
+class _Checks:
+    """What the checks of a model's jobs showed of their first figures (each job's check
+    counted once).
+
+    A figure given while generating is trusted without a check once ``countdowns_trusted``
+    checks saw such figures count down and none saw otherwise: the check is there to find a
+    placeholder, and once a model's estimates are seen counting down each job's own check is
+    an ask that tells nothing (a burst of 2,000 right estimates: 3 asks per key with checks,
+    about 2 without). A figure given while queued is trusted too once as many checks saw the
+    end it gives never come sooner (by more than their resolution): it is then at least the
+    earliest the job can end, whether it counts the queue in or leaves it out (the generation
+    alone, counting down once generation starts), and its window is asked at when the job is
+    generating or done. Anything else seen, ever: each job is checked, as before anything is
+    learned.
+    """
+
+    counting: int = 0  # figures given while generating, seen counting down
+    odd: bool = False  # ...seen otherwise
+    queued_never_sooner: int = 0  # figures given while queued, whose end never came sooner
+    queued_odd: bool = False  # ...whose end came sooner
+    # ...whose end came later: such figures leave something out (the queue), and the end a
+    # job's figure given while queued put it at teaches nothing of the estimates' error.
+    queued_later: bool = False
+
+    def trusted(self, *, queued: bool) -> bool:
+        enough = TUNING.countdowns_trusted
+        generating = not self.odd and self.counting >= enough
+        if not queued:
+            return generating
+        return generating and not self.queued_odd and self.queued_never_sooner >= enough
+
+
+@dataclass(slots=True)
 class KeyTiming:
     """The poller's record of one key: what the schedule needs, nothing a user reads.
 
@@ -155,6 +194,7 @@ class KeyTiming:
         live_reports: reports whose estimate was usable and kept counting down.
         queued: the last report said the job is queued (its estimate may not count down yet).
         last_expected: the last estimate the gateway gave, as it gave it (seconds left).
+        predicted_queued: ``predicted_end`` comes from a figure given while queued.
         recheck: its estimate did not move as it left the queue: asked again soon, to tell a
             placeholder from a countdown.
         scout: one of the first jobs of its model while nothing is learned: asked every
@@ -170,6 +210,7 @@ class KeyTiming:
     live_reports: int = 0
     queued: bool = False
     last_expected: float | None = None
+    predicted_queued: bool = False
     recheck: bool = False
     scout: bool = False
 
@@ -201,6 +242,7 @@ class PollSchedule:
     """The schedule of one poller: next ask times, and what it learns from ended jobs."""
 
     __slots__ = (
+        "_checks",
         "_durations",
         "_errors",
         "_excess_late",
@@ -229,6 +271,7 @@ class PollSchedule:
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._scouts: dict[str | None, int] = {}
+        self._checks: dict[str | None, _Checks] = {}
         # How far the gateway's end stamps sit from ends two close asks pinned (its clock's
         # skew and resolution): one gateway, one clock, whatever the model.
         self._stamp_offsets = _Quantiles()
@@ -236,8 +279,9 @@ class PollSchedule:
         # with the asks (it says a job ended before an ask that saw it running, or after one
         # that saw it done): that clock is skewed.
         self._stamps_at_their_word = True
-        # Bumped when the learned window widens: jobs already waiting for a later window start
-        # should be looked at again (the poller reschedules them).
+        # Bumped when the learned window widens (jobs already waiting for a later window start
+        # are due sooner) or a model's estimates are trusted to count down (their checks still
+        # to come are not needed): the poller has every waiting key revisited.
         self.generation = 0
 
     # --- learning --------------------------------------------------------------------------
@@ -291,7 +335,16 @@ class PollSchedule:
                 end = stamped if stamped is not None else end
         elif ended_at is not None:
             end = self._stamped_end(ended_at, earliest, now, timing.predicted_end, fine=fine)
-        if timing.predicted_end is not None and timing.predicted_span and timing.estimate_live:
+        # A figure given while queued that leaves the queue out (_Checks.queued_later) is the
+        # earliest the job can end, not an estimate of its end: it teaches nothing.
+        checks = self._checks.get(timing.model)
+        bound = timing.predicted_queued and checks is not None and checks.queued_later
+        if (
+            timing.predicted_end is not None
+            and timing.predicted_span
+            and timing.estimate_live
+            and not bound
+        ):
             span, predicted = timing.predicted_span, timing.predicted_end
             if end is not None:
                 error = (end - predicted) / span
@@ -415,6 +468,8 @@ class PollSchedule:
                 # forward by the time between reports. Whole seconds move it by up to one.
                 drift = abs(predicted - previous) - (1.0 if coarse else 0.0)
                 timing.recheck = False
+                check, was_queued = timing.live_reports == 1, timing.queued  # each job once
+                coarse_gap = 1.0 if coarse else 0.0
                 if not queued and expected_seconds == timing.last_expected:
                     if timing.queued:
                         timing.recheck = True  # it has just left the queue: ask again soon
@@ -435,9 +490,20 @@ class PollSchedule:
                         )
                     else:
                         timing.estimate_live = False
+                if check and gap > policy.min_interval + coarse_gap:
+                    self._note_check(
+                        timing.model,
+                        was_queued,
+                        live=timing.estimate_live
+                        and drift <= TUNING.live_drift * gap + policy.min_interval
+                        and expected_seconds < (timing.last_expected or math.inf),
+                        sooner=previous - predicted > policy.min_interval + coarse_gap,
+                        later=predicted - previous > policy.min_interval + coarse_gap,
+                    )
             timing.last_expected = expected_seconds
             if timing.estimate_live:
                 timing.predicted_end = predicted
+                timing.predicted_queued = queued
                 timing.live_reports += 1
             else:
                 timing.predicted_end = None
@@ -460,7 +526,10 @@ class PollSchedule:
                     # Long enough to tell even whole seconds apart: one second plus two asks.
                     return min(opens, now + 1.0 + 2 * policy.min_interval)
                 learning = self._learning(timing.model)
-                if learning and (timing.live_reports < 2 or self._typical_figure(timing.model)):
+                checked = timing.live_reports >= 2 or self._trusted(
+                    timing.model, queued=timing.queued
+                )
+                if learning and (not checked or self._typical_figure(timing.model)):
                     # Nothing learned yet. Before a long wait on an estimate, check once that
                     # it counts down (a placeholder is found out there). When every job gets
                     # the same estimate, it says nothing of which jobs end early: close in on
@@ -491,6 +560,56 @@ class PollSchedule:
             if now + policy.min_interval < earliest:
                 return min(earliest, now + policy.max_estimate_wait)
         return now + self._backoff(now - timing.created_at)
+
+    def revisit(self, timing: KeyTiming, due: float, now: float, shape: WindowShape) -> float:
+        """When a key waiting until ``due`` is next asked, now that the schedule has learned
+        something (``generation`` moved; ``shape``: its model's window as it stands now).
+
+        Sooner when its window now opens sooner; later when the ask it waits for is the check
+        that its estimate counts down, and its model's estimates are now trusted to.
+        """
+        end, span = timing.predicted_end, timing.predicted_span
+        if end is None or not span:
+            return due  # no window: its asks follow its age
+        last = timing.last_ask
+        # Never sooner than min_interval after the last ask: a key asked densely already is
+        # not asked again at once.
+        gap = self._policy.min_interval
+        sooner = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
+        if sooner < due:
+            return sooner
+        if last is not None and timing.live_reports < 2:
+            return max(due, self.next_ask(timing, last))
+        return due
+
+    def _note_check(
+        self, model: str | None, queued: bool, *, live: bool, sooner: bool, later: bool
+    ) -> None:
+        """Record what a job's check showed of its first figure (given while ``queued``, or
+        generating): it counted down (``live``); the end it gave came ``sooner``, or
+        ``later``."""
+        checks = self._checks.get(model)
+        if checks is None:
+            checks = self._checks[model] = _Checks()
+        before = checks.trusted(queued=False), checks.trusted(queued=True)
+        if queued:
+            if sooner:
+                checks.queued_odd = True
+            else:
+                checks.queued_never_sooner += 1
+                checks.queued_later = checks.queued_later or later
+        elif live:
+            checks.counting += 1
+        else:
+            checks.odd = True
+        if (checks.trusted(queued=False), checks.trusted(queued=True)) != before:
+            self.generation += 1  # the checks still to come may tell nothing now
+
+    def _trusted(self, model: str | None, *, queued: bool) -> bool:
+        """Whether a job's first figure (given while ``queued``, or generating) is trusted
+        without a check (:class:`_Checks`)."""
+        checks = self._checks.get(model)
+        return checks is not None and checks.trusted(queued=queued)
 
     def _note_resolution(self, model: str | None, expected_seconds: float) -> None:
         if model in self._fractional:
