@@ -394,10 +394,9 @@ def test_once_a_models_figures_are_seen_counting_down_the_checks_still_to_come_a
     assert all(due < end - 2.0 for _, due, end in burst)
     generation = schedule.generation
     check(schedule, burst[: TUNING.countdowns_trusted])
-    assert schedule.generation != generation  # the poller revisits every waiting key
-    shape = schedule.window_shape("m")
+    assert schedule.generation != generation  # the poller looks at every waiting key
     for timing, due, end in burst[TUNING.scouts :]:
-        assert end < schedule.revisit(timing, due, 3.0, shape) <= end + POLICY.min_interval
+        assert end < schedule.after_learning(timing, due) <= end + POLICY.min_interval
     later = KeyTiming(created_at=2.0, model="m")
     assert 18.0 < schedule.report(later, 3.0, expected_seconds=15.0) <= 18.0 + POLICY.min_interval
 
@@ -409,9 +408,8 @@ def test_one_figure_seen_not_counting_down_keeps_every_job_checked() -> None:
     burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)])
     check(schedule, burst[:1], held=True)
     check(schedule, burst[1:20])
-    shape = schedule.window_shape("m")
     for timing, due, _ in burst[20:]:
-        assert schedule.revisit(timing, due, 3.0, shape) == due
+        assert schedule.after_learning(timing, due) == due
     later = KeyTiming(created_at=2.0, model="m")
     assert schedule.report(later, 3.0, expected_seconds=15.0) < 10.0
 

@@ -627,18 +627,31 @@ class BatchPoller:
         )
 
     def _revisit_waiting(self, now: float) -> None:
-        """The schedule learned something: every waiting key's next ask may move."""
-        shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
+        """The schedule learned something: keys waiting for a later window start are due
+        sooner if it widened; keys waiting for an ask before their window (a check that the
+        estimate counts down) may be due later, at their window (``PollSchedule.after_learning``).
+        """
         schedule = self._schedule_of
+        shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
+        gap = self._policy.min_interval
         for tracked in self._jobs.values():
-            if tracked.due == math.inf:
-                continue  # in a call on the wire: its reply reschedules it
+            end, span = tracked.predicted_end, tracked.predicted_span
+            if tracked.due == math.inf or end is None or not span:
+                continue  # in a call on the wire (its reply reschedules it), or no window
             shape = shapes.get(tracked.model)
             if shape is None:
                 shape = shapes[tracked.model] = schedule.window_shape(tracked.model)
-            when = schedule.revisit(tracked, tracked.due, now, shape)
-            if when != tracked.due:
+            # Never sooner than min_interval after the last ask: a key asked densely already
+            # is not asked again at once.
+            last = tracked.last_ask
+            opens = shape.opens(end, span)
+            when = max(now, opens, -math.inf if last is None else last + gap)
+            if when < tracked.due:
                 self._schedule(tracked, when)
+            elif tracked.due < opens and tracked.live_reports < 2:
+                when = schedule.after_learning(tracked, tracked.due)
+                if when != tracked.due:
+                    self._schedule(tracked, when)
         self._wakeup.set()
 
     async def _split(self, chunk: list[_Tracked]) -> None:

@@ -279,9 +279,9 @@ class PollSchedule:
         # with the asks (it says a job ended before an ask that saw it running, or after one
         # that saw it done): that clock is skewed.
         self._stamps_at_their_word = True
-        # Bumped when the learned window widens (jobs already waiting for a later window start
-        # are due sooner) or a model's estimates are trusted to count down (their checks still
-        # to come are not needed): the poller has every waiting key revisited.
+        # Bumped when the learned window widens (jobs waiting for a later window start are due
+        # sooner) or what a model's first figures are trusted for changes (the checks still to
+        # come may tell nothing now): the poller looks at every waiting key again.
         self.generation = 0
 
     # --- learning --------------------------------------------------------------------------
@@ -561,26 +561,15 @@ class PollSchedule:
                 return min(earliest, now + policy.max_estimate_wait)
         return now + self._backoff(now - timing.created_at)
 
-    def revisit(self, timing: KeyTiming, due: float, now: float, shape: WindowShape) -> float:
-        """When a key waiting until ``due`` is next asked, now that the schedule has learned
-        something (``generation`` moved; ``shape``: its model's window as it stands now).
-
-        Sooner when its window now opens sooner; later when the ask it waits for is the check
-        that its estimate counts down, and its model's estimates are now trusted to.
-        """
-        end, span = timing.predicted_end, timing.predicted_span
-        if end is None or not span:
-            return due  # no window: its asks follow its age
+    def after_learning(self, timing: KeyTiming, due: float) -> float:
+        """When a key waiting until ``due`` for an ask before its window (a check that its
+        estimate counts down) is asked, now that the schedule learned something
+        (``generation`` moved): at its window if its model's first figures are now trusted,
+        else at ``due``. Never sooner."""
         last = timing.last_ask
-        # Never sooner than min_interval after the last ask: a key asked densely already is
-        # not asked again at once.
-        gap = self._policy.min_interval
-        sooner = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
-        if sooner < due:
-            return sooner
-        if last is not None and timing.live_reports < 2:
-            return max(due, self.next_ask(timing, last))
-        return due
+        if last is None or timing.live_reports >= 2 or timing.predicted_end is None:
+            return due
+        return max(due, self.next_ask(timing, last))
 
     def _note_check(
         self, model: str | None, queued: bool, *, live: bool, sooner: bool, later: bool
