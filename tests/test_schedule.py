@@ -414,18 +414,61 @@ def test_one_figure_seen_not_counting_down_keeps_every_job_checked() -> None:
     assert schedule.report(later, 3.0, expected_seconds=15.0) < 10.0
 
 
-def test_a_queued_figure_that_leaves_the_queue_out_is_waited_on_as_the_earliest_end() -> None:
-    # The gateway tells a queued job its generation time alone, the same figure until the job
-    # starts. Once checks saw figures given while generating count down, and figures given
-    # while queued never give an end that came sooner, a queued job goes to the end its figure
-    # gives (the earliest it can end: it is generating by then), not to a check first.
-    schedule = PollSchedule(POLICY)
-    check(schedule, a_burst(schedule, [10.3 + 0.5 * i for i in range(TUNING.scouts + 8)]))
-    for _ in range(TUNING.countdowns_trusted):  # told 12 s at 1 s, and at its check: held
+def queued_checks(schedule: PollSchedule, *, leave: bool) -> None:
+    """``countdowns_trusted`` jobs told 12 s at 1 s while queued, the generation time alone,
+    and the same at their check while still queued; or (``leave``) a second after they left
+    the queue, then counting down."""
+    for _ in range(TUNING.countdowns_trusted):
         timing = KeyTiming(created_at=0.0, model="m")
         due = schedule.report(timing, 1.0, expected_seconds=12.0, queued=True)
         assert due < 13.0 - 2.0
-        schedule.report(timing, due, expected_seconds=12.0, queued=True)
+        if leave:
+            schedule.report(timing, due, expected_seconds=11.0)
+        else:
+            schedule.report(timing, due, expected_seconds=12.0, queued=True)
+
+
+def test_a_queued_figure_that_leaves_the_queue_out_is_waited_on_as_the_earliest_end() -> None:
+    # The gateway tells a queued job its generation time alone, the same figure until the job
+    # starts. Once checks saw figures given while generating count down, and figures given
+    # while queued never give an end that came sooner (also from jobs that left the queue),
+    # a queued job goes to the end its figure gives (the earliest it can end: it is
+    # generating by then), not to a check first.
+    schedule = PollSchedule(POLICY)
+    check(schedule, a_burst(schedule, [10.3 + 0.5 * i for i in range(TUNING.scouts + 8)]))
+    queued_checks(schedule, leave=True)
     fresh = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(fresh, 1.0, expected_seconds=12.0, queued=True)
     assert 13.0 < due <= 13.0 + POLICY.min_interval
+
+
+def test_a_queued_figure_never_seen_as_a_job_leaves_the_queue_keeps_its_check() -> None:
+    # The same, but every check came while the job was still queued: the figure held, as a
+    # placeholder's would (too high, say, until the job starts). Nothing says it is the
+    # earliest end: a queued job keeps its check.
+    schedule = PollSchedule(POLICY)
+    check(schedule, a_burst(schedule, [10.3 + 0.5 * i for i in range(TUNING.scouts + 8)]))
+    queued_checks(schedule, leave=False)
+    fresh = KeyTiming(created_at=0.0, model="m")
+    assert schedule.report(fresh, 1.0, expected_seconds=12.0, queued=True) < 13.0 - 2.0
+
+
+def test_a_queued_figure_that_counts_the_queue_in_is_trusted_without_figures_from_generation() -> (
+    None
+):
+    # Every job of the burst still queued at its first ask (an early first_poll_delay), its
+    # figure counting the queue in: no check ever sees a figure given while generating, and
+    # none is needed. Once countdowns_trusted checks saw the end stay put, the checks still
+    # to come are dropped.
+    schedule = PollSchedule(POLICY)
+    burst = []
+    for i in range(40):
+        timing = KeyTiming(created_at=0.0, model="m")
+        end = 10.3 + 0.5 * i
+        burst.append(
+            (timing, schedule.report(timing, 0.5, expected_seconds=end - 0.5, queued=True), end)
+        )
+    for timing, due, end in burst[: TUNING.countdowns_trusted]:
+        schedule.report(timing, due, expected_seconds=end - due, queued=True)
+    for timing, due, end in burst[TUNING.scouts :]:
+        assert end < schedule.after_learning(timing, due) <= end + POLICY.min_interval

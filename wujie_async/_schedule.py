@@ -158,7 +158,9 @@ class _Checks:
     end it gives never come sooner (by more than their resolution): it is then at least the
     earliest the job can end, whether it counts the queue in or leaves it out (the generation
     alone, counting down once generation starts), and its window is asked at when the job is
-    generating or done. Anything else seen, ever: each job is checked, as before anything is
+    generating or done; when some end came later (it leaves something out), only beside
+    figures given while generating that are trusted and once as many jobs saw it hold as they
+    left the queue. Anything else seen, ever: each job is checked, as before anything is
     learned.
     """
 
@@ -169,13 +171,23 @@ class _Checks:
     # ...whose end came later: such figures leave something out (the queue), and the end a
     # job's figure given while queued put it at teaches nothing of the estimates' error.
     queued_later: bool = False
+    queued_left: int = 0  # ...never sooner, seen from a job that has left the queue since
 
     def trusted(self, *, queued: bool) -> bool:
         enough = TUNING.countdowns_trusted
         generating = not self.odd and self.counting >= enough
         if not queued:
             return generating
-        return generating and not self.queued_odd and self.queued_never_sooner >= enough
+        # A figure whose end stayed put is an estimate. One whose end came later is trusted as
+        # a bound only beside figures given while generating that count down, and once jobs
+        # that left the queue saw it never come sooner: a placeholder's end comes later at
+        # every report too, until the job starts.
+        bound = generating and self.queued_left >= enough
+        return (
+            not self.queued_odd
+            and self.queued_never_sooner >= enough
+            and (bound or not self.queued_later)
+        )
 
 
 @dataclass(slots=True)
@@ -499,6 +511,7 @@ class PollSchedule:
                         and expected_seconds < (timing.last_expected or math.inf),
                         sooner=previous - predicted > policy.min_interval + coarse_gap,
                         later=predicted - previous > policy.min_interval + coarse_gap,
+                        left=was_queued and not queued,
                     )
             timing.last_expected = expected_seconds
             if timing.estimate_live:
@@ -572,11 +585,18 @@ class PollSchedule:
         return max(due, self.next_ask(timing, last))
 
     def _note_check(
-        self, model: str | None, queued: bool, *, live: bool, sooner: bool, later: bool
+        self,
+        model: str | None,
+        queued: bool,
+        *,
+        live: bool,
+        sooner: bool,
+        later: bool,
+        left: bool,
     ) -> None:
         """Record what a job's check showed of its first figure (given while ``queued``, or
         generating): it counted down (``live``); the end it gave came ``sooner``, or
-        ``later``."""
+        ``later``; the job has ``left`` the queue since."""
         checks = self._checks.get(model)
         if checks is None:
             checks = self._checks[model] = _Checks()
@@ -586,6 +606,7 @@ class PollSchedule:
                 checks.queued_odd = True
             else:
                 checks.queued_never_sooner += 1
+                checks.queued_left += left
                 checks.queued_later = checks.queued_later or later
         elif live:
             checks.counting += 1
