@@ -580,8 +580,13 @@ class PollSchedule:
         (``generation`` moved): at its window if its model's first figures are now trusted,
         else at ``due``. Never sooner."""
         last = timing.last_ask
-        if last is None or timing.live_reports >= 2 or timing.predicted_end is None:
-            return due
+        if (
+            last is None
+            or timing.live_reports >= 2
+            or timing.predicted_end is None
+            or not self._trusted(timing.model, queued=timing.queued)
+        ):
+            return due  # nothing it waits for has changed: its check still tells
         return max(due, self.next_ask(timing, last))
 
     def _note_check(
