@@ -478,14 +478,15 @@ class PollSchedule:
                 gap = seen - timing.last_ask
                 # A live estimate keeps its predicted end as time passes; a placeholder moves it
                 # forward by the time between reports. Whole seconds move it by up to one.
-                drift = abs(predicted - previous) - (1.0 if coarse else 0.0)
+                coarse_gap = 1.0 if coarse else 0.0
+                drift = abs(predicted - previous) - coarse_gap
                 timing.recheck = False
                 check, was_queued = timing.live_reports == 1, timing.queued  # each job once
-                coarse_gap = 1.0 if coarse else 0.0
-                if not queued and expected_seconds == timing.last_expected:
+                last = timing.last_expected
+                if not queued and expected_seconds == last:
                     if timing.queued:
                         timing.recheck = True  # it has just left the queue: ask again soon
-                    elif gap > policy.min_interval + (1.0 if coarse else 0.0):
+                    elif gap > policy.min_interval + coarse_gap:
                         timing.estimate_live = False  # the same figure while generating
                 elif drift > TUNING.live_drift * gap + policy.min_interval:
                     if timing.queued:
@@ -493,7 +494,6 @@ class PollSchedule:
                         # A figure lower than the queue's has counted down once already: no
                         # second check before the window (a job queued at its first ask would
                         # otherwise cost one ask more than the others).
-                        last = timing.last_expected
                         timing.live_reports = (
                             1 if last is not None and expected_seconds < last else 0
                         )
@@ -508,7 +508,8 @@ class PollSchedule:
                         was_queued,
                         live=timing.estimate_live
                         and drift <= TUNING.live_drift * gap + policy.min_interval
-                        and expected_seconds < (timing.last_expected or math.inf),
+                        and last is not None
+                        and expected_seconds < last,
                         sooner=previous - predicted > policy.min_interval + coarse_gap,
                         later=predicted - previous > policy.min_interval + coarse_gap,
                         left=was_queued and not queued,
