@@ -387,16 +387,15 @@ def test_once_a_models_figures_are_seen_counting_down_the_checks_still_to_come_a
 ):
     # Each job's next ask is its check (a placeholder would be found out there). Once
     # countdowns_trusted checks saw the figures count down, the checks still to come tell
-    # nothing: those jobs wait for their window (two asks each, not three), and so does every
-    # job reported from then on.
+    # nothing: when one comes due, its job goes to its window instead (two asks each, not
+    # three), and so does every job reported from then on.
     schedule = PollSchedule(POLICY)
     burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)])
     assert all(due < end - 2.0 for _, due, end in burst)
-    generation = schedule.generation
+    assert all(timing.tentative for timing, _, _ in burst)
     check(schedule, burst[: TUNING.countdowns_trusted])
-    assert schedule.generation != generation  # the poller looks at every waiting key
-    for timing, due, end in burst[TUNING.scouts :]:
-        assert end < schedule.after_learning(timing, due) <= end + POLICY.min_interval
+    for timing, due, end in burst[TUNING.scouts :]:  # each as the poller takes it, when due
+        assert due < end < schedule.still_due(timing) <= end + POLICY.min_interval
     later = KeyTiming(created_at=2.0, model="m")
     assert 18.0 < schedule.report(later, 3.0, expected_seconds=15.0) <= 18.0 + POLICY.min_interval
 
@@ -409,7 +408,8 @@ def test_one_figure_seen_not_counting_down_keeps_every_job_checked() -> None:
     check(schedule, burst[:1], held=True)
     check(schedule, burst[1:20])
     for timing, due, _ in burst[20:]:
-        assert schedule.after_learning(timing, due) == due
+        assert timing.tentative
+        assert schedule.still_due(timing) <= due
     later = KeyTiming(created_at=2.0, model="m")
     assert schedule.report(later, 3.0, expected_seconds=15.0) < 10.0
 
@@ -470,5 +470,5 @@ def test_a_queued_figure_that_counts_the_queue_in_is_trusted_without_figures_fro
         )
     for timing, due, end in burst[: TUNING.countdowns_trusted]:
         schedule.report(timing, due, expected_seconds=end - due, queued=True)
-    for timing, due, end in burst[TUNING.scouts :]:
-        assert end < schedule.after_learning(timing, due) <= end + POLICY.min_interval
+    for timing, _, end in burst[TUNING.scouts :]:
+        assert end < schedule.still_due(timing) <= end + POLICY.min_interval

@@ -323,11 +323,18 @@ class BatchPoller:
         heapq.heappush(self._heap, (tracked.due, tracked.job.key))
 
     def _pop_due(self, horizon: float) -> _Tracked | None:
-        """The next key due by ``horizon``, skipping heap entries made stale by rescheduling."""
+        """The next key due by ``horizon``, skipping heap entries made stale by rescheduling,
+        and asks the schedule no longer plans (``KeyTiming.tentative``: the key goes to when
+        it plans it now)."""
         while self._heap and self._heap[0][0] <= horizon:
             due, key = heapq.heappop(self._heap)
             tracked = self._jobs.get(key)
             if tracked is not None and tracked.due == due:
+                if tracked.tentative:
+                    later = min(self._schedule_of.still_due(tracked), tracked.job.deadline)
+                    if later > due:
+                        self._schedule(tracked, later)
+                        continue
                 tracked.due = math.inf  # taken: no other heap entry counts until rescheduled
                 return tracked
         return None
@@ -567,7 +574,7 @@ class BatchPoller:
     def _after_replies(self, now: float) -> None:
         if self._schedule_of.generation != self._generation:
             self._generation = self._schedule_of.generation
-            self._revisit_waiting(now)
+            self._pull_in_waiting(now)
 
     # --- someone else asks the gateway for this poller's keys (a fleet's leader) ------------
     def set_asking(self, asking: bool) -> None:
@@ -626,12 +633,8 @@ class BatchPoller:
             tracked.state.status,
         )
 
-    def _revisit_waiting(self, now: float) -> None:
-        """The schedule learned something: keys waiting for a later window start are due
-        sooner if it widened; keys waiting for an ask before their window (a check that the
-        estimate counts down) may be due later, at their window (``PollSchedule.after_learning``).
-        """
-        schedule = self._schedule_of
+    def _pull_in_waiting(self, now: float) -> None:
+        """The learned window widened: keys waiting for a later window start are due sooner."""
         shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
         gap = self._policy.min_interval
         for tracked in self._jobs.values():
@@ -640,18 +643,14 @@ class BatchPoller:
                 continue  # in a call on the wire (its reply reschedules it), or no window
             shape = shapes.get(tracked.model)
             if shape is None:
-                shape = shapes[tracked.model] = schedule.window_shape(tracked.model)
+                shape = shapes[tracked.model] = self._schedule_of.window_shape(tracked.model)
             # Never sooner than min_interval after the last ask: a key asked densely already
             # is not asked again at once.
             last = tracked.last_ask
-            opens = shape.opens(end, span)
-            when = max(now, opens, -math.inf if last is None else last + gap)
+            when = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
             if when < tracked.due:
+                tracked.tentative = True  # the window may close in again before then
                 self._schedule(tracked, when)
-            elif tracked.due < opens and tracked.live_reports < 2:
-                when = schedule.after_learning(tracked, tracked.due)
-                if when != tracked.due:
-                    self._schedule(tracked, when)
         self._wakeup.set()
 
     async def _split(self, chunk: list[_Tracked]) -> None:

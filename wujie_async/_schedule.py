@@ -211,6 +211,9 @@ class KeyTiming:
             placeholder from a countdown.
         scout: one of the first jobs of its model while nothing is learned: asked every
             ``max_interval`` until its window opens (``ScheduleTuning.scouts``).
+        tentative: its next ask rests on what may change before it comes due (a check that
+            its estimate counts down, or a window that widened); the poller asks
+            ``PollSchedule.still_due`` first.
     """
 
     created_at: float
@@ -225,6 +228,7 @@ class KeyTiming:
     predicted_queued: bool = False
     recheck: bool = False
     scout: bool = False
+    tentative: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,9 +295,8 @@ class PollSchedule:
         # with the asks (it says a job ended before an ask that saw it running, or after one
         # that saw it done): that clock is skewed.
         self._stamps_at_their_word = True
-        # Bumped when the learned window widens (jobs waiting for a later window start are due
-        # sooner) or what a model's first figures are trusted for changes (the checks still to
-        # come may tell nothing now): the poller looks at every waiting key again.
+        # Bumped when the learned window widens: jobs already waiting for a later window start
+        # should be looked at again (the poller reschedules them).
         self.generation = 0
 
     # --- learning --------------------------------------------------------------------------
@@ -533,6 +536,7 @@ class PollSchedule:
     ) -> float:
         """Loop time of the next ask about a running job, from what is known at ``now``."""
         policy = self._policy
+        timing.tentative = False
         if timing.predicted_end is not None and timing.predicted_span:
             opens, closes = self.watch_window(timing)
             if now + policy.min_interval < opens:
@@ -543,6 +547,7 @@ class PollSchedule:
                 checked = timing.live_reports >= 2 or self._trusted(
                     timing.model, queued=timing.queued
                 )
+                timing.tentative = learning and not checked  # a check: see still_due
                 if learning and (not checked or self._typical_figure(timing.model)):
                     # Nothing learned yet. Before a long wait on an estimate, check once that
                     # it counts down (a placeholder is found out there). When every job gets
@@ -575,20 +580,15 @@ class PollSchedule:
                 return min(earliest, now + policy.max_estimate_wait)
         return now + self._backoff(now - timing.created_at)
 
-    def after_learning(self, timing: KeyTiming, due: float) -> float:
-        """When a key waiting until ``due`` for an ask before its window (a check that its
-        estimate counts down) is asked, now that the schedule learned something
-        (``generation`` moved): at its window if its model's first figures are now trusted,
-        else at ``due``. Never sooner."""
+    def still_due(self, timing: KeyTiming) -> float:
+        """When a ``tentative`` key that has come due is asked: its next ask as the schedule
+        stands now, from its last ask. Later than it came due when the check it waited for
+        tells nothing now (its model's first figures have been trusted since), or when the
+        window it was pulled in to has closed in again (the poller asks now otherwise)."""
         last = timing.last_ask
-        if (
-            last is None
-            or timing.live_reports >= 2
-            or timing.predicted_end is None
-            or not self._trusted(timing.model, queued=timing.queued)
-        ):
-            return due  # nothing it waits for has changed: its check still tells
-        return max(due, self.next_ask(timing, last))
+        if last is None:
+            return -math.inf
+        return self.next_ask(timing, last)
 
     def _note_check(
         self,
@@ -606,7 +606,6 @@ class PollSchedule:
         checks = self._checks.get(model)
         if checks is None:
             checks = self._checks[model] = _Checks()
-        before = checks.trusted(queued=False), checks.trusted(queued=True)
         if queued:
             if sooner:
                 checks.queued_odd = True
@@ -618,8 +617,6 @@ class PollSchedule:
             checks.counting += 1
         else:
             checks.odd = True
-        if (checks.trusted(queued=False), checks.trusted(queued=True)) != before:
-            self.generation += 1  # the checks still to come may tell nothing now
 
     def _trusted(self, model: str | None, *, queued: bool) -> bool:
         """Whether a job's first figure (given while ``queued``, or generating) is trusted
