@@ -649,7 +649,6 @@ class BatchPoller:
             last = tracked.last_ask
             when = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
             if when < tracked.due:
-                tracked.tentative = True  # the window may close in again before then
                 self._schedule(tracked, when)
         self._wakeup.set()
 

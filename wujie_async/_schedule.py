@@ -211,9 +211,9 @@ class KeyTiming:
             placeholder from a countdown.
         scout: one of the first jobs of its model while nothing is learned: asked every
             ``max_interval`` until its window opens (``ScheduleTuning.scouts``).
-        tentative: its next ask rests on what may change before it comes due (a check that
-            its estimate counts down, or a window that widened); the poller asks
-            ``PollSchedule.still_due`` first.
+        tentative: its next ask is a check that its estimate counts down, which may tell
+            nothing by the time it comes due; the poller asks ``PollSchedule.still_due``
+            first.
     """
 
     created_at: float
@@ -350,10 +350,15 @@ class PollSchedule:
                 end = stamped if stamped is not None else end
         elif ended_at is not None:
             end = self._stamped_end(ended_at, earliest, now, timing.predicted_end, fine=fine)
-        # A figure given while queued that leaves the queue out (_Checks.queued_later) is the
-        # earliest the job can end, not an estimate of its end: it teaches nothing.
+        # A figure given while queued that is trusted as the earliest the job can end (it
+        # leaves the queue out: _Checks.queued_later) is not an estimate: it teaches nothing.
         checks = self._checks.get(timing.model)
-        bound = timing.predicted_queued and checks is not None and checks.queued_later
+        bound = (
+            timing.predicted_queued
+            and checks is not None
+            and checks.queued_later
+            and checks.trusted(queued=True)
+        )
         if (
             timing.predicted_end is not None
             and timing.predicted_span
@@ -583,8 +588,8 @@ class PollSchedule:
     def still_due(self, timing: KeyTiming) -> float:
         """When a ``tentative`` key that has come due is asked: its next ask as the schedule
         stands now, from its last ask. Later than it came due when the check it waited for
-        tells nothing now (its model's first figures have been trusted since), or when the
-        window it was pulled in to has closed in again (the poller asks now otherwise)."""
+        tells nothing now (its model's first figures have been trusted since); the poller asks
+        now otherwise."""
         last = timing.last_ask
         if last is None:
             return -math.inf
