@@ -366,20 +366,24 @@ def test_a_whole_second_stamp_before_the_last_ask_does_not_reset_what_was_learne
 Burst = list[tuple[KeyTiming, float, float]]  # each job's timing, next ask, true end
 
 
-def a_burst(schedule: PollSchedule, ends: list[float]) -> Burst:
-    """Jobs created at 0, each first reported at 1 s with an exact figure, before any check.
-    The first ``TUNING.scouts`` are scouts (asked every max_interval): look past them."""
+def a_burst(
+    schedule: PollSchedule, ends: list[float], *, at: float = 1.0, queued: bool = False
+) -> Burst:
+    """Jobs created at 0, each first reported at ``at`` with an exact figure (``queued``, or
+    generating), before any check. The first ``TUNING.scouts`` are scouts (asked every
+    max_interval): look past them."""
     burst = []
     for end in ends:
         timing = KeyTiming(created_at=0.0, model="m")
-        burst.append((timing, schedule.report(timing, 1.0, expected_seconds=end - 1.0), end))
+        due = schedule.report(timing, at, expected_seconds=end - at, queued=queued)
+        burst.append((timing, due, end))
     return burst
 
 
-def check(schedule: PollSchedule, jobs: Burst, *, held: bool = False) -> None:
+def check(schedule: PollSchedule, jobs: Burst, *, held: bool = False, queued: bool = False) -> None:
     """Each job's check at its next ask: the figure counts down (or ``held``: it does not)."""
     for timing, due, end in jobs:
-        schedule.report(timing, due, expected_seconds=end - (1.0 if held else due))
+        schedule.report(timing, due, expected_seconds=end - (1.0 if held else due), queued=queued)
 
 
 def test_once_a_models_figures_are_seen_counting_down_the_checks_still_to_come_are_dropped() -> (
@@ -461,14 +465,7 @@ def test_a_queued_figure_that_counts_the_queue_in_is_trusted_without_figures_fro
     # none is needed. Once countdowns_trusted checks saw the end stay put, the checks still
     # to come are dropped.
     schedule = PollSchedule(POLICY)
-    burst = []
-    for i in range(40):
-        timing = KeyTiming(created_at=0.0, model="m")
-        end = 10.3 + 0.5 * i
-        burst.append(
-            (timing, schedule.report(timing, 0.5, expected_seconds=end - 0.5, queued=True), end)
-        )
-    for timing, due, end in burst[: TUNING.countdowns_trusted]:
-        schedule.report(timing, due, expected_seconds=end - due, queued=True)
+    burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)], at=0.5, queued=True)
+    check(schedule, burst[: TUNING.countdowns_trusted], queued=True)
     for timing, _, end in burst[TUNING.scouts :]:
         assert end < schedule.still_due(timing) <= end + POLICY.min_interval

@@ -331,6 +331,7 @@ class BatchPoller:
             tracked = self._jobs.get(key)
             if tracked is not None and tracked.due == due:
                 if tracked.tentative:
+                    # Capped as _schedule caps it: a key due at its deadline is taken now.
                     later = min(self._schedule_of.still_due(tracked), tracked.job.deadline)
                     if later > due:
                         self._schedule(tracked, later)

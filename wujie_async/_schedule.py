@@ -182,12 +182,17 @@ class _Checks:
         # a bound only beside figures given while generating that count down, and once jobs
         # that left the queue saw it never come sooner: a placeholder's end comes later at
         # every report too, until the job starts.
-        bound = generating and self.queued_left >= enough
+        a_bound = generating and self.queued_left >= enough
         return (
             not self.queued_odd
             and self.queued_never_sooner >= enough
-            and (bound or not self.queued_later)
+            and (a_bound or not self.queued_later)
         )
+
+    def queued_bounds(self) -> bool:
+        """Whether figures given while queued are trusted as the earliest a job can end (they
+        leave the queue out), not as estimates of its end."""
+        return self.queued_later and self.trusted(queued=True)
 
 
 @dataclass(slots=True)
@@ -350,15 +355,10 @@ class PollSchedule:
                 end = stamped if stamped is not None else end
         elif ended_at is not None:
             end = self._stamped_end(ended_at, earliest, now, timing.predicted_end, fine=fine)
-        # A figure given while queued that is trusted as the earliest the job can end (it
-        # leaves the queue out: _Checks.queued_later) is not an estimate: it teaches nothing.
+        # A figure given while queued that is trusted as the earliest the job can end is not
+        # an estimate of its end: it teaches nothing.
         checks = self._checks.get(timing.model)
-        bound = (
-            timing.predicted_queued
-            and checks is not None
-            and checks.queued_later
-            and checks.trusted(queued=True)
-        )
+        bound = timing.predicted_queued and checks is not None and checks.queued_bounds()
         if (
             timing.predicted_end is not None
             and timing.predicted_span
@@ -488,15 +488,18 @@ class PollSchedule:
                 # forward by the time between reports. Whole seconds move it by up to one.
                 coarse_gap = 1.0 if coarse else 0.0
                 drift = abs(predicted - previous) - coarse_gap
+                tolerance = TUNING.live_drift * gap + policy.min_interval
+                # Moves smaller than this (a step, plus the figure's resolution) tell nothing.
+                step = policy.min_interval + coarse_gap
                 timing.recheck = False
                 check, was_queued = timing.live_reports == 1, timing.queued  # each job once
                 last = timing.last_expected
                 if not queued and expected_seconds == last:
                     if timing.queued:
                         timing.recheck = True  # it has just left the queue: ask again soon
-                    elif gap > policy.min_interval + coarse_gap:
+                    elif gap > step:
                         timing.estimate_live = False  # the same figure while generating
-                elif drift > TUNING.live_drift * gap + policy.min_interval:
+                elif drift > tolerance:
                     if timing.queued:
                         # It may have left the queue out: judge it from here, on a new scale.
                         # A figure lower than the queue's has counted down once already: no
@@ -510,16 +513,16 @@ class PollSchedule:
                         )
                     else:
                         timing.estimate_live = False
-                if check and gap > policy.min_interval + coarse_gap:
+                if check and gap > step:
                     self._note_check(
                         timing.model,
                         was_queued,
                         live=timing.estimate_live
-                        and drift <= TUNING.live_drift * gap + policy.min_interval
+                        and drift <= tolerance
                         and last is not None
                         and expected_seconds < last,
-                        sooner=previous - predicted > policy.min_interval + coarse_gap,
-                        later=predicted - previous > policy.min_interval + coarse_gap,
+                        sooner=previous - predicted > step,
+                        later=predicted - previous > step,
                         left=was_queued and not queued,
                     )
             timing.last_expected = expected_seconds
@@ -539,7 +542,8 @@ class PollSchedule:
     def next_ask(
         self, timing: KeyTiming, now: float, *, queue_position: int | None = None
     ) -> float:
-        """Loop time of the next ask about a running job, from what is known at ``now``."""
+        """Loop time of the next ask about a running job, from what is known at ``now``; marks
+        ``timing.tentative`` when that ask is a check that its estimate counts down."""
         policy = self._policy
         timing.tentative = False
         if timing.predicted_end is not None and timing.predicted_span:
