@@ -65,7 +65,7 @@ def test_a_right_estimate_costs_at_most_three_asks_before_anything_is_learned() 
     # after the predicted end; seen done within min_interval. Nothing learned beforehand (the
     # model's scouts, its first jobs, are asked more: the test after this one).
     # Ends off whole seconds: exact estimates that come out whole at every ask are taken for
-    # whole-second ones, whose window opens coarse_delay later by design.
+    # whole-second ones, whose unlearned window reaches a second earlier by design.
     for end in (8.3, 20.3, 45.3, 200.3):
         asks, late = follow(past_the_scouts(), end, exact)
         # A job longer than max_estimate_wait is also asked about once per that wait.

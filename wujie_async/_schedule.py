@@ -69,9 +69,13 @@ class ScheduleTuning:
         narrow_gap: a job whose end is known only to lie between two asks this many
             ``min_interval`` apart (or closer) teaches the middle of them; farther apart, only
             what the asks prove (it ended early, or late, by at least so much), or nothing.
-        coarse_delay: seconds a window opens later for estimates in whole seconds: the end
-            lies anywhere in the second after (rounded down), around or before the figure, and
-            asking a quarter second later saves an ask for a little lateness.
+        coarse_reach: seconds a window opens earlier, while it is unlearned, for estimates in
+            whole seconds: the end lies anywhere in the second after the figure (rounded down),
+            around it or before it (rounded up). Opened after the figure, a gateway that rounds
+            up has every job seen up to 1.6 s late, and nothing learned from it (an ask after a
+            long wait that finds the job done proves no early end); opened a second earlier,
+            the first ends are seen close and teach the window. Such an ask is tentative: once
+            the window is learned, a key it would find too early goes to its window instead.
         coarse_after: whole-second estimates (and no finer one) seen before a model's
             estimates are taken to come in whole seconds.
         scouts: while a model's window is unlearned, its first this many jobs with an
@@ -101,7 +105,7 @@ class ScheduleTuning:
     same_span_share: float = 0.02
     same_spans_min: int = 2
     narrow_gap: float = 1.0
-    coarse_delay: float = 0.25
+    coarse_reach: float = 1.0
     coarse_after: int = 3
     scouts: int = 16
     countdowns_trusted: int = 8
@@ -216,9 +220,9 @@ class KeyTiming:
             placeholder from a countdown.
         scout: one of the first jobs of its model while nothing is learned: asked every
             ``max_interval`` until its window opens (``ScheduleTuning.scouts``).
-        tentative: its next ask is a check that its estimate counts down, which may tell
-            nothing by the time it comes due; the poller asks ``PollSchedule.still_due``
-            first.
+        tentative: its next ask may tell nothing by the time it comes due (a check that its
+            estimate counts down, or an ask at an unlearned window that reaches early); the
+            poller asks ``PollSchedule.still_due`` first.
     """
 
     created_at: float
@@ -249,10 +253,11 @@ class WindowShape:
     high: float
     delay: float
     cap: float  # inf once the window is learned: only the prior's guess is capped
+    reach: float = 0.0  # seconds it opens earlier still: TUNING.coarse_reach, while unlearned
 
     def opens(self, end: float, span: float) -> float:
         """Loop time the window opens, for a job predicted to end at ``end`` after ``span``."""
-        return end + max(self.low * span, -self.cap) + self.delay
+        return end + max(self.low * span, -self.cap) + self.delay - self.reach
 
     def around(self, end: float, span: float) -> tuple[float, float]:
         """Loop times the window opens and closes."""
@@ -543,11 +548,14 @@ class PollSchedule:
         self, timing: KeyTiming, now: float, *, queue_position: int | None = None
     ) -> float:
         """Loop time of the next ask about a running job, from what is known at ``now``; marks
-        ``timing.tentative`` when that ask is a check that its estimate counts down."""
+        ``timing.tentative`` when that ask may tell nothing by the time it comes due: a check
+        that its estimate counts down, or an ask at a window that reaches early because it is
+        unlearned (``TUNING.coarse_reach``)."""
         policy = self._policy
         timing.tentative = False
         if timing.predicted_end is not None and timing.predicted_span:
-            opens, closes = self.watch_window(timing)
+            shape = self.window_shape(timing.model)
+            opens, closes = shape.around(timing.predicted_end, timing.predicted_span)
             if now + policy.min_interval < opens:
                 if timing.recheck:
                     # Long enough to tell even whole seconds apart: one second plus two asks.
@@ -556,7 +564,7 @@ class PollSchedule:
                 checked = timing.live_reports >= 2 or self._trusted(
                     timing.model, queued=timing.queued
                 )
-                timing.tentative = learning and not checked  # a check: see still_due
+                timing.tentative = (learning and not checked) or shape.reach > 0  # still_due
                 if learning and (not checked or self._typical_figure(timing.model)):
                     # Nothing learned yet. Before a long wait on an estimate, check once that
                     # it counts down (a placeholder is found out there). When every job gets
@@ -591,9 +599,9 @@ class PollSchedule:
 
     def still_due(self, timing: KeyTiming) -> float:
         """When a ``tentative`` key that has come due is asked: its next ask as the schedule
-        stands now, from its last ask. Later than it came due when the check it waited for
-        tells nothing now (its model's first figures have been trusted since); the poller asks
-        now otherwise."""
+        stands now, from its last ask. Later than it came due when what it waited for tells
+        nothing now (its model's first figures have been trusted since, or its window has been
+        learned and opens later); the poller asks now otherwise."""
         last = timing.last_ask
         if last is None:
             return -math.inf
@@ -680,11 +688,11 @@ class PollSchedule:
         # After the end, and after it even when a call with room takes the key early.
         policy = self._policy
         delay = TUNING.open_delay * policy.min_interval + policy.batch_fill_horizon
-        if self.coarse(model):
-            delay += TUNING.coarse_delay
+        learning = self._learning(model)
         # The prior is a guess: it must not make a long job's window long as well.
-        cap = TUNING.prior_max_steps * policy.min_interval if self._learning(model) else math.inf
-        return WindowShape(low, high, delay, cap)
+        cap = TUNING.prior_max_steps * policy.min_interval if learning else math.inf
+        reach = TUNING.coarse_reach if learning and self.coarse(model) else 0.0
+        return WindowShape(low, high, delay, cap, reach)
 
     def _backoff(self, age: float) -> float:
         policy = self._policy
