@@ -308,7 +308,7 @@ class PollSchedule:
         self._windows: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._scouts: dict[str | None, int] = {}
-        self._reported = 0  # jobs that gave a first estimate (every TUNING.sentinels-th...)
+        self._reported = 0  # first estimates seen: each TUNING.sentinels-th job is a sentinel
         self._checks: dict[str | None, _Checks] = {}
         # How far the gateway's end stamps sit from ends two close asks pinned (its clock's
         # skew and resolution): one gateway, one clock, whatever the model.
