@@ -6,7 +6,8 @@ measured in this process (the client) against an emulator in its own process:
   burst          N jobs lasting 10-30 s, submitted at once through the worker pool
   trickle        5 new jobs per second for 60 s, each 10-30 s; and single jobs awaited alone
   gateways       the burst against gateways that report right estimates another way: no
-                 complete_time, an estimate that leaves the queue out, whole seconds
+                 complete_time, an estimate that leaves the queue out, whole seconds (rounded
+                 down, to the nearest, or up without complete_time)
   bad_estimates  the burst with expected_seconds off by up to 50%, a constant 30 s, absent,
                  or in whole seconds rounded down
   rate429        jobs finished per second with 3% random 429s vs without (short jobs)
@@ -60,6 +61,8 @@ BAD_ESTIMATES: dict[str, dict[str, Any]] = {
 # promise must hold across them (whole seconds: at most 4 asks per key).
 GATEWAYS: dict[str, dict[str, Any]] = {
     "whole_seconds_floor": {"estimate_rounding": "floor"},
+    "whole_seconds_round": {"estimate_rounding": "round"},
+    "whole_seconds_ceil_no_complete_time": {"estimate_rounding": "ceil", "progress_fields": False},
     "no_complete_time": {"progress_fields": False},
     "countdown_from_generation": {"estimate_while_queued": "generation"},
 }
@@ -254,14 +257,17 @@ async def gateways(sizes: Sizes, cache: dict[str, Any]) -> dict[str, Any]:
             f"gateway ({name}) ours", real_jobs(sizes, config), lambda g: ours(g, requests)
         )
         variants[name] = compare(mine, theirs, floor)
-    right = [block for name, block in variants.items() if name != "whole_seconds_floor"]
+    right = [block for name, block in variants.items() if not name.startswith("whole_")]
+    whole = [block for name, block in variants.items() if name.startswith("whole_")]
     return {
         "asks_per_key": max(block["asks_per_key"] for block in right),
-        "asks_per_key_whole_seconds": variants["whole_seconds_floor"]["asks_per_key"],
+        "asks_per_key_whole_seconds": max(block["asks_per_key"] for block in whole),
         "resolve_p99_s": max(block["resolve_p99_s"] for block in right),
+        "resolve_p99_s_whole_seconds": max(block["resolve_p99_s"] for block in whole),
         "resolve_p99_s_per_key": theirs["resolve_p99_s"],
         "variants": variants,
-        "note": "asks_per_key and resolve_p99_s are the worst right-estimate gateway's",
+        "note": "each figure is the worst gateway's: of those with estimates to the hundredth, "
+        "and of those with whole seconds (rounded down, to the nearest, up without end stamps)",
     }
 
 
@@ -489,6 +495,12 @@ TARGETS: list[tuple[str, str, str, Any]] = [
     ("gateways", "asks_per_key", "<=", 3.0),
     ("gateways", "asks_per_key_whole_seconds", "<=", 4.0),
     ("gateways", "resolve_p99_s", "<=", lambda b: b["resolve_p99_s_per_key"] + 0.020),
+    (
+        "gateways",
+        "resolve_p99_s_whole_seconds",
+        "<=",
+        lambda b: b["resolve_p99_s_per_key"] + 0.020,
+    ),
     ("rate429", "throughput_ratio", ">=", 0.7),
     ("lag", "loop_lag_max_ms", "<=", 50.0),
 ]
