@@ -284,6 +284,7 @@ class PollSchedule:
         "_excess_late",
         "_fractional",
         "_integral",
+        "_planned_edges",
         "_policy",
         "_reported",
         "_scouts",
@@ -306,6 +307,9 @@ class PollSchedule:
         self._fractional: set[str | None] = set()
         self._integral: dict[str | None, int] = {}
         self._windows: dict[str | None, tuple[float, float]] = {}
+        # Per model, the latest low edge of the window since waiting keys were last brought in
+        # (generation bumped): keys may be waiting for a window that opened that late.
+        self._planned_edges: dict[str | None, float] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._scouts: dict[str | None, int] = {}
         self._reported = 0  # first estimates seen: each TUNING.sentinels-th job is a sentinel
@@ -422,6 +426,7 @@ class PollSchedule:
                 self._errors.clear()
                 self._excess_late.clear()
                 self._windows.clear()
+                self._planned_edges.clear()
                 self._scouts.clear()
                 self.generation += 1
             return stamp if fine and self._stamps_at_their_word else None
@@ -443,13 +448,20 @@ class PollSchedule:
         if lesson.duration is not None:
             self._sample(self._durations, model).add(lesson.duration)
         if lesson.error is not None:
-            before = self.window(model)
+            before = self.window(model)[0]
             error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
             self._sample(self._errors, model).add(error)
             self._sample(self._excess_late, model).add(max(0.0, error - resolution))
             self._windows.pop(model, None)
-            if self.window(model)[0] < before[0] - 0.02:
+            # Against the latest edge keys may have been planned by since the last bump, not
+            # only the one just before: a window that widens a little at a time (estimates off
+            # by up to 20%) would otherwise never bring waiting keys in.
+            edge = max(self._planned_edges.get(model, before), before)
+            after = self.window(model)[0]
+            if after < edge - 0.02:
                 self.generation += 1
+                edge = after
+            self._planned_edges[model] = edge
 
     @staticmethod
     def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
