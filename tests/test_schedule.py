@@ -51,10 +51,21 @@ def test_a_right_estimate_costs_at_most_three_asks_and_min_interval_of_lateness(
     assert max(late for _, late in results) <= POLICY.min_interval
 
 
+def after_a_lookout() -> PollSchedule:
+    """A schedule that has seen one other job's first report, a job expected to end before
+    any other: the model's lookout (``KeyTiming.lookout``), asked every min_interval until a
+    job ends. The jobs followed after it are not."""
+    schedule = PollSchedule(POLICY)
+    lookout = KeyTiming(created_at=0.0, model="m")
+    schedule.report(lookout, 1.0, expected_seconds=0.5)
+    assert lookout.lookout
+    return schedule
+
+
 def past_the_scouts() -> PollSchedule:
     """A schedule that has nothing learned and no scout left to send: ``TUNING.scouts`` other
-    jobs reported a first estimate each (all different: per-job estimates)."""
-    schedule = PollSchedule(POLICY)
+    jobs reported a first estimate each (all different: per-job estimates), after a lookout."""
+    schedule = after_a_lookout()
     for told in range(TUNING.scouts):
         schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=9.0 + told)
     return schedule
@@ -78,9 +89,9 @@ def test_a_scout_sees_an_estimate_that_runs_long_end_within_max_interval() -> No
     # counts down looks right until the job ends. Trusted, a 10 s job told 30 s is seen at
     # 30 s; a scout is asked every max_interval until its window, at one ask each.
     for end in (8.3, 10.3, 20.3, 45.3):
-        three_times = follow(PollSchedule(POLICY), end, lambda end, now: 3 * end - now)
+        three_times = follow(after_a_lookout(), end, lambda end, now: 3 * end - now)
         assert three_times[1] <= POLICY.max_interval, (end, three_times)
-        right = follow(PollSchedule(POLICY), end, exact)
+        right = follow(after_a_lookout(), end, exact)
         assert right[1] <= POLICY.min_interval, (end, right)
         assert right[0] <= 3 + math.ceil(end / POLICY.max_interval), (end, right)
     # Only the first TUNING.scouts jobs of a model are scouts.
@@ -129,7 +140,9 @@ def test_estimates_that_differ_are_trusted_from_the_second_job() -> None:
     # One other job was told a different figure: these are per-job estimates, so a right one
     # is not closed in on in steps (about ten asks here): it costs a scout's asks, one per
     # max_interval (it is among the model's first jobs), and three asks past the scouts.
-    asks, late = follow(after_one_other_job(told=9.0), 20.0, exact)
+    schedule = after_a_lookout()
+    schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=9.0)
+    asks, late = follow(schedule, 20.0, exact)
     assert asks <= 3 + math.ceil(20.0 / POLICY.max_interval), asks
     assert late <= POLICY.min_interval
     schedule = past_the_scouts()
@@ -420,7 +433,8 @@ def test_once_a_models_figures_are_seen_counting_down_the_checks_still_to_come_a
     burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)])
     assert all(due < end - 2.0 for _, due, end in burst)
     assert all(timing.tentative for timing, _, _ in burst)
-    check(schedule, burst[: TUNING.countdowns_trusted])
+    # (The first job is the lookout, asked every min_interval: its asks are no check.)
+    check(schedule, burst[1 : 1 + TUNING.countdowns_trusted])
     for timing, due, end in burst[TUNING.scouts :]:  # each as the poller takes it, when due
         assert due < end < schedule.still_due(timing) <= end + POLICY.min_interval
     later = KeyTiming(created_at=2.0, model="m")
@@ -432,8 +446,8 @@ def test_one_figure_seen_not_counting_down_keeps_every_job_checked() -> None:
     # the others showed, each job keeps its check.
     schedule = PollSchedule(POLICY)
     burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)])
-    check(schedule, burst[:1], held=True)
-    check(schedule, burst[1:20])
+    check(schedule, burst[1:2], held=True)  # (the first job is the lookout)
+    check(schedule, burst[2:20])
     for timing, due, _ in burst[20:]:
         assert timing.tentative
         assert schedule.still_due(timing) <= due
@@ -489,6 +503,55 @@ def test_a_queued_figure_that_counts_the_queue_in_is_trusted_without_figures_fro
     # to come are dropped.
     schedule = PollSchedule(POLICY)
     burst = a_burst(schedule, [10.3 + 0.5 * i for i in range(40)], at=0.5, queued=True)
-    check(schedule, burst[: TUNING.countdowns_trusted], queued=True)
+    check(schedule, burst[1 : 1 + TUNING.countdowns_trusted], queued=True)  # past the lookout
     for timing, _, end in burst[TUNING.scouts :]:
         assert end < schedule.still_due(timing) <= end + POLICY.min_interval
+
+
+# --- the lookout: until a job of the model has ended, the one expected to end first ----------
+def test_estimates_that_run_long_are_found_out_by_the_first_end() -> None:
+    # A burst told three times its jobs' lengths, counting down as right estimates would.
+    # Nothing before a job ends can tell such estimates from right ones: the job expected to
+    # end first is asked every min_interval, and its end, seen at once, opens every other
+    # job's window at its own end (they waited for their predicted ends, or for eight ends).
+    schedule = PollSchedule(POLICY)
+    burst = [
+        (timing, schedule.report(timing, 1.0, expected_seconds=3 * end - 1.0), end)
+        for timing, end in (
+            (KeyTiming(created_at=0.0, model="m"), 10.3 + 0.5 * i) for i in range(40)
+        )
+    ]
+    lookout, due, end = burst[0]
+    assert lookout.lookout and not any(timing.lookout for timing, _, _ in burst[1:])
+    assert all(3 * end - 2.0 < schedule.watch_start(timing) for timing, _, end in burst[1:])
+    asks = 0
+    while due < end:
+        assert due <= 1.0 + POLICY.min_interval * (asks + 1) + 1e-9
+        asks += 1
+        due = schedule.report(lookout, due, expected_seconds=3 * end - due)
+    generation = schedule.generation
+    schedule.job_ended(lookout, due, end)
+    assert due - end <= POLICY.min_interval
+    assert schedule.generation > generation  # the poller brings waiting keys in
+    assert not lookout.lookout
+    for timing, _, end in burst[1:]:
+        assert end <= schedule.watch_start(timing) <= end + POLICY.min_interval
+    # Once a job has ended, no job is a lookout any more.
+    later = KeyTiming(created_at=2.0, model="m")
+    schedule.report(later, 3.0, expected_seconds=3.0)
+    assert not later.lookout
+
+
+def test_a_lookout_whose_job_is_gone_is_replaced() -> None:
+    # The lookout's job was cancelled (or lost its estimate) before it ended: the next job
+    # reported takes its place, rather than nobody watching until a window opens.
+    schedule = PollSchedule(POLICY)
+    gone = KeyTiming(created_at=0.0, model="m")
+    schedule.report(gone, 1.0, expected_seconds=9.0)
+    assert gone.lookout
+    later = KeyTiming(created_at=10.0, model="m")
+    schedule.report(later, 11.0, expected_seconds=20.0)
+    assert later.lookout and not gone.lookout
+    other_model = KeyTiming(created_at=10.0, model="n")
+    schedule.report(other_model, 11.0, expected_seconds=20.0)
+    assert other_model.lookout and later.lookout  # one per model
