@@ -56,6 +56,8 @@ BAD_ESTIMATES: dict[str, dict[str, Any]] = {
     "noise_50pct": {"estimate_noise": 0.5},
     "constant_30s": {"estimate_constant": 30.0},
     "absent": {"estimate_absent": 1.0},
+    "long_1_5x": {"estimate_bias": 1.5},
+    "long_3x": {"estimate_bias": 3.0},
 }
 # Right estimates reported another way a gateway may (EmulatorConfig fields): the schedule's
 # promise must hold across them (whole seconds: at most 4 asks per key).
