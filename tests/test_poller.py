@@ -35,7 +35,11 @@ JOBS = 200
 
 
 async def burst(
-    emulator: EmulatorFactory, *, jobs: int = JOBS, **settings: Any
+    emulator: EmulatorFactory,
+    *,
+    jobs: int = JOBS,
+    job_seconds: tuple[float, float] = (10, 30),
+    **settings: Any,
 ) -> tuple[float, list[float]]:
     """(mean asks per key, each job's lateness in seconds, sorted) of a burst of ``jobs`` at
     the default policy.
@@ -45,15 +49,15 @@ async def burst(
     loop = asyncio.get_running_loop()
     offset = time.time() - loop.time()
     with mock.patch.object(time, "time", lambda: loop.time() + offset):
-        return await _burst(emulator, jobs, **settings)
+        return await _burst(emulator, jobs, job_seconds, **settings)
 
 
 async def _burst(
-    emulator: EmulatorFactory, count: int, **settings: Any
+    emulator: EmulatorFactory, count: int, job_seconds: tuple[float, float], **settings: Any
 ) -> tuple[float, list[float]]:
     async with (
         emulator(
-            time_scale=1.0, seed=5, job_seconds=(10, 30), estimate_basis="actual", **settings
+            time_scale=1.0, seed=5, job_seconds=job_seconds, estimate_basis="actual", **settings
         ) as emu,
         WujieClient(emu.credentials, base_url=emu.base_url, poll=PollPolicy()) as client,
     ):
@@ -153,6 +157,18 @@ async def test_estimates_that_run_long_are_seen_within_min_interval_of_the_end(
     asks, late = await burst(emulator, faults=FaultConfig(estimate_bias=bias))
     assert late[int(len(late) * 0.99) - 1] <= PollPolicy().min_interval + 0.05, late[-5:]
     assert asks <= 3.0 + SCOUT_ASKS + LOOKOUT_ASKS, asks
+
+
+@pytest.mark.parametrize("job_seconds", [(1.0, 3.0), (2.0, 5.0)])
+async def test_short_jobs_with_right_estimates_cost_at_most_three_asks(
+    emulator: EmulatorFactory, job_seconds: tuple[float, float]
+) -> None:
+    # A job whose window opens soon after its first ask is not checked just before it: the ask
+    # at the window is the check (jobs of 2-5 s cost 3.6 asks per key before, each checked
+    # half a second before its window).
+    asks, late = await burst(emulator, job_seconds=job_seconds)
+    assert late[int(len(late) * 0.99) - 1] <= PollPolicy().min_interval + 0.05, late[-5:]
+    assert asks <= 3.0, asks
 
 
 # --- a poller that gathers (a fleet's leader): partial calls wait for keys coming due -----------

@@ -84,6 +84,19 @@ def test_a_right_estimate_costs_at_most_three_asks_before_anything_is_learned() 
         assert late <= POLICY.min_interval
 
 
+def test_a_job_whose_window_opens_soon_is_not_checked_just_before_it() -> None:
+    # Its check would come half a second before its window: the ask there tells as much (a
+    # placeholder is found out there too). The first ask, then one just after its end.
+    for end in (2.3, 2.8, 3.3):
+        asks, late = follow(past_the_scouts(), end, exact)
+        assert asks <= 2, (end, asks)
+        assert late <= POLICY.min_interval
+    # A placeholder told 3 s while the job takes 10 is found out at that ask, and the job is
+    # seen as one without an estimate would be.
+    asks, late = follow(past_the_scouts(), 10.3, lambda end, now: 3.0)
+    assert late <= POLICY.min_interval, (asks, late)
+
+
 def test_a_scout_sees_an_estimate_that_runs_long_end_within_max_interval() -> None:
     # A model's first jobs, nothing learned: an estimate three times the job's length that
     # counts down looks right until the job ends. Trusted, a 10 s job told 30 s is seen at

@@ -633,6 +633,14 @@ class PollSchedule:
                         # durations (100 s for jobs of 5) is found out in seconds, not in a
                         # quarter of its figure. The check is asked anyway: no ask more.
                         step = min(step, policy.max_interval)
+                    if opens - now <= policy.max_interval and not self._typical_figure(
+                        timing.model
+                    ):
+                        # The window opens within max_interval: the ask there is the check (a
+                        # placeholder is found out there as well), and one on the way would
+                        # tell nothing (jobs of 2-5 s: 3.6 asks per key in a burst, each
+                        # checked just before its window).
+                        return opens
                     return min(opens, now + min(step, policy.max_estimate_wait))
                 if learning and timing.scout:
                     # Seen counting down, and nothing learned: were every estimate three times
