@@ -568,3 +568,20 @@ def test_a_lookout_whose_job_is_gone_is_replaced() -> None:
     other_model = KeyTiming(created_at=10.0, model="n")
     schedule.report(other_model, 11.0, expected_seconds=20.0)
     assert other_model.lookout and later.lookout  # one per model
+
+
+def test_a_long_jobs_lookout_is_asked_as_a_job_without_an_estimate() -> None:
+    # A lookout told 300 s: every min_interval while young, then a share of its age (at most
+    # max_interval), as the promise for a job without an estimate goes, not 600 asks at 0.5 s.
+    schedule = PollSchedule(POLICY)
+    lookout = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(lookout, 1.0, expected_seconds=300.0)
+    assert lookout.lookout
+    asks = 1
+    while due < 200.0:
+        gap = schedule.report(lookout, due, expected_seconds=301.0 - due) - due
+        expected = min(max(POLICY.age_fraction * due, POLICY.min_interval), POLICY.max_interval)
+        assert gap == pytest.approx(expected), (due, gap)
+        due += gap
+        asks += 1
+    assert asks < 200 / POLICY.min_interval / 2, asks

@@ -20,7 +20,7 @@ early. The window opens at the low quantile of those errors and closes at the hi
 when the gateway's estimates are good, wide when they are noisy, biased or a placeholder. Until
 there are enough samples a mild prior holds, but for the earliest end seen (less what whole
 seconds explain): it opens the window that early at once, and until a job of a model has ended,
-the one expected to end first is asked every ``min_interval`` (``KeyTiming.lookout``), so
+the one expected to end first is asked as if it had no estimate (``KeyTiming.lookout``), so
 estimates that run long are found out by the first end, not by the eighth. An estimate that
 does not count down between two reports (a constant placeholder) is not an estimate: that job is
 polled as if it had none. Until something is learned, that check comes within ``max_interval``
@@ -231,8 +231,9 @@ class KeyTiming:
             placeholder from a countdown.
         scout: one of the first jobs of its model while nothing is learned: asked every
             ``max_interval`` until its window opens (``ScheduleTuning.scouts``).
-        lookout: the job of its model expected to end first, while none has ended: asked every
-            ``min_interval`` until its window opens, so that the first end is seen at once,
+        lookout: the job of its model expected to end first, while none has ended: asked as a
+            job with no estimate is (every ``min_interval``, then a share of its age) until its
+            window opens, so that the first end is seen at once,
             however early the estimates run (1.5x to 3x long: the first ends were seen 5 to
             11 s late, p99, in a burst, when nothing asked before the windows).
         sentinel: one job in ``ScheduleTuning.sentinels``: its window opens early for
@@ -326,7 +327,7 @@ class PollSchedule:
         self._spans: dict[str | None, deque[float]] = {}
         self._scouts: dict[str | None, int] = {}
         # Per model, while none of its jobs has ended: the job expected to end first, asked
-        # every min_interval (KeyTiming.lookout).
+        # as if it had no estimate (KeyTiming.lookout).
         self._lookouts: dict[str | None, KeyTiming] = {}
         self._reported = 0  # first estimates seen: each TUNING.sentinels-th job is a sentinel
         self._checks: dict[str | None, _Checks] = {}
@@ -618,9 +619,10 @@ class PollSchedule:
                 timing.tentative = (learning and not checked) or shape.reach > 0  # still_due
                 if timing.lookout and self.samples(timing.model) == 0:
                     # Until a job of its model ends, nothing says how early estimates can be:
-                    # the job expected to end first is watched, so the first end is seen at
-                    # once (and with it, how early the others may end).
-                    return min(opens, now + policy.min_interval)
+                    # the job expected to end first is watched as a job with no estimate is
+                    # (every min_interval, then a share of its age), so the first end is seen
+                    # at once (and with it, how early the others may end).
+                    return min(opens, now + self._backoff(now - timing.created_at))
                 if learning and (not checked or self._typical_figure(timing.model)):
                     # Nothing learned yet. Before a long wait on an estimate, check once that
                     # it counts down (a placeholder is found out there). When every job gets
