@@ -617,7 +617,7 @@ class PollSchedule:
                     timing.model, queued=timing.queued
                 )
                 timing.tentative = (learning and not checked) or shape.reach > 0  # still_due
-                if timing.lookout and self.samples(timing.model) == 0:
+                if timing.lookout:  # (the flag goes at the model's first end: _apply)
                     # Until a job of its model ends, nothing says how early estimates can be:
                     # the job expected to end first is watched as a job with no estimate is
                     # (every min_interval, then a share of its age), so the first end is seen
@@ -628,6 +628,15 @@ class PollSchedule:
                     # it counts down (a placeholder is found out there). When every job gets
                     # the same estimate, it says nothing of which jobs end early: close in on
                     # the window in steps, so early ends are seen and teach the window.
+                    # (A checked job is here for a typical figure: no second look at that.)
+                    if opens - now <= policy.max_interval and not (
+                        checked or self._typical_figure(timing.model)
+                    ):
+                        # The window opens within max_interval, and its figure is the job's
+                        # own: the ask there is the check (a placeholder is found out there as
+                        # well), and one on the way would tell nothing (jobs of 2-5 s: 3.6
+                        # asks per key in a burst, each checked just before its window).
+                        return opens
                     step = max(2 * policy.min_interval, TUNING.check_share * (opens - now))
                     if timing.live_reports < 2:
                         # An estimate not yet seen counting down is no better than none: its
@@ -635,14 +644,6 @@ class PollSchedule:
                         # durations (100 s for jobs of 5) is found out in seconds, not in a
                         # quarter of its figure. The check is asked anyway: no ask more.
                         step = min(step, policy.max_interval)
-                    if opens - now <= policy.max_interval and not self._typical_figure(
-                        timing.model
-                    ):
-                        # The window opens within max_interval: the ask there is the check (a
-                        # placeholder is found out there as well), and one on the way would
-                        # tell nothing (jobs of 2-5 s: 3.6 asks per key in a burst, each
-                        # checked just before its window).
-                        return opens
                     return min(opens, now + min(step, policy.max_estimate_wait))
                 if learning and timing.scout:
                     # Seen counting down, and nothing learned: were every estimate three times
