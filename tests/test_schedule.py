@@ -352,6 +352,51 @@ def test_whole_second_estimates_cost_at_most_four_asks() -> None:
     assert max(late for _, late in results) <= 1.0 + POLICY.min_interval
 
 
+def rounded(how: Callable[[float], float], bias: float = 1.0) -> Callable[..., float | None]:
+    """Whole-second estimates rounded by ``how``, of an end ``bias`` times the job's."""
+    return lambda end, now, queued: float(how(bias * end - now))
+
+
+@pytest.mark.parametrize("end_time_known", [True, False])
+def test_whole_second_rounding_is_learned_in_seconds_not_relative_to_each_job(
+    end_time_known: bool,
+) -> None:
+    # Rounded up, a job ends up to a second before its figure, whatever its length. Learned
+    # relative to each job's length, the rounding of 10 s jobs (up to 10% of them) opened a
+    # 30 s job's window 2.7 s early: 5 asks per key in a burst of 200 jobs of 10-30 s.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(4)
+    for _ in range(40):
+        follow_gateway(
+            schedule,
+            rng.uniform(10, 11),
+            estimate=rounded(math.ceil),
+            end_time_known=end_time_known,
+        )
+    long_job = KeyTiming(created_at=0.0, model="m")
+    schedule.report(long_job, 1.0, expected_seconds=30.0)  # ends between 30 and 31
+    opens, _ = schedule.watch_window(long_job)
+    assert opens >= 31.0 - 1.5, opens  # not 2.7 s early
+    for end in (30.3, 30.6, 30.9):
+        asks, late = follow_gateway(schedule, end, estimate=rounded(math.ceil))
+        assert asks <= 3 and late <= POLICY.min_interval, (end, asks, late)
+    # An estimate off by more than its rounding is the estimate's own error, relative to its
+    # span, rounding and all: told 1.3 times the job, rounded to the nearest, a 30 s job
+    # learned from 10 s ones is seen within min_interval (the second taken off as rounding
+    # made the 10 s jobs' errors look smaller: 30 s jobs were seen a second late).
+    schedule = PollSchedule(POLICY)
+    for _ in range(40):
+        follow_gateway(
+            schedule,
+            rng.uniform(10, 11),
+            estimate=rounded(round, bias=1.3),
+            end_time_known=end_time_known,
+        )
+    for end in (28.1, 29.4, 30.6):
+        asks, late = follow_gateway(schedule, end, estimate=rounded(round, bias=1.3))
+        assert late <= POLICY.min_interval, (end, asks, late)
+
+
 def test_an_estimate_that_starts_counting_with_generation_is_not_a_placeholder() -> None:
     """While queued the gateway tells the generation time alone, the same figure until the
     job starts: that is not a placeholder, and the job is not polled by its age."""

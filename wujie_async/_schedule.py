@@ -11,7 +11,9 @@ The promise (docs, "Polling and its latency promise"):
   three asks (the first, perhaps the check, one just after its predicted end).
 
 The window is learned. Every ended job that had an estimate adds one sample of how far its end
-fell from the predicted end, relative to the predicted duration. Where the end fell is what the
+fell from the predicted end, relative to the predicted duration (for estimates in whole
+seconds, an end within a second of its figure is rounding, learned in seconds apart: a second
+is a second whatever the job's length). Where the end fell is what the
 asks prove. The gateway's own end stamp (``complete_time``) places it too: a stamp finer than a
 second at its word, until one disagrees with the asks (a skewed clock: what stamps taught is
 dropped); any stamp once stamps have been checked against ends two close asks pinned, and then
@@ -158,6 +160,7 @@ class _Lesson:
     span: float | None = None
     duration: float | None = None
     error: float | None = None
+    stamped: bool = False  # its end was placed by the gateway's stamp, not by asks alone
 
 
 @dataclass(slots=True)
@@ -274,14 +277,20 @@ class WindowShape:
     delay: float
     cap: float  # inf once the window is learned: only the prior's guess (its late side) is capped
     reach: float = 0.0  # seconds it opens earlier still: TUNING.coarse_reach, while unlearned
+    # Seconds before and after the predicted end the window reaches at least, for estimates
+    # in whole seconds, once learned: rounding puts ends up to a second off whatever the
+    # job's length (PollSchedule._rounding). Errors beyond that are in low and high.
+    early: float = 0.0
+    late: float = 0.0
 
     def opens(self, end: float, span: float) -> float:
         """Loop time the window opens, for a job predicted to end at ``end`` after ``span``."""
-        return end + self.low * span + self.delay - self.reach
+        return end + min(self.low * span, -self.early) + self.delay - self.reach
 
     def around(self, end: float, span: float) -> tuple[float, float]:
         """Loop times the window opens and closes."""
-        return self.opens(end, span), end + min(self.high * span, self.cap) + self.delay
+        closes = end + max(min(self.high * span, self.cap), self.late) + self.delay
+        return self.opens(end, span), closes
 
 
 class PollSchedule:
@@ -299,9 +308,11 @@ class PollSchedule:
         "_planned_edges",
         "_policy",
         "_reported",
+        "_rounding",
         "_scouts",
         "_spans",
         "_stamp_offsets",
+        "_stamped_rounding",
         "_stamps_at_their_word",
         "_windows",
         "generation",
@@ -310,11 +321,20 @@ class PollSchedule:
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
         self._errors: dict[str | None, _Quantiles] = {}
-        # The earliest end seen so far, less what the estimate's resolution explains.
+        # The earliest end seen so far (an end within a second of a whole-second figure
+        # counts as on time: see _rounding).
         self._earliest: dict[str | None, float] = {}
         # Lateness beyond what the estimate's own resolution explains (whole seconds): what
         # the window mirrors to its early side.
         self._excess_late: dict[str | None, _Quantiles] = {}
+        # For estimates in whole seconds, the ends within a second of the figure (in seconds,
+        # not relative to the span: ``_errors`` has them as 0), and the models some of whose
+        # such ends were placed by end stamps. Rounding is off by up to a second whatever
+        # the job's length: learned relative to each job's span, the rounding of a 10 s job
+        # opened the window of a 30 s one 3 s early (5 asks per key in a burst of 200
+        # estimates rounded up).
+        self._rounding: dict[str | None, _Quantiles] = {}
+        self._stamped_rounding: set[str | None] = set()
         self._durations: dict[str | None, _Quantiles] = {}
         # Models whose gateway gave a fractional estimate, and counts of whole-second ones: a
         # model whose estimates all come in whole seconds has a second of resolution.
@@ -323,7 +343,7 @@ class PollSchedule:
         self._windows: dict[str | None, tuple[float, float]] = {}
         # Per model, the latest low edge of the window since waiting keys were last brought in
         # (generation bumped): keys may be waiting for a window that opened that late.
-        self._planned_edges: dict[str | None, float] = {}
+        self._planned_edges: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._scouts: dict[str | None, int] = {}
         # Per model, while none of its jobs has ended: the job expected to end first, asked
@@ -358,7 +378,8 @@ class PollSchedule:
                 # evidence that others end as much earlier. Overruns are seen first (at the
                 # predicted end); early ends only once a job is asked, which this makes sooner.
                 # Lateness an estimate in whole seconds explains (it is up to a second short)
-                # is not mirrored: it says nothing of early ends.
+                # is not mirrored: it says nothing of early ends. (Ends within a second of
+                # the figure are not in these errors at all: see _rounding.)
                 early = errors.quantile(TUNING.low_quantile)
                 late = errors.quantile(TUNING.high_quantile)
                 excess = self._excess_late.get(model)
@@ -388,6 +409,7 @@ class PollSchedule:
         error = None
         resolution = 0.0
         end: float | None = None
+        stamped: float | None = None
         if now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
             end = (earliest + now) / 2
             if ended_at is not None:
@@ -395,7 +417,9 @@ class PollSchedule:
                 self._stamp_offsets.add(ended_at - end)
                 end = stamped if stamped is not None else end
         elif ended_at is not None:
-            end = self._stamped_end(ended_at, earliest, now, timing.predicted_end, fine=fine)
+            end = stamped = self._stamped_end(
+                ended_at, earliest, now, timing.predicted_end, fine=fine
+            )
         # A figure given while queued that is trusted as the earliest the job can end is not
         # an estimate of its end: it teaches nothing.
         checks = self._checks.get(timing.model)
@@ -418,7 +442,8 @@ class PollSchedule:
             if error is not None:
                 error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
         duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
-        self._apply(_Lesson(timing.model, duration=duration, error=error), resolution)
+        lesson = _Lesson(timing.model, duration=duration, error=error, stamped=stamped is not None)
+        self._apply(lesson, resolution)
 
     def _stamped_end(
         self,
@@ -445,6 +470,8 @@ class PollSchedule:
                 self._stamps_at_their_word = False
                 self._errors.clear()
                 self._earliest.clear()
+                self._rounding.clear()
+                self._stamped_rounding.clear()
                 self._excess_late.clear()
                 self._windows.clear()
                 self._planned_edges.clear()
@@ -469,11 +496,23 @@ class PollSchedule:
         if lesson.duration is not None:
             self._sample(self._durations, model).add(lesson.duration)
         if lesson.error is not None:
-            before = self.window(model)[0]
+            before = self._edge(model)
             error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
+            if resolution > 0 and abs(error) <= resolution * (1 + self._half_step()):
+                # Whole seconds, and an end within a second of the figure (give or take
+                # half a step: how well asks place an end): rounding explains it, whatever
+                # the job's length (the estimate itself was right). An end farther off is
+                # the estimate's own error, relative to its span, rounding and all: split, the
+                # second taken off made short jobs' errors look smaller, and the windows of
+                # long jobs opened too late (estimates 1.3x long, rounded to the nearest: p99
+                # 0.99 s).
+                self._sample(self._rounding, model).add(error / resolution)
+                if lesson.stamped:
+                    self._stamped_rounding.add(model)
+                error = 0.0
             self._sample(self._errors, model).add(error)
             self._sample(self._excess_late, model).add(max(0.0, error - resolution))
-            self._earliest[model] = min(self._earliest.get(model, 0.0), error + resolution)
+            self._earliest[model] = min(self._earliest.get(model, 0.0), error)
             lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
             if lookout is not None:
                 lookout.lookout = False
@@ -481,12 +520,40 @@ class PollSchedule:
             # Against the latest edge keys may have been planned by since the last bump, not
             # only the one just before: a window that widens a little at a time (estimates off
             # by up to 20%) would otherwise never bring waiting keys in.
-            edge = max(self._planned_edges.get(model, before), before)
-            after = self.window(model)[0]
-            if after < edge - 0.02:
+            planned = self._planned_edges.get(model, before)
+            edge = (max(planned[0], before[0]), min(planned[1], before[1]))
+            after = self._edge(model)
+            if after[0] < edge[0] - 0.02 or after[1] > edge[1] + 0.02:
                 self.generation += 1
                 edge = after
             self._planned_edges[model] = edge
+
+    def _edge(self, model: str | None) -> tuple[float, float]:
+        """Where ``model``'s windows open: the relative low of the window, and the seconds
+        they open earlier for rounding."""
+        return self.window(model)[0], self._rounding_band(model)[0]
+
+    def _rounding_band(self, model: str | None) -> tuple[float, float]:
+        """Seconds a learned window reaches before and after the predicted end, at least, for
+        estimates in whole seconds: where rounding put the ends seen (0, 0 until learned)."""
+        rounding = self._rounding.get(model)
+        if rounding is None or self._learning(model):
+            return 0.0, 0.0
+        early = max(0.0, -rounding.quantile(TUNING.low_quantile))
+        late = max(0.0, rounding.quantile(TUNING.high_quantile))
+        # Without end stamps an end is known from two asks, to half the gap between them:
+        # the earliest ends seen came a quarter of it earlier on average, and the window
+        # opens that much earlier (estimates rounded up, no stamps: seen up to 0.6 s late,
+        # p99, in a burst of 200, without it). An early side within half a step is what asks
+        # show of ends at the figure itself (rounded down): nothing to widen.
+        half_step = self._half_step()
+        if model not in self._stamped_rounding and early >= half_step:
+            early += half_step / 2
+        return min(early, 1.0 + half_step), min(late, 1.0 + half_step)
+
+    def _half_step(self) -> float:
+        """How far off an end placed between two close asks can be: half their gap."""
+        return TUNING.narrow_gap * self._policy.min_interval / 2
 
     @staticmethod
     def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
@@ -785,7 +852,8 @@ class PollSchedule:
         # The prior is a guess: it must not make a long job's window long as well.
         cap = TUNING.prior_max_steps * policy.min_interval if learning else math.inf
         reach = TUNING.coarse_reach if learning and self.coarse(model) else 0.0
-        return WindowShape(low, high, delay, cap, reach)
+        early, late = self._rounding_band(model)
+        return WindowShape(low, high, delay, cap, reach, early, late)
 
     def _backoff(self, age: float) -> float:
         policy = self._policy
