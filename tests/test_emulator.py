@@ -762,7 +762,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         "--retain-finished-s", "30", "--job-seconds", "2,6", "--estimate-basis", "actual",
         "--no-progress-fields", "--estimate-rounding", "floor",
         "--estimate-while-queued", "generation", "--no-images-progressive",
-        "--stamp-rounding", "floor", "--stamp-skew", "-1.5",
+        "--stamp-rounding", "floor", "--stamp-skew", "-1.5", "--end-tick", "0.5",
     ]  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -781,6 +781,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         images_progressive=False,
         stamp_rounding="floor",
         stamp_skew=-1.5,
+        end_tick=0.5,
     )
     assert config == wanted
     settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}

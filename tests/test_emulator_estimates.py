@@ -245,6 +245,23 @@ async def test_estimates_in_whole_seconds(emulator: EmulatorFactory) -> None:
                 assert value == int(value) and check(value, exact), (rounding, value, exact)
 
 
+async def test_end_tick_records_each_end_at_the_next_tick(emulator: EmulatorFactory) -> None:
+    # A gateway whose workers report on a timer: the estimate counts down to the end the job
+    # would have had, and the end comes at the next tick, up to a tick later.
+    async with emulator(**LONG, estimate_basis="actual", end_tick=2.0) as emu:
+        keys = await submit_many(emu, 20)
+        listed = await entries(emu, keys)
+        now = emu.gateway.clock.now()
+        lates = []
+        for key, entry in listed.items():
+            job = emu.gateway.store.jobs[key]
+            assert job.ends_at / 2.0 == pytest.approx(round(job.ends_at / 2.0)), job.ends_at
+            late = job.ends_at - (now + entry["expected_seconds"])
+            assert -0.05 <= late <= 2.0, late
+            lates.append(late)
+        assert max(lates) - min(lates) > 0.5  # spread over the tick, not one value
+
+
 @pytest.mark.long
 async def test_an_estimate_may_leave_the_queue_out_or_be_absent_while_queued(
     emulator: EmulatorFactory,

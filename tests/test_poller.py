@@ -105,6 +105,10 @@ LOOKOUT_ASKS = 10.0 / PollPolicy().min_interval / JOBS
         pytest.param({"stamp_skew": -1.0}, 3.5, id="gateway clock 1 s behind"),
         pytest.param({"stamp_skew": -3.0}, 3.5, id="gateway clock 3 s behind"),
         pytest.param({"stamp_skew": 3.0}, 2.25, id="gateway clock 3 s ahead"),
+        # Every job ends up to a second after its estimate, whatever its length: learned in
+        # seconds, as whole seconds rounded down (9.0 asks per key here when learned relative
+        # to each job's length: a 10 s job's second opened a 30 s job's window 3 s early).
+        pytest.param({"end_tick": 1.0}, 3.5, id="ends recorded on a 1 s tick"),
     ],
 )
 async def test_asks_per_key_hold_across_gateways(

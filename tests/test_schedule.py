@@ -357,34 +357,48 @@ def rounded(how: Callable[[float], float], bias: float = 1.0) -> Callable[..., f
     return lambda end, now, queued: float(how(bias * end - now))
 
 
+def ticked(end: float, now: float, queued: bool) -> float | None:
+    """An estimate that counts down to 0.7 s before the job's end, as a gateway that records
+    ends on a 1 s tick gives (each job ends up to a second after its estimate)."""
+    return round(end - 0.7 - now, 2)
+
+
 @pytest.mark.parametrize("end_time_known", [True, False])
-def test_whole_second_rounding_is_learned_in_seconds_not_relative_to_each_job(
-    end_time_known: bool,
+@pytest.mark.parametrize("gateway", ["rounded up", "ticked"])
+def test_an_end_within_a_second_of_its_prediction_is_learned_in_seconds(
+    gateway: str, end_time_known: bool
 ) -> None:
-    # Rounded up, a job ends up to a second before its figure, whatever its length. Learned
-    # relative to each job's length, the rounding of 10 s jobs (up to 10% of them) opened a
-    # 30 s job's window 2.7 s early: 5 asks per key in a burst of 200 jobs of 10-30 s.
+    # Rounded up, a job ends up to a second before its figure; recorded on a tick, up to a
+    # second after its estimate: whatever its length. Learned relative to each job's length,
+    # a second on 10 s jobs (10% of them) opened a 30 s job's window about 3 s early: 5 asks
+    # per key in a burst of 200 jobs of 10-30 s rounded up, 9 on a 1 s tick.
+    estimate = rounded(math.ceil) if gateway == "rounded up" else ticked
     schedule = PollSchedule(POLICY)
     rng = random.Random(4)
     for _ in range(40):
         follow_gateway(
-            schedule,
-            rng.uniform(10, 11),
-            estimate=rounded(math.ceil),
-            end_time_known=end_time_known,
+            schedule, rng.uniform(10, 11), estimate=estimate, end_time_known=end_time_known
         )
     long_job = KeyTiming(created_at=0.0, model="m")
-    schedule.report(long_job, 1.0, expected_seconds=30.0)  # ends between 30 and 31
+    predicted = 1.0 + (estimate(30.6, 1.0, False) or 0.0)
+    schedule.report(long_job, 1.0, expected_seconds=predicted - 1.0)
     opens, _ = schedule.watch_window(long_job)
-    assert opens >= 31.0 - 1.5, opens  # not 2.7 s early
+    assert opens >= predicted - 1.5, (opens, predicted)  # not 3 s early
     for end in (30.3, 30.6, 30.9):
-        asks, late = follow_gateway(schedule, end, estimate=rounded(math.ceil))
+        asks, late = follow_gateway(schedule, end, estimate=estimate)
         assert asks <= 3 and late <= POLICY.min_interval, (end, asks, late)
-    # An estimate off by more than its rounding is the estimate's own error, relative to its
-    # span, rounding and all: told 1.3 times the job, rounded to the nearest, a 30 s job
-    # learned from 10 s ones is seen within min_interval (the second taken off as rounding
-    # made the 10 s jobs' errors look smaller: 30 s jobs were seen a second late).
+
+
+@pytest.mark.parametrize("end_time_known", [True, False])
+def test_an_estimate_off_by_more_than_a_second_is_learned_relative_to_the_job(
+    end_time_known: bool,
+) -> None:
+    # Told 1.3 times the job, rounded to the nearest, a 30 s job learned from 10 s ones is
+    # seen within min_interval: the estimate's own error, relative to its span, rounding and
+    # all. (Split into a second of rounding and the rest, the second taken off made the 10 s
+    # jobs' errors look smaller, and 30 s jobs were seen a second late.)
     schedule = PollSchedule(POLICY)
+    rng = random.Random(4)
     for _ in range(40):
         follow_gateway(
             schedule,

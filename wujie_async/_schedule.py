@@ -11,9 +11,9 @@ The promise (docs, "Polling and its latency promise"):
   three asks (the first, perhaps the check, one just after its predicted end).
 
 The window is learned. Every ended job that had an estimate adds one sample of how far its end
-fell from the predicted end, relative to the predicted duration (for estimates in whole
-seconds, an end within a second of its figure is rounding, learned in seconds apart: a second
-is a second whatever the job's length). Where the end fell is what the
+fell from the predicted end, relative to the predicted duration; an end within a second of it
+is learned in seconds apart (whole seconds' rounding, a gateway recording ends on a tick: a
+second is a second whatever the job's length). Where the end fell is what the
 asks prove. The gateway's own end stamp (``complete_time``) places it too: a stamp finer than a
 second at its word, until one disagrees with the asks (a skewed clock: what stamps taught is
 dropped); any stamp once stamps have been checked against ends two close asks pinned, and then
@@ -277,9 +277,9 @@ class WindowShape:
     delay: float
     cap: float  # inf once the window is learned: only the prior's guess (its late side) is capped
     reach: float = 0.0  # seconds it opens earlier still: TUNING.coarse_reach, while unlearned
-    # Seconds before and after the predicted end the window reaches at least, for estimates
-    # in whole seconds, once learned: rounding puts ends up to a second off whatever the
-    # job's length (PollSchedule._rounding). Errors beyond that are in low and high.
+    # Seconds before and after the predicted end the window reaches at least, once learned:
+    # where ends within a second of their predicted end fell (PollSchedule._near), whatever
+    # the job's length. Errors beyond that are in low and high.
     early: float = 0.0
     late: float = 0.0
 
@@ -305,14 +305,14 @@ class PollSchedule:
         "_fractional",
         "_integral",
         "_lookouts",
+        "_near",
         "_planned_edges",
         "_policy",
         "_reported",
-        "_rounding",
         "_scouts",
         "_spans",
         "_stamp_offsets",
-        "_stamped_rounding",
+        "_stamped_near",
         "_stamps_at_their_word",
         "_windows",
         "generation",
@@ -322,19 +322,15 @@ class PollSchedule:
         self._policy = policy
         self._errors: dict[str | None, _Quantiles] = {}
         # The earliest end seen so far (an end within a second of a whole-second figure
-        # counts as on time: see _rounding).
+        # counts as on time: see _near).
         self._earliest: dict[str | None, float] = {}
         # Lateness beyond what the estimate's own resolution explains (whole seconds): what
         # the window mirrors to its early side.
         self._excess_late: dict[str | None, _Quantiles] = {}
-        # For estimates in whole seconds, the ends within a second of the figure (in seconds,
-        # not relative to the span: ``_errors`` has them as 0), and the models some of whose
-        # such ends were placed by end stamps. Rounding is off by up to a second whatever
-        # the job's length: learned relative to each job's span, the rounding of a 10 s job
-        # opened the window of a 30 s one 3 s early (5 asks per key in a burst of 200
-        # estimates rounded up).
-        self._rounding: dict[str | None, _Quantiles] = {}
-        self._stamped_rounding: set[str | None] = set()
+        # Ends within a second of their predicted end, in seconds (``_errors`` has them as 0),
+        # and the models some of whose such ends were placed by end stamps (see _apply).
+        self._near: dict[str | None, _Quantiles] = {}
+        self._stamped_near: set[str | None] = set()
         self._durations: dict[str | None, _Quantiles] = {}
         # Models whose gateway gave a fractional estimate, and counts of whole-second ones: a
         # model whose estimates all come in whole seconds has a second of resolution.
@@ -379,7 +375,7 @@ class PollSchedule:
                 # predicted end); early ends only once a job is asked, which this makes sooner.
                 # Lateness an estimate in whole seconds explains (it is up to a second short)
                 # is not mirrored: it says nothing of early ends. (Ends within a second of
-                # the figure are not in these errors at all: see _rounding.)
+                # the predicted end are not in these errors at all: see _near.)
                 early = errors.quantile(TUNING.low_quantile)
                 late = errors.quantile(TUNING.high_quantile)
                 excess = self._excess_late.get(model)
@@ -407,7 +403,7 @@ class PollSchedule:
         """
         earliest = timing.last_ask if timing.last_ask is not None else timing.created_at
         error = None
-        resolution = 0.0
+        resolution = second = 0.0
         end: float | None = None
         stamped: float | None = None
         if now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
@@ -437,13 +433,14 @@ class PollSchedule:
                 error = (earliest - predicted) / span  # still running after the predicted end
             elif now < predicted:
                 error = (now - predicted) / span  # already done before it
+            second = 1.0 / span
             if self.coarse(timing.model):
-                resolution = 1.0 / span
+                resolution = second
             if error is not None:
                 error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
         duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
         lesson = _Lesson(timing.model, duration=duration, error=error, stamped=stamped is not None)
-        self._apply(lesson, resolution)
+        self._apply(lesson, resolution, second)
 
     def _stamped_end(
         self,
@@ -470,8 +467,8 @@ class PollSchedule:
                 self._stamps_at_their_word = False
                 self._errors.clear()
                 self._earliest.clear()
-                self._rounding.clear()
-                self._stamped_rounding.clear()
+                self._near.clear()
+                self._stamped_near.clear()
                 self._excess_late.clear()
                 self._windows.clear()
                 self._planned_edges.clear()
@@ -486,7 +483,7 @@ class PollSchedule:
         target = stamp - offsets.quantile(0.5) if predicted is None else predicted
         return min(max(target, low), high)
 
-    def _apply(self, lesson: _Lesson, resolution: float = 0.0) -> None:
+    def _apply(self, lesson: _Lesson, resolution: float = 0.0, second: float = 0.0) -> None:
         model = lesson.model
         if lesson.span is not None:
             spans = self._spans.get(model)
@@ -498,21 +495,25 @@ class PollSchedule:
         if lesson.error is not None:
             before = self._edge(model)
             error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
-            if resolution > 0 and abs(error) <= resolution * (1 + self._half_step()):
-                # Whole seconds, and an end within a second of the figure (give or take
-                # half a step: how well asks place an end): rounding explains it, whatever
-                # the job's length (the estimate itself was right). An end farther off is
-                # the estimate's own error, relative to its span, rounding and all: split, the
-                # second taken off made short jobs' errors look smaller, and the windows of
-                # long jobs opened too late (estimates 1.3x long, rounded to the nearest: p99
-                # 0.99 s).
-                self._sample(self._rounding, model).add(error / resolution)
+            earliest = error
+            if second > 0 and abs(error) <= second * (1 + self._half_step()):
+                # An end within a second of its predicted end (give or take half a step: how
+                # well asks place an end) is off by what does not grow with the job: whole
+                # seconds' rounding, a gateway that records ends on a tick, the time between
+                # the end and its record. Learned in seconds (_near); relative to each job's
+                # span, a 10 s job's second opened a 30 s job's window 3 s early. Farther off,
+                # the error is the estimate's own, relative to its span: split into a second
+                # and the rest, the second taken off made short jobs' errors look smaller, and
+                # long jobs' windows opened too late (estimates 1.3 times too long in whole
+                # seconds: p99 0.99 s).
+                self._sample(self._near, model).add(error / second)
                 if lesson.stamped:
-                    self._stamped_rounding.add(model)
+                    self._stamped_near.add(model)
                 error = 0.0
+                earliest += resolution  # what whole seconds explain is no early end
             self._sample(self._errors, model).add(error)
             self._sample(self._excess_late, model).add(max(0.0, error - resolution))
-            self._earliest[model] = min(self._earliest.get(model, 0.0), error)
+            self._earliest[model] = min(self._earliest.get(model, 0.0), earliest)
             lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
             if lookout is not None:
                 lookout.lookout = False
@@ -530,24 +531,24 @@ class PollSchedule:
 
     def _edge(self, model: str | None) -> tuple[float, float]:
         """Where ``model``'s windows open: the relative low of the window, and the seconds
-        they open earlier for rounding."""
-        return self.window(model)[0], self._rounding_band(model)[0]
+        they reach before the predicted end at least."""
+        return self.window(model)[0], self._near_band(model)[0]
 
-    def _rounding_band(self, model: str | None) -> tuple[float, float]:
-        """Seconds a learned window reaches before and after the predicted end, at least, for
-        estimates in whole seconds: where rounding put the ends seen (0, 0 until learned)."""
-        rounding = self._rounding.get(model)
-        if rounding is None or self._learning(model):
+    def _near_band(self, model: str | None) -> tuple[float, float]:
+        """Seconds a learned window reaches before and after the predicted end, at least:
+        where the ends within a second of it fell (0, 0 until learned)."""
+        near = self._near.get(model)
+        if near is None or self._learning(model):
             return 0.0, 0.0
-        early = max(0.0, -rounding.quantile(TUNING.low_quantile))
-        late = max(0.0, rounding.quantile(TUNING.high_quantile))
+        early = max(0.0, -near.quantile(TUNING.low_quantile))
+        late = max(0.0, near.quantile(TUNING.high_quantile))
         # Without end stamps an end is known from two asks, to half the gap between them:
         # the earliest ends seen came a quarter of it earlier on average, and the window
         # opens that much earlier (estimates rounded up, no stamps: seen up to 0.6 s late,
         # p99, in a burst of 200, without it). An early side within half a step is what asks
-        # show of ends at the figure itself (rounded down): nothing to widen.
+        # show of ends at the predicted end itself: nothing to widen.
         half_step = self._half_step()
-        if model not in self._stamped_rounding and early >= half_step:
+        if model not in self._stamped_near and early >= half_step:
             early += half_step / 2
         return min(early, 1.0 + half_step), min(late, 1.0 + half_step)
 
@@ -852,7 +853,7 @@ class PollSchedule:
         # The prior is a guess: it must not make a long job's window long as well.
         cap = TUNING.prior_max_steps * policy.min_interval if learning else math.inf
         reach = TUNING.coarse_reach if learning and self.coarse(model) else 0.0
-        early, late = self._rounding_band(model)
+        early, late = self._near_band(model)
         return WindowShape(low, high, delay, cap, reach, early, late)
 
     def _backoff(self, age: float) -> float:

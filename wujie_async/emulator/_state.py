@@ -140,6 +140,10 @@ class EmulatorConfig:
             the millisecond) or ``"floor"`` (whole unix seconds).
         stamp_skew: seconds the gateway's stamps are off from the real clock (negative: its
             clock runs behind). Only the stamps: the signature check keeps the real clock.
+        end_tick: when above 0, the gateway records a job's end only at its clock's next tick
+            of this many seconds (times ``time_scale``), as a gateway whose workers report on
+            a timer: every job ends up to a tick after its estimate says, whatever its
+            length (the estimate counts down to the end it would have had).
     """
 
     time_scale: float = 1.0
@@ -156,6 +160,7 @@ class EmulatorConfig:
     images_progressive: bool = True
     stamp_rounding: Literal["none", "floor"] = "none"
     stamp_skew: float = 0.0
+    end_tick: float = 0.0
 
 
 @dataclass(slots=True)
@@ -300,6 +305,11 @@ class JobStore:
             outcome, ends = JobStatus.SUCCEEDED, done_at[-1]
         absent = faults.absent_jobs and rng.random() < faults.absent_jobs
         basis = ends - now if config.estimate_basis == "actual" else typical_total
+        if config.end_tick > 0:  # the estimate is of the end before the tick
+            tick = config.end_tick * scale
+            ends = math.ceil(ends / tick) * tick
+            if outcome == JobStatus.SUCCEEDED:
+                done_at[-1] = ends
         estimate: float | None = basis * faults.estimate_bias
         if faults.estimate_noise:
             noise = faults.estimate_noise
