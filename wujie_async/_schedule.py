@@ -97,6 +97,11 @@ class ScheduleTuning:
             first ends seen. Twice ``min_samples``, so half of them ending teaches it: with 8
             (every scout must end) a burst whose estimates were 3x long was seen 11 s late
             (p50), with 12 to 32 about 1.5 s. The price: a few asks more for each, per model.
+        near: seconds from its predicted end (give or take half a step) within which an end
+            is learned in seconds, apart from the errors relative to each job's span: whole
+            seconds' rounding, a gateway that records ends on a tick, the time between an end
+            and its record do not grow with the job (learned relative to its span, a 10 s
+            job's second opened a 30 s job's window 3 s early).
         countdowns_trusted: checks of a model's jobs that saw its first figures count down
             (given while queued: give an end that never came sooner) before such a figure is
             trusted without a check (``_Checks``): a job whose first report comes after that,
@@ -121,6 +126,7 @@ class ScheduleTuning:
     sentinels: int = 16
     coarse_after: int = 3
     scouts: int = 16
+    near: float = 1.0
     countdowns_trusted: int = 8
 
 
@@ -496,7 +502,7 @@ class PollSchedule:
             before = self._edge(model)
             error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
             earliest = error
-            if second > 0 and abs(error) <= second * (1 + self._half_step()):
+            if second > 0 and abs(error) <= second * (TUNING.near + self._half_step()):
                 # An end within a second of its predicted end (give or take half a step: how
                 # well asks place an end) is off by what does not grow with the job: whole
                 # seconds' rounding, a gateway that records ends on a tick, the time between
@@ -550,7 +556,8 @@ class PollSchedule:
         half_step = self._half_step()
         if model not in self._stamped_near and early >= half_step:
             early += half_step / 2
-        return min(early, 1.0 + half_step), min(late, 1.0 + half_step)
+        reach = TUNING.near + half_step
+        return min(early, reach), min(late, reach)
 
     def _half_step(self) -> float:
         """How far off an end placed between two close asks can be: half their gap."""
