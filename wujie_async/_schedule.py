@@ -303,6 +303,7 @@ class PollSchedule:
     """The schedule of one poller: next ask times, and what it learns from ended jobs."""
 
     __slots__ = (
+        "_bands",
         "_checks",
         "_durations",
         "_earliest",
@@ -337,6 +338,8 @@ class PollSchedule:
         # and the models some of whose such ends were placed by end stamps (see _apply).
         self._near: dict[str | None, _Quantiles] = {}
         self._stamped_near: set[str | None] = set()
+        # Their band (_near_band), asked per report, changed per ended job: cached.
+        self._bands: dict[str | None, tuple[float, float]] = {}
         self._durations: dict[str | None, _Quantiles] = {}
         # Models whose gateway gave a fractional estimate, and counts of whole-second ones: a
         # model whose estimates all come in whole seconds has a second of resolution.
@@ -409,7 +412,7 @@ class PollSchedule:
         """
         earliest = timing.last_ask if timing.last_ask is not None else timing.created_at
         error = None
-        resolution = second = 0.0
+        second = 0.0
         end: float | None = None
         stamped: float | None = None
         if now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
@@ -440,13 +443,11 @@ class PollSchedule:
             elif now < predicted:
                 error = (now - predicted) / span  # already done before it
             second = 1.0 / span
-            if self.coarse(timing.model):
-                resolution = second
             if error is not None:
                 error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
         duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
         lesson = _Lesson(timing.model, duration=duration, error=error, stamped=stamped is not None)
-        self._apply(lesson, resolution, second)
+        self._apply(lesson, second)
 
     def _stamped_end(
         self,
@@ -475,6 +476,7 @@ class PollSchedule:
                 self._earliest.clear()
                 self._near.clear()
                 self._stamped_near.clear()
+                self._bands.clear()
                 self._excess_late.clear()
                 self._windows.clear()
                 self._planned_edges.clear()
@@ -489,7 +491,9 @@ class PollSchedule:
         target = stamp - offsets.quantile(0.5) if predicted is None else predicted
         return min(max(target, low), high)
 
-    def _apply(self, lesson: _Lesson, resolution: float = 0.0, second: float = 0.0) -> None:
+    def _apply(self, lesson: _Lesson, second: float = 0.0) -> None:
+        """Learn ``lesson``; ``second``: one second relative to the job's predicted span (an
+        error in seconds is ``error / second``)."""
         model = lesson.model
         if lesson.span is not None:
             spans = self._spans.get(model)
@@ -501,6 +505,8 @@ class PollSchedule:
         if lesson.error is not None:
             before = self._edge(model)
             error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
+            # Whole-second estimates are up to a second short or long (their resolution).
+            resolution = second if self.coarse(model) else 0.0
             earliest = error
             if second > 0 and abs(error) <= second * (TUNING.near + self._half_step()):
                 # An end within a second of its predicted end (give or take half a step: how
@@ -524,6 +530,7 @@ class PollSchedule:
             if lookout is not None:
                 lookout.lookout = False
             self._windows.pop(model, None)
+            self._bands.pop(model, None)
             # Against the latest edge keys may have been planned by since the last bump, not
             # only the one just before: a window that widens a little at a time (estimates off
             # by up to 20%) would otherwise never bring waiting keys in.
@@ -543,6 +550,12 @@ class PollSchedule:
     def _near_band(self, model: str | None) -> tuple[float, float]:
         """Seconds a learned window reaches before and after the predicted end, at least:
         where the ends within a second of it fell (0, 0 until learned)."""
+        band = self._bands.get(model)
+        if band is None:
+            band = self._bands[model] = self._learn_band(model)
+        return band
+
+    def _learn_band(self, model: str | None) -> tuple[float, float]:
         near = self._near.get(model)
         if near is None or self._learning(model):
             return 0.0, 0.0
