@@ -8,7 +8,6 @@ the docs site parses, everything it imports from ``wujie_async`` exists, and eve
 
 from __future__ import annotations
 
-import argparse
 import ast
 import importlib
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from wujie_async.cli._completion import _commands, _walk
 from wujie_async.cli._main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,15 +68,8 @@ def test_every_python_block_parses_and_imports_what_exists(where: str, code: str
             )
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
-
-
-def _options(parser: argparse.ArgumentParser) -> set[str]:
-    return {option for action in parser._actions for option in action.option_strings}
+# The parser's tree of commands and their options, as the shell completion walks it.
+PARSER = {command.path: command for command in _commands(_walk(build_parser(), ()))}
 
 
 def command_lines() -> list[tuple[str, list[str]]]:
@@ -123,18 +116,19 @@ def test_the_docs_show_command_lines() -> None:
     ("where", "words"), COMMANDS, ids=[f"{w}:{' '.join(c[:2])}" for w, c in COMMANDS]
 )
 def test_every_command_line_names_what_the_parser_has(where: str, words: list[str]) -> None:
-    parser = build_parser()
+    command = PARSER[()]
     for word in words:  # the command, and its subcommand if it has some
-        commands = _subparsers(parser)
-        if not commands or word.startswith("-"):
+        if not command.subcommands or word.startswith("-"):
             break
-        assert word in commands, f"{where}: no command {word!r} in {sorted(commands)}"
-        parser = commands[word]
-    known = _options(parser)
+        names = [sub.path[-1] for sub in command.subcommands]
+        assert word in names, f"{where}: no command {word!r} in {names}"
+        command = PARSER[(*command.path, word)]
     for word in words:
         if word.startswith("-") and word != "-":  # "-" alone is stdin
             option = word.split("=", 1)[0]
-            assert option in known, f"{where}: {option} is not an option of {parser.prog}"
+            assert option in command.options, (
+                f"{where}: {option} is not an option of {command.path}"
+            )
 
 
 # Options the pages name for other tools than wujie-async.
@@ -142,10 +136,7 @@ OTHER_TOOLS = {"--only"}  # benchmarks/schedule_probe.py, in the polling guide
 
 
 def test_every_option_named_in_the_prose_exists() -> None:
-    parsers = [build_parser()]
-    for parser in parsers:
-        parsers += _subparsers(parser).values()
-    known = set().union(*(_options(parser) for parser in parsers)) | OTHER_TOOLS
+    known = {option for command in PARSER.values() for option in command.options} | OTHER_TOOLS
     named = {
         (page.relative_to(ROOT).as_posix(), option)
         for page in PAGES
