@@ -96,9 +96,13 @@ async def test_malformed_entries_and_empty_keys(emulator: EmulatorFactory) -> No
             assert poller.read_reply(await transport.post("/null-list", [], kind="poll")) == {}
             bare = poller.read_reply(await transport.post("/bare-list", [], kind="poll"))
             assert bare["K"].status == 1
-    async with emulator() as emu:
-        # The hostile server is gone: nothing listens at its address any more.
-        async with make_client(emu, base_url=base) as client:
+    # An address where nothing listens. Not the hostile server's, once it is gone: another
+    # test's server (xdist) may take that port at once (once seen: a 404 instead). A socket
+    # bound and not listening keeps its port, and connections to it are refused.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{held.getsockname()[1]}"
+        async with emulator() as emu, make_client(emu, base_url=gone) as client:
             with pytest.raises(TransportError) as refused:
                 await client.images.submit(prompt="x", model="dall-e-2")
             assert not refused.value.reached_server
@@ -106,18 +110,20 @@ async def test_malformed_entries_and_empty_keys(emulator: EmulatorFactory) -> No
 
 
 async def test_connect_refused_submits_are_retried_then_raised(emulator: EmulatorFactory) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    async with emulator() as emu:
-        retry = RetryPolicy(max_attempts=3, initial_wait=0)
-        async with open_transport(
-            f"http://127.0.0.1:{port}", emu.credentials, retry=retry
-        ) as transport:
-            with pytest.raises(TransportError) as info:
-                await transport.post("/x", {}, kind="submit")
-            assert info.value.reached_server is False
-            assert transport.counters.http_calls == 3
+    # Bound and not listening, held open: connections are refused, and no other test's
+    # server can take the port meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        async with emulator() as emu:
+            retry = RetryPolicy(max_attempts=3, initial_wait=0)
+            async with open_transport(
+                f"http://127.0.0.1:{port}", emu.credentials, retry=retry
+            ) as transport:
+                with pytest.raises(TransportError) as info:
+                    await transport.post("/x", {}, kind="submit")
+                assert info.value.reached_server is False
+                assert transport.counters.http_calls == 3
 
 
 async def test_submit_faults_map_to_the_right_errors(emulator: EmulatorFactory) -> None:
