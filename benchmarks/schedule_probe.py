@@ -54,6 +54,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
     "bad: 2x optimistic": {"faults": FaultConfig(estimate_bias=0.5)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
+    "bad: absent, progress in whole percents": {
+        "faults": FaultConfig(estimate_absent=1.0),
+        "progress_percent": "whole",
+    },
+    "bad: absent, progress by images": {
+        "faults": FaultConfig(estimate_absent=1.0),
+        "progress_percent": "images",
+    },
     "bad: ±50% noise + clock 3 s behind": {
         "faults": FaultConfig(estimate_noise=0.5),
         "stamp_skew": -3.0,

@@ -763,6 +763,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         "--no-progress-fields", "--estimate-rounding", "floor",
         "--estimate-while-queued", "generation", "--no-images-progressive",
         "--stamp-rounding", "floor", "--stamp-skew", "-1.5", "--end-tick", "0.5",
+        "--progress-percent", "whole",
     ]  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -782,6 +783,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         stamp_rounding="floor",
         stamp_skew=-1.5,
         end_tick=0.5,
+        progress_percent="whole",
     )
     assert config == wanted
     settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}

@@ -296,3 +296,23 @@ async def test_images_may_be_listed_only_once_the_job_ends(emulator: EmulatorFac
             assert entry["status"] == 4 or not entry["images"]
             await asyncio.sleep(0.01)
         assert set(seen) <= {0, 4} and emu.gateway.clock.now() >= job.ends_at
+
+
+async def test_progress_percent_is_given_as_configured(emulator: EmulatorFactory) -> None:
+    async with emulator(**LONG, progress_percent="absent") as emu:
+        keys = await submit_many(emu, 3, n=4)
+        for entry in (await entries(emu, keys)).values():
+            assert "complete_percent" not in entry
+        job = emu.gateway.store.jobs[keys[0]]
+    start, images = job.started_at, job.image_done_at
+    assert len(images) == 4 and images[0] < images[1]
+    span = images[-1] - start
+    at = start + 0.333 * span  # a third of the generation time, before the second image
+    assert job.percent_at(at, "time") == 33.3
+    assert job.percent_at(at, "whole") == 33.0
+    assert job.percent_at(at - 0.2 * span, "whole") == 13.0
+    done = sum(1 for image in images if image <= at)
+    assert job.percent_at(at, "images") == 25.0 * done
+    assert job.percent_at(images[1], "images") == 50.0  # steps only as images land
+    assert job.percent_at(start - 1.0, "time") == job.percent_at(start - 1.0, "images") == 0.0
+    assert job.percent_at(at, "absent") is None

@@ -255,6 +255,55 @@ def test_learned_durations_stand_in_for_a_missing_estimate() -> None:
     assert first >= 19.0  # nothing asked before the shortest job seen could end
 
 
+def test_a_job_without_an_estimate_is_told_its_end_by_its_progress() -> None:
+    # No expected_seconds, but complete_percent growing evenly over 20 s of generation: two
+    # readings tell the end once the rate is known within TUNING.progress_error, and later
+    # readings keep telling the same end (the figure passes the check that it counts down).
+    def percent(at: float, *, whole: bool = False) -> float:
+        share = 5.0 * at - 0.3
+        return float(math.floor(share)) if whole else round(share, 1)
+
+    schedule = PollSchedule(POLICY)
+    timing = KeyTiming(created_at=0.0, model="m")
+    schedule.report(timing, 1.0, expected_seconds=None, percent=percent(1.0))
+    assert timing.predicted_end is None  # one reading tells no rate
+    schedule.report(timing, 2.0, expected_seconds=None, percent=percent(2.0))
+    assert timing.predicted_end == pytest.approx(20.06, abs=0.01)
+    schedule.report(timing, 5.0, expected_seconds=None, percent=percent(5.0))
+    assert timing.estimate_live and timing.predicted_end == pytest.approx(20.06, abs=0.01)
+
+    # In whole percents a reading is off by up to 1: the rate is known well enough only once
+    # the progress has grown some 30 percents (6 s here), not after a second.
+    whole = KeyTiming(created_at=0.0, model="m")
+    for at in (1.0, 2.0, 3.0, 6.0):
+        schedule.report(whole, at, expected_seconds=None, percent=percent(at, whole=True))
+        assert whole.predicted_end is None, at
+    schedule.report(whole, 7.0, expected_seconds=None, percent=percent(7.0, whole=True))
+    assert whole.predicted_end == pytest.approx(20.0, abs=0.5)
+
+
+def test_progress_that_tells_no_rate_leaves_a_job_without_an_estimate() -> None:
+    schedule = PollSchedule(POLICY)
+    # A progress that stands still (one image, listed only at the end), or goes back (the
+    # gateway restarted the job): no figure from it, and asks follow the job's age.
+    still = KeyTiming(created_at=0.0, model="m")
+    for at in (1.0, 2.0, 4.0, 8.0):
+        schedule.report(still, at, expected_seconds=None, percent=0.0)
+    assert still.predicted_end is None
+    back = KeyTiming(created_at=0.0, model="m")
+    schedule.report(back, 1.0, expected_seconds=None, percent=40.0)
+    schedule.report(back, 2.0, expected_seconds=None, percent=10.0)
+    assert back.predicted_end is None and back.progress == (2.0, 10.0)
+    # Queued, or told an estimate: the progress is not read.
+    queued = KeyTiming(created_at=0.0, model="m")
+    schedule.report(queued, 1.0, expected_seconds=None, percent=10.0, queued=True)
+    assert queued.progress is None
+    told = KeyTiming(created_at=0.0, model="m")
+    schedule.report(told, 1.0, expected_seconds=9.0, percent=10.0)
+    schedule.report(told, 2.0, expected_seconds=8.0, percent=20.0)
+    assert told.progress is None and told.predicted_end == pytest.approx(10.0)
+
+
 def test_the_gateways_end_time_narrows_what_is_learned() -> None:
     schedule = PollSchedule(POLICY)
     for _ in range(20):

@@ -791,6 +791,7 @@ class BatchPoller:
                     expected_seconds=entry.expected_seconds,
                     queue_position=entry.queue_before_num,
                     queued=status == JobStatus.QUEUED,
+                    percent=entry.complete_percent,
                 ),
             )
             if state.status != before:

@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ._config import PollPolicy
+from ._models import MAX_EXPECTED_SECONDS
 
 # Relative errors are kept within these bounds: one outlier must not set the scale.
 _ERROR_FLOOR = -1.0
@@ -106,6 +107,14 @@ class ScheduleTuning:
             (given while queued: give an end that never came sooner) before such a figure is
             trusted without a check (``_Checks``): a job whose first report comes after that,
             or whose check is still to come, goes straight to its window.
+        progress_error: a job without an estimate is told its seconds left from how fast its
+            progress grows, once that figure is known within this many seconds. Each reading
+            is off by up to its resolution (0.1, or 1 for whole percents), so the growth must
+            be many times that: a 20 s job read in tenths is told about 0.8 s after its first
+            reading, one read in whole percents about 6 s after. In a burst of jobs of 10-30 s
+            read in tenths: within 0.25 s, 5.8 asks per key, p99 0.42 s late; 0.5 s, 4.9 asks,
+            0.45 s; 0.75 s, 4.7 asks, 0.53 s (an error the asks at the window do not make up
+            for). Without it, 29 asks per key.
     """
 
     min_samples: int = 8
@@ -128,9 +137,30 @@ class ScheduleTuning:
     scouts: int = 16
     near: float = 1.0
     countdowns_trusted: int = 8
+    progress_error: float = 0.5
 
 
 TUNING = ScheduleTuning()
+
+
+def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | None:
+    """Seconds left for a generating job read at ``percent`` at ``seen``, by the rate its
+    progress has grown at since its first reading; None until that figure is known within
+    ``TUNING.progress_error``. A progress that goes back starts over from there."""
+    first = timing.progress
+    if first is None or percent < first[1]:
+        timing.progress = (seen, percent)
+        return None
+    since, was = first
+    grown = percent - was
+    if percent >= 100.0 or grown <= 0.0 or seen <= since:
+        return None
+    left = (100.0 - percent) * (seen - since) / grown
+    # Each reading is off by up to half its resolution: the rate by up to resolution / grown.
+    resolution = 1.0 if percent.is_integer() and was.is_integer() else 0.1
+    if left * resolution / grown > TUNING.progress_error:
+        return None
+    return min(left, MAX_EXPECTED_SECONDS)
 
 
 class _Quantiles:
@@ -250,6 +280,8 @@ class KeyTiming:
         tentative: its next ask may tell nothing by the time it comes due (a check that its
             estimate counts down, or an ask at an unlearned window that reaches early); the
             poller asks ``PollSchedule.still_due`` first.
+        progress: ``(when, percent)``: the first progress read while generating, from which
+            seconds left are told when the gateway gives no estimate (``_from_progress``).
     """
 
     created_at: float
@@ -267,6 +299,7 @@ class KeyTiming:
     lookout: bool = False
     sentinel: bool = False
     tentative: bool = False
+    progress: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,6 +630,7 @@ class PollSchedule:
         queue_position: int | None = None,
         queued: bool = False,
         asked_at: float | None = None,
+        percent: float | None = None,
     ) -> float:
         """Record a running job's report at ``now``; returns the loop time of the next ask.
 
@@ -608,9 +642,16 @@ class PollSchedule:
         or one that leaves the queue out and does not count down until generation starts: a
         queued job's estimate is taken for what it says now, never judged a placeholder, and
         the first estimate while generating sets the error scale afresh.
+
+        ``percent``: the job's progress (``complete_percent``). A job the gateway gives no
+        estimate for is told its seconds left by how fast its progress grows, and that figure
+        is judged as an estimate is (a progress that does not grow evenly with time fails the
+        check that it counts down, and the job is asked about as one without an estimate).
         """
         policy = self._policy
         seen = now if asked_at is None else asked_at
+        if expected_seconds is None and percent is not None and not queued:
+            expected_seconds = _from_progress(timing, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)

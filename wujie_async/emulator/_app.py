@@ -458,11 +458,10 @@ class Gateway:
                 job.images_listed_at(now, progressive=self.config.images_progressive)
             )
         ]
-        entry: dict[str, Any] = {
-            "key": job.key,
-            "status": status,
-            "complete_percent": job.percent_at(now),
-        }
+        entry: dict[str, Any] = {"key": job.key, "status": status}
+        percent = job.percent_at(now, self.config.progress_percent)
+        if percent is not None:
+            entry["complete_percent"] = percent
         expected = job.expected_at(
             now,
             rounding=self.config.estimate_rounding,

@@ -144,6 +144,10 @@ class EmulatorConfig:
             of this many seconds (times ``time_scale``), as a gateway whose workers report on
             a timer: every job ends up to a tick after its estimate says, whatever its
             length (the estimate counts down to the end it would have had).
+        progress_percent: how ``complete_percent`` is given: ``"time"`` (the share of the
+            generation time elapsed, to 0.1), ``"whole"`` (the same in whole percents, rounded
+            down), ``"images"`` (the share of the job's images done: it moves in steps, and not
+            at all for one image) or ``"absent"`` (not given).
     """
 
     time_scale: float = 1.0
@@ -161,6 +165,7 @@ class EmulatorConfig:
     stamp_rounding: Literal["none", "floor"] = "none"
     stamp_skew: float = 0.0
     end_tick: float = 0.0
+    progress_percent: Literal["time", "whole", "images", "absent"] = "time"
 
 
 @dataclass(slots=True)
@@ -207,14 +212,21 @@ class EmulatedJob:
             return 0
         return self.images_done_at(now)
 
-    def percent_at(self, now: float) -> float:
-        """True progress: share of the generation time elapsed."""
+    def percent_at(self, now: float, shape: str = "time") -> float | None:
+        """The progress reported at ``now``, as ``EmulatorConfig.progress_percent`` says it
+        is given (None: not given)."""
+        if shape == "absent":
+            return None
         if now >= self.ends_at and self.outcome == JobStatus.SUCCEEDED:
             return 100.0
         if now <= self.started_at:
             return 0.0
+        if shape == "images":
+            done = sum(1 for at in self.image_done_at if at <= min(now, self.ends_at))
+            return round(100.0 * done / len(self.image_done_at), 1)
         span = self.image_done_at[-1] - self.started_at
-        return round(min(100.0, 100.0 * (min(now, self.ends_at) - self.started_at) / span), 1)
+        share = min(100.0, 100.0 * (min(now, self.ends_at) - self.started_at) / span)
+        return float(math.floor(share)) if shape == "whole" else round(share, 1)
 
     def expected_at(
         self, now: float, *, rounding: str = "none", while_queued: str = "countdown"
