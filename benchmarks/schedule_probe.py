@@ -4,7 +4,8 @@
 
 Each variant is a burst of jobs of 10-30 s whose estimates are right in substance, reported
 the way a gateway written from the contract alone might (rounded to whole seconds, counting
-down only once generation starts, absent or zero while queued, images only at the end). The
+down only once generation starts, absent or zero while queued, images only at the end), or
+wrong ("bad: ..."), with ``complete_percent`` growing with time unless a variant says. The
 client and an in-process emulator share a fast-forwarding loop clock (looptime), so a burst of
 "30 s" jobs takes the CPU time of its calls, not 30 s, and asks per key, calls per job and how
 late each end is seen are exact, independent of the machine's load. Default ``PollPolicy()``.
@@ -49,6 +50,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ends recorded on a 1 s tick": {"end_tick": 1.0},
     "ends recorded on a 1 s tick + no complete_time": {"end_tick": 1.0, "progress_fields": False},
     "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
+    "bad: ±20% noise": {"faults": FaultConfig(estimate_noise=0.2)},
+    "bad: one typical figure for every job": {"estimate_basis": "typical"},
+    "bad: one typical figure, progress by images": {
+        "estimate_basis": "typical",
+        "progress_percent": "images",
+    },
     "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
     "bad: constant 100 s (jobs of 10-30 s)": {"faults": FaultConfig(estimate_constant=100.0)},
     "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
@@ -87,7 +94,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 async def burst(jobs: int, settings: dict[str, Any], policy: PollPolicy) -> dict[str, Any]:
     config = EmulatorConfig(
-        time_scale=1.0, seed=5, job_seconds=(10, 30), estimate_basis="actual", **settings
+        time_scale=1.0, seed=5, job_seconds=(10, 30), **{"estimate_basis": "actual", **settings}
     )
     async with (
         Emulator(config) as emu,

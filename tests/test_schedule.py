@@ -255,31 +255,34 @@ def test_learned_durations_stand_in_for_a_missing_estimate() -> None:
     assert first >= 19.0  # nothing asked before the shortest job seen could end
 
 
+def progress_of_20s(at: float, *, whole: bool = False) -> float:
+    """complete_percent of a job generating evenly from 0.06 s to 20.06 s."""
+    share = 5.0 * at - 0.3
+    return float(math.floor(share)) if whole else round(share, 1)
+
+
 def test_a_job_without_an_estimate_is_told_its_end_by_its_progress() -> None:
-    # No expected_seconds, but complete_percent growing evenly over 20 s of generation: two
+    # No expected_seconds, but complete_percent growing evenly over 20 s of generation: the
     # readings tell the end once the rate is known within TUNING.progress_error, and later
     # readings keep telling the same end (the figure passes the check that it counts down).
-    def percent(at: float, *, whole: bool = False) -> float:
-        share = 5.0 * at - 0.3
-        return float(math.floor(share)) if whole else round(share, 1)
-
     schedule = PollSchedule(POLICY)
     timing = KeyTiming(created_at=0.0, model="m")
-    schedule.report(timing, 1.0, expected_seconds=None, percent=percent(1.0))
-    assert timing.predicted_end is None  # one reading tells no rate
-    schedule.report(timing, 2.0, expected_seconds=None, percent=percent(2.0))
+    for at in (1.0, 2.0):  # one reading tells no rate; two a second apart, not well enough
+        schedule.report(timing, at, expected_seconds=None, percent=progress_of_20s(at))
+        assert timing.predicted_end is None, at
+    schedule.report(timing, 3.0, expected_seconds=None, percent=progress_of_20s(3.0))
     assert timing.predicted_end == pytest.approx(20.06, abs=0.01)
-    schedule.report(timing, 5.0, expected_seconds=None, percent=percent(5.0))
+    schedule.report(timing, 6.0, expected_seconds=None, percent=progress_of_20s(6.0))
     assert timing.estimate_live and timing.predicted_end == pytest.approx(20.06, abs=0.01)
 
-    # In whole percents a reading is off by up to 1: the rate is known well enough only once
-    # the progress has grown some 30 percents (6 s here), not after a second.
+    # In whole percents a reading is off by up to 1: the rate is known well enough only about
+    # half way through (10 s here), not after two seconds.
     whole = KeyTiming(created_at=0.0, model="m")
-    for at in (1.0, 2.0, 3.0, 6.0):
-        schedule.report(whole, at, expected_seconds=None, percent=percent(at, whole=True))
+    for at in (1.0, 3.0, 6.0, 9.0):
+        schedule.report(whole, at, expected_seconds=None, percent=progress_of_20s(at, whole=True))
         assert whole.predicted_end is None, at
-    schedule.report(whole, 7.0, expected_seconds=None, percent=percent(7.0, whole=True))
-    assert whole.predicted_end == pytest.approx(20.0, abs=0.5)
+    schedule.report(whole, 10.0, expected_seconds=None, percent=progress_of_20s(10.0, whole=True))
+    assert whole.predicted_end == pytest.approx(20.0, abs=0.25)
 
 
 def test_progress_that_tells_no_rate_leaves_a_job_without_an_estimate() -> None:
@@ -294,14 +297,67 @@ def test_progress_that_tells_no_rate_leaves_a_job_without_an_estimate() -> None:
     schedule.report(back, 1.0, expected_seconds=None, percent=40.0)
     schedule.report(back, 2.0, expected_seconds=None, percent=10.0)
     assert back.predicted_end is None and back.progress == (2.0, 10.0)
-    # Queued, or told an estimate: the progress is not read.
+    # Queued: the progress is not read.
     queued = KeyTiming(created_at=0.0, model="m")
     schedule.report(queued, 1.0, expected_seconds=None, percent=10.0, queued=True)
     assert queued.progress is None
-    told = KeyTiming(created_at=0.0, model="m")
-    schedule.report(told, 1.0, expected_seconds=9.0, percent=10.0)
-    schedule.report(told, 2.0, expected_seconds=8.0, percent=20.0)
-    assert told.progress is None and told.predicted_end == pytest.approx(10.0)
+
+
+def estimate_and_progress(
+    schedule: PollSchedule, estimated_end: float, *, model: str = "m"
+) -> KeyTiming:
+    """A job of 20.06 s told ``estimated_end`` by the gateway, read at 1 s and 4 s."""
+    timing = KeyTiming(created_at=0.0, model=model)
+    for at in (1.0, 4.0):
+        left = estimated_end - at
+        schedule.report(timing, at, expected_seconds=left, percent=progress_of_20s(at))
+    return timing
+
+
+def end_at_20(schedule: PollSchedule, timing: KeyTiming) -> None:
+    """Two asks close together see the job end at 20.06 s (its estimate has run out)."""
+    schedule.report(timing, 19.9, expected_seconds=0.0, percent=progress_of_20s(19.9))
+    schedule.job_ended(timing, 20.2)
+
+
+def test_a_models_jobs_go_by_their_progress_once_it_told_their_ends_better() -> None:
+    # Estimates 5 s short, progress right: after TUNING.progress_wins ends came closer to what
+    # the progress told, a job's figures come from its progress as soon as it tells, learned
+    # under a name of their own; its end still teaches the estimate's error to its model.
+    schedule = PollSchedule(POLICY)
+    for index in range(TUNING.progress_wins):
+        # (Told different figures: one figure for every job is a typical one, the next test.)
+        timing = estimate_and_progress(schedule, 14.0 + index)
+        assert timing.estimate is None and timing.model == "m"
+        end_at_20(schedule, timing)
+    told = estimate_and_progress(schedule, 15.5)
+    assert told.estimate is not None
+    assert told.estimate[:2] == ("m", 15.5) and told.estimate[2] == pytest.approx(15.5)
+    assert told.model != "m" and told.predicted_end == pytest.approx(20.06, abs=0.01)
+    learned = schedule.samples("m")
+    end_at_20(schedule, told)
+    assert schedule.samples("m") == learned + 1 and schedule.samples(told.model) == 1
+
+    # Estimates right (an end within TUNING.near of both figures): they keep the estimate.
+    right = PollSchedule(POLICY)
+    for index in range(2 * TUNING.progress_wins):
+        timing = estimate_and_progress(right, 19.5 + index % 3 / 2)
+        end_at_20(right, timing)
+    kept = estimate_and_progress(right, 20.5)
+    assert kept.estimate is None and kept.predicted_end == pytest.approx(20.5)
+
+
+def test_a_typical_figure_gives_way_to_the_progress_at_once() -> None:
+    # Every job told the same 20 s: the figure says nothing of this job (a 30 s one here),
+    # and its progress, once it tells, does; no end needed first.
+    schedule = PollSchedule(POLICY)
+    for _ in range(TUNING.same_spans_min):
+        schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=19.0)
+    timing = KeyTiming(created_at=0.0, model="m")
+    for at in (1.0, 5.0):
+        schedule.report(timing, at, expected_seconds=20.0 - at, percent=at * 100 / 30)
+    assert timing.estimate is not None
+    assert timing.predicted_end == pytest.approx(30.0, abs=0.1)
 
 
 def test_the_gateways_end_time_narrows_what_is_learned() -> None:

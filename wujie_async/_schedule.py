@@ -137,7 +137,8 @@ class ScheduleTuning:
     scouts: int = 16
     near: float = 1.0
     countdowns_trusted: int = 8
-    progress_error: float = 0.5
+    progress_error: float = 0.25
+    progress_wins: int = 3
 
 
 TUNING = ScheduleTuning()
@@ -161,6 +162,42 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | No
     if left * resolution / grown > TUNING.progress_error:
         return None
     return min(left, MAX_EXPECTED_SECONDS)
+
+
+def _error(predicted: float, span: float, ended: tuple[float, float]) -> float | None:
+    """How far an end known to lie within ``ended`` fell from ``predicted``, relative to
+    ``span``, as far as it is known: its distance when placed (``ended`` a single point), else
+    by how much it surely came late or early; None when it may have come on time."""
+    low, high = ended
+    if low == high:
+        error = (low - predicted) / span
+    elif low > predicted:
+        error = (low - predicted) / span  # still running after the predicted end
+    elif high < predicted:
+        error = (high - predicted) / span  # already done before it
+    else:
+        return None
+    return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
+
+
+def _progress_model(model: str | None) -> str:
+    """The name under which figures told by ``model``'s jobs' progress are learned."""
+    return f"{model} (by progress)"
+
+
+def _tell_by_progress(timing: KeyTiming, estimated_end: float) -> None:
+    """From now on ``timing``'s figures come from its progress: its next is a first figure
+    (a new span), learned under its own name; ``estimated_end``: where the gateway's estimate
+    puts its end now (it still teaches the model's estimates when the job ends)."""
+    span = timing.predicted_span or max(estimated_end - timing.created_at, 1.0)
+    timing.estimate = (timing.model, estimated_end if timing.estimate_live else None, span)
+    timing.model = _progress_model(timing.model)
+    timing.predicted_end = timing.predicted_span = timing.last_expected = None
+    timing.estimate_live = True
+    # Its progress has been read growing (the figure needs that): as good as a check that the
+    # figure counts down, which, asked a second or more later, came after many an end.
+    timing.live_reports = 1
+    timing.recheck = timing.scout = timing.lookout = timing.sentinel = False
 
 
 class _Quantiles:
@@ -282,6 +319,12 @@ class KeyTiming:
             poller asks ``PollSchedule.still_due`` first.
         progress: ``(when, percent)``: the first progress read while generating, from which
             seconds left are told when the gateway gives no estimate (``_from_progress``).
+        told_end: loop time its progress last told it ends (None: not told yet).
+        estimate: set once its figures come from its progress rather than from the gateway's
+            estimate (its model's jobs ended closer to what their progress told): the model,
+            where the estimate puts the end (None: a placeholder) and its span. The job's
+            model is then learned apart (``_progress_model``), as its figures are another
+            gateway's, and its end teaches the estimate's model the estimate's error.
     """
 
     created_at: float
@@ -300,6 +343,8 @@ class KeyTiming:
     sentinel: bool = False
     tentative: bool = False
     progress: tuple[float, float] | None = None
+    told_end: float | None = None
+    estimate: tuple[str | None, float | None, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,12 +393,14 @@ class PollSchedule:
         "_near",
         "_planned_edges",
         "_policy",
+        "_progress_score",
         "_reported",
         "_scouts",
         "_spans",
         "_stamp_offsets",
         "_stamped_near",
         "_stamps_at_their_word",
+        "_typical",
         "_windows",
         "generation",
     )
@@ -383,6 +430,10 @@ class PollSchedule:
         # (generation bumped): keys may be waiting for a window that opened that late.
         self._planned_edges: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
+        self._typical: dict[str | None, bool] = {}  # _typical_figure, kept as spans come
+        # Per model: jobs that ended closer to their progress's figure than to the gateway's
+        # estimate, less those that ended closer to the estimate (see _compare).
+        self._progress_score: dict[str | None, int] = {}
         self._scouts: dict[str | None, int] = {}
         # Per model, while none of its jobs has ended: the job expected to end first, asked
         # as if it had no estimate (KeyTiming.lookout).
@@ -458,6 +509,17 @@ class PollSchedule:
             end = stamped = self._stamped_end(
                 ended_at, earliest, now, timing.predicted_end, fine=fine
             )
+        ended = (end, end) if end is not None else (earliest, now)
+        duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
+        if timing.estimate is not None:
+            # Told by its progress: the gateway's estimate still teaches its own model.
+            model, predicted, span = timing.estimate
+            if predicted is not None:
+                error = _error(predicted, span, ended)
+                lesson = _Lesson(model, duration=duration, error=error, stamped=stamped is not None)
+                self._apply(lesson, 1.0 / span)
+        elif timing.told_end is not None:
+            self._compare(timing, ended)
         # A figure given while queued that is trusted as the earliest the job can end is not
         # an estimate of its end: it teaches nothing.
         checks = self._checks.get(timing.model)
@@ -468,19 +530,36 @@ class PollSchedule:
             and timing.estimate_live
             and not bound
         ):
-            span, predicted = timing.predicted_span, timing.predicted_end
-            if end is not None:
-                error = (end - predicted) / span
-            elif earliest > predicted:
-                error = (earliest - predicted) / span  # still running after the predicted end
-            elif now < predicted:
-                error = (now - predicted) / span  # already done before it
-            second = 1.0 / span
-            if error is not None:
-                error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
-        duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
+            error = _error(timing.predicted_end, timing.predicted_span, ended)
+            second = 1.0 / timing.predicted_span
         lesson = _Lesson(timing.model, duration=duration, error=error, stamped=stamped is not None)
         self._apply(lesson, second)
+
+    def _progress_tells(self, model: str | None) -> bool:
+        """Whether ``model``'s jobs go by what their progress tells rather than by the
+        gateway's estimate: every job is told the same figure (it says nothing of any job's
+        end), or the model's jobs ended closer to what their progress told."""
+        return (
+            self._typical.get(model, False)
+            or self._progress_score.get(model, 0) >= TUNING.progress_wins
+        )
+
+    def _compare(self, timing: KeyTiming, ended: tuple[float, float]) -> None:
+        """Score which of ``timing``'s two figures its end (known to lie within ``ended``)
+        came closer to: the end its progress told, or the gateway's estimate (none: a
+        placeholder, or no estimate at all, is farther than any)."""
+        low, high = ended
+
+        def off(at: float | None) -> float:
+            return math.inf if at is None else max(low - at, 0.0, at - high)
+
+        assert timing.told_end is not None
+        closer = off(timing.predicted_end) - off(timing.told_end)
+        if abs(closer) <= TUNING.near:
+            return  # both on time (whole seconds' rounding, a tick, as asks can tell)
+        score = self._progress_score.get(timing.model, 0) + (1 if closer > 0 else -1)
+        cap = 2 * TUNING.progress_wins
+        self._progress_score[timing.model] = max(-cap, min(score, cap))
 
     def _stamped_end(
         self,
@@ -533,6 +612,11 @@ class PollSchedule:
             if spans is None:
                 spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
             spans.append(lesson.span)
+            low, high = min(spans), max(spans)
+            self._typical[model] = (
+                len(spans) >= TUNING.same_spans_min
+                and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
+            )
         if lesson.duration is not None:
             self._sample(self._durations, model).add(lesson.duration)
         if lesson.error is not None:
@@ -644,14 +728,28 @@ class PollSchedule:
         the first estimate while generating sets the error scale afresh.
 
         ``percent``: the job's progress (``complete_percent``). A job the gateway gives no
-        estimate for is told its seconds left by how fast its progress grows, and that figure
-        is judged as an estimate is (a progress that does not grow evenly with time fails the
-        check that it counts down, and the job is asked about as one without an estimate).
+        estimate for, or only the typical figure every job gets, is told its seconds left by
+        how fast its progress grows, and that figure is judged as an estimate is (a progress
+        that does not grow evenly with time fails the check that it counts down, and the job
+        is asked about as one without an estimate).
         """
         policy = self._policy
         seen = now if asked_at is None else asked_at
-        if expected_seconds is None and percent is not None and not queued:
-            expected_seconds = _from_progress(timing, seen, percent)
+        told = None
+        if percent is not None and not queued:
+            told = _from_progress(timing, seen, percent)
+            if told is not None:
+                timing.told_end = seen + told
+        estimate = timing.estimate
+        if estimate is not None:  # told by its progress: the estimate is only learned from
+            if expected_seconds and estimate[1] is not None:
+                timing.estimate = (estimate[0], seen + expected_seconds, estimate[2])
+            expected_seconds = told
+        elif expected_seconds is None:
+            expected_seconds = told
+        elif told is not None and self._progress_tells(timing.model):
+            _tell_by_progress(timing, seen + expected_seconds)
+            expected_seconds = told
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)
@@ -876,11 +974,7 @@ class PollSchedule:
     def _typical_figure(self, model: str | None) -> bool:
         """True when the model's last jobs were all predicted to last the same (a typical
         figure, not a per-job estimate)."""
-        spans = self._spans.get(model)
-        if spans is None or len(spans) < TUNING.same_spans_min:
-            return False
-        low, high = min(spans), max(spans)
-        return high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
+        return self._typical.get(model, False)
 
     def watch_start(self, timing: KeyTiming) -> float:
         """Loop time from which ``timing``'s job is asked about densely.
