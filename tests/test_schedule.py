@@ -296,7 +296,8 @@ def test_progress_that_tells_no_rate_leaves_a_job_without_an_estimate() -> None:
     back = KeyTiming(created_at=0.0, model="m")
     schedule.report(back, 1.0, expected_seconds=None, percent=40.0)
     schedule.report(back, 2.0, expected_seconds=None, percent=10.0)
-    assert back.predicted_end is None and back.progress == (2.0, 10.0)
+    assert back.predicted_end is None and back.progress is not None
+    assert (back.progress.since, back.progress.was) == (2.0, 10.0)
     # Queued: the progress is not read.
     queued = KeyTiming(created_at=0.0, model="m")
     schedule.report(queued, 1.0, expected_seconds=None, percent=10.0, queued=True)
@@ -328,11 +329,13 @@ def test_a_models_jobs_go_by_their_progress_once_it_told_their_ends_better() -> 
     for index in range(TUNING.progress_wins):
         # (Told different figures: one figure for every job is a typical one, the next test.)
         timing = estimate_and_progress(schedule, 14.0 + index)
-        assert timing.estimate is None and timing.model == "m"
+        assert timing.progress is not None and timing.progress.estimate is None
+        assert timing.model == "m"
         end_at_20(schedule, timing)
     told = estimate_and_progress(schedule, 15.5)
-    assert told.estimate is not None
-    assert told.estimate[:2] == ("m", 15.5) and told.estimate[2] == pytest.approx(15.5)
+    estimate = told.progress.estimate if told.progress is not None else None
+    assert estimate is not None
+    assert estimate[:2] == ("m", 15.5) and estimate[2] == pytest.approx(15.5)
     assert told.model != "m" and told.predicted_end == pytest.approx(20.06, abs=0.01)
     learned = schedule.samples("m")
     end_at_20(schedule, told)
@@ -344,7 +347,8 @@ def test_a_models_jobs_go_by_their_progress_once_it_told_their_ends_better() -> 
         timing = estimate_and_progress(right, 19.5 + index % 3 / 2)
         end_at_20(right, timing)
     kept = estimate_and_progress(right, 20.5)
-    assert kept.estimate is None and kept.predicted_end == pytest.approx(20.5)
+    assert kept.progress is not None and kept.progress.estimate is None
+    assert kept.predicted_end == pytest.approx(20.5)
 
 
 def test_a_typical_figure_gives_way_to_the_progress_at_once() -> None:
@@ -356,7 +360,7 @@ def test_a_typical_figure_gives_way_to_the_progress_at_once() -> None:
     timing = KeyTiming(created_at=0.0, model="m")
     for at in (1.0, 5.0):
         schedule.report(timing, at, expected_seconds=20.0 - at, percent=at * 100 / 30)
-    assert timing.estimate is not None
+    assert timing.progress is not None and timing.progress.estimate is not None
     assert timing.predicted_end == pytest.approx(30.0, abs=0.1)
 
 

@@ -150,15 +150,40 @@ class ScheduleTuning:
 TUNING = ScheduleTuning()
 
 
+@dataclass(slots=True)
+class _Progress:
+    """What a job's progress has told (``KeyTiming.progress``): one object, made at the first
+    reading while the job generates (a job never read so holds none: memory per key).
+
+    Attributes:
+        since: when it was first read (since it last went back)...
+        was: ...and the percentage then.
+        told_end: loop time it last told the job ends (None: not told yet).
+        estimate: set once the job's figures come from its progress rather than from the
+            gateway's estimate (``PollSchedule._progress_tells``): the job's model, where the
+            estimate puts the end (None: a placeholder) and its span. The job's model is
+            then learned apart (``_progress_model``), as its figures are another gateway's,
+            and its end teaches the estimate's model the estimate's error.
+    """
+
+    since: float
+    was: float
+    told_end: float | None = None
+    estimate: tuple[str | None, float | None, float] | None = None
+
+
 def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | None:
     """Seconds left for a generating job read at ``percent`` at ``seen``, by the rate its
     progress has grown at since its first reading; None until that figure is known within
     ``TUNING.progress_error``. A progress that goes back starts over from there."""
-    first = timing.progress
-    if first is None or percent < first[1]:
-        timing.progress = (seen, percent)
+    progress = timing.progress
+    if progress is None:
+        timing.progress = _Progress(seen, percent)
         return None
-    since, was = first
+    since, was = progress.since, progress.was
+    if percent < was:
+        progress.since, progress.was = seen, percent
+        return None
     grown = percent - was
     if percent >= 100.0 or grown <= 0.0 or seen <= since:
         return None
@@ -167,7 +192,9 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | No
     resolution = 1.0 if percent % 1 == 0 and was % 1 == 0 else 0.1
     if left * resolution / grown > TUNING.progress_error:
         return None
-    return min(left, MAX_EXPECTED_SECONDS)
+    left = min(left, MAX_EXPECTED_SECONDS)
+    progress.told_end = seen + left
+    return left
 
 
 def _error(predicted: float, span: float, ended: tuple[float, float]) -> float | None:
@@ -191,12 +218,12 @@ def _progress_model(model: str | None) -> str:
     return f"{model} (by progress)"
 
 
-def _tell_by_progress(timing: KeyTiming, estimated_end: float) -> None:
-    """From now on ``timing``'s figures come from its progress: its next is a first figure
+def _tell_by_progress(timing: KeyTiming, progress: _Progress, estimated_end: float) -> None:
+    """From now on ``timing``'s figures come from its ``progress``: its next is a first figure
     (a new span), learned under its own name; ``estimated_end``: where the gateway's estimate
     puts its end now (it still teaches the model's estimates when the job ends)."""
     span = timing.predicted_span or max(estimated_end - timing.created_at, 1.0)
-    timing.estimate = (timing.model, estimated_end if timing.estimate_live else None, span)
+    progress.estimate = (timing.model, estimated_end if timing.estimate_live else None, span)
     timing.model = _progress_model(timing.model)
     timing.predicted_end = timing.predicted_span = timing.last_expected = None
     timing.estimate_live = True
@@ -323,14 +350,7 @@ class KeyTiming:
         tentative: its next ask may tell nothing by the time it comes due (a check that its
             estimate counts down, or an ask at an unlearned window that reaches early); the
             poller asks ``PollSchedule.still_due`` first.
-        progress: ``(when, percent)``: the first progress read while generating, from which
-            its progress tells its seconds left (``_from_progress``).
-        told_end: loop time its progress last told it ends (None: not told yet).
-        estimate: set once its figures come from its progress rather than from the gateway's
-            estimate (its model's jobs ended closer to what their progress told): the model,
-            where the estimate puts the end (None: a placeholder) and its span. The job's
-            model is then learned apart (``_progress_model``), as its figures are another
-            gateway's, and its end teaches the estimate's model the estimate's error.
+        progress: what its progress has told, once read while generating (``_Progress``).
     """
 
     created_at: float
@@ -348,9 +368,7 @@ class KeyTiming:
     lookout: bool = False
     sentinel: bool = False
     tentative: bool = False
-    progress: tuple[float, float] | None = None
-    told_end: float | None = None
-    estimate: tuple[str | None, float | None, float] | None = None
+    progress: _Progress | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,15 +535,16 @@ class PollSchedule:
             )
         ended = (end, end) if end is not None else (earliest, now)
         duration = (end if end is not None else (earliest + now) / 2) - timing.created_at
-        if timing.estimate is not None:
+        progress = timing.progress
+        if progress is not None and progress.estimate is not None:
             # Told by its progress: the gateway's estimate still teaches its own model.
-            model, predicted, span = timing.estimate
+            model, predicted, span = progress.estimate
             if predicted is not None:
                 error = _error(predicted, span, ended)
                 lesson = _Lesson(model, duration=duration, error=error, stamped=stamped is not None)
                 self._apply(lesson, 1.0 / span)
-        elif timing.told_end is not None:
-            self._compare(timing, ended)
+        elif progress is not None and progress.told_end is not None:
+            self._compare(timing, progress.told_end, ended)
         # A figure given while queued that is trusted as the earliest the job can end is not
         # an estimate of its end: it teaches nothing.
         checks = self._checks.get(timing.model)
@@ -550,17 +569,16 @@ class PollSchedule:
             or self._progress_score.get(model, 0) >= TUNING.progress_wins
         )
 
-    def _compare(self, timing: KeyTiming, ended: tuple[float, float]) -> None:
+    def _compare(self, timing: KeyTiming, told_end: float, ended: tuple[float, float]) -> None:
         """Score which of ``timing``'s two figures its end (known to lie within ``ended``)
-        came closer to: the end its progress told, or the gateway's estimate (none: a
-        placeholder, or no estimate at all, is farther than any)."""
+        came closer to: the end its progress told (``told_end``), or the gateway's estimate
+        (none: a placeholder, or no estimate at all, is farther than any)."""
         low, high = ended
 
         def off(at: float | None) -> float:
             return math.inf if at is None else max(low - at, 0.0, at - high)
 
-        assert timing.told_end is not None
-        closer = off(timing.predicted_end) - off(timing.told_end)
+        closer = off(timing.predicted_end) - off(told_end)
         if abs(closer) <= TUNING.near:
             return  # both on time (whole seconds' rounding, a tick, as asks can tell)
         score = self._progress_score.get(timing.model, 0) + (1 if closer > 0 else -1)
@@ -745,17 +763,17 @@ class PollSchedule:
         told = None
         if percent is not None and not queued:
             told = _from_progress(timing, seen, percent)
-            if told is not None:
-                timing.told_end = seen + told
-        estimate = timing.estimate
-        if estimate is not None:  # told by its progress: the estimate is only learned from
+        progress = timing.progress
+        estimate = progress.estimate if progress is not None else None
+        if progress is not None and estimate is not None:
+            # Told by its progress: the gateway's estimate is only learned from.
             if expected_seconds and estimate[1] is not None:
-                timing.estimate = (estimate[0], seen + expected_seconds, estimate[2])
+                progress.estimate = (estimate[0], seen + expected_seconds, estimate[2])
             expected_seconds = told
         elif expected_seconds is None:
             expected_seconds = told
-        elif told is not None and self._progress_tells(timing.model):
-            _tell_by_progress(timing, seen + expected_seconds)
+        elif told is not None and progress is not None and self._progress_tells(timing.model):
+            _tell_by_progress(timing, progress, seen + expected_seconds)
             expected_seconds = told
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
