@@ -304,6 +304,29 @@ def test_progress_that_tells_no_rate_leaves_a_job_without_an_estimate() -> None:
     assert queued.progress is None
 
 
+def test_a_hostile_progress_never_breaks_the_schedule() -> None:
+    # complete_percent is a gateway's word: readings that jump, go back, stand still, hit 0
+    # or 100 while the job runs, with or without an estimate. Every report gives a next ask
+    # that is finite and not in the past, and whatever is told is a positive figure.
+    rng = random.Random(7)
+    schedule = PollSchedule(POLICY)
+    choices = [0.0, 100.0, 99.9, 0.1, 50.0]
+    for _ in range(300):
+        timing = KeyTiming(created_at=0.0, model=rng.choice(["m", None]))
+        now = 0.0
+        for _ in range(rng.randint(1, 12)):
+            now += rng.uniform(0.01, 8.0)
+            percent = rng.choice([rng.uniform(0, 100), rng.choice(choices), None])
+            estimate = rng.choice([None, rng.uniform(0, 60), 30.0])
+            due = schedule.report(
+                timing, now, expected_seconds=estimate, percent=percent, queued=rng.random() < 0.2
+            )
+            assert math.isfinite(due) and due >= now
+            if timing.progress is not None and timing.progress.told_end is not None:
+                assert timing.progress.told_end >= timing.progress.since
+        schedule.job_ended(timing, now + rng.uniform(0.01, 5.0))
+
+
 def estimate_and_progress(
     schedule: PollSchedule, estimated_end: float, *, model: str = "m"
 ) -> KeyTiming:

@@ -181,8 +181,8 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | No
         timing.progress = _Progress(seen, percent)
         return None
     since, was = progress.since, progress.was
-    if percent < was:
-        progress.since, progress.was = seen, percent
+    if percent < was:  # what it told before does not hold either
+        progress.since, progress.was, progress.told_end = seen, percent, None
         return None
     grown = percent - was
     if percent >= 100.0 or grown <= 0.0 or seen <= since:
