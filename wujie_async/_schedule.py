@@ -565,7 +565,7 @@ class PollSchedule:
         gateway's estimate: every job is told the same figure (it says nothing of any job's
         end), or the model's jobs ended closer to what their progress told."""
         return (
-            self._typical.get(model, False)
+            self._typical_figure(model)
             or self._progress_score.get(model, 0) >= TUNING.progress_wins
         )
 
