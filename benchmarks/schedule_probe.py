@@ -52,7 +52,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: ±50% noise": {"faults": FaultConfig(estimate_noise=0.5)},
     "bad: ±20% noise": {"faults": FaultConfig(estimate_noise=0.2)},
     "bad: one typical figure for every job": {"estimate_basis": "typical"},
-    "bad: one typical figure, progress by images": {
+    "bad: one typical figure + progress by images": {
         "estimate_basis": "typical",
         "progress_percent": "images",
     },
@@ -61,11 +61,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
     "bad: 2x optimistic": {"faults": FaultConfig(estimate_bias=0.5)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
-    "bad: absent, progress in whole percents": {
+    "bad: absent + progress in whole percents": {
         "faults": FaultConfig(estimate_absent=1.0),
         "progress_percent": "whole",
     },
-    "bad: absent, progress by images": {
+    "bad: absent + progress by images": {
         "faults": FaultConfig(estimate_absent=1.0),
         "progress_percent": "images",
     },
