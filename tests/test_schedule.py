@@ -374,6 +374,34 @@ def test_a_models_jobs_go_by_their_progress_once_it_told_their_ends_better() -> 
     assert kept.predicted_end == pytest.approx(20.5)
 
 
+def test_a_job_on_its_estimate_is_asked_where_its_progress_puts_the_end() -> None:
+    # Told 30 s by the gateway, while its progress puts the end at 20.06 s: it still goes by
+    # the estimate (the model's ended jobs were on time: nothing says otherwise), and is asked
+    # at the progress's end as well, not only at the estimate's window.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(3)
+    for _ in range(20):
+        follow(schedule, rng.uniform(10, 30), exact)
+    timing = KeyTiming(created_at=0.0, model="m")
+    due = 0.0
+    for at in (1.0, 4.0):
+        due = schedule.report(timing, at, expected_seconds=30.0 - at, percent=progress_of_20s(at))
+    assert timing.progress is not None and timing.progress.estimate is None
+    assert timing.predicted_end == pytest.approx(30.0)
+    assert due == pytest.approx(20.06 + TUNING.open_delay * POLICY.min_interval, abs=0.01)
+    assert not timing.tentative  # asked when due, not looked at again and pushed to 30 s
+
+    # A progress that puts the end later than the estimate changes nothing.
+    later = KeyTiming(created_at=0.0, model="m")
+    alone = KeyTiming(created_at=0.0, model="m")
+    for at in (1.0, 4.0):
+        with_progress = schedule.report(
+            later, at, expected_seconds=12.0 - at, percent=progress_of_20s(at)
+        )
+        without = schedule.report(alone, at, expected_seconds=12.0 - at)
+    assert with_progress == without
+
+
 def test_a_typical_figure_gives_way_to_the_progress_at_once() -> None:
     # Every job told the same 20 s: the figure says nothing of this job (a 30 s one here),
     # and its progress, once it tells, does; no end needed first.
