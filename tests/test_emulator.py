@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from wujie_async import Credentials, WujieClient
 from wujie_async.emulator import DOWNSCALE, Emulator, EmulatorConfig, FaultConfig
 
 from .conftest import EmulatorFactory
@@ -683,6 +684,28 @@ async def test_background_detaches_once_listening_and_prints_the_exports() -> No
         await asyncio.sleep(0.05)
     else:
         raise AssertionError("the background emulator did not stop on SIGTERM")
+
+
+@pytest.mark.long
+async def test_served_on_every_address_it_prints_a_url_a_client_can_use(tmp_path: Path) -> None:
+    # "0.0.0.0" is no address to connect to, and image URLs built from it were refused as
+    # unspecified: the job was paid for and its image never saved.
+    proc = await _emulator_process(
+        "--host", "0.0.0.0", "--port", "0", "--background", "--time-scale", "0.01"
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    env = _exports(out.decode())
+    try:
+        assert env["WUJIE_BASE_URL"].startswith("http://127.0.0.1:"), env["WUJIE_BASE_URL"]
+        credentials = Credentials(env["WUJIE_APP_ID"], env["WUJIE_PRIVATE_KEY"])
+        async with WujieClient(credentials, base_url=env["WUJIE_BASE_URL"]) as client:
+            job = await client.images.submit(prompt="x", model="dall-e-2")
+            await asyncio.wait_for(job, 30)
+            [saved] = await job.save(tmp_path)
+        assert saved.path.stat().st_size == saved.bytes > 0
+    finally:
+        os.kill(int(env["WUJIE_EMULATOR_PID"]), 15)
 
 
 @pytest.mark.long

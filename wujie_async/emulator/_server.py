@@ -160,8 +160,7 @@ class Emulator:
         self._runner = runner
         bound_host, port = runner.addresses[0][:2]
         bound_host = self._host if self._sock is None else bound_host
-        host = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.base_url = f"http://{host}:{port}{_contract.BASE_PATH}"
+        self.base_url = _base_url(bound_host, port)
 
     async def stop(self) -> None:
         """Stop serving and close every connection."""
@@ -225,6 +224,16 @@ def _key_base64(credentials: Credentials) -> str:
     if "-----BEGIN" not in key:
         return key
     return "".join(line.strip() for line in key.splitlines() if not line.startswith("-----"))
+
+
+def _base_url(bound_host: str, port: int) -> str:
+    """The base URL a client on this machine reaches the emulator at. Bound to every address
+    (``0.0.0.0``, ``::``), that is loopback: "0.0.0.0" is no address to connect to, and image
+    URLs built from it would be refused as unspecified (another machine uses this one's own
+    address, with ``--allow-http``)."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(bound_host, bound_host)
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}{_contract.BASE_PATH}"
 
 
 def _env_lines(credentials: Credentials, base_url: str, pid: int | None = None) -> list[str]:
@@ -325,8 +334,7 @@ def _detach(args: argparse.Namespace, config: EmulatorConfig) -> None:
     sock = _listening_socket(args.host, args.port)
     credentials = _generated_credentials(DEFAULT_APP_ID)
     port = sock.getsockname()[1]
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    base_url = f"http://{host}:{port}{_contract.BASE_PATH}"
+    base_url = _base_url(args.host, port)
     if args.credentials_out:
         _write_credentials(args.credentials_out, credentials, base_url)
     read_end, write_end = os.pipe()
