@@ -358,6 +358,15 @@ class Served:
         async with aiohttp.ClientSession() as http, http.get(f"{origin}/_emulator/stats") as r:
             return await r.json()  # type: ignore[no-any-return]
 
+    async def set_faults(self, **faults: Any) -> None:
+        """Replace the emulator's faults (every field left out goes back to its default)."""
+        origin = self.base_url.removesuffix("/wj-open/v1")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{origin}/_emulator/faults", json=faults) as reply,
+        ):
+            assert reply.status == 200, await reply.text()
+
 
 @asynccontextmanager
 async def served_emulator(tmp_path: Path, *flags: str) -> AsyncIterator[Served]:

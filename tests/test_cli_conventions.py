@@ -83,13 +83,20 @@ async def test_completion_scripts_come_from_the_parser(shell: str) -> None:
 
 
 @pytest.mark.long
-async def test_allow_http_lets_the_cli_use_an_emulator_on_every_address(tmp_path: Path) -> None:
+async def test_the_cli_uses_an_emulator_on_every_address_as_printed(tmp_path: Path) -> None:
+    # Served on every address, it prints a loopback URL: plain http is allowed there, and the
+    # image URLs built from it are too (0.0.0.0 ones were refused after the job was paid).
     async with served_emulator(tmp_path, "--host", "0.0.0.0") as emu:
-        assert emu.base_url.startswith("http://0.0.0.0:")
-        code, _, err = await cli("status", "K" * 32, env=emu.env)
-        assert code == 2 and "--allow-http" in err and "allow_insecure_http" not in err
-        code, out, err = await cli("status", "K" * 32, "--allow-http", "--json", env=emu.env)
+        assert emu.base_url.startswith("http://127.0.0.1:")
+        code, out, err = await cli("status", "K" * 32, "--json", env=emu.env)
         assert code == 1 and json.loads(out)["found"] is False, err  # reached it: not found
+        code, out, err = await cli("generate", "a fox", "-o", str(tmp_path / "out"), env=emu.env)
+        assert code == 0, err
+        assert len(list((tmp_path / "out").glob("*.png"))) == 1
+        # Reached at an address that is not loopback, plain http needs --allow-http.
+        elsewhere = {**emu.env, "WUJIE_BASE_URL": emu.base_url.replace("127.0.0.1", "0.0.0.0")}
+        code, _, err = await cli("status", "K" * 32, env=elsewhere)
+        assert code == 2 and "--allow-http" in err and "allow_insecure_http" not in err
 
 
 async def test_a_bad_default_flag_is_said_once(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from .cli_helpers import (
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
+    manifest,
     served_emulator,
 )
 
@@ -70,6 +71,40 @@ async def test_uncertain_lines_are_listed_and_resent_only_when_confirmed(tmp_pat
         assert code == 0
         code, listing, _ = await cli("journal", "list", "-o", str(out))
         assert "id r0" not in listing and "id r1" in listing
+
+
+@pytest.mark.long
+async def test_a_key_only_the_manifest_kept_is_collected_and_never_paid_again(
+    tmp_path: Path,
+) -> None:
+    # A full disk kept an accepted submit's key out of the journal (its row reads uncertain:
+    # "the reply was never recorded") while the manifest, written once there was room, holds
+    # it. Re-runs said "re-run to fetch it" and never did, and `journal resend`, the way
+    # offered to settle an uncertain line, paid for the job a second time.
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        [key] = (await emu.stats())["timelines"]  # the job the gateway accepted and charged
+        # The row a run that lost its journal writes to a full disk leaves for this line.
+        [uncertain] = manifest(out)
+        found = {**uncertain, "status": "failed", "key": key, "error_code": "download"}
+        with (out / "manifest.jsonl").open("a") as handle:
+            handle.write(json.dumps(found) + "\n")
+        await emu.set_faults()
+
+        code, _, err = await cli("journal", "resend", "1", "--yes", "-o", str(out), env=emu.env)
+        assert code == 2 and "would pay again" in err, err
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 1, err
+        assert (await emu.stats())["submits_accepted"] == 1
+        [saved] = [record for record in manifest(out) if record["status"] == "saved"]
+        assert saved["key"] == key and (out / saved["path"]).is_file()
+        code, listing, _ = await cli("journal", "list", "--status", "succeeded", "-o", str(out))
+        assert key in listing
 
 
 async def test_cli_conventions(tmp_path: Path) -> None:

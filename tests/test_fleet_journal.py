@@ -80,6 +80,19 @@ async def test_the_sqlite_journal_protocol(url: str) -> None:
         with pytest.raises(ValueError, match="final state"):
             journal.record_outcome("KEY-LATER", "accepted")
 
+        # An uncertain row's key, found since: accepted, and the finder's to resume. A key a
+        # row already holds, or a row that is not uncertain, is refused.
+        assert not await journal.record_found_key(lost, "KEY-LATER")
+        assert not await journal.record_found_key(never, "KEY-FOUND")
+        async with opened(fleet, "finder") as finder:
+            assert await finder.record_found_key(lost, "KEY-FOUND")
+            assert not await finder.record_found_key(lost, "KEY-FOUND")
+            [found] = await finder.entries("accepted", owned_by="finder")
+            assert (found.id, found.job_key, found.error) == (lost, "KEY-FOUND", None)
+            finder.record_outcome("KEY-FOUND", "succeeded")
+            await finder.flush()
+            assert [e.state for e in await finder.entries(tag=None)][-2:] == ["succeeded", "unsent"]
+
 
 async def test_members_only_change_their_own_rows(url: str) -> None:
     async with (

@@ -22,6 +22,7 @@ import pytest
 
 from wujie_async import (
     ClientStateError,
+    InvalidRequestError,
     JobTimeoutError,
     JournalFile,
     JournalLockedError,
@@ -454,3 +455,14 @@ async def test_disk_full_never_drops_a_paid_key(emulator: EmulatorFactory, small
         async with make_client(emu, journal=journal) as client:
             [row] = await client.uncertain_submits()  # the intent of a run that lost its key
             assert row.request["prompt"] == "paid"
+            # Its key, found since (the console, a manifest), makes the row accepted: resume()
+            # collects the job, and the key is no other row's.
+            with pytest.raises(InvalidRequestError, match="key"):
+                await client.record_submit_key(row.id, "not a key")
+            assert await client.record_submit_key(row.id, job.key)
+            assert not await client.record_submit_key(row.id, job.key)  # accepted now
+            [accepted] = await client.journal_entries("accepted")
+            assert (accepted.id, accepted.job_key) == (row.id, job.key)
+            assert await client.uncertain_submits() == []
+            [resumed] = await client.resume()
+            assert resumed.key == job.key and (await resumed.result(timeout=10)).status == 4

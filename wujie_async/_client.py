@@ -735,6 +735,29 @@ class WujieClient:
         self._check_open()
         return await self._require_journal().entries(*states, tag=tag)
 
+    async def record_submit_key(self, entry_id: int, key: str) -> bool:
+        """Record the key an ``uncertain`` submit was accepted as, found since (in the
+        platform's console, or a bulk run's manifest when a full disk kept it out of the
+        journal). Its row becomes ``accepted``, so :meth:`resume` collects its job, and a
+        re-run never takes it for one to send again.
+
+        Returns False, changing nothing, when the row is not ``uncertain`` or another row
+        already holds ``key`` (a key is one submit's).
+
+        Raises:
+            InvalidRequestError: ``entry_id`` is not an int, or ``key`` is not a job key.
+            ClientStateError: the client has no journal, or is not open.
+        """
+        if not isinstance(entry_id, int) or isinstance(entry_id, bool):
+            raise InvalidRequestError([("entry_id", "must be a journal row id (an int)")])
+        check_key(key)
+        self._check_open()
+        found = await self._require_journal().record_found_key(entry_id, key)
+        if found:
+            submits = self._submits
+            submits.unjournaled = [e for e in submits.unjournaled if e.job_key != key]
+        return found
+
     async def forget_submits(self, ids: Iterable[int]) -> int:
         """Delete these journal rows (by :attr:`JournalEntry.id`); returns how many were deleted.
 

@@ -148,6 +148,11 @@ class SubmitJournal(Protocol):
         """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent``."""
         ...
 
+    async def record_found_key(self, row_id: int, key: str) -> bool:
+        """An ``uncertain`` row's key, found since: the row becomes ``accepted``. False when
+        the row is not uncertain, or a row already holds ``key``."""
+        ...
+
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
         """Note how a job ended."""
         ...
@@ -290,6 +295,23 @@ class Journal:
                 )
             ]
         )
+
+    async def record_found_key(self, row_id: int, key: str) -> bool:
+        """Give an ``uncertain`` row the key its submit was accepted as, found since (in the
+        platform's console, or a bulk run's manifest): the row becomes ``accepted``, and
+        ``resume()`` collects its job. False when the row is not uncertain, or a row already
+        holds ``key`` (a key is one submit's)."""
+        _, changed = await self._worker.write(
+            [
+                (
+                    "UPDATE submits SET state='accepted', job_key=?, error=NULL, updated=? "
+                    "WHERE id=? AND state='uncertain' "
+                    "AND NOT EXISTS (SELECT 1 FROM submits WHERE job_key=?)",
+                    (key, time.time(), row_id, key),
+                )
+            ]
+        )
+        return changed == 1
 
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
         """Note how a job ended (queued, not awaited: the key is already safe).

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .. import ClientStateError, ImageJob, JobError, WujieClient
+from .. import ClientStateError, ImageJob, InvalidRequestError, JobError, WujieClient
 from .._file_names import render_name
 from ._input import BulkItem
 from ._outcome import (
@@ -478,6 +478,35 @@ def charged_keys(records: Iterable[dict[str, Any]]) -> frozenset[str]:
         for record in records
         if isinstance(key := record.get("key"), str) and record.get("points") is not None
     )
+
+
+async def record_manifest_keys(client: WujieClient, records: Iterable[dict[str, Any]]) -> int:
+    """Give the journal the keys only the manifest kept; returns how many rows got one.
+
+    A full disk can keep a submit's key out of the journal (its row then reads ``uncertain``:
+    the reply was never recorded) while a manifest row, written when the disk had room again,
+    holds it. Such a key, on a manifest row with the row's tag and held by no journal row, is
+    that submit's: it is recorded, so the job is collected rather than left "uncertain" (and
+    resent, and paid for twice, by someone settling it). A tag with more than one uncertain row
+    is left alone: which submit the key was cannot be told.
+    """
+    entries = await client.journal_entries()
+    held = {entry.job_key for entry in entries if entry.job_key}
+    uncertain: dict[str, list[int]] = {}
+    for entry in entries:
+        if entry.state == "uncertain" and not entry.job_key and entry.tag:
+            uncertain.setdefault(entry.tag, []).append(entry.id)
+    found: dict[str, set[str]] = {}
+    for record in records:
+        key, tag = record.get("key"), record.get("tag")
+        if isinstance(key, str) and isinstance(tag, str) and tag in uncertain and key not in held:
+            found.setdefault(tag, set()).add(key)
+    recorded = 0
+    for tag, keys in found.items():
+        if len(keys) == 1 and len(uncertain[tag]) == 1:
+            with contextlib.suppress(InvalidRequestError):  # a damaged manifest's key
+                recorded += await client.record_submit_key(uncertain[tag][0], keys.pop())
+    return recorded
 
 
 def _drain(queue: collections.deque[Row]) -> list[Row]:

@@ -23,7 +23,7 @@ from .._file_names import DEFAULT_NAME
 from .._journal import ALL_STATES
 from .._keys import is_job_key
 from .._models import GenerationRequest
-from ._bulk import BulkRun, Row
+from ._bulk import BulkRun, Row, record_manifest_keys
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -233,7 +233,11 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
     if not args.rows and not args.all_uncertain:
         raise UsageError("journal resend: name LINE_OR_ID rows or pass --all-uncertain")
     check_out_folder(args.out)
+    manifest_path = args.out / "manifest.jsonl"
+    records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
     async with open_client(args, Limits(max_concurrent_submits=4), path) as client:
+        # A key only the manifest kept (a full disk) makes its row accepted: never resent.
+        await record_manifest_keys(client, records)
         entries = _latest_per_row(await client.journal_entries())
         if args.all_uncertain:
             chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
@@ -249,8 +253,6 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             "through",
             args.yes,
         )
-        manifest_path = args.out / "manifest.jsonl"
-        records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
         # An id tag does not hold the line number; the manifest remembers it.
         lines_by_id = {r["id"]: r["line"] for r in records if "id" in r and "line" in r}
         rows = []

@@ -42,6 +42,7 @@ from ._bulk import (
     Row,
     charged_keys,
     names_taken,
+    record_manifest_keys,
 )
 from ._common import (
     EXIT_FAILED,
@@ -253,6 +254,7 @@ async def plan_rerun(
     removed since included."""
     plan = Plan()
     charged = charged_keys(manifest_records)
+    await record_manifest_keys(client, manifest_records)
     entries = await client.journal_entries()
     latest = {entry.tag: entry for entry in entries if entry.tag}
     moved = moved_rows(items, latest)
@@ -477,6 +479,7 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     """``resume``: collect every journaled job not ended, or ended with images not saved."""
     plan = Plan()
     saved = saved_indexes(manifest_records)
+    await record_manifest_keys(client, manifest_records)
     for entry in await client.journal_entries("accepted", "succeeded"):
         n = images_in(entry.request) or 1
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:

@@ -156,6 +156,22 @@ return {1, dead, claimed}
 """
 )
 
+# KEYS: seq. ARGV: prefix, id, job_key, now, owner. An uncertain row whose key was found since
+# becomes accepted, the writer's (resume() collects it); 0 when the row is not uncertain, or a
+# row already holds the key.
+_FOUND_KEY = (
+    _TRANSITION
+    + """
+local p, id = ARGV[1], ARGV[2]
+if redis.call('EXISTS', p .. 'key:' .. ARGV[3]) == 1 then return 0 end
+if transition(p, id, 'uncertain', 'accepted', ARGV[3], '', ARGV[4], '') == 0 then return 0 end
+redis.call('HSET', p .. 'row:' .. id, 'owner', ARGV[5])
+redis.call('HDEL', p .. 'row:' .. id, 'error')
+redis.call('ZADD', p .. 'owner:' .. ARGV[5], id, id)
+return 1
+"""
+)
+
 _Later = tuple[Any, ...] | asyncio.Future[None] | None
 _FIELDS = ("path", "request", "state", "job_key", "tag", "error", "created", "owner")
 
@@ -249,6 +265,7 @@ class RedisJournal:
         self._claim = Script(link, _CLAIM_DEAD)
         self._entries = Script(link, _ENTRIES)
         self._forget = Script(link, _FORGET)
+        self._found_key = Script(link, _FOUND_KEY)
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -467,6 +484,12 @@ class RedisJournal:
                     "fleet journal: rows %s %s", snippet(", ".join(new), limit=200), what
                 )
         return rows
+
+    async def record_found_key(self, row_id: int, key: str) -> bool:
+        """An ``uncertain`` row's key, found since: the row becomes ``accepted``, this
+        member's. False when the row is not uncertain, or a row already holds ``key``."""
+        args = (self._prefix, str(int(row_id)), key, time.time(), self.member_id)
+        return int(await self._found_key((self._seq,), args)) == 1
 
     async def forget(self, ids: Iterable[int]) -> int:
         """Delete rows; returns how many existed."""
