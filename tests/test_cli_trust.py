@@ -736,6 +736,28 @@ async def test_a_removed_line_whose_job_only_the_journal_knows(tmp_path: Path, o
 
 
 @pytest.mark.long
+async def test_a_rerun_counts_uncertain_lines_against_the_budget(tmp_path: Path) -> None:
+    """Lines left uncertain may have been charged: a re-run holds their price as spent. It
+    counted only the manifest's points, and sent more (120 points of a 100 budget)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\na cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        bulk += ["--max-points", "16", "--point-price", "dall-e-2=8", "--concurrency", "1"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (2, 1), err
+        assert (await emu.stats())["submits_accepted"] == 2  # and charged: 16 points
+
+        await emu.set_faults()
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["not_sent"] == 1, err
+        assert "up to 16 on uncertain lines of a 16 budget" in err, err
+        assert (await emu.stats())["submits_accepted"] == 2  # the budget held
+
+
+@pytest.mark.long
 @pytest.mark.parametrize("journal", [[], ["--no-journal"]])
 async def test_lines_that_moved_while_their_jobs_ran_are_collected_once(
     tmp_path: Path, journal: list[str]

@@ -40,7 +40,8 @@ from .. import (
     WujieError,
     snippet,
 )
-from .._budget import kind_of
+from .._budget import Budget, kind_of
+from .._keys import images_in
 
 Status = Literal["saved", "failed", "moderated", "rejected", "uncertain", "not_sent"]
 STATUSES: Final[tuple[Status, ...]] = (
@@ -320,6 +321,34 @@ def _points_of(record: dict[str, Any]) -> float | None:
 def points_spent(records: Iterable[dict[str, Any]]) -> float:
     """The points the manifest's rows say were charged."""
     return sum((points for record in records if (points := _points_of(record)) is not None), 0.0)
+
+
+def uncertain_cost(
+    records: Iterable[dict[str, Any]],
+    bodies: Mapping[str, Mapping[str, Any]],
+    prices: Mapping[str, float] | None,
+) -> float:
+    """The most the lines an earlier run left ``uncertain`` may have been charged.
+
+    A line whose last row is ``uncertain`` (its submit may have been accepted: no key came
+    back) is counted at its request's price (``prices``: the user's and what earlier runs were
+    charged, by kind); a kind with no known price counts nothing (the budget's guide says
+    so). ``bodies``: this run's request bodies by row tag.
+    """
+    last: dict[str, dict[str, Any]] = {}
+    for record in records:
+        tag = record.get("tag")
+        if isinstance(tag, str):
+            last[tag] = record
+    pricing = Budget(math.inf, prices)
+    total = 0.0
+    for tag, record in last.items():
+        body = bodies.get(tag)
+        if record.get("status") != "uncertain" or body is None:
+            continue
+        n = images_in(body) or 1
+        total += pricing.estimate(kind_of(body, n)) or 0.0
+    return total
 
 
 def prices_charged(

@@ -71,6 +71,7 @@ from ._outcome import (
     recorded_request,
     run_source,
     saved_indexes,
+    uncertain_cost,
 )
 from ._progress import Display, Mode, Tally
 from ._signals import stopping_on_signals
@@ -555,6 +556,7 @@ class Session:
         self.base_url = ""
         self.terminated = False  # stopped by SIGTERM (exit 143), not Ctrl-C (130)
         self.points_before = 0.0  # what earlier runs of this input were charged
+        self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         self.points = 0.0  # what this run's jobs were charged
 
@@ -566,7 +568,11 @@ class Session:
             max_concurrent_submits=getattr(args, "concurrency", 4),
             max_submits_per_second=getattr(args, "rate", None),
             # The budget is the input's, across re-runs: what earlier runs spent counts.
-            max_points=None if budget is None else max(budget - self.points_before, 0.0),
+            max_points=(
+                None
+                if budget is None
+                else max(budget - self.points_before - self.points_uncertain, 0.0)
+            ),
             point_prices=self._point_prices(),
         )
 
@@ -604,6 +610,8 @@ class Session:
             if getattr(args, "max_points", None) is not None:  # prices serve the budget only
                 bodies = {item.tag: item.request.body() for item in items}
                 self.prices_before = prices_charged(records, bodies)
+                # Lines left uncertain may have been charged: the budget counts them spent.
+                self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
         async with self._opened(items) as (client, reserve):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -822,7 +830,7 @@ class Session:
         return code
 
     def _points_said(self) -> str:
-        if not self.points and not self.points_before:
+        if not self.points and not self.points_before and not self.points_uncertain:
             return ""
         earlier = (
             f" ({self.points_before + self.points:g} with earlier runs)"
@@ -831,7 +839,12 @@ class Session:
         )
         budget = getattr(self.args, "max_points", None)
         of = f" of a {budget:g} budget" if budget is not None else ""
-        return f"; {self.points:g} points spent{earlier}{of}"
+        maybe = (
+            f", and up to {self.points_uncertain:g} on uncertain lines"
+            if self.points_uncertain
+            else ""
+        )
+        return f"; {self.points:g} points spent{earlier}{maybe}{of}"
 
     def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
         say = self._say
