@@ -3,14 +3,17 @@ journal, journal papercuts and honest progress, each against an emulator over lo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -733,6 +736,42 @@ async def test_a_removed_line_whose_job_only_the_journal_knows(tmp_path: Path, o
             assert f"wujie-async resume {journal} -o {out}" in err
             return
         assert (await emu.stats())["submits_accepted"] == 1  # the budget held
+
+
+@pytest.mark.long
+async def test_a_journal_that_cannot_record_intents_stops_the_run_with_nothing_sent(
+    tmp_path: Path,
+) -> None:
+    """Files may not grow past 70 KB (RLIMIT_FSIZE): an image fits, the journal soon does not.
+    A line whose intent could not be written was not sent: it ends `not_sent` (it said
+    `failed`, with --retry-failed offered to "resend" it), and the run stops at once, exit 3
+    (every later line failed the same way, exit 1)."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"prompt {i}\n" for i in range(8)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+
+        def small_files() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (70 * 1024, resource.RLIM_INFINITY))
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", *bulk, env=emu.env, preexec_fn=small_files,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        err = stderr.decode()
+        assert proc.returncode == 3, err
+        outcomes = json.loads(stdout)["outcomes"]
+        assert outcomes["failed"] == 0 and outcomes["not_sent"] >= 1, outcomes
+        assert "stopped: the journal refused a submit" in err and "--retry-failed" not in err
+        unsent = [r for r in manifest(out) if r["status"] == "not_sent"]
+        assert {r["error_code"] for r in unsent} <= {"journal", "not_sent"}, unsent
+        assert (await emu.stats())["submits_accepted"] == 8 - outcomes["not_sent"]
+
+        code, again, err = await cli(*bulk, env=emu.env)  # room again: the rest is sent
+        assert code == 0 and json.loads(again)["outcomes"]["saved"] == 8, err
+        assert (await emu.stats())["submits_accepted"] == 8
 
 
 @pytest.mark.long

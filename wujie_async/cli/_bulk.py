@@ -229,6 +229,17 @@ class BulkRun:
                 reason = "the run stopped before this line was sent"
                 self._end(row, "not_sent", None, "not_sent", reason, quiet=True)
                 return
+            if _not_sent(exc):
+                # Nothing left (the client's promise): the journal could not record the
+                # intent (a full disk, a broken file), and every next line would end so too.
+                said = clean(exc).removeprefix("the submit was not sent: ")
+                self._stop_sending(
+                    OutputUnwritableError(
+                        "the journal refused a submit", said, "the journal's folder"
+                    )
+                )
+                self._end(row, "not_sent", None, "journal", clean(exc), quiet=True)
+                return
             if is_systemic(exc):
                 if self.result.systemic is None:
                     self.result.systemic = exc
@@ -303,7 +314,7 @@ class BulkRun:
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
             if isinstance(problem, OSError) and problem.errno in _DISK_REFUSALS:
                 # Every later image would be paid for and refused the same way.
-                self._stop_sending(OutputUnwritableError("an image could not be saved", problem))
+                self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
         self._end(row, status, job.key, code, message, points=points)
 
     async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
@@ -355,7 +366,7 @@ class BulkRun:
         except OSError as exc:
             if not self._wrote_with_room_made(record):
                 self.result.unrecorded.append(record)
-            self._stop_sending(OutputUnwritableError("the manifest could not be written", exc))
+            self._stop_sending(OutputUnwritableError.of("the manifest could not be written", exc))
 
     def _stop_sending(self, problem: OutputUnwritableError) -> None:
         """Stop the run as a systemic error does (the first such problem is the one said)."""
@@ -444,15 +455,18 @@ _DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCE
 
 class OutputUnwritableError(Exception):
     """The output folder refused the manifest, or an image for its disk's sake (full,
-    read-only, not writable): the run stops sending."""
+    read-only, not writable), or the journal refused a submit's intent: the run stops
+    sending."""
 
-    def __init__(self, what: str, cause: OSError) -> None:
-        self.cause = cause
-        why = cause.strerror or type(cause).__name__
+    def __init__(self, what: str, why: str, where: str = "the output folder") -> None:
         super().__init__(
             f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
-            "permissions of) the output folder, then re-run the same command"
+            f"permissions of) {where}, then re-run the same command"
         )
+
+    @classmethod
+    def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
+        return cls(what, cause.strerror or type(cause).__name__)
 
 
 def _not_sent(exc: BaseException) -> bool:
