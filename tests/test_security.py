@@ -200,6 +200,22 @@ def _our_frame_locals(tb: TracebackType | None) -> list[Any]:
     return found
 
 
+def test_a_damaged_key_is_not_kept_by_its_error_or_its_frames() -> None:
+    # Truncated, one character changed, junk around it: the key's text is mostly still good,
+    # and the error's traceback kept the frame that parsed it, locals and all (an error
+    # reporter that records locals stored it).
+    pem = throwaway_credentials().private_key
+    body = "".join(pem.splitlines()[1:-1])
+    der = body[:700] + ("A" if body[700] != "A" else "B") + body[701:]
+    damaged = [pem[: len(pem) // 2], body[: len(body) - 40], der, "junk " + body]
+    pieces = [body[i : i + 24] for i in range(0, len(body) - 24, 24)]
+    for key in damaged:
+        with pytest.raises(InvalidRequestError) as info:
+            Credentials("app", key)
+        said = "\n".join(_reachable(info.value))
+        assert not [piece for piece in pieces if piece in said], key[:40]
+
+
 def _secrets(creds: Credentials, seen_by_server: list[str]) -> list[str]:
     """The header markers to look for: every signature made around now, and what was sent."""
     now = int(time.time())

@@ -28,20 +28,24 @@ from ._redaction import remember_signature
 REDACTED = "<redacted>"
 
 
-def load_private_key(text: str) -> rsa.RSAPrivateKey:
+def load_private_key(private_key: str) -> rsa.RSAPrivateKey:
     """Parse a private key given as base64 of PKCS#8 DER (the console's form) or as PEM.
 
     Raises:
         InvalidRequestError: naming ``private_key`` (never echoing it) when it cannot be used.
     """
+    der = b""
     try:
-        if "-----BEGIN" in text:
-            key = serialization.load_pem_private_key(text.encode(), password=None)
+        if "-----BEGIN" in private_key:
+            key = serialization.load_pem_private_key(private_key.encode(), password=None)
         else:
-            der = base64.b64decode("".join(text.split()), validate=True)
+            der = base64.b64decode("".join(private_key.split()), validate=True)
             key = serialization.load_der_private_key(der, password=None)
     except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm):
-        # The cause is dropped on purpose: its text may quote the key material.
+        # The cause is dropped on purpose: its text may quote the key material. So are this
+        # frame's locals, which the error's traceback keeps (an error reporter that records
+        # locals would store a damaged key, most of it still good).
+        private_key = der = None  # type: ignore[assignment]
         raise InvalidRequestError(
             [("private_key", "must be an RSA key: base64 of PKCS#8 DER, or PEM")]
         ) from None
