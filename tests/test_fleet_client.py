@@ -630,6 +630,36 @@ async def test_a_member_redis_forgot_resumes_at_once_and_finishes_its_jobs(
 
 
 @pytest.mark.long
+async def test_a_member_redis_forgot_writes_its_journal_rows_again_so_its_jobs_can_be_claimed(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis lost the fleet's keys, journal rows included. The member joined again and its
+    keys were polled, but the rows of its jobs were gone: were it to die later, nobody could
+    claim those paid jobs (resume() returned none of them). It writes them again."""
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=1.0, job_seconds=(6, 6)) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name) as survivor,
+    ):
+        doomed = member(emu, url, name)
+        async with doomed:
+            jobs = [await doomed.images.submit(prompt=f"{i}", model="dall-e-2") for i in range(3)]
+            keys = {job.key for job in jobs}
+            assert await forget_fleet(observer) > 0
+            await eventually(lambda: "3 journal rows Redis had lost" in caplog.text)
+            rows = await doomed.journal_entries("accepted")
+            assert {row.job_key for row in rows} == keys
+            assert all(row.request["model"] == "dall-e-2" for row in rows)
+        # It left (as a member that died would, only sooner): its paid jobs are claimed.
+        resumed = await survivor.resume()
+        assert {job.key for job in resumed} == keys
+        await asyncio.wait_for(asyncio.gather(*resumed), 30)
+        assert emu.stats()["submits_accepted"] == 3
+
+
+@pytest.mark.long
 async def test_members_redis_forgot_join_again_long_before_their_next_heartbeat(
     url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

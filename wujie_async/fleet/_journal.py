@@ -172,6 +172,30 @@ return 1
 """
 )
 
+# KEYS: seq, members. ARGV: prefix, owner, now, then (job_key, path, request, tag, created)
+# for each row to restore. A row whose key Redis holds no more (a FLUSHALL, a restart without
+# AOF) is written again, accepted and the owner's: were the owner to die, its job is claimed.
+# A key some row holds (another member claimed it meanwhile) is left alone. Reply: how many.
+_RESTORE = """
+local p, owner, now, n = ARGV[1], ARGV[2], ARGV[3], 0
+for i = 4, #ARGV, 5 do
+  local key = ARGV[i]
+  if redis.call('EXISTS', p .. 'key:' .. key) == 0 then
+    local id = redis.call('INCR', KEYS[1])
+    redis.call('HSET', p .. 'row:' .. id, 'path', ARGV[i + 1], 'request', ARGV[i + 2],
+               'state', 'accepted', 'job_key', key, 'tag', ARGV[i + 3], 'owner', owner,
+               'created', ARGV[i + 4], 'updated', now)
+    redis.call('ZADD', p .. 'state:accepted', id, id)
+    redis.call('ZADD', p .. 'owner:' .. owner, id, id)
+    if ARGV[i + 3] ~= '' then redis.call('ZADD', p .. 'tag:' .. ARGV[i + 3], id, id) end
+    redis.call('SET', p .. 'key:' .. key, id)
+    n = n + 1
+  end
+end
+return n
+"""
+_RESTORE_BATCH = 200  # rows per script call: one call must not hold Redis long
+
 _Later = tuple[Any, ...] | asyncio.Future[None] | None
 _FIELDS = ("path", "request", "state", "job_key", "tag", "error", "created", "owner")
 
@@ -266,6 +290,12 @@ class RedisJournal:
         self._entries = Script(link, _ENTRIES)
         self._forget = Script(link, _FORGET)
         self._found_key = Script(link, _FOUND_KEY)
+        self._restore = Script(link, _RESTORE)
+        # What this member wrote of its submits still open (path, request, tag, created): by
+        # row id until the key comes, then by key until the outcome. Redis may lose the rows
+        # (a FLUSHALL, a restart without AOF): restore() writes them again from here.
+        self._intents: dict[int, tuple[str, str, str, float]] = {}
+        self._open: dict[str, tuple[str, str, str, float]] = {}
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -370,7 +400,8 @@ class RedisJournal:
         """Write a submit's request before it is sent; returns its row id."""
         body = json.dumps(request, ensure_ascii=False)
         once = secrets.token_hex(8)  # every try is the same write: one row however many run
-        args = (self._prefix, self.member_id, path, body, tag or "", time.time(), once)
+        now = time.time()
+        args = (self._prefix, self.member_id, path, body, tag or "", now, once)
 
         async def write() -> Any:
             return await self._intent((self._seq, self._link.keys.members), args)
@@ -387,6 +418,7 @@ class RedisJournal:
                 )  # fmt: skip
             raise
         self.commits += 1
+        self._intents[int(row_id)] = (path, body, tag or "", now)
         return int(row_id)
 
     async def _waiting_for_redis(self, write: Callable[[], Awaitable[Any]], what: str) -> Any:
@@ -412,6 +444,7 @@ class RedisJournal:
             ClientStateError: the row is not this member's open intent (claimed meanwhile).
         """
         args = self._accepted(row_id, key)
+        self._opened(row_id, key)  # restore() has it, even if this write fails
         moved = await self._waiting_for_redis(
             lambda: self._move((self._seq,), args), f"key {key} was not journaled"
         )
@@ -424,7 +457,13 @@ class RedisJournal:
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
         """The same, not awaited: for a submit interrupted after its key came back."""
+        self._opened(row_id, key)
         self._queue(self._accepted(row_id, key))
+
+    def _opened(self, row_id: int, key: str) -> None:
+        written = self._intents.pop(row_id, None)
+        if written is not None:
+            self._open[key] = written
 
     def _accepted(self, row_id: int, key: str) -> tuple[Any, ...]:
         return (self._prefix, row_id, "intent", "accepted", key, "", time.time(), self.member_id)
@@ -433,6 +472,7 @@ class RedisJournal:
         """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
         if state not in ("rejected", "uncertain", "unsent"):
             raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
+        self._intents.pop(row_id, None)
         self._queue(
             (self._prefix, row_id, "intent", state, "", error[:_ERROR_CHARS], time.time(),
              self.member_id)
@@ -442,10 +482,30 @@ class RedisJournal:
         """Note how a job ended (queued, not awaited: the key is already safe)."""
         if state not in FINAL_STATES:
             raise ValueError(f"record_outcome: {state!r} is not a final state")
+        self._open.pop(key, None)
         self._queue(
             (self._prefix, "", "accepted", state, key, (error or "")[:_ERROR_CHARS], time.time(),
              self.member_id)
         )  # fmt: skip
+
+    async def restore(self) -> int:
+        """Write again the rows of this member's open jobs that Redis lost (a FLUSHALL, a
+        restart without AOF), as ``accepted`` and this member's, so that were it to die its
+        jobs would be claimed; returns how many were written. A row another member claimed
+        meanwhile is left alone.
+
+        Raises:
+            FleetUnavailableError: Redis is unreachable or missed its deadline.
+        """
+        rows = list(self._open.items())
+        restored = 0
+        for start in range(0, len(rows), _RESTORE_BATCH):
+            args: list[Any] = [self._prefix, self.member_id, time.time()]
+            for key, (path, body, tag, created) in rows[start : start + _RESTORE_BATCH]:
+                args += [key, path, body, tag, created]
+            keys = (self._seq, self._link.keys.members)
+            restored += int(await self._restore(keys, tuple(args)))
+        return restored
 
     async def flush(self) -> None:
         """Wait until every not-awaited record queued so far is written (or given up)."""
@@ -527,6 +587,10 @@ class RedisJournal:
         if claimed:
             entries = [e for e in await self.entries("accepted", owned_by=self.member_id)
                        if e.id in claimed]  # fmt: skip
+        for entry in entries:  # this member's now: restore() keeps them too
+            if entry.job_key:
+                body = json.dumps(entry.request, ensure_ascii=False)
+                self._open[entry.job_key] = (entry.path, body, entry.tag or "", entry.created)
         return Claim(dead_members=dead, entries=entries)
 
 

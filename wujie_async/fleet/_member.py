@@ -278,15 +278,17 @@ class FleetMember:
         await self._membership.join()
         await self._journal.warm()
         await follower.register_all()
+        restored = await self._journal.restore()
         self._joined = True
         if self._poller is not None:
             self._poller.set_asking(False)
         self._start_tasks()
         logger.warning(
-            "fleet %s: member %s rejoined (its %d keys registered again)",
+            "fleet %s: member %s rejoined (its %d keys registered again%s)",
             self._config.name,
             self._member_id,
             follower.keys,
+            _restored(restored),
         )
         self._set_role()
 
@@ -298,13 +300,15 @@ class FleetMember:
         assert follower is not None
         await self._membership.join()
         await follower.register_all()
+        restored = await self._journal.restore()
         logger.warning(
             "fleet %s: member %s was declared dead (no heartbeat for %gs) or forgotten by "
-            "Redis; it joined again (its %d keys registered again)",
+            "Redis; it joined again (its %d keys registered again%s)",
             self._config.name,
             self._member_id,
             self._config.member_timeout,
             follower.keys,
+            _restored(restored),
         )
 
     async def _watch(self) -> None:
@@ -503,6 +507,10 @@ class FleetMember:
         age = ages.get(self._member_id)
         has_info = reply[-1] not in (False, 0)  # only a definite "no" (not a refusal) counts
         return has_info and age is not None and age <= timeout
+
+
+def _restored(rows: int) -> str:
+    return f", and {rows} journal rows Redis had lost" if rows else ""
 
 
 def _counter(raw: object) -> int:
