@@ -7,7 +7,9 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,6 +97,30 @@ async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> No
                 assert asyncio.get_running_loop().time() - started < 1.0
             finally:
                 server.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.long
+async def test_a_process_that_stood_still_does_not_blame_redis(tmp_path: Path) -> None:
+    # The process stands still (a SIGSTOP, a blocked loop) past the deadline of a command that
+    # Redis answered at once: on waking, the deadline fires first. A member said "Redis did
+    # not answer", went local and polled its own keys; the command is asked once more.
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), command_timeout=0.3) as fleet,
+    ):
+        loop = asyncio.get_running_loop()
+        assert await fleet.call(lambda redis: redis.ping())  # connected
+
+        frozen: list[bool] = []
+
+        async def frozen_while_out(redis: Any) -> Any:
+            # Redis answers after 0.1 s; the loop stands still from 0.05 s to 2.05 s (once).
+            if not frozen:
+                frozen.append(True)
+                loop.call_later(0.05, time.sleep, 2.0)
+            return await redis.blpop([f"{fleet_name()}-empty"], timeout=0.1)
+
+        assert await fleet.call(frozen_while_out) is None
 
 
 async def test_aof_off_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
