@@ -27,6 +27,7 @@ from wujie_async import (
     JournalFile,
     JournalLockedError,
     Limits,
+    SubmitUncertainError,
     TransportError,
     WujieClient,
 )
@@ -267,6 +268,31 @@ async def test_journal_entries_and_forget_submits(
         with pytest.raises(TypeError):
             await client.forget_submits(["1"])  # type: ignore[list-item]
         assert [row.id for row in await client.journal_entries()] == [tagged.id]
+
+
+async def test_a_key_found_for_an_uncertain_submit_makes_its_row_accepted(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    # A reply lost after the gateway accepted the submit: its row is uncertain. The key found
+    # since (the console, a manifest) settles it, once; a key another row holds does not.
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        held = await client.images.submit(prompt="kept", model="dall-e-2")
+        emu.set_faults(FaultConfig(drop_after_accept=1.0, endpoints=frozenset({"generations"})))
+        with pytest.raises(SubmitUncertainError):
+            await client.images.submit(prompt="lost", model="dall-e-2")
+        emu.set_faults(FaultConfig())
+        [row] = await client.uncertain_submits()
+        [lost_key] = set(emu.stats()["timelines"]) - {held.key}
+        assert not await client.record_submit_key(row.id, held.key)  # the other row's key
+        with pytest.raises(InvalidRequestError, match="entry_id"):
+            await client.record_submit_key(str(row.id), lost_key)  # type: ignore[arg-type]
+        assert await client.record_submit_key(row.id, lost_key)
+        assert not await client.record_submit_key(row.id, lost_key)
+        assert await client.uncertain_submits() == []
+        [resumed] = await client.resume()
+        assert resumed.key == lost_key
+        assert (await resumed.result(timeout=10)).status == 4
 
 
 async def test_a_journal_file_reads_and_forgets_without_a_client(
