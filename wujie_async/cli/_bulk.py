@@ -229,7 +229,7 @@ class BulkRun:
                 reason = "the run stopped before this line was sent"
                 self._end(row, "not_sent", None, "not_sent", reason, quiet=True)
                 return
-            if _not_sent(exc):
+            if _not_sent(exc) and _JOURNAL_REFUSED in str(exc):
                 # Nothing left (the client's promise): the journal could not record the
                 # intent (a full disk, a broken file), and every next line would end so too.
                 said = clean(exc).removeprefix("the submit was not sent: ")
@@ -467,6 +467,10 @@ class OutputUnwritableError(Exception):
     @classmethod
     def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
         return cls(what, cause.strerror or type(cause).__name__)
+
+
+# What the client's ClientStateError says when the journal could not write a submit's intent.
+_JOURNAL_REFUSED = "journal write failed"
 
 
 def _not_sent(exc: BaseException) -> bool:
