@@ -141,6 +141,14 @@ async def test_every_bad_field_is_named_at_once(emulator: EmulatorFactory) -> No
         _nothing_sent(emu.stats())
 
 
+def test_a_misspelt_field_is_the_one_named() -> None:
+    # "promt" leaves "prompt" missing: the error's field is the misspelt one, the user's fix.
+    with pytest.raises(InvalidRequestError) as caught:
+        GenerationRequest.build({"promt": "x", "model": "dall-e-2"})
+    assert caught.value.field == "promt" and "not permitted" in (caught.value.rule or "")
+    assert set(_names(caught.value)) == {"promt", "prompt"}
+
+
 @pytest.mark.parametrize(
     ("kind", "fields", "field"),
     [(GenerationRequest, fields, field) for fields, field in BAD_GENERATIONS if "tag" not in fields]

@@ -105,7 +105,10 @@ class _Request(BaseModel):
         try:
             request = cls.model_validate(fields)
         except ValidationError as exc:
-            found = [(_location(err["loc"]), err["msg"]) for err in exc.errors()]
+            # A field this client does not know comes first: a misspelt one ("promt") is what
+            # the user must fix, and the required field it leaves missing follows from it.
+            errors = sorted(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")
+            found = [(_location(err["loc"]), err["msg"]) for err in errors]
             named = {field for field, _ in found}
             # Text that could not be sent is named too, so one error lists every bad field.
             found += [(f, rule) for f, rule in unencodable(fields) if f not in named]
