@@ -38,7 +38,7 @@ from wujie_async import (
 from wujie_async._addresses import AddressRule, check_url
 from wujie_async._download import Downloader, check_job_template
 from wujie_async._file_names import check_template, render_name
-from wujie_async._image_formats import TAIL_BYTES, end_problem
+from wujie_async._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem
 from wujie_async.emulator._png import render_png
 
 from .helpers import png_size
@@ -336,7 +336,7 @@ async def test_a_compressed_image_cut_short_is_fetched_again(tmp_path: Path) -> 
 
 
 def end_of(kind: str, data: bytes) -> str | None:
-    return end_problem(kind, data[:16], data[-TAIL_BYTES:], len(data))
+    return end_problem(kind, data[:HEAD_BYTES], data[-TAIL_BYTES:], len(data))
 
 
 def test_an_image_must_reach_its_own_end_marker() -> None:
@@ -354,6 +354,23 @@ def test_an_image_must_reach_its_own_end_marker() -> None:
     assert end_of("webp", WEBP[:-4]) == (
         f"the WebP's RIFF header declares {len(WEBP)} bytes, not {len(WEBP) - 4}"
     )
+
+
+def test_an_image_cut_right_after_an_end_marker_inside_it_is_cut() -> None:
+    # Cut exactly at the end of an EXIF thumbnail (its FF D9 the last bytes), or inside a PNG
+    # chunk followed by an IEND: the end looked right, and the file was saved as whole. Its
+    # first segments (JPEG) and chunks (PNG) must fit in the file.
+    exif_cut = b"\xff\xd8\xff\xe1" + (2000).to_bytes(2, "big") + EXIF
+    assert exif_cut.endswith(b"\xff\xd9")
+    assert end_of("jpg", exif_cut) == (
+        "the JPEG is cut short: a segment declares 2000 bytes not there"
+    )
+    fake_iend = PNG[:33] + (5000).to_bytes(4, "big") + b"IDAT" + bytes(50) + PNG[-12:]
+    assert end_of("png", fake_iend) == (
+        "the PNG is cut short: its IDAT chunk declares 5000 bytes not there"
+    )
+    for kind, whole in (("png", PNG), ("png", ROOMY_PNG), ("jpg", JPEG), ("jpg", EXIF_JPEG)):
+        assert end_of(kind, whole) is None, kind
 
 
 def self_signed_context(folder: Path) -> ssl.SSLContext:

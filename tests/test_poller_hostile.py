@@ -425,6 +425,39 @@ async def test_an_over_cap_batch_is_split_down_to_one_key() -> None:
         assert (await again).images[0].b64_json is None
 
 
+async def test_an_entry_no_json_reader_takes_costs_its_own_job_only() -> None:
+    # A 5,000-digit integer (past Python's digit limit) or a field nested 100,000 deep made the
+    # whole reply "not JSON": every job of the call waited out its deadline (up to 49 others
+    # for 15 minutes). A huge integer now reads as infinite, a value no field takes; a reply
+    # nested too deep is asked about in halves, down to the one job it concerns.
+    digits = b"9" * 5000
+    deep = b"[" * 100_000 + b"]" * 100_000
+    image = b'[{"url": "https://files.example/a.png"}]'
+
+    def script(keys: list[str]) -> bytes:
+        entries = []
+        for key in keys:
+            fields = b'"status": 4, "images": ' + image
+            if key == "K00001":
+                fields = b'"status": ' + digits  # malformed: it fails after the grace period
+            elif key == "K00002":
+                fields += b', "integral_cost": ' + digits  # an optional field: dropped
+            elif key == "K00003":
+                fields += b', "extra": ' + deep
+            entries.append(b'{"key": "' + key.encode() + b'", ' + fields + b"}")
+        return b"[" + b", ".join(entries) + b"]"
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as c:
+        jobs = await submit(c, 5, job_timeout=20)
+        results = [await outcome(job) for job in jobs]
+        for index in (0, 2, 4):
+            assert not isinstance(results[index], BaseException), results[index]
+        assert isinstance(results[1], JobProtocolError), results[1]
+        assert isinstance(results[3], JobProtocolError), results[3]
+        assert "nests deeper" in str(results[3])
+        assert jobs[2].points_charged is None  # the huge cost was dropped, not read
+
+
 async def test_attach_right_after_the_end_returns_the_same_job() -> None:
     async with (
         scripted_gateway(lambda keys: [done(key) for key in keys]) as gateway,

@@ -45,7 +45,7 @@ from ._errors import (
     WujieError,
 )
 from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
-from ._image_formats import TAIL_BYTES, end_problem, sniff_format
+from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, sniff_format
 from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
@@ -583,8 +583,8 @@ class Downloader:
             size += len(chunk)
             if size > policy.max_bytes:
                 raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
-            if len(head) < 16:
-                head += chunk[: 16 - len(head)]
+            if len(head) < HEAD_BYTES:
+                head += chunk[: HEAD_BYTES - len(head)]
             tail = (tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
             digest.update(chunk)
             if quantum is not None:
@@ -646,7 +646,7 @@ def _decode(text: str, limit: int) -> tuple[bytes, str]:
     kind = sniff_format(data[:16])
     if kind is None:
         raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
-    problem = end_problem(kind, data[:16], data[-TAIL_BYTES:], len(data))
+    problem = end_problem(kind, data[:HEAD_BYTES], data[-TAIL_BYTES:], len(data))
     if problem is not None:
         raise ProtocolError(
             f"b64_json image is cut short: {problem}, after {len(data)} bytes (the gateway "

@@ -297,6 +297,12 @@ class ResponseTooLargeError(ProtocolError):
         super().__init__(message, **kwargs)
 
 
+class ReplyTooDeepError(ProtocolError):
+    """The reply nests deeper than the JSON reader follows (not a contract's reply: a hostile
+    entry). Not exported: a batch query that gets it asks about fewer keys, as for a reply too
+    large, so that one entry costs its own job only."""
+
+
 class UnexpectedRedirectError(ProtocolError):
     """A 3xx reply to an API call. Redirects are never followed: a signed request that a
     redirect could send elsewhere (or loop on, paying each time) is not sent twice.

@@ -35,6 +35,9 @@ _PADDING: Final = b"\x00\xff"
 # How many of a file's last bytes its end check reads: a PNG's IEND may sit this far back
 # (padding or metadata after it); a JPEG's end marker may be followed by padding only.
 TAIL_BYTES: Final = 8192
+# How many of a file's first bytes its end check reads: the segments (JPEG) and chunks (PNG)
+# they hold must fit in the file; one that runs past its end says the file was cut there.
+HEAD_BYTES: Final = 65536
 
 
 def end_problem(kind: str, head: bytes, tail: bytes, size: int) -> str | None:
@@ -49,13 +52,58 @@ def end_problem(kind: str, head: bytes, tail: bytes, size: int) -> str | None:
     when the connection closes, a Content-Length short of the image). Bytes after an image's
     end (padding, or metadata some encoders append) are allowed: refusing them would refuse a
     whole, paid image."""
-    if kind == "png" and _IEND_CHUNK not in tail:
-        return "the PNG does not reach its end marker (an IEND chunk)"
-    if kind == "jpg" and not tail.rstrip(_PADDING).endswith(_JPEG_END):
-        # rstrip leaves FF D9 whole: D9 is not padding.
-        return "the JPEG does not end with its end marker (FF D9)"
+    if kind == "png":
+        if _IEND_CHUNK not in tail:
+            return "the PNG does not reach its end marker (an IEND chunk)"
+        return _png_cut(head, size)
+    if kind == "jpg":
+        if not tail.rstrip(_PADDING).endswith(_JPEG_END):
+            # rstrip leaves FF D9 whole: D9 is not padding.
+            return "the JPEG does not end with its end marker (FF D9)"
+        return _jpeg_cut(head, size)
     if kind == "webp":
         declared = int.from_bytes(head[4:8], "little") + 8
         if size < declared:
             return f"the WebP's RIFF header declares {declared} bytes, not {size}"
+    return None
+
+
+def _png_cut(head: bytes, size: int) -> str | None:
+    """A chunk among ``head`` (a PNG's first bytes) that runs past the file's ``size``: an end
+    marker after it was not the image's own (a body cut inside a chunk, then an IEND)."""
+    at = len(PNG_SIGNATURE)
+    while at + 8 <= len(head):
+        length = int.from_bytes(head[at : at + 4], "big")
+        name = head[at + 4 : at + 8]
+        if at + 12 + length > size:
+            shown = name.decode("ascii", "replace") if name.isalpha() else "a"
+            return f"the PNG is cut short: its {shown} chunk declares {length} bytes not there"
+        if name == b"IEND":
+            return None
+        at += 12 + length
+    return None
+
+
+def _jpeg_cut(head: bytes, size: int) -> str | None:
+    """A segment among ``head`` (a JPEG's first bytes, up to its scan) that runs past the
+    file's ``size``: an end marker seen last was a thumbnail's (EXIF's ends with FF D9 too)."""
+    at = 2  # after the start-of-image marker
+    while at + 4 <= len(head):
+        if head[at] != 0xFF:
+            return None  # not at a marker: nothing more to tell from here
+        marker = head[at + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:  # markers without a length
+            if marker == 0xD9:
+                return None
+            at += 2
+            continue
+        length = int.from_bytes(head[at + 2 : at + 4], "big")
+        if at + 2 + length > size:
+            return f"the JPEG is cut short: a segment declares {length} bytes not there"
+        if marker == 0xDA:  # start of scan: the image data follows
+            return None
+        at += 2 + length
     return None

@@ -55,6 +55,7 @@ from ._errors import (
     JobProtocolError,
     JobTimeoutError,
     RateLimitedError,
+    ReplyTooDeepError,
     ResponseTooLargeError,
     UnknownJobError,
     WujieError,
@@ -453,14 +454,15 @@ class BatchPoller:
             self._wakeup.set()
 
     async def _poll_keys(self, chunk: list[_Tracked]) -> None:
-        """One batch call for ``chunk``; an over-cap reply is asked again in halves."""
+        """One batch call for ``chunk``; an over-cap or unreadable reply is asked again in
+        halves."""
         chunk = [tracked for tracked in chunk if self._tracks(tracked)]  # some may have ended
         if not chunk:
             return
         asked = {tracked.job.key: tracked for tracked in chunk}
         asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
-        too_large = False
+        unreadable: WujieError | None = None  # a reply too large or too deep: split
         retry_wait: float | None = None  # after a failed call (None: min_interval)
         otel = self._telemetry.otel
         batch: BatchTrace | None = None
@@ -495,8 +497,11 @@ class BatchPoller:
                 )
             else:
                 self.counters.batch_errors += 1
-                too_large = isinstance(exc, ResponseTooLargeError)
-                if not too_large:
+                # A reply too large, or one entry nested too deep to read: asked in halves, so
+                # that only the keys it concerns end.
+                if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
+                    unreadable = exc
+                else:
                     self._warnings.warning(
                         "batch query of %d keys failed: %s",
                         len(asked),
@@ -520,8 +525,8 @@ class BatchPoller:
                     listed=len(reading.entries) if reading is not None else 0,
                     malformed=reading.bad_entries if reading is not None else 0,
                 )
-        if too_large:
-            await self._split(chunk)
+        if unreadable is not None:
+            await self._split(chunk, unreadable)
             return
         self._apply_reading(chunk, reading, asked_at, retry_wait)
 
@@ -621,15 +626,18 @@ class BatchPoller:
         if tracked is not None:
             self._end(tracked, error, tracked.state.status)
 
-    def _end_too_large(self, tracked: _Tracked) -> None:
-        job = tracked.job
+    def _end_unreadable(self, tracked: _Tracked, problem: WujieError) -> None:
+        """End a job whose reply, asked about alone, is still too large or too deep."""
+        why = (
+            f"is over the {self._max_response_bytes}-byte reply cap "
+            "(raise Limits.max_response_bytes to fetch it)"
+            if isinstance(problem, ResponseTooLargeError)
+            else "nests deeper than a JSON reader follows (no entry of this contract does)"
+        )
         self._end(
             tracked,
             JobProtocolError(
-                "the gateway's entry for this job alone is over the "
-                f"{self._max_response_bytes}-byte reply cap "
-                "(raise Limits.max_response_bytes to fetch it)",
-                job_key=job.key,
+                f"the gateway's entry for this job alone {why}", job_key=tracked.job.key
             ),
             tracked.state.status,
         )
@@ -653,14 +661,18 @@ class BatchPoller:
                 self._schedule(tracked, when)
         self._wakeup.set()
 
-    async def _split(self, chunk: list[_Tracked]) -> None:
+    async def _split(self, chunk: list[_Tracked], problem: WujieError) -> None:
         if len(chunk) == 1:
             [tracked] = chunk
             if self._tracks(tracked):
-                self._end_too_large(tracked)
+                self._end_unreadable(tracked, problem)
             return
         self._warnings.warning(
-            "a batch reply for %d keys was over the size cap: asking in halves", len(chunk)
+            "a batch reply for %d keys %s: asking in halves",
+            len(chunk),
+            "was over the size cap"
+            if isinstance(problem, ResponseTooLargeError)
+            else "could not be read (nested too deep)",
         )
         middle = len(chunk) // 2
         await self._poll_keys(chunk[:middle])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -56,6 +57,7 @@ from ._errors import (
     LockRaceError,
     ProtocolError,
     RateLimitedError,
+    ReplyTooDeepError,
     ResponseTooLargeError,
     ServerError,
     SubmitUncertainError,
@@ -102,6 +104,30 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 MAX_JSON_CONTAINERS = 1_000_000
 
 
+def _loads(raw: bytes) -> Any:
+    """``raw`` as JSON. An integer past Python's digit limit (4,300 by default) reads as an
+    infinite float, which no field takes: its entry is malformed, not the whole reply (one
+    5,000-digit status made every job of a batch call wait out its deadline).
+
+    Raises:
+        ValueError: not JSON.
+        RecursionError: nested deeper than the reader follows.
+    """
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise
+    except ValueError:  # the digit limit: read again, such integers as infinite
+        return json.loads(raw, parse_int=_bounded_int)
+
+
+def _bounded_int(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return -math.inf if text.startswith("-") else math.inf
+
+
 def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: str = "") -> Any:
     """The ``data`` of a successful envelope, or the typed error the reply means.
 
@@ -120,11 +146,16 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
             body=snippet(raw),
         )
     try:
-        payload: Any = json.loads(raw)
-    except (ValueError, RecursionError):
+        payload, is_json = _loads(raw), True
+    except ValueError:
         payload, is_json = None, False
-    else:
-        is_json = True
+    except RecursionError:
+        raise ReplyTooDeepError(
+            "the reply nests deeper than a JSON reader follows (no reply of this contract "
+            "does): not read",
+            http_status=status,
+            body=snippet(raw[:200]),
+        ) from None
     # The contract names 200, but a gateway (or a proxy before it) answering 201 or 202 with a
     # success envelope has accepted the call, and its key must not be dropped. Nor when a proxy
     # stamps another status (429, 503) on a success envelope that carries data: the job exists
@@ -626,8 +657,8 @@ def _retryable(exc: WujieError, kind: CallKind) -> bool:
         return kind != "poll"
     if exc.systemic and not isinstance(exc, TransportError):
         return False  # a missing route, a redirect, no balance: the same again every time
-    if isinstance(exc, ResponseTooLargeError):
-        return False  # the same question gets the same oversized answer; ask about fewer keys
+    if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
+        return False  # the same question gets the same unreadable answer; ask about fewer keys
     if kind == "poll":
         return isinstance(exc, ServerError | ProtocolError | TransportError)
     if isinstance(exc, LockRaceError):
