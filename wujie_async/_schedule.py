@@ -760,7 +760,7 @@ class PollSchedule:
         """
         policy = self._policy
         seen = now if asked_at is None else asked_at
-        told = None
+        told = sooner = None
         if percent is not None and not queued:
             told = _from_progress(timing, seen, percent)
         progress = timing.progress
@@ -775,6 +775,9 @@ class PollSchedule:
         elif told is not None and progress is not None and self._progress_tells(timing.model):
             _tell_by_progress(timing, progress, seen + expected_seconds)
             expected_seconds = told
+        else:
+            # Decided on the gateway's estimate; the progress may still tell an end sooner.
+            sooner = told
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)
@@ -847,12 +850,13 @@ class PollSchedule:
         # learned from.
         timing.last_ask = seen
         ask = self.next_ask(timing, now, queue_position=queue_position)
-        if told is not None and expected_seconds is not told:
+        if sooner is not None:
             # Decided on the gateway's estimate, while its progress tells an end sooner: asked
             # there as well (estimates ±50% off, before the model's first ends show which
             # figure to go by: the first ends seen up to 1.6 s late without it).
             at = max(
-                seen + told + TUNING.open_delay * policy.min_interval, now + policy.min_interval
+                seen + sooner + TUNING.open_delay * policy.min_interval,
+                now + policy.min_interval,
             )
             if at + policy.min_interval < ask:
                 timing.tentative = False
