@@ -45,6 +45,19 @@ ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
 _ERROR_CHARS = 2000
 _RETRY = 0.25  # a record that met Redis away is tried again this often
 
+# A new row (its id from the seq counter) and its indexes, shared by the scripts that make one.
+_NEW_ROW = """
+local function new_row(p, seq, owner, state, path, request, tag, created, updated)
+  local id = redis.call('INCR', seq)
+  redis.call('HSET', p .. 'row:' .. id, 'path', path, 'request', request, 'state', state,
+             'tag', tag, 'owner', owner, 'created', created, 'updated', updated)
+  redis.call('ZADD', p .. 'state:' .. state, id, id)
+  redis.call('ZADD', p .. 'owner:' .. owner, id, id)
+  if tag ~= '' then redis.call('ZADD', p .. 'tag:' .. tag, id, id) end
+  return id
+end
+"""
+
 # A row's move from one state to another, shared by the scripts below.
 _TRANSITION = """
 local function transition(p, id, from, to, job_key, err, now, owner)
@@ -78,6 +91,7 @@ end
 # its next heartbeat) and joins again (see _membership), which registers its keys again.
 _INTENT = (
     REDIS_MS
+    + _NEW_ROW
     + """
 local p = ARGV[1]
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
@@ -86,12 +100,7 @@ end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
 if done then return tonumber(done) end
-local id = redis.call('INCR', KEYS[1])
-redis.call('HSET', p .. 'row:' .. id, 'path', ARGV[3], 'request', ARGV[4], 'state', 'intent',
-           'tag', ARGV[5], 'owner', ARGV[2], 'created', ARGV[6], 'updated', ARGV[6])
-redis.call('ZADD', p .. 'state:intent', id, id)
-redis.call('ZADD', p .. 'owner:' .. ARGV[2], id, id)
-if ARGV[5] ~= '' then redis.call('ZADD', p .. 'tag:' .. ARGV[5], id, id) end
+local id = new_row(p, KEYS[1], ARGV[2], 'intent', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[6])
 redis.call('SET', once, id, 'EX', 86400)
 return id
 """
@@ -176,24 +185,23 @@ return 1
 # for each row to restore. A row whose key Redis holds no more (a FLUSHALL, a restart without
 # AOF) is written again, accepted and the owner's: were the owner to die, its job is claimed.
 # A key some row holds (another member claimed it meanwhile) is left alone. Reply: how many.
-_RESTORE = """
+_RESTORE = (
+    _NEW_ROW
+    + """
 local p, owner, now, n = ARGV[1], ARGV[2], ARGV[3], 0
 for i = 4, #ARGV, 5 do
   local key = ARGV[i]
   if redis.call('EXISTS', p .. 'key:' .. key) == 0 then
-    local id = redis.call('INCR', KEYS[1])
-    redis.call('HSET', p .. 'row:' .. id, 'path', ARGV[i + 1], 'request', ARGV[i + 2],
-               'state', 'accepted', 'job_key', key, 'tag', ARGV[i + 3], 'owner', owner,
-               'created', ARGV[i + 4], 'updated', now)
-    redis.call('ZADD', p .. 'state:accepted', id, id)
-    redis.call('ZADD', p .. 'owner:' .. owner, id, id)
-    if ARGV[i + 3] ~= '' then redis.call('ZADD', p .. 'tag:' .. ARGV[i + 3], id, id) end
+    local id = new_row(p, KEYS[1], owner, 'accepted', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+                       ARGV[i + 4], now)
+    redis.call('HSET', p .. 'row:' .. id, 'job_key', key)
     redis.call('SET', p .. 'key:' .. key, id)
     n = n + 1
   end
 end
 return n
 """
+)
 _RESTORE_BATCH = 200  # rows per script call: one call must not hold Redis long
 
 _Later = tuple[Any, ...] | asyncio.Future[None] | None
