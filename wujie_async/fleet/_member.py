@@ -268,27 +268,31 @@ class FleetMember:
         self._set_role()
         self._wake.set()
 
-    async def _rejoin(self) -> None:
+    async def _put_back(self) -> str:
+        """Join the member list again and write back what Redis may have lost: this
+        member's keys in the registry, and its open jobs' journal rows. Returns what was
+        written, in words for the log line."""
         follower = self._follower
         assert follower is not None
+        await self._membership.join()
+        await follower.register_all()
+        restored = await self._journal.restore()
+        rows = f", and {restored} journal rows Redis had lost" if restored else ""
+        return f"its {follower.keys} keys registered again{rows}"
+
+    async def _rejoin(self) -> None:
         tasks, self._tasks = self._tasks, set()
         await asyncio.gather(
             *(stop_task(task, self._config.command_timeout + 1.0) for task in tasks)
         )
-        await self._membership.join()
         await self._journal.warm()
-        await follower.register_all()
-        restored = await self._journal.restore()
+        written = await self._put_back()
         self._joined = True
         if self._poller is not None:
             self._poller.set_asking(False)
         self._start_tasks()
         logger.warning(
-            "fleet %s: member %s rejoined (its %d keys registered again%s)",
-            self._config.name,
-            self._member_id,
-            follower.keys,
-            _restored(restored),
+            "fleet %s: member %s rejoined (%s)", self._config.name, self._member_id, written
         )
         self._set_role()
 
@@ -296,19 +300,14 @@ class FleetMember:
         """The fleet declared this member dead (or Redis lost it) while it was alive: it
         joins again and registers its keys again; its tasks carry on (a lease it held has
         run out, and its leader saw that on its own clock)."""
-        follower = self._follower
-        assert follower is not None
-        await self._membership.join()
-        await follower.register_all()
-        restored = await self._journal.restore()
+        written = await self._put_back()
         logger.warning(
             "fleet %s: member %s was declared dead (no heartbeat for %gs) or forgotten by "
-            "Redis; it joined again (its %d keys registered again%s)",
+            "Redis; it joined again (%s)",
             self._config.name,
             self._member_id,
             self._config.member_timeout,
-            follower.keys,
-            _restored(restored),
+            written,
         )
 
     async def _watch(self) -> None:
@@ -507,10 +506,6 @@ class FleetMember:
         age = ages.get(self._member_id)
         has_info = reply[-1] not in (False, 0)  # only a definite "no" (not a refusal) counts
         return has_info and age is not None and age <= timeout
-
-
-def _restored(rows: int) -> str:
-    return f", and {rows} journal rows Redis had lost" if rows else ""
 
 
 def _counter(raw: object) -> int:
