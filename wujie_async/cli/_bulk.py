@@ -20,7 +20,14 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .. import ClientStateError, ImageJob, InvalidRequestError, JobError, WujieClient
+from .. import (
+    ClientStateError,
+    ImageJob,
+    InvalidRequestError,
+    JobError,
+    JournalEntry,
+    WujieClient,
+)
 from .._file_names import render_name
 from ._input import BulkItem
 from ._outcome import (
@@ -498,8 +505,13 @@ def charged_keys(records: Iterable[dict[str, Any]]) -> frozenset[str]:
     )
 
 
-async def record_manifest_keys(client: WujieClient, records: Iterable[dict[str, Any]]) -> int:
+async def record_manifest_keys(
+    client: WujieClient,
+    records: Iterable[dict[str, Any]],
+    entries: list[JournalEntry] | None = None,
+) -> int:
     """Give the journal the keys only the manifest kept; returns how many rows got one.
+    ``entries``: every journal row, when the caller has read them (else they are read here).
 
     A full disk can keep a submit's key out of the journal (its row then reads ``uncertain``:
     the reply was never recorded) while a manifest row, written when the disk had room again,
@@ -508,7 +520,8 @@ async def record_manifest_keys(client: WujieClient, records: Iterable[dict[str, 
     resent, and paid for twice, by someone settling it). A tag with more than one uncertain row
     is left alone: which submit the key was cannot be told.
     """
-    entries = await client.journal_entries()
+    if entries is None:
+        entries = await client.journal_entries()
     held = {entry.job_key for entry in entries if entry.job_key}
     uncertain: dict[str, list[int]] = {}
     for entry in entries:

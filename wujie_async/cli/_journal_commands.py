@@ -237,8 +237,10 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
     async with open_client(args, Limits(max_concurrent_submits=4), path) as client:
         # A key only the manifest kept (a full disk) makes its row accepted: never resent.
-        await record_manifest_keys(client, records)
-        entries = _latest_per_row(await client.journal_entries())
+        every = await client.journal_entries()
+        if await record_manifest_keys(client, records, every):
+            every = await client.journal_entries()
+        entries = _latest_per_row(every)
         if args.all_uncertain:
             chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
         else:

@@ -255,8 +255,9 @@ async def plan_rerun(
     removed since included."""
     plan = Plan()
     charged = charged_keys(manifest_records)
-    await record_manifest_keys(client, manifest_records)
     entries = await client.journal_entries()
+    if await record_manifest_keys(client, manifest_records, entries):
+        entries = await client.journal_entries()  # those rows are accepted now
     latest = {entry.tag: entry for entry in entries if entry.tag}
     moved = moved_rows(items, latest)
     plan.moved = len(moved)
