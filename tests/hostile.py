@@ -79,6 +79,14 @@ REPLIES: dict[str, tuple[int, bytes, str]] = {
         "application/json",
     ),
     "escapes-5xx": (500, f"<html>{ESCAPES}oops</html>".encode(), "text/html"),
+    "markup-business": (
+        200,
+        (
+            b'{"code":"20010001","message":"bad <script>alert(1)</script><b>red</b>'
+            b'<img src=x onerror=alert(2)> size","data":null}'
+        ),
+        "application/json",
+    ),
 }
 
 

@@ -373,7 +373,12 @@ def test_snippet_folds_whitespace_and_stays_short() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "error"), [("escapes-business", BusinessError), ("escapes-5xx", APIError)]
+    ("mode", "error"),
+    [
+        ("escapes-business", BusinessError),
+        ("escapes-5xx", APIError),
+        ("markup-business", BusinessError),
+    ],
 )
 async def test_server_text_in_errors_is_stripped(mode: str, error: type[APIError]) -> None:
     async with recording_gateway() as gateway:
@@ -389,7 +394,16 @@ async def test_server_text_in_errors_is_stripped(mode: str, error: type[APIError
     for item in chain:
         for text in (str(item), getattr(item, "body", ""), getattr(item, "message", "")):
             assert "\x1b" not in text and "\x07" not in text and "PWNED" not in text, repr(text)
+            assert "<" not in text and "alert" not in text, repr(text)  # no markup either
     assert "red" in str(api_errors[0]) + api_errors[0].body
+
+
+def test_snippet_removes_html_markup_but_not_angle_brackets_in_words() -> None:
+    page = "<!DOCTYPE html><html><body><h1>502 Bad Gateway</h1><hr><center>nginx</center>"
+    assert snippet(page + "<!-- id 7 --></body></html>") == "502 Bad Gateway nginx"
+    assert snippet("<style>p{}</style><p onclick=x()>hi</p>") == "hi"
+    assert snippet("<widget data-x='1'>blocked") == "blocked"  # any tag with an attribute
+    assert snippet("field <prompt> is required; n <= 10") == "field <prompt> is required; n <= 10"
 
 
 def test_job_failure_messages_are_stripped() -> None:

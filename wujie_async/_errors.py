@@ -82,6 +82,29 @@ _CONTROL = re.compile(
     "\ufeff\uffa0\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3"
     "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
 )
+# HTML a proxy or an error page puts around its words (a 502 page, a WAF's block page): a web app
+# that shows an error's text must not be handed markup. Removed: comments, declarations, script
+# and style elements with their content, tags of HTML's elements, and any tag with an attribute
+# (an unknown element still runs its ``onclick``). ``<prompt>`` or ``n <= 10`` stay as written.
+_HTML_ELEMENTS = (
+    "a|abbr|address|article|aside|audio|b|base|bdi|bdo|big|blink|blockquote|body|br|button|canvas"
+    "|caption|center|cite|code|col|colgroup|dd|del|details|dfn|dialog|div|dl|dt|em|embed|fieldset"
+    "|figcaption|figure|font|footer|form|frame|frameset|h[1-6]|head|header|hr|html|i|iframe|img"
+    "|input|ins|kbd|label|legend|li|link|main|mark|marquee|math|menu|meta|meter|nav|noscript"
+    "|object|ol|optgroup|option|output|p|param|picture|pre|progress|q|s|samp|section|select"
+    "|small|source|span|strike|strong|sub|summary|sup|svg|table|tbody|td|template|textarea"
+    "|tfoot|th|thead|time|title|tr|track|tt|u|ul|var|video|wbr"
+)
+_MARKUP = re.compile(
+    rf"""
+      <(script|style)\b[^>]*> .*? (?:</\1\s*>|$)
+    | <!--.*?(?:-->|$)
+    | <[!?][^<>]*>
+    | </?(?:{_HTML_ELEMENTS})(?:\s[^<>]*)?/?>
+    | <[A-Za-z][\w:-]*\s[^<>]*=[^<>]*>
+    """,
+    re.VERBOSE | re.IGNORECASE | re.DOTALL,
+)
 # A run of base64 this long is a signature (RSA-1024 gives 172 characters), not words: a gateway
 # or proxy that echoes the request's Authorization header in its error text must not put a
 # replayable header into a message or a log. Escaped (``\/``) and URL-encoded forms count too.
@@ -95,7 +118,9 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     Every control character is removed: C0 (escape included), DEL, C1, every Unicode format
     character (bidi overrides, marks and isolates, zero-width characters, the BOM, the soft
     hyphen, tag characters), variation selectors, and whole ANSI/OSC escape sequences (titles,
-    screen clears, colours); runs of whitespace, newlines included, become one space. A run of
+    screen clears, colours); so is HTML markup (tags of HTML's elements, any tag with an
+    attribute, comments, script and style elements whole); runs of whitespace, newlines
+    included, become one space. A run of
     128 or more base64 characters (a signature, as in an echoed Authorization header) is left
     out; a text that still quotes a signature this process made, in another encoding (HTML
     entities, percent-encoding, wrapped lines), is left out whole. Use it for any
@@ -110,6 +135,8 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     elif not isinstance(text, str):
         text = str(text)
     text = _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS])
+    if "<" in text:
+        text = _MARKUP.sub(" ", text)
     text = " ".join(_CONTROL.sub("", text).split())
     text = _SIGNATURE_LIKE.sub(_redacted, text)
     if quotes_a_signature(text):  # still, in another encoding: left out whole
