@@ -786,7 +786,8 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         "--no-progress-fields", "--estimate-rounding", "floor",
         "--estimate-while-queued", "generation", "--no-images-progressive",
         "--stamp-rounding", "floor", "--stamp-skew", "-1.5", "--end-tick", "0.5",
-        "--progress-percent", "whole",
+        "--progress-percent", "whole", "--finishing-s", "2", "--temporary-urls",
+        "--done-unlisted-s", "1",
     ]  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -807,6 +808,9 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         stamp_skew=-1.5,
         end_tick=0.5,
         progress_percent="whole",
+        finishing_s=2.0,
+        temporary_urls=True,
+        done_unlisted_s=1.0,
     )
     assert config == wanted
     settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}

@@ -316,3 +316,41 @@ async def test_progress_percent_is_given_as_configured(emulator: EmulatorFactory
     assert job.percent_at(images[1], "images") == 50.0  # steps only as images land
     assert job.percent_at(start - 1.0, "time") == job.percent_at(start - 1.0, "images") == 0.0
     assert job.percent_at(at, "absent") is None
+
+
+async def test_images_may_be_listed_at_temporary_urls_before_a_late_final_listing(
+    emulator: EmulatorFactory,
+) -> None:
+    """``finishing_s``, ``temporary_urls`` and ``done_unlisted_s``: images listed at temporary
+    URLs while the job runs on after its last image, the cost only at the end, done reports
+    without images for a moment, then the final URLs; a temporary URL expires with the job."""
+    settings = {"finishing_s": 20.0, "temporary_urls": True, "done_unlisted_s": 10.0}
+    async with emulator(time_scale=0.02, **settings) as emu, aiohttp.ClientSession() as http:
+        [key] = await submit_many(emu, 1, n=2)
+        job = emu.gateway.store.jobs[key]
+        assert job.ends_at == pytest.approx(job.image_done_at[-1] + 0.4)
+        seen: list[tuple[int, int, bool, bool]] = []
+        temporary: list[str] = []
+        while True:
+            entry = (await entries(emu, [key]))[key]
+            urls = [image["url"] for image in entry["images"]]
+            temporary += [url for url in urls if "/files/tmp/" in url]
+            seen.append(
+                (
+                    entry["status"],
+                    len(urls),
+                    "/files/tmp/" in "".join(urls),
+                    "integral_cost" in entry,
+                )
+            )
+            if entry["status"] == 4 and urls:
+                break
+            await asyncio.sleep(0.01)
+        async with http.get(temporary[-1]) as expired:
+            assert expired.status == 404
+        async with http.get(urls[0]) as final:
+            assert final.status == 200
+    running = [s for s in seen if s[0] == 1 and s[1] == 2]
+    assert running and all(tmp and not cost for _, _, tmp, cost in running)
+    assert (4, 0, False, True) in seen  # done, the cost given, no image listed yet
+    assert seen[-1] == (4, 2, False, True)  # then the final URLs

@@ -11,10 +11,11 @@ time, once the client has read the current one. It serves the images too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,11 @@ from wujie_async import (
 )
 from wujie_async._auth import verify_signature
 from wujie_async._models import JobInfo
+from wujie_async._poller import DONE_UNLISTED_SEEN
 from wujie_async.cli._outcome import classify
 from wujie_async.emulator._png import render_png
 
+from .cli_helpers import CLEAN_ENV, cli, cli_zygote, manifest  # noqa: F401
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import GENERATIONS, INFO
 from .hostile import throwaway_credentials
@@ -74,6 +77,12 @@ class ListingGateway:
     base_url: str = ""
     submits: int = 0
     scripts: dict[str, _Script] = field(default_factory=dict)
+    # The stages of a key no test scripted, set at its submit (for runs that submit on their
+    # own, as the command line does); None: such a key is absent from replies.
+    stages_of: Callable[[str], list[dict[str, Any]]] | None = None
+    submitted: dict[str, asyncio.Event] = field(
+        default_factory=lambda: collections.defaultdict(asyncio.Event)
+    )
     files: dict[str, bytes] = field(default_factory=dict)
     fetched: Counter[str] = field(default_factory=Counter)
     refused: int = 0  # requests whose signature did not verify
@@ -126,6 +135,9 @@ class ListingGateway:
             return self._refusal()
         key = f"K{self.submits:05d}"
         self.submits += 1
+        if self.stages_of is not None and key not in self.scripts:
+            self.script(key, *self.stages_of(key))
+        self.submitted[key].set()
         return web.json_response({"code": "200", "message": "success", "data": {"key": key}})
 
     async def info(self, request: web.Request) -> web.Response:
@@ -242,6 +254,100 @@ async def test_final_urls_listed_at_the_end_replace_the_temporary_ones(tmp_path:
         assert [s.path.read_bytes() for s in saved] == finals
         assert gateway.fetched == {"final-0.png": 1, "final-1.png": 1}  # no temporary URL
         assert client.stats.jobs_succeeded == 1 and client.stats.jobs_failed == 0
+
+
+async def test_a_done_report_listing_nothing_is_asked_again_for_the_final_urls(
+    tmp_path: Path,
+) -> None:
+    """Images listed while running at temporary URLs (gone once the job ends), then done
+    reports that list nothing for a moment, then the final URLs: the job waits for them
+    rather than settling on the temporary ones."""
+    async with listing_gateway() as gateway, client_of(gateway) as client:
+        job = await submit(client, 1)
+        final = gateway.png("final.png")  # temp.png is not served: it expired with the job
+        gateway.script(
+            job.key,
+            running(image(gateway.url("temp.png"))),
+            done(integral_cost=2),
+            done(image(gateway.url("final.png")), integral_cost=2),
+        )
+        await gateway.read(job.key)
+        gateway.advance(job.key)
+        await gateway.read_again(job.key)  # "done, nothing listed" read twice: still tracked
+        assert not job.done()
+        gateway.advance(job.key)
+
+        result = await job.result(timeout=WAIT_S)
+        assert result.images == (GeneratedImage(0, gateway.url("final.png")),)
+        [saved] = await job.save(tmp_path)
+        assert saved.sha256 == sha256(final)
+        assert gateway.fetched == {"final.png": 1}
+
+
+async def test_done_reports_that_never_list_images_are_waited_for_only_at_first() -> None:
+    """A gateway whose done reports list no images (it listed them while the job ran): the
+    first jobs wait the grace for a final listing and end with the images they hold; once
+    that was seen DONE_UNLISTED_SEEN times, a job ends at its first done report."""
+    async with listing_gateway() as gateway, client_of(gateway) as client:
+        jobs = [await submit(client, 1) for _ in range(DONE_UNLISTED_SEEN + 1)]
+        for job in jobs:
+            gateway.png(f"{job.key}.png")
+            gateway.script(job.key, running(image(gateway.url(f"{job.key}.png"))), done())
+        for job in jobs[:-1]:
+            await gateway.read(job.key)
+            gateway.advance(job.key)
+        for job in jobs[:-1]:
+            result = await job.result(timeout=WAIT_S)
+            assert result.images == (GeneratedImage(0, gateway.url(f"{job.key}.png")),)
+            assert gateway.scripts[job.key].answered > 1  # asked again, within the grace
+        last = jobs[-1]
+        await gateway.read(last.key)
+        gateway.advance(last.key)
+        await last.result(timeout=WAIT_S)
+        assert gateway.scripts[last.key].answered == 1  # settled at its first done report
+        assert client.stats.jobs_succeeded == len(jobs)
+
+
+async def test_bulk_saves_from_the_final_listing_and_records_a_cost_that_came_last(
+    tmp_path: Path,
+) -> None:
+    """The command line on a gateway that lists each image while the job runs and says what
+    it cost only at the end: line 1's first URL is a temporary one, gone by the time it is
+    fetched (the final listing is used); line 2's only row is written once the job ended,
+    with its cost. The manifest's points add up to what was charged."""
+    async with listing_gateway() as gateway:
+        finals = {key: gateway.png(f"final-{key}.png") for key in ("K00000", "K00001")}
+        first_url = {"K00000": "temp-K00000.png", "K00001": "final-K00001.png"}
+        gateway.stages_of = lambda key: [
+            running(image(gateway.url(first_url[key]))),
+            done(image(gateway.url(f"final-{key}.png")), integral_cost=2),
+        ]
+        prompts = tmp_path / "two.txt"
+        prompts.write_text("a lighthouse\na harbour\n")
+        out = tmp_path / "out"
+        env = CLEAN_ENV | {
+            "WUJIE_APP_ID": gateway.credentials.app_id,
+            "WUJIE_PRIVATE_KEY": gateway.credentials.private_key,
+            "WUJIE_BASE_URL": gateway.base_url,
+        }
+        args = (
+            "bulk", str(prompts), "-o", str(out), "--json", "--progress", "none",
+            "--model", "dall-e-2", "--allow-private-addresses", "--concurrency", "1",
+        )  # fmt: skip
+        run = asyncio.create_task(cli(*args, env=env))
+        for key in ("K00000", "K00001"):
+            await asyncio.wait_for(gateway.submitted[key].wait(), WAIT_S)
+            await gateway.read(key)
+            await gateway.read_again(key)  # its image fetched (or refused) meanwhile, or not
+            gateway.advance(key)
+        code, stdout, err = await asyncio.wait_for(run, 50)
+    assert code == 0, err
+    rows = manifest(out)
+    assert [r["status"] for r in rows] == ["saved", "saved"]
+    assert {r["key"]: r["sha256"] for r in rows} == {k: sha256(d) for k, d in finals.items()}
+    assert [r.get("points") for r in rows] == [2, 2]
+    assert json.loads(stdout)["points"] == 4
+    assert gateway.fetched["temp-K00000.png"] >= 1  # tried first, expired
 
 
 async def test_an_image_held_is_never_lost_to_a_later_listing(tmp_path: Path) -> None:

@@ -270,6 +270,29 @@ async def test_bulk_max_points_stops_lines_and_a_rerun_with_more_continues(tmp_p
         assert sum(r.get("points", 0) for r in manifest(out)) == 40
 
 
+async def test_bulk_records_every_cost_on_a_gateway_that_bills_after_the_last_image(
+    tmp_path: Path,
+) -> None:
+    """Images listed while the job runs, at temporary URLs; the cost only once the job has
+    ended, after its last image; done reports that list no image for a moment. Every line is
+    saved from the final URLs, and the manifest's points add up to what was charged."""
+    prompts = tmp_path / "six.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(6)))
+    out = tmp_path / "out"
+    # Asked by age (no estimates): the running job's listing is seen.
+    habits = ["--finishing-s", "100", "--temporary-urls", "--done-unlisted-s", "40"]
+    habits += ["--estimate-absent", "1"]
+    async with served_emulator(tmp_path, *habits) as emu:
+        run = ("bulk", str(prompts), "-o", str(out), "--json", "--progress", "none", "-n", "2")
+        code, stdout, err = await cli(*run, env=emu.env)
+        assert code == 0, err
+        charged = (await emu.stats())["points_charged"]
+    rows = manifest(out)
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"saved"}
+    assert sum(r.get("points", 0) for r in rows) == charged == json.loads(stdout)["points"]
+    assert len([r for r in rows if "points" in r]) == 6  # one row per job carries its cost
+
+
 @pytest.mark.long
 async def test_a_rerun_with_the_same_budget_knows_what_earlier_runs_paid_per_image(
     tmp_path: Path,

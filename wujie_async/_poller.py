@@ -176,6 +176,10 @@ class _DeadlineWatch:
 # How long a job reported succeeded with images missing is asked about again before it ends
 # with IncompleteJobError: a status may turn to 4 a moment before the last images are listed.
 IMAGES_AFTER_SUCCESS_GRACE = 3.0
+# Jobs whose done report listed none of the images earlier reports did, and which waited the
+# grace in vain, after which such jobs no longer wait: this gateway's done reports do not list
+# images (unless one of them was seen to list the final ones during its grace).
+DONE_UNLISTED_SEEN = 2
 
 
 class BatchPoller:
@@ -218,6 +222,10 @@ class BatchPoller:
         self._gathered_until = math.inf  # when they go out (or the first of them expires)
         self._unknown_statuses: set[int] = set()
         self._unknown_statuses_full = False
+        # Done reports that list no images, when earlier reports did (temporary URLs while
+        # generating, say): waited out in vain, and seen listing the images within the grace.
+        self._done_unlisted_in_vain = 0
+        self._done_relists = False
         # Why the last batch call failed, while no call has succeeded since: a job that
         # reaches its deadline meanwhile says so (credentials revoked mid-run read as a plain
         # timeout otherwise).
@@ -626,6 +634,19 @@ class BatchPoller:
         if tracked is not None:
             self._end(tracked, error, tracked.state.status)
 
+    def _await_listing(self, tracked: _Tracked, now: float) -> bool:
+        """Whether a job reported done, whose done reports list none of the images it holds,
+        is asked again for the done listing (within the grace, unless this gateway's done
+        reports are known not to list images)."""
+        if not self._done_relists and self._done_unlisted_in_vain >= DONE_UNLISTED_SEEN:
+            return False
+        if tracked.done_short_since is None:
+            tracked.done_short_since = now
+        if now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE:
+            return True
+        self._done_unlisted_in_vain += 1
+        return False
+
     def _end_unreadable(self, tracked: _Tracked, problem: WujieError) -> None:
         """End a job whose reply, asked about alone, is still too large or too deep."""
         why = (
@@ -771,7 +792,14 @@ class BatchPoller:
             # not a success: the job fails, and its error holds the images that came.
             expected = job.n or 1
             images = state.images  # in index order: [k].index == k means 0..k all landed
-            if len(images) < expected or images[expected - 1].index != expected - 1:
+            short = len(images) < expected or images[expected - 1].index != expected - 1
+            if not short and not entry.images and self._await_listing(tracked, now):
+                # Every image came from reports of the running job (their URLs may be
+                # temporary ones), and the done report lists none: the final listing may
+                # come a moment later, as missing images may. Asked again, within the grace.
+                self._schedule(tracked, now + policy.min_interval)
+                return
+            if short:
                 # A gateway may say "succeeded" a moment before it lists the last images: ask
                 # again for a few seconds before the paid job ends short (then for good: an
                 # ended job is not asked about again, not even by attach).
@@ -784,6 +812,8 @@ class BatchPoller:
                 error = IncompleteJobError(job_key=job.key, result=result, expected=expected)
                 self._end(tracked, error, before)
                 return
+            if tracked.done_short_since is not None and entry.images:
+                self._done_relists = True  # this gateway lists the images after "done"
             self._untrack(tracked)
             self.counters.succeeded += 1
             state.succeed(job.key, JobStatus.SUCCEEDED)

@@ -22,10 +22,13 @@ import anyio.abc
 
 from .. import (
     ClientStateError,
+    GeneratedImage,
     ImageJob,
     InvalidRequestError,
     JobError,
     JournalEntry,
+    ProtocolError,
+    TransportError,
     WujieClient,
 )
 from .._file_names import render_name
@@ -290,11 +293,13 @@ class BulkRun:
                 await job
             count = max(len(job.images), 1)
         done = self._already_saved.get(job.key, set())
+        wanted = [index for index in range(count) if index not in done]
+        unsaved = [len(wanted)]  # the line's images not saved yet (its last row waits)
         # gather(return_exceptions=True), not a task group: every image is tried even when
         # one fails, and the first problem is the one reported (a task group would cancel
         # the others at the first failure).
         outcomes = await asyncio.gather(
-            *(self._save(row, job, index, started) for index in range(count) if index not in done),
+            *(self._save(row, job, index, started, unsaved) for index in wanted),
             return_exceptions=True,
         )
         problem = next((o for o in outcomes if isinstance(o, BaseException)), None)
@@ -324,7 +329,9 @@ class BulkRun:
                 self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
         self._end(row, status, job.key, code, message, points=points)
 
-    async def _save(self, row: Row, job: ImageJob, index: int, started: float) -> None:
+    async def _save(
+        self, row: Row, job: ImageJob, index: int, started: float, unsaved: list[int]
+    ) -> None:
         image = await job.image(index)
         line = row.line or None  # rows resumed from an id-only tag have no line number
         # The client's downloader fills in {ext} once it has seen the image's bytes.
@@ -339,9 +346,23 @@ class BulkRun:
             name = f"{stem}-{job.key}{dot}{ext}" if dot else f"{name}-{job.key}"
         self._downloading(row, +1)
         try:
-            saved = await self._client.download(image, self._out / name, key=job.key)
+            try:
+                saved = await self._client.download(image, self._out / name, key=job.key)
+            except (ProtocolError, TransportError):
+                # The image as first listed may be a temporary URL, gone once the job ended:
+                # the job's newest listing of it is tried before the line fails.
+                newer = await _newest_listing(job, index)
+                if newer is None or newer == image:
+                    raise
+                saved = await self._client.download(newer, self._out / name, key=job.key)
         finally:
             self._downloading(row, -1)
+        unsaved[0] -= 1
+        if unsaved[0] == 0:
+            # The line's last row is written once its job has ended (bounded by the job's
+            # deadline), so that it carries what the job cost: a gateway may list the last
+            # image while generating and report the cost with the end.
+            await _ended(job)
         record = base_record("saved", row.line, row.row_id, row.body, row.tag)
         record |= {
             "key": job.key,
@@ -438,6 +459,18 @@ class BulkRun:
         self._record(record)
         if not quiet and status != "not_sent":
             self._display.note(f"✗ {row.label}: {status}: {message}")
+
+
+async def _ended(job: ImageJob) -> None:
+    """Wait for ``job`` to end, however it ends (its error is the line's to report)."""
+    with contextlib.suppress(Exception):
+        await job
+
+
+async def _newest_listing(job: ImageJob, index: int) -> GeneratedImage | None:
+    """Image ``index`` as the job's newest listing gives it, once the job has ended."""
+    await _ended(job)
+    return next((image for image in job.images if image.index == index), None)
 
 
 # The library's option names in its messages, as the command line spells them.

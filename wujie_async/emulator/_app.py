@@ -160,6 +160,7 @@ class Gateway:
         app.router.add_post(base + ENDPOINTS["edits"], self._edits, name="edits")
         app.router.add_post(base + ENDPOINTS["info"], self._info, name="info")
         app.router.add_get("/files/{key}/{index}.png", self._file, name="files")
+        app.router.add_get("/files/tmp/{key}/{index}.png", self._temporary_file)
         app.router.add_get("/_emulator/stats", self._stats, name="stats")
         app.router.add_post("/_emulator/faults", self._set_faults, name="faults")
         return app
@@ -448,15 +449,20 @@ class Gateway:
                 "fail_code": int(_contract.CODE_SENSITIVE_PROMPT),
                 "fail_message": "prompt contains sensitive words",
             }
+        config = self.config
+        listed = job.images_listed_at(now, progressive=config.images_progressive)
+        if status == JobStatus.SUCCEEDED and now < job.ends_at + config.done_unlisted_s * (
+            config.time_scale
+        ):
+            listed = 0  # done, and the images not listed yet
+        folder = "tmp/" if config.temporary_urls and now < job.ends_at else ""
         images = [
             {
-                "url": f"{origin}/files/{job.key}/{index}.png",
+                "url": f"{origin}/files/{folder}{job.key}/{index}.png",
                 "b64_json": None,
                 "revised_prompt": None,
             }
-            for index in range(
-                job.images_listed_at(now, progressive=self.config.images_progressive)
-            )
+            for index in range(listed)
         ]
         entry: dict[str, Any] = {"key": job.key, "status": status}
         percent = job.percent_at(now, self.config.progress_percent)
@@ -502,6 +508,14 @@ class Gateway:
         width, height = _png.downscaled(*job.size)
         png = await asyncio.to_thread(_png.render_png, job.key, index, width, height)
         return web.Response(body=png, content_type="image/png")
+
+    async def _temporary_file(self, request: web.Request) -> web.StreamResponse:
+        """An image at its temporary URL (``temporary_urls``): gone once its job has ended."""
+        job = self.store.jobs.get(request.match_info["key"])
+        if job is None or self.clock.now() >= job.ends_at:
+            self.stats.requests["files"] += 1
+            return web.Response(status=404, text="expired")
+        return await self._file(request)
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         timelines = request.query.get("timelines", "1") != "0"

@@ -148,6 +148,13 @@ class EmulatorConfig:
             generation time elapsed, to 0.1), ``"whole"`` (the same in whole percents, rounded
             down), ``"images"`` (the share of the job's images done: it moves in steps, and not
             at all for one image) or ``"absent"`` (not given).
+        finishing_s: seconds (times ``time_scale``) a successful job runs on after its last
+            image is done (uploading, billing): its images are listed meanwhile, while its
+            status says generating, and its cost only once it has ended.
+        temporary_urls: images listed while the job runs are at temporary URLs, which stop
+            serving (404) once the job has ended; reports from the end list the final URLs.
+        done_unlisted_s: seconds (times ``time_scale``) a succeeded job's reports say done
+            while listing no image, before they list its images.
     """
 
     time_scale: float = 1.0
@@ -166,6 +173,9 @@ class EmulatorConfig:
     stamp_skew: float = 0.0
     end_tick: float = 0.0
     progress_percent: Literal["time", "whole", "images", "absent"] = "time"
+    finishing_s: float = 0.0
+    temporary_urls: bool = False
+    done_unlisted_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -314,13 +324,13 @@ class JobStore:
             outcome = JobStatus.ENDED_WITHOUT_RESULT
             ends = started + (done_at[-1] - started) * rng.uniform(0.1, 0.9)
         else:
-            outcome, ends = JobStatus.SUCCEEDED, done_at[-1]
+            outcome, ends = JobStatus.SUCCEEDED, done_at[-1] + config.finishing_s * scale
         absent = faults.absent_jobs and rng.random() < faults.absent_jobs
         basis = ends - now if config.estimate_basis == "actual" else typical_total
         if config.end_tick > 0:  # the estimate is of the end before the tick
             tick = config.end_tick * scale
             ends = math.ceil(ends / tick) * tick
-            if outcome == JobStatus.SUCCEEDED:
+            if outcome == JobStatus.SUCCEEDED and not config.finishing_s:
                 done_at[-1] = ends
         estimate: float | None = basis * faults.estimate_bias
         if faults.estimate_noise:
