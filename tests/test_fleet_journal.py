@@ -179,6 +179,37 @@ async def test_rows_of_a_member_redis_forgot_are_claimable_if_it_dies_before_its
         assert [entry.job_key for entry in claim.entries] == ["PAIDKEY"]
 
 
+async def test_a_submit_out_when_redis_lost_its_rows_is_filed_under_its_own_row(
+    url: str,
+) -> None:
+    """Redis lost the fleet's keys while submits were on the wire; the member wrote a new
+    intent since. Row ids never come round again: each key lands on its own submit's row
+    (written again when it was lost), and an uncertain end is kept, so find_submit and
+    uncertain_submits tell the truth and a claim would find the jobs."""
+    request = {"prompt": "p", "model": "dall-e-2"}
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        before = await journal.record_intent("generations", request, tag="A")
+        lost = await journal.record_intent("generations", request, tag="C")
+        later = await journal.record_intent("generations", request, tag="D")
+        assert await forget_fleet(fleet) > 0
+        since = await journal.record_intent("generations", request, tag="B")
+        assert since not in (before, lost, later)
+        await journal.record_accepted(before, "KEY-A")  # A's reply came after the loss
+        await journal.record_accepted(since, "KEY-B")
+        journal.record_unsent(lost, "uncertain", "reply lost")
+        journal.record_accepted_later(later, "KEY-D")
+        await journal.flush()
+        rows = {entry.tag: entry for entry in await journal.entries()}
+        assert {tag: (e.state, e.job_key) for tag, e in rows.items()} == {
+            "A": ("accepted", "KEY-A"),
+            "B": ("accepted", "KEY-B"),
+            "C": ("uncertain", None),
+            "D": ("accepted", "KEY-D"),
+        }
+        assert rows["A"].request == request and rows["C"].error == "reply lost"
+        assert len({e.id for e in rows.values()}) == 4
+
+
 async def test_a_member_only_a_journal_write_put_back_is_told_to_join_again(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         me = Membership(fleet, new_member_id())

@@ -45,10 +45,17 @@ ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
 _ERROR_CHARS = 2000
 _RETRY = 0.25  # a record that met Redis away is tried again this often
 
-# A new row (its id from the seq counter) and its indexes, shared by the scripts that make one.
+# A new row (its id from the seq counter) and its indexes, shared by the scripts that make one
+# (each also takes REDIS_MS). Row ids never come round again: a counter Redis lost (a FLUSHALL,
+# a restart without AOF) starts again from the time in microseconds, past every id given
+# before, so a submit still on the wire with an id of before cannot write its key onto a row
+# made since (2**53, where a score stops being exact, is in the year 2255).
 _NEW_ROW = """
 local function new_row(p, seq, owner, state, path, request, tag, created, updated)
-  local id = redis.call('INCR', seq)
+  if redis.call('EXISTS', seq) == 0 then
+    redis.call('SET', seq, string.format('%.0f', redis_ms() * 1000))
+  end
+  local id = string.format('%.0f', redis.call('INCR', seq))  -- never "1.7e+15"
   redis.call('HSET', p .. 'row:' .. id, 'path', path, 'request', request, 'state', state,
              'tag', tag, 'owner', owner, 'created', created, 'updated', updated)
   redis.call('ZADD', p .. 'state:' .. state, id, id)
@@ -108,9 +115,14 @@ return id
 
 # KEYS: seq. ARGV: prefix, id ('' = look up job_key; 'once:<token>' = the row an intent
 # write with that token made, if it ran, and it may not run later), from, to, job_key, error,
-# now, owner.
+# now, owner, then optionally the intent as written (path, request, tag, created).
+# An intent's row that Redis lost while its submit was out (a FLUSHALL, a restart without AOF)
+# is written again from those when the submit may have been charged (its key came, or it is
+# uncertain), as this member's: the job is neither lost nor filed under another submit.
 _MOVE = (
-    _TRANSITION
+    REDIS_MS
+    + _NEW_ROW
+    + _TRANSITION
     + """
 local p = ARGV[1]
 local id = ARGV[2]
@@ -122,6 +134,23 @@ elseif string.sub(id, 1, 5) == 'once:' then
   id = redis.call('GET', once)
   redis.call('SET', once, '0', 'EX', 86400)
   if not id or id == '0' then return 0 end
+elseif ARGV[9] and redis.call('EXISTS', p .. 'row:' .. id) == 0 then
+  local to, key, owner = ARGV[4], ARGV[5], ARGV[8]
+  if to ~= 'accepted' and to ~= 'uncertain' then return 1 end  -- never charged: no row
+  if key ~= '' then
+    local held = redis.call('GET', p .. 'key:' .. key)
+    if held then
+      if redis.call('HGET', p .. 'row:' .. held, 'owner') == owner then return 1 end
+      return 0
+    end
+  end
+  local row = new_row(p, KEYS[1], owner, to, ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[7])
+  if key ~= '' then
+    redis.call('HSET', p .. 'row:' .. row, 'job_key', key)
+    redis.call('SET', p .. 'key:' .. key, row)
+  end
+  if ARGV[6] ~= '' then redis.call('HSET', p .. 'row:' .. row, 'error', ARGV[6]) end
+  return 1
 end
 return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
@@ -186,7 +215,8 @@ return 1
 # AOF) is written again, accepted and the owner's: were the owner to die, its job is claimed.
 # A key some row holds (another member claimed it meanwhile) is left alone. Reply: how many.
 _RESTORE = (
-    _NEW_ROW
+    REDIS_MS
+    + _NEW_ROW
     + """
 local p, owner, now, n = ARGV[1], ARGV[2], ARGV[3], 0
 for i = 4, #ARGV, 5 do
@@ -465,8 +495,9 @@ class RedisJournal:
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
         """The same, not awaited: for a submit interrupted after its key came back."""
+        args = self._accepted(row_id, key)
         self._opened(row_id, key)
-        self._queue(self._accepted(row_id, key))
+        self._queue(args)
 
     def _opened(self, row_id: int, key: str) -> None:
         written = self._intents.pop(row_id, None)
@@ -474,16 +505,19 @@ class RedisJournal:
             self._open[key] = written
 
     def _accepted(self, row_id: int, key: str) -> tuple[Any, ...]:
-        return (self._prefix, row_id, "intent", "accepted", key, "", time.time(), self.member_id)
+        return (
+            self._prefix, row_id, "intent", "accepted", key, "", time.time(), self.member_id,
+            *self._intents.get(row_id, ()),
+        )  # fmt: skip
 
     def record_unsent(self, row_id: int, state: str, error: str) -> None:
         """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
         if state not in ("rejected", "uncertain", "unsent"):
             raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
-        self._intents.pop(row_id, None)
+        written = self._intents.pop(row_id, ())
         self._queue(
             (self._prefix, row_id, "intent", state, "", error[:_ERROR_CHARS], time.time(),
-             self.member_id)
+             self.member_id, *written)
         )  # fmt: skip
 
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
