@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import resource
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +26,7 @@ from wujie_async import (
     RetryPolicy,
     ServerError,
     SubmitUncertainError,
+    Timeouts,
     TransportError,
     UnexpectedRedirectError,
     WujieClient,
@@ -392,3 +395,33 @@ async def test_a_refused_poll_is_left_to_the_poller_and_a_refused_submit_is_retr
             body = {"prompt": "p", "model": "dall-e-2"}
             assert (await t.post(GENERATIONS, body, kind="submit"))["key"]
             assert t.counters.http_calls == 3 and t.counters.retries == 1
+
+
+async def test_a_name_service_that_never_answers_is_not_an_uncertain_submit(
+    emulator: EmulatorFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resolving the gateway's name hangs: within Timeouts.connect that is a failure to
+    connect (nothing was sent: retried, systemic), not a reply that never came (a submit that
+    "may have been charged", after Timeouts.request)."""
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "gateway.hang.test":
+            release.wait(30)  # the name service never answers (until the test ends)
+            raise socket.gaierror(socket.EAI_AGAIN, "gave up")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        async with emulator() as emu:
+            timeouts = Timeouts(connect=0.3, request=30)
+            base = "https://gateway.hang.test/wj-open/v1"
+            async with make_client(emu, base_url=base, timeouts=timeouts) as client:
+                with pytest.raises(TransportError) as info:
+                    await asyncio.wait_for(client.images.submit(prompt="x", model="dall-e-2"), 20)
+        assert not isinstance(info.value, SubmitUncertainError)
+        assert info.value.reached_server is False and info.value.systemic
+        assert "Timeouts.connect" in str(info.value)
+    finally:
+        release.set()

@@ -189,7 +189,7 @@ class Timeouts:
     Each is a finite number > 0 (a long ``job``, days even, is fine; infinity is refused).
 
     Attributes:
-        connect: opening a connection.
+        connect: opening a connection, resolving the gateway's name included.
         request: one HTTP exchange, end to end.
         job: from submit until the job must be terminal (overridable per submit).
         close: how long ``aclose(drain=True)`` waits for outstanding jobs.

@@ -31,6 +31,7 @@ we raise, and the header is never a local of a frame that a traceback keeps.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
+import aiohttp.abc
 import backoff
 from pydantic import ValidationError
 
@@ -363,7 +365,9 @@ class Transport:
         # Idle connections are dropped after 4 s, before common server idle timeouts (5 s and
         # up): a submit sent on a connection the server is closing would be uncertain.
         connector = aiohttp.TCPConnector(
-            limit=self._limits.max_connections, keepalive_timeout=IDLE_CONNECTION_SECONDS
+            limit=self._limits.max_connections,
+            keepalive_timeout=IDLE_CONNECTION_SECONDS,
+            resolver=_TimedResolver(self._timeouts.connect),
         )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, raise_for_status=False
@@ -675,3 +679,34 @@ def _uncertain(exc: WujieError) -> bool:
     # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
     # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
     return isinstance(exc, ServerError | ProtocolError)
+
+
+class _TimedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's default resolver, bounded by ``Timeouts.connect``.
+
+    Only the TCP connect has a deadline of its own in aiohttp: a name service that never
+    answers ran into ``Timeouts.request``, which reads as a reply that never came, a submit
+    that "may have been charged". Past ``seconds`` it is a failure to connect: nothing was
+    sent (retried, and systemic). The resolving thread is left to finish on its own.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._inner = aiohttp.DefaultResolver()
+        self._seconds = seconds
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        try:
+            async with asyncio.timeout(self._seconds):
+                return await self._inner.resolve(host, port, family)
+        except TimeoutError:
+            # An OSError with no errno would be taken for aiohttp's own timeout: this one has
+            # one, so aiohttp reports it as a name-resolution failure (nothing was sent).
+            raise OSError(
+                errno.ETIMEDOUT,
+                f"resolving {host} took over {self._seconds:g} s (Timeouts.connect)",
+            ) from None
+
+    async def close(self) -> None:
+        await self._inner.close()
