@@ -519,22 +519,36 @@ class Transport:
         reply = await self._exchange(url, payload)
         if isinstance(reply, WujieError):
             raise reply  # outside any except block: no aiohttp error rides in __context__
+        problem: WujieError | None = None
         try:
             data = decode_reply(reply.status, reply.body, reply.headers, url=url)
-        except RateLimitedError as exc:
-            self.counters.rate_limited += 1
-            before = brake.rate
-            brake.rate_limited(sent_at)
-            if brake.rate != before:
-                brake_changed(kind, before, brake.rate)
-            if self.on_rate_limited is not None:
-                self.on_rate_limited(kind, exc.retry_after)
-            raise
+        except WujieError as exc:
+            problem = exc
+        if problem is not None:
+            # The body may quote this client's signature (a proxy echoing the request's
+            # headers): no frame the error's traceback keeps holds it, neither this one nor
+            # decode_reply's (the error is raised afresh from here). The error's own text
+            # went through snippet().
+            del reply
+            if isinstance(problem, RateLimitedError):
+                self._rate_limited(kind, sent_at, problem.retry_after)
+            raise problem.with_traceback(None)
         before = brake.rate
         brake.succeeded()
         if before is not None and brake.rate is None:
             brake_changed(kind, before, None)
         return data
+
+    def _rate_limited(self, kind: CallKind, sent_at: float, retry_after: float | None) -> None:
+        """A 429: the kind's brake slows down, and whoever listens is told."""
+        self.counters.rate_limited += 1
+        brake = self._brakes[kind]
+        before = brake.rate
+        brake.rate_limited(sent_at)
+        if brake.rate != before:
+            brake_changed(kind, before, brake.rate)
+        if self.on_rate_limited is not None:
+            self.on_rate_limited(kind, retry_after)
 
     @staticmethod
     def _observe(
