@@ -20,6 +20,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from wujie_async.cli._signals import TERM_GRACE_S
+
 from .cli_helpers import (
     FAST,
     Served,
@@ -168,6 +170,30 @@ async def test_sigterm_stops_gently_says_how_to_continue_and_a_rerun_pays_nothin
         assert code == 0, err
         assert sorted(final_outcomes(out).values()) == ["saved"] * 20
         assert (await emu.stats())["submits_accepted"] == 20  # nothing paid twice
+
+
+@pytest.mark.long
+async def test_sigterm_quits_within_its_grace_when_a_submit_hangs(tmp_path: Path) -> None:
+    """The gateway holds every submit's reply for a minute: after a SIGTERM the run waits
+    TERM_GRACE_S for it (not Timeouts.request), then quits as at a second signal, within
+    docker stop's 10 s; the line ends uncertain (it may have been charged), summary printed."""
+    hang = ("--slow-reply", "1", "--slow-reply-s", "60", "--endpoints", "generations")
+    async with served_emulator(tmp_path, *hang) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("hanging\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        async with running_cli(*bulk, env=emu.env) as proc:
+
+            async def submit_arrived() -> bool:
+                return (await emu.stats())["requests"].get("generations", 0) >= 1
+
+            await eventually(submit_arrived, what="the submit", alive=proc_alive(proc))
+            proc.send_signal(signal.SIGTERM)
+            code, stdout, err = await proc.finish(TERM_GRACE_S + 5)  # not 30 s
+        assert code == 143, err
+        assert json.loads(stdout)["outcomes"]["uncertain"] == 1
+        assert "line 1" in err and "uncertain" in err
 
 
 @pytest.mark.long

@@ -3,7 +3,8 @@
 ``docker stop``, systemd and Kubernetes send SIGTERM (then SIGKILL after a grace period), a
 terminal sends SIGINT: both stop a run the same way. The first signal sets ``stop``: no new
 submits, those on the wire get their keys (the journal keeps them), then the run closes and
-prints its summary and how to continue. A second signal cancels the run at once.
+prints its summary and how to continue. A second signal cancels the run at once; so does the
+end of ``TERM_GRACE_S`` after a SIGTERM, within the grace period of whoever sent it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from dataclasses import dataclass, field
 import anyio
 from rich.console import Console
 from rich.text import Text
+
+# After a SIGTERM, how long submits on the wire may take to finish before the run quits as at a
+# second signal (they end uncertain): a submit whose gateway hangs would otherwise hold the run
+# for Timeouts.request (30 s), past docker stop's 10 s, and SIGKILL leaves no summary.
+TERM_GRACE_S = 8.0
 
 
 @dataclass(slots=True)
@@ -41,15 +47,22 @@ def stopping_on_signals(stop: anyio.Event, console: Console) -> Iterator[Signals
     main = asyncio.current_task()
     signals = Signals()
 
+    grace: list[asyncio.TimerHandle] = []
+
+    def quit_now() -> None:
+        if main is not None and not signals.quit_now.is_set():
+            signals.quit_now.set()
+            main.cancel()
+
     def on_signal(number: signal.Signals) -> None:
         if number == signal.SIGTERM:
             signals.terminated = True
         if stop.is_set() and main is not None:
-            if not signals.quit_now.is_set():
-                signals.quit_now.set()
-                main.cancel()
+            quit_now()
             return
         stop.set()
+        if number == signal.SIGTERM:
+            grace.append(loop.call_later(TERM_GRACE_S, quit_now))
         again = "Ctrl-C" if number == signal.SIGINT else "SIGTERM again"
         console.print(
             Text(
@@ -67,5 +80,7 @@ def stopping_on_signals(stop: anyio.Event, console: Console) -> Iterator[Signals
             installed.append(number)
         yield signals
     finally:
+        for handle in grace:
+            handle.cancel()
         for number in installed:
             loop.remove_signal_handler(number)
