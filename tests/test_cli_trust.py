@@ -186,7 +186,7 @@ async def test_sigterm_quits_within_its_grace_when_a_submit_hangs(tmp_path: Path
         async with running_cli(*bulk, env=emu.env) as proc:
 
             async def submit_arrived() -> bool:
-                return (await emu.stats())["requests"].get("generations", 0) >= 1
+                return bool((await emu.stats())["requests"].get("generations", 0) >= 1)
 
             await eventually(submit_arrived, what="the submit", alive=proc_alive(proc))
             proc.send_signal(signal.SIGTERM)
