@@ -44,6 +44,12 @@ BAD_GENERATIONS: list[tuple[dict[str, Any], str]] = [
     ({**CAT, "n": "3"}, "n"),
     ({**CAT, "n": 2.0}, "n"),
     ({**CAT, "n": True}, "n"),
+    # API.md bounds n for every model: a model this client does not know is no way around it.
+    ({**CAT, "model": "gpt-image-2", "n": 0}, "n"),
+    ({**CAT, "model": "gpt-image-2", "n": -3}, "n"),
+    ({**CAT, "model": "gpt-image-2", "n": -100}, "n"),
+    ({**CAT, "model": "gpt-image-2", "n": 11}, "n"),
+    ({**CAT, "model": "gpt-image-2", "n": True}, "n"),
     ({**JPEG, "output_compression": "50"}, "output_compression"),
     ({**JPEG, "output_compression": 50.0}, "output_compression"),
     ({**JPEG, "output_compression": True}, "output_compression"),

@@ -21,6 +21,7 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
+from wujie_async._budget import Budget
 from wujie_async.emulator import FaultConfig
 
 from .cli_helpers import cli, cli_zygote, manifest, served_emulator  # noqa: F401
@@ -244,6 +245,22 @@ def test_bad_budget_settings_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(InvalidRequestError) as info:
         Limits(**options)  # type: ignore[arg-type]
     assert info.value.field.startswith("Limits.")
+
+
+async def test_the_budget_never_holds_a_negative_amount() -> None:
+    """The request rules refuse n below 1; should one reach the budget all the same, it holds
+    one image's price, never a negative amount that makes room for others (n=-100 at 5 points
+    an image held -500 and let five jobs of 50 points through a 10-point budget)."""
+    budget = Budget(10, {"gpt-image-2": 5})
+    body = {"prompt": "a", "model": "gpt-image-2"}
+    for n in (-100, 0):
+        held = await budget.reserve(body, n)
+        assert held.points == 5 and budget.reserved == 5
+        held.release()
+    attached = budget.hold(body, -100)
+    assert attached.points == 5 and budget.reserved == 5
+    with pytest.raises(BudgetExceededError):
+        await budget.reserve(body, 2)  # 5 held + 10 > 10
 
 
 @pytest.mark.long

@@ -104,13 +104,18 @@ class Budget:
         self._probes: dict[Kind, _Probe] = {}
 
     def estimate(self, kind: Kind) -> float | None:
-        """What a job of ``kind`` is expected to cost, or None when nothing is known."""
+        """What a job of ``kind`` is expected to cost (never below 0), or None when nothing is
+        known."""
         model, size, quality, n = kind
+        # The request rules refuse an n below 1, and prices below 0; should either get here
+        # all the same, a negative amount held would make room for other submits (n=-100 at 5
+        # points an image let 500 points more through), so a job counts one image at least.
+        images = max(n, 1)
         for key in (f"{model}/{size}/{quality}", f"{model}/{size}", model):
             price = self._prices.get(key)
             if price is not None:
-                return price * n
-        return self._learned.get(kind)
+                return max(price * images, 0.0)
+        return self._learned.get(kind)  # what a job cost, >= 0 (see ended())
 
     async def reserve(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the points of one submit, waiting for the probe of its kind if one is out.

@@ -1,8 +1,9 @@
 """The per-model request rules of API.md sections 1 and 2, as one table and one checker.
 
 The client runs :func:`violations` before anything is sent (unknown models pass through, so a
-new model works without a release); the emulator runs the same table with
-``unknown_models=False``, as a gateway knows its own models. One table, so the two never drift.
+new model works without a release, but for the bound on ``n`` that API.md sets for every model);
+the emulator runs the same table with ``unknown_models=False``, as a gateway knows its own
+models. One table, so the two never drift.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from ._contract import MAX_IMAGES_PER_JOB
 from ._image_formats import png_size, sniff_format
 
 RequestKind = Literal["generation", "edit"]
@@ -161,6 +163,10 @@ def violations(
     if rules is None:
         if not unknown_models:
             found.append(("model", f"must be one of {'|'.join(KNOWN_MODELS)}"))
+            return found
+        # API.md bounds n for every model, not only the ones listed: an unknown model's n of 0
+        # or -100 would be sent, and the points budget and the job's image count rest on it.
+        found.extend(_count_violations(model, MAX_IMAGES_PER_JOB, present))
         return found
 
     found.extend(_field_violations(model, rules, present))
@@ -178,13 +184,18 @@ def violations(
     return found
 
 
-def _field_violations(model: str, rules: ModelRules, present: Mapping[str, Any]) -> list[Violation]:
-    found: list[Violation] = []
+def _count_violations(model: str, max_n: int, present: Mapping[str, Any]) -> list[Violation]:
+    """``n``: an int (never a bool) from 1 to 10 for every model, and to ``max_n`` for ``model``."""
     n = present.get("n", 1)
-    if not _is_int(n) or not 1 <= n <= 10:
-        found.append(("n", "must be an integer from 1 to 10"))
-    elif n > rules.max_n:
-        found.append(("n", f"{model} allows n from 1 to {rules.max_n}"))
+    if not _is_int(n) or not 1 <= n <= MAX_IMAGES_PER_JOB:
+        return [("n", f"must be an integer from 1 to {MAX_IMAGES_PER_JOB}")]
+    if n > max_n:
+        return [("n", f"{model} allows n from 1 to {max_n}")]
+    return []
+
+
+def _field_violations(model: str, rules: ModelRules, present: Mapping[str, Any]) -> list[Violation]:
+    found = _count_violations(model, rules.max_n, present)
 
     for name, choices in (("quality", rules.qualities), ("size", rules.sizes)):
         value = present.get(name)
