@@ -66,6 +66,10 @@ BAD_GENERATIONS: list[tuple[dict[str, Any], str]] = [
 ]
 TEXT = base64.b64encode(b"hello, this is not an image").decode()
 SQUARE = base64.b64encode(render_png("k", 0, 8, 8)).decode()
+SMALLER = base64.b64encode(render_png("k", 0, 4, 4)).decode()
+CUT_SHORT = base64.b64encode(render_png("k", 0, 8, 8)[:40]).decode()
+GIF = base64.b64encode(b"GIF89a" + bytes(50)).decode()
+JPEG_BYTES = base64.b64encode(b"\xff\xd8\xff\xe0" + bytes(100) + b"\xff\xd9").decode()
 BAD_EDITS: list[tuple[dict[str, Any], str]] = [
     ({**HAT, "image": [TEXT]}, "image[0]"),  # base64, but of text: sent, it would be paid
     ({**HAT, "image": [SQUARE, "data:image/png;base64," + TEXT]}, "image[1]"),  # says png
@@ -73,6 +77,14 @@ BAD_EDITS: list[tuple[dict[str, Any], str]] = [
     ({**HAT, "image": ["https://example.com/\ud800.png"]}, "image[0]"),
     ({**HAT, "image": ["https://example.com/a.png", b"https://example.com/b.png"]}, "image[1]"),
     ({**HAT, "mask": "https://example.com/m\ud800.png"}, "mask"),
+    ({**HAT, "image": [CUT_SHORT]}, "image[0]"),  # a PNG's first bytes, and no end
+    # A mask is an image, checked as one: its form, its bytes, its label, its model's rules.
+    ({**HAT, "mask": "!!!!notbase64"}, "mask"),
+    ({**HAT, "mask": "data:text/html;base64,PHNjcmlwdD4="}, "mask"),
+    ({**HAT, "mask": GIF}, "mask"),
+    ({**HAT, "mask": CUT_SHORT}, "mask"),
+    ({**HAT, "model": "dall-e-2", "image": [SQUARE], "mask": JPEG_BYTES}, "mask"),
+    ({**HAT, "image": [SQUARE], "mask": SMALLER}, "mask"),  # 4x4 cannot mask 8x8
     ({**HAT, "n": "2"}, "n"),
     ({**HAT, "tag": 7}, "tag"),
 ]
@@ -155,6 +167,27 @@ def test_a_misspelt_field_is_the_one_named() -> None:
     assert set(_names(caught.value)) == {"promt", "prompt"}
 
 
+async def test_an_inline_image_or_mask_of_25_mb_is_refused_before_sending(
+    emulator: EmulatorFactory,
+) -> None:
+    """API.md: "< 25 MB". 26,000,000 bytes is under 25 MiB, and was sent: the bound is read
+    as decimal megabytes, the stricter reading, for the image and the mask alike."""
+    png = render_png("k", 0, 8, 8)
+    big = base64.b64encode(png + bytes(25_000_000 - len(png))).decode()
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({**HAT, "image": [big]}, "image[0]"),
+        ({**HAT, "image": [SQUARE], "mask": f"data:image/png;base64,{big}"}, "mask"),
+    ]
+    async with emulator() as emu:
+        async with make_client(emu) as client:
+            for fields, field in cases:
+                with pytest.raises(InvalidRequestError) as caught:
+                    await client.images.submit_edit(**fields)
+                rule = "gpt-image-1 takes images smaller than 25 MB"
+                assert caught.value.violations == [(field, rule)]
+        _nothing_sent(emu.stats())
+
+
 @pytest.mark.parametrize(
     ("kind", "fields", "field"),
     [(GenerationRequest, fields, field) for fields, field in BAD_GENERATIONS if "tag" not in fields]
@@ -181,6 +214,11 @@ async def test_valid_requests_still_go_through(emulator: EmulatorFactory) -> Non
                 await client.images.submit_edit(
                     **{**HAT, "model": "dall-e-2", "image": ["data:image/png;base64," + SQUARE]}
                 ),
+                await client.images.submit_edit(**{**HAT, "image": [SQUARE], "mask": SQUARE}),
+                await client.images.submit_edit(
+                    **{**HAT, "model": "dall-e-2", "image": [SQUARE], "mask": SQUARE}
+                ),
+                await client.images.submit_edit(**{**HAT, "mask": SMALLER}),  # image a URL
             ]
             for job in jobs:
                 await job

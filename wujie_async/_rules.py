@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from ._contract import MAX_IMAGES_PER_JOB
-from ._image_formats import png_size, sniff_format
+from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, png_size, sniff_format
 
 RequestKind = Literal["generation", "edit"]
 
@@ -61,8 +61,10 @@ STYLES: Final = frozenset({"vivid", "natural"})
 STRICT_QUALITY_RE: Final = re.compile(r"low|medium|high")
 STRICT_SIZE_RE: Final = re.compile(r"1024x1024|1536x1024|1024x1536")
 
-GPT_IMAGE_MAX_BYTES: Final = 25 * 1024 * 1024
-DALL_E_2_MAX_BYTES: Final = 4 * 1024 * 1024
+# API.md: "< 25 MB" and "< 4 MB". Read as decimal megabytes, the stricter reading: an image
+# the gateway could refuse (26,000,000 bytes is under 25 MiB) is not sent.
+GPT_IMAGE_MAX_BYTES: Final = 25_000_000
+DALL_E_2_MAX_BYTES: Final = 4_000_000
 _DATA_URL_RE: Final = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=-]+)*;base64,", re.IGNORECASE)
 
 Violation = tuple[str, str]
@@ -101,13 +103,56 @@ def _image_violations(model: str, images: object) -> list[Violation]:
     return found
 
 
-def _inline_image_violations(model: str, field: str, item: str) -> list[Violation]:
-    mime = None
-    payload = item
+def _mask_violations(model: str, mask: object, images: object) -> list[Violation]:
+    """The mask is an image too: the same forms, formats and bounds as ``image`` items, and
+    of the size of the image it masks (the first), when both are inline PNGs."""
+    if mask is None:
+        return []
+    if not isinstance(mask, str) or not mask:
+        return [("mask", "must be a non-empty string (URL, base64 or data URL)")]
+    if mask.startswith(("http://", "https://")):
+        return []  # a URL: the gateway fetches and checks it
+    found = _inline_image_violations(model, "mask", mask)
+    if found or not isinstance(images, list) or not images or not isinstance(images[0], str):
+        return found
+    mask_size, image_size = _inline_png_size(mask), _inline_png_size(images[0])
+    if mask_size and image_size and mask_size != image_size:
+        # It marks where to edit the image: of another size, it marks nothing the gateway
+        # can use, and the job would be refused or paid for nothing.
+        return [
+            (
+                "mask",
+                "must be the size of the image it masks (image[0] is "
+                f"{image_size[0]}x{image_size[1]}, the mask {mask_size[0]}x{mask_size[1]})",
+            )
+        ]
+    return []
+
+
+def _inline(item: str) -> tuple[str | None, str]:
+    """The media type a data URL gives ("" when it gives none; None for bare base64), and the
+    base64 it carries."""
     match = _DATA_URL_RE.match(item)
-    if match:
-        mime = (match.group("mime") or "").lower()
-        payload = item[match.end() :]
+    if match is None:
+        return None, item
+    return (match.group("mime") or "").lower(), item[match.end() :]
+
+
+def _inline_png_size(item: str) -> tuple[int, int] | None:
+    """Width and height of an inline PNG, from its first bytes only; None for a URL, another
+    format, or base64 that does not decode."""
+    if item.startswith(("http://", "https://")):
+        return None
+    _, payload = _inline(item)
+    try:
+        head = base64.b64decode(payload[:32], validate=True)  # 32 characters: 24 bytes
+    except (binascii.Error, ValueError):
+        return None
+    return png_size(head)
+
+
+def _inline_image_violations(model: str, field: str, item: str) -> list[Violation]:
+    mime, payload = _inline(item)
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -129,8 +174,13 @@ def _inline_image_violations(model: str, field: str, item: str) -> list[Violatio
             return [(field, "gpt-image-1 takes images smaller than 25 MB")]
         if mime and mime not in {"image/png", "image/webp", "image/jpeg", "image/jpg"}:
             return [(field, "gpt-image-1 takes png, webp or jpg images")]
-    if sniff_format(raw[:16]) is None:  # whatever its data URL says: the bytes are what is paid
+    image_format = sniff_format(raw[:16])
+    if image_format is None:  # whatever its data URL says: the bytes are what is paid
         return [(field, "must be a png, webp or jpg image (its bytes are neither)")]
+    # A file cut short (a partial copy, a truncated paste) has the right first bytes too.
+    cut = end_problem(image_format, raw[:HEAD_BYTES], raw[-TAIL_BYTES:], len(raw))
+    if cut is not None:
+        return [(field, f"must be a whole image: {cut}")]
     return []
 
 
@@ -177,10 +227,9 @@ def violations(
         if isinstance(size, str) and not STRICT_SIZE_RE.fullmatch(size):
             found.append(("size", "Validate[regexp: 1024x1024|1536x1024|1024x1536]"))
     if kind == "edit":
-        found.extend(_image_violations(model, present.get("image")))
-        mask = present.get("mask")
-        if mask is not None and (not isinstance(mask, str) or not mask):
-            found.append(("mask", "must be a non-empty string (URL or base64)"))
+        images = present.get("image")
+        found.extend(_image_violations(model, images))
+        found.extend(_mask_violations(model, present.get("mask"), images))
     return found
 
 
