@@ -15,6 +15,7 @@ import pytest
 from wujie_async.cli import build_parser
 
 from .cli_helpers import (
+    CLEAN_ENV,
     FAST,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
@@ -97,6 +98,18 @@ async def test_the_cli_uses_an_emulator_on_every_address_as_printed(tmp_path: Pa
         elsewhere = {**emu.env, "WUJIE_BASE_URL": emu.base_url.replace("127.0.0.1", "0.0.0.0")}
         code, _, err = await cli("status", "K" * 32, env=elsewhere)
         assert code == 2 and "--allow-http" in err and "allow_insecure_http" not in err
+
+
+async def test_a_base_url_with_a_query_is_a_flag_error(tmp_path: Path) -> None:
+    vector = json.loads((Path(__file__).parent / "data" / "auth.json").read_text())
+    env = {
+        **CLEAN_ENV,
+        "WUJIE_APP_ID": "app",
+        "WUJIE_PRIVATE_KEY": vector["private_key_pkcs8_der_base64"],
+        "WUJIE_BASE_URL": "https://gate.example.com/wj-open/v1?x=1",
+    }
+    code, _, err = await cli("status", "K" * 32, env=env)
+    assert code == 2 and "--base-url / WUJIE_BASE_URL: must not have a query" in err, err
 
 
 async def test_a_bad_default_flag_is_said_once(tmp_path: Path) -> None:

@@ -142,6 +142,31 @@ def test_malformed_base_urls_are_typed_errors(base_url: str) -> None:
     assert info.value.field == "base_url"
 
 
+@pytest.mark.parametrize(
+    ("base_url", "named"),
+    [
+        ("https://gate.example.com/wj-open/v1?x=1", "query"),  # paths went after "?x=1"
+        ("https://gate.example.com/wj-open/v1?", "query"),
+        ("https://gate.example.com/wj-open/v1#frag", "fragment"),  # paths went nowhere
+        ("https://gate.example.com\n/wj-open/v1", "control"),  # urlsplit drops the newline
+        ("https://gate.example.com/wj-open/v1\n", "control"),
+        ("https://gate.example.com/wj-\topen/v1", "control"),
+        ("https://gate.example.com/wj-open/v1\x00", "control"),
+        ("https://gate.example.com/wj-open/v1\x7f", "control"),
+        (" https://gate.example.com/wj-open/v1", "space"),  # urlsplit drops a leading space
+        ("https://gate.example.com/wj-open/v1 ", "space"),
+    ],
+)
+def test_a_base_url_that_would_send_requests_elsewhere_is_refused(
+    base_url: str, named: str
+) -> None:
+    """Each of these was taken, and requests went to another path than the URL reads."""
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(credentials(), base_url=base_url)
+    assert info.value.field == "base_url" and named in info.value.rule
+    assert "gate.example.com" not in str(info.value)  # never repeated: it may hold a password
+
+
 # --- the signed header is never reachable from an error --------------------------------------
 
 

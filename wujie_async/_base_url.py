@@ -18,11 +18,25 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
     Plain ``http://`` is allowed only to a loopback host (the emulator): the signature covers
     only the app id and a timestamp, so anyone on the path who sees one request's header can
     replay it with other bodies, each paid for, for minutes. ``user:password@`` in the URL is
-    refused: the gateway does not use it, and it would show in reprs and logs.
+    refused: the gateway does not use it, and it would show in reprs and logs. So are spaces at
+    its ends, control characters, a query and a fragment: each would send requests elsewhere
+    than the URL reads.
     """
     rule_http = "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL
     if not isinstance(base_url, str):
         raise InvalidRequestError([("base_url", rule_http)])
+    # Before urlsplit, which quietly drops a newline or tab anywhere and controls or spaces at
+    # the start: a URL pasted with a newline in it was used as another URL than the one given.
+    if not base_url.isprintable() or base_url != base_url.strip():
+        raise InvalidRequestError(
+            [
+                (
+                    "base_url",
+                    "must not contain control characters (a newline, a tab) or begin or end "
+                    "with a space: remove them",
+                )
+            ]
+        )
     try:
         parts = urlsplit(base_url)
         host = parts.hostname
@@ -39,6 +53,18 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
                     "base_url",
                     "must not contain user:password@ (the gateway authenticates with the "
                     "signed Authorization header; remove the credentials from the URL)",
+                )
+            ]
+        )
+    # Each API path is added after the base URL: behind a "?" it would land in the query, behind
+    # a "#" in the fragment (never sent), and every request would go to the wrong path.
+    if "?" in base_url or "#" in base_url:
+        raise InvalidRequestError(
+            [
+                (
+                    "base_url",
+                    "must not have a query (?...) or a fragment (#...): the API paths are added "
+                    f"after it, so it must end in its path, e.g. {_contract.PRODUCTION_BASE_URL}",
                 )
             ]
         )
