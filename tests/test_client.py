@@ -142,10 +142,21 @@ async def test_validation_fails_before_any_request(
         assert emu.stats()["requests"] == {}
 
 
+def _nested(depth: int) -> list[Any]:
+    """A list ``depth`` arrays deep: ``[]`` is 1, ``[[]]`` is 2."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 @pytest.mark.parametrize(
     ("options", "says"),
     [
         ({"extra_body": {"n": 4}}, "must not set n"),  # would pass the rules and the budget
+        # 5,000 deep raised a bare RecursionError from the JSON encoder.
+        ({"extra_body": {"x": _nested(5000)}}, "more than 100 deep"),
+        ({"extra_body": {"x": _nested(100)}}, "more than 100 deep"),  # 101 with extra_body
         ({"extra_body": {"model": "dall-e-3", "n": 5}}, "must not set model, n"),
         ({"extra_body": ["x"]}, "must be a mapping"),
         ({"extra_body": {1: "x"}}, "must be a mapping"),
@@ -173,6 +184,9 @@ async def test_extra_body_sends_a_field_the_client_does_not_know(
             prompt="x", model="dall-e-2", extra_body={"user": "u-1", "seed": 7}
         )
         assert result.images and emu.stats()["requests"]["generations"] == 1
+        # As deep as extra_body may nest (itself the first level of 100) is sent.
+        await client.images.generate(prompt="x", model="dall-e-2", extra_body={"x": _nested(99)})
+        assert emu.stats()["requests"]["generations"] == 2
 
 
 async def test_edit_validation_and_round_trip(emulator: EmulatorFactory) -> None:

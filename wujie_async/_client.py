@@ -58,6 +58,10 @@ logger = logging.getLogger("wujie_async")
 # Fields the client checks itself: extra_body may not set them behind its back (the rules,
 # the points budget and the job's image count all rest on them).
 _KNOWN_FIELDS = frozenset(GenerationRequest.model_fields) | frozenset(EditRequest.model_fields)
+# How deep extra_body may nest objects and arrays (itself the first level). Far below what a
+# JSON encoder follows (about 1,000 here): a body nested deeper raised a bare RecursionError,
+# and one nested just below that could pass this check and fail when sent or journaled.
+MAX_EXTRA_BODY_DEPTH = 100
 
 
 def _checked_extra_body(extra: Any) -> dict[str, Any]:
@@ -77,6 +81,15 @@ def _checked_extra_body(extra: Any) -> dict[str, Any]:
                 )
             ]
         )
+    if _nesting_deeper_than(extra, MAX_EXTRA_BODY_DEPTH):
+        raise InvalidRequestError(
+            [
+                (
+                    "extra_body",
+                    f"must not nest objects and arrays more than {MAX_EXTRA_BODY_DEPTH} deep",
+                )
+            ]
+        )
     try:
         json.dumps(extra, allow_nan=False)
         plain = True
@@ -85,6 +98,27 @@ def _checked_extra_body(extra: Any) -> dict[str, Any]:
     if not plain:
         raise InvalidRequestError([("extra_body", "must hold JSON values only (finite numbers)")])
     return dict(extra)
+
+
+_Container = dict[Any, Any] | list[Any] | tuple[Any, ...]
+
+
+def _nesting_deeper_than(value: object, depth: int) -> bool:
+    """True when ``value`` nests dicts, lists and tuples (what JSON encodes as objects and
+    arrays) more than ``depth`` levels deep, itself the first. One level at a time, not by
+    recursion (the point is not to recurse 5,000 deep), each container once per level."""
+    level: list[_Container] = [value] if isinstance(value, dict | list | tuple) else []
+    for _ in range(depth):
+        deeper: dict[int, _Container] = {}
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            for item in items:
+                if isinstance(item, dict | list | tuple):
+                    deeper[id(item)] = item
+        if not deeper:
+            return False
+        level = list(deeper.values())
+    return True
 
 
 def _check_arguments(**given: Any) -> None:
