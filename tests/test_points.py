@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from wujie_async import (
     WujieError,
 )
 from wujie_async._budget import Budget
+from wujie_async.cli._outcome import prices_charged
 from wujie_async.emulator import FaultConfig
 
 from .cli_helpers import cli, cli_zygote, manifest, served_emulator  # noqa: F401
@@ -245,6 +247,61 @@ def test_bad_budget_settings_are_refused(options: dict[str, object]) -> None:
     with pytest.raises(InvalidRequestError) as info:
         Limits(**options)  # type: ignore[arg-type]
     assert info.value.field.startswith("Limits.")
+
+
+@pytest.mark.parametrize(
+    ("key", "says"),
+    [
+        ("dall-e-2/1x1/zz/qq", "4 parts"),
+        ("dall-e-2/1x1", "dall-e-2 takes no size '1x1'"),
+        ("gpt-image-1/1024X1024", "no size"),
+        ("dall-e-3/1024x1024/high", "dall-e-3 takes no quality 'high'"),
+        ("a-new-model/big", "neither WIDTHxHEIGHT nor auto"),  # an unknown model's sizes too
+        ("dall-e-2/", "an empty part"),
+        ("", "an empty part"),
+    ],
+)
+def test_a_price_key_that_can_never_match_is_refused(key: str, says: str) -> None:
+    """It was taken, and its jobs went unpriced: a first job of the kind ran alone to learn
+    its cost, or, on a gateway that reports none, the rest of its kind were refused."""
+    with pytest.raises(InvalidRequestError) as info:
+        Limits(max_points=10, point_prices={"dall-e-2": 2, key: 3})
+    assert info.value.violations == [(info.value.field, info.value.rule)]
+    assert info.value.field == "Limits.point_prices"
+    assert repr(key) in info.value.rule and says in info.value.rule
+    assert "MODEL, MODEL/SIZE or MODEL/SIZE/QUALITY" in info.value.rule
+
+
+def test_price_keys_that_can_match_are_taken() -> None:
+    keys = [
+        "dall-e-2",
+        "dall-e-2/auto",  # a dall-e-2 request that gives no size
+        "dall-e-2/512x512/standard",
+        "gpt-image-1/auto/high",
+        "dall-e-3/1792x1024/hd",
+        "a-new-model/2048x2048/ultra",  # a new model may bring new qualities
+    ]
+    limits = Limits(max_points=10, point_prices=dict.fromkeys(keys, 1))
+    assert limits.point_prices is not None and list(limits.point_prices) == keys
+
+
+def test_a_rerun_takes_no_price_from_a_kind_no_price_key_can_name() -> None:
+    """An unknown model's size is sent as given, but a price key's size must be WxH: such a
+    kind's price from earlier runs is left out, not handed to Limits to refuse the run."""
+    bodies: dict[str, dict[str, Any]] = {
+        "1": {"prompt": "a", "model": "a-new-model", "size": "big"},
+        "2": {"prompt": "b", "model": "dall-e-2", "n": 2},
+    }
+    records = [{"tag": tag, "status": "saved", "points": 4} for tag in bodies]
+    assert prices_charged(records, bodies) == {"dall-e-2/auto/auto": 2}
+
+
+async def test_bulk_refuses_a_point_price_key_that_can_never_match(tmp_path: Path) -> None:
+    rows = tmp_path / "p.txt"
+    rows.write_text("a fox\n")
+    flags = ("--max-points", "10", "--point-price", "dall-e-2/1x1=3", "--emulator")
+    code, _, err = await cli("bulk", str(rows), "-o", str(tmp_path / "out"), *flags)
+    assert code == 2 and "--point-price 'dall-e-2/1x1=3'" in err and "no size" in err, err
 
 
 async def test_the_budget_never_holds_a_negative_amount() -> None:

@@ -9,13 +9,50 @@ finite ints or floats (never a bool, NaN or infinity: where a field has no bound
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from ._errors import InvalidRequestError
+from ._rules import MODEL_RULES
 
 Violation = tuple[str, str]
+
+_PRICE_KEY_FORMS = "MODEL, MODEL/SIZE or MODEL/SIZE/QUALITY (e.g. 'dall-e-3/1024x1024/hd')"
+_SIZE_RE = re.compile(r"[0-9]+x[0-9]+")
+
+
+def price_key_problem(key: object) -> str | None:
+    """Why a ``point_prices`` key can never match a request, in words; None when it can.
+
+    The budget looks a job up by ``model/size/quality``, ``model/size`` and ``model``, with
+    ``auto`` for a size or quality the request leaves out. So a key of more than three parts
+    never matches, nor one naming a size or quality its model does not take (a request with it
+    is refused before the budget sees it). A model this client does not know takes any quality,
+    and sizes of the form WIDTHxHEIGHT, as every model of the contract does.
+    """
+    if not isinstance(key, str):
+        return "not a string"
+    parts = key.split("/")
+    if len(parts) > 3:
+        return f"{len(parts)} parts, not 1 to 3"
+    if not all(parts):
+        return "an empty part"
+    model = parts[0]
+    size = parts[1] if len(parts) > 1 else None
+    quality = parts[2] if len(parts) > 2 else None
+    rules = MODEL_RULES.get(model)
+    if size is not None and size != "auto":  # auto: a request that gives no size
+        if rules is not None and size not in rules.sizes:
+            sizes = "|".join(sorted(rules.sizes | {"auto"}))
+            return f"{model} takes no size {size!r}, only {sizes}"
+        if rules is None and not _SIZE_RE.fullmatch(size):
+            return f"the size {size!r} is neither WIDTHxHEIGHT nor auto"
+    if quality is not None and rules is not None and quality not in rules.qualities:
+        qualities = "|".join(sorted(rules.qualities))
+        return f"{model} takes no quality {quality!r}, only {qualities}"
+    return None
 
 
 def _count(
@@ -171,14 +208,24 @@ class Limits:
                 # reload) must not slip past the checks below into the budget.
                 prices = MappingProxyType(dict(prices))
                 object.__setattr__(self, "point_prices", prices)
-                found.extend(
-                    (
-                        "Limits.point_prices",
-                        f"{key!r}: points per image must be a finite number >= 0",
-                    )
-                    for key, price in prices.items()
-                    if not isinstance(key, str) or _amount("", "", price, zero=True)
-                )
+                for key, price in prices.items():
+                    # A key that can never match would leave its jobs unpriced, silently.
+                    problem = price_key_problem(key)
+                    if problem is not None:
+                        found.append(
+                            (
+                                "Limits.point_prices",
+                                f"{key!r} can never match a request ({problem}): keys are "
+                                + _PRICE_KEY_FORMS,
+                            )
+                        )
+                    elif _amount("", "", price, zero=True):
+                        found.append(
+                            (
+                                "Limits.point_prices",
+                                f"{key!r}: points per image must be a finite number >= 0",
+                            )
+                        )
         _raise(found)
 
 

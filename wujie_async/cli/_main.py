@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 
 from .. import InvalidRequestError, JournalLockedError, WujieError, emulator
+from .._config import price_key_problem
 from .._file_names import DEFAULT_NAME, PlannedJob
 from .._models import GenerationRequest
 from .._telemetry import log_level, show_log
@@ -451,6 +452,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--point-price {given!r}: must be MODEL=POINTS (or MODEL/SIZE=POINTS), "
                 "points per image as a number >= 0"
+            )
+        problem = price_key_problem(key.strip())
+        if problem is not None:
+            raise UsageError(
+                f"--point-price {given!r}: {key.strip()!r} can never match a request "
+                f"({problem}): must be MODEL=POINTS, MODEL/SIZE=POINTS or "
+                "MODEL/SIZE/QUALITY=POINTS"
             )
         prices[key.strip()] = points
     args.point_prices = prices or None

@@ -41,6 +41,7 @@ from .. import (
     snippet,
 )
 from .._budget import Budget, kind_of
+from .._config import price_key_problem
 from .._keys import images_in
 
 Status = Literal["saved", "failed", "moderated", "rejected", "uncertain", "not_sent"]
@@ -372,6 +373,8 @@ def prices_charged(
             continue
         model, size, quality, _ = kind_of(body, n)
         key = f"{model}/{size}/{quality}"
+        if price_key_problem(key) is not None:
+            continue  # an unknown model's odd size (not WxH): Limits would refuse the key
         prices[key] = max(prices.get(key, 0.0), points / n)
     return prices
 
