@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from wujie_async import Credentials, InvalidRequestError
-from wujie_async._auth import HeaderSigner, original_text
+from wujie_async._auth import MAX_KEY_FILE_BYTES, HeaderSigner, original_text
 
 from .conftest import AUTH_VECTOR, SHARED_AUTH_VECTOR
 
@@ -71,6 +78,84 @@ def test_a_key_pasted_where_its_file_belongs_is_never_echoed(
             if len(line) > 20:
                 assert line[:20] not in str(error) and line[:20] not in repr(error)
         error = error.__cause__ or error.__context__
+
+
+def _key_file_env(monkeypatch: pytest.MonkeyPatch, path: str | Path) -> None:
+    monkeypatch.setenv("WUJIE_APP_ID", "app")
+    monkeypatch.delenv("WUJIE_PRIVATE_KEY", raising=False)
+    monkeypatch.setenv("WUJIE_PRIVATE_KEY_FILE", str(path))
+
+
+async def test_a_key_file_that_is_no_regular_file_is_refused_before_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FIFO as WUJIE_PRIVATE_KEY_FILE blocked the open for ever (no writer ever came), and a
+    device was read as if it held the key. Each is refused at once, naming the variable."""
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    for path, says in (
+        (fifo, "a FIFO, not a regular file"),
+        ("/dev/null", "a character device, not a regular file"),
+        (tmp_path, "Is a directory"),  # as before
+        (tmp_path / "missing.pem", "No such file or directory"),  # as before
+    ):
+        _key_file_env(monkeypatch, path)
+        try:
+            with anyio.fail_after(10), pytest.raises(InvalidRequestError) as info:
+                await anyio.to_thread.run_sync(Credentials.from_env, abandon_on_cancel=True)
+        finally:  # a reader stuck in the FIFO's open (the bug) is let go: it reads EOF
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        assert info.value.field == "WUJIE_PRIVATE_KEY_FILE" and says in info.value.rule, path
+        assert str(path) in info.value.rule
+
+
+def test_a_key_file_larger_than_any_key_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most MAX_KEY_FILE_BYTES are read (a 16384-bit key is 13 KB as PEM): a file one byte
+    over, or a sparse one claiming a terabyte, is refused by its size."""
+    over = tmp_path / "over.pem"
+    over.write_bytes(b"A" * (MAX_KEY_FILE_BYTES + 1))
+    sparse = tmp_path / "sparse.pem"
+    with sparse.open("wb") as file:
+        file.truncate(1 << 40)
+    for path in (over, sparse):
+        _key_file_env(monkeypatch, path)
+        with pytest.raises(InvalidRequestError) as info:
+            Credentials.from_env()
+        assert info.value.field == "WUJIE_PRIVATE_KEY_FILE" and "larger than 64 KiB" in str(
+            info.value
+        )
+
+
+@pytest.mark.long
+def test_dev_zero_as_the_key_file_is_refused_unread() -> None:
+    """WUJIE_PRIVATE_KEY_FILE=/dev/zero read until memory ran out (2.5 GB in 6 s). Run in a
+    process whose memory is capped (the bug fails there with MemoryError) and whose time is
+    bounded."""
+    code = (
+        "from wujie_async import Credentials, InvalidRequestError\n"
+        "try:\n"
+        "    Credentials.from_env()\n"
+        "except InvalidRequestError as exc:\n"
+        "    print(exc.field, exc.rule, sep=': ')\n"
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("WUJIE_")}
+    env |= {"WUJIE_APP_ID": "app", "WUJIE_PRIVATE_KEY_FILE": "/dev/zero"}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_AS, (1 << 30, resource.RLIM_INFINITY)
+        ),
+    )
+    assert done.stdout.strip() == (
+        "WUJIE_PRIVATE_KEY_FILE: cannot read /dev/zero: a character device, not a regular file"
+    ), done.stderr
 
 
 def test_missing_environment_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

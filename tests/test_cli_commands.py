@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import resource
+import sys
 from pathlib import Path
 
+import anyio
 import pytest
 
 from wujie_async.emulator._png import render_png
 
 from .cli_helpers import (
+    CLEAN_ENV,
     FAST,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     manifest,
+    running_cli,
     served_emulator,
 )
 from .helpers import png_size
@@ -140,3 +148,90 @@ async def test_name_template_names_the_files(tmp_path: Path) -> None:
         )
         assert code == 2 and "--name" in err and says in err, (template, err)
         assert not (tmp_path / "never").exists()  # refused before anything was sent
+
+
+def _small_memory() -> None:
+    # A read of /dev/zero in this process fails fast with MemoryError instead of taking the
+    # machine's memory (the bug this guards: 2.5 GB in 6 s).
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, resource.RLIM_INFINITY))
+
+
+async def _bounded_cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """``python -m wujie_async ARGS`` in a process of its own, its memory capped and its time
+    bounded (an open of a FIFO with no writer never returns); killed if it is still running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wujie_async", *args, env=env, cwd=cwd, preexec_fn=_small_memory,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@pytest.mark.long
+async def test_a_fifo_or_a_device_named_as_a_file_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """A key file, an edit image or mask, a bulk input or a journal that is /dev/zero or a
+    FIFO: the read filled memory (2.5 GB in 6 s) or the open blocked for ever. Each is now
+    refused at once, exit 2, naming the flag or variable, before anything is sent."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    source = tmp_path / "source.png"
+    source.write_bytes(render_png("S", 0, 16, 16))
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:
+        file.truncate(26 * 1024 * 1024)  # sparse: refused by its size, never read
+    gateway = ["--app-id", "app", "--base-url", "http://127.0.0.1:9/wj-open/v1"]
+    emu = "--emulator"
+    var = "WUJIE_PRIVATE_KEY_FILE"
+    out = tmp_path / "never"
+    from_env = {"WUJIE_APP_ID": "app", "WUJIE_BASE_URL": gateway[-1]}
+    cases: list[tuple[list[str], dict[str, str], str]] = [
+        (["edit", "x", "--image", str(fifo), emu], {}, "--image"),
+        (["edit", "x", "--image", "/dev/zero", emu], {}, "--image"),
+        (["edit", "x", "--image", str(source), "--mask", str(fifo), emu], {}, "--mask"),
+        (["edit", "x", "--image", str(huge), emu], {}, "larger than 25 MB"),
+        (["generate", "x", "--private-key-file", str(fifo), *gateway], {}, "--private-key-file"),
+        (["generate", "x", "--private-key-file", "/dev/zero", *gateway], {}, "--private-key-file"),
+        (["status", "K" * 32], {**from_env, var: "/dev/zero"}, var),
+        (["status", "K" * 32], {**from_env, var: str(fifo)}, var),
+        (["bulk", "/dev/zero", "--input-format", "txt", emu, "-o", str(out)], {}, "/dev/zero"),
+        (["resume", str(fifo), "-o", str(out)], {}, "not a wujie-async journal"),
+    ]  # fmt: skip
+    for args, extra, says in cases:
+        code, err = await _bounded_cli(*args, env={**CLEAN_ENV, **extra}, cwd=tmp_path)
+        assert code == 2 and says in err and "Traceback" not in err, (args, err)
+        assert "regular file" in err or "larger than" in err, (args, err)
+    assert not out.exists()  # refused before the run began
+
+
+@pytest.mark.long
+async def test_a_bulk_input_may_still_be_a_pipe(tmp_path: Path) -> None:
+    """``bulk <(grep fox prompts.txt)``: a pipe is read whole, as stdin is; only devices are
+    refused."""
+    fifo = tmp_path / "prompts"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    args = ["bulk", str(fifo), "--input-format", "txt", "--emulator", *FAST, "-o", str(out)]
+
+    def write() -> None:
+        with fifo.open("w") as pipe:  # opens once the run opens its end for reading
+            pipe.write("a fox\n")
+
+    async with running_cli(*args) as running:
+        try:
+            with anyio.fail_after(30):
+                await anyio.to_thread.run_sync(write, abandon_on_cancel=True)
+        finally:  # a writer still waiting (the run never opened the pipe) is let go
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        code, _, err = await running.finish(30)
+    assert code == 0, err
+    assert [r["status"] for r in manifest(out)] == ["saved"]

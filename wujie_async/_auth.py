@@ -23,9 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from . import _contract
 from ._env import Environment
 from ._errors import InvalidRequestError
+from ._local_files import LocalFileError, read_regular_file
 from ._redaction import remember_signature
 
 REDACTED = "<redacted>"
+# A private-key file holds at most this much: a 16384-bit RSA key is 13 KB as PEM. The read
+# stops here, so a path naming /dev/zero or a huge file costs no memory.
+MAX_KEY_FILE_BYTES = 64 * 1024
 
 
 def load_private_key(private_key: str) -> rsa.RSAPrivateKey:
@@ -57,6 +61,9 @@ def load_private_key(private_key: str) -> rsa.RSAPrivateKey:
 def read_key_file(location: str | Path, name: str) -> str:
     """The text of the private-key file at ``location``.
 
+    Only a regular file of at most ``MAX_KEY_FILE_BYTES`` is read: a FIFO would block the
+    open (for ever, with no writer) and ``/dev/zero`` would fill memory.
+
     Raises:
         InvalidRequestError: naming ``name``, when the file cannot be read. The location is
             shown only when it looks like a file name: a key pasted where its path belongs
@@ -65,9 +72,11 @@ def read_key_file(location: str | Path, name: str) -> str:
     """
     text = str(location)
     try:
-        return Path(text).read_text(encoding="utf-8")
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__  # never the file name
+        return read_regular_file(text, MAX_KEY_FILE_BYTES).decode("utf-8")
+    except LocalFileError as exc:
+        reason = exc.reason  # never the file name, nor a byte of the file
+        if exc.too_large:
+            reason = f"larger than {MAX_KEY_FILE_BYTES // 1024} KiB, more than a private key"
     except UnicodeDecodeError:
         reason = "not a text file"
     if "\n" in text or "-----" in text or len(text) > 255:

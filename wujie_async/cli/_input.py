@@ -13,12 +13,14 @@ import csv
 import hashlib
 import io
 import json
+import stat
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import InvalidRequestError
+from .._local_files import not_regular
 from .._models import EditRequest, GenerationRequest
 
 MAX_REPORTED_PROBLEMS = 20
@@ -216,6 +218,12 @@ def read_requests(
         )
     if text is None:
         try:
+            # A pipe is read whole, as stdin is (``bulk <(grep fox prompts.txt)``); a device
+            # is not: /dev/zero would fill memory, a terminal would wait for typing.
+            mode = path.stat().st_mode
+            problem = None if stat.S_ISFIFO(mode) else not_regular(mode)
+            if problem is not None:
+                raise InputFileError([f"{path}: cannot read: {problem} (use - for stdin)"])
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from .. import JournalEntry, JournalFile, Limits
 from .._file_names import DEFAULT_NAME
 from .._journal import ALL_STATES
 from .._keys import is_job_key
+from .._local_files import not_regular
 from .._models import GenerationRequest
 from ._bulk import BulkRun, Row, record_manifest_keys
 from ._common import (
@@ -99,6 +101,12 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
     if not path.exists():
         raise UsageError(f"no journal at {path}; {missing}")
     try:
+        # Opening a FIFO for reading would wait for a writer, perhaps for ever; a device is
+        # no journal either. (A directory keeps the error its open gives.)
+        mode = path.stat().st_mode
+        problem = None if stat.S_ISDIR(mode) else not_regular(mode)
+        if problem is not None:
+            raise UsageError(f"{path} is not a wujie-async journal ({problem}); {not_journal}")
         with path.open("rb") as handle:
             head = handle.read(len(_SQLITE_HEADER))
     except OSError as exc:

@@ -12,17 +12,19 @@ import base64
 import json
 import re
 import time
-from pathlib import Path
 from typing import Any, Final
 
 from .. import ImageJob, InvalidRequestError, Limits, WujieClient
 from .._image_formats import sniff_format
+from .._local_files import LocalFileError, read_regular_file
 from .._models import EditRequest, GenerationRequest
+from .._rules import GPT_IMAGE_MAX_BYTES
 from ._common import EXIT_FAILED, EXIT_OK, UsageError, open_client
 from ._outcome import clean
 
-# Larger files than this are not read: no model takes an image this big (gpt-image-1: 25 MB).
-MAX_IMAGE_FILE_BYTES: Final = 50 * 1024 * 1024
+# The most an image file may hold: gpt-image-1 takes images under 25 MB, the most any model
+# takes (dall-e-2's 4 MB is checked with the request). One byte more is read, never the rest.
+MAX_IMAGE_FILE_BYTES: Final = GPT_IMAGE_MAX_BYTES - 1
 _MIME = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _INDEXED = re.compile(r"^(?P<field>\w+)\[(?P<index>\d+)\]$")
 # How long ``status`` (without --wait) waits for the gateway to list every key.
@@ -33,16 +35,18 @@ def image_argument(value: str, flag: str) -> str:
     """An ``--image``/``--mask`` value as the request carries it: a URL, or a data URL."""
     if value.startswith(("http://", "https://", "data:")):
         return value
-    path = Path(value)
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_FILE_BYTES:
-            raise UsageError(f"{flag} {value}: larger than {MAX_IMAGE_FILE_BYTES >> 20} MB")
-        data = path.read_bytes()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
+        # A regular file only, read up to the limit: a FIFO would block the open and
+        # /dev/zero would fill memory.
+        data = read_regular_file(value, MAX_IMAGE_FILE_BYTES)
+    except LocalFileError as exc:
+        if exc.too_large:
+            raise UsageError(
+                f"{flag} {value}: larger than {GPT_IMAGE_MAX_BYTES >> 20} MB "
+                "(no model takes an image this large)"
+            ) from None
         raise UsageError(
-            f"{flag} {value}: cannot read it ({reason}); give an image file or an http(s) URL"
+            f"{flag} {value}: cannot read it ({exc.reason}); give an image file or an http(s) URL"
         ) from None
     kind = sniff_format(data[:16])
     if kind is None:
