@@ -8,6 +8,7 @@ import datetime
 import gzip
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -265,6 +266,31 @@ async def test_a_redirect_to_the_metadata_service_is_refused_and_nothing_is_fetc
             await saver.save(at(f"{origin}/loop", 2), tmp_path / "K1-2.{ext}")
         assert hits["loop"] == 6
     assert names(tmp_path) == ["K1-1.png"]
+
+
+@pytest.mark.parametrize("host", ["127.1", "0", "2130706433"])
+async def test_a_url_aiohttp_will_not_fetch_is_refused_at_once(
+    tmp_path: Path, host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``http://127.1`` (``0``, ``2130706433``): aiohttp refuses such a host before it connects
+    (InvalidUrlClientError). It was retried as if transient, every try alike, and ended as
+    "the connection failed" (or "too slow"). It can never succeed: refused at once, naming the
+    host and the problem, never the URL's path (a CDN's token)."""
+    caplog.set_level(logging.DEBUG, logger="wujie_async.download")
+    async with tricky_server() as (origin, hits), local_downloader(allow_http=True) as saver:
+        port = origin.rsplit(":", 1)[1]
+        url = f"http://{host}:{port}/signed-TOKEN42/a.png"  # the test server's port
+        for index, listed in enumerate((url, f"{origin}/to?url={url}")):  # first URL, redirect
+            with pytest.raises(InvalidRequestError) as info:
+                await asyncio.wait_for(
+                    saver.save(at(listed, index), tmp_path / "K-{index}.png"), 10
+                )
+            assert info.value.field == "url" and "TOKEN42" not in str(info.value)
+            assert f"refusing to download from {host}: " in info.value.rule, info.value.rule
+            assert "canonical IPv4 address" in info.value.rule and "not retried" in info.value.rule
+    assert hits["to"] == 1  # the redirect was asked once: no second try
+    assert "try 2" not in caplog.text
+    assert names(tmp_path) == []
 
 
 async def test_a_name_resolving_to_a_local_address_is_refused_at_connect(tmp_path: Path) -> None:
