@@ -268,7 +268,7 @@ async def test_a_redirect_to_the_metadata_service_is_refused_and_nothing_is_fetc
     assert names(tmp_path) == ["K1-1.png"]
 
 
-@pytest.mark.parametrize("host", ["127.1", "0", "2130706433"])
+@pytest.mark.parametrize("host", ["127.1", "0", "2130706433", "0x7f.0.0.1"])
 async def test_a_url_aiohttp_will_not_fetch_is_refused_at_once(
     tmp_path: Path, host: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -14,6 +14,7 @@ unspecified, reserved).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import Literal
@@ -133,6 +134,10 @@ class AddressRule:
         )
 
 
+# A host whose last label is digits or 0x-hex: an IPv4 address in shorthand, never a name.
+_NUMERIC_LAST_LABEL = re.compile(r"(?:[^.]*\.)*(?:[0-9]+|0x[0-9a-f]*)\.?", re.IGNORECASE)
+
+
 def check_url(url: str, *, allow_http: bool, rule: AddressRule) -> None:
     """Refuse URLs we will not fetch.
 
@@ -163,6 +168,19 @@ def check_url(url: str, *, allow_http: bool, rule: AddressRule) -> None:
     if not host:
         raise InvalidRequestError([("url", "not a valid URL (no host)")])
     if address_kind(host) is None:
+        if _NUMERIC_LAST_LABEL.fullmatch(host):
+            # No top-level domain is numeric: 127.1, 0 or 2130706433 is an address in a
+            # shorthand some resolvers and HTTP stacks read (older aiohttp connects to it
+            # without asking the checking resolver), so it is refused, whatever it spells.
+            raise InvalidRequestError(
+                [
+                    (
+                        "url",
+                        f"refusing to download from {host}: a numeric host that is not a "
+                        "canonical IPv4 address; not retried",
+                    )
+                ]
+            )
         return  # a name: the session's resolver checks its addresses when connecting
     if not rule.allows(host):
         raise rule.refusal(host, host)

@@ -42,7 +42,7 @@ def image_argument(value: str, flag: str) -> str:
     except LocalFileError as exc:
         if exc.too_large:
             raise UsageError(
-                f"{flag} {value}: larger than {GPT_IMAGE_MAX_BYTES >> 20} MB "
+                f"{flag} {value}: larger than {GPT_IMAGE_MAX_BYTES // 1_000_000} MB "
                 "(no model takes an image this large)"
             ) from None
         raise UsageError(
