@@ -17,6 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import anyio
 import pytest
 
@@ -194,6 +195,67 @@ async def test_sigterm_quits_within_its_grace_when_a_submit_hangs(tmp_path: Path
         assert code == 143, err
         assert json.loads(stdout)["outcomes"]["uncertain"] == 1
         assert "line 1" in err and "uncertain" in err
+
+
+async def set_faults(emu: Served, faults: dict[str, object]) -> None:
+    origin = emu.base_url.removesuffix("/wj-open/v1")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{origin}/_emulator/faults", json=faults) as reply:
+            assert reply.status == 200, await reply.text()
+
+
+@pytest.mark.long
+async def test_a_line_not_sent_then_sent_by_a_killed_run_reads_uncertain(tmp_path: Path) -> None:
+    """Run 1 leaves the line not_sent (over the budget); run 2 sends it and is killed while
+    the submit is on the wire (the journal says uncertain); run 3 must not leave the manifest
+    saying not_sent (nothing charged, a re-run sends it): the line reads uncertain there too,
+    as in the journal and the summary, and is not sent again."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "one.txt"
+        prompts.write_text("a lighthouse\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        bulk += ["--point-price", "dall-e-2=2", "--progress", "none"]
+        code, _, err = await cli(*bulk, "--max-points", "1", env=emu.env)
+        assert code == 1 and final_outcomes(out) == {1: "not_sent"}, err
+
+        await set_faults(emu, {"slow_reply": 1, "slow_reply_s": 60, "endpoints": ["generations"]})
+        async with running_cli(*bulk, "--max-points", "10", env=emu.env) as proc:
+
+            async def sent() -> bool:
+                return bool((await emu.stats())["requests"].get("generations", 0) >= 1)
+
+            await eventually(sent, what="the submit", alive=proc_alive(proc))
+            proc.send_signal(signal.SIGKILL)
+            await proc.finish(10)
+        await set_faults(emu, {})
+
+        code, stdout, err = await cli(*bulk, "--max-points", "10", env=emu.env)
+        assert code == 1, err
+        assert json.loads(stdout)["outcomes"]["uncertain"] == 1
+        assert final_outcomes(out) == {1: "uncertain"}
+        assert (await emu.stats())["requests"]["generations"] == 1  # never sent again
+
+
+@pytest.mark.long
+async def test_resume_writes_the_input_line_of_an_id_row(tmp_path: Path) -> None:
+    """An id row's journal tag holds no line number: resume takes it from the manifest."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
+        rows = write_rows(
+            tmp_path / "rows.jsonl",
+            [{"id": "alpha", "prompt": "first"}, {"prompt": "second"}],
+        )
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "--model", "dall-e-2", "-o", str(out)]
+        async with running_cli(*bulk, env=emu.env) as proc:
+            await eventually(accepted_at_least(emu, 2), what="2 submits", alive=proc_alive(proc))
+            proc.send_signal(signal.SIGTERM)
+            code, _, err = await proc.finish(10)
+        assert code == 143, err
+        code, _, err = await cli("resume", str(out / "journal.sqlite"), "-o", str(out), env=emu.env)
+        assert code == 0, err
+    by_line = {(r.get("id"), r["line"]) for r in manifest(out)}
+    assert by_line == {("alpha", 1), (None, 2)}, by_line
 
 
 @pytest.mark.long

@@ -36,7 +36,7 @@ from ._common import (
 )
 from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source, saved_indexes
 from ._progress import Display, Tally
-from ._run import check_out_folder, line_of, readable_error, uncancel
+from ._run import check_out_folder, line_of, lines_by_id, readable_error, uncancel
 from ._signals import stopping_on_signals
 
 _STATES = ALL_STATES
@@ -264,12 +264,8 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             args.yes,
         )
         # An id tag does not hold the line number; the manifest remembers it.
-        lines_by_id = {r["id"]: r["line"] for r in records if "id" in r and "line" in r}
-        rows = []
-        for entry in chosen:
-            line, row_id = line_of(entry)
-            line = line or int(lines_by_id.get(row_id, 0))
-            rows.append(Row(line, row_id, entry.tag, entry.request))
+        lines = lines_by_id(records)
+        rows = [Row(*line_of(entry, lines), entry.tag, entry.request) for entry in chosen]
         display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
         handle = await anyio.to_thread.run_sync(open_manifest, manifest_path)
         stop = anyio.Event()

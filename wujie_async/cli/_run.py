@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -199,19 +199,31 @@ def _line_name(outcome: LineOutcome) -> str:
     return f"line {outcome.line}"
 
 
-def line_of(entry: JournalEntry) -> tuple[int, str | None]:
+def line_of(entry: JournalEntry, lines: Mapping[str, int] | None = None) -> tuple[int, str | None]:
+    """The input line and row id a journal row's tag names. An id row's tag holds no line:
+    ``lines`` (the manifest's line of each id, see :func:`lines_by_id`) gives it, else 0."""
     tag = entry.tag or ""
     if tag.startswith("id:"):
-        return 0, tag[3:]
+        row_id = tag[3:]
+        return (lines or {}).get(row_id, 0), row_id
     parsed = line_tag(tag)
     return (parsed[0] if parsed is not None else 0), None
+
+
+def lines_by_id(records: list[dict[str, Any]]) -> dict[str, int]:
+    """The latest input line the manifest gives each row id."""
+    return {
+        record["id"]: record["line"]
+        for record in records
+        if isinstance(record.get("id"), str) and _int(record.get("line")) > 0
+    }
 
 
 def _settled_from(
     entry: JournalEntry, row: Row, by_key: dict[str, dict[str, Any]], by_line: dict[int, Any]
 ) -> LineOutcome:
     """The outcome a previous run recorded for a line this run leaves alone."""
-    record = by_key.get(entry.job_key or "") or by_line.get(row.line) or {}
+    record = _recorded(entry, row, by_key, by_line) or {}
     status: Status = record.get("status") if record.get("status") in _OPEN_STATES else None  # type: ignore[assignment]
     if status is None:
         status = "uncertain" if entry.state in ("uncertain", "intent") else "failed"
@@ -226,6 +238,16 @@ def _settled_from(
         code,
         clean(record.get("error") or readable_error(entry.error or entry.state)),
     )
+
+
+def _recorded(
+    entry: JournalEntry, row: Row, by_key: dict[str, dict[str, Any]], by_line: dict[int, Any]
+) -> dict[str, Any] | None:
+    """The manifest row that says how the journal's ``entry`` ended, if any. A ``not_sent``
+    row is not one: the journal says the line was sent since (a run stopped before sending
+    it, and the next was killed while sending it), and the row's words would be false."""
+    record = by_key.get(entry.job_key or "") or by_line.get(row.line)
+    return None if record is None or record.get("status") == "not_sent" else record
 
 
 def _refused_by_a_stop(state: str, record: dict[str, Any] | None) -> bool:
@@ -290,7 +312,7 @@ async def plan_rerun(
         else:
             outcome = _settled_from(entry, row, by_key, by_line)
             plan.settled.append(outcome)
-            if not (by_key.get(entry.job_key or "") or by_line.get(row.line)):
+            if _recorded(entry, row, by_key, by_line) is None:
                 plan.unrecorded.append((row, outcome))
             plan.skipped += 1
     claimed = {moved.get(item.tag, item.tag) for item in items}
@@ -309,7 +331,7 @@ async def plan_rerun(
             continue
         # A row edited or removed since its job was sent: that job is paid, and collected as
         # the request it was (the new row, if any, is a new line).
-        line, row_id = line_of(entry)
+        line, row_id = line_of(entry, lines_by_id(manifest_records))
         row = Row(line, row_id, tag, dict(entry.request))
         if (job := _attach(client, entry, plan, n, job_timeout, charged)) is not None:
             plan.collect.append((row, job))
@@ -482,11 +504,12 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     plan = Plan()
     saved = saved_indexes(manifest_records)
     await record_manifest_keys(client, manifest_records)
+    lines = lines_by_id(manifest_records)
     for entry in await client.journal_entries("accepted", "succeeded"):
         n = images_in(entry.request) or 1
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
             continue
-        line, row_id = line_of(entry)
+        line, row_id = line_of(entry, lines)
         row = Row(line, row_id, entry.tag, entry.request)
         job = _attach(client, entry, plan, n, None, frozenset())
         if job is not None:
