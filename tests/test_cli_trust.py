@@ -238,6 +238,37 @@ async def test_a_line_not_sent_then_sent_by_a_killed_run_reads_uncertain(tmp_pat
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_retry_uncertain_resends_uncertain_lines_only_when_asked(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """Every submit's reply is lost (the job exists): the line ends uncertain, and a plain
+    re-run never resends it; --retry-uncertain does (the user checked the console), with or
+    without a journal, and the journal's old uncertain row is superseded."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1") as emu:
+        prompts = tmp_path / "one.txt"
+        prompts.write_text("a lighthouse\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), *journal]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and final_outcomes(out) == {1: "uncertain"}, err
+        assert "--retry-uncertain" in err
+        await set_faults(emu, {})
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and final_outcomes(out) == {1: "uncertain"}, err
+        assert (await emu.stats())["submits_accepted"] == 1  # never resent unasked
+        code, _, err = await cli(*bulk, "--retry-uncertain", env=emu.env)
+        assert code == 0 and final_outcomes(out) == {1: "saved"}, err
+        assert (await emu.stats())["submits_accepted"] == 2  # paid again, as asked
+        if journal:  # --no-journal
+            return
+        code, listed, err = await cli(
+            "journal", "list", "--status", "uncertain", "--journal", str(out / "journal.sqlite")
+        )
+        assert code == 0 and "a lighthouse" not in listed, (listed, err)
+
+
+@pytest.mark.long
 async def test_resume_writes_the_input_line_of_an_id_row(tmp_path: Path) -> None:
     """An id row's journal tag holds no line number: resume takes it from the manifest."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:

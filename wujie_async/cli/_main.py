@@ -311,6 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="resend lines that ended failed, moderated or rejected (each resend costs points)",
     )
     bulk.add_argument(
+        "--retry-uncertain",
+        action="store_true",
+        help="resend lines that ended uncertain: sent without a reply, they may have been "
+        "charged already (check the gateway's console first: each resend costs points)",
+    )
+    bulk.add_argument(
         "--max-in-flight",
         type=int,
         default=2000,

@@ -100,6 +100,9 @@ class Plan:
     # Settled lines whose outcome the manifest lacks (a run killed before writing it).
     unrecorded: list[tuple[Row, LineOutcome]] = field(default_factory=list)
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
+    # Journal rows of uncertain lines resent (--retry-uncertain), by the line's tag: once its
+    # new submit is out, the old row is superseded and forgotten (as journal resend does).
+    superseded: dict[str | int, int] = field(default_factory=dict)  # row id or line -> row
 
 
 @contextlib.contextmanager
@@ -268,6 +271,7 @@ async def plan_rerun(
     retry_failed: bool,
     job_timeout: float | None,
     own_journal: bool = False,
+    retry_uncertain: bool = False,
 ) -> Plan:
     """Decide, per line, from the journal: send, collect, or leave as it ended.
 
@@ -309,6 +313,9 @@ async def plan_rerun(
             plan.skipped += 1
         elif state in ("failed", "rejected") and retry_failed:
             plan.send.append(row)
+        elif state in ("uncertain", "intent") and retry_uncertain:
+            plan.send.append(row)
+            plan.superseded[row.row_id or row.line] = entry.id
         else:
             outcome = _settled_from(entry, row, by_key, by_line)
             plan.settled.append(outcome)
@@ -346,12 +353,14 @@ def plan_from_manifest(
     *,
     retry_failed: bool,
     job_timeout: float | None,
+    retry_uncertain: bool = False,
 ) -> Plan:
     """A re-run without a journal continues its manifest: lines saved stay saved, a job whose
     images were partly saved, that timed out, whose run stopped while it ran or whose images
     could not be saved is collected again by its key, lines that ended otherwise keep their
     outcome (failed ones are resent with ``--retry-failed``;
-    uncertain ones never), and the rest (not sent, or never recorded) are sent. A job
+    uncertain ones only with ``--retry-uncertain``), and the rest (not sent, or never recorded)
+    are sent. A job
     collected counts against ``--max-points`` unless a row records its cost."""
     plan = Plan()
     charged = charged_keys(records)
@@ -395,6 +404,8 @@ def plan_from_manifest(
         ):
             plan.collect.append((row, job))  # paid, and may have ended since: never resent
         elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
+            plan.send.append(row)
+        elif last.get("status") == "uncertain" and retry_uncertain:
             plan.send.append(row)
         else:
             status: Status = last.get("status") if last.get("status") in _OPEN_STATES else "failed"  # type: ignore[assignment]
@@ -649,6 +660,7 @@ class Session:
                     retry_failed=args.retry_failed,
                     job_timeout=args.job_timeout,
                     own_journal=_same_file(self.journal, out / "journal.sqlite"),
+                    retry_uncertain=args.retry_uncertain,
                 )
                 if plan.skipped:
                     self._say(
@@ -662,6 +674,7 @@ class Session:
                     records,
                     retry_failed=args.retry_failed,
                     job_timeout=args.job_timeout,
+                    retry_uncertain=args.retry_uncertain,
                 )
                 if plan.skipped:
                     self._say(
@@ -750,6 +763,13 @@ class Session:
                         uncancel()
                         self.result = run.interrupted_at_once()
                 self.terminated = signals.terminated
+                if plan.superseded:
+                    # The uncertain rows of lines resent are superseded by the new submits.
+                    outcomes = self.result.outcomes
+                    sent = {o.row_id or o.line for o in outcomes if o.status != "not_sent"}
+                    await client.forget_submits(
+                        row for line, row in plan.superseded.items() if line in sent
+                    )
                 if self.result.unrecorded:
                     # Every download has ended: the room set aside goes to these rows only.
                     await anyio.to_thread.run_sync(reserve.release)
@@ -935,7 +955,8 @@ class Session:
             )
             say(
                 f"{counts['uncertain']} line(s) may have been charged without a reply; they are "
-                f"never resent silently. See them with: {see}"
+                f"never resent silently. See them with: {see}; once the gateway's console "
+                "shows they were not charged, resend them by adding --retry-uncertain"
             )
         timed_out = sum(1 for o in result.outcomes if o.error_code == "timeout")
         if timed_out:
