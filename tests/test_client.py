@@ -25,6 +25,7 @@ from wujie_async import (
     UnknownJobError,
     WujieClient,
 )
+from wujie_async.cli._outcome import classify
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
@@ -225,6 +226,24 @@ async def test_a_key_absent_past_the_grace_period_fails_as_unknown(
             await job
         assert info.value.job_key == job.key
         assert loop.time() - started >= FAST_POLL.unknown_key_grace
+
+
+@pytest.mark.fake_clock
+async def test_a_job_listed_then_forgotten_says_it_may_have_been_charged(
+    emulator: EmulatorFactory,
+) -> None:
+    """The gateway forgets a job as soon as it ends (it cleans up its results): the client,
+    which saw the job listed, never sees it done. Not an unknown key: it may have run and been
+    charged, and the error says so (the command line reads it as uncertain, never resent
+    unasked)."""
+    async with emulator(time_scale=0.05, retain_finished_s=0.0) as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="x", model="dall-e-2")
+        with pytest.raises(UnknownJobError) as info:
+            await job
+    assert info.value.was_listed and "may have been charged" in str(info.value)
+    assert classify(info.value)[:2] == ("uncertain", "unknown_job")
+    unknown = UnknownJobError("not listed", job_key="K")
+    assert not unknown.was_listed and classify(unknown)[:2] == ("failed", "unknown_job")
 
 
 @pytest.mark.long

@@ -457,7 +457,17 @@ class JobTimeoutError(JobError, TimeoutError):
 
 
 class UnknownJobError(JobError):
-    """The gateway did not list the key for longer than the grace period."""
+    """The gateway did not list the key for longer than the grace period.
+
+    Attributes:
+        was_listed: the gateway had listed the job before (it was accepted, and may have run
+            and been charged): it may have ended and had its result cleaned up before it was
+            seen done. Sending the request again may pay twice.
+    """
+
+    def __init__(self, message: str, *, job_key: str, was_listed: bool = False) -> None:
+        super().__init__(message, job_key=job_key)
+        self.was_listed = was_listed
 
 
 class JobCancelledError(JobError):

@@ -61,7 +61,7 @@ from ._errors import (
     WujieError,
     snippet,
 )
-from ._jobs import ImageJob, JobState, ended_copy, holds_bulk
+from ._jobs import ImageJob, JobState, ended_copy, holds_bulk, status_name
 from ._models import JobInfo
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
@@ -755,6 +755,17 @@ class BatchPoller:
                     f"the gateway has listed this key only in malformed entries for "
                     f"{now - since:.1f}s ({why})",
                     job_key=job.key,
+                )
+            elif tracked.last_seen is not None:
+                # It was listed (accepted, maybe run and charged): it may have ended and had
+                # its result cleaned up between two asks. Not a wrong key: resending may pay
+                # twice, and the error says so.
+                error = UnknownJobError(
+                    f"the gateway listed this job (last as {status_name(tracked.state.status)}) "
+                    f"and has not for {now - since:.1f}s: it may have ended and had its result "
+                    "cleaned up before it was seen done (it may have been charged)",
+                    job_key=job.key,
+                    was_listed=True,
                 )
             else:
                 error = UnknownJobError(

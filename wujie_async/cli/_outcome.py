@@ -107,7 +107,9 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
     if isinstance(exc, JobTimeoutError):
         return "failed", "timeout", message
     if isinstance(exc, UnknownJobError):
-        return "failed", "unknown_job", message
+        # A job the gateway listed and then forgot may have run and been charged: like a
+        # submit without a reply, it is never resent unasked (--retry-uncertain resends it).
+        return ("uncertain" if exc.was_listed else "failed"), "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
     if isinstance(exc, IncompleteJobError):
