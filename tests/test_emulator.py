@@ -787,7 +787,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         "--estimate-while-queued", "generation", "--no-images-progressive",
         "--stamp-rounding", "floor", "--stamp-skew", "-1.5", "--end-tick", "0.5",
         "--progress-percent", "whole", "--finishing-s", "2", "--temporary-urls",
-        "--done-unlisted-s", "1",
+        "--done-unlisted-s", "1", "--batch-cap", "20",
     ]  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -811,6 +811,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         finishing_s=2.0,
         temporary_urls=True,
         done_unlisted_s=1.0,
+        batch_cap=20,
     )
     assert config == wanted
     settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}

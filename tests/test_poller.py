@@ -27,7 +27,7 @@ from wujie_async._poller import BatchPoller
 from wujie_async._schedule import TUNING
 from wujie_async.emulator import FaultConfig
 
-from .conftest import EmulatorFactory, open_transport
+from .conftest import EmulatorFactory, make_client, open_transport
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fake_clock]
 
@@ -416,3 +416,21 @@ async def test_a_retry_after_of_an_hour_on_a_batch_query_does_not_park_the_jobs(
         await job
         assert client.stats.rate_limited == 1
     assert loop.time() - start <= 2 + PollPolicy().max_interval + 1.0
+
+
+async def test_a_gateway_taking_fewer_keys_per_call_is_asked_within_its_cap(
+    emulator: EmulatorFactory,
+) -> None:
+    """The contract's 50 keys per call is assumed: a gateway that refuses more than 20
+    (20010001) has the refused call asked in halves, and the poller keeps within what it
+    took from then on; every job resolves (before: the same call failed until the deadline)."""
+    async with emulator(time_scale=0.005, batch_cap=20) as emu, make_client(emu) as client:
+        jobs = await asyncio.gather(
+            *(client.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(120))
+        )
+        results = await asyncio.wait_for(asyncio.gather(*jobs), 30)
+        stats = emu.stats()
+    assert all(result.status == 4 for result in results)
+    assert stats["batch_sizes"] and max(stats["batch_sizes"]) <= 20
+    refused = stats["requests"]["info"] - len(stats["batch_sizes"])
+    assert 1 <= refused <= 6  # the first over-cap calls only, not one per round

@@ -54,6 +54,7 @@ from ._errors import (
     JobError,
     JobProtocolError,
     JobTimeoutError,
+    ParameterError,
     RateLimitedError,
     ReplyTooDeepError,
     ResponseTooLargeError,
@@ -204,6 +205,9 @@ class BatchPoller:
         self._schedule_of = schedule if schedule is not None else PollSchedule(policy)
         self._generation = self._schedule_of.generation
         self._max_response_bytes = limits.max_response_bytes
+        # Keys per batch call: the contract's 50 [assumed] until the gateway refuses a call
+        # for its size (see _split): a gateway with a lower cap is then asked within it.
+        self._batch_size = _contract.MAX_KEYS_PER_BATCH
         self._call_slots = anyio.Semaphore(limits.max_concurrent_polls, fast_acquire=True)
         self._jobs: dict[str, _Tracked] = {}
         # (due, key): keys are unique, so ties on ``due`` are broken by key, no counter needed.
@@ -380,7 +384,7 @@ class BatchPoller:
                             async with self._call_slots:
                                 pass
                     continue
-                size = _contract.MAX_KEYS_PER_BATCH
+                size = self._batch_size
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
 
@@ -395,7 +399,7 @@ class BatchPoller:
                 self._expire(tracked)
             else:
                 batch.append(tracked)
-        size = _contract.MAX_KEYS_PER_BATCH
+        size = self._batch_size
         partial = len(batch) % size
         if partial and self._gather and not self._held:
             # A poller that gathers (a fleet's leader: many keys, each asked densely) holds the
@@ -461,12 +465,15 @@ class BatchPoller:
             watch.cancel()
             self._wakeup.set()
 
-    async def _poll_keys(self, chunk: list[_Tracked]) -> None:
-        """One batch call for ``chunk``; an over-cap or unreadable reply is asked again in
-        halves."""
+    async def _poll_keys(self, chunk: list[_Tracked]) -> bool:
+        """One batch call for ``chunk``; an over-cap or unreadable reply, or a call of
+        several keys refused as a bad parameter, is asked again in halves (a key alone
+        refused is asked again later, as after any failed call). True when the gateway
+        refused this call as a bad parameter (a cap on keys per call lower than ours, or a
+        key it will not be asked about)."""
         chunk = [tracked for tracked in chunk if self._tracks(tracked)]  # some may have ended
         if not chunk:
-            return
+            return False
         asked = {tracked.job.key: tracked for tracked in chunk}
         asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
@@ -509,6 +516,8 @@ class BatchPoller:
                 # that only the keys it concerns end.
                 if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
                     unreadable = exc
+                elif isinstance(exc, ParameterError) and len(asked) > 1:
+                    unreadable = exc  # 20010001 is the contract's answer to too many keys
                 else:
                     self._warnings.warning(
                         "batch query of %d keys failed: %s",
@@ -535,8 +544,9 @@ class BatchPoller:
                 )
         if unreadable is not None:
             await self._split(chunk, unreadable)
-            return
-        self._apply_reading(chunk, reading, asked_at, retry_wait)
+        else:
+            self._apply_reading(chunk, reading, asked_at, retry_wait)
+        return isinstance(failure, ParameterError)
 
     def _apply_reading(
         self,
@@ -649,19 +659,17 @@ class BatchPoller:
 
     def _end_unreadable(self, tracked: _Tracked, problem: WujieError) -> None:
         """End a job whose reply, asked about alone, is still too large or too deep."""
-        why = (
-            f"is over the {self._max_response_bytes}-byte reply cap "
-            "(raise Limits.max_response_bytes to fetch it)"
-            if isinstance(problem, ResponseTooLargeError)
-            else "nests deeper than a JSON reader follows (no entry of this contract does)"
-        )
-        self._end(
-            tracked,
-            JobProtocolError(
-                f"the gateway's entry for this job alone {why}", job_key=tracked.job.key
-            ),
-            tracked.state.status,
-        )
+        if isinstance(problem, ResponseTooLargeError):
+            said = (
+                f"the gateway's entry for this job alone is over the {self._max_response_bytes}"
+                "-byte reply cap (raise Limits.max_response_bytes to fetch it)"
+            )
+        else:
+            said = (
+                "the gateway's entry for this job alone nests deeper than a JSON reader follows "
+                "(no entry of this contract does)"
+            )
+        self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.state.status)
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
@@ -693,11 +701,26 @@ class BatchPoller:
             len(chunk),
             "was over the size cap"
             if isinstance(problem, ResponseTooLargeError)
+            else "was refused as a bad parameter"
+            if isinstance(problem, ParameterError)
             else "could not be read (nested too deep)",
         )
         middle = len(chunk) // 2
-        await self._poll_keys(chunk[:middle])
-        await self._poll_keys(chunk[middle:])
+        refused = [await self._poll_keys(chunk[:middle]), await self._poll_keys(chunk[middle:])]
+        if isinstance(problem, ParameterError) and not any(refused):
+            # Both halves were taken where the whole was refused: the gateway caps keys per
+            # call below ours (a bad key would have had its half refused). Calls keep within
+            # what was taken from now on.
+            size = len(chunk) - middle
+            if size < self._batch_size:
+                self._batch_size = size
+                self._warnings.warning(
+                    "the gateway refused a batch query of %d keys and took %d: asking at most "
+                    "%d keys per call from now on",
+                    len(chunk),
+                    size,
+                    size,
+                )
 
     def _read(self, data: Any, asked: Container[str] | None) -> Reading:
         """A reading of ``data`` for the keys in ``asked`` (every key when None), counted."""

@@ -405,10 +405,10 @@ class Gateway:
         keys = await self._json_body(request)
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             return envelope(_contract.CODE_INVALID_PARAMETER, "body: must be a JSON array of keys")
-        if len(keys) > _contract.MAX_KEYS_PER_BATCH:
+        if len(keys) > self.config.batch_cap:
             return envelope(
                 _contract.CODE_INVALID_PARAMETER,
-                f"body: at most {_contract.MAX_KEYS_PER_BATCH} keys per call, got {len(keys)}",
+                f"body: at most {self.config.batch_cap} keys per call, got {len(keys)}",
             )
         self.stats.batch_sizes.append(len(keys))
         now = self.clock.now()

@@ -155,6 +155,8 @@ class EmulatorConfig:
             serving (404) once the job has ended; reports from the end list the final URLs.
         done_unlisted_s: seconds (times ``time_scale``) a succeeded job's reports say done
             while listing no image, before they list its images.
+        batch_cap: keys a batch detail call may ask about; more gets code 20010001 (the
+            contract assumes 50; a gateway may take fewer).
     """
 
     time_scale: float = 1.0
@@ -176,6 +178,7 @@ class EmulatorConfig:
     finishing_s: float = 0.0
     temporary_urls: bool = False
     done_unlisted_s: float = 0.0
+    batch_cap: int = _contract.MAX_KEYS_PER_BATCH
 
 
 @dataclass(slots=True)
