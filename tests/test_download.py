@@ -146,15 +146,25 @@ async def test_saves_checks_and_cleans_up(tmp_path: Path) -> None:
     assert oct(saved.path.stat().st_mode & 0o777) == "0o644"
 
 
-async def test_a_key_with_a_trailing_newline_is_refused(tmp_path: Path) -> None:
+async def test_a_key_that_is_no_plain_name_is_saved_under_a_safe_one(tmp_path: Path) -> None:
+    """The contract says nothing of a key's form, and a paid job is saved whatever its key:
+    a key with a path, a newline, a '%' or CJK gets a safe name in the folder (its plain
+    characters and a digest of the whole key), never a path out of it; a plain key is kept."""
+
     async def finished(key: str) -> ImageResult:
         return ImageResult(key, 4, (inline(base64.b64encode(PNG).decode()),))
 
+    keys = ("OKKEY\n", "../../etc/passwd", "a/b", "50%-off?#x", "画像" * 60, "PLAIN-key_1")
     async with local_downloader() as saver:
-        for key in ("OKKEY\n", "../../etc/passwd"):
-            with pytest.raises(InvalidRequestError, match="plain job key"):
-                await saver.save_job(finished(key), tmp_path, "{key}-{index}.{ext}")
-    assert list(tmp_path.iterdir()) == []
+        saved = [
+            (await saver.save_job(finished(key), tmp_path, "{key}-{index}.{ext}"))[0]
+            for key in keys
+        ]
+    assert all(item.path.parent == tmp_path for item in saved)
+    assert len({item.path.name for item in saved}) == len(keys)  # two keys never share one
+    assert saved[-1].path.name == "PLAIN-key_1-0.png"
+    assert saved[1].path.name.startswith("______etc_passwd-")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(s.path.name for s in saved)
 
 
 # --- a loopback server that redirects, fails, cuts bodies short and counts ----------------------

@@ -45,7 +45,7 @@ from ._errors import (
     WujieError,
     snippet,
 )
-from ._file_names import DEFAULT_NAME, check_key, check_template, render_name
+from ._file_names import DEFAULT_NAME, check_template, render_name
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, sniff_format
 from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
@@ -219,7 +219,6 @@ class Downloader:
         self._require_open()
         folder = Path(directory)
         result = await job
-        check_key(result.key)
         planned = {
             image.index: render_name(
                 name, key=result.key, index=image.index, ext=EXT_FIELD, id=None, line=None

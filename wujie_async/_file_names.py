@@ -4,6 +4,7 @@ row id and input line, never over prompts or URLs; every field sanitised, the re
 
 from __future__ import annotations
 
+import hashlib
 import re
 import string
 from collections.abc import Iterable
@@ -13,6 +14,7 @@ from typing import Any
 from ._errors import InvalidRequestError
 
 _KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch: no trailing newline slips by
+_NOT_PLAIN = re.compile(r"[^A-Za-z0-9_-]")
 _NAME_FIELDS = frozenset({"key", "index", "ext", "id", "line"})
 _JOB_FIELDS = frozenset({"key", "id", "line"})  # a name must tell jobs apart
 # A format spec may pad a number ({index:03d}), nothing more: "{key:.4}" would cut keys short
@@ -76,7 +78,7 @@ def render_name(
     Raises:
         InvalidRequestError: a field the template uses is missing, or the name is unusable.
     """
-    values: dict[str, Any] = {"key": key, "index": index, "ext": ext}
+    values: dict[str, Any] = {"key": key_in_name(key), "index": index, "ext": ext}
     missing: list[tuple[str, str]] = []
     for name, value in (("id", id), ("line", line)):
         if value is not None:
@@ -175,8 +177,14 @@ def check_planned_names(
         raise InvalidRequestError(problems)
 
 
-def check_key(key: str) -> None:
-    if not _KEY_RE.fullmatch(key):
-        raise InvalidRequestError(
-            [("key", "not a plain job key ([A-Za-z0-9_-], 1 to 128); refusing it in a file name")]
-        )
+def key_in_name(key: str) -> str:
+    """A job key as a file name holds it: the key itself when plain ([A-Za-z0-9_-], 1 to 128
+    characters), as the gateway's keys are. The contract does not promise that, and a paid
+    job must be saved whatever its key: any other key (a ``/``, a ``%``, CJK, a path like
+    ``../x``) gives its first 64 characters with every other character made ``_``, then a
+    digest of the whole key, so that two keys never share a name."""
+    if _KEY_RE.fullmatch(key):
+        return key
+    plain = _NOT_PLAIN.sub("_", key[:64])
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{plain}-{digest}"
