@@ -269,6 +269,26 @@ async def test_retry_uncertain_resends_uncertain_lines_only_when_asked(
 
 
 @pytest.mark.long
+async def test_lines_refused_for_the_rate_are_sent_by_a_plain_rerun(tmp_path: Path) -> None:
+    """A 429 storm on submits outlasts the client's retries: nothing was created, so the lines
+    end not_sent (not rejected, which only --retry-failed resends) and the re-run sends them."""
+    faults = ("--http-429", "1", "--endpoints", "generations", "--retry-after-s", "0")
+    async with served_emulator(tmp_path, *faults) as emu:
+        prompts = tmp_path / "two.txt"
+        prompts.write_text("a\nb\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and final_outcomes(out) == {1: "not_sent", 2: "not_sent"}, err
+        assert {r["error_code"] for r in manifest(out)} == {"http_429"}
+        assert (await emu.stats())["submits_accepted"] == 0
+        await set_faults(emu, {})
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0 and final_outcomes(out) == {1: "saved", 2: "saved"}, err
+        assert (await emu.stats())["submits_accepted"] == 2
+
+
+@pytest.mark.long
 async def test_resume_writes_the_input_line_of_an_id_row(tmp_path: Path) -> None:
     """An id row's journal tag holds no line number: resume takes it from the manifest."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:

@@ -33,6 +33,7 @@ from .. import (
     JobFailedError,
     JobTimeoutError,
     ModerationRejectedError,
+    RateLimitedError,
     SubmitUncertainError,
     TransportError,
     UnexpectedRedirectError,
@@ -145,6 +146,10 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
         return "uncertain", "uncertain", message + " (it may have been charged; not resent)"
     if is_systemic(exc):  # the gateway never accepted it (the library promises so): not sent
         return "not_sent", _code(exc), message
+    if isinstance(exc, RateLimitedError):
+        # Refused for the rate, after the client's own retries: the gateway made no job, and
+        # the line is not the gateway's verdict on the request: a plain re-run sends it.
+        return "not_sent", _code(exc), message + " (refused for the rate: a re-run sends it)"
     if isinstance(exc, APIError):
         return "rejected", _code(exc), message
     if isinstance(exc, TransportError):
