@@ -278,7 +278,7 @@ async def test_lines_refused_for_the_rate_are_sent_by_a_plain_rerun(tmp_path: Pa
         prompts.write_text("a\nb\n")
         out = tmp_path / "out"
         bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
-        code, stdout, err = await cli(*bulk, env=emu.env)
+        code, _, err = await cli(*bulk, env=emu.env)
         assert code == 1 and final_outcomes(out) == {1: "not_sent", 2: "not_sent"}, err
         assert {r["error_code"] for r in manifest(out)} == {"http_429"}
         assert (await emu.stats())["submits_accepted"] == 0
