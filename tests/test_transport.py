@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import email.utils
 import resource
 import socket
 import threading
@@ -33,7 +35,7 @@ from wujie_async import (
     WujieError,
 )
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import CallKind
+from wujie_async._transport import CallKind, decode_reply
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport
@@ -216,6 +218,26 @@ async def test_polls_ride_out_server_trouble(emulator: EmulatorFactory) -> None:
         # Every fault was retried, except the last of a call that ran out of tries (rare).
         stats = client.stats
         assert stats.retries + stats.batch_errors >= sum(faults_seen.values())
+
+
+def test_retry_after_may_be_an_http_date() -> None:
+    """RFC 9110: Retry-After is seconds or an HTTP date; a date is honoured as the seconds
+    until it (none for one past), and text that is neither gives no hint."""
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=30)
+    body = b'{"code":"429","message":"slow down","data":null}'
+    cases = [
+        (email.utils.format_datetime(soon, usegmt=True), (20.0, 31.0)),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", (0.0, 0.0)),
+        ("7", (7.0, 7.0)),
+    ]
+    for value, (low, high) in cases:
+        with pytest.raises(RateLimitedError) as info:
+            decode_reply(429, body, {"Retry-After": value})
+        assert info.value.retry_after is not None and low <= info.value.retry_after <= high
+    for value in ("soon", "-3", "nan"):
+        with pytest.raises(RateLimitedError) as info:
+            decode_reply(429, body, {"Retry-After": value})
+        assert info.value.retry_after is None, value
 
 
 def test_rate_limited_error_carries_retry_after() -> None:

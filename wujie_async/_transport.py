@@ -31,6 +31,8 @@ we raise, and the header is never a local of a frame that a traceback keeps.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import errno
 import json
 import logging
@@ -92,11 +94,24 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     if value is None:
         return None
+    seconds: float | None
     try:
         seconds = float(value)
     except ValueError:
-        return None  # an HTTP date: rare for 429, and the backoff covers it
-    return seconds if 0 <= seconds < float("inf") else None
+        seconds = _seconds_until(value)  # RFC 9110 allows an HTTP date too
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
+
+
+def _seconds_until(http_date: str) -> float | None:
+    """Seconds from now until an HTTP date (``Wed, 21 Oct 2026 07:28:00 GMT``); 0 for one
+    past; None for text that is no date."""
+    try:
+        when = email.utils.parsedate_to_datetime(http_date)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC, as RFC 5322 reads it
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - time.time())
 
 
 # Parsed JSON takes up to 25 times its size (a 3-byte "{}," is a 64-byte dict): a reply of
