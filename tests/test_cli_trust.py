@@ -48,6 +48,15 @@ def accepted_at_least(emu: Served, count: int) -> Callable[[], Awaitable[bool]]:
     return check
 
 
+def submits_arrived(emu: Served, count: int = 1) -> Callable[[], Awaitable[bool]]:
+    """Submits the emulator received, answered or not (one held by ``slow_reply`` counts)."""
+
+    async def check() -> bool:
+        return int((await emu.stats())["requests"].get("generations", 0)) >= count
+
+    return check
+
+
 def write_rows(path: Path, rows: list[dict[str, object]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -185,11 +194,7 @@ async def test_sigterm_quits_within_its_grace_when_a_submit_hangs(tmp_path: Path
         out = tmp_path / "out"
         bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
         async with running_cli(*bulk, env=emu.env) as proc:
-
-            async def submit_arrived() -> bool:
-                return bool((await emu.stats())["requests"].get("generations", 0) >= 1)
-
-            await eventually(submit_arrived, what="the submit", alive=proc_alive(proc))
+            await eventually(submits_arrived(emu), what="the submit", alive=proc_alive(proc))
             proc.send_signal(signal.SIGTERM)
             code, stdout, err = await proc.finish(TERM_GRACE_S + 5)  # not 30 s
         assert code == 143, err
@@ -221,11 +226,7 @@ async def test_a_line_not_sent_then_sent_by_a_killed_run_reads_uncertain(tmp_pat
 
         await set_faults(emu, {"slow_reply": 1, "slow_reply_s": 60, "endpoints": ["generations"]})
         async with running_cli(*bulk, "--max-points", "10", env=emu.env) as proc:
-
-            async def sent() -> bool:
-                return bool((await emu.stats())["requests"].get("generations", 0) >= 1)
-
-            await eventually(sent, what="the submit", alive=proc_alive(proc))
+            await eventually(submits_arrived(emu), what="the submit", alive=proc_alive(proc))
             proc.send_signal(signal.SIGKILL)
             await proc.finish(10)
         await set_faults(emu, {})
