@@ -45,15 +45,18 @@ ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
 _ERROR_CHARS = 2000
 _RETRY = 0.25  # a record that met Redis away is tried again this often
 
-# A new row (its id from the seq counter) and its indexes, shared by the scripts that make one
-# (each also takes REDIS_MS). Row ids never come round again: a counter Redis lost (a FLUSHALL,
-# a restart without AOF) starts again from the time in microseconds, past every id given
-# before, so a submit still on the wire with an id of before cannot write its key onto a row
-# made since (2**53, where a score stops being exact, is in the year 2255).
+# A new row (its id from the seq counter) and its indexes, shared by the scripts that make one.
+# Row ids never come round again: a counter Redis lost (a FLUSHALL, a restart without AOF)
+# starts again from Redis' time in microseconds, past every id given before (ids count up from
+# the time they started at, one per script, and a script takes more than a microsecond), so a
+# submit still on the wire with an id of before cannot write its key onto a row made since
+# (2**53, where a score stops being exact, is in the year 2255).
 _NEW_ROW = """
 local function new_row(p, seq, owner, state, path, request, tag, created, updated)
   if redis.call('EXISTS', seq) == 0 then
-    redis.call('SET', seq, string.format('%.0f', redis_ms() * 1000))
+    -- Past every id of before: each id took Redis more than a microsecond to give.
+    local t = redis.call('TIME')
+    redis.call('SET', seq, string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
   end
   local id = string.format('%.0f', redis.call('INCR', seq))  -- never "1.7e+15"
   redis.call('HSET', p .. 'row:' .. id, 'path', path, 'request', request, 'state', state,
@@ -120,8 +123,7 @@ return id
 # is written again from those when the submit may have been charged (its key came, or it is
 # uncertain), as this member's: the job is neither lost nor filed under another submit.
 _MOVE = (
-    REDIS_MS
-    + _NEW_ROW
+    _NEW_ROW
     + _TRANSITION
     + """
 local p = ARGV[1]
@@ -215,8 +217,7 @@ return 1
 # AOF) is written again, accepted and the owner's: were the owner to die, its job is claimed.
 # A key some row holds (another member claimed it meanwhile) is left alone. Reply: how many.
 _RESTORE = (
-    REDIS_MS
-    + _NEW_ROW
+    _NEW_ROW
     + """
 local p, owner, now, n = ARGV[1], ARGV[2], ARGV[3], 0
 for i = 4, #ARGV, 5 do
