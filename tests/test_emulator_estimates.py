@@ -257,7 +257,8 @@ async def test_end_tick_records_each_end_at_the_next_tick(emulator: EmulatorFact
             job = emu.gateway.store.jobs[key]
             assert job.ends_at / 2.0 == pytest.approx(round(job.ends_at / 2.0)), job.ends_at
             late = job.ends_at - (now + entry["expected_seconds"])
-            assert -0.05 <= late <= 2.0, late
+            # Up to a tick, give or take the estimate's rounding (to 10 ms).
+            assert -0.05 <= late <= 2.0 + 0.01, late
             lates.append(late)
         assert max(lates) - min(lates) > 0.5  # spread over the tick, not one value
 
