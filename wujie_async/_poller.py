@@ -183,6 +183,14 @@ IMAGES_AFTER_SUCCESS_GRACE = 3.0
 DONE_UNLISTED_SEEN = 2
 
 
+def _within_grace(tracked: _Tracked, now: float) -> bool:
+    """Whether a job reported done without (the final listing of) its images is still within
+    IMAGES_AFTER_SUCCESS_GRACE of the first such report (which starts it)."""
+    if tracked.done_short_since is None:
+        tracked.done_short_since = now
+    return now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE
+
+
 class BatchPoller:
     """Holds every outstanding job and polls them in shared batch calls."""
 
@@ -650,9 +658,7 @@ class BatchPoller:
         reports are known not to list images)."""
         if not self._done_relists and self._done_unlisted_in_vain >= DONE_UNLISTED_SEEN:
             return False
-        if tracked.done_short_since is None:
-            tracked.done_short_since = now
-        if now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE:
+        if _within_grace(tracked, now):
             return True
         self._done_unlisted_in_vain += 1
         return False
@@ -837,9 +843,7 @@ class BatchPoller:
                 # A gateway may say "succeeded" a moment before it lists the last images: ask
                 # again for a few seconds before the paid job ends short (then for good: an
                 # ended job is not asked about again, not even by attach).
-                if tracked.done_short_since is None:
-                    tracked.done_short_since = now
-                if now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE:
+                if _within_grace(tracked, now):
                     self._schedule(tracked, now + policy.min_interval)
                     return
                 result = ImageResult(job.key, JobStatus.SUCCEEDED, state.images)
