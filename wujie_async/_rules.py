@@ -93,14 +93,18 @@ def _image_violations(model: str, images: object) -> list[Violation]:
     if model == "dall-e-2" and len(images) != 1:
         found.append(("image", "dall-e-2 takes exactly one image"))
     for index, item in enumerate(images):
-        field = f"image[{index}]"
-        if not isinstance(item, str) or not item:
-            found.append((field, "must be a non-empty string (URL, base64 or data URL)"))
-            continue
-        if item.startswith(("http://", "https://")):
-            continue  # a URL: the gateway fetches and checks it
-        found.extend(_inline_image_violations(model, field, item))
+        found.extend(_item_violations(model, f"image[{index}]", item))
     return found
+
+
+def _item_violations(model: str, field: str, item: object) -> list[Violation]:
+    """One image given to an edit (an ``image`` item or the ``mask``): a URL, which the
+    gateway fetches and checks, or an inline image, checked here."""
+    if not isinstance(item, str) or not item:
+        return [(field, "must be a non-empty string (URL, base64 or data URL)")]
+    if item.startswith(("http://", "https://")):
+        return []
+    return _inline_image_violations(model, field, item)
 
 
 def _mask_violations(model: str, mask: object, images: object) -> list[Violation]:
@@ -108,13 +112,11 @@ def _mask_violations(model: str, mask: object, images: object) -> list[Violation
     of the size of the image it masks (the first), when both are inline PNGs."""
     if mask is None:
         return []
-    if not isinstance(mask, str) or not mask:
-        return [("mask", "must be a non-empty string (URL, base64 or data URL)")]
-    if mask.startswith(("http://", "https://")):
-        return []  # a URL: the gateway fetches and checks it
-    found = _inline_image_violations(model, "mask", mask)
-    if found or not isinstance(images, list) or not images or not isinstance(images[0], str):
+    found = _item_violations(model, "mask", mask)
+    if found or not isinstance(mask, str):
         return found
+    if not isinstance(images, list) or not images or not isinstance(images[0], str):
+        return []
     mask_size, image_size = _inline_png_size(mask), _inline_png_size(images[0])
     if mask_size and image_size and mask_size != image_size:
         # It marks where to edit the image: of another size, it marks nothing the gateway
