@@ -45,14 +45,15 @@ ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
 _ERROR_CHARS = 2000
 _RETRY = 0.25  # a record that met Redis away is tried again this often
 
-# A new row (its id from the seq counter) and its indexes, shared by the scripts that make one.
+# A new row (its id from the seq counter) and its indexes, its job key's too when it has one
+# ('' for none), shared by the scripts that make one.
 # Row ids never come round again: a counter Redis lost (a FLUSHALL, a restart without AOF)
 # starts again from Redis' time in microseconds, past every id given before (ids count up from
 # the time they started at, one per script, and a script takes more than a microsecond), so a
 # submit still on the wire with an id of before cannot write its key onto a row made since
 # (2**53, where a score stops being exact, is in the year 2255).
 _NEW_ROW = """
-local function new_row(p, seq, owner, state, path, request, tag, created, updated)
+local function new_row(p, seq, owner, state, path, request, tag, created, updated, key)
   if redis.call('EXISTS', seq) == 0 then
     -- Past every id of before: each id took Redis more than a microsecond to give.
     local t = redis.call('TIME')
@@ -64,6 +65,10 @@ local function new_row(p, seq, owner, state, path, request, tag, created, update
   redis.call('ZADD', p .. 'state:' .. state, id, id)
   redis.call('ZADD', p .. 'owner:' .. owner, id, id)
   if tag ~= '' then redis.call('ZADD', p .. 'tag:' .. tag, id, id) end
+  if key ~= '' then
+    redis.call('HSET', p .. 'row:' .. id, 'job_key', key)
+    redis.call('SET', p .. 'key:' .. key, id)
+  end
   return id
 end
 """
@@ -110,7 +115,8 @@ end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
 if done then return tonumber(done) end
-local id = new_row(p, KEYS[1], ARGV[2], 'intent', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[6])
+local id = new_row(p, KEYS[1], ARGV[2], 'intent', ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[6],
+                   '')
 redis.call('SET', once, id, 'EX', 86400)
 return id
 """
@@ -146,11 +152,8 @@ elseif ARGV[9] and redis.call('EXISTS', p .. 'row:' .. id) == 0 then
       return 0
     end
   end
-  local row = new_row(p, KEYS[1], owner, to, ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[7])
-  if key ~= '' then
-    redis.call('HSET', p .. 'row:' .. row, 'job_key', key)
-    redis.call('SET', p .. 'key:' .. key, row)
-  end
+  local row = new_row(p, KEYS[1], owner, to, ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[7],
+                      key)
   if ARGV[6] ~= '' then redis.call('HSET', p .. 'row:' .. row, 'error', ARGV[6]) end
   return 1
 end
@@ -223,10 +226,8 @@ local p, owner, now, n = ARGV[1], ARGV[2], ARGV[3], 0
 for i = 4, #ARGV, 5 do
   local key = ARGV[i]
   if redis.call('EXISTS', p .. 'key:' .. key) == 0 then
-    local id = new_row(p, KEYS[1], owner, 'accepted', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-                       ARGV[i + 4], now)
-    redis.call('HSET', p .. 'row:' .. id, 'job_key', key)
-    redis.call('SET', p .. 'key:' .. key, id)
+    new_row(p, KEYS[1], owner, 'accepted', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+            now, key)
     n = n + 1
   end
 end
