@@ -36,7 +36,14 @@ from ._common import (
 )
 from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source, saved_indexes
 from ._progress import Display, Tally
-from ._run import check_out_folder, line_of, lines_by_id, readable_error, uncancel
+from ._run import (
+    check_out_folder,
+    line_of,
+    lines_by_id,
+    readable_error,
+    sent_lines,
+    uncancel,
+)
 from ._signals import stopping_on_signals
 
 _STATES = ALL_STATES
@@ -292,9 +299,11 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
                     uncancel()  # our own second signal: close normally, then report
                     result = run.interrupted_at_once()
         # The old rows are superseded by the new submits; rows not sent stay as they were.
-        sent = {o.row_id or o.line for o in result.outcomes if o.status != "not_sent"}
+        sent = sent_lines(result.outcomes)
         await client.forget_submits(
-            entry.id for entry in chosen if (line_of(entry)[1] or line_of(entry)[0]) in sent
+            entry.id
+            for entry, row in zip(chosen, rows, strict=True)
+            if (row.row_id or row.line) in sent
         )
     saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
     console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -100,9 +100,10 @@ class Plan:
     # Settled lines whose outcome the manifest lacks (a run killed before writing it).
     unrecorded: list[tuple[Row, LineOutcome]] = field(default_factory=list)
     unusable: list[int] = field(default_factory=list)  # journal rows whose key is not usable
-    # Journal rows of uncertain lines resent (--retry-uncertain), by the line's tag: once its
-    # new submit is out, the old row is superseded and forgotten (as journal resend does).
-    superseded: dict[str | int, int] = field(default_factory=dict)  # row id or line -> row
+    # Journal rows of uncertain lines resent (--retry-uncertain), by the line's row id (else
+    # its number): once its new submit is out, the old row is superseded and forgotten (as
+    # journal resend does, see sent_lines).
+    superseded: dict[str | int, int] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -211,6 +212,12 @@ def line_of(entry: JournalEntry, lines: Mapping[str, int] | None = None) -> tupl
         return (lines or {}).get(row_id, 0), row_id
     parsed = line_tag(tag)
     return (parsed[0] if parsed is not None else 0), None
+
+
+def sent_lines(outcomes: Iterable[LineOutcome]) -> set[str | int]:
+    """The lines a run sent (each by its row id, else its number): every outcome but
+    ``not_sent``. A journal row such a line was resent for is superseded by the new submit."""
+    return {o.row_id or o.line for o in outcomes if o.status != "not_sent"}
 
 
 def lines_by_id(records: list[dict[str, Any]]) -> dict[str, int]:
@@ -323,6 +330,7 @@ async def plan_rerun(
                 plan.unrecorded.append((row, outcome))
             plan.skipped += 1
     claimed = {moved.get(item.tag, item.tag) for item in items}
+    lines = lines_by_id(manifest_records)
     for tag, entry in latest.items():
         key = entry.job_key
         if tag in claimed or entry.state not in ("accepted", "succeeded") or not key:
@@ -338,8 +346,7 @@ async def plan_rerun(
             continue
         # A row edited or removed since its job was sent: that job is paid, and collected as
         # the request it was (the new row, if any, is a new line).
-        line, row_id = line_of(entry, lines_by_id(manifest_records))
-        row = Row(line, row_id, tag, dict(entry.request))
+        row = Row(*line_of(entry, lines), tag, dict(entry.request))
         if (job := _attach(client, entry, plan, n, job_timeout, charged)) is not None:
             plan.collect.append((row, job))
             plan.orphans += 1
@@ -764,9 +771,7 @@ class Session:
                         self.result = run.interrupted_at_once()
                 self.terminated = signals.terminated
                 if plan.superseded:
-                    # The uncertain rows of lines resent are superseded by the new submits.
-                    outcomes = self.result.outcomes
-                    sent = {o.row_id or o.line for o in outcomes if o.status != "not_sent"}
+                    sent = sent_lines(self.result.outcomes)
                     await client.forget_submits(
                         row for line, row in plan.superseded.items() if line in sent
                     )
