@@ -282,10 +282,11 @@ async def test_a_redirect_to_the_metadata_service_is_refused_and_nothing_is_fetc
 async def test_a_url_aiohttp_will_not_fetch_is_refused_at_once(
     tmp_path: Path, host: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """``http://127.1`` (``0``, ``2130706433``): aiohttp refuses such a host before it connects
-    (InvalidUrlClientError). It was retried as if transient, every try alike, and ended as
-    "the connection failed" (or "too slow"). It can never succeed: refused at once, naming the
-    host and the problem, never the URL's path (a CDN's token)."""
+    """``http://127.1`` (``0``, ``2130706433``, ``0x7f.0.0.1``): an IPv4 address in shorthand,
+    which aiohttp refuses (InvalidUrlClientError) and older releases connect to. It was retried
+    as if transient, every try alike, and ended as "the connection failed" (or "too slow"). The
+    address check refuses it at once, first URL or redirect, naming the host and the problem,
+    never the URL's path (a CDN's token)."""
     caplog.set_level(logging.DEBUG, logger="wujie_async.download")
     async with tricky_server() as (origin, hits), local_downloader(allow_http=True) as saver:
         port = origin.rsplit(":", 1)[1]

@@ -43,7 +43,6 @@ from ._errors import (
     ProtocolError,
     TransportError,
     WujieError,
-    snippet,
 )
 from ._file_names import DEFAULT_NAME, check_template, render_name
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, sniff_format
@@ -103,26 +102,6 @@ def _join(base: URL, location: str) -> URL:
         return base.join(URL(location))
     except ValueError:
         raise InvalidRequestError([("url", "a redirect gave an invalid URL")]) from None
-
-
-def _unusable_url(url: URL, exc: aiohttp.InvalidURL) -> InvalidRequestError:
-    """The refusal of a URL aiohttp will not fetch, in its words made safe. Never the whole
-    URL (its path or query may carry a CDN's token): its host, and aiohttp's reason, which
-    follows the host it names (``127.1 - is not a canonical IPv4 address``)."""
-    host = url.raw_host or ""
-    why = "not a valid URL"
-    if exc.description:
-        named = str(exc.url)
-        why = f"{named} {exc.description}" if named == host else exc.description
-    return InvalidRequestError(
-        [
-            (
-                "url",
-                f"refusing to download from {snippet(host) or '(no host)'}: the URL cannot be "
-                f"fetched ({snippet(why)}); not retried",
-            )
-        ]
-    )
 
 
 def _too_slow(what: str) -> TransportError:
@@ -465,11 +444,6 @@ class Downloader:
                             reached_server=False,
                         )
                     )
-            except aiohttp.InvalidURL as exc:
-                # Not transient: aiohttp refuses the URL before connecting (a host such as
-                # 127.1, 0 or 2130706433, a numeric form it will not resolve), so every try
-                # would fail alike until the deadline, reported as a connection failure.
-                failure = _unusable_url(current, exc)
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Reset, disconnected, truncated body (ClientPayloadError), read timeout.
                 failure = _RetryableError(
