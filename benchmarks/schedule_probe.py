@@ -59,6 +59,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: constant 30 s": {"faults": FaultConfig(estimate_constant=30.0)},
     "bad: constant 100 s (jobs of 10-30 s)": {"faults": FaultConfig(estimate_constant=100.0)},
     "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
+    "bad: 1 job in 20 told 3x its length": {"faults": FaultConfig(estimate_outliers=0.05)},
+    "bad: 1 job in 20 told 3x its length + whole percents": {
+        "faults": FaultConfig(estimate_outliers=0.05),
+        "progress_percent": "whole",
+    },
     "bad: 2x optimistic": {"faults": FaultConfig(estimate_bias=0.5)},
     "bad: absent": {"faults": FaultConfig(estimate_absent=1.0)},
     "bad: absent + progress in whole percents": {
@@ -113,6 +118,7 @@ async def burst(jobs: int, settings: dict[str, Any], policy: PollPolicy) -> dict
         "calls_per_job": round((jobs + stats["batch_calls"]) / jobs, 3),
         "seen_late_p50_s": round(late[len(late) // 2], 3),
         "seen_late_p99_s": round(late[int(len(late) * 0.99) - 1], 3),
+        "seen_late_max_s": round(late[-1], 3),
     }
 
 

@@ -114,6 +114,19 @@ async def test_estimate_bias_multiplies_every_estimate(emulator: EmulatorFactory
         assert all(f == pytest.approx(2.0, abs=0.02) for f in factors), factors
 
 
+async def test_estimate_outliers_tell_a_share_of_jobs_a_multiple_of_their_length(
+    emulator: EmulatorFactory,
+) -> None:
+    faults = FaultConfig(estimate_outliers=0.25, estimate_outlier_factor=3.0)
+    async with emulator(**LONG, seed=3, estimate_basis="actual", faults=faults) as emu:
+        keys = await submit_many(emu, 60)
+        factors = estimate_factors(emu, await entries(emu, keys))
+        right = [f for f in factors if f == pytest.approx(1.0, abs=0.02)]
+        told_3x = [f for f in factors if f == pytest.approx(3.0, abs=0.05)]
+        assert len(right) + len(told_3x) == len(factors), factors
+        assert 5 <= len(told_3x) <= 30, factors  # about a quarter of 60
+
+
 @pytest.mark.long
 async def test_estimate_constant_is_always_the_same_placeholder(
     emulator: EmulatorFactory,

@@ -62,12 +62,14 @@ def after_a_lookout() -> PollSchedule:
     return schedule
 
 
-def past_the_scouts() -> PollSchedule:
+def past_the_scouts(told: float = 9.0) -> PollSchedule:
     """A schedule that has nothing learned and no scout left to send: ``TUNING.scouts`` other
-    jobs reported a first estimate each (all different: per-job estimates), after a lookout."""
+    jobs reported a first estimate each (all different: per-job estimates, from ``told`` s
+    up), after a lookout."""
     schedule = after_a_lookout()
-    for told in range(TUNING.scouts):
-        schedule.report(KeyTiming(created_at=0.0, model="m"), 1.0, expected_seconds=9.0 + told)
+    for more in range(TUNING.scouts):
+        timing = KeyTiming(created_at=0.0, model="m")
+        schedule.report(timing, 1.0, expected_seconds=told + more)
     return schedule
 
 
@@ -78,7 +80,8 @@ def test_a_right_estimate_costs_at_most_three_asks_before_anything_is_learned() 
     # Ends off whole seconds: exact estimates that come out whole at every ask are taken for
     # whole-second ones, whose unlearned window reaches a second earlier by design.
     for end in (8.3, 20.3, 45.3, 200.3):
-        asks, late = follow(past_the_scouts(), end, exact)
+        # (Among jobs told about as long: one told far longer is probed once, see _probe.)
+        asks, late = follow(past_the_scouts(told=end / 2), end, exact)
         # A job longer than max_estimate_wait is also asked about once per that wait.
         assert asks <= 3 + int(end // POLICY.max_estimate_wait), (end, asks)
         assert late <= POLICY.min_interval
@@ -546,7 +549,9 @@ def test_an_end_within_a_second_of_its_prediction_is_learned_in_seconds(
     assert opens >= predicted - 1.5, (opens, predicted)  # not 3 s early
     for end in (30.3, 30.6, 30.9):
         asks, late = follow_gateway(schedule, end, estimate=estimate)
-        assert asks <= 3 and late <= POLICY.min_interval, (end, asks, late)
+        # One ask more than a usual job: told three times as long as its model's jobs, it is
+        # probed once when they end (PollSchedule._probe).
+        assert asks <= 3 + 1 and late <= POLICY.min_interval, (end, asks, late)
 
 
 @pytest.mark.parametrize("end_time_known", [True, False])
@@ -804,3 +809,38 @@ def test_a_long_jobs_lookout_is_asked_as_a_job_without_an_estimate() -> None:
         due += gap
         asks += 1
     assert asks < 200 / POLICY.min_interval / 2, asks
+
+
+def test_a_job_told_far_longer_than_its_models_jobs_is_probed_and_seen_by_its_progress() -> None:
+    # Right estimates for jobs of 10-30 s, and one job told 75 s that lasts 25 s (queued
+    # until 3 s, then generating evenly): without a probe it was seen at 75 s, 50 s late.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+    window = schedule.window("m")
+    timing = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(timing, 1.0, expected_seconds=74.0, queued=True)
+    # Asked when a usual job of its model would end, not at 75 s.
+    assert 15.0 <= due <= 25.0
+    # Generating there: 25 s job, generation 3-25 s; the reading can only say it began after
+    # the ask at 1 s that saw it queued, so it ends by due + (100 - p) / p * (due - 1) at most.
+    percent = round((due - 3.0) / 22.0 * 100, 1)
+    latest = due + (100 - percent) / percent * (due - 1.0)
+    assert latest < 75.0
+    after = schedule.report(timing, due, expected_seconds=75.0 - due, percent=percent)
+    assert after == pytest.approx(latest + TUNING.open_delay * POLICY.min_interval, abs=0.01)
+    assert after >= 25.0  # not before it can have ended: no ask wasted on the way
+    # Its end, far before its estimate, does not open every other job's window early.
+    schedule.job_ended(timing, after, 25.0)
+    assert schedule.window("m") == window
+
+
+def test_a_job_told_about_as_long_as_its_models_jobs_is_not_probed() -> None:
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+    timing = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(timing, 1.0, expected_seconds=33.0, queued=True)
+    assert due > 30.0  # waits on its (right) estimate: no ask more

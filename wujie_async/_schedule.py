@@ -116,6 +116,8 @@ class ScheduleTuning:
             late; 0.5 s, 4.9 asks, 0.45 s; 0.75 s, 4.7 asks, 0.53 s (an error the asks at the
             window do not make up for); by age alone, 29 asks. Estimates ±50% off that give
             way to the progress: within 0.5 s, 4.7 asks, p99 0.61 s; 0.25 s, 5.2 asks, 0.50 s.
+        long_told: a job told more than this many times its model's median span (of the
+            spans kept) is probed once, at that median (``PollSchedule._probe``).
         progress_wins: a model's jobs go by their progress (when it tells) once this many
             more of its jobs ended closer to what their progress told than to the gateway's
             estimate (by more than ``near``) than the other way round (``_compare``). Few,
@@ -144,6 +146,7 @@ class ScheduleTuning:
     near: float = 1.0
     countdowns_trusted: int = 8
     progress_error: float = 0.25
+    long_told: float = 2.0
     progress_wins: int = 3
 
 
@@ -195,6 +198,22 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | No
     left = min(left, MAX_EXPECTED_SECONDS)
     progress.told_end = seen + left
     return left
+
+
+def _latest_end(timing: KeyTiming, now: float, percent: float) -> float | None:
+    """The latest loop time a job first read generating at ``percent`` by ``now`` ends, were
+    its progress to grow evenly: it began generating after it was last seen queued (or after
+    its submit), so it has generated ``now - then`` at most, and has at most that times
+    ``(100 - percent) / percent`` left. None when ``percent`` tells nothing (0 or 100).
+
+    One reading is enough for it, where a rate (``_from_progress``) needs two: a job told far
+    too long among right ones is read once while generating, and was seen only when its
+    estimate ran out (30 s late for 3x estimates of jobs of 10-30 s). For a right estimate it
+    lies at or after the estimated end, and changes nothing."""
+    if not 0.0 < percent < 100.0:
+        return None
+    began = timing.last_ask if timing.queued and timing.last_ask is not None else timing.created_at
+    return now + (100.0 - percent) * (now - began) / percent
 
 
 def _error(predicted: float, span: float, ended: tuple[float, float]) -> float | None:
@@ -425,6 +444,7 @@ class PollSchedule:
         "_stamped_near",
         "_stamps_at_their_word",
         "_typical",
+        "_usual_spans",
         "_windows",
         "generation",
     )
@@ -455,6 +475,8 @@ class PollSchedule:
         self._planned_edges: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
         self._typical: dict[str | None, bool] = {}  # _typical_figure, kept as spans come
+        # The median of the spans kept, once there are min_samples of them (_probe).
+        self._usual_spans: dict[str | None, float] = {}
         # Per model: jobs that ended closer to their progress's figure than to the gateway's
         # estimate, less those that ended closer to the estimate (see _compare).
         self._progress_score: dict[str | None, int] = {}
@@ -554,6 +576,7 @@ class PollSchedule:
             and timing.predicted_span
             and timing.estimate_live
             and not bound
+            and not self._told_far_longer(timing.model, timing.predicted_span)
         ):
             error = _error(timing.predicted_end, timing.predicted_span, ended)
             second = 1.0 / timing.predicted_span
@@ -637,6 +660,8 @@ class PollSchedule:
                 spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
             spans.append(lesson.span)
             low, high = min(spans), max(spans)
+            if len(spans) >= TUNING.min_samples:
+                self._usual_spans[model] = sorted(spans)[len(spans) // 2]
             self._typical[model] = (
                 len(spans) >= TUNING.same_spans_min
                 and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
@@ -760,9 +785,12 @@ class PollSchedule:
         """
         policy = self._policy
         seen = now if asked_at is None else asked_at
-        told = sooner = None
+        told = sooner = latest = None
         if percent is not None and not queued:
+            first_reading = timing.progress is None
             told = _from_progress(timing, seen, percent)
+            if first_reading:
+                latest = _latest_end(timing, now, percent)
         progress = timing.progress
         estimate = progress.estimate if progress is not None else None
         if progress is not None and estimate is not None:
@@ -776,8 +804,9 @@ class PollSchedule:
             _tell_by_progress(timing, progress, seen + expected_seconds)
             expected_seconds = told
         else:
-            # Decided on the gateway's estimate; the progress may still tell an end sooner.
-            sooner = told
+            # Decided on the gateway's estimate; the progress may still tell an end sooner:
+            # by its rate, or at its first reading the latest it can end (``_latest_end``).
+            sooner = told if told is not None or latest is None else latest - seen
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)
@@ -863,6 +892,29 @@ class PollSchedule:
                 ask = at
         return ask
 
+    def _probe(self, timing: KeyTiming, now: float) -> float:
+        """When a job told far longer than its model's jobs usually are (``TUNING.long_told``
+        times the median span), and never read generating, is asked once more: when a usual
+        job would end. Its progress then tells the latest it ends (``_latest_end``): a job told
+        three times its length among right ones was otherwise seen only when its estimate
+        ran out (30 s late, p99, jobs of 10-30 s). A right estimate that long costs one ask
+        more. ``inf``: no such ask."""
+        span = timing.predicted_span
+        if timing.progress is not None or timing.predicted_end is None or not span:
+            return math.inf
+        if not self._told_far_longer(timing.model, span):
+            return math.inf
+        at = timing.created_at + self._usual_spans[timing.model]
+        return at if at > now + self._policy.min_interval else math.inf
+
+    def _told_far_longer(self, model: str | None, span: float) -> bool:
+        """Whether a job of ``model`` predicted to last ``span`` was told far longer than the
+        model's jobs usually are (``TUNING.long_told``). The probe watches such a job, not the
+        window: its end teaches the window nothing (1 job in 20 told 3x its length opened
+        every job's window at a third of its span: 11 asks per key)."""
+        usual = self._usual_spans.get(model)
+        return usual is not None and span > TUNING.long_told * usual
+
     def next_ask(
         self, timing: KeyTiming, now: float, *, queue_position: int | None = None
     ) -> float:
@@ -870,6 +922,15 @@ class PollSchedule:
         ``timing.tentative`` when that ask may tell nothing by the time it comes due: a check
         that its estimate counts down, or an ask at a window that reaches early because it is
         unlearned (``TUNING.coarse_reach``)."""
+        ask = self._planned_ask(timing, now, queue_position)
+        probe = self._probe(timing, now)
+        if probe + self._policy.min_interval < ask:
+            timing.tentative = False
+            return probe
+        return ask
+
+    def _planned_ask(self, timing: KeyTiming, now: float, queue_position: int | None) -> float:
+        """``next_ask`` but for a probe (``_probe``)."""
         policy = self._policy
         timing.tentative = False
         if timing.predicted_end is not None and timing.predicted_span:

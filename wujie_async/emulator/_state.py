@@ -72,6 +72,9 @@ class FaultConfig:
         estimate_constant: when set, ``expected_seconds`` is always this many seconds, whatever
             the job and however long it has run (a placeholder estimate).
         estimate_absent: probability that a job's entries carry no ``expected_seconds``.
+        estimate_outliers: probability that a job's estimate is ``estimate_outlier_factor``
+            times what it would be (a few jobs told far too long or too short among right ones).
+        estimate_outlier_factor: see ``estimate_outliers``.
     """
 
     endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
@@ -100,6 +103,8 @@ class FaultConfig:
     estimate_bias: float = 1.0
     estimate_constant: float | None = None
     estimate_absent: float = 0.0
+    estimate_outliers: float = 0.0
+    estimate_outlier_factor: float = 3.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -335,10 +340,13 @@ class JobStore:
             ends = math.ceil(ends / tick) * tick
             if outcome == JobStatus.SUCCEEDED and not config.finishing_s:
                 done_at[-1] = ends
-        estimate: float | None = basis * faults.estimate_bias
+        off_by = faults.estimate_bias
         if faults.estimate_noise:
             noise = faults.estimate_noise
-            estimate = basis * faults.estimate_bias * rng.uniform(1 - noise, 1 + noise)
+            off_by *= rng.uniform(1 - noise, 1 + noise)
+        if faults.estimate_outliers and rng.random() < faults.estimate_outliers:
+            off_by *= faults.estimate_outlier_factor
+        estimate: float | None = basis * off_by
         if faults.estimate_absent and rng.random() < faults.estimate_absent:
             estimate = None
         job = EmulatedJob(
