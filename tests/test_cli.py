@@ -104,9 +104,12 @@ async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:
 
 
 async def test_no_credentials_is_said_clearly(tmp_path: Path) -> None:
-    code, _, err = await cli("generate", "a fox", "--out", str(tmp_path))
-    assert code == 2
-    assert "WUJIE_APP_ID" in err and "--emulator" in err
+    out = tmp_path / "images"
+    for command in (["generate", "a fox"], ["status", "K" * 32, "--wait"]):
+        code, _, err = await cli(*command, "--out", str(out))
+        assert code == 2
+        assert "WUJIE_APP_ID" in err and "--emulator" in err
+        assert not out.exists()  # said before the folder was made
 
 
 @pytest.mark.long

@@ -41,6 +41,7 @@ from ._common import (
     EXIT_USAGE,
     UsageError,
     check_names,
+    credentials,
 )
 from ._completion import SHELLS, script
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
@@ -517,6 +518,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     else:  # resume
         _journal_commands.check_journal_file(args.journal, resume=True)
     check_names(args.name, planned, taken=_run_files(args))
+    if not getattr(args, "emulator", False):
+        credentials(args)  # missing or unreadable: said before OUT is made
     check_out_folder(args.out)
     session = Session(args, console, _progress_mode(args))
     if args.command not in ("bulk", "resume"):
