@@ -427,7 +427,11 @@ async def test_misuse_raises_clear_state_errors(emulator: EmulatorFactory) -> No
                 async def image() -> None:
                     await job.image(1)
 
-                for use in (submit, wait, image):
+                async def updates() -> None:
+                    async for _ in job.updates():
+                        pass
+
+                for use in (submit, wait, image, updates):
                     try:
                         asyncio.run(use())
                     except BaseException as exc:
@@ -436,8 +440,8 @@ async def test_misuse_raises_clear_state_errors(emulator: EmulatorFactory) -> No
             thread = threading.Thread(target=other_loop)
             thread.start()
             await asyncio.to_thread(thread.join, 10)
-            assert len(errors) == 3, errors
-            for error in errors:  # the submit, awaiting the job, and one of its images
+            assert len(errors) == 4, errors
+            for error in errors:  # the submit, awaiting the job, one of its images, updates
                 assert isinstance(error, ClientStateError), repr(error)
                 assert "another event loop" in str(error)
             assert not job.done() and job.cancel()  # still its own loop's to use

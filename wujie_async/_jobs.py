@@ -514,6 +514,7 @@ class ImageJob:
                 print(update.status_name, update.progress, len(update.images))
         """
         state = self._state
+        _check_loop(state.future)
         seen = -1
         while True:
             if state.version == seen:
