@@ -192,7 +192,7 @@ async def test_max_in_flight_bounds_outstanding_jobs(emulator: EmulatorFactory) 
 
 @pytest.mark.long
 async def test_cancelling_generate_cancels_the_submit_cleanly(
-    emulator: EmulatorFactory, tmp_path: Path
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     faults = FaultConfig(slow_reply=1.0, slow_reply_s=5.0, endpoints=frozenset({"generations"}))
     journal = tmp_path / "jobs.sqlite"
@@ -200,10 +200,21 @@ async def test_cancelling_generate_cancels_the_submit_cleanly(
         client = make_client(emu, limits=Limits(max_in_flight=1), journal=journal)
         async with client:
             task = asyncio.create_task(client.images.generate(prompt="slow", model="dall-e-2"))
-            await asyncio.sleep(0.2)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            await eventually(
+                lambda: emu.stats()["faults"].get("slow_reply"), what="the submit on the wire"
+            )
+            with caplog.at_level("WARNING", logger="wujie_async"):
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            # Its caller is gone: the log is where anyone hears it may have been paid for.
+            said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+            assert any(
+                "cancelled by its caller while on the wire" in line
+                and "may have accepted (and charged)" in line
+                and "journal lists it as uncertain" in line
+                for line in said
+            ), said
             emu.set_faults(FaultConfig())
             # The in-flight slot was given back: another submit gets through.
             result = await client.images.generate(prompt="fast", model="dall-e-2")

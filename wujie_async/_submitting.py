@@ -404,6 +404,18 @@ class Submits:
             self.errors += 1
             if trace is not None:
                 self._submit_ended(trace, record, exc)
+            if (
+                isinstance(exc, anyio.get_cancelled_exc_class())
+                and record.may_have_left
+                and record.job is None
+            ):
+                # The caller gave up (a request handler whose client went away): no one is
+                # left to hear that this one may have been paid for.
+                self._telemetry.warnings.warning(
+                    "a submit was cancelled by its caller while on the wire: the gateway may "
+                    "have accepted (and charged) it, and its key is unknown%s",
+                    "; the journal lists it as uncertain" if self._journal is not None else "",
+                )
             raise
         finally:
             self._running.pop(scope, None)
