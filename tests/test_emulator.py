@@ -444,7 +444,31 @@ async def test_faults_can_be_set_over_http(emulator: EmulatorFactory) -> None:
                 assert r.status == 200 and (await r.json())["http_5xx"] == 1.0
             async with session.post(f"{emu.origin}/_emulator/faults", json={"nope": 1}) as r:
                 assert r.status == 400
+            async with session.post(f"{emu.origin}/_emulator/faults", json={"fail_jobs": 5}) as r:
+                assert r.status == 400 and "fail_jobs: a probability" in (await r.json())["error"]
         assert (await _many_infos(emu, 1))[0].status == 503
+
+
+def test_settings_it_cannot_run_with_are_refused_before_it_starts() -> None:
+    from wujie_async import InvalidRequestError
+
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"time_scale": "fast"}, "time_scale: expected a finite number, got 'fast'"),
+        ({"time_scale": 0.0}, "time_scale: above 0"),
+        ({"job_seconds": (30.0, 10.0)}, "job_seconds: LOW at most HIGH"),
+        ({"batch_cap": 0}, "batch_cap: above 0"),
+        ({"finishing_s": -1.0}, "finishing_s: at least 0"),
+        ({"faults": {"fail_jobs": 1.0}}, "faults: a FaultConfig, got dict"),
+        ({"faults": FaultConfig(fail_jobs=5)}, "faults.fail_jobs: a probability, from 0 to 1"),
+        ({"faults": FaultConfig(http_5xx="x")}, "faults.http_5xx: expected a finite number"),  # type: ignore[arg-type]
+    ]
+    for settings, says in cases:
+        with pytest.raises(InvalidRequestError) as caught:
+            Emulator(EmulatorConfig(**settings))
+        assert says in str(caught.value), (settings, str(caught.value))
+    emu = Emulator(EmulatorConfig(seed=-3, stamp_skew=-2.0))  # below 0 where it means something
+    with pytest.raises(InvalidRequestError, match="estimate_outliers: a probability"):
+        emu.set_faults(FaultConfig(estimate_outliers=2.0))
 
 
 # --- stats --------------------------------------------------------------------------------------

@@ -14,10 +14,13 @@ Fixtures:
 * ``wujie_emulator``: an :class:`~wujie_async.emulator.Emulator` on loopback, jobs on a fast
   time scale (0.01: a "20 s" job takes 0.2 s), seeded. Settings come from the
   ``@pytest.mark.wujie_emulator(...)`` marker (any :class:`~wujie_async.emulator.EmulatorConfig`
-  field, e.g. ``time_scale=0.05`` or ``faults=FaultConfig(fail_jobs=0.5)``); faults can also
-  change while it runs, with ``wujie_emulator.set_faults(FaultConfig(...))``.
+  field by name, e.g. ``time_scale=0.05`` or ``faults=FaultConfig(fail_jobs=0.5)``, or faults
+  as a dict, ``faults={"fail_jobs": 0.5}``; a setting of the wrong type or out of range is an
+  ``InvalidRequestError`` naming it); faults can also change while it runs, with
+  ``wujie_emulator.set_faults(FaultConfig(...))``.
 * ``wujie_client``: an open :class:`~wujie_async.WujieClient` bound to that emulator, polling
-  on the emulator's time scale (:data:`FAST_POLL`) with instant retries (:data:`INSTANT_RETRY`).
+  on the emulator's time scale (:func:`poll_for`: :data:`FAST_POLL` at the default scale) with
+  instant retries (:data:`INSTANT_RETRY`).
 
 The fixtures are async: the tests run under anyio's pytest plugin (``@pytest.mark.anyio``,
 shipped with anyio) on asyncio, which aiohttp needs.
@@ -25,15 +28,16 @@ shipped with anyio) on asyncio, which aiohttp needs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from . import PollPolicy, RetryPolicy, WujieClient
-from .emulator import Emulator, EmulatorConfig
+from .emulator import Emulator, EmulatorConfig, fault_config_from_mapping
 
-__all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY"]
+__all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY", "poll_for"]
 
 DEFAULT_TIME_SCALE = 0.01
 """The emulator's default time scale in these fixtures."""
@@ -73,9 +77,41 @@ async def wujie_emulator(
     marker = request.node.get_closest_marker("wujie_emulator")
     settings: dict[str, Any] = {"time_scale": DEFAULT_TIME_SCALE, "seed": 0}
     if marker is not None:
+        if marker.args:
+            raise pytest.UsageError(
+                "@pytest.mark.wujie_emulator takes EmulatorConfig settings by name "
+                f"(time_scale=0.05), not by position: got {marker.args!r}"
+            )
         settings |= marker.kwargs
-    async with Emulator(EmulatorConfig(**settings)) as emulator:
+    if isinstance(settings.get("faults"), dict):
+        settings["faults"] = fault_config_from_mapping(settings["faults"])
+    try:
+        config = EmulatorConfig(**settings)
+    except TypeError as exc:  # an unknown name
+        raise pytest.UsageError(f"@pytest.mark.wujie_emulator: {exc}") from None
+    async with Emulator(config) as emulator:
         yield emulator
+
+
+def poll_for(time_scale: float) -> PollPolicy:
+    """:data:`FAST_POLL` for an emulator at ``time_scale``: its waits grow with the scale
+    (jobs last that much longer), up to the defaults a user gets (``PollPolicy()``)."""
+    factor = time_scale / DEFAULT_TIME_SCALE
+    if factor <= 1.0:
+        return FAST_POLL
+    default = PollPolicy()
+    names = (
+        "first_poll_delay",
+        "min_interval",
+        "max_interval",
+        "max_estimate_wait",
+        "batch_fill_horizon",
+        "unknown_key_grace",
+    )
+    return dataclasses.replace(
+        FAST_POLL,
+        **{name: min(getattr(FAST_POLL, name) * factor, getattr(default, name)) for name in names},
+    )
 
 
 @pytest.fixture
@@ -84,7 +120,7 @@ async def wujie_client(wujie_emulator: Emulator) -> AsyncIterator[WujieClient]:
     async with WujieClient(
         wujie_emulator.credentials,
         base_url=wujie_emulator.base_url,
-        poll=FAST_POLL,
+        poll=poll_for(wujie_emulator.gateway.config.time_scale),
         retry=INSTANT_RETRY,
     ) as client:
         yield client

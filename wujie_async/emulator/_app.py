@@ -25,7 +25,7 @@ from .._contract import JobStatus
 from .._errors import InvalidRequestError
 from . import _png
 from ._clock import Clock, GatewayClock
-from ._options import fault_config_from_mapping
+from ._options import check_config, check_faults, fault_config_from_mapping
 from ._state import (
     EmulatedJob,
     EmulatorConfig,
@@ -119,6 +119,7 @@ class Gateway:
     """
 
     def __init__(self, config: EmulatorConfig, *, clock: Clock | None = None) -> None:
+        check_config(config)
         self.config = config
         self.clock = GatewayClock(clock)
         self.rng = random.Random(config.seed)
@@ -137,6 +138,7 @@ class Gateway:
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Replace the fault settings (takes effect on the next request)."""
+        check_faults(faults)
         self.config = replace(self.config, faults=faults)
         self.store.config = self.config
         self._burst_left = faults.burst_429

@@ -394,3 +394,90 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
             assert setting.container is not None
             values[name] = setting.container(item for part in values[name] for item in part)
     return EmulatorConfig(**values, faults=FaultConfig(**fault_values))
+
+
+# Settings that are probabilities (0-1), and numbers that may be below 0; every other number
+# is a count, a duration or a factor, at least 0.
+_PROBABILITIES = frozenset(
+    {
+        "http_5xx",
+        "http_429",
+        "drop_connection",
+        "drop_after_accept",
+        "slow_reply",
+        "html_reply",
+        "business_error",
+        "absent_jobs",
+        "duplicate_entries",
+        "unknown_status",
+        "fail_jobs",
+        "end_without_result",
+        "estimate_noise",
+        "estimate_absent",
+        "estimate_outliers",
+    }
+)
+_SIGNED = frozenset({"seed", "stamp_skew"})
+_POSITIVE = frozenset({"time_scale", "batch_cap"})  # above 0
+
+
+def _violations(config: EmulatorConfig | FaultConfig) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    cls: type = type(config)
+    for name, setting in settings(cls).items():
+        value = getattr(config, name)
+        plain = sorted(value) if isinstance(value, frozenset) else value
+        try:
+            setting.from_json(list(plain) if isinstance(plain, tuple) else plain)
+        except ValueError as exc:
+            found.append((name, str(exc)))
+            continue
+        numbers = value if setting.kind == "float-pair" and value is not None else (value,)
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, int | float):
+                continue
+            if name in _PROBABILITIES and not 0 <= number <= 1:
+                found.append((name, f"a probability, from 0 to 1; got {number!r}"))
+            elif name in _POSITIVE and number <= 0:
+                found.append((name, f"above 0; got {number!r}"))
+            elif name not in _SIGNED and number < 0:
+                found.append((name, f"at least 0; got {number!r}"))
+    return found
+
+
+def check_config(config: EmulatorConfig) -> None:
+    """Refuse settings the emulator cannot run with, each named with its rule, before it
+    starts (a wrong type used to fail deep inside a request handler, as an HTTP 500).
+
+    Raises:
+        InvalidRequestError: every setting that breaks a rule.
+    """
+    found: list[tuple[str, str]] = []
+    if not isinstance(config, EmulatorConfig):
+        raise InvalidRequestError([("config", f"an EmulatorConfig, got {type(config).__name__}")])
+    found += _violations(config)
+    pair = config.job_seconds
+    if pair is not None and not any(name == "job_seconds" for name, _ in found):
+        if pair[0] > pair[1]:
+            found.append(("job_seconds", f"LOW at most HIGH; got {pair!r}"))
+    if isinstance(config.faults, FaultConfig):
+        found += [(f"faults.{name}", rule) for name, rule in _violations(config.faults)]
+    else:
+        found.append(
+            (
+                "faults",
+                f"a FaultConfig, got {type(config.faults).__name__} "
+                "(fault_config_from_mapping() reads a dict)",
+            )
+        )
+    if found:
+        raise InvalidRequestError(found)
+
+
+def check_faults(faults: FaultConfig) -> None:
+    """``check_config`` for fault settings changed while the emulator runs."""
+    if not isinstance(faults, FaultConfig):
+        raise InvalidRequestError([("faults", f"a FaultConfig, got {type(faults).__name__}")])
+    found = _violations(faults)
+    if found:
+        raise InvalidRequestError(found)
