@@ -171,7 +171,7 @@ async def test_retries_and_429s_are_counted_by_endpoint(
 
 
 async def test_a_close_counts_no_retry_it_never_sent_and_no_call_it_cut_short(
-    otel: Otel, emulator: EmulatorFactory
+    otel: Otel, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A submit waiting out a 429's Retry-After, and a batch call waiting for a slow reply,
     when the client closes: no retry was sent and no call answered, and nothing says so."""
@@ -189,12 +189,23 @@ async def test_a_close_counts_no_retry_it_never_sent_and_no_call_it_cut_short(
 
     slow = FaultConfig(slow_reply=1.0, slow_reply_s=60, endpoints=frozenset({"info"}))
     async with emulator(faults=slow) as emu:
-        async with make_client(emu) as client:
-            job = await client.images.submit(prompt="p", model="dall-e-2")
-            await eventually(lambda: emu.stats()["requests"].get("info", 0) == 1)
+        with caplog.at_level("DEBUG", logger="wujie_async"):
+            async with make_client(emu) as client:
+                job = await client.images.submit(prompt="p", model="dall-e-2")
+                await eventually(lambda: emu.stats()["requests"].get("info", 0) == 1)
         assert job.done()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert f"POST {INFO} -> no reply" in logged and "cancel scope" not in logged, logged
     assert otel.total("wujie.batch.calls", **{"wujie.batch.outcome": "cancelled"}) == 1
     assert otel.total("wujie.batch.calls", **{"wujie.batch.outcome": "ok"}) == 0
+    # Cut short by the close (every deploy has one): no error status, and none of anyio's text
+    # (a cancel scope's address, a task, a source line).
+    cut = otel.spans("wujie.batch_query") + otel.spans(f"POST {INFO}")
+    assert cut, [span.name for span in otel.spans()]
+    for span in cut:
+        assert span.status.status_code is not StatusCode.ERROR, (span.name, span.status)
+        assert not span.status.description, span.status
+        assert span.attributes is not None and span.attributes.get("wujie.cancelled") is True
 
 
 async def test_a_refused_submit_ends_its_job_span_with_the_error(

@@ -337,7 +337,14 @@ class Recorder:
             self.instruments.submits.add(1, attributes)
         if error is not None and job.span is not None:
             job.span.set_attribute("wujie.submit.outcome", outcome)
-            _fail(job.span, error)
+            if isinstance(error, asyncio.CancelledError) and outcome == "uncertain":
+                # Cancelled, and yet maybe paid for: that is an error to see.
+                job.span.set_attribute("error.type", "cancelled")
+                job.span.set_status(
+                    Status(StatusCode.ERROR, "cancelled on the wire: it may have been charged")
+                )
+            else:
+                _fail(job.span, error)
             job.span.end()
 
     def job_status(self, job: JobTrace, status: str, asks: int) -> None:
@@ -513,5 +520,11 @@ class Recorder:
 
 
 def _fail(span: Span, error: BaseException, error_type: str | None = None) -> None:
+    if isinstance(error, asyncio.CancelledError):
+        # Cancelled, not failed: a call on the wire when the client closes (every deploy),
+        # or a caller that gave up. No error status, and no text: anyio's names a cancel
+        # scope, a task and a source line.
+        span.set_attribute("wujie.cancelled", True)
+        return
     span.set_attribute("error.type", error_type or type(error).__name__)
     span.set_status(Status(StatusCode.ERROR, snippet(str(error), limit=200)))

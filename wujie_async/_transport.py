@@ -674,7 +674,10 @@ class Transport:
 
 
 def _said(error: BaseException) -> str:
-    """What a DEBUG line says of an attempt's error: its type and clean, short text."""
+    """What a DEBUG line says of an attempt's error: its type and clean, short text (of a
+    cancellation, only that: anyio's text names a cancel scope, a task and a source line)."""
+    if isinstance(error, asyncio.CancelledError):
+        return ": cancelled"
     return f": {type(error).__name__}: {snippet(str(error), limit=160)}"
 
 
