@@ -270,7 +270,8 @@ async def scripted_gateway(
     script: BatchScript, host: str = "127.0.0.1"
 ) -> AsyncIterator[ScriptedGateway]:
     """A gateway that accepts every submit (keys ``K00000``, ``K00001``, ...) and answers each
-    batch call with ``{"code":"200","data":{"list": script(keys)}}``; ``script`` may be async.
+    batch call with ``{"code":"200","data":{"list": script(keys)}}`` (or with what ``script``
+    returns, when that is a ``web.Response``); ``script`` may be async.
     It listens on ``host`` (loopback by default).
     """
     app = web.Application(client_max_size=1024 * 1024)
@@ -287,6 +288,8 @@ async def scripted_gateway(
         listed = script(keys)
         if inspect.isawaitable(listed):
             listed = await listed
+        if isinstance(listed, web.Response):
+            return listed  # a whole reply of the script's own
         raw = listed if isinstance(listed, bytes) else json.dumps(listed).encode()
         body = b'{"code":"200","message":"success","data":{"list":' + raw + b"}}"
         return web.Response(body=body, content_type="application/json")

@@ -18,6 +18,7 @@ from wujie_async import (
     InvalidRequestError,
     JobCancelledError,
     JobFailedError,
+    JobProtocolError,
     JobTimeoutError,
     ModerationRejectedError,
     ParameterError,
@@ -244,6 +245,11 @@ async def test_a_job_listed_then_forgotten_says_it_may_have_been_charged(
     assert classify(info.value)[:2] == ("uncertain", "unknown_job")
     unknown = UnknownJobError("not listed", job_key="K")
     assert not unknown.was_listed and classify(unknown)[:2] == ("failed", "unknown_job")
+    # Accepted, then reported only in ways that could not be read: it may have succeeded and
+    # been charged. Not "rejected" (nothing charged), which --retry-failed resends.
+    unreadable = JobProtocolError("listed only in malformed entries", job_key="K1")
+    assert classify(unreadable)[:2] == ("uncertain", "protocol_error")
+    assert "may have run and been charged" in classify(unreadable)[2]
 
 
 @pytest.mark.long

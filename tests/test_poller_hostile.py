@@ -454,8 +454,47 @@ async def test_an_entry_no_json_reader_takes_costs_its_own_job_only() -> None:
             assert not isinstance(results[index], BaseException), results[index]
         assert isinstance(results[1], JobProtocolError), results[1]
         assert isinstance(results[3], JobProtocolError), results[3]
-        assert "nests deeper" in str(results[3])
+        assert "nested deeper" in str(results[3])
         assert jobs[2].points_charged is None  # the huge cost was dropped, not read
+
+
+async def test_a_short_burst_of_unreadable_replies_fails_no_job() -> None:
+    # A gateway that sends oversized or over-nested replies for a moment (a bomb, a bad
+    # deploy): asked about alone, each job waits out the unknown-key grace before it fails,
+    # as a job listed only in malformed entries does. All of them failed in half a second.
+    deep = b"[" * 100_000 + b"]" * 100_000
+    first: list[float] = []
+
+    def script(keys: list[str]) -> bytes | list[Any]:
+        now = time.monotonic()
+        first.append(now)
+        if now - first[0] < 0.4:
+            return deep
+        return [{"key": key, "status": 4, "images": [{"url": "https://f.example/a.png"}]}
+                for key in keys]  # fmt: skip
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as c:
+        jobs = await submit(c, 6, job_timeout=20)
+        results = [await outcome(job) for job in jobs]
+        assert all(not isinstance(result, BaseException) for result in results), results
+        assert 1 in [len(keys) for keys in gateway.asked]  # it was asked down to one key
+
+
+async def test_a_gateway_refusing_even_one_key_per_call_is_not_flooded() -> None:
+    # Every call refused as a bad parameter (20010001), one key or many: a body the gateway
+    # never takes. Halves down to one key, and then each key every min_interval: 740 calls a
+    # second for 200 jobs. A key refused alone waits max_interval before it is asked again.
+    def script(keys: list[str]) -> web.Response:
+        return web.json_response({"code": "20010001", "message": "param error", "data": None})
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as c:
+        jobs = await submit(c, 4, job_timeout=1.5)
+        results = [await outcome(job) for job in jobs]
+        assert all(isinstance(result, JobTimeoutError) for result in results), results
+    calls = len(gateway.asked)
+    # A round every max_interval, each a call of 4 keys split down to one (7 calls): about
+    # 35 in all, not a round every min_interval (about 350).
+    assert calls <= 7 * (1.5 / FAST_POLL.max_interval + 3), calls
 
 
 async def test_attach_right_after_the_end_returns_the_same_job() -> None:

@@ -24,8 +24,10 @@ Every reply is hostile until checked, and one bad entry never costs more than it
   fails with ``JobProtocolError`` once that lasts the unknown-key grace period;
 * a bug while handling one entry fails that job with ``JobProtocolError``, logged, and the
   poller goes on;
-* a reply over ``Limits.max_response_bytes`` is asked again in halves, down to one key; a key
-  whose entry alone is too large fails with ``JobProtocolError``;
+* a reply over ``Limits.max_response_bytes`` (or nested too deep) is asked again in halves,
+  down to one key; a key whose reply alone stays so fails with ``JobProtocolError`` once that
+  lasts the unknown-key grace period; a call of one key refused as a bad parameter is asked
+  again after ``max_interval``;
 * a job's deadline fires on time even while its key is in a call on the wire (a timer per call);
   the late reply is then ignored for that job.
 """
@@ -527,6 +529,11 @@ class BatchPoller:
                 elif isinstance(exc, ParameterError) and len(asked) > 1:
                     unreadable = exc  # 20010001 is the contract's answer to too many keys
                 else:
+                    if isinstance(exc, ParameterError):
+                        # Refused even alone: a key the gateway will not be asked about, or
+                        # a body it never takes. Not asked again every min_interval (a
+                        # gateway refusing every call got 740 calls a second).
+                        retry_wait = self._policy.max_interval
                     self._warnings.warning(
                         "batch query of %d keys failed: %s",
                         len(asked),
@@ -663,17 +670,19 @@ class BatchPoller:
         self._done_unlisted_in_vain += 1
         return False
 
-    def _end_unreadable(self, tracked: _Tracked, problem: WujieError) -> None:
-        """End a job whose reply, asked about alone, is still too large or too deep."""
+    def _end_unreadable(self, tracked: _Tracked, problem: WujieError, lasted: float) -> None:
+        """End a job whose reply, asked about alone, has been too large or too deep for
+        ``lasted`` seconds."""
         if isinstance(problem, ResponseTooLargeError):
             said = (
-                f"the gateway's entry for this job alone is over the {self._max_response_bytes}"
-                "-byte reply cap (raise Limits.max_response_bytes to fetch it)"
+                f"the gateway's reply about this job alone has been over the "
+                f"{self._max_response_bytes}-byte reply cap for {lasted:.1f}s (raise "
+                "Limits.max_response_bytes to fetch it)"
             )
         else:
             said = (
-                "the gateway's entry for this job alone nests deeper than a JSON reader follows "
-                "(no entry of this contract does)"
+                "the gateway's reply about this job alone has nested deeper than a JSON reader "
+                f"follows for {lasted:.1f}s (no entry of this contract does)"
             )
         self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.state.status)
 
@@ -700,7 +709,17 @@ class BatchPoller:
         if len(chunk) == 1:
             [tracked] = chunk
             if self._tracks(tracked):
-                self._end_unreadable(tracked, problem)
+                # Asked about alone and still unreadable: about this job, or a gateway that
+                # sends any reply oversized or too deep for a while (a burst of bombs failed
+                # every job of the calls it hit within half a second). As a job listed only
+                # in malformed entries, it ends once that lasts the unknown-key grace.
+                now = asyncio.get_running_loop().time()
+                since = tracked.last_seen if tracked.last_seen is not None else tracked.created_at
+                if now - since < self._policy.unknown_key_grace:
+                    tracked.failed_call = f"{type(problem).__name__}: {snippet(str(problem))}"
+                    self._schedule(tracked, now + self._policy.max_interval)
+                else:
+                    self._end_unreadable(tracked, problem, now - since)
             return
         self._warnings.warning(
             "a batch reply for %d keys %s: asking in halves",

@@ -7,7 +7,8 @@ Every line ends in exactly one outcome:
   be saved).
 - ``moderated``: the gateway's moderation rejected the job.
 - ``rejected``: the gateway refused the submit before accepting it (nothing was charged).
-- ``uncertain``: the submit may have been accepted (and charged); it is never resent silently.
+- ``uncertain``: the submit may have been accepted (and charged), or was accepted and its reports
+  could not be read; it is never resent silently.
 - ``not_sent``: the line was never sent (the run stopped first, or a systemic error refused it).
 """
 
@@ -31,6 +32,7 @@ from .. import (
     InsufficientBalanceError,
     JobCancelledError,
     JobFailedError,
+    JobProtocolError,
     JobTimeoutError,
     ModerationRejectedError,
     RateLimitedError,
@@ -113,6 +115,15 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
         return ("uncertain" if exc.was_listed else "failed"), "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
+    if isinstance(exc, JobProtocolError):
+        # The gateway accepted it (it has a key) and then said of it what could not be read:
+        # it may have run and been charged. Not "rejected" (nothing charged), which
+        # --retry-failed resends: that paid twice for jobs that had succeeded.
+        return (
+            "uncertain",
+            "protocol_error",
+            message + " (it was accepted, and may have run and been charged; not resent)",
+        )
     if isinstance(exc, IncompleteJobError):
         return (
             "failed",
