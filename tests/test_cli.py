@@ -103,6 +103,14 @@ async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:
     assert code == 2 and "no prompts" in err
 
 
+async def test_resume_without_a_journal_says_where_one_comes_from(tmp_path: Path) -> None:
+    # Straight after the README's run (--emulator keeps no journal): not the command that
+    # just failed as its own advice.
+    code, _, err = await cli("resume", str(tmp_path / "journal.sqlite"), "-o", str(tmp_path))
+    assert code == 2 and "no journal at" in err
+    assert "runs with --emulator keep none" in err, err
+
+
 async def test_no_credentials_is_said_clearly(tmp_path: Path) -> None:
     out = tmp_path / "images"
     for command in (["generate", "a fox"], ["status", "K" * 32, "--wait"]):

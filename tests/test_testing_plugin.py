@@ -9,6 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from wujie_async.emulator import Emulator
+
 pytestmark = pytest.mark.anyio
 
 # The guide's example, as a user copies it (a test of its own fails when the guide is wrong).
@@ -64,11 +66,14 @@ async def test_faults_may_be_given_as_a_dict(wujie_client: object) -> None:
 
 
 @pytest.mark.wujie_emulator(time_scale=1.0)
-async def test_the_client_polls_on_the_emulators_time_scale(wujie_client: object) -> None:
+async def test_the_client_polls_on_the_emulators_time_scale(
+    wujie_client: object, wujie_emulator: Emulator
+) -> None:
     from wujie_async import PollPolicy, WujieClient
     from wujie_async.testing import FAST_POLL, poll_for
 
     assert isinstance(wujie_client, WujieClient)
+    assert wujie_emulator.config.time_scale == 1.0  # what the marker set, readable
     # At the real gateway's pace, near the defaults a user gets: not 98 calls for one 5 s job.
     assert wujie_client.poll_policy == poll_for(1.0)
     default, scaled = PollPolicy(), poll_for(1.0)

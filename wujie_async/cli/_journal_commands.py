@@ -101,7 +101,11 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
     file beside whatever file it is). ``resume`` takes the journal as its argument, not as
     ``--journal``: its messages say so."""
     if resume:
-        missing = not_journal = "pass the run's journal: wujie-async resume out/journal.sqlite"
+        missing = (
+            "pass the journal of a run that kept one (runs with --emulator keep none), "
+            "e.g. wujie-async resume OUT/journal.sqlite -o OUT"
+        )
+        not_journal = "pass the run's journal: wujie-async resume out/journal.sqlite"
     else:
         missing = "pass --journal or -o/--out of the run"
         not_journal = "pass the run's journal, e.g. --journal out/journal.sqlite"

@@ -119,6 +119,11 @@ class Emulator:
         return int(self._runner.addresses[0][1]) if self._runner is not None else 0
 
     @property
+    def config(self) -> EmulatorConfig:
+        """The settings in force (faults as last set with ``set_faults``)."""
+        return self.gateway.config
+
+    @property
     def origin(self) -> str:
         """``http://host:port``, where image files are served."""
         return self.base_url.removesuffix(_contract.BASE_PATH)
@@ -200,7 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--print-env",
         action="store_true",
         help="print export WUJIE_APP_ID=... WUJIE_PRIVATE_KEY=... WUJIE_BASE_URL=... lines "
-        "for the served app (other lines are # comments), so eval can take them",
+        "for the served app (other lines are # comments), then keep serving in the "
+        "foreground; to eval them in this shell, use --background",
     )
     parser.add_argument(
         "--background",
@@ -212,7 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--credentials-out",
         type=Path,
-        help="write {app_id, private_key, base_url} as JSON to a new file, mode 0600",
+        help="write {app_id, private_key, base_url} as JSON to this file, mode 0600 (a file "
+        "already there is replaced; a symlink is refused)",
     )
     parser.add_argument("--child-fds", help=argparse.SUPPRESS)  # --background's own child
     add_config_arguments(parser)

@@ -25,6 +25,8 @@ TYPICAL_SECONDS: dict[str, tuple[float, float]] = {
     "dall-e-2": (1.5, 5.0),
     "dall-e-3": (3.0, 11.0),
 }
+"""Typical seconds per model at ``time_scale`` 1: (queue wait, one image). They shape the
+sampled durations and the estimates sent as ``expected_seconds``."""
 _UNKNOWN_MODEL_SECONDS = (3.0, 10.0)
 # Gamma shape of the sampled durations: spread like real queues, never negative.
 _SHAPE = 4.0
