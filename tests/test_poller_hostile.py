@@ -580,7 +580,9 @@ async def test_ten_thousand_unknown_statuses_are_bounded(caplog: pytest.LogCaptu
         assert {r.status for r in results} == {4}
         assert next(statuses, None) is None  # all 10,000 statuses were reported
     unknown = [r for r in warnings_of(caplog) if "unknown job status" in r.getMessage()]
-    assert 0 < len(unknown) <= 65, len(unknown)
+    # The first, then through the repeated-warnings gate (64 lines, one per new status,
+    # before), and the line that says no more are remembered.
+    assert 0 < len(unknown) <= 3, [r.getMessage() for r in unknown]
 
 
 # --- item 12: server text is cleaned; keys are matched exactly ---------------------------------

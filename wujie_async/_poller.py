@@ -926,7 +926,11 @@ class BatchPoller:
             return
         if len(known) < UNKNOWN_STATUSES_KEPT:
             known.add(status)
-            logger.warning("unknown job status %d (key %s): still polling", status, snippet(key))
+            # Each new status once, and through the repeated-warnings gate: a gateway whose
+            # statuses change at every ask wrote a line per ask (64 of them).
+            self._warnings.warning(
+                "unknown job status %d (key %s): still polling", status, snippet(key)
+            )
         elif not self._unknown_statuses_full:
             self._unknown_statuses_full = True
             logger.warning(
