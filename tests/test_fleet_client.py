@@ -797,3 +797,42 @@ async def test_shards_spread_the_polling_one_poller_per_shard(
     # The fleet polls for everyone: some call mixes keys of different members.
     assert any(sum(1 for mine in keys_of if mine & set(keys)) > 1 for keys in asked_together)
     assert stats["submits_accepted"] == 60
+
+
+@pytest.mark.long
+async def test_a_redis_that_refuses_the_reports_is_not_rejoined_in_a_storm(
+    tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Redis at its memory limit took a rejoin's small writes and refused the leader's
+    # reports: the member went local, rejoined at once, took every key into a call, was
+    # refused again, every few milliseconds (up to 219 batch calls a second). A user that may
+    # not XADD makes that cycle happen every time: each rejoin after a loss that soon after
+    # the last waits twice as long as the one before.
+    import redis.asyncio as aioredis
+
+    async with own_redis(tmp_path) as server:
+        admin: Any = aioredis.Redis.from_url(server.url)
+        try:
+            await admin.execute_command(
+                "ACL", "SETUSER", "member", "on", ">pw", "~*", "&*", "+@all", "-xadd"
+            )
+        finally:
+            await admin.aclose()
+        url = server.url.replace("redis://", "redis://member:pw@")
+        long_jobs = {"time_scale": 1.0, "job_seconds": (60.0, 60.0)}
+        async with emulator(**long_jobs) as emu:
+            with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):
+                async with member(emu, url, fleet_name(), command_timeout=2.0) as client:
+                    await client.images.submit(prompt="x", model="dall-e-2")
+
+                    def rejoins() -> list[float]:
+                        return [
+                            record.created
+                            for record in caplog.records
+                            if "rejoined" in record.getMessage()
+                        ]
+
+                    await eventually(lambda: len(rejoins()) >= 4, what="four rejoins")
+                    times = rejoins()
+    # Waits of 0.25, 0.5 and 1 s between the first four rejoins (a few ms each, before).
+    assert times[3] - times[0] >= 1.5, [round(t - times[0], 3) for t in times]

@@ -19,6 +19,7 @@ from wujie_async.fleet._limiter import FleetLimiter
 from wujie_async.fleet._link import stop_task
 
 from .fleet_support import any_redis, fleet_name, free_port, own_redis
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -121,6 +122,38 @@ async def test_a_process_that_stood_still_does_not_blame_redis(tmp_path: Path) -
             return await redis.blpop([f"{fleet_name()}-empty"], timeout=0.1)
 
         assert await fleet.call(frozen_while_out) is None
+
+
+async def test_a_dropped_connection_is_not_redis_away(tmp_path: Path) -> None:
+    # CLIENT KILL (or a proxy's idle timeout) closes the fleet's connections: the next command
+    # is asked again on a fresh one. Every member went local for a moment and sent batch
+    # calls of its own.
+    import redis.asyncio as aioredis
+
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), command_timeout=2.0) as fleet,
+    ):
+        empty = f"{fleet_name()}-empty"
+        # A blocking read on the wire (as a member's read of its reports is) when it happens.
+        waiting = asyncio.ensure_future(
+            fleet.call(lambda redis: redis.blpop([empty], timeout=1), extra_wait=1.0)
+        )
+        admin: Any = aioredis.Redis.from_url(url)
+        try:
+
+            async def blocked() -> bool:
+                clients = await admin.client_list()
+                return any(client.get("cmd") == "blpop" for client in clients)
+
+            await eventually(blocked, what="the read on the wire")
+            killed = await admin.execute_command(
+                "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+            )
+            assert int(killed) >= 1
+        finally:
+            await admin.aclose()
+        assert await waiting is None  # asked again on a new connection, not "Redis is away"
 
 
 async def test_aof_off_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -260,10 +260,17 @@ class RedisFleet:
             except TimeoutError:
                 if loop.time() - began < wait + _FROZEN:
                     raise
-            # The deadline fired well past its time: this process was frozen (SIGSTOP, a
-            # blocked loop), not Redis slow, and the reply may be waiting unread. Asked once
-            # more before Redis is judged away (a frozen member woke up blaming Redis, went
-            # local and sent a batch call of its own). Fleet writes are idempotent.
+                # The deadline fired well past its time: this process was frozen (SIGSTOP, a
+                # blocked loop), not Redis slow, and the reply may be waiting unread. Asked
+                # once more before Redis is judged away (a frozen member woke up blaming
+                # Redis, went local and sent a batch call of its own).
+            except (RedisConnectionError, OSError):
+                # One connection dropped (a CLIENT KILL, a proxy's idle timeout): asked once
+                # more on a fresh one before Redis is judged away (at a CLIENT KILL every
+                # member went local for a moment, and sent batch calls of its own). A Redis
+                # that is away refuses the new connection at once.
+                await self._drop_idle_connections(redis)
+            # Fleet writes are idempotent: asking again is safe.
             async with asyncio.timeout(wait):
                 return await op(redis)
         except TimeoutError:

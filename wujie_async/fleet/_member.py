@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -54,6 +55,11 @@ logger = logging.getLogger("wujie_async.fleet")
 
 _T = TypeVar("_T")
 _RETRY = 0.25  # a member away from Redis tries it again this often
+# A member lost again within this many seconds of rejoining is flapping (a Redis at its memory
+# limit takes the rejoin's small writes and refuses the reports): its next rejoin waits twice
+# as long as the last, up to _REJOIN_WAIT_MAX.
+_STEADY = 2.0
+_REJOIN_WAIT_MAX = 4.0
 _FIGURES_EVERY = 1.0
 
 
@@ -83,6 +89,8 @@ class FleetMember:
         self._watcher: asyncio.Task[None] | None = None
         self._others: set[asyncio.Task[None]] = set()  # 429 pauses, the resignation
         self._wake = asyncio.Event()
+        self._rejoined_at = -math.inf
+        self._rejoin_wait = 0.0  # before the next rejoin (0: at once, see _STEADY)
         # Since when Redis has failed this member's submit turns (None: it answers), the
         # latest failure, and its words (see acquire).
         self._failing_since: float | None = None
@@ -266,7 +274,15 @@ class FleetMember:
             self._member_id,
         )
         self._set_role()
-        self._wake.set()
+        now = asyncio.get_running_loop().time()
+        if now - self._rejoined_at < _STEADY:
+            # Lost again right after rejoining: each rejoin took every key into a call at
+            # once, a Redis at its memory limit refused the reports, and the cycle ran every
+            # few milliseconds (up to 219 batch calls a second).
+            self._rejoin_wait = min(max(2 * self._rejoin_wait, _RETRY), _REJOIN_WAIT_MAX)
+        else:
+            self._rejoin_wait = 0.0
+            self._wake.set()  # rejoin at once: a dropped connection, Redis back already
 
     async def _put_back(self) -> str:
         """Join the member list again and write back what Redis may have lost: this
@@ -291,6 +307,7 @@ class FleetMember:
         if self._poller is not None:
             self._poller.set_asking(False)
         self._start_tasks()
+        self._rejoined_at = asyncio.get_running_loop().time()
         logger.warning(
             "fleet %s: member %s rejoined (%s)", self._config.name, self._member_id, written
         )
@@ -315,7 +332,10 @@ class FleetMember:
         loop = asyncio.get_running_loop()
         beat_at = loop.time() + self._config.heartbeat_interval
         while True:
-            wait = _RETRY if not self._joined else min(_FIGURES_EVERY, beat_at - loop.time())
+            if self._joined:
+                wait = min(_FIGURES_EVERY, beat_at - loop.time())
+            else:
+                wait = self._rejoin_wait or _RETRY
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
             self._wake.clear()
