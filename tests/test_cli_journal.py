@@ -107,6 +107,31 @@ async def test_a_key_only_the_manifest_kept_is_collected_and_never_paid_again(
         assert key in listing
 
 
+@pytest.mark.long
+async def test_a_lost_journal_never_pays_again_for_what_the_manifest_says_saved(
+    tmp_path: Path,
+) -> None:
+    # A damaged journal "cannot open", and deleting it is the obvious fix; a journal passed
+    # by mistake (--journal other.sqlite) is as empty. The re-run planned from the journal
+    # alone, and paid again for every saved line (90 submits for 30 lines).
+    async with served_emulator(tmp_path) as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("".join(f"fox {i}\n" for i in range(4)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 4, err
+        for part in out.glob("journal.sqlite*"):
+            part.unlink()
+        rows.write_text("".join(f"fox {i}\n" for i in range(5)))  # and one line more
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 5, err
+        other = ["--journal", str(tmp_path / "other.sqlite")]
+        code, stdout, err = await cli(*bulk, *other, env=emu.env)
+        assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 5, err
+        assert (await emu.stats())["submits_accepted"] == 5  # the new line alone was sent
+
+
 async def test_cli_conventions(tmp_path: Path) -> None:
     code, stdout, _ = await cli("--version")
     assert code == 0 and stdout.startswith("wujie-async ")

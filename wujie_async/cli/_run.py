@@ -297,12 +297,15 @@ async def plan_rerun(
     saved = saved_indexes(manifest_records)
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
     by_line = {r["line"]: r for r in manifest_records if r.get("status") != "saved" and "line" in r}
+    unjournaled: list[BulkItem] = []
     for item in items:
         row = Row.of(item)
         entry = latest.get(moved.get(item.tag, item.tag))
         state = entry.state if entry is not None else "unsent"
         n = int(row.body.get("n") or 1)
-        if entry is None or state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
+        if entry is None:
+            unjournaled.append(item)  # the manifest's word on it, below
+        elif state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
             plan.send.append(row)
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
             if entry.request and entry.request != row.body:
@@ -329,6 +332,25 @@ async def plan_rerun(
             if _recorded(entry, row, by_key, by_line) is None:
                 plan.unrecorded.append((row, outcome))
             plan.skipped += 1
+    if unjournaled:
+        # Lines this journal holds no row of: a new line, or one sent under a journal lost,
+        # emptied or replaced since (deleting a damaged one is the obvious fix). The manifest
+        # says how those ended, as on a re-run without a journal: a saved line is not paid for
+        # again (every saved line of a run was, before).
+        known = plan_from_manifest(
+            client,
+            unjournaled,
+            manifest_records,
+            retry_failed=retry_failed,
+            job_timeout=job_timeout,
+            retry_uncertain=retry_uncertain,
+            orphans=False,
+        )
+        plan.send = sorted([*plan.send, *known.send], key=lambda row: row.line)
+        plan.collect += known.collect
+        plan.settled += known.settled
+        plan.skipped += known.skipped
+        plan.changed += known.changed
     claimed = {moved.get(item.tag, item.tag) for item in items}
     lines = lines_by_id(manifest_records)
     for tag, entry in latest.items():
@@ -361,6 +383,7 @@ def plan_from_manifest(
     retry_failed: bool,
     job_timeout: float | None,
     retry_uncertain: bool = False,
+    orphans: bool = True,
 ) -> Plan:
     """A re-run without a journal continues its manifest: lines saved stay saved, a job whose
     images were partly saved, that timed out, whose run stopped while it ran or whose images
@@ -368,7 +391,9 @@ def plan_from_manifest(
     outcome (failed ones are resent with ``--retry-failed``;
     uncertain ones only with ``--retry-uncertain``), and the rest (not sent, or never recorded)
     are sent. A job
-    collected counts against ``--max-points`` unless a row records its cost."""
+    collected counts against ``--max-points`` unless a row records its cost. ``orphans``:
+    also collect the jobs of rows no longer in the input (off when ``items`` is a part of
+    it: the lines a journal holds no row of)."""
     plan = Plan()
     charged = charged_keys(records)
     by_row: dict[str, list[dict[str, Any]]] = {}
@@ -421,6 +446,8 @@ def plan_from_manifest(
                 LineOutcome(status, row.line, row.row_id, key, last.get("error_code"), message)
             )
         plan.skipped += 1
+    if not orphans:
+        return plan
     claimed = {moved.get(item.tag, item.tag) for item in items}
     # Each key's newest row, whatever row it is under: a line that moved had its job recorded
     # under its new place since, and its old place's row is no longer the last word on it.
@@ -671,8 +698,9 @@ class Session:
                 )
                 if plan.skipped:
                     self._say(
-                        f"skipping {plan.skipped} line(s) this journal already sent "
-                        f"(pending ones are collected, uncertain ones are never resent)"
+                        f"skipping {plan.skipped} line(s) already sent, as the journal says (or "
+                        "the manifest, for lines the journal has no row of): pending ones are "
+                        "collected, uncertain ones are never resent"
                     )
             elif args.command == "bulk":
                 plan = plan_from_manifest(
