@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,41 @@ async def test_a_lost_journal_never_pays_again_for_what_the_manifest_says_saved(
         code, stdout, err = await cli(*bulk, *other, env=emu.env)
         assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 5, err
         assert (await emu.stats())["submits_accepted"] == 5  # the new line alone was sent
+
+
+@pytest.mark.long
+async def test_an_accepted_job_whose_reports_were_unreadable_is_not_resent_as_failed(
+    tmp_path: Path,
+) -> None:
+    # What a gateway that lists a key only in malformed entries leaves: the journal's row says
+    # failed, the manifest's uncertain (protocol_error: it may have run and been charged).
+    # --retry-failed planned from the journal alone and paid for the job again.
+    async with served_emulator(tmp_path) as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        [saved] = manifest(out)
+        with sqlite3.connect(out / "journal.sqlite") as db:
+            db.execute("UPDATE submits SET state = 'failed' WHERE job_key = ?", (saved["key"],))
+        unreadable = {
+            **{k: saved[k] for k in ("line", "key", "input")},
+            "status": "uncertain",
+            "error_code": "protocol_error",
+            "error": "the gateway has listed this key only in malformed entries for 30.2s",
+        }
+        with (out / "manifest.jsonl").open("a") as handle:
+            handle.write(json.dumps(unreadable) + "\n")
+
+        code, stdout, err = await cli(*bulk, "--retry-failed", env=emu.env)
+        assert json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        assert "accepted by the gateway" in err and "without a reply" not in err, err
+        assert (await emu.stats())["submits_accepted"] == 1  # not paid for again
+        code, stdout, err = await cli(*bulk, "--retry-uncertain", env=emu.env)
+        assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 1, err
+        assert (await emu.stats())["submits_accepted"] == 2  # resent: asked for
 
 
 async def test_cli_conventions(tmp_path: Path) -> None:

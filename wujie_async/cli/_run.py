@@ -298,6 +298,14 @@ async def plan_rerun(
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
     by_line = {r["line"]: r for r in manifest_records if r.get("status") != "saved" and "line" in r}
     unjournaled: list[BulkItem] = []
+
+    def _uncertain(entry: JournalEntry, row: Row) -> bool:
+        # A job the journal calls failed that the manifest calls uncertain: accepted, and
+        # then reported only in ways that could not be read, or forgotten by the gateway
+        # after it listed it. It may have run and been charged: --retry-failed resent it.
+        record = _recorded(entry, row, by_key, by_line)
+        return record is not None and record.get("status") == "uncertain"
+
     for item in items:
         row = Row.of(item)
         entry = latest.get(moved.get(item.tag, item.tag))
@@ -321,9 +329,9 @@ async def plan_rerun(
             else:
                 plan.settled.append(_unusable_key(entry, row))
             plan.skipped += 1
-        elif state in ("failed", "rejected") and retry_failed:
+        elif state in ("failed", "rejected") and retry_failed and not _uncertain(entry, row):
             plan.send.append(row)
-        elif state in ("uncertain", "intent") and retry_uncertain:
+        elif (state in ("uncertain", "intent") or _uncertain(entry, row)) and retry_uncertain:
             plan.send.append(row)
             plan.superseded[row.row_id or row.line] = entry.id
         else:
@@ -980,16 +988,29 @@ class Session:
                 f"{over} line(s) not sent: over the points budget (--max-points "
                 f"{self.args.max_points:g}); re-run with a larger --max-points to send them"
             )
-        if counts["uncertain"]:
+        accepted = sum(
+            1
+            for o in result.outcomes
+            if o.status == "uncertain" and o.error_code in ("protocol_error", "unknown_job")
+        )
+        if accepted:
+            say(
+                f"{accepted} line(s) were accepted by the gateway, which then reported them "
+                "only in ways that could not be read, or forgot them: they may have run and "
+                "been charged, and are never resent silently. `wujie-async status KEY` asks "
+                "about one (keys in the manifest); resend them by adding --retry-uncertain"
+            )
+        if counts["uncertain"] - accepted:
             see = (
                 f"wujie-async journal list --status uncertain --journal {self.journal}"
                 if self.journal is not None
                 else f"their rows in {self.args.out / 'manifest.jsonl'} (status uncertain)"
             )
             say(
-                f"{counts['uncertain']} line(s) may have been charged without a reply; they are "
-                f"never resent silently. See them with: {see}; once the gateway's console "
-                "shows they were not charged, resend them by adding --retry-uncertain"
+                f"{counts['uncertain'] - accepted} line(s) may have been charged without a "
+                f"reply; they are never resent silently. See them with: {see}; once the "
+                "gateway's console shows they were not charged, resend them by adding "
+                "--retry-uncertain"
             )
         timed_out = sum(1 for o in result.outcomes if o.error_code == "timeout")
         if timed_out:
