@@ -314,3 +314,35 @@ async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_pa
         assert code == 0 and "id r0" in listing and "1 row(s)" in listing
         assert "interrupted while the submit was under way" in listing
         assert "CancelledError" not in listing and "cancel scope" not in listing
+
+
+@pytest.mark.long
+async def test_an_output_folder_deleted_mid_run_stops_it_and_names_what_was_paid(
+    tmp_path: Path,
+) -> None:
+    # `rm -rf out` while a run wrote there: the run went on writing into the deleted manifest,
+    # said "saved 40 ... (manifest: out/manifest.jsonl)" with exit 0, and the manifest named
+    # did not exist (a re-run paid for every line again).
+    import shutil
+
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,3") as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("".join(f"fox {i}\n" for i in range(12)))
+        out = tmp_path / "out"
+        args = ["bulk", str(rows), "-o", str(out), "--max-in-flight", "2", "--no-journal"]
+        async with running_cli(*args, env=emu.env) as proc:
+
+            def first_saved() -> bool:
+                return any(record["status"] == "saved" for record in manifest(out))
+
+            await eventually(first_saved, what="a saved line", alive=proc_alive(proc))
+            saved_before = {record["key"] for record in manifest(out)}
+            shutil.rmtree(out)
+            code, _, err = await proc.finish(60)
+        assert code == 3, err
+        assert "the manifest was deleted while this run wrote it" in err, err
+        # The keys of what was saved before the deletion are named: nothing paid is lost.
+        for key in saved_before:
+            assert key in err, (key, err)
+        accepted = (await emu.stats())["submits_accepted"]
+        assert accepted < 12  # it stopped sending

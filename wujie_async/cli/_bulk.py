@@ -36,6 +36,7 @@ from ._input import BulkItem
 from ._outcome import (
     LineOutcome,
     Manifest,
+    ManifestGoneError,
     Status,
     base_record,
     classify,
@@ -391,6 +392,11 @@ class BulkRun:
         collected, and the summary lists the rows it could not write, keys included."""
         try:
             self._manifest.write(record)
+        except ManifestGoneError:
+            # Every row of this run went with the file: listed (keys included) in the summary.
+            self.result.unrecorded += self._manifest.written
+            self._manifest.written.clear()
+            self._stop_sending(OutputUnwritableError.manifest_gone())
         except OSError as exc:
             if not self._wrote_with_room_made(record):
                 self.result.unrecorded.append(record)
@@ -507,6 +513,17 @@ class OutputUnwritableError(Exception):
     @classmethod
     def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
         return cls(what, cause.strerror or type(cause).__name__)
+
+    @classmethod
+    def manifest_gone(cls) -> OutputUnwritableError:
+        error = cls("", "")
+        error.args = (
+            "stopped: the manifest was deleted while this run wrote it (its folder removed?); "
+            "nothing more was sent. Its rows are gone: the jobs this run paid for are listed "
+            "below (`wujie-async status KEY --wait -o OUT` saves one), and a re-run of the same "
+            "command would send every line again",
+        )
+        return error
 
 
 # What the client's ClientStateError says when the journal could not write a submit's intent.

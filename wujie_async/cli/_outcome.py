@@ -14,6 +14,7 @@ Every line ends in exactly one outcome:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -208,12 +209,15 @@ class Manifest:
         self._handle = handle  # unbuffered: a failed write leaves nothing behind to retry
         self._source = source
         self._torn = False  # a write the disk cut short left part of a line
+        self.written: list[dict[str, Any]] = []  # this run's rows, while its file stands
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record, straight to the file (a crash loses at most the line being
         written). A line the disk cut short is ended before the next, which stays readable.
 
         Raises:
+            ManifestGoneError: the file was deleted while the run wrote it (its folder
+                removed): this run's rows are in ``written``, this one included.
             OSError: the disk refused it (full, say); nothing of it was kept, or a torn part.
         """
         record = {**record, "input": self._source}
@@ -238,6 +242,19 @@ class Manifest:
                 self._torn = False  # the torn line was ended, nothing of this row went in
             raise
         self._torn = False
+        self.written.append(record)
+        if os.fstat(self._handle.fileno()).st_nlink == 0:
+            # Written to a file no name leads to any more: the run's rows, and the keys of
+            # the jobs it paid for, would be gone with it (a run that went on into a deleted
+            # folder said "saved 40" and named a manifest that did not exist).
+            raise ManifestGoneError(
+                errno.ENOENT,
+                "the manifest was deleted while this run wrote it (its folder removed?)",
+            )
+
+
+class ManifestGoneError(OSError):
+    """The manifest's file was deleted while a run wrote it."""
 
 
 def other_inputs(records: Iterable[dict[str, Any]], source: str) -> list[str]:
