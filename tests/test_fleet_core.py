@@ -131,9 +131,10 @@ async def test_a_dropped_connection_is_not_redis_away(tmp_path: Path) -> None:
     import redis.asyncio as aioredis
 
     async with (
-        any_redis(tmp_path) as url,
-        RedisFleet(url, name=fleet_name(), command_timeout=2.0) as fleet,
+        own_redis(tmp_path) as server,  # CLIENT KILL would cut other tests' connections too
+        RedisFleet(server.url, name=fleet_name(), command_timeout=2.0) as fleet,
     ):
+        url = server.url
         empty = f"{fleet_name()}-empty"
         # A blocking read on the wire (as a member's read of its reports is) when it happens.
         waiting = asyncio.ensure_future(
@@ -154,6 +155,31 @@ async def test_a_dropped_connection_is_not_redis_away(tmp_path: Path) -> None:
         finally:
             await admin.aclose()
         assert await waiting is None  # asked again on a new connection, not "Redis is away"
+
+
+async def test_a_write_that_is_not_idempotent_is_not_asked_again(tmp_path: Path) -> None:
+    # A command whose connection drops may have run: a counter's increment or a stream's
+    # entry asked again would count twice (the fleet's figures, a report delivered twice).
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), command_timeout=2.0) as fleet,
+    ):
+        tries: list[bool] = []
+
+        async def dropped(redis: Any) -> Any:
+            tries.append(True)
+            if len(tries) == 1:
+                raise RedisConnectionError("Connection closed by server.")
+            return await redis.ping()
+
+        assert await fleet.call(dropped)  # idempotent: asked again on a fresh connection
+        assert len(tries) == 2
+        tries.clear()
+        with pytest.raises(FleetUnavailableError):
+            await fleet.call(dropped, once=True)
+        assert len(tries) == 1
 
 
 async def test_aof_off_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -239,9 +239,17 @@ class RedisFleet:
         await self.aclose()
 
     async def call(
-        self, op: Callable[[aioredis.Redis], Awaitable[T]], *, extra_wait: float = 0.0
+        self,
+        op: Callable[[aioredis.Redis], Awaitable[T]],
+        *,
+        extra_wait: float = 0.0,
+        once: bool = False,
     ) -> T:
         """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``.
+
+        A command cut short by a dropped connection is asked once more on a fresh one, unless
+        ``once`` (it is not idempotent: a counter's increment, a stream's entry), as is one
+        whose deadline fired while this process stood still.
 
         Raises:
             FleetUnavailableError: Redis is unreachable, failed, or missed the deadline.
@@ -269,8 +277,11 @@ class RedisFleet:
                 # more on a fresh one before Redis is judged away (at a CLIENT KILL every
                 # member went local for a moment, and sent batch calls of its own). A Redis
                 # that is away refuses the new connection at once.
+                if once:
+                    raise
                 await self._drop_idle_connections(redis)
-            # Fleet writes are idempotent: asking again is safe.
+            # Asked again: every write but those made ``once`` is idempotent (its Lua checks
+            # a token, an owner or a state first).
             async with asyncio.timeout(wait):
                 return await op(redis)
         except TimeoutError:

@@ -78,9 +78,14 @@ class RedisLink(Protocol):
         ...
 
     async def call(
-        self, op: Callable[[aioredis.Redis], Awaitable[T]], *, extra_wait: float = 0.0
+        self,
+        op: Callable[[aioredis.Redis], Awaitable[T]],
+        *,
+        extra_wait: float = 0.0,
+        once: bool = False,
     ) -> T:
-        """Run ``op`` within the command deadline (raises FleetUnavailableError)."""
+        """Run ``op`` within the command deadline (raises FleetUnavailableError); ``once``:
+        ``op`` is not asked again after a dropped connection (it is not idempotent)."""
         ...
 
 

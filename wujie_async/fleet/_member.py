@@ -90,7 +90,8 @@ class FleetMember:
         self._others: set[asyncio.Task[None]] = set()  # 429 pauses, the resignation
         self._wake = asyncio.Event()
         self._rejoined_at = -math.inf
-        self._rejoin_wait = 0.0  # before the next rejoin (0: at once, see _STEADY)
+        self._rejoin_wait = 0.0  # before the next rejoin after a loss (see _STEADY)
+        self._rejoin_at = -math.inf  # loop time of the next try, while not joined
         # Since when Redis has failed this member's submit turns (None: it answers), the
         # latest failure, and its words (see acquire).
         self._failing_since: float | None = None
@@ -281,8 +282,9 @@ class FleetMember:
             # few milliseconds (up to 219 batch calls a second).
             self._rejoin_wait = min(max(2 * self._rejoin_wait, _RETRY), _REJOIN_WAIT_MAX)
         else:
-            self._rejoin_wait = 0.0
-            self._wake.set()  # rejoin at once: a dropped connection, Redis back already
+            self._rejoin_wait = 0.0  # at once: a dropped connection, Redis back already
+        self._rejoin_at = now + self._rejoin_wait
+        self._wake.set()  # _watch may be asleep for a while as a joined member
 
     async def _put_back(self) -> str:
         """Join the member list again and write back what Redis may have lost: this
@@ -332,15 +334,17 @@ class FleetMember:
         loop = asyncio.get_running_loop()
         beat_at = loop.time() + self._config.heartbeat_interval
         while True:
-            if self._joined:
-                wait = min(_FIGURES_EVERY, beat_at - loop.time())
-            else:
-                wait = self._rejoin_wait or _RETRY
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, wait))
-            self._wake.clear()
+            now = loop.time()
+            wait = min(_FIGURES_EVERY, beat_at - now) if self._joined else self._rejoin_at - now
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                self._wake.clear()
+                if not self._joined and loop.time() < self._rejoin_at:
+                    continue  # woken by the loss itself: its wait comes first
             try:
                 if not self._joined:
+                    self._rejoin_at = loop.time() + _RETRY  # the next try, if this one fails
                     if not self._broken:
                         await self._rejoin()
                         beat_at = loop.time() + self._config.heartbeat_interval
@@ -515,7 +519,7 @@ class FleetMember:
                     raise item
             return results
 
-        reply = await self._link.call(exchange)
+        reply = await self._link.call(exchange, once=True)  # increments: not asked again
         self._flushed_calls, self._flushed_keys = now.leader_calls, now.leader_keys
         figures = reply[-2] if isinstance(reply[-2], dict) else {}
         self._fleet_calls = _counter(figures.get("batch_calls"))

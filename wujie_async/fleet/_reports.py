@@ -73,7 +73,7 @@ async def post_reports(link: RedisLink, reports: Mapping[str, Iterable[Report]])
                 pipe.pexpire(stream, expire_ms)
             await pipe.execute()
 
-    await link.call(send)
+    await link.call(send, once=True)  # a stream entry twice would be a report twice
 
 
 class Inbox:
