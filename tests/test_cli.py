@@ -78,6 +78,12 @@ async def test_jsonl_requests_and_failed_jobs_exit_1(tmp_path: Path) -> None:
     assert code == 1
     assert "2 line(s): failed 2" in err and "fail_code=50000001" in err
 
+    refused = tmp_path / "refused"
+    fault = ["--emulator-fault", "fail_jobs=5"]
+    code, _, err = await cli("bulk", str(requests), "--emulator", *fault, "--out", str(refused))
+    assert code == 2 and "--emulator-fault fail_jobs: a probability, from 0 to 1" in err, err
+    assert not refused.exists()  # said before OUT was made
+
 
 async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"

@@ -466,7 +466,11 @@ def test_settings_it_cannot_run_with_are_refused_before_it_starts() -> None:
         with pytest.raises(InvalidRequestError) as caught:
             Emulator(EmulatorConfig(**settings))
         assert says in str(caught.value), (settings, str(caught.value))
-    emu = Emulator(EmulatorConfig(seed=-3, stamp_skew=-2.0))  # below 0 where it means something
+    with pytest.raises(InvalidRequestError, match="rate_limit_rps: above 0"):
+        Emulator(EmulatorConfig(rate_limit_rps=0))  # a bucket that never fills
+    # Below 0 where it means something; a plain set of endpoints, as a user writes one.
+    Emulator(EmulatorConfig(faults=FaultConfig(endpoints={"info"})))  # type: ignore[arg-type]
+    emu = Emulator(EmulatorConfig(seed=-3, stamp_skew=-2.0))
     with pytest.raises(InvalidRequestError, match="estimate_outliers: a probability"):
         emu.set_faults(FaultConfig(estimate_outliers=2.0))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -478,6 +479,27 @@ async def test_a_short_burst_of_unreadable_replies_fails_no_job() -> None:
         results = [await outcome(job) for job in jobs]
         assert all(not isinstance(result, BaseException) for result in results), results
         assert 1 in [len(keys) for keys in gateway.asked]  # it was asked down to one key
+
+
+async def test_one_unreadable_reply_about_a_job_asked_rarely_fails_nothing() -> None:
+    # The grace counted from the job's last listing: a job asked rarely (a long estimate, here
+    # a first ask later than the grace) met by one bomb failed at once.
+    deep = b"[" * 100_000 + b"]" * 100_000
+    calls: list[list[str]] = []
+
+    def script(keys: list[str]) -> bytes | list[Any]:
+        calls.append(keys)
+        if len(calls) == 1:
+            return deep
+        return [{"key": key, "status": 4, "images": [{"url": "https://f.example/a.png"}]}
+                for key in keys]  # fmt: skip
+
+    poll = dataclasses.replace(FAST_POLL, first_poll_delay=1.5, unknown_key_grace=1.0)
+    async with scripted_gateway(script) as gateway, client_for(gateway, poll=poll) as c:
+        [job] = await submit(c, 1, job_timeout=20)
+        result = await outcome(job)
+        assert not isinstance(result, BaseException), result
+        assert len(calls) == 2
 
 
 async def test_a_gateway_refusing_even_one_key_per_call_is_not_flooded() -> None:

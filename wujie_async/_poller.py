@@ -119,6 +119,8 @@ class _Tracked(KeyTiming):
     failed_call: str | None = None
     # When the gateway first said "succeeded" while images were still missing (None: not so).
     done_short_since: float | None = None
+    # When a reply about the key alone first came back unreadable, since it was last listed.
+    unreadable_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
 
 
@@ -714,7 +716,11 @@ class BatchPoller:
                 # every job of the calls it hit within half a second). As a job listed only
                 # in malformed entries, it ends once that lasts the unknown-key grace.
                 now = asyncio.get_running_loop().time()
-                since = tracked.last_seen if tracked.last_seen is not None else tracked.created_at
+                # From the first such reply: a job asked rarely (a long estimate) met by one
+                # bomb failed at once when this counted from its last listing.
+                since = tracked.unreadable_since
+                if since is None:
+                    since = tracked.unreadable_since = now
                 if now - since < self._policy.unknown_key_grace:
                     tracked.failed_call = f"{type(problem).__name__}: {snippet(str(problem))}"
                     self._schedule(tracked, now + self._policy.max_interval)
@@ -824,6 +830,7 @@ class BatchPoller:
             self._end(tracked, error, tracked.state.status)
             return
         tracked.last_seen = now
+        tracked.unreadable_since = None
         tracked.failed_call = None
         state = tracked.state
         before = state.status

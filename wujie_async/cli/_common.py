@@ -136,7 +136,7 @@ def credentials(args: argparse.Namespace) -> Credentials:
 def emulator_faults(pairs: list[str]) -> FaultConfig:
     """``--emulator-fault NAME=VALUE`` pairs as a FaultConfig (a UsageError names the flag)."""
     try:
-        return fault_config_from_pairs(pairs)
+        return fault_config_from_pairs(pairs)  # in range too (fail_jobs=5), named by the flag
     except InvalidRequestError as exc:
         raise UsageError(
             "; ".join(f"--emulator-fault {field}: {rule}" for field, rule in exc.violations)

@@ -42,6 +42,7 @@ from ._common import (
     UsageError,
     check_names,
     credentials,
+    emulator_faults,
 )
 from ._completion import SHELLS, script
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
@@ -520,6 +521,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     check_names(args.name, planned, taken=_run_files(args))
     if not getattr(args, "emulator", False):
         credentials(args)  # missing or unreadable: said before OUT is made
+    elif getattr(args, "emulator_fault", None):
+        emulator_faults(args.emulator_fault)  # likewise
     check_out_folder(args.out)
     session = Session(args, console, _progress_mode(args))
     if args.command not in ("bulk", "resume"):

@@ -209,7 +209,7 @@ def fault_config_from_mapping(
         base: the settings to change (default: every fault off).
 
     Raises:
-        InvalidRequestError: an unknown name or a value of the wrong type, named.
+        InvalidRequestError: an unknown name, a value of the wrong type or out of range, named.
     """
     known = settings(FaultConfig)
     violations: list[tuple[str, str]] = []
@@ -224,7 +224,9 @@ def fault_config_from_mapping(
             violations.append((name, str(exc)))
     if violations:
         raise InvalidRequestError(violations)
-    return _build(FaultConfig, parsed, base)
+    faults = _build(FaultConfig, parsed, base)
+    check_faults(faults)
+    return faults
 
 
 def fault_config_from_pairs(
@@ -259,7 +261,9 @@ def fault_config_from_pairs(
             violations.append((name, str(exc)))
     if violations:
         raise InvalidRequestError(violations)
-    return _build(FaultConfig, parsed, base)
+    faults = _build(FaultConfig, parsed, base)
+    check_faults(faults)
+    return faults
 
 
 def config_to_json(config: EmulatorConfig) -> dict[str, Any]:
@@ -418,7 +422,7 @@ _PROBABILITIES = frozenset(
     }
 )
 _SIGNED = frozenset({"seed", "stamp_skew"})
-_POSITIVE = frozenset({"time_scale", "batch_cap"})  # above 0
+_POSITIVE = frozenset({"time_scale", "batch_cap", "rate_limit_rps"})  # above 0
 
 
 def _violations(config: EmulatorConfig | FaultConfig) -> list[tuple[str, str]]:
@@ -426,7 +430,7 @@ def _violations(config: EmulatorConfig | FaultConfig) -> list[tuple[str, str]]:
     cls: type = type(config)
     for name, setting in settings(cls).items():
         value = getattr(config, name)
-        plain = sorted(value) if isinstance(value, frozenset) else value
+        plain = sorted(value) if isinstance(value, set | frozenset) else value
         try:
             setting.from_json(list(plain) if isinstance(plain, tuple) else plain)
         except ValueError as exc:
