@@ -933,8 +933,8 @@ class BatchPoller:
             return
         if len(known) < UNKNOWN_STATUSES_KEPT:
             known.add(status)
-            # Each new status once, and through the repeated-warnings gate: a gateway whose
-            # statuses change at every ask wrote a line per ask (64 of them).
+            # Through the repeated-warnings gate (a line a minute, then a count of those not
+            # written): a gateway whose statuses change at every ask wrote a line per ask.
             self._warnings.warning(
                 "unknown job status %d (key %s): still polling", status, snippet(key)
             )
