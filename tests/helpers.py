@@ -12,13 +12,16 @@ import contextlib
 import inspect
 import json
 import struct
+import subprocess
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
@@ -159,3 +162,28 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"{what}: not after {timeout:g} s")
         await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path, *, size: str = "256k", fill: bool = True) -> Iterator[Path]:
+    """A small tmpfs at ``folder``, filled up unless not ``fill`` (skips where mounting is not
+    allowed)."""
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        if fill:
+            with (
+                (folder / "filler").open("wb", buffering=0) as filler,
+                contextlib.suppress(OSError),
+            ):
+                while True:
+                    filler.write(bytes(4096))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -109,6 +109,14 @@ async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:
     assert code == 2 and "no prompts" in err
 
 
+async def test_a_manifest_that_is_a_folder_is_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / "out" / "manifest.jsonl").mkdir(parents=True)
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a fox\n")
+    code, _, err = await cli("bulk", str(rows), "--emulator", "-o", str(tmp_path / "out"))
+    assert code == 2 and "manifest.jsonl is not a file" in err, err  # not "internal error"
+
+
 async def test_resume_without_a_journal_says_where_one_comes_from(tmp_path: Path) -> None:
     # Straight after the README's run (--emulator keeps no journal): not the command that
     # just failed as its own advice.

@@ -211,6 +211,12 @@ async def test_private_key_file_variable(tmp_path: Path) -> None:
         body = [line for line in key.splitlines() if line and not line.startswith("-----")]
         assert body and not any(line[:20] in err for line in body)
 
+        # A damaged key in the file is named by the variable that names the file.
+        key_file.write_text(key.replace(body[1][:20], "A" * 20))
+        env["WUJIE_PRIVATE_KEY_FILE"] = str(key_file)
+        code, _, err = await cli("generate", "a fox", env=env)
+        assert code == 2 and "WUJIE_PRIVATE_KEY_FILE:" in err, err
+
 
 def test_credentials_from_env_reads_the_key_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

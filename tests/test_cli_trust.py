@@ -36,7 +36,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .conftest import EmulatorFactory, make_client
-from .helpers import eventually
+from .helpers import eventually, full_disk
 
 pytestmark = pytest.mark.anyio
 
@@ -373,31 +373,6 @@ async def test_lines_added_above_resend_nothing(tmp_path: Path, journal: bool) -
         assert "2 line(s) moved since they were recorded" in err
         assert (await emu.stats())["submits_accepted"] == 4  # 3, then only "a fox"
         assert len(list(out.glob("*.png"))) == 4
-
-
-@contextlib.contextmanager
-def full_disk(folder: Path, *, size: str = "256k", fill: bool = True) -> Iterator[Path]:
-    """A small tmpfs at ``folder``, filled up unless not ``fill`` (skips where mounting is not
-    allowed)."""
-    folder.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        if fill:
-            with (
-                (folder / "filler").open("wb", buffering=0) as filler,
-                contextlib.suppress(OSError),
-            ):
-                while True:
-                    filler.write(bytes(4096))
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 @pytest.mark.long

@@ -29,7 +29,7 @@ from wujie_async.emulator._png import render_png
 
 from .cli_helpers import cli, cli_zygote, manifest  # noqa: F401  # (the zygote fixture)
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
-from .helpers import eventually, png_size
+from .helpers import eventually, full_disk, png_size
 from .hostile import ImageServer, image_server, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
@@ -86,6 +86,23 @@ async def test_job_save_writes_every_image_with_the_sha256_it_reports(
         assert png_size(data)
         assert image.bytes == len(data) and image.sha256 == hashlib.sha256(data).hexdigest()
     assert names(folder) == [f"{job.key}-{index}.png" for index in range(3)]  # nothing else
+
+
+@pytest.mark.long
+async def test_a_full_disk_is_named_by_the_file_it_refused(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    # "[Errno 28] No space left on device" alone said nothing of where.
+    import errno
+
+    async with emulator() as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a cat", model="dall-e-2")
+        await job
+        with full_disk(tmp_path / "disk") as disk:
+            with pytest.raises(OSError) as caught:
+                await job.save(disk / "images")
+            assert caught.value.errno == errno.ENOSPC
+            assert str(disk / "images") in str(caught.value), caught.value
 
 
 async def test_client_download_saves_one_image_and_names_its_format(

@@ -300,7 +300,11 @@ class Downloader:
         async with slots:
             data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
             path = target.final(kind)
-            await _to_end(_atomic_file.write_whole, data, path)  # see _stream_to_file
+            try:
+                await _to_end(_atomic_file.write_whole, data, path)  # see _stream_to_file
+            except OSError as exc:
+                _name_the_file(exc, path)
+                raise
         return SavedImage(target.index, path, len(data), hashlib.sha256(data).hexdigest())
 
     async def _observed(
@@ -538,11 +542,13 @@ class Downloader:
                 )
             path = target.final(kind)
             await _to_end(_atomic_file.commit, handle, temp, path)
-        except BaseException:
+        except BaseException as exc:
             # The connection is not reused: a server that declared a length short of its body
             # may still send the rest, which the next request on it would read as its reply.
             reply.close()
             await _to_end(_atomic_file.discard, handle, temp)
+            if isinstance(exc, OSError):
+                _name_the_file(exc, temp)
             raise
         return SavedImage(target.index, path, size, digest)
 
@@ -720,3 +726,10 @@ async def _to_end(
     if undo is not None and not done.cancelled() and done.exception() is None:
         undo(done.result())
     raise cancel
+
+
+def _name_the_file(error: OSError, path: Path) -> None:
+    """A disk's refusal (full, say) names the file it refused: ``[Errno 28] No space left on
+    device`` alone said nothing of where."""
+    if error.filename is None:
+        error.filename = str(path)

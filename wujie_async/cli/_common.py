@@ -113,12 +113,15 @@ def credentials(args: argparse.Namespace) -> Credentials:
     """Credentials from the flags, else the environment; a UsageError says what is missing."""
     env = Environment.read()
     app_id = args.app_id or env.app_id
+    where = "WUJIE_PRIVATE_KEY"
     if args.private_key_file is not None:
-        private_key: str | None = read_key_file(args.private_key_file, "--private-key-file")
+        where = "--private-key-file"
+        private_key: str | None = read_key_file(args.private_key_file, where)
     elif env.private_key:
         private_key = env.private_key
     elif env.private_key_file:
-        private_key = read_key_file(Path(env.private_key_file), "WUJIE_PRIVATE_KEY_FILE")
+        where = "WUJIE_PRIVATE_KEY_FILE"
+        private_key = read_key_file(Path(env.private_key_file), where)
     else:
         private_key = None
     if not app_id or not private_key:
@@ -129,7 +132,6 @@ def credentials(args: argparse.Namespace) -> Credentials:
     try:
         return Credentials(app_id=app_id, private_key=private_key)
     except InvalidRequestError as exc:
-        where = "--private-key-file" if args.private_key_file else "WUJIE_PRIVATE_KEY"
         raise UsageError(f"{where}: {exc.rule}") from None
 
 

@@ -149,9 +149,16 @@ def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
 
 
 def check_out_folder(out: Path) -> None:
-    """Refuse an ``--out`` that is a file or cannot be written, before anything is sent."""
+    """Refuse an ``--out`` that is a file or cannot be written, or whose manifest is not a
+    file, before anything is sent."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder for the images")
+    manifest = out / "manifest.jsonl"
+    if manifest.exists() and not manifest.is_file():
+        raise UsageError(
+            f"{manifest} is not a file (a folder?); move it away, or give another --out "
+            "(nothing was sent)"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         # A name of its own: two runs testing one folder at once must not remove each other's.
