@@ -289,6 +289,21 @@ async def test_journal_batches_its_writes(emulator: EmulatorFactory, tmp_path: P
         assert 0 < client.stats.journal_commits < 1000, client.stats
 
 
+@pytest.mark.long
+async def test_the_journals_write_ahead_log_stays_small(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    # Folded into the file every 1,000 pages (SQLite's default), it grew to megabytes: 2.8 MB
+    # for 120 submits on a nearly full disk, past the room the command line sets aside.
+    wal = tmp_path / "jobs.sqlite-wal"
+    largest = 0
+    async with emulator() as emu, make_client(emu, journal=tmp_path / "jobs.sqlite") as client:
+        for index in range(300):  # one at a time: a transaction each
+            await client.images.submit(prompt=f"{index}", model="dall-e-2")
+            largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    assert 0 < largest < 1_200_000, largest
+
+
 async def test_resume_and_uncertain_need_a_journal(emulator: EmulatorFactory) -> None:
     async with emulator() as emu, make_client(emu) as client:
         with pytest.raises(ClientStateError, match="journal"):
