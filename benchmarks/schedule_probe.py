@@ -60,6 +60,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: constant 100 s (jobs of 10-30 s)": {"faults": FaultConfig(estimate_constant=100.0)},
     "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
     "bad: 1 job in 20 told 3x its length": {"faults": FaultConfig(estimate_outliers=0.05)},
+    "bad: 1 job in 20 told half its length": {
+        "faults": FaultConfig(estimate_outliers=0.05, estimate_outlier_factor=0.5)
+    },
     "bad: 1 job in 20 told 3x its length + whole percents": {
         "faults": FaultConfig(estimate_outliers=0.05),
         "progress_percent": "whole",
