@@ -119,8 +119,6 @@ class _Tracked(KeyTiming):
     failed_call: str | None = None
     # When the gateway first said "succeeded" while images were still missing (None: not so).
     done_short_since: float | None = None
-    # When a reply about the key alone first came back unreadable, since it was last listed.
-    unreadable_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
 
 
@@ -241,6 +239,9 @@ class BatchPoller:
         # Done reports that list no images, when earlier reports did (temporary URLs while
         # generating, say): waited out in vain, and seen listing the images within the grace.
         self._done_unlisted_in_vain = 0
+        # Keys whose reply alone came back unreadable, since when (since they were last
+        # listed): rare, so kept here rather than on every key (memory per pending job).
+        self._unreadable_since: dict[str, float] = {}
         self._done_relists = False
         # Why the last batch call failed, while no call has succeeded since: a job that
         # reaches its deadline meanwhile says so (credentials revoked mid-run read as a plain
@@ -327,8 +328,11 @@ class BatchPoller:
                 self._observe_end(tracked, error, tracked.state.status)
 
     def _untrack(self, tracked: _Tracked) -> None:
-        if self._jobs.get(tracked.job.key) is tracked:
-            del self._jobs[tracked.job.key]
+        key = tracked.job.key
+        if self._jobs.get(key) is tracked:
+            del self._jobs[key]
+            if self._unreadable_since:
+                self._unreadable_since.pop(key, None)
         tracked.due = math.inf
 
     def cancel_all(self, reason: str) -> None:
@@ -718,9 +722,7 @@ class BatchPoller:
                 now = asyncio.get_running_loop().time()
                 # From the first such reply: a job asked rarely (a long estimate) met by one
                 # bomb failed at once when this counted from its last listing.
-                since = tracked.unreadable_since
-                if since is None:
-                    since = tracked.unreadable_since = now
+                since = self._unreadable_since.setdefault(tracked.job.key, now)
                 if now - since < self._policy.unknown_key_grace:
                     tracked.failed_call = f"{type(problem).__name__}: {snippet(str(problem))}"
                     self._schedule(tracked, now + self._policy.max_interval)
@@ -830,7 +832,8 @@ class BatchPoller:
             self._end(tracked, error, tracked.state.status)
             return
         tracked.last_seen = now
-        tracked.unreadable_since = None
+        if self._unreadable_since:
+            self._unreadable_since.pop(job.key, None)
         tracked.failed_call = None
         state = tracked.state
         before = state.status
