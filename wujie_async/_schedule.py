@@ -805,8 +805,14 @@ class PollSchedule:
             expected_seconds = told
         else:
             # Decided on the gateway's estimate; the progress may still tell an end sooner:
-            # by its rate, or at its first reading the latest it can end (``_latest_end``).
-            sooner = told if told is not None or latest is None else latest - seen
+            # by its rate, or, for a job told far longer than its model's (``_probe``), at its
+            # first reading the latest it can end (``_latest_end``). Only there: a progress
+            # that grows fast and then slowly puts that bound before a right estimate's end.
+            sooner = told
+            span = timing.predicted_span
+            if sooner is None and latest is not None and span is not None:
+                if self._told_far_longer(timing.model, span):
+                    sooner = latest - seen
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)
