@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "images_progressive": False,
     },
     "no complete_time": {"progress_fields": False},
+    "progress fast then slowly (square root)": {"progress_percent": "sqrt"},
+    "progress slowly then fast (squared)": {"progress_percent": "squared"},
     "complete_time in whole seconds": {"stamp_rounding": "floor"},
     "gateway clock 1 s behind": {"stamp_skew": -1.0},
     "gateway clock 3 s behind": {"stamp_skew": -3.0},

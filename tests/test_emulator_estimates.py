@@ -330,6 +330,11 @@ async def test_progress_percent_is_given_as_configured(emulator: EmulatorFactory
     assert job.percent_at(images[1], "images") == 50.0  # steps only as images land
     assert job.percent_at(start - 1.0, "time") == job.percent_at(start - 1.0, "images") == 0.0
     assert job.percent_at(at, "absent") is None
+    # Uneven growth: fast and then slowly, or slowly and then fast (a quarter of the time).
+    quarter = start + 0.25 * span
+    assert job.percent_at(quarter, "sqrt") == 50.0
+    assert job.percent_at(quarter, "squared") == 6.2
+    assert job.percent_at(images[-1], "sqrt") == job.percent_at(images[-1], "squared") == 100.0
 
 
 async def test_images_may_be_listed_at_temporary_urls_before_a_late_final_listing(

@@ -154,7 +154,9 @@ class EmulatorConfig:
         progress_percent: how ``complete_percent`` is given: ``"time"`` (the share of the
             generation time elapsed, to 0.1), ``"whole"`` (the same in whole percents, rounded
             down), ``"images"`` (the share of the job's images done: it moves in steps, and not
-            at all for one image) or ``"absent"`` (not given).
+            at all for one image), ``"sqrt"`` or ``"squared"`` (the square root, or the square,
+            of that share: a progress that grows fast and then slowly, or slowly and then fast,
+            as a gateway's stages may make it; to 0.1) or ``"absent"`` (not given).
         finishing_s: seconds (times ``time_scale``) a successful job runs on after its last
             image is done (uploading, billing): its images are listed meanwhile, while its
             status says generating, and its cost only once it has ended.
@@ -181,7 +183,7 @@ class EmulatorConfig:
     stamp_rounding: Literal["none", "floor"] = "none"
     stamp_skew: float = 0.0
     end_tick: float = 0.0
-    progress_percent: Literal["time", "whole", "images", "absent"] = "time"
+    progress_percent: Literal["time", "whole", "images", "sqrt", "squared", "absent"] = "time"
     finishing_s: float = 0.0
     temporary_urls: bool = False
     done_unlisted_s: float = 0.0
@@ -246,6 +248,10 @@ class EmulatedJob:
             return round(100.0 * done / len(self.image_done_at), 1)
         span = self.image_done_at[-1] - self.started_at
         share = min(100.0, 100.0 * (min(now, self.ends_at) - self.started_at) / span)
+        if shape == "sqrt":
+            share = 10.0 * math.sqrt(share)
+        elif shape == "squared":
+            share = share * share / 100.0
         return float(math.floor(share)) if shape == "whole" else round(share, 1)
 
     def expected_at(
