@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "images_progressive": False,
     },
     "no complete_time": {"progress_fields": False},
+    "no queue": {"queued_share": (0.0, 0.0)},
     "progress fast then slowly (square root)": {"progress_percent": "sqrt"},
     "progress slowly then fast (squared)": {"progress_percent": "squared"},
     "complete_time in whole seconds": {"stamp_rounding": "floor"},
@@ -62,6 +63,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: constant 100 s (jobs of 10-30 s)": {"faults": FaultConfig(estimate_constant=100.0)},
     "bad: 3x pessimistic": {"faults": FaultConfig(estimate_bias=3.0)},
     "bad: 1 job in 20 told 3x its length": {"faults": FaultConfig(estimate_outliers=0.05)},
+    "bad: 1 job in 20 told 3x its length + no queue": {
+        "faults": FaultConfig(estimate_outliers=0.05),
+        "queued_share": (0.0, 0.0),
+    },
     "bad: 1 job in 20 told half its length": {
         "faults": FaultConfig(estimate_outliers=0.05, estimate_outlier_factor=0.5)
     },

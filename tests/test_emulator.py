@@ -456,6 +456,7 @@ def test_settings_it_cannot_run_with_are_refused_before_it_starts() -> None:
         ({"time_scale": "fast"}, "time_scale: expected a finite number, got 'fast'"),
         ({"time_scale": 0.0}, "time_scale: above 0"),
         ({"job_seconds": (30.0, 10.0)}, "job_seconds: LOW at most HIGH"),
+        ({"queued_share": (0.2, 1.0)}, "queued_share: 0 <= LOW <= HIGH < 1"),
         ({"batch_cap": 0}, "batch_cap: above 0"),
         ({"finishing_s": -1.0}, "finishing_s: at least 0"),
         ({"faults": {"fail_jobs": 1.0}}, "faults: a FaultConfig, got dict"),

@@ -72,6 +72,25 @@ async def test_job_seconds_draws_each_job_length_from_the_range(
         lengths = [job.ends_at - job.created_at for job in emu.gateway.store.jobs.values()]
         assert all(10.0 <= length <= 30.0 for length in lengths)
         assert max(lengths) - min(lengths) > 5.0  # spread over the range, not one value
+        queued = [
+            (job.started_at - job.created_at) / (job.ends_at - job.created_at)
+            for job in emu.gateway.store.jobs.values()
+        ]
+        assert all(0.05 <= share <= 0.25 for share in queued), queued
+
+
+async def test_queued_share_sets_how_much_of_each_job_is_queued(
+    emulator: EmulatorFactory,
+) -> None:
+    async with emulator(**LONG, queued_share=(0.0, 0.0)) as emu:
+        keys = await submit_many(emu, 10)
+        assert all(job.started_at == job.created_at for job in emu.gateway.store.jobs.values())
+        assert all(entry["status"] == 1 for entry in (await entries(emu, keys)).values())
+    async with emulator(**LONG, queued_share=(0.5, 0.5)) as emu:
+        await submit_many(emu, 10)
+        for job in emu.gateway.store.jobs.values():
+            span = job.ends_at - job.created_at
+            assert job.started_at - job.created_at == pytest.approx(0.5 * span)
 
 
 async def test_actual_basis_gives_an_estimate_that_is_right(emulator: EmulatorFactory) -> None:

@@ -464,6 +464,10 @@ def check_config(config: EmulatorConfig) -> None:
     if pair is not None and not any(name == "job_seconds" for name, _ in found):
         if pair[0] > pair[1]:
             found.append(("job_seconds", f"LOW at most HIGH; got {pair!r}"))
+    share = config.queued_share
+    if not any(name == "queued_share" for name, _ in found):
+        if not 0.0 <= share[0] <= share[1] < 1.0:
+            found.append(("queued_share", f"0 <= LOW <= HIGH < 1; got {share!r}"))
     if isinstance(config.faults, FaultConfig):
         found += [(f"faults.{name}", rule) for name, rule in _violations(config.faults)]
     else:

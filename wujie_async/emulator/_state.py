@@ -33,8 +33,6 @@ _SHAPE = 4.0
 # Points charged per image once a job succeeds (integral_cost); the emulator's own figures.
 POINTS_PER_IMAGE: dict[str, int] = {"gpt-image-1": 8, "dall-e-2": 2, "dall-e-3": 6}
 _UNKNOWN_MODEL_POINTS = 5
-# Share of a job_seconds-model job spent queued before generation starts.
-_QUEUE_SHARE = (0.05, 0.25)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,8 +122,11 @@ class EmulatorConfig:
         retain_finished_s: finished jobs are forgotten (absent from replies) after this long;
             None keeps them for the emulator's lifetime.
         job_seconds: when set, ``(low, high)``: each job lasts a uniform draw from this range
-            (times ``time_scale``) from submit to its end, a few tenths of it queued, instead
-            of the per-model latency model. Benchmarks use it for "jobs of 10-30 s".
+            (times ``time_scale``) from submit to its end, ``queued_share`` of it queued,
+            instead of the per-model latency model. Benchmarks use it for "jobs of 10-30 s".
+        queued_share: with ``job_seconds``, ``(low, high)``: the share of each job spent
+            queued is a uniform draw from this range (``(0.0, 0.0)``: every job generates from
+            its submit on).
         estimate_basis: what ``expected_seconds`` is computed from before any ``estimate_*``
             fault: ``"typical"`` (default) from typical durations, as a real gateway's estimate
             comes from typical figures and not from the future; ``"actual"`` from the job's own
@@ -175,6 +176,7 @@ class EmulatorConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     retain_finished_s: float | None = None
     job_seconds: tuple[float, float] | None = None
+    queued_share: tuple[float, float] = (0.05, 0.25)
     estimate_basis: Literal["typical", "actual"] = "typical"
     progress_fields: bool = True
     estimate_rounding: Literal["none", "floor", "ceil", "round"] = "none"
@@ -320,7 +322,7 @@ class JobStore:
         if config.job_seconds is not None:
             low, high = config.job_seconds
             total = rng.uniform(low, high) * scale
-            started = now + total * rng.uniform(*_QUEUE_SHARE)
+            started = now + total * rng.uniform(*config.queued_share)
             done_at = [started + (now + total - started) * (i + 1) / n for i in range(n)]
             typical_total = (low + high) / 2 * scale
         else:
