@@ -844,3 +844,50 @@ def test_a_job_told_about_as_long_as_its_models_jobs_is_not_probed() -> None:
     timing = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(timing, 1.0, expected_seconds=33.0, queued=True)
     assert due > 30.0  # waits on its (right) estimate: no ask more
+
+
+def test_a_job_told_three_times_its_length_is_asked_where_its_first_reading_bounds_its_end() -> (
+    None
+):
+    # Right estimates for jobs of 10-30 s, and one job of 12 s told 36 s, generating evenly
+    # from its submit (no queue): not far longer than its model's jobs (the probe's rule),
+    # it was seen when its estimate ran out, 24 s late. Its first reading bounds its end.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+    timing = KeyTiming(created_at=0.0, model="m")
+    percent = round(100 * 1.0 / 12.0, 1)
+    due = schedule.report(timing, 1.0, expected_seconds=35.0, percent=percent)
+    latest = 1.0 + (100 - percent) / percent * 1.0
+    assert due == pytest.approx(latest + TUNING.open_delay * POLICY.min_interval, abs=0.01)
+    assert 12.0 <= due <= 12.5
+    # A job told right is not asked at a bound: its bound lies at or after its end.
+    right = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(right, 1.0, expected_seconds=11.0, percent=round(100 / 12.0, 1))
+    assert due >= 12.0
+
+
+def test_a_progress_found_to_grow_fast_then_slowly_bounds_no_end_any_more() -> None:
+    # Right estimates, and a progress that grows as the square root of the time: a first
+    # reading's bound lies far before every job's end. The first job asked at its bound is
+    # far from done there: no job of the model is asked at its bound after that.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+
+    def sqrt_percent(end: float, now: float) -> float:
+        return round(100 * math.sqrt(now / end), 1)
+
+    first = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(first, 1.0, expected_seconds=24.0, percent=sqrt_percent(25.0, 1.0))
+    assert 5.0 <= due < 6.0  # asked at its bound (5 s), not at its estimate's end
+    later = schedule.report(
+        first, due, expected_seconds=25.0 - due, percent=sqrt_percent(25.0, due)
+    )
+    assert later > 10.0  # not asked again soon: its bound is void
+    assert first.progress is not None and first.progress.bound is None
+    second = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(second, 1.0, expected_seconds=24.0, percent=sqrt_percent(25.0, 1.0))
+    assert due > 20.0

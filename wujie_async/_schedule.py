@@ -118,6 +118,12 @@ class ScheduleTuning:
             way to the progress: within 0.5 s, 4.7 asks, p99 0.61 s; 0.25 s, 5.2 asks, 0.50 s.
         long_told: a job told more than this many times its model's median span (of the
             spans kept) is probed once, at that median (``PollSchedule._probe``).
+        bound_margin: a job whose first reading while generating bounds its end (its progress
+            grown evenly, ``_latest_end``) this share of its span (and at least a second and a
+            step) before its estimate's end is asked at that bound (``_Progress.bound``).
+        bound_short: a job asked past its bound whose progress is this many points short of
+            100 proves that its model's progress does not grow evenly (fast and then slowly):
+            the model's bounds are not used any more.
         progress_wins: a model's jobs go by their progress (when it tells) once this many
             more of its jobs ended closer to what their progress told than to the gateway's
             estimate (by more than ``near``) than the other way round (``_compare``). Few,
@@ -147,6 +153,8 @@ class ScheduleTuning:
     countdowns_trusted: int = 8
     progress_error: float = 0.25
     long_told: float = 2.0
+    bound_margin: float = 0.2
+    bound_short: float = 5.0
     progress_wins: int = 3
 
 
@@ -167,12 +175,17 @@ class _Progress:
             estimate puts the end (None: a placeholder) and its span. The job's model is
             then learned apart (``_progress_model``), as its figures are another gateway's,
             and its end teaches the estimate's model the estimate's error.
+        bound: the latest its first reading says it ends (``_latest_end``), when that lies
+            well before its estimate's end (``ScheduleTuning.bound_margin``): it is asked
+            there (1 job in 20 told 3x its length, generating from its submit, was seen up to
+            40 s late). None once that is past.
     """
 
     since: float
     was: float
     told_end: float | None = None
     estimate: tuple[str | None, float | None, float] | None = None
+    bound: float | None = None
 
 
 def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | None:
@@ -444,6 +457,7 @@ class PollSchedule:
         "_stamped_near",
         "_stamps_at_their_word",
         "_typical",
+        "_uneven_progress",
         "_usual_spans",
         "_windows",
         "generation",
@@ -481,6 +495,9 @@ class PollSchedule:
         # estimate, less those that ended closer to the estimate (see _compare).
         self._progress_score: dict[str | None, int] = {}
         self._scouts: dict[str | None, int] = {}
+        # Models a job of which was still far from done when asked past its bound: their
+        # progress does not grow evenly, and bounds it tells are not used (_Progress.bound).
+        self._uneven_progress: set[str | None] = set()
         # Per model, while none of its jobs has ended: the job expected to end first, asked
         # as if it had no estimate (KeyTiming.lookout).
         self._lookouts: dict[str | None, KeyTiming] = {}
@@ -805,14 +822,13 @@ class PollSchedule:
             expected_seconds = told
         else:
             # Decided on the gateway's estimate; the progress may still tell an end sooner:
-            # by its rate, or, for a job told far longer than its model's (``_probe``), at its
-            # first reading the latest it can end (``_latest_end``). Only there: a progress
-            # that grows fast and then slowly puts that bound before a right estimate's end.
+            # by its rate, or at its first reading by the latest it can end (a bound, asked
+            # at by next_ask: _Progress.bound).
             sooner = told
-            span = timing.predicted_span
-            if sooner is None and latest is not None and span is not None:
-                if self._told_far_longer(timing.model, span):
-                    sooner = latest - seen
+            if latest is not None and progress is not None:
+                self._note_bound(timing, progress, latest, seen + expected_seconds)
+        if progress is not None and progress.bound is not None and latest is None:
+            self._check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)
             coarse = self.coarse(timing.model)
@@ -898,6 +914,56 @@ class PollSchedule:
                 ask = at
         return ask
 
+    def _note_bound(
+        self, timing: KeyTiming, progress: _Progress, latest: float, predicted: float
+    ) -> None:
+        """Keep ``latest`` (the first reading's bound on the job's end) as ``progress.bound``
+        when it lies well before ``predicted`` (the estimate's end): the job may have been
+        told far longer than it runs. A right estimate's end lies at or before that bound
+        when the progress grows evenly; a progress of a model found to grow unevenly
+        (``_uneven_progress``) bounds nothing."""
+        if timing.model in self._uneven_progress:
+            return
+        span = predicted - timing.created_at
+        margin = max(TUNING.bound_margin * span, 1.0 + self._policy.min_interval)
+        if latest + margin < predicted:
+            progress.bound = latest
+
+    def _check_bound(
+        self, timing: KeyTiming, progress: _Progress, seen: float, percent: float | None
+    ) -> None:
+        """A job still running when asked past its bound: far from done, it proves its
+        model's progress uneven (``TUNING.bound_short``: fast and then slowly), and no bound
+        of that model is used any more; close to done (an end recorded late), it is asked
+        again soon (``_bound_ask``) for ``_bound_slack``."""
+        bound = progress.bound
+        assert bound is not None
+        if seen <= bound:
+            return
+        if percent is not None and percent < 100.0 - TUNING.bound_short:
+            self._uneven_progress.add(timing.model)
+            progress.bound = None
+        elif seen > bound + self._bound_slack():
+            progress.bound = None
+
+    def _bound_slack(self) -> float:
+        """How long past its bound a job close to done is asked every ``min_interval``."""
+        return TUNING.near + 2 * self._policy.min_interval
+
+    def _bound_ask(self, timing: KeyTiming, now: float) -> float:
+        """When a job with a bound (``_Progress.bound``) is asked: just after the bound, then
+        every ``min_interval`` for ``_bound_slack``. ``inf``: no such ask."""
+        progress = timing.progress
+        if progress is None or progress.bound is None or timing.model in self._uneven_progress:
+            return math.inf
+        policy = self._policy
+        at = progress.bound + TUNING.open_delay * policy.min_interval
+        if at > now + policy.min_interval:
+            return at
+        if now < progress.bound + self._bound_slack():
+            return now + policy.min_interval
+        return math.inf
+
     def _probe(self, timing: KeyTiming, now: float) -> float:
         """When a job told far longer than its model's jobs usually are (``TUNING.long_told``
         times the median span), and never read generating, is asked once more: when a usual
@@ -933,6 +999,12 @@ class PollSchedule:
         if probe + self._policy.min_interval < ask:
             timing.tentative = False
             return probe
+        bound = self._bound_ask(timing, now)
+        if bound + self._policy.min_interval < ask:
+            # Tentative: a job of its model found far from done past its bound meanwhile
+            # makes this ask one that tells nothing (its bound then bounds nothing).
+            timing.tentative = True
+            return bound
         return ask
 
     def _planned_ask(self, timing: KeyTiming, now: float, queue_position: int | None) -> float:
