@@ -862,6 +862,11 @@ def test_a_job_told_three_times_its_length_is_asked_where_its_first_reading_boun
     latest = 1.0 + (100 - percent) / percent * 1.0
     assert due == pytest.approx(latest + TUNING.open_delay * POLICY.min_interval, abs=0.01)
     assert 12.0 <= due <= 12.5
+    # Its end, two thirds before its estimate's, does not open every other job's window
+    # early (it ended by its bound, as a bound says: that tells nothing of the estimates).
+    window = schedule.window("m")
+    schedule.job_ended(timing, due, 12.0)
+    assert schedule.window("m") == window
     # A job told right is not asked at a bound: its bound lies at or after its end.
     right = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(right, 1.0, expected_seconds=11.0, percent=round(100 / 12.0, 1))
@@ -891,3 +896,24 @@ def test_a_progress_found_to_grow_fast_then_slowly_bounds_no_end_any_more() -> N
     second = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(second, 1.0, expected_seconds=24.0, percent=sqrt_percent(25.0, 1.0))
     assert due > 20.0
+
+
+def test_a_job_that_ended_by_its_bound_as_its_models_first_end_opens_no_window_early() -> None:
+    # Jobs of 10-30 s generating from their submits, right estimates, and one job of 10 s told
+    # 30 s: asked at the end its first reading allows, it is the model's first end. A first
+    # end two thirds before its estimate's opened every job's window at a third of its span
+    # (16 asks per key on an independent gateway): it ended by its bound, as bounds say.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(3)
+    for _ in range(20):
+        timing = KeyTiming(created_at=0.0, model="m")
+        end = rng.uniform(12, 30)
+        schedule.report(timing, 1.0, expected_seconds=end - 1.0, percent=round(100 / end, 1))
+    outlier = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(outlier, 1.0, expected_seconds=29.0, percent=10.0)
+    while due < 10.0:  # a scout, say: asked every max_interval while nothing is learned
+        due = schedule.report(outlier, due, expected_seconds=30.0 - due, percent=10.0 * due)
+    assert due <= 10.5
+    schedule.job_ended(outlier, due, 10.0)
+    low, _high = schedule.window("m")
+    assert low > -0.1, low

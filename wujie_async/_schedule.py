@@ -178,7 +178,7 @@ class _Progress:
         bound: the latest its first reading says it ends (``_latest_end``), when that lies
             well before its estimate's end (``ScheduleTuning.bound_margin``): it is asked
             there (1 job in 20 told 3x its length, generating from its submit, was seen up to
-            40 s late). None once that is past.
+            40 s late), and an end by then is learned as on time. None once that is past.
     """
 
     since: float
@@ -597,6 +597,18 @@ class PollSchedule:
         ):
             error = _error(timing.predicted_end, timing.predicted_span, ended)
             second = 1.0 / timing.predicted_span
+            if (
+                error is not None
+                and error < 0
+                and progress is not None
+                and progress.bound is not None
+                and timing.model not in self._uneven_progress
+            ):
+                # It ended by the bound its progress set, as bounds say: early against its
+                # estimate, it tells nothing of the other estimates (as its model's first
+                # end, 1 job in 20 told 2x-3x its length opened every job's window at a
+                # third of its span: 16 to 20 asks per key).
+                error = 0.0
         lesson = _Lesson(timing.model, duration=duration, error=error, stamped=stamped is not None)
         self._apply(lesson, second)
 
