@@ -811,7 +811,8 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
 
     argv = [
         "--time-scale", "0.5", "--seed", "3", "--rate-limit-rps", "9", "--strict-regexps",
-        "--retain-finished-s", "30", "--job-seconds", "2,6", "--estimate-basis", "actual",
+        "--retain-finished-s", "30", "--job-seconds", "2,6", "--queued-share", "0,0.5",
+        "--estimate-basis", "actual",
         "--no-progress-fields", "--estimate-rounding", "floor",
         "--estimate-while-queued", "generation", "--no-images-progressive",
         "--stamp-rounding", "floor", "--stamp-skew", "-1.5", "--end-tick", "0.5",
@@ -828,6 +829,7 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         strict_regexps=True,
         retain_finished_s=30,
         job_seconds=(2.0, 6.0),
+        queued_share=(0.0, 0.5),
         estimate_basis="actual",
         progress_fields=False,
         estimate_rounding="floor",

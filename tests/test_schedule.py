@@ -829,7 +829,13 @@ def test_a_job_told_far_longer_than_its_models_jobs_is_probed_and_seen_by_its_pr
     latest = due + (100 - percent) / percent * (due - 1.0)
     assert latest < 75.0
     after = schedule.report(timing, due, expected_seconds=75.0 - due, percent=percent)
-    assert after == pytest.approx(latest + TUNING.open_delay * POLICY.min_interval, abs=0.01)
+    assert latest > due + TUNING.bound_rate_after
+    # Read again once its progress can tell a rate (the bound is loose: it may have begun
+    # anywhere after 1 s), which puts its end at 25 s.
+    assert after == pytest.approx(due + TUNING.bound_rate_after)
+    percent = round((after - 3.0) / 22.0 * 100, 1)
+    after = schedule.report(timing, after, expected_seconds=75.0 - after, percent=percent)
+    assert after == pytest.approx(25.0 + TUNING.open_delay * POLICY.min_interval, abs=0.5)
     assert after >= 25.0  # not before it can have ended: no ask wasted on the way
     # Its end, far before its estimate, does not open every other job's window early.
     schedule.job_ended(timing, after, 25.0)
@@ -859,8 +865,10 @@ def test_a_job_told_three_times_its_length_is_asked_where_its_first_reading_boun
     timing = KeyTiming(created_at=0.0, model="m")
     percent = round(100 * 1.0 / 12.0, 1)
     due = schedule.report(timing, 1.0, expected_seconds=35.0, percent=percent)
-    latest = 1.0 + (100 - percent) / percent * 1.0
-    assert due == pytest.approx(latest + TUNING.open_delay * POLICY.min_interval, abs=0.01)
+    # Its bound is 12.0 s (no earlier ask saw it queued); read again once its progress can
+    # tell a rate, which says the same.
+    assert due == pytest.approx(1.0 + TUNING.bound_rate_after)
+    due = schedule.report(timing, due, expected_seconds=36.0 - due, percent=round(100 * due / 12))
     assert 12.0 <= due <= 12.5
     # Its end, two thirds before its estimate's, does not open every other job's window
     # early (it ended by its bound, as a bound says: that tells nothing of the estimates).
@@ -887,12 +895,12 @@ def test_a_progress_found_to_grow_fast_then_slowly_bounds_no_end_any_more() -> N
 
     first = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(first, 1.0, expected_seconds=24.0, percent=sqrt_percent(25.0, 1.0))
-    assert 5.0 <= due < 6.0  # asked at its bound (5 s), not at its estimate's end
-    later = schedule.report(
-        first, due, expected_seconds=25.0 - due, percent=sqrt_percent(25.0, due)
-    )
-    assert later > 10.0  # not asked again soon: its bound is void
-    assert first.progress is not None and first.progress.bound is None
+    assert first.progress is not None and first.progress.bound == pytest.approx(5.0)
+    while first.progress.bound is not None:  # read for a rate, then past its bound
+        assert due < 20.0
+        due = schedule.report(
+            first, due, expected_seconds=25.0 - due, percent=sqrt_percent(25.0, due)
+        )
     second = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(second, 1.0, expected_seconds=24.0, percent=sqrt_percent(25.0, 1.0))
     assert due > 20.0
@@ -917,3 +925,20 @@ def test_a_job_that_ended_by_its_bound_as_its_models_first_end_opens_no_window_e
     schedule.job_ended(outlier, due, 10.0)
     low, _high = schedule.window("m")
     assert low > -0.1, low
+
+
+def test_a_loose_bound_is_narrowed_by_a_second_reading_of_progress() -> None:
+    # A 10 s job told 30 s, seen queued at 1 s, first read generating at 6 s at 30% (it
+    # began at 3 s): all its reading can say is that it began after 1 s, so it ends by
+    # 17.7 s. Read again 2 s later, its progress's rate puts its end at 13 s (it was seen up
+    # to 9 s late at its bound).
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+    timing = KeyTiming(created_at=0.0, model="m")
+    schedule.report(timing, 1.0, expected_seconds=29.0, queued=True)
+    due = schedule.report(timing, 6.0, expected_seconds=24.0, percent=30.0)
+    assert due == pytest.approx(6.0 + TUNING.bound_rate_after)
+    due = schedule.report(timing, due, expected_seconds=22.0, percent=50.0)
+    assert due == pytest.approx(13.0 + TUNING.open_delay * POLICY.min_interval, abs=0.01)
