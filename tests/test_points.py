@@ -4,6 +4,7 @@ anything is sent; checked against the emulator's own record of what it charged."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -157,6 +158,36 @@ async def test_a_probe_that_timed_out_leaves_its_kind_unpriced_not_free(
         with pytest.raises(BudgetExceededError) as refused:
             await client.images.submit(prompt="b", model="dall-e-2")
         assert refused.value.unpriced and "timed out" in str(refused.value)
+        assert emu.stats()["submits_accepted"] == 1
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param(FaultConfig(drop_after_accept=1.0), id="submit reply lost"),
+        pytest.param(FaultConfig(absent_jobs=1.0, absent_s=30.0), id="key never listed"),
+    ],
+)
+async def test_a_probe_that_ended_without_a_word_of_its_cost_leaves_its_kind_unpriced(
+    emulator: EmulatorFactory, faults: FaultConfig
+) -> None:
+    """A first job of a kind whose submit's reply was lost (it may have been charged), or
+    whose key the gateway never listed (it may run on): letting the next one go as a new
+    probe spent without limit (8 lost replies charged 16 points on a 10-point budget, the
+    client counting 0). Its kind is refused, as after a timeout."""
+    async with (
+        emulator(time_scale=1.0, job_seconds=(0.3, 0.3), faults=faults) as emu,
+        make_client(
+            emu,
+            limits=Limits(max_points=10),
+            poll=dataclasses.replace(FAST_POLL, unknown_key_grace=0.3),
+        ) as client,
+    ):
+        with pytest.raises((SubmitUncertainError, JobError)):
+            await (await client.images.submit(prompt="a", model="dall-e-2"))
+        with pytest.raises(BudgetExceededError) as refused:
+            await client.images.submit(prompt="b", model="dall-e-2")
+        assert refused.value.unpriced and "reply lost" in str(refused.value)
         assert emu.stats()["submits_accepted"] == 1
 
 

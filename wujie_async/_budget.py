@@ -19,8 +19,11 @@ Worst case: each kind whose cost is not known yet may overshoot the budget by th
 one probing job. A job whose end is not reported with a cost (cancelled, timed out) keeps its
 reservation as spent, so the budget errs on the side of spending less. A gateway that does not
 report ``integral_cost`` for a job that succeeded leaves its kind without a price, and so does
-a probing job whose wait ended (timed out, cancelled) before the gateway said what it cost:
-it runs on and will be charged, at a price nobody knows. Without a price table the budget
+a probing job whose wait ended (timed out, cancelled) before the gateway said what it cost
+(it runs on and will be charged, at a price nobody knows), or whose end says nothing of a
+charge: its submit's reply was lost (``SubmitUncertainError``), the gateway stopped knowing
+its key (``UnknownJobError``), reported it only unreadably (``JobProtocolError``) or done
+without all its images (``IncompleteJobError``). Without a price table the budget
 cannot be held for such a kind, and further submits of it raise :class:`BudgetExceededError`
 (naming ``Limits.point_prices``) rather than go on uncounted (each timed-out probe letting the
 next one go would spend without limit).
@@ -76,15 +79,17 @@ class Reservation:
             self._budget.ended(self, None, charged=False)
 
     def settle(
-        self, charged: float | None, *, succeeded: bool = False, unfinished: bool = False
+        self, charged: float | None, *, succeeded: bool = False, maybe_charged: bool = False
     ) -> None:
         """The job ended: ``charged`` is its reported cost (None: not reported; the
         reservation is kept as spent); ``succeeded``: it ended with its images;
-        ``unfinished``: only the wait for it ended (timed out, cancelled): it may run on."""
+        ``maybe_charged``: its end does not say it cost nothing (only the wait for it ended,
+        or its submit's reply was lost, or the gateway lost or garbled it): it may run on,
+        or have been charged."""
         if not self._done:
             self._done = True
             self._budget.ended(
-                self, charged, charged=True, succeeded=succeeded, unfinished=unfinished
+                self, charged, charged=True, succeeded=succeeded, maybe_charged=maybe_charged
             )
 
 
@@ -180,11 +185,11 @@ class Budget:
         *,
         charged: bool,
         succeeded: bool = False,
-        unfinished: bool = False,
+        maybe_charged: bool = False,
     ) -> None:
         """``reservation`` ended: refused or unsent (``charged`` False), or its job ended with
         ``cost`` reported (None: not reported); ``succeeded``: with its images;
-        ``unfinished``: only the wait for it ended, and the job may run on."""
+        ``maybe_charged``: see ``Reservation.settle``."""
         held = reservation.points or 0.0
         self.reserved -= held
         if charged:
@@ -195,7 +200,7 @@ class Budget:
                     self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
             else:
                 self.spent += held  # not reported: assume it cost what was held
-                if (succeeded or unfinished) and reservation.points is None:
+                if (succeeded or maybe_charged) and reservation.points is None:
                     # Charged (or to be), at a price never told: a next probe would be too.
                     self._unpriced.add(reservation.kind)
         if reservation.probing:

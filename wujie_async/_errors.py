@@ -190,8 +190,9 @@ class BudgetExceededError(WujieError):
         needed: what this submit is expected to cost (None: not known yet; no room was left).
         model: the request's model.
         unpriced: no job of this kind has reported what it cost (``integral_cost``: a
-            finished one did not say, or the wait for the first one ended before it did, a
-            timeout or a cancel) and no price was given: the budget cannot be held for it.
+            finished one did not say, or the first one ended without saying: the wait for
+            it timed out or was cancelled, its submit's reply was lost, or the gateway lost
+            or garbled it) and no price was given: the budget cannot be held for it.
     """
 
     def __init__(
@@ -213,8 +214,9 @@ class BudgetExceededError(WujieError):
         if unpriced:
             message = (
                 f"over the points budget: the gateway has not reported what a {model} job "
-                "costs (integral_cost: a finished one did not say, or the first one timed out "
-                f"or was cancelled first), so max_points={max_points:g} cannot be held for "
+                "costs (integral_cost: a finished one did not say, or the first one ended "
+                "without saying: timed out, cancelled, its reply lost, or lost by the gateway), "
+                f"so max_points={max_points:g} cannot be held for "
                 "more of them; nothing was sent. Give its price in "
                 f'Limits.point_prices (e.g. {{"{model}": 8}}, points per image)'
             )

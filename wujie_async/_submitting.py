@@ -32,11 +32,14 @@ from ._budget import Budget, Reservation
 from ._config import Limits
 from ._errors import (
     ClientStateError,
+    IncompleteJobError,
     JobCancelledError,
+    JobProtocolError,
     JobTimeoutError,
     ProtocolError,
     SubmitUncertainError,
     TransportError,
+    UnknownJobError,
     WujieError,
 )
 from ._jobs import ImageJob
@@ -277,6 +280,16 @@ class MakeJob(Protocol):
     ) -> ImageJob: ...
 
 
+# Job ends that do not say the job cost nothing (see Reservation.settle).
+_MAYBE_CHARGED = (
+    JobTimeoutError,
+    JobCancelledError,
+    UnknownJobError,
+    JobProtocolError,
+    IncompleteJobError,
+)
+
+
 def _on_end(
     release: Callable[[], None] | None, held: Reservation | None
 ) -> Callable[[ImageJob], None] | None:
@@ -292,8 +305,9 @@ def _on_end(
         held.settle(
             job.points_charged,
             succeeded=job.done() and error is None,
-            # Only the wait ended: the job may run on, and be charged.
-            unfinished=isinstance(error, JobTimeoutError | JobCancelledError),
+            # Only the wait ended (the job may run on, and be charged), or the end says
+            # nothing of a charge (a job the gateway lost or garbled, or done short).
+            maybe_charged=isinstance(error, _MAYBE_CHARGED),
         )
 
     return ended
@@ -518,7 +532,10 @@ class Submits:
         except BaseException as exc:
             if held is not None:
                 if outcome_state(exc, sending=record.may_have_left) == "uncertain":
-                    held.settle(None)  # it may have been charged: the points stay spent
+                    # It may have been charged: the points stay spent, and a first job of its
+                    # kind leaves the kind without a price (each lost reply letting the next
+                    # probe go spent without limit).
+                    held.settle(None, maybe_charged=True)
                 else:
                     held.release()  # refused or never sent: nothing was charged
             raise
