@@ -241,6 +241,37 @@ def test_a_damaged_key_is_not_kept_by_its_error_or_its_frames() -> None:
         assert not [piece for piece in pieces if piece in said], key[:40]
 
 
+@pytest.mark.parametrize("variable", ["WUJIE_PRIVATE_KEY", "WUJIE_PRIVATE_KEY_FILE"])
+def test_a_damaged_key_read_from_the_environment_is_not_kept_by_the_frames(
+    variable: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The caller passed no key: the library read it, and its frames (Credentials.from_env,
+    # the client's constructor) kept it as locals. Each frame's locals also show as reprs.
+    pem = throwaway_credentials().private_key
+    damaged = pem[:-60]
+    monkeypatch.setenv("WUJIE_APP_ID", "app")
+    monkeypatch.delenv("WUJIE_PRIVATE_KEY", raising=False)
+    if variable == "WUJIE_PRIVATE_KEY":
+        monkeypatch.setenv(variable, damaged)
+    else:
+        key_file = tmp_path / "key.pem"
+        key_file.write_text(damaged)
+        monkeypatch.setenv(variable, str(key_file))
+    body = "".join(pem.splitlines()[1:-1])
+    pieces = [body[i : i + 24] for i in range(0, len(body) - 60, 24)]
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient()
+    said = "\n".join(_reachable(info.value))
+    assert not [piece for piece in pieces if piece in said]
+    tb = info.value.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if os.path.realpath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+            for value in frame.f_locals.values():
+                assert not any(piece in repr(value) for piece in pieces)
+        tb = tb.tb_next
+
+
 def _secrets(creds: Credentials, seen_by_server: list[str]) -> list[str]:
     """The header markers to look for: every signature made around now, and what was sent."""
     now = int(time.time())

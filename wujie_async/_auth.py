@@ -173,7 +173,16 @@ class Credentials:
         ]
         if missing:
             raise InvalidRequestError(missing)
-        return cls(app_id=app_id, private_key=private_key)
+        try:
+            return cls(app_id=app_id, private_key=private_key)
+        except InvalidRequestError as exc:
+            refused = exc
+        # The key read from the environment leaves this frame's locals before the error
+        # does: its traceback keeps them, and an error reporter that records locals would
+        # store a damaged key, most of it still good (the caller passed no key to see).
+        private_key = key_file = ""
+        del env
+        raise refused
 
     def public_key(self) -> rsa.RSAPublicKey:
         """The public half of the key, for a server that verifies these credentials."""

@@ -297,8 +297,13 @@ class WujieClient:
         )
 
     def __repr__(self) -> str:
+        credentials = getattr(self, "credentials", None)
+        if credentials is None or not hasattr(self, "_poller"):
+            # Half made (its constructor raised): an error reporter shows the frame's self.
+            app_id = credentials.app_id if credentials is not None else None
+            return f"WujieClient(app_id={app_id!r}, state='not constructed')"
         return (
-            f"WujieClient(app_id={self.credentials.app_id!r}, base_url={self.base_url!r}, "
+            f"WujieClient(app_id={credentials.app_id!r}, base_url={self.base_url!r}, "
             f"state={self._state!r}, outstanding={len(self._poller)})"
         )
 
