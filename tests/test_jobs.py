@@ -99,3 +99,27 @@ async def test_updates_of_a_cancelled_job_end(emulator: EmulatorFactory) -> None
         job.cancel()
         last = await asyncio.wait_for(waiting, 5)
         assert last.done and last.error is not None
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, "5", True])
+async def test_a_wait_bound_that_is_not_a_number_of_seconds_is_refused_by_name(
+    emulator: EmulatorFactory, bad: object
+) -> None:
+    # NaN made job.result(timeout=nan) and job.image(0, timeout=nan) wait for ever; a string
+    # failed in float arithmetic; as_completed and aclose raised a bare ValueError.
+    from wujie_async import InvalidRequestError
+
+    async with emulator(time_scale=1.0, job_seconds=(30.0, 30.0)) as emu:
+        client = make_client(emu)
+        async with client:
+            job = await client.images.submit(prompt="a fox", model="gpt-image-1")
+            for wait in (
+                job.result(timeout=bad),  # type: ignore[arg-type]
+                job.image(0, timeout=bad),  # type: ignore[arg-type]
+                anext(client.as_completed([job], timeout=bad)),  # type: ignore[arg-type]
+            ):
+                with pytest.raises(InvalidRequestError, match="timeout: must be a finite"):
+                    await asyncio.wait_for(wait, 5)
+            with pytest.raises(InvalidRequestError, match="timeout: must be a finite"):
+                await client.aclose(drain=True, timeout=bad)  # type: ignore[arg-type]
+            assert not job.done()  # nothing was closed by the refused call

@@ -27,7 +27,7 @@ from ._addresses import AddressRule
 from ._auth import Credentials, HeaderSigner
 from ._base_url import check_base_url
 from ._budget import Budget
-from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts
+from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts, check_wait
 from ._download import Downloader
 from ._env import Environment
 from ._errors import ClientStateError, InvalidRequestError, JobCancelledError, JobTimeoutError
@@ -425,7 +425,12 @@ class WujieClient:
                 ``timeout``, default ``Timeouts.close``); what is still running then is
                 cancelled.
             timeout: bound of the drain, in seconds.
+
+        Raises:
+            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0 (checked
+                before anything is closed).
         """
+        timeout = check_wait("timeout", timeout)
         if self._state == "unopened":
             self._state = "closed"
             return
@@ -839,7 +844,9 @@ class WujieClient:
 
         Raises:
             TimeoutError: ``timeout`` passed with jobs still running.
+            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0.
         """
+        timeout = check_wait("timeout", timeout)
         pending = list(dict.fromkeys(jobs))
         # asyncio.Queue, not an anyio memory stream: it is fed by the jobs' done callbacks
         # (plain functions on the loop), which may still run after this generator is closed,

@@ -90,6 +90,21 @@ def _amount(
     return [(f"{owner}.{name}", f"must be {rule}{' or None' if optional else ''}")]
 
 
+def check_wait(name: str, value: object) -> float | None:
+    """A wait's bound as a caller passed it (None: no bound), checked before the wait.
+
+    Raises:
+        InvalidRequestError: naming ``name``: not a finite number of seconds >= 0 (NaN made
+            a bounded wait unbounded, and a string failed deep in arithmetic).
+    """
+    if value is None:
+        return None
+    found = _amount("wait", name, value, zero=True)
+    if found:
+        raise InvalidRequestError([(name, "must be a finite number of seconds >= 0, or None")])
+    return float(value)  # type: ignore[arg-type]  # checked: an int or a finite float
+
+
 def _raise(found: list[Violation]) -> None:
     if found:
         raise InvalidRequestError(found)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Seque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._config import check_wait
 from ._contract import JobStatus, job_status
 from ._errors import ClientStateError, IncompleteJobError, JobCancelledError, JobError
 from ._file_names import DEFAULT_NAME
@@ -378,7 +379,9 @@ class ImageJob:
         Raises:
             JobError: the job failed, was rejected, timed out or is unknown.
             TimeoutError: ``timeout`` passed first.
+            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0.
         """
+        timeout = check_wait("timeout", timeout)
         if timeout is None:
             return await self
         async with asyncio.timeout(timeout):
@@ -396,7 +399,9 @@ class ImageJob:
             IndexError: the job has fewer images.
             IncompleteJobError: the gateway reported the job done without this image.
             JobError: the job ended without this image.
+            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0.
         """
+        timeout = check_wait("timeout", timeout)
         if index < 0 or (self.n is not None and index >= self.n):
             raise IndexError(f"job {self.key} has {self.n} image(s); index {index} is out of range")
         state = self._state
