@@ -123,3 +123,14 @@ async def test_a_wait_bound_that_is_not_a_number_of_seconds_is_refused_by_name(
             with pytest.raises(InvalidRequestError, match="timeout: must be a finite"):
                 await client.aclose(drain=True, timeout=bad)  # type: ignore[arg-type]
             assert not job.done()  # nothing was closed by the refused call
+
+
+async def test_a_job_settled_by_the_client_says_so_in_its_repr(emulator: EmulatorFactory) -> None:
+    # Closed while its last report said pending: its repr said "pending" although awaiting
+    # it raised JobCancelledError (a log line that misled whoever read it).
+    async with emulator(time_scale=1.0, job_seconds=(30.0, 30.0)) as emu:
+        async with make_client(emu) as client:
+            job = await client.images.submit(prompt="a fox", model="gpt-image-1")
+            assert repr(job).endswith("%>") and "ended" not in repr(job)
+    assert job.done()
+    assert repr(job).endswith("ended: JobCancelledError>"), repr(job)
