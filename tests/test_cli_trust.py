@@ -974,3 +974,88 @@ async def test_progress_counts_outcomes_by_name_and_a_rerun_shows_no_inflated_ra
     code, _, err = await cli(*run)
     last = [line for line in err.splitlines() if line.startswith("progress:")][-1]
     assert "saved 4" in last and "0.0 lines/s" in last, last  # nothing waited for this time
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+async def test_a_line_repeated_on_a_re_run_is_sent_as_a_row_of_its_own(
+    tmp_path: Path, journal: bool
+) -> None:
+    """Two identical lines stay two rows, also when the second is added on a re-run: with a
+    journal it was taken for the first line moved, read "saved" and never sent (exit 0)."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        if not journal:
+            bulk.append("--no-journal")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        prompts.write_text("a cat\na cat\na cat\n")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        assert (await emu.stats())["submits_accepted"] == 3
+        saved = {r["line"] for r in manifest(out) if r["status"] == "saved"}
+        assert saved == {1, 2, 3} and len(list(out.glob("*.png"))) == 3
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+async def test_a_key_the_gateway_hands_out_again_is_not_taken_for_the_earlier_job(
+    tmp_path: Path, journal: bool
+) -> None:
+    """A gateway restarted with its key counter (here: the same seed) gives a new line the
+    key an earlier run saved under: the line read "saved" with no row or image of its own,
+    its cost uncounted (exit 0). It ends uncertain, as a key reused within a run does."""
+    prompts = tmp_path / "prompts.txt"
+    out = tmp_path / "out"
+    bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+    if not journal:
+        bulk.append("--no-journal")
+    prompts.write_text("a cat\n")
+    async with served_emulator(tmp_path, "--seed", "7") as emu:
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+    [first] = [r["key"] for r in manifest(out) if r["status"] == "saved"]
+    prompts.write_text("a cat\na dog\n")
+    async with served_emulator(tmp_path, "--seed", "7") as emu:
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert (await emu.stats())["submits_accepted"] == 1
+    assert code == 1, err
+    last = final_outcomes(out)
+    assert last[1] == "saved" and last[2] == "uncertain", last
+    [row] = [r for r in manifest(out) if r["line"] == 2]
+    assert first in row["error"] and "earlier job" in row["error"]
+    assert len(list(out.glob("*.png"))) == 1
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "no-journal"])
+async def test_a_line_whose_image_urls_are_gone_is_resent_by_retry_failed(
+    tmp_path: Path, journal: bool
+) -> None:
+    """An image URL that answers 404 (the gateway cleaned up old results): the line said
+    "re-run to fetch them again", which never worked, and --retry-failed collected the same
+    gone URLs again: no way to get the image. It ends `gone`; a plain re-run asks once more
+    (never resends), and --retry-failed sends it again as a new job."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        if not journal:
+            bulk.append("--no-journal")
+        await emu.set_faults(images_gone=1.0)
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1, err
+        assert final_outcomes(out) == {1: "failed"}
+        assert manifest(out)[-1]["error_code"] == "gone"
+        assert "URLs are gone" in err and "--retry-failed sends them again" in err
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and (await emu.stats())["submits_accepted"] == 1, err
+        await emu.set_faults()
+        code, _, err = await cli(*bulk, "--retry-failed", env=emu.env)
+        assert code == 0, err
+        assert (await emu.stats())["submits_accepted"] == 2
+        assert final_outcomes(out) == {1: "saved"} and len(list(out.glob("*.png"))) == 1

@@ -802,6 +802,19 @@ class WujieClient:
             submits.unjournaled = [e for e in submits.unjournaled if e.job_key != key]
         return found
 
+    def refuse_keys(self, keys: Iterable[str]) -> None:
+        """Keys of earlier jobs (an earlier run's, say) that a submit's reply must not bring.
+
+        A gateway that hands out a key again (a counter reset by a restart) would have a new
+        submit followed as the earlier job, and given its images. The client refuses a key
+        of a job it follows or has just ended; beyond that it cannot know them. A submit
+        answered with one of these keys raises :class:`SubmitUncertainError` (it may have
+        been charged; its job cannot be told from the earlier one) and its journal row stays
+        ``uncertain``. Attaching one of these keys is not affected. The bulk command passes
+        every key its manifest and journal hold.
+        """
+        self._submits.refuse_keys(keys)
+
     async def forget_submits(self, ids: Iterable[int]) -> int:
         """Delete these journal rows (by :attr:`JournalEntry.id`); returns how many were deleted.
 

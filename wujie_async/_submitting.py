@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
@@ -354,6 +354,8 @@ class Submits:
         self._idle: anyio.Event | None = None  # set once no submit runs (None: none ran yet)
         # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
         self._claimed_keys: set[str] = set()
+        # Keys of earlier jobs (refuse_keys): a submit given one cannot be told from them.
+        self._refused_keys: set[str] = set()
         self.accepted = 0
         self.errors = 0
         self.unjournaled: list[JournalEntry] = []
@@ -553,9 +555,21 @@ class Submits:
         self.accepted += 1
         return record.job
 
+    def refuse_keys(self, keys: Iterable[str]) -> None:
+        """Keys of earlier jobs that a submit's reply must not bring (see
+        ``WujieClient.refuse_keys``)."""
+        self._refused_keys.update(keys)
+
     def _claim_key(self, data: Any, body: dict[str, Any]) -> str:
         """The reply's key, if usable and not in use by another job of this client."""
         key = usable_key(data, body)
+        if key in self._refused_keys:
+            raise SubmitUncertainError(
+                f"the gateway returned the key of an earlier job ({key}): this submit may "
+                "have been charged but its job cannot be told from that one; the earlier job "
+                "is unaffected",
+                request=body,
+            ) from ProtocolError("the gateway returned the key of an earlier job", body=key)
         if key in self._claimed_keys or self._in_use(key):
             # The gateway charged this submit but gave the key of another job: this job cannot
             # be followed, and overwriting the other would orphan it.

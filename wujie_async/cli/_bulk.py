@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 
 from .. import (
+    APIError,
     ClientStateError,
     GeneratedImage,
     ImageJob,
@@ -322,6 +323,14 @@ class BulkRun:
             return
         if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
+        elif isinstance(problem, APIError) and problem.http_status in _GONE:
+            # The image's URL is gone (the gateway cleans up old results): a re-run asks for
+            # its newest listing once more, but only a new job (--retry-failed) may bring it.
+            status, code = "failed", "gone"
+            message = (
+                f"job {job.key}: an image's URL is gone ({_describe(problem)}): a re-run "
+                "asks for its newest listing once more; --retry-failed sends the line again"
+            )
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
@@ -494,6 +503,9 @@ def _describe(exc: BaseException) -> str:
         text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
+
+# What an image's server answers for a URL that is gone for good.
+_GONE = frozenset({404, 410})
 
 # What a disk (not one file) refuses: every later write to the output folder would fail too.
 _DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})

@@ -82,16 +82,19 @@ def line_tag(tag: str) -> tuple[int, str] | None:
     return None
 
 
-def moved_rows(items: list[BulkItem], recorded: Collection[str]) -> dict[str, str]:
+def moved_rows(
+    items: list[BulkItem], recorded: Collection[str], *, claimed: Collection[str] = ()
+) -> dict[str, str]:
     """Lines that moved since they were recorded: item tag -> the recorded tag it stands for.
 
     A row without an id is known by its line and its request. When lines are added or
     removed above it, its line changes but its request does not: a line whose own tag was
     never recorded takes the first recorded line of the same request that no line of the
     input claims (in line order). So a header added to the file resends nothing, and two
-    identical lines stay two rows.
+    identical lines stay two rows. ``claimed``: recorded tags that lines of the input other
+    than ``items`` hold (``items`` being a part of it).
     """
-    current = {item.tag for item in items}
+    current = {item.tag for item in items} | set(claimed)
     free: dict[str, list[tuple[int, str]]] = {}
     for tag in recorded:
         parsed = line_tag(tag)

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -80,7 +80,7 @@ _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
 # Lines whose job was paid and may still give its images (it ran on past the deadline or the
 # stop, or succeeded but an image could not be saved): a re-run collects them by key.
-_COLLECTED_AGAIN = ("timeout", "interrupted", "download")
+_COLLECTED_AGAIN = ("timeout", "interrupted", "download", "gone")
 
 
 @dataclass(slots=True)
@@ -104,6 +104,8 @@ class Plan:
     # its number): once its new submit is out, the old row is superseded and forgotten (as
     # journal resend does, see sent_lines).
     superseded: dict[str | int, int] = field(default_factory=dict)
+    # Every key the journal holds: no new submit of this run may be given one of them.
+    journal_keys: set[str] = field(default_factory=set)
 
 
 @contextlib.contextmanager
@@ -298,6 +300,7 @@ async def plan_rerun(
     entries = await client.journal_entries()
     if await record_manifest_keys(client, manifest_records, entries):
         entries = await client.journal_entries()  # those rows are accepted now
+    plan.journal_keys = {entry.job_key for entry in entries if entry.job_key}
     latest = {entry.tag: entry for entry in entries if entry.tag}
     moved = moved_rows(items, latest)
     plan.moved = len(moved)
@@ -305,6 +308,10 @@ async def plan_rerun(
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
     by_line = {r["line"]: r for r in manifest_records if r.get("status") != "saved" and "line" in r}
     unjournaled: list[BulkItem] = []
+
+    def _gone(entry: JournalEntry, row: Row) -> bool:
+        record = _recorded(entry, row, by_key, by_line)
+        return record is not None and record.get("error_code") == "gone"
 
     def _uncertain(entry: JournalEntry, row: Row) -> bool:
         # A job the journal calls failed that the manifest calls uncertain: accepted, and
@@ -322,6 +329,8 @@ async def plan_rerun(
             unjournaled.append(item)  # the manifest's word on it, below
         elif state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
             plan.send.append(row)
+        elif retry_failed and _gone(entry, row):
+            plan.send.append(row)  # its images' URLs are gone: only a new job makes them
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
             if entry.request and entry.request != row.body:
                 # An id row edited since its job was sent: that job stands, collected (and
@@ -360,6 +369,10 @@ async def plan_rerun(
             job_timeout=job_timeout,
             retry_uncertain=retry_uncertain,
             orphans=False,
+            # The other lines of the input hold their rows: a line added since that repeats
+            # one of them is a new row, not that one moved (it read "saved", never sent).
+            claimed={moved.get(item.tag, item.tag) for item in items}
+            | {item.tag for item in items},
         )
         plan.send = sorted([*plan.send, *known.send], key=lambda row: row.line)
         plan.collect += known.collect
@@ -399,6 +412,7 @@ def plan_from_manifest(
     job_timeout: float | None,
     retry_uncertain: bool = False,
     orphans: bool = True,
+    claimed: Collection[str] = (),
 ) -> Plan:
     """A re-run without a journal continues its manifest: lines saved stay saved, a job whose
     images were partly saved, that timed out, whose run stopped while it ran or whose images
@@ -408,13 +422,14 @@ def plan_from_manifest(
     are sent. A job
     collected counts against ``--max-points`` unless a row records its cost. ``orphans``:
     also collect the jobs of rows no longer in the input (off when ``items`` is a part of
-    it: the lines a journal holds no row of)."""
+    it: the lines a journal holds no row of). ``claimed``: the recorded rows the rest of the
+    input holds (when ``items`` is a part of it), which no line of ``items`` moved to."""
     plan = Plan()
     charged = charged_keys(records)
     by_row: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         by_row.setdefault(_row_of(record), []).append(record)
-    moved = moved_rows(items, by_row)
+    moved = moved_rows(items, by_row, claimed=claimed)
     plan.moved = len(moved)
     for item in items:
         row = Row.of(item)
@@ -446,6 +461,7 @@ def plan_from_manifest(
                 plan.send.append(row)
         elif (
             last.get("error_code") in _COLLECTED_AGAIN
+            and not (retry_failed and last.get("error_code") == "gone")
             and isinstance(key, str)
             and (job := _attach_key(client, key, row, n, job_timeout, charged)) is not None
         ):
@@ -734,6 +750,13 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            # A gateway that hands out a key again (a counter reset by a restart) gave a new
+            # line an earlier run's key: it was taken for that saved job, read "saved", and
+            # its own image was never written.
+            client.refuse_keys(
+                {key for record in records if isinstance(key := record.get("key"), str)}
+                | plan.journal_keys
+            )
             if plan.changed:
                 self._say(
                     f"{plan.changed} row(s) with an id changed since their jobs were sent: "
@@ -1033,8 +1056,15 @@ class Session:
                 f"{unsaved} line(s) succeeded but their images could not be saved; re-run the "
                 "same command to fetch them again (they are not sent again)"
             )
+        gone = sum(1 for o in result.outcomes if o.error_code == "gone")
+        if gone:
+            say(
+                f"{gone} line(s) succeeded but their images' URLs are gone (HTTP 404 or 410: "
+                "the gateway cleans up old results); a re-run asks for their newest listing "
+                "once more, and --retry-failed sends them again (each resend costs points)"
+            )
         resendable = (
-            counts["failed"] - timed_out - unsaved + counts["moderated"] + counts["rejected"]
+            counts["failed"] - timed_out - unsaved - gone + counts["moderated"] + counts["rejected"]
         )
         if resendable and self.journal:
             say("resend the failed lines (each resend costs points) by adding --retry-failed")

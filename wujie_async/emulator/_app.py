@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
@@ -507,6 +508,9 @@ class Gateway:
             index = -1
         if job is None or not 0 <= index < job.images_done_at(self.clock.now()):
             return web.Response(status=404, text="no such image")
+        gone = self.config.faults.images_gone
+        if gone and zlib.crc32(job.key.encode()) % 10_000 < gone * 10_000:
+            return web.Response(status=404, text="expired")
         width, height = _png.downscaled(*job.size)
         png = await asyncio.to_thread(_png.render_png, job.key, index, width, height)
         return web.Response(body=png, content_type="image/png")

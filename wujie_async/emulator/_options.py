@@ -419,6 +419,7 @@ _PROBABILITIES = frozenset(
         "estimate_noise",
         "estimate_absent",
         "estimate_outliers",
+        "images_gone",
     }
 )
 _SIGNED = frozenset({"seed", "stamp_skew"})

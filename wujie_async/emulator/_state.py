@@ -75,6 +75,9 @@ class FaultConfig:
         estimate_outliers: probability that a job's estimate is ``estimate_outlier_factor``
             times what it would be (a few jobs told far too long or too short among right ones).
         estimate_outlier_factor: see ``estimate_outliers``.
+        images_gone: probability (drawn by the job's key, so every listing of it agrees)
+            that a job's image files answer 404 "expired", as the platform's once it has
+            cleaned up old results.
     """
 
     endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
@@ -105,6 +108,7 @@ class FaultConfig:
     estimate_absent: float = 0.0
     estimate_outliers: float = 0.0
     estimate_outlier_factor: float = 3.0
+    images_gone: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
