@@ -1059,3 +1059,64 @@ async def test_a_line_whose_image_urls_are_gone_is_resent_by_retry_failed(
         assert code == 0, err
         assert (await emu.stats())["submits_accepted"] == 2
         assert final_outcomes(out) == {1: "saved"} and len(list(out.glob("*.png"))) == 1
+
+
+@pytest.mark.long
+async def test_a_gone_lines_resend_the_journal_holds_is_collected_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    """A `--retry-failed` run had its resend of a `gone` line accepted and was killed before
+    writing a row of it: the journal holds the new key, the manifest only the old `gone`
+    row of the line. The next `--retry-failed` run took the line's old row for the new job's
+    and sent it a third time; it collects the new job."""
+    from wujie_async import Credentials, WujieClient
+
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a cat\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        await emu.set_faults(images_gone=1.0)
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and manifest(out)[-1]["error_code"] == "gone", err
+        await emu.set_faults()
+        # The killed run's resend, as it would have journaled it (same tag, new key).
+        env = emu.env
+        credentials = Credentials(env["WUJIE_APP_ID"], env["WUJIE_PRIVATE_KEY"])
+        async with WujieClient(
+            credentials, base_url=env["WUJIE_BASE_URL"], journal=out / "journal.sqlite"
+        ) as client:
+            job = await client.images.submit(
+                prompt="a cat", model="dall-e-2", tag=manifest(out)[-1]["tag"]
+            )
+            await job
+        code, _, err = await cli(*bulk, "--retry-failed", env=emu.env)
+        assert code == 0, err
+        assert (await emu.stats())["submits_accepted"] == 2
+        assert manifest(out)[-1]["key"] == job.key and final_outcomes(out) == {1: "saved"}
+
+
+@pytest.mark.long
+async def test_journal_resend_refuses_a_key_the_gateway_hands_out_again(tmp_path: Path) -> None:
+    """As bulk: a resend given the key of an earlier saved job (a gateway restarted with its
+    key counter) said "resent 1 row(s): 1 saved" with no image or row of its own."""
+    prompts = tmp_path / "prompts.txt"
+    out = tmp_path / "out"
+    bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+    prompts.write_text("a cat\n")
+    async with served_emulator(tmp_path, "--seed", "7") as emu:
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+    prompts.write_text("a cat\na dog\n")
+    async with served_emulator(tmp_path, "--seed", "8") as emu:
+        await emu.set_faults(drop_after_accept=1.0)
+        await cli(*bulk, env=emu.env)
+    assert final_outcomes(out)[2] == "uncertain"
+    async with served_emulator(tmp_path, "--seed", "7") as emu:
+        code, _, err = await cli(
+            "journal", "resend", "--all-uncertain", "--yes", "-o", str(out), env=emu.env
+        )
+    assert code != 0 and "1 saved" not in err, err
+    assert final_outcomes(out)[2] == "uncertain"
+    assert "earlier job" in [r for r in manifest(out) if r["line"] == 2][-1]["error"]
+    assert len(list(out.glob("*.png"))) == 1

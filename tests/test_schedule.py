@@ -942,3 +942,22 @@ def test_a_loose_bound_is_narrowed_by_a_second_reading_of_progress() -> None:
     assert due == pytest.approx(6.0 + TUNING.bound_rate_after)
     due = schedule.report(timing, due, expected_seconds=22.0, percent=50.0)
     assert due == pytest.approx(13.0 + TUNING.open_delay * POLICY.min_interval, abs=0.01)
+
+
+def test_a_job_whose_progress_went_back_does_not_judge_its_models_progress() -> None:
+    # A 12 s job told 36 s, restarted at 2 s (its progress back to 0), read at 86% past the
+    # bound its first reading set: the bound no longer held, and one restart turned bounds
+    # off for its model for good (a later job told 3x its length waited on its estimate).
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+    restarted = KeyTiming(created_at=0.0, model="m")
+    schedule.report(restarted, 1.0, expected_seconds=35.0, percent=8.3)
+    assert restarted.progress is not None and restarted.progress.bound is not None
+    schedule.report(restarted, 2.5, expected_seconds=33.5, percent=4.0)  # it started over
+    assert restarted.progress.bound is None
+    schedule.report(restarted, 12.3, expected_seconds=23.7, percent=86.0)
+    later = KeyTiming(created_at=20.0, model="m")
+    due = schedule.report(later, 21.0, expected_seconds=35.0, percent=8.3)
+    assert due < 25.0  # read again for its rate, on the way to its bound (32 s)

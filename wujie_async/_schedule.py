@@ -202,8 +202,9 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | No
         timing.progress = _Progress(seen, percent)
         return None
     since, was = progress.since, progress.was
-    if percent < was:  # what it told before does not hold either
+    if percent < was:  # what it told before does not hold either (nor the bound it set)
         progress.since, progress.was, progress.told_end = seen, percent, None
+        progress.bound = None
         return None
     grown = percent - was
     if percent >= 100.0 or grown <= 0.0 or seen <= since:
@@ -848,7 +849,7 @@ class PollSchedule:
             sooner = told
             if latest is not None and progress is not None:
                 self._note_bound(timing, progress, latest, seen + expected_seconds)
-        if progress is not None and progress.bound is not None and latest is None:
+        if progress is not None and progress.bound is not None and latest is None and not queued:
             self._check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             self._note_resolution(timing.model, expected_seconds)

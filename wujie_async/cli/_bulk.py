@@ -261,6 +261,9 @@ class BulkRun:
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
         del self._on_the_wire[id(row)]
+        # A key this run was given, handed out again later (past the client's memory of
+        # ended jobs), is refused as an earlier run's would be.
+        self._client.refuse_keys((job.key,))
         if self._keys_on_accept:
             self._left_pending(row, job)  # what it says if no later row follows it
         self._move(row, "generating")
@@ -304,7 +307,13 @@ class BulkRun:
             *(self._save(row, job, index, started, unsaved) for index in wanted),
             return_exceptions=True,
         )
-        problem = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        problems = [o for o in outcomes if isinstance(o, BaseException)]
+        # A cancel first, then a disk that refuses (it stops the run: every later image would
+        # be paid for and refused), then the first in image order.
+        problem = next(
+            (p for p in problems if isinstance(p, asyncio.CancelledError)),
+            next((p for p in problems if _disk_refused(p)), problems[0] if problems else None),
+        )
         if isinstance(problem, asyncio.CancelledError):
             raise problem
         # The line ends with its job (bounded by the job's deadline), so that its last row
@@ -323,7 +332,12 @@ class BulkRun:
             return
         if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
-        elif isinstance(problem, APIError) and problem.http_status in _GONE:
+        elif (
+            isinstance(problem, APIError)
+            and problem.http_status in _GONE
+            and job.done()
+            and job.exception() is None
+        ):
             # The image's URL is gone (the gateway cleans up old results): a re-run asks for
             # its newest listing once more, but only a new job (--retry-failed) may bring it.
             status, code = "failed", "gone"
@@ -334,7 +348,7 @@ class BulkRun:
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
-            if isinstance(problem, OSError) and problem.errno in _DISK_REFUSALS:
+            if isinstance(problem, OSError) and _disk_refused(problem):
                 # Every later image would be paid for and refused the same way.
                 self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
         self._end(row, status, job.key, code, message, points=points)
@@ -504,7 +518,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-# What an image's server answers for a URL that is gone for good.
+def _disk_refused(problem: BaseException) -> bool:
+    return isinstance(problem, OSError) and problem.errno in _DISK_REFUSALS
+
+
+# What an image's server answers for a URL that is gone for good (the job having ended: a
+# temporary URL listed while it ran may answer so until its final listing comes).
 _GONE = frozenset({404, 410})
 
 # What a disk (not one file) refuses: every later write to the output folder would fail too.

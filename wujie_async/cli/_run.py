@@ -126,6 +126,13 @@ def _same_file(one: Path, other: Path) -> bool:
         return False
 
 
+def known_keys(records: Iterable[dict[str, Any]], entries: Iterable[JournalEntry] = ()) -> set[str]:
+    """Every job key the manifest's ``records`` and the journal's ``entries`` hold: keys of
+    earlier jobs that no new submit may be given (``WujieClient.refuse_keys``)."""
+    keys = {key for record in records if isinstance(key := record.get("key"), str)}
+    return keys | {entry.job_key for entry in entries if entry.job_key}
+
+
 def _write_refused_rows(rows: list[dict[str, Any]], manifest: Manifest) -> None:
     """Write the rows the disk refused, in order, as far as it now takes them (``rows`` keeps
     the ones still not written)."""
@@ -309,9 +316,14 @@ async def plan_rerun(
     by_line = {r["line"]: r for r in manifest_records if r.get("status") != "saved" and "line" in r}
     unjournaled: list[BulkItem] = []
 
-    def _gone(entry: JournalEntry, row: Row) -> bool:
-        record = _recorded(entry, row, by_key, by_line)
-        return record is not None and record.get("error_code") == "gone"
+    def _gone(entry: JournalEntry) -> bool:
+        # This very job's images are gone (not an earlier job's of the line: a resend the
+        # journal holds and the manifest does not, a run killed after it was accepted, is
+        # collected, never paid for a third time).
+        record = by_key.get(entry.job_key or "")
+        return (
+            entry.state == "succeeded" and record is not None and record.get("error_code") == "gone"
+        )
 
     def _uncertain(entry: JournalEntry, row: Row) -> bool:
         # A job the journal calls failed that the manifest calls uncertain: accepted, and
@@ -329,7 +341,7 @@ async def plan_rerun(
             unjournaled.append(item)  # the manifest's word on it, below
         elif state == "unsent" or _refused_by_a_stop(state, by_line.get(row.line)):
             plan.send.append(row)
-        elif retry_failed and _gone(entry, row):
+        elif retry_failed and _gone(entry):
             plan.send.append(row)  # its images' URLs are gone: only a new job makes them
         elif state in ("accepted", "cancelled", "succeeded") and entry.job_key:
             if entry.request and entry.request != row.body:
@@ -753,10 +765,7 @@ class Session:
             # A gateway that hands out a key again (a counter reset by a restart) gave a new
             # line an earlier run's key: it was taken for that saved job, read "saved", and
             # its own image was never written.
-            client.refuse_keys(
-                {key for record in records if isinstance(key := record.get("key"), str)}
-                | plan.journal_keys
-            )
+            client.refuse_keys(known_keys(records) | plan.journal_keys)
             if plan.changed:
                 self._say(
                     f"{plan.changed} row(s) with an id changed since their jobs were sent: "
