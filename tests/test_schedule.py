@@ -961,3 +961,29 @@ def test_a_job_whose_progress_went_back_does_not_judge_its_models_progress() -> 
     later = KeyTiming(created_at=20.0, model="m")
     due = schedule.report(later, 21.0, expected_seconds=35.0, percent=8.3)
     assert due < 25.0  # read again for its rate, on the way to its bound (32 s)
+
+
+def test_jobs_asked_at_their_bounds_do_not_turn_their_model_to_its_progress() -> None:
+    # Three jobs told 3x their length, read for a rate and seen at their ends: that their
+    # progress told their ends better than their estimates says nothing of the others'. They
+    # turned the model to going by progress (relearned from scratch: 4.1 asks per key in a
+    # trickle with 1 job in 20 so told, 2.6 without them).
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(40):
+        follow(schedule, rng.uniform(10, 30), exact)
+    for _ in range(4):
+        outlier = KeyTiming(created_at=0.0, model="m")
+        due = schedule.report(outlier, 1.0, expected_seconds=35.0, percent=8.3)
+        asks = 1
+        while due < 12.0:
+            due = schedule.report(
+                outlier, due, expected_seconds=36.0 - due, percent=round(100 * due / 12, 1)
+            )
+            asks += 1
+        schedule.job_ended(outlier, due, 12.0)
+        assert asks <= 3  # by progress, the fourth was asked every min_interval: 19 asks
+    right = KeyTiming(created_at=0.0, model="m")
+    schedule.report(right, 1.0, expected_seconds=19.0, percent=round(100 / 20, 1))
+    schedule.report(right, 3.0, expected_seconds=17.0, percent=round(300 / 20, 1))
+    assert right.model == "m"  # still by its estimate
