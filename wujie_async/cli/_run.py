@@ -1017,7 +1017,8 @@ class Session:
         if unpriced:
             say(
                 f"{unpriced} line(s) not sent: the gateway has not reported what these jobs "
-                "cost (it does not say, or the first job timed out first), so --max-points "
+                "cost (it does not say, or the first job ended without saying: it timed out, "
+                "its reply was lost, or the gateway lost it), so --max-points "
                 "cannot be held; give each model's price with --point-price MODEL=POINTS "
                 "and re-run"
             )
