@@ -45,6 +45,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no queue": {"queued_share": (0.0, 0.0)},
     "progress fast then slowly (square root)": {"progress_percent": "sqrt"},
     "progress slowly then fast (squared)": {"progress_percent": "squared"},
+    "progress from 10% (offset)": {"progress_percent": "offset"},
     "complete_time in whole seconds": {"stamp_rounding": "floor"},
     "gateway clock 1 s behind": {"stamp_skew": -1.0},
     "gateway clock 3 s behind": {"stamp_skew": -3.0},
@@ -66,6 +67,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bad: 1 job in 20 told 3x its length + no queue": {
         "faults": FaultConfig(estimate_outliers=0.05),
         "queued_share": (0.0, 0.0),
+    },
+    "bad: 1 job in 20 told 3x its length + progress from 10%": {
+        "faults": FaultConfig(estimate_outliers=0.05),
+        "queued_share": (0.0, 0.0),
+        "progress_percent": "offset",
     },
     "bad: 1 job in 20 told half its length": {
         "faults": FaultConfig(estimate_outliers=0.05, estimate_outlier_factor=0.5)

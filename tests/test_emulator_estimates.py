@@ -353,6 +353,7 @@ async def test_progress_percent_is_given_as_configured(emulator: EmulatorFactory
     quarter = start + 0.25 * span
     assert job.percent_at(quarter, "sqrt") == 50.0
     assert job.percent_at(quarter, "squared") == 6.2
+    assert job.percent_at(quarter, "offset") == 32.5  # 10% at the start, then evenly
     assert job.percent_at(images[-1], "sqrt") == job.percent_at(images[-1], "squared") == 100.0
 
 

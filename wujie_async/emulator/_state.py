@@ -161,7 +161,8 @@ class EmulatorConfig:
             down), ``"images"`` (the share of the job's images done: it moves in steps, and not
             at all for one image), ``"sqrt"`` or ``"squared"`` (the square root, or the square,
             of that share: a progress that grows fast and then slowly, or slowly and then fast,
-            as a gateway's stages may make it; to 0.1) or ``"absent"`` (not given).
+            as a gateway's stages may make it; to 0.1), ``"offset"`` (10% as generation starts,
+            then evenly to 100: a stage done before it; to 0.1) or ``"absent"`` (not given).
         finishing_s: seconds (times ``time_scale``) a successful job runs on after its last
             image is done (uploading, billing): its images are listed meanwhile, while its
             status says generating, and its cost only once it has ended.
@@ -189,7 +190,9 @@ class EmulatorConfig:
     stamp_rounding: Literal["none", "floor"] = "none"
     stamp_skew: float = 0.0
     end_tick: float = 0.0
-    progress_percent: Literal["time", "whole", "images", "sqrt", "squared", "absent"] = "time"
+    progress_percent: Literal["time", "whole", "images", "sqrt", "squared", "offset", "absent"] = (
+        "time"
+    )
     finishing_s: float = 0.0
     temporary_urls: bool = False
     done_unlisted_s: float = 0.0
@@ -258,6 +261,8 @@ class EmulatedJob:
             share = 10.0 * math.sqrt(share)
         elif shape == "squared":
             share = share * share / 100.0
+        elif shape == "offset":
+            share = 10.0 + 0.9 * share
         return float(math.floor(share)) if shape == "whole" else round(share, 1)
 
     def expected_at(
