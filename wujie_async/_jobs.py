@@ -354,12 +354,10 @@ class ImageJob:
         return status_name(self._state.status)
 
     def __repr__(self) -> str:
-        future = self._state.future
-        ended = ""
-        if future.done() and not future.cancelled() and future.exception() is not None:
-            # Settled by the client (closed, timed out, lost) while its last report said
-            # pending or generating: the report alone misled whoever read it in a log.
-            ended = f" ended: {type(future.exception()).__name__}"
+        error = None if self._state.future.cancelled() else self.exception()
+        # Settled by the client (closed, timed out, lost) while its last report said pending
+        # or generating: the report alone misled whoever read it in a log.
+        ended = f" ended: {type(error).__name__}" if error is not None else ""
         return f"<ImageJob {self.key} {self.status_name} {self.progress:.0f}%{ended}>"
 
     def __await__(self) -> Generator[Any, None, ImageResult]:

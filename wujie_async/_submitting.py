@@ -561,22 +561,20 @@ class Submits:
         self._refused_keys.update(keys)
 
     def _claim_key(self, data: Any, body: dict[str, Any]) -> str:
-        """The reply's key, if usable and not in use by another job of this client."""
+        """The reply's key, if usable and not in use by another job of this client, nor
+        refused as an earlier job's (``refuse_keys``)."""
         key = usable_key(data, body)
         if key in self._refused_keys:
-            raise SubmitUncertainError(
-                f"the gateway returned the key of an earlier job ({key}): this submit may "
-                "have been charged but its job cannot be told from that one; the earlier job "
-                "is unaffected",
-                request=body,
-            ) from ProtocolError("the gateway returned the key of an earlier job", body=key)
-        if key in self._claimed_keys or self._in_use(key):
-            # The gateway charged this submit but gave the key of another job: this job cannot
-            # be followed, and overwriting the other would orphan it.
-            raise SubmitUncertainError(
-                f"the gateway returned a key already in use ({key}): this submit may have "
-                "been charged but its job cannot be followed; the earlier job is unaffected",
-                request=body,
-            ) from ProtocolError("the gateway returned a key already in use", body=key)
-        self._claimed_keys.add(key)
-        return key
+            whose, what = "the key of an earlier job", "be told from that one"
+        elif key in self._claimed_keys or self._in_use(key):
+            whose, what = "a key already in use", "be followed"
+        else:
+            self._claimed_keys.add(key)
+            return key
+        # The gateway charged this submit but gave the key of another job: this job cannot be
+        # followed, and overwriting the other would orphan it.
+        raise SubmitUncertainError(
+            f"the gateway returned {whose} ({key}): this submit may have been charged but its "
+            f"job cannot {what}; the earlier job is unaffected",
+            request=body,
+        ) from ProtocolError(f"the gateway returned {whose}", body=key)

@@ -15,7 +15,7 @@ import errno
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 import anyio.abc
@@ -308,12 +308,7 @@ class BulkRun:
             return_exceptions=True,
         )
         problems = [o for o in outcomes if isinstance(o, BaseException)]
-        # A cancel first, then a disk that refuses (it stops the run: every later image would
-        # be paid for and refused), then the first in image order.
-        problem = next(
-            (p for p in problems if isinstance(p, asyncio.CancelledError)),
-            next((p for p in problems if _disk_refused(p)), problems[0] if problems else None),
-        )
+        problem = min(problems, key=_precedence, default=None)
         if isinstance(problem, asyncio.CancelledError):
             raise problem
         # The line ends with its job (bounded by the job's deadline), so that its last row
@@ -348,7 +343,7 @@ class BulkRun:
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
             message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
-            if isinstance(problem, OSError) and _disk_refused(problem):
+            if _disk_refused(problem):
                 # Every later image would be paid for and refused the same way.
                 self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
         self._end(row, status, job.key, code, message, points=points)
@@ -518,8 +513,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _disk_refused(problem: BaseException) -> bool:
+def _disk_refused(problem: BaseException) -> TypeGuard[OSError]:
     return isinstance(problem, OSError) and problem.errno in _DISK_REFUSALS
+
+
+def _precedence(problem: BaseException) -> int:
+    """Which of a line's image problems it reports (the lowest; the first in image order
+    among equals): a cancel, then a disk that refuses (it stops the run: every later image
+    would be paid for and refused the same way), then any other."""
+    if isinstance(problem, asyncio.CancelledError):
+        return 0
+    return 1 if _disk_refused(problem) else 2
 
 
 # What an image's server answers for a URL that is gone for good (the job having ended: a

@@ -307,7 +307,7 @@ async def plan_rerun(
     entries = await client.journal_entries()
     if await record_manifest_keys(client, manifest_records, entries):
         entries = await client.journal_entries()  # those rows are accepted now
-    plan.journal_keys = {entry.job_key for entry in entries if entry.job_key}
+    plan.journal_keys = known_keys((), entries)
     latest = {entry.tag: entry for entry in entries if entry.tag}
     moved = moved_rows(items, latest)
     plan.moved = len(moved)
@@ -368,6 +368,7 @@ async def plan_rerun(
             if _recorded(entry, row, by_key, by_line) is None:
                 plan.unrecorded.append((row, outcome))
             plan.skipped += 1
+    claimed = {moved.get(item.tag, item.tag) for item in items}
     if unjournaled:
         # Lines this journal holds no row of: a new line, or one sent under a journal lost,
         # emptied or replaced since (deleting a damaged one is the obvious fix). The manifest
@@ -383,15 +384,13 @@ async def plan_rerun(
             orphans=False,
             # The other lines of the input hold their rows: a line added since that repeats
             # one of them is a new row, not that one moved (it read "saved", never sent).
-            claimed={moved.get(item.tag, item.tag) for item in items}
-            | {item.tag for item in items},
+            claimed=claimed | {item.tag for item in items},
         )
         plan.send = sorted([*plan.send, *known.send], key=lambda row: row.line)
         plan.collect += known.collect
         plan.settled += known.settled
         plan.skipped += known.skipped
         plan.changed += known.changed
-    claimed = {moved.get(item.tag, item.tag) for item in items}
     lines = lines_by_id(manifest_records)
     for tag, entry in latest.items():
         key = entry.job_key
