@@ -1,8 +1,8 @@
 """How the default poll schedule fares against gateways that report estimates differently.
 
-    .venv/bin/python benchmarks/schedule_probe.py [--jobs 600] [--only NAME,...]
+    .venv/bin/python benchmarks/schedule_probe.py [--jobs 600] [--trickle] [--only NAME,...]
 
-Each variant is a burst of jobs of 10-30 s whose estimates are right in substance, reported
+Each variant is a burst of jobs (``--trickle``: 3 jobs a second for 60 s) of 10-30 s whose estimates are right in substance, reported
 the way a gateway written from the contract alone might (rounded to whole seconds, counting
 down only once generation starts, absent or zero while queued, images only at the end), or
 wrong ("bad: ..."), with ``complete_percent`` growing with time unless a variant says. The
@@ -24,7 +24,7 @@ from typing import Any
 
 import looptime
 
-from wujie_async import PollPolicy, WujieClient
+from wujie_async import ImageJob, PollPolicy, WujieClient
 from wujie_async.emulator import Emulator, EmulatorConfig, FaultConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -73,6 +73,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "queued_share": (0.0, 0.0),
         "progress_percent": "offset",
     },
+    "bad: 1 job in 20 told 2x its length": {
+        "faults": FaultConfig(estimate_outliers=0.05, estimate_outlier_factor=2.0)
+    },
+    "bad: 1 job in 20 told 3x its length + progress from 10% + queues": {
+        "faults": FaultConfig(estimate_outliers=0.05),
+        "progress_percent": "offset",
+    },
     "bad: 1 job in 20 told half its length": {
         "faults": FaultConfig(estimate_outliers=0.05, estimate_outlier_factor=0.5)
     },
@@ -113,7 +120,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-async def burst(jobs: int, settings: dict[str, Any], policy: PollPolicy) -> dict[str, Any]:
+async def burst(
+    jobs: int, settings: dict[str, Any], policy: PollPolicy, *, per_second: float = 0.0
+) -> dict[str, Any]:
+    """``jobs`` submitted together, or ``per_second`` (a trickle)."""
     config = EmulatorConfig(
         time_scale=1.0, seed=5, job_seconds=(10, 30), **{"estimate_basis": "actual", **settings}
     )
@@ -121,9 +131,12 @@ async def burst(jobs: int, settings: dict[str, Any], policy: PollPolicy) -> dict
         Emulator(config) as emu,
         WujieClient(emu.credentials, base_url=emu.base_url, poll=policy) as client,
     ):
-        submitted = await asyncio.gather(
-            *(client.images.submit(prompt=f"p{i}", model="gpt-image-1") for i in range(jobs))
-        )
+
+        async def submit(i: int) -> ImageJob:
+            await asyncio.sleep(i / per_second if per_second else 0.0)
+            return await client.images.submit(prompt=f"p{i}", model="gpt-image-1")
+
+        submitted = await asyncio.gather(*(submit(i) for i in range(jobs)))
         for job in submitted:
             await job
         stats = emu.stats()
@@ -146,6 +159,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=600)
     parser.add_argument(
+        "--trickle", action="store_true", help="3 jobs a second for 60 s instead of a burst"
+    )
+    parser.add_argument(
         "--only",
         default="",
         metavar="NAME,...",
@@ -166,7 +182,10 @@ def main() -> None:
         wall = time.time
         time.time = functools.partial(_follow, loop, wall() - loop.time())
         try:
-            figures = loop.run_until_complete(burst(args.jobs, VARIANTS[name], PollPolicy()))
+            jobs, per_second = (180, 3.0) if args.trickle else (args.jobs, 0.0)
+            figures = loop.run_until_complete(
+                burst(jobs, VARIANTS[name], PollPolicy(), per_second=per_second)
+            )
         finally:
             time.time = wall
             loop.close()

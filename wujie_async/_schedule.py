@@ -118,6 +118,13 @@ class ScheduleTuning:
             way to the progress: within 0.5 s, 4.7 asks, p99 0.61 s; 0.25 s, 5.2 asks, 0.50 s.
         long_told: a job told more than this many times its model's median span (of the
             spans kept) is probed once, at that median (``PollSchedule._probe``).
+        long_queued: a job queued at its ask and told more than this many times the
+            ``long_quantile`` of its model's spans kept is asked every ``max_interval`` until it
+            is read generating (``PollSchedule._probe``): told 2x-3x its length, it may not
+            be ``long_told`` (a job told 43 s among jobs of 10-30 s, of which it was one of 14
+            s, was seen 30 s late in a trickle). Against the median, a quarter more caught a
+            fifth of right estimates among jobs of 10-30 s (0.15 ask per key more).
+        long_quantile: see ``long_queued``.
         bound_margin: a job whose first reading while generating bounds its end (its progress
             grown evenly, ``_latest_end``) this share of its span (and at least a second and a
             step) before its estimate's end is asked at that bound (``_Progress.bound``).
@@ -125,6 +132,13 @@ class ScheduleTuning:
             reading (unless its bound comes first), so that its progress's rate tells its
             end: a job first read generating long after it was last seen queued has a loose
             bound (it may have begun anywhere between), and was seen up to 9 s late.
+        bound_outlier: a job's bound is used, once its model's first readings are known, only
+            when the time it leaves is under this share of what they leave against their
+            estimates (``PollSchedule._note_bound``) at ``bound_quantile``: a job told 2x its
+            length leaves half, one told 3x a third.
+        bound_quantile: ...the first readings' quantile. Low, since a reading after a queue
+            it cannot see leaves too much: with every estimate 3x too long and queues, the
+            tight readings (at the median) were taken for outliers (3.4 asks per key, not 3.2).
         bound_short: a job asked past its bound whose progress is this many points short of
             100 proves that its model's progress does not grow evenly (fast and then slowly):
             the model's bounds are not used any more.
@@ -157,9 +171,13 @@ class ScheduleTuning:
     countdowns_trusted: int = 8
     progress_error: float = 0.25
     long_told: float = 2.0
+    long_queued: float = 1.25
+    long_quantile: float = 0.8
     bound_margin: float = 0.2
     bound_rate_after: float = 2.0
     bound_short: float = 5.0
+    bound_outlier: float = 0.6
+    bound_quantile: float = 0.25
     progress_wins: int = 3
 
 
@@ -193,10 +211,19 @@ class _Progress:
     bound: float | None = None
 
 
-def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | None:
+def _resolution(percent: float, was: float, *, tenths: bool) -> float:
+    """How far apart two readings of progress can be told (``tenths``: the job's model's
+    progress has come with a fraction before): each is off by up to half of it. Two whole
+    percents from a gateway that gives tenths happen (jobs of 25 s read at 4.0% and 12.0%);
+    taken for whole percents, the rate they tell was thought ten times rougher than it is."""
+    return 0.1 if tenths or percent % 1 != 0 or was % 1 != 0 else 1.0
+
+
+def _from_progress(timing: KeyTiming, seen: float, percent: float, *, tenths: bool) -> float | None:
     """Seconds left for a generating job read at ``percent`` at ``seen``, by the rate its
     progress has grown at since its first reading; None until that figure is known within
-    ``TUNING.progress_error``. A progress that goes back starts over from there."""
+    ``TUNING.progress_error``. A progress that goes back starts over from there. ``tenths``:
+    see ``_resolution``."""
     progress = timing.progress
     if progress is None:
         timing.progress = _Progress(seen, percent)
@@ -211,8 +238,7 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float) -> float | No
         return None
     left = (100.0 - percent) * (seen - since) / grown
     # Each reading is off by up to half its resolution: the rate by up to resolution / grown.
-    resolution = 1.0 if percent % 1 == 0 and was % 1 == 0 else 0.1
-    if left * resolution / grown > TUNING.progress_error:
+    if left * _resolution(percent, was, tenths=tenths) / grown > TUNING.progress_error:
         return None
     left = min(left, MAX_EXPECTED_SECONDS)
     progress.told_end = seen + left
@@ -223,14 +249,16 @@ def _latest_end(timing: KeyTiming, now: float, percent: float) -> float | None:
     """The latest loop time a job first read generating at ``percent`` by ``now`` ends, were
     its progress to grow evenly: it began generating after it was last seen queued (or after
     its submit), so it has generated ``now - then`` at most, and has at most that times
-    ``(100 - percent) / percent`` left. None when ``percent`` tells nothing (0 or 100).
+    ``(100 - percent) / percent`` left: ``inf`` at 0%, None at 100% (or more).
 
     One reading is enough for it, where a rate (``_from_progress``) needs two: a job told far
     too long among right ones is read once while generating, and was seen only when its
     estimate ran out (30 s late for 3x estimates of jobs of 10-30 s). For a right estimate it
     lies at or after the estimated end, and changes nothing."""
-    if not 0.0 < percent < 100.0:
+    if percent >= 100.0:
         return None
+    if percent <= 0.0:
+        return math.inf
     began = timing.last_ask if timing.queued and timing.last_ask is not None else timing.created_at
     return now + (100.0 - percent) * (now - began) / percent
 
@@ -254,6 +282,12 @@ def _error(predicted: float, span: float, ended: tuple[float, float]) -> float |
 def _progress_model(model: str | None) -> str:
     """The name under which figures told by ``model``'s jobs' progress are learned."""
     return f"{model} (by progress)"
+
+
+def _gateway_model(timing: KeyTiming) -> str | None:
+    """The model the gateway runs ``timing``'s job on (its figures may be learned apart)."""
+    progress = timing.progress
+    return progress.estimate[0] if progress is not None and progress.estimate else timing.model
 
 
 def _tell_by_progress(timing: KeyTiming, progress: _Progress, estimated_end: float) -> None:
@@ -444,7 +478,7 @@ class PollSchedule:
 
     __slots__ = (
         "_bands",
-        "_bounded",
+        "_bound_ratios",
         "_checks",
         "_durations",
         "_earliest",
@@ -452,8 +486,10 @@ class PollSchedule:
         "_excess_late",
         "_fractional",
         "_integral",
+        "_long_spans",
         "_lookouts",
         "_near",
+        "_percent_in_tenths",
         "_planned_edges",
         "_policy",
         "_progress_score",
@@ -490,6 +526,8 @@ class PollSchedule:
         # model whose estimates all come in whole seconds has a second of resolution.
         self._fractional: set[str | None] = set()
         self._integral: dict[str | None, int] = {}
+        # Models whose progress has come with a fraction (_resolution).
+        self._percent_in_tenths: set[str | None] = set()
         self._windows: dict[str | None, tuple[float, float]] = {}
         # Per model, the latest low edge of the window since waiting keys were last brought in
         # (generation bumped): keys may be waiting for a window that opened that late.
@@ -498,6 +536,7 @@ class PollSchedule:
         self._typical: dict[str | None, bool] = {}  # _typical_figure, kept as spans come
         # The median of the spans kept, once there are min_samples of them (_probe).
         self._usual_spans: dict[str | None, float] = {}
+        self._long_spans: dict[str | None, float] = {}  # ...and their long_quantile
         # Per model: jobs that ended closer to their progress's figure than to the gateway's
         # estimate, less those that ended closer to the estimate (see _compare).
         self._progress_score: dict[str | None, int] = {}
@@ -505,9 +544,9 @@ class PollSchedule:
         # Models a job of which was still far from done when asked past its bound: their
         # progress does not grow evenly, and bounds it tells are not used (_Progress.bound).
         self._uneven_progress: set[str | None] = set()
-        # Per model: first readings while generating, and how many of them bounded the end
-        # well before the estimate's (_note_bound).
-        self._bounded: dict[str | None, list[int]] = {}
+        # Per model: the time first readings while generating leave a job at most, against
+        # the time its estimate leaves it (_note_bound).
+        self._bound_ratios: dict[str | None, _Quantiles] = {}
         # Per model, while none of its jobs has ended: the job expected to end first, asked
         # as if it had no estimate (KeyTiming.lookout).
         self._lookouts: dict[str | None, KeyTiming] = {}
@@ -704,7 +743,9 @@ class PollSchedule:
             spans.append(lesson.span)
             low, high = min(spans), max(spans)
             if len(spans) >= TUNING.min_samples:
-                self._usual_spans[model] = sorted(spans)[len(spans) // 2]
+                ordered = sorted(spans)
+                self._usual_spans[model] = ordered[len(spans) // 2]
+                self._long_spans[model] = ordered[int(TUNING.long_quantile * len(spans))]
             self._typical[model] = (
                 len(spans) >= TUNING.same_spans_min
                 and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
@@ -831,7 +872,9 @@ class PollSchedule:
         told = sooner = latest = None
         if percent is not None and not queued:
             first_reading = timing.progress is None
-            told = _from_progress(timing, seen, percent)
+            if percent % 1 != 0:
+                self._percent_in_tenths.add(_gateway_model(timing))
+            told = _from_progress(timing, seen, percent, tenths=self._in_tenths(timing))
             if first_reading:
                 latest = _latest_end(timing, now, percent)
         progress = timing.progress
@@ -852,7 +895,14 @@ class PollSchedule:
             # at by next_ask: _Progress.bound).
             sooner = told
             if latest is not None and progress is not None:
-                self._note_bound(timing, progress, latest, seen + expected_seconds)
+                self._note_bound(timing, progress, seen, latest, seen + expected_seconds)
+            elif (
+                progress is not None
+                and progress.bound is not None
+                and seen <= progress.bound
+                and not queued
+            ):
+                self._rate_bound(timing, progress, seen, percent, told, seen + expected_seconds)
         if progress is not None and progress.bound is not None and latest is None and not queued:
             self._check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
@@ -935,31 +985,89 @@ class PollSchedule:
                 seen + sooner + TUNING.open_delay * policy.min_interval,
                 now + policy.min_interval,
             )
-            if at + policy.min_interval < ask:
+            # (An ask at its bound comes no sooner than this one: the bound is where this
+            # rate puts the end, _rate_bound, and an ask the progress asks for is not
+            # tentative.)
+            if at + policy.min_interval < ask or (timing.tentative and at <= ask):
                 timing.tentative = False
                 ask = at
         return ask
 
     def _note_bound(
-        self, timing: KeyTiming, progress: _Progress, latest: float, predicted: float
+        self, timing: KeyTiming, progress: _Progress, seen: float, latest: float, predicted: float
     ) -> None:
-        """Keep ``latest`` (the first reading's bound on the job's end) as ``progress.bound``
-        when it lies well before ``predicted`` (the estimate's end): the job may have been
-        told far longer than it runs. A right estimate's end lies at or before that bound
-        when the progress grows evenly; a progress of a model found to grow unevenly
-        (``_uneven_progress``) bounds nothing. Bounds are for the few jobs told far too
-        long: once most of a model's jobs are (every estimate three times too long), the
-        learned window serves them, as the first ends teach it (a bound and a reading for
-        the rate cost every job an ask more: 4.1 asks per key instead of 3.1)."""
+        """Keep ``latest`` (the first reading's bound on the job's end, read at ``seen``) as
+        ``progress.bound`` when it lies well before ``predicted`` (the estimate's end): the
+        job may have been told far longer than it runs. A right estimate's end lies at or
+        before that bound when the progress grows evenly; a progress of a model found to grow
+        unevenly (``_uneven_progress``) bounds nothing.
+
+        Bounds are for the few jobs told far too long: once ``TUNING.min_samples`` first
+        readings of its model are known, a job's bound is used only when the time it leaves
+        is well under what the model's readings leave against their estimates
+        (``TUNING.bound_outlier`` times their ``bound_quantile``). Every estimate three times
+        too long (a bound and a reading for the rate cost every job an ask more: 4.1 asks per
+        key instead of 3.1), or a progress that starts above 0 (10% as generation starts:
+        every first reading bounds far too soon), leave every job about the same: the
+        learned window serves them, and the one job in 20 told 3x its length still stands
+        out. A job told far longer than its model's jobs usually are is read for a rate
+        whatever its first reading says (``inf``: read at 0%)."""
         span = predicted - timing.created_at
-        margin = max(TUNING.bound_margin * span, 1.0 + self._policy.min_interval)
-        far_before = latest + margin < predicted
-        counts = self._bounded.setdefault(timing.model, [0, 0])
-        counts[0] += 1
-        counts[1] += far_before
-        most = counts[0] >= TUNING.min_samples and 2 * counts[1] > counts[0]
-        if far_before and not most and timing.model not in self._uneven_progress:
+        if timing.model in self._uneven_progress:
+            return
+        if self._told_far_longer(timing.model, span):
+            # Told far longer than its model's jobs usually are: read for a rate whatever its
+            # first reading says (one first read generating at 1.8%, after a queue it cannot
+            # see, bounded nothing, and was seen 29 s late; one read at 0%, 40 s late).
             progress.bound = latest
+            return
+        left = predicted - seen
+        if left <= 0.0 or latest == math.inf:
+            return
+        ratios = self._sample(self._bound_ratios, timing.model)
+        ratio = (latest - seen) / left
+        ratios.add(ratio)
+        if latest + self._bound_margin(span) >= predicted:
+            return
+        low = ratios.quantile(TUNING.bound_quantile) if len(ratios) >= TUNING.min_samples else 1.0
+        if ratio <= TUNING.bound_outlier * low:
+            progress.bound = latest
+
+    def _bound_margin(self, span: float) -> float:
+        """How far before its estimate's end a job's bound must lie to be used."""
+        return max(TUNING.bound_margin * span, 1.0 + self._policy.min_interval)
+
+    def _rate_bound(
+        self,
+        timing: KeyTiming,
+        progress: _Progress,
+        seen: float,
+        percent: float | None,
+        told: float | None,
+        predicted: float,
+    ) -> None:
+        """A job with a bound read again while generating, before its bound: its progress's
+        rate since its first reading puts its end at ``rate_end`` (even a rate too rough to
+        go by, as a bound). Near its estimate's end (``predicted``), the bound was not one:
+        a progress that starts above 0 (10% as generation starts) bounds every job's end far
+        too early, and each was asked at its bound far from done, which turned bounds off
+        for its model (1 job in 20 told 3x its length then seen up to 40 s late). Far before
+        it, the rate's end (give or take what whole percents or tenths leave unsure) is the
+        bound."""
+        if percent is None or percent >= 100.0:
+            return
+        grown = percent - progress.was
+        if grown <= 0.0 or seen <= progress.since:
+            return  # stalled: the first reading's bound stands (_check_bound judges it)
+        left = (100.0 - percent) * (seen - progress.since) / grown
+        rate_end = seen + left
+        if rate_end + self._bound_margin(predicted - timing.created_at) >= predicted:
+            progress.bound = None
+        elif told is not None:
+            progress.bound = seen + told  # a rate known well enough (_from_progress)
+        else:
+            resolution = _resolution(percent, progress.was, tenths=self._in_tenths(timing))
+            progress.bound = rate_end + left * resolution / grown
 
     def _check_bound(
         self, timing: KeyTiming, progress: _Progress, seen: float, percent: float | None
@@ -977,6 +1085,9 @@ class PollSchedule:
             progress.bound = None
         elif seen > bound + self._bound_slack():
             progress.bound = None
+
+    def _in_tenths(self, timing: KeyTiming) -> bool:
+        return _gateway_model(timing) in self._percent_in_tenths
 
     def _bound_slack(self) -> float:
         """How long past its bound a job close to done is asked every ``min_interval``."""
@@ -1001,19 +1112,25 @@ class PollSchedule:
         return math.inf
 
     def _probe(self, timing: KeyTiming, now: float) -> float:
-        """When a job told far longer than its model's jobs usually are (``TUNING.long_told``
-        times the median span), and never read generating, is asked once more: when a usual
-        job would end. Its progress then tells the latest it ends (``_latest_end``): a job told
-        three times its length among right ones was otherwise seen only when its estimate
-        ran out (30 s late, p99, jobs of 10-30 s). A right estimate that long costs one ask
-        more. ``inf``: no such ask."""
+        """When a job never read generating is asked once more, as it may have been told far
+        longer than it runs: one told far longer than its model's jobs usually are
+        (``TUNING.long_told`` times the median span), when a usual job would end; one queued
+        at its last ask and told longer than most (``TUNING.long_queued``), every
+        ``max_interval`` as well. Its progress then tells the latest it ends
+        (``_latest_end``) and a rate: a job told three times its length among right ones was
+        otherwise seen only when its estimate ran out (30 s late, p99, jobs of 10-30 s). A
+        right estimate that long costs an ask or two more. ``inf``: no such ask."""
         span = timing.predicted_span
         if timing.progress is not None or timing.predicted_end is None or not span:
             return math.inf
-        if not self._told_far_longer(timing.model, span):
-            return math.inf
-        at = timing.created_at + self._usual_spans[timing.model]
-        return at if at > now + self._policy.min_interval else math.inf
+        policy = self._policy
+        usual = timing.created_at + self._usual_spans.get(timing.model, math.inf)
+        at = usual if usual > now + policy.min_interval else math.inf
+        longest = self._long_spans.get(timing.model)
+        if timing.queued and longest is not None and span > TUNING.long_queued * longest:
+            return min(at, now + policy.max_interval)
+        # (Seen generating with no progress to read, it has nothing more to tell.)
+        return at if self._told_far_longer(timing.model, span) else math.inf
 
     def _told_far_longer(self, model: str | None, span: float) -> bool:
         """Whether a job of ``model`` predicted to last ``span`` was told far longer than the
