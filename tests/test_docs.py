@@ -132,7 +132,7 @@ def test_every_command_line_names_what_the_parser_has(where: str, words: list[st
 
 
 # Options the pages name for other tools than wujie-async.
-OTHER_TOOLS = {"--only"}  # benchmarks/schedule_probe.py, in the polling guide
+OTHER_TOOLS = {"--only", "--trickle"}  # benchmarks/schedule_probe.py, in the polling guide
 
 
 def test_every_option_named_in_the_prose_exists() -> None:
