@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/schedule_probe.py [--jobs 600] [--trickle] [--only NAME,...]
 
-Each variant is a burst of jobs (``--trickle``: 3 jobs a second for 60 s) of 10-30 s whose estimates are right in substance, reported
-the way a gateway written from the contract alone might (rounded to whole seconds, counting
-down only once generation starts, absent or zero while queued, images only at the end), or
-wrong ("bad: ..."), with ``complete_percent`` growing with time unless a variant says. The
-client and an in-process emulator share a fast-forwarding loop clock (looptime), so a burst of
-"30 s" jobs takes the CPU time of its calls, not 30 s, and asks per key, calls per job and how
-late each end is seen are exact, independent of the machine's load. Default ``PollPolicy()``.
+Each variant is a burst of jobs (``--trickle``: 3 jobs a second for 60 s) of 10-30 s whose
+estimates are right in substance, reported the way a gateway written from the contract alone
+might (rounded to whole seconds, counting down only once generation starts, absent or zero
+while queued, images only at the end), or wrong ("bad: ..."), with ``complete_percent``
+growing with time unless a variant says. The client and an in-process emulator share a
+fast-forwarding loop clock (looptime), so a burst of "30 s" jobs takes the CPU time of its
+calls, not 30 s, and asks per key, calls per job and how late each end is seen are exact,
+independent of the machine's load. Default ``PollPolicy()``.
 """
 
 from __future__ import annotations

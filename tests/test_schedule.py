@@ -1094,3 +1094,40 @@ def test_a_job_told_far_longer_than_usual_read_at_zero_percent_is_read_again_for
     # whole percents): asked by then, not at 75 s.
     due = schedule.report(timing, due, expected_seconds=75.0 - due, percent=10.0)
     assert 21.0 <= due <= 21.0 + 1.8 + POLICY.min_interval
+
+
+def test_a_few_jobs_told_half_their_length_do_not_open_every_window_at_its_start() -> None:
+    # Lateness is mirrored to the early side (estimates taken as symmetric until shown
+    # otherwise): one job in 20 told half its length opened every job's window at its start,
+    # 12 asks per key in a trickle. Windows opened that early, and no job ended early: the
+    # early side closes again, while the late side still covers the overruns.
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+
+    def told_half(end: float, now: float) -> float | None:
+        return max(end / 2 - now, 0.0)
+
+    for i in range(60):
+        follow(schedule, rng.uniform(10, 30), told_half if i % 20 == 7 else exact)
+    low, high = schedule.window("m")
+    assert low > -0.1 and high >= 0.9, (low, high)
+    asks, late = follow(schedule, 20.0, exact)
+    assert asks <= 3 and late <= POLICY.min_interval, (asks, late)
+    asks, late = follow(schedule, 20.0, told_half)  # an overrun is still seen at once
+    assert late <= POLICY.min_interval, (asks, late)
+
+
+def test_estimates_off_both_ways_keep_windows_open_early() -> None:
+    # ±30% around the true length: ends come early as well as late, and the window keeps an
+    # early side as wide as the lateness (an early end is seen when it comes).
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(60):
+        factor = rng.uniform(0.7, 1.3)
+
+        def off(end: float, now: float, factor: float = factor) -> float | None:
+            return end * factor - now
+
+        follow(schedule, rng.uniform(10, 30), off)
+    low, _high = schedule.window("m")
+    assert low < -0.2, low

@@ -153,6 +153,8 @@ class ScheduleTuning:
     samples_kept: int = 256
     low_quantile: float = 0.02
     high_quantile: float = 0.98
+    mirror_trial: int = 16
+    mirror_seen: float = 0.25
     prior_low: float = 0.0
     prior_high: float = 0.05
     open_delay: float = 0.25
@@ -585,6 +587,11 @@ class PollSchedule:
                 late = errors.quantile(TUNING.high_quantile)
                 excess = self._excess_late.get(model)
                 mirrored = excess.quantile(TUNING.high_quantile) if excess is not None else 0.0
+                if len(errors) >= TUNING.mirror_trial and early > -TUNING.mirror_seen * mirrored:
+                    # Shown otherwise: windows opened that early, and no end came early by
+                    # even a share of it (one job in 20 told half its length opened every
+                    # job's window at its start: 12 asks per key in a trickle).
+                    mirrored = 0.0
                 window = (min(0.0, early, -mirrored), max(0.0, late, -early))
             self._windows[model] = window  # asked per report, changed per ended job: cached
         return window
