@@ -1131,3 +1131,27 @@ def test_estimates_off_both_ways_keep_windows_open_early() -> None:
         follow(schedule, rng.uniform(10, 30), off)
     low, _high = schedule.window("m")
     assert low < -0.2, low
+
+
+def test_a_queued_job_whose_estimate_leaves_the_queue_out_is_judged_on_its_own_scale() -> None:
+    # Estimates ±20% off, learned; a job queued 90 s whose figure (20 s) leaves the queue out.
+    # Each queued report moved its end on; judged relative to the time since its submit, its
+    # window grew with the queue (±25% of 80 s), and it was asked every min_interval for the
+    # last minute of its queue (46 asks, 21 per key in a burst behind a 100-slot queue).
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(5)
+    for _ in range(60):
+        factor = rng.uniform(0.8, 1.2)
+
+        def off(end: float, now: float, factor: float = factor) -> float | None:
+            return end * factor - now
+
+        follow(schedule, rng.uniform(10, 30), off)
+    timing = KeyTiming(created_at=0.0, model="m")
+    due = schedule.report(timing, 1.0, expected_seconds=20.0, queued=True)
+    asks = 1
+    while due < 90.0:
+        due = schedule.report(timing, due, expected_seconds=20.0, queued=True)
+        asks += 1
+    assert asks <= 90 / POLICY.max_interval, asks
+    assert timing.predicted_span == pytest.approx(20.0)

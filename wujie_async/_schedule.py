@@ -954,9 +954,7 @@ class PollSchedule:
                         timing.live_reports = (
                             1 if last is not None and expected_seconds < last else 0
                         )
-                        timing.predicted_span = max(
-                            predicted - timing.created_at, policy.min_interval
-                        )
+                        timing.predicted_span = max(predicted - seen, policy.min_interval)
                     else:
                         timing.estimate_live = False
                 if check and gap > step:
