@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import inspect
 import json
@@ -128,6 +129,9 @@ async def _reply(request: web.Request) -> web.StreamResponse:
             header = "\n".join(header[start : start + 64] for start in range(0, len(header), 64))
         elif mode == "echo-percent":  # URL-encoded
             header = urllib.parse.quote(header, safe="")
+        elif mode == "echo-hex":  # the signature it checked, as hex digits (upper case)
+            sign = json.loads(header)["sign"] if header else ""
+            header = base64.b64decode(sign).hex().upper()
         said = f"bad request; headers: Authorization: {header}"
         if mode == "echo-html-502":
             return web.Response(status=502, text=f"<h1>Bad gateway</h1><pre>{said}</pre>")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import base64
 import html
 import json
 import logging
@@ -343,7 +344,15 @@ async def test_no_error_chain_reaches_the_signed_header(
 
 @pytest.mark.parametrize(
     "mode",
-    ["echo-business", "echo-401", "echo-html-502", "echo-entities", "echo-wrapped", "echo-percent"],
+    [
+        "echo-business",
+        "echo-401",
+        "echo-html-502",
+        "echo-entities",
+        "echo-wrapped",
+        "echo-percent",
+        "echo-hex",
+    ],
 )
 @pytest.mark.parametrize("kind", ["submit", "poll"])
 async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
@@ -374,7 +383,7 @@ async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
     # the locals of the package's frames its traceback keeps (an error reporter records
     # them), and the logs.
     texts = [*_reachable(info.value), caplog.text]
-    if mode in ("echo-entities", "echo-wrapped"):
+    if mode in ("echo-entities", "echo-wrapped", "echo-hex"):
         # Re-encoded on the way (no long run left): what quotes the signature is left out whole.
         assert any("it quotes this client's request signature" in text for text in texts)
     else:
@@ -382,7 +391,9 @@ async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
     for text in texts:
         for sign in signs:
             pieces = {sign[start : start + 24] for start in range(0, len(sign) - 24, 8)}
-            for seen in (text, html.unescape(text), urllib.parse.unquote(text)):
+            digits = base64.b64decode(sign).hex()
+            pieces |= {digits[start : start + 24] for start in range(0, len(digits) - 24, 8)}
+            for seen in (text, html.unescape(text), urllib.parse.unquote(text), text.lower()):
                 letters = "".join(seen.split())
                 assert not any(piece in letters for piece in pieces), f"signature: {text[:300]!r}"
 
@@ -461,6 +472,27 @@ def test_snippet_removes_html_markup_but_not_angle_brackets_in_words() -> None:
     assert snippet("<style>p{}</style><p onclick=x()>hi</p>") == "hi"
     assert snippet("<widget data-x='1'>blocked") == "blocked"  # any tag with an attribute
     assert snippet("field <prompt> is required; n <= 10") == "field <prompt> is required; n <= 10"
+    assert snippet("size < 4MB/png > 2") == "size < 4MB/png > 2"
+
+
+@pytest.mark.parametrize(
+    "markup",
+    [
+        "<svg/onload=alert(1)>",  # attributes after a "/", as browsers read them
+        "<img/src=x/onerror=alert(1)>",
+        "<body/onload=alert(1)>",
+        "<iframe/src=javascript:alert(1)>",
+        "<x-widget/onclick=alert(1)>",
+        "<\x00script>alert(1)</script>",  # split by a control or an invisible character,
+        "<scr\u200bipt>alert(1)</scr\u200bipt>",  # which used to go after the markup
+        "<\u200bimg src=x onerror=alert(1)>",
+        "<scr\x7fipt>alert(1)",
+    ],
+)
+def test_snippet_leaves_no_tag_a_browser_would_run(markup: str) -> None:
+    cleaned = snippet(f"before {markup} after")
+    assert "<" not in cleaned and "alert" not in cleaned, repr(cleaned)
+    assert cleaned.startswith("before")
 
 
 def test_job_failure_messages_are_stripped() -> None:

@@ -85,7 +85,8 @@ _CONTROL = re.compile(
 # HTML a proxy or an error page puts around its words (a 502 page, a WAF's block page): a web app
 # that shows an error's text must not be handed markup. Removed: comments, declarations, script
 # and style elements with their content, tags of HTML's elements, and any tag with an attribute
-# (an unknown element still runs its ``onclick``). ``<prompt>`` or ``n <= 10`` stay as written.
+# (an unknown element still runs its ``onclick``), attributes after a "/" too, as browsers read
+# them (``<svg/onload=...>``). ``<prompt>`` or ``n <= 10`` stay as written.
 _HTML_ELEMENTS = (
     "a|abbr|address|article|aside|audio|b|base|bdi|bdo|big|blink|blockquote|body|br|button|canvas"
     "|caption|center|cite|code|col|colgroup|dd|del|details|dfn|dialog|div|dl|dt|em|embed|fieldset"
@@ -100,8 +101,8 @@ _MARKUP = re.compile(
       <(script|style)\b[^>]*> .*? (?:</\1\s*>|$)
     | <!--.*?(?:-->|$)
     | <[!?][^<>]*>
-    | </?(?:{_HTML_ELEMENTS})(?:\s[^<>]*)?/?>
-    | <[A-Za-z][\w:-]*\s[^<>]*=[^<>]*>
+    | </?(?:{_HTML_ELEMENTS})(?:[\s/][^<>]*)?>
+    | <[A-Za-z][\w:-]*[\s/][^<>]*=[^<>]*>
     """,
     re.VERBOSE | re.IGNORECASE | re.DOTALL,
 )
@@ -134,10 +135,12 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
         text = bytes(text[: _SNIPPET_SCAN_CHARS * 4]).decode("utf-8", "replace")
     elif not isinstance(text, str):
         text = str(text)
-    text = _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS])
+    # Control characters go before markup: removed after it, they rejoined a tag they had
+    # split (``<\x00script>`` and ``<scr\u200bipt>`` came out as ``<script>``).
+    text = _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS]))
     if "<" in text:
         text = _MARKUP.sub(" ", text)
-    text = " ".join(_CONTROL.sub("", text).split())
+    text = " ".join(text.split())
     text = _SIGNATURE_LIKE.sub(_redacted, text)
     if quotes_a_signature(text):  # still, in another encoding: left out whole
         text = _QUOTES_A_SIGNATURE

@@ -14,6 +14,7 @@ and every server text reaches a message through ``snippet``.
 
 from __future__ import annotations
 
+import base64
 import html
 import re
 from collections import deque
@@ -30,11 +31,20 @@ _pieces: frozenset[str] = frozenset()  # every piece of the recent signatures
 
 
 def remember_signature(sign: str) -> None:
-    """Keep ``sign`` (a base64 signature this process made) out of server text from now on."""
+    """Keep ``sign`` (a base64 signature this process made) out of server text from now on,
+    as sent and in hex (a gateway that quotes the signature it checked as hex digits)."""
     global _pieces
-    letters = _NOT_LETTERS.sub("", sign)
+    forms = [_NOT_LETTERS.sub("", sign)]
+    try:
+        forms.append(base64.b64decode(sign, validate=True).hex())
+    except ValueError:
+        pass
     _recent.append(
-        frozenset(letters[start : start + _PIECE] for start in range(len(letters) - _PIECE + 1))
+        frozenset(
+            letters[start : start + _PIECE]
+            for letters in forms
+            for start in range(len(letters) - _PIECE + 1)
+        )
     )
     _pieces = frozenset().union(*_recent)  # one assignment: a reader sees old or new, whole
 
@@ -52,8 +62,11 @@ def quotes_a_signature(text: str) -> bool:
         forms.append(unquote(text))
     for form in forms:
         letters = _NOT_LETTERS.sub("", form)
-        if any(
-            letters[start : start + _PIECE] in pieces for start in range(len(letters) - _PIECE + 1)
-        ):
-            return True
+        # (Hex pieces are kept in lower case: an upper-case echo is lowered to match them.)
+        for found in (letters, letters.lower()) if letters != letters.lower() else (letters,):
+            if any(
+                found[start : start + _PIECE] in pieces
+                for start in range(len(found) - _PIECE + 1)
+            ):
+                return True
     return False
