@@ -113,6 +113,23 @@ async def test_a_price_table_reserves_before_any_job_ended(emulator: EmulatorFac
         second.cancel()
 
 
+async def test_a_job_that_cost_more_than_the_table_says_raises_its_kinds_price(
+    emulator: EmulatorFactory,
+) -> None:
+    # The table says 1 point, the gateway charges 8: the table alone let every submit through
+    # at 1 point (36 points charged on a 30-point budget, three jobs at 12 held at 8 each).
+    limits = Limits(max_points=20, point_prices={"gpt-image-1": 1.0})
+    async with emulator() as emu, make_client(emu, limits=limits) as client:
+        await (await client.images.submit(prompt="a", model="gpt-image-1"))
+        assert client.stats.points_charged == 8
+        second = await client.images.submit(prompt="b", model="gpt-image-1")  # 8 + 8 <= 20
+        with pytest.raises(BudgetExceededError) as refused:
+            await client.images.submit(prompt="c", model="gpt-image-1")
+        assert refused.value.needed == 8
+        await second
+        assert emu.stats()["submits_accepted"] == 2 and client.stats.points_charged == 16
+
+
 async def test_a_gateway_that_never_reports_costs_cannot_spend_past_the_budget_unseen(
     emulator: EmulatorFactory,
 ) -> None:

@@ -9,14 +9,17 @@ re-run with a larger budget sends it).
 What a job is expected to cost, by its *kind* (model, size, quality and n):
 
 1. the price table the user passed (``Limits.point_prices``: points per image by ``model``,
-   ``model/size`` or ``model/size/quality``, the most specific key winning), times ``n``;
+   ``model/size`` or ``model/size/quality``, the most specific key winning), times ``n``, or
+   the most that a job of the same kind that succeeded cost in this client if that is more;
 2. else the most that a job of the same kind that succeeded cost in this client (a failed job
    often costs nothing: that is no price);
 3. else nothing is known: the first job of the kind runs alone (if any room is left) and
    others of its kind wait for it to end, then use what it cost.
 
 Worst case: each kind whose cost is not known yet may overshoot the budget by the cost of its
-one probing job. A job whose end is not reported with a cost (cancelled, timed out) keeps its
+one probing job; and a job that costs more than its kind's expected cost (a price that rose,
+or a table that is short) overshoots by the difference, as may the jobs of its kind already
+out when it ends: from then on its kind is expected to cost that much. A job whose end is not reported with a cost (cancelled, timed out) keeps its
 reservation as spent, so the budget errs on the side of spending less. A gateway that does not
 report ``integral_cost`` for a job that succeeded leaves its kind without a price, and so does
 a probing job whose wait ended (timed out, cancelled) before the gateway said what it cost
@@ -116,11 +119,14 @@ class Budget:
         # all the same, a negative amount held would make room for other submits (n=-100 at 5
         # points an image let 500 points more through), so a job counts one image at least.
         images = max(n, 1)
+        learned = self._learned.get(kind)  # the most a job cost, >= 0 (see ended())
         for key in (f"{model}/{size}/{quality}", f"{model}/{size}", model):
             price = self._prices.get(key)
             if price is not None:
-                return max(price * images, 0.0)
-        return self._learned.get(kind)  # what a job cost, >= 0 (see ended())
+                # A job that cost more than the table says shows the table short: the table
+                # alone let 3 jobs charged 12 through at 8 each, 36 points on a 30 budget.
+                return max(price * images, learned or 0.0, 0.0)
+        return learned
 
     async def reserve(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the points of one submit, waiting for the probe of its kind if one is out.
