@@ -334,6 +334,8 @@ async def image_server(also_on: str | None = None) -> AsyncIterator[ImageServer]
     * ``silent``: no reply at all (until the server stops);
     * ``cut``: the headers and half the body, then the connection closes;
     * ``to?url=URL``: a 302 to URL;
+    * ``varying``: once ``released`` is set, a PNG that differs at each request (a CDN that
+      re-encodes);
     * anything else (``admin/reset``, say): a PNG, so a fetch that should not happen shows.
     """
     from wujie_async.emulator._png import render_png
@@ -350,6 +352,10 @@ async def image_server(also_on: str | None = None) -> AsyncIterator[ImageServer]
         if kind == "silent":
             await server.released.wait()
             return web.Response(status=503)
+        if kind == "varying":
+            await server.released.wait()
+            body = render_png("K", server.hits[kind], 8, 8)
+            return web.Response(body=body, content_type="image/png")
         if kind in ("trickle", "cut"):
             body = big if kind == "trickle" else png
             response = web.StreamResponse(

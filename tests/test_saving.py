@@ -204,6 +204,29 @@ async def test_an_image_that_fails_half_way_leaves_no_file_and_the_others_stay_w
     assert any(whole.name in note for note in info.value.__notes__)
 
 
+async def test_two_saves_of_one_image_into_one_folder_return_the_file_on_disk(
+    tmp_path: Path,
+) -> None:
+    # Two requests of a web app save the same job at once, from an image server that sends
+    # different bytes each time: both returned the same path, and one sha256 that was not
+    # the file's. The second save joins the first: one download, one file, one sha256.
+    async with image_server() as images:
+        async with (
+            scripted_gateway(images_at(images.url("varying"))) as gateway,
+            client_on(gateway.base_url) as client,
+        ):
+            job = await client.images.submit(prompt="p", model="dall-e-2")
+            await job
+            both = asyncio.gather(job.save(tmp_path), job.save(tmp_path))
+            await eventually(lambda: images.hits["varying"] >= 1)
+            images.released.set()
+            first, second = await both
+        assert images.hits["varying"] == 1
+    assert first == second
+    assert names(tmp_path) == [first[0].path.name]
+    assert first[0].sha256 == sha256(first[0].path)
+
+
 # --- a trickling image server (issue 17 item 4) ---------------------------------------------------
 @pytest.mark.long
 async def test_a_trickling_image_server_fails_as_too_slow_once_the_retry_budget_is_spent(

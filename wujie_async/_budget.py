@@ -17,19 +17,20 @@ What a job is expected to cost, by its *kind* (model, size, quality and n):
    others of its kind wait for it to end, then use what it cost.
 
 Worst case: each kind whose cost is not known yet may overshoot the budget by the cost of its
-one probing job; and a job that costs more than its kind's expected cost (a price that rose,
-or a table that is short) overshoots by the difference, as may the jobs of its kind already
-out when it ends: from then on its kind is expected to cost that much. A job whose end is not reported with a cost (cancelled, timed out) keeps its
-reservation as spent, so the budget errs on the side of spending less. A gateway that does not
-report ``integral_cost`` for a job that succeeded leaves its kind without a price, and so does
-a probing job whose wait ended (timed out, cancelled) before the gateway said what it cost
-(it runs on and will be charged, at a price nobody knows), or whose end says nothing of a
-charge: its submit's reply was lost (``SubmitUncertainError``), the gateway stopped knowing
-its key (``UnknownJobError``), reported it only unreadably (``JobProtocolError``) or done
-without all its images (``IncompleteJobError``). Without a price table the budget
-cannot be held for such a kind, and further submits of it raise :class:`BudgetExceededError`
-(naming ``Limits.point_prices``) rather than go on uncounted (each timed-out probe letting the
-next one go would spend without limit).
+one probing job; and a job that costs more than its kind's expected cost (a price that rose, or
+a table that is short) overshoots by the difference, as may the jobs of its kind already out
+when it ends: from then on its kind is expected to cost that much. A job whose end is not
+reported with a cost (cancelled, timed out) keeps its reservation as spent, so the budget errs
+on the side of spending less. A gateway that does not report ``integral_cost`` for a job that
+succeeded leaves its kind without a price, and so does a probing job whose wait ended (timed
+out, cancelled) before the gateway said what it cost (it runs on and will be charged, at a
+price nobody knows), or whose end says nothing of a charge: its submit's reply was lost
+(``SubmitUncertainError``), the gateway stopped knowing its key (``UnknownJobError``), reported
+it only unreadably (``JobProtocolError``) or done without all its images
+(``IncompleteJobError``). Without a price table the budget cannot be held for such a kind, and
+further submits of it raise :class:`BudgetExceededError` (naming ``Limits.point_prices``)
+rather than go on uncounted (each timed-out probe letting the next one go would spend without
+limit).
 Jobs attached or resumed (not submitted by this client) are neither reserved for nor counted:
 their cost belongs to the budget of the client that submitted them, unless the caller says the
 budget is theirs too (``attach(..., charge_budget=True)``: a re-run collecting what an earlier

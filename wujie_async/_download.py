@@ -145,6 +145,9 @@ class Downloader:
         self._closed = False
         self._in_progress: set[anyio.CancelScope] = set()  # cancelled by aclose()
         self._all_ended: anyio.Event | None = None  # what aclose() waits on, while it does
+        # Saves in progress by (job key, image index, path): a second save of the same image
+        # to the same path joins the first (see save()).
+        self._saving: dict[tuple[str, int, str], asyncio.Future[SavedImage]] = {}
 
     @property
     def policy(self) -> DownloadPolicy:
@@ -251,6 +254,37 @@ class Downloader:
             ClientStateError: the downloader (its client) is closed.
         """
         self._require_open()
+        if key is None:
+            return await self._save_once(image, path, key, claimed)
+        # Two saves of one image to one path at once (two requests of a web app) each wrote
+        # the file, and one of them returned a sha256 that was not the file's when the image
+        # server sent other bytes the second time: the second waits for the first, and returns
+        # what it saved (or saves it itself, if the first did not).
+        joined = (key, image.index, os.fspath(path))
+        while (first := self._saving.get(joined)) is not None:
+            await asyncio.wait({first})
+            if not first.cancelled():
+                return first.result()
+            self._require_open()
+        done: asyncio.Future[SavedImage] = asyncio.get_running_loop().create_future()
+        self._saving[joined] = done
+        try:
+            saved = await self._save_once(image, path, key, claimed)
+        except BaseException:
+            done.cancel()  # the others save it themselves (a failure is theirs to meet too)
+            raise
+        finally:
+            del self._saving[joined]
+        done.set_result(saved)
+        return saved
+
+    async def _save_once(
+        self,
+        image: GeneratedImage,
+        path: str | os.PathLike[str],
+        key: str | None,
+        claimed: dict[str, int] | None,
+    ) -> SavedImage:
         if self._telemetry_to_start:
             self._telemetry_to_start = False
             self._telemetry.start()

@@ -65,8 +65,7 @@ def quotes_a_signature(text: str) -> bool:
         # (Hex pieces are kept in lower case: an upper-case echo is lowered to match them.)
         for found in (letters, letters.lower()) if letters != letters.lower() else (letters,):
             if any(
-                found[start : start + _PIECE] in pieces
-                for start in range(len(found) - _PIECE + 1)
+                found[start : start + _PIECE] in pieces for start in range(len(found) - _PIECE + 1)
             ):
                 return True
     return False
