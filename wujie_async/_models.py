@@ -133,36 +133,41 @@ class _Request(BaseModel):
         Raises:
             InvalidRequestError: naming every field that breaks a rule, and the rule.
         """
-        if not cls._plain(fields):
+        body = cls._plain_body(fields)
+        if body is None:
             request = cls.build(fields)
             return request.body(), request.n
         found = unencodable(fields) + _rules.violations(cls.kind, fields)
         if found:
             raise InvalidRequestError(found)
-        # Field order and copies as ``model_dump`` gives them: fresh lists, declared order.
-        body = {
-            name: list(value) if type(value) is list else value
-            for name in cls._plain_types
-            if (value := fields.get(name)) is not None
-        }
         return body, fields.get("n")
 
     @classmethod
-    def _plain(cls, fields: dict[str, Any]) -> bool:
-        """True when pydantic would accept ``fields`` unchanged (see ``checked_body``)."""
+    def _plain_body(cls, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """The body ``model_dump`` would give when pydantic would accept ``fields`` unchanged
+        (see ``checked_body``), else None. One pass that checks each type as it builds the
+        body: field order and copies as ``model_dump`` gives them (declared order, fresh
+        lists, no None)."""
         types = cls._plain_types
-        for name, value in fields.items():
-            wanted = types.get(name)
-            if wanted is None:
-                return False  # unknown field: build() names it
+        for name in fields:
+            if name not in types:
+                return None  # unknown field: build() names it
+        body: dict[str, Any] = {}
+        for name, wanted in types.items():
+            value = fields.get(name)
             if value is None:
                 continue
             if wanted is list:
                 if type(value) is not list or any(type(item) is not str for item in value):
-                    return False
+                    return None
+                value = list(value)
             elif type(value) is not wanted:
-                return False
-        return all(fields.get(name) is not None for name in cls._required)
+                return None
+            body[name] = value
+        for name in cls._required:
+            if name not in body:
+                return None  # missing (or None): build() names it
+        return body
 
 
 class GenerationRequest(_Request):

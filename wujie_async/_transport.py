@@ -34,6 +34,7 @@ import asyncio
 import datetime
 import email.utils
 import errno
+import functools
 import json
 import logging
 import math
@@ -119,6 +120,9 @@ def _seconds_until(http_date: str) -> float | None:
 # keys holds a few thousand (a flood of junk entries for other keys is skipped, and read, up
 # to this); a brace inside a string counts too (an overcount, never an under).
 MAX_JSON_CONTAINERS = 1_000_000
+# One encoder for every request body: json.dumps with any option builds a new JSONEncoder per
+# call (a microsecond of each submit and poll). It holds no state between calls.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def _loads(raw: bytes) -> Any:
@@ -421,10 +425,12 @@ class Transport:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
                 ``SubmitUncertainError`` (its ``__cause__`` says what happened).
         """
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = _JSON_ENCODER.encode(body).encode()
         keys = len(body) if kind == "poll" and isinstance(body, list) else None
+        # A partial, not a lambda: a closure over these seven names would make a cell for each
+        # on every call (objects the garbage collector then tracks, per request).
         return await self._with_retries(
-            lambda attempt: self._post_once(path, payload, kind, attempt, keys, parent, on_wire),
+            functools.partial(self._post_once, path, payload, kind, keys, parent, on_wire),
             kind,
             body,
             on_wire,
@@ -505,10 +511,10 @@ class Transport:
         path: str,
         payload: bytes,
         kind: CallKind,
-        attempt: int,
         keys: int | None,
         parent: JobTrace | BatchTrace | None,
         on_wire: Callable[[bool], None] | None,
+        attempt: int,
     ) -> Any:
         brake = self._brakes[kind]
         sent_at = await brake.acquire()
