@@ -89,15 +89,23 @@ def _most_advanced(entries: Iterable[JobInfo]) -> dict[str, JobInfo]:
 
     The list's order says nothing of age (the contract allows any order), so the report that
     has got furthest stands for the job: a stale "queued" copy does not hide "generating".
+    Ranks are worked out only for a key listed more than once (most keys are listed once).
     """
     best: dict[str, JobInfo] = {}
     ranks: dict[str, tuple[bool, int, bool, float]] = {}
     for entry in entries:
+        key = entry.key
+        held = best.get(key)
+        if held is None:
+            best[key] = entry
+            continue
+        seen = ranks.get(key)
+        if seen is None:
+            seen = ranks[key] = _advance(held)
         rank = _advance(entry)
-        seen = ranks.get(entry.key)
-        if seen is None or rank > seen:
-            best[entry.key] = entry
-            ranks[entry.key] = rank
+        if rank > seen:
+            best[key] = entry
+            ranks[key] = rank
     return best
 
 
