@@ -351,7 +351,13 @@ class Submits:
         self._running: dict[anyio.CancelScope, SubmitRecord] = {}
         self._stopping: set[anyio.CancelScope] = set()
         self._refusing = False  # stop_sending() was called: no submit leaves from now on
-        self._idle: anyio.Event | None = None  # set once no submit runs (None: none ran yet)
+        # Set once no submit runs; made by the first wait_idle() while submits run (None: no
+        # one waits), not by every submit that finds none running (a lone submit at a time, as a
+        # web handler sends, made and set an Event each: two microseconds).
+        self._idle: anyio.Event | None = None
+        # The running backend's own CancelScope class: anyio.CancelScope() looks the backend up
+        # on every call (a microsecond of each submit) and makes one of these with the defaults.
+        self._new_scope: Callable[[], anyio.CancelScope] | None = None
         # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
         self._claimed_keys: set[str] = set()
         # Keys of earlier jobs (refuse_keys): a submit given one cannot be told from them.
@@ -386,12 +392,13 @@ class Submits:
         if self._refusing:
             raise ClientStateError(_NOT_SENT_STOPPED)
         record = SubmitRecord(self._journal, path, body, tag)
-        scope = anyio.CancelScope()
+        new_scope = self._new_scope
+        if new_scope is None:
+            new_scope = self._new_scope = type(anyio.CancelScope())
+        scope = new_scope()
         otel = self._telemetry.otel
         trace = otel.job_started("submit", body.get("model"), n) if otel is not None else None
         # Registered before the first await: stop() cannot miss a submit in progress.
-        if not self._running:
-            self._idle = anyio.Event()
         self._running[scope] = record
         try:
             with scope:
@@ -438,6 +445,7 @@ class Submits:
             self._stopping.discard(scope)
             if not self._running and self._idle is not None:
                 self._idle.set()
+                self._idle = None  # whoever waits now is woken; a later wait makes its own
 
     def _submit_ended(
         self, trace: JobTrace, record: SubmitRecord, error: BaseException | None
@@ -454,7 +462,9 @@ class Submits:
 
     async def wait_idle(self) -> None:
         """Return once no submit is in progress."""
-        if self._running and self._idle is not None:
+        if self._running:
+            if self._idle is None:
+                self._idle = anyio.Event()
             await self._idle.wait()
 
     def stop_sending(self) -> None:
