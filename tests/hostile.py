@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import gzip
 import inspect
 import json
 import struct
@@ -137,6 +138,13 @@ async def _reply(request: web.Request) -> web.StreamResponse:
             return web.Response(status=502, text=f"<h1>Bad gateway</h1><pre>{said}</pre>")
         status = 401 if mode == "echo-401" else 200
         return web.json_response({"code": "20010001", "message": said, "data": None}, status=status)
+    if mode == "gzipped":  # an nginx with gzip on: a whole, ordinary reply, compressed
+        data = {"key": "K0001"} if request.path.endswith("generations") else {"list": []}
+        raw = json.dumps({"code": "200", "message": "success", "data": data}).encode()
+        return web.Response(
+            body=gzip.compress(raw),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
     if mode == "gzip-bomb":
         return web.Response(
             body=gzip_bomb(),

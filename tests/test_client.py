@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from wujie_async import (
+    AuthenticationError,
     ClientStateError,
     ImageJob,
     InvalidRequestError,
@@ -23,15 +24,20 @@ from wujie_async import (
     ModerationRejectedError,
     ParameterError,
     PollPolicy,
+    RetryPolicy,
+    SubmitUncertainError,
     UnknownJobError,
     WujieClient,
+    WujieError,
 )
 from wujie_async.cli._outcome import classify
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import eventually, png_size, raw_get, stray_tasks
-from .hostile import throwaway_credentials
+from .hostile import hostile_gateway, throwaway_credentials
+
+NO_RETRY = RetryPolicy(max_attempts=1, initial_wait=0)
 
 pytestmark = pytest.mark.anyio
 
@@ -560,6 +566,36 @@ async def test_ten_thousand_jobs_fill_their_batch_calls(emulator: EmulatorFactor
     assert stats.jobs_succeeded == 10_000
     assert stats.mean_batch_fill >= 45, stats
     assert max(emu.stats(timelines=False)["batch_sizes"]) <= 50
+
+
+@pytest.mark.parametrize(
+    ("mode", "outcome"),
+    [("gzipped", None), ("unauthorized", AuthenticationError), ("balance-429", WujieError)],
+)
+async def test_a_callers_session_that_would_raise_or_not_unzip_reads_replies_as_ours_does(
+    mode: str, outcome: type[WujieError] | None
+) -> None:
+    # A session with auto_decompress=False read a gzipped reply as it came: every submit the
+    # gateway accepted (and charged) was "not JSON", uncertain, its key lost. One with
+    # raise_for_status=True raised on a 401 or a 429 before the reply was read: a refusal
+    # became "may have been charged", and a 429 was never retried.
+    async with (
+        hostile_gateway() as origin,
+        aiohttp.ClientSession(auto_decompress=False, raise_for_status=True) as session,
+    ):
+        client = WujieClient(
+            throwaway_credentials(), base_url=f"{origin}/{mode}", session=session, retry=NO_RETRY
+        )
+        async with client:
+            if outcome is None:
+                job = await client.images.submit(prompt="x", model="dall-e-2")
+                assert job.key == "K0001"
+                job.cancel()
+            else:
+                with pytest.raises(WujieError) as info:
+                    await client.images.submit(prompt="x", model="dall-e-2")
+                assert isinstance(info.value, outcome), repr(info.value)
+                assert not isinstance(info.value, SubmitUncertainError), repr(info.value)
 
 
 async def test_api_calls_go_through_a_session_the_caller_gives(emulator: EmulatorFactory) -> None:

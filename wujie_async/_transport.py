@@ -620,6 +620,11 @@ class Transport:
                 headers={"Authorization": await self._signer.header(), **self._fixed_headers},
                 allow_redirects=False,
                 timeout=self._timeout,
+                # Whatever the session says (the caller's own may say otherwise): a refusal is
+                # read, not raised (a 401 was "maybe charged"), and a gzipped reply unzipped
+                # (read as is, every submit's reply was not JSON: paid jobs without keys).
+                raise_for_status=False,
+                auto_decompress=True,
             ) as reply:
                 if 300 <= reply.status < 400:
                     reply.close()
