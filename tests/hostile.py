@@ -139,7 +139,9 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         status = 401 if mode == "echo-401" else 200
         return web.json_response({"code": "20010001", "message": said, "data": None}, status=status)
     if mode == "gzipped":  # an nginx with gzip on: a whole, ordinary reply, compressed
-        data = {"key": "K0001"} if request.path.endswith("generations") else {"list": []}
+        data: dict[str, Any] = (
+            {"key": "K0001"} if request.path.endswith("generations") else {"list": []}
+        )
         raw = json.dumps({"code": "200", "message": "success", "data": data}).encode()
         return web.Response(
             body=gzip.compress(raw),
