@@ -102,7 +102,7 @@ _MARKUP = re.compile(
     | <!--.*?(?:-->|$)
     | <[!?][^<>]*>
     | </?(?:{_HTML_ELEMENTS})(?:[\s/][^<>]*)?>
-    | <[A-Za-z][\w:-]*[\s/][^<>]*=[^<>]*>
+    | <[A-Za-z][\w:-]*[\s/][^<>=]*=[^<>]*>
     """,
     re.VERBOSE | re.IGNORECASE | re.DOTALL,
 )
