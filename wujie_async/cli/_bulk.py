@@ -96,8 +96,10 @@ class BulkRun:
     row with its key as each job is accepted (no journal: the manifest is the only record of
     the key, and a run killed outright would otherwise leave the re-run to pay again).
     ``make_room``: called once, at the first row the disk refuses, before writing it again.
-    Setting ``stop`` ends the run gently: no new submits, the ones on the wire get their keys,
-    then collection is abandoned (those jobs stay in the journal) and ``interrupted`` is set.
+    Setting ``stop`` (a signal) ends the run gently: no new submits, the ones on the wire get
+    their keys, then collection is abandoned (those jobs stay in the journal) and
+    ``interrupted`` is set, also after a systemic error stopped the sending (which collects
+    on): the signal is the stronger word.
     """
 
     def __init__(
@@ -131,6 +133,8 @@ class BulkRun:
         self._job_timeout = job_timeout
         self._stop = stop or anyio.Event()
         self._submitters_idle = anyio.Event()
+        # A systemic error (or a disk that refuses) stops the sending but not the collection;
+        # ``stop`` is the caller's (a signal), and stops both.
         self._systemic_stop = False
         self.result = BulkResult(outcomes=list(settled))
         self._tally = display.tally
@@ -172,7 +176,7 @@ class BulkRun:
                     await self._submit_all(queue, collectors)
             finally:
                 watcher.cancel()
-        return self._close(interrupted=self._stop.is_set() and not self._systemic_stop)
+        return self._close(interrupted=self._stop.is_set())
 
     def interrupted_at_once(self) -> BulkResult:
         """The result after ``run()`` was cancelled outright (a second Ctrl-C).
@@ -202,15 +206,24 @@ class BulkRun:
         self._tally.move(self._seq.setdefault(id(row), len(self._seq)), to)
         self._display.refresh()
 
-    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
-        await self._stop.wait()
-        # Rows already taken may wait for a slot (--max-in-flight, --rate): they must not be
-        # sent after the stop. The client ends them at once, unsent; those on the wire finish.
+    def _halted(self) -> bool:
+        """True once nothing more may be sent: a signal, or a systemic stop."""
+        return self._stop.is_set() or self._systemic_stop
+
+    def _halt_sending(self) -> None:
+        """Send nothing more. Rows already taken may wait for a slot (--max-in-flight,
+        --rate): they must not be sent after the stop. The client ends them at once, unsent;
+        those on the wire finish."""
         with contextlib.suppress(ClientStateError):
             self._client.stop_submitting()
+
+    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self._stop.wait()
+        self._halt_sending()
         await self._submitters_idle.wait()
-        if not self._systemic_stop:
-            scope.cancel()  # Ctrl-C: abandon collection, the journal keeps the keys
+        # Ctrl-C or SIGTERM: abandon collection, the journal (or the pending rows) keeps the
+        # keys; after a systemic stop too, which collects on until a signal says otherwise.
+        scope.cancel()
 
     async def _submit_all(
         self, queue: collections.deque[Row], collectors: anyio.abc.TaskGroup
@@ -227,7 +240,7 @@ class BulkRun:
     async def _submitter(
         self, queue: collections.deque[Row], collectors: anyio.abc.TaskGroup
     ) -> None:
-        while queue and not self._stop.is_set():
+        while queue and not self._halted():
             await self._submit_one(queue.popleft(), collectors)
 
     async def _submit_one(self, row: Row, collectors: anyio.abc.TaskGroup) -> None:
@@ -237,7 +250,7 @@ class BulkRun:
             job = await submit(self._client, row.body, tag=row.tag, job_timeout=self._job_timeout)
         except Exception as exc:
             del self._on_the_wire[id(row)]
-            if self._stop.is_set() and _not_sent(exc):
+            if self._halted() and _not_sent(exc):
                 reason = "the run stopped before this line was sent"
                 self._end(row, "not_sent", None, "not_sent", reason, quiet=True)
                 return
@@ -256,7 +269,7 @@ class BulkRun:
                 if self.result.systemic is None:
                     self.result.systemic = exc
                 self._systemic_stop = True
-                self._stop.set()
+                self._halt_sending()
             status, code, message = classify(exc)
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
@@ -273,7 +286,7 @@ class BulkRun:
         try:
             await self._collect_images(row, job)
         except asyncio.CancelledError:
-            if self._stop.is_set() and not self._keys_on_accept:
+            if self._halted() and not self._keys_on_accept:
                 self._left_pending(row, job)
             raise
 
@@ -425,7 +438,7 @@ class BulkRun:
         if self.result.systemic is None:
             self.result.systemic = problem
             self._systemic_stop = True
-            self._stop.set()
+            self._halt_sending()
 
     def _wrote_with_room_made(self, record: dict[str, Any]) -> bool:
         """At the first row the disk refuses, make room (once) and write it again."""

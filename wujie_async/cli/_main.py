@@ -4,7 +4,8 @@ Exit codes: 0 every line saved · 1 some lines ended failed, moderated, rejected
 or not sent · 2 bad input or usage (including a file that is not a journal) · 3 stopped on a
 systemic error (credentials, base URL, balance, network) · 4 the journal, or the --out folder
 (bulk, resume), is in use by another run · 130 interrupted (Ctrl-C) · 143 stopped by SIGTERM
-· 70 internal error (run with --verbose for the traceback).
+· 70 internal error (run with --verbose for the traceback). A signal wins over 3: a run stopped
+by a systemic error, then by Ctrl-C or SIGTERM, exits 130 or 143.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ exit codes:
   70   internal error (run with --verbose for the traceback)
   130  interrupted (Ctrl-C)
   141  stdout was closed by its reader (e.g. | head)
-  143  stopped by SIGTERM (docker stop, systemd, Kubernetes)"""
+  143  stopped by SIGTERM (docker stop, systemd, Kubernetes)
+a signal wins: a run stopped by a systemic error, then by Ctrl-C or SIGTERM, exits 130 or
+143"""
 
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
 DEMO_TIME_SCALE = 0.15

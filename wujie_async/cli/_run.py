@@ -906,15 +906,17 @@ class Session:
         counts = count(result.outcomes)
         stopped = None
         if isinstance(result.systemic, OutputUnwritableError):
-            code = EXIT_SYSTEMIC
             stopped = str(result.systemic) + _unrecorded_keys(result.unrecorded)
         elif result.systemic is not None:
-            code = EXIT_SYSTEMIC
             stopped = fix_message(
                 result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
             )
-        elif result.interrupted:
+        if result.interrupted:
+            # A signal is the stronger word, after a systemic stop too: a supervisor that sent
+            # SIGTERM reads 143 as "stopped as asked" (the summary still says what stopped it).
             code = EXIT_TERMINATED if self.terminated else EXIT_INTERRUPTED
+        elif stopped is not None:
+            code = EXIT_SYSTEMIC
         elif counts["saved"] == total:
             code = EXIT_OK
         else:
@@ -973,7 +975,8 @@ class Session:
         say = self._say
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)
-            return
+            if not result.interrupted:
+                return
         command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
         if result.uncosted and getattr(self.args, "max_points", None) is not None:
             say(
