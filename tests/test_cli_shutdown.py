@@ -3,9 +3,13 @@ a disk stopped the run, and waits that a frozen disk or a hung name lookup could
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import shutil
 import signal
-from collections.abc import Awaitable, Callable
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -14,6 +18,7 @@ import pytest
 from wujie_async.cli._signals import TERM_GRACE_S
 
 from .cli_helpers import (
+    CLEAN_ENV,
     Served,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     manifest,
@@ -84,3 +89,84 @@ async def test_sigterm_after_a_full_disk_stopped_the_run_exits_143(tmp_path: Pat
 
 async def _accepted_ge(emu: Served, count: int) -> bool:
     return await _accepted(emu) >= count
+
+
+@contextlib.contextmanager
+def _silent_name_server() -> Iterator[tuple[str, socket.socket]]:
+    """A name server on loopback port 53 that takes every query and never answers (skips
+    where port 53 cannot be bound)."""
+    for last in range(53, 80):
+        address = f"127.0.0.{last}"
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((address, 53))
+        except PermissionError as exc:
+            sock.close()
+            pytest.skip(f"cannot bind port 53 here: {exc}")
+        except OSError:
+            sock.close()
+            continue
+        sock.setblocking(False)
+        with sock:
+            yield address, sock
+        return
+    pytest.skip("no loopback address with port 53 free")
+
+
+# The command as a process, with uvloop when it is installed (libuv's threads resolve), and as
+# a user without uvloop runs it (asyncio's default executor resolves).
+_COMMAND = {
+    "installed loop": ["-m", "wujie_async"],
+    "asyncio loop": [
+        "-c",
+        "import runpy, sys; sys.modules['uvloop'] = None; "
+        "runpy.run_module('wujie_async', run_name='__main__', alter_sys=True)",
+    ],
+}
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("loop", sorted(_COMMAND))
+async def test_a_run_whose_gateway_name_never_resolves_exits_within_its_grace(
+    tmp_path: Path, loop: str
+) -> None:
+    """getaddrinfo blocked in aiohttp's resolver thread (a name server that never answers,
+    the real C call: the run sees a resolv.conf of its own, bind-mounted in a mount namespace
+    of its own): SIGTERM ends the run within its grace period, summary and exit 143 included.
+    The run printed its summary and then waited for the blocked thread at exit (minutes)."""
+    if shutil.which("unshare") is None or sys.platform != "linux":
+        pytest.skip("needs util-linux unshare (Linux)")
+    async with served_emulator(tmp_path) as emu:  # for credentials only: it is never reached
+        env = emu.env | {"WUJIE_BASE_URL": "https://gateway.hang.example/wj-open/v1"}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    with _silent_name_server() as (address, server):
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text(f"nameserver {address}\noptions timeout:30 attempts:5\n")
+        script = 'mount --bind "$1" /etc/resolv.conf || exit 99; shift; exec "$@"'
+        proc = await asyncio.create_subprocess_exec(
+            "unshare", "-m", "sh", "-c", script, "sh", str(resolv),
+            sys.executable, *_COMMAND[loop], "bulk", str(prompts), "-o", str(tmp_path / "out"),
+            "--no-journal", env=env or CLEAN_ENV,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            query = asyncio.ensure_future(asyncio.get_running_loop().sock_recvfrom(server, 512))
+            ended = asyncio.ensure_future(proc.wait())
+            await asyncio.wait({query, ended}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+            if ended.done() and not query.done():
+                _, err = await proc.communicate()
+                if proc.returncode == 99:
+                    pytest.skip(f"cannot bind-mount resolv.conf here: {err.decode()}")
+                raise AssertionError(f"the run ended before asking the name: {err.decode()}")
+            assert query.done(), "no name query within 60 s"
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), TERM_GRACE_S + 10)
+        finally:
+            query.cancel()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    text = err.decode()
+    assert proc.returncode == 143, text
+    assert "1 line(s):" in text and "stopped by SIGTERM" in text

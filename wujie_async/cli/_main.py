@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Coroutine
 from importlib import metadata
@@ -46,6 +47,7 @@ from ._common import (
     emulator_faults,
 )
 from ._completion import SHELLS, script
+from ._exit import DaemonThreadPool, ExitGuard
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
 from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock
 from ._outcome import clean
@@ -414,8 +416,36 @@ def _check_defaults(args: argparse.Namespace) -> None:
             ) from None
 
 
+# Set by main() when it runs as the process's command (on the main thread): the command's
+# process then ends within its grace even when a blocked thread holds the loop's close.
+_exit_guard: ExitGuard | None = None
+
+
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
-    return _loop_runner()(main)
+    guard = _exit_guard
+    try:
+        return _loop_runner()(_without_waiting_threads(main, guard))
+    finally:
+        if guard is not None:
+            guard.disarm()
+
+
+async def _without_waiting_threads(main: Coroutine[Any, Any, int], guard: ExitGuard | None) -> int:
+    """``main`` on a loop whose default executor never holds the exit, and whose close gets
+    a bounded time once ``main`` has ended (see ``_exit``): a name lookup that hangs must not
+    keep a run that has printed its summary from ending."""
+    asyncio.get_running_loop().set_default_executor(DaemonThreadPool())
+    code: int | None = None
+    error: BaseException | None = None
+    try:
+        code = await main
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if guard is not None:
+            guard.arm(code, error)
+    return code
 
 
 def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -545,7 +575,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     show_log(logging.DEBUG if verbose else log_level() or logging.WARNING)
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-    say = console.out  # plain text, never markup
+    global _exit_guard
+    if threading.current_thread() is threading.main_thread():
+        _exit_guard = ExitGuard(lambda exc: _said(exc, console, verbose=verbose))
     try:
         if args.command == "emulator":
             return emulator.run(args)
@@ -553,38 +585,46 @@ def main(argv: list[str] | None = None) -> int:
             print(script(build_parser(), args.shell), end="")  # noqa: T201 - the output
             return EXIT_OK
         return _dispatch(args, console)
-    except InputFileError as exc:
+    except (Exception, KeyboardInterrupt, asyncio.CancelledError) as exc:
+        return _said(exc, console, verbose=verbose)
+    finally:
+        _exit_guard = None
+
+
+def _said(exc: BaseException, console: Console, *, verbose: bool) -> int:
+    """Say why a command ended with ``exc``; its exit code."""
+    say = console.out  # plain text, never markup
+    if isinstance(exc, InputFileError):
         for problem in exc.problems:
             say(clean(problem) if len(exc.problems) > 1 else problem, highlight=False)
         return EXIT_USAGE
-    except UsageError as exc:
+    if isinstance(exc, UsageError):
         say(f"error: {exc}", highlight=False)
         return EXIT_USAGE
-    except InvalidRequestError as exc:
+    if isinstance(exc, InvalidRequestError):
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_USAGE
-    except (KeyboardInterrupt, asyncio.CancelledError):
+    if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
         say("interrupted", highlight=False)
         return EXIT_INTERRUPTED
-    except (JournalLockedError, OutFolderBusyError) as exc:
+    if isinstance(exc, JournalLockedError | OutFolderBusyError):
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_BUSY
-    except WujieError as exc:
+    if isinstance(exc, WujieError):
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_FAILED
-    except BrokenPipeError:
+    if isinstance(exc, BrokenPipeError):
         # The reader of stdout left (`| head`): stop quietly, as a command killed by SIGPIPE
         # does, and let nothing flush into the closed pipe at exit.
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except Exception as exc:
-        say(f"internal error: {type(exc).__name__}: {clean(exc)}", highlight=False)
-        if verbose:
-            say(traceback.format_exc(), highlight=False)
-        else:
-            say("run with --verbose for the traceback", highlight=False)
-        return EXIT_INTERNAL
+    say(f"internal error: {type(exc).__name__}: {clean(exc)}", highlight=False)
+    if verbose:
+        say("".join(traceback.format_exception(exc)), highlight=False)
+    else:
+        say("run with --verbose for the traceback", highlight=False)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover
