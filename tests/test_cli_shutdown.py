@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import signal
 import socket
@@ -170,3 +171,49 @@ async def test_a_run_whose_gateway_name_never_resolves_exits_within_its_grace(
     text = err.decode()
     assert proc.returncode == 143, text
     assert "1 line(s):" in text and "stopped by SIGTERM" in text
+
+
+@pytest.mark.long
+async def test_a_key_the_full_disk_kept_out_of_the_journal_is_on_disk_before_a_kill(
+    tmp_path: Path,
+) -> None:
+    """The journal (on the output folder's disk) wrote two submits' intents; the disk filled
+    while they were on the wire, so it could not write their keys. Each key gets a pending
+    manifest row at once (room set aside for it): a run killed outright then leaves it to the
+    re-run, which collects the jobs and pays for no line again. The keys lived only in a
+    WARNING and in memory until their lines ended (the kill lost them), and the re-run left
+    both lines ``uncertain``: paid, images never fetched."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "8,8") as emu:
+        await emu.set_faults(slow_reply=1.0, slow_reply_s=3.0, endpoints=["generations"])
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\na cat\n")
+        with full_disk(tmp_path / "disk", size="1m", fill=False) as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--json"]
+            async with running_cli(*bulk, env=emu.env) as run:
+                alive = proc_alive(run)
+                # The probe goes alone; once it is accepted (its key journaled), the other
+                # two lines go together, and their intents are journaled before they leave.
+                await eventually(lambda: _arrived(emu, 3), what="3 submits", alive=alive)
+                await anyio.to_thread.run_sync(_fill, disk)
+
+                async def keys_in_manifest() -> bool:
+                    rows = manifest_so_far(out)
+                    keys = {r.get("key") for r in rows if r["status"] == "pending"}
+                    return await _accepted(emu) == 3 and len(keys) == 2
+
+                await eventually(keys_in_manifest, what="both keys in the manifest", alive=alive)
+                run.send_signal(signal.SIGKILL)
+                await run.finish(10)
+            (disk / "filler").unlink()
+            await emu.set_faults()
+            async with running_cli(*bulk, env=emu.env) as again:
+                code, stdout, err = await again.finish(60)
+            assert code == 0, err
+            assert json.loads(stdout)["outcomes"]["saved"] == 3, err
+            assert await _accepted(emu) == 3  # each line paid once
+
+
+async def _arrived(emu: Served, count: int) -> bool:
+    """Submits the emulator received, answered or not (a held reply counts)."""
+    return int((await emu.stats())["requests"].get("generations", 0)) >= count

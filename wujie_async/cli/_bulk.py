@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,7 +96,11 @@ class BulkRun:
     job key each belongs to (see :func:`names_taken`). ``keys_on_accept``: write a ``pending``
     row with its key as each job is accepted (no journal: the manifest is the only record of
     the key, and a run killed outright would otherwise leave the re-run to pay again).
-    ``make_room``: called once, at the first row the disk refuses, before writing it again.
+    ``make_room``: called once, at the first row the disk refuses, before writing it again;
+    ``spare_room(size)``: called for each later refused ``pending`` row (a job's key: it must
+    be on disk at once), before writing it again. ``journaled``: the client keeps a journal: a
+    key it could not write there (a full disk) gets a ``pending`` row at once, as every key
+    does with ``keys_on_accept``.
     Setting ``stop`` (a signal) ends the run gently: no new submits, the ones on the wire get
     their keys, then collection is abandoned (those jobs stay in the journal) and
     ``interrupted`` is set, also after a systemic error stopped the sending (which collects
@@ -121,6 +126,8 @@ class BulkRun:
         names_taken: dict[str, str] | None = None,
         keys_on_accept: bool = False,
         make_room: Callable[[], None] | None = None,
+        spare_room: Callable[[int], None] | None = None,
+        journaled: bool = False,
     ) -> None:
         self._client = client
         self._send = send
@@ -152,6 +159,12 @@ class BulkRun:
         self._names_taken = names_taken or {}
         self._keys_on_accept = keys_on_accept
         self._make_room = make_room
+        self._spare_room = spare_room
+        self._journaled = journaled
+        # Accepted jobs whose key is yet to be checked against the journal (see _keep_key),
+        # and the one check at a time that takes them all.
+        self._unchecked: list[tuple[Row, ImageJob]] = []
+        self._checking = anyio.Lock()
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
@@ -279,8 +292,33 @@ class BulkRun:
         self._client.refuse_keys((job.key,))
         if self._keys_on_accept:
             self._left_pending(row, job)  # what it says if no later row follows it
+        elif self._journaled:
+            try:
+                await self._keep_key(row, job)
+            except BaseException:
+                self._left_pending(row, job)  # cancelled while checking: keep it anyway
+                raise
         self._move(row, "generating")
         collectors.start_soon(self._collect_job, row, job)
+
+    async def _keep_key(self, row: Row, job: ImageJob) -> None:
+        """A key the journal could not write (a full disk: the client keeps it in memory and
+        lists it in ``uncertain_submits()``) gets a ``pending`` row with its key at once, so
+        a run killed outright before the line's last row leaves it to the re-run (which
+        gives it to the journal) rather than to a WARNING. One check at a time, each for
+        every key accepted since the last: a journal read per check, not per submit."""
+        self._unchecked.append((row, job))
+        async with self._checking:
+            batch, self._unchecked = self._unchecked, []
+            if not batch:
+                return  # the check that just ended covered this key
+            try:
+                listed = {entry.job_key for entry in await self._client.uncertain_submits()}
+            except ClientStateError:  # the journal is closed, or cannot be read: keep them
+                listed = {checked.key for _, checked in batch}
+            for checked_row, checked in batch:
+                if checked.key in listed:
+                    self._left_pending(checked_row, checked)
 
     async def _collect_job(self, row: Row, job: ImageJob) -> None:
         try:
@@ -441,11 +479,16 @@ class BulkRun:
             self._halt_sending()
 
     def _wrote_with_room_made(self, record: dict[str, Any]) -> bool:
-        """At the first row the disk refuses, make room (once) and write it again."""
+        """At the first row the disk refuses, make room and write it again; so again for
+        each later ``pending`` row (a job's key, which must be on disk at once), while room
+        is left."""
         make_room, self._make_room = self._make_room, None
-        if make_room is None:
+        if make_room is not None:
+            make_room()
+        elif self._spare_room is not None and record.get("status") == "pending":
+            self._spare_room(len(json.dumps(record, ensure_ascii=False).encode()) + 1024)
+        else:
             return False
-        make_room()
         try:
             self._manifest.write(record)
         except OSError:

@@ -5,9 +5,10 @@ sending, but the jobs already out still end, and their rows (key included) are w
 needs to collect them instead of paying for their lines again: without a journal the manifest
 is the only record. So a run sets aside a little room before it sends anything, and gives it
 back to the rows the disk refused: half at the first refusal (that row, often a job's key, is
-written at once, since a run killed outright would lose it), the rest once every download has
-ended (nothing else can take it first). The file is removed at the end of every run; one left
-by a killed run is reused.
+written at once, since a run killed outright would lose it), a slice for each later
+``pending`` row (a job's key nothing else may hold: no journal, or one the full disk refuses
+too), and the rest once every download has ended (nothing else can take it first). The file
+is removed at the end of every run; one left by a killed run is reused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ RESERVE_NAME = ".wujie-async.reserve"
 _BASE = 64 * 1024  # the summary's rows, rows of lines not sent
 _PER_ROW = 1024  # a row's fields besides the request's own
 _MOST = 16 * 1024 * 1024
+_BLOCK = 8 * 1024
 
 
 def reserve_size(bodies: Iterable[dict[str, Any]]) -> int:
@@ -67,6 +69,15 @@ class DiskReserve:
         with contextlib.suppress(OSError):
             os.truncate(self.path, self.taken // 2)
             self.taken //= 2
+
+    def spare(self, size: int) -> None:
+        """Give back room for one more row of ``size`` bytes that must be on disk at once (a
+        job's key that nothing else holds), while any room is left."""
+        with contextlib.suppress(OSError):
+            # A block's worth more: the row may straddle one, and freed room is whole blocks.
+            kept = max(self.taken - size - _BLOCK, 0)
+            os.truncate(self.path, kept)
+            self.taken = kept
 
     def release(self) -> None:
         """Give the room back (to the rows that need it, or at the end of the run)."""

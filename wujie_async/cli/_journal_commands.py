@@ -296,6 +296,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
                 already_saved=saved_indexes(records),
                 job_timeout=args.job_timeout,
                 stop=stop,
+                journaled=True,
             )
             with stopping_on_signals(stop, console) as signals:
                 try:

@@ -833,6 +833,8 @@ class Session:
                     # The embedded emulator's jobs end with this process: no key outlives it.
                     keys_on_accept=self.journal is None and not getattr(args, "emulator", False),
                     make_room=reserve.halve,
+                    spare_room=reserve.spare,
+                    journaled=self.journal is not None,
                 )
                 with stopping_on_signals(stop, self.console) as signals:
                     try:
