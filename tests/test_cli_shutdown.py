@@ -9,6 +9,7 @@ import json
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -217,3 +218,77 @@ async def test_a_key_the_full_disk_kept_out_of_the_journal_is_on_disk_before_a_k
 async def _arrived(emu: Served, count: int) -> bool:
     """Submits the emulator received, answered or not (a held reply counts)."""
     return int((await emu.stats())["requests"].get("generations", 0)) >= count
+
+
+@contextlib.contextmanager
+def _freezable_disk(folder: Path) -> Iterator[Path]:
+    """An 8 MB ext4 file system in a file, loop-mounted at ``folder`` (skips where that is not
+    allowed); thawed and unmounted at the end, whatever happened."""
+    image = folder.with_suffix(".img")
+    folder.mkdir()
+    with image.open("wb") as file:
+        file.truncate(8 * 1024 * 1024)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 file system here: {made.stderr.decode().strip()}")
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(folder)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount a file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(folder)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+@pytest.mark.long
+async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_not_written(
+    tmp_path: Path,
+) -> None:
+    """The output folder's file system freezes mid-run (``fsfreeze``: every write blocks, as
+    on a hung NFS mount). A SIGTERM still stops the run: its summary comes within the grace
+    period, says the manifest could not be written and names the keys of the jobs whose rows
+    the disk did not take. Rows were written on the event loop: the first one blocked it, and
+    with it the signal handlers (no summary until the disk thawed, or SIGKILL)."""
+    if shutil.which("fsfreeze") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs fsfreeze and mkfs.ext4 (util-linux, e2fsprogs)")
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"frozen {i}\n" for i in range(6)))
+        with _freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
+            async with running_cli(*bulk, env=emu.env) as run:
+                if not hasattr(run, "stderr"):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=alive)
+                freeze = ["fsfreeze", "-f", str(disk)]
+                await anyio.to_thread.run_sync(lambda: subprocess.run(freeze, check=True))
+                try:
+                    # A job accepted now has its key's row held by the frozen disk.
+                    frozen_at = await _accepted(emu)
+                    await eventually(
+                        lambda: _accepted_ge(emu, frozen_at + 1), what="a submit", alive=alive
+                    )
+                    run.send_signal(signal.SIGTERM)
+                    summary = await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary while the disk is frozen",
+                        timeout=TERM_GRACE_S + 5,
+                    )
+                    assert summary
+                    err = run.stderr().decode()
+                finally:
+                    thaw = ["fsfreeze", "-u", str(disk)]
+                    await anyio.to_thread.run_sync(lambda: subprocess.run(thaw, check=False))
+                code, _, _ = await run.finish(20)
+            assert code == 143, err
+            assert "stopped: the manifest could not be written (its disk took no row" in err
+            assert "whose outcome the manifest could not record" in err
+            keys = set((await emu.stats())["timelines"])
+            recorded = {r.get("key") for r in manifest(out)}
+            assert all(key in recorded or key in err for key in keys), (keys, recorded, err)
+            assert any(key not in recorded for key in keys) or "could not record" in err

@@ -12,7 +12,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,6 @@ from ._input import BulkItem
 from ._outcome import (
     LineOutcome,
     Manifest,
-    ManifestGoneError,
     Status,
     base_record,
     classify,
@@ -46,6 +44,7 @@ from ._outcome import (
     is_systemic,
 )
 from ._progress import Display
+from ._rows import ROWS_DEADLINE_S, RowWriter
 from ._single import submit
 
 
@@ -160,6 +159,8 @@ class BulkRun:
         self._keys_on_accept = keys_on_accept
         self._make_room = make_room
         self._spare_room = spare_room
+        self._rows: RowWriter | None = None  # started with the first row
+        self._rows_stuck = False  # the disk stopped answering: nothing more waits on it
         self._journaled = journaled
         # Accepted jobs whose key is yet to be checked against the journal (see _keep_key),
         # and the one check at a time that takes them all.
@@ -455,21 +456,64 @@ class BulkRun:
         self._display.refresh()
 
     def _record(self, record: dict[str, Any]) -> None:
-        """Write one manifest row. A manifest that cannot be written (disk full, say) stops
-        the run like a systemic error: nothing more is sent (a job whose outcome cannot be
-        recorded would be paid again by a re-run without a journal), the jobs out are still
-        collected, and the summary lists the rows it could not write, keys included."""
-        try:
-            self._manifest.write(record)
-        except ManifestGoneError:
-            # Every row of this run went with the file: listed (keys included) in the summary.
-            self.result.unrecorded += self._manifest.written
-            self._manifest.written.clear()
-            self._stop_sending(OutputUnwritableError.manifest_gone())
-        except OSError as exc:
-            if not self._wrote_with_room_made(record):
-                self.result.unrecorded.append(record)
-            self._stop_sending(OutputUnwritableError.of("the manifest could not be written", exc))
+        """Queue one manifest row (see ``_rows``: the loop never waits on the disk). A
+        manifest that cannot be written (disk full, say) stops the run like a systemic error:
+        nothing more is sent (a job whose outcome cannot be recorded would be paid again by a
+        re-run without a journal), the jobs out are still collected, and the summary lists
+        the rows it could not write, keys included."""
+        if self._rows is None:
+            self._rows = RowWriter(
+                self._manifest,
+                make_room=self._make_room,
+                spare_room=self._spare_room,
+                refused=self._row_refused,
+                gone=self._manifest_gone,
+            )
+        self._rows.write(record)
+
+    def _row_refused(self, record: dict[str, Any] | None, exc: OSError) -> None:
+        if record is not None:
+            self.result.unrecorded.append(record)
+        self._stop_sending(OutputUnwritableError.of("the manifest could not be written", exc))
+
+    def _manifest_gone(self, written: list[dict[str, Any]]) -> None:
+        # Every row of this run went with the file: listed (keys included) in the summary.
+        self.result.unrecorded += written
+        self._stop_sending(OutputUnwritableError.manifest_gone())
+
+    async def settle_rows(self) -> None:
+        """Wait (at most ``ROWS_DEADLINE_S``) until the rows queued are written. Rows the disk
+        has not taken by then (it stopped answering) are listed with the rows it refused, and
+        the run ends as a refusal ends it (exit 3, keys in the summary)."""
+        rows = self._rows
+        if rows is None or self._rows_stuck:
+            return
+        if not await rows.drain():
+            self._rows_stuck = True
+            self.result.unrecorded += rows.unwritten()
+            self._stop_sending(
+                OutputUnwritableError(
+                    "the manifest could not be written",
+                    f"its disk took no row for {ROWS_DEADLINE_S:g} s",
+                )
+            )
+
+    async def rewrite_unrecorded(self, make_room: Callable[[], None]) -> None:
+        """Once every download has ended: ``make_room`` (blocking), then the rows the disk
+        refused, written again as far as it takes them now (bounded like ``settle_rows``)."""
+        rows = self._rows
+        if rows is None or self._rows_stuck or not self.result.unrecorded:
+            return
+        records, self.result.unrecorded = self.result.unrecorded, []
+        rows.rewrite(records, make_room)
+        await self.settle_rows()
+
+    def close_rows(self) -> None:
+        """Close the manifest once its rows are written (never waits: see ``_rows``)."""
+        if self._rows is not None:
+            self._rows.close()
+        else:
+            self._manifest.close()
 
     def _stop_sending(self, problem: OutputUnwritableError) -> None:
         """Stop the run as a systemic error does (the first such problem is the one said)."""
@@ -477,23 +521,6 @@ class BulkRun:
             self.result.systemic = problem
             self._systemic_stop = True
             self._halt_sending()
-
-    def _wrote_with_room_made(self, record: dict[str, Any]) -> bool:
-        """At the first row the disk refuses, make room and write it again; so again for
-        each later ``pending`` row (a job's key, which must be on disk at once), while room
-        is left."""
-        make_room, self._make_room = self._make_room, None
-        if make_room is not None:
-            make_room()
-        elif self._spare_room is not None and record.get("status") == "pending":
-            self._spare_room(len(json.dumps(record, ensure_ascii=False).encode()) + 1024)
-        else:
-            return False
-        try:
-            self._manifest.write(record)
-        except OSError:
-            return False
-        return True
 
     def _uncharged(self, job: ImageJob) -> bool:
         """True when the job's cost is known and no manifest row records it yet."""

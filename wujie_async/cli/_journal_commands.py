@@ -283,21 +283,21 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         client.refuse_keys(known_keys(records, every))
         handle = await anyio.to_thread.run_sync(open_manifest, manifest_path)
         stop = anyio.Event()
-        with handle:
-            run = BulkRun(
-                client,
-                send=rows,
-                collect=[],
-                settled=[],
-                manifest=Manifest(handle, source=run_source(records, "resend")),
-                out=args.out,
-                name=getattr(args, "name", None) or DEFAULT_NAME,
-                display=display,
-                already_saved=saved_indexes(records),
-                job_timeout=args.job_timeout,
-                stop=stop,
-                journaled=True,
-            )
+        run = BulkRun(
+            client,
+            send=rows,
+            collect=[],
+            settled=[],
+            manifest=Manifest(handle, source=run_source(records, "resend")),
+            out=args.out,
+            name=getattr(args, "name", None) or DEFAULT_NAME,
+            display=display,
+            already_saved=saved_indexes(records),
+            job_timeout=args.job_timeout,
+            stop=stop,
+            journaled=True,
+        )
+        try:
             with stopping_on_signals(stop, console) as signals:
                 try:
                     result = await run.run()
@@ -306,6 +306,9 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
                         raise
                     uncancel()  # our own second signal: close normally, then report
                     result = run.interrupted_at_once()
+            await run.settle_rows()
+        finally:
+            run.close_rows()
         # The old rows are superseded by the new submits; rows not sent stay as they were.
         sent = sent_lines(result.outcomes)
         await client.forget_submits(

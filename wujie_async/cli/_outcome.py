@@ -14,6 +14,7 @@ Every line ends in exactly one outcome:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -251,6 +252,12 @@ class Manifest:
                 errno.ENOENT,
                 "the manifest was deleted while this run wrote it (its folder removed?)",
             )
+
+    def close(self) -> None:
+        """Close the file. Every row was written straight to it, so a close that fails (a
+        full disk) has nothing left to lose, and the run has reported it already."""
+        with contextlib.suppress(OSError):
+            self._handle.close()
 
 
 class ManifestGoneError(OSError):

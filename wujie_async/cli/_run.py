@@ -15,10 +15,10 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import anyio
 from rich.console import Console
@@ -74,6 +74,7 @@ from ._outcome import (
     uncertain_cost,
 )
 from ._progress import Display, Mode, Tally
+from ._rows import ROWS_DEADLINE_S
 from ._signals import stopping_on_signals
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
@@ -108,17 +109,6 @@ class Plan:
     journal_keys: set[str] = field(default_factory=set)
 
 
-@contextlib.contextmanager
-def _closed_after(handle: BinaryIO) -> Iterator[BinaryIO]:
-    """``handle``, closed at the end. Every row was flushed as it was written, so a close that
-    fails (a full disk) has nothing left to lose, and the run has reported it already."""
-    try:
-        yield handle
-    finally:
-        with contextlib.suppress(OSError):
-            handle.close()
-
-
 def _same_file(one: Path, other: Path) -> bool:
     try:
         return one.resolve() == other.resolve()
@@ -131,17 +121,6 @@ def known_keys(records: Iterable[dict[str, Any]], entries: Iterable[JournalEntry
     earlier jobs that no new submit may be given (``WujieClient.refuse_keys``)."""
     keys = {key for record in records if isinstance(key := record.get("key"), str)}
     return keys | {entry.job_key for entry in entries if entry.job_key}
-
-
-def _write_refused_rows(rows: list[dict[str, Any]], manifest: Manifest) -> None:
-    """Write the rows the disk refused, in order, as far as it now takes them (``rows`` keeps
-    the ones still not written)."""
-    while rows:
-        try:
-            manifest.write(rows[0])
-        except OSError:
-            return
-        del rows[0]
 
 
 def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
@@ -814,7 +793,8 @@ class Session:
                     "make it writable (nothing was sent)"
                 ) from None
             manifest = Manifest(handle, source=source)
-            with _closed_after(handle):
+            run: BulkRun | None = None
+            try:
                 run = BulkRun(
                     client,
                     send=plan.send,
@@ -846,15 +826,19 @@ class Session:
                         uncancel()
                         self.result = run.interrupted_at_once()
                 self.terminated = signals.terminated
+                await run.settle_rows()
                 if plan.superseded:
                     sent = sent_lines(self.result.outcomes)
                     await client.forget_submits(
                         row for line, row in plan.superseded.items() if line in sent
                     )
-                if self.result.unrecorded:
-                    # Every download has ended: the room set aside goes to these rows only.
-                    await anyio.to_thread.run_sync(reserve.release)
-                    _write_refused_rows(self.result.unrecorded, manifest)
+                # Every download has ended: the room set aside goes to these rows only.
+                await run.rewrite_unrecorded(reserve.release)
+            finally:
+                if run is not None:
+                    run.close_rows()
+                else:
+                    manifest.close()
             # What this run's manifest rows record: a job collected again was counted by
             # the run that first recorded its cost.
             self.points = self.result.points if self.result is not None else 0.0
@@ -895,7 +879,10 @@ class Session:
                 self.base_url = client.base_url
                 yield client, reserve
         finally:
-            reserve.release()
+            # Off the loop, bounded: a disk that stopped answering must not hold the summary.
+            release = asyncio.get_running_loop().run_in_executor(None, reserve.release)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(release), ROWS_DEADLINE_S)
 
     def _say(self, message: str) -> None:
         if not self.args.quiet:
