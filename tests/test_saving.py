@@ -227,6 +227,27 @@ async def test_two_saves_of_one_image_into_one_folder_return_the_file_on_disk(
     assert first[0].sha256 == sha256(first[0].path)
 
 
+async def test_saves_of_one_image_that_joined_a_failing_one_end_with_it(tmp_path: Path) -> None:
+    # Joined saves of an image that cannot be saved: when the first failed, the next one
+    # tried again after it, then the next (4 saves with a 1 s deadline ended at 1, 2, 3 and
+    # 4 s): they end with the first one's error, from its one download.
+    policy = DownloadPolicy(min_rate=None, deadline=0.5)
+    async with image_server() as images:
+        async with (
+            scripted_gateway(images_at(images.url("silent"))) as gateway,
+            client_on(gateway.base_url, downloads=policy) as client,
+        ):
+            job = await client.images.submit(prompt="p", model="dall-e-2")
+            await job
+            outcomes = await asyncio.gather(
+                *(job.save(tmp_path) for _ in range(3)), return_exceptions=True
+            )
+            images.released.set()
+        assert images.hits["silent"] == 1
+    assert all(isinstance(outcome, TransportError) for outcome in outcomes), outcomes
+    assert names(tmp_path) == []
+
+
 # --- a trickling image server (issue 17 item 4) ---------------------------------------------------
 @pytest.mark.long
 async def test_a_trickling_image_server_fails_as_too_slow_once_the_retry_budget_is_spent(

@@ -258,8 +258,9 @@ class Downloader:
             return await self._save_once(image, path, key, claimed)
         # Two saves of one image to one path at once (two requests of a web app) each wrote
         # the file, and one of them returned a sha256 that was not the file's when the image
-        # server sent other bytes the second time: the second waits for the first, and returns
-        # what it saved (or saves it itself, if the first did not).
+        # server sent other bytes the second time: the second waits for the first, and ends
+        # as it does (saved, or the same error: a retry after it, one save after another,
+        # would wait a deadline each); only a first save cancelled leaves it to the next.
         joined = (key, image.index, os.fspath(path))
         while (first := self._saving.get(joined)) is not None:
             await asyncio.wait({first})
@@ -270,8 +271,12 @@ class Downloader:
         self._saving[joined] = done
         try:
             saved = await self._save_once(image, path, key, claimed)
+        except Exception as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
         except BaseException:
-            done.cancel()  # the others save it themselves (a failure is theirs to meet too)
+            done.cancel()  # cancelled (or closed under it): the next one saves it itself
             raise
         finally:
             del self._saving[joined]

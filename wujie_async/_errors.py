@@ -86,7 +86,9 @@ _CONTROL = re.compile(
 # that shows an error's text must not be handed markup. Removed: comments, declarations, script
 # and style elements with their content, tags of HTML's elements, and any tag with an attribute
 # (an unknown element still runs its ``onclick``), attributes after a "/" too, as browsers read
-# them (``<svg/onload=...>``). ``<prompt>`` or ``n <= 10`` stay as written.
+# them (``<svg/onload=...>``), and a "<" inside a tag is part of it, as browsers read it.
+# Removed again until nothing is (markup inside a tag rejoined it: ``<img src=x
+# onerror=alert(1)//<b>>``), and a tag left open at the end. ``<prompt>`` or ``n <= 10`` stay.
 _HTML_ELEMENTS = (
     "a|abbr|address|article|aside|audio|b|base|bdi|bdo|big|blink|blockquote|body|br|button|canvas"
     "|caption|center|cite|code|col|colgroup|dd|del|details|dfn|dialog|div|dl|dt|em|embed|fieldset"
@@ -101,11 +103,15 @@ _MARKUP = re.compile(
       <(script|style)\b[^>]*> .*? (?:</\1\s*>|$)
     | <!--.*?(?:-->|$)
     | <[!?][^<>]*>
-    | </?(?:{_HTML_ELEMENTS})(?:[\s/][^<>]*)?>
-    | <[A-Za-z][\w:-]*[\s/][^<>=]*=[^<>]*>
+    | </?(?:{_HTML_ELEMENTS})(?:[\s/][^>]*)?>
+    | <[A-Za-z][\w:-]*[\s/][^>=]*=[^>]*>
     """,
     re.VERBOSE | re.IGNORECASE | re.DOTALL,
 )
+# The start of a tag with an attribute: one the text leaves open (no ">" after it) would be
+# closed by the page's own next ">".
+_TAG_START = re.compile(r"<[A-Za-z][\w:-]*[\s/]")
+_MARKUP_PASSES = 8
 # A run of base64 this long is a signature (RSA-1024 gives 172 characters), not words: a gateway
 # or proxy that echoes the request's Authorization header in its error text must not put a
 # replayable header into a message or a log. Escaped (``\/``) and URL-encoded forms count too.
@@ -139,12 +145,40 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     # split (``<\x00script>`` and ``<scr\u200bipt>`` came out as ``<script>``).
     text = _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS]))
     if "<" in text:
-        text = _MARKUP.sub(" ", text)
+        text = _without_markup(text)
     text = " ".join(text.split())
     text = _SIGNATURE_LIKE.sub(_redacted, text)
     if quotes_a_signature(text):  # still, in another encoding: left out whole
         text = _QUOTES_A_SIGNATURE
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _without_markup(text: str) -> str:
+    """``text`` with every tag ``_MARKUP`` finds removed, over and over until none is left (or
+    with no "<" at all, if tags still nest deeper), and a tag left open at its end cut."""
+    # No tag closes after the last ">": when many a "<" follows it, only the text before it is
+    # searched for tags (hostile text costs one pass, not one per "<"; a script or style
+    # element left open there then keeps its text, which no tag is left to run).
+    closed = text.rfind(">") + 1
+    tail = ""
+    if text.count("<", closed) > _MARKUP_PASSES:
+        text, tail = text[:closed], text[closed:]
+    for _ in range(_MARKUP_PASSES):
+        cleaned = _MARKUP.sub(" ", text)
+        if cleaned == text:
+            break
+        text = cleaned
+    else:
+        text = text.replace("<", " ")
+    text += tail
+    # After the last ">", a tag start with an "=" after it is a tag the page's own next ">"
+    # would close, and a comment's start hides what follows: cut from there.
+    closed = text.rfind(">") + 1
+    equals = text.rfind("=")
+    if equals > closed and (start := _TAG_START.search(text, closed, equals)) is not None:
+        text = text[: start.start()]
+    comment = text.find("<!--", closed)
+    return text if comment < 0 else text[:comment]
 
 
 def _redacted(match: re.Match[str]) -> str:
