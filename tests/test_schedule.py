@@ -1117,18 +1117,23 @@ def test_a_few_jobs_told_half_their_length_do_not_open_every_window_at_its_start
     assert late <= POLICY.min_interval, (asks, late)
 
 
-def test_estimates_off_both_ways_keep_windows_open_early() -> None:
-    # ±30% around the true length: ends come early as well as late, and the window keeps an
-    # early side as wide as the lateness (an early end is seen when it comes).
-    schedule = PollSchedule(POLICY)
+def learn_off_by(schedule: PollSchedule, share: float) -> None:
+    """60 jobs of 10-30 s whose estimates are off by up to ``share`` of their length, either way."""
     rng = random.Random(5)
     for _ in range(60):
-        factor = rng.uniform(0.7, 1.3)
+        factor = rng.uniform(1 - share, 1 + share)
 
         def off(end: float, now: float, factor: float = factor) -> float | None:
             return end * factor - now
 
         follow(schedule, rng.uniform(10, 30), off)
+
+
+def test_estimates_off_both_ways_keep_windows_open_early() -> None:
+    # ±30% around the true length: ends come early as well as late, and the window keeps an
+    # early side as wide as the lateness (an early end is seen when it comes).
+    schedule = PollSchedule(POLICY)
+    learn_off_by(schedule, 0.3)
     low, _high = schedule.window("m")
     assert low < -0.2, low
 
@@ -1139,14 +1144,7 @@ def test_a_queued_job_whose_estimate_leaves_the_queue_out_is_judged_on_its_own_s
     # window grew with the queue (±25% of 80 s), and it was asked every min_interval for the
     # last minute of its queue (46 asks, 21 per key in a burst behind a 100-slot queue).
     schedule = PollSchedule(POLICY)
-    rng = random.Random(5)
-    for _ in range(60):
-        factor = rng.uniform(0.8, 1.2)
-
-        def off(end: float, now: float, factor: float = factor) -> float | None:
-            return end * factor - now
-
-        follow(schedule, rng.uniform(10, 30), off)
+    learn_off_by(schedule, 0.2)
     timing = KeyTiming(created_at=0.0, model="m")
     due = schedule.report(timing, 1.0, expected_seconds=20.0, queued=True)
     asks = 1
