@@ -11,6 +11,7 @@ import base64
 import contextlib
 import inspect
 import json
+import shutil
 import struct
 import subprocess
 import time
@@ -187,3 +188,39 @@ def full_disk(folder: Path, *, size: str = "256k", fill: bool = True) -> Iterato
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@contextlib.contextmanager
+def freezable_disk(folder: Path) -> Iterator[Path]:
+    """An 8 MB ext4 file system in a file, loop-mounted at ``folder`` (skips where that is not
+    allowed); thawed and unmounted at the end, whatever happened."""
+    if shutil.which("fsfreeze") is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("needs fsfreeze and mkfs.ext4 (util-linux, e2fsprogs)")
+    image = folder.with_suffix(".img")
+    folder.mkdir()
+    with image.open("wb") as file:
+        file.truncate(8 * 1024 * 1024)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot make an ext4 file system here: {made.stderr.decode().strip()}")
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(folder)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount a file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(folder)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def freeze(folder: Path) -> Iterator[None]:
+    """``folder``'s file system frozen (every write blocks, as on a hung NFS mount) within the
+    block, thawed at its end."""
+    subprocess.run(["fsfreeze", "-f", str(folder)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(folder)], check=False)

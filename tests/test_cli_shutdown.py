@@ -29,7 +29,7 @@ from .cli_helpers import (
     running_cli,
     served_emulator,
 )
-from .helpers import eventually, full_disk
+from .helpers import eventually, freezable_disk, freeze, full_disk
 
 pytestmark = pytest.mark.anyio
 
@@ -220,29 +220,6 @@ async def _arrived(emu: Served, count: int) -> bool:
     return int((await emu.stats())["requests"].get("generations", 0)) >= count
 
 
-@contextlib.contextmanager
-def _freezable_disk(folder: Path) -> Iterator[Path]:
-    """An 8 MB ext4 file system in a file, loop-mounted at ``folder`` (skips where that is not
-    allowed); thawed and unmounted at the end, whatever happened."""
-    image = folder.with_suffix(".img")
-    folder.mkdir()
-    with image.open("wb") as file:
-        file.truncate(8 * 1024 * 1024)
-    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, check=False)
-    if made.returncode != 0:
-        pytest.skip(f"cannot make an ext4 file system here: {made.stderr.decode().strip()}")
-    mounted = subprocess.run(
-        ["mount", "-o", "loop", str(image), str(folder)], capture_output=True, check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot loop-mount a file system here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["fsfreeze", "-u", str(folder)], capture_output=True, check=False)
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
-
-
 @pytest.mark.long
 async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_not_written(
     tmp_path: Path,
@@ -252,12 +229,10 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
     period, says the manifest could not be written and names the keys of the jobs whose rows
     the disk did not take. Rows were written on the event loop: the first one blocked it, and
     with it the signal handlers (no summary until the disk thawed, or SIGKILL)."""
-    if shutil.which("fsfreeze") is None or shutil.which("mkfs.ext4") is None:
-        pytest.skip("needs fsfreeze and mkfs.ext4 (util-linux, e2fsprogs)")
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("".join(f"frozen {i}\n" for i in range(6)))
-        with _freezable_disk(tmp_path / "disk") as disk:
+        with freezable_disk(tmp_path / "disk") as disk:
             out = disk / "out"
             bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
             async with running_cli(*bulk, env=emu.env) as run:
@@ -292,3 +267,47 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
             recorded = {r.get("key") for r in manifest(out)}
             assert all(key in recorded or key in err for key in keys), (keys, recorded, err)
             assert any(key not in recorded for key in keys) or "could not record" in err
+
+
+@pytest.mark.long
+async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_not_journaled(
+    tmp_path: Path,
+) -> None:
+    """The journal's file system (``--journal`` on a disk of its own) freezes while a submit's
+    reply is on its way: its key reaches a journal that takes no write. A SIGTERM still ends
+    the run: the client's close stops waiting for the journal after its deadline, and the
+    summary, printed while the disk is still frozen, names the key the journal may lack (the
+    WARNING names the file). Closing waited for the journal's last commit with no deadline:
+    no summary until the disk thawed, or SIGKILL."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        await emu.set_faults(slow_reply=1.0, slow_reply_s=4.0, endpoints=["generations"])
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        with freezable_disk(tmp_path / "disk") as disk:
+            journal = disk / "journal.sqlite"
+            out = tmp_path / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--journal", str(journal)]
+            async with running_cli(*bulk, "--model", "dall-e-2", env=emu.env) as run:
+                if not hasattr(run, "stderr"):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                # The probe's intent is journaled before it is sent; its reply is held 4 s.
+                await eventually(lambda: _arrived(emu, 1), what="the first submit", alive=alive)
+                with freeze(disk):
+                    assert await _accepted(emu) == 0  # frozen before any key came back
+                    # Its key comes back now, to a journal that takes no write.
+                    await eventually(lambda: _accepted_ge(emu, 1), what="a key", alive=alive)
+                    run.send_signal(signal.SIGTERM)
+                    summary = await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary while the journal's disk is frozen",
+                        timeout=TERM_GRACE_S + 10,
+                    )
+                    assert summary
+                    err = run.stderr().decode()
+                code, _, _ = await run.finish(20)
+            assert code == 143, err
+            (key,) = set((await emu.stats())["timelines"])
+            said = [line for line in err.splitlines() if line.startswith("warning: the journal")]
+            assert said and key in said[0] and str(journal) in said[0], err
+            assert f"journal {journal}: its disk took no write" in err

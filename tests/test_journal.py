@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import anyio
 import pytest
 
 from wujie_async import (
@@ -31,10 +32,11 @@ from wujie_async import (
     TransportError,
     WujieClient,
 )
+from wujie_async._journal import Journal
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
-from .helpers import eventually
+from .helpers import eventually, freezable_disk, freeze
 
 pytestmark = pytest.mark.anyio
 
@@ -492,3 +494,41 @@ async def test_disk_full_never_drops_a_paid_key(emulator: EmulatorFactory, small
             assert await client.uncertain_submits() == []
             [resumed] = await client.resume()
             assert resumed.key == job.key and (await resumed.result(timeout=10)).status == 4
+
+
+@pytest.mark.long
+async def test_close_stops_waiting_for_a_frozen_disk_and_its_records_land_after_the_thaw(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal's file system freezes (``fsfreeze``: every write blocks, as on a hung NFS
+    mount) with two records of a job queued. ``close()`` returns within its deadline with a
+    WARNING naming the file, the records not committed and their key; the worker, left to
+    its commit, writes them in order once the disk thaws and then lets the lock go. Closing
+    waited for the last commit with no deadline: held for as long as the disk stayed frozen."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    with freezable_disk(tmp_path / "disk") as disk:
+        path = disk / "jobs.sqlite"
+        journal = Journal(path)
+        await journal.open()
+        row = await journal.record_intent("/generations", {"prompt": "a fox"}, tag="fox")
+        worker = journal._worker._thread
+        assert worker is not None
+        with freeze(disk):
+            journal.record_accepted_later(row, "KEY-FROZEN")
+            journal.record_outcome("KEY-FROZEN", "succeeded")  # lands only after the key
+            with anyio.fail_after(10):  # its deadline is 2 s
+                await journal.close()
+            # Queued after the freeze: the disk has taken neither, the worker waits on it.
+            assert worker.is_alive()
+            assert journal.uncommitted_keys() == ["KEY-FROZEN"]
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(
+                str(path) in text and "2 record(s) not committed" in text and "KEY-FROZEN" in text
+                for text in warnings
+            ), warnings
+        await anyio.to_thread.run_sync(worker.join, 30)
+        assert not worker.is_alive(), "the worker did not finish once the disk thawed"
+        assert journal.uncommitted_keys() == []
+        async with JournalFile(path) as again:  # the lock was let go
+            (entry,) = await again.entries()
+        assert (entry.state, entry.job_key) == ("succeeded", "KEY-FROZEN")

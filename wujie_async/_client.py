@@ -418,7 +418,8 @@ class WujieClient:
         not left, with ``SubmitUncertainError`` if it may have (it may have been charged), or
         by returning their job, already cancelled, if the key had come back (with a journal the
         key is kept: :meth:`resume` picks it up). The transport and the journal are closed
-        whatever else fails.
+        whatever else fails; the journal's close waits at most 2 s for its last commit (a
+        disk that stopped answering: a WARNING names the records left to its thread).
 
         Args:
             drain: first wait for submits in progress and outstanding jobs to end (up to

@@ -207,9 +207,21 @@ class Journal:
             )
 
     async def close(self) -> None:
-        """Commit what is queued, stop the worker and release the lock."""
-        await self._worker.close()
-        self._warnings.flush()
+        """Commit what is queued, stop the worker and release the lock.
+
+        Waits at most ``CLOSE_DEADLINE_S`` (2 s): a disk that takes no write for that long
+        (frozen, a hung mount) leaves the last records to the worker thread, with a WARNING
+        naming the file and how many records were not committed; see :meth:`uncommitted_keys`.
+        """
+        try:
+            await self._worker.close()
+        finally:
+            self._warnings.flush()
+
+    def uncommitted_keys(self) -> list[str]:
+        """The job keys held by records not committed yet, each once, oldest first: after a
+        :meth:`close` that stopped waiting for its disk, the keys the file may lack."""
+        return self._worker.uncommitted_keys()
 
     def _read_request(self, row_id: int, text: Any) -> dict[str, Any]:
         request, problem = read_stored_request(text)
@@ -262,11 +274,11 @@ class Journal:
 
     async def record_accepted(self, row_id: int, key: str) -> None:
         """Write the key the gateway gave (before ``submit()`` returns)."""
-        await self._worker.write(self._accepted(row_id, key))
+        await self._worker.write(self._accepted(row_id, key), key)
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
         """The same, not awaited: for a submit interrupted after its key came back."""
-        self._worker.write_later(self._accepted(row_id, key))
+        self._worker.write_later(self._accepted(row_id, key), key)
 
     @staticmethod
     def _accepted(row_id: int, key: str) -> list[Op]:
@@ -309,7 +321,8 @@ class Journal:
                     "AND NOT EXISTS (SELECT 1 FROM submits WHERE job_key=?)",
                     (key, time.time(), row_id, key),
                 )
-            ]
+            ],
+            key,
         )
         return changed == 1
 
@@ -327,7 +340,8 @@ class Journal:
                     "WHERE job_key=? AND state='accepted'",
                     (state, error[:_ERROR_CHARS] if error else None, time.time(), key),
                 )
-            ]
+            ],
+            key,
         )
 
     async def forget(self, ids: Iterable[int]) -> int:

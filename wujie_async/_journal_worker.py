@@ -9,7 +9,13 @@ Why a thread of its own with asyncio futures rather than ``anyio.to_thread``: th
 as long as the journal (it holds the SQLite connection and the lock), and each queued unit is
 answered by ``loop.call_soon_threadsafe`` settling that unit's future; many waiters share one
 commit. ``anyio.to_thread.run_sync`` runs one call per thread hop, which would forfeit the
-group commit. Closing waits for the worker with ``anyio.to_thread``.
+group commit.
+
+Closing is bounded (``CLOSE_DEADLINE_S``): a disk that stops answering (a frozen file system, a
+hung NFS mount) holds a commit, and with it the worker, for as long as it stays so. After the
+deadline :meth:`JournalWorker.close` stops waiting, logs a WARNING naming the file and the
+records not yet committed, and returns; the worker (a daemon thread) still commits them, in
+order, and releases the lock if the disk answers again before the process ends.
 
 One writer per file: :meth:`JournalWorker.open` takes an exclusive ``flock`` on the sidecar
 file ``<journal>.lock`` (which names the holder: pid and host) and keeps it until
@@ -43,6 +49,12 @@ from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
 
+# How long closing waits for the last commit. A disk that answers commits in milliseconds (one
+# fsync, however many records are queued); a disk that has taken nothing for this long is held
+# (frozen, a hung mount), and a close must not wait for it: shutdown has deadlines of its own
+# (docker stop's 10 s after SIGTERM).
+CLOSE_DEADLINE_S = 2.0
+
 
 class JournalLockedError(ClientStateError):
     """Another live process (or another client in this one) has the journal open.
@@ -73,12 +85,14 @@ Op = tuple[str, tuple[Any, ...]]
 _Done = Callable[[Any], None]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Write:
-    """Statements committed together; ``done`` gets ``(lastrowid, rows changed)`` or an error."""
+    """Statements committed together; ``done`` gets ``(lastrowid, rows changed)`` or an error.
+    ``key``: the job key the record is about, if any (named when it cannot be committed)."""
 
     ops: list[Op]
     done: _Done | None
+    key: str | None = None
 
 
 @dataclass(slots=True)
@@ -120,6 +134,10 @@ class JournalWorker:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd: int | None = None
+        # Records queued and not yet committed (nor failed), in order; guarded by ``_gate``.
+        self._uncommitted: dict[_Write, None] = {}
+        # Settled (on the loop) when the worker has stopped, whyever it stopped.
+        self._exited: asyncio.Future[None] | None = None
         self.commits = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -132,6 +150,7 @@ class JournalWorker:
         """
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
+        self._exited = self._loop.create_future()
         self._accepting = True
         self._thread = threading.Thread(
             target=self._worker, args=(ready,), name="wujie-async journal", daemon=True
@@ -147,19 +166,56 @@ class JournalWorker:
             self._thread = None
             raise
 
-    async def close(self) -> None:
-        """Commit what is queued, stop the worker and release the lock."""
+    async def close(self, timeout: float = CLOSE_DEADLINE_S) -> None:
+        """Commit what is queued, stop the worker and release the lock; wait at most
+        ``timeout`` seconds for that.
+
+        A disk that takes no write for that long (frozen, a hung mount) holds the worker: the
+        close then logs a WARNING naming the file and the records not yet committed, and
+        returns. The worker, a daemon thread, still commits them in order (and releases the
+        lock) if the disk answers again before the process ends; :meth:`uncommitted_keys`
+        names the job keys they hold until then.
+        """
         if self._thread is None:
             return
-        with contextlib.suppress(ClientStateError):
-            await self.write([])  # a barrier: everything queued before it is committed
+        exited = self._exited
+        try:
+            with anyio.move_on_after(timeout):
+                with contextlib.suppress(ClientStateError):
+                    await self.write([])  # a barrier: everything queued before it is committed
+                self._stop()
+                if exited is not None:
+                    # shield: a deadline or a cancel stops this wait, not the worker's exit.
+                    await asyncio.shield(exited)
+        finally:
+            self._stop()  # whatever stopped the wait: the worker exits once it is free
+            self._thread = None
+        if exited is not None and not exited.done():
+            with self._gate:
+                left = len(self._uncommitted)
+            logger.warning(
+                "journal %s: its disk took no write for %g s (a frozen file system or a hung "
+                "mount?); stopped waiting with %d record(s) not committed (%s). They are "
+                "committed, in order, if the disk answers before this process ends",
+                self.path,
+                timeout,
+                left,
+                _said_keys(self.uncommitted_keys()),
+            )
+
+    def uncommitted_keys(self) -> list[str]:
+        """The job keys of the records queued and not committed yet (nor failed), in order,
+        each once: after a close that stopped waiting, the keys the file may lack."""
         with self._gate:
-            self._accepting = False
-            self._queue.put(None)
-        # abandon_on_cancel: cancelling close() stops the wait at once, as before; the worker
-        # still finishes its last commit and exits on its own.
-        await anyio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
-        self._thread = None
+            writes = list(self._uncommitted)
+        return list(dict.fromkeys(write.key for write in writes if write.key is not None))
+
+    def _stop(self) -> None:
+        """Queue the stop marker (once): nothing can be queued after it."""
+        with self._gate:
+            if self._accepting:
+                self._accepting = False
+                self._queue.put(None)
 
     def _worker(self, ready: asyncio.Future[None]) -> None:
         loop = self._loop
@@ -188,6 +244,9 @@ class JournalWorker:
             connection.close()
             self._release_lock()
             self._fail_leftovers(loop)
+            exited = self._exited
+            if exited is not None:
+                _call_soon(loop, lambda _: _settle(exited, None, None), None)
 
     def _connect(self) -> sqlite3.Connection:
         _create_private(self.path)
@@ -224,6 +283,8 @@ class JournalWorker:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(item, _Write):
+                self._forget(item)
             if item is not None and item.done is not None:
                 _call_soon(loop, item.done, error)
 
@@ -287,6 +348,14 @@ class JournalWorker:
             for done, value in results:
                 if done is not None:
                     _call_soon(loop, done, value)
+        finally:
+            self._forget(*writes)
+
+    def _forget(self, *writes: _Write) -> None:
+        """These records were committed, or their failure reported: no longer uncommitted."""
+        with self._gate:
+            for write in writes:
+                self._uncommitted.pop(write, None)
 
     def _read(
         self, connection: sqlite3.Connection, loop: asyncio.AbstractEventLoop, read: _Read
@@ -314,23 +383,32 @@ class JournalWorker:
         with self._gate:
             if not self._accepting:
                 raise ClientStateError(f"journal {self.path} is closed")
-            self._queue.put(make(done))
+            self._put(make(done))
         return future
 
-    def write_soon(self, ops: list[Op]) -> asyncio.Future[tuple[int | None, int]]:
-        """Queue ``ops`` as one unit; the future gets ``(lastrowid, rows changed)``."""
-        return self.enqueue(lambda done: _Write(ops, done))
+    def _put(self, item: _Write | _Read) -> None:
+        """Queue ``item`` (``_gate`` held), counting a write with statements as uncommitted."""
+        if isinstance(item, _Write) and item.ops:
+            self._uncommitted[item] = None
+        self._queue.put(item)
 
-    async def write(self, ops: list[Op]) -> tuple[int | None, int]:
+    def write_soon(
+        self, ops: list[Op], key: str | None = None
+    ) -> asyncio.Future[tuple[int | None, int]]:
+        """Queue ``ops`` as one unit; the future gets ``(lastrowid, rows changed)``. ``key``:
+        the job key the record is about, if any."""
+        return self.enqueue(lambda done: _Write(ops, done, key))
+
+    async def write(self, ops: list[Op], key: str | None = None) -> tuple[int | None, int]:
         """Queue ``ops`` as one unit and wait until committed: ``(lastrowid, rows changed)``."""
-        result: tuple[int | None, int] = await self.enqueue(lambda done: _Write(ops, done))
+        result: tuple[int | None, int] = await self.enqueue(lambda done: _Write(ops, done, key))
         return result
 
-    def write_later(self, ops: list[Op]) -> None:
+    def write_later(self, ops: list[Op], key: str | None = None) -> None:
         """Queue ``ops`` without waiting (outcomes: losing one only means a re-poll on resume)."""
         with self._gate:
             if self._accepting:
-                self._queue.put(_Write(ops, None))
+                self._put(_Write(ops, None, key))
                 return
         self._warnings.warning(
             "journal %s is closed; a record was not kept: %s", self.path, ops[0][0]
@@ -363,6 +441,14 @@ def _take_lock(lock_path: Path, journal: Path) -> int:
         return _lock_file.take(lock_path)
     except _lock_file.LockHeldError as held:
         raise JournalLockedError(journal, pid=held.pid, host=held.host) from None
+
+
+def _said_keys(keys: list[str]) -> str:
+    """The keys a WARNING names (the first 20)."""
+    if not keys:
+        return "no job key among them"
+    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+    return f"job key(s) {', '.join(keys[:20])}{more}"
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, done: _Done, value: Any) -> None:

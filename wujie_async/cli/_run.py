@@ -34,6 +34,8 @@ from .. import (
     WujieClient,
 )
 from .._file_names import DEFAULT_NAME
+from .._journal import Journal
+from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
 from ._bulk import (
     BulkResult,
@@ -134,6 +136,13 @@ def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
         f"\n{len(keys)} job(s) whose outcome the manifest could not record (keep these keys; "
         f"`wujie-async status KEY` fetches one): {shown}{more}"
     )
+
+
+def _journal_left(opened: list[WujieClient]) -> list[str]:
+    """The job keys of the records the closed client's journal had not committed (its close
+    stopped waiting for a disk that took no write)."""
+    journal = opened[0]._journal if opened else None  # the CLI is the package's own
+    return journal.uncommitted_keys() if isinstance(journal, Journal) else []
 
 
 def check_out_folder(out: Path) -> None:
@@ -646,6 +655,9 @@ class Session:
         self.base_url = ""
         self.terminated = False  # stopped by SIGTERM (exit 143), not Ctrl-C (130)
         self.points_before = 0.0  # what earlier runs of this input were charged
+        # Keys of journal records its disk had not taken when the client closed (it stopped
+        # waiting: a frozen file system, a hung mount): the summary names them.
+        self.journal_left: list[str] = []
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         self.points = 0.0  # what this run's jobs were charged
@@ -829,9 +841,13 @@ class Session:
                 await run.settle_rows()
                 if plan.superseded:
                     sent = sent_lines(self.result.outcomes)
-                    await client.forget_submits(
-                        row for line, row in plan.superseded.items() if line in sent
-                    )
+                    # Bounded like the journal's close: a journal whose disk stopped answering
+                    # keeps the forgetting queued (done if the disk answers again), and the
+                    # run goes on to its summary.
+                    with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S):
+                        await client.forget_submits(
+                            row for line, row in plan.superseded.items() if line in sent
+                        )
                 # Every download has ended: the room set aside goes to these rows only.
                 await run.rewrite_unrecorded(reserve.release)
             finally:
@@ -866,8 +882,11 @@ class Session:
                 f"--out {out}: no room on its disk for the manifest (not even 64 KB free); "
                 "make room, then re-run (nothing was sent)"
             )
+        opened: list[WujieClient] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
+                # Called last, once the client is closed: what its journal could not commit.
+                stack.callback(lambda: self.journal_left.extend(_journal_left(opened)))
                 try:
                     client = await stack.enter_async_context(
                         open_client(self.args, self.limits(), self.journal)
@@ -876,6 +895,7 @@ class Session:
                     raise  # another run holds it: exit 4
                 except ClientStateError as exc:  # the journal cannot be opened (a full disk)
                     raise UsageError(f"{clean(exc)} (nothing was sent)") from None
+                opened.append(client)
                 self.base_url = client.base_url
                 yield client, reserve
         finally:
@@ -962,6 +982,19 @@ class Session:
 
     def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
         say = self._say
+        if self.journal_left:
+            keys = self.journal_left
+            more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+            self.console.print(
+                Text(
+                    f"warning: the journal {self.journal} took no write for "
+                    f"{JOURNAL_CLOSE_DEADLINE_S:g} s at the end of the run (its disk stopped "
+                    f"answering): {len(keys)} job(s) whose records it may lack (keep these "
+                    f"keys; `wujie-async status KEY` fetches one): "
+                    f"{', '.join(clean(key) for key in keys[:20])}{more}"
+                ),
+                soft_wrap=True,
+            )
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)
             if not result.interrupted:
