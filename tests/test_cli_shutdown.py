@@ -270,6 +270,56 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
 
 
 @pytest.mark.long
+async def test_a_run_whose_manifest_disk_froze_stops_sending_within_the_rows_deadline(
+    tmp_path: Path,
+) -> None:
+    """Without a journal, a job's key is kept only by its manifest row. The output folder's
+    file system freezes mid-run: no row is written, and the run stops sending within
+    ``ROWS_DEADLINE_S`` (and a check), as at a refusing disk (a SIGTERM then ends it). With
+    rows written on a thread, nothing noticed until the end: every line was sent and paid for
+    while its key's row waited in memory (10 of 10; a kill then lost every key, and the
+    re-run paid again)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"frozen {i}\n" for i in range(16)))
+        with freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
+            async with running_cli(*bulk, env=emu.env) as run:
+                if not hasattr(run, "stderr"):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=alive)
+                with freeze(disk):
+                    frozen_at = await _accepted(emu)
+                    shown = len(run.stderr())
+                    # No line waits to be sent any more (sent, or ended unsent by the stop).
+                    await eventually(
+                        lambda: "queued 0 " in run.stderr()[shown:].decode(),
+                        what="no line left to send",
+                        timeout=30,
+                        alive=alive,
+                    )
+                    accepted = await _accepted(emu)
+                    run.send_signal(signal.SIGTERM)
+                    await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary while the disk is frozen",
+                        timeout=TERM_GRACE_S + 5,
+                    )
+                    err = run.stderr().decode()
+                code, _, _ = await run.finish(20)
+            assert code == 143, err
+            assert "its disk took no row" in err
+            assert "but for the keys listed above" in err  # a re-run would not know them
+            # 2 a second, for the deadline and a check, and one on the wire: not all 16 lines.
+            assert accepted <= frozen_at + 6, (frozen_at, accepted)
+            keys = set((await emu.stats())["timelines"])
+            recorded = {r.get("key") for r in manifest(out)}
+            assert all(key in recorded or key in err for key in keys), (keys, recorded, err)
+
+
+@pytest.mark.long
 async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_not_journaled(
     tmp_path: Path,
 ) -> None:

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from queue import SimpleQueue
 from typing import Any
@@ -63,8 +64,10 @@ class RowWriter:
         self._loop = asyncio.get_running_loop()
         self._queue: SimpleQueue[tuple[str, Any] | None] = SimpleQueue()
         self._lock = threading.Lock()
-        # Rows queued (or being written), in the order the thread takes them.
+        # Rows queued (or being written), in the order the thread takes them, and when each
+        # was queued (monotonic clock).
         self._unwritten: collections.deque[dict[str, Any]] = collections.deque()
+        self._queued_at: collections.deque[float] = collections.deque()
         self._thread = threading.Thread(target=self._serve, name="wujie-async rows", daemon=True)
         self._thread.start()
 
@@ -72,6 +75,7 @@ class RowWriter:
         """Queue one row (never waits)."""
         with self._lock:
             self._unwritten.append(record)
+            self._queued_at.append(time.monotonic())
         self._queue.put(("row", record))
 
     def rewrite(self, records: list[dict[str, Any]], before: Callable[[], None]) -> None:
@@ -80,8 +84,14 @@ class RowWriter:
         self._queue.put(("call", before))
         with self._lock:
             self._unwritten.extend(records)
+            self._queued_at.extend([time.monotonic()] * len(records))
         for record in records:
             self._queue.put(("again", record))
+
+    def waiting_for(self) -> float:
+        """Seconds the oldest row not written yet has waited (0: none waits)."""
+        with self._lock:
+            return time.monotonic() - self._queued_at[0] if self._queued_at else 0.0
 
     def unwritten(self) -> list[dict[str, Any]]:
         """Rows queued that the disk has not taken yet (nor refused)."""
@@ -114,6 +124,7 @@ class RowWriter:
                 self._write(value, make_room=kind == "row")
                 with self._lock:
                     self._unwritten.popleft()  # this row: rows are taken in order
+                    self._queued_at.popleft()
 
     def _write(self, record: dict[str, Any], *, make_room: bool) -> None:
         try:

@@ -1031,10 +1031,18 @@ class Session:
             elif self.args.emulator:
                 say(f"{word} (the embedded emulator stops with this process)")
             else:
+                # (Keys the manifest could not take are listed above: a re-run would not know
+                # them, and would send their lines again.)
+                except_listed = (
+                    ", but for the keys listed above (look them up with wujie-async status "
+                    "KEY; a re-run would send their lines again)"
+                    if result.unrecorded
+                    else ""
+                )
                 say(
                     f"{word}: submitted jobs keep running on the gateway; their keys are in "
-                    f"the manifest (pending rows): re-run the same command to collect them and "
-                    f"send the rest:\n  wujie-async {command}"
+                    f"the manifest (pending rows){except_listed}: re-run the same command to "
+                    f"collect them and send the rest:\n  wujie-async {command}"
                 )
             return
         unpriced = sum(1 for o in result.outcomes if o.error_code == "unpriced")
