@@ -264,12 +264,7 @@ class BulkRun:
             await anyio.sleep(ROWS_DEADLINE_S / 4)
             rows = self._rows
             if rows is not None and rows.waiting_for() > ROWS_DEADLINE_S:
-                self._stop_sending(
-                    OutputUnwritableError(
-                        "the manifest could not be written",
-                        f"its disk took no row for {ROWS_DEADLINE_S:g} s",
-                    )
-                )
+                self._stop_sending(OutputUnwritableError.manifest_held())
 
     async def _submitter(
         self, queue: collections.deque[Row], collectors: anyio.abc.TaskGroup
@@ -511,12 +506,7 @@ class BulkRun:
         if not await rows.drain():
             self._rows_stuck = True
             self.result.unrecorded += rows.unwritten()
-            self._stop_sending(
-                OutputUnwritableError(
-                    "the manifest could not be written",
-                    f"its disk took no row for {ROWS_DEADLINE_S:g} s",
-                )
-            )
+            self._stop_sending(OutputUnwritableError.manifest_held())
 
     async def rewrite_unrecorded(self, make_room: Callable[[], None]) -> None:
         """Once every download has ended: ``make_room`` (blocking), then the rows the disk
@@ -651,6 +641,13 @@ class OutputUnwritableError(Exception):
     @classmethod
     def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
         return cls(what, cause.strerror or type(cause).__name__)
+
+    @classmethod
+    def manifest_held(cls) -> OutputUnwritableError:
+        """The manifest's disk stopped answering (a hung mount, a frozen file system)."""
+        return cls(
+            "the manifest could not be written", f"its disk took no row for {ROWS_DEADLINE_S:g} s"
+        )
 
     @classmethod
     def manifest_gone(cls) -> OutputUnwritableError:
