@@ -230,21 +230,30 @@ def _from_progress(timing: KeyTiming, seen: float, percent: float, *, tenths: bo
     if progress is None:
         timing.progress = _Progress(seen, percent)
         return None
-    since, was = progress.since, progress.was
-    if percent < was:  # what it told before does not hold either (nor the bound it set)
+    if percent < progress.was:  # what it told before does not hold either (nor its bound)
         progress.since, progress.was, progress.told_end = seen, percent, None
         progress.bound = None
         return None
-    grown = percent - was
-    if percent >= 100.0 or grown <= 0.0 or seen <= since:
+    rate = _left_by_rate(progress, seen, percent, tenths=tenths)
+    if rate is None or rate[1] > TUNING.progress_error:
         return None
-    left = (100.0 - percent) * (seen - since) / grown
-    # Each reading is off by up to half its resolution: the rate by up to resolution / grown.
-    if left * _resolution(percent, was, tenths=tenths) / grown > TUNING.progress_error:
-        return None
-    left = min(left, MAX_EXPECTED_SECONDS)
+    left = min(rate[0], MAX_EXPECTED_SECONDS)
     progress.told_end = seen + left
     return left
+
+
+def _left_by_rate(
+    progress: _Progress, seen: float, percent: float, *, tenths: bool
+) -> tuple[float, float] | None:
+    """Seconds left for a job read at ``percent`` at ``seen``, by the rate its progress has
+    grown at since its first reading, and how far off that may be (each reading is off by up
+    to half its resolution: the rate by up to resolution / growth; ``tenths``: see
+    ``_resolution``); None when the progress tells no rate (done, stalled, no time between)."""
+    grown = percent - progress.was
+    if percent >= 100.0 or grown <= 0.0 or seen <= progress.since:
+        return None
+    left = (100.0 - percent) * (seen - progress.since) / grown
+    return left, left * _resolution(percent, progress.was, tenths=tenths) / grown
 
 
 def _latest_end(timing: KeyTiming, now: float, percent: float) -> float | None:
@@ -1052,27 +1061,27 @@ class PollSchedule:
         predicted: float,
     ) -> None:
         """A job with a bound read again while generating, before its bound: its progress's
-        rate since its first reading puts its end at ``rate_end`` (even a rate too rough to
-        go by, as a bound). Near its estimate's end (``predicted``), the bound was not one:
+        rate since its first reading puts its end somewhere (even a rate too rough to go by,
+        as a bound). Near its estimate's end (``predicted``), the bound was not one:
         a progress that starts above 0 (10% as generation starts) bounds every job's end far
         too early, and each was asked at its bound far from done, which turned bounds off
         for its model (1 job in 20 told 3x its length then seen up to 40 s late). Far before
         it, the rate's end (give or take what whole percents or tenths leave unsure) is the
         bound."""
-        if percent is None or percent >= 100.0:
-            return
-        grown = percent - progress.was
-        if grown <= 0.0 or seen <= progress.since:
+        rate = (
+            None
+            if percent is None
+            else _left_by_rate(progress, seen, percent, tenths=self._in_tenths(timing))
+        )
+        if rate is None:
             return  # stalled: the first reading's bound stands (_check_bound judges it)
-        left = (100.0 - percent) * (seen - progress.since) / grown
-        rate_end = seen + left
-        if rate_end + self._bound_margin(predicted - timing.created_at) >= predicted:
+        left, unsure = rate
+        if seen + left + self._bound_margin(predicted - timing.created_at) >= predicted:
             progress.bound = None
         elif told is not None:
             progress.bound = seen + told  # a rate known well enough (_from_progress)
         else:
-            resolution = _resolution(percent, progress.was, tenths=self._in_tenths(timing))
-            progress.bound = rate_end + left * resolution / grown
+            progress.bound = seen + left + unsure
 
     def _check_bound(
         self, timing: KeyTiming, progress: _Progress, seen: float, percent: float | None
