@@ -18,6 +18,7 @@ import base64
 import html
 import re
 from collections import deque
+from collections.abc import Iterator
 from urllib.parse import unquote
 
 # Sixteen letters and digits in a row from a signature do not come by chance (62**16), and a
@@ -39,13 +40,7 @@ def remember_signature(sign: str) -> None:
         forms.append(base64.b64decode(sign, validate=True).hex())
     except ValueError:
         pass
-    _recent.append(
-        frozenset(
-            letters[start : start + _PIECE]
-            for letters in forms
-            for start in range(len(letters) - _PIECE + 1)
-        )
-    )
+    _recent.append(frozenset(piece for letters in forms for piece in _pieces_of(letters)))
     _pieces = frozenset().union(*_recent)  # one assignment: a reader sees old or new, whole
 
 
@@ -63,9 +58,12 @@ def quotes_a_signature(text: str) -> bool:
     for form in forms:
         letters = _NOT_LETTERS.sub("", form)
         # (Hex pieces are kept in lower case: an upper-case echo is lowered to match them.)
-        for found in (letters, letters.lower()) if letters != letters.lower() else (letters,):
-            if any(
-                found[start : start + _PIECE] in pieces for start in range(len(found) - _PIECE + 1)
-            ):
+        for found in {letters, letters.lower()}:
+            if not pieces.isdisjoint(_pieces_of(found)):
                 return True
     return False
+
+
+def _pieces_of(letters: str) -> Iterator[str]:
+    """Every run of ``_PIECE`` characters of ``letters``."""
+    return (letters[start : start + _PIECE] for start in range(len(letters) - _PIECE + 1))
