@@ -130,11 +130,16 @@ def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(r["key"] for r in records if isinstance(r.get("key"), str)))
     if not keys:
         return ""
+    return f"\n{_keys_to_keep(keys, 'whose outcome the manifest could not record')}"
+
+
+def _keys_to_keep(keys: list[str], which: str) -> str:
+    """``N job(s) <which> (keep these keys; ...): K1, K2, ...`` (the first 20 shown)."""
     shown = ", ".join(clean(key) for key in keys[:20])
     more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
     return (
-        f"\n{len(keys)} job(s) whose outcome the manifest could not record (keep these keys; "
-        f"`wujie-async status KEY` fetches one): {shown}{more}"
+        f"{len(keys)} job(s) {which} (keep these keys; `wujie-async status KEY` fetches one): "
+        f"{shown}{more}"
     )
 
 
@@ -983,15 +988,11 @@ class Session:
     def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
         say = self._say
         if self.journal_left:
-            keys = self.journal_left
-            more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
             self.console.print(
                 Text(
                     f"warning: the journal {self.journal} took no write for "
                     f"{JOURNAL_CLOSE_DEADLINE_S:g} s at the end of the run (its disk stopped "
-                    f"answering): {len(keys)} job(s) whose records it may lack (keep these "
-                    f"keys; `wujie-async status KEY` fetches one): "
-                    f"{', '.join(clean(key) for key in keys[:20])}{more}"
+                    f"answering): {_keys_to_keep(self.journal_left, 'whose records it may lack')}"
                 ),
                 soft_wrap=True,
             )
