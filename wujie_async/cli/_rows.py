@@ -64,39 +64,37 @@ class RowWriter:
         self._loop = asyncio.get_running_loop()
         self._queue: SimpleQueue[tuple[str, Any] | None] = SimpleQueue()
         self._lock = threading.Lock()
-        # Rows queued (or being written), in the order the thread takes them, and when each
-        # was queued (monotonic clock).
-        self._unwritten: collections.deque[dict[str, Any]] = collections.deque()
-        self._queued_at: collections.deque[float] = collections.deque()
+        # Rows queued (or being written), in the order the thread takes them, each with when
+        # it was queued (monotonic clock).
+        self._unwritten: collections.deque[tuple[float, dict[str, Any]]] = collections.deque()
         self._thread = threading.Thread(target=self._serve, name="wujie-async rows", daemon=True)
         self._thread.start()
 
     def write(self, record: dict[str, Any]) -> None:
         """Queue one row (never waits)."""
         with self._lock:
-            self._unwritten.append(record)
-            self._queued_at.append(time.monotonic())
+            self._unwritten.append((time.monotonic(), record))
         self._queue.put(("row", record))
 
     def rewrite(self, records: list[dict[str, Any]], before: Callable[[], None]) -> None:
         """Call ``before`` (blocking: give room back), then write ``records`` again; what the
         disk still refuses is reported (``refused``) without making room."""
         self._queue.put(("call", before))
+        now = time.monotonic()
         with self._lock:
-            self._unwritten.extend(records)
-            self._queued_at.extend([time.monotonic()] * len(records))
+            self._unwritten.extend((now, record) for record in records)
         for record in records:
             self._queue.put(("again", record))
 
     def waiting_for(self) -> float:
         """Seconds the oldest row not written yet has waited (0: none waits)."""
         with self._lock:
-            return time.monotonic() - self._queued_at[0] if self._queued_at else 0.0
+            return time.monotonic() - self._unwritten[0][0] if self._unwritten else 0.0
 
     def unwritten(self) -> list[dict[str, Any]]:
         """Rows queued that the disk has not taken yet (nor refused)."""
         with self._lock:
-            return list(self._unwritten)
+            return [record for _, record in self._unwritten]
 
     async def drain(self, timeout: float = ROWS_DEADLINE_S) -> bool:
         """Wait, at most ``timeout``, until every row queued so far was written or refused."""
@@ -124,7 +122,6 @@ class RowWriter:
                 self._write(value, make_room=kind == "row")
                 with self._lock:
                     self._unwritten.popleft()  # this row: rows are taken in order
-                    self._queued_at.popleft()
 
     def _write(self, record: dict[str, Any], *, make_room: bool) -> None:
         try:
