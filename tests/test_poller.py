@@ -24,7 +24,7 @@ import pytest
 from wujie_async import ImageJob, JobTimeoutError, Limits, PollPolicy, Timeouts, WujieClient
 from wujie_async._jobs import JobState
 from wujie_async._poller import BatchPoller
-from wujie_async._schedule import TUNING
+from wujie_async._schedule_tuning import TUNING
 from wujie_async.emulator import FaultConfig
 
 from .conftest import EmulatorFactory, make_client, open_transport

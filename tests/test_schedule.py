@@ -13,7 +13,9 @@ from collections.abc import Callable
 import pytest
 
 from wujie_async import PollPolicy
-from wujie_async._schedule import TUNING, KeyTiming, PollSchedule
+from wujie_async._key_timing import KeyTiming
+from wujie_async._schedule import PollSchedule
+from wujie_async._schedule_tuning import TUNING
 
 POLICY = PollPolicy()
 

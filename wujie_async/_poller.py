@@ -65,10 +65,11 @@ from ._errors import (
     snippet,
 )
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk, status_name
+from ._key_timing import KeyTiming
 from ._models import JobInfo
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
-from ._schedule import KeyTiming, PollSchedule, WindowShape
+from ._schedule import PollSchedule, WindowShape
 from ._stats import PollerCounters
 from ._transport import CallKind
 

@@ -40,238 +40,20 @@ from collections import deque
 from dataclasses import dataclass
 
 from ._config import PollPolicy
-from ._models import MAX_EXPECTED_SECONDS
+from ._key_timing import (
+    KeyTiming,
+    Progress,
+    gateway_model,
+    latest_end,
+    left_by_progress,
+    left_by_rate,
+    tell_by_progress,
+)
+from ._schedule_tuning import TUNING
 
 # Relative errors are kept within these bounds: one outlier must not set the scale.
 _ERROR_FLOOR = -1.0
 _ERROR_CEILING = 10.0
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ScheduleTuning:
-    """The schedule's tuning, in one place (every figure with its reason).
-
-    Attributes:
-        min_samples: ended jobs of a model before the learned window replaces the prior.
-        samples_kept: the last this many samples are what the window is learned from.
-        low_quantile: the window opens at this quantile of the errors...
-        high_quantile: ...and closes at this one.
-        prior_low: the prior: an estimate is taken to be right...
-        prior_high: ...or up to this share of its duration short (the job may end later).
-        open_delay: a window opens this share of ``min_interval`` after its start, so a right
-            estimate is asked about once just after the end, not just before it.
-        prior_max_steps: the prior never reaches more than this many ``min_interval`` from the
-            predicted end (a guess must not make a long job's window long as well).
-        live_drift: a later report may move the predicted end by this share of the time
-            between the two reports (plus ``min_interval``) before the estimate counts as not
-            counting down (a placeholder).
-        check_share: while nothing is learned, a check (or each step) comes this share of the
-            way to the window.
-        spans_kept: the predicted durations of a model's last jobs kept: when they are all the
-            same, the estimate is a typical figure, not this job's.
-        same_span_share: predicted durations within this share of each other are "the same".
-        same_spans_min: jobs alike before a typical figure is suspected. Two are enough: the
-            error is cheap one way (a few extra steps until a differing estimate shows they are
-            per job) and dear the other (an early end seen only at the predicted end).
-        narrow_gap: a job whose end is known only to lie between two asks this many
-            ``min_interval`` apart (or closer) teaches the middle of them; farther apart, only
-            what the asks prove (it ended early, or late, by at least so much), or nothing.
-        coarse_reach: seconds a window opens earlier, while it is unlearned, for estimates in
-            whole seconds: the end lies anywhere in the second after the figure (rounded down),
-            around it or before it (rounded up). Opened after the figure, a gateway that rounds
-            up has every job seen up to 1.6 s late, and nothing learned from it (an ask after a
-            long wait that finds the job done proves no early end); opened a second earlier,
-            the first ends are seen close and teach the window. Such an ask is tentative: once
-            the window is learned, a key it would find too early goes to its window instead.
-        sentinels: one job in this many has its window open ``coarse_reach`` earlier even
-            once its model's whole-second window is learned. The window is learned from the
-            ends asks see, and an end that came before the window's first ask proves only
-            that it came that early: learned from such ends alone, a window creeps later
-            (estimates rounded to the nearest were seen up to 0.8 s late at 2,000 jobs, p99).
-            A sentinel sees early ends close. About 0.1 ask per key more.
-        coarse_after: whole-second estimates (and no finer one) seen before a model's
-            estimates are taken to come in whole seconds.
-        scouts: while a model's window is unlearned, its first this many jobs with an
-            estimate are asked every ``max_interval`` until their window opens, not at their
-            predicted end: estimates that run long (three times the job, counting down as a
-            right one would) look right until jobs end, and the window is learned from the
-            first ends seen. Twice ``min_samples``, so half of them ending teaches it: with 8
-            (every scout must end) a burst whose estimates were 3x long was seen 11 s late
-            (p50), with 12 to 32 about 1.5 s. The price: a few asks more for each, per model.
-        near: seconds from its predicted end (give or take half a step) within which an end
-            is learned in seconds, apart from the errors relative to each job's span: whole
-            seconds' rounding, a gateway that records ends on a tick, the time between an end
-            and its record do not grow with the job (learned relative to its span, a 10 s
-            job's second opened a 30 s job's window 3 s early).
-        countdowns_trusted: checks of a model's jobs that saw its first figures count down
-            (given while queued: give an end that never came sooner) before such a figure is
-            trusted without a check (``_Checks``): a job whose first report comes after that,
-            or whose check is still to come, goes straight to its window.
-        progress_error: a job's progress tells its seconds left by how fast it grows, once
-            that figure is known within this many seconds. Each reading is off by up to its
-            resolution (0.1, or 1 for whole percents), so the growth must be many times that:
-            a 20 s job read in tenths tells about 1.5 s after its first reading while
-            generating, one read in whole percents about 9 s after. A burst of jobs of 10-30 s
-            without estimates, read in tenths: within 0.25 s, 5.8 asks per key, p99 0.42 s
-            late; 0.5 s, 4.9 asks, 0.45 s; 0.75 s, 4.7 asks, 0.53 s (an error the asks at the
-            window do not make up for); by age alone, 29 asks. Estimates ±50% off that give
-            way to the progress: within 0.5 s, 4.7 asks, p99 0.61 s; 0.25 s, 5.2 asks, 0.50 s.
-        long_told: a job told more than this many times its model's median span (of the
-            spans kept) is probed once, at that median (``PollSchedule._probe``).
-        long_queued: a job queued at its ask and told more than this many times the
-            ``long_quantile`` of its model's spans kept is asked every ``max_interval`` until it
-            is read generating (``PollSchedule._probe``): told 2x-3x its length, it may not
-            be ``long_told`` (a job told 43 s among jobs of 10-30 s, of which it was one of 14
-            s, was seen 30 s late in a trickle). Against the median, a quarter more caught a
-            fifth of right estimates among jobs of 10-30 s (0.15 ask per key more).
-        long_quantile: see ``long_queued``.
-        bound_margin: a job whose first reading while generating bounds its end (its progress
-            grown evenly, ``_latest_end``) this share of its span (and at least a second and a
-            step) before its estimate's end is asked at that bound (``_Progress.bound``).
-        bound_rate_after: a job with a bound is read again this many seconds after its first
-            reading (unless its bound comes first), so that its progress's rate tells its
-            end: a job first read generating long after it was last seen queued has a loose
-            bound (it may have begun anywhere between), and was seen up to 9 s late.
-        bound_outlier: a job's bound is used, once its model's first readings are known, only
-            when the time it leaves is under this share of what they leave against their
-            estimates (``PollSchedule._note_bound``) at ``bound_quantile``: a job told 2x its
-            length leaves half, one told 3x a third.
-        bound_quantile: ...the first readings' quantile. Low, since a reading after a queue
-            it cannot see leaves too much: with every estimate 3x too long and queues, the
-            tight readings (at the median) were taken for outliers (3.4 asks per key, not 3.2).
-        bound_short: a job asked past its bound whose progress is this many points short of
-            100 proves that its model's progress does not grow evenly (fast and then slowly):
-            the model's bounds are not used any more.
-        progress_wins: a model's jobs go by their progress (when it tells) once this many
-            more of its jobs ended closer to what their progress told than to the gateway's
-            estimate (by more than ``near``) than the other way round (``_compare``). Few,
-            since every job decided on the estimate meanwhile waits on a window learned from
-            that estimate's errors; a typical figure gives way at once.
-    """
-
-    min_samples: int = 8
-    samples_kept: int = 256
-    low_quantile: float = 0.02
-    high_quantile: float = 0.98
-    mirror_trial: int = 16
-    mirror_seen: float = 0.25
-    prior_low: float = 0.0
-    prior_high: float = 0.05
-    open_delay: float = 0.25
-    prior_max_steps: float = 4.0
-    live_drift: float = 0.5
-    check_share: float = 0.25
-    spans_kept: int = 32
-    same_span_share: float = 0.02
-    same_spans_min: int = 2
-    narrow_gap: float = 1.0
-    coarse_reach: float = 1.0
-    sentinels: int = 16
-    coarse_after: int = 3
-    scouts: int = 16
-    near: float = 1.0
-    countdowns_trusted: int = 8
-    progress_error: float = 0.25
-    long_told: float = 2.0
-    long_queued: float = 1.25
-    long_quantile: float = 0.8
-    bound_margin: float = 0.2
-    bound_rate_after: float = 2.0
-    bound_short: float = 5.0
-    bound_outlier: float = 0.6
-    bound_quantile: float = 0.25
-    progress_wins: int = 3
-
-
-TUNING = ScheduleTuning()
-
-
-@dataclass(slots=True)
-class _Progress:
-    """What a job's progress has told (``KeyTiming.progress``): one object, made at the first
-    reading while the job generates (a job never read so holds none: memory per key).
-
-    Attributes:
-        since: when it was first read (since it last went back)...
-        was: ...and the percentage then.
-        told_end: loop time it last told the job ends (None: not told yet).
-        estimate: set once the job's figures come from its progress rather than from the
-            gateway's estimate (``PollSchedule._progress_tells``): the job's model, where the
-            estimate puts the end (None: a placeholder) and its span. The job's model is
-            then learned apart (``_progress_model``), as its figures are another gateway's,
-            and its end teaches the estimate's model the estimate's error.
-        bound: the latest its first reading says it ends (``_latest_end``), when that lies
-            well before its estimate's end (``ScheduleTuning.bound_margin``): it is asked
-            there (1 job in 20 told 3x its length, generating from its submit, was seen up to
-            40 s late), and an end by then is learned as on time. None once that is past.
-    """
-
-    since: float
-    was: float
-    told_end: float | None = None
-    estimate: tuple[str | None, float | None, float] | None = None
-    bound: float | None = None
-
-
-def _resolution(percent: float, was: float, *, tenths: bool) -> float:
-    """How far apart two readings of progress can be told (``tenths``: the job's model's
-    progress has come with a fraction before): each is off by up to half of it. Two whole
-    percents from a gateway that gives tenths happen (jobs of 25 s read at 4.0% and 12.0%);
-    taken for whole percents, the rate they tell was thought ten times rougher than it is."""
-    return 0.1 if tenths or percent % 1 != 0 or was % 1 != 0 else 1.0
-
-
-def _from_progress(timing: KeyTiming, seen: float, percent: float, *, tenths: bool) -> float | None:
-    """Seconds left for a generating job read at ``percent`` at ``seen``, by the rate its
-    progress has grown at since its first reading; None until that figure is known within
-    ``TUNING.progress_error``. A progress that goes back starts over from there. ``tenths``:
-    see ``_resolution``."""
-    progress = timing.progress
-    if progress is None:
-        timing.progress = _Progress(seen, percent)
-        return None
-    if percent < progress.was:  # what it told before does not hold either (nor its bound)
-        progress.since, progress.was, progress.told_end = seen, percent, None
-        progress.bound = None
-        return None
-    rate = _left_by_rate(progress, seen, percent, tenths=tenths)
-    if rate is None or rate[1] > TUNING.progress_error:
-        return None
-    left = min(rate[0], MAX_EXPECTED_SECONDS)
-    progress.told_end = seen + left
-    return left
-
-
-def _left_by_rate(
-    progress: _Progress, seen: float, percent: float, *, tenths: bool
-) -> tuple[float, float] | None:
-    """Seconds left for a job read at ``percent`` at ``seen``, by the rate its progress has
-    grown at since its first reading, and how far off that may be (each reading is off by up
-    to half its resolution: the rate by up to resolution / growth; ``tenths``: see
-    ``_resolution``); None when the progress tells no rate (done, stalled, no time between)."""
-    grown = percent - progress.was
-    if percent >= 100.0 or grown <= 0.0 or seen <= progress.since:
-        return None
-    left = (100.0 - percent) * (seen - progress.since) / grown
-    return left, left * _resolution(percent, progress.was, tenths=tenths) / grown
-
-
-def _latest_end(timing: KeyTiming, now: float, percent: float) -> float | None:
-    """The latest loop time a job first read generating at ``percent`` by ``now`` ends, were
-    its progress to grow evenly: it began generating after it was last seen queued (or after
-    its submit), so it has generated ``now - then`` at most, and has at most that times
-    ``(100 - percent) / percent`` left: ``inf`` at 0%, None at 100% (or more).
-
-    One reading is enough for it, where a rate (``_from_progress``) needs two: a job told far
-    too long among right ones is read once while generating, and was seen only when its
-    estimate ran out (30 s late for 3x estimates of jobs of 10-30 s). For a right estimate it
-    lies at or after the estimated end, and changes nothing."""
-    if percent >= 100.0:
-        return None
-    if percent <= 0.0:
-        return math.inf
-    began = timing.last_ask if timing.queued and timing.last_ask is not None else timing.created_at
-    return now + (100.0 - percent) * (now - began) / percent
 
 
 def _error(predicted: float, span: float, ended: tuple[float, float]) -> float | None:
@@ -288,32 +70,6 @@ def _error(predicted: float, span: float, ended: tuple[float, float]) -> float |
     else:
         return None
     return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
-
-
-def _progress_model(model: str | None) -> str:
-    """The name under which figures told by ``model``'s jobs' progress are learned."""
-    return f"{model} (by progress)"
-
-
-def _gateway_model(timing: KeyTiming) -> str | None:
-    """The model the gateway runs ``timing``'s job on (its figures may be learned apart)."""
-    progress = timing.progress
-    return progress.estimate[0] if progress is not None and progress.estimate else timing.model
-
-
-def _tell_by_progress(timing: KeyTiming, progress: _Progress, estimated_end: float) -> None:
-    """From now on ``timing``'s figures come from its ``progress``: its next is a first figure
-    (a new span), learned under its own name; ``estimated_end``: where the gateway's estimate
-    puts its end now (it still teaches the model's estimates when the job ends)."""
-    span = timing.predicted_span or max(estimated_end - timing.created_at, 1.0)
-    progress.estimate = (timing.model, estimated_end if timing.estimate_live else None, span)
-    timing.model = _progress_model(timing.model)
-    timing.predicted_end = timing.predicted_span = timing.last_expected = None
-    timing.estimate_live = True
-    # Its progress has been read growing (the figure needs that): as good as a check that the
-    # figure counts down, which, asked a second or more later, came after many an end.
-    timing.live_reports = 1
-    timing.recheck = timing.scout = timing.lookout = timing.sentinel = False
 
 
 class _Quantiles:
@@ -402,58 +158,6 @@ class _Checks:
         return self.queued_later and self.trusted(queued=True)
 
 
-@dataclass(slots=True)
-class KeyTiming:
-    """The poller's record of one key: what the schedule needs, nothing a user reads.
-
-    Attributes:
-        created_at: loop time of the submit (or attach).
-        model: the request's model, when known; estimates and durations are learned per model.
-        last_ask: loop time of the last answered ask about the key.
-        predicted_end: loop time the gateway's last estimate says the job ends; None if no
-            usable estimate.
-        predicted_span: ``predicted_end - created_at`` as first predicted while generating (the
-            error scale).
-        estimate_live: False once the estimate failed to count down (a placeholder).
-        live_reports: reports whose estimate was usable and kept counting down.
-        queued: the last report said the job is queued (its estimate may not count down yet).
-        last_expected: the last estimate the gateway gave, as it gave it (seconds left).
-        predicted_queued: ``predicted_end`` comes from a figure given while queued.
-        recheck: its estimate did not move as it left the queue: asked again soon, to tell a
-            placeholder from a countdown.
-        scout: one of the first jobs of its model while nothing is learned: asked every
-            ``max_interval`` until its window opens (``ScheduleTuning.scouts``).
-        lookout: the job of its model expected to end first, while none has ended: asked as a
-            job with no estimate is (every ``min_interval``, then a share of its age) until its
-            window opens, so that the first end is seen at once,
-            however early the estimates run (1.5x to 3x long: the first ends were seen 5 to
-            11 s late, p99, in a burst, when nothing asked before the windows).
-        sentinel: one job in ``ScheduleTuning.sentinels``: its window opens early for
-            whole-second estimates, learned or not.
-        tentative: its next ask may tell nothing by the time it comes due (a check that its
-            estimate counts down, or an ask at an unlearned window that reaches early); the
-            poller asks ``PollSchedule.still_due`` first.
-        progress: what its progress has told, once read while generating (``_Progress``).
-    """
-
-    created_at: float
-    model: str | None = None
-    last_ask: float | None = None
-    predicted_end: float | None = None
-    predicted_span: float | None = None
-    estimate_live: bool = True
-    live_reports: int = 0
-    queued: bool = False
-    last_expected: float | None = None
-    predicted_queued: bool = False
-    recheck: bool = False
-    scout: bool = False
-    lookout: bool = False
-    sentinel: bool = False
-    tentative: bool = False
-    progress: _Progress | None = None
-
-
 @dataclass(frozen=True, slots=True)
 class WindowShape:
     """Where a model's watch window sits around a job's predicted end, as things stand.
@@ -537,7 +241,7 @@ class PollSchedule:
         # model whose estimates all come in whole seconds has a second of resolution.
         self._fractional: set[str | None] = set()
         self._integral: dict[str | None, int] = {}
-        # Models whose progress has come with a fraction (_resolution).
+        # Models whose progress has come with a fraction (reading_resolution).
         self._percent_in_tenths: set[str | None] = set()
         self._windows: dict[str | None, tuple[float, float]] = {}
         # Per model, the latest low edge of the window since waiting keys were last brought in
@@ -553,7 +257,7 @@ class PollSchedule:
         self._progress_score: dict[str | None, int] = {}
         self._scouts: dict[str | None, int] = {}
         # Models a job of which was still far from done when asked past its bound: their
-        # progress does not grow evenly, and bounds it tells are not used (_Progress.bound).
+        # progress does not grow evenly, and bounds it tells are not used (Progress.bound).
         self._uneven_progress: set[str | None] = set()
         # Per model: the time first readings while generating leave a job at most, against
         # the time its estimate leaves it (_note_bound).
@@ -889,10 +593,10 @@ class PollSchedule:
         if percent is not None and not queued:
             first_reading = timing.progress is None
             if percent % 1 != 0:
-                self._percent_in_tenths.add(_gateway_model(timing))
-            told = _from_progress(timing, seen, percent, tenths=self._in_tenths(timing))
+                self._percent_in_tenths.add(gateway_model(timing))
+            told = left_by_progress(timing, seen, percent, tenths=self._in_tenths(timing))
             if first_reading:
-                latest = _latest_end(timing, now, percent)
+                latest = latest_end(timing, now, percent)
         progress = timing.progress
         estimate = progress.estimate if progress is not None else None
         if progress is not None and estimate is not None:
@@ -903,12 +607,12 @@ class PollSchedule:
         elif expected_seconds is None:
             expected_seconds = told
         elif told is not None and progress is not None and self._progress_tells(timing.model):
-            _tell_by_progress(timing, progress, seen + expected_seconds)
+            tell_by_progress(timing, progress, seen + expected_seconds)
             expected_seconds = told
         else:
             # Decided on the gateway's estimate; the progress may still tell an end sooner:
             # by its rate, or at its first reading by the latest it can end (a bound, asked
-            # at by next_ask: _Progress.bound).
+            # at by next_ask: Progress.bound).
             sooner = told
             if latest is not None and progress is not None:
                 self._note_bound(timing, progress, seen, latest, seen + expected_seconds)
@@ -1008,7 +712,7 @@ class PollSchedule:
         return ask
 
     def _note_bound(
-        self, timing: KeyTiming, progress: _Progress, seen: float, latest: float, predicted: float
+        self, timing: KeyTiming, progress: Progress, seen: float, latest: float, predicted: float
     ) -> None:
         """Keep ``latest`` (the first reading's bound on the job's end, read at ``seen``) as
         ``progress.bound`` when it lies well before ``predicted`` (the estimate's end): the
@@ -1054,7 +758,7 @@ class PollSchedule:
     def _rate_bound(
         self,
         timing: KeyTiming,
-        progress: _Progress,
+        progress: Progress,
         seen: float,
         percent: float | None,
         told: float | None,
@@ -1071,7 +775,7 @@ class PollSchedule:
         rate = (
             None
             if percent is None
-            else _left_by_rate(progress, seen, percent, tenths=self._in_tenths(timing))
+            else left_by_rate(progress, seen, percent, tenths=self._in_tenths(timing))
         )
         if rate is None:
             return  # stalled: the first reading's bound stands (_check_bound judges it)
@@ -1079,12 +783,12 @@ class PollSchedule:
         if seen + left + self._bound_margin(predicted - timing.created_at) >= predicted:
             progress.bound = None
         elif told is not None:
-            progress.bound = seen + told  # a rate known well enough (_from_progress)
+            progress.bound = seen + told  # a rate known well enough (left_by_progress)
         else:
             progress.bound = seen + left + unsure
 
     def _check_bound(
-        self, timing: KeyTiming, progress: _Progress, seen: float, percent: float | None
+        self, timing: KeyTiming, progress: Progress, seen: float, percent: float | None
     ) -> None:
         """A job still running when asked past its bound: far from done, it proves its
         model's progress uneven (``TUNING.bound_short``: fast and then slowly), and no bound
@@ -1101,14 +805,14 @@ class PollSchedule:
             progress.bound = None
 
     def _in_tenths(self, timing: KeyTiming) -> bool:
-        return _gateway_model(timing) in self._percent_in_tenths
+        return gateway_model(timing) in self._percent_in_tenths
 
     def _bound_slack(self) -> float:
         """How long past its bound a job close to done is asked every ``min_interval``."""
         return TUNING.near + 2 * self._policy.min_interval
 
     def _bound_ask(self, timing: KeyTiming, now: float) -> float:
-        """When a job with a bound (``_Progress.bound``) is asked: once its progress can tell
+        """When a job with a bound (``Progress.bound``) is asked: once its progress can tell
         a rate (``TUNING.bound_rate_after``), just after the bound, then every
         ``min_interval`` for ``_bound_slack``. ``inf``: no such ask."""
         progress = timing.progress
@@ -1131,7 +835,7 @@ class PollSchedule:
         (``TUNING.long_told`` times the median span), when a usual job would end; one queued
         at its last ask and told longer than most (``TUNING.long_queued``), every
         ``max_interval`` as well. Its progress then tells the latest it ends
-        (``_latest_end``) and a rate: a job told three times its length among right ones was
+        (``latest_end``) and a rate: a job told three times its length among right ones was
         otherwise seen only when its estimate ran out (30 s late, p99, jobs of 10-30 s). A
         right estimate that long costs an ask or two more. ``inf``: no such ask."""
         span = timing.predicted_span
