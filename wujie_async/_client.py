@@ -667,7 +667,7 @@ class WujieClient:
                 raise InvalidRequestError(
                     [("request", "charge_budget=True needs the request it was submitted with")]
                 )
-            ended = self._submits.charge_attached(body, n or images_in(body) or 1)
+            ended = self._submits.charge_attached(key, body, n or images_in(body) or 1)
         return self._new_job(
             key,
             deadline_s=deadline_s,
@@ -800,6 +800,7 @@ class WujieClient:
         found = await self._require_journal().record_found_key(entry_id, key)
         if found:
             submits = self._submits
+            submits.key_found(entry_id, key)
             submits.unjournaled = [e for e in submits.unjournaled if e.job_key != key]
         return found
 
