@@ -221,24 +221,35 @@ class SubmitRecord:
         the next one waits)."""
         self._sending = may_leave
 
-    async def accepted(self, key: str) -> None:
+    async def accepted(self, key: str) -> bool:
         """Keep the key the gateway gave; a journal that cannot write it does not lose it.
 
         If the write fails, ``unjournaled`` says why and the caller keeps the key in memory;
         the write is queued once more, so a journal that recovers (Redis back, room on the
         disk again) gets the key after all.
+
+        Returns False, keeping nothing, when the journal holds ``key`` on an earlier row
+        already (an earlier job's key handed out again): the submit is to end uncertain.
         """
-        self.key = key
         if self._journal is None or self._row_id is None:
-            return
+            self.key = key
+            return True
         try:
-            await self._journal.record_accepted(self._row_id, key)
+            written = await self._journal.record_accepted(self._row_id, key)
         except ClientStateError as exc:
+            self.key = key
             self.unjournaled = str(exc)
             with contextlib.suppress(ClientStateError):  # a journal already closed
                 self._journal.record_accepted_later(self._row_id, key)
-        else:
-            self._key_written = True
+            return True
+        except BaseException:
+            self.key = key  # interrupted: kept, written later (see __aexit__)
+            raise
+        if not written:
+            return False
+        self.key = key
+        self._key_written = True
+        return True
 
     def unjournaled_entry(self) -> JournalEntry:
         """What ``uncertain_submits()`` lists for a key the journal could not keep."""
@@ -585,21 +596,26 @@ class Submits:
                     raise
                 if trace is not None and (otel := self._telemetry.otel) is not None:
                     otel.job_accepted(trace, key)
+                earlier = False  # the journal holds the key on an earlier row
                 try:
-                    await record.accepted(key)
+                    earlier = not await record.accepted(key)
                 finally:
                     # Whatever happens now, the key gets its job (tracked, or settled at once
                     # if the client is closing): an accepted key is never dropped.
-                    record.job = self._make_job(
-                        key,
-                        deadline_s=deadline_s,
-                        request=body,
-                        n=n,
-                        ended=_on_end(release, held, self._remember_maybe_charged),
-                        trace=trace,
-                    )
-                    release = held = None  # the job gives them back when it ends
+                    if not earlier:
+                        record.job = self._make_job(
+                            key,
+                            deadline_s=deadline_s,
+                            request=body,
+                            n=n,
+                            ended=_on_end(release, held, self._remember_maybe_charged),
+                            trace=trace,
+                        )
+                        release = held = None  # the job gives them back when it ends
                     self._claimed_keys.discard(key)
+                if earlier:
+                    lost_reply = False  # a reply came, with another job's key
+                    raise _reused_key(key, "the key of an earlier job in the journal", body)
         except BaseException as exc:
             if held is not None:
                 if outcome_state(exc, sending=record.may_have_left) == "uncertain":
@@ -627,6 +643,7 @@ class Submits:
                 record.unjournaled,
             )
         self.accepted += 1
+        assert record.job is not None  # made above, or the submit raised
         return record.job
 
     def refuse_keys(self, keys: Iterable[str]) -> None:
@@ -645,10 +662,19 @@ class Submits:
         else:
             self._claimed_keys.add(key)
             return key
-        # The gateway charged this submit but gave the key of another job: this job cannot be
-        # followed, and overwriting the other would orphan it.
-        raise SubmitUncertainError(
-            f"the gateway returned {whose} ({key}): this submit may have been charged but its "
-            f"job cannot {what}; the earlier job is unaffected",
-            request=body,
-        ) from ProtocolError(f"the gateway returned {whose}", body=key)
+        raise _reused_key(key, whose, body, what)
+
+
+def _reused_key(
+    key: str, whose: str, body: dict[str, Any], what: str = "be told from that one"
+) -> SubmitUncertainError:
+    """The error of a submit answered with the key of another job (``whose``)."""
+    # The gateway charged this submit but gave the key of another job: this job cannot be
+    # followed, and overwriting the other would orphan it.
+    error = SubmitUncertainError(
+        f"the gateway returned {whose} ({key}): this submit may have been charged but its "
+        f"job cannot {what}; the earlier job is unaffected",
+        request=body,
+    )
+    error.__cause__ = ProtocolError(f"the gateway returned {whose}", body=key)
+    return error
