@@ -37,6 +37,7 @@ from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import eventually, freezable_disk, freeze
+from .hostile import scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -532,3 +533,43 @@ async def test_close_stops_waiting_for_a_frozen_disk_and_its_records_land_after_
         async with JournalFile(path) as again:  # the lock was let go
             (entry,) = await again.entries()
         assert (entry.state, entry.job_key) == ("succeeded", "KEY-FROZEN")
+
+
+async def test_a_key_the_journal_holds_on_an_earlier_row_is_refused_by_itself(
+    tmp_path: Path,
+) -> None:
+    """A gateway whose key counter was reset (a restart) hands an earlier run's key out
+    again. Before: the new submit was followed as that job, and the journal held the key on
+    two rows, so the earlier job's row, still ``accepted`` (its run was stopped), was closed
+    with the new job's outcome, and its own images were never collected. Now the journal
+    itself refuses the key, without ``refuse_keys``: the submit may have been charged
+    (``SubmitUncertainError``, its row ``uncertain``), and the earlier row is resumed."""
+    path = tmp_path / "jobs.sqlite"
+
+    def running(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 1} for key in keys]
+
+    def done(keys: list[str]) -> list[dict[str, object]]:
+        image = {"url": "https://cdn.example/a.png"}
+        return [{"key": key, "status": 4, "images": [image]} for key in keys]
+
+    def client_of(base_url: str) -> WujieClient:
+        return WujieClient(
+            throwaway_credentials(), base_url=base_url, retry=INSTANT_RETRY, journal=path
+        )
+
+    async with scripted_gateway(running) as first, client_of(first.base_url) as client:
+        earlier = await client.images.submit(prompt="earlier", model="dall-e-2")
+    async with scripted_gateway(done) as restarted, client_of(restarted.base_url) as client:
+        with pytest.raises(SubmitUncertainError, match="earlier job in the journal") as refused:
+            await client.images.submit(prompt="new", model="dall-e-2")
+        assert earlier.key in str(refused.value) and restarted.submits == 1
+        [uncertain] = await client.uncertain_submits()
+        assert uncertain.request["prompt"] == "new" and uncertain.job_key is None
+        [job] = await client.resume()
+        assert job.key == earlier.key and job.request is not None
+        assert job.request["prompt"] == "earlier"
+        await asyncio.wait_for(job, 10)
+    async with JournalFile(path) as journal:
+        rows = {row.request["prompt"]: row for row in await journal.entries()}
+    assert rows["earlier"].state == "succeeded" and rows["new"].state == "uncertain"

@@ -25,7 +25,7 @@ from wujie_async import (
 )
 from wujie_async._budget import Budget
 from wujie_async.cli._outcome import prices_charged
-from wujie_async.emulator import FaultConfig
+from wujie_async.emulator import Emulator, FaultConfig
 
 from .cli_helpers import cli, cli_zygote, manifest, served_emulator  # noqa: F401
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
@@ -285,6 +285,96 @@ async def test_a_refused_submit_gives_its_points_back_an_uncertain_one_keeps_the
         with pytest.raises(BudgetExceededError):
             await client.images.submit(prompt="d", model="dall-e-2")
         job.cancel()
+
+
+def _only_key(emu: Emulator) -> str:
+    [key] = emu.stats()["timelines"]
+    return str(key)
+
+
+async def _spent_when_refused(client: WujieClient) -> tuple[float, float]:
+    """Submits of 8 points until one is refused; what the budget said then (spent, reserved)."""
+    for _ in range(10):
+        try:
+            await client.images.submit(prompt="next", model="dall-e-2")
+        except BudgetExceededError as refused:
+            return refused.spent, refused.reserved
+    raise AssertionError("the budget refused nothing")
+
+
+@pytest.mark.parametrize("found_by", ["the error's request", "the journal row"])
+async def test_a_lost_reply_whose_key_is_attached_to_the_budget_is_counted_once(
+    emulator: EmulatorFactory, tmp_path: Path, found_by: str
+) -> None:
+    """A submit whose reply was lost keeps its 8 points as spent (it may have been charged).
+    Its key, found since and attached with ``charge_budget=True``, is that same job: counted
+    again on top (8 + its 2), the budget refused submits it had room for. Its real cost (2)
+    is what counts, once."""
+    limits = Limits(max_points=24, point_prices={"dall-e-2": 8})
+    journal = tmp_path / "jobs.sqlite" if found_by == "the journal row" else None
+    async with (
+        emulator(time_scale=1.0, job_seconds=(0.3, 0.3)) as emu,
+        make_client(emu, limits=limits, journal=journal) as client,
+    ):
+        emu.set_faults(FaultConfig(drop_after_accept=1.0))
+        with pytest.raises(SubmitUncertainError) as lost:
+            await client.images.submit(prompt="a", model="dall-e-2")
+        emu.set_faults(FaultConfig())
+        key = _only_key(emu)  # as read in the platform's console
+        request: dict[str, Any] = lost.value.request
+        if journal is not None:
+            [row] = await client.uncertain_submits()
+            assert await client.record_submit_key(row.id, key)
+            request = (await client.journal_entries("accepted"))[0].request
+        job = client.images.attach(key, request=request, charge_budget=True)
+        assert (await asyncio.wait_for(job, 10)).images and job.points_charged == 2
+        # 2 spent; 8 and 8 more fit in 24, the next 8 does not.
+        assert await _spent_when_refused(client) == (2, 16)
+
+
+async def test_a_job_whose_wait_ended_attached_to_the_budget_is_counted_once(
+    emulator: EmulatorFactory,
+) -> None:
+    """A job whose wait timed out keeps its 8 points as spent (it runs on, and will be
+    charged); attaching its key with ``charge_budget=True`` follows the same job: what it
+    cost (2) replaces the 8, rather than adding to them."""
+    limits = Limits(max_points=24, point_prices={"dall-e-2": 8})
+    async with (
+        emulator(time_scale=1.0, job_seconds=(0.6, 0.6)) as emu,
+        make_client(emu, limits=limits) as client,
+    ):
+        job = await client.images.submit(prompt="a", model="dall-e-2", job_timeout=0.1)
+        with pytest.raises(JobTimeoutError):
+            await asyncio.wait_for(job, 10)
+        again = client.images.attach(job.key, request=job.request, charge_budget=True)
+        assert again is not job
+        await asyncio.wait_for(again, 10)
+        assert again.points_charged == 2
+        assert await _spent_when_refused(client) == (2, 16)
+
+
+async def test_an_attach_of_another_job_with_an_equal_request_is_counted_on_its_own(
+    emulator: EmulatorFactory,
+) -> None:
+    """Only the error's own request names the lost submit: an attach of another job with an
+    equal body (an earlier run's, say) is counted on its own, and the lost submit stays
+    counted (it may have been charged): nothing paid goes uncounted."""
+    limits = Limits(max_points=24, point_prices={"dall-e-2": 8})
+    async with (
+        emulator(time_scale=1.0, job_seconds=(0.3, 0.3)) as emu,
+        make_client(emu) as other,
+    ):
+        earlier = await other.images.submit(prompt="a", model="dall-e-2")
+        await asyncio.wait_for(earlier, 10)
+        async with make_client(emu, limits=limits) as client:
+            emu.set_faults(FaultConfig(drop_after_accept=1.0))
+            with pytest.raises(SubmitUncertainError) as lost:
+                await client.images.submit(prompt="a", model="dall-e-2")
+            emu.set_faults(FaultConfig())
+            body = dict(lost.value.request)
+            job = client.images.attach(earlier.key, request=body, charge_budget=True)
+            await asyncio.wait_for(job, 10)
+            assert await _spent_when_refused(client) == (8 + 2, 8)
 
 
 @pytest.mark.parametrize(

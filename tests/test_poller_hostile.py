@@ -749,3 +749,39 @@ async def test_keys_due_while_the_429_brake_holds_calls_back_share_the_next_call
     sizes = [len(keys) for keys in gateway.asked]
     assert late[count // 2] < 1.6 and late[-1] < 4.0, (late, sizes)
     assert refusing.refused >= 5, sizes
+
+
+# --- API.md: the envelope's data is null on errors; a batch reply so is not "none listed" ------
+async def test_a_batch_reply_with_null_data_is_a_failed_call_not_every_key_absent(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``{"code":"200","data":null}``: read as "no key listed", every job of the call failed
+    as unknown once it lasted the grace (0.2 s here), though the gateway had said nothing of
+    them (paid jobs, their results never seen). It is a malformed reply: counted, one
+    WARNING, its keys asked again, later each time (min_interval doubling to max_interval),
+    and the job ends as the gateway says once it answers."""
+    null_until: list[float] = []
+    nulls = 0
+
+    def script(keys: list[str]) -> web.Response | list[Any]:
+        nonlocal nulls
+        now = asyncio.get_running_loop().time()
+        if not null_until:
+            null_until.append(now + 0.6)  # three times the grace
+        if now < null_until[0]:
+            nulls += 1
+            return web.json_response({"code": "200", "message": "success", "data": None})
+        return [done(key) for key in keys]
+
+    poll = dataclasses.replace(FAST_POLL, unknown_key_grace=0.2)
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with scripted_gateway(script) as gateway, client_for(gateway, poll=poll) as client:
+        [job] = await submit(client, 1)
+        result = await job.result(timeout=10)
+        assert len(result.images) == 1
+        assert client.stats.batch_errors == nulls
+    # Asked again after 0.03, 0.06, 0.12, 0.24, then 0.3 s: 5 or so in 0.6 s, not 20.
+    assert 2 <= nulls <= 8, nulls
+    said = [r.getMessage() for r in warnings_of(caplog) if "data is null" in r.getMessage()]
+    # One line as it began, one at the close counting the rest (the repeated-warnings gate).
+    assert len(said) == 2 and "like this" in said[1], said

@@ -37,6 +37,9 @@ budget is theirs too (``attach(..., charge_budget=True)``: a re-run collecting w
 run of the same budget paid for). Such a job is already paid, so it is never refused: its
 expected cost is held like a submit's (a job of a kind whose cost is not known yet holds its
 kind's submits back, like a probe, until it ends) and turns into what it cost when it ends.
+An attached job that this client already counted as maybe charged (its submit's reply was
+lost, or only the wait for it ended) is that same job: :meth:`Budget.take_back` moves what was
+counted for it back out of ``spent`` as it is held again, so it is counted once.
 
 Everything runs on the event loop, with no await between the check and the reservation: two
 submits racing for the last points cannot both pass.
@@ -67,7 +70,7 @@ def kind_of(body: Mapping[str, Any], n: int) -> Kind:
 class Reservation:
     """The points held for one submit, until it turns into what the job was charged."""
 
-    __slots__ = ("_budget", "_done", "kind", "points", "probing")
+    __slots__ = ("_budget", "_done", "counted", "kind", "points", "probing")
 
     def __init__(self, budget: Budget, kind: Kind, points: float | None, probing: bool) -> None:
         self._budget = budget
@@ -75,6 +78,8 @@ class Reservation:
         self.points = points
         self.probing = probing
         self._done = False
+        # What its end added to ``spent`` (None: not ended, or given back).
+        self.counted: float | None = None
 
     def release(self) -> None:
         """Nothing was charged (the submit was refused, or never sent): give the points back."""
@@ -162,7 +167,18 @@ class Budget:
     def hold(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the expected cost of a job already paid for (attached): never refused, even
         past ``max_points`` (later submits are); an unknown cost holds its kind back."""
-        kind = kind_of(body, n)
+        return self._hold(kind_of(body, n))
+
+    def take_back(self, counted: Reservation) -> Reservation:
+        """The job of ``counted``, whose end kept it as spent (maybe charged: its submit's
+        reply was lost, or only the wait for it ended), is followed again: what its end added
+        to ``spent`` leaves it, and the job's expected cost is held anew (as by :meth:`hold`),
+        to turn into what it cost when it ends. Counted once, never twice."""
+        self.spent -= counted.counted or 0.0
+        counted.counted = None
+        return self._hold(counted.kind)
+
+    def _hold(self, kind: Kind) -> Reservation:
         points = self.estimate(kind)
         if points is None:
             probe = self._probes.get(kind)
@@ -200,6 +216,7 @@ class Budget:
         held = reservation.points or 0.0
         self.reserved -= held
         if charged:
+            reservation.counted = cost if cost is not None else held
             if cost is not None:
                 self.spent += cost
                 kind = reservation.kind

@@ -667,7 +667,7 @@ class WujieClient:
                 raise InvalidRequestError(
                     [("request", "charge_budget=True needs the request it was submitted with")]
                 )
-            ended = self._submits.charge_attached(body, n or images_in(body) or 1)
+            ended = self._submits.charge_attached(key, body, n or images_in(body) or 1)
         return self._new_job(
             key,
             deadline_s=deadline_s,
@@ -800,6 +800,7 @@ class WujieClient:
         found = await self._require_journal().record_found_key(entry_id, key)
         if found:
             submits = self._submits
+            submits.key_found(entry_id, key)
             submits.unjournaled = [e for e in submits.unjournaled if e.job_key != key]
         return found
 
@@ -808,7 +809,8 @@ class WujieClient:
 
         A gateway that hands out a key again (a counter reset by a restart) would have a new
         submit followed as the earlier job, and given its images. The client refuses a key
-        of a job it follows or has just ended; beyond that it cannot know them. A submit
+        of a job it follows or has just ended, and a SQLite journal a key it holds on an
+        earlier row; beyond that it cannot know them. A submit
         answered with one of these keys raises :class:`SubmitUncertainError` (it may have
         been charged; its job cannot be told from the earlier one) and its journal row stays
         ``uncertain``. Attaching one of these keys is not affected. The bulk command passes

@@ -39,7 +39,8 @@ CODE_INSUFFICIENT_BALANCE: Final = "20110010"  # [platform]
 # --- Batch detail query ---------------------------------------------------------------------------
 MAX_KEYS_PER_BATCH: Final = 50  # [assumed] more gets CODE_INVALID_PARAMETER
 MAX_IMAGES_PER_JOB: Final = 10  # [doc] n is 1 to 10: an entry listing more is not to be believed
-# [assumed] the reply is {"data": {"list": [entry, ...]}}; the client also reads a bare array.
+# [assumed] the reply is {"data": {"list": [entry, ...]}}; the client also reads a bare array
+# and a null list (none listed); a null data is a malformed reply (_replies), asked again.
 BATCH_LIST_FIELD: Final = "list"
 
 

@@ -138,7 +138,10 @@ class Images:
         budget paid for: its expected cost (by ``request`` and ``n``) is held from now, and
         turns into what it cost when it ends. It is never refused (it is paid already); the
         submits after it are. Without a budget it changes nothing. It needs ``request`` (with
-        its ``model``): a job's cost is known by its kind.
+        its ``model``): a job's cost is known by its kind. A job this client already counted
+        as maybe charged is counted once: one whose wait ended (by its key), or a submit whose
+        reply was lost, given the ``request`` of its ``SubmitUncertainError`` (or, with a
+        journal, after ``record_submit_key``).
 
         Raises:
             InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.

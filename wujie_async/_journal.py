@@ -136,8 +136,9 @@ class SubmitJournal(Protocol):
         """Write a submit's request before it is sent; returns its row id."""
         ...
 
-    async def record_accepted(self, row_id: int, key: str) -> None:
-        """Write the key the gateway gave."""
+    async def record_accepted(self, row_id: int, key: str) -> bool:
+        """Write the key the gateway gave. False, writing nothing, when another row holds
+        ``key`` already (an earlier job's: a gateway that hands out a key again)."""
         ...
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
@@ -272,9 +273,16 @@ class Journal:
         row_id, _ = future.result()
         self.record_unsent(row_id, "unsent", "cancelled before it was sent")
 
-    async def record_accepted(self, row_id: int, key: str) -> None:
-        """Write the key the gateway gave (before ``submit()`` returns)."""
-        await self._worker.write(self._accepted(row_id, key), key)
+    async def record_accepted(self, row_id: int, key: str) -> bool:
+        """Write the key the gateway gave (before ``submit()`` returns).
+
+        Returns False, writing nothing, when another row holds ``key`` already: an earlier
+        job's key handed out again (a gateway whose key counter was reset). Written, two rows
+        of one key would take one job's outcome (the earlier job's row closed with the new
+        job's images, its own never collected), and ``resume()`` would follow only one.
+        """
+        _, changed = await self._worker.write(self._accepted(row_id, key), key)
+        return changed == 1
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
         """The same, not awaited: for a submit interrupted after its key came back."""
@@ -284,8 +292,9 @@ class Journal:
     def _accepted(row_id: int, key: str) -> list[Op]:
         return [
             (
-                "UPDATE submits SET state='accepted', job_key=?, updated=? WHERE id=?",
-                (key, time.time(), row_id),
+                "UPDATE submits SET state='accepted', job_key=?, updated=? WHERE id=? "
+                "AND NOT EXISTS (SELECT 1 FROM submits WHERE job_key=? AND id<>?)",
+                (key, time.time(), row_id, key, row_id),
             )
         ]
 

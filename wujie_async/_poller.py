@@ -57,6 +57,7 @@ from ._errors import (
     JobProtocolError,
     JobTimeoutError,
     ParameterError,
+    ProtocolError,
     RateLimitedError,
     ReplyTooDeepError,
     ResponseTooLargeError,
@@ -248,6 +249,10 @@ class BatchPoller:
         # reaches its deadline meanwhile says so (credentials revoked mid-run read as a plain
         # timeout otherwise).
         self._failing: str | None = None
+        # Replies in a row whose shape could not be read (no list of entries, data null):
+        # their keys are asked again after a wait that doubles with each, from min_interval
+        # to max_interval (a gateway answering every call so asked 40 times a second).
+        self._shapeless_replies = 0
         # Jobs that ended lately, so attach(key) right after the end returns the ended job
         # (a status endpoint attaching per request) instead of starting over; bounded. A job
         # holding bulk (inline image bytes, an edit's source images) is held weakly, next to a
@@ -509,7 +514,16 @@ class BatchPoller:
                 data = await self._transport.post(
                     _contract.BATCH_INFO_PATH, list(asked), kind="poll", parent=batch
                 )
-            reading = self._read(data, asked)
+            try:
+                reading = self._read(data, asked)
+            except ProtocolError:
+                self._shapeless_replies += 1
+                policy = self._policy
+                retry_wait = min(
+                    policy.min_interval * 2 ** (self._shapeless_replies - 1), policy.max_interval
+                )
+                raise
+            self._shapeless_replies = 0
             self._failing = None
         except WujieError as exc:
             failure = exc

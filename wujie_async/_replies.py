@@ -119,8 +119,19 @@ def _listed(data: Any) -> list[Any]:
     """The list of entries of a batch reply's ``data``.
 
     The reply's shape is [assumed] (see _contract). A bare array, or a null list (nothing
-    found), are read the same way rather than failing every job.
+    found), are read the same way rather than failing every job. A null ``data`` is not: the
+    envelope's ``data`` is null on errors, and a reply that says nothing, read as "none of
+    these keys is known", would fail every job of the call as unknown once it lasted the
+    grace (paid jobs whose results were never seen); it is a malformed reply, asked again.
+
+    Raises:
+        ProtocolError: ``data`` is null, or holds no list of entries.
     """
+    if data is None:
+        raise ProtocolError(
+            "batch reply data is null (no list of entries, not even an empty one): "
+            "read as a failed call, its keys asked again"
+        )
     listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
     if listed is None:
         return []

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -187,6 +188,11 @@ class SubmitRecord:
         self.unjournaled: str | None = None
 
     @property
+    def row_id(self) -> int | None:
+        """The journal row of this submit, once its intent is written (None: no journal)."""
+        return self._row_id
+
+    @property
     def may_have_left(self) -> bool:
         """True once the request may have left the process."""
         return self._sending
@@ -215,24 +221,35 @@ class SubmitRecord:
         the next one waits)."""
         self._sending = may_leave
 
-    async def accepted(self, key: str) -> None:
+    async def accepted(self, key: str) -> bool:
         """Keep the key the gateway gave; a journal that cannot write it does not lose it.
 
         If the write fails, ``unjournaled`` says why and the caller keeps the key in memory;
         the write is queued once more, so a journal that recovers (Redis back, room on the
         disk again) gets the key after all.
+
+        Returns False, keeping nothing, when the journal holds ``key`` on an earlier row
+        already (an earlier job's key handed out again): the submit is to end uncertain.
         """
-        self.key = key
         if self._journal is None or self._row_id is None:
-            return
+            self.key = key
+            return True
         try:
-            await self._journal.record_accepted(self._row_id, key)
+            written = await self._journal.record_accepted(self._row_id, key)
         except ClientStateError as exc:
+            self.key = key
             self.unjournaled = str(exc)
             with contextlib.suppress(ClientStateError):  # a journal already closed
                 self._journal.record_accepted_later(self._row_id, key)
-        else:
-            self._key_written = True
+            return True
+        except BaseException:
+            self.key = key  # interrupted: kept, written later (see __aexit__)
+            raise
+        if not written:
+            return False
+        self.key = key
+        self._key_written = True
+        return True
 
     def unjournaled_entry(self) -> JournalEntry:
         """What ``uncertain_submits()`` lists for a key the journal could not keep."""
@@ -290,11 +307,20 @@ _MAYBE_CHARGED = (
 )
 
 
+# How many reservations kept as spent (maybe charged) are remembered for an attach() of the
+# same job to take back (see Submits.charge_attached); past it, the oldest are forgotten, and
+# attaching one of those counts it again (the budget errs on the side of spending less).
+MAYBE_CHARGED_KEPT = 1024
+
+
 def _on_end(
-    release: Callable[[], None] | None, held: Reservation | None
+    release: Callable[[], None] | None,
+    held: Reservation | None,
+    maybe_charged: Callable[[str, Reservation], None] | None = None,
 ) -> Callable[[ImageJob], None] | None:
     """What a job gives back when it ends: its in-flight slot, and its points reservation
-    turned into what the gateway charged (None: nothing to give back, no callback)."""
+    turned into what the gateway charged (None: nothing to give back, no callback);
+    ``maybe_charged`` is told of a job whose end kept its reservation as spent."""
     if held is None:
         return None if release is None else (lambda _job: release())
 
@@ -302,13 +328,12 @@ def _on_end(
         if release is not None:
             release()
         error = job.exception()
-        held.settle(
-            job.points_charged,
-            succeeded=job.done() and error is None,
-            # Only the wait ended (the job may run on, and be charged), or the end says
-            # nothing of a charge (a job the gateway lost or garbled, or done short).
-            maybe_charged=isinstance(error, _MAYBE_CHARGED),
-        )
+        # Only the wait ended (the job may run on, and be charged), or the end says nothing
+        # of a charge (a job the gateway lost or garbled, or done short).
+        maybe = isinstance(error, _MAYBE_CHARGED)
+        held.settle(job.points_charged, succeeded=job.done() and error is None, maybe_charged=maybe)
+        if maybe and maybe_charged is not None:
+            maybe_charged(job.key, held)
 
     return ended
 
@@ -362,6 +387,11 @@ class Submits:
         self._claimed_keys: set[str] = set()
         # Keys of earlier jobs (refuse_keys): a submit given one cannot be told from them.
         self._refused_keys: set[str] = set()
+        # Reservations kept as spent because their job may have been charged, by what can name
+        # that job again: its key (only the wait for it ended), its journal row or the very
+        # request of its SubmitUncertainError (its reply was lost). An attach() charged to the
+        # budget takes one back rather than count the job twice (see charge_attached).
+        self._maybe_charged: OrderedDict[object, tuple[Reservation, object]] = OrderedDict()
         self.accepted = 0
         self.errors = 0
         self.unjournaled: list[JournalEntry] = []
@@ -371,13 +401,48 @@ class Submits:
         self._admission = admission
 
     def charge_attached(
-        self, request: Mapping[str, Any], n: int
+        self, key: str, request: Mapping[str, Any], n: int
     ) -> Callable[[ImageJob], None] | None:
         """Hold an attached job's expected cost on the budget; the callback its job calls when
-        it ends turns that into what it cost (None: no budget, nothing to hold)."""
-        if self._budget is None:
+        it ends turns that into what it cost (None: no budget, nothing to hold).
+
+        A job this client already counted as maybe charged is the same job, counted once: its
+        key's (a job whose wait ended), or that of the submit whose ``SubmitUncertainError``
+        carried this very ``request`` object, or whose journal row was given this key
+        (:meth:`key_found`). What was counted for it is taken back as it is held anew.
+        """
+        budget = self._budget
+        if budget is None:
             return None
-        return _on_end(None, self._budget.hold(request, n))
+        counted = self._take_maybe_charged(key) or self._take_maybe_charged(
+            ("request", id(request)), request
+        )
+        held = budget.take_back(counted) if counted is not None else budget.hold(request, n)
+        return _on_end(None, held, self._remember_maybe_charged)
+
+    def key_found(self, row_id: int, key: str) -> None:
+        """The journal row ``row_id`` (a submit whose reply was lost) was accepted as ``key``:
+        an attach() of ``key`` charged to the budget is that submit's job."""
+        counted = self._take_maybe_charged(("row", row_id))
+        if counted is not None:
+            self._remember_maybe_charged(key, counted)
+
+    def _remember_maybe_charged(
+        self, handle: object, held: Reservation, anchor: object = None
+    ) -> None:
+        remembered = self._maybe_charged
+        remembered[handle] = (held, anchor)
+        remembered.move_to_end(handle)
+        while len(remembered) > MAYBE_CHARGED_KEPT:
+            remembered.popitem(last=False)
+
+    def _take_maybe_charged(self, handle: object, anchor: object = None) -> Reservation | None:
+        found = self._maybe_charged.pop(handle, None)
+        if found is None or found[1] is not anchor:
+            return None  # none, or an id() of a request object since gone and reused
+        held = found[0]
+        # Taken back already through another of its handles: nothing is counted for it now.
+        return held if held.counted is not None else None
 
     async def submit(
         self, path: str, body: dict[str, Any], n: int, deadline_s: float, tag: str | None
@@ -512,6 +577,7 @@ class Submits:
             if held is not None:
                 held.release()
             raise
+        lost_reply = True
         try:
             async with record:
                 async with admission.send_slot(record.intent):
@@ -523,24 +589,33 @@ class Submits:
                         on_wire=record.on_wire,
                         before_retry=admission.pace_again,
                     )
-                key = self._claim_key(data, body)
+                try:
+                    key = self._claim_key(data, body)
+                except SubmitUncertainError:
+                    lost_reply = False  # a reply came, with another job's key
+                    raise
                 if trace is not None and (otel := self._telemetry.otel) is not None:
                     otel.job_accepted(trace, key)
+                earlier = False  # the journal holds the key on an earlier row
                 try:
-                    await record.accepted(key)
+                    earlier = not await record.accepted(key)
                 finally:
                     # Whatever happens now, the key gets its job (tracked, or settled at once
                     # if the client is closing): an accepted key is never dropped.
-                    record.job = self._make_job(
-                        key,
-                        deadline_s=deadline_s,
-                        request=body,
-                        n=n,
-                        ended=_on_end(release, held),
-                        trace=trace,
-                    )
-                    release = held = None  # the job gives them back when it ends
+                    if not earlier:
+                        record.job = self._make_job(
+                            key,
+                            deadline_s=deadline_s,
+                            request=body,
+                            n=n,
+                            ended=_on_end(release, held, self._remember_maybe_charged),
+                            trace=trace,
+                        )
+                        release = held = None  # the job gives them back when it ends
                     self._claimed_keys.discard(key)
+                if earlier:
+                    lost_reply = False  # a reply came, with another job's key
+                    raise _reused_key(key, "the key of an earlier job in the journal", body)
         except BaseException as exc:
             if held is not None:
                 if outcome_state(exc, sending=record.may_have_left) == "uncertain":
@@ -548,6 +623,11 @@ class Submits:
                     # kind leaves the kind without a price (each lost reply letting the next
                     # probe go spent without limit).
                     held.settle(None, maybe_charged=True)
+                    # Its key may be found (the console): an attach() of it is this job.
+                    if lost_reply:
+                        self._remember_maybe_charged(("request", id(body)), held, body)
+                    if record.row_id is not None:
+                        self._remember_maybe_charged(("row", record.row_id), held)
                 else:
                     held.release()  # refused or never sent: nothing was charged
             raise
@@ -563,6 +643,7 @@ class Submits:
                 record.unjournaled,
             )
         self.accepted += 1
+        assert record.job is not None  # made above, or the submit raised
         return record.job
 
     def refuse_keys(self, keys: Iterable[str]) -> None:
@@ -581,10 +662,19 @@ class Submits:
         else:
             self._claimed_keys.add(key)
             return key
-        # The gateway charged this submit but gave the key of another job: this job cannot be
-        # followed, and overwriting the other would orphan it.
-        raise SubmitUncertainError(
-            f"the gateway returned {whose} ({key}): this submit may have been charged but its "
-            f"job cannot {what}; the earlier job is unaffected",
-            request=body,
-        ) from ProtocolError(f"the gateway returned {whose}", body=key)
+        raise _reused_key(key, whose, body, what)
+
+
+def _reused_key(
+    key: str, whose: str, body: dict[str, Any], what: str = "be told from that one"
+) -> SubmitUncertainError:
+    """The error of a submit answered with the key of another job (``whose``)."""
+    # The gateway charged this submit but gave the key of another job: this job cannot be
+    # followed, and overwriting the other would orphan it.
+    error = SubmitUncertainError(
+        f"the gateway returned {whose} ({key}): this submit may have been charged but its "
+        f"job cannot {what}; the earlier job is unaffected",
+        request=body,
+    )
+    error.__cause__ = ProtocolError(f"the gateway returned {whose}", body=key)
+    return error

@@ -477,8 +477,10 @@ class RedisJournal:
                     ) from None
                 await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
 
-    async def record_accepted(self, row_id: int, key: str) -> None:
-        """Write the key the gateway gave (before ``submit()`` returns).
+    async def record_accepted(self, row_id: int, key: str) -> bool:
+        """Write the key the gateway gave (before ``submit()`` returns). Always True: the
+        fleet's journal does not look for the key among earlier rows (the SQLite journal
+        does); ``WujieClient.refuse_keys`` is the way to name earlier jobs' keys here.
 
         Raises:
             ClientStateError: the row is not this member's open intent (claimed meanwhile).
@@ -494,6 +496,7 @@ class RedisJournal:
                 f"journal row {row_id} is not an intent of member {self.member_id} any more "
                 f"(claimed by another member?); key {key} was not recorded"
             )
+        return True
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
         """The same, not awaited: for a submit interrupted after its key came back."""
