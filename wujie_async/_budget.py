@@ -38,7 +38,7 @@ run of the same budget paid for). Such a job is already paid, so it is never ref
 expected cost is held like a submit's (a job of a kind whose cost is not known yet holds its
 kind's submits back, like a probe, until it ends) and turns into what it cost when it ends.
 An attached job that this client already counted as maybe charged (its submit's reply was
-lost, or only the wait for it ended) is that same job: :meth:`Budget.take_back` moves what was
+lost, or only the wait for it ended) is that same job: :meth:`Budget.hold_attached` moves what was
 counted for it back out of ``spent`` as it is held again, so it is counted once.
 
 Everything runs on the event loop, with no await between the check and the reservation: two
@@ -47,6 +47,7 @@ submits racing for the last points cannot both pass.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,10 @@ import anyio
 from ._errors import BudgetExceededError
 
 Kind = tuple[str, str, str, int]
+# How many reservations kept as spent (maybe charged) are remembered for an attach of the same
+# job to take back (Budget.hold_attached); past it, the oldest are forgotten, and attaching one
+# of those counts it again (the budget errs on the side of spending less).
+MAYBE_CHARGED_KEPT = 1024
 
 
 def kind_of(body: Mapping[str, Any], n: int) -> Kind:
@@ -116,6 +121,10 @@ class Budget:
         # Kinds whose cost is not known yet with a job out (a submit's probe, or jobs held by
         # hold()): how many, and the event set when the last of them ends.
         self._probes: dict[Kind, _Probe] = {}
+        # Reservations kept as spent because their job may have been charged, by what can name
+        # that job again (see maybe_charged): an attach charged to the budget takes one back
+        # rather than count the job twice.
+        self._maybe_charged: OrderedDict[object, tuple[Reservation, object]] = OrderedDict()
 
     def estimate(self, kind: Kind) -> float | None:
         """What a job of ``kind`` is expected to cost (never below 0), or None when nothing is
@@ -169,14 +178,47 @@ class Budget:
         past ``max_points`` (later submits are); an unknown cost holds its kind back."""
         return self._hold(kind_of(body, n))
 
-    def take_back(self, counted: Reservation) -> Reservation:
-        """The job of ``counted``, whose end kept it as spent (maybe charged: its submit's
-        reply was lost, or only the wait for it ended), is followed again: what its end added
-        to ``spent`` leaves it, and the job's expected cost is held anew (as by :meth:`hold`),
-        to turn into what it cost when it ends. Counted once, never twice."""
+    def hold_attached(self, key: str, request: Mapping[str, Any], n: int) -> Reservation:
+        """:meth:`hold` for an attached job, counted once: a job this budget already kept as
+        maybe charged (:meth:`maybe_charged`) is that job when named by its key (only the wait
+        for it ended), by the very ``request`` object of its ``SubmitUncertainError`` (its
+        reply was lost), or by the key its journal row was given (:meth:`key_found`). What its
+        end added to ``spent`` leaves it, and its expected cost is held anew, to turn into
+        what it cost when it ends."""
+        counted = self._take_maybe_charged(key) or self._take_maybe_charged(
+            ("request", id(request)), request
+        )
+        if counted is None:
+            return self.hold(request, n)
         self.spent -= counted.counted or 0.0
         counted.counted = None
         return self._hold(counted.kind)
+
+    def maybe_charged(self, handle: object, held: Reservation, anchor: object = None) -> None:
+        """``held``'s end kept it as spent (its job may have been charged): remember it by
+        ``handle`` (a job key, ``("request", id(body))`` with ``anchor=body``, or
+        ``("row", row_id)``) for an attach of that job (:meth:`hold_attached`). The last
+        ``MAYBE_CHARGED_KEPT`` are remembered."""
+        remembered = self._maybe_charged
+        remembered[handle] = (held, anchor)
+        remembered.move_to_end(handle)
+        while len(remembered) > MAYBE_CHARGED_KEPT:
+            remembered.popitem(last=False)
+
+    def key_found(self, row_id: int, key: str) -> None:
+        """The journal row ``row_id`` (a submit whose reply was lost) was accepted as ``key``:
+        an attach of ``key`` charged to the budget is that submit's job."""
+        counted = self._take_maybe_charged(("row", row_id))
+        if counted is not None:
+            self.maybe_charged(key, counted)
+
+    def _take_maybe_charged(self, handle: object, anchor: object = None) -> Reservation | None:
+        found = self._maybe_charged.pop(handle, None)
+        if found is None or found[1] is not anchor:
+            return None  # none, or an id() of a request object since gone and reused
+        held = found[0]
+        # Taken back already through another of its handles: nothing is counted for it now.
+        return held if held.counted is not None else None
 
     def _hold(self, kind: Kind) -> Reservation:
         points = self.estimate(kind)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -307,20 +306,14 @@ _MAYBE_CHARGED = (
 )
 
 
-# How many reservations kept as spent (maybe charged) are remembered for an attach() of the
-# same job to take back (see Submits.charge_attached); past it, the oldest are forgotten, and
-# attaching one of those counts it again (the budget errs on the side of spending less).
-MAYBE_CHARGED_KEPT = 1024
-
-
 def _on_end(
     release: Callable[[], None] | None,
     held: Reservation | None,
-    maybe_charged: Callable[[str, Reservation], None] | None = None,
+    budget: Budget | None = None,
 ) -> Callable[[ImageJob], None] | None:
     """What a job gives back when it ends: its in-flight slot, and its points reservation
     turned into what the gateway charged (None: nothing to give back, no callback);
-    ``maybe_charged`` is told of a job whose end kept its reservation as spent."""
+    ``budget`` remembers a job whose end kept its reservation as spent (for an attach of it)."""
     if held is None:
         return None if release is None else (lambda _job: release())
 
@@ -332,8 +325,8 @@ def _on_end(
         # of a charge (a job the gateway lost or garbled, or done short).
         maybe = isinstance(error, _MAYBE_CHARGED)
         held.settle(job.points_charged, succeeded=job.done() and error is None, maybe_charged=maybe)
-        if maybe and maybe_charged is not None:
-            maybe_charged(job.key, held)
+        if maybe and budget is not None:
+            budget.maybe_charged(job.key, held)
 
     return ended
 
@@ -387,11 +380,6 @@ class Submits:
         self._claimed_keys: set[str] = set()
         # Keys of earlier jobs (refuse_keys): a submit given one cannot be told from them.
         self._refused_keys: set[str] = set()
-        # Reservations kept as spent because their job may have been charged, by what can name
-        # that job again: its key (only the wait for it ended), its journal row or the very
-        # request of its SubmitUncertainError (its reply was lost). An attach() charged to the
-        # budget takes one back rather than count the job twice (see charge_attached).
-        self._maybe_charged: OrderedDict[object, tuple[Reservation, object]] = OrderedDict()
         self.accepted = 0
         self.errors = 0
         self.unjournaled: list[JournalEntry] = []
@@ -403,46 +391,18 @@ class Submits:
     def charge_attached(
         self, key: str, request: Mapping[str, Any], n: int
     ) -> Callable[[ImageJob], None] | None:
-        """Hold an attached job's expected cost on the budget; the callback its job calls when
-        it ends turns that into what it cost (None: no budget, nothing to hold).
-
-        A job this client already counted as maybe charged is the same job, counted once: its
-        key's (a job whose wait ended), or that of the submit whose ``SubmitUncertainError``
-        carried this very ``request`` object, or whose journal row was given this key
-        (:meth:`key_found`). What was counted for it is taken back as it is held anew.
-        """
+        """Hold an attached job's expected cost on the budget, counted once
+        (``Budget.hold_attached``); the callback its job calls when it ends turns that into
+        what it cost (None: no budget, nothing to hold)."""
         budget = self._budget
         if budget is None:
             return None
-        counted = self._take_maybe_charged(key) or self._take_maybe_charged(
-            ("request", id(request)), request
-        )
-        held = budget.take_back(counted) if counted is not None else budget.hold(request, n)
-        return _on_end(None, held, self._remember_maybe_charged)
+        return _on_end(None, budget.hold_attached(key, request, n), budget)
 
     def key_found(self, row_id: int, key: str) -> None:
-        """The journal row ``row_id`` (a submit whose reply was lost) was accepted as ``key``:
-        an attach() of ``key`` charged to the budget is that submit's job."""
-        counted = self._take_maybe_charged(("row", row_id))
-        if counted is not None:
-            self._remember_maybe_charged(key, counted)
-
-    def _remember_maybe_charged(
-        self, handle: object, held: Reservation, anchor: object = None
-    ) -> None:
-        remembered = self._maybe_charged
-        remembered[handle] = (held, anchor)
-        remembered.move_to_end(handle)
-        while len(remembered) > MAYBE_CHARGED_KEPT:
-            remembered.popitem(last=False)
-
-    def _take_maybe_charged(self, handle: object, anchor: object = None) -> Reservation | None:
-        found = self._maybe_charged.pop(handle, None)
-        if found is None or found[1] is not anchor:
-            return None  # none, or an id() of a request object since gone and reused
-        held = found[0]
-        # Taken back already through another of its handles: nothing is counted for it now.
-        return held if held.counted is not None else None
+        """The journal row ``row_id`` (a submit whose reply was lost) was accepted as ``key``."""
+        if self._budget is not None:
+            self._budget.key_found(row_id, key)
 
     async def submit(
         self, path: str, body: dict[str, Any], n: int, deadline_s: float, tag: str | None
@@ -608,7 +568,7 @@ class Submits:
                             deadline_s=deadline_s,
                             request=body,
                             n=n,
-                            ended=_on_end(release, held, self._remember_maybe_charged),
+                            ended=_on_end(release, held, self._budget),
                             trace=trace,
                         )
                         release = held = None  # the job gives them back when it ends
@@ -624,10 +584,12 @@ class Submits:
                     # probe go spent without limit).
                     held.settle(None, maybe_charged=True)
                     # Its key may be found (the console): an attach() of it is this job.
+                    budget = self._budget
+                    assert budget is not None  # a reservation is held on it
                     if lost_reply:
-                        self._remember_maybe_charged(("request", id(body)), held, body)
+                        budget.maybe_charged(("request", id(body)), held, body)
                     if record.row_id is not None:
-                        self._remember_maybe_charged(("row", record.row_id), held)
+                        budget.maybe_charged(("row", record.row_id), held)
                 else:
                     held.release()  # refused or never sent: nothing was charged
             raise
