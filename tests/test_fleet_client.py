@@ -23,6 +23,7 @@ from wujie_async import (
     JobTimeoutError,
     Limits,
     PollPolicy,
+    SubmitUncertainError,
     UnknownJobError,
     WujieClient,
 )
@@ -33,10 +34,12 @@ from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
 from wujie_async.fleet._reports import Report, post_reports
+from wujie_async.testing import INSTANT_RETRY
 
 from .conftest import FAST_POLL, EmulatorFactory
 from .fleet_support import any_redis, fleet_name, forget_fleet, free_port, member, own_redis
 from .helpers import eventually
+from .hostile import scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -841,3 +844,37 @@ async def test_a_redis_that_refuses_the_reports_is_not_rejoined_in_a_storm(
     shown = [round(gap, 3) for gap in gaps]
     assert gaps[0] < 0.9, shown
     assert gaps[2] >= 1.0 and gaps[3] >= 2.0, shown
+
+
+async def test_a_fleet_submit_given_an_earlier_jobs_key_is_uncertain_and_that_job_resumed(
+    url: str,
+) -> None:
+    """A gateway whose key counter was reset hands an earlier member's key out again: the
+    fleet's journal refuses it by itself (no ``refuse_keys``), the submit is uncertain, and
+    ``resume()`` collects the earlier job from its own row."""
+    name = fleet_name()
+
+    def running(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 1} for key in keys]
+
+    def done(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 4, "images": [{"url": "https://cdn.example/a.png"}]}
+                for key in keys]  # fmt: skip
+
+    def client_of(base_url: str) -> WujieClient:
+        fleet = RedisFleet(url, name=name, lease_seconds=1.0, member_timeout=0.5)
+        return WujieClient(
+            throwaway_credentials(), base_url=base_url, retry=INSTANT_RETRY, fleet=fleet
+        )
+
+    async with scripted_gateway(running) as first, client_of(first.base_url) as client:
+        earlier = await client.images.submit(prompt="earlier", model="dall-e-2")
+    async with scripted_gateway(done) as restarted, client_of(restarted.base_url) as client:
+        with pytest.raises(SubmitUncertainError, match="earlier job in the journal"):
+            await client.images.submit(prompt="new", model="dall-e-2")
+        [uncertain] = await client.uncertain_submits()
+        assert uncertain.request["prompt"] == "new" and uncertain.job_key is None
+        [job] = await client.resume()
+        assert job.key == earlier.key and job.request is not None
+        assert job.request["prompt"] == "earlier"
+        await asyncio.wait_for(job, 10)

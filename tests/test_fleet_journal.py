@@ -354,3 +354,25 @@ async def test_an_intent_write_retried_through_a_frozen_redis_makes_one_row_or_n
         assert row is not None and rows == [(row, "intent")]
     else:
         assert row is None and all(state == "unsent" for _, state in rows), rows
+
+
+async def test_a_key_an_earlier_row_holds_is_not_written_on_a_second_row(url: str) -> None:
+    """A gateway whose key counter was reset hands an earlier job's key out again. Before:
+    the fleet's journal wrote it on the new row too, so the earlier row (still ``accepted``,
+    its run stopped) was closed with the new job's outcome and its own images never
+    collected. Now the write is refused (False), the new row stays an intent for the submit
+    to end ``uncertain``, and the earlier row keeps its key."""
+    request = {"prompt": "a fox", "model": "dall-e-2"}
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        earlier = await journal.record_intent("/gen", request)
+        assert await journal.record_accepted(earlier, "KEY-1") is True
+        again = await journal.record_intent("/gen", {**request, "prompt": "new"})
+        assert await journal.record_accepted(again, "KEY-1") is False
+        [intent] = await journal.entries("intent")
+        assert intent.id == again and intent.job_key is None
+        journal.record_unsent(again, "uncertain", "the key of an earlier job")
+        journal.record_outcome("KEY-1", "succeeded")
+        await journal.flush()
+        rows = {row.id: row for row in await journal.entries()}
+        assert (rows[earlier].state, rows[earlier].job_key) == ("succeeded", "KEY-1")
+        assert (rows[again].state, rows[again].job_key) == ("uncertain", None)

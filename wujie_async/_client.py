@@ -809,8 +809,8 @@ class WujieClient:
 
         A gateway that hands out a key again (a counter reset by a restart) would have a new
         submit followed as the earlier job, and given its images. The client refuses a key
-        of a job it follows or has just ended, and a SQLite journal a key it holds on an
-        earlier row; beyond that it cannot know them. A submit
+        of a job it follows or has just ended, and its journal (SQLite or the fleet's) a key it
+        holds on an earlier row; beyond that it cannot know them. A submit
         answered with one of these keys raises :class:`SubmitUncertainError` (it may have
         been charged; its job cannot be told from the earlier one) and its journal row stays
         ``uncertain``. Attaching one of these keys is not affected. The bulk command passes

@@ -124,7 +124,9 @@ return id
 
 # KEYS: seq. ARGV: prefix, id ('' = look up job_key; 'once:<token>' = the row an intent
 # write with that token made, if it ran, and it may not run later), from, to, job_key, error,
-# now, owner, then optionally the intent as written (path, request, tag, created).
+# now, owner, then optionally the intent as written (path, request, tag, created). Reply: 1
+# moved, 0 not (the row is not in ``from``, or another member's), 2 for a key another row holds
+# (an earlier job's key handed out again: not written).
 # An intent's row that Redis lost while its submit was out (a FLUSHALL, a restart without AOF)
 # is written again from those when the submit may have been charged (its key came, or it is
 # uncertain), as this member's: the job is neither lost nor filed under another submit.
@@ -156,6 +158,10 @@ elseif ARGV[9] and redis.call('EXISTS', p .. 'row:' .. id) == 0 then
                       key)
   if ARGV[6] ~= '' then redis.call('HSET', p .. 'row:' .. row, 'error', ARGV[6]) end
   return 1
+end
+if ARGV[4] == 'accepted' and ARGV[5] ~= '' then
+  local held = redis.call('GET', p .. 'key:' .. ARGV[5])
+  if held and held ~= id then return 2 end  -- an earlier job's key, handed out again
 end
 return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
@@ -478,19 +484,32 @@ class RedisJournal:
                 await asyncio.sleep(min(0.25, max(0.0, deadline - loop.time())))
 
     async def record_accepted(self, row_id: int, key: str) -> bool:
-        """Write the key the gateway gave (before ``submit()`` returns). Always True: the
-        fleet's journal does not look for the key among earlier rows (the SQLite journal
-        does); ``WujieClient.refuse_keys`` is the way to name earlier jobs' keys here.
+        """Write the key the gateway gave (before ``submit()`` returns).
+
+        Returns False, writing nothing, when another row holds ``key`` already (an earlier
+        job's key handed out again, as the SQLite journal does).
 
         Raises:
             ClientStateError: the row is not this member's open intent (claimed meanwhile).
         """
         args = self._accepted(row_id, key)
+        earlier = self._open.get(key)
+        written = self._intents.get(row_id)
         self._opened(row_id, key)  # restore() has it, even if this write fails
         moved = await self._waiting_for_redis(
             lambda: self._move((self._seq,), args), f"key {key} was not journaled"
         )
         self.commits += 1
+        if int(moved) == 2:
+            # The key is the earlier row's: what restore() keeps of it stays that row's, and
+            # this submit's intent stays an intent (record_unsent ends it).
+            if earlier is not None:
+                self._open[key] = earlier
+            else:
+                self._open.pop(key, None)
+            if written is not None:
+                self._intents[row_id] = written
+            return False
         if int(moved) != 1:
             raise ClientStateError(
                 f"journal row {row_id} is not an intent of member {self.member_id} any more "
