@@ -167,6 +167,38 @@ def test_the_model_rejects_non_finite_numbers_and_read_drops_or_clamps_them() ->
     assert isinstance(failed.fail_message, FailInfo) and failed.fail_message.fail_code is None
 
 
+def test_an_image_field_that_is_not_text_is_dropped_not_the_entry() -> None:
+    # A revised_prompt that is an object, or a b64_json that is a number beside a good url,
+    # failed the whole entry: the job (paid) ended JobProtocolError and its image was lost.
+    url = "https://files.example/a.png"
+    images = [
+        {"url": url, "revised_prompt": {"text": "a fox"}},
+        {"url": url, "b64_json": 5, "revised_prompt": 7},
+        {"url": ["x"], "b64_json": "aGk="},
+    ]
+    entry = JobInfo.read({"key": "K", "status": 4, "images": images})
+    assert entry.images is not None
+    assert [(i.url, i.b64_json, i.revised_prompt) for i in entry.images] == [
+        (url, None, None), (url, None, None), (None, "aGk=", None),
+    ]  # fmt: skip
+    for bad in ("a.png", [1], ["a.png"]):  # not a list of objects: the entry is unreadable
+        with pytest.raises(ValidationError):
+            JobInfo.read({"key": "K", "status": 4, "images": bad})
+
+
+async def test_a_paid_image_beside_a_malformed_revised_prompt_is_delivered() -> None:
+    image = {"url": "https://files.example/a.png", "revised_prompt": {"nested": True}}
+
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 4, "images": [image], "integral_cost": 2} for key in keys]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as c:
+        [job] = await submit(c, 1, job_timeout=20)
+        result = await asyncio.wait_for(job, 10)
+        assert [i.url for i in result.images] == [image["url"]]
+        assert job.points_charged == 2
+
+
 # --- item 10: a flood of junk entries is bounded work and one warning per reply ---------------
 def _junk(count: int) -> bytes:
     # Keyless entries, entries for keys nobody asked about, and malformed ones with no key.

@@ -402,7 +402,9 @@ class JobInfo(_Reply):
 
         ``expected_seconds`` is clamped to 0 to a day and ``complete_percent`` to 0 to 100; any
         other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
-        wrong type) becomes None. Only a bad key, status or image list fails the entry.
+        wrong type, an image's ``url``, ``b64_json`` or ``revised_prompt`` that is not text)
+        becomes None. Only a bad key, status or image list (not a list of objects) fails the
+        entry.
 
         Raises:
             ValidationError: the key, status or images are unreadable.
@@ -421,7 +423,21 @@ class JobInfo(_Reply):
         return self.status in _contract.TERMINAL_STATUSES
 
 
+_IMAGE_CLEANERS = {"url": _text, "b64_json": _text, "revised_prompt": _text}
+
+
+def _images(value: Any) -> Any:
+    """An image list whose images' unreadable fields (not text) are None: a number for
+    ``revised_prompt`` must not cost the job an image it paid for. An image that is not an
+    object still fails the entry (the model says so)."""
+    if not isinstance(value, list):
+        return value
+    cleaned = [_with_fields_cleaned(image, _IMAGE_CLEANERS) for image in value]
+    return value if all(new is old for new, old in zip(cleaned, value, strict=True)) else cleaned
+
+
 _ENTRY_CLEANERS = {
+    "images": _images,
     "complete_percent": _percent,
     "expected_seconds": _expected_seconds,
     "fail_message": _fail,
