@@ -122,6 +122,11 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         return web.Response(status=302, headers={"Location": location})
     if mode.startswith("echo-"):  # a gateway or proxy that quotes the request's headers
         header = request.headers.get("Authorization", "")
+        if mode == "echo-200-data":  # a "success" whose data is the header (no key)
+            return web.json_response({"code": "200", "message": "success", "data": {"Key": header}})
+        if mode == "echo-200-key":  # a "success" whose key quotes the signature
+            sign = json.loads(header)["sign"] if header else ""
+            return web.json_response({"code": "200", "message": "ok", "data": {"key": "x " + sign}})
         if mode == "echo-entities":  # HTML-escaped as OWASP ESAPI's encodeForHTML writes it
             header = "".join(
                 c if c.isalnum() or c in ",.-_ " else f"&#x{ord(c):x};" for c in header
@@ -281,12 +286,16 @@ class ScriptedGateway:
 
 @asynccontextmanager
 async def scripted_gateway(
-    script: BatchScript, host: str = "127.0.0.1"
+    script: BatchScript,
+    host: str = "127.0.0.1",
+    *,
+    submit_data: Callable[[str], Any] | None = None,
 ) -> AsyncIterator[ScriptedGateway]:
     """A gateway that accepts every submit (keys ``K00000``, ``K00001``, ...) and answers each
     batch call with ``{"code":"200","data":{"list": script(keys)}}`` (or with what ``script``
     returns, when that is a ``web.Response``); ``script`` may be async.
-    It listens on ``host`` (loopback by default).
+    ``submit_data(key)``: the ``data`` of a submit's reply, for the job of ``key`` (by default
+    ``{"key": key}``). It listens on ``host`` (loopback by default).
     """
     app = web.Application(client_max_size=1024 * 1024)
     gateway = ScriptedGateway(base_url="")
@@ -294,7 +303,8 @@ async def scripted_gateway(
     async def submit(request: web.Request) -> web.Response:
         key = f"K{gateway.submits:05d}"
         gateway.submits += 1
-        return web.json_response({"code": "200", "message": "success", "data": {"key": key}})
+        data = {"key": key} if submit_data is None else submit_data(key)
+        return web.json_response({"code": "200", "message": "success", "data": data})
 
     async def info(request: web.Request) -> web.Response:
         keys = await request.json()

@@ -332,6 +332,40 @@ async def test_a_lost_reply_whose_key_is_attached_to_the_budget_is_counted_once(
         assert await _spent_when_refused(client) == (2, 16)
 
 
+async def test_a_reply_without_a_key_whose_key_is_attached_to_the_budget_is_counted_once() -> None:
+    """A "success" that gave no usable key: the job may exist (charged), its key found in the
+    console. Attached with the error's request and ``charge_budget=True``, it is that job:
+    its real cost (2) counts, once, not the 8 kept for the submit and 2 more on top."""
+
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        image = {"url": "https://files.example/a.png"}
+        return [
+            {"key": key, "status": 4, "images": [image], "integral_cost": 2}
+            if key == "K00000"
+            else {"key": key, "status": 1}  # the later jobs run on: their 8 stay held
+            for key in keys
+        ]
+
+    def keyless_first(key: str) -> dict[str, object]:
+        return {"Key": key} if key == "K00000" else {"key": key}
+
+    limits = Limits(max_points=24, point_prices={"dall-e-2": 8})
+    async with scripted_gateway(script, submit_data=keyless_first) as gateway:
+        client = WujieClient(
+            throwaway_credentials(),
+            base_url=gateway.base_url,
+            poll=FAST_POLL,
+            retry=INSTANT_RETRY,
+            limits=limits,
+        )
+        async with client:
+            with pytest.raises(SubmitUncertainError, match="no key") as lost:
+                await client.images.submit(prompt="a", model="dall-e-2")
+            job = client.images.attach("K00000", request=lost.value.request, charge_budget=True)
+            assert (await asyncio.wait_for(job, 10)).images and job.points_charged == 2
+            assert await _spent_when_refused(client) == (2, 16)
+
+
 async def test_a_job_whose_wait_ended_attached_to_the_budget_is_counted_once(
     emulator: EmulatorFactory,
 ) -> None:

@@ -35,6 +35,7 @@ from wujie_async import (
     JobFailedError,
     Limits,
     RetryPolicy,
+    SubmitUncertainError,
     Timeouts,
     WujieClient,
     WujieError,
@@ -388,6 +389,11 @@ async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
         assert any("it quotes this client's request signature" in text for text in texts)
     else:
         assert any("headers: Authorization" in text for text in texts)  # the rest is kept
+    _assert_no_signature(texts, signs)
+
+
+def _assert_no_signature(texts: list[str], signs: list[str]) -> None:
+    """No text quotes a piece of a signature: base64, hex, HTML- or URL-encoded, wrapped."""
     for text in texts:
         for sign in signs:
             pieces = {sign[start : start + 24] for start in range(0, len(sign) - 24, 8)}
@@ -396,6 +402,24 @@ async def test_a_header_the_server_echoes_back_is_left_out_of_errors_and_logs(
             for seen in (text, html.unescape(text), urllib.parse.unquote(text), text.lower()):
                 letters = "".join(seen.split())
                 assert not any(piece in letters for piece in pieces), f"signature: {text[:300]!r}"
+
+
+@pytest.mark.parametrize("mode", ["echo-200-data", "echo-200-key"])
+async def test_a_submit_reply_quoting_the_header_is_kept_by_no_frame_of_its_error(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A "success" whose data quotes the request's signature (no key, or a key around it):
+    the message left it out, but the locals of the frames the error's traceback keeps (the
+    reply in the submit's, the key check's) held it whole, for an error reporter to store."""
+    caplog.set_level(logging.DEBUG, logger="wujie_async")
+    async with recording_gateway() as gateway:
+        client = WujieClient(credentials(), base_url=f"{gateway.origin}/{mode}", retry=NO_RETRY)
+        async with client:
+            with pytest.raises(SubmitUncertainError) as info:
+                await client.images.submit(prompt="x", model="dall-e-2")
+    signs = [json.loads(header)["sign"] for header in gateway.authorizations]
+    assert signs
+    _assert_no_signature([*_reachable(info.value), caplog.text], signs)
 
 
 # --- server text never drives the terminal ----------------------------------------------------

@@ -59,9 +59,13 @@ def usable_key(data: Any, body: dict[str, Any]) -> str:
     else:
         problem = "a key with whitespace, control or invisible (format) characters"
     # The gateway said "200" but gave no usable key: the job may exist, unreachable.
-    raise SubmitUncertainError(
+    error = SubmitUncertainError(
         f"the submit reply has {problem}: {snippet(str(data)[:1000])}", request=body
-    ) from ProtocolError(f"the submit reply has {problem}")
+    )
+    # The reply may quote the request's signature (snippet() left it out of the message): the
+    # locals of this frame, which the error's traceback keeps, must not hold it either.
+    data = key = None
+    raise error from ProtocolError(f"the submit reply has {problem}")
 
 
 def is_job_key(key: object) -> bool:

@@ -550,7 +550,14 @@ class Submits:
                         before_retry=admission.pace_again,
                     )
                 try:
-                    key = self._claim_key(data, body)
+                    key = usable_key(data, body)
+                except SubmitUncertainError:
+                    # No usable key: its key may still be found (the console), so lost_reply
+                    # stands. The reply may quote the request's signature: not kept here.
+                    data = None
+                    raise
+                try:
+                    self._claim_key(key, body)
                 except SubmitUncertainError:
                     lost_reply = False  # a reply came, with another job's key
                     raise
@@ -613,17 +620,16 @@ class Submits:
         ``WujieClient.refuse_keys``)."""
         self._refused_keys.update(keys)
 
-    def _claim_key(self, data: Any, body: dict[str, Any]) -> str:
-        """The reply's key, if usable and not in use by another job of this client, nor
-        refused as an earlier job's (``refuse_keys``)."""
-        key = usable_key(data, body)
+    def _claim_key(self, key: str, body: dict[str, Any]) -> None:
+        """Claim the reply's ``key`` for this submit, unless another job of this client uses
+        it or it is refused as an earlier job's (``refuse_keys``)."""
         if key in self._refused_keys:
             whose, what = "the key of an earlier job", "be told from that one"
         elif key in self._claimed_keys or self._in_use(key):
             whose, what = "a key already in use", "be followed"
         else:
             self._claimed_keys.add(key)
-            return key
+            return
         raise _reused_key(key, whose, body, what)
 
 
