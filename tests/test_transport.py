@@ -179,6 +179,29 @@ async def test_retry_after_is_honoured(emulator: EmulatorFactory) -> None:
             assert client.stats.rate_limited == 1
 
 
+@pytest.mark.fake_clock
+async def test_no_try_comes_after_max_elapsed(emulator: EmulatorFactory) -> None:
+    """RetryPolicy.max_elapsed: 'give up retrying once this many seconds have gone by'. A
+    Retry-After past it was waited for up to max_wait, and tried again at 10 s of a 5 s
+    budget; it is now given up at once (a try sooner would be refused again). A backoff wait
+    is cut to the time left."""
+    loop = asyncio.get_running_loop()
+    refused = frozenset({"generations"})
+    retry = RetryPolicy(initial_wait=4, max_wait=10, max_elapsed=5, max_attempts=20)
+    told = FaultConfig(http_429=1.0, retry_after_s=30, endpoints=refused)
+    async with emulator(faults=told) as emu, make_client(emu, retry=retry) as client:
+        started = loop.time()
+        with pytest.raises(RateLimitedError):
+            await client.images.submit(prompt="x", model="dall-e-2")
+        assert loop.time() - started < 1.0 and client.stats.rate_limited == 1
+    untold = FaultConfig(http_429=1.0, retry_after_s=0, endpoints=refused)  # backoff alone
+    async with emulator(faults=untold) as emu, make_client(emu, retry=retry) as client:
+        started = loop.time()
+        with pytest.raises(RateLimitedError):
+            await client.images.submit(prompt="x", model="dall-e-2")
+        assert loop.time() - started < 5.0 + 1.0 and client.stats.rate_limited >= 2
+
+
 async def test_auth_failure_is_typed_and_not_retried_forever(emulator: EmulatorFactory) -> None:
     async with emulator() as emu:
         stranger = Credentials("wjemulator0001", unregistered_key())  # the app's id, a wrong key

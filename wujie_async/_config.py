@@ -284,7 +284,9 @@ class RetryPolicy:
         max_attempts: tries per call, the first included.
         initial_wait: the first backoff ceiling in seconds; 0 makes retries instant (tests).
         max_wait: the largest single wait (a server's Retry-After is honoured up to this).
-        max_elapsed: give up retrying once this many seconds have gone by.
+        max_elapsed: give up retrying once this many seconds have gone by: no try starts
+            later (a backoff wait is cut to the time left; a Retry-After that runs past it
+            ends the retries at once, as a try before it would be refused again).
     """
 
     max_attempts: int = 6

@@ -466,15 +466,25 @@ class Transport:
             except WujieError as exc:
                 if isinstance(exc, AuthenticationError):
                     self._signer.invalidate()
-                if not self._should_retry(exc, kind, tries, clock() - started):
+                elapsed = clock() - started
+                delay: float | None = None  # None: given up
+                if self._should_retry(exc, kind, tries, elapsed):
+                    if waits is None:
+                        waits = self._backoff_waits()
+                    delay, told = self._next_delay(waits, exc)
+                    left = self._retry.max_elapsed - elapsed
+                    if delay > left:
+                        # No try after max_elapsed: a backoff is cut to the time left (the
+                        # last try comes as it runs out); the server's Retry-After is not (a
+                        # try sooner is refused again): given up now. Retry-After 30 with
+                        # max_elapsed 5 was tried again at 10 s (max_wait).
+                        delay = None if told else left
+                if delay is None:
                     if kind == "submit" and _uncertain(exc):
                         raise SubmitUncertainError(
                             f"the submit may have been accepted: {exc}", request=body
                         ) from exc
                     raise
-                if waits is None:
-                    waits = self._backoff_waits()
-                delay = self._next_delay(waits, exc)
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 if on_wire is not None:
                     on_wire(False)  # retried: refused outright (_retryable), nothing accepted
@@ -498,12 +508,15 @@ class Transport:
         next(waits)  # backoff's generators are primed with one None
         return waits
 
-    def _next_delay(self, waits: Iterator[float | None], exc: WujieError) -> float:
-        """The next jittered backoff, or the server's Retry-After when that is longer."""
+    def _next_delay(self, waits: Iterator[float | None], exc: WujieError) -> tuple[float, bool]:
+        """The next jittered backoff, or the server's Retry-After when that is longer; and
+        whether the server's word set it (a retry sooner would be refused again)."""
         delay = backoff.full_jitter(next(waits) or 0.0)
         if isinstance(exc, RateLimitedError) and exc.retry_after is not None:
-            delay = max(delay, min(exc.retry_after, self._retry.max_wait))
-        return delay
+            told = min(exc.retry_after, self._retry.max_wait)
+            if told >= delay:
+                return told, True
+        return delay, False
 
     # --- one attempt ---------------------------------------------------------------------------
     async def _post_once(
