@@ -42,7 +42,8 @@ class FleetStats:
         size: live members, this one included (refreshed about every second).
         rate: the fleet-wide submit rate (None: no rate set).
         batch_calls: batch calls sent by the fleet's leaders, fleet-wide (refreshed about
-            every second).
+            every second; kept in Redis: not a member's own calls while ``local``, and from
+            0 again after a Redis restart without persistence).
         keys_polled: keys those calls asked about.
         mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
         leader_calls: batch calls this member sent as a leader (part of ``batch_calls``).
