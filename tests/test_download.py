@@ -727,6 +727,7 @@ async def test_the_deadline_ends_retries_and_names_the_last_failure(tmp_path: Pa
     ):
         with pytest.raises(TransportError, match=r"not saved within 0\.3 s") as info:
             await saver.save(at(f"{origin}/always-5xx"), tmp_path / "x.{ext}")
-        assert "the last try: image download got HTTP 502" in str(info.value)
+        assert "the last try: image download refused | HTTP 502" in str(info.value)
+        assert str(info.value).count("HTTP 502") == 1
         assert 2 <= hits["always-5xx"] < 1000
     assert names(tmp_path) == []

@@ -459,14 +459,10 @@ class Downloader:
                         continue
                     if reply.status >= 500 or reply.status == 429:
                         raise _RetryableError(
-                            ProtocolError(
-                                f"image download got HTTP {reply.status}", http_status=reply.status
-                            )
+                            ProtocolError("image download refused", http_status=reply.status)
                         )
                     if reply.status != 200:
-                        raise ProtocolError(
-                            f"image download got HTTP {reply.status}", http_status=reply.status
-                        )
+                        raise ProtocolError("image download refused", http_status=reply.status)
                     return await self._stream_to_file(reply, target)
             except aiohttp.ClientConnectorCertificateError:
                 # Not transient: trying again until the deadline would only hide it behind
