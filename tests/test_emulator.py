@@ -636,6 +636,23 @@ def test_fault_pairs_name_the_field_and_the_rule() -> None:
     assert fault_config_from_mapping({"moderation_words": ["x"]}).moderation_words == ("x",)
 
 
+def test_a_fault_in_a_whole_config_is_named_as_the_dataclass_names_it() -> None:
+    # As JSON, a bad fault was named "fail_jobs"; given as FaultConfig, "faults.fail_jobs".
+    from wujie_async import InvalidRequestError
+    from wujie_async.emulator import EmulatorConfig, FaultConfig
+    from wujie_async.emulator._options import check_config, emulator_config_from_json
+
+    with pytest.raises(InvalidRequestError) as as_json:
+        emulator_config_from_json({"faults": {"nope": 1}, "time_scale": "x"})
+    assert [field for field, _ in as_json.value.violations] == ["faults.nope", "time_scale"]
+    with pytest.raises(InvalidRequestError) as out_of_range:
+        emulator_config_from_json({"faults": {"fail_jobs": 2}})
+    assert out_of_range.value.field == "faults.fail_jobs"
+    with pytest.raises(InvalidRequestError) as as_dataclass:
+        check_config(EmulatorConfig(faults=FaultConfig(fail_jobs=2)))
+    assert as_dataclass.value.field == "faults.fail_jobs"
+
+
 async def _emulator_process(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "wujie_async.emulator", *args,

@@ -94,7 +94,9 @@ async def test_a_wrong_marker_fails_the_test_where_it_is_written(tmp_path: Path)
         "@pytest.mark.wujie_emulator(time_scale='fast')\n"
         "async def test_wrong_type(wujie_client):\n    pass\n\n"
         "@pytest.mark.wujie_emulator(fail_jobs=1.0)\n"
-        "async def test_not_a_setting(wujie_client):\n    pass\n"
+        "async def test_not_a_setting(wujie_client):\n    pass\n\n"
+        "@pytest.mark.wujie_emulator(faults={'fail_jobs': 2})\n"
+        "async def test_a_fault_out_of_range(wujie_client):\n    pass\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "WUJIE_"))}
     with anyio.fail_after(120):
@@ -108,3 +110,4 @@ async def test_a_wrong_marker_fails_the_test_where_it_is_written(tmp_path: Path)
     assert "not by position: got (0.05,)" in output, output
     assert "time_scale: expected a finite number, got 'fast'" in output, output
     assert "unexpected keyword argument 'fail_jobs'" in output, output
+    assert "faults.fail_jobs: " in output, output  # as faults=FaultConfig(...) names it

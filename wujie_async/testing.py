@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from . import PollPolicy, RetryPolicy, WujieClient
+from . import InvalidRequestError, PollPolicy, RetryPolicy, WujieClient
 from .emulator import Emulator, EmulatorConfig, fault_config_from_mapping
 
 __all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY", "poll_for"]
@@ -84,7 +84,12 @@ async def wujie_emulator(
             )
         settings |= marker.kwargs
     if isinstance(settings.get("faults"), dict):
-        settings["faults"] = fault_config_from_mapping(settings["faults"])
+        try:
+            settings["faults"] = fault_config_from_mapping(settings["faults"])
+        except InvalidRequestError as exc:  # named as faults=FaultConfig(...) names them
+            raise InvalidRequestError(
+                [(f"faults.{field}", rule) for field, rule in exc.violations]
+            ) from None
     try:
         config = EmulatorConfig(**settings)
     except TypeError as exc:  # an unknown name

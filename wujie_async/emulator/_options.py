@@ -290,7 +290,10 @@ def emulator_config_from_json(data: Mapping[str, Any]) -> EmulatorConfig:
     violations: list[tuple[str, str]] = []
     for name, value in data.items():
         if name == "faults":
-            values["faults"] = fault_config_from_mapping(value)
+            try:
+                values["faults"] = fault_config_from_mapping(value)
+            except InvalidRequestError as exc:  # named as EmulatorConfig(faults=...) names them
+                violations += [(f"faults.{field}", rule) for field, rule in exc.violations]
         elif name not in known:
             violations.append((name, "unknown emulator setting"))
         else:
