@@ -34,7 +34,6 @@ from .. import (
     WujieClient,
 )
 from .._file_names import DEFAULT_NAME
-from .._journal import Journal
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
 from ._bulk import (
@@ -141,13 +140,6 @@ def _keys_to_keep(keys: list[str], which: str) -> str:
         f"{len(keys)} job(s) {which} (keep these keys; `wujie-async status KEY` fetches one): "
         f"{shown}{more}"
     )
-
-
-def _journal_left(opened: list[WujieClient]) -> list[str]:
-    """The job keys of the records the closed client's journal had not committed (its close
-    stopped waiting for a disk that took no write)."""
-    journal = opened[0]._journal if opened else None  # the CLI is the package's own
-    return journal.uncommitted_keys() if isinstance(journal, Journal) else []
 
 
 def check_out_folder(out: Path) -> None:
@@ -890,8 +882,13 @@ class Session:
         opened: list[WujieClient] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
-                # Called last, once the client is closed: what its journal could not commit.
-                stack.callback(lambda: self.journal_left.extend(_journal_left(opened)))
+                # Called last, once the client is closed: what its journal could not commit
+                # (its close stopped waiting for a disk that took no write).
+                stack.callback(
+                    lambda: self.journal_left.extend(
+                        opened[0].uncommitted_journal_keys() if opened else ()
+                    )
+                )
                 try:
                     client = await stack.enter_async_context(
                         open_client(self.args, self.limits(), self.journal)
