@@ -227,14 +227,15 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
     """The output folder's file system freezes mid-run (``fsfreeze``: every write blocks, as
     on a hung NFS mount). A SIGTERM still stops the run: its summary comes within the grace
     period, says the manifest could not be written and names the keys of the jobs whose rows
-    the disk did not take. Rows were written on the event loop: the first one blocked it, and
-    with it the signal handlers (no summary until the disk thawed, or SIGKILL)."""
+    the disk did not take (``--json``: ``manifest_unwritten_keys``, which it lacked). Rows
+    were written on the event loop: the first one blocked it, and with it the signal handlers
+    (no summary until the disk thawed, or SIGKILL)."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("".join(f"frozen {i}\n" for i in range(6)))
         with freezable_disk(tmp_path / "disk") as disk:
             out = disk / "out"
-            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2", "--json"]
             async with running_cli(*bulk, env=emu.env) as run:
                 if not hasattr(run, "stderr"):
                     pytest.skip("needs the CLI's stderr while it runs (the fork server)")
@@ -259,7 +260,7 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
                 finally:
                     thaw = ["fsfreeze", "-u", str(disk)]
                     await anyio.to_thread.run_sync(lambda: subprocess.run(thaw, check=False))
-                code, _, _ = await run.finish(20)
+                code, stdout, _ = await run.finish(20)
             assert code == 143, err
             assert "stopped: the manifest could not be written (its disk took no row" in err
             assert "whose outcome the manifest could not record" in err
@@ -267,6 +268,11 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
             recorded = {r.get("key") for r in manifest(out)}
             assert all(key in recorded or key in err for key in keys), (keys, recorded, err)
             assert any(key not in recorded for key in keys) or "could not record" in err
+            summary = json.loads(stdout)
+            unwritten = summary["manifest_unwritten_keys"]
+            assert unwritten and all(key in err for key in unwritten), (unwritten, err)
+            assert all(key in recorded or key in unwritten for key in keys), (keys, unwritten)
+            assert summary["journal_uncommitted_keys"] == []
 
 
 @pytest.mark.long
@@ -327,8 +333,8 @@ async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_no
     reply is on its way: its key reaches a journal that takes no write. A SIGTERM still ends
     the run: the client's close stops waiting for the journal after its deadline, and the
     summary, printed while the disk is still frozen, names the key the journal may lack (the
-    WARNING names the file). Closing waited for the journal's last commit with no deadline:
-    no summary until the disk thawed, or SIGKILL."""
+    WARNING names the file; ``--json``: ``journal_uncommitted_keys``). Closing waited for the
+    journal's last commit with no deadline: no summary until the disk thawed, or SIGKILL."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
         await emu.set_faults(slow_reply=1.0, slow_reply_s=4.0, endpoints=["generations"])
         prompts = tmp_path / "prompts.txt"
@@ -337,7 +343,7 @@ async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_no
             journal = disk / "journal.sqlite"
             out = tmp_path / "out"
             bulk = ["bulk", str(prompts), "-o", str(out), "--journal", str(journal)]
-            async with running_cli(*bulk, "--model", "dall-e-2", env=emu.env) as run:
+            async with running_cli(*bulk, "--model", "dall-e-2", "--json", env=emu.env) as run:
                 if not hasattr(run, "stderr"):
                     pytest.skip("needs the CLI's stderr while it runs (the fork server)")
                 alive = proc_alive(run)
@@ -355,9 +361,10 @@ async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_no
                     )
                     assert summary
                     err = run.stderr().decode()
-                code, _, _ = await run.finish(20)
+                code, stdout, _ = await run.finish(20)
             assert code == 143, err
             (key,) = set((await emu.stats())["timelines"])
             said = [line for line in err.splitlines() if line.startswith("warning: the journal")]
             assert said and key in said[0] and str(journal) in said[0], err
             assert f"journal {journal}: its disk took no write" in err
+            assert json.loads(stdout)["journal_uncommitted_keys"] == [key]

@@ -124,9 +124,14 @@ def known_keys(records: Iterable[dict[str, Any]], entries: Iterable[JournalEntry
     return keys | {entry.job_key for entry in entries if entry.job_key}
 
 
+def _keys_held(records: list[dict[str, Any]]) -> list[str]:
+    """The job keys rows hold, each once, in order."""
+    return list(dict.fromkeys(r["key"] for r in records if isinstance(r.get("key"), str)))
+
+
 def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
     """What the summary says of rows the manifest could not take: the keys they held."""
-    keys = list(dict.fromkeys(r["key"] for r in records if isinstance(r.get("key"), str)))
+    keys = _keys_held(records)
     if not keys:
         return ""
     return f"\n{_keys_to_keep(keys, 'whose outcome the manifest could not record')}"
@@ -919,9 +924,11 @@ class Session:
         if isinstance(result.systemic, OutputUnwritableError):
             stopped = str(result.systemic) + _unrecorded_keys(result.unrecorded)
         elif result.systemic is not None:
+            # The manifest may have refused rows after another error stopped the sending: its
+            # keys are said all the same.
             stopped = fix_message(
                 result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
-            )
+            ) + _unrecorded_keys(result.unrecorded)
         if result.interrupted:
             # A signal is the stronger word, after a systemic stop too: a supervisor that sent
             # SIGTERM reads 143 as "stopped as asked" (the summary still says what stopped it).
@@ -956,6 +963,10 @@ class Session:
                 "journal": str(self.journal) if self.journal else None,
                 "points": self.points,
                 "points_total": self.points_before + self.points,
+                # The keys the summary lists to keep: jobs whose rows the manifest did not
+                # take, and jobs whose records the journal had not committed.
+                "manifest_unwritten_keys": _keys_held(result.unrecorded),
+                "journal_uncommitted_keys": list(self.journal_left),
             }
             if self.args.command in ("generate", "edit", "status"):
                 summary["paths"] = [str(path) for path in result.saved_paths]
