@@ -499,14 +499,32 @@ class BulkRun:
     async def settle_rows(self) -> None:
         """Wait (at most ``ROWS_DEADLINE_S``) until the rows queued are written. Rows the disk
         has not taken by then (it stopped answering) are listed with the rows it refused, and
-        the run ends as a refusal ends it (exit 3, keys in the summary)."""
+        the run ends as a refusal ends it (exit 3, keys in the summary). A cancel (a signal
+        that ends the closing waits) lists the rows not written yet the same way."""
         rows = self._rows
         if rows is None or self._rows_stuck:
             return
-        if not await rows.drain():
-            self._rows_stuck = True
-            self.result.unrecorded += rows.unwritten()
-            self._stop_sending(OutputUnwritableError.manifest_held())
+        drained = cut = False
+        try:
+            drained = await rows.drain()
+        except BaseException:
+            cut = True
+            raise
+        finally:
+            if not drained:
+                self._rows_stuck = True
+                unwritten = rows.unwritten()
+                self.result.unrecorded += unwritten
+                if not cut:
+                    self._stop_sending(OutputUnwritableError.manifest_held())
+                elif unwritten:  # the disk may answer yet, but nothing waits for it
+                    self._stop_sending(OutputUnwritableError.manifest_cut_short())
+
+    @property
+    def rows_held(self) -> bool:
+        """The manifest's disk took no row for ``ROWS_DEADLINE_S`` (or a signal stopped the
+        wait): nothing more waits on that disk."""
+        return self._rows_stuck
 
     async def rewrite_unrecorded(self, make_room: Callable[[], None]) -> None:
         """Once every download has ended: ``make_room`` (blocking), then the rows the disk
@@ -648,6 +666,17 @@ class OutputUnwritableError(Exception):
         return cls(
             "the manifest could not be written", f"its disk took no row for {ROWS_DEADLINE_S:g} s"
         )
+
+    @classmethod
+    def manifest_cut_short(cls) -> OutputUnwritableError:
+        """A signal ended the wait for the manifest's last rows before its disk took them."""
+        error = cls("", "")
+        error.args = (
+            "stopped: the manifest's last rows were not written (a signal ended the wait for "
+            "its disk); the jobs they name are listed below (`wujie-async status KEY --wait "
+            "-o OUT` saves one)",
+        )
+        return error
 
     @classmethod
     def manifest_gone(cls) -> OutputUnwritableError:
