@@ -464,3 +464,48 @@ async def test_ctrl_c_pressed_until_the_summary_comes_never_kills_it(tmp_path: P
         code, _, err = await run.finish(20)
     assert code == 130, err
     assert "2 line(s):" in err
+
+
+@pytest.mark.long
+async def test_sigterm_ends_a_run_whose_manifest_and_journal_disk_froze_within_8_s(
+    tmp_path: Path,
+) -> None:
+    """The output folder's file system, the journal's too, freezes while a submit's reply is
+    on its way: its key reaches a journal that takes no write. SIGTERM: the summary comes
+    within 8 s (``docker stop`` gives 10), naming the key, with exit 143. It came after 13 s:
+    the submit waited out the whole 8 s grace for the journal's write of its key, then the
+    rows (1.5 s), the journal's close (2 s) and the disk reserve's removal (1.5 s) were
+    waited for one after another."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        await emu.set_faults(slow_reply=1.0, slow_reply_s=4.0, endpoints=["generations"])
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\na cat\n")
+        with freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--json"]
+            async with running_cli(*bulk, env=emu.env) as run:
+                if not isinstance(run, ForkedCli):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                # The probe's intent is journaled before it is sent; its reply is held 4 s.
+                await eventually(lambda: _arrived(emu, 1), what="the first submit", alive=alive)
+                with freeze(disk):
+                    assert await _accepted(emu) == 0  # frozen before any key came back
+                    await eventually(lambda: _accepted_ge(emu, 1), what="a key", alive=alive)
+                    run.send_signal(signal.SIGTERM)
+                    await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary within 8 s of SIGTERM",
+                        timeout=8.0,
+                    )
+                    err = run.stderr().decode()
+                code, stdout, _ = await run.finish(20)
+            assert code == 143, err
+            (key,) = set((await emu.stats())["timelines"])
+            said = [line for line in err.splitlines() if line.startswith("warning: the journal")]
+            assert said and key in said[0], err
+            summary = json.loads(stdout)
+            assert summary["journal_uncommitted_keys"] == [key]
+            # Its line's row, with the key, is one the frozen disk did not take.
+            assert summary["manifest_unwritten_keys"] == [key]
+            assert summary["pending"] == 1 and summary["outcomes"]["not_sent"] == 2
