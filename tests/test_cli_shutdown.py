@@ -17,10 +17,12 @@ from pathlib import Path
 import anyio
 import pytest
 
+from wujie_async.cli._rows import ROWS_DEADLINE_S
 from wujie_async.cli._signals import TERM_GRACE_S
 
 from .cli_helpers import (
     CLEAN_ENV,
+    ForkedCli,
     Served,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     manifest,
@@ -227,14 +229,15 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
     """The output folder's file system freezes mid-run (``fsfreeze``: every write blocks, as
     on a hung NFS mount). A SIGTERM still stops the run: its summary comes within the grace
     period, says the manifest could not be written and names the keys of the jobs whose rows
-    the disk did not take. Rows were written on the event loop: the first one blocked it, and
-    with it the signal handlers (no summary until the disk thawed, or SIGKILL)."""
+    the disk did not take (``--json``: ``manifest_unwritten_keys``, which it lacked). Rows
+    were written on the event loop: the first one blocked it, and with it the signal handlers
+    (no summary until the disk thawed, or SIGKILL)."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("".join(f"frozen {i}\n" for i in range(6)))
         with freezable_disk(tmp_path / "disk") as disk:
             out = disk / "out"
-            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2", "--json"]
             async with running_cli(*bulk, env=emu.env) as run:
                 if not hasattr(run, "stderr"):
                     pytest.skip("needs the CLI's stderr while it runs (the fork server)")
@@ -259,7 +262,7 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
                 finally:
                     thaw = ["fsfreeze", "-u", str(disk)]
                     await anyio.to_thread.run_sync(lambda: subprocess.run(thaw, check=False))
-                code, _, _ = await run.finish(20)
+                code, stdout, _ = await run.finish(20)
             assert code == 143, err
             assert "stopped: the manifest could not be written (its disk took no row" in err
             assert "whose outcome the manifest could not record" in err
@@ -267,6 +270,11 @@ async def test_sigterm_ends_a_run_whose_manifest_disk_froze_and_names_the_rows_n
             recorded = {r.get("key") for r in manifest(out)}
             assert all(key in recorded or key in err for key in keys), (keys, recorded, err)
             assert any(key not in recorded for key in keys) or "could not record" in err
+            summary = json.loads(stdout)
+            unwritten = summary["manifest_unwritten_keys"]
+            assert unwritten and all(key in err for key in unwritten), (unwritten, err)
+            assert all(key in recorded or key in unwritten for key in keys), (keys, unwritten)
+            assert summary["journal_uncommitted_keys"] == []
 
 
 @pytest.mark.long
@@ -327,8 +335,8 @@ async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_no
     reply is on its way: its key reaches a journal that takes no write. A SIGTERM still ends
     the run: the client's close stops waiting for the journal after its deadline, and the
     summary, printed while the disk is still frozen, names the key the journal may lack (the
-    WARNING names the file). Closing waited for the journal's last commit with no deadline:
-    no summary until the disk thawed, or SIGKILL."""
+    WARNING names the file; ``--json``: ``journal_uncommitted_keys``). Closing waited for the
+    journal's last commit with no deadline: no summary until the disk thawed, or SIGKILL."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
         await emu.set_faults(slow_reply=1.0, slow_reply_s=4.0, endpoints=["generations"])
         prompts = tmp_path / "prompts.txt"
@@ -337,7 +345,7 @@ async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_no
             journal = disk / "journal.sqlite"
             out = tmp_path / "out"
             bulk = ["bulk", str(prompts), "-o", str(out), "--journal", str(journal)]
-            async with running_cli(*bulk, "--model", "dall-e-2", env=emu.env) as run:
+            async with running_cli(*bulk, "--model", "dall-e-2", "--json", env=emu.env) as run:
                 if not hasattr(run, "stderr"):
                     pytest.skip("needs the CLI's stderr while it runs (the fork server)")
                 alive = proc_alive(run)
@@ -355,9 +363,149 @@ async def test_sigterm_ends_a_run_whose_journal_disk_froze_and_names_the_keys_no
                     )
                     assert summary
                     err = run.stderr().decode()
-                code, _, _ = await run.finish(20)
+                code, stdout, _ = await run.finish(20)
             assert code == 143, err
             (key,) = set((await emu.stats())["timelines"])
             said = [line for line in err.splitlines() if line.startswith("warning: the journal")]
             assert said and key in said[0] and str(journal) in said[0], err
             assert f"journal {journal}: its disk took no write" in err
+            assert json.loads(stdout)["journal_uncommitted_keys"] == [key]
+
+
+def _progress_lines(run: ForkedCli) -> int:
+    """How many ``progress:`` lines the run printed (plain mode: one as it starts, one as
+    its work ends and its closing waits begin, none between with a long interval)."""
+    return sum(line.startswith("progress:") for line in run.stderr().decode().splitlines())
+
+
+# A plain progress line as the run starts and as its work ends (and its closing waits begin).
+_TWO_PROGRESS_LINES = ("--progress", "plain", "--progress-interval", "3600")
+
+
+@pytest.mark.long
+async def test_sigterm_again_in_the_closing_waits_of_a_frozen_disk_ends_them_with_the_summary(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM, then SIGTERM again once the run's work has ended and it waits for the rows a
+    frozen disk holds: the waits end at once, the summary comes (the keys of the rows not
+    written included) and the exit code is 143. The run's handlers were restored as its work
+    ended: the second SIGTERM met the default one and killed the process without a summary,
+    its keys never said."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"frozen {i}\n" for i in range(6)))
+        with freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
+            async with running_cli(*bulk, *_TWO_PROGRESS_LINES, "--json", env=emu.env) as run:
+                if not isinstance(run, ForkedCli):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=alive)
+                with freeze(disk):
+                    # A job accepted now has its key's row held by the frozen disk.
+                    frozen_at = await _accepted(emu)
+                    await eventually(
+                        lambda: _accepted_ge(emu, frozen_at + 1), what="a submit", alive=alive
+                    )
+                    run.send_signal(signal.SIGTERM)
+                    await eventually(
+                        lambda: _progress_lines(run) >= 2, what="the run's end", alive=alive
+                    )
+                    loop = asyncio.get_running_loop()
+                    run.send_signal(signal.SIGTERM)  # in its closing waits (1.5 s for the rows)
+                    again = loop.time()
+                    await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary while the disk is frozen",
+                        timeout=ROWS_DEADLINE_S + 5,
+                    )
+                    # The waits ended at once rather than at their bounds.
+                    assert loop.time() - again < ROWS_DEADLINE_S, loop.time() - again
+                    err = run.stderr().decode()
+                code, stdout, _ = await run.finish(20)
+            assert code == 143, err
+            assert json.loads(stdout)["exit_code"] == 143
+            assert "whose outcome the manifest could not record" in err
+            keys = set((await emu.stats())["timelines"])
+            recorded = {r.get("key") for r in manifest(out)}
+            assert all(key in recorded or key in err for key in keys), (keys, recorded, err)
+
+
+@pytest.mark.long
+async def test_ctrl_c_pressed_until_the_summary_comes_never_kills_it(tmp_path: Path) -> None:
+    """Ctrl-C, then Ctrl-C again and again until the summary comes: the second quits at once
+    (the submit on the wire, whose reply the embedded emulator holds 30 s, ends uncertain),
+    the later ones meet the run's closing waits (the embedded emulator's shutdown waits up to
+    1 s for that held reply) and end them. The summary is printed, exit 130. The run's
+    handlers were restored as its work ended: a Ctrl-C in those waits raised
+    KeyboardInterrupt, and the command said only "interrupted", its summary never printed."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\nan owl\n")
+    faults = ("slow_reply=1", "slow_reply_s=30", "endpoints=generations")
+    held = [flag for fault in faults for flag in ("--emulator-fault", fault)]
+    bulk = ["bulk", str(prompts), "-o", str(tmp_path / "out"), "--emulator", *held]
+    async with running_cli(*bulk, *_TWO_PROGRESS_LINES) as run:
+        if not isinstance(run, ForkedCli):
+            pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+        alive = proc_alive(run)
+        # The first line's submit leaves as the run starts; its reply is held.
+        await eventually(lambda: _progress_lines(run) >= 1, what="the run's start", alive=alive)
+        run.send_signal(signal.SIGINT)
+        await eventually(lambda: "SIGINT: stopping" in run.stderr().decode(), alive=alive)
+
+        def summary_or_again() -> bool:
+            if "line(s):" in run.stderr().decode() or run.returncode is not None:
+                return True
+            run.send_signal(signal.SIGINT)
+            return False
+
+        await eventually(summary_or_again, interval=0.1, what="the summary", timeout=20)
+        code, _, err = await run.finish(20)
+    assert code == 130, err
+    assert "2 line(s):" in err
+
+
+@pytest.mark.long
+async def test_sigterm_ends_a_run_whose_manifest_and_journal_disk_froze_within_8_s(
+    tmp_path: Path,
+) -> None:
+    """The output folder's file system, the journal's too, freezes while a submit's reply is
+    on its way: its key reaches a journal that takes no write. SIGTERM: the summary comes
+    within 8 s (``docker stop`` gives 10), naming the key, with exit 143. It came after 13 s:
+    the submit waited out the whole 8 s grace for the journal's write of its key, then the
+    rows (1.5 s), the journal's close (2 s) and the disk reserve's removal (1.5 s) were
+    waited for one after another."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        await emu.set_faults(slow_reply=1.0, slow_reply_s=4.0, endpoints=["generations"])
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\na cat\n")
+        with freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--json"]
+            async with running_cli(*bulk, env=emu.env) as run:
+                if not isinstance(run, ForkedCli):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                # The probe's intent is journaled before it is sent; its reply is held 4 s.
+                await eventually(lambda: _arrived(emu, 1), what="the first submit", alive=alive)
+                with freeze(disk):
+                    assert await _accepted(emu) == 0  # frozen before any key came back
+                    await eventually(lambda: _accepted_ge(emu, 1), what="a key", alive=alive)
+                    run.send_signal(signal.SIGTERM)
+                    await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary within 8 s of SIGTERM",
+                        timeout=8.0,
+                    )
+                    err = run.stderr().decode()
+                code, stdout, _ = await run.finish(20)
+            assert code == 143, err
+            (key,) = set((await emu.stats())["timelines"])
+            said = [line for line in err.splitlines() if line.startswith("warning: the journal")]
+            assert said and key in said[0], err
+            summary = json.loads(stdout)
+            assert summary["journal_uncommitted_keys"] == [key]
+            # Its line's row, with the key, is one the frozen disk did not take.
+            assert summary["manifest_unwritten_keys"] == [key]
+            assert summary["pending"] == 1 and summary["outcomes"]["not_sent"] == 2

@@ -573,3 +573,31 @@ async def test_a_key_the_journal_holds_on_an_earlier_row_is_refused_by_itself(
     async with JournalFile(path) as journal:
         rows = {row.request["prompt"]: row for row in await journal.entries()}
     assert rows["earlier"].state == "succeeded" and rows["new"].state == "uncertain"
+
+
+@pytest.mark.long
+async def test_a_client_names_the_keys_its_journal_did_not_commit(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """``WujieClient.uncommitted_journal_keys()``: none without a journal, none once a healthy
+    journal committed; the key of a job that ended while the journal's disk was frozen after
+    a close that stopped waiting for it, and none again once the disk thawed and the worker
+    wrote it."""
+    async with emulator(time_scale=1.0, job_seconds=(1.0, 1.0)) as emu:
+        async with make_client(emu) as plain:
+            assert plain.uncommitted_journal_keys() == []
+        with freezable_disk(tmp_path / "disk") as disk:
+            client = make_client(emu, journal=disk / "jobs.sqlite")
+            assert client.uncommitted_journal_keys() == []  # unopened
+            async with client:
+                job = await client.images.submit(prompt="a fox", model="dall-e-2")
+                assert client.uncommitted_journal_keys() == []  # its key is committed
+                with freeze(disk):
+                    assert (await job.result(timeout=10)).status == 4  # its end is queued
+                    with anyio.fail_after(10):  # the journal's close waits 2 s
+                        await client.aclose()
+                    assert client.uncommitted_journal_keys() == [job.key]
+            await eventually(
+                lambda: client.uncommitted_journal_keys() == [],
+                what="the record committed once the disk thawed",
+            )

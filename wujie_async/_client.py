@@ -804,6 +804,18 @@ class WujieClient:
             submits.unjournaled = [e for e in submits.unjournaled if e.job_key != key]
         return found
 
+    def uncommitted_journal_keys(self) -> list[str]:
+        """The job keys of journal records not committed to its file yet, each once, oldest
+        first (empty without a journal, or with a fleet's).
+
+        After :meth:`aclose` stopped waiting for a journal whose disk took no write (a frozen
+        file system, a hung mount), these are the keys the file may lack: keep them
+        (``images.attach`` follows one). The records are still committed, in order, if the
+        disk answers before the process ends. Callable in any state, closed included.
+        """
+        journal = self._journal
+        return journal.uncommitted_keys() if isinstance(journal, Journal) else []
+
     def refuse_keys(self, keys: Iterable[str]) -> None:
         """Keys of earlier jobs (an earlier run's, say) that a submit's reply must not bring.
 

@@ -42,6 +42,7 @@ async def right_uses(client: WujieClient) -> None:
     _stats: ClientStats = client.stats
     _fleet: FleetStats | None = client.stats.fleet
     _rows: list[JournalEntry] = await client.journal_entries("uncertain")
+    _kept: list[str] = client.uncommitted_journal_keys()
     _done: bool = JobStatus.SUCCEEDED.terminal
     _policy = PollPolicy(min_interval=0.25, max_estimate_wait=30.0)
     _limits = Limits(max_submits_per_second=5.0)

@@ -33,6 +33,7 @@ from .. import (
     WujieClient,
 )
 from .._file_names import render_name
+from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from ._input import BulkItem
 from ._outcome import (
     LineOutcome,
@@ -166,6 +167,7 @@ class BulkRun:
         # and the one check at a time that takes them all.
         self._unchecked: list[tuple[Row, ImageJob]] = []
         self._checking = anyio.Lock()
+        self._keys: set[str] = set()  # the keys of the jobs this run holds
 
     async def run(self) -> BulkResult:
         """Run to the end; the result says how every line ended."""
@@ -185,11 +187,13 @@ class BulkRun:
             try:
                 async with anyio.create_task_group() as collectors:
                     for row, job in self._collect:
+                        self._keys.add(job.key)
                         self._move(row, "generating")
                         collectors.start_soon(self._collect_job, row, job)
                     await self._submit_all(queue, collectors)
             finally:
                 watcher.cancel()
+        self._end_on_the_wire()  # submits stopped waiting for a journal that took no write
         return self._close(interrupted=self._stop.is_set())
 
     def interrupted_at_once(self) -> BulkResult:
@@ -199,6 +203,11 @@ class BulkRun:
         gateway (the journal, when there is one, knows which did). Lines not sent end
         ``not_sent``; accepted jobs stay pending (their keys are in the journal).
         """
+        self._end_on_the_wire()
+        return self._close(interrupted=True)
+
+    def _end_on_the_wire(self) -> None:
+        """Lines whose submit was cancelled while under way end ``uncertain``."""
         for row in list(self._on_the_wire.values()):
             message = (
                 "interrupted while its submit was under way: it may have been accepted (and "
@@ -206,7 +215,6 @@ class BulkRun:
             )
             self._end(row, "uncertain", None, "interrupted", message, quiet=True)
         self._on_the_wire.clear()
-        return self._close(interrupted=True)
 
     def _close(self, *, interrupted: bool) -> BulkResult:
         for row in _drain(self._queue):
@@ -234,10 +242,46 @@ class BulkRun:
     async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
         await self._stop.wait()
         self._halt_sending()
-        await self._submitters_idle.wait()
+        if self._journaled:
+            await self._submits_done_or_journal_held()
+        else:
+            await self._submitters_idle.wait()
         # Ctrl-C or SIGTERM: abandon collection, the journal (or the pending rows) keeps the
         # keys; after a systemic stop too, which collects on until a signal says otherwise.
         scope.cancel()
+
+    async def _submits_done_or_journal_held(self) -> None:
+        """After a stop: wait for the submits on the wire to end, but not for a journal whose
+        disk took no write for ``JOURNAL_CLOSE_DEADLINE_S`` (a frozen file system, a hung
+        mount) once every one of them has its key back.
+
+        A submit returns once the journal has its key: held by such a disk, it waited out the
+        whole grace after a SIGTERM (8 s) for nothing, and with the closing waits the summary
+        came 13 s after the SIGTERM, past ``docker stop``'s 10 s. A key the journal holds
+        uncommitted, of no job this run holds, is such a submit's; when they account for all
+        those on the wire, they stop waiting (cancelled as at a second signal: the client
+        keeps their keys queued for the journal, and the summary lists them). A submit still
+        waiting for the gateway's reply is waited for as before: its key may yet come.
+        """
+        first_seen: dict[str, float] = {}
+        while not self._submitters_idle.is_set():
+            with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S / 8):
+                await self._submitters_idle.wait()
+            now = anyio.current_time()
+            held = [
+                key
+                for key in self._client.uncommitted_journal_keys()
+                if now - first_seen.setdefault(key, now) >= JOURNAL_CLOSE_DEADLINE_S
+            ]
+            unknown = [key for key in held if key not in self._keys]
+            if held and len(unknown) >= len(self._on_the_wire):
+                if len(unknown) == len(self._on_the_wire) == 1:
+                    # One submit, one key: its line's row carries the key (a re-run collects
+                    # the job by it, the journal lacking it or not).
+                    (row,) = self._on_the_wire.values()
+                    self._on_the_wire.clear()
+                    self._left_pending(row, unknown[0])
+                return
 
     async def _submit_all(
         self, queue: collections.deque[Row], collectors: anyio.abc.TaskGroup
@@ -278,7 +322,7 @@ class BulkRun:
         try:
             job = await submit(self._client, row.body, tag=row.tag, job_timeout=self._job_timeout)
         except Exception as exc:
-            del self._on_the_wire[id(row)]
+            self._on_the_wire.pop(id(row), None)
             if self._halted() and _not_sent(exc):
                 reason = "the run stopped before this line was sent"
                 self._end(row, "not_sent", None, "not_sent", reason, quiet=True)
@@ -302,10 +346,11 @@ class BulkRun:
             status, code, message = classify(exc)
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
-        del self._on_the_wire[id(row)]
+        self._on_the_wire.pop(id(row), None)  # (gone: left pending as the journal held it)
         # A key this run was given, handed out again later (past the client's memory of
         # ended jobs), is refused as an earlier run's would be.
         self._client.refuse_keys((job.key,))
+        self._keys.add(job.key)
         if self._keys_on_accept:
             self._left_pending(row, job)  # what it says if no later row follows it
         elif self._journaled:
@@ -344,13 +389,14 @@ class BulkRun:
                 self._left_pending(row, job)
             raise
 
-    def _left_pending(self, row: Row, job: ImageJob) -> None:
-        """The run stopped while ``job`` ran: a row with its key lets a re-run collect it,
-        journal or not (without one, the manifest is the only record of the key)."""
+    def _left_pending(self, row: Row, job: ImageJob | str) -> None:
+        """The run stopped while ``job`` (or the job of this key) ran: a row with its key
+        lets a re-run collect it, journal or not (without one, the manifest is the only
+        record of the key)."""
         record = base_record("not_sent", row.line, row.row_id, row.body, row.tag)
         record |= {
             "status": "pending",
-            "key": job.key,
+            "key": job if isinstance(job, str) else job.key,
             "error_code": "interrupted",
             "error": "the run ended while its job ran: a re-run collects it (never resends it)",
         }
@@ -499,14 +545,32 @@ class BulkRun:
     async def settle_rows(self) -> None:
         """Wait (at most ``ROWS_DEADLINE_S``) until the rows queued are written. Rows the disk
         has not taken by then (it stopped answering) are listed with the rows it refused, and
-        the run ends as a refusal ends it (exit 3, keys in the summary)."""
+        the run ends as a refusal ends it (exit 3, keys in the summary). A cancel (a signal
+        that ends the closing waits) lists the rows not written yet the same way."""
         rows = self._rows
         if rows is None or self._rows_stuck:
             return
-        if not await rows.drain():
-            self._rows_stuck = True
-            self.result.unrecorded += rows.unwritten()
-            self._stop_sending(OutputUnwritableError.manifest_held())
+        drained = cut = False
+        try:
+            drained = await rows.drain()
+        except BaseException:
+            cut = True
+            raise
+        finally:
+            if not drained:
+                self._rows_stuck = True
+                unwritten = rows.unwritten()
+                self.result.unrecorded += unwritten
+                if not cut:
+                    self._stop_sending(OutputUnwritableError.manifest_held())
+                elif unwritten:  # the disk may answer yet, but nothing waits for it
+                    self._stop_sending(OutputUnwritableError.manifest_cut_short())
+
+    @property
+    def rows_held(self) -> bool:
+        """The manifest's disk took no row for ``ROWS_DEADLINE_S`` (or a signal stopped the
+        wait): nothing more waits on that disk."""
+        return self._rows_stuck
 
     async def rewrite_unrecorded(self, make_room: Callable[[], None]) -> None:
         """Once every download has ended: ``make_room`` (blocking), then the rows the disk
@@ -648,6 +712,17 @@ class OutputUnwritableError(Exception):
         return cls(
             "the manifest could not be written", f"its disk took no row for {ROWS_DEADLINE_S:g} s"
         )
+
+    @classmethod
+    def manifest_cut_short(cls) -> OutputUnwritableError:
+        """A signal ended the wait for the manifest's last rows before its disk took them."""
+        error = cls("", "")
+        error.args = (
+            "stopped: the manifest's last rows were not written (a signal ended the wait for "
+            "its disk); the jobs they name are listed below (`wujie-async status KEY --wait "
+            "-o OUT` saves one)",
+        )
+        return error
 
     @classmethod
     def manifest_gone(cls) -> OutputUnwritableError:

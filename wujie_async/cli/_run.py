@@ -34,7 +34,6 @@ from .. import (
     WujieClient,
 )
 from .._file_names import DEFAULT_NAME
-from .._journal import Journal
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
 from ._bulk import (
@@ -77,7 +76,7 @@ from ._outcome import (
 )
 from ._progress import Display, Mode, Tally
 from ._rows import ROWS_DEADLINE_S
-from ._signals import stopping_on_signals
+from ._signals import Signals, stopping_on_signals
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
@@ -125,9 +124,14 @@ def known_keys(records: Iterable[dict[str, Any]], entries: Iterable[JournalEntry
     return keys | {entry.job_key for entry in entries if entry.job_key}
 
 
+def _keys_held(records: list[dict[str, Any]]) -> list[str]:
+    """The job keys rows hold, each once, in order."""
+    return list(dict.fromkeys(r["key"] for r in records if isinstance(r.get("key"), str)))
+
+
 def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
     """What the summary says of rows the manifest could not take: the keys they held."""
-    keys = list(dict.fromkeys(r["key"] for r in records if isinstance(r.get("key"), str)))
+    keys = _keys_held(records)
     if not keys:
         return ""
     return f"\n{_keys_to_keep(keys, 'whose outcome the manifest could not record')}"
@@ -141,13 +145,6 @@ def _keys_to_keep(keys: list[str], which: str) -> str:
         f"{len(keys)} job(s) {which} (keep these keys; `wujie-async status KEY` fetches one): "
         f"{shown}{more}"
     )
-
-
-def _journal_left(opened: list[WujieClient]) -> list[str]:
-    """The job keys of the records the closed client's journal had not committed (its close
-    stopped waiting for a disk that took no write)."""
-    journal = opened[0]._journal if opened else None  # the CLI is the package's own
-    return journal.uncommitted_keys() if isinstance(journal, Journal) else []
 
 
 def check_out_folder(out: Path) -> None:
@@ -171,6 +168,12 @@ def check_out_folder(out: Path) -> None:
         raise UsageError(
             f"--out {out}: cannot write there ({reason}); give a writable folder"
         ) from None
+
+
+def _unread(task: asyncio.Future[Any]) -> None:
+    """A task nobody waits for any more: its error, if any, is taken (never logged)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def uncancel() -> None:
@@ -658,7 +661,8 @@ class Session:
         self.journal = journal_path(args)
         self.result: BulkResult | None = None
         self.base_url = ""
-        self.terminated = False  # stopped by SIGTERM (exit 143), not Ctrl-C (130)
+        self.signals: Signals | None = None  # what the signals did, once the run started
+        self.out_disk_held = False  # the output folder's disk took no manifest row
         self.points_before = 0.0  # what earlier runs of this input were charged
         # Keys of journal records its disk had not taken when the client closed (it stopped
         # waiting: a frozen file system, a hung mount): the summary names them.
@@ -698,6 +702,12 @@ class Session:
 
     async def run(self, items: list[BulkItem]) -> int:
         """Run the command; returns its exit code."""
+        # The signal handlers, installed as the run starts, stay until the summary is printed
+        # (see _signals: a signal in the closing waits ends them, never the summary).
+        with contextlib.ExitStack() as handlers:
+            return await self._run(items, handlers)
+
+    async def _run(self, items: list[BulkItem], handlers: contextlib.ExitStack) -> int:
         args = self.args
         out: Path = args.out
         if self.journal is not None:
@@ -833,28 +843,34 @@ class Session:
                     spare_room=reserve.spare,
                     journaled=self.journal is not None,
                 )
-                with stopping_on_signals(stop, self.console) as signals:
-                    try:
-                        self.result = await run.run()
-                    except asyncio.CancelledError:
-                        if not signals.quit_now.is_set():
-                            raise
-                        # Our own second signal: close everything normally, then report.
-                        uncancel()
-                        self.result = run.interrupted_at_once()
-                self.terminated = signals.terminated
-                await run.settle_rows()
+                signals = handlers.enter_context(stopping_on_signals(stop, self.console))
+                self.signals = signals
+                try:
+                    self.result = await run.run()
+                except asyncio.CancelledError:
+                    if not signals.quit_now.is_set():
+                        raise
+                    # Our own second signal: close everything normally, then report.
+                    uncancel()
+                    self.result = run.interrupted_at_once()
+                # The closing waits, each bounded, each ended at once by a signal after the
+                # first (what they leave unwritten is listed in the summary).
+                signals.run_ended()
+                with signals.cut_short():
+                    await run.settle_rows()
                 if plan.superseded:
                     sent = sent_lines(self.result.outcomes)
                     # Bounded like the journal's close: a journal whose disk stopped answering
                     # keeps the forgetting queued (done if the disk answers again), and the
                     # run goes on to its summary.
-                    with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S):
+                    with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S), signals.cut_short():
                         await client.forget_submits(
                             row for line, row in plan.superseded.items() if line in sent
                         )
                 # Every download has ended: the room set aside goes to these rows only.
-                await run.rewrite_unrecorded(reserve.release)
+                with signals.cut_short():
+                    await run.rewrite_unrecorded(reserve.release)
+                self.out_disk_held = run.rows_held
             finally:
                 if run is not None:
                     run.close_rows()
@@ -887,11 +903,8 @@ class Session:
                 f"--out {out}: no room on its disk for the manifest (not even 64 KB free); "
                 "make room, then re-run (nothing was sent)"
             )
-        opened: list[WujieClient] = []
         try:
             async with contextlib.AsyncExitStack() as stack:
-                # Called last, once the client is closed: what its journal could not commit.
-                stack.callback(lambda: self.journal_left.extend(_journal_left(opened)))
                 try:
                     client = await stack.enter_async_context(
                         open_client(self.args, self.limits(), self.journal)
@@ -900,14 +913,41 @@ class Session:
                     raise  # another run holds it: exit 4
                 except ClientStateError as exc:  # the journal cannot be opened (a full disk)
                     raise UsageError(f"{clean(exc)} (nothing was sent)") from None
-                opened.append(client)
                 self.base_url = client.base_url
                 yield client, reserve
+                await self._close(stack.pop_all())
+                # What its journal could not commit (its close stopped waiting for a disk
+                # that took no write, or a signal stopped the wait): the summary names them.
+                self.journal_left = client.uncommitted_journal_keys()
         finally:
             # Off the loop, bounded: a disk that stopped answering must not hold the summary.
+            # One that took no manifest row is not waited for at all: the file is the
+            # output folder's, on that disk (a run left it: the next one reuses it).
             release = asyncio.get_running_loop().run_in_executor(None, reserve.release)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(release), ROWS_DEADLINE_S)
+            if not self.out_disk_held:
+                with self._cut_short(), contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(release), ROWS_DEADLINE_S)
+
+    @property
+    def terminated(self) -> bool:
+        """A SIGTERM came (exit 143), not only Ctrl-C (130)."""
+        return self.signals is not None and self.signals.terminated
+
+    async def _close(self, stack: contextlib.AsyncExitStack) -> None:
+        """Close the client (the journal's last commit: at most 2 s on a disk that stopped
+        answering) in a task of its own, which a signal after the first stops waiting for:
+        the client's close is shielded from cancels, to settle every job and socket. Left
+        so, it goes on while the summary is printed (the process exits at most
+        ``EXIT_GRACE_S`` after its end)."""
+        closing = asyncio.ensure_future(stack.aclose())
+        with self._cut_short():
+            await asyncio.shield(closing)
+        if not closing.done():
+            closing.add_done_callback(_unread)  # cut short: its end is nobody's to report
+
+    def _cut_short(self) -> contextlib.AbstractContextManager[object]:
+        """A closing wait a signal after the first ends (see _signals)."""
+        return self.signals.cut_short() if self.signals is not None else contextlib.nullcontext()
 
     def _say(self, message: str) -> None:
         if not self.args.quiet:
@@ -922,12 +962,15 @@ class Session:
         if isinstance(result.systemic, OutputUnwritableError):
             stopped = str(result.systemic) + _unrecorded_keys(result.unrecorded)
         elif result.systemic is not None:
+            # The manifest may have refused rows after another error stopped the sending: its
+            # keys are said all the same.
             stopped = fix_message(
                 result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
-            )
-        if result.interrupted:
+            ) + _unrecorded_keys(result.unrecorded)
+        if result.interrupted or (self.signals is not None and self.signals.received):
             # A signal is the stronger word, after a systemic stop too: a supervisor that sent
             # SIGTERM reads 143 as "stopped as asked" (the summary still says what stopped it).
+            # So after the run's end: a signal in its closing waits ends the command as asked.
             code = EXIT_TERMINATED if self.terminated else EXIT_INTERRUPTED
         elif stopped is not None:
             code = EXIT_SYSTEMIC
@@ -959,6 +1002,10 @@ class Session:
                 "journal": str(self.journal) if self.journal else None,
                 "points": self.points,
                 "points_total": self.points_before + self.points,
+                # The keys the summary lists to keep: jobs whose rows the manifest did not
+                # take, and jobs whose records the journal had not committed.
+                "manifest_unwritten_keys": _keys_held(result.unrecorded),
+                "journal_uncommitted_keys": list(self.journal_left),
             }
             if self.args.command in ("generate", "edit", "status"):
                 summary["paths"] = [str(path) for path in result.saved_paths]

@@ -5,6 +5,13 @@ terminal sends SIGINT: both stop a run the same way. The first signal sets ``sto
 submits, those on the wire get their keys (the journal keeps them), then the run closes and
 prints its summary and how to continue. A second signal cancels the run at once; so does the
 end of ``TERM_GRACE_S`` after a SIGTERM, within the grace period of whoever sent it.
+
+Once the run has ended (:meth:`Signals.run_ended`), its closing waits (rows still to write,
+the journal's last commit, each bounded: a disk that stopped answering holds them) are
+entered with :meth:`Signals.cut_short`, and the handlers stay until the summary is printed: a
+signal after the first one ends those waits at once, and the summary (with the keys of what
+was not written) is printed all the same. Restored with the loop's defaults, a second signal
+there killed the process before its summary, and those keys were never said.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import anyio
 from rich.console import Console
@@ -25,17 +31,50 @@ from rich.text import Text
 TERM_GRACE_S = 8.0
 
 
-@dataclass(slots=True)
 class Signals:
-    """What the signals did to a run.
+    """What the signals did to a run, and the closing waits they may cut short.
 
     Attributes:
         quit_now: set when a second signal cancelled the run at once.
         terminated: a SIGTERM came (the command exits 143 rather than 130).
+        received: a signal came, during the run or after it (the command exits 130 or 143).
+        hurried: a signal asked the closing waits to end at once (see :meth:`cut_short`).
     """
 
-    quit_now: anyio.Event = field(default_factory=anyio.Event)
-    terminated: bool = False
+    def __init__(self) -> None:
+        self.quit_now = anyio.Event()
+        self.terminated = False
+        self.received = False
+        self.hurried = False
+        self.closing = False  # the run has ended: a signal no longer cancels it
+        self.grace: asyncio.TimerHandle | None = None
+        self._waits: set[anyio.CancelScope] = set()
+
+    def run_ended(self) -> None:
+        """The run has ended (its grace for submits on the wire with it): from now on a
+        signal after the first ends the closing waits instead of cancelling the run."""
+        self.closing = True
+        if self.grace is not None:
+            self.grace.cancel()
+
+    @contextlib.contextmanager
+    def cut_short(self) -> Iterator[anyio.CancelScope]:
+        """A closing wait that a signal ends at once: the block's scope is cancelled (at
+        once if a signal asked so already; ``cancelled_caught`` says whether it was)."""
+        with anyio.CancelScope() as scope:
+            if self.hurried:
+                scope.cancel()
+            self._waits.add(scope)
+            try:
+                yield scope
+            finally:
+                self._waits.discard(scope)
+
+    def hurry(self) -> None:
+        """End every closing wait now, and every later one at once."""
+        self.hurried = True
+        for scope in self._waits:
+            scope.cancel()
 
 
 @contextlib.contextmanager
@@ -47,23 +86,34 @@ def stopping_on_signals(stop: anyio.Event, console: Console) -> Iterator[Signals
     main = asyncio.current_task()
     signals = Signals()
 
-    grace: list[asyncio.TimerHandle] = []
-
     def quit_now() -> None:
-        if main is not None and not signals.quit_now.is_set():
+        if main is not None and not signals.quit_now.is_set() and not signals.closing:
             signals.quit_now.set()
             main.cancel()
 
     def on_signal(number: signal.Signals) -> None:
+        signals.received = True
         if number == signal.SIGTERM:
             signals.terminated = True
+        again = "Ctrl-C" if number == signal.SIGINT else "SIGTERM again"
+        if signals.closing:
+            if stop.is_set():
+                signals.hurry()  # the waits end; the summary follows at once
+                return
+            stop.set()
+            console.print(
+                Text(
+                    f"{number.name}: the run has ended; writing what is left "
+                    f"({again} to stop waiting for the disk)"
+                )
+            )
+            return
         if stop.is_set() and main is not None:
             quit_now()
             return
         stop.set()
         if number == signal.SIGTERM:
-            grace.append(loop.call_later(TERM_GRACE_S, quit_now))
-        again = "Ctrl-C" if number == signal.SIGINT else "SIGTERM again"
+            signals.grace = loop.call_later(TERM_GRACE_S, quit_now)
         console.print(
             Text(
                 f"{number.name}: stopping, letting submits on the wire finish ({again} to quit now)"
@@ -80,7 +130,7 @@ def stopping_on_signals(stop: anyio.Event, console: Console) -> Iterator[Signals
             installed.append(number)
         yield signals
     finally:
-        for handle in grace:
-            handle.cancel()
+        if signals.grace is not None:
+            signals.grace.cancel()
         for number in installed:
             loop.remove_signal_handler(number)
