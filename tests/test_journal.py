@@ -601,3 +601,21 @@ async def test_a_client_names_the_keys_its_journal_did_not_commit(
                 lambda: client.uncommitted_journal_keys() == [],
                 what="the record committed once the disk thawed",
             )
+
+
+async def test_a_record_a_submit_waited_for_is_not_listed_as_uncommitted(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """The worker told the waiters first and forgot the records after: a submit that resumed
+    at once (a loaded machine) found its own committed key in uncommitted_journal_keys()."""
+    async with (
+        emulator(time_scale=1.0, job_seconds=(30.0, 30.0)) as emu,
+        make_client(emu, journal=tmp_path / "jobs.sqlite") as client,
+    ):
+        listed = []
+        for index in range(200):
+            job = await client.images.submit(prompt=f"fox {index}", model="dall-e-2")
+            if job.key in client.uncommitted_journal_keys():
+                listed.append(job.key)
+            job.cancel()
+        assert listed == []

@@ -334,6 +334,7 @@ class JournalWorker:
                 if connection.in_transaction:
                     connection.execute("ROLLBACK")
             error = ClientStateError(f"journal write failed ({self.path}): {exc}")
+            self._forget(*writes)  # before the waiters hear of it (see below)
             unanswered = 0
             for write in writes:
                 if write.done is not None:
@@ -345,11 +346,15 @@ class JournalWorker:
                     "%s; %d record(s) of job outcomes were not kept", error, unanswered
                 )
         else:
+            # Forgotten before the waiters hear: one that resumes at once and asks
+            # uncommitted_keys() must not find its own record still listed (it was, on a
+            # loaded machine, until this thread ran again).
+            self._forget(*writes)
             for done, value in results:
                 if done is not None:
                     _call_soon(loop, done, value)
         finally:
-            self._forget(*writes)
+            self._forget(*writes)  # (already, unless something else than an Exception broke)
 
     def _forget(self, *writes: _Write) -> None:
         """These records were committed, or their failure reported: no longer uncommitted."""
