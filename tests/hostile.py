@@ -124,6 +124,9 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         if mode == "echo-200-data":  # a "success" whose data is the header (no key)
             return web.json_response({"code": "200", "message": "success", "data": {"Key": header}})
+        if mode == "echo-200-reused":  # one key for every submit, the header beside it
+            data = {"key": "KAAAA1", "Echo": header}
+            return web.json_response({"code": "200", "message": "success", "data": data})
         if mode == "echo-200-key":  # a "success" whose key quotes the signature
             sign = json.loads(header)["sign"] if header else ""
             return web.json_response({"code": "200", "message": "ok", "data": {"key": "x " + sign}})

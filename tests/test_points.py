@@ -608,3 +608,51 @@ async def test_bulk_max_points_counts_the_jobs_a_rerun_collects(
         assert (await emu.stats())["submits_accepted"] == 5  # nothing new: the budget is spent
         assert (await emu.stats())["points_charged"] == 40
         assert summary["points_total"] == 40
+
+
+async def test_an_attached_job_kept_at_a_reported_cost_above_the_estimate_holds_that_cost() -> None:
+    """A job that ended short with 20 points reported (the table says 2) keeps 20 as spent;
+    attached again to the budget, only the estimate (2) was held in their place, and the 18
+    between were room for 9 more submits while the job was still out."""
+    budget = Budget(25, {"dall-e-2": 1})
+    body = {"model": "dall-e-2", "prompt": "x", "n": 2}
+    reservation = await budget.reserve(body, 2)
+    reservation.settle(20, maybe_charged=True)
+    budget.maybe_charged("K1", reservation)
+    assert (budget.spent, budget.reserved) == (20, 0)
+    held = budget.hold_attached("K1", body, 2)
+    assert (budget.spent, budget.reserved) == (0, 20)
+    admitted = 0
+    with pytest.raises(BudgetExceededError):
+        for _ in range(20):
+            await budget.reserve(body, 2)
+            admitted += 1
+    assert admitted == 2
+    held.settle(20, succeeded=True)
+    assert budget.spent == 20
+
+
+async def test_a_lost_replys_request_is_not_kept_alive_by_the_budget() -> None:
+    """The budget remembered a lost reply's request object itself (up to 1,024 of them): an
+    edit's request carries its images, megabytes each. It now holds the error weakly."""
+    import gc
+    import weakref
+
+    class Body(dict[str, Any]):  # a dict that a weak reference can follow
+        pass
+
+    budget = Budget(100, {"dall-e-2": 8})
+    body = Body(model="dall-e-2", prompt="x", image="iVBOR" * 100_000)
+    reservation = await budget.reserve(body, 1)
+    reservation.settle(None, maybe_charged=True)
+    error = SubmitUncertainError("the reply was lost", request=body)
+    budget.lost_reply(error, reservation)
+    assert budget.hold_attached("K1", error.request, 1).points == 8  # taken back: counted once
+    assert budget.spent == 0
+    again = await budget.reserve(body, 1)
+    again.settle(None, maybe_charged=True)
+    budget.lost_reply(SubmitUncertainError("lost again", request=body), again)
+    kept = weakref.ref(body)
+    del body, error
+    gc.collect()
+    assert kept() is None

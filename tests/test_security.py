@@ -404,19 +404,25 @@ def _assert_no_signature(texts: list[str], signs: list[str]) -> None:
                 assert not any(piece in letters for piece in pieces), f"signature: {text[:300]!r}"
 
 
-@pytest.mark.parametrize("mode", ["echo-200-data", "echo-200-key"])
+@pytest.mark.parametrize("mode", ["echo-200-data", "echo-200-key", "echo-200-reused"])
 async def test_a_submit_reply_quoting_the_header_is_kept_by_no_frame_of_its_error(
     mode: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A "success" whose data quotes the request's signature (no key, or a key around it):
-    the message left it out, but the locals of the frames the error's traceback keeps (the
-    reply in the submit's, the key check's) held it whole, for an error reporter to store."""
+    """A "success" whose data quotes the request's signature (no key, a key around it, or a
+    key in use beside it): the message left it out, but the locals of the frames the error's
+    traceback keeps (the reply in the submit's, the key check's) held it whole, for an error
+    reporter to store."""
     caplog.set_level(logging.DEBUG, logger="wujie_async")
     async with recording_gateway() as gateway:
         client = WujieClient(credentials(), base_url=f"{gateway.origin}/{mode}", retry=NO_RETRY)
         async with client:
+            first = None
+            if mode == "echo-200-reused":
+                first = await client.images.submit(prompt="first", model="dall-e-2")
             with pytest.raises(SubmitUncertainError) as info:
                 await client.images.submit(prompt="x", model="dall-e-2")
+            if first is not None:
+                first.cancel()
     signs = [json.loads(header)["sign"] for header in gateway.authorizations]
     assert signs
     _assert_no_signature([*_reachable(info.value), caplog.text], signs)

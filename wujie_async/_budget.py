@@ -47,13 +47,14 @@ submits racing for the last points cannot both pass.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import anyio
 
-from ._errors import BudgetExceededError
+from ._errors import BudgetExceededError, SubmitUncertainError
 
 Kind = tuple[str, str, str, int]
 # How many reservations kept as spent (maybe charged) are remembered for an attach of the same
@@ -124,7 +125,9 @@ class Budget:
         # Reservations kept as spent because their job may have been charged, by what can name
         # that job again (see maybe_charged): an attach charged to the budget takes one back
         # rather than count the job twice.
-        self._maybe_charged: OrderedDict[object, tuple[Reservation, object]] = OrderedDict()
+        self._maybe_charged: OrderedDict[
+            object, tuple[Reservation, weakref.ref[SubmitUncertainError] | None]
+        ] = OrderedDict()
 
     def estimate(self, kind: Kind) -> float | None:
         """What a job of ``kind`` is expected to cost (never below 0), or None when nothing is
@@ -190,17 +193,37 @@ class Budget:
         )
         if counted is None:
             return self.hold(request, n)
-        self.spent -= counted.counted or 0.0
+        was = counted.counted or 0.0
+        self.spent -= was
         counted.counted = None
-        return self._hold(counted.kind)
+        held = self._hold(counted.kind)
+        if was > (held.points or 0.0):
+            # What its end counted is held, if more than the estimate (a cost reported above
+            # the table): taken back as less, the difference was room for new submits.
+            self.reserved += was - (held.points or 0.0)
+            held.points = was
+        return held
 
-    def maybe_charged(self, handle: object, held: Reservation, anchor: object = None) -> None:
+    def maybe_charged(self, handle: str | tuple[str, int], held: Reservation) -> None:
         """``held``'s end kept it as spent (its job may have been charged): remember it by
-        ``handle`` (a job key, ``("request", id(body))`` with ``anchor=body``, or
-        ``("row", row_id)``) for an attach of that job (:meth:`hold_attached`). The last
-        ``MAYBE_CHARGED_KEPT`` are remembered."""
+        ``handle`` (its job key, or ``("row", row_id)``) for an attach of that job
+        (:meth:`hold_attached`). The last ``MAYBE_CHARGED_KEPT`` are remembered."""
+        self._remember(handle, held, None)
+
+    def lost_reply(self, error: SubmitUncertainError, held: Reservation) -> None:
+        """:meth:`maybe_charged` for a submit whose reply was lost, remembered by the very
+        ``request`` object its ``error`` carries, while the error lives (held weakly: an
+        edit's request carries its images, and a thousand of them must not stay in memory)."""
+        self._remember(("request", id(error.request)), held, weakref.ref(error))
+
+    def _remember(
+        self,
+        handle: object,
+        held: Reservation,
+        error: weakref.ref[SubmitUncertainError] | None,
+    ) -> None:
         remembered = self._maybe_charged
-        remembered[handle] = (held, anchor)
+        remembered[handle] = (held, error)
         remembered.move_to_end(handle)
         while len(remembered) > MAYBE_CHARGED_KEPT:
             remembered.popitem(last=False)
@@ -212,11 +235,17 @@ class Budget:
         if counted is not None:
             self.maybe_charged(key, counted)
 
-    def _take_maybe_charged(self, handle: object, anchor: object = None) -> Reservation | None:
+    def _take_maybe_charged(
+        self, handle: object, request: Mapping[str, Any] | None = None
+    ) -> Reservation | None:
         found = self._maybe_charged.pop(handle, None)
-        if found is None or found[1] is not anchor:
-            return None  # none, or an id() of a request object since gone and reused
-        held = found[0]
+        if found is None:
+            return None
+        held, error_ref = found
+        if error_ref is not None:
+            error = error_ref()
+            if error is None or error.request is not request:
+                return None  # its error is gone, and the id() may be another object's now
         # Taken back already through another of its handles: nothing is counted for it now.
         return held if held.counted is not None else None
 

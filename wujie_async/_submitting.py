@@ -551,11 +551,11 @@ class Submits:
                     )
                 try:
                     key = usable_key(data, body)
-                except SubmitUncertainError:
-                    # No usable key: its key may still be found (the console), so lost_reply
-                    # stands. The reply may quote the request's signature: not kept here.
+                finally:
+                    # Only the key is kept: the reply may quote the request's signature, and
+                    # an error raised below keeps this frame (its locals) in its traceback.
+                    # (No usable key: its key may still be found, so lost_reply stands.)
                     data = None
-                    raise
                 try:
                     self._claim_key(key, body)
                 except SubmitUncertainError:
@@ -593,8 +593,8 @@ class Submits:
                     # Its key may be found (the console): an attach() of it is this job.
                     budget = self._budget
                     assert budget is not None  # a reservation is held on it
-                    if lost_reply:
-                        budget.maybe_charged(("request", id(body)), held, body)
+                    if lost_reply and isinstance(exc, SubmitUncertainError):
+                        budget.lost_reply(exc, held)
                     if record.row_id is not None:
                         budget.maybe_charged(("row", record.row_id), held)
                 else:
