@@ -56,6 +56,13 @@ REPLIES: dict[str, tuple[int, bytes, str]] = {
     "array": (200, b"[1,2,3]", "application/json"),
     "empty-key": (200, b'{"code":"200","message":"ok","data":{"key":"  "}}', "application/json"),
     "teapot": (418, b"short and stout", "text/plain"),
+    # nginx's own page for a body over client_max_body_size (1 MB by default)
+    "too-large-413": (
+        413,
+        b"<html><head><title>413 Request Entity Too Large</title></head></html>",
+        "text/html",
+    ),
+    "bad-request-json": (400, b'{"message":"Bad Request"}', "application/json"),
     "balance-429": (
         429,
         b'{"code":"20110010","message":"insufficient points","data":null}',
@@ -125,8 +132,8 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         if mode == "echo-200-data":  # a "success" whose data is the header (no key)
             return web.json_response({"code": "200", "message": "success", "data": {"Key": header}})
         if mode == "echo-200-reused":  # one key for every submit, the header beside it
-            data = {"key": "KAAAA1", "Echo": header}
-            return web.json_response({"code": "200", "message": "success", "data": data})
+            reused = {"key": "KAAAA1", "Echo": header}
+            return web.json_response({"code": "200", "message": "success", "data": reused})
         if mode == "echo-200-key":  # a "success" whose key quotes the signature
             sign = json.loads(header)["sign"] if header else ""
             return web.json_response({"code": "200", "message": "ok", "data": {"key": "x " + sign}})

@@ -24,6 +24,7 @@ from wujie_async import (
     PollPolicy,
     ProtocolError,
     RateLimitedError,
+    RequestRefusedError,
     ResponseTooLargeError,
     RetryPolicy,
     ServerError,
@@ -55,7 +56,6 @@ pytestmark = pytest.mark.anyio
         ("nested", "nests deeper", ProtocolError, 1),
         ("not-envelope", "envelope", ProtocolError, 2),
         ("array", "envelope", ProtocolError, 2),
-        ("teapot", "HTTP 418", ProtocolError, 2),
     ],
 )
 async def test_bad_replies_become_protocol_errors(
@@ -388,6 +388,27 @@ async def test_systemic_flags_of_the_error_tree() -> None:
     assert not ServerError("busy", http_status=503).systemic
     assert not RateLimitedError("slow", http_status=429).systemic
     assert not ProtocolError("odd").systemic and not ResponseTooLargeError("big", limit=1).systemic
+
+
+@pytest.mark.parametrize("mode", ["too-large-413", "bad-request-json", "teapot"])
+async def test_a_4xx_a_proxy_sent_is_a_refusal_not_uncertain(mode: str, tmp_path: Path) -> None:
+    """A proxy in front of the gateway refusing a body over its limit (nginx: 413 above 1 MB)
+    made the submit "may have been charged" (uncertain, journaled so, held on the budget,
+    never resent). A 4xx that is not the gateway's envelope never reached the gateway."""
+    creds = Credentials("wjhostile", unregistered_key())
+    async with recording_gateway() as gateway:
+        base = f"{gateway.origin}/{mode}"
+        journal = tmp_path / "journal.sqlite"
+        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
+            with pytest.raises(RequestRefusedError) as refused:
+                await c.images.submit(prompt="x", model="dall-e-2")
+            assert not refused.value.systemic and "nothing was accepted" in str(refused.value)
+            assert await c.uncertain_submits() == []
+            [row] = await c.journal_entries()
+            assert row.state == "rejected"
+        assert gateway.hits[mode] == 1  # not retried: the same request, the same answer
+    if mode == "too-large-413":
+        assert "too large" in str(refused.value) and "HTTP 413" in str(refused.value)
 
 
 async def test_a_missing_route_is_rejected_not_uncertain(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@
     ├── APIError                    the gateway answered, and the answer is an error
     │   ├── AuthenticationError     HTTP 401/403: bad credentials, clock skew, unknown app  [S]
     │   ├── EndpointNotFoundError   HTTP 404/405 without an envelope: wrong base URL (url)  [S]
+    │   ├── RequestRefusedError     another HTTP 4xx without an envelope: a proxy refused it
     │   ├── RateLimitedError        HTTP 429 (retry_after in seconds, when the server said)
     │   ├── ServerError             HTTP 5xx: transient on the gateway's side
     │   ├── ProtocolError           the reply is not what the contract promises (what came back)
@@ -330,6 +331,15 @@ class EndpointNotFoundError(APIError):
     def __init__(self, message: str, *, url: str, **kwargs: Any) -> None:
         self.url = url
         super().__init__(message, **kwargs)
+
+
+class RequestRefusedError(APIError):
+    """HTTP 4xx (not 401, 403, 404, 405 or 429) with a body that is not a JSON envelope: a
+    proxy or web server in front of the gateway refused the request (413: the body is too
+    large for it; 400, 414, 431...), so it never reached the gateway and nothing was accepted.
+    A submit that gets this is refused, never uncertain, and not retried (the same request
+    gets the same answer). Not systemic: another, smaller request may pass.
+    """
 
 
 class RateLimitedError(APIError):

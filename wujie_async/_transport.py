@@ -63,6 +63,7 @@ from ._errors import (
     ProtocolError,
     RateLimitedError,
     ReplyTooDeepError,
+    RequestRefusedError,
     ResponseTooLargeError,
     ServerError,
     SubmitUncertainError,
@@ -241,6 +242,15 @@ def _reply_error(
             retry_after=_retry_after(headers),
             http_status=status,
             code=code,
+            body=body,
+        )
+    if 400 <= status < 500 and envelope is None:
+        # A proxy or web server answered, not the gateway (whose errors are envelopes, or 401,
+        # 429 and 5xx): the request went no further. A submit so refused was not charged.
+        why = " (the request body is too large for it)" if status == 413 else ""
+        return RequestRefusedError(
+            f"refused before the gateway by a proxy or web server{why}; nothing was accepted",
+            http_status=status,
             body=body,
         )
     if status >= 500:
