@@ -43,9 +43,8 @@ from ._run import (
     lines_by_id,
     readable_error,
     sent_lines,
-    uncancel,
 )
-from ._signals import stopping_on_signals
+from ._signals import stopping_on_signals, uncancel
 
 _STATES = ALL_STATES
 _SQLITE_HEADER = b"SQLite format 3\x00"
