@@ -44,7 +44,7 @@ def uncancel() -> None:
         task.uncancel()
 
 
-def _unread(task: asyncio.Future[Any]) -> None:
+def unread(task: asyncio.Future[Any]) -> None:
     """A task nobody waits for any more: its error, if any, is taken (never logged)."""
     if not task.cancelled():
         task.exception()
@@ -99,7 +99,7 @@ class Signals:
         with self.cut_short():
             await asyncio.shield(task)
         if not task.done():
-            task.add_done_callback(_unread)  # cut short: its end is nobody's to report
+            task.add_done_callback(unread)  # cut short: its end is nobody's to report
 
     @contextlib.contextmanager
     def cut_short(self) -> Iterator[anyio.CancelScope]:
