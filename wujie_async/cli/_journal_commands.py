@@ -6,7 +6,7 @@ Rows are named the way the input named them: ``id`` when the row had one, else i
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import datetime
 import json
 import stat
@@ -38,12 +38,13 @@ from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source,
 from ._progress import Display, Tally
 from ._run import (
     check_out_folder,
+    journal_left_said,
     known_keys,
     line_of,
     lines_by_id,
     readable_error,
     sent_lines,
-    uncancel,
+    stop_said,
 )
 from ._signals import stopping_on_signals
 
@@ -255,75 +256,94 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
     check_out_folder(args.out)
     manifest_path = args.out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
-    async with open_client(args, Limits(max_concurrent_submits=4), path) as client:
-        # A key only the manifest kept (a full disk) makes its row accepted: never resent.
-        every = await client.journal_entries()
-        if await record_manifest_keys(client, records, every):
+    # As bulk's: the signal handlers, installed as the run starts, stay until the summary is
+    # printed (see _signals: a signal in the closing waits ends them, never the summary).
+    with contextlib.ExitStack() as handlers:
+        async with contextlib.AsyncExitStack() as stack:
+            client = await stack.enter_async_context(
+                open_client(args, Limits(max_concurrent_submits=4), path)
+            )
+            # A key only the manifest kept (a full disk) makes its row accepted: never resent.
             every = await client.journal_entries()
-        entries = _latest_per_row(every)
-        if args.all_uncertain:
-            chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
-        else:
-            _refuse_unknown("resend", "sent", args.rows, entries)
-            chosen = [entry for entry in entries if _matches(entry, set(args.rows))]
-            _refuse_paid(chosen, path, args.out)
-        if not chosen:
-            console.print(Text("nothing to resend"))
-            return EXIT_OK
-        _confirm(
-            f"resend {len(chosen)} row(s)? each may be charged again if the first submit went "
-            "through",
-            args.yes,
+            if await record_manifest_keys(client, records, every):
+                every = await client.journal_entries()
+            entries = _latest_per_row(every)
+            if args.all_uncertain:
+                chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
+            else:
+                _refuse_unknown("resend", "sent", args.rows, entries)
+                chosen = [entry for entry in entries if _matches(entry, set(args.rows))]
+                _refuse_paid(chosen, path, args.out)
+            if not chosen:
+                console.print(Text("nothing to resend"))
+                return EXIT_OK
+            _confirm(
+                f"resend {len(chosen)} row(s)? each may be charged again if the first submit "
+                "went through",
+                args.yes,
+            )
+            # An id tag does not hold the line number; the manifest remembers it.
+            lines = lines_by_id(records)
+            rows = [Row(*line_of(entry, lines), entry.tag, entry.request) for entry in chosen]
+            display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
+            # As bulk: a key an earlier job holds, handed out again, ends the row uncertain.
+            client.refuse_keys(known_keys(records, every))
+            handle = await anyio.to_thread.run_sync(open_manifest, manifest_path)
+            stop = anyio.Event()
+            run = BulkRun(
+                client,
+                send=rows,
+                collect=[],
+                settled=[],
+                manifest=Manifest(handle, source=run_source(records, "resend")),
+                out=args.out,
+                name=getattr(args, "name", None) or DEFAULT_NAME,
+                display=display,
+                already_saved=saved_indexes(records),
+                job_timeout=args.job_timeout,
+                stop=stop,
+                journaled=True,
+            )
+            try:
+                signals = handlers.enter_context(stopping_on_signals(stop, console))
+                result = await signals.run_or_quit(run.run, run.interrupted_at_once)
+
+                async def forget() -> None:
+                    # The old rows are superseded by the new submits; rows not sent stay.
+                    sent = sent_lines(result.outcomes)
+                    await client.forget_submits(
+                        entry.id
+                        for entry, row in zip(chosen, rows, strict=True)
+                        if (row.row_id or row.line) in sent
+                    )
+
+                # The closing waits, as bulk's (the client's close among them: its journal's
+                # last commit; the block's end closes it if they fail before).
+                await run.end(
+                    signals, lambda: signals.close(stack.pop_all().aclose()), forget=forget
+                )
+            finally:
+                run.close_rows()
+            # What its journal could not commit (its close stopped waiting for a disk that
+            # took no write, or a signal stopped the wait): the summary names them.
+            journal_left = client.uncommitted_journal_keys()
+        saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
+        console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
+        if journal_left:
+            console.print(Text(journal_left_said(path, journal_left)), soft_wrap=True)
+        stopped = stop_said(
+            result, client.base_url, app_id_flag=bool(getattr(args, "app_id", None))
         )
-        # An id tag does not hold the line number; the manifest remembers it.
-        lines = lines_by_id(records)
-        rows = [Row(*line_of(entry, lines), entry.tag, entry.request) for entry in chosen]
-        display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
-        # As bulk: a key an earlier job holds, handed out again, ends the row uncertain.
-        client.refuse_keys(known_keys(records, every))
-        handle = await anyio.to_thread.run_sync(open_manifest, manifest_path)
-        stop = anyio.Event()
-        run = BulkRun(
-            client,
-            send=rows,
-            collect=[],
-            settled=[],
-            manifest=Manifest(handle, source=run_source(records, "resend")),
-            out=args.out,
-            name=getattr(args, "name", None) or DEFAULT_NAME,
-            display=display,
-            already_saved=saved_indexes(records),
-            job_timeout=args.job_timeout,
-            stop=stop,
-            journaled=True,
-        )
-        try:
-            with stopping_on_signals(stop, console) as signals:
-                try:
-                    result = await run.run()
-                except asyncio.CancelledError:
-                    if not signals.quit_now.is_set():
-                        raise
-                    uncancel()  # our own second signal: close normally, then report
-                    result = run.interrupted_at_once()
-            await run.settle_rows()
-        finally:
-            run.close_rows()
-        # The old rows are superseded by the new submits; rows not sent stay as they were.
-        sent = sent_lines(result.outcomes)
-        await client.forget_submits(
-            entry.id
-            for entry, row in zip(chosen, rows, strict=True)
-            if (row.row_id or row.line) in sent
-        )
-    saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
-    console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
-    if result.interrupted:
-        console.print(
-            Text("stopped: re-run `wujie-async resume` on this journal to collect the rest")
-        )
-        return EXIT_TERMINATED if signals.terminated else EXIT_INTERRUPTED
-    return EXIT_OK if saved == len(rows) else EXIT_FAILED
+        if stopped is not None:
+            console.print(Text(stopped), soft_wrap=True)
+        if result.interrupted:
+            console.print(
+                Text("stopped: re-run `wujie-async resume` on this journal to collect the rest")
+            )
+        if result.interrupted or signals.received:
+            # A signal is the stronger word, also one in the closing waits (see bulk's).
+            return EXIT_TERMINATED if signals.terminated else EXIT_INTERRUPTED
+        return EXIT_OK if saved == len(rows) else EXIT_FAILED
 
 
 async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest) -> int:

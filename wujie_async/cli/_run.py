@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,6 +147,29 @@ def _keys_to_keep(keys: list[str], which: str) -> str:
     )
 
 
+def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | None:
+    """What stopped the sending (a systemic error, a disk that refused or stopped answering)
+    and the keys of the jobs whose rows the manifest could not take; None: nothing did."""
+    if isinstance(result.systemic, OutputUnwritableError):
+        return str(result.systemic) + _unrecorded_keys(result.unrecorded)
+    if result.systemic is not None:
+        # The manifest may have refused rows after another error stopped the sending: its
+        # keys are said all the same.
+        return fix_message(result.systemic, base_url, app_id_flag=app_id_flag) + _unrecorded_keys(
+            result.unrecorded
+        )
+    return None
+
+
+def journal_left_said(journal: Path | None, keys: list[str]) -> str:
+    """What the summary says of the records the journal had not committed when it closed."""
+    return (
+        f"warning: the journal {journal} took no write for {JOURNAL_CLOSE_DEADLINE_S:g} s at "
+        "the end of the run (its disk stopped answering): "
+        f"{_keys_to_keep(keys, 'whose records it may lack')}"
+    )
+
+
 def check_out_folder(out: Path) -> None:
     """Refuse an ``--out`` that is a file or cannot be written, or whose manifest is not a
     file, before anything is sent."""
@@ -168,19 +191,6 @@ def check_out_folder(out: Path) -> None:
         raise UsageError(
             f"--out {out}: cannot write there ({reason}); give a writable folder"
         ) from None
-
-
-def _unread(task: asyncio.Future[Any]) -> None:
-    """A task nobody waits for any more: its error, if any, is taken (never logged)."""
-    if not task.cancelled():
-        task.exception()
-
-
-def uncancel() -> None:
-    """Undo the cancel our own second signal sent to this task (the run closed normally)."""
-    task = asyncio.current_task()
-    if task is not None:
-        task.uncancel()
 
 
 def journal_path(args: argparse.Namespace) -> Path | None:
@@ -729,7 +739,7 @@ class Session:
                 self.prices_before = prices_charged(records, bodies)
                 # Lines left uncertain may have been charged: the budget counts them spent.
                 self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
-        async with self._opened(items) as (client, reserve):
+        async with self._opened(items) as (client, reserve, close):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
             elif args.command == "status":
@@ -845,31 +855,22 @@ class Session:
                 )
                 signals = handlers.enter_context(stopping_on_signals(stop, self.console))
                 self.signals = signals
-                try:
-                    self.result = await run.run()
-                except asyncio.CancelledError:
-                    if not signals.quit_now.is_set():
-                        raise
-                    # Our own second signal: close everything normally, then report.
-                    uncancel()
-                    self.result = run.interrupted_at_once()
-                # The closing waits, each bounded, each ended at once by a signal after the
-                # first (what they leave unwritten is listed in the summary).
-                signals.run_ended()
-                with signals.cut_short():
-                    await run.settle_rows()
-                if plan.superseded:
-                    sent = sent_lines(self.result.outcomes)
-                    # Bounded like the journal's close: a journal whose disk stopped answering
-                    # keeps the forgetting queued (done if the disk answers again), and the
-                    # run goes on to its summary.
-                    with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S), signals.cut_short():
-                        await client.forget_submits(
-                            row for line, row in plan.superseded.items() if line in sent
-                        )
-                # Every download has ended: the room set aside goes to these rows only.
-                with signals.cut_short():
-                    await run.rewrite_unrecorded(reserve.release)
+                result = await signals.run_or_quit(run.run, run.interrupted_at_once)
+                self.result = result
+
+                async def forget() -> None:
+                    sent = sent_lines(result.outcomes)
+                    await client.forget_submits(
+                        row for line, row in plan.superseded.items() if line in sent
+                    )
+
+                # The closing waits (what they leave unwritten is listed in the summary).
+                await run.end(
+                    signals,
+                    close,
+                    forget=forget if plan.superseded else None,
+                    make_room=reserve.release,
+                )
                 self.out_disk_held = run.rows_held
             finally:
                 if run is not None:
@@ -893,9 +894,10 @@ class Session:
     @contextlib.asynccontextmanager
     async def _opened(
         self, items: list[BulkItem]
-    ) -> AsyncIterator[tuple[WujieClient, DiskReserve]]:
+    ) -> AsyncIterator[tuple[WujieClient, DiskReserve, Callable[[], Awaitable[None]]]]:
         """Room set aside on the output folder's disk first (before the journal is opened
-        there), then the client; both given back at the end."""
+        there), then the client; both given back at the end. The client's close is given
+        too, for the run's closing waits (else it is closed as the block ends)."""
         out: Path = self.args.out
         reserve = DiskReserve(out, reserve_size(item.request.body() for item in items))
         if not await anyio.to_thread.run_sync(reserve.take):
@@ -914,8 +916,12 @@ class Session:
                 except ClientStateError as exc:  # the journal cannot be opened (a full disk)
                     raise UsageError(f"{clean(exc)} (nothing was sent)") from None
                 self.base_url = client.base_url
-                yield client, reserve
-                await self._close(stack.pop_all())
+
+                async def close() -> None:
+                    await self._close(stack.pop_all())  # (an empty stack, once closed)
+
+                yield client, reserve, close
+                await close()
                 # What its journal could not commit (its close stopped waiting for a disk
                 # that took no write, or a signal stopped the wait): the summary names them.
                 self.journal_left = client.uncommitted_journal_keys()
@@ -934,16 +940,11 @@ class Session:
         return self.signals is not None and self.signals.terminated
 
     async def _close(self, stack: contextlib.AsyncExitStack) -> None:
-        """Close the client (the journal's last commit: at most 2 s on a disk that stopped
-        answering) in a task of its own, which a signal after the first stops waiting for:
-        the client's close is shielded from cancels, to settle every job and socket. Left
-        so, it goes on while the summary is printed (the process exits at most
-        ``EXIT_GRACE_S`` after its end)."""
-        closing = asyncio.ensure_future(stack.aclose())
-        with self._cut_short():
-            await asyncio.shield(closing)
-        if not closing.done():
-            closing.add_done_callback(_unread)  # cut short: its end is nobody's to report
+        """Close the client: a wait a signal after the first ends (see ``Signals.close``)."""
+        if self.signals is not None:
+            await self.signals.close(stack.aclose())
+        else:
+            await asyncio.shield(asyncio.ensure_future(stack.aclose()))
 
     def _cut_short(self) -> contextlib.AbstractContextManager[object]:
         """A closing wait a signal after the first ends (see _signals)."""
@@ -958,15 +959,9 @@ class Session:
         result = self.result
         assert result is not None
         counts = count(result.outcomes)
-        stopped = None
-        if isinstance(result.systemic, OutputUnwritableError):
-            stopped = str(result.systemic) + _unrecorded_keys(result.unrecorded)
-        elif result.systemic is not None:
-            # The manifest may have refused rows after another error stopped the sending: its
-            # keys are said all the same.
-            stopped = fix_message(
-                result.systemic, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
-            ) + _unrecorded_keys(result.unrecorded)
+        stopped = stop_said(
+            result, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
+        )
         if result.interrupted or (self.signals is not None and self.signals.received):
             # A signal is the stronger word, after a systemic stop too: a supervisor that sent
             # SIGTERM reads 143 as "stopped as asked" (the summary still says what stopped it).
@@ -1036,12 +1031,7 @@ class Session:
         say = self._say
         if self.journal_left:
             self.console.print(
-                Text(
-                    f"warning: the journal {self.journal} took no write for "
-                    f"{JOURNAL_CLOSE_DEADLINE_S:g} s at the end of the run (its disk stopped "
-                    f"answering): {_keys_to_keep(self.journal_left, 'whose records it may lack')}"
-                ),
-                soft_wrap=True,
+                Text(journal_left_said(self.journal, self.journal_left)), soft_wrap=True
             )
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)

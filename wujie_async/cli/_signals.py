@@ -11,7 +11,10 @@ the journal's last commit, each bounded: a disk that stopped answering holds the
 entered with :meth:`Signals.cut_short`, and the handlers stay until the summary is printed: a
 signal after the first one ends those waits at once, and the summary (with the keys of what
 was not written) is printed all the same. Restored with the loop's defaults, a second signal
-there killed the process before its summary, and those keys were never said.
+there killed the process before its summary, and those keys were never said. Every command
+that runs a bulk job (``bulk``, ``resume``, ``status --wait``, ``journal resend``) goes so:
+:meth:`Signals.run_or_quit` for the run, ``BulkRun.end`` for its closing waits, the handlers
+held (``stopping_on_signals``) until the summary is printed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import anyio
 from rich.console import Console
@@ -29,6 +33,21 @@ from rich.text import Text
 # second signal (they end uncertain): a submit whose gateway hangs would otherwise hold the run
 # for Timeouts.request (30 s), past docker stop's 10 s, and SIGKILL leaves no summary.
 TERM_GRACE_S = 8.0
+
+_T = TypeVar("_T")
+
+
+def uncancel() -> None:
+    """Undo the cancel our own second signal sent to this task (the run closed normally)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def unread(task: asyncio.Future[Any]) -> None:
+    """A task nobody waits for any more: its error, if any, is taken (never logged)."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Signals:
@@ -56,6 +75,31 @@ class Signals:
         self.closing = True
         if self.grace is not None:
             self.grace.cancel()
+
+    async def run_or_quit(self, run: Callable[[], Awaitable[_T]], quit: Callable[[], _T]) -> _T:
+        """``run()`` to its end, or ``quit()`` (what it did so far) when our own second signal
+        cancelled it at once; either way the run has ended (:meth:`run_ended`)."""
+        try:
+            result = await run()
+        except asyncio.CancelledError:
+            if not self.quit_now.is_set():
+                raise
+            uncancel()  # our own second signal: close everything normally, then report
+            result = quit()
+        self.run_ended()
+        return result
+
+    async def close(self, closing: Coroutine[Any, Any, None]) -> None:
+        """Wait for ``closing`` (a client's close: the journal's last commit, at most 2 s on
+        a disk that stopped answering), run in a task of its own, which a signal after the
+        first stops waiting for: the close itself is shielded from cancels, to settle every
+        job and socket. Left so, it goes on while the summary is printed (the process exits
+        at most ``EXIT_GRACE_S`` after its end)."""
+        task = asyncio.ensure_future(closing)
+        with self.cut_short():
+            await asyncio.shield(task)
+        if not task.done():
+            task.add_done_callback(unread)  # cut short: its end is nobody's to report
 
     @contextlib.contextmanager
     def cut_short(self) -> Iterator[anyio.CancelScope]:
