@@ -817,3 +817,24 @@ async def test_a_batch_reply_with_null_data_is_a_failed_call_not_every_key_absen
     said = [r.getMessage() for r in warnings_of(caplog) if "data is null" in r.getMessage()]
     # One line as it began, one at the close counting the rest (the repeated-warnings gate).
     assert len(said) == 2 and "like this" in said[1], said
+
+
+@pytest.mark.long
+async def test_a_thousand_null_data_replies_in_a_row_keep_their_backoff(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wait after a reply with no list doubled from the count of such replies in a row:
+    past 1,024 (2,500 keys are 50 calls a round) 2**count overflowed, every call then failed
+    "unexpectedly" with a traceback, and the wait fell back to min_interval."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+
+    def script(keys: list[str]) -> web.Response:
+        return web.json_response({"code": "200", "message": "success", "data": None})
+
+    poll = dataclasses.replace(FAST_POLL, min_interval=0.01, max_interval=0.05)
+    async with scripted_gateway(script) as gateway, client_for(gateway, poll=poll) as client:
+        jobs = [client.images.attach(f"K{i:05d}", job_timeout=600) for i in range(2500)]
+        await eventually(lambda: len(gateway.asked) > 1100, timeout=60, what="1,100 calls")
+        for job in jobs:
+            job.cancel()
+    assert not [r for r in caplog.records if "unexpectedly" in r.getMessage()]

@@ -519,9 +519,8 @@ class BatchPoller:
             except ProtocolError:
                 self._shapeless_replies += 1
                 policy = self._policy
-                retry_wait = min(
-                    policy.min_interval * 2 ** (self._shapeless_replies - 1), policy.max_interval
-                )
+                doublings = min(self._shapeless_replies - 1, 30)  # 2.0**1024 overflows
+                retry_wait = min(policy.min_interval * 2.0**doublings, policy.max_interval)
                 raise
             self._shapeless_replies = 0
             self._failing = None
