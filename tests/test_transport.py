@@ -202,6 +202,24 @@ async def test_no_try_comes_after_max_elapsed(emulator: EmulatorFactory) -> None
         assert loop.time() - started < 5.0 + 1.0 and client.stats.rate_limited >= 2
 
 
+@pytest.mark.fake_clock
+async def test_no_try_comes_after_max_elapsed_for_the_submit_pacers_turn(
+    emulator: EmulatorFactory,
+) -> None:
+    """A retried submit waits for its turn of max_submits_per_second too: a turn 2 s away
+    under max_elapsed 1 s was taken and tried at 2 s."""
+    loop = asyncio.get_running_loop()
+    retry = RetryPolicy(initial_wait=0, max_wait=0.01, max_elapsed=1.0, max_attempts=20)
+    limits = Limits(max_submits_per_second=0.5)
+    refused = FaultConfig(http_429=1.0, retry_after_s=0, endpoints=frozenset({"generations"}))
+    async with emulator(faults=refused) as emu:
+        async with make_client(emu, retry=retry, limits=limits) as client:
+            started = loop.time()
+            with pytest.raises(RateLimitedError):
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert client.stats.rate_limited == 1 and loop.time() - started < 3.0
+
+
 async def test_auth_failure_is_typed_and_not_retried_forever(emulator: EmulatorFactory) -> None:
     async with emulator() as emu:
         stranger = Credentials("wjemulator0001", unregistered_key())  # the app's id, a wrong key

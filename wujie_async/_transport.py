@@ -43,7 +43,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -490,17 +490,16 @@ class Transport:
                         # max_elapsed 5 was tried again at 10 s (max_wait).
                         delay = None if told else left
                 if delay is None:
-                    if kind == "submit" and _uncertain(exc):
-                        raise SubmitUncertainError(
-                            f"the submit may have been accepted: {exc}", request=body
-                        ) from exc
-                    raise
+                    _give_up(exc, kind, body)
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 if on_wire is not None:
                     on_wire(False)  # retried: refused outright (_retryable), nothing accepted
                 await asyncio.sleep(delay)
                 if before_retry is not None:
                     await before_retry()
+                    if clock() - started > self._retry.max_elapsed:
+                        # The submit pacer's turn came after max_elapsed: no try then either.
+                        _give_up(exc, kind, body)
                 self.counters.retries += 1  # after the wait: a close during it sends none
 
     def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:
@@ -734,6 +733,16 @@ def _retryable(exc: WujieError, kind: CallKind) -> bool:
     if isinstance(exc, LockRaceError):
         return True
     return isinstance(exc, TransportError) and not exc.reached_server
+
+
+def _give_up(exc: WujieError, kind: CallKind, body: Any) -> NoReturn:
+    """Raise what a call that gets no more tries raises: its last error, or for a submit that
+    may have been accepted, ``SubmitUncertainError``."""
+    if kind == "submit" and _uncertain(exc):
+        raise SubmitUncertainError(
+            f"the submit may have been accepted: {exc}", request=body
+        ) from exc
+    raise exc
 
 
 def _uncertain(exc: WujieError) -> bool:
