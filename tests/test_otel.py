@@ -48,6 +48,8 @@ from .test_poller_hostile import client_for
 
 __all__ = ["otel"]  # the fixture, imported for its use here
 pytestmark = pytest.mark.anyio
+# The emulator's base URL path: url.template (and the HTTP span's name) is the whole path.
+BASE_PATH = "/wj-open/v1"
 
 GENERATIONS = "/ai/wj/images/generations"
 INFO = "/ai/wj/images/info"
@@ -92,7 +94,7 @@ async def test_http_calls_and_jobs_are_spans_with_their_attributes(
         assert span.status.status_code == StatusCode.UNSET
         assert {event.name for event in span.events} <= {"status"}
 
-    submits = otel.spans(f"POST {GENERATIONS}")
+    submits = otel.spans(f"POST {BASE_PATH}{GENERATIONS}")
     assert len(submits) == 3
     job_ids = {span_id(span) for span in job_spans.values()}
     for span in submits:
@@ -103,6 +105,7 @@ async def test_http_calls_and_jobs_are_spans_with_their_attributes(
         assert attributes["server.address"] == "127.0.0.1"
         assert attributes["server.port"] == port
         assert attributes["url.full"] == f"http://127.0.0.1:{port}/wj-open/v1{GENERATIONS}"
+        assert attributes["url.template"] == "/wj-open/v1/ai/wj/images/generations"
         assert attributes["http.response.status_code"] == 200
         assert "error.type" not in attributes
 
@@ -116,7 +119,7 @@ async def test_http_calls_and_jobs_are_spans_with_their_attributes(
         assert len(links) == (batch.attributes or {})["wujie.batch.keys"]
         linked |= links
     assert linked == job_ids
-    polls = otel.spans(f"POST {INFO}")
+    polls = otel.spans(f"POST {BASE_PATH}{INFO}")
     assert {span.parent.span_id for span in polls if span.parent} == {
         span_id(batch) for batch in batches
     }
@@ -155,7 +158,9 @@ async def test_retries_and_429s_are_counted_by_endpoint(
     async with emulator(faults=faults) as emu, make_client(emu) as client:
         job = await client.images.submit(prompt="p", model="dall-e-2")
         await job
-    attempts = sorted(otel.spans(f"POST {GENERATIONS}"), key=lambda span: span.start_time or 0)
+    attempts = sorted(
+        otel.spans(f"POST {BASE_PATH}{GENERATIONS}"), key=lambda span: span.start_time or 0
+    )
     assert [(s.attributes or {})["http.response.status_code"] for s in attempts] == [429, 429, 200]
     assert [(s.attributes or {}).get("error.type") for s in attempts] == ["429", "429", None]
     assert [(s.attributes or {}).get("http.request.resend_count") for s in attempts] == [
@@ -164,9 +169,9 @@ async def test_retries_and_429s_are_counted_by_endpoint(
         2,
     ]
     assert attempts[0].status.status_code == StatusCode.ERROR
-    assert otel.total("wujie.http.rate_limited", **{"url.template": GENERATIONS}) == 2
-    assert otel.total("wujie.http.retries", **{"url.template": GENERATIONS}) == 2
-    assert otel.total("wujie.http.retries", **{"url.template": INFO}) == 0
+    assert otel.total("wujie.http.rate_limited", **{"url.template": BASE_PATH + GENERATIONS}) == 2
+    assert otel.total("wujie.http.retries", **{"url.template": BASE_PATH + GENERATIONS}) == 2
+    assert otel.total("wujie.http.retries", **{"url.template": BASE_PATH + INFO}) == 0
     assert otel.total("http.client.request.duration", **{"http.response.status_code": 429}) == 2
 
 
@@ -200,7 +205,7 @@ async def test_a_close_counts_no_retry_it_never_sent_and_no_call_it_cut_short(
     assert otel.total("wujie.batch.calls", **{"wujie.batch.outcome": "ok"}) == 0
     # Cut short by the close (every deploy has one): no error status, and none of anyio's text
     # (a cancel scope's address, a task, a source line).
-    cut = otel.spans("wujie.batch_query") + otel.spans(f"POST {INFO}")
+    cut = otel.spans("wujie.batch_query") + otel.spans(f"POST {BASE_PATH}{INFO}")
     assert cut, [span.name for span in otel.spans()]
     for span in cut:
         assert span.status.status_code is not StatusCode.ERROR, (span.name, span.status)

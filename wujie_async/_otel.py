@@ -10,7 +10,8 @@ Spans (names and attributes follow the OpenTelemetry semantic conventions where 
   job's end; parent: the caller's current span. An event ``status`` per status change (with
   the asks so far); its key once accepted; at its end its final status, asks, images, points
   and lateness. A failed submit ends it with ``error.type``.
-* ``POST /ai/wj/images/...`` (CLIENT): one per HTTP attempt (a retry is a new span with
+* ``POST {url.template}`` (CLIENT), e.g. ``POST /wj-open/v1/ai/wj/images/info`` (the base
+  URL's path and the route): one per HTTP attempt (a retry is a new span with
   ``http.request.resend_count``), the HTTP client conventions' attributes; child of its job
   span (submits) or batch span (polls).
 * ``wujie.batch_query`` (INTERNAL): one per batch call, a root span linking the job spans of
@@ -245,13 +246,17 @@ class Recorder:
         self._fleet_role = fleet_role
         self._server: dict[str, Any] = {}
         self._url_prefix = ""
+        # The base URL's path, before each route: url.template is the template of the whole
+        # path (the HTTP conventions), as url.full has it.
+        self._base_path = ""
         if base_url is not None:
             parts = urlsplit(base_url)
             # No query or fragment, and (refused before we get here) no user:password@.
             self._url_prefix = f"{parts.scheme}://{parts.hostname}"
             if parts.port is not None:
                 self._url_prefix += f":{parts.port}"
-            self._url_prefix += parts.path.rstrip("/")
+            self._base_path = parts.path.rstrip("/")
+            self._url_prefix += self._base_path
             self._server = {
                 "server.address": parts.hostname or "",
                 "server.port": parts.port or (443 if parts.scheme == "https" else 80),
@@ -451,9 +456,10 @@ class Recorder:
             base = {
                 "http.request.method": "POST",
                 **self._server,
-                "url.template": path,
+                "url.template": self._base_path + path,
             }
             self._http_attributes[path] = base
+        template = base["url.template"]
         attributes = dict(base)
         if status is not None:
             attributes["http.response.status_code"] = status
@@ -465,7 +471,7 @@ class Recorder:
         instruments = self.instruments
         if instruments is not None:
             instruments.http_duration.record(seconds, attributes)
-            endpoint = {"url.template": path}
+            endpoint = {"url.template": template}
             if attempt > 1:
                 instruments.retries.add(1, endpoint)
             if status == 429:
@@ -478,7 +484,7 @@ class Recorder:
         if keys is not None:
             attributes["wujie.batch.keys"] = keys
         span = self.tracer.start_span(
-            f"POST {path}",
+            f"POST {template}",
             context=parent.context if parent is not None else None,
             kind=SpanKind.CLIENT,
             attributes=attributes,
