@@ -453,17 +453,7 @@ async def test_ctrl_c_pressed_until_the_summary_comes_never_kills_it(tmp_path: P
         alive = proc_alive(run)
         # The first line's submit leaves as the run starts; its reply is held.
         await eventually(lambda: _progress_lines(run) >= 1, what="the run's start", alive=alive)
-        run.send_signal(signal.SIGINT)
-        await eventually(lambda: "SIGINT: stopping" in run.stderr().decode(), alive=alive)
-
-        def summary_or_again() -> bool:
-            if "line(s):" in run.stderr().decode() or run.returncode is not None:
-                return True
-            run.send_signal(signal.SIGINT)
-            return False
-
-        await eventually(summary_or_again, interval=0.1, what="the summary", timeout=20)
-        code, _, err = await run.finish(20)
+        code, err = await _ctrl_c_until(run, "line(s):")
     assert code == 130, err
     assert "2 line(s):" in err
 
@@ -562,17 +552,7 @@ async def test_ctrl_c_pressed_until_a_resends_summary_comes_never_kills_it(
         await eventually(
             lambda: _journal_rows(out / "journal.sqlite") >= 2, what="the resend", alive=alive
         )
-        run.send_signal(signal.SIGINT)
-        await eventually(lambda: "SIGINT: stopping" in run.stderr().decode(), alive=alive)
-
-        def summary_or_again() -> bool:
-            if "row(s):" in run.stderr().decode() or run.returncode is not None:
-                return True
-            run.send_signal(signal.SIGINT)
-            return False
-
-        await eventually(summary_or_again, interval=0.1, what="the summary", timeout=20)
-        code, _, err = await run.finish(20)
+        code, err = await _ctrl_c_until(run, "row(s):")
     assert code == 130, err
     assert "resent 1 row(s): 0 saved" in err
 
@@ -631,3 +611,21 @@ async def test_sigterm_again_in_a_resends_closing_waits_of_a_frozen_disk_names_t
             # (The second SIGTERM quit the run while the submit waited for the journal to take
             # its key: its line ends uncertain, the key said by the journal's warning.)
             assert "stopped: the manifest's last rows were not written" in err, err
+
+
+async def _ctrl_c_until(run: ForkedCli, summary: str) -> tuple[int | None, str]:
+    """Ctrl-C, then Ctrl-C again every 0.1 s until the summary (its ``summary`` words) is
+    printed or the process ended; its exit code and stderr."""
+    alive = proc_alive(run)
+    run.send_signal(signal.SIGINT)
+    await eventually(lambda: "SIGINT: stopping" in run.stderr().decode(), alive=alive)
+
+    def summary_or_again() -> bool:
+        if summary in run.stderr().decode() or run.returncode is not None:
+            return True
+        run.send_signal(signal.SIGINT)
+        return False
+
+    await eventually(summary_or_again, interval=0.1, what="the summary", timeout=20)
+    code, _, err = await run.finish(20)
+    return code, err
