@@ -87,9 +87,6 @@ BAD_EDITS: list[tuple[dict[str, Any], str]] = [
     ({**HAT, "image": [SQUARE], "mask": SMALLER}, "mask"),  # 4x4 cannot mask 8x8
     ({**HAT, "n": "2"}, "n"),
     ({**HAT, "tag": 7}, "tag"),
-    # OpenAI's images/edits takes gpt-image-1 and dall-e-2 only (API.md gives no dall-e-3
-    # image rules): sent, an edit of dall-e-3 would be refused, or worse, paid.
-    ({**HAT, "model": "dall-e-3", "image": [SQUARE]}, "model"),
 ]
 
 

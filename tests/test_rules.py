@@ -85,14 +85,3 @@ def test_a_dall_e_2_png_labelled_as_another_type_is_told_so() -> None:
     assert violations("edit", body) == []
     body["image"] = [inline]
     assert violations("edit", body) == []
-
-
-def test_dall_e_3_takes_no_edits_and_the_rule_says_which_models_do() -> None:
-    """OpenAI's images/edits takes gpt-image-1 and dall-e-2 only; API.md gives image rules
-    for those two. An edit of dall-e-3 is refused by the model field alone, by client and
-    emulator alike (one table)."""
-    body = {"prompt": "a hat", "model": "dall-e-3", "image": ["https://example.com/a.png"]}
-    rule = "dall-e-3 takes no edits: edits take gpt-image-1|dall-e-2"
-    assert violations("edit", body) == [("model", rule)]
-    assert violations("edit", body, unknown_models=False) == [("model", rule)]
-    assert violations("generation", {"prompt": "a hat", "model": "dall-e-3"}) == []

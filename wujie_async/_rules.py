@@ -30,9 +30,6 @@ class ModelRules:
     sizes: frozenset[str]
     # Fields documented for other models only (e.g. ``style`` is dall-e-3's).
     gpt_image_only: bool = False
-    # Whether the model takes edits (API.md section 2 gives image rules for gpt-image-1 and
-    # dall-e-2 only; OpenAI's images/edits takes only those two: dall-e-3 has none).
-    edits: bool = True
 
 
 MODEL_RULES: Final[dict[str, ModelRules]] = {
@@ -51,10 +48,8 @@ MODEL_RULES: Final[dict[str, ModelRules]] = {
         max_n=1,
         qualities=frozenset({"auto", "hd", "standard"}),
         sizes=frozenset({"1024x1024", "1792x1024", "1024x1792"}),
-        edits=False,
     ),
 }
-EDIT_MODELS: Final = tuple(model for model, rules in MODEL_RULES.items() if rules.edits)
 KNOWN_MODELS: Final = tuple(MODEL_RULES)
 
 BACKGROUNDS: Final = frozenset({"transparent", "opaque", "auto"})
@@ -226,10 +221,6 @@ def violations(
         found.extend(_count_violations(model, MAX_IMAGES_PER_JOB, present))
         return found
 
-    if kind == "edit" and not rules.edits:
-        # Sent, it would be refused at best; its other rules are moot.
-        found.append(("model", f"{model} takes no edits: edits take {'|'.join(EDIT_MODELS)}"))
-        return found
     found.extend(_field_violations(model, rules, present))
     if strict_regexps:
         quality, size = present.get("quality"), present.get("size")
