@@ -43,6 +43,7 @@ from ._outcome import (
     classify,
     clean,
     is_systemic,
+    learn_price,
 )
 from ._progress import Display
 from ._rows import ROWS_DEADLINE_S, RowWriter
@@ -83,7 +84,11 @@ class BulkResult:
     interrupted: bool = False
     points: float = 0.0  # what this run's manifest rows record as charged
     unrecorded: list[dict[str, Any]] = field(default_factory=list)  # rows the disk refused
-    uncosted: int = 0  # jobs that succeeded without the gateway saying what they cost
+    # The requests of jobs that succeeded without the gateway saying what they cost.
+    uncosted: list[dict[str, Any]] = field(default_factory=list)
+    # What this run's jobs that saved their images were charged, per image, by kind (as
+    # ``Limits.point_prices`` keys): a price for the jobs whose cost was not reported.
+    prices: dict[str, float] = field(default_factory=dict)
 
 
 class BulkRun:
@@ -435,7 +440,7 @@ class BulkRun:
         points = job.points_charged if self._uncharged(job) else None
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if job.points_charged is None and job.done() and job.exception() is None:
-            self.result.uncosted += 1
+            self.result.uncosted.append(row.body)
         if problem is None:
             self._end(row, "saved", job.key, None, None)
             return
@@ -511,6 +516,8 @@ class BulkRun:
             self._charged.add(job.key)
             record["points"] = job.points_charged
             self.result.points += job.points_charged or 0.0
+            if job.points_charged is not None:
+                learn_price(self.result.prices, row.body, job.points_charged)
         self._record(record)
         self.result.images += 1
         self._tally.images += 1
