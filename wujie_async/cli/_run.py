@@ -479,6 +479,7 @@ def plan_from_manifest(
                 plan.collect.append((row, job))
             else:
                 plan.send.append(row)
+                continue  # sent again: not skipped
         elif (
             last.get("error_code") in _COLLECTED_AGAIN
             and not (retry_failed and last.get("error_code") == "gone")
@@ -488,8 +489,10 @@ def plan_from_manifest(
             plan.collect.append((row, job))  # paid, and may have ended since: never resent
         elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
             plan.send.append(row)
+            continue  # sent again: not skipped
         elif last.get("status") == "uncertain" and retry_uncertain:
             plan.send.append(row)
+            continue
         else:
             status: Status = last.get("status") if last.get("status") in _OPEN_STATES else "failed"  # type: ignore[assignment]
             message = clean(last.get("error") or status)
@@ -776,7 +779,7 @@ class Session:
                     self._say(
                         f"skipping {plan.skipped} line(s) already sent, as the journal says (or "
                         "the manifest, for lines the journal has no row of): pending ones are "
-                        "collected, uncertain ones are never resent"
+                        f"collected; {self._resent_said()}"
                     )
             elif args.command == "bulk":
                 plan = plan_from_manifest(
@@ -790,8 +793,7 @@ class Session:
                 if plan.skipped:
                     self._say(
                         f"continuing {manifest_path}: skipping {plan.skipped} line(s) an earlier "
-                        "run ended (uncertain ones are never resent; --retry-failed resends "
-                        "failed ones)"
+                        f"run ended ({self._resent_said()})"
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
@@ -967,6 +969,21 @@ class Session:
     def _cut_short(self) -> contextlib.AbstractContextManager[object]:
         """A closing wait a signal after the first ends (see _signals)."""
         return self.signals.cut_short() if self.signals is not None else contextlib.nullcontext()
+
+    def _resent_said(self) -> str:
+        """What a re-run does with the lines an earlier run left uncertain or failed."""
+        args = self.args
+        uncertain = (
+            "uncertain ones are sent again (--retry-uncertain)"
+            if args.retry_uncertain
+            else "uncertain ones are never resent"
+        )
+        failed = (
+            "failed ones are sent again (--retry-failed)"
+            if args.retry_failed
+            else "--retry-failed resends failed ones"
+        )
+        return f"{uncertain}; {failed}"
 
     def _say(self, message: str) -> None:
         if not self.args.quiet:
