@@ -631,3 +631,5 @@ async def test_sigterm_again_in_a_resends_closing_waits_of_a_frozen_disk_names_t
             # (The second SIGTERM quit the run while the submit waited for the journal to take
             # its key: its line ends uncertain, the key said by the journal's warning.)
             assert "stopped: the manifest's last rows were not written" in err, err
+            # Those rows held no key (the line ended uncertain): none is said to be listed.
+            assert "none of them held a job key" in err and "listed below" not in err, err

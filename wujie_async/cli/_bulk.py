@@ -750,6 +750,12 @@ class OutputUnwritableError(Exception):
             f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
             f"permissions of) {where}, then re-run the same command"
         )
+        # What to say instead when the rows not written hold no job key (nothing is listed).
+        self.without_keys: str | None = None
+
+    def said(self, keys_listed: bool) -> str:
+        """The message, for a summary that lists the rows' keys below it or lists none."""
+        return str(self) if keys_listed or self.without_keys is None else self.without_keys
 
     @classmethod
     def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
@@ -771,6 +777,11 @@ class OutputUnwritableError(Exception):
             "its disk); the jobs they name are listed below (`wujie-async status KEY --wait "
             "-o OUT` saves one)",
         )
+        error.without_keys = (
+            "stopped: the manifest's last rows were not written (a signal ended the wait for "
+            "its disk); none of them held a job key (lines not sent, or sent without a reply), "
+            "so no job is listed"
+        )
         return error
 
     @classmethod
@@ -781,6 +792,11 @@ class OutputUnwritableError(Exception):
             "nothing more was sent. Its rows are gone: the jobs this run paid for are listed "
             "below (`wujie-async status KEY --wait -o OUT` saves one), and a re-run of the same "
             "command would send every line again",
+        )
+        error.without_keys = (
+            "stopped: the manifest was deleted while this run wrote it (its folder removed?); "
+            "nothing more was sent. Its rows are gone, and none of them held a job key (no job "
+            "of this run is listed); a re-run of the same command would send every line again"
         )
         return error
 

@@ -154,7 +154,8 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     """What stopped the sending (a systemic error, a disk that refused or stopped answering)
     and the keys of the jobs whose rows the manifest could not take; None: nothing did."""
     if isinstance(result.systemic, OutputUnwritableError):
-        return str(result.systemic) + _unrecorded_keys(result.unrecorded)
+        said = result.systemic.said(keys_listed=bool(_keys_held(result.unrecorded)))
+        return said + _unrecorded_keys(result.unrecorded)
     if result.systemic is not None:
         # The manifest may have refused rows after another error stopped the sending: its
         # keys are said all the same.
@@ -1073,8 +1074,8 @@ class Session:
         price = "give its model's price with --point-price MODEL=POINTS (points per image)"
         if result.uncosted:
             prices = dict(self.prices_learned)
-            for key, price in result.prices.items():  # the most a kind cost wins
-                prices[key] = max(prices.get(key, 0.0), price)
+            for key, each in result.prices.items():  # the most a kind cost wins
+                prices[key] = max(prices.get(key, 0.0), each)
             now = priced_at(result.uncosted, self._point_prices(prices) or {})
             about = f" (about {now.points:g} at their kind's price)" if now.priced else ""
             self._say(
