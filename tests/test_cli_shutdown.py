@@ -305,7 +305,7 @@ async def test_a_run_whose_manifest_disk_froze_stops_sending_within_the_rows_dea
                     shown = len(run.stderr())
                     # No line waits to be sent any more (sent, or ended unsent by the stop).
                     await eventually(
-                        lambda: "queued 0 " in run.stderr()[shown:].decode(),
+                        lambda: "to send 0 " in run.stderr()[shown:].decode(),
                         what="no line left to send",
                         timeout=30,
                         alive=alive,
