@@ -780,7 +780,7 @@ class Session:
                     self._say(
                         f"skipping {plan.skipped} line(s) already sent, as the journal says (or "
                         "the manifest, for lines the journal has no row of): pending ones are "
-                        f"collected; {self._resent_said()}"
+                        f"collected; {self._resent_said(failed=False)}"
                     )
             elif args.command == "bulk":
                 plan = plan_from_manifest(
@@ -794,7 +794,7 @@ class Session:
                 if plan.skipped:
                     self._say(
                         f"continuing {manifest_path}: skipping {plan.skipped} line(s) an earlier "
-                        f"run ended ({self._resent_said()})"
+                        f"run ended ({self._resent_said(failed=True)})"
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
@@ -971,20 +971,23 @@ class Session:
         """A closing wait a signal after the first ends (see _signals)."""
         return self.signals.cut_short() if self.signals is not None else contextlib.nullcontext()
 
-    def _resent_said(self) -> str:
-        """What a re-run does with the lines an earlier run left uncertain or failed."""
+    def _resent_said(self, *, failed: bool) -> str:
+        """What a re-run does with the lines an earlier run left uncertain (and, with
+        ``failed``, those it left failed)."""
         args = self.args
         uncertain = (
             "uncertain ones are sent again (--retry-uncertain)"
             if args.retry_uncertain
             else "uncertain ones are never resent"
         )
-        failed = (
+        if not failed:
+            return uncertain
+        resent = (
             "failed ones are sent again (--retry-failed)"
             if args.retry_failed
             else "--retry-failed resends failed ones"
         )
-        return f"{uncertain}; {failed}"
+        return f"{uncertain}; {resent}"
 
     def _say(self, message: str) -> None:
         if not self.args.quiet:
