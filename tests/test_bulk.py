@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from wujie_async.cli._bulk import BulkResult, OutputUnwritableError
+from wujie_async.cli._run import stop_said
+
 from .cli_helpers import (
     FAST,
     cli,
@@ -346,3 +349,17 @@ async def test_an_output_folder_deleted_mid_run_stops_it_and_names_what_was_paid
             assert key in err, (key, err)
         accepted = (await emu.stats())["submits_accepted"]
         assert accepted < 12  # it stopped sending
+
+
+@pytest.mark.parametrize("stop", ["manifest_cut_short", "manifest_gone"])
+def test_rows_not_written_that_hold_no_key_are_not_said_to_be_listed(stop: str) -> None:
+    """The words "the jobs they name are listed below" came with rows that named none (a line
+    not sent, one sent without a reply): nothing was listed. Said so for that case; the keys,
+    when rows hold some (bulk and `journal resend` share these words)."""
+    keyless = [{"status": "uncertain", "line": 1}, {"status": "not_sent", "line": 2}]
+    result = BulkResult(systemic=getattr(OutputUnwritableError, stop)(), unrecorded=keyless)
+    said = stop_said(result, "http://127.0.0.1:1", app_id_flag=False) or ""
+    assert "listed below" not in said and "none of them held a job key" in said, said
+    result.unrecorded.append({"status": "pending", "line": 3, "key": "K3"})
+    said = stop_said(result, "http://127.0.0.1:1", app_id_flag=False) or ""
+    assert "listed below" in said and said.endswith(": K3"), said

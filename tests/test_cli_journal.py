@@ -75,6 +75,23 @@ async def test_uncertain_lines_are_listed_and_resent_only_when_confirmed(tmp_pat
 
 
 @pytest.mark.long
+async def test_resend_stopped_by_a_systemic_error_exits_3_as_bulk_does(tmp_path: Path) -> None:
+    """The account is out of points when the uncertain rows are resent: the sending stops,
+    and `journal resend` exits 3 as bulk does (it exited 1, as for lines that failed)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\na hen\n")
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 2, err
+        await emu.set_faults(business_error=1.0, business_error_code="20110010")
+        resend = ("journal", "resend", "--all-uncertain", "--yes", "-o", str(out))
+        code, _, err = await cli(*resend, env=emu.env)
+        assert code == 3, err
+        assert "resent 2 row(s): 0 saved" in err and "out of points" in err, err
+
+
+@pytest.mark.long
 async def test_a_key_only_the_manifest_kept_is_collected_and_never_paid_again(
     tmp_path: Path,
 ) -> None:

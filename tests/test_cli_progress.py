@@ -17,6 +17,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from wujie_async.cli._progress import Tally
 from wujie_async.emulator._png import render_png
 
 from .cli_helpers import (
@@ -296,7 +297,7 @@ async def test_plain_progress_lines_when_stderr_is_not_a_terminal(tmp_path: Path
     assert len(lines) >= 3, err
     assert lines[-1].startswith("progress: 6/6 lines (100%)")
     for line in lines:
-        assert "queued " in line and "generating " in line and "lines/s" in line
+        assert "to send " in line and "at the gateway " in line and "lines/s" in line
         assert "img/s" in line and " -" not in line  # no negative counts
 
 
@@ -369,3 +370,16 @@ async def test_a_partly_saved_job_resumes_without_duplicate_manifest_lines(tmp_p
     assert sorted(p.name for p in out.glob("*.png")) == [
         "fine-0.png", "fine-1.png", "partial-0.png", "partial-1.png"
     ]  # fmt: skip
+
+
+def test_progress_says_to_send_and_at_the_gateway_not_the_gateways_job_statuses() -> None:
+    """40 of 60 jobs queued at the gateway showed "queued 0 · generating 60": "queued" meant
+    "not sent yet". The labels say what the counts are: lines to send, and lines whose job the
+    gateway took (queued there or generating)."""
+    tally = Tally(70)
+    for line in range(1, 61):
+        tally.move(line, "generating")
+    tally.move(61, "submitting")  # counted with those to send: the gateway has not taken it
+    detail = tally.detail()
+    assert detail.startswith("to send 10 · at the gateway 60 · saving 0 · saved 0"), detail
+    assert "queued" not in detail and "generating" not in detail

@@ -305,7 +305,7 @@ async def test_a_run_whose_manifest_disk_froze_stops_sending_within_the_rows_dea
                     shown = len(run.stderr())
                     # No line waits to be sent any more (sent, or ended unsent by the stop).
                     await eventually(
-                        lambda: "queued 0 " in run.stderr()[shown:].decode(),
+                        lambda: "to send 0 " in run.stderr()[shown:].decode(),
                         what="no line left to send",
                         timeout=30,
                         alive=alive,
@@ -611,6 +611,8 @@ async def test_sigterm_again_in_a_resends_closing_waits_of_a_frozen_disk_names_t
             # (The second SIGTERM quit the run while the submit waited for the journal to take
             # its key: its line ends uncertain, the key said by the journal's warning.)
             assert "stopped: the manifest's last rows were not written" in err, err
+            # Those rows held no key (the line ended uncertain): none is said to be listed.
+            assert "none of them held a job key" in err and "listed below" not in err, err
 
 
 async def _ctrl_c_until(run: ForkedCli, summary: str) -> tuple[int | None, str]:

@@ -258,12 +258,17 @@ async def test_retry_uncertain_resends_uncertain_lines_only_when_asked(
         assert code == 1 and final_outcomes(out) == {1: "uncertain"}, err
         assert "--retry-uncertain" in err
         await set_faults(emu, {})
+        prompts.write_text("a lighthouse\na harbour\n")  # a line added: sent by the re-run
         code, _, err = await cli(*bulk, env=emu.env)
-        assert code == 1 and final_outcomes(out) == {1: "uncertain"}, err
-        assert (await emu.stats())["submits_accepted"] == 1  # never resent unasked
+        assert code == 1 and final_outcomes(out) == {1: "uncertain", 2: "saved"}, err
+        assert (await emu.stats())["submits_accepted"] == 2  # never resent unasked
+        assert "skipping 1 line(s)" in err and "uncertain ones are never resent" in err, err
         code, _, err = await cli(*bulk, "--retry-uncertain", env=emu.env)
-        assert code == 0 and final_outcomes(out) == {1: "saved"}, err
-        assert (await emu.stats())["submits_accepted"] == 2  # paid again, as asked
+        assert code == 0 and final_outcomes(out) == {1: "saved", 2: "saved"}, err
+        assert (await emu.stats())["submits_accepted"] == 3  # paid again, as asked
+        # The saved line is skipped, and the words say what this mode does with the other.
+        assert "skipping 1 line(s)" in err and "never resent" not in err, err
+        assert "uncertain ones are sent again (--retry-uncertain)" in err, err
         if journal:  # --no-journal
             return
         code, listed, err = await cli(

@@ -579,11 +579,75 @@ async def test_bulk_on_a_gateway_that_reports_no_costs_needs_point_prices(tmp_pa
         code, stdout, err = await cli(*run, "-o", str(tmp_path / "b"), *priced, env=emu.env)
         assert code == 0, err
         assert json.loads(stdout)["outcomes"]["saved"] == 3
-        # Nothing in the manifest counts them: a re-run's budget would start from zero.
-        assert "the gateway did not say what 3 job(s) cost" in err
-        assert "lower it by what these cost" in err
+        # Nothing in the manifest records their costs: a re-run counts them at the price given.
+        assert "the gateway did not report what 3 job(s) of this run cost" in err
+        assert "(about 6 at their kind's price)" in err and "lower it" not in err
+        code, stdout, err = await cli(*run, "-o", str(tmp_path / "b"), *priced, env=emu.env)
+        summary = json.loads(stdout)
+        assert code == 0 and summary["points"] == 0, err
+        assert summary["points_total"] == summary["points_estimated"] == 6
         code, _, err = await cli(*run, "-o", str(tmp_path / "c"), "--point-price", "x", env=emu.env)
         assert code == 2 and "--point-price 'x'" in err
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_a_rerun_counts_earlier_jobs_whose_cost_went_unreported_at_their_price(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """A gateway that reports the cost of about two jobs in three. The first run spends the
+    50-point budget (25 lines at 2); its manifest records less. The re-run counted only what
+    rows record ("10 points spent (48 with earlier runs)" while 62 were charged): each earlier
+    job saved without a reported cost now counts at its kind's price, toward the total with
+    earlier runs and against the budget, so it sends nothing."""
+    prompts = tmp_path / "thirty.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(30)))
+    out = tmp_path / "out"
+    async with served_emulator(tmp_path, "--cost-unreported", "0.34") as emu:
+        run = ("bulk", str(prompts), "-o", str(out), "--json", "--progress", "none", *journal)
+        budget = ("--model", "dall-e-2", "--max-points", "50", "--point-price", "dall-e-2=2")
+        code, stdout, err = await cli(*run, *budget, env=emu.env)
+        assert code == 1, err
+        assert (await emu.stats())["points_charged"] == 50
+        recorded = sum(r.get("points", 0) for r in manifest(out))
+        assert 0 < recorded < 50 and json.loads(stdout)["points"] == recorded
+        unreported = int(50 - recorded) // 2
+        # One word on what comes next: a larger budget, never a smaller one.
+        assert f"did not report what {unreported} job(s) of this run cost" in err, err
+        assert f"(about {50 - recorded:g} at their kind's price)" in err
+        assert "lower it" not in err and "with a larger --max-points" in err
+
+        code, stdout, err = await cli(*run, *budget, env=emu.env)
+        assert code == 1, err
+        summary = json.loads(stdout)
+        assert (await emu.stats())["points_charged"] == 50  # nothing sent past the budget
+        assert summary["outcomes"]["not_sent"] == 5 and summary["points"] == 0
+        assert summary["points_total"] == 50
+        assert summary["points_estimated"] == 50 - recorded
+        said = f"(50 with earlier runs, {50 - recorded:g} of it for {unreported} earlier job(s)"
+        assert said in err, err
+
+
+@pytest.mark.long
+async def test_points_unreported_are_said_without_a_budget(tmp_path: Path) -> None:
+    """No --max-points: "N points spent" said nothing of the jobs whose cost the gateway did
+    not report (the note came only with a budget). It says what they cost at their kind's
+    price, learned from the jobs that reported theirs."""
+    prompts = tmp_path / "twelve.txt"
+    prompts.write_text("".join(f"line {i}\n" for i in range(12)))
+    out = tmp_path / "out"
+    async with served_emulator(tmp_path, "--cost-unreported", "0.5") as emu:
+        run = ("bulk", str(prompts), "-o", str(out), "--json", "--progress", "none")
+        code, stdout, err = await cli(*run, "--model", "gpt-image-1", env=emu.env)
+        assert code == 0, err
+        charged = (await emu.stats())["points_charged"]
+    rows = manifest(out)
+    reported = [r for r in rows if "points" in r]
+    spent = json.loads(stdout)["points"]
+    assert spent == sum(r["points"] for r in reported) and 0 < len(reported) < 12
+    unreported = 12 - len(reported)
+    assert f"the gateway did not report what {unreported} job(s) of this run cost" in err, err
+    assert f"(about {charged - spent:g} at their kind's price)" in err
 
 
 @pytest.mark.long

@@ -43,6 +43,7 @@ from ._outcome import (
     classify,
     clean,
     is_systemic,
+    learn_price,
 )
 from ._progress import Display
 from ._rows import ROWS_DEADLINE_S, RowWriter
@@ -83,7 +84,11 @@ class BulkResult:
     interrupted: bool = False
     points: float = 0.0  # what this run's manifest rows record as charged
     unrecorded: list[dict[str, Any]] = field(default_factory=list)  # rows the disk refused
-    uncosted: int = 0  # jobs that succeeded without the gateway saying what they cost
+    # The requests of jobs that succeeded without the gateway saying what they cost.
+    uncosted: list[dict[str, Any]] = field(default_factory=list)
+    # What this run's jobs that saved their images were charged, per image, by kind (as
+    # ``Limits.point_prices`` keys): a price for the jobs whose cost was not reported.
+    prices: dict[str, float] = field(default_factory=dict)
 
 
 class BulkRun:
@@ -435,7 +440,7 @@ class BulkRun:
         points = job.points_charged if self._uncharged(job) else None
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if job.points_charged is None and job.done() and job.exception() is None:
-            self.result.uncosted += 1
+            self.result.uncosted.append(row.body)
         if problem is None:
             self._end(row, "saved", job.key, None, None)
             return
@@ -511,6 +516,8 @@ class BulkRun:
             self._charged.add(job.key)
             record["points"] = job.points_charged
             self.result.points += job.points_charged or 0.0
+            if job.points_charged is not None:
+                learn_price(self.result.prices, row.body, job.points_charged)
         self._record(record)
         self.result.images += 1
         self._tally.images += 1
@@ -743,6 +750,12 @@ class OutputUnwritableError(Exception):
             f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
             f"permissions of) {where}, then re-run the same command"
         )
+        # What to say instead when the rows not written hold no job key (nothing is listed).
+        self.without_keys: str | None = None
+
+    def said(self, keys_listed: bool) -> str:
+        """The message, for a summary that lists the rows' keys below it or lists none."""
+        return str(self) if keys_listed or self.without_keys is None else self.without_keys
 
     @classmethod
     def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
@@ -764,6 +777,11 @@ class OutputUnwritableError(Exception):
             "its disk); the jobs they name are listed below (`wujie-async status KEY --wait "
             "-o OUT` saves one)",
         )
+        error.without_keys = (
+            "stopped: the manifest's last rows were not written (a signal ended the wait for "
+            "its disk); none of them held a job key (lines not sent, or sent without a reply), "
+            "so no job is listed"
+        )
         return error
 
     @classmethod
@@ -774,6 +792,11 @@ class OutputUnwritableError(Exception):
             "nothing more was sent. Its rows are gone: the jobs this run paid for are listed "
             "below (`wujie-async status KEY --wait -o OUT` saves one), and a re-run of the same "
             "command would send every line again",
+        )
+        error.without_keys = (
+            "stopped: the manifest was deleted while this run wrote it (its folder removed?); "
+            "nothing more was sent. Its rows are gone, and none of them held a job key (no job "
+            "of this run is listed); a re-run of the same command would send every line again"
         )
         return error
 

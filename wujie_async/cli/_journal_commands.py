@@ -30,6 +30,7 @@ from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_SYSTEMIC,
     EXIT_TERMINATED,
     UsageError,
     open_client,
@@ -343,6 +344,8 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         if result.interrupted or signals.received:
             # A signal is the stronger word, also one in the closing waits (see bulk's).
             return EXIT_TERMINATED if signals.terminated else EXIT_INTERRUPTED
+        if stopped is not None:
+            return EXIT_SYSTEMIC  # as bulk's: something systemic stopped the sending
         return EXIT_OK if saved == len(rows) else EXIT_FAILED
 
 

@@ -410,15 +410,83 @@ def prices_charged(
         points, body = _points_of(record), bodies.get(str(record.get("tag")))
         if record.get("status") != "saved" or body is None or points is None:
             continue
-        n = body.get("n") or 1
-        if not math.isfinite(points) or not isinstance(n, int) or n < 1:
-            continue
-        model, size, quality, _ = kind_of(body, n)
-        key = f"{model}/{size}/{quality}"
-        if price_key_problem(key) is not None:
-            continue  # an unknown model's odd size (not WxH): Limits would refuse the key
-        prices[key] = max(prices.get(key, 0.0), points / n)
+        learn_price(prices, body, points)
     return prices
+
+
+def learn_price(prices: dict[str, float], body: Mapping[str, Any], points: float) -> None:
+    """Put what a job of ``body`` that saved its images cost (``points``) in ``prices``, per
+    image, as a ``Limits.point_prices`` key (see :func:`prices_charged`): the most wins."""
+    n = body.get("n") or 1
+    if not math.isfinite(points) or not isinstance(n, int) or n < 1:
+        return
+    model, size, quality, _ = kind_of(body, n)
+    key = f"{model}/{size}/{quality}"
+    if price_key_problem(key) is not None:
+        return  # an unknown model's odd size (not WxH): Limits would refuse the key
+    prices[key] = max(prices.get(key, 0.0), points / n)
+
+
+@dataclass(frozen=True, slots=True)
+class Unreported:
+    """Jobs that ended without the gateway reporting their cost, counted at their kind's price.
+
+    ``points``: what the ``priced`` ones cost at it; ``unpriced``: jobs whose kind has no
+    known price (nothing counts them)."""
+
+    points: float = 0.0
+    priced: int = 0
+    unpriced: int = 0
+
+    @property
+    def jobs(self) -> int:
+        """Every such job, priced or not."""
+        return self.priced + self.unpriced
+
+
+def priced_at(requests: Iterable[Mapping[str, Any]], prices: Mapping[str, float]) -> Unreported:
+    """What jobs of these requests cost at ``prices`` (as ``Limits.point_prices``)."""
+    pricing = Budget(math.inf, prices)
+    points, priced, unpriced = 0.0, 0, 0
+    for body in requests:
+        n = images_in(body) or 1
+        model = body.get("model")
+        estimate = pricing.estimate(kind_of(body, n)) if isinstance(model, str) else None
+        if estimate is None:
+            unpriced += 1
+        else:
+            points += estimate
+            priced += 1
+    return Unreported(points, priced, unpriced)
+
+
+def unreported_cost(
+    records: Iterable[dict[str, Any]],
+    bodies: Mapping[str, Mapping[str, Any]],
+    prices: Mapping[str, float],
+) -> Unreported:
+    """Earlier runs' jobs that saved every image while no manifest row records their cost (the
+    gateway did not report it), at their kind's price (``prices``: the user's and what earlier
+    runs were charged, by kind).
+
+    A job is the request its rows record (model, size, n; the rest from ``bodies``, this run's
+    request bodies by row tag). A job with an image not saved yet is left out: the re-run
+    collects it, and its budget holds the job's cost itself.
+    """
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if isinstance(key := record.get("key"), str):
+            rows.setdefault(key, []).append(record)
+    requests: list[dict[str, Any]] = []
+    for mine in rows.values():
+        saved = [record for record in mine if record.get("status") == "saved"]
+        if not saved or any(_points_of(record) is not None for record in mine):
+            continue
+        first = saved[0]
+        body = recorded_request(first, dict(bodies.get(str(first.get("tag"))) or {}))
+        if len({record.get("index") for record in saved}) >= (images_in(body) or 1):
+            requests.append(body)
+    return priced_at(requests, prices)
 
 
 def saved_indexes(records: Iterable[dict[str, Any]]) -> dict[str, set[int]]:

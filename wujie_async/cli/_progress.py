@@ -3,7 +3,8 @@
 Counts are of input lines, each in exactly one state at a time (queued, submitting, generating,
 saving, saved, failed, ...); a line moves between states, so no count can go negative. A line
 is ``saving`` while one of its images is being downloaded, so a slow image server shows as such
-rather than as a slow job.
+rather than as a slow job. Shown, a line queued or submitting is "to send" (not yet taken by
+the gateway), and one generating is "at the gateway" (its job queued there, or generating).
 """
 
 from __future__ import annotations
@@ -87,9 +88,12 @@ class Tally:
         """The counts and rates, one short line."""
         jobs, images = self.rates()
         states = self.states
+        # "queued" and "generating" are the gateway's words for a job's status: a line not
+        # sent yet is "to send", and one whose job the gateway took (queued there or
+        # generating) is "at the gateway".
         parts = [
-            f"queued {states['queued'] + states['submitting']}",
-            f"generating {states['generating']}",
+            f"to send {states['queued'] + states['submitting']}",
+            f"at the gateway {states['generating']}",
             f"saving {states['saving']}",
             f"saved {states['saved']}",
         ]

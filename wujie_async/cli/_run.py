@@ -60,6 +60,7 @@ from ._outcome import (
     LineOutcome,
     Manifest,
     Status,
+    Unreported,
     clean,
     count,
     fix_message,
@@ -67,12 +68,14 @@ from ._outcome import (
     open_manifest,
     other_inputs,
     points_spent,
+    priced_at,
     prices_charged,
     read_manifest,
     recorded_request,
     run_source,
     saved_indexes,
     uncertain_cost,
+    unreported_cost,
 )
 from ._progress import Display, Mode, Tally
 from ._rows import ROWS_DEADLINE_S
@@ -151,7 +154,8 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     """What stopped the sending (a systemic error, a disk that refused or stopped answering)
     and the keys of the jobs whose rows the manifest could not take; None: nothing did."""
     if isinstance(result.systemic, OutputUnwritableError):
-        return str(result.systemic) + _unrecorded_keys(result.unrecorded)
+        said = result.systemic.said(keys_listed=bool(_keys_held(result.unrecorded)))
+        return said + _unrecorded_keys(result.unrecorded)
     if result.systemic is not None:
         # The manifest may have refused rows after another error stopped the sending: its
         # keys are said all the same.
@@ -476,6 +480,7 @@ def plan_from_manifest(
                 plan.collect.append((row, job))
             else:
                 plan.send.append(row)
+                continue  # sent again: not skipped
         elif (
             last.get("error_code") in _COLLECTED_AGAIN
             and not (retry_failed and last.get("error_code") == "gone")
@@ -485,8 +490,10 @@ def plan_from_manifest(
             plan.collect.append((row, job))  # paid, and may have ended since: never resent
         elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
             plan.send.append(row)
+            continue  # sent again: not skipped
         elif last.get("status") == "uncertain" and retry_uncertain:
             plan.send.append(row)
+            continue
         else:
             status: Status = last.get("status") if last.get("status") in _OPEN_STATES else "failed"  # type: ignore[assignment]
             message = clean(last.get("error") or status)
@@ -679,6 +686,10 @@ class Session:
         self.journal_left: list[str] = []
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
+        # Earlier runs' saved jobs whose cost the gateway did not report, at their kind's price:
+        # counted with what earlier runs spent (and against the budget).
+        self.unreported_before = Unreported()
+        self.prices_learned: dict[str, float] = {}  # what earlier runs were charged, by kind
         self.points = 0.0  # what this run's jobs were charged
 
     def limits(self) -> Limits:
@@ -692,23 +703,29 @@ class Session:
             max_points=(
                 None
                 if budget is None
-                else max(budget - self.points_before - self.points_uncertain, 0.0)
+                else max(budget - self._spent_before() - self.points_uncertain, 0.0)
             ),
             point_prices=self._point_prices(),
         )
 
-    def _point_prices(self) -> dict[str, float] | None:
+    def _point_prices(self, learned: dict[str, float] | None = None) -> dict[str, float] | None:
         """The user's ``--point-price`` table, and (with a budget) what earlier runs of this
         input were charged, by kind, for models the user gave no price for: a kind whose cost
-        is known is not sent to learn it again (that probing job could pass the budget)."""
+        is known is not sent to learn it again (that probing job could pass the budget).
+        ``learned``: those prices, in place of the budget's."""
         given: dict[str, float] = dict(getattr(self.args, "point_prices", None) or {})
         priced = {key.split("/", 1)[0] for key in given}
         given.update(
             (key, price)
-            for key, price in self.prices_before.items()
+            for key, price in (self.prices_before if learned is None else learned).items()
             if key.split("/", 1)[0] not in priced
         )
         return given or None
+
+    def _spent_before(self) -> float:
+        """What earlier runs of this input spent: the costs their rows record, and their saved
+        jobs whose cost was not reported at their kind's price."""
+        return self.points_before + self.unreported_before.points
 
     async def run(self, items: list[BulkItem]) -> int:
         """Run the command; returns its exit code."""
@@ -734,9 +751,14 @@ class Session:
                 )
             records = of_source(records, source)
             self.points_before = points_spent(records)
+            bodies = {item.tag: item.request.body() for item in items}
+            self.prices_learned = learned = prices_charged(records, bodies)
+            # Saved jobs whose cost the gateway did not report cost their kind's price.
+            self.unreported_before = unreported_cost(
+                records, bodies, self._point_prices(learned) or {}
+            )
             if getattr(args, "max_points", None) is not None:  # prices serve the budget only
-                bodies = {item.tag: item.request.body() for item in items}
-                self.prices_before = prices_charged(records, bodies)
+                self.prices_before = learned
                 # Lines left uncertain may have been charged: the budget counts them spent.
                 self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
         async with self._opened(items) as (client, reserve, close):
@@ -758,7 +780,7 @@ class Session:
                     self._say(
                         f"skipping {plan.skipped} line(s) already sent, as the journal says (or "
                         "the manifest, for lines the journal has no row of): pending ones are "
-                        "collected, uncertain ones are never resent"
+                        f"collected; {self._resent_said(failed=False)}"
                     )
             elif args.command == "bulk":
                 plan = plan_from_manifest(
@@ -772,8 +794,7 @@ class Session:
                 if plan.skipped:
                     self._say(
                         f"continuing {manifest_path}: skipping {plan.skipped} line(s) an earlier "
-                        "run ended (uncertain ones are never resent; --retry-failed resends "
-                        "failed ones)"
+                        f"run ended ({self._resent_said(failed=True)})"
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
@@ -950,6 +971,24 @@ class Session:
         """A closing wait a signal after the first ends (see _signals)."""
         return self.signals.cut_short() if self.signals is not None else contextlib.nullcontext()
 
+    def _resent_said(self, *, failed: bool) -> str:
+        """What a re-run does with the lines an earlier run left uncertain (and, with
+        ``failed``, those it left failed)."""
+        args = self.args
+        uncertain = (
+            "uncertain ones are sent again (--retry-uncertain)"
+            if args.retry_uncertain
+            else "uncertain ones are never resent"
+        )
+        if not failed:
+            return uncertain
+        resent = (
+            "failed ones are sent again (--retry-failed)"
+            if args.retry_failed
+            else "--retry-failed resends failed ones"
+        )
+        return f"{uncertain}; {resent}"
+
     def _say(self, message: str) -> None:
         if not self.args.quiet:
             self.console.print(Text(message), soft_wrap=True)
@@ -996,7 +1035,10 @@ class Session:
                 "manifest": str(out / "manifest.jsonl"),
                 "journal": str(self.journal) if self.journal else None,
                 "points": self.points,
-                "points_total": self.points_before + self.points,
+                "points_total": self._spent_before() + self.points,
+                # The part of points_total counted at a price: earlier jobs whose cost the
+                # gateway did not report.
+                "points_estimated": self.unreported_before.points,
                 # The keys the summary lists to keep: jobs whose rows the manifest did not
                 # take, and jobs whose records the journal had not committed.
                 "manifest_unwritten_keys": _keys_held(result.unrecorded),
@@ -1011,13 +1053,16 @@ class Session:
         return code
 
     def _points_said(self) -> str:
-        if not self.points and not self.points_before and not self.points_uncertain:
+        before, unreported = self._spent_before(), self.unreported_before
+        if not self.points and not before and not self.points_uncertain:
             return ""
-        earlier = (
-            f" ({self.points_before + self.points:g} with earlier runs)"
-            if self.points_before
+        estimated = (
+            f", {unreported.points:g} of it for {unreported.priced} earlier job(s) whose cost "
+            "was not reported, at their kind's price"
+            if unreported.priced
             else ""
         )
+        earlier = f" ({before + self.points:g} with earlier runs{estimated})" if before else ""
         budget = getattr(self.args, "max_points", None)
         of = f" of a {budget:g} budget" if budget is not None else ""
         maybe = (
@@ -1027,23 +1072,46 @@ class Session:
         )
         return f"; {self.points:g} points spent{earlier}{maybe}{of}"
 
+    def _unreported_said(self, result: BulkResult) -> None:
+        """What the summary's points leave out: jobs that ended without a reported cost."""
+        price = "give its model's price with --point-price MODEL=POINTS (points per image)"
+        if result.uncosted:
+            prices = dict(self.prices_learned)
+            for key, each in result.prices.items():  # the most a kind cost wins
+                prices[key] = max(prices.get(key, 0.0), each)
+            now = priced_at(result.uncosted, self._point_prices(prices) or {})
+            about = f" (about {now.points:g} at their kind's price)" if now.priced else ""
+            self._say(
+                f"the gateway did not report what {now.jobs} job(s) of this run cost: the "
+                f"points above leave them out{about}; a re-run of this input counts each at "
+                "its kind's price (its --point-price, or what the gateway reported for others "
+                "of the kind), with earlier runs and against --max-points"
+                + (
+                    f"; {now.unpriced} of them have no known price: for a re-run to count "
+                    f"them, {price}"
+                    if now.unpriced
+                    else ""
+                )
+            )
+        if self.unreported_before.unpriced:
+            self._say(
+                f"{self.unreported_before.unpriced} job(s) of earlier runs saved their images "
+                "without a reported cost, and their kind has no known price: nothing counts "
+                f"them (with earlier runs, or against --max-points); {price}"
+            )
+
     def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
         say = self._say
         if self.journal_left:
             self.console.print(
                 Text(journal_left_said(self.journal, self.journal_left)), soft_wrap=True
             )
+        self._unreported_said(result)
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)
             if not result.interrupted:
                 return
         command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
-        if result.uncosted and getattr(self.args, "max_points", None) is not None:
-            say(
-                f"the gateway did not say what {result.uncosted} job(s) cost: the manifest "
-                "cannot count them, so the next run's --max-points counts only its own jobs; "
-                "lower it by what these cost (your --point-price prices) before re-running"
-            )
         if result.interrupted:
             word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]

@@ -423,6 +423,7 @@ _PROBABILITIES = frozenset(
         "estimate_absent",
         "estimate_outliers",
         "images_gone",
+        "cost_unreported",
     }
 )
 _SIGNED = frozenset({"seed", "stamp_skew"})

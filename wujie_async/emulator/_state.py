@@ -78,6 +78,9 @@ class FaultConfig:
         images_gone: probability (drawn by the job's key, so every listing of it agrees)
             that a job's image files answer 404 "expired", as the platform's once it has
             cleaned up old results.
+        cost_unreported: probability (drawn by the job's key, so every listing of it agrees)
+            that a job's entries never carry ``integral_cost``, as a gateway that reports the
+            cost of some jobs only; the job is charged all the same (``points_charged``).
     """
 
     endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
@@ -109,6 +112,7 @@ class FaultConfig:
     estimate_outliers: float = 0.0
     estimate_outlier_factor: float = 3.0
     images_gone: float = 0.0
+    cost_unreported: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
