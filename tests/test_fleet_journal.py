@@ -376,3 +376,19 @@ async def test_a_key_an_earlier_row_holds_is_not_written_on_a_second_row(url: st
         rows = {row.id: row for row in await journal.entries()}
         assert (rows[earlier].state, rows[earlier].job_key) == ("succeeded", "KEY-1")
         assert (rows[again].state, rows[again].job_key) == ("uncertain", None)
+
+
+async def test_a_read_sees_the_records_queued_before_it(url: str) -> None:
+    """``record_unsent`` and ``record_outcome`` are queued, not awaited: a read right after
+    (``uncertain_submits()`` after a ``SubmitUncertainError``) went to Redis before them, and
+    missed the row (as the SQLite journal, whose reads follow its writes, never does)."""
+    request = {"prompt": "a fox", "model": "dall-e-2"}
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        for index in range(30):
+            row = await journal.record_intent("/gen", request)
+            journal.record_unsent(row, "uncertain", "reply lost")
+            assert row in [entry.id for entry in await journal.entries("uncertain")], index
+            accepted = await journal.record_intent("/gen", request)
+            await journal.record_accepted(accepted, f"KEY-{index}")
+            journal.record_outcome(f"KEY-{index}", "succeeded")
+            assert accepted in [entry.id for entry in await journal.entries("succeeded")], index

@@ -594,6 +594,12 @@ class RedisJournal:
             if state not in ALL_STATES:
                 raise ValueError(f"journal state {state!r} is not one of {', '.join(ALL_STATES)}")
         wanted = states or ALL_STATES
+        if self._later is not None and (self._trying is not None or not self._later.empty()):
+            # This member's own records queued before the read are read back (the SQLite
+            # journal reads in the order of its writes): uncertain_submits() right after a
+            # SubmitUncertainError lists it. Bounded: with Redis away the read fails anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), self._link.config.unavailable_wait)
         reply = await self._entries(
             (self._seq,), (self._prefix, tag or "", owned_by or "", *wanted)
         )
