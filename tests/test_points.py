@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import math
 from pathlib import Path
@@ -23,7 +24,7 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
-from wujie_async._budget import Budget
+from wujie_async._budget import Budget, RequestBody
 from wujie_async.cli._outcome import prices_charged
 from wujie_async.emulator import Emulator, FaultConfig
 
@@ -302,7 +303,9 @@ async def _spent_when_refused(client: WujieClient) -> tuple[float, float]:
     raise AssertionError("the budget refused nothing")
 
 
-@pytest.mark.parametrize("found_by", ["the error's request", "the journal row"])
+@pytest.mark.parametrize(
+    "found_by", ["the error's request", "the request alone", "the journal row"]
+)
 async def test_a_lost_reply_whose_key_is_attached_to_the_budget_is_counted_once(
     emulator: EmulatorFactory, tmp_path: Path, found_by: str
 ) -> None:
@@ -322,6 +325,11 @@ async def test_a_lost_reply_whose_key_is_attached_to_the_budget_is_counted_once(
         emu.set_faults(FaultConfig())
         key = _only_key(emu)  # as read in the platform's console
         request: dict[str, Any] = lost.value.request
+        if found_by == "the request alone":
+            # Only exc.request kept (the error gone with its except block): the budget held
+            # the error weakly, lost it, and counted the job twice.
+            del lost
+            gc.collect()
         if journal is not None:
             [row] = await client.uncertain_submits()
             assert await client.record_submit_key(row.id, key)
@@ -698,15 +706,11 @@ async def test_an_attached_job_kept_at_a_reported_cost_above_the_estimate_holds_
 
 async def test_a_lost_replys_request_is_not_kept_alive_by_the_budget() -> None:
     """The budget remembered a lost reply's request object itself (up to 1,024 of them): an
-    edit's request carries its images, megabytes each. It now holds the error weakly."""
-    import gc
+    edit's request carries its images, megabytes each. It now holds the request weakly."""
     import weakref
 
-    class Body(dict[str, Any]):  # a dict that a weak reference can follow
-        pass
-
     budget = Budget(100, {"dall-e-2": 8})
-    body = Body(model="dall-e-2", prompt="x", image="iVBOR" * 100_000)
+    body = RequestBody(model="dall-e-2", prompt="x", image="iVBOR" * 100_000)
     reservation = await budget.reserve(body, 1)
     reservation.settle(None, maybe_charged=True)
     error = SubmitUncertainError("the reply was lost", request=body)
@@ -720,3 +724,20 @@ async def test_a_lost_replys_request_is_not_kept_alive_by_the_budget() -> None:
     del body, error
     gc.collect()
     assert kept() is None
+
+
+async def test_an_attached_job_of_an_unpriced_kind_that_succeeds_uncosted_holds_its_kind() -> None:
+    """Held at what its first end reported (20), an attached job of a kind with no price
+    looked priced: succeeding with no cost reported, it left its kind open to a new probe
+    (whose cost, unreported too, would go uncounted) instead of holding it back."""
+    budget = Budget(100)
+    body = {"model": "dall-e-2", "prompt": "x", "n": 2}
+    probe = await budget.reserve(body, 2)
+    probe.settle(20, maybe_charged=True)  # ended short, 20 reported: no price for the kind
+    budget.maybe_charged("K1", probe)
+    held = budget.hold_attached("K1", body, 2)
+    assert held.points == 20
+    held.settle(None, succeeded=True)  # its images, and no cost said
+    with pytest.raises(BudgetExceededError) as refused:
+        await budget.reserve(body, 2)
+    assert refused.value.unpriced

@@ -220,6 +220,22 @@ async def test_no_try_comes_after_max_elapsed_for_the_submit_pacers_turn(
             assert client.stats.rate_limited == 1 and loop.time() - started < 3.0
 
 
+@pytest.mark.long
+async def test_a_backoff_cut_to_the_time_left_still_gets_its_last_try(
+    emulator: EmulatorFactory,
+) -> None:
+    """The wait was cut to the time left, then the pacer's turn (no rate: at once) moved the
+    clock a few microseconds past max_elapsed, and the try the wait was for was given up."""
+    retry = RetryPolicy(initial_wait=3, max_wait=3, max_elapsed=0.2, max_attempts=20)
+    refused = FaultConfig(http_429=1.0, retry_after_s=0, endpoints=frozenset({"generations"}))
+    async with emulator(faults=refused) as emu, make_client(emu, retry=retry) as client:
+        for attempt in range(5):
+            before = client.stats.rate_limited
+            with pytest.raises(RateLimitedError):
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert client.stats.rate_limited - before >= 2, attempt
+
+
 async def test_auth_failure_is_typed_and_not_retried_forever(emulator: EmulatorFactory) -> None:
     async with emulator() as emu:
         stranger = Credentials("wjemulator0001", unregistered_key())  # the app's id, a wrong key

@@ -57,6 +57,15 @@ import anyio
 from ._errors import BudgetExceededError, SubmitUncertainError
 
 Kind = tuple[str, str, str, int]
+
+
+class RequestBody(dict[str, Any]):
+    """A submit's body as sent, when a budget is kept: a dict that a weak reference can follow
+    (``SubmitUncertainError.request`` is this object; see :meth:`Budget.lost_reply`)."""
+
+    __slots__ = ("__weakref__",)
+
+
 # How many reservations kept as spent (maybe charged) are remembered for an attach of the same
 # job to take back (Budget.hold_attached); past it, the oldest are forgotten, and attaching one
 # of those counts it again (the budget errs on the side of spending less).
@@ -126,7 +135,7 @@ class Budget:
         # that job again (see maybe_charged): an attach charged to the budget takes one back
         # rather than count the job twice.
         self._maybe_charged: OrderedDict[
-            object, tuple[Reservation, weakref.ref[SubmitUncertainError] | None]
+            object, tuple[Reservation, weakref.ref[RequestBody] | None]
         ] = OrderedDict()
 
     def estimate(self, kind: Kind) -> float | None:
@@ -212,18 +221,20 @@ class Budget:
 
     def lost_reply(self, error: SubmitUncertainError, held: Reservation) -> None:
         """:meth:`maybe_charged` for a submit whose reply was lost, remembered by the very
-        ``request`` object its ``error`` carries, while the error lives (held weakly: an
-        edit's request carries its images, and a thousand of them must not stay in memory)."""
-        self._remember(("request", id(error.request)), held, weakref.ref(error))
+        ``request`` object its ``error`` carries, for as long as that object lives (held
+        weakly: an edit's request carries its images, and a thousand of them must not stay
+        in memory). A request that is not a :class:`RequestBody` is not remembered."""
+        if isinstance(error.request, RequestBody):
+            self._remember(("request", id(error.request)), held, weakref.ref(error.request))
 
     def _remember(
         self,
         handle: object,
         held: Reservation,
-        error: weakref.ref[SubmitUncertainError] | None,
+        request: weakref.ref[RequestBody] | None,
     ) -> None:
         remembered = self._maybe_charged
-        remembered[handle] = (held, error)
+        remembered[handle] = (held, request)
         remembered.move_to_end(handle)
         while len(remembered) > MAYBE_CHARGED_KEPT:
             remembered.popitem(last=False)
@@ -241,11 +252,9 @@ class Budget:
         found = self._maybe_charged.pop(handle, None)
         if found is None:
             return None
-        held, error_ref = found
-        if error_ref is not None:
-            error = error_ref()
-            if error is None or error.request is not request:
-                return None  # its error is gone, and the id() may be another object's now
+        held, request_ref = found
+        if request_ref is not None and request_ref() is not request:
+            return None  # its request is gone, and the id() may be another object's now
         # Taken back already through another of its handles: nothing is counted for it now.
         return held if held.counted is not None else None
 
@@ -295,7 +304,7 @@ class Budget:
                     self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
             else:
                 self.spent += held  # not reported: assume it cost what was held
-                if (succeeded or maybe_charged) and reservation.points is None:
+                if (succeeded or maybe_charged) and reservation.probing:
                     # Charged (or to be), at a price never told: a next probe would be too.
                     self._unpriced.add(reservation.kind)
         if reservation.probing:

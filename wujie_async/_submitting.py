@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import anyio
 
-from ._budget import Budget, Reservation
+from ._budget import Budget, RequestBody, Reservation
 from ._config import Limits
 from ._errors import (
     ClientStateError,
@@ -416,6 +416,10 @@ class Submits:
         """
         if self._refusing:
             raise ClientStateError(_NOT_SENT_STOPPED)
+        if self._budget is not None:
+            # A lost reply's request names its job for an attach counted once, held weakly
+            # by the budget (an edit's request carries its images).
+            body = RequestBody(body)
         record = SubmitRecord(self._journal, path, body, tag)
         new_scope = self._new_scope
         if new_scope is None:

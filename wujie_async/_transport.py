@@ -496,9 +496,13 @@ class Transport:
                     on_wire(False)  # retried: refused outright (_retryable), nothing accepted
                 await asyncio.sleep(delay)
                 if before_retry is not None:
+                    due = clock()
                     await before_retry()
-                    if clock() - started > self._retry.max_elapsed:
-                        # The submit pacer's turn came after max_elapsed: no try then either.
+                    now = clock()
+                    if now - due > _PACED and now - started > self._retry.max_elapsed:
+                        # The submit pacer made it wait past max_elapsed: no try then either.
+                        # (Not its few microseconds after a wait cut to the time left: that
+                        # last try is the policy's.)
                         _give_up(exc, kind, body)
                 self.counters.retries += 1  # after the wait: a close during it sends none
 
@@ -733,6 +737,10 @@ def _retryable(exc: WujieError, kind: CallKind) -> bool:
     if isinstance(exc, LockRaceError):
         return True
     return isinstance(exc, TransportError) and not exc.reached_server
+
+
+# A pacer turn that took longer than this made the retry wait (see _with_retries).
+_PACED = 0.05
 
 
 def _give_up(exc: WujieError, kind: CallKind, body: Any) -> NoReturn:
