@@ -168,6 +168,10 @@ class BulkRun:
         self._spare_room = spare_room
         self._rows: RowWriter | None = None  # started with the first row
         self._rows_stuck = False  # the disk stopped answering: nothing more waits on it
+        # Why the journal did not forget the rows this run superseded (None: it did, or had
+        # none to): the summary says so, as those rows would be sent again by a later
+        # --retry-uncertain.
+        self.forget_failed: str | None = None
         self._journaled = journaled
         # Accepted jobs whose key is yet to be checked against the journal (see _keep_key),
         # and the one check at a time that takes them all.
@@ -599,8 +603,12 @@ class BulkRun:
 
         async def journal() -> None:
             if forget is not None:
-                with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S), signals.cut_short():
-                    await forget()
+                try:
+                    with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S), signals.cut_short():
+                        await forget()
+                except ClientStateError as exc:  # a journal that refused the write
+                    # (A full disk): the client is still closed, and the summary printed.
+                    self.forget_failed = str(exc)
             await close()
 
         journal_closed = asyncio.ensure_future(journal())

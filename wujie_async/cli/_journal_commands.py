@@ -39,6 +39,7 @@ from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source,
 from ._progress import Display, Tally
 from ._run import (
     check_out_folder,
+    forget_failed_said,
     journal_left_said,
     known_keys,
     line_of,
@@ -332,6 +333,8 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
         if journal_left:
             console.print(Text(journal_left_said(path, journal_left)), soft_wrap=True)
+        if run.forget_failed is not None:
+            console.print(Text(forget_failed_said(run.forget_failed)), soft_wrap=True)
         stopped = stop_said(
             result, client.base_url, app_id_flag=bool(getattr(args, "app_id", None))
         )

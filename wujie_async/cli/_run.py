@@ -165,6 +165,16 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     return None
 
 
+def forget_failed_said(why: str) -> str:
+    """The summary's warning for a journal that did not forget the rows a run superseded."""
+    return (
+        f"warning: the journal did not forget the rows this run sent again ({clean(why)}): "
+        "they are still listed as uncertain, and a later --retry-uncertain would send them "
+        "once more; find them with `wujie-async journal list --status uncertain` and drop "
+        "them with `wujie-async journal forget ROWS --yes`"
+    )
+
+
 def journal_left_said(journal: Path | None, keys: list[str]) -> str:
     """What the summary says of the records the journal had not committed when it closed."""
     return (
@@ -684,6 +694,7 @@ class Session:
         # Keys of journal records its disk had not taken when the client closed (it stopped
         # waiting: a frozen file system, a hung mount): the summary names them.
         self.journal_left: list[str] = []
+        self.forget_failed: str | None = None  # see BulkRun.forget_failed
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         # Earlier runs' saved jobs whose cost the gateway did not report, at their kind's price:
@@ -893,6 +904,7 @@ class Session:
                     make_room=reserve.release,
                 )
                 self.out_disk_held = run.rows_held
+                self.forget_failed = run.forget_failed
             finally:
                 if run is not None:
                     run.close_rows()
@@ -1106,6 +1118,8 @@ class Session:
             self.console.print(
                 Text(journal_left_said(self.journal, self.journal_left)), soft_wrap=True
             )
+        if self.forget_failed is not None:
+            self.console.print(Text(forget_failed_said(self.forget_failed)), soft_wrap=True)
         self._unreported_said(result)
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)
