@@ -631,3 +631,30 @@ async def _ctrl_c_until(run: ForkedCli, summary: str) -> tuple[int | None, str]:
     await eventually(summary_or_again, interval=0.1, what="the summary", timeout=20)
     code, _, err = await run.finish(20)
     return code, err
+
+
+@pytest.mark.long
+async def test_a_resend_whose_journal_disk_fills_up_still_prints_its_summary(
+    tmp_path: Path,
+) -> None:
+    """`journal resend` on a disk that fills up while its submit's reply is on its way: the
+    journal refuses the forgetting of the row it sent again. That ended the command with a
+    traceback (no summary, the client not closed); the summary now comes, saying the row
+    stays uncertain and how to drop it."""
+    async with served_emulator(tmp_path) as emu:
+        with full_disk(tmp_path / "disk", size="2m", fill=False) as disk:
+            out = disk / "out"
+            await _an_uncertain_row(emu, out, tmp_path)
+            await emu.set_faults(slow_reply=1.0, slow_reply_s=2.0, endpoints=["generations"])
+            resend = ["journal", "resend", "--all-uncertain", "--yes", "-o", str(out)]
+            async with running_cli(*resend, env=emu.env) as run:
+                if not isinstance(run, ForkedCli):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+                alive = proc_alive(run)
+                sent = int((await emu.stats())["requests"].get("generations", 0))
+                await eventually(lambda: _arrived(emu, sent + 1), what="the resend", alive=alive)
+                _fill(disk)  # while its reply is held
+                code, _, err = await run.finish(30)
+    assert code is not None and "Traceback" not in err, err
+    assert "row(s):" in err, err  # the summary
+    assert "did not forget the rows this run sent again" in err, err
