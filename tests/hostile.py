@@ -63,6 +63,7 @@ REPLIES: dict[str, tuple[int, bytes, str]] = {
         "text/html",
     ),
     "bad-request-json": (400, b'{"message":"Bad Request"}', "application/json"),
+    "proxy-auth-407": (407, b"<html>Proxy Authentication Required</html>", "text/html"),
     "balance-429": (
         429,
         b'{"code":"20110010","message":"insufficient points","data":null}',

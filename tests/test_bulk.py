@@ -23,6 +23,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .helpers import eventually
+from .hostile import recording_gateway
 
 pytestmark = pytest.mark.anyio
 
@@ -194,6 +195,20 @@ async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None
     )
     assert code == 3, err
     assert err.count("stopped:") == 1 and "cannot connect" in err and "--base-url" in err
+
+
+async def test_a_proxy_asking_for_its_own_credentials_stops_the_run(tmp_path: Path) -> None:
+    """A 407 from a proxy before the gateway: every request gets it. A refusal (nothing was
+    accepted), and systemic: the run stops at once with one line saying so, not 20 lines
+    each rejected."""
+    async with served_emulator(tmp_path) as emu, recording_gateway() as proxy:
+        env = {**emu.env, "WUJIE_BASE_URL": f"{proxy.origin}/proxy-auth-407"}
+        code, _, err = await cli(
+            "bulk", str(prompts(tmp_path, 20)), "-o", str(tmp_path / "out"), env=env
+        )
+    assert code == 3, err
+    assert err.count("stopped:") == 1 and "asks for credentials of its own" in err, err
+    assert proxy.hits["proxy-auth-407"] < 20
 
 
 # --- 4. never a traceback ------------------------------------------------------------------

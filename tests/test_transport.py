@@ -424,7 +424,7 @@ async def test_systemic_flags_of_the_error_tree() -> None:
     assert not ProtocolError("odd").systemic and not ResponseTooLargeError("big", limit=1).systemic
 
 
-@pytest.mark.parametrize("mode", ["too-large-413", "bad-request-json", "teapot"])
+@pytest.mark.parametrize("mode", ["too-large-413", "bad-request-json", "teapot", "proxy-auth-407"])
 async def test_a_4xx_a_proxy_sent_is_a_refusal_not_uncertain(mode: str, tmp_path: Path) -> None:
     """A proxy in front of the gateway refusing a body over its limit (nginx: 413 above 1 MB)
     made the submit "may have been charged" (uncertain, journaled so, held on the budget,
@@ -436,7 +436,9 @@ async def test_a_4xx_a_proxy_sent_is_a_refusal_not_uncertain(mode: str, tmp_path
         async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
             with pytest.raises(RequestRefusedError) as refused:
                 await c.images.submit(prompt="x", model="dall-e-2")
-            assert not refused.value.systemic and "nothing was accepted" in str(refused.value)
+            # Systemic for 407 only: the proxy wants its own credentials from every request.
+            assert refused.value.systemic == (mode == "proxy-auth-407")
+            assert "nothing was accepted" in str(refused.value)
             assert await c.uncertain_submits() == []
             [row] = await c.journal_entries()
             assert row.state == "rejected"

@@ -12,6 +12,7 @@
     │   ├── AuthenticationError     HTTP 401/403: bad credentials, clock skew, unknown app  [S]
     │   ├── EndpointNotFoundError   HTTP 404/405 without an envelope: wrong base URL (url)  [S]
     │   ├── RequestRefusedError     another HTTP 4xx without an envelope: a proxy refused it
+    │   │                           [S] for 407 (the proxy wants credentials of its own)
     │   ├── RateLimitedError        HTTP 429 (retry_after in seconds, when the server said)
     │   ├── ServerError             HTTP 5xx: transient on the gateway's side
     │   ├── ProtocolError           the reply is not what the contract promises (what came back)
@@ -338,8 +339,13 @@ class RequestRefusedError(APIError):
     proxy or web server in front of the gateway refused the request (413: the body is too
     large for it; 400, 414, 431...), so it never reached the gateway and nothing was accepted.
     A submit that gets this is refused, never uncertain, and not retried (the same request
-    gets the same answer). Not systemic: another, smaller request may pass.
+    gets the same answer). Not systemic (another, smaller request may pass), but for 407: the
+    proxy wants credentials of its own, and every request gets the same answer.
     """
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.systemic = self.http_status == 407
 
 
 class RateLimitedError(APIError):

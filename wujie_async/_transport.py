@@ -247,7 +247,10 @@ def _reply_error(
     if 400 <= status < 500 and envelope is None:
         # A proxy or web server answered, not the gateway (whose errors are envelopes, or 401,
         # 429 and 5xx): the request went no further. A submit so refused was not charged.
-        why = " (the request body is too large for it)" if status == 413 else ""
+        why = {
+            407: " (it asks for credentials of its own)",
+            413: " (the request body is too large for it)",
+        }.get(status, "")
         return RequestRefusedError(
             f"refused before the gateway by a proxy or web server{why}; nothing was accepted",
             http_status=status,

@@ -38,6 +38,7 @@ from .. import (
     JobTimeoutError,
     ModerationRejectedError,
     RateLimitedError,
+    RequestRefusedError,
     SubmitUncertainError,
     TransportError,
     UnexpectedRedirectError,
@@ -89,6 +90,12 @@ def fix_message(exc: BaseException, base_url: str, *, app_id_flag: bool) -> str:
         return (
             f"stopped: {clean(exc.url or base_url)} answered HTTP {exc.http_status} (no such API "
             "route); check --base-url / WUJIE_BASE_URL, which must end in /wj-open/v1"
+        )
+    if isinstance(exc, RequestRefusedError):
+        return (
+            f"stopped: a proxy before the gateway refused the requests (HTTP {exc.http_status}: "
+            "it asks for credentials of its own); check the network path to --base-url / "
+            "WUJIE_BASE_URL"
         )
     if isinstance(exc, UnexpectedRedirectError):
         return (
