@@ -365,7 +365,7 @@ async def test_a_trickling_image_ends_its_line_failed_as_too_slow_and_shows_savi
         "image server was too slow" in record["error"] and "--download-timeout" in record["error"]
     )
     progress = [line for line in err.splitlines() if line.startswith("progress: ")]
-    assert any("generating 0 · saving 1" in line for line in progress), err
+    assert any("at the gateway 0 · saving 1" in line for line in progress), err
     assert progress[-1].startswith("progress: 1/1") and "saving 0" in progress[-1]
     assert names(tmp_path / "out") == [".wujie-async.lock", "manifest.jsonl"]
 
