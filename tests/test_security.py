@@ -45,6 +45,7 @@ from wujie_async._addresses import AddressRule
 from wujie_async._auth import HeaderSigner
 from wujie_async._transport import Transport
 
+from .cli_helpers import cli
 from .conftest import FAST_POLL, INSTANT_RETRY
 from .helpers import GENERATIONS, INFO
 from .hostile import (
@@ -167,6 +168,24 @@ def test_a_base_url_that_would_send_requests_elsewhere_is_refused(
         WujieClient(credentials(), base_url=base_url)
     assert info.value.field == "base_url" and named in info.value.rule
     assert "gate.example.com" not in str(info.value)  # never repeated: it may hold a password
+
+
+def test_an_empty_base_url_is_refused_not_taken_for_the_production_gateway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``base_url=""`` (``--base-url "$STAGING_URL"`` with the variable unset) was replaced by
+    the production gateway: paid jobs sent where the caller did not ask."""
+    monkeypatch.delenv("WUJIE_BASE_URL", raising=False)
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(credentials(), base_url="")
+    assert info.value.field == "base_url" and "empty" in info.value.rule
+    assert WujieClient(credentials()).base_url.startswith("https://")  # left out: the default
+
+
+async def test_the_cli_refuses_an_empty_base_url(tmp_path: Path) -> None:
+    env = {"WUJIE_APP_ID": "app", "WUJIE_PRIVATE_KEY": credentials().private_key}
+    code, _, err = await cli("generate", "a fox", "--no-wait", "--base-url", "", env=env)
+    assert code == 2 and "--base-url / WUJIE_BASE_URL: is empty" in err, err
 
 
 # --- the signed header is never reachable from an error --------------------------------------

@@ -25,6 +25,12 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
     rule_http = "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL
     if not isinstance(base_url, str):
         raise InvalidRequestError([("base_url", rule_http)])
+    if not base_url:
+        # Given empty (an unset variable in "$STAGING_URL"): the production gateway in its
+        # place would send paid jobs where the caller did not ask.
+        raise InvalidRequestError(
+            [("base_url", "is empty: give a URL, or leave it out for the production gateway")]
+        )
     # Before urlsplit, which quietly drops a newline or tab anywhere and controls or spaces at
     # the start: a URL pasted with a newline in it was used as another URL than the one given.
     if not base_url.isprintable() or base_url != base_url.strip():

@@ -224,7 +224,9 @@ class WujieClient:
         )
         self.credentials = credentials if credentials is not None else Credentials.from_env()
         self.base_url = check_base_url(
-            base_url or Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
+            base_url
+            if base_url is not None
+            else Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
             allow_insecure_http=allow_insecure_http,
         )
         self.poll_policy = poll or PollPolicy()
