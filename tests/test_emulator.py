@@ -878,3 +878,30 @@ def test_emulators_of_one_process_share_one_checked_key() -> None:
     first, second = Emulator(), Emulator()
     assert first.credentials is second.credentials
     assert Emulator(app_id="another").credentials.app_id == "another"
+
+
+@pytest.mark.parametrize(
+    ("fault", "named"),
+    [
+        ({"endpoints": frozenset({"generation"})}, "endpoints"),  # a typo turned every fault off
+        ({"http_5xx_status": 200}, "http_5xx_status"),  # a "5xx" fault that answers success
+        ({"http_5xx_status": 404}, "http_5xx_status"),
+        ({"html_status": 999}, "html_status"),
+        ({"business_error_code": "200"}, "business_error_code"),  # success with data null
+        ({"business_error_code": "abc"}, "business_error_code"),
+    ],
+)
+def test_a_fault_setting_that_would_quietly_be_another_fault_is_refused(
+    fault: dict[str, object], named: str
+) -> None:
+    from wujie_async import InvalidRequestError
+    from wujie_async.emulator import EmulatorConfig, FaultConfig
+    from wujie_async.emulator._options import check_config, fault_config_from_mapping
+
+    with pytest.raises(InvalidRequestError) as info:
+        check_config(EmulatorConfig(faults=FaultConfig(**fault)))  # type: ignore[arg-type]
+    assert info.value.field == f"faults.{named}"
+    as_json = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in fault.items()}
+    with pytest.raises(InvalidRequestError) as by_name:
+        fault_config_from_mapping(as_json)  # the control endpoint's and the CLI's way in
+    assert by_name.value.field == named

@@ -20,6 +20,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from .. import _contract
 from .._errors import InvalidRequestError
 from ._state import EmulatorConfig, FaultConfig
 
@@ -451,6 +452,8 @@ def _violations(config: EmulatorConfig | FaultConfig) -> list[tuple[str, str]]:
                 found.append((name, f"above 0; got {number!r}"))
             elif name not in _SIGNED and number < 0:
                 found.append((name, f"at least 0; got {number!r}"))
+    if isinstance(config, FaultConfig) and not found:
+        found += _fault_violations(config)
     return found
 
 
@@ -494,3 +497,31 @@ def check_faults(faults: FaultConfig) -> None:
     found = _violations(faults)
     if found:
         raise InvalidRequestError(found)
+
+
+# The endpoints a fault may apply to: every one, by default.
+_ENDPOINTS = FaultConfig().endpoints
+
+
+def _fault_violations(faults: FaultConfig) -> list[tuple[str, str]]:
+    """What a fault setting of the right type still gets wrong: each would switch the fault
+    off, or make it another one, without a word (a misspelled endpoint left every HTTP fault
+    off; a 5xx fault with status 200 answered success)."""
+    found: list[tuple[str, str]] = []
+    unknown = sorted(str(name) for name in faults.endpoints if name not in _ENDPOINTS)
+    if unknown:
+        known = ", ".join(sorted(_ENDPOINTS))
+        found.append(("endpoints", f"one or more of {known}; got {', '.join(unknown)}"))
+    if not 500 <= faults.http_5xx_status <= 599:
+        found.append(("http_5xx_status", f"from 500 to 599; got {faults.http_5xx_status!r}"))
+    if not 200 <= faults.html_status <= 599:
+        found.append(("html_status", f"from 200 to 599; got {faults.html_status!r}"))
+    code = faults.business_error_code
+    if not (code.isascii() and code.isdigit()) or code == _contract.SUCCESS_CODE:
+        found.append(
+            (
+                "business_error_code",
+                f"a numeric error code, not {_contract.SUCCESS_CODE}; got {code!r}",
+            )
+        )
+    return found
