@@ -235,3 +235,10 @@ async def test_a_bulk_input_may_still_be_a_pipe(tmp_path: Path) -> None:
         code, _, err = await running.finish(30)
     assert code == 0, err
     assert [r["status"] for r in manifest(out)] == ["saved"]
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+async def test_an_emulator_port_out_of_range_is_a_usage_error(port: str) -> None:
+    # It was "internal error: OverflowError: bind(): port must be 0-65535", exit 70.
+    code, _, err = await cli("emulator", "--port", port, env=CLEAN_ENV)
+    assert code == 2 and "argument --port: a port" in err and "internal error" not in err, err

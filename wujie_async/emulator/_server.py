@@ -191,6 +191,17 @@ class _StartError(Exception):
     """The emulator cannot start as asked; the message is one line that says what to do."""
 
 
+def _port(text: str) -> int:
+    """A TCP port number from the command line (0: any free one)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port from 0 to 65535, got {port}")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The emulator's command-line options (shared by both entry points).
 
@@ -199,7 +210,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     parser.add_argument(
-        "--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)"
+        "--port", type=_port, default=8080, help="port (default 8080; 0 picks a free one)"
     )
     parser.add_argument(
         "--print-env",
