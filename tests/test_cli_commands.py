@@ -242,3 +242,9 @@ async def test_an_emulator_port_out_of_range_is_a_usage_error(port: str) -> None
     # It was "internal error: OverflowError: bind(): port must be 0-65535", exit 70.
     code, _, err = await cli("emulator", "--port", port, env=CLEAN_ENV)
     assert code == 2 and "argument --port: a port" in err and "internal error" not in err, err
+
+
+async def test_a_bad_prompt_argument_is_named_as_the_usage_line_names_it() -> None:
+    # The prompt is positional: "--prompt: ..." named an option that does not exist.
+    code, _, err = await cli("generate", "", env=CLEAN_ENV)
+    assert code == 2 and "error: prompt: required" in err and "--prompt" not in err, err

@@ -59,7 +59,17 @@ def _flag(field: str) -> str:
     found = _INDEXED.match(field)
     if found:
         return f"--{found['field']} #{int(found['index']) + 1}"
+    if field == "prompt":
+        return "prompt"  # the positional argument, as the usage line names it
     return "-n" if field == "n" else f"--{field.replace('_', '-')}"
+
+
+def _rule(rule: str) -> str:
+    """A field's rule as the command line reads it: its arguments come as bytes, and bytes
+    that are not UTF-8 arrive as lone surrogates, which the library's rule names."""
+    if "lone surrogates" in rule:
+        return "must be UTF-8 text (the argument holds bytes that are not)"
+    return rule
 
 
 def build_request(
@@ -76,7 +86,7 @@ def build_request(
     try:
         return kind.build(fields)
     except InvalidRequestError as exc:
-        raise UsageError("; ".join(f"{_flag(f)}: {r}" for f, r in exc.violations)) from None
+        raise UsageError("; ".join(f"{_flag(f)}: {_rule(r)}" for f, r in exc.violations)) from None
 
 
 async def submit(client: WujieClient, body: dict[str, Any], **options: Any) -> ImageJob:
