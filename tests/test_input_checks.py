@@ -349,3 +349,12 @@ GOOD_POLICIES: list[tuple[Policy, dict[str, Any]]] = [
 def test_documented_policy_values_still_work(policy: Policy, kwargs: dict[str, Any]) -> None:
     made = policy(**kwargs)
     assert all(getattr(made, name) == value for name, value in kwargs.items())
+
+
+def test_wrapped_base64_is_refused_with_the_reason() -> None:
+    # The `base64` tool's default output (76 columns): the rule read as if it were not base64.
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(200)).decode()
+    wrapped = "\n".join(png[start : start + 76] for start in range(0, len(png), 76))
+    with pytest.raises(InvalidRequestError) as info:
+        EditRequest.build({"prompt": "x", "model": "gpt-image-1", "image": [wrapped]})
+    assert info.value.field == "image[0]" and "no line breaks" in info.value.rule

@@ -158,7 +158,10 @@ def _inline_image_violations(model: str, field: str, item: str) -> list[Violatio
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        return [(field, "must be an http(s) URL, base64, or a base64 data URL")]
+        rule = "must be an http(s) URL, base64, or a base64 data URL"
+        if "\n" in payload or "\r" in payload:  # `base64` wraps at 76 columns by default
+            rule += " (base64 on one line: `base64 -w0`, no line breaks)"
+        return [(field, rule)]
     if model == "dall-e-2":
         if len(raw) >= DALL_E_2_MAX_BYTES:
             return [(field, "dall-e-2 takes a PNG smaller than 4 MB")]
