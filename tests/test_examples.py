@@ -348,3 +348,158 @@ async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -
                         proc.kill()
                         await proc.wait()
             await redis.aclose()
+
+
+# --- examples/queue_consumer.py: one message handled once, results never lost ---------------
+
+
+def _queue_consumer() -> Any:
+    """The example's module (its folder on sys.path for ``_connect``)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import queue_consumer  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return queue_consumer
+
+
+async def _pending_for(redis: Any, consumer: str, count: int) -> list[str]:
+    """``count`` requests, handed to ``consumer`` and not acknowledged (as a worker that died
+    right after reading them leaves them)."""
+    qc = _queue_consumer()
+    await redis.delete(qc.REQUESTS, qc.RESULTS)
+    await redis.xgroup_create(qc.REQUESTS, qc.GROUP, id="0", mkstream=True)
+    for i in range(count):
+        request = {"prompt": f"pending {i}", "model": "dall-e-2"}
+        await redis.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+    read: Any = await redis.xreadgroup(qc.GROUP, consumer, {qc.REQUESTS: ">"}, count=count)
+    return [message_id.decode() for message_id, _ in read[0][1]]
+
+
+async def _each_succeeded(redis: Any, message_ids: list[str]) -> bool:
+    """Every message has a ``succeeded`` result, and none is pending."""
+    done = {r["message_id"] for r in await _results(redis) if r["state"] == "succeeded"}
+    pending = await redis.xpending("wujie:requests", "wujie-workers")
+    return done >= set(message_ids) and not pending["pending"]
+
+
+@contextlib.asynccontextmanager
+async def _workers(*workers: Any) -> AsyncIterator[None]:
+    """The workers running; on leaving, stopped and waited for (their jobs included)."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(worker.run(stop)) for worker in workers]
+    try:
+        yield
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks)
+
+
+@pytest.mark.long
+async def test_queue_consumer_handles_a_message_handed_twice_at_once_once(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Two workers of one process (one client, one journal) read the same pending list at
+    once: each message is submitted once and has one result."""
+    import redis.asyncio as aioredis
+
+    qc = _queue_consumer()
+    async with any_redis(tmp_path, db=3) as url, emulator(time_scale=0.01) as emu:
+        redis = aioredis.from_url(url)
+        try:
+            message_ids = await _pending_for(redis, "worker-x", 10)
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(*(qc.Worker(redis, client, "worker-x") for _ in range(2))),
+            ):  # fmt: skip
+                await eventually(
+                    functools.partial(_each_succeeded, redis, message_ids),
+                    what="every message succeeded",
+                )
+            # Both workers have stopped and waited for every job they took on.
+            assert emu.stats()["submits_accepted"] == 10
+            results = await _results(redis)
+            for message_id in message_ids:
+                states = [r["state"] for r in results if r["message_id"] == message_id]
+                assert sorted(states) == ["submitted", "succeeded"], (message_id, states)
+        finally:
+            await redis.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_reads_its_whole_pending_list_at_start(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """More pending messages than one read takes (64): all are handled, without a restart."""
+    import redis.asyncio as aioredis
+
+    qc = _queue_consumer()
+    async with any_redis(tmp_path, db=4) as url, emulator(time_scale=0.01) as emu:
+        redis = aioredis.from_url(url)
+        try:
+            message_ids = await _pending_for(redis, "worker-x", 150)
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(qc.Worker(redis, client, "worker-x")),
+            ):  # fmt: skip
+                await eventually(
+                    functools.partial(_each_succeeded, redis, message_ids),
+                    what="every pending message succeeded",
+                )
+            assert emu.stats()["submits_accepted"] == 150
+        finally:
+            await redis.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_retries_refused_submits_while_it_runs(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """The gateway refuses every submit (points ran out), then recovers: the same worker
+    submits the messages it had left pending, with no restart."""
+    import redis.asyncio as aioredis
+
+    from wujie_async.emulator import FaultConfig
+
+    qc = _queue_consumer()
+    refusing = FaultConfig(business_error=1.0, business_error_code="20110010")
+    async with (
+        any_redis(tmp_path, db=5) as url,
+        emulator(time_scale=0.01, faults=refusing) as emu,
+    ):
+        redis = aioredis.from_url(url)
+        try:
+            await redis.delete(qc.REQUESTS, qc.RESULTS)
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(qc.Worker(redis, client, "worker-x")),
+            ):  # fmt: skip
+                message_ids = []
+                for i in range(5):
+                    request = {"prompt": f"refused {i}", "model": "dall-e-2"}
+                    added = await redis.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+                    message_ids.append(added.decode())
+
+                async def all_refused() -> bool:
+                    rows = await client.journal_entries("rejected")
+                    return len({row.tag for row in rows}) == 5
+
+                await eventually(all_refused, what="every submit refused")
+                emu.set_faults(FaultConfig())
+                await eventually(
+                    functools.partial(_each_succeeded, redis, message_ids),
+                    what="every message succeeded once the gateway recovered",
+                )
+            assert emu.stats()["submits_accepted"] == 5
+        finally:
+            await redis.aclose()
