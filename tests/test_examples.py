@@ -503,3 +503,99 @@ async def test_queue_consumer_retries_refused_submits_while_it_runs(
             assert emu.stats()["submits_accepted"] == 5
         finally:
             await redis.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_publishes_a_result_redis_refused_at_first(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Redis refuses the worker's publishes (an ACL change standing in for a blip) while its
+    job ends: the message stays pending, and once Redis takes writes again the same worker
+    publishes the result (a poll of the journaled key, never a second charge)."""
+    import redis.asyncio as aioredis
+
+    from .fleet_support import own_redis
+
+    qc = _queue_consumer()
+    async with (
+        own_redis(tmp_path) as server,
+        emulator(time_scale=1.0, job_seconds=(2.0, 2.0), queued_share=(0, 0)) as emu,
+    ):
+        admin = aioredis.from_url(server.url)
+        await admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"],
+                                channels=["*"], commands=["+@all"])  # fmt: skip
+        redis = aioredis.from_url(f"redis://worker:pw@127.0.0.1:{server.port}/0")
+        try:
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(qc.Worker(redis, client, "worker-x")),
+            ):  # fmt: skip
+                request = {"prompt": "paid for once", "model": "dall-e-2"}
+                added = await admin.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+
+                async def submitted() -> bool:
+                    return any(r["state"] == "submitted" for r in await _results(admin))
+
+                await eventually(submitted, what="the submitted result")
+                await admin.acl_setuser("worker", enabled=True, commands=["-xadd"])
+
+                async def refused() -> bool:
+                    return any(entry["object"] == "xadd" for entry in await admin.acl_log())
+
+                # The job ended and its result's publish was refused.
+                await eventually(refused, what="a publish refused")
+                await admin.acl_setuser("worker", enabled=True, commands=["+xadd"])
+                await eventually(
+                    functools.partial(_each_succeeded, admin, [added.decode()]),
+                    what="the result published once Redis took writes again",
+                )
+            assert emu.stats()["submits_accepted"] == 1
+            states = [r["state"] for r in await _results(admin)]
+            assert states.count("succeeded") == 1
+        finally:
+            await redis.aclose()
+            await admin.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_names_its_consumer_after_its_journal(tmp_path: Path) -> None:
+    """Two processes with their own journals are two consumers (neither reads the other's
+    pending list); a restart with the same journal takes its own pending messages."""
+    import redis.asyncio as aioredis
+
+    script = str(EXAMPLES / "queue_consumer.py")
+    async with any_redis(tmp_path, db=6) as url:
+        redis = aioredis.from_url(url)
+        try:
+            await redis.delete("wujie:requests", "wujie:results")
+            await redis.xgroup_create("wujie:requests", "wujie-workers", id="0", mkstream=True)
+
+            async def consumers(count: int) -> list[str]:
+                found = await redis.xinfo_consumers("wujie:requests", "wujie-workers")
+                names = [consumer["name"].decode() for consumer in found]
+                return names if len(names) >= count else []
+
+            journal_a, journal_b = str(tmp_path / "a.sqlite"), str(tmp_path / "b.sqlite")
+            async with process(script, "--redis", url, "--journal", journal_a,
+                               ready=functools.partial(consumers, 1)):  # fmt: skip
+                [name_a] = await consumers(1)
+                async with process(script, "--redis", url, "--journal", journal_b,
+                                   ready=functools.partial(consumers, 2)):  # fmt: skip
+                    pass
+            names = await consumers(2)
+            assert len(set(names)) == 2, names
+
+            # A's process died after reading a message: a restart with A's journal finishes it.
+            request = {"prompt": "left by a", "model": "dall-e-2"}
+            added = await redis.xadd("wujie:requests", {"request": json.dumps(request)})
+            await redis.xreadgroup("wujie-workers", name_a, {"wujie:requests": ">"})
+            async with process(
+                script, "--redis", url, "--journal", journal_a,
+                ready=functools.partial(_each_succeeded, redis, [added.decode()]),
+            ):  # fmt: skip
+                pass
+        finally:
+            await redis.aclose()
