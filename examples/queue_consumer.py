@@ -305,6 +305,9 @@ if __name__ == "__main__":
     parser.add_argument("--fleet", default=None, help="fleet name: share one Redis-backed fleet")
     parser.add_argument("--member-timeout", type=float, default=30.0)
     parser.add_argument(
-        "--sweep-seconds", type=float, default=5.0, help="how often pending messages are retried"
+        "--sweep-seconds",
+        type=float,
+        default=5.0,
+        help="without --fleet: how often pending messages are retried",
     )
     asyncio.run(main(parser.parse_args()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import json
 import os
 import signal
@@ -357,10 +358,9 @@ def _queue_consumer() -> Any:
     """The example's module (its folder on sys.path for ``_connect``)."""
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import queue_consumer  # type: ignore[import-not-found]
+        return importlib.import_module("queue_consumer")
     finally:
         sys.path.remove(str(EXAMPLES))
-    return queue_consumer
 
 
 async def _pending_for(redis: Any, consumer: str, count: int) -> list[str]:
@@ -487,7 +487,7 @@ async def test_queue_consumer_retries_refused_submits_while_it_runs(
                 message_ids = []
                 for i in range(5):
                     request = {"prompt": f"refused {i}", "model": "dall-e-2"}
-                    added = await redis.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+                    added: Any = await redis.xadd(qc.REQUESTS, {"request": json.dumps(request)})
                     message_ids.append(added.decode())
 
                 async def all_refused() -> bool:
@@ -534,7 +534,7 @@ async def test_queue_consumer_publishes_a_result_redis_refused_at_first(
                 _workers(qc.Worker(redis, client, "worker-x")),
             ):  # fmt: skip
                 request = {"prompt": "paid for once", "model": "dall-e-2"}
-                added = await admin.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+                added: Any = await admin.xadd(qc.REQUESTS, {"request": json.dumps(request)})
 
                 async def submitted() -> bool:
                     return any(r["state"] == "submitted" for r in await _results(admin))
@@ -590,7 +590,7 @@ async def test_queue_consumer_names_its_consumer_after_its_journal(tmp_path: Pat
 
             # A's process died after reading a message: a restart with A's journal finishes it.
             request = {"prompt": "left by a", "model": "dall-e-2"}
-            added = await redis.xadd("wujie:requests", {"request": json.dumps(request)})
+            added: Any = await redis.xadd("wujie:requests", {"request": json.dumps(request)})
             await redis.xreadgroup("wujie-workers", name_a, {"wujie:requests": ">"})
             async with process(
                 script, "--redis", url, "--journal", journal_a,
