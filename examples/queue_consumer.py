@@ -7,7 +7,11 @@ running::
     .venv/bin/python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 \
         --journal worker.sqlite
 
-Many workers, one fleet (any number of processes and machines, one Redis)::
+Without ``--fleet``, a worker is ONE process per journal: its consumer name is tied to its
+journal (host name and a hash of the journal's absolute path), so a restart with the same
+journal takes over its own unacknowledged messages, and a process with another journal never
+touches them. Two processes must not share a journal (the second is refused) or a ``--name``.
+To scale out over processes and machines, use fleet mode::
 
     .venv/bin/python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 --fleet acct-1
 
@@ -17,28 +21,40 @@ consumer group ``wujie-workers`` and write to ``wujie:results`` one entry per jo
 (``submitted``, then ``succeeded`` or ``failed``), each naming the request's message id.
 
 Nothing is paid twice and nothing is lost:
-* a message is acknowledged only after its job key is in the client's journal;
-* a message handed out again (the worker died before acknowledging) is looked up in the
-  journal by its message id first: if it was already sent, the worker attaches to that key
-  instead of submitting again; if it got no reply, it is reported, not resent;
-* on start, the worker resumes every journaled job that had not finished.
+* a message is acknowledged only once its final result (``succeeded``, ``failed``,
+  ``invalid`` or ``uncertain``) is published; until then it stays in the worker's pending
+  list;
+* a message handed out again (the worker died, or publishing its result failed) is looked up
+  in the journal by its message id first: if it was already sent, the worker attaches to that
+  key (a poll, never a charge) instead of submitting again; if it got no reply, it is
+  reported ``uncertain``, not resent;
+* one process handles a message once at a time: a message it is already handling (handed to
+  it twice, or found again in its pending list) is left to that handler;
+* on start, the worker reads its whole pending list, then resumes every journaled job that had
+  not finished; while it runs it reads its pending list again every ``--sweep-seconds``, so a
+  submit the gateway refused (or could not be reached for) is tried again, and a result whose
+  publishing failed is published.
+
+A ``submitted`` or ``succeeded`` entry can be published twice for one message (a worker that
+died after publishing and before acknowledging): results are at least once, never lost.
 
 In fleet mode (``--fleet NAME``) the workers share one rate limit, one poller and one journal
-in Redis, and a worker's message is acknowledged only once its result is published. A worker
-killed mid-job leaves its message pending: another worker reclaims it (XAUTOCLAIM, once it
-has been idle longer than the fleet's member timeout, so its owner is dead), claims the dead
-worker's journaled jobs (``client.resume()``: each goes to exactly one worker), and finds the
-message's submit with ``find_submit(message id)``: it follows the key already paid for and
-never submits again. Whoever owns a job's journal row publishes its result, so it is
-published once (a worker killed between publishing and acknowledging is the one case that
-can publish twice: at least once, never lost).
+in Redis. A worker killed mid-job leaves its message pending: another worker reclaims it
+(XAUTOCLAIM, once it has been idle longer than the fleet's member timeout, so its owner is
+dead), claims the dead worker's journaled jobs (``client.resume()``: each goes to exactly one
+worker), and finds the message's submit with ``find_submit(message id)``: it follows the key
+already paid for and never submits again. Whoever owns a job's journal row publishes its
+result, so it is published once (a worker killed between publishing and acknowledging is the
+one case that can publish twice: at least once, never lost).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -51,6 +67,26 @@ from _connect import connect
 from wujie_async import ImageJob, InvalidRequestError, SubmitUncertainError, WujieClient, WujieError
 
 REQUESTS, RESULTS, GROUP = "wujie:requests", "wujie:results", "wujie-workers"
+PAGE = 64  # messages per read
+log = logging.getLogger("queue_consumer")
+
+# The message ids some Worker of this process is handling: from its first look in the journal
+# until its result is published and the message acknowledged (or left pending). A second
+# handler of one of them leaves it alone, so one process never submits a message twice at
+# once (both would find no journal row) nor publishes its result twice. So a journal row in
+# state ``intent`` seen by a handler is never a live submit of this process: a dead run's.
+_handling: set[str] = set()
+
+
+def default_name(journal: str) -> str:
+    """A non-fleet worker's consumer name: its host and a short hash of its journal's path.
+
+    A restart with the same journal reads the same pending list (the messages it took and did
+    not finish); a process with another journal, which could not find their submits, never
+    does.
+    """
+    digest = hashlib.sha256(os.path.abspath(journal).encode()).hexdigest()[:12]
+    return f"{socket.gethostname()}-{digest}"
 
 
 class Worker:
@@ -63,14 +99,17 @@ class Worker:
         name: str,
         *,
         reclaim_idle_ms: int | None = None,
+        sweep_seconds: float = 5.0,
     ) -> None:
         self.redis = redis
         self.client = client
         self.name = name
         # Fleet mode: messages idle this long are taken over from (dead) workers.
         self.reclaim_idle_ms = reclaim_idle_ms
+        # Not in a fleet: how often this consumer's own pending list is read again.
+        self.sweep_seconds = sweep_seconds
         self._waiters: set[asyncio.Task[None]] = set()
-        self._followed: set[str] = set()
+        self._followed: set[str] = set()  # job keys whose results this worker will publish
 
     @property
     def fleet(self) -> bool:
@@ -84,14 +123,18 @@ class Worker:
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self._consume("0", block_ms=None)  # messages handed to us before, unacknowledged
+        await self._sweep()  # messages handed to us before, unacknowledged
         await self._resume()  # jobs a previous run (or, in a fleet, a dead worker) left
-        next_reclaim = 0.0
+        next_reclaim = next_sweep = time.monotonic() + self.sweep_seconds
         while not stop.is_set():
             await self._consume(">", block_ms=block_ms)
-            if self.reclaim_idle_ms is not None and time.monotonic() >= next_reclaim:
-                next_reclaim = time.monotonic() + self.reclaim_idle_ms / 2000
-                await self._reclaim(self.reclaim_idle_ms)
+            if self.reclaim_idle_ms is not None:
+                if time.monotonic() >= next_reclaim:
+                    next_reclaim = time.monotonic() + self.reclaim_idle_ms / 2000
+                    await self._reclaim(self.reclaim_idle_ms)
+            elif time.monotonic() >= next_sweep:
+                await self._sweep()
+                next_sweep = time.monotonic() + self.sweep_seconds
         await asyncio.gather(*self._waiters)
 
     async def _resume(self) -> None:
@@ -101,7 +144,12 @@ class Worker:
         # Which message each job came from: its submit's tag.
         tags = {e.job_key: e.tag for e in await self.client.journal_entries("accepted")}
         for job in jobs:
-            self._follow(job, tags.get(job.key))
+            tag = tags.get(job.key)
+            if tag is None:
+                self._follow(job, None)
+            elif tag not in _handling:  # else its handler attaches to this job and reports it
+                _handling.add(tag)
+                self._follow(job, tag)
 
     async def _reclaim(self, idle_ms: int) -> None:
         """Take over messages idle for ``idle_ms`` (their worker died): XAUTOCLAIM."""
@@ -109,7 +157,7 @@ class Worker:
         start = "0-0"
         while True:
             reply = await self.redis.xautoclaim(
-                REQUESTS, GROUP, self.name, min_idle_time=idle_ms, start_id=start, count=64
+                REQUESTS, GROUP, self.name, min_idle_time=idle_ms, start_id=start, count=PAGE
             )
             start, messages = reply[0], reply[1]
             for message_id, fields in messages:
@@ -117,52 +165,75 @@ class Worker:
             if not messages or start in (b"0-0", "0-0"):
                 return
 
-    async def _consume(self, start: str, *, block_ms: int | None) -> None:
+    async def _sweep(self) -> None:
+        """Handle this consumer's whole pending list, page by page (those already being
+        handled in this process are left to their handlers)."""
+        after = "0"
+        while (last := await self._consume(after, block_ms=None)) is not None:
+            after = last
+
+    async def _consume(self, start: str, *, block_ms: int | None) -> str | None:
+        """Handle one read of up to PAGE messages after ``start``; the last id read, if any."""
         replies = await self.redis.xreadgroup(
-            GROUP, self.name, {REQUESTS: start}, count=64, block=block_ms
+            GROUP, self.name, {REQUESTS: start}, count=PAGE, block=block_ms
         )
+        last = None
         for _stream, messages in replies or []:
             for message_id, fields in messages:
-                await self._handle(message_id.decode(), fields)
+                last = message_id.decode()
+                await self._handle(last, fields or {})  # a deleted entry has no fields
+        return last
 
     async def _handle(self, message_id: str, fields: dict[bytes, bytes]) -> None:
+        if message_id in _handling:
+            return  # being handled in this process: its handler publishes and acknowledges
+        _handling.add(message_id)
+        job = None
+        try:
+            job = await self._job_for(message_id, fields)
+        except aioredis.RedisError as exc:
+            log.warning("message %s left pending (Redis: %s)", message_id, exc)
+        finally:
+            if job is None:
+                _handling.discard(message_id)
+        if job is not None:
+            self._follow(job, message_id)
+
+    async def _job_for(self, message_id: str, fields: dict[bytes, bytes]) -> ImageJob | None:
+        """The message's job (submitted now, or attached to its journaled key), or None once
+        the message is dealt with otherwise (a final result published, or left pending)."""
         previous = await self.client.find_submit(message_id)
         if self.fleet and previous is not None and previous.job_key:
-            if previous.job_key in self._followed:
-                return  # ours (claimed from a dead worker): its result acknowledges it
             if previous.state == "accepted":
-                return  # a live worker owns the job and acknowledges it with its result
+                return None  # a live worker owns the job and acknowledges it with its result
         if previous is not None and previous.job_key:
-            job = self.client.images.attach(previous.job_key, n=previous.request.get("n") or 1)
-        elif previous is not None and previous.state in ("intent", "uncertain"):
-            await self._publish(
-                message_id, "uncertain", error=previous.error or "no reply recorded"
-            )
-            await self.redis.xack(REQUESTS, GROUP, message_id)
-            return
-        else:
-            try:
-                request = json.loads(fields.get(b"request", b""))
-                job = await self.client.images.submit(**request, tag=message_id)
-            except (ValueError, TypeError, InvalidRequestError) as exc:
-                await self._publish(message_id, "invalid", error=str(exc))
-                await self.redis.xack(REQUESTS, GROUP, message_id)
-                return
-            except SubmitUncertainError as exc:
-                await self._publish(message_id, "uncertain", error=str(exc))
-                await self.redis.xack(REQUESTS, GROUP, message_id)
-                return
-            except WujieError:
-                return  # refused or unreachable: left unacknowledged, handed out again later
-        # The key is journaled (submit() returned): now the message may go (in a fleet, once
-        # its result is out: until then a dead worker's message can be reclaimed).
+            # Paid for already (by an earlier run, or before a publish failed): a poll only.
+            return self.client.images.attach(previous.job_key, n=previous.request.get("n") or 1)
+        if previous is not None and previous.state in ("intent", "uncertain"):
+            # No handler in this process has it (see _handling): a dead run's submit.
+            error = previous.error or "no reply recorded"
+            await self._finish(message_id, "uncertain", error=error)
+            return None
+        try:
+            request = json.loads(fields.get(b"request", b""))
+            job = await self.client.images.submit(**request, tag=message_id)
+        except (ValueError, TypeError, InvalidRequestError) as exc:
+            await self._finish(message_id, "invalid", error=str(exc))
+            return None
+        except SubmitUncertainError as exc:
+            await self._finish(message_id, "uncertain", error=str(exc))
+            return None
+        except WujieError:
+            return None  # refused or unreachable: left pending, tried again by the sweep
+        # The key is journaled (submit() returned); the message stays pending until the
+        # job's result is out, so a crash before that finds the key again.
         await self._publish(message_id, "submitted", key=job.key)
-        if not self.fleet:
-            await self.redis.xack(REQUESTS, GROUP, message_id)
-        self._follow(job, message_id)
+        return job
 
     def _follow(self, job: ImageJob, message_id: str | None) -> None:
         if job.key in self._followed:
+            if message_id is not None:
+                _handling.discard(message_id)
             return
         self._followed.add(job.key)
         task = asyncio.create_task(self._report(job, message_id))
@@ -171,13 +242,28 @@ class Worker:
 
     async def _report(self, job: ImageJob, message_id: str | None) -> None:
         try:
-            result = await job
-        except WujieError as exc:
-            await self._publish(message_id, "failed", key=job.key, error=str(exc))
-        else:
-            urls = [image.url for image in result.images]
-            await self._publish(message_id, "succeeded", key=job.key, images=urls)
-        if self.fleet and message_id is not None:
+            try:
+                result = await job
+            except WujieError as exc:
+                await self._finish(message_id, "failed", key=job.key, error=str(exc))
+            else:
+                urls = [image.url for image in result.images]
+                await self._finish(message_id, "succeeded", key=job.key, images=urls)
+        except aioredis.RedisError as exc:
+            # Never lost: the message stays pending; the next sweep (or a restart) attaches
+            # to the journaled key and publishes again.
+            log.warning(
+                "the result of message %s is not published yet (Redis: %s)", message_id, exc
+            )
+        finally:
+            self._followed.discard(job.key)
+            if message_id is not None:
+                _handling.discard(message_id)
+
+    async def _finish(self, message_id: str | None, state: str, **details: Any) -> None:
+        """Publish a message's final result, then acknowledge the message."""
+        await self._publish(message_id, state, **details)
+        if message_id is not None:
             await self.redis.xack(REQUESTS, GROUP, message_id)
 
     async def _publish(self, message_id: str | None, state: str, **details: Any) -> None:
@@ -202,8 +288,9 @@ async def main(args: argparse.Namespace) -> None:
             async with connect(fleet=fleet) as client:
                 await Worker(redis, client, name, reclaim_idle_ms=idle_ms).run(stop)
         else:
+            name = args.name or default_name(args.journal)
             async with connect(journal=args.journal) as client:
-                await Worker(redis, client, args.name or "worker-1").run(stop)
+                await Worker(redis, client, name, sweep_seconds=args.sweep_seconds).run(stop)
     finally:
         await redis.aclose()
 
@@ -212,7 +299,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--journal", default="worker.sqlite")
-    parser.add_argument("--name", help="consumer name (default worker-1, or host-pid)")
+    parser.add_argument(
+        "--name", help="consumer name (default: host and a hash of the journal's path; host-pid)"
+    )
     parser.add_argument("--fleet", default=None, help="fleet name: share one Redis-backed fleet")
     parser.add_argument("--member-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--sweep-seconds",
+        type=float,
+        default=5.0,
+        help="without --fleet: how often pending messages are retried",
+    )
     asyncio.run(main(parser.parse_args()))

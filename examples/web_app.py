@@ -6,7 +6,8 @@ From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip i
 
     POST /images             {"prompt": ..., "model": ..., "n": ...}  waits, returns the URLs
     POST /jobs               same body: returns {"key"} at once (202)
-    GET  /jobs/{key}         the job's status, progress and images so far (404: unknown key)
+    GET  /jobs/{key}         the job's status, progress and images so far (404: a key the
+                             gateway has not listed within ``--lookup-seconds``; ask again)
     GET  /jobs/{key}/events  server-sent events, one per change, until the job ends; a page
                              follows it with ``new EventSource("/jobs/KEY/events")``
 
@@ -52,7 +53,8 @@ _FIELDS = ("prompt", "model", "n", "size", "quality", "style", "background", "ou
 
 
 SUBMITTED = web.AppKey("submitted", set)
-# How long a key nobody here submitted may go unlisted by the gateway before it is a 404.
+# How long a request for a key nobody here submitted waits for the gateway to list it before
+# answering 404 (the key is not given up: a later request may find it listed).
 LOOKUP_SECONDS = web.AppKey("lookup_seconds", float)
 
 # Once stopping, how long requests still open get before aiohttp cancels them. The app's own
@@ -152,10 +154,13 @@ def _event(kind: str, data: dict[str, Any], retry_ms: int | None = None) -> byte
 
 
 async def _known_job(request: web.Request) -> ImageJob:
-    """The job of the URL's key, or 404 when the gateway does not know that key.
+    """The job of the URL's key, or 404 when the gateway has not listed that key (yet).
 
     A key this app submitted is known. Any other is attached (the poller asks about it at
-    once) and is a 404 if the gateway has not listed it within the app's lookup seconds.
+    once) and is a 404 if the gateway has not listed it within the app's lookup seconds. The
+    job is never cancelled here: the gateway may merely be slow to list a key (one this app
+    paid for before a restart, or one another request waits on), and the client's own
+    ``PollPolicy(unknown_key_grace=...)`` ends a key the gateway never lists.
     """
     key = request.match_info["key"]
     try:
@@ -173,8 +178,9 @@ async def _known_job(request: web.Request) -> ImageJob:
     if job.status is None and waits.stopping:
         raise web.HTTPServiceUnavailable(text="the server is stopping")
     if job.status is None:
-        job.cancel()  # stop asking about a key the gateway does not know
-        raise web.HTTPNotFound(text=f"the gateway does not know job {key}")
+        # Not cancelled: the job is shared (other requests may wait on it, its journal row
+        # would end), and a key only slow to be listed must still be collected.
+        raise web.HTTPNotFound(text=f"the gateway has not listed job {key} (not listed yet)")
     return job
 
 
@@ -283,7 +289,8 @@ def create_app(
     lookup_seconds: float = 5.0,
 ) -> web.Application:
     """The app; ``client_factory()`` opens the client its lifespan owns; a key nobody here
-    submitted is a 404 if the gateway has not listed it within ``lookup_seconds``."""
+    submitted is a 404 if the gateway has not listed it within ``lookup_seconds`` (the job
+    goes on: the client asks about it until its ``unknown_key_grace`` runs out)."""
     app = web.Application()
     app[LOOKUP_SECONDS] = lookup_seconds
     app[WAITS] = Waits()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import json
 import os
 import signal
@@ -347,4 +348,254 @@ async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -
                     except TimeoutError:
                         proc.kill()
                         await proc.wait()
+            await redis.aclose()
+
+
+# --- examples/queue_consumer.py: one message handled once, results never lost ---------------
+
+
+def _queue_consumer() -> Any:
+    """The example's module (its folder on sys.path for ``_connect``)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module("queue_consumer")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+async def _pending_for(redis: Any, consumer: str, count: int) -> list[str]:
+    """``count`` requests, handed to ``consumer`` and not acknowledged (as a worker that died
+    right after reading them leaves them)."""
+    qc = _queue_consumer()
+    await redis.delete(qc.REQUESTS, qc.RESULTS)
+    await redis.xgroup_create(qc.REQUESTS, qc.GROUP, id="0", mkstream=True)
+    for i in range(count):
+        request = {"prompt": f"pending {i}", "model": "dall-e-2"}
+        await redis.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+    read: Any = await redis.xreadgroup(qc.GROUP, consumer, {qc.REQUESTS: ">"}, count=count)
+    return [message_id.decode() for message_id, _ in read[0][1]]
+
+
+async def _each_succeeded(redis: Any, message_ids: list[str]) -> bool:
+    """Every message has a ``succeeded`` result, and none is pending."""
+    done = {r["message_id"] for r in await _results(redis) if r["state"] == "succeeded"}
+    pending = await redis.xpending("wujie:requests", "wujie-workers")
+    return done >= set(message_ids) and not pending["pending"]
+
+
+@contextlib.asynccontextmanager
+async def _workers(*workers: Any) -> AsyncIterator[None]:
+    """The workers running; on leaving, stopped and waited for (their jobs included)."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(worker.run(stop)) for worker in workers]
+    try:
+        yield
+    finally:
+        stop.set()
+        async with asyncio.timeout(30):
+            await asyncio.gather(*tasks)
+
+
+@pytest.mark.long
+async def test_queue_consumer_handles_a_message_handed_twice_at_once_once(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Two workers of one process (one client, one journal) read the same pending list at
+    once: each message is submitted once and has one result."""
+    import redis.asyncio as aioredis
+
+    qc = _queue_consumer()
+    async with any_redis(tmp_path, db=3) as url, emulator(time_scale=0.01) as emu:
+        redis = aioredis.from_url(url)
+        try:
+            message_ids = await _pending_for(redis, "worker-x", 10)
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(*(qc.Worker(redis, client, "worker-x") for _ in range(2))),
+            ):  # fmt: skip
+                await eventually(
+                    functools.partial(_each_succeeded, redis, message_ids),
+                    what="every message succeeded",
+                )
+            # Both workers have stopped and waited for every job they took on.
+            assert emu.stats()["submits_accepted"] == 10
+            results = await _results(redis)
+            for message_id in message_ids:
+                states = [r["state"] for r in results if r["message_id"] == message_id]
+                assert sorted(states) == ["submitted", "succeeded"], (message_id, states)
+        finally:
+            await redis.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_reads_its_whole_pending_list_at_start(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """More pending messages than one read takes (64): all are handled, without a restart."""
+    import redis.asyncio as aioredis
+
+    qc = _queue_consumer()
+    async with any_redis(tmp_path, db=4) as url, emulator(time_scale=0.01) as emu:
+        redis = aioredis.from_url(url)
+        try:
+            message_ids = await _pending_for(redis, "worker-x", 150)
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(qc.Worker(redis, client, "worker-x")),
+            ):  # fmt: skip
+                await eventually(
+                    functools.partial(_each_succeeded, redis, message_ids),
+                    what="every pending message succeeded",
+                )
+            assert emu.stats()["submits_accepted"] == 150
+        finally:
+            await redis.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_retries_refused_submits_while_it_runs(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """The gateway refuses every submit (points ran out), then recovers: the same worker
+    submits the messages it had left pending, with no restart."""
+    import redis.asyncio as aioredis
+
+    from wujie_async.emulator import FaultConfig
+
+    qc = _queue_consumer()
+    refusing = FaultConfig(business_error=1.0, business_error_code="20110010")
+    async with (
+        any_redis(tmp_path, db=5) as url,
+        emulator(time_scale=0.01, faults=refusing) as emu,
+    ):
+        redis = aioredis.from_url(url)
+        try:
+            await redis.delete(qc.REQUESTS, qc.RESULTS)
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(qc.Worker(redis, client, "worker-x")),
+            ):  # fmt: skip
+                message_ids = []
+                for i in range(5):
+                    request = {"prompt": f"refused {i}", "model": "dall-e-2"}
+                    added: Any = await redis.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+                    message_ids.append(added.decode())
+
+                async def all_refused() -> bool:
+                    rows = await client.journal_entries("rejected")
+                    return len({row.tag for row in rows}) == 5
+
+                await eventually(all_refused, what="every submit refused")
+                emu.set_faults(FaultConfig())
+                await eventually(
+                    functools.partial(_each_succeeded, redis, message_ids),
+                    what="every message succeeded once the gateway recovered",
+                )
+            assert emu.stats()["submits_accepted"] == 5
+        finally:
+            await redis.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_publishes_a_result_redis_refused_at_first(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Redis refuses the worker's publishes (an ACL change standing in for a blip) while its
+    job ends: the message stays pending, and once Redis takes writes again the same worker
+    publishes the result (a poll of the journaled key, never a second charge)."""
+    import redis.asyncio as aioredis
+
+    from .fleet_support import own_redis
+
+    qc = _queue_consumer()
+    async with (
+        own_redis(tmp_path) as server,
+        emulator(time_scale=1.0, job_seconds=(2.0, 2.0), queued_share=(0, 0)) as emu,
+    ):
+        admin = aioredis.from_url(server.url)
+        await admin.acl_setuser("worker", enabled=True, passwords=["+pw"], keys=["*"],
+                                channels=["*"], commands=["+@all"])  # fmt: skip
+        redis = aioredis.from_url(f"redis://worker:pw@127.0.0.1:{server.port}/0")
+        try:
+            async with (
+                WujieClient(
+                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
+                    poll=FAST_POLL,
+                ) as client,
+                _workers(qc.Worker(redis, client, "worker-x")),
+            ):  # fmt: skip
+                request = {"prompt": "paid for once", "model": "dall-e-2"}
+                added: Any = await admin.xadd(qc.REQUESTS, {"request": json.dumps(request)})
+
+                async def submitted() -> bool:
+                    return any(r["state"] == "submitted" for r in await _results(admin))
+
+                await eventually(submitted, what="the submitted result")
+                await admin.acl_setuser("worker", enabled=True, commands=["-xadd"])
+
+                async def refused() -> bool:
+                    return any(entry["object"] == "xadd" for entry in await admin.acl_log())
+
+                # The job ended and its result's publish was refused.
+                await eventually(refused, what="a publish refused")
+                await admin.acl_setuser("worker", enabled=True, commands=["+xadd"])
+                await eventually(
+                    functools.partial(_each_succeeded, admin, [added.decode()]),
+                    what="the result published once Redis took writes again",
+                )
+            assert emu.stats()["submits_accepted"] == 1
+            states = [r["state"] for r in await _results(admin)]
+            assert states.count("succeeded") == 1
+        finally:
+            await redis.aclose()
+            await admin.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_names_its_consumer_after_its_journal(tmp_path: Path) -> None:
+    """Two processes with their own journals are two consumers (neither reads the other's
+    pending list); a restart with the same journal takes its own pending messages."""
+    import redis.asyncio as aioredis
+
+    script = str(EXAMPLES / "queue_consumer.py")
+    async with any_redis(tmp_path, db=6) as url:
+        redis = aioredis.from_url(url)
+        try:
+            await redis.delete("wujie:requests", "wujie:results")
+            await redis.xgroup_create("wujie:requests", "wujie-workers", id="0", mkstream=True)
+
+            async def consumers(count: int) -> list[str]:
+                found = await redis.xinfo_consumers("wujie:requests", "wujie-workers")
+                names = [consumer["name"].decode() for consumer in found]
+                return names if len(names) >= count else []
+
+            journal_a, journal_b = str(tmp_path / "a.sqlite"), str(tmp_path / "b.sqlite")
+            async with process(script, "--redis", url, "--journal", journal_a,
+                               ready=functools.partial(consumers, 1)):  # fmt: skip
+                [name_a] = await consumers(1)
+                async with process(script, "--redis", url, "--journal", journal_b,
+                                   ready=functools.partial(consumers, 2)):  # fmt: skip
+                    pass
+            names = await consumers(2)
+            assert len(set(names)) == 2, names
+
+            # A's process died after reading a message: a restart with A's journal finishes it.
+            request = {"prompt": "left by a", "model": "dall-e-2"}
+            added: Any = await redis.xadd("wujie:requests", {"request": json.dumps(request)})
+            await redis.xreadgroup("wujie-workers", name_a, {"wujie:requests": ">"})
+            async with process(
+                script, "--redis", url, "--journal", journal_a,
+                ready=functools.partial(_each_succeeded, redis, [added.decode()]),
+            ):  # fmt: skip
+                pass
+        finally:
             await redis.aclose()

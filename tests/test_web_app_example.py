@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -32,7 +33,7 @@ from .cli_helpers import (
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     served_emulator,
 )
-from .conftest import EmulatorFactory, make_client
+from .conftest import FAST_POLL, EmulatorFactory, make_client
 from .fleet_support import free_port, listening
 from .helpers import eventually
 from .hostile import ESCAPES, scripted_gateway, throwaway_credentials
@@ -325,3 +326,53 @@ async def test_events_bound_what_a_hostile_gateway_sends(tmp_path: Path) -> None
                 assert reply.status == 422  # K00003
                 assert len(await reply.read()) <= MAX_EVENT_BYTES
                 assert "PWNED" not in (await reply.json())["error"]
+
+
+async def test_a_key_listed_late_is_a_404_and_its_job_goes_on(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """A key this app paid for before a restart (journaled), which the gateway is slow to
+    list: GET answers 404, and the job is not cancelled: a request already waiting on it gets
+    its images, and its journal row ends ``succeeded``, not ``cancelled``."""
+    from wujie_async import JournalFile
+    from wujie_async.emulator import FaultConfig
+
+    example = load_example()
+    journal = tmp_path / "app.sqlite"
+    clients: list[WujieClient] = []
+
+    # The client gives a key the gateway does not list 10 s (the app's lookup: 0.2 s).
+    poll = dataclasses.replace(FAST_POLL, unknown_key_grace=10.0)
+
+    def client_factory() -> WujieClient:
+        clients.append(make_client(emu, journal=journal, poll=poll))
+        return clients[-1]
+
+    late = FaultConfig(absent_jobs=1.0, absent_s=1.5)
+    async with emulator(
+        time_scale=1.0, job_seconds=(2.0, 2.0), queued_share=(0, 0), faults=late
+    ) as emu:
+        async with make_client(emu, journal=journal) as before_restart:
+            key = (await before_restart.images.submit(prompt="paid", model="dall-e-2")).key
+        runner = web.AppRunner(
+            example.create_app(client_factory, lookup_seconds=0.2), access_log=None
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            [client] = clients
+            waiting = asyncio.create_task(client.images.attach(key).result(timeout=READ_S))
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+                http.get(f"{base}/jobs/{key}") as reply,
+            ):
+                assert reply.status == 404, await reply.text()
+            result = await asyncio.wait_for(waiting, READ_S)
+            assert result.key == key and len(result.images) == 1
+        finally:
+            async with asyncio.timeout(KILL_GRACE_S):
+                await runner.cleanup()
+    async with JournalFile(journal) as rows:
+        assert [(row.job_key, row.state) for row in await rows.entries()] == [(key, "succeeded")]
