@@ -396,6 +396,20 @@ async def _workers(*workers: Any) -> AsyncIterator[None]:
             await asyncio.gather(*tasks)
 
 
+@contextlib.asynccontextmanager
+async def _journaled_worker(
+    qc: Any, redis: Any, emu: Any, tmp_path: Path
+) -> AsyncIterator[WujieClient]:
+    """One example Worker ("worker-x") on a journaled client of ``emu``, running."""
+    async with (
+        WujieClient(
+            emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite", poll=FAST_POLL
+        ) as client,
+        _workers(qc.Worker(redis, client, "worker-x")),
+    ):
+        yield client
+
+
 @pytest.mark.long
 async def test_queue_consumer_handles_a_message_handed_twice_at_once_once(
     tmp_path: Path, emulator: EmulatorFactory
@@ -442,13 +456,7 @@ async def test_queue_consumer_reads_its_whole_pending_list_at_start(
         redis = aioredis.from_url(url)
         try:
             message_ids = await _pending_for(redis, "worker-x", 150)
-            async with (
-                WujieClient(
-                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
-                    poll=FAST_POLL,
-                ) as client,
-                _workers(qc.Worker(redis, client, "worker-x")),
-            ):  # fmt: skip
+            async with _journaled_worker(qc, redis, emu, tmp_path):
                 await eventually(
                     functools.partial(_each_succeeded, redis, message_ids),
                     what="every pending message succeeded",
@@ -477,13 +485,7 @@ async def test_queue_consumer_retries_refused_submits_while_it_runs(
         redis = aioredis.from_url(url)
         try:
             await redis.delete(qc.REQUESTS, qc.RESULTS)
-            async with (
-                WujieClient(
-                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
-                    poll=FAST_POLL,
-                ) as client,
-                _workers(qc.Worker(redis, client, "worker-x")),
-            ):  # fmt: skip
+            async with _journaled_worker(qc, redis, emu, tmp_path) as client:
                 message_ids = []
                 for i in range(5):
                     request = {"prompt": f"refused {i}", "model": "dall-e-2"}
@@ -526,13 +528,7 @@ async def test_queue_consumer_publishes_a_result_redis_refused_at_first(
                                 channels=["*"], commands=["+@all"])  # fmt: skip
         redis = aioredis.from_url(f"redis://worker:pw@127.0.0.1:{server.port}/0")
         try:
-            async with (
-                WujieClient(
-                    emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite",
-                    poll=FAST_POLL,
-                ) as client,
-                _workers(qc.Worker(redis, client, "worker-x")),
-            ):  # fmt: skip
+            async with _journaled_worker(qc, redis, emu, tmp_path):
                 request = {"prompt": "paid for once", "model": "dall-e-2"}
                 added: Any = await admin.xadd(qc.REQUESTS, {"request": json.dumps(request)})
 
