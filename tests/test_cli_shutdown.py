@@ -38,6 +38,14 @@ from .helpers import eventually, freezable_disk, freeze, full_disk
 pytestmark = pytest.mark.anyio
 
 
+# The embedded emulator's flags that hold every submit's reply 30 s (a submit on the wire).
+_HELD_SUBMITS = [
+    flag
+    for fault in ("slow_reply=1", "slow_reply_s=30", "endpoints=generations")
+    for flag in ("--emulator-fault", fault)
+]
+
+
 async def _accepted(emu: Served) -> int:
     return int((await emu.stats())["submits_accepted"])
 
@@ -444,9 +452,7 @@ async def test_ctrl_c_pressed_until_the_summary_comes_never_kills_it(tmp_path: P
     KeyboardInterrupt, and the command said only "interrupted", its summary never printed."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a fox\nan owl\n")
-    faults = ("slow_reply=1", "slow_reply_s=30", "endpoints=generations")
-    held = [flag for fault in faults for flag in ("--emulator-fault", fault)]
-    bulk = ["bulk", str(prompts), "-o", str(tmp_path / "out"), "--emulator", *held]
+    bulk = ["bulk", str(prompts), "-o", str(tmp_path / "out"), "--emulator", *_HELD_SUBMITS]
     async with running_cli(*bulk, *_TWO_PROGRESS_LINES) as run:
         if not isinstance(run, ForkedCli):
             pytest.skip("needs the CLI's stderr while it runs (the fork server)")
@@ -541,10 +547,8 @@ async def test_ctrl_c_pressed_until_a_resends_summary_comes_never_kills_it(
     out = tmp_path / "out"
     async with served_emulator(tmp_path) as emu:
         await _an_uncertain_row(emu, out, tmp_path)
-    faults = ("slow_reply=1", "slow_reply_s=30", "endpoints=generations")
-    held = [flag for fault in faults for flag in ("--emulator-fault", fault)]
     resend = ["journal", "resend", "--all-uncertain", "--yes", "-o", str(out), "--emulator"]
-    async with running_cli(*resend, *held) as run:
+    async with running_cli(*resend, *_HELD_SUBMITS) as run:
         if not isinstance(run, ForkedCli):
             pytest.skip("needs the CLI's stderr while it runs (the fork server)")
         alive = proc_alive(run)
@@ -589,17 +593,8 @@ async def test_sigterm_again_in_a_resends_closing_waits_of_a_frozen_disk_names_t
                         lambda: _accepted_ge(emu, before + 1), what="a key", alive=alive
                     )
 
-                    def summary_or_again() -> bool:
-                        if "row(s):" in run.stderr().decode() or run.returncode is not None:
-                            return True
-                        run.send_signal(signal.SIGTERM)
-                        return False
-
-                    await eventually(
-                        summary_or_again,
-                        interval=0.1,
-                        what="the summary while the disk is frozen",
-                        timeout=TERM_GRACE_S + 5,
+                    await _again_until_summary(
+                        run, "row(s):", signal.SIGTERM, timeout=TERM_GRACE_S + 5
                     )
                     err = run.stderr().decode()
                 code, _, _ = await run.finish(20)
@@ -621,16 +616,24 @@ async def _ctrl_c_until(run: ForkedCli, summary: str) -> tuple[int | None, str]:
     alive = proc_alive(run)
     run.send_signal(signal.SIGINT)
     await eventually(lambda: "SIGINT: stopping" in run.stderr().decode(), alive=alive)
+    await _again_until_summary(run, summary, signal.SIGINT, timeout=20)
+    code, _, err = await run.finish(20)
+    return code, err
+
+
+async def _again_until_summary(
+    run: ForkedCli, summary: str, sig: signal.Signals, *, timeout: float
+) -> None:
+    """Send ``sig`` every 0.1 s until the summary (its ``summary`` words) is printed or the
+    process ended, within ``timeout`` seconds."""
 
     def summary_or_again() -> bool:
         if summary in run.stderr().decode() or run.returncode is not None:
             return True
-        run.send_signal(signal.SIGINT)
+        run.send_signal(sig)
         return False
 
-    await eventually(summary_or_again, interval=0.1, what="the summary", timeout=20)
-    code, _, err = await run.finish(20)
-    return code, err
+    await eventually(summary_or_again, interval=0.1, what="the summary", timeout=timeout)
 
 
 @pytest.mark.long
