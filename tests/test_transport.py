@@ -41,7 +41,13 @@ from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport
 from .helpers import GENERATIONS, INFO
-from .hostile import BOMB_INFLATED, gzip_bomb, hostile_gateway, recording_gateway
+from .hostile import (
+    BOMB_INFLATED,
+    HostileGateway,
+    gzip_bomb,
+    hostile_gateway,
+    recording_gateway,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -303,13 +309,19 @@ def test_rate_limited_error_carries_retry_after() -> None:
     assert isinstance(ServerError("x"), Exception)
 
 
+def _journaled_client(gateway: HostileGateway, mode: str, tmp_path: Path) -> WujieClient:
+    """A client with a journal, on ``gateway``'s ``mode`` (instant retries)."""
+    creds = Credentials("wjhostile", unregistered_key())
+    base = f"{gateway.origin}/{mode}"
+    journal = tmp_path / "journal.sqlite"
+    return WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal)
+
+
 async def test_a_redirect_is_never_followed(tmp_path: Path) -> None:
     # A 307 to itself: a client that follows redirects POSTs (and pays) again and again.
     creds = Credentials("wjhostile", unregistered_key())
     async with recording_gateway() as gateway:
-        base = f"{gateway.origin}/redirect-self"
-        journal = tmp_path / "journal.sqlite"
-        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
+        async with _journaled_client(gateway, "redirect-self", tmp_path) as c:
             with pytest.raises(UnexpectedRedirectError) as info:
                 await c.images.submit(prompt="x", model="dall-e-2")
             assert gateway.hits["redirect-self"] == 1
@@ -429,11 +441,8 @@ async def test_a_4xx_a_proxy_sent_is_a_refusal_not_uncertain(mode: str, tmp_path
     """A proxy in front of the gateway refusing a body over its limit (nginx: 413 above 1 MB)
     made the submit "may have been charged" (uncertain, journaled so, held on the budget,
     never resent). A 4xx that is not the gateway's envelope never reached the gateway."""
-    creds = Credentials("wjhostile", unregistered_key())
     async with recording_gateway() as gateway:
-        base = f"{gateway.origin}/{mode}"
-        journal = tmp_path / "journal.sqlite"
-        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
+        async with _journaled_client(gateway, mode, tmp_path) as c:
             with pytest.raises(RequestRefusedError) as refused:
                 await c.images.submit(prompt="x", model="dall-e-2")
             # Systemic for 407 only: the proxy wants its own credentials from every request.
@@ -448,11 +457,8 @@ async def test_a_4xx_a_proxy_sent_is_a_refusal_not_uncertain(mode: str, tmp_path
 
 
 async def test_a_missing_route_is_rejected_not_uncertain(tmp_path: Path) -> None:
-    creds = Credentials("wjhostile", unregistered_key())
     async with recording_gateway() as gateway:
-        base = f"{gateway.origin}/not-found-html"
-        journal = tmp_path / "journal.sqlite"
-        async with WujieClient(creds, base_url=base, retry=INSTANT_RETRY, journal=journal) as c:
+        async with _journaled_client(gateway, "not-found-html", tmp_path) as c:
             with pytest.raises(EndpointNotFoundError):
                 await c.images.submit(prompt="x", model="dall-e-2")
             assert await c.uncertain_submits() == []
