@@ -279,6 +279,21 @@ def throwaway_credentials() -> Credentials:
 BatchScript = Callable[[list[str]], Any]
 
 
+def images_at(*urls: str) -> Callable[[list[str]], list[dict[str, Any]]]:
+    """A batch script: every job has succeeded, with images at ``urls``."""
+
+    def script(keys: list[str]) -> list[dict[str, Any]]:
+        images = [{"url": url} for url in urls]
+        return [{"key": key, "status": 4, "images": images} for key in keys]
+
+    return script
+
+
+def all_running(keys: list[str]) -> list[dict[str, Any]]:
+    """A batch script: every job is generating."""
+    return [{"key": key, "status": 1} for key in keys]
+
+
 @dataclass
 class ScriptedGateway:
     """A gateway whose batch replies a test writes (see :func:`scripted_gateway`).

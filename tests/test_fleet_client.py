@@ -39,7 +39,7 @@ from wujie_async.testing import INSTANT_RETRY
 from .conftest import FAST_POLL, EmulatorFactory
 from .fleet_support import any_redis, fleet_name, forget_fleet, free_port, member, own_redis
 from .helpers import eventually
-from .hostile import scripted_gateway, throwaway_credentials
+from .hostile import all_running, images_at, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -854,20 +854,14 @@ async def test_a_fleet_submit_given_an_earlier_jobs_key_is_uncertain_and_that_jo
     ``resume()`` collects the earlier job from its own row."""
     name = fleet_name()
 
-    def running(keys: list[str]) -> list[dict[str, object]]:
-        return [{"key": key, "status": 1} for key in keys]
-
-    def done(keys: list[str]) -> list[dict[str, object]]:
-        return [{"key": key, "status": 4, "images": [{"url": "https://cdn.example/a.png"}]}
-                for key in keys]  # fmt: skip
-
     def client_of(base_url: str) -> WujieClient:
         fleet = RedisFleet(url, name=name, lease_seconds=1.0, member_timeout=0.5)
         return WujieClient(
             throwaway_credentials(), base_url=base_url, retry=INSTANT_RETRY, fleet=fleet
         )
 
-    async with scripted_gateway(running) as first, client_of(first.base_url) as client:
+    done = images_at("https://cdn.example/a.png")
+    async with scripted_gateway(all_running) as first, client_of(first.base_url) as client:
         earlier = await client.images.submit(prompt="earlier", model="dall-e-2")
     async with scripted_gateway(done) as restarted, client_of(restarted.base_url) as client:
         with pytest.raises(SubmitUncertainError, match="earlier job in the journal"):

@@ -37,7 +37,7 @@ from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import eventually, freezable_disk, freeze
-from .hostile import scripted_gateway, throwaway_credentials
+from .hostile import all_running, images_at, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -546,19 +546,13 @@ async def test_a_key_the_journal_holds_on_an_earlier_row_is_refused_by_itself(
     (``SubmitUncertainError``, its row ``uncertain``), and the earlier row is resumed."""
     path = tmp_path / "jobs.sqlite"
 
-    def running(keys: list[str]) -> list[dict[str, object]]:
-        return [{"key": key, "status": 1} for key in keys]
-
-    def done(keys: list[str]) -> list[dict[str, object]]:
-        image = {"url": "https://cdn.example/a.png"}
-        return [{"key": key, "status": 4, "images": [image]} for key in keys]
-
     def client_of(base_url: str) -> WujieClient:
         return WujieClient(
             throwaway_credentials(), base_url=base_url, retry=INSTANT_RETRY, journal=path
         )
 
-    async with scripted_gateway(running) as first, client_of(first.base_url) as client:
+    done = images_at("https://cdn.example/a.png")
+    async with scripted_gateway(all_running) as first, client_of(first.base_url) as client:
         earlier = await client.images.submit(prompt="earlier", model="dall-e-2")
     async with scripted_gateway(done) as restarted, client_of(restarted.base_url) as client:
         with pytest.raises(SubmitUncertainError, match="earlier job in the journal") as refused:

@@ -30,7 +30,13 @@ from wujie_async.emulator._png import render_png
 from .cli_helpers import cli, cli_zygote, manifest  # noqa: F401  # (the zygote fixture)
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import eventually, full_disk, png_size
-from .hostile import ImageServer, image_server, scripted_gateway, throwaway_credentials
+from .hostile import (
+    ImageServer,
+    image_server,
+    images_at,
+    scripted_gateway,
+    throwaway_credentials,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -44,16 +50,6 @@ def names(folder: Path) -> list[str]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def images_at(*urls: str) -> Callable[[list[str]], list[dict[str, Any]]]:
-    """A batch script: every job has succeeded, with images at ``urls``."""
-
-    def script(keys: list[str]) -> list[dict[str, Any]]:
-        images = [{"url": url} for url in urls]
-        return [{"key": key, "status": 4, "images": images} for key in keys]
-
-    return script
 
 
 def inline_images(*texts: str) -> Callable[[list[str]], list[dict[str, Any]]]:
