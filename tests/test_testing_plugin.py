@@ -22,6 +22,22 @@ def guide_example() -> str:
     return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+async def run_users_pytest(project: Path, *options: str) -> tuple[int, str]:
+    """pytest in a user's project (no conftest): its return code and output. Without
+    pytest-asyncio's options, it is disabled, as for a user who has only anyio's plugin."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "WUJIE_"))}
+    if not any("asyncio" in option for option in options):
+        options = ("-p", "no:asyncio", *options)
+    with anyio.fail_after(120):
+        done = await anyio.run_process(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+             "-p", "no:looptime_plugin",  # a dev tool of ours (it wants pytest-asyncio)
+             *options, "--rootdir", str(project), str(project)],
+            cwd=project, env=env, check=False,
+        )  # fmt: skip
+    return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
 @pytest.mark.long
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 async def test_a_users_project_without_conftest_gets_the_fixtures(
@@ -34,17 +50,73 @@ async def test_a_users_project_without_conftest_gets_the_fixtures(
     )
     assert "seed=" in example
     (tmp_path / "test_user.py").write_text(example)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "WUJIE_"))}
-    with anyio.fail_after(120):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--strict-markers",
-             "-p", "no:looptime_plugin",  # a dev tool of ours (it wants pytest-asyncio)
-             "-W", "error", "--rootdir", str(tmp_path), str(tmp_path)],
-            cwd=tmp_path, env=env, check=False,
-        )  # fmt: skip
-    output = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode == 0, output
+    returncode, output = await run_users_pytest(tmp_path, "--strict-markers", "-W", "error")
+    assert returncode == 0, output
     assert "3 passed" in output, output
+
+
+# A user's tests on pytest-asyncio, in the spellings each of its modes takes.
+ASYNCIO_TESTS = """\
+import pytest
+
+from wujie_async import JobFailedError
+from wujie_async.emulator import FaultConfig
+
+MARK = {mark}
+
+
+@MARK
+async def test_fox(wujie_client):
+    result = await wujie_client.images.generate(prompt="a fox", model="dall-e-2", n=2)
+    assert len(result.images) == 2
+
+
+@MARK
+@pytest.mark.wujie_emulator(faults=FaultConfig(fail_jobs=1.0))
+async def test_a_failing_gateway(wujie_emulator, wujie_client):
+    with pytest.raises(JobFailedError):
+        await wujie_client.images.generate(prompt="a fox", model="dall-e-2")
+    assert wujie_emulator.stats()["submits_accepted"] == 1
+"""
+
+
+@pytest.mark.long
+@pytest.mark.parametrize(
+    ("mode", "mark"),
+    [
+        ("strict", "pytest.mark.asyncio"),
+        ("auto", "pytest.mark.asyncio"),
+        ("auto", "lambda test: test"),  # auto mode's tests need no mark
+        ("strict", "pytest.mark.anyio"),  # anyio's plugin beside pytest-asyncio
+    ],
+)
+async def test_the_fixtures_run_on_pytest_asyncios_loop(
+    tmp_path: Path, mode: str, mark: str
+) -> None:
+    """A test pytest-asyncio runs gets a client on its own loop (anyio's plugin ran the
+    fixtures on another, and every call raised "this client belongs to another event loop")."""
+    (tmp_path / "test_user.py").write_text(ASYNCIO_TESTS.format(mark=mark))
+    returncode, output = await run_users_pytest(
+        tmp_path, "-p", "asyncio", "-o", f"asyncio_mode={mode}",
+        "-o", "asyncio_default_fixture_loop_scope=function", "--strict-markers", "-W", "error",
+    )  # fmt: skip
+    assert returncode == 0, output
+    assert "2 passed" in output, output
+
+
+@pytest.mark.long
+async def test_a_test_two_plugins_would_run_is_told_so(tmp_path: Path) -> None:
+    """In pytest-asyncio's auto mode a test marked anyio is run by pytest-asyncio, its fixtures
+    by anyio's plugin: the error says so and what to change, not "another event loop"."""
+    (tmp_path / "test_user.py").write_text(ASYNCIO_TESTS.format(mark="pytest.mark.anyio"))
+    returncode, output = await run_users_pytest(
+        tmp_path, "-p", "asyncio", "-o", "asyncio_mode=auto",
+        "-o", "asyncio_default_fixture_loop_scope=function",
+    )  # fmt: skip
+    assert returncode != 0, output
+    assert "2 errors" in output, output
+    assert "drop @pytest.mark.anyio" in output, output
+    assert "another event loop;" not in output, output
 
 
 @pytest.mark.anyio
@@ -98,15 +170,8 @@ async def test_a_wrong_marker_fails_the_test_where_it_is_written(tmp_path: Path)
         "@pytest.mark.wujie_emulator(faults={'fail_jobs': 2})\n"
         "async def test_a_fault_out_of_range(wujie_client):\n    pass\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "WUJIE_"))}
-    with anyio.fail_after(120):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-             "-p", "no:looptime_plugin", "--rootdir", str(tmp_path), str(tmp_path)],
-            cwd=tmp_path, env=env, check=False,
-        )  # fmt: skip
-    output = done.stdout.decode() + done.stderr.decode()
-    assert done.returncode != 0, output
+    returncode, output = await run_users_pytest(tmp_path)
+    assert returncode != 0, output
     assert "not by position: got (0.05,)" in output, output
     assert "time_scale: expected a finite number, got 'fast'" in output, output
     assert "unexpected keyword argument 'fail_jobs'" in output, output

@@ -22,20 +22,30 @@ Fixtures:
   on the emulator's time scale (:func:`poll_for`: :data:`FAST_POLL` at the default scale) with
   instant retries (:data:`INSTANT_RETRY`).
 
-The fixtures are async: the tests run under anyio's pytest plugin (``@pytest.mark.anyio``,
-shipped with anyio) on asyncio, which aiohttp needs.
+The fixtures are async and run on the loop of the plugin that runs the test: anyio's pytest
+plugin (``@pytest.mark.anyio``, shipped with anyio) on asyncio, which aiohttp needs, or
+pytest-asyncio (``@pytest.mark.asyncio``, or no mark in its auto mode). A test marked anyio
+that pytest-asyncio runs too (its auto mode) fails with an error saying to drop the anyio mark.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
-from typing import Any
+import importlib
+from collections.abc import AsyncIterator, Callable
+from types import ModuleType
+from typing import Any, TypeVar, cast
 
 import pytest
 
 from . import InvalidRequestError, PollPolicy, RetryPolicy, WujieClient
 from .emulator import Emulator, EmulatorConfig, fault_config_from_mapping
+
+_pytest_asyncio: ModuleType | None
+try:  # an optional runner of async tests; anyio's plugin (anyio ships it) is the other
+    _pytest_asyncio = importlib.import_module("pytest_asyncio")
+except ImportError:  # without it, anyio's plugin runs the fixtures
+    _pytest_asyncio = None
 
 __all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY", "poll_for"]
 
@@ -64,16 +74,46 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-@pytest.fixture
-async def wujie_emulator(
-    request: pytest.FixtureRequest, anyio_backend: Any
-) -> AsyncIterator[Emulator]:
-    """An emulator of the gateway on loopback, for this test (see the module docstring)."""
+_Fixture = TypeVar("_Fixture", bound=Callable[..., Any])
+
+
+def _async_fixture(function: _Fixture) -> _Fixture:
+    # Async fixtures run on the loop of whichever plugin runs the test: anyio's takes every
+    # async fixture of a test that has its `anyio_backend` (a test marked anyio), pytest-asyncio
+    # those it knows of (`pytest_asyncio.fixture`, or any in its auto mode) for the tests it runs.
+    # Asking for `anyio_backend` here would hand them to anyio's loop in a test pytest-asyncio
+    # runs on its own: a client bound to another loop than the test's.
+    fixture = pytest.fixture if _pytest_asyncio is None else _pytest_asyncio.fixture
+    return cast(_Fixture, fixture(function))
+
+
+def _check_runner(request: pytest.FixtureRequest) -> None:
+    """Skip a test on another anyio backend than asyncio; refuse a test that two plugins run."""
+    if "anyio_backend" not in request.fixturenames:
+        return  # pytest-asyncio runs this test and its fixtures
+    anyio_backend = request.getfixturevalue("anyio_backend")
     backend = anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
     if backend != "asyncio":
         pytest.skip(
             "wujie_async runs on asyncio (aiohttp): this test's anyio backend is " + backend
         )
+    if (
+        request.config.pluginmanager.hasplugin("asyncio")
+        and request.node.get_closest_marker("asyncio") is not None
+    ):
+        raise pytest.UsageError(
+            "this test is marked anyio, and pytest-asyncio runs it too (it is marked asyncio, "
+            "or asyncio_mode is auto): anyio's plugin runs its async fixtures, so wujie_client "
+            "would be bound to another event loop than the test's. Let one plugin run it: drop "
+            "@pytest.mark.anyio (pytest-asyncio then runs wujie_emulator and wujie_client too), "
+            "or keep it and set asyncio_mode = strict"
+        )
+
+
+@_async_fixture
+async def wujie_emulator(request: pytest.FixtureRequest) -> AsyncIterator[Emulator]:
+    """An emulator of the gateway on loopback, for this test (see the module docstring)."""
+    _check_runner(request)
     marker = request.node.get_closest_marker("wujie_emulator")
     settings: dict[str, Any] = {"time_scale": DEFAULT_TIME_SCALE, "seed": 0}
     if marker is not None:
@@ -119,7 +159,7 @@ def poll_for(time_scale: float) -> PollPolicy:
     )
 
 
-@pytest.fixture
+@_async_fixture
 async def wujie_client(wujie_emulator: Emulator) -> AsyncIterator[WujieClient]:
     """An open client bound to ``wujie_emulator`` (see the module docstring)."""
     async with WujieClient(
