@@ -91,12 +91,23 @@ def _checked_extra_body(extra: Any) -> dict[str, Any]:
             ]
         )
     try:
-        json.dumps(extra, allow_nan=False)
+        text = json.dumps(extra, allow_nan=False, ensure_ascii=False)
         plain = True
     except (TypeError, ValueError):
         plain = False
     if not plain:
         raise InvalidRequestError([("extra_body", "must hold JSON values only (finite numbers)")])
+    try:  # a lone surrogate passes json.dumps (as "\udc80") but is no UTF-8 to send
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(
+            [
+                (
+                    "extra_body",
+                    "must hold text encodable as UTF-8 (no lone surrogates such as '\\ud800')",
+                )
+            ]
+        ) from None
     return dict(extra)
 
 
