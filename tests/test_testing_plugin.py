@@ -176,3 +176,32 @@ async def test_a_wrong_marker_fails_the_test_where_it_is_written(tmp_path: Path)
     assert "time_scale: expected a finite number, got 'fast'" in output, output
     assert "unexpected keyword argument 'fail_jobs'" in output, output
     assert "faults.fail_jobs: " in output, output  # as faults=FaultConfig(...) names it
+
+
+@pytest.mark.long
+async def test_a_test_that_leaves_jobs_running_is_warned(tmp_path: Path) -> None:
+    """A test that submits and never awaits passes with a warning naming its job (it passed
+    in silence: closing the client cancelled the paid job); one that awaits, cancels on
+    purpose, or failed anyway gets none."""
+    (tmp_path / "test_user.py").write_text(
+        "import pytest\n"
+        "pytestmark = pytest.mark.anyio\n\n"
+        "async def test_forgot(wujie_client):\n"
+        "    job = await wujie_client.images.submit(prompt='a fox', model='dall-e-2')\n"
+        "    print('KEY', job.key)\n\n"
+        "async def test_awaited(wujie_client):\n"
+        "    await (await wujie_client.images.submit(prompt='a fox', model='dall-e-2'))\n\n"
+        "async def test_cancelled_on_purpose(wujie_client):\n"
+        "    (await wujie_client.images.submit(prompt='a fox', model='dall-e-2')).cancel()\n\n"
+        "async def test_failed_anyway(wujie_client):\n"
+        "    await wujie_client.images.submit(prompt='a fox', model='dall-e-2')\n"
+        "    assert False, 'the test failed'\n"
+    )
+    returncode, output = await run_users_pytest(tmp_path, "-rA")
+    assert returncode == 1, output
+    assert "1 failed, 3 passed, 1 warning" in output, output
+    key = output.split("KEY ", 1)[1].split()[0]
+    assert (
+        f"UnawaitedJobsWarning: test_user.py::test_forgot[asyncio] ended with 1 job(s) of "
+        f"wujie_client still running ({key})"
+    ) in output, output

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import warnings
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any, TypeVar, cast
@@ -47,7 +48,7 @@ try:  # an optional runner of async tests; anyio's plugin (anyio ships it) is th
 except ImportError:  # without it, anyio's plugin runs the fixtures
     _pytest_asyncio = None
 
-__all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY", "poll_for"]
+__all__ = ["DEFAULT_TIME_SCALE", "FAST_POLL", "INSTANT_RETRY", "UnawaitedJobsWarning", "poll_for"]
 
 DEFAULT_TIME_SCALE = 0.01
 """The emulator's default time scale in these fixtures."""
@@ -159,9 +160,30 @@ def poll_for(time_scale: float) -> PollPolicy:
     )
 
 
+# Set on a test whose body failed: its jobs left running are no news then.
+_TEST_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if call.when == "call" and call.excinfo is not None:
+        item.stash[_TEST_FAILED] = True
+    return report
+
+
+class UnawaitedJobsWarning(pytest.PytestWarning):
+    """A test ended with jobs of ``wujie_client`` still running: nobody awaited them (their
+    results, or their errors, went unseen); closing the client cancels them."""
+
+
 @_async_fixture
-async def wujie_client(wujie_emulator: Emulator) -> AsyncIterator[WujieClient]:
-    """An open client bound to ``wujie_emulator`` (see the module docstring)."""
+async def wujie_client(
+    request: pytest.FixtureRequest, wujie_emulator: Emulator
+) -> AsyncIterator[WujieClient]:
+    """An open client bound to ``wujie_emulator`` (see the module docstring). A test that passes
+    with jobs still running (submitted and never awaited) gets an :class:`UnawaitedJobsWarning`
+    naming them."""
     async with WujieClient(
         wujie_emulator.credentials,
         base_url=wujie_emulator.base_url,
@@ -169,3 +191,15 @@ async def wujie_client(wujie_emulator: Emulator) -> AsyncIterator[WujieClient]:
         retry=INSTANT_RETRY,
     ) as client:
         yield client
+        running = client.jobs()
+        if running and not request.node.stash.get(_TEST_FAILED, False):
+            keys = ", ".join(job.key for job in running[:5])
+            more = f" and {len(running) - 5} more" if len(running) > 5 else ""
+            warnings.warn(
+                UnawaitedJobsWarning(
+                    f"{request.node.nodeid} ended with {len(running)} job(s) of wujie_client "
+                    f"still running ({keys}{more}): await them (or job.cancel() those the "
+                    "test leaves on purpose); closing the client cancels them"
+                ),
+                stacklevel=1,
+            )
