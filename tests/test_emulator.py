@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from wujie_async import Credentials, WujieClient
 from wujie_async.emulator import DOWNSCALE, Emulator, EmulatorConfig, FaultConfig
 
-from .conftest import EmulatorFactory
+from .conftest import EmulatorFactory, make_client
 from .helpers import EDITS, GENERATIONS, INFO, png_size, raw_get, raw_post, sign_header
 
 pytestmark = pytest.mark.anyio
@@ -905,3 +906,21 @@ def test_a_fault_setting_that_would_quietly_be_another_fault_is_refused(
     with pytest.raises(InvalidRequestError) as by_name:
         fault_config_from_mapping(as_json)  # the control endpoint's and the CLI's way in
     assert by_name.value.field == named
+
+
+async def test_the_emulator_charges_what_its_guide_says(emulator: EmulatorFactory) -> None:
+    """A budget test is written against the emulator's prices: the guide gives them."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "emulator.md").read_text()
+    text = " ".join(guide.split())
+    found = re.search(
+        r"per image (\d+) for gpt-image-1, (\d+) for dall-e-3 and (\d+) for dall-e-2", text
+    )
+    assert found is not None, "the emulator guide gives no prices"
+    models = ["gpt-image-1", "dall-e-3", "dall-e-2"]
+    prices = dict(zip(models, map(int, found.groups()), strict=True))
+    async with emulator() as emu, make_client(emu) as client:
+        for model, price in prices.items():
+            n = 1 if model == "dall-e-3" else 3
+            job = await client.images.submit(prompt="a fox", model=model, n=n, size="1024x1024")
+            await job
+            assert job.points_charged == n * price, model
