@@ -367,3 +367,23 @@ def test_wrapped_base64_is_refused_with_the_reason() -> None:
     with pytest.raises(InvalidRequestError) as info:
         EditRequest.build({"prompt": "x", "model": "gpt-image-1", "image": [wrapped]})
     assert info.value.field == "image[0]" and "no line breaks" in info.value.rule
+
+
+async def test_an_image_index_or_a_download_of_another_type_is_named(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """``job.image("0")`` raised a bare TypeError, ``job.image(True)`` took True for 1, and
+    ``client.download(None, ...)`` an AttributeError: each is now named, as fields are."""
+    async with emulator() as emu, make_client(emu) as client:
+        job = await client.images.submit(**CAT, n=2)
+        for index in ("0", 1.0, True, None):
+            with pytest.raises(InvalidRequestError) as caught:
+                await job.image(index)  # type: ignore[arg-type]
+            assert _names(caught.value) == ["index"]
+        for image in (None, "https://example.com/a.png", {"url": "https://example.com/a.png"}):
+            with pytest.raises(InvalidRequestError) as caught:
+                await client.download(image, tmp_path / "a.{ext}")  # type: ignore[arg-type]
+            assert _names(caught.value) == ["image"]
+        assert list(tmp_path.iterdir()) == []
+        assert (await job.image(1)).index == 1
+        job.cancel()

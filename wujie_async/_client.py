@@ -929,13 +929,18 @@ class WujieClient:
             key: the image's job key, for the log and traces (optional).
 
         Raises:
-            InvalidRequestError: the URL, or a redirect's target, is refused.
+            InvalidRequestError: ``image`` is no ``GeneratedImage``; the URL, or a redirect's
+                target, is refused.
             ProtocolError: not an image, too large, no URL nor ``b64_json``, or the server
                 refused it.
             TransportError: it could not be fetched in time, after its retries.
             ClientStateError: the client is not open.
             OSError: the file could not be written.
         """
+        if not isinstance(image, GeneratedImage):
+            raise InvalidRequestError(
+                [("image", "must be a GeneratedImage (job.images[i], or await job.image(i))")]
+            )
         self._check_open()
         return await self._downloader.save(image, path, key=key)
 

@@ -18,7 +18,13 @@ from typing import Any, Protocol
 
 from ._config import check_wait
 from ._contract import JobStatus, job_status
-from ._errors import ClientStateError, IncompleteJobError, JobCancelledError, JobError
+from ._errors import (
+    ClientStateError,
+    IncompleteJobError,
+    InvalidRequestError,
+    JobCancelledError,
+    JobError,
+)
 from ._file_names import DEFAULT_NAME
 from ._models import JobInfo
 from ._results import GeneratedImage, ImageResult, SavedImage
@@ -403,8 +409,11 @@ class ImageJob:
             IndexError: the job has fewer images.
             IncompleteJobError: the gateway reported the job done without this image.
             JobError: the job ended without this image.
-            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0.
+            InvalidRequestError: ``index`` is not an int, or ``timeout`` is not a finite
+                number of seconds >= 0.
         """
+        if not isinstance(index, int) or isinstance(index, bool):  # not "1", 1.0 nor True
+            raise InvalidRequestError([("index", "must be an int (the image's position)")])
         timeout = check_wait("timeout", timeout)
         if index < 0 or (self.n is not None and index >= self.n):
             raise IndexError(f"job {self.key} has {self.n} image(s); index {index} is out of range")
