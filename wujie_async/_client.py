@@ -897,11 +897,18 @@ class WujieClient:
         loop = self._check_open()
         deadline = None if timeout is None else loop.time() + timeout
         try:
-            for _ in pending:
+            for yielded in range(len(pending)):
                 # The deadline wraps each wait only: a timeout scope held across ``yield``
                 # would fire inside the caller's loop body instead.
-                with anyio.fail_after(None if deadline is None else deadline - loop.time()):
-                    job = await finished.get()
+                try:
+                    with anyio.fail_after(None if deadline is None else deadline - loop.time()):
+                        job = await finished.get()
+                except TimeoutError:
+                    running = len(pending) - yielded
+                    raise TimeoutError(
+                        f"as_completed: {running} of {len(pending)} jobs still running after "
+                        f"its timeout of {timeout} s (the jobs go on: await or cancel them)"
+                    ) from None
                 yield job
         finally:
             for job, handle in handles:
