@@ -464,10 +464,13 @@ class Recorder:
         if status is not None:
             attributes["http.response.status_code"] = status
         error_type = None
-        if error is not None:
+        if error is not None and not isinstance(error, asyncio.CancelledError):
             # The HTTP conventions: the status code when the reply says error, else its type.
+            # An attempt cut short by a cancellation (the client closing: every deploy) did
+            # not fail: no error.type, on the span or the duration metric.
             error_type = str(status) if status is not None and status >= 400 else None
-            attributes["error.type"] = error_type or type(error).__name__
+            error_type = error_type or type(error).__name__
+            attributes["error.type"] = error_type
         instruments = self.instruments
         if instruments is not None:
             instruments.http_duration.record(seconds, attributes)
@@ -512,8 +515,11 @@ class Recorder:
         """It ended: ``size`` bytes saved, or ``error``."""
         instruments = self.instruments
         if instruments is not None:
-            attributes = {"wujie.download.outcome": "ok" if error is None else "error"}
-            if error is not None:
+            # A save whose caller gave up (or whose client closed) did not fail: cancelled.
+            cancelled = isinstance(error, asyncio.CancelledError)
+            said = "ok" if error is None else "cancelled" if cancelled else "error"
+            attributes = {"wujie.download.outcome": said}
+            if error is not None and not cancelled:
                 attributes["error.type"] = type(error).__name__
             instruments.downloads.add(1, attributes)
             instruments.download_duration.record(seconds, attributes)
