@@ -25,6 +25,7 @@ from wujie_async import (
     AuthenticationError,
     Credentials,
     GeneratedImage,
+    JobTimeoutError,
     PollPolicy,
     RetryPolicy,
     SensitivePromptError,
@@ -249,6 +250,29 @@ async def test_a_call_or_save_cut_short_is_no_error_in_http_or_download_metrics(
             held = point.attributes or {}
             assert held.get("wujie.download.outcome") == "cancelled", held
             assert "error.type" not in held, held
+
+
+async def test_points_of_a_job_whose_wait_timed_out_are_counted_once_when_it_ends(
+    otel: Otel,
+) -> None:
+    """A gateway that reports integral_cost while the job runs (points taken up front): the
+    job's wait times out (the job runs on), an attach collects it later. Its points are
+    counted once, when it ends, as client.stats counts them."""
+    ended = asyncio.Event()
+
+    def script(keys: list[str]) -> list[dict[str, Any]]:
+        status = 4 if ended.is_set() else 1
+        images = [{"url": "https://img.example/1.png"}] if ended.is_set() else []
+        return [{"key": k, "status": status, "integral_cost": 8, "images": images} for k in keys]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        job = await client.images.submit(prompt="p", model="dall-e-2", job_timeout=0.2)
+        with pytest.raises(JobTimeoutError):
+            await job
+        ended.set()
+        await client.images.attach(job.key, n=1)
+        assert client.stats.points_charged == 8
+    assert otel.total("wujie.points.charged") == 8
 
 
 async def test_a_refused_submit_ends_its_job_span_with_the_error(

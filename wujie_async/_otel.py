@@ -376,7 +376,9 @@ class Recorder:
             attributes = {"wujie.job.status": status, "wujie.job.model": job.model}
             instruments.jobs_ended.add(1, attributes)
             instruments.job_duration.record(seconds, attributes)
-            if points is not None and points > 0:
+            # A wait that timed out did not end the job (it runs on, and whoever attaches it
+            # counts its points when it ends): counted now too, they would count twice.
+            if points is not None and points > 0 and status != "timed_out":
                 instruments.points.add(points, {"wujie.job.model": job.model})
             if lateness is not None:
                 instruments.lateness.record(max(0.0, lateness), {"wujie.job.model": job.model})
