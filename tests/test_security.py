@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import html
@@ -47,7 +48,7 @@ from wujie_async._transport import Transport
 
 from .cli_helpers import cli
 from .conftest import FAST_POLL, INSTANT_RETRY
-from .helpers import GENERATIONS, INFO
+from .helpers import GENERATIONS, INFO, eventually
 from .hostile import (
     ESCAPES,
     gzip_bomb,
@@ -360,6 +361,46 @@ async def test_no_error_chain_reaches_the_signed_header(
                 assert secret not in text, f"the signed header is reachable: {text[:200]!r}"
         if mode is None:
             assert "Connection refused" in str(info.value)  # the OS reason is kept
+
+
+def _every_frame_local(error: BaseException) -> Iterator[tuple[str, str]]:
+    """(function, repr of a local) for every frame of ``error``'s traceback and its chain,
+    aiohttp's too: an error tracker that records frame locals records them all (but this
+    test file's own, which hold the secrets looked for)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        stack += [item.__cause__, item.__context__]
+        tb = item.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename != __file__:
+                for value in tb.tb_frame.f_locals.values():
+                    yield tb.tb_frame.f_code.co_name, repr(value)
+            tb = tb.tb_next
+
+
+async def test_a_submit_cancelled_on_the_wire_keeps_no_signature_in_its_traceback() -> None:
+    """A request handler whose browser went away cancels its submit on the wire: the
+    CancelledError it gets (which a framework may log with its frames' locals) keeps no frame
+    whose locals hold the signed header (aiohttp's request frame has it in ``headers``)."""
+    creds = credentials()
+    async with recording_gateway() as gateway:
+        async with WujieClient(creds, base_url=f"{gateway.origin}/slow") as client:
+            submit = asyncio.ensure_future(client.images.submit(prompt="x", model="dall-e-2"))
+            await eventually(lambda: gateway.hits["slow"] == 1)
+            submit.cancel()
+            with pytest.raises(asyncio.CancelledError) as info:
+                await submit
+        secrets = _secrets(creds, gateway.authorizations)
+    found = list(_every_frame_local(info.value))
+    assert found  # the frames were looked at
+    for function, text in found:
+        for secret in secrets:
+            assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
 
 
 @pytest.mark.parametrize(

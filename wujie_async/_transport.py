@@ -640,8 +640,11 @@ class Transport:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
 
         The Authorization header is built in the call expression, so no local of this frame
-        holds it, nor the response (whose ``request_info`` does).
+        holds it, nor the response (whose ``request_info`` does). A cancellation on the wire
+        is raised afresh from here, as for errors: aiohttp's frames under it hold the header
+        in their locals (``headers``), and a traceback keeps those frames.
         """
+        cancelled: asyncio.CancelledError | None = None
         try:
             async with self.session.post(
                 url,
@@ -673,6 +676,11 @@ class Transport:
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
             return TransportError(f"no complete reply from {url}: {reason}", reached_server=True)
+        except asyncio.CancelledError as exc:
+            # Same message (anyio tells its own cancels by it); no traceback into aiohttp.
+            cancelled = asyncio.CancelledError(*exc.args)
+            reply = None  # its request_info holds the header: not kept by this frame
+        raise cancelled  # outside the except block: the original rides in no __context__
 
     async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | ResponseTooLargeError:
         """The reply body, decoded; an error once its DECODED size passes the cap.
