@@ -30,6 +30,7 @@ import wujie_async
 from wujie_async import (
     APIError,
     BusinessError,
+    ClientStateError,
     Credentials,
     DownloadPolicy,
     InvalidRequestError,
@@ -47,7 +48,7 @@ from wujie_async._auth import HeaderSigner
 from wujie_async._transport import Transport
 
 from .cli_helpers import cli
-from .conftest import FAST_POLL, INSTANT_RETRY
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .helpers import GENERATIONS, INFO, eventually
 from .hostile import (
     ESCAPES,
@@ -401,6 +402,32 @@ async def test_a_submit_cancelled_on_the_wire_keeps_no_signature_in_its_tracebac
     for function, text in found:
         for secret in secrets:
             assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
+
+
+async def test_a_session_closed_under_the_client_is_a_typed_error_with_no_signature(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app's shutdown closes its own aiohttp session before the client: a submit raised
+    aiohttp's RuntimeError, and the poller logged it with a traceback, both keeping aiohttp's
+    request frame (its ``headers`` local holds the signed header). Now a ClientStateError
+    (still a RuntimeError) and a WARNING without a traceback."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with emulator() as emu:
+        session = aiohttp.ClientSession()
+        async with make_client(emu, session=session) as client:
+            await client.images.submit(prompt="x", model="dall-e-2")  # the poller asks about it
+            await session.close()
+            with pytest.raises(ClientStateError, match="session given to the client") as closed:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            await eventually(
+                lambda: any("batch query of 1 keys failed" in r.message for r in caplog.records)
+            )
+    secrets = _secrets(emu.credentials, [])
+    for function, text in _every_frame_local(closed.value):
+        for secret in secrets:
+            assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
+    logged = [record.exc_info for record in caplog.records if record.exc_info]
+    assert not logged, logged  # a typed failure: no traceback logged
 
 
 @pytest.mark.parametrize(

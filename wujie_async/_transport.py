@@ -645,6 +645,7 @@ class Transport:
         in their locals (``headers``), and a traceback keeps those frames.
         """
         cancelled: asyncio.CancelledError | None = None
+        unexpected: Exception | None = None
         try:
             async with self.session.post(
                 url,
@@ -680,6 +681,27 @@ class Transport:
             # Same message (anyio tells its own cancels by it); no traceback into aiohttp.
             cancelled = asyncio.CancelledError(*exc.args)
             reply = None  # its request_info holds the header: not kept by this frame
+        except Exception as exc:
+            # Not a failed exchange: a session closed under the client (the caller's own, its
+            # app's shutdown closing it first), or a bug. Raised from here either way, never
+            # with aiohttp's frames, whose locals hold the header.
+            if self.session.closed:
+                closed = ClientStateError(
+                    "the aiohttp session given to the client was closed: nothing was sent "
+                    "(close the client before the session)"
+                )
+                closed.systemic = True
+                return closed
+            unexpected = exc
+            reply = None
+        if unexpected is not None:
+            unexpected.__traceback__ = unexpected.__context__ = unexpected.__cause__ = None
+            unexpected.add_note(
+                "raised inside aiohttp: its traceback and chain are left out (aiohttp's frames "
+                "hold the request's Authorization header)"
+            )
+            raise unexpected
+        assert cancelled is not None  # every other way out of the try returned
         raise cancelled  # outside the except block: the original rides in no __context__
 
     async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | ResponseTooLargeError:
