@@ -430,6 +430,29 @@ async def test_a_session_closed_under_the_client_is_a_typed_error_with_no_signat
     assert not logged, logged  # a typed failure: no traceback logged
 
 
+async def test_an_error_raised_inside_aiohttp_keeps_none_of_its_frames(
+    emulator: EmulatorFactory,
+) -> None:
+    """A caller's session whose tracing hook fails: the hook's error is raised inside
+    aiohttp's request frame, whose locals hold the signed header. It reaches the caller as it
+    was raised (type, message) with a note, without aiohttp's frames."""
+
+    async def failing_hook(*_: Any) -> None:
+        raise LookupError("the app's tracing hook failed")
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_start.append(failing_hook)
+    async with emulator() as emu, aiohttp.ClientSession(trace_configs=[tracing]) as session:
+        async with make_client(emu, session=session) as client:
+            with pytest.raises(LookupError, match="tracing hook failed") as failed:
+                await client.images.submit(prompt="x", model="dall-e-2")
+    secrets = _secrets(emu.credentials, [])
+    for function, text in _every_frame_local(failed.value):
+        for secret in secrets:
+            assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
+    assert any("left out" in note for note in getattr(failed.value, "__notes__", []))
+
+
 @pytest.mark.parametrize(
     "mode",
     [

@@ -43,6 +43,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -692,6 +693,8 @@ class Transport:
                 )
                 closed.systemic = True
                 return closed
+            if not _through_aiohttp(exc.__traceback__):
+                raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
             reply = None
         if unexpected is not None:
@@ -741,6 +744,16 @@ class Transport:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _through_aiohttp(tb: TracebackType | None) -> bool:
+    """Whether a traceback passes through aiohttp's frames (whose locals hold the request's
+    headers)."""
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aiohttp"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _said(error: BaseException) -> str:
