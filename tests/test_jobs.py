@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from wujie_async import JobStatus, JobUpdate, ModerationRejectedError
 from wujie_async.emulator import FaultConfig
+from wujie_async.emulator._png import render_png
 
 from .conftest import EmulatorFactory, make_client
+from .hostile import scripted_gateway
+from .test_poller_hostile import client_for
 
 pytestmark = pytest.mark.anyio
 
@@ -134,3 +139,20 @@ async def test_a_job_settled_by_the_client_says_so_in_its_repr(emulator: Emulato
             assert repr(job).endswith("%>") and "ended" not in repr(job)
     assert job.done()
     assert repr(job).endswith("ended: JobCancelledError>"), repr(job)
+
+
+async def test_an_inline_image_is_its_size_in_reprs_not_its_bytes() -> None:
+    """A result or an update logged with an inline image (``b64_json``) was megabytes of
+    base64 in one log line; the image's repr gives its size instead."""
+    inline = base64.b64encode(render_png("K", 0, 256, 256) + bytes(300_000)).decode()
+
+    def listed(keys: list[str]) -> list[dict[str, Any]]:
+        return [{"key": key, "status": 4, "images": [{"b64_json": inline}]} for key in keys]
+
+    async with scripted_gateway(listed) as gateway, client_for(gateway) as client:
+        job = await client.images.submit(prompt="p", model="dall-e-2")
+        result = await job
+        assert result.images[0].b64_json == inline  # the bytes are all there
+        for shown in (repr(result), repr(job.snapshot()), repr(job.images)):
+            assert len(shown) < 500, shown[:200]
+            assert f"b64_json=<{len(inline):,} characters>" in shown

@@ -25,6 +25,7 @@ from wujie_async import (
     AuthenticationError,
     Credentials,
     GeneratedImage,
+    JobTimeoutError,
     PollPolicy,
     RetryPolicy,
     SensitivePromptError,
@@ -42,7 +43,7 @@ from wujie_async.fleet import RedisFleet
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
 from .fleet_support import any_redis, fleet_name
 from .helpers import eventually, sign_header
-from .hostile import file_server, scripted_gateway, throwaway_credentials
+from .hostile import file_server, image_server, scripted_gateway, throwaway_credentials
 from .otel_support import Otel, otel, reset_globals
 from .test_poller_hostile import client_for
 
@@ -211,6 +212,67 @@ async def test_a_close_counts_no_retry_it_never_sent_and_no_call_it_cut_short(
         assert span.status.status_code is not StatusCode.ERROR, (span.name, span.status)
         assert not span.status.description, span.status
         assert span.attributes is not None and span.attributes.get("wujie.cancelled") is True
+
+
+async def test_a_call_or_save_cut_short_is_no_error_in_http_or_download_metrics(
+    otel: Otel, emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """An HTTP attempt cut short by the close (every deploy has one) and a save whose caller
+    gave up carry no error.type: an error rate read off error.type (the HTTP conventions'
+    way) does not rise at each deploy."""
+    slow = FaultConfig(slow_reply=1.0, slow_reply_s=60, endpoints=frozenset({"info"}))
+    async with emulator(faults=slow) as emu:
+        async with make_client(emu) as client:
+            await client.images.submit(prompt="p", model="dall-e-2")
+            await eventually(lambda: emu.stats()["requests"].get("info", 0) == 1)
+    [cut] = otel.spans(f"POST {BASE_PATH}{INFO}")
+    assert (cut.attributes or {}).get("wujie.cancelled") is True
+    assert "error.type" not in (cut.attributes or {}), cut.attributes
+    durations = otel.metrics()["http.client.request.duration"]
+    assert len(durations) == 2  # the submit's attempt and the cut one
+    assert all("error.type" not in (point.attributes or {}) for point in durations), durations
+
+    everything = AddressRule.everything()
+    async with image_server() as images, Downloader(addresses=everything) as downloader:
+        save = asyncio.ensure_future(
+            downloader.save(GeneratedImage(0, images.url("trickle")), tmp_path / "K1.{ext}")
+        )
+        await eventually(lambda: images.hits["trickle"] == 1)
+        save.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await save
+    [gave_up] = otel.spans("wujie.download")
+    assert (gave_up.attributes or {}).get("wujie.cancelled") is True
+    assert "error.type" not in (gave_up.attributes or {})
+    assert otel.total("wujie.downloads", **{"wujie.download.outcome": "cancelled"}) == 1
+    for name in ("wujie.downloads", "wujie.download.duration"):
+        for point in otel.metrics()[name]:
+            held = point.attributes or {}
+            assert held.get("wujie.download.outcome") == "cancelled", held
+            assert "error.type" not in held, held
+
+
+async def test_points_of_a_job_whose_wait_timed_out_are_counted_once_when_it_ends(
+    otel: Otel,
+) -> None:
+    """A gateway that reports integral_cost while the job runs (points taken up front): the
+    job's wait times out (the job runs on), an attach collects it later. Its points are
+    counted once, when it ends, as client.stats counts them."""
+    ended = asyncio.Event()
+
+    def script(keys: list[str]) -> list[dict[str, Any]]:
+        status = 4 if ended.is_set() else 1
+        images = [{"url": "https://img.example/1.png"}] if ended.is_set() else []
+        return [{"key": k, "status": status, "integral_cost": 8, "images": images} for k in keys]
+
+    async with scripted_gateway(script) as gateway, client_for(gateway) as client:
+        job = await client.images.submit(prompt="p", model="dall-e-2", job_timeout=0.2)
+        with pytest.raises(JobTimeoutError):
+            await job
+        ended.set()
+        await client.images.attach(job.key, n=1)
+        assert client.stats.points_charged == 8
+    assert otel.total("wujie.points.charged") == 8
 
 
 async def test_a_refused_submit_ends_its_job_span_with_the_error(

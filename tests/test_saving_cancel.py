@@ -10,13 +10,17 @@ the test has cancelled the task: no private function of ours is touched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from wujie_async import WujieError
 
 from .conftest import EmulatorFactory, make_client
 
@@ -90,3 +94,31 @@ async def test_a_save_cancelled_during_a_file_step_leaves_no_stray_file(
     assert left.items() <= whole.items(), (step, left)  # complete under its name, or absent
     if step == "the rename to the final name":
         assert left == whole  # the step ran to its end: the image is saved
+
+
+async def test_a_close_that_leaves_a_save_writing_says_so(
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A save whose file step does not return (a frozen disk, a hung NFS mount) outlives the
+    close's bounded wait: the close goes on, and a WARNING names what it left writing."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    async with emulator() as emu:
+        client = make_client(emu)
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _GATE.arm("open", str(folder))
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                await _entered()
+                with caplog.at_level("WARNING", logger="wujie_async"):
+                    await client.aclose()  # the disk still does not answer
+            finally:
+                _GATE.disarm()
+            with contextlib.suppress(asyncio.CancelledError, WujieError):
+                await saving
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "1 image save(s) still writing" in line and str(folder) in line for line in warned
+    ), warned

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import html
@@ -29,6 +30,7 @@ import wujie_async
 from wujie_async import (
     APIError,
     BusinessError,
+    ClientStateError,
     Credentials,
     DownloadPolicy,
     InvalidRequestError,
@@ -46,8 +48,8 @@ from wujie_async._auth import HeaderSigner
 from wujie_async._transport import Transport
 
 from .cli_helpers import cli
-from .conftest import FAST_POLL, INSTANT_RETRY
-from .helpers import GENERATIONS, INFO
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
+from .helpers import GENERATIONS, INFO, eventually
 from .hostile import (
     ESCAPES,
     gzip_bomb,
@@ -360,6 +362,95 @@ async def test_no_error_chain_reaches_the_signed_header(
                 assert secret not in text, f"the signed header is reachable: {text[:200]!r}"
         if mode is None:
             assert "Connection refused" in str(info.value)  # the OS reason is kept
+
+
+def _every_frame_local(error: BaseException) -> Iterator[tuple[str, str]]:
+    """(function, repr of a local) for every frame of ``error``'s traceback and its chain,
+    aiohttp's too: an error tracker that records frame locals records them all (but this
+    test file's own, which hold the secrets looked for)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [error]
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        stack += [item.__cause__, item.__context__]
+        tb = item.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename != __file__:
+                for value in tb.tb_frame.f_locals.values():
+                    yield tb.tb_frame.f_code.co_name, repr(value)
+            tb = tb.tb_next
+
+
+async def test_a_submit_cancelled_on_the_wire_keeps_no_signature_in_its_traceback() -> None:
+    """A request handler whose browser went away cancels its submit on the wire: the
+    CancelledError it gets (which a framework may log with its frames' locals) keeps no frame
+    whose locals hold the signed header (aiohttp's request frame has it in ``headers``)."""
+    creds = credentials()
+    async with recording_gateway() as gateway:
+        async with WujieClient(creds, base_url=f"{gateway.origin}/slow") as client:
+            submit = asyncio.ensure_future(client.images.submit(prompt="x", model="dall-e-2"))
+            await eventually(lambda: gateway.hits["slow"] == 1)
+            submit.cancel()
+            with pytest.raises(asyncio.CancelledError) as info:
+                await submit
+        secrets = _secrets(creds, gateway.authorizations)
+    found = list(_every_frame_local(info.value))
+    assert found  # the frames were looked at
+    for function, text in found:
+        for secret in secrets:
+            assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
+
+
+async def test_a_session_closed_under_the_client_is_a_typed_error_with_no_signature(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An app's shutdown closes its own aiohttp session before the client: a submit raised
+    aiohttp's RuntimeError, and the poller logged it with a traceback, both keeping aiohttp's
+    request frame (its ``headers`` local holds the signed header). Now a ClientStateError
+    (still a RuntimeError) and a WARNING without a traceback."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    async with emulator() as emu:
+        session = aiohttp.ClientSession()
+        async with make_client(emu, session=session) as client:
+            await client.images.submit(prompt="x", model="dall-e-2")  # the poller asks about it
+            await session.close()
+            with pytest.raises(ClientStateError, match="session given to the client") as closed:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            await eventually(
+                lambda: any("batch query of 1 keys failed" in r.message for r in caplog.records)
+            )
+    secrets = _secrets(emu.credentials, [])
+    for function, text in _every_frame_local(closed.value):
+        for secret in secrets:
+            assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
+    logged = [record.exc_info for record in caplog.records if record.exc_info]
+    assert not logged, logged  # a typed failure: no traceback logged
+
+
+async def test_an_error_raised_inside_aiohttp_keeps_none_of_its_frames(
+    emulator: EmulatorFactory,
+) -> None:
+    """A caller's session whose tracing hook fails: the hook's error is raised inside
+    aiohttp's request frame, whose locals hold the signed header. It reaches the caller as it
+    was raised (type, message) with a note, without aiohttp's frames."""
+
+    async def failing_hook(*_: Any) -> None:
+        raise LookupError("the app's tracing hook failed")
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_start.append(failing_hook)
+    async with emulator() as emu, aiohttp.ClientSession(trace_configs=[tracing]) as session:
+        async with make_client(emu, session=session) as client:
+            with pytest.raises(LookupError, match="tracing hook failed") as failed:
+                await client.images.submit(prompt="x", model="dall-e-2")
+    secrets = _secrets(emu.credentials, [])
+    for function, text in _every_frame_local(failed.value):
+        for secret in secrets:
+            assert secret not in text, f"{function} keeps the signed header: {text[:200]!r}"
+    assert any("left out" in note for note in getattr(failed.value, "__notes__", []))
 
 
 @pytest.mark.parametrize(

@@ -202,6 +202,23 @@ async def test_the_debug_and_info_story_of_a_run(
     assert not lines(caplog, logging.WARNING)
 
 
+async def test_without_a_journal_the_close_line_names_the_jobs_left_running(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Paid for, not collected, and no journal: the close line is the one record of their
+    keys (attach(key) collects them later), the first 20 of them and a count of the rest."""
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    async with emulator(job_seconds=(600, 600)) as emu:
+        async with make_client(emu) as client:
+            jobs = [await client.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(22)]
+        [closed] = [line for line in lines(caplog, logging.INFO) if "client closed" in line]
+        shown = ", ".join(job.key for job in jobs[:20])
+        assert closed.endswith(
+            f"; 22 job(s) still running were not collected (no journal, their keys: {shown} "
+            "and 2 more; images.attach(key) collects each; aclose(drain=True) waits for jobs)"
+        ), closed
+
+
 @pytest.mark.fake_clock  # the brake's pacing and recovery pass on the loop's clock
 async def test_the_429_brake_engaging_and_releasing_is_told_at_info(
     emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture

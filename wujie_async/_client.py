@@ -471,11 +471,11 @@ class WujieClient:
                 await self._shut_down()
 
     async def _shut_down(self) -> None:
-        left = 0
+        left: list[str] = []
         try:
             self._tracking = False
             await self._submits.stop(self.timeouts.close)
-            left = len(self._poller)  # accepted, so paid for: named in the close line
+            left = [job.key for job in self._poller.jobs()]  # accepted, so paid for: named
             self._poller.cancel_all("the client was closed before the job ended")
             await self._stop_poller()
         finally:

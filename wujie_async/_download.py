@@ -143,7 +143,8 @@ class Downloader:
         self._session: aiohttp.ClientSession | None = None
         self._slots: anyio.Semaphore | None = None
         self._closed = False
-        self._in_progress: set[anyio.CancelScope] = set()  # cancelled by aclose()
+        # Cancelled by aclose(); each with where its image goes (named if it outlives that).
+        self._in_progress: dict[anyio.CancelScope, _Target] = {}
         self._all_ended: anyio.Event | None = None  # what aclose() waits on, while it does
         # Saves in progress by (job key, image index, path): a second save of the same image
         # to the same path joins the first (see save()).
@@ -178,6 +179,21 @@ class Downloader:
                 scope.cancel()
             with anyio.move_on_after(_CLOSE_WAIT_S):
                 await self._all_ended.wait()
+            if self._in_progress:
+                # A write that does not return (a frozen disk, a hung NFS mount) holds its
+                # save: the close goes on without it, and says so.
+                targets = list(self._in_progress.values())
+                shown = ", ".join(str(target.folder / target.name) for target in targets[:5])
+                more = f" and {len(targets) - 5} more" if len(targets) > 5 else ""
+                logger.warning(
+                    "closing: %d image save(s) still writing %.0f s after being cancelled (a "
+                    "disk that does not answer?): %s%s; each ends when its write returns, its "
+                    "file complete or not there, and its caller waits until then",
+                    len(targets),
+                    _CLOSE_WAIT_S,
+                    shown,
+                    more,
+                )
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -300,11 +316,11 @@ class Downloader:
 
     async def _save(self, image: GeneratedImage, target: _Target) -> SavedImage:
         with anyio.CancelScope() as scope:
-            self._in_progress.add(scope)
+            self._in_progress[scope] = target
             try:
                 return await self._save_now(image, target)
             finally:
-                self._in_progress.discard(scope)
+                self._in_progress.pop(scope, None)
                 if not self._in_progress and self._all_ended is not None:
                     self._all_ended.set()
         raise ClientStateError("the client was closed while the image was being saved")

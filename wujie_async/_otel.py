@@ -376,7 +376,9 @@ class Recorder:
             attributes = {"wujie.job.status": status, "wujie.job.model": job.model}
             instruments.jobs_ended.add(1, attributes)
             instruments.job_duration.record(seconds, attributes)
-            if points is not None and points > 0:
+            # A wait that timed out did not end the job (it runs on, and whoever attaches it
+            # counts its points when it ends): counted now too, they would count twice.
+            if points is not None and points > 0 and status != "timed_out":
                 instruments.points.add(points, {"wujie.job.model": job.model})
             if lateness is not None:
                 instruments.lateness.record(max(0.0, lateness), {"wujie.job.model": job.model})
@@ -464,10 +466,13 @@ class Recorder:
         if status is not None:
             attributes["http.response.status_code"] = status
         error_type = None
-        if error is not None:
+        if error is not None and not isinstance(error, asyncio.CancelledError):
             # The HTTP conventions: the status code when the reply says error, else its type.
+            # An attempt cut short by a cancellation (the client closing: every deploy) did
+            # not fail: no error.type, on the span or the duration metric.
             error_type = str(status) if status is not None and status >= 400 else None
-            attributes["error.type"] = error_type or type(error).__name__
+            error_type = error_type or type(error).__name__
+            attributes["error.type"] = error_type
         instruments = self.instruments
         if instruments is not None:
             instruments.http_duration.record(seconds, attributes)
@@ -512,8 +517,11 @@ class Recorder:
         """It ended: ``size`` bytes saved, or ``error``."""
         instruments = self.instruments
         if instruments is not None:
-            attributes = {"wujie.download.outcome": "ok" if error is None else "error"}
-            if error is not None:
+            # A save whose caller gave up (or whose client closed) did not fail: cancelled.
+            cancelled = isinstance(error, asyncio.CancelledError)
+            said = "ok" if error is None else "cancelled" if cancelled else "error"
+            attributes = {"wujie.download.outcome": said}
+            if error is not None and not cancelled:
                 attributes["error.type"] = type(error).__name__
             instruments.downloads.add(1, attributes)
             instruments.download_duration.record(seconds, attributes)

@@ -26,6 +26,15 @@ class GeneratedImage:
     b64_json: str | None = None
     revised_prompt: str | None = None
 
+    def __repr__(self) -> str:
+        # An inline image is megabytes of base64: a result, a job update or an error logged
+        # with its images would put them all in one log line. Its size stands in for it.
+        inline = None if self.b64_json is None else f"<{len(self.b64_json):,} characters>"
+        return (
+            f"GeneratedImage(index={self.index!r}, url={self.url!r}, b64_json={inline}, "
+            f"revised_prompt={self.revised_prompt!r})"
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:

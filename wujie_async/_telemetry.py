@@ -32,7 +32,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,8 @@ _LEVELS: Mapping[str, int] = {
 }
 # A gateway completion time further than this from now is not read as unix seconds.
 LATENESS_PLAUSIBLE_S = 86_400.0
+# The most job keys one line names (the close line's jobs left running, without a journal).
+KEYS_SHOWN = 20
 _HANDLER_NAME = "wujie_async.stderr"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -328,17 +330,24 @@ class Telemetry:
             "on" if otel is not None and otel.instruments is not None else "off",
         )
 
-    def client_closed(self, stats: ClientStats, left: int = 0, *, journal: bool = False) -> None:
-        """INFO: the client is closed, with what it did; ``left``: jobs still running at close
-        (accepted, so paid for, and their results not collected)."""
+    def client_closed(
+        self, stats: ClientStats, left: Sequence[str] = (), *, journal: bool = False
+    ) -> None:
+        """INFO: the client is closed, with what it did; ``left``: the keys of jobs still
+        running at close (accepted, so paid for, and their results not collected). Without a
+        journal the line names them (the first ``KEYS_SHOWN``): no other record keeps them."""
         uncollected = ""
         if left:
+            if journal:
+                kept = "the journal keeps their keys: resume() collects them"
+            else:
+                more = f" and {len(left) - KEYS_SHOWN} more" if len(left) > KEYS_SHOWN else ""
+                keys = ", ".join(left[:KEYS_SHOWN]) + more
+                kept = f"no journal, their keys: {keys}; images.attach(key) collects each"
             uncollected = (
-                f"; {left} job(s) still running were not collected ("
-                + ("the journal keeps their keys: resume() collects them" if journal else
-                   "no journal: their keys are lost")
-                + "; aclose(drain=True) waits for jobs)"
-            )  # fmt: skip
+                f"; {len(left)} job(s) still running were not collected ({kept}; "
+                "aclose(drain=True) waits for jobs)"
+            )
         logger.info(
             "client closed: %d submits (%d errors), %d jobs succeeded, %d failed; "
             "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s%s",

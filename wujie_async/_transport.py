@@ -43,6 +43,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -640,8 +641,12 @@ class Transport:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
 
         The Authorization header is built in the call expression, so no local of this frame
-        holds it, nor the response (whose ``request_info`` does).
+        holds it, nor the response (whose ``request_info`` does). A cancellation on the wire
+        is raised afresh from here, as for errors: aiohttp's frames under it hold the header
+        in their locals (``headers``), and a traceback keeps those frames.
         """
+        cancelled: asyncio.CancelledError | None = None
+        unexpected: Exception | None = None
         try:
             async with self.session.post(
                 url,
@@ -673,6 +678,34 @@ class Transport:
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
             return TransportError(f"no complete reply from {url}: {reason}", reached_server=True)
+        except asyncio.CancelledError as exc:
+            # Same message (anyio tells its own cancels by it); no traceback into aiohttp.
+            cancelled = asyncio.CancelledError(*exc.args)
+            reply = None  # its request_info holds the header: not kept by this frame
+        except Exception as exc:
+            # Not a failed exchange: a session closed under the client (the caller's own, its
+            # app's shutdown closing it first), or a bug. Raised from here either way, never
+            # with aiohttp's frames, whose locals hold the header.
+            if self.session.closed:
+                closed = ClientStateError(
+                    "the aiohttp session given to the client was closed: nothing was sent "
+                    "(close the client before the session)"
+                )
+                closed.systemic = True
+                return closed
+            if not _through_aiohttp(exc.__traceback__):
+                raise  # ours (the signer's, say): no aiohttp frame to leave out
+            unexpected = exc
+            reply = None
+        if unexpected is not None:
+            unexpected.__traceback__ = unexpected.__context__ = unexpected.__cause__ = None
+            unexpected.add_note(
+                "raised inside aiohttp: its traceback and chain are left out (aiohttp's frames "
+                "hold the request's Authorization header)"
+            )
+            raise unexpected
+        assert cancelled is not None  # every other way out of the try returned
+        raise cancelled  # outside the except block: the original rides in no __context__
 
     async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | ResponseTooLargeError:
         """The reply body, decoded; an error once its DECODED size passes the cap.
@@ -711,6 +744,16 @@ class Transport:
                 )
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _through_aiohttp(tb: TracebackType | None) -> bool:
+    """Whether a traceback passes through aiohttp's frames (whose locals hold the request's
+    headers)."""
+    while tb is not None:
+        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aiohttp"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _said(error: BaseException) -> str:
