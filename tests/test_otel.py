@@ -214,6 +214,25 @@ async def test_a_close_counts_no_retry_it_never_sent_and_no_call_it_cut_short(
         assert span.attributes is not None and span.attributes.get("wujie.cancelled") is True
 
 
+async def test_a_job_cancelled_or_left_by_the_close_is_no_error_span(
+    otel: Otel, emulator: EmulatorFactory
+) -> None:
+    """A job the client stops following (``job.cancel()``, or the close at every deploy, its
+    journal resuming it later) did not fail: its span says cancelled, with no error status."""
+    async with emulator(time_scale=1.0) as emu:
+        async with make_client(emu) as client:
+            dropped = await client.images.submit(prompt="dropped", model="dall-e-2")
+            left = await client.images.submit(prompt="left", model="dall-e-2")
+            dropped.cancel()
+    spans = by_key(otel.spans("wujie.job"))
+    for job in (dropped, left):
+        span = spans[job.key]
+        assert (span.attributes or {}).get("wujie.job.status") == "cancelled", span.attributes
+        assert (span.attributes or {}).get("wujie.cancelled") is True, span.attributes
+        assert span.status.status_code is not StatusCode.ERROR, span.status
+        assert "error.type" not in (span.attributes or {}), span.attributes
+
+
 async def test_a_call_or_save_cut_short_is_no_error_in_http_or_download_metrics(
     otel: Otel, emulator: EmulatorFactory, tmp_path: Path
 ) -> None:

@@ -39,7 +39,7 @@ from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
-from ._errors import snippet
+from ._errors import JobCancelledError, snippet
 from ._rules import KNOWN_MODELS
 
 SCOPE = "wujie_async"
@@ -396,7 +396,11 @@ class Recorder:
                 span.set_attribute("wujie.job.points", points)
             if lateness is not None:
                 span.set_attribute("wujie.job.lateness", lateness)
-            if error is not None:
+            if isinstance(error, JobCancelledError):
+                # The client stopped following it (job.cancel(), or the close at every deploy,
+                # a journal resuming it later): not a failure, as for a call cut short.
+                span.set_attribute("wujie.cancelled", True)
+            elif error is not None:
                 _fail(span, error)
             span.end()
 
