@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show jobs by key (submitted elsewhere, or with --no-wait); --wait saves them",
         description="Print one line per key: its state, progress and images, or why it ended "
-        "(exit 1 when a key is not found). With --wait, wait for the jobs and save their "
-        "images like generate.",
+        "(exit 1 when a key is not found or unreadable; exit 3 when the gateway could not be "
+        "asked: no answer). With --wait, wait for the jobs and save their images like "
+        "generate.",
     )
     status.add_argument("keys", nargs="+", metavar="KEY", help="job keys")
     status.add_argument(
