@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -152,6 +153,27 @@ async def test_status_of_a_key_listed_only_unreadably_is_not_not_found() -> None
     listed, unknown = stdout.splitlines()
     assert listed.startswith("K" * 32 + "  unreadable: ") and "malformed" in listed, listed
     assert unknown == "NOSUCHKEY  not found (the gateway does not list this key)", unknown
+
+
+async def test_the_reply_cap_is_a_flag_for_gateways_that_list_images_inline() -> None:
+    # A job of inline images (b64_json) is reported in one entry, larger than the 8 MiB reply
+    # cap for 4 big gpt-image-1 images: the job, paid, ended "over the reply cap (raise
+    # Limits.max_response_bytes)", a setting no command could change. --max-response-bytes
+    # sets it (shown here both ways, on a small reply).
+    png = base64.b64encode(render_png("K", 0, 64, 64)).decode()
+
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 4, "images": [{"b64_json": png}]} for key in keys]
+
+    async with scripted_gateway(script) as gateway:
+        env = _gateway_env(gateway.base_url)
+        code, stdout, err = await cli("status", "K1", "--max-response-bytes", "1000", env=env)
+        assert code == 1, err
+        assert "over the 1000-byte reply cap" in stdout and "--max-response-bytes" in stdout
+        code, stdout, err = await cli("status", "K1", "--max-response-bytes", "100000", env=env)
+        assert code == 0 and "succeeded" in stdout, (stdout, err)
+    code, _, err = await cli("status", "K1", "--max-response-bytes", "0", env=env)
+    assert code == 2 and "--max-response-bytes" in err, err
 
 
 @pytest.mark.long

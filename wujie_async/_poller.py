@@ -702,7 +702,8 @@ class BatchPoller:
             said = (
                 f"the gateway's reply about this job alone has been over the "
                 f"{self._max_response_bytes}-byte reply cap for {lasted:.1f}s (raise "
-                "Limits.max_response_bytes to fetch it)"
+                "Limits.max_response_bytes, --max-response-bytes on the command line, to "
+                "fetch it)"
             )
         else:
             said = (

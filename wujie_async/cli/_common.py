@@ -163,6 +163,10 @@ async def open_client(
             return base
         return dataclasses.replace(base, unknown_key_grace=unknown_key_grace)
 
+    reply_cap = getattr(args, "max_response_bytes", None)
+    if reply_cap is not None:
+        limits = dataclasses.replace(limits, max_response_bytes=reply_cap)
+
     if args.emulator:
         config = EmulatorConfig(
             time_scale=args.emulator_time_scale, faults=emulator_faults(args.emulator_fault)

@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .. import InvalidRequestError, JournalLockedError, WujieError, emulator
+from .. import InvalidRequestError, JournalLockedError, Limits, WujieError, emulator
 from .._config import price_key_problem
 from .._file_names import DEFAULT_NAME, PlannedJob
 from .._models import GenerationRequest
@@ -135,6 +135,15 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow plain http to hosts that are not loopback: the base URL (anyone on the "
         "path could replay the signed header) and image downloads",
+    )
+    group.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the largest API reply read, once decoded (default "
+        f"{Limits().max_response_bytes}); raise it for a gateway that lists images inline "
+        "(b64_json), whose reports on one job can be larger",
     )
     group.add_argument(
         "--allow-private-addresses",
@@ -476,6 +485,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--progress-interval", "progress_interval"),
         ("--emulator-time-scale", "emulator_time_scale"),
         ("--download-timeout", "download_timeout"),
+        ("--max-response-bytes", "max_response_bytes"),
     ):
         value = getattr(args, dest, None)
         if value is not None and not 0 < value < math.inf:

@@ -169,7 +169,8 @@ def _reported(job: ImageJob) -> bool:
 
 
 # What ``status`` learnt of a key.
-FOUND: Final = "found"  # listed (perhaps only in entries that could not be read)
+FOUND: Final = "found"  # listed
+UNREADABLE: Final = "unreadable"  # listed only in entries that could not be read (or too large)
 NOT_FOUND: Final = "not found"  # replies came back without it for STATUS_KEY_GRACE_S
 NO_ANSWER: Final = "no answer"  # no reply about it came back: the calls failed or were slow
 
@@ -181,7 +182,7 @@ def _finding(job: ImageJob) -> str:
     if isinstance(error, UnknownJobError):
         return NOT_FOUND
     if isinstance(error, JobProtocolError):
-        return FOUND  # listed, only in entries that could not be read
+        return UNREADABLE
     return NO_ANSWER
 
 
@@ -192,7 +193,7 @@ def as_json(job: ImageJob) -> dict[str, Any]:
     return {
         "key": job.key,
         # null: the gateway could not be asked (its calls failed): neither found nor not.
-        "found": None if finding == NO_ANSWER else finding == FOUND,
+        "found": None if finding == NO_ANSWER else finding != NOT_FOUND,
         "status": job.status_name if job.status is not None else finding,
         "status_code": None if job.status is None else int(job.status),
         "progress": job.progress,
