@@ -197,6 +197,26 @@ async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None
     assert err.count("stopped:") == 1 and "cannot connect" in err and "--base-url" in err
 
 
+async def test_a_gateway_answering_every_submit_with_a_5xx_stops_the_sending(
+    tmp_path: Path,
+) -> None:
+    """Every submit answered 503 (a gateway that is down): each may have been accepted, so
+    each ends uncertain and is never resent, and the run went on sending every line (100 of
+    100 uncertain in two seconds, each to be checked in the console by hand). A streak of
+    such submits stops the sending like a systemic error; a plain re-run sends the rest."""
+    out = tmp_path / "out"
+    code, stdout, err = await cli(
+        "bulk", str(prompts(tmp_path, 100)), "--emulator", *FAST, "--json",
+        "--emulator-fault", "http_5xx=1.0", "--emulator-fault", "endpoints=generations",
+        "-o", str(out),
+    )  # fmt: skip
+    assert code == 3, err
+    assert err.count("stopped:") == 1 and "8 submits in a row got no usable reply" in err, err
+    outcomes = json.loads(stdout)["outcomes"]
+    assert outcomes["uncertain"] < 40 and outcomes["not_sent"] > 60, outcomes
+    assert len(final_outcomes(out)) == 100
+
+
 async def test_a_proxy_asking_for_its_own_credentials_stops_the_run(tmp_path: Path) -> None:
     """A 407 from a proxy before the gateway: every request gets it. A refusal (nothing was
     accepted), and systemic: the run stops at once with one line saying so, not 20 lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -25,6 +26,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .helpers import png_size
+from .hostile import recording_gateway, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -104,6 +106,74 @@ async def test_status_of_keys_submitted_elsewhere_and_wait_saves_them(tmp_path: 
 
     code, _, err = await cli("status", "bad key\n", "--emulator")
     assert code == 2 and "KEY" in err and "Traceback" not in err
+
+
+def _gateway_env(base_url: str) -> dict[str, str]:
+    creds = throwaway_credentials()
+    return CLEAN_ENV | {
+        "WUJIE_APP_ID": creds.app_id,
+        "WUJIE_PRIVATE_KEY": creds.private_key,
+        "WUJIE_BASE_URL": base_url,
+    }
+
+
+@pytest.mark.parametrize(
+    "mode",
+    # A 5xx is retried within each call: about 10 s until the third call has failed.
+    ["unauthorized", pytest.param("server-error", marks=pytest.mark.long)],
+)
+async def test_status_of_a_key_it_could_not_ask_about_is_no_answer_not_not_found(
+    mode: str,
+) -> None:
+    # Every batch call fails (wrong credentials, a 5xx, a proxy's page): the gateway was never
+    # asked, so "not found (the gateway does not list this key)" was false, and exit 1 sent a
+    # user to resubmit a paid job. It reads "no answer" and exits 3, as a systemic error.
+    async with recording_gateway() as gateway:
+        env = _gateway_env(f"{gateway.origin}/{mode}")
+        code, stdout, err = await cli("status", "K" * 32, env=env)
+        assert code == 3, err
+        assert "no answer" in stdout and "not found" not in stdout, stdout
+        code, stdout, err = await cli("status", "K" * 32, "--json", env=env)
+        assert code == 3, err
+        said = json.loads(stdout)
+        assert said["found"] is None and said["status"] == "no answer" and said["error"], said
+
+
+async def test_status_of_a_key_listed_only_unreadably_is_not_not_found() -> None:
+    # Listed, with a status no reader takes: the gateway knows the key (it may have run and
+    # been charged). It read "not found", exit 1, like a wrong key.
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        listed: list[dict[str, object]] = [{"key": key, "status": "success"} for key in keys]
+        return [entry for entry in listed if entry["key"] != "NOSUCHKEY"]
+
+    async with scripted_gateway(script) as gateway:
+        env = _gateway_env(gateway.base_url)
+        code, stdout, err = await cli("status", "K" * 32, "NOSUCHKEY", env=env)
+    assert code == 1, err
+    listed, unknown = stdout.splitlines()
+    assert listed.startswith("K" * 32 + "  unreadable: ") and "malformed" in listed, listed
+    assert unknown == "NOSUCHKEY  not found (the gateway does not list this key)", unknown
+
+
+async def test_the_reply_cap_is_a_flag_for_gateways_that_list_images_inline() -> None:
+    # A job of inline images (b64_json) is reported in one entry, larger than the 8 MiB reply
+    # cap for 4 big gpt-image-1 images: the job, paid, ended "over the reply cap (raise
+    # Limits.max_response_bytes)", a setting no command could change. --max-response-bytes
+    # sets it (shown here both ways, on a small reply).
+    png = base64.b64encode(render_png("K", 0, 64, 64)).decode()
+
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 4, "images": [{"b64_json": png}]} for key in keys]
+
+    async with scripted_gateway(script) as gateway:
+        env = _gateway_env(gateway.base_url)
+        code, stdout, err = await cli("status", "K1", "--max-response-bytes", "1000", env=env)
+        assert code == 1, err
+        assert "over the 1000-byte reply cap" in stdout and "--max-response-bytes" in stdout
+        code, stdout, err = await cli("status", "K1", "--max-response-bytes", "100000", env=env)
+        assert code == 0 and "succeeded" in stdout, (stdout, err)
+    code, _, err = await cli("status", "K1", "--max-response-bytes", "0", env=env)
+    assert code == 2 and "--max-response-bytes" in err, err
 
 
 @pytest.mark.long

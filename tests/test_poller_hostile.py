@@ -819,6 +819,52 @@ async def test_a_batch_reply_with_null_data_is_a_failed_call_not_every_key_absen
     assert len(said) == 2 and "like this" in said[1], said
 
 
+async def test_absence_counts_from_the_first_reply_after_an_outage_of_the_batch_calls() -> None:
+    """The grace ran from the submit (or the last listing), whatever the calls said: after an
+    outage of the batch endpoint longer than the grace, the first reply that left a key out
+    (a gateway catching up) failed it at once as unknown, though no reply had said it was
+    absent for more than a moment: a paid job (never listed: "failed", which the command line
+    resends) lost. Absence counts from the first reply that leaves a key out."""
+    phase = {"calls": 0, "outage_until": 0.0, "caught_up": False}
+    grace = 0.2
+
+    def script(keys: list[str]) -> web.Response | list[Any]:
+        now = asyncio.get_running_loop().time()
+        phase["calls"] += 1
+        if phase["calls"] == 1:  # before the outage: the first job is listed, running
+            phase["outage_until"] = now + 3 * grace
+            return [{"key": key, "status": 1} for key in keys if key == "K00000"]
+        if now < phase["outage_until"]:
+            return web.json_response({"code": "503", "message": "down", "data": None}, status=503)
+        if not phase["caught_up"]:  # the first reply after it lists neither
+            phase["caught_up"] = True
+            return []
+        return [done(key) for key in keys]
+
+    poll = dataclasses.replace(FAST_POLL, unknown_key_grace=grace)
+    async with scripted_gateway(script) as gateway, client_for(gateway, poll=poll) as client:
+        jobs = await submit(client, 2)
+        results = [await outcome(job) for job in jobs]
+    assert [len(result.images) for result in results] == [1, 1], results
+
+    # A key no reply lists still fails as unknown: once the replies after the outage have
+    # left it out for the grace.
+    phase.update(calls=0, caught_up=True)
+
+    def never(keys: list[str]) -> web.Response | list[Any]:
+        script(keys)  # an outage from the first call on, as above
+        if asyncio.get_running_loop().time() < phase["outage_until"]:
+            return web.json_response({"code": "503", "message": "down", "data": None}, status=503)
+        return []
+
+    async with scripted_gateway(never) as gateway, client_for(gateway, poll=poll) as client:
+        [job] = await submit(client, 1)
+        with pytest.raises(UnknownJobError):
+            await job.result(timeout=10)
+        ended = asyncio.get_running_loop().time()
+    assert ended - phase["outage_until"] >= grace
+
+
 @pytest.mark.long
 async def test_a_thousand_null_data_replies_in_a_row_keep_their_backoff(
     caplog: pytest.LogCaptureFixture,

@@ -183,6 +183,40 @@ async def test_inline_images_are_saved_like_downloads_and_capped_before_decoding
     assert names(tmp_path / "big") == []
 
 
+async def test_inline_images_wrapped_url_safe_or_unpadded_are_saved(tmp_path: Path) -> None:
+    # A gateway re-encoding the image with its platform's encoder: MIME lines (Java's MIME
+    # encoder, the base64 tool), the URL-safe alphabet, no padding. Each was "b64_json is not
+    # valid base64": a paid image, its bytes in the reply, not saved (and a re-run could not
+    # either). Base64 it is, so it is read; anything else is still refused.
+    big = render_png("K", 1, 36, 36)  # over 76 columns, padded, with "-" or "_" when URL-safe
+    encoded = base64.b64encode(big).decode()
+    url_safe = base64.urlsafe_b64encode(big).decode()
+    assert url_safe != encoded and encoded.endswith("=")
+    texts = (
+        base64.encodebytes(big).decode().replace("\n", "\r\n"),
+        url_safe,
+        encoded.rstrip("="),
+        "data:image/png;base64," + base64.encodebytes(big).decode(),
+    )
+    async with (
+        scripted_gateway(inline_images(*texts)) as gateway,
+        client_on(gateway.base_url) as client,
+    ):
+        job = await client.images.submit(prompt="p", model="dall-e-2", n=len(texts))
+        saved = await job.save(tmp_path / "ok")
+        assert [image.path.read_bytes() for image in saved] == [big] * len(texts)
+        assert {image.sha256 for image in saved} == {hashlib.sha256(big).hexdigest()}
+
+    async with (
+        scripted_gateway(inline_images(encoded[:-8] + "*%" + encoded[-6:])) as gateway,
+        client_on(gateway.base_url) as client,
+    ):
+        job = await client.images.submit(prompt="p", model="dall-e-2")
+        with pytest.raises(ProtocolError, match="not valid base64"):
+            await job.save(tmp_path / "bad")
+    assert names(tmp_path / "bad") == []
+
+
 # --- half-written files ---------------------------------------------------------------------------
 async def test_an_image_that_fails_half_way_leaves_no_file_and_the_others_stay_whole(
     tmp_path: Path,

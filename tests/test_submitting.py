@@ -309,6 +309,30 @@ async def test_concurrent_submits_given_one_key_never_share_a_job(
 
 
 @pytest.mark.parametrize(
+    "code",
+    ['"0"', "0", '"success"', '"20010001"', '"200.0"'],
+    ids=["0", "int-0", "word", "refusal", "200.0"],
+)
+async def test_a_refusal_code_whose_data_holds_a_key_is_uncertain_not_rejected(
+    credentials: Credentials, tmp_path: Path, code: str
+) -> None:
+    """A reply with another code than "200" was a BusinessError (refused: nothing charged)
+    even when its data held a job key: a gateway whose success code is not the contract's
+    had every paid submit read as rejected, and a retry of failed lines paid for each again.
+    A refusal that names a job contradicts itself: the submit may have been accepted."""
+    reply = b'{"code":' + code.encode() + b',"message":"success","data":{"key":"K0001"}}'
+    gateway = FakeGateway([reply])
+    async with gateway.serve() as base:
+        async with fake_client(base, credentials, journal=tmp_path / "j.sqlite") as client:
+            with pytest.raises(SubmitUncertainError, match="may have been accepted") as info:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert isinstance(info.value.__cause__, ProtocolError)
+            [row] = await client.uncertain_submits()
+            assert row.request["prompt"] == "x"
+    assert gateway.submits == 1  # never resent
+
+
+@pytest.mark.parametrize(
     ("reply", "problem"),
     [
         (REPLIES["empty-key"][1], "whitespace"),  # the hostile server's unused "empty-key"

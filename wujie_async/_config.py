@@ -136,7 +136,9 @@ class PollPolicy:
             (``queue_before_num``), within ``min_interval`` and ``max_interval``.
         batch_fill_horizon: keys due within this many seconds may ride along in a batch call
             that has room, so calls go out full instead of more often.
-        unknown_key_grace: how long a key may be absent from replies before it fails as unknown.
+        unknown_key_grace: how long a key may be absent from replies before it fails as unknown
+            (from the first reply that leaves it out; afresh after a gap in the replies longer
+            than this, when the calls failed meanwhile).
     """
 
     first_poll_delay: float = 1.0

@@ -28,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Self, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Final, Self, TypeVar
 
 import aiohttp
 import anyio
@@ -349,7 +349,7 @@ class Downloader:
         limit = self._policy.max_bytes
         if text.startswith("data:"):
             text = text.partition(",")[2]
-        if len(text) > (limit + 2) // 3 * 4 + 4:  # the cap, before decoding
+        if len(text) > _b64_chars(limit) * 40 // 38:  # the cap (line breaks allowed), coarsely
             raise ProtocolError(f"image is larger than {limit} bytes")
         _, slots = self._open_session()
         async with slots:
@@ -691,8 +691,31 @@ def check_job_template(name: str) -> None:
     check_template(name)
 
 
+# Line breaks and spaces a base64 encoder may wrap its text with (MIME's 76-column lines, as
+# Java's MIME encoder and the base64 tool write them).
+_B64_WRAPPING: Final = str.maketrans("", "", " \t\r\n")
+_URL_SAFE: Final = str.maketrans("-_", "+/")
+
+
+def _b64_chars(limit: int) -> int:
+    """The most characters of (padded) base64 that ``limit`` bytes take."""
+    return (limit + 2) // 3 * 4
+
+
 def _decode(text: str, limit: int) -> tuple[bytes, str]:
-    """Decoded ``b64_json`` bytes and their format (runs on a worker thread)."""
+    """Decoded ``b64_json`` bytes and their format (runs on a worker thread).
+
+    Base64 wrapped in lines, in the URL-safe alphabet or without its padding is read as such:
+    the image is paid for and its bytes are here (a gateway re-encoding OpenAI's image with
+    its platform's encoder). Anything else that is not base64 is refused, and the bytes must
+    still be a whole PNG, JPEG or WEBP image.
+    """
+    text = text.translate(_B64_WRAPPING)
+    if "-" in text or "_" in text:
+        text = text.translate(_URL_SAFE)
+    text += "=" * (-len(text) % 4)
+    if len(text) > _b64_chars(limit):  # the cap, before a byte is decoded
+        raise ProtocolError(f"image is larger than {limit} bytes")
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -114,8 +114,13 @@ class _Tracked(KeyTiming):
     state: JobState  # the job's mutable state: this poller is its one writer
     # When the key is asked about next; ``inf`` while it is in a call on the wire.
     due: float = math.inf
-    # When the gateway last listed the key (None: not yet); absence is measured from here.
+    # When the gateway last listed the key (None: not yet).
     last_seen: float | None = None
+    # When a reply first left the key out since it was last listed (None: the last reply
+    # listed it, or none has come back): absence is measured from here, over replies.
+    absent_since: float | None = None
+    # When a reply about the key last came back (listing it or not; None: none yet).
+    answered_at: float | None = None
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
     # Why the last call that asked about the key failed, until the gateway lists it again.
     failed_call: str | None = None
@@ -697,7 +702,8 @@ class BatchPoller:
             said = (
                 f"the gateway's reply about this job alone has been over the "
                 f"{self._max_response_bytes}-byte reply cap for {lasted:.1f}s (raise "
-                "Limits.max_response_bytes to fetch it)"
+                "Limits.max_response_bytes, --max-response-bytes on the command line, to "
+                "fetch it)"
             )
         else:
             said = (
@@ -814,7 +820,19 @@ class BatchPoller:
         job = tracked.job
         entry = reading.entries.get(job.key)
         if entry is None:
-            since = tracked.last_seen if tracked.last_seen is not None else tracked.created_at
+            # Measured over replies: from the first that left it out, not from its submit or
+            # last listing, and afresh after a gap in the replies longer than the grace itself
+            # (failed calls say nothing of a key). Counted across an outage of the batch
+            # calls, the first reply after it (a gateway catching up) failed at once every key
+            # it had not listed yet: paid jobs, ended as unknown.
+            answered, tracked.answered_at = tracked.answered_at, now
+            if (
+                tracked.absent_since is None
+                or answered is None
+                or now - answered > policy.unknown_key_grace
+            ):
+                tracked.absent_since = now
+            since = tracked.absent_since
             if now - since < policy.unknown_key_grace:
                 self._schedule(tracked, now + policy.min_interval)
                 return
@@ -845,7 +863,8 @@ class BatchPoller:
                 )
             self._end(tracked, error, tracked.state.status)
             return
-        tracked.last_seen = now
+        tracked.last_seen = tracked.answered_at = now
+        tracked.absent_since = None
         if self._unreadable_since:
             self._unreadable_since.pop(job.key, None)
         tracked.failed_call = None

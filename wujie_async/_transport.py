@@ -267,6 +267,18 @@ def _reply_error(
         return ProtocolError(
             "the reply is not a {code, message, data} envelope", http_status=status, body=body
         )
+    if isinstance(envelope.data, dict) and envelope.data.get("key"):
+        # A refusal's data is null; one that carries a job key contradicts itself (a gateway
+        # whose success code is not the contract's: "0", "success"). Read as a refusal, a
+        # paid submit was "rejected, nothing charged" (and resent by a retry of failed
+        # lines); as a reply that breaks the contract, it is uncertain, never resent.
+        return ProtocolError(
+            f"the reply's code ({envelope.code}) is not a success, yet its data holds a job "
+            "key: the call may have been accepted",
+            http_status=status,
+            code=envelope.code,
+            body=body,
+        )
     return business_error(envelope.code, envelope.message, http_status=status)
 
 

@@ -147,9 +147,26 @@ def emulator_faults(pairs: list[str]) -> FaultConfig:
 
 @contextlib.asynccontextmanager
 async def open_client(
-    args: argparse.Namespace, limits: Limits, journal: Path | None
+    args: argparse.Namespace,
+    limits: Limits,
+    journal: Path | None,
+    *,
+    unknown_key_grace: float | None = None,
 ) -> AsyncIterator[WujieClient]:
-    """An open client on the gateway the arguments name (or an embedded emulator)."""
+    """An open client on the gateway the arguments name (or an embedded emulator).
+
+    ``unknown_key_grace``: the client's ``PollPolicy.unknown_key_grace`` (None: its default).
+    """
+
+    def poll_policy(base: PollPolicy) -> PollPolicy:
+        if unknown_key_grace is None:
+            return base
+        return dataclasses.replace(base, unknown_key_grace=unknown_key_grace)
+
+    reply_cap = getattr(args, "max_response_bytes", None)
+    if reply_cap is not None:
+        limits = dataclasses.replace(limits, max_response_bytes=reply_cap)
+
     if args.emulator:
         config = EmulatorConfig(
             time_scale=args.emulator_time_scale, faults=emulator_faults(args.emulator_fault)
@@ -160,7 +177,7 @@ async def open_client(
                 base_url=emu.base_url,
                 limits=limits,
                 journal=journal,
-                poll=emulator_poll_policy(config.time_scale),
+                poll=poll_policy(emulator_poll_policy(config.time_scale)),
                 downloads=download_policy(args),
                 allow_private_addresses=bool(getattr(args, "allow_private_addresses", False)),
             )
@@ -174,6 +191,7 @@ async def open_client(
             base_url=args.base_url,
             limits=limits,
             journal=journal,
+            poll=poll_policy(PollPolicy()),
             allow_insecure_http=args.allow_http,
             downloads=download_policy(args),
             allow_private_addresses=bool(getattr(args, "allow_private_addresses", False)),

@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .. import InvalidRequestError, JournalLockedError, WujieError, emulator
+from .. import InvalidRequestError, JournalLockedError, Limits, WujieError, emulator
 from .._config import price_key_problem
 from .._file_names import DEFAULT_NAME, PlannedJob
 from .._models import GenerationRequest
@@ -135,6 +135,15 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow plain http to hosts that are not loopback: the base URL (anyone on the "
         "path could replay the signed header) and image downloads",
+    )
+    group.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the largest API reply read, once decoded (default "
+        f"{Limits().max_response_bytes}); raise it for a gateway that lists images inline "
+        "(b64_json), whose reports on one job can be larger",
     )
     group.add_argument(
         "--allow-private-addresses",
@@ -269,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="show jobs by key (submitted elsewhere, or with --no-wait); --wait saves them",
         description="Print one line per key: its state, progress and images, or why it ended "
-        "(exit 1 when a key is not found). With --wait, wait for the jobs and save their "
-        "images like generate.",
+        "(exit 1 when a key is not found or unreadable; exit 3 when the gateway could not be "
+        "asked: no answer). With --wait, wait for the jobs and save their images like "
+        "generate.",
     )
     status.add_argument("keys", nargs="+", metavar="KEY", help="job keys")
     status.add_argument(
@@ -475,6 +485,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--progress-interval", "progress_interval"),
         ("--emulator-time-scale", "emulator_time_scale"),
         ("--download-timeout", "download_timeout"),
+        ("--max-response-bytes", "max_response_bytes"),
     ):
         value = getattr(args, dest, None)
         if value is not None and not 0 < value < math.inf:

@@ -39,6 +39,7 @@ from .._keys import images_in
 from ._bulk import (
     BulkResult,
     BulkRun,
+    GatewayFailingError,
     OutputUnwritableError,
     Row,
     charged_keys,
@@ -156,6 +157,8 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     if isinstance(result.systemic, OutputUnwritableError):
         said = result.systemic.said(keys_listed=bool(_keys_held(result.unrecorded)))
         return said + _unrecorded_keys(result.unrecorded)
+    if isinstance(result.systemic, GatewayFailingError):
+        return str(result.systemic) + _unrecorded_keys(result.unrecorded)
     if result.systemic is not None:
         # The manifest may have refused rows after another error stopped the sending: its
         # keys are said all the same.

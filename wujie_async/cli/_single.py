@@ -14,12 +14,20 @@ import re
 import time
 from typing import Any, Final
 
-from .. import ImageJob, InvalidRequestError, Limits, WujieClient
+from .. import (
+    ImageJob,
+    InvalidRequestError,
+    JobCancelledError,
+    JobProtocolError,
+    Limits,
+    UnknownJobError,
+    WujieClient,
+)
 from .._image_formats import sniff_format
 from .._local_files import LocalFileError, read_regular_file
 from .._models import EditRequest, GenerationRequest
 from .._rules import GPT_IMAGE_MAX_BYTES
-from ._common import EXIT_FAILED, EXIT_OK, UsageError, open_client
+from ._common import EXIT_FAILED, EXIT_OK, EXIT_SYSTEMIC, UsageError, open_client
 from ._outcome import clean
 
 # The most an image file may hold: gpt-image-1 takes images under 25 MB, the most any model
@@ -29,6 +37,11 @@ _MIME = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _INDEXED = re.compile(r"^(?P<field>\w+)\[(?P<index>\d+)\]$")
 # How long ``status`` (without --wait) waits for the gateway to list every key.
 STATUS_WAIT_S: Final = 15.0
+# How long a key may be left out of the gateway's replies before ``status`` reads it as not
+# found (the client's grace is 30 s: a key may be absent for a moment right after its submit).
+STATUS_KEY_GRACE_S: Final = 3.0
+# Batch calls that may fail (after their retries) before ``status`` stops waiting for replies.
+STATUS_FAILED_CALLS: Final = 3
 
 
 def image_argument(value: str, flag: str) -> str:
@@ -109,36 +122,43 @@ async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest | 
 
 async def show_status(args: argparse.Namespace) -> int:
     """``status KEY...``: one line per key, as the gateway reports it now."""
-    async with open_client(args, Limits(), None) as client:
+    limits = Limits()
+    async with open_client(args, limits, None, unknown_key_grace=STATUS_KEY_GRACE_S) as client:
         jobs = [_attach(client, key) for key in args.keys]
         await _first_reports(client, jobs)
-        unknown = 0
+        findings = [_finding(job) for job in jobs]
         for job in jobs:
             line = json.dumps(as_json(job)) if args.json else describe(job)
             print(line)  # noqa: T201 - the status lines are this command's output
-            unknown += not _reported(job)
-    return EXIT_FAILED if unknown else EXIT_OK
+    if NO_ANSWER in findings:
+        return EXIT_SYSTEMIC
+    return EXIT_OK if all(found == FOUND for found in findings) else EXIT_FAILED
 
 
 def _attach(client: WujieClient, key: str) -> ImageJob:
     try:
-        return client.images.attach(key)
+        # The job's deadline is the wait's: a key never answered about ends with a
+        # JobTimeoutError that says why (the batch calls failing, and how).
+        return client.images.attach(key, job_timeout=STATUS_WAIT_S)
     except InvalidRequestError as exc:
         raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
 
 
 async def _first_reports(client: WujieClient, jobs: list[ImageJob]) -> None:
-    """Wait until the gateway has listed every key (or each has ended), or a short deadline.
+    """Wait until the gateway has listed every key or each has ended, or a short deadline.
 
-    A key the gateway does not know is never listed: once every key has been asked about
-    twice (or the deadline passes) the wait ends and that key reads as not found.
+    A key the gateway does not list ends once it has been left out of the replies for
+    ``STATUS_KEY_GRACE_S`` (and one listed only in unreadable entries likewise); a key the
+    gateway could not be asked about (its batch calls fail: a 5xx, a 401, a page that is not
+    JSON) ends at the deadline. The wait ends sooner when the calls keep failing, and
+    whatever was not answered reads as "no answer", never as "not found".
     """
-    polled_before = client.stats.keys_polled
-    deadline = time.monotonic() + STATUS_WAIT_S
+    errors_before = client.stats.batch_errors
+    deadline = time.monotonic() + STATUS_WAIT_S + 1.0  # the jobs' own deadlines come first
     while time.monotonic() < deadline:
         if all(_reported(job) for job in jobs):
             return
-        if client.stats.keys_polled - polled_before >= 2 * len(jobs) + 1:
+        if client.stats.batch_errors - errors_before >= STATUS_FAILED_CALLS:
             return
         await asyncio.sleep(0.02)  # reads in-memory job state only; the poller does the asking
 
@@ -148,13 +168,33 @@ def _reported(job: ImageJob) -> bool:
     return job.status is not None or job.done()
 
 
+# What ``status`` learnt of a key.
+FOUND: Final = "found"  # listed
+UNREADABLE: Final = "unreadable"  # listed only in entries that could not be read (or too large)
+NOT_FOUND: Final = "not found"  # replies came back without it for STATUS_KEY_GRACE_S
+NO_ANSWER: Final = "no answer"  # no reply about it came back: the calls failed or were slow
+
+
+def _finding(job: ImageJob) -> str:
+    if job.status is not None:
+        return FOUND
+    error = job.exception() if job.done() else None
+    if isinstance(error, UnknownJobError):
+        return NOT_FOUND
+    if isinstance(error, JobProtocolError):
+        return UNREADABLE
+    return NO_ANSWER
+
+
 def as_json(job: ImageJob) -> dict[str, Any]:
     """One key's status as a JSON object (``status --json`` prints one per line)."""
-    error = job.exception()
+    error = job.exception() if job.done() else None
+    finding = _finding(job)
     return {
         "key": job.key,
-        "found": _reported(job),
-        "status": job.status_name if _reported(job) else "not found",
+        # null: the gateway could not be asked (its calls failed): neither found nor not.
+        "found": None if finding == NO_ANSWER else finding != NOT_FOUND,
+        "status": job.status_name if job.status is not None else finding,
         "status_code": None if job.status is None else int(job.status),
         "progress": job.progress,
         "expected_seconds": job.expected_seconds,
@@ -164,14 +204,28 @@ def as_json(job: ImageJob) -> dict[str, Any]:
             {"index": image.index, "url": image.url, "inline": image.b64_json is not None}
             for image in job.images
         ],
-        "error": clean(error) if error is not None else None,
+        "error": _why(job) if finding == NO_ANSWER else clean(error) if error else None,
     }
+
+
+def _why(job: ImageJob) -> str:
+    """Why a key the gateway has not reported on reads as it does (one clean line)."""
+    error = job.exception() if job.done() else None
+    if error is None or isinstance(error, JobCancelledError):
+        return "the gateway's batch calls failed (see the warnings above)"
+    return clean(error)
 
 
 def describe(job: ImageJob) -> str:
     """One status line: key, state, progress, images, or why it ended."""
-    if not _reported(job):
+    finding = _finding(job)
+    if finding == NOT_FOUND:
         return f"{job.key}  not found (the gateway does not list this key)"
+    if job.status is None:  # listed only unreadably, or not answered about
+        said = _why(job)
+        if finding == NO_ANSWER:
+            return f"{job.key}  no answer (not known whether the gateway lists it): {said}"
+        return f"{job.key}  unreadable: {said}"
     parts = [job.key, job.status_name, f"{job.progress:.0f}%"]
     if job.images:
         parts.append(f"{len(job.images)} image(s)")
