@@ -299,6 +299,57 @@ async def test_input_errors_before_anything_is_sent(tmp_path: Path) -> None:
     assert code == 2 and f"{spanning}:2: n:" in err and f"{spanning}:5: n:" in err, err
 
 
+async def test_a_line_is_what_an_editor_calls_a_line_and_a_bom_is_not_a_prompt(
+    tmp_path: Path,
+) -> None:
+    # A form feed or U+2028 inside a prompt (or a JSON string) does not end its line: the
+    # file has 3 prompts, 3 jobs are paid for, and the lines are numbered as an editor does.
+    text = tmp_path / "odd.txt"
+    text.write_bytes(b"one\x0cpage\r\ntwo \xe2\x80\xa8 more\n\n  \r\nthree\n")
+    out = tmp_path / "txt"
+    code, stdout, err = await cli("bulk", str(text), "--emulator", *FAST, "-o", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["lines"] == 3
+    assert sorted((r["line"], r["prompt"]) for r in manifest(out)) == [
+        (1, "one\x0cpage"),
+        (2, "two \u2028 more"),
+        (5, "three"),
+    ]
+    rows = tmp_path / "odd.jsonl"
+    rows.write_text('{"prompt": "a\u2028b"}\n{"prompt": "c"}\n', encoding="utf-8")
+    code, _, err = await cli("bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "j"))
+    assert code == 0, err
+    assert sorted(r["prompt"] for r in manifest(tmp_path / "j")) == ["a\u2028b", "c"]
+
+    # Piped with a byte order mark (a file saved by Notepad), stdin reads as the file does:
+    # JSON lines parse, and no prompt is sent with the mark in front of it.
+    bom = b"\xef\xbb\xbf"
+    for name, data, prompt in (
+        ("jsonl", bom + b'{"prompt": "a fox"}\r\n', "a fox"),
+        ("text", bom + b"an owl\r\n", "an owl"),
+    ):
+        out = tmp_path / name
+        code, _, err = await cli("bulk", "-", "--emulator", *FAST, "-o", str(out), stdin=data)
+        assert code == 0, err
+        assert [r["prompt"] for r in manifest(out)] == [prompt]
+
+
+async def test_manifest_rows_holding_a_line_separator_are_read_back_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    # A prompt with U+2028 or U+0085 (escaped in the input) is written as it is in its row;
+    # the re-run without a journal read such a row as two broken ones and paid for it again.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a\\u2028b"}\n{"prompt": "c\\u0085d"}\n{"prompt": "e"}\n')
+    args = ("bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "o"), "--no-journal")
+    code, _, err = await cli(*args)
+    assert code == 0, err
+    code, stdout, err = await cli(*args, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["images"] == 0
+    assert sorted(r["prompt"] for r in manifest(tmp_path / "o")) == ["a\u2028b", "c\x85d", "e"]
+
+
 @pytest.mark.long
 async def test_a_second_ctrl_c_names_the_lines_that_may_have_been_charged(tmp_path: Path) -> None:
     async with served_emulator(tmp_path, "--slow-reply", "1.0", "--slow-reply-s", "2") as emu:

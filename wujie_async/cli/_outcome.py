@@ -329,7 +329,9 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     records = []
-    for line in text.splitlines():
+    # Rows end at "\n" only (JSON escapes it in strings); not ``splitlines()``, which also
+    # splits at U+2028 or U+0085 in a prompt, losing that row: its line would be paid again.
+    for line in text.split("\n"):
         try:
             record = json.loads(line)
         except ValueError:
