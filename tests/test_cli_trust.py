@@ -920,6 +920,34 @@ async def test_a_rerun_counts_uncertain_lines_against_the_budget(tmp_path: Path)
 
 
 @pytest.mark.long
+async def test_a_rerun_after_a_kill_counts_the_journals_uncertain_lines_against_the_budget(
+    tmp_path: Path,
+) -> None:
+    """A run killed outright while submits were on the wire leaves their lines uncertain in
+    the journal only (no manifest row). The re-run held nothing for them and sent the rest:
+    the budget was passed by what they were charged (240 points on a 200 budget)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        bulk += ["--max-points", "16", "--point-price", "dall-e-2=8"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 2, err
+        assert (await emu.stats())["submits_accepted"] == 2  # and charged: 16 points
+        # As a kill -9 leaves it: the journal's rows read uncertain, the manifest has none.
+        (out / "manifest.jsonl").write_text("")
+
+        await emu.set_faults()
+        prompts.write_text("a fox\nan owl\na cat\n")  # one line more, never sent
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (2, 1), err
+        assert "up to 16 on uncertain lines of a 16 budget" in err, err
+        assert (await emu.stats())["submits_accepted"] == 2  # the budget held
+
+
+@pytest.mark.long
 @pytest.mark.parametrize("journal", [[], ["--no-journal"]])
 async def test_lines_that_moved_while_their_jobs_ran_are_collected_once(
     tmp_path: Path, journal: list[str]

@@ -29,9 +29,11 @@ from .. import (
     ImageJob,
     InvalidRequestError,
     JournalEntry,
+    JournalFile,
     JournalLockedError,
     Limits,
     WujieClient,
+    WujieError,
 )
 from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
@@ -434,6 +436,35 @@ async def plan_rerun(
     return plan
 
 
+async def journal_uncertain(
+    path: Path, items: list[BulkItem], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Manifest-like ``uncertain`` rows for the lines of ``items`` whose journal row reads
+    uncertain (or is an intent a killed run left: it reads uncertain once opened) and whose
+    manifest does not say how they ended: a run killed outright while their submits were on
+    the wire wrote no row for them. Read before the run's client opens the journal (its
+    budget is set then); a journal that cannot be read here is left to that open to report.
+    """
+    if not await anyio.to_thread.run_sync(path.is_file):
+        return []
+    try:
+        async with JournalFile(path) as journal:
+            entries = await journal.entries()
+    except JournalLockedError:
+        raise  # another run holds it: exit 4, as the client's open would
+    except (WujieError, OSError):
+        return []
+    latest = {entry.tag: entry for entry in entries if entry.tag}
+    moved = moved_rows(items, latest)
+    ended = {r["tag"] for r in records if isinstance(r.get("tag"), str)}
+    rows = []
+    for item in items:
+        entry = latest.get(moved.get(item.tag, item.tag))
+        if entry is not None and entry.state in ("uncertain", "intent") and item.tag not in ended:
+            rows.append({"tag": item.tag, "status": "uncertain"})
+    return rows
+
+
 def plan_from_manifest(
     client: WujieClient,
     items: list[BulkItem],
@@ -770,7 +801,10 @@ class Session:
             )
             if getattr(args, "max_points", None) is not None:  # prices serve the budget only
                 self.prices_before = learned
-                # Lines left uncertain may have been charged: the budget counts them spent.
+                # Lines left uncertain may have been charged: the budget counts them spent,
+                # those only the journal holds too (a run killed while they were on the wire).
+                if self.journal is not None:
+                    records = [*records, *await journal_uncertain(self.journal, items, records)]
                 self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
         async with self._opened(items) as (client, reserve, close):
             if args.command == "resume":
