@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from wujie_async.cli._run import stop_said
 
 from .cli_helpers import (
     FAST,
+    Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
@@ -348,6 +350,38 @@ async def test_manifest_rows_holding_a_line_separator_are_read_back_not_paid_aga
     assert code == 0, err
     assert json.loads(stdout)["images"] == 0
     assert sorted(r["prompt"] for r in manifest(tmp_path / "o")) == ["a\u2028b", "c\x85d", "e"]
+
+
+@pytest.mark.long
+async def test_the_commands_a_stopped_run_prints_work_pasted_as_they_are(tmp_path: Path) -> None:
+    """The summary of a stopped run prints the command that continues it, and the one that
+    only collects: pasted into a shell, each ran as printed. They were printed unquoted, so
+    an input or --out path with a space (or a --name with a space) broke them."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        folder = tmp_path / "my images"
+        folder.mkdir()
+        prompts = prompts_in = folder / "my prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = folder / "out put"
+        bulk = ["bulk", str(prompts_in), "-o", str(out), "--name", "{line} {index}.{ext}"]
+        async with running_cli(*bulk, env=emu.env) as run:
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            run.send_signal(signal.SIGTERM)
+            code, _, err = await run.finish(30)
+        assert code == 143, err
+        printed = [line.strip() for line in err.splitlines()]
+        rerun = next(line for line in printed if line.startswith("wujie-async bulk"))
+        assert shlex.split(rerun) == ["wujie-async", *bulk], rerun
+        collect = next(line for line in printed if line.startswith("(or collect only: "))
+        resume = shlex.split(collect.removeprefix("(or collect only: ").removesuffix(")"))
+        code, _, err = await cli(*resume[1:], env=emu.env)  # as printed: it collects them
+        assert code == 0, err
+        assert sorted(path.name for path in out.glob("*.png")) == ["1 0.png", "2 0.png"]
+        assert (await emu.stats())["submits_accepted"] == 2
+
+
+async def _accepted_ge(emu: Served, count: int) -> bool:
+    return int((await emu.stats())["submits_accepted"]) >= count
 
 
 @pytest.mark.long

@@ -334,7 +334,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         if journal_left:
             console.print(Text(journal_left_said(path, journal_left)), soft_wrap=True)
         if run.forget_failed is not None:
-            console.print(Text(forget_failed_said(run.forget_failed)), soft_wrap=True)
+            console.print(Text(forget_failed_said(run.forget_failed, path)), soft_wrap=True)
         stopped = stop_said(
             result, client.base_url, app_id_flag=bool(getattr(args, "app_id", None))
         )

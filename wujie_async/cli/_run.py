@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
@@ -167,13 +168,15 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     return None
 
 
-def forget_failed_said(why: str) -> str:
-    """The summary's warning for a journal that did not forget the rows a run superseded."""
+def forget_failed_said(why: str, journal: Path | None) -> str:
+    """The summary's warning for a journal that did not forget the rows a run superseded;
+    its commands name ``journal`` (without it they would read OUT's default one)."""
+    named = f" --journal {_sh(journal)}" if journal is not None else ""
     return (
         f"warning: the journal did not forget the rows this run sent again ({clean(why)}): "
         "they are still listed as uncertain, and a later --retry-uncertain would send them "
-        "once more; find them with `wujie-async journal list --status uncertain` and drop "
-        "them with `wujie-async journal forget ROWS --yes`"
+        f"once more; find them with `wujie-async journal list --status uncertain{named}` and "
+        f"drop them with `wujie-async journal forget ROWS --yes{named}`"
     )
 
 
@@ -590,6 +593,11 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def _sh(path: Path | str | None) -> str:
+    """A path as a shell reads it back: the commands we print are to be pasted."""
+    return shlex.quote(str(path))
+
+
 def _row_of(record: dict[str, Any]) -> str:
     tag = record.get("tag")
     if isinstance(tag, str):
@@ -862,7 +870,7 @@ class Session:
                 self._say(
                     f"{plan.unclaimed} job(s) in the journal may still be running for rows no "
                     "longer in the input (edited or removed since): they are paid; "
-                    f"`wujie-async resume {self.journal} -o {out}` collects them"
+                    f"`wujie-async resume {_sh(self.journal)} -o {_sh(out)}` collects them"
                 )
             if plan.moved:
                 self._say(
@@ -1153,13 +1161,16 @@ class Session:
                 Text(journal_left_said(self.journal, self.journal_left)), soft_wrap=True
             )
         if self.forget_failed is not None:
-            self.console.print(Text(forget_failed_said(self.forget_failed)), soft_wrap=True)
+            self.console.print(
+                Text(forget_failed_said(self.forget_failed, self.journal)), soft_wrap=True
+            )
         self._unreported_said(result)
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)
             if not result.interrupted:
                 return
-        command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
+        # Quoted for a shell: it is to be pasted as it is (a path with a space, a --name).
+        command = shlex.join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
         if result.interrupted:
             word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
@@ -1167,7 +1178,7 @@ class Session:
                 names = ", ".join(_line_name(o) for o in uncertain[:10])
                 more = f" and {len(uncertain) - 10} more" if len(uncertain) > 10 else ""
                 see = (
-                    f"wujie-async journal list --status uncertain --journal {self.journal}"
+                    f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                     if self.journal is not None
                     else "the gateway's console (no journal kept their fate)"
                 )
@@ -1177,10 +1188,14 @@ class Session:
                     f"See: {see}"
                 )
             if self.journal is not None:
+                # The images keep this run's names (resume's default is another).
+                name = getattr(self.args, "name", None)
+                named = f" --name {_sh(name)}" if name else ""
                 say(
                     f"{word}: submitted jobs keep running on the gateway; re-run the same "
                     f"command to collect them and send the rest:\n  wujie-async {command}\n"
-                    f"(or collect only: wujie-async resume {self.journal} --out {self.args.out})"
+                    f"(or collect only: wujie-async resume {_sh(self.journal)} "
+                    f"--out {_sh(self.args.out)}{named})"
                 )
             elif self.args.emulator:
                 say(f"{word} (the embedded emulator stops with this process)")
@@ -1228,7 +1243,7 @@ class Session:
             )
         if counts["uncertain"] - accepted:
             see = (
-                f"wujie-async journal list --status uncertain --journal {self.journal}"
+                f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                 if self.journal is not None
                 else f"their rows in {self.args.out / 'manifest.jsonl'} (status uncertain)"
             )
