@@ -380,6 +380,33 @@ async def test_the_commands_a_stopped_run_prints_work_pasted_as_they_are(tmp_pat
         assert (await emu.stats())["submits_accepted"] == 2
 
 
+@pytest.mark.long
+async def test_a_rerun_after_kill_and_resume_keeps_what_resume_saved(tmp_path: Path) -> None:
+    """Killed outright before its manifest had a row, a journaled run is collected by
+    `resume`; the re-run of the bulk command then took resume's rows for another input's:
+    it fetched every image again and recorded each job's points a second time (the manifest
+    added up to twice what the gateway charged)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--json"]
+        async with running_cli(*bulk, env=emu.env) as run:
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            run.send_signal(signal.SIGKILL)
+            await run.finish(30)
+        assert manifest(out) == []
+        code, _, err = await cli("resume", str(out / "journal.sqlite"), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        summary = json.loads(stdout)
+        assert summary["images"] == 0 and summary["points"] == 0, summary
+        charged = (await emu.stats())["points_charged"]
+        assert summary["points_total"] == charged == sum(r["points"] for r in manifest(out))
+        assert (await emu.stats())["submits_accepted"] == 2
+
+
 async def _accepted_ge(emu: Served, count: int) -> bool:
     return int((await emu.stats())["submits_accepted"]) >= count
 

@@ -288,9 +288,21 @@ def run_source(records: Iterable[dict[str, Any]], fallback: str) -> str:
     return inputs[0] if len(inputs) == 1 else fallback
 
 
+# What ``input`` says for records of commands that continued a folder's journaled run when
+# its manifest named no input yet (a run killed outright before its first row).
+CONTINUED_SOURCES: Final = frozenset({"resume", "resend"})
+
+
 def of_source(records: Iterable[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """The records of ``source`` (records from before inputs were recorded count as its own)."""
-    return [r for r in records if r.get("input", source) == source]
+    """The records of ``source`` (records from before inputs were recorded count as its own,
+    and so do those ``resume`` or ``journal resend`` wrote for the folder's one input without
+    knowing its name: else a re-run would collect their jobs again and count their points
+    twice)."""
+    return [
+        r
+        for r in records
+        if r.get("input", source) == source or r.get("input") in CONTINUED_SOURCES
+    ]
 
 
 def base_record(
