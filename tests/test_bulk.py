@@ -374,6 +374,7 @@ async def test_the_commands_a_stopped_run_prints_work_pasted_as_they_are(tmp_pat
         assert shlex.split(rerun) == ["wujie-async", *bulk], rerun
         collect = next(line for line in printed if line.startswith("(or collect only: "))
         resume = shlex.split(collect.removeprefix("(or collect only: ").removesuffix(")"))
+        assert resume[-2:] == ["--name", "{line} {index}.{ext}"], resume  # only when given
         code, _, err = await cli(*resume[1:], env=emu.env)  # as printed: it collects them
         assert code == 0, err
         assert sorted(path.name for path in out.glob("*.png")) == ["1 0.png", "2 0.png"]

@@ -1190,7 +1190,7 @@ class Session:
             if self.journal is not None:
                 # The images keep this run's names (resume's default is another).
                 name = getattr(self.args, "name", None)
-                named = f" --name {_sh(name)}" if name else ""
+                named = f" --name {_sh(name)}" if name and name != DEFAULT_NAME else ""
                 say(
                     f"{word}: submitted jobs keep running on the gateway; re-run the same "
                     f"command to collect them and send the rest:\n  wujie-async {command}\n"
