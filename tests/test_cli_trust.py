@@ -949,6 +949,42 @@ async def test_a_rerun_after_a_kill_counts_the_journals_uncertain_lines_against_
 
 @pytest.mark.long
 @pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_a_rerun_sends_no_new_first_job_of_a_kind_whose_first_reply_was_lost(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """The first job of a kind lost its reply (it may have been charged) and no price is
+    known: the run ends the kind's other lines `unpriced`, as the library's budget does. The
+    re-run counted that line at nothing and sent another "first" job: 16 points charged on
+    an 8-point budget (and one more job per re-run while replies keep being lost)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--json", "--max-points", "8", *journal]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (1, 1), err
+
+        await emu.set_faults()
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (1, 1), err
+        assert "--point-price" in err, err
+        assert [r["error_code"] for r in manifest(out) if r["status"] == "not_sent"] == [
+            "unpriced",
+            "unpriced",
+        ]
+        stats = await emu.stats()
+        assert stats["submits_accepted"] == 1 and stats["points_charged"] <= 8
+
+        # With the price given, the budget holds the lost line at it: nothing fits.
+        code, stdout, err = await cli(*bulk, "--point-price", "gpt-image-1=8", env=emu.env)
+        assert code == 1 and "up to 8 on uncertain lines" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
 async def test_lines_that_moved_while_their_jobs_ran_are_collected_once(
     tmp_path: Path, journal: list[str]
 ) -> None:

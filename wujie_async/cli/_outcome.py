@@ -46,7 +46,7 @@ from .. import (
     WujieError,
     snippet,
 )
-from .._budget import Budget, kind_of
+from .._budget import Budget, Kind, kind_of
 from .._config import price_key_problem
 from .._keys import images_in
 
@@ -387,6 +387,43 @@ def points_spent(records: Iterable[dict[str, Any]]) -> float:
     return sum((points for record in records if (points := _points_of(record)) is not None), 0.0)
 
 
+def uncertain_unpriced(
+    records: Iterable[dict[str, Any]],
+    bodies: Mapping[str, Mapping[str, Any]],
+    prices: Mapping[str, float] | None,
+) -> set[Kind]:
+    """The kinds of the lines an earlier run left ``uncertain`` that have no known price.
+
+    Such a line may have been charged, and :func:`uncertain_cost` can count it at nothing:
+    a re-run that sent another job of its kind to learn the price would spend past the
+    budget by it, once per re-run while replies are lost. The library's budget refuses that
+    within a run (the kind is unpriced until ``point_prices`` gives one); so does a re-run.
+    """
+    pricing = Budget(math.inf, prices)
+    kinds: set[Kind] = set()
+    for body in _uncertain_bodies(records, bodies):
+        kind = kind_of(body, images_in(body) or 1)
+        if pricing.estimate(kind) is None:
+            kinds.add(kind)
+    return kinds
+
+
+def _uncertain_bodies(
+    records: Iterable[dict[str, Any]], bodies: Mapping[str, Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """The request bodies of the lines whose last row is ``uncertain``."""
+    last: dict[str, dict[str, Any]] = {}
+    for record in records:
+        tag = record.get("tag")
+        if isinstance(tag, str):
+            last[tag] = record
+    return [
+        body
+        for tag, record in last.items()
+        if record.get("status") == "uncertain" and (body := bodies.get(tag)) is not None
+    ]
+
+
 def uncertain_cost(
     records: Iterable[dict[str, Any]],
     bodies: Mapping[str, Mapping[str, Any]],
@@ -399,19 +436,10 @@ def uncertain_cost(
     charged, by kind); a kind with no known price counts nothing (the budget's guide says
     so). ``bodies``: this run's request bodies by row tag.
     """
-    last: dict[str, dict[str, Any]] = {}
-    for record in records:
-        tag = record.get("tag")
-        if isinstance(tag, str):
-            last[tag] = record
     pricing = Budget(math.inf, prices)
     total = 0.0
-    for tag, record in last.items():
-        body = bodies.get(tag)
-        if record.get("status") != "uncertain" or body is None:
-            continue
-        n = images_in(body) or 1
-        total += pricing.estimate(kind_of(body, n)) or 0.0
+    for body in _uncertain_bodies(records, bodies):
+        total += pricing.estimate(kind_of(body, images_in(body) or 1)) or 0.0
     return total
 
 

@@ -36,6 +36,7 @@ from .. import (
     WujieClient,
     WujieError,
 )
+from .._budget import Kind, kind_of
 from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
@@ -78,6 +79,7 @@ from ._outcome import (
     run_source,
     saved_indexes,
     uncertain_cost,
+    uncertain_unpriced,
     unreported_cost,
 )
 from ._progress import Display, Mode, Tally
@@ -735,6 +737,8 @@ class Session:
         self.journal_left: list[str] = []
         self.forget_failed: str | None = None  # see BulkRun.forget_failed
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
+        # With a budget: kinds of their uncertain lines that have no known price (see _unpriced).
+        self.unpriced_kinds: set[Kind] = set()
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         # Earlier runs' saved jobs whose cost the gateway did not report, at their kind's price:
         # counted with what earlier runs spent (and against the budget).
@@ -757,6 +761,33 @@ class Session:
             ),
             point_prices=self._point_prices(),
         )
+
+    def _unpriced(self, plan: Plan) -> None:
+        """Lines of a kind whose earlier line may have been charged without a reply, with no
+        price known, end ``not_sent`` (``unpriced``), as the budget ends them within a run:
+        a job sent to learn the price would pass the budget by what that line cost."""
+        send = []
+        for row in plan.send:
+            model = row.body.get("model")
+            if kind_of(row.body, images_in(row.body) or 1) not in self.unpriced_kinds:
+                send.append(row)
+                continue
+            outcome = LineOutcome(
+                "not_sent",
+                row.line,
+                row.row_id,
+                None,
+                "unpriced",
+                clean(
+                    f"not sent: a {model} line of an earlier run may have been charged without "
+                    f"a reply, and what a {model} job costs is not known, so --max-points "
+                    f"{self.args.max_points:g} cannot be held; give its price with "
+                    f"--point-price {model}=POINTS (points per image) and re-run"
+                ),
+            )
+            plan.settled.append(outcome)
+            plan.unrecorded.append((row, outcome))
+        plan.send = send
 
     def _point_prices(self, learned: dict[str, float] | None = None) -> dict[str, float] | None:
         """The user's ``--point-price`` table, and (with a budget) what earlier runs of this
@@ -814,6 +845,7 @@ class Session:
                 if self.journal is not None:
                     records = [*records, *await journal_uncertain(self.journal, items, records)]
                 self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
+                self.unpriced_kinds = uncertain_unpriced(records, bodies, self._point_prices())
         async with self._opened(items) as (client, reserve, close):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -851,6 +883,8 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if self.unpriced_kinds:
+                self._unpriced(plan)
             # A gateway that hands out a key again (a counter reset by a restart) gave a new
             # line an earlier run's key: it was taken for that saved job, read "saved", and
             # its own image was never written.
