@@ -949,6 +949,34 @@ async def test_a_rerun_after_a_kill_counts_the_journals_uncertain_lines_against_
 
 @pytest.mark.long
 @pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_an_uncertain_line_the_budget_kept_from_its_resend_stays_uncertain(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """`--retry-uncertain` on a budget with no room: the line is not resent, and its row
+    reads `not_sent`. That row made it a line never sent: the next plain re-run held nothing
+    for it and sent it again without being asked (without a journal), or spent its share
+    on other lines (with one). It stays uncertain, held at its price."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--json", *journal]
+        bulk += ["--max-points", "8", "--point-price", "gpt-image-1=8"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        await emu.set_faults()
+        code, stdout, err = await cli(*bulk, "--retry-uncertain", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["not_sent"] == 1, err
+        prompts.write_text("a fox\nan owl\n")  # a line more: no room for it either
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (1, 1), err
+        assert "up to 8 on uncertain lines" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
 async def test_a_rerun_sends_no_new_first_job_of_a_kind_whose_first_reply_was_lost(
     tmp_path: Path, journal: list[str]
 ) -> None:

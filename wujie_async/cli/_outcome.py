@@ -408,18 +408,35 @@ def uncertain_unpriced(
     return kinds
 
 
-def _uncertain_bodies(
-    records: Iterable[dict[str, Any]], bodies: Mapping[str, Mapping[str, Any]]
-) -> list[Mapping[str, Any]]:
-    """The request bodies of the lines whose last row is ``uncertain``."""
-    last: dict[str, dict[str, Any]] = {}
+def line_outcome(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row that says how a line ended, of its rows (oldest first; at least one): its
+    last, unless ``not_sent`` rows follow an ``uncertain`` one. A line resent with
+    ``--retry-uncertain`` that the budget (or a stop) kept from being sent is still
+    uncertain: it may have been charged, and a plain re-run must neither send it nor stop
+    holding its price."""
+    for record in reversed(rows):
+        if record.get("status") != "not_sent":
+            return record if record.get("status") == "uncertain" else rows[-1]
+    return rows[-1]
+
+
+def lines_ended(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each tagged line's :func:`line_outcome`, by tag."""
+    rows: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         tag = record.get("tag")
         if isinstance(tag, str):
-            last[tag] = record
+            rows.setdefault(tag, []).append(record)
+    return {tag: line_outcome(mine) for tag, mine in rows.items()}
+
+
+def _uncertain_bodies(
+    records: Iterable[dict[str, Any]], bodies: Mapping[str, Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """The request bodies of the lines that ended ``uncertain`` (see :func:`line_outcome`)."""
     return [
         body
-        for tag, record in last.items()
+        for tag, record in lines_ended(records).items()
         if record.get("status") == "uncertain" and (body := bodies.get(tag)) is not None
     ]
 

@@ -68,6 +68,8 @@ from ._outcome import (
     clean,
     count,
     fix_message,
+    line_outcome,
+    lines_ended,
     of_source,
     open_manifest,
     other_inputs,
@@ -461,7 +463,9 @@ async def journal_uncertain(
         return []
     latest = {entry.tag: entry for entry in entries if entry.tag}
     moved = moved_rows(items, latest)
-    ended = {r["tag"] for r in records if isinstance(r.get("tag"), str)}
+    # A line the manifest says ended (a not_sent row is no end: the journal says it was sent
+    # since) is the manifest's to count.
+    ended = {tag for tag, r in lines_ended(records).items() if r.get("status") != "not_sent"}
     rows = []
     for item in items:
         entry = latest.get(moved.get(item.tag, item.tag))
@@ -503,10 +507,10 @@ def plan_from_manifest(
         mine = by_row.get(moved.get(item.tag, item.tag)) or by_row.get(
             _legacy_row(row.line, row.body), []
         )
-        if not mine or mine[-1].get("status") == "not_sent":
+        if not mine or line_outcome(mine).get("status") == "not_sent":
             plan.send.append(row)
             continue
-        last = mine[-1]
+        last = line_outcome(mine)
         key = last.get("key")
         if row.row_id is not None and isinstance(key, str):
             recorded = recorded_request(last, row.body)
