@@ -382,6 +382,23 @@ async def test_the_commands_a_stopped_run_prints_work_pasted_as_they_are(tmp_pat
 
 
 @pytest.mark.long
+async def test_the_rerun_command_of_a_stopped_stdin_run_says_to_feed_stdin(tmp_path: Path) -> None:
+    """Pasted as printed, `wujie-async bulk - ...` waits for the terminal: the command a
+    stopped run prints says the input goes on stdin again (a shell comment, so it still
+    pastes)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        bulk = ["bulk", "-", "-o", str(tmp_path / "out")]
+        async with running_cli(*bulk, env=emu.env, stdin=b"a fox\nan owl\n") as run:
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            run.send_signal(signal.SIGTERM)
+            code, _, err = await run.finish(30)
+        assert code == 143, err
+        rerun = next(line.strip() for line in err.splitlines() if "wujie-async bulk" in line)
+        assert shlex.split(rerun, comments=True) == ["wujie-async", *bulk], rerun
+        assert rerun.endswith("# fed the same input on stdin"), rerun
+
+
+@pytest.mark.long
 async def test_a_rerun_after_kill_and_resume_keeps_what_resume_saved(tmp_path: Path) -> None:
     """Killed outright before its manifest had a row, a journaled run is collected by
     `resume`; the re-run of the bulk command then took resume's rows for another input's:

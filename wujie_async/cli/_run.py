@@ -1209,6 +1209,8 @@ class Session:
                 return
         # Quoted for a shell: it is to be pasted as it is (a path with a space, a --name).
         command = shlex.join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
+        if str(getattr(self.args, "file", "")) == "-":
+            command += "  # fed the same input on stdin"  # else it reads the terminal
         if result.interrupted:
             word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
