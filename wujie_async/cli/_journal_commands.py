@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import shlex
 import stat
 import sys
 from collections.abc import Callable
@@ -234,7 +235,8 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
         raise UsageError(
             f"journal resend: {said}. Sending it again would pay again and drop the row that "
             "leads to its images (a job still running is collected with `wujie-async resume "
-            f"{clean(str(path))} -o {clean(str(out))}`); nothing was sent"
+            f"{shlex.quote(clean(str(path)))} -o {shlex.quote(clean(str(out)))}`); nothing was "
+            "sent"
         )
 
 
@@ -342,7 +344,10 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             console.print(Text(stopped), soft_wrap=True)
         if result.interrupted:
             console.print(
-                Text("stopped: re-run `wujie-async resume` on this journal to collect the rest")
+                Text(
+                    "stopped: collect the rest with `wujie-async resume "
+                    f"{shlex.quote(str(path))} -o {shlex.quote(str(args.out))}`"
+                )
             )
         if result.interrupted or signals.received:
             # A signal is the stronger word, also one in the closing waits (see bulk's).
