@@ -433,7 +433,7 @@ def manifest(out: Path) -> list[dict[str, Any]]:
     path = out / "manifest.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line]
 
 
 def manifest_so_far(out: Path) -> list[dict[str, Any]]:
@@ -443,7 +443,7 @@ def manifest_so_far(out: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     text = path.read_text()
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].split("\n") if line]
 
 
 def final_outcomes(out: Path) -> dict[int, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from wujie_async.cli._run import stop_said
 
 from .cli_helpers import (
     FAST,
+    Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
@@ -317,6 +319,134 @@ async def test_input_errors_before_anything_is_sent(tmp_path: Path) -> None:
     spanning.write_text('prompt,n\n"a cat\non two\nlines",11\nowl,0\n')
     code, _, err = await cli("bulk", str(spanning), "--emulator")
     assert code == 2 and f"{spanning}:2: n:" in err and f"{spanning}:5: n:" in err, err
+
+
+async def test_a_line_is_what_an_editor_calls_a_line_and_a_bom_is_not_a_prompt(
+    tmp_path: Path,
+) -> None:
+    # A form feed or U+2028 inside a prompt (or a JSON string) does not end its line: the
+    # file has 3 prompts, 3 jobs are paid for, and the lines are numbered as an editor does.
+    text = tmp_path / "odd.txt"
+    text.write_bytes(b"one\x0cpage\r\ntwo \xe2\x80\xa8 more\n\n  \r\nthree\n")
+    out = tmp_path / "txt"
+    code, stdout, err = await cli("bulk", str(text), "--emulator", *FAST, "-o", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["lines"] == 3
+    assert sorted((r["line"], r["prompt"]) for r in manifest(out)) == [
+        (1, "one\x0cpage"),
+        (2, "two \u2028 more"),
+        (5, "three"),
+    ]
+    rows = tmp_path / "odd.jsonl"
+    rows.write_text('{"prompt": "a\u2028b"}\n{"prompt": "c"}\n', encoding="utf-8")
+    code, _, err = await cli("bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "j"))
+    assert code == 0, err
+    assert sorted(r["prompt"] for r in manifest(tmp_path / "j")) == ["a\u2028b", "c"]
+
+    # Piped with a byte order mark (a file saved by Notepad), stdin reads as the file does:
+    # JSON lines parse, and no prompt is sent with the mark in front of it.
+    bom = b"\xef\xbb\xbf"
+    for name, data, prompt in (
+        ("jsonl", bom + b'{"prompt": "a fox"}\r\n', "a fox"),
+        ("text", bom + b"an owl\r\n", "an owl"),
+    ):
+        out = tmp_path / name
+        code, _, err = await cli("bulk", "-", "--emulator", *FAST, "-o", str(out), stdin=data)
+        assert code == 0, err
+        assert [r["prompt"] for r in manifest(out)] == [prompt]
+
+
+async def test_manifest_rows_holding_a_line_separator_are_read_back_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    # A prompt with U+2028 or U+0085 (escaped in the input) is written as it is in its row;
+    # the re-run without a journal read such a row as two broken ones and paid for it again.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a\\u2028b"}\n{"prompt": "c\\u0085d"}\n{"prompt": "e"}\n')
+    args = ("bulk", str(rows), "--emulator", *FAST, "-o", str(tmp_path / "o"), "--no-journal")
+    code, _, err = await cli(*args)
+    assert code == 0, err
+    code, stdout, err = await cli(*args, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["images"] == 0
+    assert sorted(r["prompt"] for r in manifest(tmp_path / "o")) == ["a\u2028b", "c\x85d", "e"]
+
+
+@pytest.mark.long
+async def test_the_commands_a_stopped_run_prints_work_pasted_as_they_are(tmp_path: Path) -> None:
+    """The summary of a stopped run prints the command that continues it, and the one that
+    only collects: pasted into a shell, each ran as printed. They were printed unquoted, so
+    an input or --out path with a space (or a --name with a space) broke them."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        folder = tmp_path / "my images"
+        folder.mkdir()
+        prompts = prompts_in = folder / "my prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = folder / "out put"
+        bulk = ["bulk", str(prompts_in), "-o", str(out), "--name", "{line} {index}.{ext}"]
+        async with running_cli(*bulk, env=emu.env) as run:
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            run.send_signal(signal.SIGTERM)
+            code, _, err = await run.finish(30)
+        assert code == 143, err
+        printed = [line.strip() for line in err.splitlines()]
+        rerun = next(line for line in printed if line.startswith("wujie-async bulk"))
+        assert shlex.split(rerun) == ["wujie-async", *bulk], rerun
+        collect = next(line for line in printed if line.startswith("(or collect only: "))
+        resume = shlex.split(collect.removeprefix("(or collect only: ").removesuffix(")"))
+        assert resume[-2:] == ["--name", "{line} {index}.{ext}"], resume  # only when given
+        code, _, err = await cli(*resume[1:], env=emu.env)  # as printed: it collects them
+        assert code == 0, err
+        assert sorted(path.name for path in out.glob("*.png")) == ["1 0.png", "2 0.png"]
+        assert (await emu.stats())["submits_accepted"] == 2
+
+
+@pytest.mark.long
+async def test_the_rerun_command_of_a_stopped_stdin_run_says_to_feed_stdin(tmp_path: Path) -> None:
+    """Pasted as printed, `wujie-async bulk - ...` waits for the terminal: the command a
+    stopped run prints says the input goes on stdin again (a shell comment, so it still
+    pastes)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        bulk = ["bulk", "-", "-o", str(tmp_path / "out")]
+        async with running_cli(*bulk, env=emu.env, stdin=b"a fox\nan owl\n") as run:
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            run.send_signal(signal.SIGTERM)
+            code, _, err = await run.finish(30)
+        assert code == 143, err
+        rerun = next(line.strip() for line in err.splitlines() if "wujie-async bulk" in line)
+        assert shlex.split(rerun, comments=True) == ["wujie-async", *bulk], rerun
+        assert rerun.endswith("# fed the same input on stdin"), rerun
+
+
+@pytest.mark.long
+async def test_a_rerun_after_kill_and_resume_keeps_what_resume_saved(tmp_path: Path) -> None:
+    """Killed outright before its manifest had a row, a journaled run is collected by
+    `resume`; the re-run of the bulk command then took resume's rows for another input's:
+    it fetched every image again and recorded each job's points a second time (the manifest
+    added up to twice what the gateway charged)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--json"]
+        async with running_cli(*bulk, env=emu.env) as run:
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            run.send_signal(signal.SIGKILL)
+            await run.finish(30)
+        assert manifest(out) == []
+        code, _, err = await cli("resume", str(out / "journal.sqlite"), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        summary = json.loads(stdout)
+        assert summary["images"] == 0 and summary["points"] == 0, summary
+        charged = (await emu.stats())["points_charged"]
+        assert summary["points_total"] == charged == sum(r["points"] for r in manifest(out))
+        assert (await emu.stats())["submits_accepted"] == 2
+
+
+async def _accepted_ge(emu: Served, count: int) -> bool:
+    return int((await emu.stats())["submits_accepted"]) >= count
 
 
 @pytest.mark.long

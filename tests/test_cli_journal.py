@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sqlite3
 from pathlib import Path
 
@@ -284,4 +286,29 @@ async def test_resend_refuses_rows_whose_job_was_paid_and_rows_it_does_not_know(
         assert code == 0, err
         code, _, err = await cli("journal", "resend", "slow", "--yes", "-o", str(out), env=emu.env)
         assert code == 2 and "id slow is succeeded" in err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+async def test_the_resume_command_a_refused_resend_names_runs_as_printed(tmp_path: Path) -> None:
+    """`journal resend` of a row whose job the gateway took refuses it and names the command
+    that collects it: in a folder with a space that command, pasted, named two other paths
+    (it was not quoted)."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "2,2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\n")
+        out = tmp_path / "my out"
+        code, _, err = await cli(
+            "bulk", str(prompts), "-o", str(out), "--job-timeout", "0.2", env=emu.env
+        )
+        assert code == 1 and "timed out" in err, err  # its row stays accepted
+        code, _, err = await cli("journal", "resend", "1", "--yes", "-o", str(out), env=emu.env)
+        assert code == 2 and "nothing was sent" in err, err
+        printed = re.search(r"`(wujie-async resume [^`]*)`", " ".join(err.split()))
+        assert printed is not None, err
+        command = shlex.split(printed.group(1))
+        assert command[2:] == [str(out / "journal.sqlite"), "-o", str(out)], command
+        code, _, err = await cli(*command[1:], env=emu.env)
+        assert code == 0, err
+        assert final_outcomes(out) == {1: "saved"}
         assert (await emu.stats())["submits_accepted"] == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shlex
 import shutil
 import signal
 import socket
@@ -643,7 +644,8 @@ async def test_a_resend_whose_journal_disk_fills_up_still_prints_its_summary(
     """`journal resend` on a disk that fills up while its submit's reply is on its way: the
     journal refuses the forgetting of the row it sent again. That ended the command with a
     traceback (no summary, the client not closed); the summary now comes, saying the row
-    stays uncertain and how to drop it."""
+    stays uncertain and how to drop it (in that journal: the commands named none, and read
+    the default one)."""
     async with served_emulator(tmp_path) as emu:
         with full_disk(tmp_path / "disk", size="2m", fill=False) as disk:
             out = disk / "out"
@@ -661,3 +663,7 @@ async def test_a_resend_whose_journal_disk_fills_up_still_prints_its_summary(
     assert code is not None and "Traceback" not in err, err
     assert "row(s):" in err, err  # the summary
     assert "did not forget the rows this run sent again" in err, err
+    # Its commands name the journal: without it they read ./out/journal.sqlite instead.
+    journal = shlex.quote(str(out / "journal.sqlite"))
+    assert f"journal list --status uncertain --journal {journal}`" in err, err
+    assert f"journal forget ROWS --yes --journal {journal}`" in err, err

@@ -920,6 +920,98 @@ async def test_a_rerun_counts_uncertain_lines_against_the_budget(tmp_path: Path)
 
 
 @pytest.mark.long
+async def test_a_rerun_after_a_kill_counts_the_journals_uncertain_lines_against_the_budget(
+    tmp_path: Path,
+) -> None:
+    """A run killed outright while submits were on the wire leaves their lines uncertain in
+    the journal only (no manifest row). The re-run held nothing for them and sent the rest:
+    the budget was passed by what they were charged (240 points on a 200 budget)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out), "--json"]
+        bulk += ["--max-points", "16", "--point-price", "dall-e-2=8"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 2, err
+        assert (await emu.stats())["submits_accepted"] == 2  # and charged: 16 points
+        # As a kill -9 leaves it: the journal's rows read uncertain, the manifest has none.
+        (out / "manifest.jsonl").write_text("")
+
+        await emu.set_faults()
+        prompts.write_text("a fox\nan owl\na cat\n")  # one line more, never sent
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (2, 1), err
+        assert "up to 16 on uncertain lines of a 16 budget" in err, err
+        assert (await emu.stats())["submits_accepted"] == 2  # the budget held
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_an_uncertain_line_the_budget_kept_from_its_resend_stays_uncertain(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """`--retry-uncertain` on a budget with no room: the line is not resent, and its row
+    reads `not_sent`. That row made it a line never sent: the next plain re-run held nothing
+    for it and sent it again without being asked (without a journal), or spent its share
+    on other lines (with one). It stays uncertain, held at its price."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--json", *journal]
+        bulk += ["--max-points", "8", "--point-price", "gpt-image-1=8"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        await emu.set_faults()
+        code, stdout, err = await cli(*bulk, "--retry-uncertain", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["not_sent"] == 1, err
+        prompts.write_text("a fox\nan owl\n")  # a line more: no room for it either
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (1, 1), err
+        assert "up to 8 on uncertain lines" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [[], ["--no-journal"]])
+async def test_a_rerun_sends_no_new_first_job_of_a_kind_whose_first_reply_was_lost(
+    tmp_path: Path, journal: list[str]
+) -> None:
+    """The first job of a kind lost its reply (it may have been charged) and no price is
+    known: the run ends the kind's other lines `unpriced`, as the library's budget does. The
+    re-run counted that line at nothing and sent another "first" job: 16 points charged on
+    an 8-point budget (and one more job per re-run while replies keep being lost)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a fox\nan owl\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--json", "--max-points", "8", *journal]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (1, 1), err
+
+        await emu.set_faults()
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        outcomes = json.loads(stdout)["outcomes"]
+        assert code == 1 and (outcomes["uncertain"], outcomes["not_sent"]) == (1, 1), err
+        assert "--point-price" in err, err
+        assert [r["error_code"] for r in manifest(out) if r["status"] == "not_sent"] == [
+            "unpriced",
+            "unpriced",
+        ]
+        stats = await emu.stats()
+        assert stats["submits_accepted"] == 1 and stats["points_charged"] <= 8
+
+        # With the price given, the budget holds the lost line at it: nothing fits.
+        code, stdout, err = await cli(*bulk, "--point-price", "gpt-image-1=8", env=emu.env)
+        assert code == 1 and "up to 8 on uncertain lines" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
 @pytest.mark.parametrize("journal", [[], ["--no-journal"]])
 async def test_lines_that_moved_while_their_jobs_ran_are_collected_once(
     tmp_path: Path, journal: list[str]

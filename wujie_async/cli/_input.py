@@ -113,18 +113,28 @@ def moved_rows(
     return moved
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of ``text`` as an editor numbers them: split at LF, CRLF or CR only.
+
+    Not ``str.splitlines()``: it also splits at a form feed, U+2028 and other separators a
+    prompt (or a JSON string) may hold, which would send one prompt as two paid ones and
+    number every later line wrongly.
+    """
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _raw_rows(path: Path, kind: str, text: str) -> list[tuple[int, Any]]:
     """(line number, raw row) pairs; raises InputFileError for a file that cannot be parsed."""
     if kind == "text":
         rows: list[tuple[int, Any]] = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             stripped = line.strip()
             if stripped and not stripped.startswith("#"):
                 rows.append((number, {"prompt": stripped}))
         return rows
     if kind == "jsonl":
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             stripped = line.strip()
             if not stripped or stripped.startswith("#"):
                 continue
@@ -207,6 +217,8 @@ def read_requests(
         InputFileError: listing each bad row as ``file:line: field: rule`` (``usage`` is True
             when the file's extension is not one we read).
     """
+    if text is not None:
+        text = text.removeprefix("\ufeff")  # a byte order mark, as a file's is (utf-8-sig)
     if kind is None and text is not None:
         kind = sniff_format(text)
     kind = kind or FORMATS.get(path.suffix.lower())

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import shlex
 import stat
 import sys
 from collections.abc import Callable
@@ -234,7 +235,8 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
         raise UsageError(
             f"journal resend: {said}. Sending it again would pay again and drop the row that "
             "leads to its images (a job still running is collected with `wujie-async resume "
-            f"{clean(str(path))} -o {clean(str(out))}`); nothing was sent"
+            f"{shlex.quote(clean(str(path)))} -o {shlex.quote(clean(str(out)))}`); nothing was "
+            "sent"
         )
 
 
@@ -334,7 +336,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         if journal_left:
             console.print(Text(journal_left_said(path, journal_left)), soft_wrap=True)
         if run.forget_failed is not None:
-            console.print(Text(forget_failed_said(run.forget_failed)), soft_wrap=True)
+            console.print(Text(forget_failed_said(run.forget_failed, path)), soft_wrap=True)
         stopped = stop_said(
             result, client.base_url, app_id_flag=bool(getattr(args, "app_id", None))
         )
@@ -342,7 +344,10 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             console.print(Text(stopped), soft_wrap=True)
         if result.interrupted:
             console.print(
-                Text("stopped: re-run `wujie-async resume` on this journal to collect the rest")
+                Text(
+                    "stopped: collect the rest with `wujie-async resume "
+                    f"{shlex.quote(str(path))} -o {shlex.quote(str(args.out))}`"
+                )
             )
         if result.interrupted or signals.received:
             # A signal is the stronger word, also one in the closing waits (see bulk's).

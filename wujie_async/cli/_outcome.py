@@ -46,7 +46,7 @@ from .. import (
     WujieError,
     snippet,
 )
-from .._budget import Budget, kind_of
+from .._budget import Budget, Kind, kind_of
 from .._config import price_key_problem
 from .._keys import images_in
 
@@ -288,9 +288,21 @@ def run_source(records: Iterable[dict[str, Any]], fallback: str) -> str:
     return inputs[0] if len(inputs) == 1 else fallback
 
 
+# What ``input`` says for records of commands that continued a folder's journaled run when
+# its manifest named no input yet (a run killed outright before its first row).
+CONTINUED_SOURCES: Final = frozenset({"resume", "resend"})
+
+
 def of_source(records: Iterable[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """The records of ``source`` (records from before inputs were recorded count as its own)."""
-    return [r for r in records if r.get("input", source) == source]
+    """The records of ``source`` (records from before inputs were recorded count as its own,
+    and so do those ``resume`` or ``journal resend`` wrote for the folder's one input without
+    knowing its name: else a re-run would collect their jobs again and count their points
+    twice)."""
+    return [
+        r
+        for r in records
+        if r.get("input", source) == source or r.get("input") in CONTINUED_SOURCES
+    ]
 
 
 def base_record(
@@ -329,7 +341,9 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         return []
     records = []
-    for line in text.splitlines():
+    # Rows end at "\n" only (JSON escapes it in strings); not ``splitlines()``, which also
+    # splits at U+2028 or U+0085 in a prompt, losing that row: its line would be paid again.
+    for line in text.split("\n"):
         try:
             record = json.loads(line)
         except ValueError:
@@ -373,6 +387,60 @@ def points_spent(records: Iterable[dict[str, Any]]) -> float:
     return sum((points for record in records if (points := _points_of(record)) is not None), 0.0)
 
 
+def uncertain_unpriced(
+    records: Iterable[dict[str, Any]],
+    bodies: Mapping[str, Mapping[str, Any]],
+    prices: Mapping[str, float] | None,
+) -> set[Kind]:
+    """The kinds of the lines an earlier run left ``uncertain`` that have no known price.
+
+    Such a line may have been charged, and :func:`uncertain_cost` can count it at nothing:
+    a re-run that sent another job of its kind to learn the price would spend past the
+    budget by it, once per re-run while replies are lost. The library's budget refuses that
+    within a run (the kind is unpriced until ``point_prices`` gives one); so does a re-run.
+    """
+    pricing = Budget(math.inf, prices)
+    kinds: set[Kind] = set()
+    for body in _uncertain_bodies(records, bodies):
+        kind = kind_of(body, images_in(body) or 1)
+        if pricing.estimate(kind) is None:
+            kinds.add(kind)
+    return kinds
+
+
+def line_outcome(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row that says how a line ended, of its rows (oldest first; at least one): its
+    last, unless ``not_sent`` rows follow an ``uncertain`` one. A line resent with
+    ``--retry-uncertain`` that the budget (or a stop) kept from being sent is still
+    uncertain: it may have been charged, and a plain re-run must neither send it nor stop
+    holding its price."""
+    for record in reversed(rows):
+        if record.get("status") != "not_sent":
+            return record if record.get("status") == "uncertain" else rows[-1]
+    return rows[-1]
+
+
+def lines_ended(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each tagged line's :func:`line_outcome`, by tag."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        tag = record.get("tag")
+        if isinstance(tag, str):
+            rows.setdefault(tag, []).append(record)
+    return {tag: line_outcome(mine) for tag, mine in rows.items()}
+
+
+def _uncertain_bodies(
+    records: Iterable[dict[str, Any]], bodies: Mapping[str, Mapping[str, Any]]
+) -> list[Mapping[str, Any]]:
+    """The request bodies of the lines that ended ``uncertain`` (see :func:`line_outcome`)."""
+    return [
+        body
+        for tag, record in lines_ended(records).items()
+        if record.get("status") == "uncertain" and (body := bodies.get(tag)) is not None
+    ]
+
+
 def uncertain_cost(
     records: Iterable[dict[str, Any]],
     bodies: Mapping[str, Mapping[str, Any]],
@@ -385,19 +453,10 @@ def uncertain_cost(
     charged, by kind); a kind with no known price counts nothing (the budget's guide says
     so). ``bodies``: this run's request bodies by row tag.
     """
-    last: dict[str, dict[str, Any]] = {}
-    for record in records:
-        tag = record.get("tag")
-        if isinstance(tag, str):
-            last[tag] = record
     pricing = Budget(math.inf, prices)
     total = 0.0
-    for tag, record in last.items():
-        body = bodies.get(tag)
-        if record.get("status") != "uncertain" or body is None:
-            continue
-        n = images_in(body) or 1
-        total += pricing.estimate(kind_of(body, n)) or 0.0
+    for body in _uncertain_bodies(records, bodies):
+        total += pricing.estimate(kind_of(body, images_in(body) or 1)) or 0.0
     return total
 
 

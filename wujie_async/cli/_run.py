@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shlex
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
@@ -29,10 +30,13 @@ from .. import (
     ImageJob,
     InvalidRequestError,
     JournalEntry,
+    JournalFile,
     JournalLockedError,
     Limits,
     WujieClient,
+    WujieError,
 )
+from .._budget import Kind, kind_of
 from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
@@ -65,6 +69,8 @@ from ._outcome import (
     clean,
     count,
     fix_message,
+    line_outcome,
+    lines_ended,
     of_source,
     open_manifest,
     other_inputs,
@@ -76,6 +82,7 @@ from ._outcome import (
     run_source,
     saved_indexes,
     uncertain_cost,
+    uncertain_unpriced,
     unreported_cost,
 )
 from ._progress import Display, Mode, Tally
@@ -168,13 +175,15 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     return None
 
 
-def forget_failed_said(why: str) -> str:
-    """The summary's warning for a journal that did not forget the rows a run superseded."""
+def forget_failed_said(why: str, journal: Path | None) -> str:
+    """The summary's warning for a journal that did not forget the rows a run superseded;
+    its commands name ``journal`` (without it they would read OUT's default one)."""
+    named = f" --journal {_sh(journal)}" if journal is not None else ""
     return (
         f"warning: the journal did not forget the rows this run sent again ({clean(why)}): "
         "they are still listed as uncertain, and a later --retry-uncertain would send them "
-        "once more; find them with `wujie-async journal list --status uncertain` and drop "
-        "them with `wujie-async journal forget ROWS --yes`"
+        f"once more; find them with `wujie-async journal list --status uncertain{named}` and "
+        f"drop them with `wujie-async journal forget ROWS --yes{named}`"
     )
 
 
@@ -437,6 +446,37 @@ async def plan_rerun(
     return plan
 
 
+async def journal_uncertain(
+    path: Path, items: list[BulkItem], records: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Manifest-like ``uncertain`` rows for the lines of ``items`` whose journal row reads
+    uncertain (or is an intent a killed run left: it reads uncertain once opened) and whose
+    manifest does not say how they ended: a run killed outright while their submits were on
+    the wire wrote no row for them. Read before the run's client opens the journal (its
+    budget is set then); a journal that cannot be read here is left to that open to report.
+    """
+    if not await anyio.to_thread.run_sync(path.is_file):
+        return []
+    try:
+        async with JournalFile(path) as journal:
+            entries = await journal.entries()
+    except JournalLockedError:
+        raise  # another run holds it: exit 4, as the client's open would
+    except (WujieError, OSError):
+        return []
+    latest = {entry.tag: entry for entry in entries if entry.tag}
+    moved = moved_rows(items, latest)
+    # A line the manifest says ended (a not_sent row is no end: the journal says it was sent
+    # since) is the manifest's to count.
+    ended = {tag for tag, r in lines_ended(records).items() if r.get("status") != "not_sent"}
+    rows = []
+    for item in items:
+        entry = latest.get(moved.get(item.tag, item.tag))
+        if entry is not None and entry.state in ("uncertain", "intent") and item.tag not in ended:
+            rows.append({"tag": item.tag, "status": "uncertain"})
+    return rows
+
+
 def plan_from_manifest(
     client: WujieClient,
     items: list[BulkItem],
@@ -470,10 +510,10 @@ def plan_from_manifest(
         mine = by_row.get(moved.get(item.tag, item.tag)) or by_row.get(
             _legacy_row(row.line, row.body), []
         )
-        if not mine or mine[-1].get("status") == "not_sent":
+        if not mine or line_outcome(mine).get("status") == "not_sent":
             plan.send.append(row)
             continue
-        last = mine[-1]
+        last = line_outcome(mine)
         key = last.get("key")
         if row.row_id is not None and isinstance(key, str):
             recorded = recorded_request(last, row.body)
@@ -560,6 +600,11 @@ def _still_paid_for(last: dict[str, Any], rows: list[dict[str, Any]]) -> bool:
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _sh(path: Path | str | None) -> str:
+    """A path as a shell reads it back: the commands we print are to be pasted."""
+    return shlex.quote(str(path))
 
 
 def _row_of(record: dict[str, Any]) -> str:
@@ -699,6 +744,8 @@ class Session:
         self.journal_left: list[str] = []
         self.forget_failed: str | None = None  # see BulkRun.forget_failed
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
+        # With a budget: kinds of their uncertain lines that have no known price (see _unpriced).
+        self.unpriced_kinds: set[Kind] = set()
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         # Earlier runs' saved jobs whose cost the gateway did not report, at their kind's price:
         # counted with what earlier runs spent (and against the budget).
@@ -721,6 +768,33 @@ class Session:
             ),
             point_prices=self._point_prices(),
         )
+
+    def _unpriced(self, plan: Plan) -> None:
+        """Lines of a kind whose earlier line may have been charged without a reply, with no
+        price known, end ``not_sent`` (``unpriced``), as the budget ends them within a run:
+        a job sent to learn the price would pass the budget by what that line cost."""
+        send = []
+        for row in plan.send:
+            model = row.body.get("model")
+            if kind_of(row.body, images_in(row.body) or 1) not in self.unpriced_kinds:
+                send.append(row)
+                continue
+            outcome = LineOutcome(
+                "not_sent",
+                row.line,
+                row.row_id,
+                None,
+                "unpriced",
+                clean(
+                    f"not sent: a {model} line of an earlier run may have been charged without "
+                    f"a reply, and what a {model} job costs is not known, so --max-points "
+                    f"{self.args.max_points:g} cannot be held; give its price with "
+                    f"--point-price {model}=POINTS (points per image) and re-run"
+                ),
+            )
+            plan.settled.append(outcome)
+            plan.unrecorded.append((row, outcome))
+        plan.send = send
 
     def _point_prices(self, learned: dict[str, float] | None = None) -> dict[str, float] | None:
         """The user's ``--point-price`` table, and (with a budget) what earlier runs of this
@@ -773,8 +847,12 @@ class Session:
             )
             if getattr(args, "max_points", None) is not None:  # prices serve the budget only
                 self.prices_before = learned
-                # Lines left uncertain may have been charged: the budget counts them spent.
+                # Lines left uncertain may have been charged: the budget counts them spent,
+                # those only the journal holds too (a run killed while they were on the wire).
+                if self.journal is not None:
+                    records = [*records, *await journal_uncertain(self.journal, items, records)]
                 self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
+                self.unpriced_kinds = uncertain_unpriced(records, bodies, self._point_prices())
         async with self._opened(items) as (client, reserve, close):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -812,6 +890,8 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if self.unpriced_kinds:
+                self._unpriced(plan)
             # A gateway that hands out a key again (a counter reset by a restart) gave a new
             # line an earlier run's key: it was taken for that saved job, read "saved", and
             # its own image was never written.
@@ -831,7 +911,7 @@ class Session:
                 self._say(
                     f"{plan.unclaimed} job(s) in the journal may still be running for rows no "
                     "longer in the input (edited or removed since): they are paid; "
-                    f"`wujie-async resume {self.journal} -o {out}` collects them"
+                    f"`wujie-async resume {_sh(self.journal)} -o {_sh(out)}` collects them"
                 )
             if plan.moved:
                 self._say(
@@ -1122,13 +1202,18 @@ class Session:
                 Text(journal_left_said(self.journal, self.journal_left)), soft_wrap=True
             )
         if self.forget_failed is not None:
-            self.console.print(Text(forget_failed_said(self.forget_failed)), soft_wrap=True)
+            self.console.print(
+                Text(forget_failed_said(self.forget_failed, self.journal)), soft_wrap=True
+            )
         self._unreported_said(result)
         if stopped is not None:
             self.console.print(Text(stopped), soft_wrap=True)
             if not result.interrupted:
                 return
-        command = " ".join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
+        # Quoted for a shell: it is to be pasted as it is (a path with a space, a --name).
+        command = shlex.join(sys.argv[1:]) if sys.argv[1:] else "bulk ..."
+        if str(getattr(self.args, "file", "")) == "-":
+            command += "  # fed the same input on stdin"  # else it reads the terminal
         if result.interrupted:
             word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
@@ -1136,7 +1221,7 @@ class Session:
                 names = ", ".join(_line_name(o) for o in uncertain[:10])
                 more = f" and {len(uncertain) - 10} more" if len(uncertain) > 10 else ""
                 see = (
-                    f"wujie-async journal list --status uncertain --journal {self.journal}"
+                    f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                     if self.journal is not None
                     else "the gateway's console (no journal kept their fate)"
                 )
@@ -1146,10 +1231,14 @@ class Session:
                     f"See: {see}"
                 )
             if self.journal is not None:
+                # The images keep this run's names (resume's default is another).
+                name = getattr(self.args, "name", None)
+                named = f" --name {_sh(name)}" if name and name != DEFAULT_NAME else ""
                 say(
                     f"{word}: submitted jobs keep running on the gateway; re-run the same "
                     f"command to collect them and send the rest:\n  wujie-async {command}\n"
-                    f"(or collect only: wujie-async resume {self.journal} --out {self.args.out})"
+                    f"(or collect only: wujie-async resume {_sh(self.journal)} "
+                    f"--out {_sh(self.args.out)}{named})"
                 )
             elif self.args.emulator:
                 say(f"{word} (the embedded emulator stops with this process)")
@@ -1197,7 +1286,7 @@ class Session:
             )
         if counts["uncertain"] - accepted:
             see = (
-                f"wujie-async journal list --status uncertain --journal {self.journal}"
+                f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                 if self.journal is not None
                 else f"their rows in {self.args.out / 'manifest.jsonl'} (status uncertain)"
             )
