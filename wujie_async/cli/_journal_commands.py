@@ -37,18 +37,9 @@ from ._common import (
     open_client,
 )
 from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source, saved_indexes
+from ._plan import known_keys, line_of, lines_by_id, readable_error, sent_lines
 from ._progress import Display, Tally
-from ._run import (
-    check_out_folder,
-    forget_failed_said,
-    journal_left_said,
-    known_keys,
-    line_of,
-    lines_by_id,
-    readable_error,
-    sent_lines,
-    stop_said,
-)
+from ._run import check_out_folder, forget_failed_said, journal_left_said, stop_said
 from ._signals import stopping_on_signals
 
 _STATES = ALL_STATES
