@@ -63,6 +63,29 @@ def test_bad_options_fail_before_any_connection(kwargs: dict[str, object], field
     assert caught.value.field == field
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:s3cr#et@127.0.0.1:6379/0",  # redis-py: "Port ... as 's3cr'"
+        "redis://app:s3cr?et@127.0.0.1:6379/0",
+        "redis://app:s3cr/et@127.0.0.1:6379/0",
+        "redis://app:1234#s3cret@127.0.0.1:6379/0",  # port 1234 of host "app"; "#s3cret@..." shown
+        "redis://:1234?s3cret@127.0.0.1:6379/0",
+    ],
+)
+def test_a_password_that_cuts_the_url_short_is_refused_without_quoting_it(url: str) -> None:
+    # A password with '#', '?' or '/' not percent-encoded: the URL ends there, and its first
+    # part is read as a port. It was refused only on connecting, by redis-py, in a ValueError
+    # quoting that part of the password (or, a number, taken as a port, with the rest of the
+    # password shown in every repr and log line).
+    with pytest.raises(InvalidRequestError) as caught:
+        RedisFleet(url, name="x")
+    assert caught.value.field == "url"
+    assert "%23" in str(caught.value)  # says what to do
+    for part in ("s3cr", "1234", "et@"):
+        assert part not in str(caught.value) and part not in repr(caught.value)
+
+
 async def test_unreachable_redis_names_the_url_without_its_password() -> None:
     port = free_port()  # nothing listens there
     fleet = RedisFleet(f"redis://:s3cret@127.0.0.1:{port}/0", name="x", command_timeout=2)

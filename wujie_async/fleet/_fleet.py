@@ -42,6 +42,32 @@ _DROP_WAIT = 1.0  # seconds closing the idle connections may take after a lost o
 _FROZEN = 1.0  # seconds past its deadline that a timer fires only in a process that stood still
 
 
+def _url_problem(url: object) -> str | None:
+    """What is wrong with ``url`` as a fleet's Redis URL (None: nothing). Never quotes it.
+
+    A password with ``#``, ``?`` or ``/`` not percent-encoded cuts the URL short there: what
+    follows is read as a fragment, query or path, the password's first part as a port. redis-py
+    then fails quoting that part ("Port could not be cast to integer value as '<password>'"),
+    or, for a part that is a number, connects elsewhere; and the rest of the password would
+    be shown where the URL is.
+    """
+    if not isinstance(url, str):
+        return "must be a redis://, rediss:// or unix:// URL"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (it raises for a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.scheme not in _SCHEMES:
+        return "must be a redis://, rediss:// or unix:// URL"
+    if parts is None or parts.fragment or "@" in parts.path + parts.query:
+        return (
+            "cannot be read as a Redis URL (a password with '#', '?' or '/' must be "
+            "percent-encoded: %23, %3F, %2F)"
+        )
+    return None
+
+
 def redact(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, for messages and logs: the
     ``user:password@`` form and the ``?password=`` query (redis-py's form for ``unix://``)."""
@@ -90,7 +116,8 @@ class RedisFleet:
     """A fleet of wujie_async clients sharing one Redis: pass it as ``WujieClient(fleet=...)``.
 
     Args:
-        url: ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``).
+        url: ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``); a
+            password's ``#``, ``?`` and ``/`` percent-encoded (``%23``, ``%3F``, ``%2F``).
         name: the fleet's name; members with the same name share limits, poller and journal.
         member_timeout: seconds without a heartbeat after which a member counts as dead and
             its jobs may be claimed; members heartbeat every third of it.
@@ -126,8 +153,8 @@ class RedisFleet:
         batch_wait: float = 0.25,
     ) -> None:
         problems: list[tuple[str, str]] = []
-        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
-            problems.append(("url", "must be a redis://, rediss:// or unix:// URL"))
+        if (url_problem := _url_problem(url)) is not None:
+            problems.append(("url", url_problem))
         if (problem := name_problem(name)) is not None:
             problems.append(("name", problem))
         for field, value in (
