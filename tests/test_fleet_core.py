@@ -147,6 +147,33 @@ async def test_a_process_that_stood_still_does_not_blame_redis(tmp_path: Path) -
         assert await fleet.call(frozen_while_out) is None
 
 
+@pytest.mark.long
+async def test_a_loop_that_stood_still_about_a_deadline_long_does_not_blame_redis(
+    tmp_path: Path,
+) -> None:
+    # A CPU-bound handler blocks the loop for about a command's deadline (a member's read of
+    # its reports is always out, with a deadline of 6 s): on waking the deadline fires only a
+    # little late, so its lateness alone does not tell. The member said "Redis did not answer
+    # within 6s", went local and rejoined, at every stall of 5 to 7 s.
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), command_timeout=2.0) as fleet,
+    ):
+        loop = asyncio.get_running_loop()
+        assert await fleet.call(lambda redis: redis.ping())  # connected
+        frozen: list[bool] = []
+
+        async def frozen_while_out(redis: Any) -> Any:
+            # Redis answers after 0.1 s; the loop stands still from 0.05 s to 2.25 s (once):
+            # the 2 s deadline fires 0.25 s late.
+            if not frozen:
+                frozen.append(True)
+                loop.call_later(0.05, time.sleep, 2.2)
+            return await redis.blpop([f"{fleet_name()}-empty"], timeout=0.1)
+
+        assert await fleet.call(frozen_while_out) is None
+
+
 async def test_a_dropped_connection_is_not_redis_away(tmp_path: Path) -> None:
     # CLIENT KILL (or a proxy's idle timeout) closes the fleet's connections: the next command
     # is asked again on a fresh one. Every member went local for a moment and sent batch
