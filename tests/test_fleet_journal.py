@@ -211,6 +211,21 @@ async def test_a_submit_out_when_redis_lost_its_rows_is_filed_under_its_own_row(
         assert len({e.id for e in rows.values()}) == 4
 
 
+async def test_a_key_write_asked_again_after_it_landed_is_not_a_claim(url: str) -> None:
+    # The key's write ran, but its reply was lost (a dropped connection) or read after its
+    # deadline (the loop stood still): it is asked once more. The second run found the row
+    # accepted already and said "not an intent of member ... any more (claimed by another
+    # member?)": the submit's key was reported unjournaled, and uncertain.
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        row = await journal.record_intent("/gen", {"prompt": "paid"}, tag="t")
+        assert await journal.record_accepted(row, "PAID")
+        assert await journal.record_accepted(row, "PAID")  # the same write, asked again
+        [entry] = await journal.entries()
+        assert (entry.id, entry.state, entry.job_key) == (row, "accepted", "PAID")
+        other = await journal.record_intent("/gen", {"prompt": "other"})
+        assert not await journal.record_accepted(other, "PAID")  # still an earlier job's key
+
+
 async def test_a_member_only_a_journal_write_put_back_is_told_to_join_again(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         me = Membership(fleet, new_member_id())

@@ -162,6 +162,11 @@ end
 if ARGV[4] == 'accepted' and ARGV[5] ~= '' then
   local held = redis.call('GET', p .. 'key:' .. ARGV[5])
   if held and held ~= id then return 2 end  -- an earlier job's key, handed out again
+  -- This very write, asked again (its reply was lost, or read after its deadline): done.
+  local row = redis.call('HMGET', p .. 'row:' .. id, 'state', 'job_key', 'owner')
+  if held and row[1] == 'accepted' and row[2] == ARGV[5] and row[3] == ARGV[8] then
+    return 1
+  end
 end
 return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
