@@ -1,7 +1,8 @@
 """Shared by the examples: a client for the real gateway, or for an embedded emulator.
 
 With WUJIE_APP_ID and WUJIE_PRIVATE_KEY set, the examples talk to the gateway (WUJIE_BASE_URL,
-default production). Without them they start the emulator on loopback, so they run as written.
+default production). Without them they start the emulator on loopback, so they run as written;
+except in fleet mode, whose members must share one gateway (a standalone emulator will do).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ async def connect(*, time_scale: float = 0.05, **client_options: Any) -> AsyncIt
         async with WujieClient(**client_options) as client:
             yield client
         return
+    if client_options.get("fleet") is not None:
+        # Each process's own emulator knows only its own jobs: a fleet's leader would ask one
+        # emulator about every member's keys, and the others' jobs would fail as unknown.
+        raise SystemExit(
+            "fleet mode needs one gateway for every member, and an emulator of this process is"
+            " not: set WUJIE_APP_ID, WUJIE_PRIVATE_KEY and WUJIE_BASE_URL (to try it, start one"
+            ' emulator: eval "$(wujie-async emulator --background --print-env)")'
+        )
     async with Emulator(EmulatorConfig(time_scale=time_scale)) as emulator:
         print(f"(no WUJIE_APP_ID/WUJIE_PRIVATE_KEY: using an emulator at {emulator.base_url})")
         async with WujieClient(

@@ -13,7 +13,11 @@ journal takes over its own unacknowledged messages, and a process with another j
 touches them. Two processes must not share a journal (the second is refused) or a ``--name``.
 To scale out over processes and machines, use fleet mode::
 
+    eval "$(.venv/bin/wujie-async emulator --background --print-env)"  # or the gateway's WUJIE_*
     .venv/bin/python examples/queue_consumer.py --redis redis://127.0.0.1:6379/0 --fleet acct-1
+
+(Every member of a fleet talks to one gateway: without WUJIE_APP_ID/WUJIE_PRIVATE_KEY set, fleet
+mode refuses to start, since each worker's own emulator would not know the others' jobs.)
 
 Producers add entries to the stream ``wujie:requests`` with one field, ``request``: a JSON
 generation request ({"prompt": ..., "model": ..., "n": ...}). Workers read them through the
@@ -30,6 +34,8 @@ Nothing is paid twice and nothing is lost:
   reported ``uncertain``, not resent;
 * one process handles a message once at a time: a message it is already handling (handed to
   it twice, or found again in its pending list) is left to that handler;
+* Redis going away (a restart, a failover) does not end a worker: it logs a WARNING and tries
+  again every second, its jobs running on meanwhile;
 * on start, the worker reads its whole pending list, then resumes every journaled job that had
   not finished; while it runs it reads its pending list again every ``--sweep-seconds``, so a
   submit the gateway refused (or could not be reached for) is tried again, and a result whose
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -65,9 +72,11 @@ import redis.asyncio as aioredis
 from _connect import connect
 
 from wujie_async import ImageJob, InvalidRequestError, SubmitUncertainError, WujieClient, WujieError
+from wujie_async.fleet import FleetUnavailableError
 
 REQUESTS, RESULTS, GROUP = "wujie:requests", "wujie:results", "wujie-workers"
 PAGE = 64  # messages per read
+REDIS_RETRY_S = 1.0  # while Redis is away, the worker tries it again this often
 log = logging.getLogger("queue_consumer")
 
 # The message ids some Worker of this process is handling: from its first look in the journal
@@ -117,25 +126,41 @@ class Worker:
         return self.client.fleet_member is not None
 
     async def run(self, stop: asyncio.Event, *, block_ms: int = 200) -> None:
-        """Consume until ``stop`` is set, then wait for the jobs already taken on."""
+        """Consume until ``stop`` is set, then wait for the jobs already taken on.
+
+        Redis going away (a restart, a failover) does not end the run: the worker logs a
+        WARNING, tries again every ``REDIS_RETRY_S`` and carries on when Redis answers; its
+        jobs meanwhile run on, and their results are published by the next sweep.
+        """
+        await self._create_group()
+        await self._sweep()  # messages handed to us before, unacknowledged
+        await self._resume()  # jobs a previous run (or, in a fleet, a dead worker) left
+        next_reclaim = next_sweep = time.monotonic() + self.sweep_seconds
+        while not stop.is_set():
+            try:
+                await self._consume(">", block_ms=block_ms)
+                if self.reclaim_idle_ms is not None:
+                    if time.monotonic() >= next_reclaim:
+                        next_reclaim = time.monotonic() + self.reclaim_idle_ms / 2000
+                        await self._reclaim(self.reclaim_idle_ms)
+                elif time.monotonic() >= next_sweep:
+                    await self._sweep()
+                    next_sweep = time.monotonic() + self.sweep_seconds
+            except (aioredis.RedisError, FleetUnavailableError) as exc:
+                log.warning("Redis unavailable (%s); trying again in %gs", exc, REDIS_RETRY_S)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), REDIS_RETRY_S)
+                if "NOGROUP" in str(exc):  # a Redis that lost the stream (no persistence)
+                    with contextlib.suppress(aioredis.RedisError):
+                        await self._create_group()
+        await asyncio.gather(*self._waiters)
+
+    async def _create_group(self) -> None:
         try:
             await self.redis.xgroup_create(REQUESTS, GROUP, id="0", mkstream=True)
         except aioredis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self._sweep()  # messages handed to us before, unacknowledged
-        await self._resume()  # jobs a previous run (or, in a fleet, a dead worker) left
-        next_reclaim = next_sweep = time.monotonic() + self.sweep_seconds
-        while not stop.is_set():
-            await self._consume(">", block_ms=block_ms)
-            if self.reclaim_idle_ms is not None:
-                if time.monotonic() >= next_reclaim:
-                    next_reclaim = time.monotonic() + self.reclaim_idle_ms / 2000
-                    await self._reclaim(self.reclaim_idle_ms)
-            elif time.monotonic() >= next_sweep:
-                await self._sweep()
-                next_sweep = time.monotonic() + self.sweep_seconds
-        await asyncio.gather(*self._waiters)
 
     async def _resume(self) -> None:
         jobs = await self.client.resume()
@@ -191,7 +216,7 @@ class Worker:
         job = None
         try:
             job = await self._job_for(message_id, fields)
-        except aioredis.RedisError as exc:
+        except (aioredis.RedisError, FleetUnavailableError) as exc:
             log.warning("message %s left pending (Redis: %s)", message_id, exc)
         finally:
             if job is None:

@@ -276,6 +276,31 @@ def test_the_readme_links_nothing_outside_the_repository() -> None:
             assert (root / target).exists(), target
 
 
+@pytest.mark.long
+async def test_fleet_queue_worker_without_a_shared_gateway_refuses_to_start(
+    tmp_path: Path,
+) -> None:
+    """In fleet mode with no gateway configured, a worker would run on an emulator of its
+    own, which no other member's leader asks: it says what to set instead, and exits."""
+    from .fleet_support import fleet_name
+
+    async with any_redis(tmp_path) as url:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(EXAMPLES / "queue_consumer.py"), "--redis", url,
+            "--fleet", fleet_name(), env=NO_CREDENTIALS,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert proc.returncode == 1, out.decode()
+    assert "WUJIE_BASE_URL" in out.decode()
+    assert "--print-env" in out.decode()
+
+
 @pytest.mark.slow
 async def test_fleet_queue_worker_killed_mid_job_is_taken_over(tmp_path: Path) -> None:
     """Two workers in one fleet; the one holding a message dies mid-job (SIGKILL)."""
@@ -554,6 +579,65 @@ async def test_queue_consumer_publishes_a_result_redis_refused_at_first(
         finally:
             await redis.aclose()
             await admin.aclose()
+
+
+@pytest.mark.long
+async def test_queue_consumer_carries_on_through_a_redis_restart(
+    tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue's Redis restarts (AOF on) under a running worker: its blocking read fails
+    for a while. The worker says so and carries on; a request added once Redis is back is
+    handled by the same worker, with no restart of the worker."""
+    import redis.asyncio as aioredis
+
+    from .fleet_support import own_redis
+
+    qc = _queue_consumer()
+    port = free_port()
+    redis = aioredis.from_url(f"redis://127.0.0.1:{port}/0")
+    stop = asyncio.Event()
+
+    async def request(prompt: str) -> str:
+        added: Any = await redis.xadd(
+            qc.REQUESTS, {"request": json.dumps({"prompt": prompt, "model": "dall-e-2"})}
+        )
+        return str(added.decode())
+
+    async with (
+        emulator(time_scale=0.01) as emu,
+        WujieClient(
+            emu.credentials, base_url=emu.base_url, journal=tmp_path / "w.sqlite", poll=FAST_POLL
+        ) as client,
+    ):
+        task: asyncio.Task[None] | None = None
+        try:
+            async with own_redis(tmp_path, appendonly=True, port=port):
+                task = asyncio.create_task(qc.Worker(redis, client, "worker-x").run(stop))
+                first = await request("before the restart")
+                await eventually(
+                    functools.partial(_each_succeeded, redis, [first]), what="the first result"
+                )
+            running = task
+
+            def failed_over() -> bool:
+                return running.done() or "Redis unavailable" in caplog.text
+
+            await eventually(failed_over, what="the worker meeting a Redis that is away")
+            async with own_redis(tmp_path, appendonly=True, port=port):
+                second = await request("after the restart")
+                await eventually(
+                    functools.partial(_each_succeeded, redis, [first, second]),
+                    what="the second result, by the same worker",
+                    alive=lambda: not running.done(),
+                )
+                stop.set()
+                await asyncio.wait_for(running, 30)
+            assert emu.stats()["submits_accepted"] == 2
+        finally:
+            stop.set()
+            if task is not None and not task.done():
+                task.cancel()
+            await redis.aclose()
 
 
 @pytest.mark.long

@@ -872,3 +872,76 @@ async def test_a_fleet_submit_given_an_earlier_jobs_key_is_uncertain_and_that_jo
         assert job.key == earlier.key and job.request is not None
         assert job.request["prompt"] == "earlier"
         await asyncio.wait_for(job, 10)
+
+
+@contextlib.asynccontextmanager
+async def reply_holding_proxy(
+    upstream_port: int, marker: bytes, hold: float
+) -> AsyncIterator[tuple[str, asyncio.Event]]:
+    """A TCP proxy to Redis on 127.0.0.1 that holds back, ``hold`` seconds, the reply to a
+    command whose bytes hold ``marker`` (a reply slow on its way back: a busy network, a
+    loop that reads late); yields its URL and an event set when it holds one."""
+    holding = asyncio.Event()
+    pumps: set[asyncio.Task[None]] = set()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, held: list[bool],
+                   requests: bool) -> None:  # fmt: skip
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                if requests:
+                    held[:] = [marker in data]  # the next reply is this command's
+                elif held == [True] and not data.startswith(b"-"):  # not a NOSCRIPT
+                    held.clear()
+                    holding.set()
+                    await asyncio.sleep(hold)
+                sink.write(data)
+                await sink.drain()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        writers.extend((writer, up_writer))
+        held: list[bool] = []
+        for work in (pump(reader, up_writer, held, True), pump(up_reader, writer, held, False)):
+            task = asyncio.create_task(work)
+            pumps.add(task)
+            task.add_done_callback(pumps.discard)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0", holding
+    finally:
+        server.close()
+        for task in list(pumps):
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def test_resume_leaves_alone_a_key_its_own_submit_is_receiving(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """resume() runs while a submit of the same member has its key journaled but has not
+    returned yet (the key write's reply still on its way). resume() attached the key too;
+    the submit's job then replaced it in the poller, and the job resume() returned never
+    ended (its awaiters hung until the job timeout, the job long done)."""
+    async with own_redis(tmp_path) as server, emulator(time_scale=0.01) as emu:
+        # The accepted-key write: from "intent" to "accepted", the key (RESP bulk strings).
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"
+        async with (
+            reply_holding_proxy(server.port, marker, hold=1.0) as (url, holding),
+            member(emu, url, fleet_name()) as client,
+        ):
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2"))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            [entry] = await client.journal_entries("accepted")  # written, submit() out
+            resumed = await client.resume()
+            job = await submit
+            assert entry.job_key == job.key
+            assert [j.key for j in resumed] == []
+            await asyncio.wait_for(job, 10)

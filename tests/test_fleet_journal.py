@@ -25,6 +25,7 @@ from .fleet_support import (
     start_child,
     stop_child,
 )
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -210,6 +211,21 @@ async def test_a_submit_out_when_redis_lost_its_rows_is_filed_under_its_own_row(
         assert len({e.id for e in rows.values()}) == 4
 
 
+async def test_a_key_write_asked_again_after_it_landed_is_not_a_claim(url: str) -> None:
+    # The key's write ran, but its reply was lost (a dropped connection) or read after its
+    # deadline (the loop stood still): it is asked once more. The second run found the row
+    # accepted already and said "not an intent of member ... any more (claimed by another
+    # member?)": the submit's key was reported unjournaled, and uncertain.
+    async with RedisFleet(url, name=fleet_name()) as fleet, opened(fleet, "me") as journal:
+        row = await journal.record_intent("/gen", {"prompt": "paid"}, tag="t")
+        assert await journal.record_accepted(row, "PAID")
+        assert await journal.record_accepted(row, "PAID")  # the same write, asked again
+        [entry] = await journal.entries()
+        assert (entry.id, entry.state, entry.job_key) == (row, "accepted", "PAID")
+        other = await journal.record_intent("/gen", {"prompt": "other"})
+        assert not await journal.record_accepted(other, "PAID")  # still an earlier job's key
+
+
 async def test_a_member_only_a_journal_write_put_back_is_told_to_join_again(url: str) -> None:
     async with RedisFleet(url, name=fleet_name()) as fleet:
         me = Membership(fleet, new_member_id())
@@ -301,6 +317,39 @@ async def test_a_redis_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
                         assert asyncio.get_running_loop().time() < deadline
                         await asyncio.sleep(0.05)
                 assert entry.job_key == "KEPT" and entry.tag == "t"
+
+
+async def test_a_key_waiting_for_redis_is_not_restored_as_a_second_row(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis (with AOF) restarts while submits' keys wait to be written (one awaited by its
+    submit, one queued); the member rejoins and writes again the rows Redis lost before the
+    keys land. The intents' rows survived: each key lands in its own, and is not taken for
+    an earlier job's by a copy of that row (the submit raised SubmitUncertainError)."""
+    async with own_redis(tmp_path, appendonly=True) as server:
+        fleet = RedisFleet(server.url, name=fleet_name(), command_timeout=0.5)
+        async with fleet, opened(fleet, "me") as journal:
+            awaited = await journal.record_intent("/gen", {"prompt": "paid"}, tag="a")
+            queued = await journal.record_intent("/gen", {"prompt": "paid"}, tag="q")
+            assert server.process is not None
+            server.process.send_signal(signal.SIGTERM)  # Redis stops (and flushes its AOF)
+            await asyncio.wait_for(server.process.wait(), 15)
+            submit = asyncio.create_task(journal.record_accepted(awaited, "PAID-A"))
+            journal.record_accepted_later(queued, "PAID-Q")
+            await eventually(lambda: "records wait for Redis" in caplog.text)
+            async with own_redis(tmp_path, appendonly=True, port=server.port):
+                deadline = asyncio.get_running_loop().time() + 5
+                while True:  # the member's rejoin (the same pool reconnects)
+                    try:
+                        assert await journal.restore() == 0
+                        break
+                    except FleetUnavailableError:
+                        assert asyncio.get_running_loop().time() < deadline
+                        await asyncio.sleep(0.01)
+                assert await submit  # not "an earlier job's key"
+                await journal.flush()
+                rows = {(e.id, e.state, e.job_key) for e in await journal.entries()}
+                assert rows == {(awaited, "accepted", "PAID-A"), (queued, "accepted", "PAID-Q")}
 
 
 @pytest.mark.long

@@ -162,6 +162,39 @@ async def test_a_caller_that_wakes_late_for_its_slot_takes_a_new_one(url: str) -
         assert first.acquired == 2
 
 
+@pytest.mark.long
+async def test_a_slot_whose_reply_was_read_late_is_not_sent_with_the_next_one(url: str) -> None:
+    # The member's loop is busy (another task's CPU work) just as Redis's reply with a slot
+    # comes in: read 0.1 s late, the slot looks 0.1 s later than Redis holds it. Sent then,
+    # it would go out 0.11 s before the next slot's submit (slots 0.21 s apart at a rate of 5).
+    import redis as sync_redis
+
+    rate = 5.0
+    async with AsyncExitStack() as stack:
+        fleet = await stack.enter_async_context(RedisFleet(url, name=fleet_name()))
+        limiter = FleetLimiter(fleet, rate)
+        probe = sync_redis.Redis.from_url(url)
+        stack.callback(probe.close)
+        loop = asyncio.get_running_loop()
+        await limiter.acquire()  # an idle limiter: the slot now
+        went = [time.monotonic()]
+        before = probe.get(fleet.keys.rate_tat)
+
+        def busy_once_reserved() -> None:
+            if probe.get(fleet.keys.rate_tat) == before:  # not reserved yet: next turn
+                loop.call_soon(busy_once_reserved)
+                return
+            time.sleep(0.1)  # the reply is in; the loop reads it 0.1 s late
+
+        late = asyncio.create_task(limiter.acquire())
+        loop.call_soon(busy_once_reserved)
+        await late
+        went.append(time.monotonic())
+        await limiter.acquire()
+        went.append(time.monotonic())
+    assert went[2] - went[1] > 0.17, went  # 0.21 s apart, less the wakes' jitter
+
+
 # Slow: run alone (as tests/test_fleet_rate_window.py), since its margin is the limiter's own
 # 50 ms, which four test workers on two cores can exceed.
 @pytest.mark.slow

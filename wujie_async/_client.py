@@ -694,7 +694,8 @@ class WujieClient:
         """Re-attach every journaled key whose job had not ended; returns their jobs.
 
         Jobs this client already follows are not returned again (a caller that handles each
-        returned job handles each job once).
+        returned job handles each job once), nor are those a submit of this client is
+        returning (its key journaled, its ``submit()`` not returned yet).
 
         Submits whose fate is unknown are never resent: see :meth:`uncertain_submits`. A row
         with an unreadable request is still resumed by its key (a WARNING names it); a row
@@ -723,8 +724,12 @@ class WujieClient:
         jobs: list[ImageJob] = []
         unusable: list[int] = []
         for entry in entries:
-            if not entry.job_key or self._poller.get(entry.job_key) is not None:
-                continue  # no key, or a job this client follows already
+            if (
+                not entry.job_key
+                or self._poller.get(entry.job_key) is not None
+                or self._submits.receiving(entry.job_key)
+            ):
+                continue  # no key, a job this client follows already, or one its submit has
             try:
                 check_key(entry.job_key)
             except InvalidRequestError:

@@ -619,6 +619,11 @@ class Submits:
         assert record.job is not None  # made above, or the submit raised
         return record.job
 
+    def receiving(self, key: str) -> bool:
+        """True while a submit of this client holds ``key`` from its reply and has not made
+        its job yet (its journal write on the way): that submit returns the key's job."""
+        return key in self._claimed_keys
+
     def refuse_keys(self, keys: Iterable[str]) -> None:
         """Keys of earlier jobs that a submit's reply must not bring (see
         ``WujieClient.refuse_keys``)."""

@@ -40,6 +40,64 @@ T = TypeVar("T")
 _SCHEMES = ("redis", "rediss", "unix")
 _DROP_WAIT = 1.0  # seconds closing the idle connections may take after a lost one
 _FROZEN = 1.0  # seconds past its deadline that a timer fires only in a process that stood still
+_TICK = 0.25  # the stall watch's beat: a beat _FROZEN late says the process stood still
+
+
+class _StallWatch:
+    """Notes when this process last stood still: its loop ran no callback for ``_FROZEN`` s
+    (a CPU-bound handler, a blocking call, a SIGSTOP). A deadline that fires just after such
+    a stall is the process's fault, not Redis's, even when it fires only a little late (a
+    stall about as long as the deadline)."""
+
+    __slots__ = ("_beat", "_last", "stood_still_until")
+
+    def __init__(self) -> None:
+        self._beat: asyncio.TimerHandle | None = None
+        self._last = 0.0
+        self.stood_still_until = float("-inf")  # loop time at which the last stall ended
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        self._beat = loop.call_later(_TICK, self._tick, loop)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        if now - self._last > _TICK + _FROZEN:
+            self.stood_still_until = now
+        self._last = now
+        self._beat = loop.call_later(_TICK, self._tick, loop)
+
+    def stop(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
+
+
+def _url_problem(url: object) -> str | None:
+    """What is wrong with ``url`` as a fleet's Redis URL (None: nothing). Never quotes it.
+
+    A password with ``#``, ``?`` or ``/`` not percent-encoded cuts the URL short there: what
+    follows is read as a fragment, query or path, the password's first part as a port. redis-py
+    then fails quoting that part ("Port could not be cast to integer value as '<password>'"),
+    or, for a part that is a number, connects elsewhere; and the rest of the password would
+    be shown where the URL is.
+    """
+    if not isinstance(url, str):
+        return "must be a redis://, rediss:// or unix:// URL"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (it raises for a port that is not a number)
+    except ValueError:
+        parts = None
+    if parts is not None and parts.scheme not in _SCHEMES:
+        return "must be a redis://, rediss:// or unix:// URL"
+    if parts is None or parts.fragment or "@" in parts.path + parts.query:
+        return (
+            "cannot be read as a Redis URL (a password with '#', '?' or '/' must be "
+            "percent-encoded: %23, %3F, %2F)"
+        )
+    return None
 
 
 def redact(url: str) -> str:
@@ -90,7 +148,8 @@ class RedisFleet:
     """A fleet of wujie_async clients sharing one Redis: pass it as ``WujieClient(fleet=...)``.
 
     Args:
-        url: ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``).
+        url: ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``); a
+            password's ``#``, ``?`` and ``/`` percent-encoded (``%23``, ``%3F``, ``%2F``).
         name: the fleet's name; members with the same name share limits, poller and journal.
         member_timeout: seconds without a heartbeat after which a member counts as dead and
             its jobs may be claimed; members heartbeat every third of it.
@@ -126,8 +185,8 @@ class RedisFleet:
         batch_wait: float = 0.25,
     ) -> None:
         problems: list[tuple[str, str]] = []
-        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
-            problems.append(("url", "must be a redis://, rediss:// or unix:// URL"))
+        if (url_problem := _url_problem(url)) is not None:
+            problems.append(("url", url_problem))
         if (problem := name_problem(name)) is not None:
             problems.append(("name", problem))
         for field, value in (
@@ -163,6 +222,7 @@ class RedisFleet:
         self.durability: FleetDurability | None = None
         self._url = url
         self._redis: aioredis.Redis | None = None
+        self._stalls = _StallWatch()
 
     def __repr__(self) -> str:
         return f"RedisFleet({self._config.url!r}, name={self._config.name!r})"
@@ -211,11 +271,13 @@ class RedisFleet:
                 self._url, decode_responses=True, socket_connect_timeout=timeout
             )
         self._redis = redis
+        self._stalls.start()
         try:
             await self.call(lambda r: r.ping())
             self.durability = await self._check_durability()
         except BaseException:
             self._redis = None
+            self._stalls.stop()
             await redis.aclose()
             raise
         return self.durability
@@ -223,6 +285,7 @@ class RedisFleet:
     async def aclose(self) -> None:
         """Close the connection pool (idempotent)."""
         redis, self._redis = self._redis, None
+        self._stalls.stop()
         if redis is not None:
             await redis.aclose()
 
@@ -266,12 +329,14 @@ class RedisFleet:
                 async with asyncio.timeout(wait):
                     return await op(redis)
             except TimeoutError:
-                if loop.time() - began < wait + _FROZEN:
+                late = loop.time() - began >= wait + _FROZEN
+                if not late and self._stalls.stood_still_until <= began:
                     raise
-                # The deadline fired well past its time: this process was frozen (SIGSTOP, a
-                # blocked loop), not Redis slow, and the reply may be waiting unread. Asked
-                # once more before Redis is judged away (a frozen member woke up blaming
-                # Redis, went local and sent a batch call of its own).
+                # The deadline fired well past its time, or just after the loop stood still:
+                # this process was frozen (SIGSTOP, a blocked loop), not Redis slow, and the
+                # reply may be waiting unread. Asked once more before Redis is judged away (a
+                # frozen member woke up blaming Redis, went local and sent a batch call of its
+                # own).
             except (RedisConnectionError, OSError):
                 # One connection dropped (a CLIENT KILL, a proxy's idle timeout): asked once
                 # more on a fresh one before Redis is judged away (at a CLIENT KILL every

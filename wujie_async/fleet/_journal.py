@@ -162,6 +162,11 @@ end
 if ARGV[4] == 'accepted' and ARGV[5] ~= '' then
   local held = redis.call('GET', p .. 'key:' .. ARGV[5])
   if held and held ~= id then return 2 end  -- an earlier job's key, handed out again
+  -- This very write, asked again (its reply was lost, or read after its deadline): done.
+  local row = redis.call('HMGET', p .. 'row:' .. id, 'state', 'job_key', 'owner')
+  if held and row[1] == 'accepted' and row[2] == ARGV[5] and row[3] == ARGV[8] then
+    return 1
+  end
 end
 return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
@@ -221,18 +226,23 @@ return 1
 """
 )
 
-# KEYS: seq, members. ARGV: prefix, owner, now, then (job_key, path, request, tag, created)
-# for each row to restore. A row whose key Redis holds no more (a FLUSHALL, a restart without
-# AOF) is written again, accepted and the owner's: were the owner to die, its job is claimed.
-# A key some row holds (another member claimed it meanwhile) is left alone. Reply: how many.
+# KEYS: seq, members. ARGV: prefix, owner, now, then (job_key, row id of its intent, path,
+# request, tag, created) for each row to restore. A row whose key Redis holds no more (a
+# FLUSHALL, a restart without AOF) is written again, accepted and the owner's: were the owner
+# to die, its job is claimed. A key some row holds (another member claimed it meanwhile) is
+# left alone, and so is a key whose intent row Redis still holds as the owner's intent: the
+# key's own write, waiting for Redis, lands in that row (a copy would make the key look like
+# an earlier job's to it). Reply: how many.
 _RESTORE = (
     _NEW_ROW
     + """
 local p, owner, now, n = ARGV[1], ARGV[2], ARGV[3], 0
-for i = 4, #ARGV, 5 do
-  local key = ARGV[i]
-  if redis.call('EXISTS', p .. 'key:' .. key) == 0 then
-    new_row(p, KEYS[1], owner, 'accepted', ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4],
+for i = 4, #ARGV, 6 do
+  local key, intent = ARGV[i], p .. 'row:' .. ARGV[i + 1]
+  local waiting = redis.call('HGET', intent, 'state') == 'intent'
+                  and redis.call('HGET', intent, 'owner') == owner
+  if redis.call('EXISTS', p .. 'key:' .. key) == 0 and not waiting then
+    new_row(p, KEYS[1], owner, 'accepted', ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5],
             now, key)
     n = n + 1
   end
@@ -342,6 +352,7 @@ class RedisJournal:
         # (a FLUSHALL, a restart without AOF): restore() writes them again from here.
         self._intents: dict[int, tuple[str, str, str, float]] = {}
         self._open: dict[str, tuple[str, str, str, float]] = {}
+        self._row_of: dict[str, int] = {}  # an open key's row id (its intent's), for restore()
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -493,7 +504,7 @@ class RedisJournal:
             ClientStateError: the row is not this member's open intent (claimed meanwhile).
         """
         args = self._accepted(row_id, key)
-        earlier = self._open.get(key)
+        earlier, earlier_row = self._open.get(key), self._row_of.get(key)
         written = self._intents.get(row_id)
         self._opened(row_id, key)  # restore() has it, even if this write fails
         moved = await self._waiting_for_redis(
@@ -503,10 +514,11 @@ class RedisJournal:
         if int(moved) == 2:
             # The key is the earlier row's: what restore() keeps of it stays that row's, and
             # this submit's intent stays an intent (record_unsent ends it).
-            if earlier is not None:
-                self._open[key] = earlier
+            if earlier is not None and earlier_row is not None:
+                self._open[key], self._row_of[key] = earlier, earlier_row
             else:
                 self._open.pop(key, None)
+                self._row_of.pop(key, None)
             if written is not None:
                 self._intents[row_id] = written
             return False
@@ -527,6 +539,7 @@ class RedisJournal:
         written = self._intents.pop(row_id, None)
         if written is not None:
             self._open[key] = written
+            self._row_of[key] = row_id
 
     def _accepted(self, row_id: int, key: str) -> tuple[Any, ...]:
         return (
@@ -549,6 +562,7 @@ class RedisJournal:
         if state not in FINAL_STATES:
             raise ValueError(f"record_outcome: {state!r} is not a final state")
         self._open.pop(key, None)
+        self._row_of.pop(key, None)
         self._queue(
             (self._prefix, "", "accepted", state, key, (error or "")[:_ERROR_CHARS], time.time(),
              self.member_id)
@@ -568,7 +582,7 @@ class RedisJournal:
         for start in range(0, len(rows), _RESTORE_BATCH):
             args: list[Any] = [self._prefix, self.member_id, time.time()]
             for key, (path, body, tag, created) in rows[start : start + _RESTORE_BATCH]:
-                args += [key, path, body, tag, created]
+                args += [key, self._row_of.get(key, 0), path, body, tag, created]
             keys = (self._seq, self._link.keys.members)
             restored += int(await self._restore(keys, tuple(args)))
         return restored
@@ -663,6 +677,7 @@ class RedisJournal:
             if entry.job_key:
                 body = json.dumps(entry.request, ensure_ascii=False)
                 self._open[entry.job_key] = (entry.path, body, entry.tag or "", entry.created)
+                self._row_of[entry.job_key] = entry.id
         return Claim(dead_members=dead, entries=entries)
 
 

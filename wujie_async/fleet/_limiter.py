@@ -34,6 +34,11 @@ Redis round trips come before the slot: a reservation more than 50 ms ahead chec
 caller that reaches its slot more than 25 ms late (a slow intent, a stall) takes a new slot
 rather than go late, up to three times for one acquisition (a loop late at every wake is
 starved, and must still send). A slot given up either way is simply unused.
+
+A slot's time on the member's clock is read when Redis's reply is: a reply read late (the
+member's loop was busy as it came in) would put the slot later than Redis holds it, and the
+send with the next slot's. So a reply that came back slower than this member's quickest
+recent one counts that much as lateness: the slot may have been that much earlier.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from .._errors import InvalidRequestError
 from .._ratelimit import READY_AHEAD_S, WINDOW_MARGIN_S, Ready
@@ -79,6 +86,16 @@ return left
 _HORIZON = READY_AHEAD_S  # a reservation further ahead checks for a pause, then ready runs
 _LATE = WINDOW_MARGIN_S / 2  # a caller this late for its slot takes a new one...
 _LATE_RETAKES = 3  # ...this many times at most for one acquisition
+_RECENT_REPLIES = 16  # a reply's delay is judged against the quickest of this many
+
+
+class Slot(NamedTuple):
+    """A reserved slot, on the loop's clock."""
+
+    at: float
+    """When the slot comes, as read on Redis's reply: never before the slot."""
+    doubt: float
+    """How much earlier it may really be: the reply's delay beyond the quickest recent one."""
 
 
 class FleetLimiter:
@@ -99,6 +116,7 @@ class FleetLimiter:
         self._acquire = Script(link, _ACQUIRE)
         self._pause = Script(link, _PAUSE)
         self._turn = asyncio.Lock()  # FIFO: one caller of this member at Redis at a time
+        self._replies: deque[float] = deque(maxlen=_RECENT_REPLIES)  # round trips, seconds
         self.acquired = 0  # how many slots this member has taken (for stats)
 
     @property
@@ -107,7 +125,7 @@ class FleetLimiter:
         return self._rate
 
     async def acquire(
-        self, ready: Ready | None = None, *, reserve: Callable[[], Awaitable[float]] | None = None
+        self, ready: Ready | None = None, *, reserve: Callable[[], Awaitable[Slot]] | None = None
     ) -> None:
         """Return when this caller's fleet-wide slot has come.
 
@@ -127,15 +145,15 @@ class FleetLimiter:
             if ready is not None:
                 await ready()
                 ready = None
-            await asyncio.sleep(slot - loop.time())
-            if loop.time() - slot <= _LATE or retakes == _LATE_RETAKES:
+            await asyncio.sleep(slot.at - loop.time())
+            if loop.time() - slot.at + slot.doubt <= _LATE or retakes == _LATE_RETAKES:
                 break
             retakes += 1  # late (a slow ready, a stall): a fresh slot, not a bunched send
         self.acquired += 1
 
-    async def reserve(self) -> float:
-        """Reserve this caller's next slot; return its time on the loop's clock once it is at
-        most 50 ms away (a pause met on the way is waited out, and a new slot taken).
+    async def reserve(self) -> Slot:
+        """Reserve this caller's next slot; return it once it is at most 50 ms away (a pause
+        met on the way is waited out, and a new slot taken).
 
         One Redis call; a second when the slot is more than 50 ms ahead (the pause check).
 
@@ -147,20 +165,24 @@ class FleetLimiter:
         loop = asyncio.get_running_loop()
         async with self._turn:
             while True:
+                sent = loop.time()
                 granted, wait_us = await self._acquire(
                     keys, (round(period * 1e6), round(WINDOW_MARGIN_S * 1e6))
                 )
+                read = loop.time()
+                self._replies.append(read - sent)
+                doubt = read - sent - min(self._replies)
                 wait = int(wait_us) / 1e6
                 if not granted:  # paused; a little jitter so members do not return as a herd
                     await asyncio.sleep(wait + random.uniform(0, min(period, 0.01)))
                     continue
                 # Still holding the turn: one reservation per member at a time (fairness).
-                slot = loop.time() + wait
+                slot = read + wait
                 if wait > _HORIZON:
                     await asyncio.sleep(wait - _HORIZON)
                     if await self.paused_for() > 0:
                         continue  # the next reservation waits for the pause
-                return slot
+                return Slot(slot, doubt)
 
     async def pause(self, seconds: float) -> float:
         """Stop every member's acquisitions for ``seconds`` (e.g. a 429's Retry-After).
