@@ -835,7 +835,8 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         "--estimate-while-queued", "generation", "--no-images-progressive",
         "--stamp-rounding", "floor", "--stamp-skew", "-1.5", "--end-tick", "0.5",
         "--progress-percent", "whole", "--finishing-s", "2", "--temporary-urls",
-        "--done-unlisted-s", "1", "--batch-cap", "20",
+        "--done-unlisted-s", "1", "--batch-cap", "20", "--image-delivery", "b64_json",
+        "--revised-prompts",
     ]  # fmt: skip
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -861,6 +862,8 @@ def test_every_emulator_setting_is_settable_from_the_command_line() -> None:
         temporary_urls=True,
         done_unlisted_s=1.0,
         batch_cap=20,
+        image_delivery="b64_json",
+        revised_prompts=True,
     )
     assert config == wanted
     settable = {f.name for f in dataclasses.fields(EmulatorConfig)} - {"faults"}
@@ -924,3 +927,31 @@ async def test_the_emulator_charges_what_its_guide_says(emulator: EmulatorFactor
             job = await client.images.submit(prompt="a fox", model=model, n=n, size="1024x1024")
             await job
             assert job.points_charged == n * price, model
+
+
+async def test_images_may_be_given_inline_with_revised_prompts(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """``image_delivery="b64_json"``: each listed image is the PNG its file would serve, inline
+    (``url`` null), saved with the sha256 of those bytes; ``revised_prompts``: dall-e-3's
+    images say how the prompt was rewritten, other models' do not."""
+    import base64
+    import hashlib
+
+    async with (
+        emulator(time_scale=0.01, image_delivery="b64_json", revised_prompts=True) as emu,
+        make_client(emu) as client,
+    ):
+        three = await client.images.submit(prompt="a fox", model="dall-e-3")
+        two = await client.images.submit(prompt="a cat", model="dall-e-2", n=2)
+        done, other = await three, await two
+        [image] = done.images
+        assert image.url is None and image.b64_json is not None
+        assert image.revised_prompt is not None and "a fox" in image.revised_prompt
+        assert [i.revised_prompt for i in other.images] == [None, None]
+        inline = base64.b64decode(image.b64_json)
+        assert png_size(inline) == (1024 // DOWNSCALE, 1024 // DOWNSCALE)
+        [saved] = await three.save(tmp_path)
+        assert saved.path.read_bytes() == inline
+        assert saved.sha256 == hashlib.sha256(inline).hexdigest()
+        assert emu.stats()["requests"].get("files", 0) == 0  # nothing was downloaded

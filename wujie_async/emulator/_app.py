@@ -7,6 +7,8 @@ auth (401), then the per-app rate limit (429), then the body (20010001), then th
 from __future__ import annotations
 
 import asyncio
+import base64
+import functools
 import json
 import logging
 import math
@@ -68,6 +70,14 @@ class Stats:
     # Unix time of every submit (generation or edit) that arrived, refused ones included: what
     # a submit rate limit counts.
     submit_arrivals: list[float] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=1024)
+def _inline_png(key: str, index: int, size: tuple[int, int]) -> str:
+    """Image ``index`` of a job, base64 (``image_delivery="b64_json"``): the very bytes its
+    file would serve, made once per image while it is listed again and again."""
+    width, height = _png.downscaled(*size)
+    return base64.b64encode(_png.render_png(key, index, width, height)).decode("ascii")
 
 
 class _Refused(Exception):
@@ -459,11 +469,17 @@ class Gateway:
         ):
             listed = 0  # done, and the images not listed yet
         folder = "tmp/" if config.temporary_urls and now < job.ends_at else ""
+        inline = config.image_delivery == "b64_json"
+        revised = (
+            f"{job.prompt}, rendered in fine detail"
+            if config.revised_prompts and job.model == "dall-e-3"
+            else None
+        )
         images = [
             {
-                "url": f"{origin}/files/{folder}{job.key}/{index}.png",
-                "b64_json": None,
-                "revised_prompt": None,
+                "url": None if inline else f"{origin}/files/{folder}{job.key}/{index}.png",
+                "b64_json": _inline_png(job.key, index, job.size) if inline else None,
+                "revised_prompt": revised,
             }
             for index in range(listed)
         ]

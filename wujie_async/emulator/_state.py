@@ -176,6 +176,11 @@ class EmulatorConfig:
             while listing no image, before they list its images.
         batch_cap: keys a batch detail call may ask about; more gets code 20010001 (the
             contract assumes 50; a gateway may take fewer).
+        image_delivery: how a listed image is given: ``"url"`` (a URL of this emulator,
+            ``b64_json`` null) or ``"b64_json"`` (the PNG inline, base64, ``url`` null: as
+            OpenAI's API gives gpt-image-1's images).
+        revised_prompts: dall-e-3 images carry a ``revised_prompt`` (the prompt as the model
+            rewrote it, as OpenAI's dall-e-3 does); other models' stay null.
     """
 
     time_scale: float = 1.0
@@ -201,6 +206,8 @@ class EmulatorConfig:
     temporary_urls: bool = False
     done_unlisted_s: float = 0.0
     batch_cap: int = _contract.MAX_KEYS_PER_BATCH
+    image_delivery: Literal["url", "b64_json"] = "url"
+    revised_prompts: bool = False
 
 
 @dataclass(slots=True)
