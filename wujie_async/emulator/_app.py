@@ -46,6 +46,10 @@ _HTML_PAGE: Final = (
     b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 )
 _JOB_FAIL_CODE: Final = 50000001
+# An entry's numbers (numbers_as_text gives them as strings).
+_NUMBER_FIELDS: Final = frozenset(
+    {"status", "complete_percent", "expected_seconds", "queue_before_num", "integral_cost"}
+)
 _VERIFIED_CACHE_MAX: Final = 10_000
 
 logger = logging.getLogger("wujie_async.emulator")
@@ -436,10 +440,20 @@ class Gateway:
             if job is None:
                 continue
             entry = self._entry(job, now, origin, faults)
+            if faults.numbers_as_text and self.rng.random() < faults.numbers_as_text:
+                self.stats.faults["numbers_as_text"] += 1
+                entry = {
+                    name: str(value) if name in _NUMBER_FIELDS and value is not None else value
+                    for name, value in entry.items()
+                }
             entries.append(entry)
             if faults.duplicate_entries and self.rng.random() < faults.duplicate_entries:
                 self.stats.faults["duplicate_entries"] += 1
                 entries.append(entry)
+            if faults.stale_duplicates and self.rng.random() < faults.stale_duplicates:
+                self.stats.faults["stale_duplicates"] += 1
+                stale = {"key": job.key, "status": int(JobStatus.QUEUED), "images": []}
+                entries.insert(self.rng.randrange(len(entries) + 1), stale)
         if faults.shuffle_entries:
             self.rng.shuffle(entries)
         return envelope(_contract.SUCCESS_CODE, "success", {_contract.BATCH_LIST_FIELD: entries})

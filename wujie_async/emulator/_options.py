@@ -425,6 +425,8 @@ _PROBABILITIES = frozenset(
         "estimate_outliers",
         "images_gone",
         "cost_unreported",
+        "stale_duplicates",
+        "numbers_as_text",
     }
 )
 _SIGNED = frozenset({"seed", "stamp_skew"})

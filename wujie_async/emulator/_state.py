@@ -81,6 +81,13 @@ class FaultConfig:
         cost_unreported: probability (drawn by the job's key, so every listing of it agrees)
             that a job's entries never carry ``integral_cost``, as a gateway that reports the
             cost of some jobs only; the job is charged all the same (``points_charged``).
+        stale_duplicates: probability that each listed entry is joined by a stale copy of
+            the same key, the job as it was at its submit (queued, no image, no estimate): a
+            gateway whose replicas lag, in any order with the fresh one.
+        numbers_as_text: probability that an entry's numbers (``status``,
+            ``complete_percent``, ``expected_seconds``, ``queue_before_num``,
+            ``integral_cost``) come as JSON strings of their values (``"4"``, ``"41.5"``), as
+            the envelope's ``code`` does.
     """
 
     endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
@@ -113,6 +120,8 @@ class FaultConfig:
     estimate_outlier_factor: float = 3.0
     images_gone: float = 0.0
     cost_unreported: float = 0.0
+    stale_duplicates: float = 0.0
+    numbers_as_text: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
