@@ -957,13 +957,15 @@ async def test_images_may_be_given_inline_with_revised_prompts(
         assert emu.stats()["requests"].get("files", 0) == 0  # nothing was downloaded
 
 
-async def test_stale_copies_and_numbers_as_text_cost_no_job_and_no_image(
+async def test_stale_copies_gaps_and_numbers_as_text_cost_no_job_and_no_image(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
     """A gateway listing a stale copy of every key (queued, no image) beside the fresh entry,
-    in any order, and giving every number as text: every job still ends with all its images
-    saved, at its price."""
-    faults = FaultConfig(stale_duplicates=1.0, numbers_as_text=1.0, shuffle_entries=True)
+    in any order, leaving keys out of a reply now and then, and giving every number as text:
+    every job still ends with all its images saved, at its price."""
+    faults = FaultConfig(
+        stale_duplicates=1.0, numbers_as_text=1.0, entries_missing=0.3, shuffle_entries=True
+    )
     async with emulator(time_scale=0.01, faults=faults) as emu, make_client(emu) as client:
         jobs = [
             await client.images.submit(prompt=f"p{i}", model="gpt-image-1", n=1 + i % 3)
@@ -974,3 +976,4 @@ async def test_stale_copies_and_numbers_as_text_cost_no_job_and_no_image(
     assert [len(images) for images in saved] == [1 + i % 3 for i in range(12)]
     assert client.stats.points_charged == 8 * sum(1 + i % 3 for i in range(12))
     assert fired["stale_duplicates"] > 0 and fired["numbers_as_text"] > 0, fired
+    assert fired["entries_missing"] > 0, fired

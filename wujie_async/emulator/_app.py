@@ -439,6 +439,9 @@ class Gateway:
             job = self.store.visible(key, app_id, now)
             if job is None:
                 continue
+            if faults.entries_missing and self.rng.random() < faults.entries_missing:
+                self.stats.faults["entries_missing"] += 1
+                continue
             entry = self._entry(job, now, origin, faults)
             if faults.numbers_as_text and self.rng.random() < faults.numbers_as_text:
                 self.stats.faults["numbers_as_text"] += 1

@@ -427,6 +427,7 @@ _PROBABILITIES = frozenset(
         "cost_unreported",
         "stale_duplicates",
         "numbers_as_text",
+        "entries_missing",
     }
 )
 _SIGNED = frozenset({"seed", "stamp_skew"})

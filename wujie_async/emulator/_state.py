@@ -88,6 +88,9 @@ class FaultConfig:
             ``complete_percent``, ``expected_seconds``, ``queue_before_num``,
             ``integral_cost``) come as JSON strings of their values (``"4"``, ``"41.5"``), as
             the envelope's ``code`` does.
+        entries_missing: probability that a reply leaves out a key it would list, at any
+            point of the job's life (a replica that has not got it yet, or lost it for a
+            moment): the next reply lists it again.
     """
 
     endpoints: frozenset[str] = frozenset({"generations", "edits", "info"})
@@ -122,6 +125,7 @@ class FaultConfig:
     cost_unreported: float = 0.0
     stale_duplicates: float = 0.0
     numbers_as_text: float = 0.0
+    entries_missing: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
