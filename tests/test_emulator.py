@@ -18,7 +18,16 @@ from wujie_async import Credentials, WujieClient
 from wujie_async.emulator import DOWNSCALE, Emulator, EmulatorConfig, FaultConfig
 
 from .conftest import EmulatorFactory, make_client
-from .helpers import EDITS, GENERATIONS, INFO, png_size, raw_get, raw_post, sign_header
+from .helpers import (
+    EDITS,
+    GENERATIONS,
+    INFO,
+    eventually,
+    png_size,
+    raw_get,
+    raw_post,
+    sign_header,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -977,3 +986,24 @@ async def test_stale_copies_gaps_and_numbers_as_text_cost_no_job_and_no_image(
     assert client.stats.points_charged == 8 * sum(1 + i % 3 for i in range(12))
     assert fired["stale_duplicates"] > 0 and fired["numbers_as_text"] > 0, fired
     assert fired["entries_missing"] > 0, fired
+
+
+async def test_a_reply_cut_mid_body_is_uncertain_for_a_submit_and_asked_again_for_a_poll(
+    emulator: EmulatorFactory,
+) -> None:
+    """``cut_reply``: the headers and half the body, then a reset. A submit so answered was
+    accepted (the emulator counts it) and is uncertain at the client; a batch call so answered
+    is asked again, and the job still ends."""
+    from wujie_async import SubmitUncertainError
+
+    cut_submits = FaultConfig(cut_reply=1.0, endpoints=frozenset({"generations"}))
+    async with emulator(time_scale=0.01, faults=cut_submits) as emu, make_client(emu) as client:
+        with pytest.raises(SubmitUncertainError):
+            await client.images.submit(prompt="p", model="dall-e-2")
+        assert emu.stats()["submits_accepted"] == 1
+        emu.set_faults(FaultConfig(cut_reply=1.0, endpoints=frozenset({"info"})))
+        job = await client.images.submit(prompt="q", model="dall-e-2")
+        await eventually(lambda: emu.stats()["faults"]["cut_reply"] >= 3)  # two polls cut
+        assert not job.done()
+        emu.set_faults(FaultConfig())
+        assert len((await job).images) == 1

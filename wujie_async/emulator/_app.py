@@ -377,7 +377,30 @@ class Gateway:
             if refused.dropped:
                 return response  # nothing reaches the client; aiohttp discards it
         self.stats.http_statuses[response.status] += 1
+        faults = self.config.faults
+        if (
+            faults.cut_reply
+            and endpoint in faults.endpoints
+            and isinstance(response, web.Response)
+            and isinstance(response.body, bytes)
+            and self.rng.random() < faults.cut_reply
+        ):
+            self.stats.faults["cut_reply"] += 1
+            return await self._cut(request, response, response.body)
         return response
+
+    @staticmethod
+    async def _cut(request: web.Request, whole: web.Response, body: bytes) -> web.StreamResponse:
+        """``whole``'s status, headers and first half, then the connection reset: a reply
+        cut mid-body (``cut_reply``), the full length announced."""
+        cut = web.StreamResponse(status=whole.status, headers=whole.headers)
+        cut.content_length = len(body)
+        await cut.prepare(request)
+        await cut.write(body[: len(body) // 2])
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+        return cut
 
     # --- endpoints -------------------------------------------------------------------------------
     async def _generations(self, request: web.Request) -> web.StreamResponse:

@@ -428,6 +428,7 @@ _PROBABILITIES = frozenset(
         "stale_duplicates",
         "numbers_as_text",
         "entries_missing",
+        "cut_reply",
     }
 )
 _SIGNED = frozenset({"seed", "stamp_skew"})

@@ -54,6 +54,9 @@ class FaultConfig:
         drop_connection: probability of closing the socket without any reply, before handling.
         drop_after_accept: probability that a submit is accepted (a job exists) and then its
             reply is lost (the socket is closed): the ambiguous case.
+        cut_reply: probability that a reply (of any status) is cut mid-body: its headers and
+            the first half of its body sent, the whole length announced, then the connection
+            reset. A submit so answered was handled (accepted, when it was): ambiguous too.
         slow_reply: probability of holding a reply for ``slow_reply_s`` seconds first.
         html_reply: probability of an HTML page (``html_status``) instead of JSON.
         business_error: probability that a submit is refused with ``business_error_code``.
@@ -101,6 +104,7 @@ class FaultConfig:
     retry_after_s: int = 1
     drop_connection: float = 0.0
     drop_after_accept: float = 0.0
+    cut_reply: float = 0.0
     slow_reply: float = 0.0
     slow_reply_s: float = 2.0
     html_reply: float = 0.0
