@@ -202,6 +202,9 @@ async def _serve(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator
         await runner.cleanup()
 
 
+serve = _serve  # for a test's own small server
+
+
 HITS = web.AppKey("hits", Counter[str])
 AUTHORIZATIONS = web.AppKey("authorizations", list[str])
 

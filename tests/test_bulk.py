@@ -9,11 +9,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from wujie_async.cli._bulk import BulkResult, OutputUnwritableError
 from wujie_async.cli._run import stop_said
 
 from .cli_helpers import (
+    CLEAN_ENV,
     FAST,
     Served,
     cli,
@@ -24,8 +26,8 @@ from .cli_helpers import (
     running_cli,
     served_emulator,
 )
-from .helpers import eventually
-from .hostile import recording_gateway
+from .helpers import GENERATIONS, eventually
+from .hostile import recording_gateway, serve, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
 
@@ -528,3 +530,39 @@ def test_rows_not_written_that_hold_no_key_are_not_said_to_be_listed(stop: str) 
     result.unrecorded.append({"status": "pending", "line": 3, "key": "K3"})
     said = stop_said(result, "http://127.0.0.1:1", app_id_flag=False) or ""
     assert "listed below" in said and said.endswith(": K3"), said
+
+
+async def test_rejected_submits_between_unanswered_ones_break_their_streak(
+    tmp_path: Path,
+) -> None:
+    """A gateway that refuses a line (a business code: a usable reply, nothing charged)
+    between submits it did not answer: the streak of "8 submits in a row without a usable
+    reply" counted on across the refusals (only an accepted submit ended it), so a run whose
+    gateway refused its sensitive prompts stopped sending as "down" after 8 sporadic 5xx."""
+    seen = {"submits": 0}
+
+    async def submit(request: web.Request) -> web.Response:
+        seen["submits"] += 1
+        if seen["submits"] % 5 == 0:  # every fifth: refused, with the contract's envelope
+            body = {"code": "20110001", "message": "sensitive words", "data": None}
+            return web.json_response(body)
+        return web.json_response({"code": "503", "message": "busy", "data": None}, status=503)
+
+    app = web.Application()
+    app.router.add_post(GENERATIONS, submit)
+    async with serve(app) as origin:
+        creds = throwaway_credentials()
+        env = CLEAN_ENV | {
+            "WUJIE_APP_ID": creds.app_id,
+            "WUJIE_PRIVATE_KEY": creds.private_key,
+            "WUJIE_BASE_URL": origin,
+        }
+        out = tmp_path / "out"
+        code, stdout, err = await cli(
+            "bulk", str(prompts(tmp_path, 20)), "--concurrency", "1", "--json",
+            "-o", str(out), env=env,
+        )  # fmt: skip
+    assert "in a row" not in err, err
+    outcomes = json.loads(stdout)["outcomes"]
+    assert outcomes.get("uncertain") == 16 and outcomes.get("rejected") == 4, outcomes
+    assert code == 1, err

@@ -6,11 +6,16 @@ import asyncio
 import hashlib
 import json
 import os
+import re
+import shlex
 import signal
 import sys
 from pathlib import Path
 
 import pytest
+
+from wujie_async.cli._main import build_parser
+from wujie_async.cli._run import forget_failed_said
 
 from .cli_helpers import (
     cli,
@@ -203,3 +208,15 @@ async def test_ctrl_c_then_resume_then_rerun(tmp_path: Path) -> None:
             f"resumable {i}" for i in range(60)
         )
         assert (await emu.stats())["submits_accepted"] == 60  # none paid twice
+
+
+def test_printed_commands_name_a_path_that_starts_with_a_dash_as_a_path(tmp_path: Path) -> None:
+    """A relative --out or journal that starts with '-' (given as ./-runs) was printed as it
+    is: pasted, the command's parser took the path for an option and the command failed."""
+    journal = Path("-runs/journal.sqlite")
+    said = forget_failed_said("the disk is full", journal)
+    commands = re.findall(r"`(wujie-async [^`]*)`", said)
+    assert len(commands) == 2, said
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        assert Path(args.journal) == journal, command

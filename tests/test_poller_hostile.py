@@ -865,6 +865,27 @@ async def test_absence_counts_from_the_first_reply_after_an_outage_of_the_batch_
     assert ended - phase["outage_until"] >= grace
 
 
+async def test_a_key_absent_from_slow_replies_still_fails_as_unknown() -> None:
+    """Absence was counted afresh whenever two replies about a key came more than the grace
+    apart, failed calls between them or not: against a gateway whose replies take longer than
+    the grace (a slow one under load; ``status``'s grace is 3 s), or with more keys in flight
+    than the calls can ask about within it, a key no reply listed never failed as unknown. It
+    was polled until its job deadline (hours), and ``status`` said "no answer" for a key the
+    gateway had plainly answered it does not know."""
+    grace = 0.2
+
+    async def slow(keys: list[str]) -> list[Any]:
+        await asyncio.sleep(1.5 * grace)  # every reply comes back after longer than the grace
+        return []
+
+    poll = dataclasses.replace(FAST_POLL, unknown_key_grace=grace)
+    async with scripted_gateway(slow) as gateway, client_for(gateway, poll=poll) as client:
+        [job] = await submit(client, 1)
+        with pytest.raises(UnknownJobError):
+            await job.result(timeout=5)
+        assert len(gateway.asked) <= 4, gateway.asked  # the grace, not the deadline
+
+
 @pytest.mark.long
 async def test_a_thousand_null_data_replies_in_a_row_keep_their_backoff(
     caplog: pytest.LogCaptureFixture,

@@ -332,6 +332,24 @@ async def test_a_refusal_code_whose_data_holds_a_key_is_uncertain_not_rejected(
     assert gateway.submits == 1  # never resent
 
 
+@pytest.mark.parametrize("status", [401, 403, 429])
+async def test_a_refusal_status_whose_data_holds_a_key_is_uncertain_not_refused(
+    credentials: Credentials, tmp_path: Path, status: int
+) -> None:
+    """The same contradiction under a status the client reads before the envelope: a 429
+    (a proxy's stamp on a reply whose success code is not the contract's) was a rate limit,
+    resent by the client's retries (each resend paid again); a 401 or 403 was a refusal
+    ("nothing was accepted"), its line not_sent and sent again by a re-run."""
+    reply = b'{"code":"0","message":"success","data":{"key":"K0001"}}'
+    gateway = FakeGateway([reply], status=status)
+    async with gateway.serve() as base:
+        async with fake_client(base, credentials, journal=tmp_path / "j.sqlite") as client:
+            with pytest.raises(SubmitUncertainError, match="may have been accepted") as info:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert isinstance(info.value.__cause__, ProtocolError)
+    assert gateway.submits == 1  # never resent
+
+
 @pytest.mark.parametrize(
     ("reply", "problem"),
     [

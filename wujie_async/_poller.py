@@ -121,6 +121,8 @@ class _Tracked(KeyTiming):
     absent_since: float | None = None
     # When a reply about the key last came back (listing it or not; None: none yet).
     answered_at: float | None = None
+    # Whether a call that asked about the key failed since a reply about it last came back.
+    failed_since_answer: bool = False
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
     # Why the last call that asked about the key failed, until the gateway lists it again.
     failed_call: str | None = None
@@ -612,6 +614,7 @@ class BatchPoller:
                 continue  # cancelled, or past its deadline, while the call was out
             if reading is None:
                 tracked.failed_call = self._failing
+                tracked.failed_since_answer = True
                 wait = self._policy.min_interval if retry_wait is None else retry_wait
                 self._schedule(tracked, now + wait)
                 continue
@@ -745,6 +748,7 @@ class BatchPoller:
                 since = self._unreadable_since.setdefault(tracked.job.key, now)
                 if now - since < self._policy.unknown_key_grace:
                     tracked.failed_call = f"{type(problem).__name__}: {snippet(str(problem))}"
+                    tracked.failed_since_answer = True
                     self._schedule(tracked, now + self._policy.max_interval)
                 else:
                     self._end_unreadable(tracked, problem, now - since)
@@ -822,14 +826,18 @@ class BatchPoller:
         if entry is None:
             # Measured over replies: from the first that left it out, not from its submit or
             # last listing, and afresh after a gap in the replies longer than the grace itself
-            # (failed calls say nothing of a key). Counted across an outage of the batch
-            # calls, the first reply after it (a gateway catching up) failed at once every key
-            # it had not listed yet: paid jobs, ended as unknown.
+            # when calls about it failed in that gap (failed calls say nothing of a key).
+            # Counted across an outage of the batch calls, the first reply after it (a gateway
+            # catching up) failed at once every key it had not listed yet: paid jobs, ended as
+            # unknown. A gap of slow replies alone (a gateway slower than the grace, or more
+            # keys than the calls ask about within it) starts nothing afresh: the replies did
+            # leave the key out, and it would never fail as unknown.
             answered, tracked.answered_at = tracked.answered_at, now
+            failed, tracked.failed_since_answer = tracked.failed_since_answer, False
             if (
                 tracked.absent_since is None
                 or answered is None
-                or now - answered > policy.unknown_key_grace
+                or (failed and now - answered > policy.unknown_key_grace)
             ):
                 tracked.absent_since = now
             since = tracked.absent_since
@@ -865,6 +873,7 @@ class BatchPoller:
             return
         tracked.last_seen = tracked.answered_at = now
         tracked.absent_since = None
+        tracked.failed_since_answer = False
         if self._unreadable_since:
             self._unreadable_since.pop(job.key, None)
         tracked.failed_call = None

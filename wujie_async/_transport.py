@@ -213,6 +213,25 @@ def _reply_error(
     said = envelope.message if envelope else ""
     code = envelope.code if envelope else None
     body = snippet(raw)
+    if (
+        envelope is not None
+        and status < 500  # a 5xx is no refusal already: a submit so answered is uncertain
+        and isinstance(envelope.data, dict)
+        and envelope.data.get("key")
+    ):
+        # A refusal's data is null; one that carries a job key contradicts itself (a gateway
+        # whose success code is not the contract's: "0", "success"), whatever the HTTP status
+        # (a proxy's 429 stamped on it). Read as a refusal, a paid submit was "rejected,
+        # nothing charged" (resent by a retry of failed lines), a rate limit (resent by the
+        # client's retries) or a credentials refusal ("nothing accepted", sent again by a
+        # re-run); as a reply that breaks the contract, it is uncertain, never resent.
+        return ProtocolError(
+            f"the reply's code ({envelope.code}) is not a success, yet its data holds a job "
+            "key: the call may have been accepted",
+            http_status=status,
+            code=envelope.code,
+            body=body,
+        )
     if code == _contract.CODE_INSUFFICIENT_BALANCE:
         # Out of points is never a rate limit, whatever the HTTP status says.
         return InsufficientBalanceError(
@@ -266,18 +285,6 @@ def _reply_error(
     if envelope is None:
         return ProtocolError(
             "the reply is not a {code, message, data} envelope", http_status=status, body=body
-        )
-    if isinstance(envelope.data, dict) and envelope.data.get("key"):
-        # A refusal's data is null; one that carries a job key contradicts itself (a gateway
-        # whose success code is not the contract's: "0", "success"). Read as a refusal, a
-        # paid submit was "rejected, nothing charged" (and resent by a retry of failed
-        # lines); as a reply that breaks the contract, it is uncertain, never resent.
-        return ProtocolError(
-            f"the reply's code ({envelope.code}) is not a success, yet its data holds a job "
-            "key: the call may have been accepted",
-            http_status=status,
-            code=envelope.code,
-            body=body,
         )
     return business_error(envelope.code, envelope.message, http_status=status)
 

@@ -361,6 +361,8 @@ class BulkRun:
                 self._uncertain_in_a_row += 1
                 if self._uncertain_in_a_row >= UNCERTAIN_IN_A_ROW:
                     self._stop_sending(GatewayFailingError(self._uncertain_in_a_row, clean(exc)))
+            elif isinstance(exc, APIError) and not isinstance(exc, ProtocolError):
+                self._uncertain_in_a_row = 0  # the gateway's verdict (a refusal): it answers
             self._end(row, status, None, code, message, quiet=self._systemic_stop)
             return
         self._uncertain_in_a_row = 0

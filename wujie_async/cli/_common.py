@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import shlex
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Final
@@ -33,6 +34,16 @@ EMULATOR_POLL_FLOOR_S: Final = 0.02
 
 class UsageError(Exception):
     """A command-line problem, said in one line that names the flag to change."""
+
+
+def shell_path(path: Path | str | None) -> str:
+    """A path as a shell, then this command's parser, reads it back (the commands we print
+    are to be pasted): quoted, and a relative path that starts with ``-`` given as ``./-...``
+    (as it is, the parser took it for an option and the command failed)."""
+    text = str(path)
+    if text.startswith("-"):
+        text = "./" + text
+    return shlex.quote(text)
 
 
 def emulator_poll_policy(time_scale: float) -> PollPolicy:

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import shlex
 import stat
 import sys
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from ._common import (
     EXIT_TERMINATED,
     UsageError,
     open_client,
+    shell_path,
 )
 from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source, saved_indexes
 from ._plan import known_keys, line_of, lines_by_id, readable_error, sent_lines
@@ -226,7 +226,7 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
         raise UsageError(
             f"journal resend: {said}. Sending it again would pay again and drop the row that "
             "leads to its images (a job still running is collected with `wujie-async resume "
-            f"{shlex.quote(clean(str(path)))} -o {shlex.quote(clean(str(out)))}`); nothing was "
+            f"{shell_path(clean(str(path)))} -o {shell_path(clean(str(out)))}`); nothing was "
             "sent"
         )
 
@@ -337,7 +337,7 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             console.print(
                 Text(
                     "stopped: collect the rest with `wujie-async resume "
-                    f"{shlex.quote(str(path))} -o {shlex.quote(str(args.out))}`"
+                    f"{shell_path(path)} -o {shell_path(args.out)}`"
                 )
             )
         if result.interrupted or signals.received:

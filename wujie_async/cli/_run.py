@@ -49,6 +49,7 @@ from ._common import (
     EXIT_TERMINATED,
     UsageError,
     open_client,
+    shell_path,
 )
 from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem
@@ -200,7 +201,7 @@ def _line_name(outcome: LineOutcome) -> str:
 
 def _sh(path: Path | str | None) -> str:
     """A path as a shell reads it back: the commands we print are to be pasted."""
-    return shlex.quote(str(path))
+    return shell_path(path)
 
 
 class Session:
@@ -710,7 +711,9 @@ class Session:
             if self.journal is not None:
                 # The images keep this run's names (resume's default is another).
                 name = getattr(self.args, "name", None)
-                named = f" --name {_sh(name)}" if name and name != DEFAULT_NAME else ""
+                # (--name=: a template that starts with "-" is no option either.)
+                sep = "=" if str(name).startswith("-") else " "
+                named = f" --name{sep}{shlex.quote(name)}" if name and name != DEFAULT_NAME else ""
                 say(
                     f"{word}: submitted jobs keep running on the gateway; re-run the same "
                     f"command to collect them and send the rest:\n  wujie-async {command}\n"
