@@ -712,10 +712,10 @@ class Transport:
                 )
                 closed.systemic = True
                 return closed
+            reply = None  # its request_info holds the header: not kept by this frame
             if not _through_aiohttp(exc.__traceback__):
                 raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
-            reply = None
         if unexpected is not None:
             unexpected.__traceback__ = unexpected.__context__ = unexpected.__cause__ = None
             unexpected.add_note(
