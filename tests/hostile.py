@@ -383,6 +383,7 @@ async def image_server(also_on: str | None = None) -> AsyncIterator[ImageServer]
     * ``silent``: no reply at all (until the server stops);
     * ``cut``: the headers and half the body, then the connection closes;
     * ``to?url=URL``: a 302 to URL;
+    * ``gone``: a 404, as a signed URL that expired answers;
     * ``varying``: once ``released`` is set, a PNG that differs at each request (a CDN that
       re-encodes);
     * anything else (``admin/reset``, say): a PNG, so a fetch that should not happen shows.
@@ -398,6 +399,8 @@ async def image_server(also_on: str | None = None) -> AsyncIterator[ImageServer]
         server.hits[kind] += 1
         if kind == "to":
             raise web.HTTPFound(request.query["url"])
+        if kind == "gone":
+            return web.Response(status=404, text="expired")
         if kind == "silent":
             await server.released.wait()
             return web.Response(status=503)

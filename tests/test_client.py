@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import threading
@@ -10,6 +11,7 @@ import time
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 
 from wujie_async import (
@@ -26,6 +28,7 @@ from wujie_async import (
     PollPolicy,
     RetryPolicy,
     SubmitUncertainError,
+    Timeouts,
     UnknownJobError,
     WujieClient,
     WujieError,
@@ -338,6 +341,81 @@ async def test_a_drain_cancelled_midway_still_closes_everything(
             with pytest.raises(JobCancelledError):
                 await asyncio.wait_for(job, 5)
         assert stray_tasks(before) == set()
+
+
+def unanswered_trace_hook(path: str) -> tuple[aiohttp.TraceConfig, asyncio.Event, asyncio.Event]:
+    """A caller's aiohttp tracing that reports a failed request (shielded from cancels, as a
+    report that must go out is) to a collector which does not answer: a request to ``path``
+    cancelled on the wire unwinds only once ``gate`` is set. ``on_wire`` is set when such a
+    request has started."""
+    on_wire, gate = asyncio.Event(), asyncio.Event()
+
+    async def on_request_start(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        if params.url.path.endswith(path):
+            on_wire.set()
+
+    async def on_request_exception(
+        session: aiohttp.ClientSession,
+        context: Any,
+        params: aiohttp.TraceRequestExceptionParams,
+    ) -> None:
+        if params.url.path.endswith(path):
+            with anyio.CancelScope(shield=True):  # a report that must go out, as aclose's own
+                await gate.wait()
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(on_request_start)
+    trace.on_request_exception.append(on_request_exception)
+    return trace, on_wire, gate
+
+
+@pytest.mark.parametrize("stuck", ["poller", "submit"])
+async def test_a_close_whose_poller_or_submit_does_not_unwind_gives_up_and_says_so(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture, stuck: str
+) -> None:
+    """A batch call (or a submit) cancelled on the wire unwinds through the caller's aiohttp
+    session, whose trace hook may await a collector that does not answer: aclose() waits at
+    most Timeouts.close for it, and a WARNING says what it left behind."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    endpoint = "info" if stuck == "poller" else "generations"
+    trace, on_wire, gate = unanswered_trace_hook(endpoint)
+    hung = FaultConfig(slow_reply=1.0, slow_reply_s=600, endpoints=frozenset({endpoint}))
+    async with (
+        aiohttp.ClientSession(trace_configs=[trace]) as session,
+        emulator(faults=hung, job_seconds=(600, 600)) as emu,
+    ):
+        client = make_client(emu, session=session, timeouts=Timeouts(close=0.5))
+        await client.open()
+        submitting: asyncio.Task[ImageJob] | None = None
+        if stuck == "poller":
+            await client.images.submit(prompt="x", model="dall-e-2")
+        else:
+            submitting = asyncio.create_task(client.images.submit(prompt="x", model="dall-e-2"))
+        await asyncio.wait_for(on_wire.wait(), 10)
+        closing = asyncio.create_task(client.aclose())
+        try:
+            await asyncio.wait([closing], timeout=10)
+            assert closing.done(), "aclose() waited without a bound"
+        finally:
+            gate.set()  # the collector answers: what was left unwinds
+            await asyncio.wait([closing], timeout=10)
+        await closing
+        assert "state='closed'" in repr(client)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if stuck == "poller":
+            assert any(
+                "the poller did not stop within 0.5 s (Timeouts.close)" in line for line in warnings
+            ), warnings
+        else:
+            assert submitting is not None
+            assert any(
+                "1 submit(s) still unwinding after 0.5 s (Timeouts.close)" in line
+                for line in warnings
+            ), warnings
+            with pytest.raises(WujieError):
+                await asyncio.wait_for(submitting, 10)
 
 
 async def test_a_deadline_reached_while_polls_are_refused_says_why(

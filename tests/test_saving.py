@@ -234,6 +234,51 @@ async def test_an_image_that_fails_half_way_leaves_no_file_and_the_others_stay_w
     assert any(whole.name in note for note in info.value.__notes__)
 
 
+SIGNED = "gone?X-Signature=9f3a7c2e1b&Expires=1700000000"  # an expired signed URL's path
+
+
+async def test_a_failed_save_names_its_job_and_image_but_never_the_signed_url(
+    tmp_path: Path,
+) -> None:
+    # An expired URL said only "image download refused | HTTP 404": which job, which image?
+    async with image_server() as images:
+        script = images_at(images.url("png"), images.url(SIGNED))
+        async with scripted_gateway(script) as gateway, client_on(gateway.base_url) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2", n=2)
+            with pytest.raises(ProtocolError) as saving:
+                await job.save(tmp_path)
+            image = (await job).images[1]
+            with pytest.raises(ProtocolError) as keyed:
+                await client.download(image, tmp_path / "one.{ext}", key=job.key)
+            with pytest.raises(ProtocolError) as keyless:
+                await client.download(image, tmp_path / "two.{ext}")
+    said = f"job {job.key}, image 1: image download refused | HTTP 404"
+    assert str(saving.value) == said and str(keyed.value) == said
+    assert str(keyless.value) == "image 1: image download refused | HTTP 404"
+    for error in (saving.value, keyed.value, keyless.value):
+        assert error.http_status == 404
+        shown = [str(error), repr(error), *getattr(error, "__notes__", ())]
+        assert not any("X-Signature" in text or "9f3a7c2e1b" in text for text in shown), shown
+
+
+async def test_saves_of_one_job_sharing_one_failure_note_the_files_saved_once(
+    tmp_path: Path,
+) -> None:
+    # Two requests of a web app save one job into one folder; its image 1 fails. Both saves
+    # raise the one error of the one download, and each added "saved before this error was
+    # raised: ..." to it: the notes piled up, two per caller.
+    async with image_server() as images:
+        script = images_at(images.url("png"), images.url("gone"))
+        async with scripted_gateway(script) as gateway, client_on(gateway.base_url) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2", n=2)
+            await job
+            first, second = await asyncio.gather(
+                job.save(tmp_path), job.save(tmp_path), return_exceptions=True
+            )
+    assert isinstance(first, ProtocolError) and second is first  # one download, one error
+    assert first.__notes__ == [f"saved before this error was raised: {job.key}-0.png"]
+
+
 async def test_two_saves_of_one_image_into_one_folder_return_the_file_on_disk(
     tmp_path: Path,
 ) -> None:

@@ -190,7 +190,9 @@ async def test_the_debug_and_info_story_of_a_run(
     assert any(" -> generating after " in line and " ask(s) (" in line for line in story)
     assert info[0].startswith(f"journal {journal} opened: 0 accepted job(s) not ended")
     assert "client opened: " in info[1] and "max_in_flight=7" in info[1]
-    assert info[2].startswith("client closed: 2 submits (0 errors), 1 jobs succeeded")
+    assert info[2].startswith(
+        "client closed: 2 submit(s) accepted, 0 raised (not accepted); 1 job(s) succeeded, 0 failed"
+    )
     # The job left running is paid for and was not collected: the close line says so.
     assert info[2].endswith(
         "; 1 job(s) still running were not collected (the journal keeps their keys: resume() "

@@ -119,6 +119,49 @@ async def test_a_test_two_plugins_would_run_is_told_so(tmp_path: Path) -> None:
     assert "another event loop;" not in output, output
 
 
+@pytest.mark.long
+@pytest.mark.parametrize(
+    ("options", "mark", "told"),
+    [
+        # Fixtures on the session's loop, tests on their own: the ini setting to change.
+        (["-o", "asyncio_default_fixture_loop_scope=session"], "pytest.mark.asyncio",
+         'on its session-scoped event loop (asyncio_default_fixture_loop_scope = \'session\') '
+         "and this test on its function-scoped one (asyncio_default_test_loop_scope = "
+         '\'function\')'),
+        # A test marked to run on the module's loop, fixtures on the test's.
+        (["-o", "asyncio_default_fixture_loop_scope=function"],
+         'pytest.mark.asyncio(loop_scope="module")',
+         "on its function-scoped event loop (asyncio_default_fixture_loop_scope = 'function') "
+         'and this test on its module-scoped one (@pytest.mark.asyncio(loop_scope="module"))'),
+    ],
+    ids=["fixtures-on-the-session-loop", "a-test-on-the-module-loop"],
+)  # fmt: skip
+async def test_fixtures_and_a_test_on_loops_of_two_scopes_are_told_what_to_set(
+    tmp_path: Path, options: list[str], mark: str, told: str
+) -> None:
+    """pytest-asyncio running the fixtures on one loop and the test on another: the user got
+    "this client belongs to another event loop" from the client's first call, and no word of
+    which setting did it."""
+    (tmp_path / "test_user.py").write_text(ASYNCIO_TESTS.format(mark=mark))
+    returncode, output = await run_users_pytest(
+        tmp_path, "-p", "asyncio", "-o", "asyncio_mode=strict", *options
+    )
+    assert returncode != 0, output
+    assert "2 errors" in output, output
+    assert told in output, output
+    assert "set asyncio_default_fixture_loop_scope = " in output, output
+    assert "another event loop;" not in output, output
+    # Both on the session's loop: one loop, and the tests pass.
+    (tmp_path / "test_user.py").write_text(ASYNCIO_TESTS.format(mark="pytest.mark.asyncio"))
+    returncode, output = await run_users_pytest(
+        tmp_path, "-p", "asyncio", "-o", "asyncio_mode=strict",
+        "-o", "asyncio_default_fixture_loop_scope=session",
+        "-o", "asyncio_default_test_loop_scope=session",
+    )  # fmt: skip
+    assert returncode == 0, output
+    assert "2 passed" in output, output
+
+
 @pytest.mark.anyio
 async def test_the_fixtures_work_in_this_suite_too(wujie_client: object) -> None:
     from wujie_async import WujieClient

@@ -430,8 +430,10 @@ class WujieClient:
         Submits still in progress end at once: with ``ClientStateError`` if their request had
         not left, with ``SubmitUncertainError`` if it may have (it may have been charged), or
         by returning their job, already cancelled, if the key had come back (with a journal the
-        key is kept: :meth:`resume` picks it up). The transport and the journal are closed
-        whatever else fails; the journal's close waits at most 2 s for its last commit (a
+        key is kept: :meth:`resume` picks it up). Their unwinding, and then the poller's stop,
+        is waited for at most ``Timeouts.close`` each (a trace hook of your aiohttp session may
+        await anything): a WARNING names what was left behind. The transport and the journal
+        are closed whatever else fails; the journal's close waits at most 2 s for its last commit (a
         disk that stopped answering: a WARNING names the records left to its thread).
 
         Args:
@@ -520,8 +522,19 @@ class WujieClient:
             return
         task.cancel()
         # asyncio.wait: it waits for the task without raising the poller's own error (closing
-        # goes on) and without being cancelled with it.
-        await asyncio.wait([task])
+        # goes on) and without being cancelled with it. Bounded: a batch call cancelled on the
+        # wire unwinds through the aiohttp session, whose trace hooks (a session of the
+        # caller's) may await anything.
+        wait = self.timeouts.close
+        await asyncio.wait([task], timeout=wait)
+        if not task.done():
+            logger.warning(
+                "closing: the poller did not stop within %g s (Timeouts.close) and was left "
+                "behind (something its cancelled batch call awaits does not answer: a trace "
+                "hook of your aiohttp session?); every job was settled all the same",
+                wait,
+            )
+            return
         if not task.cancelled() and task.exception() is not None:
             logger.error("the wujie-async poller had stopped: %r", task.exception())
 

@@ -256,7 +256,9 @@ class Timeouts:
         connect: opening a connection, resolving the gateway's name included.
         request: one HTTP exchange, end to end.
         job: from submit until the job must be terminal (overridable per submit).
-        close: how long ``aclose(drain=True)`` waits for outstanding jobs.
+        close: how long ``aclose(drain=True)`` waits for outstanding jobs; also how long
+            ``aclose()`` waits for submits in progress to unwind, and then for the poller to
+            stop (a WARNING names what it left behind).
     """
 
     connect: float = 10.0

@@ -43,6 +43,8 @@ from ._errors import (
     ProtocolError,
     TransportError,
     WujieError,
+    add_note_once,
+    snippet,
 )
 from ._file_names import DEFAULT_NAME, check_template, render_name
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, sniff_format
@@ -244,7 +246,9 @@ class Downloader:
             if isinstance(outcome, BaseException):
                 if saved and isinstance(outcome, Exception):
                     files = ", ".join(image.path.name for image in saved)
-                    outcome.add_note(f"saved before this error was raised: {files}")
+                    # Another save of this job into this folder may raise this same error (it
+                    # joined this one's download): its note is the same, and is told once.
+                    add_note_once(outcome, f"saved before this error was raised: {files}")
                 raise outcome
         return saved
 
@@ -312,7 +316,11 @@ class Downloader:
         target = _Target(Path(path), image.index, claimed)
         url = image.url if image.b64_json is None else None
         host = _host(url) if url is not None else None
-        return await self._observed(key, image.index, host, lambda: self._save(image, target))
+        try:
+            return await self._observed(key, image.index, host, lambda: self._save(image, target))
+        except WujieError as exc:
+            _name_the_image(exc, key, image.index)  # made for this save: no one else holds it
+            raise
 
     async def _save(self, image: GeneratedImage, target: _Target) -> SavedImage:
         with anyio.CancelScope() as scope:
@@ -800,6 +808,15 @@ async def _to_end(
     if undo is not None and not done.cancelled() and done.exception() is None:
         undo(done.result())
     raise cancel
+
+
+def _name_the_image(error: WujieError, key: str | None, index: int) -> None:
+    """A failed save names its image, and its job when the key is known: "job K1, image 1:
+    image download refused | HTTP 404" (an expired URL) says which one to fetch again. Never
+    the URL, which may carry a signed token."""
+    where = f"image {index}" if key is None else f"job {snippet(key, limit=140)}, image {index}"
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{where}: {error.args[0]}", *error.args[1:])
 
 
 def _name_the_file(error: OSError, path: Path) -> None:

@@ -191,6 +191,13 @@ def _redacted(match: re.Match[str]) -> str:
     return f"[{len(run)} characters like a signature, left out]"
 
 
+def add_note_once(error: BaseException, note: str) -> None:
+    """``error.add_note(note)`` unless it has that note already: an error shared by callers
+    (saves of one image join one download) is told a caller's note once, not once a caller."""
+    if note not in getattr(error, "__notes__", ()):
+        error.add_note(note)
+
+
 class WujieError(Exception):
     """Base class of every error raised by wujie_async.
 

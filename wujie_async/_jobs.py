@@ -24,6 +24,7 @@ from ._errors import (
     InvalidRequestError,
     JobCancelledError,
     JobError,
+    add_note_once,
 )
 from ._file_names import DEFAULT_NAME
 from ._models import JobInfo
@@ -488,7 +489,7 @@ class ImageJob:
             saved = await saver.save_job(landed, directory, name)
         except Exception as exc:
             if landed.incomplete is not None:
-                exc.add_note(f"the job also ended incomplete: {landed.incomplete}")
+                add_note_once(exc, f"the job also ended incomplete: {landed.incomplete}")
             raise
         incomplete = landed.incomplete
         if incomplete is None:

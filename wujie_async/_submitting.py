@@ -21,6 +21,7 @@ cancel is told apart from the caller's own cancellation, which always goes on).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
@@ -50,6 +51,8 @@ from ._ratelimit import WINDOW_MARGIN_S, Pacer, Ready
 if TYPE_CHECKING:
     from ._otel import JobTrace
     from ._transport import Transport
+
+logger = logging.getLogger("wujie_async")
 
 
 class Admission:
@@ -506,11 +509,13 @@ class Submits:
                 self._stopping.add(scope)
                 scope.cancel("submits were stopped")
 
-    async def stop(self, timeout: float) -> None:
+    async def stop(self, timeout: float) -> int:
         """End every submit in progress (see ``WujieClient.aclose``); wait for them to unwind.
 
-        Unwinding awaits nothing slow (journal records are queued, not awaited): bounded by
-        ``timeout`` all the same.
+        Unwinding awaits nothing slow of ours (journal records are queued, not awaited), but a
+        submit on the wire also unwinds through the aiohttp session, whose trace hooks (the
+        caller's own session) may await anything: bounded by ``timeout``, and a WARNING says
+        how many were left still unwinding. Returns that number.
         """
         for scope in self._running:
             if scope not in self._stopping:
@@ -519,6 +524,16 @@ class Submits:
         if self._running:
             with anyio.move_on_after(timeout):
                 await self.wait_idle()
+        left = len(self._running)
+        if left:
+            logger.warning(
+                "closing: %d submit(s) still unwinding after %g s (Timeouts.close), left "
+                "behind (something a cancelled request awaits does not answer: a trace hook "
+                "of your aiohttp session?); each ends with its own error when it unwinds",
+                left,
+                timeout,
+            )
+        return left
 
     async def _send(
         self,

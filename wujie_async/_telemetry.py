@@ -349,7 +349,8 @@ class Telemetry:
                 "aclose(drain=True) waits for jobs)"
             )
         logger.info(
-            "client closed: %d submits (%d errors), %d jobs succeeded, %d failed; "
+            "client closed: %d submit(s) accepted, %d raised (not accepted); "
+            "%d job(s) succeeded, %d failed; "
             "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s%s",
             stats.submits,
             stats.submit_errors,

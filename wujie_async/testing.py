@@ -26,6 +26,9 @@ The fixtures are async and run on the loop of the plugin that runs the test: any
 plugin (``@pytest.mark.anyio``, shipped with anyio) on asyncio, which aiohttp needs, or
 pytest-asyncio (``@pytest.mark.asyncio``, or no mark in its auto mode). A test marked anyio
 that pytest-asyncio runs too (its auto mode) fails with an error saying to drop the anyio mark.
+Under pytest-asyncio the fixtures run on the loop of ``asyncio_default_fixture_loop_scope``; a
+test on a loop of another scope (``asyncio_default_fixture_loop_scope = "session"`` beside tests
+on their own ``function`` loops, say) fails with an error saying what to set.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def _async_fixture(function: _Fixture) -> _Fixture:
 def _check_runner(request: pytest.FixtureRequest) -> None:
     """Skip a test on another anyio backend than asyncio; refuse a test that two plugins run."""
     if "anyio_backend" not in request.fixturenames:
-        return  # pytest-asyncio runs this test and its fixtures
+        _check_loop_scopes(request)  # pytest-asyncio runs this test and its fixtures
+        return
     anyio_backend = request.getfixturevalue("anyio_backend")
     backend = anyio_backend if isinstance(anyio_backend, str) else anyio_backend[0]
     if backend != "asyncio":
@@ -109,6 +113,60 @@ def _check_runner(request: pytest.FixtureRequest) -> None:
             "@pytest.mark.anyio (pytest-asyncio then runs wujie_emulator and wujie_client too), "
             "or keep it and set asyncio_mode = strict"
         )
+
+
+def _ini(config: pytest.Config, name: str) -> str | None:
+    try:
+        value = config.getini(name)
+    except ValueError:  # an option this pytest-asyncio does not have
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _check_loop_scopes(request: pytest.FixtureRequest) -> None:
+    """Refuse a test whose loop is not the one pytest-asyncio runs these fixtures on.
+
+    These fixtures are per test and run on the loop of ``asyncio_default_fixture_loop_scope``
+    (by default the test's own, ``function``); a test runs on the loop of its
+    ``@pytest.mark.asyncio(loop_scope=...)``, else of ``asyncio_default_test_loop_scope``
+    (``function``). When the two differ, the client belongs to another loop than the test's,
+    and its first call raised only "this client belongs to another event loop".
+    """
+    marker = request.node.get_closest_marker("asyncio")
+    if marker is None or not request.config.pluginmanager.hasplugin("asyncio"):
+        return  # not a test pytest-asyncio runs (a sync test asking for the fixtures)
+    config = request.config
+    fixture_setting = _ini(config, "asyncio_default_fixture_loop_scope")
+    fixture_scope = fixture_setting or "function"
+    if fixture_scope == "fixture-scope":  # the fixture's own scope: these are per test
+        fixture_scope = "function"
+    marked = marker.kwargs.get("loop_scope") or marker.kwargs.get("scope")
+    test_scope = (
+        marked
+        if isinstance(marked, str)
+        else _ini(config, "asyncio_default_test_loop_scope") or "function"
+    )
+    if fixture_scope == test_scope:
+        return
+    told = (
+        f"asyncio_default_fixture_loop_scope = {fixture_setting!r}"
+        if fixture_setting is not None
+        else "asyncio_default_fixture_loop_scope unset"
+    )
+    test_told = (
+        f'@pytest.mark.asyncio(loop_scope="{test_scope}")'
+        if isinstance(marked, str)
+        else f"asyncio_default_test_loop_scope = {test_scope!r}"
+    )
+    raise pytest.UsageError(
+        f"pytest-asyncio runs wujie_emulator and wujie_client on its {fixture_scope}-scoped "
+        f"event loop ({told}) and this test on its {test_scope}-scoped one ({test_told}): "
+        "wujie_client would belong to another event loop than the test's. Run them on one "
+        f'loop: set asyncio_default_fixture_loop_scope = "{test_scope}" (the wujie fixtures '
+        f"are per test, on any loop), or run the test on the {fixture_scope}-scoped loop "
+        f'(asyncio_default_test_loop_scope = "{fixture_scope}", or '
+        f'@pytest.mark.asyncio(loop_scope="{fixture_scope}"))'
+    )
 
 
 @_async_fixture
