@@ -31,6 +31,7 @@ from .. import (
     ProtocolError,
     SubmitUncertainError,
     TransportError,
+    UnknownJobError,
     WujieClient,
 )
 from .._file_names import render_name
@@ -107,7 +108,9 @@ class BulkRun:
     ``spare_room(size)``: called for each later refused ``pending`` row (a job's key: it must
     be on disk at once), before writing it again. ``journaled``: the client keeps a journal: a
     key it could not write there (a full disk) gets a ``pending`` row at once, as every key
-    does with ``keys_on_accept``.
+    does with ``keys_on_accept``. ``rechecked``: keys of jobs an earlier run left uncertain,
+    asked about again: one the gateway does not list now (never listed to this run) ends
+    ``uncertain`` again, not ``failed`` (it was accepted, and may have run and been charged).
     Setting ``stop`` (a signal) ends the run gently: no new submits, the ones on the wire get
     their keys, then collection is abandoned (those jobs stay in the journal) and
     ``interrupted`` is set, also after a systemic error stopped the sending (which collects
@@ -135,8 +138,10 @@ class BulkRun:
         make_room: Callable[[], None] | None = None,
         spare_room: Callable[[int], None] | None = None,
         journaled: bool = False,
+        rechecked: frozenset[str] = frozenset(),
     ) -> None:
         self._client = client
+        self._rechecked = rechecked
         self._send = send
         self._collect = collect
         self._manifest = manifest
@@ -458,6 +463,13 @@ class BulkRun:
             return
         if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
+            if isinstance(problem, UnknownJobError) and job.key in self._rechecked:
+                # Not a wrong key: an earlier run saw the gateway accept it.
+                status = "uncertain"
+                message = clean(
+                    f"{message}; an earlier run saw it accepted: it may have run and been "
+                    "charged (not resent)"
+                )
         elif (
             isinstance(problem, APIError)
             and problem.http_status in _GONE

@@ -229,6 +229,7 @@ class Session:
         self.unreported_before = Unreported()
         self.prices_learned: dict[str, float] = {}  # what earlier runs were charged, by kind
         self.points = 0.0  # what this run's jobs were charged
+        self.bodies: dict[str, dict[str, Any]] = {}  # bulk: the request bodies, by tag
 
     def limits(self) -> Limits:
         args = self.args
@@ -316,7 +317,7 @@ class Session:
                 )
             records = of_source(records, source)
             self.points_before = points_spent(records)
-            bodies = {item.tag: item.request.body() for item in items}
+            self.bodies = bodies = {item.tag: item.request.body() for item in items}
             self.prices_learned = learned = prices_charged(records, bodies)
             # Saved jobs whose cost the gateway did not report cost their kind's price.
             self.unreported_before = unreported_cost(
@@ -367,6 +368,12 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if plan.rechecked:
+                self._say(
+                    f"asking the gateway again about {len(plan.rechecked)} uncertain line(s) "
+                    "whose job it accepted (no resend): their images are saved if it lists them "
+                    "done now, else they stay uncertain"
+                )
             if self.unpriced_kinds:
                 self._unpriced(plan)
             # A gateway that hands out a key again (a counter reset by a restart) gave a new
@@ -444,6 +451,7 @@ class Session:
                     make_room=reserve.halve,
                     spare_room=reserve.spare,
                     journaled=self.journal is not None,
+                    rechecked=frozenset(plan.rechecked),
                 )
                 signals = handlers.enter_context(stopping_on_signals(stop, self.console))
                 self.signals = signals
@@ -473,7 +481,25 @@ class Session:
             # What this run's manifest rows record: a job collected again was counted by
             # the run that first recorded its cost.
             self.points = self.result.points if self.result is not None else 0.0
+            if self.result is not None and plan.rechecked:
+                self._told(plan, records)
         return self.finish(total)
+
+    def _told(self, plan: Plan, records: list[dict[str, Any]]) -> None:
+        """Uncertain lines asked about again that are told now (saved, or ended otherwise):
+        what they may have cost is no longer "up to ... on uncertain lines" (a job saved
+        now is in this run's points: it is never counted twice)."""
+        assert self.result is not None
+        told = {
+            o.key
+            for o in self.result.outcomes
+            if o.key in plan.rechecked and o.status != "uncertain"
+        }
+        tags = {row.tag for row, job in plan.collect if job.key in told}
+        if tags and self.points_uncertain:
+            mine = [record for record in records if record.get("tag") in tags]
+            held = uncertain_cost(mine, self.bodies, self._point_prices())
+            self.points_uncertain = max(self.points_uncertain - held, 0.0)
 
     def source(self, records: list[dict[str, Any]]) -> str:
         """What the manifest's records of this run say for ``input``."""
@@ -758,8 +784,11 @@ class Session:
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or forgot them: they may have run and "
-                "been charged, and are never resent silently. `wujie-async status KEY` asks "
-                "about one (keys in the manifest); resend them by adding --retry-uncertain"
+                "been charged, and are never resent silently. A re-run of the same command "
+                "asks about them again (and saves their images if the gateway lists them done "
+                "then); `wujie-async status KEY` asks about one (keys in the manifest); resend "
+                "them by adding --retry-uncertain once the gateway's console shows they were "
+                "not charged"
             )
         if counts["uncertain"] - accepted:
             see = (
