@@ -455,6 +455,7 @@ class BulkRun:
             problem = problem or exc
         # The cost goes on this line's last row unless a row already carries it.
         points = job.points_charged if self._uncharged(job) else None
+        lasting: str | None = None
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if job.points_charged is None and job.done() and job.exception() is None:
             self.result.uncosted.append(row.body)
@@ -489,7 +490,8 @@ class BulkRun:
             if _disk_refused(problem):
                 # Every later image would be paid for and refused the same way.
                 self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
-        self._end(row, status, job.key, code, message, points=points)
+            lasting = _lasting(problem)
+        self._end(row, status, job.key, code, message, points=points, lasting=lasting)
 
     async def _save(
         self, row: Row, job: ImageJob, index: int, started: float, unsaved: list[int]
@@ -701,8 +703,9 @@ class BulkRun:
         *,
         quiet: bool = False,
         points: float | None = None,
+        lasting: str | None = None,
     ) -> None:
-        outcome = LineOutcome(status, row.line, row.row_id, key, code, message)
+        outcome = LineOutcome(status, row.line, row.row_id, key, code, message, lasting)
         self.result.outcomes.append(outcome)
         self._move(row, status)
         if status == "saved":
@@ -745,6 +748,27 @@ def _describe(exc: BaseException) -> str:
     for option, flag in _FLAG_NAMES:
         text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# What the downloader says of an image a re-run would refuse the same way, and what is
+# wrong with it, in the summary's words.
+TOO_LARGE, NOT_AN_IMAGE = "too large", "not an image"
+_LASTING = (
+    ("is larger than", TOO_LARGE),
+    ("not a PNG, JPEG or WEBP image", NOT_AN_IMAGE),
+    ("is not valid base64", NOT_AN_IMAGE),
+    ("has neither a URL nor b64_json", NOT_AN_IMAGE),
+)
+
+
+def _lasting(problem: BaseException | None) -> str | None:
+    """``TOO_LARGE`` or ``NOT_AN_IMAGE`` for an image that could not be saved and that a
+    re-run would refuse the same way (the bytes the gateway lists do not change); None for a
+    failure a re-run may get past (a network error, a slow or failing image server)."""
+    if not isinstance(problem, ProtocolError) or problem.http_status is not None:
+        return None
+    text = str(problem)
+    return next((what for said, what in _LASTING if said in text), None)
 
 
 def _disk_refused(problem: BaseException) -> TypeGuard[OSError]:

@@ -89,10 +89,12 @@ DOWNLOAD_DEFAULTS: Final = DownloadPolicy()
 
 def download_policy(args: argparse.Namespace) -> DownloadPolicy:
     """How the flags ask for images to be downloaded (``--download-timeout``,
-    ``--min-download-rate``, ``--allow-http``); the client's one downloader follows it."""
+    ``--min-download-rate``, ``--max-image-bytes``, ``--allow-http``); the client's one
+    downloader follows it."""
     min_rate = getattr(args, "min_download_rate", None)
     return dataclasses.replace(
         DOWNLOAD_DEFAULTS,
+        max_bytes=getattr(args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes,
         deadline=getattr(args, "download_timeout", None) or DOWNLOAD_DEFAULTS.deadline,
         min_rate=DOWNLOAD_DEFAULTS.min_rate if min_rate is None else (min_rate or None),
         allow_http=bool(getattr(args, "allow_http", False)),

@@ -208,6 +208,14 @@ def _add_output_arguments(parser: argparse.ArgumentParser, *, names: str) -> Non
         f"is too slow (the try fails, retries are bounded); 0 turns it off "
         f"(default {DOWNLOAD_DEFAULTS.min_rate:g})",
     )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the largest image saved; a larger one is refused, and the line fails "
+        f"(default {DOWNLOAD_DEFAULTS.max_bytes})",
+    )
 
 
 def _add_single_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -486,6 +494,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--emulator-time-scale", "emulator_time_scale"),
         ("--download-timeout", "download_timeout"),
         ("--max-response-bytes", "max_response_bytes"),
+        ("--max-image-bytes", "max_image_bytes"),
     ):
         value = getattr(args, dest, None)
         if value is not None and not 0 < value < math.inf:

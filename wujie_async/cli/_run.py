@@ -33,6 +33,8 @@ from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
 from ._bulk import (
+    NOT_AN_IMAGE,
+    TOO_LARGE,
     BulkResult,
     BulkRun,
     GatewayFailingError,
@@ -42,6 +44,7 @@ from ._bulk import (
     names_taken,
 )
 from ._common import (
+    DOWNLOAD_DEFAULTS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -811,10 +814,26 @@ class Session:
                 "again; --job-timeout sets how long to wait)"
             )
         unsaved = sum(1 for o in result.outcomes if o.error_code == "download")
-        if unsaved:
+        too_large = sum(1 for o in result.outcomes if o.lasting == TOO_LARGE)
+        not_images = sum(1 for o in result.outcomes if o.lasting == NOT_AN_IMAGE)
+        if unsaved - too_large - not_images:
             say(
-                f"{unsaved} line(s) succeeded but their images could not be saved; re-run the "
-                "same command to fetch them again (they are not sent again)"
+                f"{unsaved - too_large - not_images} line(s) succeeded but their images could "
+                "not be saved; re-run the same command to fetch them again (they are not sent "
+                "again)"
+            )
+        if too_large:
+            cap = getattr(self.args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes
+            say(
+                f"{too_large} line(s) succeeded but an image is larger than the {cap}-byte cap "
+                "on images, so it was not saved; re-run with a larger --max-image-bytes to "
+                "fetch it (the jobs are paid and not sent again)"
+            )
+        if not_images:
+            say(
+                f"{not_images} line(s) succeeded but the gateway listed an image whose bytes are "
+                "not an image (not PNG, JPEG or WEBP), so it was not saved; a re-run fails the "
+                "same way: ask the gateway's operator about those jobs (keys in the manifest)"
             )
         gone = sum(1 for o in result.outcomes if o.error_code == "gone")
         if gone:
