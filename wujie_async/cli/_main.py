@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Coroutine
 from importlib import metadata
@@ -49,7 +50,7 @@ from ._common import (
 from ._completion import SHELLS, script
 from ._exit import DaemonThreadPool, ExitGuard
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
-from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock
+from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock, remove_stale_temp_files
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
 from ._run import Session, check_out_folder, journal_path
@@ -581,6 +582,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command not in ("bulk", "resume"):
         return _run_loop(session.run(items))  # one job each: runs side by side may share OUT
     with out_folder_lock(args.out):  # plans from OUT's manifest: one such run at a time
+        remove_stale_temp_files(args.out, time.time())
         return _run_loop(session.run(items))
 
 
