@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from .. import Credentials, DownloadPolicy, InvalidRequestError, Limits, PollPolicy, WujieClient
 from .._auth import read_key_file as key_file_text
@@ -203,3 +204,23 @@ async def open_client(
         raise UsageError(f"--base-url / WUJIE_BASE_URL: {rule}") from None
     async with client:
         yield client
+
+
+class _Ending:
+    """Whether this process printed its ``--json`` summary (the one object a run ends with)."""
+
+    printed = False
+
+
+def new_json_ending() -> None:
+    """A command starts: its ``--json`` ending is yet to be printed."""
+    _Ending.printed = False
+
+
+def print_json_ending(said: dict[str, Any]) -> None:
+    """Print the one JSON object a ``--json`` command ends with, on stdout (once: a command
+    that printed its summary prints no second object for an error after it)."""
+    if _Ending.printed:
+        return
+    _Ending.printed = True
+    print(json.dumps(said), flush=True)  # noqa: T201 - the machine-readable ending is output

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shlex
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from ._common import (
     EXIT_TERMINATED,
     UsageError,
     open_client,
+    print_json_ending,
 )
 from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem
@@ -644,10 +644,12 @@ class Session:
                 # take, and jobs whose records the journal had not committed.
                 "manifest_unwritten_keys": _keys_held(result.unrecorded),
                 "journal_uncommitted_keys": list(self.journal_left),
+                # As every --json ending has: what ended the command early (null: nothing).
+                "error": stopped,
             }
             if self.args.command in ("generate", "edit", "status"):
                 summary["paths"] = [str(path) for path in result.saved_paths]
-            print(json.dumps(summary))  # noqa: T201 - the machine-readable summary is output
+            print_json_ending(summary)
         elif self.args.command in ("generate", "edit", "status"):
             for path in result.saved_paths:
                 print(path)  # noqa: T201 - the saved paths are this command's output
