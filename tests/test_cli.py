@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -15,9 +16,11 @@ from pathlib import Path
 import pytest
 
 from wujie_async.cli._main import build_parser
+from wujie_async.cli._out_lock import remove_stale_temp_files
 from wujie_async.cli._run import forget_failed_said
 
 from .cli_helpers import (
+    FAST,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     running_cli,
@@ -220,3 +223,38 @@ def test_printed_commands_name_a_path_that_starts_with_a_dash_as_a_path(tmp_path
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert Path(args.journal) == journal, command
+
+
+async def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    # `kill -9` while images downloaded left their `.wujie-*.part` files in OUT, and no later
+    # run removed them: a folder of a big input, killed a few times, filled up with them. The
+    # next bulk run (it holds the folder's lock) removes those no live process writes.
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [".wujie-0.0123456789ab.part", ".wujie.abcdef012345.part"]
+    kept = [".wujie-1.fedcba987654.part", ".wujie-notes.part", "mine.part"]
+    long_ago = 1_000_000_000
+    for name in left + kept:
+        (out / name).write_bytes(b"\x89PNG half")
+        os.utime(out / name, (long_ago, long_ago))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    with (out / kept[0]).open("ab"):  # a download of a live `generate` into the same folder
+        code, _, err = await cli("bulk", str(prompts), "--emulator", *FAST, "-o", str(out))
+    assert code == 0, err
+    assert not any((out / name).exists() for name in left)
+    assert all((out / name).exists() for name in kept)
+    assert len(list(out.glob("*.png"))) == 1
+
+
+def test_stale_temporary_files_removed_are_counted_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stale, fresh = tmp_path / ".wujie-0.0123456789ab.part", tmp_path / ".wujie.abcdef012345.part"
+    stale.write_bytes(b"")
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    fresh.write_bytes(b"")  # written after the run started: a live writer's
+    caplog.set_level(logging.INFO, logger="wujie_async.cli")
+    assert remove_stale_temp_files(tmp_path, fresh.stat().st_mtime - 1) == 1
+    assert not stale.exists() and fresh.exists()
+    assert "removed 1 temporary file(s)" in caplog.text

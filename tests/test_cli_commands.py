@@ -21,6 +21,7 @@ from .cli_helpers import (
     FAST,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
     manifest,
     running_cli,
     served_emulator,
@@ -174,6 +175,38 @@ async def test_the_reply_cap_is_a_flag_for_gateways_that_list_images_inline() ->
         assert code == 0 and "succeeded" in stdout, (stdout, err)
     code, _, err = await cli("status", "K1", "--max-response-bytes", "0", env=env)
     assert code == 2 and "--max-response-bytes" in err, err
+
+
+async def test_images_a_rerun_cannot_save_are_not_said_to_be_fetched_by_one(
+    tmp_path: Path,
+) -> None:
+    # An image over the size cap, and bytes that are not an image: the summary said "re-run
+    # the same command to fetch them again", which fails the same way every time. It says
+    # what is wrong, and what helps (--max-image-bytes, which did not exist: no command could
+    # save an image over 64 MiB).
+    png = base64.b64encode(render_png("K", 0, 64, 64)).decode()
+    listed = {"K00000": base64.b64encode(b"<html>sorry</html>").decode(), "K00001": png}
+
+    def script(keys: list[str]) -> list[dict[str, object]]:
+        return [{"key": key, "status": 4, "images": [{"b64_json": listed[key]}]} for key in keys]
+
+    async with scripted_gateway(script) as gateway:
+        env = _gateway_env(gateway.base_url)
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\na hen\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "-o", str(out), "--concurrency", "1"]
+        code, _, err = await cli(*bulk, "--max-image-bytes", "100", env=env)
+        said = " ".join(err.split())
+        assert code == 1 and "fetch them again" not in said, err
+        assert "1 line(s) succeeded but an image is larger than the 100-byte cap" in said, err
+        assert "re-run with a larger --max-image-bytes" in said, err
+        assert "1 line(s) succeeded but the gateway listed an image whose bytes are not" in said
+        code, _, err = await cli(*bulk, env=env)
+        assert code == 1 and final_outcomes(out) == {1: "failed", 2: "saved"}, err
+        assert gateway.submits == 2  # collected again, never sent again
+    code, _, err = await cli(*bulk, "--max-image-bytes", "0", env=env)
+    assert code == 2 and "--max-image-bytes" in err, err
 
 
 @pytest.mark.long

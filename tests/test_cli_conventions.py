@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
+from wujie_async import _lock_file
 from wujie_async.cli import build_parser
+from wujie_async.cli._out_lock import LOCK_NAME
 
 from .cli_helpers import (
     CLEAN_ENV,
@@ -22,6 +25,7 @@ from .cli_helpers import (
     manifest,
     served_emulator,
 )
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -151,3 +155,73 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly() -> None:
         error = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141, error
     assert "internal error" not in error and "Traceback" not in error
+
+
+async def test_every_json_ending_is_one_object_with_its_exit_code(tmp_path: Path) -> None:
+    # With --json, a usage error (exit 2) and a busy --out (exit 4) printed nothing on stdout:
+    # a script reading it got no JSON at all. Each prints one object (stderr as before).
+    code, stdout, err = await cli("bulk", "rows.txt", "--json", "--no-such-flag")
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err and "usage:" in err
+    said = json.loads(stdout)
+    assert said["exit_code"] == 2 and "--no-such-flag" in said["error"], said
+
+    code, stdout, err = await cli("bulk", str(tmp_path / "missing.txt"), "--json", "--emulator")
+    assert code == 2 and "missing.txt" in err, err
+    said = json.loads(stdout)
+    assert said["exit_code"] == 2 and "missing.txt" in said["error"], said
+
+    code, stdout, err = await cli("bulk", "rows.txt", "--no-such-flag")  # no --json: as before
+    assert code == 2 and stdout == "", stdout
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    held = _lock_file.take(out / LOCK_NAME)  # another run writes OUT
+    try:
+        code, stdout, err = await cli(
+            "bulk", str(prompts), "-o", str(out), "--json", "--emulator", *FAST
+        )
+    finally:
+        _lock_file.release(held)
+    assert code == 4 and "in use by another run" in err, err
+    said = json.loads(stdout)
+    assert said == {"exit_code": 4, "error": said["error"]} and "in use" in said["error"], said
+
+    code, stdout, err = await cli(
+        "bulk", str(prompts), "-o", str(out), "--json", "--emulator", *FAST
+    )
+    assert code == 0, err
+    [said] = [json.loads(line) for line in stdout.splitlines()]  # one object: the summary
+    assert said["exit_code"] == 0 and said["error"] is None, said
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+async def test_sigterm_during_start_up_ends_in_the_json_object(tmp_path: Path) -> None:
+    # SIGTERM while the command starts (here: reading its input from stdin) killed it outright:
+    # no summary, nothing on stdout for --json. It stops as at Ctrl-C, and says so: exit 143.
+    process = await anyio.open_process(
+        [sys.executable, "-m", "wujie_async", "bulk", "-", "-o", str(tmp_path / "out"),
+         "--json", "--emulator", *FAST],
+        env=CLEAN_ENV,
+    )  # fmt: skip
+    async with process:
+
+        def catches_sigterm() -> bool:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+            return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+        await eventually(
+            catches_sigterm, what="the SIGTERM handler", alive=lambda: process.returncode is None
+        )
+        process.terminate()
+        with anyio.fail_after(30):
+            code = await process.wait()
+        assert process.stdout is not None and process.stderr is not None
+        stdout = (await process.stdout.receive()).decode()
+        err = b"".join([chunk async for chunk in process.stderr]).decode()
+    assert code == 143, (code, err)
+    assert "stopped by SIGTERM" in err, err
+    said = json.loads(stdout)
+    assert said["exit_code"] == 143 and "SIGTERM" in said["error"], said

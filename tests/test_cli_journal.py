@@ -178,13 +178,80 @@ async def test_an_accepted_job_whose_reports_were_unreadable_is_not_resent_as_fa
         with (out / "manifest.jsonl").open("a") as handle:
             handle.write(json.dumps(unreadable) + "\n")
 
+        # The job's images are on disk (the manifest says so): it reads saved, never resent.
         code, stdout, err = await cli(*bulk, "--retry-failed", env=emu.env)
-        assert json.loads(stdout)["outcomes"]["uncertain"] == 1, err
-        assert "accepted by the gateway" in err and "without a reply" not in err, err
+        assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 1, err
         assert (await emu.stats())["submits_accepted"] == 1  # not paid for again
         code, stdout, err = await cli(*bulk, "--retry-uncertain", env=emu.env)
         assert code == 0 and json.loads(stdout)["outcomes"]["saved"] == 1, err
         assert (await emu.stats())["submits_accepted"] == 2  # resent: asked for
+
+
+@pytest.mark.long
+async def test_a_rerun_collects_an_uncertain_job_the_gateway_now_reports_readably(
+    tmp_path: Path,
+) -> None:
+    """A job the gateway accepted and then reported only unreadably (here: over the reply
+    cap) ends uncertain. Re-runs never asked about it again: it stayed uncertain forever,
+    though the gateway had run it (and charged for it). A plain re-run collects it now, its
+    cost held once against --max-points (a double hold refused the new line)."""
+    async with served_emulator(tmp_path) as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\n")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(rows), "-o", str(out), "--json"]
+        code, stdout, err = await cli(*bulk, "--max-response-bytes", "150", env=emu.env)
+        assert code == 1, err
+        said = json.loads(stdout)
+        assert said["outcomes"]["uncertain"] == 1, err
+        [key] = (await emu.stats())["timelines"]
+        assert [r["error_code"] for r in manifest(out)] == ["protocol_error"]
+
+        rows.write_text("a fox\na hen\n")  # and a line more, within the budget
+        budget = ["--max-points", "16", "--point-price", "gpt-image-1=8"]
+        code, stdout, err = await cli(*bulk, *budget, env=emu.env)
+        said = json.loads(stdout)
+        assert code == 0 and said["outcomes"]["saved"] == 2, err
+        assert (await emu.stats())["submits_accepted"] == 2  # the new line alone was sent
+        assert said["points"] == 16 and said["points_total"] == 16, said
+        assert "on uncertain lines" not in err, err
+        [first] = [r for r in manifest(out) if r["line"] == 1 and r["status"] == "saved"]
+        assert first["key"] == key and (out / first["path"]).is_file()
+        code, listing, _ = await cli("journal", "list", "--status", "succeeded", "-o", str(out))
+        assert key in listing
+
+        code, stdout, err = await cli(*bulk, *budget, env=emu.env)
+        said = json.loads(stdout)
+        assert code == 0 and said["outcomes"]["saved"] == 2 and said["points_total"] == 16, err
+        assert (await emu.stats())["submits_accepted"] == 2
+
+
+@pytest.mark.long
+async def test_an_uncertain_job_the_gateway_does_not_list_stays_uncertain(
+    tmp_path: Path,
+) -> None:
+    """Asked about again, a key the gateway does not list at all (its result cleaned up) ends
+    uncertain again, never failed: --retry-failed would pay for it a second time."""
+    async with served_emulator(tmp_path) as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"}) + "\n")
+        out = tmp_path / "out"
+        out.mkdir()
+        forgotten = {
+            "status": "uncertain", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+            "prompt": "a fox", "key": "F" * 32, "error_code": "unknown_job",
+            "input": str(rows.resolve()),
+            "error": "the gateway listed this job and has not for 30.0s",
+        }  # fmt: skip
+        (out / "manifest.jsonl").write_text(json.dumps(forgotten) + "\n")
+        bulk = ["bulk", str(rows), "-o", str(out), "--json", "--retry-failed"]
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        assert "asking the gateway again about 1 uncertain line(s)" in err, err
+        last = manifest(out)[-1]
+        assert last["status"] == "uncertain" and last["key"] == "F" * 32, last
+        assert "earlier run saw it accepted" in last["error"], last
+        assert (await emu.stats())["submits_accepted"] == 0  # never resent unasked
 
 
 async def test_cli_conventions(tmp_path: Path) -> None:

@@ -338,15 +338,20 @@ class Journal:
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
         """Note how a job ended (queued, not awaited: the key is already safe).
 
+        A job recorded ``failed`` that is attached again and succeeds (it was accepted, then
+        reported only unreadably or forgotten for a while) is recorded ``succeeded``: a row
+        left ``failed`` would have it resent, and paid for twice, as a failed job.
+
         Raises:
             ValueError: ``state`` is not succeeded, failed or cancelled.
         """
         _check_state(state, _OUTCOME_STATES)
+        ended = "('accepted', 'failed')" if state == "succeeded" else "('accepted')"
         self._worker.write_later(
             [
                 (
                     "UPDATE submits SET state=?, error=?, updated=? "
-                    "WHERE job_key=? AND state='accepted'",
+                    f"WHERE job_key=? AND state IN {ended}",
                     (state, error[:_ERROR_CHARS] if error else None, time.time(), key),
                 )
             ],

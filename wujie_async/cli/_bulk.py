@@ -31,6 +31,7 @@ from .. import (
     ProtocolError,
     SubmitUncertainError,
     TransportError,
+    UnknownJobError,
     WujieClient,
 )
 from .._file_names import render_name
@@ -107,7 +108,9 @@ class BulkRun:
     ``spare_room(size)``: called for each later refused ``pending`` row (a job's key: it must
     be on disk at once), before writing it again. ``journaled``: the client keeps a journal: a
     key it could not write there (a full disk) gets a ``pending`` row at once, as every key
-    does with ``keys_on_accept``.
+    does with ``keys_on_accept``. ``rechecked``: keys of jobs an earlier run left uncertain,
+    asked about again: one the gateway does not list now (never listed to this run) ends
+    ``uncertain`` again, not ``failed`` (it was accepted, and may have run and been charged).
     Setting ``stop`` (a signal) ends the run gently: no new submits, the ones on the wire get
     their keys, then collection is abandoned (those jobs stay in the journal) and
     ``interrupted`` is set, also after a systemic error stopped the sending (which collects
@@ -135,8 +138,10 @@ class BulkRun:
         make_room: Callable[[], None] | None = None,
         spare_room: Callable[[int], None] | None = None,
         journaled: bool = False,
+        rechecked: frozenset[str] = frozenset(),
     ) -> None:
         self._client = client
+        self._rechecked = rechecked
         self._send = send
         self._collect = collect
         self._manifest = manifest
@@ -452,6 +457,7 @@ class BulkRun:
             problem = problem or exc
         # The cost goes on this line's last row unless a row already carries it.
         points = job.points_charged if self._uncharged(job) else None
+        lasting: str | None = None
         self._charged.discard(job.key)  # bounded: only jobs being collected are in it
         if job.points_charged is None and job.done() and job.exception() is None:
             self.result.uncosted.append(row.body)
@@ -460,6 +466,13 @@ class BulkRun:
             return
         if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
+            if isinstance(problem, UnknownJobError) and job.key in self._rechecked:
+                # Not a wrong key: an earlier run saw the gateway accept it.
+                status = "uncertain"
+                message = clean(
+                    f"{message}; an earlier run saw it accepted: it may have run and been "
+                    "charged (not resent)"
+                )
         elif (
             isinstance(problem, APIError)
             and problem.http_status in _GONE
@@ -479,7 +492,8 @@ class BulkRun:
             if _disk_refused(problem):
                 # Every later image would be paid for and refused the same way.
                 self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
-        self._end(row, status, job.key, code, message, points=points)
+            lasting = _lasting(problem)
+        self._end(row, status, job.key, code, message, points=points, lasting=lasting)
 
     async def _save(
         self, row: Row, job: ImageJob, index: int, started: float, unsaved: list[int]
@@ -691,8 +705,9 @@ class BulkRun:
         *,
         quiet: bool = False,
         points: float | None = None,
+        lasting: str | None = None,
     ) -> None:
-        outcome = LineOutcome(status, row.line, row.row_id, key, code, message)
+        outcome = LineOutcome(status, row.line, row.row_id, key, code, message, lasting)
         self.result.outcomes.append(outcome)
         self._move(row, status)
         if status == "saved":
@@ -735,6 +750,27 @@ def _describe(exc: BaseException) -> str:
     for option, flag in _FLAG_NAMES:
         text = text.replace(option, flag)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# What the downloader says of an image a re-run would refuse the same way, and what is
+# wrong with it, in the summary's words.
+TOO_LARGE, NOT_AN_IMAGE = "too large", "not an image"
+_LASTING = (
+    ("is larger than", TOO_LARGE),
+    ("not a PNG, JPEG or WEBP image", NOT_AN_IMAGE),
+    ("is not valid base64", NOT_AN_IMAGE),
+    ("has neither a URL nor b64_json", NOT_AN_IMAGE),
+)
+
+
+def _lasting(problem: BaseException | None) -> str | None:
+    """``TOO_LARGE`` or ``NOT_AN_IMAGE`` for an image that could not be saved and that a
+    re-run would refuse the same way (the bytes the gateway lists do not change); None for a
+    failure a re-run may get past (a network error, a slow or failing image server)."""
+    if not isinstance(problem, ProtocolError) or problem.http_status is not None:
+        return None
+    text = str(problem)
+    return next((what for said, what in _LASTING if said in text), None)
 
 
 def _disk_refused(problem: BaseException) -> TypeGuard[OSError]:

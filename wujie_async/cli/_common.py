@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import shlex
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from .. import Credentials, DownloadPolicy, InvalidRequestError, Limits, PollPolicy, WujieClient
 from .._auth import read_key_file as key_file_text
@@ -100,10 +101,12 @@ DOWNLOAD_DEFAULTS: Final = DownloadPolicy()
 
 def download_policy(args: argparse.Namespace) -> DownloadPolicy:
     """How the flags ask for images to be downloaded (``--download-timeout``,
-    ``--min-download-rate``, ``--allow-http``); the client's one downloader follows it."""
+    ``--min-download-rate``, ``--max-image-bytes``, ``--allow-http``); the client's one
+    downloader follows it."""
     min_rate = getattr(args, "min_download_rate", None)
     return dataclasses.replace(
         DOWNLOAD_DEFAULTS,
+        max_bytes=getattr(args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes,
         deadline=getattr(args, "download_timeout", None) or DOWNLOAD_DEFAULTS.deadline,
         min_rate=DOWNLOAD_DEFAULTS.min_rate if min_rate is None else (min_rate or None),
         allow_http=bool(getattr(args, "allow_http", False)),
@@ -212,3 +215,23 @@ async def open_client(
         raise UsageError(f"--base-url / WUJIE_BASE_URL: {rule}") from None
     async with client:
         yield client
+
+
+class _Ending:
+    """Whether this process printed its ``--json`` summary (the one object a run ends with)."""
+
+    printed = False
+
+
+def new_json_ending() -> None:
+    """A command starts: its ``--json`` ending is yet to be printed."""
+    _Ending.printed = False
+
+
+def print_json_ending(said: dict[str, Any]) -> None:
+    """Print the one JSON object a ``--json`` command ends with, on stdout (once: a command
+    that printed its summary prints no second object for an error after it)."""
+    if _Ending.printed:
+        return
+    _Ending.printed = True
+    print(json.dumps(said), flush=True)  # noqa: T201 - the machine-readable ending is output

@@ -16,13 +16,16 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Coroutine
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 from rich.console import Console
 
@@ -40,16 +43,19 @@ from ._common import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TERMINATED,
     EXIT_USAGE,
     UsageError,
     check_names,
     credentials,
     emulator_faults,
+    new_json_ending,
+    print_json_ending,
 )
 from ._completion import SHELLS, script
 from ._exit import DaemonThreadPool, ExitGuard
 from ._input import FORMATS, BulkItem, InputFileError, read_requests
-from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock
+from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock, remove_stale_temp_files
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
 from ._run import Session, check_out_folder, journal_path
@@ -208,6 +214,14 @@ def _add_output_arguments(parser: argparse.ArgumentParser, *, names: str) -> Non
         f"is too slow (the try fails, retries are bounded); 0 turns it off "
         f"(default {DOWNLOAD_DEFAULTS.min_rate:g})",
     )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="the largest image saved; a larger one is refused, and the line fails "
+        f"(default {DOWNLOAD_DEFAULTS.max_bytes})",
+    )
 
 
 def _add_single_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,9 +251,41 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors (exit 2) also end in the ``--json`` object when
+    the command line asks for JSON (the message on stderr is argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        if _Started.json:
+            self.print_usage(sys.stderr)
+            print_json_ending({"exit_code": EXIT_USAGE, "error": f"{self.prog}: {message}"})
+            self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        super().error(message)
+
+
+class _Started:
+    """What ``main`` knows of this process before (and while) its command starts."""
+
+    json = False  # the command line asks for --json
+    terminated = False  # a SIGTERM came before the run's own handlers were in place
+
+
+def _terminate_as_interrupt(number: int, frame: FrameType | None) -> None:
+    """SIGTERM before a run installs its own handlers (see ``_signals``): the command stops as
+    at Ctrl-C (the run's start undone, its client closed), then says so and exits 143. It was
+    killed outright, and a ``--json`` caller read nothing at all."""
+    _Started.terminated = True
+    on_interrupt = signal.getsignal(signal.SIGINT)
+    if callable(on_interrupt):
+        # A running loop's (it cancels the command's task), or Python's (it raises).
+        on_interrupt(signal.SIGINT, frame)
+        return
+    raise KeyboardInterrupt  # SIGINT ignored (a background job): stop all the same
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``wujie-async`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wujie-async", description=_DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"wujie-async {_version()}")
@@ -486,6 +532,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         ("--emulator-time-scale", "emulator_time_scale"),
         ("--download-timeout", "download_timeout"),
         ("--max-response-bytes", "max_response_bytes"),
+        ("--max-image-bytes", "max_image_bytes"),
     ):
         value = getattr(args, dest, None)
         if value is not None and not 0 < value < math.inf:
@@ -572,12 +619,18 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     if args.command not in ("bulk", "resume"):
         return _run_loop(session.run(items))  # one job each: runs side by side may share OUT
     with out_folder_lock(args.out):  # plans from OUT's manifest: one such run at a time
+        remove_stale_temp_files(args.out, time.time())
         return _run_loop(session.run(items))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wujie-async`` and ``python -m wujie_async``."""
+    words = sys.argv[1:] if argv is None else argv
+    _Started.json = "--json" in words[: words.index("--")] if "--" in words else "--json" in words
+    _Started.terminated = False
+    new_json_ending()
     args = build_parser().parse_args(argv)
+    _Started.json = bool(getattr(args, "json", False))
     verbose = getattr(args, "verbose", False)
     # Other libraries' WARNINGs on stderr; ours from the level --verbose (DEBUG: the story of
     # every request and job) or WUJIE_LOG asks for, else WARNING.
@@ -589,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     global _exit_guard
     if threading.current_thread() is threading.main_thread():
         _exit_guard = ExitGuard(lambda exc: _said(exc, console, verbose=verbose))
+        if args.command not in ("emulator", "completion"):
+            signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
         if args.command == "emulator":
             return emulator.run(args)
@@ -603,8 +658,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _said(exc: BaseException, console: Console, *, verbose: bool) -> int:
-    """Say why a command ended with ``exc``; its exit code."""
-    say = console.out  # plain text, never markup
+    """Say why a command ended with ``exc`` (on stderr; with ``--json``, also as one JSON
+    object on stdout: ``exit_code`` and ``error``); its exit code."""
+    said: list[str] = []
+
+    def say(text: str, *, highlight: bool = False) -> None:
+        said.append(text)
+        console.out(text, highlight=highlight)  # plain text, never markup
+
+    code = _say_why(exc, say, verbose=verbose)
+    if _Started.json and code != EXIT_BROKEN_PIPE:
+        error = clean(said[0] if said else type(exc).__name__)
+        if len(said) > 1 and isinstance(exc, InputFileError):
+            error = "; ".join(clean(line) for line in said)
+        with contextlib.suppress(OSError, ValueError):
+            print_json_ending({"exit_code": code, "error": error})
+    return code
+
+
+def _say_why(exc: BaseException, say: Callable[..., None], *, verbose: bool) -> int:
     if isinstance(exc, InputFileError):
         for problem in exc.problems:
             say(clean(problem) if len(exc.problems) > 1 else problem, highlight=False)
@@ -616,6 +688,9 @@ def _said(exc: BaseException, console: Console, *, verbose: bool) -> int:
         say(f"error: {clean(exc)}", highlight=False)
         return EXIT_USAGE
     if isinstance(exc, KeyboardInterrupt | asyncio.CancelledError):
+        if _Started.terminated:
+            say("stopped by SIGTERM", highlight=False)
+            return EXIT_TERMINATED
         say("interrupted", highlight=False)
         return EXIT_INTERRUPTED
     if isinstance(exc, JournalLockedError | OutFolderBusyError):

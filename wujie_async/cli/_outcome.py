@@ -199,6 +199,9 @@ class LineOutcome:
     key: str | None = None
     error_code: str | None = None
     error: str | None = None
+    # An image that could not be saved and never will be by a re-run as it stands (too large
+    # for the cap, bytes that are not an image): what is wrong, in words (see _bulk.lasting).
+    lasting: str | None = None
 
 
 # What ``input`` says for records of commands that read no input file.

@@ -3,8 +3,10 @@
 A re-run of ``bulk`` on the same journal decides per line from its journal row (found by the
 row's tag): saved lines are skipped, pending ones (timed out ones too: their rows stay
 accepted) are collected, uncertain ones are never resent, failed/moderated/rejected ones are
-resent only with ``--retry-failed``, and lines never sent are sent. Without a journal the
-manifest's rows decide the same way (``plan_from_manifest``).
+resent only with ``--retry-failed``, and lines never sent are sent. Uncertain lines whose job
+has a key (the gateway accepted it, then reported it only unreadably or forgot it) are asked
+about again: their images are collected if the gateway now lists the job done, else they stay
+uncertain. Without a journal the manifest's rows decide the same way (``plan_from_manifest``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
 # Lines whose job was paid and may still give its images (it ran on past the deadline or the
 # stop, or succeeded but an image could not be saved): a re-run collects them by key.
 _COLLECTED_AGAIN = ("timeout", "interrupted", "download", "gone")
+# Uncertain lines whose job the gateway accepted (it has a key) and then reported only in ways
+# that could not be read, or forgot after listing it: the job may have succeeded since (or the
+# gateway answers readably now). A plain re-run asks about the key again (asking costs
+# nothing; it is no resend) and collects the images if the job is listed done.
+RECHECKED = ("protocol_error", "unknown_job")
 
 
 @dataclass(slots=True)
@@ -70,6 +77,10 @@ class Plan:
     superseded: dict[str | int, int] = field(default_factory=dict)
     # Every key the journal holds: no new submit of this run may be given one of them.
     journal_keys: set[str] = field(default_factory=set)
+    # Keys of uncertain lines asked about again (see RECHECKED): their cost is held as the
+    # uncertain lines' (never counted twice), and a line that still cannot be told ends
+    # uncertain again, never failed (BulkRun(rechecked=...)).
+    rechecked: set[str] = field(default_factory=set)
 
 
 def known_keys(records: Iterable[dict[str, Any]], entries: Iterable[JournalEntry] = ()) -> set[str]:
@@ -197,6 +208,21 @@ async def plan_rerun(
             entry.state == "succeeded" and record is not None and record.get("error_code") == "gone"
         )
 
+    def _recheck(entry: JournalEntry) -> bool:
+        # A job the journal calls failed whose latest manifest row says it is not told yet:
+        # uncertain with its key (see RECHECKED), or asked about again by a run that stopped
+        # while it ran, whose wait ended, or that saved (some of) its images (the journal's
+        # "succeeded" may not have been committed). The journal's "failed" is no verdict on
+        # such a job: --retry-failed resending it would pay twice.
+        record = by_key.get(entry.job_key or "")
+        if entry.state != "failed" or record is None:
+            return False
+        if record.get("status") == "uncertain":
+            return record.get("error_code") in RECHECKED and not retry_uncertain
+        return record.get("status") in ("pending", "saved") or (
+            record.get("error_code") in _COLLECTED_AGAIN
+        )
+
     def _uncertain(entry: JournalEntry, row: Row) -> bool:
         # A job the journal calls failed that the manifest calls uncertain: accepted, and
         # then reported only in ways that could not be read, or forgotten by the gateway
@@ -226,6 +252,19 @@ async def plan_rerun(
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
             elif (job := _attach(client, entry, plan, n, job_timeout, charged)) is not None:
                 plan.collect.append((row, job))
+            else:
+                plan.settled.append(_unusable_key(entry, row))
+            plan.skipped += 1
+        elif entry.job_key and _recheck(entry):
+            # Asked about again: collected if the gateway lists it done now.
+            uncertain = by_key[entry.job_key].get("status") == "uncertain"
+            if len(saved.get(entry.job_key, ())) >= n:
+                plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
+            elif (
+                job := _attach(client, entry, plan, n, job_timeout, charged, held=uncertain)
+            ) is not None:
+                plan.collect.append((row, job))
+                plan.rechecked.add(job.key)
             else:
                 plan.settled.append(_unusable_key(entry, row))
             plan.skipped += 1
@@ -260,6 +299,7 @@ async def plan_rerun(
         )
         plan.send = sorted([*plan.send, *known.send], key=lambda row: row.line)
         plan.collect += known.collect
+        plan.rechecked |= known.rechecked
         plan.settled += known.settled
         plan.skipped += known.skipped
         plan.changed += known.changed
@@ -332,7 +372,8 @@ def plan_from_manifest(
     images were partly saved, that timed out, whose run stopped while it ran or whose images
     could not be saved is collected again by its key, lines that ended otherwise keep their
     outcome (failed ones are resent with ``--retry-failed``;
-    uncertain ones only with ``--retry-uncertain``), and the rest (not sent, or never recorded)
+    uncertain ones only with ``--retry-uncertain``; those with a job key are asked about again
+    and collected if the gateway now lists them done), and the rest (not sent, or never recorded)
     are sent. A job
     collected counts against ``--max-points`` unless a row records its cost. ``orphans``:
     also collect the jobs of rows no longer in the input (off when ``items`` is a part of
@@ -381,6 +422,18 @@ def plan_from_manifest(
             and (job := _attach_key(client, key, row, n, job_timeout, charged)) is not None
         ):
             plan.collect.append((row, job))  # paid, and may have ended since: never resent
+        elif (
+            last.get("status") == "uncertain"
+            and last.get("error_code") in RECHECKED
+            and not retry_uncertain
+            and isinstance(key, str)
+            and (job := _attach_key(client, key, row, n, job_timeout, charged, held=True))
+            is not None
+        ):
+            # Accepted, then not told: asked about again (its cost stays held as the
+            # uncertain line's); collected if the gateway lists it done now.
+            plan.collect.append((row, job))
+            plan.rechecked.add(key)
         elif last.get("status") in ("failed", "moderated", "rejected") and retry_failed:
             plan.send.append(row)
             continue  # sent again: not skipped
@@ -462,9 +515,11 @@ def _attach_key(
     n: int,
     job_timeout: float | None,
     charged: frozenset[str],
+    *,
+    held: bool = False,
 ) -> ImageJob | None:
     try:
-        return _attach_charged(client, key, row.body, n, job_timeout, charged)
+        return _attach_charged(client, key, row.body, n, job_timeout, charged, held=held)
     except InvalidRequestError:
         return None
 
@@ -476,9 +531,12 @@ def _attach_charged(
     n: int,
     job_timeout: float | None,
     charged: frozenset[str],
+    *,
+    held: bool = False,
 ) -> ImageJob:
     """The job of an earlier run's key. Its cost counts against the budget (if any) unless
-    ``charged`` says a manifest row records it, or the request names no model to price it by.
+    ``charged`` says a manifest row records it, the request names no model to price it by, or
+    ``held``: an uncertain line's, whose cost the budget holds already (``uncertain_cost``).
 
     Raises:
         InvalidRequestError: the key (or ``n``) is not usable.
@@ -488,7 +546,7 @@ def _attach_charged(
         job_timeout=job_timeout,
         n=n,
         request=request,
-        charge_budget=key not in charged and isinstance(request.get("model"), str),
+        charge_budget=not held and key not in charged and isinstance(request.get("model"), str),
     )
 
 
@@ -519,11 +577,15 @@ def _attach(
     n: int,
     job_timeout: float | None,
     charged: frozenset[str],
+    *,
+    held: bool = False,
 ) -> ImageJob | None:
     """The job of a journaled key (see :func:`_attach_charged`), or None (noted in ``plan``)
     when the key is not usable: one damaged row never stops the others."""
     try:
-        return _attach_charged(client, entry.job_key or "", entry.request, n, job_timeout, charged)
+        return _attach_charged(
+            client, entry.job_key or "", entry.request, n, job_timeout, charged, held=held
+        )
     except InvalidRequestError:
         plan.unusable.append(entry.id)
         return None

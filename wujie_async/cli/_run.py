@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import shlex
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
 from ._bulk import (
+    NOT_AN_IMAGE,
+    TOO_LARGE,
     BulkResult,
     BulkRun,
     GatewayFailingError,
@@ -42,6 +43,7 @@ from ._bulk import (
     names_taken,
 )
 from ._common import (
+    DOWNLOAD_DEFAULTS,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -49,6 +51,7 @@ from ._common import (
     EXIT_TERMINATED,
     UsageError,
     open_client,
+    print_json_ending,
     shell_path,
 )
 from ._disk_reserve import DiskReserve, reserve_size
@@ -230,6 +233,7 @@ class Session:
         self.unreported_before = Unreported()
         self.prices_learned: dict[str, float] = {}  # what earlier runs were charged, by kind
         self.points = 0.0  # what this run's jobs were charged
+        self.bodies: dict[str, dict[str, Any]] = {}  # bulk: the request bodies, by tag
 
     def limits(self) -> Limits:
         args = self.args
@@ -317,7 +321,7 @@ class Session:
                 )
             records = of_source(records, source)
             self.points_before = points_spent(records)
-            bodies = {item.tag: item.request.body() for item in items}
+            self.bodies = bodies = {item.tag: item.request.body() for item in items}
             self.prices_learned = learned = prices_charged(records, bodies)
             # Saved jobs whose cost the gateway did not report cost their kind's price.
             self.unreported_before = unreported_cost(
@@ -368,6 +372,12 @@ class Session:
                     )
             else:
                 plan = Plan(send=[Row.of(item) for item in items])
+            if plan.rechecked:
+                self._say(
+                    f"asking the gateway again about {len(plan.rechecked)} uncertain line(s) "
+                    "whose job it accepted (no resend): their images are saved if it lists them "
+                    "done now, else they stay uncertain"
+                )
             if self.unpriced_kinds:
                 self._unpriced(plan)
             # A gateway that hands out a key again (a counter reset by a restart) gave a new
@@ -445,6 +455,7 @@ class Session:
                     make_room=reserve.halve,
                     spare_room=reserve.spare,
                     journaled=self.journal is not None,
+                    rechecked=frozenset(plan.rechecked),
                 )
                 signals = handlers.enter_context(stopping_on_signals(stop, self.console))
                 self.signals = signals
@@ -474,7 +485,25 @@ class Session:
             # What this run's manifest rows record: a job collected again was counted by
             # the run that first recorded its cost.
             self.points = self.result.points if self.result is not None else 0.0
+            if self.result is not None and plan.rechecked:
+                self._told(plan, records)
         return self.finish(total)
+
+    def _told(self, plan: Plan, records: list[dict[str, Any]]) -> None:
+        """Uncertain lines asked about again that are told now (saved, or ended otherwise):
+        what they may have cost is no longer "up to ... on uncertain lines" (a job saved
+        now is in this run's points: it is never counted twice)."""
+        assert self.result is not None
+        told = {
+            o.key
+            for o in self.result.outcomes
+            if o.key in plan.rechecked and o.status != "uncertain"
+        }
+        tags = {row.tag for row, job in plan.collect if job.key in told}
+        if tags and self.points_uncertain:
+            mine = [record for record in records if record.get("tag") in tags]
+            held = uncertain_cost(mine, self.bodies, self._point_prices())
+            self.points_uncertain = max(self.points_uncertain - held, 0.0)
 
     def source(self, records: list[dict[str, Any]]) -> str:
         """What the manifest's records of this run say for ``input``."""
@@ -616,10 +645,12 @@ class Session:
                 # take, and jobs whose records the journal had not committed.
                 "manifest_unwritten_keys": _keys_held(result.unrecorded),
                 "journal_uncommitted_keys": list(self.journal_left),
+                # As every --json ending has: what ended the command early (null: nothing).
+                "error": stopped,
             }
             if self.args.command in ("generate", "edit", "status"):
                 summary["paths"] = [str(path) for path in result.saved_paths]
-            print(json.dumps(summary))  # noqa: T201 - the machine-readable summary is output
+            print_json_ending(summary)
         elif self.args.command in ("generate", "edit", "status"):
             for path in result.saved_paths:
                 print(path)  # noqa: T201 - the saved paths are this command's output
@@ -761,8 +792,11 @@ class Session:
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or forgot them: they may have run and "
-                "been charged, and are never resent silently. `wujie-async status KEY` asks "
-                "about one (keys in the manifest); resend them by adding --retry-uncertain"
+                "been charged, and are never resent silently. A re-run of the same command "
+                "asks about them again (and saves their images if the gateway lists them done "
+                "then); `wujie-async status KEY` asks about one (keys in the manifest); resend "
+                "them by adding --retry-uncertain once the gateway's console shows they were "
+                "not charged"
             )
         if counts["uncertain"] - accepted:
             see = (
@@ -785,10 +819,26 @@ class Session:
                 "again; --job-timeout sets how long to wait)"
             )
         unsaved = sum(1 for o in result.outcomes if o.error_code == "download")
-        if unsaved:
+        too_large = sum(1 for o in result.outcomes if o.lasting == TOO_LARGE)
+        not_images = sum(1 for o in result.outcomes if o.lasting == NOT_AN_IMAGE)
+        if unsaved - too_large - not_images:
             say(
-                f"{unsaved} line(s) succeeded but their images could not be saved; re-run the "
-                "same command to fetch them again (they are not sent again)"
+                f"{unsaved - too_large - not_images} line(s) succeeded but their images could "
+                "not be saved; re-run the same command to fetch them again (they are not sent "
+                "again)"
+            )
+        if too_large:
+            cap = getattr(self.args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes
+            say(
+                f"{too_large} line(s) succeeded but an image is larger than the {cap}-byte cap "
+                "on images, so it was not saved; re-run with a larger --max-image-bytes to "
+                "fetch it (the jobs are paid and not sent again)"
+            )
+        if not_images:
+            say(
+                f"{not_images} line(s) succeeded but the gateway listed an image whose bytes are "
+                "not an image (not PNG, JPEG or WEBP), so it was not saved; a re-run fails the "
+                "same way: ask the gateway's operator about those jobs (keys in the manifest)"
             )
         gone = sum(1 for o in result.outcomes if o.error_code == "gone")
         if gone:
