@@ -253,7 +253,8 @@ async def test_a_job_listed_then_forgotten_says_it_may_have_been_charged(
     assert info.value.was_listed and "may have been charged" in str(info.value)
     assert classify(info.value)[:2] == ("uncertain", "unknown_job")
     unknown = UnknownJobError("not listed", job_key="K")
-    assert not unknown.was_listed and classify(unknown)[:2] == ("failed", "unknown_job")
+    assert not unknown.was_listed and classify(unknown)[:2] == ("uncertain", "unknown_job")
+    assert "may have run and been charged" in classify(unknown)[2]
     # Accepted, then reported only in ways that could not be read: it may have succeeded and
     # been charged. Not "rejected" (nothing charged), which --retry-failed resends.
     unreadable = JobProtocolError("listed only in malformed entries", job_key="K1")

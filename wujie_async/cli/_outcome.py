@@ -119,9 +119,13 @@ def classify(exc: BaseException) -> tuple[Status, str, str]:
     if isinstance(exc, JobTimeoutError):
         return "failed", "timeout", message
     if isinstance(exc, UnknownJobError):
-        # A job the gateway listed and then forgot may have run and been charged: like a
-        # submit without a reply, it is never resent unasked (--retry-uncertain resends it).
-        return ("uncertain" if exc.was_listed else "failed"), "unknown_job", message
+        # The gateway handed out this key: a job it listed and then forgot, or one it never
+        # listed (its listing lags, say), may have run and been charged. Like a submit without
+        # a reply it is never resent unasked (--retry-uncertain resends it); a plain re-run
+        # asks about its key again. As "failed", --retry-failed resent it: paid twice if it ran.
+        if not exc.was_listed:
+            message += " (its key was handed out: it may have run and been charged; not resent)"
+        return "uncertain", "unknown_job", message
     if isinstance(exc, JobCancelledError):
         return "failed", "cancelled", message
     if isinstance(exc, JobProtocolError):

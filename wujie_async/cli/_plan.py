@@ -48,7 +48,7 @@ _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
 # stop, or succeeded but an image could not be saved): a re-run collects them by key.
 _COLLECTED_AGAIN = ("timeout", "interrupted", "download", "gone")
 # Uncertain lines whose job the gateway accepted (it has a key) and then reported only in ways
-# that could not be read, or forgot after listing it: the job may have succeeded since (or the
+# that could not be read, or never listed or forgot: the job may have succeeded since (or the
 # gateway answers readably now). A plain re-run asks about the key again (asking costs
 # nothing; it is no resend) and collects the images if the job is listed done.
 RECHECKED = ("protocol_error", "unknown_job")

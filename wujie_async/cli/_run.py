@@ -791,12 +791,12 @@ class Session:
         if accepted:
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
-                "only in ways that could not be read, or forgot them: they may have run and "
-                "been charged, and are never resent silently. A re-run of the same command "
-                "asks about them again (and saves their images if the gateway lists them done "
-                "then); `wujie-async status KEY` asks about one (keys in the manifest); resend "
-                "them by adding --retry-uncertain once the gateway's console shows they were "
-                "not charged"
+                "only in ways that could not be read, or never listed or forgot them: they may "
+                "have run and been charged, and are never resent silently. A re-run of the "
+                "same command asks about them again (and saves their images if the gateway "
+                "lists them done then); `wujie-async status KEY` asks about one (keys in the "
+                "manifest); resend them by adding --retry-uncertain once the gateway's console "
+                "shows they were not charged"
             )
         if counts["uncertain"] - accepted:
             see = (
