@@ -265,6 +265,8 @@ async def test_a_journal_path_and_a_fleet_are_refused(
         "redis://:hunter2@127.0.0.1:{port}/0",
         "redis://127.0.0.1:{port}/0?password=hunter2",
         "redis://user:hunter2@[::1]:{port}/0",
+        "redis://hunter2@127.0.0.1:{port}/0",  # a password where the user name goes
+        "redis://hunter2:@127.0.0.1:{port}/0",
         "unix:///nonexistent/{port}.sock?db=0&password=hunter2",
     ],
 )
