@@ -306,6 +306,28 @@ async def test_a_read_only_replica_at_start_is_named(
             assert not emu.stats()["requests"]  # nothing reached the gateway
 
 
+async def test_resume_logs_at_info_only_when_it_resumed_something(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Queue consumers call resume() every few seconds: "resumed 0 job(s)" was an INFO line
+    # each time.
+    caplog.set_level(logging.DEBUG, logger="wujie_async")
+    name = fleet_name()
+    async with emulator(time_scale=0.05) as emu, member(emu, url, name) as survivor:
+        caplog.clear()
+        assert await survivor.resume() == []
+        said = [r for r in caplog.records if r.getMessage().startswith("resumed ")]
+        assert [r.levelno for r in said] == [logging.DEBUG]
+        async with member(emu, url, name) as doomed:
+            await doomed.images.submit(prompt="d", model="dall-e-2")
+        caplog.clear()
+        claimed = await survivor.resume()
+        assert len(claimed) == 1
+        said = [r for r in caplog.records if r.getMessage().startswith("resumed ")]
+        assert [r.levelno for r in said] == [logging.INFO]
+        await asyncio.gather(*claimed)
+
+
 @pytest.mark.long
 async def test_resume_claims_a_dead_members_jobs_without_resubmitting(
     url: str, emulator: EmulatorFactory

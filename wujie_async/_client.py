@@ -754,7 +754,9 @@ class WujieClient:
                 more,
                 len(jobs),
             )
-        logger.info(
+        # Queue consumers call it every few seconds: nothing resumed is DEBUG, not INFO.
+        logger.log(
+            logging.INFO if jobs else logging.DEBUG,
             "resumed %d job(s) %s",
             len(jobs),
             "of dead fleet members" if self._fleet is not None else "from the journal",
