@@ -28,7 +28,7 @@ from wujie_async import (
     WujieClient,
 )
 from wujie_async.emulator import FaultConfig
-from wujie_async.fleet import FleetUnavailableError, RedisFleet
+from wujie_async.fleet import FleetMismatchError, FleetUnavailableError, RedisFleet
 from wujie_async.fleet._journal import _INTENT
 from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
@@ -304,6 +304,38 @@ async def test_a_read_only_replica_at_start_is_named(
                 await client.open()
             assert "point the fleet at the primary" in str(caught.value)
             assert not emu.stats()["requests"]  # nothing reached the gateway
+
+
+async def test_a_member_of_another_gateway_is_refused_at_open(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # Members of one fleet name on different gateways were not told apart: the leader asked
+    # its own gateway about the others' keys, and their paid jobs failed as unknown.
+    name = fleet_name()
+    async with emulator() as ours, emulator() as theirs, member(ours, url, name) as first:
+        stranger = member(theirs, url, name)
+        with pytest.raises(FleetMismatchError) as caught:
+            await stranger.open()
+        error = caught.value
+        assert error.base_url == theirs.base_url and error.fleet_base_url == ours.base_url
+        assert ours.base_url in str(error) and theirs.base_url in str(error)
+        assert "another fleet name" in str(error)
+        assert not theirs.stats()["requests"]  # nothing was sent
+        # Same base URL, another app id: refused too; the app id is not written to Redis.
+        other_app = dataclasses.replace(ours.credentials, app_id="another-app")
+        fleet = RedisFleet(url, name=name, lease_seconds=1.0)
+        with pytest.raises(FleetMismatchError, match="another app id"):
+            await WujieClient(other_app, base_url=ours.base_url, fleet=fleet).open()
+        async with RedisFleet(url, name=name) as probe:
+            stored = await probe.call(lambda redis: redis.hgetall(probe.keys.gateway))
+        assert stored["base_url"] == ours.base_url
+        assert ours.credentials.app_id not in str(stored)  # only a hash of it
+        assert fleet_of(first).role == "leader"
+        async with member(ours, url, name) as second:  # the same gateway: welcome
+            job = await second.images.submit(prompt="x", model="dall-e-2")
+            await job
+    async with member(theirs, url, name) as moved:  # nobody alive: the fleet may move
+        assert fleet_of(moved).role in ("leader", "follower")
 
 
 async def test_resume_logs_at_info_only_when_it_resumed_something(

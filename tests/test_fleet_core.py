@@ -36,6 +36,7 @@ def test_the_fleet_package_shows_what_users_touch() -> None:
     assert fleet.__all__ == [
         "FleetConfig",
         "FleetDurability",
+        "FleetMismatchError",
         "FleetUnavailableError",
         "RedisFleet",
     ]

@@ -387,6 +387,7 @@ class WujieClient:
                     transport=self._transport,
                     poll=self.poll_policy,
                     limits=self.limits,
+                    app_id=self.credentials.app_id,
                 )
             await fleet.journal.open()
         self._submits.open(
