@@ -42,8 +42,9 @@ class FleetKeys:
     pause); ``members`` (sorted set: member -> last heartbeat, ms of Redis time) and
     ``member_info`` (hash: member -> host, pid); ``gateway`` (hash: the members' gateway's
     ``fingerprint``, a SHA-256 of base URL and app id, and its ``base_url``); ``stats``
-    (hash: the leaders' figures); the journal's keys, which its scripts build from
-    ``journal_prefix``.
+    (hash: the leaders' figures); ``stepped_down`` (one per shard, sorted set: member -> ms
+    of Redis time it stepped down as the shard's leader); the journal's keys, which its
+    scripts build from ``journal_prefix``.
 
     Per shard: ``lease`` (``"<member>|<token>"`` with a TTL) and ``lease_counter`` (INCR:
     every new lease gets a larger token); ``registered`` (hash: ``"<owner> <job key>"`` ->
@@ -78,6 +79,9 @@ class FleetKeys:
     @property
     def gateway(self) -> str:
         return f"{self.tag}:gateway"
+
+    def stepped_down(self, shard: int) -> str:
+        return f"{self.tag}:stepped-down:s{shard}"
 
     @property
     def stats(self) -> str:
