@@ -17,9 +17,11 @@ its clock skewed) steps down, if another live member has not itself stepped down
 shard within ``_STEP_DOWN_MEMORY`` such spans: it gives the lease up and does not try for it
 for a lease length, so another member takes it (and takes it back itself if none does). A
 gateway down for everyone costs at most one hand-over per other member, then the last leader
-stays: nobody is left to try. Losing the lease, or Redis, ends the leadership and every shadow with
-it: the next leader (maybe this member again) starts from the registry, so a report that was
-lost with Redis is asked for again.
+stays: nobody is left to try.
+
+Losing the lease, or Redis, ends the leadership and every shadow with it: the next leader
+(maybe this member again) starts from the registry, so a report that was lost with Redis is
+asked for again.
 """
 
 from __future__ import annotations
