@@ -9,11 +9,14 @@ import hashlib
 import itertools
 import logging
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.abc
 import pytest
 
 from wujie_async import (
@@ -28,7 +31,7 @@ from wujie_async import (
     WujieClient,
 )
 from wujie_async.emulator import FaultConfig
-from wujie_async.fleet import FleetUnavailableError, RedisFleet
+from wujie_async.fleet import FleetMismatchError, FleetUnavailableError, RedisFleet
 from wujie_async.fleet._journal import _INTENT
 from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
@@ -265,6 +268,8 @@ async def test_a_journal_path_and_a_fleet_are_refused(
         "redis://:hunter2@127.0.0.1:{port}/0",
         "redis://127.0.0.1:{port}/0?password=hunter2",
         "redis://user:hunter2@[::1]:{port}/0",
+        "redis://hunter2@127.0.0.1:{port}/0",  # a password where the user name goes
+        "redis://hunter2:@127.0.0.1:{port}/0",
         "unix:///nonexistent/{port}.sock?db=0&password=hunter2",
     ],
 )
@@ -302,6 +307,60 @@ async def test_a_read_only_replica_at_start_is_named(
                 await client.open()
             assert "point the fleet at the primary" in str(caught.value)
             assert not emu.stats()["requests"]  # nothing reached the gateway
+
+
+async def test_a_member_of_another_gateway_is_refused_at_open(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # Members of one fleet name on different gateways were not told apart: the leader asked
+    # its own gateway about the others' keys, and their paid jobs failed as unknown.
+    name = fleet_name()
+    async with emulator() as ours, emulator() as theirs, member(ours, url, name) as first:
+        stranger = member(theirs, url, name)
+        with pytest.raises(FleetMismatchError) as caught:
+            await stranger.open()
+        error = caught.value
+        assert error.base_url == theirs.base_url and error.fleet_base_url == ours.base_url
+        assert ours.base_url in str(error) and theirs.base_url in str(error)
+        assert "another fleet name" in str(error)
+        assert not theirs.stats()["requests"]  # nothing was sent
+        # Same base URL, another app id: refused too; the app id is not written to Redis.
+        other_app = dataclasses.replace(ours.credentials, app_id="another-app")
+        fleet = RedisFleet(url, name=name, lease_seconds=1.0)
+        with pytest.raises(FleetMismatchError, match="another app id"):
+            await WujieClient(other_app, base_url=ours.base_url, fleet=fleet).open()
+        async with RedisFleet(url, name=name) as probe:
+            stored = await probe.call(lambda redis: redis.hgetall(probe.keys.gateway))
+        assert stored["base_url"] == ours.base_url
+        assert ours.credentials.app_id not in str(stored)  # only a hash of it
+        assert fleet_of(first).role == "leader"
+        async with member(ours, url, name) as second:  # the same gateway: welcome
+            job = await second.images.submit(prompt="x", model="dall-e-2")
+            await job
+    async with member(theirs, url, name) as moved:  # nobody alive: the fleet may move
+        assert fleet_of(moved).role in ("leader", "follower")
+
+
+async def test_resume_logs_at_info_only_when_it_resumed_something(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Queue consumers call resume() every few seconds: "resumed 0 job(s)" was an INFO line
+    # each time.
+    caplog.set_level(logging.DEBUG, logger="wujie_async")
+    name = fleet_name()
+    async with emulator(time_scale=0.05) as emu, member(emu, url, name) as survivor:
+        caplog.clear()
+        assert await survivor.resume() == []
+        said = [r for r in caplog.records if r.getMessage().startswith("resumed ")]
+        assert [r.levelno for r in said] == [logging.DEBUG]
+        async with member(emu, url, name) as doomed:
+            await doomed.images.submit(prompt="d", model="dall-e-2")
+        caplog.clear()
+        claimed = await survivor.resume()
+        assert len(claimed) == 1
+        said = [r for r in caplog.records if r.getMessage().startswith("resumed ")]
+        assert [r.levelno for r in said] == [logging.INFO]
+        await asyncio.gather(*claimed)
 
 
 @pytest.mark.long
@@ -945,3 +1004,95 @@ async def test_resume_leaves_alone_a_key_its_own_submit_is_receiving(
             assert entry.job_key == job.key
             assert [j.key for j in resumed] == []
             await asyncio.wait_for(job, 10)
+
+
+class _Elsewhere(aiohttp.abc.AbstractResolver):
+    """Resolves every host to a port of 127.0.0.1 where nothing listens: a member cut off
+    from the gateway, with the others' base URL."""
+
+    def __init__(self) -> None:
+        self._port = free_port()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": self._port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+def _stepped_down(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "steps down as leader" in r.getMessage()]
+
+
+@pytest.mark.long
+async def test_a_leader_cut_off_from_the_gateway_steps_down(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A leader whose batch calls all failed (the gateway unreachable from its machine) kept
+    # renewing its lease: the other members' jobs were asked about by nobody.
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.02) as emu,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=_Elsewhere())) as cut,
+    ):
+        base_url = emu.base_url.replace("127.0.0.1", "localhost")
+        fleet = RedisFleet(url, name=name, lease_seconds=1.0)
+        async with WujieClient(
+            emu.credentials, base_url=base_url, poll=FAST_POLL, retry=INSTANT_RETRY,
+            fleet=fleet, session=cut,
+        ) as cut_off:  # fmt: skip
+            await eventually(lambda: fleet_of(cut_off).role == "leader", what="a leader")
+            healthy = WujieClient(
+                emu.credentials, base_url=base_url, poll=FAST_POLL, retry=INSTANT_RETRY,
+                fleet=RedisFleet(url, name=name, lease_seconds=1.0),
+            )  # fmt: skip
+            async with healthy:
+                jobs = [
+                    await healthy.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(3)
+                ]
+                async with asyncio.timeout(20):
+                    await asyncio.gather(*jobs)
+                assert fleet_of(healthy).role == "leader"
+                assert fleet_of(cut_off).role == "follower"
+                assert len(_stepped_down(caplog)) == 1
+                callers = {caller for _, caller in emu.stats()["batch_callers"]}
+                assert callers == {str(healthy.fleet_member).rsplit(":", 1)[-1]}
+
+
+@pytest.mark.long
+async def test_leaders_do_not_hand_over_on_and_on_when_the_gateway_fails_for_everyone(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Stepping down helps nobody when the gateway fails for every member: after one hand-over
+    # per other member, the last leader stays (it has nobody left to hand over to).
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    name = fleet_name()
+    down = FaultConfig(http_5xx=1.0, endpoints=frozenset({"info"}))
+    async with emulator(time_scale=0.02, faults=down) as emu, member(emu, url, name) as first:
+        await eventually(lambda: fleet_of(first).role == "leader", what="a leader")
+        async with member(emu, url, name) as second:
+            jobs = [await second.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(2)]
+            await eventually(lambda: fleet_of(second).role == "leader", what="a hand-over")
+
+            def kept() -> int:
+                return sum("keeps leading shard" in r.getMessage() for r in caplog.records)
+
+            # The rule is asked every 3 lease lengths of failing: twice, it finds nobody.
+            await eventually(lambda: kept() >= 2, what="two refusals to hand over")
+            assert len(_stepped_down(caplog)) == 1
+            assert fleet_of(second).role == "leader"
+            emu.set_faults(FaultConfig())
+            async with asyncio.timeout(20):
+                await asyncio.gather(*jobs)

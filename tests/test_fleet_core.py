@@ -36,6 +36,7 @@ def test_the_fleet_package_shows_what_users_touch() -> None:
     assert fleet.__all__ == [
         "FleetConfig",
         "FleetDurability",
+        "FleetMismatchError",
         "FleetUnavailableError",
         "RedisFleet",
     ]
@@ -84,6 +85,36 @@ def test_a_password_that_cuts_the_url_short_is_refused_without_quoting_it(url: s
     assert "%23" in str(caught.value)  # says what to do
     for part in ("s3cr", "1234", "et@"):
         assert part not in str(caught.value) and part not in repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:pw@127.0.0.1:6379/0?s3cret=1",  # a query option redis-py has no use for
+        "redis://127.0.0.1:6379/0?s3cret",
+        "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none&s3cret=1",
+        "unix:///tmp/redis.sock?db=s3cret",  # a value redis-py cannot read
+    ],
+)
+def test_an_unknown_query_option_is_refused_before_connecting(url: str) -> None:
+    # It was handed to the connection as a keyword, and failed only on connecting, in a raw
+    # TypeError ("unexpected keyword argument 's3cret'").
+    with pytest.raises(InvalidRequestError) as caught:
+        RedisFleet(url, name="x")
+    assert caught.value.field == "url"
+    assert "s3cret" not in str(caught.value) and "s3cret" not in repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0?socket_timeout=5&client_name=app&protocol=3",
+        "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem",
+        "unix:///tmp/redis.sock?db=2&password=pw",
+    ],
+)
+def test_query_options_redis_py_takes_are_accepted(url: str) -> None:
+    RedisFleet(url, name="x")
 
 
 async def test_unreachable_redis_names_the_url_without_its_password() -> None:

@@ -387,6 +387,7 @@ class WujieClient:
                     transport=self._transport,
                     poll=self.poll_policy,
                     limits=self.limits,
+                    app_id=self.credentials.app_id,
                 )
             await fleet.journal.open()
         self._submits.open(
@@ -767,7 +768,9 @@ class WujieClient:
                 more,
                 len(jobs),
             )
-        logger.info(
+        # Queue consumers call it every few seconds: nothing resumed is DEBUG, not INFO.
+        logger.log(
+            logging.INFO if jobs else logging.DEBUG,
             "resumed %d job(s) %s",
             len(jobs),
             "of dead fleet members" if self._fleet is not None else "from the journal",

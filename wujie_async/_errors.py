@@ -7,7 +7,8 @@
     ├── BudgetExceededError         a submit could take the points spent past Limits.max_points
     ├── ClientStateError            client used before open, after close, or from another loop
     │   ├── JournalLockedError      another live process has the journal open (pid, host)
-    │   └── fleet.FleetUnavailableError  Redis away or refusing writes (url)  [fleet mode]
+    │   ├── fleet.FleetUnavailableError  Redis away or refusing writes (url)  [fleet mode]
+    │   └── fleet.FleetMismatchError  the fleet's members use another gateway  [fleet mode]
     ├── APIError                    the gateway answered, and the answer is an error
     │   ├── AuthenticationError     HTTP 401/403: bad credentials, clock skew, unknown app  [S]
     │   ├── EndpointNotFoundError   HTTP 404/405 without an envelope: wrong base URL (url)  [S]

@@ -37,9 +37,16 @@ class FleetLink(Protocol):
         ...
 
     async def start(
-        self, *, poller: BatchPoller, transport: Transport, poll: PollPolicy, limits: Limits
+        self,
+        *,
+        poller: BatchPoller,
+        transport: Transport,
+        poll: PollPolicy,
+        limits: Limits,
+        app_id: str,
     ) -> None:
-        """Connect, join, and follow or lead (raises FleetUnavailableError)."""
+        """Connect, join, and follow or lead (raises FleetUnavailableError; and
+        FleetMismatchError when the fleet's members ask another gateway or app id)."""
         ...
 
     async def stop_polling(self) -> None:

@@ -6,7 +6,7 @@ story at three levels (docs/guides/observability.md has examples):
 * DEBUG: one line per HTTP exchange (method, path, status, duration, keys in a batch call, try
   number) and one per job state change (key, old and new status, asks so far, next ask);
 * INFO: what an operator should see once: a client opened (with its limits) and closed (with
-  its figures), a 429 brake engaging or releasing, a journal opened and the jobs resumed, a
+  its figures), a 429 brake engaging or releasing, a journal opened and the jobs resumed (if any), a
   fleet member's role changing;
 * WARNING and up: what needs a look. A WARNING that can repeat per call or per job goes
   through :class:`RepeatedWarnings`: one line per kind a minute, with a count.

@@ -6,8 +6,14 @@ redis-py, and ``import wujie_async`` never imports this package. Use it as
 ``wujie_async.FleetStats``) tells how the fleet is doing.
 """
 
-from ._errors import FleetUnavailableError
+from ._errors import FleetMismatchError, FleetUnavailableError
 from ._fleet import FleetDurability, RedisFleet
 from ._link import FleetConfig
 
-__all__ = ["FleetConfig", "FleetDurability", "FleetUnavailableError", "RedisFleet"]
+__all__ = [
+    "FleetConfig",
+    "FleetDurability",
+    "FleetMismatchError",
+    "FleetUnavailableError",
+    "RedisFleet",
+]

@@ -1,7 +1,8 @@
 """The fleet's errors, subclasses of the package's tree (see ``wujie_async._errors``)::
 
 ClientStateError
-└── FleetUnavailableError   Redis cannot be reached or stopped answering (names the URL)
+├── FleetUnavailableError   Redis cannot be reached or stopped answering (names the URL)
+└── FleetMismatchError      the fleet's live members use another gateway or app id
 WujieError
 └── LeaseLostError          this member no longer holds a shard's lease: stop acting for it
 """
@@ -20,6 +21,22 @@ class FleetUnavailableError(ClientStateError):
 
     def __init__(self, message: str, *, url: str) -> None:
         self.url = url
+        super().__init__(message)
+
+
+class FleetMismatchError(ClientStateError):
+    """This client's gateway (base URL and app id) is not the one the fleet's live members
+    use: its leader would ask its own gateway about their keys (and they about its), which
+    does not know them. Raised when the client opens, before anything is submitted.
+
+    Attributes:
+        base_url: this client's base URL.
+        fleet_base_url: the base URL of the fleet's members (the app ids are never shown).
+    """
+
+    def __init__(self, message: str, *, base_url: str, fleet_base_url: str) -> None:
+        self.base_url = base_url
+        self.fleet_base_url = fleet_base_url
         super().__init__(message)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,13 @@ from ._member import FleetMember
 
 try:
     import redis.asyncio as aioredis
+    from redis.asyncio.connection import (
+        URL_QUERY_ARGUMENT_PARSERS,
+        Connection,
+        SSLConnection,
+        UnixDomainSocketConnection,
+        parse_url,
+    )
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisClusterException, RedisError
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -97,20 +105,69 @@ def _url_problem(url: object) -> str | None:
             "cannot be read as a Redis URL (a password with '#', '?' or '/' must be "
             "percent-encoded: %23, %3F, %2F)"
         )
+    return _query_problem(url, parts.scheme)
+
+
+def _query_problem(url: str, scheme: str) -> str | None:
+    """What is wrong with the query options of ``url`` (None: nothing). Never quotes them.
+
+    redis-py passes a query parameter it has no parser for to the connection as a keyword,
+    and one no connection takes failed only on connecting, in a raw ``TypeError``; a value
+    it cannot read failed there in a ``ValueError``. Neither names are quoted here: a
+    mistyped URL may have a secret where a name goes.
+    """
+    try:
+        options = parse_url(url)
+    except ValueError:
+        return "has a query option whose value redis-py cannot read (db=0, timeout=5, ...)"
+    accepted = _accepted_options(scheme)
+    # An option without a value redis-py drops unread; it is refused all the same (a typo).
+    given = set(options) | {name for name, _ in parse_qsl(urlsplit(url).query, True)}
+    unknown = [name for name in given if name not in accepted]
+    if unknown:
+        return (
+            f"has {len(unknown)} query option(s) redis-py does not take (it takes db, "
+            "socket_timeout, protocol, client_name, ...: see redis-py's from_url)"
+        )
     return None
+
+
+def _accepted_options(scheme: str) -> frozenset[str]:
+    """The names redis-py's URL parsing may hand on for ``scheme``: its parsed options and
+    every keyword the connection class (and its bases) or the pool takes."""
+    connection: type = {
+        "unix": UnixDomainSocketConnection,
+        "rediss": SSLConnection,
+    }.get(scheme, Connection)
+    names = set(URL_QUERY_ARGUMENT_PARSERS) | {"max_connections", "connection_class"}
+    for cls in connection.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        names.update(
+            name
+            for name, param in inspect.signature(init).parameters.items()
+            if name != "self" and param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL)
+        )
+    return frozenset(names)
 
 
 def redact(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, for messages and logs: the
-    ``user:password@`` form and the ``?password=`` query (redis-py's form for ``unix://``)."""
+    ``user:password@`` form, any other user part (``redis://PASSWORD@host`` puts a password
+    where the user name goes; redis-py reads it as one, and it is hidden all the same), and
+    the ``?password=`` query (redis-py's form for ``unix://``)."""
     try:
         parts = urlsplit(url)
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparsable Redis URL>"
-    if parts.password is not None:
+    if "@" in parts.netloc:
         host = parts.hostname or ""
-        netloc = f"{parts.username or ''}:***@{f'[{host}]' if ':' in host else host}{port}"
+        # The user name is shown only beside a password: alone (or beside an empty one,
+        # "PASSWORD:@"), it may well be the password itself.
+        user = f"{parts.username}:***" if parts.password else "***"
+        netloc = f"{user}@{f'[{host}]' if ':' in host else host}{port}"
         parts = parts._replace(netloc=netloc)
     if parts.query:
         query = [

@@ -40,8 +40,11 @@ class FleetKeys:
     Under the fleet's tag: ``rate_tat`` (GCRA's theoretical arrival time, microseconds of
     Redis time) and ``rate_pause`` (present while a 429 pauses the fleet; its TTL is the
     pause); ``members`` (sorted set: member -> last heartbeat, ms of Redis time) and
-    ``member_info`` (hash: member -> host, pid); ``stats`` (hash: the leaders' figures); the
-    journal's keys, which its scripts build from ``journal_prefix``.
+    ``member_info`` (hash: member -> host, pid); ``gateway`` (hash: the members' gateway's
+    ``fingerprint``, a SHA-256 of base URL and app id, and its ``base_url``); ``stats``
+    (hash: the leaders' figures); ``stepped_down`` (one per shard, sorted set: member -> ms
+    of Redis time it stepped down as the shard's leader); the journal's keys, which its
+    scripts build from ``journal_prefix``.
 
     Per shard: ``lease`` (``"<member>|<token>"`` with a TTL) and ``lease_counter`` (INCR:
     every new lease gets a larger token); ``registered`` (hash: ``"<owner> <job key>"`` ->
@@ -72,6 +75,13 @@ class FleetKeys:
     @property
     def member_info(self) -> str:
         return f"{self.tag}:member-info"
+
+    @property
+    def gateway(self) -> str:
+        return f"{self.tag}:gateway"
+
+    def stepped_down(self, shard: int) -> str:
+        return f"{self.tag}:stepped-down:s{shard}"
 
     @property
     def stats(self) -> str:

@@ -9,14 +9,25 @@ its deadline) is reported to its owners with its error. A shadow that ended take
 of the registry (the owners' own removals may never come: an owner may have died).
 
 Before each batch call the lease must have time left, so a leader frozen past its lease sends
-nothing after it thaws. Losing the lease, or Redis, ends the leadership and every shadow with
-it: the next leader (maybe this member again) starts from the registry, so a report that was
-lost with Redis is asked for again.
+nothing after it thaws.
+
+A leader whose batch calls have all failed (at least ``_STEP_DOWN_CALLS`` of them) for
+``_STEP_DOWN_AFTER`` lease lengths (the gateway unreachable from its machine, a partition,
+its clock skewed) steps down, if another live member has not itself stepped down from that
+shard within ``_STEP_DOWN_MEMORY`` such spans: it gives the lease up and does not try for it
+for a lease length, so another member takes it (and takes it back itself if none does). A
+gateway down for everyone costs at most one hand-over per other member, then the last leader
+stays: nobody is left to try.
+
+Losing the lease, or Redis, ends the leadership and every shadow with it: the next leader
+(maybe this member again) starts from the registry, so a report that was lost with Redis is
+asked for again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -25,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._config import Limits, PollPolicy
-from .._errors import JobProtocolError, JobTimeoutError, UnknownJobError, snippet
+from .._errors import (
+    JobProtocolError,
+    JobTimeoutError,
+    RateLimitedError,
+    UnknownJobError,
+    WujieError,
+    snippet,
+)
 from .._jobs import ImageJob, JobState
 from .._poller import BatchPoller, BatchPoster
 from .._replies import raw_entries_by_key
@@ -35,12 +53,14 @@ from .._telemetry import Telemetry
 from .._transport import CallKind
 from ._errors import LeaseLostError
 from ._lease import LeaderLease
-from ._link import RedisLink
+from ._link import REDIS_MS, RedisLink, Script
 from ._registry import READ_LIMIT, Change, KeyInfo, KeyRegistry
 from ._reports import Report, post_reports
 
 if TYPE_CHECKING:
     from .._otel import BatchTrace
+
+logger = logging.getLogger("wujie_async.fleet")
 
 _TICK = 0.25  # the leader reads the registry's changes at least this often
 _CALL_MARGIN = 0.1  # a batch call needs this much lease left (a quarter of a shorter lease)
@@ -48,6 +68,30 @@ _ROUND_TRIP = 0.01  # a registration's way to the leader, besides the tick (a ge
 # A shadow outlives its owner's deadline by this much (member clocks differ a little): the
 # owner's own deadline fires first, and the leader asks until then.
 _DEADLINE_MARGIN = 2.0
+# A leader whose batch calls have all failed, at least _STEP_DOWN_CALLS of them, for this many
+# lease lengths steps down (see the module docstring); a member that stepped down is not
+# counted as one to hand over to for _STEP_DOWN_MEMORY times that long.
+_STEP_DOWN_AFTER = 3.0
+_STEP_DOWN_CALLS = 3
+_STEP_DOWN_MEMORY = 20.0
+# KEYS: members, stepped-down (sorted set: member -> Redis ms it stepped down). ARGV: member,
+# member_timeout_ms, memory_ms. Reply: 1 (another live member that has not stepped down
+# lately exists: this member is recorded as stepping down), 0 (nobody to hand over to).
+_STEP_DOWN = (
+    REDIS_MS
+    + """
+local now = redis_ms()
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[3]))
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')) do
+  if other ~= ARGV[1] and not redis.call('ZSCORE', KEYS[2], other) then
+    redis.call('ZADD', KEYS[2], now, ARGV[1])
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+    return 1
+  end
+end
+return 0
+"""
+)
 # Errors of a shadow that its owners learn from the leader (a terminal entry they read
 # themselves).
 VERDICTS: dict[str, type[UnknownJobError | JobProtocolError | JobTimeoutError]] = {
@@ -84,8 +128,10 @@ class ShardLeader:
         # The fleet's keys come due many a second: a call that is not full waits a moment
         # (batch_wait) while more come due, so calls go out full without asking any key
         # early. (A single client does not wait: its keys are fewer, and each wait costs.)
+        self._fenced = _Fenced(transport, lease, self._replied)
+        self._step_down = Script(link, _STEP_DOWN)
         self._poller = BatchPoller(
-            _Fenced(transport, lease, self._replied),
+            self._fenced,
             policy,
             limits,
             schedule=schedule,
@@ -103,6 +149,7 @@ class ShardLeader:
         self._outbox: defaultdict[str, list[Report]] = defaultdict(list)
         self._removals: list[tuple[str, str, None]] = []
         self._queued = asyncio.Event()
+        self._stepping_down = False
 
     @property
     def counters(self) -> PollerCounters:
@@ -116,6 +163,8 @@ class ShardLeader:
             FleetUnavailableError: Redis failed (in an ExceptionGroup): the leadership is over.
         """
         shard = self._lease.shard
+        self._fenced.failing_since, self._fenced.failed_calls = None, 0
+        stepping_down = False
         try:
             version, changes = await self._registry.read(shard, self._lease.require(0), None)
             self._follow(changes)
@@ -123,16 +172,67 @@ class ShardLeader:
                 tasks.start_soon(self._poller.run)
                 tasks.start_soon(self._send)
                 tasks.start_soon(self._read_changes, version)
+                tasks.start_soon(self._watch_calls, tasks.cancel_scope)
                 await self._lease.keep()
                 tasks.cancel_scope.cancel()
+            stepping_down = self._stepping_down
         except* LeaseLostError:
             pass  # fenced out: a successor leads
         finally:
+            self._stepping_down = False
             self._lease.step_down()
             self._shadows = {}
             self._outbox.clear()
             self._removals.clear()
             self._poller.cancel_all(f"member {self._lease.member_id} stopped leading")
+        if stepping_down:  # its tasks have stopped: no batch call of its goes out any more
+            await self._lease.release()
+            self._lease.stand_aside(self._lease.seconds)
+
+    async def _watch_calls(self, scope: anyio.CancelScope) -> None:
+        """Step down (cancel ``scope``) once the batch calls have all failed for long, and
+        another live member may do better (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        after = _STEP_DOWN_AFTER * self._lease.seconds
+        keys = self._link.keys
+        stepped = keys.stepped_down(self._lease.shard)
+        member = self._lease.member_id
+        timeout_ms = round(self._link.config.member_timeout * 1000)
+        next_ask = 0.0
+        while True:
+            await asyncio.sleep(self._lease.seconds / 3)
+            since, now = self._fenced.failing_since, loop.time()
+            if (
+                since is None
+                or self._fenced.failed_calls < _STEP_DOWN_CALLS
+                or now - since < after
+                or now < next_ask
+            ):
+                continue
+            memory_ms = round(_STEP_DOWN_MEMORY * after * 1000)
+            if int(await self._step_down((keys.members, stepped), (member, timeout_ms, memory_ms))):
+                logger.warning(
+                    "fleet member %s steps down as leader of shard %d: its %d batch calls of "
+                    "the last %.1fs all failed (last: %s); another member takes over",
+                    member,
+                    self._lease.shard,
+                    self._fenced.failed_calls,
+                    now - since,
+                    self._fenced.last_failure,
+                )
+                self._stepping_down = True
+                scope.cancel()
+                return
+            logger.info(
+                "fleet member %s keeps leading shard %d though its batch calls of the last "
+                "%.1fs all failed (last: %s): no other live member that has not stepped down "
+                "lately to hand over to",
+                member,
+                self._lease.shard,
+                now - since,
+                self._fenced.last_failure,
+            )
+            next_ask = now + after  # asked again after as long
 
     async def _read_changes(self, version: int) -> None:
         while True:
@@ -250,6 +350,11 @@ class _Fenced:
         self._lease = lease
         self._replied = replied
         self._margin = min(_CALL_MARGIN, lease.seconds / 4)
+        # Since when every batch call has failed (None: the last one got a reply), how many,
+        # and the last failure's kind. A 429 is an answer: the gateway is reachable.
+        self.failing_since: float | None = None
+        self.failed_calls = 0
+        self.last_failure = ""
 
     @property
     def telemetry(self) -> Telemetry:
@@ -260,7 +365,18 @@ class _Fenced:
         self, path: str, body: Any, *, kind: CallKind, parent: BatchTrace | None = None
     ) -> Any:
         self._lease.require(self._margin)  # LeaseLostError: the call fails, nothing is sent
-        data = await self._transport.post(path, body, kind=kind, parent=parent)
+        try:
+            data = await self._transport.post(path, body, kind=kind, parent=parent)
+        except RateLimitedError:
+            self.failing_since, self.failed_calls = None, 0
+            raise
+        except WujieError as exc:
+            if self.failing_since is None:
+                self.failing_since = asyncio.get_running_loop().time()
+            self.failed_calls += 1
+            self.last_failure = type(exc).__name__
+            raise
+        self.failing_since, self.failed_calls = None, 0
         self._replied(body, data)
         return data
 

@@ -76,6 +76,7 @@ class LeaderLease:
         # lease up (the release is fenced: a successor's lease is left alone).
         self._last_fence: str | None = None
         self._valid_until = 0.0
+        self._aside_until = 0.0  # loop time before which acquire() does not try (stand_aside)
         self._acquire = Script(link, _ACQUIRE)
         self._renew = Script(link, _RENEW)
         self._release = Script(link, _RELEASE)
@@ -136,9 +137,19 @@ class LeaderLease:
         logger.info("fleet member %s leads shard %d (%s)", self.member_id, self.shard, reply[1])
         return 0.0
 
+    def stand_aside(self, seconds: float) -> None:
+        """Let the other members take the lease first: :meth:`acquire` does not try for
+        ``seconds`` (a leader that stepped down: the others, trying every 0.5 s, take it
+        meanwhile; if none does, this member takes it back)."""
+        self._aside_until = asyncio.get_running_loop().time() + seconds
+
     async def acquire(self) -> None:
         """Wait until this member holds the lease: it tries again when the holder's TTL ends,
-        and at least every 0.5 s, so a lease given up (its leader closed) is taken at once."""
+        and at least every 0.5 s, so a lease given up (its leader closed) is taken at once.
+        After :meth:`stand_aside`, it first waits that long."""
+        aside = self._aside_until - asyncio.get_running_loop().time()
+        if aside > 0:
+            await asyncio.sleep(aside)
         while True:
             holder_left = await self.try_acquire()
             if holder_left == 0:

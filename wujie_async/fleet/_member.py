@@ -121,18 +121,27 @@ class FleetMember:
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def start(
-        self, *, poller: BatchPoller, transport: Transport, poll: PollPolicy, limits: Limits
+        self,
+        *,
+        poller: BatchPoller,
+        transport: Transport,
+        poll: PollPolicy,
+        limits: Limits,
+        app_id: str,
     ) -> None:
         """Connect (unless connected), join, follow, and lead what it can.
 
         Raises:
             FleetUnavailableError: Redis cannot be reached (the message names its URL).
+            FleetMismatchError: the fleet's live members ask another gateway (base URL or
+                app id than ``transport``'s and ``app_id``).
         """
         if not self._link.started:
             await self._link.start()
             self._owns_link = True
+        self._membership.use_gateway(transport.base_url, app_id)
         try:
-            await self._membership.join()
+            await self._membership.join(check=True)
             await self._journal.warm()
         except BaseException:
             await self.aclose()

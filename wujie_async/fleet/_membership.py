@@ -16,6 +16,7 @@ keys again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -23,18 +24,39 @@ import time
 import uuid
 from typing import Literal
 
+from ._errors import FleetMismatchError
 from ._link import REDIS_MS, RedisLink, Script
 
 Beat = Literal["refreshed", "unknown", "expired"]
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
-# KEYS: members, info. ARGV: id, info JSON.
+# KEYS: members, info, gateway. ARGV: id, info JSON, fingerprint, base URL, timeout_ms, check.
+# With check = 1, a member whose gateway fingerprint differs from the fleet's is refused while
+# another member is alive: reply {0, the fleet's base URL}. Otherwise it joins, and its
+# gateway becomes the fleet's (with check = 0, a rejoin, only where the fleet had none).
+# Reply: {1}.
 _JOIN = (
     _NOW_MS
     + """
+if ARGV[3] ~= '' then
+  local held = redis.call('HGET', KEYS[3], 'fingerprint')
+  if held and held ~= ARGV[3] then
+    if ARGV[6] == '1' then
+      local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[5]), '+inf')
+      for _, other in ipairs(live) do
+        if other ~= ARGV[1] then
+          return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
+        end
+      end
+      redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
+    end
+  else
+    redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
+  end
+end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return now
+return {1}
 """
 )
 # KEYS: members, info. ARGV: id, timeout_ms. Reply: 1 refreshed, 0 unknown (claimed, or Redis
@@ -88,15 +110,46 @@ class Membership:
         self._heartbeat = Script(link, _HEARTBEAT)
         self._leave = Script(link, _LEAVE)
         self._list = Script(link, _LIST)
+        self._fingerprint = ""  # of this member's gateway ("": not told, not checked)
+        self._base_url = ""
 
     def __repr__(self) -> str:
         return f"Membership({self.member_id!r})"
 
-    async def join(self) -> None:
-        """Join, or join again: alive from now on, whatever the fleet thought."""
+    def use_gateway(self, base_url: str, app_id: str) -> None:
+        """The gateway this member asks: checked against the fleet's when it joins. Only a
+        SHA-256 of base URL and app id goes to Redis for the comparison, with the base URL
+        (to name it in the other members' errors)."""
+        self._base_url = base_url
+        self._fingerprint = hashlib.sha256(f"{base_url}\n{app_id}".encode()).hexdigest()
+
+    async def join(self, *, check: bool = False) -> None:
+        """Join, or join again: alive from now on, whatever the fleet thought.
+
+        Raises:
+            FleetMismatchError: ``check``, and another live member uses another gateway (base
+                URL or app id): this member did not join.
+        """
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
         keys = self._link.keys
-        await self._join((keys.members, keys.member_info), (self.member_id, info))
+        timeout_ms = round(self._link.config.member_timeout * 1000)
+        reply = await self._join(
+            (keys.members, keys.member_info, keys.gateway),
+            (self.member_id, info, self._fingerprint, self._base_url, timeout_ms, int(check)),
+        )
+        if int(reply[0]) == 0:
+            theirs = str(reply[1])
+            if theirs == self._base_url:
+                what = f"base URL {theirs} with another app id than this client's"
+            else:
+                what = f"base URL {theirs}, this client {self._base_url}"
+            raise FleetMismatchError(
+                f"fleet {self._link.config.name!r}: its live members use {what}; the members "
+                "of one fleet must use one base URL and one app id (its leader asks its own "
+                "gateway about every member's jobs): use another fleet name for this client",
+                base_url=self._base_url,
+                fleet_base_url=theirs,
+            )
 
     async def heartbeat(self) -> bool:
         """Heartbeat once. False: the fleet lost this member or declared it dead (join again)."""
