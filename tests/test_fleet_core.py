@@ -155,51 +155,36 @@ async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> No
 
 
 @pytest.mark.long
-async def test_a_process_that_stood_still_does_not_blame_redis(tmp_path: Path) -> None:
-    # The process stands still (a SIGSTOP, a blocked loop) past the deadline of a command that
-    # Redis answered at once: on waking, the deadline fires first. A member said "Redis did
-    # not answer", went local and polled its own keys; the command is asked once more.
-    async with (
-        any_redis(tmp_path) as url,
-        RedisFleet(url, name=fleet_name(), command_timeout=0.3) as fleet,
-    ):
-        loop = asyncio.get_running_loop()
-        assert await fleet.call(lambda redis: redis.ping())  # connected
-
-        frozen: list[bool] = []
-
-        async def frozen_while_out(redis: Any) -> Any:
-            # Redis answers after 0.1 s; the loop stands still from 0.05 s to 2.05 s (once).
-            if not frozen:
-                frozen.append(True)
-                loop.call_later(0.05, time.sleep, 2.0)
-            return await redis.blpop([f"{fleet_name()}-empty"], timeout=0.1)
-
-        assert await fleet.call(frozen_while_out) is None
-
-
-@pytest.mark.long
-async def test_a_loop_that_stood_still_about_a_deadline_long_does_not_blame_redis(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    ("deadline", "frozen_for"),
+    [
+        # The process stands still (a SIGSTOP, a blocked loop) far past the deadline of a
+        # command Redis answered at once: on waking, the deadline fires first.
+        pytest.param(0.3, 2.0, id="far-past-the-deadline"),
+        # A CPU-bound handler blocks the loop for about a command's deadline (a member's read
+        # of its reports is always out, with a deadline of 6 s): the deadline fires only a
+        # little late (0.25 s here), so its lateness alone does not tell.
+        pytest.param(2.0, 2.2, id="about-the-deadline"),
+    ],
+)
+async def test_a_loop_that_stood_still_does_not_blame_redis(
+    tmp_path: Path, deadline: float, frozen_for: float
 ) -> None:
-    # A CPU-bound handler blocks the loop for about a command's deadline (a member's read of
-    # its reports is always out, with a deadline of 6 s): on waking the deadline fires only a
-    # little late, so its lateness alone does not tell. The member said "Redis did not answer
-    # within 6s", went local and rejoined, at every stall of 5 to 7 s.
+    # A member said "Redis did not answer", went local and polled its own keys (at every
+    # stall of 5 to 7 s with the defaults); the command is asked once more instead.
     async with (
         any_redis(tmp_path) as url,
-        RedisFleet(url, name=fleet_name(), command_timeout=2.0) as fleet,
+        RedisFleet(url, name=fleet_name(), command_timeout=deadline) as fleet,
     ):
         loop = asyncio.get_running_loop()
         assert await fleet.call(lambda redis: redis.ping())  # connected
         frozen: list[bool] = []
 
         async def frozen_while_out(redis: Any) -> Any:
-            # Redis answers after 0.1 s; the loop stands still from 0.05 s to 2.25 s (once):
-            # the 2 s deadline fires 0.25 s late.
+            # Redis answers after 0.1 s; the loop stands still from 0.05 s on (once).
             if not frozen:
                 frozen.append(True)
-                loop.call_later(0.05, time.sleep, 2.2)
+                loop.call_later(0.05, time.sleep, frozen_for)
             return await redis.blpop([f"{fleet_name()}-empty"], timeout=0.1)
 
         assert await fleet.call(frozen_while_out) is None
