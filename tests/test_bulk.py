@@ -356,6 +356,30 @@ async def test_a_line_is_what_an_editor_calls_a_line_and_a_bom_is_not_a_prompt(
         assert [r["prompt"] for r in manifest(out)] == [prompt]
 
 
+async def test_input_that_is_not_utf8_names_its_line_and_how_to_convert_it(
+    tmp_path: Path,
+) -> None:
+    # A prompts file saved as UTF-16 (Notepad's "Unicode") or in a legacy encoding read
+    # "cannot read: 'utf-8' codec can't decode byte 0xff in position 0"; piped into -, such
+    # bytes were taken as lone surrogates and every line was refused as a bad prompt.
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a red fox\nan owl\n".encode("utf-16"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a red fox\r\nan owl\r\nun café\n".encode("latin-1"))
+    for args, stdin, said in (
+        ((str(utf16),), None, f"{utf16}: is UTF-16 text"),
+        ((str(latin1),), None, f"{latin1}:3: not UTF-8 (byte 0xe9)"),
+        (("-",), latin1.read_bytes(), "<stdin>:3: not UTF-8 (byte 0xe9)"),
+        (("-", "--input-format", "txt"), utf16.read_bytes(), "<stdin>: is UTF-16 text"),
+    ):
+        out = tmp_path / "out"
+        code, _, err = await cli("bulk", *args, "--emulator", "-o", str(out), stdin=stdin)
+        assert code == 2, err
+        assert said in err and "must be UTF-8" in err and "iconv -f " in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 async def test_manifest_rows_holding_a_line_separator_are_read_back_not_paid_again(
     tmp_path: Path,
 ) -> None:

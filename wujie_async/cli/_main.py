@@ -48,7 +48,7 @@ from ._common import (
 )
 from ._completion import SHELLS, script
 from ._exit import DaemonThreadPool, ExitGuard
-from ._input import FORMATS, BulkItem, InputFileError, read_requests
+from ._input import FORMATS, BulkItem, InputFileError, decode_input, read_requests
 from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
@@ -402,11 +402,13 @@ def _read_input(args: argparse.Namespace) -> list[BulkItem]:
     kind = _INPUT_FORMATS.get(args.input_format) if args.input_format else None
     if str(args.file) != "-":
         return read_requests(args.file, _defaults(args), kind=kind)
-    try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
-        raise UsageError("stdin is not UTF-8 text") from None
-    return read_requests(Path("<stdin>"), _defaults(args), text=text, kind=kind)
+    # Bytes, decoded here as a file is: the locale's decoding would let bytes that are not
+    # UTF-8 through as lone surrogates (a C locale) or read them as another encoding.
+    stdin = Path("<stdin>")
+    if sys.stdin is None:
+        raise UsageError("stdin is closed: pipe the input into -, or give its file")
+    text = decode_input(stdin, sys.stdin.buffer.read())
+    return read_requests(stdin, _defaults(args), text=text, kind=kind)
 
 
 def _check_defaults(args: argparse.Namespace) -> None:
