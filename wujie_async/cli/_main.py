@@ -62,7 +62,9 @@ exit codes:
   0    every line saved
   1    some lines ended failed, moderated, rejected, uncertain or not sent
   2    bad input or usage (including a file that is not a journal)
-  3    stopped on a systemic error (credentials, base URL, balance, network)
+  3    stopped on a systemic error (credentials, base URL, balance, network, a gateway
+       that answered no submit) or a disk that refused the journal, the manifest or an
+       image; status: keys the gateway could not be asked about
   4    the journal, or the --out folder (bulk, resume), is in use by another run
   70   internal error (run with --verbose for the traceback)
   130  interrupted (Ctrl-C)
