@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -579,9 +580,34 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _run_loop(session.run(items))
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is reported by the command it was
+    given to (argparse leaves it to the top parser, whose usage names no option), with the
+    option it is closest to: ``wujie-async bulk: error: ... --emulatr (did you mean
+    --emulator?)``."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    command = parser
+    while True:  # down to the (sub)command the line named
+        subparsers = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subparsers[0].dest, None) if subparsers else None
+        if name is None or name not in subparsers[0].choices:
+            break
+        command = subparsers[0].choices[name]
+    options = [flag for action in command._actions for flag in action.option_strings]
+    said = []
+    for word in extras:
+        close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1)
+        said.append(
+            f"{word} (did you mean {close[0]}?)" if word.startswith("-") and close else word
+        )
+    command.error(f"unrecognized arguments: {' '.join(said)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wujie-async`` and ``python -m wujie_async``."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     verbose = getattr(args, "verbose", False)
     # Other libraries' WARNINGs on stderr; ours from the level --verbose (DEBUG: the story of
     # every request and job) or WUJIE_LOG asks for, else WARNING.
