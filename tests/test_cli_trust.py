@@ -628,6 +628,22 @@ async def test_journal_commands_refuse_a_file_that_is_not_a_journal_and_create_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
+async def test_a_run_folder_given_for_its_journal_names_the_journal_in_it(
+    tmp_path: Path,
+) -> None:
+    # `resume out/` (the folder, not its journal) said "out: cannot read it (Is a directory)".
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "journal.sqlite").write_bytes(b"")
+    code, _, err = await cli("resume", str(out), "--emulator")
+    assert code == 2, err
+    assert f"{out} is a folder, not a journal" in err, err
+    assert f"wujie-async resume {out / 'journal.sqlite'} -o {out}" in err, err
+    code, _, err = await cli("journal", "list", "--journal", str(out))
+    assert code == 2 and f"--journal {out / 'journal.sqlite'}, or -o {out}" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["journal.sqlite"]
+
+
 async def test_forget_names_rows_it_does_not_know_and_forgets_nothing(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:

@@ -119,9 +119,19 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         raise UsageError(f"no journal at {path}; {missing}")
     try:
         # Opening a FIFO for reading would wait for a writer, perhaps for ever; a device is
-        # no journal either. (A directory keeps the error its open gives.)
+        # no journal either. A folder is most likely the run's --out: name its journal.
         mode = path.stat().st_mode
-        problem = None if stat.S_ISDIR(mode) else not_regular(mode)
+        if stat.S_ISDIR(mode):
+            inside = path / "journal.sqlite"
+            shown, folder = shlex.quote(clean(str(inside))), shlex.quote(clean(str(path)))
+            if not inside.exists():
+                fix = not_journal
+            elif resume:
+                fix = f"pass the journal in it: wujie-async resume {shown} -o {folder}"
+            else:
+                fix = f"pass the journal in it, --journal {shown}, or -o {folder}"
+            raise UsageError(f"{path} is a folder, not a journal; {fix}")
+        problem = not_regular(mode)
         if problem is not None:
             raise UsageError(f"{path} is not a wujie-async journal ({problem}); {not_journal}")
         with path.open("rb") as handle:
