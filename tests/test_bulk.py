@@ -6,9 +6,12 @@ import asyncio
 import json
 import shlex
 import signal
+import socket
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.cli._bulk import BulkResult, OutputUnwritableError
 from wujie_async.cli._run import stop_said
@@ -187,6 +190,35 @@ async def test_wrong_base_path_is_not_uncertain_and_the_corrected_rerun_saves_al
         assert (await emu.stats())["submits_accepted"] == 200
 
 
+async def test_a_gateway_that_refuses_connections_is_said_once_with_its_fix(
+    tmp_path: Path,
+) -> None:
+    # The stop line wrapped the client's message, which names the URL and the fix already:
+    # "stopped: cannot connect to URL (could not connect to URL: ...; check the base URL
+    # (WUJIE_BASE_URL / --base-url) and the network); check --base-url / WUJIE_BASE_URL and
+    # the network".
+    key = tmp_path / "key.pem"
+    key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{probe.getsockname()[1]}/wj-open/v1"
+    code, _, err = await cli(
+        "bulk", str(prompts(tmp_path, 3)), "-o", str(tmp_path / "out"), "--progress", "none",
+        "--app-id", "app", "--private-key-file", str(key), "--base-url", base_url,
+    )  # fmt: skip
+    assert code == 3, err
+    [stopped] = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert stopped.startswith(f"stopped: could not connect to {base_url}: "), stopped
+    assert stopped.count(base_url) == 1 and stopped.count("--base-url") == 1, stopped
+    assert stopped.endswith("and the network"), stopped
+
+
 @pytest.mark.long
 async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
@@ -196,7 +228,7 @@ async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None
         "bulk", str(prompts(tmp_path, 20)), "-o", str(tmp_path / "out"), env=env, timeout=50
     )
     assert code == 3, err
-    assert err.count("stopped:") == 1 and "cannot connect" in err and "--base-url" in err
+    assert err.count("stopped:") == 1 and "could not connect" in err and "--base-url" in err
 
 
 async def test_a_gateway_answering_every_submit_with_a_5xx_stops_the_sending(
