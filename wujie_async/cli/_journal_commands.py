@@ -76,7 +76,7 @@ def add_parser(
         "rows",
         nargs="*",
         metavar="LINE_OR_ID",
-        help="input line numbers or ids, or as `journal list` prints them (line 4, id fox)",
+        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
     )
     resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
     resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -89,7 +89,7 @@ def add_parser(
         "rows",
         nargs="*",
         metavar="LINE_OR_ID",
-        help="input line numbers or ids, or as `journal list` prints them (line 4, id fox)",
+        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
     )
     forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
