@@ -81,6 +81,7 @@ class BulkResult:
     saved_paths: list[Path] = field(default_factory=list)
     images: int = 0
     pending: int = 0
+    pending_keys: list[str] = field(default_factory=list)  # the jobs of the pending lines
     systemic: BaseException | None = None
     interrupted: bool = False
     points: float = 0.0  # what this run's manifest rows record as charged
@@ -235,6 +236,8 @@ class BulkRun:
             self._end(row, "not_sent", None, "not_sent", reason)
         self.result.interrupted = interrupted
         self.result.pending = self._tally.total - len(self.result.outcomes)
+        ended = {outcome.key for outcome in self.result.outcomes}
+        self.result.pending_keys = sorted(self._keys - ended)
         return self.result
 
     def _move(self, row: Row, to: Any) -> None:
