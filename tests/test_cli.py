@@ -188,6 +188,13 @@ async def test_generate_never_advises_running_itself_again_to_collect_its_job(
     )
     assert code == 1 and "may have been charged without a reply" in err, err
     assert "--retry-uncertain" not in err and "run the same command again" in err, err
+    gone = tmp_path / "gone"
+    code, _, err = await cli(
+        "generate", "a fox", *fast, "--emulator-fault", "images_gone=1", "-o", str(gone)
+    )
+    assert code == 1, err
+    [key] = {r["key"] for r in manifest(gone) if r.get("error_code") == "gone"}
+    assert f"wujie-async status {key} --wait -o {gone} asks for its newest listing" in err, err
 
 
 @pytest.mark.long

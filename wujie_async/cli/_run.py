@@ -822,10 +822,17 @@ class Session:
             say(f"{unsaved} line(s) succeeded but their images could not be saved; {how}")
         gone = sum(1 for o in result.outcomes if o.error_code == "gone")
         if gone:
+            keys = [o.key for o in result.outcomes if o.error_code == "gone" and o.key]
+            how = (
+                f"{self._collect(keys)} asks for its newest listing once more (running the "
+                "same command again sends a new job, paid again)"
+                if self._one_job
+                else "a re-run asks for their newest listing once more, and --retry-failed "
+                "sends them again (each resend costs points)"
+            )
             say(
                 f"{gone} line(s) succeeded but their images' URLs are gone (HTTP 404 or 410: "
-                "the gateway cleans up old results); a re-run asks for their newest listing "
-                "once more, and --retry-failed sends them again (each resend costs points)"
+                f"the gateway cleans up old results); {how}"
             )
         resendable = (
             counts["failed"] - timed_out - unsaved - gone + counts["moderated"] + counts["rejected"]
