@@ -190,6 +190,7 @@ async def test_wrong_base_path_is_not_uncertain_and_the_corrected_rerun_saves_al
         assert (await emu.stats())["submits_accepted"] == 200
 
 
+@pytest.mark.long
 async def test_a_gateway_that_refuses_connections_is_said_once_with_its_fix(
     tmp_path: Path,
 ) -> None:
@@ -209,7 +210,7 @@ async def test_a_gateway_that_refuses_connections_is_said_once_with_its_fix(
         probe.bind(("127.0.0.1", 0))
         base_url = f"http://127.0.0.1:{probe.getsockname()[1]}/wj-open/v1"
     code, _, err = await cli(
-        "bulk", str(prompts(tmp_path, 3)), "-o", str(tmp_path / "out"), "--progress", "none",
+        "bulk", str(prompts(tmp_path, 3)), "-o", str(tmp_path / "out"), "--progress", "plain",
         "--app-id", "app", "--private-key-file", str(key), "--base-url", base_url,
     )  # fmt: skip
     assert code == 3, err
@@ -217,6 +218,11 @@ async def test_a_gateway_that_refuses_connections_is_said_once_with_its_fix(
     assert stopped.startswith(f"stopped: could not connect to {base_url}: "), stopped
     assert stopped.count(base_url) == 1 and stopped.count("--base-url") == 1, stopped
     assert stopped.endswith("and the network"), stopped
+    # The last progress line counts the lines the stop left as the summary does (it read
+    # "1/3 lines (33%) · to send 2 · ... · not_sent 1" above "3 line(s): not_sent 3").
+    last = [line for line in err.splitlines() if line.startswith("progress:")][-1]
+    assert "3/3 lines" in last and "to send 0" in last and "not_sent 3" in last, last
+    assert "3 line(s): not_sent 3" in err, err
 
 
 @pytest.mark.long

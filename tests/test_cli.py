@@ -170,6 +170,7 @@ async def test_generate_prints_the_saved_paths(tmp_path: Path) -> None:
     assert len(paths) == 3 and all(Path(p).exists() for p in paths)
 
 
+@pytest.mark.long
 async def test_generate_never_advises_running_itself_again_to_collect_its_job(
     tmp_path: Path,
 ) -> None:
