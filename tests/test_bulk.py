@@ -6,10 +6,13 @@ import asyncio
 import json
 import shlex
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.cli._bulk import BulkResult, OutputUnwritableError
 from wujie_async.cli._run import stop_said
@@ -190,6 +193,41 @@ async def test_wrong_base_path_is_not_uncertain_and_the_corrected_rerun_saves_al
 
 
 @pytest.mark.long
+async def test_a_gateway_that_refuses_connections_is_said_once_with_its_fix(
+    tmp_path: Path,
+) -> None:
+    # The stop line wrapped the client's message, which names the URL and the fix already:
+    # "stopped: cannot connect to URL (could not connect to URL: ...; check the base URL
+    # (WUJIE_BASE_URL / --base-url) and the network); check --base-url / WUJIE_BASE_URL and
+    # the network".
+    key = tmp_path / "key.pem"
+    key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{probe.getsockname()[1]}/wj-open/v1"
+    code, _, err = await cli(
+        "bulk", str(prompts(tmp_path, 3)), "-o", str(tmp_path / "out"), "--progress", "plain",
+        "--app-id", "app", "--private-key-file", str(key), "--base-url", base_url,
+    )  # fmt: skip
+    assert code == 3, err
+    [stopped] = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert stopped.startswith(f"stopped: could not connect to {base_url}: "), stopped
+    assert stopped.count(base_url) == 1 and stopped.count("--base-url") == 1, stopped
+    assert stopped.endswith("and the network"), stopped
+    # The last progress line counts the lines the stop left as the summary does (it read
+    # "1/3 lines (33%) · to send 2 · ... · not_sent 1" above "3 line(s): not_sent 3").
+    last = [line for line in err.splitlines() if line.startswith("progress:")][-1]
+    assert "3/3 lines" in last and "to send 0" in last and "not_sent 3" in last, last
+    assert "3 line(s): not_sent 3" in err, err
+
+
+@pytest.mark.long
 async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None:
     async with served_emulator(tmp_path) as emu:
         env = emu.env
@@ -198,7 +236,7 @@ async def test_connection_refused_stops_with_one_message(tmp_path: Path) -> None
         "bulk", str(prompts(tmp_path, 20)), "-o", str(tmp_path / "out"), env=env, timeout=50
     )
     assert code == 3, err
-    assert err.count("stopped:") == 1 and "cannot connect" in err and "--base-url" in err
+    assert err.count("stopped:") == 1 and "could not connect" in err and "--base-url" in err
 
 
 async def test_a_gateway_answering_every_submit_with_a_5xx_stops_the_sending(
@@ -356,6 +394,30 @@ async def test_a_line_is_what_an_editor_calls_a_line_and_a_bom_is_not_a_prompt(
         code, _, err = await cli("bulk", "-", "--emulator", *FAST, "-o", str(out), stdin=data)
         assert code == 0, err
         assert [r["prompt"] for r in manifest(out)] == [prompt]
+
+
+async def test_input_that_is_not_utf8_names_its_line_and_how_to_convert_it(
+    tmp_path: Path,
+) -> None:
+    # A prompts file saved as UTF-16 (Notepad's "Unicode") or in a legacy encoding read
+    # "cannot read: 'utf-8' codec can't decode byte 0xff in position 0"; piped into -, such
+    # bytes were taken as lone surrogates and every line was refused as a bad prompt.
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a red fox\nan owl\n".encode("utf-16"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a red fox\r\nan owl\r\nun café\n".encode("latin-1"))
+    for args, stdin, said in (
+        ((str(utf16),), None, f"{utf16}: is UTF-16 text"),
+        ((str(latin1),), None, f"{latin1}:3: not UTF-8 (byte 0xe9)"),
+        (("-",), latin1.read_bytes(), "<stdin>:3: not UTF-8 (byte 0xe9)"),
+        (("-", "--input-format", "txt"), utf16.read_bytes(), "<stdin>: is UTF-16 text"),
+    ):
+        out = tmp_path / "out"
+        code, _, err = await cli("bulk", *args, "--emulator", "-o", str(out), stdin=stdin)
+        assert code == 2, err
+        assert said in err and "must be UTF-8" in err and "iconv -f " in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
 
 
 async def test_manifest_rows_holding_a_line_separator_are_read_back_not_paid_again(

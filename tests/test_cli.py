@@ -21,8 +21,11 @@ from wujie_async.cli._run import forget_failed_said
 
 from .cli_helpers import (
     FAST,
+    Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+    proc_alive,
     running_cli,
     served_emulator,
 )
@@ -172,6 +175,63 @@ async def test_generate_prints_the_saved_paths(tmp_path: Path) -> None:
     assert code == 0, err
     paths = out.split()
     assert len(paths) == 3 and all(Path(p).exists() for p in paths)
+
+
+@pytest.mark.long
+async def test_generate_never_advises_running_itself_again_to_collect_its_job(
+    tmp_path: Path,
+) -> None:
+    # generate run again sends a new job: "re-run the same command to collect them (they are
+    # not sent again)" after a timeout paid a second time, and "resend them by adding
+    # --retry-uncertain" named a flag generate does not have.
+    fast = ("--emulator", "--emulator-time-scale", "0.05", "--progress", "none")
+    out = tmp_path / "out"
+    code, _, err = await cli("generate", "a fox", *fast, "--job-timeout", "0.05", "-o", str(out))
+    assert code == 1, err
+    [key] = [r["key"] for r in manifest(out) if r.get("error_code") == "timeout"]
+    assert f"collect it with wujie-async status {key} --wait -o {out}" in err, err
+    assert "re-run the same command" not in err, err
+    code, _, err = await cli(
+        "generate", "a fox", *fast, "--emulator-fault", "drop_after_accept=1", "-o", str(out)
+    )
+    assert code == 1 and "may have been charged without a reply" in err, err
+    assert "--retry-uncertain" not in err and "run the same command again" in err, err
+    gone = tmp_path / "gone"
+    code, _, err = await cli(
+        "generate", "a fox", *fast, "--emulator-fault", "images_gone=1", "-o", str(gone)
+    )
+    assert code == 1, err
+    [key] = {r["key"] for r in manifest(gone) if r.get("error_code") == "gone"}
+    assert f"wujie-async status {key} --wait -o {gone} asks for its newest listing" in err, err
+
+
+@pytest.mark.long
+async def test_generate_interrupted_names_the_command_that_collects_its_job(
+    tmp_path: Path,
+) -> None:
+    # "interrupted: ... re-run the same command to collect them and send the rest": run
+    # again, generate sent (and paid for) a second job and never collected the first.
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
+        out = tmp_path / "out"
+        async with running_cli("generate", "a fox", "-o", str(out), env=emu.env) as run:
+            await eventually(
+                lambda: _accepted_at_least(emu, 1), what="the submit", alive=proc_alive(run)
+            )
+            run.send_signal(signal.SIGINT)
+            code, _, err = await run.finish(30)
+        assert code == 130, err
+        assert "re-run the same command" not in err, err
+        [collect] = [line.strip() for line in err.splitlines() if "--wait" in line]
+        words = shlex.split(collect)
+        assert words[:2] == ["wujie-async", "status"], collect
+        code, stdout, err = await cli(*words[1:], env=emu.env)
+        assert code == 0, err
+        assert len(stdout.split()) == 1 and Path(stdout.split()[0]).exists()
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+async def _accepted_at_least(emu: Served, count: int) -> bool:
+    return int((await emu.stats())["submits_accepted"]) >= count
 
 
 @pytest.mark.slow

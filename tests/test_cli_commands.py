@@ -347,6 +347,27 @@ async def test_an_emulator_port_out_of_range_is_a_usage_error(port: str) -> None
     assert code == 2 and "argument --port: a port" in err and "internal error" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("bulk", "p.txt", "--emulatr"), "wujie-async bulk: error: unrecognized arguments: "
+         "--emulatr (did you mean --emulator?)"),
+        (("journal", "list", "--stauts", "uncertain"), "wujie-async journal list: error: "
+         "unrecognized arguments: --stauts (did you mean --status?) uncertain"),
+        (("generate", "a fox", "--qualty=high"), "wujie-async generate: error: unrecognized "
+         "arguments: --qualty=high (did you mean --quality?)"),
+    ],
+)  # fmt: skip
+async def test_a_mistyped_flag_is_named_by_its_command_with_the_flag_meant(
+    args: tuple[str, ...], said: str
+) -> None:
+    # It read "wujie-async: error: unrecognized arguments: --emulatr" under the top usage
+    # line, which names no option of bulk.
+    code, _, err = await cli(*args, env=CLEAN_ENV)
+    assert code == 2 and said in err, err
+    assert f"usage: wujie-async {args[0]}" in err, err
+
+
 async def test_a_bad_prompt_argument_is_named_as_the_usage_line_names_it() -> None:
     # The prompt is positional: "--prompt: ..." named an option that does not exist.
     code, _, err = await cli("generate", "", env=CLEAN_ENV)

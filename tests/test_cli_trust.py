@@ -628,6 +628,22 @@ async def test_journal_commands_refuse_a_file_that_is_not_a_journal_and_create_n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
 
 
+async def test_a_run_folder_given_for_its_journal_names_the_journal_in_it(
+    tmp_path: Path,
+) -> None:
+    # `resume out/` (the folder, not its journal) said "out: cannot read it (Is a directory)".
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "journal.sqlite").write_bytes(b"")
+    code, _, err = await cli("resume", str(out), "--emulator")
+    assert code == 2, err
+    assert f"{out} is a folder, not a journal" in err, err
+    assert f"wujie-async resume {out / 'journal.sqlite'} -o {out}" in err, err
+    code, _, err = await cli("journal", "list", "--journal", str(out))
+    assert code == 2 and f"--journal {out / 'journal.sqlite'}, or -o {out}" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["journal.sqlite"]
+
+
 async def test_forget_names_rows_it_does_not_know_and_forgets_nothing(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
@@ -641,6 +657,24 @@ async def test_forget_names_rows_it_does_not_know_and_forgets_nothing(
     )
     code, listing, _ = await cli("journal", "list", "--journal", str(journal))
     assert code == 0 and "1 row(s)" in listing
+
+
+async def test_forget_takes_rows_as_journal_list_prints_them(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    # `journal list` prints "line 4" and "id fox"; pasted into `journal forget` they read
+    # "no journal row for line 4", though line 4 was right there.
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="a", model="dall-e-2", tag="line:4:abc")
+        await client.images.generate(prompt="b", model="dall-e-2", tag="id:fox")
+    code, listing, _ = await cli("journal", "list", "--journal", str(journal))
+    assert code == 0 and "line 4 " in listing and "id fox " in listing, listing
+    code, _, err = await cli("journal", "forget", "line 4", "id fox", "--yes",
+                             "--journal", str(journal))  # fmt: skip
+    assert code == 0 and "forgot 2 row(s)" in err, err
+    code, listing, _ = await cli("journal", "list", "--journal", str(journal))
+    assert code == 0 and "0 row(s)" in listing, listing
 
 
 async def test_a_journal_in_use_exits_4(emulator: EmulatorFactory, tmp_path: Path) -> None:

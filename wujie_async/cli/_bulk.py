@@ -82,6 +82,7 @@ class BulkResult:
     saved_paths: list[Path] = field(default_factory=list)
     images: int = 0
     pending: int = 0
+    pending_keys: list[str] = field(default_factory=list)  # the jobs of the pending lines
     systemic: BaseException | None = None
     interrupted: bool = False
     points: float = 0.0  # what this run's manifest rows record as charged
@@ -197,22 +198,26 @@ class BulkRun:
         queue = self._queue
         for row in self._send:
             queue.append(row)
-        with self._display.running(), anyio.CancelScope() as scope:
-            # A bare task, not a task group's: the watcher waits on ``stop``, which may never
-            # come, so it must not hold the run open, and a task group around the collectors
-            # would wrap their ExceptionGroup in another. It is cancelled when the work ends.
-            watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
-            try:
-                async with anyio.create_task_group() as collectors:
-                    for row, job in self._collect:
-                        self._keys.add(job.key)
-                        self._move(row, "generating")
-                        collectors.start_soon(self._collect_job, row, job)
-                    await self._submit_all(queue, collectors)
-            finally:
-                watcher.cancel()
-        self._end_on_the_wire()  # submits stopped waiting for a journal that took no write
-        return self._close(interrupted=self._stop.is_set())
+        # The lines a stop left end inside the display, so its last line counts them as the
+        # summary does (it said "to send 19" above a summary of 20 not sent).
+        with self._display.running():
+            with anyio.CancelScope() as scope:
+                # A bare task, not a task group's: the watcher waits on ``stop``, which may
+                # never come, so it must not hold the run open, and a task group around the
+                # collectors would wrap their ExceptionGroup in another. It is cancelled when
+                # the work ends.
+                watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
+                try:
+                    async with anyio.create_task_group() as collectors:
+                        for row, job in self._collect:
+                            self._keys.add(job.key)
+                            self._move(row, "generating")
+                            collectors.start_soon(self._collect_job, row, job)
+                        await self._submit_all(queue, collectors)
+                finally:
+                    watcher.cancel()
+            self._end_on_the_wire()  # submits stopped waiting for a journal that took no write
+            return self._close(interrupted=self._stop.is_set())
 
     def interrupted_at_once(self) -> BulkResult:
         """The result after ``run()`` was cancelled outright (a second Ctrl-C).
@@ -240,6 +245,8 @@ class BulkRun:
             self._end(row, "not_sent", None, "not_sent", reason)
         self.result.interrupted = interrupted
         self.result.pending = self._tally.total - len(self.result.outcomes)
+        ended = {outcome.key for outcome in self.result.outcomes}
+        self.result.pending_keys = sorted(self._keys - ended)
         return self.result
 
     def _move(self, row: Row, to: Any) -> None:

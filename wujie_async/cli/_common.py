@@ -20,7 +20,7 @@ from ..emulator import Emulator, EmulatorConfig, FaultConfig, fault_config_from_
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1  # some lines ended failed/moderated/rejected/uncertain
 EXIT_USAGE: Final = 2  # bad input or usage
-EXIT_SYSTEMIC: Final = 3  # stopped on a systemic error (credentials, URL, balance, network)
+EXIT_SYSTEMIC: Final = 3  # a systemic error, a disk that refused a write, status unasked
 EXIT_BUSY: Final = 4  # the journal or the --out folder is in use by another run
 EXIT_INTERNAL: Final = 70  # a bug: one line, the traceback with --verbose
 EXIT_BROKEN_PIPE: Final = 141  # stdout's reader left (`| head`): as SIGPIPE ends a command

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import shlex
 import stat
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -121,6 +122,47 @@ def _lines(text: str) -> list[str]:
     number every later line wrongly.
     """
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
+_UTF16_32_MARKS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+
+
+def decode_input(path: Path, data: bytes) -> str:
+    """The text of an input (UTF-8, a byte order mark skipped), or an error that says where it
+    is not UTF-8 and how to convert it.
+
+    Raises:
+        InputFileError: ``data`` is not UTF-8 (named by line, or as UTF-16/32 by its mark).
+    """
+    source = "FILE" if path.name == "<stdin>" else shlex.quote(str(path))
+    convert = (
+        "bulk input must be UTF-8: save it as UTF-8, or convert it: "
+        f"iconv -f {{encoding}} -t UTF-8 {source} > prompts-utf8{path.suffix or '.txt'}"
+    )
+    for mark, encoding in _UTF16_32_MARKS:
+        if data.startswith(mark):
+            raise InputFileError(
+                [
+                    f"{path}: is {encoding} text (it starts with a {encoding} byte order mark); "
+                    + convert.format(encoding=encoding)
+                ]
+            )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = len(_lines(data[: exc.start].decode("utf-8-sig")))
+        raise InputFileError(
+            [
+                f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); "
+                + convert.format(encoding="ENCODING")
+                + ", ENCODING being the one it was saved in (GB18030, CP1252, LATIN1, ...)"
+            ]
+        ) from None
 
 
 def _raw_rows(path: Path, kind: str, text: str) -> list[tuple[int, Any]]:
@@ -239,10 +281,10 @@ def read_requests(
             problem = None if stat.S_ISFIFO(mode) else not_regular(mode)
             if problem is not None:
                 raise InputFileError([f"{path}: cannot read: {problem} (use - for stdin)"])
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise InputFileError([f"{path}: cannot read: {reason}"]) from None
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputFileError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+        text = decode_input(path, data)
     items: list[BulkItem] = []
     problems: list[str] = []
     seen_ids: dict[str, int] = {}

@@ -72,7 +72,12 @@ def add_parser(
     resend = actions.add_parser(
         "resend", help="send rows again (each resend may be charged) and collect their images"
     )
-    resend.add_argument("rows", nargs="*", metavar="LINE_OR_ID", help="input line numbers or ids")
+    resend.add_argument(
+        "rows",
+        nargs="*",
+        metavar="LINE_OR_ID",
+        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
+    )
     resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
     resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     resend.add_argument("--job-timeout", type=float, default=None, help="seconds a job may take")
@@ -80,7 +85,12 @@ def add_parser(
     add_connection(resend)
 
     forget = actions.add_parser("forget", help="drop rows from the journal")
-    forget.add_argument("rows", nargs="*", metavar="LINE_OR_ID", help="input line numbers or ids")
+    forget.add_argument(
+        "rows",
+        nargs="*",
+        metavar="LINE_OR_ID",
+        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
+    )
     forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     where(forget)
@@ -109,9 +119,19 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         raise UsageError(f"no journal at {path}; {missing}")
     try:
         # Opening a FIFO for reading would wait for a writer, perhaps for ever; a device is
-        # no journal either. (A directory keeps the error its open gives.)
+        # no journal either. A folder is most likely the run's --out: name its journal.
         mode = path.stat().st_mode
-        problem = None if stat.S_ISDIR(mode) else not_regular(mode)
+        if stat.S_ISDIR(mode):
+            inside = path / "journal.sqlite"
+            shown, folder = shell_path(clean(str(inside))), shell_path(clean(str(path)))
+            if not inside.exists():
+                fix = not_journal
+            elif resume:
+                fix = f"pass the journal in it: wujie-async resume {shown} -o {folder}"
+            else:
+                fix = f"pass the journal in it, --journal {shown}, or -o {folder}"
+            raise UsageError(f"{path} is a folder, not a journal; {fix}")
+        problem = not_regular(mode)
         if problem is not None:
             raise UsageError(f"{path} is not a wujie-async journal ({problem}); {not_journal}")
         with path.open("rb") as handle:
@@ -130,8 +150,12 @@ def _name(entry: JournalEntry) -> str:
 
 
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
+    """Whether ``wanted`` names the row: by its id or line number, or as `journal list`
+    prints it (``id fox``, ``line 4``), which is what a user copies from there."""
     line, row_id = line_of(entry)
-    return (row_id is not None and row_id in wanted) or (line > 0 and str(line) in wanted)
+    if row_id is not None and (row_id in wanted or f"id {row_id}" in wanted):
+        return True
+    return line > 0 and (str(line) in wanted or f"line {line}" in wanted)
 
 
 def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
@@ -204,7 +228,8 @@ def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[Journ
         shown = ", ".join(clean(row) for row in unknown[:20])
         raise UsageError(
             f"journal {action}: no journal row for {shown} (rows are input line numbers or "
-            f"ids, as `journal list` shows them); nothing was {done}"
+            f"ids, as `journal list` shows them: 4 or 'line 4', fox or 'id fox'); nothing was "
+            f"{done}"
         )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import difflib
 import logging
 import math
 import os
@@ -54,7 +55,7 @@ from ._common import (
 )
 from ._completion import SHELLS, script
 from ._exit import DaemonThreadPool, ExitGuard
-from ._input import FORMATS, BulkItem, InputFileError, read_requests
+from ._input import FORMATS, BulkItem, InputFileError, decode_input, read_requests
 from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock, remove_stale_temp_files
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
@@ -68,7 +69,9 @@ exit codes:
   0    every line saved
   1    some lines ended failed, moderated, rejected, uncertain or not sent
   2    bad input or usage (including a file that is not a journal)
-  3    stopped on a systemic error (credentials, base URL, balance, network)
+  3    stopped on a systemic error (credentials, base URL, balance, network, a gateway
+       that answered no submit) or a disk that refused the journal, the manifest or an
+       image; status: keys the gateway could not be asked about
   4    the journal, or the --out folder (bulk, resume), is in use by another run
   70   internal error (run with --verbose for the traceback)
   130  interrupted (Ctrl-C)
@@ -448,11 +451,13 @@ def _read_input(args: argparse.Namespace) -> list[BulkItem]:
     kind = _INPUT_FORMATS.get(args.input_format) if args.input_format else None
     if str(args.file) != "-":
         return read_requests(args.file, _defaults(args), kind=kind)
-    try:
-        text = sys.stdin.read()
-    except UnicodeDecodeError:
-        raise UsageError("stdin is not UTF-8 text") from None
-    return read_requests(Path("<stdin>"), _defaults(args), text=text, kind=kind)
+    # Bytes, decoded here as a file is: the locale's decoding would let bytes that are not
+    # UTF-8 through as lone surrogates (a C locale) or read them as another encoding.
+    stdin = Path("<stdin>")
+    if sys.stdin is None:
+        raise UsageError("stdin is closed: pipe the input into -, or give its file")
+    text = decode_input(stdin, sys.stdin.buffer.read())
+    return read_requests(stdin, _defaults(args), text=text, kind=kind)
 
 
 def _check_defaults(args: argparse.Namespace) -> None:
@@ -623,13 +628,38 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _run_loop(session.run(items))
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is reported by the command it was
+    given to (argparse leaves it to the top parser, whose usage names no option), with the
+    option it is closest to: ``wujie-async bulk: error: ... --emulatr (did you mean
+    --emulator?)``."""
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    command = parser
+    while True:  # down to the (sub)command the line named
+        subparsers = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subparsers[0].dest, None) if subparsers else None
+        if name is None or name not in subparsers[0].choices:
+            break
+        command = subparsers[0].choices[name]
+    options = [flag for action in command._actions for flag in action.option_strings]
+    said = []
+    for word in extras:
+        close = difflib.get_close_matches(word.split("=", 1)[0], options, n=1)
+        said.append(
+            f"{word} (did you mean {close[0]}?)" if word.startswith("-") and close else word
+        )
+    command.error(f"unrecognized arguments: {' '.join(said)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wujie-async`` and ``python -m wujie_async``."""
     words = sys.argv[1:] if argv is None else argv
     _Started.json = "--json" in words[: words.index("--")] if "--" in words else "--json" in words
     _Started.terminated = False
     new_json_ending()
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     _Started.json = bool(getattr(args, "json", False))
     verbose = getattr(args, "verbose", False)
     # Other libraries' WARNINGs on stderr; ours from the level --verbose (DEBUG: the story of

@@ -103,6 +103,10 @@ def fix_message(exc: BaseException, base_url: str, *, app_id_flag: bool) -> str:
             f"{clean(exc.location) or 'somewhere unsaid'}), which is never followed; check "
             "--base-url / WUJIE_BASE_URL (https, ending in /wj-open/v1)"
         )
+    if isinstance(exc, TransportError) and not exc.reached_server:
+        # It says it all: "could not connect to URL: why; check the base URL ... and the
+        # network" (wrapped again, the URL and the fix were said twice).
+        return f"stopped: {clean(exc)}"
     return (
         f"stopped: cannot connect to {clean(base_url)} ({clean(exc)}); "
         "check --base-url / WUJIE_BASE_URL and the network"

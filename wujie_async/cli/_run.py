@@ -704,6 +704,18 @@ class Session:
                 f"them (with earlier runs, or against --max-points); {price}"
             )
 
+    @property
+    def _one_job(self) -> bool:
+        """``generate`` and ``edit``: run again, they send a new job (paid again) instead of
+        collecting the one they sent; ``status KEY --wait`` collects it."""
+        return self.args.command in ("generate", "edit")
+
+    def _collect(self, keys: list[str]) -> str:
+        """The command that collects (waits for and saves) the jobs of ``keys``."""
+        name = getattr(self.args, "name", None)
+        named = f" --name {_sh(name)}" if name and name != DEFAULT_NAME else ""
+        return f"wujie-async status {' '.join(keys)} --wait -o {_sh(self.args.out)}{named}"
+
     def _hints(self, counts: Any, result: BulkResult, stopped: str | None) -> None:
         say = self._say
         if self.journal_left:
@@ -762,11 +774,18 @@ class Session:
                     if result.unrecorded
                     else ""
                 )
-                say(
-                    f"{word}: submitted jobs keep running on the gateway; their keys are in "
-                    f"the manifest (pending rows){except_listed}: re-run the same command to "
-                    f"collect them and send the rest:\n  wujie-async {command}"
-                )
+                if self._one_job and result.pending_keys:
+                    say(
+                        f"{word}: the job keeps running on the gateway (paid); collect it "
+                        f"with:\n  {self._collect(result.pending_keys)}\n(running the same "
+                        "command again sends a new job, paid again)"
+                    )
+                elif not self._one_job:
+                    say(
+                        f"{word}: submitted jobs keep running on the gateway; their keys are "
+                        f"in the manifest (pending rows){except_listed}: re-run the same "
+                        f"command to collect them and send the rest:\n  wujie-async {command}"
+                    )
             return
         unpriced = sum(1 for o in result.outcomes if o.error_code == "unpriced")
         if unpriced:
@@ -804,28 +823,48 @@ class Session:
                 if self.journal is not None
                 else f"their rows in {self.args.out / 'manifest.jsonl'} (status uncertain)"
             )
+            resend = (
+                "run the same command again (it sends a new job)"
+                if self._one_job
+                else "resend them by adding --retry-uncertain"
+            )
             say(
                 f"{counts['uncertain'] - accepted} line(s) may have been charged without a "
                 f"reply; they are never resent silently. See them with: {see}; once the "
-                "gateway's console shows they were not charged, resend them by adding "
-                "--retry-uncertain"
+                f"gateway's console shows they were not charged, {resend}"
             )
         timed_out = sum(1 for o in result.outcomes if o.error_code == "timeout")
         if timed_out:
             # Paid and maybe still running: collected by a re-run, never resent.
+            keys = [o.key for o in result.outcomes if o.error_code == "timeout" and o.key]
+            how = (
+                f"collect it with {self._collect(keys)} (running the same command again sends "
+                "a new job, paid again)"
+                if self._one_job
+                else "re-run the same command to collect them (they are not sent again)"
+            )
             say(
                 f"{timed_out} line(s) timed out while their jobs still ran on the gateway "
-                f"(already paid); re-run the same command to collect them (they are not sent "
-                "again; --job-timeout sets how long to wait)"
+                f"(already paid); {how}; --job-timeout sets how long to wait"
             )
         unsaved = sum(1 for o in result.outcomes if o.error_code == "download")
         too_large = sum(1 for o in result.outcomes if o.lasting == TOO_LARGE)
         not_images = sum(1 for o in result.outcomes if o.lasting == NOT_AN_IMAGE)
         if unsaved - too_large - not_images:
+            keys = [
+                o.key
+                for o in result.outcomes
+                if o.error_code == "download" and o.key and o.lasting is None
+            ]
+            how = (
+                f"fetch them again with {self._collect(keys)} (running the same command again "
+                "sends a new job, paid again)"
+                if self._one_job
+                else "re-run the same command to fetch them again (they are not sent again)"
+            )
             say(
                 f"{unsaved - too_large - not_images} line(s) succeeded but their images could "
-                "not be saved; re-run the same command to fetch them again (they are not sent "
-                "again)"
+                f"not be saved; {how}"
             )
         if too_large:
             cap = getattr(self.args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes
@@ -842,10 +881,17 @@ class Session:
             )
         gone = sum(1 for o in result.outcomes if o.error_code == "gone")
         if gone:
+            keys = [o.key for o in result.outcomes if o.error_code == "gone" and o.key]
+            how = (
+                f"{self._collect(keys)} asks for its newest listing once more (running the "
+                "same command again sends a new job, paid again)"
+                if self._one_job
+                else "a re-run asks for their newest listing once more, and --retry-failed "
+                "sends them again (each resend costs points)"
+            )
             say(
                 f"{gone} line(s) succeeded but their images' URLs are gone (HTTP 404 or 410: "
-                "the gateway cleans up old results); a re-run asks for their newest listing "
-                "once more, and --retry-failed sends them again (each resend costs points)"
+                f"the gateway cleans up old results); {how}"
             )
         resendable = (
             counts["failed"] - timed_out - unsaved - gone + counts["moderated"] + counts["rejected"]
