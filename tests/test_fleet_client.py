@@ -341,6 +341,42 @@ async def test_a_member_of_another_gateway_is_refused_at_open(
         assert fleet_of(moved).role in ("leader", "follower")
 
 
+async def test_a_member_spelling_the_same_gateway_otherwise_is_welcome(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # A base URL whose scheme was written in capitals (or with its default port, or a
+    # trailing slash) names the same gateway: it was refused as another one.
+    name = fleet_name()
+    async with emulator() as emu, member(emu, url, name) as first:
+        spelled = "HTTP" + emu.base_url.removeprefix("http") + "/"
+        fleet = RedisFleet(url, name=name, lease_seconds=1.0)
+        async with WujieClient(
+            emu.credentials, base_url=spelled, poll=FAST_POLL, retry=INSTANT_RETRY, fleet=fleet
+        ) as second:
+            job = await second.images.submit(prompt="x", model="dall-e-2")
+            await job
+        assert fleet_of(first).role == "leader"
+
+
+def test_gateway_spellings_compare_equal() -> None:
+    from wujie_async.fleet._membership import _same_gateway
+
+    same = _same_gateway("https://api.example.com/wj-open/v1")
+    for spelling in (
+        "HTTPS://API.Example.COM/wj-open/v1",
+        "https://api.example.com:443/wj-open/v1/",
+    ):
+        assert _same_gateway(spelling) == same
+    for other in (
+        "https://api.example.com:8443/wj-open/v1",
+        "http://api.example.com/wj-open/v1",
+        "https://api.example.com/WJ-OPEN/v1",
+    ):
+        assert _same_gateway(other) != same
+    assert _same_gateway("http://[::1]:80/x") == _same_gateway("http://[::1]/x") == "http://[::1]/x"
+    assert _same_gateway("http://[::1]:8080/x") == "http://[::1]:8080/x"
+
+
 async def test_resume_logs_at_info_only_when_it_resumed_something(
     url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -111,6 +111,9 @@ def test_an_unknown_query_option_is_refused_before_connecting(url: str) -> None:
         "redis://127.0.0.1:6379/0?socket_timeout=5&client_name=app&protocol=3",
         "rediss://127.0.0.1:6379/0?ssl_cert_reqs=none&ssl_ca_certs=/etc/ca.pem",
         "unix:///tmp/redis.sock?db=2&password=pw",
+        # An '@' in a value is the value's (it was refused as a password cutting the URL).
+        "unix:///tmp/redis.sock?db=2&password=p@ss",
+        "redis://127.0.0.1:6379/0?client_name=app@host",
     ],
 )
 def test_query_options_redis_py_takes_are_accepted(url: str) -> None:

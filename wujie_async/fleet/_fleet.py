@@ -100,7 +100,11 @@ def _url_problem(url: object) -> str | None:
         parts = None
     if parts is not None and parts.scheme not in _SCHEMES:
         return "must be a redis://, rediss:// or unix:// URL"
-    if parts is None or parts.fragment or "@" in parts.path + parts.query:
+    # An '@' in the path, or in a query option's name, is a password's: the URL was cut
+    # short before it. In a query option's value it is the value's own (``?password=p@ss``,
+    # redis-py's form for ``unix://``).
+    names = [pair.split("=", 1)[0] for pair in parts.query.split("&")] if parts else []
+    if parts is None or parts.fragment or "@" in parts.path or any("@" in n for n in names):
         return (
             "cannot be read as a Redis URL (a password with '#', '?' or '/' must be "
             "percent-encoded: %23, %3F, %2F)"

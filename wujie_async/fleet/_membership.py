@@ -23,11 +23,14 @@ import socket
 import time
 import uuid
 from typing import Literal
+from urllib.parse import urlsplit
 
 from ._errors import FleetMismatchError
 from ._link import REDIS_MS, RedisLink, Script
 
 Beat = Literal["refreshed", "unknown", "expired"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # KEYS: members, info, gateway. ARGV: id, info JSON, fingerprint, base URL, timeout_ms, check.
@@ -95,6 +98,24 @@ def new_member_id() -> str:
     return f"{host[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _same_gateway(base_url: str) -> str:
+    """``base_url`` spelled one way for every spelling of the same gateway: scheme and host
+    in lower case (they are case-blind), the scheme's default port left out, no trailing
+    slash. The path is kept as given (a gateway's paths may tell case apart)."""
+    parts = urlsplit(base_url)
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:  # not a URL check_base_url lets through; compared as given
+        return base_url
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
+
+
 class Membership:
     """One member's place in the fleet: joining, heartbeats, leaving; and who else is there.
 
@@ -119,9 +140,12 @@ class Membership:
     def use_gateway(self, base_url: str, app_id: str) -> None:
         """The gateway this member asks: checked against the fleet's when it joins. Only a
         SHA-256 of base URL and app id goes to Redis for the comparison, with the base URL
-        (to name it in the other members' errors)."""
+        (to name it in the other members' errors). URLs that name one gateway in different
+        spellings (a scheme or host in capitals, the scheme's default port written out, a
+        trailing slash) compare equal."""
         self._base_url = base_url
-        self._fingerprint = hashlib.sha256(f"{base_url}\n{app_id}".encode()).hexdigest()
+        same = _same_gateway(base_url)
+        self._fingerprint = hashlib.sha256(f"{same}\n{app_id}".encode()).hexdigest()
 
     async def join(self, *, check: bool = False) -> None:
         """Join, or join again: alive from now on, whatever the fleet thought.
