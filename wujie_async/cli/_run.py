@@ -807,7 +807,7 @@ class Session:
             for o in result.outcomes
             if o.status == "uncertain" and o.error_code in ("protocol_error", "unknown_job")
         )
-        if accepted:
+        if accepted and self.args.command == "bulk":
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or never listed or forgot them: they may "
@@ -816,6 +816,24 @@ class Session:
                 "lists them done then); `wujie-async status KEY` asks about one (keys in the "
                 "manifest); resend them by adding --retry-uncertain once the gateway's console "
                 "shows they were not charged"
+            )
+        elif accepted:
+            # generate/edit run again send a new job (paid again), resume run again leaves
+            # these alone (its journal rows read failed), and none of them has --retry-uncertain.
+            keys = [
+                o.key
+                for o in result.outcomes
+                if o.status == "uncertain"
+                and o.error_code in ("protocol_error", "unknown_job")
+                and o.key
+            ]
+            again = " (running the same command again sends a new job, paid again)"
+            say(
+                f"{accepted} line(s) were accepted by the gateway, which then reported them "
+                "only in ways that could not be read, or never listed or forgot them: they may "
+                "have run and been charged, and are never resent silently. Ask about them "
+                f"again, and save their images if the gateway lists them done, with:\n  "
+                f"{self._collect(keys)}" + (again if self._one_job else "")
             )
         if counts["uncertain"] - accepted:
             see = (
