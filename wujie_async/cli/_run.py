@@ -492,12 +492,14 @@ class Session:
     def _told(self, plan: Plan, records: list[dict[str, Any]]) -> None:
         """Uncertain lines asked about again that are told now (saved, or ended otherwise):
         what they may have cost is no longer "up to ... on uncertain lines" (a job saved
-        now is in this run's points: it is never counted twice)."""
+        now is in this run's points: it is never counted twice). One whose wait ended before
+        the gateway said anything of it stays counted there."""
         assert self.result is not None
+        # A wait that ended (timeout) told nothing: the gateway may still not know the key.
         told = {
             o.key
             for o in self.result.outcomes
-            if o.key in plan.rechecked and o.status != "uncertain"
+            if o.key in plan.rechecked and o.status != "uncertain" and o.error_code != "timeout"
         }
         tags = {row.tag for row, job in plan.collect if job.key in told}
         if tags and self.points_uncertain:
