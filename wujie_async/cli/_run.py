@@ -888,10 +888,17 @@ class Session:
             )
         if too_large:
             cap = getattr(self.args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes
+            keys = [o.key for o in result.outcomes if o.lasting == TOO_LARGE and o.key]
+            how = (
+                f"fetch it with {self._collect(keys)} --max-image-bytes BYTES, BYTES larger "
+                "than the cap (running the same command again sends a new job, paid again)"
+                if self._one_job
+                else "re-run with a larger --max-image-bytes to fetch it (the jobs are paid "
+                "and not sent again)"
+            )
             say(
                 f"{too_large} line(s) succeeded but an image is larger than the {cap}-byte cap "
-                "on images, so it was not saved; re-run with a larger --max-image-bytes to "
-                "fetch it (the jobs are paid and not sent again)"
+                f"on images, so it was not saved; {how}"
             )
         if not_images:
             say(
