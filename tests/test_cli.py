@@ -205,6 +205,40 @@ async def test_generate_never_advises_running_itself_again_to_collect_its_job(
     assert f"wujie-async status {key} --wait -o {gone} asks for its newest listing" in err, err
 
 
+async def test_generate_whose_image_is_over_the_cap_names_status_wait_not_a_rerun(
+    tmp_path: Path,
+) -> None:
+    # "re-run with a larger --max-image-bytes to fetch it (the jobs are paid and not sent
+    # again)": run again, generate sends a new job, paid again, and collects nothing of the first.
+    fast = ("--emulator", "--emulator-time-scale", "0.01", "--progress", "none")
+    out = tmp_path / "out"
+    code, _, err = await cli("generate", "a fox", *fast, "--max-image-bytes", "100", "-o", str(out))
+    assert code == 1, err
+    [key] = [r["key"] for r in manifest(out) if r.get("error_code") == "download"]
+    assert f"fetch it with wujie-async status {key} --wait -o {out} --max-image-bytes" in err, err
+    assert "not sent again" not in err and "sends a new job, paid again" in err, err
+
+
+@pytest.mark.long
+async def test_generate_of_a_key_never_listed_names_status_wait_not_a_rerun(
+    tmp_path: Path,
+) -> None:
+    # The key was handed out and never listed (the gateway's 30 s grace): uncertain, maybe
+    # charged. The summary said "A re-run of the same command asks about them again" (run
+    # again, generate sends a new job: paid twice) and "--retry-uncertain" (generate has none).
+    out = tmp_path / "out"
+    code, _, err = await cli(
+        "generate", "a fox", "--emulator", "--emulator-time-scale", "0.01", "--progress", "none",
+        "--emulator-fault", "absent_jobs=1", "--emulator-fault", "absent_s=600", "-o", str(out),
+        timeout=90,
+    )  # fmt: skip
+    assert code == 1, err
+    [key] = [r["key"] for r in manifest(out) if r.get("error_code") == "unknown_job"]
+    assert f"wujie-async status {key} --wait -o {out}" in err, err
+    assert "A re-run of the same command" not in err and "--retry-uncertain" not in err, err
+    assert "running the same command again sends a new job, paid again" in err, err
+
+
 @pytest.mark.long
 async def test_generate_interrupted_names_the_command_that_collects_its_job(
     tmp_path: Path,

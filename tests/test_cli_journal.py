@@ -379,3 +379,55 @@ async def test_the_resume_command_a_refused_resend_names_runs_as_printed(tmp_pat
         assert code == 0, err
         assert final_outcomes(out) == {1: "saved"}
         assert (await emu.stats())["submits_accepted"] == 1
+
+
+async def test_an_uncertain_job_whose_wait_ends_untold_stays_counted_as_maybe_charged(
+    tmp_path: Path,
+) -> None:
+    """Asked about again, an uncertain job whose wait ended (--job-timeout) before the gateway
+    said anything of it is no more told than before: the summary dropped it from "up to ...
+    on uncertain lines", and no other figure counted it."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    forgotten = {
+        "status": "uncertain", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+        "prompt": "a fox", "key": "F" * 32, "error_code": "unknown_job",
+        "input": str(rows.resolve()),
+        "error": "the gateway has not listed this key for 30.0s",
+    }  # fmt: skip
+    (out / "manifest.jsonl").write_text(json.dumps(forgotten) + "\n")
+    code, stdout, err = await cli(
+        "bulk", str(rows), "-o", str(out), "--json", "--emulator", *FAST, "--job-timeout", "0.3",
+        "--max-points", "100", "--point-price", "dall-e-2=8",
+    )  # fmt: skip
+    assert code == 1 and json.loads(stdout)["outcomes"]["failed"] == 1, err
+    assert "asking the gateway again about 1 uncertain line(s)" in err, err
+    assert manifest(out)[-1]["error_code"] == "timeout", manifest(out)[-1]
+    assert "up to 8 on uncertain lines" in err, err
+
+
+async def test_a_never_listed_key_an_older_run_recorded_failed_is_not_resent(
+    tmp_path: Path,
+) -> None:
+    """Rows written before never-listed keys ended uncertain say ``failed``/``unknown_job``:
+    such a job may have run and been charged, yet --retry-failed resent it (paid twice)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    older = {
+        "status": "failed", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+        "prompt": "a fox", "key": "F" * 32, "error_code": "unknown_job",
+        "input": str(rows.resolve()),
+        "error": "the gateway has not listed this key for 30.0s",
+    }  # fmt: skip
+    (out / "manifest.jsonl").write_text(json.dumps(older) + "\n")
+    code, stdout, err = await cli(
+        "bulk", str(rows), "-o", str(out), "--json", "--emulator", *FAST, "--job-timeout", "0.3",
+        "--retry-failed",
+    )  # fmt: skip
+    assert code == 1 and json.loads(stdout)["outcomes"].get("saved", 0) == 0, err
+    assert "asking the gateway again about 1" in err, err
+    assert [r.get("key") for r in manifest(out)] == ["F" * 32] * 2, manifest(out)

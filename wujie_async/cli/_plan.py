@@ -217,7 +217,7 @@ async def plan_rerun(
         record = by_key.get(entry.job_key or "")
         if entry.state != "failed" or record is None:
             return False
-        if record.get("status") == "uncertain":
+        if record.get("status") == "uncertain" or _legacy_unknown(record):
             return record.get("error_code") in RECHECKED and not retry_uncertain
         return record.get("status") in ("pending", "saved") or (
             record.get("error_code") in _COLLECTED_AGAIN
@@ -423,11 +423,21 @@ def plan_from_manifest(
         ):
             plan.collect.append((row, job))  # paid, and may have ended since: never resent
         elif (
-            last.get("status") == "uncertain"
+            (last.get("status") == "uncertain" or _legacy_unknown(last))
             and last.get("error_code") in RECHECKED
             and not retry_uncertain
             and isinstance(key, str)
-            and (job := _attach_key(client, key, row, n, job_timeout, charged, held=True))
+            and (
+                job := _attach_key(
+                    client,
+                    key,
+                    row,
+                    n,
+                    job_timeout,
+                    charged,
+                    held=last.get("status") == "uncertain",
+                )
+            )
             is not None
         ):
             # Accepted, then not told: asked about again (its cost stays held as the
@@ -476,6 +486,14 @@ def plan_from_manifest(
             plan.collect.append((row, job))
             plan.orphans += 1
     return plan
+
+
+def _legacy_unknown(record: dict[str, Any]) -> bool:
+    """A row of a job whose key the gateway handed out and then never listed, written
+    ``failed`` by a version before such jobs ended ``uncertain``: it may have run and been
+    charged all the same, so it is asked about again, never resent by ``--retry-failed``
+    (its cost is not held as an uncertain line's: the collect counts it)."""
+    return record.get("status") == "failed" and record.get("error_code") == "unknown_job"
 
 
 def _still_paid_for(last: dict[str, Any], rows: list[dict[str, Any]]) -> bool:

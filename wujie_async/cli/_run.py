@@ -492,12 +492,14 @@ class Session:
     def _told(self, plan: Plan, records: list[dict[str, Any]]) -> None:
         """Uncertain lines asked about again that are told now (saved, or ended otherwise):
         what they may have cost is no longer "up to ... on uncertain lines" (a job saved
-        now is in this run's points: it is never counted twice)."""
+        now is in this run's points: it is never counted twice). One whose wait ended before
+        the gateway said anything of it stays counted there."""
         assert self.result is not None
+        # A wait that ended (timeout) told nothing: the gateway may still not know the key.
         told = {
             o.key
             for o in self.result.outcomes
-            if o.key in plan.rechecked and o.status != "uncertain"
+            if o.key in plan.rechecked and o.status != "uncertain" and o.error_code != "timeout"
         }
         tags = {row.tag for row, job in plan.collect if job.key in told}
         if tags and self.points_uncertain:
@@ -807,7 +809,7 @@ class Session:
             for o in result.outcomes
             if o.status == "uncertain" and o.error_code in ("protocol_error", "unknown_job")
         )
-        if accepted:
+        if accepted and self.args.command == "bulk":
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or never listed or forgot them: they may "
@@ -816,6 +818,24 @@ class Session:
                 "lists them done then); `wujie-async status KEY` asks about one (keys in the "
                 "manifest); resend them by adding --retry-uncertain once the gateway's console "
                 "shows they were not charged"
+            )
+        elif accepted:
+            # generate/edit run again send a new job (paid again), resume run again leaves
+            # these alone (its journal rows read failed), and none of them has --retry-uncertain.
+            keys = [
+                o.key
+                for o in result.outcomes
+                if o.status == "uncertain"
+                and o.error_code in ("protocol_error", "unknown_job")
+                and o.key
+            ]
+            again = " (running the same command again sends a new job, paid again)"
+            say(
+                f"{accepted} line(s) were accepted by the gateway, which then reported them "
+                "only in ways that could not be read, or never listed or forgot them: they may "
+                "have run and been charged, and are never resent silently. Ask about them "
+                f"again, and save their images if the gateway lists them done, with:\n  "
+                f"{self._collect(keys)}" + (again if self._one_job else "")
             )
         if counts["uncertain"] - accepted:
             see = (
@@ -868,10 +888,17 @@ class Session:
             )
         if too_large:
             cap = getattr(self.args, "max_image_bytes", None) or DOWNLOAD_DEFAULTS.max_bytes
+            keys = [o.key for o in result.outcomes if o.lasting == TOO_LARGE and o.key]
+            how = (
+                f"fetch it with {self._collect(keys)} --max-image-bytes BYTES, BYTES larger "
+                "than the cap (running the same command again sends a new job, paid again)"
+                if self._one_job
+                else "re-run with a larger --max-image-bytes to fetch it (the jobs are paid "
+                "and not sent again)"
+            )
             say(
                 f"{too_large} line(s) succeeded but an image is larger than the {cap}-byte cap "
-                "on images, so it was not saved; re-run with a larger --max-image-bytes to "
-                "fetch it (the jobs are paid and not sent again)"
+                f"on images, so it was not saved; {how}"
             )
         if not_images:
             say(
