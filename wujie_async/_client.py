@@ -30,7 +30,13 @@ from ._budget import Budget
 from ._config import DownloadPolicy, Limits, PollPolicy, RetryPolicy, Timeouts, check_wait
 from ._download import Downloader
 from ._env import Environment
-from ._errors import ClientStateError, InvalidRequestError, JobCancelledError, JobTimeoutError
+from ._errors import (
+    ClientStateError,
+    InvalidRequestError,
+    JobCancelledError,
+    JobTimeoutError,
+    some_and_more,
+)
 from ._fleet_link import FleetLink
 from ._gc_freeze import GcFreezer
 from ._images import Images
@@ -758,14 +764,11 @@ class WujieClient:
                 )
             )
         if unusable:
-            shown = ", ".join(str(row_id) for row_id in unusable[:10])
-            more = f" and {len(unusable) - 10} more" if len(unusable) > 10 else ""
             logger.warning(
-                "resume: %d journal row(s) hold a job key that is not usable (row id %s%s): "
+                "resume: %d journal row(s) hold a job key that is not usable (row id %s): "
                 "skipped; %d job(s) resumed",
                 len(unusable),
-                shown,
-                more,
+                some_and_more([str(row_id) for row_id in unusable], 10),
                 len(jobs),
             )
         # Queue consumers call it every few seconds: nothing resumed is DEBUG, not INFO.

@@ -45,6 +45,7 @@ from ._errors import (
     WujieError,
     add_note_once,
     snippet,
+    some_and_more,
 )
 from ._file_names import DEFAULT_NAME, check_template, render_name
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, sniff_format
@@ -184,17 +185,14 @@ class Downloader:
             if self._in_progress:
                 # A write that does not return (a frozen disk, a hung NFS mount) holds its
                 # save: the close goes on without it, and says so.
-                targets = list(self._in_progress.values())
-                shown = ", ".join(str(target.folder / target.name) for target in targets[:5])
-                more = f" and {len(targets) - 5} more" if len(targets) > 5 else ""
+                files = [str(target.folder / target.name) for target in self._in_progress.values()]
                 logger.warning(
                     "closing: %d image save(s) still writing %.0f s after being cancelled (a "
-                    "disk that does not answer?): %s%s; each ends when its write returns, its "
+                    "disk that does not answer?): %s; each ends when its write returns, its "
                     "file complete or not there, and its caller waits until then",
-                    len(targets),
+                    len(files),
                     _CLOSE_WAIT_S,
-                    shown,
-                    more,
+                    some_and_more(files, 5),
                 )
         session, self._session = self._session, None
         if session is not None:

@@ -51,6 +51,7 @@ a message goes through :func:`snippet` first, so a hostile reply cannot drive th
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _contract
@@ -190,6 +191,13 @@ def _redacted(match: re.Match[str]) -> str:
     if run.lower() == run or run.upper() == run or not any(ch.isdigit() for ch in run):
         return run
     return f"[{len(run)} characters like a signature, left out]"
+
+
+def some_and_more(items: Sequence[str], most: int) -> str:
+    """The first ``most`` of ``items``, and how many more: ``"a, b, c and 7 more"`` (a line
+    that names what was left, never thousands of names long)."""
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def add_note_once(error: BaseException, note: str) -> None:

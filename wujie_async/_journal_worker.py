@@ -44,7 +44,7 @@ from typing import Any
 import anyio
 
 from . import _lock_file
-from ._errors import ClientStateError
+from ._errors import ClientStateError, some_and_more
 from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
@@ -452,8 +452,7 @@ def _said_keys(keys: list[str]) -> str:
     """The keys a WARNING names (the first 20)."""
     if not keys:
         return "no job key among them"
-    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
-    return f"job key(s) {', '.join(keys[:20])}{more}"
+    return f"job key(s) {some_and_more(keys, 20)}"
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, done: _Done, value: Any) -> None:

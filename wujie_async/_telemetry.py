@@ -44,6 +44,7 @@ from ._errors import (
     JobTimeoutError,
     ModerationRejectedError,
     UnknownJobError,
+    some_and_more,
 )
 from ._jobs import status_name
 
@@ -341,8 +342,7 @@ class Telemetry:
             if journal:
                 kept = "the journal keeps their keys: resume() collects them"
             else:
-                more = f" and {len(left) - KEYS_SHOWN} more" if len(left) > KEYS_SHOWN else ""
-                keys = ", ".join(left[:KEYS_SHOWN]) + more
+                keys = some_and_more(left, KEYS_SHOWN)
                 kept = f"no journal, their keys: {keys}; images.attach(key) collects each"
             uncollected = (
                 f"; {len(left)} job(s) still running were not collected ({kept}; "

@@ -43,6 +43,7 @@ from typing import Any, TypeVar, cast
 import pytest
 
 from . import InvalidRequestError, PollPolicy, RetryPolicy, WujieClient
+from ._errors import some_and_more
 from .emulator import Emulator, EmulatorConfig, fault_config_from_mapping
 
 _pytest_asyncio: ModuleType | None
@@ -251,12 +252,11 @@ async def wujie_client(
         yield client
         running = client.jobs()
         if running and not request.node.stash.get(_TEST_FAILED, False):
-            keys = ", ".join(job.key for job in running[:5])
-            more = f" and {len(running) - 5} more" if len(running) > 5 else ""
+            keys = some_and_more([job.key for job in running], 5)
             warnings.warn(
                 UnawaitedJobsWarning(
                     f"{request.node.nodeid} ended with {len(running)} job(s) of wujie_client "
-                    f"still running ({keys}{more}): await them (or job.cancel() those the "
+                    f"still running ({keys}): await them (or job.cancel() those the "
                     "test leaves on purpose); closing the client cancels them"
                 ),
                 stacklevel=1,

@@ -28,6 +28,7 @@ from .. import (
     WujieClient,
 )
 from .._budget import Kind, kind_of
+from .._errors import some_and_more
 from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
@@ -113,11 +114,10 @@ def _unrecorded_keys(records: list[dict[str, Any]]) -> str:
 
 def _keys_to_keep(keys: list[str], which: str) -> str:
     """``N job(s) <which> (keep these keys; ...): K1, K2, ...`` (the first 20 shown)."""
-    shown = ", ".join(clean(key) for key in keys[:20])
-    more = f" and {len(keys) - 20} more" if len(keys) > 20 else ""
+    shown = some_and_more([clean(key) for key in keys], 20)
     return (
         f"{len(keys)} job(s) {which} (keep these keys; `wujie-async status KEY` fetches one): "
-        f"{shown}{more}"
+        f"{shown}"
     )
 
 
@@ -741,8 +741,7 @@ class Session:
             word = "stopped by SIGTERM" if self.terminated else "interrupted"
             uncertain = [o for o in result.outcomes if o.error_code == "interrupted"]
             if uncertain:
-                names = ", ".join(_line_name(o) for o in uncertain[:10])
-                more = f" and {len(uncertain) - 10} more" if len(uncertain) > 10 else ""
+                names = some_and_more([_line_name(o) for o in uncertain], 10)
                 see = (
                     f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                     if self.journal is not None
@@ -750,7 +749,7 @@ class Session:
                 )
                 say(
                     f"interrupted at once: {len(uncertain)} line(s) were being submitted and may "
-                    f"have been charged ({names}{more}); they are never resent silently. "
+                    f"have been charged ({names}); they are never resent silently. "
                     f"See: {see}"
                 )
             if self.journal is not None:
