@@ -509,13 +509,13 @@ class Submits:
                 self._stopping.add(scope)
                 scope.cancel("submits were stopped")
 
-    async def stop(self, timeout: float) -> int:
+    async def stop(self, timeout: float) -> None:
         """End every submit in progress (see ``WujieClient.aclose``); wait for them to unwind.
 
         Unwinding awaits nothing slow of ours (journal records are queued, not awaited), but a
         submit on the wire also unwinds through the aiohttp session, whose trace hooks (the
         caller's own session) may await anything: bounded by ``timeout``, and a WARNING says
-        how many were left still unwinding. Returns that number.
+        how many were left still unwinding.
         """
         for scope in self._running:
             if scope not in self._stopping:
@@ -533,7 +533,6 @@ class Submits:
                 left,
                 timeout,
             )
-        return left
 
     async def _send(
         self,
