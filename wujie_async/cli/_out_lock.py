@@ -84,26 +84,26 @@ def remove_stale_temp_files(out: Path, started: float) -> int:
         names = [entry for entry in os.scandir(out) if _OUR_TEMP.fullmatch(entry.name)]
     except OSError:
         return 0
-    stale: dict[tuple[int, int], str] = {}
+    stale: dict[tuple[int, int], tuple[str, float]] = {}  # (device, inode): name, written
     for entry in names:
         try:
             info = entry.stat(follow_symlinks=False)
         except OSError:
             continue
         if entry.is_file(follow_symlinks=False) and info.st_mtime < started:
-            stale[(info.st_dev, info.st_ino)] = entry.name
+            stale[(info.st_dev, info.st_ino)] = (entry.name, info.st_mtime)
     if not stale:
         return 0
     held = _held_open(set(stale))
     if held is None:  # no /proc: only what no download could still be writing
         stale = {
-            file: name
-            for file, name in stale.items()
-            if _age(out / name, started) > _STALE_WITHOUT_PROC_S
+            file: (name, written)
+            for file, (name, written) in stale.items()
+            if started - written > _STALE_WITHOUT_PROC_S
         }
         held = set()
     removed = 0
-    for file, name in stale.items():
+    for file, (name, _) in stale.items():
         if file in held:
             continue
         with contextlib.suppress(FileNotFoundError):
@@ -120,13 +120,6 @@ def remove_stale_temp_files(out: Path, started: float) -> int:
             out,
         )
     return removed
-
-
-def _age(path: Path, now: float) -> float:
-    try:
-        return now - path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 def _held_open(files: set[tuple[int, int]]) -> set[tuple[int, int]] | None:
