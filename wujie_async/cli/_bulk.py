@@ -110,8 +110,8 @@ class BulkRun:
     be on disk at once), before writing it again. ``journaled``: the client keeps a journal: a
     key it could not write there (a full disk) gets a ``pending`` row at once, as every key
     does with ``keys_on_accept``. ``rechecked``: keys of jobs an earlier run left uncertain,
-    asked about again: one the gateway does not list now (never listed to this run) ends
-    ``uncertain`` again, not ``failed`` (it was accepted, and may have run and been charged).
+    asked about again: one the gateway does not list now ends ``uncertain`` again, its message
+    saying that an earlier run saw it accepted.
     Setting ``stop`` (a signal) ends the run gently: no new submits, the ones on the wire get
     their keys, then collection is abandoned (those jobs stay in the journal) and
     ``interrupted`` is set, also after a systemic error stopped the sending (which collects
@@ -474,10 +474,10 @@ class BulkRun:
         if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
             if isinstance(problem, UnknownJobError) and job.key in self._rechecked:
-                # Not a wrong key: an earlier run saw the gateway accept it.
-                status = "uncertain"
+                # Uncertain (classify), and not a wrong key: an earlier run saw the gateway
+                # accept it. Said so in place of classify's word on a key never listed.
                 message = clean(
-                    f"{message}; an earlier run saw it accepted: it may have run and been "
+                    f"{clean(problem)}; an earlier run saw it accepted: it may have run and been "
                     "charged (not resent)"
                 )
         elif (
