@@ -464,11 +464,7 @@ def uncertain_cost(
     charged, by kind); a kind with no known price counts nothing (the budget's guide says
     so). ``bodies``: this run's request bodies by row tag.
     """
-    pricing = Budget(math.inf, prices)
-    total = 0.0
-    for body in _uncertain_bodies(records, bodies):
-        total += pricing.estimate(kind_of(body, images_in(body) or 1)) or 0.0
-    return total
+    return priced_at(_uncertain_bodies(records, bodies), prices or {}).points
 
 
 def prices_charged(
