@@ -163,7 +163,7 @@ class ShardLeader:
             FleetUnavailableError: Redis failed (in an ExceptionGroup): the leadership is over.
         """
         shard = self._lease.shard
-        self._fenced.failing_since, self._fenced.failed_calls = None, 0
+        self._fenced.answered()
         stepping_down = False
         try:
             version, changes = await self._registry.read(shard, self._lease.require(0), None)
@@ -198,6 +198,7 @@ class ShardLeader:
         stepped = keys.stepped_down(self._lease.shard)
         member = self._lease.member_id
         timeout_ms = round(self._link.config.member_timeout * 1000)
+        memory_ms = round(_STEP_DOWN_MEMORY * after * 1000)
         next_ask = 0.0
         while True:
             await asyncio.sleep(self._lease.seconds / 3)
@@ -209,7 +210,6 @@ class ShardLeader:
                 or now < next_ask
             ):
                 continue
-            memory_ms = round(_STEP_DOWN_MEMORY * after * 1000)
             if int(await self._step_down((keys.members, stepped), (member, timeout_ms, memory_ms))):
                 logger.warning(
                     "fleet member %s steps down as leader of shard %d: its %d batch calls of "
@@ -368,7 +368,7 @@ class _Fenced:
         try:
             data = await self._transport.post(path, body, kind=kind, parent=parent)
         except RateLimitedError:
-            self.failing_since, self.failed_calls = None, 0
+            self.answered()
             raise
         except WujieError as exc:
             if self.failing_since is None:
@@ -376,9 +376,13 @@ class _Fenced:
             self.failed_calls += 1
             self.last_failure = type(exc).__name__
             raise
-        self.failing_since, self.failed_calls = None, 0
+        self.answered()
         self._replied(body, data)
         return data
+
+    def answered(self) -> None:
+        """The gateway answered (or a leadership begins): no run of failed calls."""
+        self.failing_since, self.failed_calls = None, 0
 
     def brake_free_in(self, kind: CallKind) -> float:
         return self._transport.brake_free_in(kind)
