@@ -84,6 +84,12 @@ def _inline_png(key: str, index: int, size: tuple[int, int]) -> str:
     return base64.b64encode(_png.render_png(key, index, width, height)).decode("ascii")
 
 
+def _drawn_by_key(key: str, probability: float) -> bool:
+    """A fault drawn by a job's key rather than per request: every listing (and file) of the
+    job agrees, ``probability`` of the jobs drawn."""
+    return probability > 0 and zlib.crc32(key.encode()) % 10_000 < probability * 10_000
+
+
 class _Refused(Exception):
     """An early, complete answer to a request (auth failure, rate limit, bad body)."""
 
@@ -553,8 +559,7 @@ class Gateway:
             entry["start_gen_time"] = self._stamp(job.started_at)
         if now >= job.ends_at:
             entry["complete_time"] = self._stamp(job.ends_at)
-            unreported = self.config.faults.cost_unreported
-            if not unreported or zlib.crc32(job.key.encode()) % 10_000 >= unreported * 10_000:
+            if not _drawn_by_key(job.key, self.config.faults.cost_unreported):
                 entry["integral_cost"] = job.cost()
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
@@ -566,8 +571,7 @@ class Gateway:
             index = -1
         if job is None or not 0 <= index < job.images_done_at(self.clock.now()):
             return web.Response(status=404, text="no such image")
-        gone = self.config.faults.images_gone
-        if gone and zlib.crc32(job.key.encode()) % 10_000 < gone * 10_000:
+        if _drawn_by_key(job.key, self.config.faults.images_gone):
             return web.Response(status=404, text="expired")
         width, height = _png.downscaled(*job.size)
         png = await asyncio.to_thread(_png.render_png, job.key, index, width, height)
