@@ -381,23 +381,30 @@ async def test_the_resume_command_a_refused_resend_names_runs_as_printed(tmp_pat
         assert (await emu.stats())["submits_accepted"] == 1
 
 
+def _fox_whose_key_went_unlisted(tmp_path: Path, status: str) -> tuple[Path, Path]:
+    """An input of one line (id fox), and an output folder whose manifest says an earlier run
+    ended it ``status`` with ``unknown_job``: its key (never a real job's) went unlisted."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = {
+        "status": status, "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+        "prompt": "a fox", "key": "F" * 32, "error_code": "unknown_job",
+        "input": str(rows.resolve()),
+        "error": "the gateway has not listed this key for 30.0s",
+    }  # fmt: skip
+    (out / "manifest.jsonl").write_text(json.dumps(earlier) + "\n")
+    return rows, out
+
+
 async def test_an_uncertain_job_whose_wait_ends_untold_stays_counted_as_maybe_charged(
     tmp_path: Path,
 ) -> None:
     """Asked about again, an uncertain job whose wait ended (--job-timeout) before the gateway
     said anything of it is no more told than before: the summary dropped it from "up to ...
     on uncertain lines", and no other figure counted it."""
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"}) + "\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    forgotten = {
-        "status": "uncertain", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
-        "prompt": "a fox", "key": "F" * 32, "error_code": "unknown_job",
-        "input": str(rows.resolve()),
-        "error": "the gateway has not listed this key for 30.0s",
-    }  # fmt: skip
-    (out / "manifest.jsonl").write_text(json.dumps(forgotten) + "\n")
+    rows, out = _fox_whose_key_went_unlisted(tmp_path, "uncertain")
     code, stdout, err = await cli(
         "bulk", str(rows), "-o", str(out), "--json", "--emulator", *FAST, "--job-timeout", "0.3",
         "--max-points", "100", "--point-price", "dall-e-2=8",
@@ -413,17 +420,7 @@ async def test_a_never_listed_key_an_older_run_recorded_failed_is_not_resent(
 ) -> None:
     """Rows written before never-listed keys ended uncertain say ``failed``/``unknown_job``:
     such a job may have run and been charged, yet --retry-failed resent it (paid twice)."""
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"}) + "\n")
-    out = tmp_path / "out"
-    out.mkdir()
-    older = {
-        "status": "failed", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
-        "prompt": "a fox", "key": "F" * 32, "error_code": "unknown_job",
-        "input": str(rows.resolve()),
-        "error": "the gateway has not listed this key for 30.0s",
-    }  # fmt: skip
-    (out / "manifest.jsonl").write_text(json.dumps(older) + "\n")
+    rows, out = _fox_whose_key_went_unlisted(tmp_path, "failed")  # as rows were written then
     code, stdout, err = await cli(
         "bulk", str(rows), "-o", str(out), "--json", "--emulator", *FAST, "--job-timeout", "0.3",
         "--retry-failed",
