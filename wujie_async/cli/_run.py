@@ -91,6 +91,10 @@ from ._progress import Display, Mode, Tally
 from ._rows import ROWS_DEADLINE_S
 from ._signals import Signals, stopping_on_signals
 
+# What generate or edit says beside the command that collects its job: the obvious other way
+# pays again.
+_PAYS_AGAIN = "(running the same command again sends a new job, paid again)"
+
 
 def _same_file(one: Path, other: Path) -> bool:
     try:
@@ -778,8 +782,7 @@ class Session:
                 if self._one_job and result.pending_keys:
                     say(
                         f"{word}: the job keeps running on the gateway (paid); collect it "
-                        f"with:\n  {self._collect(result.pending_keys)}\n(running the same "
-                        "command again sends a new job, paid again)"
+                        f"with:\n  {self._collect(result.pending_keys)}\n{_PAYS_AGAIN}"
                     )
                 elif not self._one_job:
                     say(
@@ -828,13 +831,12 @@ class Session:
                 and o.error_code in ("protocol_error", "unknown_job")
                 and o.key
             ]
-            again = " (running the same command again sends a new job, paid again)"
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or never listed or forgot them: they may "
                 "have run and been charged, and are never resent silently. Ask about them "
                 f"again, and save their images if the gateway lists them done, with:\n  "
-                f"{self._collect(keys)}" + (again if self._one_job else "")
+                f"{self._collect(keys)}" + (f" {_PAYS_AGAIN}" if self._one_job else "")
             )
         if counts["uncertain"] - accepted:
             see = (
@@ -857,8 +859,7 @@ class Session:
             # Paid and maybe still running: collected by a re-run, never resent.
             keys = [o.key for o in result.outcomes if o.error_code == "timeout" and o.key]
             how = (
-                f"collect it with {self._collect(keys)} (running the same command again sends "
-                "a new job, paid again)"
+                f"collect it with {self._collect(keys)} {_PAYS_AGAIN}"
                 if self._one_job
                 else "re-run the same command to collect them (they are not sent again)"
             )
@@ -876,8 +877,7 @@ class Session:
                 if o.error_code == "download" and o.key and o.lasting is None
             ]
             how = (
-                f"fetch them again with {self._collect(keys)} (running the same command again "
-                "sends a new job, paid again)"
+                f"fetch them again with {self._collect(keys)} {_PAYS_AGAIN}"
                 if self._one_job
                 else "re-run the same command to fetch them again (they are not sent again)"
             )
@@ -890,7 +890,7 @@ class Session:
             keys = [o.key for o in result.outcomes if o.lasting == TOO_LARGE and o.key]
             how = (
                 f"fetch it with {self._collect(keys)} --max-image-bytes BYTES, BYTES larger "
-                "than the cap (running the same command again sends a new job, paid again)"
+                f"than the cap {_PAYS_AGAIN}"
                 if self._one_job
                 else "re-run with a larger --max-image-bytes to fetch it (the jobs are paid "
                 "and not sent again)"
@@ -909,8 +909,7 @@ class Session:
         if gone:
             keys = [o.key for o in result.outcomes if o.error_code == "gone" and o.key]
             how = (
-                f"{self._collect(keys)} asks for its newest listing once more (running the "
-                "same command again sends a new job, paid again)"
+                f"{self._collect(keys)} asks for its newest listing once more {_PAYS_AGAIN}"
                 if self._one_job
                 else "a re-run asks for their newest listing once more, and --retry-failed "
                 "sends them again (each resend costs points)"
