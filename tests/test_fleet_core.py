@@ -193,6 +193,44 @@ async def test_a_loop_that_stood_still_does_not_blame_redis(
         assert await fleet.call(frozen_while_out) is None
 
 
+@pytest.mark.long
+async def test_a_command_made_once_is_sent_once_across_a_stall(tmp_path: Path) -> None:
+    # A stream entry (a leader's report) or a counter's increment (the fleet's figures) whose
+    # deadline fired just after the loop stood still was sent again: a report twice, the
+    # figures counted twice. It is waited for instead, and its one reply read.
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), command_timeout=0.5) as fleet,
+    ):
+        loop = asyncio.get_running_loop()
+        counter = f"{fleet_name()}-counter"
+        sends: list[bool] = []
+
+        async def increment(redis: Any) -> Any:
+            # Redis answers after 0.2 s (a busy script); the loop stands still from 0.05 s
+            # to well past the deadline.
+            sends.append(True)
+            if len(sends) == 1:
+                loop.call_later(0.05, time.sleep, 1.8)
+            return await redis.eval(_SLOW_INCR, 1, counter)
+
+        assert await fleet.call(increment, once=True) == 1
+        assert len(sends) == 1
+        assert await fleet.call(lambda redis: redis.get(counter)) == "1"
+
+
+# INCR, then hold the reply 0.2 s (Redis time), as a busy Redis would.
+_SLOW_INCR = """
+local value = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat
+  t = redis.call('TIME')
+until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start >= 200000
+return value
+"""
+
+
 async def test_a_dropped_connection_is_not_redis_away(tmp_path: Path) -> None:
     # CLIENT KILL (or a proxy's idle timeout) closes the fleet's connections: the next command
     # is asked again on a fresh one. Every member went local for a moment and sent batch

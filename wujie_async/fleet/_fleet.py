@@ -17,7 +17,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import ClientStateError, InvalidRequestError
@@ -284,6 +284,7 @@ class RedisFleet:
         self._url = url
         self._redis: aioredis.Redis | None = None
         self._stalls = _StallWatch()
+        self._unwinding: set[asyncio.Future[Any]] = set()  # commands let go of past a deadline
 
     def __repr__(self) -> str:
         return f"RedisFleet({self._config.url!r}, name={self._config.name!r})"
@@ -372,8 +373,9 @@ class RedisFleet:
         """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``.
 
         A command cut short by a dropped connection is asked once more on a fresh one, unless
-        ``once`` (it is not idempotent: a counter's increment, a stream's entry), as is one
-        whose deadline fired while this process stood still.
+        ``once`` (it is not idempotent: a counter's increment, a stream's entry). One whose
+        deadline fired while this process stood still is not asked again but waited for once
+        more (its reply may be waiting unread): nothing is sent twice for a stall.
 
         Raises:
             FleetUnavailableError: Redis is unreachable, failed, or missed the deadline.
@@ -383,31 +385,18 @@ class RedisFleet:
         if redis is None:
             raise ClientStateError(f"{self!r} is not started (use `async with` or start())")
         wait = self._config.command_timeout + extra_wait
-        loop = asyncio.get_running_loop()
-        began = loop.time()
         try:
             try:
-                async with asyncio.timeout(wait):
-                    return await op(redis)
-            except TimeoutError:
-                late = loop.time() - began >= wait + _FROZEN
-                if not late and self._stalls.stood_still_until <= began:
-                    raise
-                # The deadline fired well past its time, or just after the loop stood still:
-                # this process was frozen (SIGSTOP, a blocked loop), not Redis slow, and the
-                # reply may be waiting unread. Asked once more before Redis is judged away (a
-                # frozen member woke up blaming Redis, went local and sent a batch call of its
-                # own).
+                return await self._within(op(redis), wait)
             except (RedisConnectionError, OSError):
                 # One connection dropped (a CLIENT KILL, a proxy's idle timeout): asked once
                 # more on a fresh one before Redis is judged away (at a CLIENT KILL every
                 # member went local for a moment, and sent batch calls of its own). A Redis
-                # that is away refuses the new connection at once.
+                # that is away refuses the new connection at once. Every write but those made
+                # ``once`` is idempotent (its Lua checks a token, an owner or a state first).
                 if once:
                     raise
                 await self._drop_idle_connections(redis)
-            # Asked again: every write but those made ``once`` is idempotent (its Lua checks
-            # a token, an owner or a state first).
             async with asyncio.timeout(wait):
                 return await op(redis)
         except TimeoutError:
@@ -423,6 +412,42 @@ class RedisFleet:
         # Raised outside the except blocks: redis-py's exceptions can carry the connection (and
         # its password), and none rides along in __context__.
         raise FleetUnavailableError(f"Redis at {self._config.url} {why}", url=self._config.url)
+
+    async def _within(self, command: Awaitable[T], wait: float) -> T:
+        """``command``'s reply, within ``wait`` seconds; raises TimeoutError past them.
+
+        A deadline that fires well past its time, or just after the loop stood still, finds
+        this process frozen (SIGSTOP, a blocked loop), not Redis slow: the reply may be waiting
+        unread. The same command is then given ``wait`` more seconds, not cancelled and asked
+        again (a frozen member woke up blaming Redis, went local and sent a batch call of its
+        own; asking again sent a ``once`` command, a report or an increment, twice).
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(command)
+        began = loop.time()
+        deadline, extended = began + wait, False
+        try:
+            while True:
+                await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+                if task.done():
+                    return task.result()
+                now = loop.time()
+                stalled = now >= deadline + _FROZEN or self._stalls.stood_still_until > began
+                if extended or not stalled:
+                    raise TimeoutError
+                deadline, extended = now + wait, True
+        finally:
+            if not task.done():
+                # Let go of at once (a caller's own cancel is not held up): its connection
+                # goes back to the pool, or is dropped, as the command unwinds.
+                task.cancel()
+                self._unwinding.add(task)
+                task.add_done_callback(self._unwound)
+
+    def _unwound(self, task: asyncio.Future[Any]) -> None:
+        self._unwinding.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure after the deadline is no news
 
     @staticmethod
     async def _drop_idle_connections(redis: aioredis.Redis) -> None:
