@@ -358,6 +358,50 @@ async def test_a_member_spelling_the_same_gateway_otherwise_is_welcome(
         assert fleet_of(first).role == "leader"
 
 
+@pytest.mark.long
+async def test_a_member_is_checked_for_its_gateway_when_it_joins_again(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis lost the fleet (a restart without AOF, FLUSHALL) and a client of another gateway
+    # opened meanwhile: the fleet took its gateway. The first member then joined again
+    # unchecked, and one leader asked its own gateway about the other member's keys.
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.05) as ours,
+        emulator(time_scale=0.05, seed=8) as theirs,  # keys of its own: not the same as ours
+        RedisFleet(url, name=name) as observer,
+        member(ours, url, name, member_timeout=1.5) as first,
+    ):
+        await eventually(lambda: fleet_of(first).role == "leader", what="a leader")
+        for _ in range(20):
+            stranger = member(theirs, url, name, member_timeout=1.5)
+            await forget_fleet(observer)
+            with contextlib.suppress(FleetMismatchError):  # `first` was back first: again
+                await stranger.open()
+                break
+        else:
+            raise AssertionError("the stranger never opened on the forgotten fleet")
+        try:
+            await eventually(
+                lambda: fleet_of(first).role == "local" or "joined again" in caplog.text,
+                what="the first member joining again, or kept out",
+            )
+            assert fleet_of(first).role == "local"
+            assert "may not join again" in caplog.text
+            jobs = [await c.images.submit(prompt="x", model="dall-e-2") for c in (first, stranger)]
+            async with asyncio.timeout(20):
+                await asyncio.gather(*jobs)
+            assert fleet_of(first).role == "local"
+            asked_ours = {key for keys in ours.stats()["batch_keys"] for key in keys}
+            asked_theirs = {key for keys in theirs.stats()["batch_keys"] for key in keys}
+            assert jobs[1].key not in asked_ours and jobs[0].key not in asked_theirs
+        finally:
+            await stranger.aclose()
+        # Nobody of the other gateway is left: the fleet moves back, and it joins.
+        await eventually(lambda: fleet_of(first).role != "local", what="joined again")
+
+
 def test_gateway_spellings_compare_equal() -> None:
     from wujie_async.fleet._membership import _same_gateway
 

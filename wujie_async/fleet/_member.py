@@ -14,7 +14,10 @@ lease at once. A member whose heartbeat is refused, or that finds itself missing
 member list it reads every second for the figures (the fleet declared it dead while its loop
 was frozen past ``member_timeout``, or Redis lost the member list), joins again and registers
 its keys again at once, and so takes back its jobs nobody claimed meanwhile; a job another
-member claimed meanwhile is followed by both.
+member claimed meanwhile is followed by both. Joining again checks the gateway as opening
+does: a member refused (the fleet's live members use another gateway, recorded while Redis
+had lost the fleet) stays local, takes its keys out of the registry and tries again every
+heartbeat interval.
 
 A background task that fails with an unexpected error (a bug) leaves its member local for good:
 it gives its leases up and takes its keys out of the registry, so the others carry on.
@@ -41,7 +44,7 @@ from .._poller import BatchPoller
 from .._ratelimit import Ready
 from .._stats import FleetRole, FleetStats
 from .._transport import Transport
-from ._errors import FleetUnavailableError
+from ._errors import FleetMismatchError, FleetUnavailableError
 from ._follower import Follower
 from ._journal import RedisJournal
 from ._leader import ShardLeader
@@ -85,6 +88,7 @@ class FleetMember:
         self._role: FleetRole = "local"
         self._joined = False
         self._broken = False  # a task failed (a bug): local for good
+        self._kept_out = False  # refused on joining again: the fleet uses another gateway
         self._tasks: set[asyncio.Task[None]] = set()  # what runs while joined
         self._watcher: asyncio.Task[None] | None = None
         self._others: set[asyncio.Task[None]] = set()  # 429 pauses, the resignation
@@ -141,7 +145,7 @@ class FleetMember:
             self._owns_link = True
         self._membership.use_gateway(transport.base_url, app_id)
         try:
-            await self._membership.join(check=True)
+            await self._membership.join()
             await self._journal.warm()
         except BaseException:
             await self.aclose()
@@ -301,11 +305,41 @@ class FleetMember:
         written, in words for the log line."""
         follower = self._follower
         assert follower is not None
-        await self._membership.join()
+        try:
+            await self._membership.join()  # its gateway checked, as at open
+        except FleetMismatchError as exc:
+            self._keep_out(exc)
+            raise
+        self._kept_out = False
         await follower.register_all()
         restored = await self._journal.restore()
         rows = f", and {restored} journal rows Redis had lost" if restored else ""
         return f"its {follower.keys} keys registered again{rows}"
+
+    def _keep_out(self, refusal: FleetMismatchError) -> None:
+        """The fleet's live members use another gateway: this member stays out (local, its
+        keys out of the registry, lest their leader ask its gateway about them) and tries
+        again every heartbeat interval, as the fleet may move back once they are gone."""
+        if not self._kept_out:
+            logger.error(
+                "fleet %s: member %s may not join again: %s; it polls its own keys",
+                self._config.name,
+                self._member_id,
+                refusal,
+            )
+        self._kept_out = True
+        self._lost("refused on joining again (another gateway)")
+        self._rejoin_at = asyncio.get_running_loop().time() + self._config.heartbeat_interval
+        follower = self._follower
+        if follower is not None and follower.keys:
+            task = asyncio.create_task(self._unregister(follower), name="wujie fleet keep out")
+            self._others.add(task)
+            task.add_done_callback(self._others.discard)
+
+    @staticmethod
+    async def _unregister(follower: Follower) -> None:
+        with contextlib.suppress(FleetUnavailableError):
+            await follower.unregister_all()
 
     async def _rejoin(self) -> None:
         tasks, self._tasks = self._tasks, set()
@@ -370,6 +404,8 @@ class FleetMember:
                     await self._join_again()
             except FleetUnavailableError as exc:
                 self._lost(str(exc))
+            except FleetMismatchError:
+                pass  # kept out (see _keep_out): tried again later
 
     # --- submits -------------------------------------------------------------------------------
     async def acquire(self, ready: Ready) -> None:

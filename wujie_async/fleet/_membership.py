@@ -33,29 +33,25 @@ Beat = Literal["refreshed", "unknown", "expired"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
-# KEYS: members, info, gateway. ARGV: id, info JSON, fingerprint, base URL, timeout_ms, check.
-# With check = 1, a member whose gateway fingerprint differs from the fleet's is refused while
-# another member is alive: reply {0, the fleet's base URL}. Otherwise it joins, and its
-# gateway becomes the fleet's (with check = 0, a rejoin, only where the fleet had none).
-# Reply: {1}.
+# KEYS: members, info, gateway. ARGV: id, info JSON, fingerprint, base URL, timeout_ms.
+# A member whose gateway fingerprint differs from the fleet's is refused while another member
+# is alive: reply {0, the fleet's base URL}. Otherwise it joins, and its gateway becomes the
+# fleet's: reply {1}. The same check at open and on every join again (Redis may have lost the
+# fleet's gateway, and taken another one from a member that opened meanwhile).
 _JOIN = (
     _NOW_MS
     + """
 if ARGV[3] ~= '' then
   local held = redis.call('HGET', KEYS[3], 'fingerprint')
   if held and held ~= ARGV[3] then
-    if ARGV[6] == '1' then
-      local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[5]), '+inf')
-      for _, other in ipairs(live) do
-        if other ~= ARGV[1] then
-          return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
-        end
+    local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[5]), '+inf')
+    for _, other in ipairs(live) do
+      if other ~= ARGV[1] then
+        return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
       end
-      redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
     end
-  else
-    redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
   end
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
 end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -147,19 +143,19 @@ class Membership:
         same = _same_gateway(base_url)
         self._fingerprint = hashlib.sha256(f"{same}\n{app_id}".encode()).hexdigest()
 
-    async def join(self, *, check: bool = False) -> None:
+    async def join(self) -> None:
         """Join, or join again: alive from now on, whatever the fleet thought.
 
         Raises:
-            FleetMismatchError: ``check``, and another live member uses another gateway (base
-                URL or app id): this member did not join.
+            FleetMismatchError: another live member uses another gateway (base URL or app
+                id): this member did not join.
         """
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
         keys = self._link.keys
         timeout_ms = round(self._link.config.member_timeout * 1000)
         reply = await self._join(
             (keys.members, keys.member_info, keys.gateway),
-            (self.member_id, info, self._fingerprint, self._base_url, timeout_ms, int(check)),
+            (self.member_id, info, self._fingerprint, self._base_url, timeout_ms),
         )
         if int(reply[0]) == 0:
             theirs = str(reply[1])
