@@ -36,6 +36,7 @@ from wujie_async.fleet._journal import _INTENT
 from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
+from wujie_async.fleet._membership import Membership, new_member_id
 from wujie_async.fleet._reports import Report, post_reports
 from wujie_async.testing import INSTANT_RETRY
 
@@ -1176,3 +1177,35 @@ async def test_leaders_do_not_hand_over_on_and_on_when_the_gateway_fails_for_eve
             emu.set_faults(FaultConfig())
             async with asyncio.timeout(20):
                 await asyncio.gather(*jobs)
+
+
+@pytest.mark.long
+async def test_a_leader_whose_hand_over_found_no_taker_does_not_step_down_again(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A failing leader whose only other live member never leads (kept out, broken): it
+    # stepped down, took the lease back a lease length later (nobody took it) and stepped
+    # down again every few lease lengths, its followers' keys unasked each time.
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    name = fleet_name()
+    down = FaultConfig(http_5xx=1.0, endpoints=frozenset({"info"}))
+    async with (
+        emulator(time_scale=0.02, faults=down) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, lease_seconds=0.5) as leader,
+    ):
+        await eventually(lambda: fleet_of(leader).role == "leader", what="a leader")
+        await Membership(observer, new_member_id()).join()  # alive, and never leads
+        job = await leader.images.submit(prompt="x", model="dall-e-2")
+
+        def no_taker() -> int:
+            return sum("found no taker" in r.getMessage() for r in caplog.records)
+
+        await eventually(
+            lambda: no_taker() or len(_stepped_down(caplog)) > 1,
+            what="the leader staying, or stepping down again",
+        )
+        assert len(_stepped_down(caplog)) == 1
+        assert fleet_of(leader).role == "leader"
+        emu.set_faults(FaultConfig())
+        await asyncio.wait_for(job, 20)

@@ -17,7 +17,9 @@ its clock skewed) steps down, if another live member has not itself stepped down
 shard within ``_STEP_DOWN_MEMORY`` such spans: it gives the lease up and does not try for it
 for a lease length, so another member takes it (and takes it back itself if none does). A
 gateway down for everyone costs at most one hand-over per other member, then the last leader
-stays: nobody is left to try.
+stays: nobody is left to try. A leader that took the lease back with the next token (nobody
+took it: the other live members never lead, kept out or broken) does not step down again for
+``_STEP_DOWN_MEMORY`` spans.
 
 Losing the lease, or Redis, ends the leadership and every shadow with it: the next leader
 (maybe this member again) starts from the registry, so a report that was lost with Redis is
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -150,6 +153,11 @@ class ShardLeader:
         self._removals: list[tuple[str, str, None]] = []
         self._queued = asyncio.Event()
         self._stepping_down = False
+        # The lease token of the term this leader stepped down from (None: it did not), and
+        # until when (loop time) it does not step down again: it took the lease back with the
+        # next token, so nobody took it meanwhile (another live member that never leads).
+        self._stepped_from: int | None = None
+        self._no_taker_until = -math.inf
 
     @property
     def counters(self) -> PollerCounters:
@@ -164,7 +172,8 @@ class ShardLeader:
         """
         shard = self._lease.shard
         self._fenced.answered()
-        stepping_down = False
+        self._note_hand_over()
+        token, stepping_down = self._lease.token, False
         try:
             version, changes = await self._registry.read(shard, self._lease.require(0), None)
             self._follow(changes)
@@ -186,8 +195,24 @@ class ShardLeader:
             self._removals.clear()
             self._poller.cancel_all(f"member {self._lease.member_id} stopped leading")
         if stepping_down:  # its tasks have stopped: no batch call of its goes out any more
+            self._stepped_from = token
             await self._lease.release()
             self._lease.stand_aside(self._lease.seconds)
+
+    def _note_hand_over(self) -> None:
+        """At a term's start: if this leader stepped down last and nobody led since (its
+        token is the next one), its hand-over found no taker; it does not step down again
+        for ``_STEP_DOWN_MEMORY`` spans (it stepped down and took the lease back every few
+        lease lengths)."""
+        stepped, self._stepped_from = self._stepped_from, None
+        token = self._lease.token
+        if stepped is None or token is None:
+            return
+        if token == stepped + 1:
+            span = _STEP_DOWN_MEMORY * _STEP_DOWN_AFTER * self._lease.seconds
+            self._no_taker_until = asyncio.get_running_loop().time() + span
+        else:
+            self._no_taker_until = -math.inf  # another member led: hand-overs work
 
     async def _watch_calls(self, scope: anyio.CancelScope) -> None:
         """Step down (cancel ``scope``) once the batch calls have all failed for long, and
@@ -210,7 +235,11 @@ class ShardLeader:
                 or now < next_ask
             ):
                 continue
-            if int(await self._step_down((keys.members, stepped), (member, timeout_ms, memory_ms))):
+            if now < self._no_taker_until:
+                nobody = "its last hand-over found no taker"
+            elif int(
+                await self._step_down((keys.members, stepped), (member, timeout_ms, memory_ms))
+            ):
                 logger.warning(
                     "fleet member %s steps down as leader of shard %d: its %d batch calls of "
                     "the last %.1fs all failed (last: %s); another member takes over",
@@ -223,14 +252,16 @@ class ShardLeader:
                 self._stepping_down = True
                 scope.cancel()
                 return
+            else:
+                nobody = "no other live member that has not stepped down lately to hand over to"
             logger.info(
                 "fleet member %s keeps leading shard %d though its batch calls of the last "
-                "%.1fs all failed (last: %s): no other live member that has not stepped down "
-                "lately to hand over to",
+                "%.1fs all failed (last: %s): %s",
                 member,
                 self._lease.shard,
                 now - since,
                 self._fenced.last_failure,
+                nobody,
             )
             next_ask = now + after  # asked again after as long
 
