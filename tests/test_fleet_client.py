@@ -1087,6 +1087,31 @@ async def test_resume_leaves_alone_a_key_its_own_submit_is_receiving(
             await asyncio.wait_for(job, 10)
 
 
+async def test_attach_of_a_key_its_own_submit_is_receiving_is_that_submits_job(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """attach(key) while a submit of the same client has its key journaled but has not
+    returned yet: two jobs were made for the key, the submit's replaced the attached one in
+    the poller, and the attached one never ended until its job timeout. One job now."""
+    # The job runs on past the submit's return (2 s): the attached job is still pending then.
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(2, 2)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name()) as client,
+        ):
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2"))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            [entry] = await client.journal_entries("accepted")
+            assert entry.job_key is not None
+            attached = client.images.attach(entry.job_key, job_timeout=60)
+            job = await submit
+            results = await asyncio.wait_for(asyncio.gather(job, attached), 10)
+            assert results[0] == results[1] and len(results[0].images) == 1
+            assert job is attached
+            assert client.stats.jobs_succeeded == 1 and client.stats.jobs_outstanding == 0
+
+
 class _Elsewhere(aiohttp.abc.AbstractResolver):
     """Resolves every host to a port of 127.0.0.1 where nothing listens: a member cut off
     from the gateway, with the others' base URL."""

@@ -613,6 +613,17 @@ class WujieClient:
         loop = self._loop
         if loop is None:
             raise ClientStateError("the client is not open")
+        adopted = self._poller.get(key)
+        if adopted is not None:
+            # A submit's key that attach() took while the submit was receiving it (its journal
+            # write on the way; a submit never claims a key in use): one job for the key,
+            # returned by both. Two were made, and the one the poller no longer tracked never
+            # ended until its deadline.
+            if ended is not None:
+                adopted.add_done_callback(ended)
+            if trace is not None and trace.span is not None:
+                trace.span.end()  # the job's span is the attached one's
+            return adopted
         otel = self._telemetry.otel
         if trace is None and otel is not None:
             trace = otel.job_started("attach", (request or {}).get("model"), n)

@@ -130,7 +130,9 @@ class Images:
         """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
 
         Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
-        that same job. ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
+        that same job; a key a submit of this client is still receiving (its journal write on
+        the way) gets the job that submit then returns too (with the attach's ``request`` and
+        deadline). ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
         once. ``request`` is the body it was submitted with, kept as ``job.request``.
 
         ``charge_budget=True`` counts the job's cost against this client's points budget
