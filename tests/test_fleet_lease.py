@@ -18,6 +18,7 @@ from wujie_async.fleet._membership import Membership, new_member_id
 from wujie_async.fleet._registry import KeyRegistry
 
 from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -36,11 +37,12 @@ async def test_a_silent_member_is_dead_until_it_joins_again(url: str) -> None:
         await alive.join()
         await silent.join()
         assert await alive.live_members() == sorted([alive.member_id, silent.member_id])
-        deadline = time.monotonic() + 10
-        while (await alive.members())[silent.member_id] <= 0.6:  # only `alive` heartbeats
+
+        async def silent_dead() -> bool:  # only `alive` heartbeats
             assert await alive.heartbeat()
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+            return (await alive.members())[silent.member_id] > 0.6
+
+        await eventually(silent_dead, timeout=10, what="the silent member's death")
         assert await alive.live_members() == [alive.member_id]
         assert await silent.heartbeat() is False  # too late: a heartbeat does not revive it
         assert await alive.live_members() == [alive.member_id]
@@ -69,10 +71,15 @@ async def test_one_leader_and_a_larger_token_on_every_takeover(url: str) -> None
         assert await second.try_acquire() > 0  # held: the holder's TTL comes back
         assert first.token is not None and second.token is None
         old_fence, old_token = first.require(0.1), first.token
-        await asyncio.sleep(0.45)  # `first` never renews: its lease expires
+        # `first` never renews: its own clock says its lease is gone before Redis does.
+        await eventually(lambda: first.remaining() == 0, what="the lease's end, locally")
         with pytest.raises(LeaseLostError):
-            first.require(0.0)  # its own clock says so before Redis does anything
-        assert await second.try_acquire() == 0.0
+            first.require(0.0)
+
+        async def taken() -> bool:
+            return await second.try_acquire() == 0.0
+
+        await eventually(taken, timeout=5, what="the lease's end in Redis")
         assert second.token is not None and second.token > old_token
         # Redis refuses the stale fence too (a frozen process that skipped the local check).
         with pytest.raises(LeaseLostError):
@@ -128,11 +135,13 @@ async def test_renewal_keeps_the_lease_and_shards_are_independent(url: str) -> N
         keeping = asyncio.create_task(a0.keep())
         waiting = asyncio.create_task(b0.acquire())  # tries again each time the TTL could end
         try:
-            deadline = time.monotonic() + 10
-            while a0.renewals < 10:  # more than three lease periods
-                assert time.monotonic() < deadline and not keeping.done()
-                await asyncio.sleep(0.02)
-            assert a0.token == token and not waiting.done() and b0.token is None
+            # More than three lease periods: the lease would have run out without renewals.
+            await eventually(
+                lambda: a0.renewals >= 10 or keeping.done(), timeout=10, what="10 renewals"
+            )
+            assert (
+                not keeping.done() and a0.token == token and not waiting.done() and b0.token is None
+            )
             assert a0.remaining() > 0.1
         finally:
             keeping.cancel()
