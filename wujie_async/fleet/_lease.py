@@ -91,14 +91,9 @@ class LeaderLease:
 
     @property
     def token(self) -> int | None:
-        """The fencing token of the lease held, or None."""
-        fence = self.fence
+        """The fencing token of the lease held, or None when not leading."""
+        fence = self._fence if self.remaining() > 0 else None
         return int(fence.rsplit("|", 1)[1]) if fence is not None else None
-
-    @property
-    def fence(self) -> str | None:
-        """``"<member>|<token>"`` for fenced scripts, or None when not leading."""
-        return self._fence if self.remaining() > 0 else None
 
     def remaining(self) -> float:
         """Seconds this member may still act as leader (0.0 when it is not the leader)."""

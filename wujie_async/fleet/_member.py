@@ -91,7 +91,7 @@ class FleetMember:
         self._kept_out = False  # refused on joining again: the fleet uses another gateway
         self._tasks: set[asyncio.Task[None]] = set()  # what runs while joined
         self._watcher: asyncio.Task[None] | None = None
-        self._others: set[asyncio.Task[None]] = set()  # 429 pauses, the resignation
+        self._others: set[asyncio.Task[None]] = set()  # see _background
         self._wake = asyncio.Event()
         self._rejoined_at = -math.inf
         self._rejoin_wait = 0.0  # before the next rejoin after a loss (see _STEADY)
@@ -195,25 +195,34 @@ class FleetMember:
         )
         self._broken = True
         self._lost("a fleet task stopped")
-        # Not one of the joined tasks: nothing cancels it half-way; aclose() waits for it.
-        self._others.add(asyncio.create_task(self._resign(), name="wujie fleet resign"))
+        self._background(self._resign(), "resign")
 
     async def _resign(self) -> None:
         """Give every lease up and take this member's keys out of the registry."""
-        with contextlib.suppress(FleetUnavailableError):
-            for lease in self._leases:
-                await lease.release()
-            if self._follower is not None:
-                await self._follower.unregister_all()
+        for lease in self._leases:
+            await lease.release()
+        if self._follower is not None:
+            await self._follower.unregister_all()
+
+    def _background(self, work: Coroutine[Any, Any, object], what: str) -> None:
+        """Run ``work`` (a 429 pause, a resignation, keys taken out) to its end, Redis away
+        or not: not one of the joined tasks, nothing cancels it half-way; aclose() waits
+        for it."""
+
+        async def guarded() -> None:
+            with contextlib.suppress(FleetUnavailableError):
+                await work
+
+        task = asyncio.create_task(guarded(), name=f"wujie fleet {what}")
+        self._others.add(task)
+        task.add_done_callback(self._others.discard)
 
     async def stop_polling(self) -> None:
         """Stop leading, following and watching (before the client's transport closes)."""
-        within = self._config.command_timeout + 1.0
-        tasks, self._tasks = self._tasks, set()
         if self._watcher is not None:
-            tasks.add(self._watcher)
+            self._tasks.add(self._watcher)
             self._watcher = None
-        await asyncio.gather(*(stop_task(task, within) for task in tasks))
+        await self._stop_tasks()
         if self._transport is not None:
             self._transport.on_rate_limited = None
 
@@ -330,22 +339,16 @@ class FleetMember:
         self._kept_out = True
         self._lost("refused on joining again (another gateway)")
         self._rejoin_at = asyncio.get_running_loop().time() + self._config.heartbeat_interval
-        follower = self._follower
-        if follower is not None and follower.keys:
-            task = asyncio.create_task(self._unregister(follower), name="wujie fleet keep out")
-            self._others.add(task)
-            task.add_done_callback(self._others.discard)
+        if self._follower is not None and self._follower.keys:
+            self._background(self._follower.unregister_all(), "keep out")
 
-    @staticmethod
-    async def _unregister(follower: Follower) -> None:
-        with contextlib.suppress(FleetUnavailableError):
-            await follower.unregister_all()
+    async def _stop_tasks(self) -> None:
+        tasks, self._tasks = self._tasks, set()
+        within = self._config.command_timeout + 1.0
+        await asyncio.gather(*(stop_task(task, within) for task in tasks))
 
     async def _rejoin(self) -> None:
-        tasks, self._tasks = self._tasks, set()
-        await asyncio.gather(
-            *(stop_task(task, self._config.command_timeout + 1.0) for task in tasks)
-        )
+        await self._stop_tasks()
         await self._journal.warm()
         written = await self._put_back()
         self._joined = True
@@ -489,13 +492,7 @@ class FleetMember:
         """A 429 on a submit with Retry-After: pause every member's submits that long."""
         if kind != "submit" or retry_after is None or retry_after <= 0:
             return
-        task = asyncio.create_task(self._pause(retry_after), name="wujie fleet pause")
-        self._others.add(task)
-        task.add_done_callback(self._others.discard)
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(FleetUnavailableError):
-            await self._pauses.pause(seconds)
+        self._background(self._pauses.pause(retry_after), "pause")
 
     # --- jobs ----------------------------------------------------------------------------------
     def tracked(self, job: ImageJob, first_delay: float | None) -> None:

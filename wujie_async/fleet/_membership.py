@@ -195,8 +195,3 @@ class Membership:
         reply = await self._list((self._link.keys.members,), ())
         now, flat = int(reply[0]), reply[1:]
         return {flat[i]: (now - int(float(flat[i + 1]))) / 1000 for i in range(0, len(flat), 2)}
-
-    async def live_members(self) -> list[str]:
-        """Members whose heartbeat is younger than ``member_timeout``, sorted."""
-        timeout = self._link.config.member_timeout
-        return sorted(m for m, age in (await self.members()).items() if age <= timeout)
