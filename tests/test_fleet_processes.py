@@ -164,7 +164,7 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
     n = 60
     async with (
         own_redis(tmp_path, appendonly=True) as server,
-        emulator_process(tmp_path, "emu", time_scale=0.1) as emu,
+        emulator_process(tmp_path, "emu", time_scale=0.2) as emu,
     ):
         async with members(server.url, emu, fleet_name(), 2, n, 0.0, lease=1.0) as procs:
             for proc in procs:
@@ -172,11 +172,18 @@ async def test_redis_restarted_mid_run(tmp_path: Path) -> None:
             for proc in procs:
                 await wait_event(proc, "submitted")
             assert server.process is not None
+            stopped_at = time.time()  # the emulator stamps batch calls with the wall clock
             server.process.terminate()
             await asyncio.wait_for(server.process.wait(), 15)
-            await asyncio.sleep(1.0)  # members poll their own keys meanwhile
             running = (await emulator_stats(emu))["jobs_by_state"]
             assert running.get("queued", 0) + running.get("generating", 0) > 0, running
+            # Members poll their own keys meanwhile: wait for a batch call made without Redis.
+            deadline = time.monotonic() + 15
+            while not [
+                t for t, _ in (await emulator_stats(emu))["batch_callers"] if t > stopped_at
+            ]:
+                assert time.monotonic() < deadline, "no batch call while Redis was down"
+                await asyncio.sleep(0.05)
             async with own_redis(tmp_path, appendonly=True, port=server.port):
                 done = [await wait_event(proc, "resolved") for proc in procs]
                 for event in done:
