@@ -18,8 +18,9 @@ Every wait has a deadline, and stopping (Ctrl-C, SIGTERM) ends them all at once:
 streams get a last ``event: closing`` (the browser reconnects later by itself), waiting
 requests answer 503 with their job's key, submits not yet sent are refused, and the client
 closes, all within a few seconds. What the gateway says is bounded before it reaches a browser:
-an image URL longer than 4,096 characters (or not http/https) is left out with a note, and
-error text goes through ``wujie_async.snippet()``.
+an image URL longer than 4,096 characters (or not http/https) is left out with a note, so is
+an image sent inline (``b64_json``, megabytes of base64), and error text goes through
+``wujie_async.snippet()``.
 """
 
 from __future__ import annotations
@@ -110,12 +111,20 @@ def _text(text: object) -> str:
 
 def _images_view(images: Iterable[GeneratedImage]) -> dict[str, Any]:
     """``images``: each image's URL, in index order; null for one left out, and a note in
-    ``notes`` saying why (too long, not http or https: a broken or hostile gateway's)."""
+    ``notes`` saying why (sent inline, not at a URL; too long, not http or https: a broken or
+    hostile gateway's)."""
     urls: list[str | None] = []
     notes: list[str] = []
     for image in images:
         url = image.url
-        if url is not None and len(url) > MAX_URL_CHARS:
+        if url is None and image.b64_json is not None:
+            # A gateway may send an image inline (as OpenAI's API sends gpt-image-1's): its
+            # megabytes of base64 are not passed on in a reply or an event.
+            notes.append(
+                f"image {image.index}: sent inline (b64_json), not at a URL: this app passes "
+                "on URLs only (save it with job.save())"
+            )
+        elif url is not None and len(url) > MAX_URL_CHARS:
             notes.append(f"image {image.index}: its URL of {len(url):,} characters is left out")
             url = None
         elif url is not None and (

@@ -328,6 +328,35 @@ async def test_events_bound_what_a_hostile_gateway_sends(tmp_path: Path) -> None
                 assert "PWNED" not in (await reply.json())["error"]
 
 
+async def test_images_sent_inline_are_left_out_with_a_note(emulator: EmulatorFactory) -> None:
+    """A gateway that sends images inline (b64_json, as OpenAI's API sends gpt-image-1's): the
+    reply said ``"images": [null, null]`` with no note, a job of two paid images that looked
+    like none; each is left out (no megabytes of base64 in a reply) with a note saying why."""
+    example = load_example()
+    async with emulator(time_scale=0.02, image_delivery="b64_json") as emu:
+        runner = web.AppRunner(example.create_app(lambda: make_client(emu)), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+                http.post(
+                    f"{base}/images", json={"prompt": "x", "model": "gpt-image-1", "n": 2}
+                ) as reply,
+            ):
+                assert reply.status == 200, await reply.text()
+                assert len(await reply.read()) <= MAX_EVENT_BYTES
+                view = await reply.json()
+        finally:
+            async with asyncio.timeout(KILL_GRACE_S):
+                await runner.cleanup()
+    assert view["images"] == [None, None]
+    assert [note.split(":")[0] for note in view["notes"]] == ["image 0", "image 1"]
+    assert all("sent inline (b64_json)" in note for note in view["notes"]), view
+
+
 async def test_a_key_listed_late_is_a_404_and_its_job_goes_on(
     tmp_path: Path, emulator: EmulatorFactory
 ) -> None:
