@@ -31,6 +31,7 @@ we raise, and the header is never a local of a frame that a traceback keeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
 import errno
@@ -576,7 +577,9 @@ class Transport:
         # Observed: timed from here (after the brake's wait), recorded once it is over.
         start_ns, started = time.time_ns(), time.perf_counter()
         try:
-            data = await self._send(path, payload, kind, sent_at)
+            # Recorded here: an HTTP instrumentation of the user's is told to leave it alone.
+            with otel.own_http() if otel is not None else contextlib.nullcontext():
+                data = await self._send(path, payload, kind, sent_at)
         except BaseException as exc:  # re-raised as is: a cancel on the wire is recorded too
             self._observe(otel, path, attempt, keys, parent, exc, start_ns, started)
             raise
