@@ -20,7 +20,11 @@ requests answer 503 with their job's key, submits not yet sent are refused, and 
 closes, all within a few seconds. What the gateway says is bounded before it reaches a browser:
 an image URL longer than 4,096 characters (or not http/https) is left out with a note, so is
 an image sent inline (``b64_json``, megabytes of base64), and error text goes through
-``wujie_async.snippet()``.
+``wujie_async.snippet()``. A submit that failed for the gateway's or the setup's sake
+(credentials, base URL, balance, the network, a lost reply) is logged for the operator, and
+the browser gets a short message (502) without the error's text, which names the gateway's URL
+and quotes the gateway; the gateway's refusal of the request itself (a sensitive prompt) is
+the browser's to read (422, with its ``code``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -36,17 +41,20 @@ from _connect import connect
 from aiohttp import web
 
 from wujie_async import (
+    BusinessError,
     ClientStateError,
     GeneratedImage,
     ImageJob,
     InvalidRequestError,
     JobError,
     JobUpdate,
+    SubmitUncertainError,
     WujieClient,
     WujieError,
     snippet,
 )
 
+logger = logging.getLogger("web_app")
 CLIENT = web.AppKey("client", WujieClient)
 # How long POST /images may hold a request open before answering 504 (the job goes on).
 WAIT_SECONDS = 120.0
@@ -211,6 +219,22 @@ def _bad_request(exc: InvalidRequestError) -> web.Response:
     )
 
 
+def _gateway_failed(exc: WujieError) -> web.Response:
+    """A submit that failed. The gateway's refusal of this request (a sensitive prompt, a
+    field it rejects) is the browser's to read; any other failure (credentials, base URL,
+    balance, the network, a lost reply) is the operator's: its text names the gateway's URL
+    and quotes what the gateway said (the app id it refused, say), so it is logged, and the
+    browser is told only what it may do."""
+    if isinstance(exc, BusinessError) and not exc.systemic:
+        return web.json_response({"error": _text(exc), "code": exc.code}, status=422)
+    logger.warning("a submit failed: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, SubmitUncertainError):
+        told = "the image service did not answer: the request may have been taken; do not resend it"
+    else:
+        told = "the image service is unavailable; try again later"
+    return web.json_response({"error": told, "type": type(exc).__name__}, status=502)
+
+
 def _stopping() -> web.Response:
     return web.json_response({"error": "the server is stopping"}, status=503)
 
@@ -235,7 +259,7 @@ async def create_image(request: web.Request) -> web.Response:
     except ClientStateError:
         return _stopping()  # stopping: submits not yet sent are refused
     except WujieError as exc:
-        return web.json_response({"error": _text(exc)}, status=502)
+        return _gateway_failed(exc)
     return web.json_response({"key": result.key, **_images_view(result.images)})
 
 
@@ -248,7 +272,7 @@ async def submit_job(request: web.Request) -> web.Response:
     except ClientStateError:
         return _stopping()
     except WujieError as exc:
-        return web.json_response({"error": _text(exc)}, status=502)
+        return _gateway_failed(exc)
     request.app[SUBMITTED].add(job.key)
     return web.json_response({"key": job.key}, status=202)
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -355,6 +356,53 @@ async def test_images_sent_inline_are_left_out_with_a_note(emulator: EmulatorFac
     assert view["images"] == [None, None]
     assert [note.split(":")[0] for note in view["notes"]] == ["image 0", "image 1"]
     assert all("sent inline (b64_json)" in note for note in view["notes"]), view
+
+
+async def test_a_failing_gateway_is_the_operators_to_read_not_the_browsers(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit that failed answered the browser with the error's whole text: the gateway's
+    URL and what it said (here the app id it refused), meant for the operator. Now the
+    browser gets a short message and the operator the log line; a refusal of the request
+    itself (a sensitive prompt) is still the browser's to read."""
+    from wujie_async.emulator import FaultConfig
+
+    example = load_example()
+    credentials = throwaway_credentials()  # an app id the gateway does not know
+    async with emulator(time_scale=0.02) as emu:
+
+        async def answers(client: WujieClient) -> tuple[int, dict[str, Any]]:
+            runner = web.AppRunner(example.create_app(lambda: client), access_log=None)
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+                    http.post(f"{base}/images", json={"prompt": "x"}) as reply,
+                ):
+                    return reply.status, await reply.json()
+            finally:
+                async with asyncio.timeout(KILL_GRACE_S):
+                    await runner.cleanup()
+
+        with caplog.at_level(logging.WARNING, logger="web_app"):
+            status, body = await answers(WujieClient(credentials, base_url=emu.base_url))
+        assert status == 502, body
+        assert body == {
+            "error": "the image service is unavailable; try again later",
+            "type": "AuthenticationError",
+        }
+        assert credentials.app_id in caplog.text and "AuthenticationError" in caplog.text
+        emu.set_faults(FaultConfig(cut_reply=1.0, endpoints=frozenset({"generations"})))
+        status, body = await answers(make_client(emu))
+        assert (status, body["type"]) == (502, "SubmitUncertainError")
+        assert "may have been taken" in body["error"] and emu.base_url not in body["error"]
+        sensitive = FaultConfig(business_error=1.0, business_error_code="20110001")
+        emu.set_faults(sensitive)
+        status, body = await answers(make_client(emu))
+        assert (status, body["code"]) == (422, "20110001"), body
 
 
 async def test_a_key_listed_late_is_a_404_and_its_job_goes_on(
