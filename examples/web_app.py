@@ -7,7 +7,8 @@ From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip i
     POST /images             {"prompt": ..., "model": ..., "n": ...}  waits, returns the URLs
     POST /jobs               same body: returns {"key"} at once (202)
     GET  /jobs/{key}         the job's status, progress and images so far (404: a key the
-                             gateway has not listed within ``--lookup-seconds``; ask again)
+                             gateway has not listed within ``--lookup-seconds``; ask again;
+                             503 while 100 such keys are being looked for)
     GET  /jobs/{key}/events  server-sent events, one per change, until the job ends; a page
                              follows it with ``new EventSource("/jobs/KEY/events")``
 
@@ -65,6 +66,12 @@ SUBMITTED = web.AppKey("submitted", set)
 # How long a request for a key nobody here submitted waits for the gateway to list it before
 # answering 404 (the key is not given up: a later request may find it listed).
 LOOKUP_SECONDS = web.AppKey("lookup_seconds", float)
+# Keys nobody here submitted that the client looks for and the gateway has not listed yet, and
+# how many of them at most: each is asked about in the client's batch calls until the gateway
+# lists it or its unknown_key_grace runs out, so a browser sending made-up keys by the
+# thousand would fill the calls that follow this app's paid jobs (and the gateway's rate).
+LOOKING = web.AppKey("looking", dict)
+MAX_LOOKUPS = web.AppKey("max_lookups", int)
 
 # Once stopping, how long requests still open get before aiohttp cancels them. The app's own
 # waits (event streams included) end at once, so this is only a backstop.
@@ -177,15 +184,26 @@ async def _known_job(request: web.Request) -> ImageJob:
     once) and is a 404 if the gateway has not listed it within the app's lookup seconds. The
     job is never cancelled here: the gateway may merely be slow to list a key (one this app
     paid for before a restart, or one another request waits on), and the client's own
-    ``PollPolicy(unknown_key_grace=...)`` ends a key the gateway never lists.
+    ``PollPolicy(unknown_key_grace=...)`` ends a key the gateway never lists. While
+    ``max_lookups`` such keys are not listed yet, another is a 503 before it is attached.
     """
     key = request.match_info["key"]
+    looking: dict[str, ImageJob] = request.app[LOOKING]
+    for seen in [k for k, j in looking.items() if j.status is not None or j.done()]:
+        del looking[seen]  # listed (or ended): no longer a lookup
+    if (
+        key not in request.app[SUBMITTED]
+        and key not in looking
+        and len(looking) >= request.app[MAX_LOOKUPS]
+    ):
+        raise web.HTTPServiceUnavailable(text="too many unknown keys are being looked up")
     try:
         job = request.app[CLIENT].images.attach(key)
     except InvalidRequestError:
         raise web.HTTPNotFound(text="not a job key") from None
     if key in request.app[SUBMITTED] or job.status is not None or job.done():
         return job
+    looking[key] = job
     waits = request.app[WAITS]
     with contextlib.suppress(TimeoutError):
         async with waits.until_stopping(request.app[LOOKUP_SECONDS]):
@@ -320,12 +338,16 @@ def create_app(
     client_factory: Callable[[], contextlib.AbstractAsyncContextManager[WujieClient]],
     *,
     lookup_seconds: float = 5.0,
+    max_lookups: int = 100,
 ) -> web.Application:
     """The app; ``client_factory()`` opens the client its lifespan owns; a key nobody here
     submitted is a 404 if the gateway has not listed it within ``lookup_seconds`` (the job
-    goes on: the client asks about it until its ``unknown_key_grace`` runs out)."""
+    goes on: the client asks about it until its ``unknown_key_grace`` runs out); while
+    ``max_lookups`` such keys are not listed yet, another is a 503."""
     app = web.Application()
     app[LOOKUP_SECONDS] = lookup_seconds
+    app[MAX_LOOKUPS] = max_lookups
+    app[LOOKING] = {}
     app[WAITS] = Waits()
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:

@@ -405,6 +405,46 @@ async def test_a_failing_gateway_is_the_operators_to_read_not_the_browsers(
         assert (status, body["code"]) == (422, "20110001"), body
 
 
+async def test_made_up_keys_are_looked_for_a_few_at_a_time(emulator: EmulatorFactory) -> None:
+    """Each key nobody here submitted is asked about in the client's batch calls until its
+    unknown_key_grace runs out: a browser sending made-up keys by the thousand had the client
+    follow them all, in the calls that follow the app's paid jobs. At most ``max_lookups``
+    are looked for at once; another is a 503, and the app's own keys are served still."""
+    example = load_example()
+    poll = dataclasses.replace(FAST_POLL, unknown_key_grace=30.0)  # made-up keys stay looked for
+    clients: list[WujieClient] = []
+
+    def client_factory() -> WujieClient:
+        clients.append(make_client(emu, poll=poll))
+        return clients[-1]
+
+    async with emulator(time_scale=0.02) as emu:
+        app = example.create_app(client_factory, lookup_seconds=0.1, max_lookups=3)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+
+                async def status_of(key: str) -> int:
+                    async with http.get(f"{base}/jobs/{key}") as reply:
+                        return reply.status
+
+                made_up = [f"MADEUP{i:026d}" for i in range(10)]
+                assert [await status_of(key) for key in made_up[:3]] == [404, 404, 404]
+                assert [await status_of(key) for key in made_up[3:]] == [503] * 7
+                assert await status_of(made_up[0]) == 404  # one already looked for, again
+                key = await submit(http, base, prompt="mine", model="dall-e-2")
+                assert await status_of(key) == 200
+            [client] = clients
+            assert len(client.jobs()) <= 4  # three made-up keys and the app's own job
+        finally:
+            async with asyncio.timeout(KILL_GRACE_S):
+                await runner.cleanup()
+
+
 async def test_a_key_listed_late_is_a_404_and_its_job_goes_on(
     tmp_path: Path, emulator: EmulatorFactory
 ) -> None:
