@@ -73,8 +73,9 @@ LOOKUP_SECONDS = web.AppKey("lookup_seconds", float)
 LOOKING = web.AppKey("looking", dict)
 MAX_LOOKUPS = web.AppKey("max_lookups", int)
 
-# Once stopping, how long requests still open get before aiohttp cancels them. The app's own
-# waits (event streams included) end at once, so this is only a backstop.
+# Once stopping, how long requests still open get before aiohttp cancels them (aiohttp's
+# shutdown_timeout: a handler not reading its request gets it twice, so up to 6 s). The app's
+# own waits (event streams included) end at once, so this is only a backstop.
 SHUTDOWN_SECONDS = 3.0
 # How long one event may take to reach a reader: a reader that stopped reading is dropped.
 WRITE_SECONDS = 30.0
