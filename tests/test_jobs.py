@@ -188,3 +188,17 @@ async def test_an_inline_image_is_its_size_in_reprs_not_its_bytes() -> None:
         for shown in (repr(result), repr(job.snapshot()), repr(job.images)):
             assert len(shown) < 500, shown[:200]
             assert f"b64_json=<{len(inline):,} characters>" in shown
+
+
+async def test_a_generate_cut_short_leaves_its_paid_job_tracked(emulator: EmulatorFactory) -> None:
+    # What the library guide's web-app section says: a generate() whose caller's deadline ran
+    # out returns no key, but its job (accepted, paid) goes on, tracked until it ends.
+    async with emulator(time_scale=1.0, job_seconds=(2.0, 2.0)) as emu:
+        async with make_client(emu) as client:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.8):  # the submit's reply comes well before
+                    await client.images.generate(prompt="a fox", model="dall-e-2")
+            [job] = client.jobs()
+            result = await asyncio.wait_for(job.result(), 10)
+    assert result.key == job.key and len(result.images) == 1
+    assert emu.stats()["submits_accepted"] == 1
