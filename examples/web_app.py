@@ -7,7 +7,8 @@ From the clone, in the README's venv (``python3 -m venv .venv && .venv/bin/pip i
     POST /images             {"prompt": ..., "model": ..., "n": ...}  waits, returns the URLs
     POST /jobs               same body: returns {"key"} at once (202)
     GET  /jobs/{key}         the job's status, progress and images so far (404: a key the
-                             gateway has not listed within ``--lookup-seconds``; ask again)
+                             gateway has not listed within ``--lookup-seconds``; ask again;
+                             503 while 100 such keys are being looked for)
     GET  /jobs/{key}/events  server-sent events, one per change, until the job ends; a page
                              follows it with ``new EventSource("/jobs/KEY/events")``
 
@@ -18,8 +19,13 @@ Every wait has a deadline, and stopping (Ctrl-C, SIGTERM) ends them all at once:
 streams get a last ``event: closing`` (the browser reconnects later by itself), waiting
 requests answer 503 with their job's key, submits not yet sent are refused, and the client
 closes, all within a few seconds. What the gateway says is bounded before it reaches a browser:
-an image URL longer than 4,096 characters (or not http/https) is left out with a note, and
-error text goes through ``wujie_async.snippet()``.
+an image URL longer than 4,096 characters (or not http/https) is left out with a note, so is
+an image sent inline (``b64_json``, megabytes of base64), and error text goes through
+``wujie_async.snippet()``. A submit that failed for the gateway's or the setup's sake
+(credentials, base URL, balance, the network, a lost reply) is logged for the operator, and
+the browser gets a short message (502) without the error's text, which names the gateway's URL
+and quotes the gateway; the gateway's refusal of the request itself (a sensitive prompt) is
+the browser's to read (422, with its ``code``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -35,17 +42,20 @@ from _connect import connect
 from aiohttp import web
 
 from wujie_async import (
+    BusinessError,
     ClientStateError,
     GeneratedImage,
     ImageJob,
     InvalidRequestError,
     JobError,
     JobUpdate,
+    SubmitUncertainError,
     WujieClient,
     WujieError,
     snippet,
 )
 
+logger = logging.getLogger("web_app")
 CLIENT = web.AppKey("client", WujieClient)
 # How long POST /images may hold a request open before answering 504 (the job goes on).
 WAIT_SECONDS = 120.0
@@ -56,9 +66,16 @@ SUBMITTED = web.AppKey("submitted", set)
 # How long a request for a key nobody here submitted waits for the gateway to list it before
 # answering 404 (the key is not given up: a later request may find it listed).
 LOOKUP_SECONDS = web.AppKey("lookup_seconds", float)
+# Keys nobody here submitted that the client looks for and the gateway has not listed yet, and
+# how many of them at most: each is asked about in the client's batch calls until the gateway
+# lists it or its unknown_key_grace runs out, so a browser sending made-up keys by the
+# thousand would fill the calls that follow this app's paid jobs (and the gateway's rate).
+LOOKING = web.AppKey("looking", dict)
+MAX_LOOKUPS = web.AppKey("max_lookups", int)
 
-# Once stopping, how long requests still open get before aiohttp cancels them. The app's own
-# waits (event streams included) end at once, so this is only a backstop.
+# Once stopping, how long requests still open get before aiohttp cancels them (aiohttp's
+# shutdown_timeout: a handler not reading its request gets it twice, so up to 6 s). The app's
+# own waits (event streams included) end at once, so this is only a backstop.
 SHUTDOWN_SECONDS = 3.0
 # How long one event may take to reach a reader: a reader that stopped reading is dropped.
 WRITE_SECONDS = 30.0
@@ -110,12 +127,20 @@ def _text(text: object) -> str:
 
 def _images_view(images: Iterable[GeneratedImage]) -> dict[str, Any]:
     """``images``: each image's URL, in index order; null for one left out, and a note in
-    ``notes`` saying why (too long, not http or https: a broken or hostile gateway's)."""
+    ``notes`` saying why (sent inline, not at a URL; too long, not http or https: a broken or
+    hostile gateway's)."""
     urls: list[str | None] = []
     notes: list[str] = []
     for image in images:
         url = image.url
-        if url is not None and len(url) > MAX_URL_CHARS:
+        if url is None and image.b64_json is not None:
+            # A gateway may send an image inline (as OpenAI's API sends gpt-image-1's): its
+            # megabytes of base64 are not passed on in a reply or an event.
+            notes.append(
+                f"image {image.index}: sent inline (b64_json), not at a URL: this app passes "
+                "on URLs only (save it with job.save())"
+            )
+        elif url is not None and len(url) > MAX_URL_CHARS:
             notes.append(f"image {image.index}: its URL of {len(url):,} characters is left out")
             url = None
         elif url is not None and (
@@ -160,15 +185,26 @@ async def _known_job(request: web.Request) -> ImageJob:
     once) and is a 404 if the gateway has not listed it within the app's lookup seconds. The
     job is never cancelled here: the gateway may merely be slow to list a key (one this app
     paid for before a restart, or one another request waits on), and the client's own
-    ``PollPolicy(unknown_key_grace=...)`` ends a key the gateway never lists.
+    ``PollPolicy(unknown_key_grace=...)`` ends a key the gateway never lists. While
+    ``max_lookups`` such keys are not listed yet, another is a 503 before it is attached.
     """
     key = request.match_info["key"]
+    looking: dict[str, ImageJob] = request.app[LOOKING]
+    for seen in [k for k, j in looking.items() if j.status is not None or j.done()]:
+        del looking[seen]  # listed (or ended): no longer a lookup
+    if (
+        key not in request.app[SUBMITTED]
+        and key not in looking
+        and len(looking) >= request.app[MAX_LOOKUPS]
+    ):
+        raise web.HTTPServiceUnavailable(text="too many unknown keys are being looked up")
     try:
         job = request.app[CLIENT].images.attach(key)
     except InvalidRequestError:
         raise web.HTTPNotFound(text="not a job key") from None
     if key in request.app[SUBMITTED] or job.status is not None or job.done():
         return job
+    looking[key] = job
     waits = request.app[WAITS]
     with contextlib.suppress(TimeoutError):
         async with waits.until_stopping(request.app[LOOKUP_SECONDS]):
@@ -202,6 +238,22 @@ def _bad_request(exc: InvalidRequestError) -> web.Response:
     )
 
 
+def _gateway_failed(exc: WujieError) -> web.Response:
+    """A submit that failed. The gateway's refusal of this request (a sensitive prompt, a
+    field it rejects) is the browser's to read; any other failure (credentials, base URL,
+    balance, the network, a lost reply) is the operator's: its text names the gateway's URL
+    and quotes what the gateway said (the app id it refused, say), so it is logged, and the
+    browser is told only what it may do."""
+    if isinstance(exc, BusinessError) and not exc.systemic:
+        return web.json_response({"error": _text(exc), "code": exc.code}, status=422)
+    logger.warning("a submit failed: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, SubmitUncertainError):
+        told = "the image service did not answer: the request may have been taken; do not resend it"
+    else:
+        told = "the image service is unavailable; try again later"
+    return web.json_response({"error": told, "type": type(exc).__name__}, status=502)
+
+
 def _stopping() -> web.Response:
     return web.json_response({"error": "the server is stopping"}, status=503)
 
@@ -226,7 +278,7 @@ async def create_image(request: web.Request) -> web.Response:
     except ClientStateError:
         return _stopping()  # stopping: submits not yet sent are refused
     except WujieError as exc:
-        return web.json_response({"error": _text(exc)}, status=502)
+        return _gateway_failed(exc)
     return web.json_response({"key": result.key, **_images_view(result.images)})
 
 
@@ -239,7 +291,7 @@ async def submit_job(request: web.Request) -> web.Response:
     except ClientStateError:
         return _stopping()
     except WujieError as exc:
-        return web.json_response({"error": _text(exc)}, status=502)
+        return _gateway_failed(exc)
     request.app[SUBMITTED].add(job.key)
     return web.json_response({"key": job.key}, status=202)
 
@@ -287,12 +339,16 @@ def create_app(
     client_factory: Callable[[], contextlib.AbstractAsyncContextManager[WujieClient]],
     *,
     lookup_seconds: float = 5.0,
+    max_lookups: int = 100,
 ) -> web.Application:
     """The app; ``client_factory()`` opens the client its lifespan owns; a key nobody here
     submitted is a 404 if the gateway has not listed it within ``lookup_seconds`` (the job
-    goes on: the client asks about it until its ``unknown_key_grace`` runs out)."""
+    goes on: the client asks about it until its ``unknown_key_grace`` runs out); while
+    ``max_lookups`` such keys are not listed yet, another is a 503."""
     app = web.Application()
     app[LOOKUP_SECONDS] = lookup_seconds
+    app[MAX_LOOKUPS] = max_lookups
+    app[LOOKING] = {}
     app[WAITS] = Waits()
 
     async def lifespan(app: web.Application) -> AsyncIterator[None]:

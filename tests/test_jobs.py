@@ -130,6 +130,38 @@ async def test_a_wait_bound_that_is_not_a_number_of_seconds_is_refused_by_name(
             assert not job.done()  # nothing was closed by the refused call
 
 
+async def test_a_wait_that_runs_out_says_which_job_and_that_it_goes_on(
+    emulator: EmulatorFactory,
+) -> None:
+    # asyncio's TimeoutError has no message: a web handler that showed (or logged) the error
+    # of job.result(timeout=...) said "" of a job that was paid and still running.
+    from wujie_async import JobTimeoutError
+
+    async with emulator(time_scale=1.0, job_seconds=(30.0, 30.0)) as emu:
+        async with make_client(emu) as client:
+            job = await client.images.submit(prompt="a fox", model="gpt-image-1")
+            for wait, what in (
+                (job.result(timeout=0.01), "its result"),
+                (job.image(0, 0.01), "image 0"),
+            ):
+                with pytest.raises(TimeoutError) as ran_out:
+                    await asyncio.wait_for(wait, 5)
+                assert not isinstance(ran_out.value, JobTimeoutError)
+                assert str(ran_out.value).startswith(
+                    f"job {job.key}: {what} did not come within this wait's 0.01 s (the job goes on"
+                ), str(ran_out.value)
+            assert not job.done()
+            # The job's own deadline is still its JobTimeoutError, not this wait's error.
+            short = await client.images.submit(
+                prompt="a fox", model="gpt-image-1", job_timeout=0.05
+            )
+            with pytest.raises(JobTimeoutError):
+                await short.result(timeout=5)
+            with pytest.raises(JobTimeoutError):
+                await short.image(0, timeout=5)
+            job.cancel()
+
+
 async def test_a_job_settled_by_the_client_says_so_in_its_repr(emulator: EmulatorFactory) -> None:
     # Closed while its last report said pending: its repr said "pending" although awaiting
     # it raised JobCancelledError (a log line that misled whoever read it).
@@ -156,3 +188,17 @@ async def test_an_inline_image_is_its_size_in_reprs_not_its_bytes() -> None:
         for shown in (repr(result), repr(job.snapshot()), repr(job.images)):
             assert len(shown) < 500, shown[:200]
             assert f"b64_json=<{len(inline):,} characters>" in shown
+
+
+async def test_a_generate_cut_short_leaves_its_paid_job_tracked(emulator: EmulatorFactory) -> None:
+    # What the library guide's web-app section says: a generate() whose caller's deadline ran
+    # out returns no key, but its job (accepted, paid) goes on, tracked until it ends.
+    async with emulator(time_scale=1.0, job_seconds=(2.0, 2.0)) as emu:
+        async with make_client(emu) as client:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.8):  # the submit's reply comes well before
+                    await client.images.generate(prompt="a fox", model="dall-e-2")
+            [job] = client.jobs()
+            result = await asyncio.wait_for(job.result(), 10)
+    assert result.key == job.key and len(result.images) == 1
+    assert emu.stats()["submits_accepted"] == 1

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -386,6 +387,48 @@ async def test_downloads_are_traced(otel: Otel, tmp_path: Path) -> None:
     assert otel.total("wujie.downloads", **{"wujie.download.outcome": "error"}) == 1
     [duration, *_] = otel.metrics()["wujie.download.duration"]
     assert tuple(duration.explicit_bounds)[:3] == (0.05, 0.1, 0.25)  # type: ignore[union-attr]
+
+
+async def test_an_http_instrumentation_of_the_users_leaves_the_clients_requests_alone(
+    otel: Otel, emulator: EmulatorFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A web app that instruments aiohttp's client (opentelemetry-instrumentation-aiohttp-
+    client adds a TraceConfig to every ClientSession, and skips a request whose context holds
+    the API's suppress-HTTP key) got a second CLIENT span for each API call, and for each
+    download a span carrying the image's whole URL, a CDN's signed token included: the
+    client's requests are made with that key set, as it records them itself."""
+    from opentelemetry import context as otel_context
+
+    key = otel_context._SUPPRESS_HTTP_INSTRUMENTATION_KEY
+    seen: list[tuple[str, object]] = []
+
+    async def on_request_start(
+        session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestStartParams
+    ) -> None:
+        seen.append((params.url.path, otel_context.get_value(key)))
+
+    instrumented = aiohttp.TraceConfig()
+    instrumented.on_request_start.append(on_request_start)
+    plain_init = aiohttp.ClientSession.__init__
+
+    def init(self: aiohttp.ClientSession, *args: Any, **kwargs: Any) -> None:
+        kwargs["trace_configs"] = [*(kwargs.get("trace_configs") or ()), instrumented]
+        plain_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "__init__", init)  # as the instrumentor does
+    async with emulator() as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a fox", model="dall-e-2")
+        [saved] = await job.save(tmp_path)
+        async with aiohttp.ClientSession() as own:  # the app's own requests stay its own
+            async with own.get(f"{emu.base_url}/nothing") as reply:
+                await reply.read()
+    assert saved.bytes > 0
+    ours = [(path, told) for path, told in seen if not path.endswith("/nothing")]
+    paths = {path for path, _ in ours}
+    assert {BASE_PATH + GENERATIONS, BASE_PATH + INFO} <= paths
+    assert any(path.startswith("/files/") for path in paths), paths  # the download
+    assert all(told is True for _, told in ours), ours
+    assert [told for path, told in seen if path.endswith("/nothing")] == [None]
 
 
 async def test_a_fleet_members_role_is_a_gauge(

@@ -15,7 +15,14 @@ from typing import Any
 
 import pytest
 
-from wujie_async import JobProtocolError, JobTimeoutError, Limits, RetryPolicy, WujieError
+from wujie_async import (
+    JobProtocolError,
+    JobTimeoutError,
+    Limits,
+    RetryPolicy,
+    SubmitUncertainError,
+    WujieError,
+)
 from wujie_async._telemetry import RepeatedWarnings
 from wujie_async.emulator import FaultConfig
 
@@ -219,6 +226,33 @@ async def test_without_a_journal_the_close_line_names_the_jobs_left_running(
             f"; 22 job(s) still running were not collected (no journal, their keys: {shown} "
             "and 2 more; images.attach(key) collects each; aclose(drain=True) waits for jobs)"
         ), closed
+
+
+async def test_the_close_line_tells_uncertain_submits_apart_from_refused_ones(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit whose reply was lost may have been accepted and charged: the close line (and
+    ``client.stats``) tell it apart, not among the submits "not accepted"."""
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    async with emulator() as emu, make_client(emu) as client:
+        emu.set_faults(FaultConfig(drop_after_accept=1.0, endpoints=frozenset({"generations"})))
+        for _ in range(2):
+            with pytest.raises(SubmitUncertainError):
+                await client.images.submit(prompt="p", model="dall-e-2")
+        emu.set_faults(FaultConfig(business_error=1.0, business_error_code="20010001"))
+        with pytest.raises(WujieError) as refused:
+            await client.images.submit(prompt="p", model="dall-e-2")
+        assert not isinstance(refused.value, SubmitUncertainError)
+        emu.set_faults(FaultConfig())
+        await client.images.generate(prompt="p", model="dall-e-2")
+        stats = client.stats
+    assert (stats.submits, stats.submit_errors, stats.submits_uncertain) == (1, 3, 2)
+    assert emu.stats()["submits_accepted"] == 3  # the two lost replies were accepted
+    [closed] = [line for line in lines(caplog, logging.INFO) if "client closed" in line]
+    assert closed.startswith(
+        "client closed: 1 submit(s) accepted, 3 raised (1 not accepted, 2 uncertain: sent "
+        "without a reply, they may have been accepted and charged); 1 job(s) succeeded"
+    ), closed
 
 
 @pytest.mark.fake_clock  # the brake's pacing and recovery pass on the loop's clock

@@ -180,6 +180,22 @@ async def test_faults_may_be_given_as_a_dict(wujie_client: object) -> None:
         await wujie_client.images.generate(prompt="x", model="dall-e-2")
 
 
+@pytest.mark.wujie_emulator(time_scale=0.02, seed=5)
+class TestMarkersOfATestAndItsClass:
+    """A module's or class's marker and a test's own add up (the test's wins where both set
+    one): the test's marker took the place of the class's, whose time_scale was dropped."""
+
+    @pytest.mark.wujie_emulator(faults={"fail_jobs": 1.0}, seed=7)
+    async def test_add_up(self, wujie_emulator: Emulator) -> None:
+        assert wujie_emulator.config.time_scale == 0.02  # the class's
+        assert wujie_emulator.config.faults.fail_jobs == 1.0  # the test's
+        assert wujie_emulator.config.seed == 7  # both: the test's
+
+    async def test_the_class_marker_alone(self, wujie_emulator: Emulator) -> None:
+        assert wujie_emulator.config.time_scale == 0.02
+        assert wujie_emulator.config.seed == 5
+
+
 @pytest.mark.wujie_emulator(time_scale=1.0)
 async def test_the_client_polls_on_the_emulators_time_scale(
     wujie_client: object, wujie_emulator: Emulator

@@ -533,3 +533,17 @@ async def test_a_name_service_that_never_answers_is_not_an_uncertain_submit(
         assert "Timeouts.connect" in str(info.value)
     finally:
         release.set()
+
+
+async def test_a_reply_cut_short_says_so_in_its_error(emulator: EmulatorFactory) -> None:
+    """aiohttp words a body cut short "Response payload is not completed: <ContentLengthError:
+    400, message='Not enough data ...'>", whose nested error snippet() left out as markup: the
+    error (shown by a web app, logged) ended "is not completed:" with the reason gone."""
+    cut = FaultConfig(cut_reply=1.0, endpoints=frozenset({"generations"}))
+    async with emulator(faults=cut) as emu, make_client(emu) as client:
+        with pytest.raises(SubmitUncertainError) as lost:
+            await client.images.submit(prompt="a fox", model="dall-e-2")
+    text = str(lost.value)
+    assert "ClientPayloadError: Response payload is not completed: ContentLengthError: " in text
+    assert "Not enough data to satisfy content length header" in text, text
+    assert "<" not in text and not text.endswith(":"), text

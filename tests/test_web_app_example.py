@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -326,6 +327,122 @@ async def test_events_bound_what_a_hostile_gateway_sends(tmp_path: Path) -> None
                 assert reply.status == 422  # K00003
                 assert len(await reply.read()) <= MAX_EVENT_BYTES
                 assert "PWNED" not in (await reply.json())["error"]
+
+
+async def test_images_sent_inline_are_left_out_with_a_note(emulator: EmulatorFactory) -> None:
+    """A gateway that sends images inline (b64_json, as OpenAI's API sends gpt-image-1's): the
+    reply said ``"images": [null, null]`` with no note, a job of two paid images that looked
+    like none; each is left out (no megabytes of base64 in a reply) with a note saying why."""
+    example = load_example()
+    async with emulator(time_scale=0.02, image_delivery="b64_json") as emu:
+        runner = web.AppRunner(example.create_app(lambda: make_client(emu)), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+                http.post(
+                    f"{base}/images", json={"prompt": "x", "model": "gpt-image-1", "n": 2}
+                ) as reply,
+            ):
+                assert reply.status == 200, await reply.text()
+                assert len(await reply.read()) <= MAX_EVENT_BYTES
+                view = await reply.json()
+        finally:
+            async with asyncio.timeout(KILL_GRACE_S):
+                await runner.cleanup()
+    assert view["images"] == [None, None]
+    assert [note.split(":")[0] for note in view["notes"]] == ["image 0", "image 1"]
+    assert all("sent inline (b64_json)" in note for note in view["notes"]), view
+
+
+async def test_a_failing_gateway_is_the_operators_to_read_not_the_browsers(
+    emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit that failed answered the browser with the error's whole text: the gateway's
+    URL and what it said (here the app id it refused), meant for the operator. Now the
+    browser gets a short message and the operator the log line; a refusal of the request
+    itself (a sensitive prompt) is still the browser's to read."""
+    from wujie_async.emulator import FaultConfig
+
+    example = load_example()
+    credentials = throwaway_credentials()  # an app id the gateway does not know
+    async with emulator(time_scale=0.02) as emu:
+
+        async def answers(client: WujieClient) -> tuple[int, dict[str, Any]]:
+            runner = web.AppRunner(example.create_app(lambda: client), access_log=None)
+            await runner.setup()
+            try:
+                site = web.TCPSite(runner, "127.0.0.1", 0)
+                await site.start()
+                base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+                async with (
+                    aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+                    http.post(f"{base}/images", json={"prompt": "x"}) as reply,
+                ):
+                    return reply.status, await reply.json()
+            finally:
+                async with asyncio.timeout(KILL_GRACE_S):
+                    await runner.cleanup()
+
+        with caplog.at_level(logging.WARNING, logger="web_app"):
+            status, body = await answers(WujieClient(credentials, base_url=emu.base_url))
+        assert status == 502, body
+        assert body == {
+            "error": "the image service is unavailable; try again later",
+            "type": "AuthenticationError",
+        }
+        assert credentials.app_id in caplog.text and "AuthenticationError" in caplog.text
+        emu.set_faults(FaultConfig(cut_reply=1.0, endpoints=frozenset({"generations"})))
+        status, body = await answers(make_client(emu))
+        assert (status, body["type"]) == (502, "SubmitUncertainError")
+        assert "may have been taken" in body["error"] and emu.base_url not in body["error"]
+        sensitive = FaultConfig(business_error=1.0, business_error_code="20110001")
+        emu.set_faults(sensitive)
+        status, body = await answers(make_client(emu))
+        assert (status, body["code"]) == (422, "20110001"), body
+
+
+async def test_made_up_keys_are_looked_for_a_few_at_a_time(emulator: EmulatorFactory) -> None:
+    """Each key nobody here submitted is asked about in the client's batch calls until its
+    unknown_key_grace runs out: a browser sending made-up keys by the thousand had the client
+    follow them all, in the calls that follow the app's paid jobs. At most ``max_lookups``
+    are looked for at once; another is a 503, and the app's own keys are served still."""
+    example = load_example()
+    poll = dataclasses.replace(FAST_POLL, unknown_key_grace=30.0)  # made-up keys stay looked for
+    clients: list[WujieClient] = []
+
+    def client_factory() -> WujieClient:
+        clients.append(make_client(emu, poll=poll))
+        return clients[-1]
+
+    async with emulator(time_scale=0.02) as emu:
+        app = example.create_app(client_factory, lookup_seconds=0.1, max_lookups=3)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+
+                async def status_of(key: str) -> int:
+                    async with http.get(f"{base}/jobs/{key}") as reply:
+                        return reply.status
+
+                made_up = [f"MADEUP{i:026d}" for i in range(10)]
+                assert [await status_of(key) for key in made_up[:3]] == [404, 404, 404]
+                assert [await status_of(key) for key in made_up[3:]] == [503] * 7
+                assert await status_of(made_up[0]) == 404  # one already looked for, again
+                key = await submit(http, base, prompt="mine", model="dall-e-2")
+                assert await status_of(key) == 200
+            [client] = clients
+            assert len(client.jobs()) <= 4  # three made-up keys and the app's own job
+        finally:
+            async with asyncio.timeout(KILL_GRACE_S):
+                await runner.cleanup()
 
 
 async def test_a_key_listed_late_is_a_404_and_its_job_goes_on(

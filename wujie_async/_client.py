@@ -1005,6 +1005,7 @@ class WujieClient:
         return _stats.snapshot(
             submits=self._submits.accepted,
             submit_errors=self._submits.errors,
+            submits_uncertain=self._submits.uncertain,
             poller=self._poller.counters,
             transport=self._transport.counters,
             submit_rate_limit=brakes["submit"],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import math
@@ -383,7 +384,10 @@ class Downloader:
         span = otel.download_started(key, index, host) if otel is not None else None
         started = time.perf_counter()
         try:
-            saved = await save()
+            # Recorded here, with the image's host only: an HTTP instrumentation of the user's
+            # (which would record its whole URL, a signed token included) leaves it alone.
+            with otel.own_http() if otel is not None else contextlib.nullcontext():
+                saved = await save()
         except BaseException as exc:
             self._saved(span, key, index, started, None, exc)
             raise

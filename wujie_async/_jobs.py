@@ -389,14 +389,27 @@ class ImageJob:
 
         Raises:
             JobError: the job failed, was rejected, timed out or is unknown.
-            TimeoutError: ``timeout`` passed first.
+            TimeoutError: ``timeout`` passed first (its message names the job, which goes on).
             InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0.
         """
         timeout = check_wait("timeout", timeout)
         if timeout is None:
             return await self
-        async with asyncio.timeout(timeout):
-            return await self
+        try:
+            async with asyncio.timeout(timeout):
+                return await self
+        except TimeoutError as exc:
+            if isinstance(exc, JobError):  # the job's own deadline (JobTimeoutError)
+                raise
+            raise self._wait_ran_out(timeout, "its result") from None
+
+    def _wait_ran_out(self, timeout: float, what: str) -> TimeoutError:
+        """The error of a wait bounded by ``timeout`` that ran out. asyncio's own TimeoutError
+        says nothing: a request handler that showed it, or logged it, said "" of a paid job."""
+        return TimeoutError(
+            f"job {self._key}: {what} did not come within this wait's {timeout:g} s (the "
+            f"job goes on, {self.status_name}: wait again, or job.cancel() to stop tracking it)"
+        )
 
     async def image(self, index: int, timeout: float | None = None) -> GeneratedImage:
         """Wait for image ``index`` alone: it resolves as soon as the gateway lists it with a
@@ -410,6 +423,7 @@ class ImageJob:
             IndexError: the job has fewer images.
             IncompleteJobError: the gateway reported the job done without this image.
             JobError: the job ended without this image.
+            TimeoutError: ``timeout`` passed first (its message names the job, which goes on).
             InvalidRequestError: ``index`` is not an int, or ``timeout`` is not a finite
                 number of seconds >= 0.
         """
@@ -432,8 +446,13 @@ class ImageJob:
         if future is None:
             future = state.future.get_loop().create_future()
             state.image_futures[index] = future
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(future)
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(future)
+        except TimeoutError as exc:
+            if timeout is None or isinstance(exc, JobError):
+                raise
+            raise self._wait_ran_out(timeout, f"image {index}") from None
 
     async def save(
         self, directory: str | os.PathLike[str], *, name: str = DEFAULT_NAME

@@ -67,6 +67,9 @@ class ClientStats:
     Attributes:
         submits: submits the gateway accepted (each gave a key).
         submit_errors: submits that raised.
+        submits_uncertain: of ``submit_errors``, those that may have been accepted and
+            charged with no key to show for it (``SubmitUncertainError``: the reply was lost;
+            or cancelled while on the wire); a journal lists them (``uncertain_submits()``).
         batch_calls: batch-detail calls sent.
         batch_errors: batch-detail calls that failed after their retries (a call refused with
             429 is counted in ``rate_limited``; its keys are asked again after Retry-After).
@@ -107,12 +110,14 @@ class ClientStats:
     submit_rate_limit: float | None = None
     poll_rate_limit: float | None = None
     fleet: FleetStats | None = None
+    submits_uncertain: int = 0
 
 
 def snapshot(
     *,
     submits: int,
     submit_errors: int,
+    submits_uncertain: int,
     poller: PollerCounters,
     transport: TransportCounters,
     submit_rate_limit: float | None,
@@ -143,4 +148,5 @@ def snapshot(
         submit_rate_limit=submit_rate_limit,
         poll_rate_limit=poll_rate_limit,
         fleet=fleet,
+        submits_uncertain=submits_uncertain,
     )

@@ -347,6 +347,8 @@ class Submits:
     Attributes:
         accepted: submits the gateway accepted (each gave a key).
         errors: submits that raised.
+        uncertain: of ``errors``, those that may have been accepted (and charged): their
+            request may have reached the gateway and no key came back.
         unjournaled: accepted submits whose key the journal could not write (listed by
             ``uncertain_submits()`` for the life of the client).
     """
@@ -385,6 +387,7 @@ class Submits:
         self._refused_keys: set[str] = set()
         self.accepted = 0
         self.errors = 0
+        self.uncertain = 0
         self.unjournaled: list[JournalEntry] = []
 
     def open(self, admission: Admission) -> None:
@@ -457,6 +460,8 @@ class Submits:
             )
         except BaseException as exc:
             self.errors += 1
+            if outcome_state(exc, sending=record.may_have_left) == "uncertain":
+                self.uncertain += 1
             if trace is not None:
                 self._submit_ended(trace, record, exc)
             if (

@@ -348,12 +348,22 @@ class Telemetry:
                 f"; {len(left)} job(s) still running were not collected ({kept}; "
                 "aclose(drain=True) waits for jobs)"
             )
+        # A submit that may have been accepted (its reply lost, or cancelled on the wire) may
+        # have been charged: it is not told among those the gateway did not take.
+        uncertain = stats.submits_uncertain
+        raised = (
+            f"{stats.submit_errors} raised ({stats.submit_errors - uncertain} not accepted, "
+            f"{uncertain} uncertain: sent without a reply, they may have been accepted and "
+            f"charged{'; uncertain_submits() lists them' if journal else ''})"
+            if uncertain
+            else f"{stats.submit_errors} raised (not accepted)"
+        )
         logger.info(
-            "client closed: %d submit(s) accepted, %d raised (not accepted); "
+            "client closed: %d submit(s) accepted, %s; "
             "%d job(s) succeeded, %d failed; "
             "%d batch calls (%.1f keys each), %d HTTP requests, %d retries, %d 429s%s",
             stats.submits,
-            stats.submit_errors,
+            raised,
             stats.jobs_succeeded,
             stats.jobs_failed,
             stats.batch_calls,

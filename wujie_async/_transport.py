@@ -31,6 +31,7 @@ we raise, and the header is never a local of a frame that a traceback keeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import email.utils
 import errno
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -319,6 +321,9 @@ def _redirect_error(url: str, status: int, location: str) -> UnexpectedRedirectE
     )
 
 
+_NESTED_ERROR = re.compile(r"<(\w+): \d+, message='([^'<>]*)'>")
+
+
 def _failure_reason(exc: BaseException) -> str:
     """The lower-level error's own words (the OS reason, say), without any object it holds.
 
@@ -332,7 +337,10 @@ def _failure_reason(exc: BaseException) -> str:
             # asyncio words a refusal "Connect call failed (...)": name the errno as well.
             reason = f"{os.strerror(os_error.errno)} ({reason})"
     else:
-        reason = str(exc)
+        # aiohttp writes a nested error as its repr (a body cut short: "Response payload is
+        # not completed: <ContentLengthError: 400, message='Not enough data ...'>"), which
+        # snippet() takes for markup and leaves out, with the words that said what happened.
+        reason = _NESTED_ERROR.sub(r"\1: \2", str(exc))
     name = type(exc).__name__
     reason = snippet(reason, limit=200)
     return f"{name}: {reason}" if reason else name
@@ -576,7 +584,9 @@ class Transport:
         # Observed: timed from here (after the brake's wait), recorded once it is over.
         start_ns, started = time.time_ns(), time.perf_counter()
         try:
-            data = await self._send(path, payload, kind, sent_at)
+            # Recorded here: an HTTP instrumentation of the user's is told to leave it alone.
+            with otel.own_http() if otel is not None else contextlib.nullcontext():
+                data = await self._send(path, payload, kind, sent_at)
         except BaseException as exc:  # re-raised as is: a cancel on the wire is recorded too
             self._observe(otel, path, attempt, keys, parent, exc, start_ns, started)
             raise

@@ -15,8 +15,10 @@ Fixtures:
   time scale (0.01: a "20 s" job takes 0.2 s), seeded. Settings come from the
   ``@pytest.mark.wujie_emulator(...)`` marker (any :class:`~wujie_async.emulator.EmulatorConfig`
   field by name, e.g. ``time_scale=0.05`` or ``faults=FaultConfig(fail_jobs=0.5)``, or faults
-  as a dict, ``faults={"fail_jobs": 0.5}``; a setting of the wrong type or out of range is an
-  ``InvalidRequestError`` naming it); faults can also change while it runs, with
+  as a dict, ``faults={"fail_jobs": 0.5}``; markers of the module, the class and the test add
+  up, the closest one's value winning for a setting given twice; a setting of the wrong type
+  or out of range is an ``InvalidRequestError`` naming it); faults can also change while it
+  runs, with
   ``wujie_emulator.set_faults(FaultConfig(...))``.
 * ``wujie_client``: an open :class:`~wujie_async.WujieClient` bound to that emulator, polling
   on the emulator's time scale (:func:`poll_for`: :data:`FAST_POLL` at the default scale) with
@@ -174,9 +176,11 @@ def _check_loop_scopes(request: pytest.FixtureRequest) -> None:
 async def wujie_emulator(request: pytest.FixtureRequest) -> AsyncIterator[Emulator]:
     """An emulator of the gateway on loopback, for this test (see the module docstring)."""
     _check_runner(request)
-    marker = request.node.get_closest_marker("wujie_emulator")
     settings: dict[str, Any] = {"time_scale": DEFAULT_TIME_SCALE, "seed": 0}
-    if marker is not None:
+    # Markers of the module, the class and the test add up, the closest one's value winning
+    # for a setting given twice: a test's own marker (faults=...) took the place of its
+    # module's (time_scale=0.05), whose settings were then silently dropped.
+    for marker in reversed(list(request.node.iter_markers("wujie_emulator"))):
         if marker.args:
             raise pytest.UsageError(
                 "@pytest.mark.wujie_emulator takes EmulatorConfig settings by name "
