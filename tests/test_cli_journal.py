@@ -428,3 +428,32 @@ async def test_a_never_listed_key_an_older_run_recorded_failed_is_not_resent(
     assert code == 1 and json.loads(stdout)["outcomes"].get("saved", 0) == 0, err
     assert "asking the gateway again about 1" in err, err
     assert [r.get("key") for r in manifest(out)] == ["F" * 32] * 2, manifest(out)
+
+
+@pytest.mark.long
+async def test_rows_are_accepted_in_every_form_the_cli_prints_them(tmp_path: Path) -> None:
+    """Summaries name a row ``line 1 (id r0)``, and `journal list` a row that names neither
+    a line nor an id ``#2``: `journal forget`/`resend` refused both ("no journal row")."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(3)
+            )
+        )
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
+        with sqlite3.connect(out / "journal.sqlite") as db:
+            [(untagged,)] = db.execute("SELECT id FROM submits WHERE tag = 'id:r1'").fetchall()
+            db.execute("UPDATE submits SET tag = NULL WHERE id = ?", (untagged,))
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert f"#{untagged} " in listing, listing
+        forget = ("journal", "forget", f"#{untagged}", "line 1 (id r0)", "--yes", "-o", str(out))
+        code, _, err = await cli(*forget)
+        assert code == 0 and "forgot 2 row(s)" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "1 row(s)" in listing and "id r2" in listing, listing
+        code, _, err = await cli("journal", "forget", "#999", "--yes", "-o", str(out))
+        assert code == 2 and "no journal row for #999" in err, err

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -76,7 +77,8 @@ def add_parser(
         "rows",
         nargs="*",
         metavar="LINE_OR_ID",
-        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
+        help="input line numbers or ids, or as journal list and summaries print them "
+        "(line 4, id fox, 'line 4 (id fox)', #12)",
     )
     resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
     resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -89,7 +91,8 @@ def add_parser(
         "rows",
         nargs="*",
         metavar="LINE_OR_ID",
-        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
+        help="input line numbers or ids, or as journal list and summaries print them "
+        "(line 4, id fox, 'line 4 (id fox)', #12)",
     )
     forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -149,13 +152,31 @@ def _name(entry: JournalEntry) -> str:
     return f"line {line}" if line else f"#{entry.id}"
 
 
+# A row as the CLI's summaries print it: ``line 4 (id fox)`` (the id decides).
+_LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
+
+
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
-    """Whether ``wanted`` names the row: by its id or line number, or as `journal list`
-    prints it (``id fox``, ``line 4``), which is what a user copies from there."""
+    """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
+    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
+    that names neither, the ``row`` of ``journal list --json``), which is what a user copies."""
     line, row_id = line_of(entry)
-    if row_id is not None and (row_id in wanted or f"id {row_id}" in wanted):
-        return True
-    return line > 0 and (str(line) in wanted or f"line {line}" in wanted)
+    for word in wanted:
+        said = word.strip()
+        if said.startswith("#") and said[1:].isdigit():
+            if int(said[1:]) == entry.id:
+                return True
+            continue
+        both = _LINE_AND_ID.match(said)
+        if both is not None:
+            if row_id is not None and both["id"] in (row_id, clean(row_id)):
+                return True
+            continue
+        if row_id is not None and said in (row_id, f"id {row_id}", f"id {clean(row_id)}"):
+            return True
+        if line > 0 and said in (str(line), f"line {line}"):
+            return True
+    return False
 
 
 def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
@@ -228,7 +249,8 @@ def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[Journ
         shown = ", ".join(clean(row) for row in unknown[:20])
         raise UsageError(
             f"journal {action}: no journal row for {shown} (rows are input line numbers or "
-            f"ids, as `journal list` shows them: 4 or 'line 4', fox or 'id fox'); nothing was "
+            f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
+            f"'id fox', 'line 4 (id fox)', or '#12' for a row that has neither); nothing was "
             f"{done}"
         )
 
