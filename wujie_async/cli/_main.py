@@ -60,7 +60,7 @@ from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock, remove_st
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
 from ._run import Session, check_out_folder, journal_path
-from ._single import build_request, show_status, submit_no_wait
+from ._single import build_request, check_keys, show_status, submit_no_wait
 
 _DESCRIPTION = """wujie-async: generate images, run a bulk job, settle its journal, or serve
 the gateway emulator.
@@ -607,6 +607,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         items = [BulkItem(1, request)]
         planned = [_planned(items[0])]
     elif args.command == "status":
+        check_keys(args.keys)  # before credentials and the output folder: the key is wrong
         planned = [
             PlannedJob(f"key {number}", 1, line=number) for number in range(1, len(args.keys) + 1)
         ]

@@ -41,6 +41,7 @@ from ._outcome import (
     recorded_request,
     saved_indexes,
 )
+from ._single import not_a_key
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
@@ -635,7 +636,7 @@ def plan_status(
     for number, key in enumerate(keys, start=1):
         try:
             job = client.images.attach(key, job_timeout=job_timeout)
-        except InvalidRequestError as exc:
-            raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
+        except InvalidRequestError:
+            raise UsageError(not_a_key(key)) from None
         plan.collect.append((Row(number, None, None, {}), job))
     return plan

@@ -460,6 +460,7 @@ class Session:
                     spare_room=reserve.spare,
                     journaled=self.journal is not None,
                     rechecked=frozenset(plan.rechecked),
+                    keys_given=args.command == "status",
                 )
                 signals = handlers.enter_context(stopping_on_signals(stop, self.console))
                 self.signals = signals
@@ -811,6 +812,22 @@ class Session:
             for o in result.outcomes
             if o.status == "uncertain" and o.error_code in ("protocol_error", "unknown_job")
         )
+        missing: list[str | None] = []
+        if self.args.command == "status":
+            # Keys typed in: one never listed is most likely mistyped, not a job seen accepted.
+            missing = [
+                o.key
+                for o in result.outcomes
+                if o.error_code == "unknown_job" and o.error and ": not found:" in o.error
+            ]
+            if missing:
+                accepted -= len(missing)
+                say(
+                    f"{len(missing)} key(s) the gateway does not list (not found): check each "
+                    "key (a mistyped one, or another app's); a job whose result was cleaned up "
+                    "is gone from the gateway too: "
+                    + some_and_more([clean(key) for key in missing if key], 10)
+                )
         if accepted and self.args.command == "bulk":
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
@@ -838,7 +855,7 @@ class Session:
                 f"again, and save their images if the gateway lists them done, with:\n  "
                 f"{self._collect(keys)}" + (f" {_PAYS_AGAIN}" if self._one_job else "")
             )
-        if counts["uncertain"] - accepted:
+        if counts["uncertain"] - accepted - len(missing):
             see = (
                 f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                 if self.journal is not None
@@ -850,7 +867,8 @@ class Session:
                 else "resend them by adding --retry-uncertain"
             )
             say(
-                f"{counts['uncertain'] - accepted} line(s) may have been charged without a "
+                f"{counts['uncertain'] - accepted - len(missing)} line(s) may have been charged "
+                "without a "
                 f"reply; they are never resent silently. See them with: {see}; once the "
                 f"gateway's console shows they were not charged, {resend}"
             )
