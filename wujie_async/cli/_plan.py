@@ -12,6 +12,7 @@ uncertain. Without a journal the manifest's rows decide the same way (``plan_fro
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,17 @@ async def plan_rerun(
             if len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
             elif (
-                job := _attach(client, entry, plan, n, job_timeout, charged, held=uncertain)
+                job := _attach(
+                    client,
+                    entry,
+                    plan,
+                    n,
+                    job_timeout,
+                    charged,
+                    held=uncertain,
+                    # Its journal row's time, or what its manifest row tells, if earlier.
+                    submitted_at=min(entry.created, _told_long_ago(client)),
+                )
             ) is not None:
                 plan.collect.append((row, job))
                 plan.rechecked.add(job.key)
@@ -437,6 +448,7 @@ def plan_from_manifest(
                     job_timeout,
                     charged,
                     held=last.get("status") == "uncertain",
+                    submitted_at=_told_long_ago(client),
                 )
             )
             is not None
@@ -536,11 +548,24 @@ def _attach_key(
     charged: frozenset[str],
     *,
     held: bool = False,
+    submitted_at: float | None = None,
 ) -> ImageJob | None:
     try:
-        return _attach_charged(client, key, row.body, n, job_timeout, charged, held=held)
+        return _attach_charged(
+            client, key, row.body, n, job_timeout, charged, held=held, submitted_at=submitted_at
+        )
     except InvalidRequestError:
         return None
+
+
+def _told_long_ago(client: WujieClient) -> float:
+    """A time an uncertain line's job (see RECHECKED) was surely submitted by, as its
+    manifest row tells (a manifest keeps no submit times): the row says the gateway listed
+    the key and then forgot it, or left it out of its replies, or listed it only unreadably,
+    for a whole grace after the submit, before the row was written. Past that moment after
+    a submit, a key never listed on the re-ask ends after a few seconds of replies
+    (``attach(submitted_at=...)``), not after the whole grace again: it stays uncertain."""
+    return time.time() - client.poll_policy.unknown_key_grace
 
 
 def _attach_charged(
@@ -552,6 +577,7 @@ def _attach_charged(
     charged: frozenset[str],
     *,
     held: bool = False,
+    submitted_at: float | None = None,
 ) -> ImageJob:
     """The job of an earlier run's key. Its cost counts against the budget (if any) unless
     ``charged`` says a manifest row records it, the request names no model to price it by, or
@@ -566,6 +592,7 @@ def _attach_charged(
         n=n,
         request=request,
         charge_budget=not held and key not in charged and isinstance(request.get("model"), str),
+        submitted_at=submitted_at,
     )
 
 
@@ -598,12 +625,20 @@ def _attach(
     charged: frozenset[str],
     *,
     held: bool = False,
+    submitted_at: float | None = None,
 ) -> ImageJob | None:
     """The job of a journaled key (see :func:`_attach_charged`), or None (noted in ``plan``)
     when the key is not usable: one damaged row never stops the others."""
     try:
         return _attach_charged(
-            client, entry.job_key or "", entry.request, n, job_timeout, charged, held=held
+            client,
+            entry.job_key or "",
+            entry.request,
+            n,
+            job_timeout,
+            charged,
+            held=held,
+            submitted_at=submitted_at,
         )
     except InvalidRequestError:
         plan.unusable.append(entry.id)

@@ -1,0 +1,79 @@
+"""Uncertain lines whose job the gateway accepted, asked about again by a re-run, ``resume``
+and under ``--max-points``, as a user runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from wujie_async import Credentials, PollPolicy, UnknownJobError, WujieClient
+
+from .cli_helpers import (
+    Served,
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+    served_emulator,
+)
+
+pytestmark = pytest.mark.anyio
+
+# A gateway that forgets a job the moment it ends (it cleans up old results).
+FORGETFUL = ("--retain-finished-s", "0")
+FOX = {"id": "fox", "prompt": "a fox", "model": "dall-e-2"}
+
+
+def _client(emu: Served, journal: Path | None = None) -> WujieClient:
+    """A library client on the served emulator, with a short unknown-key grace."""
+    credentials = Credentials(
+        app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+    )
+    poll = dataclasses.replace(PollPolicy(), first_poll_delay=0.02, min_interval=0.02)
+    poll = dataclasses.replace(poll, unknown_key_grace=1.0)
+    return WujieClient(credentials, base_url=emu.base_url, journal=journal, poll=poll)
+
+
+async def _forgotten_fox(emu: Served, rows: Path, out: Path, *, journal: bool) -> str:
+    """The state an earlier run leaves of a line whose job the gateway listed and then forgot:
+    the manifest's row says uncertain (``unknown_job``) with its key, and the journal's (with
+    ``journal``) failed. Returns the key."""
+    rows.write_text(json.dumps(FOX) + "\n")
+    out.mkdir()
+    path = out / "journal.sqlite" if journal else None
+    async with _client(emu, path) as client:
+        job = await client.images.submit(prompt="a fox", model="dall-e-2", tag="id:fox")
+        with pytest.raises(UnknownJobError) as info:
+            await job
+    row = {
+        "status": "uncertain", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+        "prompt": "a fox", "key": job.key, "error_code": "unknown_job",
+        "input": str(rows.resolve()), "error": str(info.value),
+    }  # fmt: skip
+    (out / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+    return job.key
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("journal", [True, False])
+async def test_a_rerun_ends_a_key_no_longer_listed_without_waiting_the_whole_grace(
+    tmp_path: Path, journal: bool
+) -> None:
+    """Asked about again, a key the gateway no longer lists ended only after the whole 30 s
+    grace, which waits for a new key to be listed at all: this key was listed long ago. It
+    ends after a few seconds of replies now, still uncertain (never failed, never resent)."""
+    async with served_emulator(tmp_path, *FORGETFUL) as emu:
+        rows, out = tmp_path / "rows.jsonl", tmp_path / "out"
+        key = await _forgotten_fox(emu, rows, out, journal=journal)
+        started = time.monotonic()
+        bulk = ["bulk", str(rows), "-o", str(out), "--json", "--retry-failed"]
+        code, stdout, err = await cli(*bulk, *([] if journal else ["--no-journal"]), env=emu.env)
+        assert time.monotonic() - started < 15.0, err
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        assert "asking the gateway again about 1 uncertain line(s)" in err, err
+        last = manifest(out)[-1]
+        assert last["status"] == "uncertain" and last["key"] == key, last
+        assert (await emu.stats())["submits_accepted"] == 1  # never resent unasked
