@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from wujie_async import Credentials, PollPolicy, UnknownJobError, WujieClient
+from wujie_async import (
+    Credentials,
+    JobProtocolError,
+    Limits,
+    PollPolicy,
+    UnknownJobError,
+    WujieClient,
+)
 
 from .cli_helpers import (
     Served,
@@ -27,14 +34,22 @@ FORGETFUL = ("--retain-finished-s", "0")
 FOX = {"id": "fox", "prompt": "a fox", "model": "dall-e-2"}
 
 
-def _client(emu: Served, journal: Path | None = None) -> WujieClient:
-    """A library client on the served emulator, with a short unknown-key grace."""
+def _client(
+    emu: Served, journal: Path | None = None, *, max_response_bytes: int | None = None
+) -> WujieClient:
+    """A library client on the served emulator, with a short unknown-key grace (and
+    ``max_response_bytes``, when given)."""
     credentials = Credentials(
         app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
     )
     poll = dataclasses.replace(PollPolicy(), first_poll_delay=0.02, min_interval=0.02)
     poll = dataclasses.replace(poll, unknown_key_grace=1.0)
-    return WujieClient(credentials, base_url=emu.base_url, journal=journal, poll=poll)
+    limits = (
+        Limits() if max_response_bytes is None else Limits(max_response_bytes=max_response_bytes)
+    )
+    return WujieClient(
+        credentials, base_url=emu.base_url, journal=journal, poll=poll, limits=limits
+    )
 
 
 async def _forgotten_fox(emu: Served, rows: Path, out: Path, *, journal: bool) -> str:
@@ -77,3 +92,42 @@ async def test_a_rerun_ends_a_key_no_longer_listed_without_waiting_the_whole_gra
         last = manifest(out)[-1]
         assert last["status"] == "uncertain" and last["key"] == key, last
         assert (await emu.stats())["submits_accepted"] == 1  # never resent unasked
+
+
+@pytest.mark.long
+async def test_resume_collects_an_uncertain_job_the_gateway_now_reports_readably(
+    tmp_path: Path,
+) -> None:
+    """A job the gateway accepted and then reported only unreadably (here: over the reply
+    cap) ends uncertain; its journal row reads failed. `resume` left it alone (a bulk re-run
+    asks about it again): it asks now, saves its images once and counts its cost once."""
+    async with served_emulator(tmp_path) as emu:
+        rows, out = tmp_path / "rows.jsonl", tmp_path / "out"
+        rows.write_text(json.dumps(FOX) + "\n")
+        out.mkdir()
+        async with _client(emu, out / "journal.sqlite", max_response_bytes=150) as client:
+            job = await client.images.submit(prompt="a fox", model="dall-e-2", tag="id:fox")
+            with pytest.raises(JobProtocolError) as info:
+                await job
+        row = {
+            "status": "uncertain", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+            "prompt": "a fox", "key": job.key, "error_code": "protocol_error",
+            "input": str(rows.resolve()), "error": str(info.value),
+        }  # fmt: skip
+        (out / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+        resume = ["resume", str(out / "journal.sqlite"), "-o", str(out), "--json"]
+        code, stdout, err = await cli(*resume, env=emu.env)
+        said = json.loads(stdout)
+        assert code == 0 and said["outcomes"]["saved"] == 1 and said["images"] == 1, err
+        assert "asking the gateway again about 1 uncertain line(s)" in err, err
+        [saved] = [r for r in manifest(out) if r["status"] == "saved"]
+        assert saved["key"] == job.key and (out / saved["path"]).is_file(), saved
+        assert said["points"] == saved["points"] == 2, said  # dall-e-2: 2 points an image
+        code, stdout, err = await cli(*resume, env=emu.env)
+        said = json.loads(stdout)
+        assert code == 0 and said["lines"] == 0 and said["points"] == 0, err
+        assert len([r for r in manifest(out) if r["status"] == "saved"]) == 1
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        said = json.loads(stdout)
+        assert code == 0 and said["outcomes"]["saved"] == 1 and said["points_total"] == 2, err
+        assert (await emu.stats())["submits_accepted"] == 1  # never paid again

@@ -597,20 +597,46 @@ def _attach_charged(
 
 
 async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]]) -> Plan:
-    """``resume``: collect every journaled job not ended, or ended with images not saved."""
+    """``resume``: collect every journaled job not ended, or ended with images not saved,
+    and ask again about the jobs of uncertain lines the gateway accepted (see RECHECKED), as
+    a re-run of ``bulk`` does: asking costs nothing; their images are saved if the gateway
+    lists them done now, else they stay uncertain."""
     plan = Plan()
     saved = saved_indexes(manifest_records)
     await record_manifest_keys(client, manifest_records)
     lines = lines_by_id(manifest_records)
-    for entry in await client.journal_entries("accepted", "succeeded"):
+    by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
+    # Each line's latest row: an older one was superseded by a resend of the line.
+    latest = {entry.tag or f"#{entry.id}": entry.id for entry in await client.journal_entries()}
+    for entry in await client.journal_entries("accepted", "succeeded", "failed"):
         n = images_in(entry.request) or 1
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
             continue
+        record = by_key.get(entry.job_key)
+        recheck = (
+            entry.state == "failed"
+            and record is not None
+            and latest.get(entry.tag or f"#{entry.id}") == entry.id
+            and (record.get("status") == "uncertain" or _legacy_unknown(record))
+            and record.get("error_code") in RECHECKED
+        )
+        if entry.state == "failed" and not recheck:
+            continue
         line, row_id = line_of(entry, lines)
         row = Row(line, row_id, entry.tag, entry.request)
-        job = _attach(client, entry, plan, n, None, frozenset())
+        job = _attach(
+            client,
+            entry,
+            plan,
+            n,
+            None,
+            frozenset(),
+            submitted_at=min(entry.created, _told_long_ago(client)) if recheck else None,
+        )
         if job is not None:
             plan.collect.append((row, job))
+            if recheck:
+                plan.rechecked.add(job.key)
         else:
             plan.settled.append(_unusable_key(entry, row))
     return plan

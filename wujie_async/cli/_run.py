@@ -828,19 +828,23 @@ class Session:
                     "is gone from the gateway too: "
                     + some_and_more([clean(key) for key in missing if key], 10)
                 )
-        if accepted and self.args.command == "bulk":
+        if accepted and self.args.command in ("bulk", "resume"):
+            resend = (
+                "resend them by adding --retry-uncertain to the bulk command"
+                if self.args.command == "resume"
+                else "resend them by adding --retry-uncertain"
+            )
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or never listed or forgot them: they may "
                 "have run and been charged, and are never resent silently. A re-run of the "
                 "same command asks about them again (and saves their images if the gateway "
                 "lists them done then); `wujie-async status KEY` asks about one (keys in the "
-                "manifest); resend them by adding --retry-uncertain once the gateway's console "
-                "shows they were not charged"
+                f"manifest); {resend} once the gateway's console shows they were not charged"
             )
         elif accepted:
-            # generate/edit run again send a new job (paid again), resume run again leaves
-            # these alone (its journal rows read failed), and none of them has --retry-uncertain.
+            # generate/edit run again send a new job (paid again), and neither has
+            # --retry-uncertain.
             keys = [
                 o.key
                 for o in result.outcomes
