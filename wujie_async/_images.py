@@ -151,8 +151,9 @@ class Images:
         ``PollPolicy.unknown_key_grace`` waits for before a key never listed ends as unknown
         (``UnknownJobError``). A key submitted longer ago than that is past that moment, so
         it waits only what is left of the grace, and at least 3 s (a gateway may leave a key
-        it knows out of a reply or two), measured over replies as ever. A key the gateway lists, and later leaves out, waits the whole grace.
-        (In fleet mode the leader's own policy decides.)
+        it knows out of a reply or two), measured over replies as ever. A key the gateway
+        lists, and later leaves out, waits the whole grace. (In fleet mode the leader's own
+        policy decides.)
 
         Raises:
             InvalidRequestError: ``key``, ``n``, ``job_timeout``, ``request`` or
