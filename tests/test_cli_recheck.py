@@ -131,3 +131,39 @@ async def test_resume_collects_an_uncertain_job_the_gateway_now_reports_readably
         said = json.loads(stdout)
         assert code == 0 and said["outcomes"]["saved"] == 1 and said["points_total"] == 2, err
         assert (await emu.stats())["submits_accepted"] == 1  # never paid again
+
+
+@pytest.mark.long
+async def test_an_unpriced_uncertain_job_collected_now_is_charged_to_the_budget(
+    tmp_path: Path,
+) -> None:
+    """An uncertain line of a kind with no known price counts nothing among what uncertain
+    lines may have cost; asked about again and found done, its cost was not charged to
+    --max-points either: the lines sent after it went past the budget by what it cost."""
+    async with served_emulator(tmp_path) as emu:
+        rows, out = tmp_path / "rows.jsonl", tmp_path / "out"
+        fox = {**FOX, "n": 4}  # 8 points at the emulator's 2 an image
+        hens = [{"id": f"hen{i}", "prompt": f"hen {i}", "model": "gpt-image-1"} for i in range(3)]
+        rows.write_text("".join(json.dumps(row) + "\n" for row in [fox, *hens]))
+        out.mkdir()
+        async with _client(emu, out / "journal.sqlite", max_response_bytes=150) as client:
+            job = await client.images.submit(prompt="a fox", model="dall-e-2", n=4, tag="id:fox")
+            with pytest.raises(JobProtocolError) as info:
+                await job
+        row = {
+            "status": "uncertain", "line": 1, "id": "fox", "tag": "id:fox", "model": "dall-e-2",
+            "prompt": "a fox", "n": 4, "key": job.key, "error_code": "protocol_error",
+            "input": str(rows.resolve()), "error": str(info.value),
+        }  # fmt: skip
+        (out / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+        # 30 points: the fox's 8 and two hens at 8; the hens go half a second apart, so the
+        # fox (asked about at once) is told by the third.
+        budget = ["--max-points", "30", "--point-price", "gpt-image-1=8", "--rate", "2"]
+        code, stdout, err = await cli(
+            "bulk", str(rows), "-o", str(out), "--json", *budget, env=emu.env
+        )
+        said = json.loads(stdout)
+        assert said["outcomes"]["saved"] == 3 and said["outcomes"]["not_sent"] == 1, err
+        assert code == 1 and said["points_total"] == 24 <= 30, said
+        assert [r["error_code"] for r in manifest(out) if r["status"] == "not_sent"] == ["budget"]
+        assert (await emu.stats())["submits_accepted"] == 3  # the fox, and two hens

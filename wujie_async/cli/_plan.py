@@ -29,6 +29,7 @@ from .. import (
     WujieClient,
     WujieError,
 )
+from .._budget import Kind, kind_of
 from .._keys import images_in
 from ._bulk import Row, charged_keys, record_manifest_keys
 from ._common import UsageError
@@ -180,13 +181,14 @@ async def plan_rerun(
     job_timeout: float | None,
     own_journal: bool = False,
     retry_uncertain: bool = False,
+    unpriced: Collection[Kind] = (),
 ) -> Plan:
     """Decide, per line, from the journal: send, collect, or leave as it ended.
 
     A job collected counts against ``--max-points`` unless a manifest row records its cost
     (the budget is the input's, across re-runs). ``own_journal``: the journal is the output
     folder's own, so every job in it is this input's (one input per folder), the jobs of rows
-    removed since included."""
+    removed since included. ``unpriced``: kinds with no known price (see :func:`_held`)."""
     plan = Plan()
     charged = charged_keys(manifest_records)
     entries = await client.journal_entries()
@@ -259,7 +261,7 @@ async def plan_rerun(
             plan.skipped += 1
         elif entry.job_key and _recheck(entry):
             # Asked about again: collected if the gateway lists it done now.
-            uncertain = by_key[entry.job_key].get("status") == "uncertain"
+            uncertain = _held(by_key[entry.job_key], row.body, unpriced)
             if len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
             elif (
@@ -304,6 +306,7 @@ async def plan_rerun(
             retry_failed=retry_failed,
             job_timeout=job_timeout,
             retry_uncertain=retry_uncertain,
+            unpriced=unpriced,
             orphans=False,
             # The other lines of the input hold their rows: a line added since that repeats
             # one of them is a new row, not that one moved (it read "saved", never sent).
@@ -377,6 +380,7 @@ def plan_from_manifest(
     retry_failed: bool,
     job_timeout: float | None,
     retry_uncertain: bool = False,
+    unpriced: Collection[Kind] = (),
     orphans: bool = True,
     claimed: Collection[str] = (),
 ) -> Plan:
@@ -447,7 +451,7 @@ def plan_from_manifest(
                     n,
                     job_timeout,
                     charged,
-                    held=last.get("status") == "uncertain",
+                    held=_held(last, row.body, unpriced),
                     submitted_at=_told_long_ago(client),
                 )
             )
@@ -499,6 +503,17 @@ def plan_from_manifest(
             plan.collect.append((row, job))
             plan.orphans += 1
     return plan
+
+
+def _held(record: dict[str, Any], body: dict[str, Any], unpriced: Collection[Kind]) -> bool:
+    """Whether the budget holds the cost of an uncertain line asked about again already: it
+    counts what uncertain lines may have cost (``uncertain_cost``) at their kind's price. A
+    line of a kind with no known price (``unpriced``) is counted at nothing there, so its job
+    is charged to the budget when collected (what it cost, once it is known), as any job
+    collected is: never twice, never not at all."""
+    if record.get("status") != "uncertain":
+        return False
+    return kind_of(body, images_in(body) or 1) not in unpriced
 
 
 def _legacy_unknown(record: dict[str, Any]) -> bool:

@@ -353,6 +353,7 @@ class Session:
                     job_timeout=args.job_timeout,
                     own_journal=_same_file(self.journal, out / "journal.sqlite"),
                     retry_uncertain=args.retry_uncertain,
+                    unpriced=self.unpriced_kinds,
                 )
                 if plan.skipped:
                     self._say(
@@ -368,6 +369,7 @@ class Session:
                     retry_failed=args.retry_failed,
                     job_timeout=args.job_timeout,
                     retry_uncertain=args.retry_uncertain,
+                    unpriced=self.unpriced_kinds,
                 )
                 if plan.skipped:
                     self._say(
