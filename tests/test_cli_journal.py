@@ -457,3 +457,36 @@ async def test_rows_are_accepted_in_every_form_the_cli_prints_them(tmp_path: Pat
         assert "1 row(s)" in listing and "id r2" in listing, listing
         code, _, err = await cli("journal", "forget", "#999", "--yes", "-o", str(out))
         assert code == 2 and "no journal row for #999" in err, err
+
+
+@pytest.mark.long
+async def test_resend_takes_max_points_and_name_as_bulk_does(tmp_path: Path) -> None:
+    """`journal resend` had neither --max-points nor --name: settling uncertain rows had no
+    budget (the folder's input's, as bulk's: uncertain lines count as maybe charged) and
+    saved every image under the key's name."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(3)
+            )
+        )
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
+    async with served_emulator(tmp_path / "healthy") as healthy:
+        resend = ["journal", "resend", "--all-uncertain", "--yes", "-o", str(out)]
+        code, _, err = await cli(*resend, "--name", "{id}-{nope}.{ext}", env=healthy.env)
+        assert code == 2 and "--name" in err, err
+        code, _, err = await cli(*resend, "--max-points", "-1", env=healthy.env)
+        assert code == 2 and "--max-points must be" in err, err
+        # 3 uncertain lines at 2 points each may have been charged: 4 of 10 are left.
+        budget = ["--max-points", "10", "--point-price", "dall-e-2=2"]
+        code, _, err = await cli(*resend, *budget, "--name", "{id}-{index}.{ext}", env=healthy.env)
+        assert code == 1 and "resent 3 row(s): 2 saved" in err, err
+        assert "1 row(s) not sent (id r2): over the points budget" in err, err
+        assert (await healthy.stats())["submits_accepted"] == 2
+        saved = [r for r in manifest(out) if r["status"] == "saved"]
+        assert sorted(r["path"] for r in saved) == ["r0-0.png", "r1-0.png"], saved
+        assert [r["error_code"] for r in manifest(out) if r["status"] == "not_sent"] == ["budget"]
