@@ -405,3 +405,25 @@ async def test_status_wait_of_a_key_never_listed_says_not_found_not_charged(
     assert "not found" in manifest(out)[-1]["error"], manifest(out)
     assert "may have been charged" not in err and "accepted by the gateway" not in err, err
     assert "1 key(s) the gateway does not list (not found)" in err, err
+
+
+@pytest.mark.long
+async def test_status_of_a_key_given_twice_waits_and_saves_it_once(tmp_path: Path) -> None:
+    """A key pasted twice (`status K K --wait`) downloaded every image twice over the same
+    file, and the summary counted each twice ("4 image(s) saved", each path listed twice)."""
+    async with served_emulator(tmp_path) as emu:
+        code, stdout, err = await cli(
+            "generate", "a fox", "--model", "dall-e-2", "-n", "2", "--no-wait", env=emu.env
+        )
+        assert code == 0, err
+        key = stdout.strip()
+        out = tmp_path / "out"
+        code, stdout, err = await cli(
+            "status", key, key, "--wait", "-o", str(out), "--json", env=emu.env
+        )
+        said = json.loads(stdout)
+        assert code == 0 and said["lines"] == 1 and said["images"] == 2, said
+        assert len(set(said["paths"])) == len(said["paths"]) == 2, said
+        assert len([r for r in manifest(out) if r["status"] == "saved"]) == 2
+        code, stdout, err = await cli("status", key, key, "--json", env=emu.env)
+        assert code == 0 and len(stdout.splitlines()) == 1, stdout

@@ -597,6 +597,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         planned = [_planned(items[0])]
     elif args.command == "status":
         check_keys(args.keys)  # before credentials and the output folder: the key is wrong
+        # A key given twice is one job: asked about, waited for and saved once.
+        args.keys = list(dict.fromkeys(args.keys))
         planned = [
             PlannedJob(f"key {number}", 1, line=number) for number in range(1, len(args.keys) + 1)
         ]
