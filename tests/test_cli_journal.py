@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from wujie_async import Credentials
+from wujie_async import Credentials, _lock_file
+from wujie_async.cli._out_lock import LOCK_NAME
 
 from .cli_helpers import (
     CLEAN_ENV,
@@ -490,3 +491,23 @@ async def test_resend_takes_max_points_and_name_as_bulk_does(tmp_path: Path) -> 
         saved = [r for r in manifest(out) if r["status"] == "saved"]
         assert sorted(r["path"] for r in saved) == ["r0-0.png", "r1-0.png"], saved
         assert [r["error_code"] for r in manifest(out) if r["status"] == "not_sent"] == ["budget"]
+
+
+@pytest.mark.long
+async def test_resend_waits_for_no_other_run_into_its_folder(tmp_path: Path) -> None:
+    """`journal resend` plans from OUT's manifest and writes there, yet took no folder lock:
+    a bulk run into the same folder with another journal (or none) sent the same lines."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\n")
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        await emu.set_faults()
+        held = _lock_file.take(out / LOCK_NAME)  # another run writes OUT
+        try:
+            code, _, err = await cli("journal", "resend", "1", "--yes", "-o", str(out), env=emu.env)
+        finally:
+            _lock_file.release(held)
+        assert code == 4 and "in use by another run" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1

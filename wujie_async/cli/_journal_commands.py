@@ -40,7 +40,7 @@ from ._common import (
     open_client,
     shell_path,
 )
-from ._out_lock import LOCK_NAME
+from ._out_lock import LOCK_NAME, out_folder_lock
 from ._outcome import (
     LineOutcome,
     Manifest,
@@ -325,6 +325,13 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
     if not args.rows and not args.all_uncertain:
         raise UsageError("journal resend: name LINE_OR_ID rows or pass --all-uncertain")
     check_out_folder(args.out)
+    # As bulk and resume: one run at a time plans from OUT's manifest and writes there (a
+    # bulk run with another journal, or none, would send the lines this one resends).
+    with out_folder_lock(args.out):
+        return await _resend_in(args, console, path)
+
+
+async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> int:
     manifest_path = args.out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
     budget = await _budget(args, path, records)
