@@ -511,3 +511,23 @@ async def test_resend_waits_for_no_other_run_into_its_folder(tmp_path: Path) -> 
             _lock_file.release(held)
         assert code == 4 and "in use by another run" in err, err
         assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+async def test_forget_keeps_the_only_record_of_a_paid_job(tmp_path: Path) -> None:
+    """A run killed outright leaves a running job's key in its journal row alone (no manifest
+    row names it). `journal forget` dropped that row when asked: the re-run then knew nothing
+    of the job and sent its line again, paid twice. It refuses now, naming `resume`."""
+    async with served_emulator(tmp_path, "--time-scale", "1") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"id": "slow", "prompt": "p", "model": "dall-e-2"}) + "\n")
+        out = tmp_path / "out"
+        code, _, err = await cli(
+            "bulk", str(rows), "-o", str(out), "--job-timeout", "1", env=emu.env
+        )
+        assert code == 1, err  # its wait ended long before the job: the row stays accepted
+        (out / "manifest.jsonl").write_text("")  # what a run killed outright leaves
+        code, _, err = await cli("journal", "forget", "slow", "--yes", "-o", str(out))
+        assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "accepted" in listing, listing

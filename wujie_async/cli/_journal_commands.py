@@ -307,6 +307,29 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
         )
 
 
+def _refuse_only_record(
+    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str]
+) -> None:
+    """Refuse to forget a row that is the only record of a paid job's key: accepted (running,
+    or past its wait) or cancelled (only its wait was), and named by no manifest row (a run
+    killed outright writes none). A re-run would not know the job, and send its line again."""
+    only = [
+        entry
+        for entry in chosen
+        if entry.state in ("accepted", "cancelled") and entry.job_key not in (None, *recorded)
+    ]
+    if only:
+        said = "; ".join(
+            f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in only[:10]
+        )
+        raise UsageError(
+            f"journal forget: {said}, and only this journal holds its key: forgotten, a re-run "
+            "would send its line again (paid twice). Collect it first with `wujie-async resume "
+            f"{shell_path(clean(str(path)))} -o {shell_path(clean(str(out)))}`; nothing was "
+            "forgotten"
+        )
+
+
 async def _forget(args: argparse.Namespace, console: Console, journal: JournalFile) -> int:
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
@@ -314,6 +337,9 @@ async def _forget(args: argparse.Namespace, console: Console, journal: JournalFi
     if args.rows:
         _refuse_unknown("forget", "forgotten", args.rows, entries)
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
+    manifest_path = args.out / "manifest.jsonl"
+    records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
+    _refuse_only_record(entries, journal.path, args.out, known_keys(records))
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)
