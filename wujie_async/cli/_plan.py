@@ -261,7 +261,13 @@ async def plan_rerun(
             plan.skipped += 1
         elif entry.job_key and _recheck(entry):
             # Asked about again: collected if the gateway lists it done now.
-            uncertain = _held(by_key[entry.job_key], row.body, unpriced)
+            record = by_key[entry.job_key]
+            uncertain = _held(record, row.body, unpriced)
+            # Its journal row's time; for a line left uncertain (see RECHECKED), what its
+            # manifest row tells, if earlier. (A pending row tells nothing of the kind: its
+            # run may have stopped a moment after the submit.)
+            told = record.get("error_code") in RECHECKED
+            submitted_at = min(entry.created, _told_long_ago(client)) if told else entry.created
             if len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
             elif (
@@ -273,8 +279,7 @@ async def plan_rerun(
                     job_timeout,
                     charged,
                     held=uncertain,
-                    # Its journal row's time, or what its manifest row tells, if earlier.
-                    submitted_at=min(entry.created, _told_long_ago(client)),
+                    submitted_at=submitted_at,
                 )
             ) is not None:
                 plan.collect.append((row, job))
