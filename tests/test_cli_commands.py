@@ -372,3 +372,58 @@ async def test_a_bad_prompt_argument_is_named_as_the_usage_line_names_it() -> No
     # The prompt is positional: "--prompt: ..." named an option that does not exist.
     code, _, err = await cli("generate", "", env=CLEAN_ENV)
     assert code == 2 and "error: prompt: required" in err and "--prompt" not in err, err
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("wait", [True, False])
+async def test_a_malformed_status_key_is_said_with_the_key_rule_before_anything(
+    tmp_path: Path, wait: bool
+) -> None:
+    """A half-pasted key (a space in it) read "no credentials" when none were set, and with
+    them made the output folder and started the client first: the key is what is wrong."""
+    out = tmp_path / "out"
+    flags = ("--wait", "-o", str(out)) if wait else ()
+    code, stdout, err = await cli("status", "3E46BF62 A51256A9", *flags, "--json")
+    assert code == 2, err
+    said = json.loads(stdout)["error"]
+    assert "is not a job key" in said and "1 to 128 characters" in said, said
+    assert "credentials" not in err and not out.exists(), err
+
+
+@pytest.mark.slow  # the client's whole 30 s grace for a key never listed
+async def test_status_wait_of_a_key_never_listed_says_not_found_not_charged(
+    tmp_path: Path,
+) -> None:
+    """`status KEY --wait` of a mistyped key said the key "was handed out: it may have run
+    and been charged" and that the gateway had accepted it: nothing of this tool ever saw it."""
+    out = tmp_path / "out"
+    code, stdout, err = await cli(
+        "status", "NOPE0000", "--wait", "-o", str(out), "--json", "--emulator", *FAST,
+        timeout=80,
+    )  # fmt: skip
+    assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+    assert "not found" in manifest(out)[-1]["error"], manifest(out)
+    assert "may have been charged" not in err and "accepted by the gateway" not in err, err
+    assert "1 key(s) the gateway does not list (not found)" in err, err
+
+
+@pytest.mark.long
+async def test_status_of_a_key_given_twice_waits_and_saves_it_once(tmp_path: Path) -> None:
+    """A key pasted twice (`status K K --wait`) downloaded every image twice over the same
+    file, and the summary counted each twice ("4 image(s) saved", each path listed twice)."""
+    async with served_emulator(tmp_path) as emu:
+        code, stdout, err = await cli(
+            "generate", "a fox", "--model", "dall-e-2", "-n", "2", "--no-wait", env=emu.env
+        )
+        assert code == 0, err
+        key = stdout.strip()
+        out = tmp_path / "out"
+        code, stdout, err = await cli(
+            "status", key, key, "--wait", "-o", str(out), "--json", env=emu.env
+        )
+        said = json.loads(stdout)
+        assert code == 0 and said["lines"] == 1 and said["images"] == 2, said
+        assert len(set(said["paths"])) == len(said["paths"]) == 2, said
+        assert len([r for r in manifest(out) if r["status"] == "saved"]) == 2
+        code, stdout, err = await cli("status", key, key, "--json", env=emu.env)
+        assert code == 0 and len(stdout.splitlines()) == 1, stdout

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from wujie_async import Credentials
+from wujie_async import Credentials, _lock_file
+from wujie_async.cli._out_lock import LOCK_NAME
 
 from .cli_helpers import (
     CLEAN_ENV,
@@ -428,3 +429,105 @@ async def test_a_never_listed_key_an_older_run_recorded_failed_is_not_resent(
     assert code == 1 and json.loads(stdout)["outcomes"].get("saved", 0) == 0, err
     assert "asking the gateway again about 1" in err, err
     assert [r.get("key") for r in manifest(out)] == ["F" * 32] * 2, manifest(out)
+
+
+@pytest.mark.long
+async def test_rows_are_accepted_in_every_form_the_cli_prints_them(tmp_path: Path) -> None:
+    """Summaries name a row ``line 1 (id r0)``, and `journal list` a row that names neither
+    a line nor an id ``#2``: `journal forget`/`resend` refused both ("no journal row")."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(3)
+            )
+        )
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
+        with sqlite3.connect(out / "journal.sqlite") as db:
+            [(untagged,)] = db.execute("SELECT id FROM submits WHERE tag = 'id:r1'").fetchall()
+            db.execute("UPDATE submits SET tag = NULL WHERE id = ?", (untagged,))
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert f"#{untagged} " in listing, listing
+        forget = ("journal", "forget", f"#{untagged}", "line 1 (id r0)", "--yes", "-o", str(out))
+        code, _, err = await cli(*forget)
+        assert code == 0 and "forgot 2 row(s)" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "1 row(s)" in listing and "id r2" in listing, listing
+        code, _, err = await cli("journal", "forget", "#999", "--yes", "-o", str(out))
+        assert code == 2 and "no journal row for #999" in err, err
+
+
+@pytest.mark.long
+async def test_resend_takes_max_points_and_name_as_bulk_does(tmp_path: Path) -> None:
+    """`journal resend` had neither --max-points nor --name: settling uncertain rows had no
+    budget (the folder's input's, as bulk's: uncertain lines count as maybe charged) and
+    saved every image under the key's name."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(3)
+            )
+        )
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
+    async with served_emulator(tmp_path / "healthy") as healthy:
+        resend = ["journal", "resend", "--all-uncertain", "--yes", "-o", str(out)]
+        code, _, err = await cli(*resend, "--name", "{id}-{nope}.{ext}", env=healthy.env)
+        assert code == 2 and "--name" in err, err
+        code, _, err = await cli(*resend, "--max-points", "-1", env=healthy.env)
+        assert code == 2 and "--max-points must be" in err, err
+        # 3 uncertain lines at 2 points each may have been charged: 4 of 10 are left.
+        budget = ["--max-points", "10", "--point-price", "dall-e-2=2"]
+        code, _, err = await cli(*resend, *budget, "--name", "{id}-{index}.{ext}", env=healthy.env)
+        assert code == 1 and "resent 3 row(s): 2 saved" in err, err
+        assert "1 row(s) not sent (id r2): over the points budget" in err, err
+        assert (await healthy.stats())["submits_accepted"] == 2
+        saved = [r for r in manifest(out) if r["status"] == "saved"]
+        assert sorted(r["path"] for r in saved) == ["r0-0.png", "r1-0.png"], saved
+        assert [r["error_code"] for r in manifest(out) if r["status"] == "not_sent"] == ["budget"]
+
+
+@pytest.mark.long
+async def test_resend_waits_for_no_other_run_into_its_folder(tmp_path: Path) -> None:
+    """`journal resend` plans from OUT's manifest and writes there, yet took no folder lock:
+    a bulk run into the same folder with another journal (or none) sent the same lines."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\n")
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        await emu.set_faults()
+        held = _lock_file.take(out / LOCK_NAME)  # another run writes OUT
+        try:
+            code, _, err = await cli("journal", "resend", "1", "--yes", "-o", str(out), env=emu.env)
+        finally:
+            _lock_file.release(held)
+        assert code == 4 and "in use by another run" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+async def test_forget_keeps_the_only_record_of_a_paid_job(tmp_path: Path) -> None:
+    """A run killed outright leaves a running job's key in its journal row alone (no manifest
+    row names it). `journal forget` dropped that row when asked: the re-run then knew nothing
+    of the job and sent its line again, paid twice. It refuses now, naming `resume`."""
+    async with served_emulator(tmp_path, "--time-scale", "1") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"id": "slow", "prompt": "p", "model": "dall-e-2"}) + "\n")
+        out = tmp_path / "out"
+        code, _, err = await cli(
+            "bulk", str(rows), "-o", str(out), "--job-timeout", "1", env=emu.env
+        )
+        assert code == 1, err  # its wait ended long before the job: the row stays accepted
+        (out / "manifest.jsonl").write_text("")  # what a run killed outright leaves
+        code, _, err = await cli("journal", "forget", "slow", "--yes", "-o", str(out))
+        assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "accepted" in listing, listing

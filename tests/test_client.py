@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -33,6 +34,7 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
+from wujie_async._poller import OLD_KEY_ABSENCE_GRACE_S
 from wujie_async.cli._outcome import classify
 from wujie_async.emulator import Emulator, FaultConfig
 
@@ -236,6 +238,30 @@ async def test_a_key_absent_past_the_grace_period_fails_as_unknown(
             await job
         assert info.value.job_key == job.key
         assert loop.time() - started >= FAST_POLL.unknown_key_grace
+
+
+@pytest.mark.fake_clock  # the graces pass on the loop's clock, not in real time
+async def test_a_key_submitted_long_ago_and_never_listed_ends_without_the_whole_grace(
+    emulator: EmulatorFactory,
+) -> None:
+    """The unknown-key grace waits for a new key to be listed at all. A key attached with a
+    submit time older than that (a re-run asking about an earlier run's job) waited it all
+    again (30 s per re-run by default); it ends once replies left it out for a few seconds.
+    A key submitted just now still gets the whole grace, and a bad time is refused."""
+    loop = asyncio.get_running_loop()
+    policy = dataclasses.replace(FAST_POLL, unknown_key_grace=30.0)
+    async with emulator() as emu, make_client(emu, poll=policy) as client:
+        old = client.images.attach("0" * 32, submitted_at=time.time() - 3600)
+        new = client.images.attach("1" * 32, submitted_at=time.time())
+        started = loop.time()
+        with pytest.raises(UnknownJobError):
+            await old
+        assert OLD_KEY_ABSENCE_GRACE_S <= loop.time() - started < 10.0
+        with pytest.raises(UnknownJobError):
+            await new
+        assert loop.time() - started >= 29.0
+        with pytest.raises(InvalidRequestError):
+            client.images.attach("2" * 32, submitted_at=math.nan)
 
 
 @pytest.mark.fake_clock

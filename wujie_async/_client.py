@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -44,7 +45,7 @@ from ._jobs import ImageJob, JobState
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
 from ._models import EditRequest, GenerationRequest
-from ._poller import BatchPoller
+from ._poller import OLD_KEY_ABSENCE_GRACE_S, BatchPoller
 from ._results import GeneratedImage, SavedImage
 from ._stats import ClientStats
 from ._submitting import Admission, Submits
@@ -603,6 +604,7 @@ class WujieClient:
         first_delay: float | None = None,
         ended: Callable[[ImageJob], None] | None = None,
         trace: JobTrace | None = None,
+        absence_grace: float | None = None,
     ) -> ImageJob:
         """The one job factory (submit, attach, resume): build, hook up, track.
 
@@ -642,7 +644,9 @@ class WujieClient:
         if self._journal is not None:
             job.add_done_callback(self._record_outcome)
         if self._taking_jobs():
-            self._poller.track(job, state, first_delay=first_delay, trace=trace)
+            self._poller.track(
+                job, state, first_delay=first_delay, trace=trace, absence_grace=absence_grace
+            )
             if self._gc_freezer is not None:
                 self._gc_freezer.job_tracked()
             if self._fleet is not None:
@@ -691,9 +695,11 @@ class WujieClient:
         n: int | None,
         request: Mapping[str, Any] | None = None,
         charge_budget: bool = False,
+        submitted_at: float | None = None,
     ) -> ImageJob:
         self._check_open()
         check_key(key)
+        absence_grace = self._absence_grace(submitted_at)
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise InvalidRequestError([("n", "must be a positive int (images in the job)")])
         if request is not None and not isinstance(request, Mapping):
@@ -719,7 +725,27 @@ class WujieClient:
             n=n,
             first_delay=0.0,
             ended=ended,
+            absence_grace=absence_grace,
         )
+
+    def _absence_grace(self, submitted_at: float | None) -> float | None:
+        """How long replies may leave out a key submitted at ``submitted_at`` (unix time)
+        before it ends as unknown, if it never is listed: what is left of the policy's grace
+        (the moment after a submit when a gateway may not list its key yet), and at least
+        ``OLD_KEY_ABSENCE_GRACE_S``. None: the policy's grace (no time given)."""
+        if submitted_at is None:
+            return None
+        if (
+            not isinstance(submitted_at, int | float)
+            or isinstance(submitted_at, bool)
+            or not math.isfinite(submitted_at)
+        ):
+            raise InvalidRequestError(
+                [("submitted_at", "must be a finite unix time (seconds), or None")]
+            )
+        grace = self.poll_policy.unknown_key_grace
+        left = grace - max(time.time() - float(submitted_at), 0.0)
+        return min(grace, max(left, OLD_KEY_ABSENCE_GRACE_S))
 
     async def resume(self, *, job_timeout: float | None = None) -> list[ImageJob]:
         """Re-attach every journaled key whose job had not ended; returns their jobs.

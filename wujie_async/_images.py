@@ -42,6 +42,7 @@ class AttachJob(Protocol):
         n: int | None,
         request: Mapping[str, Any] | None = None,
         charge_budget: bool = False,
+        submitted_at: float | None = None,
     ) -> ImageJob: ...
 
 
@@ -126,6 +127,7 @@ class Images:
         n: int | None = None,
         request: Mapping[str, Any] | None = None,
         charge_budget: bool = False,
+        submitted_at: float | None = None,
     ) -> ImageJob:
         """A job for a key submitted earlier or elsewhere; the poller picks it up at once.
 
@@ -145,10 +147,26 @@ class Images:
         reply was lost, given the ``request`` of its ``SubmitUncertainError`` (or, with a
         journal, after ``record_submit_key``).
 
+        ``submitted_at``, when known, is the unix time the key was submitted (a journal row's
+        ``created``), or a time it was surely submitted by. The gateway may leave a new key out
+        of its replies for a moment after its submit: that is what
+        ``PollPolicy.unknown_key_grace`` waits for before a key never listed ends as unknown
+        (``UnknownJobError``). A key submitted longer ago than that is past that moment, so
+        it waits only what is left of the grace, and at least 3 s (a gateway may leave a key
+        it knows out of a reply or two), measured over replies as ever. A key the gateway
+        lists, and later leaves out, waits the whole grace. (In fleet mode the leader's own
+        policy decides.)
+
         Raises:
-            InvalidRequestError: ``key``, ``n``, ``job_timeout`` or ``request`` is malformed.
+            InvalidRequestError: ``key``, ``n``, ``job_timeout``, ``request`` or
+                ``submitted_at`` is malformed.
             ClientStateError: the client is not open.
         """
         return self._attach(
-            key, job_timeout=job_timeout, n=n, request=request, charge_budget=charge_budget
+            key,
+            job_timeout=job_timeout,
+            n=n,
+            request=request,
+            charge_budget=charge_budget,
+            submitted_at=submitted_at,
         )

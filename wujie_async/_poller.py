@@ -129,6 +129,10 @@ class _Tracked(KeyTiming):
     # When the gateway first said "succeeded" while images were still missing (None: not so).
     done_short_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
+    # How long replies may leave out a key never listed before it ends as unknown, when not
+    # the policy's grace: a key attached with its submit time, past the moment after its
+    # submit that the grace waits for (see ``OLD_KEY_ABSENCE_GRACE_S``).
+    absence_grace: float | None = None
 
 
 def _recorded(tracked: _Tracked) -> bool:
@@ -192,6 +196,11 @@ IMAGES_AFTER_SUCCESS_GRACE = 3.0
 # grace in vain, after which such jobs no longer wait: this gateway's done reports do not list
 # images (unless one of them was seen to list the final ones during its grace).
 DONE_UNLISTED_SEEN = 2
+# The least a key attached with a submit time older than ``PollPolicy.unknown_key_grace`` may be
+# left out of replies before it ends as unknown, if it is never listed: the grace waits for a
+# new key to be listed at all, which such a key is past; a gateway may still leave a key it
+# knows out of a reply or two (a replica that lags), so a few seconds of replies, not one.
+OLD_KEY_ABSENCE_GRACE_S = 3.0
 
 
 def _within_grace(tracked: _Tracked, now: float) -> bool:
@@ -300,11 +309,13 @@ class BatchPoller:
         trace: JobTrace | None = None,
         *,
         age: float = 0.0,
+        absence_grace: float | None = None,
     ) -> None:
         """Start polling ``job``, whose state (``state``) this poller now writes: first ask
         after ``first_delay`` (default: the policy's, from its submit); ``trace``: the job's
         telemetry record, ended with the job; ``age``: seconds since it was submitted (a job
-        taken over from elsewhere)."""
+        taken over from elsewhere); ``absence_grace``: how long replies may leave the key out,
+        while it was never listed, before it ends as unknown (None: the policy's grace)."""
         now = asyncio.get_running_loop().time()
         request = job.request
         model = request.get("model") if request is not None else None
@@ -314,6 +325,7 @@ class BatchPoller:
             job=job,
             state=state,
             trace=trace,
+            absence_grace=absence_grace,
         )
         self._jobs[job.key] = tracked
         if first_delay is None:
@@ -841,10 +853,13 @@ class BatchPoller:
             ):
                 tracked.absent_since = now
             since = tracked.absent_since
-            if now - since < policy.unknown_key_grace:
+            why = reading.malformed.get(job.key)
+            grace = policy.unknown_key_grace
+            if tracked.absence_grace is not None and tracked.last_seen is None and why is None:
+                grace = tracked.absence_grace  # a key submitted long ago, never listed here
+            if now - since < grace:
                 self._schedule(tracked, now + policy.min_interval)
                 return
-            why = reading.malformed.get(job.key)
             error: JobError
             if why is not None:
                 error = JobProtocolError(

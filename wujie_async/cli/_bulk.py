@@ -111,7 +111,8 @@ class BulkRun:
     key it could not write there (a full disk) gets a ``pending`` row at once, as every key
     does with ``keys_on_accept``. ``rechecked``: keys of jobs an earlier run left uncertain,
     asked about again: one the gateway does not list now ends ``uncertain`` again, its message
-    saying that an earlier run saw it accepted.
+    saying that an earlier run saw it accepted. ``keys_given``: the jobs are keys a user typed
+    (``status KEY --wait``): one the gateway never lists is said "not found", not "handed out".
     Setting ``stop`` (a signal) ends the run gently: no new submits, the ones on the wire get
     their keys, then collection is abandoned (those jobs stay in the journal) and
     ``interrupted`` is set, also after a systemic error stopped the sending (which collects
@@ -140,9 +141,11 @@ class BulkRun:
         spare_room: Callable[[int], None] | None = None,
         journaled: bool = False,
         rechecked: frozenset[str] = frozenset(),
+        keys_given: bool = False,
     ) -> None:
         self._client = client
         self._rechecked = rechecked
+        self._keys_given = keys_given
         self._send = send
         self._collect = collect
         self._manifest = manifest
@@ -473,7 +476,14 @@ class BulkRun:
             return
         if isinstance(problem, JobError):  # IncompleteJobError too: failed, "incomplete"
             status, code, message = classify(problem)
-            if isinstance(problem, UnknownJobError) and job.key in self._rechecked:
+            if isinstance(problem, UnknownJobError) and self._keys_given and not problem.was_listed:
+                # `status KEY --wait`: a key typed in, never listed, is no job this tool saw
+                # accepted: most likely a mistyped key (or another app's, or cleaned up).
+                message = clean(
+                    f"job {job.key}: not found: the gateway has not listed this key (a mistyped "
+                    "key, another app's key, or a result already cleaned up)"
+                )
+            elif isinstance(problem, UnknownJobError) and job.key in self._rechecked:
                 # Uncertain (classify), and not a wrong key: an earlier run saw the gateway
                 # accept it. Said so in place of classify's word on a key never listed.
                 message = clean(

@@ -70,6 +70,27 @@ def emulator_poll_policy(time_scale: float) -> PollPolicy:
     )
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--max-points`` and ``--point-price`` (``bulk`` and ``journal resend``)."""
+    parser.add_argument(
+        "--max-points",
+        type=float,
+        default=None,
+        help="a points budget for this input's run, re-runs included (what earlier runs into "
+        "OUT/ were charged counts): lines that could take it past end not_sent, and a re-run "
+        "with a larger budget sends them",
+    )
+    parser.add_argument(
+        "--point-price",
+        action="append",
+        default=None,
+        metavar="MODEL=POINTS",
+        help="points per image of MODEL (or MODEL/SIZE, MODEL/SIZE/QUALITY), for --max-points: "
+        "reserved before the first job of a kind ends, and needed when the gateway does not "
+        "report what jobs cost; repeat for each model",
+    )
+
+
 def check_names(template: str, jobs: list[PlannedJob], *, taken: Iterable[str] = ()) -> None:
     """Refuse a bad ``--name``, and names some row could not be saved under (too long,
     reserved, the same as another row's after cleaning), before anything is sent."""

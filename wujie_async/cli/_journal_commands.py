@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import re
 import stat
 import sys
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import JournalEntry, JournalFile, Limits
-from .._file_names import DEFAULT_NAME
+from .._budget import Kind, kind_of
+from .._file_names import DEFAULT_NAME, PlannedJob
 from .._journal import ALL_STATES
-from .._keys import is_job_key
+from .._keys import images_in, is_job_key
 from .._local_files import not_regular
 from .._models import GenerationRequest
-from ._bulk import BulkRun, Row, record_manifest_keys
+from ._bulk import BulkRun, Row, charged_keys, names_taken, record_manifest_keys
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -33,10 +35,28 @@ from ._common import (
     EXIT_SYSTEMIC,
     EXIT_TERMINATED,
     UsageError,
+    add_budget_arguments,
+    check_names,
     open_client,
     shell_path,
 )
-from ._outcome import Manifest, clean, open_manifest, read_manifest, run_source, saved_indexes
+from ._out_lock import LOCK_NAME, out_folder_lock
+from ._outcome import (
+    LineOutcome,
+    Manifest,
+    clean,
+    lines_ended,
+    of_source,
+    open_manifest,
+    points_spent,
+    prices_charged,
+    read_manifest,
+    run_source,
+    saved_indexes,
+    uncertain_cost,
+    uncertain_unpriced,
+    unreported_cost,
+)
 from ._plan import known_keys, line_of, lines_by_id, readable_error, sent_lines
 from ._progress import Display, Tally
 from ._run import check_out_folder, forget_failed_said, journal_left_said, stop_said
@@ -50,8 +70,11 @@ def add_parser(
     commands: Any,
     add_common: Callable[[argparse.ArgumentParser], None],
     add_connection: Callable[[argparse.ArgumentParser], None],
+    *,
+    names: str,
 ) -> None:
-    """The ``journal`` command and its three subcommands."""
+    """The ``journal`` command and its three subcommands (``names``: the fields ``resend
+    --name`` takes, as ``resume``'s help says them)."""
     journal = commands.add_parser("journal", help="list, resend or forget journaled submits")
     actions = journal.add_subparsers(dest="action", required=True)
 
@@ -76,11 +99,19 @@ def add_parser(
         "rows",
         nargs="*",
         metavar="LINE_OR_ID",
-        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
+        help="input line numbers or ids, or as journal list and summaries print them "
+        "(line 4, id fox, 'line 4 (id fox)', #12)",
     )
     resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
     resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     resend.add_argument("--job-timeout", type=float, default=None, help="seconds a job may take")
+    resend.add_argument(
+        "--name",
+        default=DEFAULT_NAME,
+        metavar="TEMPLATE",
+        help=f"image file names (default {DEFAULT_NAME!r}); {names}",
+    )
+    add_budget_arguments(resend)
     where(resend)
     add_connection(resend)
 
@@ -89,7 +120,8 @@ def add_parser(
         "rows",
         nargs="*",
         metavar="LINE_OR_ID",
-        help="input line numbers or ids, or as journal list prints them (line 4, id fox)",
+        help="input line numbers or ids, or as journal list and summaries print them "
+        "(line 4, id fox, 'line 4 (id fox)', #12)",
     )
     forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -149,13 +181,31 @@ def _name(entry: JournalEntry) -> str:
     return f"line {line}" if line else f"#{entry.id}"
 
 
+# A row as the CLI's summaries print it: ``line 4 (id fox)`` (the id decides).
+_LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
+
+
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
-    """Whether ``wanted`` names the row: by its id or line number, or as `journal list`
-    prints it (``id fox``, ``line 4``), which is what a user copies from there."""
+    """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
+    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
+    that names neither, the ``row`` of ``journal list --json``), which is what a user copies."""
     line, row_id = line_of(entry)
-    if row_id is not None and (row_id in wanted or f"id {row_id}" in wanted):
-        return True
-    return line > 0 and (str(line) in wanted or f"line {line}" in wanted)
+    for word in wanted:
+        said = word.strip()
+        if said.startswith("#") and said[1:].isdigit():
+            if int(said[1:]) == entry.id:
+                return True
+            continue
+        both = _LINE_AND_ID.match(said)
+        if both is not None:
+            if row_id is not None and both["id"] in (row_id, clean(row_id)):
+                return True
+            continue
+        if row_id is not None and said in (row_id, f"id {row_id}", f"id {clean(row_id)}"):
+            return True
+        if line > 0 and said in (str(line), f"line {line}"):
+            return True
+    return False
 
 
 def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
@@ -228,7 +278,8 @@ def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[Journ
         shown = ", ".join(clean(row) for row in unknown[:20])
         raise UsageError(
             f"journal {action}: no journal row for {shown} (rows are input line numbers or "
-            f"ids, as `journal list` shows them: 4 or 'line 4', fox or 'id fox'); nothing was "
+            f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
+            f"'id fox', 'line 4 (id fox)', or '#12' for a row that has neither); nothing was "
             f"{done}"
         )
 
@@ -256,6 +307,29 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
         )
 
 
+def _refuse_only_record(
+    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str]
+) -> None:
+    """Refuse to forget a row that is the only record of a paid job's key: accepted (running,
+    or past its wait) or cancelled (only its wait was), and named by no manifest row (a run
+    killed outright writes none). A re-run would not know the job, and send its line again."""
+    only = [
+        entry
+        for entry in chosen
+        if entry.state in ("accepted", "cancelled") and entry.job_key not in (None, *recorded)
+    ]
+    if only:
+        said = "; ".join(
+            f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in only[:10]
+        )
+        raise UsageError(
+            f"journal forget: {said}, and only this journal holds its key: forgotten, a re-run "
+            "would send its line again (paid twice). Collect it first with `wujie-async resume "
+            f"{shell_path(clean(str(path)))} -o {shell_path(clean(str(out)))}`; nothing was "
+            "forgotten"
+        )
+
+
 async def _forget(args: argparse.Namespace, console: Console, journal: JournalFile) -> int:
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
@@ -263,6 +337,9 @@ async def _forget(args: argparse.Namespace, console: Console, journal: JournalFi
     if args.rows:
         _refuse_unknown("forget", "forgotten", args.rows, entries)
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
+    manifest_path = args.out / "manifest.jsonl"
+    records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
+    _refuse_only_record(entries, journal.path, args.out, known_keys(records))
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)
@@ -274,15 +351,21 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
     if not args.rows and not args.all_uncertain:
         raise UsageError("journal resend: name LINE_OR_ID rows or pass --all-uncertain")
     check_out_folder(args.out)
+    # As bulk and resume: one run at a time plans from OUT's manifest and writes there (a
+    # bulk run with another journal, or none, would send the lines this one resends).
+    with out_folder_lock(args.out):
+        return await _resend_in(args, console, path)
+
+
+async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> int:
     manifest_path = args.out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
+    budget = await _budget(args, path, records)
     # As bulk's: the signal handlers, installed as the run starts, stay until the summary is
     # printed (see _signals: a signal in the closing waits ends them, never the summary).
     with contextlib.ExitStack() as handlers:
         async with contextlib.AsyncExitStack() as stack:
-            client = await stack.enter_async_context(
-                open_client(args, Limits(max_concurrent_submits=4), path)
-            )
+            client = await stack.enter_async_context(open_client(args, budget.limits, path))
             # A key only the manifest kept (a full disk) makes its row accepted: never resent.
             every = await client.journal_entries()
             if await record_manifest_keys(client, records, every):
@@ -305,6 +388,16 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             # An id tag does not hold the line number; the manifest remembers it.
             lines = lines_by_id(records)
             rows = [Row(*line_of(entry, lines), entry.tag, entry.request) for entry in chosen]
+            check_names(args.name, [_planned(row) for row in rows], taken=_run_files(args, path))
+            # Rows of a kind an uncertain line may have been charged for at no known price:
+            # not sent, as bulk's re-run does (--max-points could not be held).
+            unpriced = [
+                (row, _unpriced(row, args.max_points))
+                for row in rows
+                if kind_of(row.body, images_in(row.body) or 1) in budget.unpriced
+            ]
+            held = {id(row) for row, _ in unpriced}
+            send = [row for row in rows if id(row) not in held]
             display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
             # As bulk: a key an earlier job holds, handed out again, ends the row uncertain.
             client.refuse_keys(known_keys(records, every))
@@ -312,16 +405,19 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             stop = anyio.Event()
             run = BulkRun(
                 client,
-                send=rows,
+                send=send,
                 collect=[],
-                settled=[],
+                settled=[outcome for _, outcome in unpriced],
                 manifest=Manifest(handle, source=run_source(records, "resend")),
                 out=args.out,
-                name=getattr(args, "name", None) or DEFAULT_NAME,
+                name=args.name,
                 display=display,
                 already_saved=saved_indexes(records),
                 job_timeout=args.job_timeout,
                 stop=stop,
+                charged_before=charged_keys(records),
+                unrecorded=unpriced,
+                names_taken=names_taken(records),
                 journaled=True,
             )
             try:
@@ -349,6 +445,19 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
             journal_left = client.uncommitted_journal_keys()
         saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
         console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
+        for code, said in (
+            ("budget", f"over the points budget (--max-points {args.max_points or 0:g}); "
+             "resend them with a larger --max-points"),
+            ("unpriced", "a line of their kind may have been charged without a reply, and "
+             "what such a job costs is not known, so --max-points cannot be held; give its "
+             "price with --point-price MODEL=POINTS and resend them"),
+        ):  # fmt: skip
+            kept = [o for o in result.outcomes if o.error_code == code]
+            if kept:
+                names = ", ".join(_outcome_name(o) for o in kept[:10])
+                console.print(
+                    Text(f"{len(kept)} row(s) not sent ({names}): {said}"), soft_wrap=True
+                )
         if journal_left:
             console.print(Text(journal_left_said(path, journal_left)), soft_wrap=True)
         if run.forget_failed is not None:
@@ -371,6 +480,81 @@ async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int
         if stopped is not None:
             return EXIT_SYSTEMIC  # as bulk's: something systemic stopped the sending
         return EXIT_OK if saved == len(rows) else EXIT_FAILED
+
+
+class _Budget:
+    """What ``--max-points`` leaves a resend, as a ``bulk`` re-run of the folder's input
+    reckons it: the limits of its client, and the kinds it cannot price."""
+
+    def __init__(self, limits: Limits, unpriced: set[Kind]) -> None:
+        self.limits = limits
+        self.unpriced = unpriced
+
+
+async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, Any]]) -> _Budget:
+    """``--max-points`` is the folder's input's budget, re-runs included, as ``bulk``'s: what
+    the manifest's rows record it cost counts, and so do its saved jobs whose cost was not
+    reported and its uncertain lines (the rows being resent too: they may have been charged),
+    at their kind's price (``--point-price``, or what earlier runs were charged)."""
+    if args.max_points is None:
+        return _Budget(Limits(max_concurrent_submits=4), set())
+    async with JournalFile(path) as journal:  # read first: the client's limits are set at once
+        entries = _latest_per_row(await journal.entries())
+    mine = of_source(records, run_source(records, "resend"))
+    bodies = {entry.tag: entry.request for entry in entries if entry.tag}
+    given: dict[str, float] = dict(args.point_prices or {})
+    priced = {key.split("/", 1)[0] for key in given}
+    learned = prices_charged(mine, bodies)
+    prices = given | {k: v for k, v in learned.items() if k.split("/", 1)[0] not in priced}
+    spent = points_spent(mine) + unreported_cost(mine, bodies, prices).points
+    # Lines whose journal row reads uncertain that the manifest does not say ended (a run
+    # killed while their submits were on the wire) may have been charged too.
+    ended = {tag for tag, r in lines_ended(mine).items() if r.get("status") != "not_sent"}
+    open_rows = [
+        {"tag": entry.tag, "status": "uncertain"}
+        for entry in entries
+        if entry.tag and entry.state in ("uncertain", "intent") and entry.tag not in ended
+    ]
+    held = [*mine, *open_rows]
+    room = args.max_points - spent - uncertain_cost(held, bodies, prices)
+    limits = Limits(
+        max_concurrent_submits=4, max_points=max(room, 0.0), point_prices=prices or None
+    )
+    return _Budget(limits, uncertain_unpriced(held, bodies, prices))
+
+
+def _unpriced(row: Row, max_points: float) -> LineOutcome:
+    model = row.body.get("model")
+    return LineOutcome(
+        "not_sent",
+        row.line,
+        row.row_id,
+        None,
+        "unpriced",
+        clean(
+            f"not sent: a {model} line may have been charged without a reply, and what a "
+            f"{model} job costs is not known, so --max-points {max_points:g} cannot be held; "
+            f"give its price with --point-price {model}=POINTS (points per image) and resend it"
+        ),
+    )
+
+
+def _planned(row: Row) -> PlannedJob:
+    return PlannedJob(row.label, images_in(row.body) or 1, id=row.row_id, line=row.line or None)
+
+
+def _run_files(args: argparse.Namespace, journal: Path) -> list[str]:
+    """Names in OUT/ that belong to the run itself: no image may take them."""
+    names = ["manifest.jsonl", LOCK_NAME]
+    if journal.parent.resolve() == Path(args.out).resolve():
+        names += [journal.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
+    return names
+
+
+def _outcome_name(outcome: LineOutcome) -> str:
+    if outcome.row_id is not None:
+        return f"id {clean(outcome.row_id)}"
+    return f"line {outcome.line}"
 
 
 async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest) -> int:

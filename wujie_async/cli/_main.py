@@ -47,6 +47,7 @@ from ._common import (
     EXIT_TERMINATED,
     EXIT_USAGE,
     UsageError,
+    add_budget_arguments,
     check_names,
     credentials,
     emulator_faults,
@@ -60,7 +61,7 @@ from ._out_lock import LOCK_NAME, OutFolderBusyError, out_folder_lock, remove_st
 from ._outcome import clean
 from ._progress import PLAIN_INTERVAL_S, Mode
 from ._run import Session, check_out_folder, journal_path
-from ._single import build_request, show_status, submit_no_wait
+from ._single import build_request, check_keys, show_status, submit_no_wait
 
 _DESCRIPTION = """wujie-async: generate images, run a bulk job, settle its journal, or serve
 the gateway emulator.
@@ -394,23 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     bulk.add_argument(
         "--rate", type=float, default=None, help="max submits per second (default: no limit)"
     )
-    bulk.add_argument(
-        "--max-points",
-        type=float,
-        default=None,
-        help="a points budget for this input's run, re-runs included (what earlier runs into "
-        "OUT/ were charged counts): lines that could take it past end not_sent, and a re-run "
-        "with a larger budget sends them",
-    )
-    bulk.add_argument(
-        "--point-price",
-        action="append",
-        default=None,
-        metavar="MODEL=POINTS",
-        help="points per image of MODEL (or MODEL/SIZE, MODEL/SIZE/QUALITY), for --max-points: "
-        "reserved before the first job of a kind ends, and needed when the gateway does not "
-        "report what jobs cost; repeat for each model",
-    )
+    add_budget_arguments(bulk)
     _add_run_arguments(bulk)
     _add_common_arguments(bulk)
     _add_connection_arguments(bulk)
@@ -424,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_arguments(resume)
     _add_connection_arguments(resume)
 
-    _journal_commands.add_parser(commands, _add_common_arguments, _add_connection_arguments)
+    _journal_commands.add_parser(
+        commands, _add_common_arguments, _add_connection_arguments, names=_NAME_HELP["resume"]
+    )
 
     emulator_parser = commands.add_parser("emulator", help="serve the gateway emulator")
     emulator.add_arguments(emulator_parser)
@@ -589,9 +576,11 @@ def _run_files(args: argparse.Namespace) -> list[str]:
 
 
 def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    _check_numbers(args)  # journal resend's too: --job-timeout, --max-points, --point-price
     if args.command == "journal":
+        if getattr(args, "name", None) is not None:
+            check_names(args.name, [])  # the template; its rows' names once they are read
         return _run_loop(_journal_commands.run(args, console))
-    _check_numbers(args)
     items: list[BulkItem] = []
     planned: list[PlannedJob] = []
     if args.command == "bulk":
@@ -607,6 +596,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         items = [BulkItem(1, request)]
         planned = [_planned(items[0])]
     elif args.command == "status":
+        check_keys(args.keys)  # before credentials and the output folder: the key is wrong
+        # A key given twice is one job: asked about, waited for and saved once.
+        args.keys = list(dict.fromkeys(args.keys))
         planned = [
             PlannedJob(f"key {number}", 1, line=number) for number in range(1, len(args.keys) + 1)
         ]

@@ -12,6 +12,7 @@ uncertain. Without a journal the manifest's rows decide the same way (``plan_fro
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from .. import (
     WujieClient,
     WujieError,
 )
+from .._budget import Kind, kind_of
 from .._keys import images_in
 from ._bulk import Row, charged_keys, record_manifest_keys
 from ._common import UsageError
@@ -41,6 +43,7 @@ from ._outcome import (
     recorded_request,
     saved_indexes,
 )
+from ._single import not_a_key
 
 _REPR = re.compile(r"^[A-Za-z_]\w*\((['\"])(.*?)(\1\))?$", re.DOTALL)
 _OPEN_STATES = ("failed", "moderated", "rejected", "uncertain")
@@ -178,13 +181,14 @@ async def plan_rerun(
     job_timeout: float | None,
     own_journal: bool = False,
     retry_uncertain: bool = False,
+    unpriced: Collection[Kind] = (),
 ) -> Plan:
     """Decide, per line, from the journal: send, collect, or leave as it ended.
 
     A job collected counts against ``--max-points`` unless a manifest row records its cost
     (the budget is the input's, across re-runs). ``own_journal``: the journal is the output
     folder's own, so every job in it is this input's (one input per folder), the jobs of rows
-    removed since included."""
+    removed since included. ``unpriced``: kinds with no known price (see :func:`_held`)."""
     plan = Plan()
     charged = charged_keys(manifest_records)
     entries = await client.journal_entries()
@@ -257,11 +261,26 @@ async def plan_rerun(
             plan.skipped += 1
         elif entry.job_key and _recheck(entry):
             # Asked about again: collected if the gateway lists it done now.
-            uncertain = by_key[entry.job_key].get("status") == "uncertain"
+            record = by_key[entry.job_key]
+            uncertain = _held(record, row.body, unpriced)
+            # Its journal row's time; for a line left uncertain (see RECHECKED), what its
+            # manifest row tells, if earlier. (A pending row tells nothing of the kind: its
+            # run may have stopped a moment after the submit.)
+            told = record.get("error_code") in RECHECKED
+            submitted_at = min(entry.created, _told_long_ago(client)) if told else entry.created
             if len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
             elif (
-                job := _attach(client, entry, plan, n, job_timeout, charged, held=uncertain)
+                job := _attach(
+                    client,
+                    entry,
+                    plan,
+                    n,
+                    job_timeout,
+                    charged,
+                    held=uncertain,
+                    submitted_at=submitted_at,
+                )
             ) is not None:
                 plan.collect.append((row, job))
                 plan.rechecked.add(job.key)
@@ -292,6 +311,7 @@ async def plan_rerun(
             retry_failed=retry_failed,
             job_timeout=job_timeout,
             retry_uncertain=retry_uncertain,
+            unpriced=unpriced,
             orphans=False,
             # The other lines of the input hold their rows: a line added since that repeats
             # one of them is a new row, not that one moved (it read "saved", never sent).
@@ -365,6 +385,7 @@ def plan_from_manifest(
     retry_failed: bool,
     job_timeout: float | None,
     retry_uncertain: bool = False,
+    unpriced: Collection[Kind] = (),
     orphans: bool = True,
     claimed: Collection[str] = (),
 ) -> Plan:
@@ -435,7 +456,8 @@ def plan_from_manifest(
                     n,
                     job_timeout,
                     charged,
-                    held=last.get("status") == "uncertain",
+                    held=_held(last, row.body, unpriced),
+                    submitted_at=_told_long_ago(client),
                 )
             )
             is not None
@@ -488,6 +510,17 @@ def plan_from_manifest(
     return plan
 
 
+def _held(record: dict[str, Any], body: dict[str, Any], unpriced: Collection[Kind]) -> bool:
+    """Whether the budget holds the cost of an uncertain line asked about again already: it
+    counts what uncertain lines may have cost (``uncertain_cost``) at their kind's price. A
+    line of a kind with no known price (``unpriced``) is counted at nothing there, so its job
+    is charged to the budget when collected (what it cost, once it is known), as any job
+    collected is: never twice, never not at all."""
+    if record.get("status") != "uncertain":
+        return False
+    return kind_of(body, images_in(body) or 1) not in unpriced
+
+
 def _legacy_unknown(record: dict[str, Any]) -> bool:
     """A row of a job whose key the gateway handed out and then never listed, written
     ``failed`` by a version before such jobs ended ``uncertain``: it may have run and been
@@ -535,11 +568,24 @@ def _attach_key(
     charged: frozenset[str],
     *,
     held: bool = False,
+    submitted_at: float | None = None,
 ) -> ImageJob | None:
     try:
-        return _attach_charged(client, key, row.body, n, job_timeout, charged, held=held)
+        return _attach_charged(
+            client, key, row.body, n, job_timeout, charged, held=held, submitted_at=submitted_at
+        )
     except InvalidRequestError:
         return None
+
+
+def _told_long_ago(client: WujieClient) -> float:
+    """A time an uncertain line's job (see RECHECKED) was surely submitted by, as its
+    manifest row tells (a manifest keeps no submit times): the row says the gateway listed
+    the key and then forgot it, or left it out of its replies, or listed it only unreadably,
+    for a whole grace after the submit, before the row was written. Past that moment after
+    a submit, a key never listed on the re-ask ends after a few seconds of replies
+    (``attach(submitted_at=...)``), not after the whole grace again: it stays uncertain."""
+    return time.time() - client.poll_policy.unknown_key_grace
 
 
 def _attach_charged(
@@ -551,6 +597,7 @@ def _attach_charged(
     charged: frozenset[str],
     *,
     held: bool = False,
+    submitted_at: float | None = None,
 ) -> ImageJob:
     """The job of an earlier run's key. Its cost counts against the budget (if any) unless
     ``charged`` says a manifest row records it, the request names no model to price it by, or
@@ -565,24 +612,51 @@ def _attach_charged(
         n=n,
         request=request,
         charge_budget=not held and key not in charged and isinstance(request.get("model"), str),
+        submitted_at=submitted_at,
     )
 
 
 async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]]) -> Plan:
-    """``resume``: collect every journaled job not ended, or ended with images not saved."""
+    """``resume``: collect every journaled job not ended, or ended with images not saved,
+    and ask again about the jobs of uncertain lines the gateway accepted (see RECHECKED), as
+    a re-run of ``bulk`` does: asking costs nothing; their images are saved if the gateway
+    lists them done now, else they stay uncertain."""
     plan = Plan()
     saved = saved_indexes(manifest_records)
     await record_manifest_keys(client, manifest_records)
     lines = lines_by_id(manifest_records)
-    for entry in await client.journal_entries("accepted", "succeeded"):
+    by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
+    # Each line's latest row: an older one was superseded by a resend of the line.
+    latest = {entry.tag or f"#{entry.id}": entry.id for entry in await client.journal_entries()}
+    for entry in await client.journal_entries("accepted", "succeeded", "failed"):
         n = images_in(entry.request) or 1
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
             continue
+        record = by_key.get(entry.job_key)
+        recheck = (
+            entry.state == "failed"
+            and record is not None
+            and latest.get(entry.tag or f"#{entry.id}") == entry.id
+            and (record.get("status") == "uncertain" or _legacy_unknown(record))
+            and record.get("error_code") in RECHECKED
+        )
+        if entry.state == "failed" and not recheck:
+            continue
         line, row_id = line_of(entry, lines)
         row = Row(line, row_id, entry.tag, entry.request)
-        job = _attach(client, entry, plan, n, None, frozenset())
+        job = _attach(
+            client,
+            entry,
+            plan,
+            n,
+            None,
+            frozenset(),
+            submitted_at=min(entry.created, _told_long_ago(client)) if recheck else None,
+        )
         if job is not None:
             plan.collect.append((row, job))
+            if recheck:
+                plan.rechecked.add(job.key)
         else:
             plan.settled.append(_unusable_key(entry, row))
     return plan
@@ -597,12 +671,20 @@ def _attach(
     charged: frozenset[str],
     *,
     held: bool = False,
+    submitted_at: float | None = None,
 ) -> ImageJob | None:
     """The job of a journaled key (see :func:`_attach_charged`), or None (noted in ``plan``)
     when the key is not usable: one damaged row never stops the others."""
     try:
         return _attach_charged(
-            client, entry.job_key or "", entry.request, n, job_timeout, charged, held=held
+            client,
+            entry.job_key or "",
+            entry.request,
+            n,
+            job_timeout,
+            charged,
+            held=held,
+            submitted_at=submitted_at,
         )
     except InvalidRequestError:
         plan.unusable.append(entry.id)
@@ -635,7 +717,7 @@ def plan_status(
     for number, key in enumerate(keys, start=1):
         try:
             job = client.images.attach(key, job_timeout=job_timeout)
-        except InvalidRequestError as exc:
-            raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
+        except InvalidRequestError:
+            raise UsageError(not_a_key(key)) from None
         plan.collect.append((Row(number, None, None, {}), job))
     return plan

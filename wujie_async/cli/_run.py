@@ -353,6 +353,7 @@ class Session:
                     job_timeout=args.job_timeout,
                     own_journal=_same_file(self.journal, out / "journal.sqlite"),
                     retry_uncertain=args.retry_uncertain,
+                    unpriced=self.unpriced_kinds,
                 )
                 if plan.skipped:
                     self._say(
@@ -368,6 +369,7 @@ class Session:
                     retry_failed=args.retry_failed,
                     job_timeout=args.job_timeout,
                     retry_uncertain=args.retry_uncertain,
+                    unpriced=self.unpriced_kinds,
                 )
                 if plan.skipped:
                     self._say(
@@ -460,6 +462,7 @@ class Session:
                     spare_room=reserve.spare,
                     journaled=self.journal is not None,
                     rechecked=frozenset(plan.rechecked),
+                    keys_given=args.command == "status",
                 )
                 signals = handlers.enter_context(stopping_on_signals(stop, self.console))
                 self.signals = signals
@@ -811,19 +814,39 @@ class Session:
             for o in result.outcomes
             if o.status == "uncertain" and o.error_code in ("protocol_error", "unknown_job")
         )
-        if accepted and self.args.command == "bulk":
+        missing: list[str | None] = []
+        if self.args.command == "status":
+            # Keys typed in: one never listed is most likely mistyped, not a job seen accepted.
+            missing = [
+                o.key
+                for o in result.outcomes
+                if o.error_code == "unknown_job" and o.error and ": not found:" in o.error
+            ]
+            if missing:
+                accepted -= len(missing)
+                say(
+                    f"{len(missing)} key(s) the gateway does not list (not found): check each "
+                    "key (a mistyped one, or another app's); a job whose result was cleaned up "
+                    "is gone from the gateway too: "
+                    + some_and_more([clean(key) for key in missing if key], 10)
+                )
+        if accepted and self.args.command in ("bulk", "resume"):
+            resend = (
+                "resend them by adding --retry-uncertain to the bulk command"
+                if self.args.command == "resume"
+                else "resend them by adding --retry-uncertain"
+            )
             say(
                 f"{accepted} line(s) were accepted by the gateway, which then reported them "
                 "only in ways that could not be read, or never listed or forgot them: they may "
                 "have run and been charged, and are never resent silently. A re-run of the "
                 "same command asks about them again (and saves their images if the gateway "
                 "lists them done then); `wujie-async status KEY` asks about one (keys in the "
-                "manifest); resend them by adding --retry-uncertain once the gateway's console "
-                "shows they were not charged"
+                f"manifest); {resend} once the gateway's console shows they were not charged"
             )
         elif accepted:
-            # generate/edit run again send a new job (paid again), resume run again leaves
-            # these alone (its journal rows read failed), and none of them has --retry-uncertain.
+            # generate/edit run again send a new job (paid again), and neither has
+            # --retry-uncertain.
             keys = [
                 o.key
                 for o in result.outcomes
@@ -838,7 +861,7 @@ class Session:
                 f"again, and save their images if the gateway lists them done, with:\n  "
                 f"{self._collect(keys)}" + (f" {_PAYS_AGAIN}" if self._one_job else "")
             )
-        if counts["uncertain"] - accepted:
+        if counts["uncertain"] - accepted - len(missing):
             see = (
                 f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                 if self.journal is not None
@@ -850,7 +873,8 @@ class Session:
                 else "resend them by adding --retry-uncertain"
             )
             say(
-                f"{counts['uncertain'] - accepted} line(s) may have been charged without a "
+                f"{counts['uncertain'] - accepted - len(missing)} line(s) may have been charged "
+                "without a "
                 f"reply; they are never resent silently. See them with: {see}; once the "
                 f"gateway's console shows they were not charged, {resend}"
             )

@@ -24,6 +24,7 @@ from .. import (
     WujieClient,
 )
 from .._image_formats import sniff_format
+from .._keys import is_job_key
 from .._local_files import LocalFileError, read_regular_file
 from .._models import EditRequest, GenerationRequest
 from .._rules import GPT_IMAGE_MAX_BYTES
@@ -140,8 +141,30 @@ def _attach(client: WujieClient, key: str) -> ImageJob:
         # The job's deadline is the wait's: a key never answered about ends with a
         # JobTimeoutError that says why (the batch calls failing, and how).
         return client.images.attach(key, job_timeout=STATUS_WAIT_S)
-    except InvalidRequestError as exc:
-        raise UsageError(f"KEY {clean(key)!r}: {exc.rule}") from None
+    except InvalidRequestError:
+        raise UsageError(not_a_key(key)) from None
+
+
+# What a job key looks like, as the command line says it: the rule the library checks
+# (``check_key``) and where a user finds real keys.
+KEY_RULE: Final = (
+    "a job key is 1 to 128 characters with no whitespace, control or invisible characters, "
+    "as the gateway handed it out (e.g. 3E46BF62A51256A96EEFB73079BD55E2): the key "
+    '`generate --no-wait` printed, or a manifest row\'s "key"'
+)
+
+
+def not_a_key(key: str) -> str:
+    """The usage error of a ``KEY`` argument that is no job key (see :data:`KEY_RULE`)."""
+    return f"KEY {clean(key)[:140]!r} is not a job key: {KEY_RULE} (nothing was asked)"
+
+
+def check_keys(keys: list[str]) -> None:
+    """Refuse a ``KEY`` that is no job key before anything else (credentials, the output
+    folder, the gateway): a mistyped or half-pasted key is said as such, naming the rule."""
+    for key in keys:
+        if not is_job_key(key):
+            raise UsageError(not_a_key(key))
 
 
 async def _first_reports(client: WujieClient, jobs: list[ImageJob]) -> None:
