@@ -1,0 +1,153 @@
+"""The library and the command line against a gateway written from API.md alone.
+
+``tests/outside_gateway.py`` follows the wire contract but differs from the emulator wherever
+the contract leaves room (see its docstring); these tests check that nothing hangs past its
+deadline, nothing is lost or paid twice, and every failure is typed and names its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from wujie_async import (
+    JobFailedError,
+    JobProtocolError,
+    ModerationRejectedError,
+    ParameterError,
+    PollPolicy,
+    SensitivePromptError,
+    Timeouts,
+    UnknownJobError,
+    WujieClient,
+    WujieError,
+)
+
+from .conftest import INSTANT_RETRY
+from .hostile import throwaway_credentials
+from .outside_gateway import OutsideGateway, outside_gateway
+
+pytestmark = pytest.mark.anyio
+
+POLL = PollPolicy(
+    first_poll_delay=0.05,
+    min_interval=0.05,
+    max_interval=0.3,
+    max_estimate_wait=0.3,
+    batch_fill_horizon=0.05,
+    unknown_key_grace=1.5,
+)
+
+
+def client_for(gateway: OutsideGateway, **kwargs: Any) -> WujieClient:
+    kwargs.setdefault("poll", POLL)
+    kwargs.setdefault("retry", INSTANT_RETRY)
+    kwargs.setdefault("timeouts", Timeouts(job=20, request=5, close=5))
+    return WujieClient(throwaway_credentials(), base_url=gateway.base_url, **kwargs)
+
+
+def reply(status: int, body: str) -> Callable[[web.Request], web.Response]:
+    headers = {"Content-Type": "application/json;charset=UTF-8"}
+    return lambda request: web.Response(status=status, body=body.encode(), headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("message", "error", "said"),
+    [
+        ("null", SensitivePromptError, "business error"),
+        ("12", ParameterError, "12"),
+        ('{"zh":"参数错误"}', ParameterError, "参数错误"),
+    ],
+)
+async def test_a_refusal_whose_message_is_not_text_is_still_a_refusal(
+    message: str, error: type[WujieError], said: str
+) -> None:
+    # {"code":"20110001","message":null}: a serializer that writes every unset field. The
+    # refusal read as "not an envelope", which a submit takes for "may have been accepted":
+    # SubmitUncertainError, the line uncertain, never resent, its points held as spent.
+    code = "20110001" if error is SensitivePromptError else "20010001"
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        gateway.submit_script.append(
+            reply(200, f'{{"code":"{code}","message":{message},"data":null}}')
+        )
+        with pytest.raises(error) as info:
+            await client.images.submit(prompt="normal fox", model="dall-e-2")
+    assert isinstance(info.value, SensitivePromptError | ParameterError)
+    assert info.value.code == code and said in str(info.value)
+    assert sum(gateway.submits.values()) == 1
+
+
+async def test_a_lock_race_whose_message_is_null_is_sent_again() -> None:
+    # 20010018 is safe to resubmit; with a null message it was "may have been accepted".
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        gateway.submit_script.append(reply(200, '{"code":"20010018","message":null,"data":null}'))
+        job = await client.images.submit(prompt="fast fox", model="dall-e-2")
+        result = await job.result(timeout=10)
+    assert len(result.images) == 1
+    assert sum(gateway.submits.values()) == 2 and len(gateway.accepted) == 1
+
+
+# Each plan's outcome: (error type or None for success, images). See outside_gateway.PLANS.
+OUTCOMES: dict[str, tuple[type[WujieError] | None, int]] = {
+    "normal": (None, 2),
+    "fast": (None, 3),  # done before the first ask; numbers and cost as strings
+    "late": (None, 1),  # left out of the replies for a while (within the grace)
+    "types": (None, 4),  # png as octet-stream, jpeg, webp, a gzipped png
+    "dupstale": (None, 1),  # a stale copy beside the fresh entry, in any order
+    "oddnums": (None, 1),
+    "placeholder": (None, 2),  # images without a URL while generating
+    "costearly": (None, 1),  # the cost listed while generating only
+    "failmid": (JobFailedError, 0),  # escape codes and markup in the fail message
+    "noresult": (JobFailedError, 0),
+    "moderated": (ModerationRejectedError, 0),
+    "malformed": (JobProtocolError, 0),
+    "never": (UnknownJobError, 0),
+}
+
+
+@pytest.mark.long
+async def test_every_job_ends_its_own_way_and_every_image_is_saved_whole(tmp_path: Path) -> None:
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        gateway.late_seconds = 0.6
+        jobs = {
+            plan: await client.images.submit(
+                prompt=f"{plan} fox", model="gpt-image-1", n=max(1, images)
+            )
+            for plan, (_, images) in OUTCOMES.items()
+        }
+        snapshots = {plan: asyncio.create_task(_last_update(job)) for plan, job in jobs.items()}
+        for plan, job in jobs.items():
+            error, images = OUTCOMES[plan]
+            if error is None:
+                saved = await job.save(tmp_path)
+                assert [image.index for image in saved] == list(range(images)), plan
+                for image in saved:
+                    assert image.sha256 == gateway.sha256_of(job.key, image.index), plan
+                    assert image.path.stat().st_size == image.bytes
+                assert job.points_charged is not None and job.points_charged > 0, plan
+            else:
+                with pytest.raises(error) as info:
+                    await job.result(timeout=10)
+                assert job.key in str(info.value), plan
+                assert "\x1b" not in str(info.value) and "<" not in str(info.value), plan
+        for plan, snapshot in snapshots.items():
+            update = await snapshot
+            assert update.done and (update.error is None) == (OUTCOMES[plan][0] is None), plan
+        stats = client.stats
+    assert sum(gateway.submits.values()) == len(OUTCOMES) == len(gateway.accepted)
+    assert stats.jobs_outstanding == 0 and stats.jobs_succeeded == 8 and stats.jobs_failed == 5
+    failed = jobs["failmid"].exception()
+    assert isinstance(failed, JobFailedError) and failed.fail_message == "red bold 失败"
+    assert str(failed).isprintable()
+
+
+async def _last_update(job: Any) -> Any:
+    last = None
+    async for update in job.updates():
+        last = update
+    return last
