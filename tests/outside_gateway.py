@@ -246,6 +246,10 @@ def _entry(gw: OutsideGateway, job: Job, now: float) -> dict[str, Any] | None:
         if age < 1.5:
             return base | {"status": 2, "complete_percent": 70}
         return base | {"status": 4, "images": [_image(gw, "png", job, i) for i in range(job.n)]}
+    if plan == "expired":  # done, its first image's URL already cleaned up (404 for good)
+        kinds = ["gone", *["png"] * (job.n - 1)]
+        images = [_image(gw, kind, job, i) for i, kind in enumerate(kinds)]
+        return base | {"status": 4, "images": images, "integral_cost": 4}
     # normal: queued, generating with float progress, done
     if age < 0.3:
         return base | {"status": 0, "complete_percent": 0, "queue_before_num": 1}
@@ -320,6 +324,7 @@ PLANS = {
     "evilurl",
     "costearly",
     "oddstatus",
+    "expired",
 }
 
 
@@ -392,12 +397,13 @@ async def outside_gateway(seed: int = 7) -> AsyncIterator[OutsideGateway]:
         gw.image_hits[kind] += 1
         path = request.path
         png = render_png(key, index, 8, 8)
+        if kind == "gone":
+            return web.Response(status=404, text="<Error><Code>NoSuchKey</Code></Error>")
         if kind == "redirect":
             raise web.HTTPFound(gw.image_url("png", key, index))
-        if kind == "flaky":
-            seen = gw.image_hits[f"flaky:{key}:{index}"]
+        if kind == "flaky":  # not on the CDN yet at the first ask
             gw.image_hits[f"flaky:{key}:{index}"] += 1
-            if seen == 0:
+            if gw.image_hits[f"flaky:{key}:{index}"] == 1:
                 return web.Response(status=404, text="not yet")
         if kind == "slow":
             await asyncio.sleep(1.5)

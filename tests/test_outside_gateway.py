@@ -21,12 +21,14 @@ from wujie_async import (
     ModerationRejectedError,
     ParameterError,
     PollPolicy,
+    ProtocolError,
     SensitivePromptError,
     Timeouts,
     UnknownJobError,
     WujieClient,
     WujieError,
 )
+from wujie_async._download import NOT_FOUND_TRIES
 
 from .conftest import INSTANT_RETRY
 from .hostile import throwaway_credentials
@@ -151,3 +153,30 @@ async def _last_update(job: Any) -> Any:
     async for update in job.updates():
         last = update
     return last
+
+
+async def test_an_image_not_on_its_cdn_yet_is_asked_for_again(tmp_path: Path) -> None:
+    # Images saved as each lands: the gateway lists a URL whose first GET answers 404 (the
+    # upload or the CDN's copy still under way), then 200. The paid image failed to save
+    # ("image download refused | HTTP 404", the CLI's line "gone") on one 404.
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        job = await client.images.submit(prompt="trickle fox", model="gpt-image-1", n=4)
+        first = await job.image(1)  # a "flaky" image, saved the moment it is listed
+        saved = await client.download(first, tmp_path / "first.{ext}", key=job.key)
+        assert saved.sha256 == gateway.sha256_of(job.key, 1)
+        everything = await job.save(tmp_path)
+    assert [image.sha256 for image in everything] == [
+        gateway.sha256_of(job.key, index) for index in range(4)
+    ]
+    assert gateway.image_hits[f"flaky:{job.key}:1"] == 3  # 404, 200, and 200 for job.save()
+    assert gateway.image_hits[f"flaky:{job.key}:3"] == 2
+
+
+async def test_an_image_gone_for_good_gets_a_few_tries_then_its_404(tmp_path: Path) -> None:
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        job = await client.images.submit(prompt="expired fox", model="gpt-image-1", n=2)
+        with pytest.raises(ProtocolError) as info:
+            await job.save(tmp_path)
+    assert str(info.value) == f"job {job.key}, image 0: image download refused | HTTP 404"
+    assert gateway.image_hits["gone"] == NOT_FOUND_TRIES
+    assert [path.name for path in tmp_path.iterdir()] == [f"{job.key}-1.png"]
