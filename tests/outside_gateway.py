@@ -75,6 +75,7 @@ class OutsideGateway:
     info_calls: int = 0
     image_hits: Counter[str] = field(default_factory=Counter)
     served: dict[str, bytes] = field(default_factory=dict)  # image path -> bytes last served
+    style: str | None = None  # every reply's HTTP style (None: each in turn, see _STYLES)
     submit_script: list[Callable[[web.Request], web.StreamResponse | None]] = field(
         default_factory=list
     )  # one-shot replies for the next submits (None: accept as usual)
@@ -268,16 +269,16 @@ def _entry(gw: OutsideGateway, job: Job, now: float) -> dict[str, Any] | None:
     }
 
 
-_STYLES = itertools.cycle(["plain", "gzip", "chunked", "deflate", "close", "charset"])
+_STYLES = itertools.cycle(["plain", "gzip", "chunked", "deflate", "close", "charset", "x-gzip"])
 
 
 async def _send(request: web.Request, payload: Any, style: str | None = None) -> web.StreamResponse:
     raw = json.dumps(payload, ensure_ascii=False).encode()
     style = style or next(_STYLES)
-    if style == "gzip":
+    if style in ("gzip", "x-gzip"):  # x-gzip: gzip's old name (RFC 9110: read it as gzip)
         return web.Response(
             body=gzip.compress(raw),
-            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            headers={"Content-Encoding": style, "Content-Type": "application/json"},
         )
     if style == "deflate":
         return web.Response(
@@ -355,7 +356,9 @@ async def outside_gateway(seed: int = 7) -> AsyncIterator[OutsideGateway]:
         if gw.submit_delay:
             await asyncio.sleep(gw.submit_delay)
         return await _send(
-            request, {"code": "200", "message": "成功 success", "data": data, "traceId": "t"}
+            request,
+            {"code": "200", "message": "成功 success", "data": data, "traceId": "t"},
+            gw.style,
         )
 
     async def info(request: web.Request) -> web.StreamResponse:
@@ -388,6 +391,7 @@ async def outside_gateway(seed: int = 7) -> AsyncIterator[OutsideGateway]:
         return await _send(
             request,
             {"code": "200", "message": "success", "data": {"list": listed, "total": len(listed)}},
+            gw.style,
         )
 
     async def image(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ deadline, nothing is lost or paid twice, and every failure is typed and names it
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,14 @@ from aiohttp import web
 from wujie_async import (
     JobFailedError,
     JobProtocolError,
+    Limits,
     ModerationRejectedError,
     ParameterError,
     PollPolicy,
     ProtocolError,
+    ResponseTooLargeError,
     SensitivePromptError,
+    SubmitUncertainError,
     Timeouts,
     UnknownJobError,
     WujieClient,
@@ -180,3 +184,32 @@ async def test_an_image_gone_for_good_gets_a_few_tries_then_its_404(tmp_path: Pa
     assert str(info.value) == f"job {job.key}, image 0: image download refused | HTTP 404"
     assert gateway.image_hits["gone"] == NOT_FOUND_TRIES
     assert [path.name for path in tmp_path.iterdir()] == [f"{job.key}-1.png"]
+
+
+async def test_replies_compressed_as_x_gzip_are_read() -> None:
+    # "Content-Encoding: x-gzip", gzip's old name (RFC 9110: read it as gzip). aiohttp leaves
+    # it compressed: the submit's reply was "not JSON", SubmitUncertainError, and the key of
+    # the job the gateway had accepted (and charged) was never read.
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        gateway.style = "x-gzip"
+        job = await client.images.submit(prompt="normal fox", model="dall-e-2")
+        result = await job.result(timeout=10)
+    assert result.key == gateway.accepted[0] and len(result.images) == 1
+    assert sum(gateway.submits.values()) == 1
+
+
+async def test_an_x_gzip_reply_is_inflated_within_the_reply_cap() -> None:
+    # 1 MB of spaces inside the envelope: some 1 KB of x-gzip, over a 64 KB cap once inflated.
+    body = b'{"code":"200","message":"' + b" " * 1_000_000 + b'","data":{"key":"K1"}}'
+    headers = {"Content-Encoding": "x-gzip", "Content-Type": "application/json"}
+    async with (
+        outside_gateway() as gateway,
+        client_for(gateway, limits=Limits(max_response_bytes=65_536)) as client,
+    ):
+        gateway.submit_script.append(
+            lambda request: web.Response(body=gzip.compress(body), headers=headers)
+        )
+        with pytest.raises(SubmitUncertainError) as info:
+            await client.images.submit(prompt="normal fox", model="dall-e-2")
+    assert isinstance(info.value.__cause__, ResponseTooLargeError)
+    assert "65536-byte cap" in str(info.value)
