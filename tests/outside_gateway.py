@@ -269,7 +269,9 @@ def _entry(gw: OutsideGateway, job: Job, now: float) -> dict[str, Any] | None:
     }
 
 
-_STYLES = itertools.cycle(["plain", "gzip", "chunked", "deflate", "close", "charset", "x-gzip"])
+_STYLES = itertools.cycle(
+    ["plain", "gzip", "chunked", "deflate", "close", "charset", "x-gzip", "drop"]
+)
 
 
 async def _send(request: web.Request, payload: Any, style: str | None = None) -> web.StreamResponse:
@@ -292,6 +294,13 @@ async def _send(request: web.Request, payload: Any, style: str | None = None) ->
         for start in range(0, len(raw), 7):
             await response.write(raw[start : start + 7])
         await response.write_eof()
+        return response
+    if style == "drop":  # the connection closed after the reply, without Connection: close
+        response = web.Response(body=raw, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        await response.write_eof()
+        assert request.transport is not None
+        request.transport.close()
         return response
     if style == "close":
         return web.Response(
@@ -446,7 +455,7 @@ async def outside_gateway(seed: int = 7) -> AsyncIterator[OutsideGateway]:
         await runner.cleanup()
 
 
-def business(code: Any, message: str, status: int = 200, **headers: str) -> web.Response:
+def business(code: Any, message: str | None, status: int = 200, **headers: str) -> web.Response:
     """A one-shot submit reply: an envelope with ``code`` and ``message``."""
     raw = json.dumps({"code": code, "message": message, "data": None}, ensure_ascii=False)
     return web.Response(

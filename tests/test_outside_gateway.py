@@ -213,3 +213,19 @@ async def test_an_x_gzip_reply_is_inflated_within_the_reply_cap() -> None:
             await client.images.submit(prompt="normal fox", model="dall-e-2")
     assert isinstance(info.value.__cause__, ResponseTooLargeError)
     assert "65536-byte cap" in str(info.value)
+
+
+async def test_a_gateway_that_closes_after_each_reply_without_saying_so() -> None:
+    # A server (or a proxy before it) that closes every connection after its reply, with no
+    # "Connection: close": the next request on the pooled connection cannot be written. Read
+    # as "no reply", every other submit was SubmitUncertainError (a line uncertain, never
+    # resent), though none of them had reached the gateway.
+    async with outside_gateway() as gateway, client_for(gateway) as client:
+        gateway.style = "drop"
+        jobs = [
+            await client.images.submit(prompt=f"fast fox {index}", model="dall-e-2")
+            for index in range(8)
+        ]
+        results = [await job.result(timeout=10) for job in jobs]
+    assert [result.key for result in results] == gateway.accepted
+    assert sum(gateway.submits.values()) == 8 == len(set(gateway.accepted))

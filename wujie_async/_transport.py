@@ -694,6 +694,13 @@ class Transport:
                 reached_server=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if _request_unwritten(exc):
+                return TransportError(
+                    f"the connection to {self.base_url} closed before the request was written "
+                    "(a connection the server had closed, without saying so, after its last "
+                    "reply): nothing reached the gateway",
+                    reached_server=False,
+                )
             reason = _failure_reason(exc)
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
@@ -786,6 +793,22 @@ def _x_gzip_inflated(body: bytes, cap: int, status: int) -> bytes | ResponseTooL
             http_status=status,
         )
     return inflated
+
+
+# aiohttp's words for a request whose body could not be written (the connection was closing,
+# or closed under the write): the server cannot have had the whole request, so it ran nothing.
+_UNWRITTEN = "Can not write request body"
+
+
+def _request_unwritten(exc: BaseException) -> bool:
+    """True when aiohttp could not write the request's body: the server got no complete
+    request (a POST short of its Content-Length is never run), so nothing was accepted.
+
+    A server that closes a connection after its reply without ``Connection: close`` leaves it
+    in the pool; the next request on it fails so. Read as "no reply", every other submit
+    through such a server was uncertain (never resent), though none had reached it.
+    """
+    return isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror or "").startswith(_UNWRITTEN)
 
 
 def _through_aiohttp(tb: TracebackType | None) -> bool:
