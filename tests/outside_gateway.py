@@ -15,12 +15,14 @@ check that nothing was paid twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import hashlib
 import itertools
 import json
 import random
 import struct
+import textwrap
 import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -81,6 +83,7 @@ class OutsideGateway:
     )  # one-shot replies for the next submits (None: accept as usual)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     late_seconds: float = 2.5  # how long a "late" job is left out of the replies
+    stuck_seconds: float = 20.0  # how long a "stuckestimate" job runs
     info_delay: float = 0.0  # seconds every batch reply is held (a slow gateway)
     submit_delay: float = 0.0  # seconds every submit reply is held, after the job is made
 
@@ -251,6 +254,24 @@ def _entry(gw: OutsideGateway, job: Job, now: float) -> dict[str, Any] | None:
         kinds = ["gone", *["png"] * (job.n - 1)]
         images = [_image(gw, kind, job, i) for i, kind in enumerate(kinds)]
         return base | {"status": 4, "images": images, "integral_cost": 4}
+    if plan == "stuckestimate":  # an estimate that never moves, for stuck_seconds
+        if age < gw.stuck_seconds:
+            return base | {"status": 1, "complete_percent": 50, "expected_seconds": 1}
+        return base | {"status": 4, "images": [_image(gw, "png", job, 0)], "integral_cost": 4}
+    if plan == "inline":  # images inline, b64_json written every way base64 is written
+        forms = [
+            lambda b: "data:image/png;base64," + base64.b64encode(b).decode(),
+            lambda b: "data:image/png;name=x.png;base64," + base64.b64encode(b).decode(),
+            lambda b: "\r\n".join(textwrap.wrap(base64.b64encode(b).decode(), 76)),
+            lambda b: base64.urlsafe_b64encode(b).decode().rstrip("="),
+            lambda b: " " + base64.b64encode(b).decode() + "\n",
+        ]
+        images = []
+        for index in range(job.n):
+            body = render_png(job.key, index, 8, 8)
+            gw.served[f"/inline/{job.key}/{index}"] = body
+            images.append({"url": None, "b64_json": forms[index % len(forms)](body)})
+        return base | {"status": 4, "images": images, "integral_cost": 4}
     # normal: queued, generating with float progress, done
     if age < 0.3:
         return base | {"status": 0, "complete_percent": 0, "queue_before_num": 1}
@@ -335,6 +356,8 @@ PLANS = {
     "costearly",
     "oddstatus",
     "expired",
+    "stuckestimate",
+    "inline",
 }
 
 

@@ -108,6 +108,7 @@ OUTCOMES: dict[str, tuple[type[WujieError] | None, int]] = {
     "oddnums": (None, 1),
     "placeholder": (None, 2),  # images without a URL while generating
     "costearly": (None, 1),  # the cost listed while generating only
+    "inline": (None, 5),  # b64_json as data URLs, wrapped, URL-safe unpadded, padded by spaces
     "failmid": (JobFailedError, 0),  # escape codes and markup in the fail message
     "noresult": (JobFailedError, 0),
     "moderated": (ModerationRejectedError, 0),
@@ -146,7 +147,7 @@ async def test_every_job_ends_its_own_way_and_every_image_is_saved_whole(tmp_pat
             assert update.done and (update.error is None) == (OUTCOMES[plan][0] is None), plan
         stats = client.stats
     assert sum(gateway.submits.values()) == len(OUTCOMES) == len(gateway.accepted)
-    assert stats.jobs_outstanding == 0 and stats.jobs_succeeded == 8 and stats.jobs_failed == 5
+    assert stats.jobs_outstanding == 0 and stats.jobs_succeeded == 9 and stats.jobs_failed == 5
     failed = jobs["failmid"].exception()
     assert isinstance(failed, JobFailedError) and failed.fail_message == "red bold 失败"
     assert str(failed).isprintable()
