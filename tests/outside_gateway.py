@@ -75,6 +75,7 @@ class OutsideGateway:
     accepted: list[str] = field(default_factory=list)  # keys handed out, in order
     jobs: dict[str, Job] = field(default_factory=dict)
     info_calls: int = 0
+    info_times: list[float] = field(default_factory=list)  # loop time of each batch call
     image_hits: Counter[str] = field(default_factory=Counter)
     served: dict[str, bytes] = field(default_factory=dict)  # image path -> bytes last served
     style: str | None = None  # every reply's HTTP style (None: each in turn, see _STYLES)
@@ -272,6 +273,10 @@ def _entry(gw: OutsideGateway, job: Job, now: float) -> dict[str, Any] | None:
             gw.served[f"/inline/{job.key}/{index}"] = body
             images.append({"url": None, "b64_json": forms[index % len(forms)](body)})
         return base | {"status": 4, "images": images, "integral_cost": 4}
+    if plan == "failcost":  # failed, and charged all the same
+        if age < 0.3:
+            return base | {"status": 1, "complete_percent": 90}
+        return base | {"status": 3, "fail_message": "upstream timeout", "integral_cost": "2.5"}
     # normal: queued, generating with float progress, done
     if age < 0.3:
         return base | {"status": 0, "complete_percent": 0, "queue_before_num": 1}
@@ -358,6 +363,7 @@ PLANS = {
     "expired",
     "stuckestimate",
     "inline",
+    "failcost",
 }
 
 
@@ -395,6 +401,7 @@ async def outside_gateway(seed: int = 7) -> AsyncIterator[OutsideGateway]:
 
     async def info(request: web.Request) -> web.StreamResponse:
         gw.info_calls += 1
+        gw.info_times.append(loop.time())
         keys = await request.json()
         if gw.info_delay:
             await asyncio.sleep(gw.info_delay)

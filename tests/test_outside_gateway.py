@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from wujie_async import (
 )
 from wujie_async._download import NOT_FOUND_TRIES
 
+from .cli_helpers import CLEAN_ENV, cli
 from .conftest import INSTANT_RETRY
 from .hostile import throwaway_credentials
 from .outside_gateway import OutsideGateway, outside_gateway
@@ -230,3 +233,61 @@ async def test_a_gateway_that_closes_after_each_reply_without_saying_so() -> Non
         results = [await job.result(timeout=10) for job in jobs]
     assert [result.key for result in results] == gateway.accepted
     assert sum(gateway.submits.values()) == 8 == len(set(gateway.accepted))
+
+
+# What a bulk line of each plan ends as, in the manifest.
+BULK_OUTCOMES = {
+    "normal": "saved",
+    "fast": "saved",
+    "late": "saved",
+    "trickle": "saved",  # one image a 404 at its first GET
+    "dupstale": "saved",
+    "oddnums": "saved",
+    "inline": "saved",
+    "types": "saved",
+    "failmid": "failed",
+    "noresult": "failed",
+    "moderated": "moderated",
+}
+
+
+@pytest.mark.long
+async def test_bulk_against_the_outside_gateway(tmp_path: Path) -> None:
+    plans = list(BULK_OUTCOMES) * 3
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"prompt": f"{plan} line {index}", "model": "gpt-image-1", "n": 2}) + "\n"
+            for index, plan in enumerate(plans)
+        )
+    )
+    out = tmp_path / "out"
+    async with outside_gateway() as gateway:
+        gateway.late_seconds = 1.0
+        creds = throwaway_credentials()
+        env = CLEAN_ENV | {
+            "WUJIE_APP_ID": creds.app_id,
+            "WUJIE_PRIVATE_KEY": creds.private_key,
+            "WUJIE_BASE_URL": gateway.base_url,
+        }
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=env)
+        assert code == 1, err  # failed and moderated lines
+        again, _, err_again = await cli("bulk", str(rows), "-o", str(out), "--json", env=env)
+        assert again == 1, err_again
+    assert sum(gateway.submits.values()) == len(plans) == len(gateway.accepted)  # none twice
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    ended: dict[int, set[str]] = {}
+    for row in manifest:
+        ended.setdefault(row["line"], set()).add(row["status"])
+        if row["status"] == "saved":
+            data = (out / row["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == row["sha256"]
+            assert gateway.sha256_of(row["key"], row["index"]) == row["sha256"]
+        else:
+            assert "error" in row and str(row["error"]).isprintable(), row
+    assert {line: ended[line] for line in ended} == {
+        index + 1: {BULK_OUTCOMES[plan]} for index, plan in enumerate(plans)
+    }
+    summary = json.loads(stdout)
+    assert summary["outcomes"]["saved"] == 24 and summary["points"] == summary["points_total"]
+    assert "\x1b" not in err and "<script>" not in err
