@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import hashlib
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -291,3 +292,30 @@ async def test_bulk_against_the_outside_gateway(tmp_path: Path) -> None:
     summary = json.loads(stdout)
     assert summary["outcomes"]["saved"] == 24 and summary["points"] == summary["points_total"]
     assert "\x1b" not in err and "<script>" not in err
+
+
+@pytest.mark.long
+async def test_an_estimate_stuck_at_one_second_is_found_out() -> None:
+    # "expected_seconds": 1 for the whole job, as a gateway that clamps its estimate gives it
+    # once a job overran. Asked again within a step each time, the figure was never found out:
+    # every job but its model's lookout was asked about every min_interval to its end, never
+    # backing off by its age (3 jobs of 150 s: 269 calls, a call every 0.5 s).
+    policy = PollPolicy(
+        first_poll_delay=0.05,
+        min_interval=0.05,
+        max_interval=1.0,
+        age_fraction=0.5,
+        max_estimate_wait=1.0,
+        batch_fill_horizon=0.05,
+        unknown_key_grace=2.0,
+    )
+    async with outside_gateway() as gateway, client_for(gateway, poll=policy) as client:
+        gateway.stuck_seconds = 4.0
+        jobs = [
+            await client.images.submit(prompt=f"stuckestimate {index}", model="dall-e-2")
+            for index in range(3)
+        ]
+        for job in jobs:
+            await job.result(timeout=15)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(gateway.info_times)]
+    assert gateway.info_calls <= 20, gaps  # 41 before; about 13 now
