@@ -63,14 +63,20 @@ _CHUNK = 256 * 1024  # bytes handed to a worker thread per write
 _CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
 EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
 _CLI_ONLY_FIELDS = frozenset({"id", "line"})
+# Tries of an image that answers 404: a URL listed a moment ago may not be on its CDN yet (an
+# upload or a replication still under way), while one that expired stays gone, so a 404 gets
+# a few tries, not the whole retry budget.
+NOT_FOUND_TRIES = 3
 
 
 class _RetryableError(Exception):
-    """A transient download failure; ``error`` is raised if retries run out."""
+    """A transient download failure; ``error`` is raised if retries run out, or once
+    ``tries`` attempts have been made (when given: a failure that is only maybe transient)."""
 
-    def __init__(self, error: WujieError) -> None:
+    def __init__(self, error: WujieError, *, tries: int | None = None) -> None:
         super().__init__(str(error))
         self.error = error
+        self.tries = tries
 
 
 class _Target:
@@ -126,7 +132,8 @@ class Downloader:
     Args:
         policy: sizes, deadlines, the minimum rate, redirects, plain http.
         retry: backoff for transient failures (connect errors, 5xx, 429, truncated bodies,
-            too slow); no new attempt starts after ``max_elapsed`` seconds.
+            too slow; a 404 gets ``NOT_FOUND_TRIES`` tries at most); no new attempt starts
+            after ``max_elapsed`` seconds.
         addresses: which kinds of address may be fetched (default: public ones only).
         telemetry: whose spans and metrics downloads add to (default: its own).
     """
@@ -267,8 +274,9 @@ class Downloader:
         Raises:
             InvalidRequestError: the URL (or a redirect's target) is refused, or the name is
                 taken by another image of the same save call.
-            ProtocolError: not an image, too large, not 200 (after retries for 5xx and 429),
-                too many redirects, not base64, or neither a URL nor ``b64_json``.
+            ProtocolError: not an image, too large, not 200 (after retries for 5xx and 429,
+                and 3 tries for a 404), too many redirects, not base64, or neither a URL nor
+                ``b64_json``.
             TransportError: the download failed after its retries, or was too slow.
             ClientStateError: the downloader (its client) is closed.
         """
@@ -452,7 +460,11 @@ class Downloader:
             except _RetryableError as exc:
                 failures.append(exc.error)
                 elapsed = anyio.current_time() - started
-                if tries >= policy.max_attempts or elapsed >= policy.max_elapsed:
+                if (
+                    tries >= policy.max_attempts
+                    or elapsed >= policy.max_elapsed
+                    or (exc.tries is not None and tries >= exc.tries)
+                ):
                     raise exc.error from None
                 ceiling = min(policy.initial_wait * 2 ** (tries - 1), policy.max_wait)
                 wait = min(random.uniform(0, ceiling), policy.max_elapsed - elapsed)
@@ -486,6 +498,11 @@ class Downloader:
                     if reply.status >= 500 or reply.status == 429:
                         raise _RetryableError(
                             ProtocolError("image download refused", http_status=reply.status)
+                        )
+                    if reply.status == 404:  # not on the CDN yet, or expired: a few tries
+                        raise _RetryableError(
+                            ProtocolError("image download refused", http_status=404),
+                            tries=NOT_FOUND_TRIES,
                         )
                     if reply.status != 200:
                         raise ProtocolError("image download refused", http_status=reply.status)

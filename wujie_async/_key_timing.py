@@ -122,6 +122,7 @@ def tell_by_progress(timing: KeyTiming, progress: Progress, estimated_end: float
     progress.estimate = (timing.model, estimated_end if timing.estimate_live else None, span)
     timing.model = progress_model(timing.model)
     timing.predicted_end = timing.predicted_span = timing.last_expected = None
+    timing.expected_since = None
     timing.estimate_live = True
     # Its progress has been read growing (the figure needs that): as good as a check that the
     # figure counts down, which, asked a second or more later, came after many an end.
@@ -145,6 +146,8 @@ class KeyTiming:
         live_reports: reports whose estimate was usable and kept counting down.
         queued: the last report said the job is queued (its estimate may not count down yet).
         last_expected: the last estimate the gateway gave, as it gave it (seconds left).
+        expected_since: when that same figure was first given (while generating): a figure
+            given unchanged for longer than a step is a placeholder, however small it is.
         predicted_queued: ``predicted_end`` comes from a figure given while queued.
         recheck: its estimate did not move as it left the queue: asked again soon, to tell a
             placeholder from a countdown.
@@ -172,6 +175,7 @@ class KeyTiming:
     live_reports: int = 0
     queued: bool = False
     last_expected: float | None = None
+    expected_since: float | None = None
     predicted_queued: bool = False
     recheck: bool = False
     scout: bool = False

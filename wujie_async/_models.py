@@ -6,6 +6,7 @@ Reply models ignore unknown fields, since the gateway may add fields at any time
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Self
@@ -211,6 +212,18 @@ class Envelope(_Reply):
     def _code_as_text(cls, value: Any) -> Any:
         # A gateway that sends the code as a number still means the same code.
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _message_as_text(cls, value: Any) -> str:
+        # The message only words the code: a null one (a serializer that writes every unset
+        # field), or a number or an object, must not make a refusal "not an envelope", which
+        # a submit reads as "may have been accepted" (uncertain, never resent).
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        return json.dumps(value, ensure_ascii=False, default=str)[:1000]
 
 
 class ImageInfo(_Reply):

@@ -654,10 +654,16 @@ class PollSchedule:
                 check, was_queued = timing.live_reports == 1, timing.queued  # each job once
                 last = timing.last_expected
                 if not queued and expected_seconds == last:
+                    since = timing.expected_since
                     if timing.queued:
                         timing.recheck = True  # it has just left the queue: ask again soon
-                    elif gap > step:
-                        timing.estimate_live = False  # the same figure while generating
+                    elif gap > step or (since is not None and seen - since > step):
+                        # The same figure while generating, across a step: from one ask to
+                        # the next, or over several close ones (a small figure, the "1 s" a
+                        # clamped estimate gives once a job overran, is asked about again
+                        # within a step each time: it was never found out, and the job was
+                        # asked about every step to its end, never backing off by its age).
+                        timing.estimate_live = False
                 elif drift > tolerance:
                     if timing.queued:
                         # It may have left the queue out: judge it from here, on a new scale.
@@ -682,6 +688,8 @@ class PollSchedule:
                         later=predicted - previous > step,
                         left=was_queued and not queued,
                     )
+            if expected_seconds != timing.last_expected or queued or timing.queued:
+                timing.expected_since = seen  # a new figure (or one given while queued)
             timing.last_expected = expected_seconds
             if timing.estimate_live:
                 timing.predicted_end = predicted

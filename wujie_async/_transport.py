@@ -43,6 +43,7 @@ import os
 import re
 import socket
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -703,6 +704,13 @@ class Transport:
                 reached_server=False,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
+            if _request_unwritten(exc):
+                return TransportError(
+                    f"the connection to {self.base_url} closed before the request was written "
+                    "(a connection the server had closed, without saying so, after its last "
+                    "reply): nothing reached the gateway",
+                    reached_server=False,
+                )
             reason = _failure_reason(exc)
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
@@ -772,7 +780,45 @@ class Transport:
                     http_status=reply.status,
                 )
             chunks.append(chunk)
-        return b"".join(chunks)
+        body = b"".join(chunks)
+        if headers.get("Content-Encoding", "").strip().lower() == "x-gzip":
+            return _x_gzip_inflated(body, cap, reply.status)
+        return body
+
+
+def _x_gzip_inflated(body: bytes, cap: int, status: int) -> bytes | ResponseTooLargeError:
+    """A body sent as ``Content-Encoding: x-gzip`` (gzip's old name, which RFC 9110 says to
+    read as gzip and aiohttp leaves compressed), inflated within ``cap``: read as it came, a
+    submit's reply was "not JSON", its accepted, paid job's key unread. A body that is no
+    gzip stays as it came (and reads as not JSON)."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(body, cap + 1)
+    except zlib.error:
+        return body
+    if len(inflated) > cap:
+        return ResponseTooLargeError(
+            f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) once decoded",
+            limit=cap,
+            http_status=status,
+        )
+    return inflated
+
+
+# aiohttp's words for a request whose body could not be written (the connection was closing,
+# or closed under the write): the server cannot have had the whole request, so it ran nothing.
+_UNWRITTEN = "Can not write request body"
+
+
+def _request_unwritten(exc: BaseException) -> bool:
+    """True when aiohttp could not write the request's body: the server got no complete
+    request (a POST short of its Content-Length is never run), so nothing was accepted.
+
+    A server that closes a connection after its reply without ``Connection: close`` leaves it
+    in the pool; the next request on it fails so. Read as "no reply", every other submit
+    through such a server was uncertain (never resent), though none had reached it.
+    """
+    return isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror or "").startswith(_UNWRITTEN)
 
 
 def _through_aiohttp(tb: TracebackType | None) -> bool:
