@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -28,9 +28,11 @@ from .cli_helpers import (
     Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    keys_in_rows_after_a_refusal,
     manifest,
     manifest_so_far,
     proc_alive,
+    reserve_size,
     running_cli,
     served_emulator,
 )
@@ -58,18 +60,6 @@ def _fill(disk: Path) -> None:
             filler.write(bytes(4096))
 
 
-def _keys_recorded_since(emu: Served, out: Path, before: int) -> Callable[[], Awaitable[bool]]:
-    """A submit accepted after the disk filled, and every accepted key in a pending row: a row
-    was written after the disk refused it (room made), so the run stopped sending then."""
-
-    async def check() -> bool:
-        accepted = await _accepted(emu)
-        keys = {r.get("key") for r in manifest_so_far(out) if r["status"] == "pending"}
-        return accepted > before and len(keys) == accepted
-
-    return check
-
-
 @pytest.mark.long
 async def test_sigterm_after_a_full_disk_stopped_the_run_exits_143(tmp_path: Path) -> None:
     """A disk that filled stops the sending (exit 3 if nothing else comes) while the jobs out
@@ -86,10 +76,13 @@ async def test_sigterm_after_a_full_disk_stopped_the_run_exits_143(tmp_path: Pat
             async with running_cli(*bulk, env=emu.env) as run:
                 alive = proc_alive(run)
                 await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=alive)
+                reserved = reserve_size(out)
+                assert reserved > 0  # set aside before anything was sent
                 await anyio.to_thread.run_sync(_fill, disk)
-                before = await _accepted(emu)
                 await eventually(
-                    _keys_recorded_since(emu, out, before), what="a refused row", alive=alive
+                    keys_in_rows_after_a_refusal(emu, out, reserved),
+                    what="a refused row",
+                    alive=alive,
                 )
                 run.send_signal(signal.SIGTERM)
                 code, _, err = await run.finish(TERM_GRACE_S + 10)
