@@ -13,6 +13,7 @@ import os
 import selectors
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -446,6 +447,17 @@ def manifest_so_far(out: Path) -> list[dict[str, Any]]:
         return []
     text = path.read_text()
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].split("\n") if line]
+
+
+def journal_keys(journal: Path) -> set[str]:
+    """The keys committed to a journal another process holds open (none while it cannot be
+    read: the caller asks again)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT job_key FROM submits WHERE job_key IS NOT NULL").fetchall()
+    except sqlite3.Error:
+        return set()
+    return {str(key) for (key,) in rows}
 
 
 def reserve_size(out: Path) -> int:

@@ -28,6 +28,7 @@ from .cli_helpers import (
     Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    journal_keys,
     keys_in_rows_after_a_refusal,
     manifest,
     manifest_so_far,
@@ -213,7 +214,7 @@ async def test_a_key_the_full_disk_kept_out_of_the_journal_is_on_disk_before_a_k
                     keys = set((await emu.stats())["timelines"])
                     rows = manifest_so_far(out)
                     pending = {str(r.get("key")) for r in rows if r["status"] == "pending"}
-                    journaled = _journal_keys(out / "journal.sqlite")
+                    journaled = journal_keys(out / "journal.sqlite")
                     on_disk = len(keys) == 3 and keys <= pending | journaled
                     return pending & keys if on_disk else set()
 
@@ -528,17 +529,6 @@ async def _an_uncertain_row(emu: Served, out: Path, tmp_path: Path) -> None:
     await emu.set_faults(drop_after_accept=1.0)
     code, stdout, err = await cli("bulk", str(prompts), "-o", str(out), "--json", env=emu.env)
     assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
-
-
-def _journal_keys(journal: Path) -> set[str]:
-    """The keys committed to a journal another process holds open (none while it cannot be
-    read: the caller asks again)."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
-            rows = db.execute("SELECT job_key FROM submits WHERE job_key IS NOT NULL").fetchall()
-    except sqlite3.Error:
-        return set()
-    return {str(key) for (key,) in rows}
 
 
 def _journal_rows(journal: Path) -> int:
