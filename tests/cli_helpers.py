@@ -13,11 +13,12 @@ import os
 import selectors
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 import aiohttp
 import anyio
 import pytest
+
+from wujie_async.cli._disk_reserve import RESERVE_NAME
 
 from .helpers import stop_process
 
@@ -444,6 +447,47 @@ def manifest_so_far(out: Path) -> list[dict[str, Any]]:
         return []
     text = path.read_text()
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].split("\n") if line]
+
+
+def journal_keys(journal: Path) -> set[str]:
+    """The keys committed to a journal another process holds open (none while it cannot be
+    read: the caller asks again)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT job_key FROM submits WHERE job_key IS NOT NULL").fetchall()
+    except sqlite3.Error:
+        return set()
+    return {str(key) for (key,) in rows}
+
+
+def reserve_size(out: Path) -> int:
+    """The room a bulk run has set aside in OUT for its rows (bytes; 0: none, or given back)."""
+    try:
+        return (out / RESERVE_NAME).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def keys_in_rows_after_a_refusal(
+    emu: Served, out: Path, reserved: int
+) -> Callable[[], Awaitable[bool]]:
+    """For ``eventually``: the disk refused a row (the run gave back some of the ``reserved``
+    bytes it set aside, so it stops sending), no submit is on the wire (each one the emulator
+    received was accepted) and every accepted key is in a pending row (the refused one too).
+
+    What a run without a journal killed outright needs for a re-run that pays for no line
+    again; ``accepted > N`` stood for the refusal, and waited in vain when the row the disk
+    refused was that of the N-th key, accepted just before the disk filled.
+    """
+
+    async def check() -> bool:
+        stats = await emu.stats()
+        accepted = int(stats["submits_accepted"])
+        arrived = int(stats["requests"].get("generations", 0))
+        keys = {r.get("key") for r in manifest_so_far(out) if r["status"] == "pending"}
+        return reserve_size(out) < reserved and arrived == accepted == len(keys)
+
+    return check
 
 
 def final_outcomes(out: Path) -> dict[int, str]:

@@ -72,13 +72,16 @@ EmulatorFactory = Callable[..., AbstractAsyncContextManager[Emulator]]
 
 @pytest.fixture
 def emulator() -> EmulatorFactory:
-    """``async with emulator(time_scale=..., faults=...) as emu``, seeded, on loopback."""
+    """``async with emulator(time_scale=..., faults=...) as emu``, seeded, on loopback
+    (``clock=``: the emulator's clock, default the loop's; see ``helpers.SteppedClock``)."""
 
     @asynccontextmanager
-    async def start(**config: Any) -> AsyncIterator[Emulator]:
+    async def start(
+        *, clock: Callable[[], float] | None = None, **config: Any
+    ) -> AsyncIterator[Emulator]:
         config.setdefault("time_scale", 0.005)
         config.setdefault("seed", 7)
-        async with Emulator(EmulatorConfig(**config)) as emu:
+        async with Emulator(EmulatorConfig(**config), clock=clock) as emu:
             yield emu
 
     return start

@@ -62,6 +62,20 @@ class Reply:
         return json.loads(self.body)
 
 
+class SteppedClock:
+    """An emulator's clock (``emulator(clock=...)``) that moves only when the test moves it:
+    what a test sees of a job's timeline then depends on no host's speed."""
+
+    def __init__(self) -> None:
+        self.reading = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.reading
+
+    def advance(self, seconds: float) -> None:
+        self.reading += seconds
+
+
 async def raw_post(
     base_url: str,
     path: str,

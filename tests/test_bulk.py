@@ -24,6 +24,7 @@ from .cli_helpers import (
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
+    journal_keys,
     manifest,
     proc_alive,
     running_cli,
@@ -487,14 +488,21 @@ async def test_a_rerun_after_kill_and_resume_keeps_what_resume_saved(tmp_path: P
     """Killed outright before its manifest had a row, a journaled run is collected by
     `resume`; the re-run of the bulk command then took resume's rows for another input's:
     it fetched every image again and recorded each job's points a second time (the manifest
-    added up to twice what the gateway charged)."""
+    added up to twice what the gateway charged).
+
+    The kill waits for both keys in the journal, not just at the gateway: a kill between the
+    two (a loaded host) rightly left a line uncertain."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,1") as emu:
         prompts = tmp_path / "prompts.txt"
         prompts.write_text("a fox\nan owl\n")
         out = tmp_path / "out"
         bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--json"]
         async with running_cli(*bulk, env=emu.env) as run:
-            await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=proc_alive(run))
+            await eventually(
+                lambda: len(journal_keys(out / "journal.sqlite")) == 2,
+                what="2 keys journaled",
+                alive=proc_alive(run),
+            )
             run.send_signal(signal.SIGKILL)
             await run.finish(30)
         assert manifest(out) == []

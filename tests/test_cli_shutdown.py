@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -28,9 +28,12 @@ from .cli_helpers import (
     Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    journal_keys,
+    keys_in_rows_after_a_refusal,
     manifest,
     manifest_so_far,
     proc_alive,
+    reserve_size,
     running_cli,
     served_emulator,
 )
@@ -58,18 +61,6 @@ def _fill(disk: Path) -> None:
             filler.write(bytes(4096))
 
 
-def _keys_recorded_since(emu: Served, out: Path, before: int) -> Callable[[], Awaitable[bool]]:
-    """A submit accepted after the disk filled, and every accepted key in a pending row: a row
-    was written after the disk refused it (room made), so the run stopped sending then."""
-
-    async def check() -> bool:
-        accepted = await _accepted(emu)
-        keys = {r.get("key") for r in manifest_so_far(out) if r["status"] == "pending"}
-        return accepted > before and len(keys) == accepted
-
-    return check
-
-
 @pytest.mark.long
 async def test_sigterm_after_a_full_disk_stopped_the_run_exits_143(tmp_path: Path) -> None:
     """A disk that filled stops the sending (exit 3 if nothing else comes) while the jobs out
@@ -86,10 +77,13 @@ async def test_sigterm_after_a_full_disk_stopped_the_run_exits_143(tmp_path: Pat
             async with running_cli(*bulk, env=emu.env) as run:
                 alive = proc_alive(run)
                 await eventually(lambda: _accepted_ge(emu, 2), what="2 submits", alive=alive)
+                reserved = reserve_size(out)
+                assert reserved > 0  # set aside before anything was sent
                 await anyio.to_thread.run_sync(_fill, disk)
-                before = await _accepted(emu)
                 await eventually(
-                    _keys_recorded_since(emu, out, before), what="a refused row", alive=alive
+                    keys_in_rows_after_a_refusal(emu, out, reserved),
+                    what="a refused row",
+                    alive=alive,
                 )
                 run.send_signal(signal.SIGTERM)
                 code, _, err = await run.finish(TERM_GRACE_S + 10)
@@ -192,11 +186,15 @@ async def test_a_key_the_full_disk_kept_out_of_the_journal_is_on_disk_before_a_k
     tmp_path: Path,
 ) -> None:
     """The journal (on the output folder's disk) wrote two submits' intents; the disk filled
-    while they were on the wire, so it could not write their keys. Each key gets a pending
-    manifest row at once (room set aside for it): a run killed outright then leaves it to the
-    re-run, which collects the jobs and pays for no line again. The keys lived only in a
-    WARNING and in memory until their lines ended (the kill lost them), and the re-run left
-    both lines ``uncertain``: paid, images never fetched."""
+    while they were on the wire, so it could not write their keys. Each key it refused gets a
+    pending manifest row at once (room set aside for it): a run killed outright then leaves it
+    to the re-run, which collects the jobs and pays for no line again. The keys lived only in
+    a WARNING and in memory until their lines ended (the kill lost them), and the re-run left
+    both lines ``uncertain``: paid, images never fetched.
+
+    The room given back for the first key's row may let the journal write the second key (the
+    replies come milliseconds apart): the kill waits until every key is on disk, in the
+    journal or in a pending row, and at least one in a row."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "8,8") as emu:
         await emu.set_faults(slow_reply=1.0, slow_reply_s=3.0, endpoints=["generations"])
         prompts = tmp_path / "prompts.txt"
@@ -211,12 +209,18 @@ async def test_a_key_the_full_disk_kept_out_of_the_journal_is_on_disk_before_a_k
                 await eventually(lambda: _arrived(emu, 3), what="3 submits", alive=alive)
                 await anyio.to_thread.run_sync(_fill, disk)
 
-                async def keys_in_manifest() -> bool:
+                async def keys_on_disk() -> set[str]:
+                    """The keys in pending rows, once every accepted key is on disk."""
+                    keys = set((await emu.stats())["timelines"])
                     rows = manifest_so_far(out)
-                    keys = {r.get("key") for r in rows if r["status"] == "pending"}
-                    return await _accepted(emu) == 3 and len(keys) == 2
+                    pending = {str(r.get("key")) for r in rows if r["status"] == "pending"}
+                    journaled = journal_keys(out / "journal.sqlite")
+                    on_disk = len(keys) == 3 and keys <= pending | journaled
+                    return pending & keys if on_disk else set()
 
-                await eventually(keys_in_manifest, what="both keys in the manifest", alive=alive)
+                in_rows = await eventually(keys_on_disk, what="every key on disk", alive=alive)
+                # The probe's key was journaled before the disk filled, never a row's.
+                assert 1 <= len(in_rows) <= 2
                 run.send_signal(signal.SIGKILL)
                 await run.finish(10)
             (disk / "filler").unlink()

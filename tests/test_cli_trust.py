@@ -29,9 +29,10 @@ from .cli_helpers import (
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
+    keys_in_rows_after_a_refusal,
     manifest,
-    manifest_so_far,
     proc_alive,
+    reserve_size,
     running_cli,
     served_emulator,
 )
@@ -414,6 +415,8 @@ async def test_a_key_the_full_disk_refused_is_on_disk_before_a_kill(tmp_path: Pa
             bulk = ["bulk", str(prompts), "-o", str(out), "--no-journal", "--rate", "2"]
             async with running_cli(*bulk, env=emu.env) as run:
                 await eventually(accepted_at_least(emu, 2), what="2 submits", alive=proc_alive(run))
+                reserved = reserve_size(out)
+                assert reserved > 0  # set aside before anything was sent
 
                 def fill() -> None:
                     with (
@@ -425,13 +428,11 @@ async def test_a_key_the_full_disk_refused_is_on_disk_before_a_kill(tmp_path: Pa
 
                 await anyio.to_thread.run_sync(fill)
 
-                async def every_key_recorded() -> bool:
-                    accepted = int((await emu.stats())["submits_accepted"])
-                    rows = manifest_so_far(out)  # read while the run writes it
-                    keys = {r.get("key") for r in rows if r["status"] == "pending"}
-                    return accepted > 2 and len(keys) == accepted
-
-                await eventually(every_key_recorded, what="every key", alive=proc_alive(run))
+                await eventually(
+                    keys_in_rows_after_a_refusal(emu, out, reserved),
+                    what="every key, a row refused",
+                    alive=proc_alive(run),
+                )
                 run.send_signal(signal.SIGKILL)
                 await run.finish(10)
             sent = (await emu.stats())["submits_accepted"]

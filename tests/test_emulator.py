@@ -22,6 +22,7 @@ from .helpers import (
     EDITS,
     GENERATIONS,
     INFO,
+    SteppedClock,
     eventually,
     png_size,
     raw_get,
@@ -242,7 +243,10 @@ async def test_body_that_is_not_json_is_a_parameter_error(emulator: EmulatorFact
 # --- jobs -----------------------------------------------------------------------------------------
 @pytest.mark.long
 async def test_job_lifecycle_follows_the_latency_model(emulator: EmulatorFactory) -> None:
-    async with emulator(time_scale=0.02) as emu:
+    # Looks 20 ms apart on the emulator's clock (on the real one, a loaded host's look took
+    # longer than the images' spacing, and no partial list was seen).
+    clock = SteppedClock()
+    async with emulator(time_scale=0.02, clock=clock) as emu:
         key = await new_key(emu, n=3)
         job = emu.gateway.store.jobs[key]
         assert (
@@ -261,7 +265,7 @@ async def test_job_lifecycle_follows_the_latency_model(emulator: EmulatorFactory
             assert emu.gateway.clock.now() < job.ends_at + 1.0, (
                 "job did not finish within its timeline"
             )
-            await asyncio.sleep(0.005)
+            clock.advance(0.02)
         statuses = [s for s, _, _ in seen]
         assert statuses == sorted(statuses) and statuses[0] in (0, 1) and 1 in statuses
         # Images appear one by one while generating; progress never goes backwards.
@@ -398,10 +402,11 @@ async def test_business_error_and_drop_after_accept(emulator: EmulatorFactory) -
 @pytest.mark.long
 async def test_absent_duplicated_shuffled_and_unknown_status(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(absent_jobs=1.0, absent_s=0.3, endpoints=frozenset())
-    async with emulator(time_scale=1.0, faults=faults) as emu:
+    clock = SteppedClock()  # the first look within the 0.3 s, however slow the host
+    async with emulator(time_scale=1.0, faults=faults, clock=clock) as emu:
         key = await new_key(emu)
         assert (await info(emu, [key]))["data"]["list"] == []
-        await asyncio.sleep(0.35)
+        clock.advance(0.35)
         assert len((await info(emu, [key]))["data"]["list"]) == 1
     faults = FaultConfig(duplicate_entries=1.0, shuffle_entries=True, unknown_status=1.0)
     async with emulator(time_scale=1.0, faults=FaultConfig()) as emu:

@@ -16,7 +16,7 @@ import pytest
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import EmulatorFactory
-from .helpers import GENERATIONS, INFO, raw_post, sign_header
+from .helpers import GENERATIONS, INFO, SteppedClock, raw_post, sign_header
 
 pytestmark = pytest.mark.anyio
 
@@ -151,16 +151,21 @@ async def test_estimate_constant_is_always_the_same_placeholder(
     emulator: EmulatorFactory,
 ) -> None:
     faults = FaultConfig(estimate_constant=30.0)
-    # Jobs of 0.5-1.5 s: still running 50 ms after the first look, over soon after.
-    async with emulator(time_scale=0.05, job_seconds=(10.0, 30.0), faults=faults) as emu:
+    # Jobs of 0.5-1.5 s: still running 50 ms after the first look, over soon after, on the
+    # emulator's clock, which the test moves (on the real one, a loaded host's ten submits
+    # took long enough for some jobs to end before the second look).
+    clock = SteppedClock()
+    async with emulator(
+        time_scale=0.05, job_seconds=(10.0, 30.0), faults=faults, clock=clock
+    ) as emu:
         keys = await submit_many(emu, 10)
         listed = await entries(emu, keys)
         assert {e["expected_seconds"] for e in listed.values()} == {30.0}
-        await asyncio.sleep(0.05)  # time passes: a placeholder does not count down
+        clock.advance(0.05)  # time passes: a placeholder does not count down
         later = await entries(emu, keys)
         assert {e["status"] for e in later.values()} <= {0, 1}
         assert {e["expected_seconds"] for e in later.values()} == {30.0}
-        await wait_until_all_ended(emu)
+        clock.advance(max(job.ends_at for job in emu.gateway.store.jobs.values()) - clock() + 0.01)
         done = await entries(emu, keys)
         assert {e["status"] for e in done.values()} == {4}
         assert {e["expected_seconds"] for e in done.values()} == {0.0}

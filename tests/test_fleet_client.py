@@ -1147,6 +1147,8 @@ async def test_a_leader_cut_off_from_the_gateway_steps_down(
 ) -> None:
     # A leader whose batch calls all failed (the gateway unreachable from its machine) kept
     # renewing its lease: the other members' jobs were asked about by nobody.
+    # Leases of 2 s, renewed every 0.67 s: a loop the host starved for 0.67 s (its cut-off
+    # leader retrying at once) lost a lease of 1 s before the 3 s of failures that step down.
     caplog.set_level(logging.INFO, logger="wujie_async")
     name = fleet_name()
     async with (
@@ -1154,7 +1156,7 @@ async def test_a_leader_cut_off_from_the_gateway_steps_down(
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=_Elsewhere())) as cut,
     ):
         base_url = emu.base_url.replace("127.0.0.1", "localhost")
-        fleet = RedisFleet(url, name=name, lease_seconds=1.0)
+        fleet = RedisFleet(url, name=name, lease_seconds=2.0)
         async with WujieClient(
             emu.credentials, base_url=base_url, poll=FAST_POLL, retry=INSTANT_RETRY,
             fleet=fleet, session=cut,
@@ -1162,7 +1164,7 @@ async def test_a_leader_cut_off_from_the_gateway_steps_down(
             await eventually(lambda: fleet_of(cut_off).role == "leader", what="a leader")
             healthy = WujieClient(
                 emu.credentials, base_url=base_url, poll=FAST_POLL, retry=INSTANT_RETRY,
-                fleet=RedisFleet(url, name=name, lease_seconds=1.0),
+                fleet=RedisFleet(url, name=name, lease_seconds=2.0),
             )  # fmt: skip
             async with healthy:
                 jobs = [
