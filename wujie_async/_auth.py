@@ -223,6 +223,14 @@ class HeaderSigner:
         """Forget the cached header (after a 401, say) so the next call signs anew."""
         self._header = None
 
+    def cached(self) -> str | None:
+        """The cached header while it is younger than ``max_age`` (else None: await
+        :meth:`header`). The hot path: no coroutine while the cached header serves."""
+        header = self._header
+        if header is not None and self._clock() - self._signed_at < self._max_age:
+            return header
+        return None
+
     async def header(self) -> str:
         """A header whose timestamp is at most ``max_age`` seconds old."""
         header = self._header

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -579,7 +579,7 @@ class WujieClient:
         return self._tracking and task is not None and not task.done()
 
     # --- jobs --------------------------------------------------------------------------------
-    async def _submit(
+    def _submit(
         self,
         path: str,
         body: dict[str, Any],
@@ -587,12 +587,14 @@ class WujieClient:
         job_timeout: float | None,
         extra_body: Mapping[str, Any] | None,
         tag: str | None,
-    ) -> ImageJob:
+    ) -> Coroutine[Any, Any, ImageJob]:
+        """The checks, then the submit's coroutine: called from ``Images.submit``'s own
+        coroutine, which awaits it (no coroutine of its own here: one layer less per submit)."""
         self._check_open()
         deadline_s = self._job_timeout(job_timeout)
         if extra_body is not None:
             body = {**body, **_checked_extra_body(extra_body)}
-        return await self._submits.submit(path, body, n or 1, deadline_s, tag)
+        return self._submits.submit(path, body, n or 1, deadline_s, tag)
 
     def _new_job(
         self,

@@ -78,9 +78,12 @@ class Images:
         """
         return await self._send(_contract.EDITS_PATH, EditRequest, dict(fields))
 
-    async def _send(
+    def _send(
         self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
-    ) -> ImageJob:
+    ) -> Awaitable[ImageJob]:
+        """The checked request's submit, to be awaited by the caller's coroutine (``submit``,
+        ``submit_edit``): a plain call, not a coroutine of its own (one layer less per submit;
+        an error here still raises where the caller awaits)."""
         options = {name: fields.pop(name, None) for name in CLIENT_ONLY_FIELDS}
         tag = options["tag"]
         # The tag is kept in the journal as text: it must be a str that can be stored.
@@ -97,7 +100,7 @@ class Images:
             raise InvalidRequestError(exc.violations + tag_found) from None
         if tag_found:
             raise InvalidRequestError(tag_found)
-        return await self._submit(
+        return self._submit(
             path,
             body,
             n,

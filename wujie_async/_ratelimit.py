@@ -222,6 +222,11 @@ class AdaptiveLimiter:
         """Seconds until a request asking now would have its send slot (0.0: at once)."""
         return self._pacer.free_in() if self._pacer is not None else 0.0
 
+    def free_now(self) -> float | None:
+        """The send time, when no limit is in force (a call goes at once); else None, and
+        :meth:`acquire` is to be awaited. The hot path: no coroutine while the brake is off."""
+        return self._clock() if self._pacer is None else None
+
     async def acquire(self) -> float:
         """Wait for a send slot (at once while no limit is in force); returns the send time."""
         if self._pacer is not None:

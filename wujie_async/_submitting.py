@@ -4,7 +4,7 @@ it gets, and how every submit still running ends when the client closes.
 :meth:`Submits.submit` reads as a sequence of these steps::
 
     admission.take_in_flight()          wait for room under Limits.max_in_flight
-    async with SubmitRecord(...):       the journal protocol and the outcome classification
+    SubmitRecord(...), .ended(error)    the journal protocol and the outcome classification
         async with admission.send_slot(record.intent):  Limits.max_concurrent_submits and the
                                             pacer, the intent written just before the slot
             POST(on_wire=record.on_wire)    the transport says when a try may leave the
@@ -24,8 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
@@ -81,6 +80,12 @@ class Admission:
         if pace is None and limits.max_submits_per_second is not None:
             self._pace = Pacer(limits.max_submits_per_second, margin=WINDOW_MARGIN_S).wait
 
+    @property
+    def bounds_in_flight(self) -> bool:
+        """Whether ``max_in_flight`` is set (else :meth:`take_in_flight` need not be awaited:
+        it would return None at once)."""
+        return self._in_flight is not None
+
     async def take_in_flight(self) -> Callable[[], None] | None:
         """Wait for room under ``max_in_flight``; returns the release (held until the job ends).
 
@@ -97,9 +102,10 @@ class Admission:
         if self._pace is not None:
             await self._pace(_nothing_to_do)
 
-    def send_slot(self, ready: Ready) -> _SendSlot:
+    def send_slot(self, ready: Ready | None) -> _SendSlot:
         """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out;
-        ``ready`` (the journal's intent) is awaited once, as late as the pacing allows."""
+        ``ready`` (the journal's intent) is awaited once, as late as the pacing allows (None:
+        nothing to write, no coroutine to await)."""
         return _SendSlot(self._send_slots, self._pace, ready)
 
 
@@ -115,7 +121,10 @@ class _SendSlot:
     __slots__ = ("_pace", "_ready", "_slots")
 
     def __init__(
-        self, slots: anyio.Semaphore, pace: Callable[[Ready], Awaitable[None]] | None, ready: Ready
+        self,
+        slots: anyio.Semaphore,
+        pace: Callable[[Ready], Awaitable[None]] | None,
+        ready: Ready | None,
     ) -> None:
         self._slots = slots
         self._pace = pace
@@ -127,8 +136,8 @@ class _SendSlot:
             if self._pace is not None:
                 # Written while the pace waits: a slow or uneven write (the fleet's Redis, a
                 # busy disk) would otherwise lie between the slot and the send, and bunch sends.
-                await self._pace(self._ready)
-            else:
+                await self._pace(self._ready or _nothing_to_do)
+            elif self._ready is not None:
                 await self._ready()
         except BaseException:
             self._slots.release()
@@ -164,8 +173,8 @@ _NOT_SENT_STOPPED = (
 class SubmitRecord:
     """The journal protocol of one submit, and the one place its outcome is classified.
 
-    ``intent`` is written before sending, the key before ``submit()`` returns. Leaving the
-    ``async with`` block with an error records what that error means (see
+    ``intent`` is written before sending, the key before ``submit()`` returns. A submit that
+    ends with an error calls :meth:`ended`, which records what that error means (see
     :func:`outcome_state`); if the key had come back, it is kept (``accepted``) whatever
     happened after. Without a journal it only tracks how far the submit got.
 
@@ -198,9 +207,6 @@ class SubmitRecord:
     def may_have_left(self) -> bool:
         """True once the request may have left the process."""
         return self._sending
-
-    async def __aenter__(self) -> Self:
-        return self
 
     async def intent(self) -> None:
         """Write the intent (before anything is sent).
@@ -266,14 +272,11 @@ class SubmitRecord:
             created=time.time(),
         )
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def ended(self, exc: BaseException) -> None:
+        """The submit ended with ``exc``: record what that means (a plain call, not an
+        ``async with``: nothing here awaits, and the submit hot path saves two coroutines)."""
         journal, row_id = self._journal, self._row_id
-        if exc is None or journal is None or row_id is None:
+        if journal is None or row_id is None:
             return
         if self.key is not None:
             if not self._key_written:
@@ -554,59 +557,62 @@ class Submits:
             raise ClientStateError("the client is not open")
         # The budget first: a submit it refuses waits for nothing and is never journaled.
         held = await self._budget.reserve(body, n) if self._budget is not None else None
-        try:
-            release = await admission.take_in_flight()
-        except BaseException:
-            if held is not None:
-                held.release()
-            raise
+        release: Callable[[], None] | None = None
+        if admission.bounds_in_flight:
+            try:
+                release = await admission.take_in_flight()
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
         lost_reply = True
         try:
-            async with record:
-                async with admission.send_slot(record.intent):
-                    data = await self._transport.post(
-                        path,
-                        body,
-                        kind="submit",
-                        parent=trace,
-                        on_wire=record.on_wire,
-                        before_retry=admission.pace_again,
+            ready = record.intent if self._journal is not None else None
+            async with admission.send_slot(ready):
+                data = await self._transport.post(
+                    path,
+                    body,
+                    kind="submit",
+                    parent=trace,
+                    on_wire=record.on_wire,
+                    before_retry=admission.pace_again,
+                )
+            try:
+                key = usable_key(data, body)
+            finally:
+                # Only the key is kept: the reply may quote the request's signature, and
+                # an error raised below keeps this frame (its locals) in its traceback.
+                # (No usable key: its key may still be found, so lost_reply stands.)
+                data = None
+            try:
+                self._claim_key(key, body)
+            except SubmitUncertainError:
+                lost_reply = False  # a reply came, with another job's key
+                raise
+            if trace is not None and (otel := self._telemetry.otel) is not None:
+                otel.job_accepted(trace, key)
+            earlier = False  # the journal holds the key on an earlier row
+            try:
+                earlier = not await record.accepted(key)
+            finally:
+                # Whatever happens now, the key gets its job (tracked, or settled at once
+                # if the client is closing): an accepted key is never dropped.
+                if not earlier:
+                    record.job = self._make_job(
+                        key,
+                        deadline_s=deadline_s,
+                        request=body,
+                        n=n,
+                        ended=_on_end(release, held, self._budget),
+                        trace=trace,
                     )
-                try:
-                    key = usable_key(data, body)
-                finally:
-                    # Only the key is kept: the reply may quote the request's signature, and
-                    # an error raised below keeps this frame (its locals) in its traceback.
-                    # (No usable key: its key may still be found, so lost_reply stands.)
-                    data = None
-                try:
-                    self._claim_key(key, body)
-                except SubmitUncertainError:
-                    lost_reply = False  # a reply came, with another job's key
-                    raise
-                if trace is not None and (otel := self._telemetry.otel) is not None:
-                    otel.job_accepted(trace, key)
-                earlier = False  # the journal holds the key on an earlier row
-                try:
-                    earlier = not await record.accepted(key)
-                finally:
-                    # Whatever happens now, the key gets its job (tracked, or settled at once
-                    # if the client is closing): an accepted key is never dropped.
-                    if not earlier:
-                        record.job = self._make_job(
-                            key,
-                            deadline_s=deadline_s,
-                            request=body,
-                            n=n,
-                            ended=_on_end(release, held, self._budget),
-                            trace=trace,
-                        )
-                        release = held = None  # the job gives them back when it ends
-                    self._claimed_keys.discard(key)
-                if earlier:
-                    lost_reply = False  # a reply came, with another job's key
-                    raise _reused_key(key, "the key of an earlier job in the journal", body)
+                    release = held = None  # the job gives them back when it ends
+                self._claimed_keys.discard(key)
+            if earlier:
+                lost_reply = False  # a reply came, with another job's key
+                raise _reused_key(key, "the key of an earlier job in the journal", body)
         except BaseException as exc:
+            record.ended(exc)
             if held is not None:
                 if outcome_state(exc, sending=record.may_have_left) == "uncertain":
                     # It may have been charged: the points stay spent, and a first job of its
