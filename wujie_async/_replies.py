@@ -148,21 +148,36 @@ def _relevant(listed: list[Any], asked: Container[str]) -> tuple[list[dict[str, 
     run of stale copies can hide neither the report that ends the job nor the newest one.
     One dict lookup per entry before any validation: a reply flooded with junk costs one pass.
     """
-    kept: dict[str, list[dict[str, Any]]] = {}
+    # A key's one entry, or the list of its entries once it is listed again: most keys are
+    # listed once, and a list per key was an object (for the garbage collector) per entry.
+    kept: dict[str, dict[str, Any] | list[dict[str, Any]]] = {}
     surplus = 0
     for raw in listed:
         if type(raw) is dict:
             key = raw.get("key")
             # Exact match only: a key with a newline or control character is not ours.
             if type(key) is str and key in asked:
-                entries = kept.setdefault(key, [])
+                held = kept.get(key)
+                if held is None:
+                    kept[key] = raw
+                    continue
+                if isinstance(held, dict):
+                    kept[key] = [held, raw]  # ENTRIES_PER_KEY is at least 2
+                    continue
+                entries = held
                 if len(entries) < ENTRIES_PER_KEY:
                     entries.append(raw)
                     continue
                 surplus += 1
                 if _looks_terminal(raw) or not _looks_terminal(entries[-1]):
                     entries[-1] = raw
-    return [raw for entries in kept.values() for raw in entries], surplus
+    relevant: list[dict[str, Any]] = []
+    for held in kept.values():
+        if isinstance(held, dict):
+            relevant.append(held)
+        else:
+            relevant.extend(held)
+    return relevant, surplus
 
 
 def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[str, Any]]]:
