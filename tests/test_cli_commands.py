@@ -153,7 +153,10 @@ async def test_status_of_a_key_listed_only_unreadably_is_not_not_found() -> None
     assert code == 1, err
     listed, unknown = stdout.splitlines()
     assert listed.startswith("K" * 32 + "  unreadable: ") and "malformed" in listed, listed
-    assert unknown == "NOSUCHKEY  not found (the gateway does not list this key)", unknown
+    # A key just handed out may not be listed yet: the line must not read as "never existed"
+    # (a user then submits it again and pays twice).
+    assert unknown.startswith("NOSUCHKEY  not found (the gateway does not list this key; "), unknown
+    assert "may not be listed yet" in unknown and "--wait" in unknown, unknown
 
 
 async def test_the_reply_cap_is_a_flag_for_gateways_that_list_images_inline() -> None:

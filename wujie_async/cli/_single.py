@@ -243,7 +243,12 @@ def describe(job: ImageJob) -> str:
     """One status line: key, state, progress, images, or why it ended."""
     finding = _finding(job)
     if finding == NOT_FOUND:
-        return f"{job.key}  not found (the gateway does not list this key)"
+        # Not "does not exist": a gateway may take seconds to list a key it has just handed
+        # out, and a user told "not found" about a paid job may submit it again.
+        return (
+            f"{job.key}  not found (the gateway does not list this key; one submitted in the "
+            "last 30 s may not be listed yet: `status KEY --wait` waits for it)"
+        )
     if job.status is None:  # listed only unreadably, or not answered about
         said = _why(job)
         if finding == NO_ANSWER:
