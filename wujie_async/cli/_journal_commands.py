@@ -26,7 +26,6 @@ from .._file_names import DEFAULT_NAME, PlannedJob
 from .._journal import ALL_STATES
 from .._keys import images_in, is_job_key
 from .._local_files import not_regular
-from .._models import GenerationRequest
 from ._bulk import BulkRun, Row, charged_keys, names_taken, record_manifest_keys
 from ._common import (
     EXIT_FAILED,
@@ -555,11 +554,3 @@ def _outcome_name(outcome: LineOutcome) -> str:
     if outcome.row_id is not None:
         return f"id {clean(outcome.row_id)}"
     return f"line {outcome.line}"
-
-
-async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest) -> int:
-    """``generate --no-wait``: submit, print the key, exit."""
-    async with open_client(args, Limits(), None) as client:
-        job = await client.images.submit(**request.body(), job_timeout=args.job_timeout)
-        print(job.key)  # noqa: T201 - the key is this command's output
-    return EXIT_OK
