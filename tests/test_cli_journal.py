@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,12 @@ from .cli_helpers import (
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     final_outcomes,
     manifest,
+    proc_alive,
+    running_cli,
     served_emulator,
 )
+from .conftest import EmulatorFactory, make_client
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -531,3 +536,137 @@ async def test_forget_keeps_the_only_record_of_a_paid_job(tmp_path: Path) -> Non
         assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
         code, listing, _ = await cli("journal", "list", "-o", str(out))
         assert "accepted" in listing, listing
+
+
+@pytest.mark.long
+async def test_journal_list_reads_the_journal_of_a_run_in_progress(tmp_path: Path) -> None:
+    """`journal list` took the journal's writer lock just to read it: while a bulk run used
+    the journal it exited 4 ("one journal has one writer at a time"), so a user could not
+    watch a long run's rows. It reads beside the writer now, which goes on undisturbed."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": f"r{i}", "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i in range(3)
+            )
+        )
+        out = tmp_path / "out"
+        async with running_cli("bulk", str(rows), "-o", str(out), env=emu.env) as run:
+
+            async def accepted() -> bool:
+                return int((await emu.stats())["submits_accepted"]) >= 3
+
+            await eventually(accepted, what="3 submits", alive=proc_alive(run))
+            code, listing, err = await cli("journal", "list", "-o", str(out))
+            assert code == 0, err
+            assert "3 row(s)" in listing and "accepted" in listing, listing
+            assert all(f"id r{i}" in listing for i in range(3)), listing
+            code, lines, err = await cli("journal", "list", "--json", "-o", str(out))
+            assert code == 0, err
+            listed = [json.loads(line) for line in lines.splitlines()]
+            assert [row["id"] for row in listed] == ["r0", "r1", "r2"], listed
+            code, listing, err = await cli(
+                "journal", "list", "--status", "uncertain", "-o", str(out)
+            )
+            assert code == 0 and "0 row(s)" in listing, (listing, err)
+            assert run.returncode is None  # read while the run held the journal
+            code, _, err = await run.finish(60)
+        assert code == 0, err
+        assert set(final_outcomes(out).values()) == {"saved"}
+        assert (await emu.stats())["submits_accepted"] == 3  # nothing paid twice
+        code, listing, _ = await cli("journal", "list", "--status", "succeeded", "-o", str(out))
+        assert code == 0 and "3 row(s)" in listing, listing
+        for path in out.glob("journal.sqlite*"):
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+async def test_resend_refuses_rows_named_with_all_uncertain(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`journal resend --all-uncertain ROWS` ignored ROWS and resent every uncertain row: a
+    user naming one row paid for all of them. The pair is a usage error now."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="a", model="dall-e-2", tag="id:fox")
+        await client.images.generate(prompt="b", model="dall-e-2", tag="id:owl")
+    with sqlite3.connect(journal) as db:  # the owl's reply was lost
+        db.execute("UPDATE submits SET state = 'uncertain', job_key = NULL WHERE tag = 'id:owl'")
+    out = tmp_path / "out"
+    resend = ["journal", "resend", "--yes", "--emulator", "--journal", str(journal), "-o", str(out)]
+    code, _, err = await cli(*resend, "fox", "--all-uncertain")
+    assert code == 2, err
+    assert "not both" in err and "nothing was sent" in err, err
+    with sqlite3.connect(journal) as db:
+        states = dict(db.execute("SELECT tag, state FROM submits").fetchall())
+    assert states == {"id:fox": "succeeded", "id:owl": "uncertain"}, states
+
+
+async def test_a_number_that_is_an_id_and_a_line_names_no_row_until_said_which(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`journal forget 2` forgot both the row whose id is "2" and the row of input line 2
+    (`journal resend 2` would have paid for both). Such a word is refused now, naming the two
+    forms; `journal list --json` gives each row's `name`, the form these commands take."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="x", model="dall-e-2", tag="id:2")
+        await client.images.generate(prompt="y", model="dall-e-2", tag="line:2:abc")
+        await client.images.generate(prompt="z", model="dall-e-2")
+    where = ("--journal", str(journal))
+    code, _, err = await cli("journal", "forget", "2", "--yes", *where)
+    assert code == 2, err
+    assert "'2' names two rows, id 2 and line 2" in err and "nothing was forgotten" in err, err
+    code, lines, err = await cli("journal", "list", "--json", *where)
+    assert code == 0, err
+    names = [json.loads(line)["name"] for line in lines.splitlines()]
+    assert names == ["id 2", "line 2", "#3"], names
+    for name in names:
+        code, _, err = await cli("journal", "forget", name, "--yes", *where)
+        assert code == 0 and "forgot 1 row(s)" in err, err
+    code, listing, _ = await cli("journal", "list", *where)
+    assert code == 0 and "0 row(s)" in listing, listing
+
+
+async def test_journal_list_writes_nothing_and_lists_a_killed_runs_intents_as_uncertain(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Read-only, `journal list` no longer turns a killed run's intents into uncertain rows
+    (a writer does that as it opens the journal): `--status uncertain` lists them too, as
+    intents, and says what an intent is."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="sent", model="dall-e-2", tag="id:done")
+        await client.images.generate(prompt="killed", model="dall-e-2", tag="id:cut")
+    with sqlite3.connect(journal) as db:  # what a run killed with its submit on the wire left
+        db.execute("UPDATE submits SET state = 'intent', job_key = NULL WHERE tag = 'id:cut'")
+    before = journal.read_bytes()
+    code, listing, err = await cli("journal", "list", "--status", "uncertain", "--journal",
+                                   str(journal))  # fmt: skip
+    assert code == 0, err
+    assert "id cut" in listing and "intent" in listing and "1 row(s)" in listing, listing
+    assert "id done" not in listing, listing
+    assert "1 row(s) read intent" in err and "may have been charged" in err, err
+    assert journal.read_bytes() == before
+    with sqlite3.connect(journal) as db:
+        assert db.execute("SELECT state FROM submits WHERE tag = 'id:cut'").fetchall() == [
+            ("intent",)
+        ]
+
+
+async def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """An SQLite file that is no journal passed the journal commands' check (its header is
+    SQLite's): `journal forget` opened it for writing, gave it a `submits` table and put a
+    lock file beside it, then said "no journal row"; `journal list` exited 1. Both are
+    usage errors now (exit 2), and the file is left alone."""
+    other = tmp_path / "app.sqlite"
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+    db.close()
+    before = other.read_bytes()
+    for command in (["journal", "list"], ["journal", "forget", "1", "--yes"]):
+        code, _, err = await cli(*command, "--journal", str(other))
+        assert code == 2, err
+        assert "is not a wujie-async journal (an SQLite file without its submits table)" in err
+    assert other.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["app.sqlite"]

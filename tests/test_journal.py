@@ -329,6 +329,41 @@ async def test_a_journal_file_reads_and_forgets_without_a_client(
             assert [row.id for row in await client.journal_entries()] == [tagged.id]
 
 
+async def test_a_read_only_journal_file_reads_beside_a_live_client(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`JournalFile` took the writer lock just to read: a live client's journal could not be
+    read at all (JournalLockedError). Read-only, it reads beside the writer, which goes on
+    writing; it writes nothing itself, and forgetting is refused."""
+    journal = tmp_path / "jobs.sqlite"
+    not_a_journal = tmp_path / "empty.sqlite"
+    sqlite3.connect(not_a_journal).close()
+    with pytest.raises(FileNotFoundError, match="no journal at"):
+        async with JournalFile(tmp_path / "none.sqlite", read_only=True):
+            pass
+    async with emulator() as emu:
+        async with make_client(emu, journal=journal) as client:
+            await client.images.generate(prompt="a", model="dall-e-2")
+            async with JournalFile(journal, read_only=True) as reader:
+                assert "read_only=True" in repr(reader)
+                [done] = await reader.entries()
+                assert done.request["prompt"] == "a"
+                job = await client.images.submit(prompt="b", model="dall-e-2", tag="t-b")
+                [tagged] = await reader.entries(tag="t-b")  # the writer's last commit
+                assert tagged.job_key == job.key
+                with pytest.raises(ClientStateError, match="read-only"):
+                    await reader.forget([done.id])
+                await job.result(timeout=10)
+            # The client wrote on after the reader came and went.
+            await client.images.generate(prompt="c", model="dall-e-2")
+            assert len(await client.journal_entries()) == 3
+    with pytest.raises(ClientStateError, match="cannot read journal"):
+        async with JournalFile(not_a_journal, read_only=True):
+            pass
+    for path in tmp_path.glob("jobs.sqlite*"):
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
 # --- writes that fail ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def _write_locked(journal: Path) -> Iterator[None]:

@@ -387,35 +387,46 @@ class Journal:
         Raises:
             ValueError: a state that is not a journal state.
         """
-        for state in states:
-            _check_state(state, ALL_STATES)
-        clauses: list[str] = []
-        params: tuple[Any, ...] = ()
-        if states:
-            clauses.append(f"state IN ({','.join('?' * len(states))})")
-            params += tuple(states)
-        if tag is not None:
-            clauses.append("tag = ?")
-            params += (tag,)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = await self._worker.query(
-            "SELECT id, path, request, state, job_key, tag, error, created FROM submits"
-            f"{where} ORDER BY id",
-            params,
+        sql, params = entries_query(states, tag)
+        rows = await self._worker.query(sql, params)
+        return [self.entry(row) for row in rows]
+
+    def entry(self, row: tuple[Any, ...]) -> JournalEntry:
+        """One row of :func:`entries_query` as an entry (an unreadable request: a WARNING)."""
+        return JournalEntry(
+            id=row[0],
+            path=row[1],
+            request=self._read_request(row[0], row[2]),
+            state=row[3],
+            job_key=row[4],
+            tag=row[5],
+            error=row[6],
+            created=row[7],
         )
-        return [
-            JournalEntry(
-                id=row[0],
-                path=row[1],
-                request=self._read_request(row[0], row[2]),
-                state=row[3],
-                job_key=row[4],
-                tag=row[5],
-                error=row[6],
-                created=row[7],
-            )
-            for row in rows
-        ]
+
+
+def entries_query(states: tuple[str, ...], tag: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The query of the rows in ``states`` (every row if none), with ``tag`` if given.
+
+    Raises:
+        ValueError: a state that is not a journal state.
+    """
+    for state in states:
+        _check_state(state, ALL_STATES)
+    clauses: list[str] = []
+    params: tuple[Any, ...] = ()
+    if states:
+        clauses.append(f"state IN ({','.join('?' * len(states))})")
+        params += tuple(states)
+    if tag is not None:
+        clauses.append("tag = ?")
+        params += (tag,)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = (
+        "SELECT id, path, request, state, job_key, tag, error, created FROM submits"
+        f"{where} ORDER BY id"
+    )
+    return sql, params
 
 
 def _prepare(connection: sqlite3.Connection) -> None:

@@ -1,8 +1,9 @@
 """JournalFile: a client's journal opened on its own, to list and forget its rows.
 
 No gateway, no credentials: what ``wujie-async journal list|forget`` needs, and what a script
-settling uncertain submits needs. It takes the journal's lock like a client does, so it cannot
-race a live client writing to the same file.
+settling uncertain submits needs. Opened to forget rows, it takes the journal's lock like a
+client does, so it cannot race a live client writing to the same file; opened ``read_only``, it
+takes no lock and reads beside a live writer (``journal list`` during a run).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import anyio
+
 from ._errors import ClientStateError
-from ._journal import Journal, JournalEntry
+from ._journal import Journal, JournalEntry, entries_query
+from ._journal_worker import read_only_query
 
 
 class JournalFile:
@@ -25,27 +29,41 @@ class JournalFile:
 
     Args:
         path: the journal file (as given to ``WujieClient(journal=...)``).
+        read_only: read only, beside a live writer: no lock is taken, so a client (a bulk run)
+            using the journal goes on undisturbed, and :meth:`forget` is refused. Each
+            :meth:`entries` reads the last committed rows. Nothing is written: an ``intent``
+            row is a submit on the wire now, or one a killed process left (it reads
+            ``uncertain`` once a writer opens the journal).
 
     Raises:
         FileNotFoundError: on entering, there is no file at ``path`` (none is created).
-        JournalLockedError: on entering, a live client (or another opener) holds the journal.
+        JournalLockedError: on entering, a live client (or another opener) holds the journal
+            (not when ``read_only``).
         ClientStateError: on entering, the file cannot be read as a journal.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         self._journal = Journal(self.path)
         self._open = False
 
     def __repr__(self) -> str:
-        return f"JournalFile({str(self.path)!r})"
+        shown = ", read_only=True" if self.read_only else ""
+        return f"JournalFile({str(self.path)!r}{shown})"
 
     async def __aenter__(self) -> Self:
         if self._open:
             raise ClientStateError(f"{self!r} is already open")
         if not self.path.is_file():
             raise FileNotFoundError(f"no journal at {self.path}")
-        await self._journal.open()
+        if self.read_only:
+            # A file that is no journal is said now, as a writer's open says it.
+            await anyio.to_thread.run_sync(
+                read_only_query, self.path, "SELECT id FROM submits LIMIT 0", ()
+            )
+        else:
+            await self._journal.open()
         self._open = True
         return self
 
@@ -68,16 +86,23 @@ class JournalFile:
             ClientStateError: the file is not open (use ``async with``).
         """
         self._check_open()
-        return await self._journal.entries(*states, tag=tag)
+        if not self.read_only:
+            return await self._journal.entries(*states, tag=tag)
+        sql, params = entries_query(states, tag)
+        rows = await anyio.to_thread.run_sync(read_only_query, self.path, sql, params)
+        return [self._journal.entry(row) for row in rows]
 
     async def forget(self, ids: Iterable[int]) -> int:
         """Delete these rows (by :attr:`JournalEntry.id`); returns how many were deleted.
 
         Raises:
             TypeError: an id is not an int.
-            ClientStateError: the file is not open (use ``async with``).
+            ClientStateError: the file is not open (use ``async with``), or was opened
+                ``read_only``.
         """
         self._check_open()
+        if self.read_only:
+            raise ClientStateError(f"{self!r} is read-only: open it without read_only to forget")
         return await self._journal.forget(ids)
 
     def _check_open(self) -> None:

@@ -54,6 +54,9 @@ logger = logging.getLogger("wujie_async")
 # (frozen, a hung mount), and a close must not wait for it: shutdown has deadlines of its own
 # (docker stop's 10 s after SIGTERM).
 CLOSE_DEADLINE_S = 2.0
+# How long a read-only reader waits on a lock SQLite takes for a moment (a writer recovering
+# the write-ahead log after a crash, say) before it reports the journal unreadable.
+READ_BUSY_S = 5.0
 
 
 class JournalLockedError(ClientStateError):
@@ -422,6 +425,35 @@ class JournalWorker:
     async def query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         rows: list[tuple[Any, ...]] = await self.enqueue(lambda done: _Read(sql, params, done))
         return rows
+
+
+def read_only_query(path: Path, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """Run one query on ``path`` opened read-only, beside its writer if it has one (blocking:
+    call it on a worker thread).
+
+    Takes no lock: in WAL mode SQLite serves readers alongside the one writer, which they
+    neither block nor slow (a checkpoint leaves the frames a reader still reads for later).
+    The reader sees the last committed transaction; it writes nothing (rows a dead writer
+    left ``intent`` stay so until a writer opens the file). It may create the ``-wal``/``-shm``
+    companions, which SQLite gives the file's own mode; they are tightened as a writer's are.
+
+    Raises:
+        ClientStateError: the file cannot be opened or read as an SQLite database.
+    """
+    _restrict(path)
+    uri = path.absolute().as_uri() + "?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True, timeout=READ_BUSY_S, check_same_thread=False)
+        try:
+            rows = connection.execute(sql, params).fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error as exc:
+        raise ClientStateError(f"cannot read journal {path}: {exc}") from None
+    finally:
+        for suffix in ("-wal", "-shm"):
+            _restrict(path.with_name(path.name + suffix))
+    return rows
 
 
 def _create_private(path: Path) -> None:

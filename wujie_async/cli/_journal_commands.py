@@ -22,11 +22,12 @@ from rich.text import Text
 
 from .. import JournalEntry, JournalFile, Limits
 from .._budget import Kind, kind_of
+from .._errors import ClientStateError
 from .._file_names import DEFAULT_NAME, PlannedJob
 from .._journal import ALL_STATES
+from .._journal_worker import read_only_query
 from .._keys import images_in, is_job_key
 from .._local_files import not_regular
-from .._models import GenerationRequest
 from ._bulk import BulkRun, Row, charged_keys, names_taken, record_manifest_keys
 from ._common import (
     EXIT_FAILED,
@@ -172,6 +173,19 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         raise UsageError(f"{path}: cannot read it ({exc.strerror or 'error'})") from None
     if head != _SQLITE_HEADER:
         raise UsageError(f"{path} is not a wujie-async journal (not an SQLite file); {not_journal}")
+    # Another program's database: opened for writing, it would get a journal's table (and a
+    # lock file beside it). Read-only, this writes nothing and waits for no run using it.
+    try:
+        tables = read_only_query(
+            path, "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'submits'", ()
+        )
+    except ClientStateError as exc:
+        raise UsageError(f"{exc}; {not_journal}") from None
+    if not tables:
+        raise UsageError(
+            f"{path} is not a wujie-async journal (an SQLite file without its submits table); "
+            f"{not_journal}"
+        )
 
 
 def _name(entry: JournalEntry) -> str:
@@ -187,25 +201,27 @@ _LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
 
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
     """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
-    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
-    that names neither, the ``row`` of ``journal list --json``), which is what a user copies."""
+    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for any journal row,
+    the ``name`` of ``journal list --json``), which is what a user copies."""
+    return any(_named_as(entry, word) is not None for word in wanted)
+
+
+def _named_as(entry: JournalEntry, word: str) -> str | None:
+    """How ``word`` names the row: ``"row"`` (``#12``), ``"id"``, ``"line"``, or None."""
     line, row_id = line_of(entry)
-    for word in wanted:
-        said = word.strip()
-        if said.startswith("#") and said[1:].isdigit():
-            if int(said[1:]) == entry.id:
-                return True
-            continue
-        both = _LINE_AND_ID.match(said)
-        if both is not None:
-            if row_id is not None and both["id"] in (row_id, clean(row_id)):
-                return True
-            continue
-        if row_id is not None and said in (row_id, f"id {row_id}", f"id {clean(row_id)}"):
-            return True
-        if line > 0 and said in (str(line), f"line {line}"):
-            return True
-    return False
+    said = word.strip()
+    if said.startswith("#") and said[1:].isdigit():
+        return "row" if int(said[1:]) == entry.id else None
+    both = _LINE_AND_ID.match(said)
+    if both is not None:
+        if row_id is not None and both["id"] in (row_id, clean(row_id)):
+            return "id"
+        return None
+    if row_id is not None and said in (row_id, f"id {row_id}", f"id {clean(row_id)}"):
+        return "id"
+    if line > 0 and said in (str(line), f"line {line}"):
+        return "line"
+    return None
 
 
 def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
@@ -230,23 +246,46 @@ async def run(args: argparse.Namespace, console: Console) -> int:
     path = _journal_file(args)
     if args.action == "resend":
         return await _resend(args, console, path)
-    # Listing and forgetting need no gateway, so no credentials: the journal file alone.
+    if args.action == "list":
+        return await _list_rows(args, console, path)
+    # Forgetting needs no gateway, so no credentials: the journal file alone (its lock).
     async with JournalFile(path) as journal:
-        if args.action == "list":
-            entries = await journal.entries(*(args.status or _STATES))
-            if args.json:
-                for entry in entries:
-                    print(json.dumps(_as_json(entry)))  # noqa: T201 - this command's output
-            else:
-                _list(entries)
-            return EXIT_OK
         return await _forget(args, console, journal)
+
+
+async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> int:
+    """``journal list``: read-only, beside a run using the journal (no lock taken)."""
+    states = set(args.status or _STATES)
+    if "uncertain" in states:
+        # An intent is a submit on the wire now, or one a killed run left: uncertain as soon
+        # as a writer opens the journal. A reader writes nothing, so it lists it as it is.
+        states.add("intent")
+    async with JournalFile(path, read_only=True) as journal:
+        entries = await journal.entries(*(state for state in _STATES if state in states))
+    if args.json:
+        for entry in entries:
+            print(json.dumps(_as_json(entry)))  # noqa: T201 - this command's output
+    else:
+        _list(entries)
+    intents = sum(1 for entry in entries if entry.state == "intent")
+    if intents:
+        console.print(
+            Text(
+                f"{intents} row(s) read intent: a submit on the wire now, if a run is using "
+                "this journal; else one a killed run left, which may have been charged (it "
+                "reads uncertain once resume, journal resend or forget, or a re-run opens the "
+                "journal)"
+            ),
+            soft_wrap=True,
+        )
+    return EXIT_OK
 
 
 def _as_json(entry: JournalEntry) -> dict[str, Any]:
     line, row_id = line_of(entry)
     return {
         "row": entry.id,
+        "name": _name(entry),
         "line": line or None,
         "id": row_id,
         "state": entry.state,
@@ -273,15 +312,25 @@ def _list(entries: list[JournalEntry]) -> None:
 
 
 def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
+    """Refuse a word that names no row, or names rows both by id and by line number (``2``:
+    the row whose id is 2 and input line 2): each would act on rows the user did not mean."""
     unknown = [row for row in rows if not any(_matches(entry, {row}) for entry in entries)]
     if unknown:
         shown = ", ".join(clean(row) for row in unknown[:20])
         raise UsageError(
             f"journal {action}: no journal row for {shown} (rows are input line numbers or "
             f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
-            f"'id fox', 'line 4 (id fox)', or '#12' for a row that has neither); nothing was "
-            f"{done}"
+            f"'id fox', 'line 4 (id fox)', or '#12' for any journal row); nothing was {done}"
         )
+    for row in rows:
+        named = {_named_as(entry, row): entry for entry in entries}
+        if "id" in named and "line" in named:
+            by_id, by_line = _name(named["id"]), f"line {line_of(named['line'])[0]}"
+            raise UsageError(
+                f"journal {action}: {clean(row.strip())!r} names two rows, {by_id} and "
+                f"{by_line}; say which, as `journal list` prints them ({by_id!r} or "
+                f"{by_line!r}); nothing was {done}"
+            )
 
 
 # Rows whose job the gateway took (and charged for): sending them again pays again, and the
@@ -350,6 +399,12 @@ async def _forget(args: argparse.Namespace, console: Console, journal: JournalFi
 async def _resend(args: argparse.Namespace, console: Console, path: Path) -> int:
     if not args.rows and not args.all_uncertain:
         raise UsageError("journal resend: name LINE_OR_ID rows or pass --all-uncertain")
+    if args.rows and args.all_uncertain:
+        # Either would send rows the other did not name: each resend may be charged.
+        raise UsageError(
+            "journal resend: name LINE_OR_ID rows or pass --all-uncertain, not both (it "
+            "resends every uncertain row, whatever rows are named); nothing was sent"
+        )
     check_out_folder(args.out)
     # As bulk and resume: one run at a time plans from OUT's manifest and writes there (a
     # bulk run with another journal, or none, would send the lines this one resends).
@@ -555,11 +610,3 @@ def _outcome_name(outcome: LineOutcome) -> str:
     if outcome.row_id is not None:
         return f"id {clean(outcome.row_id)}"
     return f"line {outcome.line}"
-
-
-async def submit_no_wait(args: argparse.Namespace, request: GenerationRequest) -> int:
-    """``generate --no-wait``: submit, print the key, exit."""
-    async with open_client(args, Limits(), None) as client:
-        job = await client.images.submit(**request.body(), job_timeout=args.job_timeout)
-        print(job.key)  # noqa: T201 - the key is this command's output
-    return EXIT_OK
