@@ -153,6 +153,9 @@ async def _reply(request: web.Request) -> web.StreamResponse:
         if mode == "echo-html-502":
             return web.Response(status=502, text=f"<h1>Bad gateway</h1><pre>{said}</pre>")
         status = 401 if mode == "echo-401" else 200
+        if mode == "echo-object":  # the message an object: the request's headers, as JSON
+            dump = {"error": "bad request", "headers": {"Authorization": header}}
+            return web.json_response({"code": "20010001", "message": dump, "data": None})
         return web.json_response({"code": "20010001", "message": said, "data": None}, status=status)
     if mode == "gzipped":  # an nginx with gzip on: a whole, ordinary reply, compressed
         data: dict[str, Any] = (

@@ -1155,3 +1155,54 @@ def test_a_queued_job_whose_estimate_leaves_the_queue_out_is_judged_on_its_own_s
         asks += 1
     assert asks <= 90 / POLICY.max_interval, asks
     assert timing.predicted_span == pytest.approx(20.0)
+
+
+# --- right estimates read through replies that take their time ---------------------------------
+JITTERED: dict[str, Callable[[float], float]] = {
+    "fractional": lambda left: round(left, 2),
+    "tenths": lambda left: round(left, 1),
+    "whole, rounded down": lambda left: float(math.floor(left)),
+    "whole, rounded up": lambda left: float(math.ceil(left)),
+}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("gateway", list(JITTERED))
+def test_a_right_estimate_read_with_reply_latency_jitter_is_never_taken_for_a_placeholder(
+    gateway: str, seed: int
+) -> None:
+    # Batch calls as the poller makes them (every key due within batch_fill_horizon rides
+    # along), each reply taking 0.1-0.5 s, the gateway reading its state anywhere between the
+    # ask and the reply: a figure that counts down rightly, however rounded, keeps its job on
+    # its estimate. The same figure given more than a step apart is a placeholder (a figure
+    # held for the whole job): a whole second, read at the start of one call and the end of
+    # the next, must not be taken for one. (A model's first whole figures, before its
+    # resolution is known, may be: those jobs are left out.)
+    figure = JITTERED[gateway]
+    schedule = PollSchedule(POLICY)
+    rng = random.Random(seed)
+    jobs: list[tuple[KeyTiming, float]] = []
+    due: dict[int, float] = {}
+    for index in range(60):
+        created = rng.uniform(0.0, 20.0)
+        timing = KeyTiming(created_at=created, model="m")
+        jobs.append((timing, created + rng.uniform(10.0, 40.0)))
+        due[index] = schedule.first_ask(timing)
+    judged: list[tuple[int, float]] = []
+    while due:
+        call = min(due.values())
+        latency = rng.uniform(0.1, 0.5)
+        read = call + rng.uniform(0.0, latency)
+        for index in [i for i, at in due.items() if at <= call + POLICY.batch_fill_horizon]:
+            timing, end = jobs[index]
+            if read >= end:
+                schedule.job_ended(timing, call + latency, end)
+                del due[index]
+                continue
+            live, known = timing.estimate_live, schedule.coarse("m") or gateway == "fractional"
+            due[index] = schedule.report(
+                timing, call + latency, expected_seconds=figure(end - read), asked_at=call
+            )
+            if live and not timing.estimate_live and known:
+                judged.append((index, call))
+    assert not judged, judged

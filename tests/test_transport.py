@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from wujie_async import (
     AuthenticationError,
@@ -21,6 +22,7 @@ from wujie_async import (
     EndpointNotFoundError,
     InsufficientBalanceError,
     Limits,
+    ParameterError,
     PollPolicy,
     ProtocolError,
     RateLimitedError,
@@ -35,6 +37,7 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
+from wujie_async._errors import ReplyTooDeepError
 from wujie_async._poller import BatchPoller
 from wujie_async._transport import CallKind, decode_reply
 from wujie_async.emulator import FaultConfig
@@ -47,6 +50,7 @@ from .hostile import (
     gzip_bomb,
     hostile_gateway,
     recording_gateway,
+    serve,
 )
 
 pytestmark = pytest.mark.anyio
@@ -77,6 +81,34 @@ async def test_bad_replies_become_protocol_errors(
                 await transport.post(f"/{mode}", {"prompt": "p"}, kind="submit")
             assert isinstance(uncertain.value.__cause__, ProtocolError)
             assert uncertain.value.request == {"prompt": "p"}
+
+
+async def test_a_refusal_whose_message_nests_deep_is_a_typed_error(
+    emulator: EmulatorFactory,
+) -> None:
+    """A refusal whose message is an array nested about as deep as a JSON reader follows: the
+    reply parsed, and quoting the message (json.dumps, a few frames deeper) ran out of stack:
+    a bare RecursionError, untyped (a submit so answered "uncertain" for a bug). Every depth,
+    up to where the reply is not read at all, is a typed error now."""
+
+    async def deep(request: web.Request) -> web.Response:
+        depth = int(request.match_info["depth"])
+        nested = b"[" * depth + b"]" * depth
+        body = b'{"code":"20010001","message":' + nested + b',"data":null}'
+        return web.Response(body=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/deep/{depth}", deep)
+    seen: set[type[WujieError]] = set()
+    async with emulator() as emu, serve(app) as origin:
+        async with open_transport(
+            origin, emu.credentials, retry=RetryPolicy(max_attempts=1)
+        ) as transport:
+            for depth in range(600, 1001):
+                with pytest.raises(WujieError) as info:
+                    await transport.post(f"/deep/{depth}", [], kind="poll")
+                seen.add(type(info.value))
+    assert ReplyTooDeepError in seen and ParameterError in seen  # both sides of the limit
 
 
 async def test_a_reply_of_millions_of_tiny_objects_is_not_parsed(emulator: EmulatorFactory) -> None:

@@ -223,7 +223,12 @@ class Envelope(_Reply):
             return ""
         if isinstance(value, str):
             return value
-        return json.dumps(value, ensure_ascii=False, default=str)[:1000]
+        try:
+            return json.dumps(value, ensure_ascii=False, default=str)[:1000]
+        except RecursionError:
+            # Nested about as deep as the reply's reader followed: quoting it, a few frames
+            # deeper, ran out of stack (a bare RecursionError where a typed refusal is due).
+            return "(a message nested too deep to quote)"
 
 
 class ImageInfo(_Reply):
