@@ -1112,6 +1112,34 @@ async def test_attach_of_a_key_its_own_submit_is_receiving_is_that_submits_job(
             assert client.stats.jobs_succeeded == 1 and client.stats.jobs_outstanding == 0
 
 
+async def test_attach_charged_to_the_budget_of_a_key_its_own_submit_is_receiving_counts_once(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """attach(key, charge_budget=True) while a submit of the same client is receiving that
+    key: one job, whose cost the submit's reservation already holds. The attach held it
+    again, and the job's end counted its points twice (4 spent for a job charged 2: the next
+    submit, which had room, was refused)."""
+    limits = Limits(max_points=7, point_prices={"dall-e-2": 4})
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name(), limits=limits) as client,
+        ):
+            body = {"prompt": "p", "model": "dall-e-2"}
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2"))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            [entry] = await client.journal_entries("accepted")
+            assert entry.job_key is not None
+            attached = client.images.attach(entry.job_key, request=body, charge_budget=True)
+            job = await submit
+            assert job is attached
+            await asyncio.wait_for(job, 10)
+            assert job.points_charged == 2
+            # 2 spent of 7: a job of 4 fits.
+            await asyncio.wait_for(client.images.submit(prompt="q", model="dall-e-2"), 10)
+
+
 class _Elsewhere(aiohttp.abc.AbstractResolver):
     """Resolves every host to a port of 127.0.0.1 where nothing listens: a member cut off
     from the gateway, with the others' base URL."""

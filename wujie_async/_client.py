@@ -717,7 +717,11 @@ class WujieClient:
                 raise InvalidRequestError(
                     [("request", "charge_budget=True needs the request it was submitted with")]
                 )
-            ended = self._submits.charge_attached(key, body, n or images_in(body) or 1)
+            # A key a submit of this client is receiving: that submit's reservation counts
+            # the job (the job is handed to it, see _new_job); held here too, it was counted
+            # twice.
+            if not self._submits.receiving(key):
+                ended = self._submits.charge_attached(key, body, n or images_in(body) or 1)
         return self._new_job(
             key,
             deadline_s=deadline_s,

@@ -145,7 +145,8 @@ class Images:
         its ``model``): a job's cost is known by its kind. A job this client already counted
         as maybe charged is counted once: one whose wait ended (by its key), or a submit whose
         reply was lost, given the ``request`` of its ``SubmitUncertainError`` (or, with a
-        journal, after ``record_submit_key``).
+        journal, after ``record_submit_key``); so is the job of a key a submit of this
+        client is still receiving (that submit's reservation counts it).
 
         ``submitted_at``, when known, is the unix time the key was submitted (a journal row's
         ``created``), or a time it was surely submitted by. The gateway may leave a new key out
