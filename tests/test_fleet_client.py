@@ -1140,6 +1140,36 @@ async def test_attach_charged_to_the_budget_of_a_key_its_own_submit_is_receiving
             await asyncio.wait_for(client.images.submit(prompt="q", model="dall-e-2"), 10)
 
 
+async def test_a_submit_cancelled_after_its_key_came_back_counts_as_accepted(
+    tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit cancelled by its caller while its key was being journaled (a request handler
+    whose client went away): the key came back, its job is tracked and journaled accepted.
+    The stats and the close line counted it as an uncertain submit (no key, may have been
+    charged; "uncertain_submits() lists them", which listed nothing) and not as accepted."""
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name()) as client,
+        ):
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2"))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            submit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await submit
+            [job] = client.jobs()
+            await asyncio.wait_for(job, 10)
+            assert await client.uncertain_submits() == []
+            stats = client.stats
+            assert (stats.submits, stats.submit_errors, stats.submits_uncertain) == (1, 0, 0)
+    [closed] = [r.getMessage() for r in caplog.records if "client closed" in r.getMessage()]
+    assert closed.startswith(
+        "client closed: 1 submit(s) accepted, 0 raised (not accepted); 1 job(s) succeeded"
+    ), closed
+
+
 class _Elsewhere(aiohttp.abc.AbstractResolver):
     """Resolves every host to a port of 127.0.0.1 where nothing listens: a member cut off
     from the gateway, with the others' base URL."""
