@@ -1140,6 +1140,31 @@ async def test_attach_charged_to_the_budget_of_a_key_its_own_submit_is_receiving
             await asyncio.wait_for(client.images.submit(prompt="q", model="dall-e-2"), 10)
 
 
+async def test_a_submit_handed_a_job_attached_without_its_request_keeps_its_request_and_n(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """attach(key) with no request while the client's own submit (n=2) is receiving that
+    key: the submit returned the attached job, with request None and n None, so job.request
+    said nothing of what was sent and a job done with 1 image of 2 was not incomplete."""
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name()) as client,
+        ):
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2", n=2))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            [entry] = await client.journal_entries("accepted")
+            assert entry.job_key is not None
+            attached = client.images.attach(entry.job_key)
+            job = await submit
+            assert job is attached
+            assert job.request is not None and job.request["prompt"] == "p"
+            assert job.n == 2
+            result = await asyncio.wait_for(job, 10)
+            assert len(result.images) == 2
+
+
 async def test_a_submit_cancelled_after_its_key_came_back_counts_as_accepted(
     tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

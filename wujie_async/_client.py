@@ -621,6 +621,9 @@ class WujieClient:
             # write on the way; a submit never claims a key in use): one job for the key,
             # returned by both. Two were made, and the one the poller no longer tracked never
             # ended until its deadline.
+            # What the submit sent, where the attach did not say (job.request, and job.n,
+            # by which a job done short of its images is incomplete).
+            adopted._learn(request, n)
             if ended is not None:
                 adopted.add_done_callback(ended)
             if trace is not None and trace.span is not None:

@@ -133,9 +133,10 @@ class Images:
 
         Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
         that same job; a key a submit of this client is still receiving (its journal write on
-        the way) gets the job that submit then returns too (with the attach's ``request`` and
-        deadline). ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
-        once. ``request`` is the body it was submitted with, kept as ``job.request``.
+        the way) gets the job that submit then returns too (with the attach's deadline, and
+        its ``request`` and ``n``, or the submit's where the attach gave none). ``n``, when
+        given, lets ``job.image(i)`` reject indexes out of range at once. ``request`` is the
+        body it was submitted with, kept as ``job.request``.
 
         ``charge_budget=True`` counts the job's cost against this client's points budget
         (``Limits(max_points=...)``), as when a re-run collects what an earlier run of the same
