@@ -531,3 +531,32 @@ async def test_forget_keeps_the_only_record_of_a_paid_job(tmp_path: Path) -> Non
         assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
         code, listing, _ = await cli("journal", "list", "-o", str(out))
         assert "accepted" in listing, listing
+
+
+@pytest.mark.long
+async def test_a_row_id_that_looks_like_a_journal_row_number_names_its_own_row(
+    tmp_path: Path,
+) -> None:
+    """A row whose id is ``#1`` (an input's ticket number, say): `journal forget '#1'` took
+    it for journal row 1, another line's row, and forgot that one (a resend would have sent
+    the wrong line, paid). `#N` names a row that has neither a line nor an id; an id is its
+    own row's."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": row_id, "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i, row_id in enumerate(("first", "#1"))
+            )
+        )
+        out = tmp_path / "out"
+        run = ("bulk", str(rows), "-o", str(out), "--json", "--concurrency", "1")
+        code, stdout, err = await cli(*run, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 2, err
+        with sqlite3.connect(out / "journal.sqlite") as db:
+            [(first,)] = db.execute("SELECT id FROM submits WHERE tag = 'id:first'").fetchall()
+        assert first == 1  # journal row 1 is the line with id "first"
+        code, _, err = await cli("journal", "forget", "#1", "--yes", "-o", str(out))
+        assert code == 0 and "forgot 1 row(s)" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "1 row(s)" in listing and "id first" in listing, listing

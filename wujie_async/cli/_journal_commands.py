@@ -188,12 +188,17 @@ _LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
     """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
     (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
-    that names neither, the ``row`` of ``journal list --json``), which is what a user copies."""
+    that names neither, the ``row`` of ``journal list --json``), which is what a user copies.
+    A row's own id comes first: an id that reads ``#1`` is that row's, not journal row 1."""
     line, row_id = line_of(entry)
     for word in wanted:
         said = word.strip()
+        if row_id is not None and said in (row_id, clean(row_id)):
+            return True  # its own id first: an id may read "#1" (a ticket number)
         if said.startswith("#") and said[1:].isdigit():
-            if int(said[1:]) == entry.id:
+            # Only a row that names neither a line nor an id goes by its number (as it is
+            # listed): "#1" named journal row 1 (another line's) beside the row of id "#1".
+            if int(said[1:]) == entry.id and row_id is None and line <= 0:
                 return True
             continue
         both = _LINE_AND_ID.match(said)
