@@ -560,3 +560,22 @@ async def test_a_row_id_that_looks_like_a_journal_row_number_names_its_own_row(
         assert code == 0 and "forgot 1 row(s)" in err, err
         code, listing, _ = await cli("journal", "list", "-o", str(out))
         assert "1 row(s)" in listing and "id first" in listing, listing
+
+
+@pytest.mark.long
+async def test_forget_keeps_the_only_record_of_a_job_that_succeeded(tmp_path: Path) -> None:
+    """A run killed outright while it saved a job's images leaves its journal row
+    `succeeded` and no manifest row naming its key: forgotten, the re-run sent its line again
+    (paid twice), as for a row still `accepted`. Refused, naming `resume`, which saves them."""
+    async with served_emulator(tmp_path) as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"id": "done", "prompt": "p", "model": "dall-e-2"}) + "\n")
+        out = tmp_path / "out"
+        code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        (out / "manifest.jsonl").write_text("")  # what a run killed outright leaves
+        code, _, err = await cli("journal", "forget", "done", "--yes", "-o", str(out))
+        assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "succeeded" in listing, listing
+        assert (await emu.stats())["submits_accepted"] == 1

@@ -316,12 +316,14 @@ def _refuse_only_record(
     chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str]
 ) -> None:
     """Refuse to forget a row that is the only record of a paid job's key: accepted (running,
-    or past its wait) or cancelled (only its wait was), and named by no manifest row (a run
-    killed outright writes none). A re-run would not know the job, and send its line again."""
+    or past its wait), succeeded (its images not saved yet) or cancelled (only its wait
+    was), and named by no manifest row (a run killed outright, while the job ran or its
+    images were saved, writes none). A re-run would not know the job, and send its line
+    again."""
     only = [
         entry
         for entry in chosen
-        if entry.state in ("accepted", "cancelled") and entry.job_key not in (None, *recorded)
+        if entry.state in _PAID_STATES and entry.job_key not in (None, *recorded)
     ]
     if only:
         said = "; ".join(
