@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
@@ -578,4 +579,35 @@ async def test_forget_keeps_the_only_record_of_a_job_that_succeeded(tmp_path: Pa
         assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
         code, listing, _ = await cli("journal", "list", "-o", str(out))
         assert "succeeded" in listing, listing
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+async def test_resume_collects_a_cancelled_rows_job_as_forget_says(tmp_path: Path) -> None:
+    """A journal row `cancelled` (a program on the same journal cancelled its wait: the job
+    was accepted, paid) with no manifest row: `journal forget` refuses it and names
+    `resume`, which left it alone (only accepted and succeeded rows), so the row could be
+    neither collected by it nor forgotten. `resume` collects it, as a bulk re-run does."""
+    from wujie_async import WujieClient
+
+    async with served_emulator(tmp_path) as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        journal = out / "journal.sqlite"
+        credentials = Credentials(
+            app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+        )
+        async with WujieClient(credentials, base_url=emu.base_url, journal=journal) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2", tag="id:fox")
+            job.cancel()  # only its wait: the job runs on, paid
+            await asyncio.sleep(0)  # its done callbacks (the journal's record) run first
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "cancelled" in listing, listing
+        code, _, err = await cli("journal", "forget", "fox", "--yes", "-o", str(out))
+        assert code == 2 and "wujie-async resume" in err, err
+        code, _, err = await cli("resume", str(journal), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        assert [r.get("key") for r in manifest(out) if r.get("status") == "saved"] == [job.key]
+        code, _, err = await cli("journal", "forget", "fox", "--yes", "-o", str(out))
+        assert code == 0 and "forgot 1 row(s)" in err, err
         assert (await emu.stats())["submits_accepted"] == 1
