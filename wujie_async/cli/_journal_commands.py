@@ -313,17 +313,17 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
 
 
 def _refuse_only_record(
-    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str]
+    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str], *, run_folder: bool
 ) -> None:
     """Refuse to forget a row that is the only record of a paid job's key: accepted (running,
-    or past its wait), succeeded (its images not saved yet) or cancelled (only its wait
-    was), and named by no manifest row (a run killed outright, while the job ran or its
-    images were saved, writes none). A re-run would not know the job, and send its line
-    again."""
+    or past its wait) or cancelled (only its wait was), and named by no manifest row (a run
+    killed outright writes none). A re-run would not know the job, and send its line again.
+    In a run's folder (``run_folder``: OUT holds a manifest, which a run opens before it
+    sends anything) a succeeded row too: a run killed while it saved the images left it so.
+    (A program's own journal holds succeeded rows whose images it has: those may go.)"""
+    paid = ("accepted", "cancelled", "succeeded") if run_folder else ("accepted", "cancelled")
     only = [
-        entry
-        for entry in chosen
-        if entry.state in _PAID_STATES and entry.job_key not in (None, *recorded)
+        entry for entry in chosen if entry.state in paid and entry.job_key not in (None, *recorded)
     ]
     if only:
         said = "; ".join(
@@ -346,7 +346,8 @@ async def _forget(args: argparse.Namespace, console: Console, journal: JournalFi
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
     manifest_path = args.out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
-    _refuse_only_record(entries, journal.path, args.out, known_keys(records))
+    run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
+    _refuse_only_record(entries, journal.path, args.out, known_keys(records), run_folder=run_folder)
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)
