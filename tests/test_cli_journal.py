@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
@@ -670,3 +671,81 @@ async def test_another_programs_sqlite_file_is_refused_and_left_as_it_was(tmp_pa
         assert "is not a wujie-async journal (an SQLite file without its submits table)" in err
     assert other.read_bytes() == before
     assert sorted(path.name for path in tmp_path.iterdir()) == ["app.sqlite"]
+
+
+async def test_a_row_id_that_looks_like_a_journal_row_number_names_its_own_row(
+    tmp_path: Path,
+) -> None:
+    """A row whose id is ``#1`` (an input's ticket number, say): `journal forget '#1'` took
+    it for journal row 1, another line's row, and forgot that one (a resend would have sent
+    the wrong line, paid). `#N` names a row that has neither a line nor an id; an id is its
+    own row's."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            "".join(
+                json.dumps({"id": row_id, "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+                for i, row_id in enumerate(("first", "#1"))
+            )
+        )
+        out = tmp_path / "out"
+        run = ("bulk", str(rows), "-o", str(out), "--json", "--concurrency", "1")
+        code, stdout, err = await cli(*run, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 2, err
+        with sqlite3.connect(out / "journal.sqlite") as db:
+            [(first,)] = db.execute("SELECT id FROM submits WHERE tag = 'id:first'").fetchall()
+        assert first == 1  # journal row 1 is the line with id "first"
+        code, _, err = await cli("journal", "forget", "#1", "--yes", "-o", str(out))
+        assert code == 0 and "forgot 1 row(s)" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "1 row(s)" in listing and "id first" in listing, listing
+
+
+@pytest.mark.long
+async def test_forget_keeps_the_only_record_of_a_job_that_succeeded(tmp_path: Path) -> None:
+    """A run killed outright while it saved a job's images leaves its journal row
+    `succeeded` and no manifest row naming its key: forgotten, the re-run sent its line again
+    (paid twice), as for a row still `accepted`. Refused, naming `resume`, which saves them."""
+    async with served_emulator(tmp_path) as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"id": "done", "prompt": "p", "model": "dall-e-2"}) + "\n")
+        out = tmp_path / "out"
+        code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        (out / "manifest.jsonl").write_text("")  # what a run killed outright leaves
+        code, _, err = await cli("journal", "forget", "done", "--yes", "-o", str(out))
+        assert code == 2 and "paid twice" in err and "wujie-async resume" in err, err
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "succeeded" in listing, listing
+        assert (await emu.stats())["submits_accepted"] == 1
+
+
+@pytest.mark.long
+async def test_resume_collects_a_cancelled_rows_job_as_forget_says(tmp_path: Path) -> None:
+    """A journal row `cancelled` (a program on the same journal cancelled its wait: the job
+    was accepted, paid) with no manifest row: `journal forget` refuses it and names
+    `resume`, which left it alone (only accepted and succeeded rows), so the row could be
+    neither collected by it nor forgotten. `resume` collects it, as a bulk re-run does."""
+    from wujie_async import WujieClient
+
+    async with served_emulator(tmp_path) as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        journal = out / "journal.sqlite"
+        credentials = Credentials(
+            app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+        )
+        async with WujieClient(credentials, base_url=emu.base_url, journal=journal) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2", tag="id:fox")
+            job.cancel()  # only its wait: the job runs on, paid
+            await asyncio.sleep(0)  # its done callbacks (the journal's record) run first
+        code, listing, _ = await cli("journal", "list", "-o", str(out))
+        assert "cancelled" in listing, listing
+        code, _, err = await cli("journal", "forget", "fox", "--yes", "-o", str(out))
+        assert code == 2 and "wujie-async resume" in err, err
+        code, _, err = await cli("resume", str(journal), "-o", str(out), env=emu.env)
+        assert code == 0, err
+        assert [r.get("key") for r in manifest(out) if r.get("status") == "saved"] == [job.key]
+        code, _, err = await cli("journal", "forget", "fox", "--yes", "-o", str(out))
+        assert code == 0 and "forgot 1 row(s)" in err, err
+        assert (await emu.stats())["submits_accepted"] == 1

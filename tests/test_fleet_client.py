@@ -1112,6 +1112,89 @@ async def test_attach_of_a_key_its_own_submit_is_receiving_is_that_submits_job(
             assert client.stats.jobs_succeeded == 1 and client.stats.jobs_outstanding == 0
 
 
+async def test_attach_charged_to_the_budget_of_a_key_its_own_submit_is_receiving_counts_once(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """attach(key, charge_budget=True) while a submit of the same client is receiving that
+    key: one job, whose cost the submit's reservation already holds. The attach held it
+    again, and the job's end counted its points twice (4 spent for a job charged 2: the next
+    submit, which had room, was refused)."""
+    limits = Limits(max_points=7, point_prices={"dall-e-2": 4})
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name(), limits=limits) as client,
+        ):
+            body = {"prompt": "p", "model": "dall-e-2"}
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2"))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            [entry] = await client.journal_entries("accepted")
+            assert entry.job_key is not None
+            attached = client.images.attach(entry.job_key, request=body, charge_budget=True)
+            job = await submit
+            assert job is attached
+            await asyncio.wait_for(job, 10)
+            assert job.points_charged == 2
+            # 2 spent of 7: a job of 4 fits.
+            await asyncio.wait_for(client.images.submit(prompt="q", model="dall-e-2"), 10)
+
+
+async def test_a_submit_handed_a_job_attached_without_its_request_keeps_its_request_and_n(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """attach(key) with no request while the client's own submit (n=2) is receiving that
+    key: the submit returned the attached job, with request None and n None, so job.request
+    said nothing of what was sent and a job done with 1 image of 2 was not incomplete."""
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name()) as client,
+        ):
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2", n=2))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            [entry] = await client.journal_entries("accepted")
+            assert entry.job_key is not None
+            attached = client.images.attach(entry.job_key)
+            job = await submit
+            assert job is attached
+            assert job.request is not None and job.request["prompt"] == "p"
+            assert job.n == 2
+            result = await asyncio.wait_for(job, 10)
+            assert len(result.images) == 2
+
+
+async def test_a_submit_cancelled_after_its_key_came_back_counts_as_accepted(
+    tmp_path: Path, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A submit cancelled by its caller while its key was being journaled (a request handler
+    whose client went away): the key came back, its job is tracked and journaled accepted.
+    The stats and the close line counted it as an uncertain submit (no key, may have been
+    charged; "uncertain_submits() lists them", which listed nothing) and not as accepted."""
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
+        marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
+        async with (
+            reply_holding_proxy(server.port, marker, hold=0.5) as (url, holding),
+            member(emu, url, fleet_name()) as client,
+        ):
+            submit = asyncio.create_task(client.images.submit(prompt="p", model="dall-e-2"))
+            await asyncio.wait_for(holding.wait(), 10)  # its key is in Redis, reply held
+            submit.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await submit
+            [job] = client.jobs()
+            await asyncio.wait_for(job, 10)
+            assert await client.uncertain_submits() == []
+            stats = client.stats
+            assert (stats.submits, stats.submit_errors, stats.submits_uncertain) == (1, 0, 0)
+    [closed] = [r.getMessage() for r in caplog.records if "client closed" in r.getMessage()]
+    assert closed.startswith(
+        "client closed: 1 submit(s) accepted, 0 raised (not accepted); 1 job(s) succeeded"
+    ), closed
+
+
 class _Elsewhere(aiohttp.abc.AbstractResolver):
     """Resolves every host to a port of 127.0.0.1 where nothing listens: a member cut off
     from the gateway, with the others' base URL."""

@@ -289,6 +289,25 @@ async def test_a_write_that_is_not_idempotent_is_not_asked_again(tmp_path: Path)
         assert len(tries) == 1
 
 
+async def test_a_command_past_its_deadline_is_not_asked_again(tmp_path: Path) -> None:
+    # Redis that does not answer within the deadline is away: the member goes local then.
+    # A TimeoutError is an OSError, and was taken for a dropped connection: the command was
+    # sent again on a fresh one, and Redis judged away only after twice the deadline.
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), command_timeout=0.3) as fleet,
+    ):
+        tries: list[bool] = []
+
+        async def slow(redis: Any) -> Any:
+            tries.append(True)
+            return await redis.blpop([f"{fleet_name()}:never"], timeout=5)  # no reply in time
+
+        with pytest.raises(FleetUnavailableError):
+            await fleet.call(slow)
+        assert len(tries) == 1
+
+
 async def test_aof_off_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async with own_redis(tmp_path, appendonly=False) as server:
         with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):

@@ -623,6 +623,9 @@ class WujieClient:
             # write on the way; a submit never claims a key in use): one job for the key,
             # returned by both. Two were made, and the one the poller no longer tracked never
             # ended until its deadline.
+            # What the submit sent, where the attach did not say (job.request, and job.n,
+            # by which a job done short of its images is incomplete).
+            adopted._learn(request, n)
             if ended is not None:
                 adopted.add_done_callback(ended)
             if trace is not None and trace.span is not None:
@@ -719,7 +722,11 @@ class WujieClient:
                 raise InvalidRequestError(
                     [("request", "charge_budget=True needs the request it was submitted with")]
                 )
-            ended = self._submits.charge_attached(key, body, n or images_in(body) or 1)
+            # A key a submit of this client is receiving: that submit's reservation counts
+            # the job (the job is handed to it, see _new_job); held here too, it was counted
+            # twice.
+            if not self._submits.receiving(key):
+                ended = self._submits.charge_attached(key, body, n or images_in(body) or 1)
         return self._new_job(
             key,
             deadline_s=deadline_s,

@@ -136,9 +136,10 @@ class Images:
 
         Attaching a key this client already tracks, or saw end lately (the last 1,024), returns
         that same job; a key a submit of this client is still receiving (its journal write on
-        the way) gets the job that submit then returns too (with the attach's ``request`` and
-        deadline). ``n``, when given, lets ``job.image(i)`` reject indexes out of range at
-        once. ``request`` is the body it was submitted with, kept as ``job.request``.
+        the way) gets the job that submit then returns too (with the attach's deadline, and
+        its ``request`` and ``n``, or the submit's where the attach gave none). ``n``, when
+        given, lets ``job.image(i)`` reject indexes out of range at once. ``request`` is the
+        body it was submitted with, kept as ``job.request``.
 
         ``charge_budget=True`` counts the job's cost against this client's points budget
         (``Limits(max_points=...)``), as when a re-run collects what an earlier run of the same
@@ -148,7 +149,8 @@ class Images:
         its ``model``): a job's cost is known by its kind. A job this client already counted
         as maybe charged is counted once: one whose wait ended (by its key), or a submit whose
         reply was lost, given the ``request`` of its ``SubmitUncertainError`` (or, with a
-        journal, after ``record_submit_key``).
+        journal, after ``record_submit_key``); so is the job of a key a submit of this
+        client is still receiving (that submit's reservation counts it).
 
         ``submitted_at``, when known, is the unix time the key was submitted (a journal row's
         ``created``), or a time it was surely submitted by. The gateway may leave a new key out

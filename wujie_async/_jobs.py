@@ -298,6 +298,14 @@ class ImageJob:
         """How many images the job makes, when known."""
         return self._n
 
+    def _learn(self, request: dict[str, Any] | None, n: int | None) -> None:
+        """What its submit sent, for a job attached without it (the client's own submit
+        receiving the key hands the job to it): the request and image count it lacks."""
+        if self._request is None:
+            self._request = request
+        if self._n is None:
+            self._n = n
+
     @property
     def status(self) -> JobStatus | int | None:
         """The last status the gateway reported (None before the first report).

@@ -65,8 +65,9 @@ class ClientStats:
     """What the client has done so far (a snapshot; read ``client.stats`` again to refresh).
 
     Attributes:
-        submits: submits the gateway accepted (each gave a key).
-        submit_errors: submits that raised.
+        submits: submits the gateway accepted (each gave a key; its job is tracked, also
+            when its caller cancelled the submit as the key was being journaled).
+        submit_errors: submits that raised with no job made for them.
         submits_uncertain: of ``submit_errors``, those that may have been accepted and
             charged with no key to show for it (``SubmitUncertainError``: the reply was lost;
             or cancelled while on the wire); a journal lists them (``uncertain_submits()``).

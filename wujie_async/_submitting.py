@@ -348,8 +348,9 @@ class Submits:
         budget: the points budget (None: no budget).
 
     Attributes:
-        accepted: submits the gateway accepted (each gave a key).
-        errors: submits that raised.
+        accepted: submits the gateway accepted (each gave a key, and got its job: one
+            whose caller cancelled it as its key was being journaled included).
+        errors: submits that raised with no job made.
         uncertain: of ``errors``, those that may have been accepted (and charged): their
             request may have reached the gateway and no key came back.
         unjournaled: accepted submits whose key the journal could not write (listed by
@@ -462,9 +463,12 @@ class Submits:
                 else "the client was closed before this submit was sent (nothing was sent)"
             )
         except BaseException as exc:
-            self.errors += 1
-            if outcome_state(exc, sending=record.may_have_left) == "uncertain":
-                self.uncertain += 1
+            if record.job is None:
+                # (A submit cancelled by its caller once its key came back is accepted: its
+                # job is tracked, its key journaled; counted with the accepted ones.)
+                self.errors += 1
+                if outcome_state(exc, sending=record.may_have_left) == "uncertain":
+                    self.uncertain += 1
             if trace is not None:
                 self._submit_ended(trace, record, exc)
             if (
@@ -607,6 +611,7 @@ class Submits:
                         trace=trace,
                     )
                     release = held = None  # the job gives them back when it ends
+                    self.accepted += 1  # even if its caller's cancel comes now
                 self._claimed_keys.discard(key)
             if earlier:
                 lost_reply = False  # a reply came, with another job's key
@@ -640,7 +645,6 @@ class Submits:
                 key,
                 record.unjournaled,
             )
-        self.accepted += 1
         assert record.job is not None  # made above, or the submit raised
         return record.job
 

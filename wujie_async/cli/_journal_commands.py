@@ -201,8 +201,9 @@ _LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
 
 def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
     """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
-    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for any journal row,
-    the ``name`` of ``journal list --json``), which is what a user copies."""
+    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
+    that names neither, the ``name`` of ``journal list --json``), which is what a user copies.
+    A row's own id comes first: an id that reads ``#1`` is that row's, not journal row 1."""
     return any(_named_as(entry, word) is not None for word in wanted)
 
 
@@ -210,14 +211,18 @@ def _named_as(entry: JournalEntry, word: str) -> str | None:
     """How ``word`` names the row: ``"row"`` (``#12``), ``"id"``, ``"line"``, or None."""
     line, row_id = line_of(entry)
     said = word.strip()
+    if row_id is not None and said in (row_id, clean(row_id)):
+        return "id"  # its own id first: an id may read "#1" (a ticket number)
     if said.startswith("#") and said[1:].isdigit():
-        return "row" if int(said[1:]) == entry.id else None
+        # Only a row that names neither a line nor an id goes by its number (as it is
+        # listed): "#1" named journal row 1 (another line's) beside the row of id "#1".
+        return "row" if int(said[1:]) == entry.id and row_id is None and line <= 0 else None
     both = _LINE_AND_ID.match(said)
     if both is not None:
         if row_id is not None and both["id"] in (row_id, clean(row_id)):
             return "id"
         return None
-    if row_id is not None and said in (row_id, f"id {row_id}", f"id {clean(row_id)}"):
+    if row_id is not None and said in (f"id {row_id}", f"id {clean(row_id)}"):
         return "id"
     if line > 0 and said in (str(line), f"line {line}"):
         return "line"
@@ -320,7 +325,7 @@ def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[Journ
         raise UsageError(
             f"journal {action}: no journal row for {shown} (rows are input line numbers or "
             f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
-            f"'id fox', 'line 4 (id fox)', or '#12' for any journal row); nothing was {done}"
+            f"'id fox', 'line 4 (id fox)', or '#12' for a row with neither); nothing was {done}"
         )
     for row in rows:
         named = {_named_as(entry, row): entry for entry in entries}
@@ -357,15 +362,17 @@ def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
 
 
 def _refuse_only_record(
-    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str]
+    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str], *, run_folder: bool
 ) -> None:
     """Refuse to forget a row that is the only record of a paid job's key: accepted (running,
     or past its wait) or cancelled (only its wait was), and named by no manifest row (a run
-    killed outright writes none). A re-run would not know the job, and send its line again."""
+    killed outright writes none). A re-run would not know the job, and send its line again.
+    In a run's folder (``run_folder``: OUT holds a manifest, which a run opens before it
+    sends anything) a succeeded row too: a run killed while it saved the images left it so.
+    (A program's own journal holds succeeded rows whose images it has: those may go.)"""
+    paid = ("accepted", "cancelled", "succeeded") if run_folder else ("accepted", "cancelled")
     only = [
-        entry
-        for entry in chosen
-        if entry.state in ("accepted", "cancelled") and entry.job_key not in (None, *recorded)
+        entry for entry in chosen if entry.state in paid and entry.job_key not in (None, *recorded)
     ]
     if only:
         said = "; ".join(
@@ -388,7 +395,8 @@ async def _forget(args: argparse.Namespace, console: Console, journal: JournalFi
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
     manifest_path = args.out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
-    _refuse_only_record(entries, journal.path, args.out, known_keys(records))
+    run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
+    _refuse_only_record(entries, journal.path, args.out, known_keys(records), run_folder=run_folder)
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)

@@ -617,10 +617,10 @@ def _attach_charged(
 
 
 async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]]) -> Plan:
-    """``resume``: collect every journaled job not ended, or ended with images not saved,
-    and ask again about the jobs of uncertain lines the gateway accepted (see RECHECKED), as
-    a re-run of ``bulk`` does: asking costs nothing; their images are saved if the gateway
-    lists them done now, else they stay uncertain."""
+    """``resume``: collect every journaled job not ended (a wait for it cancelled included),
+    or ended with images not saved, and ask again about the jobs of uncertain lines the
+    gateway accepted (see RECHECKED), as a re-run of ``bulk`` does: asking costs nothing;
+    their images are saved if the gateway lists them done now, else they stay uncertain."""
     plan = Plan()
     saved = saved_indexes(manifest_records)
     await record_manifest_keys(client, manifest_records)
@@ -628,7 +628,9 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
     # Each line's latest row: an older one was superseded by a resend of the line.
     latest = {entry.tag or f"#{entry.id}": entry.id for entry in await client.journal_entries()}
-    for entry in await client.journal_entries("accepted", "succeeded", "failed"):
+    # A cancelled row's job was accepted (paid) and only a wait for it was cancelled: its
+    # images are collected, as a bulk re-run collects them (`journal forget` says so).
+    for entry in await client.journal_entries("accepted", "cancelled", "succeeded", "failed"):
         n = images_in(entry.request) or 1
         if not entry.job_key or len(saved.get(entry.job_key, ())) >= n:
             continue

@@ -388,6 +388,11 @@ class RedisFleet:
         try:
             try:
                 return await self._within(op(redis), wait)
+            except TimeoutError:
+                # Missed the deadline (a stall already had its second wait): Redis is slow or
+                # away, not one connection dropped. (A TimeoutError is an OSError: taken for a
+                # dropped one, it was sent again, and Redis judged away after twice the wait.)
+                raise
             except (RedisConnectionError, OSError):
                 # One connection dropped (a CLIENT KILL, a proxy's idle timeout): asked once
                 # more on a fresh one before Redis is judged away (at a CLIENT KILL every
