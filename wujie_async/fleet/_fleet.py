@@ -443,6 +443,10 @@ class RedisFleet:
                 task.cancel()
                 self._unwinding.add(task)
                 task.add_done_callback(self._unwound)
+            elif not task.cancelled():
+                # Failed in the loop turn its caller was cancelled in (a member going local
+                # as Redis dies): read, or asyncio logs it as never retrieved, at ERROR.
+                task.exception()
 
     def _unwound(self, task: asyncio.Future[Any]) -> None:
         self._unwinding.discard(task)
