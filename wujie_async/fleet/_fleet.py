@@ -325,12 +325,22 @@ class RedisFleet:
             redis = cast(
                 "aioredis.Redis",
                 aioredis.RedisCluster.from_url(
-                    self._url, decode_responses=True, socket_connect_timeout=timeout
+                    self._url,
+                    decode_responses=True,
+                    socket_connect_timeout=timeout,
+                    socket_timeout=None,
                 ),
             )
         else:
+            # No read timeout of redis-py's own (5 s since redis-py 6): every command has the
+            # fleet's deadline (``call``), which tells a process that stood still from a Redis
+            # that did not answer. redis-py's timer fired on waking from a stall of 5 s or more
+            # and was taken for Redis failing. A ``socket_timeout`` in the URL still applies.
             redis = aioredis.from_url(
-                self._url, decode_responses=True, socket_connect_timeout=timeout
+                self._url,
+                decode_responses=True,
+                socket_connect_timeout=timeout,
+                socket_timeout=None,
             )
         self._redis = redis
         self._stalls.start()
