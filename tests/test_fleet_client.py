@@ -403,6 +403,32 @@ async def test_a_member_is_checked_for_its_gateway_when_it_joins_again(
         await eventually(lambda: fleet_of(first).role != "local", what="joined again")
 
 
+async def test_a_fleet_that_lost_its_gateway_is_not_taken_by_another_gateway(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # Redis lost the fleet (FLUSHALL, a restart without AOF) while its members submitted on:
+    # their journal writes put them back on the member list, but not the fleet's gateway, so a
+    # client of another gateway opening before they joined again was let in and took the
+    # fleet, and every member was kept out ("may not join again"), polling its own keys. A
+    # member's first journal write after the loss writes the gateway again: refused.
+    name = fleet_name()
+    async with (
+        emulator() as ours,
+        emulator() as theirs,
+        RedisFleet(url, name=name) as observer,
+        member(ours, url, name) as first,
+    ):
+        await forget_fleet(observer)
+        job = await first.images.submit(prompt="x", model="dall-e-2")
+        stranger = member(theirs, url, name)
+        with pytest.raises(FleetMismatchError) as caught:
+            await stranger.open()
+        assert caught.value.fleet_base_url == ours.base_url
+        assert not theirs.stats()["requests"]  # nothing was sent
+        await job
+        assert fleet_of(first).role != "local"
+
+
 def test_gateway_spellings_compare_equal() -> None:
     from wujie_async.fleet._membership import _same_gateway
 

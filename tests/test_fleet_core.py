@@ -168,6 +168,11 @@ async def test_a_stalled_redis_misses_the_command_deadline(tmp_path: Path) -> No
         # of its reports is always out, with a deadline of 6 s): the deadline fires only a
         # little late (0.25 s here), so its lateness alone does not tell.
         pytest.param(2.0, 2.2, id="about-the-deadline"),
+        # A stall past redis-py's own read timeout (5 s by default in redis-py 6+), with the
+        # fleet's default deadline: redis-py's timer fired on waking, its TimeoutError was
+        # taken for Redis failing ("Timeout reading from ..."), and a member whose own code
+        # blocked its loop for 5-7 s went local and sent a batch call of its own.
+        pytest.param(5.0, 5.6, id="past-redis-pys-read-timeout"),
     ],
 )
 async def test_a_loop_that_stood_still_does_not_blame_redis(
@@ -404,3 +409,46 @@ async def test_stopping_a_task_does_not_swallow_the_callers_own_cancel() -> None
     task.cancel()
     await asyncio.wait({task}, timeout=1.0)
     assert task.done()
+
+
+async def test_a_command_that_fails_as_its_caller_is_cancelled_leaves_no_unread_error(
+    tmp_path: Path,
+) -> None:
+    # A member going local cancels its fleet tasks just as their commands fail (Redis killed):
+    # a command that failed in the same loop turn as its caller's cancel kept its error
+    # unread, and asyncio logged "Task exception was never retrieved" at ERROR, with a
+    # traceback, in the middle of an outage the fleet handles.
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    loop = asyncio.get_running_loop()
+    unread: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unread.append(context))
+    try:
+        async with (
+            any_redis(tmp_path) as url,
+            RedisFleet(url, name=fleet_name(), command_timeout=2.0) as fleet,
+        ):
+            go = asyncio.Event()
+            started = asyncio.Event()
+
+            async def fails_on_cue(redis: Any) -> Any:
+                started.set()
+                await go.wait()
+                raise RedisConnectionError("Connection reset by peer")
+
+            caller = asyncio.ensure_future(fleet.call(fails_on_cue, once=True))
+            await started.wait()
+            go.set()  # the command fails in the next loop turn...
+            caller.cancel()  # ...the one its caller is cancelled in
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            del caller
+            await asyncio.sleep(0)
+            import gc
+
+            gc.collect()
+            await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not unread, unread

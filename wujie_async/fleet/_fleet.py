@@ -325,12 +325,22 @@ class RedisFleet:
             redis = cast(
                 "aioredis.Redis",
                 aioredis.RedisCluster.from_url(
-                    self._url, decode_responses=True, socket_connect_timeout=timeout
+                    self._url,
+                    decode_responses=True,
+                    socket_connect_timeout=timeout,
+                    socket_timeout=None,
                 ),
             )
         else:
+            # No read timeout of redis-py's own (5 s since redis-py 6): every command has the
+            # fleet's deadline (``call``), which tells a process that stood still from a Redis
+            # that did not answer. redis-py's timer fired on waking from a stall of 5 s or more
+            # and was taken for Redis failing. A ``socket_timeout`` in the URL still applies.
             redis = aioredis.from_url(
-                self._url, decode_responses=True, socket_connect_timeout=timeout
+                self._url,
+                decode_responses=True,
+                socket_connect_timeout=timeout,
+                socket_timeout=None,
             )
         self._redis = redis
         self._stalls.start()
@@ -448,6 +458,10 @@ class RedisFleet:
                 task.cancel()
                 self._unwinding.add(task)
                 task.add_done_callback(self._unwound)
+            elif not task.cancelled():
+                # Failed in the loop turn its caller was cancelled in (a member going local
+                # as Redis dies): read, or asyncio logs it as never retrieved, at ERROR.
+                task.exception()
 
     def _unwound(self, task: asyncio.Future[Any]) -> None:
         self._unwinding.discard(task)

@@ -96,14 +96,18 @@ local function transition(p, id, from, to, job_key, err, now, owner)
 end
 """
 
-# KEYS: seq, members. ARGV: prefix, owner, path, request, tag ('' = none), now, once (the
-# write's token). Reply: the row id; the same id again for a retry of the same write (its first
-# try may have run after all, late, once a frozen Redis woke: one row, not two), 0 for a write
-# its submit gave up on (see record_intent).
+# KEYS: seq, members, gateway. ARGV: prefix, owner, path, request, tag ('' = none), now, once
+# (the write's token), the owner's gateway fingerprint and base URL ('' = not told). Reply: the
+# row id; the same id again for a retry of the same write (its first try may have run after
+# all, late, once a frozen Redis woke: one row, not two), 0 for a write its submit gave up on
+# (see record_intent).
 # An owner the member list does not hold (Redis lost it, or the fleet claimed it as dead) is
 # put back with a heartbeat of now, and without its info: rows it writes until it joins again
 # are a member's, claimable if it dies first. It finds its info missing within a second (or at
 # its next heartbeat) and joins again (see _membership), which registers its keys again.
+# A fleet gateway record Redis lost is written again from the owner's (a member writes only
+# once it joined, checked): a client of another gateway opening before the members joined
+# again took the fleet, and kept every member out.
 _INTENT = (
     REDIS_MS
     + _NEW_ROW
@@ -111,6 +115,9 @@ _INTENT = (
 local p = ARGV[1]
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   redis.call('ZADD', KEYS[2], redis_ms(), ARGV[2])
+end
+if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[3], 'fingerprint') == 0 then
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[8], 'base_url', ARGV[9])
 end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
@@ -359,9 +366,15 @@ class RedisJournal:
         self._trying: tuple[Any, ...] | None = None  # the record the writer is on
         self._warned_rows: set[str] = set()  # damaged rows already warned about
         self.commits = 0  # writes Redis acknowledged (for client.stats)
+        self._gateway = ("", "")  # this member's gateway: fingerprint, base URL ("": not told)
 
     def __repr__(self) -> str:
         return f"RedisJournal({self._link.config.name!r}, member={self.member_id!r})"
+
+    def use_gateway(self, fingerprint: str, base_url: str) -> None:
+        """This member's gateway (see ``Membership.use_gateway``): an intent written after
+        Redis lost the fleet's gateway record writes it again."""
+        self._gateway = (fingerprint, base_url)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -458,10 +471,22 @@ class RedisJournal:
         body = json.dumps(request, ensure_ascii=False)
         once = secrets.token_hex(8)  # every try is the same write: one row however many run
         now = time.time()
-        args = (self._prefix, self.member_id, path, body, tag or "", now, once)
+        fingerprint, base_url = self._gateway
+        args = (
+            self._prefix,
+            self.member_id,
+            path,
+            body,
+            tag or "",
+            now,
+            once,
+            fingerprint,
+            base_url,
+        )
+        keys = (self._seq, self._link.keys.members, self._link.keys.gateway)
 
         async def write() -> Any:
-            return await self._intent((self._seq, self._link.keys.members), args)
+            return await self._intent(keys, args)
 
         try:
             row_id = await self._waiting_for_redis(write, "the submit was not sent")

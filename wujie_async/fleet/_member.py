@@ -144,6 +144,7 @@ class FleetMember:
             await self._link.start()
             self._owns_link = True
         self._membership.use_gateway(transport.base_url, app_id)
+        self._journal.use_gateway(*self._membership.gateway)
         try:
             await self._membership.join()
             await self._journal.warm()

@@ -143,6 +143,11 @@ class Membership:
         same = _same_gateway(base_url)
         self._fingerprint = hashlib.sha256(f"{same}\n{app_id}".encode()).hexdigest()
 
+    @property
+    def gateway(self) -> tuple[str, str]:
+        """This member's gateway as written to Redis: fingerprint and base URL ("": not told)."""
+        return self._fingerprint, self._base_url
+
     async def join(self) -> None:
         """Join, or join again: alive from now on, whatever the fleet thought.
 
