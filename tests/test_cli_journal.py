@@ -614,7 +614,8 @@ async def test_a_number_that_is_an_id_and_a_line_names_no_row_until_said_which(
         await client.images.generate(prompt="x", model="dall-e-2", tag="id:2")
         await client.images.generate(prompt="y", model="dall-e-2", tag="line:2:abc")
         await client.images.generate(prompt="z", model="dall-e-2")
-    where = ("--journal", str(journal))
+    # The folder named: CI's working directory holds the README's out/ (a run's folder).
+    where = ("--journal", str(journal), "-o", str(tmp_path))
     code, _, err = await cli("journal", "forget", "2", "--yes", *where)
     assert code == 2, err
     assert "'2' names two rows, id 2 and line 2" in err and "nothing was forgotten" in err, err
