@@ -263,8 +263,9 @@ async def test_a_key_submitted_long_ago_and_never_listed_ends_without_the_whole_
         with pytest.raises(UnknownJobError):
             await new
         assert loop.time() - started >= 29.0
-        with pytest.raises(InvalidRequestError):
-            client.images.attach("2" * 32, submitted_at=math.nan)
+        for bad in (math.nan, 10**400, True, "0"):  # 10**400: no float (OverflowError once)
+            with pytest.raises(InvalidRequestError, match="submitted_at"):
+                client.images.attach("2" * 32, submitted_at=bad)  # type: ignore[arg-type]
 
 
 @pytest.mark.fake_clock

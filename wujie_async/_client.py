@@ -742,18 +742,13 @@ class WujieClient:
         before it ends as unknown, if it never is listed: what is left of the policy's grace
         (the moment after a submit when a gateway may not list its key yet), and at least
         ``OLD_KEY_ABSENCE_GRACE_S``. None: the policy's grace (no time given)."""
-        if submitted_at is None:
+        # The shared check of a number of seconds (a unix time is one): an int too large for
+        # a float is refused there, where math.isfinite raised OverflowError.
+        when = check_wait("submitted_at", submitted_at)
+        if when is None:
             return None
-        if (
-            not isinstance(submitted_at, int | float)
-            or isinstance(submitted_at, bool)
-            or not math.isfinite(submitted_at)
-        ):
-            raise InvalidRequestError(
-                [("submitted_at", "must be a finite unix time (seconds), or None")]
-            )
         grace = self.poll_policy.unknown_key_grace
-        left = grace - max(time.time() - float(submitted_at), 0.0)
+        left = grace - max(time.time() - when, 0.0)
         return min(grace, max(left, OLD_KEY_ABSENCE_GRACE_S))
 
     async def resume(self, *, job_timeout: float | None = None) -> list[ImageJob]:
