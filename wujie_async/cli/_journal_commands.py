@@ -57,6 +57,7 @@ from ._outcome import (
     uncertain_cost,
     uncertain_unpriced,
     unreported_cost,
+    with_learned_prices,
 )
 from ._plan import known_keys, line_of, lines_by_id, readable_error, sent_lines
 from ._progress import Display, Tally
@@ -565,10 +566,7 @@ async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, 
         entries = _latest_per_row(await journal.entries())
     mine = of_source(records, run_source(records, "resend"))
     bodies = {entry.tag: entry.request for entry in entries if entry.tag}
-    given: dict[str, float] = dict(args.point_prices or {})
-    priced = {key.split("/", 1)[0] for key in given}
-    learned = prices_charged(mine, bodies)
-    prices = given | {k: v for k, v in learned.items() if k.split("/", 1)[0] not in priced}
+    prices = with_learned_prices(args.point_prices, prices_charged(mine, bodies))
     spent = points_spent(mine) + unreported_cost(mine, bodies, prices).points
     # Lines whose journal row reads uncertain that the manifest does not say ended (a run
     # killed while their submits were on the wire) may have been charged too.

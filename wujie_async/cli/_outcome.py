@@ -487,6 +487,20 @@ def prices_charged(
     return prices
 
 
+def with_learned_prices(
+    given: Mapping[str, float] | None, learned: Mapping[str, float]
+) -> dict[str, float]:
+    """The user's ``--point-price`` table, and what earlier runs were charged (``learned``,
+    from :func:`prices_charged`) for the models the user gave no price for: the user's word
+    wins for every kind of a model it names."""
+    prices = dict(given or {})
+    priced = {key.split("/", 1)[0] for key in prices}
+    prices.update(
+        (key, price) for key, price in learned.items() if key.split("/", 1)[0] not in priced
+    )
+    return prices
+
+
 def learn_price(prices: dict[str, float], body: Mapping[str, Any], points: float) -> None:
     """Put what a job of ``body`` that saved its images cost (``points``) in ``prices``, per
     image, as a ``Limits.point_prices`` key (see :func:`prices_charged`): the most wins."""

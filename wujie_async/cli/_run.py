@@ -76,6 +76,7 @@ from ._outcome import (
     uncertain_cost,
     uncertain_unpriced,
     unreported_cost,
+    with_learned_prices,
 )
 from ._plan import (
     Plan,
@@ -287,14 +288,9 @@ class Session:
         input were charged, by kind, for models the user gave no price for: a kind whose cost
         is known is not sent to learn it again (that probing job could pass the budget).
         ``learned``: those prices, in place of the budget's."""
-        given: dict[str, float] = dict(getattr(self.args, "point_prices", None) or {})
-        priced = {key.split("/", 1)[0] for key in given}
-        given.update(
-            (key, price)
-            for key, price in (self.prices_before if learned is None else learned).items()
-            if key.split("/", 1)[0] not in priced
-        )
-        return given or None
+        given = getattr(self.args, "point_prices", None)
+        prices = with_learned_prices(given, self.prices_before if learned is None else learned)
+        return prices or None
 
     def _spent_before(self) -> float:
         """What earlier runs of this input spent: the costs their rows record, and their saved
