@@ -348,12 +348,17 @@ _PAID_STATES = {
 }
 
 
+def _paid_said(paid: list[JournalEntry]) -> str:
+    """The first ten rows of paid jobs, each with what its state means."""
+    return "; ".join(
+        f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
+    )
+
+
 def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
     paid = [entry for entry in chosen if entry.state in _PAID_STATES]
     if paid:
-        said = "; ".join(
-            f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
-        )
+        said = _paid_said(paid)
         raise UsageError(
             f"journal resend: {said}. Sending it again would pay again and drop the row that "
             "leads to its images (a job still running is collected with `wujie-async resume "
@@ -376,9 +381,7 @@ def _refuse_only_record(
         entry for entry in chosen if entry.state in paid and entry.job_key not in (None, *recorded)
     ]
     if only:
-        said = "; ".join(
-            f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in only[:10]
-        )
+        said = _paid_said(only)
         raise UsageError(
             f"journal forget: {said}, and only this journal holds its key: forgotten, a re-run "
             "would send its line again (paid twice). Collect it first with `wujie-async resume "
