@@ -604,7 +604,7 @@ class Downloader:
             if kind is None:
                 raise ProtocolError(
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
-                    f"(Content-Type {reply.headers.get('Content-Type')!r})"
+                    f"(Content-Type {_content_type(reply)})"
                 )
             # Every image must reach its own end, whatever its length says: a compressed
             # stream cut short decodes without an error, a body may end with the connection,
@@ -790,6 +790,12 @@ def _broken_body(reply: aiohttp.ClientResponse) -> TransportError:
     else:
         why = "the connection ended inside its chunked body, before the last chunk"
     return TransportError(f"image download was cut short: {why}", reached_server=True)
+
+
+def _content_type(reply: aiohttp.ClientResponse) -> str:
+    """The reply's Content-Type for a message: the image server's text, cleaned and short."""
+    value = reply.headers.get("Content-Type")
+    return "none" if value is None else repr(snippet(value, limit=100))
 
 
 def _host(url: str) -> str | None:
