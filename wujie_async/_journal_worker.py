@@ -473,7 +473,6 @@ def _restrict(path: Path) -> None:
 
 def _take_lock(lock_path: Path, journal: Path) -> int:
     """Take the journal's exclusive lock; returns the open lock file (kept until close)."""
-    _restrict(lock_path)  # an older lock file may have been created with looser rights
     try:
         return _lock_file.take(lock_path)
     except _lock_file.LockHeldError as held:
