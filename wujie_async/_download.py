@@ -45,6 +45,7 @@ from ._errors import (
     TransportError,
     WujieError,
     add_note_once,
+    shown_key,
     snippet,
     some_and_more,
 )
@@ -414,7 +415,7 @@ class Downloader:
         seconds = time.perf_counter() - started
         logger.debug(
             "image %s #%d: %s in %.0f ms",
-            key or "-",
+            "-" if key is None else shown_key(key),
             index,
             f"{size} bytes saved" if error is None else f"not saved ({type(error).__name__})",
             seconds * 1e3,
@@ -839,7 +840,7 @@ def _name_the_image(error: WujieError, key: str | None, index: int) -> None:
     """A failed save names its image, and its job when the key is known: "job K1, image 1:
     image download refused | HTTP 404" (an expired URL) says which one to fetch again. Never
     the URL, which may carry a signed token."""
-    where = f"image {index}" if key is None else f"job {snippet(key, limit=140)}, image {index}"
+    where = f"image {index}" if key is None else f"job {shown_key(key)}, image {index}"
     if error.args and isinstance(error.args[0], str):
         error.args = (f"{where}: {error.args[0]}", *error.args[1:])
 
