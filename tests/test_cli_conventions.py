@@ -196,6 +196,27 @@ async def test_every_json_ending_is_one_object_with_its_exit_code(tmp_path: Path
     assert said["exit_code"] == 0 and said["error"] is None, said
 
 
+async def test_an_out_folder_lock_that_is_a_link_is_refused_and_its_target_left_alone(
+    tmp_path: Path,
+) -> None:
+    """A link planted as OUT's lock file (a folder others may write) was followed: the run
+    emptied the file it pointed at and wrote its pid there."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "config.toml"
+    victim.write_text("keep = true\n")
+    (out / LOCK_NAME).symlink_to(victim)
+    code, stdout, err = await cli(
+        "bulk", str(prompts), "-o", str(out), "--json", "--emulator", *FAST
+    )
+    assert code == 2 and "symbolic link" in err, err
+    assert json.loads(stdout)["exit_code"] == 2
+    assert victim.read_text() == "keep = true\n"
+    assert not (out / "manifest.jsonl").exists()  # nothing was sent
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 async def test_sigterm_during_start_up_ends_in_the_json_object(tmp_path: Path) -> None:
     # SIGTERM while the command starts (here: reading its input from stdin) killed it outright:

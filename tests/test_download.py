@@ -146,6 +146,28 @@ async def test_saves_checks_and_cleans_up(tmp_path: Path) -> None:
     assert oct(saved.path.stat().st_mode & 0o777) == "0o644"
 
 
+async def test_an_image_servers_content_type_reaches_the_error_clean_and_short(
+    tmp_path: Path,
+) -> None:
+    """A reply that is no image names its Content-Type, the image server's text: it went
+    into the error as sent (markup, a bidi override, 8 KB of it), where every other server
+    text goes through snippet()."""
+    content_type = "text/html; <script>alert(1)</script>\u202e[bold red]x" + "y" * 8000
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=b"<html>no image</html>", headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/page", handle)
+    async with _serve(app) as origin, local_downloader() as saver:
+        with pytest.raises(ProtocolError, match="not a PNG, JPEG or WEBP") as info:
+            await saver.save(at(f"{origin}/page"), tmp_path / "K-0.{ext}")
+    message = str(info.value)
+    assert "<script>" not in message and "alert" not in message, message[:300]
+    assert "\u202e" not in message and len(message) < 500, message[:300]
+    assert "text/html;" in message  # still says what came
+
+
 async def test_a_key_that_is_no_plain_name_is_saved_under_a_safe_one(tmp_path: Path) -> None:
     """The contract says nothing of a key's form, and a paid job is saved whatever its key:
     a key with a path, a newline, a '%' or CJK gets a safe name in the folder (its plain

@@ -190,6 +190,28 @@ async def test_an_inline_image_is_its_size_in_reprs_not_its_bytes() -> None:
             assert f"b64_json=<{len(inline):,} characters>" in shown
 
 
+async def test_a_signed_url_and_a_long_revised_prompt_stay_out_of_reprs() -> None:
+    """A result or an update logged with its images put the CDN's signed token (the URL's
+    query: anyone holding it fetches the image) and the whole revised prompt (the gateway's
+    text, of any length) into the log line; the repr shows where the image is and the
+    prompt's start."""
+    url = "https://cdn.example/ai/K-0.png?X-Amz-Signature=s1gnedT0ken&Expires=9"
+    prompt = "a fox " * 20_000
+
+    def listed(keys: list[str]) -> list[dict[str, Any]]:
+        image = {"url": url, "revised_prompt": prompt}
+        return [{"key": key, "status": 4, "images": [image]} for key in keys]
+
+    async with scripted_gateway(listed) as gateway, client_for(gateway) as client:
+        job = await client.images.submit(prompt="p", model="dall-e-2")
+        result = await job
+        assert result.images[0].url == url and result.images[0].revised_prompt == prompt
+        for shown in (repr(result), repr(job.snapshot()), repr(job.images)):
+            assert "s1gnedT0ken" not in shown and "Expires" not in shown, shown[:300]
+            assert "url='https://cdn.example/ai/K-0.png?<hidden>'" in shown, shown[:300]
+            assert len(shown) < 800, shown[:300]
+
+
 async def test_a_generate_cut_short_leaves_its_paid_job_tracked(emulator: EmulatorFactory) -> None:
     # What the library guide's web-app section says: a generate() whose caller's deadline ran
     # out returns no key, but its job (accepted, paid) goes on, tracked until it ends.

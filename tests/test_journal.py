@@ -171,6 +171,25 @@ async def test_journal_files_are_private(emulator: EmulatorFactory, tmp_path: Pa
         os.umask(old)
 
 
+async def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_alone(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Whoever may write in the journal's folder (a shared one) could put a link where its
+    lock file goes: the client's open followed it, emptied the file it points at (a key file,
+    a config), wrote its pid into it, and took its group's and others' access away."""
+    journal = tmp_path / "jobs.sqlite"
+    victim = tmp_path / "authorized_keys"
+    victim.write_text("ssh-ed25519 AAAA keep-me\n")
+    victim.chmod(0o644)
+    (tmp_path / "jobs.sqlite.lock").symlink_to(victim)
+    async with emulator() as emu:
+        with pytest.raises(ClientStateError, match=r"jobs\.sqlite\.lock") as info:
+            await make_client(emu, journal=journal).open()
+    assert "link" in str(info.value)
+    assert victim.read_text() == "ssh-ed25519 AAAA keep-me\n"
+    assert victim.stat().st_mode & 0o777 == 0o644
+
+
 # --- unsent --------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as probe:

@@ -420,3 +420,35 @@ def test_the_repeated_warnings_gate_is_quiet_when_warnings_are_off() -> None:
 
 
 _ = (os, WujieError)  # imported for readers of the failure output
+
+
+async def test_a_key_holding_markup_reaches_log_lines_and_reprs_cleaned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The gateway chooses the keys, and ``<img/src=x/onerror=alert(1)>`` passes as one (no
+    whitespace or control character). Errors showed it cleaned, but the DEBUG story, the close
+    line's uncollected keys and a job's repr showed it as sent."""
+    tag = "<img/src=x/onerror=alert(1)>"
+
+    def listed(keys: list[str]) -> list[dict[str, Any]]:
+        image = {"url": "http://127.0.0.1:9/a.png"}
+        return [
+            {"key": key, "status": 4, "images": [image, image]}
+            if key.endswith("K00000")
+            else {"key": key, "status": 1}
+            for key in keys
+        ]
+
+    with caplog.at_level(logging.DEBUG, logger="wujie_async"):
+        async with scripted_gateway(listed, submit_data=lambda k: {"key": tag + k}) as gateway:
+            async with client_for(gateway) as client:
+                done, running = await submit(client, 2)
+                await done
+                shown = [repr(done), repr(running)]
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("wujie_async")]
+    assert any("pending -> succeeded" in line for line in said), said
+    assert any("were not collected" in line for line in said), said  # the running job
+    assert any("more images than a job asked for" in line for line in said), said
+    for text in said + shown:
+        assert "<img" not in text and "onerror" not in text, text
+    assert any("K00001" in line for line in said if "not collected" in line)

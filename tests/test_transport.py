@@ -370,6 +370,45 @@ async def test_a_redirect_is_never_followed(tmp_path: Path) -> None:
             assert "169.254.169.254" in text and "hunter2" not in text and "\x1b" not in text
 
 
+async def test_a_tls_failure_says_so_not_a_permission_error(tmp_path: Path) -> None:
+    """An https gateway whose certificate is not trusted (a corporate proxy's, an expired
+    one) was reported as "Operation not permitted": the SSL error's code (1) was read as
+    an OS errno. The message says the certificate could not be verified, and a plain-http
+    port met with https says TLS failed, naming no permission."""
+    from .test_download import self_signed_context
+
+    hits: list[str] = []
+
+    async def gateway(request: web.Request) -> web.Response:
+        hits.append(request.path)  # never reached: the handshake fails first
+        return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self_signed_context(tmp_path)).start()
+    port = runner.addresses[0][1]
+    creds = Credentials("wjhostile", unregistered_key())
+    try:
+        async with open_transport(f"https://127.0.0.1:{port}/wj-open/v1", creds) as transport:
+            with pytest.raises(TransportError) as info:
+                await transport.post(GENERATIONS, {}, kind="poll")
+        text = str(info.value)
+        assert "certificate could not be verified" in text, text
+        assert "not permitted" not in text, text
+        async with recording_gateway() as plain:  # https to a plain-http port
+            tls_to_plain = plain.origin.replace("http://", "https://") + "/wj-open/v1"
+            async with open_transport(tls_to_plain, creds) as transport:
+                with pytest.raises(TransportError) as info:
+                    await transport.post(GENERATIONS, {}, kind="poll")
+        text = str(info.value)
+        assert "TLS" in text and "not permitted" not in text, text
+    finally:
+        await runner.cleanup()
+    assert hits == []
+
+
 @pytest.mark.long
 async def test_a_gzip_bomb_stops_at_the_decoded_cap() -> None:
     bomb = gzip_bomb()  # built before measuring

@@ -45,6 +45,7 @@ from ._errors import (
     TransportError,
     WujieError,
     add_note_once,
+    shown_key,
     snippet,
     some_and_more,
 )
@@ -414,7 +415,7 @@ class Downloader:
         seconds = time.perf_counter() - started
         logger.debug(
             "image %s #%d: %s in %.0f ms",
-            key or "-",
+            "-" if key is None else shown_key(key),
             index,
             f"{size} bytes saved" if error is None else f"not saved ({type(error).__name__})",
             seconds * 1e3,
@@ -604,7 +605,7 @@ class Downloader:
             if kind is None:
                 raise ProtocolError(
                     f"downloaded bytes are not a PNG, JPEG or WEBP image "
-                    f"(Content-Type {reply.headers.get('Content-Type')!r})"
+                    f"(Content-Type {_content_type(reply)})"
                 )
             # Every image must reach its own end, whatever its length says: a compressed
             # stream cut short decodes without an error, a body may end with the connection,
@@ -792,6 +793,12 @@ def _broken_body(reply: aiohttp.ClientResponse) -> TransportError:
     return TransportError(f"image download was cut short: {why}", reached_server=True)
 
 
+def _content_type(reply: aiohttp.ClientResponse) -> str:
+    """The reply's Content-Type for a message: the image server's text, cleaned and short."""
+    value = reply.headers.get("Content-Type")
+    return "none" if value is None else repr(snippet(value, limit=100))
+
+
 def _host(url: str) -> str | None:
     try:
         return URL(url).host
@@ -833,7 +840,7 @@ def _name_the_image(error: WujieError, key: str | None, index: int) -> None:
     """A failed save names its image, and its job when the key is known: "job K1, image 1:
     image download refused | HTTP 404" (an expired URL) says which one to fetch again. Never
     the URL, which may carry a signed token."""
-    where = f"image {index}" if key is None else f"job {snippet(key, limit=140)}, image {index}"
+    where = f"image {index}" if key is None else f"job {shown_key(key)}, image {index}"
     if error.args and isinstance(error.args[0], str):
         error.args = (f"{where}: {error.args[0]}", *error.args[1:])
 

@@ -193,6 +193,14 @@ def _redacted(match: re.Match[str]) -> str:
     return f"[{len(run)} characters like a signature, left out]"
 
 
+def shown_key(key: str) -> str:
+    """A job key as messages and logs show it. The gateway chose it, and a key may hold
+    markup (``<img/src=x/onerror=...>`` has no whitespace or control character): it is server
+    text like any other, cleaned by :func:`snippet`; a key of the gateway's form (hex digits)
+    shows as it is."""
+    return snippet(key, limit=140)
+
+
 def some_and_more(items: Sequence[str], most: int) -> str:
     """The first ``most`` of ``items``, and how many more: ``"a, b, c and 7 more"`` (a line
     that names what was left, never thousands of names long)."""
@@ -490,7 +498,7 @@ class JobError(WujieError):
     def __init__(self, message: str, *, job_key: str) -> None:
         self.job_key = job_key
         # The message quotes server text (fail_message): strip what could drive a terminal.
-        super().__init__(f"job {snippet(job_key, limit=140)}: {snippet(message, limit=500)}")
+        super().__init__(f"job {shown_key(job_key)}: {snippet(message, limit=500)}")
 
 
 class JobFailedError(JobError):

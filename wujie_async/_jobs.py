@@ -25,6 +25,7 @@ from ._errors import (
     JobCancelledError,
     JobError,
     add_note_once,
+    shown_key,
 )
 from ._file_names import DEFAULT_NAME
 from ._models import JobInfo
@@ -373,7 +374,7 @@ class ImageJob:
         # Settled by the client (closed, timed out, lost) while its last report said pending
         # or generating: the report alone misled whoever read it in a log.
         ended = f" ended: {type(error).__name__}" if error is not None else ""
-        return f"<ImageJob {self.key} {self.status_name} {self.progress:.0f}%{ended}>"
+        return f"<ImageJob {shown_key(self.key)} {self.status_name} {self.progress:.0f}%{ended}>"
 
     def __await__(self) -> Generator[Any, None, ImageResult]:
         future = self._state.future

@@ -44,7 +44,7 @@ from typing import Any
 import anyio
 
 from . import _lock_file
-from ._errors import ClientStateError, some_and_more
+from ._errors import ClientStateError, shown_key, some_and_more
 from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
@@ -473,7 +473,6 @@ def _restrict(path: Path) -> None:
 
 def _take_lock(lock_path: Path, journal: Path) -> int:
     """Take the journal's exclusive lock; returns the open lock file (kept until close)."""
-    _restrict(lock_path)  # an older lock file may have been created with looser rights
     try:
         return _lock_file.take(lock_path)
     except _lock_file.LockHeldError as held:
@@ -484,7 +483,7 @@ def _said_keys(keys: list[str]) -> str:
     """The keys a WARNING names (the first 20)."""
     if not keys:
         return "no job key among them"
-    return f"job key(s) {some_and_more(keys, 20)}"
+    return f"job key(s) {some_and_more([*map(shown_key, keys[:20]), *keys[20:]], 20)}"
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, done: _Done, value: Any) -> None:

@@ -35,15 +35,29 @@ class LockHeldError(Exception):
 
 
 def take(path: Path) -> int:
-    """Take the lock on ``path`` (created ``0600`` if missing); returns the open file, kept
-    until :func:`release`.
+    """Take the lock on ``path`` (created ``0600`` if missing, an older one's group and
+    other access taken away); returns the open file, kept until :func:`release`.
 
     Raises:
         LockHeldError: another holder has it.
-        OSError: the file cannot be opened, or the file system cannot lock it.
+        OSError: the file cannot be opened (``errno.ELOOP``: ``path`` is a symbolic link), or
+            the file system cannot lock it.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Never through a link: the lock file is emptied and written, and whoever may write in
+    # its folder could point a link at any file of ours (a key file, a config).
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise OSError(
+            errno.ELOOP, "a lock file is never a symbolic link: refused (remove it)", str(path)
+        ) from None
+    try:
+        with contextlib.suppress(OSError):  # an older lock file, created with looser rights
+            mode = os.fstat(fd).st_mode & 0o777
+            if mode & 0o077:
+                os.fchmod(fd, mode & 0o700)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         pid, host = _holder(fd)

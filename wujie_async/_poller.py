@@ -63,6 +63,7 @@ from ._errors import (
     ResponseTooLargeError,
     UnknownJobError,
     WujieError,
+    shown_key,
     snippet,
 )
 from ._jobs import ImageJob, JobState, ended_copy, holds_bulk, status_name
@@ -337,7 +338,7 @@ class BatchPoller:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "job %s: pending (%s, first ask in %.2f s)",
-                job.key,
+                shown_key(job.key),
                 "attached" if first_delay is not None else "submitted",
                 tracked.due - now,
             )
@@ -902,7 +903,7 @@ class BatchPoller:
                 self._warnings.warning(
                     "the gateway listed more images than a job asked for (key %s, n=%d): "
                     "the extra ones are ignored",
-                    snippet(job.key),
+                    shown_key(job.key),
                     job.n,
                 )
         status = entry.status

@@ -19,6 +19,9 @@ class GeneratedImage:
         url: where to download it (URLs expire: download promptly).
         b64_json: the image inline, when the gateway sent it that way.
         revised_prompt: the prompt the model actually used, when reported.
+
+    Its repr shows the URL without its query (a CDN's signed token) and cuts long texts
+    short; the fields hold what the gateway sent.
     """
 
     index: int
@@ -30,10 +33,42 @@ class GeneratedImage:
         # An inline image is megabytes of base64: a result, a job update or an error logged
         # with its images would put them all in one log line. Its size stands in for it.
         inline = None if self.b64_json is None else f"<{len(self.b64_json):,} characters>"
+        # A CDN's URL carries its signed token in the query (anyone holding it can fetch the
+        # image until it expires): the repr shows where the image is, never the token. The
+        # revised prompt is the gateway's text, of any length: the repr shows its start.
         return (
-            f"GeneratedImage(index={self.index!r}, url={self.url!r}, b64_json={inline}, "
-            f"revised_prompt={self.revised_prompt!r})"
+            f"GeneratedImage(index={self.index!r}, url={_url_shown(self.url)!r}, "
+            f"b64_json={inline}, revised_prompt={_cut(self.revised_prompt)!r})"
         )
+
+
+_REPR_TEXT_CHARS = 200  # of a URL or revised prompt in a repr
+_HIDDEN = "<hidden>"
+
+
+def _url_shown(url: str | None) -> str | None:
+    """``url`` without its query, fragment and ``user:password@`` (each replaced by a
+    marker), cut short."""
+    if url is None:
+        return None
+    where, query, _ = url.partition("?")
+    where, fragment, _ = where.partition("#")
+    scheme, slashes, rest = where.rpartition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = _HIDDEN + "@" + authority.rpartition("@")[2]
+    shown = scheme + slashes + authority + slash + path
+    if query:
+        shown += "?" + _HIDDEN
+    elif fragment:
+        shown += "#" + _HIDDEN
+    return _cut(shown)
+
+
+def _cut(text: str | None) -> str | None:
+    if text is None or len(text) <= _REPR_TEXT_CHARS:
+        return text
+    return f"{text[:_REPR_TEXT_CHARS]}...<{len(text):,} characters>"
 
 
 @dataclass(frozen=True, slots=True)

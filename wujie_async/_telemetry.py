@@ -44,6 +44,7 @@ from ._errors import (
     JobTimeoutError,
     ModerationRejectedError,
     UnknownJobError,
+    shown_key,
     some_and_more,
 )
 from ._jobs import status_name
@@ -342,7 +343,9 @@ class Telemetry:
             if journal:
                 kept = "the journal keeps their keys: resume() collects them"
             else:
-                keys = some_and_more(left, KEYS_SHOWN)
+                # Only the keys shown are cleaned; the rest are counted.
+                shown = [*map(shown_key, left[:KEYS_SHOWN]), *left[KEYS_SHOWN:]]
+                keys = some_and_more(shown, KEYS_SHOWN)
                 kept = f"no journal, their keys: {keys}; images.attach(key) collects each"
             uncollected = (
                 f"; {len(left)} job(s) still running were not collected ({kept}; "
@@ -388,7 +391,7 @@ class Telemetry:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "job %s: %s -> %s after %d ask(s) (%.0f%%, next ask in %.2f s)",
-                key,
+                shown_key(key),
                 status_name(before),
                 status_name(state.status),
                 asks,
@@ -422,7 +425,7 @@ class Telemetry:
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "job %s: %s -> %s after %d ask(s)%s%s",
-                key,
+                shown_key(key),
                 status_name(before),
                 ended,
                 asks,

@@ -42,6 +42,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
@@ -331,10 +332,19 @@ def _failure_reason(exc: BaseException) -> str:
     Only text is taken: ``str()`` of aiohttp's errors names the URL and the OS error, never
     the request headers (those live on ``request_info``, which is not kept).
     """
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = (
+            "the gateway's TLS certificate could not be verified (check the base URL's host, "
+            f"or this machine's CA certificates): {exc.certificate_error}"
+        )
+    elif isinstance(exc, aiohttp.ClientConnectorError):
         os_error = exc.os_error
         reason = os_error.strerror or str(os_error)
-        if os_error.errno and not isinstance(os_error, socket.gaierror):
+        if isinstance(os_error, ssl.SSLError):
+            # Its errno is the SSL library's error code (1: "an SSL error"), not the OS's:
+            # read as one, every TLS failure said "Operation not permitted".
+            reason = f"TLS failed ({os_error.reason or reason})"
+        elif os_error.errno and not isinstance(os_error, socket.gaierror):
             # asyncio words a refusal "Connect call failed (...)": name the errno as well.
             reason = f"{os.strerror(os_error.errno)} ({reason})"
     else:

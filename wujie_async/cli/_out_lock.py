@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .. import _lock_file
+from ._common import UsageError
 
 LOCK_NAME = ".wujie-async.lock"
 
@@ -45,6 +46,7 @@ def out_folder_lock(out: Path) -> Iterator[None]:
 
     Raises:
         OutFolderBusyError: another run holds it.
+        UsageError: the lock file is a symbolic link (never followed).
     """
     try:
         fd = _lock_file.take(out / LOCK_NAME)
@@ -54,6 +56,11 @@ def out_folder_lock(out: Path) -> Iterator[None]:
             "or give this run its own --out"
         ) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(
+                f"--out {out}: {LOCK_NAME} is a symbolic link; a lock file is never one: "
+                "remove it (followed, the run would have emptied the file it points at)"
+            ) from None
         if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         yield  # a file system without locks: run as before rather than not at all

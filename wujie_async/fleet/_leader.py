@@ -45,7 +45,7 @@ from .._errors import (
     RateLimitedError,
     UnknownJobError,
     WujieError,
-    snippet,
+    shown_key,
 )
 from .._jobs import ImageJob, JobState
 from .._poller import BatchPoller, BatchPoster
@@ -349,7 +349,7 @@ class ShardLeader:
         error = shadow.exception()
         verdict = VERDICTS.get(type(error).__name__)
         if verdict is not None and type(error) is verdict:
-            why = str(error).removeprefix(f"job {snippet(key, limit=140)}: ")
+            why = str(error).removeprefix(f"job {shown_key(key)}: ")
             for owner in owners:
                 self._outbox[owner].append(Report(ended={key: (verdict.__name__, why)}))
         self._removals += [(owner, key, None) for owner in owners]
