@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -12,6 +13,8 @@ from typing import Any
 
 import anyio
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async import Credentials, InvalidRequestError
 from wujie_async._auth import MAX_KEY_FILE_BYTES, HeaderSigner, original_text
@@ -57,6 +60,23 @@ def test_bad_key_error_names_the_field_and_never_echoes_it(caplog: Any) -> None:
     assert secret not in str(info.value) and secret not in repr(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert secret not in caplog.text
+
+
+@pytest.mark.parametrize("encoding", ["pem", "der"])
+def test_a_password_protected_key_is_named_as_such(encoding: str) -> None:
+    """An encrypted key read "must be an RSA key": the operator looked for the wrong thing."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    protected = key.private_bytes(
+        serialization.Encoding.PEM if encoding == "pem" else serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"hunter2"),
+    )
+    text = protected.decode() if encoding == "pem" else base64.b64encode(protected).decode()
+    with pytest.raises(InvalidRequestError, match="encrypted") as info:
+        Credentials(app_id="app", private_key=text)
+    assert info.value.field == "private_key"
+    assert text[40:80] not in str(info.value) and "hunter2" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 @pytest.mark.parametrize("form", ["private_key_pem", "private_key_pkcs8_der_base64"])

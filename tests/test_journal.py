@@ -190,6 +190,28 @@ async def test_a_lock_file_that_is_a_link_is_refused_and_its_target_left_alone(
     assert victim.stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+async def test_a_link_planted_as_the_journals_wal_or_shm_leaves_its_target_alone(
+    emulator: EmulatorFactory, tmp_path: Path, suffix: str
+) -> None:
+    """The journal takes group and other access from its ``-wal`` and ``-shm``: by path, that
+    followed a link planted in their place and chmod-ed the file it points at."""
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="x", model="dall-e-2")
+    victim = tmp_path / "shared-notes.txt"
+    victim.write_text("keep me\n")
+    victim.chmod(0o644)
+    companion = tmp_path / f"jobs.sqlite{suffix}"
+    companion.unlink(missing_ok=True)
+    companion.symlink_to(victim)
+    with contextlib.suppress(ClientStateError):  # whether SQLite takes such a file is its own
+        async with JournalFile(journal, read_only=True) as reader:
+            await reader.entries()
+    assert victim.stat().st_mode & 0o777 == 0o644
+    assert victim.read_text() == "keep me\n"
+
+
 # --- unsent --------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as probe:

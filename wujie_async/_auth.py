@@ -45,14 +45,21 @@ def load_private_key(private_key: str) -> rsa.RSAPrivateKey:
         else:
             der = base64.b64decode("".join(private_key.split()), validate=True)
             key = serialization.load_der_private_key(der, password=None)
-    except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm):
+    except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as exc:
         # The cause is dropped on purpose: its text may quote the key material. So are this
         # frame's locals, which the error's traceback keeps (an error reporter that records
         # locals would store a damaged key, most of it still good).
         private_key = der = None  # type: ignore[assignment]
-        raise InvalidRequestError(
-            [("private_key", "must be an RSA key: base64 of PKCS#8 DER, or PEM")]
-        ) from None
+        # cryptography's words for a key that needs a password (no key material in them).
+        encrypted = isinstance(exc, TypeError) and "encrypted" in str(exc)
+        del exc
+        rule = (
+            "is encrypted (protected by a password): give it unencrypted, e.g. "
+            "`openssl pkcs8 -topk8 -nocrypt -in KEY.pem`"
+            if encrypted
+            else "must be an RSA key: base64 of PKCS#8 DER, or PEM"
+        )
+        raise InvalidRequestError([("private_key", rule)]) from None
     if not isinstance(key, rsa.RSAPrivateKey):
         raise InvalidRequestError([("private_key", "must be an RSA key")])
     return key

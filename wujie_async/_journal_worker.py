@@ -35,6 +35,7 @@ import logging
 import os
 import queue
 import sqlite3
+import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -440,7 +441,7 @@ def read_only_query(path: Path, sql: str, params: tuple[Any, ...]) -> list[tuple
     Raises:
         ClientStateError: the file cannot be opened or read as an SQLite database.
     """
-    _restrict(path)
+    _restrict(path, follow_link=True)
     uri = path.absolute().as_uri() + "?mode=ro"
     try:
         connection = sqlite3.connect(uri, uri=True, timeout=READ_BUSY_S, check_same_thread=False)
@@ -460,14 +461,20 @@ def _create_private(path: Path) -> None:
     """Create ``path`` 0600 if it is new (SQLite gives ``-wal``/``-shm`` the same mode)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.close(fd)
-    _restrict(path)
+    _restrict(path, follow_link=True)
 
 
-def _restrict(path: Path) -> None:
-    """Take group/other access away from an existing journal file of ours."""
+def _restrict(path: Path, *, follow_link: bool = False) -> None:
+    """Take group/other access away from an existing journal file of ours.
+
+    ``-wal`` and ``-shm`` are named by us, not the user: a link planted where one goes is left
+    alone, and so is the file it points at (chmod by path would follow it). The journal itself
+    may be the user's own link (``follow_link``).
+    """
     with contextlib.suppress(OSError):
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
+        status = path.stat() if follow_link else path.lstat()
+        mode = status.st_mode & 0o777
+        if stat.S_ISREG(status.st_mode) and mode & 0o077:
             os.chmod(path, mode & 0o700)
 
 
