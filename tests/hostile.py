@@ -193,9 +193,16 @@ async def _reply(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def _serve(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
-    """Serve ``app`` on a free port of ``host`` (loopback by default); yields its origin."""
-    runner = web.AppRunner(app, access_log=None)
+async def _serve(
+    app: web.Application, host: str = "127.0.0.1", *, keepalive_timeout: float | None = None
+) -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of ``host`` (loopback by default); yields its origin.
+    ``keepalive_timeout``: seconds an idle connection is kept before the server closes it
+    (None: aiohttp's default)."""
+    options: dict[str, Any] = {}
+    if keepalive_timeout is not None:
+        options["keepalive_timeout"] = keepalive_timeout
+    runner = web.AppRunner(app, access_log=None, **options)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()

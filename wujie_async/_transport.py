@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import email.utils
 import errno
@@ -41,8 +42,10 @@ import logging
 import math
 import os
 import re
+import select
 import socket
 import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
@@ -92,6 +95,9 @@ CALL_KINDS: tuple[CallKind, ...] = ("submit", "poll")
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
 IDLE_CONNECTION_SECONDS = 4.0
+# A submit goes on a pooled connection only if it has been idle at most this long (else on a
+# new one): see _PoolConnector.
+SUBMIT_IDLE_SECONDS = 0.05
 _FIX_CREDENTIALS = "check WUJIE_APP_ID and WUJIE_PRIVATE_KEY"
 _FIX_BASE_URL = "check the base URL (WUJIE_BASE_URL / --base-url)"
 
@@ -423,9 +429,9 @@ class Transport:
                 raise ClientStateError("the aiohttp session given to the client is closed")
             self._session = self._given_session
             return
-        # Idle connections are dropped after 4 s, before common server idle timeouts (5 s and
-        # up): a submit sent on a connection the server is closing would be uncertain.
-        connector = aiohttp.TCPConnector(
+        # Idle connections are dropped after 4 s (a request on a connection the server has
+        # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (_PoolConnector).
+        connector = _PoolConnector(
             limit=self._limits.max_connections,
             keepalive_timeout=IDLE_CONNECTION_SECONDS,
             resolver=_TimedResolver(self._timeouts.connect),
@@ -622,7 +628,7 @@ class Transport:
     async def _send(self, path: str, payload: bytes, kind: CallKind, sent_at: float) -> Any:
         brake = self._brakes[kind]
         url = self.base_url + path
-        reply = await self._exchange(url, payload)
+        reply = await self._exchange(url, payload, kind)
         if isinstance(reply, WujieError):
             raise reply  # outside any except block: no aiohttp error rides in __context__
         problem: WujieError | None = None
@@ -692,7 +698,7 @@ class Transport:
                 seconds=seconds,
             )
 
-    async def _exchange(self, url: str, payload: bytes) -> _Reply | WujieError:
+    async def _exchange(self, url: str, payload: bytes, kind: CallKind) -> _Reply | WujieError:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
 
         The Authorization header is built in the call expression, so no local of this frame
@@ -702,6 +708,8 @@ class Transport:
         """
         cancelled: asyncio.CancelledError | None = None
         unexpected: Exception | None = None
+        # Told to our connector (in this task: the request's connection is taken in it).
+        idle_cap = _MAX_IDLE.set(SUBMIT_IDLE_SECONDS if kind == "submit" else None)
         try:
             async with self.session.post(
                 url,
@@ -762,6 +770,8 @@ class Transport:
             if not _through_aiohttp(exc.__traceback__):
                 raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
+        finally:
+            _MAX_IDLE.reset(idle_cap)
         if unexpected is not None:
             unexpected.__traceback__ = unexpected.__context__ = unexpected.__cause__ = None
             unexpected.add_note(
@@ -911,6 +921,91 @@ def _uncertain(exc: WujieError) -> bool:
     # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
     # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
     return isinstance(exc, ServerError | ProtocolError)
+
+
+# How long the pooled connection a request takes may have been idle (None: aiohttp's own
+# bound, IDLE_CONNECTION_SECONDS). Set by Transport._exchange around each request.
+_MAX_IDLE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "wujie_async_max_idle", default=None
+)
+
+
+class _PoolConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, which writes no request on a pooled connection the server has
+    closed, and a submit on none idle longer than ``SUBMIT_IDLE_SECONDS``.
+
+    A server closes a keep-alive connection after an idle timeout of its own (gunicorn: 2 s,
+    uvicorn: 5 s, nginx: 75 s, some proxies far less), without warning. A request written on
+    it as it closes is never read, and the client sees the connection end with no reply at
+    all (EOF or a reset). A gateway that read the submit and died looks exactly the same: so
+    such a submit can NEVER be resent (it may have been accepted, and paid for); it stays
+    ``SubmitUncertainError``. Telling the two apart after the fact would take the peer's FIN
+    having arrived before our write, which the kernel does not tell us once it has happened.
+    So the race is avoided before the write instead:
+
+    * any request: a pooled connection that is readable while idle (the server's FIN, or a
+      stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
+      closed, and the next one taken (what urllib3 does at checkout); nothing was written;
+    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is closed, and
+      another (or a new one) taken. A server's idle timer runs from its last reply, so only
+      a server timing connections out within that much of a reply (far shorter than any
+      server's default) could close one under a submit. A new connection costs a handshake;
+      a submit after a pause pays it, a burst of submits reuses the connections it warms.
+      Batch queries are read-only: the poller's take any pooled connection (a failed one is
+      asked again).
+
+    A caller's own session keeps its own connector: neither check applies to it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # When each pooled connection went back to the pool; and every connection handed
+        # out once (a connection handed out again is a pooled one).
+        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
+        # no reused connection would have a known idle time: a submit would take new ones.
+        self._idle_since[protocol] = time.monotonic()
+        super()._release(key, protocol, *args, **kwargs)
+
+    async def connect(
+        self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.connector.Connection:
+        max_idle = _MAX_IDLE.get()
+        while True:
+            conn = await super().connect(req, traces, timeout)
+            protocol = conn.protocol
+            if protocol is None or protocol not in self._handed_out:
+                if protocol is not None:
+                    self._handed_out.add(protocol)
+                return conn  # a new connection
+            since = self._idle_since.pop(protocol, None)
+            idle = math.inf if since is None else time.monotonic() - since
+            if not _closed_by_peer(protocol) and (max_idle is None or idle <= max_idle):
+                return conn
+            conn.close()  # nothing was written on it; the next pooled one, or a new one
+
+
+def _closed_by_peer(protocol: Any) -> bool:
+    """Whether an idle pooled connection has something to read (the server's FIN, or bytes no
+    request asked for): either way no request may go on it."""
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 class _TimedResolver(aiohttp.abc.AbstractResolver):
