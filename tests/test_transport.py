@@ -10,6 +10,7 @@ import resource
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -659,3 +660,65 @@ async def test_a_submit_read_then_dropped_on_a_reused_connection_stays_uncertain
     assert len(ports) == 10  # each sent once
     # The dropped ones came on a reused connection (the answered submit's before them).
     assert any(ports[i] == ports[i - 1] for i in range(1, 10, 2)), ports
+
+
+async def test_a_pooled_connection_the_server_closed_while_the_loop_was_busy_is_not_used() -> None:
+    """A server that closes a connection soon after its reply, unannounced, while the client's
+    loop is busy (CPU-bound code of the application): the FIN is in the socket, but aiohttp,
+    which learns of it only when its loop reads it, handed the connection to the next submit,
+    which the server never read and which ended uncertain. The server here runs in a thread
+    (its own loop), so it closes while this loop is blocked."""
+    read: list[int] = []
+    closed = threading.Event()
+
+    async def submit(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        read.append(1)
+        data = {"key": f"K{len(read):05d}"}
+        reply = web.json_response({"code": "200", "message": "success", "data": data})
+        await reply.prepare(request)
+        await reply.write_eof()
+        transport = request.transport
+        assert transport is not None
+        if len(read) == 1:
+            loop = asyncio.get_running_loop()
+
+            def close() -> None:  # soon after the reply, unannounced
+                transport.close()
+                loop.call_soon(closed.set)  # after the socket's close, which close() schedules
+
+            loop.call_later(0.005, close)
+        return reply
+
+    origin: list[str] = []
+    stops: list[Callable[[], object]] = []
+    started = threading.Event()
+
+    def server() -> None:
+        async def run() -> None:
+            app = web.Application()
+            app.router.add_post(GENERATIONS, submit)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            async with serve(app) as served:
+                origin.append(served)
+                stops.append(lambda: loop.call_soon_threadsafe(stop.set))
+                started.set()
+                await stop.wait()
+
+        asyncio.run(run())
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        creds = Credentials("wjhostile", unregistered_key())
+        async with open_transport(origin[0], creds, retry=INSTANT_RETRY) as transport:
+            await transport.post(GENERATIONS, _submit_body(), kind="submit")
+            assert closed.wait(5)  # this loop busy (blocked) as the server closes
+            await transport.post(GENERATIONS, _submit_body(), kind="submit")
+        assert len(read) == 2
+    finally:
+        for stop_server in stops:
+            stop_server()
+        thread.join(10)
