@@ -166,6 +166,13 @@ async def _reply(request: web.Request) -> web.StreamResponse:
             body=gzip.compress(raw),
             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
         )
+    if mode == "gzip-plain":  # a proxy that labels a body gzip but sends it as it is
+        data = {"key": "K0001"} if request.path.endswith("generations") else {"list": []}
+        raw = json.dumps({"code": "200", "message": "success", "data": data}).encode()
+        return web.Response(
+            body=b"\n " + raw,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
     if mode == "gzip-bomb":
         return web.Response(
             body=gzip_bomb(),

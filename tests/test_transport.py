@@ -722,3 +722,19 @@ async def test_a_pooled_connection_the_server_closed_while_the_loop_was_busy_is_
         for stop_server in stops:
             stop_server()
         thread.join(10)
+
+
+async def test_a_reply_labelled_gzip_but_sent_plain_is_read(tmp_path: Path) -> None:
+    """A proxy that stamps ``Content-Encoding: gzip`` on a body it did not compress: aiohttp
+    could not inflate it ("Can not decode content-encoding"), and the submit, accepted and
+    paid, was uncertain, its key (in the body as it came) unread. A body that is JSON as it is
+    is read as it is; the batch call's too."""
+    async with recording_gateway() as gateway:
+        async with _journaled_client(gateway, "gzip-plain", tmp_path) as client:
+            job = await client.images.submit(prompt="a fox", model="dall-e-2")
+            assert job.key == "K0001"
+            assert await client.uncertain_submits() == []
+        assert gateway.hits["gzip-plain"] >= 1
+        creds = Credentials("wjhostile", unregistered_key())
+        async with open_transport(gateway.origin, creds) as transport:
+            assert await transport.post("/gzip-plain", [], kind="poll") == {"list": []}

@@ -386,6 +386,7 @@ class Transport:
             "User-Agent": _USER_AGENT,
             "Content-Type": "application/json",
             **(headers or {}),
+            "Accept-Encoding": _ACCEPT_ENCODING,  # what _BodyDecoder reads
         }
         # A caller's session is used as given and never closed here; ours is made at open().
         self._given_session = session
@@ -721,16 +722,18 @@ class Transport:
                 allow_redirects=False,
                 timeout=self._timeout,
                 # Whatever the session says (the caller's own may say otherwise): a refusal is
-                # read, not raised (a 401 was "maybe charged"), and a gzipped reply unzipped
-                # (read as is, every submit's reply was not JSON: paid jobs without keys).
+                # read, not raised (a 401 was "maybe charged"), and a gzipped reply unzipped,
+                # by _read_capped (read as is, every submit's reply was not JSON: paid jobs
+                # without keys; unzipped by aiohttp, a body labelled gzip but sent plain was
+                # lost).
                 raise_for_status=False,
-                auto_decompress=True,
+                auto_decompress=False,
             ) as reply:
                 if 300 <= reply.status < 400:
                     reply.close()
                     return _redirect_error(url, reply.status, reply.headers.get("Location", ""))
                 body = await self._read_capped(reply)
-                if isinstance(body, ResponseTooLargeError):
+                if isinstance(body, WujieError):
                     return body
                 return _Reply(reply.status, reply.headers, body)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
@@ -782,12 +785,13 @@ class Transport:
         assert cancelled is not None  # every other way out of the try returned
         raise cancelled  # outside the except block: the original rides in no __context__
 
-    async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | ResponseTooLargeError:
+    async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | WujieError:
         """The reply body, decoded; an error once its DECODED size passes the cap.
 
         ``Content-Length`` counts compressed bytes, and ``read()`` would inflate without limit
         (a 1 MiB gzip of zeros is 1 GiB), so the body is streamed and counted as it inflates;
-        reading stops at the cap and the connection is dropped.
+        reading stops at the cap and the connection is dropped. The body is decoded here, not
+        by aiohttp (see ``_BodyDecoder``).
         """
         cap = self._limits.max_response_bytes
         declared = reply.content_length
@@ -800,47 +804,118 @@ class Transport:
                 http_status=reply.status,
             )
         headers = reply.headers
-        if declared is not None and not (
-            "Content-Encoding" in headers or "Transfer-Encoding" in headers
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if (
+            declared is not None
+            and encoding in ("", "identity")
+            and "Transfer-Encoding" not in headers
         ):
             # Neither compressed nor chunked: the body is the declared length, within the cap.
             return await reply.read()
-        chunks: list[bytes] = []
-        size = 0
+        decoder = _BodyDecoder(encoding, cap, reply.status)
         async for chunk in reply.content.iter_any():
-            size += len(chunk)
-            if size > cap:
+            problem = decoder.feed(chunk)
+            if problem is not None:
                 reply.close()
-                return ResponseTooLargeError(
-                    f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) "
-                    "once decoded",
-                    limit=cap,
-                    http_status=reply.status,
+                return problem
+        return decoder.finish()
+
+
+# The content codings this client asks for and decodes itself (aiohttp's own decoding is off,
+# so a server that says brotli or zstd is not invited to: no such reply is ever readable).
+_ACCEPT_ENCODING = "gzip, deflate"
+_WHITESPACE = b" \t\r\n"
+
+
+class _BodyDecoder:
+    """A reply body decoded from its ``Content-Encoding`` as it streams in, its decoded size
+    capped.
+
+    Done here rather than by aiohttp, because aiohttp's decoding loses the body of a reply it
+    cannot inflate: a proxy that labels an uncompressed JSON body ``gzip`` (the body as it came
+    is the gateway's answer) made a submit's reply "Can not decode content-encoding", an
+    uncertain submit whose paid job's key was in the body. A body labelled gzip or deflate
+    whose first byte past whitespace is ``{`` (which no gzip or zlib stream starts with) is
+    read as it is. ``x-gzip`` is gzip's old name, which RFC 9110 says to read as gzip (and
+    aiohttp left compressed). Any other coding is left as it came (it reads as not JSON).
+    """
+
+    def __init__(self, encoding: str, cap: int, status: int) -> None:
+        self._cap = cap
+        self._status = status
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._inflater: Any = None  # zlib's decompressobj, once the body is known compressed
+        self._encoding = encoding
+        # Undecided until the first byte past whitespace: plain, or compressed.
+        self._deciding = encoding in ("gzip", "x-gzip", "deflate")
+        self._held = b""  # whitespace seen while undecided
+
+    def feed(self, chunk: bytes) -> WujieError | None:
+        """Take the next raw chunk; an error if the body cannot be read within the cap."""
+        if self._deciding:
+            chunk = self._held + chunk
+            start = len(chunk) - len(chunk.lstrip(_WHITESPACE))
+            if start == len(chunk):
+                self._held = chunk  # only whitespace yet
+                return self._too_large() if len(chunk) > self._cap else None
+            self._held = b""
+            self._deciding = False
+            if chunk[start : start + 1] != b"{":  # compressed, as it says
+                gzip = self._encoding != "deflate"
+                zlib_header = (
+                    len(chunk) >= 2
+                    and chunk[0] & 0x0F == 8
+                    and (chunk[0] << 8 | chunk[1]) % 31 == 0
                 )
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if headers.get("Content-Encoding", "").strip().lower() == "x-gzip":
-            return _x_gzip_inflated(body, cap, reply.status)
-        return body
+                wbits = 16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS if zlib_header else -15
+                self._inflater = zlib.decompressobj(wbits)
+        if self._inflater is None:
+            return self._keep(chunk)
+        try:
+            inflated = self._inflater.decompress(chunk, self._cap + 1 - self._size)
+        except zlib.error:
+            return self._not_decodable()
+        if self._inflater.unconsumed_tail:
+            return self._too_large()  # more to inflate than the cap leaves room for
+        return self._keep(inflated)
 
+    def finish(self) -> bytes | WujieError:
+        """The whole decoded body, once the stream has ended."""
+        if self._held:
+            return self._held
+        inflater = self._inflater
+        if inflater is not None:
+            try:
+                problem = self._keep(inflater.flush())
+            except zlib.error:
+                return self._not_decodable()
+            if problem is not None:
+                return problem
+            if not inflater.eof:
+                return self._not_decodable()  # cut short
+        return b"".join(self._chunks)
 
-def _x_gzip_inflated(body: bytes, cap: int, status: int) -> bytes | ResponseTooLargeError:
-    """A body sent as ``Content-Encoding: x-gzip`` (gzip's old name, which RFC 9110 says to
-    read as gzip and aiohttp leaves compressed), inflated within ``cap``: read as it came, a
-    submit's reply was "not JSON", its accepted, paid job's key unread. A body that is no
-    gzip stays as it came (and reads as not JSON)."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(body, cap + 1)
-    except zlib.error:
-        return body
-    if len(inflated) > cap:
+    def _keep(self, data: bytes) -> WujieError | None:
+        self._size += len(data)
+        if self._size > self._cap:
+            return self._too_large()
+        self._chunks.append(data)
+        return None
+
+    def _too_large(self) -> ResponseTooLargeError:
+        cap = self._cap
         return ResponseTooLargeError(
             f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) once decoded",
             limit=cap,
-            http_status=status,
+            http_status=self._status,
         )
-    return inflated
+
+    def _not_decodable(self) -> ProtocolError:
+        return ProtocolError(
+            f"the reply's body does not decode as its Content-Encoding ({self._encoding}) says",
+            http_status=self._status,
+        )
 
 
 # aiohttp's words for a request whose body could not be written (the connection was closing,
