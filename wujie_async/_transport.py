@@ -10,6 +10,11 @@ retried depends on what the call is (see the docs, "Limits, retries and the 429 
   platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``;
 * both: a 401 is retried once, re-signed (the cached signature may have gone stale).
 
+A submit whose reply never came cannot be resent, even when the likeliest cause is harmless
+(a server closing an idle pooled connection as the submit was written on it): so that cause is
+avoided before the write instead (``_PoolConnector``). Replies are decoded here, not by
+aiohttp (``_BodyDecoder``).
+
 Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``), so refused
 submits never slow the polls, nor the reverse.
 
