@@ -166,6 +166,13 @@ async def _reply(request: web.Request) -> web.StreamResponse:
             body=gzip.compress(raw),
             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
         )
+    if mode == "gzip-plain":  # a proxy that labels a body gzip but sends it as it is
+        data = {"key": "K0001"} if request.path.endswith("generations") else {"list": []}
+        raw = json.dumps({"code": "200", "message": "success", "data": data}).encode()
+        return web.Response(
+            body=b"\n " + raw,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+        )
     if mode == "gzip-bomb":
         return web.Response(
             body=gzip_bomb(),
@@ -193,9 +200,16 @@ async def _reply(request: web.Request) -> web.StreamResponse:
 
 
 @asynccontextmanager
-async def _serve(app: web.Application, host: str = "127.0.0.1") -> AsyncIterator[str]:
-    """Serve ``app`` on a free port of ``host`` (loopback by default); yields its origin."""
-    runner = web.AppRunner(app, access_log=None)
+async def _serve(
+    app: web.Application, host: str = "127.0.0.1", *, keepalive_timeout: float | None = None
+) -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of ``host`` (loopback by default); yields its origin.
+    ``keepalive_timeout``: seconds an idle connection is kept before the server closes it
+    (None: aiohttp's default)."""
+    options: dict[str, Any] = {}
+    if keepalive_timeout is not None:
+        options["keepalive_timeout"] = keepalive_timeout
+    runner = web.AppRunner(app, access_log=None, **options)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
     await site.start()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import math
@@ -914,3 +915,43 @@ async def test_a_thousand_null_data_replies_in_a_row_keep_their_backoff(
         for job in jobs:
             job.cancel()
     assert not [r for r in caplog.records if "unexpectedly" in r.getMessage()]
+
+
+@pytest.mark.fake_clock
+async def test_a_batch_call_retried_is_dated_by_its_answered_attempt() -> None:
+    """A batch call's first attempt held 20 s and answered 503, the retry answered at once:
+    the reply was dated when the call first went out, so the job's 30 s estimate was counted
+    from 20 s too early, and the poller looked out for its end (asks every ``min_interval``)
+    20 s before it was due. It looks out where the estimate, counted from the attempt that
+    was answered, puts the end."""
+    loop = asyncio.get_running_loop()
+    calls: list[float] = []
+    answered: list[float] = []
+
+    async def script(keys: list[str]) -> Any:
+        calls.append(loop.time())
+        if len(calls) == 1:
+            await asyncio.sleep(20)
+            busy = {"code": "500", "message": "busy", "data": None}
+            return web.json_response(busy, status=503)
+        if not answered:
+            answered.append(loop.time())
+            return [{"key": keys[0], "status": 1, "expected_seconds": 30}]
+        if loop.time() < answered[0] + 30:
+            return [{"key": keys[0], "status": 1}]
+        return [{"key": keys[0], "status": 4, "images": [{"url": "http://127.0.0.1:9/0.png"}]}]
+
+    policy = PollPolicy()
+    async with (
+        scripted_gateway(script) as gateway,
+        WujieClient(
+            throwaway_credentials(), base_url=gateway.base_url, retry=INSTANT_RETRY, poll=policy
+        ) as client,
+    ):
+        job = await client.images.submit(prompt="a fox", model="dall-e-2")
+        await job.result(timeout=200)
+    assert answered and answered[0] - calls[0] >= 20  # the retry
+    later = [when for when in calls if when > answered[0]]
+    gaps = [(b - a, a) for a, b in itertools.pairwise(later)]
+    lookout = next(when for gap, when in gaps if gap <= policy.min_interval * 1.1)
+    assert lookout >= answered[0] + 30 - 5, (lookout - answered[0], [w - calls[0] for w in calls])

@@ -97,9 +97,16 @@ class BatchPoster(Protocol):
         ...
 
     async def post(
-        self, path: str, body: Any, *, kind: CallKind, parent: BatchTrace | None = None
+        self,
+        path: str,
+        body: Any,
+        *,
+        kind: CallKind,
+        parent: BatchTrace | None = None,
+        on_wire: Callable[[bool], None] | None = None,
     ) -> Any:
-        """POST ``body`` to ``path``; the reply envelope's ``data``."""
+        """POST ``body`` to ``path``; the reply envelope's ``data``. ``on_wire(True)``: an
+        attempt is about to go on the wire (each retry too)."""
         ...
 
     def brake_free_in(self, kind: CallKind) -> float:
@@ -139,6 +146,20 @@ class _Tracked(KeyTiming):
 def _recorded(tracked: _Tracked) -> bool:
     """Whether ``tracked``'s changes are written down (a span, or the DEBUG log)."""
     return tracked.trace is not None or logger.isEnabledFor(logging.DEBUG)
+
+
+class _SendTime:
+    """When the last attempt of a batch call went on the wire (the transport's ``on_wire``)."""
+
+    __slots__ = ("_loop", "at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.at = loop.time()
+
+    def on_wire(self, sending: bool) -> None:
+        if sending:
+            self.at = self._loop.time()
 
 
 class _DeadlineWatch:
@@ -530,10 +551,18 @@ class BatchPoller:
             async with self._call_slots:
                 self.counters.batch_calls += 1
                 self.counters.keys_polled += len(asked)
-                asked_at = asyncio.get_running_loop().time()
+                sent = _SendTime(asyncio.get_running_loop())
                 data = await self._transport.post(
-                    _contract.BATCH_INFO_PATH, list(asked), kind="poll", parent=batch
+                    _contract.BATCH_INFO_PATH,
+                    list(asked),
+                    kind="poll",
+                    parent=batch,
+                    on_wire=sent.on_wire,
                 )
+                # When the attempt that was answered went out: not the first attempt's time,
+                # when the transport retried (after a dropped connection or a 5xx, and its
+                # backoff), which dated the reply too early for the schedule.
+                asked_at = sent.at
             try:
                 reading = self._read(data, asked)
             except ProtocolError:

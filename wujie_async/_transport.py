@@ -10,6 +10,11 @@ retried depends on what the call is (see the docs, "Limits, retries and the 429 
   platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``;
 * both: a 401 is retried once, re-signed (the cached signature may have gone stale).
 
+A submit whose reply never came cannot be resent, even when the likeliest cause is harmless
+(a server closing an idle pooled connection as the submit was written on it): so that cause is
+avoided before the write instead (``_PoolConnector``). Replies are decoded here, not by
+aiohttp (``_BodyDecoder``).
+
 Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``), so refused
 submits never slow the polls, nor the reverse.
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import email.utils
 import errno
@@ -41,9 +47,11 @@ import logging
 import math
 import os
 import re
+import select
 import socket
 import ssl
 import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
@@ -93,6 +101,9 @@ CALL_KINDS: tuple[CallKind, ...] = ("submit", "poll")
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
 IDLE_CONNECTION_SECONDS = 4.0
+# A submit goes on a pooled connection only if it has been idle at most this long (else on a
+# new one): see _PoolConnector.
+SUBMIT_IDLE_SECONDS = 0.05
 _FIX_CREDENTIALS = "check WUJIE_APP_ID and WUJIE_PRIVATE_KEY"
 _FIX_BASE_URL = "check the base URL (WUJIE_BASE_URL / --base-url)"
 
@@ -390,6 +401,7 @@ class Transport:
             "User-Agent": _USER_AGENT,
             "Content-Type": "application/json",
             **(headers or {}),
+            "Accept-Encoding": _ACCEPT_ENCODING,  # what _BodyDecoder reads
         }
         # A caller's session is used as given and never closed here; ours is made at open().
         self._given_session = session
@@ -433,9 +445,9 @@ class Transport:
                 raise ClientStateError("the aiohttp session given to the client is closed")
             self._session = self._given_session
             return
-        # Idle connections are dropped after 4 s, before common server idle timeouts (5 s and
-        # up): a submit sent on a connection the server is closing would be uncertain.
-        connector = aiohttp.TCPConnector(
+        # Idle connections are dropped after 4 s (a request on a connection the server has
+        # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (_PoolConnector).
+        connector = _PoolConnector(
             limit=self._limits.max_connections,
             keepalive_timeout=IDLE_CONNECTION_SECONDS,
             resolver=_TimedResolver(self._timeouts.connect),
@@ -632,7 +644,7 @@ class Transport:
     async def _send(self, path: str, payload: bytes, kind: CallKind, sent_at: float) -> Any:
         brake = self._brakes[kind]
         url = self.base_url + path
-        reply = await self._exchange(url, payload)
+        reply = await self._exchange(url, payload, kind)
         if isinstance(reply, WujieError):
             raise reply  # outside any except block: no aiohttp error rides in __context__
         problem: WujieError | None = None
@@ -702,7 +714,7 @@ class Transport:
                 seconds=seconds,
             )
 
-    async def _exchange(self, url: str, payload: bytes) -> _Reply | WujieError:
+    async def _exchange(self, url: str, payload: bytes, kind: CallKind) -> _Reply | WujieError:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
 
         The Authorization header is built in the call expression, so no local of this frame
@@ -712,6 +724,8 @@ class Transport:
         """
         cancelled: asyncio.CancelledError | None = None
         unexpected: Exception | None = None
+        # Told to our connector (in this task: the request's connection is taken in it).
+        idle_cap = _MAX_IDLE.set(SUBMIT_IDLE_SECONDS if kind == "submit" else None)
         try:
             async with self.session.post(
                 url,
@@ -723,16 +737,18 @@ class Transport:
                 allow_redirects=False,
                 timeout=self._timeout,
                 # Whatever the session says (the caller's own may say otherwise): a refusal is
-                # read, not raised (a 401 was "maybe charged"), and a gzipped reply unzipped
-                # (read as is, every submit's reply was not JSON: paid jobs without keys).
+                # read, not raised (a 401 was "maybe charged"), and a gzipped reply unzipped,
+                # by _read_capped (read as is, every submit's reply was not JSON: paid jobs
+                # without keys; unzipped by aiohttp, a body labelled gzip but sent plain was
+                # lost).
                 raise_for_status=False,
-                auto_decompress=True,
+                auto_decompress=False,
             ) as reply:
                 if 300 <= reply.status < 400:
                     reply.close()
                     return _redirect_error(url, reply.status, reply.headers.get("Location", ""))
                 body = await self._read_capped(reply)
-                if isinstance(body, ResponseTooLargeError):
+                if isinstance(body, WujieError):
                     return body
                 return _Reply(reply.status, reply.headers, body)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
@@ -772,6 +788,8 @@ class Transport:
             if not _through_aiohttp(exc.__traceback__):
                 raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
+        finally:
+            _MAX_IDLE.reset(idle_cap)
         if unexpected is not None:
             unexpected.__traceback__ = unexpected.__context__ = unexpected.__cause__ = None
             unexpected.add_note(
@@ -782,12 +800,13 @@ class Transport:
         assert cancelled is not None  # every other way out of the try returned
         raise cancelled  # outside the except block: the original rides in no __context__
 
-    async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | ResponseTooLargeError:
+    async def _read_capped(self, reply: aiohttp.ClientResponse) -> bytes | WujieError:
         """The reply body, decoded; an error once its DECODED size passes the cap.
 
         ``Content-Length`` counts compressed bytes, and ``read()`` would inflate without limit
         (a 1 MiB gzip of zeros is 1 GiB), so the body is streamed and counted as it inflates;
-        reading stops at the cap and the connection is dropped.
+        reading stops at the cap and the connection is dropped. The body is decoded here, not
+        by aiohttp (see ``_BodyDecoder``).
         """
         cap = self._limits.max_response_bytes
         declared = reply.content_length
@@ -800,47 +819,118 @@ class Transport:
                 http_status=reply.status,
             )
         headers = reply.headers
-        if declared is not None and not (
-            "Content-Encoding" in headers or "Transfer-Encoding" in headers
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if (
+            declared is not None
+            and encoding in ("", "identity")
+            and "Transfer-Encoding" not in headers
         ):
             # Neither compressed nor chunked: the body is the declared length, within the cap.
             return await reply.read()
-        chunks: list[bytes] = []
-        size = 0
+        decoder = _BodyDecoder(encoding, cap, reply.status)
         async for chunk in reply.content.iter_any():
-            size += len(chunk)
-            if size > cap:
+            problem = decoder.feed(chunk)
+            if problem is not None:
                 reply.close()
-                return ResponseTooLargeError(
-                    f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) "
-                    "once decoded",
-                    limit=cap,
-                    http_status=reply.status,
+                return problem
+        return decoder.finish()
+
+
+# The content codings this client asks for and decodes itself (aiohttp's own decoding is off,
+# so a server that says brotli or zstd is not invited to: no such reply is ever readable).
+_ACCEPT_ENCODING = "gzip, deflate"
+_WHITESPACE = b" \t\r\n"
+
+
+class _BodyDecoder:
+    """A reply body decoded from its ``Content-Encoding`` as it streams in, its decoded size
+    capped.
+
+    Done here rather than by aiohttp, because aiohttp's decoding loses the body of a reply it
+    cannot inflate: a proxy that labels an uncompressed JSON body ``gzip`` (the body as it came
+    is the gateway's answer) made a submit's reply "Can not decode content-encoding", an
+    uncertain submit whose paid job's key was in the body. A body labelled gzip or deflate
+    whose first byte past whitespace is ``{`` (which no gzip or zlib stream starts with) is
+    read as it is. ``x-gzip`` is gzip's old name, which RFC 9110 says to read as gzip (and
+    aiohttp left compressed). Any other coding is left as it came (it reads as not JSON).
+    """
+
+    def __init__(self, encoding: str, cap: int, status: int) -> None:
+        self._cap = cap
+        self._status = status
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._inflater: Any = None  # zlib's decompressobj, once the body is known compressed
+        self._encoding = encoding
+        # Undecided until the first byte past whitespace: plain, or compressed.
+        self._deciding = encoding in ("gzip", "x-gzip", "deflate")
+        self._held = b""  # whitespace seen while undecided
+
+    def feed(self, chunk: bytes) -> WujieError | None:
+        """Take the next raw chunk; an error if the body cannot be read within the cap."""
+        if self._deciding:
+            chunk = self._held + chunk
+            start = len(chunk) - len(chunk.lstrip(_WHITESPACE))
+            if start == len(chunk):
+                self._held = chunk  # only whitespace yet
+                return self._too_large() if len(chunk) > self._cap else None
+            self._held = b""
+            self._deciding = False
+            if chunk[start : start + 1] != b"{":  # compressed, as it says
+                gzip = self._encoding != "deflate"
+                zlib_header = (
+                    len(chunk) >= 2
+                    and chunk[0] & 0x0F == 8
+                    and (chunk[0] << 8 | chunk[1]) % 31 == 0
                 )
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if headers.get("Content-Encoding", "").strip().lower() == "x-gzip":
-            return _x_gzip_inflated(body, cap, reply.status)
-        return body
+                wbits = 16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS if zlib_header else -15
+                self._inflater = zlib.decompressobj(wbits)
+        if self._inflater is None:
+            return self._keep(chunk)
+        try:
+            inflated = self._inflater.decompress(chunk, self._cap + 1 - self._size)
+        except zlib.error:
+            return self._not_decodable()
+        if self._inflater.unconsumed_tail:
+            return self._too_large()  # more to inflate than the cap leaves room for
+        return self._keep(inflated)
 
+    def finish(self) -> bytes | WujieError:
+        """The whole decoded body, once the stream has ended."""
+        if self._held:
+            return self._held
+        inflater = self._inflater
+        if inflater is not None:
+            try:
+                problem = self._keep(inflater.flush())
+            except zlib.error:
+                return self._not_decodable()
+            if problem is not None:
+                return problem
+            if not inflater.eof:
+                return self._not_decodable()  # cut short
+        return b"".join(self._chunks)
 
-def _x_gzip_inflated(body: bytes, cap: int, status: int) -> bytes | ResponseTooLargeError:
-    """A body sent as ``Content-Encoding: x-gzip`` (gzip's old name, which RFC 9110 says to
-    read as gzip and aiohttp leaves compressed), inflated within ``cap``: read as it came, a
-    submit's reply was "not JSON", its accepted, paid job's key unread. A body that is no
-    gzip stays as it came (and reads as not JSON)."""
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(body, cap + 1)
-    except zlib.error:
-        return body
-    if len(inflated) > cap:
+    def _keep(self, data: bytes) -> WujieError | None:
+        self._size += len(data)
+        if self._size > self._cap:
+            return self._too_large()
+        self._chunks.append(data)
+        return None
+
+    def _too_large(self) -> ResponseTooLargeError:
+        cap = self._cap
         return ResponseTooLargeError(
             f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) once decoded",
             limit=cap,
-            http_status=status,
+            http_status=self._status,
         )
-    return inflated
+
+    def _not_decodable(self) -> ProtocolError:
+        return ProtocolError(
+            f"the reply's body does not decode as its Content-Encoding ({self._encoding}) says",
+            http_status=self._status,
+        )
 
 
 # aiohttp's words for a request whose body could not be written (the connection was closing,
@@ -921,6 +1011,91 @@ def _uncertain(exc: WujieError) -> bool:
     # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
     # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
     return isinstance(exc, ServerError | ProtocolError)
+
+
+# How long the pooled connection a request takes may have been idle (None: aiohttp's own
+# bound, IDLE_CONNECTION_SECONDS). Set by Transport._exchange around each request.
+_MAX_IDLE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "wujie_async_max_idle", default=None
+)
+
+
+class _PoolConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, which writes no request on a pooled connection the server has
+    closed, and a submit on none idle longer than ``SUBMIT_IDLE_SECONDS``.
+
+    A server closes a keep-alive connection after an idle timeout of its own (gunicorn: 2 s,
+    uvicorn: 5 s, nginx: 75 s, some proxies far less), without warning. A request written on
+    it as it closes is never read, and the client sees the connection end with no reply at
+    all (EOF or a reset). A gateway that read the submit and died looks exactly the same: so
+    such a submit can NEVER be resent (it may have been accepted, and paid for); it stays
+    ``SubmitUncertainError``. Telling the two apart after the fact would take the peer's FIN
+    having arrived before our write, which the kernel does not tell us once it has happened.
+    So the race is avoided before the write instead:
+
+    * any request: a pooled connection that is readable while idle (the server's FIN, or a
+      stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
+      closed, and the next one taken (what urllib3 does at checkout); nothing was written;
+    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is closed, and
+      another (or a new one) taken. A server's idle timer runs from its last reply, so only
+      a server timing connections out within that much of a reply (far shorter than any
+      server's default) could close one under a submit. A new connection costs a handshake;
+      a submit after a pause pays it, a burst of submits reuses the connections it warms.
+      Batch queries are read-only: the poller's take any pooled connection (a failed one is
+      asked again).
+
+    A caller's own session keeps its own connector: neither check applies to it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # When each pooled connection went back to the pool; and every connection handed
+        # out once (a connection handed out again is a pooled one).
+        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
+        # no reused connection would have a known idle time: a submit would take new ones.
+        self._idle_since[protocol] = time.monotonic()
+        super()._release(key, protocol, *args, **kwargs)
+
+    async def connect(
+        self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
+    ) -> aiohttp.connector.Connection:
+        max_idle = _MAX_IDLE.get()
+        while True:
+            conn = await super().connect(req, traces, timeout)
+            protocol = conn.protocol
+            if protocol is None or protocol not in self._handed_out:
+                if protocol is not None:
+                    self._handed_out.add(protocol)
+                return conn  # a new connection
+            since = self._idle_since.pop(protocol, None)
+            idle = math.inf if since is None else time.monotonic() - since
+            if not _closed_by_peer(protocol) and (max_idle is None or idle <= max_idle):
+                return conn
+            conn.close()  # nothing was written on it; the next pooled one, or a new one
+
+
+def _closed_by_peer(protocol: Any) -> bool:
+    """Whether an idle pooled connection has something to read (the server's FIN, or bytes no
+    request asked for): either way no request may go on it."""
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        fd = sock.fileno()
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            return bool(poller.poll(0))
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 class _TimedResolver(aiohttp.abc.AbstractResolver):

@@ -393,11 +393,17 @@ class _Fenced:
         return self._transport.telemetry
 
     async def post(
-        self, path: str, body: Any, *, kind: CallKind, parent: BatchTrace | None = None
+        self,
+        path: str,
+        body: Any,
+        *,
+        kind: CallKind,
+        parent: BatchTrace | None = None,
+        on_wire: Callable[[bool], None] | None = None,
     ) -> Any:
         self._lease.require(self._margin)  # LeaseLostError: the call fails, nothing is sent
         try:
-            data = await self._transport.post(path, body, kind=kind, parent=parent)
+            data = await self._transport.post(path, body, kind=kind, parent=parent, on_wire=on_wire)
         except RateLimitedError:
             self.answered()
             raise
