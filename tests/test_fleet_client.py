@@ -1345,3 +1345,41 @@ async def test_a_leader_whose_hand_over_found_no_taker_does_not_step_down_again(
         assert fleet_of(leader).role == "leader"
         emu.set_faults(FaultConfig())
         await asyncio.wait_for(job, 20)
+
+
+@pytest.mark.long
+async def test_a_pause_in_hand_overs_ends_once_another_member_has_led(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A leader whose hand-over found no taker does not step down again for 60 lease lengths.
+    # That pause outlived its reason: another member led in between, the leader took the
+    # lease back, its calls failed, and it kept leading ("its last hand-over found no taker")
+    # though a member that could take over had opened meanwhile.
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    name = fleet_name()
+    down = FaultConfig(http_5xx=1.0, endpoints=frozenset({"info"}))
+    take = "local t = redis.call('INCR', KEYS[2]) redis.call('SET', KEYS[1], 'x:1:x|' .. t)"
+    async with (
+        emulator(time_scale=0.02, faults=down) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, lease_seconds=0.5) as leader,
+    ):
+        await eventually(lambda: fleet_of(leader).role == "leader", what="a leader")
+        await Membership(observer, new_member_id()).join()  # alive, and never leads
+        job = await leader.images.submit(prompt="x", model="dall-e-2")
+        await eventually(
+            lambda: any("found no taker" in r.getMessage() for r in caplog.records),
+            what="a hand-over that found no taker",
+        )
+        lease = (observer.keys.lease(0), observer.keys.lease_counter(0))
+        await observer.call(lambda r: r.eval(take, 2, *lease))  # another holder leads
+        await eventually(lambda: fleet_of(leader).role == "follower", what="the lease lost")
+        await observer.call(lambda r: r.delete(lease[0]))
+        await eventually(lambda: fleet_of(leader).role == "leader", what="the lease back")
+        async with member(emu, url, name, lease_seconds=0.5) as taker:
+            await eventually(
+                lambda: fleet_of(taker).role == "leader", timeout=15, what="a hand-over"
+            )
+            assert len(_stepped_down(caplog)) == 2
+            emu.set_faults(FaultConfig())
+            await asyncio.wait_for(job, 20)
