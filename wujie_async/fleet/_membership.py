@@ -40,14 +40,15 @@ _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # timeout_ms, since (Redis ms of this member's first join; '' = never joined).
 # The gateway record holds the fleet's gateway (fingerprint, base URL) and its seniority: the
 # first join of the oldest member that wrote it. A member whose fingerprint differs is refused
-# while another member is alive: reply {0, the fleet's base URL}; it marks itself kept out (its
-# rows are not claimed meanwhile, see the journal's claim). Seniority: the members that were
-# there first keep the fleet. Redis having lost the fleet (a restart without AOF, FLUSHALL), a
-# client of another gateway opening before any member came back wrote the record, as the
-# oldest member it knew: a member that joined before it, joining again, wins the record back
-# (reply {2, since}), and every other member's info is dropped, so the newcomer's members find
-# themselves gone, join again and are refused. Otherwise it joins (reply {1, since}), and the
-# fleet's gateway is its own. The same check at open and on every join again.
+# while another member is alive: reply {0, the fleet's base URL}; one that had joined marks
+# itself kept out (its rows are not claimed meanwhile, see the journal's claim).
+# Seniority: the members that were there first keep the fleet. Redis having lost the fleet (a
+# restart without AOF, FLUSHALL), a client of another gateway opening before any member came
+# back wrote the record, as the oldest member it knew: a member that joined before it, joining
+# again, wins the record back (reply {2, since}), and every other member's info is dropped, so
+# the newcomer's members find themselves gone, join again and are refused. Otherwise it joins
+# (reply {1, since}), and the fleet's gateway is its own. The same check at open and on every
+# join again.
 _JOIN = (
     _NOW_MS
     + """
@@ -60,7 +61,7 @@ if ARGV[3] ~= '' then
     for _, other in ipairs(live) do
       if other ~= ARGV[1] then
         if not first or since >= first then
-          redis.call('ZADD', KEYS[4], now, ARGV[1])
+          if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
           return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
         end
         won = 1
@@ -95,10 +96,11 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1
 """
 )
-# KEYS: members. ARGV: id. Marks the member dead now (its last heartbeat becomes 0).
+# KEYS: members, kept-out. ARGV: id. Marks the member dead now (its last heartbeat becomes 0,
+# its kept-out mark goes).
 _LEAVE = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
-return 1
+return redis.call('ZREM', KEYS[2], ARGV[1])
 """
 # KEYS: members. Reply: {server time ms, id1, last1, id2, last2, ...}.
 _LIST = (
@@ -223,7 +225,7 @@ class Membership:
 
     async def leave(self) -> None:
         """Leave: dead at once, so this member's open jobs are claimable at once."""
-        await self._leave((self._link.keys.members,), (self.member_id,))
+        await self._leave((self._link.keys.members, self._link.keys.kept_out), (self.member_id,))
 
     async def members(self) -> dict[str, float]:
         """Every member the fleet knows of -> seconds since its last heartbeat."""
