@@ -60,7 +60,7 @@ if ARGV[3] ~= '' then
     local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[5]), '+inf')
     for _, other in ipairs(live) do
       if other ~= ARGV[1] then
-        if not first or since >= first then
+        if ARGV[6] == '' or not first or since >= first then  -- a newcomer never wins
           if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
           return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
         end
