@@ -32,7 +32,7 @@ from wujie_async import (
 )
 from wujie_async.emulator import FaultConfig
 from wujie_async.fleet import FleetMismatchError, FleetUnavailableError, RedisFleet
-from wujie_async.fleet._journal import _INTENT
+from wujie_async.fleet._journal import _INTENT, RedisJournal
 from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
@@ -360,12 +360,14 @@ async def test_a_member_spelling_the_same_gateway_otherwise_is_welcome(
 
 
 @pytest.mark.long
-async def test_a_member_is_checked_for_its_gateway_when_it_joins_again(
+async def test_members_that_were_there_first_take_a_lost_fleet_back_from_another_gateway(
     url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Redis lost the fleet (a restart without AOF, FLUSHALL) and a client of another gateway
-    # opened meanwhile: the fleet took its gateway. The first member then joined again
-    # unchecked, and one leader asked its own gateway about the other member's keys.
+    # opened before any member came back: it took the fleet, and the members that had been
+    # there all along were refused on joining again ("may not join again") and stayed local,
+    # each polling its own keys, for as long as the newcomer lived. Seniority: they win the
+    # fleet back, and the newcomer is the one kept out.
     caplog.set_level(logging.WARNING, "wujie_async.fleet")
     name = fleet_name()
     async with (
@@ -385,22 +387,64 @@ async def test_a_member_is_checked_for_its_gateway_when_it_joins_again(
             raise AssertionError("the stranger never opened on the forgotten fleet")
         try:
             await eventually(
-                lambda: fleet_of(first).role == "local" or "joined again" in caplog.text,
-                what="the first member joining again, or kept out",
+                lambda: fleet_of(stranger).role == "local" and "may not join again" in caplog.text,
+                what="the stranger kept out",
             )
-            assert fleet_of(first).role == "local"
-            assert "may not join again" in caplog.text
+            assert "takes the fleet back" in caplog.text
+            await eventually(lambda: fleet_of(first).role == "leader", what="first leading")
             jobs = [await c.images.submit(prompt="x", model="dall-e-2") for c in (first, stranger)]
             async with asyncio.timeout(20):
                 await asyncio.gather(*jobs)
-            assert fleet_of(first).role == "local"
+            assert fleet_of(first).role == "leader" and fleet_of(stranger).role == "local"
             asked_ours = {key for keys in ours.stats()["batch_keys"] for key in keys}
             asked_theirs = {key for keys in theirs.stats()["batch_keys"] for key in keys}
             assert jobs[1].key not in asked_ours and jobs[0].key not in asked_theirs
         finally:
             await stranger.aclose()
-        # Nobody of the other gateway is left: the fleet moves back, and it joins.
-        await eventually(lambda: fleet_of(first).role != "local", what="joined again")
+        assert fleet_of(first).role == "leader"
+
+
+@pytest.mark.long
+async def test_a_member_kept_out_by_the_gateway_check_keeps_its_jobs(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A member kept out (the fleet's live members use another gateway) sent no heartbeat:
+    # another member's resume() claimed its accepted jobs and asked its own gateway about
+    # them, which did not know them (they ended unknown).
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=1.0, job_seconds=(8, 8)) as ours,
+        emulator() as theirs,
+        RedisFleet(url, name=name) as observer,
+        member(ours, url, name, member_timeout=3.0) as first,
+    ):
+        job = await first.images.submit(prompt="x", model="dall-e-2")
+        # The fleet went to another gateway, recorded before `first` joined: joining again
+        # (its info dropped), `first` is refused.
+        other = Membership(observer, new_member_id())
+        other.use_gateway(theirs.base_url, theirs.credentials.app_id)
+        record: dict[Any, Any] = {
+            "fingerprint": other.gateway[0],
+            "base_url": theirs.base_url,
+            "since": "0",
+        }
+        await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
+        await other.join()
+        first_id = first.fleet_member
+        assert first_id is not None
+        await observer.call(lambda r: r.hdel(observer.keys.member_info, first_id))
+        await eventually(lambda: "may not join again" in caplog.text, what="first kept out")
+
+        async def silent_long() -> bool:
+            await other.heartbeat()
+            return (await other.members())[first_id] > 1.5
+
+        await eventually(silent_long, what="first silent for 1.5 s")
+        claim = await RedisJournal(observer, other.member_id).claim_dead(1.5)
+        assert claim.entries == [] and first_id not in claim.dead_members
+        await asyncio.wait_for(job, 20)
+        assert not theirs.stats()["batch_keys"]
 
 
 async def test_a_fleet_that_lost_its_gateway_is_not_taken_by_another_gateway(
@@ -1345,3 +1389,41 @@ async def test_a_leader_whose_hand_over_found_no_taker_does_not_step_down_again(
         assert fleet_of(leader).role == "leader"
         emu.set_faults(FaultConfig())
         await asyncio.wait_for(job, 20)
+
+
+@pytest.mark.long
+async def test_a_pause_in_hand_overs_ends_once_another_member_has_led(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A leader whose hand-over found no taker does not step down again for 60 lease lengths.
+    # That pause outlived its reason: another member led in between, the leader took the
+    # lease back, its calls failed, and it kept leading ("its last hand-over found no taker")
+    # though a member that could take over had opened meanwhile.
+    caplog.set_level(logging.INFO, logger="wujie_async")
+    name = fleet_name()
+    down = FaultConfig(http_5xx=1.0, endpoints=frozenset({"info"}))
+    take = "local t = redis.call('INCR', KEYS[2]) redis.call('SET', KEYS[1], 'x:1:x|' .. t)"
+    async with (
+        emulator(time_scale=0.02, faults=down) as emu,
+        RedisFleet(url, name=name) as observer,
+        member(emu, url, name, lease_seconds=0.5) as leader,
+    ):
+        await eventually(lambda: fleet_of(leader).role == "leader", what="a leader")
+        await Membership(observer, new_member_id()).join()  # alive, and never leads
+        job = await leader.images.submit(prompt="x", model="dall-e-2")
+        await eventually(
+            lambda: any("found no taker" in r.getMessage() for r in caplog.records),
+            what="a hand-over that found no taker",
+        )
+        lease = (observer.keys.lease(0), observer.keys.lease_counter(0))
+        await observer.call(lambda r: r.eval(take, 2, *lease))  # another holder leads
+        await eventually(lambda: fleet_of(leader).role == "follower", what="the lease lost")
+        await observer.call(lambda r: r.delete(lease[0]))
+        await eventually(lambda: fleet_of(leader).role == "leader", what="the lease back")
+        async with member(emu, url, name, lease_seconds=0.5) as taker:
+            await eventually(
+                lambda: fleet_of(taker).role == "leader", timeout=15, what="a hand-over"
+            )
+            assert len(_stepped_down(caplog)) == 2
+            emu.set_faults(FaultConfig())
+            await asyncio.wait_for(job, 20)

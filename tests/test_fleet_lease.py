@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from wujie_async.fleet import RedisFleet
-from wujie_async.fleet._errors import LeaseLostError
+from wujie_async.fleet._errors import FleetMismatchError, LeaseLostError
+from wujie_async.fleet._journal import RedisJournal
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._membership import Membership, new_member_id
 from wujie_async.fleet._registry import KeyRegistry
@@ -66,6 +67,35 @@ async def test_leaving_makes_a_member_dead_at_once(url: str) -> None:
         assert await live_members(fleet, staying) == [staying.member_id]
         assert (await staying.members())[leaving.member_id] > fleet.config.member_timeout
         assert await leaving.heartbeat() is False
+
+
+@pytest.mark.long
+async def test_a_kept_out_member_keeps_its_jobs_until_it_leaves(url: str) -> None:
+    # Refused on joining again (the fleet's live members use another gateway), a member sent
+    # no heartbeat, and its jobs were claimed by a member that asks another gateway.
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        ours, theirs = Membership(fleet, new_member_id()), Membership(fleet, new_member_id())
+        ours.use_gateway("https://ours.example", "app")
+        theirs.use_gateway("https://theirs.example", "app")
+        await ours.join()
+        journal = RedisJournal(fleet, ours.member_id)
+        await journal.record_accepted(await journal.record_intent("/p", {"prompt": "x"}), "k1")
+        # The fleet went to another gateway, its record older than `ours`' first join.
+        record: dict[Any, Any] = {"fingerprint": theirs.gateway[0], "since": "0"}
+        await fleet.call(lambda r: r.hset(fleet.keys.gateway, mapping=record))
+        await theirs.join()
+        heir = RedisJournal(fleet, theirs.member_id)
+
+        async def ours_silent() -> bool:
+            assert await theirs.heartbeat()
+            with pytest.raises(FleetMismatchError):
+                await ours.join()  # kept out, it tries again (as a member does every beat)
+            return (await theirs.members())[ours.member_id] > 0.5
+
+        await eventually(ours_silent, timeout=10, what="`ours` silent for 0.5 s")
+        assert (await heir.claim_dead(0.5)).entries == []
+        await ours.leave()  # gone: its jobs are claimable at once
+        assert [entry.job_key for entry in (await heir.claim_dead(0.5)).entries] == ["k1"]
 
 
 # --- lease --------------------------------------------------------------------------------------

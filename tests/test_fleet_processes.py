@@ -282,3 +282,54 @@ async def test_a_redis_restart_leaves_one_poller_and_nobody_local(
     assert len(after) - leading <= 2, callers
     created = [t["created"] for t in stats["timelines"].values()]
     assert busiest_second(created) <= rate, sorted(created)  # the cap, in every second
+
+
+async def test_members_there_before_a_redis_restart_keep_the_fleet_from_another_gateway(
+    tmp_path: Path,
+) -> None:
+    # Redis restarted without AOF, and a client of another gateway opened on the fleet's name
+    # before any member came back (here: the members stopped meanwhile): it took the fleet,
+    # and the three members, refused on joining again, stayed local (three pollers) for as
+    # long as it lived. They were there first: they take the fleet back, and it is kept out.
+    n, lease, timeout = 20, 2.0, 6.0
+    name = fleet_name()
+    async with (
+        own_redis(tmp_path) as server,
+        emulator_process(tmp_path, "emu", time_scale=1.0) as emu,
+        emulator_process(tmp_path, "theirs") as theirs,
+    ):
+        async with members(server.url, emu, name, 3, n, 0, lease=lease, timeout=timeout) as procs:
+            for proc in procs:
+                send(proc, "go")
+            deadline = time.monotonic() + 30
+            while (await emulator_stats(emu))["submits_accepted"] < 3 * n:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            for proc in procs:
+                proc.proc.send_signal(signal.SIGSTOP)
+            try:
+                assert server.process is not None
+                server.process.terminate()
+                await asyncio.wait_for(server.process.wait(), 15)
+                async with (
+                    own_redis(tmp_path, port=server.port),
+                    members(server.url, theirs, name, 1, 1, 0, lease=lease, timeout=timeout) as (
+                        stranger,
+                    ),
+                ):
+                    for proc in procs:
+                        proc.proc.send_signal(signal.SIGCONT)
+                    done = [await wait_event(proc, "resolved", 60) for proc in procs]
+                    send(stranger, "stats")
+                    kept_out = await wait_event(stranger, "stats")
+            finally:
+                for proc in procs:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.proc.send_signal(signal.SIGCONT)
+        stats = await emulator_stats(emu)
+    for event in done:
+        assert set(event["resolved"].values()) == {"ok"}
+    assert stats["submits_accepted"] == 3 * n  # nothing lost, nothing paid twice
+    roles = sorted(event["stats"]["fleet"]["role"] for event in done)
+    assert roles == ["follower", "follower", "leader"]
+    assert kept_out["stats"]["fleet"]["role"] == "local"

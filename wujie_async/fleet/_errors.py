@@ -28,8 +28,9 @@ class FleetMismatchError(ClientStateError):
     """This client's gateway (base URL and app id) is not the one the fleet's live members
     use: its leader would ask its own gateway about their keys (and they about its), which
     does not know them. Raised when the client opens, before anything is submitted; and
-    by ``resume()`` of a member refused on joining again (Redis lost the fleet and a member
-    of another gateway opened meanwhile: this one stays out and polls its own keys).
+    by ``resume()`` of a member refused on joining again (it opened while Redis had lost
+    the fleet, and members that were there before came back: it stays out and polls its
+    own keys).
 
     Attributes:
         base_url: this client's base URL.

@@ -97,7 +97,8 @@ end
 """
 
 # KEYS: seq, members, gateway. ARGV: prefix, owner, path, request, tag ('' = none), now, once
-# (the write's token), the owner's gateway fingerprint and base URL ('' = not told). Reply: the
+# (the write's token), the owner's gateway fingerprint, base URL and seniority ('' = not told;
+# see _membership). Reply: the
 # row id; the same id again for a retry of the same write (its first try may have run after
 # all, late, once a frozen Redis woke: one row, not two), 0 for a write its submit gave up on
 # (see record_intent).
@@ -117,7 +118,7 @@ if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   redis.call('ZADD', KEYS[2], redis_ms(), ARGV[2])
 end
 if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[3], 'fingerprint') == 0 then
-  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[8], 'base_url', ARGV[9])
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[8], 'base_url', ARGV[9], 'since', ARGV[10])
 end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
@@ -179,8 +180,11 @@ return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
 )
 
-# KEYS: seq, members, member-info. ARGV: prefix, claimer, timeout_ms, now.
+# KEYS: seq, members, member-info, kept-out. ARGV: prefix, claimer, timeout_ms, now.
 # Reply: {-1} when the claimer itself is not a live member, else {1, {dead...}, {claimed ids}}.
+# A member kept out by the gateway check (see _membership) sends no heartbeat, but marks itself
+# kept out at each try to join: while that mark is fresh, it is alive and its rows stay its own
+# (a claimer would ask its own gateway about them, which does not know them).
 _CLAIM_DEAD = (
     REDIS_MS
     + _TRANSITION
@@ -190,10 +194,12 @@ local now_ms = redis_ms()
 local mine = redis.call('ZSCORE', KEYS[2], claimer)
 if not mine or now_ms - tonumber(mine) > timeout then return {-1} end
 local dead, claimed = {}, {}
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - timeout)
 local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
   local member = all[i]
-  if member ~= claimer and now_ms - tonumber(all[i + 1]) > timeout then
+  if member ~= claimer and now_ms - tonumber(all[i + 1]) > timeout
+     and not redis.call('ZSCORE', KEYS[4], member) then
     dead[#dead + 1] = member
     local set = p .. 'owner:' .. member
     for _, id in ipairs(redis.call('ZRANGE', set, 0, -1)) do
@@ -366,15 +372,16 @@ class RedisJournal:
         self._trying: tuple[Any, ...] | None = None  # the record the writer is on
         self._warned_rows: set[str] = set()  # damaged rows already warned about
         self.commits = 0  # writes Redis acknowledged (for client.stats)
-        self._gateway = ("", "")  # this member's gateway: fingerprint, base URL ("": not told)
+        # This member's gateway: fingerprint, base URL, seniority ("": not told).
+        self._gateway = ("", "", "")
 
     def __repr__(self) -> str:
         return f"RedisJournal({self._link.config.name!r}, member={self.member_id!r})"
 
-    def use_gateway(self, fingerprint: str, base_url: str) -> None:
-        """This member's gateway (see ``Membership.use_gateway``): an intent written after
+    def use_gateway(self, fingerprint: str, base_url: str, since: str) -> None:
+        """This member's gateway (see ``Membership.gateway``): an intent written after
         Redis lost the fleet's gateway record writes it again."""
-        self._gateway = (fingerprint, base_url)
+        self._gateway = (fingerprint, base_url, since)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -471,18 +478,7 @@ class RedisJournal:
         body = json.dumps(request, ensure_ascii=False)
         once = secrets.token_hex(8)  # every try is the same write: one row however many run
         now = time.time()
-        fingerprint, base_url = self._gateway
-        args = (
-            self._prefix,
-            self.member_id,
-            path,
-            body,
-            tag or "",
-            now,
-            once,
-            fingerprint,
-            base_url,
-        )
+        args = (self._prefix, self.member_id, path, body, tag or "", now, once, *self._gateway)
         keys = (self._seq, self._link.keys.members, self._link.keys.gateway)
 
         async def write() -> Any:
@@ -686,7 +682,7 @@ class RedisJournal:
         timeout = self._link.config.member_timeout if member_timeout is None else member_timeout
         keys = self._link.keys
         reply = await self._claim(
-            (self._seq, keys.members, keys.member_info),
+            (self._seq, keys.members, keys.member_info, keys.kept_out),
             (self._prefix, self.member_id, round(timeout * 1000), time.time()),
         )
         if int(reply[0]) != 1:

@@ -80,6 +80,10 @@ class FleetKeys:
     def gateway(self) -> str:
         return f"{self.tag}:gateway"
 
+    @property
+    def kept_out(self) -> str:
+        return f"{self.tag}:kept-out"
+
     def stepped_down(self, shard: int) -> str:
         return f"{self.tag}:stepped-down:s{shard}"
 

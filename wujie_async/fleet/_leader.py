@@ -19,7 +19,7 @@ for a lease length, so another member takes it (and takes it back itself if none
 gateway down for everyone costs at most one hand-over per other member, then the last leader
 stays: nobody is left to try. A leader that took the lease back with the next token (nobody
 took it: the other live members never lead, kept out or broken) does not step down again for
-``_STEP_DOWN_MEMORY`` spans.
+``_STEP_DOWN_MEMORY`` spans, or until another member has led.
 
 Losing the lease, or Redis, ends the leadership and every shadow with it: the next leader
 (maybe this member again) starts from the registry, so a report that was lost with Redis is
@@ -153,10 +153,11 @@ class ShardLeader:
         self._removals: list[tuple[str, str, None]] = []
         self._queued = asyncio.Event()
         self._stepping_down = False
-        # The lease token of the term this leader stepped down from (None: it did not), and
+        # The lease token of this leader's last term, whether it stepped down from it, and
         # until when (loop time) it does not step down again: it took the lease back with the
         # next token, so nobody took it meanwhile (another live member that never leads).
-        self._stepped_from: int | None = None
+        self._last_token: int | None = None
+        self._stepped_down = False
         self._no_taker_until = -math.inf
 
     @property
@@ -173,7 +174,7 @@ class ShardLeader:
         shard = self._lease.shard
         self._fenced.answered()
         self._note_hand_over()
-        token, stepping_down = self._lease.token, False
+        stepping_down = False
         try:
             version, changes = await self._registry.read(shard, self._lease.require(0), None)
             self._follow(changes)
@@ -194,8 +195,8 @@ class ShardLeader:
             self._outbox.clear()
             self._removals.clear()
             self._poller.cancel_all(f"member {self._lease.member_id} stopped leading")
+        self._stepped_down = stepping_down
         if stepping_down:  # its tasks have stopped: no batch call of its goes out any more
-            self._stepped_from = token
             await self._lease.release()
             self._lease.stand_aside(self._lease.seconds)
 
@@ -203,16 +204,15 @@ class ShardLeader:
         """At a term's start: if this leader stepped down last and nobody led since (its
         token is the next one), its hand-over found no taker; it does not step down again
         for ``_STEP_DOWN_MEMORY`` spans (it stepped down and took the lease back every few
-        lease lengths)."""
-        stepped, self._stepped_from = self._stepped_from, None
-        token = self._lease.token
-        if stepped is None or token is None:
-            return
-        if token == stepped + 1:
+        lease lengths). Once another member has led (a token in between), hand-overs work:
+        that pause ends, however this leader's last term ended."""
+        last, self._last_token = self._last_token, self._lease.token
+        if last is None or self._last_token != last + 1:
+            self._no_taker_until = -math.inf
+        elif self._stepped_down:
             span = _STEP_DOWN_MEMORY * _STEP_DOWN_AFTER * self._lease.seconds
             self._no_taker_until = asyncio.get_running_loop().time() + span
-        else:
-            self._no_taker_until = -math.inf  # another member led: hand-overs work
+        self._stepped_down = False  # until this term steps down
 
     async def _watch_calls(self, scope: anyio.CancelScope) -> None:
         """Step down (cancel ``scope``) once the batch calls have all failed for long, and

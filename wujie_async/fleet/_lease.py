@@ -31,10 +31,11 @@ from ._link import RedisLink, Script
 
 logger = logging.getLogger("wujie_async.fleet")
 
-# KEYS: lease, counter. ARGV: member, ttl_ms. Reply: {1, token} or {0, pttl_ms}.
+# KEYS: lease, counter. ARGV: member, ttl_ms, take ('1': whoever holds it). Reply: {1, token}
+# or {0, pttl_ms}.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
-if holder and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then
+if holder and ARGV[3] ~= '1' and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then
   return {0, redis.call('PTTL', KEYS[1])}
 end
 local token = redis.call('INCR', KEYS[2])
@@ -115,15 +116,17 @@ class LeaderLease:
             )
         return self._fence
 
-    async def try_acquire(self) -> float:
-        """Take the lease if it is free (or still this member's).
+    async def try_acquire(self, *, take: bool = False) -> float:
+        """Take the lease if it is free (or still this member's), or whoever holds it with
+        ``take`` (a member that won the fleet back fences out the newcomer's leader).
 
         Returns:
             0.0 when this member now leads, else the holder's remaining TTL in seconds (more
             than 0.0, even for a lease someone set without a TTL).
         """
         sent = asyncio.get_running_loop().time()
-        reply = await self._acquire(self._keys, (self.member_id, round(self._ttl * 1000)))
+        args = (self.member_id, round(self._ttl * 1000), int(take))
+        reply = await self._acquire(self._keys, args)
         if int(reply[0]) != 1:
             holder_left = int(reply[1]) / 1000
             return holder_left if holder_left > 0 else _RETRY  # a lease set without a TTL

@@ -15,9 +15,11 @@ member list it reads every second for the figures (the fleet declared it dead wh
 was frozen past ``member_timeout``, or Redis lost the member list), joins again and registers
 its keys again at once, and so takes back its jobs nobody claimed meanwhile; a job another
 member claimed meanwhile is followed by both. Joining again checks the gateway as opening
-does: a member refused (the fleet's live members use another gateway, recorded while Redis
-had lost the fleet) stays local, takes its keys out of the registry and tries again every
-heartbeat interval.
+does: a member refused (the fleet's live members use another gateway) stays local, takes its
+keys out of the registry and tries again every heartbeat interval, marking itself kept out (its
+jobs are not claimed meanwhile). A member that joined before the members of another gateway
+that took the fleet while Redis had lost it wins it back (see ``_membership``): it takes every
+shard's lease before registering its keys, so their leaders never ask about them.
 
 A background task that fails with an unexpected error (a bug) leaves its member local for good:
 it gives its leases up and takes its keys out of the registry, so the others carry on.
@@ -144,9 +146,9 @@ class FleetMember:
             await self._link.start()
             self._owns_link = True
         self._membership.use_gateway(transport.base_url, app_id)
-        self._journal.use_gateway(*self._membership.gateway)
         try:
             await self._membership.join()
+            self._journal.use_gateway(*self._membership.gateway)
             await self._journal.warm()
         except BaseException:
             await self.aclose()
@@ -316,11 +318,22 @@ class FleetMember:
         follower = self._follower
         assert follower is not None
         try:
-            await self._membership.join()  # its gateway checked, as at open
+            won = await self._membership.join()  # its gateway checked, as at open
         except FleetMismatchError as exc:
             self._keep_out(exc)
             raise
         self._kept_out = False
+        if won:
+            # Won the fleet back from a newcomer of another gateway: its leaders are fenced
+            # out before this member's keys are registered, so they never ask about them.
+            logger.warning(
+                "fleet %s: member %s joined before the members of another gateway that took "
+                "the fleet meanwhile: it takes the fleet back",
+                self._config.name,
+                self._member_id,
+            )
+            for lease in self._leases:
+                await lease.try_acquire(take=True)
         await follower.register_all()
         restored = await self._journal.restore()
         rows = f", and {restored} journal rows Redis had lost" if restored else ""

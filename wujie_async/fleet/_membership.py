@@ -12,6 +12,9 @@ by its first journal write, with that moment as its heartbeat and no info: if it
 its next heartbeat, the rows it wrote are still claimable. The member's reading of the member
 list (every second) or that heartbeat finds no info, so the member joins again and registers its
 keys again.
+
+The fleet's gateway (one base URL and app id for all) is checked at every join; who keeps the
+fleet when two gateways meet is settled by seniority (see ``_JOIN``).
 """
 
 from __future__ import annotations
@@ -33,29 +36,52 @@ Beat = Literal["refreshed", "unknown", "expired"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
-# KEYS: members, info, gateway. ARGV: id, info JSON, fingerprint, base URL, timeout_ms.
-# A member whose gateway fingerprint differs from the fleet's is refused while another member
-# is alive: reply {0, the fleet's base URL}. Otherwise it joins, and its gateway becomes the
-# fleet's: reply {1}. The same check at open and on every join again (Redis may have lost the
-# fleet's gateway, and taken another one from a member that opened meanwhile).
+# KEYS: members, info, gateway, kept-out. ARGV: id, info JSON, fingerprint, base URL,
+# timeout_ms, since (Redis ms of this member's first join; '' = never joined).
+# The gateway record holds the fleet's gateway (fingerprint, base URL) and its seniority: the
+# first join of the oldest member that wrote it. A member whose fingerprint differs is refused
+# while another member is alive: reply {0, the fleet's base URL}; one that had joined marks
+# itself kept out (its rows are not claimed meanwhile, see the journal's claim).
+# Seniority: the members that were there first keep the fleet. Redis having lost the fleet (a
+# restart without AOF, FLUSHALL), a client of another gateway opening before any member came
+# back wrote the record, as the oldest member it knew: a member that joined before it, joining
+# again, wins the record back (reply {2, since}), and every other member's info is dropped, so
+# the newcomer's members find themselves gone, join again and are refused. Otherwise it joins
+# (reply {1, since}), and the fleet's gateway is its own. The same check at open and on every
+# join again.
 _JOIN = (
     _NOW_MS
     + """
+local since, won = tonumber(ARGV[6]) or now, 0
 if ARGV[3] ~= '' then
-  local held = redis.call('HGET', KEYS[3], 'fingerprint')
-  if held and held ~= ARGV[3] then
+  local held = redis.call('HMGET', KEYS[3], 'fingerprint', 'since')
+  local first = tonumber(held[2])
+  if held[1] and held[1] ~= ARGV[3] then
     local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[5]), '+inf')
     for _, other in ipairs(live) do
       if other ~= ARGV[1] then
-        return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
+        if ARGV[6] == '' or not first or since >= first then  -- a newcomer never wins
+          if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
+          return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
+        end
+        won = 1
+        for _, joined in ipairs(redis.call('HKEYS', KEYS[2])) do
+          if joined ~= ARGV[1] then redis.call('HDEL', KEYS[2], joined) end
+        end
+        break
       end
     end
+    first = nil
   end
   redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
+  if not first or since < first then
+    redis.call('HSET', KEYS[3], 'since', string.format('%.0f', since))
+  end
 end
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return {1}
+return {1 + won, string.format('%.0f', since)}
 """
 )
 # KEYS: members, info. ARGV: id, timeout_ms. Reply: 1 refreshed, 0 unknown (claimed, or Redis
@@ -70,10 +96,11 @@ redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1
 """
 )
-# KEYS: members. ARGV: id. Marks the member dead now (its last heartbeat becomes 0).
+# KEYS: members, kept-out. ARGV: id. Marks the member dead now (its last heartbeat becomes 0,
+# its kept-out mark goes).
 _LEAVE = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
-return 1
+return redis.call('ZREM', KEYS[2], ARGV[1])
 """
 # KEYS: members. Reply: {server time ms, id1, last1, id2, last2, ...}.
 _LIST = (
@@ -129,6 +156,7 @@ class Membership:
         self._list = Script(link, _LIST)
         self._fingerprint = ""  # of this member's gateway ("": not told, not checked)
         self._base_url = ""
+        self._since = ""  # Redis ms of its first join, its seniority ("": not joined yet)
 
     def __repr__(self) -> str:
         return f"Membership({self.member_id!r})"
@@ -144,12 +172,14 @@ class Membership:
         self._fingerprint = hashlib.sha256(f"{same}\n{app_id}".encode()).hexdigest()
 
     @property
-    def gateway(self) -> tuple[str, str]:
-        """This member's gateway as written to Redis: fingerprint and base URL ("": not told)."""
-        return self._fingerprint, self._base_url
+    def gateway(self) -> tuple[str, str, str]:
+        """This member's gateway as written to Redis: fingerprint, base URL and seniority
+        (Redis ms of its first join); "": not told, or not joined yet."""
+        return self._fingerprint, self._base_url, self._since
 
-    async def join(self) -> None:
-        """Join, or join again: alive from now on, whatever the fleet thought.
+    async def join(self) -> bool:
+        """Join, or join again: alive from now on, whatever the fleet thought. True when it
+        won the fleet back from members of another gateway that came since (see _JOIN).
 
         Raises:
             FleetMismatchError: another live member uses another gateway (base URL or app
@@ -159,8 +189,8 @@ class Membership:
         keys = self._link.keys
         timeout_ms = round(self._link.config.member_timeout * 1000)
         reply = await self._join(
-            (keys.members, keys.member_info, keys.gateway),
-            (self.member_id, info, self._fingerprint, self._base_url, timeout_ms),
+            (keys.members, keys.member_info, keys.gateway, keys.kept_out),
+            (self.member_id, info, self._fingerprint, self._base_url, timeout_ms, self._since),
         )
         if int(reply[0]) == 0:
             theirs = str(reply[1])
@@ -175,6 +205,8 @@ class Membership:
                 base_url=self._base_url,
                 fleet_base_url=theirs,
             )
+        self._since = str(reply[1])
+        return int(reply[0]) == 2
 
     async def heartbeat(self) -> bool:
         """Heartbeat once. False: the fleet lost this member or declared it dead (join again)."""
@@ -193,7 +225,7 @@ class Membership:
 
     async def leave(self) -> None:
         """Leave: dead at once, so this member's open jobs are claimable at once."""
-        await self._leave((self._link.keys.members,), (self.member_id,))
+        await self._leave((self._link.keys.members, self._link.keys.kept_out), (self.member_id,))
 
     async def members(self) -> dict[str, float]:
         """Every member the fleet knows of -> seconds since its last heartbeat."""
