@@ -82,7 +82,12 @@ def add_parser(
 
     def where(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "-o", "--out", type=Path, default=Path("out"), help="the run's folder (default out/)"
+            "-o",
+            "--out",
+            type=Path,
+            default=None,
+            help="the run's folder (default out/; with --journal, the journal's folder is read "
+            "for its manifest, and resend needs -o)",
         )
         parser.add_argument(
             "--journal", type=Path, default=None, help="the journal (default OUT/journal.sqlite)"
@@ -131,9 +136,27 @@ def add_parser(
 
 
 def _journal_file(args: argparse.Namespace) -> Path:
+    if args.out is None and args.journal is None:
+        args.out = Path("out")  # the default run's folder, and its journal
     path: Path = args.journal or args.out / "journal.sqlite"
     check_journal_file(path)
+    if args.out is None and args.action == "resend":
+        # It saves images, writes a manifest and takes the folder's lock: in a folder the
+        # user names, never ./out/ (another run's, perhaps) nor one guessed from the journal.
+        raise UsageError(
+            "journal resend: pass -o/--out, the run's folder (the resent rows' images, its "
+            "manifest and its lock go there), e.g. "
+            f"-o {shell_path(clean(str(path.parent)))}; nothing was sent"
+        )
     return path
+
+
+def _run_folder(args: argparse.Namespace, journal: Path) -> Path:
+    """The folder whose manifest ``list`` and ``forget`` read (they write nothing there):
+    ``-o``'s, else the journal's own folder (a run's journal is ``OUT/journal.sqlite``),
+    never ./out/ of wherever the command runs."""
+    out: Path | None = args.out
+    return out if out is not None else journal.parent
 
 
 def check_journal_file(path: Path, *, resume: bool = False) -> None:
@@ -256,7 +279,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
         return await _list_rows(args, console, path)
     # Forgetting needs no gateway, so no credentials: the journal file alone (its lock).
     async with JournalFile(path) as journal:
-        return await _forget(args, console, journal)
+        return await _forget(args, console, journal, _run_folder(args, path))
 
 
 async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> int:
@@ -269,8 +292,13 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
     async with JournalFile(path, read_only=True) as journal:
         entries = await journal.entries(*(state for state in _STATES if state in states))
     if args.json:
+        # An id row's tag holds no line number: the run's manifest gives it (read only).
+        records = await anyio.to_thread.run_sync(
+            read_manifest, _run_folder(args, path) / "manifest.jsonl"
+        )
+        lines = lines_by_id(records)
         for entry in entries:
-            print(json.dumps(_as_json(entry)))  # noqa: T201 - this command's output
+            print(json.dumps(_as_json(entry, lines)))  # noqa: T201 - this command's output
     else:
         _list(entries)
     intents = sum(1 for entry in entries if entry.state == "intent")
@@ -287,8 +315,10 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
     return EXIT_OK
 
 
-def _as_json(entry: JournalEntry) -> dict[str, Any]:
-    line, row_id = line_of(entry)
+def _as_json(entry: JournalEntry, lines: dict[str, int]) -> dict[str, Any]:
+    """A row for ``list --json``: ``line`` and ``id`` both when known (an id row's line is
+    the manifest's, null when the run's folder holds none)."""
+    line, row_id = line_of(entry, lines)
     return {
         "row": entry.id,
         "name": _name(entry),
@@ -390,17 +420,19 @@ def _refuse_only_record(
         )
 
 
-async def _forget(args: argparse.Namespace, console: Console, journal: JournalFile) -> int:
+async def _forget(
+    args: argparse.Namespace, console: Console, journal: JournalFile, out: Path
+) -> int:
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
     if args.rows:
         _refuse_unknown("forget", "forgotten", args.rows, entries)
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
-    manifest_path = args.out / "manifest.jsonl"
+    manifest_path = out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
     run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
-    _refuse_only_record(entries, journal.path, args.out, known_keys(records), run_folder=run_folder)
+    _refuse_only_record(entries, journal.path, out, known_keys(records), run_folder=run_folder)
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)

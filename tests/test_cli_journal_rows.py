@@ -1,0 +1,91 @@
+"""``wujie-async journal`` given ``--journal`` alone, its rows as JSON, and lines with several
+rows, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .cli_helpers import (
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    served_emulator,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def _rows_with_ids(tmp_path: Path, *ids: str) -> Path:
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"id": row_id, "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+            for i, row_id in enumerate(ids)
+        )
+    )
+    return rows
+
+
+@pytest.mark.long
+async def test_journal_commands_given_journal_alone_leave_the_working_folder_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `--journal FILE` and no `-o`, `journal resend` saved into ./out/ of wherever it
+    ran (taking its lock, appending to its manifest: another run's folder, perhaps), and
+    `journal forget` judged by ./out/'s manifest: it forgot a succeeded row that is the only
+    record of its job's key in the journal's own run folder (a re-run paid for it again)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = _rows_with_ids(tmp_path, "r0")
+        run = tmp_path / "run"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(run), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        await emu.set_faults()
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        journal = str(run / "journal.sqlite")
+        accepted = (await emu.stats())["submits_accepted"]
+        resend = ("journal", "resend", "--all-uncertain", "--yes", "--journal", journal)
+        code, _, err = await cli(*resend, env=emu.env)
+        assert code == 2 and "pass -o/--out" in err and "nothing was sent" in err, err
+        assert list(elsewhere.iterdir()) == []
+        assert (await emu.stats())["submits_accepted"] == accepted
+
+        code, _, err = await cli(*resend, "-o", str(run), env=emu.env)
+        assert code == 0, err
+        (run / "manifest.jsonl").write_text("")  # what a run killed while saving leaves
+        code, _, err = await cli("journal", "forget", "r0", "--yes", "--journal", journal)
+        assert code == 2 and "paid twice" in err, err
+        code, listing, _ = await cli("journal", "list", "--journal", journal)
+        assert code == 0 and "succeeded" in listing, listing
+        assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.long
+async def test_journal_list_json_gives_the_line_of_a_row_with_an_id(tmp_path: Path) -> None:
+    """`journal list --json` printed "line": null for every row with an id, though the run's
+    manifest says which input line it is: a script had no line to show its user."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(
+            json.dumps({"prompt": "a plain line", "model": "dall-e-2"})
+            + "\n"
+            + json.dumps({"id": "fox", "prompt": "p", "model": "dall-e-2"})
+            + "\n"
+        )
+        out = tmp_path / "out"
+        code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
+        assert code == 1, err
+        for where in (("-o", str(out)), ("--journal", str(out / "journal.sqlite"))):
+            code, stdout, err = await cli("journal", "list", "--json", *where)
+            assert code == 0, err
+            listed = sorted(
+                (
+                    (row["line"], row["id"], row["name"])
+                    for row in map(json.loads, stdout.split("\n")[:-1])
+                ),
+                key=str,
+            )
+            assert listed == [(1, None, "line 1"), (2, "fox", "id fox")], listed
