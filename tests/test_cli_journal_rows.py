@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from wujie_async import Credentials, SubmitUncertainError, WujieClient
+
 from .cli_helpers import (
+    Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
     served_emulator,
 )
 
@@ -89,3 +93,66 @@ async def test_journal_list_json_gives_the_line_of_a_row_with_an_id(tmp_path: Pa
                 key=str,
             )
             assert listed == [(1, None, "line 1"), (2, "fox", "id fox")], listed
+
+
+async def _submit_as_a_program(emu: Served, journal: Path, *, uncertain: bool) -> None:
+    """A program on the run's journal submits line ``id fox`` again (its own client)."""
+    credentials = Credentials(
+        app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+    )
+    async with WujieClient(credentials, base_url=emu.base_url, journal=journal) as client:
+        if uncertain:
+            with pytest.raises(SubmitUncertainError):
+                await client.images.submit(prompt="p", model="dall-e-2", tag="id:fox")
+        else:
+            await client.images.submit(prompt="p", model="dall-e-2", tag="id:fox")
+
+
+@pytest.mark.long
+async def test_resend_sends_a_line_of_several_uncertain_rows_once_and_settles_them_all(
+    tmp_path: Path,
+) -> None:
+    """A line with two uncertain rows (sent twice without a reply): `journal resend` sent it
+    once, as it should, but forgot only its latest row; the other stayed uncertain for ever,
+    listed by `journal list --status uncertain` and never matched by a resend again."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        journal = out / "journal.sqlite"
+        for _ in range(2):
+            await _submit_as_a_program(emu, journal, uncertain=True)
+        await emu.set_faults()
+        accepted = (await emu.stats())["submits_accepted"]
+        code, _, err = await cli(
+            "journal", "resend", "--all-uncertain", "--yes", "-o", str(out), env=emu.env
+        )
+        assert code == 0 and "resent 1 row(s): 1 saved" in err, err
+        assert (await emu.stats())["submits_accepted"] == accepted + 1
+        code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert code == 0 and "0 row(s)" in listing, listing
+        assert [r["status"] for r in manifest(out)] == ["saved"]
+
+
+@pytest.mark.long
+async def test_resend_never_pays_again_for_a_line_another_row_of_which_was_paid(
+    tmp_path: Path,
+) -> None:
+    """A line's older row holds a paid job and its latest row is uncertain: `journal resend`
+    looked at the latest row only and sent the line again, a second paid job for it."""
+    async with served_emulator(tmp_path) as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        journal = out / "journal.sqlite"
+        await _submit_as_a_program(emu, journal, uncertain=False)
+        await emu.set_faults(drop_after_accept=1.0)
+        await _submit_as_a_program(emu, journal, uncertain=True)
+        await emu.set_faults()
+        accepted = (await emu.stats())["submits_accepted"]
+        code, _, err = await cli(
+            "journal", "resend", "--all-uncertain", "--yes", "-o", str(out), env=emu.env
+        )
+        assert code == 0 and "1 line(s) with uncertain rows not resent: id fox is" in err, err
+        assert "nothing to resend" in err, err
+        code, _, err = await cli("journal", "resend", "fox", "--yes", "-o", str(out), env=emu.env)
+        assert code == 2 and "nothing was sent" in err and "(paid)" in err, err
+        assert (await emu.stats())["submits_accepted"] == accepted

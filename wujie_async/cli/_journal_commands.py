@@ -253,6 +253,16 @@ def _named_as(entry: JournalEntry, word: str) -> str | None:
     return None
 
 
+def _rows_per_line(entries: list[JournalEntry]) -> list[list[JournalEntry]]:
+    """Every row of each input line (by tag; a row without one is a line of its own), oldest
+    first, the lines in the order of their latest rows. A line has several rows when it was
+    sent again and the run ended before it forgot the old one, or after ``--retry-failed``."""
+    lines: dict[str, list[JournalEntry]] = {}
+    for entry in entries:
+        lines.setdefault(entry.tag or f"#{entry.id}", []).append(entry)
+    return sorted(lines.values(), key=lambda rows: rows[-1].id)
+
+
 def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
     latest: dict[str, JournalEntry] = {}
     for entry in entries:
@@ -385,6 +395,21 @@ def _paid_said(paid: list[JournalEntry]) -> str:
     )
 
 
+def _say_paid_kept(console: Console, paid: list[list[JournalEntry]], path: Path, out: Path) -> None:
+    """``--all-uncertain`` leaves the uncertain rows of lines another row of which holds a
+    paid job (the line was sent again and its job taken): sending it again would pay twice."""
+    rows = [entry for line in paid for entry in line if entry.state in _PAID_STATES]
+    console.print(
+        Text(
+            f"{len(paid)} line(s) with uncertain rows not resent: {_paid_said(rows)}; "
+            "collect a running job with `wujie-async resume "
+            f"{shell_path(clean(str(path)))} -o {shell_path(clean(str(out)))}`; its uncertain "
+            "rows go with `wujie-async journal forget LINE_OR_ID --status uncertain`"
+        ),
+        soft_wrap=True,
+    )
+
+
 def _refuse_paid(chosen: list[JournalEntry], path: Path, out: Path) -> None:
     paid = [entry for entry in chosen if entry.state in _PAID_STATES]
     if paid:
@@ -469,16 +494,30 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             every = await client.journal_entries()
             if await record_manifest_keys(client, records, every):
                 every = await client.journal_entries()
-            entries = _latest_per_row(every)
+            # Each line is sent once, whichever of its rows are named or uncertain (its
+            # latest row's request), and never when any of its rows holds a paid job.
             if args.all_uncertain:
-                chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
+                wanted = [
+                    rows
+                    for rows in _rows_per_line(every)
+                    if any(entry.state in ("uncertain", "intent") for entry in rows)
+                ]
+                paid = [rows for rows in wanted if any(e.state in _PAID_STATES for e in rows)]
+                if paid:
+                    _say_paid_kept(console, paid, path, args.out)
+                    wanted = [rows for rows in wanted if rows not in paid]
             else:
-                _refuse_unknown("resend", "sent", args.rows, entries)
-                chosen = [entry for entry in entries if _matches(entry, set(args.rows))]
-                _refuse_paid(chosen, path, args.out)
-            if not chosen:
+                _refuse_unknown("resend", "sent", args.rows, every)
+                wanted = [
+                    rows
+                    for rows in _rows_per_line(every)
+                    if any(_matches(entry, set(args.rows)) for entry in rows)
+                ]
+                _refuse_paid([entry for rows in wanted for entry in rows], path, args.out)
+            if not wanted:
                 console.print(Text("nothing to resend"))
                 return EXIT_OK
+            chosen = [rows[-1] for rows in wanted]
             _confirm(
                 f"resend {len(chosen)} row(s)? each may be charged again if the first submit "
                 "went through",
@@ -524,12 +563,14 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                 result = await signals.run_or_quit(run.run, run.interrupted_at_once)
 
                 async def forget() -> None:
-                    # The old rows are superseded by the new submits; rows not sent stay.
+                    # Every old row of a line sent is superseded by its new submit (none of
+                    # them holds a paid job); rows of lines not sent stay.
                     sent = sent_lines(result.outcomes)
                     await client.forget_submits(
                         entry.id
-                        for entry, row in zip(chosen, rows, strict=True)
+                        for line_rows, row in zip(wanted, rows, strict=True)
                         if (row.row_id or row.line) in sent
+                        for entry in line_rows
                     )
 
                 # The closing waits, as bulk's (the client's close among them: its journal's
