@@ -51,6 +51,7 @@ from ._common import (
     check_names,
     credentials,
     emulator_faults,
+    json_ending_asked,
     new_json_ending,
     print_json_ending,
 )
@@ -260,7 +261,7 @@ class _Parser(argparse.ArgumentParser):
     the command line asks for JSON (the message on stderr is argparse's own)."""
 
     def error(self, message: str) -> NoReturn:
-        if _Started.json:
+        if json_ending_asked():
             self.print_usage(sys.stderr)
             print_json_ending({"exit_code": EXIT_USAGE, "error": f"{self.prog}: {message}"})
             self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -270,7 +271,6 @@ class _Parser(argparse.ArgumentParser):
 class _Started:
     """What ``main`` knows of this process before (and while) its command starts."""
 
-    json = False  # the command line asks for --json
     terminated = False  # a SIGTERM came before the run's own handlers were in place
 
 
@@ -648,11 +648,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wujie-async`` and ``python -m wujie_async``."""
     words = sys.argv[1:] if argv is None else argv
-    _Started.json = "--json" in words[: words.index("--")] if "--" in words else "--json" in words
     _Started.terminated = False
-    new_json_ending()
+    # Before the parse (its usage errors end in the object too), as the words say; then as
+    # the parsed arguments do (a "--json" that is a prompt asks for nothing).
+    new_json_ending(
+        asked="--json" in words[: words.index("--")] if "--" in words else "--json" in words
+    )
     args = _parse(build_parser(), argv)
-    _Started.json = bool(getattr(args, "json", False))
+    new_json_ending(asked=bool(getattr(args, "json", False)))
     verbose = getattr(args, "verbose", False)
     # Other libraries' WARNINGs on stderr; ours from the level --verbose (DEBUG: the story of
     # every request and job) or WUJIE_LOG asks for, else WARNING.
@@ -689,7 +692,7 @@ def _said(exc: BaseException, console: Console, *, verbose: bool) -> int:
         console.out(text, highlight=highlight)  # plain text, never markup
 
     code = _say_why(exc, say, verbose=verbose)
-    if _Started.json and code != EXIT_BROKEN_PIPE:
+    if json_ending_asked() and code != EXIT_BROKEN_PIPE:
         error = clean(said[0] if said else type(exc).__name__)
         if len(said) > 1 and isinstance(exc, InputFileError):
             error = "; ".join(clean(line) for line in said)
