@@ -801,9 +801,21 @@ class Session:
             )
         over = sum(1 for o in result.outcomes if o.error_code == "budget")
         if over:
+            # Lines this run resent (failed, or uncertain) and the budget kept back are still
+            # failed or uncertain to a re-run: without the flag that chose them, it skips them.
+            again = [
+                flag
+                for flag, on in (
+                    ("--retry-failed", getattr(self.args, "retry_failed", False)),
+                    ("--retry-uncertain", getattr(self.args, "retry_uncertain", False)),
+                )
+                if on
+            ]
+            with_flags = f" and {' '.join(again)}" if again else ""
             say(
                 f"{over} line(s) not sent: over the points budget (--max-points "
-                f"{self.args.max_points:g}); re-run with a larger --max-points to send them"
+                f"{self.args.max_points:g}); re-run with a larger --max-points{with_flags} to "
+                "send them"
             )
         accepted = sum(
             1
