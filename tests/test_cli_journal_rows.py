@@ -156,3 +156,32 @@ async def test_resend_never_pays_again_for_a_line_another_row_of_which_was_paid(
         code, _, err = await cli("journal", "resend", "fox", "--yes", "-o", str(out), env=emu.env)
         assert code == 2 and "nothing was sent" in err and "(paid)" in err, err
         assert (await emu.stats())["submits_accepted"] == accepted
+
+
+@pytest.mark.long
+async def test_resend_keeps_an_untagged_row_its_budget_kept_back(tmp_path: Path) -> None:
+    """A program's journal holds uncertain rows with neither an id nor a line (no tag): all
+    read line 0, and `journal resend --all-uncertain --max-points` that sent some of them
+    forgot every one, the rows it kept back (maybe charged) too: never to be resent."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        credentials = Credentials(
+            app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+        )
+        async with WujieClient(
+            credentials, base_url=emu.base_url, journal=out / "journal.sqlite"
+        ) as client:
+            for prompt in ("alpha", "beta", "gamma"):
+                with pytest.raises(SubmitUncertainError):
+                    await client.images.submit(prompt=prompt, model="dall-e-2")
+        await emu.set_faults()
+        budget = ("--max-points", "8", "--point-price", "dall-e-2=4")
+        resend = ("journal", "resend", "--all-uncertain", "--yes", "-o", str(out), *budget)
+        code, _, err = await cli(*resend, env=emu.env)
+        assert code == 1 and "resent 3 row(s): 2 saved" in err, err
+        assert "1 row(s) not sent (a row with neither line nor id" in err, err
+        code, stdout, _ = await cli("journal", "list", "--json", "-o", str(out))
+        listed = [json.loads(line) for line in stdout.splitlines()]
+        states = sorted((row["prompt"], row["state"]) for row in listed)
+        assert states == [("alpha", "succeeded"), ("beta", "succeeded"), ("gamma", "uncertain")]

@@ -92,6 +92,10 @@ class BulkResult:
     # What this run's jobs that saved their images were charged, per image, by kind (as
     # ``Limits.point_prices`` keys): a price for the jobs whose cost was not reported.
     prices: dict[str, float] = field(default_factory=dict)
+    # The rows (of send or collect) that ended other than not_sent: their submit went out.
+    # By the Row itself: rows of journal entries that name neither an id nor a line share
+    # their outcome's name (line 0), and a resend forgets the old entry of each row sent.
+    went_out: list[Row] = field(default_factory=list)
 
 
 class BulkRun:
@@ -726,6 +730,8 @@ class BulkRun:
     ) -> None:
         outcome = LineOutcome(status, row.line, row.row_id, key, code, message, lasting)
         self.result.outcomes.append(outcome)
+        if status != "not_sent":
+            self.result.went_out.append(row)
         self._move(row, status)
         if status == "saved":
             return

@@ -59,7 +59,7 @@ from ._outcome import (
     unreported_cost,
     with_learned_prices,
 )
-from ._plan import known_keys, line_of, lines_by_id, readable_error, sent_lines
+from ._plan import known_keys, line_of, lines_by_id, readable_error
 from ._progress import Display, Tally
 from ._run import check_out_folder, forget_failed_said, journal_left_said, stop_said
 from ._signals import stopping_on_signals
@@ -565,11 +565,13 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                 async def forget() -> None:
                     # Every old row of a line sent is superseded by its new submit (none of
                     # them holds a paid job); rows of lines not sent stay.
-                    sent = sent_lines(result.outcomes)
+                    # By the row itself: journal rows with neither id nor line all read
+                    # line 0, and one kept back (--max-points) was forgotten with the rest.
+                    sent = {id(row) for row in result.went_out}
                     await client.forget_submits(
                         entry.id
                         for line_rows, row in zip(wanted, rows, strict=True)
-                        if (row.row_id or row.line) in sent
+                        if id(row) in sent
                         for entry in line_rows
                     )
 
@@ -691,4 +693,6 @@ def _run_files(args: argparse.Namespace, journal: Path) -> list[str]:
 def _outcome_name(outcome: LineOutcome) -> str:
     if outcome.row_id is not None:
         return f"id {clean(outcome.row_id)}"
+    if outcome.line <= 0:
+        return "a row with neither line nor id (#N in journal list)"
     return f"line {outcome.line}"
