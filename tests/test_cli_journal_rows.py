@@ -4,6 +4,8 @@ rows, as a user runs them."""
 from __future__ import annotations
 
 import json
+import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,11 @@ from .cli_helpers import (
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     manifest,
+    proc_alive,
+    running_cli,
     served_emulator,
 )
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -185,3 +190,33 @@ async def test_resend_keeps_an_untagged_row_its_budget_kept_back(tmp_path: Path)
         listed = [json.loads(line) for line in stdout.splitlines()]
         states = sorted((row["prompt"], row["state"]) for row in listed)
         assert states == [("alpha", "succeeded"), ("beta", "succeeded"), ("gamma", "uncertain")]
+
+
+@pytest.mark.long
+async def test_a_resend_stopped_early_counts_and_names_the_rows_it_did_not_send(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C while a resend's first submit (it goes alone) is on the wire: the summary read
+    "resent 3 row(s): 0 saved" and pointed at `resume`, which never sends, for the two rows
+    the stop kept back (they are in the journal as they were, to be resent)."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        out = tmp_path / "out"
+        code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
+        sent = int((await emu.stats())["requests"]["generations"])
+        await emu.set_faults(slow_reply=1.0, slow_reply_s=1.0, endpoints=["generations"])
+        resend = ("journal", "resend", "--all-uncertain", "--yes", "-o", str(out))
+        async with running_cli(*resend, env=emu.env) as run:
+
+            async def arrived() -> bool:
+                return int((await emu.stats())["requests"]["generations"]) > sent
+
+            await eventually(arrived, what="the first resend", alive=proc_alive(run))
+            run.send_signal(signal.SIGINT)
+            code, _, err = await run.finish(30)
+        assert code == 130, err
+        assert re.search(r"resent 3 row\(s\): \d saved · .*not_sent 2", err), err
+        assert "resend them with `wujie-async journal resend` again" in err, err
+        code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert "2 row(s)" in listing, listing

@@ -46,6 +46,7 @@ from ._outcome import (
     LineOutcome,
     Manifest,
     clean,
+    count,
     lines_ended,
     of_source,
     open_manifest,
@@ -585,8 +586,12 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             # What its journal could not commit (its close stopped waiting for a disk that
             # took no write, or a signal stopped the wait): the summary names them.
             journal_left = client.uncommitted_journal_keys()
-        saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
-        console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
+        counts = count(result.outcomes)
+        saved = counts["saved"]
+        # Every other ending counted too: "0 saved" alone hid rows the stop kept from being
+        # sent (not_sent: as they were) and ones whose new submit may have been charged.
+        others = "".join(f" · {name} {n}" for name, n in counts.items() if n and name != "saved")
+        console.print(Text(f"resent {len(rows)} row(s): {saved} saved{others}"))
         for code, said in (
             ("budget", f"over the points budget (--max-points {args.max_points or 0:g}); "
              "resend them with a larger --max-points"),
@@ -610,11 +615,19 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
         if stopped is not None:
             console.print(Text(stopped), soft_wrap=True)
         if result.interrupted:
+            again = ""
+            if counts["not_sent"] - len(unpriced):
+                # resume never sends: rows the stop kept back are resent by resend alone.
+                again = (
+                    "; the rows not sent are in the journal as they were: resend them with "
+                    "`wujie-async journal resend` again"
+                )
             console.print(
                 Text(
                     "stopped: collect the rest with `wujie-async resume "
-                    f"{shell_path(path)} -o {shell_path(args.out)}`"
-                )
+                    f"{shell_path(path)} -o {shell_path(args.out)}`{again}"
+                ),
+                soft_wrap=True,
             )
         if result.interrupted or signals.received:
             # A signal is the stronger word, also one in the closing waits (see bulk's).
