@@ -220,3 +220,31 @@ async def test_a_resend_stopped_early_counts_and_names_the_rows_it_did_not_send(
         assert "resend them with `wujie-async journal resend` again" in err, err
         code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
         assert "2 row(s)" in listing, listing
+
+
+@pytest.mark.long
+async def test_retry_uncertain_stopped_early_forgets_the_old_row_of_a_line_left_pending(
+    tmp_path: Path,
+) -> None:
+    """`bulk --retry-uncertain` stopped while the first line's new job ran: its line is left
+    pending (collected by a re-run), yet its old uncertain row stayed, listed by `journal list
+    --status uncertain` beside the new one after the re-run had collected its images."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        out = tmp_path / "out"
+        bulk = ("bulk", str(rows), "-o", str(out), "--json")
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
+        await emu.set_faults(slow_reply=1.0, slow_reply_s=1.0, endpoints=["generations"])
+        sent = int((await emu.stats())["requests"]["generations"])
+        async with running_cli(*bulk, "--retry-uncertain", env=emu.env) as run:
+
+            async def arrived() -> bool:
+                return int((await emu.stats())["requests"]["generations"]) > sent
+
+            await eventually(arrived, what="the first resend", alive=proc_alive(run))
+            run.send_signal(signal.SIGINT)
+            code, stdout, err = await run.finish(30)
+        assert code == 130 and json.loads(stdout)["pending"] == 1, err
+        code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
+        assert "2 row(s)" in listing and "id r0" not in listing, listing

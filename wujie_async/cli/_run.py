@@ -466,7 +466,10 @@ class Session:
                 self.result = result
 
                 async def forget() -> None:
+                    # Lines whose new job was accepted and left pending by a stop have no
+                    # outcome, yet their old uncertain row is superseded all the same.
                     sent = sent_lines(result.outcomes)
+                    sent |= {row.row_id or row.line for row in result.went_out}
                     await client.forget_submits(
                         row for line, row in plan.superseded.items() if line in sent
                     )
