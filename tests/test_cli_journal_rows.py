@@ -248,3 +248,31 @@ async def test_retry_uncertain_stopped_early_forgets_the_old_row_of_a_line_left_
         assert code == 130 and json.loads(stdout)["pending"] == 1, err
         code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
         assert "2 row(s)" in listing and "id r0" not in listing, listing
+
+
+@pytest.mark.long
+async def test_resume_without_out_collects_into_the_journals_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`resume run/journal.sqlite` from another folder (no -o) used ./out/ there: every
+    job the run had saved was downloaded again into it under other names, its points said
+    spent again, and the run's own folder was left as it was."""
+    async with served_emulator(tmp_path) as emu:
+        rows = _rows_with_ids(tmp_path, "r0", "r1")
+        run = tmp_path / "run"
+        code, _, err = await cli("bulk", str(rows), "-o", str(run), env=emu.env)
+        assert code == 0, err
+        before = manifest(run)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        code, _, err = await cli("resume", str(run / "journal.sqlite"), env=emu.env)
+        assert code == 0, err
+        assert list(elsewhere.iterdir()) == []
+        assert manifest(run) == before  # nothing left to collect: nothing saved again
+        lone = tmp_path / "lone"
+        lone.mkdir()
+        (run / "journal.sqlite").rename(lone / "journal.sqlite")
+        code, _, err = await cli("resume", str(lone / "journal.sqlite"), env=emu.env)
+        assert code == 2 and "pass -o/--out" in err, err
+        assert list(elsewhere.iterdir()) == []

@@ -54,6 +54,7 @@ from ._common import (
     json_ending_asked,
     new_json_ending,
     print_json_ending,
+    shell_path,
 )
 from ._completion import SHELLS, script
 from ._exit import DaemonThreadPool, ExitGuard
@@ -189,10 +190,14 @@ def _add_request_arguments(
     _add_output_arguments(parser, names=names)
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, *, names: str) -> None:
-    parser.add_argument(
-        "-o", "--out", type=Path, default=Path("out"), help="folder for images (default out/)"
-    )
+def _add_output_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    names: str,
+    out_default: Path | None = Path("out"),
+    out_help: str = "folder for images (default out/)",
+) -> None:
+    parser.add_argument("-o", "--out", type=Path, default=out_default, help=out_help)
     parser.add_argument(
         "--name",
         default=DEFAULT_NAME,
@@ -404,7 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
         "resume", help="collect the images of a journaled run's unfinished jobs"
     )
     resume.add_argument("journal", type=Path, help="the run's journal (e.g. out/journal.sqlite)")
-    _add_output_arguments(resume, names="resume")
+    _add_output_arguments(
+        resume,
+        names="resume",
+        out_default=None,
+        out_help="the run's folder, for images and its manifest (default: the journal's "
+        "folder, when it holds the run's manifest)",
+    )
     _add_run_arguments(resume)
     _add_common_arguments(resume)
     _add_connection_arguments(resume)
@@ -606,6 +617,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             return _run_loop(show_status(args))
     else:  # resume
         _journal_commands.check_journal_file(args.journal, resume=True)
+        args.out = _resume_folder(args.journal, args.out)
     check_names(args.name, planned, taken=_run_files(args))
     if not getattr(args, "emulator", False):
         credentials(args)  # missing or unreadable: said before OUT is made
@@ -618,6 +630,22 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     with out_folder_lock(args.out):  # plans from OUT's manifest: one such run at a time
         remove_stale_temp_files(args.out, time.time())
         return _run_loop(session.run(items))
+
+
+def _resume_folder(journal: Path, out: Path | None) -> Path:
+    """``resume``'s OUT: ``-o``'s, else the journal's own folder when it is a run's (it holds
+    the manifest that says which images were saved). ./out/ of wherever the command ran
+    was used: every job saved again there, under other names, its points counted again."""
+    if out is not None:
+        return out
+    folder = journal.parent
+    if (folder / "manifest.jsonl").is_file():
+        return folder
+    raise UsageError(
+        f"resume: {journal}'s folder holds no run's manifest; pass -o/--out, the run's folder "
+        f"(its images and manifest), e.g. wujie-async resume {shell_path(clean(str(journal)))} "
+        "-o OUT"
+    )
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
