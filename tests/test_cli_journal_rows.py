@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wujie_async import Credentials, SubmitUncertainError, WujieClient
+from wujie_async import Credentials, JobFailedError, SubmitUncertainError, WujieClient
 
 from .cli_helpers import (
     Served,
@@ -276,3 +276,30 @@ async def test_resume_without_out_collects_into_the_journals_run_folder(
         code, _, err = await cli("resume", str(lone / "journal.sqlite"), env=emu.env)
         assert code == 2 and "pass -o/--out" in err, err
         assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.long
+async def test_resend_budget_holds_an_older_uncertain_row_of_the_line(tmp_path: Path) -> None:
+    """A line sent without a reply (uncertain: maybe charged) and then again, failed: its
+    latest row is failed. `journal resend --max-points` held only the latest row of each
+    line as maybe charged, so the line's first submit was not held against the budget."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        journal = out / "journal.sqlite"
+        await _submit_as_a_program(emu, journal, uncertain=True)
+        await emu.set_faults(fail_jobs=1.0)
+        credentials = Credentials(
+            app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+        )
+        async with WujieClient(credentials, base_url=emu.base_url, journal=journal) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2", tag="id:fox")
+            with pytest.raises(JobFailedError):
+                await job
+        await emu.set_faults()
+        accepted = (await emu.stats())["submits_accepted"]
+        budget = ("--max-points", "4", "--point-price", "dall-e-2=4")
+        resend = ("journal", "resend", "fox", "--yes", "-o", str(out), *budget)
+        code, _, err = await cli(*resend, env=emu.env)
+        assert code == 1 and "1 row(s) not sent (id fox): over the points budget" in err, err
+        assert (await emu.stats())["submits_accepted"] == accepted

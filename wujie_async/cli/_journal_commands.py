@@ -654,19 +654,19 @@ async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, 
     if args.max_points is None:
         return _Budget(Limits(max_concurrent_submits=4), set())
     async with JournalFile(path) as journal:  # read first: the client's limits are set at once
-        entries = _latest_per_row(await journal.entries())
+        every = await journal.entries()
+    entries = _latest_per_row(every)
     mine = of_source(records, run_source(records, "resend"))
     bodies = {entry.tag: entry.request for entry in entries if entry.tag}
     prices = with_learned_prices(args.point_prices, prices_charged(mine, bodies))
     spent = points_spent(mine) + unreported_cost(mine, bodies, prices).points
     # Lines whose journal row reads uncertain that the manifest does not say ended (a run
     # killed while their submits were on the wire) may have been charged too.
+    # Any row of the line, not only its latest: an older uncertain row (a line resent and
+    # then failed, before it was forgotten) may have been charged all the same.
     ended = {tag for tag, r in lines_ended(mine).items() if r.get("status") != "not_sent"}
-    open_rows = [
-        {"tag": entry.tag, "status": "uncertain"}
-        for entry in entries
-        if entry.tag and entry.state in ("uncertain", "intent") and entry.tag not in ended
-    ]
+    uncertain = {e.tag for e in every if e.tag and e.state in ("uncertain", "intent")}
+    open_rows = [{"tag": tag, "status": "uncertain"} for tag in sorted(uncertain - ended)]
     held = [*mine, *open_rows]
     room = args.max_points - spent - uncertain_cost(held, bodies, prices)
     limits = Limits(
