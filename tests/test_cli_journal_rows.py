@@ -4,6 +4,7 @@ rows, as a user runs them."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -303,3 +304,26 @@ async def test_resend_budget_holds_an_older_uncertain_row_of_the_line(tmp_path: 
         code, _, err = await cli(*resend, env=emu.env)
         assert code == 1 and "1 row(s) not sent (id fox): over the points budget" in err, err
         assert (await emu.stats())["submits_accepted"] == accepted
+
+
+@pytest.mark.long
+async def test_forget_and_list_refuse_a_manifest_that_is_no_file(tmp_path: Path) -> None:
+    """`journal forget` read OUT/manifest.jsonl whatever it was: a FIFO there made it wait
+    for a writer for ever, a folder was an internal error."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = _rows_with_ids(tmp_path, "r0")
+        out = tmp_path / "out"
+        code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
+        assert code == 1, err
+    (out / "manifest.jsonl").unlink()
+    os.mkfifo(out / "manifest.jsonl")
+    forget = ("journal", "forget", "r0", "--yes", "-o", str(out))
+    code, _, err = await cli(*forget, process=True, timeout=20)
+    assert code == 2 and "is not a run's manifest (a FIFO" in err, err
+    (out / "manifest.jsonl").unlink()
+    (out / "manifest.jsonl").mkdir()
+    for command in (forget, ("journal", "list", "--json", "-o", str(out))):
+        code, _, err = await cli(*command)
+        assert code == 2 and "is not a run's manifest (a folder)" in err, err
+    code, listing, _ = await cli("journal", "list", "-o", str(out))
+    assert "1 row(s)" in listing, listing

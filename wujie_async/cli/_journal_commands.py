@@ -213,6 +213,28 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         )
 
 
+def _run_manifest(folder: Path) -> list[dict[str, Any]]:
+    """The records of the run's manifest in ``folder`` (none when it has none), for the
+    commands that only read it (blocking: on a thread). One that is no file is refused:
+    reading a FIFO would wait for a writer for ever, and a folder was an internal error."""
+    manifest = folder / "manifest.jsonl"
+    try:
+        mode = manifest.stat().st_mode
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise UsageError(f"-o {folder} is not a folder; give the run's folder") from None
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read it ({exc.strerror or 'error'})") from None
+    problem = "a folder" if stat.S_ISDIR(mode) else not_regular(mode)
+    if problem is not None:
+        raise UsageError(
+            f"{manifest} is not a run's manifest ({problem}); move it away, or give the run's "
+            "folder with -o"
+        )
+    return read_manifest(manifest)
+
+
 def _name(entry: JournalEntry) -> str:
     line, row_id = line_of(entry)
     if row_id is not None:
@@ -304,9 +326,7 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
         entries = await journal.entries(*(state for state in _STATES if state in states))
     if args.json:
         # An id row's tag holds no line number: the run's manifest gives it (read only).
-        records = await anyio.to_thread.run_sync(
-            read_manifest, _run_folder(args, path) / "manifest.jsonl"
-        )
+        records = await anyio.to_thread.run_sync(_run_manifest, _run_folder(args, path))
         lines = lines_by_id(records)
         for entry in entries:
             print(json.dumps(_as_json(entry, lines)))  # noqa: T201 - this command's output
@@ -456,7 +476,7 @@ async def _forget(
         _refuse_unknown("forget", "forgotten", args.rows, entries)
         entries = [entry for entry in entries if _matches(entry, set(args.rows))]
     manifest_path = out / "manifest.jsonl"
-    records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
+    records = await anyio.to_thread.run_sync(_run_manifest, out)
     run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
     _refuse_only_record(entries, journal.path, out, known_keys(records), run_folder=run_folder)
     if entries:
