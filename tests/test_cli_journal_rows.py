@@ -327,3 +327,31 @@ async def test_forget_and_list_refuse_a_manifest_that_is_no_file(tmp_path: Path)
         assert code == 2 and "is not a run's manifest (a folder)" in err, err
     code, listing, _ = await cli("journal", "list", "-o", str(out))
     assert "1 row(s)" in listing, listing
+
+
+@pytest.mark.long
+async def test_an_interrupted_resume_says_it_collects_and_never_sends(tmp_path: Path) -> None:
+    """Ctrl-C in `resume`: it said "re-run the same command to collect them and send the
+    rest", then "(or collect only: wujie-async resume ...)", the same command again: resume
+    never sends, and a user read that lines were left unsent."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
+        rows = _rows_with_ids(tmp_path, "r0")
+        out = tmp_path / "out"
+        bulk = ("bulk", str(rows), "-o", str(out), "--job-timeout", "0.2")
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 1, err  # its wait ended long before the job: the row stays accepted
+        resume = ("resume", str(out / "journal.sqlite"), "-o", str(out), "--progress", "none")
+        async with running_cli(*resume, env=emu.env) as run:
+            before = int((await emu.stats())["batch_calls"])
+            await eventually(
+                lambda: _more_batch_calls(emu, before), what="resume asks", alive=proc_alive(run)
+            )
+            run.send_signal(signal.SIGINT)
+            code, _, err = await run.finish(30)
+        assert code == 130, err
+        assert "run it again to collect the rest (it sends nothing)" in err, err
+        assert "send the rest" not in err and "collect only" not in err, err
+
+
+async def _more_batch_calls(emu: Served, before: int) -> bool:
+    return int((await emu.stats())["batch_calls"]) > before

@@ -758,7 +758,13 @@ class Session:
                     f"have been charged ({names}); they are never resent silently. "
                     f"See: {see}"
                 )
-            if self.journal is not None:
+            if self.journal is not None and self.args.command == "resume":
+                # It never sends: "send the rest" and "or collect only" said it might.
+                say(
+                    f"{word}: submitted jobs keep running on the gateway; run it again to "
+                    f"collect the rest (it sends nothing):\n  wujie-async {command}"
+                )
+            elif self.journal is not None:
                 # The images keep this run's names (resume's default is another).
                 name = getattr(self.args, "name", None)
                 # (--name=: a template that starts with "-" is no option either.)
