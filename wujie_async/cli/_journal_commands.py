@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import re
 import stat
 import sys
 from collections.abc import Callable
@@ -40,6 +39,13 @@ from ._common import (
     check_names,
     open_client,
     shell_path,
+)
+from ._journal_rows import (
+    latest_per_row,
+    matches,
+    refuse_unknown,
+    row_name,
+    rows_per_line,
 )
 from ._out_lock import LOCK_NAME, out_folder_lock
 from ._outcome import (
@@ -235,64 +241,6 @@ def _run_manifest(folder: Path) -> list[dict[str, Any]]:
     return read_manifest(manifest)
 
 
-def _name(entry: JournalEntry) -> str:
-    line, row_id = line_of(entry)
-    if row_id is not None:
-        return f"id {clean(row_id)}"
-    return f"line {line}" if line else f"#{entry.id}"
-
-
-# A row as the CLI's summaries print it: ``line 4 (id fox)`` (the id decides).
-_LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
-
-
-def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
-    """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
-    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
-    that names neither, the ``name`` of ``journal list --json``), which is what a user copies.
-    A row's own id comes first: an id that reads ``#1`` is that row's, not journal row 1."""
-    return any(_named_as(entry, word) is not None for word in wanted)
-
-
-def _named_as(entry: JournalEntry, word: str) -> str | None:
-    """How ``word`` names the row: ``"row"`` (``#12``), ``"id"``, ``"line"``, or None."""
-    line, row_id = line_of(entry)
-    said = word.strip()
-    if row_id is not None and said in (row_id, clean(row_id)):
-        return "id"  # its own id first: an id may read "#1" (a ticket number)
-    if said.startswith("#") and said[1:].isdigit():
-        # Only a row that names neither a line nor an id goes by its number (as it is
-        # listed): "#1" named journal row 1 (another line's) beside the row of id "#1".
-        return "row" if int(said[1:]) == entry.id and row_id is None and line <= 0 else None
-    both = _LINE_AND_ID.match(said)
-    if both is not None:
-        if row_id is not None and both["id"] in (row_id, clean(row_id)):
-            return "id"
-        return None
-    if row_id is not None and said in (f"id {row_id}", f"id {clean(row_id)}"):
-        return "id"
-    if line > 0 and said in (str(line), f"line {line}"):
-        return "line"
-    return None
-
-
-def _rows_per_line(entries: list[JournalEntry]) -> list[list[JournalEntry]]:
-    """Every row of each input line (by tag; a row without one is a line of its own), oldest
-    first, the lines in the order of their latest rows. A line has several rows when it was
-    sent again and the run ended before it forgot the old one, or after ``--retry-failed``."""
-    lines: dict[str, list[JournalEntry]] = {}
-    for entry in entries:
-        lines.setdefault(entry.tag or f"#{entry.id}", []).append(entry)
-    return sorted(lines.values(), key=lambda rows: rows[-1].id)
-
-
-def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
-    latest: dict[str, JournalEntry] = {}
-    for entry in entries:
-        latest[entry.tag or f"#{entry.id}"] = entry
-    return sorted(latest.values(), key=lambda entry: entry.id)
-
-
 def _confirm(question: str, yes: bool) -> None:
     if yes:
         return
@@ -352,7 +300,7 @@ def _as_json(entry: JournalEntry, lines: dict[str, int]) -> dict[str, Any]:
     line, row_id = line_of(entry, lines)
     return {
         "row": entry.id,
-        "name": _name(entry),
+        "name": row_name(entry),
         "line": line or None,
         "id": row_id,
         "state": entry.state,
@@ -371,33 +319,11 @@ def _list(entries: list[JournalEntry]) -> None:
         key = clean(entry.job_key) if entry.job_key else "-"
         if entry.job_key and not is_job_key(entry.job_key):
             key = f"{key[:40]!r} (not a usable key)"
-        parts = [when, f"{_name(entry):<12}", f"{entry.state:<10}", key, prompt]
+        parts = [when, f"{row_name(entry):<12}", f"{entry.state:<10}", key, prompt]
         if entry.error:
             parts.append(f"({readable_error(entry.error)[:160]})")
         print("  ".join(parts))  # noqa: T201 - the listing is this command's output
     print(f"{len(entries)} row(s)")  # noqa: T201
-
-
-def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
-    """Refuse a word that names no row, or names rows both by id and by line number (``2``:
-    the row whose id is 2 and input line 2): each would act on rows the user did not mean."""
-    unknown = [row for row in rows if not any(_matches(entry, {row}) for entry in entries)]
-    if unknown:
-        shown = ", ".join(clean(row) for row in unknown[:20])
-        raise UsageError(
-            f"journal {action}: no journal row for {shown} (rows are input line numbers or "
-            f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
-            f"'id fox', 'line 4 (id fox)', or '#12' for a row with neither); nothing was {done}"
-        )
-    for row in rows:
-        named = {_named_as(entry, row): entry for entry in entries}
-        if "id" in named and "line" in named:
-            by_id, by_line = _name(named["id"]), f"line {line_of(named['line'])[0]}"
-            raise UsageError(
-                f"journal {action}: {clean(row.strip())!r} names two rows, {by_id} and "
-                f"{by_line}; say which, as `journal list` prints them ({by_id!r} or "
-                f"{by_line!r}); nothing was {done}"
-            )
 
 
 # Rows whose job the gateway took (and charged for): sending them again pays again, and the
@@ -412,7 +338,7 @@ _PAID_STATES = {
 def _paid_said(paid: list[JournalEntry]) -> str:
     """The first ten rows of paid jobs, each with what its state means."""
     return "; ".join(
-        f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
+        f"{row_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
     )
 
 
@@ -473,8 +399,8 @@ async def _forget(
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
     if args.rows:
-        _refuse_unknown("forget", "forgotten", args.rows, entries)
-        entries = [entry for entry in entries if _matches(entry, set(args.rows))]
+        refuse_unknown("forget", "forgotten", args.rows, entries)
+        entries = [entry for entry in entries if matches(entry, set(args.rows))]
     manifest_path = out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(_run_manifest, out)
     run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
@@ -520,7 +446,7 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             if args.all_uncertain:
                 wanted = [
                     rows
-                    for rows in _rows_per_line(every)
+                    for rows in rows_per_line(every)
                     if any(entry.state in ("uncertain", "intent") for entry in rows)
                 ]
                 paid = [rows for rows in wanted if any(e.state in _PAID_STATES for e in rows)]
@@ -528,11 +454,11 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                     _say_paid_kept(console, paid, path, args.out)
                     wanted = [rows for rows in wanted if rows not in paid]
             else:
-                _refuse_unknown("resend", "sent", args.rows, every)
+                refuse_unknown("resend", "sent", args.rows, every)
                 wanted = [
                     rows
-                    for rows in _rows_per_line(every)
-                    if any(_matches(entry, set(args.rows)) for entry in rows)
+                    for rows in rows_per_line(every)
+                    if any(matches(entry, set(args.rows)) for entry in rows)
                 ]
                 _refuse_paid([entry for rows in wanted for entry in rows], path, args.out)
             if not wanted:
@@ -675,7 +601,7 @@ async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, 
         return _Budget(Limits(max_concurrent_submits=4), set())
     async with JournalFile(path) as journal:  # read first: the client's limits are set at once
         every = await journal.entries()
-    entries = _latest_per_row(every)
+    entries = latest_per_row(every)
     mine = of_source(records, run_source(records, "resend"))
     bodies = {entry.tag: entry.request for entry in entries if entry.tag}
     prices = with_learned_prices(args.point_prices, prices_charged(mine, bodies))
