@@ -69,7 +69,7 @@ def reply(status: int, body: str) -> Callable[[web.Request], web.Response]:
 @pytest.mark.parametrize(
     ("message", "error", "said"),
     [
-        ("null", SensitivePromptError, "business error"),
+        ("null", SensitivePromptError, "prompt contains sensitive words (the gateway gave no"),
         ("12", ParameterError, "12"),
         ('{"zh":"参数错误"}', ParameterError, "参数错误"),
     ],

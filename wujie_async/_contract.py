@@ -35,6 +35,15 @@ CODE_UNSUPPORTED_SIZE: Final = "20010015"  # [platform]
 CODE_LOCK_RACE: Final = "20010018"  # [platform] safe to resubmit
 CODE_SENSITIVE_PROMPT: Final = "20110001"  # [platform]
 CODE_INSUFFICIENT_BALANCE: Final = "20110010"  # [platform]
+# What each code means, as the contract words it: said for a refusal (or a job's fail_code)
+# whose message is empty, which said only its code.
+CODE_MEANINGS: Final = {
+    CODE_INVALID_PARAMETER: "invalid parameter",
+    CODE_UNSUPPORTED_SIZE: "unsupported size/resolution",
+    CODE_LOCK_RACE: "lock race (safe to resubmit)",
+    CODE_SENSITIVE_PROMPT: "prompt contains sensitive words",
+    CODE_INSUFFICIENT_BALANCE: "insufficient points balance",
+}
 
 # --- Batch detail query ---------------------------------------------------------------------------
 MAX_KEYS_PER_BATCH: Final = 50  # [assumed] more gets CODE_INVALID_PARAMETER

@@ -461,7 +461,14 @@ _BUSINESS_ERRORS: dict[str, type[BusinessError]] = {
 def business_error(code: str, message: str, *, http_status: int = 200) -> BusinessError:
     """The most specific BusinessError class for an envelope code."""
     cls = _BUSINESS_ERRORS.get(code, BusinessError)
-    return cls(message or "business error", code=code, http_status=http_status)
+    return cls(message or no_message(code), code=code, http_status=http_status)
+
+
+def no_message(code: object, said: str = "the gateway gave no message") -> str:
+    """The words for a refusal (or a failed job) the gateway gave no message for: what its
+    code means where the contract says (the code alone told a user nothing), else ``said``."""
+    meaning = _contract.CODE_MEANINGS.get(str(code))
+    return f"{meaning} ({said})" if meaning else said
 
 
 class TransportError(WujieError):
@@ -517,7 +524,7 @@ class JobFailedError(JobError):
         self.fail_message = fail_message
         # Only what the gateway said: no "fail_code=None", no "None" for a reason not given.
         code = "" if fail_code is None else f" (fail_code={fail_code})"
-        reason = fail_message or "the gateway gave no reason"
+        reason = fail_message or no_message(fail_code, "the gateway gave no reason")
         super().__init__(f"{self._ended}{code}: {reason}", job_key=job_key)
 
 

@@ -92,6 +92,11 @@ class BulkResult:
     # What this run's jobs that saved their images were charged, per image, by kind (as
     # ``Limits.point_prices`` keys): a price for the jobs whose cost was not reported.
     prices: dict[str, float] = field(default_factory=dict)
+    # The rows (of send or collect) whose submit went out: accepted, left pending, or ended
+    # other than not_sent (a row may be listed more than once).
+    # By the Row itself: rows of journal entries that name neither an id nor a line share
+    # their outcome's name (line 0), and a resend forgets the old entry of each row sent.
+    went_out: list[Row] = field(default_factory=list)
 
 
 class BulkRun:
@@ -386,6 +391,7 @@ class BulkRun:
         # ended jobs), is refused as an earlier run's would be.
         self._client.refuse_keys((job.key,))
         self._keys.add(job.key)
+        self.result.went_out.append(row)  # accepted: a stop now leaves it pending, not ended
         if self._keys_on_accept:
             self._left_pending(row, job)  # what it says if no later row follows it
         elif self._journaled:
@@ -428,6 +434,7 @@ class BulkRun:
         """The run stopped while ``job`` (or the job of this key) ran: a row with its key
         lets a re-run collect it, journal or not (without one, the manifest is the only
         record of the key)."""
+        self.result.went_out.append(row)
         record = base_record("not_sent", row.line, row.row_id, row.body, row.tag)
         record |= {
             "status": "pending",
@@ -726,6 +733,8 @@ class BulkRun:
     ) -> None:
         outcome = LineOutcome(status, row.line, row.row_id, key, code, message, lasting)
         self.result.outcomes.append(outcome)
+        if status != "not_sent":
+            self.result.went_out.append(row)
         self._move(row, status)
         if status == "saved":
             return

@@ -239,14 +239,23 @@ async def open_client(
 
 
 class _Ending:
-    """Whether this process printed its ``--json`` summary (the one object a run ends with)."""
+    """This process's ``--json`` ending (the one object a run ends with): whether the command
+    line asks for it, and whether it was printed. Its one owner: the functions below."""
 
+    asked = False
     printed = False
 
 
-def new_json_ending() -> None:
-    """A command starts: its ``--json`` ending is yet to be printed."""
+def new_json_ending(*, asked: bool) -> None:
+    """A command starts (or its arguments are parsed): ``asked`` says whether it ends in a
+    ``--json`` object, yet to be printed."""
+    _Ending.asked = asked
     _Ending.printed = False
+
+
+def json_ending_asked() -> bool:
+    """Whether this command ends in a ``--json`` object (an error included)."""
+    return _Ending.asked
 
 
 def print_json_ending(said: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import re
 import stat
 import sys
 from collections.abc import Callable
@@ -41,11 +40,19 @@ from ._common import (
     open_client,
     shell_path,
 )
+from ._journal_rows import (
+    latest_per_row,
+    matches,
+    refuse_unknown,
+    row_name,
+    rows_per_line,
+)
 from ._out_lock import LOCK_NAME, out_folder_lock
 from ._outcome import (
     LineOutcome,
     Manifest,
     clean,
+    count,
     lines_ended,
     of_source,
     open_manifest,
@@ -59,7 +66,7 @@ from ._outcome import (
     unreported_cost,
     with_learned_prices,
 )
-from ._plan import known_keys, line_of, lines_by_id, readable_error, sent_lines
+from ._plan import known_keys, line_of, lines_by_id, readable_error
 from ._progress import Display, Tally
 from ._run import check_out_folder, forget_failed_said, journal_left_said, stop_said
 from ._signals import stopping_on_signals
@@ -82,7 +89,12 @@ def add_parser(
 
     def where(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "-o", "--out", type=Path, default=Path("out"), help="the run's folder (default out/)"
+            "-o",
+            "--out",
+            type=Path,
+            default=None,
+            help="the run's folder (default out/; with --journal, the journal's folder is read "
+            "for its manifest, and resend needs -o)",
         )
         parser.add_argument(
             "--journal", type=Path, default=None, help="the journal (default OUT/journal.sqlite)"
@@ -131,9 +143,27 @@ def add_parser(
 
 
 def _journal_file(args: argparse.Namespace) -> Path:
+    if args.out is None and args.journal is None:
+        args.out = Path("out")  # the default run's folder, and its journal
     path: Path = args.journal or args.out / "journal.sqlite"
     check_journal_file(path)
+    if args.out is None and args.action == "resend":
+        # It saves images, writes a manifest and takes the folder's lock: in a folder the
+        # user names, never ./out/ (another run's, perhaps) nor one guessed from the journal.
+        raise UsageError(
+            "journal resend: pass -o/--out, the run's folder (the resent rows' images, its "
+            "manifest and its lock go there), e.g. "
+            f"-o {shell_path(clean(str(path.parent)))}; nothing was sent"
+        )
     return path
+
+
+def _run_folder(args: argparse.Namespace, journal: Path) -> Path:
+    """The folder whose manifest ``list`` and ``forget`` read (they write nothing there):
+    ``-o``'s, else the journal's own folder (a run's journal is ``OUT/journal.sqlite``),
+    never ./out/ of wherever the command runs."""
+    out: Path | None = args.out
+    return out if out is not None else journal.parent
 
 
 def check_journal_file(path: Path, *, resume: bool = False) -> None:
@@ -189,52 +219,26 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         )
 
 
-def _name(entry: JournalEntry) -> str:
-    line, row_id = line_of(entry)
-    if row_id is not None:
-        return f"id {clean(row_id)}"
-    return f"line {line}" if line else f"#{entry.id}"
-
-
-# A row as the CLI's summaries print it: ``line 4 (id fox)`` (the id decides).
-_LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
-
-
-def _matches(entry: JournalEntry, wanted: set[str]) -> bool:
-    """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
-    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
-    that names neither, the ``name`` of ``journal list --json``), which is what a user copies.
-    A row's own id comes first: an id that reads ``#1`` is that row's, not journal row 1."""
-    return any(_named_as(entry, word) is not None for word in wanted)
-
-
-def _named_as(entry: JournalEntry, word: str) -> str | None:
-    """How ``word`` names the row: ``"row"`` (``#12``), ``"id"``, ``"line"``, or None."""
-    line, row_id = line_of(entry)
-    said = word.strip()
-    if row_id is not None and said in (row_id, clean(row_id)):
-        return "id"  # its own id first: an id may read "#1" (a ticket number)
-    if said.startswith("#") and said[1:].isdigit():
-        # Only a row that names neither a line nor an id goes by its number (as it is
-        # listed): "#1" named journal row 1 (another line's) beside the row of id "#1".
-        return "row" if int(said[1:]) == entry.id and row_id is None and line <= 0 else None
-    both = _LINE_AND_ID.match(said)
-    if both is not None:
-        if row_id is not None and both["id"] in (row_id, clean(row_id)):
-            return "id"
-        return None
-    if row_id is not None and said in (f"id {row_id}", f"id {clean(row_id)}"):
-        return "id"
-    if line > 0 and said in (str(line), f"line {line}"):
-        return "line"
-    return None
-
-
-def _latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
-    latest: dict[str, JournalEntry] = {}
-    for entry in entries:
-        latest[entry.tag or f"#{entry.id}"] = entry
-    return sorted(latest.values(), key=lambda entry: entry.id)
+def _run_manifest(folder: Path) -> list[dict[str, Any]]:
+    """The records of the run's manifest in ``folder`` (none when it has none), for the
+    commands that only read it (blocking: on a thread). One that is no file is refused:
+    reading a FIFO would wait for a writer for ever, and a folder was an internal error."""
+    manifest = folder / "manifest.jsonl"
+    try:
+        mode = manifest.stat().st_mode
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise UsageError(f"-o {folder} is not a folder; give the run's folder") from None
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read it ({exc.strerror or 'error'})") from None
+    problem = "a folder" if stat.S_ISDIR(mode) else not_regular(mode)
+    if problem is not None:
+        raise UsageError(
+            f"{manifest} is not a run's manifest ({problem}); move it away, or give the run's "
+            "folder with -o"
+        )
+    return read_manifest(manifest)
 
 
 def _confirm(question: str, yes: bool) -> None:
@@ -256,7 +260,7 @@ async def run(args: argparse.Namespace, console: Console) -> int:
         return await _list_rows(args, console, path)
     # Forgetting needs no gateway, so no credentials: the journal file alone (its lock).
     async with JournalFile(path) as journal:
-        return await _forget(args, console, journal)
+        return await _forget(args, console, journal, _run_folder(args, path))
 
 
 async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> int:
@@ -269,8 +273,11 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
     async with JournalFile(path, read_only=True) as journal:
         entries = await journal.entries(*(state for state in _STATES if state in states))
     if args.json:
+        # An id row's tag holds no line number: the run's manifest gives it (read only).
+        records = await anyio.to_thread.run_sync(_run_manifest, _run_folder(args, path))
+        lines = lines_by_id(records)
         for entry in entries:
-            print(json.dumps(_as_json(entry)))  # noqa: T201 - this command's output
+            print(json.dumps(_as_json(entry, lines)))  # noqa: T201 - this command's output
     else:
         _list(entries)
     intents = sum(1 for entry in entries if entry.state == "intent")
@@ -287,11 +294,13 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
     return EXIT_OK
 
 
-def _as_json(entry: JournalEntry) -> dict[str, Any]:
-    line, row_id = line_of(entry)
+def _as_json(entry: JournalEntry, lines: dict[str, int]) -> dict[str, Any]:
+    """A row for ``list --json``: ``line`` and ``id`` both when known (an id row's line is
+    the manifest's, null when the run's folder holds none)."""
+    line, row_id = line_of(entry, lines)
     return {
         "row": entry.id,
-        "name": _name(entry),
+        "name": row_name(entry),
         "line": line or None,
         "id": row_id,
         "state": entry.state,
@@ -310,33 +319,11 @@ def _list(entries: list[JournalEntry]) -> None:
         key = clean(entry.job_key) if entry.job_key else "-"
         if entry.job_key and not is_job_key(entry.job_key):
             key = f"{key[:40]!r} (not a usable key)"
-        parts = [when, f"{_name(entry):<12}", f"{entry.state:<10}", key, prompt]
+        parts = [when, f"{row_name(entry):<12}", f"{entry.state:<10}", key, prompt]
         if entry.error:
             parts.append(f"({readable_error(entry.error)[:160]})")
         print("  ".join(parts))  # noqa: T201 - the listing is this command's output
     print(f"{len(entries)} row(s)")  # noqa: T201
-
-
-def _refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
-    """Refuse a word that names no row, or names rows both by id and by line number (``2``:
-    the row whose id is 2 and input line 2): each would act on rows the user did not mean."""
-    unknown = [row for row in rows if not any(_matches(entry, {row}) for entry in entries)]
-    if unknown:
-        shown = ", ".join(clean(row) for row in unknown[:20])
-        raise UsageError(
-            f"journal {action}: no journal row for {shown} (rows are input line numbers or "
-            f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
-            f"'id fox', 'line 4 (id fox)', or '#12' for a row with neither); nothing was {done}"
-        )
-    for row in rows:
-        named = {_named_as(entry, row): entry for entry in entries}
-        if "id" in named and "line" in named:
-            by_id, by_line = _name(named["id"]), f"line {line_of(named['line'])[0]}"
-            raise UsageError(
-                f"journal {action}: {clean(row.strip())!r} names two rows, {by_id} and "
-                f"{by_line}; say which, as `journal list` prints them ({by_id!r} or "
-                f"{by_line!r}); nothing was {done}"
-            )
 
 
 # Rows whose job the gateway took (and charged for): sending them again pays again, and the
@@ -351,7 +338,22 @@ _PAID_STATES = {
 def _paid_said(paid: list[JournalEntry]) -> str:
     """The first ten rows of paid jobs, each with what its state means."""
     return "; ".join(
-        f"{_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
+        f"{row_name(entry)} is {entry.state}: {_PAID_STATES[entry.state]}" for entry in paid[:10]
+    )
+
+
+def _say_paid_kept(console: Console, paid: list[list[JournalEntry]], path: Path, out: Path) -> None:
+    """``--all-uncertain`` leaves the uncertain rows of lines another row of which holds a
+    paid job (the line was sent again and its job taken): sending it again would pay twice."""
+    rows = [entry for line in paid for entry in line if entry.state in _PAID_STATES]
+    console.print(
+        Text(
+            f"{len(paid)} line(s) with uncertain rows not resent: {_paid_said(rows)}; "
+            "collect a running job with `wujie-async resume "
+            f"{shell_path(clean(str(path)))} -o {shell_path(clean(str(out)))}`; its uncertain "
+            "rows go with `wujie-async journal forget LINE_OR_ID --status uncertain`"
+        ),
+        soft_wrap=True,
     )
 
 
@@ -390,17 +392,19 @@ def _refuse_only_record(
         )
 
 
-async def _forget(args: argparse.Namespace, console: Console, journal: JournalFile) -> int:
+async def _forget(
+    args: argparse.Namespace, console: Console, journal: JournalFile, out: Path
+) -> int:
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
     if args.rows:
-        _refuse_unknown("forget", "forgotten", args.rows, entries)
-        entries = [entry for entry in entries if _matches(entry, set(args.rows))]
-    manifest_path = args.out / "manifest.jsonl"
-    records = await anyio.to_thread.run_sync(read_manifest, manifest_path)
+        refuse_unknown("forget", "forgotten", args.rows, entries)
+        entries = [entry for entry in entries if matches(entry, set(args.rows))]
+    manifest_path = out / "manifest.jsonl"
+    records = await anyio.to_thread.run_sync(_run_manifest, out)
     run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
-    _refuse_only_record(entries, journal.path, args.out, known_keys(records), run_folder=run_folder)
+    _refuse_only_record(entries, journal.path, out, known_keys(records), run_folder=run_folder)
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)
@@ -437,16 +441,30 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             every = await client.journal_entries()
             if await record_manifest_keys(client, records, every):
                 every = await client.journal_entries()
-            entries = _latest_per_row(every)
+            # Each line is sent once, whichever of its rows are named or uncertain (its
+            # latest row's request), and never when any of its rows holds a paid job.
             if args.all_uncertain:
-                chosen = [entry for entry in entries if entry.state in ("uncertain", "intent")]
+                wanted = [
+                    rows
+                    for rows in rows_per_line(every)
+                    if any(entry.state in ("uncertain", "intent") for entry in rows)
+                ]
+                paid = [rows for rows in wanted if any(e.state in _PAID_STATES for e in rows)]
+                if paid:
+                    _say_paid_kept(console, paid, path, args.out)
+                    wanted = [rows for rows in wanted if rows not in paid]
             else:
-                _refuse_unknown("resend", "sent", args.rows, entries)
-                chosen = [entry for entry in entries if _matches(entry, set(args.rows))]
-                _refuse_paid(chosen, path, args.out)
-            if not chosen:
+                refuse_unknown("resend", "sent", args.rows, every)
+                wanted = [
+                    rows
+                    for rows in rows_per_line(every)
+                    if any(matches(entry, set(args.rows)) for entry in rows)
+                ]
+                _refuse_paid([entry for rows in wanted for entry in rows], path, args.out)
+            if not wanted:
                 console.print(Text("nothing to resend"))
                 return EXIT_OK
+            chosen = [rows[-1] for rows in wanted]
             _confirm(
                 f"resend {len(chosen)} row(s)? each may be charged again if the first submit "
                 "went through",
@@ -492,12 +510,16 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                 result = await signals.run_or_quit(run.run, run.interrupted_at_once)
 
                 async def forget() -> None:
-                    # The old rows are superseded by the new submits; rows not sent stay.
-                    sent = sent_lines(result.outcomes)
+                    # Every old row of a line sent is superseded by its new submit (none of
+                    # them holds a paid job); rows of lines not sent stay.
+                    # By the row itself: journal rows with neither id nor line all read
+                    # line 0, and one kept back (--max-points) was forgotten with the rest.
+                    sent = {id(row) for row in result.went_out}
                     await client.forget_submits(
                         entry.id
-                        for entry, row in zip(chosen, rows, strict=True)
-                        if (row.row_id or row.line) in sent
+                        for line_rows, row in zip(wanted, rows, strict=True)
+                        if id(row) in sent
+                        for entry in line_rows
                     )
 
                 # The closing waits, as bulk's (the client's close among them: its journal's
@@ -510,8 +532,12 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             # What its journal could not commit (its close stopped waiting for a disk that
             # took no write, or a signal stopped the wait): the summary names them.
             journal_left = client.uncommitted_journal_keys()
-        saved = sum(1 for outcome in result.outcomes if outcome.status == "saved")
-        console.print(Text(f"resent {len(rows)} row(s): {saved} saved"))
+        counts = count(result.outcomes)
+        saved = counts["saved"]
+        # Every other ending counted too: "0 saved" alone hid rows the stop kept from being
+        # sent (not_sent: as they were) and ones whose new submit may have been charged.
+        others = "".join(f" · {name} {n}" for name, n in counts.items() if n and name != "saved")
+        console.print(Text(f"resent {len(rows)} row(s): {saved} saved{others}"))
         for code, said in (
             ("budget", f"over the points budget (--max-points {args.max_points or 0:g}); "
              "resend them with a larger --max-points"),
@@ -535,11 +561,19 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
         if stopped is not None:
             console.print(Text(stopped), soft_wrap=True)
         if result.interrupted:
+            again = ""
+            if counts["not_sent"] - len(unpriced):
+                # resume never sends: rows the stop kept back are resent by resend alone.
+                again = (
+                    "; the rows not sent are in the journal as they were: resend them with "
+                    "`wujie-async journal resend` again"
+                )
             console.print(
                 Text(
                     "stopped: collect the rest with `wujie-async resume "
-                    f"{shell_path(path)} -o {shell_path(args.out)}`"
-                )
+                    f"{shell_path(path)} -o {shell_path(args.out)}`{again}"
+                ),
+                soft_wrap=True,
             )
         if result.interrupted or signals.received:
             # A signal is the stronger word, also one in the closing waits (see bulk's).
@@ -566,19 +600,19 @@ async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, 
     if args.max_points is None:
         return _Budget(Limits(max_concurrent_submits=4), set())
     async with JournalFile(path) as journal:  # read first: the client's limits are set at once
-        entries = _latest_per_row(await journal.entries())
+        every = await journal.entries()
+    entries = latest_per_row(every)
     mine = of_source(records, run_source(records, "resend"))
     bodies = {entry.tag: entry.request for entry in entries if entry.tag}
     prices = with_learned_prices(args.point_prices, prices_charged(mine, bodies))
     spent = points_spent(mine) + unreported_cost(mine, bodies, prices).points
     # Lines whose journal row reads uncertain that the manifest does not say ended (a run
     # killed while their submits were on the wire) may have been charged too.
+    # Any row of the line, not only its latest: an older uncertain row (a line resent and
+    # then failed, before it was forgotten) may have been charged all the same.
     ended = {tag for tag, r in lines_ended(mine).items() if r.get("status") != "not_sent"}
-    open_rows = [
-        {"tag": entry.tag, "status": "uncertain"}
-        for entry in entries
-        if entry.tag and entry.state in ("uncertain", "intent") and entry.tag not in ended
-    ]
+    uncertain = {e.tag for e in every if e.tag and e.state in ("uncertain", "intent")}
+    open_rows = [{"tag": tag, "status": "uncertain"} for tag in sorted(uncertain - ended)]
     held = [*mine, *open_rows]
     room = args.max_points - spent - uncertain_cost(held, bodies, prices)
     limits = Limits(
@@ -618,4 +652,6 @@ def _run_files(args: argparse.Namespace, journal: Path) -> list[str]:
 def _outcome_name(outcome: LineOutcome) -> str:
     if outcome.row_id is not None:
         return f"id {clean(outcome.row_id)}"
+    if outcome.line <= 0:
+        return "a row with neither line nor id (#N in journal list)"
     return f"line {outcome.line}"

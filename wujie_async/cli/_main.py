@@ -51,8 +51,10 @@ from ._common import (
     check_names,
     credentials,
     emulator_faults,
+    json_ending_asked,
     new_json_ending,
     print_json_ending,
+    shell_path,
 )
 from ._completion import SHELLS, script
 from ._exit import DaemonThreadPool, ExitGuard
@@ -188,10 +190,14 @@ def _add_request_arguments(
     _add_output_arguments(parser, names=names)
 
 
-def _add_output_arguments(parser: argparse.ArgumentParser, *, names: str) -> None:
-    parser.add_argument(
-        "-o", "--out", type=Path, default=Path("out"), help="folder for images (default out/)"
-    )
+def _add_output_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    names: str,
+    out_default: Path | None = Path("out"),
+    out_help: str = "folder for images (default out/)",
+) -> None:
+    parser.add_argument("-o", "--out", type=Path, default=out_default, help=out_help)
     parser.add_argument(
         "--name",
         default=DEFAULT_NAME,
@@ -260,7 +266,7 @@ class _Parser(argparse.ArgumentParser):
     the command line asks for JSON (the message on stderr is argparse's own)."""
 
     def error(self, message: str) -> NoReturn:
-        if _Started.json:
+        if json_ending_asked():
             self.print_usage(sys.stderr)
             print_json_ending({"exit_code": EXIT_USAGE, "error": f"{self.prog}: {message}"})
             self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -270,7 +276,6 @@ class _Parser(argparse.ArgumentParser):
 class _Started:
     """What ``main`` knows of this process before (and while) its command starts."""
 
-    json = False  # the command line asks for --json
     terminated = False  # a SIGTERM came before the run's own handlers were in place
 
 
@@ -404,7 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
         "resume", help="collect the images of a journaled run's unfinished jobs"
     )
     resume.add_argument("journal", type=Path, help="the run's journal (e.g. out/journal.sqlite)")
-    _add_output_arguments(resume, names="resume")
+    _add_output_arguments(
+        resume,
+        names="resume",
+        out_default=None,
+        out_help="the run's folder, for images and its manifest (default: the journal's "
+        "folder, when it holds the run's manifest)",
+    )
     _add_run_arguments(resume)
     _add_common_arguments(resume)
     _add_connection_arguments(resume)
@@ -606,6 +617,7 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             return _run_loop(show_status(args))
     else:  # resume
         _journal_commands.check_journal_file(args.journal, resume=True)
+        args.out = _resume_folder(args.journal, args.out)
     check_names(args.name, planned, taken=_run_files(args))
     if not getattr(args, "emulator", False):
         credentials(args)  # missing or unreadable: said before OUT is made
@@ -618,6 +630,22 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
     with out_folder_lock(args.out):  # plans from OUT's manifest: one such run at a time
         remove_stale_temp_files(args.out, time.time())
         return _run_loop(session.run(items))
+
+
+def _resume_folder(journal: Path, out: Path | None) -> Path:
+    """``resume``'s OUT: ``-o``'s, else the journal's own folder when it is a run's (it holds
+    the manifest that says which images were saved). ./out/ of wherever the command ran
+    was used: every job saved again there, under other names, its points counted again."""
+    if out is not None:
+        return out
+    folder = journal.parent
+    if (folder / "manifest.jsonl").is_file():
+        return folder
+    raise UsageError(
+        f"resume: {journal}'s folder holds no run's manifest; pass -o/--out, the run's folder "
+        f"(its images and manifest), e.g. wujie-async resume {shell_path(clean(str(journal)))} "
+        "-o OUT"
+    )
 
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -648,11 +676,14 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``wujie-async`` and ``python -m wujie_async``."""
     words = sys.argv[1:] if argv is None else argv
-    _Started.json = "--json" in words[: words.index("--")] if "--" in words else "--json" in words
     _Started.terminated = False
-    new_json_ending()
+    # Before the parse (its usage errors end in the object too), as the words say; then as
+    # the parsed arguments do (a "--json" that is a prompt asks for nothing).
+    new_json_ending(
+        asked="--json" in words[: words.index("--")] if "--" in words else "--json" in words
+    )
     args = _parse(build_parser(), argv)
-    _Started.json = bool(getattr(args, "json", False))
+    new_json_ending(asked=bool(getattr(args, "json", False)))
     verbose = getattr(args, "verbose", False)
     # Other libraries' WARNINGs on stderr; ours from the level --verbose (DEBUG: the story of
     # every request and job) or WUJIE_LOG asks for, else WARNING.
@@ -689,7 +720,7 @@ def _said(exc: BaseException, console: Console, *, verbose: bool) -> int:
         console.out(text, highlight=highlight)  # plain text, never markup
 
     code = _say_why(exc, say, verbose=verbose)
-    if _Started.json and code != EXIT_BROKEN_PIPE:
+    if json_ending_asked() and code != EXIT_BROKEN_PIPE:
         error = clean(said[0] if said else type(exc).__name__)
         if len(said) > 1 and isinstance(exc, InputFileError):
             error = "; ".join(clean(line) for line in said)

@@ -466,7 +466,10 @@ class Session:
                 self.result = result
 
                 async def forget() -> None:
+                    # Lines whose new job was accepted and left pending by a stop have no
+                    # outcome, yet their old uncertain row is superseded all the same.
                     sent = sent_lines(result.outcomes)
+                    sent |= {row.row_id or row.line for row in result.went_out}
                     await client.forget_submits(
                         row for line, row in plan.superseded.items() if line in sent
                     )
@@ -755,7 +758,13 @@ class Session:
                     f"have been charged ({names}); they are never resent silently. "
                     f"See: {see}"
                 )
-            if self.journal is not None:
+            if self.journal is not None and self.args.command == "resume":
+                # It never sends: "send the rest" and "or collect only" said it might.
+                say(
+                    f"{word}: submitted jobs keep running on the gateway; run it again to "
+                    f"collect the rest (it sends nothing):\n  wujie-async {command}"
+                )
+            elif self.journal is not None:
                 # The images keep this run's names (resume's default is another).
                 name = getattr(self.args, "name", None)
                 # (--name=: a template that starts with "-" is no option either.)
@@ -801,9 +810,21 @@ class Session:
             )
         over = sum(1 for o in result.outcomes if o.error_code == "budget")
         if over:
+            # Lines this run resent (failed, or uncertain) and the budget kept back are still
+            # failed or uncertain to a re-run: without the flag that chose them, it skips them.
+            again = [
+                flag
+                for flag, on in (
+                    ("--retry-failed", getattr(self.args, "retry_failed", False)),
+                    ("--retry-uncertain", getattr(self.args, "retry_uncertain", False)),
+                )
+                if on
+            ]
+            with_flags = f" and {' '.join(again)}" if again else ""
             say(
                 f"{over} line(s) not sent: over the points budget (--max-points "
-                f"{self.args.max_points:g}); re-run with a larger --max-points to send them"
+                f"{self.args.max_points:g}); re-run with a larger --max-points{with_flags} to "
+                "send them"
             )
         accepted = sum(
             1

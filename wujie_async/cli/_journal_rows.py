@@ -1,0 +1,95 @@
+"""Which journal rows a ``journal`` command's words name, and the rows of each input line.
+
+Rows are named the way the input named them: ``id`` when the row had one, else its line, and
+``#12`` (the journal's row number) for a row that names neither.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .. import JournalEntry
+from ._common import UsageError
+from ._outcome import clean
+from ._plan import line_of
+
+
+def row_name(entry: JournalEntry) -> str:
+    """The row as ``journal list`` names it (and ``forget``/``resend`` take it back)."""
+    line, row_id = line_of(entry)
+    if row_id is not None:
+        return f"id {clean(row_id)}"
+    return f"line {line}" if line else f"#{entry.id}"
+
+
+# A row as the CLI's summaries print it: ``line 4 (id fox)`` (the id decides).
+_LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
+
+
+def matches(entry: JournalEntry, wanted: set[str]) -> bool:
+    """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
+    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
+    that names neither, the ``name`` of ``journal list --json``), which is what a user copies.
+    A row's own id comes first: an id that reads ``#1`` is that row's, not journal row 1."""
+    return any(named_as(entry, word) is not None for word in wanted)
+
+
+def named_as(entry: JournalEntry, word: str) -> str | None:
+    """How ``word`` names the row: ``"row"`` (``#12``), ``"id"``, ``"line"``, or None."""
+    line, row_id = line_of(entry)
+    said = word.strip()
+    if row_id is not None and said in (row_id, clean(row_id)):
+        return "id"  # its own id first: an id may read "#1" (a ticket number)
+    if said.startswith("#") and said[1:].isdigit():
+        # Only a row that names neither a line nor an id goes by its number (as it is
+        # listed): "#1" named journal row 1 (another line's) beside the row of id "#1".
+        return "row" if int(said[1:]) == entry.id and row_id is None and line <= 0 else None
+    both = _LINE_AND_ID.match(said)
+    if both is not None:
+        if row_id is not None and both["id"] in (row_id, clean(row_id)):
+            return "id"
+        return None
+    if row_id is not None and said in (f"id {row_id}", f"id {clean(row_id)}"):
+        return "id"
+    if line > 0 and said in (str(line), f"line {line}"):
+        return "line"
+    return None
+
+
+def rows_per_line(entries: list[JournalEntry]) -> list[list[JournalEntry]]:
+    """Every row of each input line (by tag; a row without one is a line of its own), oldest
+    first, the lines in the order of their latest rows. A line has several rows when it was
+    sent again and the run ended before it forgot the old one, or after ``--retry-failed``."""
+    lines: dict[str, list[JournalEntry]] = {}
+    for entry in entries:
+        lines.setdefault(entry.tag or f"#{entry.id}", []).append(entry)
+    return sorted(lines.values(), key=lambda rows: rows[-1].id)
+
+
+def latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
+    latest: dict[str, JournalEntry] = {}
+    for entry in entries:
+        latest[entry.tag or f"#{entry.id}"] = entry
+    return sorted(latest.values(), key=lambda entry: entry.id)
+
+
+def refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
+    """Refuse a word that names no row, or names rows both by id and by line number (``2``:
+    the row whose id is 2 and input line 2): each would act on rows the user did not mean."""
+    unknown = [row for row in rows if not any(matches(entry, {row}) for entry in entries)]
+    if unknown:
+        shown = ", ".join(clean(row) for row in unknown[:20])
+        raise UsageError(
+            f"journal {action}: no journal row for {shown} (rows are input line numbers or "
+            f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
+            f"'id fox', 'line 4 (id fox)', or '#12' for a row with neither); nothing was {done}"
+        )
+    for row in rows:
+        named = {named_as(entry, row): entry for entry in entries}
+        if "id" in named and "line" in named:
+            by_id, by_line = row_name(named["id"]), f"line {line_of(named['line'])[0]}"
+            raise UsageError(
+                f"journal {action}: {clean(row.strip())!r} names two rows, {by_id} and "
+                f"{by_line}; say which, as `journal list` prints them ({by_id!r} or "
+                f"{by_line!r}); nothing was {done}"
+            )
