@@ -1,7 +1,10 @@
-"""Pydantic models of what crosses the wire, and the results handed to users.
+"""What crosses the wire: pydantic models of requests and of the reply envelope, and the
+hand-written reader of batch-detail entries (``JobInfo.read``).
 
 Request models check the per-model rules of API.md (see ``_rules``) before anything is sent.
-Reply models ignore unknown fields, since the gateway may add fields at any time.
+Replies ignore unknown fields, since the gateway may add fields at any time. A batch-detail
+entry is read field by field by plain code rather than a model: it is the hottest path of
+polling (see the section below).
 """
 
 from __future__ import annotations
@@ -9,13 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Annotated, Any, ClassVar, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
-    Field,
     ValidationError,
     field_validator,
 )
@@ -231,32 +232,64 @@ class Envelope(_Reply):
             return "(a message nested too deep to quote)"
 
 
-class ImageInfo(_Reply):
-    """One image in a batch-detail entry."""
-
-    url: str | None = None
-    b64_json: str | None = None
-    revised_prompt: str | None = None
-
+# --- batch-detail entries ---------------------------------------------------------------------
+# Not pydantic: a reply lists up to 50 entries per call and a job is reported a few times, so
+# reading an entry is the client's hottest path. A model cost about 30,000 instructions and
+# left about 4 objects for the garbage collector per entry (3 more per image); this reader,
+# a plain slotted object and one reader per field (a type() test takes the common value, the
+# field's function the unusual one), about half the instructions and one object (one more per
+# image). Its rules are tested in tests/test_poller_hostile.py.
 
 # Beyond a day, an estimate of seconds left says nothing a day would not.
 MAX_EXPECTED_SECONDS = 86_400.0
 # Fail codes are short numbers; a longer one is noise (and int() of >4,300 digits raises).
 _MAX_CODE_DIGITS = 18
+_MAX_CODE = 10**_MAX_CODE_DIGITS
 _MAX_QUEUE_POSITION = 10**9
 _MAX_POINTS = 1e12
+_MAX_WHOLE_POINTS = 10**12
+_MAX_WHOLE_SECONDS = 86_400
 _MAX_TIME_TEXT = 64
+# The largest and smallest status a gateway could mean; anything outside is a malformed entry.
+_STATUS_BOUND = 2**31
+# Numeric text longer than this is not a number a gateway means (and costs a parse to find out).
+_MAX_NUMBER_TEXT = 32
+
+
+_new = object.__new__
+
+
+class EntryError(ValueError):
+    """A batch-detail entry that cannot be read: no object, or its key, status or images.
+
+    The message names the field and the rule (``"status: must be a whole number ..."``) and
+    never quotes the value: the entry is hostile input, and the message may be logged.
+
+    Attributes:
+        field: the field at fault (``"entry"`` for an entry that is not an object).
+        rule: what the field must be.
+    """
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
 
 
 def _number(value: Any) -> float | None:
     """A finite real number from a JSON number (or numeric text), else None."""
-    if isinstance(value, bool):
+    kind = type(value)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return float(value) if -1e18 < value < 1e18 else None
+    if kind is bool:
         return None
     if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, int) and not isinstance(value, bool):
         return float(value) if -1e18 < value < 1e18 else None
-    if isinstance(value, str) and len(value) <= 32:
+    if isinstance(value, str) and len(value) <= _MAX_NUMBER_TEXT:
         try:
             number = float(value)
         except ValueError:
@@ -265,202 +298,344 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _clamped(value: Any, low: float, high: float) -> Any:
+def _whole_text(value: str, digits: int) -> int | None:
+    """The whole number of a text (``"4"``, ``" -1 "``, ``"+4"``, ``"4.0"``) of at most
+    ``digits`` ASCII digits, else None (``"4.5"``, ``"0x4"``, ``"\u0664"``, ``"4_0"``)."""
+    if len(value) > _MAX_NUMBER_TEXT:
+        return None
+    whole, dot, fraction = value.strip().partition(".")
+    if dot and fraction.strip("0"):
+        return None
+    unsigned = whole[1:] if whole[:1] in ("+", "-") else whole
+    # ASCII digits only: "²".isdigit() is True, yet int("²") raises.
+    if not (unsigned.isascii() and unsigned.isdigit()) or len(unsigned) > digits:
+        return None
+    return int(whole)
+
+
+def _whole(value: Any, bound: int, digits: int) -> int | None:
+    """A whole number from -``bound`` to ``bound`` from a JSON number or numeric text (a float
+    only with no fraction, never a boolean), else None."""
+    kind = type(value)
+    if kind is int:
+        return value if -bound <= value <= bound else None
+    if kind is bool:
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            return None
+        number = int(value)
+    elif isinstance(value, int):
+        number = int(value)
+    elif isinstance(value, str):
+        whole = _whole_text(value, digits)
+        if whole is None:
+            return None
+        number = whole
+    else:
+        return None
+    return number if -bound <= number <= bound else None
+
+
+def _clamped(value: Any, low: float, high: float) -> float | None:
+    if type(value) is float and low <= value <= high:
+        return value  # the common case: the same object
     number = _number(value)
     if number is None:
         return None
-    if low <= number <= high:
-        return value if isinstance(value, float) else number  # the same object when fine
     return min(max(number, low), high)
 
 
-def _expected_seconds(value: Any) -> Any:
-    return _clamped(value, 0.0, MAX_EXPECTED_SECONDS)
+def _expected_seconds(value: Any) -> float | None:
+    """Seconds left: a number, clamped to 0 to a day; anything else is None."""
+    return None if value is None else _clamped(value, 0.0, MAX_EXPECTED_SECONDS)
 
 
-def _percent(value: Any) -> Any:
-    return _clamped(value, 0.0, 100.0)
+def _percent(value: Any) -> float | None:
+    """``complete_percent``: a number, clamped to 0 to 100; anything else is None."""
+    return None if value is None else _clamped(value, 0.0, 100.0)
 
 
-def _queue_position(value: Any) -> Any:
-    number = _number(value)
-    if number is None or not 0 <= number <= _MAX_QUEUE_POSITION or number != int(number):
+def _queue_position(value: Any) -> int | None:
+    """Jobs ahead in the queue: a whole number, 0 to a billion; anything else is None."""
+    if value is None:
         return None
-    return value if type(value) is int else int(number)
+    number = _whole(value, _MAX_QUEUE_POSITION, 10)
+    return None if number is None or number < 0 else number
 
 
-def _points(value: Any) -> Any:
-    number = _number(value)
-    if number is None or not 0 <= number <= _MAX_POINTS:
+def _points(value: Any) -> float | None:
+    """Points charged: a number, 0 to 10**12; anything else is None."""
+    if value is None:
         return None
-    return value if isinstance(value, float) else number
+    number = _number(value)
+    return number if number is not None and 0 <= number <= _MAX_POINTS else None
 
 
-def _time_stamp(value: Any) -> Any:
+def _time_stamp(value: Any) -> float | str | None:
+    """A time: a finite number, or short text with nothing a terminal would act on (no control
+    or format characters such as an escape or a right-to-left override); else None."""
+    if type(value) is float:
+        return value if -1e18 < value < 1e18 else None
+    if value is None:
+        return None
     if isinstance(value, str):
-        return value if len(value) <= _MAX_TIME_TEXT and value.isprintable() else None
+        text = str(value)
+        return text if len(text) <= _MAX_TIME_TEXT and text.isprintable() else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None  # a number in text is text: the gateway wrote a time, not a number
     number = _number(value)
-    return None if number is None else value if isinstance(value, int | float) else number
+    return number if number is not None and -1e18 < number < 1e18 else None
 
 
-def _fail_code(value: Any) -> Any:
-    if isinstance(value, bool):
+def _fail_code(value: Any) -> int | None:
+    """A fail code: a whole number of at most 18 digits (or its text); else None."""
+    if value is None:
         return None
-    if isinstance(value, int):
-        return value if abs(value) < 10**_MAX_CODE_DIGITS else None
-    if isinstance(value, str):
-        # ASCII digits only: "²".isdigit() is True, yet int("²") raises.
-        text = value.strip()
-        digits = text.removeprefix("-")
-        if digits.isascii() and digits.isdigit() and len(digits) <= _MAX_CODE_DIGITS:
-            return int(text)
-    return None
+    return _whole(value, _MAX_CODE - 1, _MAX_CODE_DIGITS)
 
 
-def _text(value: Any) -> Any:
-    return value if isinstance(value, str) else None
+def _text(value: Any) -> str | None:
+    if type(value) is str or value is None:
+        return value
+    return str(value) if isinstance(value, str) else None
 
 
-def _fail(value: Any) -> Any:
+class FailInfo:
+    """Why a job failed: ``fail_message`` as an object."""
+
+    __slots__ = ("fail_code", "fail_message")
+
+    def __init__(self, fail_code: int | None = None, fail_message: str | None = None) -> None:
+        self.fail_code = fail_code
+        self.fail_message = fail_message
+
+    def __repr__(self) -> str:
+        return f"FailInfo(fail_code={self.fail_code!r}, fail_message={self.fail_message!r})"
+
+
+def _fail(value: Any) -> FailInfo | str | None:
+    """``fail_message``: text, or an object of a code and a text (each dropped when
+    unreadable); anything else is None."""
+    if value is None or type(value) is str:
+        return value
     if isinstance(value, dict):
-        return _with_fields_cleaned(value, _FAIL_CLEANERS)
-    return value if isinstance(value, str) else None
+        get = value.get
+        fail = _new(FailInfo)
+        fail.fail_code = _fail_code(get("fail_code"))
+        fail.fail_message = _text(get("fail_message"))
+        return fail
+    return _text(value)
 
 
-def _with_fields_cleaned(data: Any, cleaners: dict[str, Any]) -> Any:
-    """``data`` with each optional field that is unreadable replaced by None (or clamped).
+class ImageInfo:
+    """One image in a batch-detail entry (a field that is not text is None)."""
 
-    The input is copied only when something changes (and returned as is otherwise).
+    __slots__ = ("b64_json", "revised_prompt", "url")
+
+    def __init__(
+        self,
+        url: str | None = None,
+        b64_json: str | None = None,
+        revised_prompt: str | None = None,
+    ) -> None:
+        self.url = url
+        self.b64_json = b64_json
+        self.revised_prompt = revised_prompt
+
+    def __repr__(self) -> str:
+        # A b64_json is megabytes: its length says enough.
+        inline = None if self.b64_json is None else f"<{len(self.b64_json)} chars>"
+        return (
+            f"ImageInfo(url={self.url!r}, b64_json={inline}, "
+            f"revised_prompt={self.revised_prompt!r})"
+        )
+
+
+_IMAGES_RULE = "must be a list of objects (or null)"
+
+
+def _images(value: Any) -> tuple[ImageInfo, ...] | None:
+    """``images``: its first MAX_IMAGES_PER_JOB objects, each field that is not text None (a
+    number for ``revised_prompt`` must not cost the job an image it paid for).
+
+    No job makes more than MAX_IMAGES_PER_JOB images: the rest of a longer list is not read (a
+    reply of a few MB can list millions of empty placeholders).
+
+    Raises:
+        EntryError: not a list, or an image in its first MAX_IMAGES_PER_JOB is not an object.
     """
-    if not isinstance(data, dict):
-        return data
-    fixed: dict[str, Any] | None = None
-    for name, clean in cleaners.items():
-        if name in data:
-            value = data[name]
-            cleaned = clean(value)
-            if cleaned is not value:
-                if fixed is None:
-                    fixed = dict(data)
-                fixed[name] = cleaned
-    return data if fixed is None else fixed
+    if value is None:
+        return None
+    if type(value) is not list and not isinstance(value, list | tuple):
+        raise EntryError("images", _IMAGES_RULE)
+    images: list[ImageInfo] = []
+    new = _new
+    for image in value[: _contract.MAX_IMAGES_PER_JOB]:
+        if type(image) is not dict and not isinstance(image, dict):
+            raise EntryError(f"images[{len(images)}]", "must be an object")
+        get = image.get
+        url, b64, revised = get("url"), get("b64_json"), get("revised_prompt")
+        # Built without a call of __init__ (a frame per image), as JobInfo.read builds entries.
+        info = new(ImageInfo)
+        info.url = url if url is None or type(url) is str else _text(url)
+        info.b64_json = b64 if b64 is None or type(b64) is str else _text(b64)
+        info.revised_prompt = revised if revised is None or type(revised) is str else _text(revised)
+        images.append(info)
+    return tuple(images)
 
 
-_FAIL_CLEANERS = {"fail_code": _fail_code, "fail_message": _text}
-# The largest and smallest status a gateway could mean; anything outside is a malformed entry.
-_STATUS_BOUND = 2**31
+_MISSING: Any = object()
 
 
-def _no_bool(value: Any) -> Any:
-    # Lax pydantic reads JSON true as 1: a status of true would be "generating" for ever.
+def _status(value: Any) -> int:
+    """``status``: a whole number from -2**31 to 2**31 (or its text).
+
+    Raises:
+        EntryError: missing, a boolean (lax reading took JSON true for 1: a status of true
+            would be "generating" for ever), or anything else.
+    """
+    if type(value) is int and -_STATUS_BOUND <= value <= _STATUS_BOUND:
+        return value
+    if value is _MISSING:
+        raise EntryError("status", "required")
     if isinstance(value, bool):
-        raise ValueError("a boolean is not a number")
-    return value
+        raise EntryError("status", "must be a number, not a boolean")
+    status = _whole(value, _STATUS_BOUND, 10)
+    if status is None:
+        raise EntryError("status", "must be a whole number from -2**31 to 2**31")
+    return status
 
 
-_NotBool = BeforeValidator(_no_bool)
+class JobInfo:
+    """One entry of a batch-detail reply's ``list``, as :meth:`read` reads it.
 
-
-def _at_most_a_jobs_images(value: Any) -> Any:
-    # No job makes more than MAX_IMAGES_PER_JOB images: the rest of a longer list is not read
-    # (a reply of a few MB can list millions of empty placeholders, each a model to build).
-    if isinstance(value, list) and len(value) > _contract.MAX_IMAGES_PER_JOB:
-        return value[: _contract.MAX_IMAGES_PER_JOB]
-    return value
-
-
-_ImageList = Annotated[list[ImageInfo] | None, BeforeValidator(_at_most_a_jobs_images)]
-# allow_inf_nan on the float member only: on a union it would also run on text, and raise.
-_FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
-# Short text with no control characters (C0, DEL, C1): it may end up in a log or a terminal.
-_TimeText = Annotated[str, Field(max_length=_MAX_TIME_TEXT, pattern=r"^[^\x00-\x1f\x7f-\x9f]*$")]
-
-
-class FailInfo(_Reply):
-    """Why a job failed."""
-
-    fail_code: Annotated[int | None, _NotBool] = Field(
-        default=None, gt=-(10**_MAX_CODE_DIGITS), lt=10**_MAX_CODE_DIGITS
-    )
-    fail_message: str | None = None
-
-
-class JobInfo(_Reply):
-    """One entry of a batch-detail reply's ``list``.
-
-    The model is strict about every number: NaN, Infinity and out-of-range values are rejected
-    (``allow_inf_nan=False``, bounds), so nothing non-finite can reach the poll schedule. Use
-    :meth:`read` for a hostile entry: it keeps an entry whose key and status are sound even when
-    an optional field is not, dropping that field (None) or clamping it.
+    Every number is finite and within its bounds, so nothing non-finite or absurd reaches the
+    poll schedule: ``expected_seconds`` (0 to a day) and ``complete_percent`` (0 to 100) are
+    clamped, and any other optional field that is unreadable is None. ``images`` holds the
+    first MAX_IMAGES_PER_JOB images listed.
     """
 
-    key: str
-    status: Annotated[int, _NotBool] = Field(ge=-_STATUS_BOUND, le=_STATUS_BOUND)
-    complete_percent: Annotated[float | None, _NotBool] = Field(
-        default=None, ge=0, le=100, allow_inf_nan=False
+    __slots__ = (
+        "complete_percent",
+        "complete_time",
+        "expected_seconds",
+        "fail_message",
+        "images",
+        "integral_cost",
+        "key",
+        "queue_before_num",
+        "start_gen_time",
+        "status",
     )
-    expected_seconds: Annotated[float | None, _NotBool] = Field(
-        default=None, ge=0, le=MAX_EXPECTED_SECONDS, allow_inf_nan=False
-    )
-    images: _ImageList = None  # the first MAX_IMAGES_PER_JOB only
-    fail_message: FailInfo | str | None = None
-    # [platform] optional progress fields (API.md): read when present, never required.
-    queue_before_num: Annotated[int | None, _NotBool] = Field(
-        default=None, ge=0, le=_MAX_QUEUE_POSITION
-    )
-    start_gen_time: Annotated[_FiniteFloat | _TimeText | None, _NotBool] = None
-    complete_time: Annotated[_FiniteFloat | _TimeText | None, _NotBool] = None
-    integral_cost: Annotated[float | None, _NotBool] = Field(
-        default=None, ge=0, le=_MAX_POINTS, allow_inf_nan=False
-    )
+
+    def __init__(
+        self,
+        key: str,
+        status: int,
+        complete_percent: float | None = None,
+        expected_seconds: float | None = None,
+        images: tuple[ImageInfo, ...] | None = None,
+        fail_message: FailInfo | str | None = None,
+        # [platform] optional progress fields (API.md): read when present, never required.
+        queue_before_num: int | None = None,
+        start_gen_time: float | str | None = None,
+        complete_time: float | str | None = None,
+        integral_cost: float | None = None,
+    ) -> None:
+        self.key = key
+        self.status = status
+        self.complete_percent = complete_percent
+        self.expected_seconds = expected_seconds
+        self.images = images
+        self.fail_message = fail_message
+        self.queue_before_num = queue_before_num
+        self.start_gen_time = start_gen_time
+        self.complete_time = complete_time
+        self.integral_cost = integral_cost
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"JobInfo({fields})"
 
     @classmethod
     def read(cls, raw: Any) -> JobInfo:
-        """Validate a hostile entry; optional fields that break a rule are dropped or clamped.
+        """Read a hostile entry; optional fields that break a rule are dropped or clamped.
 
         ``expected_seconds`` is clamped to 0 to a day and ``complete_percent`` to 0 to 100; any
         other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
-        wrong type, an image's ``url``, ``b64_json`` or ``revised_prompt`` that is not text)
-        becomes None. Only a bad key, status or image list (not a list of objects) fails the
-        entry.
+        boolean for a number, a wrong type, a time text with control characters, an image's
+        ``url``, ``b64_json`` or ``revised_prompt`` that is not text) becomes None. Unknown
+        fields are ignored. Only a bad key, status or image list (not a list of objects) fails
+        the entry.
 
         Raises:
-            ValidationError: the key, status or images are unreadable.
+            EntryError: the entry is not an object, or its key, status or images are
+                unreadable (naming the field and the rule, never the value).
         """
-        try:
-            return cls.model_validate(raw)
-        except ValidationError:
-            cleaned = _with_fields_cleaned(raw, _ENTRY_CLEANERS)
-            if cleaned is raw:
-                raise
-            return cls.model_validate(cleaned)
+        if type(raw) is not dict and not isinstance(raw, dict):
+            raise EntryError("entry", "must be an object")
+        # The common value of each field is taken here with a type() test; anything else goes
+        # to the field's reader. Built without a call of __init__: a frame per entry saved.
+        get = raw.get
+        entry = _new(cls)
+        key = get("key")
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise EntryError("key", "required, as text")
+            key = str(key)
+        entry.key = key
+        status = get("status", _MISSING)
+        if type(status) is not int or not -_STATUS_BOUND <= status <= _STATUS_BOUND:
+            status = _status(status)
+        entry.status = status
+        # A JSON number is a float or an int: each in range is taken here, as a float.
+        value = get("complete_percent")
+        if value is not None:
+            kind = type(value)
+            if kind is int and 0 <= value <= 100:
+                value = float(value)
+            elif kind is not float or not 0.0 <= value <= 100.0:
+                value = _percent(value)
+        entry.complete_percent = value
+        value = get("expected_seconds")
+        if value is not None:
+            kind = type(value)
+            if kind is int and 0 <= value <= _MAX_WHOLE_SECONDS:
+                value = float(value)
+            elif kind is not float or not 0.0 <= value <= MAX_EXPECTED_SECONDS:
+                value = _expected_seconds(value)
+        entry.expected_seconds = value
+        value = get("images")
+        if value is not None:
+            value = () if type(value) is list and not value else _images(value)
+        entry.images = value
+        value = get("fail_message")
+        entry.fail_message = value if value is None or type(value) is str else _fail(value)
+        value = get("queue_before_num")
+        if value is not None and (type(value) is not int or not 0 <= value <= _MAX_QUEUE_POSITION):
+            value = _queue_position(value)
+        entry.queue_before_num = value
+        value = get("start_gen_time")
+        # -1e18 < x < 1e18 is also false for NaN and the infinities.
+        if value is not None and (type(value) is not float or not -1e18 < value < 1e18):
+            value = _time_stamp(value)
+        entry.start_gen_time = value
+        value = get("complete_time")
+        if value is not None and (type(value) is not float or not -1e18 < value < 1e18):
+            value = _time_stamp(value)
+        entry.complete_time = value
+        value = get("integral_cost")
+        if value is not None:
+            kind = type(value)
+            if kind is int and 0 <= value <= _MAX_WHOLE_POINTS:
+                value = float(value)
+            elif kind is not float or not 0.0 <= value <= _MAX_POINTS:
+                value = _points(value)
+        entry.integral_cost = value
+        return entry
 
     @property
     def terminal(self) -> bool:
         """True for the statuses that end a job (3, 4, 5 and -1)."""
         return self.status in _contract.TERMINAL_STATUSES
-
-
-_IMAGE_CLEANERS = {"url": _text, "b64_json": _text, "revised_prompt": _text}
-
-
-def _images(value: Any) -> Any:
-    """An image list whose images' unreadable fields (not text) are None: a number for
-    ``revised_prompt`` must not cost the job an image it paid for. An image that is not an
-    object still fails the entry (the model says so)."""
-    if not isinstance(value, list):
-        return value
-    cleaned = [_with_fields_cleaned(image, _IMAGE_CLEANERS) for image in value]
-    return value if all(new is old for new, old in zip(cleaned, value, strict=True)) else cleaned
-
-
-_ENTRY_CLEANERS = {
-    "images": _images,
-    "complete_percent": _percent,
-    "expected_seconds": _expected_seconds,
-    "fail_message": _fail,
-    "queue_before_num": _queue_position,
-    "start_gen_time": _time_stamp,
-    "complete_time": _time_stamp,
-    "integral_cost": _points,
-}

@@ -19,9 +19,10 @@ Every reply is hostile until checked, and one bad entry never costs more than it
   flooded with junk costs one cheap pass (``_replies``), and its warning is one summary line,
   gated like every WARNING that can repeat per call (one line a minute of each kind, with a
   count: ``_telemetry.RepeatedWarnings``);
-* optional fields that are unreadable are dropped at the model (``_models.JobInfo``); an entry
-  whose key or status is unreadable is malformed, and a job listed only in malformed entries
-  fails with ``JobProtocolError`` once that lasts the unknown-key grace period;
+* optional fields that are unreadable are dropped by the entry reader
+  (``_models.JobInfo.read``); an entry whose key, status or images are unreadable is
+  malformed, and a job listed only in malformed entries fails with ``JobProtocolError`` once
+  that lasts the unknown-key grace period;
 * a bug while handling one entry fails that job with ``JobProtocolError``, logged, and the
   poller goes on;
 * a reply over ``Limits.max_response_bytes`` (or nested too deep) is asked again in halves,

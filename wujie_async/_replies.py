@@ -13,12 +13,10 @@ from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
-
 from . import _contract
 from ._contract import JobStatus
 from ._errors import JobFailedError, ModerationRejectedError, ProtocolError, snippet
-from ._models import JobInfo
+from ._models import EntryError, JobInfo
 from ._results import GeneratedImage
 
 # A reply may repeat a key; at most this many entries of one key are validated. Past it, a
@@ -29,7 +27,6 @@ ENTRIES_PER_KEY = 4
 _TERMINAL_RAW: frozenset[object] = frozenset(
     {*map(int, _contract.TERMINAL_STATUSES), *(str(int(s)) for s in _contract.TERMINAL_STATUSES)}
 )
-_JOB_LIST = TypeAdapter(list[JobInfo])
 
 
 @dataclass(slots=True)
@@ -196,14 +193,10 @@ def raw_entries_by_key(data: Any, asked: Container[str]) -> dict[str, list[dict[
     return grouped
 
 
-def _why(exc: ValidationError) -> str:
-    """A short account of a validation error that never echoes the hostile input itself."""
-    return snippet(
-        "; ".join(
-            f"{'.'.join(str(part) for part in err['loc']) or 'entry'}: {err['msg']}"
-            for err in exc.errors(include_url=False, include_input=False)[:3]
-        )
-    )
+def _why(exc: Exception) -> str:
+    """A short account of why an entry could not be read that never echoes the hostile input:
+    the field and the rule it breaks (an ``EntryError`` names no value), else the error's type."""
+    return snippet(str(exc)) if isinstance(exc, EntryError) else type(exc).__name__
 
 
 def read(data: Any, asked: Container[str] | None) -> Reading:
@@ -218,21 +211,19 @@ def read(data: Any, asked: Container[str] | None) -> Reading:
     ignored = len(listed) - len(relevant) - surplus
     malformed: dict[str, str] = {}
     first_problem = ""
-    # Validating hostile input may only ever mean "malformed": anything it raises (a
-    # ValidationError, or a TypeError from deep inside a validator) marks the entry bad.
-    try:  # one validation call for the whole list: the common, well-formed case
-        entries = _JOB_LIST.validate_python(relevant)
-    except Exception:
-        entries = []
-        for raw in relevant:  # find the bad entries, keep the good ones
-            try:
-                entries.append(JobInfo.read(raw))
-            except Exception as exc:
-                why = _why(exc) if isinstance(exc, ValidationError) else type(exc).__name__
-                first_problem = first_problem or why
-                key = raw.get("key") if isinstance(raw, dict) else None
-                if isinstance(key, str):
-                    malformed.setdefault(key, why)
+    # Reading hostile input may only ever mean "malformed": anything it raises (an EntryError,
+    # or anything unforeseen from a value no JSON reader makes) marks the entry bad.
+    entries = []
+    read_entry = JobInfo.read
+    for raw in relevant:
+        try:
+            entries.append(read_entry(raw))
+        except Exception as exc:
+            why = _why(exc)
+            first_problem = first_problem or why
+            key = raw.get("key") if isinstance(raw, dict) else None
+            if isinstance(key, str):
+                malformed.setdefault(key, why)
     bad = len(relevant) - len(entries)
     best = _most_advanced(entries)
     for key in best:
