@@ -496,3 +496,15 @@ def final_outcomes(out: Path) -> dict[int, str]:
     for record in manifest(out):
         final[int(record["line"])] = str(record["status"])
     return final
+
+
+def rows_with_ids(tmp_path: Path, *ids: str) -> Path:
+    """A JSONL input of dall-e-2 lines with these ids (prompts p0, p1, ...)."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps({"id": row_id, "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
+            for i, row_id in enumerate(ids)
+        )
+    )
+    return rows

@@ -23,6 +23,7 @@ from .cli_helpers import (
     final_outcomes,
     manifest,
     proc_alive,
+    rows_with_ids,
     running_cli,
     served_emulator,
 )
@@ -32,22 +33,10 @@ from .helpers import eventually
 pytestmark = pytest.mark.anyio
 
 
-def _rows_with_ids(tmp_path: Path, *ids: str) -> Path:
-    """A JSONL input of dall-e-2 lines with these ids (prompts p0, p1, ...)."""
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(
-        "".join(
-            json.dumps({"id": row_id, "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
-            for i, row_id in enumerate(ids)
-        )
-    )
-    return rows
-
-
 @pytest.mark.long
 async def test_uncertain_lines_are_listed_and_resent_only_when_confirmed(tmp_path: Path) -> None:
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
         bulk = ["bulk", str(rows), "-o", str(out), "--json"]
         code, stdout, err = await cli(*bulk, env=emu.env)
@@ -448,7 +437,7 @@ async def test_rows_are_accepted_in_every_form_the_cli_prints_them(tmp_path: Pat
     """Summaries name a row ``line 1 (id r0)``, and `journal list` a row that names neither
     a line nor an id ``#2``: `journal forget`/`resend` refused both ("no journal row")."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
         code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
         assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
@@ -472,7 +461,7 @@ async def test_resend_takes_max_points_and_name_as_bulk_does(tmp_path: Path) -> 
     budget (the folder's input's, as bulk's: uncertain lines count as maybe charged) and
     saved every image under the key's name."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
         code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
         assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
@@ -539,7 +528,7 @@ async def test_journal_list_reads_the_journal_of_a_run_in_progress(tmp_path: Pat
     the journal it exited 4 ("one journal has one writer at a time"), so a user could not
     watch a long run's rows. It reads beside the writer now, which goes on undisturbed."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "3,3") as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
         async with running_cli("bulk", str(rows), "-o", str(out), env=emu.env) as run:
 
@@ -670,7 +659,7 @@ async def test_a_row_id_that_looks_like_a_journal_row_number_names_its_own_row(
     the wrong line, paid). `#N` names a row that has neither a line nor an id; an id is its
     own row's."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "first", "#1")
+        rows = rows_with_ids(tmp_path, "first", "#1")
         out = tmp_path / "out"
         run = ("bulk", str(rows), "-o", str(out), "--json", "--concurrency", "1")
         code, stdout, err = await cli(*run, env=emu.env)

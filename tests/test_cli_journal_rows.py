@@ -19,23 +19,13 @@ from .cli_helpers import (
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     manifest,
     proc_alive,
+    rows_with_ids,
     running_cli,
     served_emulator,
 )
 from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
-
-
-def _rows_with_ids(tmp_path: Path, *ids: str) -> Path:
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(
-        "".join(
-            json.dumps({"id": row_id, "prompt": f"p{i}", "model": "dall-e-2"}) + "\n"
-            for i, row_id in enumerate(ids)
-        )
-    )
-    return rows
 
 
 @pytest.mark.long
@@ -47,7 +37,7 @@ async def test_journal_commands_given_journal_alone_leave_the_working_folder_alo
     `journal forget` judged by ./out/'s manifest: it forgot a succeeded row that is the only
     record of its job's key in the journal's own run folder (a re-run paid for it again)."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0")
+        rows = rows_with_ids(tmp_path, "r0")
         run = tmp_path / "run"
         code, stdout, err = await cli("bulk", str(rows), "-o", str(run), "--json", env=emu.env)
         assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
@@ -201,7 +191,7 @@ async def test_a_resend_stopped_early_counts_and_names_the_rows_it_did_not_send(
     "resent 3 row(s): 0 saved" and pointed at `resume`, which never sends, for the two rows
     the stop kept back (they are in the journal as they were, to be resent)."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
         code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
         assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 3, err
@@ -231,7 +221,7 @@ async def test_retry_uncertain_stopped_early_forgets_the_old_row_of_a_line_left_
     pending (collected by a re-run), yet its old uncertain row stayed, listed by `journal list
     --status uncertain` beside the new one after the re-run had collected its images."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1", "r2")
+        rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
         bulk = ("bulk", str(rows), "-o", str(out), "--json")
         code, stdout, err = await cli(*bulk, env=emu.env)
@@ -259,7 +249,7 @@ async def test_resume_without_out_collects_into_the_journals_run_folder(
     job the run had saved was downloaded again into it under other names, its points said
     spent again, and the run's own folder was left as it was."""
     async with served_emulator(tmp_path) as emu:
-        rows = _rows_with_ids(tmp_path, "r0", "r1")
+        rows = rows_with_ids(tmp_path, "r0", "r1")
         run = tmp_path / "run"
         code, _, err = await cli("bulk", str(rows), "-o", str(run), env=emu.env)
         assert code == 0, err
@@ -311,7 +301,7 @@ async def test_forget_and_list_refuse_a_manifest_that_is_no_file(tmp_path: Path)
     """`journal forget` read OUT/manifest.jsonl whatever it was: a FIFO there made it wait
     for a writer for ever, a folder was an internal error."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
-        rows = _rows_with_ids(tmp_path, "r0")
+        rows = rows_with_ids(tmp_path, "r0")
         out = tmp_path / "out"
         code, _, err = await cli("bulk", str(rows), "-o", str(out), env=emu.env)
         assert code == 1, err
@@ -335,7 +325,7 @@ async def test_an_interrupted_resume_says_it_collects_and_never_sends(tmp_path: 
     rest", then "(or collect only: wujie-async resume ...)", the same command again: resume
     never sends, and a user read that lines were left unsent."""
     async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "30,30") as emu:
-        rows = _rows_with_ids(tmp_path, "r0")
+        rows = rows_with_ids(tmp_path, "r0")
         out = tmp_path / "out"
         bulk = ("bulk", str(rows), "-o", str(out), "--job-timeout", "0.2")
         code, _, err = await cli(*bulk, env=emu.env)
