@@ -14,12 +14,14 @@ it gets, and how every submit still running ends when the client closes.
         await record.accepted(key)      key written before submit() returns
     make_job(key)                       the client's one job factory
 
-Each submit runs in its own cancel scope, so closing the client ends it at once (the scope's
-cancel is told apart from the caller's own cancellation, which always goes on).
+Closing the client ends each submit at once by cancelling its task (``Task.cancel``); that
+cancel is told apart from the caller's own cancellation, which always goes on (the submit
+takes back only its own request, ``Task.uncancel``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -68,13 +70,12 @@ class Admission:
     def __init__(
         self, limits: Limits, *, pace: Callable[[Ready], Awaitable[None]] | None = None
     ) -> None:
-        # fast_acquire: a free slot is taken without a trip through the event loop, as
-        # asyncio.Semaphore does (the submit hot path).
-        self._send_slots = anyio.Semaphore(limits.max_concurrent_submits, fast_acquire=True)
+        # asyncio's own semaphores (the submit hot path): a free slot is taken without a trip
+        # through the event loop, in half the time of anyio's (which looks up the task's
+        # cancel scopes first); a submit is ended by cancelling its task, which these obey.
+        self._send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
         self._in_flight = (
-            anyio.Semaphore(limits.max_in_flight, fast_acquire=True)
-            if limits.max_in_flight is not None
-            else None
+            asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
         )
         self._pace = pace
         if pace is None and limits.max_submits_per_second is not None:
@@ -122,7 +123,7 @@ class _SendSlot:
 
     def __init__(
         self,
-        slots: anyio.Semaphore,
+        slots: asyncio.Semaphore,
         pace: Callable[[Ready], Awaitable[None]] | None,
         ready: Ready | None,
     ) -> None:
@@ -194,6 +195,10 @@ class SubmitRecord:
         self._row_id: int | None = None
         self._sending = False
         self._key_written = False
+        # The task running the submit, and whether stop() or stop_sending() cancelled it (a
+        # request its submit takes back: Task.uncancel).
+        self.task: asyncio.Task[Any] | None = None
+        self.stopping = False
         self.key: str | None = None
         self.job: ImageJob | None = None
         self.unjournaled: str | None = None
@@ -373,18 +378,14 @@ class Submits:
         self._make_job = make_job
         self._in_use = in_use
         self._admission: Admission | None = None
-        # One cancel scope per submit in progress (with its record: how far it got), so
-        # stop() and stop_sending() can end each of them promptly.
-        self._running: dict[anyio.CancelScope, SubmitRecord] = {}
-        self._stopping: set[anyio.CancelScope] = set()
+        # Every submit in progress, by its record (how far it got, and its task), so stop()
+        # and stop_sending() can end each of them promptly (a dict: an ordered set).
+        self._running: dict[SubmitRecord, None] = {}
         self._refusing = False  # stop_sending() was called: no submit leaves from now on
         # Set once no submit runs; made by the first wait_idle() while submits run (None: no
         # one waits), not by every submit that finds none running (a lone submit at a time, as a
         # web handler sends, made and set an Event each: two microseconds).
         self._idle: anyio.Event | None = None
-        # The running backend's own CancelScope class: anyio.CancelScope() looks the backend up
-        # on every call (a microsecond of each submit) and makes one of these with the defaults.
-        self._new_scope: Callable[[], anyio.CancelScope] | None = None
         # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
         self._claimed_keys: set[str] = set()
         # Keys of earlier jobs (refuse_keys): a submit given one cannot be told from them.
@@ -431,21 +432,29 @@ class Submits:
             # by the budget (an edit's request carries its images).
             body = RequestBody(body)
         record = SubmitRecord(self._journal, path, body, tag)
-        new_scope = self._new_scope
-        if new_scope is None:
-            new_scope = self._new_scope = type(anyio.CancelScope())
-        scope = new_scope()
+        # The submit's own task: stop() cancels it. A plain Task.cancel rather than an anyio
+        # CancelScope (whose enter and exit cost each submit more than the rest of its
+        # bookkeeping): the cancel is thrown where the task waits, inside _send.
+        task = record.task = asyncio.current_task()
         otel = self._telemetry.otel
         trace = otel.job_started("submit", body.get("model"), n) if otel is not None else None
         # Registered before the first await: stop() cannot miss a submit in progress.
-        self._running[scope] = record
+        self._running[record] = None
         try:
-            with scope:
+            try:
                 job = await self._send(record, path, body, n, deadline_s, trace)
+            except asyncio.CancelledError:
+                if not record.stopping:
+                    raise  # the caller's own cancellation
+                record.stopping = False  # taken back just below
+                assert task is not None  # stopping is only set on a submit with a task
+                if task.uncancel() > 0:
+                    raise  # the caller cancelled it too: its cancellation goes on
+            else:
                 if trace is not None:
                     self._submit_ended(trace, record, None)
                 return job
-            # Only reached when stop() or stop_sending() cancelled this scope: the caller's
+            # Only reached when stop() or stop_sending() cancelled this submit: the caller's
             # own cancellation is never swallowed by it (it goes on as CancelledError).
             if record.job is not None:
                 if trace is not None:
@@ -472,7 +481,7 @@ class Submits:
             if trace is not None:
                 self._submit_ended(trace, record, exc)
             if (
-                isinstance(exc, anyio.get_cancelled_exc_class())
+                isinstance(exc, asyncio.CancelledError)
                 and record.may_have_left
                 and record.job is None
             ):
@@ -485,8 +494,12 @@ class Submits:
                 )
             raise
         finally:
-            self._running.pop(scope, None)
-            self._stopping.discard(scope)
+            if record.stopping and task is not None:
+                # Our cancel never came out as CancelledError (code under _send turned it into
+                # another error): taken back all the same, or the caller's next await would be
+                # cancelled by a request no one made of it.
+                task.uncancel()
+            del self._running[record]
             if not self._running and self._idle is not None:
                 self._idle.set()
                 self._idle = None  # whoever waits now is woken; a later wait makes its own
@@ -516,10 +529,9 @@ class Submits:
         admission, the budget or the journal) ends with ClientStateError, and so does every
         later one. Submits already on the wire carry on and get their keys."""
         self._refusing = True
-        for scope, record in self._running.items():
-            if not record.may_have_left and scope not in self._stopping:
-                self._stopping.add(scope)
-                scope.cancel("submits were stopped")
+        for record in self._running:
+            if not record.may_have_left:
+                _cancel(record, "submits were stopped")
 
     async def stop(self, timeout: float) -> None:
         """End every submit in progress (see ``WujieClient.aclose``); wait for them to unwind.
@@ -529,10 +541,8 @@ class Submits:
         caller's own session) may await anything: bounded by ``timeout``, and a WARNING says
         how many were left still unwinding.
         """
-        for scope in self._running:
-            if scope not in self._stopping:
-                self._stopping.add(scope)
-                scope.cancel("the client is closing")
+        for record in self._running:
+            _cancel(record, "the client is closing")
         if self._running:
             with anyio.move_on_after(timeout):
                 await self.wait_idle()
@@ -669,6 +679,20 @@ class Submits:
             self._claimed_keys.add(key)
             return
         raise _reused_key(key, whose, body, what)
+
+
+def _cancel(record: SubmitRecord, why: str) -> None:
+    """Cancel the task of a submit in progress, once (see ``Submits.submit``).
+
+    Not when that task is the one calling (a hook run inside its own submit): its cancel would
+    only be thrown at its next wait, which may come after the submit returned, in the caller's
+    code; it carries on to its end instead.
+    """
+    task = record.task
+    if record.stopping or task is None or task is asyncio.current_task():
+        return
+    record.stopping = True
+    task.cancel(why)
 
 
 def _reused_key(
