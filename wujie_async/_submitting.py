@@ -5,11 +5,13 @@ it gets, and how every submit still running ends when the client closes.
 
     admission.take_in_flight()          wait for room under Limits.max_in_flight
     SubmitRecord(...), .ended(error)    the journal protocol and the outcome classification
-        async with admission.send_slot(record.intent):  Limits.max_concurrent_submits and the
-                                            pacer, the intent written just before the slot
+        admission.take_send_slot(intent)    Limits.max_concurrent_submits and the pacer,
+                                            the intent written while the pace waits (no
+                                            pace, no journal: send_slots.acquire() alone)
             POST(on_wire=record.on_wire)    the transport says when a try may leave the
                                             process, and when a refused one waits to retry
                                             (then takes a fresh turn of the pacer)
+        send_slots.release()
         claim the key                   usable, and not another job's
         await record.accepted(key)      key written before submit() returns
     make_job(key)                       the client's one job factory
@@ -59,6 +61,12 @@ logger = logging.getLogger("wujie_async")
 class Admission:
     """When a submit may go out: the in-flight bound, the submit slots and the pacer.
 
+    Attributes:
+        send_slots: the ``max_concurrent_submits`` slots (see :meth:`take_send_slot`).
+        unpaced: no pace to wait for (no ``max_submits_per_second``, no fleet).
+        bounds_in_flight: ``max_in_flight`` is set (else :meth:`take_in_flight` need not be
+            awaited: it would return None at once).
+
     Args:
         limits: the client's limits.
         pace: waits for each submit's turn in place of the local pacer: a fleet's shared
@@ -73,19 +81,16 @@ class Admission:
         # asyncio's own semaphores (the submit hot path): a free slot is taken without a trip
         # through the event loop, in half the time of anyio's (which looks up the task's
         # cancel scopes first); a submit is ended by cancelling its task, which these obey.
-        self._send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
+        self.send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
         self._in_flight = (
             asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
         )
         self._pace = pace
         if pace is None and limits.max_submits_per_second is not None:
             self._pace = Pacer(limits.max_submits_per_second, margin=WINDOW_MARGIN_S).wait
-
-    @property
-    def bounds_in_flight(self) -> bool:
-        """Whether ``max_in_flight`` is set (else :meth:`take_in_flight` need not be awaited:
-        it would return None at once)."""
-        return self._in_flight is not None
+        # No pace (and, with no journal, nothing to write): the hot path waits for a slot only.
+        self.unpaced = self._pace is None
+        self.bounds_in_flight = self._in_flight is not None
 
     async def take_in_flight(self) -> Callable[[], None] | None:
         """Wait for room under ``max_in_flight``; returns the release (held until the job ends).
@@ -103,49 +108,29 @@ class Admission:
         if self._pace is not None:
             await self._pace(_nothing_to_do)
 
-    def send_slot(self, ready: Ready | None) -> _SendSlot:
-        """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out;
+    async def take_send_slot(self, ready: Ready | None) -> None:
+        """Take one of the ``max_concurrent_submits`` slots (``send_slots``), paced;
         ``ready`` (the journal's intent) is awaited once, as late as the pacing allows (None:
-        nothing to write, no coroutine to await)."""
-        return _SendSlot(self._send_slots, self._pace, ready)
+        nothing to write). The caller releases the slot once the request is done.
 
-
-async def _nothing_to_do() -> None:
-    """A resend's ``ready``: its intent is written already."""
-
-
-class _SendSlot:
-    """``async with admission.send_slot(ready):`` as a plain class: one small object per
-    submit rather than the generator and wrapper of ``@asynccontextmanager`` (the submit hot
-    path)."""
-
-    __slots__ = ("_pace", "_ready", "_slots")
-
-    def __init__(
-        self,
-        slots: asyncio.Semaphore,
-        pace: Callable[[Ready], Awaitable[None]] | None,
-        ready: Ready | None,
-    ) -> None:
-        self._slots = slots
-        self._pace = pace
-        self._ready = ready
-
-    async def __aenter__(self) -> None:
-        await self._slots.acquire()
+        A submit with neither a pace nor a journal takes ``send_slots.acquire()`` directly
+        (the submit hot path: no coroutine of this one's).
+        """
+        await self.send_slots.acquire()
         try:
             if self._pace is not None:
                 # Written while the pace waits: a slow or uneven write (the fleet's Redis, a
                 # busy disk) would otherwise lie between the slot and the send, and bunch sends.
-                await self._pace(self._ready or _nothing_to_do)
-            elif self._ready is not None:
-                await self._ready()
+                await self._pace(ready or _nothing_to_do)
+            elif ready is not None:
+                await ready()
         except BaseException:
-            self._slots.release()
+            self.send_slots.release()
             raise
 
-    async def __aexit__(self, *exc: object) -> None:
-        self._slots.release()
+
+async def _nothing_to_do() -> None:
+    """A resend's ``ready``: its intent is written already."""
 
 
 def outcome_state(error: BaseException, *, sending: bool) -> str:
@@ -184,6 +169,21 @@ class SubmitRecord:
         job: the job made for the key (the client sets it).
         unjournaled: why the accepted key could not be written (disk full, say), or None.
     """
+
+    __slots__ = (
+        "_body",
+        "_journal",
+        "_key_written",
+        "_path",
+        "_row_id",
+        "_sending",
+        "_tag",
+        "job",
+        "key",
+        "stopping",
+        "task",
+        "unjournaled",
+    )
 
     def __init__(
         self, journal: SubmitJournal | None, path: str, body: dict[str, Any], tag: str | None
@@ -581,8 +581,12 @@ class Submits:
                 raise
         lost_reply = True
         try:
-            ready = record.intent if self._journal is not None else None
-            async with admission.send_slot(ready):
+            slots = admission.send_slots
+            if self._journal is None and admission.unpaced:
+                await slots.acquire()  # the hot path: nothing to write, no pace
+            else:
+                await admission.take_send_slot(record.intent if self._journal is not None else None)
+            try:  # (entered with no await since the slot was taken)
                 data = await self._transport.post(
                     path,
                     body,
@@ -591,6 +595,8 @@ class Submits:
                     on_wire=record.on_wire,
                     before_retry=admission.pace_again,
                 )
+            finally:
+                slots.release()
             try:
                 key = usable_key(data, body)
             finally:
@@ -607,7 +613,10 @@ class Submits:
                 otel.job_accepted(trace, key)
             earlier = False  # the journal holds the key on an earlier row
             try:
-                earlier = not await record.accepted(key)
+                if self._journal is None:
+                    record.key = key  # all that accepted() does without a journal
+                else:
+                    earlier = not await record.accepted(key)
             finally:
                 # Whatever happens now, the key gets its job (tracked, or settled at once
                 # if the client is closing): an accepted key is never dropped.
