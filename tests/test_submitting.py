@@ -181,6 +181,46 @@ async def test_a_cancel_by_the_caller_is_not_swallowed_during_close(
             await task
 
 
+async def test_a_submit_ended_by_the_client_leaves_its_task_free_to_go_on(
+    emulator: EmulatorFactory,
+) -> None:
+    """The client ends a submit by cancelling its task and takes that cancel back: the task
+    that called submit() (a worker that goes on to other work) is not left with a cancel
+    request, whether the submit waited for room (stop_submitting) or was on the wire (aclose);
+    a caller's own cancel at the same moment still goes on."""
+    faults = FaultConfig(slow_reply=1.0, slow_reply_s=0.3, endpoints=frozenset({"generations"}))
+    async with emulator(faults=faults, time_scale=0.05) as emu:
+        client = make_client(emu, limits=Limits(max_concurrent_submits=1))
+        await client.open()
+        on_wire = asyncio.Event()
+
+        async def worker(prompt: str, *, first: bool = False) -> tuple[str, int]:
+            try:
+                if first:
+                    on_wire.set()
+                await client.images.submit(prompt=prompt, model="dall-e-2")
+                outcome = "returned"
+            except (ClientStateError, SubmitUncertainError) as exc:
+                outcome = type(exc).__name__
+            task = asyncio.current_task()
+            assert task is not None
+            await asyncio.sleep(0)  # goes on: no cancel is left for it
+            return outcome, task.cancelling()
+
+        sending = asyncio.create_task(worker("on the wire", first=True))
+        await on_wire.wait()
+        waiting = asyncio.create_task(worker("waiting for a slot"))
+        both = asyncio.create_task(client.images.submit(prompt="both", model="dall-e-2"))
+        await asyncio.sleep(0.05)  # the first is on the wire, the others wait for its slot
+        both.cancel()  # the caller's own cancel, in the same moment as the stop's
+        client.stop_submitting()
+        assert await asyncio.wait_for(waiting, 5) == ("ClientStateError", 0)
+        with pytest.raises(asyncio.CancelledError):
+            await both
+        await asyncio.wait_for(client.aclose(), 5)  # ends the one on the wire
+        assert await asyncio.wait_for(sending, 5) == ("SubmitUncertainError", 0)
+
+
 # --- a stopped poller ----------------------------------------------------------------------------
 def _poller_task() -> asyncio.Task[Any]:
     [task] = [t for t in asyncio.all_tasks() if t.get_name() == "wujie-async poller"]

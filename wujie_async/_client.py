@@ -590,8 +590,18 @@ class WujieClient:
     ) -> Coroutine[Any, Any, ImageJob]:
         """The checks, then the submit's coroutine: called from ``Images.submit``'s own
         coroutine, which awaits it (no coroutine of its own here: one layer less per submit)."""
-        self._check_open()
-        deadline_s = self._job_timeout(job_timeout)
+        task = self._poller_task
+        # The checks of _check_open, in their passing case (the submit hot path; called from
+        # a coroutine, so a loop runs): any other case goes through _check_open for its error.
+        if (
+            self._state != "open"
+            or task is None
+            or task.done()
+            or asyncio.get_running_loop() is not self._loop
+        ):
+            self._check_open()
+        # Timeouts.job was checked when its Timeouts was made: only a submit's own is checked.
+        deadline_s = self.timeouts.job if job_timeout is None else self._job_timeout(job_timeout)
         if extra_body is not None:
             body = {**body, **_checked_extra_body(extra_body)}
         return self._submits.submit(path, body, n or 1, deadline_s, tag)

@@ -5,21 +5,25 @@ it gets, and how every submit still running ends when the client closes.
 
     admission.take_in_flight()          wait for room under Limits.max_in_flight
     SubmitRecord(...), .ended(error)    the journal protocol and the outcome classification
-        async with admission.send_slot(record.intent):  Limits.max_concurrent_submits and the
-                                            pacer, the intent written just before the slot
+        admission.take_send_slot(intent)    Limits.max_concurrent_submits and the pacer,
+                                            the intent written while the pace waits (no
+                                            pace, no journal: send_slots.acquire() alone)
             POST(on_wire=record.on_wire)    the transport says when a try may leave the
                                             process, and when a refused one waits to retry
                                             (then takes a fresh turn of the pacer)
+        send_slots.release()
         claim the key                   usable, and not another job's
         await record.accepted(key)      key written before submit() returns
     make_job(key)                       the client's one job factory
 
-Each submit runs in its own cancel scope, so closing the client ends it at once (the scope's
-cancel is told apart from the caller's own cancellation, which always goes on).
+Closing the client ends each submit at once by cancelling its task (``Task.cancel``); that
+cancel is told apart from the caller's own cancellation, which always goes on (the submit
+takes back only its own request, ``Task.uncancel``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -57,6 +61,12 @@ logger = logging.getLogger("wujie_async")
 class Admission:
     """When a submit may go out: the in-flight bound, the submit slots and the pacer.
 
+    Attributes:
+        send_slots: the ``max_concurrent_submits`` slots (see :meth:`take_send_slot`).
+        unpaced: no pace to wait for (no ``max_submits_per_second``, no fleet).
+        bounds_in_flight: ``max_in_flight`` is set (else :meth:`take_in_flight` need not be
+            awaited: it would return None at once).
+
     Args:
         limits: the client's limits.
         pace: waits for each submit's turn in place of the local pacer: a fleet's shared
@@ -68,23 +78,19 @@ class Admission:
     def __init__(
         self, limits: Limits, *, pace: Callable[[Ready], Awaitable[None]] | None = None
     ) -> None:
-        # fast_acquire: a free slot is taken without a trip through the event loop, as
-        # asyncio.Semaphore does (the submit hot path).
-        self._send_slots = anyio.Semaphore(limits.max_concurrent_submits, fast_acquire=True)
+        # asyncio's own semaphores (the submit hot path): a free slot is taken without a trip
+        # through the event loop, in half the time of anyio's (which looks up the task's
+        # cancel scopes first); a submit is ended by cancelling its task, which these obey.
+        self.send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
         self._in_flight = (
-            anyio.Semaphore(limits.max_in_flight, fast_acquire=True)
-            if limits.max_in_flight is not None
-            else None
+            asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
         )
         self._pace = pace
         if pace is None and limits.max_submits_per_second is not None:
             self._pace = Pacer(limits.max_submits_per_second, margin=WINDOW_MARGIN_S).wait
-
-    @property
-    def bounds_in_flight(self) -> bool:
-        """Whether ``max_in_flight`` is set (else :meth:`take_in_flight` need not be awaited:
-        it would return None at once)."""
-        return self._in_flight is not None
+        # No pace (and, with no journal, nothing to write): the hot path waits for a slot only.
+        self.unpaced = self._pace is None
+        self.bounds_in_flight = self._in_flight is not None
 
     async def take_in_flight(self) -> Callable[[], None] | None:
         """Wait for room under ``max_in_flight``; returns the release (held until the job ends).
@@ -102,49 +108,29 @@ class Admission:
         if self._pace is not None:
             await self._pace(_nothing_to_do)
 
-    def send_slot(self, ready: Ready | None) -> _SendSlot:
-        """Hold one of the ``max_concurrent_submits`` slots, paced, while the request is out;
+    async def take_send_slot(self, ready: Ready | None) -> None:
+        """Take one of the ``max_concurrent_submits`` slots (``send_slots``), paced;
         ``ready`` (the journal's intent) is awaited once, as late as the pacing allows (None:
-        nothing to write, no coroutine to await)."""
-        return _SendSlot(self._send_slots, self._pace, ready)
+        nothing to write). The caller releases the slot once the request is done.
 
-
-async def _nothing_to_do() -> None:
-    """A resend's ``ready``: its intent is written already."""
-
-
-class _SendSlot:
-    """``async with admission.send_slot(ready):`` as a plain class: one small object per
-    submit rather than the generator and wrapper of ``@asynccontextmanager`` (the submit hot
-    path)."""
-
-    __slots__ = ("_pace", "_ready", "_slots")
-
-    def __init__(
-        self,
-        slots: anyio.Semaphore,
-        pace: Callable[[Ready], Awaitable[None]] | None,
-        ready: Ready | None,
-    ) -> None:
-        self._slots = slots
-        self._pace = pace
-        self._ready = ready
-
-    async def __aenter__(self) -> None:
-        await self._slots.acquire()
+        A submit with neither a pace nor a journal takes ``send_slots.acquire()`` directly
+        (the submit hot path: no coroutine of this one's).
+        """
+        await self.send_slots.acquire()
         try:
             if self._pace is not None:
                 # Written while the pace waits: a slow or uneven write (the fleet's Redis, a
                 # busy disk) would otherwise lie between the slot and the send, and bunch sends.
-                await self._pace(self._ready or _nothing_to_do)
-            elif self._ready is not None:
-                await self._ready()
+                await self._pace(ready or _nothing_to_do)
+            elif ready is not None:
+                await ready()
         except BaseException:
-            self._slots.release()
+            self.send_slots.release()
             raise
 
-    async def __aexit__(self, *exc: object) -> None:
-        self._slots.release()
+
+async def _nothing_to_do() -> None:
+    """A resend's ``ready``: its intent is written already."""
 
 
 def outcome_state(error: BaseException, *, sending: bool) -> str:
@@ -184,6 +170,21 @@ class SubmitRecord:
         unjournaled: why the accepted key could not be written (disk full, say), or None.
     """
 
+    __slots__ = (
+        "_body",
+        "_journal",
+        "_key_written",
+        "_path",
+        "_row_id",
+        "_sending",
+        "_tag",
+        "job",
+        "key",
+        "stopping",
+        "task",
+        "unjournaled",
+    )
+
     def __init__(
         self, journal: SubmitJournal | None, path: str, body: dict[str, Any], tag: str | None
     ) -> None:
@@ -194,6 +195,10 @@ class SubmitRecord:
         self._row_id: int | None = None
         self._sending = False
         self._key_written = False
+        # The task running the submit, and whether stop() or stop_sending() cancelled it (a
+        # request its submit takes back: Task.uncancel).
+        self.task: asyncio.Task[Any] | None = None
+        self.stopping = False
         self.key: str | None = None
         self.job: ImageJob | None = None
         self.unjournaled: str | None = None
@@ -373,18 +378,14 @@ class Submits:
         self._make_job = make_job
         self._in_use = in_use
         self._admission: Admission | None = None
-        # One cancel scope per submit in progress (with its record: how far it got), so
-        # stop() and stop_sending() can end each of them promptly.
-        self._running: dict[anyio.CancelScope, SubmitRecord] = {}
-        self._stopping: set[anyio.CancelScope] = set()
+        # Every submit in progress, by its record (how far it got, and its task), so stop()
+        # and stop_sending() can end each of them promptly (a dict: an ordered set).
+        self._running: dict[SubmitRecord, None] = {}
         self._refusing = False  # stop_sending() was called: no submit leaves from now on
         # Set once no submit runs; made by the first wait_idle() while submits run (None: no
         # one waits), not by every submit that finds none running (a lone submit at a time, as a
         # web handler sends, made and set an Event each: two microseconds).
         self._idle: anyio.Event | None = None
-        # The running backend's own CancelScope class: anyio.CancelScope() looks the backend up
-        # on every call (a microsecond of each submit) and makes one of these with the defaults.
-        self._new_scope: Callable[[], anyio.CancelScope] | None = None
         # Keys a submit got but has not yet tracked: a second submit given one is a duplicate.
         self._claimed_keys: set[str] = set()
         # Keys of earlier jobs (refuse_keys): a submit given one cannot be told from them.
@@ -431,21 +432,29 @@ class Submits:
             # by the budget (an edit's request carries its images).
             body = RequestBody(body)
         record = SubmitRecord(self._journal, path, body, tag)
-        new_scope = self._new_scope
-        if new_scope is None:
-            new_scope = self._new_scope = type(anyio.CancelScope())
-        scope = new_scope()
+        # The submit's own task: stop() cancels it. A plain Task.cancel rather than an anyio
+        # CancelScope (whose enter and exit cost each submit more than the rest of its
+        # bookkeeping): the cancel is thrown where the task waits, inside _send.
+        task = record.task = asyncio.current_task()
         otel = self._telemetry.otel
         trace = otel.job_started("submit", body.get("model"), n) if otel is not None else None
         # Registered before the first await: stop() cannot miss a submit in progress.
-        self._running[scope] = record
+        self._running[record] = None
         try:
-            with scope:
+            try:
                 job = await self._send(record, path, body, n, deadline_s, trace)
+            except asyncio.CancelledError:
+                if not record.stopping:
+                    raise  # the caller's own cancellation
+                record.stopping = False  # taken back just below
+                assert task is not None  # stopping is only set on a submit with a task
+                if task.uncancel() > 0:
+                    raise  # the caller cancelled it too: its cancellation goes on
+            else:
                 if trace is not None:
                     self._submit_ended(trace, record, None)
                 return job
-            # Only reached when stop() or stop_sending() cancelled this scope: the caller's
+            # Only reached when stop() or stop_sending() cancelled this submit: the caller's
             # own cancellation is never swallowed by it (it goes on as CancelledError).
             if record.job is not None:
                 if trace is not None:
@@ -472,7 +481,7 @@ class Submits:
             if trace is not None:
                 self._submit_ended(trace, record, exc)
             if (
-                isinstance(exc, anyio.get_cancelled_exc_class())
+                isinstance(exc, asyncio.CancelledError)
                 and record.may_have_left
                 and record.job is None
             ):
@@ -485,8 +494,12 @@ class Submits:
                 )
             raise
         finally:
-            self._running.pop(scope, None)
-            self._stopping.discard(scope)
+            if record.stopping and task is not None:
+                # Our cancel never came out as CancelledError (code under _send turned it into
+                # another error): taken back all the same, or the caller's next await would be
+                # cancelled by a request no one made of it.
+                task.uncancel()
+            del self._running[record]
             if not self._running and self._idle is not None:
                 self._idle.set()
                 self._idle = None  # whoever waits now is woken; a later wait makes its own
@@ -516,10 +529,9 @@ class Submits:
         admission, the budget or the journal) ends with ClientStateError, and so does every
         later one. Submits already on the wire carry on and get their keys."""
         self._refusing = True
-        for scope, record in self._running.items():
-            if not record.may_have_left and scope not in self._stopping:
-                self._stopping.add(scope)
-                scope.cancel("submits were stopped")
+        for record in self._running:
+            if not record.may_have_left:
+                _cancel(record, "submits were stopped")
 
     async def stop(self, timeout: float) -> None:
         """End every submit in progress (see ``WujieClient.aclose``); wait for them to unwind.
@@ -529,10 +541,8 @@ class Submits:
         caller's own session) may await anything: bounded by ``timeout``, and a WARNING says
         how many were left still unwinding.
         """
-        for scope in self._running:
-            if scope not in self._stopping:
-                self._stopping.add(scope)
-                scope.cancel("the client is closing")
+        for record in self._running:
+            _cancel(record, "the client is closing")
         if self._running:
             with anyio.move_on_after(timeout):
                 await self.wait_idle()
@@ -571,8 +581,12 @@ class Submits:
                 raise
         lost_reply = True
         try:
-            ready = record.intent if self._journal is not None else None
-            async with admission.send_slot(ready):
+            slots = admission.send_slots
+            if self._journal is None and admission.unpaced:
+                await slots.acquire()  # the hot path: nothing to write, no pace
+            else:
+                await admission.take_send_slot(record.intent if self._journal is not None else None)
+            try:  # (entered with no await since the slot was taken)
                 data = await self._transport.post(
                     path,
                     body,
@@ -581,6 +595,8 @@ class Submits:
                     on_wire=record.on_wire,
                     before_retry=admission.pace_again,
                 )
+            finally:
+                slots.release()
             try:
                 key = usable_key(data, body)
             finally:
@@ -597,7 +613,10 @@ class Submits:
                 otel.job_accepted(trace, key)
             earlier = False  # the journal holds the key on an earlier row
             try:
-                earlier = not await record.accepted(key)
+                if self._journal is None:
+                    record.key = key  # all that accepted() does without a journal
+                else:
+                    earlier = not await record.accepted(key)
             finally:
                 # Whatever happens now, the key gets its job (tracked, or settled at once
                 # if the client is closing): an accepted key is never dropped.
@@ -669,6 +688,20 @@ class Submits:
             self._claimed_keys.add(key)
             return
         raise _reused_key(key, whose, body, what)
+
+
+def _cancel(record: SubmitRecord, why: str) -> None:
+    """Cancel the task of a submit in progress, once (see ``Submits.submit``).
+
+    Not when that task is the one calling (a hook run inside its own submit): its cancel would
+    only be thrown at its next wait, which may come after the submit returned, in the caller's
+    code; it carries on to its end instead.
+    """
+    task = record.task
+    if record.stopping or task is None or task is asyncio.current_task():
+        return
+    record.stopping = True
+    task.cancel(why)
 
 
 def _reused_key(
