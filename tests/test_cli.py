@@ -311,9 +311,9 @@ def test_printed_commands_name_a_path_that_starts_with_a_dash_as_a_path(tmp_path
     """A relative --out or journal that starts with '-' (given as ./-runs) was printed as it
     is: pasted, the command's parser took the path for an option and the command failed."""
     journal = Path("-runs/journal.sqlite")
-    said = forget_failed_said("the disk is full", journal)
+    said = forget_failed_said("the disk is full", journal, [3, 7])
     commands = re.findall(r"`(wujie-async [^`]*)`", said)
-    assert len(commands) == 2, said
+    assert len(commands) == 1, said
     for command in commands:
         args = build_parser().parse_args(shlex.split(command)[1:])
         assert Path(args.journal) == journal, command

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 from pathlib import Path
 
 import pytest
 
 from wujie_async import Credentials, JobFailedError, SubmitUncertainError, WujieClient
+from wujie_async.cli._run import forget_failed_said
 
 from .cli_helpers import (
     Served,
@@ -345,3 +347,67 @@ async def test_an_interrupted_resume_says_it_collects_and_never_sends(tmp_path: 
 
 async def _more_batch_calls(emu: Served, before: int) -> bool:
     return int((await emu.stats())["batch_calls"]) > before
+
+
+@pytest.mark.long
+async def test_resend_of_a_line_edited_between_runs_sends_one_request(tmp_path: Path) -> None:
+    """Line 1 sent without a reply, then edited and sent again without a reply: the journal
+    holds two rows of line 1 with different tags (two requests), and `journal resend 1` sent
+    both, two paid jobs for one line (`--all-uncertain` too). Refused, naming the rows; the
+    one meant is sent by its journal number."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        rows = tmp_path / "rows.jsonl"
+        out = tmp_path / "out"
+        for prompt in ("a red fox", "a blue fox"):
+            rows.write_text(json.dumps({"prompt": prompt, "model": "dall-e-2"}) + "\n")
+            code, stdout, err = await cli("bulk", str(rows), "-o", str(out), "--json", env=emu.env)
+            assert code == 1 and json.loads(stdout)["outcomes"]["uncertain"] == 1, err
+        code, listing, _ = await cli("journal", "list", "--json", "-o", str(out))
+        listed = [json.loads(line) for line in listing.splitlines()]
+        assert [(r["line"], r["state"], r["prompt"]) for r in listed] == [
+            (1, "uncertain", "a red fox"),
+            (1, "uncertain", "a blue fox"),
+        ], listed
+        old, new = (f"#{r['row']}" for r in listed)
+        await emu.set_faults()
+        accepted = (await emu.stats())["submits_accepted"]
+        for named in (("1",), ("line 1",), ("--all-uncertain",)):
+            code, _, err = await cli(
+                "journal", "resend", *named, "--yes", "-o", str(out), env=emu.env
+            )
+            assert "line 1 holds 2 requests" in err and old in err and new in err, err
+            assert (await emu.stats())["submits_accepted"] == accepted
+        code, _, err = await cli("journal", "resend", new, "--yes", "-o", str(out), env=emu.env)
+        assert code == 0 and "resent 1 row(s): 1 saved" in err, err
+        assert (await emu.stats())["submits_accepted"] == accepted + 1
+        code, listing, _ = await cli("journal", "list", "--json", "-o", str(out))
+        left = [
+            (f"#{r['row']}", r["state"], r["prompt"])
+            for r in map(json.loads, listing.split("\n")[:-1])
+        ]
+        assert left[0] == (old, "uncertain", "a red fox"), listing  # the other request's row
+        assert [row[1:] for row in left[1:]] == [("succeeded", "a blue fox")], listing
+
+
+@pytest.mark.long
+async def test_the_hint_after_a_failed_forget_keeps_the_lines_new_uncertain_row(
+    tmp_path: Path,
+) -> None:
+    """A run sent line `id fox` again and its new submit got no reply either (row 2,
+    uncertain: the only record of a job that may have been charged), and the journal did
+    not forget the old row 1. The summary said to run `journal forget ROWS --yes`: given
+    the line (`fox`), that dropped row 2 too. It names the old rows by number alone."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        journal = out / "journal.sqlite"
+        for _ in range(2):
+            await _submit_as_a_program(emu, journal, uncertain=True)
+    said = forget_failed_said("the disk is full", journal, [1])
+    [command] = [c for c in re.findall(r"`(wujie-async [^`]*)`", said) if " forget " in c]
+    code, _, err = await cli(*shlex.split(command)[1:])
+    assert code == 0 and "forgot 1 row(s)" in err, err
+    code, listing, _ = await cli("journal", "list", "--json", "--journal", str(journal))
+    assert [(r["row"], r["state"]) for r in map(json.loads, listing.split("\n")[:-1])] == [
+        (2, "uncertain")
+    ], listing

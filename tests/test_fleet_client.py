@@ -447,6 +447,55 @@ async def test_a_member_kept_out_by_the_gateway_check_keeps_its_jobs(
         assert not theirs.stats()["batch_keys"]
 
 
+@pytest.mark.long
+async def test_a_kept_out_member_that_is_gone_leaves_its_jobs_to_its_own_gateway(
+    url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A member kept out by the gateway check that left (or was killed, its mark gone stale)
+    # was dead to every member: one of the fleet's other gateway claimed its accepted jobs
+    # and asked its own gateway about them, which did not know them (paid jobs ended
+    # unknown). They wait for a member of the gateway it was kept out with.
+    caplog.set_level(logging.WARNING, "wujie_async.fleet")
+    name = fleet_name()
+    async with (
+        emulator(time_scale=1.0, job_seconds=(30, 30)) as ours,
+        emulator() as theirs,
+        RedisFleet(url, name=name) as observer,
+    ):
+        first = member(ours, url, name, member_timeout=3.0)
+        async with first:
+            job = await first.images.submit(prompt="x", model="dall-e-2")
+            other = Membership(observer, new_member_id())
+            other.use_gateway(theirs.base_url, theirs.credentials.app_id)
+            record: dict[Any, Any] = {
+                "fingerprint": other.gateway[0],
+                "base_url": theirs.base_url,
+                "since": "0",
+            }
+            await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
+            await other.join()
+            first_id = first.fleet_member
+            assert first_id is not None
+            await observer.call(lambda r: r.hdel(observer.keys.member_info, first_id))
+            await eventually(lambda: "may not join again" in caplog.text, what="first kept out")
+        assert job.key is not None
+        theirs_journal = RedisJournal(observer, other.member_id)
+        theirs_journal.use_gateway(*other.gateway)
+        claim = await theirs_journal.claim_dead(1.5)
+        assert claim.entries == [] and first_id not in claim.dead_members
+        # A member of its own gateway takes them.
+        mine = Membership(observer, new_member_id())
+        mine.use_gateway(ours.base_url, ours.credentials.app_id)
+        await observer.call(lambda r: r.delete(observer.keys.gateway))
+        await other.leave()
+        await mine.join()
+        mine_journal = RedisJournal(observer, mine.member_id)
+        mine_journal.use_gateway(*mine.gateway)
+        claim = await mine_journal.claim_dead(1.5)
+        assert [entry.job_key for entry in claim.entries] == [job.key], claim
+        assert first_id in claim.dead_members
+
+
 async def test_a_fleet_that_lost_its_gateway_is_not_taken_by_another_gateway(
     url: str, emulator: EmulatorFactory
 ) -> None:

@@ -72,7 +72,8 @@ async def test_leaving_makes_a_member_dead_at_once(url: str) -> None:
 @pytest.mark.long
 async def test_a_kept_out_member_keeps_its_jobs_until_it_leaves(url: str) -> None:
     # Refused on joining again (the fleet's live members use another gateway), a member sent
-    # no heartbeat, and its jobs were claimed by a member that asks another gateway.
+    # no heartbeat, and its jobs were claimed by a member that asks another gateway. Gone,
+    # they go to a member of its own gateway alone.
     async with RedisFleet(url, name=fleet_name()) as fleet:
         ours, theirs = Membership(fleet, new_member_id()), Membership(fleet, new_member_id())
         ours.use_gateway("https://ours.example", "app")
@@ -94,8 +95,16 @@ async def test_a_kept_out_member_keeps_its_jobs_until_it_leaves(url: str) -> Non
 
         await eventually(ours_silent, timeout=10, what="`ours` silent for 0.5 s")
         assert (await heir.claim_dead(0.5)).entries == []
-        await ours.leave()  # gone: its jobs are claimable at once
-        assert [entry.job_key for entry in (await heir.claim_dead(0.5)).entries] == ["k1"]
+        await ours.leave()  # gone: its jobs are claimable at once, by a member of its gateway
+        heir.use_gateway(*theirs.gateway)
+        assert (await heir.claim_dead(0.5)).entries == []  # theirs asks another gateway
+        await theirs.leave()
+        mate = Membership(fleet, new_member_id())
+        mate.use_gateway("https://ours.example", "app")
+        await mate.join()
+        own = RedisJournal(fleet, mate.member_id)
+        own.use_gateway(*mate.gateway)
+        assert [entry.job_key for entry in (await own.claim_dead(0.5)).entries] == ["k1"]
 
 
 # --- lease --------------------------------------------------------------------------------------

@@ -189,6 +189,9 @@ class BulkRun:
         # none to): the summary says so, as those rows would be sent again by a later
         # --retry-uncertain.
         self.forget_failed: str | None = None
+        # The journal rows it was to forget (the summary names them by number: a line's
+        # name would take its new row too, uncertain perhaps, the only record of that job).
+        self.forget_rows: list[int] = []
         self._journaled = journaled
         # Accepted jobs whose key is yet to be checked against the journal (see _keep_key),
         # and the one check at a time that takes them all.
@@ -631,7 +634,7 @@ class BulkRun:
         signals: Signals,
         close: Callable[[], Awaitable[None]],
         *,
-        forget: Callable[[], Awaitable[object]] | None = None,
+        forget: Callable[[], Iterable[int]] | None = None,
         make_room: Callable[[], None] | None = None,
     ) -> None:
         """The closing waits of a run that has ended, each bounded (a disk that stopped
@@ -640,8 +643,8 @@ class BulkRun:
 
         Two at once, as they wait on different files (a manifest and a journal on one frozen
         disk: SIGTERM to summary about 4.3 s, was 6 s with one after the other): the rows
-        queued (``ROWS_DEADLINE_S``), and the journal's: ``forget``, its forgetting of rows
-        this run superseded (``JOURNAL_CLOSE_DEADLINE_S``: a journal whose disk stopped
+        queued (``ROWS_DEADLINE_S``), and the journal's: ``forget``, the journal rows this run
+        superseded, forgotten (``JOURNAL_CLOSE_DEADLINE_S``: a journal whose disk stopped
         answering keeps it queued, done if the disk answers again), then ``close``, the
         client's close (its last commit; to wait with :meth:`Signals.close`). Then, with
         ``make_room`` (blocking: the disk set-aside given back, once every download has
@@ -651,9 +654,10 @@ class BulkRun:
 
         async def journal() -> None:
             if forget is not None:
+                self.forget_rows = sorted(set(forget()))
                 try:
                     with anyio.move_on_after(JOURNAL_CLOSE_DEADLINE_S), signals.cut_short():
-                        await forget()
+                        await self._client.forget_submits(self.forget_rows)
                 except ClientStateError as exc:  # a journal that refused the write
                     # (A full disk): the client is still closed, and the summary printed.
                     self.forget_failed = str(exc)

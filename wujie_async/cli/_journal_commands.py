@@ -41,8 +41,11 @@ from ._common import (
     shell_path,
 )
 from ._journal_rows import (
+    edited_lines,
+    edited_said,
     latest_per_row,
     matches,
+    own_ids,
     refuse_unknown,
     row_name,
     rows_per_line,
@@ -392,6 +395,37 @@ def _refuse_only_record(
         )
 
 
+def _edited_hint(edited: list[list[list[JournalEntry]]]) -> str:
+    requests = edited[0]
+    keep = f"#{requests[-1][-1].id}"
+    other = " ".join(f"'#{entry.id}'" for rows in requests[:-1] for entry in rows)
+    return (
+        f"name the row to send by its number (`wujie-async journal resend '{keep}'`, say); "
+        f"the other's rows stay (it may have been charged: see the gateway's console), "
+        f"dropped with `wujie-async journal forget {other}`"
+    )
+
+
+def _edited_kept(edited: list[list[list[JournalEntry]]]) -> str:
+    """``--all-uncertain`` leaves a line edited between runs (two requests): sending each
+    would make two jobs of one line."""
+    return (
+        f"{len(edited)} line(s) not resent: {edited_said(edited)}; each would be sent, two "
+        f"jobs for one line: {_edited_hint(edited)}"
+    )
+
+
+def _refuse_edited(wanted: list[list[JournalEntry]]) -> None:
+    """Refuse a line named by its number that holds two requests (see ``edited_lines``),
+    naming their rows, as a word naming two rows is refused."""
+    edited = edited_lines(wanted)
+    if edited:
+        raise UsageError(
+            f"journal resend: {edited_said(edited)}; each would be sent, two jobs for one "
+            f"line: {_edited_hint(edited)}; nothing was sent"
+        )
+
+
 async def _forget(
     args: argparse.Namespace, console: Console, journal: JournalFile, out: Path
 ) -> int:
@@ -400,7 +434,8 @@ async def _forget(
     entries = await journal.entries(*(args.status or _STATES))
     if args.rows:
         refuse_unknown("forget", "forgotten", args.rows, entries)
-        entries = [entry for entry in entries if matches(entry, set(args.rows))]
+        ids = own_ids(await journal.entries())  # "#1" is the id of a row in any state
+        entries = [entry for entry in entries if matches(entry, set(args.rows), ids)]
     manifest_path = out / "manifest.jsonl"
     records = await anyio.to_thread.run_sync(_run_manifest, out)
     run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
@@ -453,14 +488,22 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                 if paid:
                     _say_paid_kept(console, paid, path, args.out)
                     wanted = [rows for rows in wanted if rows not in paid]
+                # A line edited between runs holds two requests: each sent, two jobs.
+                edited = edited_lines(wanted)
+                if edited:
+                    console.print(Text(_edited_kept(edited)), soft_wrap=True)
+                    two = [rows for requests in edited for rows in requests]
+                    wanted = [rows for rows in wanted if rows not in two]
             else:
                 refuse_unknown("resend", "sent", args.rows, every)
+                ids = own_ids(every)
                 wanted = [
                     rows
                     for rows in rows_per_line(every)
-                    if any(matches(entry, set(args.rows)) for entry in rows)
+                    if any(matches(entry, set(args.rows), ids) for entry in rows)
                 ]
                 _refuse_paid([entry for rows in wanted for entry in rows], path, args.out)
+                _refuse_edited(wanted)
             if not wanted:
                 console.print(Text("nothing to resend"))
                 return EXIT_OK
@@ -509,18 +552,18 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                 signals = handlers.enter_context(stopping_on_signals(stop, console))
                 result = await signals.run_or_quit(run.run, run.interrupted_at_once)
 
-                async def forget() -> None:
+                def forget() -> list[int]:
                     # Every old row of a line sent is superseded by its new submit (none of
                     # them holds a paid job); rows of lines not sent stay.
                     # By the row itself: journal rows with neither id nor line all read
                     # line 0, and one kept back (--max-points) was forgotten with the rest.
                     sent = {id(row) for row in result.went_out}
-                    await client.forget_submits(
+                    return [
                         entry.id
                         for line_rows, row in zip(wanted, rows, strict=True)
                         if id(row) in sent
                         for entry in line_rows
-                    )
+                    ]
 
                 # The closing waits, as bulk's (the client's close among them: its journal's
                 # last commit; the block's end closes it if they fail before).
@@ -554,7 +597,9 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
         if journal_left:
             console.print(Text(journal_left_said(path, journal_left)), soft_wrap=True)
         if run.forget_failed is not None:
-            console.print(Text(forget_failed_said(run.forget_failed, path)), soft_wrap=True)
+            console.print(
+                Text(forget_failed_said(run.forget_failed, path, run.forget_rows)), soft_wrap=True
+            )
         stopped = stop_said(
             result, client.base_url, app_id_flag=bool(getattr(args, "app_id", None))
         )

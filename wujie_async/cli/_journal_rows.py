@@ -1,7 +1,8 @@
 """Which journal rows a ``journal`` command's words name, and the rows of each input line.
 
 Rows are named the way the input named them: ``id`` when the row had one, else its line, and
-``#12`` (the journal's row number) for a row that names neither.
+``#12`` (the journal's row number) for a row that names neither; ``#12`` names any row too
+(the one way to name one row of a line that has several).
 """
 
 from __future__ import annotations
@@ -26,24 +27,37 @@ def row_name(entry: JournalEntry) -> str:
 _LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
 
 
-def matches(entry: JournalEntry, wanted: set[str]) -> bool:
+def own_ids(entries: list[JournalEntry]) -> frozenset[str]:
+    """Every row id ``entries`` hold, as given and as printed: a word that is one names that
+    row alone (an id may read ``#1``, a ticket number, beside journal row 1)."""
+    ids: set[str] = set()
+    for entry in entries:
+        row_id = line_of(entry)[1]
+        if row_id is not None:
+            ids |= {row_id, clean(row_id)}
+    return frozenset(ids)
+
+
+def matches(entry: JournalEntry, wanted: set[str], ids: frozenset[str] = frozenset()) -> bool:
     """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
-    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for a journal row
-    that names neither, the ``name`` of ``journal list --json``), which is what a user copies.
-    A row's own id comes first: an id that reads ``#1`` is that row's, not journal row 1."""
-    return any(named_as(entry, word) is not None for word in wanted)
+    (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``#12`` for journal row 12,
+    the ``name`` of ``journal list --json``), which is what a user copies. A row's own id
+    comes first: a word that is the id of a row of ``ids`` (see :func:`own_ids`), ``#1``
+    say, names that row, never journal row 1."""
+    return any(named_as(entry, word, ids) is not None for word in wanted)
 
 
-def named_as(entry: JournalEntry, word: str) -> str | None:
+def named_as(entry: JournalEntry, word: str, ids: frozenset[str] = frozenset()) -> str | None:
     """How ``word`` names the row: ``"row"`` (``#12``), ``"id"``, ``"line"``, or None."""
     line, row_id = line_of(entry)
     said = word.strip()
     if row_id is not None and said in (row_id, clean(row_id)):
         return "id"  # its own id first: an id may read "#1" (a ticket number)
     if said.startswith("#") and said[1:].isdigit():
-        # Only a row that names neither a line nor an id goes by its number (as it is
-        # listed): "#1" named journal row 1 (another line's) beside the row of id "#1".
-        return "row" if int(said[1:]) == entry.id and row_id is None and line <= 0 else None
+        # Journal row N (the one way to name one row of a line that has several, or a row
+        # with neither a line nor an id), unless a row's own id reads "#N": "#1" named
+        # journal row 1 (another line's) beside the row of id "#1".
+        return "row" if int(said[1:]) == entry.id and said not in ids else None
     both = _LINE_AND_ID.match(said)
     if both is not None:
         if row_id is not None and both["id"] in (row_id, clean(row_id)):
@@ -76,16 +90,17 @@ def latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
 def refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
     """Refuse a word that names no row, or names rows both by id and by line number (``2``:
     the row whose id is 2 and input line 2): each would act on rows the user did not mean."""
-    unknown = [row for row in rows if not any(matches(entry, {row}) for entry in entries)]
+    ids = own_ids(entries)
+    unknown = [row for row in rows if not any(matches(entry, {row}, ids) for entry in entries)]
     if unknown:
         shown = ", ".join(clean(row) for row in unknown[:20])
         raise UsageError(
             f"journal {action}: no journal row for {shown} (rows are input line numbers or "
             f"ids, as `journal list` and the summaries show them: 4 or 'line 4', fox or "
-            f"'id fox', 'line 4 (id fox)', or '#12' for a row with neither); nothing was {done}"
+            f"'id fox', 'line 4 (id fox)', or '#12' for journal row 12); nothing was {done}"
         )
     for row in rows:
-        named = {named_as(entry, row): entry for entry in entries}
+        named = {named_as(entry, row, ids): entry for entry in entries}
         if "id" in named and "line" in named:
             by_id, by_line = row_name(named["id"]), f"line {line_of(named['line'])[0]}"
             raise UsageError(
@@ -93,3 +108,30 @@ def refuse_unknown(action: str, done: str, rows: list[str], entries: list[Journa
                 f"{by_line}; say which, as `journal list` prints them ({by_id!r} or "
                 f"{by_line!r}); nothing was {done}"
             )
+
+
+def edited_lines(lines: list[list[JournalEntry]]) -> list[list[list[JournalEntry]]]:
+    """The input lines of ``lines`` (each the rows of one request, see :func:`rows_per_line`)
+    that hold two requests or more: a line edited between runs is a new request (a new tag)
+    at the same line number. Sent by its number, each would be sent: two jobs for one line."""
+    by_number: dict[int, list[list[JournalEntry]]] = {}
+    for rows in lines:
+        line, row_id = line_of(rows[-1])
+        if row_id is None and line > 0:
+            by_number.setdefault(line, []).append(rows)
+    return [requests for requests in by_number.values() if len(requests) > 1]
+
+
+def edited_said(edited: list[list[list[JournalEntry]]]) -> str:
+    """Each line of two requests or more, its rows by journal number, state and prompt."""
+
+    def request(rows: list[JournalEntry]) -> str:
+        numbers = " ".join(f"#{entry.id}" for entry in rows)
+        prompt = clean(str(rows[-1].request.get("prompt", "")))[:40]
+        return f"{numbers} ({'/'.join(sorted({e.state for e in rows}))}, prompt {prompt!r})"
+
+    return "; ".join(
+        f"line {line_of(requests[0][-1])[0]} holds {len(requests)} requests (edited between "
+        f"runs): " + ", ".join(request(rows) for rows in requests)
+        for requests in edited[:10]
+    )

@@ -143,15 +143,19 @@ def stop_said(result: BulkResult, base_url: str, *, app_id_flag: bool) -> str | 
     return None
 
 
-def forget_failed_said(why: str, journal: Path | None) -> str:
-    """The summary's warning for a journal that did not forget the rows a run superseded;
-    its commands name ``journal`` (without it they would read OUT's default one)."""
+def forget_failed_said(why: str, journal: Path | None, rows: list[int]) -> str:
+    """The summary's warning for a journal that did not forget ``rows``, the rows a run
+    superseded; its commands name ``journal`` (without it they would read OUT's default
+    one). The rows go by their journal numbers: a line's number or id would name its new row
+    too, which may be uncertain, the only record of a job that may have been charged."""
     named = f" --journal {_sh(journal)}" if journal is not None else ""
+    shown = " ".join(f"'#{row}'" for row in rows[:50])
+    more = f" (and {len(rows) - 50} more: see `journal list`)" if len(rows) > 50 else ""
     return (
-        f"warning: the journal did not forget the rows this run sent again ({clean(why)}): "
-        "they are still listed as uncertain, and a later --retry-uncertain would send them "
-        f"once more; find them with `wujie-async journal list --status uncertain{named}` and "
-        f"drop them with `wujie-async journal forget ROWS --yes{named}`"
+        f"warning: the journal did not forget the {len(rows)} old row(s) of the lines this "
+        f"run sent again ({clean(why)}): they are still listed, and a later --retry-uncertain "
+        f"would send them once more; drop them, and only them (not the lines' new rows), "
+        f"with `wujie-async journal forget {shown} --yes{named}`{more}"
     )
 
 
@@ -229,6 +233,7 @@ class Session:
         # waiting: a frozen file system, a hung mount): the summary names them.
         self.journal_left: list[str] = []
         self.forget_failed: str | None = None  # see BulkRun.forget_failed
+        self.forget_rows: list[int] = []  # see BulkRun.forget_rows
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
         # With a budget: kinds of their uncertain lines that have no known price (see _unpriced).
         self.unpriced_kinds: set[Kind] = set()
@@ -465,14 +470,12 @@ class Session:
                 result = await signals.run_or_quit(run.run, run.interrupted_at_once)
                 self.result = result
 
-                async def forget() -> None:
+                def forget() -> list[int]:
                     # Lines whose new job was accepted and left pending by a stop have no
                     # outcome, yet their old uncertain row is superseded all the same.
                     sent = sent_lines(result.outcomes)
                     sent |= {row.row_id or row.line for row in result.went_out}
-                    await client.forget_submits(
-                        row for line, row in plan.superseded.items() if line in sent
-                    )
+                    return [row for line, row in plan.superseded.items() if line in sent]
 
                 # The closing waits (what they leave unwritten is listed in the summary).
                 await run.end(
@@ -483,6 +486,7 @@ class Session:
                 )
                 self.out_disk_held = run.rows_held
                 self.forget_failed = run.forget_failed
+                self.forget_rows = run.forget_rows
             finally:
                 if run is not None:
                     run.close_rows()
@@ -732,7 +736,8 @@ class Session:
             )
         if self.forget_failed is not None:
             self.console.print(
-                Text(forget_failed_said(self.forget_failed, self.journal)), soft_wrap=True
+                Text(forget_failed_said(self.forget_failed, self.journal, self.forget_rows)),
+                soft_wrap=True,
             )
         self._unreported_said(result)
         if stopped is not None:

@@ -180,11 +180,14 @@ return transition(p, id, ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
 )
 
-# KEYS: seq, members, member-info, kept-out. ARGV: prefix, claimer, timeout_ms, now.
+# KEYS: seq, members, member-info, kept-out, kept-out-gateway. ARGV: prefix, claimer,
+# timeout_ms, now, the claimer's gateway fingerprint ('' = not told).
 # Reply: {-1} when the claimer itself is not a live member, else {1, {dead...}, {claimed ids}}.
 # A member kept out by the gateway check (see _membership) sends no heartbeat, but marks itself
 # kept out at each try to join: while that mark is fresh, it is alive and its rows stay its own
-# (a claimer would ask its own gateway about them, which does not know them).
+# (a claimer would ask its own gateway about them, which does not know them). Dead (killed
+# while kept out, or it left), its rows go to a member of the gateway it was kept out with
+# alone: until one claims them, they stay its own.
 _CLAIM_DEAD = (
     REDIS_MS
     + _TRANSITION
@@ -198,8 +201,9 @@ redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now_ms - timeout)
 local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 for i = 1, #all, 2 do
   local member = all[i]
+  local theirs = redis.call('HGET', KEYS[5], member)
   if member ~= claimer and now_ms - tonumber(all[i + 1]) > timeout
-     and not redis.call('ZSCORE', KEYS[4], member) then
+     and not redis.call('ZSCORE', KEYS[4], member) and (not theirs or theirs == ARGV[5]) then
     dead[#dead + 1] = member
     local set = p .. 'owner:' .. member
     for _, id in ipairs(redis.call('ZRANGE', set, 0, -1)) do
@@ -217,6 +221,7 @@ for i = 1, #all, 2 do
     redis.call('DEL', set)
     redis.call('ZREM', KEYS[2], member)
     redis.call('HDEL', KEYS[3], member)
+    redis.call('HDEL', KEYS[5], member)
   end
 end
 return {1, dead, claimed}
@@ -682,8 +687,8 @@ class RedisJournal:
         timeout = self._link.config.member_timeout if member_timeout is None else member_timeout
         keys = self._link.keys
         reply = await self._claim(
-            (self._seq, keys.members, keys.member_info, keys.kept_out),
-            (self._prefix, self.member_id, round(timeout * 1000), time.time()),
+            (self._seq, keys.members, keys.member_info, keys.kept_out, keys.kept_out_gateway),
+            (self._prefix, self.member_id, round(timeout * 1000), time.time(), self._gateway[0]),
         )
         if int(reply[0]) != 1:
             raise ClientStateError(

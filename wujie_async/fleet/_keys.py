@@ -84,6 +84,10 @@ class FleetKeys:
     def kept_out(self) -> str:
         return f"{self.tag}:kept-out"
 
+    @property
+    def kept_out_gateway(self) -> str:
+        return f"{self.tag}:kept-out-gateway"
+
     def stepped_down(self, shard: int) -> str:
         return f"{self.tag}:stepped-down:s{shard}"
 

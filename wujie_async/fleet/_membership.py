@@ -36,12 +36,15 @@ Beat = Literal["refreshed", "unknown", "expired"]
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
-# KEYS: members, info, gateway, kept-out. ARGV: id, info JSON, fingerprint, base URL,
-# timeout_ms, since (Redis ms of this member's first join; '' = never joined).
+# KEYS: members, info, gateway, kept-out, kept-out-gateway. ARGV: id, info JSON, fingerprint,
+# base URL, timeout_ms, since (Redis ms of this member's first join; '' = never joined).
 # The gateway record holds the fleet's gateway (fingerprint, base URL) and its seniority: the
 # first join of the oldest member that wrote it. A member whose fingerprint differs is refused
 # while another member is alive: reply {0, the fleet's base URL}; one that had joined marks
-# itself kept out (its rows are not claimed meanwhile, see the journal's claim).
+# itself kept out (its rows are not claimed meanwhile, see the journal's claim), with its
+# gateway's fingerprint, kept until it joins again or a member of its gateway claims its rows:
+# once its mark is stale (it died kept out, or left), a member of another gateway never claims
+# them (it would ask its own gateway, which does not know them).
 # Seniority: the members that were there first keep the fleet. Redis having lost the fleet (a
 # restart without AOF, FLUSHALL), a client of another gateway opening before any member came
 # back wrote the record, as the oldest member it knew: a member that joined before it, joining
@@ -61,7 +64,10 @@ if ARGV[3] ~= '' then
     for _, other in ipairs(live) do
       if other ~= ARGV[1] then
         if ARGV[6] == '' or not first or since >= first then  -- a newcomer never wins
-          if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], now, ARGV[1]) end
+          if ARGV[6] ~= '' then
+            redis.call('ZADD', KEYS[4], now, ARGV[1])
+            redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
+          end
           return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
         end
         won = 1
@@ -79,6 +85,7 @@ if ARGV[3] ~= '' then
   end
 end
 redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return {1 + won, string.format('%.0f', since)}
@@ -97,7 +104,7 @@ return 1
 """
 )
 # KEYS: members, kept-out. ARGV: id. Marks the member dead now (its last heartbeat becomes 0,
-# its kept-out mark goes).
+# its kept-out mark goes; the gateway it was kept out with stays: see _JOIN).
 _LEAVE = """
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then redis.call('ZADD', KEYS[1], 0, ARGV[1]) end
 return redis.call('ZREM', KEYS[2], ARGV[1])
@@ -189,7 +196,7 @@ class Membership:
         keys = self._link.keys
         timeout_ms = round(self._link.config.member_timeout * 1000)
         reply = await self._join(
-            (keys.members, keys.member_info, keys.gateway, keys.kept_out),
+            (keys.members, keys.member_info, keys.gateway, keys.kept_out, keys.kept_out_gateway),
             (self.member_id, info, self._fingerprint, self._base_url, timeout_ms, self._since),
         )
         if int(reply[0]) == 0:
