@@ -43,7 +43,7 @@ from wujie_async import (
 )
 from wujie_async._errors import ReplyTooDeepError
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import CallKind, _BodyDecoder, decode_reply
+from wujie_async._transport import SUBMIT_IDLE_SECONDS, CallKind, _BodyDecoder, decode_reply
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport
@@ -867,3 +867,71 @@ async def test_a_submit_answered_compressed_in_pieces_is_read(name: str, first: 
         data = await transport.post(GENERATIONS, _submit_body(), kind="submit")
     assert data["key"] == "K0001"
     assert submits == [1]
+
+
+async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls() -> None:
+    """A submit takes no pooled connection idle over SUBMIT_IDLE_SECONDS: it opened a new one,
+    but closed each stale one it passed over, every connection the polls had warmed. With a
+    submit every so often, every batch query paid a new connection (and TLS handshake): 30 of
+    30 in a trial. The stale ones stay pooled for the polls; the submit still goes on a new
+    connection."""
+    ports: dict[str, list[int]] = {"poll": [], "submit": []}
+    both_polls_in = asyncio.Event()
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        transport = request.transport
+        assert transport is not None
+        port = transport.get_extra_info("peername")[1]
+        if request.path.endswith(GENERATIONS):
+            ports["submit"].append(port)
+            return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
+        ports["poll"].append(port)
+        if len(ports["poll"]) % 2 == 0:
+            both_polls_in.set()
+        await both_polls_in.wait()  # two polls on the wire at once: two connections
+        return web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+
+        async def two_polls() -> None:
+            both_polls_in.clear()
+            await asyncio.gather(*(transport.post(INFO, ["K1"], kind="poll") for _ in range(2)))
+
+        await two_polls()
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 3)  # the pooled connections are stale now
+        await transport.post(GENERATIONS, _submit_body(), kind="submit")
+        await two_polls()
+    first, second = ports["poll"][:2], ports["poll"][2:]
+    assert len(set(first)) == 2 and ports["submit"][0] not in first  # a new one for the submit
+    assert set(second) <= {*first, *ports["submit"]}, (ports, "the polls opened new ones")
+
+
+async def test_a_submit_passing_over_the_only_pooled_connection_does_not_wait_for_it() -> None:
+    """With max_connections=1, the one pooled connection, stale for a submit, holds the only
+    slot while the submit looks for another: it is closed to make room, not waited for (the
+    submit would have waited out the connect timeout for a slot it held itself)."""
+    served: list[str] = []
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        served.append(request.path)
+        data: dict[str, Any] = {"list": []}
+        if request.path.endswith(GENERATIONS):
+            data = {"key": "K1"}
+        return web.json_response({"code": "200", "message": "ok", "data": data})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    limits = Limits(max_connections=1, max_response_bytes=1024 * 1024)
+    async with serve(app) as origin, open_transport(origin, creds, limits=limits) as transport:
+        await transport.post(INFO, ["K1"], kind="poll")
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 3)  # the pooled connection is stale now
+        async with asyncio.timeout(5):
+            assert await transport.post(GENERATIONS, _submit_body(), kind="submit") == {"key": "K1"}
+            assert await transport.post(INFO, ["K1"], kind="poll") == {"list": []}
+    assert len(served) == 3

@@ -1070,8 +1070,9 @@ class _PoolConnector(aiohttp.TCPConnector):
     * any request: a pooled connection that is readable while idle (the server's FIN, or a
       stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
       closed, and the next one taken (what urllib3 does at checkout); nothing was written;
-    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is closed, and
-      another (or a new one) taken. A server's idle timer runs from its last reply, so only
+    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is passed over
+      (left in the pool for the polls, idle since when it was), and another (or a new one)
+      taken. A server's idle timer runs from its last reply, so only
       a server timing connections out within that much of a reply (far shorter than any
       server's default) could close one under a submit. A new connection costs a handshake;
       a submit after a pause pays it, a burst of submits reuses the connections it warms.
@@ -1087,29 +1088,55 @@ class _PoolConnector(aiohttp.TCPConnector):
         # out once (a connection handed out again is a pooled one).
         self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Connections a submit passed over, and since when each was idle.
+        self._set_aside: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
         # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
         # no reused connection would have a known idle time: a submit would take new ones.
-        self._idle_since[protocol] = time.monotonic()
+        # A connection a submit set aside goes back idle since when it was idle before.
+        since = self._set_aside.pop(protocol, None)
+        self._idle_since[protocol] = time.monotonic() if since is None else since
         super()._release(key, protocol, *args, **kwargs)
 
     async def connect(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.connector.Connection:
         max_idle = _MAX_IDLE.get()
-        while True:
-            conn = await super().connect(req, traces, timeout)
-            protocol = conn.protocol
-            if protocol is None or protocol not in self._handed_out:
-                if protocol is not None:
-                    self._handed_out.add(protocol)
-                return conn  # a new connection
-            since = self._idle_since.pop(protocol, None)
-            idle = math.inf if since is None else time.monotonic() - since
-            if not _closed_by_peer(protocol) and (max_idle is None or idle <= max_idle):
-                return conn
-            conn.close()  # nothing was written on it; the next pooled one, or a new one
+        # Pooled connections sound but idle too long for a submit: kept out of the pool while
+        # it looks for another (each is taken once), then put back for the polls (closed, a
+        # submit after a pause took every pooled connection from the polls).
+        aside: list[aiohttp.connector.Connection] = []
+        try:
+            while True:
+                if aside and self.limit and len(self._acquired) >= self.limit:
+                    # Those set aside hold every slot: one is closed to make room.
+                    stale = aside.pop()
+                    if stale.protocol is not None:
+                        self._set_aside.pop(stale.protocol, None)
+                    stale.close()
+                conn = await super().connect(req, traces, timeout)
+                protocol = conn.protocol
+                if protocol is None or protocol not in self._handed_out:
+                    if protocol is not None:
+                        self._handed_out.add(protocol)
+                    return conn  # a new connection
+                since = self._idle_since.pop(protocol, None)
+                idle = math.inf if since is None else time.monotonic() - since
+                # aiohttp's own idle clock restarts when a connection set aside goes back:
+                # its bound is kept on this one.
+                too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
+                if not too_old and not _closed_by_peer(protocol):
+                    if max_idle is None or idle <= max_idle:
+                        return conn
+                    if since is not None:
+                        self._set_aside[protocol] = since
+                        aside.append(conn)
+                        continue
+                conn.close()  # nothing was written on it; the next pooled one, or a new one
+        finally:
+            for stale in aside:
+                stale.release()  # back to the pool, idle since when it was (see _release)
 
 
 def _closed_by_peer(protocol: Any) -> bool:
