@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import datetime
 import email.utils
+import gzip
+import json
 import resource
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,7 @@ from wujie_async import (
 )
 from wujie_async._errors import ReplyTooDeepError
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import CallKind, decode_reply
+from wujie_async._transport import SUBMIT_IDLE_SECONDS, CallKind, _BodyDecoder, decode_reply
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport
@@ -777,3 +780,158 @@ async def test_a_reply_labelled_gzip_but_sent_plain_is_read(tmp_path: Path) -> N
         creds = Credentials("wjhostile", unregistered_key())
         async with open_transport(gateway.origin, creds) as transport:
             assert await transport.post("/gzip-plain", [], kind="poll") == {"list": []}
+
+
+_SUBMIT_REPLY = json.dumps(
+    {"code": "200", "message": "success", "data": {"key": "K0001", "pad": "x" * 300}}
+).encode()
+
+
+def _compressed_replies() -> dict[str, tuple[str, bytes]]:
+    """Bodies as servers compress them: Content-Encoding, and the bytes sent."""
+    raw = zlib.compressobj(wbits=-15)
+    return {
+        "gzip": ("gzip", gzip.compress(_SUBMIT_REPLY)),
+        # A streaming compressor's output (one member per flush), RFC 1952's concatenation.
+        "gzip-members": (
+            "gzip",
+            b"".join(
+                gzip.compress(part)
+                for part in (_SUBMIT_REPLY[:7], _SUBMIT_REPLY[7:99], _SUBMIT_REPLY[99:])
+            ),
+        ),
+        "gzip-members-trailing-zeros": (
+            "gzip",
+            gzip.compress(_SUBMIT_REPLY[:9]) + gzip.compress(_SUBMIT_REPLY[9:]) + b"\0\0\0",
+        ),
+        "deflate-zlib": ("deflate", zlib.compress(_SUBMIT_REPLY)),
+        "deflate-raw": ("deflate", raw.compress(_SUBMIT_REPLY) + raw.flush()),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_compressed_replies()))
+def test_a_compressed_reply_decodes_however_it_is_split(name: str) -> None:
+    """The body decoded the same whatever reads the network cut it into: the zlib header of a
+    deflate reply split after its first byte was taken for raw deflate (the reply lost), and
+    a gzip body of several members was cut to its first (aiohttp read them all)."""
+    encoding, body = _compressed_replies()[name]
+
+    def decoded(parts: list[bytes], cap: int) -> bytes | WujieError:
+        decoder = _BodyDecoder(encoding, cap, 200)
+        for part in parts:
+            problem = decoder.feed(part)
+            if problem is not None:
+                return problem
+        return decoder.finish()
+
+    size = len(_SUBMIT_REPLY)
+    for cut in range(len(body) + 1):
+        for second in {cut, min(cut + 1, len(body)), (cut + len(body)) // 2, len(body)}:
+            parts = [body[:cut], body[cut:second], body[second:]]
+            assert decoded(parts, size) == _SUBMIT_REPLY, (cut, second)
+    # The cap counts decoded bytes, across members: one byte over it is refused.
+    assert isinstance(decoded([body], size - 1), ResponseTooLargeError)
+    assert isinstance(decoded([bytes([b]) for b in body], size - 1), ResponseTooLargeError)
+
+
+@pytest.mark.parametrize(
+    ("name", "first"), [("deflate-zlib", 1), ("deflate-zlib", 2), ("gzip-members", 30)]
+)
+async def test_a_submit_answered_compressed_in_pieces_is_read(name: str, first: int) -> None:
+    """A gateway (or proxy) that streams a compressed submit reply in pieces: a deflate reply
+    whose first read was the zlib header's first byte alone, or a gzip reply of several
+    members, was a ProtocolError: the submit, accepted and paid, ended uncertain, its key
+    unread."""
+    encoding, body = _compressed_replies()[name]
+    parts = [body[:first], body[first:]]
+    submits: list[int] = []
+
+    async def submit(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        submits.append(1)
+        response = web.StreamResponse(
+            headers={"Content-Encoding": encoding, "Content-Type": "application/json"}
+        )
+        await response.prepare(request)
+        for index, part in enumerate(parts):
+            if index:
+                await asyncio.sleep(0.05)  # each piece in a read of its own, as a slow link
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post(GENERATIONS, submit)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+        data = await transport.post(GENERATIONS, _submit_body(), kind="submit")
+    assert data["key"] == "K0001"
+    assert submits == [1]
+
+
+async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls() -> None:
+    """A submit takes no pooled connection idle over SUBMIT_IDLE_SECONDS: it opened a new one,
+    but closed each stale one it passed over, every connection the polls had warmed. With a
+    submit every so often, every batch query paid a new connection (and TLS handshake): 30 of
+    30 in a trial. The stale ones stay pooled for the polls; the submit still goes on a new
+    connection."""
+    ports: dict[str, list[int]] = {"poll": [], "submit": []}
+    both_polls_in = asyncio.Event()
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        transport = request.transport
+        assert transport is not None
+        port = transport.get_extra_info("peername")[1]
+        if request.path.endswith(GENERATIONS):
+            ports["submit"].append(port)
+            return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
+        ports["poll"].append(port)
+        if len(ports["poll"]) % 2 == 0:
+            both_polls_in.set()
+        await both_polls_in.wait()  # two polls on the wire at once: two connections
+        return web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+
+        async def two_polls() -> None:
+            both_polls_in.clear()
+            await asyncio.gather(*(transport.post(INFO, ["K1"], kind="poll") for _ in range(2)))
+
+        await two_polls()
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 3)  # the pooled connections are stale now
+        await transport.post(GENERATIONS, _submit_body(), kind="submit")
+        await two_polls()
+    first, second = ports["poll"][:2], ports["poll"][2:]
+    assert len(set(first)) == 2 and ports["submit"][0] not in first  # a new one for the submit
+    assert set(second) <= {*first, *ports["submit"]}, (ports, "the polls opened new ones")
+
+
+async def test_a_submit_passing_over_the_only_pooled_connection_does_not_wait_for_it() -> None:
+    """With max_connections=1, the one pooled connection, stale for a submit, holds the only
+    slot while the submit looks for another: it is closed to make room, not waited for (the
+    submit would have waited out the connect timeout for a slot it held itself)."""
+    served: list[str] = []
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        served.append(request.path)
+        data: dict[str, Any] = {"list": []}
+        if request.path.endswith(GENERATIONS):
+            data = {"key": "K1"}
+        return web.json_response({"code": "200", "message": "ok", "data": data})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    limits = Limits(max_connections=1, max_response_bytes=1024 * 1024)
+    async with serve(app) as origin, open_transport(origin, creds, limits=limits) as transport:
+        await transport.post(INFO, ["K1"], kind="poll")
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 3)  # the pooled connection is stale now
+        async with asyncio.timeout(5):
+            assert await transport.post(GENERATIONS, _submit_body(), kind="submit") == {"key": "K1"}
+            assert await transport.post(INFO, ["K1"], kind="poll") == {"list": []}
+    assert len(served) == 3

@@ -840,6 +840,9 @@ class Transport:
 # so a server that says brotli or zstd is not invited to: no such reply is ever readable).
 _ACCEPT_ENCODING = "gzip, deflate"
 _WHITESPACE = b" \t\r\n"
+_GZIP_MAGIC = b"\x1f\x8b"
+# A gzip body of more members than this is no reply of this gateway's (aiohttp stops at as many).
+_MAX_GZIP_MEMBERS = 1024
 
 
 class _BodyDecoder:
@@ -852,7 +855,9 @@ class _BodyDecoder:
     uncertain submit whose paid job's key was in the body. A body labelled gzip or deflate
     whose first byte past whitespace is ``{`` (which no gzip or zlib stream starts with) is
     read as it is. ``x-gzip`` is gzip's old name, which RFC 9110 says to read as gzip (and
-    aiohttp left compressed). Any other coding is left as it came (it reads as not JSON).
+    aiohttp left compressed). A gzip body may be several members one after another (each is
+    inflated, the cap counting them all). Any other coding is left as it came (it reads as
+    not JSON).
     """
 
     def __init__(self, encoding: str, cap: int, status: int) -> None:
@@ -864,36 +869,65 @@ class _BodyDecoder:
         self._encoding = encoding
         # Undecided until the first byte past whitespace: plain, or compressed.
         self._deciding = encoding in ("gzip", "x-gzip", "deflate")
-        self._held = b""  # whitespace seen while undecided
+        self._held = b""  # whitespace (and a first byte) seen while undecided
+        self._gzip = False
+        self._members = 1  # gzip members begun
+        self._next_member = b""  # the first byte of a next member's header
+        self._trailing = False  # past the last member: the rest is not read
 
     def feed(self, chunk: bytes) -> WujieError | None:
         """Take the next raw chunk; an error if the body cannot be read within the cap."""
         if self._deciding:
             chunk = self._held + chunk
             start = len(chunk) - len(chunk.lstrip(_WHITESPACE))
-            if start == len(chunk):
-                self._held = chunk  # only whitespace yet
+            if len(chunk) - start < 2:
+                # Only whitespace yet, or one byte: a zlib header takes two to tell (a first
+                # chunk of one byte, b"x", was taken for raw deflate, and the reply lost).
+                self._held = chunk
                 return self._too_large() if len(chunk) > self._cap else None
             self._held = b""
             self._deciding = False
             if chunk[start : start + 1] != b"{":  # compressed, as it says
-                gzip = self._encoding != "deflate"
-                zlib_header = (
-                    len(chunk) >= 2
-                    and chunk[0] & 0x0F == 8
-                    and (chunk[0] << 8 | chunk[1]) % 31 == 0
+                self._gzip = self._encoding != "deflate"
+                zlib_header = chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
+                wbits = (
+                    16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS if zlib_header else -15
                 )
-                wbits = 16 + zlib.MAX_WBITS if gzip else zlib.MAX_WBITS if zlib_header else -15
                 self._inflater = zlib.decompressobj(wbits)
         if self._inflater is None:
             return self._keep(chunk)
-        try:
-            inflated = self._inflater.decompress(chunk, self._cap + 1 - self._size)
-        except zlib.error:
-            return self._not_decodable()
-        if self._inflater.unconsumed_tail:
-            return self._too_large()  # more to inflate than the cap leaves room for
-        return self._keep(inflated)
+        return self._inflate(chunk)
+
+    def _inflate(self, data: bytes) -> WujieError | None:
+        """Inflate the next compressed bytes. A gzip body may be several members one after
+        another (RFC 1952; aiohttp read them all): each is inflated in turn. Bytes after the
+        last member that start no new one are trailing bytes, not read."""
+        while data and not self._trailing:
+            inflater = self._inflater
+            if inflater.eof:  # a member has ended: another, or trailing bytes
+                data = self._next_member + data
+                self._next_member = b""
+                if not self._gzip or data[:2] != _GZIP_MAGIC[: len(data[:2])]:
+                    self._trailing = True
+                    return None
+                if len(data) < 2:
+                    self._next_member = data  # one byte of a gzip header: hold it
+                    return None
+                self._members += 1
+                if self._members > _MAX_GZIP_MEMBERS:
+                    return self._not_decodable()
+                inflater = self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                inflated = inflater.decompress(data, self._cap + 1 - self._size)
+            except zlib.error:
+                return self._not_decodable()
+            if inflater.unconsumed_tail:
+                return self._too_large()  # more to inflate than the cap leaves room for
+            problem = self._keep(inflated)
+            if problem is not None:
+                return problem
+            data = inflater.unused_data if inflater.eof else b""
+        return None
 
     def finish(self) -> bytes | WujieError:
         """The whole decoded body, once the stream has ended."""
@@ -1036,8 +1070,9 @@ class _PoolConnector(aiohttp.TCPConnector):
     * any request: a pooled connection that is readable while idle (the server's FIN, or a
       stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
       closed, and the next one taken (what urllib3 does at checkout); nothing was written;
-    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is closed, and
-      another (or a new one) taken. A server's idle timer runs from its last reply, so only
+    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is passed over
+      (left in the pool for the polls, idle since when it was), and another (or a new one)
+      taken. A server's idle timer runs from its last reply, so only
       a server timing connections out within that much of a reply (far shorter than any
       server's default) could close one under a submit. A new connection costs a handshake;
       a submit after a pause pays it, a burst of submits reuses the connections it warms.
@@ -1053,29 +1088,55 @@ class _PoolConnector(aiohttp.TCPConnector):
         # out once (a connection handed out again is a pooled one).
         self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
         self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Connections a submit passed over, and since when each was idle.
+        self._set_aside: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
         # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
         # no reused connection would have a known idle time: a submit would take new ones.
-        self._idle_since[protocol] = time.monotonic()
+        # A connection a submit set aside goes back idle since when it was idle before.
+        since = self._set_aside.pop(protocol, None)
+        self._idle_since[protocol] = time.monotonic() if since is None else since
         super()._release(key, protocol, *args, **kwargs)
 
     async def connect(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.connector.Connection:
         max_idle = _MAX_IDLE.get()
-        while True:
-            conn = await super().connect(req, traces, timeout)
-            protocol = conn.protocol
-            if protocol is None or protocol not in self._handed_out:
-                if protocol is not None:
-                    self._handed_out.add(protocol)
-                return conn  # a new connection
-            since = self._idle_since.pop(protocol, None)
-            idle = math.inf if since is None else time.monotonic() - since
-            if not _closed_by_peer(protocol) and (max_idle is None or idle <= max_idle):
-                return conn
-            conn.close()  # nothing was written on it; the next pooled one, or a new one
+        # Pooled connections sound but idle too long for a submit: kept out of the pool while
+        # it looks for another (each is taken once), then put back for the polls (closed, a
+        # submit after a pause took every pooled connection from the polls).
+        aside: list[aiohttp.connector.Connection] = []
+        try:
+            while True:
+                if aside and self.limit and len(self._acquired) >= self.limit:
+                    # Those set aside hold every slot: one is closed to make room.
+                    stale = aside.pop()
+                    if stale.protocol is not None:
+                        self._set_aside.pop(stale.protocol, None)
+                    stale.close()
+                conn = await super().connect(req, traces, timeout)
+                protocol = conn.protocol
+                if protocol is None or protocol not in self._handed_out:
+                    if protocol is not None:
+                        self._handed_out.add(protocol)
+                    return conn  # a new connection
+                since = self._idle_since.pop(protocol, None)
+                idle = math.inf if since is None else time.monotonic() - since
+                # aiohttp's own idle clock restarts when a connection set aside goes back:
+                # its bound is kept on this one.
+                too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
+                if not too_old and not _closed_by_peer(protocol):
+                    if max_idle is None or idle <= max_idle:
+                        return conn
+                    if since is not None:
+                        self._set_aside[protocol] = since
+                        aside.append(conn)
+                        continue
+                conn.close()  # nothing was written on it; the next pooled one, or a new one
+        finally:
+            for stale in aside:
+                stale.release()  # back to the pool, idle since when it was (see _release)
 
 
 def _closed_by_peer(protocol: Any) -> bool:
