@@ -173,6 +173,13 @@ async def _reply(request: web.Request) -> web.StreamResponse:
             body=b"\n " + raw,
             headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
         )
+    if mode.startswith("garbled-"):  # garbled-{coding}-{status}: a body that does not decode
+        _, coding, code = mode.split("-")
+        return web.Response(
+            status=int(code),
+            body=b"<html><body>" + code.encode() + b"</body></html>",
+            headers={"Content-Encoding": coding, "Content-Type": "text/html"},
+        )
     if mode == "gzip-bomb":
         return web.Response(
             body=gzip_bomb(),

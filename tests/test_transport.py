@@ -935,3 +935,60 @@ async def test_a_submit_passing_over_the_only_pooled_connection_does_not_wait_fo
             assert await transport.post(GENERATIONS, _submit_body(), kind="submit") == {"key": "K1"}
             assert await transport.post(INFO, ["K1"], kind="poll") == {"list": []}
     assert len(served) == 3
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("garbled-gzip-429", RateLimitedError),
+        ("garbled-deflate-429", RateLimitedError),
+        ("garbled-gzip-407", RequestRefusedError),
+        ("garbled-gzip-413", RequestRefusedError),
+        ("garbled-deflate-502", SubmitUncertainError),
+        ("garbled-gzip-200", SubmitUncertainError),
+    ],
+)
+async def test_a_reply_whose_body_does_not_decode_is_read_by_its_status(
+    mode: str, error: type[WujieError], tmp_path: Path
+) -> None:
+    """A refusal labelled gzip (or deflate) whose body does not decode (a proxy's page, a
+    gateway's 429) was a ProtocolError, its status never looked at: a submit refused with 429,
+    407 or 413 ended SubmitUncertainError ("may have been charged", never resent), and a 429
+    was not retried. The status says what it was; a 5xx or a 200 stays uncertain."""
+    status = int(mode.rsplit("-", 1)[1])
+    async with recording_gateway() as gateway:
+        async with _journaled_client(gateway, mode, tmp_path) as c:
+            with pytest.raises(error) as raised:
+                await c.images.submit(prompt="x", model="dall-e-2")
+            uncertain = await c.uncertain_submits()
+        tries = gateway.hits[mode]
+    assert isinstance(raised.value, WujieError)
+    if error is SubmitUncertainError:
+        cause = raised.value.__cause__
+        assert isinstance(cause, ServerError if status >= 500 else ProtocolError)
+        assert len(uncertain) == 1 and tries == 1
+        return
+    assert getattr(raised.value, "http_status", None) == status
+    assert uncertain == []
+    assert tries == (INSTANT_RETRY.max_attempts if status == 429 else 1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "tries"),
+    [
+        ("garbled-gzip-429", RateLimitedError, 1),  # left to the poller (Retry-After)
+        ("garbled-gzip-503", ServerError, 2),  # retried, as any 5xx
+        ("garbled-gzip-200", ProtocolError, 2),
+    ],
+)
+async def test_a_batch_call_whose_body_does_not_decode_is_read_by_its_status(
+    mode: str, error: type[WujieError], tries: int
+) -> None:
+    async with recording_gateway() as gateway:
+        creds = Credentials("wjhostile", unregistered_key())
+        async with open_transport(gateway.origin, creds) as transport:
+            with pytest.raises(error):
+                await transport.post(f"/{mode}", ["K1"], kind="poll")
+            # A 429 slows the polls' brake, as any 429 does.
+            assert transport.counters.rate_limited == (1 if error is RateLimitedError else 0)
+        assert gateway.hits[mode] == tries

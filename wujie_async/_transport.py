@@ -832,8 +832,23 @@ class Transport:
             problem = decoder.feed(chunk)
             if problem is not None:
                 reply.close()
-                return problem
-        return decoder.finish()
+                return _unless_status_says(decoder, reply.status, problem)
+        body = decoder.finish()
+        return _unless_status_says(decoder, reply.status, body)
+
+
+def _unless_status_says(
+    decoder: _BodyDecoder, status: int, read: bytes | WujieError
+) -> bytes | WujieError:
+    """What ``_read_capped`` returns: ``read``, or, for a reply that is no success whose body
+    does not decode as its ``Content-Encoding`` says, no body at all, so that the reply is
+    read by its status alone (a 429 is a refusal whatever its body, a proxy's 407, 413 or 502
+    is what its status says). As a ProtocolError, a submit so refused ended uncertain ("may
+    have been charged", never resent) and a 429 slowed no brake. A 2xx whose body does not
+    decode stays a ProtocolError: the call may have been accepted."""
+    if decoder.undecodable and not 200 <= status < 300:
+        return b""
+    return read
 
 
 # The content codings this client asks for and decodes itself (aiohttp's own decoding is off,
@@ -874,6 +889,8 @@ class _BodyDecoder:
         self._members = 1  # gzip members begun
         self._next_member = b""  # the first byte of a next member's header
         self._trailing = False  # past the last member: the rest is not read
+        # Whether the body failed to decode as its Content-Encoding says (not over the cap).
+        self.undecodable = False
 
     def feed(self, chunk: bytes) -> WujieError | None:
         """Take the next raw chunk; an error if the body cannot be read within the cap."""
@@ -961,6 +978,7 @@ class _BodyDecoder:
         )
 
     def _not_decodable(self) -> ProtocolError:
+        self.undecodable = True
         return ProtocolError(
             f"the reply's body does not decode as its Content-Encoding ({self._encoding}) says",
             http_status=self._status,
