@@ -992,3 +992,70 @@ async def test_a_batch_call_whose_body_does_not_decode_is_read_by_its_status(
             # A 429 slows the polls' brake, as any 429 does.
             assert transport.counters.rate_limited == (1 if error is RateLimitedError else 0)
         assert gateway.hits[mode] == tries
+
+
+def _deflated(raw: bytes) -> bytes:
+    return zlib.compress(raw)
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        (["gzip, identity"], gzip.compress(_SUBMIT_REPLY)),
+        (["identity, gzip"], gzip.compress(_SUBMIT_REPLY)),
+        (["Identity , X-Gzip"], gzip.compress(_SUBMIT_REPLY)),
+        (["gzip", "identity"], gzip.compress(_SUBMIT_REPLY)),  # two header lines, one list
+        (["identity", "deflate"], _deflated(_SUBMIT_REPLY)),
+        (["identity"], _SUBMIT_REPLY),
+        # Applied in order: deflated, then gzipped (undone in the reverse order).
+        (["deflate, gzip"], gzip.compress(_deflated(_SUBMIT_REPLY))),
+        (["gzip", "gzip"], gzip.compress(gzip.compress(_SUBMIT_REPLY))),
+    ],
+    ids=lambda value: "+".join(value) if isinstance(value, list) else "body",
+)
+async def test_a_submit_answered_with_a_list_of_content_codings_is_read(
+    headers: list[str], body: bytes
+) -> None:
+    """``Content-Encoding: gzip, identity`` (RFC 9110 allows a list, in one header or over
+    several) was no coding the client knew: the body read as "not JSON", and the submit,
+    accepted and paid, ended uncertain, its key unread. The list is read in order."""
+    submits: list[int] = []
+
+    async def submit(request: web.Request) -> web.Response:
+        await request.read()
+        submits.append(1)
+        response = web.Response(body=body, content_type="application/json")
+        for value in headers:
+            response.headers.add("Content-Encoding", value)
+        return response
+
+    app = web.Application()
+    app.router.add_post(GENERATIONS, submit)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+        data = await transport.post(GENERATIONS, _submit_body(), kind="submit")
+    assert data["key"] == "K0001"
+    assert submits == [1]
+
+
+def test_a_list_of_content_codings_decodes_within_the_cap_and_says_what_failed() -> None:
+    """A coding this client does not know, anywhere in the list, leaves the body as it came;
+    the cap counts the decoded bytes; a body that is not what the list says is undecodable."""
+    from wujie_async._transport import _body_decoder, _content_codings
+
+    def decoded(values: list[str], body: bytes, cap: int) -> bytes | WujieError:
+        decoder = _body_decoder(_content_codings(values), cap, 200)
+        for start in range(0, len(body), 7):
+            problem = decoder.feed(body[start : start + 7])
+            if problem is not None:
+                return problem
+        return decoder.finish()
+
+    twice = gzip.compress(_deflated(_SUBMIT_REPLY))
+    size = len(_SUBMIT_REPLY)
+    assert decoded(["deflate, gzip"], twice, size) == _SUBMIT_REPLY
+    assert isinstance(decoded(["deflate, gzip"], twice, size - 1), ResponseTooLargeError)
+    assert decoded(["br, gzip"], twice, size) == twice  # unknown: as it came
+    assert decoded(["gzip, " * 5], twice, size) == twice  # more codings than any reply has
+    garbled = decoded(["gzip, gzip"], twice, size)  # inflates to deflate's bytes, not gzip's
+    assert isinstance(garbled, ProtocolError) and "(gzip)" in str(garbled)

@@ -53,7 +53,7 @@ import ssl
 import time
 import weakref
 import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
@@ -819,15 +819,11 @@ class Transport:
                 http_status=reply.status,
             )
         headers = reply.headers
-        encoding = headers.get("Content-Encoding", "").strip().lower()
-        if (
-            declared is not None
-            and encoding in ("", "identity")
-            and "Transfer-Encoding" not in headers
-        ):
+        codings = _content_codings(headers.getall("Content-Encoding", ()))
+        if declared is not None and not codings and "Transfer-Encoding" not in headers:
             # Neither compressed nor chunked: the body is the declared length, within the cap.
             return await reply.read()
-        decoder = _BodyDecoder(encoding, cap, reply.status)
+        decoder = _body_decoder(codings, cap, reply.status)
         async for chunk in reply.content.iter_any():
             problem = decoder.feed(chunk)
             if problem is not None:
@@ -851,9 +847,38 @@ def _unless_status_says(
     return read
 
 
+def _content_codings(values: Iterable[str]) -> list[str]:
+    """The content codings of a reply, in the order they were applied: RFC 9110 allows a list
+    (``gzip, identity``), in one ``Content-Encoding`` header or over several. ``identity``
+    (no coding) is left out."""
+    return [
+        coding
+        for value in values
+        for coding in (part.strip().lower() for part in value.split(","))
+        if coding and coding != "identity"
+    ]
+
+
+def _body_decoder(codings: list[str], cap: int, status: int) -> _BodyDecoder:
+    """A decoder for a body coded with ``codings``, in that order: the last one applied is
+    undone first. A list with a coding this client does not decode (or more codings than
+    ``_MAX_CODINGS``) is left as it came (it reads as not JSON)."""
+    if not codings or len(codings) > _MAX_CODINGS or not _DECODED.issuperset(codings):
+        return _BodyDecoder(", ".join(codings), cap, status)
+    decoder: _BodyDecoder | None = None
+    for coding in codings:
+        decoder = _BodyDecoder(coding, cap, status, then=decoder)
+    assert decoder is not None
+    return decoder
+
+
 # The content codings this client asks for and decodes itself (aiohttp's own decoding is off,
 # so a server that says brotli or zstd is not invited to: no such reply is ever readable).
 _ACCEPT_ENCODING = "gzip, deflate"
+_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
+# A body coded more times than this is no reply of this gateway's (each coding undone holds a
+# zlib window): it is left as it came.
+_MAX_CODINGS = 4
 _WHITESPACE = b" \t\r\n"
 _GZIP_MAGIC = b"\x1f\x8b"
 # A gzip body of more members than this is no reply of this gateway's (aiohttp stops at as many).
@@ -872,11 +897,15 @@ class _BodyDecoder:
     read as it is. ``x-gzip`` is gzip's old name, which RFC 9110 says to read as gzip (and
     aiohttp left compressed). A gzip body may be several members one after another (each is
     inflated, the cap counting them all). Any other coding is left as it came (it reads as
-    not JSON).
+    not JSON). A body coded twice (``deflate, gzip``) is decoded by two, the first (``then``)
+    taking what the second decodes.
     """
 
-    def __init__(self, encoding: str, cap: int, status: int) -> None:
+    def __init__(
+        self, encoding: str, cap: int, status: int, *, then: _BodyDecoder | None = None
+    ) -> None:
         self._cap = cap
+        self._then = then  # the decoder of the coding applied before this one, if any
         self._status = status
         self._chunks: list[bytes] = []
         self._size = 0
@@ -889,8 +918,12 @@ class _BodyDecoder:
         self._members = 1  # gzip members begun
         self._next_member = b""  # the first byte of a next member's header
         self._trailing = False  # past the last member: the rest is not read
-        # Whether the body failed to decode as its Content-Encoding says (not over the cap).
-        self.undecodable = False
+        self._undecodable = False
+
+    @property
+    def undecodable(self) -> bool:
+        """Whether the body failed to decode as its Content-Encoding says (not over the cap)."""
+        return self._undecodable or (self._then is not None and self._then.undecodable)
 
     def feed(self, chunk: bytes) -> WujieError | None:
         """Take the next raw chunk; an error if the body cannot be read within the cap."""
@@ -948,10 +981,13 @@ class _BodyDecoder:
 
     def finish(self) -> bytes | WujieError:
         """The whole decoded body, once the stream has ended."""
-        if self._held:
-            return self._held
         inflater = self._inflater
-        if inflater is not None:
+        if self._held:  # undecided: whitespace, or one byte
+            held, self._held = self._held, b""
+            problem = self._keep(held)
+            if problem is not None:
+                return problem
+        elif inflater is not None:
             try:
                 problem = self._keep(inflater.flush())
             except zlib.error:
@@ -960,12 +996,16 @@ class _BodyDecoder:
                 return problem
             if not inflater.eof:
                 return self._not_decodable()  # cut short
+        if self._then is not None:
+            return self._then.finish()
         return b"".join(self._chunks)
 
     def _keep(self, data: bytes) -> WujieError | None:
         self._size += len(data)
         if self._size > self._cap:
             return self._too_large()
+        if self._then is not None:
+            return self._then.feed(data) if data else None
         self._chunks.append(data)
         return None
 
@@ -978,7 +1018,7 @@ class _BodyDecoder:
         )
 
     def _not_decodable(self) -> ProtocolError:
-        self.undecodable = True
+        self._undecodable = True
         return ProtocolError(
             f"the reply's body does not decode as its Content-Encoding ({self._encoding}) says",
             http_status=self._status,
