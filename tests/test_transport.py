@@ -1059,3 +1059,50 @@ def test_a_list_of_content_codings_decodes_within_the_cap_and_says_what_failed()
     assert decoded(["gzip, " * 5], twice, size) == twice  # more codings than any reply has
     garbled = decoded(["gzip, gzip"], twice, size)  # inflates to deflate's bytes, not gzip's
     assert isinstance(garbled, ProtocolError) and "(gzip)" in str(garbled)
+
+
+@pytest.mark.parametrize("reused", [True, False], ids=["pooled", "new-connection"])
+async def test_a_batch_call_is_dated_from_when_its_connection_is_taken(reused: bool) -> None:
+    """With every connection busy, a batch call waits for a slot (and may connect) before its
+    request is written: ``on_wire(True)`` came only before that wait, and the call, the
+    poller's schedule and its keys' replies, was dated from before it. It is told again once
+    the connection is taken."""
+    events: list[str] = []
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+    second_waits = asyncio.Event()
+
+    async def gateway(request: web.Request) -> web.Response:
+        [key] = await request.json()
+        events.append(f"received {key}")
+        if key == "A":
+            first_in.set()
+            await release.wait()
+        response = web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
+        if not reused:
+            response.force_close()  # the next call connects anew
+        return response
+
+    def told(key: str) -> Callable[[bool], None]:
+        def on_wire(sending: bool) -> None:
+            events.append(f"wire {key} {sending}")
+            if key == "B":
+                second_waits.set()
+
+        return on_wire
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    limits = Limits(max_connections=1, max_response_bytes=1024 * 1024)
+    async with serve(app) as origin, open_transport(origin, creds, limits=limits) as transport:
+        first = asyncio.create_task(transport.post(INFO, ["A"], kind="poll", on_wire=told("A")))
+        await first_in.wait()  # A holds the only connection
+        second = asyncio.create_task(transport.post(INFO, ["B"], kind="poll", on_wire=told("B")))
+        await second_waits.wait()  # B is on its way, and must wait for A's connection
+        events.append("A released")
+        release.set()
+        async with asyncio.timeout(5):
+            await asyncio.gather(first, second)
+    last_told = max(index for index, event in enumerate(events) if event == "wire B True")
+    assert events.index("A released") < last_told < events.index("received B"), events

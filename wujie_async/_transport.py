@@ -484,7 +484,10 @@ class Transport:
             parent: the job or batch call the attempts' spans belong to (telemetry).
             on_wire: told ``True`` just before each attempt's request may leave, and ``False``
                 when an attempt was refused outright and the next one waits (a submit waiting
-                to retry after a 429 has nothing on the wire: stopping it costs nothing).
+                to retry after a 429 has nothing on the wire: stopping it costs nothing). A
+                batch query on the client's own session is told ``True`` again once its
+                connection is taken, just before its request is written: after any wait for a
+                connection slot and any connect (so its call is dated from then).
             before_retry: awaited after each retry's wait, before it is sent (a submit takes
                 a fresh slot of the submit rate: a resend counts against it too).
 
@@ -608,7 +611,7 @@ class Transport:
         if on_wire is not None:
             on_wire(True)
         self.counters.http_calls += 1
-        return self._send(path, payload, kind, sent_at)
+        return self._send(path, payload, kind, sent_at, on_wire)
 
     async def _post_once_waited(
         self,
@@ -628,23 +631,30 @@ class Transport:
         self.counters.http_calls += 1
         otel = self.telemetry.otel
         if otel is None and not logger.isEnabledFor(logging.DEBUG):
-            return await self._send(path, payload, kind, sent_at)
+            return await self._send(path, payload, kind, sent_at, on_wire)
         # Observed: timed from here (after the brake's wait), recorded once it is over.
         start_ns, started = time.time_ns(), time.perf_counter()
         try:
             # Recorded here: an HTTP instrumentation of the user's is told to leave it alone.
             with otel.own_http() if otel is not None else contextlib.nullcontext():
-                data = await self._send(path, payload, kind, sent_at)
+                data = await self._send(path, payload, kind, sent_at, on_wire)
         except BaseException as exc:  # re-raised as is: a cancel on the wire is recorded too
             self._observe(otel, path, attempt, keys, parent, exc, start_ns, started)
             raise
         self._observe(otel, path, attempt, keys, parent, None, start_ns, started)
         return data
 
-    async def _send(self, path: str, payload: bytes, kind: CallKind, sent_at: float) -> Any:
+    async def _send(
+        self,
+        path: str,
+        payload: bytes,
+        kind: CallKind,
+        sent_at: float,
+        on_wire: Callable[[bool], None] | None,
+    ) -> Any:
         brake = self._brakes[kind]
         url = self.base_url + path
-        reply = await self._exchange(url, payload, kind)
+        reply = await self._exchange(url, payload, kind, on_wire)
         if isinstance(reply, WujieError):
             raise reply  # outside any except block: no aiohttp error rides in __context__
         problem: WujieError | None = None
@@ -714,7 +724,9 @@ class Transport:
                 seconds=seconds,
             )
 
-    async def _exchange(self, url: str, payload: bytes, kind: CallKind) -> _Reply | WujieError:
+    async def _exchange(
+        self, url: str, payload: bytes, kind: CallKind, on_wire: Callable[[bool], None] | None
+    ) -> _Reply | WujieError:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
 
         The Authorization header is built in the call expression, so no local of this frame
@@ -724,8 +736,15 @@ class Transport:
         """
         cancelled: asyncio.CancelledError | None = None
         unexpected: Exception | None = None
-        # Told to our connector (in this task: the request's connection is taken in it).
-        idle_cap = _MAX_IDLE.set(SUBMIT_IDLE_SECONDS if kind == "submit" else None)
+        # Told to our connector (in this task: the request's connection is taken in it). A
+        # batch call is dated from when its connection is taken: the request is written next.
+        connecting = _CONNECTING.set(
+            _SUBMIT_CONNECTION
+            if kind == "submit"
+            else _ANY_CONNECTION
+            if on_wire is None
+            else (None, on_wire)
+        )
         try:
             async with self.session.post(
                 url,
@@ -789,7 +808,7 @@ class Transport:
                 raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
         finally:
-            _MAX_IDLE.reset(idle_cap)
+            _CONNECTING.reset(connecting)
         if unexpected is not None:
             unexpected.__traceback__ = unexpected.__context__ = unexpected.__cause__ = None
             unexpected.add_note(
@@ -1105,10 +1124,15 @@ def _uncertain(exc: WujieError) -> bool:
     return isinstance(exc, ServerError | ProtocolError)
 
 
-# How long the pooled connection a request takes may have been idle (None: aiohttp's own
-# bound, IDLE_CONNECTION_SECONDS). Set by Transport._exchange around each request.
-_MAX_IDLE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "wujie_async_max_idle", default=None
+# What our connector is told of the request it takes a connection for, set by
+# Transport._exchange around each request: how long the pooled connection it takes may have
+# been idle (None: aiohttp's own bound, IDLE_CONNECTION_SECONDS), and whom to tell
+# (``on_wire(True)``) once the connection is taken (a batch call's; None: nobody).
+_ConnectRule = tuple[float | None, Callable[[bool], None] | None]
+_ANY_CONNECTION: _ConnectRule = (None, None)
+_SUBMIT_CONNECTION: _ConnectRule = (SUBMIT_IDLE_SECONDS, None)
+_CONNECTING: contextvars.ContextVar[_ConnectRule] = contextvars.ContextVar(
+    "wujie_async_connecting", default=_ANY_CONNECTION
 )
 
 
@@ -1137,6 +1161,10 @@ class _PoolConnector(aiohttp.TCPConnector):
       Batch queries are read-only: the poller's take any pooled connection (a failed one is
       asked again).
 
+    A batch query's ``on_wire(True)`` is called here too, once its connection is taken (the
+    request is written next): a call is dated from then, not from before it waited for a
+    connection slot and connected.
+
     A caller's own session keeps its own connector: neither check applies to it.
     """
 
@@ -1160,7 +1188,7 @@ class _PoolConnector(aiohttp.TCPConnector):
     async def connect(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.connector.Connection:
-        max_idle = _MAX_IDLE.get()
+        max_idle, on_wire = _CONNECTING.get()
         # Pooled connections sound but idle too long for a submit: kept out of the pool while
         # it looks for another (each is taken once), then put back for the polls (closed, a
         # submit after a pause took every pooled connection from the polls).
@@ -1178,6 +1206,8 @@ class _PoolConnector(aiohttp.TCPConnector):
                 if protocol is None or protocol not in self._handed_out:
                     if protocol is not None:
                         self._handed_out.add(protocol)
+                    if on_wire is not None:
+                        on_wire(True)  # the request is written next
                     return conn  # a new connection
                 since = self._idle_since.pop(protocol, None)
                 idle = math.inf if since is None else time.monotonic() - since
@@ -1186,6 +1216,8 @@ class _PoolConnector(aiohttp.TCPConnector):
                 too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
                 if not too_old and not _closed_by_peer(protocol):
                     if max_idle is None or idle <= max_idle:
+                        if on_wire is not None:
+                            on_wire(True)
                         return conn
                     if since is not None:
                         self._set_aside[protocol] = since
