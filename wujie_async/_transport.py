@@ -854,7 +854,11 @@ class _BodyDecoder:
     is the gateway's answer) made a submit's reply "Can not decode content-encoding", an
     uncertain submit whose paid job's key was in the body. A body labelled gzip or deflate
     whose first byte past whitespace is ``{`` (which no gzip or zlib stream starts with) is
-    read as it is. ``x-gzip`` is gzip's old name, which RFC 9110 says to read as gzip (and
+    read as it is; so is a body labelled compressed that fails to inflate before a byte of it
+    has come out (a proxy's plain-text "429 Too Many Requests" labelled gzip was a
+    ProtocolError, which a submit takes for "may have been accepted": the refusal, never
+    resent, read as a paid job; read as it came, its status says what it is). ``x-gzip`` is
+    gzip's old name, which RFC 9110 says to read as gzip (and
     aiohttp left compressed). A gzip body may be several members one after another (each is
     inflated, the cap counting them all). Any other coding is left as it came (it reads as
     not JSON).
@@ -874,6 +878,9 @@ class _BodyDecoder:
         self._members = 1  # gzip members begun
         self._next_member = b""  # the first byte of a next member's header
         self._trailing = False  # past the last member: the rest is not read
+        # The body as it came, while nothing of it has inflated (None once something has).
+        self._raw: list[bytes] | None = None
+        self._raw_size = 0
 
     def feed(self, chunk: bytes) -> WujieError | None:
         """Take the next raw chunk; an error if the body cannot be read within the cap."""
@@ -894,8 +901,14 @@ class _BodyDecoder:
                     16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS if zlib_header else -15
                 )
                 self._inflater = zlib.decompressobj(wbits)
+                self._raw = []
         if self._inflater is None:
             return self._keep(chunk)
+        if self._raw is not None:
+            self._raw.append(chunk)
+            self._raw_size += len(chunk)
+            if self._raw_size > self._cap:
+                return self._too_large()
         return self._inflate(chunk)
 
     def _inflate(self, data: bytes) -> WujieError | None:
@@ -920,9 +933,11 @@ class _BodyDecoder:
             try:
                 inflated = inflater.decompress(data, self._cap + 1 - self._size)
             except zlib.error:
-                return self._not_decodable()
+                return self._as_sent()
             if inflater.unconsumed_tail:
                 return self._too_large()  # more to inflate than the cap leaves room for
+            if inflated:
+                self._raw = None
             problem = self._keep(inflated)
             if problem is not None:
                 return problem
@@ -938,12 +953,27 @@ class _BodyDecoder:
             try:
                 problem = self._keep(inflater.flush())
             except zlib.error:
-                return self._not_decodable()
+                problem = self._as_sent()
             if problem is not None:
                 return problem
-            if not inflater.eof:
+            if self._inflater is not None and not inflater.eof:
                 return self._not_decodable()  # cut short
         return b"".join(self._chunks)
+
+    def _as_sent(self) -> WujieError | None:
+        """A body that does not inflate: read as it came if nothing of it had inflated (a
+        plain body labelled compressed), else not decodable."""
+        raw = self._raw
+        if raw is None:
+            return self._not_decodable()
+        self._raw = None
+        self._inflater = None  # the rest of the body is kept as it comes
+        self._trailing = False
+        for data in raw:
+            problem = self._keep(data)
+            if problem is not None:
+                return problem
+        return None
 
     def _keep(self, data: bytes) -> WujieError | None:
         self._size += len(data)
