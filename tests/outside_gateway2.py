@@ -98,6 +98,7 @@ class Gateway2:
     # The 429 as a proxy words it: plain text, labelled with `encoding` but not compressed.
     refusal_text_mislabelled: bool = False
     poll_5xx_burst: int = 0  # the first N batch calls get a 503
+    poll_429_burst: int = 0  # the first N batch calls get a 429, Retry-After: 1
     poll_cut_every: int = 0  # every Nth batch reply is cut mid-body
     submit_cut_every: int = 0  # every Nth submit is accepted, its reply cut mid-body
     label: str = "gzip"  # the Content-Encoding a mislabelled reply carries
@@ -276,6 +277,14 @@ class Gateway2:
         self.info_calls += 1
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.info_calls <= self.poll_429_burst:
+            await self.send_json(
+                writer,
+                {"code": "429", "message": "slow down", "data": None},
+                429,
+                extra={"Retry-After": "1"},
+            )
+            return True
         if self.info_calls <= self.poll_5xx_burst:
             await self.send(writer, 503, b"<html>busy</html>", "text/html")
             return True

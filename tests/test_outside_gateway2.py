@@ -78,6 +78,7 @@ VARIATIONS: dict[str, dict[str, Any]] = {
     "inline-b64-gzip": {"inline": True, "encoding": "gzip"},
     "429-every-3rd": {"submit_429_every": 3},
     "5xx-burst": {"poll_5xx_burst": 4},
+    "429-burst-on-batch-calls": {"poll_429_burst": 2},
     "batch-reply-cut": {"poll_cut_every": 2},
 }
 
