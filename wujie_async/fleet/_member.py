@@ -318,12 +318,14 @@ class FleetMember:
         follower = self._follower
         assert follower is not None
         try:
-            won = await self._membership.join()  # its gateway checked, as at open
+            dropped = await self._membership.join()  # its gateway checked, as at open
         except FleetMismatchError as exc:
             self._keep_out(exc)
             raise
+        finally:
+            self._journal.use_gateway(*self._membership.gateway)
         self._kept_out = False
-        if won:
+        if dropped:
             # Won the fleet back from a newcomer of another gateway: its leaders are fenced
             # out before this member's keys are registered, so they never ask about them.
             logger.warning(
