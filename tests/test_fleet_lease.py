@@ -157,6 +157,23 @@ async def test_a_newcomers_record_dated_by_a_clock_set_back_keeps_no_old_member_
         assert await ours.join() == []
 
 
+async def test_winning_the_fleet_back_takes_no_lease_from_its_own_gateway(url: str) -> None:
+    # A member winning the fleet back took every shard's lease: also one a member of its own
+    # gateway had taken again (free after the loss) before joining again, a needless hand-over.
+    async with RedisFleet(url, name=fleet_name(), lease_seconds=5.0) as fleet:
+        ours, mate, theirs = await gateways(fleet)
+        await forget_fleet(fleet)
+        await theirs.join()
+        mates, its = LeaderLease(fleet, 0, mate.member_id), LeaderLease(fleet, 1, theirs.member_id)
+        assert await mates.try_acquire() == 0.0 and await its.try_acquire() == 0.0
+        dropped = await ours.join()
+        assert dropped == [theirs.member_id]
+        for shard in (0, 1):
+            await LeaderLease(fleet, shard, ours.member_id).try_acquire(take_from=dropped)
+        assert await mates.renew()  # still its own
+        assert not await its.renew()  # the newcomer's leader is fenced out
+
+
 # --- lease --------------------------------------------------------------------------------------
 @pytest.mark.long
 async def test_one_leader_and_a_larger_token_on_every_takeover(url: str) -> None:
