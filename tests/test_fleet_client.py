@@ -427,8 +427,9 @@ async def test_a_member_kept_out_by_the_gateway_check_keeps_its_jobs(
         record: dict[Any, Any] = {
             "fingerprint": other.gateway[0],
             "base_url": theirs.base_url,
-            "since": "0",
+            "epoch": "0",
         }
+        await observer.call(lambda r: r.delete(observer.keys.gateway))  # a record anew
         await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
         await other.join()
         first_id = first.fleet_member
@@ -470,8 +471,9 @@ async def test_a_kept_out_member_that_is_gone_leaves_its_jobs_to_its_own_gateway
             record: dict[Any, Any] = {
                 "fingerprint": other.gateway[0],
                 "base_url": theirs.base_url,
-                "since": "0",
+                "epoch": "0",
             }
+            await observer.call(lambda r: r.delete(observer.keys.gateway))  # a record anew
             await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
             await other.join()
             first_id = first.fleet_member

@@ -18,7 +18,14 @@ from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._membership import Membership, new_member_id
 from wujie_async.fleet._registry import KeyRegistry
 
-from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
+from .fleet_support import (
+    any_redis,
+    fleet_name,
+    forget_fleet,
+    next_event,
+    start_child,
+    stop_child,
+)
 from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
@@ -81,8 +88,10 @@ async def test_a_kept_out_member_keeps_its_jobs_until_it_leaves(url: str) -> Non
         await ours.join()
         journal = RedisJournal(fleet, ours.member_id)
         await journal.record_accepted(await journal.record_intent("/p", {"prompt": "x"}), "k1")
-        # The fleet went to another gateway, its record older than `ours`' first join.
-        record: dict[Any, Any] = {"fingerprint": theirs.gateway[0], "since": "0"}
+        # The fleet went to another gateway: its record is of another epoch, not fresh (not a
+        # newcomer's after Redis lost the fleet), so `ours` does not win it back.
+        record: dict[Any, Any] = {"fingerprint": theirs.gateway[0], "epoch": "0"}
+        await fleet.call(lambda r: r.delete(fleet.keys.gateway))  # a record anew
         await fleet.call(lambda r: r.hset(fleet.keys.gateway, mapping=record))
         await theirs.join()
         heir = RedisJournal(fleet, theirs.member_id)
@@ -105,6 +114,64 @@ async def test_a_kept_out_member_keeps_its_jobs_until_it_leaves(url: str) -> Non
         own = RedisJournal(fleet, mate.member_id)
         own.use_gateway(*mate.gateway)
         assert [entry.job_key for entry in (await own.claim_dead(0.5)).entries] == ["k1"]
+
+
+async def gateways(fleet: RedisFleet) -> tuple[Membership, Membership, Membership]:
+    """Two members of one gateway that joined, and a newcomer of another gateway."""
+    ours, mate, theirs = (Membership(fleet, new_member_id()) for _ in range(3))
+    for membership, base_url in ((ours, "ours"), (mate, "ours"), (theirs, "theirs")):
+        membership.use_gateway(f"https://{base_url}.example", "app")
+    await ours.join()
+    await mate.join()
+    return ours, mate, theirs
+
+
+async def test_a_newcomers_record_dated_by_a_clock_set_back_keeps_no_old_member_out(
+    url: str,
+) -> None:
+    # Redis restarted without AOF on a host whose clock is behind the old one, and a client of
+    # another gateway opened first: its record was dated before the old members' joins, so
+    # every old member was refused for as long as it lived. No clock decides it now.
+    async with RedisFleet(url, name=fleet_name()) as fleet:
+        ours, mate, theirs = await gateways(fleet)
+        await forget_fleet(fleet)
+        # The record as the newcomer dated it by a Redis clock set back (before both joins).
+        record: dict[Any, Any] = {"fingerprint": theirs.gateway[0], "since": "1"}
+        await fleet.call(lambda r: r.hset(fleet.keys.gateway, mapping=record))
+        await theirs.join()
+        assert await ours.join() == [theirs.member_id]  # there first: it wins the fleet back
+        assert await mate.join() == []
+        for _ in range(2):  # the newcomer is kept out, and never wins it back: no ping-pong
+            with pytest.raises(FleetMismatchError):
+                await theirs.join()
+        other = Membership(fleet, new_member_id())
+        other.use_gateway("https://theirs.example", "app")
+        with pytest.raises(FleetMismatchError):
+            await other.join()
+        # Lost again, the fleet goes to whichever old member comes back first; a member refused
+        # since it joined never wins against the fleet's live members.
+        await forget_fleet(fleet)
+        await mate.join()
+        with pytest.raises(FleetMismatchError):
+            await theirs.join()
+        assert await ours.join() == []
+
+
+async def test_winning_the_fleet_back_takes_no_lease_from_its_own_gateway(url: str) -> None:
+    # A member winning the fleet back took every shard's lease: also one a member of its own
+    # gateway had taken again (free after the loss) before joining again, a needless hand-over.
+    async with RedisFleet(url, name=fleet_name(), lease_seconds=5.0) as fleet:
+        ours, mate, theirs = await gateways(fleet)
+        await forget_fleet(fleet)
+        await theirs.join()
+        mates, its = LeaderLease(fleet, 0, mate.member_id), LeaderLease(fleet, 1, theirs.member_id)
+        assert await mates.try_acquire() == 0.0 and await its.try_acquire() == 0.0
+        dropped = await ours.join()
+        assert dropped == [theirs.member_id]
+        for shard in (0, 1):
+            await LeaderLease(fleet, shard, ours.member_id).try_acquire(take_from=dropped)
+        assert await mates.renew()  # still its own
+        assert not await its.renew()  # the newcomer's leader is fenced out
 
 
 # --- lease --------------------------------------------------------------------------------------

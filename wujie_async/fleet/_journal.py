@@ -97,18 +97,17 @@ end
 """
 
 # KEYS: seq, members, gateway. ARGV: prefix, owner, path, request, tag ('' = none), now, once
-# (the write's token), the owner's gateway fingerprint, base URL and seniority ('' = not told;
-# see _membership). Reply: the
-# row id; the same id again for a retry of the same write (its first try may have run after
-# all, late, once a frozen Redis woke: one row, not two), 0 for a write its submit gave up on
-# (see record_intent).
+# (the write's token), the owner's gateway fingerprint, base URL and epoch ('' = not told, or
+# not joined: see _membership). Reply: the row id; the same id again for a retry of the same
+# write (its first try may have run after all, late, once a frozen Redis woke: one row, not
+# two), 0 for a write its submit gave up on (see record_intent).
 # An owner the member list does not hold (Redis lost it, or the fleet claimed it as dead) is
 # put back with a heartbeat of now, and without its info: rows it writes until it joins again
 # are a member's, claimable if it dies first. It finds its info missing within a second (or at
 # its next heartbeat) and joins again (see _membership), which registers its keys again.
-# A fleet gateway record Redis lost is written again from the owner's (a member writes only
-# once it joined, checked): a client of another gateway opening before the members joined
-# again took the fleet, and kept every member out.
+# A fleet gateway record Redis lost is written again from the owner's (a member that joined
+# and was not refused since), with its epoch (see _membership): a client of another gateway
+# opening before the members joined again took the fleet, and kept every member out.
 _INTENT = (
     REDIS_MS
     + _NEW_ROW
@@ -117,8 +116,8 @@ local p = ARGV[1]
 if not redis.call('ZSCORE', KEYS[2], ARGV[2]) then
   redis.call('ZADD', KEYS[2], redis_ms(), ARGV[2])
 end
-if ARGV[8] ~= '' and redis.call('HEXISTS', KEYS[3], 'fingerprint') == 0 then
-  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[8], 'base_url', ARGV[9], 'since', ARGV[10])
+if ARGV[10] ~= '' and redis.call('HEXISTS', KEYS[3], 'fingerprint') == 0 then
+  redis.call('HSET', KEYS[3], 'fingerprint', ARGV[8], 'base_url', ARGV[9], 'epoch', ARGV[10])
 end
 local once = p .. 'once:' .. ARGV[7]
 local done = redis.call('GET', once)
@@ -377,16 +376,16 @@ class RedisJournal:
         self._trying: tuple[Any, ...] | None = None  # the record the writer is on
         self._warned_rows: set[str] = set()  # damaged rows already warned about
         self.commits = 0  # writes Redis acknowledged (for client.stats)
-        # This member's gateway: fingerprint, base URL, seniority ("": not told).
+        # This member's gateway: fingerprint, base URL, epoch ("": not told).
         self._gateway = ("", "", "")
 
     def __repr__(self) -> str:
         return f"RedisJournal({self._link.config.name!r}, member={self.member_id!r})"
 
-    def use_gateway(self, fingerprint: str, base_url: str, since: str) -> None:
+    def use_gateway(self, fingerprint: str, base_url: str, epoch: str) -> None:
         """This member's gateway (see ``Membership.gateway``): an intent written after
-        Redis lost the fleet's gateway record writes it again."""
-        self._gateway = (fingerprint, base_url, since)
+        Redis lost the fleet's gateway record writes it again, with its epoch."""
+        self._gateway = (fingerprint, base_url, epoch)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:

@@ -25,18 +25,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 
 from ._errors import LeaseLostError
 from ._link import RedisLink, Script
 
 logger = logging.getLogger("wujie_async.fleet")
 
-# KEYS: lease, counter. ARGV: member, ttl_ms, take ('1': whoever holds it). Reply: {1, token}
-# or {0, pttl_ms}.
+# KEYS: lease, counter. ARGV: member, ttl_ms, then members it may take the lease from.
+# Reply: {1, token} or {0, pttl_ms}.
 _ACQUIRE = """
 local holder = redis.call('GET', KEYS[1])
-if holder and ARGV[3] ~= '1' and string.sub(holder, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then
-  return {0, redis.call('PTTL', KEYS[1])}
+if holder then
+  local from = string.match(holder, '^(.*)|[^|]*$')
+  for i = 3, #ARGV do if from == ARGV[i] then from = ARGV[1] end end
+  if from ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[1])} end
 end
 local token = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. token, 'PX', ARGV[2])
@@ -116,16 +119,17 @@ class LeaderLease:
             )
         return self._fence
 
-    async def try_acquire(self, *, take: bool = False) -> float:
-        """Take the lease if it is free (or still this member's), or whoever holds it with
-        ``take`` (a member that won the fleet back fences out the newcomer's leader).
+    async def try_acquire(self, *, take_from: Sequence[str] = ()) -> float:
+        """Take the lease if it is free (or still this member's), or held by a member in
+        ``take_from`` (a member that won the fleet back fences out the newcomer's leader, not
+        one of its own gateway's).
 
         Returns:
             0.0 when this member now leads, else the holder's remaining TTL in seconds (more
             than 0.0, even for a lease someone set without a TTL).
         """
         sent = asyncio.get_running_loop().time()
-        args = (self.member_id, round(self._ttl * 1000), int(take))
+        args: tuple[str | int, ...] = (self.member_id, round(self._ttl * 1000), *take_from)
         reply = await self._acquire(self._keys, args)
         if int(reply[0]) != 1:
             holder_left = int(reply[1]) / 1000

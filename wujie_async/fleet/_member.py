@@ -18,8 +18,8 @@ member claimed meanwhile is followed by both. Joining again checks the gateway a
 does: a member refused (the fleet's live members use another gateway) stays local, takes its
 keys out of the registry and tries again every heartbeat interval, marking itself kept out (its
 jobs are not claimed meanwhile). A member that joined before the members of another gateway
-that took the fleet while Redis had lost it wins it back (see ``_membership``): it takes every
-shard's lease before registering its keys, so their leaders never ask about them.
+that took the fleet while Redis had lost it wins it back (see ``_membership``): it takes the
+leases they hold before registering its keys, so their leaders never ask about them.
 
 A background task that fails with an unexpected error (a bug) leaves its member local for good:
 it gives its leases up and takes its keys out of the registry, so the others carry on.
@@ -318,12 +318,14 @@ class FleetMember:
         follower = self._follower
         assert follower is not None
         try:
-            won = await self._membership.join()  # its gateway checked, as at open
+            dropped = await self._membership.join()  # its gateway checked, as at open
         except FleetMismatchError as exc:
             self._keep_out(exc)
             raise
+        finally:
+            self._journal.use_gateway(*self._membership.gateway)
         self._kept_out = False
-        if won:
+        if dropped:
             # Won the fleet back from a newcomer of another gateway: its leaders are fenced
             # out before this member's keys are registered, so they never ask about them.
             logger.warning(
@@ -333,7 +335,7 @@ class FleetMember:
                 self._member_id,
             )
             for lease in self._leases:
-                await lease.try_acquire(take=True)
+                await lease.try_acquire(take_from=dropped)
         await follower.register_all()
         restored = await self._journal.restore()
         rows = f", and {restored} journal rows Redis had lost" if restored else ""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -37,58 +38,64 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # KEYS: members, info, gateway, kept-out, kept-out-gateway. ARGV: id, info JSON, fingerprint,
-# base URL, timeout_ms, since (Redis ms of this member's first join; '' = never joined).
-# The gateway record holds the fleet's gateway (fingerprint, base URL) and its seniority: the
-# first join of the oldest member that wrote it. A member whose fingerprint differs is refused
+# base URL, timeout_ms, epoch (of the gateway record this member last joined under; '' = never
+# joined, or refused since), '1' when it has joined, a new epoch (for a record made anew).
+# The gateway record holds the fleet's gateway (fingerprint, base URL) and its epoch: a random
+# token made with the record, kept while the record lives (also when the fleet moves to another
+# gateway, nobody being alive), and no clock. A member whose fingerprint differs is refused
 # while another member is alive: reply {0, the fleet's base URL}; one that had joined marks
 # itself kept out (its rows are not claimed meanwhile, see the journal's claim), with its
 # gateway's fingerprint, kept until it joins again or a member of its gateway claims its rows:
 # once its mark is stale (it died kept out, or left), a member of another gateway never claims
 # them (it would ask its own gateway, which does not know them).
-# Seniority: the members that were there first keep the fleet. Redis having lost the fleet (a
-# restart without AOF, FLUSHALL), a client of another gateway opening before any member came
-# back wrote the record, as the oldest member it knew: a member that joined before it, joining
-# again, wins the record back (reply {2, since}), and every other member's info is dropped, so
-# the newcomer's members find themselves gone, join again and are refused. Otherwise it joins
-# (reply {1, since}), and the fleet's gateway is its own. The same check at open and on every
-# join again.
+# Seniority: the members that were there first keep the fleet. A record made by a member that
+# never joined (a newcomer) is 'fresh'. Redis having lost the fleet (a restart without AOF,
+# FLUSHALL), a client of another gateway opening before any member came back made a fresh
+# record: a member that joined under another epoch (the record Redis lost), joining again,
+# wins it back with its own epoch, no longer fresh, and every other member's info is dropped
+# (their ids in the reply), so the newcomer's members find themselves gone, join again and are
+# refused. A newcomer, or a member refused since it joined, never wins; nor does any member
+# against a record that is not fresh (no ping-pong). Otherwise it joins (reply {1, epoch, ids
+# dropped}), and the fleet's gateway is its own; a fresh record takes its epoch if it has
+# another. The same check at open and on every join again.
 _JOIN = (
     _NOW_MS
     + """
-local since, won = tonumber(ARGV[6]) or now, 0
+local mine, dropped = ARGV[6], {}
 if ARGV[3] ~= '' then
-  local held = redis.call('HMGET', KEYS[3], 'fingerprint', 'since')
-  local first = tonumber(held[2])
+  local held = redis.call('HMGET', KEYS[3], 'fingerprint', 'epoch', 'fresh')
   if held[1] and held[1] ~= ARGV[3] then
     local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[5]), '+inf')
     for _, other in ipairs(live) do
       if other ~= ARGV[1] then
-        if ARGV[6] == '' or not first or since >= first then  -- a newcomer never wins
-          if ARGV[6] ~= '' then
+        if mine == '' or mine == held[2] or held[3] ~= '1' then  -- only an older fleet wins
+          if ARGV[7] == '1' then
             redis.call('ZADD', KEYS[4], now, ARGV[1])
             redis.call('HSET', KEYS[5], ARGV[1], ARGV[3])
           end
           return {0, redis.call('HGET', KEYS[3], 'base_url') or '?'}
         end
-        won = 1
         for _, joined in ipairs(redis.call('HKEYS', KEYS[2])) do
-          if joined ~= ARGV[1] then redis.call('HDEL', KEYS[2], joined) end
+          if joined ~= ARGV[1] then dropped[#dropped + 1] = joined end
         end
+        if #dropped > 0 then redis.call('HDEL', KEYS[2], unpack(dropped)) end
         break
       end
     end
-    first = nil
   end
   redis.call('HSET', KEYS[3], 'fingerprint', ARGV[3], 'base_url', ARGV[4])
-  if not first or since < first then
-    redis.call('HSET', KEYS[3], 'since', string.format('%.0f', since))
+  if mine == '' and not held[2] then
+    redis.call('HSET', KEYS[3], 'epoch', ARGV[8], 'fresh', '1')
+  elseif mine ~= '' and mine ~= held[2] and (held[3] == '1' or not held[2]) then
+    redis.call('HSET', KEYS[3], 'epoch', mine)
+    redis.call('HDEL', KEYS[3], 'fresh')
   end
 end
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return {1 + won, string.format('%.0f', since)}
+return {1, ARGV[3] ~= '' and redis.call('HGET', KEYS[3], 'epoch') or '', dropped}
 """
 )
 # KEYS: members, info. ARGV: id, timeout_ms. Reply: 1 refreshed, 0 unknown (claimed, or Redis
@@ -163,7 +170,8 @@ class Membership:
         self._list = Script(link, _LIST)
         self._fingerprint = ""  # of this member's gateway ("": not told, not checked)
         self._base_url = ""
-        self._since = ""  # Redis ms of its first join, its seniority ("": not joined yet)
+        self._epoch = ""  # of the gateway record it last joined under ("": none, or refused)
+        self._joined = False
 
     def __repr__(self) -> str:
         return f"Membership({self.member_id!r})"
@@ -180,13 +188,14 @@ class Membership:
 
     @property
     def gateway(self) -> tuple[str, str, str]:
-        """This member's gateway as written to Redis: fingerprint, base URL and seniority
-        (Redis ms of its first join); "": not told, or not joined yet."""
-        return self._fingerprint, self._base_url, self._since
+        """This member's gateway as written to Redis: fingerprint, base URL and the epoch of
+        the gateway record it joined under; "": not told, or not joined (or refused) since."""
+        return self._fingerprint, self._base_url, self._epoch
 
-    async def join(self) -> bool:
-        """Join, or join again: alive from now on, whatever the fleet thought. True when it
-        won the fleet back from members of another gateway that came since (see _JOIN).
+    async def join(self) -> list[str]:
+        """Join, or join again: alive from now on, whatever the fleet thought. Returns the
+        members whose entries it dropped, winning the fleet back from members of another
+        gateway that came while Redis had lost it (see _JOIN); [] for no win.
 
         Raises:
             FleetMismatchError: another live member uses another gateway (base URL or app
@@ -195,11 +204,13 @@ class Membership:
         info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
         keys = self._link.keys
         timeout_ms = round(self._link.config.member_timeout * 1000)
+        mine = (self._fingerprint, self._base_url, timeout_ms, self._epoch, int(self._joined))
         reply = await self._join(
             (keys.members, keys.member_info, keys.gateway, keys.kept_out, keys.kept_out_gateway),
-            (self.member_id, info, self._fingerprint, self._base_url, timeout_ms, self._since),
+            (self.member_id, info, *mine, secrets.token_hex(8)),
         )
         if int(reply[0]) == 0:
+            self._epoch = ""  # refused: never senior to the members that refused it
             theirs = str(reply[1])
             if theirs == self._base_url:
                 what = f"base URL {theirs} with another app id than this client's"
@@ -212,8 +223,8 @@ class Membership:
                 base_url=self._base_url,
                 fleet_base_url=theirs,
             )
-        self._since = str(reply[1])
-        return int(reply[0]) == 2
+        self._epoch, self._joined = str(reply[1]), True
+        return [str(member) for member in reply[2]]
 
     async def heartbeat(self) -> bool:
         """Heartbeat once. False: the fleet lost this member or declared it dead (join again)."""
