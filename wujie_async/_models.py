@@ -130,7 +130,10 @@ class _Request(BaseModel):
         pydantic would hand the same values back, so it is skipped: the UTF-8 check and the
         per-model rules still run, as in :meth:`build`. Anything else (a str subclass, a bool
         for an int, an unknown field, a missing one) goes through :meth:`build`, which converts
-        (a str subclass to str, a tuple of images to a list) or names the error.
+        (a str subclass to str, a tuple of images to a list) or names the error. The common
+        generation request (prompt, model, n, quality, size; a known model) is first checked
+        in one pass (``_common_generation_body``), which only ever accepts: what it does not
+        take goes this way.
 
         Raises:
             InvalidRequestError: naming every field that breaks a rule, and the rule.
