@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from wujie_async import JobStatus, JobUpdate, ModerationRejectedError
+from wujie_async import ImageJob, JobStatus, JobUpdate, ModerationRejectedError
+from wujie_async._jobs import JobState
 from wujie_async.emulator import FaultConfig
 from wujie_async.emulator._png import render_png
 
@@ -224,3 +225,21 @@ async def test_a_generate_cut_short_leaves_its_paid_job_tracked(emulator: Emulat
             result = await asyncio.wait_for(job.result(), 10)
     assert result.key == job.key and len(result.images) == 1
     assert emu.stats()["submits_accepted"] == 1
+
+
+async def test_a_job_made_on_the_submit_path_is_the_job_its_constructor_makes() -> None:
+    """The submit path makes its job without the class call (``ImageJob._made``): every slot
+    set as ``ImageJob(...)`` sets it (a slot added to ``__init__`` and not to ``_made`` fails
+    here, not when the job is read)."""
+    loop = asyncio.get_running_loop()
+    state = JobState(loop)
+
+    def forget(job: ImageJob) -> None:
+        del job
+
+    request = {"prompt": "a cat", "model": "gpt-image-1"}
+    made = ImageJob._made("k" * 32, state, 60.0, request, 2, forget, None)
+    built = ImageJob("k" * 32, state, deadline=60.0, request=request, n=2, on_cancel=forget)
+    slots = [name for name in ImageJob.__slots__ if name != "__weakref__"]
+    assert [getattr(made, name) for name in slots] == [getattr(built, name) for name in slots]
+    state.future.cancel()

@@ -23,7 +23,7 @@ import pytest
 
 from wujie_async import ImageJob, JobTimeoutError, Limits, PollPolicy, Timeouts, WujieClient
 from wujie_async._jobs import JobState
-from wujie_async._poller import BatchPoller
+from wujie_async._poller import BatchPoller, _new_tracked, _Tracked
 from wujie_async._schedule_tuning import TUNING
 from wujie_async.emulator import FaultConfig
 
@@ -448,3 +448,22 @@ async def test_a_gateway_taking_fewer_keys_per_call_is_asked_within_its_cap(
     assert stats["batch_sizes"] and max(stats["batch_sizes"]) <= 20
     refused = stats["requests"]["info"] - len(stats["batch_sizes"])
     assert 1 <= refused <= 6  # the first over-cap calls only, not one per round
+
+
+async def test_a_tracked_job_is_made_with_every_field_at_its_default() -> None:
+    """The poller's record of a new job is built field by field (the submit's hot path): the
+    same record as the dataclass's own constructor, every field set (a field added to
+    ``KeyTiming`` or ``_Tracked`` and not to ``_new_tracked`` fails here, not in a poll)."""
+    loop = asyncio.get_running_loop()
+    state = JobState(loop)
+    job = ImageJob("k" * 32, state, deadline=loop.time() + 60)
+    for grace in (None, 3.0):
+        made = _new_tracked(12.5, "gpt-image-1", job, state, None, grace)
+        expected = _Tracked(
+            created_at=12.5, model="gpt-image-1", job=job, state=state, absence_grace=grace
+        )
+        assert made == expected
+        assert [getattr(made, name) for name in _Tracked.__dataclass_fields__] == [
+            getattr(expected, name) for name in _Tracked.__dataclass_fields__
+        ]
+    state.future.cancel()

@@ -34,6 +34,27 @@ GENERATIONS: list[dict[str, Any]] = [
     {"prompt": "a cat", "model": "a-new-model", "n": 99, "quality": "ultra"},
     {"prompt": "a cat", "model": "gpt-image-1", "output_compression": 101},
     {"prompt": 5, "model": "gpt-image-1"},
+    # The common request (prompt, model, n, quality, size), which takes a shorter way: each
+    # rule it checks, met and broken.
+    {"prompt": "a cat", "model": "gpt-image-1", "n": 10, "quality": "low", "size": "auto"},
+    {"prompt": "一只猫", "model": "dall-e-2", "n": 2, "size": "256x256"},
+    {"prompt": "a cat \ud800", "model": "gpt-image-1"},  # cannot be sent
+    {"prompt": "   ", "model": "gpt-image-1"},
+    {"prompt": "\u3000", "model": "gpt-image-1"},  # a blank that is not ASCII
+    {"prompt": "a cat", "model": "gpt-image-1", "n": 0},
+    {"prompt": "a cat", "model": "gpt-image-1", "n": -1},
+    {"prompt": "a cat", "model": "dall-e-3", "n": 2},
+    {"prompt": "a cat", "model": "dall-e-3", "n": False},
+    {"prompt": "a cat", "model": "dall-e-2", "quality": "hd"},
+    {"prompt": "a cat", "model": "dall-e-2", "quality": 1},
+    {"prompt": "a cat", "model": "gpt-image-1", "quality": Text("low")},
+    {"prompt": "a cat", "model": "gpt-image-1", "size": "256x256"},
+    {"prompt": "a cat", "model": "gpt-image-1", "size": None, "quality": None},
+    {"prompt": "a cat", "model": Text("gpt-image-1")},
+    {"prompt": "a cat", "model": ""},
+    {"prompt": "a cat", "model": "gpt-image-1 "},
+    {"model": "gpt-image-1"},
+    {"size": "auto", "n": 3, "model": "gpt-image-1", "prompt": "a cat"},  # order of the body
 ]
 EDITS: list[dict[str, Any]] = [
     {"prompt": "a hat", "model": "gpt-image-1", "image": ["https://example.com/a.png"]},

