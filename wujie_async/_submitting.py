@@ -66,10 +66,15 @@ class _Slots(asyncio.Semaphore):
         """Take a slot if one is free and no one waits for one, as ``acquire()`` then takes
         it at once, but with no coroutine and no scan of the waiters (about 4,000 fewer
         instructions per submit). False: nothing was taken; await ``acquire()``."""
-        if self._value > 0 and not self._waiters:
+        if _SEMAPHORE_FIELDS and self._value > 0 and not self._waiters:
             self._value -= 1
             return True
         return False
+
+
+# take_free reads two private fields of asyncio.Semaphore (3.11 to 3.14 have both): on a Python
+# without them, every slot is taken by acquire() instead of failing.
+_SEMAPHORE_FIELDS = all(hasattr(asyncio.Semaphore(1), name) for name in ("_value", "_waiters"))
 
 
 class Admission:
