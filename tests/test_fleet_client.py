@@ -404,6 +404,29 @@ async def test_members_that_were_there_first_take_a_lost_fleet_back_from_another
         assert fleet_of(first).role == "leader"
 
 
+async def _keep_out(
+    first: WujieClient, observer: RedisFleet, theirs: Any, caplog: pytest.LogCaptureFixture
+) -> tuple[Membership, str]:
+    """Move the fleet to ``theirs`` gateway (a record anew, one member of it joined) and drop
+    ``first``'s member info: joining again, it is refused and kept out. Returns the other
+    gateway's member and ``first``'s member id."""
+    other = Membership(observer, new_member_id())
+    other.use_gateway(theirs.base_url, theirs.credentials.app_id)
+    record: dict[Any, Any] = {
+        "fingerprint": other.gateway[0],
+        "base_url": theirs.base_url,
+        "epoch": "0",
+    }
+    await observer.call(lambda r: r.delete(observer.keys.gateway))  # a record anew
+    await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
+    await other.join()
+    first_id = first.fleet_member
+    assert first_id is not None
+    await observer.call(lambda r: r.hdel(observer.keys.member_info, first_id))
+    await eventually(lambda: "may not join again" in caplog.text, what="first kept out")
+    return other, first_id
+
+
 @pytest.mark.long
 async def test_a_member_kept_out_by_the_gateway_check_keeps_its_jobs(
     url: str, emulator: EmulatorFactory, caplog: pytest.LogCaptureFixture
@@ -422,20 +445,7 @@ async def test_a_member_kept_out_by_the_gateway_check_keeps_its_jobs(
         job = await first.images.submit(prompt="x", model="dall-e-2")
         # The fleet went to another gateway, recorded before `first` joined: joining again
         # (its info dropped), `first` is refused.
-        other = Membership(observer, new_member_id())
-        other.use_gateway(theirs.base_url, theirs.credentials.app_id)
-        record: dict[Any, Any] = {
-            "fingerprint": other.gateway[0],
-            "base_url": theirs.base_url,
-            "epoch": "0",
-        }
-        await observer.call(lambda r: r.delete(observer.keys.gateway))  # a record anew
-        await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
-        await other.join()
-        first_id = first.fleet_member
-        assert first_id is not None
-        await observer.call(lambda r: r.hdel(observer.keys.member_info, first_id))
-        await eventually(lambda: "may not join again" in caplog.text, what="first kept out")
+        other, first_id = await _keep_out(first, observer, theirs, caplog)
 
         async def silent_long() -> bool:
             await other.heartbeat()
@@ -466,20 +476,7 @@ async def test_a_kept_out_member_that_is_gone_leaves_its_jobs_to_its_own_gateway
         first = member(ours, url, name, member_timeout=3.0)
         async with first:
             job = await first.images.submit(prompt="x", model="dall-e-2")
-            other = Membership(observer, new_member_id())
-            other.use_gateway(theirs.base_url, theirs.credentials.app_id)
-            record: dict[Any, Any] = {
-                "fingerprint": other.gateway[0],
-                "base_url": theirs.base_url,
-                "epoch": "0",
-            }
-            await observer.call(lambda r: r.delete(observer.keys.gateway))  # a record anew
-            await observer.call(lambda r: r.hset(observer.keys.gateway, mapping=record))
-            await other.join()
-            first_id = first.fleet_member
-            assert first_id is not None
-            await observer.call(lambda r: r.hdel(observer.keys.member_info, first_id))
-            await eventually(lambda: "may not join again" in caplog.text, what="first kept out")
+            other, first_id = await _keep_out(first, observer, theirs, caplog)
         assert job.key is not None
         theirs_journal = RedisJournal(observer, other.member_id)
         theirs_journal.use_gateway(*other.gateway)
