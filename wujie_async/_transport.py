@@ -931,7 +931,7 @@ class _BodyDecoder:
         self._inflater: Any = None  # zlib's decompressobj, once the body is known compressed
         self._encoding = encoding
         # Undecided until the first byte past whitespace: plain, or compressed.
-        self._deciding = encoding in ("gzip", "x-gzip", "deflate")
+        self._deciding = encoding in _DECODED
         self._held = b""  # whitespace (and a first byte) seen while undecided
         self._gzip = False
         self._members = 1  # gzip members begun
