@@ -81,10 +81,8 @@ def rows_per_line(entries: list[JournalEntry]) -> list[list[JournalEntry]]:
 
 
 def latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
-    latest: dict[str, JournalEntry] = {}
-    for entry in entries:
-        latest[entry.tag or f"#{entry.id}"] = entry
-    return sorted(latest.values(), key=lambda entry: entry.id)
+    """The latest row of each input line (see :func:`rows_per_line`), oldest first."""
+    return [rows[-1] for rows in rows_per_line(entries)]
 
 
 def refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
