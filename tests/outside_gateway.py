@@ -32,7 +32,18 @@ from typing import Any
 
 from aiohttp import web
 
+from wujie_async import PollPolicy
 from wujie_async.emulator._png import render_png
+
+# Polling for a test of a gateway of this kind: quick, and a key unknown for 1.5 s is ended.
+POLL = PollPolicy(
+    first_poll_delay=0.05,
+    min_interval=0.05,
+    max_interval=0.3,
+    max_estimate_wait=0.3,
+    batch_fill_horizon=0.05,
+    unknown_key_grace=1.5,
+)
 
 ESCAPED_TEXT = "\x1b]0;PWNED\x07\x1b[2J\x1b[31mred<b>bold</b><script>x()</script>\x1b[0m 失败"
 

@@ -40,18 +40,9 @@ from wujie_async._download import NOT_FOUND_TRIES
 from .cli_helpers import CLEAN_ENV, cli
 from .conftest import INSTANT_RETRY
 from .hostile import throwaway_credentials
-from .outside_gateway import OutsideGateway, outside_gateway
+from .outside_gateway import POLL, OutsideGateway, outside_gateway
 
 pytestmark = pytest.mark.anyio
-
-POLL = PollPolicy(
-    first_poll_delay=0.05,
-    min_interval=0.05,
-    max_interval=0.3,
-    max_estimate_wait=0.3,
-    batch_fill_horizon=0.05,
-    unknown_key_grace=1.5,
-)
 
 
 def client_for(gateway: OutsideGateway, **kwargs: Any) -> WujieClient:

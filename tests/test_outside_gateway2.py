@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from wujie_async import PollPolicy, Timeouts, WujieClient
+from wujie_async import Timeouts, WujieClient
 
 from .cli_helpers import (
     CLEAN_ENV,
@@ -25,18 +25,10 @@ from .cli_helpers import (
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
 )
 from .conftest import INSTANT_RETRY
+from .outside_gateway import POLL
 from .outside_gateway2 import Gateway2, gateway2
 
 pytestmark = pytest.mark.anyio
-
-POLL = PollPolicy(
-    first_poll_delay=0.05,
-    min_interval=0.05,
-    max_interval=0.3,
-    max_estimate_wait=0.3,
-    batch_fill_horizon=0.05,
-    unknown_key_grace=1.5,
-)
 
 
 async def drive(
