@@ -85,27 +85,16 @@ class _Quantiles:
         return len(self._order)
 
     def add(self, value: float) -> None:
-        if len(self._order) == TUNING.samples_kept:
-            old = self._order.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
-        self._order.append(value)
-        bisect.insort(self._sorted, value)
+        order, ordered = self._order, self._sorted
+        if len(order) == TUNING.samples_kept:
+            del ordered[bisect.bisect_left(ordered, order.popleft())]
+        order.append(value)
+        bisect.insort(ordered, value)
 
     def quantile(self, q: float) -> float:
+        """The ``q`` quantile (``0 <= q <= 1``) of the samples (there is one at least)."""
         data = self._sorted
-        return data[min(len(data) - 1, max(0, round(q * (len(data) - 1))))]
-
-
-@dataclass(frozen=True, slots=True)
-class _Lesson:
-    """What one job taught the schedule: its predicted span (at its first report), or how long
-    it ran and how far its end fell from the predicted end (once it ended)."""
-
-    model: str | None
-    span: float | None = None
-    duration: float | None = None
-    error: float | None = None
-    stamped: bool = False  # its end was placed by the gateway's stamp, not by asks alone
+        return data[round(q * (len(data) - 1))]  # (within the list: no clamping to do)
 
 
 @dataclass(slots=True)
@@ -201,15 +190,18 @@ class PollSchedule:
         "_excess_late",
         "_fractional",
         "_integral",
+        "_learned",
         "_long_spans",
         "_lookouts",
         "_near",
+        "_ordered_spans",
         "_percent_in_tenths",
         "_planned_edges",
         "_policy",
         "_progress_score",
         "_reported",
         "_scouts",
+        "_shapes",
         "_spans",
         "_stamp_offsets",
         "_stamped_near",
@@ -244,10 +236,16 @@ class PollSchedule:
         # Models whose progress has come with a fraction (reading_resolution).
         self._percent_in_tenths: set[str | None] = set()
         self._windows: dict[str | None, tuple[float, float]] = {}
+        # What window_shape makes of the above, asked per report and per key a widening walks,
+        # changed per ended job (and as a model's estimates turn out to be whole seconds).
+        self._shapes: dict[str | None, WindowShape] = {}
+        # Models whose window is learned (min_samples errors): not _learning.
+        self._learned: set[str | None] = set()
         # Per model, the latest low edge of the window since waiting keys were last brought in
         # (generation bumped): keys may be waiting for a window that opened that late.
         self._planned_edges: dict[str | None, tuple[float, float]] = {}
         self._spans: dict[str | None, deque[float]] = {}
+        self._ordered_spans: dict[str | None, list[float]] = {}  # ...the same, sorted
         self._typical: dict[str | None, bool] = {}  # _typical_figure, kept as spans come
         # The median of the spans kept, once there are min_samples of them (_probe).
         self._usual_spans: dict[str | None, float] = {}
@@ -349,8 +347,7 @@ class PollSchedule:
             model, predicted, span = progress.estimate
             if predicted is not None:
                 error = _error(predicted, span, ended)
-                lesson = _Lesson(model, duration=duration, error=error, stamped=stamped is not None)
-                self._apply(lesson, 1.0 / span)
+                self._learn_end(model, duration, error, stamped is not None, 1.0 / span)
         elif progress is not None and progress.told_end is not None and progress.bound is None:
             # (A job asked at its bound was read for a rate because its estimate looked far
             # off: that its progress told its end better says nothing of the model's other
@@ -382,8 +379,7 @@ class PollSchedule:
                 # end, 1 job in 20 told 2x-3x its length opened every job's window at a
                 # third of its span: 16 to 20 asks per key).
                 error = 0.0
-        lesson = _Lesson(timing.model, duration=duration, error=error, stamped=stamped is not None)
-        self._apply(lesson, second)
+        self._learn_end(timing.model, duration, error, stamped is not None, second)
 
     def _progress_tells(self, model: str | None) -> bool:
         """Whether ``model``'s jobs go by what their progress tells rather than by the
@@ -440,6 +436,8 @@ class PollSchedule:
                 self._bands.clear()
                 self._excess_late.clear()
                 self._windows.clear()
+                self._shapes.clear()
+                self._learned.clear()
                 self._planned_edges.clear()
                 self._scouts.clear()
                 self.generation += 1
@@ -452,65 +450,89 @@ class PollSchedule:
         target = stamp - offsets.quantile(0.5) if predicted is None else predicted
         return min(max(target, low), high)
 
-    def _apply(self, lesson: _Lesson, second: float = 0.0) -> None:
-        """Learn ``lesson``; ``second``: one second relative to the job's predicted span (an
-        error in seconds is ``error / second``)."""
-        model = lesson.model
-        if lesson.span is not None:
-            spans = self._spans.get(model)
-            if spans is None:
-                spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
-            spans.append(lesson.span)
-            low, high = min(spans), max(spans)
-            if len(spans) >= TUNING.min_samples:
-                ordered = sorted(spans)
-                self._usual_spans[model] = ordered[len(spans) // 2]
-                self._long_spans[model] = ordered[int(TUNING.long_quantile * len(spans))]
-            self._typical[model] = (
-                len(spans) >= TUNING.same_spans_min
-                and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
-            )
-        if lesson.duration is not None:
-            self._sample(self._durations, model).add(lesson.duration)
-        if lesson.error is not None:
-            before = self._edge(model)
-            error = max(_ERROR_FLOOR, min(lesson.error, _ERROR_CEILING))
-            # Whole-second estimates are up to a second short or long (their resolution).
-            resolution = second if self.coarse(model) else 0.0
-            earliest = error
-            if second > 0 and abs(error) <= second * (TUNING.near + self._half_step()):
-                # An end within a second of its predicted end (give or take half a step: how
-                # well asks place an end) is off by what does not grow with the job: whole
-                # seconds' rounding, a gateway that records ends on a tick, the time between
-                # the end and its record. Learned in seconds (_near); relative to each job's
-                # span, a 10 s job's second opened a 30 s job's window 3 s early. Farther off,
-                # the error is the estimate's own, relative to its span: split into a second
-                # and the rest, the second taken off made short jobs' errors look smaller, and
-                # long jobs' windows opened too late (estimates 1.3 times too long in whole
-                # seconds: p99 0.99 s).
-                self._sample(self._near, model).add(error / second)
-                if lesson.stamped:
-                    self._stamped_near.add(model)
-                error = 0.0
-                earliest += resolution  # what whole seconds explain is no early end
-            self._sample(self._errors, model).add(error)
-            self._sample(self._excess_late, model).add(max(0.0, error - resolution))
-            self._earliest[model] = min(self._earliest.get(model, 0.0), earliest)
-            lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
-            if lookout is not None:
-                lookout.lookout = False
-            self._windows.pop(model, None)
+    def _learn_span(self, model: str | None, span: float) -> None:
+        """Learn a job's predicted span (at its first report)."""
+        spans = self._spans.get(model)
+        if spans is None:
+            spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
+            ordered = self._ordered_spans[model] = []
+        else:
+            ordered = self._ordered_spans[model]
+            if len(spans) == TUNING.spans_kept:  # the deque drops its oldest: so does this
+                del ordered[bisect.bisect_left(ordered, spans[0])]
+        spans.append(span)
+        bisect.insort(ordered, span)
+        low, high = ordered[0], ordered[-1]
+        kept = len(ordered)
+        if kept >= TUNING.min_samples:
+            self._usual_spans[model] = ordered[kept // 2]
+            self._long_spans[model] = ordered[int(TUNING.long_quantile * kept)]
+        self._typical[model] = (
+            kept >= TUNING.same_spans_min
+            and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
+        )
+
+    def _learn_end(
+        self,
+        model: str | None,
+        duration: float,
+        error: float | None,
+        stamped: bool,
+        second: float = 0.0,
+    ) -> None:
+        """Learn how long a job of ``model`` ran, and how far its end fell from the predicted
+        end (``error``, relative to its span; None: not known); ``stamped``: its end was
+        placed by the gateway's stamp, not by asks alone; ``second``: one second relative to
+        the job's predicted span (an error in seconds is ``error / second``)."""
+        self._sample(self._durations, model).add(duration)
+        if error is None:
+            return
+        before = self._edge(model)
+        error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
+        # Whole-second estimates are up to a second short or long (their resolution).
+        resolution = second if self.coarse(model) else 0.0
+        earliest = error
+        # The band (_learn_band) changes only with a near end, or as the window is learned.
+        band_changed = model not in self._learned
+        if second > 0 and abs(error) <= second * (TUNING.near + self._half_step()):
+            # An end within a second of its predicted end (give or take half a step: how
+            # well asks place an end) is off by what does not grow with the job: whole
+            # seconds' rounding, a gateway that records ends on a tick, the time between
+            # the end and its record. Learned in seconds (_near); relative to each job's
+            # span, a 10 s job's second opened a 30 s job's window 3 s early. Farther off,
+            # the error is the estimate's own, relative to its span: split into a second
+            # and the rest, the second taken off made short jobs' errors look smaller, and
+            # long jobs' windows opened too late (estimates 1.3 times too long in whole
+            # seconds: p99 0.99 s).
+            self._sample(self._near, model).add(error / second)
+            if stamped:
+                self._stamped_near.add(model)
+            error = 0.0
+            earliest += resolution  # what whole seconds explain is no early end
+            band_changed = True
+        errors = self._sample(self._errors, model)
+        errors.add(error)
+        if len(errors) >= TUNING.min_samples:
+            self._learned.add(model)
+        self._sample(self._excess_late, model).add(max(0.0, error - resolution))
+        self._earliest[model] = min(self._earliest.get(model, 0.0), earliest)
+        lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
+        if lookout is not None:
+            lookout.lookout = False
+        self._windows.pop(model, None)
+        self._shapes.pop(model, None)
+        if band_changed:
             self._bands.pop(model, None)
-            # Against the latest edge keys may have been planned by since the last bump, not
-            # only the one just before: a window that widens a little at a time (estimates off
-            # by up to 20%) would otherwise never bring waiting keys in.
-            planned = self._planned_edges.get(model, before)
-            edge = (max(planned[0], before[0]), min(planned[1], before[1]))
-            after = self._edge(model)
-            if after[0] < edge[0] - 0.02 or after[1] > edge[1] + 0.02:
-                self.generation += 1
-                edge = after
-            self._planned_edges[model] = edge
+        # Against the latest edge keys may have been planned by since the last bump, not
+        # only the one just before: a window that widens a little at a time (estimates off
+        # by up to 20%) would otherwise never bring waiting keys in.
+        planned = self._planned_edges.get(model, before)
+        edge = (max(planned[0], before[0]), min(planned[1], before[1]))
+        after = self._edge(model)
+        if after[0] < edge[0] - 0.02 or after[1] > edge[1] + 0.02:
+            self.generation += 1
+            edge = after
+        self._planned_edges[model] = edge
 
     def _edge(self, model: str | None) -> tuple[float, float]:
         """Where ``model``'s windows open: the relative low of the window, and the seconds
@@ -626,13 +648,12 @@ class PollSchedule:
         if progress is not None and progress.bound is not None and latest is None and not queued:
             self._check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
-            self._note_resolution(timing.model, expected_seconds)
-            coarse = self.coarse(timing.model)
+            coarse = self._note_resolution(timing.model, expected_seconds)
             predicted = seen + expected_seconds
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
-                self._apply(_Lesson(timing.model, span=timing.predicted_span))
+                self._learn_span(timing.model, timing.predicted_span)
                 self._reported += 1
                 self._choose_lookout(timing, predicted, seen)
                 timing.sentinel = self._reported % TUNING.sentinels == 0
@@ -1013,21 +1034,25 @@ class PollSchedule:
         checks = self._checks.get(model)
         return checks is not None and checks.trusted(queued=queued)
 
-    def _note_resolution(self, model: str | None, expected_seconds: float) -> None:
+    def _note_resolution(self, model: str | None, expected_seconds: float) -> bool:
+        """Count ``expected_seconds`` as a figure of ``model``'s; returns ``coarse(model)``."""
         if model in self._fractional:
-            return
+            return False
         if expected_seconds != int(expected_seconds):
             self._fractional.add(model)
-        else:
-            self._integral[model] = self._integral.get(model, 0) + 1
+            self._shapes.pop(model, None)  # (a window that reached early for whole seconds)
+            return False
+        seen = self._integral[model] = self._integral.get(model, 0) + 1
+        if seen == TUNING.coarse_after:
+            self._shapes.pop(model, None)
+        return seen >= TUNING.coarse_after
 
     def coarse(self, model: str | None) -> bool:
         """True when ``model``'s estimates come in whole seconds (a few seen, none finer)."""
         return model not in self._fractional and self._integral.get(model, 0) >= TUNING.coarse_after
 
     def _learning(self, model: str | None) -> bool:
-        errors = self._errors.get(model)
-        return errors is None or len(errors) < TUNING.min_samples
+        return model not in self._learned
 
     def _typical_figure(self, model: str | None) -> bool:
         """True when the model's last jobs were all predicted to last the same (a typical
@@ -1058,6 +1083,12 @@ class PollSchedule:
     def window_shape(self, model: str | None) -> WindowShape:
         """How ``model``'s watch windows sit around predicted ends, as things stand now (a
         caller that walks many jobs takes it once per model)."""
+        shape = self._shapes.get(model)
+        if shape is None:
+            shape = self._shapes[model] = self._shape(model)
+        return shape
+
+    def _shape(self, model: str | None) -> WindowShape:
         low, high = self.window(model)
         # After the end, and after it even when a call with room takes the key early.
         policy = self._policy
