@@ -96,6 +96,12 @@ class _Quantiles:
         data = self._sorted
         return data[round(q * (len(data) - 1))]  # (within the list: no clamping to do)
 
+    def quantiles(self, low: float, high: float) -> tuple[float, float]:
+        """The ``low`` and ``high`` quantiles, as ``quantile`` gives each."""
+        data = self._sorted
+        last = len(data) - 1
+        return data[round(low * last)], data[round(high * last)]
+
 
 @dataclass(slots=True)
 class _Checks:
@@ -169,12 +175,17 @@ class WindowShape:
 
     def opens(self, end: float, span: float) -> float:
         """Loop time the window opens, for a job predicted to end at ``end`` after ``span``."""
-        return end + min(self.low * span, -self.early) + self.delay - self.reach
+        # (min spelled out: a builtin's call costs more, and this runs per waiting key.)
+        low, early = self.low * span, -self.early
+        return end + (early if early < low else low) + self.delay - self.reach
+
+    def closes(self, end: float, span: float) -> float:
+        """Loop time the window closes."""
+        return end + max(min(self.high * span, self.cap), self.late) + self.delay
 
     def around(self, end: float, span: float) -> tuple[float, float]:
         """Loop times the window opens and closes."""
-        closes = end + max(min(self.high * span, self.cap), self.late) + self.delay
-        return self.opens(end, span), closes
+        return self.opens(end, span), self.closes(end, span)
 
 
 class PollSchedule:
@@ -281,31 +292,32 @@ class PollSchedule:
         """The learned (low, high) relative error of estimates for ``model``."""
         window = self._windows.get(model)
         if window is None:
-            errors = self._errors.get(model)
-            if errors is None or len(errors) < TUNING.min_samples:
-                # The prior, but an early end is evidence from the first one: a gateway whose
-                # estimates run long has every other job's window open that early at once.
-                early = self._earliest.get(model, 0.0)
-                window = (min(TUNING.prior_low, early), TUNING.prior_high)
-            else:
-                # Taken as symmetric until shown otherwise: ends seen later than predicted are
-                # evidence that others end as much earlier. Overruns are seen first (at the
-                # predicted end); early ends only once a job is asked, which this makes sooner.
-                # Lateness an estimate in whole seconds explains (it is up to a second short)
-                # is not mirrored: it says nothing of early ends. (Ends within a second of
-                # the predicted end are not in these errors at all: see _near.)
-                early = errors.quantile(TUNING.low_quantile)
-                late = errors.quantile(TUNING.high_quantile)
-                excess = self._excess_late.get(model)
-                mirrored = excess.quantile(TUNING.high_quantile) if excess is not None else 0.0
-                if len(errors) >= TUNING.mirror_trial and early > -TUNING.mirror_seen * mirrored:
-                    # Shown otherwise: windows opened that early, and no end came early by
-                    # even a share of it (one job in 20 told half its length opened every
-                    # job's window at its start: 12 asks per key in a trickle).
-                    mirrored = 0.0
-                window = (min(0.0, early, -mirrored), max(0.0, late, -early))
-            self._windows[model] = window  # asked per report, changed per ended job: cached
+            # Asked per report, changed per ended job: cached.
+            window = self._windows[model] = self._learn_window(model)
         return window
+
+    def _learn_window(self, model: str | None) -> tuple[float, float]:
+        if model not in self._learned:
+            # The prior, but an early end is evidence from the first one: a gateway whose
+            # estimates run long has every other job's window open that early at once.
+            early = self._earliest.get(model, 0.0)
+            return (min(TUNING.prior_low, early), TUNING.prior_high)
+        # Taken as symmetric until shown otherwise: ends seen later than predicted are
+        # evidence that others end as much earlier. Overruns are seen first (at the
+        # predicted end); early ends only once a job is asked, which this makes sooner.
+        # Lateness an estimate in whole seconds explains (it is up to a second short)
+        # is not mirrored: it says nothing of early ends. (Ends within a second of
+        # the predicted end are not in these errors at all: see _near.)
+        errors = self._errors[model]
+        early, late = errors.quantiles(TUNING.low_quantile, TUNING.high_quantile)
+        excess = self._excess_late.get(model)
+        mirrored = excess.quantile(TUNING.high_quantile) if excess is not None else 0.0
+        if len(errors) >= TUNING.mirror_trial and early > -TUNING.mirror_seen * mirrored:
+            # Shown otherwise: windows opened that early, and no end came early by
+            # even a share of it (one job in 20 told half its length opened every
+            # job's window at its start: 12 asks per key in a trickle).
+            mirrored = 0.0
+        return (min(0.0, early, -mirrored), max(0.0, late, -early))
 
     def samples(self, model: str | None) -> int:
         """How many ended jobs of ``model`` the estimate window is learned from (bounded)."""
@@ -487,7 +499,13 @@ class PollSchedule:
         self._sample(self._durations, model).add(duration)
         if error is None:
             return
-        before = self._edge(model)
+        windows, bands = self._windows, self._bands
+        window, band = windows.get(model), bands.get(model)
+        if window is None:
+            window = self.window(model)
+        if band is None:
+            band = self._near_band(model)
+        before = window[0], band[0]  # (_edge)
         error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
         # Whole-second estimates are up to a second short or long (their resolution).
         resolution = second if self.coarse(model) else 0.0
@@ -519,16 +537,16 @@ class PollSchedule:
         lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
         if lookout is not None:
             lookout.lookout = False
-        self._windows.pop(model, None)
-        self._shapes.pop(model, None)
+        window = windows[model] = self._learn_window(model)
         if band_changed:
-            self._bands.pop(model, None)
+            band = bands[model] = self._learn_band(model)
+        self._shapes.pop(model, None)
         # Against the latest edge keys may have been planned by since the last bump, not
         # only the one just before: a window that widens a little at a time (estimates off
         # by up to 20%) would otherwise never bring waiting keys in.
         planned = self._planned_edges.get(model, before)
         edge = (max(planned[0], before[0]), min(planned[1], before[1]))
-        after = self._edge(model)
+        after = window[0], band[0]  # (_edge)
         if after[0] < edge[0] - 0.02 or after[1] > edge[1] + 0.02:
             self.generation += 1
             edge = after
@@ -549,10 +567,11 @@ class PollSchedule:
 
     def _learn_band(self, model: str | None) -> tuple[float, float]:
         near = self._near.get(model)
-        if near is None or self._learning(model):
+        if near is None or model not in self._learned:
             return 0.0, 0.0
-        early = max(0.0, -near.quantile(TUNING.low_quantile))
-        late = max(0.0, near.quantile(TUNING.high_quantile))
+        low, high = near.quantiles(TUNING.low_quantile, TUNING.high_quantile)
+        early = max(0.0, -low)
+        late = max(0.0, high)
         # Without end stamps an end is known from two asks, to half the gap between them:
         # the earliest ends seen came a quarter of it earlier on average, and the window
         # opens that much earlier (estimates rounded up, no stamps: seen up to 0.6 s late,
@@ -895,10 +914,17 @@ class PollSchedule:
         that its estimate counts down, or an ask at a window that reaches early because it is
         unlearned (``TUNING.coarse_reach``)."""
         ask = self._planned_ask(timing, now, queue_position)
-        probe = self._probe(timing, now)
-        if probe + self._policy.min_interval < ask:
-            timing.tentative = False
-            return probe
+        progress = timing.progress
+        if progress is None:  # (no bound to ask at: _bound_ask)
+            if timing.predicted_end is None or not timing.predicted_span:
+                return ask  # (nothing to probe either: _probe)
+            probe = self._probe(timing, now)
+            if probe + self._policy.min_interval < ask:
+                timing.tentative = False
+                return probe
+            return ask
+        if progress.bound is None:  # (and no probe: _probe)
+            return ask
         bound = self._bound_ask(timing, now)
         if bound + self._policy.min_interval < ask:
             # Tentative: a job of its model found far from done past its bound meanwhile
@@ -911,9 +937,15 @@ class PollSchedule:
         """``next_ask`` but for a probe (``_probe``)."""
         policy = self._policy
         timing.tentative = False
-        if timing.predicted_end is not None and timing.predicted_span:
-            shape = self.window_shape(timing.model)
-            opens, closes = self._window(timing, shape)
+        end, span = timing.predicted_end, timing.predicted_span
+        if end is not None and span:
+            model = timing.model
+            shape = self._shapes.get(model)
+            if shape is None:
+                shape = self.window_shape(model)
+            opens = shape.opens(end, span)
+            if timing.sentinel and not shape.reach and self.coarse(model):
+                opens -= TUNING.coarse_reach  # see TUNING.sentinels (as _window)
             if now + policy.min_interval < opens:
                 if timing.recheck:
                     # Long enough to tell even whole seconds apart: one second plus two asks.
@@ -957,7 +989,7 @@ class PollSchedule:
                     # max_interval, and the first ends teach every other job's window.
                     return min(opens, now + policy.max_interval)
                 return min(opens, now + policy.max_estimate_wait)
-            if now < closes:
+            if now < shape.closes(end, span):
                 return now + policy.min_interval
             return now + self._backoff(now - timing.created_at)
         if queue_position is not None and queue_position > 0:
