@@ -34,7 +34,7 @@ Pure arithmetic on loop times; the poller owns the heap and the calls.
 
 from __future__ import annotations
 
-import bisect
+from bisect import bisect_left, insort
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -69,7 +69,14 @@ def _error(predicted: float, span: float, ended: tuple[float, float]) -> float |
         error = (high - predicted) / span  # already done before it
     else:
         return None
-    return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))  # an outlier, not a scale
+    return _bounded(error)
+
+
+def _bounded(error: float) -> float:
+    """``error`` within the bounds: an outlier, not a scale."""
+    if _ERROR_FLOOR <= error <= _ERROR_CEILING:
+        return error  # (as the line below gives it, without two calls: this runs per end)
+    return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
 
 
 class _Quantiles:
@@ -87,9 +94,9 @@ class _Quantiles:
     def add(self, value: float) -> None:
         order, ordered = self._order, self._sorted
         if len(order) == TUNING.samples_kept:
-            del ordered[bisect.bisect_left(ordered, order.popleft())]
+            del ordered[bisect_left(ordered, order.popleft())]
         order.append(value)
-        bisect.insort(ordered, value)
+        insort(ordered, value)
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (``0 <= q <= 1``) of the samples (there is one at least)."""
@@ -205,6 +212,7 @@ class PollSchedule:
         "_long_spans",
         "_lookouts",
         "_near",
+        "_near_reach",
         "_ordered_spans",
         "_percent_in_tenths",
         "_planned_edges",
@@ -237,6 +245,8 @@ class PollSchedule:
         # and the models some of whose such ends were placed by end stamps (see _apply).
         self._near: dict[str | None, _Quantiles] = {}
         self._stamped_near: set[str | None] = set()
+        # How far from its predicted end (in seconds) an end counts as near: a constant.
+        self._near_reach = TUNING.near + self._half_step()
         # Their band (_near_band), asked per report, changed per ended job: cached.
         self._bands: dict[str | None, tuple[float, float]] = {}
         self._durations: dict[str | None, _Quantiles] = {}
@@ -454,13 +464,17 @@ class PollSchedule:
                 self._scouts.clear()
                 self.generation += 1
             return stamp if fine and self._stamps_at_their_word else None
-        low = stamp - offsets.quantile(TUNING.high_quantile)
-        high = stamp - offsets.quantile(TUNING.low_quantile)
-        low, high = max(low, earliest), min(high, now)
+        # (min and max spelled out here and below, as they pick: a call of either costs
+        # more than the comparison, and the schedule's learning runs per ended job.)
+        least, most = offsets.quantiles(TUNING.low_quantile, TUNING.high_quantile)
+        low, high = stamp - most, stamp - least
+        low = earliest if earliest > low else low
+        high = now if now < high else high
         if low > high:
             return None  # the stamp disagrees with the asks: it teaches nothing
         target = stamp - offsets.quantile(0.5) if predicted is None else predicted
-        return min(max(target, low), high)
+        target = low if low > target else target
+        return high if high < target else target
 
     def _learn_span(self, model: str | None, span: float) -> None:
         """Learn a job's predicted span (at its first report)."""
@@ -471,9 +485,9 @@ class PollSchedule:
         else:
             ordered = self._ordered_spans[model]
             if len(spans) == TUNING.spans_kept:  # the deque drops its oldest: so does this
-                del ordered[bisect.bisect_left(ordered, spans[0])]
+                del ordered[bisect_left(ordered, spans[0])]
         spans.append(span)
-        bisect.insort(ordered, span)
+        insort(ordered, span)
         low, high = ordered[0], ordered[-1]
         kept = len(ordered)
         if kept >= TUNING.min_samples:
@@ -496,7 +510,10 @@ class PollSchedule:
         end (``error``, relative to its span; None: not known); ``stamped``: its end was
         placed by the gateway's stamp, not by asks alone; ``second``: one second relative to
         the job's predicted span (an error in seconds is ``error / second``)."""
-        self._sample(self._durations, model).add(duration)
+        durations = self._durations.get(model)
+        if durations is None:
+            durations = self._durations[model] = _Quantiles()
+        durations.add(duration)
         if error is None:
             return
         windows, bands = self._windows, self._bands
@@ -506,13 +523,13 @@ class PollSchedule:
         if band is None:
             band = self._near_band(model)
         before = window[0], band[0]  # (_edge)
-        error = max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
+        error = _bounded(error)
         # Whole-second estimates are up to a second short or long (their resolution).
         resolution = second if self.coarse(model) else 0.0
         earliest = error
         # The band (_learn_band) changes only with a near end, or as the window is learned.
         band_changed = model not in self._learned
-        if second > 0 and abs(error) <= second * (TUNING.near + self._half_step()):
+        if second > 0 and abs(error) <= second * self._near_reach:
             # An end within a second of its predicted end (give or take half a step: how
             # well asks place an end) is off by what does not grow with the job: whole
             # seconds' rounding, a gateway that records ends on a tick, the time between
@@ -522,18 +539,28 @@ class PollSchedule:
             # and the rest, the second taken off made short jobs' errors look smaller, and
             # long jobs' windows opened too late (estimates 1.3 times too long in whole
             # seconds: p99 0.99 s).
-            self._sample(self._near, model).add(error / second)
+            near = self._near.get(model)
+            if near is None:
+                near = self._near[model] = _Quantiles()
+            near.add(error / second)
             if stamped:
                 self._stamped_near.add(model)
             error = 0.0
             earliest += resolution  # what whole seconds explain is no early end
             band_changed = True
-        errors = self._sample(self._errors, model)
+        errors = self._errors.get(model)
+        if errors is None:
+            errors = self._errors[model] = _Quantiles()
+            excess = self._excess_late[model] = _Quantiles()  # (the two are kept alike)
+        else:
+            excess = self._excess_late[model]
         errors.add(error)
         if len(errors) >= TUNING.min_samples:
             self._learned.add(model)
-        self._sample(self._excess_late, model).add(max(0.0, error - resolution))
-        self._earliest[model] = min(self._earliest.get(model, 0.0), earliest)
+        late = error - resolution
+        excess.add(late if late > 0.0 else 0.0)
+        known = self._earliest.get(model, 0.0)
+        self._earliest[model] = earliest if earliest < known else known
         lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
         if lookout is not None:
             lookout.lookout = False
@@ -545,7 +572,11 @@ class PollSchedule:
         # only the one just before: a window that widens a little at a time (estimates off
         # by up to 20%) would otherwise never bring waiting keys in.
         planned = self._planned_edges.get(model, before)
-        edge = (max(planned[0], before[0]), min(planned[1], before[1]))
+        (planned_low, planned_near), (low, near) = planned, before
+        edge = (
+            low if low > planned_low else planned_low,
+            near if near < planned_near else planned_near,
+        )
         after = window[0], band[0]  # (_edge)
         if after[0] < edge[0] - 0.02 or after[1] > edge[1] + 0.02:
             self.generation += 1
@@ -570,8 +601,9 @@ class PollSchedule:
         if near is None or model not in self._learned:
             return 0.0, 0.0
         low, high = near.quantiles(TUNING.low_quantile, TUNING.high_quantile)
-        early = max(0.0, -low)
-        late = max(0.0, high)
+        early, late = -low, high
+        early = early if early > 0.0 else 0.0
+        late = late if late > 0.0 else 0.0
         # Without end stamps an end is known from two asks, to half the gap between them:
         # the earliest ends seen came a quarter of it earlier on average, and the window
         # opens that much earlier (estimates rounded up, no stamps: seen up to 0.6 s late,
@@ -580,8 +612,8 @@ class PollSchedule:
         half_step = self._half_step()
         if model not in self._stamped_near and early >= half_step:
             early += half_step / 2
-        reach = TUNING.near + half_step
-        return min(early, reach), min(late, reach)
+        reach = self._near_reach
+        return (reach if reach < early else early), (reach if reach < late else late)
 
     def _half_step(self) -> float:
         """How far off an end placed between two close asks can be: half their gap."""
@@ -747,10 +779,9 @@ class PollSchedule:
             # Decided on the gateway's estimate, while its progress tells an end sooner: asked
             # there as well (estimates ±50% off, before the model's first ends show which
             # figure to go by: the first ends seen up to 1.6 s late without it).
-            at = max(
-                seen + sooner + TUNING.open_delay * policy.min_interval,
-                now + policy.min_interval,
-            )
+            at = seen + sooner + TUNING.open_delay * policy.min_interval
+            soonest = now + policy.min_interval
+            at = soonest if soonest > at else at  # (max: this runs per report)
             # (An ask at its bound comes no sooner than this one: the bound is where this
             # rate puts the end, _rate_bound, and an ask the progress asks for is not
             # tentative.)
@@ -801,7 +832,8 @@ class PollSchedule:
 
     def _bound_margin(self, span: float) -> float:
         """How far before its estimate's end a job's bound must lie to be used."""
-        return max(TUNING.bound_margin * span, 1.0 + self._policy.min_interval)
+        margin, least = TUNING.bound_margin * span, 1.0 + self._policy.min_interval
+        return least if least > margin else margin  # (max: this runs per first reading)
 
     def _rate_bound(
         self,
@@ -1017,7 +1049,7 @@ class PollSchedule:
         ``predicted``, reported at ``seen``) the model's lookout if it is expected to end
         before the lookout's job, or the lookout is not watched any more (its job ended
         without teaching anything, was cancelled, or lost its estimate)."""
-        if self.samples(timing.model) > 0:
+        if timing.model in self._errors:  # (samples() > 0: a model's errors come with one)
             return
         lookout = self._lookouts.get(timing.model)
         if (
