@@ -213,6 +213,7 @@ class PollSchedule:
         "_lookouts",
         "_near",
         "_near_reach",
+        "_narrow_gap",
         "_ordered_spans",
         "_percent_in_tenths",
         "_planned_edges",
@@ -245,8 +246,10 @@ class PollSchedule:
         # and the models some of whose such ends were placed by end stamps (see _apply).
         self._near: dict[str | None, _Quantiles] = {}
         self._stamped_near: set[str | None] = set()
-        # How far from its predicted end (in seconds) an end counts as near: a constant.
+        # How far from its predicted end (in seconds) an end counts as near, and how close
+        # two asks place an end between them (TUNING.narrow_gap): constants.
         self._near_reach = TUNING.near + self._half_step()
+        self._narrow_gap = TUNING.narrow_gap * policy.min_interval
         # Their band (_near_band), asked per report, changed per ended job: cached.
         self._bands: dict[str | None, tuple[float, float]] = {}
         self._durations: dict[str | None, _Quantiles] = {}
@@ -351,7 +354,7 @@ class PollSchedule:
         second = 0.0
         end: float | None = None
         stamped: float | None = None
-        if now - earliest <= TUNING.narrow_gap * self._policy.min_interval:
+        if now - earliest <= self._narrow_gap:
             end = (earliest + now) / 2
             if ended_at is not None:
                 stamped = self._stamped_end(ended_at, earliest, now, fine=fine)
@@ -378,8 +381,10 @@ class PollSchedule:
             self._compare(timing, progress.told_end, ended)
         # A figure given while queued that is trusted as the earliest the job can end is not
         # an estimate of its end: it teaches nothing.
-        checks = self._checks.get(timing.model)
-        bound = timing.predicted_queued and checks is not None and checks.queued_bounds()
+        bound = False
+        if timing.predicted_queued:
+            checks = self._checks.get(timing.model)
+            bound = checks is not None and checks.queued_bounds()
         if (
             timing.predicted_end is not None
             and timing.predicted_span
@@ -525,7 +530,11 @@ class PollSchedule:
         before = window[0], band[0]  # (_edge)
         error = _bounded(error)
         # Whole-second estimates are up to a second short or long (their resolution).
-        resolution = second if self.coarse(model) else 0.0
+        coarse = (
+            model not in self._fractional
+            and self._integral.get(model, 0) >= TUNING.coarse_after  # (coarse(model))
+        )
+        resolution = second if coarse else 0.0
         earliest = error
         # The band (_learn_band) changes only with a near end, or as the window is learned.
         band_changed = model not in self._learned
@@ -667,7 +676,8 @@ class PollSchedule:
             first_reading = timing.progress is None
             if percent % 1 != 0:
                 self._percent_in_tenths.add(gateway_model(timing))
-            told = left_by_progress(timing, seen, percent, tenths=self._in_tenths(timing))
+            tenths = gateway_model(timing) in self._percent_in_tenths  # (_in_tenths)
+            told = left_by_progress(timing, seen, percent, tenths=tenths)
             if first_reading:
                 latest = latest_end(timing, now, percent)
         progress = timing.progress
@@ -708,7 +718,7 @@ class PollSchedule:
                 self._reported += 1
                 self._choose_lookout(timing, predicted, seen)
                 timing.sentinel = self._reported % TUNING.sentinels == 0
-                if self._learning(timing.model):  # see TUNING.scouts
+                if timing.model not in self._learned:  # still _learning: see TUNING.scouts
                     taken = self._scouts.get(timing.model, 0)
                     if taken < TUNING.scouts:
                         self._scouts[timing.model] = taken + 1
@@ -821,7 +831,9 @@ class PollSchedule:
         left = predicted - seen
         if left <= 0.0 or latest == math.inf:
             return
-        ratios = self._sample(self._bound_ratios, timing.model)
+        ratios = self._bound_ratios.get(timing.model)
+        if ratios is None:
+            ratios = self._bound_ratios[timing.model] = _Quantiles()
         ratio = (latest - seen) / left
         ratios.add(ratio)
         if latest + self._bound_margin(span) >= predicted:
@@ -982,9 +994,10 @@ class PollSchedule:
                 if timing.recheck:
                     # Long enough to tell even whole seconds apart: one second plus two asks.
                     return min(opens, now + 1.0 + 2 * policy.min_interval)
-                learning = self._learning(timing.model)
-                checked = timing.live_reports >= 2 or self._trusted(
-                    timing.model, queued=timing.queued
+                learning = model not in self._learned  # (_learning)
+                # (Only what is still learning asks whether its figure has been checked.)
+                checked = learning and (
+                    timing.live_reports >= 2 or self._trusted(model, queued=timing.queued)
                 )
                 timing.tentative = (learning and not checked) or shape.reach > 0  # still_due
                 if timing.lookout:  # (the flag goes at the model's first end: _apply)
