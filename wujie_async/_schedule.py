@@ -80,32 +80,41 @@ def _bounded(error: float) -> float:
 
 
 class _Quantiles:
-    """The last ``TUNING.samples_kept`` samples, kept sorted for O(log n) quantiles."""
+    """The last ``TUNING.samples_kept`` samples, kept sorted for O(log n) quantiles once a
+    quantile is asked for: until then they are only kept (a model's durations and its first
+    readings' bounds are asked for by few jobs, if any, and added to by every one)."""
 
     __slots__ = ("_order", "_sorted")
 
     def __init__(self) -> None:
-        self._order: deque[float] = deque()
-        self._sorted: list[float] = []
+        self._order: deque[float] = deque(maxlen=TUNING.samples_kept)
+        self._sorted: list[float] | None = None  # None: not asked for yet
 
     def __len__(self) -> int:
         return len(self._order)
 
     def add(self, value: float) -> None:
         order, ordered = self._order, self._sorted
-        if len(order) == TUNING.samples_kept:
-            del ordered[bisect_left(ordered, order.popleft())]
+        if ordered is not None:
+            if len(order) == TUNING.samples_kept:
+                del ordered[bisect_left(ordered, order[0])]  # the oldest: append drops it
+            insort(ordered, value)
         order.append(value)
-        insort(ordered, value)
+
+    def _ordered(self) -> list[float]:
+        ordered = self._sorted
+        if ordered is None:
+            ordered = self._sorted = sorted(self._order)
+        return ordered
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (``0 <= q <= 1``) of the samples (there is one at least)."""
-        data = self._sorted
+        data = self._ordered()
         return data[round(q * (len(data) - 1))]  # (within the list: no clamping to do)
 
     def quantiles(self, low: float, high: float) -> tuple[float, float]:
         """The ``low`` and ``high`` quantiles, as ``quantile`` gives each."""
-        data = self._sorted
+        data = self._ordered()
         last = len(data) - 1
         return data[round(low * last)], data[round(high * last)]
 
@@ -390,7 +399,10 @@ class PollSchedule:
             and timing.predicted_span
             and timing.estimate_live
             and not bound
-            and not self._told_far_longer(timing.model, timing.predicted_span)
+            and not (  # (_told_far_longer, spelled out: this runs per ended job)
+                (usual := self._usual_spans.get(timing.model)) is not None
+                and timing.predicted_span > TUNING.long_told * usual
+            )
         ):
             error = _error(timing.predicted_end, timing.predicted_span, ended)
             second = 1.0 / timing.predicted_span
@@ -537,7 +549,7 @@ class PollSchedule:
         resolution = second if coarse else 0.0
         earliest = error
         # The band (_learn_band) changes only with a near end, or as the window is learned.
-        band_changed = model not in self._learned
+        learning = band_changed = model not in self._learned
         if second > 0 and abs(error) <= second * self._near_reach:
             # An end within a second of its predicted end (give or take half a step: how
             # well asks place an end) is off by what does not grow with the job: whole
@@ -564,7 +576,7 @@ class PollSchedule:
         else:
             excess = self._excess_late[model]
         errors.add(error)
-        if len(errors) >= TUNING.min_samples:
+        if learning and len(errors) >= TUNING.min_samples:
             self._learned.add(model)
         late = error - resolution
         excess.add(late if late > 0.0 else 0.0)
@@ -676,7 +688,9 @@ class PollSchedule:
             first_reading = timing.progress is None
             if percent % 1 != 0:
                 self._percent_in_tenths.add(gateway_model(timing))
-            tenths = gateway_model(timing) in self._percent_in_tenths  # (_in_tenths)
+            tenths = (  # (_in_tenths)
+                gateway_model(timing) if timing.progress is not None else timing.model
+            ) in self._percent_in_tenths
             told = left_by_progress(timing, seen, percent, tenths=tenths)
             if first_reading:
                 latest = latest_end(timing, now, percent)
@@ -709,14 +723,17 @@ class PollSchedule:
         if progress is not None and progress.bound is not None and latest is None and not queued:
             self._check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
-            coarse = self._note_resolution(timing.model, expected_seconds)
+            coarse = timing.model not in self._fractional and self._note_resolution(
+                timing.model, expected_seconds
+            )
             predicted = seen + expected_seconds
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
                 self._learn_span(timing.model, timing.predicted_span)
                 self._reported += 1
-                self._choose_lookout(timing, predicted, seen)
+                if timing.model not in self._errors:  # (no lookouts once an end is seen)
+                    self._choose_lookout(timing, predicted, seen)
                 timing.sentinel = self._reported % TUNING.sentinels == 0
                 if timing.model not in self._learned:  # still _learning: see TUNING.scouts
                     taken = self._scouts.get(timing.model, 0)
@@ -987,7 +1004,9 @@ class PollSchedule:
             shape = self._shapes.get(model)
             if shape is None:
                 shape = self.window_shape(model)
-            opens = shape.opens(end, span)
+            # (shape.opens(end, span), spelled out: this runs per ask.)
+            low, early = shape.low * span, -shape.early
+            opens = end + (early if early < low else low) + shape.delay - shape.reach
             if timing.sentinel and not shape.reach and self.coarse(model):
                 opens -= TUNING.coarse_reach  # see TUNING.sentinels (as _window)
             if now + policy.min_interval < opens:
