@@ -34,8 +34,8 @@ Pure arithmetic on loop times; the poller owns the heap and the calls.
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 
@@ -79,32 +79,30 @@ def _bounded(error: float) -> float:
     return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
 
 
-class _Quantiles:
-    """The last ``TUNING.samples_kept`` samples, kept sorted for O(log n) quantiles once a
-    quantile is asked for: until then they are only kept (a model's durations and its first
-    readings' bounds are asked for by few jobs, if any, and added to by every one)."""
+class _Quantiles(deque[float]):
+    """The last ``TUNING.samples_kept`` samples in the order they came (a deque: its length
+    is asked for often), kept sorted for O(log n) quantiles once a quantile is asked for:
+    until then they are only kept (a model's durations and its first readings' bounds are
+    asked for by few jobs, if any, and added to by every one)."""
 
-    __slots__ = ("_order", "_sorted")
+    __slots__ = ("_sorted",)
 
     def __init__(self) -> None:
-        self._order: deque[float] = deque(maxlen=TUNING.samples_kept)
+        super().__init__(maxlen=TUNING.samples_kept)
         self._sorted: list[float] | None = None  # None: not asked for yet
 
-    def __len__(self) -> int:
-        return len(self._order)
-
     def add(self, value: float) -> None:
-        order, ordered = self._order, self._sorted
+        ordered = self._sorted
         if ordered is not None:
-            if len(order) == TUNING.samples_kept:
-                del ordered[bisect_left(ordered, order[0])]  # the oldest: append drops it
+            if len(self) == TUNING.samples_kept:
+                del ordered[bisect_left(ordered, self[0])]  # the oldest: append drops it
             insort(ordered, value)
-        order.append(value)
+        self.append(value)
 
     def _ordered(self) -> list[float]:
         ordered = self._sorted
         if ordered is None:
-            ordered = self._sorted = sorted(self._order)
+            ordered = self._sorted = sorted(self)
         return ordered
 
     def quantile(self, q: float) -> float:
@@ -220,9 +218,9 @@ class PollSchedule:
         "_learned",
         "_long_spans",
         "_lookouts",
+        "_narrow_gap",
         "_near",
         "_near_reach",
-        "_narrow_gap",
         "_ordered_spans",
         "_percent_in_tenths",
         "_planned_edges",
@@ -593,10 +591,10 @@ class PollSchedule:
         # only the one just before: a window that widens a little at a time (estimates off
         # by up to 20%) would otherwise never bring waiting keys in.
         planned = self._planned_edges.get(model, before)
-        (planned_low, planned_near), (low, near) = planned, before
+        (planned_low, planned_reach), (low, reach) = planned, before
         edge = (
             low if low > planned_low else planned_low,
-            near if near < planned_near else planned_near,
+            reach if reach < planned_reach else planned_reach,
         )
         after = window[0], band[0]  # (_edge)
         if after[0] < edge[0] - 0.02 or after[1] > edge[1] + 0.02:
