@@ -583,10 +583,15 @@ class PollSchedule:
         lookout = self._lookouts.pop(model, None)  # an end is seen: no more lookouts
         if lookout is not None:
             lookout.lookout = False
+        learned = window  # (what the shape was made of)
         window = windows[model] = self._learn_window(model)
+        reshape = learning or window != learned
         if band_changed:
+            learned = band
             band = bands[model] = self._learn_band(model)
-        self._shapes.pop(model, None)
+            reshape = reshape or band != learned
+        if reshape:  # (most ends move no quantile the window is made of: the shape stands)
+            self._shapes.pop(model, None)
         # Against the latest edge keys may have been planned by since the last bump, not
         # only the one just before: a window that widens a little at a time (estimates off
         # by up to 20%) would otherwise never bring waiting keys in.
