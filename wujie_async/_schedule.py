@@ -107,12 +107,16 @@ class _Quantiles(deque[float]):
 
     def quantile(self, q: float) -> float:
         """The ``q`` quantile (``0 <= q <= 1``) of the samples (there is one at least)."""
-        data = self._ordered()
+        data = self._sorted
+        if data is None:
+            data = self._ordered()
         return data[round(q * (len(data) - 1))]  # (within the list: no clamping to do)
 
     def quantiles(self, low: float, high: float) -> tuple[float, float]:
         """The ``low`` and ``high`` quantiles, as ``quantile`` gives each."""
-        data = self._ordered()
+        data = self._sorted
+        if data is None:
+            data = self._ordered()
         last = len(data) - 1
         return data[round(low * last)], data[round(high * last)]
 
