@@ -1,0 +1,104 @@
+"""An outside check of "nothing lost, nothing paid twice, every saved file is real": a save
+whose disk stops answering, the manifest's secrets, budgets and retries, and re-runs after a
+process died, each against the emulator (or a small server here) over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from wujie_async import DownloadPolicy
+
+from .conftest import EmulatorFactory, make_client
+from .helpers import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+class _StuckDisk:
+    """Holds the first worker thread that raises ``event`` on a path under ``folder`` until
+    ``thaw()``: a file step on a disk that stopped answering (a frozen file system, a hung
+    NFS mount). Python's audit hook (``open``, ``os.rename`` for ``os.replace``) is the public
+    place to hold it; nothing of ours is patched."""
+
+    def __init__(self) -> None:
+        self.event = ""
+        self.folder = ""
+        self.held = threading.Event()
+        self.thawed = threading.Event()
+
+    def freeze(self, event: str, folder: Path) -> None:
+        self.event, self.folder = event, str(folder)
+        self.held.clear()
+        self.thawed.clear()
+
+    def thaw(self) -> None:
+        self.event = ""
+        self.thawed.set()
+
+    def hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if event != self.event or self.held.is_set() or not args:
+            return
+        if self.folder not in str(args[0]) or threading.current_thread() is threading.main_thread():
+            return
+        self.held.set()
+        self.thawed.wait(30)  # bounded: a broken test never holds the worker for good
+
+
+_DISK = _StuckDisk()
+sys.addaudithook(_DISK.hook)  # hooks cannot be removed: thawed, it costs a comparison
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+# --- a save on a disk that stops answering ends by its deadline ------------------------------------
+@pytest.mark.parametrize(
+    ("event", "step"),
+    [("open", "the temporary file's creation"), ("os.rename", "the rename to the final name")],
+)
+async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
+    emulator: EmulatorFactory, tmp_path: Path, event: str, step: str
+) -> None:
+    """``DownloadPolicy.deadline`` bounds the whole save, its file steps too: a disk that
+    stops answering fails the save with an ``OSError`` naming the deadline (it used to hold
+    the caller until the disk answered, for ever on a hung mount). Once the disk answers, the
+    image is complete under its name or not there, and no temporary file is left."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    deadline = 1.0
+    async with emulator() as emu:
+        client = make_client(emu, downloads=DownloadPolicy(deadline=deadline))
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            whole = _files_of(await job.save(tmp_path / "whole"))
+            _DISK.freeze(event, folder)
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                assert await asyncio.to_thread(_DISK.held.wait, 20), f"{step}: never reached"
+                with anyio.fail_after(deadline + 10):  # it used to wait for the thaw (30 s)
+                    with pytest.raises(OSError, match="DownloadPolicy.deadline") as raised:
+                        await saving
+                assert _DISK.held.is_set() and not _DISK.thawed.is_set()
+            finally:
+                _DISK.thaw()
+    assert str(folder) in str(raised.value)
+
+    def settled() -> bool:
+        return not [name for name in _files(folder) if name.startswith(".")]
+
+    await eventually(settled, what=f"{step}: the temporary file removed once the disk answers")
+    assert _files(folder).items() <= whole.items()  # complete under its name, or not there
+
+
+def _files_of(saved: list[Any]) -> dict[str, str]:
+    return {s.path.name: s.sha256 for s in saved}
