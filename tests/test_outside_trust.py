@@ -60,7 +60,7 @@ def _files(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
-# --- a save on a disk that stops answering ends by its deadline ------------------------------------
+# --- a save on a disk that stops answering ends by its deadline ---------------------------------
 @pytest.mark.parametrize(
     ("event", "step"),
     [("open", "the temporary file's creation"), ("os.rename", "the rename to the final name")],
@@ -86,7 +86,7 @@ async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
                 saving = asyncio.create_task(job.save(folder))
                 assert await asyncio.to_thread(_DISK.held.wait, 20), f"{step}: never reached"
                 with anyio.fail_after(deadline + 10):  # it used to wait for the thaw (30 s)
-                    with pytest.raises(OSError, match="DownloadPolicy.deadline") as raised:
+                    with pytest.raises(OSError, match=r"DownloadPolicy\.deadline") as raised:
                         await saving
                 assert _DISK.held.is_set() and not _DISK.thawed.is_set()
             finally:
@@ -102,3 +102,19 @@ async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
 
 def _files_of(saved: list[Any]) -> dict[str, str]:
     return {s.path.name: s.sha256 for s in saved}
+
+
+async def test_a_directory_under_the_final_name_fails_the_save_and_leaves_no_file(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """A folder where the image's file goes (a user's mistake, another program's): the save
+    raises the disk's ``OSError`` naming the file, and leaves no temporary file behind."""
+    folder = tmp_path / "out"
+    async with emulator() as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a cat", model="dall-e-2")
+        await job
+        (folder / f"{job.key}-0.png").mkdir(parents=True)
+        with pytest.raises(IsADirectoryError) as raised:
+            await job.save(folder)
+    assert str(folder) in str(raised.value)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{job.key}-0.png"]

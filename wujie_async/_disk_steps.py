@@ -51,10 +51,6 @@ class DiskSteps:
         self._made: tuple[IO[bytes], Path] | None = None
         self.temp: Path | None = None  # the temporary file's name, once made
 
-    @property
-    def given_up(self) -> bool:
-        return self._given_up
-
     async def open(self, folder: Path, stem: str) -> None:
         await self._run(lambda: self._opened(_atomic_file.open_temp(folder, stem)))
 
@@ -64,7 +60,14 @@ class DiskSteps:
 
     async def commit(self, path: Path) -> None:
         handle, temp = self._file()
-        await self._run(lambda: _atomic_file.commit(handle, temp, path, wanted=self._renames))
+
+        def step() -> None:
+            _atomic_file.commit(handle, temp, path, wanted=self._renames)
+            with self._lock:
+                if self._renaming:  # renamed: no temporary file is left to remove
+                    self._made = None
+
+        await self._run(step)
 
     async def discard(self) -> None:
         """Remove the temporary file (after a failure); nothing once the save gave up on a
@@ -90,13 +93,10 @@ class DiskSteps:
 
     def _renames(self) -> bool:
         """On the thread, just before the rename: False once the save gave up (the file is
-        removed instead); else the file is the rename's, no longer the save's to remove."""
+        removed instead)."""
         with self._lock:
-            if self._given_up:
-                return False
-            self._renaming = True
-            self._made = None
-            return True
+            self._renaming = not self._given_up
+            return self._renaming
 
     def _on_thread(self, step: Callable[[], _T]) -> _T:
         try:
