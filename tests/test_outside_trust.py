@@ -16,8 +16,18 @@ import pytest
 
 from wujie_async import DownloadPolicy
 
+from .cli_helpers import (
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
+    manifest,
+    manifest_so_far,
+    proc_alive,
+    running_cli,
+    served_emulator,
+)
 from .conftest import EmulatorFactory, make_client
-from .helpers import eventually
+from .helpers import eventually, freezable_disk, freeze
 
 pytestmark = pytest.mark.anyio
 
@@ -118,3 +128,55 @@ async def test_a_directory_under_the_final_name_fails_the_save_and_leaves_no_fil
             await job.save(folder)
     assert str(folder) in str(raised.value)
     assert sorted(p.name for p in folder.iterdir()) == [f"{job.key}-0.png"]
+
+
+@pytest.mark.long
+async def test_a_bulk_run_whose_output_disk_froze_ends_with_its_summary_unasked(
+    tmp_path: Path,
+) -> None:
+    """The output folder's file system freezes mid-run, and nobody signals the run: it stops
+    sending (the manifest's disk took no row) and, its images' saves failing at
+    ``--download-timeout``, prints its summary while the disk is still frozen. It waited for
+    the disk, for ever on a hung mount, with no summary. Once the disk answers, the re-run
+    collects every job by its key (the journal is on another disk) and pays for none again."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"frozen {i}\n" for i in range(8)))
+        journal = tmp_path / "journal.sqlite"
+        with freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = [
+                "bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--rate", "4",
+                "--journal", str(journal), "--download-timeout", "2", "--progress", "none",
+            ]  # fmt: skip
+            async with running_cli(*bulk, env=emu.env) as run:
+                if not hasattr(run, "stderr"):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+
+                def one_saved() -> bool:
+                    return any(row["status"] == "saved" for row in manifest_so_far(out))
+
+                await eventually(one_saved, what="an image saved", alive=proc_alive(run))
+                with freeze(disk):
+                    await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary while the disk is frozen",
+                        timeout=30,
+                    )
+                    err = run.stderr().decode()
+                code, _, _ = await run.finish(20)
+            assert code == 3, err
+            assert "the disk did not finish writing the image within 2 s" in err
+            accepted = int((await emu.stats())["submits_accepted"])
+            code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+            assert code == 0, err
+            assert int((await emu.stats())["submits_accepted"]) == accepted  # none paid again
+            assert set(final_outcomes(out).values()) <= {"saved", "not_sent"}
+            if "not_sent" in final_outcomes(out).values():  # stopped before sending them
+                code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+                assert code == 0, err
+            assert set(final_outcomes(out).values()) == {"saved"}
+            for row in manifest(out):
+                if row["status"] == "saved":
+                    data = (out / row["path"]).read_bytes()
+                    assert hashlib.sha256(data).hexdigest() == row["sha256"]
