@@ -5,7 +5,9 @@ process died, each against the emulator (or a small server here) over loopback."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import sys
 import threading
 from pathlib import Path
@@ -27,7 +29,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .conftest import EmulatorFactory, make_client
-from .helpers import eventually, freezable_disk, freeze
+from .helpers import eventually, freezable_disk, freeze, full_disk
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +182,50 @@ async def test_a_bulk_run_whose_output_disk_froze_ends_with_its_summary_unasked(
                 if row["status"] == "saved":
                     data = (out / row["path"]).read_bytes()
                     assert hashlib.sha256(data).hexdigest() == row["sha256"]
+
+
+# --- generate on a disk that fills: the advice must not pay again ---------------------------------
+@pytest.mark.long
+@pytest.mark.parametrize("json_out", [False, True])
+async def test_generate_whose_disk_filled_names_the_command_that_collects_its_job(
+    tmp_path: Path, json_out: bool
+) -> None:
+    """``generate`` whose image the full disk refused said "then re-run the same command",
+    which sends a new job (paid again): its job is paid and done, so the summary (and
+    ``--json``'s ``error``) names ``status KEY --wait -o OUT`` instead, which saves it."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "2,2") as emu:
+        with full_disk(tmp_path / "disk", size="512k", fill=False) as disk:
+            out = disk / "out"
+            generate = ["generate", "a fox", "--model", "dall-e-2", "-o", str(out)]
+            generate += ["--json"] if json_out else []
+            async with running_cli(*generate, env=emu.env) as run:
+
+                async def accepted() -> bool:
+                    return int((await emu.stats())["submits_accepted"]) >= 1
+
+                await eventually(accepted, what="the job accepted", alive=proc_alive(run))
+                with (disk / "filler").open("wb", buffering=0) as filler:
+                    with contextlib.suppress(OSError):
+                        while True:
+                            filler.write(bytes(4096))
+                code, stdout, err = await run.finish(60)
+            assert code == 3, err
+            said = json.loads(stdout)["error"] if json_out else err
+            assert "re-run the same command" not in said, said
+            key = job_key(await keys_of(emu))
+            assert f"status {key} --wait -o {out}" in said
+            (disk / "filler").unlink()
+            status = ["status", key, "--wait", "-o", str(out)]
+            code, _, err = await cli(*status, env=emu.env, timeout=60)
+            assert code == 0, err
+            assert int((await emu.stats())["submits_accepted"]) == 1  # collected, not paid again
+            assert [row["status"] for row in manifest(out)][-1] == "saved"
+
+
+async def keys_of(emu: Any) -> list[str]:
+    return list((await emu.stats())["timelines"])
+
+
+def job_key(keys: list[str]) -> str:
+    (key,) = keys
+    return key

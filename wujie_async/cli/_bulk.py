@@ -824,6 +824,11 @@ _GONE = frozenset({404, 410})
 _DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
+# What a disk's stop advises; ``generate`` and ``edit`` say instead how to collect their job
+# (run again, they send a new one, paid again).
+RE_RUN = "then re-run the same command"
+
+
 class OutputUnwritableError(Exception):
     """The output folder refused the manifest, or an image for its disk's sake (full,
     read-only, not writable), or the journal refused a submit's intent: the run stops
@@ -832,7 +837,7 @@ class OutputUnwritableError(Exception):
     def __init__(self, what: str, why: str, where: str = "the output folder") -> None:
         super().__init__(
             f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
-            f"permissions of) {where}, then re-run the same command"
+            f"permissions of) {where}, {RE_RUN}"
         )
         # What to say instead when the rows not written hold no job key (nothing is listed).
         self.without_keys: str | None = None
