@@ -116,6 +116,39 @@ def _files_of(saved: list[Any]) -> dict[str, str]:
     return {s.path.name: s.sha256 for s in saved}
 
 
+@pytest.mark.parametrize("how", ["job.save", "client.download"])
+async def test_a_callers_timeout_around_a_save_on_a_stuck_disk_still_says_timeout(
+    emulator: EmulatorFactory, tmp_path: Path, how: str
+) -> None:
+    """``asyncio.timeout`` around ``job.save()`` on a disk that stopped answering: the save
+    waits for its file step (so that it can clean up) only until its own deadline, then the
+    caller gets the ``TimeoutError`` it asked for (not the disk's error in its place)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    async with emulator() as emu:
+        client = make_client(emu, downloads=DownloadPolicy(deadline=1.0))
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _DISK.freeze("open", folder)
+            try:
+                with anyio.fail_after(15), pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        if how == "job.save":
+                            await job.save(folder)
+                        else:
+                            image = await job.image(0)
+                            await client.download(image, folder / "cat.{ext}", key=job.key)
+                assert not _DISK.thawed.is_set()  # it ended while the disk was still stuck
+            finally:
+                _DISK.thaw()
+
+    def settled() -> bool:
+        return not list(folder.iterdir())
+
+    await eventually(settled, what="the temporary file removed once the disk answers")
+
+
 async def test_a_directory_under_the_final_name_fails_the_save_and_leaves_no_file(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:

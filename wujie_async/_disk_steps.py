@@ -120,7 +120,10 @@ class DiskSteps:
         while not done.done():
             left = give_up_at - anyio.current_time()
             if left <= 0:
-                self._give_up(done)
+                held = self._give_up(done)
+                # A cancel that came meanwhile (a caller's own timeout) is what the caller
+                # waits for: swallowed, its asyncio.timeout would never say TimeoutError.
+                raise held if cancel is None else cancel
             try:
                 with anyio.CancelScope(shield=True):
                     # Returns when it ends, or at the deadline; never cancels it.
@@ -131,7 +134,9 @@ class DiskSteps:
             raise cancel
         return done.result()
 
-    def _give_up(self, done: asyncio.Future[Any]) -> None:
+    def _give_up(self, done: asyncio.Future[Any]) -> DiskHeldError:
+        """Leave the step to its thread (which removes the temporary file when it returns);
+        the error that says so."""
         with self._lock:
             self._given_up = True
             renaming = self._renaming
@@ -142,7 +147,7 @@ class DiskSteps:
             if renaming
             else "its temporary file is removed once the disk answers"
         )
-        raise DiskHeldError(
+        return DiskHeldError(
             errno.EIO,
             f"the disk did not finish writing the image within {self._deadline:g} s "
             f"(DownloadPolicy.deadline): is it frozen, or a mount that stopped answering? "
