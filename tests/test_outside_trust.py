@@ -262,3 +262,36 @@ async def keys_of(emu: Any) -> list[str]:
 def job_key(keys: list[str]) -> str:
     (key,) = keys
     return key
+
+
+# --- a manifest deleted mid-run, the journal kept ------------------------------------------------
+@pytest.mark.long
+async def test_a_manifest_deleted_mid_run_with_the_journal_kept_is_continued_by_the_rerun(
+    tmp_path: Path,
+) -> None:
+    """The manifest alone deleted while a journaled run writes it: the run stops sending and
+    lists the jobs it paid for. It said "a re-run of the same command would send every line
+    again", which the journal it kept makes false (the re-run collects them, paying for none
+    again): it says the journal decides."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"line {i}\n" for i in range(10)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--rate", "4"]
+        async with running_cli(*bulk, "--progress", "none", env=emu.env) as run:
+
+            def one_saved() -> bool:
+                return any(row["status"] == "saved" for row in manifest_so_far(out))
+
+            await eventually(one_saved, what="an image saved", alive=proc_alive(run))
+            (out / "manifest.jsonl").unlink()
+            code, _, err = await run.finish(60)
+        assert code == 3, err
+        assert "the manifest was deleted" in err
+        assert "collects them and sends the rest if the journal is still there" in err, err
+        accepted = int((await emu.stats())["submits_accepted"])
+        code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+        assert code == 0, err
+        assert int((await emu.stats())["submits_accepted"]) == 10
+        assert accepted <= 10
+        assert set(final_outcomes(out).values()) == {"saved"}
