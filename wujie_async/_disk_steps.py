@@ -3,15 +3,16 @@
 A step on a disk that stops answering (a frozen file system, a hung NFS mount) does not
 return, and a thread cannot be stopped: waiting for it held the save, and its caller, past
 ``DownloadPolicy.deadline``, for as long as the disk stayed frozen. So at the deadline the
-save gives up on the step and raises :class:`DiskHeldError`; the step's thread, once the disk
-answers, removes the temporary file instead of leaving it to the save, and a temporary file
-whose save gave up is never renamed into place. Each image is still complete under its final
-name or not there at all.
+save gives up on the step and raises an ``OSError`` (``EIO``, like any other refusal of the
+disk's); the step's thread, once the disk answers, removes the temporary file instead of
+leaving it to the save, and a temporary file whose save gave up is never renamed into place.
+Each image is still complete under its final name or not there at all.
 
 A plain cancel (``task.cancel()``: an ``asyncio.timeout`` around ``job.save()``, a web
-framework dropping its request) still waits for the step to end, so that the save's own clean-up
-runs after it: a shielded anyio scope alone holds off only anyio's cancels, so the step runs as
-a task of its own, waited for through every cancel. Only the deadline gives up on it.
+framework dropping its request) still waits for the step to end, so that the save's own
+clean-up runs after it: a shielded anyio scope alone holds off only anyio's cancels, so the
+step runs as a task of its own, waited for through every cancel. Only the deadline gives up
+on it.
 """
 
 from __future__ import annotations
@@ -32,10 +33,6 @@ _T = TypeVar("_T")
 
 # The least time a file step gets before its save gives up on it, even past the deadline.
 STEP_GRACE_S = 1.0
-
-
-class DiskHeldError(OSError):
-    """The disk did not finish a step of an image's save within the save's deadline."""
 
 
 class DiskSteps:
@@ -134,7 +131,7 @@ class DiskSteps:
             raise cancel
         return done.result()
 
-    def _give_up(self, done: asyncio.Future[Any]) -> DiskHeldError:
+    def _give_up(self, done: asyncio.Future[Any]) -> OSError:
         """Leave the step to its thread (which removes the temporary file when it returns);
         the error that says so."""
         with self._lock:
@@ -147,7 +144,7 @@ class DiskSteps:
             if renaming
             else "its temporary file is removed once the disk answers"
         )
-        return DiskHeldError(
+        return OSError(
             errno.EIO,
             f"the disk did not finish writing the image within {self._deadline:g} s "
             f"(DownloadPolicy.deadline): is it frozen, or a mount that stopped answering? "

@@ -357,7 +357,7 @@ class Downloader:
             # downloads is not the image server's slowness.
             with anyio.move_on_after(math.inf if deadline is None else deadline):
                 # Its file steps have the same deadline: a disk that stops answering ends
-                # the save too (DiskHeldError), instead of holding it until the disk answers.
+                # the save too (an OSError, EIO), instead of holding it until the disk answers.
                 give_up_at = anyio.current_time() + (math.inf if deadline is None else deadline)
                 return await self._retrying(
                     lambda: self._fetch(session, url, target, give_up_at), failures
