@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -30,11 +31,19 @@ def open_temp(folder: Path, stem: str) -> tuple[IO[bytes], Path]:
     return os.fdopen(fd, "wb"), temp
 
 
-def commit(handle: IO[bytes], temp: Path, path: Path) -> None:
-    """Make the temporary file durable, then give it its final name."""
+def commit(
+    handle: IO[bytes], temp: Path, path: Path, *, wanted: Callable[[], bool] = lambda: True
+) -> None:
+    """Make the temporary file durable, then give it its final name.
+
+    ``wanted()`` is asked just before the rename: False (its save gave up meanwhile) leaves
+    the temporary file, closed, for the caller to remove.
+    """
     handle.flush()
     os.fsync(handle.fileno())
     handle.close()
+    if not wanted():
+        return
     os.replace(temp, path)
     _sync_folder(path.parent)
 
@@ -45,17 +54,6 @@ def discard(handle: IO[bytes], temp: Path) -> None:
         handle.close()
     with contextlib.suppress(FileNotFoundError):
         os.remove(temp)
-
-
-def write_whole(data: bytes, path: Path) -> None:
-    """Write ``data`` as the file ``path``, through a temporary file."""
-    handle, temp = open_temp(path.parent, "wujie")
-    try:
-        handle.write(data)
-        commit(handle, temp, path)
-    except BaseException:
-        discard(handle, temp)
-        raise
 
 
 def _sync_folder(folder: Path) -> None:

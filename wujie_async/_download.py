@@ -6,7 +6,8 @@ take a connection or a slot from the API's pool. Where it may connect is ``_addr
 checked on every hop; redirects are followed by hand, at most ``max_redirects`` of them, each
 one checked again. The bytes must carry a PNG/JPEG/WEBP signature and end where that format
 says (``end_problem``), and a file appears under its final name only once complete
-(``_atomic_file``). Writes and fsyncs run on worker threads, never on the event loop.
+(``_atomic_file``). Writes and fsyncs run on worker threads, never on the event loop, and
+within the save's deadline (``_disk_steps``).
 
 Every image ends within ``DownloadPolicy.deadline``: an attempt fails as too slow when the
 server does not keep up ``min_rate``, transient failures are retried with backoff, and no new
@@ -29,15 +30,15 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Final, Self, TypeVar
+from typing import TYPE_CHECKING, Final, Self
 
 import aiohttp
 import anyio
 from yarl import URL
 
-from . import _atomic_file
 from ._addresses import AddressRule, CheckingResolver, ForbiddenAddressError, check_url
 from ._config import DownloadPolicy, RetryPolicy
+from ._disk_steps import DiskSteps
 from ._errors import (
     ClientStateError,
     InvalidRequestError,
@@ -343,7 +344,7 @@ class Downloader:
 
     async def _save_now(self, image: GeneratedImage, target: _Target) -> SavedImage:
         if image.b64_json is not None:
-            return await self._save_inline(image.b64_json, target)
+            return await self._save_inline(image.b64_json, target, self._disk_steps())
         if image.url is None:
             raise ProtocolError(f"image {image.index} has neither a URL nor b64_json")
         url = image.url
@@ -355,13 +356,24 @@ class Downloader:
             # The deadline runs from when the image gets its slot: waiting behind other
             # downloads is not the image server's slowness.
             with anyio.move_on_after(math.inf if deadline is None else deadline):
-                return await self._retrying(lambda: self._fetch(session, url, target), failures)
+                # Its file steps have the same deadline: a disk that stops answering ends
+                # the save too (an OSError, EIO), instead of holding it until the disk answers.
+                give_up_at = anyio.current_time() + (math.inf if deadline is None else deadline)
+                return await self._retrying(
+                    lambda: self._fetch(session, url, target, give_up_at), failures
+                )
         last = f"; the last try: {failures[-1]}" if failures else ""
         raise _too_slow(
             f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline){last}"
         )
 
-    async def _save_inline(self, text: str, target: _Target) -> SavedImage:
+    def _disk_steps(self) -> DiskSteps:
+        """The file steps of a save starting now, bounded by its deadline."""
+        deadline = self._policy.deadline
+        give_up_at = anyio.current_time() + (math.inf if deadline is None else deadline)
+        return DiskSteps(give_up_at, deadline)
+
+    async def _save_inline(self, text: str, target: _Target, steps: DiskSteps) -> SavedImage:
         limit = self._policy.max_bytes
         if text.startswith("data:"):
             text = text.partition(",")[2]
@@ -372,9 +384,13 @@ class Downloader:
             data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
             path = target.final(kind)
             try:
-                await _to_end(_atomic_file.write_whole, data, path)  # see _stream_to_file
-            except OSError as exc:
-                _name_the_file(exc, path)
+                await steps.open(path.parent, "wujie")  # see _stream_to_file
+                await steps.write(data)
+                await steps.commit(path)
+            except BaseException as exc:
+                await steps.discard()
+                if isinstance(exc, OSError):
+                    _name_the_file(exc, path)
                 raise
         return SavedImage(target.index, path, len(data), hashlib.sha256(data).hexdigest())
 
@@ -473,7 +489,9 @@ class Downloader:
             await anyio.sleep(wait)
             self._require_open()
 
-    async def _fetch(self, session: aiohttp.ClientSession, url: str, target: _Target) -> SavedImage:
+    async def _fetch(
+        self, session: aiohttp.ClientSession, url: str, target: _Target, give_up_at: float
+    ) -> SavedImage:
         """One attempt: follow redirects by hand (each hop checked), stream the image."""
         policy = self._policy
         current = URL(url)
@@ -507,7 +525,8 @@ class Downloader:
                         )
                     if reply.status != 200:
                         raise ProtocolError("image download refused", http_status=reply.status)
-                    return await self._stream_to_file(reply, target)
+                    steps = DiskSteps(give_up_at, policy.deadline)
+                    return await self._stream_to_file(reply, target, steps)
             except aiohttp.ClientConnectorCertificateError:
                 # Not transient: trying again until the deadline would only hide it behind
                 # "too slow".
@@ -575,22 +594,20 @@ class Downloader:
             return await session.get(url, allow_redirects=False)
         raise _RetryableError(_too_slow(f"no reply within {wait:g} s"))
 
-    async def _stream_to_file(self, reply: aiohttp.ClientResponse, target: _Target) -> SavedImage:
+    async def _stream_to_file(
+        self, reply: aiohttp.ClientResponse, target: _Target, steps: DiskSteps
+    ) -> SavedImage:
         policy = self._policy
         declared = reply.content_length
         if declared is not None and declared > policy.max_bytes:
             raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
         # The file steps on worker threads run to their end even when the task is cancelled
-        # meanwhile (_to_end), so a cancel never leaves a temporary file nobody knows of: each
-        # image is either complete under its final name or not there at all.
-        handle, temp = await _to_end(
-            _atomic_file.open_temp,
-            target.folder,
-            f"wujie-{target.index}",
-            undo=lambda opened: _atomic_file.discard(*opened),
-        )
+        # meanwhile (DiskSteps), so a cancel never leaves a temporary file nobody knows of:
+        # each image is either complete under its final name or not there at all. Past the
+        # save's deadline a step that has not returned is given up on (its thread cleans up).
         try:
-            size, digest, head, tail = await self._stream(reply, handle)
+            await steps.open(target.folder, f"wujie-{target.index}")
+            size, digest, head, tail = await self._stream(reply, steps)
             # Content-Length counts the bytes on the wire: a compressed body decodes to more.
             encoded = _encoded(reply)
             if declared is not None and not encoded and size != declared:
@@ -620,21 +637,21 @@ class Downloader:
                     )
                 )
             path = target.final(kind)
-            await _to_end(_atomic_file.commit, handle, temp, path)
+            await steps.commit(path)
         except BaseException as exc:
             # The connection is not reused: a server that declared a length short of its body
             # may still send the rest, which the next request on it would read as its reply.
             reply.close()
-            await _to_end(_atomic_file.discard, handle, temp)
+            await steps.discard()
             if isinstance(exc, OSError):
-                _name_the_file(exc, temp)
+                _name_the_file(exc, steps.temp or target.folder)
             raise
         return SavedImage(target.index, path, size, digest)
 
     async def _stream(
-        self, reply: aiohttp.ClientResponse, handle: IO[bytes]
+        self, reply: aiohttp.ClientResponse, steps: DiskSteps
     ) -> tuple[int, str, bytes, bytes]:
-        """Copy the body into ``handle``: (size, sha256, first bytes, last bytes). Every
+        """Copy the body into the temporary file: (size, sha256, first bytes, last bytes). Every
         ``min_rate * rate_window`` bytes must arrive within ``rate_window`` seconds."""
         policy = self._policy
         window = policy.rate_window
@@ -678,10 +695,10 @@ class Downloader:
                     window_ends = anyio.current_time() + window
             pending += chunk
             if len(pending) >= _CHUNK:
-                await anyio.to_thread.run_sync(handle.write, bytes(pending))
+                await steps.write(bytes(pending))
                 pending.clear()
         if pending:
-            await anyio.to_thread.run_sync(handle.write, bytes(pending))
+            await steps.write(bytes(pending))
         return size, digest.hexdigest(), head, tail
 
 
@@ -804,36 +821,6 @@ def _host(url: str) -> str | None:
         return URL(url).host
     except ValueError:
         return None
-
-
-_T = TypeVar("_T")
-
-
-async def _to_end(
-    step: Callable[..., _T], *args: Any, undo: Callable[[_T], object] | None = None
-) -> _T:
-    """``step(*args)`` on a worker thread, run to its end whatever cancels this task meanwhile.
-
-    A shielded anyio scope holds off only anyio's own cancels; a plain ``task.cancel()`` (an
-    ``asyncio.timeout`` around ``job.save()``, a web framework dropping its request) would
-    still abandon the step half-way, its temporary file open and left behind. So the step
-    runs as a task of its own, waited for through every cancel; a cancel that came meanwhile
-    is raised once it has ended, after ``undo`` (given the step's result) has removed what
-    nobody will now use.
-    """
-    done = asyncio.ensure_future(anyio.to_thread.run_sync(step, *args))
-    cancel: BaseException | None = None
-    while not done.done():
-        try:
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait({done})  # returns when it ends; never cancels it
-        except asyncio.CancelledError as exc:
-            cancel = exc
-    if cancel is None:
-        return done.result()
-    if undo is not None and not done.cancelled() and done.exception() is None:
-        undo(done.result())
-    raise cancel
 
 
 def _name_the_image(error: WujieError, key: str | None, index: int) -> None:

@@ -603,7 +603,7 @@ class BulkRun:
     def _manifest_gone(self, written: list[dict[str, Any]]) -> None:
         # Every row of this run went with the file: listed (keys included) in the summary.
         self.result.unrecorded += written
-        self._stop_sending(OutputUnwritableError.manifest_gone())
+        self._stop_sending(OutputUnwritableError.manifest_gone(journaled=self._journaled))
 
     async def settle_rows(self) -> None:
         """Wait (at most ``ROWS_DEADLINE_S``) until the rows queued are written. Rows the disk
@@ -824,6 +824,11 @@ _GONE = frozenset({404, 410})
 _DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
 
 
+# What a disk's stop advises; ``generate`` and ``edit`` say instead how to collect their job
+# (run again, they send a new one, paid again).
+RE_RUN = "then re-run the same command"
+
+
 class OutputUnwritableError(Exception):
     """The output folder refused the manifest, or an image for its disk's sake (full,
     read-only, not writable), or the journal refused a submit's intent: the run stops
@@ -832,7 +837,7 @@ class OutputUnwritableError(Exception):
     def __init__(self, what: str, why: str, where: str = "the output folder") -> None:
         super().__init__(
             f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
-            f"permissions of) {where}, then re-run the same command"
+            f"permissions of) {where}, {RE_RUN}"
         )
         # What to say instead when the rows not written hold no job key (nothing is listed).
         self.without_keys: str | None = None
@@ -869,13 +874,22 @@ class OutputUnwritableError(Exception):
         return error
 
     @classmethod
-    def manifest_gone(cls) -> OutputUnwritableError:
+    def manifest_gone(cls, *, journaled: bool = False) -> OutputUnwritableError:
+        """The manifest was deleted under the run. ``journaled``: the run keeps a journal,
+        which a re-run goes by for the lines it holds, if it was not deleted too (the
+        default one is in the folder): a re-run then pays for none of them again."""
+        rerun = (
+            "a re-run of the same command collects them and sends the rest if the journal "
+            "is still there (one kept in a folder that was removed is gone too: the re-run "
+            "would then send every line again)"
+            if journaled
+            else "a re-run of the same command would send every line again"
+        )
         error = cls("", "")
         error.args = (
             "stopped: the manifest was deleted while this run wrote it (its folder removed?); "
             "nothing more was sent. Its rows are gone: the jobs this run paid for are listed "
-            "below (`wujie-async status KEY --wait -o OUT` saves one), and a re-run of the same "
-            "command would send every line again",
+            f"below (`wujie-async status KEY --wait -o OUT` saves one), and {rerun}",
         )
         error.without_keys = (
             "stopped: the manifest was deleted while this run wrote it (its folder removed?); "

@@ -34,6 +34,7 @@ from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from .._keys import images_in
 from ._bulk import (
     NOT_AN_IMAGE,
+    RE_RUN,
     TOO_LARGE,
     BulkResult,
     BulkRun,
@@ -612,8 +613,8 @@ class Session:
         result = self.result
         assert result is not None
         counts = count(result.outcomes)
-        stopped = stop_said(
-            result, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None))
+        stopped = self._for_one_job(
+            stop_said(result, self.base_url, app_id_flag=bool(getattr(self.args, "app_id", None)))
         )
         if result.interrupted or (self.signals is not None and self.signals.received):
             # A signal is the stronger word, after a systemic stop too: a supervisor that sent
@@ -721,6 +722,25 @@ class Session:
         """``generate`` and ``edit``: run again, they send a new job (paid again) instead of
         collecting the one they sent; ``status KEY --wait`` collects it."""
         return self.args.command in ("generate", "edit")
+
+    def _for_one_job(self, stopped: str | None) -> str | None:
+        """What stopped ``generate`` or ``edit`` (a disk that refused its image), with the
+        command that collects its job where it said to re-run the same command: that sends
+        a new job, paid again, while the one it paid for is done or still running."""
+        result = self.result
+        if stopped is None or result is None or not self._one_job or RE_RUN not in stopped:
+            return stopped
+        keys = list(
+            dict.fromkeys(
+                [o.key for o in result.outcomes if o.key and o.status != "saved"]
+                + result.pending_keys
+            )
+        )
+        if not keys:  # no job was accepted: nothing is paid, and running it again is right
+            return stopped
+        return stopped.replace(RE_RUN, f"then collect its job with {self._collect(keys)}", 1) + (
+            f" {_PAYS_AGAIN}"
+        )
 
     def _collect(self, keys: list[str]) -> str:
         """The command that collects (waits for and saves) the jobs of ``keys``."""

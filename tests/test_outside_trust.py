@@ -1,0 +1,297 @@
+"""An outside check of "nothing lost, nothing paid twice, every saved file is real": a save
+whose disk stops answering, the manifest's secrets, budgets and retries, and re-runs after a
+process died, each against the emulator (or a small server here) over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from wujie_async import DownloadPolicy
+
+from .cli_helpers import (
+    cli,
+    cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    final_outcomes,
+    manifest,
+    manifest_so_far,
+    proc_alive,
+    running_cli,
+    served_emulator,
+)
+from .conftest import EmulatorFactory, make_client
+from .helpers import eventually, freezable_disk, freeze, full_disk
+
+pytestmark = pytest.mark.anyio
+
+
+class _StuckDisk:
+    """Holds the first worker thread that raises ``event`` on a path under ``folder`` until
+    ``thaw()``: a file step on a disk that stopped answering (a frozen file system, a hung
+    NFS mount). Python's audit hook (``open``, ``os.rename`` for ``os.replace``) is the public
+    place to hold it; nothing of ours is patched."""
+
+    def __init__(self) -> None:
+        self.event = ""
+        self.folder = ""
+        self.held = threading.Event()
+        self.thawed = threading.Event()
+
+    def freeze(self, event: str, folder: Path) -> None:
+        self.event, self.folder = event, str(folder)
+        self.held.clear()
+        self.thawed.clear()
+
+    def thaw(self) -> None:
+        self.event = ""
+        self.thawed.set()
+
+    def hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if event != self.event or self.held.is_set() or not args:
+            return
+        if self.folder not in str(args[0]) or threading.current_thread() is threading.main_thread():
+            return
+        self.held.set()
+        self.thawed.wait(30)  # bounded: a broken test never holds the worker for good
+
+
+_DISK = _StuckDisk()
+sys.addaudithook(_DISK.hook)  # hooks cannot be removed: thawed, it costs a comparison
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+# --- a save on a disk that stops answering ends by its deadline ---------------------------------
+@pytest.mark.parametrize(
+    ("event", "step"),
+    [("open", "the temporary file's creation"), ("os.rename", "the rename to the final name")],
+)
+async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
+    emulator: EmulatorFactory, tmp_path: Path, event: str, step: str
+) -> None:
+    """``DownloadPolicy.deadline`` bounds the whole save, its file steps too: a disk that
+    stops answering fails the save with an ``OSError`` naming the deadline (it used to hold
+    the caller until the disk answered, for ever on a hung mount). Once the disk answers, the
+    image is complete under its name or not there, and no temporary file is left."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    deadline = 1.0
+    async with emulator() as emu:
+        client = make_client(emu, downloads=DownloadPolicy(deadline=deadline))
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            whole = _files_of(await job.save(tmp_path / "whole"))
+            _DISK.freeze(event, folder)
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                assert await asyncio.to_thread(_DISK.held.wait, 20), f"{step}: never reached"
+                with anyio.fail_after(deadline + 10):  # it used to wait for the thaw (30 s)
+                    with pytest.raises(OSError, match=r"DownloadPolicy\.deadline") as raised:
+                        await saving
+                assert _DISK.held.is_set() and not _DISK.thawed.is_set()
+            finally:
+                _DISK.thaw()
+    assert str(folder) in str(raised.value)
+
+    def settled() -> bool:
+        return not [name for name in _files(folder) if name.startswith(".")]
+
+    await eventually(settled, what=f"{step}: the temporary file removed once the disk answers")
+    assert _files(folder).items() <= whole.items()  # complete under its name, or not there
+
+
+def _files_of(saved: list[Any]) -> dict[str, str]:
+    return {s.path.name: s.sha256 for s in saved}
+
+
+@pytest.mark.parametrize("how", ["job.save", "client.download"])
+async def test_a_callers_timeout_around_a_save_on_a_stuck_disk_still_says_timeout(
+    emulator: EmulatorFactory, tmp_path: Path, how: str
+) -> None:
+    """``asyncio.timeout`` around ``job.save()`` on a disk that stopped answering: the save
+    waits for its file step (so that it can clean up) only until its own deadline, then the
+    caller gets the ``TimeoutError`` it asked for (not the disk's error in its place)."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    async with emulator() as emu:
+        client = make_client(emu, downloads=DownloadPolicy(deadline=1.0))
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _DISK.freeze("open", folder)
+            try:
+                with anyio.fail_after(15), pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        if how == "job.save":
+                            await job.save(folder)
+                        else:
+                            image = await job.image(0)
+                            await client.download(image, folder / "cat.{ext}", key=job.key)
+                assert not _DISK.thawed.is_set()  # it ended while the disk was still stuck
+            finally:
+                _DISK.thaw()
+
+    def settled() -> bool:
+        return not list(folder.iterdir())
+
+    await eventually(settled, what="the temporary file removed once the disk answers")
+
+
+async def test_a_directory_under_the_final_name_fails_the_save_and_leaves_no_file(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """A folder where the image's file goes (a user's mistake, another program's): the save
+    raises the disk's ``OSError`` naming the file, and leaves no temporary file behind."""
+    folder = tmp_path / "out"
+    async with emulator() as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a cat", model="dall-e-2")
+        await job
+        (folder / f"{job.key}-0.png").mkdir(parents=True)
+        with pytest.raises(IsADirectoryError) as raised:
+            await job.save(folder)
+    assert str(folder) in str(raised.value)
+    assert sorted(p.name for p in folder.iterdir()) == [f"{job.key}-0.png"]
+
+
+@pytest.mark.long
+async def test_a_bulk_run_whose_output_disk_froze_ends_with_its_summary_unasked(
+    tmp_path: Path,
+) -> None:
+    """The output folder's file system freezes mid-run, and nobody signals the run: it stops
+    sending (the manifest's disk took no row) and, its images' saves failing at
+    ``--download-timeout``, prints its summary while the disk is still frozen. It waited for
+    the disk, for ever on a hung mount, with no summary. Once the disk answers, the re-run
+    collects every job by its key (the journal is on another disk) and pays for none again."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"frozen {i}\n" for i in range(8)))
+        journal = tmp_path / "journal.sqlite"
+        with freezable_disk(tmp_path / "disk") as disk:
+            out = disk / "out"
+            bulk = [
+                "bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--rate", "4",
+                "--journal", str(journal), "--download-timeout", "2", "--progress", "none",
+            ]  # fmt: skip
+            async with running_cli(*bulk, env=emu.env) as run:
+                if not hasattr(run, "stderr"):
+                    pytest.skip("needs the CLI's stderr while it runs (the fork server)")
+
+                def one_saved() -> bool:
+                    return any(row["status"] == "saved" for row in manifest_so_far(out))
+
+                await eventually(one_saved, what="an image saved", alive=proc_alive(run))
+                with freeze(disk):
+                    await eventually(
+                        lambda: "line(s):" in run.stderr().decode(),
+                        what="the summary while the disk is frozen",
+                        timeout=30,
+                    )
+                    err = run.stderr().decode()
+                code, _, _ = await run.finish(20)
+            assert code == 3, err
+            assert "the disk did not finish writing the image within 2 s" in err
+            accepted = int((await emu.stats())["submits_accepted"])
+            code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+            assert code == 0, err
+            assert int((await emu.stats())["submits_accepted"]) == accepted  # none paid again
+            assert set(final_outcomes(out).values()) <= {"saved", "not_sent"}
+            if "not_sent" in final_outcomes(out).values():  # stopped before sending them
+                code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+                assert code == 0, err
+            assert set(final_outcomes(out).values()) == {"saved"}
+            for row in manifest(out):
+                if row["status"] == "saved":
+                    data = (out / row["path"]).read_bytes()
+                    assert hashlib.sha256(data).hexdigest() == row["sha256"]
+
+
+# --- generate on a disk that fills: the advice must not pay again ---------------------------------
+@pytest.mark.long
+@pytest.mark.parametrize("json_out", [False, True])
+async def test_generate_whose_disk_filled_names_the_command_that_collects_its_job(
+    tmp_path: Path, json_out: bool
+) -> None:
+    """``generate`` whose image the full disk refused said "then re-run the same command",
+    which sends a new job (paid again): its job is paid and done, so the summary (and
+    ``--json``'s ``error``) names ``status KEY --wait -o OUT`` instead, which saves it."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "2,2") as emu:
+        with full_disk(tmp_path / "disk", size="512k", fill=False) as disk:
+            out = disk / "out"
+            generate = ["generate", "a fox", "--model", "dall-e-2", "-o", str(out)]
+            generate += ["--json"] if json_out else []
+            async with running_cli(*generate, env=emu.env) as run:
+
+                async def accepted() -> bool:
+                    return int((await emu.stats())["submits_accepted"]) >= 1
+
+                await eventually(accepted, what="the job accepted", alive=proc_alive(run))
+                with (disk / "filler").open("wb", buffering=0) as filler:
+                    with contextlib.suppress(OSError):
+                        while True:
+                            filler.write(bytes(4096))
+                code, stdout, err = await run.finish(60)
+            assert code == 3, err
+            said = json.loads(stdout)["error"] if json_out else err
+            assert "re-run the same command" not in said, said
+            key = job_key(await keys_of(emu))
+            assert f"status {key} --wait -o {out}" in said
+            (disk / "filler").unlink()
+            status = ["status", key, "--wait", "-o", str(out)]
+            code, _, err = await cli(*status, env=emu.env, timeout=60)
+            assert code == 0, err
+            assert int((await emu.stats())["submits_accepted"]) == 1  # collected, not paid again
+            assert [row["status"] for row in manifest(out)][-1] == "saved"
+
+
+async def keys_of(emu: Any) -> list[str]:
+    return list((await emu.stats())["timelines"])
+
+
+def job_key(keys: list[str]) -> str:
+    (key,) = keys
+    return key
+
+
+# --- a manifest deleted mid-run, the journal kept ------------------------------------------------
+@pytest.mark.long
+async def test_a_manifest_deleted_mid_run_with_the_journal_kept_is_continued_by_the_rerun(
+    tmp_path: Path,
+) -> None:
+    """The manifest alone deleted while a journaled run writes it: the run stops sending and
+    lists the jobs it paid for. It said "a re-run of the same command would send every line
+    again", which the journal it kept makes false (the re-run collects them, paying for none
+    again): it says the journal decides."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "1,2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"line {i}\n" for i in range(10)))
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "-o", str(out), "--model", "dall-e-2", "--rate", "4"]
+        async with running_cli(*bulk, "--progress", "none", env=emu.env) as run:
+
+            def one_saved() -> bool:
+                return any(row["status"] == "saved" for row in manifest_so_far(out))
+
+            await eventually(one_saved, what="an image saved", alive=proc_alive(run))
+            (out / "manifest.jsonl").unlink()
+            code, _, err = await run.finish(60)
+        assert code == 3, err
+        assert "the manifest was deleted" in err
+        assert "collects them and sends the rest if the journal is still there" in err, err
+        accepted = int((await emu.stats())["submits_accepted"])
+        code, _, err = await cli(*bulk, env=emu.env, timeout=60)
+        assert code == 0, err
+        assert int((await emu.stats())["submits_accepted"]) == 10
+        assert accepted <= 10
+        assert set(final_outcomes(out).values()) == {"saved"}
