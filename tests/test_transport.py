@@ -910,6 +910,37 @@ async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls
     assert set(second) <= {*first, *ports["submit"]}, (ports, "the polls opened new ones")
 
 
+async def test_a_connection_a_submit_passed_over_goes_back_still_stale() -> None:
+    """A pooled connection a submit passes over goes back to the pool idle since when it was,
+    not from the moment it went back: the next submit passes it over too (and reuses the one
+    the first submit opened). Stamped afresh, the next submit took it, a connection idle for
+    as long as the pause: the race with the server's idle timeout that the bound avoids."""
+    ports: dict[str, list[int]] = {"poll": [], "submit": []}
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        transport = request.transport
+        assert transport is not None
+        port = transport.get_extra_info("peername")[1]
+        if request.path.endswith(GENERATIONS):
+            ports["submit"].append(port)
+            return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
+        ports["poll"].append(port)
+        return web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+        await transport.post(INFO, ["K1"], kind="poll")
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 3)  # the pooled connection is stale now
+        for _ in range(2):
+            await transport.post(GENERATIONS, _submit_body(), kind="submit")
+    first, second = ports["submit"]
+    assert first != ports["poll"][0]  # a new one for the first submit
+    assert second == first, (ports, "the second submit took the stale connection")
+
+
 async def test_a_submit_passing_over_the_only_pooled_connection_does_not_wait_for_it() -> None:
     """With max_connections=1, the one pooled connection, stale for a submit, holds the only
     slot while the submit looks for another: it is closed to make room, not waited for (the
