@@ -1239,16 +1239,15 @@ class _PoolConnector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # When each connection last went back to the pool (kept while it is out again: the
-        # next release overwrites it); and every connection handed out once (a connection
-        # handed out again is a pooled one).
-        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
+        # Every connection handed out once (a connection handed out again is a pooled one).
+        self._known: weakref.WeakKeyDictionary[Any, _Pooled] = weakref.WeakKeyDictionary()
 
     def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
         # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
         # no reused connection would have a known idle time: a submit would take new ones.
-        self._idle_since[protocol] = time.monotonic()
+        known = self._known.get(protocol)
+        if known is not None:
+            known.idle_since = time.monotonic()
         super()._release(key, protocol, *args, **kwargs)
 
     async def connect(
@@ -1259,7 +1258,7 @@ class _PoolConnector(aiohttp.TCPConnector):
         # idle: kept out of the pool while it looks for another (each is taken once), then put
         # back for the polls (closed, a submit after a pause took every pooled connection from
         # the polls).
-        aside: list[tuple[aiohttp.connector.Connection, float]] = []
+        aside: list[tuple[aiohttp.connector.Connection, _Pooled, float]] = []
         try:
             while True:
                 if aside and self.limit and len(self._acquired) >= self.limit:
@@ -1267,47 +1266,66 @@ class _PoolConnector(aiohttp.TCPConnector):
                     aside.pop()[0].close()
                 conn = await super().connect(req, traces, timeout)
                 protocol = conn.protocol
-                # (Its stamp is that of its last return to the pool: each return overwrites it.)
-                since = None if protocol is None else self._idle_since.get(protocol)
-                if since is None and (protocol is None or protocol not in self._handed_out):
+                known = None if protocol is None else self._known.get(protocol)
+                if known is None:
                     if protocol is not None:
-                        self._handed_out.add(protocol)
+                        self._known[protocol] = _Pooled(protocol)
                     if on_wire is not None:
                         on_wire(True)  # the request is written next
                     return conn  # a new connection
+                since = known.idle_since
                 idle = math.inf if since is None else time.monotonic() - since
                 # aiohttp's own idle clock restarts when a connection set aside goes back:
                 # its bound is kept on this one.
                 too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
-                if not too_old and not _closed_by_peer(protocol):
+                if not too_old and not _closed_by_peer(protocol, known.fd):
                     if max_idle is None or idle <= max_idle:
                         if on_wire is not None:
                             on_wire(True)
                         return conn
                     if since is not None:
-                        aside.append((conn, since))
+                        aside.append((conn, known, since))
                         continue
                 conn.close()  # nothing was written on it; the next pooled one, or a new one
         finally:
-            for stale, since in aside:
-                protocol = stale.protocol
+            for stale, known, since in aside:
                 stale.release()  # back to the pool (see _release), ...
-                if protocol is not None:
-                    self._idle_since[protocol] = since  # ... idle since when it was
+                known.idle_since = since  # ... idle since when it was
 
 
-def _closed_by_peer(protocol: Any) -> bool:
+class _Pooled:
+    """What the pool knows of a connection it handed out: when it last went back to the pool
+    (None: not yet; each return overwrites it), and its socket's file descriptor (None: it
+    has none to look at; -1: it could not be read), read once, when it is new."""
+
+    __slots__ = ("fd", "idle_since")
+
+    def __init__(self, protocol: Any) -> None:
+        self.idle_since: float | None = None
+        self.fd: int | None = None
+        transport = protocol.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                self.fd = sock.fileno()
+            except (OSError, ValueError):
+                self.fd = -1
+
+
+_POLL = hasattr(select, "poll")
+
+
+def _closed_by_peer(protocol: Any, fd: int | None) -> bool:
     """Whether an idle pooled connection has something to read (the server's FIN, or bytes no
-    request asked for): either way no request may go on it."""
+    request asked for): either way no request may go on it. (An open transport's socket is
+    the one it had when new: ``fd`` is still its own.)"""
     transport = protocol.transport
     if transport is None or transport.is_closing():
         return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
+    if fd is None:
         return False
     try:
-        fd = sock.fileno()
-        if hasattr(select, "poll"):
+        if _POLL:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
             return bool(poller.poll(0))
