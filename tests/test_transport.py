@@ -339,6 +339,34 @@ def test_retry_after_may_be_an_http_date() -> None:
         assert info.value.retry_after is None, value
 
 
+_SUCCESS = '{"code":"200","message":"ok","data":{"key":"K\u00e9"}}'
+
+
+@pytest.mark.parametrize(
+    ("raw", "data"),
+    [
+        (_SUCCESS.encode(), {"key": "K\u00e9"}),
+        (_SUCCESS.encode("utf-16-le"), {"key": "K\u00e9"}),  # json.loads reads UTF-16 too
+        (_SUCCESS.encode("utf-32"), {"key": "K\u00e9"}),
+        (b"\xef\xbb\xbf" + _SUCCESS.encode(), {"key": "K\u00e9"}),  # a UTF-8 BOM
+        (b" \r\n" + _SUCCESS.encode() + b"\n ", {"key": "K\u00e9"}),
+        (b'{"code":"200","message":"ok","data":{"key":"K\xed\xa0\x80"}}', {"key": "K\ud800"}),
+        (_SUCCESS.encode() + b"{}", None),  # two values: not JSON
+        (_SUCCESS.encode()[:-1] + b",}", None),
+        (b'{"code":"200","message":"ok","data":{"key":"K\xff"}}', None),  # not UTF-8
+    ],
+)
+def test_a_reply_body_is_read_as_json_loads_reads_it(raw: bytes, data: Any) -> None:
+    """decode_reply reads a plain UTF-8 object on a fast path of its own: what it reads, and
+    what it refuses, is still what json.loads reads and refuses (other encodings, a BOM,
+    whitespace around the object, encoded surrogates; a second value, bad UTF-8)."""
+    if data is None:
+        with pytest.raises(ProtocolError, match="not JSON"):
+            decode_reply(200, raw, {})
+        return
+    assert decode_reply(200, raw, {}) == data == json.loads(raw)["data"]
+
+
 def test_rate_limited_error_carries_retry_after() -> None:
     error = RateLimitedError("slow down", retry_after=2.0, http_status=429)
     assert error.retry_after == 2.0 and "HTTP 429" in str(error)
@@ -908,6 +936,37 @@ async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls
     first, second = ports["poll"][:2], ports["poll"][2:]
     assert len(set(first)) == 2 and ports["submit"][0] not in first  # a new one for the submit
     assert set(second) <= {*first, *ports["submit"]}, (ports, "the polls opened new ones")
+
+
+async def test_a_connection_a_submit_passed_over_goes_back_still_stale() -> None:
+    """A pooled connection a submit passes over goes back to the pool idle since when it was,
+    not from the moment it went back: the next submit passes it over too (and reuses the one
+    the first submit opened). Stamped afresh, the next submit took it, a connection idle for
+    as long as the pause: the race with the server's idle timeout that the bound avoids."""
+    ports: dict[str, list[int]] = {"poll": [], "submit": []}
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        transport = request.transport
+        assert transport is not None
+        port = transport.get_extra_info("peername")[1]
+        if request.path.endswith(GENERATIONS):
+            ports["submit"].append(port)
+            return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
+        ports["poll"].append(port)
+        return web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+        await transport.post(INFO, ["K1"], kind="poll")
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 3)  # the pooled connection is stale now
+        for _ in range(2):
+            await transport.post(GENERATIONS, _submit_body(), kind="submit")
+    first, second = ports["submit"]
+    assert first != ports["poll"][0]  # a new one for the first submit
+    assert second == first, (ports, "the second submit took the stale connection")
 
 
 async def test_a_submit_passing_over_the_only_pooled_connection_does_not_wait_for_it() -> None:

@@ -262,19 +262,26 @@ class AdaptiveLimiter:
             current = self._pacer.rate
             self._pacer.rate = max(self._floor, min(current, estimate) * self._decrease)
 
-    def succeeded(self) -> None:
-        """A request went through: raise the rate a little, or lift the limit."""
-        self._advance(self._clock())
+    def succeeded(self) -> float | None:
+        """A request went through: raise the rate a little, or lift the limit.
+
+        Returns the rate the limit had when this success lifted it; else None.
+        """
+        now = self._clock()
+        if self._first_seen is None or int(now / self._bucket_s) != self._tick:
+            self._advance(now)  # (most successes land in the bucket of the one before)
         self._success_counts[self._tick % _BUCKETS] += 1
         pacer = self._pacer
         if pacer is None:
-            return
+            return None
         # About ``rate`` successes arrive per second, so each adds ramp/rate: +ramp per second.
-        raised = pacer.rate + self._ramp / pacer.rate
+        rate = pacer.rate
+        raised = rate + self._ramp / rate
         if raised >= self._ceiling:
             self._pacer = None  # callers already in its line still get their slots from it
-        else:
-            pacer.rate = raised
+            return rate
+        pacer.rate = raised
+        return None
 
     def _advance(self, now: float) -> None:
         """Move the bucket rings to ``now``, emptying the buckets that fell out of the window."""

@@ -54,9 +54,8 @@ import time
 import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -140,23 +139,60 @@ MAX_JSON_CONTAINERS = 1_000_000
 # One encoder for every request body: json.dumps with any option builds a new JSONEncoder per
 # call (a microsecond of each submit and poll). It holds no state between calls.
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# The C encoder its encode() builds for each call (None where the json module has none).
+_MAKE_C_ENCODER: Callable[..., Callable[[Any, int], Iterable[str]]] | None = getattr(
+    json.encoder, "c_make_encoder", None
+)
+# The C scanner json.loads ends in (no hooks: the module's own default decoder's).
+_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = cast(Any, json.JSONDecoder()).scan_once
 
 
-def _loads(raw: bytes) -> Any:
-    """``raw`` as JSON. An integer past Python's digit limit (4,300 by default) reads as an
-    infinite float, which no field takes: its entry is malformed, not the whole reply (one
-    5,000-digit status made every job of a batch call wait out its deadline).
+def _json_body(body: Any) -> bytes:
+    """``body`` as ``_JSON_ENCODER`` writes it, in UTF-8: through the C encoder its
+    ``encode()`` would build, built here without encode()'s and iterencode()'s Python frames
+    and closure (a microsecond of each request). Circular references are still refused."""
+    make = _MAKE_C_ENCODER
+    if make is None:
+        return _JSON_ENCODER.encode(body).encode()
+    encoder = _JSON_ENCODER
+    encode = make(
+        {},  # markers: a circular body is refused (ValueError), as encode() refuses it
+        encoder.default,
+        json.encoder.encode_basestring,  # ensure_ascii=False
+        None,  # indent
+        encoder.key_separator,
+        encoder.item_separator,
+        encoder.sort_keys,
+        encoder.skipkeys,
+        encoder.allow_nan,
+    )
+    return "".join(encode(body, 0)).encode()
 
-    Raises:
-        ValueError: not JSON.
-        RecursionError: nested deeper than the reader follows.
+
+def _parsed(raw: bytes) -> Any:
+    """``raw`` as ``json.loads`` reads it (and raising what it raises).
+
+    The common reply, one UTF-8 object with nothing around it, goes straight to the C
+    scanner json.loads ends in, without its three Python frames and two regular-expression
+    matches (for the whitespace around the value). Anything else, and every body the scanner
+    does not read whole, is read by json.loads itself. (A UTF-16 or UTF-32 body that starts
+    with "{" has a NUL as its second character: no JSON the scanner reads.)
     """
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        raise
-    except ValueError:  # the digit limit: read again, such integers as infinite
-        return json.loads(raw, parse_int=_bounded_int)
+    if raw[:1] == b"{" and raw[-1:] == b"}":
+        try:
+            text = raw.decode()
+            value, end = _SCAN_JSON(text, 0)
+        except (ValueError, StopIteration):
+            pass  # not UTF-8, not JSON, or past the digit limit: json.loads says which
+        else:
+            if end == len(text):
+                return value
+    return json.loads(raw)
+
+
+# The success code as the contract writes it, and as a number (some gateways send 200).
+_SUCCESS_CODE_TEXT = _contract.SUCCESS_CODE
+_SUCCESS_CODE_NUMBER = int(_contract.SUCCESS_CODE)
 
 
 def _bounded_int(text: str) -> int | float:
@@ -184,7 +220,17 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
             body=snippet(raw),
         )
     try:
-        payload, is_json = _loads(raw), True
+        try:
+            payload = _parsed(raw)
+        except json.JSONDecodeError:
+            raise
+        except ValueError:
+            # An integer past Python's digit limit (4,300 by default): read again, such
+            # integers as infinite floats, which no field takes: its entry is malformed, not
+            # the whole reply (one 5,000-digit status made every job of a batch call wait out
+            # its deadline).
+            payload = json.loads(raw, parse_int=_bounded_int)
+        is_json = True
     except ValueError:
         payload, is_json = None, False
     except RecursionError:
@@ -198,9 +244,9 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     # success envelope has accepted the call, and its key must not be dropped. Nor when a proxy
     # stamps another status (429, 503) on a success envelope that carries data: the job exists
     # and is paid for, and sending the submit again would pay for another.
-    if isinstance(payload, dict):
+    if type(payload) is dict:
         code = payload.get("code")
-        if code == _contract.SUCCESS_CODE or code == int(_contract.SUCCESS_CODE):
+        if code == _SUCCESS_CODE_TEXT or code == _SUCCESS_CODE_NUMBER:
             data = payload.get("data")
             if 200 <= status < 300 or data is not None:
                 return data  # the common case, without building a model
@@ -368,13 +414,9 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{name}: {reason}" if reason else name
 
 
-@dataclass(frozen=True, slots=True)
-class _Reply:
-    """What one exchange brought back: nothing of aiohttp's objects is kept."""
-
-    status: int
-    headers: Mapping[str, str]
-    body: bytes
+# What one exchange brought back, (status, headers, body): nothing of aiohttp's objects is
+# kept. A plain tuple: one a request, built with no call of its own.
+_Reply = tuple[int, Mapping[str, str], bytes]
 
 
 class Transport:
@@ -396,13 +438,17 @@ class Transport:
         # The client's telemetry (spans and metrics of each attempt; a fleet member calls its
         # ``fleet_role_changed`` hook through here).
         self.telemetry = telemetry if telemetry is not None else Telemetry()
-        # Sent with every request (not as session defaults): a session may be the caller's.
+        # Sent with every request: as our own session's defaults (aiohttp copies those in one
+        # C call, where headers given with a request are merged one by one in Python); with
+        # each request on a caller's session, whose defaults are the caller's.
         self._fixed_headers = {
             "User-Agent": _USER_AGENT,
             "Content-Type": "application/json",
             **(headers or {}),
             "Accept-Encoding": _ACCEPT_ENCODING,  # what _BodyDecoder reads
         }
+        # What each request adds to the signed Authorization header (set at open()).
+        self._request_headers: Mapping[str, str] = self._fixed_headers
         # A caller's session is used as given and never closed here; ours is made at open().
         self._given_session = session
         # Told of every 429 (kind of call, Retry-After if any): a fleet pauses its members.
@@ -444,6 +490,7 @@ class Transport:
             if self._given_session.closed:
                 raise ClientStateError("the aiohttp session given to the client is closed")
             self._session = self._given_session
+            self._request_headers = self._fixed_headers
             return
         # Idle connections are dropped after 4 s (a request on a connection the server has
         # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (_PoolConnector).
@@ -453,8 +500,12 @@ class Transport:
             resolver=_TimedResolver(self._timeouts.connect),
         )
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, raise_for_status=False
+            connector=connector,
+            timeout=self._timeout,
+            raise_for_status=False,
+            headers=self._fixed_headers,
         )
+        self._request_headers = {}
 
     async def close(self) -> None:
         """Close our session and its connections (a caller's session stays open)."""
@@ -495,7 +546,7 @@ class Transport:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
                 ``SubmitUncertainError`` (its ``__cause__`` says what happened).
         """
-        payload = _JSON_ENCODER.encode(body).encode()
+        payload = _json_body(body)
         keys = len(body) if kind == "poll" and isinstance(body, list) else None
         # A partial, not a lambda: a closure over these seven names would make a cell for each
         # on every call (objects the garbage collector then tracks, per request).
@@ -659,7 +710,7 @@ class Transport:
             raise reply  # outside any except block: no aiohttp error rides in __context__
         problem: WujieError | None = None
         try:
-            data = decode_reply(reply.status, reply.body, reply.headers, url=url)
+            data = decode_reply(reply[0], reply[2], reply[1], url=url)
         except WujieError as exc:
             problem = exc
         if problem is not None:
@@ -671,10 +722,9 @@ class Transport:
             if isinstance(problem, RateLimitedError):
                 self._rate_limited(kind, sent_at, problem.retry_after)
             raise problem.with_traceback(None)
-        before = brake.rate
-        brake.succeeded()
-        if before is not None and brake.rate is None:
-            brake_changed(kind, before, None)
+        lifted = brake.succeeded()
+        if lifted is not None:
+            brake_changed(kind, lifted, None)
         return data
 
     def _rate_limited(self, kind: CallKind, sent_at: float, retry_after: float | None) -> None:
@@ -734,6 +784,8 @@ class Transport:
         is raised afresh from here, as for errors: aiohttp's frames under it hold the header
         in their locals (``headers``), and a traceback keeps those frames.
         """
+        session = self._session
+        assert session is not None, "transport is not open"
         cancelled: asyncio.CancelledError | None = None
         unexpected: Exception | None = None
         # Told to our connector (in this task: the request's connection is taken in it). A
@@ -746,12 +798,14 @@ class Transport:
             else (None, on_wire)
         )
         try:
-            async with self.session.post(
+            # Awaited, not entered (``async with``): its enter and exit are four coroutines
+            # more per request; the reply is released below as its exit would.
+            reply = await session.post(
                 url,
                 data=payload,
                 headers={
                     "Authorization": self._signer.cached() or await self._signer.header(),
-                    **self._fixed_headers,
+                    **self._request_headers,
                 },
                 allow_redirects=False,
                 timeout=self._timeout,
@@ -762,14 +816,29 @@ class Transport:
                 # lost).
                 raise_for_status=False,
                 auto_decompress=False,
-            ) as reply:
-                if 300 <= reply.status < 400:
+            )
+            try:
+                status, headers = reply.status, reply.headers
+                if 300 <= status < 400:
                     reply.close()
-                    return _redirect_error(url, reply.status, reply.headers.get("Location", ""))
+                    return _redirect_error(url, status, headers.get("Location", ""))
+                if (
+                    "Content-Encoding" not in headers
+                    and "Transfer-Encoding" not in headers
+                    and (declared := reply.content_length) is not None
+                    and declared <= self._limits.max_response_bytes
+                ):
+                    # The common reply (what _read_capped reads first): neither compressed
+                    # nor chunked, its declared length within the cap; read without a
+                    # coroutine of ours. (read() waits for the request's writer too.)
+                    return status, headers, await reply.read()
                 body = await self._read_capped(reply)
+                await reply.wait_for_close()  # the request's writer, as an exit waits for it
                 if isinstance(body, WujieError):
                     return body
-                return _Reply(reply.status, reply.headers, body)
+                return status, headers, body
+            finally:
+                reply.release()  # the connection back to the pool (or closed, if cut short)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return TransportError(
                 f"could not connect to {self.base_url}: {_failure_reason(exc)}; "
@@ -796,7 +865,7 @@ class Transport:
             # Not a failed exchange: a session closed under the client (the caller's own, its
             # app's shutdown closing it first), or a bug. Raised from here either way, never
             # with aiohttp's frames, whose locals hold the header.
-            if self.session.closed:
+            if session.closed:
                 closed = ClientStateError(
                     "the aiohttp session given to the client was closed: nothing was sent "
                     "(close the client before the session)"
@@ -1170,77 +1239,93 @@ class _PoolConnector(aiohttp.TCPConnector):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        # When each pooled connection went back to the pool; and every connection handed
-        # out once (a connection handed out again is a pooled one).
-        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
-        self._handed_out: weakref.WeakSet[Any] = weakref.WeakSet()
-        # Connections a submit passed over, and since when each was idle.
-        self._set_aside: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        # Every connection handed out once (a connection handed out again is a pooled one).
+        self._known: weakref.WeakKeyDictionary[Any, _Pooled] = weakref.WeakKeyDictionary()
 
     def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
         # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
         # no reused connection would have a known idle time: a submit would take new ones.
-        # A connection a submit set aside goes back idle since when it was idle before.
-        since = self._set_aside.pop(protocol, None)
-        self._idle_since[protocol] = time.monotonic() if since is None else since
+        known = self._known.get(protocol)
+        if known is not None:
+            known.idle_since = time.monotonic()
         super()._release(key, protocol, *args, **kwargs)
 
     async def connect(
         self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.connector.Connection:
         max_idle, on_wire = _CONNECTING.get()
-        # Pooled connections sound but idle too long for a submit: kept out of the pool while
-        # it looks for another (each is taken once), then put back for the polls (closed, a
-        # submit after a pause took every pooled connection from the polls).
-        aside: list[aiohttp.connector.Connection] = []
+        # Pooled connections sound but idle too long for a submit, and since when each was
+        # idle: kept out of the pool while it looks for another (each is taken once), then put
+        # back for the polls (closed, a submit after a pause took every pooled connection from
+        # the polls).
+        aside: list[tuple[aiohttp.connector.Connection, _Pooled, float]] = []
         try:
             while True:
                 if aside and self.limit and len(self._acquired) >= self.limit:
                     # Those set aside hold every slot: one is closed to make room.
-                    stale = aside.pop()
-                    if stale.protocol is not None:
-                        self._set_aside.pop(stale.protocol, None)
-                    stale.close()
+                    aside.pop()[0].close()
                 conn = await super().connect(req, traces, timeout)
                 protocol = conn.protocol
-                if protocol is None or protocol not in self._handed_out:
+                known = None if protocol is None else self._known.get(protocol)
+                if known is None:
                     if protocol is not None:
-                        self._handed_out.add(protocol)
+                        self._known[protocol] = _Pooled(protocol)
                     if on_wire is not None:
                         on_wire(True)  # the request is written next
                     return conn  # a new connection
-                since = self._idle_since.pop(protocol, None)
+                since = known.idle_since
                 idle = math.inf if since is None else time.monotonic() - since
                 # aiohttp's own idle clock restarts when a connection set aside goes back:
                 # its bound is kept on this one.
                 too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
-                if not too_old and not _closed_by_peer(protocol):
+                if not too_old and not _closed_by_peer(protocol, known.fd):
                     if max_idle is None or idle <= max_idle:
                         if on_wire is not None:
                             on_wire(True)
                         return conn
                     if since is not None:
-                        self._set_aside[protocol] = since
-                        aside.append(conn)
+                        aside.append((conn, known, since))
                         continue
                 conn.close()  # nothing was written on it; the next pooled one, or a new one
         finally:
-            for stale in aside:
-                stale.release()  # back to the pool, idle since when it was (see _release)
+            for stale, known, since in aside:
+                stale.release()  # back to the pool (see _release), ...
+                known.idle_since = since  # ... idle since when it was
 
 
-def _closed_by_peer(protocol: Any) -> bool:
+class _Pooled:
+    """What the pool knows of a connection it handed out: when it last went back to the pool
+    (None: not yet; each return overwrites it), and its socket's file descriptor (None: it
+    has none to look at; -1: it could not be read), read once, when it is new."""
+
+    __slots__ = ("fd", "idle_since")
+
+    def __init__(self, protocol: Any) -> None:
+        self.idle_since: float | None = None
+        self.fd: int | None = None
+        transport = protocol.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                self.fd = sock.fileno()
+            except (OSError, ValueError):
+                self.fd = -1
+
+
+_POLL = hasattr(select, "poll")
+
+
+def _closed_by_peer(protocol: Any, fd: int | None) -> bool:
     """Whether an idle pooled connection has something to read (the server's FIN, or bytes no
-    request asked for): either way no request may go on it."""
+    request asked for): either way no request may go on it. (An open transport's socket is
+    the one it had when new: ``fd`` is still its own.)"""
     transport = protocol.transport
     if transport is None or transport.is_closing():
         return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
+    if fd is None:
         return False
     try:
-        fd = sock.fileno()
-        if hasattr(select, "poll"):
+        if _POLL:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
             return bool(poller.poll(0))
