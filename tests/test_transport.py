@@ -339,34 +339,6 @@ def test_retry_after_may_be_an_http_date() -> None:
         assert info.value.retry_after is None, value
 
 
-_SUCCESS = '{"code":"200","message":"ok","data":{"key":"K\u00e9"}}'
-
-
-@pytest.mark.parametrize(
-    ("raw", "data"),
-    [
-        (_SUCCESS.encode(), {"key": "K\u00e9"}),
-        (_SUCCESS.encode("utf-16-le"), {"key": "K\u00e9"}),  # json.loads reads UTF-16 too
-        (_SUCCESS.encode("utf-32"), {"key": "K\u00e9"}),
-        (b"\xef\xbb\xbf" + _SUCCESS.encode(), {"key": "K\u00e9"}),  # a UTF-8 BOM
-        (b" \r\n" + _SUCCESS.encode() + b"\n ", {"key": "K\u00e9"}),
-        (b'{"code":"200","message":"ok","data":{"key":"K\xed\xa0\x80"}}', {"key": "K\ud800"}),
-        (_SUCCESS.encode() + b"{}", None),  # two values: not JSON
-        (_SUCCESS.encode()[:-1] + b",}", None),
-        (b'{"code":"200","message":"ok","data":{"key":"K\xff"}}', None),  # not UTF-8
-    ],
-)
-def test_a_reply_body_is_read_as_json_loads_reads_it(raw: bytes, data: Any) -> None:
-    """decode_reply reads a plain UTF-8 object on a fast path of its own: what it reads, and
-    what it refuses, is still what json.loads reads and refuses (other encodings, a BOM,
-    whitespace around the object, encoded surrogates; a second value, bad UTF-8)."""
-    if data is None:
-        with pytest.raises(ProtocolError, match="not JSON"):
-            decode_reply(200, raw, {})
-        return
-    assert decode_reply(200, raw, {}) == data == json.loads(raw)["data"]
-
-
 def test_rate_limited_error_carries_retry_after() -> None:
     error = RateLimitedError("slow down", retry_after=2.0, http_status=429)
     assert error.retry_after == 2.0 and "HTTP 429" in str(error)

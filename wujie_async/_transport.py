@@ -55,7 +55,7 @@ import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -139,55 +139,6 @@ MAX_JSON_CONTAINERS = 1_000_000
 # One encoder for every request body: json.dumps with any option builds a new JSONEncoder per
 # call (a microsecond of each submit and poll). It holds no state between calls.
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-# The C encoder its encode() builds for each call (None where the json module has none).
-_MAKE_C_ENCODER: Callable[..., Callable[[Any, int], Iterable[str]]] | None = getattr(
-    json.encoder, "c_make_encoder", None
-)
-# The C scanner json.loads ends in (no hooks: the module's own default decoder's).
-_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = cast(Any, json.JSONDecoder()).scan_once
-
-
-def _json_body(body: Any) -> bytes:
-    """``body`` as ``_JSON_ENCODER`` writes it, in UTF-8: through the C encoder its
-    ``encode()`` would build, built here without encode()'s and iterencode()'s Python frames
-    and closure (a microsecond of each request). Circular references are still refused."""
-    make = _MAKE_C_ENCODER
-    if make is None:
-        return _JSON_ENCODER.encode(body).encode()
-    encoder = _JSON_ENCODER
-    encode = make(
-        {},  # markers: a circular body is refused (ValueError), as encode() refuses it
-        encoder.default,
-        json.encoder.encode_basestring,  # ensure_ascii=False
-        None,  # indent
-        encoder.key_separator,
-        encoder.item_separator,
-        encoder.sort_keys,
-        encoder.skipkeys,
-        encoder.allow_nan,
-    )
-    return "".join(encode(body, 0)).encode()
-
-
-def _parsed(raw: bytes) -> Any:
-    """``raw`` as ``json.loads`` reads it (and raising what it raises).
-
-    The common reply, one UTF-8 object with nothing around it, goes straight to the C
-    scanner json.loads ends in, without its three Python frames and two regular-expression
-    matches (for the whitespace around the value). Anything else, and every body the scanner
-    does not read whole, is read by json.loads itself. (A UTF-16 or UTF-32 body that starts
-    with "{" has a NUL as its second character: no JSON the scanner reads.)
-    """
-    if raw[:1] == b"{" and raw[-1:] == b"}":
-        try:
-            text = raw.decode()
-            value, end = _SCAN_JSON(text, 0)
-        except (ValueError, StopIteration):
-            pass  # not UTF-8, not JSON, or past the digit limit: json.loads says which
-        else:
-            if end == len(text):
-                return value
-    return json.loads(raw)
 
 
 # The success code as the contract writes it, and as a number (some gateways send 200).
@@ -221,7 +172,7 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
         )
     try:
         try:
-            payload = _parsed(raw)
+            payload = json.loads(raw)
         except json.JSONDecodeError:
             raise
         except ValueError:
@@ -546,7 +497,7 @@ class Transport:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
                 ``SubmitUncertainError`` (its ``__cause__`` says what happened).
         """
-        payload = _json_body(body)
+        payload = _JSON_ENCODER.encode(body).encode()
         keys = len(body) if kind == "poll" and isinstance(body, list) else None
         # A partial, not a lambda: a closure over these seven names would make a cell for each
         # on every call (objects the garbage collector then tracks, per request).
