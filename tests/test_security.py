@@ -45,6 +45,7 @@ from wujie_async import (
 )
 from wujie_async._addresses import AddressRule
 from wujie_async._auth import HeaderSigner
+from wujie_async._redaction import remember_signature
 from wujie_async._transport import Transport
 
 from .cli_helpers import cli
@@ -590,6 +591,21 @@ def test_snippet_removes_every_format_character_python_knows() -> None:
     )
     assert len(hidden) > 150
     assert snippet(f"a{hidden}b", limit=10_000) == "ab"
+
+
+def test_a_short_plain_text_quoting_a_signature_is_still_left_out() -> None:
+    """Plain short ASCII text takes snippet's quick way (nothing to clean): the signature
+    rule still holds on it, for a piece of the base64 and of the hex (either case)."""
+    sign = base64.b64encode(os.urandom(256)).decode()
+    remember_signature(sign)
+    letters = "".join(ch for ch in sign if ch.isalnum())
+    hexed = base64.b64decode(sign).hex()
+    for quoted in (letters[40:60], hexed[10:40], hexed[10:40].upper()):
+        text = f"job failed: {quoted}"
+        assert text.isascii() and text.isprintable() and len(text) < 128
+        assert "it quotes this client's request signature" in snippet(text), quoted
+        assert "it quotes this client's request signature" in snippet(f"<b>{text}</b>")
+    assert snippet("job failed: an ordinary reason") == "job failed: an ordinary reason"
 
 
 def test_snippet_folds_whitespace_and_stays_short() -> None:
