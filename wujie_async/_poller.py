@@ -67,7 +67,7 @@ from ._errors import (
     shown_key,
     snippet,
 )
-from ._jobs import ImageJob, JobState, ended_copy, holds_bulk, status_name
+from ._jobs import ImageJob, ended_copy, holds_bulk, status_name
 from ._key_timing import KeyTiming
 from ._models import JobInfo
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
@@ -119,8 +119,7 @@ class BatchPoster(Protocol):
 class _Tracked(KeyTiming):
     """A tracked job with the poller's own state of it: none of this is the user's to see."""
 
-    job: ImageJob
-    state: JobState  # the job's mutable state: this poller is its one writer
+    job: ImageJob  # its changing fields too: this poller is their one writer
     # When the key is asked about next; ``inf`` while it is in a call on the wire.
     due: float = math.inf
     # When the gateway last listed the key (None: not yet).
@@ -151,7 +150,6 @@ def _new_tracked(
     created_at: float,
     model: str | None,
     job: ImageJob,
-    state: JobState,
     trace: JobTrace | None,
     absence_grace: float | None,
 ) -> _Tracked:
@@ -171,7 +169,6 @@ def _new_tracked(
     tracked.sentinel = tracked.tentative = False
     tracked.progress = None
     tracked.job = job
-    tracked.state = state
     tracked.due = math.inf
     tracked.last_seen = tracked.absent_since = tracked.answered_at = None
     tracked.failed_since_answer = False
@@ -365,14 +362,13 @@ class BatchPoller:
     def track(
         self,
         job: ImageJob,
-        state: JobState,
         first_delay: float | None = None,
         trace: JobTrace | None = None,
         *,
         age: float = 0.0,
         absence_grace: float | None = None,
     ) -> None:
-        """Start polling ``job``, whose state (``state``) this poller now writes: first ask
+        """Start polling ``job``, whose changing fields this poller now writes: first ask
         after ``first_delay`` (default: the policy's, from its submit); ``trace``: the job's
         telemetry record, ended with the job; ``age``: seconds since it was submitted (a job
         taken over from elsewhere); ``absence_grace``: how long replies may leave the key out,
@@ -381,7 +377,7 @@ class BatchPoller:
         request = job.request
         model = request.get("model") if request is not None else None
         tracked = _new_tracked(
-            now - age, model if isinstance(model, str) else None, job, state, trace, absence_grace
+            now - age, model if isinstance(model, str) else None, job, trace, absence_grace
         )
         self._jobs[job.key] = tracked
         if first_delay is None:
@@ -406,7 +402,7 @@ class BatchPoller:
             if _recorded(tracked):
                 # Only for the record: the job's own cancel sets the error its awaiters get.
                 error = JobCancelledError("cancelled", job_key=job.key)
-                self._observe_end(tracked, error, tracked.state.status)
+                self._observe_end(tracked, error, tracked.job._status)
 
     def _untrack(self, tracked: _Tracked) -> None:
         key = tracked.job.key
@@ -422,8 +418,8 @@ class BatchPoller:
         for tracked in list(self._jobs.values()):
             self._untrack(tracked)
             error = JobCancelledError(reason, job_key=tracked.job.key)
-            tracked.state.fail(error)
-            self._observe_end(tracked, error, tracked.state.status)
+            tracked.job._fail(error)
+            self._observe_end(tracked, error, tracked.job._status)
 
     def _tracks(self, tracked: _Tracked) -> bool:
         return self._jobs.get(tracked.job.key) is tracked
@@ -552,7 +548,7 @@ class BatchPoller:
             elif tracked.failed_call is not None:  # other calls went through, not its own
                 message += f" (its last batch call failed: {tracked.failed_call})"
             error = JobTimeoutError(message, job_key=job.key)
-            self._end(tracked, error, tracked.state.status)
+            self._end(tracked, error, tracked.job._status)
 
     async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
         watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
@@ -711,7 +707,7 @@ class BatchPoller:
                         f"its batch entry could not be handled: {type(exc).__name__}",
                         job_key=tracked.job.key,
                     ),
-                    tracked.state.status,
+                    tracked.job._status,
                 )
 
     def _after_replies(self, now: float) -> None:
@@ -761,7 +757,7 @@ class BatchPoller:
         gateway kept not listing it, or its entry was unreadable or too large)."""
         tracked = self._jobs.get(key)
         if tracked is not None:
-            self._end(tracked, error, tracked.state.status)
+            self._end(tracked, error, tracked.job._status)
 
     def _await_listing(self, tracked: _Tracked, now: float) -> bool:
         """Whether a job reported done, whose done reports list none of the images it holds,
@@ -789,7 +785,7 @@ class BatchPoller:
                 "the gateway's reply about this job alone has nested deeper than a JSON reader "
                 f"follows for {lasted:.1f}s (no entry of this contract does)"
             )
-        self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.state.status)
+        self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.job._status)
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
@@ -936,7 +932,7 @@ class BatchPoller:
                 # its result cleaned up between two asks. Not a wrong key: resending may pay
                 # twice, and the error says so.
                 error = UnknownJobError(
-                    f"the gateway listed this job (last as {status_name(tracked.state.status)}) "
+                    f"the gateway listed this job (last as {status_name(tracked.job._status)}) "
                     f"and has not for {now - since:.1f}s: it may have ended and had its result "
                     "cleaned up before it was seen done (it may have been charged)",
                     job_key=job.key,
@@ -948,7 +944,7 @@ class BatchPoller:
                     "(wrong key, another app's key, or a result already cleaned up)",
                     job_key=job.key,
                 )
-            self._end(tracked, error, tracked.state.status)
+            self._end(tracked, error, tracked.job._status)
             return
         tracked.last_seen = tracked.answered_at = now
         tracked.absent_since = None
@@ -956,11 +952,10 @@ class BatchPoller:
         if self._unreadable_since:
             self._unreadable_since.pop(job.key, None)
         tracked.failed_call = None
-        state = tracked.state
-        before = state.status
-        state.report(entry)
+        before = job._status
+        job._report(entry)
         if entry.images:  # the newest listing wins (most reports list none: nothing to do)
-            state.list_images(images_of(entry, job.n))
+            job._list_images(images_of(entry, job.n))
             if job.n is not None and lists_extra_images(entry, job.n):
                 # Never fetched nor saved: a gateway cannot make a job of n=1 fill a disk.
                 self._warnings.warning(
@@ -981,7 +976,7 @@ class BatchPoller:
             # Done with fewer images than the job makes (n; when unknown, at least one) is
             # not a success: the job fails, and its error holds the images that came.
             expected = job.n or 1
-            images = state.images  # in index order: [k].index == k means 0..k all landed
+            images = job._images  # in index order: [k].index == k means 0..k all landed
             short = len(images) < expected or images[expected - 1].index != expected - 1
             if not short and not entry.images and self._await_listing(tracked, now):
                 # Every image came from reports of the running job (their URLs may be
@@ -996,7 +991,7 @@ class BatchPoller:
                 if _within_grace(tracked, now):
                     self._schedule(tracked, now + policy.min_interval)
                     return
-                result = ImageResult(job.key, JobStatus.SUCCEEDED, state.images)
+                result = ImageResult(job.key, JobStatus.SUCCEEDED, job._images)
                 error = IncompleteJobError(job_key=job.key, result=result, expected=expected)
                 self._end(tracked, error, before)
                 return
@@ -1004,7 +999,7 @@ class BatchPoller:
                 self._done_relists = True  # this gateway lists the images after "done"
             self._untrack(tracked)
             self.counters.succeeded += 1
-            state.succeed(job.key, JobStatus.SUCCEEDED)
+            job._succeed(JobStatus.SUCCEEDED)
             self._observe_end(tracked, None, before)
             self._remember_ended(tracked)
         elif status in _contract.FAILED_STATUSES:
@@ -1024,7 +1019,7 @@ class BatchPoller:
                     percent=entry.complete_percent,
                 ),
             )
-            if state.status != before:
+            if job._status != before:
                 self._observe_status(tracked, before, now)
 
     def _observe_status(
@@ -1036,7 +1031,7 @@ class BatchPoller:
                 tracked.trace,
                 tracked.job.key,
                 before,
-                tracked.state,
+                tracked.job,
                 tracked.asks,
                 tracked.due - now,
             )
@@ -1047,7 +1042,7 @@ class BatchPoller:
         """A tracked job ended: its DEBUG line, and its span and metrics."""
         if _recorded(tracked):
             self._telemetry.job_ended(
-                tracked.trace, tracked.job.key, before, tracked.state, error, tracked.asks
+                tracked.trace, tracked.job.key, before, tracked.job, error, tracked.asks
             )
 
     def _note_unknown_status(self, status: int, key: str) -> None:
@@ -1074,7 +1069,7 @@ class BatchPoller:
         """End a tracked job with ``error``; ``before``: its status before the last report."""
         self._untrack(tracked)
         self.counters.failed += 1
-        tracked.state.fail(error)
+        tracked.job._fail(error)
         self._observe_end(tracked, error, before)
         # A deadline ends only this wait (the job may still run): attach() waits afresh.
         self._remember_ended(tracked, keep=not isinstance(error, JobTimeoutError))
@@ -1084,13 +1079,11 @@ class BatchPoller:
             # Only the wait ended (a deadline): the job runs on, and whoever attach()es it
             # counts its points when it ends. Counted here too, they would be counted twice.
             return
-        points = tracked.state.points_charged
+        points = tracked.job._points_charged
         if points is not None:
             self.counters.points_charged += points
         job, ended = tracked.job, self._ended
-        ended[job.key] = (
-            (weakref.ref(job), ended_copy(job, tracked.state)) if holds_bulk(job) else job
-        )
+        ended[job.key] = (weakref.ref(job), ended_copy(job)) if holds_bulk(job) else job
         ended.move_to_end(job.key)
         if len(ended) > ENDED_JOBS_KEPT:
             ended.popitem(last=False)
