@@ -72,7 +72,7 @@ from ._key_timing import KeyTiming
 from ._models import JobInfo
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
-from ._schedule import PollSchedule, WindowShape
+from ._schedule import PollSchedule
 from ._stats import PollerCounters
 from ._transport import CallKind
 
@@ -144,6 +144,11 @@ class _Tracked(KeyTiming):
 
 
 _new = object.__new__
+_heappush, _heappop = heapq.heappush, heapq.heappop
+# Looked up per reply entry: module globals, not attributes of _contract.
+_TERMINAL_STATUSES = _contract.TERMINAL_STATUSES
+_FAILED_STATUSES = _contract.FAILED_STATUSES
+_RUNNING_STATUSES = _contract.RUNNING_STATUSES
 
 
 def _new_tracked(
@@ -226,11 +231,13 @@ class _DeadlineWatch:
         self._arm()
 
     def _arm(self) -> None:
-        self._when = min(
-            (tracked.job.deadline for tracked in self._chunk if not tracked.job.done()),
-            default=math.inf,
-        )
-        if self._when < math.inf:
+        when = math.inf
+        for tracked in self._chunk:  # a loop, not min(<generator>): armed for every call
+            job = tracked.job
+            if job._deadline < when and not job._future.done():
+                when = job._deadline
+        self._when = when
+        if when < math.inf:
             self._handle = self._loop.call_at(self._when, self._fire)
 
     def _fire(self) -> None:
@@ -374,12 +381,12 @@ class BatchPoller:
         taken over from elsewhere); ``absence_grace``: how long replies may leave the key out,
         while it was never listed, before it ends as unknown (None: the policy's grace)."""
         now = asyncio.get_running_loop().time()
-        request = job.request
+        request = job._request
         model = request.get("model") if request is not None else None
         tracked = _new_tracked(
             now - age, model if isinstance(model, str) else None, job, trace, absence_grace
         )
-        self._jobs[job.key] = tracked
+        self._jobs[job._key] = tracked
         if first_delay is None:
             self._schedule(tracked, self._schedule_of.first_ask(tracked))
         else:
@@ -405,7 +412,7 @@ class BatchPoller:
                 self._observe_end(tracked, error, tracked.job._status)
 
     def _untrack(self, tracked: _Tracked) -> None:
-        key = tracked.job.key
+        key = tracked.job._key
         if self._jobs.get(key) is tracked:
             del self._jobs[key]
             if self._unreadable_since:
@@ -422,23 +429,27 @@ class BatchPoller:
             self._observe_end(tracked, error, tracked.job._status)
 
     def _tracks(self, tracked: _Tracked) -> bool:
-        return self._jobs.get(tracked.job.key) is tracked
+        return self._jobs.get(tracked.job._key) is tracked
 
     def _schedule(self, tracked: _Tracked, when: float) -> None:
-        tracked.due = min(when, tracked.job.deadline)
-        heapq.heappush(self._heap, (tracked.due, tracked.job.key))
+        job = tracked.job
+        deadline = job._deadline
+        # min(when, deadline) without the call: about twice an ask, on the hot path.
+        tracked.due = due = deadline if deadline < when else when
+        _heappush(self._heap, (due, job._key))
 
     def _pop_due(self, horizon: float) -> _Tracked | None:
         """The next key due by ``horizon``, skipping heap entries made stale by rescheduling,
         and asks the schedule no longer plans (``KeyTiming.tentative``: the key goes to when
         it plans it now)."""
-        while self._heap and self._heap[0][0] <= horizon:
-            due, key = heapq.heappop(self._heap)
-            tracked = self._jobs.get(key)
+        heap, jobs = self._heap, self._jobs
+        while heap and heap[0][0] <= horizon:
+            due, key = _heappop(heap)
+            tracked = jobs.get(key)
             if tracked is not None and tracked.due == due:
                 if tracked.tentative:
                     # Capped as _schedule caps it: a key due at its deadline is taken now.
-                    later = min(self._schedule_of.still_due(tracked), tracked.job.deadline)
+                    later = min(self._schedule_of.still_due(tracked), tracked.job._deadline)
                     if later > due:
                         self._schedule(tracked, later)
                         continue
@@ -488,7 +499,7 @@ class BatchPoller:
             taken.append(tracked)
         batch: list[_Tracked] = []
         for tracked in taken:
-            if now >= tracked.job.deadline:
+            if now >= tracked.job._deadline:
                 self._expire(tracked)
             else:
                 batch.append(tracked)
@@ -564,10 +575,15 @@ class BatchPoller:
         refused is asked again later, as after any failed call). True when the gateway
         refused this call as a bad parameter (a cap on keys per call lower than ours, or a
         key it will not be asked about)."""
-        chunk = [tracked for tracked in chunk if self._tracks(tracked)]  # some may have ended
-        if not chunk:
+        jobs = self._jobs
+        asked = {
+            key: tracked
+            for tracked in chunk  # some may have ended
+            if jobs.get(key := tracked.job._key) is tracked
+        }
+        if not asked:
             return False
-        asked = {tracked.job.key: tracked for tracked in chunk}
+        chunk = list(asked.values())
         asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
         unreadable: WujieError | None = None  # a reply too large or too deep: split
@@ -680,35 +696,39 @@ class BatchPoller:
         asked_at = now if asked_at is None else asked_at
         # Gateway times are unix seconds; loop time is not: this maps one onto the other.
         unix_to_loop = now - time.time()
-        for tracked in chunk:
-            tracked.asks += 1
-            if not self._tracks(tracked):
-                continue  # cancelled, or past its deadline, while the call was out
-            if reading is None:
-                tracked.failed_call = self._failing
-                tracked.failed_since_answer = True
-                wait = self._policy.min_interval if retry_wait is None else retry_wait
-                self._schedule(tracked, now + wait)
-                continue
-            self._dispatch_contained(tracked, reading, now, asked_at, unix_to_loop)
+        jobs = self._jobs
+        if reading is None:
+            failing = self._failing
+            wait = self._policy.min_interval if retry_wait is None else retry_wait
+            for tracked in chunk:
+                tracked.asks += 1
+                if jobs.get(tracked.job._key) is tracked:  # not cancelled or expired meanwhile
+                    tracked.failed_call = failing
+                    tracked.failed_since_answer = True
+                    self._schedule(tracked, now + wait)
+        else:
+            for tracked in chunk:
+                tracked.asks += 1
+                if jobs.get(tracked.job._key) is not tracked:
+                    continue  # cancelled, or past its deadline, while the call was out
+                try:
+                    self._dispatch(tracked, reading, now, asked_at, unix_to_loop)
+                except Exception as exc:  # contained per entry: this job fails, the rest go on
+                    self._entry_failed(tracked, exc)
         self._after_replies(now)
 
-    def _dispatch_contained(
-        self, tracked: _Tracked, reading: Reading, now: float, asked_at: float, unix_to_loop: float
-    ) -> None:
-        try:
-            self._dispatch(tracked, reading, now, asked_at, unix_to_loop)
-        except Exception as exc:  # contained per entry: this job fails, the rest go on
-            self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
-            if self._tracks(tracked):
-                self._end(
-                    tracked,
-                    JobProtocolError(
-                        f"its batch entry could not be handled: {type(exc).__name__}",
-                        job_key=tracked.job.key,
-                    ),
-                    tracked.job._status,
-                )
+    def _entry_failed(self, tracked: _Tracked, exc: Exception) -> None:
+        """Handling ``tracked``'s entry raised ``exc`` (called while it is being handled)."""
+        self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
+        if self._tracks(tracked):
+            self._end(
+                tracked,
+                JobProtocolError(
+                    f"its batch entry could not be handled: {type(exc).__name__}",
+                    job_key=tracked.job.key,
+                ),
+                tracked.job._status,
+            )
 
     def _after_replies(self, now: float) -> None:
         if self._schedule_of.generation != self._generation:
@@ -789,20 +809,31 @@ class BatchPoller:
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
-        shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
+        # Each model's window shape's ``opens``, taken once per model: this walks every key.
+        opens_of: dict[str | None, Callable[[float, float], float]] = {}
+        window_shape = self._schedule_of.window_shape
         gap = self._policy.min_interval
+        inf = math.inf
         for tracked in self._jobs.values():
-            end, span = tracked.predicted_end, tracked.predicted_span
-            if tracked.due == math.inf or end is None or not span:
+            due, end = tracked.due, tracked.predicted_end
+            if due == inf or end is None:
                 continue  # in a call on the wire (its reply reschedules it), or no window
-            shape = shapes.get(tracked.model)
-            if shape is None:
-                shape = shapes[tracked.model] = self._schedule_of.window_shape(tracked.model)
+            span = tracked.predicted_span
+            if not span:
+                continue
+            model = tracked.model
+            opens = opens_of.get(model)
+            if opens is None:
+                opens = opens_of[model] = window_shape(model).opens
+            when = opens(end, span)
+            if when < now:
+                when = now
             # Never sooner than min_interval after the last ask: a key asked densely already
             # is not asked again at once.
             last = tracked.last_ask
-            when = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
-            if when < tracked.due:
+            if last is not None and when < last + gap:
+                when = last + gap
+            if when < due:
                 self._schedule(tracked, when)
         self._wakeup.set()
 
@@ -894,7 +925,8 @@ class BatchPoller:
     ) -> None:
         policy = self._policy
         job = tracked.job
-        entry = reading.entries.get(job.key)
+        key = job._key
+        entry = reading.entries.get(key)
         if entry is None:
             # Measured over replies: from the first that left it out, not from its submit or
             # last listing, and afresh after a gap in the replies longer than the grace itself
@@ -913,7 +945,7 @@ class BatchPoller:
             ):
                 tracked.absent_since = now
             since = tracked.absent_since
-            why = reading.malformed.get(job.key)
+            why = reading.malformed.get(key)
             grace = policy.unknown_key_grace
             if tracked.absence_grace is not None and tracked.last_seen is None and why is None:
                 grace = tracked.absence_grace  # a key submitted long ago, never listed here
@@ -925,7 +957,7 @@ class BatchPoller:
                 error = JobProtocolError(
                     f"the gateway has listed this key only in malformed entries for "
                     f"{now - since:.1f}s ({why})",
-                    job_key=job.key,
+                    job_key=key,
                 )
             elif tracked.last_seen is not None:
                 # It was listed (accepted, maybe run and charged): it may have ended and had
@@ -935,14 +967,14 @@ class BatchPoller:
                     f"the gateway listed this job (last as {status_name(tracked.job._status)}) "
                     f"and has not for {now - since:.1f}s: it may have ended and had its result "
                     "cleaned up before it was seen done (it may have been charged)",
-                    job_key=job.key,
+                    job_key=key,
                     was_listed=True,
                 )
             else:
                 error = UnknownJobError(
                     f"the gateway has not listed this key for {now - since:.1f}s "
                     "(wrong key, another app's key, or a result already cleaned up)",
-                    job_key=job.key,
+                    job_key=key,
                 )
             self._end(tracked, error, tracked.job._status)
             return
@@ -950,22 +982,23 @@ class BatchPoller:
         tracked.absent_since = None
         tracked.failed_since_answer = False
         if self._unreadable_since:
-            self._unreadable_since.pop(job.key, None)
+            self._unreadable_since.pop(key, None)
         tracked.failed_call = None
         before = job._status
         job._report(entry)
+        n = job._n
         if entry.images:  # the newest listing wins (most reports list none: nothing to do)
-            job._list_images(images_of(entry, job.n))
-            if job.n is not None and lists_extra_images(entry, job.n):
+            job._list_images(images_of(entry, n))
+            if n is not None and lists_extra_images(entry, n):
                 # Never fetched nor saved: a gateway cannot make a job of n=1 fill a disk.
                 self._warnings.warning(
                     "the gateway listed more images than a job asked for (key %s, n=%d): "
                     "the extra ones are ignored",
-                    shown_key(job.key),
-                    job.n,
+                    shown_key(key),
+                    n,
                 )
         status = entry.status
-        if status in _contract.TERMINAL_STATUSES and tracked.done_short_since is None:
+        if status in _TERMINAL_STATUSES and tracked.done_short_since is None:
             ended_at = entry.complete_time
             if isinstance(ended_at, int | float):
                 fine = ended_at != int(ended_at)  # a stamp in whole seconds places no end alone
@@ -975,7 +1008,7 @@ class BatchPoller:
         if status == JobStatus.SUCCEEDED:
             # Done with fewer images than the job makes (n; when unknown, at least one) is
             # not a success: the job fails, and its error holds the images that came.
-            expected = job.n or 1
+            expected = n or 1
             images = job._images  # in index order: [k].index == k means 0..k all landed
             short = len(images) < expected or images[expected - 1].index != expected - 1
             if not short and not entry.images and self._await_listing(tracked, now):
@@ -991,8 +1024,8 @@ class BatchPoller:
                 if _within_grace(tracked, now):
                     self._schedule(tracked, now + policy.min_interval)
                     return
-                result = ImageResult(job.key, JobStatus.SUCCEEDED, job._images)
-                error = IncompleteJobError(job_key=job.key, result=result, expected=expected)
+                result = ImageResult(key, JobStatus.SUCCEEDED, job._images)
+                error = IncompleteJobError(job_key=key, result=result, expected=expected)
                 self._end(tracked, error, before)
                 return
             if tracked.done_short_since is not None and entry.images:
@@ -1002,11 +1035,11 @@ class BatchPoller:
             job._succeed(JobStatus.SUCCEEDED)
             self._observe_end(tracked, None, before)
             self._remember_ended(tracked)
-        elif status in _contract.FAILED_STATUSES:
-            self._end(tracked, failure(job.key, entry), before)
+        elif status in _FAILED_STATUSES:
+            self._end(tracked, failure(key, entry), before)
         else:
-            if status not in _contract.RUNNING_STATUSES:
-                self._note_unknown_status(status, job.key)
+            if status not in _RUNNING_STATUSES:
+                self._note_unknown_status(status, key)
             self._schedule(
                 tracked,
                 self._schedule_of.report(
@@ -1083,7 +1116,8 @@ class BatchPoller:
         if points is not None:
             self.counters.points_charged += points
         job, ended = tracked.job, self._ended
-        ended[job.key] = (weakref.ref(job), ended_copy(job)) if holds_bulk(job) else job
-        ended.move_to_end(job.key)
+        key = job._key
+        ended[key] = (weakref.ref(job), ended_copy(job)) if holds_bulk(job) else job
+        ended.move_to_end(key)
         if len(ended) > ENDED_JOBS_KEPT:
             ended.popitem(last=False)
