@@ -453,11 +453,10 @@ async def test_a_tracked_job_is_made_with_every_field_at_its_default() -> None:
     ``KeyTiming`` or ``_Tracked`` and not to ``_new_tracked`` fails here, not in a poll)."""
     loop = asyncio.get_running_loop()
     job = ImageJob("k" * 32, loop, deadline=loop.time() + 60)
-    for grace in (None, 3.0):
-        made = _new_tracked(12.5, "gpt-image-1", job, None, grace)
-        expected = _Tracked(created_at=12.5, model="gpt-image-1", job=job, absence_grace=grace)
-        assert made == expected
-        assert [getattr(made, name) for name in _Tracked.__dataclass_fields__] == [
-            getattr(expected, name) for name in _Tracked.__dataclass_fields__
-        ]
+    made = _new_tracked(12.5, "gpt-image-1", job, None)
+    expected = _Tracked(created_at=12.5, model="gpt-image-1", job=job)
+    assert made == expected
+    assert [getattr(made, name) for name in _Tracked.__dataclass_fields__] == [
+        getattr(expected, name) for name in _Tracked.__dataclass_fields__
+    ]
     job.cancel()

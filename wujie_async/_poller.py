@@ -134,13 +134,7 @@ class _Tracked(KeyTiming):
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
     # Why the last call that asked about the key failed, until the gateway lists it again.
     failed_call: str | None = None
-    # When the gateway first said "succeeded" while images were still missing (None: not so).
-    done_short_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
-    # How long replies may leave out a key never listed before it ends as unknown, when not
-    # the policy's grace: a key attached with its submit time, past the moment after its
-    # submit that the grace waits for (see ``OLD_KEY_ABSENCE_GRACE_S``).
-    absence_grace: float | None = None
 
 
 _new = object.__new__
@@ -149,6 +143,7 @@ _heappush, _heappop = heapq.heappush, heapq.heappop
 _TERMINAL_STATUSES = _contract.TERMINAL_STATUSES
 _FAILED_STATUSES = _contract.FAILED_STATUSES
 _RUNNING_STATUSES = _contract.RUNNING_STATUSES
+_SUCCEEDED, _QUEUED = JobStatus.SUCCEEDED, JobStatus.QUEUED
 
 
 def _new_tracked(
@@ -156,7 +151,6 @@ def _new_tracked(
     model: str | None,
     job: ImageJob,
     trace: JobTrace | None,
-    absence_grace: float | None,
 ) -> _Tracked:
     """``_Tracked(created_at=..., ...)`` made field by field: half the instructions of the
     dataclass's ``__init__`` (29 keyword parameters), on every submit. Every field of
@@ -178,9 +172,8 @@ def _new_tracked(
     tracked.last_seen = tracked.absent_since = tracked.answered_at = None
     tracked.failed_since_answer = False
     tracked.asks = 0
-    tracked.failed_call = tracked.done_short_since = None
+    tracked.failed_call = None
     tracked.trace = trace
-    tracked.absence_grace = absence_grace
     return tracked
 
 
@@ -268,14 +261,6 @@ DONE_UNLISTED_SEEN = 2
 OLD_KEY_ABSENCE_GRACE_S = 3.0
 
 
-def _within_grace(tracked: _Tracked, now: float) -> bool:
-    """Whether a job reported done without (the final listing of) its images is still within
-    IMAGES_AFTER_SUCCESS_GRACE of the first such report (which starts it)."""
-    if tracked.done_short_since is None:
-        tracked.done_short_since = now
-    return now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE
-
-
 class BatchPoller:
     """Holds every outstanding job and polls them in shared batch calls."""
 
@@ -325,6 +310,13 @@ class BatchPoller:
         # Keys whose reply alone came back unreadable, since when (since they were last
         # listed): rare, so kept here rather than on every key (memory per pending job).
         self._unreadable_since: dict[str, float] = {}
+        # Keys the gateway said "succeeded" while images were still missing, since when (the
+        # first such report): rare, kept here for the same reason.
+        self._done_short_since: dict[str, float] = {}
+        # Keys attached with a submit time past the moment after its submit that the policy's
+        # grace waits for: how long replies may leave them out, while never listed, before
+        # they end as unknown (see ``OLD_KEY_ABSENCE_GRACE_S``). Rare as well.
+        self._absence_graces: dict[str, float] = {}
         self._done_relists = False
         # Why the last batch call failed, while no call has succeeded since: a job that
         # reaches its deadline meanwhile says so (credentials revoked mid-run read as a plain
@@ -383,10 +375,10 @@ class BatchPoller:
         now = asyncio.get_running_loop().time()
         request = job._request
         model = request.get("model") if request is not None else None
-        tracked = _new_tracked(
-            now - age, model if isinstance(model, str) else None, job, trace, absence_grace
-        )
+        tracked = _new_tracked(now - age, model if isinstance(model, str) else None, job, trace)
         self._jobs[job._key] = tracked
+        if absence_grace is not None:
+            self._absence_graces[job._key] = absence_grace
         if first_delay is None:
             self._schedule(tracked, self._schedule_of.first_ask(tracked))
         else:
@@ -415,8 +407,10 @@ class BatchPoller:
         key = tracked.job._key
         if self._jobs.get(key) is tracked:
             del self._jobs[key]
-            if self._unreadable_since:
-                self._unreadable_since.pop(key, None)
+            # Rare per-key records (memory per pending job): most pollers hold none.
+            for rare in (self._unreadable_since, self._done_short_since, self._absence_graces):
+                if rare:
+                    rare.pop(key, None)
         tracked.due = math.inf
 
     def cancel_all(self, reason: str) -> None:
@@ -785,10 +779,16 @@ class BatchPoller:
         reports are known not to list images)."""
         if not self._done_relists and self._done_unlisted_in_vain >= DONE_UNLISTED_SEEN:
             return False
-        if _within_grace(tracked, now):
+        if self._within_grace(tracked, now):
             return True
         self._done_unlisted_in_vain += 1
         return False
+
+    def _within_grace(self, tracked: _Tracked, now: float) -> bool:
+        """Whether a job reported done without (the final listing of) its images is still
+        within IMAGES_AFTER_SUCCESS_GRACE of the first such report (which starts it)."""
+        since = self._done_short_since.setdefault(tracked.job._key, now)
+        return now - since < IMAGES_AFTER_SUCCESS_GRACE
 
     def _end_unreadable(self, tracked: _Tracked, problem: WujieError, lasted: float) -> None:
         """End a job whose reply, asked about alone, has been too large or too deep for
@@ -947,8 +947,9 @@ class BatchPoller:
             since = tracked.absent_since
             why = reading.malformed.get(key)
             grace = policy.unknown_key_grace
-            if tracked.absence_grace is not None and tracked.last_seen is None and why is None:
-                grace = tracked.absence_grace  # a key submitted long ago, never listed here
+            absence_grace = self._absence_graces.get(key) if self._absence_graces else None
+            if absence_grace is not None and tracked.last_seen is None and why is None:
+                grace = absence_grace  # a key submitted long ago, never listed here
             if now - since < grace:
                 self._schedule(tracked, now + policy.min_interval)
                 return
@@ -998,14 +999,15 @@ class BatchPoller:
                     n,
                 )
         status = entry.status
-        if status in _TERMINAL_STATUSES and tracked.done_short_since is None:
+        done_short = self._done_short_since
+        if status in _TERMINAL_STATUSES and (not done_short or key not in done_short):
             ended_at = entry.complete_time
             if isinstance(ended_at, int | float):
                 fine = ended_at != int(ended_at)  # a stamp in whole seconds places no end alone
                 self._schedule_of.job_ended(tracked, now, ended_at + unix_to_loop, fine=fine)
             else:
                 self._schedule_of.job_ended(tracked, now)
-        if status == JobStatus.SUCCEEDED:
+        if status == _SUCCEEDED:
             # Done with fewer images than the job makes (n; when unknown, at least one) is
             # not a success: the job fails, and its error holds the images that came.
             expected = n or 1
@@ -1021,18 +1023,18 @@ class BatchPoller:
                 # A gateway may say "succeeded" a moment before it lists the last images: ask
                 # again for a few seconds before the paid job ends short (then for good: an
                 # ended job is not asked about again, not even by attach).
-                if _within_grace(tracked, now):
+                if self._within_grace(tracked, now):
                     self._schedule(tracked, now + policy.min_interval)
                     return
-                result = ImageResult(key, JobStatus.SUCCEEDED, job._images)
+                result = ImageResult(key, _SUCCEEDED, job._images)
                 error = IncompleteJobError(job_key=key, result=result, expected=expected)
                 self._end(tracked, error, before)
                 return
-            if tracked.done_short_since is not None and entry.images:
+            if done_short and key in done_short and entry.images:
                 self._done_relists = True  # this gateway lists the images after "done"
             self._untrack(tracked)
             self.counters.succeeded += 1
-            job._succeed(JobStatus.SUCCEEDED)
+            job._succeed(_SUCCEEDED)
             self._observe_end(tracked, None, before)
             self._remember_ended(tracked)
         elif status in _FAILED_STATUSES:
@@ -1048,7 +1050,7 @@ class BatchPoller:
                     asked_at=asked_at,
                     expected_seconds=entry.expected_seconds,
                     queue_position=entry.queue_before_num,
-                    queued=status == JobStatus.QUEUED,
+                    queued=status == _QUEUED,
                     percent=entry.complete_percent,
                 ),
             )
@@ -1059,7 +1061,7 @@ class BatchPoller:
         self, tracked: _Tracked, before: JobStatus | int | None, now: float
     ) -> None:
         """A running job's status changed: its DEBUG line and its span's event."""
-        if _recorded(tracked):
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):  # _recorded(...)
             self._telemetry.job_status(
                 tracked.trace,
                 tracked.job.key,
@@ -1073,7 +1075,7 @@ class BatchPoller:
         self, tracked: _Tracked, error: JobError | None, before: JobStatus | int | None
     ) -> None:
         """A tracked job ended: its DEBUG line, and its span and metrics."""
-        if _recorded(tracked):
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):  # _recorded(...)
             self._telemetry.job_ended(
                 tracked.trace, tracked.job.key, before, tracked.job, error, tracked.asks
             )
