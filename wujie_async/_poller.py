@@ -408,9 +408,12 @@ class BatchPoller:
         if self._jobs.get(key) is tracked:
             del self._jobs[key]
             # Rare per-key records (memory per pending job): most pollers hold none.
-            for rare in (self._unreadable_since, self._done_short_since, self._absence_graces):
-                if rare:
-                    rare.pop(key, None)
+            if self._unreadable_since:
+                self._unreadable_since.pop(key, None)
+            if self._done_short_since:
+                self._done_short_since.pop(key, None)
+            if self._absence_graces:
+                self._absence_graces.pop(key, None)
         tracked.due = math.inf
 
     def cancel_all(self, reason: str) -> None:
