@@ -715,7 +715,8 @@ class BatchPoller:
         self._after_replies(now)
 
     def _entry_failed(self, tracked: _Tracked, exc: Exception) -> None:
-        """Handling ``tracked``'s entry raised ``exc`` (called while it is being handled)."""
+        """Handling ``tracked``'s entry raised ``exc``: that job fails, logged (called in the
+        ``except`` clause, so the warning's traceback is ``exc``'s)."""
         self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
         if self._tracks(tracked):
             self._end(
