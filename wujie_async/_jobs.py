@@ -201,10 +201,11 @@ class ImageJob:
     # --- the poller's side: it alone calls these (a job's users only read) -----------------
     def _report(self, entry: JobInfo) -> None:
         """Take the progress fields of the gateway's latest (already checked) entry."""
-        status = job_status(entry.status)
-        changed = status != self._status or entry.expected_seconds != self._expected_seconds
-        self._status = status
+        changed = entry.expected_seconds != self._expected_seconds
         self._expected_seconds = entry.expected_seconds
+        if entry.status != self._status:  # most reports repeat the last: kept as it is
+            self._status = job_status(entry.status)
+            changed = True
         # Optional fields keep their last known value when a report leaves them out.
         percent = entry.complete_percent
         if percent is not None and percent != self._progress:
@@ -644,10 +645,10 @@ def _check_loop(future: asyncio.Future[Any]) -> None:
 
 def holds_bulk(job: ImageJob) -> bool:
     """True when the job holds inline image bytes or an edit's source images."""
-    for image in job.images:  # a loop, not any(<generator>): called for every ended job
+    for image in job._images:  # a loop, not any(<generator>): called for every ended job
         if image.b64_json:
             return True
-    request = job.request
+    request = job._request
     if request is not None:
         for field in _BULK_FIELDS:
             if field in request:
