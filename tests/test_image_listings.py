@@ -380,10 +380,10 @@ async def test_a_listing_that_repeats_itself_is_no_change() -> None:
         job = await submit(client, 2)
         gateway.script(job.key, running(image(gateway.url("a.png"))), done())
         await gateway.read(job.key)
-        seen = job._state.version
+        seen = job._version
         for _ in range(2):  # two more reads of the same report
             await gateway.read_again(job.key)
-        assert job._state.version == seen
+        assert job._version == seen
         gateway.advance(job.key)
         with pytest.raises(IncompleteJobError):
             await job.result(timeout=WAIT_S)

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from wujie_async import ImageJob, JobStatus, JobUpdate, ModerationRejectedError
-from wujie_async._jobs import JobState
 from wujie_async.emulator import FaultConfig
 from wujie_async.emulator._png import render_png
 
@@ -232,14 +231,16 @@ async def test_a_job_made_on_the_submit_path_is_the_job_its_constructor_makes() 
     set as ``ImageJob(...)`` sets it (a slot added to ``__init__`` and not to ``_made`` fails
     here, not when the job is read)."""
     loop = asyncio.get_running_loop()
-    state = JobState(loop)
 
     def forget(job: ImageJob) -> None:
         del job
 
     request = {"prompt": "a cat", "model": "gpt-image-1"}
-    made = ImageJob._made("k" * 32, state, 60.0, request, 2, forget, None)
-    built = ImageJob("k" * 32, state, deadline=60.0, request=request, n=2, on_cancel=forget)
-    slots = [name for name in ImageJob.__slots__ if name != "__weakref__"]
+    made = ImageJob._made("k" * 32, loop, 60.0, request, 2, forget, None)
+    built = ImageJob("k" * 32, loop, deadline=60.0, request=request, n=2, on_cancel=forget)
+    # Each has a future of its own, pending on the loop: every other slot is equal.
+    slots = [name for name in ImageJob.__slots__ if name not in ("__weakref__", "_future")]
     assert [getattr(made, name) for name in slots] == [getattr(built, name) for name in slots]
-    state.future.cancel()
+    for job in (made, built):
+        assert job._future.get_loop() is loop and not job._future.done()
+        job._future.cancel()

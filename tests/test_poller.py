@@ -22,7 +22,6 @@ import anyio
 import pytest
 
 from wujie_async import ImageJob, JobTimeoutError, Limits, PollPolicy, Timeouts, WujieClient
-from wujie_async._jobs import JobState
 from wujie_async._poller import BatchPoller, _new_tracked, _Tracked
 from wujie_async._schedule_tuning import TUNING
 from wujie_async.emulator import FaultConfig
@@ -296,9 +295,8 @@ async def gathered_calls(
                 ended[shadow.key] = round(loop.time() - start, 2)
 
             for job, first in zip(submitted, first_asks, strict=True):
-                state = JobState(loop)
-                shadow = ImageJob(job.key, state, deadline=start + deadline)
-                poller.track(shadow, state, first)
+                shadow = ImageJob(job.key, loop, deadline=start + deadline)
+                poller.track(shadow, first)
                 shadow.add_done_callback(note_end)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(poller.run)
@@ -350,9 +348,8 @@ async def test_a_reply_applied_from_elsewhere_warns_only_of_keys_its_call_did_no
         loop = asyncio.get_running_loop()
         jobs = []
         for key in ("KA", "KB"):
-            state = JobState(loop)
-            job = ImageJob(key, state, deadline=loop.time() + 60)
-            poller.track(job, state)
+            job = ImageJob(key, loop, deadline=loop.time() + 60)
+            poller.track(job)
             jobs.append(job)
         done = {"key": "KA", "status": 4, "images": [{"url": "https://cdn.example/a.png"}]}
         poller.apply_reply(["KA"], {"list": [done]})
@@ -455,15 +452,11 @@ async def test_a_tracked_job_is_made_with_every_field_at_its_default() -> None:
     same record as the dataclass's own constructor, every field set (a field added to
     ``KeyTiming`` or ``_Tracked`` and not to ``_new_tracked`` fails here, not in a poll)."""
     loop = asyncio.get_running_loop()
-    state = JobState(loop)
-    job = ImageJob("k" * 32, state, deadline=loop.time() + 60)
-    for grace in (None, 3.0):
-        made = _new_tracked(12.5, "gpt-image-1", job, state, None, grace)
-        expected = _Tracked(
-            created_at=12.5, model="gpt-image-1", job=job, state=state, absence_grace=grace
-        )
-        assert made == expected
-        assert [getattr(made, name) for name in _Tracked.__dataclass_fields__] == [
-            getattr(expected, name) for name in _Tracked.__dataclass_fields__
-        ]
-    state.future.cancel()
+    job = ImageJob("k" * 32, loop, deadline=loop.time() + 60)
+    made = _new_tracked(12.5, "gpt-image-1", job, None)
+    expected = _Tracked(created_at=12.5, model="gpt-image-1", job=job)
+    assert made == expected
+    assert [getattr(made, name) for name in _Tracked.__dataclass_fields__] == [
+        getattr(expected, name) for name in _Tracked.__dataclass_fields__
+    ]
+    job.cancel()

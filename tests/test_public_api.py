@@ -7,7 +7,6 @@ import pytest
 
 import wujie_async
 from wujie_async import ImageJob, WujieError
-from wujie_async._jobs import JobState
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -52,7 +51,7 @@ def test_package_ships_py_typed() -> None:
 async def test_an_image_job_is_read_only_for_its_users() -> None:
     """Only the poller feeds a job: its views cannot be set, and it has no feeding methods."""
     loop = asyncio.get_running_loop()
-    job = ImageJob("K1", JobState(loop), deadline=loop.time() + 60, n=2)
+    job = ImageJob("K1", loop, deadline=loop.time() + 60, n=2)
     for name, value in (("status", 4), ("progress", 100.0), ("images", ()), ("key", "K2")):
         with pytest.raises(AttributeError):
             setattr(job, name, value)

@@ -41,7 +41,7 @@ from ._errors import (
 from ._fleet_link import FleetLink
 from ._gc_freeze import GcFreezer
 from ._images import Images
-from ._jobs import ImageJob, JobState
+from ._jobs import ImageJob
 from ._journal import Journal, JournalEntry, SubmitJournal
 from ._keys import check_key, images_in
 from ._models import EditRequest, GenerationRequest
@@ -644,9 +644,8 @@ class WujieClient:
         otel = self._telemetry.otel
         if trace is None and otel is not None:
             trace = otel.job_started("attach", (request or {}).get("model"), n)
-        state = JobState(loop)
         job = ImageJob._made(
-            key, state, loop.time() + deadline_s, request, n, self._forget_job, self._downloader
+            key, loop, loop.time() + deadline_s, request, n, self._forget_job, self._downloader
         )
         if ended is not None:
             job.add_done_callback(ended)
@@ -654,7 +653,7 @@ class WujieClient:
             job.add_done_callback(self._record_outcome)
         if self._taking_jobs():
             self._poller.track(
-                job, state, first_delay=first_delay, trace=trace, absence_grace=absence_grace
+                job, first_delay=first_delay, trace=trace, absence_grace=absence_grace
             )
             if self._gc_freezer is not None:
                 self._gc_freezer.job_tracked()
@@ -662,7 +661,7 @@ class WujieClient:
                 self._fleet.tracked(job, first_delay)  # it follows the job's end itself
         else:
             job.cancel()
-            self._telemetry.job_ended(trace, key, None, state, job.exception(), 0)
+            self._telemetry.job_ended(trace, key, None, job, job.exception(), 0)
         return job
 
     def _record_outcome(self, job: ImageJob) -> None:

@@ -67,12 +67,12 @@ from ._errors import (
     shown_key,
     snippet,
 )
-from ._jobs import ImageJob, JobState, ended_copy, holds_bulk, status_name
+from ._jobs import ImageJob, ended_copy, holds_bulk, status_name
 from ._key_timing import KeyTiming
 from ._models import JobInfo
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
-from ._schedule import PollSchedule, WindowShape
+from ._schedule import PollSchedule
 from ._stats import PollerCounters
 from ._transport import CallKind
 
@@ -119,8 +119,7 @@ class BatchPoster(Protocol):
 class _Tracked(KeyTiming):
     """A tracked job with the poller's own state of it: none of this is the user's to see."""
 
-    job: ImageJob
-    state: JobState  # the job's mutable state: this poller is its one writer
+    job: ImageJob  # its changing fields too: this poller is their one writer
     # When the key is asked about next; ``inf`` while it is in a call on the wire.
     due: float = math.inf
     # When the gateway last listed the key (None: not yet).
@@ -135,25 +134,23 @@ class _Tracked(KeyTiming):
     asks: int = 0  # batch calls (or a fleet's reports) that asked about the key so far
     # Why the last call that asked about the key failed, until the gateway lists it again.
     failed_call: str | None = None
-    # When the gateway first said "succeeded" while images were still missing (None: not so).
-    done_short_since: float | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
-    # How long replies may leave out a key never listed before it ends as unknown, when not
-    # the policy's grace: a key attached with its submit time, past the moment after its
-    # submit that the grace waits for (see ``OLD_KEY_ABSENCE_GRACE_S``).
-    absence_grace: float | None = None
 
 
 _new = object.__new__
+_heappush, _heappop = heapq.heappush, heapq.heappop
+# Looked up per reply entry: module globals, not attributes of _contract.
+_TERMINAL_STATUSES = _contract.TERMINAL_STATUSES
+_FAILED_STATUSES = _contract.FAILED_STATUSES
+_RUNNING_STATUSES = _contract.RUNNING_STATUSES
+_SUCCEEDED, _QUEUED = JobStatus.SUCCEEDED, JobStatus.QUEUED
 
 
 def _new_tracked(
     created_at: float,
     model: str | None,
     job: ImageJob,
-    state: JobState,
     trace: JobTrace | None,
-    absence_grace: float | None,
 ) -> _Tracked:
     """``_Tracked(created_at=..., ...)`` made field by field: half the instructions of the
     dataclass's ``__init__`` (29 keyword parameters), on every submit. Every field of
@@ -171,14 +168,12 @@ def _new_tracked(
     tracked.sentinel = tracked.tentative = False
     tracked.progress = None
     tracked.job = job
-    tracked.state = state
     tracked.due = math.inf
     tracked.last_seen = tracked.absent_since = tracked.answered_at = None
     tracked.failed_since_answer = False
     tracked.asks = 0
-    tracked.failed_call = tracked.done_short_since = None
+    tracked.failed_call = None
     tracked.trace = trace
-    tracked.absence_grace = absence_grace
     return tracked
 
 
@@ -229,11 +224,13 @@ class _DeadlineWatch:
         self._arm()
 
     def _arm(self) -> None:
-        self._when = min(
-            (tracked.job.deadline for tracked in self._chunk if not tracked.job.done()),
-            default=math.inf,
-        )
-        if self._when < math.inf:
+        when = math.inf
+        for tracked in self._chunk:  # a loop, not min(<generator>): armed for every call
+            job = tracked.job
+            if job._deadline < when and not job._future.done():
+                when = job._deadline
+        self._when = when
+        if when < math.inf:
             self._handle = self._loop.call_at(self._when, self._fire)
 
     def _fire(self) -> None:
@@ -262,14 +259,6 @@ DONE_UNLISTED_SEEN = 2
 # new key to be listed at all, which such a key is past; a gateway may still leave a key it
 # knows out of a reply or two (a replica that lags), so a few seconds of replies, not one.
 OLD_KEY_ABSENCE_GRACE_S = 3.0
-
-
-def _within_grace(tracked: _Tracked, now: float) -> bool:
-    """Whether a job reported done without (the final listing of) its images is still within
-    IMAGES_AFTER_SUCCESS_GRACE of the first such report (which starts it)."""
-    if tracked.done_short_since is None:
-        tracked.done_short_since = now
-    return now - tracked.done_short_since < IMAGES_AFTER_SUCCESS_GRACE
 
 
 class BatchPoller:
@@ -321,6 +310,13 @@ class BatchPoller:
         # Keys whose reply alone came back unreadable, since when (since they were last
         # listed): rare, so kept here rather than on every key (memory per pending job).
         self._unreadable_since: dict[str, float] = {}
+        # Keys the gateway said "succeeded" while images were still missing, since when (the
+        # first such report): rare, kept here for the same reason.
+        self._done_short_since: dict[str, float] = {}
+        # Keys attached with a submit time past the moment after its submit that the policy's
+        # grace waits for: how long replies may leave them out, while never listed, before
+        # they end as unknown (see ``OLD_KEY_ABSENCE_GRACE_S``). Rare as well.
+        self._absence_graces: dict[str, float] = {}
         self._done_relists = False
         # Why the last batch call failed, while no call has succeeded since: a job that
         # reaches its deadline meanwhile says so (credentials revoked mid-run read as a plain
@@ -365,25 +361,24 @@ class BatchPoller:
     def track(
         self,
         job: ImageJob,
-        state: JobState,
         first_delay: float | None = None,
         trace: JobTrace | None = None,
         *,
         age: float = 0.0,
         absence_grace: float | None = None,
     ) -> None:
-        """Start polling ``job``, whose state (``state``) this poller now writes: first ask
+        """Start polling ``job``, whose changing fields this poller now writes: first ask
         after ``first_delay`` (default: the policy's, from its submit); ``trace``: the job's
         telemetry record, ended with the job; ``age``: seconds since it was submitted (a job
         taken over from elsewhere); ``absence_grace``: how long replies may leave the key out,
         while it was never listed, before it ends as unknown (None: the policy's grace)."""
         now = asyncio.get_running_loop().time()
-        request = job.request
+        request = job._request
         model = request.get("model") if request is not None else None
-        tracked = _new_tracked(
-            now - age, model if isinstance(model, str) else None, job, state, trace, absence_grace
-        )
-        self._jobs[job.key] = tracked
+        tracked = _new_tracked(now - age, model if isinstance(model, str) else None, job, trace)
+        self._jobs[job._key] = tracked
+        if absence_grace is not None:
+            self._absence_graces[job._key] = absence_grace
         if first_delay is None:
             self._schedule(tracked, self._schedule_of.first_ask(tracked))
         else:
@@ -406,14 +401,19 @@ class BatchPoller:
             if _recorded(tracked):
                 # Only for the record: the job's own cancel sets the error its awaiters get.
                 error = JobCancelledError("cancelled", job_key=job.key)
-                self._observe_end(tracked, error, tracked.state.status)
+                self._observe_end(tracked, error, tracked.job._status)
 
     def _untrack(self, tracked: _Tracked) -> None:
-        key = tracked.job.key
+        key = tracked.job._key
         if self._jobs.get(key) is tracked:
             del self._jobs[key]
+            # Rare per-key records (memory per pending job): most pollers hold none.
             if self._unreadable_since:
                 self._unreadable_since.pop(key, None)
+            if self._done_short_since:
+                self._done_short_since.pop(key, None)
+            if self._absence_graces:
+                self._absence_graces.pop(key, None)
         tracked.due = math.inf
 
     def cancel_all(self, reason: str) -> None:
@@ -422,27 +422,31 @@ class BatchPoller:
         for tracked in list(self._jobs.values()):
             self._untrack(tracked)
             error = JobCancelledError(reason, job_key=tracked.job.key)
-            tracked.state.fail(error)
-            self._observe_end(tracked, error, tracked.state.status)
+            tracked.job._fail(error)
+            self._observe_end(tracked, error, tracked.job._status)
 
     def _tracks(self, tracked: _Tracked) -> bool:
-        return self._jobs.get(tracked.job.key) is tracked
+        return self._jobs.get(tracked.job._key) is tracked
 
     def _schedule(self, tracked: _Tracked, when: float) -> None:
-        tracked.due = min(when, tracked.job.deadline)
-        heapq.heappush(self._heap, (tracked.due, tracked.job.key))
+        job = tracked.job
+        deadline = job._deadline
+        # min(when, deadline) without the call: about twice an ask, on the hot path.
+        tracked.due = due = deadline if deadline < when else when
+        _heappush(self._heap, (due, job._key))
 
     def _pop_due(self, horizon: float) -> _Tracked | None:
         """The next key due by ``horizon``, skipping heap entries made stale by rescheduling,
         and asks the schedule no longer plans (``KeyTiming.tentative``: the key goes to when
         it plans it now)."""
-        while self._heap and self._heap[0][0] <= horizon:
-            due, key = heapq.heappop(self._heap)
-            tracked = self._jobs.get(key)
+        heap, jobs = self._heap, self._jobs
+        while heap and heap[0][0] <= horizon:
+            due, key = _heappop(heap)
+            tracked = jobs.get(key)
             if tracked is not None and tracked.due == due:
                 if tracked.tentative:
                     # Capped as _schedule caps it: a key due at its deadline is taken now.
-                    later = min(self._schedule_of.still_due(tracked), tracked.job.deadline)
+                    later = min(self._schedule_of.still_due(tracked), tracked.job._deadline)
                     if later > due:
                         self._schedule(tracked, later)
                         continue
@@ -492,7 +496,7 @@ class BatchPoller:
             taken.append(tracked)
         batch: list[_Tracked] = []
         for tracked in taken:
-            if now >= tracked.job.deadline:
+            if now >= tracked.job._deadline:
                 self._expire(tracked)
             else:
                 batch.append(tracked)
@@ -552,7 +556,7 @@ class BatchPoller:
             elif tracked.failed_call is not None:  # other calls went through, not its own
                 message += f" (its last batch call failed: {tracked.failed_call})"
             error = JobTimeoutError(message, job_key=job.key)
-            self._end(tracked, error, tracked.state.status)
+            self._end(tracked, error, tracked.job._status)
 
     async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
         watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
@@ -568,10 +572,15 @@ class BatchPoller:
         refused is asked again later, as after any failed call). True when the gateway
         refused this call as a bad parameter (a cap on keys per call lower than ours, or a
         key it will not be asked about)."""
-        chunk = [tracked for tracked in chunk if self._tracks(tracked)]  # some may have ended
-        if not chunk:
+        jobs = self._jobs
+        asked = {
+            key: tracked
+            for tracked in chunk  # some may have ended
+            if jobs.get(key := tracked.job._key) is tracked
+        }
+        if not asked:
             return False
-        asked = {tracked.job.key: tracked for tracked in chunk}
+        chunk = list(asked.values())
         asked_at: float | None = None  # when the call went out (None: it did not)
         reading: Reading | None = None
         unreadable: WujieError | None = None  # a reply too large or too deep: split
@@ -684,35 +693,40 @@ class BatchPoller:
         asked_at = now if asked_at is None else asked_at
         # Gateway times are unix seconds; loop time is not: this maps one onto the other.
         unix_to_loop = now - time.time()
-        for tracked in chunk:
-            tracked.asks += 1
-            if not self._tracks(tracked):
-                continue  # cancelled, or past its deadline, while the call was out
-            if reading is None:
-                tracked.failed_call = self._failing
-                tracked.failed_since_answer = True
-                wait = self._policy.min_interval if retry_wait is None else retry_wait
-                self._schedule(tracked, now + wait)
-                continue
-            self._dispatch_contained(tracked, reading, now, asked_at, unix_to_loop)
+        jobs = self._jobs
+        if reading is None:
+            failing = self._failing
+            wait = self._policy.min_interval if retry_wait is None else retry_wait
+            for tracked in chunk:
+                tracked.asks += 1
+                if jobs.get(tracked.job._key) is tracked:  # not cancelled or expired meanwhile
+                    tracked.failed_call = failing
+                    tracked.failed_since_answer = True
+                    self._schedule(tracked, now + wait)
+        else:
+            for tracked in chunk:
+                tracked.asks += 1
+                if jobs.get(tracked.job._key) is not tracked:
+                    continue  # cancelled, or past its deadline, while the call was out
+                try:
+                    self._dispatch(tracked, reading, now, asked_at, unix_to_loop)
+                except Exception as exc:  # contained per entry: this job fails, the rest go on
+                    self._entry_failed(tracked, exc)
         self._after_replies(now)
 
-    def _dispatch_contained(
-        self, tracked: _Tracked, reading: Reading, now: float, asked_at: float, unix_to_loop: float
-    ) -> None:
-        try:
-            self._dispatch(tracked, reading, now, asked_at, unix_to_loop)
-        except Exception as exc:  # contained per entry: this job fails, the rest go on
-            self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
-            if self._tracks(tracked):
-                self._end(
-                    tracked,
-                    JobProtocolError(
-                        f"its batch entry could not be handled: {type(exc).__name__}",
-                        job_key=tracked.job.key,
-                    ),
-                    tracked.state.status,
-                )
+    def _entry_failed(self, tracked: _Tracked, exc: Exception) -> None:
+        """Handling ``tracked``'s entry raised ``exc``: that job fails, logged (called in the
+        ``except`` clause, so the warning's traceback is ``exc``'s)."""
+        self._warnings.warning("handling the batch entry of one job failed", exc_info=True)
+        if self._tracks(tracked):
+            self._end(
+                tracked,
+                JobProtocolError(
+                    f"its batch entry could not be handled: {type(exc).__name__}",
+                    job_key=tracked.job.key,
+                ),
+                tracked.job._status,
+            )
 
     def _after_replies(self, now: float) -> None:
         if self._schedule_of.generation != self._generation:
@@ -761,7 +775,7 @@ class BatchPoller:
         gateway kept not listing it, or its entry was unreadable or too large)."""
         tracked = self._jobs.get(key)
         if tracked is not None:
-            self._end(tracked, error, tracked.state.status)
+            self._end(tracked, error, tracked.job._status)
 
     def _await_listing(self, tracked: _Tracked, now: float) -> bool:
         """Whether a job reported done, whose done reports list none of the images it holds,
@@ -769,10 +783,16 @@ class BatchPoller:
         reports are known not to list images)."""
         if not self._done_relists and self._done_unlisted_in_vain >= DONE_UNLISTED_SEEN:
             return False
-        if _within_grace(tracked, now):
+        if self._within_grace(tracked, now):
             return True
         self._done_unlisted_in_vain += 1
         return False
+
+    def _within_grace(self, tracked: _Tracked, now: float) -> bool:
+        """Whether a job reported done without (the final listing of) its images is still
+        within IMAGES_AFTER_SUCCESS_GRACE of the first such report (which starts it)."""
+        since = self._done_short_since.setdefault(tracked.job._key, now)
+        return now - since < IMAGES_AFTER_SUCCESS_GRACE
 
     def _end_unreadable(self, tracked: _Tracked, problem: WujieError, lasted: float) -> None:
         """End a job whose reply, asked about alone, has been too large or too deep for
@@ -789,24 +809,35 @@ class BatchPoller:
                 "the gateway's reply about this job alone has nested deeper than a JSON reader "
                 f"follows for {lasted:.1f}s (no entry of this contract does)"
             )
-        self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.state.status)
+        self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.job._status)
 
     def _pull_in_waiting(self, now: float) -> None:
         """The learned window widened: keys waiting for a later window start are due sooner."""
-        shapes: dict[str | None, WindowShape] = {}  # one per model: this walks every key
+        # Each model's window shape's ``opens``, taken once per model: this walks every key.
+        opens_of: dict[str | None, Callable[[float, float], float]] = {}
+        window_shape = self._schedule_of.window_shape
         gap = self._policy.min_interval
+        inf = math.inf
         for tracked in self._jobs.values():
-            end, span = tracked.predicted_end, tracked.predicted_span
-            if tracked.due == math.inf or end is None or not span:
+            due, end = tracked.due, tracked.predicted_end
+            if due == inf or end is None:
                 continue  # in a call on the wire (its reply reschedules it), or no window
-            shape = shapes.get(tracked.model)
-            if shape is None:
-                shape = shapes[tracked.model] = self._schedule_of.window_shape(tracked.model)
+            span = tracked.predicted_span
+            if not span:
+                continue
+            model = tracked.model
+            opens = opens_of.get(model)
+            if opens is None:
+                opens = opens_of[model] = window_shape(model).opens
+            when = opens(end, span)
+            if when < now:
+                when = now
             # Never sooner than min_interval after the last ask: a key asked densely already
             # is not asked again at once.
             last = tracked.last_ask
-            when = max(now, shape.opens(end, span), -math.inf if last is None else last + gap)
-            if when < tracked.due:
+            if last is not None and when < last + gap:
+                when = last + gap
+            if when < due:
                 self._schedule(tracked, when)
         self._wakeup.set()
 
@@ -898,7 +929,8 @@ class BatchPoller:
     ) -> None:
         policy = self._policy
         job = tracked.job
-        entry = reading.entries.get(job.key)
+        key = job._key
+        entry = reading.entries.get(key)
         if entry is None:
             # Measured over replies: from the first that left it out, not from its submit or
             # last listing, and afresh after a gap in the replies longer than the grace itself
@@ -917,10 +949,11 @@ class BatchPoller:
             ):
                 tracked.absent_since = now
             since = tracked.absent_since
-            why = reading.malformed.get(job.key)
+            why = reading.malformed.get(key)
             grace = policy.unknown_key_grace
-            if tracked.absence_grace is not None and tracked.last_seen is None and why is None:
-                grace = tracked.absence_grace  # a key submitted long ago, never listed here
+            absence_grace = self._absence_graces.get(key) if self._absence_graces else None
+            if absence_grace is not None and tracked.last_seen is None and why is None:
+                grace = absence_grace  # a key submitted long ago, never listed here
             if now - since < grace:
                 self._schedule(tracked, now + policy.min_interval)
                 return
@@ -929,59 +962,60 @@ class BatchPoller:
                 error = JobProtocolError(
                     f"the gateway has listed this key only in malformed entries for "
                     f"{now - since:.1f}s ({why})",
-                    job_key=job.key,
+                    job_key=key,
                 )
             elif tracked.last_seen is not None:
                 # It was listed (accepted, maybe run and charged): it may have ended and had
                 # its result cleaned up between two asks. Not a wrong key: resending may pay
                 # twice, and the error says so.
                 error = UnknownJobError(
-                    f"the gateway listed this job (last as {status_name(tracked.state.status)}) "
+                    f"the gateway listed this job (last as {status_name(tracked.job._status)}) "
                     f"and has not for {now - since:.1f}s: it may have ended and had its result "
                     "cleaned up before it was seen done (it may have been charged)",
-                    job_key=job.key,
+                    job_key=key,
                     was_listed=True,
                 )
             else:
                 error = UnknownJobError(
                     f"the gateway has not listed this key for {now - since:.1f}s "
                     "(wrong key, another app's key, or a result already cleaned up)",
-                    job_key=job.key,
+                    job_key=key,
                 )
-            self._end(tracked, error, tracked.state.status)
+            self._end(tracked, error, tracked.job._status)
             return
         tracked.last_seen = tracked.answered_at = now
         tracked.absent_since = None
         tracked.failed_since_answer = False
         if self._unreadable_since:
-            self._unreadable_since.pop(job.key, None)
+            self._unreadable_since.pop(key, None)
         tracked.failed_call = None
-        state = tracked.state
-        before = state.status
-        state.report(entry)
+        before = job._status
+        job._report(entry)
+        n = job._n
         if entry.images:  # the newest listing wins (most reports list none: nothing to do)
-            state.list_images(images_of(entry, job.n))
-            if job.n is not None and lists_extra_images(entry, job.n):
+            job._list_images(images_of(entry, n))
+            if n is not None and lists_extra_images(entry, n):
                 # Never fetched nor saved: a gateway cannot make a job of n=1 fill a disk.
                 self._warnings.warning(
                     "the gateway listed more images than a job asked for (key %s, n=%d): "
                     "the extra ones are ignored",
-                    shown_key(job.key),
-                    job.n,
+                    shown_key(key),
+                    n,
                 )
         status = entry.status
-        if status in _contract.TERMINAL_STATUSES and tracked.done_short_since is None:
+        done_short = self._done_short_since
+        if status in _TERMINAL_STATUSES and (not done_short or key not in done_short):
             ended_at = entry.complete_time
             if isinstance(ended_at, int | float):
                 fine = ended_at != int(ended_at)  # a stamp in whole seconds places no end alone
                 self._schedule_of.job_ended(tracked, now, ended_at + unix_to_loop, fine=fine)
             else:
                 self._schedule_of.job_ended(tracked, now)
-        if status == JobStatus.SUCCEEDED:
+        if status == _SUCCEEDED:
             # Done with fewer images than the job makes (n; when unknown, at least one) is
             # not a success: the job fails, and its error holds the images that came.
-            expected = job.n or 1
-            images = state.images  # in index order: [k].index == k means 0..k all landed
+            expected = n or 1
+            images = job._images  # in index order: [k].index == k means 0..k all landed
             short = len(images) < expected or images[expected - 1].index != expected - 1
             if not short and not entry.images and self._await_listing(tracked, now):
                 # Every image came from reports of the running job (their URLs may be
@@ -993,25 +1027,25 @@ class BatchPoller:
                 # A gateway may say "succeeded" a moment before it lists the last images: ask
                 # again for a few seconds before the paid job ends short (then for good: an
                 # ended job is not asked about again, not even by attach).
-                if _within_grace(tracked, now):
+                if self._within_grace(tracked, now):
                     self._schedule(tracked, now + policy.min_interval)
                     return
-                result = ImageResult(job.key, JobStatus.SUCCEEDED, state.images)
-                error = IncompleteJobError(job_key=job.key, result=result, expected=expected)
+                result = ImageResult(key, _SUCCEEDED, job._images)
+                error = IncompleteJobError(job_key=key, result=result, expected=expected)
                 self._end(tracked, error, before)
                 return
-            if tracked.done_short_since is not None and entry.images:
+            if done_short and key in done_short and entry.images:
                 self._done_relists = True  # this gateway lists the images after "done"
             self._untrack(tracked)
             self.counters.succeeded += 1
-            state.succeed(job.key, JobStatus.SUCCEEDED)
+            job._succeed(_SUCCEEDED)
             self._observe_end(tracked, None, before)
             self._remember_ended(tracked)
-        elif status in _contract.FAILED_STATUSES:
-            self._end(tracked, failure(job.key, entry), before)
+        elif status in _FAILED_STATUSES:
+            self._end(tracked, failure(key, entry), before)
         else:
-            if status not in _contract.RUNNING_STATUSES:
-                self._note_unknown_status(status, job.key)
+            if status not in _RUNNING_STATUSES:
+                self._note_unknown_status(status, key)
             self._schedule(
                 tracked,
                 self._schedule_of.report(
@@ -1020,23 +1054,23 @@ class BatchPoller:
                     asked_at=asked_at,
                     expected_seconds=entry.expected_seconds,
                     queue_position=entry.queue_before_num,
-                    queued=status == JobStatus.QUEUED,
+                    queued=status == _QUEUED,
                     percent=entry.complete_percent,
                 ),
             )
-            if state.status != before:
+            if job._status != before:
                 self._observe_status(tracked, before, now)
 
     def _observe_status(
         self, tracked: _Tracked, before: JobStatus | int | None, now: float
     ) -> None:
         """A running job's status changed: its DEBUG line and its span's event."""
-        if _recorded(tracked):
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):  # _recorded(...)
             self._telemetry.job_status(
                 tracked.trace,
                 tracked.job.key,
                 before,
-                tracked.state,
+                tracked.job,
                 tracked.asks,
                 tracked.due - now,
             )
@@ -1045,9 +1079,9 @@ class BatchPoller:
         self, tracked: _Tracked, error: JobError | None, before: JobStatus | int | None
     ) -> None:
         """A tracked job ended: its DEBUG line, and its span and metrics."""
-        if _recorded(tracked):
+        if tracked.trace is not None or logger.isEnabledFor(logging.DEBUG):  # _recorded(...)
             self._telemetry.job_ended(
-                tracked.trace, tracked.job.key, before, tracked.state, error, tracked.asks
+                tracked.trace, tracked.job.key, before, tracked.job, error, tracked.asks
             )
 
     def _note_unknown_status(self, status: int, key: str) -> None:
@@ -1074,7 +1108,7 @@ class BatchPoller:
         """End a tracked job with ``error``; ``before``: its status before the last report."""
         self._untrack(tracked)
         self.counters.failed += 1
-        tracked.state.fail(error)
+        tracked.job._fail(error)
         self._observe_end(tracked, error, before)
         # A deadline ends only this wait (the job may still run): attach() waits afresh.
         self._remember_ended(tracked, keep=not isinstance(error, JobTimeoutError))
@@ -1084,13 +1118,12 @@ class BatchPoller:
             # Only the wait ended (a deadline): the job runs on, and whoever attach()es it
             # counts its points when it ends. Counted here too, they would be counted twice.
             return
-        points = tracked.state.points_charged
+        points = tracked.job._points_charged
         if points is not None:
             self.counters.points_charged += points
         job, ended = tracked.job, self._ended
-        ended[job.key] = (
-            (weakref.ref(job), ended_copy(job, tracked.state)) if holds_bulk(job) else job
-        )
-        ended.move_to_end(job.key)
+        key = job._key
+        ended[key] = (weakref.ref(job), ended_copy(job)) if holds_bulk(job) else job
+        ended.move_to_end(key)
         if len(ended) > ENDED_JOBS_KEPT:
             ended.popitem(last=False)

@@ -52,7 +52,7 @@ from ._jobs import status_name
 if TYPE_CHECKING:
     from ._config import Limits, Timeouts
     from ._contract import JobStatus
-    from ._jobs import JobState
+    from ._jobs import ImageJob
     from ._otel import JobTrace, Recorder
     from ._stats import ClientStats
 
@@ -383,7 +383,7 @@ class Telemetry:
         trace: JobTrace | None,
         key: str,
         before: JobStatus | int | None,
-        state: JobState,
+        job: ImageJob,
         asks: int,
         next_ask_in: float,
     ) -> None:
@@ -393,20 +393,20 @@ class Telemetry:
                 "job %s: %s -> %s after %d ask(s) (%.0f%%, next ask in %.2f s)",
                 shown_key(key),
                 status_name(before),
-                status_name(state.status),
+                job.status_name,
                 asks,
-                state.progress,
+                job.progress,
                 next_ask_in,
             )
         if trace is not None and self.otel is not None:
-            self.otel.job_status(trace, status_name(state.status), asks)
+            self.otel.job_status(trace, job.status_name, asks)
 
     def job_ended(
         self,
         trace: JobTrace | None,
         key: str,
         before: JobStatus | int | None,
-        state: JobState,
+        job: ImageJob,
         error: BaseException | None,
         asks: int,
     ) -> None:
@@ -416,12 +416,12 @@ class Telemetry:
         to now, the moment the job's future resolved.
         """
         lateness = None
-        done_at = state.complete_time
+        done_at = job.gateway_complete_time
         if isinstance(done_at, int | float) and not isinstance(done_at, bool):
             lateness = time.time() - done_at
             if not -LATENESS_PLAUSIBLE_S < lateness < LATENESS_PLAUSIBLE_S:
                 lateness = None  # not unix seconds after all (milliseconds?): not a figure
-        ended = ended_status(error, state.status)
+        ended = ended_status(error, job.status)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "job %s: %s -> %s after %d ask(s)%s%s",
@@ -439,8 +439,8 @@ class Telemetry:
                 status=ended,
                 error=error,
                 asks=asks,
-                images=len(state.images),
-                points=state.points_charged,
+                images=len(job.images),
+                points=job.points_charged,
                 lateness=lateness,
             )
 

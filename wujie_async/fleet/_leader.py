@@ -47,7 +47,7 @@ from .._errors import (
     WujieError,
     shown_key,
 )
-from .._jobs import ImageJob, JobState
+from .._jobs import ImageJob
 from .._poller import BatchPoller, BatchPoster
 from .._replies import raw_entries_by_key
 from .._schedule import PollSchedule
@@ -302,10 +302,9 @@ class ShardLeader:
         self, key: str, info: KeyInfo, owners: set[str], now: float, unix_now: float
     ) -> None:
         """A shadow job for ``key``, polled until the owners' deadline (``info``'s)."""
-        state = JobState(asyncio.get_running_loop())
         shadow = ImageJob(
             key,
-            state,
+            asyncio.get_running_loop(),
             deadline=now + info.deadline - unix_now + _DEADLINE_MARGIN,
             request={"model": info.model} if info.model is not None else None,
             on_cancel=self._poller.forget,
@@ -317,7 +316,6 @@ class ShardLeader:
         # schedule judges when it can end (and learns durations) from its age.
         self._poller.track(
             shadow,
-            state,
             max(0.0, info.submitted + first - unix_now),
             age=max(0.0, unix_now - info.submitted),
         )
