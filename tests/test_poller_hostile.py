@@ -155,7 +155,14 @@ def test_read_drops_or_clamps_non_finite_and_absurd_numbers() -> None:
     clamped = JobInfo.read(
         {"key": "K", "status": 1, "expected_seconds": -4, "complete_percent": 250}
     )
-    assert clamped.expected_seconds == 0 and clamped.complete_percent == 100
+    # A negative estimate is none at all (-1 is how gateways often say so), not "ending now".
+    assert clamped.expected_seconds is None and clamped.complete_percent == 100
+    for unknown in (-1, -1.0, "-1", -0.5, -(10**30)):
+        assert (
+            JobInfo.read({"key": "K", "status": 1, "expected_seconds": unknown}).expected_seconds
+            is None
+        )
+    assert JobInfo.read({"key": "K", "status": 1, "expected_seconds": 0}).expected_seconds == 0
     absurd = JobInfo.read({"key": "K", "status": 1, "expected_seconds": 1e300})
     assert absurd.expected_seconds == 86_400
     for status in ("done", 2**40, [1], None, True, False, 4.5, "4.5", "0x4"):  # true: no status

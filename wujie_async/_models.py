@@ -396,8 +396,11 @@ def _clamped(value: Any, low: float, high: float) -> float | None:
 
 
 def _expected_seconds(value: Any) -> float | None:
-    """Seconds left: a number, clamped to 0 to a day; anything else is None."""
-    return None if value is None else _clamped(value, 0.0, MAX_EXPECTED_SECONDS)
+    """Seconds left: a number, at most a day; a negative one (``-1`` is how gateways often say
+    they have no estimate) or anything else is None. (Read as 0, it said "about 0 s left" of
+    a job just queued, and told the schedule the job was ending now.)"""
+    number = None if value is None else _clamped(value, -1.0, MAX_EXPECTED_SECONDS)
+    return None if number is None or number < 0 else number
 
 
 def _percent(value: Any) -> float | None:
@@ -560,8 +563,8 @@ class JobInfo:
     """One entry of a batch-detail reply's ``list``, as :meth:`read` reads it.
 
     Every number is finite and within its bounds, so nothing non-finite or absurd reaches the
-    poll schedule: ``expected_seconds`` (0 to a day) and ``complete_percent`` (0 to 100) are
-    clamped, and any other optional field that is unreadable is None. ``images`` holds the
+    poll schedule: ``expected_seconds`` (at most a day; a negative one is no estimate) and
+    ``complete_percent`` (0 to 100) are clamped, and any other optional field that is unreadable is None. ``images`` holds the
     first MAX_IMAGES_PER_JOB images listed.
     """
 
@@ -611,7 +614,8 @@ class JobInfo:
     def read(cls, raw: Any) -> JobInfo:
         """Read a hostile entry; optional fields that break a rule are dropped or clamped.
 
-        ``expected_seconds`` is clamped to 0 to a day and ``complete_percent`` to 0 to 100; any
+        ``expected_seconds`` is clamped to a day (a negative one is None: no estimate) and
+        ``complete_percent`` to 0 to 100; any
         other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
         boolean for a number, a wrong type, a time text with control characters, an image's
         ``url``, ``b64_json`` or ``revised_prompt`` that is not text) becomes None. Unknown
