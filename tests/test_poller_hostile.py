@@ -163,6 +163,16 @@ def test_read_drops_or_clamps_non_finite_and_absurd_numbers() -> None:
             is None
         )
     assert JobInfo.read({"key": "K", "status": 1, "expected_seconds": 0}).expected_seconds == 0
+    # Numeric text reads as the whole numbers do: ASCII, no underscores.
+    for text in ("\u0664\u0662", "1_0", "\uff11\uff12", "\u00b2"):
+        entry = JobInfo.read(
+            {"key": "K", "status": 1, "expected_seconds": text, "complete_percent": text}
+        )
+        assert entry.expected_seconds is None and entry.complete_percent is None, text
+    entry = JobInfo.read(
+        {"key": "K", "status": 1, "expected_seconds": " 12.5 ", "complete_percent": "4e1"}
+    )
+    assert entry.expected_seconds == 12.5 and entry.complete_percent == 40
     absurd = JobInfo.read({"key": "K", "status": 1, "expected_seconds": 1e300})
     assert absurd.expected_seconds == 86_400
     for status in ("done", 2**40, [1], None, True, False, 4.5, "4.5", "0x4"):  # true: no status

@@ -338,7 +338,11 @@ def _number(value: Any) -> float | None:
         return float(value) if math.isfinite(value) else None
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value) if -1e18 < value < 1e18 else None
-    if isinstance(value, str) and len(value) <= _MAX_NUMBER_TEXT:
+    # ASCII text without underscores, as the whole numbers read it: float() also takes "1_0"
+    # and digits of other scripts ("\u0664"), which no JSON writer makes of a number.
+    if isinstance(value, str) and len(value) <= _MAX_NUMBER_TEXT and value.isascii():
+        if "_" in value:
+            return None
         try:
             number = float(value)
         except ValueError:
@@ -564,8 +568,8 @@ class JobInfo:
 
     Every number is finite and within its bounds, so nothing non-finite or absurd reaches the
     poll schedule: ``expected_seconds`` (at most a day; a negative one is no estimate) and
-    ``complete_percent`` (0 to 100) are clamped, and any other optional field that is unreadable is None. ``images`` holds the
-    first MAX_IMAGES_PER_JOB images listed.
+    ``complete_percent`` (0 to 100) are clamped, and any other optional field that is
+    unreadable is None. ``images`` holds the first MAX_IMAGES_PER_JOB images listed.
     """
 
     __slots__ = (
