@@ -524,6 +524,32 @@ async def test_a_disk_with_no_room_for_the_manifest_is_refused_before_anything_i
 
 
 @pytest.mark.long
+async def test_a_file_size_limit_under_the_manifests_room_is_named_as_such(tmp_path: Path) -> None:
+    """Files may not grow past 32 KB (RLIMIT_FSIZE): the room a run sets aside for its
+    manifest cannot be taken, and the refusal says why ("File too large"), not "no room on
+    its disk" of a disk with gigabytes free. Nothing is sent."""
+    async with served_emulator(tmp_path) as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"prompt {i}\n" for i in range(3)))
+        out = tmp_path / "out"
+
+        def small_files() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, resource.RLIM_INFINITY))
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "wujie_async", "bulk", str(prompts), "-o", str(out),
+            "--no-journal", env=emu.env, preexec_fn=small_files,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        err = stderr.decode()
+        assert proc.returncode == 2, err
+        assert "no room on its disk" not in err, err
+        assert "File too large" in err and "nothing was sent" in err, err
+        assert (await emu.stats())["submits_accepted"] == 0
+
+
+@pytest.mark.long
 async def test_an_id_row_changed_after_its_job_was_sent_says_so_and_is_not_stuck(
     tmp_path: Path,
 ) -> None:

@@ -49,19 +49,21 @@ class DiskReserve:
         self.size = size
         self.taken = 0
 
-    def take(self) -> bool:
+    def take(self) -> OSError | None:
         """Set the room aside: all of it, or at least the rows of a summary's worth (a disk
-        with less free is one a run would fill at once). False: not even that much."""
+        with less free is one a run would fill at once). The refusal, when not even that much
+        could be set aside (its errno says why: a full disk, a file size limit, ...)."""
+        refused: OSError | None = None
         for size in dict.fromkeys((self.size, min(self.size, _BASE))):
             try:
                 with self.path.open("wb") as file:
                     _allocate(file.fileno(), size)
                 self.taken = size
-                return True
-            except OSError:
-                continue
+                return None
+            except OSError as exc:
+                refused = exc
         self.release()
-        return False
+        return refused
 
     def halve(self) -> None:
         """Give half the room back now: for the row the disk just refused (a key must be on

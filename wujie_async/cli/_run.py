@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import shlex
 import sys
 import tempfile
@@ -536,11 +537,16 @@ class Session:
         too, for the run's closing waits (else it is closed as the block ends)."""
         out: Path = self.args.out
         reserve = DiskReserve(out, reserve_size(item.request.body() for item in items))
-        if not await anyio.to_thread.run_sync(reserve.take):
-            raise UsageError(
-                f"--out {out}: no room on its disk for the manifest (not even 64 KB free); "
-                "make room, then re-run (nothing was sent)"
-            )
+        refused = await anyio.to_thread.run_sync(reserve.take)
+        if refused is not None:
+            if refused.errno in (errno.ENOSPC, errno.EDQUOT):
+                why = "no room on its disk for the manifest (not even 64 KB free); make room"
+            else:  # a file size limit (EFBIG), a folder others own, ...: said as it is
+                why = (
+                    f"the room for the manifest could not be set aside "
+                    f"({refused.strerror or type(refused).__name__}); mend that"
+                )
+            raise UsageError(f"--out {out}: {why}, then re-run (nothing was sent)")
         try:
             async with contextlib.AsyncExitStack() as stack:
                 try:
