@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class _StuckDisk:
         self.event = ""
         self.folder = ""
         self.held = threading.Event()
+        self.held_at = 0.0  # time.monotonic() (the loop's clock) when the step was held
         self.thawed = threading.Event()
 
     def freeze(self, event: str, folder: Path) -> None:
@@ -60,6 +62,7 @@ class _StuckDisk:
             return
         if self.folder not in str(args[0]) or threading.current_thread() is threading.main_thread():
             return
+        self.held_at = time.monotonic()
         self.held.set()
         self.thawed.wait(30)  # bounded: a broken test never holds the worker for good
 
@@ -110,6 +113,49 @@ async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
 
     await eventually(settled, what=f"{step}: the temporary file removed once the disk answers")
     assert _files(folder).items() <= whole.items()  # complete under its name, or not there
+
+
+async def test_a_step_that_ends_as_its_deadline_passes_leaves_no_temporary_file(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """The disk answers just as the save's deadline passes: the step's thread has ended (its
+    clean-up already looked, and found the save not given up) when the save, woken by the
+    deadline before the step's end reached the loop, gives up on it. Neither removed the
+    temporary file: each left it to the other. The loop is held (as by the application's
+    CPU-bound code) so that the deadline and the step's end reach it in that order."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    loop = asyncio.get_running_loop()
+    async with emulator() as emu:
+        client = make_client(emu, downloads=DownloadPolicy(deadline=1.0))
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _DISK.freeze("open", folder)
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                assert await asyncio.to_thread(_DISK.held.wait, 20)
+                # The step's deadline is at most 1 s after it was held (STEP_GRACE_S).
+                gives_up = _DISK.held_at + 1.0
+
+                def busy_past_the_deadline() -> None:
+                    time.sleep(max(0.0, gives_up + 0.3 - time.monotonic()))
+
+                def disk_answers() -> None:  # runs after the deadline's own timer
+                    _DISK.thaw()
+                    time.sleep(0.2)  # (loop held) the step ends on its thread meanwhile
+
+                loop.call_soon(busy_past_the_deadline)
+                loop.call_at(gives_up + 0.2, disk_answers)
+                with anyio.fail_after(15), contextlib.suppress(Exception):
+                    await saving
+            finally:
+                _DISK.thaw()
+
+    def settled() -> bool:
+        return not [name for name in _files(folder) if name.startswith(".")]
+
+    await eventually(settled, timeout=5, what="the temporary file removed")
 
 
 def _files_of(saved: list[Any]) -> dict[str, str]:
