@@ -69,6 +69,8 @@ class _StuckDisk:
 
 _DISK = _StuckDisk()
 sys.addaudithook(_DISK.hook)  # hooks cannot be removed: thawed, it costs a comparison
+_OTHER_DISK = _StuckDisk()  # a second one, for a second folder
+sys.addaudithook(_OTHER_DISK.hook)
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -156,6 +158,42 @@ async def test_a_step_that_ends_as_its_deadline_passes_leaves_no_temporary_file(
         return not [name for name in _files(folder) if name.startswith(".")]
 
     await eventually(settled, timeout=5, what="the temporary file removed")
+
+
+async def test_an_inline_images_deadline_runs_from_when_it_gets_its_download_slot(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """An image listed inline (``b64_json``) waiting behind another save for its slot
+    (``DownloadPolicy.concurrency``): its deadline runs from when it gets the slot, as a
+    downloaded image's does. It ran from before the wait: a save that waited most of its
+    deadline failed with ``EIO`` on a disk slow for a second, well within its own deadline."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    policy = DownloadPolicy(deadline=2.0, concurrency=1)
+    async with emulator(image_delivery="b64_json") as emu:
+        async with make_client(emu, downloads=policy) as client:
+            jobs = [await client.images.submit(prompt="a cat", model="dall-e-2") for _ in "ab"]
+            for job in jobs:
+                await job
+            _DISK.freeze("open", first)
+            _OTHER_DISK.freeze("open", second)
+            try:
+                saving = asyncio.create_task(jobs[0].save(first))
+                assert await asyncio.to_thread(_DISK.held.wait, 20)
+                waiting = asyncio.create_task(jobs[1].save(second))  # behind the first
+                await asyncio.sleep(1.5)  # the first holds the slot 1.5 s of its 2 s
+                _DISK.thaw()
+                await saving
+                assert await asyncio.to_thread(_OTHER_DISK.held.wait, 20)
+                await asyncio.sleep(1.2)  # a disk slow for 1.2 s, within the second's 2 s
+                _OTHER_DISK.thaw()
+                with anyio.fail_after(15):
+                    saved = await waiting
+            finally:
+                _DISK.thaw()
+                _OTHER_DISK.thaw()
+    assert [s.path.parent for s in saved] == [second]
 
 
 def _files_of(saved: list[Any]) -> dict[str, str]:
