@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import gc
 import hashlib
 import json
 import sys
@@ -47,14 +49,20 @@ class _StuckDisk:
         self.held = threading.Event()
         self.held_at = 0.0  # time.monotonic() (the loop's clock) when the step was held
         self.thawed = threading.Event()
+        self.refusal: OSError | None = None  # what the held step raises once thawed
 
     def freeze(self, event: str, folder: Path) -> None:
         self.event, self.folder = event, str(folder)
+        self.refusal = None
         self.held.clear()
         self.thawed.clear()
 
-    def thaw(self) -> None:
+    def thaw(self, refusal: OSError | None = None) -> None:
+        """Let the held step go on, or fail with ``refusal`` (a disk that answers with an
+        error)."""
         self.event = ""
+        if refusal is not None:
+            self.refusal = refusal
         self.thawed.set()
 
     def hook(self, event: str, args: tuple[Any, ...]) -> None:
@@ -65,6 +73,9 @@ class _StuckDisk:
         self.held_at = time.monotonic()
         self.held.set()
         self.thawed.wait(30)  # bounded: a broken test never holds the worker for good
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None:
+            raise refusal
 
 
 _DISK = _StuckDisk()
@@ -194,6 +205,39 @@ async def test_an_inline_images_deadline_runs_from_when_it_gets_its_download_slo
                 _DISK.thaw()
                 _OTHER_DISK.thaw()
     assert [s.path.parent for s in saved] == [second]
+
+
+async def test_a_cancelled_save_whose_file_step_then_fails_logs_no_unretrieved_error(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """A save cancelled during a file step (which it waits for, to clean up), the step then
+    failing (the disk full): the caller gets its cancel, and the step's error, answered by
+    that cancel, is not logged by asyncio as "Task exception was never retrieved"."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        async with emulator() as emu, make_client(emu) as client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _DISK.freeze("open", folder)
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                assert await asyncio.to_thread(_DISK.held.wait, 20)
+                saving.cancel()
+                _DISK.thaw(refusal=OSError(errno.ENOSPC, "No space left on device"))
+                with anyio.fail_after(15), pytest.raises(asyncio.CancelledError):
+                    await saving
+            finally:
+                _DISK.thaw()
+        del saving
+        gc.collect()
+    finally:
+        loop.set_exception_handler(handler)
+    assert [c["message"] for c in unhandled] == []
 
 
 def _files_of(saved: list[Any]) -> dict[str, str]:

@@ -136,6 +136,10 @@ class DiskSteps:
             except asyncio.CancelledError as exc:
                 cancel = exc
         if cancel is not None:
+            # The step's own error, if any, is answered by the cancel: retrieved here, never
+            # logged by asyncio as "Task exception was never retrieved".
+            if not done.cancelled():
+                done.exception()
             raise cancel
         return done.result()
 
