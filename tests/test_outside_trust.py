@@ -121,8 +121,8 @@ async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
                 _DISK.thaw()
     assert str(folder) in str(raised.value)
 
-    def settled() -> bool:
-        return not [name for name in _files(folder) if name.startswith(".")]
+    def settled() -> bool:  # names only: a temporary file may go while it is looked at
+        return not [p for p in folder.iterdir() if p.name.startswith(".")]
 
     await eventually(settled, what=f"{step}: the temporary file removed once the disk answers")
     assert _files(folder).items() <= whole.items()  # complete under its name, or not there
@@ -165,8 +165,8 @@ async def test_a_step_that_ends_as_its_deadline_passes_leaves_no_temporary_file(
             finally:
                 _DISK.thaw()
 
-    def settled() -> bool:
-        return not [name for name in _files(folder) if name.startswith(".")]
+    def settled() -> bool:  # names only: a temporary file may go while it is looked at
+        return not [p for p in folder.iterdir() if p.name.startswith(".")]
 
     await eventually(settled, timeout=5, what="the temporary file removed")
 
