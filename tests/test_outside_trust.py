@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import gc
 import hashlib
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +47,22 @@ class _StuckDisk:
         self.event = ""
         self.folder = ""
         self.held = threading.Event()
+        self.held_at = 0.0  # time.monotonic() (the loop's clock) when the step was held
         self.thawed = threading.Event()
+        self.refusal: OSError | None = None  # what the held step raises once thawed
 
     def freeze(self, event: str, folder: Path) -> None:
         self.event, self.folder = event, str(folder)
+        self.refusal = None
         self.held.clear()
         self.thawed.clear()
 
-    def thaw(self) -> None:
+    def thaw(self, refusal: OSError | None = None) -> None:
+        """Let the held step go on, or fail with ``refusal`` (a disk that answers with an
+        error)."""
         self.event = ""
+        if refusal is not None:
+            self.refusal = refusal
         self.thawed.set()
 
     def hook(self, event: str, args: tuple[Any, ...]) -> None:
@@ -60,12 +70,18 @@ class _StuckDisk:
             return
         if self.folder not in str(args[0]) or threading.current_thread() is threading.main_thread():
             return
+        self.held_at = time.monotonic()
         self.held.set()
         self.thawed.wait(30)  # bounded: a broken test never holds the worker for good
+        refusal, self.refusal = self.refusal, None
+        if refusal is not None:
+            raise refusal
 
 
 _DISK = _StuckDisk()
 sys.addaudithook(_DISK.hook)  # hooks cannot be removed: thawed, it costs a comparison
+_OTHER_DISK = _StuckDisk()  # a second one, for a second folder
+sys.addaudithook(_OTHER_DISK.hook)
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -105,11 +121,123 @@ async def test_a_save_on_a_disk_that_stops_answering_ends_by_its_deadline(
                 _DISK.thaw()
     assert str(folder) in str(raised.value)
 
-    def settled() -> bool:
-        return not [name for name in _files(folder) if name.startswith(".")]
+    def settled() -> bool:  # names only: a temporary file may go while it is looked at
+        return not [p for p in folder.iterdir() if p.name.startswith(".")]
 
     await eventually(settled, what=f"{step}: the temporary file removed once the disk answers")
     assert _files(folder).items() <= whole.items()  # complete under its name, or not there
+
+
+async def test_a_step_that_ends_as_its_deadline_passes_leaves_no_temporary_file(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """The disk answers just as the save's deadline passes: the step's thread has ended (its
+    clean-up already looked, and found the save not given up) when the save, woken by the
+    deadline before the step's end reached the loop, gives up on it. Neither removed the
+    temporary file: each left it to the other. The loop is held (as by the application's
+    CPU-bound code) so that the deadline and the step's end reach it in that order."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    loop = asyncio.get_running_loop()
+    async with emulator() as emu:
+        client = make_client(emu, downloads=DownloadPolicy(deadline=1.0))
+        async with client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _DISK.freeze("open", folder)
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                assert await asyncio.to_thread(_DISK.held.wait, 20)
+                # The step's deadline is at most 1 s after it was held (STEP_GRACE_S).
+                gives_up = _DISK.held_at + 1.0
+
+                def busy_past_the_deadline() -> None:
+                    time.sleep(max(0.0, gives_up + 0.3 - time.monotonic()))
+
+                def disk_answers() -> None:  # runs after the deadline's own timer
+                    _DISK.thaw()
+                    time.sleep(0.2)  # (loop held) the step ends on its thread meanwhile
+
+                loop.call_soon(busy_past_the_deadline)
+                loop.call_at(gives_up + 0.2, disk_answers)
+                with anyio.fail_after(15), contextlib.suppress(Exception):
+                    await saving
+            finally:
+                _DISK.thaw()
+
+    def settled() -> bool:  # names only: a temporary file may go while it is looked at
+        return not [p for p in folder.iterdir() if p.name.startswith(".")]
+
+    await eventually(settled, timeout=5, what="the temporary file removed")
+
+
+async def test_an_inline_images_deadline_runs_from_when_it_gets_its_download_slot(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """An image listed inline (``b64_json``) waiting behind another save for its slot
+    (``DownloadPolicy.concurrency``): its deadline runs from when it gets the slot, as a
+    downloaded image's does. It ran from before the wait: a save that waited most of its
+    deadline failed with ``EIO`` on a disk slow for a second, well within its own deadline."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    policy = DownloadPolicy(deadline=2.0, concurrency=1)
+    async with emulator(image_delivery="b64_json") as emu:
+        async with make_client(emu, downloads=policy) as client:
+            jobs = [await client.images.submit(prompt="a cat", model="dall-e-2") for _ in "ab"]
+            for job in jobs:
+                await job
+            _DISK.freeze("open", first)
+            _OTHER_DISK.freeze("open", second)
+            try:
+                saving = asyncio.create_task(jobs[0].save(first))
+                assert await asyncio.to_thread(_DISK.held.wait, 20)
+                waiting = asyncio.create_task(jobs[1].save(second))  # behind the first
+                await asyncio.sleep(1.5)  # the first holds the slot 1.5 s of its 2 s
+                _DISK.thaw()
+                await saving
+                assert await asyncio.to_thread(_OTHER_DISK.held.wait, 20)
+                await asyncio.sleep(1.2)  # a disk slow for 1.2 s, within the second's 2 s
+                _OTHER_DISK.thaw()
+                with anyio.fail_after(15):
+                    saved = await waiting
+            finally:
+                _DISK.thaw()
+                _OTHER_DISK.thaw()
+    assert [s.path.parent for s in saved] == [second]
+
+
+async def test_a_cancelled_save_whose_file_step_then_fails_logs_no_unretrieved_error(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """A save cancelled during a file step (which it waits for, to clean up), the step then
+    failing (the disk full): the caller gets its cancel, and the step's error, answered by
+    that cancel, is not logged by asyncio as "Task exception was never retrieved"."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    try:
+        async with emulator() as emu, make_client(emu) as client:
+            job = await client.images.submit(prompt="a cat", model="dall-e-2")
+            await job
+            _DISK.freeze("open", folder)
+            try:
+                saving = asyncio.create_task(job.save(folder))
+                assert await asyncio.to_thread(_DISK.held.wait, 20)
+                saving.cancel()
+                _DISK.thaw(refusal=OSError(errno.ENOSPC, "No space left on device"))
+                with anyio.fail_after(15), pytest.raises(asyncio.CancelledError):
+                    await saving
+            finally:
+                _DISK.thaw()
+        del saving
+        gc.collect()
+    finally:
+        loop.set_exception_handler(handler)
+    assert [c["message"] for c in unhandled] == []
 
 
 def _files_of(saved: list[Any]) -> dict[str, str]:

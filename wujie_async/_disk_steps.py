@@ -44,6 +44,9 @@ class DiskSteps:
         self._deadline = deadline
         self._lock = threading.Lock()  # held only around flags: never around a disk call
         self._given_up = False
+        # Whether the step on its thread has ended (its clean-up looked at _given_up): past
+        # that, a give-up would leave its temporary file to nobody.
+        self._step_ended = False
         self._renaming = False
         self._made: tuple[IO[bytes], Path] | None = None
         self.temp: Path | None = None  # the temporary file's name, once made
@@ -100,6 +103,7 @@ class DiskSteps:
             return step()
         finally:
             with self._lock:
+                self._step_ended = True
                 left = self._made if self._given_up else None
                 if left is not None:
                     self._made = None
@@ -111,6 +115,7 @@ class DiskSteps:
         raised once it has ended), given up on at the deadline (but never
         before it has had ``STEP_GRACE_S`` of its own: a deadline the network used up is not
         the disk's fault)."""
+        self._step_ended = False  # (steps run one at a time: none is on a thread now)
         done = asyncio.ensure_future(anyio.to_thread.run_sync(self._on_thread, step))
         give_up_at = max(self._give_up_at, anyio.current_time() + STEP_GRACE_S)
         cancel: BaseException | None = None
@@ -118,6 +123,9 @@ class DiskSteps:
             left = give_up_at - anyio.current_time()
             if left <= 0:
                 held = self._give_up(done)
+                if held is None:  # it ended meanwhile: its end is on its way to the loop
+                    give_up_at = math.inf
+                    continue
                 # A cancel that came meanwhile (a caller's own timeout) is what the caller
                 # waits for: swallowed, its asyncio.timeout would never say TimeoutError.
                 raise held if cancel is None else cancel
@@ -128,13 +136,20 @@ class DiskSteps:
             except asyncio.CancelledError as exc:
                 cancel = exc
         if cancel is not None:
+            # The step's own error, if any, is answered by the cancel: retrieved here, never
+            # logged by asyncio as "Task exception was never retrieved".
+            if not done.cancelled():
+                done.exception()
             raise cancel
         return done.result()
 
-    def _give_up(self, done: asyncio.Future[Any]) -> OSError:
+    def _give_up(self, done: asyncio.Future[Any]) -> OSError | None:
         """Leave the step to its thread (which removes the temporary file when it returns);
-        the error that says so."""
+        the error that says so. None: the step has ended on its thread already (the loop has
+        not heard yet), and is not given up on: its thread would no longer clean up."""
         with self._lock:
+            if self._step_ended:
+                return None
             self._given_up = True
             renaming = self._renaming
         # Its outcome is the thread's to clean up now: never "exception never retrieved".

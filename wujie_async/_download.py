@@ -344,7 +344,7 @@ class Downloader:
 
     async def _save_now(self, image: GeneratedImage, target: _Target) -> SavedImage:
         if image.b64_json is not None:
-            return await self._save_inline(image.b64_json, target, self._disk_steps())
+            return await self._save_inline(image.b64_json, target)
         if image.url is None:
             raise ProtocolError(f"image {image.index} has neither a URL nor b64_json")
         url = image.url
@@ -373,7 +373,7 @@ class Downloader:
         give_up_at = anyio.current_time() + (math.inf if deadline is None else deadline)
         return DiskSteps(give_up_at, deadline)
 
-    async def _save_inline(self, text: str, target: _Target, steps: DiskSteps) -> SavedImage:
+    async def _save_inline(self, text: str, target: _Target) -> SavedImage:
         limit = self._policy.max_bytes
         if text.startswith("data:"):
             text = text.partition(",")[2]
@@ -381,6 +381,8 @@ class Downloader:
             raise ProtocolError(f"image is larger than {limit} bytes")
         _, slots = self._open_session()
         async with slots:
+            # Its deadline runs from here, as a download's does: not the wait behind others.
+            steps = self._disk_steps()
             data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
             path = target.final(kind)
             try:
