@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -878,22 +878,13 @@ async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls
     ports: dict[str, list[int]] = {"poll": [], "submit": []}
     both_polls_in = asyncio.Event()
 
-    async def gateway(request: web.Request) -> web.Response:
-        await request.read()
-        transport = request.transport
-        assert transport is not None
-        port = transport.get_extra_info("peername")[1]
-        if request.path.endswith(GENERATIONS):
-            ports["submit"].append(port)
-            return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
-        ports["poll"].append(port)
+    async def two_at_once() -> None:
         if len(ports["poll"]) % 2 == 0:
             both_polls_in.set()
         await both_polls_in.wait()  # two polls on the wire at once: two connections
-        return web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
 
     app = web.Application()
-    app.router.add_post("/{tail:.*}", gateway)
+    app.router.add_post("/{tail:.*}", _port_recording_gateway(ports, two_at_once))
     creds = Credentials("wjhostile", unregistered_key())
     async with serve(app) as origin, open_transport(origin, creds) as transport:
 
@@ -910,12 +901,11 @@ async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls
     assert set(second) <= {*first, *ports["submit"]}, (ports, "the polls opened new ones")
 
 
-async def test_a_connection_a_submit_passed_over_goes_back_still_stale() -> None:
-    """A pooled connection a submit passes over goes back to the pool idle since when it was,
-    not from the moment it went back: the next submit passes it over too (and reuses the one
-    the first submit opened). Stamped afresh, the next submit took it, a connection idle for
-    as long as the pause: the race with the server's idle timeout that the bound avoids."""
-    ports: dict[str, list[int]] = {"poll": [], "submit": []}
+def _port_recording_gateway(
+    ports: dict[str, list[int]], on_poll: Callable[[], Awaitable[None]] | None = None
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A gateway noting the client port of each submit and poll in ``ports`` (which
+    connection each call came on), awaiting ``on_poll`` before it answers a poll."""
 
     async def gateway(request: web.Request) -> web.Response:
         await request.read()
@@ -926,10 +916,21 @@ async def test_a_connection_a_submit_passed_over_goes_back_still_stale() -> None
             ports["submit"].append(port)
             return web.json_response({"code": "200", "message": "ok", "data": {"key": "K1"}})
         ports["poll"].append(port)
+        if on_poll is not None:
+            await on_poll()
         return web.json_response({"code": "200", "message": "ok", "data": {"list": []}})
 
+    return gateway
+
+
+async def test_a_connection_a_submit_passed_over_goes_back_still_stale() -> None:
+    """A pooled connection a submit passes over goes back to the pool idle since when it was,
+    not from the moment it went back: the next submit passes it over too (and reuses the one
+    the first submit opened). Stamped afresh, the next submit took it, a connection idle for
+    as long as the pause: the race with the server's idle timeout that the bound avoids."""
+    ports: dict[str, list[int]] = {"poll": [], "submit": []}
     app = web.Application()
-    app.router.add_post("/{tail:.*}", gateway)
+    app.router.add_post("/{tail:.*}", _port_recording_gateway(ports))
     creds = Credentials("wjhostile", unregistered_key())
     async with serve(app) as origin, open_transport(origin, creds) as transport:
         await transport.post(INFO, ["K1"], kind="poll")
