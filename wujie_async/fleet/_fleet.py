@@ -46,9 +46,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wujie_async.fleet")
 T = TypeVar("T")
 _SCHEMES = ("redis", "rediss", "unix")
+_RECUT_PAUSE = 0.05  # seconds between asks on connections that Redis took and then cut
 _DROP_WAIT = 1.0  # seconds closing the idle connections may take after a lost one
 _FROZEN = 1.0  # seconds past its deadline that a timer fires only in a process that stood still
 _TICK = 0.25  # the stall watch's beat: a beat _FROZEN late says the process stood still
+
+
+def _cut_after_taken(error: BaseException) -> bool:
+    """A connection Redis took and then cut (a CLIENT KILL), not one it refused, could not be
+    reached on (redis-py: "Error 111 connecting to ..."), or turned away for its credentials
+    (AuthenticationError, a subclass): Redis is there."""
+    return type(error) is RedisConnectionError and "connecting to" not in str(error)
 
 
 class _StallWatch:
@@ -383,7 +391,8 @@ class RedisFleet:
         """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``.
 
         A command cut short by a dropped connection is asked once more on a fresh one, unless
-        ``once`` (it is not idempotent: a counter's increment, a stream's entry). One whose
+        ``once`` (it is not idempotent: a counter's increment, a stream's entry), and again
+        while Redis takes fresh connections and cuts them, until the deadline. One whose
         deadline fired while this process stood still is not asked again but waited for once
         more (its reply may be waiting unread): nothing is sent twice for a stall.
 
@@ -413,7 +422,17 @@ class RedisFleet:
                     raise
                 await self._drop_idle_connections(redis)
             async with asyncio.timeout(wait):
-                return await op(redis)
+                while True:
+                    try:
+                        return await op(redis)
+                    except RedisConnectionError as exc:
+                        if not _cut_after_taken(exc):
+                            raise
+                    # Redis took the fresh connection and it was cut again (CLIENT KILL in a
+                    # loop: a blocking read, a second long, was cut at every kill and the
+                    # member went local, a poller more): asked again until the deadline.
+                    await asyncio.sleep(_RECUT_PAUSE)
+                    await self._drop_idle_connections(redis)
         except TimeoutError:
             why = f"did not answer within {wait:g}s"
             lost = True
