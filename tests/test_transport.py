@@ -942,6 +942,45 @@ async def test_a_connection_a_submit_passed_over_goes_back_still_stale() -> None
     assert second == first, (ports, "the second submit took the stale connection")
 
 
+@pytest.mark.parametrize(
+    ("keep_alive", "reused"),
+    [
+        ("timeout=5, max=100", True),  # Apache's form: 2.5 s a submit may take it idle
+        ("max=100,timeout=2", True),
+        ("timeout=0", False),  # no promise: SUBMIT_IDLE_SECONDS bounds a submit's
+        ("timeout=0.3", False),  # not a whole number of seconds: no promise read
+        ("max=100", False),
+        (None, False),
+    ],
+)
+async def test_a_submit_reuses_a_connection_the_server_promised_to_keep_open(
+    keep_alive: str | None, reused: bool
+) -> None:
+    """A server that says ``Keep-Alive: timeout=N`` keeps an idle connection N seconds: a
+    submit after a pause (past SUBMIT_IDLE_SECONDS) takes it while it has been idle at most
+    N / 2, without a new connection (and, on https, a TLS handshake); a server that promises
+    nothing gets a new connection for it, as before."""
+    ports: list[int] = []
+
+    async def gateway(request: web.Request) -> web.Response:
+        await request.read()
+        transport = request.transport
+        assert transport is not None
+        ports.append(transport.get_extra_info("peername")[1])
+        headers = {} if keep_alive is None else {"Keep-Alive": keep_alive}
+        body = {"code": "200", "message": "ok", "data": {"key": f"K{len(ports)}"}}
+        return web.json_response(body, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", gateway)
+    creds = Credentials("wjhostile", unregistered_key())
+    async with serve(app) as origin, open_transport(origin, creds) as transport:
+        await transport.post(GENERATIONS, _submit_body(), kind="submit")
+        await asyncio.sleep(SUBMIT_IDLE_SECONDS * 6)  # past a submit's bound, within N / 2
+        await transport.post(GENERATIONS, _submit_body(), kind="submit")
+    assert (ports[1] == ports[0]) is reused, (keep_alive, ports)
+
+
 async def test_a_submit_passing_over_the_only_pooled_connection_does_not_wait_for_it() -> None:
     """With max_connections=1, the one pooled connection, stale for a submit, holds the only
     slot while the submit looks for another: it is closed to make room, not waited for (the

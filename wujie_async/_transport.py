@@ -725,6 +725,12 @@ class Transport:
                 seconds=seconds,
             )
 
+    def _heard_keep_alive(self, header: str) -> None:
+        """Tell our pool how long the gateway says it keeps an idle connection open."""
+        connector = self._session.connector if self._session is not None else None
+        if isinstance(connector, _PoolConnector):
+            connector.heard_keep_alive(header)
+
     async def _exchange(
         self, url: str, payload: bytes, kind: CallKind, on_wire: Callable[[bool], None] | None
     ) -> _Reply | WujieError:
@@ -770,6 +776,9 @@ class Transport:
             )
             try:
                 status, headers = reply.status, reply.headers
+                promised = headers.get("Keep-Alive")
+                if promised is not None:
+                    self._heard_keep_alive(promised)
                 if 300 <= status < 400:
                     reply.close()
                     return _redirect_error(url, status, headers.get("Location", ""))
@@ -1172,12 +1181,14 @@ class _PoolConnector(aiohttp.TCPConnector):
     * any request: a pooled connection that is readable while idle (the server's FIN, or a
       stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
       closed, and the next one taken (what urllib3 does at checkout); nothing was written;
-    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` is passed over
-      (left in the pool for the polls, idle since when it was), and another (or a new one)
-      taken. A server's idle timer runs from its last reply, so only
-      a server timing connections out within that much of a reply (far shorter than any
-      server's default) could close one under a submit. A new connection costs a handshake;
-      a submit after a pause pays it, a burst of submits reuses the connections it warms.
+    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` (or, where the
+      gateway's replies say ``Keep-Alive: timeout=N``, longer than half those N seconds,
+      which leaves the server's timer a wide margin) is passed over (left in the pool for
+      the polls, idle since when it was), and another (or a new one) taken. A server's idle
+      timer runs from its last reply, so only a server timing connections out within that
+      much of a reply (far shorter than any server's default), or breaking its promise, could
+      close one under a submit. A new connection costs a handshake; a submit after a pause
+      pays it, a burst of submits reuses the connections it warms.
       Batch queries are read-only: the poller's take any pooled connection (a failed one is
       asked again).
 
@@ -1192,6 +1203,17 @@ class _PoolConnector(aiohttp.TCPConnector):
         super().__init__(**kwargs)
         # Every connection handed out once (a connection handed out again is a pooled one).
         self._known: weakref.WeakKeyDictionary[Any, _Pooled] = weakref.WeakKeyDictionary()
+        # How long idle a submit may still take a pooled connection: half the gateway's own
+        # Keep-Alive timeout (0: it said none, and SUBMIT_IDLE_SECONDS bounds a submit's).
+        self._promised = 0.0
+
+    def heard_keep_alive(self, header: str) -> None:
+        """The gateway's ``Keep-Alive`` header on a reply: a ``timeout=N`` there lets a
+        submit take a pooled connection idle up to ``N / 2`` seconds (within aiohttp's own
+        bound), where the server has promised it stays open. (Per pool, not per connection:
+        this pool's connections all go to the gateway, and by the time a reply's headers are
+        read its connection may be back in the pool already.)"""
+        self._promised = _keep_alive_promise(header)
 
     def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
         # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
@@ -1230,7 +1252,7 @@ class _PoolConnector(aiohttp.TCPConnector):
                 # its bound is kept on this one.
                 too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
                 if not too_old and not _closed_by_peer(protocol, known.fd):
-                    if max_idle is None or idle <= max_idle:
+                    if max_idle is None or idle <= max_idle or idle <= self._promised:
                         if on_wire is not None:
                             on_wire(True)
                         return conn
@@ -1261,6 +1283,18 @@ class _Pooled:
                 self.fd = sock.fileno()
             except (OSError, ValueError):
                 self.fd = -1
+
+
+_KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})(?![0-9.])", re.I)
+
+
+def _keep_alive_promise(header: str) -> float:
+    """Seconds a submit may take a connection idle, by the server's ``Keep-Alive`` header:
+    half its ``timeout=N`` (Apache: ``timeout=5, max=100``), at most aiohttp's own bound;
+    0 for a header without a whole number of seconds of at least 1."""
+    found = _KEEP_ALIVE_TIMEOUT.search(header[:200])
+    seconds = 0 if found is None else int(found.group(1))
+    return min(seconds / 2, IDLE_CONNECTION_SECONDS) if seconds >= 1 else 0.0
 
 
 _POLL = hasattr(select, "poll")
