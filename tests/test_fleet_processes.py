@@ -91,6 +91,29 @@ def send(who: Member, line: str) -> None:
     who.proc.stdin.write(line.encode() + b"\n")
 
 
+async def go_until_running(procs: list[Member], emu: dict[str, Any], accepted: int) -> None:
+    """Tell every member to submit its jobs, and wait until the emulator has accepted
+    ``accepted`` of them (jobs are running)."""
+    for proc in procs:
+        send(proc, "go")
+    deadline = time.monotonic() + 30
+    while (await emulator_stats(emu))["submits_accepted"] < accepted:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+def assert_each_job_once_one_leader(done: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+    """Every member's jobs resolved ok, each paid once (``n`` jobs a member), and the
+    members ended as one leader and its followers (nobody local)."""
+    jobs = 0
+    for event in done:
+        assert set(event["resolved"].values()) == {"ok"}
+        jobs += len(event["resolved"])
+    assert stats["submits_accepted"] == jobs  # nothing lost, nothing paid twice
+    roles = sorted(event["stats"]["fleet"]["role"] for event in done)
+    assert roles == ["follower"] * (len(done) - 1) + ["leader"], roles
+
+
 async def test_four_members_one_poller_one_rate(tmp_path: Path) -> None:
     n, rate = 500, 250.0
     async with (
@@ -250,12 +273,7 @@ async def test_a_redis_restart_leaves_one_poller_and_nobody_local(
         async with members(
             server.url, emu, fleet_name(), 3, n, rate, lease=lease, timeout=timeout
         ) as procs:
-            for proc in procs:
-                send(proc, "go")
-            deadline = time.monotonic() + 30
-            while (await emulator_stats(emu))["submits_accepted"] < 30:  # jobs are running
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await go_until_running(procs, emu, 30)
             await first_batch_callers(emu)
             assert server.process is not None
             server.process.terminate()
@@ -265,14 +283,8 @@ async def test_a_redis_restart_leaves_one_poller_and_nobody_local(
                 back_at = time.time()
                 done = [await wait_event(proc, "resolved", 60) for proc in procs]
         stats = await emulator_stats(emu)
-    for event in done:
-        assert set(event["resolved"].values()) == {"ok"}
-    assert stats["submits_accepted"] == 3 * n  # nothing lost, nothing paid twice
-    assert sorted(event["stats"]["fleet"]["role"] for event in done) == [
-        "follower",
-        "follower",
-        "leader",
-    ]
+    assert_each_job_once_one_leader(done, stats)
+    assert stats["submits_accepted"] == 3 * n
     after = [(t, who) for t, who in stats["batch_callers"] if t > back_at + lease]
     assert after, "no batch call after Redis came back"
     # One poller again: every call but a stray one or two (a member that falls back to local
