@@ -860,13 +860,19 @@ async def test_a_submit_answered_compressed_in_pieces_is_read(name: str, first: 
         await response.write_eof()
         return response
 
+    data = await _one_submit(submit)
+    assert data["key"] == "K0001"
+    assert submits == [1]
+
+
+async def _one_submit(submit: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    """One submit through a transport to a gateway whose submit handler is ``submit``: the
+    reply's data."""
     app = web.Application()
     app.router.add_post(GENERATIONS, submit)
     creds = Credentials("wjhostile", unregistered_key())
     async with serve(app) as origin, open_transport(origin, creds) as transport:
-        data = await transport.post(GENERATIONS, _submit_body(), kind="submit")
-    assert data["key"] == "K0001"
-    assert submits == [1]
+        return await transport.post(GENERATIONS, _submit_body(), kind="submit")
 
 
 async def test_a_submit_after_a_pause_leaves_the_pooled_connections_to_the_polls() -> None:
@@ -1100,11 +1106,7 @@ async def test_a_submit_answered_with_a_list_of_content_codings_is_read(
             response.headers.add("Content-Encoding", value)
         return response
 
-    app = web.Application()
-    app.router.add_post(GENERATIONS, submit)
-    creds = Credentials("wjhostile", unregistered_key())
-    async with serve(app) as origin, open_transport(origin, creds) as transport:
-        data = await transport.post(GENERATIONS, _submit_body(), kind="submit")
+    data = await _one_submit(submit)
     assert data["key"] == "K0001"
     assert submits == [1]
 
