@@ -13,13 +13,14 @@ import json
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from wujie_async import DownloadPolicy
+from wujie_async import DownloadPolicy, ImageJob, WujieClient
 
 from .cli_helpers import (
     cli,
@@ -84,6 +85,25 @@ _OTHER_DISK = _StuckDisk()  # a second one, for a second folder
 sys.addaudithook(_OTHER_DISK.hook)
 
 
+@contextlib.asynccontextmanager
+async def _a_job_and_a_stuck_disk(
+    emulator: EmulatorFactory, folder: Path, deadline: float | None = 1.0
+) -> AsyncIterator[tuple[WujieClient, ImageJob]]:
+    """A client (its saves' deadline ``deadline``; None: the default) and a job of it that
+    has ended, ``folder`` made, its disk stuck at the next file's creation under it until the
+    block ends (thawed then, whatever happened)."""
+    folder.mkdir()
+    options = {} if deadline is None else {"downloads": DownloadPolicy(deadline=deadline)}
+    async with emulator() as emu, make_client(emu, **options) as client:
+        job = await client.images.submit(prompt="a cat", model="dall-e-2")
+        await job
+        _DISK.freeze("open", folder)
+        try:
+            yield client, job
+        finally:
+            _DISK.thaw()
+
+
 def _files(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
@@ -137,33 +157,24 @@ async def test_a_step_that_ends_as_its_deadline_passes_leaves_no_temporary_file(
     temporary file: each left it to the other. The loop is held (as by the application's
     CPU-bound code) so that the deadline and the step's end reach it in that order."""
     folder = tmp_path / "out"
-    folder.mkdir()
     loop = asyncio.get_running_loop()
-    async with emulator() as emu:
-        client = make_client(emu, downloads=DownloadPolicy(deadline=1.0))
-        async with client:
-            job = await client.images.submit(prompt="a cat", model="dall-e-2")
-            await job
-            _DISK.freeze("open", folder)
-            try:
-                saving = asyncio.create_task(job.save(folder))
-                assert await asyncio.to_thread(_DISK.held.wait, 20)
-                # The step's deadline is at most 1 s after it was held (STEP_GRACE_S).
-                gives_up = _DISK.held_at + 1.0
+    async with _a_job_and_a_stuck_disk(emulator, folder) as (_, job):
+        saving = asyncio.create_task(job.save(folder))
+        assert await asyncio.to_thread(_DISK.held.wait, 20)
+        # The step's deadline is at most 1 s after it was held (STEP_GRACE_S).
+        gives_up = _DISK.held_at + 1.0
 
-                def busy_past_the_deadline() -> None:
-                    time.sleep(max(0.0, gives_up + 0.3 - time.monotonic()))
+        def busy_past_the_deadline() -> None:
+            time.sleep(max(0.0, gives_up + 0.3 - time.monotonic()))
 
-                def disk_answers() -> None:  # runs after the deadline's own timer
-                    _DISK.thaw()
-                    time.sleep(0.2)  # (loop held) the step ends on its thread meanwhile
+        def disk_answers() -> None:  # runs after the deadline's own timer
+            _DISK.thaw()
+            time.sleep(0.2)  # (loop held) the step ends on its thread meanwhile
 
-                loop.call_soon(busy_past_the_deadline)
-                loop.call_at(gives_up + 0.2, disk_answers)
-                with anyio.fail_after(15), contextlib.suppress(Exception):
-                    await saving
-            finally:
-                _DISK.thaw()
+        loop.call_soon(busy_past_the_deadline)
+        loop.call_at(gives_up + 0.2, disk_answers)
+        with anyio.fail_after(15), contextlib.suppress(Exception):
+            await saving
 
     def settled() -> bool:  # names only: a temporary file may go while it is looked at
         return not [p for p in folder.iterdir() if p.name.startswith(".")]
@@ -214,25 +225,18 @@ async def test_a_cancelled_save_whose_file_step_then_fails_logs_no_unretrieved_e
     failing (the disk full): the caller gets its cancel, and the step's error, answered by
     that cancel, is not logged by asyncio as "Task exception was never retrieved"."""
     folder = tmp_path / "out"
-    folder.mkdir()
     loop = asyncio.get_running_loop()
     unhandled: list[dict[str, Any]] = []
     handler = loop.get_exception_handler()
     loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
     try:
-        async with emulator() as emu, make_client(emu) as client:
-            job = await client.images.submit(prompt="a cat", model="dall-e-2")
-            await job
-            _DISK.freeze("open", folder)
-            try:
-                saving = asyncio.create_task(job.save(folder))
-                assert await asyncio.to_thread(_DISK.held.wait, 20)
-                saving.cancel()
-                _DISK.thaw(refusal=OSError(errno.ENOSPC, "No space left on device"))
-                with anyio.fail_after(15), pytest.raises(asyncio.CancelledError):
-                    await saving
-            finally:
-                _DISK.thaw()
+        async with _a_job_and_a_stuck_disk(emulator, folder, deadline=None) as (_, job):
+            saving = asyncio.create_task(job.save(folder))
+            assert await asyncio.to_thread(_DISK.held.wait, 20)
+            saving.cancel()
+            _DISK.thaw(refusal=OSError(errno.ENOSPC, "No space left on device"))
+            with anyio.fail_after(15), pytest.raises(asyncio.CancelledError):
+                await saving
         del saving
         gc.collect()
     finally:
@@ -252,24 +256,15 @@ async def test_a_callers_timeout_around_a_save_on_a_stuck_disk_still_says_timeou
     waits for its file step (so that it can clean up) only until its own deadline, then the
     caller gets the ``TimeoutError`` it asked for (not the disk's error in its place)."""
     folder = tmp_path / "out"
-    folder.mkdir()
-    async with emulator() as emu:
-        client = make_client(emu, downloads=DownloadPolicy(deadline=1.0))
-        async with client:
-            job = await client.images.submit(prompt="a cat", model="dall-e-2")
-            await job
-            _DISK.freeze("open", folder)
-            try:
-                with anyio.fail_after(15), pytest.raises(TimeoutError):
-                    async with asyncio.timeout(0.2):
-                        if how == "job.save":
-                            await job.save(folder)
-                        else:
-                            image = await job.image(0)
-                            await client.download(image, folder / "cat.{ext}", key=job.key)
-                assert not _DISK.thawed.is_set()  # it ended while the disk was still stuck
-            finally:
-                _DISK.thaw()
+    async with _a_job_and_a_stuck_disk(emulator, folder) as (client, job):
+        with anyio.fail_after(15), pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                if how == "job.save":
+                    await job.save(folder)
+                else:
+                    image = await job.image(0)
+                    await client.download(image, folder / "cat.{ext}", key=job.key)
+        assert not _DISK.thawed.is_set()  # it ended while the disk was still stuck
 
     def settled() -> bool:
         return not list(folder.iterdir())
