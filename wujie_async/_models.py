@@ -403,8 +403,8 @@ def _expected_seconds(value: Any) -> float | None:
     """Seconds left: a number, at most a day; a negative one (``-1`` is how gateways often say
     they have no estimate) or anything else is None. (Read as 0, it said "about 0 s left" of
     a job just queued, and told the schedule the job was ending now.)"""
-    number = None if value is None else _clamped(value, -1.0, MAX_EXPECTED_SECONDS)
-    return None if number is None or number < 0 else number
+    number = None if value is None else _number(value)
+    return None if number is None or number < 0 else min(number, MAX_EXPECTED_SECONDS)
 
 
 def _percent(value: Any) -> float | None:
