@@ -25,7 +25,8 @@
     │       ├── SensitivePromptError    20110001: the prompt contains sensitive words
     │       └── InsufficientBalanceError 20110010: out of points; never retried         [S]
     ├── TransportError              no usable reply (connection refused, reset, timed out)
-    │   │                           [S] when it never reached the server (reached_server=False)
+    │   │                           [S] when it never reached the server (reached_server=False);
+    │   │                           lasting=True: not retried (a TLS certificate not verified)
     │   └── SubmitUncertainError    a submit whose reply was lost: it may have been charged
     └── JobError                    a job (job_key) ended without images
         ├── JobFailedError          status 3 (fail_code, fail_message)
@@ -496,11 +497,16 @@ class TransportError(WujieError):
             (connection refused, DNS failure, connect timeout), so resending is safe.
         systemic: True exactly when ``reached_server`` is False: the gateway cannot be reached
             at all, so every request would fail the same way.
+        lasting: True when trying again soon cannot help, so the client made one try only:
+            the gateway's TLS certificate could not be verified (fix the base URL's host or
+            this machine's CA certificates). A refused or timed-out connection is not lasting
+            (a gateway restarting refuses connections for a moment): it is retried.
     """
 
-    def __init__(self, message: str, *, reached_server: bool) -> None:
+    def __init__(self, message: str, *, reached_server: bool, lasting: bool = False) -> None:
         self.reached_server = reached_server
         self.systemic = not reached_server
+        self.lasting = lasting
         super().__init__(message)
 
 

@@ -19,9 +19,10 @@ Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``
 submits never slow the polls, nor the reverse.
 
 Nothing is retried that would fail the same way again: 403, a missing route (404/405 without an
-envelope), a redirect, an empty balance, a reply over the size cap. Redirects are never
-followed: the signature covers only the app id and a timestamp, so a signed request sent on to
-wherever a ``Location`` points could be replayed there (and a 307 loop would pay once per hop).
+envelope), a redirect, an empty balance, a reply over the size cap, a TLS certificate that
+cannot be verified (``TransportError.lasting``). Redirects are never followed: the
+signature covers only the app id and a timestamp, so a signed request sent on to wherever a
+``Location`` points could be replayed there (and a 307 loop would pay once per hop).
 
 Secrets and exception chains: aiohttp's ``ClientResponseError`` and every ``ClientResponse``
 carry ``request_info``, whose headers hold the signed Authorization header, and a traceback
@@ -340,10 +341,11 @@ def _failure_reason(exc: BaseException) -> str:
     Only text is taken: ``str()`` of aiohttp's errors names the URL and the OS error, never
     the request headers (those live on ``request_info``, which is not kept).
     """
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+    certificate_error = _unverified_certificate(exc)
+    if certificate_error is not None:
         reason = (
             "the gateway's TLS certificate could not be verified (check the base URL's host, "
-            f"or this machine's CA certificates): {exc.certificate_error}"
+            f"or this machine's CA certificates): {certificate_error}"
         )
     elif isinstance(exc, aiohttp.ClientConnectorError):
         os_error = exc.os_error
@@ -363,6 +365,20 @@ def _failure_reason(exc: BaseException) -> str:
     name = type(exc).__name__
     reason = snippet(reason, limit=200)
     return f"{name}: {reason}" if reason else name
+
+
+def _unverified_certificate(exc: BaseException) -> BaseException | None:
+    """The ssl module's error of a connect failure that is a TLS certificate not verified
+    (untrusted, expired, for another host); None for any other failure. aiohttp raises
+    ClientConnectorCertificateError for it where it makes the connection itself, and may
+    pass one on inside a ClientConnectorSSLError elsewhere: both are the same refusal."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return exc.certificate_error
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+        exc.os_error, ssl.SSLCertVerificationError
+    ):
+        return exc.os_error
+    return None
 
 
 # What one exchange brought back, (status, headers, body): nothing of aiohttp's objects is
@@ -804,6 +820,10 @@ class Transport:
                 f"could not connect to {self.base_url}: {_failure_reason(exc)}; "
                 f"{_FIX_BASE_URL} and the network",
                 reached_server=False,
+                # A certificate not verified is refused the same way at every handshake (it
+                # was tried RetryPolicy.max_attempts times): nothing was sent, so it is the
+                # connect failure it is, only not retried.
+                lasting=_unverified_certificate(exc) is not None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             if _request_unwritten(exc):
@@ -1121,6 +1141,8 @@ def _retryable(exc: WujieError, kind: CallKind) -> bool:
         return False  # a missing route, a redirect, no balance: the same again every time
     if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
         return False  # the same question gets the same unreadable answer; ask about fewer keys
+    if isinstance(exc, TransportError) and exc.lasting:
+        return False  # a TLS certificate not verified: every handshake ends the same way
     if kind == "poll":
         return isinstance(exc, ServerError | ProtocolError | TransportError)
     if isinstance(exc, LockRaceError):
