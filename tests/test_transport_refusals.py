@@ -1,14 +1,15 @@
 """Exchanges that fail in a way the first failure already decides: a TLS certificate that
-cannot be verified (tried once, not once per attempt)."""
+cannot be verified (tried once, not once per attempt), and a 4xx reply whose body cannot be
+read (cut short, over the size cap), which its status line alone says was refused."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -16,20 +17,28 @@ import pytest
 from aiohttp.client_reqrep import ConnectionKey
 
 from wujie_async import (
+    AuthenticationError,
+    EndpointNotFoundError,
+    Limits,
+    RateLimitedError,
+    RequestRefusedError,
     RetryPolicy,
     SubmitUncertainError,
+    Timeouts,
     TransportError,
     WujieClient,
+    WujieError,
 )
-from wujie_async._transport import _failure_reason
+from wujie_async._transport import Transport, _failure_reason
 
 from .conftest import INSTANT_RETRY, open_transport
-from .helpers import INFO
+from .helpers import GENERATIONS, INFO
 from .hostile import throwaway_credentials
 from .test_download import self_signed_context
 
 pytestmark = pytest.mark.anyio
 
+CAP = 64 * 1024  # the tests' Limits.max_response_bytes
 RETRY = RetryPolicy(max_attempts=4, initial_wait=0.0, max_wait=0.05)
 
 
@@ -63,10 +72,8 @@ async def _tls_gateway(folder: Path, *, cut_handshake: bool = False) -> AsyncIte
                     writer.transport.abort()
                 else:
                     await writer.start_tls(context)  # the client refuses the certificate
+        finally:  # cancelled too, at the gateway's end: no socket left open
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        finally:
             handlers.discard(task)
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -140,3 +147,238 @@ def test_a_certificate_refusal_worded_as_an_ssl_error_is_one_too() -> None:
     assert "self-signed certificate" in said, said
     cut = _failure_reason(aiohttp.ClientConnectorSSLError(key, eof))
     assert cut == "ClientConnectorSSLError: TLS failed (UNEXPECTED_EOF_WHILE_READING)", cut
+
+
+# --- 4xx replies whose body cannot be read -------------------------------------------------------
+# How the gateway answers one request: it writes to the connection, which is closed after.
+Answer = Callable[[asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class _RawGateway:
+    """A gateway on real sockets answering its n-th request with ``answers[n]``; ``asked`` is
+    the path of each request, in order."""
+
+    origin: str = ""
+    asked: list[str] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def _raw_gateway(*answers: Answer) -> AsyncIterator[_RawGateway]:
+    gateway = _RawGateway()
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(
+                    int(line.split(":", 1)[1])
+                    for line in lines
+                    if line.lower().startswith("content-length:")
+                )
+                await reader.readexactly(length)
+                gateway.asked.append(lines[0].split(" ")[1])
+                await answers[len(gateway.asked) - 1](writer)
+        finally:  # cancelled too, at the gateway's end: no socket left open
+            writer.close()
+            handlers.discard(task)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    gateway.origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield gateway
+    finally:
+        server.close()
+        await server.wait_closed()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+def _head(status: int, length: int | None, *headers: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} Whatever", "Content-Type: application/json", *headers]
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    lines.append(framing)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def cut(status: int, *headers: str) -> Answer:
+    """A reply whose body stops at a tenth of its Content-Length; the connection closes."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(_head(status, 1000, *headers) + b'{"code":"' + b"<b>x</b>" * 10)
+        await writer.drain()
+
+    return answer
+
+
+def over_cap(status: int, *headers: str) -> Answer:
+    """A reply whose Content-Length is over the cap (its body comes as the client reads)."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(_head(status, 4 * CAP, *headers))
+        for _ in range(4 * CAP // 1024):
+            writer.write(b"<b>x</b>" * 128)
+            await writer.drain()
+
+    return answer
+
+
+def chunked_over_cap(status: int, *headers: str) -> Answer:
+    """A chunked reply that streams past the cap: no length says so beforehand."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(_head(status, None, *headers))
+        for _ in range(4 * CAP // 1024):
+            writer.write(b"400\r\n" + b"<b>x</b>" * 128 + b"\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+def stalled(status: int, *headers: str) -> Answer:
+    """A reply whose body stops at a tenth of its Content-Length, the connection left open."""
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        await cut(status, *headers)(writer)
+        await asyncio.Event().wait()  # until the gateway stops
+
+    return answer
+
+
+def accepted(key: str) -> Answer:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        body = b'{"code":"200","message":"success","data":{"key":"' + key.encode() + b'"}}'
+        writer.write(_head(200, len(body), "Connection: close") + body)
+        await writer.drain()
+
+    return answer
+
+
+def _client(origin: str, tmp_path: Path) -> WujieClient:
+    return WujieClient(
+        throwaway_credentials(),
+        base_url=origin,
+        retry=INSTANT_RETRY,
+        limits=Limits(max_response_bytes=CAP),
+        journal=tmp_path / "journal.sqlite",
+    )
+
+
+def _transport(origin: str) -> contextlib.AbstractAsyncContextManager[Transport]:
+    limits = Limits(max_response_bytes=CAP)
+    return open_transport(origin, throwaway_credentials(), retry=RETRY, limits=limits)
+
+
+@pytest.mark.parametrize("unreadable", [cut, over_cap, chunked_over_cap])
+async def test_a_429_whose_body_cannot_be_read_is_retried_and_charged_once(
+    unreadable: Callable[..., Answer], tmp_path: Path
+) -> None:
+    """A 429 whose body was cut short (or over the cap) ended SubmitUncertainError: "may have
+    been charged", never resent, though the status line said the gateway refused it."""
+    async with _raw_gateway(unreadable(429, "Retry-After: 0"), accepted("K0001")) as gateway:
+        async with _client(gateway.origin, tmp_path) as client:
+            job = await client.images.submit(prompt="x", model="dall-e-2")
+            assert job.key == "K0001"
+            rows = await client.journal_entries()
+            stats = client.stats
+    assert gateway.asked == [GENERATIONS, GENERATIONS]  # the 429, then the one that was accepted
+    assert [row.state for row in rows] == ["accepted"]
+    assert stats.retries == 1 and stats.rate_limited == 1  # the submit brake heard the 429
+
+
+@pytest.mark.parametrize(
+    ("status", "unreadable", "error", "tries"),
+    [
+        (400, cut, RequestRefusedError, 1),
+        (400, over_cap, RequestRefusedError, 1),
+        (400, chunked_over_cap, RequestRefusedError, 1),
+        (413, cut, RequestRefusedError, 1),
+        (404, over_cap, EndpointNotFoundError, 1),
+        (403, cut, AuthenticationError, 1),
+        (401, cut, AuthenticationError, 2),  # re-signed once, as any 401
+    ],
+)
+async def test_a_4xx_whose_body_cannot_be_read_is_the_refusal_its_status_says(
+    status: int,
+    unreadable: Callable[..., Answer],
+    error: type[WujieError],
+    tries: int,
+    tmp_path: Path,
+) -> None:
+    """A 400 whose body was over the cap (or cut short) was a SubmitUncertainError: journaled
+    uncertain, held on the budget, never resent, for a request the gateway refused."""
+    answers = [unreadable(status)] * tries
+    async with _raw_gateway(*answers) as gateway:
+        async with _client(gateway.origin, tmp_path) as client:
+            with pytest.raises(error) as refused:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert await client.uncertain_submits() == []
+            [row] = await client.journal_entries()
+    assert len(gateway.asked) == tries
+    assert not isinstance(refused.value, SubmitUncertainError)
+    assert row.state == "rejected"
+    assert getattr(refused.value, "http_status", None) == status
+    text = str(refused.value)
+    assert "the reply's body could not be read" in text, text
+    assert "<" not in text and "x</b>" not in text and len(text) < 800, text
+
+
+async def test_a_4xx_whose_body_never_comes_whole_is_refused_at_the_request_timeout(
+    tmp_path: Path,
+) -> None:
+    async with _raw_gateway(stalled(400)) as gateway:
+        client = WujieClient(
+            throwaway_credentials(),
+            base_url=gateway.origin,
+            retry=INSTANT_RETRY,
+            timeouts=Timeouts(request=0.5),
+            journal=tmp_path / "journal.sqlite",
+        )
+        async with client:
+            with pytest.raises(RequestRefusedError) as refused:
+                await client.images.submit(prompt="x", model="dall-e-2")
+            [row] = await client.journal_entries()
+    assert row.state == "rejected" and gateway.asked == [GENERATIONS]
+    assert "not whole within 0.5 s (Timeouts.request)" in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize("status", [500, 503, 200])
+@pytest.mark.parametrize("unreadable", [cut, over_cap])
+async def test_a_5xx_or_2xx_whose_body_cannot_be_read_stays_uncertain(
+    status: int, unreadable: Callable[..., Answer], tmp_path: Path
+) -> None:
+    """The server may have done the work before its reply broke: never resent."""
+    async with _raw_gateway(unreadable(status)) as gateway:
+        async with _client(gateway.origin, tmp_path) as client:
+            with pytest.raises(SubmitUncertainError):
+                await client.images.submit(prompt="x", model="dall-e-2")
+            assert len(await client.uncertain_submits()) == 1
+    assert gateway.asked == [GENERATIONS]
+
+
+async def test_a_batch_call_answered_4xx_with_an_unreadable_body_is_read_by_its_status() -> None:
+    """The same rule for batch queries: a 429 is left to the poller with its Retry-After (it
+    was a ResponseTooLargeError, which the poller answers by splitting the call, or a lost
+    reply, retried at once), a 400 is a refusal; a 503 cut short is retried, as before."""
+    async with _raw_gateway(over_cap(429, "Retry-After: 7"), cut(400)) as gateway:
+        async with _transport(gateway.origin) as transport:
+            with pytest.raises(RateLimitedError) as limited:
+                await transport.post(INFO, ["K1"], kind="poll")
+            assert limited.value.retry_after == 7.0
+            assert transport.counters.rate_limited == 1
+            with pytest.raises(RequestRefusedError):
+                await transport.post(INFO, ["K1"], kind="poll")
+    assert gateway.asked == [INFO, INFO]  # neither was asked again
+    async with _raw_gateway(*[cut(503)] * RETRY.max_attempts) as gateway:
+        async with _transport(gateway.origin) as transport:
+            with pytest.raises(TransportError):
+                await transport.post(INFO, ["K1"], kind="poll")
+    assert len(gateway.asked) == RETRY.max_attempts

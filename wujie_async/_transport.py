@@ -18,6 +18,9 @@ aiohttp (``_BodyDecoder``).
 Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``), so refused
 submits never slow the polls, nor the reverse.
 
+A 4xx reply whose body cannot be read (cut short, over the size cap) is read by its status
+alone: the status line says the request was refused (``_refused_unread``).
+
 Nothing is retried that would fail the same way again: 403, a missing route (404/405 without an
 envelope), a redirect, an empty balance, a reply over the size cap, a TLS certificate that
 cannot be verified (``TransportError.lasting``). Redirects are never followed: the
@@ -68,6 +71,7 @@ from . import _contract
 from ._auth import HeaderSigner
 from ._config import Limits, RetryPolicy, Timeouts
 from ._errors import (
+    APIError,
     AuthenticationError,
     ClientStateError,
     EndpointNotFoundError,
@@ -218,12 +222,16 @@ def _reply_error(
     envelope: Envelope | None,
     is_json: bool,
     url: str,
+    *,
+    unread: str = "",
 ) -> WujieError:
     """The typed error for a reply that is not a successful envelope.
 
-    Server text reaches messages only through ``snippet`` (APIError applies it).
+    Server text reaches messages only through ``snippet`` (APIError applies it). ``unread``:
+    why the body could not be read (see ``_refused_unread``), said in the message.
     """
     said = envelope.message if envelope else ""
+    unread = f"; the reply's body could not be read ({unread})" if unread else ""
     code = envelope.code if envelope else None
     body = snippet(raw)
     if (
@@ -255,7 +263,8 @@ def _reply_error(
     if status in (401, 403):
         refused = "authentication refused" if status == 401 else "access forbidden"
         return AuthenticationError(
-            _with_server_text(f"{refused}: {_FIX_CREDENTIALS} (and this machine's clock)", said),
+            _with_server_text(f"{refused}: {_FIX_CREDENTIALS} (and this machine's clock)", said)
+            + unread,
             http_status=status,
             code=code,
             body=body,
@@ -264,14 +273,14 @@ def _reply_error(
         # A web server or proxy answered, not the gateway: the route does not exist there.
         missing = "does not exist" if status == 404 else "does not accept POST"
         return EndpointNotFoundError(
-            f"{_FIX_BASE_URL}: {url or 'the URL'} {missing}",
+            f"{_FIX_BASE_URL}: {url or 'the URL'} {missing}{unread}",
             url=url,
             http_status=status,
             body=body,
         )
     if status == _contract.HTTP_RATE_LIMITED:
         return RateLimitedError(
-            said or "rate limited",
+            (said or "rate limited") + unread,
             retry_after=_retry_after(headers),
             http_status=status,
             code=code,
@@ -284,8 +293,10 @@ def _reply_error(
             407: " (it asks for credentials of its own)",
             413: " (the request body is too large for it)",
         }.get(status, "")
+        # Unread, the body cannot say whose refusal it was: only its status says it was one.
+        who = " by the server" if unread else " before the gateway by a proxy or web server"
         return RequestRefusedError(
-            f"refused before the gateway by a proxy or web server{why}; nothing was accepted",
+            f"refused{who}{why}{unread}; nothing was accepted",
             http_status=status,
             body=body,
         )
@@ -300,6 +311,19 @@ def _reply_error(
             "the reply is not a {code, message, data} envelope", http_status=status, body=body
         )
     return business_error(envelope.code, envelope.message, http_status=status)
+
+
+def _refused_unread(status: int, headers: Mapping[str, str], url: str, why: str) -> WujieError:
+    """The error a 4xx reply means by its status alone, its body unread (cut short, over the
+    size cap, too slow), ``why`` saying why (our words, not the server's).
+
+    The status line came whole and says the request was refused: a 429 is a rate limit
+    (Retry-After from the headers; retried as any 429), a 401/403 a credentials refusal, a
+    404/405 a missing route, another 4xx a ``RequestRefusedError``. Nothing was accepted, so a
+    submit so answered is not uncertain. A 2xx or 5xx so cut short stays what it was (a lost
+    reply, a reply over the cap): the server may have done the work.
+    """
+    return _reply_error(status, b"", headers, None, False, url, unread=why)
 
 
 def _with_server_text(advice: str, said: str) -> str:
@@ -674,6 +698,8 @@ class Transport:
         url = self.base_url + path
         reply = await self._exchange(url, payload, kind, on_wire)
         if isinstance(reply, WujieError):
+            if isinstance(reply, RateLimitedError):  # a 429 whose body could not be read
+                self._rate_limited(kind, sent_at, reply.retry_after)
             raise reply  # outside any except block: no aiohttp error rides in __context__
         problem: WujieError | None = None
         try:
@@ -811,8 +837,21 @@ class Transport:
                 body = await self._read_capped(reply)
                 await reply.wait_for_close()  # the request's writer, as an exit waits for it
                 if isinstance(body, WujieError):
+                    if 400 <= status < 500:
+                        why = body.message if isinstance(body, APIError) else str(body)
+                        return _refused_unread(status, headers, url, why)
                     return body
                 return status, headers, body
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                if not 400 <= status < 500:
+                    raise  # a reply lost (see below): the server may have done the work
+                # A 4xx's status line came whole: the request was refused, whatever became of
+                # the body (cut short, too slow). Read as a lost reply, a submit so refused was
+                # "may have been charged" (never resent), a 429 among them.
+                why = _failure_reason(exc)
+                if isinstance(exc, TimeoutError) and not str(exc):
+                    why = f"not whole within {self._timeouts.request} s (Timeouts.request)"
+                return _refused_unread(status, headers, url, why)
             finally:
                 reply.release()  # the connection back to the pool (or closed, if cut short)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
