@@ -62,7 +62,10 @@ async def main(prompts: list[str], out: Path) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    # The docstring as written: its command lines stay lines a user can copy.
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "prompts", type=Path, nargs="?", default=Path(__file__).parent / "prompts-1000.txt"
     )

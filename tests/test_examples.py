@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import functools
@@ -679,3 +680,21 @@ async def test_queue_consumer_names_its_consumer_after_its_journal(tmp_path: Pat
                 pass
         finally:
             await redis.aclose()
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("name", ["bulk_script.py", "web_app.py", "queue_consumer.py"])
+async def test_an_example_help_shows_its_commands_as_written(name: str) -> None:
+    """`--help` prints the module's docstring: its command lines stay lines a user can copy,
+    not words reflowed into the paragraph around them."""
+    module = ast.parse((EXAMPLES / name).read_text())
+    commands = [
+        line.strip()
+        for line in (ast.get_docstring(module) or "").splitlines()
+        if line.strip().startswith(".venv/bin/python examples/")
+    ]
+    assert commands, name
+    code, output = await run_example(str(EXAMPLES / name), "--help", timeout=30)
+    assert code == 0, output
+    shown = {line.strip() for line in output.splitlines()}
+    assert not [command for command in commands if command not in shown], output
