@@ -205,6 +205,50 @@ async def test_a_key_attached_by_two_members_resolves_in_both(
         assert max(asked) == 1
 
 
+async def test_each_ended_job_is_learned_once_in_each_process(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # The leader asks by its member's poll schedule (a new leader starts from what its member
+    # learned, and the member learns from every job it leads for). The member's own jobs end
+    # in both of its process's pollers, the leader's shadow's and its own (from the report):
+    # each must be learned once, not weighted double in the schedule's samples. A follower
+    # learns from its own jobs, as ever.
+    name = fleet_name()
+    async with (
+        emulator() as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        mine = [await leader.images.submit(prompt=f"l{i}", model="dall-e-2") for i in range(6)]
+        theirs = [await follower.images.submit(prompt=f"f{i}", model="dall-e-2") for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*mine, *theirs), 20)
+        assert fleet_of(leader).role == "leader"  # it led for every job
+        assert fleet_of(leader).jobs_learned == 6 + 4
+        assert fleet_of(follower).jobs_learned == 4
+
+
+async def test_a_key_both_members_own_is_learned_once_by_the_leader(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # The leader's member attaches a follower's key: from then on its own job learns from
+    # that key's reports, and the leader's shadow of it no longer does.
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.2) as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        job = await follower.images.submit(prompt="shared", model="dall-e-2")
+        other = leader.images.attach(job.key)
+        await asyncio.wait_for(asyncio.gather(job, other), 10)
+        assert fleet_of(leader).role == "leader"
+        assert (fleet_of(leader).jobs_learned, fleet_of(follower).jobs_learned) == (1, 1)
+
+
 @pytest.mark.long
 async def test_two_owners_of_a_key_each_keep_their_own_deadline(
     url: str, emulator: EmulatorFactory
