@@ -30,6 +30,8 @@ from wujie_async import (
     UnknownJobError,
     WujieClient,
 )
+from wujie_async._key_timing import KeyTiming
+from wujie_async._schedule import PollSchedule
 from wujie_async.emulator import FaultConfig
 from wujie_async.fleet import FleetMismatchError, FleetUnavailableError, RedisFleet
 from wujie_async.fleet._journal import _INTENT, RedisJournal
@@ -247,6 +249,21 @@ async def test_a_key_both_members_own_is_learned_once_by_the_leader(
         await asyncio.wait_for(asyncio.gather(job, other), 10)
         assert fleet_of(leader).role == "leader"
         assert (fleet_of(leader).jobs_learned, fleet_of(follower).jobs_learned) == (1, 1)
+
+
+def test_a_shadow_of_the_members_own_job_adds_no_figure_to_the_schedule() -> None:
+    # The leader's shadow of its member's job and the member's own job are two records of one
+    # job in one schedule: the shadow is planned by its reports but adds no figure to what the
+    # schedule learns (here, whole-second estimates: the third makes the model's coarse).
+    schedule = PollSchedule(FAST_POLL)
+    own, shadow = KeyTiming(created_at=0.0, model="m"), KeyTiming(created_at=0.0, model="m")
+    for timing, learn in ((own, True), (shadow, False)):
+        for now, left in ((0.5, 9.0), (1.5, 8.0)):
+            schedule.report(timing, now, expected_seconds=left, learn=learn)
+    assert shadow.predicted_end == own.predicted_end == 9.5  # planned all the same
+    assert not schedule.coarse("m")  # two whole-second figures of one job, not four
+    schedule.report(own, 2.5, expected_seconds=7.0)
+    assert schedule.coarse("m")
 
 
 @pytest.mark.long
