@@ -251,6 +251,29 @@ async def test_a_key_both_members_own_is_learned_once_by_the_leader(
         assert (fleet_of(leader).jobs_learned, fleet_of(follower).jobs_learned) == (1, 1)
 
 
+@pytest.mark.long
+async def test_a_member_that_takes_the_lead_mid_job_learns_its_jobs_once(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # Whoever leads: a follower's jobs still running when its leader closes end under its own
+    # leadership, in its leader's shadows and in its own jobs, and are learned once.
+    name = fleet_name()
+    config = {"time_scale": 1.0, "job_seconds": (3.0, 3.5)}  # a hand-over takes about 0.5 s
+    async with (
+        emulator(**config) as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        jobs = [await follower.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(4)]
+        await leader.aclose()
+        await eventually(lambda: fleet_of(follower).role == "leader", timeout=8)
+        assert not any(job.done() for job in jobs)  # they end under its lead
+        await asyncio.wait_for(asyncio.gather(*jobs), 15)
+        assert fleet_of(follower).jobs_learned == 4
+
+
 def test_a_shadow_of_the_members_own_job_adds_no_figure_to_the_schedule() -> None:
     # The leader's shadow of its member's job and the member's own job are two records of one
     # job in one schedule: the shadow is planned by its reports but adds no figure to what the
