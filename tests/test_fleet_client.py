@@ -30,6 +30,8 @@ from wujie_async import (
     UnknownJobError,
     WujieClient,
 )
+from wujie_async._key_timing import KeyTiming
+from wujie_async._schedule import PollSchedule
 from wujie_async.emulator import FaultConfig
 from wujie_async.fleet import FleetMismatchError, FleetUnavailableError, RedisFleet
 from wujie_async.fleet._journal import _INTENT, RedisJournal
@@ -203,6 +205,88 @@ async def test_a_key_attached_by_two_members_resolves_in_both(
         assert max(ended) - min(ended) < 0.5  # the same report, not a second owner's turn
         asked = [keys.count(job.key) for keys in emu.stats()["batch_keys"]]
         assert max(asked) == 1
+
+
+async def test_each_ended_job_is_learned_once_in_each_process(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # The leader asks by its member's poll schedule (a new leader starts from what its member
+    # learned, and the member learns from every job it leads for). The member's own jobs end
+    # in both of its process's pollers, the leader's shadow's and its own (from the report):
+    # each must be learned once, not weighted double in the schedule's samples. A follower
+    # learns from its own jobs, as ever.
+    name = fleet_name()
+    async with (
+        emulator() as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        mine = [await leader.images.submit(prompt=f"l{i}", model="dall-e-2") for i in range(6)]
+        theirs = [await follower.images.submit(prompt=f"f{i}", model="dall-e-2") for i in range(4)]
+        await asyncio.wait_for(asyncio.gather(*mine, *theirs), 20)
+        assert fleet_of(leader).role == "leader"  # it led for every job
+        assert fleet_of(leader).jobs_learned == 6 + 4
+        assert fleet_of(follower).jobs_learned == 4
+
+
+async def test_a_key_both_members_own_is_learned_once_by_the_leader(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # The leader's member attaches a follower's key: from then on its own job learns from
+    # that key's reports, and the leader's shadow of it no longer does.
+    name = fleet_name()
+    async with (
+        emulator(time_scale=0.2) as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        job = await follower.images.submit(prompt="shared", model="dall-e-2")
+        other = leader.images.attach(job.key)
+        await asyncio.wait_for(asyncio.gather(job, other), 10)
+        assert fleet_of(leader).role == "leader"
+        assert (fleet_of(leader).jobs_learned, fleet_of(follower).jobs_learned) == (1, 1)
+
+
+@pytest.mark.long
+async def test_a_member_that_takes_the_lead_mid_job_learns_its_jobs_once(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    # Whoever leads: a follower's jobs still running when its leader closes end under its own
+    # leadership, in its leader's shadows and in its own jobs, and are learned once.
+    name = fleet_name()
+    config = {"time_scale": 1.0, "job_seconds": (3.0, 3.5)}  # a hand-over takes about 0.5 s
+    async with (
+        emulator(**config) as emu,
+        member(emu, url, name, lease_seconds=10.0) as a,
+        member(emu, url, name, lease_seconds=10.0) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        leader, follower = (a, b) if fleet_of(a).role == "leader" else (b, a)
+        jobs = [await follower.images.submit(prompt=f"p{i}", model="dall-e-2") for i in range(4)]
+        await leader.aclose()
+        await eventually(lambda: fleet_of(follower).role == "leader", timeout=8)
+        assert not any(job.done() for job in jobs)  # they end under its lead
+        await asyncio.wait_for(asyncio.gather(*jobs), 15)
+        assert fleet_of(follower).jobs_learned == 4
+
+
+def test_a_shadow_of_the_members_own_job_adds_no_figure_to_the_schedule() -> None:
+    # The leader's shadow of its member's job and the member's own job are two records of one
+    # job in one schedule: the shadow is planned by its reports but adds no figure to what the
+    # schedule learns (here, whole-second estimates: the third makes the model's coarse).
+    schedule = PollSchedule(FAST_POLL)
+    own, shadow = KeyTiming(created_at=0.0, model="m"), KeyTiming(created_at=0.0, model="m")
+    for timing, learn in ((own, True), (shadow, False)):
+        for now, left in ((0.5, 9.0), (1.5, 8.0)):
+            schedule.report(timing, now, expected_seconds=left, learn=learn)
+    assert shadow.predicted_end == own.predicted_end == 9.5  # planned all the same
+    assert not schedule.coarse("m")  # two whole-second figures of one job, not four
+    schedule.report(own, 2.5, expected_seconds=7.0)
+    assert schedule.coarse("m")
 
 
 @pytest.mark.long

@@ -135,6 +135,8 @@ class _Tracked(KeyTiming):
     # Why the last call that asked about the key failed, until the gateway lists it again.
     failed_call: str | None = None
     trace: JobTrace | None = None  # its span and metrics record, while telemetry is on
+    # Whether its reports and end teach the schedule (see ``set_learning``).
+    learns: bool = True
 
 
 _new = object.__new__
@@ -174,6 +176,7 @@ def _new_tracked(
     tracked.asks = 0
     tracked.failed_call = None
     tracked.trace = trace
+    tracked.learns = True
     return tracked
 
 
@@ -366,16 +369,19 @@ class BatchPoller:
         *,
         age: float = 0.0,
         absence_grace: float | None = None,
+        learn: bool = True,
     ) -> None:
         """Start polling ``job``, whose changing fields this poller now writes: first ask
         after ``first_delay`` (default: the policy's, from its submit); ``trace``: the job's
         telemetry record, ended with the job; ``age``: seconds since it was submitted (a job
         taken over from elsewhere); ``absence_grace``: how long replies may leave the key out,
-        while it was never listed, before it ends as unknown (None: the policy's grace)."""
+        while it was never listed, before it ends as unknown (None: the policy's grace);
+        ``learn``: see :meth:`set_learning`."""
         now = asyncio.get_running_loop().time()
         request = job._request
         model = request.get("model") if request is not None else None
         tracked = _new_tracked(now - age, model if isinstance(model, str) else None, job, trace)
+        tracked.learns = learn
         self._jobs[job._key] = tracked
         if absence_grace is not None:
             self._absence_graces[job._key] = absence_grace
@@ -392,6 +398,15 @@ class BatchPoller:
                 "attached" if first_delay is not None else "submitted",
                 tracked.due - now,
             )
+
+    def set_learning(self, job: ImageJob, learn: bool) -> None:
+        """Whether ``job``'s reports and end teach the schedule (they do by default). Off for
+        a job another record in this process learns from, through a schedule shared with
+        it (a fleet leader's shadow of its own member's job): each job is learned once, not
+        weighted double in the schedule's samples. The job is polled as ever."""
+        tracked = self._jobs.get(job.key)
+        if tracked is not None and tracked.job is job:
+            tracked.learns = learn
 
     def forget(self, job: ImageJob) -> None:
         """Stop polling ``job``: the job's own cancel (``job.cancel()``) calls this."""
@@ -1004,7 +1019,11 @@ class BatchPoller:
                 )
         status = entry.status
         done_short = self._done_short_since
-        if status in _TERMINAL_STATUSES and (not done_short or key not in done_short):
+        if (
+            status in _TERMINAL_STATUSES
+            and (not done_short or key not in done_short)
+            and tracked.learns
+        ):
             ended_at = entry.complete_time
             if isinstance(ended_at, int | float):
                 fine = ended_at != int(ended_at)  # a stamp in whole seconds places no end alone
@@ -1056,6 +1075,7 @@ class BatchPoller:
                     queue_position=entry.queue_before_num,
                     queued=status == _QUEUED,
                     percent=entry.complete_percent,
+                    learn=tracked.learns,
                 ),
             )
             if job._status != before:

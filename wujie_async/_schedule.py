@@ -219,6 +219,7 @@ class PollSchedule:
         "_excess_late",
         "_fractional",
         "_integral",
+        "_jobs_learned",
         "_learned",
         "_long_spans",
         "_lookouts",
@@ -310,6 +311,14 @@ class PollSchedule:
         # Bumped when the learned window widens: jobs already waiting for a later window start
         # should be looked at again (the poller reschedules them).
         self.generation = 0
+        self._jobs_learned = 0
+
+    @property
+    def jobs_learned(self) -> int:
+        """How many ended jobs this schedule has learned from (``job_ended`` calls; every one
+        counts, whatever it taught). In a fleet each job counts once per process: a leader's
+        shadow of its own member's job leaves the learning to the member's own record."""
+        return self._jobs_learned
 
     # --- learning --------------------------------------------------------------------------
     def window(self, model: str | None) -> tuple[float, float]:
@@ -360,6 +369,7 @@ class PollSchedule:
         a gateway that gives no end time, stamps whole seconds or runs on a skewed clock must
         not teach the schedule that right estimates are wrong.
         """
+        self._jobs_learned += 1
         earliest = timing.last_ask if timing.last_ask is not None else timing.created_at
         error = None
         second = 0.0
@@ -669,6 +679,7 @@ class PollSchedule:
         queued: bool = False,
         asked_at: float | None = None,
         percent: float | None = None,
+        learn: bool = True,
     ) -> float:
         """Record a running job's report at ``now``; returns the loop time of the next ask.
 
@@ -687,6 +698,10 @@ class PollSchedule:
         (``_progress_tells``); that figure is judged as an estimate is (a progress that does
         not grow evenly with time fails the check that it counts down, and the job is asked
         about as one without an estimate).
+
+        ``learn``: False when another record of the same job in this process learns from its
+        reports (a fleet's leader's shadow of its own member's job): the job is planned as
+        any other, but its figures teach the schedule nothing (no sample counted twice).
         """
         policy = self._policy
         seen = now if asked_at is None else asked_at
@@ -719,7 +734,7 @@ class PollSchedule:
             # at by next_ask: Progress.bound).
             sooner = told
             if latest is not None and progress is not None:
-                self._note_bound(timing, progress, seen, latest, seen + expected_seconds)
+                self._note_bound(timing, progress, seen, latest, seen + expected_seconds, learn)
             elif (
                 progress is not None
                 and progress.bound is not None
@@ -730,14 +745,17 @@ class PollSchedule:
         if progress is not None and progress.bound is not None and latest is None and not queued:
             self._check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
-            coarse = timing.model not in self._fractional and self._note_resolution(
-                timing.model, expected_seconds
+            coarse = timing.model not in self._fractional and (
+                self._note_resolution(timing.model, expected_seconds)
+                if learn
+                else self.coarse(timing.model)
             )
             predicted = seen + expected_seconds
             previous = timing.predicted_end
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
-                self._learn_span(timing.model, timing.predicted_span)
+                if learn:
+                    self._learn_span(timing.model, timing.predicted_span)
                 self._reported += 1
                 if timing.model not in self._errors:  # (no lookouts once an end is seen)
                     self._choose_lookout(timing, predicted, seen)
@@ -782,7 +800,7 @@ class PollSchedule:
                         timing.predicted_span = max(predicted - seen, policy.min_interval)
                     else:
                         timing.estimate_live = False
-                if check and gap > step:
+                if check and gap > step and learn:
                     self._note_check(
                         timing.model,
                         was_queued,
@@ -825,7 +843,13 @@ class PollSchedule:
         return ask
 
     def _note_bound(
-        self, timing: KeyTiming, progress: Progress, seen: float, latest: float, predicted: float
+        self,
+        timing: KeyTiming,
+        progress: Progress,
+        seen: float,
+        latest: float,
+        predicted: float,
+        learn: bool = True,
     ) -> None:
         """Keep ``latest`` (the first reading's bound on the job's end, read at ``seen``) as
         ``progress.bound`` when it lies well before ``predicted`` (the estimate's end): the
@@ -859,7 +883,8 @@ class PollSchedule:
         if ratios is None:
             ratios = self._bound_ratios[timing.model] = _Quantiles()
         ratio = (latest - seen) / left
-        ratios.add(ratio)
+        if learn:  # (see report)
+            ratios.add(ratio)
         if latest + self._bound_margin(span) >= predicted:
             return
         low = ratios.quantile(TUNING.bound_quantile) if len(ratios) >= TUNING.min_samples else 1.0

@@ -48,6 +48,8 @@ class FleetStats:
         mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
         leader_calls: batch calls this member sent as a leader (part of ``batch_calls``).
         leader_keys: keys those calls asked about.
+        jobs_learned: ended jobs this member's poll schedule has learned from: its own, and
+            those of the other members it polled as a leader; each job once.
     """
 
     role: Literal["leader", "follower", "local"]
@@ -58,6 +60,7 @@ class FleetStats:
     mean_batch_fill: float
     leader_calls: int
     leader_keys: int
+    jobs_learned: int = 0
 
 
 @dataclass(frozen=True, slots=True)

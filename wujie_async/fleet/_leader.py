@@ -8,6 +8,10 @@ keys asked; a shadow that ends without a terminal entry (unknown, malformed, too
 its deadline) is reported to its owners with its error. A shadow that ended takes its key out
 of the registry (the owners' own removals may never come: an owner may have died).
 
+The schedule is its member's client poller's, so each job is learned once in this process: a
+shadow of a key this member owns teaches the schedule nothing, as the member's own job learns
+from the same replies (the reports) as every follower's does; every other shadow teaches it.
+
 Before each batch call the lease must have time left, so a leader frozen past its lease sends
 nothing after it thaws.
 
@@ -112,7 +116,8 @@ class ShardLeader:
         policy: the client's poll policy: the fleet's schedule.
         limits: the client's limits (concurrent batch calls, reply size).
         schedule: the client's poller's schedule: a new leader asks by what its member has
-            learned from its own jobs, and its member learns from every job it leads for.
+            learned, and its member learns from every job it leads for (its own jobs once,
+            through its own poller: see the module docstring).
     """
 
     def __init__(
@@ -286,6 +291,8 @@ class ShardLeader:
                     if not found[1]:
                         del self._shadows[key]
                         found[0].cancel()  # nobody waits for it
+                    else:
+                        self._learn_unless_mine(*found)
             elif found is None:
                 self._shadow(key, info, {owner}, now, unix_now)
             elif now + info.deadline - unix_now > found[0].deadline:
@@ -297,6 +304,12 @@ class ShardLeader:
                 self._shadow(key, info, found[1] | {owner}, now, unix_now)
             else:
                 found[1].add(owner)
+                self._learn_unless_mine(*found)
+
+    def _learn_unless_mine(self, shadow: ImageJob, owners: set[str]) -> None:
+        """A shadow teaches the schedule unless this member owns its key: the member's own
+        job learns from the same replies (its reports), and shares the schedule."""
+        self._poller.set_learning(shadow, self._lease.member_id not in owners)
 
     def _shadow(
         self, key: str, info: KeyInfo, owners: set[str], now: float, unix_now: float
@@ -318,6 +331,7 @@ class ShardLeader:
             shadow,
             max(0.0, info.submitted + first - unix_now),
             age=max(0.0, unix_now - info.submitted),
+            learn=self._lease.member_id not in owners,  # (_learn_unless_mine)
         )
 
     def _replied(self, keys: list[str], data: Any) -> None:

@@ -550,6 +550,7 @@ class FleetMember:
             mean_batch_fill=self._fleet_keys / self._fleet_calls if self._fleet_calls else 0.0,
             leader_calls=calls,
             leader_keys=keys,
+            jobs_learned=self._poller.schedule.jobs_learned if self._poller is not None else 0,
         )
 
     async def _refresh_figures(self) -> bool:
