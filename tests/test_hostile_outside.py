@@ -1683,6 +1683,66 @@ async def test_an_image_reply_of_broken_http_fails_typed_and_in_time(
     assert_logs_clean(logs, gw)
 
 
+SURROGATES = "bad \ud800 half \udfff pair \U0001f600 end"
+
+
+async def test_lone_surrogates_in_server_text_neither_crash_nor_leak(
+    logs: Records, tmp_path: Path
+) -> None:
+    # JSON may escape half a surrogate pair ("\\ud800"): Python reads a string that cannot be
+    # encoded as UTF-8. Printing or logging it must not raise UnicodeEncodeError.
+    def listed(key: str, asked: int) -> list[Any]:
+        image = {"url": OK_IMAGE + "?q=\ud800", "revised_prompt": SURROGATES}
+        return [entry(key, 4, images=[image])]
+
+    plans = {
+        "p": _failed_with(3, {"fail_code": 1, "fail_message": SURROGATES}),
+        "text": _failed_with(3, SURROGATES),
+        "img": listed,
+    }
+
+    async def hook(request: web.Request) -> web.StreamResponse | None:
+        body = await request.json()
+        if body["prompt"] == "refused":
+            return _refusal(200, "20010001", SURROGATES)
+        return None
+
+    async with gateway(plans=plans, submit_hook=hook) as gw, client_of(gw) as client:
+        errors = []
+        for prompt in ("p", "text"):
+            job = await client.images.submit(prompt=prompt, model="gpt-image-1")
+            errors.append(await ended(job, 3))
+        with pytest.raises(WujieError) as caught:
+            await client.images.submit(prompt="refused", model="gpt-image-1")
+        errors.append(caught.value)
+        job = await client.images.submit(prompt="img", model="gpt-image-1")
+        [image] = (await job).images
+        f"{image.url} {image.revised_prompt} {image!r}".encode()
+        try:
+            await job.save(tmp_path)
+        except WujieError as exc:
+            errors.append(exc)
+    for shown in errors:
+        assert shown is not None
+        exception_texts(shown).encode("utf-8")  # no lone surrogate left
+    for line in logs.lines:
+        line.encode("utf-8")
+
+
+@pytest.mark.parametrize("progress", ["rich", "plain"])
+async def test_cli_progress_displays_keep_markup_literal(progress: str, tmp_path: Path) -> None:
+    plans = {"p": _failed_with(3, {"fail_code": 1, "fail_message": f"{MARKUP} {SURROGATES}"})}
+    async with gateway(plans=plans) as gw:
+        code, out, err = await cli(
+            "generate", "p", "-o", str(tmp_path), "--progress", progress, env=cli_env(gw)
+        )
+    assert code != 0 and "Traceback" not in err, (out, err)
+    assert "Logging error" not in err, err
+    assert_markup_literal(out + err)
+    assert "LOUD" in out + err
+    (out + err).encode("utf-8")
+
+
 @pytest.mark.parametrize("fault", ["404", "html", "drip"])
 async def test_download_errors_of_a_url_quoting_the_signature_do_not_quote_it(
     fault: str, tmp_path: Path, logs: Records
