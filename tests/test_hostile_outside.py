@@ -1743,6 +1743,28 @@ async def test_cli_progress_displays_keep_markup_literal(progress: str, tmp_path
     (out + err).encode("utf-8")
 
 
+async def test_image_fields_quoting_the_signature_stay_out_of_reprs_and_logs(
+    logs: Records,
+) -> None:
+    # A proxy that echoes the request's header into a 200 reply's image fields (the revised
+    # prompt, the URL's path): the job succeeds, and its reprs and logs do not quote it.
+    async def hook(request: web.Request, asked: list[str], call: int) -> web.StreamResponse:
+        sign = json.loads(request.headers["Authorization"])["sign"]
+        image = {
+            "url": f"http://127.0.0.1:{gw.port}/img/{urllib.parse.quote(sign, safe='')}.png",
+            "revised_prompt": f"echo: {sign}",
+        }
+        listed = [entry(key, 4, images=[image]) for key in asked]
+        return web.json_response({"code": "200", "message": "success", "data": {"list": listed}})
+
+    async with gateway(reply_hook=hook) as gw, client_of(gw) as client:
+        job = await client.images.submit(prompt="p", model="gpt-image-1")
+        result = await job
+        shown = "\n".join([repr(job), repr(result), repr(job.snapshot()), repr(result.images)])
+    assert_clean(shown, gw, "a repr")
+    assert_logs_clean(logs, gw)
+
+
 @pytest.mark.parametrize("fault", ["404", "html", "drip"])
 async def test_download_errors_of_a_url_quoting_the_signature_do_not_quote_it(
     fault: str, tmp_path: Path, logs: Records
