@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import re
+import socket
 import struct
 import time
 import traceback
@@ -1095,6 +1096,7 @@ async def test_job_failures_quoting_the_signature_are_shown_clean(logs: Records)
             error = await ended(job, 3)
             assert isinstance(error, JobFailedError)
             assert_clean(exception_texts(error), gw, "a job's error")
+            assert not secrets_in(frame_locals(error), gw.signs)
     assert_logs_clean(logs, gw)
 
 
@@ -1171,11 +1173,10 @@ def assert_markup_literal(output: str) -> None:
         assert "[bold red]LOUD" in output, output
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
-async def test_cli_generate_shows_a_hostile_failure_inert(verbose: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flags", [[], ["--verbose"], ["--json"]], ids=["plain", "verbose", "json"])
+async def test_cli_generate_shows_a_hostile_failure_inert(flags: list[str], tmp_path: Path) -> None:
     plans = {"p": _failed_with(3, {"fail_code": 20110001, "fail_message": NASTY})}
     async with gateway(plans=plans) as gw:
-        flags = ["--verbose"] if verbose else []
         code, out, err = await cli(
             "generate", "p", "-o", str(tmp_path), "--progress", "plain", *flags, env=cli_env(gw)
         )
@@ -1797,3 +1798,97 @@ async def test_download_errors_of_a_url_quoting_the_signature_do_not_quote_it(
     assert seen, "the image server was never asked"
     assert_clean(exception_texts(caught.value), gw, "the download's error")
     assert_logs_clean(logs, gw)
+
+
+# --- deeper: what an error reporter records, log volume, silent and vanishing servers -------------
+
+
+def frame_locals(exc: BaseException) -> str:
+    """The reprs of every local of every frame in the tracebacks of ``exc`` and its causes and
+    contexts: what an error reporter that records locals (Sentry's default) stores."""
+    texts: list[str] = []
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        tb = current.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_filename != __file__:  # this test's own frames hold its gateway
+                for name, value in tb.tb_frame.f_locals.items():
+                    with contextlib.suppress(Exception):
+                        texts.append(f"{code.co_filename}:{code.co_name}: {name}={value!r}")
+            tb = tb.tb_next
+        pending += [current.__cause__, current.__context__]
+    return "\n".join(texts)
+
+
+@pytest.mark.parametrize("refusal", ["auth-401", "business", "server-500-html", "proxy-502-text"])
+async def test_no_frame_of_a_refusal_holds_the_signature(refusal: str) -> None:
+    async def hook(request: web.Request) -> web.StreamResponse:
+        return SUBMIT_REFUSALS[refusal](_echo(request))
+
+    async with gateway(submit_hook=hook) as gw:
+        retry = RetryPolicy(max_attempts=1, initial_wait=0, max_wait=0, max_elapsed=1)
+        async with client_of(gw, retry=retry) as client:
+            with pytest.raises(WujieError) as caught:
+                await client.images.submit(prompt="p", model="gpt-image-1")
+    leaked = [
+        line for line in frame_locals(caught.value).splitlines() if secrets_in(line, gw.signs)
+    ]
+    assert not leaked, "frames of the error's traceback hold the signature:\n" + "\n".join(
+        line[:300] for line in leaked
+    )
+
+
+async def test_a_gateway_failing_every_call_differently_writes_few_log_lines(
+    logs: Records,
+) -> None:
+    # Every batch call fails with a new message (a 503 quoting a request id): the warnings are
+    # gated, not one per call.
+    async def hook(request: web.Request, asked: list[str], call: int) -> web.StreamResponse:
+        return _refusal(503, "503", f"busy, request id {call} {NASTY}")
+
+    async with gateway(reply_hook=hook) as gw:
+        timeouts = Timeouts(connect=1, request=1, job=1.5, close=1)
+        async with client_of(gw, timeouts=timeouts) as client:
+            jobs = [await client.images.submit(prompt="p", model="gpt-image-1") for _ in range(20)]
+            for job in jobs:
+                assert isinstance(await ended(job, 3), JobTimeoutError)
+    assert gw.batch_calls >= 10
+    warnings = [line for line in logs.lines if line.startswith("WARNING")]
+    assert len(warnings) <= 5, "\n".join(warnings)
+    assert_logs_clean(logs, gw)
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "close", "reset"])
+async def test_a_gateway_that_says_nothing_fails_a_submit_typed_by_the_deadline(
+    behaviour: str,
+) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if behaviour == "silent":
+            await asyncio.sleep(30)
+        elif behaviour == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+
+    async with raw_server(serve) as port:
+        timeouts = Timeouts(connect=1, request=0.5, job=5, close=1)
+        client = WujieClient(
+            CREDS,
+            base_url=f"http://127.0.0.1:{port}{BASE_PATH}",
+            poll=POLL,
+            retry=QUICK_RETRY,
+            timeouts=timeouts,
+        )
+        async with client:
+            started = time.monotonic()
+            with pytest.raises(WujieError) as caught:
+                await client.images.submit(prompt="p", model="gpt-image-1")
+            assert time.monotonic() - started < 0.5 * 2 + 1
+    # The request went out: it may have been taken (and charged).
+    assert isinstance(caught.value, SubmitUncertainError), repr(caught.value)
