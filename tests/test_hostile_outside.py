@@ -1892,3 +1892,78 @@ async def test_a_gateway_that_says_nothing_fails_a_submit_typed_by_the_deadline(
             assert time.monotonic() - started < 0.5 * 2 + 1
     # The request went out: it may have been taken (and charged).
     assert isinstance(caught.value, SubmitUncertainError), repr(caught.value)
+
+
+async def test_cancelling_a_save_from_a_server_that_never_ends_leaves_no_file(
+    tmp_path: Path,
+) -> None:
+    # No deadline and no minimum rate (both off): only the caller's own timeout ends a save
+    # from a server that sends a byte at a time for ever. It ends at once, and no partial or
+    # temporary file stays behind.
+    async def endless(request: web.Request) -> web.StreamResponse:
+        return await _drip(request, "image/png", PNG[:16])
+
+    async with gateway(files={"x.png": endless}) as gw:
+        gw.plans["p"] = done_with(gw.url("x.png"))
+        downloads = DownloadPolicy(deadline=None, min_rate=None, read_timeout=30)
+        async with client_of(gw, downloads=downloads) as client:
+            job = await client.images.submit(prompt="p", model="gpt-image-1")
+            await job
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await job.save(tmp_path)
+            assert time.monotonic() - started < 0.3 + 0.5
+            # The client is still usable, and saves the next image as usual.
+            gw.plans["q"] = done_with(gw.url("ok.png"))
+            other = await client.images.submit(prompt="q", model="gpt-image-1")
+            saved = await other.save(tmp_path)
+    assert sorted(tmp_path.iterdir()) == [saved[0].path]
+
+
+@pytest.mark.parametrize(
+    "code", ["200 ", " 200", "200\n", "0", "success", "SUCCESS", True, None, [200], {"c": 200}]
+)
+async def test_an_odd_success_code_beside_a_key_is_never_read_as_not_accepted(code: Any) -> None:
+    # A reply whose code is not the contract's "200" but whose data holds a key: the job may
+    # exist (and be charged). Accepted, or uncertain: never "refused, not charged".
+    async def hook(request: web.Request) -> web.StreamResponse:
+        envelope = {"code": code, "message": "success", "data": {"key": "K" * 32}}
+        return web.json_response(envelope)
+
+    async with gateway(submit_hook=hook) as gw, client_of(gw) as client:
+        try:
+            job = await client.images.submit(prompt="p", model="gpt-image-1")
+        except WujieError as exc:
+            assert isinstance(exc, SubmitUncertainError), repr(exc)
+        else:
+            assert job.key == "K" * 32
+
+
+async def test_as_completed_over_hostile_jobs_yields_each_once_by_its_deadline() -> None:
+    plans: dict[str, Plan] = {
+        "ok": done_with(OK_IMAGE),
+        "failed": _failed_with(3, NASTY),
+        "malformed": _forever(lambda k: [entry(k, "done")]),
+        "absent": lambda key, asked: [],
+        "forever": lambda key, asked: [entry(key, 1, expected_seconds=-1)],
+    }
+    async with gateway(plans=plans) as gw:
+        timeouts = Timeouts(connect=1, request=1, job=1.5, close=1)
+        async with client_of(gw, timeouts=timeouts) as client:
+            jobs = [
+                await client.images.submit(prompt=prompt, model="gpt-image-1")
+                for prompt in plans
+                for _ in range(3)
+            ]
+            async with asyncio.timeout(4):
+                seen = [job async for job in client.as_completed(jobs)]
+    assert sorted(job.key for job in seen) == sorted(job.key for job in jobs)
+    errors = {job.request["prompt"] if job.request else "": type(job.exception()) for job in seen}
+    assert errors == {
+        "ok": type(None),
+        "failed": JobFailedError,
+        "malformed": JobProtocolError,
+        "absent": UnknownJobError,
+        "forever": JobTimeoutError,
+    }
