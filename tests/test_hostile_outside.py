@@ -1611,11 +1611,12 @@ async def test_a_million_image_placeholders_fail_their_own_job_only(tmp_path: Pa
 
 
 @pytest.mark.long  # the client waits IMAGES_AFTER_SUCCESS_GRACE (3 s) for images listed late
-async def test_a_placeholder_image_is_not_an_image() -> None:
-    # n=2, done with image 0 a placeholder (neither url nor b64_json) and image 1 real: image 1
-    # resolves, image 0 and the job end with IncompleteJobError holding image 1.
+@pytest.mark.parametrize("placeholder", [{"url": None, "b64_json": None}, None])
+async def test_a_placeholder_image_is_not_an_image(placeholder: Any) -> None:
+    # n=2, done with image 0 a placeholder (neither url nor b64_json, or null) and image 1
+    # real: image 1 resolves, image 0 and the job end with IncompleteJobError holding image 1.
     def plan(key: str, asked: int) -> list[Any]:
-        return [entry(key, 4, images=[{"url": None, "b64_json": None}, {"url": OK_IMAGE}])]
+        return [entry(key, 4, images=[placeholder, {"url": OK_IMAGE}])]
 
     async with gateway(plans={"p": plan}) as gw, client_of(gw) as client:
         job = await client.images.submit(prompt="p", model="gpt-image-1", n=2)
@@ -1967,3 +1968,28 @@ async def test_as_completed_over_hostile_jobs_yields_each_once_by_its_deadline()
         "absent": UnknownJobError,
         "forever": JobTimeoutError,
     }
+
+
+async def test_a_null_image_in_a_running_listing_is_an_image_not_made_yet() -> None:
+    # n=2, image 1 finished first: while the job runs (longer than the unknown-key grace) the
+    # gateway lists [null, image 1], null standing for the image not made yet, then both. The
+    # paid job succeeds with both, image 1 resolving early; a null item is no image, not a
+    # reason to read the whole entry (its status included) as malformed.
+    started: dict[str, float] = {}
+    running_for = POLL.unknown_key_grace * 2
+
+    def plan(key: str, asked: int) -> list[Any]:
+        started.setdefault(key, time.monotonic())
+        if time.monotonic() - started[key] < running_for:
+            return [entry(key, 1, complete_percent=50, images=[None, {"url": OK_IMAGE + "?1"}])]
+        return [entry(key, 4, images=[{"url": OK_IMAGE + "?0"}, {"url": OK_IMAGE + "?1"}])]
+
+    async with gateway(plans={"p": plan}) as gw, client_of(gw) as client:
+        job = await client.images.submit(prompt="p", model="gpt-image-1", n=2)
+        second = await job.image(1, timeout=running_for)
+        assert not job.done() and second.url == gw.url("ok.png") + "?1"
+        result = await asyncio.wait_for(job.result(), running_for + 2)
+    assert [image.url for image in result.images] == [
+        gw.url("ok.png") + "?0",
+        gw.url("ok.png") + "?1",
+    ]

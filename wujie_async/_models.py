@@ -531,18 +531,20 @@ class ImageInfo:
         )
 
 
-_IMAGES_RULE = "must be a list of objects (or null)"
+_IMAGES_RULE = "must be a list of objects or nulls (or null)"
 
 
 def _images(value: Any) -> tuple[ImageInfo, ...] | None:
     """``images``: its first MAX_IMAGES_PER_JOB objects, each field that is not text None (a
-    number for ``revised_prompt`` must not cost the job an image it paid for).
+    number for ``revised_prompt`` must not cost the job an image it paid for); a null item is
+    an image not made yet, read as a placeholder (neither ``url`` nor ``b64_json``).
 
     No job makes more than MAX_IMAGES_PER_JOB images: the rest of a longer list is not read (a
     reply of a few MB can list millions of empty placeholders).
 
     Raises:
-        EntryError: not a list, or an image in its first MAX_IMAGES_PER_JOB is not an object.
+        EntryError: not a list, or an image in its first MAX_IMAGES_PER_JOB is neither an
+            object nor null.
     """
     if value is None:
         return None
@@ -552,7 +554,14 @@ def _images(value: Any) -> tuple[ImageInfo, ...] | None:
     new = _new
     for image in value[: _contract.MAX_IMAGES_PER_JOB]:
         if type(image) is not dict and not isinstance(image, dict):
-            raise EntryError(f"images[{len(images)}]", "must be an object")
+            if image is None:
+                # JSON's null for an image not made yet (a job of n > 1 that finished a later
+                # image first): no image at this index, as a placeholder says. Read as a
+                # malformed entry, it hid the job's status, and the paid job ended with
+                # JobProtocolError once that lasted the unknown-key grace.
+                images.append(ImageInfo())
+                continue
+            raise EntryError(f"images[{len(images)}]", "must be an object or null")
         get = image.get
         url, b64, revised = get("url"), get("b64_json"), get("revised_prompt")
         # Built without a call of __init__ (a frame per image), as JobInfo.read builds entries.
@@ -650,9 +659,9 @@ class JobInfo:
         ``complete_percent`` to 0 to 100; any
         other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
         boolean for a number, a wrong type, a time text with control characters, an image's
-        ``url``, ``b64_json`` or ``revised_prompt`` that is not text) becomes None. Unknown
-        fields are ignored. Only a bad key, status or image list (not a list of objects) fails
-        the entry.
+        ``url``, ``b64_json`` or ``revised_prompt`` that is not text) becomes None; a null
+        image is a placeholder (an image not made yet). Unknown fields are ignored. Only a bad
+        key, status or image list (not a list of objects or nulls) fails the entry.
 
         Raises:
             EntryError: the entry is not an object, or its key, status or images are
