@@ -1993,3 +1993,37 @@ async def test_a_null_image_in_a_running_listing_is_an_image_not_made_yet() -> N
         gw.url("ok.png") + "?0",
         gw.url("ok.png") + "?1",
     ]
+
+
+@pytest.mark.parametrize("empty", [{}, RawJson("{ }")], ids=["object", "object-spaced"])
+async def test_an_empty_object_for_an_empty_image_list_is_an_empty_list(empty: Any) -> None:
+    # Lua's cjson (OpenResty gateways) writes an empty table as {}: a running job's "images"
+    # come as {} until there are some. The job goes on (longer than the unknown-key grace)
+    # and succeeds, and a key the gateway lists as {"list": {}} is absent, not a failed call.
+    started: dict[str, float] = {}
+    running_for = POLL.unknown_key_grace * 2
+
+    def plan(key: str, asked: int) -> list[Any]:
+        started.setdefault(key, time.monotonic())
+        if time.monotonic() - started[key] < running_for:
+            return [entry(key, 1, complete_percent=50, images=empty)]
+        return [entry(key, 4, images=[{"url": OK_IMAGE}])]
+
+    async with gateway(plans={"p": plan}) as gw, client_of(gw) as client:
+        job = await client.images.submit(prompt="p", model="gpt-image-1")
+        assert await ended(job, running_for + 2) is None
+
+
+async def test_an_empty_object_for_an_empty_list_of_entries_means_none_listed() -> None:
+    # {"list": {}}: nothing listed (Lua's cjson again). A key never listed so ends as unknown
+    # after the grace, not at its deadline as if every call had failed.
+    async def hook(request: web.Request, asked: list[str], call: int) -> web.StreamResponse:
+        envelope = {"code": "200", "message": "success", "data": {"list": {}}}
+        return web.json_response(envelope)
+
+    async with gateway(reply_hook=hook) as gw:
+        timeouts = Timeouts(connect=1, request=1, job=30, close=1)
+        async with client_of(gw, timeouts=timeouts) as client:
+            job = await client.images.submit(prompt="p", model="gpt-image-1")
+            error = await ended(job, POLL.unknown_key_grace + 2)
+    assert isinstance(error, UnknownJobError), repr(error)

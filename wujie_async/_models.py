@@ -537,7 +537,8 @@ _IMAGES_RULE = "must be a list of objects or nulls (or null)"
 def _images(value: Any) -> tuple[ImageInfo, ...] | None:
     """``images``: its first MAX_IMAGES_PER_JOB objects, each field that is not text None (a
     number for ``revised_prompt`` must not cost the job an image it paid for); a null item is
-    an image not made yet, read as a placeholder (neither ``url`` nor ``b64_json``).
+    an image not made yet, read as a placeholder (neither ``url`` nor ``b64_json``), and an
+    empty object is an empty list.
 
     No job makes more than MAX_IMAGES_PER_JOB images: the rest of a longer list is not read (a
     reply of a few MB can list millions of empty placeholders).
@@ -549,6 +550,11 @@ def _images(value: Any) -> tuple[ImageInfo, ...] | None:
     if value is None:
         return None
     if type(value) is not list and not isinstance(value, list | tuple):
+        if isinstance(value, dict) and not value:
+            # An empty list as Lua's cjson (an OpenResty gateway) writes an empty table: read
+            # as malformed, it hid a running job's status, and the paid job ended with
+            # JobProtocolError once that lasted the unknown-key grace.
+            return ()
         raise EntryError("images", _IMAGES_RULE)
     images: list[ImageInfo] = []
     new = _new
