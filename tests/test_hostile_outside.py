@@ -2027,3 +2027,27 @@ async def test_an_empty_object_for_an_empty_list_of_entries_means_none_listed() 
             job = await client.images.submit(prompt="p", model="gpt-image-1")
             error = await ended(job, POLL.unknown_key_grace + 2)
     assert isinstance(error, UnknownJobError), repr(error)
+
+
+_B64 = base64.b64encode(PNG).decode()
+INLINE_FORMS = {
+    "plain": _B64,
+    "data-url": "data:image/png;base64," + _B64,
+    "mime-wrapped": "\n".join(_B64[start : start + 20] for start in range(0, len(_B64), 20)),
+    "urlsafe": base64.urlsafe_b64encode(PNG).decode(),
+    "no-padding": _B64.rstrip("="),
+    "padded": "  " + _B64 + "\n",
+}
+
+
+@pytest.mark.parametrize("form", sorted(INLINE_FORMS))
+async def test_a_paid_inline_image_in_any_common_base64_form_is_saved(
+    form: str, tmp_path: Path
+) -> None:
+    def plan(key: str, asked: int) -> list[Any]:
+        return [entry(key, 4, images=[{"url": None, "b64_json": INLINE_FORMS[form]}])]
+
+    async with gateway(plans={"p": plan}) as gw, client_of(gw) as client:
+        job = await client.images.submit(prompt="p", model="gpt-image-1")
+        [saved] = await job.save(tmp_path)
+    assert saved.path.read_bytes() == PNG
