@@ -339,9 +339,7 @@ class HostileGateway:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self.port = runner.addresses[0][1]
         try:
             yield self
         finally:
@@ -1173,6 +1171,7 @@ def assert_markup_literal(output: str) -> None:
         assert "[bold red]LOUD" in output, output
 
 
+@pytest.mark.long  # the CLI first asks about a job after a second
 @pytest.mark.parametrize("flags", [[], ["--verbose"], ["--json"]], ids=["plain", "verbose", "json"])
 async def test_cli_generate_shows_a_hostile_failure_inert(flags: list[str], tmp_path: Path) -> None:
     plans = {"p": _failed_with(3, {"fail_code": 20110001, "fail_message": NASTY})}
@@ -1731,6 +1730,7 @@ async def test_lone_surrogates_in_server_text_neither_crash_nor_leak(
         line.encode("utf-8")
 
 
+@pytest.mark.long  # the CLI first asks about a job after a second
 @pytest.mark.parametrize("progress", ["rich", "plain"])
 async def test_cli_progress_displays_keep_markup_literal(progress: str, tmp_path: Path) -> None:
     plans = {"p": _failed_with(3, {"fail_code": 1, "fail_message": f"{MARKUP} {SURROGATES}"})}
