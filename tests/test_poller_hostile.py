@@ -202,9 +202,16 @@ def test_an_image_field_that_is_not_text_is_dropped_not_the_entry() -> None:
         (url, None, None), (url, None, None), (None, "aGk=", None),
     ]  # fmt: skip
     bad: object
-    for bad in ("a.png", [1], ["a.png"], 0, {}):  # not a list of objects: the entry is unreadable
+    # Not a list of objects: the entry is unreadable.
+    for bad in ("a.png", [1], ["a.png"], 0, {"url": url}):
         with pytest.raises(EntryError, match=r"^images(\[0\])?: "):
             JobInfo.read({"key": "K", "status": 4, "images": bad})
+    # An empty object is an empty list as Lua's cjson writes one, and a null item an image
+    # not made yet: neither costs a running job its status.
+    for empty, read in (({}, ()), ([None], (None,))):
+        entry = JobInfo.read({"key": "K", "status": 1, "images": empty})
+        assert entry.images is not None
+        assert tuple(image.url for image in entry.images) == read
 
 
 def test_an_unreadable_entry_names_its_field_and_rule_never_its_value() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
@@ -53,6 +54,25 @@ def _utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """Server text with each lone surrogate made U+FFFD (the replacement character).
+
+    JSON may escape half of a surrogate pair (``"\\ud800"``), which Python reads as a string
+    that no UTF-8 writer takes: an error message quoting it raised UnicodeEncodeError where it
+    was printed, logged or written to a manifest (a bulk run's manifest writer died on it).
+    """
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _LONE_SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -261,6 +281,8 @@ class Envelope(_Reply):
     @classmethod
     def _code_as_text(cls, value: Any) -> Any:
         # A gateway that sends the code as a number still means the same code.
+        if isinstance(value, str):
+            return encodable(value)
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     @field_validator("message", mode="before")
@@ -272,9 +294,9 @@ class Envelope(_Reply):
         if value is None:
             return ""
         if isinstance(value, str):
-            return value
+            return encodable(value)
         try:
-            return json.dumps(value, ensure_ascii=False, default=str)[:1000]
+            return encodable(json.dumps(value, ensure_ascii=False, default=str)[:1000])
         except RecursionError:
             # Nested about as deep as the reply's reader followed: quoting it, a few frames
             # deeper, ran out of stack (a bare RecursionError where a typed refusal is due).
@@ -452,9 +474,10 @@ def _fail_code(value: Any) -> int | None:
 
 
 def _text(value: Any) -> str | None:
-    if type(value) is str or value is None:
-        return value
-    return str(value) if isinstance(value, str) else None
+    """Text as it can be printed (see ``encodable``); anything else is None."""
+    if value is None:
+        return None
+    return encodable(str(value)) if isinstance(value, str) else None
 
 
 class FailInfo:
@@ -473,8 +496,8 @@ class FailInfo:
 def _fail(value: Any) -> FailInfo | str | None:
     """``fail_message``: text, or an object of a code and a text (each dropped when
     unreadable); anything else is None."""
-    if value is None or type(value) is str:
-        return value
+    if value is None:
+        return None
     if isinstance(value, dict):
         get = value.get
         fail = _new(FailInfo)
@@ -508,35 +531,55 @@ class ImageInfo:
         )
 
 
-_IMAGES_RULE = "must be a list of objects (or null)"
+_IMAGES_RULE = "must be a list of objects or nulls (or null)"
 
 
 def _images(value: Any) -> tuple[ImageInfo, ...] | None:
     """``images``: its first MAX_IMAGES_PER_JOB objects, each field that is not text None (a
-    number for ``revised_prompt`` must not cost the job an image it paid for).
+    number for ``revised_prompt`` must not cost the job an image it paid for); a null item is
+    an image not made yet, read as a placeholder (neither ``url`` nor ``b64_json``), and an
+    empty object is an empty list.
 
     No job makes more than MAX_IMAGES_PER_JOB images: the rest of a longer list is not read (a
     reply of a few MB can list millions of empty placeholders).
 
     Raises:
-        EntryError: not a list, or an image in its first MAX_IMAGES_PER_JOB is not an object.
+        EntryError: not a list, or an image in its first MAX_IMAGES_PER_JOB is neither an
+            object nor null.
     """
     if value is None:
         return None
     if type(value) is not list and not isinstance(value, list | tuple):
+        if isinstance(value, dict) and not value:
+            # An empty list as Lua's cjson (an OpenResty gateway) writes an empty table: read
+            # as malformed, it hid a running job's status, and the paid job ended with
+            # JobProtocolError once that lasted the unknown-key grace.
+            return ()
         raise EntryError("images", _IMAGES_RULE)
     images: list[ImageInfo] = []
     new = _new
     for image in value[: _contract.MAX_IMAGES_PER_JOB]:
         if type(image) is not dict and not isinstance(image, dict):
-            raise EntryError(f"images[{len(images)}]", "must be an object")
+            if image is None:
+                # JSON's null for an image not made yet (a job of n > 1 that finished a later
+                # image first): no image at this index, as a placeholder says. Read as a
+                # malformed entry, it hid the job's status, and the paid job ended with
+                # JobProtocolError once that lasted the unknown-key grace.
+                images.append(ImageInfo())
+                continue
+            raise EntryError(f"images[{len(images)}]", "must be an object or null")
         get = image.get
         url, b64, revised = get("url"), get("b64_json"), get("revised_prompt")
         # Built without a call of __init__ (a frame per image), as JobInfo.read builds entries.
         info = new(ImageInfo)
-        info.url = url if url is None or type(url) is str else _text(url)
-        info.b64_json = b64 if b64 is None or type(b64) is str else _text(b64)
-        info.revised_prompt = revised if revised is None or type(revised) is str else _text(revised)
+        # ASCII text (the common value) as it is; other text is made encodable (``_text``).
+        info.url = url if url is None or (type(url) is str and url.isascii()) else _text(url)
+        info.b64_json = b64 if b64 is None or (type(b64) is str and b64.isascii()) else _text(b64)
+        info.revised_prompt = (
+            revised
+            if revised is None or (type(revised) is str and revised.isascii())
+            else _text(revised)
+        )
         images.append(info)
     return tuple(images)
 
@@ -622,9 +665,9 @@ class JobInfo:
         ``complete_percent`` to 0 to 100; any
         other unreadable optional field (NaN, text for a number, a 5,000-digit fail code, a
         boolean for a number, a wrong type, a time text with control characters, an image's
-        ``url``, ``b64_json`` or ``revised_prompt`` that is not text) becomes None. Unknown
-        fields are ignored. Only a bad key, status or image list (not a list of objects) fails
-        the entry.
+        ``url``, ``b64_json`` or ``revised_prompt`` that is not text) becomes None; a null
+        image is a placeholder (an image not made yet). Unknown fields are ignored. Only a bad
+        key, status or image list (not a list of objects or nulls) fails the entry.
 
         Raises:
             EntryError: the entry is not an object, or its key, status or images are
@@ -668,7 +711,9 @@ class JobInfo:
             value = () if type(value) is list and not value else _images(value)
         entry.images = value
         value = get("fail_message")
-        entry.fail_message = value if value is None or type(value) is str else _fail(value)
+        if value is not None and (type(value) is not str or not value.isascii()):
+            value = _fail(value)
+        entry.fail_message = value
         value = get("queue_before_num")
         if value is not None and (type(value) is not int or not 0 <= value <= _MAX_QUEUE_POSITION):
             value = _queue_position(value)

@@ -115,11 +115,12 @@ def _looks_terminal(raw: dict[str, Any]) -> bool:
 def _listed(data: Any) -> list[Any]:
     """The list of entries of a batch reply's ``data``.
 
-    The reply's shape is [assumed] (see _contract). A bare array, or a null list (nothing
-    found), are read the same way rather than failing every job. A null ``data`` is not: the
-    envelope's ``data`` is null on errors, and a reply that says nothing, read as "none of
-    these keys is known", would fail every job of the call as unknown once it lasted the
-    grace (paid jobs whose results were never seen); it is a malformed reply, asked again.
+    The reply's shape is [assumed] (see _contract). A bare array, or a null or empty-object
+    list (nothing found), are read the same way rather than failing every job. A null
+    ``data`` is not: the envelope's ``data`` is null on errors, and a reply that says nothing,
+    read as "none of these keys is known", would fail every job of the call as unknown once
+    it lasted the grace (paid jobs whose results were never seen); it is a malformed reply,
+    asked again.
 
     Raises:
         ProtocolError: ``data`` is null, or holds no list of entries.
@@ -130,7 +131,9 @@ def _listed(data: Any) -> list[Any]:
             "read as a failed call, its keys asked again"
         )
     listed = data.get(_contract.BATCH_LIST_FIELD, ...) if isinstance(data, dict) else data
-    if listed is None:
+    if listed is None or (isinstance(listed, dict) and not listed):
+        # {} is an empty list as Lua's cjson (an OpenResty gateway) writes one: read as a
+        # failed call, a key never listed waited out its deadline instead of the grace.
         return []
     if not isinstance(listed, list):
         raise ProtocolError(f"batch reply data has no list: {snippet(str(data)[:400])}")

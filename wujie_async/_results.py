@@ -1,13 +1,16 @@
 """What a job gives back: its images, its result, and the images saved from it.
 
-Plain values with no dependency inside the package, so that the error tree (an incomplete
-job's error carries its result) and the models can both use them.
+Plain values whose only dependency inside the package is ``_redaction`` (itself dependent on
+nothing), so that the error tree (an incomplete job's error carries its result) and the models
+can both use them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._redaction import quotes_a_signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +24,8 @@ class GeneratedImage:
         revised_prompt: the prompt the model actually used, when reported.
 
     Its repr shows the URL without its query (a CDN's signed token) and cuts long texts
-    short; the fields hold what the gateway sent.
+    short, and hides a URL or text that quotes a request signature of this process (a proxy
+    that echoed the request's headers into the reply); the fields hold what the gateway sent.
     """
 
     index: int
@@ -38,17 +42,18 @@ class GeneratedImage:
         # revised prompt is the gateway's text, of any length: the repr shows its start.
         return (
             f"GeneratedImage(index={self.index!r}, url={_url_shown(self.url)!r}, "
-            f"b64_json={inline}, revised_prompt={_cut(self.revised_prompt)!r})"
+            f"b64_json={inline}, revised_prompt={_text_shown(self.revised_prompt)!r})"
         )
 
 
 _REPR_TEXT_CHARS = 200  # of a URL or revised prompt in a repr
 _HIDDEN = "<hidden>"
+_QUOTES_A_SIGNATURE = "<hidden: it quotes a request signature>"
 
 
 def _url_shown(url: str | None) -> str | None:
     """``url`` without its query, fragment and ``user:password@`` (each replaced by a
-    marker), cut short."""
+    marker), cut short; only its scheme when it quotes a request signature."""
     if url is None:
         return None
     where, query, _ = url.partition("?")
@@ -58,11 +63,21 @@ def _url_shown(url: str | None) -> str | None:
     if "@" in authority:
         authority = _HIDDEN + "@" + authority.rpartition("@")[2]
     shown = scheme + slashes + authority + slash + path
+    if quotes_a_signature(shown):
+        # A header that can be replayed for minutes, echoed into the reply: never into a log.
+        return scheme + slashes + _QUOTES_A_SIGNATURE
     if query:
         shown += "?" + _HIDDEN
     elif fragment:
         shown += "#" + _HIDDEN
     return _cut(shown)
+
+
+def _text_shown(text: str | None) -> str | None:
+    """The gateway's text, cut short; hidden whole when it quotes a request signature."""
+    if text is not None and quotes_a_signature(text):
+        return _QUOTES_A_SIGNATURE
+    return _cut(text)
 
 
 def _cut(text: str | None) -> str | None:
