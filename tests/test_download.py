@@ -535,6 +535,12 @@ async def test_the_name_template_is_checked_and_sanitised(tmp_path: Path) -> Non
     )
     assert "/" not in name and "\n" not in name and "\x1b" not in name
     assert not name.startswith(".") and name.endswith("-0.png")
+    # A leading dash would be an option to a shell command given a glob (rm *): a key or an id
+    # starting with one never starts a name, and the key still gets a name of its own.
+    dashed = render_name("{key}-{index}.{ext}", key="-rf", index=0, ext="png", id=None, line=1)
+    plain = render_name("{key}-{index}.{ext}", key="_rf", index=0, ext="png", id=None, line=1)
+    assert not dashed.startswith("-") and dashed != plain == "_rf-0.png"
+    assert render_name("{id}.{ext}", key="K", index=0, ext="png", id="--all", line=1) == "all.png"
     check_template("{line:04d}-{key}-{index:3}.{ext}")  # a width pads a number: allowed
     assert render_name("{line:04d}-{key}.{ext}", key="K", index=1, ext="jpg", id=None, line=7) == (
         "0007-K.jpg"

@@ -1470,7 +1470,7 @@ async def test_a_password_in_an_image_url_never_shows(
 
 # --- what lands on disk ------------------------------------------------------------------------
 
-HOSTILE_KEYS = ["../../../escaped", "..", "a/b\\c", "CON", "%2e%2e%2fup", ".hidden"]
+HOSTILE_KEYS = ["../../../escaped", "..", "a/b\\c", "CON", "%2e%2e%2fup", ".hidden", "-rf"]
 
 
 @pytest.mark.parametrize("key", HOSTILE_KEYS)
@@ -1490,7 +1490,7 @@ async def test_a_hostile_key_never_names_a_file_outside_the_folder(
             assert_clean(exception_texts(exc), gw, "the refusal")
         else:
             assert [image.path.parent for image in saved] == [out], saved
-            assert not saved[0].path.name.startswith("."), saved
+            assert not saved[0].path.name.startswith((".", "-")), saved
     everything = {path for path in tmp_path.rglob("*") if path.is_file()}
     assert all(out in path.parents for path in everything), everything
 

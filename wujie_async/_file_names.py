@@ -66,7 +66,9 @@ def check_template(template: str) -> None:
 
 
 def _clean_field(value: str) -> str:
-    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".")
+    # No leading dot (a hidden file) and no leading dash (``rm *`` would read the name as
+    # an option).
+    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".-")
     return cleaned or "_"
 
 
@@ -182,9 +184,13 @@ def key_in_name(key: str) -> str:
     characters), as the gateway's keys are. The contract does not promise that, and a paid
     job must be saved whatever its key: any other key (a ``/``, a ``%``, CJK, a path like
     ``../x``) gives its first 64 characters with every other character made ``_``, then a
-    digest of the whole key, so that two keys never share a name."""
-    if _KEY_RE.fullmatch(key):
+    digest of the whole key, so that two keys never share a name. A key starting with ``-``
+    is not plain either: a file name starting with a dash is read as an option by a shell
+    command given a glob (``rm *``)."""
+    if _KEY_RE.fullmatch(key) and key[0] != "-":
         return key
     plain = _NOT_PLAIN.sub("_", key[:64])
+    if plain.startswith("-"):
+        plain = "_" + plain[1:]
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{plain}-{digest}"
