@@ -93,6 +93,49 @@ async def test_journal_list_json_gives_the_line_of_a_row_with_an_id(tmp_path: Pa
             assert listed == [(1, None, "line 1"), (2, "fox", "id fox")], listed
 
 
+@pytest.mark.long
+async def test_journal_list_json_takes_no_line_from_another_runs_manifest(tmp_path: Path) -> None:
+    """A run whose journal is kept beside another run's manifest (`--journal d/journal.sqlite`
+    with its images in e/, d/ being an earlier run's folder): `journal list --json --journal
+    d/journal.sqlite` gave its id rows the lines of the earlier run's rows of the same ids.
+    A manifest row gives a journal row its line only when it records that row's submit (its
+    tag, its request, and its job key when it has one)."""
+    async with served_emulator(tmp_path) as emu:
+        earlier, now = tmp_path / "earlier.jsonl", tmp_path / "now.jsonl"
+        earlier.write_text(
+            "".join(
+                json.dumps(row) + "\n"
+                for row in (
+                    {"prompt": "a plain line", "model": "dall-e-2"},
+                    {"id": "fox", "prompt": "a fox", "model": "dall-e-2"},
+                    {"id": "owl", "prompt": "an owl", "model": "dall-e-2"},
+                )
+            )
+        )
+        now.write_text(
+            json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"})  # the same request
+            + "\n"
+            + json.dumps({"id": "owl", "prompt": "a grey owl", "model": "dall-e-2"})
+            + "\n"
+        )
+        folder, out = tmp_path / "d", tmp_path / "e"
+        code, _, err = await cli("bulk", str(earlier), "-o", str(folder), "--no-journal",
+                                 env=emu.env)  # fmt: skip
+        assert code == 0, err
+        journal = str(folder / "journal.sqlite")
+        code, _, err = await cli("bulk", str(now), "-o", str(out), "--journal", journal,
+                                 env=emu.env)  # fmt: skip
+        assert code == 0, err
+        for where, lines in (
+            (("--journal", journal), [None, None]),  # d/ holds the earlier run's manifest
+            (("--journal", journal, "-o", str(out)), [1, 2]),
+        ):
+            code, stdout, err = await cli("journal", "list", "--json", *where)
+            assert code == 0, err
+            listed = [(row["id"], row["line"]) for row in map(json.loads, stdout.splitlines())]
+            assert listed == list(zip(["fox", "owl"], lines, strict=True)), (where, listed)
+
+
 async def _submit_as_a_program(emu: Served, journal: Path, *, uncertain: bool) -> None:
     """A program on the run's journal submits line ``id fox`` again (its own client)."""
     credentials = Credentials(

@@ -44,6 +44,7 @@ from ._journal_rows import (
     edited_lines,
     edited_said,
     latest_per_row,
+    manifest_lines,
     matches,
     own_ids,
     refuse_unknown,
@@ -275,12 +276,14 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
         states.add("intent")
     async with JournalFile(path, read_only=True) as journal:
         entries = await journal.entries(*(state for state in _STATES if state in states))
+        every = await journal.entries() if args.json else []
     if args.json:
-        # An id row's tag holds no line number: the run's manifest gives it (read only).
+        # An id row's tag holds no line number: the manifest row of its submit gives it
+        # (read only; a row of the same id another run left there is another line).
         records = await anyio.to_thread.run_sync(_run_manifest, _run_folder(args, path))
-        lines = lines_by_id(records)
+        lines = manifest_lines(every, records)
         for entry in entries:
-            print(json.dumps(_as_json(entry, lines)))  # noqa: T201 - this command's output
+            print(json.dumps(_as_json(entry, lines.get(entry.id))))  # noqa: T201 - its output
     else:
         _list(entries)
     intents = sum(1 for entry in entries if entry.state == "intent")
@@ -297,14 +300,14 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
     return EXIT_OK
 
 
-def _as_json(entry: JournalEntry, lines: dict[str, int]) -> dict[str, Any]:
+def _as_json(entry: JournalEntry, manifest_line: int | None) -> dict[str, Any]:
     """A row for ``list --json``: ``line`` and ``id`` both when known (an id row's line is
-    the manifest's, null when the run's folder holds none)."""
-    line, row_id = line_of(entry, lines)
+    ``manifest_line``, the manifest's, null when the run's folder names none)."""
+    line, row_id = line_of(entry)
     return {
         "row": entry.id,
         "name": row_name(entry),
-        "line": line or None,
+        "line": line or manifest_line,
         "id": row_id,
         "state": entry.state,
         "key": entry.job_key,

@@ -1,4 +1,5 @@
-"""Which journal rows a ``journal`` command's words name, and the rows of each input line.
+"""Which journal rows a ``journal`` command's words name, the rows of each input line, and an id
+row's line as the manifest row of its own submit gives it.
 
 Rows are named the way the input named them: ``id`` when the row had one, else its line, and
 ``#12`` (the journal's row number) for a row that names neither; ``#12`` names any row too
@@ -8,6 +9,7 @@ Rows are named the way the input named them: ``id`` when the row had one, else i
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from .. import JournalEntry
 from ._common import UsageError
@@ -68,6 +70,47 @@ def named_as(entry: JournalEntry, word: str, ids: frozenset[str] = frozenset()) 
     if line > 0 and said in (str(line), f"line {line}"):
         return "line"
     return None
+
+
+# What a manifest row records of its request (``_outcome.base_record``).
+_RECORDED_FIELDS = ("model", "size", "prompt", "n")
+
+
+def manifest_lines(entries: list[JournalEntry], records: list[dict[str, Any]]) -> dict[int, int]:
+    """The input line of each id row of ``entries`` (every journal row: by its number) that
+    a manifest row of its own submit gives (an id tag holds no line number).
+
+    A folder's manifest may be another run's (a journal kept beside an earlier run's folder,
+    or shared by several inputs): a row of the same id there is another line. A manifest row
+    records a journal row's submit when it has the row's tag and request (what manifest rows
+    record of it), and, holding a job key, the row's key (or, the row holding none, a key no
+    row holds: a full disk kept it out of the journal, see ``record_manifest_keys``). The
+    latest such row gives the line."""
+    held = {entry.job_key for entry in entries if entry.job_key}
+    by_tag: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        tag = record.get("tag")
+        if isinstance(tag, str) and tag.startswith("id:"):
+            by_tag.setdefault(tag, []).append(record)
+    lines: dict[int, int] = {}
+    for entry in entries:
+        for record in by_tag.get(entry.tag or "", ()):
+            line = record.get("line")
+            if isinstance(line, int) and not isinstance(line, bool) and line > 0:
+                if _records_submit_of(record, entry, held):
+                    lines[entry.id] = line
+    return lines
+
+
+def _records_submit_of(record: dict[str, Any], entry: JournalEntry, held: set[str]) -> bool:
+    """Whether a manifest row of ``entry``'s tag records that row's submit (see
+    :func:`manifest_lines`)."""
+    key = record.get("key")
+    if isinstance(key, str) and key != entry.job_key and (entry.job_key or key in held):
+        return False  # another job's row
+    return all(
+        record[name] == entry.request.get(name) for name in _RECORDED_FIELDS if name in record
+    )
 
 
 def rows_per_line(entries: list[JournalEntry]) -> list[list[JournalEntry]]:
