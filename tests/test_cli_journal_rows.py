@@ -411,7 +411,7 @@ async def test_resend_of_a_line_edited_between_runs_sends_one_request(tmp_path: 
             (1, "uncertain", "a red fox"),
             (1, "uncertain", "a blue fox"),
         ], listed
-        old, new = (f"#{r['row']}" for r in listed)
+        old, new = (f"row {r['row']}" for r in listed)
         await emu.set_faults()
         accepted = (await emu.stats())["submits_accepted"]
         for named in (("1",), ("line 1",), ("--all-uncertain",)):
@@ -425,7 +425,7 @@ async def test_resend_of_a_line_edited_between_runs_sends_one_request(tmp_path: 
         assert (await emu.stats())["submits_accepted"] == accepted + 1
         code, listing, _ = await cli("journal", "list", "--json", "-o", str(out))
         left = [
-            (f"#{r['row']}", r["state"], r["prompt"])
+            (f"row {r['row']}", r["state"], r["prompt"])
             for r in map(json.loads, listing.split("\n")[:-1])
         ]
         assert left[0] == (old, "uncertain", "a red fox"), listing  # the other request's row

@@ -46,6 +46,7 @@ from ._journal_rows import (
     latest_per_row,
     manifest_lines,
     matches,
+    numbered,
     own_ids,
     refuse_unknown,
     row_name,
@@ -118,7 +119,7 @@ def add_parser(
         nargs="*",
         metavar="LINE_OR_ID",
         help="input line numbers or ids, or as journal list and summaries print them "
-        "(line 4, id fox, 'line 4 (id fox)', #12)",
+        "(line 4, id fox, 'line 4 (id fox)', 'row 12')",
     )
     resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
     resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -139,7 +140,7 @@ def add_parser(
         nargs="*",
         metavar="LINE_OR_ID",
         help="input line numbers or ids, or as journal list and summaries print them "
-        "(line 4, id fox, 'line 4 (id fox)', #12)",
+        "(line 4, id fox, 'line 4 (id fox)', 'row 12')",
     )
     forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -400,8 +401,8 @@ def _refuse_only_record(
 
 def _edited_hint(edited: list[list[list[JournalEntry]]]) -> str:
     requests = edited[0]
-    keep = f"#{requests[-1][-1].id}"
-    other = " ".join(f"'#{entry.id}'" for rows in requests[:-1] for entry in rows)
+    keep = numbered(requests[-1][-1].id)
+    other = " ".join(f"'{numbered(entry.id)}'" for rows in requests[:-1] for entry in rows)
     return (
         f"name the row to send by its number (`wujie-async journal resend '{keep}'`, say); "
         f"the other's rows stay (it may have been charged: see the gateway's console), "
@@ -701,5 +702,5 @@ def _outcome_name(outcome: LineOutcome) -> str:
     if outcome.row_id is not None:
         return f"id {clean(outcome.row_id)}"
     if outcome.line <= 0:
-        return "a row with neither line nor id (#N in journal list)"
+        return "a row with neither line nor id (row N in journal list)"
     return f"line {outcome.line}"

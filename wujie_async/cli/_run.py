@@ -59,6 +59,7 @@ from ._common import (
 )
 from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem
+from ._journal_rows import numbered
 from ._outcome import (
     LineOutcome,
     Manifest,
@@ -151,7 +152,7 @@ def forget_failed_said(why: str, journal: Path | None, rows: list[int]) -> str:
     one). The rows go by their journal numbers: a line's number or id would name its new row
     too, which may be uncertain, the only record of a job that may have been charged."""
     named = f" --journal {_sh(journal)}" if journal is not None else ""
-    shown = " ".join(f"'#{row}'" for row in rows[:50])
+    shown = " ".join(f"'{numbered(row)}'" for row in rows[:50])
     more = f" (and {len(rows) - 50} more: see `journal list`)" if len(rows) > 50 else ""
     return (
         f"warning: the journal did not forget the {len(rows)} old row(s) of the lines this "
