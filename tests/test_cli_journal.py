@@ -8,6 +8,7 @@ import re
 import shlex
 import sqlite3
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .conftest import EmulatorFactory, make_client
-from .helpers import eventually
+from .helpers import eventually, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -713,6 +714,59 @@ async def test_the_row_numbers_the_cli_prints_never_name_a_row_whose_id_reads_so
     assert code == 2 and "'row 2' names two rows, id row 2 and journal row 2" in err, err
     assert "('id row 2' or '#2')" in err and "nothing was forgotten" in err, err
     assert list(await listed()) == [2, 3, 5, 6]
+
+
+_COME_AND_GO = """
+import os, sys
+print("going", flush=True)
+while True:
+    os.rename(sys.argv[1], sys.argv[2])
+    os.rename(sys.argv[2], sys.argv[1])
+"""
+
+
+async def test_forget_judges_the_run_folder_by_the_manifest_it_read(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`journal forget` looked at OUT/manifest.jsonl twice: once to read its rows, once to
+    tell whether OUT is a run's folder. A manifest created between the two (a run starting
+    there) made it judge a succeeded row by a manifest it had not read: "only this journal
+    holds its key", refused, though the manifest names that key. One look answers both: a
+    manifest that appears and goes while forget runs, always naming the key, never has the
+    row refused."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        job = await client.images.generate(prompt="p", model="dall-e-2", tag="id:fox")
+    out = tmp_path / "out"
+    out.mkdir()
+    aside, manifest_path = out / "aside.jsonl", out / "manifest.jsonl"
+    aside.write_text(json.dumps({"status": "saved", "tag": "id:fox", "key": job.key}) + "\n")
+    copies = []
+    with sqlite3.connect(journal) as source:
+        for n in range(40):  # one in ten or so, or more, of the old forgets was refused
+            copies.append(tmp_path / f"copy{n}.sqlite")
+            with sqlite3.connect(copies[-1]) as target:
+                source.backup(target)
+            target.close()
+    source.close()
+    # Another process, as a run would be: it renames the file whole, never half written.
+    toggling = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _COME_AND_GO, str(aside), str(manifest_path),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    refused = 0
+    try:
+        assert toggling.stdout is not None
+        assert await toggling.stdout.readline() == b"going\n"
+        for copy in copies:
+            code, _, err = await cli(
+                "journal", "forget", "fox", "--yes", "--journal", str(copy), "-o", str(out)
+            )
+            assert code in (0, 2), err
+            refused += code == 2
+    finally:
+        await stop_process(toggling)
+    assert refused == 0, f"{refused} of {len(copies)} forgets refused"
 
 
 @pytest.mark.long

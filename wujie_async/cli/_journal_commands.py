@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import stat
 import sys
 from collections.abc import Callable
@@ -59,6 +60,7 @@ from ._outcome import (
     clean,
     count,
     lines_ended,
+    manifest_records,
     of_source,
     open_manifest,
     points_spent,
@@ -224,26 +226,39 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         )
 
 
-def _run_manifest(folder: Path) -> list[dict[str, Any]]:
-    """The records of the run's manifest in ``folder`` (none when it has none), for the
-    commands that only read it (blocking: on a thread). One that is no file is refused:
-    reading a FIFO would wait for a writer for ever, and a folder was an internal error."""
+def _run_manifest(folder: Path) -> list[dict[str, Any]] | None:
+    """The records of the run's manifest in ``folder``, None when it holds none (then it is
+    no run's folder), for the commands that only read it (blocking: on a thread).
+
+    Whether there is one and what it records are the answer of one file: the one opened, by
+    its own stat, never a second look by name, between which a run could create the file or
+    a user delete it. One that is no file is refused, unread: reading a FIFO would wait for a
+    writer for ever (it is opened without blocking), and a folder was an internal error."""
     manifest = folder / "manifest.jsonl"
     try:
-        mode = manifest.stat().st_mode
+        fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return []
+        return None
     except NotADirectoryError:
         raise UsageError(f"-o {folder} is not a folder; give the run's folder") from None
     except OSError as exc:
         raise UsageError(f"{manifest}: cannot read it ({exc.strerror or 'error'})") from None
-    problem = "a folder" if stat.S_ISDIR(mode) else not_regular(mode)
+    chunks = []
+    try:
+        mode = os.fstat(fd).st_mode
+        problem = "a folder" if stat.S_ISDIR(mode) else not_regular(mode)
+        while problem is None and (chunk := os.read(fd, 1 << 20)):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read it ({exc.strerror or 'error'})") from None
+    finally:
+        os.close(fd)
     if problem is not None:
         raise UsageError(
             f"{manifest} is not a run's manifest ({problem}); move it away, or give the run's "
             "folder with -o"
         )
-    return read_manifest(manifest)
+    return manifest_records(b"".join(chunks).decode("utf-8"))
 
 
 def _confirm(question: str, yes: bool) -> None:
@@ -282,7 +297,7 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
         # An id row's tag holds no line number: the manifest row of its submit gives it
         # (read only; a row of the same id another run left there is another line).
         records = await anyio.to_thread.run_sync(_run_manifest, _run_folder(args, path))
-        lines = manifest_lines(every, records)
+        lines = manifest_lines(every, records or [])
         for entry in entries:
             print(json.dumps(_as_json(entry, lines.get(entry.id))))  # noqa: T201 - its output
     else:
@@ -440,10 +455,11 @@ async def _forget(
         refuse_unknown("forget", "forgotten", args.rows, entries)
         ids = own_ids(await journal.entries())  # "#1" is the id of a row in any state
         entries = [entry for entry in entries if matches(entry, set(args.rows), ids)]
-    manifest_path = out / "manifest.jsonl"
+    # In a run's folder (one holding a manifest) a succeeded row may be a paid job's only
+    # record: one look at the manifest says both whether it is one and what it records.
     records = await anyio.to_thread.run_sync(_run_manifest, out)
-    run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
-    _refuse_only_record(entries, journal.path, out, known_keys(records), run_folder=run_folder)
+    recorded = known_keys(records or [])
+    _refuse_only_record(entries, journal.path, out, recorded, run_folder=records is not None)
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)

@@ -351,6 +351,11 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
+    return manifest_records(text)
+
+
+def manifest_records(text: str) -> list[dict[str, Any]]:
+    """Every readable record of a manifest's ``text`` (a torn last line is skipped)."""
     records = []
     # Rows end at "\n" only (JSON escapes it in strings); not ``splitlines()``, which also
     # splits at U+2028 or U+0085 in a prompt, losing that row: its line would be paid again.
