@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from wujie_async.cli._completion import _commands, _walk
-from wujie_async.cli._main import build_parser
+from wujie_async.cli._parser import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
