@@ -44,7 +44,9 @@ a signal wins: a run stopped by a systemic error, then by Ctrl-C or SIGTERM, exi
 
 # The embedded emulator's default: jobs look real (queue, then image by image) but take seconds.
 DEMO_TIME_SCALE = 0.15
+# --input-format's names, and the input reader's for each.
 INPUT_FORMATS = {"txt": "text", "jsonl": "jsonl", "csv": "csv", "json": "json"}
+# The request flags (generate, edit; bulk's are every row's defaults): flag, field, type, help.
 REQUEST_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--size", "size", str, "image size, e.g. 1024x1024"),
     ("--quality", "quality", str, "quality (auto, high, medium, low, hd, standard)"),
