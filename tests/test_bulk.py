@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.cli._bulk import BulkResult, OutputUnwritableError
-from wujie_async.cli._run import stop_said
+from wujie_async.cli._summary import stop_said
 
 from .cli_helpers import (
     CLEAN_ENV,

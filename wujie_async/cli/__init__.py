@@ -18,7 +18,8 @@ documented internal seams, each for one reason:
 Modules: ``_main`` (the entry point: logging, signals, how an error ends the process),
 ``_parser`` (the parser), ``_dispatch`` (a parsed command line checked and run), ``_common``
 (exit codes, opening a client), ``_input`` (reading bulk input files), ``_single`` (one job at
-a time), ``_run`` (what ``bulk``, ``resume`` and ``status`` do), ``_bulk`` (the bulk job
+a time), ``_run`` (what ``bulk``, ``resume`` and ``status`` do), ``_summary`` (a run's
+summary), ``_bulk`` (the bulk job
 itself), ``_outcome`` (how each line ended, the manifest), ``_progress`` (the progress
 display), ``_journal_commands`` (and ``_journal_rows``: which rows its words name).
 """

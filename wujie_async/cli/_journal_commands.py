@@ -75,8 +75,9 @@ from ._outcome import (
 )
 from ._plan import known_keys, line_of, lines_by_id, readable_error
 from ._progress import Display, Tally
-from ._run import check_out_folder, forget_failed_said, journal_left_said, stop_said
+from ._run import check_out_folder
 from ._signals import stopping_on_signals
+from ._summary import forget_failed_said, journal_left_said, stop_said
 
 _STATES = ALL_STATES
 _SQLITE_HEADER = b"SQLite format 3\x00"
