@@ -19,9 +19,10 @@ Modules: ``_main`` (the entry point: logging, signals, how an error ends the pro
 ``_parser`` (the parser), ``_dispatch`` (a parsed command line checked and run), ``_common``
 (exit codes, opening a client), ``_input`` (reading bulk input files), ``_single`` (one job at
 a time), ``_run`` (what ``bulk``, ``resume`` and ``status`` do), ``_summary`` (a run's
-summary), ``_bulk`` (the bulk job
-itself), ``_outcome`` (how each line ended, the manifest), ``_progress`` (the progress
-display), ``_journal_commands`` (and ``_journal_rows``: which rows its words name).
+summary), ``_bulk`` (the bulk job itself, with ``_bulk_data``, ``_stops``, ``_run_rows``,
+``_image_problems`` and ``_manifest_keys``), ``_outcome`` (how each line ended, the manifest),
+``_progress`` (the progress display), ``_journal_commands`` (and ``_journal_rows``: which rows
+its words name).
 """
 
 from ._main import main

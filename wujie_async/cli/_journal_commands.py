@@ -28,7 +28,8 @@ from .._journal import ALL_STATES
 from .._journal_worker import read_only_query
 from .._keys import images_in, is_job_key
 from .._local_files import not_regular
-from ._bulk import BulkRun, Row, charged_keys, names_taken, record_manifest_keys
+from ._bulk import BulkRun
+from ._bulk_data import Row
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -53,6 +54,7 @@ from ._journal_rows import (
     row_name,
     rows_per_line,
 )
+from ._manifest_keys import charged_keys, names_taken, record_manifest_keys
 from ._out_lock import LOCK_NAME, out_folder_lock
 from ._outcome import (
     LineOutcome,

@@ -208,7 +208,8 @@ class LineOutcome:
     error_code: str | None = None
     error: str | None = None
     # An image that could not be saved and never will be by a re-run as it stands (too large
-    # for the cap, bytes that are not an image): what is wrong, in words (see _bulk.lasting).
+    # for the cap, bytes that are not an image): what is wrong, in words (see
+    # _image_problems.lasting_problem).
     lasting: str | None = None
 
 

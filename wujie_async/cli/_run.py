@@ -29,13 +29,8 @@ from .. import (
 from .._budget import Kind, kind_of
 from .._file_names import DEFAULT_NAME
 from .._keys import images_in
-from ._bulk import (
-    BulkResult,
-    BulkRun,
-    Row,
-    charged_keys,
-    names_taken,
-)
+from ._bulk import BulkRun
+from ._bulk_data import BulkResult, Row
 from ._common import (
     UsageError,
     open_client,
@@ -43,6 +38,7 @@ from ._common import (
 )
 from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem
+from ._manifest_keys import charged_keys, names_taken
 from ._outcome import (
     LineOutcome,
     Manifest,

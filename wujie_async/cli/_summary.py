@@ -15,14 +15,7 @@ from rich.text import Text
 from .._errors import some_and_more
 from .._file_names import DEFAULT_NAME
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
-from ._bulk import (
-    NOT_AN_IMAGE,
-    RE_RUN,
-    TOO_LARGE,
-    BulkResult,
-    GatewayFailingError,
-    OutputUnwritableError,
-)
+from ._bulk_data import BulkResult
 from ._common import (
     DOWNLOAD_DEFAULTS,
     EXIT_FAILED,
@@ -33,6 +26,7 @@ from ._common import (
     print_json_ending,
     shell_path,
 )
+from ._image_problems import NOT_AN_IMAGE, TOO_LARGE
 from ._journal_rows import numbered
 from ._outcome import (
     LineOutcome,
@@ -44,6 +38,7 @@ from ._outcome import (
     with_learned_prices,
 )
 from ._signals import Signals
+from ._stops import RE_RUN, GatewayFailingError, OutputUnwritableError
 
 # What generate or edit says beside the command that collects its job: the obvious other way
 # pays again.
