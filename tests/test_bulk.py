@@ -14,8 +14,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from wujie_async.cli._bulk import BulkResult, OutputUnwritableError
-from wujie_async.cli._run import stop_said
+from wujie_async.cli._bulk_data import BulkResult
+from wujie_async.cli._stops import OutputUnwritableError
+from wujie_async.cli._summary import stop_said
 
 from .cli_helpers import (
     CLEAN_ENV,

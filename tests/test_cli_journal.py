@@ -8,12 +8,14 @@ import re
 import shlex
 import sqlite3
 import stat
+import sys
 from pathlib import Path
 
 import pytest
 
 from wujie_async import Credentials, _lock_file
 from wujie_async.cli._out_lock import LOCK_NAME
+from wujie_async.cli._summary import forget_failed_said
 
 from .cli_helpers import (
     CLEAN_ENV,
@@ -28,7 +30,7 @@ from .cli_helpers import (
     served_emulator,
 )
 from .conftest import EmulatorFactory, make_client
-from .helpers import eventually
+from .helpers import eventually, stop_process
 
 pytestmark = pytest.mark.anyio
 
@@ -435,7 +437,8 @@ async def test_a_never_listed_key_an_older_run_recorded_failed_is_not_resent(
 @pytest.mark.long
 async def test_rows_are_accepted_in_every_form_the_cli_prints_them(tmp_path: Path) -> None:
     """Summaries name a row ``line 1 (id r0)``, and `journal list` a row that names neither
-    a line nor an id ``#2``: `journal forget`/`resend` refused both ("no journal row")."""
+    a line nor an id ``row 2`` (``#2`` then): `journal forget`/`resend` refused both ("no
+    journal row")."""
     async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
         rows = rows_with_ids(tmp_path, "r0", "r1", "r2")
         out = tmp_path / "out"
@@ -445,8 +448,8 @@ async def test_rows_are_accepted_in_every_form_the_cli_prints_them(tmp_path: Pat
             [(untagged,)] = db.execute("SELECT id FROM submits WHERE tag = 'id:r1'").fetchall()
             db.execute("UPDATE submits SET tag = NULL WHERE id = ?", (untagged,))
         code, listing, _ = await cli("journal", "list", "-o", str(out))
-        assert f"#{untagged} " in listing, listing
-        forget = ("journal", "forget", f"#{untagged}", "line 1 (id r0)", "--yes", "-o", str(out))
+        assert f"row {untagged} " in listing, listing
+        forget = ("journal", "forget", f"row {untagged}", "line 1 (id r0)", "--yes", "-o", str(out))
         code, _, err = await cli(*forget)
         assert code == 0 and "forgot 2 row(s)" in err, err
         code, listing, _ = await cli("journal", "list", "-o", str(out))
@@ -599,7 +602,7 @@ async def test_a_number_that_is_an_id_and_a_line_names_no_row_until_said_which(
     code, lines, err = await cli("journal", "list", "--json", *where)
     assert code == 0, err
     names = [json.loads(line)["name"] for line in lines.splitlines()]
-    assert names == ["id 2", "line 2", "#3"], names
+    assert names == ["id 2", "line 2", "row 3"], names
     for name in names:
         code, _, err = await cli("journal", "forget", name, "--yes", *where)
         assert code == 0 and "forgot 1 row(s)" in err, err
@@ -671,6 +674,99 @@ async def test_a_row_id_that_looks_like_a_journal_row_number_names_its_own_row(
         assert code == 0 and "forgot 1 row(s)" in err, err
         code, listing, _ = await cli("journal", "list", "-o", str(out))
         assert "1 row(s)" in listing and "id first" in listing, listing
+
+
+async def test_the_row_numbers_the_cli_prints_never_name_a_row_whose_id_reads_so(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """Rows whose ids read `#1` and `#4` (an input's ticket numbers) beside journal rows 1
+    and 4: the summary after a failed forget said to drop old row 1 with `journal forget '#1'
+    --yes`, which forgot the row of id `#1` (its own id comes first: maybe a line's only
+    record of a job that may have been charged) and kept row 1; `journal list` named
+    untagged row 4 `#4`, which named the row of id `#4`. The CLI prints `row N` now, which
+    no id shadows."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="old", model="dall-e-2", tag="id:fox")  # row 1
+        await client.images.generate(prompt="new", model="dall-e-2", tag="id:fox")  # row 2
+        await client.images.generate(prompt="ticket 1", model="dall-e-2", tag="id:#1")
+        await client.images.generate(prompt="untagged", model="dall-e-2")  # row 4
+        await client.images.generate(prompt="ticket 4", model="dall-e-2", tag="id:#4")
+    said = forget_failed_said("the disk is full", journal, [1])
+    [command] = [c for c in re.findall(r"`(wujie-async [^`]*)`", said) if " forget " in c]
+    code, _, err = await cli(*shlex.split(command)[1:])
+    assert code == 0 and "forgot 1 row(s)" in err, err
+
+    async def listed() -> dict[int, str]:
+        code, lines, err = await cli("journal", "list", "--json", "--journal", str(journal))
+        assert code == 0, err
+        return {row["row"]: row["name"] for row in map(json.loads, lines.splitlines())}
+
+    names = await listed()
+    assert list(names) == [2, 3, 4, 5], names
+    code, _, err = await cli("journal", "forget", names[4], "--yes", "--journal", str(journal))
+    assert code == 0 and "forgot 1 row(s)" in err, err
+    assert list(await listed()) == [2, 3, 5]
+    # An id that reads "row 2" too: the word names two rows, and neither is forgotten.
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.generate(prompt="odd id", model="dall-e-2", tag="id:row 2")
+    code, _, err = await cli("journal", "forget", "row 2", "--yes", "--journal", str(journal))
+    assert code == 2 and "'row 2' names two rows, id row 2 and journal row 2" in err, err
+    assert "('id row 2' or '#2')" in err and "nothing was forgotten" in err, err
+    assert list(await listed()) == [2, 3, 5, 6]
+
+
+_COME_AND_GO = """
+import os, sys
+print("going", flush=True)
+while True:
+    os.rename(sys.argv[1], sys.argv[2])
+    os.rename(sys.argv[2], sys.argv[1])
+"""
+
+
+async def test_forget_judges_the_run_folder_by_the_manifest_it_read(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`journal forget` looked at OUT/manifest.jsonl twice: once to read its rows, once to
+    tell whether OUT is a run's folder. A manifest created between the two (a run starting
+    there) made it judge a succeeded row by a manifest it had not read: "only this journal
+    holds its key", refused, though the manifest names that key. One look answers both: a
+    manifest that appears and goes while forget runs, always naming the key, never has the
+    row refused."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        job = await client.images.generate(prompt="p", model="dall-e-2", tag="id:fox")
+    out = tmp_path / "out"
+    out.mkdir()
+    aside, manifest_path = out / "aside.jsonl", out / "manifest.jsonl"
+    aside.write_text(json.dumps({"status": "saved", "tag": "id:fox", "key": job.key}) + "\n")
+    copies = []
+    with sqlite3.connect(journal) as source:
+        for n in range(40):  # one in ten or so, or more, of the old forgets was refused
+            copies.append(tmp_path / f"copy{n}.sqlite")
+            with sqlite3.connect(copies[-1]) as target:
+                source.backup(target)
+            target.close()
+    source.close()
+    # Another process, as a run would be: it renames the file whole, never half written.
+    toggling = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _COME_AND_GO, str(aside), str(manifest_path),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    refused = 0
+    try:
+        assert toggling.stdout is not None
+        assert await toggling.stdout.readline() == b"going\n"
+        for copy in copies:
+            code, _, err = await cli(
+                "journal", "forget", "fox", "--yes", "--journal", str(copy), "-o", str(out)
+            )
+            assert code in (0, 2), err
+            refused += code == 2
+    finally:
+        await stop_process(toggling)
+    assert refused == 0, f"{refused} of {len(copies)} forgets refused"
 
 
 @pytest.mark.long

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from wujie_async import Credentials, JobFailedError, SubmitUncertainError, WujieClient
-from wujie_async.cli._run import forget_failed_said
+from wujie_async.cli._summary import forget_failed_said
 
 from .cli_helpers import (
     Served,
@@ -91,6 +91,49 @@ async def test_journal_list_json_gives_the_line_of_a_row_with_an_id(tmp_path: Pa
                 key=str,
             )
             assert listed == [(1, None, "line 1"), (2, "fox", "id fox")], listed
+
+
+@pytest.mark.long
+async def test_journal_list_json_takes_no_line_from_another_runs_manifest(tmp_path: Path) -> None:
+    """A run whose journal is kept beside another run's manifest (`--journal d/journal.sqlite`
+    with its images in e/, d/ being an earlier run's folder): `journal list --json --journal
+    d/journal.sqlite` gave its id rows the lines of the earlier run's rows of the same ids.
+    A manifest row gives a journal row its line only when it records that row's submit (its
+    tag, its request, and its job key when it has one)."""
+    async with served_emulator(tmp_path) as emu:
+        earlier, now = tmp_path / "earlier.jsonl", tmp_path / "now.jsonl"
+        earlier.write_text(
+            "".join(
+                json.dumps(row) + "\n"
+                for row in (
+                    {"prompt": "a plain line", "model": "dall-e-2"},
+                    {"id": "fox", "prompt": "a fox", "model": "dall-e-2"},
+                    {"id": "owl", "prompt": "an owl", "model": "dall-e-2"},
+                )
+            )
+        )
+        now.write_text(
+            json.dumps({"id": "fox", "prompt": "a fox", "model": "dall-e-2"})  # the same request
+            + "\n"
+            + json.dumps({"id": "owl", "prompt": "a grey owl", "model": "dall-e-2"})
+            + "\n"
+        )
+        folder, out = tmp_path / "d", tmp_path / "e"
+        code, _, err = await cli("bulk", str(earlier), "-o", str(folder), "--no-journal",
+                                 env=emu.env)  # fmt: skip
+        assert code == 0, err
+        journal = str(folder / "journal.sqlite")
+        code, _, err = await cli("bulk", str(now), "-o", str(out), "--journal", journal,
+                                 env=emu.env)  # fmt: skip
+        assert code == 0, err
+        for where, lines in (
+            (("--journal", journal), [None, None]),  # d/ holds the earlier run's manifest
+            (("--journal", journal, "-o", str(out)), [1, 2]),
+        ):
+            code, stdout, err = await cli("journal", "list", "--json", *where)
+            assert code == 0, err
+            listed = [(row["id"], row["line"]) for row in map(json.loads, stdout.splitlines())]
+            assert listed == list(zip(["fox", "owl"], lines, strict=True)), (where, listed)
 
 
 async def _submit_as_a_program(emu: Served, journal: Path, *, uncertain: bool) -> None:
@@ -368,7 +411,7 @@ async def test_resend_of_a_line_edited_between_runs_sends_one_request(tmp_path: 
             (1, "uncertain", "a red fox"),
             (1, "uncertain", "a blue fox"),
         ], listed
-        old, new = (f"#{r['row']}" for r in listed)
+        old, new = (f"row {r['row']}" for r in listed)
         await emu.set_faults()
         accepted = (await emu.stats())["submits_accepted"]
         for named in (("1",), ("line 1",), ("--all-uncertain",)):
@@ -382,7 +425,7 @@ async def test_resend_of_a_line_edited_between_runs_sends_one_request(tmp_path: 
         assert (await emu.stats())["submits_accepted"] == accepted + 1
         code, listing, _ = await cli("journal", "list", "--json", "-o", str(out))
         left = [
-            (f"#{r['row']}", r["state"], r["prompt"])
+            (f"row {r['row']}", r["state"], r["prompt"])
             for r in map(json.loads, listing.split("\n")[:-1])
         ]
         assert left[0] == (old, "uncertain", "a red fox"), listing  # the other request's row

@@ -670,4 +670,4 @@ async def test_a_resend_whose_journal_disk_fills_up_still_prints_its_summary(
     # Its command names the journal (without it, it reads ./out/journal.sqlite instead) and
     # the old row by its number (the line's name would take its new row too).
     journal = shlex.quote(str(out / "journal.sqlite"))
-    assert f"journal forget '#1' --yes --journal {journal}`" in err, err
+    assert f"journal forget 'row 1' --yes --journal {journal}`" in err, err

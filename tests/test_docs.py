@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 
 from wujie_async.cli._completion import _commands, _walk
-from wujie_async.cli._main import build_parser
+from wujie_async.cli._parser import build_parser
 from wujie_async.emulator import Emulator
 
 from .conftest import EmulatorFactory, make_client

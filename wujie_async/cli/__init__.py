@@ -15,13 +15,17 @@ documented internal seams, each for one reason:
 * ``wujie_async._telemetry`` (``show_log``, ``log_level``): ``--verbose`` and ``WUJIE_LOG`` show
   the library's log the one way the library itself does.
 
-Modules: ``_main`` (the parser and dispatch), ``_common`` (exit codes, opening a client),
-``_input`` (reading bulk input files), ``_single`` (one job at a time), ``_run`` (what ``bulk``,
-``resume`` and ``status`` do), ``_bulk`` (the bulk job itself), ``_outcome`` (how each line
-ended, the manifest), ``_progress`` (the progress display), ``_journal_commands`` (and
-``_journal_rows``: which rows its words name).
+Modules: ``_main`` (the entry point: logging, signals, how an error ends the process),
+``_parser`` (the parser), ``_dispatch`` (a parsed command line checked and run), ``_common``
+(exit codes, opening a client), ``_input`` (reading bulk input files), ``_single`` (one job at
+a time), ``_run`` (what ``bulk``, ``resume`` and ``status`` do), ``_summary`` (a run's
+summary), ``_bulk`` (the bulk job itself, with ``_bulk_data``, ``_stops``, ``_run_rows``,
+``_image_problems`` and ``_manifest_keys``), ``_outcome`` (how each line ended, the manifest),
+``_progress`` (the progress display), ``_journal_commands`` (and ``_journal_rows``: which rows
+its words name).
 """
 
-from ._main import build_parser, main
+from ._main import main
+from ._parser import build_parser
 
 __all__ = ["build_parser", "main"]

@@ -2,8 +2,10 @@
 
 The first submit goes alone: when the credentials, the URL or the balance are wrong, that one
 request says so and nothing else is sent. After it, ``max_concurrent_submits`` submitters share
-the queue. A systemic error (see ``_cli_outcome.is_systemic``) stops all submitting at once:
-submits already on the wire finish (and keep their keys), the rest end ``not_sent``.
+the queue. A systemic error (see ``_outcome.is_systemic``) stops all submitting at once:
+submits already on the wire finish (and keep their keys), the rest end ``not_sent``. Its other
+stops are ``_stops``'s; its manifest rows, ``_run_rows``'s; what an image that could not be
+saved means, ``_image_problems``'s.
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -25,9 +25,7 @@ from .. import (
     ClientStateError,
     GeneratedImage,
     ImageJob,
-    InvalidRequestError,
     JobError,
-    JournalEntry,
     ProtocolError,
     SubmitUncertainError,
     TransportError,
@@ -36,7 +34,8 @@ from .. import (
 )
 from .._file_names import render_name
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
-from ._input import BulkItem
+from ._bulk_data import BulkResult, Row
+from ._image_problems import GONE, describe, disk_refused, lasting_problem, precedence
 from ._outcome import (
     LineOutcome,
     Manifest,
@@ -48,55 +47,11 @@ from ._outcome import (
     learn_price,
 )
 from ._progress import Display
-from ._rows import ROWS_DEADLINE_S, RowWriter
+from ._rows import ROWS_DEADLINE_S
+from ._run_rows import RunRows
 from ._signals import Signals, unread
 from ._single import submit
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One input row as the run tracks it: from the input file, or from the journal."""
-
-    line: int
-    row_id: str | None
-    tag: str | None
-    body: dict[str, Any]
-
-    @classmethod
-    def of(cls, item: BulkItem) -> Row:
-        """The row of an input-file item."""
-        return cls(item.line, item.row_id, item.tag, item.request.body())
-
-    @property
-    def label(self) -> str:
-        """How messages name the row."""
-        named = f" (id {clean(self.row_id)})" if self.row_id is not None else ""
-        return f"line {self.line}{named}" if self.line else f"id {clean(self.row_id)}"
-
-
-@dataclass(slots=True)
-class BulkResult:
-    """What a run did."""
-
-    outcomes: list[LineOutcome] = field(default_factory=list)
-    saved_paths: list[Path] = field(default_factory=list)
-    images: int = 0
-    pending: int = 0
-    pending_keys: list[str] = field(default_factory=list)  # the jobs of the pending lines
-    systemic: BaseException | None = None
-    interrupted: bool = False
-    points: float = 0.0  # what this run's manifest rows record as charged
-    unrecorded: list[dict[str, Any]] = field(default_factory=list)  # rows the disk refused
-    # The requests of jobs that succeeded without the gateway saying what they cost.
-    uncosted: list[dict[str, Any]] = field(default_factory=list)
-    # What this run's jobs that saved their images were charged, per image, by kind (as
-    # ``Limits.point_prices`` keys): a price for the jobs whose cost was not reported.
-    prices: dict[str, float] = field(default_factory=dict)
-    # The rows (of send or collect) whose submit went out: accepted, left pending, or ended
-    # other than not_sent (a row may be listed more than once).
-    # By the Row itself: rows of journal entries that name neither an id nor a line share
-    # their outcome's name (line 0), and a resend forgets the old entry of each row sent.
-    went_out: list[Row] = field(default_factory=list)
+from ._stops import UNCERTAIN_IN_A_ROW, GatewayFailingError, OutputUnwritableError
 
 
 class BulkRun:
@@ -107,9 +62,10 @@ class BulkRun:
     collected again is never counted twice). ``unrecorded``: settled lines whose outcome the
     manifest lacks (a run killed before writing it): written once at the start.
     ``names_taken``: file names (``{ext}`` for the extension) an earlier run saved, and the
-    job key each belongs to (see :func:`names_taken`). ``keys_on_accept``: write a ``pending``
-    row with its key as each job is accepted (no journal: the manifest is the only record of
-    the key, and a run killed outright would otherwise leave the re-run to pay again).
+    job key each belongs to (see ``_manifest_keys.names_taken``). ``keys_on_accept``: write a
+    ``pending`` row with its key as each job is accepted (no journal: the manifest is the only
+    record of the key, and a run killed outright would otherwise leave the re-run to pay
+    again).
     ``make_room``: called once, at the first row the disk refuses, before writing it again;
     ``spare_room(size)``: called for each later refused ``pending`` row (a job's key: it must
     be on disk at once), before writing it again. ``journaled``: the client keeps a journal: a
@@ -153,7 +109,6 @@ class BulkRun:
         self._keys_given = keys_given
         self._send = send
         self._collect = collect
-        self._manifest = manifest
         self._out = out
         self._name = name
         self._display = display
@@ -181,10 +136,14 @@ class BulkRun:
         self._keys_on_accept = keys_on_accept
         # Submits in a row (as they end) that got no usable reply: see UNCERTAIN_IN_A_ROW.
         self._uncertain_in_a_row = 0
-        self._make_room = make_room
-        self._spare_room = spare_room
-        self._rows: RowWriter | None = None  # started with the first row
-        self._rows_stuck = False  # the disk stopped answering: nothing more waits on it
+        self._rows = RunRows(
+            manifest,
+            not_written=self.result.unrecorded,
+            stop=self._stop_sending,
+            make_room=make_room,
+            spare_room=spare_room,
+            journaled=journaled,
+        )
         # Why the journal did not forget the rows this run superseded (None: it did, or had
         # none to): the summary says so, as those rows would be sent again by a later
         # --retry-uncertain.
@@ -205,7 +164,7 @@ class BulkRun:
             record = base_record(outcome.status, row.line, row.row_id, row.body, row.tag)
             if outcome.key is not None:
                 record["key"] = outcome.key
-            self._record(record | {"error_code": outcome.error_code, "error": outcome.error})
+            self._rows.write(record | {"error_code": outcome.error_code, "error": outcome.error})
         queue = self._queue
         for row in self._send:
             queue.append(row)
@@ -342,8 +301,7 @@ class BulkRun:
         (10 of 10 lines, against 3 when rows were written on the loop)."""
         while not self._halted():
             await anyio.sleep(ROWS_DEADLINE_S / 4)
-            rows = self._rows
-            if rows is not None and rows.waiting_for() > ROWS_DEADLINE_S:
+            if self._rows.waiting_for() > ROWS_DEADLINE_S:
                 self._stop_sending(OutputUnwritableError.manifest_held())
 
     async def _submitter(
@@ -445,7 +403,7 @@ class BulkRun:
             "error_code": "interrupted",
             "error": "the run ended while its job ran: a re-run collects it (never resends it)",
         }
-        self._record(record)
+        self._rows.write(record)
 
     async def _collect_images(self, row: Row, job: ImageJob) -> None:
         # Loop time, as every other duration the client measures (one clock for tests to move).
@@ -466,7 +424,7 @@ class BulkRun:
             return_exceptions=True,
         )
         problems = [o for o in outcomes if isinstance(o, BaseException)]
-        problem = min(problems, key=_precedence, default=None)
+        problem = min(problems, key=precedence, default=None)
         if isinstance(problem, asyncio.CancelledError):
             raise problem
         # The line ends with its job (bounded by the job's deadline), so that its last row
@@ -502,7 +460,7 @@ class BulkRun:
                 )
         elif (
             isinstance(problem, APIError)
-            and problem.http_status in _GONE
+            and problem.http_status in GONE
             and job.done()
             and job.exception() is None
         ):
@@ -510,16 +468,16 @@ class BulkRun:
             # its newest listing once more, but only a new job (--retry-failed) may bring it.
             status, code = "failed", "gone"
             message = (
-                f"job {job.key}: an image's URL is gone ({_describe(problem)}): a re-run "
+                f"job {job.key}: an image's URL is gone ({describe(problem)}): a re-run "
                 "asks for its newest listing once more; --retry-failed sends the line again"
             )
         else:  # the job succeeded, but an image could not be fetched or saved
             status, code = "failed", "download"
-            message = f"job {job.key}: an image could not be saved: {_describe(problem)}"
-            if _disk_refused(problem):
+            message = f"job {job.key}: an image could not be saved: {describe(problem)}"
+            if disk_refused(problem):
                 # Every later image would be paid for and refused the same way.
                 self._stop_sending(OutputUnwritableError.of("an image could not be saved", problem))
-            lasting = _lasting(problem)
+            lasting = lasting_problem(problem)
         self._end(row, status, job.key, code, message, points=points, lasting=lasting)
 
     async def _save(
@@ -573,61 +531,11 @@ class BulkRun:
             self.result.points += job.points_charged or 0.0
             if job.points_charged is not None:
                 learn_price(self.result.prices, row.body, job.points_charged)
-        self._record(record)
+        self._rows.write(record)
         self.result.images += 1
         self._tally.images += 1
         self.result.saved_paths.append(saved.path)
         self._display.refresh()
-
-    def _record(self, record: dict[str, Any]) -> None:
-        """Queue one manifest row (see ``_rows``: the loop never waits on the disk). A
-        manifest that cannot be written (disk full, say) stops the run like a systemic error:
-        nothing more is sent (a job whose outcome cannot be recorded would be paid again by a
-        re-run without a journal), the jobs out are still collected, and the summary lists
-        the rows it could not write, keys included."""
-        if self._rows is None:
-            self._rows = RowWriter(
-                self._manifest,
-                make_room=self._make_room,
-                spare_room=self._spare_room,
-                refused=self._row_refused,
-                gone=self._manifest_gone,
-            )
-        self._rows.write(record)
-
-    def _row_refused(self, record: dict[str, Any] | None, exc: OSError) -> None:
-        if record is not None:
-            self.result.unrecorded.append(record)
-        self._stop_sending(OutputUnwritableError.of("the manifest could not be written", exc))
-
-    def _manifest_gone(self, written: list[dict[str, Any]]) -> None:
-        # Every row of this run went with the file: listed (keys included) in the summary.
-        self.result.unrecorded += written
-        self._stop_sending(OutputUnwritableError.manifest_gone(journaled=self._journaled))
-
-    async def settle_rows(self) -> None:
-        """Wait (at most ``ROWS_DEADLINE_S``) until the rows queued are written. Rows the disk
-        has not taken by then (it stopped answering) are listed with the rows it refused, and
-        the run ends as a refusal ends it (exit 3, keys in the summary). A cancel (a signal
-        that ends the closing waits) lists the rows not written yet the same way."""
-        rows = self._rows
-        if rows is None or self._rows_stuck:
-            return
-        drained = cut = False
-        try:
-            drained = await rows.drain()
-        except BaseException:
-            cut = True
-            raise
-        finally:
-            if not drained:
-                self._rows_stuck = True
-                unwritten = rows.unwritten()
-                self.result.unrecorded += unwritten
-                if not cut:
-                    self._stop_sending(OutputUnwritableError.manifest_held())
-                elif unwritten:  # the disk may answer yet, but nothing waits for it
-                    self._stop_sending(OutputUnwritableError.manifest_cut_short())
 
     async def end(
         self,
@@ -666,37 +574,24 @@ class BulkRun:
         journal_closed = asyncio.ensure_future(journal())
         try:
             with signals.cut_short():
-                await self.settle_rows()
+                await self._rows.settle()
         except BaseException:
             journal_closed.add_done_callback(unread)  # cancelled: its end is nobody's to report
             raise
         await journal_closed
         if make_room is not None:
             with signals.cut_short():
-                await self.rewrite_unrecorded(make_room)
+                await self._rows.rewrite_refused(make_room)
 
     @property
     def rows_held(self) -> bool:
         """The manifest's disk took no row for ``ROWS_DEADLINE_S`` (or a signal stopped the
         wait): nothing more waits on that disk."""
-        return self._rows_stuck
-
-    async def rewrite_unrecorded(self, make_room: Callable[[], None]) -> None:
-        """Once every download has ended: ``make_room`` (blocking), then the rows the disk
-        refused, written again as far as it takes them now (bounded like ``settle_rows``)."""
-        rows = self._rows
-        if rows is None or self._rows_stuck or not self.result.unrecorded:
-            return
-        records, self.result.unrecorded = self.result.unrecorded, []
-        rows.rewrite(records, make_room)
-        await self.settle_rows()
+        return self._rows.held
 
     def close_rows(self) -> None:
-        """Close the manifest once its rows are written (never waits: see ``_rows``)."""
-        if self._rows is not None:
-            self._rows.close()
-        else:
-            self._manifest.close()
+        """Close the manifest once its rows are written (never waits: see ``_run_rows``)."""
+        self._rows.close()
 
     def _stop_sending(self, problem: OutputUnwritableError | GatewayFailingError) -> None:
         """Stop the run as a systemic error does (the first such problem is the one said)."""
@@ -749,7 +644,7 @@ class BulkRun:
             record["points"] = points
             self.result.points += points
         record |= {"error_code": code, "error": message}
-        self._record(record)
+        self._rows.write(record)
         if not quiet and status != "not_sent":
             self._display.note(f"✗ {row.label}: {status}: {message}")
 
@@ -766,218 +661,13 @@ async def _newest_listing(job: ImageJob, index: int) -> GeneratedImage | None:
     return next((image for image in job.images if image.index == index), None)
 
 
-# The library's option names in its messages, as the command line spells them.
-_FLAG_NAMES = (
-    ("allow_private_addresses=True", "--allow-private-addresses"),
-    ("allow_http=True", "--allow-http"),
-    ("DownloadPolicy.deadline", "--download-timeout"),
-    ("DownloadPolicy.min_rate", "--min-download-rate"),
-)
-
-
-def _describe(exc: BaseException) -> str:
-    text = clean(exc)
-    for option, flag in _FLAG_NAMES:
-        text = text.replace(option, flag)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-# What the downloader says of an image a re-run would refuse the same way, and what is
-# wrong with it, in the summary's words.
-TOO_LARGE, NOT_AN_IMAGE = "too large", "not an image"
-_LASTING = (
-    ("is larger than", TOO_LARGE),
-    ("not a PNG, JPEG or WEBP image", NOT_AN_IMAGE),
-    ("is not valid base64", NOT_AN_IMAGE),
-    ("has neither a URL nor b64_json", NOT_AN_IMAGE),
-)
-
-
-def _lasting(problem: BaseException | None) -> str | None:
-    """``TOO_LARGE`` or ``NOT_AN_IMAGE`` for an image that could not be saved and that a
-    re-run would refuse the same way (the bytes the gateway lists do not change); None for a
-    failure a re-run may get past (a network error, a slow or failing image server)."""
-    if not isinstance(problem, ProtocolError) or problem.http_status is not None:
-        return None
-    text = str(problem)
-    return next((what for said, what in _LASTING if said in text), None)
-
-
-def _disk_refused(problem: BaseException) -> TypeGuard[OSError]:
-    return isinstance(problem, OSError) and problem.errno in _DISK_REFUSALS
-
-
-def _precedence(problem: BaseException) -> int:
-    """Which of a line's image problems it reports (the lowest; the first in image order
-    among equals): a cancel, then a disk that refuses (it stops the run: every later image
-    would be paid for and refused the same way), then any other."""
-    if isinstance(problem, asyncio.CancelledError):
-        return 0
-    return 1 if _disk_refused(problem) else 2
-
-
-# What an image's server answers for a URL that is gone for good (the job having ended: a
-# temporary URL listed while it ran may answer so until its final listing comes).
-_GONE = frozenset({404, 410})
-
-# What a disk (not one file) refuses: every later write to the output folder would fail too.
-_DISK_REFUSALS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
-
-
-# What a disk's stop advises; ``generate`` and ``edit`` say instead how to collect their job
-# (run again, they send a new one, paid again).
-RE_RUN = "then re-run the same command"
-
-
-class OutputUnwritableError(Exception):
-    """The output folder refused the manifest, or an image for its disk's sake (full,
-    read-only, not writable), or the journal refused a submit's intent: the run stops
-    sending."""
-
-    def __init__(self, what: str, why: str, where: str = "the output folder") -> None:
-        super().__init__(
-            f"stopped: {what} ({why}); nothing more was sent. Make room in (or fix the "
-            f"permissions of) {where}, {RE_RUN}"
-        )
-        # What to say instead when the rows not written hold no job key (nothing is listed).
-        self.without_keys: str | None = None
-
-    def said(self, keys_listed: bool) -> str:
-        """The message, for a summary that lists the rows' keys below it or lists none."""
-        return str(self) if keys_listed or self.without_keys is None else self.without_keys
-
-    @classmethod
-    def of(cls, what: str, cause: OSError) -> OutputUnwritableError:
-        return cls(what, cause.strerror or type(cause).__name__)
-
-    @classmethod
-    def manifest_held(cls) -> OutputUnwritableError:
-        """The manifest's disk stopped answering (a hung mount, a frozen file system)."""
-        return cls(
-            "the manifest could not be written", f"its disk took no row for {ROWS_DEADLINE_S:g} s"
-        )
-
-    @classmethod
-    def manifest_cut_short(cls) -> OutputUnwritableError:
-        """A signal ended the wait for the manifest's last rows before its disk took them."""
-        error = cls("", "")
-        error.args = (
-            "stopped: the manifest's last rows were not written (a signal ended the wait for "
-            "its disk); the jobs they name are listed below (`wujie-async status KEY --wait "
-            "-o OUT` saves one)",
-        )
-        error.without_keys = (
-            "stopped: the manifest's last rows were not written (a signal ended the wait for "
-            "its disk); none of them held a job key (lines not sent, or sent without a reply), "
-            "so no job is listed"
-        )
-        return error
-
-    @classmethod
-    def manifest_gone(cls, *, journaled: bool = False) -> OutputUnwritableError:
-        """The manifest was deleted under the run. ``journaled``: the run keeps a journal,
-        which a re-run goes by for the lines it holds, if it was not deleted too (the
-        default one is in the folder): a re-run then pays for none of them again."""
-        rerun = (
-            "a re-run of the same command collects them and sends the rest if the journal "
-            "is still there (one kept in a folder that was removed is gone too: the re-run "
-            "would then send every line again)"
-            if journaled
-            else "a re-run of the same command would send every line again"
-        )
-        error = cls("", "")
-        error.args = (
-            "stopped: the manifest was deleted while this run wrote it (its folder removed?); "
-            "nothing more was sent. Its rows are gone: the jobs this run paid for are listed "
-            f"below (`wujie-async status KEY --wait -o OUT` saves one), and {rerun}",
-        )
-        error.without_keys = (
-            "stopped: the manifest was deleted while this run wrote it (its folder removed?); "
-            "nothing more was sent. Its rows are gone, and none of them held a job key (no job "
-            "of this run is listed); a re-run of the same command would send every line again"
-        )
-        return error
-
-
 # What the client's ClientStateError says when the journal could not write a submit's intent.
 _JOURNAL_REFUSED = "journal write failed"
-
-# Submits in a row without a usable reply (a 5xx, a page that is not JSON, a reply cut off)
-# that stop the sending. Each may have been charged, so none is resent; a gateway that is down
-# made every line of a run uncertain within seconds (100 of 100), each to be checked by hand
-# in the console. At 10% of such replies at random, 8 in a row come once in 10**8 submits.
-UNCERTAIN_IN_A_ROW = 8
-
-
-class GatewayFailingError(Exception):
-    """Submits in a row got no usable reply: the run stops sending (a systemic stop)."""
-
-    def __init__(self, count: int, last: str) -> None:
-        super().__init__(
-            f"stopped: {count} submits in a row got no usable reply (the last: {last}); "
-            "nothing more was sent, as each may have been charged. Re-run the same command "
-            "once the gateway answers: the lines not sent are sent then"
-        )
 
 
 def _not_sent(exc: BaseException) -> bool:
     """True for a submit that ended before its request left (stop_submitting(), say)."""
     return isinstance(exc, ClientStateError)
-
-
-def names_taken(records: Iterable[dict[str, Any]]) -> dict[str, str]:
-    """Saved file names, their extension as ``{ext}``, and the job key each belongs to."""
-    taken: dict[str, str] = {}
-    for record in records:
-        path, key = record.get("path"), record.get("key")
-        if record.get("status") == "saved" and isinstance(path, str) and isinstance(key, str):
-            stem, dot, _ = path.rpartition(".")
-            taken[f"{stem}.{{ext}}" if dot else path] = key
-    return taken
-
-
-def charged_keys(records: Iterable[dict[str, Any]]) -> frozenset[str]:
-    """Keys whose cost a manifest row records (``points``)."""
-    return frozenset(
-        key
-        for record in records
-        if isinstance(key := record.get("key"), str) and record.get("points") is not None
-    )
-
-
-async def record_manifest_keys(
-    client: WujieClient,
-    records: Iterable[dict[str, Any]],
-    entries: list[JournalEntry] | None = None,
-) -> int:
-    """Give the journal the keys only the manifest kept; returns how many rows got one.
-    ``entries``: every journal row, when the caller has read them (else they are read here).
-
-    A full disk can keep a submit's key out of the journal (its row then reads ``uncertain``:
-    the reply was never recorded) while a manifest row, written when the disk had room again,
-    holds it. Such a key, on a manifest row with the row's tag and held by no journal row, is
-    that submit's: it is recorded, so the job is collected rather than left "uncertain" (and
-    resent, and paid for twice, by someone settling it). A tag with more than one uncertain row
-    is left alone: which submit the key was cannot be told.
-    """
-    if entries is None:
-        entries = await client.journal_entries()
-    held = {entry.job_key for entry in entries if entry.job_key}
-    uncertain: dict[str, list[int]] = {}
-    for entry in entries:
-        if entry.state == "uncertain" and not entry.job_key and entry.tag:
-            uncertain.setdefault(entry.tag, []).append(entry.id)
-    found: dict[str, set[str]] = {}
-    for record in records:
-        key, tag = record.get("key"), record.get("tag")
-        if isinstance(key, str) and isinstance(tag, str) and tag in uncertain and key not in held:
-            found.setdefault(tag, set()).add(key)
-    recorded = 0
-    for tag, keys in found.items():
-        if len(keys) == 1 and len(uncertain[tag]) == 1:
-            with contextlib.suppress(InvalidRequestError):  # a damaged manifest's key
-                recorded += await client.record_submit_key(uncertain[tag][0], keys.pop())
-    return recorded
 
 
 def _drain(queue: collections.deque[Row]) -> list[Row]:

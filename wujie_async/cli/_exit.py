@@ -16,12 +16,13 @@ client abandoned it, and the process exits with the command's code, its output f
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
@@ -127,3 +128,43 @@ class ExitGuard:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code if code is not None else 70)
+
+
+def run_command(main: Coroutine[Any, Any, int], guard: ExitGuard | None) -> int:
+    """Run a command's coroutine on a new event loop (uvloop's when installed); its exit code.
+    ``guard``: the process's, when the command is its own (on the main thread): armed once
+    ``main`` has ended, so a thread that holds the loop's close cannot hold the exit."""
+    try:
+        return _loop_runner()(_without_waiting_threads(main, guard))
+    finally:
+        if guard is not None:
+            guard.disarm()
+
+
+async def _without_waiting_threads(main: Coroutine[Any, Any, int], guard: ExitGuard | None) -> int:
+    """``main`` on a loop whose default executor never holds the exit, and whose close gets
+    a bounded time once ``main`` has ended (see ``_exit``): a name lookup that hangs must not
+    keep a run that has printed its summary from ending."""
+    asyncio.get_running_loop().set_default_executor(DaemonThreadPool())
+    code: int | None = None
+    error: BaseException | None = None
+    try:
+        code = await main
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if guard is not None:
+            guard.arm(code, error)
+    return code
+
+
+def _loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    # The import is tried apart from the run: an error in the run must not chain under an
+    # ImportError of an optional speed-up.
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return asyncio.run
+    run: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    return run

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime
 import json
+import os
 import stat
 import sys
 from collections.abc import Callable
@@ -27,7 +28,8 @@ from .._journal import ALL_STATES
 from .._journal_worker import read_only_query
 from .._keys import images_in, is_job_key
 from .._local_files import not_regular
-from ._bulk import BulkRun, Row, charged_keys, names_taken, record_manifest_keys
+from ._bulk import BulkRun
+from ._bulk_data import Row
 from ._common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -44,12 +46,15 @@ from ._journal_rows import (
     edited_lines,
     edited_said,
     latest_per_row,
+    manifest_lines,
     matches,
+    numbered,
     own_ids,
     refuse_unknown,
     row_name,
     rows_per_line,
 )
+from ._manifest_keys import charged_keys, names_taken, record_manifest_keys
 from ._out_lock import LOCK_NAME, out_folder_lock
 from ._outcome import (
     LineOutcome,
@@ -57,6 +62,7 @@ from ._outcome import (
     clean,
     count,
     lines_ended,
+    manifest_records,
     of_source,
     open_manifest,
     points_spent,
@@ -71,8 +77,9 @@ from ._outcome import (
 )
 from ._plan import known_keys, line_of, lines_by_id, readable_error
 from ._progress import Display, Tally
-from ._run import check_out_folder, forget_failed_said, journal_left_said, stop_said
+from ._run import check_out_folder
 from ._signals import stopping_on_signals
+from ._summary import forget_failed_said, journal_left_said, stop_said
 
 _STATES = ALL_STATES
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -117,7 +124,7 @@ def add_parser(
         nargs="*",
         metavar="LINE_OR_ID",
         help="input line numbers or ids, or as journal list and summaries print them "
-        "(line 4, id fox, 'line 4 (id fox)', #12)",
+        "(line 4, id fox, 'line 4 (id fox)', 'row 12')",
     )
     resend.add_argument("--all-uncertain", action="store_true", help="every uncertain row")
     resend.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -138,7 +145,7 @@ def add_parser(
         nargs="*",
         metavar="LINE_OR_ID",
         help="input line numbers or ids, or as journal list and summaries print them "
-        "(line 4, id fox, 'line 4 (id fox)', #12)",
+        "(line 4, id fox, 'line 4 (id fox)', 'row 12')",
     )
     forget.add_argument("--status", action="append", choices=_STATES, help="every row in these")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -222,26 +229,39 @@ def check_journal_file(path: Path, *, resume: bool = False) -> None:
         )
 
 
-def _run_manifest(folder: Path) -> list[dict[str, Any]]:
-    """The records of the run's manifest in ``folder`` (none when it has none), for the
-    commands that only read it (blocking: on a thread). One that is no file is refused:
-    reading a FIFO would wait for a writer for ever, and a folder was an internal error."""
+def _run_manifest(folder: Path) -> list[dict[str, Any]] | None:
+    """The records of the run's manifest in ``folder``, None when it holds none (then it is
+    no run's folder), for the commands that only read it (blocking: on a thread).
+
+    Whether there is one and what it records are the answer of one file: the one opened, by
+    its own stat, never a second look by name, between which a run could create the file or
+    a user delete it. One that is no file is refused, unread: reading a FIFO would wait for a
+    writer for ever (it is opened without blocking), and a folder was an internal error."""
     manifest = folder / "manifest.jsonl"
     try:
-        mode = manifest.stat().st_mode
+        fd = os.open(manifest, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return []
+        return None
     except NotADirectoryError:
         raise UsageError(f"-o {folder} is not a folder; give the run's folder") from None
     except OSError as exc:
         raise UsageError(f"{manifest}: cannot read it ({exc.strerror or 'error'})") from None
-    problem = "a folder" if stat.S_ISDIR(mode) else not_regular(mode)
+    chunks = []
+    try:
+        mode = os.fstat(fd).st_mode
+        problem = "a folder" if stat.S_ISDIR(mode) else not_regular(mode)
+        while problem is None and (chunk := os.read(fd, 1 << 20)):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read it ({exc.strerror or 'error'})") from None
+    finally:
+        os.close(fd)
     if problem is not None:
         raise UsageError(
             f"{manifest} is not a run's manifest ({problem}); move it away, or give the run's "
             "folder with -o"
         )
-    return read_manifest(manifest)
+    return manifest_records(b"".join(chunks).decode("utf-8"))
 
 
 def _confirm(question: str, yes: bool) -> None:
@@ -275,12 +295,14 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
         states.add("intent")
     async with JournalFile(path, read_only=True) as journal:
         entries = await journal.entries(*(state for state in _STATES if state in states))
+        every = await journal.entries() if args.json else []
     if args.json:
-        # An id row's tag holds no line number: the run's manifest gives it (read only).
+        # An id row's tag holds no line number: the manifest row of its submit gives it
+        # (read only; a row of the same id another run left there is another line).
         records = await anyio.to_thread.run_sync(_run_manifest, _run_folder(args, path))
-        lines = lines_by_id(records)
+        lines = manifest_lines(every, records or [])
         for entry in entries:
-            print(json.dumps(_as_json(entry, lines)))  # noqa: T201 - this command's output
+            print(json.dumps(_as_json(entry, lines.get(entry.id))))  # noqa: T201 - its output
     else:
         _list(entries)
     intents = sum(1 for entry in entries if entry.state == "intent")
@@ -297,14 +319,14 @@ async def _list_rows(args: argparse.Namespace, console: Console, path: Path) -> 
     return EXIT_OK
 
 
-def _as_json(entry: JournalEntry, lines: dict[str, int]) -> dict[str, Any]:
+def _as_json(entry: JournalEntry, manifest_line: int | None) -> dict[str, Any]:
     """A row for ``list --json``: ``line`` and ``id`` both when known (an id row's line is
-    the manifest's, null when the run's folder holds none)."""
-    line, row_id = line_of(entry, lines)
+    ``manifest_line``, the manifest's, null when the run's folder names none)."""
+    line, row_id = line_of(entry)
     return {
         "row": entry.id,
         "name": row_name(entry),
-        "line": line or None,
+        "line": line or manifest_line,
         "id": row_id,
         "state": entry.state,
         "key": entry.job_key,
@@ -397,8 +419,8 @@ def _refuse_only_record(
 
 def _edited_hint(edited: list[list[list[JournalEntry]]]) -> str:
     requests = edited[0]
-    keep = f"#{requests[-1][-1].id}"
-    other = " ".join(f"'#{entry.id}'" for rows in requests[:-1] for entry in rows)
+    keep = numbered(requests[-1][-1].id)
+    other = " ".join(f"'{numbered(entry.id)}'" for rows in requests[:-1] for entry in rows)
     return (
         f"name the row to send by its number (`wujie-async journal resend '{keep}'`, say); "
         f"the other's rows stay (it may have been charged: see the gateway's console), "
@@ -436,10 +458,11 @@ async def _forget(
         refuse_unknown("forget", "forgotten", args.rows, entries)
         ids = own_ids(await journal.entries())  # "#1" is the id of a row in any state
         entries = [entry for entry in entries if matches(entry, set(args.rows), ids)]
-    manifest_path = out / "manifest.jsonl"
+    # In a run's folder (one holding a manifest) a succeeded row may be a paid job's only
+    # record: one look at the manifest says both whether it is one and what it records.
     records = await anyio.to_thread.run_sync(_run_manifest, out)
-    run_folder = await anyio.to_thread.run_sync(manifest_path.is_file)
-    _refuse_only_record(entries, journal.path, out, known_keys(records), run_folder=run_folder)
+    recorded = known_keys(records or [])
+    _refuse_only_record(entries, journal.path, out, recorded, run_folder=records is not None)
     if entries:
         _confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)
@@ -698,5 +721,5 @@ def _outcome_name(outcome: LineOutcome) -> str:
     if outcome.row_id is not None:
         return f"id {clean(outcome.row_id)}"
     if outcome.line <= 0:
-        return "a row with neither line nor id (#N in journal list)"
+        return "a row with neither line nor id (row N in journal list)"
     return f"line {outcome.line}"

@@ -208,7 +208,8 @@ class LineOutcome:
     error_code: str | None = None
     error: str | None = None
     # An image that could not be saved and never will be by a re-run as it stands (too large
-    # for the cap, bytes that are not an image): what is wrong, in words (see _bulk.lasting).
+    # for the cap, bytes that are not an image): what is wrong, in words (see
+    # _image_problems.lasting_problem).
     lasting: str | None = None
 
 
@@ -351,6 +352,11 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return []
+    return manifest_records(text)
+
+
+def manifest_records(text: str) -> list[dict[str, Any]]:
+    """Every readable record of a manifest's ``text`` (a torn last line is skipped)."""
     records = []
     # Rows end at "\n" only (JSON escapes it in strings); not ``splitlines()``, which also
     # splits at U+2028 or U+0085 in a prompt, losing that row: its line would be paid again.

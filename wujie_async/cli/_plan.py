@@ -31,9 +31,10 @@ from .. import (
 )
 from .._budget import Kind, kind_of
 from .._keys import images_in
-from ._bulk import Row, charged_keys, record_manifest_keys
+from ._bulk_data import Row
 from ._common import UsageError
 from ._input import BulkItem, line_tag, moved_rows
+from ._manifest_keys import charged_keys, record_manifest_keys
 from ._outcome import (
     LineOutcome,
     Status,
