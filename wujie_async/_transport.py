@@ -10,10 +10,9 @@ retried depends on what the call is (see the docs, "Limits, retries and the 429 
   platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``;
 * both: a 401 is retried once, re-signed (the cached signature may have gone stale).
 
-A submit whose reply never came cannot be resent, even when the likeliest cause is harmless
-(a server closing an idle pooled connection as the submit was written on it): so that cause is
-avoided before the write instead (``_PoolConnector``). Replies are decoded by
-``_body_decoding``, not by aiohttp.
+A submit whose reply never came cannot be resent: our own pool (``_connections``) avoids its
+likeliest harmless cause before the write. Replies are decoded by ``_body_decoding``, not by
+aiohttp.
 
 Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``), so refused
 submits never slow the polls, nor the reverse.
@@ -41,19 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import errno
 import functools
 import json
 import logging
-import math
 import os
 import re
-import select
 import socket
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
@@ -65,6 +59,14 @@ import backoff
 from ._auth import HeaderSigner
 from ._body_decoding import ACCEPT_ENCODING, BodyDecoder, body_decoder, content_codings
 from ._config import Limits, RetryPolicy, Timeouts
+from ._connections import (
+    ANY_CONNECTION,
+    CONNECTING,
+    IDLE_CONNECTION_SECONDS,
+    SUBMIT_CONNECTION,
+    PoolConnector,
+    TimedResolver,
+)
 from ._envelopes import FIX_BASE_URL, decode_reply, redirect_error, refused_unread
 from ._errors import (
     APIError,
@@ -95,10 +97,10 @@ CallKind = Literal["submit", "poll"]
 CALL_KINDS: tuple[CallKind, ...] = ("submit", "poll")
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
-IDLE_CONNECTION_SECONDS = 4.0
-# A submit goes on a pooled connection only if it has been idle at most this long (else on a
-# new one): see _PoolConnector.
-SUBMIT_IDLE_SECONDS = 0.05
+# The connection rule of each request (see _connections), bound by an assignment: CPython
+# compiles a method call on a name that an import bound as an attribute load (a bound method
+# made on each call), and _exchange sets and resets it on every request.
+_CONNECTING = CONNECTING
 
 
 # One encoder for every request body: json.dumps with any option builds a new JSONEncoder per
@@ -234,11 +236,11 @@ class Transport:
             self._request_headers = self._fixed_headers
             return
         # Idle connections are dropped after 4 s (a request on a connection the server has
-        # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (_PoolConnector).
-        connector = _PoolConnector(
+        # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (PoolConnector).
+        connector = PoolConnector(
             limit=self._limits.max_connections,
             keepalive_timeout=IDLE_CONNECTION_SECONDS,
-            resolver=_TimedResolver(self._timeouts.connect),
+            resolver=TimedResolver(self._timeouts.connect),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -520,7 +522,7 @@ class Transport:
     def _heard_keep_alive(self, header: str) -> None:
         """Tell our pool how long the gateway says it keeps an idle connection open."""
         connector = self._session.connector if self._session is not None else None
-        if isinstance(connector, _PoolConnector):
+        if isinstance(connector, PoolConnector):
             connector.heard_keep_alive(header)
 
     async def _exchange(
@@ -540,9 +542,9 @@ class Transport:
         # Told to our connector (in this task: the request's connection is taken in it). A
         # batch call is dated from when its connection is taken: the request is written next.
         connecting = _CONNECTING.set(
-            _SUBMIT_CONNECTION
+            SUBMIT_CONNECTION
             if kind == "submit"
-            else _ANY_CONNECTION
+            else ANY_CONNECTION
             if on_wire is None
             else (None, on_wire)
         )
@@ -784,200 +786,3 @@ def _uncertain(exc: WujieError) -> bool:
     # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
     # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
     return isinstance(exc, ServerError | ProtocolError)
-
-
-# What our connector is told of the request it takes a connection for, set by
-# Transport._exchange around each request: how long the pooled connection it takes may have
-# been idle (None: aiohttp's own bound, IDLE_CONNECTION_SECONDS), and whom to tell
-# (``on_wire(True)``) once the connection is taken (a batch call's; None: nobody).
-_ConnectRule = tuple[float | None, Callable[[bool], None] | None]
-_ANY_CONNECTION: _ConnectRule = (None, None)
-_SUBMIT_CONNECTION: _ConnectRule = (SUBMIT_IDLE_SECONDS, None)
-_CONNECTING: contextvars.ContextVar[_ConnectRule] = contextvars.ContextVar(
-    "wujie_async_connecting", default=_ANY_CONNECTION
-)
-
-
-class _PoolConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, which writes no request on a pooled connection the server has
-    closed, and a submit on none idle longer than ``SUBMIT_IDLE_SECONDS``.
-
-    A server closes a keep-alive connection after an idle timeout of its own (gunicorn: 2 s,
-    uvicorn: 5 s, nginx: 75 s, some proxies far less), without warning. A request written on
-    it as it closes is never read, and the client sees the connection end with no reply at
-    all (EOF or a reset). A gateway that read the submit and died looks exactly the same: so
-    such a submit can NEVER be resent (it may have been accepted, and paid for); it stays
-    ``SubmitUncertainError``. Telling the two apart after the fact would take the peer's FIN
-    having arrived before our write, which the kernel does not tell us once it has happened.
-    So the race is avoided before the write instead:
-
-    * any request: a pooled connection that is readable while idle (the server's FIN, or a
-      stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
-      closed, and the next one taken (what urllib3 does at checkout); nothing was written;
-    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` (or, where the
-      gateway's replies say ``Keep-Alive: timeout=N``, longer than half those N seconds,
-      which leaves the server's timer a wide margin) is passed over (left in the pool for
-      the polls, idle since when it was), and another (or a new one) taken. A server's idle
-      timer runs from its last reply, so only a server timing connections out within that
-      much of a reply (far shorter than any server's default), or breaking its promise, could
-      close one under a submit. A new connection costs a handshake; a submit after a pause
-      pays it, a burst of submits reuses the connections it warms.
-      Batch queries are read-only: the poller's take any pooled connection (a failed one is
-      asked again).
-
-    A batch query's ``on_wire(True)`` is called here too, once its connection is taken (the
-    request is written next): a call is dated from then, not from before it waited for a
-    connection slot and connected.
-
-    A caller's own session keeps its own connector: neither check applies to it.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Every connection handed out once (a connection handed out again is a pooled one).
-        self._known: weakref.WeakKeyDictionary[Any, _Pooled] = weakref.WeakKeyDictionary()
-        # How long idle a submit may still take a pooled connection: half the gateway's own
-        # Keep-Alive timeout (0: it said none, and SUBMIT_IDLE_SECONDS bounds a submit's).
-        self._promised = 0.0
-
-    def heard_keep_alive(self, header: str) -> None:
-        """The gateway's ``Keep-Alive`` header on a reply: a ``timeout=N`` there lets a
-        submit take a pooled connection idle up to ``N / 2`` seconds (within aiohttp's own
-        bound), where the server has promised it stays open. (Per pool, not per connection:
-        this pool's connections all go to the gateway, and by the time a reply's headers are
-        read its connection may be back in the pool already.)"""
-        self._promised = _keep_alive_promise(header)
-
-    def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
-        # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
-        # no reused connection would have a known idle time: a submit would take new ones.
-        known = self._known.get(protocol)
-        if known is not None:
-            known.idle_since = time.monotonic()
-        super()._release(key, protocol, *args, **kwargs)
-
-    async def connect(
-        self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.connector.Connection:
-        max_idle, on_wire = _CONNECTING.get()
-        # Pooled connections sound but idle too long for a submit, and since when each was
-        # idle: kept out of the pool while it looks for another (each is taken once), then put
-        # back for the polls (closed, a submit after a pause took every pooled connection from
-        # the polls).
-        aside: list[tuple[aiohttp.connector.Connection, _Pooled, float]] = []
-        try:
-            while True:
-                if aside and self.limit and len(self._acquired) >= self.limit:
-                    # Those set aside hold every slot: one is closed to make room.
-                    aside.pop()[0].close()
-                conn = await super().connect(req, traces, timeout)
-                protocol = conn.protocol
-                known = None if protocol is None else self._known.get(protocol)
-                if known is None:
-                    if protocol is not None:
-                        self._known[protocol] = _Pooled(protocol)
-                    if on_wire is not None:
-                        on_wire(True)  # the request is written next
-                    return conn  # a new connection
-                since = known.idle_since
-                idle = math.inf if since is None else time.monotonic() - since
-                # aiohttp's own idle clock restarts when a connection set aside goes back:
-                # its bound is kept on this one.
-                too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
-                if not too_old and not _closed_by_peer(protocol, known.fd):
-                    if max_idle is None or idle <= max_idle or idle <= self._promised:
-                        if on_wire is not None:
-                            on_wire(True)
-                        return conn
-                    if since is not None:
-                        aside.append((conn, known, since))
-                        continue
-                conn.close()  # nothing was written on it; the next pooled one, or a new one
-        finally:
-            for stale, known, since in aside:
-                stale.release()  # back to the pool (see _release), ...
-                known.idle_since = since  # ... idle since when it was
-
-
-class _Pooled:
-    """What the pool knows of a connection it handed out: when it last went back to the pool
-    (None: not yet; each return overwrites it), and its socket's file descriptor (None: it
-    has none to look at; -1: it could not be read), read once, when it is new."""
-
-    __slots__ = ("fd", "idle_since")
-
-    def __init__(self, protocol: Any) -> None:
-        self.idle_since: float | None = None
-        self.fd: int | None = None
-        transport = protocol.transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                self.fd = sock.fileno()
-            except (OSError, ValueError):
-                self.fd = -1
-
-
-_KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})(?![0-9.])", re.I)
-
-
-def _keep_alive_promise(header: str) -> float:
-    """Seconds a submit may take a connection idle, by the server's ``Keep-Alive`` header:
-    half its ``timeout=N`` (Apache: ``timeout=5, max=100``), at most aiohttp's own bound;
-    0 for a header without a whole number of seconds of at least 1."""
-    found = _KEEP_ALIVE_TIMEOUT.search(header[:200])
-    seconds = 0 if found is None else int(found.group(1))
-    return min(seconds / 2, IDLE_CONNECTION_SECONDS) if seconds >= 1 else 0.0
-
-
-_POLL = hasattr(select, "poll")
-
-
-def _closed_by_peer(protocol: Any, fd: int | None) -> bool:
-    """Whether an idle pooled connection has something to read (the server's FIN, or bytes no
-    request asked for): either way no request may go on it. (An open transport's socket is
-    the one it had when new: ``fd`` is still its own.)"""
-    transport = protocol.transport
-    if transport is None or transport.is_closing():
-        return True
-    if fd is None:
-        return False
-    try:
-        if _POLL:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([fd], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
-
-
-class _TimedResolver(aiohttp.abc.AbstractResolver):
-    """aiohttp's default resolver, bounded by ``Timeouts.connect``.
-
-    Only the TCP connect has a deadline of its own in aiohttp: a name service that never
-    answers ran into ``Timeouts.request``, which reads as a reply that never came, a submit
-    that "may have been charged". Past ``seconds`` it is a failure to connect: nothing was
-    sent (retried, and systemic). The resolving thread is left to finish on its own.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self._inner = aiohttp.DefaultResolver()
-        self._seconds = seconds
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        try:
-            async with asyncio.timeout(self._seconds):
-                return await self._inner.resolve(host, port, family)
-        except TimeoutError:
-            # An OSError with no errno would be taken for aiohttp's own timeout: this one has
-            # one, so aiohttp reports it as a name-resolution failure (nothing was sent).
-            raise OSError(
-                errno.ETIMEDOUT,
-                f"resolving {host} took over {self._seconds:g} s (Timeouts.connect)",
-            ) from None
-
-    async def close(self) -> None:
-        await self._inner.close()
