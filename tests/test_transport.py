@@ -45,8 +45,8 @@ from wujie_async._body_decoding import BodyDecoder
 from wujie_async._connections import SUBMIT_IDLE_SECONDS
 from wujie_async._envelopes import decode_reply
 from wujie_async._errors import ReplyTooDeepError
+from wujie_async._failures import CallKind
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import CallKind
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport

@@ -1,14 +1,9 @@
 """HTTP: one aiohttp session per client, signed POSTs, error mapping, retries.
 
 Every lower-layer failure is translated here, once, into the ``WujieError`` tree. What is
-retried depends on what the call is (see the docs, "Limits, retries and the 429 brake"):
-
-* batch-detail queries are idempotent: retried on 5xx, 429, timeouts, dropped connections and
-  replies that break the contract (not JSON, wrong shape);
-* submits are not: retried only when the request provably never reached the gateway (connect
-  refused, DNS, connect timeout), on 429 (the gateway refused it) and on code 20010018 (the
-  platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``;
-* both: a 401 is retried once, re-signed (the cached signature may have gone stale).
+retried depends on what the call is and on what failed (``_failures`` says which; see the
+docs, "Limits, retries and the 429 brake"); a 401 is retried once, re-signed (the cached
+signature may have gone stale).
 
 A submit whose reply never came cannot be resent: our own pool (``_connections``) avoids its
 likeliest harmless cause before the write. Replies are decoded by ``_body_decoding``, not by
@@ -20,11 +15,9 @@ submits never slow the polls, nor the reverse.
 What a reply means (the envelope's ``data``, or the typed error its status and body say) is
 ``_envelopes``'s to read; a 4xx whose body cannot be read is read by its status alone.
 
-Nothing is retried that would fail the same way again: 403, a missing route (404/405 without an
-envelope), a redirect, an empty balance, a reply over the size cap, a TLS certificate that
-cannot be verified (``TransportError.lasting``). Redirects are never followed: the
-signature covers only the app id and a timestamp, so a signed request sent on to wherever a
-``Location`` points could be replayed there (and a 307 loop would pay once per hop).
+Redirects are never followed: the signature covers only the app id and a timestamp, so a
+signed request sent on to wherever a ``Location`` points could be replayed there (and a 307
+loop would pay once per hop).
 
 Secrets and exception chains: aiohttp's ``ClientResponseError`` and every ``ClientResponse``
 carry ``request_info``, whose headers hold the signed Authorization header, and a traceback
@@ -43,17 +36,11 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import re
-import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
-import aiohttp.abc
 import backoff
 
 from ._auth import HeaderSigner
@@ -72,17 +59,21 @@ from ._errors import (
     APIError,
     AuthenticationError,
     ClientStateError,
-    LockRaceError,
-    ProtocolError,
     RateLimitedError,
-    ReplyTooDeepError,
     ResponseTooLargeError,
-    ServerError,
-    SubmitUncertainError,
     TransportError,
-    UnexpectedRedirectError,
     WujieError,
-    snippet,
+)
+from ._failures import (
+    CALL_KINDS,
+    CallKind,
+    failure_reason,
+    give_up,
+    request_unwritten,
+    retryable,
+    said,
+    through_aiohttp,
+    unverified_certificate,
 )
 from ._ratelimit import AdaptiveLimiter
 from ._stats import TransportCounters
@@ -93,8 +84,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wujie_async")
 
-CallKind = Literal["submit", "poll"]
-CALL_KINDS: tuple[CallKind, ...] = ("submit", "poll")
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
 # The connection rule of each request (see _connections), bound by an assignment: CPython
@@ -106,55 +95,6 @@ _CONNECTING = CONNECTING
 # One encoder for every request body: json.dumps with any option builds a new JSONEncoder per
 # call (a microsecond of each submit and poll). It holds no state between calls.
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-_NESTED_ERROR = re.compile(r"<(\w+): \d+, message='([^'<>]*)'>")
-
-
-def _failure_reason(exc: BaseException) -> str:
-    """The lower-level error's own words (the OS reason, say), without any object it holds.
-
-    Only text is taken: ``str()`` of aiohttp's errors names the URL and the OS error, never
-    the request headers (those live on ``request_info``, which is not kept).
-    """
-    certificate_error = _unverified_certificate(exc)
-    if certificate_error is not None:
-        reason = (
-            "the gateway's TLS certificate could not be verified (check the base URL's host, "
-            f"or this machine's CA certificates): {certificate_error}"
-        )
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        reason = os_error.strerror or str(os_error)
-        if isinstance(os_error, ssl.SSLError):
-            # Its errno is the SSL library's error code (1: "an SSL error"), not the OS's:
-            # read as one, every TLS failure said "Operation not permitted".
-            reason = f"TLS failed ({os_error.reason or reason})"
-        elif os_error.errno and not isinstance(os_error, socket.gaierror):
-            # asyncio words a refusal "Connect call failed (...)": name the errno as well.
-            reason = f"{os.strerror(os_error.errno)} ({reason})"
-    else:
-        # aiohttp writes a nested error as its repr (a body cut short: "Response payload is
-        # not completed: <ContentLengthError: 400, message='Not enough data ...'>"), which
-        # snippet() takes for markup and leaves out, with the words that said what happened.
-        reason = _NESTED_ERROR.sub(r"\1: \2", str(exc))
-    name = type(exc).__name__
-    reason = snippet(reason, limit=200)
-    return f"{name}: {reason}" if reason else name
-
-
-def _unverified_certificate(exc: BaseException) -> BaseException | None:
-    """The ssl module's error of a connect failure that is a TLS certificate not verified
-    (untrusted, expired, for another host); None for any other failure. aiohttp raises
-    ClientConnectorCertificateError for it where it makes the connection itself, and may
-    pass one on inside a ClientConnectorSSLError elsewhere: both are the same refusal."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return exc.certificate_error
-    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
-        exc.os_error, ssl.SSLCertVerificationError
-    ):
-        return exc.os_error
-    return None
 
 
 # What one exchange brought back, (status, headers, body): nothing of aiohttp's objects is
@@ -344,10 +284,10 @@ class Transport:
                         # max_elapsed 5 was tried again at 10 s (max_wait).
                         delay = None if told else left
                 if delay is None:
-                    _give_up(exc, kind, body)
+                    give_up(exc, kind, body)
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 if on_wire is not None:
-                    on_wire(False)  # retried: refused outright (_retryable), nothing accepted
+                    on_wire(False)  # retried: refused outright (retryable), nothing accepted
                 await asyncio.sleep(delay)
                 if before_retry is not None:
                     due = clock()
@@ -357,7 +297,7 @@ class Transport:
                         # The submit pacer made it wait past max_elapsed: no try then either.
                         # (Not its few microseconds after a wait cut to the time left: that
                         # last try is the policy's.)
-                        _give_up(exc, kind, body)
+                        give_up(exc, kind, body)
                 self.counters.retries += 1  # after the wait: a close during it sends none
 
     def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:
@@ -368,7 +308,7 @@ class Transport:
         # one in a row means the credentials are wrong.
         if isinstance(exc, AuthenticationError) and tries >= 2:
             return False
-        return _retryable(exc, kind)
+        return retryable(exc, kind)
 
     def _backoff_waits(self) -> Iterator[float | None]:
         waits = backoff.expo(factor=self._retry.initial_wait, max_value=self._retry.max_wait)
@@ -505,7 +445,7 @@ class Transport:
                 seconds * 1e3,
                 f", {keys} key(s)" if keys is not None else "",
                 attempt,
-                "" if error is None else _said(error),
+                "" if error is None else said(error),
             )
         if otel is not None:
             otel.http_exchange(
@@ -600,7 +540,7 @@ class Transport:
                 # A 4xx's status line came whole: the request was refused, whatever became of
                 # the body (cut short, too slow). Read as a lost reply, a submit so refused was
                 # "may have been charged" (never resent), a 429 among them.
-                why = _failure_reason(exc)
+                why = failure_reason(exc)
                 if isinstance(exc, TimeoutError) and not str(exc):
                     why = f"not whole within {self._timeouts.request} s (Timeouts.request)"
                 return refused_unread(status, headers, url, why)
@@ -608,23 +548,23 @@ class Transport:
                 reply.release()  # the connection back to the pool (or closed, if cut short)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return TransportError(
-                f"could not connect to {self.base_url}: {_failure_reason(exc)}; "
+                f"could not connect to {self.base_url}: {failure_reason(exc)}; "
                 f"{FIX_BASE_URL} and the network",
                 reached_server=False,
                 # A certificate not verified is refused the same way at every handshake (it
                 # was tried RetryPolicy.max_attempts times): nothing was sent, so it is the
                 # connect failure it is, only not retried.
-                lasting=_unverified_certificate(exc) is not None,
+                lasting=unverified_certificate(exc) is not None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            if _request_unwritten(exc):
+            if request_unwritten(exc):
                 return TransportError(
                     f"the connection to {self.base_url} closed before the request was written "
                     "(a connection the server had closed, without saying so, after its last "
                     "reply): nothing reached the gateway",
                     reached_server=False,
                 )
-            reason = _failure_reason(exc)
+            reason = failure_reason(exc)
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
             return TransportError(f"no complete reply from {url}: {reason}", reached_server=True)
@@ -644,7 +584,7 @@ class Transport:
                 closed.systemic = True
                 return closed
             reply = None  # its request_info holds the header: not kept by this frame
-            if not _through_aiohttp(exc.__traceback__):
+            if not through_aiohttp(exc.__traceback__):
                 raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
         finally:
@@ -706,83 +646,5 @@ def _unless_status_says(
     return read
 
 
-# aiohttp's words for a request whose body could not be written (the connection was closing,
-# or closed under the write): the server cannot have had the whole request, so it ran nothing.
-_UNWRITTEN = "Can not write request body"
-
-
-def _request_unwritten(exc: BaseException) -> bool:
-    """True when aiohttp could not write the request's body: the server got no complete
-    request (a POST short of its Content-Length is never run), so nothing was accepted.
-
-    A server that closes a connection after its reply without ``Connection: close`` leaves it
-    in the pool; the next request on it fails so. Read as "no reply", every other submit
-    through such a server was uncertain (never resent), though none had reached it.
-    """
-    return isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror or "").startswith(_UNWRITTEN)
-
-
-def _through_aiohttp(tb: TracebackType | None) -> bool:
-    """Whether a traceback passes through aiohttp's frames (whose locals hold the request's
-    headers)."""
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aiohttp"):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _said(error: BaseException) -> str:
-    """What a DEBUG line says of an attempt's error: its type and clean, short text (of a
-    cancellation, only that: anyio's text names a cancel scope, a task and a source line)."""
-    if isinstance(error, asyncio.CancelledError):
-        return ": cancelled"
-    return f": {type(error).__name__}: {snippet(str(error), limit=160)}"
-
-
-def _retryable(exc: WujieError, kind: CallKind) -> bool:
-    """Whether an attempt's error may be retried at all (the policy's bounds aside)."""
-    if isinstance(exc, AuthenticationError):
-        return exc.http_status == 401  # 403: these credentials may not do this; stop
-    if isinstance(exc, RateLimitedError):
-        # Refused outright: nothing happened, resending a submit is safe. A batch query is not
-        # resent as it was: the poller asks again after Retry-After, in a call with every key
-        # then due, so its keys are not held in one call that keeps being refused while
-        # other calls go through.
-        return kind != "poll"
-    if exc.systemic and not isinstance(exc, TransportError):
-        return False  # a missing route, a redirect, no balance: the same again every time
-    if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
-        return False  # the same question gets the same unreadable answer; ask about fewer keys
-    if isinstance(exc, TransportError) and exc.lasting:
-        return False  # a TLS certificate not verified: every handshake ends the same way
-    if kind == "poll":
-        return isinstance(exc, ServerError | ProtocolError | TransportError)
-    if isinstance(exc, LockRaceError):
-        return True
-    return isinstance(exc, TransportError) and not exc.reached_server
-
-
 # A pacer turn that took longer than this made the retry wait (see _with_retries).
 _PACED = 0.05
-
-
-def _give_up(exc: WujieError, kind: CallKind, body: Any) -> NoReturn:
-    """Raise what a call that gets no more tries raises: its last error, or for a submit that
-    may have been accepted, ``SubmitUncertainError``."""
-    if kind == "submit" and _uncertain(exc):
-        raise SubmitUncertainError(
-            f"the submit may have been accepted: {exc}", request=body
-        ) from exc
-    raise exc
-
-
-def _uncertain(exc: WujieError) -> bool:
-    """True when a submit failed in a way that leaves its fate unknown."""
-    if isinstance(exc, TransportError):
-        return exc.reached_server
-    if isinstance(exc, UnexpectedRedirectError):
-        return False  # the URL asked answered "not here": nothing was accepted at it
-    # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
-    # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
-    return isinstance(exc, ServerError | ProtocolError)
