@@ -9,7 +9,8 @@ process against one emulator in its own process:
   full run         submit, poll until every job ended, resolve every future
 then the garbage collector's pauses during a full run (gc.callbacks), and the cProfile of
 one full run, sorted by own time. (It uses the public API only: the transport's own share
-shows in the profile, under wujie_async/_transport.py.)
+shows in the profile, under wujie_async/_transport.py and the modules it reads replies and
+failures with: _envelopes.py, _body_decoding.py, _connections.py, _failures.py.)
 """
 
 from __future__ import annotations

@@ -41,9 +41,12 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
+from wujie_async._body_decoding import BodyDecoder
+from wujie_async._connections import SUBMIT_IDLE_SECONDS
+from wujie_async._envelopes import decode_reply
 from wujie_async._errors import ReplyTooDeepError
+from wujie_async._failures import CallKind
 from wujie_async._poller import BatchPoller
-from wujie_async._transport import SUBMIT_IDLE_SECONDS, CallKind, _BodyDecoder, decode_reply
 from wujie_async.emulator import FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client, open_transport
@@ -817,7 +820,7 @@ def test_a_compressed_reply_decodes_however_it_is_split(name: str) -> None:
     encoding, body = _compressed_replies()[name]
 
     def decoded(parts: list[bytes], cap: int) -> bytes | WujieError:
-        decoder = _BodyDecoder(encoding, cap, 200)
+        decoder = BodyDecoder(encoding, cap, 200)
         for part in parts:
             problem = decoder.feed(part)
             if problem is not None:
@@ -1114,10 +1117,10 @@ async def test_a_submit_answered_with_a_list_of_content_codings_is_read(
 def test_a_list_of_content_codings_decodes_within_the_cap_and_says_what_failed() -> None:
     """A coding this client does not know, anywhere in the list, leaves the body as it came;
     the cap counts the decoded bytes; a body that is not what the list says is undecodable."""
-    from wujie_async._transport import _body_decoder, _content_codings
+    from wujie_async._body_decoding import body_decoder, content_codings
 
     def decoded(values: list[str], body: bytes, cap: int) -> bytes | WujieError:
-        decoder = _body_decoder(_content_codings(values), cap, 200)
+        decoder = body_decoder(content_codings(values), cap, 200)
         for start in range(0, len(body), 7):
             problem = decoder.feed(body[start : start + 7])
             if problem is not None:

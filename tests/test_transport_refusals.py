@@ -29,7 +29,8 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
-from wujie_async._transport import Transport, _failure_reason
+from wujie_async._failures import failure_reason
+from wujie_async._transport import Transport
 
 from .conftest import INSTANT_RETRY, open_transport
 from .helpers import GENERATIONS, INFO
@@ -142,10 +143,10 @@ def test_a_certificate_refusal_worded_as_an_ssl_error_is_one_too() -> None:
     verify.reason, verify.verify_message = "CERTIFICATE_VERIFY_FAILED", "self-signed certificate"
     eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
     eof.reason = "UNEXPECTED_EOF_WHILE_READING"
-    said = _failure_reason(aiohttp.ClientConnectorSSLError(key, verify))
+    said = failure_reason(aiohttp.ClientConnectorSSLError(key, verify))
     assert said.startswith("ClientConnectorSSLError: the gateway's TLS certificate could not be")
     assert "self-signed certificate" in said, said
-    cut = _failure_reason(aiohttp.ClientConnectorSSLError(key, eof))
+    cut = failure_reason(aiohttp.ClientConnectorSSLError(key, eof))
     assert cut == "ClientConnectorSSLError: TLS failed (UNEXPECTED_EOF_WHILE_READING)", cut
 
 

@@ -67,6 +67,7 @@ from ._errors import (
     shown_key,
     snippet,
 )
+from ._failures import CallKind
 from ._jobs import ImageJob, ended_copy, holds_bulk, status_name
 from ._key_timing import KeyTiming
 from ._models import JobInfo
@@ -74,7 +75,6 @@ from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_
 from ._results import ImageResult
 from ._schedule import PollSchedule
 from ._stats import PollerCounters
-from ._transport import CallKind
 
 if TYPE_CHECKING:
     from ._otel import BatchTrace, JobTrace

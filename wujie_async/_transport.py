@@ -1,31 +1,23 @@
-"""HTTP: one aiohttp session per client, envelope decoding, error mapping, retries.
+"""HTTP: one aiohttp session per client, signed POSTs, error mapping, retries.
 
 Every lower-layer failure is translated here, once, into the ``WujieError`` tree. What is
-retried depends on what the call is (see the docs, "Limits, retries and the 429 brake"):
+retried depends on what the call is and on what failed (``_failures`` says which; see the
+docs, "Limits, retries and the 429 brake"); a 401 is retried once, re-signed (the cached
+signature may have gone stale).
 
-* batch-detail queries are idempotent: retried on 5xx, 429, timeouts, dropped connections and
-  replies that break the contract (not JSON, wrong shape);
-* submits are not: retried only when the request provably never reached the gateway (connect
-  refused, DNS, connect timeout), on 429 (the gateway refused it) and on code 20010018 (the
-  platform says resubmit). A submit whose fate is unknown raises ``SubmitUncertainError``;
-* both: a 401 is retried once, re-signed (the cached signature may have gone stale).
-
-A submit whose reply never came cannot be resent, even when the likeliest cause is harmless
-(a server closing an idle pooled connection as the submit was written on it): so that cause is
-avoided before the write instead (``_PoolConnector``). Replies are decoded here, not by
-aiohttp (``_BodyDecoder``).
+A submit whose reply never came cannot be resent: our own pool (``_connections``) avoids its
+likeliest harmless cause before the write. Replies are decoded by ``_body_decoding``, not by
+aiohttp.
 
 Each kind of call has its own adaptive 429 brake (``_ratelimit.AdaptiveLimiter``), so refused
 submits never slow the polls, nor the reverse.
 
-A 4xx reply whose body cannot be read (cut short, over the size cap) is read by its status
-alone: the status line says the request was refused (``_refused_unread``).
+What a reply means (the envelope's ``data``, or the typed error its status and body say) is
+``_envelopes``'s to read; a 4xx whose body cannot be read is read by its status alone.
 
-Nothing is retried that would fail the same way again: 403, a missing route (404/405 without an
-envelope), a redirect, an empty balance, a reply over the size cap, a TLS certificate that
-cannot be verified (``TransportError.lasting``). Redirects are never followed: the
-signature covers only the app id and a timestamp, so a signed request sent on to wherever a
-``Location`` points could be replayed there (and a 307 loop would pay once per hop).
+Redirects are never followed: the signature covers only the app id and a timestamp, so a
+signed request sent on to wherever a ``Location`` points could be replayed there (and a 307
+loop would pay once per hop).
 
 Secrets and exception chains: aiohttp's ``ClientResponseError`` and every ``ClientResponse``
 carry ``request_info``, whose headers hold the signed Authorization header, and a traceback
@@ -41,56 +33,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import datetime
-import email.utils
-import errno
 import functools
 import json
 import logging
-import math
-import os
-import re
-import select
-import socket
-import ssl
 import time
-import weakref
-import zlib
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
-import aiohttp.abc
 import backoff
-from pydantic import ValidationError
 
-from . import _contract
 from ._auth import HeaderSigner
+from ._body_decoding import ACCEPT_ENCODING, BodyDecoder, body_decoder, content_codings
 from ._config import Limits, RetryPolicy, Timeouts
+from ._connections import (
+    ANY_CONNECTION,
+    CONNECTING,
+    IDLE_CONNECTION_SECONDS,
+    SUBMIT_CONNECTION,
+    PoolConnector,
+    TimedResolver,
+)
+from ._envelopes import FIX_BASE_URL, decode_reply, redirect_error, refused_unread
 from ._errors import (
     APIError,
     AuthenticationError,
     ClientStateError,
-    EndpointNotFoundError,
-    InsufficientBalanceError,
-    LockRaceError,
-    ProtocolError,
     RateLimitedError,
-    ReplyTooDeepError,
-    RequestRefusedError,
     ResponseTooLargeError,
-    ServerError,
-    SubmitUncertainError,
     TransportError,
-    UnexpectedRedirectError,
     WujieError,
-    business_error,
-    snippet,
 )
-from ._models import Envelope
+from ._failures import (
+    CALL_KINDS,
+    CallKind,
+    failure_reason,
+    give_up,
+    request_unwritten,
+    retryable,
+    said,
+    through_aiohttp,
+    unverified_certificate,
+)
 from ._ratelimit import AdaptiveLimiter
 from ._stats import TransportCounters
 from ._telemetry import Telemetry, brake_changed
@@ -100,309 +84,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wujie_async")
 
-CallKind = Literal["submit", "poll"]
-CALL_KINDS: tuple[CallKind, ...] = ("submit", "poll")
 T = TypeVar("T")
 _USER_AGENT = "wujie-async"
-IDLE_CONNECTION_SECONDS = 4.0
-# A submit goes on a pooled connection only if it has been idle at most this long (else on a
-# new one): see _PoolConnector.
-SUBMIT_IDLE_SECONDS = 0.05
-_FIX_CREDENTIALS = "check WUJIE_APP_ID and WUJIE_PRIVATE_KEY"
-_FIX_BASE_URL = "check the base URL (WUJIE_BASE_URL / --base-url)"
+# The connection rule of each request (see _connections), bound by an assignment: CPython
+# compiles a method call on a name that an import bound as an attribute load (a bound method
+# made on each call), and _exchange sets and resets it on every request.
+_CONNECTING = CONNECTING
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After")
-    if value is None:
-        return None
-    seconds: float | None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = _seconds_until(value)  # RFC 9110 allows an HTTP date too
-    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
-
-
-def _seconds_until(http_date: str) -> float | None:
-    """Seconds from now until an HTTP date (``Wed, 21 Oct 2026 07:28:00 GMT``); 0 for one
-    past; None for text that is no date."""
-    try:
-        when = email.utils.parsedate_to_datetime(http_date)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:  # "-0000": UTC, as RFC 5322 reads it
-        when = when.replace(tzinfo=datetime.UTC)
-    return max(0.0, when.timestamp() - time.time())
-
-
-# Parsed JSON takes up to 25 times its size (a 3-byte "{}," is a 64-byte dict): a reply of
-# millions of empty objects under the size cap would take hundreds of MB. A batch reply of 50
-# keys holds a few thousand (a flood of junk entries for other keys is skipped, and read, up
-# to this); a brace inside a string counts too (an overcount, never an under).
-MAX_JSON_CONTAINERS = 1_000_000
 # One encoder for every request body: json.dumps with any option builds a new JSONEncoder per
 # call (a microsecond of each submit and poll). It holds no state between calls.
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-# The success code as the contract writes it, and as a number (some gateways send 200).
-_SUCCESS_CODE_TEXT = _contract.SUCCESS_CODE
-_SUCCESS_CODE_NUMBER = int(_contract.SUCCESS_CODE)
-
-
-def _bounded_int(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        return -math.inf if text.startswith("-") else math.inf
-
-
-def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: str = "") -> Any:
-    """The ``data`` of a successful envelope, or the typed error the reply means.
-
-    Args:
-        status: the HTTP status.
-        raw: the reply body, decoded from any content encoding.
-        headers: the reply headers.
-        url: the URL asked, named by errors that say it does not exist.
-    """
-    # Each container takes a byte at least: only a reply that long can hold too many.
-    if len(raw) > MAX_JSON_CONTAINERS and raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
-        raise ProtocolError(
-            f"the reply holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays (no reply "
-            "of this contract does): not read",
-            http_status=status,
-            body=snippet(raw),
-        )
-    try:
-        try:
-            payload = json.loads(raw)
-        except json.JSONDecodeError:
-            raise
-        except ValueError:
-            # An integer past Python's digit limit (4,300 by default): read again, such
-            # integers as infinite floats, which no field takes: its entry is malformed, not
-            # the whole reply (one 5,000-digit status made every job of a batch call wait out
-            # its deadline).
-            payload = json.loads(raw, parse_int=_bounded_int)
-        is_json = True
-    except ValueError:
-        payload, is_json = None, False
-    except RecursionError:
-        raise ReplyTooDeepError(
-            "the reply nests deeper than a JSON reader follows (no reply of this contract "
-            "does): not read",
-            http_status=status,
-            body=snippet(raw[:200]),
-        ) from None
-    # The contract names 200, but a gateway (or a proxy before it) answering 201 or 202 with a
-    # success envelope has accepted the call, and its key must not be dropped. Nor when a proxy
-    # stamps another status (429, 503) on a success envelope that carries data: the job exists
-    # and is paid for, and sending the submit again would pay for another.
-    if type(payload) is dict:
-        code = payload.get("code")
-        if code == _SUCCESS_CODE_TEXT or code == _SUCCESS_CODE_NUMBER:
-            data = payload.get("data")
-            if 200 <= status < 300 or data is not None:
-                return data  # the common case, without building a model
-    envelope: Envelope | None = None
-    if is_json and isinstance(payload, dict):
-        try:
-            envelope = Envelope.model_validate(payload)
-        except ValidationError:
-            envelope = None
-    raise _reply_error(status, raw, headers, envelope, is_json, url)
-
-
-def _reply_error(
-    status: int,
-    raw: bytes,
-    headers: Mapping[str, str],
-    envelope: Envelope | None,
-    is_json: bool,
-    url: str,
-    *,
-    unread: str = "",
-) -> WujieError:
-    """The typed error for a reply that is not a successful envelope.
-
-    Server text reaches messages only through ``snippet`` (APIError applies it). ``unread``:
-    why the body could not be read (see ``_refused_unread``), said in the message.
-    """
-    said = envelope.message if envelope else ""
-    unread = f"; the reply's body could not be read ({unread})" if unread else ""
-    code = envelope.code if envelope else None
-    body = snippet(raw)
-    if (
-        envelope is not None
-        and status < 500  # a 5xx is no refusal already: a submit so answered is uncertain
-        and isinstance(envelope.data, dict)
-        and envelope.data.get("key")
-    ):
-        # A refusal's data is null; one that carries a job key contradicts itself (a gateway
-        # whose success code is not the contract's: "0", "success"), whatever the HTTP status
-        # (a proxy's 429 stamped on it). Read as a refusal, a paid submit was "rejected,
-        # nothing charged" (resent by a retry of failed lines), a rate limit (resent by the
-        # client's retries) or a credentials refusal ("nothing accepted", sent again by a
-        # re-run); as a reply that breaks the contract, it is uncertain, never resent.
-        return ProtocolError(
-            f"the reply's code ({envelope.code}) is not a success, yet its data holds a job "
-            "key: the call may have been accepted",
-            http_status=status,
-            code=envelope.code,
-            body=body,
-        )
-    if code == _contract.CODE_INSUFFICIENT_BALANCE:
-        # Out of points is never a rate limit, whatever the HTTP status says.
-        return InsufficientBalanceError(
-            _with_server_text("insufficient points balance: top up the account", said),
-            code=code,
-            http_status=status,
-        )
-    if status in (401, 403):
-        refused = "authentication refused" if status == 401 else "access forbidden"
-        return AuthenticationError(
-            _with_server_text(f"{refused}: {_FIX_CREDENTIALS} (and this machine's clock)", said)
-            + unread,
-            http_status=status,
-            code=code,
-            body=body,
-        )
-    if status in (404, 405) and envelope is None:
-        # A web server or proxy answered, not the gateway: the route does not exist there.
-        missing = "does not exist" if status == 404 else "does not accept POST"
-        return EndpointNotFoundError(
-            f"{_FIX_BASE_URL}: {url or 'the URL'} {missing}{unread}",
-            url=url,
-            http_status=status,
-            body=body,
-        )
-    if status == _contract.HTTP_RATE_LIMITED:
-        return RateLimitedError(
-            (said or "rate limited") + unread,
-            retry_after=_retry_after(headers),
-            http_status=status,
-            code=code,
-            body=body,
-        )
-    if 400 <= status < 500 and envelope is None:
-        # A proxy or web server answered, not the gateway (whose errors are envelopes, or 401,
-        # 429 and 5xx): the request went no further. A submit so refused was not charged.
-        why = {
-            407: " (it asks for credentials of its own)",
-            413: " (the request body is too large for it)",
-        }.get(status, "")
-        # Unread, the body cannot say whose refusal it was: only its status says it was one.
-        who = " by the server" if unread else " before the gateway by a proxy or web server"
-        return RequestRefusedError(
-            f"refused{who}{why}{unread}; nothing was accepted",
-            http_status=status,
-            body=body,
-        )
-    if status >= 500:
-        return ServerError(said or "server error", http_status=status, code=code, body=body)
-    if not is_json:
-        return ProtocolError("the reply is not JSON", http_status=status, body=body)
-    if not 200 <= status < 300:
-        return ProtocolError("unexpected HTTP status", http_status=status, code=code, body=body)
-    if envelope is None:
-        return ProtocolError(
-            "the reply is not a {code, message, data} envelope", http_status=status, body=body
-        )
-    return business_error(envelope.code, envelope.message, http_status=status)
-
-
-def _refused_unread(status: int, headers: Mapping[str, str], url: str, why: str) -> WujieError:
-    """The error a 4xx reply means by its status alone, its body unread (cut short, over the
-    size cap, too slow), ``why`` saying why (our words, not the server's).
-
-    The status line came whole and says the request was refused: a 429 is a rate limit
-    (Retry-After from the headers; retried as any 429), a 401/403 a credentials refusal, a
-    404/405 a missing route, another 4xx a ``RequestRefusedError``. Nothing was accepted, so a
-    submit so answered is not uncertain. A 2xx or 5xx so cut short stays what it was (a lost
-    reply, a reply over the cap): the server may have done the work.
-    """
-    return _reply_error(status, b"", headers, None, False, url, unread=why)
-
-
-def _with_server_text(advice: str, said: str) -> str:
-    return f"{advice} (the gateway said: {said})" if said else advice
-
-
-def _safe_url(text: str) -> str:
-    """A URL from a reply, fit for a message: no user:password@, no control characters."""
-    text = snippet(text, limit=200)
-    try:
-        parts = urlsplit(text)
-        if parts.username is not None or parts.password is not None:
-            host = parts.hostname or ""
-            netloc = f"[{host}]" if ":" in host else host
-            if parts.port is not None:
-                netloc += f":{parts.port}"
-            text = urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        pass  # not a URL we can parse: the snippet is all we show
-    return text
-
-
-def _redirect_error(url: str, status: int, location: str) -> UnexpectedRedirectError:
-    where = _safe_url(location)
-    return UnexpectedRedirectError(
-        f"{url} answered with a redirect to {where or '(no Location given)'}; redirects are "
-        f"not followed: the base URL is probably wrong, {_FIX_BASE_URL}",
-        location=where,
-        http_status=status,
-    )
-
-
-_NESTED_ERROR = re.compile(r"<(\w+): \d+, message='([^'<>]*)'>")
-
-
-def _failure_reason(exc: BaseException) -> str:
-    """The lower-level error's own words (the OS reason, say), without any object it holds.
-
-    Only text is taken: ``str()`` of aiohttp's errors names the URL and the OS error, never
-    the request headers (those live on ``request_info``, which is not kept).
-    """
-    certificate_error = _unverified_certificate(exc)
-    if certificate_error is not None:
-        reason = (
-            "the gateway's TLS certificate could not be verified (check the base URL's host, "
-            f"or this machine's CA certificates): {certificate_error}"
-        )
-    elif isinstance(exc, aiohttp.ClientConnectorError):
-        os_error = exc.os_error
-        reason = os_error.strerror or str(os_error)
-        if isinstance(os_error, ssl.SSLError):
-            # Its errno is the SSL library's error code (1: "an SSL error"), not the OS's:
-            # read as one, every TLS failure said "Operation not permitted".
-            reason = f"TLS failed ({os_error.reason or reason})"
-        elif os_error.errno and not isinstance(os_error, socket.gaierror):
-            # asyncio words a refusal "Connect call failed (...)": name the errno as well.
-            reason = f"{os.strerror(os_error.errno)} ({reason})"
-    else:
-        # aiohttp writes a nested error as its repr (a body cut short: "Response payload is
-        # not completed: <ContentLengthError: 400, message='Not enough data ...'>"), which
-        # snippet() takes for markup and leaves out, with the words that said what happened.
-        reason = _NESTED_ERROR.sub(r"\1: \2", str(exc))
-    name = type(exc).__name__
-    reason = snippet(reason, limit=200)
-    return f"{name}: {reason}" if reason else name
-
-
-def _unverified_certificate(exc: BaseException) -> BaseException | None:
-    """The ssl module's error of a connect failure that is a TLS certificate not verified
-    (untrusted, expired, for another host); None for any other failure. aiohttp raises
-    ClientConnectorCertificateError for it where it makes the connection itself, and may
-    pass one on inside a ClientConnectorSSLError elsewhere: both are the same refusal."""
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return exc.certificate_error
-    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
-        exc.os_error, ssl.SSLCertVerificationError
-    ):
-        return exc.os_error
-    return None
 
 
 # What one exchange brought back, (status, headers, body): nothing of aiohttp's objects is
@@ -436,7 +128,7 @@ class Transport:
             "User-Agent": _USER_AGENT,
             "Content-Type": "application/json",
             **(headers or {}),
-            "Accept-Encoding": _ACCEPT_ENCODING,  # what _BodyDecoder reads
+            "Accept-Encoding": ACCEPT_ENCODING,  # what BodyDecoder reads
         }
         # What each request adds to the signed Authorization header (set at open()).
         self._request_headers: Mapping[str, str] = self._fixed_headers
@@ -484,11 +176,11 @@ class Transport:
             self._request_headers = self._fixed_headers
             return
         # Idle connections are dropped after 4 s (a request on a connection the server has
-        # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (_PoolConnector).
-        connector = _PoolConnector(
+        # closed fails); a submit takes one idle at most SUBMIT_IDLE_SECONDS (PoolConnector).
+        connector = PoolConnector(
             limit=self._limits.max_connections,
             keepalive_timeout=IDLE_CONNECTION_SECONDS,
-            resolver=_TimedResolver(self._timeouts.connect),
+            resolver=TimedResolver(self._timeouts.connect),
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -592,10 +284,10 @@ class Transport:
                         # max_elapsed 5 was tried again at 10 s (max_wait).
                         delay = None if told else left
                 if delay is None:
-                    _give_up(exc, kind, body)
+                    give_up(exc, kind, body)
                 logger.debug("retrying %s in %.2fs after %s", kind, delay, type(exc).__name__)
                 if on_wire is not None:
-                    on_wire(False)  # retried: refused outright (_retryable), nothing accepted
+                    on_wire(False)  # retried: refused outright (retryable), nothing accepted
                 await asyncio.sleep(delay)
                 if before_retry is not None:
                     due = clock()
@@ -605,7 +297,7 @@ class Transport:
                         # The submit pacer made it wait past max_elapsed: no try then either.
                         # (Not its few microseconds after a wait cut to the time left: that
                         # last try is the policy's.)
-                        _give_up(exc, kind, body)
+                        give_up(exc, kind, body)
                 self.counters.retries += 1  # after the wait: a close during it sends none
 
     def _should_retry(self, exc: WujieError, kind: CallKind, tries: int, elapsed: float) -> bool:
@@ -616,7 +308,7 @@ class Transport:
         # one in a row means the credentials are wrong.
         if isinstance(exc, AuthenticationError) and tries >= 2:
             return False
-        return _retryable(exc, kind)
+        return retryable(exc, kind)
 
     def _backoff_waits(self) -> Iterator[float | None]:
         waits = backoff.expo(factor=self._retry.initial_wait, max_value=self._retry.max_wait)
@@ -753,7 +445,7 @@ class Transport:
                 seconds * 1e3,
                 f", {keys} key(s)" if keys is not None else "",
                 attempt,
-                "" if error is None else _said(error),
+                "" if error is None else said(error),
             )
         if otel is not None:
             otel.http_exchange(
@@ -770,7 +462,7 @@ class Transport:
     def _heard_keep_alive(self, header: str) -> None:
         """Tell our pool how long the gateway says it keeps an idle connection open."""
         connector = self._session.connector if self._session is not None else None
-        if isinstance(connector, _PoolConnector):
+        if isinstance(connector, PoolConnector):
             connector.heard_keep_alive(header)
 
     async def _exchange(
@@ -790,9 +482,9 @@ class Transport:
         # Told to our connector (in this task: the request's connection is taken in it). A
         # batch call is dated from when its connection is taken: the request is written next.
         connecting = _CONNECTING.set(
-            _SUBMIT_CONNECTION
+            SUBMIT_CONNECTION
             if kind == "submit"
-            else _ANY_CONNECTION
+            else ANY_CONNECTION
             if on_wire is None
             else (None, on_wire)
         )
@@ -823,7 +515,7 @@ class Transport:
                     self._heard_keep_alive(promised)
                 if 300 <= status < 400:
                     reply.close()
-                    return _redirect_error(url, status, headers.get("Location", ""))
+                    return redirect_error(url, status, headers.get("Location", ""))
                 if (
                     "Content-Encoding" not in headers
                     and "Transfer-Encoding" not in headers
@@ -839,7 +531,7 @@ class Transport:
                 if isinstance(body, WujieError):
                     if 400 <= status < 500:
                         why = body.message if isinstance(body, APIError) else str(body)
-                        return _refused_unread(status, headers, url, why)
+                        return refused_unread(status, headers, url, why)
                     return body
                 return status, headers, body
             except (TimeoutError, aiohttp.ClientError) as exc:
@@ -848,31 +540,31 @@ class Transport:
                 # A 4xx's status line came whole: the request was refused, whatever became of
                 # the body (cut short, too slow). Read as a lost reply, a submit so refused was
                 # "may have been charged" (never resent), a 429 among them.
-                why = _failure_reason(exc)
+                why = failure_reason(exc)
                 if isinstance(exc, TimeoutError) and not str(exc):
                     why = f"not whole within {self._timeouts.request} s (Timeouts.request)"
-                return _refused_unread(status, headers, url, why)
+                return refused_unread(status, headers, url, why)
             finally:
                 reply.release()  # the connection back to the pool (or closed, if cut short)
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             return TransportError(
-                f"could not connect to {self.base_url}: {_failure_reason(exc)}; "
-                f"{_FIX_BASE_URL} and the network",
+                f"could not connect to {self.base_url}: {failure_reason(exc)}; "
+                f"{FIX_BASE_URL} and the network",
                 reached_server=False,
                 # A certificate not verified is refused the same way at every handshake (it
                 # was tried RetryPolicy.max_attempts times): nothing was sent, so it is the
                 # connect failure it is, only not retried.
-                lasting=_unverified_certificate(exc) is not None,
+                lasting=unverified_certificate(exc) is not None,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            if _request_unwritten(exc):
+            if request_unwritten(exc):
                 return TransportError(
                     f"the connection to {self.base_url} closed before the request was written "
                     "(a connection the server had closed, without saying so, after its last "
                     "reply): nothing reached the gateway",
                     reached_server=False,
                 )
-            reason = _failure_reason(exc)
+            reason = failure_reason(exc)
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
             return TransportError(f"no complete reply from {url}: {reason}", reached_server=True)
@@ -892,7 +584,7 @@ class Transport:
                 closed.systemic = True
                 return closed
             reply = None  # its request_info holds the header: not kept by this frame
-            if not _through_aiohttp(exc.__traceback__):
+            if not through_aiohttp(exc.__traceback__):
                 raise  # ours (the signer's, say): no aiohttp frame to leave out
             unexpected = exc
         finally:
@@ -913,7 +605,7 @@ class Transport:
         ``Content-Length`` counts compressed bytes, and ``read()`` would inflate without limit
         (a 1 MiB gzip of zeros is 1 GiB), so the body is streamed and counted as it inflates;
         reading stops at the cap and the connection is dropped. The body is decoded here, not
-        by aiohttp (see ``_BodyDecoder``).
+        by aiohttp (see ``_body_decoding.BodyDecoder``).
         """
         cap = self._limits.max_response_bytes
         declared = reply.content_length
@@ -926,11 +618,11 @@ class Transport:
                 http_status=reply.status,
             )
         headers = reply.headers
-        codings = _content_codings(headers.getall("Content-Encoding", ()))
+        codings = content_codings(headers.getall("Content-Encoding", ()))
         if declared is not None and not codings and "Transfer-Encoding" not in headers:
             # Neither compressed nor chunked: the body is the declared length, within the cap.
             return await reply.read()
-        decoder = _body_decoder(codings, cap, reply.status)
+        decoder = body_decoder(codings, cap, reply.status)
         async for chunk in reply.content.iter_any():
             problem = decoder.feed(chunk)
             if problem is not None:
@@ -941,7 +633,7 @@ class Transport:
 
 
 def _unless_status_says(
-    decoder: _BodyDecoder, status: int, read: bytes | WujieError
+    decoder: BodyDecoder, status: int, read: bytes | WujieError
 ) -> bytes | WujieError:
     """What ``_read_capped`` returns: ``read``, or, for a reply that is no success whose body
     does not decode as its ``Content-Encoding`` says, no body at all, so that the reply is
@@ -954,458 +646,5 @@ def _unless_status_says(
     return read
 
 
-def _content_codings(values: Iterable[str]) -> list[str]:
-    """The content codings of a reply, in the order they were applied: RFC 9110 allows a list
-    (``gzip, identity``), in one ``Content-Encoding`` header or over several. ``identity``
-    (no coding) is left out."""
-    return [
-        coding
-        for value in values
-        for coding in (part.strip().lower() for part in value.split(","))
-        if coding and coding != "identity"
-    ]
-
-
-def _body_decoder(codings: list[str], cap: int, status: int) -> _BodyDecoder:
-    """A decoder for a body coded with ``codings``, in that order: the last one applied is
-    undone first. A list with a coding this client does not decode (or more codings than
-    ``_MAX_CODINGS``) is left as it came (it reads as not JSON)."""
-    if not codings or len(codings) > _MAX_CODINGS or not _DECODED.issuperset(codings):
-        return _BodyDecoder(", ".join(codings), cap, status)
-    decoder: _BodyDecoder | None = None
-    for coding in codings:
-        decoder = _BodyDecoder(coding, cap, status, then=decoder)
-    assert decoder is not None
-    return decoder
-
-
-# The content codings this client asks for and decodes itself (aiohttp's own decoding is off,
-# so a server that says brotli or zstd is not invited to: no such reply is ever readable).
-_ACCEPT_ENCODING = "gzip, deflate"
-_DECODED = frozenset({"gzip", "x-gzip", "deflate"})
-# A body coded more times than this is no reply of this gateway's (each coding undone holds a
-# zlib window): it is left as it came.
-_MAX_CODINGS = 4
-_WHITESPACE = b" \t\r\n"
-_GZIP_MAGIC = b"\x1f\x8b"
-# A gzip body of more members than this is no reply of this gateway's (aiohttp stops at as many).
-_MAX_GZIP_MEMBERS = 1024
-
-
-class _BodyDecoder:
-    """A reply body decoded from its ``Content-Encoding`` as it streams in, its decoded size
-    capped.
-
-    Done here rather than by aiohttp, because aiohttp's decoding loses the body of a reply it
-    cannot inflate: a proxy that labels an uncompressed JSON body ``gzip`` (the body as it came
-    is the gateway's answer) made a submit's reply "Can not decode content-encoding", an
-    uncertain submit whose paid job's key was in the body. A body labelled gzip or deflate
-    whose first byte past whitespace is ``{`` (which no gzip or zlib stream starts with) is
-    read as it is. ``x-gzip`` is gzip's old name, which RFC 9110 says to read as gzip (and
-    aiohttp left compressed). A gzip body may be several members one after another (each is
-    inflated, the cap counting them all). Any other coding is left as it came (it reads as
-    not JSON). A body coded twice (``deflate, gzip``) is decoded by two, the first (``then``)
-    taking what the second decodes.
-    """
-
-    def __init__(
-        self, encoding: str, cap: int, status: int, *, then: _BodyDecoder | None = None
-    ) -> None:
-        self._cap = cap
-        self._then = then  # the decoder of the coding applied before this one, if any
-        self._status = status
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._inflater: Any = None  # zlib's decompressobj, once the body is known compressed
-        self._encoding = encoding
-        # Undecided until the first byte past whitespace: plain, or compressed.
-        self._deciding = encoding in _DECODED
-        self._held = b""  # whitespace (and a first byte) seen while undecided
-        self._gzip = False
-        self._members = 1  # gzip members begun
-        self._next_member = b""  # the first byte of a next member's header
-        self._trailing = False  # past the last member: the rest is not read
-        self._undecodable = False
-
-    @property
-    def undecodable(self) -> bool:
-        """Whether the body failed to decode as its Content-Encoding says (not over the cap)."""
-        return self._undecodable or (self._then is not None and self._then.undecodable)
-
-    def feed(self, chunk: bytes) -> WujieError | None:
-        """Take the next raw chunk; an error if the body cannot be read within the cap."""
-        if self._deciding:
-            chunk = self._held + chunk
-            start = len(chunk) - len(chunk.lstrip(_WHITESPACE))
-            if len(chunk) - start < 2:
-                # Only whitespace yet, or one byte: a zlib header takes two to tell (a first
-                # chunk of one byte, b"x", was taken for raw deflate, and the reply lost).
-                self._held = chunk
-                return self._too_large() if len(chunk) > self._cap else None
-            self._held = b""
-            self._deciding = False
-            if chunk[start : start + 1] != b"{":  # compressed, as it says
-                self._gzip = self._encoding != "deflate"
-                zlib_header = chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
-                wbits = (
-                    16 + zlib.MAX_WBITS if self._gzip else zlib.MAX_WBITS if zlib_header else -15
-                )
-                self._inflater = zlib.decompressobj(wbits)
-        if self._inflater is None:
-            return self._keep(chunk)
-        return self._inflate(chunk)
-
-    def _inflate(self, data: bytes) -> WujieError | None:
-        """Inflate the next compressed bytes. A gzip body may be several members one after
-        another (RFC 1952; aiohttp read them all): each is inflated in turn. Bytes after the
-        last member that start no new one are trailing bytes, not read."""
-        while data and not self._trailing:
-            inflater = self._inflater
-            if inflater.eof:  # a member has ended: another, or trailing bytes
-                data = self._next_member + data
-                self._next_member = b""
-                if not self._gzip or data[:2] != _GZIP_MAGIC[: len(data[:2])]:
-                    self._trailing = True
-                    return None
-                if len(data) < 2:
-                    self._next_member = data  # one byte of a gzip header: hold it
-                    return None
-                self._members += 1
-                if self._members > _MAX_GZIP_MEMBERS:
-                    return self._not_decodable()
-                inflater = self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            try:
-                inflated = inflater.decompress(data, self._cap + 1 - self._size)
-            except zlib.error:
-                return self._not_decodable()
-            if inflater.unconsumed_tail:
-                return self._too_large()  # more to inflate than the cap leaves room for
-            problem = self._keep(inflated)
-            if problem is not None:
-                return problem
-            data = inflater.unused_data if inflater.eof else b""
-        return None
-
-    def finish(self) -> bytes | WujieError:
-        """The whole decoded body, once the stream has ended."""
-        inflater = self._inflater
-        if self._held:  # undecided: whitespace, or one byte
-            held, self._held = self._held, b""
-            problem = self._keep(held)
-            if problem is not None:
-                return problem
-        elif inflater is not None:
-            try:
-                problem = self._keep(inflater.flush())
-            except zlib.error:
-                return self._not_decodable()
-            if problem is not None:
-                return problem
-            if not inflater.eof:
-                return self._not_decodable()  # cut short
-        if self._then is not None:
-            return self._then.finish()
-        return b"".join(self._chunks)
-
-    def _keep(self, data: bytes) -> WujieError | None:
-        self._size += len(data)
-        if self._size > self._cap:
-            return self._too_large()
-        if self._then is not None:
-            return self._then.feed(data) if data else None
-        self._chunks.append(data)
-        return None
-
-    def _too_large(self) -> ResponseTooLargeError:
-        cap = self._cap
-        return ResponseTooLargeError(
-            f"the reply exceeds the {cap}-byte cap (Limits.max_response_bytes) once decoded",
-            limit=cap,
-            http_status=self._status,
-        )
-
-    def _not_decodable(self) -> ProtocolError:
-        self._undecodable = True
-        return ProtocolError(
-            f"the reply's body does not decode as its Content-Encoding ({self._encoding}) says",
-            http_status=self._status,
-        )
-
-
-# aiohttp's words for a request whose body could not be written (the connection was closing,
-# or closed under the write): the server cannot have had the whole request, so it ran nothing.
-_UNWRITTEN = "Can not write request body"
-
-
-def _request_unwritten(exc: BaseException) -> bool:
-    """True when aiohttp could not write the request's body: the server got no complete
-    request (a POST short of its Content-Length is never run), so nothing was accepted.
-
-    A server that closes a connection after its reply without ``Connection: close`` leaves it
-    in the pool; the next request on it fails so. Read as "no reply", every other submit
-    through such a server was uncertain (never resent), though none had reached it.
-    """
-    return isinstance(exc, aiohttp.ClientOSError) and str(exc.strerror or "").startswith(_UNWRITTEN)
-
-
-def _through_aiohttp(tb: TracebackType | None) -> bool:
-    """Whether a traceback passes through aiohttp's frames (whose locals hold the request's
-    headers)."""
-    while tb is not None:
-        if str(tb.tb_frame.f_globals.get("__name__", "")).startswith("aiohttp"):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _said(error: BaseException) -> str:
-    """What a DEBUG line says of an attempt's error: its type and clean, short text (of a
-    cancellation, only that: anyio's text names a cancel scope, a task and a source line)."""
-    if isinstance(error, asyncio.CancelledError):
-        return ": cancelled"
-    return f": {type(error).__name__}: {snippet(str(error), limit=160)}"
-
-
-def _retryable(exc: WujieError, kind: CallKind) -> bool:
-    """Whether an attempt's error may be retried at all (the policy's bounds aside)."""
-    if isinstance(exc, AuthenticationError):
-        return exc.http_status == 401  # 403: these credentials may not do this; stop
-    if isinstance(exc, RateLimitedError):
-        # Refused outright: nothing happened, resending a submit is safe. A batch query is not
-        # resent as it was: the poller asks again after Retry-After, in a call with every key
-        # then due, so its keys are not held in one call that keeps being refused while
-        # other calls go through.
-        return kind != "poll"
-    if exc.systemic and not isinstance(exc, TransportError):
-        return False  # a missing route, a redirect, no balance: the same again every time
-    if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
-        return False  # the same question gets the same unreadable answer; ask about fewer keys
-    if isinstance(exc, TransportError) and exc.lasting:
-        return False  # a TLS certificate not verified: every handshake ends the same way
-    if kind == "poll":
-        return isinstance(exc, ServerError | ProtocolError | TransportError)
-    if isinstance(exc, LockRaceError):
-        return True
-    return isinstance(exc, TransportError) and not exc.reached_server
-
-
 # A pacer turn that took longer than this made the retry wait (see _with_retries).
 _PACED = 0.05
-
-
-def _give_up(exc: WujieError, kind: CallKind, body: Any) -> NoReturn:
-    """Raise what a call that gets no more tries raises: its last error, or for a submit that
-    may have been accepted, ``SubmitUncertainError``."""
-    if kind == "submit" and _uncertain(exc):
-        raise SubmitUncertainError(
-            f"the submit may have been accepted: {exc}", request=body
-        ) from exc
-    raise exc
-
-
-def _uncertain(exc: WujieError) -> bool:
-    """True when a submit failed in a way that leaves its fate unknown."""
-    if isinstance(exc, TransportError):
-        return exc.reached_server
-    if isinstance(exc, UnexpectedRedirectError):
-        return False  # the URL asked answered "not here": nothing was accepted at it
-    # A 5xx or a garbled reply came from somewhere past our socket: it may have gone through.
-    # (EndpointNotFoundError is no ProtocolError: the route does not exist, nothing ran.)
-    return isinstance(exc, ServerError | ProtocolError)
-
-
-# What our connector is told of the request it takes a connection for, set by
-# Transport._exchange around each request: how long the pooled connection it takes may have
-# been idle (None: aiohttp's own bound, IDLE_CONNECTION_SECONDS), and whom to tell
-# (``on_wire(True)``) once the connection is taken (a batch call's; None: nobody).
-_ConnectRule = tuple[float | None, Callable[[bool], None] | None]
-_ANY_CONNECTION: _ConnectRule = (None, None)
-_SUBMIT_CONNECTION: _ConnectRule = (SUBMIT_IDLE_SECONDS, None)
-_CONNECTING: contextvars.ContextVar[_ConnectRule] = contextvars.ContextVar(
-    "wujie_async_connecting", default=_ANY_CONNECTION
-)
-
-
-class _PoolConnector(aiohttp.TCPConnector):
-    """aiohttp's connector, which writes no request on a pooled connection the server has
-    closed, and a submit on none idle longer than ``SUBMIT_IDLE_SECONDS``.
-
-    A server closes a keep-alive connection after an idle timeout of its own (gunicorn: 2 s,
-    uvicorn: 5 s, nginx: 75 s, some proxies far less), without warning. A request written on
-    it as it closes is never read, and the client sees the connection end with no reply at
-    all (EOF or a reset). A gateway that read the submit and died looks exactly the same: so
-    such a submit can NEVER be resent (it may have been accepted, and paid for); it stays
-    ``SubmitUncertainError``. Telling the two apart after the fact would take the peer's FIN
-    having arrived before our write, which the kernel does not tell us once it has happened.
-    So the race is avoided before the write instead:
-
-    * any request: a pooled connection that is readable while idle (the server's FIN, or a
-      stray reply such as a 408, already here while aiohttp's loop has not yet seen it) is
-      closed, and the next one taken (what urllib3 does at checkout); nothing was written;
-    * a submit: a pooled connection idle longer than ``SUBMIT_IDLE_SECONDS`` (or, where the
-      gateway's replies say ``Keep-Alive: timeout=N``, longer than half those N seconds,
-      which leaves the server's timer a wide margin) is passed over (left in the pool for
-      the polls, idle since when it was), and another (or a new one) taken. A server's idle
-      timer runs from its last reply, so only a server timing connections out within that
-      much of a reply (far shorter than any server's default), or breaking its promise, could
-      close one under a submit. A new connection costs a handshake; a submit after a pause
-      pays it, a burst of submits reuses the connections it warms.
-      Batch queries are read-only: the poller's take any pooled connection (a failed one is
-      asked again).
-
-    A batch query's ``on_wire(True)`` is called here too, once its connection is taken (the
-    request is written next): a call is dated from then, not from before it waited for a
-    connection slot and connected.
-
-    A caller's own session keeps its own connector: neither check applies to it.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # Every connection handed out once (a connection handed out again is a pooled one).
-        self._known: weakref.WeakKeyDictionary[Any, _Pooled] = weakref.WeakKeyDictionary()
-        # How long idle a submit may still take a pooled connection: half the gateway's own
-        # Keep-Alive timeout (0: it said none, and SUBMIT_IDLE_SECONDS bounds a submit's).
-        self._promised = 0.0
-
-    def heard_keep_alive(self, header: str) -> None:
-        """The gateway's ``Keep-Alive`` header on a reply: a ``timeout=N`` there lets a
-        submit take a pooled connection idle up to ``N / 2`` seconds (within aiohttp's own
-        bound), where the server has promised it stays open. (Per pool, not per connection:
-        this pool's connections all go to the gateway, and by the time a reply's headers are
-        read its connection may be back in the pool already.)"""
-        self._promised = _keep_alive_promise(header)
-
-    def _release(self, key: Any, protocol: Any, *args: Any, **kwargs: Any) -> None:
-        # aiohttp's own (private) hook, as a connection goes back to the pool. Were it renamed,
-        # no reused connection would have a known idle time: a submit would take new ones.
-        known = self._known.get(protocol)
-        if known is not None:
-            known.idle_since = time.monotonic()
-        super()._release(key, protocol, *args, **kwargs)
-
-    async def connect(
-        self, req: Any, traces: list[Any], timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.connector.Connection:
-        max_idle, on_wire = _CONNECTING.get()
-        # Pooled connections sound but idle too long for a submit, and since when each was
-        # idle: kept out of the pool while it looks for another (each is taken once), then put
-        # back for the polls (closed, a submit after a pause took every pooled connection from
-        # the polls).
-        aside: list[tuple[aiohttp.connector.Connection, _Pooled, float]] = []
-        try:
-            while True:
-                if aside and self.limit and len(self._acquired) >= self.limit:
-                    # Those set aside hold every slot: one is closed to make room.
-                    aside.pop()[0].close()
-                conn = await super().connect(req, traces, timeout)
-                protocol = conn.protocol
-                known = None if protocol is None else self._known.get(protocol)
-                if known is None:
-                    if protocol is not None:
-                        self._known[protocol] = _Pooled(protocol)
-                    if on_wire is not None:
-                        on_wire(True)  # the request is written next
-                    return conn  # a new connection
-                since = known.idle_since
-                idle = math.inf if since is None else time.monotonic() - since
-                # aiohttp's own idle clock restarts when a connection set aside goes back:
-                # its bound is kept on this one.
-                too_old = since is not None and idle > IDLE_CONNECTION_SECONDS
-                if not too_old and not _closed_by_peer(protocol, known.fd):
-                    if max_idle is None or idle <= max_idle or idle <= self._promised:
-                        if on_wire is not None:
-                            on_wire(True)
-                        return conn
-                    if since is not None:
-                        aside.append((conn, known, since))
-                        continue
-                conn.close()  # nothing was written on it; the next pooled one, or a new one
-        finally:
-            for stale, known, since in aside:
-                stale.release()  # back to the pool (see _release), ...
-                known.idle_since = since  # ... idle since when it was
-
-
-class _Pooled:
-    """What the pool knows of a connection it handed out: when it last went back to the pool
-    (None: not yet; each return overwrites it), and its socket's file descriptor (None: it
-    has none to look at; -1: it could not be read), read once, when it is new."""
-
-    __slots__ = ("fd", "idle_since")
-
-    def __init__(self, protocol: Any) -> None:
-        self.idle_since: float | None = None
-        self.fd: int | None = None
-        transport = protocol.transport
-        sock = None if transport is None else transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                self.fd = sock.fileno()
-            except (OSError, ValueError):
-                self.fd = -1
-
-
-_KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*([0-9]{1,6})(?![0-9.])", re.I)
-
-
-def _keep_alive_promise(header: str) -> float:
-    """Seconds a submit may take a connection idle, by the server's ``Keep-Alive`` header:
-    half its ``timeout=N`` (Apache: ``timeout=5, max=100``), at most aiohttp's own bound;
-    0 for a header without a whole number of seconds of at least 1."""
-    found = _KEEP_ALIVE_TIMEOUT.search(header[:200])
-    seconds = 0 if found is None else int(found.group(1))
-    return min(seconds / 2, IDLE_CONNECTION_SECONDS) if seconds >= 1 else 0.0
-
-
-_POLL = hasattr(select, "poll")
-
-
-def _closed_by_peer(protocol: Any, fd: int | None) -> bool:
-    """Whether an idle pooled connection has something to read (the server's FIN, or bytes no
-    request asked for): either way no request may go on it. (An open transport's socket is
-    the one it had when new: ``fd`` is still its own.)"""
-    transport = protocol.transport
-    if transport is None or transport.is_closing():
-        return True
-    if fd is None:
-        return False
-    try:
-        if _POLL:
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            return bool(poller.poll(0))
-        return bool(select.select([fd], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
-
-
-class _TimedResolver(aiohttp.abc.AbstractResolver):
-    """aiohttp's default resolver, bounded by ``Timeouts.connect``.
-
-    Only the TCP connect has a deadline of its own in aiohttp: a name service that never
-    answers ran into ``Timeouts.request``, which reads as a reply that never came, a submit
-    that "may have been charged". Past ``seconds`` it is a failure to connect: nothing was
-    sent (retried, and systemic). The resolving thread is left to finish on its own.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self._inner = aiohttp.DefaultResolver()
-        self._seconds = seconds
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[aiohttp.abc.ResolveResult]:
-        try:
-            async with asyncio.timeout(self._seconds):
-                return await self._inner.resolve(host, port, family)
-        except TimeoutError:
-            # An OSError with no errno would be taken for aiohttp's own timeout: this one has
-            # one, so aiohttp reports it as a name-resolution failure (nothing was sent).
-            raise OSError(
-                errno.ETIMEDOUT,
-                f"resolving {host} took over {self._seconds:g} s (Timeouts.connect)",
-            ) from None
-
-    async def close(self) -> None:
-        await self._inner.close()

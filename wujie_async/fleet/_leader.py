@@ -51,13 +51,13 @@ from .._errors import (
     WujieError,
     shown_key,
 )
+from .._failures import CallKind
 from .._jobs import ImageJob
 from .._poller import BatchPoller, BatchPoster
 from .._replies import raw_entries_by_key
 from .._schedule import PollSchedule
 from .._stats import PollerCounters
 from .._telemetry import Telemetry
-from .._transport import CallKind
 from ._errors import LeaseLostError
 from ._lease import LeaderLease
 from ._link import REDIS_MS, RedisLink, Script
