@@ -1569,15 +1569,6 @@ async def test_image_redirects_to_forbidden_places_are_refused(where: str, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_transport.decode_reply refuses a reply of over MAX_JSON_CONTAINERS objects with a "
-        "plain ProtocolError, which the poller does not split (it splits only "
-        "ResponseTooLargeError and ReplyTooDeepError): every job asked with the flooded one "
-        "waits out its deadline"
-    ),
-)
 async def test_a_million_image_placeholders_fail_their_own_job_only(tmp_path: Path) -> None:
     # One job's report lists ten images and then a million empty placeholders (3 MB, under
     # the reply cap): that job may fail (JobProtocolError), but the jobs asked about in the

@@ -44,7 +44,7 @@ from wujie_async import (
 from wujie_async._body_decoding import BodyDecoder
 from wujie_async._connections import SUBMIT_IDLE_SECONDS
 from wujie_async._envelopes import decode_reply
-from wujie_async._errors import ReplyTooDeepError
+from wujie_async._errors import ReplyTooComplexError
 from wujie_async._failures import CallKind
 from wujie_async._poller import BatchPoller
 from wujie_async.emulator import FaultConfig
@@ -115,7 +115,7 @@ async def test_a_refusal_whose_message_nests_deep_is_a_typed_error(
                 with pytest.raises(WujieError) as info:
                     await transport.post(f"/deep/{depth}", [], kind="poll")
                 seen.add(type(info.value))
-    assert ReplyTooDeepError in seen and ParameterError in seen  # both sides of the limit
+    assert ReplyTooComplexError in seen and ParameterError in seen  # both sides of the limit
 
 
 async def test_a_reply_of_millions_of_tiny_objects_is_not_parsed(emulator: EmulatorFactory) -> None:

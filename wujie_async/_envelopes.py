@@ -28,7 +28,7 @@ from ._errors import (
     InsufficientBalanceError,
     ProtocolError,
     RateLimitedError,
-    ReplyTooDeepError,
+    ReplyTooComplexError,
     RequestRefusedError,
     ServerError,
     UnexpectedRedirectError,
@@ -96,11 +96,12 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     """
     # Each container takes a byte at least: only a reply that long can hold too many.
     if len(raw) > MAX_JSON_CONTAINERS and raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
-        raise ProtocolError(
+        raise ReplyTooComplexError(
             f"the reply holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays (no reply "
             "of this contract does): not read",
+            why=f"held over {MAX_JSON_CONTAINERS:,} JSON objects and arrays",
             http_status=status,
-            body=snippet(raw),
+            body=snippet(raw[:200]),
         )
     try:
         try:
@@ -117,9 +118,10 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     except ValueError:
         payload, is_json = None, False
     except RecursionError:
-        raise ReplyTooDeepError(
+        raise ReplyTooComplexError(
             "the reply nests deeper than a JSON reader follows (no reply of this contract "
             "does): not read",
+            why="nested deeper than a JSON reader follows",
             http_status=status,
             body=snippet(raw[:200]),
         ) from None

@@ -421,10 +421,19 @@ class ResponseTooLargeError(ProtocolError):
         super().__init__(message, **kwargs)
 
 
-class ReplyTooDeepError(ProtocolError):
-    """The reply nests deeper than the JSON reader follows (not a contract's reply: a hostile
-    entry). Not exported: a batch query that gets it asks about fewer keys, as for a reply too
-    large, so that one entry costs its own job only."""
+class ReplyTooComplexError(ProtocolError):
+    """The reply nests deeper than the JSON reader follows, or holds more JSON objects and
+    arrays than any reply of the contract does (not a contract's reply: a hostile entry).
+    Not exported: a batch query that gets it asks about fewer keys, as for a reply too large,
+    so that one entry costs its own job only.
+
+    Attributes:
+        why: what made it unreadable, in our words (it ends a job's error message).
+    """
+
+    def __init__(self, message: str, *, why: str, **kwargs: Any) -> None:
+        self.why = why
+        super().__init__(message, **kwargs)
 
 
 class UnexpectedRedirectError(ProtocolError):

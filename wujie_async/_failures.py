@@ -35,7 +35,7 @@ from ._errors import (
     LockRaceError,
     ProtocolError,
     RateLimitedError,
-    ReplyTooDeepError,
+    ReplyTooComplexError,
     ResponseTooLargeError,
     ServerError,
     SubmitUncertainError,
@@ -145,7 +145,7 @@ def retryable(exc: WujieError, kind: CallKind) -> bool:
         return kind != "poll"
     if exc.systemic and not isinstance(exc, TransportError):
         return False  # a missing route, a redirect, no balance: the same again every time
-    if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
+    if isinstance(exc, ResponseTooLargeError | ReplyTooComplexError):
         return False  # the same question gets the same unreadable answer; ask about fewer keys
     if isinstance(exc, TransportError) and exc.lasting:
         return False  # a TLS certificate not verified: every handshake ends the same way

@@ -60,7 +60,7 @@ from ._errors import (
     ParameterError,
     ProtocolError,
     RateLimitedError,
-    ReplyTooDeepError,
+    ReplyTooComplexError,
     ResponseTooLargeError,
     UnknownJobError,
     WujieError,
@@ -651,7 +651,7 @@ class BatchPoller:
                 self.counters.batch_errors += 1
                 # A reply too large, or one entry nested too deep to read: asked in halves, so
                 # that only the keys it concerns end.
-                if isinstance(exc, ResponseTooLargeError | ReplyTooDeepError):
+                if isinstance(exc, ResponseTooLargeError | ReplyTooComplexError):
                     unreadable = exc
                 elif isinstance(exc, ParameterError) and len(asked) > 1:
                     unreadable = exc  # 20010001 is the contract's answer to too many keys
@@ -820,9 +820,10 @@ class BatchPoller:
                 "fetch it)"
             )
         else:
+            why = problem.why if isinstance(problem, ReplyTooComplexError) else str(problem)
             said = (
-                "the gateway's reply about this job alone has nested deeper than a JSON reader "
-                f"follows for {lasted:.1f}s (no entry of this contract does)"
+                f"the gateway's reply about this job alone has {why} for {lasted:.1f}s (no "
+                "entry of this contract does)"
             )
         self._end(tracked, JobProtocolError(said, job_key=tracked.job.key), tracked.job._status)
 
@@ -882,7 +883,7 @@ class BatchPoller:
             if isinstance(problem, ResponseTooLargeError)
             else "was refused as a bad parameter"
             if isinstance(problem, ParameterError)
-            else "could not be read (nested too deep)",
+            else "could not be read (nested too deep, or too many JSON objects)",
         )
         middle = len(chunk) // 2
         refused = [await self._poll_keys(chunk[:middle]), await self._poll_keys(chunk[middle:])]
