@@ -49,6 +49,7 @@ from ._key_timing import (
     left_by_rate,
     tell_by_progress,
 )
+from ._quantiles import Quantiles
 from ._schedule_tuning import TUNING
 
 # Relative errors are kept within these bounds: one outlier must not set the scale.
@@ -77,48 +78,6 @@ def _bounded(error: float) -> float:
     if _ERROR_FLOOR <= error <= _ERROR_CEILING:
         return error  # (as the line below gives it, without two calls: this runs per end)
     return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
-
-
-class _Quantiles(deque[float]):
-    """The last ``TUNING.samples_kept`` samples in the order they came (a deque: its length
-    is asked for often), kept sorted for O(log n) quantiles once a quantile is asked for:
-    until then they are only kept (a model's durations and its first readings' bounds are
-    asked for by few jobs, if any, and added to by every one)."""
-
-    __slots__ = ("_sorted",)
-
-    def __init__(self) -> None:
-        super().__init__(maxlen=TUNING.samples_kept)
-        self._sorted: list[float] | None = None  # None: not asked for yet
-
-    def add(self, value: float) -> None:
-        ordered = self._sorted
-        if ordered is not None:
-            if len(self) == TUNING.samples_kept:
-                del ordered[bisect_left(ordered, self[0])]  # the oldest: append drops it
-            insort(ordered, value)
-        self.append(value)
-
-    def _ordered(self) -> list[float]:
-        ordered = self._sorted
-        if ordered is None:
-            ordered = self._sorted = sorted(self)
-        return ordered
-
-    def quantile(self, q: float) -> float:
-        """The ``q`` quantile (``0 <= q <= 1``) of the samples (there is one at least)."""
-        data = self._sorted
-        if data is None:
-            data = self._ordered()
-        return data[round(q * (len(data) - 1))]  # (within the list: no clamping to do)
-
-    def quantiles(self, low: float, high: float) -> tuple[float, float]:
-        """The ``low`` and ``high`` quantiles, as ``quantile`` gives each."""
-        data = self._sorted
-        if data is None:
-            data = self._ordered()
-        last = len(data) - 1
-        return data[round(low * last)], data[round(high * last)]
 
 
 @dataclass(slots=True)
@@ -247,16 +206,16 @@ class PollSchedule:
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
-        self._errors: dict[str | None, _Quantiles] = {}
+        self._errors: dict[str | None, Quantiles] = {}
         # The earliest end seen so far (an end within a second of a whole-second figure
         # counts as on time: see _near).
         self._earliest: dict[str | None, float] = {}
         # Lateness beyond what the estimate's own resolution explains (whole seconds): what
         # the window mirrors to its early side.
-        self._excess_late: dict[str | None, _Quantiles] = {}
+        self._excess_late: dict[str | None, Quantiles] = {}
         # Ends within a second of their predicted end, in seconds (``_errors`` has them as 0),
         # and the models some of whose such ends were placed by end stamps (see _apply).
-        self._near: dict[str | None, _Quantiles] = {}
+        self._near: dict[str | None, Quantiles] = {}
         self._stamped_near: set[str | None] = set()
         # How far from its predicted end (in seconds) an end counts as near, and how close
         # two asks place an end between them (TUNING.narrow_gap): constants.
@@ -264,7 +223,7 @@ class PollSchedule:
         self._narrow_gap = TUNING.narrow_gap * policy.min_interval
         # Their band (_near_band), asked per report, changed per ended job: cached.
         self._bands: dict[str | None, tuple[float, float]] = {}
-        self._durations: dict[str | None, _Quantiles] = {}
+        self._durations: dict[str | None, Quantiles] = {}
         # Models whose gateway gave a fractional estimate, and counts of whole-second ones: a
         # model whose estimates all come in whole seconds has a second of resolution.
         self._fractional: set[str | None] = set()
@@ -295,7 +254,7 @@ class PollSchedule:
         self._uneven_progress: set[str | None] = set()
         # Per model: the time first readings while generating leave a job at most, against
         # the time its estimate leaves it (_note_bound).
-        self._bound_ratios: dict[str | None, _Quantiles] = {}
+        self._bound_ratios: dict[str | None, Quantiles] = {}
         # Per model, while none of its jobs has ended: the job expected to end first, asked
         # as if it had no estimate (KeyTiming.lookout).
         self._lookouts: dict[str | None, KeyTiming] = {}
@@ -303,7 +262,7 @@ class PollSchedule:
         self._checks: dict[str | None, _Checks] = {}
         # How far the gateway's end stamps sit from ends two close asks pinned (its clock's
         # skew and resolution): one gateway, one clock, whatever the model.
-        self._stamp_offsets = _Quantiles()
+        self._stamp_offsets = Quantiles()
         # Until then, stamps finer than a second are taken at their word, until one disagrees
         # with the asks (it says a job ended before an ask that saw it running, or after one
         # that saw it done): that clock is skewed.
@@ -541,7 +500,7 @@ class PollSchedule:
         the job's predicted span (an error in seconds is ``error / second``)."""
         durations = self._durations.get(model)
         if durations is None:
-            durations = self._durations[model] = _Quantiles()
+            durations = self._durations[model] = Quantiles()
         durations.add(duration)
         if error is None:
             return
@@ -574,7 +533,7 @@ class PollSchedule:
             # seconds: p99 0.99 s).
             near = self._near.get(model)
             if near is None:
-                near = self._near[model] = _Quantiles()
+                near = self._near[model] = Quantiles()
             near.add(error / second)
             if stamped:
                 self._stamped_near.add(model)
@@ -583,8 +542,8 @@ class PollSchedule:
             band_changed = True
         errors = self._errors.get(model)
         if errors is None:
-            errors = self._errors[model] = _Quantiles()
-            excess = self._excess_late[model] = _Quantiles()  # (the two are kept alike)
+            errors = self._errors[model] = Quantiles()
+            excess = self._excess_late[model] = Quantiles()  # (the two are kept alike)
         else:
             excess = self._excess_late[model]
         errors.add(error)
@@ -658,10 +617,10 @@ class PollSchedule:
         return TUNING.narrow_gap * self._policy.min_interval / 2
 
     @staticmethod
-    def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
+    def _sample(table: dict[str | None, Quantiles], model: str | None) -> Quantiles:
         found = table.get(model)
         if found is None:
-            found = table[model] = _Quantiles()
+            found = table[model] = Quantiles()
         return found
 
     # --- scheduling ------------------------------------------------------------------------
@@ -881,7 +840,7 @@ class PollSchedule:
             return
         ratios = self._bound_ratios.get(timing.model)
         if ratios is None:
-            ratios = self._bound_ratios[timing.model] = _Quantiles()
+            ratios = self._bound_ratios[timing.model] = Quantiles()
         ratio = (latest - seen) / left
         if learn:  # (see report)
             ratios.add(ratio)
