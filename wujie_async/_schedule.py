@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ._config import PollPolicy
+from ._end_error import bounded, end_error
 from ._key_timing import (
     KeyTiming,
     Progress,
@@ -51,33 +52,6 @@ from ._key_timing import (
 )
 from ._quantiles import Quantiles
 from ._schedule_tuning import TUNING
-
-# Relative errors are kept within these bounds: one outlier must not set the scale.
-_ERROR_FLOOR = -1.0
-_ERROR_CEILING = 10.0
-
-
-def _error(predicted: float, span: float, ended: tuple[float, float]) -> float | None:
-    """How far an end known to lie within ``ended`` fell from ``predicted``, relative to
-    ``span``, as far as it is known: its distance when placed (``ended`` a single point), else
-    by how much it surely came late or early; None when it may have come on time."""
-    low, high = ended
-    if low == high:
-        error = (low - predicted) / span
-    elif low > predicted:
-        error = (low - predicted) / span  # still running after the predicted end
-    elif high < predicted:
-        error = (high - predicted) / span  # already done before it
-    else:
-        return None
-    return _bounded(error)
-
-
-def _bounded(error: float) -> float:
-    """``error`` within the bounds: an outlier, not a scale."""
-    if _ERROR_FLOOR <= error <= _ERROR_CEILING:
-        return error  # (as the line below gives it, without two calls: this runs per end)
-    return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
 
 
 @dataclass(slots=True)
@@ -351,7 +325,7 @@ class PollSchedule:
             # Told by its progress: the gateway's estimate still teaches its own model.
             model, predicted, span = progress.estimate
             if predicted is not None:
-                error = _error(predicted, span, ended)
+                error = end_error(predicted, span, ended)
                 self._learn_end(model, duration, error, stamped is not None, 1.0 / span)
         elif progress is not None and progress.told_end is not None and progress.bound is None:
             # (A job asked at its bound was read for a rate because its estimate looked far
@@ -375,7 +349,7 @@ class PollSchedule:
                 and timing.predicted_span > TUNING.long_told * usual
             )
         ):
-            error = _error(timing.predicted_end, timing.predicted_span, ended)
+            error = end_error(timing.predicted_end, timing.predicted_span, ended)
             second = 1.0 / timing.predicted_span
             if (
                 error is not None
@@ -511,7 +485,7 @@ class PollSchedule:
         if band is None:
             band = self._near_band(model)
         before = window[0], band[0]  # (_edge)
-        error = _bounded(error)
+        error = bounded(error)
         # Whole-second estimates are up to a second short or long (their resolution).
         coarse = (
             model not in self._fractional
