@@ -7,7 +7,7 @@ The promise (docs, "Polling and its latency promise"):
 * a job that overran that window (or whose gateway gives no usable estimate) is asked about
   every ``max(min_interval, age_fraction x its age)``, capped at ``max_interval``;
 * before the window opens, nothing is asked but a check that the estimate counts down, until
-  the model's estimates are seen to (``_Checks``): a job whose estimate is right costs two or
+  the model's estimates are seen to (``Checks``): a job whose estimate is right costs two or
   three asks (the first, perhaps the check, one just after its predicted end).
 
 The window is learned. Every ended job that had an estimate adds one sample of how far its end
@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from ._config import PollPolicy
 from ._end_error import bounded, end_error
+from ._figure_checks import Checks
 from ._key_timing import (
     KeyTiming,
     Progress,
@@ -52,56 +53,6 @@ from ._key_timing import (
 )
 from ._quantiles import Quantiles
 from ._schedule_tuning import TUNING
-
-
-@dataclass(slots=True)
-class _Checks:
-    """What the checks of a model's jobs showed of their first figures (each job's check
-    counted once).
-
-    A figure given while generating is trusted without a check once ``countdowns_trusted``
-    checks saw such figures count down and none saw otherwise: the check is there to find a
-    placeholder, and once a model's estimates are seen counting down each job's own check is
-    an ask that tells nothing (a burst of 2,000 right estimates: 3 asks per key with checks,
-    about 2 without). A figure given while queued is trusted too once as many checks saw the
-    end it gives never come sooner (by more than their resolution): it is then at least the
-    earliest the job can end, whether it counts the queue in or leaves it out (the generation
-    alone, counting down once generation starts), and its window is asked at when the job is
-    generating or done; when some end came later (it leaves something out), only beside
-    figures given while generating that are trusted and once as many jobs saw it hold as they
-    left the queue. Anything else seen, ever: each job is checked, as before anything is
-    learned.
-    """
-
-    counting: int = 0  # figures given while generating, seen counting down
-    odd: bool = False  # ...seen otherwise
-    queued_never_sooner: int = 0  # figures given while queued, whose end never came sooner
-    queued_odd: bool = False  # ...whose end came sooner
-    # ...whose end came later: such figures leave something out (the queue), and the end a
-    # job's figure given while queued put it at teaches nothing of the estimates' error.
-    queued_later: bool = False
-    queued_left: int = 0  # ...never sooner, seen from a job that has left the queue since
-
-    def trusted(self, *, queued: bool) -> bool:
-        enough = TUNING.countdowns_trusted
-        generating = not self.odd and self.counting >= enough
-        if not queued:
-            return generating
-        # A figure whose end stayed put is an estimate. One whose end came later is trusted as
-        # a bound only beside figures given while generating that count down, and once jobs
-        # that left the queue saw it never come sooner: a placeholder's end comes later at
-        # every report too, until the job starts.
-        a_bound = generating and self.queued_left >= enough
-        return (
-            not self.queued_odd
-            and self.queued_never_sooner >= enough
-            and (a_bound or not self.queued_later)
-        )
-
-    def queued_bounds(self) -> bool:
-        """Whether figures given while queued are trusted as the earliest a job can end (they
-        leave the queue out), not as estimates of its end."""
-        return self.queued_later and self.trusted(queued=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +184,7 @@ class PollSchedule:
         # as if it had no estimate (KeyTiming.lookout).
         self._lookouts: dict[str | None, KeyTiming] = {}
         self._reported = 0  # first estimates seen: each TUNING.sentinels-th job is a sentinel
-        self._checks: dict[str | None, _Checks] = {}
+        self._checks: dict[str | None, Checks] = {}
         # How far the gateway's end stamps sit from ends two close asks pinned (its clock's
         # skew and resolution): one gateway, one clock, whatever the model.
         self._stamp_offsets = Quantiles()
@@ -1076,7 +1027,7 @@ class PollSchedule:
         ``later``; the job has ``left`` the queue since."""
         checks = self._checks.get(model)
         if checks is None:
-            checks = self._checks[model] = _Checks()
+            checks = self._checks[model] = Checks()
         if queued:
             if sooner:
                 checks.queued_odd = True
@@ -1091,7 +1042,7 @@ class PollSchedule:
 
     def _trusted(self, model: str | None, *, queued: bool) -> bool:
         """Whether a job's first figure (given while ``queued``, or generating) is trusted
-        without a check (:class:`_Checks`)."""
+        without a check (:class:`Checks`)."""
         checks = self._checks.get(model)
         return checks is not None and checks.trusted(queued=queued)
 

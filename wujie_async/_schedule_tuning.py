@@ -63,7 +63,7 @@ class ScheduleTuning:
             job's second opened a 30 s job's window 3 s early).
         countdowns_trusted: checks of a model's jobs that saw its first figures count down
             (given while queued: give an end that never came sooner) before such a figure is
-            trusted without a check (``_Checks``): a job whose first report comes after that,
+            trusted without a check (``Checks``): a job whose first report comes after that,
             or whose check is still to come, goes straight to its window.
         progress_error: a job's progress tells its seconds left by how fast it grows, once
             that figure is known within this many seconds. Each reading is off by up to its
