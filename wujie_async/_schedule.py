@@ -35,8 +35,6 @@ Pure arithmetic on loop times; the poller owns the heap and the calls.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
-from collections import deque
 
 from ._config import PollPolicy
 from ._end_error import bounded, end_error
@@ -50,6 +48,7 @@ from ._key_timing import (
     left_by_rate,
     tell_by_progress,
 )
+from ._predicted_spans import PredictedSpans
 from ._quantiles import Quantiles
 from ._schedule_tuning import TUNING
 from ._window_shape import WindowShape
@@ -70,26 +69,22 @@ class PollSchedule:
         "_integral",
         "_jobs_learned",
         "_learned",
-        "_long_spans",
         "_lookouts",
         "_narrow_gap",
         "_near",
         "_near_reach",
-        "_ordered_spans",
         "_percent_in_tenths",
         "_planned_edges",
         "_policy",
+        "_predicted",
         "_progress_score",
         "_reported",
         "_scouts",
         "_shapes",
-        "_spans",
         "_stamp_offsets",
         "_stamped_near",
         "_stamps_at_their_word",
-        "_typical",
         "_uneven_progress",
-        "_usual_spans",
         "_windows",
         "generation",
     )
@@ -129,12 +124,9 @@ class PollSchedule:
         # Per model, the latest low edge of the window since waiting keys were last brought in
         # (generation bumped): keys may be waiting for a window that opened that late.
         self._planned_edges: dict[str | None, tuple[float, float]] = {}
-        self._spans: dict[str | None, deque[float]] = {}
-        self._ordered_spans: dict[str | None, list[float]] = {}  # ...the same, sorted
-        self._typical: dict[str | None, bool] = {}  # _typical_figure, kept as spans come
-        # The median of the spans kept, once there are min_samples of them (_probe).
-        self._usual_spans: dict[str | None, float] = {}
-        self._long_spans: dict[str | None, float] = {}  # ...and their long_quantile
+        # What the predicted spans of each model's last jobs say (a typical figure, the usual
+        # span, the probe of a job told far longer).
+        self._predicted = PredictedSpans(policy)
         # Per model: jobs that ended closer to their progress's figure than to the gateway's
         # estimate, less those that ended closer to the estimate (see _compare).
         self._progress_score: dict[str | None, int] = {}
@@ -260,8 +252,8 @@ class PollSchedule:
             and timing.predicted_span
             and timing.estimate_live
             and not bound
-            and not (  # (_told_far_longer, spelled out: this runs per ended job)
-                (usual := self._usual_spans.get(timing.model)) is not None
+            and not (  # (told_far_longer, spelled out: this runs per ended job)
+                (usual := self._predicted.usual_spans.get(timing.model)) is not None
                 and timing.predicted_span > TUNING.long_told * usual
             )
         ):
@@ -286,7 +278,7 @@ class PollSchedule:
         gateway's estimate: every job is told the same figure (it says nothing of any job's
         end), or the model's jobs ended closer to what their progress told."""
         return (
-            self._typical_figure(model)
+            self._predicted.typical_figure(model)
             or self._progress_score.get(model, 0) >= TUNING.progress_wins
         )
 
@@ -353,28 +345,6 @@ class PollSchedule:
         target = stamp - offsets.quantile(0.5) if predicted is None else predicted
         target = low if low > target else target
         return high if high < target else target
-
-    def _learn_span(self, model: str | None, span: float) -> None:
-        """Learn a job's predicted span (at its first report)."""
-        spans = self._spans.get(model)
-        if spans is None:
-            spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
-            ordered = self._ordered_spans[model] = []
-        else:
-            ordered = self._ordered_spans[model]
-            if len(spans) == TUNING.spans_kept:  # the deque drops its oldest: so does this
-                del ordered[bisect_left(ordered, spans[0])]
-        spans.append(span)
-        insort(ordered, span)
-        low, high = ordered[0], ordered[-1]
-        kept = len(ordered)
-        if kept >= TUNING.min_samples:
-            self._usual_spans[model] = ordered[kept // 2]
-            self._long_spans[model] = ordered[int(TUNING.long_quantile * kept)]
-        self._typical[model] = (
-            kept >= TUNING.same_spans_min
-            and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
-        )
 
     def _learn_end(
         self,
@@ -604,7 +574,7 @@ class PollSchedule:
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
                 if learn:
-                    self._learn_span(timing.model, timing.predicted_span)
+                    self._predicted.learn_span(timing.model, timing.predicted_span)
                 self._reported += 1
                 if timing.model not in self._errors:  # (no lookouts once an end is seen)
                     self._choose_lookout(timing, predicted, seen)
@@ -719,7 +689,7 @@ class PollSchedule:
         span = predicted - timing.created_at
         if timing.model in self._uneven_progress:
             return
-        if self._told_far_longer(timing.model, span):
+        if self._predicted.told_far_longer(timing.model, span):
             # Told far longer than its model's jobs usually are: read for a rate whatever its
             # first reading says (one first read generating at 1.8%, after a queue it cannot
             # see, bounded nothing, and was seen 29 s late; one read at 0%, 40 s late).
@@ -819,35 +789,6 @@ class PollSchedule:
             return now + policy.min_interval
         return math.inf
 
-    def _probe(self, timing: KeyTiming, now: float) -> float:
-        """When a job never read generating is asked once more, as it may have been told far
-        longer than it runs: one told far longer than its model's jobs usually are
-        (``TUNING.long_told`` times the median span), when a usual job would end; one queued
-        at its last ask and told longer than most (``TUNING.long_queued``), every
-        ``max_interval`` as well. Its progress then tells the latest it ends
-        (``latest_end``) and a rate: a job told three times its length among right ones was
-        otherwise seen only when its estimate ran out (30 s late, p99, jobs of 10-30 s). A
-        right estimate that long costs an ask or two more. ``inf``: no such ask."""
-        span = timing.predicted_span
-        if timing.progress is not None or timing.predicted_end is None or not span:
-            return math.inf
-        policy = self._policy
-        usual = timing.created_at + self._usual_spans.get(timing.model, math.inf)
-        at = usual if usual > now + policy.min_interval else math.inf
-        longest = self._long_spans.get(timing.model)
-        if timing.queued and longest is not None and span > TUNING.long_queued * longest:
-            return min(at, now + policy.max_interval)
-        # (Seen generating with no progress to read, it has nothing more to tell.)
-        return at if self._told_far_longer(timing.model, span) else math.inf
-
-    def _told_far_longer(self, model: str | None, span: float) -> bool:
-        """Whether a job of ``model`` predicted to last ``span`` was told far longer than the
-        model's jobs usually are (``TUNING.long_told``). The probe watches such a job, not the
-        window: its end teaches the window nothing (1 job in 20 told 3x its length opened
-        every job's window at a third of its span: 11 asks per key)."""
-        usual = self._usual_spans.get(model)
-        return usual is not None and span > TUNING.long_told * usual
-
     def next_ask(
         self, timing: KeyTiming, now: float, *, queue_position: int | None = None
     ) -> float:
@@ -859,13 +800,13 @@ class PollSchedule:
         progress = timing.progress
         if progress is None:  # (no bound to ask at: _bound_ask)
             if timing.predicted_end is None or not timing.predicted_span:
-                return ask  # (nothing to probe either: _probe)
-            probe = self._probe(timing, now)
+                return ask  # (nothing to probe either: PredictedSpans.probe)
+            probe = self._predicted.probe(timing, now)
             if probe + self._policy.min_interval < ask:
                 timing.tentative = False
                 return probe
             return ask
-        if progress.bound is None:  # (and no probe: _probe)
+        if progress.bound is None:  # (and no probe: PredictedSpans.probe)
             return ask
         bound = self._bound_ask(timing, now)
         if bound + self._policy.min_interval < ask:
@@ -876,7 +817,7 @@ class PollSchedule:
         return ask
 
     def _planned_ask(self, timing: KeyTiming, now: float, queue_position: int | None) -> float:
-        """``next_ask`` but for a probe (``_probe``)."""
+        """``next_ask`` but for a probe (``PredictedSpans.probe``)."""
         policy = self._policy
         timing.tentative = False
         end, span = timing.predicted_end, timing.predicted_span
@@ -906,14 +847,14 @@ class PollSchedule:
                     # (every min_interval, then a share of its age), so the first end is seen
                     # at once (and with it, how early the others may end).
                     return min(opens, now + self._backoff(now - timing.created_at))
-                if learning and (not checked or self._typical_figure(timing.model)):
+                if learning and (not checked or self._predicted.typical_figure(timing.model)):
                     # Nothing learned yet. Before a long wait on an estimate, check once that
                     # it counts down (a placeholder is found out there). When every job gets
                     # the same estimate, it says nothing of which jobs end early: close in on
                     # the window in steps, so early ends are seen and teach the window.
                     # (A checked job is here for a typical figure: no second look at that.)
                     if opens - now <= policy.max_interval and not (
-                        checked or self._typical_figure(timing.model)
+                        checked or self._predicted.typical_figure(timing.model)
                     ):
                         # The window opens within max_interval, and its figure is the job's
                         # own: the ask there is the check (a placeholder is found out there as
@@ -1030,11 +971,6 @@ class PollSchedule:
 
     def _learning(self, model: str | None) -> bool:
         return model not in self._learned
-
-    def _typical_figure(self, model: str | None) -> bool:
-        """True when the model's last jobs were all predicted to last the same (a typical
-        figure, not a per-job estimate)."""
-        return self._typical.get(model, False)
 
     def watch_start(self, timing: KeyTiming) -> float:
         """Loop time from which ``timing``'s job is asked about densely.

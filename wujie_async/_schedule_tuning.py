@@ -75,10 +75,10 @@ class ScheduleTuning:
             window do not make up for); by age alone, 29 asks. Estimates ±50% off that give
             way to the progress: within 0.5 s, 4.7 asks, p99 0.61 s; 0.25 s, 5.2 asks, 0.50 s.
         long_told: a job told more than this many times its model's median span (of the
-            spans kept) is probed once, at that median (``PollSchedule._probe``).
+            spans kept) is probed once, at that median (``PredictedSpans.probe``).
         long_queued: a job queued at its ask and told more than this many times the
             ``long_quantile`` of its model's spans kept is asked every ``max_interval`` until it
-            is read generating (``PollSchedule._probe``): told 2x-3x its length, it may not
+            is read generating (``PredictedSpans.probe``): told 2x-3x its length, it may not
             be ``long_told`` (a job told 43 s among jobs of 10-30 s, of which it was one of 14
             s, was seen 30 s late in a trickle). Against the median, a quarter more caught a
             fifth of right estimates among jobs of 10-30 s (0.15 ask per key more).
