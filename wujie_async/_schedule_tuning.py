@@ -92,7 +92,7 @@ class ScheduleTuning:
             bound (it may have begun anywhere between), and was seen up to 9 s late.
         bound_outlier: a job's bound is used, once its model's first readings are known, only
             when the time it leaves is under this share of what they leave against their
-            estimates (``PollSchedule._note_bound``) at ``bound_quantile``: a job told 2x its
+            estimates (``ProgressBounds.note_bound``) at ``bound_quantile``: a job told 2x its
             length leaves half, one told 3x a third.
         bound_quantile: ...the first readings' quantile. Low, since a reading after a queue
             it cannot see leaves too much: with every estimate 3x too long and queues, the
