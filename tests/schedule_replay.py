@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from wujie_async import PollPolicy
 from wujie_async._key_timing import KeyTiming
-from wujie_async._schedule import PollSchedule, WindowShape
+from wujie_async._schedule import PollSchedule
+from wujie_async._window_shape import WindowShape
 
 # How a model's gateway gives its estimate: (job, seen, queued, rng) -> seconds left or None.
 Figure = Callable[["_Job", float, bool, random.Random], float | None]

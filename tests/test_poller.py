@@ -84,7 +84,7 @@ SCOUT_ASKS = TUNING.scouts * 3 / JOBS
 LOOKOUT_ASKS = 10.0 / PollPolicy().min_interval / JOBS
 
 
-# Once a model's first figures are seen counting down (each job's check, ``_Checks``), the
+# Once a model's first figures are seen counting down (each job's check, ``Checks``), the
 # jobs still waiting for their check go straight to their window: about 2.4 asks per key for
 # right estimates in this burst, 3.15 with a check for every job before.
 @pytest.mark.parametrize(

@@ -82,7 +82,7 @@ def test_a_right_estimate_costs_at_most_three_asks_before_anything_is_learned() 
     # Ends off whole seconds: exact estimates that come out whole at every ask are taken for
     # whole-second ones, whose unlearned window reaches a second earlier by design.
     for end in (8.3, 20.3, 45.3, 200.3):
-        # (Among jobs told about as long: one told far longer is probed once, see _probe.)
+        # (Among jobs told about as long: one told far longer is probed once: PredictedSpans.)
         asks, late = follow(past_the_scouts(told=end / 2), end, exact)
         # A job longer than max_estimate_wait is also asked about once per that wait.
         assert asks <= 3 + int(end // POLICY.max_estimate_wait), (end, asks)
@@ -553,7 +553,7 @@ def test_an_end_within_a_second_of_its_prediction_is_learned_in_seconds(
     for end in (30.3, 30.6, 30.9):
         asks, late = follow_gateway(schedule, end, estimate=estimate)
         # One ask more than a usual job: told three times as long as its model's jobs, it is
-        # probed once when they end (PollSchedule._probe).
+        # probed once when they end (PredictedSpans.probe).
         assert asks <= 3 + 1 and late <= POLICY.min_interval, (end, asks, late)
 
 

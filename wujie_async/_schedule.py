@@ -7,7 +7,7 @@ The promise (docs, "Polling and its latency promise"):
 * a job that overran that window (or whose gateway gives no usable estimate) is asked about
   every ``max(min_interval, age_fraction x its age)``, capped at ``max_interval``;
 * before the window opens, nothing is asked but a check that the estimate counts down, until
-  the model's estimates are seen to (``_Checks``): a job whose estimate is right costs two or
+  the model's estimates are seen to (``Checks``): a job whose estimate is right costs two or
   three asks (the first, perhaps the check, one just after its predicted end).
 
 The window is learned. Every ended job that had an estimate adds one sample of how far its end
@@ -35,175 +35,22 @@ Pure arithmetic on loop times; the poller owns the heap and the calls.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, insort
-from collections import deque
-from dataclasses import dataclass
 
 from ._config import PollPolicy
+from ._end_error import bounded, end_error
+from ._figure_checks import Checks
 from ._key_timing import (
     KeyTiming,
-    Progress,
     gateway_model,
     latest_end,
     left_by_progress,
-    left_by_rate,
     tell_by_progress,
 )
+from ._predicted_spans import PredictedSpans
+from ._progress_bounds import ProgressBounds
+from ._quantiles import Quantiles
 from ._schedule_tuning import TUNING
-
-# Relative errors are kept within these bounds: one outlier must not set the scale.
-_ERROR_FLOOR = -1.0
-_ERROR_CEILING = 10.0
-
-
-def _error(predicted: float, span: float, ended: tuple[float, float]) -> float | None:
-    """How far an end known to lie within ``ended`` fell from ``predicted``, relative to
-    ``span``, as far as it is known: its distance when placed (``ended`` a single point), else
-    by how much it surely came late or early; None when it may have come on time."""
-    low, high = ended
-    if low == high:
-        error = (low - predicted) / span
-    elif low > predicted:
-        error = (low - predicted) / span  # still running after the predicted end
-    elif high < predicted:
-        error = (high - predicted) / span  # already done before it
-    else:
-        return None
-    return _bounded(error)
-
-
-def _bounded(error: float) -> float:
-    """``error`` within the bounds: an outlier, not a scale."""
-    if _ERROR_FLOOR <= error <= _ERROR_CEILING:
-        return error  # (as the line below gives it, without two calls: this runs per end)
-    return max(_ERROR_FLOOR, min(error, _ERROR_CEILING))
-
-
-class _Quantiles(deque[float]):
-    """The last ``TUNING.samples_kept`` samples in the order they came (a deque: its length
-    is asked for often), kept sorted for O(log n) quantiles once a quantile is asked for:
-    until then they are only kept (a model's durations and its first readings' bounds are
-    asked for by few jobs, if any, and added to by every one)."""
-
-    __slots__ = ("_sorted",)
-
-    def __init__(self) -> None:
-        super().__init__(maxlen=TUNING.samples_kept)
-        self._sorted: list[float] | None = None  # None: not asked for yet
-
-    def add(self, value: float) -> None:
-        ordered = self._sorted
-        if ordered is not None:
-            if len(self) == TUNING.samples_kept:
-                del ordered[bisect_left(ordered, self[0])]  # the oldest: append drops it
-            insort(ordered, value)
-        self.append(value)
-
-    def _ordered(self) -> list[float]:
-        ordered = self._sorted
-        if ordered is None:
-            ordered = self._sorted = sorted(self)
-        return ordered
-
-    def quantile(self, q: float) -> float:
-        """The ``q`` quantile (``0 <= q <= 1``) of the samples (there is one at least)."""
-        data = self._sorted
-        if data is None:
-            data = self._ordered()
-        return data[round(q * (len(data) - 1))]  # (within the list: no clamping to do)
-
-    def quantiles(self, low: float, high: float) -> tuple[float, float]:
-        """The ``low`` and ``high`` quantiles, as ``quantile`` gives each."""
-        data = self._sorted
-        if data is None:
-            data = self._ordered()
-        last = len(data) - 1
-        return data[round(low * last)], data[round(high * last)]
-
-
-@dataclass(slots=True)
-class _Checks:
-    """What the checks of a model's jobs showed of their first figures (each job's check
-    counted once).
-
-    A figure given while generating is trusted without a check once ``countdowns_trusted``
-    checks saw such figures count down and none saw otherwise: the check is there to find a
-    placeholder, and once a model's estimates are seen counting down each job's own check is
-    an ask that tells nothing (a burst of 2,000 right estimates: 3 asks per key with checks,
-    about 2 without). A figure given while queued is trusted too once as many checks saw the
-    end it gives never come sooner (by more than their resolution): it is then at least the
-    earliest the job can end, whether it counts the queue in or leaves it out (the generation
-    alone, counting down once generation starts), and its window is asked at when the job is
-    generating or done; when some end came later (it leaves something out), only beside
-    figures given while generating that are trusted and once as many jobs saw it hold as they
-    left the queue. Anything else seen, ever: each job is checked, as before anything is
-    learned.
-    """
-
-    counting: int = 0  # figures given while generating, seen counting down
-    odd: bool = False  # ...seen otherwise
-    queued_never_sooner: int = 0  # figures given while queued, whose end never came sooner
-    queued_odd: bool = False  # ...whose end came sooner
-    # ...whose end came later: such figures leave something out (the queue), and the end a
-    # job's figure given while queued put it at teaches nothing of the estimates' error.
-    queued_later: bool = False
-    queued_left: int = 0  # ...never sooner, seen from a job that has left the queue since
-
-    def trusted(self, *, queued: bool) -> bool:
-        enough = TUNING.countdowns_trusted
-        generating = not self.odd and self.counting >= enough
-        if not queued:
-            return generating
-        # A figure whose end stayed put is an estimate. One whose end came later is trusted as
-        # a bound only beside figures given while generating that count down, and once jobs
-        # that left the queue saw it never come sooner: a placeholder's end comes later at
-        # every report too, until the job starts.
-        a_bound = generating and self.queued_left >= enough
-        return (
-            not self.queued_odd
-            and self.queued_never_sooner >= enough
-            and (a_bound or not self.queued_later)
-        )
-
-    def queued_bounds(self) -> bool:
-        """Whether figures given while queued are trusted as the earliest a job can end (they
-        leave the queue out), not as estimates of its end."""
-        return self.queued_later and self.trusted(queued=True)
-
-
-@dataclass(frozen=True, slots=True)
-class WindowShape:
-    """Where a model's watch window sits around a job's predicted end, as things stand.
-
-    The window of a job predicted to end at ``end`` after ``span`` seconds is
-    ``end + low * span + delay`` to ``end + min(high * span, cap) + delay``.
-    One object serves every job of the model until the schedule learns something new.
-    """
-
-    low: float
-    high: float
-    delay: float
-    cap: float  # inf once the window is learned: only the prior's guess (its late side) is capped
-    reach: float = 0.0  # seconds it opens earlier still: TUNING.coarse_reach, while unlearned
-    # Seconds before and after the predicted end the window reaches at least, once learned:
-    # where ends within a second of their predicted end fell (PollSchedule._near), whatever
-    # the job's length. Errors beyond that are in low and high.
-    early: float = 0.0
-    late: float = 0.0
-
-    def opens(self, end: float, span: float) -> float:
-        """Loop time the window opens, for a job predicted to end at ``end`` after ``span``."""
-        # (min spelled out: a builtin's call costs more, and this runs per waiting key.)
-        low, early = self.low * span, -self.early
-        return end + (early if early < low else low) + self.delay - self.reach
-
-    def closes(self, end: float, span: float) -> float:
-        """Loop time the window closes."""
-        return end + max(min(self.high * span, self.cap), self.late) + self.delay
-
-    def around(self, end: float, span: float) -> tuple[float, float]:
-        """Loop times the window opens and closes."""
-        return self.opens(end, span), self.closes(end, span)
+from ._window_shape import WindowShape
 
 
 class PollSchedule:
@@ -211,7 +58,7 @@ class PollSchedule:
 
     __slots__ = (
         "_bands",
-        "_bound_ratios",
+        "_bounds",
         "_checks",
         "_durations",
         "_earliest",
@@ -221,42 +68,37 @@ class PollSchedule:
         "_integral",
         "_jobs_learned",
         "_learned",
-        "_long_spans",
         "_lookouts",
         "_narrow_gap",
         "_near",
         "_near_reach",
-        "_ordered_spans",
         "_percent_in_tenths",
         "_planned_edges",
         "_policy",
+        "_predicted",
         "_progress_score",
         "_reported",
         "_scouts",
         "_shapes",
-        "_spans",
         "_stamp_offsets",
         "_stamped_near",
         "_stamps_at_their_word",
-        "_typical",
-        "_uneven_progress",
-        "_usual_spans",
         "_windows",
         "generation",
     )
 
     def __init__(self, policy: PollPolicy) -> None:
         self._policy = policy
-        self._errors: dict[str | None, _Quantiles] = {}
+        self._errors: dict[str | None, Quantiles] = {}
         # The earliest end seen so far (an end within a second of a whole-second figure
         # counts as on time: see _near).
         self._earliest: dict[str | None, float] = {}
         # Lateness beyond what the estimate's own resolution explains (whole seconds): what
         # the window mirrors to its early side.
-        self._excess_late: dict[str | None, _Quantiles] = {}
+        self._excess_late: dict[str | None, Quantiles] = {}
         # Ends within a second of their predicted end, in seconds (``_errors`` has them as 0),
         # and the models some of whose such ends were placed by end stamps (see _apply).
-        self._near: dict[str | None, _Quantiles] = {}
+        self._near: dict[str | None, Quantiles] = {}
         self._stamped_near: set[str | None] = set()
         # How far from its predicted end (in seconds) an end counts as near, and how close
         # two asks place an end between them (TUNING.narrow_gap): constants.
@@ -264,7 +106,7 @@ class PollSchedule:
         self._narrow_gap = TUNING.narrow_gap * policy.min_interval
         # Their band (_near_band), asked per report, changed per ended job: cached.
         self._bands: dict[str | None, tuple[float, float]] = {}
-        self._durations: dict[str | None, _Quantiles] = {}
+        self._durations: dict[str | None, Quantiles] = {}
         # Models whose gateway gave a fractional estimate, and counts of whole-second ones: a
         # model whose estimates all come in whole seconds has a second of resolution.
         self._fractional: set[str | None] = set()
@@ -280,30 +122,23 @@ class PollSchedule:
         # Per model, the latest low edge of the window since waiting keys were last brought in
         # (generation bumped): keys may be waiting for a window that opened that late.
         self._planned_edges: dict[str | None, tuple[float, float]] = {}
-        self._spans: dict[str | None, deque[float]] = {}
-        self._ordered_spans: dict[str | None, list[float]] = {}  # ...the same, sorted
-        self._typical: dict[str | None, bool] = {}  # _typical_figure, kept as spans come
-        # The median of the spans kept, once there are min_samples of them (_probe).
-        self._usual_spans: dict[str | None, float] = {}
-        self._long_spans: dict[str | None, float] = {}  # ...and their long_quantile
+        # What the predicted spans of each model's last jobs say (a typical figure, the usual
+        # span, the probe of a job told far longer).
+        self._predicted = PredictedSpans(policy)
         # Per model: jobs that ended closer to their progress's figure than to the gateway's
         # estimate, less those that ended closer to the estimate (see _compare).
         self._progress_score: dict[str | None, int] = {}
         self._scouts: dict[str | None, int] = {}
-        # Models a job of which was still far from done when asked past its bound: their
-        # progress does not grow evenly, and bounds it tells are not used (Progress.bound).
-        self._uneven_progress: set[str | None] = set()
-        # Per model: the time first readings while generating leave a job at most, against
-        # the time its estimate leaves it (_note_bound).
-        self._bound_ratios: dict[str | None, _Quantiles] = {}
+        # The bounds first progress readings set on their jobs' ends (Progress.bound).
+        self._bounds = ProgressBounds(policy, self._predicted, self._percent_in_tenths)
         # Per model, while none of its jobs has ended: the job expected to end first, asked
         # as if it had no estimate (KeyTiming.lookout).
         self._lookouts: dict[str | None, KeyTiming] = {}
         self._reported = 0  # first estimates seen: each TUNING.sentinels-th job is a sentinel
-        self._checks: dict[str | None, _Checks] = {}
+        self._checks: dict[str | None, Checks] = {}
         # How far the gateway's end stamps sit from ends two close asks pinned (its clock's
         # skew and resolution): one gateway, one clock, whatever the model.
-        self._stamp_offsets = _Quantiles()
+        self._stamp_offsets = Quantiles()
         # Until then, stamps finer than a second are taken at their word, until one disagrees
         # with the asks (it says a job ended before an ask that saw it running, or after one
         # that saw it done): that clock is skewed.
@@ -392,7 +227,7 @@ class PollSchedule:
             # Told by its progress: the gateway's estimate still teaches its own model.
             model, predicted, span = progress.estimate
             if predicted is not None:
-                error = _error(predicted, span, ended)
+                error = end_error(predicted, span, ended)
                 self._learn_end(model, duration, error, stamped is not None, 1.0 / span)
         elif progress is not None and progress.told_end is not None and progress.bound is None:
             # (A job asked at its bound was read for a rate because its estimate looked far
@@ -411,19 +246,19 @@ class PollSchedule:
             and timing.predicted_span
             and timing.estimate_live
             and not bound
-            and not (  # (_told_far_longer, spelled out: this runs per ended job)
-                (usual := self._usual_spans.get(timing.model)) is not None
+            and not (  # (told_far_longer, spelled out: this runs per ended job)
+                (usual := self._predicted.usual_spans.get(timing.model)) is not None
                 and timing.predicted_span > TUNING.long_told * usual
             )
         ):
-            error = _error(timing.predicted_end, timing.predicted_span, ended)
+            error = end_error(timing.predicted_end, timing.predicted_span, ended)
             second = 1.0 / timing.predicted_span
             if (
                 error is not None
                 and error < 0
                 and progress is not None
                 and progress.bound is not None
-                and timing.model not in self._uneven_progress
+                and timing.model not in self._bounds.uneven_progress
             ):
                 # It ended by the bound its progress set, as bounds say: early against its
                 # estimate, it tells nothing of the other estimates (as its model's first
@@ -437,7 +272,7 @@ class PollSchedule:
         gateway's estimate: every job is told the same figure (it says nothing of any job's
         end), or the model's jobs ended closer to what their progress told."""
         return (
-            self._typical_figure(model)
+            self._predicted.typical_figure(model)
             or self._progress_score.get(model, 0) >= TUNING.progress_wins
         )
 
@@ -505,28 +340,6 @@ class PollSchedule:
         target = low if low > target else target
         return high if high < target else target
 
-    def _learn_span(self, model: str | None, span: float) -> None:
-        """Learn a job's predicted span (at its first report)."""
-        spans = self._spans.get(model)
-        if spans is None:
-            spans = self._spans[model] = deque(maxlen=TUNING.spans_kept)
-            ordered = self._ordered_spans[model] = []
-        else:
-            ordered = self._ordered_spans[model]
-            if len(spans) == TUNING.spans_kept:  # the deque drops its oldest: so does this
-                del ordered[bisect_left(ordered, spans[0])]
-        spans.append(span)
-        insort(ordered, span)
-        low, high = ordered[0], ordered[-1]
-        kept = len(ordered)
-        if kept >= TUNING.min_samples:
-            self._usual_spans[model] = ordered[kept // 2]
-            self._long_spans[model] = ordered[int(TUNING.long_quantile * kept)]
-        self._typical[model] = (
-            kept >= TUNING.same_spans_min
-            and high - low <= TUNING.same_span_share * high + self._policy.min_interval / 2
-        )
-
     def _learn_end(
         self,
         model: str | None,
@@ -541,7 +354,7 @@ class PollSchedule:
         the job's predicted span (an error in seconds is ``error / second``)."""
         durations = self._durations.get(model)
         if durations is None:
-            durations = self._durations[model] = _Quantiles()
+            durations = self._durations[model] = Quantiles()
         durations.add(duration)
         if error is None:
             return
@@ -552,7 +365,7 @@ class PollSchedule:
         if band is None:
             band = self._near_band(model)
         before = window[0], band[0]  # (_edge)
-        error = _bounded(error)
+        error = bounded(error)
         # Whole-second estimates are up to a second short or long (their resolution).
         coarse = (
             model not in self._fractional
@@ -574,7 +387,7 @@ class PollSchedule:
             # seconds: p99 0.99 s).
             near = self._near.get(model)
             if near is None:
-                near = self._near[model] = _Quantiles()
+                near = self._near[model] = Quantiles()
             near.add(error / second)
             if stamped:
                 self._stamped_near.add(model)
@@ -583,8 +396,8 @@ class PollSchedule:
             band_changed = True
         errors = self._errors.get(model)
         if errors is None:
-            errors = self._errors[model] = _Quantiles()
-            excess = self._excess_late[model] = _Quantiles()  # (the two are kept alike)
+            errors = self._errors[model] = Quantiles()
+            excess = self._excess_late[model] = Quantiles()  # (the two are kept alike)
         else:
             excess = self._excess_late[model]
         errors.add(error)
@@ -658,10 +471,10 @@ class PollSchedule:
         return TUNING.narrow_gap * self._policy.min_interval / 2
 
     @staticmethod
-    def _sample(table: dict[str | None, _Quantiles], model: str | None) -> _Quantiles:
+    def _sample(table: dict[str | None, Quantiles], model: str | None) -> Quantiles:
         found = table.get(model)
         if found is None:
-            found = table[model] = _Quantiles()
+            found = table[model] = Quantiles()
         return found
 
     # --- scheduling ------------------------------------------------------------------------
@@ -710,7 +523,7 @@ class PollSchedule:
             first_reading = timing.progress is None
             if percent % 1 != 0:
                 self._percent_in_tenths.add(gateway_model(timing))
-            tenths = (  # (_in_tenths)
+            tenths = (  # (ProgressBounds._in_tenths)
                 gateway_model(timing) if timing.progress is not None else timing.model
             ) in self._percent_in_tenths
             told = left_by_progress(timing, seen, percent, tenths=tenths)
@@ -734,16 +547,20 @@ class PollSchedule:
             # at by next_ask: Progress.bound).
             sooner = told
             if latest is not None and progress is not None:
-                self._note_bound(timing, progress, seen, latest, seen + expected_seconds, learn)
+                self._bounds.note_bound(
+                    timing, progress, seen, latest, seen + expected_seconds, learn
+                )
             elif (
                 progress is not None
                 and progress.bound is not None
                 and seen <= progress.bound
                 and not queued
             ):
-                self._rate_bound(timing, progress, seen, percent, told, seen + expected_seconds)
+                self._bounds.rate_bound(
+                    timing, progress, seen, percent, told, seen + expected_seconds
+                )
         if progress is not None and progress.bound is not None and latest is None and not queued:
-            self._check_bound(timing, progress, seen, percent)
+            self._bounds.check_bound(timing, progress, seen, percent)
         if expected_seconds is not None and expected_seconds > 0 and timing.estimate_live:
             coarse = timing.model not in self._fractional and (
                 self._note_resolution(timing.model, expected_seconds)
@@ -755,7 +572,7 @@ class PollSchedule:
             if previous is None:
                 timing.predicted_span = max(predicted - timing.created_at, policy.min_interval)
                 if learn:
-                    self._learn_span(timing.model, timing.predicted_span)
+                    self._predicted.learn_span(timing.model, timing.predicted_span)
                 self._reported += 1
                 if timing.model not in self._errors:  # (no lookouts once an end is seen)
                     self._choose_lookout(timing, predicted, seen)
@@ -835,169 +652,12 @@ class PollSchedule:
             soonest = now + policy.min_interval
             at = soonest if soonest > at else at  # (max: this runs per report)
             # (An ask at its bound comes no sooner than this one: the bound is where this
-            # rate puts the end, _rate_bound, and an ask the progress asks for is not
-            # tentative.)
+            # rate puts the end, ProgressBounds.rate_bound, and an ask the progress asks for
+            # is not tentative.)
             if at + policy.min_interval < ask or (timing.tentative and at <= ask):
                 timing.tentative = False
                 ask = at
         return ask
-
-    def _note_bound(
-        self,
-        timing: KeyTiming,
-        progress: Progress,
-        seen: float,
-        latest: float,
-        predicted: float,
-        learn: bool = True,
-    ) -> None:
-        """Keep ``latest`` (the first reading's bound on the job's end, read at ``seen``) as
-        ``progress.bound`` when it lies well before ``predicted`` (the estimate's end): the
-        job may have been told far longer than it runs. A right estimate's end lies at or
-        before that bound when the progress grows evenly; a progress of a model found to grow
-        unevenly (``_uneven_progress``) bounds nothing.
-
-        Bounds are for the few jobs told far too long: once ``TUNING.min_samples`` first
-        readings of its model are known, a job's bound is used only when the time it leaves
-        is well under what the model's readings leave against their estimates
-        (``TUNING.bound_outlier`` times their ``bound_quantile``). Every estimate three times
-        too long (a bound and a reading for the rate cost every job an ask more: 4.1 asks per
-        key instead of 3.1), or a progress that starts above 0 (10% as generation starts:
-        every first reading bounds far too soon), leave every job about the same: the
-        learned window serves them, and the one job in 20 told 3x its length still stands
-        out. A job told far longer than its model's jobs usually are is read for a rate
-        whatever its first reading says (``inf``: read at 0%)."""
-        span = predicted - timing.created_at
-        if timing.model in self._uneven_progress:
-            return
-        if self._told_far_longer(timing.model, span):
-            # Told far longer than its model's jobs usually are: read for a rate whatever its
-            # first reading says (one first read generating at 1.8%, after a queue it cannot
-            # see, bounded nothing, and was seen 29 s late; one read at 0%, 40 s late).
-            progress.bound = latest
-            return
-        left = predicted - seen
-        if left <= 0.0 or latest == math.inf:
-            return
-        ratios = self._bound_ratios.get(timing.model)
-        if ratios is None:
-            ratios = self._bound_ratios[timing.model] = _Quantiles()
-        ratio = (latest - seen) / left
-        if learn:  # (see report)
-            ratios.add(ratio)
-        if latest + self._bound_margin(span) >= predicted:
-            return
-        low = ratios.quantile(TUNING.bound_quantile) if len(ratios) >= TUNING.min_samples else 1.0
-        if ratio <= TUNING.bound_outlier * low:
-            progress.bound = latest
-
-    def _bound_margin(self, span: float) -> float:
-        """How far before its estimate's end a job's bound must lie to be used."""
-        margin, least = TUNING.bound_margin * span, 1.0 + self._policy.min_interval
-        return least if least > margin else margin  # (max: this runs per first reading)
-
-    def _rate_bound(
-        self,
-        timing: KeyTiming,
-        progress: Progress,
-        seen: float,
-        percent: float | None,
-        told: float | None,
-        predicted: float,
-    ) -> None:
-        """A job with a bound read again while generating, before its bound: its progress's
-        rate since its first reading puts its end somewhere (even a rate too rough to go by,
-        as a bound). Near its estimate's end (``predicted``), the bound was not one:
-        a progress that starts above 0 (10% as generation starts) bounds every job's end far
-        too early, and each was asked at its bound far from done, which turned bounds off
-        for its model (1 job in 20 told 3x its length then seen up to 40 s late). Far before
-        it, the rate's end (give or take what whole percents or tenths leave unsure) is the
-        bound."""
-        rate = (
-            None
-            if percent is None
-            else left_by_rate(progress, seen, percent, tenths=self._in_tenths(timing))
-        )
-        if rate is None:
-            return  # stalled: the first reading's bound stands (_check_bound judges it)
-        left, unsure = rate
-        if seen + left + self._bound_margin(predicted - timing.created_at) >= predicted:
-            progress.bound = None
-        elif told is not None:
-            progress.bound = seen + told  # a rate known well enough (left_by_progress)
-        else:
-            progress.bound = seen + left + unsure
-
-    def _check_bound(
-        self, timing: KeyTiming, progress: Progress, seen: float, percent: float | None
-    ) -> None:
-        """A job still running when asked past its bound: far from done, it proves its
-        model's progress uneven (``TUNING.bound_short``: fast and then slowly), and no bound
-        of that model is used any more; close to done (an end recorded late), it is asked
-        again soon (``_bound_ask``) for ``_bound_slack``."""
-        bound = progress.bound
-        assert bound is not None
-        if seen <= bound:
-            return
-        if percent is not None and percent < 100.0 - TUNING.bound_short:
-            self._uneven_progress.add(timing.model)
-            progress.bound = None
-        elif seen > bound + self._bound_slack():
-            progress.bound = None
-
-    def _in_tenths(self, timing: KeyTiming) -> bool:
-        return gateway_model(timing) in self._percent_in_tenths
-
-    def _bound_slack(self) -> float:
-        """How long past its bound a job close to done is asked every ``min_interval``."""
-        return TUNING.near + 2 * self._policy.min_interval
-
-    def _bound_ask(self, timing: KeyTiming, now: float) -> float:
-        """When a job with a bound (``Progress.bound``) is asked: once its progress can tell
-        a rate (``TUNING.bound_rate_after``), just after the bound, then every
-        ``min_interval`` for ``_bound_slack``. ``inf``: no such ask."""
-        progress = timing.progress
-        if progress is None or progress.bound is None or timing.model in self._uneven_progress:
-            return math.inf
-        policy = self._policy
-        at = progress.bound + TUNING.open_delay * policy.min_interval
-        rate_at = progress.since + TUNING.bound_rate_after
-        if progress.told_end is None and now + policy.min_interval < rate_at < at:
-            return rate_at
-        if at > now + policy.min_interval:
-            return at
-        if now < progress.bound + self._bound_slack():
-            return now + policy.min_interval
-        return math.inf
-
-    def _probe(self, timing: KeyTiming, now: float) -> float:
-        """When a job never read generating is asked once more, as it may have been told far
-        longer than it runs: one told far longer than its model's jobs usually are
-        (``TUNING.long_told`` times the median span), when a usual job would end; one queued
-        at its last ask and told longer than most (``TUNING.long_queued``), every
-        ``max_interval`` as well. Its progress then tells the latest it ends
-        (``latest_end``) and a rate: a job told three times its length among right ones was
-        otherwise seen only when its estimate ran out (30 s late, p99, jobs of 10-30 s). A
-        right estimate that long costs an ask or two more. ``inf``: no such ask."""
-        span = timing.predicted_span
-        if timing.progress is not None or timing.predicted_end is None or not span:
-            return math.inf
-        policy = self._policy
-        usual = timing.created_at + self._usual_spans.get(timing.model, math.inf)
-        at = usual if usual > now + policy.min_interval else math.inf
-        longest = self._long_spans.get(timing.model)
-        if timing.queued and longest is not None and span > TUNING.long_queued * longest:
-            return min(at, now + policy.max_interval)
-        # (Seen generating with no progress to read, it has nothing more to tell.)
-        return at if self._told_far_longer(timing.model, span) else math.inf
-
-    def _told_far_longer(self, model: str | None, span: float) -> bool:
-        """Whether a job of ``model`` predicted to last ``span`` was told far longer than the
-        model's jobs usually are (``TUNING.long_told``). The probe watches such a job, not the
-        window: its end teaches the window nothing (1 job in 20 told 3x its length opened
-        every job's window at a third of its span: 11 asks per key)."""
-        usual = self._usual_spans.get(model)
-        return usual is not None and span > TUNING.long_told * usual
 
     def next_ask(
         self, timing: KeyTiming, now: float, *, queue_position: int | None = None
@@ -1008,17 +668,17 @@ class PollSchedule:
         unlearned (``TUNING.coarse_reach``)."""
         ask = self._planned_ask(timing, now, queue_position)
         progress = timing.progress
-        if progress is None:  # (no bound to ask at: _bound_ask)
+        if progress is None:  # (no bound to ask at: ProgressBounds.bound_ask)
             if timing.predicted_end is None or not timing.predicted_span:
-                return ask  # (nothing to probe either: _probe)
-            probe = self._probe(timing, now)
+                return ask  # (nothing to probe either: PredictedSpans.probe)
+            probe = self._predicted.probe(timing, now)
             if probe + self._policy.min_interval < ask:
                 timing.tentative = False
                 return probe
             return ask
-        if progress.bound is None:  # (and no probe: _probe)
+        if progress.bound is None:  # (and no probe: PredictedSpans.probe)
             return ask
-        bound = self._bound_ask(timing, now)
+        bound = self._bounds.bound_ask(timing, now)
         if bound + self._policy.min_interval < ask:
             # Tentative: a job of its model found far from done past its bound meanwhile
             # makes this ask one that tells nothing (its bound then bounds nothing).
@@ -1027,7 +687,7 @@ class PollSchedule:
         return ask
 
     def _planned_ask(self, timing: KeyTiming, now: float, queue_position: int | None) -> float:
-        """``next_ask`` but for a probe (``_probe``)."""
+        """``next_ask`` but for a probe (``PredictedSpans.probe``)."""
         policy = self._policy
         timing.tentative = False
         end, span = timing.predicted_end, timing.predicted_span
@@ -1057,14 +717,14 @@ class PollSchedule:
                     # (every min_interval, then a share of its age), so the first end is seen
                     # at once (and with it, how early the others may end).
                     return min(opens, now + self._backoff(now - timing.created_at))
-                if learning and (not checked or self._typical_figure(timing.model)):
+                if learning and (not checked or self._predicted.typical_figure(timing.model)):
                     # Nothing learned yet. Before a long wait on an estimate, check once that
                     # it counts down (a placeholder is found out there). When every job gets
                     # the same estimate, it says nothing of which jobs end early: close in on
                     # the window in steps, so early ends are seen and teach the window.
                     # (A checked job is here for a typical figure: no second look at that.)
                     if opens - now <= policy.max_interval and not (
-                        checked or self._typical_figure(timing.model)
+                        checked or self._predicted.typical_figure(timing.model)
                     ):
                         # The window opens within max_interval, and its figure is the job's
                         # own: the ask there is the check (a placeholder is found out there as
@@ -1143,7 +803,7 @@ class PollSchedule:
         ``later``; the job has ``left`` the queue since."""
         checks = self._checks.get(model)
         if checks is None:
-            checks = self._checks[model] = _Checks()
+            checks = self._checks[model] = Checks()
         if queued:
             if sooner:
                 checks.queued_odd = True
@@ -1158,7 +818,7 @@ class PollSchedule:
 
     def _trusted(self, model: str | None, *, queued: bool) -> bool:
         """Whether a job's first figure (given while ``queued``, or generating) is trusted
-        without a check (:class:`_Checks`)."""
+        without a check (:class:`Checks`)."""
         checks = self._checks.get(model)
         return checks is not None and checks.trusted(queued=queued)
 
@@ -1181,11 +841,6 @@ class PollSchedule:
 
     def _learning(self, model: str | None) -> bool:
         return model not in self._learned
-
-    def _typical_figure(self, model: str | None) -> bool:
-        """True when the model's last jobs were all predicted to last the same (a typical
-        figure, not a per-job estimate)."""
-        return self._typical.get(model, False)
 
     def watch_start(self, timing: KeyTiming) -> float:
         """Loop time from which ``timing``'s job is asked about densely.

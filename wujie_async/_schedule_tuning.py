@@ -63,7 +63,7 @@ class ScheduleTuning:
             job's second opened a 30 s job's window 3 s early).
         countdowns_trusted: checks of a model's jobs that saw its first figures count down
             (given while queued: give an end that never came sooner) before such a figure is
-            trusted without a check (``_Checks``): a job whose first report comes after that,
+            trusted without a check (``Checks``): a job whose first report comes after that,
             or whose check is still to come, goes straight to its window.
         progress_error: a job's progress tells its seconds left by how fast it grows, once
             that figure is known within this many seconds. Each reading is off by up to its
@@ -75,10 +75,10 @@ class ScheduleTuning:
             window do not make up for); by age alone, 29 asks. Estimates ±50% off that give
             way to the progress: within 0.5 s, 4.7 asks, p99 0.61 s; 0.25 s, 5.2 asks, 0.50 s.
         long_told: a job told more than this many times its model's median span (of the
-            spans kept) is probed once, at that median (``PollSchedule._probe``).
+            spans kept) is probed once, at that median (``PredictedSpans.probe``).
         long_queued: a job queued at its ask and told more than this many times the
             ``long_quantile`` of its model's spans kept is asked every ``max_interval`` until it
-            is read generating (``PollSchedule._probe``): told 2x-3x its length, it may not
+            is read generating (``PredictedSpans.probe``): told 2x-3x its length, it may not
             be ``long_told`` (a job told 43 s among jobs of 10-30 s, of which it was one of 14
             s, was seen 30 s late in a trickle). Against the median, a quarter more caught a
             fifth of right estimates among jobs of 10-30 s (0.15 ask per key more).
@@ -92,7 +92,7 @@ class ScheduleTuning:
             bound (it may have begun anywhere between), and was seen up to 9 s late.
         bound_outlier: a job's bound is used, once its model's first readings are known, only
             when the time it leaves is under this share of what they leave against their
-            estimates (``PollSchedule._note_bound``) at ``bound_quantile``: a job told 2x its
+            estimates (``ProgressBounds.note_bound``) at ``bound_quantile``: a job told 2x its
             length leaves half, one told 3x a third.
         bound_quantile: ...the first readings' quantile. Low, since a reading after a queue
             it cannot see leaves too much: with every estimate 3x too long and queues, the
