@@ -470,13 +470,6 @@ class PollSchedule:
         """How far off an end placed between two close asks can be: half their gap."""
         return TUNING.narrow_gap * self._policy.min_interval / 2
 
-    @staticmethod
-    def _sample(table: dict[str | None, Quantiles], model: str | None) -> Quantiles:
-        found = table.get(model)
-        if found is None:
-            found = table[model] = Quantiles()
-        return found
-
     # --- scheduling ------------------------------------------------------------------------
     def first_ask(self, timing: KeyTiming) -> float:
         """Loop time of the first ask about a new key."""
