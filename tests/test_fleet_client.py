@@ -289,6 +289,48 @@ def test_a_shadow_of_the_members_own_job_adds_no_figure_to_the_schedule() -> Non
     assert schedule.coarse("m")
 
 
+async def test_a_job_done_before_its_last_image_is_listed_resolves_in_a_fleet(url: str) -> None:
+    """A gateway may say "succeeded" a moment before it lists the last images: a client asks
+    again within a grace. The leader knows no job's n, so its poll of the key ended at a done
+    report listing one image of two, and the member's job, told nothing more, waited for its
+    deadline. Its member asks about it itself once the leader's reports about it stop."""
+    name = fleet_name()
+    asks: dict[str, int] = {}
+
+    def script(keys: list[str]) -> list[dict[str, Any]]:
+        # Per key: generating, then done with one image listed, then done with both.
+        entries = []
+        for key in keys:
+            seen = asks[key] = asks.get(key, 0) + 1
+            images = [
+                {"url": f"https://cdn.example/{key}-{i}.png"} for i in range(min(seen, 3) - 1)
+            ]
+            entries.append({"key": key, "status": 1 if seen == 1 else 4, "images": images})
+        return entries
+
+    def client_of(base_url: str) -> WujieClient:
+        fleet = RedisFleet(url, name=name, lease_seconds=10.0)
+        return WujieClient(
+            throwaway_credentials(),
+            base_url=base_url,
+            poll=FAST_POLL,
+            retry=INSTANT_RETRY,
+            fleet=fleet,
+        )
+
+    async with (
+        scripted_gateway(script) as gateway,
+        client_of(gateway.base_url) as a,
+        client_of(gateway.base_url) as b,
+    ):
+        await eventually(lambda: roles(a, b) == ["follower", "leader"])
+        for client in (a, b):  # the leader's own job and a follower's
+            job = await client.images.submit(prompt="two", model="dall-e-2", n=2)
+            result = await asyncio.wait_for(job.result(), 10)
+            assert [image.index for image in result.images] == [0, 1]
+            assert asks[job.key] == 3  # the third ask (its member's own) listed both
+
+
 @pytest.mark.long
 async def test_two_owners_of_a_key_each_keep_their_own_deadline(
     url: str, emulator: EmulatorFactory

@@ -13,6 +13,7 @@
     │   ├── AuthenticationError     HTTP 401/403: bad credentials, clock skew, unknown app  [S]
     │   ├── EndpointNotFoundError   HTTP 404/405 without an envelope: wrong base URL (url)  [S]
     │   ├── RequestRefusedError     another HTTP 4xx without an envelope: a proxy refused it
+    │   │                           (or a 4xx whose body could not be read: refused)
     │   │                           [S] for 407 (the proxy wants credentials of its own)
     │   ├── RateLimitedError        HTTP 429 (retry_after in seconds, when the server said)
     │   ├── ServerError             HTTP 5xx: transient on the gateway's side
@@ -380,6 +381,8 @@ class RequestRefusedError(APIError):
     """HTTP 4xx (not 401, 403, 404, 405 or 429) with a body that is not a JSON envelope: a
     proxy or web server in front of the gateway refused the request (413: the body is too
     large for it; 400, 414, 431...), so it never reached the gateway and nothing was accepted.
+    Also a 4xx whose body could not be read (cut short, over the size cap, too slow): its
+    status says the request was refused, though not by whom (the message says so).
     A submit that gets this is refused, never uncertain, and not retried (the same request
     gets the same answer). Not systemic (another, smaller request may pass), but for 407: the
     proxy wants credentials of its own, and every request gets the same answer.

@@ -257,6 +257,9 @@ IMAGES_AFTER_SUCCESS_GRACE = 3.0
 # grace in vain, after which such jobs no longer wait: this gateway's done reports do not list
 # images (unless one of them was seen to list the final ones during its grace).
 DONE_UNLISTED_SEEN = 2
+# A poller whose keys another asks about (a fleet's leader) asks itself about a job reported
+# done with images missing once no report about it came for twice min_interval and this long.
+HELD_REPORT_SLACK = 0.5
 # The least a key attached with a submit time older than ``PollPolicy.unknown_key_grace`` may be
 # left out of replies before it ends as unknown, if it is never listed: the grace waits for a
 # new key to be listed at all, which such a key is past; a gateway may still leave a key it
@@ -480,9 +483,9 @@ class BatchPoller:
                     await self._sleep_until_due(loop)
                     continue
                 if self._held:  # someone else asks: wait for what it feeds in (or the deadline)
-                    for tracked in batch:
-                        self._schedule(tracked, math.inf)
-                    continue
+                    batch = self._asked_while_held(batch, now)
+                    if not batch:
+                        continue
                 braked = self._transport.brake_free_in("poll")
                 if braked > 0 or self._call_slots.value == 0:
                     # No call may go yet (the 429 brake paces batch queries, or every call slot
@@ -503,6 +506,28 @@ class BatchPoller:
                 size = self._batch_size
                 for start in range(0, len(batch), size):
                     calls.start_soon(self._poll_chunk, batch[start : start + size])
+
+    def _asked_while_held(self, batch: list[_Tracked], now: float) -> list[_Tracked]:
+        """Of the keys due while someone else asks (a fleet's leader), those asked here: a job
+        reported done with images still to come whose reports have stopped. The leader knows
+        no job's ``n``: its poll of the key ended at a done report listing one image of two,
+        and no report brought the rest (the job waited for its deadline). Every other key
+        waits for what is fed in, as does this one while reports about it still come."""
+        done_short = self._done_short_since
+        asked: list[_Tracked] = []
+        for tracked in batch:
+            if done_short and tracked.job._key in done_short:
+                # The leader asks about such a key again after min_interval, in a call that
+                # may wait for more keys, and its report takes a moment more to come.
+                heard = tracked.answered_at
+                quiet = 2 * self._policy.min_interval + HELD_REPORT_SLACK
+                if heard is None or now >= heard + quiet:
+                    asked.append(tracked)
+                else:
+                    self._schedule(tracked, heard + quiet)
+            else:
+                self._schedule(tracked, math.inf)
+        return asked
 
     def _take_due(self, now: float) -> list[_Tracked]:
         taken = [tracked for tracked in self._gathered if self._tracks(tracked)]

@@ -2,10 +2,11 @@
 
 It registers each key its client's poller tracks, with what a leader needs to poll it, and
 takes it out when the job ends. It applies the leader's reports to the client's poller, which
-meanwhile sends no batch call of its own: a report is applied exactly as a reply of its own
-(hostile entries fail their own job only), and a job the leader's poller ended is ended here
-with the same error. Registrations wait while Redis is away; on rejoining, every key is
-registered again (Redis may have lost them).
+meanwhile sends no batch call of its own (but about a job reported done before its last
+images are listed, once the leader's reports about it stop: BatchPoller._asked_while_held): a
+report is applied exactly as a reply of its own (hostile entries fail their own job only), and
+a job the leader's poller ended is ended here with the same error. Registrations wait while
+Redis is away; on rejoining, every key is registered again (Redis may have lost them).
 """
 
 from __future__ import annotations
