@@ -22,8 +22,9 @@ import anyio
 import pytest
 
 from wujie_async import ImageJob, JobTimeoutError, Limits, PollPolicy, Timeouts, WujieClient
-from wujie_async._poller import BatchPoller, _new_tracked, _Tracked
+from wujie_async._poller import BatchPoller
 from wujie_async._schedule_tuning import TUNING
+from wujie_async._tracked import _new_tracked, _Tracked
 from wujie_async.emulator import FaultConfig
 
 from .conftest import EmulatorFactory, make_client, open_transport
