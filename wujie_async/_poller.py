@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 
 from . import _contract
+from ._call_watch import DeadlineWatch, SendTime
 from ._config import Limits, PollPolicy
 from ._contract import JobStatus
 from ._errors import (
@@ -125,71 +126,6 @@ _SUCCEEDED, _QUEUED = JobStatus.SUCCEEDED, JobStatus.QUEUED
 def _recorded(tracked: _Tracked) -> bool:
     """Whether ``tracked``'s changes are written down (a span, or the DEBUG log)."""
     return tracked.trace is not None or logger.isEnabledFor(logging.DEBUG)
-
-
-class _SendTime:
-    """When the last attempt of a batch call went on the wire (the transport's ``on_wire``)."""
-
-    __slots__ = ("_loop", "at")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.at = loop.time()
-
-    def on_wire(self, sending: bool) -> None:
-        if sending:
-            self.at = self._loop.time()
-
-
-class _DeadlineWatch:
-    """Ends the jobs of one call on the wire whose deadline passes before the reply is back.
-
-    One timer per call (armed for the earliest deadline among its jobs), not one per job: a
-    job waiting on a slow reply still fails with JobTimeoutError on time.
-
-    A raw ``loop.call_at`` timer on purpose: it fires a plain callback at a loop time while the
-    call's task stays blocked in the request (that call must not be cancelled: its reply still
-    serves the other keys). anyio has no timer that runs a callback; a cancel scope would cancel
-    the call, and a task per call to sleep would cost more than one timer handle.
-    """
-
-    __slots__ = ("_chunk", "_expire", "_handle", "_loop", "_when")
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        chunk: list[_Tracked],
-        expire: Callable[[_Tracked], None],
-    ) -> None:
-        self._loop = loop
-        self._chunk = chunk
-        self._expire = expire
-        self._handle: asyncio.TimerHandle | None = None
-        self._when = math.inf
-        self._arm()
-
-    def _arm(self) -> None:
-        when = math.inf
-        for tracked in self._chunk:  # a loop, not min(<generator>): armed for every call
-            job = tracked.job
-            if job._deadline < when and not job._future.done():
-                when = job._deadline
-        self._when = when
-        if when < math.inf:
-            self._handle = self._loop.call_at(self._when, self._fire)
-
-    def _fire(self) -> None:
-        # asyncio may run a timer a clock tick early: the time it was armed for counts as now.
-        now = max(self._loop.time(), self._when)
-        for tracked in self._chunk:
-            if not tracked.job.done() and tracked.job.deadline <= now:
-                self._expire(tracked)
-        self._arm()
-
-    def cancel(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
 
 
 # How long a job reported succeeded with images missing is asked about again before it ends
@@ -541,7 +477,7 @@ class BatchPoller:
             self._end(tracked, error, tracked.job._status)
 
     async def _poll_chunk(self, chunk: list[_Tracked]) -> None:
-        watch = _DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
+        watch = DeadlineWatch(asyncio.get_running_loop(), chunk, self._expire)
         try:
             await self._poll_keys(chunk)
         finally:
@@ -576,7 +512,7 @@ class BatchPoller:
             async with self._call_slots:
                 self.counters.batch_calls += 1
                 self.counters.keys_polled += len(asked)
-                sent = _SendTime(asyncio.get_running_loop())
+                sent = SendTime(asyncio.get_running_loop())
                 data = await self._transport.post(
                     _contract.BATCH_INFO_PATH,
                     list(asked),
