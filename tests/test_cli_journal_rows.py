@@ -454,3 +454,34 @@ async def test_the_hint_after_a_failed_forget_keeps_the_lines_new_uncertain_row(
     assert [(r["row"], r["state"]) for r in map(json.loads, listing.split("\n")[:-1])] == [
         (2, "uncertain")
     ], listing
+
+
+@pytest.mark.long
+async def test_resend_tells_a_program_tag_reading_like_a_row_number_from_that_row(
+    tmp_path: Path,
+) -> None:
+    """A program's journal: an uncertain submit tagged "#2" (its queue's message number) and
+    journal row 2, an uncertain submit with no tag. Rows without a tag were grouped by "#N",
+    so both were one line: `journal resend --all-uncertain` sent row 2's request alone and
+    forgot both rows, the tagged request (that may have been charged) never sent nor kept."""
+    async with served_emulator(tmp_path, "--drop-after-accept", "1.0") as emu:
+        out = tmp_path / "out"
+        out.mkdir()
+        credentials = Credentials(
+            app_id=emu.env["WUJIE_APP_ID"], private_key=emu.env["WUJIE_PRIVATE_KEY"]
+        )
+        journal = out / "journal.sqlite"
+        async with WujieClient(credentials, base_url=emu.base_url, journal=journal) as client:
+            for prompt, tag in (("tagged", "#2"), ("untagged", None)):
+                with pytest.raises(SubmitUncertainError):
+                    await client.images.submit(prompt=prompt, model="dall-e-2", tag=tag)
+            rows = [(entry.id, entry.tag) for entry in await client.journal_entries()]
+        assert rows == [(1, "#2"), (2, None)], rows
+        await emu.set_faults()
+        accepted = (await emu.stats())["submits_accepted"]
+        code, _, err = await cli(
+            "journal", "resend", "--all-uncertain", "--yes", "-o", str(out), env=emu.env
+        )
+        assert code == 0 and "resent 2 row(s): 2 saved" in err, err
+        assert (await emu.stats())["submits_accepted"] == accepted + 2
+        assert sorted(r["prompt"] for r in manifest(out)) == ["tagged", "untagged"]

@@ -770,6 +770,36 @@ async def test_a_torn_last_manifest_line_costs_no_other_row(tmp_path: Path) -> N
 
 
 @pytest.mark.long
+async def test_a_manifest_line_torn_inside_a_character_costs_no_other_row(tmp_path: Path) -> None:
+    """A row the disk cut short inside a character (a prompt in Chinese: three bytes each) made
+    the manifest no UTF-8 text: every later run of the folder, its re-run, `resume` and
+    `journal list|forget|resend`, ended "internal error: UnicodeDecodeError" (and a user who
+    moved the manifest away to get going paid for every line again). It is a torn line as
+    any other: skipped, the rest read."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "0.2,0.2") as emu:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("一只狐狸\n一只猫头鹰\n", encoding="utf-8")
+        out = tmp_path / "out"
+        bulk = ["bulk", str(prompts), "--model", "dall-e-2", "-o", str(out)]
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        path = out / "manifest.jsonl"
+        raw = path.read_bytes()
+        cut = raw.rindex("猫".encode()) + 1  # inside the last row's prompt's second character
+        path.write_bytes(raw[:cut])
+        code, _, err = await cli(*bulk, env=emu.env)
+        assert code == 0, err
+        code, stdout, err = await cli(*bulk, "--json", env=emu.env)
+        assert code == 0, err
+        assert json.loads(stdout)["images"] == 0  # nothing left: the last run's rows all read
+        assert (await emu.stats())["submits_accepted"] == 2  # collected by key, never resent
+        code, stdout, err = await cli("journal", "list", "--json", "-o", str(out))
+        assert code == 0 and len(stdout.splitlines()) == 2, err
+        code, _, err = await cli("journal", "forget", "2", "--yes", "-o", str(out))
+        assert code == 0 and "forgot" in err, err
+
+
+@pytest.mark.long
 async def test_without_a_journal_a_run_killed_outright_pays_for_no_line_again(
     tmp_path: Path,
 ) -> None:

@@ -383,3 +383,65 @@ async def test_a_batch_call_answered_4xx_with_an_unreadable_body_is_read_by_its_
             with pytest.raises(TransportError):
                 await transport.post(INFO, ["K1"], kind="poll")
     assert len(gateway.asked) == RETRY.max_attempts
+
+
+# --- 4xx replies too complex to read -------------------------------------------------------------
+COMPLEX_CAP = 4 * 1024 * 1024  # room for a reply of over a million JSON containers
+
+
+def too_complex(status: int, shape: str, *headers: str) -> Answer:
+    """A reply under the cap that no JSON reader takes: over a million objects and arrays
+    (``flood``), or nested deeper than the reader follows (``deep``)."""
+    if shape == "flood":
+        body = b'{"code":"x","message":"slow down","data":[' + b"[]," * 1_100_000 + b"[]]}"
+    else:
+        body = b"[" * 200_000 + b"]" * 200_000
+
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(_head(status, len(body), *headers) + body)
+        await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize("shape", ["flood", "deep"])
+async def test_a_4xx_too_complex_to_read_is_the_refusal_its_status_says(
+    shape: str, tmp_path: Path
+) -> None:
+    """A 429 (or 400) whose body held over a million JSON containers, or nested too deep, was
+    a ReplyTooComplexError: a submit ended SubmitUncertainError ("may have been charged",
+    never resent) and a batch query was split in halves, though the status line said the
+    gateway refused it. It is read by its status, as a 4xx over the size cap is."""
+    answers = [
+        too_complex(429, shape, "Retry-After: 0"),
+        accepted("K0001"),
+        too_complex(400, shape),
+    ]
+    async with _raw_gateway(*answers) as gateway:
+        client = WujieClient(
+            throwaway_credentials(),
+            base_url=gateway.origin,
+            retry=INSTANT_RETRY,
+            limits=Limits(max_response_bytes=COMPLEX_CAP),
+            journal=tmp_path / "journal.sqlite",
+        )
+        async with client:
+            job = await client.images.submit(prompt="x", model="dall-e-2")
+            assert job.key == "K0001"
+            with pytest.raises(RequestRefusedError) as refused:
+                await client.images.submit(prompt="y", model="dall-e-2")
+            rows = await client.journal_entries()
+            stats = client.stats
+    assert gateway.asked == [GENERATIONS] * 3  # the 429, the accepted submit, the 400
+    assert [row.state for row in rows] == ["accepted", "rejected"]
+    assert stats.retries == 1 and stats.rate_limited == 1
+    assert not isinstance(refused.value, SubmitUncertainError)
+    assert "the reply's body could not be read" in str(refused.value), refused.value
+    limits = Limits(max_response_bytes=COMPLEX_CAP)
+    async with _raw_gateway(too_complex(429, shape, "Retry-After: 7")) as gateway:
+        creds = throwaway_credentials()
+        async with open_transport(gateway.origin, creds, retry=RETRY, limits=limits) as transport:
+            with pytest.raises(RateLimitedError) as limited:
+                await transport.post(INFO, ["K1"], kind="poll")
+            assert limited.value.retry_after == 7.0
+    assert gateway.asked == [INFO]

@@ -96,6 +96,13 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     """
     # Each container takes a byte at least: only a reply that long can hold too many.
     if len(raw) > MAX_JSON_CONTAINERS and raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
+        if 400 <= status < 500:
+            # Its status line says it was refused, as for a 4xx over the size cap: read as a
+            # reply too complex, a refused submit was "may have been charged" (never resent)
+            # and a batch query's 429 was asked about in halves, the 429 brake never told.
+            raise refused_unread(
+                status, headers, url, f"over {MAX_JSON_CONTAINERS:,} JSON objects and arrays"
+            )
         raise ReplyTooComplexError(
             f"the reply holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays (no reply "
             "of this contract does): not read",
@@ -118,6 +125,10 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     except ValueError:
         payload, is_json = None, False
     except RecursionError:
+        if 400 <= status < 500:
+            raise refused_unread(
+                status, headers, url, "nested deeper than a JSON reader follows"
+            ) from None
         raise ReplyTooComplexError(
             "the reply nests deeper than a JSON reader follows (no reply of this contract "
             "does): not read",

@@ -261,7 +261,7 @@ def _run_manifest(folder: Path) -> list[dict[str, Any]] | None:
             f"{manifest} is not a run's manifest ({problem}); move it away, or give the run's "
             "folder with -o"
         )
-    return manifest_records(b"".join(chunks).decode("utf-8"))
+    return manifest_records(b"".join(chunks))
 
 
 def _confirm(question: str, yes: bool) -> None:

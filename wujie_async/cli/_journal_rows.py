@@ -133,9 +133,11 @@ def rows_per_line(entries: list[JournalEntry]) -> list[list[JournalEntry]]:
     """Every row of each input line (by tag; a row without one is a line of its own), oldest
     first, the lines in the order of their latest rows. A line has several rows when it was
     sent again and the run ended before it forgot the old one, or after ``--retry-failed``."""
-    lines: dict[str, list[JournalEntry]] = {}
+    # A row without a tag goes by its number, an int: a tag is any text a program chose
+    # ("#2", its queue's message number), which "#N" for row N would have made one line.
+    lines: dict[str | int, list[JournalEntry]] = {}
     for entry in entries:
-        lines.setdefault(entry.tag or f"#{entry.id}", []).append(entry)
+        lines.setdefault(entry.tag or entry.id, []).append(entry)
     return sorted(lines.values(), key=lambda rows: rows[-1].id)
 
 

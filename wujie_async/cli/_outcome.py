@@ -349,21 +349,23 @@ def recorded_request(record: dict[str, Any], body: dict[str, Any]) -> dict[str, 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
     """Every readable record of a manifest (a torn last line is skipped)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         return []
-    return manifest_records(text)
+    return manifest_records(raw)
 
 
-def manifest_records(text: str) -> list[dict[str, Any]]:
-    """Every readable record of a manifest's ``text`` (a torn last line is skipped)."""
+def manifest_records(raw: bytes) -> list[dict[str, Any]]:
+    """Every readable record of a manifest's bytes (a torn line is skipped)."""
     records = []
     # Rows end at "\n" only (JSON escapes it in strings); not ``splitlines()``, which also
     # splits at U+2028 or U+0085 in a prompt, losing that row: its line would be paid again.
-    for line in text.split("\n"):
+    # Each line is decoded on its own: one the disk cut short inside a character is no UTF-8,
+    # and decoded whole, the file failed every run of the folder.
+    for line in raw.split(b"\n"):
         try:
-            record = json.loads(line)
-        except ValueError:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError among them
             continue
         if isinstance(record, dict):
             records.append(record)

@@ -628,7 +628,10 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     lines = lines_by_id(manifest_records)
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
     # Each line's latest row: an older one was superseded by a resend of the line.
-    latest = {entry.tag or f"#{entry.id}": entry.id for entry in await client.journal_entries()}
+    # (A row without a tag by its number: see _journal_rows.rows_per_line.)
+    latest: dict[str | int, int] = {
+        entry.tag or entry.id: entry.id for entry in await client.journal_entries()
+    }
     # A cancelled row's job was accepted (paid) and only a wait for it was cancelled: its
     # images are collected, as a bulk re-run collects them (`journal forget` says so).
     for entry in await client.journal_entries("accepted", "cancelled", "succeeded", "failed"):
@@ -639,7 +642,7 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
         recheck = (
             entry.state == "failed"
             and record is not None
-            and latest.get(entry.tag or f"#{entry.id}") == entry.id
+            and latest.get(entry.tag or entry.id) == entry.id
             and (record.get("status") == "uncertain" or _legacy_unknown(record))
             and record.get("error_code") in RECHECKED
         )
