@@ -540,7 +540,7 @@ async def test_the_name_template_is_checked_and_sanitised(tmp_path: Path) -> Non
     dashed = render_name("{key}-{index}.{ext}", key="-rf", index=0, ext="png", id=None, line=1)
     plain = render_name("{key}-{index}.{ext}", key="_rf", index=0, ext="png", id=None, line=1)
     assert not dashed.startswith("-") and dashed != plain == "_rf-0.png"
-    assert render_name("{id}.{ext}", key="K", index=0, ext="png", id="--all", line=1) == "all.png"
+    assert render_name("{id}.{ext}", key="K", index=0, ext="png", id="--all", line=1) == "_-all.png"
     check_template("{line:04d}-{key}-{index:3}.{ext}")  # a width pads a number: allowed
     assert render_name("{line:04d}-{key}.{ext}", key="K", index=1, ext="jpg", id=None, line=7) == (
         "0007-K.jpg"

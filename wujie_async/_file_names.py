@@ -67,8 +67,10 @@ def check_template(template: str) -> None:
 
 def _clean_field(value: str) -> str:
     # No leading dot (a hidden file) and no leading dash (``rm *`` would read the name as
-    # an option).
-    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".-")
+    # an option: made ``_``, so that ids ``-a`` and ``a`` keep names of their own).
+    cleaned = _UNSAFE_NAME.sub("_", value).lstrip(".")
+    if cleaned.startswith("-"):
+        cleaned = "_" + cleaned[1:]
     return cleaned or "_"
 
 
