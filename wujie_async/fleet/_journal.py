@@ -39,9 +39,8 @@ from ._link import REDIS_MS, RedisLink, Script, refused_for_its_data
 
 logger = logging.getLogger("wujie_async.fleet")
 
-OPEN_STATES = ("intent", "accepted")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "rejected", "uncertain", "unsent")
-ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
+ALL_STATES = ("intent", "accepted", *FINAL_STATES)
 _ERROR_CHARS = 2000
 _RETRY = 0.25  # a record that met Redis away is tried again this often
 

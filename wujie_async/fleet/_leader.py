@@ -203,7 +203,7 @@ class ShardLeader:
         self._stepped_down = stepping_down
         if stepping_down:  # its tasks have stopped: no batch call of its goes out any more
             await self._lease.release()
-            self._lease.stand_aside(self._lease.seconds)
+            self._lease.stand_aside()
 
     def _note_hand_over(self) -> None:
         """At a term's start: if this leader stepped down last and nobody led since (its

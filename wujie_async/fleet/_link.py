@@ -110,9 +110,7 @@ class Script:
         self._script: Any = None
         self._bound_to: aioredis.Redis | None = None
 
-    async def __call__(
-        self, keys: Sequence[str], args: Sequence[str | int | float], *, extra_wait: float = 0.0
-    ) -> Any:
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         """Run the script on ``keys`` with ``args``; its reply as redis-py decodes it."""
 
         async def run(redis: aioredis.Redis) -> Any:
@@ -121,7 +119,7 @@ class Script:
                 self._bound_to = redis
             return await self._script(keys=list(keys), args=list(args))
 
-        return await self._link.call(run, extra_wait=extra_wait)
+        return await self._link.call(run)
 
     async def load(self) -> None:
         """Load the script into Redis now: its next run is one EVALSHA, with no NOSCRIPT

@@ -89,12 +89,12 @@ class Inbox:
         self._stream = link.keys.reports(member_id)
         self._last_id = "0"  # from the start: whatever an earlier reader left is read again
 
-    async def read(self, timeout: float, *, count: int = 100) -> list[Report]:
+    async def read(self, timeout: float) -> list[Report]:
         """Reports not read yet, waiting at most ``timeout`` seconds for the first one."""
         block = max(1, round(timeout * 1000))
         stream, last = self._stream, self._last_id
         reply: Any = await self._link.call(
-            lambda r: r.xread({stream: last}, count=count, block=block), extra_wait=timeout
+            lambda r: r.xread({stream: last}, count=100, block=block), extra_wait=timeout
         )
         reports: list[Report] = []
         for entry_id, fields in _entries(reply):
