@@ -15,8 +15,8 @@ import pytest
 
 from wujie_async.fleet import RedisFleet
 from wujie_async.fleet._errors import LeaseLostError
-from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
+from wujie_async.fleet._link import shard_of
 from wujie_async.fleet._registry import Change, KeyInfo, KeyRegistry
 from wujie_async.fleet._reports import Inbox, Report, post_reports
 

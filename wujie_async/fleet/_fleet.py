@@ -22,8 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import ClientStateError, InvalidRequestError
 from ._errors import FleetUnavailableError
-from ._keys import FleetKeys, name_problem
-from ._link import FleetConfig
+from ._link import FleetConfig, FleetKeys, name_problem
 from ._member import FleetMember
 
 try:

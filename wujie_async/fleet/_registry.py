@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import LeaseLostError
-from ._keys import shard_of
-from ._link import RedisLink, Script
+from ._link import RedisLink, Script, shard_of
 
 # KEYS: registered, changes, version. ARGV: field1, info1, ... (an empty info removes).
 _WRITE = """
