@@ -344,12 +344,7 @@ class Claim:
 
 
 class RedisJournal:
-    """The fleet's journal, as written by one member. Open with :meth:`open`.
-
-    Args:
-        link: the fleet's Redis.
-        member_id: the member writing.
-    """
+    """The fleet's journal, as written by one member. Open with :meth:`open`."""
 
     def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link

@@ -103,20 +103,8 @@ class FleetKeys:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FleetConfig:
-    """A fleet's options, validated (see :class:`RedisFleet` for what each one does).
-
-    Attributes:
-        url: the Redis URL with its password hidden (the real one stays inside the pool).
-        name: the fleet's name: every member of one fleet uses the same one.
-        member_timeout: seconds without a heartbeat after which a member is dead.
-        lease_seconds: how long a shard's leader lease lasts without a renewal.
-        shards: how many shards (each with its own leader lease and key registry).
-        command_timeout: the deadline of one Redis command (blocking reads add their wait).
-        unavailable_wait: how long a submit waits for an unreachable Redis before it raises
-            FleetUnavailableError, nothing sent.
-        cluster: whether ``url`` is one node of a Redis Cluster.
-        batch_wait: how long the leader lets a call that is not full wait for keys coming due.
-    """
+    """A fleet's options, validated: ``RedisFleet``'s arguments (its docstring says what each
+    one does), the URL with its password hidden (the real one stays inside the pool)."""
 
     url: str
     name: str

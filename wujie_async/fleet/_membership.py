@@ -40,24 +40,17 @@ _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # KEYS: members, info, gateway, kept-out, kept-out-gateway. ARGV: id, info JSON, fingerprint,
 # base URL, timeout_ms, epoch (of the gateway record this member last joined under; '' = never
 # joined, or refused since), '1' when it has joined, a new epoch (for a record made anew).
-# The gateway record holds the fleet's gateway (fingerprint, base URL) and its epoch: a random
-# token made with the record, kept while the record lives (also when the fleet moves to another
-# gateway, nobody being alive), and no clock. A member whose fingerprint differs is refused
-# while another member is alive: reply {0, the fleet's base URL}; one that had joined marks
-# itself kept out (its rows are not claimed meanwhile, see the journal's claim), with its
-# gateway's fingerprint, kept until it joins again or a member of its gateway claims its rows:
-# once its mark is stale (it died kept out, or left), a member of another gateway never claims
-# them (it would ask its own gateway, which does not know them).
-# Seniority: the members that were there first keep the fleet. A record made by a member that
-# never joined (a newcomer) is 'fresh'. Redis having lost the fleet (a restart without AOF,
-# FLUSHALL), a client of another gateway opening before any member came back made a fresh
-# record: a member that joined under another epoch (the record Redis lost), joining again,
-# wins it back with its own epoch, no longer fresh, and every other member's info is dropped
-# (their ids in the reply), so the newcomer's members find themselves gone, join again and are
-# refused. A newcomer, or a member refused since it joined, never wins; nor does any member
-# against a record that is not fresh (no ping-pong). Otherwise it joins (reply {1, epoch, ids
-# dropped}), and the fleet's gateway is its own; a fresh record takes its epoch if it has
-# another. The same check at open and on every join again.
+# Reply: {0, the fleet's base URL} when refused (a member of another gateway is alive; one that
+# had joined marks itself kept out, with its gateway's fingerprint, so that its rows are not
+# claimed meanwhile by a member that would ask its own gateway about them: see the journal's
+# claim), else {1, epoch, ids of the members whose info it dropped}.
+# Seniority: the gateway record's epoch is a random token made with the record and kept while
+# it lives (no clock: Redis may come back on a host whose clock is behind). A record made by a
+# member that never joined is 'fresh' (a newcomer's, after Redis lost the fleet). A member that
+# joined under another epoch, joining again, wins a fresh record back: it takes its epoch, no
+# longer fresh, and every other member's info is dropped, so the newcomer's members find
+# themselves gone, join again and are refused. A newcomer, or a member refused since it joined,
+# never wins; nor does any member against a record that is not fresh (no ping-pong).
 _JOIN = (
     _NOW_MS
     + """
@@ -154,12 +147,7 @@ def _same_gateway(base_url: str) -> str:
 
 
 class Membership:
-    """One member's place in the fleet: joining, heartbeats, leaving; and who else is there.
-
-    Args:
-        link: the fleet's Redis.
-        member_id: this member's id (see :func:`new_member_id`).
-    """
+    """One member's place in the fleet: joining, heartbeats, leaving; and who else is there."""
 
     def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link

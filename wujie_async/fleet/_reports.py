@@ -77,12 +77,7 @@ async def post_reports(link: RedisLink, reports: Mapping[str, Iterable[Report]])
 
 
 class Inbox:
-    """One member's stream of reports.
-
-    Args:
-        link: the fleet's Redis.
-        member_id: whose reports to read.
-    """
+    """One member's stream of reports."""
 
     def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link
