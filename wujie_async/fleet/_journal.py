@@ -478,12 +478,10 @@ class RedisJournal:
         now = time.time()
         args = (self._prefix, self.member_id, path, body, tag or "", now, once, *self._gateway)
         keys = (self._seq, self._link.keys.members, self._link.keys.gateway)
-
-        async def write() -> Any:
-            return await self._intent(keys, args)
-
         try:
-            row_id = await self._waiting_for_redis(write, "the submit was not sent")
+            row_id = await self._waiting_for_redis(
+                lambda: self._intent(keys, args), "the submit was not sent"
+            )
         except FleetUnavailableError as exc:
             # A try that timed out may still run when Redis wakes: its row is marked unsent
             # (or never made) once Redis is back, not left an intent to read as uncertain.
