@@ -15,10 +15,9 @@ import time
 
 from .._jobs import ImageJob
 from .._poller import BatchPoller
+from ._exchange import Inbox, KeyInfo, KeyRegistry, Report
 from ._leader import VERDICTS
 from ._link import RedisLink
-from ._registry import KeyInfo, KeyRegistry
-from ._reports import Inbox, Report
 
 
 class Follower:

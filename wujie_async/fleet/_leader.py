@@ -44,10 +44,9 @@ from .._schedule import PollSchedule
 from .._stats import PollerCounters
 from .._telemetry import Telemetry
 from ._errors import LeaseLostError
+from ._exchange import READ_LIMIT, Change, KeyInfo, KeyRegistry, Report, post_reports
 from ._lease import LeaderLease
 from ._link import REDIS_MS, RedisLink, Script
-from ._registry import READ_LIMIT, Change, KeyInfo, KeyRegistry
-from ._reports import Report, post_reports
 
 if TYPE_CHECKING:
     from .._otel import BatchTrace

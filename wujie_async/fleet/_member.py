@@ -29,6 +29,7 @@ from .._ratelimit import Ready
 from .._stats import FleetRole, FleetStats
 from .._transport import Transport
 from ._errors import FleetMismatchError, FleetUnavailableError
+from ._exchange import Inbox
 from ._follower import Follower
 from ._journal import RedisJournal
 from ._leader import ShardLeader
@@ -36,7 +37,6 @@ from ._lease import LeaderLease
 from ._limiter import FleetLimiter
 from ._link import FleetConnection, refused_for_its_data, stop_task
 from ._membership import Membership, new_member_id
-from ._reports import Inbox
 
 logger = logging.getLogger("wujie_async.fleet")
 
