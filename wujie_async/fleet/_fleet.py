@@ -324,31 +324,24 @@ class RedisFleet:
         """
         if self._redis is not None:
             raise ClientStateError(f"{self!r} is already started")
-        timeout = self._config.command_timeout
-        redis: aioredis.Redis
-        if self._config.cluster:
-            # RedisCluster offers every command and script call the fleet makes, routed by
-            # key; typed as Redis so that one set of call sites serves both.
-            redis = cast(
-                "aioredis.Redis",
-                aioredis.RedisCluster.from_url(
-                    self._url,
-                    decode_responses=True,
-                    socket_connect_timeout=timeout,
-                    socket_timeout=None,
-                ),
-            )
-        else:
-            # No read timeout of redis-py's own (5 s since redis-py 6): every command has the
-            # fleet's deadline (``call``), which tells a process that stood still from a Redis
-            # that did not answer. redis-py's timer fired on waking from a stall of 5 s or more
-            # and was taken for Redis failing. A ``socket_timeout`` in the URL still applies.
-            redis = aioredis.from_url(
+        # RedisCluster offers every command and script call the fleet makes, routed by key;
+        # typed as Redis so that one set of call sites serves both.
+        connect: Callable[..., Any] = (
+            aioredis.RedisCluster.from_url if self._config.cluster else aioredis.from_url
+        )
+        # No read timeout of redis-py's own (5 s since redis-py 6): every command has the
+        # fleet's deadline (``call``), which tells a process that stood still from a Redis that
+        # did not answer. redis-py's timer fired on waking from a stall of 5 s or more and was
+        # taken for Redis failing. A ``socket_timeout`` in the URL still applies.
+        redis = cast(
+            "aioredis.Redis",
+            connect(
                 self._url,
                 decode_responses=True,
-                socket_connect_timeout=timeout,
+                socket_connect_timeout=self._config.command_timeout,
                 socket_timeout=None,
-            )
+            ),
+        )
         self._redis = redis
         self._stalls.start()
         try:
