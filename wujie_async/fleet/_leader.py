@@ -60,8 +60,8 @@ _ROUND_TRIP = 0.01  # a registration's way to the leader, besides the tick (a ge
 # owner's own deadline fires first, and the leader asks until then.
 _DEADLINE_MARGIN = 2.0
 # A leader whose batch calls have all failed, at least _STEP_DOWN_CALLS of them, for this many
-# lease lengths steps down (see the module docstring); a member that stepped down is not
-# counted as one to hand over to for _STEP_DOWN_MEMORY times that long.
+# lease lengths steps down (see the guide); a member that stepped down is not counted as one to
+# hand over to for _STEP_DOWN_MEMORY times that long.
 _STEP_DOWN_AFTER = 3.0
 _STEP_DOWN_CALLS = 3
 _STEP_DOWN_MEMORY = 20.0
@@ -199,7 +199,7 @@ class ShardLeader:
 
     async def _watch_calls(self, scope: anyio.CancelScope) -> None:
         """Step down (cancel ``scope``) once the batch calls have all failed for long, and
-        another live member may do better (see the module docstring)."""
+        another live member may do better (the guide's "A leader cut off from the gateway")."""
         loop = asyncio.get_running_loop()
         after = _STEP_DOWN_AFTER * self._lease.seconds
         keys = self._link.keys
