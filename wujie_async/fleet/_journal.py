@@ -344,7 +344,8 @@ class Claim:
 
 
 class RedisJournal:
-    """The fleet's journal, as written by one member. Open with :meth:`open`."""
+    """The fleet's journal, as written by one member: a ``SubmitJournal`` (``wujie_async._journal``,
+    whose docstrings say what each record does). Open with :meth:`open`."""
 
     def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link
@@ -472,7 +473,6 @@ class RedisJournal:
     async def record_intent(
         self, path: str, request: dict[str, Any], tag: str | None = None
     ) -> int:
-        """Write a submit's request before it is sent; returns its row id."""
         body = json.dumps(request, ensure_ascii=False)
         once = secrets.token_hex(8)  # every try is the same write: one row however many run
         now = time.time()
@@ -547,7 +547,6 @@ class RedisJournal:
         return True
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
-        """The same, not awaited: for a submit interrupted after its key came back."""
         args = self._accepted(row_id, key)
         self._opened(row_id, key)
         self._queue(args)
@@ -565,7 +564,6 @@ class RedisJournal:
         )  # fmt: skip
 
     def record_unsent(self, row_id: int, state: str, error: str) -> None:
-        """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
         if state not in ("rejected", "uncertain", "unsent"):
             raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
         written = self._intents.pop(row_id, ())
@@ -575,7 +573,6 @@ class RedisJournal:
         )  # fmt: skip
 
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
-        """Note how a job ended (queued, not awaited: the key is already safe)."""
         if state not in FINAL_STATES:
             raise ValueError(f"record_outcome: {state!r} is not a final state")
         self._open.pop(key, None)
@@ -655,7 +652,6 @@ class RedisJournal:
         return int(await self._found_key((self._seq,), args)) == 1
 
     async def forget(self, ids: Iterable[int]) -> int:
-        """Delete rows; returns how many existed."""
         args = [str(int(i)) for i in ids]
         if not args:
             return 0
