@@ -1,20 +1,15 @@
 """Membership: who is in the fleet, and who has died.
 
-A member joins under a unique id and heartbeats. A sorted set maps member id -> last
-heartbeat (Redis server time, so machines' clocks do not matter). A member whose last heartbeat
-is older than ``member_timeout`` is dead: ``RedisJournal.claim_dead`` may give its jobs to
-another member, and removes it from the set. A heartbeat does not bring a dead member back (it
-says so instead); only joining again does, and the member then takes back the jobs nobody has
-claimed yet. Leaving marks the member dead at once, so its jobs are claimable at once.
-
-A member Redis lost (a restart without AOF, FLUSHALL) or that was claimed as dead is put back
-by its first journal write, with that moment as its heartbeat and no info: if it dies before
-its next heartbeat, the rows it wrote are still claimable. The member's reading of the member
-list (every second) or that heartbeat finds no info, so the member joins again and registers its
-keys again.
-
-The fleet's gateway (one base URL and app id for all) is checked at every join; who keeps the
-fleet when two gateways meet is settled by seniority (see ``_JOIN``).
+A sorted set maps member id -> last heartbeat (Redis server time, so machines' clocks do not
+matter). A member whose last heartbeat is older than ``member_timeout`` is dead:
+``RedisJournal.claim_dead`` may give its jobs to another member, and removes it from the set. A
+heartbeat does not bring a dead member back (it says so instead); only joining again does, and
+the member then takes back the jobs nobody has claimed yet. Leaving marks the member dead at
+once, so its jobs are claimable at once. A member Redis lost, or that was claimed as dead, is
+put back by its first journal write without its info (see the journal's ``_INTENT``), so that
+it finds itself missing and joins again. The fleet's gateway (one base URL and app id for all)
+is checked at every join; who keeps the fleet when two gateways meet is settled by seniority
+(see ``_JOIN``).
 """
 
 from __future__ import annotations
