@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._errors import JobProtocolError, JobTimeoutError, UnknownJobError
 from ._errors import LeaseLostError
 from ._link import RedisLink, Script, shard_of
 
@@ -215,6 +216,13 @@ class Report:
             if isinstance(why, list) and len(why) == 2
         }
         return Report([k for k in keys if isinstance(k, str)], data, checked_ended, entry_id)
+
+
+# The errors of a shadow that its owners learn from the leader (a report's ``ended``, by class
+# name), as a terminal entry they read themselves would end their job.
+VERDICTS: dict[str, type[UnknownJobError | JobProtocolError | JobTimeoutError]] = {
+    cls.__name__: cls for cls in (UnknownJobError, JobProtocolError, JobTimeoutError)
+}
 
 
 async def post_reports(link: RedisLink, reports: Mapping[str, Iterable[Report]]) -> None:

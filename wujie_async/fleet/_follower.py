@@ -15,8 +15,7 @@ import time
 
 from .._jobs import ImageJob
 from .._poller import BatchPoller
-from ._exchange import Inbox, KeyInfo, KeyRegistry, Report
-from ._leader import VERDICTS
+from ._exchange import VERDICTS, Inbox, KeyInfo, KeyRegistry, Report
 from ._link import RedisLink
 
 

@@ -28,14 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._config import Limits, PollPolicy
-from .._errors import (
-    JobProtocolError,
-    JobTimeoutError,
-    RateLimitedError,
-    UnknownJobError,
-    WujieError,
-    shown_key,
-)
+from .._errors import RateLimitedError, WujieError, shown_key
 from .._failures import CallKind
 from .._jobs import ImageJob
 from .._poller import BatchPoller, BatchPoster
@@ -44,7 +37,7 @@ from .._schedule import PollSchedule
 from .._stats import PollerCounters
 from .._telemetry import Telemetry
 from ._errors import LeaseLostError
-from ._exchange import READ_LIMIT, Change, KeyInfo, KeyRegistry, Report, post_reports
+from ._exchange import READ_LIMIT, VERDICTS, Change, KeyInfo, KeyRegistry, Report, post_reports
 from ._lease import LeaderLease
 from ._link import REDIS_MS, RedisLink, Script
 
@@ -83,11 +76,6 @@ end
 return 0
 """
 )
-# Errors of a shadow that its owners learn from the leader (a terminal entry they read
-# themselves).
-VERDICTS: dict[str, type[UnknownJobError | JobProtocolError | JobTimeoutError]] = {
-    cls.__name__: cls for cls in (UnknownJobError, JobProtocolError, JobTimeoutError)
-}
 
 
 class ShardLeader:
