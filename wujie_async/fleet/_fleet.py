@@ -168,11 +168,8 @@ def redact(url: str) -> str:
     ``user:password@`` form, any other user part (``redis://PASSWORD@host`` puts a password
     where the user name goes; redis-py reads it as one, and it is hidden all the same), and
     the ``?password=`` query (redis-py's form for ``unix://``)."""
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable Redis URL>"
+    parts = urlsplit(url)  # _url_problem let it through: its port is a number
+    port = f":{parts.port}" if parts.port else ""
     if "@" in parts.netloc:
         host = parts.hostname or ""
         # The user name is shown only beside a password: alone (or beside an empty one,

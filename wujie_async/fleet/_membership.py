@@ -130,10 +130,7 @@ def _same_gateway(base_url: str) -> str:
     parts = urlsplit(base_url)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
-    try:
-        port = parts.port
-    except ValueError:  # not a URL check_base_url lets through; compared as given
-        return base_url
+    port = parts.port  # check_base_url let it through: its port is a number
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     elif ":" in host:
