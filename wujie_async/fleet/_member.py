@@ -234,12 +234,8 @@ class FleetMember:
             role = "follower"
         if role != self._role:
             self._role = role
-            if self._transport is not None:  # the client's telemetry logs it (INFO) once
+            if self._transport is not None:  # start() set it; its telemetry logs the change
                 self._transport.telemetry.fleet_role_changed(role, member=self._member_id)
-            else:
-                logger.info(
-                    "fleet %s: member %s is now %s", self._config.name, self._member_id, role
-                )
 
     async def _lead(self, shard: int) -> None:
         lease, leader = self._leases[shard], self._leaders[shard]
