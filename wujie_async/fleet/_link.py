@@ -134,14 +134,10 @@ class RedisLink(Protocol):
     """A started fleet's Redis, as a building block uses it."""
 
     @property
-    def config(self) -> FleetConfig:
-        """The fleet's options."""
-        ...
+    def config(self) -> FleetConfig: ...
 
     @property
-    def keys(self) -> FleetKeys:
-        """The fleet's Redis key names."""
-        ...
+    def keys(self) -> FleetKeys: ...
 
     async def call(
         self,
@@ -218,14 +214,8 @@ class FleetConnection(RedisLink, Protocol):
     """A fleet's Redis with its lifecycle: what a member needs to connect it when it starts."""
 
     @property
-    def started(self) -> bool:
-        """True while connected."""
-        ...
+    def started(self) -> bool: ...
 
-    async def start(self) -> object:
-        """Connect (raises FleetUnavailableError)."""
-        ...
+    async def start(self) -> object: ...
 
-    async def aclose(self) -> None:
-        """Disconnect."""
-        ...
+    async def aclose(self) -> None: ...
