@@ -24,7 +24,6 @@ Fields, infos and reports are other processes' writes: one that does not parse i
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 
 from .._errors import JobProtocolError, JobTimeoutError, UnknownJobError
 from ._errors import LeaseLostError
-from ._link import RedisLink, Script, shard_of
+from ._link import RedisLink, Script, finite_number, shard_of
 
 # KEYS: registered, changes, version. ARGV: field1, info1, ... (an empty info removes).
 _WRITE = """
@@ -102,9 +101,9 @@ class KeyInfo:
             submitted, first_delay, deadline, model = json.loads(raw)  # type: ignore[arg-type]
         except (TypeError, ValueError, RecursionError):
             return None
-        if not (_time(submitted) and _time(deadline)):
+        if not (finite_number(submitted) and finite_number(deadline)):
             return None
-        if first_delay is not None and not (_time(first_delay) and first_delay >= 0):
+        if first_delay is not None and not (finite_number(first_delay) and first_delay >= 0):
             return None
         if model is not None and not (isinstance(model, str) and len(model) <= _MODEL_CHARS):
             return None
@@ -172,10 +171,6 @@ class KeyRegistry:
             if owner and job_key and (info is not None or not reply[i + 1]):
                 changes.append(Change(owner, job_key, info))
         return int(reply[0]), changes
-
-
-def _time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,7 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import ClientStateError, InvalidRequestError
 from ._errors import FleetUnavailableError
-from ._link import FleetConfig, FleetKeys, name_problem
+from ._link import FleetConfig, FleetKeys, finite_number, name_problem
 from ._member import FleetMember
 
 try:
@@ -575,10 +574,5 @@ def _eviction_warning(url: str, policy: str | None) -> str | None:
 
 
 def _seconds(value: object, *, zero: bool = False) -> bool:
-    """A finite number of seconds (not a bool), above 0 (or 0 itself with ``zero``)."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > 0 or (zero and value == 0))
-    )
+    """A finite number of seconds, above 0 (or 0 itself with ``zero``)."""
+    return finite_number(value) and (value > 0 or (zero and value == 0))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 try:
     import redis.asyncio as aioredis
@@ -30,6 +31,11 @@ def name_problem(value: object) -> str | None:
     if not isinstance(value, str) or not _NAME.match(value):
         return "must be 1 to 64 characters of letters, digits, '_', '.', ':' or '-' (no braces)"
     return None
+
+
+def finite_number(value: object) -> TypeGuard[int | float]:
+    """An int or float (not a bool: a config's True is a slip), and finite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def shard_of(job_key: str, shards: int) -> int:
