@@ -91,7 +91,6 @@ class KeyInfo:
     model: str | None
 
     def encode(self) -> str:
-        """The JSON stored in the registry."""
         return json.dumps([self.submitted, self.first_delay, self.deadline, self.model])
 
     @staticmethod
@@ -190,7 +189,6 @@ class Report:
     id: str = field(default="", compare=False)
 
     def encode(self) -> str:
-        """The stream entry's body."""
         return json.dumps({"k": self.keys, "d": self.data, "x": self.ended})
 
     @staticmethod

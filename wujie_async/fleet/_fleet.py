@@ -376,13 +376,10 @@ class RedisFleet:
         extra_wait: float = 0.0,
         once: bool = False,
     ) -> T:
-        """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``.
-
-        A command cut short by a dropped connection is asked once more on a fresh one, unless
-        ``once`` (it is not idempotent: a counter's increment, a stream's entry), and again
-        while Redis takes fresh connections and cuts them, until the deadline. One whose
-        deadline fired while this process stood still is not asked again but waited for once
-        more (its reply may be waiting unread): nothing is sent twice for a stall.
+        """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``; ``once``:
+        ``op`` is not asked again after a dropped connection (it is not idempotent: a counter's
+        increment, a stream's entry). Why and when a command is asked again, or waited for once
+        more after the process stood still: the comments below, and :meth:`_within`.
 
         Raises:
             FleetUnavailableError: Redis is unreachable, failed, or missed the deadline.

@@ -14,10 +14,6 @@ Three guards keep a leader that lost its lease (a long GC pause, a partition) fr
    a process frozen past its lease wakes with its clock moved on and fails the check before
    sending anything.
 3. Fenced writes: the leader's scripts check that the lease key still holds its fence.
-
-A member waiting for the lease tries again when the holder's TTL runs out (and at least every
-0.5 s), so a dead leader is replaced within ``lease_seconds`` plus a few milliseconds, and one
-that closed (it gave the lease up) within 0.5 s.
 """
 
 from __future__ import annotations
