@@ -28,12 +28,11 @@ from typing import Any
 
 from wujie_async.fleet import RedisFleet
 from wujie_async.fleet._errors import LeaseLostError
+from wujie_async.fleet._exchange import Inbox, KeyInfo, KeyRegistry, Report, post_reports
 from wujie_async.fleet._journal import RedisJournal
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
 from wujie_async.fleet._membership import Membership, new_member_id
-from wujie_async.fleet._registry import KeyInfo, KeyRegistry
-from wujie_async.fleet._reports import Inbox, Report, post_reports
 
 
 def say(**event: Any) -> None:

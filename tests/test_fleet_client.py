@@ -34,12 +34,12 @@ from wujie_async._key_timing import KeyTiming
 from wujie_async._schedule import PollSchedule
 from wujie_async.emulator import FaultConfig
 from wujie_async.fleet import FleetMismatchError, FleetUnavailableError, RedisFleet
+from wujie_async.fleet._exchange import Report, post_reports
 from wujie_async.fleet._journal import _INTENT, RedisJournal
-from wujie_async.fleet._keys import shard_of
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._limiter import FleetLimiter
+from wujie_async.fleet._link import shard_of
 from wujie_async.fleet._membership import Membership, new_member_id
-from wujie_async.fleet._reports import Report, post_reports
 from wujie_async.testing import INSTANT_RETRY
 
 from .conftest import FAST_POLL, EmulatorFactory

@@ -13,10 +13,10 @@ import pytest
 
 from wujie_async.fleet import RedisFleet
 from wujie_async.fleet._errors import FleetMismatchError, LeaseLostError
+from wujie_async.fleet._exchange import KeyRegistry
 from wujie_async.fleet._journal import RedisJournal
 from wujie_async.fleet._lease import LeaderLease
 from wujie_async.fleet._membership import Membership, new_member_id
-from wujie_async.fleet._registry import KeyRegistry
 
 from .fleet_support import (
     any_redis,

@@ -15,10 +15,9 @@ import pytest
 
 from wujie_async.fleet import RedisFleet
 from wujie_async.fleet._errors import LeaseLostError
-from wujie_async.fleet._keys import shard_of
+from wujie_async.fleet._exchange import Change, Inbox, KeyInfo, KeyRegistry, Report, post_reports
 from wujie_async.fleet._lease import LeaderLease
-from wujie_async.fleet._registry import Change, KeyInfo, KeyRegistry
-from wujie_async.fleet._reports import Inbox, Report, post_reports
+from wujie_async.fleet._link import shard_of
 
 from .fleet_support import any_redis, fleet_name, next_event, start_child, stop_child
 

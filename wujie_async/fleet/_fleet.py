@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -22,8 +21,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .._errors import ClientStateError, InvalidRequestError
 from ._errors import FleetUnavailableError
-from ._keys import FleetKeys, name_problem
-from ._link import FleetConfig
+from ._link import FleetConfig, FleetKeys, finite_number, name_problem
 from ._member import FleetMember
 
 try:
@@ -169,11 +167,8 @@ def redact(url: str) -> str:
     ``user:password@`` form, any other user part (``redis://PASSWORD@host`` puts a password
     where the user name goes; redis-py reads it as one, and it is hidden all the same), and
     the ``?password=`` query (redis-py's form for ``unix://``)."""
-    try:
-        parts = urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparsable Redis URL>"
+    parts = urlsplit(url)  # _url_problem let it through: its port is a number
+    port = f":{parts.port}" if parts.port else ""
     if "@" in parts.netloc:
         host = parts.hostname or ""
         # The user name is shown only beside a password: alone (or beside an empty one,
@@ -325,31 +320,24 @@ class RedisFleet:
         """
         if self._redis is not None:
             raise ClientStateError(f"{self!r} is already started")
-        timeout = self._config.command_timeout
-        redis: aioredis.Redis
-        if self._config.cluster:
-            # RedisCluster offers every command and script call the fleet makes, routed by
-            # key; typed as Redis so that one set of call sites serves both.
-            redis = cast(
-                "aioredis.Redis",
-                aioredis.RedisCluster.from_url(
-                    self._url,
-                    decode_responses=True,
-                    socket_connect_timeout=timeout,
-                    socket_timeout=None,
-                ),
-            )
-        else:
-            # No read timeout of redis-py's own (5 s since redis-py 6): every command has the
-            # fleet's deadline (``call``), which tells a process that stood still from a Redis
-            # that did not answer. redis-py's timer fired on waking from a stall of 5 s or more
-            # and was taken for Redis failing. A ``socket_timeout`` in the URL still applies.
-            redis = aioredis.from_url(
+        # RedisCluster offers every command and script call the fleet makes, routed by key;
+        # typed as Redis so that one set of call sites serves both.
+        connect: Callable[..., Any] = (
+            aioredis.RedisCluster.from_url if self._config.cluster else aioredis.from_url
+        )
+        # No read timeout of redis-py's own (5 s since redis-py 6): every command has the
+        # fleet's deadline (``call``), which tells a process that stood still from a Redis that
+        # did not answer. redis-py's timer fired on waking from a stall of 5 s or more and was
+        # taken for Redis failing. A ``socket_timeout`` in the URL still applies.
+        redis = cast(
+            "aioredis.Redis",
+            connect(
                 self._url,
                 decode_responses=True,
-                socket_connect_timeout=timeout,
+                socket_connect_timeout=self._config.command_timeout,
                 socket_timeout=None,
-            )
+            ),
+        )
         self._redis = redis
         self._stalls.start()
         try:
@@ -388,13 +376,10 @@ class RedisFleet:
         extra_wait: float = 0.0,
         once: bool = False,
     ) -> T:
-        """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``.
-
-        A command cut short by a dropped connection is asked once more on a fresh one, unless
-        ``once`` (it is not idempotent: a counter's increment, a stream's entry), and again
-        while Redis takes fresh connections and cuts them, until the deadline. One whose
-        deadline fired while this process stood still is not asked again but waited for once
-        more (its reply may be waiting unread): nothing is sent twice for a stall.
+        """Run ``op`` on the pool with a deadline of ``command_timeout + extra_wait``; ``once``:
+        ``op`` is not asked again after a dropped connection (it is not idempotent: a counter's
+        increment, a stream's entry). Why and when a command is asked again, or waited for once
+        more after the process stood still: the comments below, and :meth:`_within`.
 
         Raises:
             FleetUnavailableError: Redis is unreachable, failed, or missed the deadline.
@@ -586,10 +571,5 @@ def _eviction_warning(url: str, policy: str | None) -> str | None:
 
 
 def _seconds(value: object, *, zero: bool = False) -> bool:
-    """A finite number of seconds (not a bool), above 0 (or 0 itself with ``zero``)."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value > 0 or (zero and value == 0))
-    )
+    """A finite number of seconds, above 0 (or 0 itself with ``zero``)."""
+    return finite_number(value) and (value > 0 or (zero and value == 0))

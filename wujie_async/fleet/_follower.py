@@ -16,20 +16,13 @@ import time
 
 from .._jobs import ImageJob
 from .._poller import BatchPoller
-from ._leader import VERDICTS
+from ._exchange import VERDICTS, Inbox, KeyInfo, KeyRegistry, Report
 from ._link import RedisLink
-from ._registry import KeyInfo, KeyRegistry
-from ._reports import Inbox, Report
 
 
 class Follower:
-    """One member's keys in the fleet's registry, and the leader's reports about them.
-
-    Args:
-        link: the fleet's Redis.
-        member_id: this member.
-        poller: the client's poller (it sends no batch call while the member follows).
-    """
+    """One member's keys in the fleet's registry, and the leader's reports about them, applied
+    to the client's poller (which sends no batch call while the member follows)."""
 
     def __init__(self, link: RedisLink, member_id: str, poller: BatchPoller) -> None:
         self._member_id = member_id

@@ -39,9 +39,8 @@ from ._link import REDIS_MS, RedisLink, Script, refused_for_its_data
 
 logger = logging.getLogger("wujie_async.fleet")
 
-OPEN_STATES = ("intent", "accepted")
 FINAL_STATES = ("succeeded", "failed", "cancelled", "rejected", "uncertain", "unsent")
-ALL_STATES = (*OPEN_STATES, *FINAL_STATES)
+ALL_STATES = ("intent", "accepted", *FINAL_STATES)
 _ERROR_CHARS = 2000
 _RETRY = 0.25  # a record that met Redis away is tried again this often
 
@@ -345,12 +344,8 @@ class Claim:
 
 
 class RedisJournal:
-    """The fleet's journal, as written by one member. Open with :meth:`open`.
-
-    Args:
-        link: the fleet's Redis.
-        member_id: the member writing.
-    """
+    """The fleet's journal, as written by one member: a ``SubmitJournal`` (``wujie_async._journal``,
+    whose docstrings say what each record does). Open with :meth:`open`."""
 
     def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link
@@ -478,18 +473,15 @@ class RedisJournal:
     async def record_intent(
         self, path: str, request: dict[str, Any], tag: str | None = None
     ) -> int:
-        """Write a submit's request before it is sent; returns its row id."""
         body = json.dumps(request, ensure_ascii=False)
         once = secrets.token_hex(8)  # every try is the same write: one row however many run
         now = time.time()
         args = (self._prefix, self.member_id, path, body, tag or "", now, once, *self._gateway)
         keys = (self._seq, self._link.keys.members, self._link.keys.gateway)
-
-        async def write() -> Any:
-            return await self._intent(keys, args)
-
         try:
-            row_id = await self._waiting_for_redis(write, "the submit was not sent")
+            row_id = await self._waiting_for_redis(
+                lambda: self._intent(keys, args), "the submit was not sent"
+            )
         except FleetUnavailableError as exc:
             # A try that timed out may still run when Redis wakes: its row is marked unsent
             # (or never made) once Redis is back, not left an intent to read as uncertain.
@@ -555,7 +547,6 @@ class RedisJournal:
         return True
 
     def record_accepted_later(self, row_id: int, key: str) -> None:
-        """The same, not awaited: for a submit interrupted after its key came back."""
         args = self._accepted(row_id, key)
         self._opened(row_id, key)
         self._queue(args)
@@ -573,7 +564,6 @@ class RedisJournal:
         )  # fmt: skip
 
     def record_unsent(self, row_id: int, state: str, error: str) -> None:
-        """A submit that got no key: ``rejected``, ``uncertain`` or ``unsent`` (never left)."""
         if state not in ("rejected", "uncertain", "unsent"):
             raise ValueError(f"record_unsent: state {state!r} is not rejected/uncertain/unsent")
         written = self._intents.pop(row_id, ())
@@ -583,7 +573,6 @@ class RedisJournal:
         )  # fmt: skip
 
     def record_outcome(self, key: str, state: str, error: str | None = None) -> None:
-        """Note how a job ended (queued, not awaited: the key is already safe)."""
         if state not in FINAL_STATES:
             raise ValueError(f"record_outcome: {state!r} is not a final state")
         self._open.pop(key, None)
@@ -663,7 +652,6 @@ class RedisJournal:
         return int(await self._found_key((self._seq,), args)) == 1
 
     async def forget(self, ids: Iterable[int]) -> int:
-        """Delete rows; returns how many existed."""
         args = [str(int(i)) for i in ids]
         if not args:
             return 0

@@ -2,32 +2,17 @@
 
 While this member holds the shard's lease, its leader keeps a shadow job for every registered
 key of the shard (the whole registry read when it starts leading, then its changes) and polls
-them with an ordinary :class:`BatchPoller` and its ordinary schedule: the fleet's jobs have one
-schedule, which learns from all of them. Each batch reply goes, unread, to the owners of the
-keys asked; a shadow that ends without a terminal entry (unknown, malformed, too large, past
-its deadline) is reported to its owners with its error. A shadow that ended takes its key out
-of the registry (the owners' own removals may never come: an owner may have died).
+them with an ordinary :class:`BatchPoller` on its client's schedule; each batch reply goes,
+unread, to the owners of the keys asked. docs/guides/fleet.md tells why and how ("How the
+shared poller works", "The leader", and "A leader cut off from the gateway", whose numbers are
+the ``_STEP_DOWN_*`` here). What the guide leaves out:
 
-The schedule is its member's client poller's, so each job is learned once in this process: a
-shadow of a key this member owns teaches the schedule nothing, as the member's own job learns
-from the same replies (the reports) as every follower's does; every other shadow teaches it.
-
-Before each batch call the lease must have time left, so a leader frozen past its lease sends
-nothing after it thaws.
-
-A leader whose batch calls have all failed (at least ``_STEP_DOWN_CALLS`` of them) for
-``_STEP_DOWN_AFTER`` lease lengths (the gateway unreachable from its machine, a partition,
-its clock skewed) steps down, if another live member has not itself stepped down from that
-shard within ``_STEP_DOWN_MEMORY`` such spans: it gives the lease up and does not try for it
-for a lease length, so another member takes it (and takes it back itself if none does). A
-gateway down for everyone costs at most one hand-over per other member, then the last leader
-stays: nobody is left to try. A leader that took the lease back with the next token (nobody
-took it: the other live members never lead, kept out or broken) does not step down again for
-``_STEP_DOWN_MEMORY`` spans, or until another member has led.
-
-Losing the lease, or Redis, ends the leadership and every shadow with it: the next leader
-(maybe this member again) starts from the registry, so a report that was lost with Redis is
-asked for again.
+- a shadow that ended takes its key out of the registry itself: the owners' own removals may
+  never come (an owner may have died);
+- a shadow of a key this member owns teaches the schedule nothing (``_learn_unless_mine``):
+  the member's own job learns from the same replies, its reports, and each job is learned once;
+- losing the lease, or Redis, ends every shadow: the next leader (maybe this member again)
+  starts from the whole registry, so a report that was lost with Redis is asked for again.
 """
 
 from __future__ import annotations
@@ -43,14 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .._config import Limits, PollPolicy
-from .._errors import (
-    JobProtocolError,
-    JobTimeoutError,
-    RateLimitedError,
-    UnknownJobError,
-    WujieError,
-    shown_key,
-)
+from .._errors import RateLimitedError, WujieError, shown_key
 from .._failures import CallKind
 from .._jobs import ImageJob
 from .._poller import BatchPoller, BatchPoster
@@ -59,10 +37,9 @@ from .._schedule import PollSchedule
 from .._stats import PollerCounters
 from .._telemetry import Telemetry
 from ._errors import LeaseLostError
+from ._exchange import READ_LIMIT, VERDICTS, Change, KeyInfo, KeyRegistry, Report, post_reports
 from ._lease import LeaderLease
 from ._link import REDIS_MS, RedisLink, Script
-from ._registry import READ_LIMIT, Change, KeyInfo, KeyRegistry
-from ._reports import Report, post_reports
 
 if TYPE_CHECKING:
     from .._otel import BatchTrace
@@ -76,8 +53,8 @@ _ROUND_TRIP = 0.01  # a registration's way to the leader, besides the tick (a ge
 # owner's own deadline fires first, and the leader asks until then.
 _DEADLINE_MARGIN = 2.0
 # A leader whose batch calls have all failed, at least _STEP_DOWN_CALLS of them, for this many
-# lease lengths steps down (see the module docstring); a member that stepped down is not
-# counted as one to hand over to for _STEP_DOWN_MEMORY times that long.
+# lease lengths steps down (see the guide); a member that stepped down is not counted as one to
+# hand over to for _STEP_DOWN_MEMORY times that long.
 _STEP_DOWN_AFTER = 3.0
 _STEP_DOWN_CALLS = 3
 _STEP_DOWN_MEMORY = 20.0
@@ -99,25 +76,14 @@ end
 return 0
 """
 )
-# Errors of a shadow that its owners learn from the leader (a terminal entry they read
-# themselves).
-VERDICTS: dict[str, type[UnknownJobError | JobProtocolError | JobTimeoutError]] = {
-    cls.__name__: cls for cls in (UnknownJobError, JobProtocolError, JobTimeoutError)
-}
 
 
 class ShardLeader:
     """One shard's leader, ready to lead whenever this member holds the shard's lease.
 
-    Args:
-        link: the fleet's Redis.
-        lease: the shard's lease, as this member holds it.
-        transport: the client's transport (batch calls go through it, fenced by the lease).
-        policy: the client's poll policy: the fleet's schedule.
-        limits: the client's limits (concurrent batch calls, reply size).
-        schedule: the client's poller's schedule: a new leader asks by what its member has
-            learned, and its member learns from every job it leads for (its own jobs once,
-            through its own poller: see the module docstring).
+    Its batch calls go through the client's transport, fenced by the lease, and its poller
+    runs on the client's poll policy, limits and schedule: a new leader asks by what its member
+    has learned, and its member learns from every job it leads for (see the module docstring).
     """
 
     def __init__(
@@ -203,7 +169,7 @@ class ShardLeader:
         self._stepped_down = stepping_down
         if stepping_down:  # its tasks have stopped: no batch call of its goes out any more
             await self._lease.release()
-            self._lease.stand_aside(self._lease.seconds)
+            self._lease.stand_aside()
 
     def _note_hand_over(self) -> None:
         """At a term's start: if this leader stepped down last and nobody led since (its
@@ -221,7 +187,7 @@ class ShardLeader:
 
     async def _watch_calls(self, scope: anyio.CancelScope) -> None:
         """Step down (cancel ``scope``) once the batch calls have all failed for long, and
-        another live member may do better (see the module docstring)."""
+        another live member may do better (the guide's "A leader cut off from the gateway")."""
         loop = asyncio.get_running_loop()
         after = _STEP_DOWN_AFTER * self._lease.seconds
         keys = self._link.keys

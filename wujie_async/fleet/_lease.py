@@ -14,10 +14,6 @@ Three guards keep a leader that lost its lease (a long GC pause, a partition) fr
    a process frozen past its lease wakes with its clock moved on and fails the check before
    sending anything.
 3. Fenced writes: the leader's scripts check that the lease key still holds its fence.
-
-A member waiting for the lease tries again when the holder's TTL runs out (and at least every
-0.5 s), so a dead leader is replaced within ``lease_seconds`` plus a few milliseconds, and one
-that closed (it gave the lease up) within 0.5 s.
 """
 
 from __future__ import annotations
@@ -61,18 +57,12 @@ _RETRY = 0.5  # a member waiting for a lease tries at least this often
 
 
 class LeaderLease:
-    """The lease of one shard, as one member holds it or waits for it.
-
-    Attributes:
-        shard: the shard.
-        member_id: the member.
-        renewals: renewals that succeeded (a figure to watch).
-    """
+    """The lease of one shard, as one member holds it or waits for it."""
 
     def __init__(self, link: RedisLink, shard: int, member_id: str) -> None:
         self.shard = shard
         self.member_id = member_id
-        self.renewals = 0
+        self.renewals = 0  # renewals that succeeded (a figure to watch)
         self._keys = (link.keys.lease(shard), link.keys.lease_counter(shard))
         self._ttl = link.config.lease_seconds
         self._fence: str | None = None
@@ -139,11 +129,11 @@ class LeaderLease:
         logger.info("fleet member %s leads shard %d (%s)", self.member_id, self.shard, reply[1])
         return 0.0
 
-    def stand_aside(self, seconds: float) -> None:
-        """Let the other members take the lease first: :meth:`acquire` does not try for
-        ``seconds`` (a leader that stepped down: the others, trying every 0.5 s, take it
+    def stand_aside(self) -> None:
+        """Let the other members take the lease first: :meth:`acquire` does not try for a
+        lease length (a leader that stepped down: the others, trying every 0.5 s, take it
         meanwhile; if none does, this member takes it back)."""
-        self._aside_until = asyncio.get_running_loop().time() + seconds
+        self._aside_until = asyncio.get_running_loop().time() + self._ttl
 
     async def acquire(self) -> None:
         """Wait until this member holds the lease: it tries again when the holder's TTL ends,

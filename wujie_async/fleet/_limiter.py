@@ -1,44 +1,20 @@
 """FleetLimiter: one submit rate for every member of a fleet (GCRA in one Lua script).
 
-The limiter keeps GCRA's *theoretical arrival time* (TAT) in Redis, in Redis server time, so
-members on machines with different clocks agree. One script call per acquisition, atomically:
+GCRA's theoretical arrival time (TAT) lives in Redis, in Redis server time, so members whose
+clocks differ agree. One script call per acquisition, atomically: while the fleet is paused (a
+429 with Retry-After seen by any member) it answers "wait for the rest of the pause";
+otherwise it reserves the next slot and answers "your slot is in ``w``". Nobody spins, and
+nobody retries while the fleet is not paused.
 
-- while the fleet is paused (a 429 with Retry-After seen by any member) it answers "wait for
-  the rest of the pause", and the caller sleeps that long and asks again;
-- otherwise it reserves the next slot (TAT += the period below) and answers "your slot is in
-  ``w``": the caller sleeps ``w`` and goes. Nobody spins and nobody retries while the fleet
-  is not paused.
-
-Slots are handed out ``(1 + WINDOW_MARGIN_S) / rate`` apart (``WINDOW_MARGIN_S`` = 50 ms), not
-``1 / rate``: slots exactly ``1/rate`` apart put ``rate + 1`` of them in a closed one-second
-window, and uneven delays between a slot and its arrival at the gateway (signing, a loop
-waking late, another process on the CPU) do the rest. With
-the margin, ``rate + 1`` slots span more than a second plus 50 ms, so no one-second window at
-the gateway holds more than ``rate`` submits (an integer rate; ``ceil(rate)`` otherwise) as
-long as those delays differ by less than 50 ms. The throughput cost: the fleet sustains
-``rate / 1.05``, 4.8% below the rate asked for.
-
-The first slot after an idle limiter (no slot reserved ahead: the fleet's start, a lull, a
-Redis that restarted empty) is followed by the next one a margin later still: its submit is
-the one most likely to leave late (a new connection, cold code and caches), and a late first
-submit is what would bunch with the slots after it.
+Why slots are ``(1 + WINDOW_MARGIN_S) / rate`` apart, why the first slot after a lull is
+followed by the next a margin later still, why the Redis round trips come before the slot and
+a caller late for its slot takes a new one (``_LATE``, ``_LATE_RETAKES``), and why a reply read
+slowly counts as lateness (``Slot.doubt``): docs/guides/fleet.md, "The submit cap holds in
+every second".
 
 Fairness: Redis serves reservations in arrival order, and each member holds at most one
 reservation further than 50 ms ahead (its callers queue on a local FIFO lock held until the
 slot is that close), so saturated members take turns.
-
-What lies between a slot and its send is kept short, since its jitter eats the 50 ms margin.
-Redis round trips come before the slot: a reservation more than 50 ms ahead checks the pause
-50 ms before its slot (so a pause reaches every member within 50 ms), and then the caller's
-``ready`` runs (the journal's intent, one more round trip, longer while Redis is away). A
-caller that reaches its slot more than 25 ms late (a slow intent, a stall) takes a new slot
-rather than go late, up to three times for one acquisition (a loop late at every wake is
-starved, and must still send). A slot given up either way is simply unused.
-
-A slot's time on the member's clock is read when Redis's reply is: a reply read late (the
-member's loop was busy as it came in) would put the slot later than Redis holds it, and the
-send with the next slot's. So a reply that came back slower than this member's quickest
-recent one counts that much as lateness: the slot may have been that much earlier.
 """
 
 from __future__ import annotations
@@ -102,10 +78,6 @@ class FleetLimiter:
     """Paces acquisitions across the whole fleet at ``rate`` per second.
 
     Every member should use the same rate; each call carries the caller's rate.
-
-    Args:
-        link: the fleet's Redis.
-        rate: acquisitions per second, fleet-wide.
     """
 
     def __init__(self, link: RedisLink, rate: float) -> None:

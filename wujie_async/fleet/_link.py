@@ -1,4 +1,4 @@
-"""What the fleet's building blocks run on: its options, its key names, and Redis commands.
+"""What the fleet's building blocks run on: its options, its Redis key names, and Redis commands.
 
 Each block (limiter, membership, lease, registry, reports, journal) takes a :class:`RedisLink`,
 which ``RedisFleet`` is, and never ``RedisFleet`` itself: no block imports it.
@@ -8,37 +8,109 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import re
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 try:
     import redis.asyncio as aioredis
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("wujie_async.fleet needs redis-py: pip install 'wujie-async[fleet]'") from exc
 
-from ._keys import FleetKeys
-
 logger = logging.getLogger("wujie_async.fleet")
 T = TypeVar("T")
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def name_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a fleet's name, or None when it can."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        return "must be 1 to 64 characters of letters, digits, '_', '.', ':' or '-' (no braces)"
+    return None
+
+
+def finite_number(value: object) -> TypeGuard[int | float]:
+    """An int or float (not a bool: a config's True is a slip), and finite."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def shard_of(job_key: str, shards: int) -> int:
+    """The shard of ``job_key``: the same in every process and machine (CRC-32)."""
+    return zlib.crc32(job_key.encode()) % shards
+
+
+class FleetKeys:
+    """Every Redis key name of one fleet, with the hash tags that keep Redis Cluster happy.
+
+    A script may only touch keys of one cluster slot, so keys one script uses together share a
+    hash tag (the part between ``{`` and ``}``):
+
+    - ``{wujie:<name>}`` (the fleet's tag): ``rate_tat`` (GCRA's theoretical arrival time,
+      microseconds of Redis time) and ``rate_pause`` (present while a 429 pauses the fleet; its
+      TTL is the pause); ``members`` (sorted set: member -> last heartbeat, ms of Redis time)
+      and ``member_info`` (hash: member -> host, pid); ``gateway`` (hash: the members'
+      gateway's ``fingerprint``, a SHA-256 of base URL and app id, and its ``base_url``);
+      ``kept_out`` and ``kept_out_gateway`` (see ``_membership``); ``stats`` (hash: the
+      leaders' figures); ``stepped_down`` (one per shard, sorted set: member -> ms of Redis
+      time it stepped down as the shard's leader); the journal's keys, which its scripts build
+      from ``journal_prefix``. Claiming a dead member's jobs reads the member list and moves
+      journal rows in one script, so they share the tag.
+    - ``{wujie:<name>:s<i>}`` (one per shard): ``lease`` (``"<member>|<token>"`` with a TTL)
+      and ``lease_counter`` (INCR: every new lease gets a larger token); ``registered`` (hash:
+      ``"<owner> <job key>"`` -> what the leader needs to poll it), ``changes`` (sorted set:
+      the same fields by the version of their last change) and ``version`` (INCR: the
+      registry's versions). The leader's read of the registry checks the lease in the same
+      script.
+    - ``{wujie:<name>:m:<member>}`` (one per member): ``reports``, the stream of a leader's
+      reports to it, so the streams of a large fleet spread over the cluster.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tag = tag = "{wujie:" + name + "}"
+        self.rate_tat = f"{tag}:rate:tat"
+        self.rate_pause = f"{tag}:rate:pause"
+        self.members = f"{tag}:members"
+        self.member_info = f"{tag}:member-info"
+        self.gateway = f"{tag}:gateway"
+        self.kept_out = f"{tag}:kept-out"
+        self.kept_out_gateway = f"{tag}:kept-out-gateway"
+        self.stats = f"{tag}:stats"
+        self.journal_prefix = f"{tag}:journal:"
+
+    def stepped_down(self, shard: int) -> str:
+        return f"{self.tag}:stepped-down:s{shard}"
+
+    def _shard(self, shard: int, what: str) -> str:
+        return "{wujie:" + f"{self.name}:s{shard}" + "}:" + what
+
+    def lease(self, shard: int) -> str:
+        return self._shard(shard, "lease")
+
+    def lease_counter(self, shard: int) -> str:
+        return self._shard(shard, "lease:token")
+
+    def registered(self, shard: int) -> str:
+        return self._shard(shard, "keys")
+
+    def changes(self, shard: int) -> str:
+        return self._shard(shard, "changes")
+
+    def version(self, shard: int) -> str:
+        return self._shard(shard, "version")
+
+    def reports(self, member: str) -> str:
+        return "{wujie:" + f"{self.name}:m:{member}" + "}:reports"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FleetConfig:
-    """A fleet's options, validated (see :class:`RedisFleet` for what each one does).
-
-    Attributes:
-        url: the Redis URL with its password hidden (the real one stays inside the pool).
-        name: the fleet's name: every member of one fleet uses the same one.
-        member_timeout: seconds without a heartbeat after which a member is dead.
-        lease_seconds: how long a shard's leader lease lasts without a renewal.
-        shards: how many shards (each with its own leader lease and key registry).
-        command_timeout: the deadline of one Redis command (blocking reads add their wait).
-        unavailable_wait: how long a submit waits for an unreachable Redis before it raises
-            FleetUnavailableError, nothing sent.
-        cluster: whether ``url`` is one node of a Redis Cluster.
-        batch_wait: how long the leader lets a call that is not full wait for keys coming due.
-    """
+    """A fleet's options, validated: ``RedisFleet``'s arguments (its docstring says what each
+    one does), the URL with its password hidden (the real one stays inside the pool)."""
 
     url: str
     name: str
@@ -68,14 +140,10 @@ class RedisLink(Protocol):
     """A started fleet's Redis, as a building block uses it."""
 
     @property
-    def config(self) -> FleetConfig:
-        """The fleet's options."""
-        ...
+    def config(self) -> FleetConfig: ...
 
     @property
-    def keys(self) -> FleetKeys:
-        """The fleet's Redis key names."""
-        ...
+    def keys(self) -> FleetKeys: ...
 
     async def call(
         self,
@@ -110,9 +178,7 @@ class Script:
         self._script: Any = None
         self._bound_to: aioredis.Redis | None = None
 
-    async def __call__(
-        self, keys: Sequence[str], args: Sequence[str | int | float], *, extra_wait: float = 0.0
-    ) -> Any:
+    async def __call__(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         """Run the script on ``keys`` with ``args``; its reply as redis-py decodes it."""
 
         async def run(redis: aioredis.Redis) -> Any:
@@ -121,7 +187,7 @@ class Script:
                 self._bound_to = redis
             return await self._script(keys=list(keys), args=list(args))
 
-        return await self._link.call(run, extra_wait=extra_wait)
+        return await self._link.call(run)
 
     async def load(self) -> None:
         """Load the script into Redis now: its next run is one EVALSHA, with no NOSCRIPT
@@ -154,14 +220,8 @@ class FleetConnection(RedisLink, Protocol):
     """A fleet's Redis with its lifecycle: what a member needs to connect it when it starts."""
 
     @property
-    def started(self) -> bool:
-        """True while connected."""
-        ...
+    def started(self) -> bool: ...
 
-    async def start(self) -> object:
-        """Connect (raises FleetUnavailableError)."""
-        ...
+    async def start(self) -> object: ...
 
-    async def aclose(self) -> None:
-        """Disconnect."""
-        ...
+    async def aclose(self) -> None: ...

@@ -1,32 +1,14 @@
-"""FleetMember: one WujieClient's part in a fleet (``RedisFleet.member()`` makes it).
+"""FleetMember: one WujieClient's part in a fleet (``RedisFleet.member()`` makes it); its
+methods are the ``FleetLink`` protocol's (``wujie_async._fleet_link``).
 
-Every member follows the shared poller (:class:`Follower`: its keys registered, the leader's
-reports applied to its client's poller, which sends no batch call itself), and leads each shard
-whose lease it holds (:class:`ShardLeader`). Its role, ``leader``, ``follower`` or ``local``,
-changes in one place: :meth:`FleetMember._set_role`.
-
-Redis away (a command failing anywhere): the member goes ``local`` at once, its client's poller
-asks about its own keys again, and its Redis tasks stop. It tries Redis again every 0.25 s.
-When Redis answers, the member rejoins before anyone can judge it: it joins the member list
-again (a heartbeat at once; alive again if the fleet had declared it dead), registers again
-every key it tracks (Redis may have lost them), then restarts its tasks, which try each shard's
-lease at once. A member whose heartbeat is refused, or that finds itself missing from the
-member list it reads every second for the figures (the fleet declared it dead while its loop
-was frozen past ``member_timeout``, or Redis lost the member list), joins again and registers
-its keys again at once, and so takes back its jobs nobody claimed meanwhile; a job another
-member claimed meanwhile is followed by both. Joining again checks the gateway as opening
-does: a member refused (the fleet's live members use another gateway) stays local, takes its
-keys out of the registry and tries again every heartbeat interval, marking itself kept out (its
-jobs are not claimed meanwhile). A member that joined before the members of another gateway
-that took the fleet while Redis had lost it wins it back (see ``_membership``): it takes the
-leases they hold before registering its keys, so their leaders never ask about them.
-
-A background task that fails with an unexpected error (a bug) leaves its member local for good:
-it gives its leases up and takes its keys out of the registry, so the others carry on.
-
-Submits: the fleet-wide rate (``FleetLimiter``) and 429 pause in place of the local pacer.
-While Redis is away a submit waits up to ``unavailable_wait`` for its slot, then raises
-``FleetUnavailableError``: nothing was sent.
+Every member follows the shared poller (:class:`Follower`) and leads each shard whose lease it
+holds (:class:`ShardLeader`). Its role, ``leader``, ``follower`` or ``local``, changes in one
+place: :meth:`FleetMember._set_role`. What a member does when Redis goes away (``_lost``: it
+goes local at once, and ``_watch`` rejoins before anyone can judge it, ``_rejoin``), when the
+fleet declared it dead or Redis lost it (``_join_again``), when joining again finds the fleet
+on another gateway (``_keep_out``), and when a background task fails with a bug (local for
+good, its leases and keys given up so the others carry on) is told, with the reasons, in
+docs/guides/fleet.md, "When something dies".
 """
 
 from __future__ import annotations
@@ -47,6 +29,7 @@ from .._ratelimit import Ready
 from .._stats import FleetRole, FleetStats
 from .._transport import Transport
 from ._errors import FleetMismatchError, FleetUnavailableError
+from ._exchange import Inbox
 from ._follower import Follower
 from ._journal import RedisJournal
 from ._leader import ShardLeader
@@ -54,7 +37,6 @@ from ._lease import LeaderLease
 from ._limiter import FleetLimiter
 from ._link import FleetConnection, refused_for_its_data, stop_task
 from ._membership import Membership, new_member_id
-from ._reports import Inbox
 
 logger = logging.getLogger("wujie_async.fleet")
 
@@ -112,17 +94,14 @@ class FleetMember:
 
     @property
     def member_id(self) -> str:
-        """This member's id, unique across the fleet."""
         return self._member_id
 
     @property
     def header_token(self) -> str:
-        """The random part of the member id, sent as ``X-Wujie-Member``."""
         return self._token
 
     @property
     def journal(self) -> RedisJournal:
-        """The fleet's journal, writing as this member."""
         return self._journal
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -135,13 +114,6 @@ class FleetMember:
         limits: Limits,
         app_id: str,
     ) -> None:
-        """Connect (unless connected), join, follow, and lead what it can.
-
-        Raises:
-            FleetUnavailableError: Redis cannot be reached (the message names its URL).
-            FleetMismatchError: the fleet's live members ask another gateway (base URL or
-                app id than ``transport``'s and ``app_id``).
-        """
         if not self._link.started:
             await self._link.start()
             self._owns_link = True
@@ -221,7 +193,6 @@ class FleetMember:
         task.add_done_callback(self._others.discard)
 
     async def stop_polling(self) -> None:
-        """Stop leading, following and watching (before the client's transport closes)."""
         if self._watcher is not None:
             self._tasks.add(self._watcher)
             self._watcher = None
@@ -230,7 +201,6 @@ class FleetMember:
             self._transport.on_rate_limited = None
 
     async def aclose(self) -> None:
-        """Leave the fleet (this member's open jobs are claimable at once) and disconnect."""
         await self.stop_polling()
         # What is left (the resignation, a 429 pause) is let finish, within deadlines.
         others, self._others = self._others, set()
@@ -264,12 +234,8 @@ class FleetMember:
             role = "follower"
         if role != self._role:
             self._role = role
-            if self._transport is not None:  # the client's telemetry logs it (INFO) once
+            if self._transport is not None:  # start() set it; its telemetry logs the change
                 self._transport.telemetry.fleet_role_changed(role, member=self._member_id)
-            else:
-                logger.info(
-                    "fleet %s: member %s is now %s", self._config.name, self._member_id, role
-                )
 
     async def _lead(self, shard: int) -> None:
         lease, leader = self._leases[shard], self._leaders[shard]
@@ -428,13 +394,7 @@ class FleetMember:
 
     # --- submits -------------------------------------------------------------------------------
     async def acquire(self, ready: Ready) -> None:
-        """Wait for this submit's turn: the fleet's rate (if set) and its 429 pause, with
-        ``ready`` (the journal's intent, which has its own patience for Redis) awaited just
-        before the turn comes.
-
-        Raises:
-            FleetUnavailableError: Redis stayed away for ``unavailable_wait`` (nothing sent).
-        """
+        # ``ready`` (the journal's intent) has its own patience for Redis: not _patiently's.
         limiter = self._limiter
         if limiter is None:
             await self._patiently(self._sit_out_pause)
@@ -512,14 +472,10 @@ class FleetMember:
 
     # --- jobs ----------------------------------------------------------------------------------
     def tracked(self, job: ImageJob, first_delay: float | None) -> None:
-        """The leader asks about ``job`` until it ends (registered in the background)."""
         if self._follower is not None:
             self._follower.track(job, first_delay)
 
     async def resumable(self) -> list[JournalEntry]:
-        """Claim dead members' accepted submits (atomically, each to one member), then every
-        accepted submit this member owns, oldest first: the claimed ones, and its own (a job
-        that timed out stays accepted)."""
         try:
             claim = await self._journal.claim_dead()
         except ClientStateError:
@@ -538,7 +494,6 @@ class FleetMember:
 
     # --- figures -------------------------------------------------------------------------------
     def stats(self) -> FleetStats:
-        """A snapshot of the fleet as this member sees it."""
         calls = sum(leader.counters.batch_calls for leader in self._leaders)
         keys = sum(leader.counters.keys_polled for leader in self._leaders)
         return FleetStats(

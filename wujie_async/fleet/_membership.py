@@ -1,20 +1,15 @@
 """Membership: who is in the fleet, and who has died.
 
-A member joins under a unique id and heartbeats. A sorted set maps member id -> last
-heartbeat (Redis server time, so machines' clocks do not matter). A member whose last heartbeat
-is older than ``member_timeout`` is dead: ``RedisJournal.claim_dead`` may give its jobs to
-another member, and removes it from the set. A heartbeat does not bring a dead member back (it
-says so instead); only joining again does, and the member then takes back the jobs nobody has
-claimed yet. Leaving marks the member dead at once, so its jobs are claimable at once.
-
-A member Redis lost (a restart without AOF, FLUSHALL) or that was claimed as dead is put back
-by its first journal write, with that moment as its heartbeat and no info: if it dies before
-its next heartbeat, the rows it wrote are still claimable. The member's reading of the member
-list (every second) or that heartbeat finds no info, so the member joins again and registers its
-keys again.
-
-The fleet's gateway (one base URL and app id for all) is checked at every join; who keeps the
-fleet when two gateways meet is settled by seniority (see ``_JOIN``).
+A sorted set maps member id -> last heartbeat (Redis server time, so machines' clocks do not
+matter). A member whose last heartbeat is older than ``member_timeout`` is dead:
+``RedisJournal.claim_dead`` may give its jobs to another member, and removes it from the set. A
+heartbeat does not bring a dead member back (it says so instead); only joining again does, and
+the member then takes back the jobs nobody has claimed yet. Leaving marks the member dead at
+once, so its jobs are claimable at once. A member Redis lost, or that was claimed as dead, is
+put back by its first journal write without its info (see the journal's ``_INTENT``), so that
+it finds itself missing and joins again. The fleet's gateway (one base URL and app id for all)
+is checked at every join; who keeps the fleet when two gateways meet is settled by seniority
+(see ``_JOIN``).
 """
 
 from __future__ import annotations
@@ -40,24 +35,17 @@ _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # KEYS: members, info, gateway, kept-out, kept-out-gateway. ARGV: id, info JSON, fingerprint,
 # base URL, timeout_ms, epoch (of the gateway record this member last joined under; '' = never
 # joined, or refused since), '1' when it has joined, a new epoch (for a record made anew).
-# The gateway record holds the fleet's gateway (fingerprint, base URL) and its epoch: a random
-# token made with the record, kept while the record lives (also when the fleet moves to another
-# gateway, nobody being alive), and no clock. A member whose fingerprint differs is refused
-# while another member is alive: reply {0, the fleet's base URL}; one that had joined marks
-# itself kept out (its rows are not claimed meanwhile, see the journal's claim), with its
-# gateway's fingerprint, kept until it joins again or a member of its gateway claims its rows:
-# once its mark is stale (it died kept out, or left), a member of another gateway never claims
-# them (it would ask its own gateway, which does not know them).
-# Seniority: the members that were there first keep the fleet. A record made by a member that
-# never joined (a newcomer) is 'fresh'. Redis having lost the fleet (a restart without AOF,
-# FLUSHALL), a client of another gateway opening before any member came back made a fresh
-# record: a member that joined under another epoch (the record Redis lost), joining again,
-# wins it back with its own epoch, no longer fresh, and every other member's info is dropped
-# (their ids in the reply), so the newcomer's members find themselves gone, join again and are
-# refused. A newcomer, or a member refused since it joined, never wins; nor does any member
-# against a record that is not fresh (no ping-pong). Otherwise it joins (reply {1, epoch, ids
-# dropped}), and the fleet's gateway is its own; a fresh record takes its epoch if it has
-# another. The same check at open and on every join again.
+# Reply: {0, the fleet's base URL} when refused (a member of another gateway is alive; one that
+# had joined marks itself kept out, with its gateway's fingerprint, so that its rows are not
+# claimed meanwhile by a member that would ask its own gateway about them: see the journal's
+# claim), else {1, epoch, ids of the members whose info it dropped}.
+# Seniority: the gateway record's epoch is a random token made with the record and kept while
+# it lives (no clock: Redis may come back on a host whose clock is behind). A record made by a
+# member that never joined is 'fresh' (a newcomer's, after Redis lost the fleet). A member that
+# joined under another epoch, joining again, wins a fresh record back: it takes its epoch, no
+# longer fresh, and every other member's info is dropped, so the newcomer's members find
+# themselves gone, join again and are refused. A newcomer, or a member refused since it joined,
+# never wins; nor does any member against a record that is not fresh (no ping-pong).
 _JOIN = (
     _NOW_MS
     + """
@@ -142,10 +130,7 @@ def _same_gateway(base_url: str) -> str:
     parts = urlsplit(base_url)
     scheme = parts.scheme.lower()
     host = (parts.hostname or "").lower()
-    try:
-        port = parts.port
-    except ValueError:  # not a URL check_base_url lets through; compared as given
-        return base_url
+    port = parts.port  # check_base_url let it through: its port is a number
     if port is not None and port != _DEFAULT_PORTS.get(scheme):
         host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     elif ":" in host:
@@ -154,12 +139,7 @@ def _same_gateway(base_url: str) -> str:
 
 
 class Membership:
-    """One member's place in the fleet: joining, heartbeats, leaving; and who else is there.
-
-    Args:
-        link: the fleet's Redis.
-        member_id: this member's id (see :func:`new_member_id`).
-    """
+    """One member's place in the fleet: joining, heartbeats, leaving; and who else is there."""
 
     def __init__(self, link: RedisLink, member_id: str) -> None:
         self._link = link
