@@ -1315,3 +1315,35 @@ async def test_journal_resend_refuses_a_key_the_gateway_hands_out_again(tmp_path
     assert final_outcomes(out)[2] == "uncertain"
     assert "earlier job" in [r for r in manifest(out) if r["line"] == 2][-1]["error"]
     assert len(list(out.glob("*.png"))) == 1
+
+
+async def test_a_line_number_names_the_id_row_the_summary_printed_at_that_line(
+    tmp_path: Path,
+) -> None:
+    """The summary printed `line 3 (id c): uncertain`; `journal resend 3 --yes` then resent
+    the row of id "3" (input line 4, which may have been charged: paid twice) and `journal
+    resend 'line 3'` said no row was line 3. An id row is its manifest line's too: `3` names
+    two rows and is refused, `line 3` names the row printed at line 3."""
+    rows = write_rows(
+        tmp_path / "rows.jsonl",
+        [
+            {"id": i, "prompt": p}
+            for i, p in (("a", "one"), ("b", "two"), ("c", "three"), ("3", "four"))
+        ],
+    )
+    out = tmp_path / "out"
+    async with served_emulator(tmp_path) as emu:
+        await emu.set_faults(drop_after_accept=1.0)
+        code, _, err = await cli(
+            "bulk", str(rows), "--model", "dall-e-2", "-o", str(out), env=emu.env
+        )
+        assert code == 1 and "line 3 (id c): uncertain" in err, err
+        await emu.set_faults()
+        resend = ("journal", "resend", "--yes", "-o", str(out))
+        code, _, err = await cli(*resend, "3", env=emu.env)
+        assert code == 2 and "'3' names two rows, id 3 and line 3" in err, err
+        assert (await emu.stats())["submits_accepted"] == 4
+        code, _, err = await cli(*resend, "line 3", env=emu.env)
+        assert code == 0 and "1 saved" in err, err
+    assert [r["prompt"] for r in manifest(out) if r["status"] == "saved"] == ["three"]
+    assert final_outcomes(out) == {1: "uncertain", 2: "uncertain", 3: "saved", 4: "uncertain"}

@@ -454,13 +454,16 @@ async def _forget(
     if not args.rows and not args.status:
         raise UsageError("journal forget: name LINE_OR_ID rows or pass --status")
     entries = await journal.entries(*(args.status or _STATES))
-    if args.rows:
-        refuse_unknown("forget", "forgotten", args.rows, entries)
-        ids = own_ids(await journal.entries())  # "#1" is the id of a row in any state
-        entries = [entry for entry in entries if matches(entry, set(args.rows), ids)]
     # In a run's folder (one holding a manifest) a succeeded row may be a paid job's only
-    # record: one look at the manifest says both whether it is one and what it records.
+    # record: one look at the manifest says both whether it is one and what it records, and
+    # the line of each id row, as the summaries printed it (`line 3 (id c)`).
     records = await anyio.to_thread.run_sync(_run_manifest, out)
+    if args.rows:
+        every = await journal.entries()
+        lines = manifest_lines(every, records or [])
+        refuse_unknown("forget", "forgotten", args.rows, entries, lines)
+        ids = own_ids(every)  # "#1" is the id of a row in any state
+        entries = [entry for entry in entries if matches(entry, set(args.rows), ids, lines)]
     recorded = known_keys(records or [])
     _refuse_only_record(entries, journal.path, out, recorded, run_folder=records is not None)
     if entries:
@@ -518,12 +521,14 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                     two = [rows for requests in edited for rows in requests]
                     wanted = [rows for rows in wanted if rows not in two]
             else:
-                refuse_unknown("resend", "sent", args.rows, every)
+                # An id row's line is its manifest row's, as the summaries printed it.
+                by_row = manifest_lines(every, records)
+                refuse_unknown("resend", "sent", args.rows, every, by_row)
                 ids = own_ids(every)
                 wanted = [
                     rows
                     for rows in rows_per_line(every)
-                    if any(matches(entry, set(args.rows), ids) for entry in rows)
+                    if any(matches(entry, set(args.rows), ids, by_row) for entry in rows)
                 ]
                 _refuse_paid([entry for rows in wanted for entry in rows], path, args.out)
                 _refuse_edited(wanted)

@@ -11,6 +11,7 @@ no id shadows.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from .. import JournalEntry
@@ -39,6 +40,15 @@ _LINE_AND_ID = re.compile(r"^line (\d+) \(id (?P<id>.+)\)$", re.DOTALL)
 _NUMBERED = re.compile(r"^row (\d+)$")
 
 
+def line_at(entry: JournalEntry, lines: Mapping[int, int] | None) -> tuple[int, str | None]:
+    """The row's input line and id: an id row's line is the manifest's (``lines``, by journal
+    row, see :func:`manifest_lines`), the one its summary printed (``line 3 (id c)``), else 0."""
+    line, row_id = line_of(entry)
+    if row_id is not None:
+        line = (lines or {}).get(entry.id, 0)
+    return line, row_id
+
+
 def own_ids(entries: list[JournalEntry]) -> frozenset[str]:
     """Every row id ``entries`` hold, as given and as printed: a word that is one names that
     row alone (an id may read ``#1``, a ticket number, beside journal row 1)."""
@@ -50,20 +60,31 @@ def own_ids(entries: list[JournalEntry]) -> frozenset[str]:
     return frozenset(ids)
 
 
-def matches(entry: JournalEntry, wanted: set[str], ids: frozenset[str] = frozenset()) -> bool:
+def matches(
+    entry: JournalEntry,
+    wanted: set[str],
+    ids: frozenset[str] = frozenset(),
+    lines: Mapping[int, int] | None = None,
+) -> bool:
     """Whether ``wanted`` names the row: by its id or line number, or as the CLI prints it
     (``id fox``, ``line 4``, ``line 4 (id fox)`` in summaries, ``row 12`` or ``#12`` for
     journal row 12, the ``name`` of ``journal list --json``), which is what a user copies. A
     row's own id comes first: a word that is the id of a row of ``ids`` (see
     :func:`own_ids`), ``#1`` say, names that row, never journal row 1 (``row 1`` does; one
-    that is an id too names two rows, see :func:`refuse_unknown`)."""
-    return any(named_as(entry, word, ids) is not None for word in wanted)
+    that is an id too names two rows, see :func:`refuse_unknown`). An id row's line number
+    is the one ``lines`` (see :func:`manifest_lines`) gives it, as the summaries print it."""
+    return any(named_as(entry, word, ids, lines) is not None for word in wanted)
 
 
-def named_as(entry: JournalEntry, word: str, ids: frozenset[str] = frozenset()) -> str | None:
+def named_as(
+    entry: JournalEntry,
+    word: str,
+    ids: frozenset[str] = frozenset(),
+    lines: Mapping[int, int] | None = None,
+) -> str | None:
     """How ``word`` names the row: ``"row"`` (``row 12``, ``#12``), ``"id"``, ``"line"``, or
     None."""
-    line, row_id = line_of(entry)
+    line, row_id = line_at(entry, lines)
     said = word.strip()
     if row_id is not None and said in (row_id, clean(row_id)):
         return "id"  # its own id first: an id may read "#1" (a ticket number)
@@ -146,12 +167,21 @@ def latest_per_row(entries: list[JournalEntry]) -> list[JournalEntry]:
     return [rows[-1] for rows in rows_per_line(entries)]
 
 
-def refuse_unknown(action: str, done: str, rows: list[str], entries: list[JournalEntry]) -> None:
+def refuse_unknown(
+    action: str,
+    done: str,
+    rows: list[str],
+    entries: list[JournalEntry],
+    lines: Mapping[int, int] | None = None,
+) -> None:
     """Refuse a word that names no row, or names rows both by id and by line number (``2``:
-    the row whose id is 2 and input line 2) or by id and by journal number (``row 2``, the id
-    of a row and journal row 2): each would act on rows the user did not mean."""
+    the row whose id is 2 and input line 2, an id row's line being the one ``lines`` gives)
+    or by id and by journal number (``row 2``, the id of a row and journal row 2): each would
+    act on rows the user did not mean."""
     ids = own_ids(entries)
-    unknown = [row for row in rows if not any(matches(entry, {row}, ids) for entry in entries)]
+    unknown = [
+        row for row in rows if not any(matches(entry, {row}, ids, lines) for entry in entries)
+    ]
     if unknown:
         shown = ", ".join(clean(row) for row in unknown[:20])
         raise UsageError(
@@ -160,11 +190,11 @@ def refuse_unknown(action: str, done: str, rows: list[str], entries: list[Journa
             f"'id fox', 'line 4 (id fox)', or 'row 12' for journal row 12); nothing was {done}"
         )
     for row in rows:
-        named = {named_as(entry, row, ids): entry for entry in entries}
+        named = {named_as(entry, row, ids, lines): entry for entry in entries}
         if "id" in named and ("line" in named or "row" in named):
             by_id = row_name(named["id"])
             if "line" in named:
-                other = said = f"line {line_of(named['line'])[0]}"
+                other = said = f"line {line_at(named['line'], lines)[0]}"
             else:
                 other, said = f"journal row {named['row'].id}", f"#{named['row'].id}"
             # "#N" is no other name for journal row N when a row's own id reads so.
