@@ -9,7 +9,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -1347,3 +1349,32 @@ async def test_a_line_number_names_the_id_row_the_summary_printed_at_that_line(
         assert code == 0 and "1 saved" in err, err
     assert [r["prompt"] for r in manifest(out) if r["status"] == "saved"] == ["three"]
     assert final_outcomes(out) == {1: "uncertain", 2: "uncertain", 3: "saved", 4: "uncertain"}
+
+
+async def test_the_commands_an_edited_line_is_refused_with_name_its_folder(
+    tmp_path: Path,
+) -> None:
+    """A line edited between runs holds two uncertain requests; `journal resend 1 -o res`
+    said to send one with `wujie-async journal resend 'row 3'` and drop the other with
+    `wujie-async journal forget 'row 1'`: pasted, they acted on ./out/, another folder (a
+    resend there pays for a row of another run). They name the folder now."""
+    prompts = tmp_path / "prompts.txt"
+    res = tmp_path / "res"
+    bulk = ("bulk", str(prompts), "--model", "dall-e-2", "-o", str(res))
+    async with served_emulator(tmp_path) as emu:
+        await emu.set_faults(drop_after_accept=1.0)
+        prompts.write_text("apple\npear\n")
+        await cli(*bulk, env=emu.env)
+        prompts.write_text("apple red\npear\n")  # line 1 edited: a new request, sent too
+        await cli(*bulk, env=emu.env)
+        await emu.set_faults()
+        code, _, err = await cli("journal", "resend", "1", "--yes", "-o", str(res), env=emu.env)
+        assert code == 2 and "holds 2 requests" in err, err
+        resend, forget = re.findall(r"`wujie-async (journal [^`]*)`", err)
+        assert f"-o {res}" in resend and f"-o {res}" in forget, err
+        code, _, err = await cli(*shlex.split(forget), "--yes", env=emu.env)
+        assert code == 0 and "forgot 1 row(s)" in err, err
+        code, _, err = await cli(*shlex.split(resend), "--yes", env=emu.env)
+        assert code == 0 and "1 saved" in err, err
+        assert (await emu.stats())["submits_accepted"] == 4
+    assert [r["prompt"] for r in manifest(res) if r["status"] == "saved"] == ["apple red"]

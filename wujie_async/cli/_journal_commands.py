@@ -376,7 +376,8 @@ def _say_paid_kept(console: Console, paid: list[list[JournalEntry]], path: Path,
             f"{len(paid)} line(s) with uncertain rows not resent: {_paid_said(rows)}; "
             "collect a running job with `wujie-async resume "
             f"{shell_path(clean(str(path)))} -o {shell_path(clean(str(out)))}`; its uncertain "
-            "rows go with `wujie-async journal forget LINE_OR_ID --status uncertain`"
+            f"rows go with `wujie-async journal forget LINE_OR_ID --status uncertain"
+            f"{_folder_flags(path, out)}`"
         ),
         soft_wrap=True,
     )
@@ -417,34 +418,45 @@ def _refuse_only_record(
         )
 
 
-def _edited_hint(edited: list[list[list[JournalEntry]]]) -> str:
+def _folder_flags(path: Path, out: Path) -> str:
+    """What a printed ``journal`` command needs to act on this folder and journal: pasted
+    without ``-o`` it would read ./out/, another run's folder (a resend there pays for a row
+    of another run), and a journal kept elsewhere is named too."""
+    flags = f" -o {shell_path(clean(str(out)))}"
+    if path.absolute() != (out / "journal.sqlite").absolute():
+        flags += f" --journal {shell_path(clean(str(path)))}"
+    return flags
+
+
+def _edited_hint(edited: list[list[list[JournalEntry]]], path: Path, out: Path) -> str:
     requests = edited[0]
     keep = numbered(requests[-1][-1].id)
     other = " ".join(f"'{numbered(entry.id)}'" for rows in requests[:-1] for entry in rows)
+    where = _folder_flags(path, out)
     return (
-        f"name the row to send by its number (`wujie-async journal resend '{keep}'`, say); "
-        f"the other's rows stay (it may have been charged: see the gateway's console), "
-        f"dropped with `wujie-async journal forget {other}`"
+        f"name the row to send by its number (`wujie-async journal resend '{keep}'{where}`, "
+        f"say); the other's rows stay (it may have been charged: see the gateway's console), "
+        f"dropped with `wujie-async journal forget {other}{where}`"
     )
 
 
-def _edited_kept(edited: list[list[list[JournalEntry]]]) -> str:
+def _edited_kept(edited: list[list[list[JournalEntry]]], path: Path, out: Path) -> str:
     """``--all-uncertain`` leaves a line edited between runs (two requests): sending each
     would make two jobs of one line."""
     return (
         f"{len(edited)} line(s) not resent: {edited_said(edited)}; each would be sent, two "
-        f"jobs for one line: {_edited_hint(edited)}"
+        f"jobs for one line: {_edited_hint(edited, path, out)}"
     )
 
 
-def _refuse_edited(wanted: list[list[JournalEntry]]) -> None:
+def _refuse_edited(wanted: list[list[JournalEntry]], path: Path, out: Path) -> None:
     """Refuse a line named by its number that holds two requests (see ``edited_lines``),
     naming their rows, as a word naming two rows is refused."""
     edited = edited_lines(wanted)
     if edited:
         raise UsageError(
             f"journal resend: {edited_said(edited)}; each would be sent, two jobs for one "
-            f"line: {_edited_hint(edited)}; nothing was sent"
+            f"line: {_edited_hint(edited, path, out)}; nothing was sent"
         )
 
 
@@ -517,7 +529,7 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                 # A line edited between runs holds two requests: each sent, two jobs.
                 edited = edited_lines(wanted)
                 if edited:
-                    console.print(Text(_edited_kept(edited)), soft_wrap=True)
+                    console.print(Text(_edited_kept(edited, path, args.out)), soft_wrap=True)
                     two = [rows for requests in edited for rows in requests]
                     wanted = [rows for rows in wanted if rows not in two]
             else:
@@ -531,7 +543,7 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
                     if any(matches(entry, set(args.rows), ids, by_row) for entry in rows)
                 ]
                 _refuse_paid([entry for rows in wanted for entry in rows], path, args.out)
-                _refuse_edited(wanted)
+                _refuse_edited(wanted, path, args.out)
             if not wanted:
                 console.print(Text("nothing to resend"))
                 return EXIT_OK
