@@ -253,7 +253,8 @@ async def test_a_resend_stopped_early_counts_and_names_the_rows_it_did_not_send(
             code, _, err = await run.finish(30)
         assert code == 130, err
         assert re.search(r"resent 3 row\(s\): \d saved · .*not_sent 2", err), err
-        assert "resend them with `wujie-async journal resend` again" in err, err
+        kept = r"resend them with `wujie-async journal resend 'id r\d' 'id r\d' -o "
+        assert re.search(kept + re.escape(f"{out}`"), err), err
         code, listing, _ = await cli("journal", "list", "--status", "uncertain", "-o", str(out))
         assert "2 row(s)" in listing, listing
 

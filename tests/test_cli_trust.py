@@ -1378,3 +1378,37 @@ async def test_the_commands_an_edited_line_is_refused_with_name_its_folder(
         assert code == 0 and "1 saved" in err, err
         assert (await emu.stats())["submits_accepted"] == 4
     assert [r["prompt"] for r in manifest(res) if r["status"] == "saved"] == ["apple red"]
+
+
+@pytest.mark.long
+async def test_a_stopped_resend_counts_its_running_jobs_and_names_the_rows_it_kept(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM stopped `journal resend` with its two jobs running (paid): its summary said
+    `resent 2 row(s): 0 saved`, no word of them. Stopped while its submits waited out a
+    429, it said to resend the rows kept back with `wujie-async journal resend` again: no
+    rows and no folder, a usage error (or ./out/'s journal) when pasted. It counts
+    `pending 2` now, and names the rows and the folder."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("one\ntwo\nthree\nfour\n")
+    res = tmp_path / "res"
+    async with served_emulator(tmp_path, "--time-scale", "1") as emu:
+        await emu.set_faults(drop_after_accept=1.0)
+        code, _, err = await cli(
+            "bulk", str(prompts), "--model", "dall-e-2", "-o", str(res), env=emu.env
+        )
+        assert final_outcomes(res) == dict.fromkeys(range(1, 5), "uncertain"), err
+        await emu.set_faults()
+        resend = ("journal", "resend", "--yes", "-o", str(res))
+        async with running_cli(*resend, "line 1", "line 2", env=emu.env) as running:
+            await eventually(accepted_at_least(emu, 6), timeout=20)
+            running.send_signal(signal.SIGTERM)
+            code, _, err = await running.finish(30)
+        assert code == 143 and "resent 2 row(s): 0 saved · pending 2" in err, err
+        await emu.set_faults(burst_429=100, retry_after_s=10)
+        async with running_cli(*resend, "line 3", "line 4", env=emu.env) as running:
+            await eventually(submits_arrived(emu, 7), timeout=20)
+            running.send_signal(signal.SIGTERM)
+            code, _, err = await running.finish(30)
+    assert code == 143 and "not_sent 2" in err, err
+    assert f"`wujie-async journal resend 'line 3' 'line 4' -o {res}`" in err, err

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import json
 import os
+import shlex
 import stat
 import sys
 from collections.abc import Callable
@@ -620,6 +621,8 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
         # Every other ending counted too: "0 saved" alone hid rows the stop kept from being
         # sent (not_sent: as they were) and ones whose new submit may have been charged.
         others = "".join(f" · {name} {n}" for name, n in counts.items() if n and name != "saved")
+        if result.pending:  # jobs a stop left running: paid, collected by resume
+            others += f" · pending {result.pending}"
         console.print(Text(f"resent {len(rows)} row(s): {saved} saved{others}"))
         for code, said in (
             ("budget", f"over the points budget (--max-points {args.max_points or 0:g}); "
@@ -647,11 +650,16 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             console.print(Text(stopped), soft_wrap=True)
         if result.interrupted:
             again = ""
-            if counts["not_sent"] - len(unpriced):
+            # (Those held for want of a price have their own line above.)
+            kept = [
+                o for o in result.outcomes if o.status == "not_sent" and o.error_code != "unpriced"
+            ]
+            if kept:
                 # resume never sends: rows the stop kept back are resent by resend alone.
                 again = (
                     "; the rows not sent are in the journal as they were: resend them with "
-                    "`wujie-async journal resend` again"
+                    f"`wujie-async journal resend {_resend_words(kept)}"
+                    f"{_folder_flags(path, args.out)}`"
                 )
             console.print(
                 Text(
@@ -732,6 +740,15 @@ def _run_files(args: argparse.Namespace, journal: Path) -> list[str]:
     if journal.parent.resolve() == Path(args.out).resolve():
         names += [journal.name + suffix for suffix in ("", "-wal", "-shm", "-journal", ".lock")]
     return names
+
+
+def _resend_words(kept: list[LineOutcome]) -> str:
+    """The rows a stop kept from being sent, as ``journal resend`` takes them back (a row
+    with neither a line nor an id has no such name: ``journal list`` gives its ``row N``)."""
+    names = [_outcome_name(o) for o in kept]
+    if any(o.row_id is None and o.line <= 0 for o in kept) or len(names) > 50:
+        return "ROWS (as `journal list --status uncertain` names them)"
+    return " ".join(shlex.quote(name) for name in names)
 
 
 def _outcome_name(outcome: LineOutcome) -> str:
