@@ -190,6 +190,19 @@ def refuse_unknown(
             f"'id fox', 'line 4 (id fox)', or 'row 12' for journal row 12); nothing was {done}"
         )
     for row in rows:
+        # A line number the manifest gives rows of two ids (the line's id changed between
+        # runs) names two rows: each would be sent, two jobs for one line.
+        by_line = {
+            row_name(entry): entry
+            for entry in entries
+            if line_of(entry)[1] is not None and named_as(entry, row, ids, lines) == "line"
+        }
+        if len(by_line) > 1:
+            choices = " or ".join(repr(name) for name in by_line)
+            raise UsageError(
+                f"journal {action}: {clean(row.strip())!r} names rows of {len(by_line)} ids "
+                f"at that line; say which ({choices}); nothing was {done}"
+            )
         named = {named_as(entry, row, ids, lines): entry for entry in entries}
         if "id" in named and ("line" in named or "row" in named):
             by_id = row_name(named["id"])
