@@ -1414,25 +1414,29 @@ async def test_a_stopped_resend_counts_its_running_jobs_and_names_the_rows_it_ke
     assert f"`wujie-async journal resend 'line 3' 'line 4' -o {res}`" in err, err
 
 
+@pytest.mark.parametrize(("first", "said"), [({"id": "x"}, "'id x'"), ({}, "'row 2'")])
 async def test_a_line_number_whose_id_changed_between_runs_names_no_row_until_said_which(
-    tmp_path: Path,
+    tmp_path: Path, first: dict[str, str], said: str
 ) -> None:
-    """Line 2 was id x, then (edited) id y, both sent without a reply: now that a line
-    number names the id rows at that line, `journal resend 2` would send both (two jobs for
-    one line). It is refused, naming the two ids; `'id y'` sends the one meant."""
+    """Line 2 was id x (or had no id), then (edited) id y, both sent without a reply: now
+    that a line number names the id rows at that line, `journal resend 2` would send both
+    (two jobs for one line). It is refused, naming each row in a form that names it alone
+    (`'row 2'` for a row without an id: `'line 2'` names both); `'id y'` sends the one
+    meant."""
     rows = tmp_path / "rows.jsonl"
     out = tmp_path / "out"
     bulk = ("bulk", str(rows), "--model", "dall-e-2", "-o", str(out))
     async with served_emulator(tmp_path) as emu:
         await emu.set_faults(drop_after_accept=1.0)
-        write_rows(rows, [{"id": "w", "prompt": "one"}, {"id": "x", "prompt": "two"}])
+        write_rows(rows, [{"id": "w", "prompt": "one"}, {**first, "prompt": "two"}])
         await cli(*bulk, env=emu.env)
         write_rows(rows, [{"id": "w", "prompt": "one"}, {"id": "y", "prompt": "two, edited"}])
         await cli(*bulk, env=emu.env)
         await emu.set_faults()
         resend = ("journal", "resend", "--yes", "-o", str(out))
         code, _, err = await cli(*resend, "2", env=emu.env)
-        assert code == 2 and "'2' names rows of 2 ids" in err and "'id y'" in err, err
+        assert code == 2 and "'2' names 2 rows at that line" in err, err
+        assert f"say which ({said} or 'id y')" in err, err
         assert (await emu.stats())["submits_accepted"] == 3
         code, _, err = await cli(*resend, "id y", env=emu.env)
         assert code == 0 and "1 saved" in err, err

@@ -190,18 +190,21 @@ def refuse_unknown(
             f"'id fox', 'line 4 (id fox)', or 'row 12' for journal row 12); nothing was {done}"
         )
     for row in rows:
-        # A line number the manifest gives rows of two ids (the line's id changed between
-        # runs) names two rows: each would be sent, two jobs for one line.
+        # A line number the manifest gives rows of two ids, or an id row and the line's rows
+        # without one (the line's id changed between runs), names two rows: each would be
+        # sent, two jobs for one line.
+        # (A row without an id is said by its journal number: its line names both.)
         by_line = {
-            row_name(entry): entry
+            row_name(entry) if line_of(entry)[1] is not None else numbered(entry.id): entry
             for entry in entries
-            if line_of(entry)[1] is not None and named_as(entry, row, ids, lines) == "line"
+            if named_as(entry, row, ids, lines) == "line"
         }
-        if len(by_line) > 1:
+        # (Rows of one line without ids, an edited line, are refused by resend with more.)
+        if len(by_line) > 1 and any(line_of(entry)[1] is not None for entry in by_line.values()):
             choices = " or ".join(repr(name) for name in by_line)
             raise UsageError(
-                f"journal {action}: {clean(row.strip())!r} names rows of {len(by_line)} ids "
-                f"at that line; say which ({choices}); nothing was {done}"
+                f"journal {action}: {clean(row.strip())!r} names {len(by_line)} rows at that "
+                f"line (its id changed between runs); say which ({choices}); nothing was {done}"
             )
         named = {named_as(entry, row, ids, lines): entry for entry in entries}
         if "id" in named and ("line" in named or "row" in named):
