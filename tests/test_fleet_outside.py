@@ -9,8 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from wujie_async import Credentials, WujieClient
+
+from .conftest import FAST_POLL
 from .fleet_support import (
     emulator_process,
     emulator_stats,
@@ -198,3 +202,47 @@ async def test_a_member_killed_mid_run_its_jobs_go_to_one_resume(tmp_path: Path)
     assert resolved <= stats["submits_accepted"] <= resolved + resumed["uncertain"]
     created = [t["created"] for t in stats["timelines"].values()]
     assert busiest_second(created) <= rate
+
+
+async def test_a_submit_answered_while_redis_is_away_returns_and_its_job_is_polled(
+    tmp_path: Path,
+) -> None:
+    # Redis goes away while a submit is on the wire (the gateway holds its reply 1.5 s). The
+    # job is paid: submit() returns it once the reply comes, its key kept in memory and
+    # written when Redis answers, and its member polls it meanwhile. (It waited for Redis
+    # for unavailable_wait, 10 s, neither returned, polled nor held to its deadline: a job
+    # that ended meanwhile waited that long for its result.)
+    from wujie_async.fleet import RedisFleet
+
+    held = 1.5
+    faults = {"slow_reply": 1.0, "slow_reply_s": held, "endpoints": "generations"}
+    async with (
+        own_redis(tmp_path) as server,
+        emulator_process(tmp_path, "emu") as emu,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(emu["origin"] + "/_emulator/faults", json=faults) as reply:
+            assert reply.status == 200, await reply.text()
+        fleet = RedisFleet(server.url, name=fleet_name(), unavailable_wait=10.0)
+        credentials = Credentials(app_id=emu["app_id"], private_key=emu["private_key"])
+        async with WujieClient(
+            credentials, base_url=emu["base_url"], poll=FAST_POLL, fleet=fleet
+        ) as client:
+            submit = asyncio.create_task(
+                client.images.submit(prompt="a lighthouse", model="dall-e-2", job_timeout=6.0)
+            )
+            deadline = time.monotonic() + 10
+            while (await emulator_stats(emu))["requests"].get("generations", 0) == 0:
+                assert time.monotonic() < deadline, "the submit was not sent"
+                await asyncio.sleep(0.02)
+            assert server.process is not None
+            server.process.terminate()
+            await asyncio.wait_for(server.process.wait(), 15)
+            away_at = time.monotonic()
+            job = await asyncio.wait_for(submit, 30)
+            returned = time.monotonic() - away_at
+            result = await asyncio.wait_for(job, 30)
+            resolved = time.monotonic() - away_at
+    assert len(result.images) == 1
+    assert returned < held + 2.0, returned
+    assert resolved < held + 3.0, resolved
