@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -167,6 +168,31 @@ def _client(creds: str, rate: str, fleet: Any = None) -> Any:
     )
 
 
+async def _ends(jobs: list[Any]) -> dict[str, list[float]]:
+    """Each job's unix time of resolution and its number of images (-1: it failed), as
+    _submit_all's watchers noted them when each job resolved."""
+    await asyncio.gather(*(_ENDS[job.key][1] for job in jobs))
+    return {job.key: _ENDS[job.key][0] for job in jobs}
+
+
+_ENDS: dict[str, tuple[list[float], asyncio.Task[None]]] = {}
+
+
+def _watch(job: Any) -> None:
+    """Note when ``job`` resolves, from its submit on (jobs are awaited only once all are in)."""
+    noted: list[float] = []
+
+    async def note() -> None:
+        try:
+            result = await job
+        except Exception:  # its outcome is _outcomes' to tell
+            noted.extend([time.time(), -1])
+        else:
+            noted.extend([time.time(), len(result.images)])
+
+    _ENDS[job.key] = (noted, asyncio.create_task(note()))
+
+
 async def _outcomes(jobs: list[Any]) -> dict[str, str]:
     results = await asyncio.gather(*jobs, return_exceptions=True)
     return {
@@ -175,11 +201,26 @@ async def _outcomes(jobs: list[Any]) -> dict[str, str]:
     }
 
 
-async def _submit_all(client: Any, n: int, tag: str) -> list[Any]:
-    async def one(i: int) -> Any:
-        return await client.images.submit(prompt=f"{tag} {i}", model="dall-e-2", tag=f"{tag}-{i}")
+def _images() -> int:
+    """Images per job: WUJIE_CHILD_IMAGES (default 1), for jobs of several images."""
+    return int(os.environ.get("WUJIE_CHILD_IMAGES", "1"))
 
-    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+async def _submit_all(client: Any, n: int, tag: str) -> list[Any]:
+    images = _images()
+
+    async def one(i: int) -> Any:
+        job = await client.images.submit(
+            prompt=f"{tag} {i}", model="dall-e-2", tag=f"{tag}-{i}", n=images
+        )
+        _watch(job)
+        return job
+
+    sent = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    refused = [type(error).__name__ for error in sent if isinstance(error, Exception)]
+    if refused:  # (a Redis away for longer than unavailable_wait): said, not raised
+        say(submit_errors=refused)
+    return [job for job in sent if not isinstance(job, BaseException)]
 
 
 def _stats(client: Any) -> dict[str, Any]:
@@ -200,7 +241,8 @@ async def member(
         async def go() -> None:
             jobs = await _submit_all(client, int(n), token)
             say(submitted=[job.key for job in jobs])
-            say(resolved=await _outcomes(jobs), stats=_stats(client))
+            ends = await _ends(jobs)
+            say(resolved=await _outcomes(jobs), ends=ends, stats=_stats(client))
 
         while line := (await asyncio.to_thread(sys.stdin.readline)).strip():
             if line == "go":  # in the background: commands are read meanwhile
@@ -214,7 +256,15 @@ async def member(
             elif line == "resume":
                 claimed = await client.resume()
                 say(claimed=[job.key for job in claimed])
-                say(claimed_resolved=await _outcomes(claimed), stats=_stats(client))
+                for job in claimed:
+                    _watch(job)
+                uncertain = len(await client.uncertain_submits())
+                say(
+                    claimed_resolved=await _outcomes(claimed),
+                    claimed_ends=await _ends(claimed),
+                    uncertain=uncertain,
+                    stats=_stats(client),
+                )
             elif line == "stats":
                 say(stats=_stats(client))
             elif line == "quit":

@@ -107,11 +107,13 @@ async def any_redis(tmp_path: Path, *, db: int | None = None) -> AsyncIterator[s
         yield server.url if db is None else server.url.rsplit("/", 1)[0] + f"/{db}"
 
 
-async def start_child(*args: str) -> asyncio.subprocess.Process:
-    """``tests/fleet_child.py`` with ``args``, its stdout piped (one JSON line per event)."""
+async def start_child(*args: str, images: int = 1) -> asyncio.subprocess.Process:
+    """``tests/fleet_child.py`` with ``args``, its stdout piped (one JSON line per event);
+    ``images``: how many images each job of a ``member`` asks for."""
     return await asyncio.create_subprocess_exec(
         sys.executable, str(CHILD), *args, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, limit=2**24,
+        env={**os.environ, "WUJIE_CHILD_IMAGES": str(images)},
     )  # fmt: skip
 
 
@@ -133,14 +135,15 @@ async def next_event(proc: asyncio.subprocess.Process, timeout: float = 30) -> d
 
 @contextlib.asynccontextmanager
 async def emulator_process(
-    tmp_path: Path, label: str, time_scale: float = 0.01
+    tmp_path: Path, label: str, time_scale: float = 0.01, extra: tuple[str, ...] = ()
 ) -> AsyncIterator[dict[str, Any]]:
-    """``python -m wujie_async.emulator`` in its own process; yields its credentials file."""
+    """``python -m wujie_async.emulator`` in its own process (``extra``: more of its
+    options); yields its credentials file."""
     creds = tmp_path / f"{label}.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "wujie_async.emulator", "--port", "0",
         "--time-scale", str(time_scale), "--seed", "3", "--credentials-out", str(creds),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        *extra, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 15

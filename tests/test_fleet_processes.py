@@ -70,14 +70,32 @@ def overlapping_pollers(callers: list[list[Any]]) -> int:
 
 @contextlib.asynccontextmanager
 async def members(
-    url: str, emu: dict[str, Any], name: str, count: int, n: int, rate: float, **opts: float
+    url: str,
+    emu: dict[str, Any],
+    name: str,
+    count: int,
+    n: int,
+    rate: float,
+    *,
+    images: tuple[int, ...] = (),
+    **opts: float,
 ) -> AsyncIterator[list[Member]]:
+    """``count`` member processes of fleet ``name``, each to submit ``n`` jobs (of
+    ``images[i]`` images for the i-th member; 1 by default)."""
     lease, timeout = opts.get("lease", 1.0), opts.get("timeout", 3.0)
     procs = [
         await start_child(
-            "member", url, name, emu["file"], str(n), str(rate), str(lease), str(timeout)
+            "member",
+            url,
+            name,
+            emu["file"],
+            str(n),
+            str(rate),
+            str(lease),
+            str(timeout),
+            images=images[i] if i < len(images) else 1,
         )
-        for _ in range(count)
+        for i in range(count)
     ]
     try:
         yield [Member(proc, (await wait_event(proc, "member"))["token"]) for proc in procs]

@@ -524,9 +524,16 @@ class RedisJournal:
         earlier, earlier_row = self._open.get(key), self._row_of.get(key)
         written = self._intents.get(row_id)
         self._opened(row_id, key)  # restore() has it, even if this write fails
-        moved = await self._waiting_for_redis(
-            lambda: self._move((self._seq,), args), f"key {key} was not journaled"
-        )
+        try:
+            # One try, not unavailable_wait's patience: the job is paid, and until this
+            # returns it is neither polled nor held to its deadline. A Redis away raises at
+            # once; the client keeps the key in memory and queues it (record_accepted_later),
+            # and the member polls the job meanwhile.
+            moved = await self._move((self._seq,), args)
+        except FleetUnavailableError as exc:
+            raise FleetUnavailableError(
+                f"key {key} was not journaled: {exc}", url=exc.url
+            ) from None
         self.commits += 1
         if int(moved) == 2:
             # The key is the earlier row's: what restore() keeps of it stays that row's, and
