@@ -19,7 +19,9 @@ from aiohttp.client_reqrep import ConnectionKey
 from wujie_async import (
     AuthenticationError,
     EndpointNotFoundError,
+    JobTimeoutError,
     Limits,
+    PollPolicy,
     RateLimitedError,
     RequestRefusedError,
     RetryPolicy,
@@ -120,6 +122,28 @@ async def test_an_unverifiable_certificate_is_tried_once_not_once_per_attempt(
         assert "ClientConnectorCertificateError" in text, text
         assert "certificate could not be verified" in text, text
         assert "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text, text
+
+
+async def test_the_poller_asks_a_gateway_whose_certificate_fails_every_max_interval(
+    tmp_path: Path,
+) -> None:
+    """Each poll of such a gateway is a handshake that ends the same way: the poller asks
+    again after PollPolicy.max_interval, not every min_interval, until the job's deadline."""
+    policy = PollPolicy(first_poll_delay=0.05, min_interval=0.05, max_interval=5.0)
+    async with _tls_gateway(tmp_path) as gateway:
+        client = WujieClient(
+            throwaway_credentials(),
+            base_url=gateway.base_url,
+            retry=INSTANT_RETRY,
+            poll=policy,
+            timeouts=Timeouts(job=1.5),
+        )
+        async with client:
+            job = client.images.attach("K1")
+            with pytest.raises(JobTimeoutError):
+                await job  # its deadline: 1.5 s, thirty min_intervals
+        # The first ask, and none again within max_interval (every min_interval: ~30).
+        assert gateway.connections == 1
 
 
 async def test_a_tls_handshake_cut_by_the_network_is_still_retried(tmp_path: Path) -> None:

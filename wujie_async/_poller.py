@@ -62,6 +62,7 @@ from ._errors import (
     RateLimitedError,
     ReplyTooComplexError,
     ResponseTooLargeError,
+    TransportError,
     UnknownJobError,
     WujieError,
     shown_key,
@@ -559,10 +560,13 @@ class BatchPoller:
                 elif isinstance(exc, ParameterError) and len(asked) > 1:
                     unreadable = exc  # 20010001 is the contract's answer to too many keys
                 else:
-                    if isinstance(exc, ParameterError):
+                    if isinstance(exc, ParameterError) or (
+                        isinstance(exc, TransportError) and exc.lasting
+                    ):
                         # Refused even alone: a key the gateway will not be asked about, or
                         # a body it never takes. Not asked again every min_interval (a
-                        # gateway refusing every call got 740 calls a second).
+                        # gateway refusing every call got 740 calls a second). Nor a gateway
+                        # whose certificate cannot be verified (a TLS handshake each time).
                         retry_wait = self._policy.max_interval
                     self._warnings.warning(
                         "batch query of %d keys failed: %s",
