@@ -45,6 +45,37 @@ CAP = 64 * 1024  # the tests' Limits.max_response_bytes
 RETRY = RetryPolicy(max_attempts=4, initial_wait=0.0, max_wait=0.05)
 
 
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def _serving(handle: Handler) -> AsyncIterator[int]:
+    """Serve ``handle`` on 127.0.0.1; yields the port. Each connection's writer is closed when
+    its handler ends, and handlers still running at the end are cancelled: no socket left
+    open."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        try:
+            await handle(reader, writer)
+        finally:  # cancelled too, at the server's end
+            writer.close()
+            handlers.discard(task)
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        await server.wait_closed()
+        for task in list(handlers):
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
 # --- TLS -----------------------------------------------------------------------------------------
 @dataclass
 class _TlsGateway:
@@ -61,35 +92,19 @@ async def _tls_gateway(folder: Path, *, cut_handshake: bool = False) -> AsyncIte
     connection is dropped as the client's hello arrives (the network cutting a handshake)."""
     context = self_signed_context(folder)
     gateway = _TlsGateway()
-    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         gateway.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            with contextlib.suppress(OSError):  # ssl.SSLError too: the client's alert
-                if cut_handshake:
-                    await reader.read(1)
-                    writer.transport.abort()
-                else:
-                    await writer.start_tls(context)  # the client refuses the certificate
-        finally:  # cancelled too, at the gateway's end: no socket left open
-            writer.close()
-            handlers.discard(task)
+        with contextlib.suppress(OSError):  # ssl.SSLError too: the client's alert
+            if cut_handshake:
+                await reader.read(1)
+                writer.transport.abort()
+            else:
+                await writer.start_tls(context)  # the client refuses the certificate
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    gateway.base_url = f"https://127.0.0.1:{port}/wj-open/v1"
-    try:
+    async with _serving(handle) as port:
+        gateway.base_url = f"https://127.0.0.1:{port}/wj-open/v1"
         yield gateway
-    finally:
-        server.close()
-        await server.wait_closed()
-        for task in list(handlers):
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 async def test_an_unverifiable_certificate_is_tried_once_not_once_per_attempt(
@@ -191,38 +206,23 @@ class _RawGateway:
 @asynccontextmanager
 async def _raw_gateway(*answers: Answer) -> AsyncIterator[_RawGateway]:
     gateway = _RawGateway()
-    handlers: set[asyncio.Task[None]] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        handlers.add(task)
-        try:
-            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                length = next(
-                    int(line.split(":", 1)[1])
-                    for line in lines
-                    if line.lower().startswith("content-length:")
-                )
-                await reader.readexactly(length)
-                gateway.asked.append(lines[0].split(" ")[1])
-                await answers[len(gateway.asked) - 1](writer)
-        finally:  # cancelled too, at the gateway's end: no socket left open
-            writer.close()
-            handlers.discard(task)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            length = next(
+                int(line.split(":", 1)[1])
+                for line in lines
+                if line.lower().startswith("content-length:")
+            )
+            await reader.readexactly(length)
+            gateway.asked.append(lines[0].split(" ")[1])
+            await answers[len(gateway.asked) - 1](writer)
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    gateway.origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
+    async with _serving(handle) as port:
+        gateway.origin = f"http://127.0.0.1:{port}"
         yield gateway
-    finally:
-        server.close()
-        await server.wait_closed()
-        for task in list(handlers):
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
 
 
 def _head(status: int, length: int | None, *headers: str) -> bytes:
