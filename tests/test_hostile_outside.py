@@ -412,10 +412,8 @@ def secrets_in(text: str, signs: list[str]) -> list[str]:
     return found
 
 
-def exception_texts(exc: BaseException) -> str:
-    """Everything an error shows: str, repr, args, notes and the whole traceback with its
-    causes and contexts."""
-    texts: list[str] = []
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every error behind it (causes and contexts, however they branch), once."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -423,6 +421,15 @@ def exception_texts(exc: BaseException) -> str:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]
+
+
+def exception_texts(exc: BaseException) -> str:
+    """Everything an error shows: str, repr, args, notes and the whole traceback with its
+    causes and contexts."""
+    texts: list[str] = []
+    for current in error_chain(exc):
         texts += [str(current), repr(current), repr(current.args)]
         texts += getattr(current, "__notes__", [])
         texts += (
@@ -430,7 +437,6 @@ def exception_texts(exc: BaseException) -> str:
             if hasattr(current, "__dict__")
             else []
         )
-        pending += [current.__cause__, current.__context__]
     texts += traceback.format_exception(exc)
     return "\n".join(texts)
 
@@ -1799,13 +1805,7 @@ def frame_locals(exc: BaseException) -> str:
     """The reprs of every local of every frame in the tracebacks of ``exc`` and its causes and
     contexts: what an error reporter that records locals (Sentry's default) stores."""
     texts: list[str] = []
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in error_chain(exc):
         tb = current.__traceback__
         while tb is not None:
             code = tb.tb_frame.f_code
@@ -1814,7 +1814,6 @@ def frame_locals(exc: BaseException) -> str:
                     with contextlib.suppress(Exception):
                         texts.append(f"{code.co_filename}:{code.co_name}: {name}={value!r}")
             tb = tb.tb_next
-        pending += [current.__cause__, current.__context__]
     return "\n".join(texts)
 
 
