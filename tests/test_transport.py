@@ -70,7 +70,7 @@ pytestmark = pytest.mark.anyio
         ("huge-declared", "cap", ResponseTooLargeError, 1),
         ("huge-chunked", "cap", ResponseTooLargeError, 1),
         # Nested too deep to read: not retried either (the poller asks about fewer keys).
-        ("nested", "nests deeper", ProtocolError, 1),
+        ("nested", "nested deeper", ProtocolError, 1),
         ("not-envelope", "envelope", ProtocolError, 2),
         ("array", "envelope", ProtocolError, 2),
     ],

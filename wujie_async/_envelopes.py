@@ -96,20 +96,8 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     """
     # Each container takes a byte at least: only a reply that long can hold too many.
     if len(raw) > MAX_JSON_CONTAINERS and raw.count(b"{") + raw.count(b"[") > MAX_JSON_CONTAINERS:
-        if 400 <= status < 500:
-            # Its status line says it was refused, as for a 4xx over the size cap: read as a
-            # reply too complex, a refused submit was "may have been charged" (never resent)
-            # and a batch query's 429 was asked about in halves, the 429 brake never told.
-            raise refused_unread(
-                status, headers, url, f"over {MAX_JSON_CONTAINERS:,} JSON objects and arrays"
-            )
-        raise ReplyTooComplexError(
-            f"the reply holds over {MAX_JSON_CONTAINERS:,} JSON objects and arrays (no reply "
-            "of this contract does): not read",
-            why=f"held over {MAX_JSON_CONTAINERS:,} JSON objects and arrays",
-            http_status=status,
-            body=snippet(raw[:200]),
-        )
+        over = f"over {MAX_JSON_CONTAINERS:,} JSON objects and arrays"
+        raise _too_complex(status, raw, headers, url, unread=over, why=f"held {over}")
     try:
         try:
             payload = json.loads(raw)
@@ -125,17 +113,8 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
     except ValueError:
         payload, is_json = None, False
     except RecursionError:
-        if 400 <= status < 500:
-            raise refused_unread(
-                status, headers, url, "nested deeper than a JSON reader follows"
-            ) from None
-        raise ReplyTooComplexError(
-            "the reply nests deeper than a JSON reader follows (no reply of this contract "
-            "does): not read",
-            why="nested deeper than a JSON reader follows",
-            http_status=status,
-            body=snippet(raw[:200]),
-        ) from None
+        deep = "nested deeper than a JSON reader follows"
+        raise _too_complex(status, raw, headers, url, unread=deep, why=deep) from None
     # The contract names 200, but a gateway (or a proxy before it) answering 201 or 202 with a
     # success envelope has accepted the call, and its key must not be dropped. Nor when a proxy
     # stamps another status (429, 503) on a success envelope that carries data: the job exists
@@ -153,6 +132,24 @@ def decode_reply(status: int, raw: bytes, headers: Mapping[str, str], *, url: st
         except ValidationError:
             envelope = None
     raise _reply_error(status, raw, headers, envelope, is_json, url)
+
+
+def _too_complex(
+    status: int, raw: bytes, headers: Mapping[str, str], url: str, *, unread: str, why: str
+) -> WujieError:
+    """The error for a body too complex to parse: ``unread`` and ``why`` say what it held,
+    as ``refused_unread`` and ``ReplyTooComplexError.why`` word it."""
+    if 400 <= status < 500:
+        # Its status line says it was refused, as for a 4xx over the size cap: read as a
+        # reply too complex, a refused submit was "may have been charged" (never resent)
+        # and a batch query's 429 was asked about in halves, the 429 brake never told.
+        return refused_unread(status, headers, url, unread)
+    return ReplyTooComplexError(
+        f"the reply was not read: it {why} (no reply of this contract does)",
+        why=why,
+        http_status=status,
+        body=snippet(raw[:200]),
+    )
 
 
 def _reply_error(
