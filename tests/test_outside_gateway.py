@@ -35,7 +35,7 @@ from wujie_async import (
     WujieClient,
     WujieError,
 )
-from wujie_async._download import NOT_FOUND_TRIES
+from wujie_async._image_fetch import NOT_FOUND_TRIES
 
 from .cli_helpers import CLEAN_ENV, cli
 from .conftest import INSTANT_RETRY

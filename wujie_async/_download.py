@@ -7,7 +7,8 @@ checked on every hop; redirects are followed by hand, at most ``max_redirects`` 
 one checked again. The bytes must carry a PNG/JPEG/WEBP signature and end where that format
 says (``end_problem``), and a file appears under its final name only once complete
 (``_atomic_file``). Writes and fsyncs run on worker threads, never on the event loop, and
-within the save's deadline (``_disk_steps``).
+within the save's deadline (``_disk_steps``). One attempt at a URL is ``_image_fetch``'s; an
+image sent inline (``b64_json``) is decoded by ``_inline_images``.
 
 Every image ends within ``DownloadPolicy.deadline``: an attempt fails as too slow when the
 server does not keep up ``min_rate``, transient failures are retried with backoff, and no new
@@ -17,8 +18,6 @@ attempt starts once ``RetryPolicy.max_elapsed`` has gone by.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import logging
@@ -30,28 +29,27 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Self
 
 import aiohttp
 import anyio
 from yarl import URL
 
-from ._addresses import AddressRule, CheckingResolver, ForbiddenAddressError, check_url
+from ._addresses import AddressRule, CheckingResolver, check_url
 from ._config import DownloadPolicy, RetryPolicy
 from ._disk_steps import DiskSteps
 from ._errors import (
     ClientStateError,
     InvalidRequestError,
     ProtocolError,
-    TransportError,
     WujieError,
     add_note_once,
     shown_key,
-    snippet,
     some_and_more,
 )
-from ._file_names import DEFAULT_NAME, check_template, render_name
-from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, sniff_format
+from ._file_names import DEFAULT_NAME, EXT_FIELD, check_template, render_name
+from ._image_fetch import ImageFetch, RetryableError, Target, name_the_file, too_slow
+from ._inline_images import b64_chars, decode_inline
 from ._results import GeneratedImage, ImageResult, SavedImage
 from ._telemetry import Telemetry
 
@@ -60,64 +58,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("wujie_async.download")
 
-_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 256 * 1024  # bytes handed to a worker thread per write
 _CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
-EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
 _CLI_ONLY_FIELDS = frozenset({"id", "line"})
-# Tries of an image that answers 404: a URL listed a moment ago may not be on its CDN yet (an
-# upload or a replication still under way), while one that expired stays gone, so a 404 gets
-# a few tries, not the whole retry budget.
-NOT_FOUND_TRIES = 3
-
-
-class _RetryableError(Exception):
-    """A transient download failure; ``error`` is raised if retries run out, or once
-    ``tries`` attempts have been made (when given: a failure that is only maybe transient)."""
-
-    def __init__(self, error: WujieError, *, tries: int | None = None) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.tries = tries
-
-
-class _Target:
-    """Where one image goes: a path whose name may hold ``{ext}``, and the names already
-    taken by the other images of the same save call (none may be written twice)."""
-
-    __slots__ = ("claimed", "folder", "index", "name")
-
-    def __init__(self, path: Path, index: int, claimed: dict[str, int] | None) -> None:
-        self.folder = path.parent
-        self.name = path.name
-        self.index = index
-        self.claimed = claimed
-
-    def final(self, ext: str) -> Path:
-        """The final path for an image of format ``ext``, claimed for this image.
-
-        Raises:
-            InvalidRequestError: another image of the same save call has that name.
-        """
-        name = self.name.replace(EXT_FIELD, ext)
-        if self.claimed is not None:
-            other = self.claimed.setdefault(name.casefold(), self.index)
-            if other != self.index:
-                raise InvalidRequestError(
-                    [("name", f"images {other} and {self.index} would both be saved as {name!r}")]
-                )
-        return self.folder / name
-
-
-def _join(base: URL, location: str) -> URL:
-    try:
-        return base.join(URL(location))
-    except ValueError:
-        raise InvalidRequestError([("url", "a redirect gave an invalid URL")]) from None
-
-
-def _too_slow(what: str) -> TransportError:
-    return TransportError(f"the image server was too slow: {what}", reached_server=True)
 
 
 class Downloader:
@@ -151,13 +93,14 @@ class Downloader:
         self._policy = policy or DownloadPolicy()
         self._retry = retry or RetryPolicy()
         self._rule = addresses or AddressRule()
+        self._fetch = ImageFetch(self._policy, self._rule, self._require_open)
         self._telemetry_to_start = telemetry is None  # its own: started at the first save
         self._telemetry = telemetry or Telemetry()  # a span and metrics per image, once on
         self._session: aiohttp.ClientSession | None = None
         self._slots: anyio.Semaphore | None = None
         self._closed = False
         # Cancelled by aclose(); each with where its image goes (named if it outlives that).
-        self._in_progress: dict[anyio.CancelScope, _Target] = {}
+        self._in_progress: dict[anyio.CancelScope, Target] = {}
         self._all_ended: anyio.Event | None = None  # what aclose() waits on, while it does
         # Saves in progress by (job key, image index, path): a second save of the same image
         # to the same path joins the first (see save()).
@@ -322,7 +265,7 @@ class Downloader:
         if self._telemetry_to_start:
             self._telemetry_to_start = False
             self._telemetry.start()
-        target = _Target(Path(path), image.index, claimed)
+        target = Target(Path(path), image.index, claimed)
         url = image.url if image.b64_json is None else None
         host = _host(url) if url is not None else None
         try:
@@ -331,7 +274,7 @@ class Downloader:
             _name_the_image(exc, key, image.index)  # made for this save: no one else holds it
             raise
 
-    async def _save(self, image: GeneratedImage, target: _Target) -> SavedImage:
+    async def _save(self, image: GeneratedImage, target: Target) -> SavedImage:
         with anyio.CancelScope() as scope:
             self._in_progress[scope] = target
             try:
@@ -342,7 +285,7 @@ class Downloader:
                     self._all_ended.set()
         raise ClientStateError("the client was closed while the image was being saved")
 
-    async def _save_now(self, image: GeneratedImage, target: _Target) -> SavedImage:
+    async def _save_now(self, image: GeneratedImage, target: Target) -> SavedImage:
         if image.b64_json is not None:
             return await self._save_inline(image.b64_json, target)
         if image.url is None:
@@ -360,10 +303,10 @@ class Downloader:
                 # the save too (an OSError, EIO), instead of holding it until the disk answers.
                 give_up_at = anyio.current_time() + (math.inf if deadline is None else deadline)
                 return await self._retrying(
-                    lambda: self._fetch(session, url, target, give_up_at), failures
+                    lambda: self._fetch.fetch(session, url, target, give_up_at), failures
                 )
         last = f"; the last try: {failures[-1]}" if failures else ""
-        raise _too_slow(
+        raise too_slow(
             f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline){last}"
         )
 
@@ -373,17 +316,17 @@ class Downloader:
         give_up_at = anyio.current_time() + (math.inf if deadline is None else deadline)
         return DiskSteps(give_up_at, deadline)
 
-    async def _save_inline(self, text: str, target: _Target) -> SavedImage:
+    async def _save_inline(self, text: str, target: Target) -> SavedImage:
         limit = self._policy.max_bytes
         if text.startswith("data:"):
             text = text.partition(",")[2]
-        if len(text) > _b64_chars(limit) * 40 // 38:  # the cap (line breaks allowed), coarsely
+        if len(text) > b64_chars(limit) * 40 // 38:  # the cap (line breaks allowed), coarsely
             raise ProtocolError(f"image is larger than {limit} bytes")
         _, slots = self._open_session()
         async with slots:
             # Its deadline runs from here, as a download's does: not the wait behind others.
             steps = self._disk_steps()
-            data, kind = await anyio.to_thread.run_sync(_decode, text, limit)
+            data, kind = await anyio.to_thread.run_sync(decode_inline, text, limit)
             path = target.final(kind)
             try:
                 await steps.open(path.parent, "wujie")  # see _stream_to_file
@@ -392,7 +335,7 @@ class Downloader:
             except BaseException as exc:
                 await steps.discard()
                 if isinstance(exc, OSError):
-                    _name_the_file(exc, path)
+                    name_the_file(exc, path)
                 raise
         return SavedImage(target.index, path, len(data), hashlib.sha256(data).hexdigest())
 
@@ -476,7 +419,7 @@ class Downloader:
             tries += 1
             try:
                 return await attempt()
-            except _RetryableError as exc:
+            except RetryableError as exc:
                 failures.append(exc.error)
                 elapsed = anyio.current_time() - started
                 if (
@@ -490,218 +433,6 @@ class Downloader:
                 logger.debug("image download: %s; try %d in %.2f s", exc, tries + 1, wait)
             await anyio.sleep(wait)
             self._require_open()
-
-    async def _fetch(
-        self, session: aiohttp.ClientSession, url: str, target: _Target, give_up_at: float
-    ) -> SavedImage:
-        """One attempt: follow redirects by hand (each hop checked), stream the image."""
-        policy = self._policy
-        current = URL(url)
-        for hop in range(policy.max_redirects + 1):
-            if hop:
-                check_url(str(current), allow_http=policy.allow_http, rule=self._rule)
-            if session.closed:  # aclose() ran meanwhile: aiohttp would raise a RuntimeError
-                self._require_open()
-                raise ClientStateError("the download session was closed")
-            # The error text never includes the URL: a CDN's URL may carry a signed token. The
-            # error is raised after the except block: `from None` alone would still keep
-            # aiohttp's exception (which holds the request and its URL) as __context__.
-            failure: Exception
-            try:
-                reply = await self._reply(session, current)
-                async with reply:
-                    if reply.status in _REDIRECT_STATUSES:
-                        location = reply.headers.get("Location")
-                        if not location:
-                            raise ProtocolError(f"HTTP {reply.status} redirect without a Location")
-                        current = _join(reply.url, location)
-                        continue
-                    if reply.status >= 500 or reply.status == 429:
-                        raise _RetryableError(
-                            ProtocolError("image download refused", http_status=reply.status)
-                        )
-                    if reply.status == 404:  # not on the CDN yet, or expired: a few tries
-                        raise _RetryableError(
-                            ProtocolError("image download refused", http_status=404),
-                            tries=NOT_FOUND_TRIES,
-                        )
-                    if reply.status != 200:
-                        raise ProtocolError("image download refused", http_status=reply.status)
-                    steps = DiskSteps(give_up_at, policy.deadline)
-                    return await self._stream_to_file(reply, target, steps)
-            except aiohttp.ClientConnectorCertificateError:
-                # Not transient: trying again until the deadline would only hide it behind
-                # "too slow".
-                failure = TransportError(
-                    "image download refused: the image server's TLS certificate could not be "
-                    "verified (not retried; check the image host, or this machine's CA "
-                    "certificates)",
-                    reached_server=True,
-                )
-            except aiohttp.ClientConnectorError as exc:
-                if isinstance(exc.os_error, ForbiddenAddressError):
-                    failure = self._rule.refusal(exc.os_error.host, exc.os_error.address)
-                else:
-                    failure = _RetryableError(
-                        TransportError(
-                            f"image download could not connect: {exc.os_error.strerror or 'error'}",
-                            reached_server=False,
-                        )
-                    )
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                # Reset, disconnected, truncated body (ClientPayloadError), read timeout.
-                failure = _RetryableError(
-                    TransportError(
-                        f"image download failed: {self._why(exc)} ({type(exc).__name__})",
-                        reached_server=True,
-                    )
-                )
-            raise failure
-        raise ProtocolError(f"image download redirected more than {policy.max_redirects} times")
-
-    def _why(self, exc: TimeoutError | aiohttp.ClientError) -> str:
-        """What went wrong, in words a user can act on: never aiohttp's own text, which
-        quotes the URL (a CDN's URL may carry a signed token) and the server's bytes."""
-        if isinstance(exc, aiohttp.ClientPayloadError):
-            return (
-                "the connection ended before the whole body arrived (fewer bytes than its "
-                "Content-Length, or a broken chunked or compressed body)"
-            )
-        if isinstance(exc, aiohttp.ServerDisconnectedError):
-            return "the image server closed the connection before it replied"
-        if isinstance(exc, aiohttp.ClientResponseError):
-            # aiohttp's text is read only to choose these words, never shown: its HTTP parser
-            # says "Data after `Connection: close`" when bytes follow a body whose length
-            # was declared, which is a Content-Length short of the body.
-            if str(exc.message).startswith("Data after"):
-                return (
-                    "the image server sent more bytes than its Content-Length declared (a "
-                    "Content-Length that does not match the body)"
-                )
-            return (
-                "the image server's reply could not be read as HTTP (more bytes than its "
-                "Content-Length declared, or a malformed status line or header)"
-            )
-        if isinstance(exc, TimeoutError):
-            return f"no data within {self._policy.read_timeout:g} s (DownloadPolicy.read_timeout)"
-        if isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
-            return f"the connection failed ({exc.strerror})"
-        return "the connection failed"
-
-    async def _reply(self, session: aiohttp.ClientSession, url: URL) -> aiohttp.ClientResponse:
-        """The reply's status line and headers, within ``read_timeout`` (a server that sends
-        its headers a byte at a time never trips a socket's read timeout)."""
-        wait = self._policy.read_timeout
-        with anyio.move_on_after(wait):
-            return await session.get(url, allow_redirects=False)
-        raise _RetryableError(_too_slow(f"no reply within {wait:g} s"))
-
-    async def _stream_to_file(
-        self, reply: aiohttp.ClientResponse, target: _Target, steps: DiskSteps
-    ) -> SavedImage:
-        policy = self._policy
-        declared = reply.content_length
-        if declared is not None and declared > policy.max_bytes:
-            raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
-        # The file steps on worker threads run to their end even when the task is cancelled
-        # meanwhile (DiskSteps), so a cancel never leaves a temporary file nobody knows of:
-        # each image is either complete under its final name or not there at all. Past the
-        # save's deadline a step that has not returned is given up on (its thread cleans up).
-        try:
-            await steps.open(target.folder, f"wujie-{target.index}")
-            size, digest, head, tail = await self._stream(reply, steps)
-            # Content-Length counts the bytes on the wire: a compressed body decodes to more.
-            encoded = _encoded(reply)
-            if declared is not None and not encoded and size != declared:
-                raise _RetryableError(
-                    TransportError(
-                        f"image download was cut short: {size} of the {declared} bytes its "
-                        "Content-Length declared",
-                        reached_server=True,
-                    )
-                )
-            kind = sniff_format(head)
-            if kind is None:
-                raise ProtocolError(
-                    f"downloaded bytes are not a PNG, JPEG or WEBP image "
-                    f"(Content-Type {_content_type(reply)})"
-                )
-            # Every image must reach its own end, whatever its length says: a compressed
-            # stream cut short decodes without an error, a body may end with the connection,
-            # and a Content-Length may itself be short (the server sends the rest after it,
-            # which aiohttp never reads). Cut short like a body short of its length: retried.
-            problem = end_problem(kind, head, tail, size)
-            if problem is not None:
-                came = _what_came(size, None if encoded else declared)
-                raise _RetryableError(
-                    TransportError(
-                        f"image download was cut short: {problem}, {came}", reached_server=True
-                    )
-                )
-            path = target.final(kind)
-            await steps.commit(path)
-        except BaseException as exc:
-            # The connection is not reused: a server that declared a length short of its body
-            # may still send the rest, which the next request on it would read as its reply.
-            reply.close()
-            await steps.discard()
-            if isinstance(exc, OSError):
-                _name_the_file(exc, steps.temp or target.folder)
-            raise
-        return SavedImage(target.index, path, size, digest)
-
-    async def _stream(
-        self, reply: aiohttp.ClientResponse, steps: DiskSteps
-    ) -> tuple[int, str, bytes, bytes]:
-        """Copy the body into the temporary file: (size, sha256, first bytes, last bytes). Every
-        ``min_rate * rate_window`` bytes must arrive within ``rate_window`` seconds."""
-        policy = self._policy
-        window = policy.rate_window
-        quantum = None if policy.min_rate is None else policy.min_rate * window
-        digest = hashlib.sha256()
-        size = 0
-        head = tail = b""
-        pending = bytearray()
-        window_ends = anyio.current_time() + window if quantum is not None else math.inf
-        window_bytes = 0
-        while True:
-            with anyio.CancelScope(deadline=window_ends) as scope:
-                try:
-                    chunk: bytes | None = await reply.content.read(_CHUNK)
-                except aiohttp.ClientPayloadError:
-                    # Raised below, out of this handler: aiohttp's exception (its text quotes
-                    # the server's bytes) must not ride along as the error's __context__.
-                    chunk = None
-            if scope.cancelled_caught:
-                raise _RetryableError(
-                    _too_slow(
-                        f"fewer than {quantum:.0f} bytes in {window:g} s "
-                        f"(DownloadPolicy.min_rate is {policy.min_rate:g} bytes/s)"
-                    )
-                )
-            if chunk is None:
-                raise _RetryableError(_broken_body(reply))
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > policy.max_bytes:
-                raise ProtocolError(f"image is larger than {policy.max_bytes} bytes")
-            if len(head) < HEAD_BYTES:
-                head += chunk[: HEAD_BYTES - len(head)]
-            tail = (tail + chunk[-TAIL_BYTES:])[-TAIL_BYTES:]
-            digest.update(chunk)
-            if quantum is not None:
-                window_bytes += len(chunk)
-                if window_bytes >= quantum:
-                    window_bytes = 0
-                    window_ends = anyio.current_time() + window
-            pending += chunk
-            if len(pending) >= _CHUNK:
-                await steps.write(bytes(pending))
-                pending.clear()
-        if pending:
-            await steps.write(bytes(pending))
-        return size, digest.hexdigest(), head, tail
 
 
 def check_job_template(name: str) -> None:
@@ -738,86 +469,6 @@ def check_job_template(name: str) -> None:
     check_template(name)
 
 
-# Line breaks and spaces a base64 encoder may wrap its text with (MIME's 76-column lines, as
-# Java's MIME encoder and the base64 tool write them).
-_B64_WRAPPING: Final = str.maketrans("", "", " \t\r\n")
-_URL_SAFE: Final = str.maketrans("-_", "+/")
-
-
-def _b64_chars(limit: int) -> int:
-    """The most characters of (padded) base64 that ``limit`` bytes take."""
-    return (limit + 2) // 3 * 4
-
-
-def _decode(text: str, limit: int) -> tuple[bytes, str]:
-    """Decoded ``b64_json`` bytes and their format (runs on a worker thread).
-
-    Base64 wrapped in lines, in the URL-safe alphabet or without its padding is read as such:
-    the image is paid for and its bytes are here (a gateway re-encoding OpenAI's image with
-    its platform's encoder). Anything else that is not base64 is refused, and the bytes must
-    still be a whole PNG, JPEG or WEBP image.
-    """
-    text = text.translate(_B64_WRAPPING)
-    if "-" in text or "_" in text:
-        text = text.translate(_URL_SAFE)
-    text += "=" * (-len(text) % 4)
-    if len(text) > _b64_chars(limit):  # the cap, before a byte is decoded
-        raise ProtocolError(f"image is larger than {limit} bytes")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ProtocolError("b64_json is not valid base64") from None
-    if len(data) > limit:
-        raise ProtocolError(f"image is larger than {limit} bytes")
-    kind = sniff_format(data[:16])
-    if kind is None:
-        raise ProtocolError("image bytes are not a PNG, JPEG or WEBP image")
-    problem = end_problem(kind, data[:HEAD_BYTES], data[-TAIL_BYTES:], len(data))
-    if problem is not None:
-        raise ProtocolError(
-            f"b64_json image is cut short: {problem}, after {len(data)} bytes (the gateway "
-            "listed only part of the image)"
-        )
-    return data, kind
-
-
-def _encoded(reply: aiohttp.ClientResponse) -> bool:
-    """True when the body came compressed (its Content-Length counts the compressed bytes)."""
-    return reply.headers.get("Content-Encoding", "identity").lower() != "identity"
-
-
-def _what_came(size: int, declared: int | None) -> str:
-    """How many bytes came before an image fell short of its end, and what that tells."""
-    if declared is None:
-        return f"after {size} bytes (the server sent only part of the image)"
-    return (
-        f"after the {size} bytes its Content-Length declared (the server declared a length "
-        "short of the image, or sent only part of it)"
-    )
-
-
-def _broken_body(reply: aiohttp.ClientResponse) -> TransportError:
-    """Why a body broke off (aiohttp's ClientPayloadError), from what its reply declared.
-    How many bytes came is not said: aiohttp drops what it held when the connection ended."""
-    if _encoded(reply):
-        why = "its compressed body broke off, or could not be decoded"
-    elif reply.content_length is not None:
-        why = (
-            f"the server closed the connection before sending the {reply.content_length} "
-            "bytes its Content-Length declared (a Content-Length longer than the image, or a "
-            "server that stopped part-way)"
-        )
-    else:
-        why = "the connection ended inside its chunked body, before the last chunk"
-    return TransportError(f"image download was cut short: {why}", reached_server=True)
-
-
-def _content_type(reply: aiohttp.ClientResponse) -> str:
-    """The reply's Content-Type for a message: the image server's text, cleaned and short."""
-    value = reply.headers.get("Content-Type")
-    return "none" if value is None else repr(snippet(value, limit=100))
-
-
 def _host(url: str) -> str | None:
     try:
         return URL(url).host
@@ -832,10 +483,3 @@ def _name_the_image(error: WujieError, key: str | None, index: int) -> None:
     where = f"image {index}" if key is None else f"job {shown_key(key)}, image {index}"
     if error.args and isinstance(error.args[0], str):
         error.args = (f"{where}: {error.args[0]}", *error.args[1:])
-
-
-def _name_the_file(error: OSError, path: Path) -> None:
-    """A disk's refusal (full, say) names the file it refused: ``[Errno 28] No space left on
-    device`` alone said nothing of where."""
-    if error.filename is None:
-        error.filename = str(path)

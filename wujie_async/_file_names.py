@@ -25,6 +25,7 @@ _PADDING_SPEC = re.compile(r"0?[1-9][0-9]?d?|d")
 _UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 _MAX_NAME_BYTES = 255
 DEFAULT_NAME = "{key}-{index}.{ext}"
+EXT_FIELD = "{ext}"  # in a download's file name: the image's format, once its bytes are seen
 # Device names that Windows (and so a share or a synced folder) refuses as a file's stem.
 _RESERVED_STEMS = frozenset(
     {"con", "prn", "aux", "nul"} | {f"{kind}{n}" for kind in ("com", "lpt") for n in range(1, 10)}
