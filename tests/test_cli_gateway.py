@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from .cli_helpers import CLEAN_ENV, cli, manifest
-from .conftest import EmulatorFactory
+from .conftest import EmulatorFactory, make_client
 from .helpers import SteppedClock
 
 pytestmark = pytest.mark.anyio
@@ -80,3 +80,33 @@ async def test_a_rerun_on_another_gateway_neither_collects_nor_resends_its_paid_
         assert [json.loads(line)["base_url"] for line in listing.splitlines()] == [
             gateway_a.base_url
         ] * 2
+
+
+async def test_a_resend_to_another_gateway_is_a_new_submit_recorded_as_that_gateways(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """`journal resend` of an uncertain row (no key: nothing to collect anywhere) sends a new
+    submit to the gateway it is given, and the new row records that gateway, so that a
+    resume on it collects the job (and one on the first gateway leaves it alone)."""
+    journal = tmp_path / "journal.sqlite"
+    async with emulator() as gateway_a, emulator() as gateway_b:
+        gateway_b.register(gateway_a.credentials)
+        async with make_client(gateway_a, journal=journal) as client:
+            await client.images.generate(prompt="an owl", model="dall-e-2", tag="id:owl")
+        with sqlite3.connect(journal) as db:  # the reply was lost
+            db.execute("UPDATE submits SET state = 'uncertain', job_key = NULL")
+        creds = gateway_a.credentials
+        env_b = CLEAN_ENV | {
+            "WUJIE_APP_ID": creds.app_id,
+            "WUJIE_PRIVATE_KEY": creds.private_key,
+            "WUJIE_BASE_URL": gateway_b.base_url,
+        }
+        out = tmp_path / "out"
+        resend = ["journal", "resend", "owl", "--yes", "--journal", str(journal), "-o", str(out)]
+        code, _, err = await cli(*resend, env=env_b)
+        assert code == 0, err
+        assert gateway_b.stats()["submits_accepted"] == 1
+        code, listing, err = await cli("journal", "list", "--json", "--journal", str(journal))
+        assert code == 0, err
+        [row] = [json.loads(line) for line in listing.splitlines()]
+        assert row["state"] == "succeeded" and row["base_url"] == gateway_b.base_url

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from wujie_async import Credentials, JournalFile, WujieClient
+from wujie_async._gateway_identity import shown_base_url
 from wujie_async.emulator import Emulator, EmulatorConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
@@ -146,3 +147,26 @@ async def test_a_journal_of_the_old_schema_migrates_and_its_rows_resume_as_befor
         with sqlite3.connect(journal) as db:
             columns = {row[1] for row in db.execute("PRAGMA table_info(submits)")}
         assert {"base_url", "gateway"} <= columns
+
+
+async def test_a_password_in_a_recorded_base_url_is_never_shown(
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients refuse a base URL with user:password@, but a journal file may hold anything
+    (written by hand, or by another program): resume's WARNING shows it redacted."""
+    assert shown_base_url("https://me:s3cret@api.example/v1") == "https://me:***@api.example/v1"
+    assert shown_base_url("https://t0ken@api.example/v1") == "https://***@api.example/v1"
+    assert shown_base_url("https://api.example/v1") == "https://api.example/v1"
+    journal = tmp_path / "jobs.sqlite"
+    async with emulator(clock=SteppedClock()) as emu:
+        key = await _submit_frozen(emu, journal)
+        with sqlite3.connect(journal) as db:
+            db.execute(
+                "UPDATE submits SET base_url = 'https://me:s3cret@api.example/v1', gateway = 'x'"
+            )
+        caplog.set_level(logging.WARNING, logger="wujie_async")
+        async with make_client(emu, journal=journal) as client:
+            assert await client.resume() == []
+        [warning] = [r.getMessage() for r in caplog.records if "resume" in r.getMessage()]
+        assert "https://me:***@api.example/v1" in warning and "s3cret" not in warning
+        assert _states(journal) == {key: "accepted"}
