@@ -648,7 +648,7 @@ async def test_a_fleet_that_lost_its_gateway_is_not_taken_by_another_gateway(
 
 
 def test_gateway_spellings_compare_equal() -> None:
-    from wujie_async.fleet._membership import _same_gateway
+    from wujie_async._gateway_identity import same_gateway as _same_gateway
 
     same = _same_gateway("https://api.example.com/wj-open/v1")
     for spelling in (

@@ -627,19 +627,23 @@ async def test_a_key_the_journal_holds_on_an_earlier_row_is_refused_by_itself(
             throwaway_credentials(), base_url=base_url, retry=INSTANT_RETRY, journal=path
         )
 
-    done = images_at("https://cdn.example/a.png")
-    async with scripted_gateway(all_running) as first, client_of(first.base_url) as client:
-        earlier = await client.images.submit(prompt="earlier", model="dall-e-2")
-    async with scripted_gateway(done) as restarted, client_of(restarted.base_url) as client:
-        with pytest.raises(SubmitUncertainError, match="earlier job in the journal") as refused:
-            await client.images.submit(prompt="new", model="dall-e-2")
-        assert earlier.key in str(refused.value) and restarted.submits == 1
-        [uncertain] = await client.uncertain_submits()
-        assert uncertain.request["prompt"] == "new" and uncertain.job_key is None
-        [job] = await client.resume()
-        assert job.key == earlier.key and job.request is not None
-        assert job.request["prompt"] == "earlier"
-        await asyncio.wait_for(job, 10)
+    # One gateway (one base URL: a journal row is resumed from its own gateway only), whose
+    # restart resets its key counter, and whose jobs are done by then.
+    script = [all_running, images_at("https://cdn.example/a.png")]
+    async with scripted_gateway(lambda keys: script[0](keys)) as gateway:
+        async with client_of(gateway.base_url) as client:
+            earlier = await client.images.submit(prompt="earlier", model="dall-e-2")
+        gateway.submits, script[0] = 0, script[1]  # restarted
+        async with client_of(gateway.base_url) as client:
+            with pytest.raises(SubmitUncertainError, match="earlier job in the journal") as refused:
+                await client.images.submit(prompt="new", model="dall-e-2")
+            assert earlier.key in str(refused.value) and gateway.submits == 1
+            [uncertain] = await client.uncertain_submits()
+            assert uncertain.request["prompt"] == "new" and uncertain.job_key is None
+            [job] = await client.resume()
+            assert job.key == earlier.key and job.request is not None
+            assert job.request["prompt"] == "earlier"
+            await asyncio.wait_for(job, 10)
     async with JournalFile(path) as journal:
         rows = {row.request["prompt"]: row for row in await journal.entries()}
     assert rows["earlier"].state == "succeeded" and rows["new"].state == "uncertain"

@@ -39,6 +39,7 @@ from ._errors import (
     some_and_more,
 )
 from ._fleet_link import FleetLink
+from ._gateway_identity import GatewayIdentity, other_gateways_said
 from ._gc_freeze import GcFreezer
 from ._images import Images
 from ._jobs import ImageJob
@@ -303,7 +304,9 @@ class WujieClient:
         if self._fleet is not None:
             self._journal = self._fleet.journal
         elif journal is not None:
-            self._journal = Journal(journal)
+            # Each row records its gateway: resume() asks only the gateway that took it.
+            gateway = GatewayIdentity.of(self.base_url, self.credentials.app_id)
+            self._journal = Journal(journal, gateway=gateway)
         self._submits = Submits(
             transport=self._transport,
             journal=self._journal,
@@ -765,6 +768,14 @@ class WujieClient:
         with an unreadable request is still resumed by its key (a WARNING names it); a row
         whose key is not a usable job key is skipped, and one WARNING names such rows.
 
+        A job key is known only to the gateway and account that accepted it: rows whose submit
+        went to another base URL or another app id than this client's (staging and production,
+        a changed ``WUJIE_BASE_URL``, a second account) are neither attached nor changed. They
+        stay ``accepted``, for a client of their gateway to resume, and one WARNING per call
+        says how many there are, the base URLs they were submitted to and this client's.
+        (Asked of this gateway, each would end "unknown key", its paid images never
+        collected.) Rows written before journals recorded their gateway are resumed here.
+
         In fleet mode it claims the accepted submits of members whose heartbeat expired
         (``RedisFleet(member_timeout=...)``) and attaches those: each dead member's job goes
         to exactly one member, and nothing is resubmitted. This member's own accepted
@@ -782,9 +793,15 @@ class WujieClient:
         self._check_open()
         journal = self._require_journal()
         if self._fleet is not None:
-            entries = await self._fleet.resumable()
+            entries = await self._fleet.resumable()  # (a fleet has one gateway: checked)
         else:
             entries = await journal.entries("accepted")
+        elsewhere: list[JournalEntry] = []
+        if isinstance(journal, Journal) and journal.gateway is not None:
+            mine = journal.gateway.fingerprint
+            elsewhere = [e for e in entries if e.gateway_fingerprint not in (None, mine)]
+            if elsewhere:
+                entries = [e for e in entries if e.gateway_fingerprint in (None, mine)]
         jobs: list[ImageJob] = []
         unusable: list[int] = []
         for entry in entries:
@@ -814,6 +831,15 @@ class WujieClient:
                 len(unusable),
                 some_and_more([str(row_id) for row_id in unusable], 10),
                 len(jobs),
+            )
+        if elsewhere:
+            logger.warning(
+                "resume: %d accepted job(s) in journal %s were submitted to %s: not resumed, "
+                "left accepted; resume them with a client of that gateway (its base URL and "
+                "app id)",
+                len(elsewhere),
+                getattr(journal, "path", "?"),
+                other_gateways_said(elsewhere, self.base_url),
             )
         # Queue consumers call it every few seconds: nothing resumed is DEBUG, not INFO.
         logger.log(

@@ -18,6 +18,11 @@ Rows move through these states::
 
 An ``intent`` found when a journal is opened belongs to a process that died mid-request (only
 the lock holder writes, and the lock is free): it becomes ``uncertain``.
+
+Each row records the gateway its submit was sent to: the base URL as the client was given it
+and the fingerprint of base URL and app id (``_gateway_identity``): a key means something to
+that gateway and account only. Journals written before rows recorded it gain the two columns
+(empty: no known gateway) when a writer opens them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._errors import ClientStateError
+from ._gateway_identity import GatewayIdentity
 from ._journal_worker import JournalWorker, Op
 from ._telemetry import RepeatedWarnings
 
@@ -49,7 +55,9 @@ CREATE TABLE IF NOT EXISTS submits (
     tag      TEXT,
     error    TEXT,
     created  REAL NOT NULL,
-    updated  REAL NOT NULL
+    updated  REAL NOT NULL,
+    base_url TEXT,
+    gateway  TEXT
 );
 CREATE INDEX IF NOT EXISTS submits_state ON submits(state);
 CREATE INDEX IF NOT EXISTS submits_key ON submits(job_key);
@@ -59,6 +67,9 @@ _OUTCOME_STATES = ("succeeded", "failed", "cancelled")
 _NOT_ACCEPTED_STATES = ("rejected", "uncertain", "unsent")
 _FINAL_STATES = (*_OUTCOME_STATES, *_NOT_ACCEPTED_STATES)
 ALL_STATES = ("intent", "accepted", *_FINAL_STATES)
+# Columns added since the first schema (nullable: older rows have none), each added to an older
+# file by ALTER TABLE when a writer opens it.
+_ADDED_COLUMNS = (("base_url", "TEXT"), ("gateway", "TEXT"))
 _SQL_VARIABLES_PER_STATEMENT = 500  # well under SQLite's lowest default limit (999)
 _ERROR_CHARS = 2000
 
@@ -77,6 +88,11 @@ class JournalEntry:
         tag: the caller's own id for the submit (e.g. a queue message id), if given.
         error: what went wrong, for rejected/uncertain/unsent/failed rows.
         created: unix time of the intent.
+        base_url: the base URL of the gateway the submit was sent to (as its client was
+            given it); None for rows written before journals recorded it.
+        gateway_fingerprint: SHA-256 of that base URL and the client's app id (the app id
+            itself is not stored): a key is known to that gateway and account only. None
+            for rows written before journals recorded it.
     """
 
     id: int
@@ -87,6 +103,8 @@ class JournalEntry:
     tag: str | None
     error: str | None
     created: float
+    base_url: str | None = None
+    gateway_fingerprint: str | None = None
 
 
 def read_stored_request(text: Any) -> tuple[dict[str, Any], str | None]:
@@ -168,10 +186,17 @@ class SubmitJournal(Protocol):
 
 
 class Journal:
-    """The SQLite journal of one client. Open with :meth:`open`, close with :meth:`close`."""
+    """The SQLite journal of one client. Open with :meth:`open`, close with :meth:`close`.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    ``gateway``: the gateway (and account) the client sends to, recorded on each new row;
+    None for a journal opened without a client (it writes no new rows).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, gateway: GatewayIdentity | None = None
+    ) -> None:
         self.path = Path(path)
+        self.gateway = gateway
         # WARNINGs that can repeat per row or per record: one line a minute of each kind.
         self._warnings = RepeatedWarnings(logger)
         self._worker = JournalWorker(self.path, _prepare, warnings=self._warnings)
@@ -245,12 +270,15 @@ class Journal:
         """
         now = time.time()
         text = json.dumps(request, ensure_ascii=False)
+        gateway = self.gateway
+        base_url, fingerprint = (gateway.base_url, gateway.fingerprint) if gateway else (None, None)
         future = self._worker.write_soon(
             [
                 (
-                    "INSERT INTO submits (path, request, state, tag, created, updated)"
-                    " VALUES (?, ?, 'intent', ?, ?, ?)",
-                    (path, text, tag, now, now),
+                    "INSERT INTO submits"
+                    " (path, request, state, tag, created, updated, base_url, gateway)"
+                    " VALUES (?, ?, 'intent', ?, ?, ?, ?, ?)",
+                    (path, text, tag, now, now, base_url, fingerprint),
                 )
             ]
         )
@@ -402,11 +430,16 @@ class Journal:
             tag=row[5],
             error=row[6],
             created=row[7],
+            base_url=row[8],
+            gateway_fingerprint=row[9],
         )
 
 
-def entries_query(states: tuple[str, ...], tag: str | None) -> tuple[str, tuple[Any, ...]]:
+def entries_query(
+    states: tuple[str, ...], tag: str | None, *, with_gateway: bool = True
+) -> tuple[str, tuple[Any, ...]]:
     """The query of the rows in ``states`` (every row if none), with ``tag`` if given.
+    ``with_gateway``: False for a file not migrated yet (read only), whose rows have none.
 
     Raises:
         ValueError: a state that is not a journal state.
@@ -422,16 +455,29 @@ def entries_query(states: tuple[str, ...], tag: str | None) -> tuple[str, tuple[
         clauses.append("tag = ?")
         params += (tag,)
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    gateway = "base_url, gateway" if with_gateway else "NULL, NULL"
     sql = (
-        "SELECT id, path, request, state, job_key, tag, error, created FROM submits"
+        f"SELECT id, path, request, state, job_key, tag, error, created, {gateway} FROM submits"
         f"{where} ORDER BY id"
     )
     return sql, params
 
 
+def has_gateway_columns(columns: Iterable[str]) -> bool:
+    """Whether a ``submits`` table of these columns records rows' gateways (else: a file
+    written before they did, read only since)."""
+    return {name for name, _ in _ADDED_COLUMNS} <= set(columns)
+
+
 def _prepare(connection: sqlite3.Connection) -> None:
-    """The schema, and the intents of a dead writer (we hold the lock) made ``uncertain``."""
+    """The schema (an older file's table given the columns added since), and the intents of
+    a dead writer (we hold the lock) made ``uncertain``."""
     connection.executescript(_SCHEMA)
+    present = {str(row[1]) for row in connection.execute("PRAGMA table_info(submits)")}
+    for name, kind in _ADDED_COLUMNS:
+        if name not in present:
+            # Nullable, no default: SQLite adds it without rewriting the rows.
+            connection.execute(f"ALTER TABLE submits ADD COLUMN {name} {kind}")
     connection.execute(
         "UPDATE submits SET state='uncertain', error=?, updated=? WHERE state='intent'",
         ("the process stopped before the gateway's reply was recorded", time.time()),

@@ -17,7 +17,7 @@ from typing import Self
 import anyio
 
 from ._errors import ClientStateError
-from ._journal import Journal, JournalEntry, entries_query
+from ._journal import Journal, JournalEntry, entries_query, has_gateway_columns
 from ._journal_worker import read_only_query
 
 
@@ -47,6 +47,9 @@ class JournalFile:
         self.read_only = read_only
         self._journal = Journal(self.path)
         self._open = False
+        # Read only, a file written before rows recorded their gateway is read as it is
+        # (a writer adds the columns): its rows are listed with no gateway.
+        self._with_gateway = True
 
     def __repr__(self) -> str:
         shown = ", read_only=True" if self.read_only else ""
@@ -62,6 +65,10 @@ class JournalFile:
             await anyio.to_thread.run_sync(
                 read_only_query, self.path, "SELECT id FROM submits LIMIT 0", ()
             )
+            columns = await anyio.to_thread.run_sync(
+                read_only_query, self.path, "PRAGMA table_info(submits)", ()
+            )
+            self._with_gateway = has_gateway_columns(str(row[1]) for row in columns)
         else:
             await self._journal.open()
         self._open = True
@@ -88,7 +95,7 @@ class JournalFile:
         self._check_open()
         if not self.read_only:
             return await self._journal.entries(*states, tag=tag)
-        sql, params = entries_query(states, tag)
+        sql, params = entries_query(states, tag, with_gateway=self._with_gateway)
         rows = await anyio.to_thread.run_sync(read_only_query, self.path, sql, params)
         return [self._journal.entry(row) for row in rows]
 

@@ -25,6 +25,7 @@ from .. import JournalEntry, JournalFile, Limits
 from .._budget import Kind, kind_of
 from .._errors import ClientStateError
 from .._file_names import DEFAULT_NAME, PlannedJob
+from .._gateway_identity import shown_base_url
 from .._journal import ALL_STATES
 from .._journal_worker import read_only_query
 from .._keys import images_in, is_job_key
@@ -335,10 +336,15 @@ def _as_json(entry: JournalEntry, manifest_line: int | None) -> dict[str, Any]:
         "created": entry.created,
         "prompt": entry.request.get("prompt"),
         "error": readable_error(entry.error) if entry.error else None,
+        # The gateway its submit went to (null: a row written before rows recorded it); its
+        # key is known there only. (The app id is not stored: only a fingerprint of it.)
+        "base_url": shown_base_url(entry.base_url) if entry.base_url else None,
     }
 
 
 def _list(entries: list[JournalEntry]) -> None:
+    # Rows sent to more than one gateway (or account) name theirs: a key is known there only.
+    gateways = {entry.gateway_fingerprint for entry in entries if entry.gateway_fingerprint}
     for entry in entries:
         when = datetime.datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M:%S")
         prompt = clean(str(entry.request.get("prompt", "")))[:60]
@@ -348,6 +354,8 @@ def _list(entries: list[JournalEntry]) -> None:
         parts = [when, f"{row_name(entry):<12}", f"{entry.state:<10}", key, prompt]
         if entry.error:
             parts.append(f"({readable_error(entry.error)[:160]})")
+        if len(gateways) > 1:
+            parts.append(f"[base URL {clean(shown_base_url(entry.base_url or '')) or '?'}]")
         print("  ".join(parts))  # noqa: T201 - the listing is this command's output
     print(f"{len(entries)} row(s)")  # noqa: T201
 

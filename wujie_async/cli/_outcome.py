@@ -197,6 +197,11 @@ def _code(exc: BaseException) -> str:
     return "error"
 
 
+# The error_code of a line whose job another gateway accepted (another base URL or app id
+# than the run's): never asked of this one, never resent (see _plan.elsewhere_outcome).
+OTHER_GATEWAY: Final = "other_gateway"
+
+
 @dataclass(slots=True)
 class LineOutcome:
     """How one input line ended."""
@@ -211,6 +216,9 @@ class LineOutcome:
     # for the cap, bytes that are not an image): what is wrong, in words (see
     # _image_problems.lasting_problem).
     lasting: str | None = None
+    # A line whose job another gateway accepted (another base URL or app id than this run's):
+    # the base URL that took it (see _plan.elsewhere_outcome), never asked of this one.
+    base_url: str | None = None
 
 
 # What ``input`` says for records of commands that read no input file.

@@ -7,13 +7,19 @@ resent only with ``--retry-failed``, and lines never sent are sent. Uncertain li
 has a key (the gateway accepted it, then reported it only unreadably or forgot it) are asked
 about again: their images are collected if the gateway now lists the job done, else they stay
 uncertain. Without a journal the manifest's rows decide the same way (``plan_from_manifest``).
+
+A line whose job another gateway accepted (the journal row records another base URL or app id
+than this run's: staging and production, a changed WUJIE_BASE_URL, another account) is neither
+collected (this gateway does not know its key: it would end "unknown key", its paid images
+never saved) nor resent (paid twice): it ends this run ``uncertain`` (``other_gateway``), its
+row left as it was, and the summary names the base URL that collects it.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,12 +36,14 @@ from .. import (
     WujieError,
 )
 from .._budget import Kind, kind_of
+from .._gateway_identity import gateway_fingerprint, shown_base_url
 from .._keys import images_in
 from ._bulk_data import Row
 from ._common import UsageError
 from ._input import BulkItem, line_tag, moved_rows
 from ._manifest_keys import charged_keys, record_manifest_keys
 from ._outcome import (
+    OTHER_GATEWAY,
     LineOutcome,
     Status,
     clean,
@@ -85,6 +93,28 @@ class Plan:
     # uncertain lines' (never counted twice), and a line that still cannot be told ends
     # uncertain again, never failed (BulkRun(rechecked=...)).
     rechecked: set[str] = field(default_factory=set)
+
+
+def of_another_gateway(client: WujieClient) -> Callable[[JournalEntry], bool]:
+    """Whether a journal row's submit went to another gateway than ``client``'s (another base
+    URL or app id). A row that records none (written before rows did) is taken as this one's."""
+    mine = gateway_fingerprint(client.base_url, client.credentials.app_id)
+    return lambda entry: entry.gateway_fingerprint not in (None, mine)
+
+
+def elsewhere_outcome(entry: JournalEntry, row: Row) -> LineOutcome:
+    """A line whose job another gateway accepted: left to a run on that gateway."""
+    shown = shown_base_url(entry.base_url or "") or "(not recorded)"
+    return LineOutcome(
+        "uncertain",
+        row.line,
+        row.row_id,
+        entry.job_key,
+        OTHER_GATEWAY,
+        f"accepted (paid) by another gateway, base URL {shown} (or another app id): not "
+        "collected from this one, and not sent again; collect it with a run on that gateway",
+        base_url=shown,
+    )
 
 
 def known_keys(records: Iterable[dict[str, Any]], entries: Iterable[JournalEntry] = ()) -> set[str]:
@@ -192,6 +222,7 @@ async def plan_rerun(
     removed since included. ``unpriced``: kinds with no known price (see :func:`_held`)."""
     plan = Plan()
     charged = charged_keys(manifest_records)
+    elsewhere = of_another_gateway(client)
     entries = await client.journal_entries()
     if await record_manifest_keys(client, manifest_records, entries):
         entries = await client.journal_entries()  # those rows are accepted now
@@ -255,6 +286,8 @@ async def plan_rerun(
                 n = images_in(entry.request) or n
             if state == "succeeded" and len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
+            elif elsewhere(entry):
+                plan.settled.append(elsewhere_outcome(entry, row))
             elif (job := _attach(client, entry, plan, n, job_timeout, charged)) is not None:
                 plan.collect.append((row, job))
             else:
@@ -271,6 +304,8 @@ async def plan_rerun(
             submitted_at = min(entry.created, _told_long_ago(client)) if told else entry.created
             if len(saved.get(entry.job_key, ())) >= n:
                 plan.settled.append(LineOutcome("saved", row.line, row.row_id, entry.job_key))
+            elif elsewhere(entry):
+                plan.settled.append(elsewhere_outcome(entry, row))
             elif (
                 job := _attach(
                     client,
@@ -329,6 +364,8 @@ async def plan_rerun(
         key = entry.job_key
         if tag in claimed or entry.state not in ("accepted", "succeeded") or not key:
             continue
+        if elsewhere(entry):
+            continue  # another gateway's: left accepted, for a run (resume) on that gateway
         n = images_in(entry.request) or 1
         if entry.state == "succeeded" and len(saved.get(key, ())) >= n:
             continue
@@ -624,6 +661,7 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
     their images are saved if the gateway lists them done now, else they stay uncertain."""
     plan = Plan()
     saved = saved_indexes(manifest_records)
+    elsewhere = of_another_gateway(client)
     await record_manifest_keys(client, manifest_records)
     lines = lines_by_id(manifest_records)
     by_key = {r["key"]: r for r in manifest_records if isinstance(r.get("key"), str)}
@@ -650,6 +688,9 @@ async def plan_resume(client: WujieClient, manifest_records: list[dict[str, Any]
             continue
         line, row_id = line_of(entry, lines)
         row = Row(line, row_id, entry.tag, entry.request)
+        if elsewhere(entry):
+            plan.settled.append(elsewhere_outcome(entry, row))
+            continue
         job = _attach(
             client,
             entry,

@@ -14,6 +14,7 @@ from rich.text import Text
 
 from .._errors import some_and_more
 from .._file_names import DEFAULT_NAME
+from .._gateway_identity import shown_base_url
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from ._bulk_data import BulkResult
 from ._common import (
@@ -29,6 +30,7 @@ from ._common import (
 from ._image_problems import NOT_AN_IMAGE, TOO_LARGE
 from ._journal_rows import numbered
 from ._outcome import (
+    OTHER_GATEWAY,
     LineOutcome,
     Unreported,
     clean,
@@ -232,6 +234,12 @@ class Summary:
                 # take, and jobs whose records the journal had not committed.
                 "manifest_unwritten_keys": _keys_held(result.unrecorded),
                 "journal_uncommitted_keys": list(self.journal_left),
+                # Lines whose job another gateway accepted: not collected here, not resent.
+                "other_gateway": [
+                    {"line": o.line, "id": o.row_id, "key": o.key, "base_url": o.base_url}
+                    for o in result.outcomes
+                    if o.error_code == OTHER_GATEWAY
+                ],
                 # As every --json ending has: what ended the command early (null: nothing).
                 "error": stopped,
             }
@@ -262,6 +270,28 @@ class Summary:
             else ""
         )
         return f"; {self.points:g} points spent{earlier}{maybe}{of}"
+
+    def _elsewhere_said(self, elsewhere: list[LineOutcome]) -> None:
+        """Lines whose job another gateway accepted (another base URL or app id): each named
+        with the base URL that took it, and the command that collects them there."""
+        by_url: dict[str, list[LineOutcome]] = {}
+        for outcome in elsewhere:
+            by_url.setdefault(outcome.base_url or "(not recorded)", []).append(outcome)
+        named = [
+            f"{some_and_more([_line_name(o) for o in outcomes], 10)} by base URL {url}"
+            for url, outcomes in by_url.items()
+        ]
+        first = next(iter(by_url))
+        where = f" {_sh(self.journal)}" if self.journal is not None else ""
+        self._say(
+            f"{len(elsewhere)} line(s) were accepted (paid) by another gateway than this "
+            f"run's (base URL {shown_base_url(self.base_url)}): {'; '.join(named[:3])}"
+            f"{f' (and {len(named) - 3} base URL(s) more)' if len(named) > 3 else ''}. This "
+            "gateway does not know their keys: they were not asked of it, nor sent again, and "
+            "their journal rows are as they were. Collect them on the gateway that took them "
+            "(with the app id and key that sent them, if that was another account):\n"
+            f"  wujie-async resume{where} --out {_sh(self.args.out)} --base-url {_sh(first)}"
+        )
 
     def _unreported_said(self, result: BulkResult) -> None:
         """What the summary's points leave out: jobs that ended without a reported cost."""
@@ -477,7 +507,10 @@ class Summary:
                 f"again, and save their images if the gateway lists them done, with:\n  "
                 f"{self._collect(keys)}" + (f" {_PAYS_AGAIN}" if self._one_job else "")
             )
-        if counts["uncertain"] - accepted - len(missing):
+        elsewhere = [o for o in result.outcomes if o.error_code == OTHER_GATEWAY]
+        if elsewhere:
+            self._elsewhere_said(elsewhere)
+        if counts["uncertain"] - accepted - len(missing) - len(elsewhere):
             see = (
                 f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                 if self.journal is not None
@@ -489,7 +522,8 @@ class Summary:
                 else "resend them by adding --retry-uncertain"
             )
             say(
-                f"{counts['uncertain'] - accepted - len(missing)} line(s) may have been charged "
+                f"{counts['uncertain'] - accepted - len(missing) - len(elsewhere)} line(s) may "
+                "have been charged "
                 "without a "
                 f"reply; they are never resent silently. See them with: {see}; once the "
                 f"gateway's console shows they were not charged, {resend}"

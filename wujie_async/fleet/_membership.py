@@ -14,7 +14,6 @@ is checked at every join; who keeps the fleet when two gateways meet is settled 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -22,14 +21,12 @@ import socket
 import time
 import uuid
 from typing import Literal
-from urllib.parse import urlsplit
 
+from .._gateway_identity import gateway_fingerprint
 from ._errors import FleetMismatchError
 from ._link import REDIS_MS, RedisLink, Script
 
 Beat = Literal["refreshed", "unknown", "expired"]
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _NOW_MS = REDIS_MS + "local now = redis_ms()\n"
 # KEYS: members, info, gateway, kept-out, kept-out-gateway. ARGV: id, info JSON, fingerprint,
@@ -123,21 +120,6 @@ def new_member_id() -> str:
     return f"{host[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _same_gateway(base_url: str) -> str:
-    """``base_url`` spelled one way for every spelling of the same gateway: scheme and host
-    in lower case (they are case-blind), the scheme's default port left out, no trailing
-    slash. The path is kept as given (a gateway's paths may tell case apart)."""
-    parts = urlsplit(base_url)
-    scheme = parts.scheme.lower()
-    host = (parts.hostname or "").lower()
-    port = parts.port  # check_base_url let it through: its port is a number
-    if port is not None and port != _DEFAULT_PORTS.get(scheme):
-        host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    elif ":" in host:
-        host = f"[{host}]"
-    return f"{scheme}://{host}{parts.path.rstrip('/')}"
-
-
 class Membership:
     """One member's place in the fleet: joining, heartbeats, leaving; and who else is there."""
 
@@ -163,8 +145,7 @@ class Membership:
         spellings (a scheme or host in capitals, the scheme's default port written out, a
         trailing slash) compare equal."""
         self._base_url = base_url
-        same = _same_gateway(base_url)
-        self._fingerprint = hashlib.sha256(f"{same}\n{app_id}".encode()).hexdigest()
+        self._fingerprint = gateway_fingerprint(base_url, app_id)
 
     @property
     def gateway(self) -> tuple[str, str, str]:
