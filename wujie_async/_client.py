@@ -307,6 +307,7 @@ class WujieClient:
             # Each row records its gateway: resume() asks only the gateway that took it.
             gateway = GatewayIdentity.of(self.base_url, self.credentials.app_id)
             self._journal = Journal(journal, gateway=gateway)
+        self._other_gateway_rows: set[int] = set()  # of resume()'s last call (said once)
         self._submits = Submits(
             transport=self._transport,
             journal=self._journal,
@@ -832,8 +833,11 @@ class WujieClient:
                 some_and_more([str(row_id) for row_id in unusable], 10),
                 len(jobs),
             )
+        # Queue consumers call it every few seconds: the same rows are said once, at WARNING.
+        shown, self._other_gateway_rows = self._other_gateway_rows, {e.id for e in elsewhere}
         if elsewhere:
-            logger.warning(
+            logger.log(
+                logging.WARNING if self._other_gateway_rows != shown else logging.DEBUG,
                 "resume: %d accepted job(s) in journal %s were submitted to %s: not resumed, "
                 "left accepted; resume them with a client of that gateway (its base URL and "
                 "app id)",
