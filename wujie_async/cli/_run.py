@@ -39,6 +39,7 @@ from ._common import (
 from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem
 from ._manifest_keys import charged_keys, names_taken
+from ._manifest_plan import plan_from_manifest
 from ._outcome import (
     LineOutcome,
     Manifest,
@@ -57,17 +58,9 @@ from ._outcome import (
     unreported_cost,
     with_learned_prices,
 )
-from ._plan import (
-    Plan,
-    journal_uncertain,
-    known_keys,
-    plan_from_manifest,
-    plan_rerun,
-    plan_resume,
-    plan_status,
-    sent_lines,
-)
+from ._plan import Plan, known_keys, plan_status, sent_lines
 from ._progress import Display, Mode, Tally
+from ._rerun_plan import journal_uncertain, plan_rerun, plan_resume
 from ._rows import ROWS_DEADLINE_S
 from ._signals import Signals, stopping_on_signals
 from ._summary import Summary
