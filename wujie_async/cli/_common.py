@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import shlex
+import sys
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Final
@@ -265,3 +266,13 @@ def print_json_ending(said: dict[str, Any]) -> None:
         return
     _Ending.printed = True
     print(json.dumps(said), flush=True)  # noqa: T201 - the machine-readable ending is output
+
+
+def confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError(f"{question}: pass --yes to confirm (stdin is not a terminal)")
+    answer = input(f"{question} [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        raise UsageError("not confirmed; nothing was changed")

@@ -247,3 +247,19 @@ def edited_said(edited: list[list[list[JournalEntry]]]) -> str:
         f"runs): " + ", ".join(request(rows) for rows in requests)
         for requests in edited[:10]
     )
+
+
+# Rows whose job the gateway took (and charged for): sending them again pays again, and the
+# new row would replace the one that leads to the first job's images.
+PAID_STATES = {
+    "accepted": "its job is running (paid)",
+    "succeeded": "its job succeeded (paid)",
+    "cancelled": "its job was accepted (paid) and only its wait cancelled",
+}
+
+
+def paid_said(paid: list[JournalEntry]) -> str:
+    """The first ten rows of paid jobs, each with what its state means."""
+    return "; ".join(
+        f"{row_name(entry)} is {entry.state}: {PAID_STATES[entry.state]}" for entry in paid[:10]
+    )
