@@ -27,8 +27,8 @@ from wujie_async import (
     SubmitUncertainError,
     WujieClient,
 )
+from wujie_async._admission import _Slots
 from wujie_async._keys import is_job_key
-from wujie_async._submitting import _Slots
 from wujie_async.emulator import FaultConfig
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client

@@ -25,6 +25,7 @@ import anyio
 
 from . import _contract, _stats
 from ._addresses import AddressRule
+from ._admission import Admission
 from ._auth import Credentials, HeaderSigner
 from ._base_url import check_base_url
 from ._budget import Budget
@@ -49,7 +50,7 @@ from ._models import EditRequest, GenerationRequest
 from ._poller import OLD_KEY_ABSENCE_GRACE_S, BatchPoller
 from ._results import GeneratedImage, SavedImage
 from ._stats import ClientStats
-from ._submitting import Admission, Submits
+from ._submitting import Submits
 from ._telemetry import Telemetry
 from ._transport import Transport
 

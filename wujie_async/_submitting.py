@@ -17,6 +17,8 @@ it gets, and how every submit still running ends when the client closes.
         await record.accepted(key)      key written before submit() returns
     make_job(key)                       the client's one job factory
 
+Admission lives in ``_admission``, the journal protocol of one submit in ``_submit_record``.
+
 Closing the client ends each submit at once by cancelling its task (``Task.cancel``); that
 cancel is told apart from the caller's own cancellation, which always goes on (the submit
 takes back only its own request, ``Task.uncancel``).
@@ -25,16 +27,14 @@ takes back only its own request, ``Task.uncancel``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
+from ._admission import Admission
 from ._budget import Budget, RequestBody, Reservation
-from ._config import Limits
 from ._errors import (
     ClientStateError,
     IncompleteJobError,
@@ -43,14 +43,12 @@ from ._errors import (
     JobTimeoutError,
     ProtocolError,
     SubmitUncertainError,
-    TransportError,
     UnknownJobError,
-    WujieError,
 )
 from ._jobs import ImageJob
 from ._journal import JournalEntry, SubmitJournal
 from ._keys import usable_key
-from ._ratelimit import WINDOW_MARGIN_S, Pacer, Ready
+from ._submit_record import SubmitRecord, outcome_state
 
 if TYPE_CHECKING:
     from ._otel import JobTrace
@@ -59,264 +57,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wujie_async")
 
 
-class _Slots(asyncio.Semaphore):
-    """asyncio's semaphore, whose free slot can be taken in a plain call (:meth:`take_free`)."""
-
-    def take_free(self) -> bool:
-        """Take a slot if one is free and no one waits for one, as ``acquire()`` then takes
-        it at once, but with no coroutine and no scan of the waiters (about 4,000 fewer
-        instructions per submit). False: nothing was taken; await ``acquire()``."""
-        if _SEMAPHORE_FIELDS and self._value > 0 and not self._waiters:
-            self._value -= 1
-            return True
-        return False
-
-    def release(self) -> None:
-        """Give a slot back: in a plain step while no one waits for one (as asyncio's own
-        does then, with one call less), else through asyncio's, which wakes the next."""
-        if _SEMAPHORE_FIELDS and not self._waiters:
-            self._value += 1
-        else:
-            super().release()
-
-
-# take_free reads two private fields of asyncio.Semaphore (3.11 to 3.14 have both): on a Python
-# without them, every slot is taken by acquire() instead of failing.
-_SEMAPHORE_FIELDS = all(hasattr(asyncio.Semaphore(1), name) for name in ("_value", "_waiters"))
-
-
-class Admission:
-    """When a submit may go out: the in-flight bound, the submit slots and the pacer.
-
-    Attributes:
-        send_slots: the ``max_concurrent_submits`` slots (see :meth:`take_send_slot`).
-        unpaced: no pace to wait for (no ``max_submits_per_second``, no fleet).
-        bounds_in_flight: ``max_in_flight`` is set (else :meth:`take_in_flight` need not be
-            awaited: it would return None at once).
-
-    Args:
-        limits: the client's limits.
-        pace: waits for each submit's turn in place of the local pacer: a fleet's shared
-            rate and its 429 pause (called whether or not ``max_submits_per_second`` is set).
-            It awaits the ``ready`` it is given (the journal's intent) shortly before the
-            turn comes, not between the turn and the send.
-    """
-
-    def __init__(
-        self, limits: Limits, *, pace: Callable[[Ready], Awaitable[None]] | None = None
-    ) -> None:
-        # asyncio's own semaphores (the submit hot path): a free slot is taken without a trip
-        # through the event loop, in half the time of anyio's (which looks up the task's
-        # cancel scopes first); a submit is ended by cancelling its task, which these obey.
-        self.send_slots = _Slots(limits.max_concurrent_submits)
-        self._in_flight = (
-            asyncio.Semaphore(limits.max_in_flight) if limits.max_in_flight is not None else None
-        )
-        self._pace = pace
-        if pace is None and limits.max_submits_per_second is not None:
-            self._pace = Pacer(limits.max_submits_per_second, margin=WINDOW_MARGIN_S).wait
-        # No pace (and, with no journal, nothing to write): the hot path waits for a slot only.
-        self.unpaced = self._pace is None
-        self.bounds_in_flight = self._in_flight is not None
-
-    async def take_in_flight(self) -> Callable[[], None] | None:
-        """Wait for room under ``max_in_flight``; returns the release (held until the job ends).
-
-        None when there is no bound.
-        """
-        slots = self._in_flight
-        if slots is None:
-            return None
-        await slots.acquire()
-        return slots.release
-
-    async def pace_again(self) -> None:
-        """A fresh turn of the submit rate for a resend (a submit refused with 429)."""
-        if self._pace is not None:
-            await self._pace(_nothing_to_do)
-
-    async def take_send_slot(self, ready: Ready | None) -> None:
-        """Take one of the ``max_concurrent_submits`` slots (``send_slots``), paced;
-        ``ready`` (the journal's intent) is awaited once, as late as the pacing allows (None:
-        nothing to write). The caller releases the slot once the request is done.
-
-        A submit with neither a pace nor a journal takes ``send_slots.acquire()`` directly
-        (the submit hot path: no coroutine of this one's).
-        """
-        await self.send_slots.acquire()
-        try:
-            if self._pace is not None:
-                # Written while the pace waits: a slow or uneven write (the fleet's Redis, a
-                # busy disk) would otherwise lie between the slot and the send, and bunch sends.
-                await self._pace(ready or _nothing_to_do)
-            elif ready is not None:
-                await ready()
-        except BaseException:
-            self.send_slots.release()
-            raise
-
-
-async def _nothing_to_do() -> None:
-    """A resend's ``ready``: its intent is written already."""
-
-
-def outcome_state(error: BaseException, *, sending: bool) -> str:
-    """The journal state of a submit that ended with ``error`` before a key was accepted.
-
-    Only a request that may have reached the wire is ``uncertain``; a definite refusal cost
-    nothing (``rejected``); a request that provably never reached the gateway, or never left
-    the process, is ``unsent`` (safe to send again).
-    """
-    if not sending:
-        return "unsent"
-    if isinstance(error, SubmitUncertainError):
-        return "uncertain"
-    if isinstance(error, TransportError) and not error.reached_server:
-        return "unsent"
-    if isinstance(error, WujieError):
-        return "rejected"
-    return "uncertain"  # a cancel or a bug while the request was out: it may have gone through
-
-
 _NOT_SENT_STOPPED = (
     "submits were stopped (stop_submitting()) before this one was sent (nothing was sent)"
 )
-
-
-class SubmitRecord:
-    """The journal protocol of one submit, and the one place its outcome is classified.
-
-    ``intent`` is written before sending, the key before ``submit()`` returns. A submit that
-    ends with an error calls :meth:`ended`, which records what that error means (see
-    :func:`outcome_state`); if the key had come back, it is kept (``accepted``) whatever
-    happened after. Without a journal it only tracks how far the submit got.
-
-    Attributes:
-        key: the accepted key, once the gateway gave one.
-        job: the job made for the key (the client sets it).
-        unjournaled: why the accepted key could not be written (disk full, say), or None.
-    """
-
-    __slots__ = (
-        "_body",
-        "_journal",
-        "_key_written",
-        "_path",
-        "_row_id",
-        "_sending",
-        "_tag",
-        "job",
-        "key",
-        "stopping",
-        "task",
-        "unjournaled",
-    )
-
-    def __init__(
-        self, journal: SubmitJournal | None, path: str, body: dict[str, Any], tag: str | None
-    ) -> None:
-        self._journal = journal
-        self._path = path
-        self._body = body
-        self._tag = tag
-        self._row_id: int | None = None
-        self._sending = False
-        self._key_written = False
-        # The task running the submit, and whether stop() or stop_sending() cancelled it (a
-        # request its submit takes back: Task.uncancel).
-        self.task: asyncio.Task[Any] | None = None
-        self.stopping = False
-        self.key: str | None = None
-        self.job: ImageJob | None = None
-        self.unjournaled: str | None = None
-
-    @property
-    def row_id(self) -> int | None:
-        """The journal row of this submit, once its intent is written (None: no journal)."""
-        return self._row_id
-
-    @property
-    def may_have_left(self) -> bool:
-        """True once the request may have left the process."""
-        return self._sending
-
-    async def intent(self) -> None:
-        """Write the intent (before anything is sent).
-
-        Raises:
-            ClientStateError: the journal cannot write it; nothing was sent.
-        """
-        if self._journal is None:
-            return
-        try:
-            self._row_id = await self._journal.record_intent(self._path, self._body, self._tag)
-        except ClientStateError as exc:
-            if type(exc) is not ClientStateError:
-                raise  # a subclass (the fleet's Redis is away, say) already says what it is
-            raise ClientStateError(f"the submit was not sent: {exc}") from None
-
-    def on_wire(self, may_leave: bool) -> None:
-        """The transport says whether the request may now leave the process (``True`` just
-        before each try) or has nothing on the wire (``False``: a try was refused outright and
-        the next one waits)."""
-        self._sending = may_leave
-
-    async def accepted(self, key: str) -> bool:
-        """Keep the key the gateway gave; a journal that cannot write it does not lose it.
-
-        If the write fails, ``unjournaled`` says why and the caller keeps the key in memory;
-        the write is queued once more, so a journal that recovers (Redis back, room on the
-        disk again) gets the key after all.
-
-        Returns False, keeping nothing, when the journal holds ``key`` on an earlier row
-        already (an earlier job's key handed out again): the submit is to end uncertain.
-        """
-        if self._journal is None or self._row_id is None:
-            self.key = key
-            return True
-        try:
-            written = await self._journal.record_accepted(self._row_id, key)
-        except ClientStateError as exc:
-            self.key = key
-            self.unjournaled = str(exc)
-            with contextlib.suppress(ClientStateError):  # a journal already closed
-                self._journal.record_accepted_later(self._row_id, key)
-            return True
-        except BaseException:
-            self.key = key  # interrupted: kept, written later (see __aexit__)
-            raise
-        if not written:
-            return False
-        self.key = key
-        self._key_written = True
-        return True
-
-    def unjournaled_entry(self) -> JournalEntry:
-        """What ``uncertain_submits()`` lists for a key the journal could not keep."""
-        return JournalEntry(
-            id=self._row_id if self._row_id is not None else -1,
-            path=self._path,
-            request=self._body,
-            state="uncertain",
-            job_key=self.key,
-            tag=self._tag,
-            error=f"accepted as {self.key}, but the key could not be journaled: {self.unjournaled}",
-            created=time.time(),
-        )
-
-    def ended(self, exc: BaseException) -> None:
-        """The submit ended with ``exc``: record what that means (a plain call, not an
-        ``async with``: nothing here awaits, and the submit hot path saves two coroutines)."""
-        journal, row_id = self._journal, self._row_id
-        if journal is None or row_id is None:
-            return
-        if self.key is not None:
-            if not self._key_written:
-                # Interrupted after the gateway gave the key: keep it, resume finds it.
-                journal.record_accepted_later(row_id, self.key)
-            return
-        state = outcome_state(exc, sending=self._sending)
-        journal.record_unsent(row_id, state, repr(exc)[:500])
 
 
 class MakeJob(Protocol):
