@@ -242,12 +242,18 @@ class WujieClient:
             allow_private_addresses=allow_private_addresses,
         )
         self.credentials = credentials if credentials is not None else Credentials.from_env()
-        self.base_url = check_base_url(
-            base_url
-            if base_url is not None
-            else Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
-            allow_insecure_http=allow_insecure_http,
-        )
+        try:
+            self.base_url = check_base_url(
+                base_url
+                if base_url is not None
+                else Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
+                allow_insecure_http=allow_insecure_http,
+            )
+        finally:
+            # A refused URL may hold a password (user:pw@): it leaves this frame's locals
+            # before the error does, as check_base_url's own (an error reporter that records
+            # locals would store it). Only self.base_url is used below.
+            del base_url
         self.poll_policy = poll or PollPolicy()
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
