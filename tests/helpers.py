@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import time
+import traceback
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+import wujie_async
 
 BASE_PATH = "/wj-open/v1"
 GENERATIONS = "/ai/wj/images/generations"
@@ -238,3 +241,20 @@ def freeze(folder: Path) -> Iterator[None]:
         yield
     finally:
         subprocess.run(["fsfreeze", "-u", str(folder)], check=False)
+
+
+_PACKAGE_DIR = str(Path(wujie_async.__file__).resolve().parent) + "/"
+
+
+def reported_locals(error: BaseException) -> list[str]:
+    """``file:function:name`` followed by the repr of each local of the package's frames in
+    ``error``'s traceback, as an error reporter records them
+    (``TracebackException(capture_locals=True)``, which is what Sentry and the like do: it
+    raises if a repr does)."""
+    report = traceback.TracebackException.from_exception(error, capture_locals=True)
+    return [
+        f"{Path(frame.filename).name}:{frame.name}:{name} {shown}"
+        for frame in report.stack
+        if str(Path(frame.filename).resolve()).startswith(_PACKAGE_DIR)
+        for name, shown in (frame.locals or {}).items()
+    ]

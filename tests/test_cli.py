@@ -96,6 +96,25 @@ async def test_jsonl_requests_and_failed_jobs_exit_1(tmp_path: Path) -> None:
     assert not refused.exists()  # said before OUT was made
 
 
+async def test_the_manifest_is_private_as_the_journal_is(tmp_path: Path) -> None:
+    """The manifest (prompts, keys, paths) was written 0644 beside a 0600 journal that is
+    private "because it holds prompts". An older one is tightened by the next run."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\n")
+    out = tmp_path / "out"
+    bulk = ["bulk", str(prompts), "--emulator", "--emulator-time-scale", "0.01", "-o", str(out)]
+    code, _, err = await cli(*bulk, "--model", "dall-e-2")
+    assert code == 0, err
+    manifest = out / "manifest.jsonl"
+    assert manifest.stat().st_mode & 0o777 == 0o600
+    manifest.chmod(0o644)  # written by an earlier version
+    prompts.write_text("a fox\nan owl\n")
+    code, _, err = await cli(*bulk, "--model", "dall-e-2")
+    assert code == 0, err
+    assert manifest.stat().st_mode & 0o777 == 0o600
+    assert len(check_manifest(out)) == 2
+
+
 async def test_bad_input_files_name_their_lines(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text(

@@ -521,6 +521,26 @@ async def test_as_completed_yields_in_completion_order(emulator: EmulatorFactory
         assert not slow.done()  # the timeout ends the iteration, not the job
 
 
+async def test_as_completed_refuses_what_is_not_jobs(emulator: EmulatorFactory) -> None:
+    """A key given for a job ("abc" iterated letter by letter) failed deep inside, with an
+    AttributeError that named no argument."""
+    async with emulator() as emu, make_client(emu) as client:
+        job = await client.images.submit(prompt="a", model="dall-e-2")
+        cases: list[tuple[Any, str]] = [
+            ("abc", "jobs"),
+            (b"abc", "jobs"),
+            (5, "jobs"),
+            ([job, job.key], "jobs[1]"),
+            ([None], "jobs[0]"),
+        ]
+        for jobs, field in cases:
+            with pytest.raises(InvalidRequestError) as caught:
+                async for _ in client.as_completed(jobs):
+                    pass
+            assert caught.value.field == field, jobs
+        assert [done async for done in client.as_completed((job, job))] == [job]
+
+
 async def test_noisy_listing_is_handled(emulator: EmulatorFactory) -> None:
     faults = FaultConfig(duplicate_entries=0.5, shuffle_entries=True, unknown_status=0.3)
     async with emulator(faults=faults) as emu, make_client(emu) as client:

@@ -19,7 +19,7 @@ from wujie_async.fleet._limiter import FleetLimiter
 from wujie_async.fleet._link import stop_task
 
 from .fleet_support import any_redis, fleet_name, free_port, own_redis
-from .helpers import eventually
+from .helpers import eventually, reported_locals
 
 pytestmark = pytest.mark.anyio
 
@@ -62,6 +62,29 @@ def test_bad_options_fail_before_any_connection(kwargs: dict[str, object], field
     with pytest.raises(InvalidRequestError) as caught:
         RedisFleet(**options)  # type: ignore[arg-type]
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("url", "kwargs"),
+    [
+        ("redis://:s3cret-pw@127.0.0.1:70000/0", {}),  # the URL itself refused
+        ("redis://:s3cret-pw@127.0.0.1:6379/0?socket_timeout=x", {}),
+        ("redis://:s3cret-pw@127.0.0.1:6379/0", {"shards": 0}),  # another option refused
+        ("redis://:s3cret-pw@127.0.0.1:6379/0", {"name": ""}),
+    ],
+)
+def test_a_refused_fleet_is_reported_with_its_locals_and_without_its_password(
+    url: str, kwargs: dict[str, Any]
+) -> None:
+    """An error reporter that records locals (Sentry; ``capture_locals=True``) shows each
+    frame's ``self``: the half-made fleet's repr raised AttributeError, which broke every such
+    report, and the constructor's frame kept the URL, password and all."""
+    options: dict[str, Any] = {"name": "x"} | kwargs
+    with pytest.raises(InvalidRequestError) as caught:
+        RedisFleet(url, **options)
+    seen = reported_locals(caught.value)
+    assert any(line.startswith("_fleet.py:__init__:self ") for line in seen)
+    assert [line for line in seen if "s3cret-pw" in line] == []
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,14 @@ BAD_GENERATIONS: list[tuple[dict[str, Any], str]] = [
     ({**CAT, "prompt": "\ud800"}, "prompt"),
     ({**CAT, "prompt": "a cat \udfff"}, "prompt"),
     ({**CAT, "model": "gpt-image-\ud800"}, "model"),  # an unknown model is still text
+    # A name no model has passed as an unknown model: every rule of the model it was meant to
+    # be skipped, and it was sent (and paid for, if the gateway trims it).
+    ({**CAT, "model": " dall-e-2"}, "model"),
+    ({**CAT, "model": "dall-e-2 "}, "model"),
+    ({**CAT, "model": "dall-e-2\n"}, "model"),
+    ({**CAT, "model": "dall e 2"}, "model"),
+    ({**CAT, "model": "dall-e-2\u200b"}, "model"),  # a zero-width space
+    ({**CAT, "model": "-dall-e-2"}, "model"),
     ({**CAT, "model": "a-new-model", "size": "1024x1024\ud800"}, "size"),
     ({**CAT, "tag": 123}, "tag"),
     ({**CAT, "tag": b"x"}, "tag"),
@@ -90,6 +98,7 @@ BAD_EDITS: list[tuple[dict[str, Any], str]] = [
     ({**HAT, "image": [SQUARE], "mask": SMALLER}, "mask"),  # 4x4 cannot mask 8x8
     ({**HAT, "n": "2"}, "n"),
     ({**HAT, "tag": 7}, "tag"),
+    ({**HAT, "model": "gpt-image-1\t"}, "model"),
 ]
 
 
@@ -209,6 +218,17 @@ def test_build_is_as_strict_as_submit(
     with pytest.raises(InvalidRequestError) as caught:
         kind.build(dict(fields))
     _check_rule(caught.value, fields, field)
+
+
+def test_a_model_name_is_refused_for_its_form_only() -> None:
+    """A model this client does not know goes through unchecked (a new model works without a
+    release), unless its name has characters no model name has."""
+    for model in ["gpt-image-1.5", "flux.1-schnell", "vendor/model:v2", "SDXL_turbo", "m@2025"]:
+        GenerationRequest.build({**CAT, "model": model})
+    for model in [" gpt-image-1", "gpt image 1", "模型", "a;b", "x" * 129]:
+        with pytest.raises(InvalidRequestError) as caught:
+            GenerationRequest.build({**CAT, "model": model})
+        assert caught.value.field == "model" and "model name" in caught.value.rule, model
 
 
 async def test_valid_requests_still_go_through(emulator: EmulatorFactory) -> None:

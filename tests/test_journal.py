@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
@@ -14,8 +15,9 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anyio
@@ -36,7 +38,7 @@ from wujie_async._journal import Journal
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .conftest import INSTANT_RETRY, EmulatorFactory, make_client
-from .helpers import eventually, freezable_disk, freeze
+from .helpers import eventually, freezable_disk, freeze, reported_locals
 from .hostile import all_running, images_at, scripted_gateway, throwaway_credentials
 
 pytestmark = pytest.mark.anyio
@@ -293,6 +295,49 @@ async def test_a_bad_row_does_not_break_resume(
     assert any("journal row 3" in text for text in warnings), warnings
 
 
+BAD_JOURNAL_CALLS: list[tuple[str, Callable[[WujieClient], object], str]] = [
+    # None matched every row: a queue consumer whose message had no id attached to another
+    # message's job (the latest row's) and never sent its own.
+    ("find_submit(None)", lambda c: c.find_submit(None), "tag"),  # type: ignore[arg-type]
+    ("find_submit(5)", lambda c: c.find_submit(5), "tag"),  # type: ignore[arg-type]
+    ("find_submit(b't-b')", lambda c: c.find_submit(b"t-b"), "tag"),  # type: ignore[arg-type]
+    ("find_submit(surrogate)", lambda c: c.find_submit("t-\ud800"), "tag"),
+    ("journal_entries(tag=5)", lambda c: c.journal_entries(tag=5), "tag"),  # type: ignore[arg-type]
+    ("journal_entries('sent')", lambda c: c.journal_entries("sent"), "states[0]"),
+    ("journal_entries(.., None)", lambda c: c.journal_entries("failed", None), "states[1]"),  # type: ignore[arg-type]
+    # A bare str was taken character by character ("ABC": keys "A", "B" and "C").
+    ("refuse_keys('ABC')", lambda c: c.refuse_keys("ABC"), "keys"),
+    ("refuse_keys(b'ABC')", lambda c: c.refuse_keys(b"ABC"), "keys"),  # type: ignore[arg-type]
+    ("refuse_keys(5)", lambda c: c.refuse_keys(5), "keys"),  # type: ignore[arg-type]
+    ("refuse_keys([None])", lambda c: c.refuse_keys([None]), "keys[0]"),  # type: ignore[list-item]
+    ("refuse_keys(['K', 5])", lambda c: c.refuse_keys(["K", 5]), "keys[1]"),  # type: ignore[list-item]
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [(call, field) for _, call, field in BAD_JOURNAL_CALLS],
+    ids=[label for label, _, _ in BAD_JOURNAL_CALLS],
+)
+async def test_a_journal_call_refuses_an_argument_no_row_could_match(
+    emulator: EmulatorFactory,
+    tmp_path: Path,
+    call: Callable[[WujieClient], object],
+    field: str,
+) -> None:
+    """Each was taken as "no filter" or "no row", or refused with a bare ValueError or nothing
+    at all; now an ``InvalidRequestError`` naming the argument and its rule."""
+    async with emulator() as emu, make_client(emu, journal=tmp_path / "jobs.sqlite") as client:
+        await client.images.submit(prompt="untagged", model="dall-e-2")
+        await client.images.submit(prompt="tagged", model="dall-e-2", tag="t-b")
+        with pytest.raises(InvalidRequestError) as caught:
+            result = call(client)
+            if inspect.isawaitable(result):
+                await result
+        assert caught.value.field == field and caught.value.rule
+        assert (await client.find_submit("t-b")) is not None  # a str still finds its row
+
+
 async def test_journal_entries_and_forget_submits(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
@@ -300,7 +345,7 @@ async def test_journal_entries_and_forget_submits(
     async with emulator() as emu, make_client(emu, journal=journal) as client:
         await client.images.generate(prompt="a", model="dall-e-2")
         await client.images.submit(prompt="b", model="dall-e-2", tag="t-b")
-        with pytest.raises(ValueError, match="not one of"):
+        with pytest.raises(InvalidRequestError, match=r"states\[0\]: must be one of"):
             await client.journal_entries("sent")
         everything = await client.journal_entries()
         assert [row.request["prompt"] for row in everything] == ["a", "b"]
@@ -339,6 +384,36 @@ async def test_a_key_found_for_an_uncertain_submit_makes_its_row_accepted(
         assert (await resumed.result(timeout=10)).status == 4
 
 
+async def test_a_journal_file_refuses_arguments_of_another_type(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """``JournalFile(5)`` raised a bare TypeError, ``read_only="yes"`` (or ``"no"``) was read
+    as its truth, and ``entries("sent")`` raised a bare ValueError."""
+    journal = tmp_path / "jobs.sqlite"
+    refused: list[tuple[dict[str, Any], list[str]]] = [
+        ({"path": 5}, ["path"]),
+        ({"path": b"jobs.sqlite"}, ["path"]),
+        ({"path": journal, "read_only": "no"}, ["read_only"]),
+        ({"path": journal, "read_only": 1}, ["read_only"]),
+        ({"path": None, "read_only": None}, ["path", "read_only"]),
+    ]
+    for arguments, fields in refused:
+        with pytest.raises(InvalidRequestError) as caught:
+            JournalFile(**arguments)
+        assert [field for field, _ in caught.value.violations] == fields, arguments
+        # An error reporter records the half-made object's repr (the frame's self).
+        assert "JournalFile(" in "\n".join(reported_locals(caught.value))
+    async with emulator() as emu, make_client(emu, journal=journal) as client:
+        await client.images.submit(prompt="b", model="dall-e-2", tag="t-b")
+    for read_only in (False, True):
+        async with JournalFile(str(journal), read_only=read_only) as reader:
+            for states, tag, field in [(("sent",), None, "states[0]"), ((), 5, "tag")]:
+                with pytest.raises(InvalidRequestError) as caught:
+                    await reader.entries(*states, tag=tag)  # type: ignore[arg-type]
+                assert caught.value.field == field
+            assert [row.tag for row in await reader.entries(tag="t-b")] == ["t-b"]
+
+
 async def test_a_journal_file_reads_and_forgets_without_a_client(
     emulator: EmulatorFactory, tmp_path: Path
 ) -> None:
@@ -362,7 +437,7 @@ async def test_a_journal_file_reads_and_forgets_without_a_client(
             assert [row.request["prompt"] for row in everything] == ["a", "b"]
             [tagged] = await reader.entries(tag="t-b")
             assert [row.id for row in await reader.entries("succeeded")] == [everything[0].id]
-            with pytest.raises(ValueError, match="not one of"):
+            with pytest.raises(InvalidRequestError, match=r"states\[0\]: must be one of"):
                 await reader.entries("sent")
             assert await reader.forget([everything[0].id, 999]) == 1
         # Closing released the lock, and the forget was kept.

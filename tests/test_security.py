@@ -50,7 +50,7 @@ from wujie_async._transport import Transport
 
 from .cli_helpers import cli
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
-from .helpers import GENERATIONS, INFO, eventually
+from .helpers import GENERATIONS, INFO, eventually, reported_locals
 from .hostile import (
     ESCAPES,
     gzip_bomb,
@@ -136,6 +136,30 @@ def test_credentials_in_the_base_url_are_refused_without_showing_them(base_url: 
     assert info.value.field == "base_url" and "user:password@" in info.value.rule
     assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in repr(info.value)
     assert info.value.__context__ is None  # nothing else rides along
+
+
+@pytest.mark.parametrize(
+    ("base_url", "from_env"),
+    [
+        ("https://alice:s3cret-pw@gate.example.com/wj-open/v1", False),
+        ("https://alice:s3cret-pw@gate.example.com/wj-open/v1", True),  # WUJIE_BASE_URL
+        ("http://alice:s3cret-pw@gate.example.com/wj-open/v1", False),  # refused for http
+        ("https://gate.example.com/wj-open/v1?token=s3cret-pw", False),
+        ("https://alice:s3cret-pw@gate.example.com/wj-open/v1\n", False),
+    ],
+)
+def test_a_refused_base_url_is_kept_by_no_frame_of_its_error(
+    base_url: str, from_env: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The message never repeated it, but the constructor's and the check's frames kept it as
+    a local, which an error reporter that records locals (Sentry) stores."""
+    monkeypatch.setenv("WUJIE_BASE_URL", base_url)
+    with pytest.raises(InvalidRequestError) as info:
+        WujieClient(credentials(), base_url=None if from_env else base_url)
+    assert info.value.field == "base_url"
+    seen = reported_locals(info.value)
+    assert any(line.startswith("_client.py:__init__:") for line in seen)  # they are recorded
+    assert [line for line in seen if "s3cret-pw" in line] == []
 
 
 @pytest.mark.parametrize(

@@ -22,73 +22,67 @@ def check_base_url(base_url: str, *, allow_insecure_http: bool = False) -> str:
     its ends, control characters, a query and a fragment: each would send requests elsewhere
     than the URL reads.
     """
+    problem = _problem(base_url, allow_insecure_http)
+    if problem is not None:
+        # The URL leaves this frame's locals before the error does: its traceback keeps them,
+        # and an error reporter that records locals (Sentry, capture_locals=True) would store
+        # a password given in it. _problem's frame, which returned, is not kept.
+        base_url = ""
+        raise InvalidRequestError([problem])
+    return base_url.rstrip("/")
+
+
+def _problem(base_url: str, allow_insecure_http: bool) -> tuple[str, str] | None:
+    """The ``("base_url", rule)`` that ``base_url`` breaks, or None when it passes."""
     rule_http = "must be an http(s) URL, e.g. " + _contract.PRODUCTION_BASE_URL
     if not isinstance(base_url, str):
-        raise InvalidRequestError([("base_url", rule_http)])
+        return ("base_url", rule_http)
     if not base_url:
         # Given empty (an unset variable in "$STAGING_URL"): the production gateway in its
         # place would send paid jobs where the caller did not ask.
-        raise InvalidRequestError(
-            [("base_url", "is empty: give a URL, or leave it out for the production gateway")]
-        )
+        return ("base_url", "is empty: give a URL, or leave it out for the production gateway")
     # Before urlsplit, which quietly drops a newline or tab anywhere and controls or spaces at
     # the start: a URL pasted with a newline in it was used as another URL than the one given.
     if not base_url.isprintable() or base_url != base_url.strip():
-        raise InvalidRequestError(
-            [
-                (
-                    "base_url",
-                    "must not contain control characters (a newline, a tab) or begin or end "
-                    "with a space: remove them",
-                )
-            ]
+        return (
+            "base_url",
+            "must not contain control characters (a newline, a tab) or begin or end "
+            "with a space: remove them",
         )
     try:
         parts = urlsplit(base_url)
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        host = None  # raised below, outside this block, so no ValueError rides along
+        host = None  # refused below, outside this block, so no ValueError rides along
     # Messages never repeat the URL: it may hold a password.
     if host is None or parts.scheme not in {"http", "https"}:
-        raise InvalidRequestError([("base_url", rule_http)])
+        return ("base_url", rule_http)
     if "@" in parts.netloc:
-        raise InvalidRequestError(
-            [
-                (
-                    "base_url",
-                    "must not contain user:password@ (the gateway authenticates with the "
-                    "signed Authorization header; remove the credentials from the URL)",
-                )
-            ]
+        return (
+            "base_url",
+            "must not contain user:password@ (the gateway authenticates with the "
+            "signed Authorization header; remove the credentials from the URL)",
         )
     # Each API path is added after the base URL: behind a "?" it would land in the query, behind
     # a "#" in the fragment (never sent), and every request would go to the wrong path.
     if "?" in base_url or "#" in base_url:
-        raise InvalidRequestError(
-            [
-                (
-                    "base_url",
-                    "must not have a query (?...) or a fragment (#...): the API paths are added "
-                    f"after it, so it must end in its path, e.g. {_contract.PRODUCTION_BASE_URL}",
-                )
-            ]
+        return (
+            "base_url",
+            "must not have a query (?...) or a fragment (#...): the API paths are added "
+            f"after it, so it must end in its path, e.g. {_contract.PRODUCTION_BASE_URL}",
         )
     if parts.scheme == "http" and not is_loopback(host):
         if not allow_insecure_http:
-            raise InvalidRequestError(
-                [
-                    (
-                        "base_url",
-                        f"plain http:// is allowed only to a loopback host, not {host!r}: "
-                        "anyone on the path could replay the signed header and be paid for; "
-                        "use https://, or pass allow_insecure_http=True if you accept that",
-                    )
-                ]
+            return (
+                "base_url",
+                f"plain http:// is allowed only to a loopback host, not {host!r}: "
+                "anyone on the path could replay the signed header and be paid for; "
+                "use https://, or pass allow_insecure_http=True if you accept that",
             )
         logger.warning(
             "INSECURE: sending signed requests over plain http to %s (allow_insecure_http=True);"
             " anyone on the path can replay the Authorization header",
             host,
         )
-    return base_url.rstrip("/")
+    return None

@@ -45,6 +45,7 @@ from ._gc_freeze import GcFreezer
 from ._images import Images
 from ._jobs import ImageJob
 from ._journal import Journal, JournalEntry, SubmitJournal
+from ._journal_args import check_states, check_tag, checked_keys
 from ._keys import check_key, images_in
 from ._models import EditRequest, GenerationRequest
 from ._poller import OLD_KEY_ABSENCE_GRACE_S, BatchPoller
@@ -168,6 +169,23 @@ def _check_arguments(**given: Any) -> None:
         raise InvalidRequestError(found)
 
 
+def _checked_jobs(jobs: object) -> list[ImageJob]:
+    """``as_completed``'s jobs, each once, in order: a str (a key) or anything not a job would
+    otherwise fail deep inside, as an AttributeError, with nothing said about which argument."""
+    rule = "must be an iterable of ImageJob (from images.submit or images.attach)"
+    if isinstance(jobs, str | bytes) or not isinstance(jobs, Iterable):
+        raise InvalidRequestError([("jobs", f"{rule}; got {type(jobs).__name__}")])
+    listed = list(jobs)
+    found = [
+        (f"jobs[{index}]", f"must be an ImageJob; got {type(job).__name__}")
+        for index, job in enumerate(listed)
+        if not isinstance(job, ImageJob)
+    ]
+    if found:
+        raise InvalidRequestError(found[:10])
+    return list(dict.fromkeys(listed))
+
+
 class WujieClient:
     """An asyncio client of the Wujie "OpenAI Image" gateway.
 
@@ -243,12 +261,18 @@ class WujieClient:
             allow_private_addresses=allow_private_addresses,
         )
         self.credentials = credentials if credentials is not None else Credentials.from_env()
-        self.base_url = check_base_url(
-            base_url
-            if base_url is not None
-            else Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
-            allow_insecure_http=allow_insecure_http,
-        )
+        try:
+            self.base_url = check_base_url(
+                base_url
+                if base_url is not None
+                else Environment.read().base_url or _contract.PRODUCTION_BASE_URL,
+                allow_insecure_http=allow_insecure_http,
+            )
+        finally:
+            # A refused URL may hold a password (user:pw@): it leaves this frame's locals
+            # before the error does, as check_base_url's own (an error reporter that records
+            # locals would store it). Only self.base_url is used below.
+            del base_url
         self.poll_policy = poll or PollPolicy()
         self.limits = limits or Limits()
         self.timeouts = timeouts or Timeouts()
@@ -886,9 +910,12 @@ class WujieClient:
         States: intent, accepted, succeeded, failed, cancelled, rejected, uncertain, unsent.
 
         Raises:
-            ValueError: a state that is not one of those.
+            InvalidRequestError: a state that is not one of those, or a ``tag`` that is not a
+                str (nor None).
             ClientStateError: the client has no journal, or is not open.
         """
+        check_states(states)
+        check_tag(tag, optional=True)
         self._check_open()
         return await self._require_journal().entries(*states, tag=tag)
 
@@ -939,8 +966,12 @@ class WujieClient:
         been charged; its job cannot be told from the earlier one) and its journal row stays
         ``uncertain``. Attaching one of these keys is not affected. The bulk command passes
         every key its manifest and journal hold.
+
+        Raises:
+            InvalidRequestError: ``keys`` is a str (one key is ``[key]``), or not iterable, or
+                holds something other than a str; none of them is added.
         """
-        self._submits.refuse_keys(keys)
+        self._submits.refuse_keys(checked_keys(keys))
 
     async def forget_submits(self, ids: Iterable[int]) -> int:
         """Delete these journal rows (by :attr:`JournalEntry.id`); returns how many were deleted.
@@ -964,7 +995,13 @@ class WujieClient:
 
         Lets a queue consumer that is handed a message again (it crashed before acknowledging)
         attach to the key it already has instead of paying for the same request twice.
+
+        Raises:
+            InvalidRequestError: ``tag`` is not a str (None is refused: it would match every
+                row, so a message without an id would find another message's submit).
+            ClientStateError: the client has no journal, or is not open.
         """
+        check_tag(tag, optional=False)
         self._check_open()
         found = await self._require_journal().entries(tag=tag)
         return found[-1] if found else None
@@ -984,10 +1021,11 @@ class WujieClient:
 
         Raises:
             TimeoutError: ``timeout`` passed with jobs still running.
-            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0.
+            InvalidRequestError: ``timeout`` is not a finite number of seconds >= 0, or
+                ``jobs`` is not an iterable of ``ImageJob``.
         """
         timeout = check_wait("timeout", timeout)
-        pending = list(dict.fromkeys(jobs))
+        pending = _checked_jobs(jobs)
         # asyncio.Queue, not an anyio memory stream: it is fed by the jobs' done callbacks
         # (plain functions on the loop), which may still run after this generator is closed,
         # when a closed stream would raise in the loop's exception handler.

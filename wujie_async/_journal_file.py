@@ -16,8 +16,9 @@ from typing import Self
 
 import anyio
 
-from ._errors import ClientStateError
+from ._errors import ClientStateError, InvalidRequestError
 from ._journal import Journal, JournalEntry, entries_query, has_gateway_columns
+from ._journal_args import check_states, check_tag
 from ._journal_worker import read_only_query
 
 
@@ -36,6 +37,8 @@ class JournalFile:
             ``uncertain`` once a writer opens the journal).
 
     Raises:
+        InvalidRequestError: ``path`` is not a str or path, or ``read_only`` is not True or
+            False (nothing is opened).
         FileNotFoundError: on entering, there is no file at ``path`` (none is created).
         JournalLockedError: on entering, a live client (or another opener) holds the journal
             (not when ``read_only``).
@@ -43,6 +46,14 @@ class JournalFile:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
+        found: list[tuple[str, str]] = []
+        if not isinstance(path, str | os.PathLike) or isinstance(os.fspath(path), bytes):
+            found.append(("path", "must be a str or os.PathLike naming the journal file"))
+        # Any other value was read as its truth: read_only="no" opened the journal read-only.
+        if not isinstance(read_only, bool):
+            found.append(("read_only", "must be True or False"))
+        if found:
+            raise InvalidRequestError(found)
         self.path = Path(path)
         self.read_only = read_only
         self._journal = Journal(self.path)
@@ -52,6 +63,10 @@ class JournalFile:
         self._with_gateway = True
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_journal"):
+            # Half made (its constructor refused an argument): an error reporter that records
+            # locals shows the frame's self, and a repr that raised broke its whole report.
+            return "JournalFile(state='not constructed')"
         shown = ", read_only=True" if self.read_only else ""
         return f"JournalFile({str(self.path)!r}{shown})"
 
@@ -89,9 +104,12 @@ class JournalFile:
         States: intent, accepted, succeeded, failed, cancelled, rejected, uncertain, unsent.
 
         Raises:
-            ValueError: a state that is not one of those.
+            InvalidRequestError: a state that is not one of those, or a ``tag`` that is not a
+                str (nor None).
             ClientStateError: the file is not open (use ``async with``).
         """
+        check_states(states)
+        check_tag(tag, optional=True)
         self._check_open()
         if not self.read_only:
             return await self._journal.entries(*states, tag=tag)

@@ -65,6 +65,16 @@ STRICT_SIZE_RE: Final = re.compile(r"1024x1024|1536x1024|1024x1536")
 # the gateway could refuse (26,000,000 bytes is under 25 MiB) is not sent.
 GPT_IMAGE_MAX_BYTES: Final = 25_000_000
 DALL_E_2_MAX_BYTES: Final = 4_000_000
+# What a model name is made of (the known ones, and names such as "gpt-image-1.5",
+# "flux.1-schnell" or "vendor/model:tag"): an unknown name passes unchecked, so one with a space
+# at an end, a control or any other character no model name has (" dall-e-2", a pasted newline)
+# is refused here, or it would skip every rule of the model it was meant to be and be sent.
+MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+MODEL_NAME_RULE: Final = (
+    "must be a model name: 1 to 128 letters (A-Z, a-z), digits and . _ : / @ + -, "
+    f"beginning with a letter or digit, no spaces (one of {'|'.join(KNOWN_MODELS)}, or "
+    "another model the gateway serves)"
+)
 _DATA_URL_RE: Final = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=-]+)*;base64,", re.IGNORECASE)
 
 Violation = tuple[str, str]
@@ -72,6 +82,10 @@ Violation = tuple[str, str]
 
 def _choices(values: frozenset[str]) -> str:
     return "|".join(sorted(values))
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= char <= "\udfff" for char in text)
 
 
 def _is_int(value: object) -> bool:
@@ -201,7 +215,8 @@ def violations(
     Args:
         kind: ``"generation"`` or ``"edit"``.
         body: the JSON body as it would be sent (absent fields omitted or None).
-        unknown_models: let models outside :data:`MODEL_RULES` through unchecked (client side).
+        unknown_models: let models outside :data:`MODEL_RULES` through unchecked (client
+            side), when their name is well formed (:data:`MODEL_NAME_RE`).
         strict_regexps: also apply the validators printed on the doc page (emulator knob).
     """
     found: list[Violation] = []
@@ -218,6 +233,11 @@ def violations(
     if rules is None:
         if not unknown_models:
             found.append(("model", f"must be one of {'|'.join(KNOWN_MODELS)}"))
+            return found
+        if not MODEL_NAME_RE.fullmatch(model):
+            # A lone surrogate is said once, by the UTF-8 rule (``_models.unencodable``).
+            if not _has_surrogate(model):
+                found.append(("model", MODEL_NAME_RULE))
             return found
         # API.md bounds n for every model, not only the ones listed: an unknown model's n of 0
         # or -100 would be sent, and the points budget and the job's image count rest on it.

@@ -386,11 +386,16 @@ def open_manifest(path: Path) -> BinaryIO:
     A torn last line (a crash mid-write) is ended first, so the next row starts on a line of
     its own: written onto the torn one, both would be unreadable, and the run's own row lost.
 
+    Created ``0600``, and an existing one (an older run's, ``0644``) is tightened to its
+    owner, as the journal is: it holds the prompts, keys and paths of the run.
+
     Raises:
         OSError: the file cannot be opened or written.
     """
-    handle = path.open("ab", buffering=0)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    handle = os.fdopen(fd, "ab", buffering=0)
     try:
+        _restrict(fd, path)
         with path.open("rb") as raw:
             torn = raw.seek(0, 2) > 0 and raw.seek(-1, 2) >= 0 and raw.read(1) != b"\n"
         if torn:
@@ -399,6 +404,16 @@ def open_manifest(path: Path) -> BinaryIO:
         handle.close()
         raise
     return handle
+
+
+def _restrict(fd: int, path: Path) -> None:
+    """Take group/other access away from the open manifest ``fd``, unless ``path`` is a
+    symbolic link: its name is ours, not the user's, and a link planted there would have its
+    target's mode changed (the journal's ``-wal`` is treated so)."""
+    with contextlib.suppress(OSError):
+        mode = os.fstat(fd).st_mode & 0o777
+        if mode & 0o077 and not path.is_symlink():
+            os.fchmod(fd, mode & 0o700)
 
 
 def _points_of(record: dict[str, Any]) -> float | None:

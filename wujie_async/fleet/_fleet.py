@@ -270,6 +270,10 @@ class RedisFleet:
         if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
             problems.append(("shards", "must be an integer from 1 to 1024"))
         if problems:
+            # The URL leaves this frame's locals before the error does: its traceback keeps
+            # them, and an error reporter that records locals (Sentry, capture_locals=True)
+            # would store the Redis password in it.
+            url = ""
             raise InvalidRequestError(problems)
         self._config = FleetConfig(
             url=redact(url),
@@ -290,7 +294,12 @@ class RedisFleet:
         self._unwinding: set[asyncio.Future[Any]] = set()  # commands let go of past a deadline
 
     def __repr__(self) -> str:
-        return f"RedisFleet({self._config.url!r}, name={self._config.name!r})"
+        config: FleetConfig | None = getattr(self, "_config", None)
+        if config is None:
+            # Half made (its constructor refused an option): an error reporter that records
+            # locals shows the frame's self, and a repr that raised broke its whole report.
+            return "RedisFleet(state='not constructed')"
+        return f"RedisFleet({config.url!r}, name={config.name!r})"
 
     @property
     def config(self) -> FleetConfig:
