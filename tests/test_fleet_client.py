@@ -1363,7 +1363,7 @@ async def test_attach_charged_to_the_budget_of_a_key_its_own_submit_is_receiving
     key: one job, whose cost the submit's reservation already holds. The attach held it
     again, and the job's end counted its points twice (4 spent for a job charged 2: the next
     submit, which had room, was refused)."""
-    limits = Limits(max_points=7, point_prices={"dall-e-2": 4})
+    limits = Limits(max_points=8, point_prices={"dall-e-2": 4})
     async with own_redis(tmp_path) as server, emulator(time_scale=1, job_seconds=(1, 1)) as emu:
         marker = b"$6\r\nintent\r\n$8\r\naccepted\r\n$32\r\n"  # the accepted-key write
         async with (
@@ -1380,7 +1380,8 @@ async def test_attach_charged_to_the_budget_of_a_key_its_own_submit_is_receiving
             assert job is attached
             await asyncio.wait_for(job, 10)
             assert job.points_charged == 2
-            # 2 spent of 7: a job of 4 fits.
+            # 4 spent of 8 (the table's 4: it counts a job reported at 2 at 4; counted
+            # twice, 8): a job of 4 fits.
             await asyncio.wait_for(client.images.submit(prompt="q", model="dall-e-2"), 10)
 
 

@@ -311,8 +311,9 @@ async def test_a_lost_reply_whose_key_is_attached_to_the_budget_is_counted_once(
 ) -> None:
     """A submit whose reply was lost keeps its 8 points as spent (it may have been charged).
     Its key, found since and attached with ``charge_budget=True``, is that same job: counted
-    again on top (8 + its 2), the budget refused submits it had room for. Its real cost (2)
-    is what counts, once."""
+    again on top (8 + its 2), the budget refused submits it had room for. It counts once, at
+    the table's 8 (the gateway reports 2: a job that succeeded counts at least its table
+    price)."""
     limits = Limits(max_points=24, point_prices={"dall-e-2": 8})
     journal = tmp_path / "jobs.sqlite" if found_by == "the journal row" else None
     async with (
@@ -336,14 +337,15 @@ async def test_a_lost_reply_whose_key_is_attached_to_the_budget_is_counted_once(
             request = (await client.journal_entries("accepted"))[0].request
         job = client.images.attach(key, request=request, charge_budget=True)
         assert (await asyncio.wait_for(job, 10)).images and job.points_charged == 2
-        # 2 spent; 8 and 8 more fit in 24, the next 8 does not.
-        assert await _spent_when_refused(client) == (2, 16)
+        # 8 spent (counted twice: 16); 8 and 8 more fit in 24, the next 8 does not.
+        assert await _spent_when_refused(client) == (8, 16)
 
 
 async def test_a_reply_without_a_key_whose_key_is_attached_to_the_budget_is_counted_once() -> None:
     """A "success" that gave no usable key: the job may exist (charged), its key found in the
     console. Attached with the error's request and ``charge_budget=True``, it is that job:
-    its real cost (2) counts, once, not the 8 kept for the submit and 2 more on top."""
+    it counts once (at the table's 8, above the 2 reported), not the 8 kept for the submit
+    and 8 more on top."""
 
     def script(keys: list[str]) -> list[dict[str, object]]:
         image = {"url": "https://files.example/a.png"}
@@ -371,7 +373,7 @@ async def test_a_reply_without_a_key_whose_key_is_attached_to_the_budget_is_coun
                 await client.images.submit(prompt="a", model="dall-e-2")
             job = client.images.attach("K00000", request=lost.value.request, charge_budget=True)
             assert (await asyncio.wait_for(job, 10)).images and job.points_charged == 2
-            assert await _spent_when_refused(client) == (2, 16)
+            assert await _spent_when_refused(client) == (8, 16)
 
 
 async def test_a_job_whose_wait_ended_attached_to_the_budget_is_counted_once(
@@ -379,7 +381,8 @@ async def test_a_job_whose_wait_ended_attached_to_the_budget_is_counted_once(
 ) -> None:
     """A job whose wait timed out keeps its 8 points as spent (it runs on, and will be
     charged); attaching its key with ``charge_budget=True`` follows the same job: what it
-    cost (2) replaces the 8, rather than adding to them."""
+    counts at its end (the table's 8, above the 2 reported) replaces the 8, rather than
+    adding to them."""
     limits = Limits(max_points=24, point_prices={"dall-e-2": 8})
     async with (
         emulator(time_scale=1.0, job_seconds=(0.6, 0.6)) as emu,
@@ -392,7 +395,7 @@ async def test_a_job_whose_wait_ended_attached_to_the_budget_is_counted_once(
         assert again is not job
         await asyncio.wait_for(again, 10)
         assert again.points_charged == 2
-        assert await _spent_when_refused(client) == (2, 16)
+        assert await _spent_when_refused(client) == (8, 16)
 
 
 async def test_an_attach_of_another_job_with_an_equal_request_is_counted_on_its_own(
@@ -416,7 +419,8 @@ async def test_an_attach_of_another_job_with_an_equal_request_is_counted_on_its_
             body = dict(lost.value.request)
             job = client.images.attach(earlier.key, request=body, charge_budget=True)
             await asyncio.wait_for(job, 10)
-            assert await _spent_when_refused(client) == (8 + 2, 8)
+            # Each at the table's 8 (the attached one reported 2: counted at its table price).
+            assert await _spent_when_refused(client) == (8 + 8, 8)
 
 
 @pytest.mark.parametrize(

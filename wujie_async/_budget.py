@@ -6,25 +6,44 @@ job ends. A submit whose reservation would take ``spent + reserved`` past ``max_
 :class:`BudgetExceededError` before anything is sent (and before the journal records it: a
 re-run with a larger budget sends it).
 
-What a job is expected to cost, by its *kind* (model, size, quality and n):
+A cost is per image: a price is learned and held per image of a *kind*, a request's model,
+size and quality (jobs of n=1, 2 and 3 are one kind, expected to cost 1, 2 and 3 times its
+price). What a job is expected to cost, its price times ``n``, that price being:
 
 1. the price table the user passed (``Limits.point_prices``: points per image by ``model``,
-   ``model/size`` or ``model/size/quality``, the most specific key winning), times ``n``, or
-   the most that a job of the same kind that succeeded cost in this client if that is more;
-2. else the most that a job of the same kind that succeeded cost in this client (a failed job
-   often costs nothing: that is no price);
-3. else nothing is known: the first job of the kind runs alone (if any room is left) and
-   others of its kind wait for it to end, then use what it cost.
+   ``model/size`` or ``model/size/quality``, the most specific key winning), or the most an
+   image of the kind cost in a job that succeeded in this client if that is more;
+2. else the most an image of the kind cost in a job that succeeded in this client (its
+   reported cost over its ``n``; a failed job often costs nothing: that is no price);
+3. else nothing is known: the first job of the kind (whatever its ``n``) runs alone, if any
+   room is left, and others of its kind wait for a price.
 
-Worst case: each kind whose cost is not known yet may overshoot the budget by the cost of its
-one probing job; and a job that costs more than its kind's expected cost (a price that rose, or
-a table that is short) overshoots by the difference, as may the jobs of its kind already out
-when it ends: from then on its kind is expected to cost that much. A job whose end is not
-reported with a cost (cancelled, timed out) keeps its reservation as spent, so the budget errs
-on the side of spending less. A gateway that does not report ``integral_cost`` for a job that
-succeeded leaves its kind without a price, and so does a probing job whose wait ended (timed
-out, cancelled) before the gateway said what it cost (it runs on and will be charged, at a
-price nobody knows), or whose end says nothing of a charge: its submit's reply was lost
+The jobs of a kind out when its price becomes known or rises (attached jobs held while it
+was unknown, jobs held at a lower price) are held at it from then on, and submits waiting
+for a price go on as soon as any job of the kind tells it.
+
+What the budget counts for a job is what the gateway reported, but a job that succeeded (or may
+be charged: only the wait for it ended) reported at 0 told nothing (a gateway that says 0 until
+the cost is settled): it teaches no price, and its kind is held as if no cost had been
+reported; and a job that succeeded, or may be charged, counts at least what it was expected to
+cost: the table's price times ``n`` (a cost reported below the table counts at the table: the
+budget errs on the side of spending less), or the learned one. Without a table a positive cost,
+however small, is the gateway's word and the kind's price: the budget has no other; once one
+job of the kind reported more, the jobs after it count at that. ``spent`` is what the budget
+counts; ``job.points_charged`` and ``stats.points_charged`` stay what the gateway reported.
+
+Worst case: with a table, or a price learned for each kind, nothing goes past the budget as
+long as no job costs more than its kind's expected cost. Each kind whose price is not known yet
+may overshoot the budget by the cost of its one probing job; and a job that costs more than its
+kind's expected cost (a price that rose, or a table that is short) overshoots by the
+difference, as may the jobs of its kind already sent at the old price: from then on its kind is
+expected to cost that much, and the jobs of it still out are held so. A job whose end is not
+reported with a cost (cancelled, timed out) keeps its reservation as spent (or its kind's
+expected cost, if a price learned since says more), so the budget errs on the side of spending
+less. A gateway that does not report ``integral_cost`` (or reports 0) for a job that succeeded
+leaves its kind without a price, and so does a probing job whose wait ended (timed out,
+cancelled) before the gateway said what it cost (it runs on and will be charged, at a price
+nobody knows), or whose end says nothing of a charge: its submit's reply was lost
 (``SubmitUncertainError``), the gateway stopped knowing its key (``UnknownJobError``), reported
 it only unreadably (``JobProtocolError``) or done without all its images
 (``IncompleteJobError``). Without a price table the budget cannot be held for such a kind, and
@@ -57,6 +76,9 @@ import anyio
 from ._errors import BudgetExceededError, SubmitUncertainError
 
 Kind = tuple[str, str, str, int]
+"""A request's model, size, quality and n (see :func:`kind_of`)."""
+PriceKind = tuple[str, str, str]
+"""What a price is per image of: a request's model, size and quality."""
 
 
 class RequestBody(dict[str, Any]):
@@ -73,13 +95,22 @@ MAYBE_CHARGED_KEPT = 1024
 
 
 def kind_of(body: Mapping[str, Any], n: int) -> Kind:
-    """The kind of a request: jobs of one kind cost the same."""
+    """The kind of a request and its ``n``: jobs of one kind cost the same (its first three
+    parts are what a price is per image of: :data:`PriceKind`)."""
     return (
         str(body.get("model")),
         str(body.get("size") or "auto"),
         str(body.get("quality") or "auto"),
         n,
     )
+
+
+def images_of(kind: Kind) -> int:
+    """The images a job of ``kind`` is counted for."""
+    # The request rules refuse an n below 1, and prices below 0; should either get here all
+    # the same, a negative amount held would make room for other submits (n=-100 at 5 points
+    # an image let 500 points more through), so a job counts one image at least.
+    return max(kind[3], 1)
 
 
 class Reservation:
@@ -125,12 +156,16 @@ class Budget:
         self._prices = dict(prices or {})
         self.spent = 0.0
         self.reserved = 0.0
-        self._learned: dict[Kind, float] = {}
-        # Kinds whose job succeeded without a reported cost: no price to hold the budget by.
-        self._unpriced: set[Kind] = set()
-        # Kinds whose cost is not known yet with a job out (a submit's probe, or jobs held by
-        # hold()): how many, and the event set when the last of them ends.
-        self._probes: dict[Kind, _Probe] = {}
+        # The most an image of a kind cost in a job that succeeded (a reported cost over n).
+        self._learned: dict[PriceKind, float] = {}
+        # Kinds whose job succeeded without a cost told: no price to hold the budget by.
+        self._unpriced: set[PriceKind] = set()
+        # Kinds whose price is not known yet with a job out (a submit's probe, or jobs held by
+        # hold()): how many, and the event set when the last of them ends or a price is known.
+        self._probes: dict[PriceKind, _Probe] = {}
+        # Every reservation held and not ended, by kind: once a price is known (or rises),
+        # the jobs out of its kind are held at it, and later submits see them.
+        self._out: dict[PriceKind, set[Reservation]] = {}
         # Reservations kept as spent because their job may have been charged, by what can name
         # that job again (see maybe_charged): an attach charged to the budget takes one back
         # rather than count the job twice.
@@ -141,19 +176,16 @@ class Budget:
     def estimate(self, kind: Kind) -> float | None:
         """What a job of ``kind`` is expected to cost (never below 0), or None when nothing is
         known."""
-        model, size, quality, n = kind
-        # The request rules refuse an n below 1, and prices below 0; should either get here
-        # all the same, a negative amount held would make room for other submits (n=-100 at 5
-        # points an image let 500 points more through), so a job counts one image at least.
-        images = max(n, 1)
-        learned = self._learned.get(kind)  # the most a job cost, >= 0 (see ended())
+        model, size, quality, _ = kind
+        images = images_of(kind)
+        learned = self._learned.get((model, size, quality))  # per image, > 0 (see ended())
         for key in (f"{model}/{size}/{quality}", f"{model}/{size}", model):
             price = self._prices.get(key)
             if price is not None:
                 # A job that cost more than the table says shows the table short: the table
                 # alone let 3 jobs charged 12 through at 8 each, 36 points on a 30 budget.
-                return max(price * images, learned or 0.0, 0.0)
-        return learned
+                return max(price, learned or 0.0, 0.0) * images
+        return None if learned is None else learned * images
 
     async def reserve(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the points of one submit, waiting for the probe of its kind if one is out.
@@ -162,11 +194,12 @@ class Budget:
             BudgetExceededError: the submit could take the spending past ``max_points``.
         """
         kind = kind_of(body, n)
+        priced = kind[:3]
         while True:
             points = self.estimate(kind)
             if points is not None:
                 break
-            if kind in self._unpriced:
+            if priced in self._unpriced:
                 raise BudgetExceededError(
                     max_points=self.max_points,
                     spent=self.spent,
@@ -175,15 +208,15 @@ class Budget:
                     model=kind[0],
                     unpriced=True,
                 )
-            probe = self._probes.get(kind)
+            probe = self._probes.get(priced)
             if probe is None:  # the first of its kind goes alone, if there is any room
                 self._check(0.0, kind, known=False)
-                self._probes[kind] = _Probe()
-                return Reservation(self, kind, None, probing=True)
+                self._probes[priced] = _Probe()
+                return self._out_now(Reservation(self, kind, None, probing=True))
             await probe.ended.wait()  # bounded: probes end by their jobs' deadlines
         self._check(points, kind, known=True)
         self.reserved += points
-        return Reservation(self, kind, points, probing=False)
+        return self._out_now(Reservation(self, kind, points, probing=False))
 
     def hold(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the expected cost of a job already paid for (attached): never refused, even
@@ -261,14 +294,19 @@ class Budget:
     def _hold(self, kind: Kind) -> Reservation:
         points = self.estimate(kind)
         if points is None:
-            probe = self._probes.get(kind)
+            probe = self._probes.get(kind[:3])
             if probe is None:
-                self._probes[kind] = _Probe()
+                self._probes[kind[:3]] = _Probe()
             else:
                 probe.out += 1
-            return Reservation(self, kind, None, probing=True)
+            return self._out_now(Reservation(self, kind, None, probing=True))
         self.reserved += points
-        return Reservation(self, kind, points, probing=False)
+        return self._out_now(Reservation(self, kind, points, probing=False))
+
+    def _out_now(self, reservation: Reservation) -> Reservation:
+        """Count ``reservation`` among the jobs out of its kind, until it ends."""
+        self._out.setdefault(reservation.kind[:3], set()).add(reservation)
+        return reservation
 
     def _check(self, points: float, kind: Kind, *, known: bool) -> None:
         room = self.max_points - self.spent - self.reserved
@@ -293,28 +331,60 @@ class Budget:
         """``reservation`` ended: refused or unsent (``charged`` False), or its job ended with
         ``cost`` reported (None: not reported); ``succeeded``: with its images;
         ``maybe_charged``: see ``Reservation.settle``."""
+        kind, priced = reservation.kind, reservation.kind[:3]
         held = reservation.points or 0.0
         self.reserved -= held
+        out = self._out.get(priced)
+        if out is not None:
+            out.discard(reservation)
+            if not out:
+                del self._out[priced]
         if charged:
-            reservation.counted = cost if cost is not None else held
-            if cost is not None:
-                self.spent += cost
-                kind = reservation.kind
-                if succeeded:  # what a failed job cost (often 0) is no price for the kind
-                    self._learned[kind] = max(cost, self._learned.get(kind, 0.0))
-            else:
-                self.spent += held  # not reported: assume it cost what was held
-                if (succeeded or maybe_charged) and reservation.probing:
+            if succeeded or maybe_charged:
+                # Charged, or may be: a reported 0 is no figure (a gateway that says 0 until
+                # the cost is settled freed every hold, 60 points charged on a 20-point
+                # budget), and the job counts at least what its kind is expected to cost.
+                told = cost if cost is not None and cost > 0 else None
+                if succeeded and told is not None:
+                    self._learn(priced, told / images_of(kind))
+                counted = max(told or 0.0, held, self.estimate(kind) or 0.0)
+                if told is None and self.estimate(kind) is None:
                     # Charged (or to be), at a price never told: a next probe would be too.
-                    self._unpriced.add(reservation.kind)
+                    self._unpriced.add(priced)
+            else:
+                # It failed: what it was charged is what the gateway says (often 0); not
+                # reported, what was held (the budget errs on the side of spending less).
+                counted = cost if cost is not None else held
+            reservation.counted = counted
+            self.spent += counted
         if reservation.probing:
-            probe = self._probes.get(reservation.kind)
+            reservation.probing = False
+            probe = self._probes.get(priced)
             if probe is not None:
                 probe.out -= 1
                 if probe.out <= 0:
-                    del self._probes[reservation.kind]
+                    del self._probes[priced]
                     # The others of its kind go on: with its cost, or as a new probe.
                     probe.ended.set()
+
+    def _learn(self, priced: PriceKind, per_image: float) -> None:
+        """An image of kind ``priced`` cost ``per_image`` in a job that succeeded: its kind's
+        price, if the most so far; the jobs of the kind out are held at it, and the submits
+        waiting for a probe of it go on."""
+        if per_image <= self._learned.get(priced, 0.0):
+            return
+        self._learned[priced] = per_image
+        # Jobs sent while their price was unknown (a probe of n=1 out, the n=2 price learned)
+        # held nothing: 4 more jobs went past them, 28 points charged on a 21-point budget.
+        for reservation in self._out.get(priced, ()):
+            expected = self.estimate(reservation.kind) or 0.0
+            if expected > (reservation.points or 0.0):
+                self.reserved += expected - (reservation.points or 0.0)
+                reservation.points = expected
+            reservation.probing = False
+        probe = self._probes.pop(priced, None)
+        if probe is not None:
+            probe.ended.set()
 
 
 class _Probe:

@@ -506,8 +506,8 @@ def prices_charged(
     ``bodies``: this run's request bodies by row tag; a saved row whose tag is among them
     gives its job's cost (on one row of the job) for the kind of that request,
     ``model/size/quality`` ("auto" where not given, as the budget reads a kind). Only jobs
-    that saved images count (a failed job often costs nothing: that is no price); the most a
-    kind cost wins.
+    that saved images count (a failed job often costs nothing: that is no price), and a cost
+    of 0 is none either; the most a kind cost wins.
     """
     prices: dict[str, float] = {}
     for record in records:
@@ -536,7 +536,9 @@ def learn_price(prices: dict[str, float], body: Mapping[str, Any], points: float
     """Put what a job of ``body`` that saved its images cost (``points``) in ``prices``, per
     image, as a ``Limits.point_prices`` key (see :func:`prices_charged`): the most wins."""
     n = body.get("n") or 1
-    if not math.isfinite(points) or not isinstance(n, int) or n < 1:
+    # A job that saved its images at 0 points was not free: its gateway said 0 before the
+    # cost was settled. Taken as a price, it let a re-run's lines go uncounted.
+    if not math.isfinite(points) or points <= 0 or not isinstance(n, int) or n < 1:
         return
     model, size, quality, _ = kind_of(body, n)
     key = f"{model}/{size}/{quality}"

@@ -559,8 +559,11 @@ class Gateway:
             entry["start_gen_time"] = self._stamp(job.started_at)
         if now >= job.ends_at:
             entry["complete_time"] = self._stamp(job.ends_at)
-            if not _drawn_by_key(job.key, self.config.faults.cost_unreported):
-                entry["integral_cost"] = job.cost()
+            faults = self.config.faults
+            if not _drawn_by_key(job.key, faults.cost_unreported):
+                entry["integral_cost"] = (
+                    0 if _drawn_by_key(job.key, faults.cost_zero) else job.cost()
+                )
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests["files"] += 1

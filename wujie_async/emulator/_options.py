@@ -425,6 +425,7 @@ _PROBABILITIES = frozenset(
         "estimate_outliers",
         "images_gone",
         "cost_unreported",
+        "cost_zero",
         "stale_duplicates",
         "numbers_as_text",
         "entries_missing",

@@ -84,6 +84,10 @@ class FaultConfig:
         cost_unreported: probability (drawn by the job's key, so every listing of it agrees)
             that a job's entries never carry ``integral_cost``, as a gateway that reports the
             cost of some jobs only; the job is charged all the same (``points_charged``).
+        cost_zero: probability (drawn by the job's key) that a job's entries carry
+            ``integral_cost`` 0, however much it was charged (``points_charged``), as a
+            gateway that reports 0 until the cost is settled; a job drawn for
+            ``cost_unreported`` carries none.
         stale_duplicates: probability that each listed entry is joined by a stale copy of
             the same key, the job as it was at its submit (queued, no image, no estimate): a
             gateway whose replicas lag, in any order with the fresh one.
@@ -127,6 +131,7 @@ class FaultConfig:
     estimate_outlier_factor: float = 3.0
     images_gone: float = 0.0
     cost_unreported: float = 0.0
+    cost_zero: float = 0.0
     stale_duplicates: float = 0.0
     numbers_as_text: float = 0.0
     entries_missing: float = 0.0
