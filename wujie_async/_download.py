@@ -132,7 +132,11 @@ class Downloader:
         self._saving: dict[tuple[str, int, str], asyncio.Future[SavedImage]] = {}
         # The journal's record of job.save() (a client with a SQLite journal sets it).
         self.save_record: SaveRecord | None = None
-        self._swept: set[Path] = set()  # folders whose stale temporary files were removed
+        # job.save()'s folders: those checked (a folder, not a file) and swept of stale
+        # temporary files, and the check under way of each folder (concurrent saves into one
+        # folder share it, and go on together: they share their downloads too, see save()).
+        self._ready: set[Path] = set()
+        self._preparing: dict[Path, asyncio.Future[Path | None]] = {}
 
     @property
     def policy(self) -> DownloadPolicy:
@@ -203,8 +207,8 @@ class Downloader:
         """
         check_job_template(name)
         self._require_open()
-        folder = await _checked_folder(directory)
-        await self._sweep(folder)
+        folder = _folder_path(directory)
+        await self._ready_folder(folder)
         record = self.save_record if key is not None else None
         if record is None or key is None:
             return await self._save_job(job, folder, name)
@@ -368,18 +372,39 @@ class Downloader:
             f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline){last}"
         )
 
-    async def _sweep(self, folder: Path) -> None:
-        """Remove the temporary files a killed process left in ``folder``: once per folder
-        (the first ``job.save()`` into it), never failing nor holding the save for long."""
-        older_than = stale_after(self._policy.deadline)
-        if older_than is None or folder in self._swept:
+    async def _ready_folder(self, folder: Path) -> None:
+        """Refuse a ``folder`` that is a file; the first time, remove the temporary files a
+        killed process left there. Once per folder while it is one (no thread after that).
+
+        Raises:
+            InvalidRequestError: ``folder``, or a folder above it, is an existing file.
+        """
+        if folder in self._ready:
             return
-        self._swept.add(folder)
+        pending = self._preparing.get(folder)
+        if pending is None:
+            pending = asyncio.ensure_future(self._prepare_folder(folder))
+            self._preparing[folder] = pending
+            pending.add_done_callback(lambda _: self._preparing.pop(folder, None))
+        blocker = await asyncio.shield(pending)
+        if blocker is not None:
+            raise InvalidRequestError(
+                [("directory", f"{blocker} is a file, not a folder: nothing was downloaded")]
+            )
+
+    async def _prepare_folder(self, folder: Path) -> Path | None:
+        """:meth:`_ready_folder`'s work, on a worker thread: the file in the way, if any. A
+        folder that takes longer than ``_SWEEP_WAIT_S`` to answer is left unchecked: the save
+        goes on (its own steps have its deadline)."""
+        older_than = stale_after(self._policy.deadline)
+        blocker: Path | None = None
         removed: list[str] = []
         with anyio.move_on_after(_SWEEP_WAIT_S):
-            removed = await anyio.to_thread.run_sync(
-                _atomic_file.remove_stale, folder, TEMP_STEM, older_than, abandon_on_cancel=True
+            blocker, is_folder, removed = await anyio.to_thread.run_sync(
+                _prepare_folder, folder, older_than, abandon_on_cancel=True
             )
+            if is_folder:
+                self._ready.add(folder)
         if removed:
             logger.info(
                 "removed %d temporary file(s) in %s untouched for over %.0f s (left by a "
@@ -389,6 +414,7 @@ class Downloader:
                 older_than,
                 some_and_more(removed, 5),
             )
+        return blocker
 
     def _disk_steps(self) -> DiskSteps:
         """The file steps of a save starting now, bounded by its deadline."""
@@ -549,23 +575,28 @@ def check_job_template(name: str) -> None:
     check_template(name)
 
 
-async def _checked_folder(directory: object) -> Path:
-    """``job.save()``'s folder, refused before the job is waited for (and anything is
-    downloaded) when it is no path or an existing file."""
-    if not isinstance(directory, str | os.PathLike):
-        raise InvalidRequestError([("directory", "must be a folder path (a str or os.PathLike)")])
-    try:
-        folder = Path(directory)
-    except TypeError:  # a PathLike of bytes
-        raise InvalidRequestError(
-            [("directory", "must be a folder path (a str or os.PathLike)")]
-        ) from None
-    blocker = await anyio.to_thread.run_sync(_file_in_the_way, folder)
+def _folder_path(directory: object) -> Path:
+    """``job.save()``'s folder as a path, refused when it is none (``None``, bytes)."""
+    if isinstance(directory, str | os.PathLike):
+        with contextlib.suppress(TypeError):  # a PathLike of bytes
+            return Path(directory)
+    raise InvalidRequestError([("directory", "must be a folder path (a str or os.PathLike)")])
+
+
+def _prepare_folder(folder: Path, older_than: float | None) -> tuple[Path | None, bool, list[str]]:
+    """The file in ``folder``'s way (if any), whether it is a folder, and the names of the
+    stale temporary files removed from it (blocking)."""
+    blocker = _file_in_the_way(folder)
     if blocker is not None:
-        raise InvalidRequestError(
-            [("directory", f"{blocker} is a file, not a folder: nothing was downloaded")]
-        )
-    return folder
+        return blocker, False, []
+    try:
+        if not folder.is_dir():
+            return None, False, []  # not there yet: the save creates it
+    except OSError:
+        return None, False, []
+    if older_than is None:
+        return None, True, []
+    return None, True, _atomic_file.remove_stale(folder, TEMP_STEM, older_than)
 
 
 def _file_in_the_way(folder: Path) -> Path | None:
