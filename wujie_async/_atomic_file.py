@@ -4,16 +4,24 @@ Bytes go to a new hidden temporary file in the destination folder (``O_EXCL``, n
 a link, with the user's umask), which is flushed, fsynced, closed and then renamed over the
 final name; the folder is fsynced so the rename itself survives a crash. On any failure the
 temporary file is removed. Every function here blocks: call them on a worker thread.
+
+A process killed while it writes (a plain SIGTERM, ``kill -9``, a crash) leaves its temporary
+file: :func:`remove_stale` removes those of a folder that nobody has touched for long enough.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+_TOKEN_BYTES = 6  # the random part of a temporary file's name: 12 hex digits
 
 
 def open_temp(folder: Path, stem: str) -> tuple[IO[bytes], Path]:
@@ -22,7 +30,7 @@ def open_temp(folder: Path, stem: str) -> tuple[IO[bytes], Path]:
     # manifest (mkstemp would force 0600).
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     flags |= getattr(os, "O_CLOEXEC", 0)
-    temp = folder / f".{stem}.{secrets.token_hex(6)}.part"
+    temp = folder / f".{stem}.{secrets.token_hex(_TOKEN_BYTES)}.part"
     try:
         fd = os.open(temp, flags, 0o666)
     except FileNotFoundError:
@@ -64,3 +72,33 @@ def _sync_folder(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def remove_stale(folder: Path, prefix: str, older_than: float) -> list[str]:
+    """Remove the temporary files in ``folder`` whose stem is ``prefix`` or ``prefix-<n>``
+    and that nobody has written to (mtime) for ``older_than`` seconds; returns their names.
+
+    Only names :func:`open_temp` makes (``.<stem>.<12 hex>.part``), only regular files (a
+    link is left alone), never anything else; a folder that cannot be listed, or a file that
+    cannot be removed, is left as it is.
+    """
+    name = re.compile(
+        rf"\.{re.escape(prefix)}(?:-[0-9]+)?\.[0-9a-f]{{{2 * _TOKEN_BYTES}}}\.part", re.ASCII
+    )
+    cutoff = time.time() - older_than
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed  # no folder yet, or not ours to read: nothing to do here
+    for entry in entries:
+        if not name.fullmatch(entry.name):
+            continue
+        try:
+            status = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(status.st_mode) and status.st_mtime < cutoff:
+                os.remove(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            continue  # gone meanwhile (another process's sweep), or not ours to remove
+    return removed

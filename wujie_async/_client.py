@@ -50,6 +50,7 @@ from ._keys import check_key, images_in
 from ._models import EditRequest, GenerationRequest
 from ._poller import OLD_KEY_ABSENCE_GRACE_S, BatchPoller
 from ._results import GeneratedImage, SavedImage
+from ._save_record import SaveRecord
 from ._stats import ClientStats
 from ._submitting import Submits
 from ._telemetry import Telemetry
@@ -332,6 +333,8 @@ class WujieClient:
             # Each row records its gateway: resume() asks only the gateway that took it.
             gateway = GatewayIdentity.of(self.base_url, self.credentials.app_id)
             self._journal = Journal(journal, gateway=gateway)
+            # job.save() is recorded on its row: a save cut off is resumed (see resume()).
+            self._downloader.save_record = SaveRecord(self._journal)
         self._other_gateway_rows: set[int] = set()  # of resume()'s last call (said once)
         self._submits = Submits(
             transport=self._transport,
@@ -807,6 +810,14 @@ class WujieClient:
         to exactly one member, and nothing is resubmitted. This member's own accepted
         submits (a job that timed out, say) are attached too.
 
+        Jobs that succeeded and whose ``job.save()`` never ended are returned too (SQLite
+        journal): the save was cut off by its process ending (a SIGTERM, a crash), by its
+        client closing, or by a cancel, and the images it was saving, paid for, are not on
+        disk. Their images are listed again as the job is attached: save them (image URLs
+        expire, so soon). A save that ended with an error (an image that expired, a refused
+        URL) is not resumed: its caller was told. A job being saved in this process is not
+        returned. Journals written before rows recorded saves resume no such job.
+
         Raises:
             ClientStateError: the client has no journal; or, in fleet mode, this member's own
                 heartbeat expired (Redis was away from it for longer than ``member_timeout``):
@@ -822,6 +833,10 @@ class WujieClient:
             entries = await self._fleet.resumable()  # (a fleet has one gateway: checked)
         else:
             entries = await journal.entries("accepted")
+            save_record = self._downloader.save_record
+            if isinstance(journal, Journal) and save_record is not None:
+                cut_off = await journal.saves_cut_off()
+                entries += [e for e in cut_off if not save_record.saving(e.job_key or "")]
         elsewhere: list[JournalEntry] = []
         if isinstance(journal, Journal) and journal.gateway is not None:
             mine = journal.gateway.fingerprint

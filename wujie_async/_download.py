@@ -13,6 +13,12 @@ image sent inline (``b64_json``) is decoded by ``_inline_images``.
 Every image ends within ``DownloadPolicy.deadline``: an attempt fails as too slow when the
 server does not keep up ``min_rate``, transient failures are retried with backoff, and no new
 attempt starts once ``RetryPolicy.max_elapsed`` has gone by.
+
+So a temporary file untouched for longer than that belongs to no save in progress: a process
+killed mid-save (a plain SIGTERM, a crash) left it. The first ``job.save()`` into a folder
+removes ours that are older than ``stale_after`` (``_atomic_file.remove_stale``), once per
+folder. (Not ``client.download()``: the command line's bulk run, which downloads image by image,
+removes them itself, holding its folder's lock, with a finer rule: ``cli._out_lock``.)
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import aiohttp
 import anyio
 from yarl import URL
 
+from . import _atomic_file
 from ._addresses import AddressRule, CheckingResolver, check_url
 from ._config import DownloadPolicy, RetryPolicy
 from ._disk_steps import DiskSteps
@@ -51,6 +58,7 @@ from ._file_names import DEFAULT_NAME, EXT_FIELD, check_template, render_name
 from ._image_fetch import ImageFetch, RetryableError, Target, name_the_file, too_slow
 from ._inline_images import b64_chars, decode_inline
 from ._results import GeneratedImage, ImageResult, SavedImage
+from ._save_record import SaveRecord
 from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -60,6 +68,23 @@ logger = logging.getLogger("wujie_async.download")
 
 _CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
 _CLI_ONLY_FIELDS = frozenset({"id", "line"})
+# Our temporary files are ".wujie-<index>.<12 hex>.part" (".wujie.<12 hex>.part" inline).
+TEMP_STEM = "wujie"
+# A temporary file untouched for this long, and for longer than the deadline (plus
+# STALE_MARGIN_S), is a killed process's: no save outlives its deadline, and a live one
+# touches its file at every write. An hour at least: another process with a longer deadline
+# than this client's may be writing into the same folder.
+STALE_TEMP_S = 3600.0
+STALE_MARGIN_S = 600.0  # a frozen disk's step may end past the deadline (STEP_GRACE_S and more)
+_SWEEP_WAIT_S = 5.0  # a folder that takes longer to list is left as it is: the save goes on
+
+
+def stale_after(deadline: float | None) -> float | None:
+    """How old (by mtime) a temporary file of ours must be to be removed as a killed save's;
+    None (none is removed) without a deadline: a save may then last any time."""
+    if deadline is None:
+        return None
+    return max(STALE_TEMP_S, deadline + STALE_MARGIN_S)
 
 
 class Downloader:
@@ -105,6 +130,13 @@ class Downloader:
         # Saves in progress by (job key, image index, path): a second save of the same image
         # to the same path joins the first (see save()).
         self._saving: dict[tuple[str, int, str], asyncio.Future[SavedImage]] = {}
+        # The journal's record of job.save() (a client with a SQLite journal sets it).
+        self.save_record: SaveRecord | None = None
+        # job.save()'s folders: those checked (a folder, not a file) and swept of stale
+        # temporary files, and the check under way of each folder (concurrent saves into one
+        # folder share it, and go on together: they share their downloads too, see save()).
+        self._ready: set[Path] = set()
+        self._preparing: dict[Path, asyncio.Future[Path | None]] = {}
 
     @property
     def policy(self) -> DownloadPolicy:
@@ -153,22 +185,47 @@ class Downloader:
 
     # --- saving ---------------------------------------------------------------------------------
     async def save_job(
-        self, job: Awaitable[ImageResult], directory: str | os.PathLike[str], name: str
+        self,
+        job: Awaitable[ImageResult],
+        directory: str | os.PathLike[str],
+        name: str,
+        *,
+        key: str | None = None,
     ) -> list[SavedImage]:
         """Wait for ``job``, then save every image in ``directory`` under ``name``.
 
-        The template is checked before the wait; every image is tried, and if any could not
-        be saved the first error (by index) is raised once the others are done, with a note
-        naming the files that were saved.
+        The template and the folder are checked before the wait; every image is tried, and
+        if any could not be saved the first error (by index) is raised once the others are
+        done, with a note naming the files that were saved. ``key``: the job's, for the
+        journal's record of the save (see ``_save_record``).
 
         Raises:
-            InvalidRequestError: the template, or two images with one name.
+            InvalidRequestError: the template, or two images with one name; ``directory`` is
+                no path, or an existing file.
             JobError: the job ended without its images.
             ProtocolError, TransportError: an image could not be downloaded.
         """
         check_job_template(name)
         self._require_open()
-        folder = Path(directory)
+        folder = _folder_path(directory)
+        await self._ready_folder(folder)
+        record = self.save_record if key is not None else None
+        if record is None or key is None:
+            return await self._save_job(job, folder, name)
+        try:
+            # Inside: a cancel during the record's commit still ends the save (asked() counts
+            # the save before it awaits anything).
+            await record.asked(key)
+            saved = await self._save_job(job, folder, name)
+        except BaseException as exc:
+            record.ended(key, exc)
+            raise
+        record.ended(key, None)
+        return saved
+
+    async def _save_job(
+        self, job: Awaitable[ImageResult], folder: Path, name: str
+    ) -> list[SavedImage]:
         result = await job
         planned = {
             image.index: render_name(
@@ -217,14 +274,19 @@ class Downloader:
         The one entry point of every download: observed here (span, metrics, DEBUG line).
 
         Raises:
-            InvalidRequestError: the URL (or a redirect's target) is refused, or the name is
-                taken by another image of the same save call.
+            InvalidRequestError: the URL (or a redirect's target) is refused, the name is
+                taken by another image of the same save call, ``path`` is no path or ``key``
+                no string.
             ProtocolError: not an image, too large, not 200 (after retries for 5xx and 429,
                 and 3 tries for a 404), too many redirects, not base64, or neither a URL nor
                 ``b64_json``.
             TransportError: the download failed after its retries, or was too slow.
             ClientStateError: the downloader (its client) is closed.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise InvalidRequestError([("path", "must be a file path (a str or os.PathLike)")])
+        if key is not None and not isinstance(key, str):
+            raise InvalidRequestError([("key", "must be the image's job key (a str) or None")])
         self._require_open()
         if key is None:
             return await self._save_once(image, path, key, claimed)
@@ -309,6 +371,50 @@ class Downloader:
         raise too_slow(
             f"the image was not saved within {deadline:g} s (DownloadPolicy.deadline){last}"
         )
+
+    async def _ready_folder(self, folder: Path) -> None:
+        """Refuse a ``folder`` that is a file; the first time, remove the temporary files a
+        killed process left there. Once per folder while it is one (no thread after that).
+
+        Raises:
+            InvalidRequestError: ``folder``, or a folder above it, is an existing file.
+        """
+        if folder in self._ready:
+            return
+        pending = self._preparing.get(folder)
+        if pending is None:
+            pending = asyncio.ensure_future(self._prepare_folder(folder))
+            self._preparing[folder] = pending
+            pending.add_done_callback(lambda _: self._preparing.pop(folder, None))
+        blocker = await asyncio.shield(pending)
+        if blocker is not None:
+            raise InvalidRequestError(
+                [("directory", f"{blocker} is a file, not a folder: nothing was downloaded")]
+            )
+
+    async def _prepare_folder(self, folder: Path) -> Path | None:
+        """:meth:`_ready_folder`'s work, on a worker thread: the file in the way, if any. A
+        folder that takes longer than ``_SWEEP_WAIT_S`` to answer is left unchecked: the save
+        goes on (its own steps have its deadline)."""
+        older_than = stale_after(self._policy.deadline)
+        blocker: Path | None = None
+        removed: list[str] = []
+        with anyio.move_on_after(_SWEEP_WAIT_S):
+            blocker, is_folder, removed = await anyio.to_thread.run_sync(
+                _prepare_folder, folder, older_than, abandon_on_cancel=True
+            )
+            if is_folder:
+                self._ready.add(folder)
+        if removed:
+            logger.info(
+                "removed %d temporary file(s) in %s untouched for over %.0f s (left by a "
+                "process that ended mid-save): %s",
+                len(removed),
+                folder,
+                older_than,
+                some_and_more(removed, 5),
+            )
+        return blocker
 
     def _disk_steps(self) -> DiskSteps:
         """The file steps of a save starting now, bounded by its deadline."""
@@ -467,6 +573,43 @@ def check_job_template(name: str) -> None:
             [("name", "must use {key}, or every job would get the same name")]
         )
     check_template(name)
+
+
+def _folder_path(directory: object) -> Path:
+    """``job.save()``'s folder as a path, refused when it is none (``None``, bytes)."""
+    if isinstance(directory, str | os.PathLike):
+        with contextlib.suppress(TypeError):  # a PathLike of bytes
+            return Path(directory)
+    raise InvalidRequestError([("directory", "must be a folder path (a str or os.PathLike)")])
+
+
+def _prepare_folder(folder: Path, older_than: float | None) -> tuple[Path | None, bool, list[str]]:
+    """The file in ``folder``'s way (if any), whether it is a folder, and the names of the
+    stale temporary files removed from it (blocking)."""
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        return blocker, False, []
+    try:
+        if not folder.is_dir():
+            return None, False, []  # not there yet: the save creates it
+    except OSError:
+        return None, False, []
+    if older_than is None:
+        return None, True, []
+    return None, True, _atomic_file.remove_stale(folder, TEMP_STEM, older_than)
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing part of ``folder``'s path, if it is not a folder (blocking)."""
+    for part in (folder, *folder.parents):
+        try:
+            is_dir = part.is_dir()
+            exists = is_dir or part.exists()
+        except OSError:
+            return None  # unreadable: the save says what is wrong when it writes
+        if exists:
+            return None if is_dir else part
+    return None
 
 
 def _host(url: str) -> str | None:

@@ -49,7 +49,12 @@ class ImageSaver(Protocol):
     one): the job holds it without knowing how downloads are made."""
 
     async def save_job(
-        self, job: Awaitable[ImageResult], directory: str | os.PathLike[str], name: str
+        self,
+        job: Awaitable[ImageResult],
+        directory: str | os.PathLike[str],
+        name: str,
+        *,
+        key: str | None = None,
     ) -> list[SavedImage]: ...
 
 
@@ -498,6 +503,13 @@ class ImageJob:
         them. A job the gateway reported done with fewer images than it makes has the
         images that came saved, then IncompleteJobError raised (its note names the files).
 
+        With a journal (``WujieClient(journal=...)``), the job's row records that a save was
+        asked for (before anything is downloaded) and that it ended. A save the process's end
+        cuts off (a SIGTERM, a crash), or that is cancelled, or ended by the client closing,
+        leaves its job to the next :meth:`WujieClient.resume`, which returns it even though it
+        has succeeded: save it again there. A save that ended with an error (an expired
+        image, a refused URL, a full disk) was told to its caller and is not resumed.
+
         Example::
 
             job = await client.images.submit(prompt="a cat", model="gpt-image-1", n=2)
@@ -505,7 +517,8 @@ class ImageJob:
                 print(saved.path, saved.bytes, saved.sha256)
 
         Args:
-            directory: the folder (created if missing).
+            directory: the folder (created if missing). An existing file there is refused
+                before the wait (nothing is downloaded).
             name: the file-name template: ``{key}`` (the job's key; required, so that two
                 jobs never share a name), ``{index}`` (the image's position) and ``{ext}``
                 (``png``, ``jpg`` or ``webp``, from the image's bytes). ``{id}`` and ``{line}``
@@ -515,8 +528,9 @@ class ImageJob:
             One :class:`SavedImage` per image, in index order.
 
         Raises:
-            InvalidRequestError: a bad template, or two images would get one name (nothing
-                is downloaded then); or an image URL the address rule refuses.
+            InvalidRequestError: a bad template, or two images would get one name, or
+                ``directory`` is no path or an existing file (nothing is downloaded then); or
+                an image URL the address rule refuses.
             IncompleteJobError: the job was reported done without all its images (those that
                 came are saved first).
             JobError: the job failed, was rejected, timed out or was cancelled.
@@ -533,7 +547,7 @@ class ImageJob:
             )
         landed = _Landed(self)
         try:
-            saved = await saver.save_job(landed, directory, name)
+            saved = await saver.save_job(landed, directory, name, key=self._key)
         except Exception as exc:
             if landed.incomplete is not None:
                 add_note_once(exc, f"the job also ended incomplete: {landed.incomplete}")

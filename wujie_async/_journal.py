@@ -23,6 +23,13 @@ Each row records the gateway its submit was sent to: the base URL as the client 
 and the fingerprint of base URL and app id (``_gateway_identity``): a key means something to
 that gateway and account only. Journals written before rows recorded it gain the two columns
 (empty: no known gateway) when a writer opens them.
+
+Each row also records its job's ``job.save()``: ``save_asked``, the time a save was last asked
+for, and ``save_ended``, the time it ended (every image on disk, or an error raised to its
+caller). A ``succeeded`` row asked and not ended is a save the process's end cut off: its
+images were paid for and are not on disk, so ``resume()`` returns its job again
+(:meth:`Journal.saves_cut_off`). Journals of before gain the two columns empty: their rows read
+as no save asked, as before.
 """
 
 from __future__ import annotations
@@ -57,7 +64,9 @@ CREATE TABLE IF NOT EXISTS submits (
     created  REAL NOT NULL,
     updated  REAL NOT NULL,
     base_url TEXT,
-    gateway  TEXT
+    gateway  TEXT,
+    save_asked REAL,
+    save_ended REAL
 );
 CREATE INDEX IF NOT EXISTS submits_state ON submits(state);
 CREATE INDEX IF NOT EXISTS submits_key ON submits(job_key);
@@ -70,6 +79,9 @@ ALL_STATES = ("intent", "accepted", *_FINAL_STATES)
 # Columns added since the first schema (nullable: older rows have none), each added to an older
 # file by ALTER TABLE when a writer opens it.
 _ADDED_COLUMNS = (("base_url", "TEXT"), ("gateway", "TEXT"))
+# The save record's (see the module's docstring); apart, so a file that has the gateway's
+# columns and not these (read only) still lists its rows' gateways.
+_SAVE_COLUMNS = (("save_asked", "REAL"), ("save_ended", "REAL"))
 _SQL_VARIABLES_PER_STATEMENT = 500  # well under SQLite's lowest default limit (999)
 _ERROR_CHARS = 2000
 
@@ -386,6 +398,44 @@ class Journal:
             key,
         )
 
+    async def record_save_asked(self, key: str) -> None:
+        """A ``job.save()`` of ``key``'s job begins: committed before its download starts.
+
+        Awaited, where outcomes are not: the job may have succeeded, and its row been
+        committed ``succeeded``, before the save was asked for; a process ending mid-download
+        with this record still queued would leave a row that reads as nothing left to do.
+        Cancelling the wait leaves the write to land.
+
+        Raises:
+            ClientStateError: the journal is closed, or the write failed.
+        """
+        await asyncio.shield(
+            self._worker.write_soon(
+                [
+                    (
+                        "UPDATE submits SET save_asked=?, save_ended=NULL WHERE job_key=?",
+                        (time.time(), key),
+                    )
+                ],
+                key,
+            )
+        )
+
+    def record_save_ended(self, key: str) -> None:
+        """A ``job.save()`` of ``key``'s job ended: every image on disk, or an error raised to
+        its caller (queued, not awaited: lost, the next ``resume()`` returns the job once
+        more, nothing worse)."""
+        self._worker.write_later(
+            [("UPDATE submits SET save_ended=? WHERE job_key=?", (time.time(), key))], key
+        )
+
+    async def saves_cut_off(self) -> list[JournalEntry]:
+        """``succeeded`` rows whose save was asked for and never ended: the process ended (or
+        its client closed, or the save was cancelled) while it ran. Oldest first."""
+        sql, params = entries_query(("succeeded",), None, save_cut_off=True)
+        rows = await self._worker.query(sql, params)
+        return [self.entry(row) for row in rows]
+
     async def forget(self, ids: Iterable[int]) -> int:
         """Delete the rows with these ids; returns how many were deleted.
 
@@ -436,10 +486,15 @@ class Journal:
 
 
 def entries_query(
-    states: tuple[str, ...], tag: str | None, *, with_gateway: bool = True
+    states: tuple[str, ...],
+    tag: str | None,
+    *,
+    with_gateway: bool = True,
+    save_cut_off: bool = False,
 ) -> tuple[str, tuple[Any, ...]]:
     """The query of the rows in ``states`` (every row if none), with ``tag`` if given.
     ``with_gateway``: False for a file not migrated yet (read only), whose rows have none.
+    ``save_cut_off``: only rows whose save was asked for and has not ended (a writer's file).
 
     Raises:
         ValueError: a state that is not a journal state.
@@ -454,6 +509,8 @@ def entries_query(
     if tag is not None:
         clauses.append("tag = ?")
         params += (tag,)
+    if save_cut_off:
+        clauses.append("save_asked IS NOT NULL AND save_ended IS NULL")
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
     gateway = "base_url, gateway" if with_gateway else "NULL, NULL"
     sql = (
@@ -474,7 +531,7 @@ def _prepare(connection: sqlite3.Connection) -> None:
     a dead writer (we hold the lock) made ``uncertain``."""
     connection.executescript(_SCHEMA)
     present = {str(row[1]) for row in connection.execute("PRAGMA table_info(submits)")}
-    for name, kind in _ADDED_COLUMNS:
+    for name, kind in (*_ADDED_COLUMNS, *_SAVE_COLUMNS):
         if name not in present:
             # Nullable, no default: SQLite adds it without rewriting the rows.
             connection.execute(f"ALTER TABLE submits ADD COLUMN {name} {kind}")

@@ -1,0 +1,87 @@
+"""What a journal records of ``job.save()``: that a save was asked for, and that it ended.
+
+A job's images are paid for once it has succeeded, and its image URLs expire: a process that
+ends while ``job.save()`` runs (a SIGTERM, a crash, a closing client) left a row that read
+``succeeded``, which ``resume()`` skipped, and the images were never saved. So the row records
+the save: asked for before its download starts (committed, see
+:meth:`Journal.record_save_asked`), ended once it has ended, and ``resume()`` returns the jobs
+of rows asked and not ended (:meth:`Journal.saves_cut_off`).
+
+A save *ends* when every image is on disk, or with an error raised to its caller (an image
+that expired, a refused URL, a full disk, the job failed): that caller was told, and the job
+is not returned by every ``resume()`` to come for a save that cannot succeed. A save that was
+cut off does not end: cancelled, or ended by its client closing (``ClientStateError``), or its
+wait for the job given up (``JobTimeoutError``) or cancelled with the client
+(``JobCancelledError``). Two saves of one job at once (two folders): the row ends when the
+last one ends, and only if none of them was cut off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ._errors import ClientStateError, JobCancelledError, JobTimeoutError, shown_key
+from ._journal import Journal
+
+logger = logging.getLogger("wujie_async")
+
+
+@dataclass(slots=True)
+class _Saves:
+    """The saves of one job running in this process."""
+
+    running: int = 0
+    cut_off: bool = False  # one of them was cut off: the row must stay asked
+
+
+def cut_off(error: BaseException | None) -> bool:
+    """Whether a save that ended with ``error`` was cut off (left for ``resume()``) rather
+    than ended (saved, or an error its caller was given for good)."""
+    if error is None:
+        return False
+    return not isinstance(error, Exception) or isinstance(
+        error, ClientStateError | JobTimeoutError | JobCancelledError
+    )
+
+
+class SaveRecord:
+    """The save record of one client's journal, and the saves running in this process."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._saves: dict[str, _Saves] = {}
+
+    def saving(self, key: str) -> bool:
+        """Whether a save of ``key``'s job runs in this process (``resume()`` leaves it be)."""
+        return key in self._saves
+
+    async def asked(self, key: str) -> None:
+        """A save of ``key``'s job begins; pair it with one :meth:`ended`, whatever happens.
+
+        A record that cannot be written (the disk is full) is said at WARNING, and the save
+        goes on: the images matter more than the record of them.
+        """
+        self._saves.setdefault(key, _Saves()).running += 1
+        try:
+            await self._journal.record_save_asked(key)
+        except ClientStateError as exc:
+            logger.warning(
+                "journal: the save of job %s was not recorded (%s); if this process ends "
+                "before it is done, resume() will not return the job",
+                shown_key(key),
+                exc,
+            )
+
+    def ended(self, key: str, error: BaseException | None) -> None:
+        """A save of ``key``'s job ended, saved (``error`` None) or not."""
+        saves = self._saves.get(key)
+        if saves is None:
+            return
+        saves.running -= 1
+        saves.cut_off = saves.cut_off or cut_off(error)
+        if saves.running > 0:
+            return
+        del self._saves[key]
+        if not saves.cut_off:
+            self._journal.record_save_ended(key)
