@@ -124,6 +124,20 @@ _RUNNING_STATUSES = _contract.RUNNING_STATUSES
 _SUCCEEDED, _QUEUED = JobStatus.SUCCEEDED, JobStatus.QUEUED
 
 
+def _wake_at(loop: asyncio.AbstractEventLoop, waking: asyncio.Future[None], when: float) -> None:
+    """The idle poller's timer: its sleep is over at ``when`` (unless it was woken or
+    cancelled)."""
+    if waking.done():
+        return
+    if loop.time() < when:
+        # asyncio runs a timer up to a clock tick early, when the poller would find nothing
+        # due and sleep again at once (a fake clock never moves on then): armed again, as
+        # anyio's timeouts are.
+        loop.call_at(when, _wake_at, loop, waking, when)
+        return
+    waking.set_result(None)
+
+
 def _recorded(tracked: _Tracked) -> bool:
     """Whether ``tracked``'s changes are written down (a span, or the DEBUG log)."""
     return tracked.trace is not None or logger.isEnabledFor(logging.DEBUG)
@@ -177,9 +191,10 @@ class BatchPoller:
         # An entry counts only while it matches its record's ``due``: a key taken into a call
         # has ``due == inf`` until its reply reschedules it, so it cannot be taken twice.
         self._heap: list[tuple[float, str]] = []
-        # Set to wake the idle poller (a key due sooner, a reply in): a fresh one per sleep,
-        # since an anyio.Event is never cleared.
-        self._wakeup = anyio.Event()
+        # What the idle poller awaits (None: it is not asleep); resolved to wake it (a key due
+        # sooner, a reply in) or by a timer at ``_sleeping_until``. A fresh one per sleep:
+        # what was set before a sleep is seen already.
+        self._waking: asyncio.Future[None] | None = None
         self._sleeping_until = math.inf  # when the idle poller will next look at the heap
         # Keys due that wait (taken, ``due == inf``) for more to fill a call, up to ``gather``
         # seconds after the first of them came due (see ``_take_due``).
@@ -272,7 +287,7 @@ class BatchPoller:
         else:
             self._schedule(tracked, now + first_delay)
         if tracked.due < self._sleeping_until:  # only wake the poller if this key is due sooner
-            self._wakeup.set()
+            self._wake()
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "job %s: pending (%s, first ask in %.2f s)",
@@ -452,13 +467,25 @@ class BatchPoller:
             heapq.heappop(heap)  # drop entries of jobs that ended or were rescheduled
         return heap[0][0] if heap else math.inf
 
+    def _wake(self) -> None:
+        """Wake the idle poller, if asleep, to look at the heap again."""
+        waking = self._waking
+        if waking is not None and not waking.done():
+            waking.set_result(None)
+
     async def _sleep_until_due(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._wakeup = wakeup = anyio.Event()  # what was set before this sleep is seen already
-        self._sleeping_until = min(self._next_due(), self._gathered_until)
+        # A future and a loop timer, not a cancel scope around an event: the poller sleeps
+        # about 9 times per batch call in a burst, and a scope's timeout is a cancellation of
+        # the poller's task, delivered, raised and caught.
+        self._waking = waking = loop.create_future()
+        self._sleeping_until = until = min(self._next_due(), self._gathered_until)
+        timer = loop.call_at(until, _wake_at, loop, waking, until) if until < math.inf else None
         try:
-            with anyio.move_on_after(self._sleeping_until - loop.time()):
-                await wakeup.wait()
+            await waking
         finally:
+            if timer is not None:
+                timer.cancel()
+            self._waking = None
             self._sleeping_until = -math.inf  # awake: new keys need no wake-up call
 
     def _expire(self, tracked: _Tracked) -> None:
@@ -483,7 +510,7 @@ class BatchPoller:
             await self._poll_keys(chunk)
         finally:
             watch.cancel()
-            self._wakeup.set()
+            self._wake()
 
     async def _poll_keys(self, chunk: list[_Tracked]) -> bool:
         """One batch call for ``chunk``; an over-cap or unreadable reply, or a call of
@@ -669,7 +696,7 @@ class BatchPoller:
             for tracked in self._jobs.values():
                 if now < tracked.due < math.inf:
                     self._schedule(tracked, now)
-        self._wakeup.set()
+        self._wake()
 
     def apply_reply(self, asked: Collection[str], data: Any) -> None:
         """Apply a batch reply fetched elsewhere (``data`` as the gateway sent it) for the keys
@@ -690,7 +717,7 @@ class BatchPoller:
         except Exception:  # hostile input may only ever mean "malformed": as a failed call
             reading = None
         self._apply_reading(chunk, reading)
-        self._wakeup.set()
+        self._wake()
 
     def fail(self, key: str, error: JobError) -> None:
         """End ``key``'s job with ``error``: whoever asks the gateway for it gave up on it (the
@@ -762,7 +789,7 @@ class BatchPoller:
                 when = last + gap
             if when < due:
                 self._schedule(tracked, when)
-        self._wakeup.set()
+        self._wake()
 
     async def _split(self, chunk: list[_Tracked], problem: WujieError) -> None:
         if len(chunk) == 1:
