@@ -65,15 +65,17 @@ STRICT_SIZE_RE: Final = re.compile(r"1024x1024|1536x1024|1024x1536")
 # the gateway could refuse (26,000,000 bytes is under 25 MiB) is not sent.
 GPT_IMAGE_MAX_BYTES: Final = 25_000_000
 DALL_E_2_MAX_BYTES: Final = 4_000_000
-# What a model name is made of (the known ones, and names such as "gpt-image-1.5",
-# "flux.1-schnell" or "vendor/model:tag"): an unknown name passes unchecked, so one with a space
-# at an end, a control or any other character no model name has (" dall-e-2", a pasted newline)
-# is refused here, or it would skip every rule of the model it was meant to be and be sent.
-MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+# An unknown model passes unchecked (a new model works at once), so a name no model has is
+# refused for its form: a space at an end, a control or an invisible character (" dall-e-2", a
+# pasted newline, a zero-width space) would skip every rule of the model it was meant to be and
+# be sent, and a gateway that trims it would charge for it. Only that: a gateway may name its
+# models in any script, with spaces inside ("通义万相-2.1", "Stable Diffusion 3.5"), and such
+# names were sent before this rule; the gateway says whether it serves them.
+MODEL_NAME_MAX_CHARS: Final = 128
 MODEL_NAME_RULE: Final = (
-    "must be a model name: 1 to 128 letters (A-Z, a-z), digits and . _ : / @ + -, "
-    f"beginning with a letter or digit, no spaces (one of {'|'.join(KNOWN_MODELS)}, or "
-    "another model the gateway serves)"
+    f"must be a model name: 1 to {MODEL_NAME_MAX_CHARS} printable characters, beginning with a "
+    "letter or digit, with no space at its end and no control or invisible character (one of "
+    f"{'|'.join(KNOWN_MODELS)}, or another model the gateway serves)"
 )
 _DATA_URL_RE: Final = re.compile(r"^data:(?P<mime>[\w/+.-]+)?(;[\w=-]+)*;base64,", re.IGNORECASE)
 
@@ -82,6 +84,18 @@ Violation = tuple[str, str]
 
 def _choices(values: frozenset[str]) -> str:
     return "|".join(sorted(values))
+
+
+def is_model_name(text: str) -> bool:
+    """Whether ``text`` has the form of a model name (see :data:`MODEL_NAME_RULE`)."""
+    # isprintable() is False for controls, format characters (zero-width ones), surrogates
+    # and every separator but the ASCII space: tabs, newlines, no-break spaces.
+    return (
+        0 < len(text) <= MODEL_NAME_MAX_CHARS
+        and text[0].isalnum()
+        and not text[-1].isspace()
+        and text.isprintable()
+    )
 
 
 def _has_surrogate(text: str) -> bool:
@@ -216,7 +230,7 @@ def violations(
         kind: ``"generation"`` or ``"edit"``.
         body: the JSON body as it would be sent (absent fields omitted or None).
         unknown_models: let models outside :data:`MODEL_RULES` through unchecked (client
-            side), when their name is well formed (:data:`MODEL_NAME_RE`).
+            side), when their name has the form of one (:func:`is_model_name`).
         strict_regexps: also apply the validators printed on the doc page (emulator knob).
     """
     found: list[Violation] = []
@@ -234,7 +248,7 @@ def violations(
         if not unknown_models:
             found.append(("model", f"must be one of {'|'.join(KNOWN_MODELS)}"))
             return found
-        if not MODEL_NAME_RE.fullmatch(model):
+        if not is_model_name(model):
             # A lone surrogate is said once, by the UTF-8 rule (``_models.unencodable``).
             if not _has_surrogate(model):
                 found.append(("model", MODEL_NAME_RULE))
