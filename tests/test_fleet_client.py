@@ -733,6 +733,23 @@ async def test_find_submit_works_fleet_wide(url: str, emulator: EmulatorFactory)
         assert [e.job_key for e in await b.journal_entries("accepted", "succeeded")] == [job.key]
 
 
+async def test_an_empty_tag_finds_no_other_messages_submit(
+    url: str, emulator: EmulatorFactory
+) -> None:
+    """A queue consumer whose message has an empty id finds no submit of it: an empty tag
+    is no filter in Redis, and find_submit("") returned another message's submit (the newest
+    row), as find_submit(None) did: the consumer attached to it and never sent its own."""
+    name = fleet_name()
+    async with emulator() as emu, member(emu, url, name) as a, member(emu, url, name) as b:
+        job = await a.images.submit(prompt="tagged", tag="msg-1", model="dall-e-2")
+        untagged = await a.images.submit(prompt="untagged", model="dall-e-2")
+        assert await b.find_submit("") is None
+        assert await b.journal_entries(tag="") == []
+        found = await b.find_submit("msg-1")  # a tag still finds its own submit
+        assert found is not None and found.job_key == job.key
+        await asyncio.gather(job, untagged)
+
+
 @pytest.mark.long
 async def test_fleet_rate_holds_across_members(url: str, emulator: EmulatorFactory) -> None:
     name = fleet_name()

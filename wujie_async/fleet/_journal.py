@@ -629,6 +629,12 @@ class RedisJournal:
             if state not in ALL_STATES:
                 raise ValueError(f"journal state {state!r} is not one of {', '.join(ALL_STATES)}")
         wanted = states or ALL_STATES
+        if tag == "":
+            # Redis keeps an empty tag as none (no row is indexed under it), and its script
+            # reads '' as "any tag": find_submit("") returned the newest row of every tag, so a
+            # queue message with an empty id attached to another message's job and never sent
+            # its own. No row has this tag.
+            return []
         if self._later is not None and (self._trying is not None or not self._later.empty()):
             # This member's own records queued before the read are read back (the SQLite
             # journal reads in the order of its writes): uncertain_submits() right after a
