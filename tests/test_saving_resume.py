@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import signal
 import sqlite3
@@ -310,4 +311,39 @@ async def test_a_save_ended_by_its_client_closing_is_resumed(tmp_path: Path) -> 
             resumed = await client.resume()
             assert [resumed_job.key for resumed_job in resumed] == [job.key]
             await resumed[0].save(tmp_path / "out")
+    assert names(tmp_path / "out") == [f"{job.key}-0.png"]
+
+
+async def test_a_save_cut_off_on_another_gateway_is_left_and_said_as_such(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client of another gateway leaves a job whose save was cut off to a client of its own
+    gateway, and its WARNING says what the row is: a job that succeeded and waits for its
+    save, not an accepted one (the message said "accepted", and the row reads succeeded)."""
+    journal = tmp_path / "jobs.sqlite"
+    async with (
+        held_images() as held,
+        scripted_gateway(two_jobs(held.url(0), held.url(0))) as home,
+        scripted_gateway(two_jobs(held.url(0), held.url(0))) as other,
+    ):
+        async with client_on(home.base_url, journal=journal) as client:
+            job = await client.images.submit(prompt="p", model="dall-e-2")
+            saving = asyncio.ensure_future(job.save(tmp_path / "out"))
+            await until(held, lambda: held.asked[0] == 1, alive=saving)
+            saving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await saving
+        assert row_state(journal) == "succeeded"
+        caplog.set_level(logging.WARNING, logger="wujie_async")
+        async with client_on(other.base_url, journal=journal) as client:
+            assert await client.resume() == []
+        [warning] = [r.getMessage() for r in caplog.records if "resume:" in r.getMessage()]
+        assert "1 succeeded job(s) whose save was cut off" in warning, warning
+        assert "accepted" not in warning, warning
+        assert home.base_url in warning and other.base_url in warning, warning
+        assert other.asked == []  # never asked of the wrong gateway
+        held.held = False
+        async with client_on(home.base_url, journal=journal) as client:
+            [again] = await client.resume()
+            await again.save(tmp_path / "out")
     assert names(tmp_path / "out") == [f"{job.key}-0.png"]

@@ -800,10 +800,13 @@ class WujieClient:
         A job key is known only to the gateway and account that accepted it: rows whose submit
         went to another base URL or another app id than this client's (staging and production,
         a changed ``WUJIE_BASE_URL``, a second account) are neither attached nor changed. They
-        stay ``accepted``, for a client of their gateway to resume, and one WARNING per call
-        says how many there are, the base URLs they were submitted to and this client's.
-        (Asked of this gateway, each would end "unknown key", its paid images never
-        collected.) Rows written before journals recorded their gateway are resumed here.
+        stay ``accepted``, for a client of their gateway to resume (asked of this gateway,
+        each would end "unknown key", its paid images never collected), and so do jobs of
+        theirs whose save was cut off (see below). One WARNING says how many there are, the
+        base URLs they were submitted to and this client's; a queue consumer calls
+        ``resume()`` every few seconds, so it is said again at WARNING only when those rows
+        change (at DEBUG meanwhile). Rows written before journals recorded their gateway are
+        resumed here.
 
         In fleet mode it claims the accepted submits of members whose heartbeat expired
         (``RedisFleet(member_timeout=...)``) and attaches those: each dead member's job goes
@@ -876,12 +879,20 @@ class WujieClient:
         # Queue consumers call it every few seconds: the same rows are said once, at WARNING.
         shown, self._other_gateway_rows = self._other_gateway_rows, {e.id for e in elsewhere}
         if elsewhere:
+            # Rows of both kinds are left: accepted ones, and those that succeeded and wait
+            # for a save that was cut off (said as such: they read succeeded, not accepted).
+            accepted = sum(1 for entry in elsewhere if entry.state == "accepted")
+            said = [
+                f"{accepted} accepted job(s)" if accepted else "",
+                f"{len(elsewhere) - accepted} succeeded job(s) whose save was cut off"
+                if accepted < len(elsewhere)
+                else "",
+            ]
             logger.log(
                 logging.WARNING if self._other_gateway_rows != shown else logging.DEBUG,
-                "resume: %d accepted job(s) in journal %s were submitted to %s: not resumed, "
-                "left accepted; resume them with a client of that gateway (its base URL and "
-                "app id)",
-                len(elsewhere),
+                "resume: %s in journal %s were submitted to %s: not resumed, left as they "
+                "are; resume them with a client of that gateway (its base URL and app id)",
+                " and ".join(part for part in said if part),
                 getattr(journal, "path", "?"),
                 other_gateways_said(elsewhere, self.base_url),
             )
