@@ -28,9 +28,11 @@ import pytest
 from aiohttp import web
 
 from wujie_async import ClientStateError, InvalidRequestError, ProtocolError
+from wujie_async._errors import shown_key
 from wujie_async.emulator._png import render_png
 
-from .helpers import eventually
+from .conftest import EmulatorFactory, make_client
+from .helpers import eventually, freezable_disk, freeze
 from .hostile import image_server, images_at, scripted_gateway
 from .test_saving import client_on, names
 
@@ -347,3 +349,33 @@ async def test_a_save_cut_off_on_another_gateway_is_left_and_said_as_such(
             [again] = await client.resume()
             await again.save(tmp_path / "out")
     assert names(tmp_path / "out") == [f"{job.key}-0.png"]
+
+
+@pytest.mark.long
+async def test_a_save_goes_on_when_the_journals_disk_stops_answering(
+    emulator: EmulatorFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The journal's file system freezes (``fsfreeze``, as a hung NFS mount): ``job.save()``
+    into another folder waits a moment for its record, then saves, with a WARNING; the record
+    lands once the disk thaws. It waited for the record with no bound: the images, paid for,
+    were never saved while the journal's disk stayed frozen."""
+    caplog.set_level(logging.WARNING, logger="wujie_async")
+    with freezable_disk(tmp_path / "disk") as disk:
+        journal = disk / "jobs.sqlite"
+        async with emulator() as emu, make_client(emu, journal=journal) as client:
+            job = await client.images.submit(prompt="a fox", model="dall-e-2")
+            await job
+            with freeze(disk):
+                async with asyncio.timeout(10):  # the record is waited for 2 s
+                    saved = await job.save(tmp_path / "out")
+                assert [image.path.name for image in saved] == [f"{job.key}-0.png"]
+                [warning] = [r.getMessage() for r in caplog.records if "save" in r.getMessage()]
+                assert shown_key(job.key) in warning and "not recorded yet" in warning, warning
+        db = sqlite3.connect(f"{journal.absolute().as_uri()}?mode=ro", uri=True)
+        try:
+            ((state, asked, ended),) = db.execute(
+                "SELECT state, save_asked, save_ended FROM submits"
+            ).fetchall()
+        finally:
+            db.close()
+        assert state == "succeeded" and asked is not None and ended is not None, (asked, ended)

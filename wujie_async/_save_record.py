@@ -18,6 +18,7 @@ last one ends, and only if none of them was cut off.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +26,10 @@ from ._errors import ClientStateError, JobCancelledError, JobTimeoutError, shown
 from ._journal import Journal
 
 logger = logging.getLogger("wujie_async")
+
+# How long a save waits for its record to commit before it goes on without (a disk that
+# answers commits in milliseconds; as long as closing the journal waits for its last commit).
+RECORD_WAIT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -59,12 +64,26 @@ class SaveRecord:
     async def asked(self, key: str) -> None:
         """A save of ``key``'s job begins; pair it with one :meth:`ended`, whatever happens.
 
-        A record that cannot be written (the disk is full) is said at WARNING, and the save
-        goes on: the images matter more than the record of them.
+        A record that cannot be written (the disk is full), or not within ``RECORD_WAIT_S``
+        (the disk stopped answering), is said at WARNING, and the save goes on: the images
+        matter more than the record of them.
         """
         self._saves.setdefault(key, _Saves()).running += 1
         try:
-            await self._journal.record_save_asked(key)
+            async with asyncio.timeout(RECORD_WAIT_S):
+                await self._journal.record_save_asked(key)
+        except TimeoutError:
+            # A disk that takes no write (a frozen file system, a hung NFS mount) holds the
+            # commit for as long as it stays so, and the save, paid for, waited with it. The
+            # record stays queued (shielded): it lands, before the save's end, once the disk
+            # answers.
+            logger.warning(
+                "journal: the save of job %s is not recorded yet (the journal's disk has not "
+                "taken the write in %.0f s): the save goes on; if this process ends before the "
+                "record lands, resume() will not return the job",
+                shown_key(key),
+                RECORD_WAIT_S,
+            )
         except ClientStateError as exc:
             logger.warning(
                 "journal: the save of job %s was not recorded (%s); if this process ends "
