@@ -71,6 +71,9 @@ def test_bad_options_fail_before_any_connection(kwargs: dict[str, object], field
         ("redis://:s3cret-pw@127.0.0.1:6379/0?socket_timeout=x", {}),
         ("redis://:s3cret-pw@127.0.0.1:6379/0", {"shards": 0}),  # another option refused
         ("redis://:s3cret-pw@127.0.0.1:6379/0", {"name": ""}),
+        # Unparsable (an unclosed IPv6 bracket) with cluster=True: the cluster check parsed
+        # it again and raised a bare ValueError, the URL in the constructor's locals.
+        ("redis://:s3cret-pw@[::1:6379/0", {"cluster": True}),
     ],
 )
 def test_a_refused_fleet_is_reported_with_its_locals_and_without_its_password(

@@ -265,7 +265,9 @@ class RedisFleet:
             problems.append(("batch_wait", "must be 0 or a positive finite number of seconds"))
         if not isinstance(cluster, bool):
             problems.append(("cluster", "must be True or False"))
-        elif cluster and isinstance(url, str) and urlsplit(url).scheme == "unix":
+        elif cluster and url_problem is None and urlsplit(url).scheme == "unix":
+            # (Only a URL that passed: another one may not parse, and its ValueError would
+            # leave the URL, password and all, in this frame's locals.)
             problems.append(("url", "a Redis Cluster is reached by redis:// or rediss://"))
         if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= 1024:
             problems.append(("shards", "must be an integer from 1 to 1024"))
