@@ -817,3 +817,37 @@ async def test_resume_collects_a_cancelled_rows_job_as_forget_says(tmp_path: Pat
         code, _, err = await cli("journal", "forget", "fox", "--yes", "-o", str(out))
         assert code == 0 and "forgot 1 row(s)" in err, err
         assert (await emu.stats())["submits_accepted"] == 1
+
+
+async def test_forget_keeps_a_job_whose_save_was_cut_off(
+    emulator: EmulatorFactory, tmp_path: Path
+) -> None:
+    """A program's own journal: its succeeded rows were said to be jobs whose images it has,
+    free to forget. Since rows record saves, one that succeeded while its ``job.save()`` was
+    cut off (its images paid for and not on disk) is what resume() returns to save it:
+    `journal forget --status succeeded` deleted it, and the images were lost. It is refused
+    now; once the job is saved, its row is forgotten."""
+    journal = tmp_path / "jobs.sqlite"
+    forget = ("journal", "forget", "--status", "succeeded", "--yes", "--journal", str(journal))
+    async with emulator() as emu:
+        async with make_client(emu, journal=journal) as client:
+            saved = await client.images.submit(prompt="saved", model="dall-e-2")
+            await saved.save(tmp_path / "out")
+            cut = await client.images.submit(prompt="cut off", model="dall-e-2")
+            await cut
+        # As a SIGTERM mid-save leaves its row: the save asked for, never ended.
+        with sqlite3.connect(journal) as db:
+            db.execute("UPDATE submits SET save_asked = 1.0 WHERE job_key = ?", (cut.key,))
+        db.close()
+        code, _, err = await cli(*forget)
+        assert code == 2, err
+        assert "job.save() was cut off (row 2)" in err and "nothing was forgotten" in err, err
+        with sqlite3.connect(journal) as db:
+            assert db.execute("SELECT COUNT(*) FROM submits").fetchone() == (2,)
+        db.close()
+        async with make_client(emu, journal=journal) as client:
+            [again] = await client.resume()
+            assert again.key == cut.key
+            await again.save(tmp_path / "out")
+    code, _, err = await cli(*forget)
+    assert code == 0 and "forgot 2 row(s)" in err, err

@@ -117,6 +117,20 @@ class JournalFile:
         rows = await anyio.to_thread.run_sync(read_only_query, self.path, sql, params)
         return [self._journal.entry(row) for row in rows]
 
+    async def saves_cut_off(self) -> list[JournalEntry]:
+        """``succeeded`` rows whose ``job.save()`` was asked for and never ended (cut off by
+        its process's end, its client closing, or a cancel): paid images not on disk, which
+        ``WujieClient.resume()`` returns to be saved. Oldest first.
+
+        Raises:
+            ClientStateError: the file is not open (use ``async with``), or was opened
+                ``read_only`` (a file not opened by a writer since may lack the record).
+        """
+        self._check_open()
+        if self.read_only:
+            raise ClientStateError(f"{self!r} is read-only: open it without read_only")
+        return await self._journal.saves_cut_off()
+
     async def forget(self, ids: Iterable[int]) -> int:
         """Delete these rows (by :attr:`JournalEntry.id`); returns how many were deleted.
 

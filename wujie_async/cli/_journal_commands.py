@@ -316,14 +316,32 @@ def _list(entries: list[JournalEntry]) -> None:
 
 
 def _refuse_only_record(
-    chosen: list[JournalEntry], path: Path, out: Path, recorded: set[str], *, run_folder: bool
+    chosen: list[JournalEntry],
+    path: Path,
+    out: Path,
+    recorded: set[str],
+    *,
+    run_folder: bool,
+    cut_off: set[int],
 ) -> None:
     """Refuse to forget a row that is the only record of a paid job's key: accepted (running,
     or past its wait) or cancelled (only its wait was), and named by no manifest row (a run
     killed outright writes none). A re-run would not know the job, and send its line again.
     In a run's folder (``run_folder``: OUT holds a manifest, which a run opens before it
     sends anything) a succeeded row too: a run killed while it saved the images left it so.
-    (A program's own journal holds succeeded rows whose images it has: those may go.)"""
+    A program's own journal holds succeeded rows whose images it has, which may go, but for
+    those whose ``job.save()`` was cut off (``cut_off``, by row id): ``resume()`` returns
+    their jobs to be saved, and forgotten, their images were never saved."""
+    unsaved = [entry for entry in chosen if entry.id in cut_off]
+    if unsaved:
+        rows = "; ".join(row_name(entry) for entry in unsaved[:10])
+        raise UsageError(
+            f"journal forget: {len(unsaved)} row(s) succeeded while their job.save() was cut "
+            f"off ({rows}): paid images not on disk, which the program's resume() returns to "
+            "be saved; forgotten, they would never be. Let the program resume and save them "
+            "first (a save that fails for good, an expired image, ends the record too); "
+            "nothing was forgotten"
+        )
     paid = ("accepted", "cancelled", "succeeded") if run_folder else ("accepted", "cancelled")
     only = [
         entry for entry in chosen if entry.state in paid and entry.job_key not in (None, *recorded)
@@ -355,7 +373,10 @@ async def _forget(
         ids = own_ids(every)  # "#1" is the id of a row in any state
         entries = [entry for entry in entries if matches(entry, set(args.rows), ids, lines)]
     recorded = known_keys(records or [])
-    _refuse_only_record(entries, journal.path, out, recorded, run_folder=records is not None)
+    cut_off = {entry.id for entry in await journal.saves_cut_off()}
+    _refuse_only_record(
+        entries, journal.path, out, recorded, run_folder=records is not None, cut_off=cut_off
+    )
     if entries:
         confirm(f"forget {len(entries)} journal row(s)", args.yes)
     count = await journal.forget(entry.id for entry in entries)
