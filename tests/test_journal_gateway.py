@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wujie_async import Credentials, JournalFile, WujieClient
+from wujie_async import Credentials, JournalFile, UnknownJobError, WujieClient
 from wujie_async._gateway_identity import shown_base_url
 from wujie_async.emulator import Emulator, EmulatorConfig
 
@@ -172,3 +172,44 @@ async def test_a_password_in_a_recorded_base_url_is_never_shown(
         [warning] = [r.getMessage() for r in caplog.records if "resume" in r.getMessage()]
         assert "https://me:***@api.example/v1" in warning and "s3cret" not in warning
         assert _states(journal) == {key: "accepted"}
+
+
+async def test_a_job_of_another_gateway_attached_by_hand_leaves_its_row_alone(
+    tmp_path: Path,
+) -> None:
+    """A queue consumer moved to another gateway finds a redelivered message's submit with
+    find_submit() and attaches its key: unknown there, its job fails, and that end was
+    recorded on the row of the gateway that took it (``failed`` for good, its paid images
+    never collected, what resume() no longer does). A row is changed only by a client of its
+    own gateway now; its job stays ``accepted`` for them."""
+    journal = tmp_path / "jobs.sqlite"
+    clock = SteppedClock()
+    async with (
+        Emulator(EmulatorConfig(time_scale=0.005, seed=7), clock=clock) as gateway_a,
+        Emulator(EmulatorConfig(time_scale=0.005, seed=7)) as gateway_b,
+    ):
+        gateway_b.register(gateway_a.credentials)  # the same account on both
+        async with make_client(gateway_a, journal=journal) as submitter:
+            submitted = await submitter.images.submit(prompt="a fox", model="dall-e-2", tag="m1")
+        async with make_client(
+            gateway_b, journal=journal, base_url=gateway_b.base_url
+        ) as elsewhere:
+            found = await elsewhere.find_submit("m1")
+            assert found is not None and found.job_key == submitted.key
+            job = elsewhere.images.attach(found.job_key)
+            with pytest.raises(UnknownJobError):
+                await job
+            with pytest.raises(UnknownJobError):
+                await job.save(tmp_path / "out")  # nor is a save recorded on that row
+        assert _states(journal) == {submitted.key: "accepted"}
+        with sqlite3.connect(journal) as db:
+            assert db.execute("SELECT save_asked, save_ended FROM submits").fetchall() == [
+                (None, None)
+            ]
+        db.close()
+
+        async with make_client(gateway_a, journal=journal) as home:
+            [resumed] = await home.resume()
+            clock.advance(30)  # the job runs to its end
+            assert (await resumed.result(timeout=30)).status == 4
+        assert _states(journal) == {submitted.key: "succeeded"}

@@ -1020,7 +1020,10 @@ class WujieClient:
         """The journaled submit made with ``tag``, if any (the latest one).
 
         Lets a queue consumer that is handed a message again (it crashed before acknowledging)
-        attach to the key it already has instead of paying for the same request twice.
+        attach to the key it already has instead of paying for the same request twice. The
+        row may be of another gateway (``entry.base_url``, after a move to another base URL
+        or app id): its key is unknown to this one, and the end of a job attached by it here
+        is not recorded on that row (see :meth:`resume`).
 
         Raises:
             InvalidRequestError: ``tag`` is not a str (None is refused: it would match every

@@ -387,16 +387,27 @@ class Journal:
         """
         _check_state(state, _OUTCOME_STATES)
         ended = "('accepted', 'failed')" if state == "succeeded" else "('accepted')"
+        mine, gateway = self._of_this_gateway()
         self._worker.write_later(
             [
                 (
                     "UPDATE submits SET state=?, error=?, updated=? "
-                    f"WHERE job_key=? AND state IN {ended}",
-                    (state, error[:_ERROR_CHARS] if error else None, time.time(), key),
+                    f"WHERE job_key=? AND state IN {ended}{mine}",
+                    (state, error[:_ERROR_CHARS] if error else None, time.time(), key, *gateway),
                 )
             ],
             key,
         )
+
+    def _of_this_gateway(self) -> tuple[str, tuple[str, ...]]:
+        """The condition (and its parameter) that a row's job is this journal's gateway's:
+        a row of another gateway is changed by a client of that gateway only. A key attached
+        by hand (found by ``find_submit`` after a move to another gateway) is unknown here,
+        and its end, recorded on that row, made a paid job ``failed`` for good. A row that
+        records no gateway (written before rows did) is anyone's, as ``resume()`` takes it."""
+        if self.gateway is None:
+            return "", ()
+        return " AND (gateway IS NULL OR gateway=?)", (self.gateway.fingerprint,)
 
     async def record_save_asked(self, key: str) -> None:
         """A ``job.save()`` of ``key``'s job begins: committed before its download starts.
@@ -409,12 +420,13 @@ class Journal:
         Raises:
             ClientStateError: the journal is closed, or the write failed.
         """
+        mine, gateway = self._of_this_gateway()
         await asyncio.shield(
             self._worker.write_soon(
                 [
                     (
-                        "UPDATE submits SET save_asked=?, save_ended=NULL WHERE job_key=?",
-                        (time.time(), key),
+                        f"UPDATE submits SET save_asked=?, save_ended=NULL WHERE job_key=?{mine}",
+                        (time.time(), key, *gateway),
                     )
                 ],
                 key,
@@ -425,8 +437,15 @@ class Journal:
         """A ``job.save()`` of ``key``'s job ended: every image on disk, or an error raised to
         its caller (queued, not awaited: lost, the next ``resume()`` returns the job once
         more, nothing worse)."""
+        mine, gateway = self._of_this_gateway()
         self._worker.write_later(
-            [("UPDATE submits SET save_ended=? WHERE job_key=?", (time.time(), key))], key
+            [
+                (
+                    f"UPDATE submits SET save_ended=? WHERE job_key=?{mine}",
+                    (time.time(), key, *gateway),
+                )
+            ],
+            key,
         )
 
     async def saves_cut_off(self) -> list[JournalEntry]:
