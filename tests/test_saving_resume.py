@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from wujie_async import ClientStateError, InvalidRequestError, ProtocolError
+from wujie_async import ClientStateError, InvalidRequestError, ProtocolError, TransportError
 from wujie_async._errors import shown_key
 from wujie_async.emulator._png import render_png
 
@@ -203,6 +203,34 @@ async def test_a_cancelled_save_is_resumed_and_one_that_failed_for_good_is_not(
             await resumed[0].save(tmp_path / "out")
             assert await client.resume() == []
     assert names(tmp_path / "out") == [f"{cut.key}-0.png"]
+
+
+async def test_a_save_failed_on_the_network_is_resumed_and_saved_once_it_can_be(
+    tmp_path: Path,
+) -> None:
+    """An image server cutting every body short until the retries are spent (a 5xx, a dropped
+    connection, a server too slow would do the same): the save raised, and its row was
+    recorded as ended, so no later resume() returned the paid job, though a try a minute
+    later would have saved it. Only what trying again cannot mend (an expired image) ends it."""
+    journal = tmp_path / "jobs.sqlite"
+    async with image_server() as images:
+        where = [images.url("cut")]
+
+        def script(keys: list[str]) -> list[dict[str, Any]]:
+            return [{"key": key, "status": 4, "images": [{"url": where[0]}]} for key in keys]
+
+        async with scripted_gateway(script) as gateway:
+            async with client_on(gateway.base_url, journal=journal) as client:
+                job = await client.images.submit(prompt="p", model="dall-e-2")
+                with pytest.raises(TransportError, match="cut short"):
+                    await job.save(tmp_path / "out")
+            where[0] = images.url("png")  # the image server answers again
+            async with client_on(gateway.base_url, journal=journal) as client:
+                [resumed] = await client.resume()
+                assert resumed.key == job.key
+                [saved] = await resumed.save(tmp_path / "out")
+                assert await client.resume() == []
+    assert hashlib.sha256(saved.path.read_bytes()).hexdigest() == saved.sha256
 
 
 async def test_a_journal_of_before_gains_the_save_columns_and_resumes_as_before(

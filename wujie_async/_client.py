@@ -817,8 +817,10 @@ class WujieClient:
         journal): the save was cut off by its process ending (a SIGTERM, a crash), by its
         client closing, or by a cancel, and the images it was saving, paid for, are not on
         disk. Their images are listed again as the job is attached: save them (image URLs
-        expire, so soon). A save that ended with an error (an image that expired, a refused
-        URL) is not resumed: its caller was told. A job being saved in this process is not
+        expire, so soon). So are those whose save failed on the network or the disk once its
+        retries were spent (it may succeed later). A save that failed on what trying again
+        cannot mend (an image that expired, a refused URL) is not resumed: its caller was
+        told. A job being saved in this process is not
         returned. Journals written before rows recorded saves resume no such job.
 
         Raises:

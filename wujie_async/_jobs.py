@@ -507,8 +507,10 @@ class ImageJob:
         asked for (before anything is downloaded) and that it ended. A save the process's end
         cuts off (a SIGTERM, a crash), or that is cancelled, or ended by the client closing,
         leaves its job to the next :meth:`WujieClient.resume`, which returns it even though it
-        has succeeded: save it again there. A save that ended with an error (an expired
-        image, a refused URL, a full disk) was told to its caller and is not resumed.
+        has succeeded: save it again there, as a save that failed on the network or the disk
+        (its retries spent; it may succeed later). A save that failed on what trying again
+        cannot mend (an expired or refused image, a refused URL) was told to its caller and
+        is not resumed.
 
         Example::
 

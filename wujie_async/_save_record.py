@@ -7,13 +7,14 @@ the save: asked for before its download starts (committed, see
 :meth:`Journal.record_save_asked`), ended once it has ended, and ``resume()`` returns the jobs
 of rows asked and not ended (:meth:`Journal.saves_cut_off`).
 
-A save *ends* when every image is on disk, or with an error raised to its caller (an image
-that expired, a refused URL, a full disk, the job failed): that caller was told, and the job
-is not returned by every ``resume()`` to come for a save that cannot succeed. A save that was
-cut off does not end: cancelled, or ended by its client closing (``ClientStateError``), or its
-wait for the job given up (``JobTimeoutError``) or cancelled with the client
-(``JobCancelledError``). Two saves of one job at once (two folders): the row ends when the
-last one ends, and only if none of them was cut off.
+A save *ends* when every image is on disk, or with an error raised to its caller that trying
+again cannot mend (an image that expired, a refused URL, the job failed: see :func:`cut_off`):
+that caller was told, and the job is not returned by every ``resume()`` to come for a save
+that cannot succeed. A save that was cut off does not end: cancelled, or ended by its client
+closing (``ClientStateError``), or its wait for the job given up (``JobTimeoutError``) or
+cancelled with the client (``JobCancelledError``), or failed on the network or the disk. Two
+saves of one job at once (two folders): the row ends when the last one ends, and only if
+none of them was cut off.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from ._errors import ClientStateError, JobCancelledError, JobTimeoutError, shown_key
+from ._errors import (
+    ClientStateError,
+    JobCancelledError,
+    JobTimeoutError,
+    ProtocolError,
+    TransportError,
+    shown_key,
+)
 from ._journal import Journal
 
 logger = logging.getLogger("wujie_async")
@@ -42,12 +50,24 @@ class _Saves:
 
 def cut_off(error: BaseException | None) -> bool:
     """Whether a save that ended with ``error`` was cut off (left for ``resume()``) rather
-    than ended (saved, or an error its caller was given for good)."""
+    than ended (saved, or an error its caller was given for good).
+
+    Only what trying again cannot mend ends a save: an image that expired or was refused
+    (a 4xx but 429), bytes that are no image (or over the size cap), a refused name or
+    address, the job itself failed. A save that failed on the network (its retries spent:
+    a 5xx or 429 for a while, connections cut, too slow) or on the disk (full, read-only)
+    may succeed later: it is left for ``resume()``, as a save the process ended is.
+    """
     if error is None:
         return False
-    return not isinstance(error, Exception) or isinstance(
-        error, ClientStateError | JobTimeoutError | JobCancelledError
-    )
+    if not isinstance(error, Exception):
+        return True
+    if isinstance(error, ClientStateError | JobTimeoutError | JobCancelledError):
+        return True
+    if isinstance(error, TransportError | OSError):
+        return True
+    status = getattr(error, "http_status", None) if isinstance(error, ProtocolError) else None
+    return status is not None and (status >= 500 or status == 429)
 
 
 class SaveRecord:
