@@ -443,6 +443,13 @@ def test_bad_budget_settings_are_refused(options: dict[str, object]) -> None:
         ("a-new-model/big", "neither WIDTHxHEIGHT nor auto"),  # an unknown model's sizes too
         ("dall-e-2/", "an empty part"),
         ("", "an empty part"),
+        # A known model mistyped, or a name a request is refused for: its jobs went unpriced
+        # (an n=10 dall-e-2 job charged 20 points on a budget of 4).
+        ("DALL-E-2", "did you mean 'dall-e-2'"),
+        ("dalle-2/512x512", "did you mean 'dall-e-2'"),
+        ("gpt_image_1", "did you mean 'gpt-image-1'"),
+        ("dall-e-2 ", "no model's name"),
+        (" gpt-image-1/auto", "no model's name"),
     ],
 )
 def test_a_price_key_that_can_never_match_is_refused(key: str, says: str) -> None:
@@ -464,6 +471,8 @@ def test_price_keys_that_can_match_are_taken() -> None:
         "gpt-image-1/auto/high",
         "dall-e-3/1792x1024/hd",
         "a-new-model/2048x2048/ultra",  # a new model may bring new qualities
+        "gpt-image-1.5",  # a newer model, not a misspelt one
+        "通义万相-2.1",
     ]
     limits = Limits(max_points=10, point_prices=dict.fromkeys(keys, 1))
     assert limits.point_prices is not None and list(limits.point_prices) == keys

@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from ._errors import InvalidRequestError
-from ._rules import MODEL_RULES
+from ._rules import MODEL_RULES, is_model_name
 
 Violation = tuple[str, str]
 
 _PRICE_KEY_FORMS = "MODEL, MODEL/SIZE or MODEL/SIZE/QUALITY (e.g. 'dall-e-3/1024x1024/hd')"
 _SIZE_RE = re.compile(r"[0-9]+x[0-9]+")
+
+
+def _letters(model: str) -> str:
+    """A model name without case and separators: 'DALL-E 2', 'dalle_2' and 'dall-e-2' alike."""
+    return re.sub(r"[\s._-]+", "", model).casefold()
+
+
+_KNOWN_BY_LETTERS = {_letters(model): model for model in MODEL_RULES}
 
 
 def price_key_problem(key: object) -> str | None:
@@ -43,6 +51,14 @@ def price_key_problem(key: object) -> str | None:
     size = parts[1] if len(parts) > 1 else None
     quality = parts[2] if len(parts) > 2 else None
     rules = MODEL_RULES.get(model)
+    if rules is None:
+        if not is_model_name(model):
+            return f"{model!r} is no model's name (a request naming it is refused)"
+        # A known model mistyped ('DALL-E-2', 'dalle-2'): its jobs would go unpriced, and a
+        # budget without a price for them refuses them, or with one too low overspends.
+        meant = _KNOWN_BY_LETTERS.get(_letters(model))
+        if meant is not None:
+            return f"{model!r} is not a model this client knows: did you mean {meant!r}?"
     if size is not None and size != "auto":  # auto: a request that gives no size
         if rules is not None and size not in rules.sizes:
             sizes = "|".join(sorted(rules.sizes | {"auto"}))
