@@ -32,7 +32,7 @@ from wujie_async._errors import shown_key
 from wujie_async.emulator._png import render_png
 
 from .conftest import EmulatorFactory, make_client
-from .helpers import eventually, freezable_disk, freeze
+from .helpers import eventually, freezable_disk, freeze, reported_locals
 from .hostile import image_server, images_at, scripted_gateway
 from .test_saving import client_on, names
 
@@ -407,3 +407,21 @@ async def test_a_save_goes_on_when_the_journals_disk_stops_answering(
         finally:
             db.close()
         assert state == "succeeded" and asked is not None and ended is not None, (asked, ended)
+
+
+@pytest.mark.parametrize("kind", ["gone", "cut"])  # refused for good; cut short, retried
+async def test_a_failed_saves_frames_keep_no_signed_url(kind: str, tmp_path: Path) -> None:
+    """The message never names an image's URL (a CDN's carries a signed token), but the
+    frames of the save kept it as a local, which an error reporter recording locals stores."""
+    async with image_server() as images:
+        url = images.url(f"{kind}?X-Amz-Signature=tok3n-s3cret")
+        async with (
+            scripted_gateway(images_at(url)) as gateway,
+            client_on(gateway.base_url) as client,
+        ):
+            job = await client.images.submit(prompt="p", model="dall-e-2")
+            with pytest.raises(ProtocolError if kind == "gone" else TransportError) as info:
+                await job.save(tmp_path / "out")
+    seen = reported_locals(info.value)
+    assert any(line.startswith("_jobs.py:save:") for line in seen)  # locals are recorded
+    assert [line for line in seen if "tok3n" in line] == []

@@ -32,6 +32,7 @@ import os
 import random
 import string
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -328,12 +329,15 @@ class Downloader:
             self._telemetry_to_start = False
             self._telemetry.start()
         target = Target(Path(path), image.index, claimed)
-        url = image.url if image.b64_json is None else None
-        host = _host(url) if url is not None else None
+        host = _host(image.url) if image.b64_json is None and image.url is not None else None
         try:
             return await self._observed(key, image.index, host, lambda: self._save(image, target))
         except WujieError as exc:
             _name_the_image(exc, key, image.index)  # made for this save: no one else holds it
+            # The frames it passed through hold the image's URL (a CDN's may carry a signed
+            # token) as locals, which an error reporter recording locals (Sentry) would store:
+            # their locals go, as the private key's do; the lines stay.
+            traceback.clear_frames(exc.__traceback__)
             raise
 
     async def _save(self, image: GeneratedImage, target: Target) -> SavedImage:
