@@ -768,3 +768,15 @@ async def test_a_record_a_submit_waited_for_is_not_listed_as_uncommitted(
                 listed.append(job.key)
             job.cancel()
         assert listed == []
+
+
+@pytest.mark.parametrize("job_timeout", [-1, 0, True, float("nan"), float("inf"), "30"])
+async def test_resume_refuses_a_bad_job_timeout_with_no_row_to_use_it(
+    emulator: EmulatorFactory, tmp_path: Path, job_timeout: object
+) -> None:
+    """It was checked only once a row was attached: a consumer's resume(job_timeout=-1) on an
+    empty journal passed, and failed only the day a row was there."""
+    async with emulator() as emu, make_client(emu, journal=tmp_path / "j.sqlite") as client:
+        with pytest.raises(InvalidRequestError) as info:
+            await client.resume(job_timeout=job_timeout)  # type: ignore[arg-type]
+        assert info.value.field == "job_timeout"

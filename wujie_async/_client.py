@@ -831,8 +831,11 @@ class WujieClient:
                 Call again then. (A member Redis forgot, after a restart without AOF or a
                 FLUSHALL, joins again at once and claims.)
             FleetUnavailableError: fleet mode, and Redis cannot be reached.
+            InvalidRequestError: ``job_timeout`` is not a positive, finite number of seconds
+                (checked before any row is read, rows or none).
         """
         self._check_open()
+        self._job_timeout(job_timeout)  # checked when no row is there to use it too
         journal = self._require_journal()
         if self._fleet is not None:
             entries = await self._fleet.resumable()  # (a fleet has one gateway: checked)
