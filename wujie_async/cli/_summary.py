@@ -286,9 +286,11 @@ class Summary:
         self._say(
             f"{len(elsewhere)} line(s) were accepted (paid) by another gateway than this "
             f"run's (base URL {shown_base_url(self.base_url)}): {'; '.join(named[:3])}"
-            f"{f' (and {len(named) - 3} base URL(s) more)' if len(named) > 3 else ''}. This "
-            "gateway does not know their keys: they were not asked of it, nor sent again, and "
-            "their journal rows are as they were. Collect them on the gateway that took them "
+            f"{f' (and {len(named) - 3} base URL(s) more)' if len(named) > 3 else ''}. A job key "
+            "is known only to the gateway and account that took it (a base URL spelled "
+            "otherwise, localhost for 127.0.0.1, counts as another): they were not asked of "
+            "this one, nor sent again, and their journal rows are as they were. Collect them on "
+            "the gateway that took them "
             "(with the app id and key that sent them, if that was another account):\n"
             f"  wujie-async resume{where} --out {_sh(self.args.out)} --base-url {_sh(first)}"
         )
