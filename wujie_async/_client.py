@@ -45,7 +45,7 @@ from ._gc_freeze import GcFreezer
 from ._images import Images
 from ._jobs import ImageJob
 from ._journal import Journal, JournalEntry, SubmitJournal
-from ._journal_args import check_states, check_tag, checked_keys
+from ._journal_args import check_states, check_tag, checked_items, checked_keys
 from ._keys import check_key, images_in
 from ._models import EditRequest, GenerationRequest
 from ._poller import OLD_KEY_ABSENCE_GRACE_S, BatchPoller
@@ -173,17 +173,8 @@ def _check_arguments(**given: Any) -> None:
 def _checked_jobs(jobs: object) -> list[ImageJob]:
     """``as_completed``'s jobs, each once, in order: a str (a key) or anything not a job would
     otherwise fail deep inside, as an AttributeError, with nothing said about which argument."""
-    rule = "must be an iterable of ImageJob (from images.submit or images.attach)"
-    if isinstance(jobs, str | bytes) or not isinstance(jobs, Iterable):
-        raise InvalidRequestError([("jobs", f"{rule}; got {type(jobs).__name__}")])
-    listed = list(jobs)
-    found = [
-        (f"jobs[{index}]", f"must be an ImageJob; got {type(job).__name__}")
-        for index, job in enumerate(listed)
-        if not isinstance(job, ImageJob)
-    ]
-    if found:
-        raise InvalidRequestError(found[:10])
+    many = "an iterable of ImageJob (from images.submit or images.attach)"
+    listed = checked_items(jobs, "jobs", ImageJob, many, "an ImageJob")
     return list(dict.fromkeys(listed))
 
 

@@ -9,11 +9,13 @@ sent its own.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from ._errors import InvalidRequestError
 from ._journal import ALL_STATES
 from ._models import unencodable
+
+_T = TypeVar("_T")
 
 # The rule submit(tag=...) applies (``Images._send``): any str it can store, "" included.
 TAG_RULE = "must be a string, the tag= a submit was given"
@@ -40,18 +42,24 @@ def check_tag(tag: object, *, optional: bool) -> None:
         raise InvalidRequestError(found)
 
 
-def checked_keys(keys: object) -> list[str]:
-    """``keys`` as a list, once every one is a str: a bare str (or bytes) would be taken
-    character by character, and a key that is no str can never be refused."""
-    rule = "must be an iterable of job keys (str), e.g. a list or a set"
-    if isinstance(keys, str | bytes | bytearray) or not isinstance(keys, Iterable):
-        raise InvalidRequestError([("keys", f"{rule}; got {type(keys).__name__}")])
-    listed = list(keys)
+def checked_items(value: object, field: str, kind: type[_T], many: str, one: str) -> list[_T]:
+    """``value`` as a list, once every item is a ``kind``: a bare str (or bytes) would be
+    taken character by character, and anything else fail deep inside, saying nothing of which
+    argument. ``many`` and ``one`` say what the argument and each item must be."""
+    if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
+        raise InvalidRequestError([(field, f"must be {many}; got {type(value).__name__}")])
+    listed = list(value)
     found = [
-        (f"keys[{index}]", f"must be a job key (a str); got {type(key).__name__}")
-        for index, key in enumerate(listed)
-        if not isinstance(key, str)
+        (f"{field}[{index}]", f"must be {one}; got {type(item).__name__}")
+        for index, item in enumerate(listed)
+        if not isinstance(item, kind)
     ]
     if found:
         raise InvalidRequestError(found[:10])
     return listed
+
+
+def checked_keys(keys: object) -> list[str]:
+    """``refuse_keys``'s keys: a key that is no str can never be refused."""
+    many = "an iterable of job keys (str), e.g. a list or a set"
+    return checked_items(keys, "keys", str, many, "a job key (a str)")
