@@ -4,6 +4,7 @@ redis-server of the test's own, the package's emulator in its own process."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 from pathlib import Path
@@ -59,8 +60,12 @@ async def test_connections_cut_again_and_again_leave_one_poller(tmp_path: Path) 
         stats = await emulator_stats(emu)
     assert_each_job_once_one_leader(done, stats)
     assert stats["submits_accepted"] == 3 * n
-    callers = {who for t, who in stats["batch_callers"] if t > storm_from}
-    assert callers == {leader}, callers  # one poller all along
+    # One poller all along: the leader, or (a storm that kills its lease's renewals for its
+    # whole lease, on a loaded machine) one hand-over to another member, never members that
+    # each poll their own keys side by side (the calls of several callers interleaved).
+    order = [who for t, who in sorted(stats["batch_callers"]) if t > storm_from]
+    switches = sum(1 for one, next_one in itertools.pairwise(order) if one != next_one)
+    assert order[0] == leader and switches <= 1, order
     created = [t["created"] for t in stats["timelines"].values()]
     assert busiest_second(created) <= rate  # the cap, in every second
 
