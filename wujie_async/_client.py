@@ -837,11 +837,10 @@ class WujieClient:
                 cut_off = await journal.saves_cut_off()
                 entries += [e for e in cut_off if not save_record.saving(e.job_key or "")]
         elsewhere: list[JournalEntry] = []
-        if isinstance(journal, Journal) and journal.gateway is not None:
-            mine = journal.gateway.fingerprint
-            elsewhere = [e for e in entries if e.gateway_fingerprint not in (None, mine)]
+        if isinstance(journal, Journal) and (gateway := journal.gateway) is not None:
+            elsewhere = [entry for entry in entries if gateway.elsewhere(entry)]
             if elsewhere:
-                entries = [e for e in entries if e.gateway_fingerprint in (None, mine)]
+                entries = [entry for entry in entries if not gateway.elsewhere(entry)]
         jobs: list[ImageJob] = []
         unusable: list[int] = []
         for entry in entries:
@@ -878,17 +877,14 @@ class WujieClient:
             # Rows of both kinds are left: accepted ones, and those that succeeded and wait
             # for a save that was cut off (said as such: they read succeeded, not accepted).
             accepted = sum(1 for entry in elsewhere if entry.state == "accepted")
-            said = [
-                f"{accepted} accepted job(s)" if accepted else "",
-                f"{len(elsewhere) - accepted} succeeded job(s) whose save was cut off"
-                if accepted < len(elsewhere)
-                else "",
-            ]
+            cut_short = len(elsewhere) - accepted
+            said = [f"{accepted} accepted job(s)"] if accepted else []
+            said += [f"{cut_short} succeeded job(s) whose save was cut off"] if cut_short else []
             logger.log(
                 logging.WARNING if self._other_gateway_rows != shown else logging.DEBUG,
                 "resume: %s in journal %s were submitted to %s: not resumed, left as they "
                 "are; resume them with a client of that gateway (its base URL and app id)",
-                " and ".join(part for part in said if part),
+                " and ".join(said),
                 getattr(journal, "path", "?"),
                 other_gateways_said(elsewhere, self.base_url),
             )

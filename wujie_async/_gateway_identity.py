@@ -68,6 +68,11 @@ class GatewayIdentity:
     def of(cls, base_url: str, app_id: str) -> GatewayIdentity:
         return cls(base_url, gateway_fingerprint(base_url, app_id))
 
+    def elsewhere(self, row: _Recorded) -> bool:
+        """Whether ``row``'s submit went to another gateway or account than this one. A row
+        that records none (written before rows did) is taken as this one's."""
+        return row.gateway_fingerprint not in (None, self.fingerprint)
+
 
 class _Recorded(Protocol):
     """A journal row's gateway (``JournalEntry``'s two fields)."""

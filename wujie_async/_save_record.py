@@ -66,7 +66,7 @@ def cut_off(error: BaseException | None) -> bool:
         return True
     if isinstance(error, TransportError | OSError):
         return True
-    status = getattr(error, "http_status", None) if isinstance(error, ProtocolError) else None
+    status = error.http_status if isinstance(error, ProtocolError) else None
     return status is not None and (status >= 500 or status == 429)
 
 

@@ -19,7 +19,7 @@ from .. import (
     WujieClient,
 )
 from .._budget import Kind, kind_of
-from .._gateway_identity import gateway_fingerprint, shown_base_url
+from .._gateway_identity import GatewayIdentity, shown_base_url
 from .._keys import images_in
 from ._bulk_data import Row
 from ._common import UsageError
@@ -75,8 +75,7 @@ class Plan:
 def of_another_gateway(client: WujieClient) -> Callable[[JournalEntry], bool]:
     """Whether a journal row's submit went to another gateway than ``client``'s (another base
     URL or app id). A row that records none (written before rows did) is taken as this one's."""
-    mine = gateway_fingerprint(client.base_url, client.credentials.app_id)
-    return lambda entry: entry.gateway_fingerprint not in (None, mine)
+    return GatewayIdentity.of(client.base_url, client.credentials.app_id).elsewhere
 
 
 def elsewhere_outcome(entry: JournalEntry, row: Row) -> LineOutcome:
