@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,17 @@ def _states(journal: Path) -> dict[str, str]:
         return dict(db.execute("SELECT job_key, state FROM submits").fetchall())
 
 
+@asynccontextmanager
+async def two_gateways(clock: SteppedClock) -> AsyncIterator[tuple[Emulator, Emulator]]:
+    """Gateways A (its jobs run only as ``clock`` moves) and B, the same account on both."""
+    async with (
+        Emulator(EmulatorConfig(time_scale=0.005, seed=7), clock=clock) as gateway_a,
+        Emulator(EmulatorConfig(time_scale=0.005, seed=7)) as gateway_b,
+    ):
+        gateway_b.register(gateway_a.credentials)
+        yield gateway_a, gateway_b
+
+
 async def _submit_frozen(emu: Emulator, journal: Path) -> str:
     """A job accepted by ``emu`` (whose clock stands still: it runs until the test moves it),
     journaled; the client closed."""
@@ -62,11 +75,7 @@ async def test_resume_leaves_the_jobs_of_another_base_url_to_a_client_of_theirs(
     ready to be paid for again. They are left accepted now, for a client of their gateway."""
     journal = tmp_path / "jobs.sqlite"
     clock = SteppedClock()
-    async with (
-        Emulator(EmulatorConfig(time_scale=0.005, seed=7), clock=clock) as gateway_a,
-        Emulator(EmulatorConfig(time_scale=0.005, seed=7)) as gateway_b,
-    ):
-        gateway_b.register(gateway_a.credentials)  # the same account on both
+    async with two_gateways(clock) as (gateway_a, gateway_b):
         key = await _submit_frozen(gateway_a, journal)
 
         caplog.set_level(logging.WARNING, logger="wujie_async")
@@ -184,11 +193,7 @@ async def test_a_job_of_another_gateway_attached_by_hand_leaves_its_row_alone(
     own gateway now; its job stays ``accepted`` for them."""
     journal = tmp_path / "jobs.sqlite"
     clock = SteppedClock()
-    async with (
-        Emulator(EmulatorConfig(time_scale=0.005, seed=7), clock=clock) as gateway_a,
-        Emulator(EmulatorConfig(time_scale=0.005, seed=7)) as gateway_b,
-    ):
-        gateway_b.register(gateway_a.credentials)  # the same account on both
+    async with two_gateways(clock) as (gateway_a, gateway_b):
         async with make_client(gateway_a, journal=journal) as submitter:
             submitted = await submitter.images.submit(prompt="a fox", model="dall-e-2", tag="m1")
         async with make_client(
