@@ -816,6 +816,67 @@ async def test_redis_lost_mid_run_falls_back_and_rejoins(
 
 
 @pytest.mark.long
+async def test_submits_tried_again_at_once_after_a_long_outage_are_sent_once_redis_is_back(
+    tmp_path: Path, emulator: EmulatorFactory
+) -> None:
+    """Queue consumers try a refused submit again at once, several at a time, on two members
+    sharing the fleet's rate. Redis away longer than unavailable_wait refuses them; once it
+    is back they are sent. (Each refusal counted as a fresh failure of Redis: a member's
+    overlapping tries, each waiting for a slot of the shared rate, kept the outage alive for
+    each other, and every submit of that member was refused long after Redis answered.)"""
+    port = free_port()
+    name = fleet_name()
+    async with emulator(time_scale=0.05) as emu:
+        async with own_redis(tmp_path, port=port) as server:
+            clients = [
+                member(
+                    emu,
+                    server.url,
+                    name,
+                    limits=Limits(max_submits_per_second=4),  # turns wait for the shared rate
+                    command_timeout=0.2,
+                    unavailable_wait=0.5,
+                )
+                for _ in range(2)
+            ]
+            for client in clients:
+                await client.open()
+            refused = [0] * 8
+            sent_after = [0] * 8
+            back = asyncio.Event()
+
+            async def consumer(i: int) -> None:
+                client = clients[i % 2]
+                while True:
+                    try:
+                        await client.images.submit(prompt=f"c{i}", model="dall-e-2")
+                    except FleetUnavailableError:
+                        refused[i] += 1
+                        await asyncio.sleep(0)  # at once, but let the others run
+                        continue
+                    if back.is_set():
+                        sent_after[i] += 1
+
+            consumers = [asyncio.create_task(consumer(i)) for i in range(8)]
+            try:
+                assert server.process is not None
+                server.process.terminate()
+                await asyncio.wait_for(server.process.wait(), 15)
+                await eventually(lambda: all(refused), timeout=15, what="every consumer refused")
+                async with own_redis(tmp_path, port=port):
+                    back.set()
+                    await eventually(
+                        lambda: all(sent_after), timeout=15, what="every consumer sent again"
+                    )
+            finally:
+                for task in consumers:
+                    task.cancel()
+                await asyncio.gather(*consumers, return_exceptions=True)
+                for client in clients:
+                    await client.aclose()
+
+
+@pytest.mark.long
 async def test_time_queued_for_the_fleet_rate_is_not_time_waiting_for_redis(
     tmp_path: Path, emulator: EmulatorFactory
 ) -> None:

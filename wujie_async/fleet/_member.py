@@ -418,27 +418,35 @@ class FleetMember:
         while True:
             turn = asyncio.ensure_future(step())
             try:
-                await self._until_redis_gone_too_long(turn, wait)
-                result = turn.result()
-            except FleetUnavailableError as exc:
-                now = loop.time()
-                since = self._outage_since(now)
-                if since is None:
-                    since = self._failing_since = now
-                self._failing_last, self._failing_why = now, str(exc)
-                if now >= since + wait:
-                    raise FleetUnavailableError(
-                        f"the submit was not sent: fleet Redis unavailable for {wait:g}s "
-                        f"({self._failing_why})",
-                        url=exc.url,
-                    ) from None
-                await asyncio.sleep(min(_RETRY, since + wait - now))
-                continue
+                if not await self._ended_in_time(turn, wait):
+                    raise self._gone_too_long(wait)
+                try:
+                    result = turn.result()
+                except FleetUnavailableError as exc:
+                    # Only a turn Redis failed is a failure of Redis. A turn given up above is
+                    # not: counted as one, overlapping submits tried again at once kept the
+                    # outage alive for each other, and every submit failed at once long after
+                    # Redis was back.
+                    now = loop.time()
+                    since = self._outage_since(now)
+                    if since is None:
+                        since = self._failing_since = now
+                    self._failing_last, self._failing_why = now, str(exc)
+                    if now >= since + wait:
+                        raise self._gone_too_long(wait) from None
+                    await asyncio.sleep(min(_RETRY, since + wait - now))
+                    continue
             finally:
                 if not turn.done():
                     turn.cancel()  # a slot reserved and left unused is simply not used
             self._failing_since = None
             return result
+
+    def _gone_too_long(self, wait: float) -> FleetUnavailableError:
+        return FleetUnavailableError(
+            f"the submit was not sent: fleet Redis unavailable for {wait:g}s ({self._failing_why})",
+            url=self._config.url,
+        )
 
     def _outage_since(self, now: float) -> float | None:
         """When Redis began failing this member's turns, if it still is (a failure within a
@@ -448,10 +456,10 @@ class FleetMember:
             return None
         return since
 
-    async def _until_redis_gone_too_long(self, turn: asyncio.Future[Any], wait: float) -> None:
-        """Return when ``turn`` ends; raise FleetUnavailableError once Redis, failing (any turn
-        of this member) since this one began, has been failing for ``wait`` seconds. Looks
-        again every ``_RETRY``."""
+    async def _ended_in_time(self, turn: asyncio.Future[Any], wait: float) -> bool:
+        """Wait for ``turn`` to end (True); False once Redis, failing (a turn of this member)
+        since this one began, has been failing for ``wait`` seconds. Looks again every
+        ``_RETRY``."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         while not turn.done():
@@ -461,8 +469,9 @@ class FleetMember:
                 since = None  # failures from before this turn: it gets its own chance
             left = _RETRY if since is None else min(_RETRY, since + wait - now)
             if left <= 0:
-                raise FleetUnavailableError(self._failing_why, url=self._config.url)
+                return False
             await asyncio.wait({turn}, timeout=left)
+        return True
 
     def _rate_limited(self, kind: str, retry_after: float | None) -> None:
         """A 429 on a submit with Retry-After: pause every member's submits that long."""
