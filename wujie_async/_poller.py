@@ -20,7 +20,7 @@ Every reply is hostile until checked, and one bad entry never costs more than it
   gated like every WARNING that can repeat per call (one line a minute of each kind, with a
   count: ``_telemetry.RepeatedWarnings``);
 * optional fields that are unreadable are dropped by the entry reader
-  (``_models.JobInfo.read``); an entry whose key, status or images are unreadable is
+  (``_job_info.JobInfo.read``); an entry whose key, status or images are unreadable is
   malformed, and a job listed only in malformed entries fails with ``JobProtocolError`` once
   that lasts the unknown-key grace period;
 * a bug while handling one entry fails that job with ``JobProtocolError``, logged, and the
@@ -69,8 +69,8 @@ from ._errors import (
     snippet,
 )
 from ._failures import CallKind
+from ._job_info import JobInfo
 from ._jobs import ImageJob, ended_copy, holds_bulk, status_name
-from ._models import JobInfo
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
 from ._schedule import PollSchedule
