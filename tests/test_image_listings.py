@@ -35,8 +35,8 @@ from wujie_async import (
     WujieClient,
 )
 from wujie_async._auth import verify_signature
-from wujie_async._models import JobInfo
-from wujie_async._poller import DONE_UNLISTED_SEEN
+from wujie_async._fan_out import DONE_UNLISTED_SEEN
+from wujie_async._job_info import JobInfo
 from wujie_async.cli._outcome import classify
 from wujie_async.emulator._png import render_png
 

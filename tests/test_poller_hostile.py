@@ -39,7 +39,7 @@ from wujie_async import (
     _replies,
     snippet,
 )
-from wujie_async._models import EntryError, FailInfo, JobInfo
+from wujie_async._job_info import EntryError, FailInfo, JobInfo
 
 from .conftest import FAST_POLL, INSTANT_RETRY
 from .helpers import eventually

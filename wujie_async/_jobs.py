@@ -30,7 +30,7 @@ from ._errors import (
     shown_key,
 )
 from ._file_names import DEFAULT_NAME
-from ._models import JobInfo
+from ._job_info import JobInfo
 from ._results import GeneratedImage, ImageResult, SavedImage
 
 # Request fields that can be large (an edit's source images, as URLs or base64, and its mask).

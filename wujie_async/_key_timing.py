@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._models import MAX_EXPECTED_SECONDS
+from ._job_info import MAX_EXPECTED_SECONDS
 from ._schedule_tuning import TUNING
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from . import _contract
 from ._contract import JobStatus
 from ._errors import JobFailedError, ModerationRejectedError, ProtocolError, snippet
-from ._models import EntryError, JobInfo
+from ._job_info import EntryError, JobInfo
 from ._results import GeneratedImage
 
 # A reply may repeat a key; at most this many entries of one key are validated. Past it, a
