@@ -29,16 +29,8 @@ from ._common import (
 )
 from ._image_problems import NOT_AN_IMAGE, TOO_LARGE
 from ._journal_rows import numbered
-from ._outcome import (
-    OTHER_GATEWAY,
-    LineOutcome,
-    Unreported,
-    clean,
-    count,
-    fix_message,
-    priced_at,
-    with_learned_prices,
-)
+from ._manifest_prices import Unreported, priced_at, with_learned_prices
+from ._outcome import OTHER_GATEWAY, LineOutcome, clean, count, fix_message
 from ._signals import Signals
 from ._stops import RE_RUN, GatewayFailingError, OutputUnwritableError
 
