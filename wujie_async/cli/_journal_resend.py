@@ -68,8 +68,8 @@ from ._outcome import LineOutcome, clean, count
 from ._plan import known_keys, line_of, lines_by_id
 from ._progress import Display, Tally
 from ._run import check_out_folder
+from ._run_warnings import forget_failed_said, journal_left_said, stop_said
 from ._signals import stopping_on_signals
-from ._summary import forget_failed_said, journal_left_said, stop_said
 
 
 def _say_paid_kept(console: Console, paid: list[list[JournalEntry]], path: Path, out: Path) -> None:
