@@ -10,7 +10,7 @@ import pytest
 
 from wujie_async import BudgetExceededError, ImageJob, Limits, WujieClient
 from wujie_async._budget import Budget
-from wujie_async.cli._outcome import prices_charged
+from wujie_async.cli._manifest_prices import prices_charged
 from wujie_async.emulator import FaultConfig
 
 from .conftest import EmulatorFactory, make_client

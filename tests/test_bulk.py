@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.cli._bulk_data import BulkResult
+from wujie_async.cli._run_warnings import stop_said
 from wujie_async.cli._stops import OutputUnwritableError
-from wujie_async.cli._summary import stop_said
 
 from .cli_helpers import (
     CLEAN_ENV,

@@ -17,7 +17,7 @@ import pytest
 
 from wujie_async.cli._out_lock import remove_stale_temp_files
 from wujie_async.cli._parser import build_parser
-from wujie_async.cli._summary import forget_failed_said
+from wujie_async.cli._run_warnings import forget_failed_said
 
 from .cli_helpers import (
     FAST,

@@ -15,7 +15,7 @@ import pytest
 
 from wujie_async import Credentials, _lock_file
 from wujie_async.cli._out_lock import LOCK_NAME
-from wujie_async.cli._summary import forget_failed_said
+from wujie_async.cli._run_warnings import forget_failed_said
 
 from .cli_helpers import (
     CLEAN_ENV,

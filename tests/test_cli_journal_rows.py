@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from wujie_async import Credentials, JobFailedError, SubmitUncertainError, WujieClient
-from wujie_async.cli._summary import forget_failed_said
+from wujie_async.cli._run_warnings import forget_failed_said
 
 from .cli_helpers import (
     Served,

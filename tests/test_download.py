@@ -37,9 +37,10 @@ from wujie_async import (
     TransportError,
 )
 from wujie_async._addresses import AddressRule, check_url
-from wujie_async._download import Downloader, check_job_template
+from wujie_async._download import Downloader
 from wujie_async._file_names import check_template, render_name
 from wujie_async._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem
+from wujie_async._save_folder import check_job_template
 from wujie_async.emulator._png import render_png
 
 from .helpers import png_size

@@ -25,7 +25,7 @@ from wujie_async import (
     WujieError,
 )
 from wujie_async._budget import Budget, RequestBody
-from wujie_async.cli._outcome import prices_charged
+from wujie_async.cli._manifest_prices import prices_charged
 from wujie_async.emulator import Emulator, FaultConfig
 
 from .cli_helpers import cli, cli_zygote, manifest, served_emulator  # noqa: F401

@@ -16,8 +16,8 @@ attempt starts once ``RetryPolicy.max_elapsed`` has gone by.
 
 So a temporary file untouched for longer than that belongs to no save in progress: a process
 killed mid-save (a plain SIGTERM, a crash) left it. The first ``job.save()`` into a folder
-removes ours that are older than ``stale_after`` (``_atomic_file.remove_stale``), once per
-folder. (Not ``client.download()``: the command line's bulk run, which downloads image by image,
+removes ours that are older than ``stale_after`` (``_save_folder``'s rule), once per folder.
+(Not ``client.download()``: the command line's bulk run, which downloads image by image,
 removes them itself, holding its folder's lock, with a finer rule: ``cli._out_lock``.)
 """
 
@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import random
-import string
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -42,7 +41,6 @@ import aiohttp
 import anyio
 from yarl import URL
 
-from . import _atomic_file
 from ._addresses import AddressRule, CheckingResolver, check_url
 from ._config import DownloadPolicy, RetryPolicy
 from ._disk_steps import DiskSteps
@@ -55,10 +53,11 @@ from ._errors import (
     shown_key,
     some_and_more,
 )
-from ._file_names import DEFAULT_NAME, EXT_FIELD, check_template, render_name
+from ._file_names import EXT_FIELD, render_name
 from ._image_fetch import ImageFetch, RetryableError, Target, name_the_file, too_slow
 from ._inline_images import b64_chars, decode_inline
 from ._results import GeneratedImage, ImageResult, SavedImage
+from ._save_folder import check_job_template, folder_path, prepare_folder, stale_after
 from ._save_record import SaveRecord
 from ._telemetry import Telemetry
 
@@ -68,24 +67,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("wujie_async.download")
 
 _CLOSE_WAIT_S = 5.0  # how long aclose() waits for cancelled saves to clean up
-_CLI_ONLY_FIELDS = frozenset({"id", "line"})
-# Our temporary files are ".wujie-<index>.<12 hex>.part" (".wujie.<12 hex>.part" inline).
-TEMP_STEM = "wujie"
-# A temporary file untouched for this long, and for longer than the deadline (plus
-# STALE_MARGIN_S), is a killed process's: no save outlives its deadline, and a live one
-# touches its file at every write. An hour at least: another process with a longer deadline
-# than this client's may be writing into the same folder.
-STALE_TEMP_S = 3600.0
-STALE_MARGIN_S = 600.0  # a frozen disk's step may end past the deadline (STEP_GRACE_S and more)
 _SWEEP_WAIT_S = 5.0  # a folder that takes longer to list is left as it is: the save goes on
-
-
-def stale_after(deadline: float | None) -> float | None:
-    """How old (by mtime) a temporary file of ours must be to be removed as a killed save's;
-    None (none is removed) without a deadline: a save may then last any time."""
-    if deadline is None:
-        return None
-    return max(STALE_TEMP_S, deadline + STALE_MARGIN_S)
 
 
 class Downloader:
@@ -208,7 +190,7 @@ class Downloader:
         """
         check_job_template(name)
         self._require_open()
-        folder = _folder_path(directory)
+        folder = folder_path(directory)
         await self._ready_folder(folder)
         record = self.save_record if key is not None else None
         if record is None or key is None:
@@ -405,7 +387,7 @@ class Downloader:
         removed: list[str] = []
         with anyio.move_on_after(_SWEEP_WAIT_S):
             blocker, is_folder, removed = await anyio.to_thread.run_sync(
-                _prepare_folder, folder, older_than, abandon_on_cancel=True
+                prepare_folder, folder, older_than, abandon_on_cancel=True
             )
             if is_folder:
                 self._ready.add(folder)
@@ -543,77 +525,6 @@ class Downloader:
                 logger.debug("image download: %s; try %d in %.2f s", exc, tries + 1, wait)
             await anyio.sleep(wait)
             self._require_open()
-
-
-def check_job_template(name: str) -> None:
-    """Refuse a ``job.save`` template before waiting for the job.
-
-    The fields are ``{key}``, ``{index}`` and ``{ext}``; ``{id}`` and ``{line}`` are the
-    command line's (a row's id and input line) and a library job has neither.
-
-    Raises:
-        InvalidRequestError: an unusable template, or one with ``{id}`` or ``{line}``.
-    """
-    if not isinstance(name, str):
-        raise InvalidRequestError([("name", "must be a template string, e.g. " + DEFAULT_NAME)])
-    try:
-        fields = {field for _, field, _, _ in string.Formatter().parse(name) if field}
-    except ValueError:
-        check_template(name)  # says what is wrong with it
-        raise
-    if fields & _CLI_ONLY_FIELDS:
-        raise InvalidRequestError(
-            [
-                (
-                    "name",
-                    "{id} and {line} are the command line's row fields, and a job has neither: "
-                    "use {key}, {index} and {ext}",
-                )
-            ]
-        )
-    if "key" not in fields and not fields - {"key", "index", "ext"}:
-        # check_template would name the command line's {id} and {line} too.
-        raise InvalidRequestError(
-            [("name", "must use {key}, or every job would get the same name")]
-        )
-    check_template(name)
-
-
-def _folder_path(directory: object) -> Path:
-    """``job.save()``'s folder as a path, refused when it is none (``None``, bytes)."""
-    if isinstance(directory, str | os.PathLike):
-        with contextlib.suppress(TypeError):  # a PathLike of bytes
-            return Path(directory)
-    raise InvalidRequestError([("directory", "must be a folder path (a str or os.PathLike)")])
-
-
-def _prepare_folder(folder: Path, older_than: float | None) -> tuple[Path | None, bool, list[str]]:
-    """The file in ``folder``'s way (if any), whether it is a folder, and the names of the
-    stale temporary files removed from it (blocking)."""
-    blocker = _file_in_the_way(folder)
-    if blocker is not None:
-        return blocker, False, []
-    try:
-        if not folder.is_dir():
-            return None, False, []  # not there yet: the save creates it
-    except OSError:
-        return None, False, []
-    if older_than is None:
-        return None, True, []
-    return None, True, _atomic_file.remove_stale(folder, TEMP_STEM, older_than)
-
-
-def _file_in_the_way(folder: Path) -> Path | None:
-    """The nearest existing part of ``folder``'s path, if it is not a folder (blocking)."""
-    for part in (folder, *folder.parents):
-        try:
-            is_dir = part.is_dir()
-            exists = is_dir or part.exists()
-        except OSError:
-            return None  # unreadable: the save says what is wrong when it writes
-        if exists:
-            return None if is_dir else part
-    return None
 
 
 def _host(url: str) -> str | None:

@@ -20,7 +20,8 @@ Modules: ``_main`` (the entry point: logging, signals, how an error ends the pro
 (exit codes, opening a client), ``_input`` (reading bulk input files), ``_single`` (one job at
 a time), ``_run`` (what ``bulk``, ``resume`` and ``status`` do), ``_summary`` (a run's
 summary), ``_bulk`` (the bulk job itself, with ``_bulk_data``, ``_stops``, ``_run_rows``,
-``_image_problems`` and ``_manifest_keys``), ``_outcome`` (how each line ended, the manifest),
+``_image_problems`` and ``_manifest_keys``), ``_outcome`` (how each line ended), ``_manifest``
+(the manifest's file and rows), ``_manifest_prices`` (the points and prices its rows tell),
 ``_progress`` (the progress display), ``_journal_commands`` (and ``_journal_rows``: which rows
 its words name).
 """

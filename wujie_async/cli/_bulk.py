@@ -36,16 +36,9 @@ from .._file_names import render_name
 from .._journal_worker import CLOSE_DEADLINE_S as JOURNAL_CLOSE_DEADLINE_S
 from ._bulk_data import BulkResult, Row
 from ._image_problems import GONE, describe, disk_refused, lasting_problem, precedence
-from ._outcome import (
-    LineOutcome,
-    Manifest,
-    Status,
-    base_record,
-    classify,
-    clean,
-    is_systemic,
-    learn_price,
-)
+from ._manifest import Manifest, base_record
+from ._manifest_prices import learn_price
+from ._outcome import LineOutcome, Status, classify, clean, is_systemic
 from ._progress import Display
 from ._rows import ROWS_DEADLINE_S
 from ._run_rows import RunRows

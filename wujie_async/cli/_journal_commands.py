@@ -42,10 +42,8 @@ from ._journal_rows import (
     refuse_unknown,
     row_name,
 )
-from ._outcome import (
-    clean,
-    manifest_records,
-)
+from ._manifest import manifest_records
+from ._outcome import clean
 from ._plan import known_keys, line_of, readable_error
 
 _STATES = ALL_STATES

@@ -45,31 +45,31 @@ from ._journal_rows import (
     refuse_unknown,
     rows_per_line,
 )
-from ._manifest_keys import charged_keys, names_taken, record_manifest_keys
-from ._out_lock import LOCK_NAME, out_folder_lock
-from ._outcome import (
-    LineOutcome,
+from ._manifest import (
     Manifest,
-    clean,
-    count,
     lines_ended,
     of_source,
     open_manifest,
-    points_spent,
-    prices_charged,
     read_manifest,
     run_source,
     saved_indexes,
+)
+from ._manifest_keys import charged_keys, names_taken, record_manifest_keys
+from ._manifest_prices import (
+    points_spent,
+    prices_charged,
     uncertain_cost,
     uncertain_unpriced,
     unreported_cost,
     with_learned_prices,
 )
+from ._out_lock import LOCK_NAME, out_folder_lock
+from ._outcome import LineOutcome, clean, count
 from ._plan import known_keys, line_of, lines_by_id
 from ._progress import Display, Tally
 from ._run import check_out_folder
+from ._run_warnings import forget_failed_said, journal_left_said, stop_said
 from ._signals import stopping_on_signals
-from ._summary import forget_failed_said, journal_left_said, stop_said
 
 
 def _say_paid_kept(console: Console, paid: list[list[JournalEntry]], path: Path, out: Path) -> None:

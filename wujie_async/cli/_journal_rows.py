@@ -109,7 +109,7 @@ def named_as(
     return None
 
 
-# What a manifest row records of its request (``_outcome.base_record``).
+# What a manifest row records of its request (``_manifest.base_record``).
 _RECORDED_FIELDS = ("model", "size", "prompt", "n")
 
 

@@ -12,14 +12,9 @@ from .. import (
 from .._budget import Kind
 from ._bulk_data import Row
 from ._input import BulkItem, moved_rows
+from ._manifest import line_outcome, recorded_request
 from ._manifest_keys import charged_keys
-from ._outcome import (
-    LineOutcome,
-    Status,
-    clean,
-    line_outcome,
-    recorded_request,
-)
+from ._outcome import LineOutcome, Status, clean
 from ._plan import (
     COLLECTED_AGAIN,
     OPEN_STATES,

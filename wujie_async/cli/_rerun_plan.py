@@ -34,15 +34,10 @@ from .._budget import Kind
 from .._keys import images_in
 from ._bulk_data import Row
 from ._input import BulkItem, moved_rows
+from ._manifest import lines_ended, saved_indexes
 from ._manifest_keys import charged_keys, record_manifest_keys
 from ._manifest_plan import plan_from_manifest
-from ._outcome import (
-    LineOutcome,
-    Status,
-    clean,
-    lines_ended,
-    saved_indexes,
-)
+from ._outcome import LineOutcome, Status, clean
 from ._plan import (
     COLLECTED_AGAIN,
     OPEN_STATES,

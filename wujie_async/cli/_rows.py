@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 
-from ._outcome import Manifest, ManifestGoneError
+from ._manifest import Manifest, ManifestGoneError
 
 # How long the end of a run waits for the rows it queued (a disk that answers writes them in
 # milliseconds): within docker stop's 10 s after a SIGTERM, the run's 8 s grace included.

@@ -38,26 +38,27 @@ from ._common import (
 )
 from ._disk_reserve import DiskReserve, reserve_size
 from ._input import BulkItem
-from ._manifest_keys import charged_keys, names_taken
-from ._manifest_plan import plan_from_manifest
-from ._outcome import (
-    LineOutcome,
+from ._manifest import (
     Manifest,
-    Unreported,
-    clean,
     of_source,
     open_manifest,
     other_inputs,
-    points_spent,
-    prices_charged,
     read_manifest,
     run_source,
     saved_indexes,
+)
+from ._manifest_keys import charged_keys, names_taken
+from ._manifest_plan import plan_from_manifest
+from ._manifest_prices import (
+    Unreported,
+    points_spent,
+    prices_charged,
     uncertain_cost,
     uncertain_unpriced,
     unreported_cost,
     with_learned_prices,
 )
+from ._outcome import LineOutcome, clean
 from ._plan import Plan, known_keys, plan_status, sent_lines
 from ._progress import Display, Mode, Tally
 from ._rerun_plan import journal_uncertain, plan_rerun, plan_resume

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._outcome import Manifest
+from ._manifest import Manifest
 from ._rows import RowWriter
 from ._stops import OutputUnwritableError
 

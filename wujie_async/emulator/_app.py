@@ -7,15 +7,12 @@ auth (401), then the per-app rate limit (429), then the body (20010001), then th
 from __future__ import annotations
 
 import asyncio
-import base64
-import functools
 import json
 import logging
 import math
 import random
 import zlib
-from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import Any, Final
 
 from aiohttp import web
@@ -29,83 +26,41 @@ from .._errors import InvalidRequestError
 from . import _png
 from ._clock import Clock, GatewayClock
 from ._options import check_config, check_faults, fault_config_from_mapping
+from ._replies import HTML_PAGE, Refused, envelope, inline_png
 from ._state import (
     EmulatedJob,
     EmulatorConfig,
     FaultConfig,
     JobStore,
 )
+from ._stats import Stats
 
 ENDPOINTS: Final = {
     "generations": _contract.GENERATIONS_PATH,
     "edits": _contract.EDITS_PATH,
     "info": _contract.BATCH_INFO_PATH,
 }
-_HTML_PAGE: Final = (
-    b"<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
-    b"<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
-)
+
+
 _JOB_FAIL_CODE: Final = 50000001
+
+
 # An entry's numbers (numbers_as_text gives them as strings).
 _NUMBER_FIELDS: Final = frozenset(
     {"status", "complete_percent", "expected_seconds", "queue_before_num", "integral_cost"}
 )
+
+
 _VERIFIED_CACHE_MAX: Final = 10_000
 
+
 logger = logging.getLogger("wujie_async.emulator")
-
-
-@dataclass(slots=True)
-class Stats:
-    """Counters kept by the emulator for tests and benchmarks."""
-
-    requests: Counter[str] = field(default_factory=Counter)
-    http_statuses: Counter[int] = field(default_factory=Counter)
-    batch_sizes: list[int] = field(default_factory=list)
-    submits_accepted: int = 0
-    faults: Counter[str] = field(default_factory=Counter)
-    # (unix time, X-Wujie-Member header or "") of each batch call: tells fleet members apart
-    # (unix, not clock, seconds: the members compare them across processes).
-    batch_callers: list[tuple[float, str]] = field(default_factory=list)
-    # The keys each batch call asked about, in the order of batch_callers.
-    batch_keys: list[list[str]] = field(default_factory=list)
-    # Requests whose client left before the reply was ready (a timeout, a cancelled task).
-    clients_gone: int = 0
-    # Unix time of every submit (generation or edit) that arrived, refused ones included: what
-    # a submit rate limit counts.
-    submit_arrivals: list[float] = field(default_factory=list)
-
-
-@functools.lru_cache(maxsize=1024)
-def _inline_png(key: str, index: int, size: tuple[int, int]) -> str:
-    """Image ``index`` of a job, base64 (``image_delivery="b64_json"``): the very bytes its
-    file would serve, made once per image while it is listed again and again."""
-    width, height = _png.downscaled(*size)
-    return base64.b64encode(_png.render_png(key, index, width, height)).decode("ascii")
 
 
 def _drawn_by_key(key: str, probability: float) -> bool:
     """A fault drawn by a job's key rather than per request: every listing (and file) of the
     job agrees, ``probability`` of the jobs drawn."""
     return probability > 0 and zlib.crc32(key.encode()) % 10_000 < probability * 10_000
-
-
-class _Refused(Exception):
-    """An early, complete answer to a request (auth failure, rate limit, bad body)."""
-
-    def __init__(self, response: web.StreamResponse, *, dropped: bool = False) -> None:
-        self.response = response
-        self.dropped = dropped
-
-
-def envelope(
-    code: str, message: str, data: Any = None, *, status: int = 200, headers: Any = None
-) -> web.Response:
-    """A reply in the platform's envelope."""
-    body = json.dumps({"code": code, "message": message, "data": data}, separators=(",", ":"))
-    return web.Response(
-        body=body.encode(), status=status, content_type="application/json", headers=headers
-    )
 
 
 class _TokenBucket:
@@ -253,7 +208,7 @@ class Gateway:
 
     # --- the steps every API request goes through ------------------------------------------------
     async def _front(self, request: web.Request, endpoint: str) -> str:
-        """Faults, auth and rate limit; returns the app id, or raises _Refused / drops."""
+        """Faults, auth and rate limit; returns the app id, or raises Refused / drops."""
         self.stats.requests[endpoint] += 1
         if endpoint in ("generations", "edits"):
             self.stats.submit_arrivals.append(self.clock.unix(self.clock.now()))
@@ -273,8 +228,8 @@ class Gateway:
                 raise self._too_many(max(1, math.ceil(wait)))
         return app_id
 
-    def _too_many(self, retry_after: int) -> _Refused:
-        return _Refused(
+    def _too_many(self, retry_after: int) -> Refused:
+        return Refused(
             envelope(
                 "429",
                 "too many requests",
@@ -300,23 +255,23 @@ class Gateway:
             raise self._too_many(faults.retry_after_s)
         if faults.http_5xx and roll() < faults.http_5xx:
             self.stats.faults["http_5xx"] += 1
-            raise _Refused(envelope("500", "internal server error", status=faults.http_5xx_status))
+            raise Refused(envelope("500", "internal server error", status=faults.http_5xx_status))
         if faults.html_reply and roll() < faults.html_reply:
             self.stats.faults["html_reply"] += 1
-            raise _Refused(
-                web.Response(body=_HTML_PAGE, status=faults.html_status, content_type="text/html")
+            raise Refused(
+                web.Response(body=HTML_PAGE, status=faults.html_status, content_type="text/html")
             )
 
     @staticmethod
-    def _drop(request: web.Request) -> _Refused:
+    def _drop(request: web.Request) -> Refused:
         # Close the socket with nothing written: the client sees the connection die mid-request.
         transport = request.transport
         if transport is not None:
             transport.abort()
-        return _Refused(web.Response(status=499), dropped=True)
+        return Refused(web.Response(status=499), dropped=True)
 
-    def _unauthorized(self, reason: str) -> _Refused:
-        return _Refused(envelope(_contract.AUTH_ERROR_CODE, f"unauthorized: {reason}", status=401))
+    def _unauthorized(self, reason: str) -> Refused:
+        return Refused(envelope(_contract.AUTH_ERROR_CODE, f"unauthorized: {reason}", status=401))
 
     def _authenticate(self, request: web.Request) -> str:
         header = request.headers.get("Authorization")
@@ -370,7 +325,7 @@ class Gateway:
         try:
             return json.loads(await request.read())
         except ValueError:
-            raise _Refused(
+            raise Refused(
                 envelope(_contract.CODE_INVALID_PARAMETER, "body: must be valid JSON")
             ) from None
 
@@ -378,7 +333,7 @@ class Gateway:
         try:
             app_id = await self._front(request, endpoint)
             response: web.StreamResponse = await work(request, app_id)
-        except _Refused as refused:
+        except Refused as refused:
             response = refused.response
             if refused.dropped:
                 return response  # nothing reaches the client; aiohttp discards it
@@ -524,7 +479,7 @@ class Gateway:
         images = [
             {
                 "url": None if inline else f"{origin}/files/{folder}{job.key}/{index}.png",
-                "b64_json": _inline_png(job.key, index, job.size) if inline else None,
+                "b64_json": inline_png(job.key, index, job.size) if inline else None,
                 "revised_prompt": revised,
             }
             for index in range(listed)
