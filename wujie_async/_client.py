@@ -320,6 +320,7 @@ class WujieClient:
         self._journal: SubmitJournal | None = None
         if self._fleet is not None:
             self._journal = self._fleet.journal
+            self._downloader.save_record = SaveRecord(self._fleet.journal)  # as SQLite's below
         elif journal is not None:
             # Each row records its gateway: resume() asks only the gateway that took it.
             gateway = GatewayIdentity.of(self.base_url, self.credentials.app_id)
@@ -830,6 +831,11 @@ class WujieClient:
         journal = self._require_journal()
         if self._fleet is not None:
             entries = await self._fleet.resumable()  # (a fleet has one gateway: checked)
+            # Its saves cut off (succeeded rows) come after: not those saving here now.
+            if (saves := self._downloader.save_record) is not None:
+                entries = [
+                    e for e in entries if e.state == "accepted" or not saves.saving(e.job_key or "")
+                ]
         else:
             entries = await journal.entries("accepted")
             save_record = self._downloader.save_record
