@@ -805,15 +805,18 @@ class WujieClient:
         to exactly one member, and nothing is resubmitted. This member's own accepted
         submits (a job that timed out, say) are attached too.
 
-        Jobs that succeeded and whose ``job.save()`` never ended are returned too (SQLite
-        journal): the save was cut off by its process ending (a SIGTERM, a crash), by its
-        client closing, or by a cancel, and the images it was saving, paid for, are not on
-        disk. Their images are listed again as the job is attached: save them (image URLs
-        expire, so soon). So are those whose save failed on the network or the disk once its
-        retries were spent (it may succeed later). A save that failed on what trying again
-        cannot mend (an image that expired, a refused URL) is not resumed: its caller was
-        told. A job being saved in this process is not
-        returned. Journals written before rows recorded saves resume no such job.
+        Jobs that succeeded and whose ``job.save()`` never ended are returned too (a SQLite
+        journal, or a fleet's: the member's own, and, claimed as their accepted jobs are, each
+        by one member, those of dead members; a worker killed mid-save and started again is a
+        new member, and gets its job once the dead one's ``member_timeout`` has passed): the
+        save was cut off by its process ending (a SIGTERM, a crash), by its client closing, or
+        by a cancel, and the images it was saving, paid for, are not on disk. Their images
+        are listed again as the job is attached: save them (image URLs expire, so soon). So
+        are those whose save failed on the network or the disk once its retries were spent (it
+        may succeed later). A save that failed on what trying again cannot mend (an image that
+        expired, a refused URL) is not resumed: its caller was told. A job being saved in this
+        process is not returned, nor is one of the last 1,024 jobs that ended in this client
+        (the caller holds it). Journals written before rows recorded saves resume no such job.
 
         Raises:
             ClientStateError: the client has no journal; or, in fleet mode, this member's own
