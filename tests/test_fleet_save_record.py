@@ -1,7 +1,8 @@
 """In fleet mode, saves cut off are found again, as with a SQLite journal: a member killed
-while ``job.save()`` downloads paid images leaves its job to the member that claims its rows,
-a member's own save cut off (cancelled, its client closed) is returned by its own
-``resume()``, and a save that ended (saved, or failed for good) is returned by none.
+while ``job.save()`` downloads paid images leaves its job to the member that claims its rows
+(a worker started again is a new member), a member's own save cut off (cancelled) is its own
+to resume (and the claimer's once it has closed), a save running in the process is not
+returned, and a save that ended (saved, or failed for good) is returned by none.
 
 (Before, the fleet's journal in Redis recorded no save: the row read ``succeeded``, no
 member's ``resume()`` returned the job, and the images were lost once their URLs expired.)
@@ -23,7 +24,7 @@ import pytest
 from wujie_async import ImageJob, ProtocolError, WujieClient
 from wujie_async.fleet import RedisFleet
 from wujie_async.fleet._journal import RedisJournal
-from wujie_async.fleet._membership import new_member_id
+from wujie_async.fleet._membership import Membership, new_member_id
 
 from .fleet_support import any_redis, fleet_name, own_redis
 from .helpers import eventually
@@ -228,3 +229,48 @@ async def test_a_save_goes_on_when_redis_stops_answering_and_is_recorded_once_it
         # The record landed once Redis answered, and the save's end after it: nothing left.
         own = RedisJournal(fleet, client.fleet_member or "")
         assert await eventually(lambda: _no_saves_cut_off(own), what="the save's end recorded")
+
+
+async def test_a_dead_members_saves_cut_off_go_to_one_claimer_and_ended_ones_to_none(
+    tmp_path: Path,
+) -> None:
+    """claim_dead hands a dead member's saves that never ended to one claimer, in the atomic
+    script that hands out its accepted rows; a save it ended stays ended, a forgotten row is
+    gone from the claimer's list."""
+    timeout = 0.3
+    async with (
+        any_redis(tmp_path) as url,
+        RedisFleet(url, name=fleet_name(), member_timeout=timeout) as fleet,
+    ):
+        dead = Membership(fleet, new_member_id())
+        await dead.join()
+        keys = [f"PAID{i}" for i in range(6)]
+        writer = RedisJournal(fleet, dead.member_id)
+        await writer.open()
+        try:
+            for key in keys:
+                row = await writer.record_intent("generations", {"prompt": key})
+                await writer.record_accepted(row, key)
+                writer.record_outcome(key, "succeeded")
+                await writer.record_save_asked(key)
+            writer.record_save_ended(keys[0])  # saved: nobody's to resume
+            assert {e.job_key for e in await writer.saves_cut_off()} == set(keys[1:])
+        finally:
+            await writer.close()
+        heirs = [Membership(fleet, new_member_id()) for _ in range(2)]
+
+        async def dead_expired() -> bool:
+            for heir in heirs:
+                await heir.join()  # live members, as their heartbeats would keep them
+            return (await heirs[0].members())[dead.member_id] > timeout
+
+        await eventually(dead_expired, interval=0.05, what="the member's heartbeat expired")
+        journals = [RedisJournal(fleet, heir.member_id) for heir in heirs]
+        claims = await asyncio.gather(*(journal.claim_dead() for journal in journals))
+        assert sorted(len(claim.dead_members) for claim in claims) == [0, 1]
+        lists = [[e.job_key for e in await journal.saves_cut_off()] for journal in journals]
+        assert sorted(lists, key=len) == [[], keys[1:]]  # all to one claimer, oldest first
+        heir = journals[0] if lists[0] else journals[1]
+        [gone] = [e.id for e in await heir.saves_cut_off() if e.job_key == keys[1]]
+        assert await heir.forget([gone]) == 1
+        assert [e.job_key for e in await heir.saves_cut_off()] == keys[2:]
