@@ -274,3 +274,15 @@ async def test_a_dead_members_saves_cut_off_go_to_one_claimer_and_ended_ones_to_
         [gone] = [e.id for e in await heir.saves_cut_off() if e.job_key == keys[1]]
         assert await heir.forget([gone]) == 1
         assert [e.job_key for e in await heir.saves_cut_off()] == keys[2:]
+
+
+async def test_a_save_ending_after_its_journal_closed_is_said_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with any_redis(tmp_path) as url, RedisFleet(url, name=fleet_name()) as fleet:
+        journal = RedisJournal(fleet, new_member_id())
+        await journal.open()
+        await journal.close()
+        with caplog.at_level(logging.WARNING, logger="wujie_async.fleet"):
+            journal.record_save_ended("PAIDKEY")  # a save that succeeded must not raise
+    assert any("save was not recorded" in r.getMessage() for r in caplog.records)

@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import ClientStateError, snippet
+from .._errors import ClientStateError, shown_key, snippet
 from .._journal import JournalEntry, read_stored_request
 from ._errors import FleetUnavailableError
 from ._link import REDIS_MS, RedisLink, Script, refused_for_its_data
@@ -762,7 +762,16 @@ class RedisJournal:
         """This member's ``job.save()`` of ``key``'s job ended: every image on disk, or an error
         raised to its caller (queued, not awaited: lost, the next ``resume()`` returns the job
         once more, nothing worse)."""
-        self._queue((self._prefix, key, self.member_id, time.time()), self._save_ended)
+        try:
+            self._queue((self._prefix, key, self.member_id, time.time()), self._save_ended)
+        except ClientStateError:
+            # Called as a save ends, whatever happened: a journal closed meanwhile must not
+            # turn a save that succeeded into an error.
+            logger.warning(
+                "fleet journal: closed; the end of job %s's save was not recorded (resume() "
+                "may return the job once more)",
+                shown_key(key),
+            )
 
     async def saves_cut_off(self) -> list[JournalEntry]:
         """This member's ``succeeded`` rows whose save was asked for and never ended: by this
