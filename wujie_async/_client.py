@@ -320,6 +320,7 @@ class WujieClient:
         self._journal: SubmitJournal | None = None
         if self._fleet is not None:
             self._journal = self._fleet.journal
+            self._downloader.save_record = SaveRecord(self._fleet.journal)  # as SQLite's below
         elif journal is not None:
             # Each row records its gateway: resume() asks only the gateway that took it.
             gateway = GatewayIdentity.of(self.base_url, self.credentials.app_id)
@@ -804,15 +805,18 @@ class WujieClient:
         to exactly one member, and nothing is resubmitted. This member's own accepted
         submits (a job that timed out, say) are attached too.
 
-        Jobs that succeeded and whose ``job.save()`` never ended are returned too (SQLite
-        journal): the save was cut off by its process ending (a SIGTERM, a crash), by its
-        client closing, or by a cancel, and the images it was saving, paid for, are not on
-        disk. Their images are listed again as the job is attached: save them (image URLs
-        expire, so soon). So are those whose save failed on the network or the disk once its
-        retries were spent (it may succeed later). A save that failed on what trying again
-        cannot mend (an image that expired, a refused URL) is not resumed: its caller was
-        told. A job being saved in this process is not
-        returned. Journals written before rows recorded saves resume no such job.
+        Jobs that succeeded and whose ``job.save()`` never ended are returned too (a SQLite
+        journal, or a fleet's: the member's own, and, claimed as their accepted jobs are, each
+        by one member, those of dead members; a worker killed mid-save and started again is a
+        new member, and gets its job once the dead one's ``member_timeout`` has passed): the
+        save was cut off by its process ending (a SIGTERM, a crash), by its client closing, or
+        by a cancel, and the images it was saving, paid for, are not on disk. Their images
+        are listed again as the job is attached: save them (image URLs expire, so soon). So
+        are those whose save failed on the network or the disk once its retries were spent (it
+        may succeed later). A save that failed on what trying again cannot mend (an image that
+        expired, a refused URL) is not resumed: its caller was told. A job being saved in this
+        process is not returned, nor is one of the last 1,024 jobs that ended in this client
+        (the caller holds it). Journals written before rows recorded saves resume no such job.
 
         Raises:
             ClientStateError: the client has no journal; or, in fleet mode, this member's own
@@ -830,6 +834,11 @@ class WujieClient:
         journal = self._require_journal()
         if self._fleet is not None:
             entries = await self._fleet.resumable()  # (a fleet has one gateway: checked)
+            # Its saves cut off (succeeded rows) come after: not those saving here now.
+            if (saves := self._downloader.save_record) is not None:
+                entries = [
+                    e for e in entries if e.state == "accepted" or not saves.saving(e.job_key or "")
+                ]
         else:
             entries = await journal.entries("accepted")
             save_record = self._downloader.save_record

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from ._journal import SubmitJournal
+from ._save_record import SaveJournal
+
 if TYPE_CHECKING:
     from ._config import Limits, PollPolicy
     from ._jobs import ImageJob
-    from ._journal import JournalEntry, SubmitJournal
+    from ._journal import JournalEntry
     from ._poller import BatchPoller
     from ._ratelimit import Ready
     from ._stats import FleetStats
     from ._transport import Transport
+
+
+class FleetJournal(SubmitJournal, SaveJournal, Protocol):
+    """The fleet's journal: submits, and ``job.save()`` (a save cut off is resumed)."""
 
 
 class FleetLink(Protocol):
@@ -32,7 +39,7 @@ class FleetLink(Protocol):
         ...
 
     @property
-    def journal(self) -> SubmitJournal:
+    def journal(self) -> FleetJournal:
         """The fleet's journal, writing as this member."""
         ...
 
@@ -71,7 +78,9 @@ class FleetLink(Protocol):
 
     async def resumable(self) -> list[JournalEntry]:
         """The accepted submits this member should follow: dead members' (now this member's,
-        each claimed by one member) and its own (a job that timed out, say)."""
+        each claimed by one member) and its own (a job that timed out, say); then the
+        succeeded jobs whose save was cut off, its own and dead members' (claimed the same
+        way), including any being saved in this process (the client leaves those out)."""
         ...
 
     def stats(self) -> FleetStats:

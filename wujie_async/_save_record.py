@@ -5,7 +5,9 @@ ends while ``job.save()`` runs (a SIGTERM, a crash, a closing client) left a row
 ``succeeded``, which ``resume()`` skipped, and the images were never saved. So the row records
 the save: asked for before its download starts (committed, see
 :meth:`Journal.record_save_asked`), ended once it has ended, and ``resume()`` returns the jobs
-of rows asked and not ended (:meth:`Journal.saves_cut_off`).
+of rows asked and not ended (:meth:`Journal.saves_cut_off`). A fleet's journal in Redis
+records the same (``RedisJournal``), so a member's save cut off is resumed by the member, or,
+once it is dead, by the one member that claims its rows.
 
 A save *ends* when every image is on disk, or with an error raised to its caller that trying
 again cannot mend (an image that expired, a refused URL, the job failed: see :func:`cut_off`):
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 from ._errors import (
     ClientStateError,
@@ -31,13 +34,28 @@ from ._errors import (
     TransportError,
     shown_key,
 )
-from ._journal import Journal
 
 logger = logging.getLogger("wujie_async")
 
-# How long a save waits for its record to commit before it goes on without (a disk that
-# answers commits in milliseconds; as long as closing the journal waits for its last commit).
+# How long a save waits for its record to commit before it goes on without (a disk, or a
+# fleet's Redis, that answers in milliseconds; as long as closing the journal waits for its
+# last commit).
 RECORD_WAIT_S = 2.0
+
+
+class SaveJournal(Protocol):
+    """What a save record needs of a journal: the SQLite ``Journal``, or a fleet's
+    ``RedisJournal``."""
+
+    async def record_save_asked(self, key: str) -> None:
+        """A save of ``key``'s job begins: written and confirmed before its download starts;
+        a write that cannot wait for its storage stays queued and lands before the save's
+        end. Raises ClientStateError when the journal is closed or the write failed."""
+        ...
+
+    def record_save_ended(self, key: str) -> None:
+        """A save of ``key``'s job ended (queued, not awaited)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -73,7 +91,7 @@ def cut_off(error: BaseException | None) -> bool:
 class SaveRecord:
     """The save record of one client's journal, and the saves running in this process."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: SaveJournal) -> None:
         self._journal = journal
         self._saves: dict[str, _Saves] = {}
 
@@ -85,22 +103,22 @@ class SaveRecord:
         """A save of ``key``'s job begins; pair it with one :meth:`ended`, whatever happens.
 
         A record that cannot be written (the disk is full), or not within ``RECORD_WAIT_S``
-        (the disk stopped answering), is said at WARNING, and the save goes on: the images
-        matter more than the record of them.
+        (the disk, or the fleet's Redis, stopped answering), is said at WARNING, and the save
+        goes on: the images matter more than the record of them.
         """
         self._saves.setdefault(key, _Saves()).running += 1
         try:
             async with asyncio.timeout(RECORD_WAIT_S):
                 await self._journal.record_save_asked(key)
         except TimeoutError:
-            # A disk that takes no write (a frozen file system, a hung NFS mount) holds the
-            # commit for as long as it stays so, and the save, paid for, waited with it. The
-            # record stays queued (shielded): it lands, before the save's end, once the disk
-            # answers.
+            # A disk that takes no write (a frozen file system, a hung NFS mount), or a fleet's
+            # Redis away, holds the write for as long as it stays so, and the save, paid for,
+            # waited with it. The record stays queued (shielded): it lands, before the save's
+            # end, once the disk (or Redis) answers.
             logger.warning(
-                "journal: the save of job %s is not recorded yet (the journal's disk has not "
-                "taken the write in %.0f s): the save goes on; if this process ends before the "
-                "record lands, resume() will not return the job",
+                "journal: the save of job %s is not recorded yet (the journal's disk, or the "
+                "fleet's Redis, has not taken the write in %.0f s): the save goes on; if this "
+                "process ends before the record lands, resume() will not return the job",
                 shown_key(key),
                 RECORD_WAIT_S,
             )

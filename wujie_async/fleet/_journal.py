@@ -12,12 +12,21 @@ script, finds the members whose heartbeat is older than ``member_timeout``, make
 the owner of their ``accepted`` rows, turns their ``intent`` rows into ``uncertain`` (they died
 mid-request), and removes them from the member list: two claimers can never get the same row.
 
+Rows also record their job's ``job.save()``, as the SQLite journal's do (see
+``wujie_async._save_record``): ``save_asked`` (written and acknowledged before the save's
+download starts), ``save_ended``, and ``saver``, the member that asked. A ``succeeded`` row
+asked and not ended is a save cut off (the member was killed mid-download, its client closed,
+the save was cancelled): :meth:`RedisJournal.saves_cut_off` lists the member's own, and
+``claim_dead`` makes the claimer the saver of a dead member's, in the same atomic script as
+its accepted rows, so each goes to exactly one member.
+
 Layout, all under the fleet's hash tag (prefix ``{wujie:<name>}:journal:``): ``seq`` (row
 ids), ``row:<id>`` (a hash), ``state:<state>`` / ``tag:<tag>`` / ``owner:<member>`` (sorted
-sets of ids; ``owner:`` holds only open rows, intent and accepted), ``key:<job key>`` (the
-row id) and ``once:<token>`` (the row an intent write made, kept a day, so that a retried
-write makes no second row). Scripts build these names from the prefix; all share one slot,
-which Redis Cluster accepts.
+sets of ids; ``owner:`` holds only open rows, intent and accepted), ``saves:<member>`` (a
+sorted set of the ids of rows whose save that member asked for and that has not ended),
+``key:<job key>`` (the row id) and ``once:<token>`` (the row an intent write made, kept a
+day, so that a retried write makes no second row). Scripts build these names from the
+prefix; all share one slot, which Redis Cluster accepts.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import ClientStateError, snippet
+from .._errors import ClientStateError, shown_key, snippet
 from .._journal import JournalEntry, read_stored_request
 from ._errors import FleetUnavailableError
 from ._link import REDIS_MS, RedisLink, Script, refused_for_its_data
@@ -217,6 +226,16 @@ for i = 1, #all, 2 do
       end
     end
     redis.call('DEL', set)
+    -- Its saves cut off: the claimer's to resume (a row another member asked since is theirs).
+    local saves = p .. 'saves:' .. member
+    for _, id in ipairs(redis.call('ZRANGE', saves, 0, -1)) do
+      local row = p .. 'row:' .. id
+      if redis.pcall('HGET', row, 'saver') == member then
+        redis.call('HSET', row, 'saver', claimer)
+        redis.call('ZADD', p .. 'saves:' .. claimer, id, id)
+      end
+    end
+    redis.call('DEL', saves)
     redis.call('ZREM', KEYS[2], member)
     redis.call('HDEL', KEYS[3], member)
     redis.call('HDEL', KEYS[5], member)
@@ -268,7 +287,9 @@ return n
 )
 _RESTORE_BATCH = 200  # rows per script call: one call must not hold Redis long
 
-_Later = tuple[Any, ...] | asyncio.Future[None] | None
+# A queued record: the script and its arguments (KEYS: seq); or a flush() barrier.
+_Write = tuple[Script, tuple[Any, ...]]
+_Later = _Write | asyncio.Future[None] | None
 _FIELDS = ("path", "request", "state", "job_key", "tag", "error", "created", "owner")
 
 # KEYS: seq. ARGV: prefix, tag ('' = any), owner ('' = any), state1, state2, ...
@@ -315,9 +336,10 @@ local p, n = ARGV[1], 0
 for i = 2, #ARGV do
   local id = ARGV[i]
   local row = p .. 'row:' .. id
-  local f = redis.call('HMGET', row, 'state', 'job_key', 'tag', 'owner')
+  local f = redis.call('HMGET', row, 'state', 'job_key', 'tag', 'owner', 'saver')
   if f[1] then
     redis.call('ZREM', p .. 'state:' .. f[1], id)
+    if f[5] then redis.call('ZREM', p .. 'saves:' .. f[5], id) end
     if f[2] and f[2] ~= '' then redis.call('DEL', p .. 'key:' .. f[2]) end
     if f[3] and f[3] ~= '' then redis.call('ZREM', p .. 'tag:' .. f[3], id) end
     if f[4] then redis.call('ZREM', p .. 'owner:' .. f[4], id) end
@@ -326,6 +348,55 @@ for i = 2, #ARGV do
   end
 end
 return n
+"""
+
+# KEYS: seq. ARGV: prefix, job_key, member, now. The member saves the key's job: the row reads
+# asked and not ended, the member its saver (another member's save of it before is replaced:
+# this one is resumed if it is cut off). Reply: 1, or 0 for a key no row holds.
+_SAVE_ASKED = """
+local p, member = ARGV[1], ARGV[3]
+local id = redis.call('GET', p .. 'key:' .. ARGV[2])
+if not id then return 0 end
+local row = p .. 'row:' .. id
+local before = redis.call('HGET', row, 'saver')
+if before and before ~= member then redis.call('ZREM', p .. 'saves:' .. before, id) end
+redis.call('HSET', row, 'save_asked', ARGV[4], 'saver', member)
+redis.call('HDEL', row, 'save_ended')
+redis.call('ZADD', p .. 'saves:' .. member, id, id)
+return 1
+"""
+
+# KEYS: seq. ARGV: prefix, job_key, member, now. The member's save of the key's job ended;
+# a row whose saver is another member now (it claimed the save, the member having been
+# declared dead) is theirs to end. Reply: 1 ended, 0 not.
+_SAVE_ENDED = """
+local p, member = ARGV[1], ARGV[3]
+local id = redis.call('GET', p .. 'key:' .. ARGV[2])
+if not id then return 0 end
+local row = p .. 'row:' .. id
+if redis.call('HGET', row, 'saver') ~= member then return 0 end
+redis.call('HSET', row, 'save_ended', ARGV[4])
+redis.call('ZREM', p .. 'saves:' .. member, id)
+return 1
+"""
+
+# KEYS: seq. ARGV: prefix, member. The member's succeeded rows whose save never ended, in the
+# entries script's reply form ({{id1, fields1..., id2, ...}, {garbled ids}}). A save asked
+# while the job ran is left to its accepted row until the job has succeeded.
+_SAVES_CUT_OFF = """
+local p = ARGV[1]
+local reply, garbled = {}, {}
+for _, id in ipairs(redis.call('ZRANGE', p .. 'saves:' .. ARGV[2], 0, -1)) do
+  local f = redis.pcall('HMGET', p .. 'row:' .. id,
+    'path', 'request', 'state', 'job_key', 'tag', 'error', 'created', 'owner', 'save_ended')
+  if f.err then
+    garbled[#garbled + 1] = id
+  elseif f[3] == 'succeeded' and not f[9] then
+    reply[#reply + 1] = id
+    for j = 1, 8 do reply[#reply + 1] = f[j] or '' end
+  end
+end
+return {reply, garbled}
 """
 
 
@@ -359,6 +430,9 @@ class RedisJournal:
         self._forget = Script(link, _FORGET)
         self._found_key = Script(link, _FOUND_KEY)
         self._restore = Script(link, _RESTORE)
+        self._save_asked = Script(link, _SAVE_ASKED)
+        self._save_ended = Script(link, _SAVE_ENDED)
+        self._saves_cut_off = Script(link, _SAVES_CUT_OFF)
         # What this member wrote of its submits still open (path, request, tag, created): by
         # row id until the key comes, then by key until the outcome. Redis may lose the rows
         # (a FLUSHALL, a restart without AOF): restore() writes them again from here.
@@ -368,7 +442,7 @@ class RedisJournal:
         # Writes that are not awaited go through one queue, in order (accepted before outcome).
         self._later: asyncio.Queue[_Later] | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._trying: tuple[Any, ...] | None = None  # the record the writer is on
+        self._trying: _Write | None = None  # the record the writer is on
         self._warned_rows: set[str] = set()  # damaged rows already warned about
         self.commits = 0  # writes Redis acknowledged (for client.stats)
         # This member's gateway: fingerprint, base URL, epoch ("": not told).
@@ -440,12 +514,13 @@ class RedisJournal:
             await self._write_until_landed(args)
             self._trying = None
 
-    async def _write_until_landed(self, args: tuple[Any, ...]) -> None:
+    async def _write_until_landed(self, write: _Write) -> None:
         """One queued record, tried every ``_RETRY`` seconds while Redis is away."""
+        script, args = write
         waited = False
         while True:
             try:
-                await self._move((self._seq,), args)
+                await script((self._seq,), args)
             except FleetUnavailableError as exc:
                 if refused_for_its_data(exc):
                     # Its row is garbled (another process wrote over it): this record can
@@ -464,10 +539,11 @@ class RedisJournal:
                 logger.info("fleet journal: Redis is back; the waiting records are written")
             return
 
-    def _queue(self, args: tuple[Any, ...]) -> None:
+    def _queue(self, args: tuple[Any, ...], script: Script | None = None) -> None:
+        """Queue a record for the writer (a row's move, unless ``script`` says otherwise)."""
         if self._later is None:
             raise ClientStateError(f"{self!r} is not open")
-        self._later.put_nowait(args)
+        self._later.put_nowait((script or self._move, args))
 
     # --- records (the SQLite journal's protocol) ------------------------------------------------
     async def record_intent(
@@ -635,15 +711,23 @@ class RedisJournal:
             # queue message with an empty id attached to another message's job and never sent
             # its own. No row has this tag.
             return []
-        if self._later is not None and (self._trying is not None or not self._later.empty()):
-            # This member's own records queued before the read are read back (the SQLite
-            # journal reads in the order of its writes): uncertain_submits() right after a
-            # SubmitUncertainError lists it. Bounded: with Redis away the read fails anyway.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flush(), self._link.config.unavailable_wait)
+        await self._own_writes_landed()
         reply = await self._entries(
             (self._seq,), (self._prefix, tag or "", owned_by or "", *wanted)
         )
+        return self._read_rows(reply)
+
+    async def _own_writes_landed(self) -> None:
+        """Wait for this member's own records queued before a read (the SQLite journal reads
+        in the order of its writes): uncertain_submits() right after a SubmitUncertainError
+        lists it, and a save that just ended is not read as cut off. Bounded: with Redis away
+        the read fails anyway."""
+        if self._later is not None and (self._trying is not None or not self._later.empty()):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), self._link.config.unavailable_wait)
+
+    def _read_rows(self, reply: list[Any]) -> list[JournalEntry]:
+        """The rows of a read script's reply; damaged rows are warned about once each."""
         rows, damaged, unreadable = _rows(reply)
         for ids, what in (
             (damaged, "hold a request that cannot be read (listed with request={}; a key "
@@ -657,6 +741,49 @@ class RedisJournal:
                     "fleet journal: rows %s %s", snippet(", ".join(new), limit=200), what
                 )
         return rows
+
+    # --- saves --------------------------------------------------------------------------------
+    async def record_save_asked(self, key: str) -> None:
+        """A ``job.save()`` of ``key``'s job begins, this member its saver: acknowledged by
+        Redis before its download starts (see the SQLite journal's).
+
+        Queued with the member's other records, in order (after the job's outcome, before the
+        save's end), and awaited: with Redis away it is tried again until it lands, and a
+        caller that stops waiting (``SaveRecord`` waits ``RECORD_WAIT_S``) leaves it to land,
+        before the save's end, once Redis is back.
+
+        Raises:
+            ClientStateError: the journal is not open.
+        """
+        self._queue((self._prefix, key, self.member_id, time.time()), self._save_asked)
+        await asyncio.shield(self.flush())
+
+    def record_save_ended(self, key: str) -> None:
+        """This member's ``job.save()`` of ``key``'s job ended: every image on disk, or an error
+        raised to its caller (queued, not awaited: lost, the next ``resume()`` returns the job
+        once more, nothing worse)."""
+        try:
+            self._queue((self._prefix, key, self.member_id, time.time()), self._save_ended)
+        except ClientStateError:
+            # Called as a save ends, whatever happened: a journal closed meanwhile must not
+            # turn a save that succeeded into an error.
+            logger.warning(
+                "fleet journal: closed; the end of job %s's save was not recorded (resume() "
+                "may return the job once more)",
+                shown_key(key),
+            )
+
+    async def saves_cut_off(self) -> list[JournalEntry]:
+        """This member's ``succeeded`` rows whose save was asked for and never ended: by this
+        member, or by a dead member it claimed (:meth:`claim_dead`). Oldest first.
+
+        Raises:
+            FleetUnavailableError: Redis is unreachable or missed its deadline.
+        """
+        await self._own_writes_landed()
+        return self._read_rows(
+            await self._saves_cut_off((self._seq,), (self._prefix, self.member_id))
+        )
 
     async def record_found_key(self, row_id: int, key: str) -> bool:
         """An ``uncertain`` row's key, found since: the row becomes ``accepted``, this
@@ -672,7 +799,8 @@ class RedisJournal:
 
     # --- takeover ------------------------------------------------------------------------------
     async def claim_dead(self, member_timeout: float | None = None) -> Claim:
-        """Take over the accepted rows of members silent for more than ``member_timeout``.
+        """Take over the accepted rows of members silent for more than ``member_timeout``,
+        and their saves cut off (:meth:`saves_cut_off` lists them then).
 
         Atomic: every dead member's row goes to exactly one claimer. Their intents become
         ``uncertain``. The claimer must itself be a live member (registered, heartbeating).

@@ -499,7 +499,8 @@ class FleetMember:
         for dead in claim.dead_members:
             with contextlib.suppress(FleetUnavailableError):
                 await Inbox(self._link, dead).drop()
-        return await self._journal.entries("accepted", owned_by=self._member_id)
+        accepted = await self._journal.entries("accepted", owned_by=self._member_id)
+        return accepted + await self._journal.saves_cut_off()
 
     # --- figures -------------------------------------------------------------------------------
     def stats(self) -> FleetStats:
