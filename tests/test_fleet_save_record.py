@@ -127,10 +127,9 @@ def three_jobs(held: str, fine: str, gone: str) -> Any:
 async def test_a_members_cancelled_save_is_its_own_cut_off_save_not_while_it_runs(
     tmp_path: Path,
 ) -> None:
-    """The member's journal lists its save cut off as its own (what its resume() returns once
-    the client no longer holds the job: it remembers the last 1,024 jobs that ended, and
-    returns none of them, as a client with a SQLite journal does); a save running in the
-    process is not returned meanwhile, and a save that ended leaves nothing."""
+    """The member's own save cut off (cancelled) is returned by its own resume(), the job
+    it holds; a save running in the process is not returned meanwhile, and a save that ended
+    leaves nothing."""
     name = fleet_name()
     async with (
         any_redis(tmp_path) as redis_url,
@@ -152,6 +151,7 @@ async def test_a_members_cancelled_save_is_its_own_cut_off_save_not_while_it_run
         with pytest.raises(asyncio.CancelledError):
             await saving
         assert await _cut_off(own, job.key)
+        assert await client.resume() == [job]
         held.held = False
         [saved] = await job.save(tmp_path / "out")
         assert await eventually(lambda: _no_saves_cut_off(own), what="the save's end recorded")

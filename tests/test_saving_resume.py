@@ -196,6 +196,9 @@ async def test_a_cancelled_save_is_resumed_and_one_that_failed_for_good_is_not(
                 await saving
             with pytest.raises(ProtocolError, match="404"):  # an expired image: told once
                 await failed.save(tmp_path / "out")
+            # This process's own resume() returns it too (a queue consumer's recovery loop),
+            # the job it holds, though the job ended here lately.
+            assert await client.resume() == [cut]
             held.held = False
         async with client_on(gateway.base_url, journal=journal) as client:
             resumed = await client.resume()

@@ -815,8 +815,9 @@ class WujieClient:
         are those whose save failed on the network or the disk once its retries were spent (it
         may succeed later). A save that failed on what trying again cannot mend (an image that
         expired, a refused URL) is not resumed: its caller was told. A job being saved in this
-        process is not returned, nor is one of the last 1,024 jobs that ended in this client
-        (the caller holds it). Journals written before rows recorded saves resume no such job.
+        process is not returned; one whose save this process cut off (a save cancelled) is,
+        as the job this client holds. Journals written before rows recorded saves resume no
+        such job.
 
         Raises:
             ClientStateError: the client has no journal; or, in fleet mode, this member's own
@@ -853,12 +854,13 @@ class WujieClient:
         jobs: list[ImageJob] = []
         unusable: list[int] = []
         for entry in entries:
-            if (
-                not entry.job_key
-                or self._poller.get(entry.job_key) is not None
-                or self._submits.receiving(entry.job_key)
-            ):
-                continue  # no key, a job this client follows already, or one its submit has
+            if not entry.job_key or self._submits.receiving(entry.job_key):
+                continue  # no key, or a job a submit of this client is returning
+            held = self._poller.get(entry.job_key)
+            if held is not None and not (entry.state == "succeeded" and held.done()):
+                continue  # a job this client follows already
+            # (A job that ended here lately and whose save was cut off in this process, a
+            # save cancelled, say: returned, as it is to a process that starts afresh.)
             try:
                 check_key(entry.job_key)
             except InvalidRequestError:
