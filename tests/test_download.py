@@ -177,7 +177,10 @@ async def test_a_key_that_is_no_plain_name_is_saved_under_a_safe_one(tmp_path: P
     async def finished(key: str) -> ImageResult:
         return ImageResult(key, 4, (inline(base64.b64encode(PNG).decode()),))
 
-    keys = ("OKKEY\n", "../../etc/passwd", "a/b", "50%-off?#x", "画像" * 60, "PLAIN-key_1")
+    # The last but one: a plain key spelled as the old safe name of "../../etc/passwd" (its
+    # plain characters, '-', a digest), which took that name over.
+    evil = "______etc_passwd-" + hashlib.sha256(b"../../etc/passwd").hexdigest()[:16]
+    keys = ("OKKEY\n", "../../etc/passwd", "a/b", "50%-off?#x", "画像" * 60, evil, "PLAIN-key_1")
     async with local_downloader() as saver:
         saved = [
             (await saver.save_job(finished(key), tmp_path, "{key}-{index}.{ext}"))[0]
@@ -186,7 +189,8 @@ async def test_a_key_that_is_no_plain_name_is_saved_under_a_safe_one(tmp_path: P
     assert all(item.path.parent == tmp_path for item in saved)
     assert len({item.path.name for item in saved}) == len(keys)  # two keys never share one
     assert saved[-1].path.name == "PLAIN-key_1-0.png"
-    assert saved[1].path.name.startswith("______etc_passwd-")
+    assert saved[1].path.name.startswith("______etc_passwd~")
+    assert saved[-2].path.name == f"{evil}-0.png"
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(s.path.name for s in saved)
 
 

@@ -186,14 +186,15 @@ def key_in_name(key: str) -> str:
     """A job key as a file name holds it: the key itself when plain ([A-Za-z0-9_-], 1 to 128
     characters), as the gateway's keys are. The contract does not promise that, and a paid
     job must be saved whatever its key: any other key (a ``/``, a ``%``, CJK, a path like
-    ``../x``) gives its first 64 characters with every other character made ``_``, then a
-    digest of the whole key, so that two keys never share a name. A key starting with ``-``
-    is not plain either: a file name starting with a dash is read as an option by a shell
-    command given a glob (``rm *``)."""
+    ``../x``) gives its first 64 characters with every other character made ``_``, then ``~``
+    and a digest of the whole key, so that two keys never share a name (the ``~``, which no
+    plain key holds, keeps a plain key from spelling another key's safe name). A key
+    starting with ``-`` is not plain either: a file name starting with a dash is read as an
+    option by a shell command given a glob (``rm *``)."""
     if _KEY_RE.fullmatch(key) and key[0] != "-":
         return key
     plain = _NOT_PLAIN.sub("_", key[:64])
     if plain.startswith("-"):
         plain = "_" + plain[1:]
     digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{plain}-{digest}"
+    return f"{plain}~{digest}"
