@@ -394,22 +394,26 @@ async def test_a_save_goes_on_when_the_journals_disk_stops_answering(
     with freezable_disk(tmp_path / "disk") as disk:
         journal = disk / "jobs.sqlite"
         async with emulator() as emu, make_client(emu, journal=journal) as client:
-            job = await client.images.submit(prompt="a fox", model="dall-e-2")
-            await job
+            job, *others = [
+                await client.images.submit(prompt=f"a fox {i}", model="dall-e-2") for i in range(3)
+            ]
+            await asyncio.gather(job, *others)
             with freeze(disk):
                 async with asyncio.timeout(10):  # the record is waited for 2 s
                     saved = await job.save(tmp_path / "out")
+                    await asyncio.gather(*(other.save(tmp_path / "out") for other in others))
                 assert [image.path.name for image in saved] == [f"{job.key}-0.png"]
+                # One line for the three saves (one per save was a flood), its first one.
                 [warning] = [r.getMessage() for r in caplog.records if "save" in r.getMessage()]
                 assert shown_key(job.key) in warning and "not recorded yet" in warning, warning
         db = sqlite3.connect(f"{journal.absolute().as_uri()}?mode=ro", uri=True)
         try:
-            ((state, asked, ended),) = db.execute(
-                "SELECT state, save_asked, save_ended FROM submits"
-            ).fetchall()
+            rows = db.execute("SELECT state, save_asked, save_ended FROM submits").fetchall()
         finally:
             db.close()
-        assert state == "succeeded" and asked is not None and ended is not None, (asked, ended)
+        assert len(rows) == 3
+        for state, asked, ended in rows:
+            assert state == "succeeded" and asked is not None and ended is not None, rows
 
 
 @pytest.mark.parametrize("kind", ["gone", "cut"])  # refused for good; cut short, retried

@@ -165,6 +165,8 @@ class Downloader:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        if self.save_record is not None:
+            self.save_record.flush()  # its warnings held back, with their count
 
     # --- saving ---------------------------------------------------------------------------------
     async def save_job(

@@ -34,6 +34,7 @@ from ._errors import (
     TransportError,
     shown_key,
 )
+from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
 
@@ -94,6 +95,12 @@ class SaveRecord:
     def __init__(self, journal: SaveJournal) -> None:
         self._journal = journal
         self._saves: dict[str, _Saves] = {}
+        # One per job: a journal held by a lock or a backlog wrote one line per save.
+        self._warnings = RepeatedWarnings(logger)
+
+    def flush(self) -> None:
+        """Write the warnings held back (the client closes)."""
+        self._warnings.flush()
 
     def saving(self, key: str) -> bool:
         """Whether a save of ``key``'s job runs in this process (``resume()`` leaves it be)."""
@@ -115,15 +122,16 @@ class SaveRecord:
             # Redis away, holds the write for as long as it stays so, and the save, paid for,
             # waited with it. The record stays queued (shielded): it lands, before the save's
             # end, once the disk (or Redis) answers.
-            logger.warning(
-                "journal: the save of job %s is not recorded yet (the journal's disk, or the "
-                "fleet's Redis, has not taken the write in %.0f s): the save goes on; if this "
+            self._warnings.warning(
+                "journal: the save of job %s is not recorded yet (the journal has not taken "
+                "the write in %.0f s: its disk or the fleet's Redis not answering, a lock held "
+                "by another connection, or a backlog of records): the save goes on; if this "
                 "process ends before the record lands, resume() will not return the job",
                 shown_key(key),
                 RECORD_WAIT_S,
             )
         except ClientStateError as exc:
-            logger.warning(
+            self._warnings.warning(
                 "journal: the save of job %s was not recorded (%s); if this process ends "
                 "before it is done, resume() will not return the job",
                 shown_key(key),
