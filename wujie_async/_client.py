@@ -835,17 +835,15 @@ class WujieClient:
         journal = self._require_journal()
         if self._fleet is not None:
             entries = await self._fleet.resumable()  # (a fleet has one gateway: checked)
-            # Its saves cut off (succeeded rows) come after: not those saving here now.
-            if (saves := self._downloader.save_record) is not None:
-                entries = [
-                    e for e in entries if e.state == "accepted" or not saves.saving(e.job_key or "")
-                ]
         else:
             entries = await journal.entries("accepted")
-            save_record = self._downloader.save_record
-            if isinstance(journal, Journal) and save_record is not None:
-                cut_off = await journal.saves_cut_off()
-                entries += [e for e in cut_off if not save_record.saving(e.job_key or "")]
+            if isinstance(journal, Journal) and self._downloader.save_record is not None:
+                entries += await journal.saves_cut_off()
+        if (saves := self._downloader.save_record) is not None:
+            # Saves cut off (succeeded rows): not one running in this process now.
+            entries = [
+                e for e in entries if e.state == "accepted" or not saves.saving(e.job_key or "")
+            ]
         elsewhere: list[JournalEntry] = []
         if isinstance(journal, Journal) and (gateway := journal.gateway) is not None:
             elsewhere = [entry for entry in entries if gateway.elsewhere(entry)]
