@@ -245,6 +245,21 @@ class WujieError(Exception):
 
     systemic: bool = False
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its message and attributes, rebuilt without calling __init__: the
+        # default (``cls(*self.args)``) calls it with the message alone, and a class whose
+        # __init__ takes keyword arguments (SubmitUncertainError's ``request``) could not be
+        # unpickled, so it could not come back from a process pool. The chained errors and
+        # the traceback are left out, as pickle always leaves them.
+        return (_rebuilt, (type(self), self.args), dict(vars(self)))
+
+
+def _rebuilt(cls: type[WujieError], args: tuple[Any, ...]) -> WujieError:
+    """An error of ``cls`` with ``args``, its attributes to be set by unpickling."""
+    error = cls.__new__(cls)
+    error.args = args  # (OSError's __new__ leaves them to __init__: JobTimeoutError's)
+    return error
+
 
 class InvalidRequestError(WujieError, ValueError):
     """A request field breaks a rule of the contract; raised before anything is sent.
