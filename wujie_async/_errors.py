@@ -57,7 +57,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _contract
-from ._redaction import quotes_a_signature
+from ._redaction import quotes_a_signature, without_url_secrets
 
 if TYPE_CHECKING:
     from ._results import ImageResult
@@ -157,6 +157,7 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
         # markup and nothing to fold has nothing the cleaning below removes; only the signature
         # rules apply. (Each message of an error made this way: a cancel of 10,000 jobs made
         # 10,000 of them, and the regular expressions below cost more than the rest of it.)
+        text = without_url_secrets(text)
         if len(text) >= 128:
             text = _SIGNATURE_LIKE.sub(_redacted, text)
         return _QUOTES_A_SIGNATURE if quotes_a_signature(text) else text
@@ -169,7 +170,7 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     text = _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS]))
     if "<" in text:
         text = _without_markup(text)
-    text = " ".join(text.split())
+    text = without_url_secrets(" ".join(text.split()))
     text = _SIGNATURE_LIKE.sub(_redacted, text)
     if quotes_a_signature(text):  # still, in another encoding: left out whole
         text = _QUOTES_A_SIGNATURE
