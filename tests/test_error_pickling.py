@@ -39,6 +39,7 @@ _SAMPLES: dict[str, Any] = {
     "needed": 12.0,
     "model": "dall-e-3",
     "unpriced": True,
+    "reported_unreadably": True,
     "http_status": 418,
     "code": "20010001",
     "body": '{"code":"20010001"}',

@@ -160,6 +160,8 @@ class Budget:
         self._learned: dict[PriceKind, float] = {}
         # Kinds whose job succeeded without a cost told: no price to hold the budget by.
         self._unpriced: set[PriceKind] = set()
+        # Kinds a job of which had its cost reported unreadably: its refusals say so.
+        self._told_unreadably: set[PriceKind] = set()
         # Kinds whose price is not known yet with a job out (a submit's probe, or jobs held by
         # hold()): how many, and the event set when the last of them ends or a price is known.
         self._probes: dict[PriceKind, _Probe] = {}
@@ -207,6 +209,7 @@ class Budget:
                     needed=None,
                     model=kind[0],
                     unpriced=True,
+                    reported_unreadably=priced in self._told_unreadably,
                 )
             probe = self._probes.get(priced)
             if probe is None:  # the first of its kind goes alone, if there is any room
@@ -217,6 +220,12 @@ class Budget:
         self._check(points, kind, known=True)
         self.reserved += points
         return self._out_now(Reservation(self, kind, points, probing=False))
+
+    def cost_told_unreadably(self, body: Mapping[str, Any], n: int) -> None:
+        """The gateway reported the cost of a job of ``body`` unreadably (``integral_cost``
+        there, but no number of points): it counts as not reported, and a refusal of its kind
+        for want of a price says that it was reported, unreadably."""
+        self._told_unreadably.add(kind_of(body, n)[:3])
 
     def hold(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the expected cost of a job already paid for (attached): never refused, even

@@ -291,6 +291,9 @@ class BudgetExceededError(WujieError):
             finished one did not say, or the first one ended without saying: the wait for
             it timed out or was cancelled, its submit's reply was lost, or the gateway lost
             or garbled it) and no price was given: the budget cannot be held for it.
+        reported_unreadably: with ``unpriced``: the gateway did report what a job of this kind
+            cost, unreadably (``integral_cost`` was text, negative, or far too large; a
+            WARNING says what it was), not a number of points.
     """
 
     def __init__(
@@ -302,6 +305,7 @@ class BudgetExceededError(WujieError):
         needed: float | None,
         model: str,
         unpriced: bool = False,
+        reported_unreadably: bool = False,
     ) -> None:
         self.max_points = max_points
         self.spent = spent
@@ -309,7 +313,16 @@ class BudgetExceededError(WujieError):
         self.needed = needed
         self.model = model
         self.unpriced = unpriced
-        if unpriced:
+        self.reported_unreadably = unpriced and reported_unreadably
+        if self.reported_unreadably:
+            message = (
+                f"over the points budget: the gateway reported what a {model} job costs "
+                "unreadably (integral_cost was not a number of points: a WARNING said what "
+                f"it was), so max_points={max_points:g} cannot be held for "
+                "more of them; nothing was sent. Give its price in "
+                f'Limits.point_prices (e.g. {{"{model}": 8}}, points per image)'
+            )
+        elif unpriced:
             message = (
                 f"over the points budget: the gateway has not reported what a {model} job "
                 "costs (integral_cost: a finished one did not say, or the first one ended "
