@@ -40,12 +40,13 @@ difference, as may the jobs of its kind already sent at the old price: from then
 expected to cost that much, and the jobs of it still out are held so. A job whose end is not
 reported with a cost (cancelled, timed out) keeps its reservation as spent (or its kind's
 expected cost, if a price learned since says more), so the budget errs on the side of spending
-less. A gateway that does not report ``integral_cost`` (or reports 0) for a job that succeeded
-leaves its kind without a price, and so does a probing job whose wait ended (timed out,
-cancelled) before the gateway said what it cost (it runs on and will be charged, at a price
-nobody knows), or whose end says nothing of a charge: its submit's reply was lost
-(``SubmitUncertainError``), the gateway stopped knowing its key (``UnknownJobError``), reported
-it only unreadably (``JobProtocolError``) or done without all its images
+less. A gateway that does not report ``integral_cost`` (or reports 0, or reports it unreadably:
+text, a negative number; then its refusals say so, see :meth:`Budget.cost_told_unreadably`) for
+a job that succeeded leaves its kind without a price, and so does a probing job whose wait
+ended (timed out, cancelled) before the gateway said what it cost (it runs on and will be
+charged, at a price nobody knows), or whose end says nothing of a charge: its submit's reply
+was lost (``SubmitUncertainError``), the gateway stopped knowing its key (``UnknownJobError``),
+reported it only unreadably (``JobProtocolError``) or done without all its images
 (``IncompleteJobError``). Without a price table the budget cannot be held for such a kind, and
 further submits of it raise :class:`BudgetExceededError` (naming ``Limits.point_prices``)
 rather than go on uncounted (each timed-out probe letting the next one go would spend without
