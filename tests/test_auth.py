@@ -58,7 +58,7 @@ def test_bad_key_error_names_the_field_and_never_echoes_it(caplog: Any) -> None:
         Credentials(app_id="app", private_key=secret)
     assert info.value.field == "private_key"
     assert secret not in str(info.value) and secret not in repr(info.value)
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None and info.value.__context__ is None
     assert secret not in caplog.text
 
 
@@ -76,7 +76,7 @@ def test_a_password_protected_key_is_named_as_such(encoding: str) -> None:
         Credentials(app_id="app", private_key=text)
     assert info.value.field == "private_key"
     assert text[40:80] not in str(info.value) and "hunter2" not in str(info.value)
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None and info.value.__context__ is None
 
 
 @pytest.mark.parametrize("form", ["private_key_pem", "private_key_pkcs8_der_base64"])

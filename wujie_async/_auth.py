@@ -19,6 +19,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import _contract
 from ._env import Environment
@@ -37,8 +38,11 @@ def load_private_key(private_key: str) -> rsa.RSAPrivateKey:
 
     Raises:
         InvalidRequestError: naming ``private_key`` (never echoing it) when it cannot be used.
+            It has no ``__context__``, and this frame keeps no copy of the key as a local.
     """
     der = b""
+    key: PrivateKeyTypes | None = None
+    rule = "must be an RSA key"
     try:
         if "-----BEGIN" in private_key:
             key = serialization.load_pem_private_key(private_key.encode(), password=None)
@@ -46,22 +50,21 @@ def load_private_key(private_key: str) -> rsa.RSAPrivateKey:
             der = base64.b64decode("".join(private_key.split()), validate=True)
             key = serialization.load_der_private_key(der, password=None)
     except (ValueError, TypeError, binascii.Error, UnsupportedAlgorithm) as exc:
-        # The cause is dropped on purpose: its text may quote the key material. So are this
-        # frame's locals, which the error's traceback keeps (an error reporter that records
-        # locals would store a damaged key, most of it still good).
-        private_key = der = None  # type: ignore[assignment]
         # cryptography's words for a key that needs a password (no key material in them).
         encrypted = isinstance(exc, TypeError) and "encrypted" in str(exc)
-        del exc
         rule = (
             "is encrypted (protected by a password): give it unencrypted, e.g. "
             "`openssl pkcs8 -topk8 -nocrypt -in KEY.pem`"
             if encrypted
             else "must be an RSA key: base64 of PKCS#8 DER, or PEM"
         )
-        raise InvalidRequestError([("private_key", rule)]) from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise InvalidRequestError([("private_key", "must be an RSA key")])
+        # Raised outside the handler, so that cryptography's error (whose text may quote the
+        # key) is not its __context__; and the key leaves this frame's locals first: the
+        # error's traceback keeps them, and an error reporter that records locals (Sentry's
+        # default) would store a damaged key, most of it still good.
+        private_key = der = key = None  # type: ignore[assignment]
+        raise InvalidRequestError([("private_key", rule)])
     return key
 
 
@@ -128,27 +131,41 @@ def verify_signature(public_key: rsa.RSAPublicKey, original: str, sign: str) -> 
     return True
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Credentials:
     """An app id and its RSA private key (base64 PKCS#8 DER, or PEM).
 
     The key is parsed once, at construction, so a bad key fails here and not mid-run; it never
-    appears in ``repr`` or in any error message.
+    appears in ``repr`` or in any error message, nor as a local of any frame of the error's
+    traceback (an error reporter that records locals would send it).
     """
 
     app_id: str
     private_key: str = field(repr=False)
     _key: rsa.RSAPrivateKey = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.app_id, str) or not self.app_id.strip():
-            raise InvalidRequestError([("app_id", "required: a non-empty string")])
-        if not isinstance(self.private_key, str) or not self.private_key.strip():
-            raise InvalidRequestError([("private_key", "required: a non-empty string")])
-        object.__setattr__(self, "_key", load_private_key(self.private_key))
+    def __init__(self, app_id: str, private_key: str) -> None:
+        # Written out, not made by dataclass: the generated __init__ is a frame of its own
+        # (file "<string>") whose local ``private_key`` a refused key's traceback kept.
+        try:
+            key = _usable_key(app_id, private_key)
+        except InvalidRequestError as exc:
+            violations = exc.violations
+        else:
+            object.__setattr__(self, "app_id", app_id)
+            object.__setattr__(self, "private_key", private_key)
+            object.__setattr__(self, "_key", key)
+            return
+        # A new error, raised after the key left this frame: the refused one's traceback
+        # holds the frames that parsed the key, each with it as a local.
+        private_key = None  # type: ignore[assignment]
+        raise InvalidRequestError(violations)
 
     def __repr__(self) -> str:
-        return f"Credentials(app_id={self.app_id!r}, private_key={REDACTED!r})"
+        # getattr: a refused key's traceback holds ``self`` before anything was set, and an
+        # error reporter that records locals calls this on it.
+        app_id = getattr(self, "app_id", None)
+        return f"Credentials(app_id={app_id!r}, private_key={REDACTED!r})"
 
     @classmethod
     def from_env(cls) -> Credentials:
@@ -160,7 +177,17 @@ class Credentials:
         Raises:
             InvalidRequestError: naming the missing variable, or the key file that cannot be read.
         """
-        env = Environment.read()
+        try:
+            return cls._from(Environment.read())
+        except InvalidRequestError as exc:
+            violations = exc.violations
+        # A new error, with none of the frames that held the key read from the environment
+        # (the caller passed no key to see): an error reporter that records locals would store
+        # a damaged key, most of it still good. Raised outside the handler: no __context__.
+        raise InvalidRequestError(violations)
+
+    @classmethod
+    def _from(cls, env: Environment) -> Credentials:
         app_id = env.app_id or ""
         private_key = env.private_key or ""
         key_file = env.private_key_file or ""
@@ -180,16 +207,7 @@ class Credentials:
         ]
         if missing:
             raise InvalidRequestError(missing)
-        try:
-            return cls(app_id=app_id, private_key=private_key)
-        except InvalidRequestError as exc:
-            refused = exc
-        # The key read from the environment leaves this frame's locals before the error
-        # does: its traceback keeps them, and an error reporter that records locals would
-        # store a damaged key, most of it still good (the caller passed no key to see).
-        private_key = key_file = ""
-        del env
-        raise refused
+        return cls(app_id=app_id, private_key=private_key)
 
     def public_key(self) -> rsa.RSAPublicKey:
         """The public half of the key, for a server that verifies these credentials."""
@@ -198,6 +216,15 @@ class Credentials:
     def header_at(self, timestamp: int) -> str:
         """The Authorization header for ``timestamp`` (unix seconds)."""
         return authorization_header(self.app_id, self._key, timestamp)
+
+
+def _usable_key(app_id: object, private_key: object) -> rsa.RSAPrivateKey:
+    """The parsed key of credentials ``app_id`` and ``private_key``, both checked."""
+    if not isinstance(app_id, str) or not app_id.strip():
+        raise InvalidRequestError([("app_id", "required: a non-empty string")])
+    if not isinstance(private_key, str) or not private_key.strip():
+        raise InvalidRequestError([("private_key", "required: a non-empty string")])
+    return load_private_key(private_key)
 
 
 class HeaderSigner:

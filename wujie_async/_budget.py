@@ -40,12 +40,13 @@ difference, as may the jobs of its kind already sent at the old price: from then
 expected to cost that much, and the jobs of it still out are held so. A job whose end is not
 reported with a cost (cancelled, timed out) keeps its reservation as spent (or its kind's
 expected cost, if a price learned since says more), so the budget errs on the side of spending
-less. A gateway that does not report ``integral_cost`` (or reports 0) for a job that succeeded
-leaves its kind without a price, and so does a probing job whose wait ended (timed out,
-cancelled) before the gateway said what it cost (it runs on and will be charged, at a price
-nobody knows), or whose end says nothing of a charge: its submit's reply was lost
-(``SubmitUncertainError``), the gateway stopped knowing its key (``UnknownJobError``), reported
-it only unreadably (``JobProtocolError``) or done without all its images
+less. A gateway that does not report ``integral_cost`` (or reports 0, or reports it unreadably:
+text, a negative number; then its refusals say so, see :meth:`Budget.cost_told_unreadably`) for
+a job that succeeded leaves its kind without a price, and so does a probing job whose wait
+ended (timed out, cancelled) before the gateway said what it cost (it runs on and will be
+charged, at a price nobody knows), or whose end says nothing of a charge: its submit's reply
+was lost (``SubmitUncertainError``), the gateway stopped knowing its key (``UnknownJobError``),
+reported it only unreadably (``JobProtocolError``) or done without all its images
 (``IncompleteJobError``). Without a price table the budget cannot be held for such a kind, and
 further submits of it raise :class:`BudgetExceededError` (naming ``Limits.point_prices``)
 rather than go on uncounted (each timed-out probe letting the next one go would spend without
@@ -160,6 +161,8 @@ class Budget:
         self._learned: dict[PriceKind, float] = {}
         # Kinds whose job succeeded without a cost told: no price to hold the budget by.
         self._unpriced: set[PriceKind] = set()
+        # Kinds a job of which had its cost reported unreadably: its refusals say so.
+        self._told_unreadably: set[PriceKind] = set()
         # Kinds whose price is not known yet with a job out (a submit's probe, or jobs held by
         # hold()): how many, and the event set when the last of them ends or a price is known.
         self._probes: dict[PriceKind, _Probe] = {}
@@ -207,6 +210,7 @@ class Budget:
                     needed=None,
                     model=kind[0],
                     unpriced=True,
+                    reported_unreadably=priced in self._told_unreadably,
                 )
             probe = self._probes.get(priced)
             if probe is None:  # the first of its kind goes alone, if there is any room
@@ -217,6 +221,12 @@ class Budget:
         self._check(points, kind, known=True)
         self.reserved += points
         return self._out_now(Reservation(self, kind, points, probing=False))
+
+    def cost_told_unreadably(self, body: Mapping[str, Any], n: int) -> None:
+        """The gateway reported the cost of a job of ``body`` unreadably (``integral_cost``
+        there, but no number of points): it counts as not reported, and a refusal of its kind
+        for want of a price says that it was reported, unreadably."""
+        self._told_unreadably.add(kind_of(body, n)[:3])
 
     def hold(self, body: Mapping[str, Any], n: int) -> Reservation:
         """Hold the expected cost of a job already paid for (attached): never refused, even

@@ -328,16 +328,17 @@ class WujieClient:
             # job.save() is recorded on its row: a save cut off is resumed (see resume()).
             self._downloader.save_record = SaveRecord(self._journal)
         self._other_gateway_rows: set[int] = set()  # of resume()'s last call (said once)
+        budget = None
+        if self.limits.max_points is not None:
+            budget = Budget(self.limits.max_points, self.limits.point_prices)
+            # The poller reads the costs: one it cannot read is no cost unreported.
+            self._poller.cost_told_unreadably = budget.cost_told_unreadably
         self._submits = Submits(
             transport=self._transport,
             journal=self._journal,
             make_job=self._new_job,
             in_use=lambda key: self._poller.get(key) is not None,
-            budget=(
-                Budget(self.limits.max_points, self.limits.point_prices)
-                if self.limits.max_points is not None
-                else None
-            ),
+            budget=budget,
         )
 
     def __repr__(self) -> str:

@@ -57,7 +57,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _contract
-from ._redaction import quotes_a_signature
+from ._redaction import quotes_a_signature, without_url_secrets
 
 if TYPE_CHECKING:
     from ._results import ImageResult
@@ -157,6 +157,7 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
         # markup and nothing to fold has nothing the cleaning below removes; only the signature
         # rules apply. (Each message of an error made this way: a cancel of 10,000 jobs made
         # 10,000 of them, and the regular expressions below cost more than the rest of it.)
+        text = without_url_secrets(text)
         if len(text) >= 128:
             text = _SIGNATURE_LIKE.sub(_redacted, text)
         return _QUOTES_A_SIGNATURE if quotes_a_signature(text) else text
@@ -169,7 +170,7 @@ def snippet(text: bytes | str, *, limit: int = _SNIPPET_CHARS) -> str:
     text = _CONTROL.sub("", _ESCAPE_SEQUENCE.sub("", text[:_SNIPPET_SCAN_CHARS]))
     if "<" in text:
         text = _without_markup(text)
-    text = " ".join(text.split())
+    text = without_url_secrets(" ".join(text.split()))
     text = _SIGNATURE_LIKE.sub(_redacted, text)
     if quotes_a_signature(text):  # still, in another encoding: left out whole
         text = _QUOTES_A_SIGNATURE
@@ -245,6 +246,21 @@ class WujieError(Exception):
 
     systemic: bool = False
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as its message and attributes, rebuilt without calling __init__: the
+        # default (``cls(*self.args)``) calls it with the message alone, and a class whose
+        # __init__ takes keyword arguments (SubmitUncertainError's ``request``) could not be
+        # unpickled, so it could not come back from a process pool. The chained errors and
+        # the traceback are left out, as pickle always leaves them.
+        return (_rebuilt, (type(self), self.args), dict(vars(self)))
+
+
+def _rebuilt(cls: type[WujieError], args: tuple[Any, ...]) -> WujieError:
+    """An error of ``cls`` with ``args``, its attributes to be set by unpickling."""
+    error = cls.__new__(cls)
+    error.args = args  # (OSError's __new__ leaves them to __init__: JobTimeoutError's)
+    return error
+
 
 class InvalidRequestError(WujieError, ValueError):
     """A request field breaks a rule of the contract; raised before anything is sent.
@@ -275,6 +291,9 @@ class BudgetExceededError(WujieError):
             finished one did not say, or the first one ended without saying: the wait for
             it timed out or was cancelled, its submit's reply was lost, or the gateway lost
             or garbled it) and no price was given: the budget cannot be held for it.
+        reported_unreadably: with ``unpriced``: the gateway did report what a job of this kind
+            cost, unreadably (``integral_cost`` was text, negative, or far too large; a
+            WARNING says what it was), not a number of points.
     """
 
     def __init__(
@@ -286,6 +305,7 @@ class BudgetExceededError(WujieError):
         needed: float | None,
         model: str,
         unpriced: bool = False,
+        reported_unreadably: bool = False,
     ) -> None:
         self.max_points = max_points
         self.spent = spent
@@ -293,7 +313,16 @@ class BudgetExceededError(WujieError):
         self.needed = needed
         self.model = model
         self.unpriced = unpriced
-        if unpriced:
+        self.reported_unreadably = unpriced and reported_unreadably
+        if self.reported_unreadably:
+            message = (
+                f"over the points budget: the gateway reported what a {model} job costs "
+                "unreadably (integral_cost was not a number of points: a WARNING said what "
+                f"it was), so max_points={max_points:g} cannot be held for "
+                "more of them; nothing was sent. Give its price in "
+                f'Limits.point_prices (e.g. {{"{model}": 8}}, points per image)'
+            )
+        elif unpriced:
             message = (
                 f"over the points budget: the gateway has not reported what a {model} job "
                 "costs (integral_cost: a finished one did not say, or the first one ended "

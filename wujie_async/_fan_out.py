@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 from . import _contract
@@ -28,7 +28,7 @@ from ._errors import (
 )
 from ._job_ends import _JobEnds
 from ._job_info import JobInfo
-from ._jobs import status_name
+from ._jobs import ImageJob, status_name
 from ._replies import ENTRIES_PER_KEY, Reading, failure, images_of, lists_extra_images, read
 from ._results import ImageResult
 from ._tracked import _Tracked
@@ -60,6 +60,24 @@ class _FanOut(_JobEnds):
     _generation: int
     _unknown_statuses: set[int]
     _unknown_statuses_full: bool
+    # The budget's, told of a job whose cost came unreadable (None: no budget).
+    cost_told_unreadably: Callable[[Mapping[str, Any], int], None] | None
+
+    def _cost_unreadable(self, job: ImageJob, what: str) -> None:
+        """The gateway reported ``job``'s ``integral_cost`` as ``what``, which is no number of
+        points: said once (then counted), and told to the budget, whose refusals of the kind
+        then say why its price is not known."""
+        self._warnings.warning(
+            "the gateway reported integral_cost as %s (not a number of points, 0 to 1e12): "
+            "the cost of job %s is not known (points_charged stays None; a points budget "
+            "cannot learn the price of its kind from it)",
+            what,
+            shown_key(job._key),
+            cause=what,
+        )
+        told = self.cost_told_unreadably
+        if told is not None and job._request is not None:
+            told(job._request, job._n or 1)
 
     def _apply_reading(
         self,
@@ -241,6 +259,8 @@ class _FanOut(_JobEnds):
         tracked.failed_call = None
         before = job._status
         job._report(entry)
+        if entry.cost_unreadable is not None:
+            self._cost_unreadable(job, entry.cost_unreadable)
         n = job._n
         if entry.images:  # the newest listing wins (most reports list none: nothing to do)
             job._list_images(images_of(entry, n))

@@ -158,6 +158,24 @@ def _points(value: Any) -> float | None:
     return number if number is not None and 0 <= number <= _MAX_POINTS else None
 
 
+def _unreadable_points(value: Any) -> str:
+    """What an ``integral_cost`` that :func:`_points` could not read was, in words (never the
+    value itself: the entry is hostile input, and the words go into a log line)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    number = _number(value)
+    if isinstance(value, str) and number is None:
+        return "text that is no number"
+    if number is None:
+        if isinstance(value, int | float):
+            return "a number that is not finite or too large"
+        if isinstance(value, dict):
+            return "an object"
+        return "a list" if isinstance(value, list) else type(value).__name__
+    numeric = "numeric text" if isinstance(value, str) else "a number"
+    return f"{numeric} below 0" if number < 0 else f"{numeric} over {_MAX_POINTS:.0e}"
+
+
 def _time_stamp(value: Any) -> float | str | None:
     """A time: a finite number, or short text with nothing a terminal would act on (no control
     or format characters such as an escape or a right-to-left override); else None."""
@@ -326,6 +344,7 @@ class JobInfo:
     __slots__ = (
         "complete_percent",
         "complete_time",
+        "cost_unreadable",
         "expected_seconds",
         "fail_message",
         "images",
@@ -349,6 +368,7 @@ class JobInfo:
         start_gen_time: float | str | None = None,
         complete_time: float | str | None = None,
         integral_cost: float | None = None,
+        cost_unreadable: str | None = None,
     ) -> None:
         self.key = key
         self.status = status
@@ -360,6 +380,8 @@ class JobInfo:
         self.start_gen_time = start_gen_time
         self.complete_time = complete_time
         self.integral_cost = integral_cost
+        # ``integral_cost`` was there but unreadable: what it was, in words (None otherwise).
+        self.cost_unreadable = cost_unreadable
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
@@ -436,13 +458,19 @@ class JobInfo:
             value = _time_stamp(value)
         entry.complete_time = value
         value = get("integral_cost")
+        unreadable = None
         if value is not None:
             kind = type(value)
             if kind is int and 0 <= value <= _MAX_WHOLE_POINTS:
                 value = float(value)
             elif kind is not float or not 0.0 <= value <= _MAX_POINTS:
-                value = _points(value)
+                raw, value = value, _points(value)
+                if value is None:
+                    # Dropped, but said: a cost reported unreadably is not a cost not reported
+                    # (the budget's refusal says which, and the poller warns).
+                    unreadable = _unreadable_points(raw)
         entry.integral_cost = value
+        entry.cost_unreadable = unreadable
         return entry
 
     @property

@@ -131,6 +131,7 @@ class BatchPoller(_FanOut):
         self._transport = transport
         self._telemetry = transport.telemetry  # the client's: spans, metrics, warnings
         self._warnings = transport.telemetry.warnings
+        self.cost_told_unreadably = None  # the client's budget sets it, if it keeps one
         self._held = False  # someone else asks the gateway (set_asking)
         self._policy = policy
         # Two pollers of one process may share a schedule: a fleet's leader asks by what its

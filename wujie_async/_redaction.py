@@ -1,4 +1,5 @@
-"""The request signatures this process made, so that server text quoting one is left out.
+"""What server text must not carry into a message or a log: the request signatures this
+process made, and the secrets of URLs it quotes (:func:`without_url_secrets`).
 
 A gateway or proxy that echoes the request's ``Authorization`` header in its error text hands
 a replayable signature back to the client, which would put it into an error message and a log.
@@ -29,6 +30,45 @@ _NOT_LETTERS = re.compile(r"[^A-Za-z0-9]+")
 
 _recent: deque[frozenset[str]] = deque(maxlen=_KEPT)
 _pieces: frozenset[str] = frozenset()  # every piece of the recent signatures
+
+
+# A URL in free text: its scheme, ``user:password@`` if any, where it points, its query, its
+# fragment. JSON's escaped slashes (``https:\/\/``) count: a reply's body is quoted as sent.
+# A query or fragment ends at whitespace, a quote or an angle bracket (the text around it).
+_URL_IN_TEXT = re.compile(
+    r"""
+    (?P<scheme> \b[A-Za-z][A-Za-z0-9+.-]{0,31}:\\?/\\?/ )
+    (?P<userinfo> [^\s/\\?#@"'<>`]*@ )?
+    (?P<where> [^\s?#"'<>`]* )
+    (?P<query> \?[^\s#"'<>`]+ )?
+    (?P<fragment> \#[^\s"'<>`]+ )?
+    """,
+    re.VERBOSE,
+)
+HIDDEN = "<hidden>"
+
+
+def without_url_secrets(text: str) -> str:
+    """``text`` with every URL in it shown as a repr of an image shows its URL: the query
+    (a CDN's signed token: ``?X-Amz-Signature=...`` fetches the image for anyone holding it)
+    and fragment replaced by ``<hidden>``, and so is a ``user:password@``.
+
+    For server text quoting a URL (a job's ``fail_message`` naming its signed image URL, an
+    error page quoting the request): the rest of the text is kept as it is.
+    """
+    if "/" not in text:  # no URL: the common text costs one search
+        return text
+    return _URL_IN_TEXT.sub(_url_shown, text)
+
+
+def _url_shown(match: re.Match[str]) -> str:
+    userinfo = HIDDEN + "@" if match["userinfo"] else ""
+    shown = match["scheme"] + userinfo + match["where"]
+    if match["query"]:
+        return shown + "?" + HIDDEN
+    if match["fragment"]:
+        return shown + "#" + HIDDEN
+    return shown
 
 
 def remember_signature(sign: str) -> None:
