@@ -71,8 +71,8 @@ async def test_a_member_killed_mid_save_leaves_its_job_to_a_new_member_that_save
         scripted_gateway(images_at(images.url(0), images.url(1))) as gateway,
     ):
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.fleet_save_child", gateway.base_url, redis_url, name,
-            str(folder), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "tests.save_child", gateway.base_url, str(folder), "fleet",
+            redis_url, name, cwd=ROOT, stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         try:

@@ -123,8 +123,8 @@ async def test_a_save_cut_off_by_sigterm_is_resumed_and_its_images_saved(
     async with held_images() as images:
         async with scripted_gateway(images_at(images.url(0), images.url(1))) as gateway:
             child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.save_child", gateway.base_url, str(journal),
-                str(folder), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+                sys.executable, "-m", "tests.save_child", gateway.base_url, str(folder),
+                "journal", str(journal), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
             try:
