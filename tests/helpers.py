@@ -258,3 +258,16 @@ def reported_locals(error: BaseException) -> list[str]:
         if str(Path(frame.filename).resolve()).startswith(_PACKAGE_DIR)
         for name, shown in (frame.locals or {}).items()
     ]
+
+
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every error behind it (causes and contexts, however they branch), once."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__cause__, current.__context__]

@@ -63,7 +63,7 @@ from wujie_async import (
 
 from .cli_helpers import CLEAN_ENV, cli
 from .cli_helpers import cli_zygote as cli_zygote  # stops the CLI fork server at the end
-from .helpers import eventually
+from .helpers import error_chain, eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -410,19 +410,6 @@ def secrets_in(text: str, signs: list[str]) -> list[str]:
         if any(piece in letters for piece in pieces):
             found.append(name)
     return found
-
-
-def error_chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and every error behind it (causes and contexts, however they branch), once."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending += [current.__cause__, current.__context__]
 
 
 def exception_texts(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ the key to look for it) are left out.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from wujie_async import Credentials, InvalidRequestError, WujieClient
+
+from .helpers import error_chain
 
 _RSA = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 _DER = base64.b64encode(
@@ -64,23 +66,11 @@ def _pieces(text: str) -> list[str]:
     return [body[i : i + 24] for i in range(0, len(body) - 40, 24)]
 
 
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        item = stack.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        yield item
-        stack += [item.__cause__, item.__context__]
-
-
 def _kept(error: BaseException, pieces: list[str]) -> list[str]:
     """``file:function:local`` of every frame local (as its repr) holding a piece of a key,
     in ``error``'s traceback and those of its chained errors; also its args and attributes."""
     found = []
-    for item in _chain(error):
+    for item in error_chain(error):
         shown = [repr(item), str(item), *map(repr, vars(item).values())]
         found += [f"{type(item).__name__} itself" for text in shown if _holds(text, pieces)]
         tb = item.__traceback__

@@ -50,7 +50,7 @@ from wujie_async._transport import Transport
 
 from .cli_helpers import cli
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
-from .helpers import GENERATIONS, INFO, eventually, reported_locals
+from .helpers import GENERATIONS, INFO, error_chain, eventually, reported_locals
 from .hostile import (
     ESCAPES,
     gzip_bomb,
@@ -398,14 +398,7 @@ def _every_frame_local(error: BaseException) -> Iterator[tuple[str, str]]:
     """(function, repr of a local) for every frame of ``error``'s traceback and its chain,
     aiohttp's too: an error tracker that records frame locals records them all (but this
     test file's own, which hold the secrets looked for)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [error]
-    while stack:
-        item = stack.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        stack += [item.__cause__, item.__context__]
+    for item in error_chain(error):
         tb = item.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_filename != __file__:
