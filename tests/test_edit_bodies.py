@@ -5,25 +5,34 @@ and encoded a slice at a time on a worker thread)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import sqlite3
 import struct
+import time
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from wujie_async import SubmitUncertainError
+from wujie_async import InvalidRequestError, SubmitUncertainError, WujieClient
 
-from .conftest import EmulatorFactory, make_client
+from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
+from .hostile import throwaway_credentials
 
 pytestmark = pytest.mark.anyio
+
+EDITS = "/ai/wj/images/edits"
+INFO = "/ai/wj/images/info"
+KEY = "3E46BF62A51256A96EEFB73079BD55E2"
 
 
 def padded_png(extra: int) -> bytes:
@@ -130,3 +139,107 @@ async def test_only_a_submit_that_failed_before_its_body_was_written_is_unsent(
                 await client.images.submit(prompt="a cat", model="dall-e-2")
             assert client.stats.submits_uncertain == 1
     assert journal_states(journal) == ["unsent", "uncertain"]
+
+
+# --- the event loop while megabytes are checked, encoded and sent ---------------------------------
+@asynccontextmanager
+async def draining_gateway() -> AsyncIterator[str]:
+    """A gateway that reads each edit's body a piece at a time (it parses nothing, so what
+    stalls the loop is the client's doing) and accepts it."""
+
+    async def edits(request: web.Request) -> web.Response:
+        while await request.content.readany():
+            pass
+        return web.json_response({"code": "200", "message": "success", "data": {"key": KEY}})
+
+    async def info(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"code": "200", "message": "success", "data": {"list": []}})
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post(EDITS, edits)
+    app.router.add_post(INFO, info)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+class LoopLag:
+    """The longest the event loop went without running a 1 ms ticker, while in ``watch()``
+    (to its end: a call that holds the loop throughout and returns is measured too)."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._last = 0.0
+
+    @asynccontextmanager
+    async def watch(self) -> AsyncIterator[None]:
+        self.worst = 0.0
+        started = asyncio.Event()
+
+        async def tick() -> None:
+            self._last = time.perf_counter()
+            started.set()
+            while True:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                self.worst = max(self.worst, now - self._last)
+                self._last = now
+
+        ticker = asyncio.create_task(tick())
+        await started.wait()
+        try:
+            yield
+        finally:
+            self.worst = max(self.worst, time.perf_counter() - self._last)
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+
+
+# The worst stall allowed: the old client held the loop 100 ms and more on each of these (a
+# 24 MB image decoded whole to be checked, its 32 MB body encoded whole); now each step holds
+# it about a millisecond. The margin is for a loaded machine.
+STALL_S = 0.06
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # (the old client's: the stall is the point)
+async def test_megabytes_of_inline_images_do_not_stall_the_event_loop() -> None:
+    image = inline(padded_png(24_000_000))  # 32 MB of base64, under gpt-image-1's 25 MB
+    huge = "A" * 100_000_000  # 75 MB of image
+    lag = LoopLag()
+    async with draining_gateway() as base_url:
+        client = WujieClient(
+            throwaway_credentials(), base_url=base_url, poll=FAST_POLL, retry=INSTANT_RETRY
+        )
+        async with client:
+            async with lag.watch():
+                job = await client.images.submit_edit(
+                    prompt="a hat", model="gpt-image-1", image=[image]
+                )
+            job.cancel()
+            sent = lag.worst
+            # Refused by a cheap rule (n): refused before a byte of the image is decoded.
+            async with lag.watch():
+                with pytest.raises(InvalidRequestError) as refused:
+                    await client.images.submit_edit(
+                        prompt="a hat", model="gpt-image-1", image=[image], n=11
+                    )
+            assert [field for field, _ in refused.value.violations] == ["n"]
+            cheap = lag.worst
+            # Over the size cap: refused by its length, nothing decoded.
+            async with lag.watch():
+                with pytest.raises(InvalidRequestError) as too_large:
+                    await client.images.submit_edit(
+                        prompt="a hat", model="gpt-image-1", image=[huge]
+                    )
+            assert too_large.value.violations == [
+                ("image[0]", "gpt-image-1 takes images smaller than 25 MB")
+            ]
+            oversize = lag.worst
+    stalls = f"sent {sent:.3f} s, refused for n {cheap:.3f} s, refused for size {oversize:.3f} s"
+    assert max(sent, cheap, oversize) < STALL_S, stalls

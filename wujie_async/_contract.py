@@ -45,6 +45,11 @@ CODE_MEANINGS: Final = {
     CODE_INSUFFICIENT_BALANCE: "insufficient points balance",
 }
 
+# --- Edits ----------------------------------------------------------------------------------------
+# [assumed] Source images one gpt-image-1 edit takes: API.md is silent; the upstream model's
+# own documentation allows up to 16. (dall-e-2 takes exactly one [doc].)
+MAX_EDIT_IMAGES_GPT_IMAGE: Final = 16
+
 # --- Batch detail query ---------------------------------------------------------------------------
 MAX_KEYS_PER_BATCH: Final = 50  # [assumed] more gets CODE_INVALID_PARAMETER
 MAX_IMAGES_PER_JOB: Final = 10  # [doc] n is 1 to 10: an entry listing more is not to be believed
