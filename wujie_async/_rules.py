@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from ._contract import MAX_EDIT_IMAGES_GPT_IMAGE, MAX_IMAGES_PER_JOB
+from ._contract import EDIT_IMAGES, MAX_IMAGES_PER_JOB
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, png_size, sniff_format
 from ._slices import b64_ends, b64_size
 
@@ -31,9 +31,6 @@ class ModelRules:
     sizes: frozenset[str]
     # Fields documented for other models only (e.g. ``style`` is dall-e-3's).
     gpt_image_only: bool = False
-    # Source images an edit takes: 0, the model edits nothing (API.md section 2 gives image
-    # rules for gpt-image-1 and dall-e-2 only; the upstream dall-e-3 has no edits).
-    max_edit_images: int = 0
 
 
 MODEL_RULES: Final[dict[str, ModelRules]] = {
@@ -42,13 +39,11 @@ MODEL_RULES: Final[dict[str, ModelRules]] = {
         qualities=frozenset({"auto", "high", "medium", "low"}),
         sizes=frozenset({"1024x1024", "1536x1024", "1024x1536", "auto"}),
         gpt_image_only=True,
-        max_edit_images=MAX_EDIT_IMAGES_GPT_IMAGE,
     ),
     "dall-e-2": ModelRules(
         max_n=10,
         qualities=frozenset({"auto", "standard"}),
         sizes=frozenset({"256x256", "512x512", "1024x1024"}),
-        max_edit_images=1,
     ),
     "dall-e-3": ModelRules(
         max_n=1,
@@ -57,7 +52,7 @@ MODEL_RULES: Final[dict[str, ModelRules]] = {
     ),
 }
 KNOWN_MODELS: Final = tuple(MODEL_RULES)
-EDIT_MODELS: Final = tuple(name for name, rules in MODEL_RULES.items() if rules.max_edit_images)
+EDIT_MODELS: Final = tuple(EDIT_IMAGES)
 
 BACKGROUNDS: Final = frozenset({"transparent", "opaque", "auto"})
 MODERATIONS: Final = frozenset({"low", "auto"})
@@ -127,18 +122,20 @@ def size_pixels(size: str | None) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _edit_violations(model: str, rules: ModelRules, present: Mapping[str, Any]) -> list[Violation]:
+def _edit_violations(model: str, present: Mapping[str, Any]) -> list[Violation]:
     """What an edit's ``image`` and ``mask`` break, told without decoding their bytes: the
-    model, how many images, each one's form, and an inline one's size by its length."""
-    if not rules.max_edit_images:
+    model (a known one), how many images, each one's form, and an inline one's size by its
+    length."""
+    most = EDIT_IMAGES.get(model, 0)
+    if not most:
         return [("model", f"{model} does not edit images (edits take {'|'.join(EDIT_MODELS)})")]
     images = present.get("image")
     if not isinstance(images, list) or not images:
         return [("image", "required: a non-empty array of URL or base64 strings")]
-    if len(images) > rules.max_edit_images:
-        if rules.max_edit_images == 1:
+    if len(images) > most:
+        if most == 1:
             return [("image", f"{model} takes exactly one image")]
-        return [("image", f"{model} takes 1 to {rules.max_edit_images} images, got {len(images)}")]
+        return [("image", f"{model} takes 1 to {most} images, got {len(images)}")]
     found: list[Violation] = []
     for index, item in enumerate(images):
         found.extend(_item_violations(model, f"image[{index}]", item))
@@ -232,7 +229,7 @@ def image_byte_violations(body: Mapping[str, Any]) -> list[Violation]:
     here (an unknown one) is not checked.
     """
     model = body.get("model")
-    if not isinstance(model, str) or not MODEL_RULES.get(model, _NO_EDITS).max_edit_images:
+    if not isinstance(model, str) or model not in MODEL_RULES or not EDIT_IMAGES.get(model):
         return []
     images = body.get("image")
     items = list(enumerate(images)) if isinstance(images, list) else []
@@ -245,9 +242,6 @@ def image_byte_violations(body: Mapping[str, Any]) -> list[Violation]:
         if isinstance(item, str) and item and not item.startswith(("http://", "https://")):
             found.extend(_bytes_violations(model, field, item))
     return found
-
-
-_NO_EDITS: Final = ModelRules(max_n=0, qualities=frozenset(), sizes=frozenset())
 
 
 def _bytes_violations(model: str, field: str, item: str) -> list[Violation]:
@@ -328,7 +322,7 @@ def violations(
     if kind == "edit":
         # The cheap rules first: a request they refuse is refused before megabytes of its
         # images are decoded.
-        found.extend(_edit_violations(model, rules, present))
+        found.extend(_edit_violations(model, present))
         if image_bytes and not found:
             found.extend(image_byte_violations(present))
     return found
