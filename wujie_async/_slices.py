@@ -100,9 +100,10 @@ def _value_pieces(value: object, pieces: list[bytes]) -> None:
     pieces.append(b'"')
 
 
-# A submit whose body holds more text than this is encoded to JSON on a worker thread: the
-# encoder runs at about 200 MB/s, so a 25 MB inline image held the loop 160 ms; a thread's
-# handoff costs about what encoding this much does on the loop (a millisecond).
+# An edit whose body holds more text than this has its images checked, and its body encoded
+# to JSON, on a worker thread (``_images``, ``_transport``): decoding and encoding run at about
+# 200 MB/s, so a 25 MB inline image held the loop 100-160 ms for each; a thread's handoff
+# costs about what this much costs on the loop (a millisecond).
 OFF_LOOP_CHARS: Final = 256 * 1024
 
 
