@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
+import json
 import os
 import sqlite3
 import struct
@@ -24,6 +26,7 @@ import pytest
 from aiohttp import web
 
 from wujie_async import InvalidRequestError, SubmitUncertainError, WujieClient
+from wujie_async._slices import SLICE_CHARS, b64_ends, json_pieces
 
 from .conftest import FAST_POLL, INSTANT_RETRY, EmulatorFactory, make_client
 from .hostile import throwaway_credentials
@@ -139,6 +142,45 @@ async def test_only_a_submit_that_failed_before_its_body_was_written_is_unsent(
                 await client.images.submit(prompt="a cat", model="dall-e-2")
             assert client.stats.submits_uncertain == 1
     assert journal_states(journal) == ["unsent", "uncertain"]
+
+
+# --- a slice at a time, byte for byte the same ----------------------------------------------------
+def test_a_body_encoded_in_slices_is_the_body_encoded_whole() -> None:
+    """Long texts (escapes and non-ASCII across slice ends included) come out as the request
+    encoder writes them."""
+    long_text = ('é"\\\n\u2028' * SLICE_CHARS)[: 3 * SLICE_CHARS + 5]
+    body: dict[str, Any] = {
+        "prompt": long_text,
+        "model": "gpt-image-1",
+        "image": ["A" * (2 * SLICE_CHARS + 4), "https://example.com/a.png", 3],
+        "n": 2,
+        "extra": {"nested": [1, None, True, "x"]},
+        "empty": [],
+    }
+    whole = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    assert b"".join(json_pieces(body)) == whole
+
+
+def test_base64_decoded_in_slices_is_checked_as_it_is_whole() -> None:
+    data = os.urandom(3 * SLICE_CHARS)
+    for size in [0, 1, 2, 3, 100, SLICE_CHARS // 4 * 3, len(data)]:
+        text = base64.b64encode(data[:size]).decode()
+        assert b64_ends(text, 0, 64, 32) == (data[:size][:64], data[:size][-32:], size)
+    good = base64.b64encode(data).decode()
+    bad = [
+        good[:-1],  # no whole number of quanta
+        good[:SLICE_CHARS] + "!" + good[SLICE_CHARS + 1 :],  # outside the alphabet
+        "QQ==" + good[4:],  # padding before the end
+        good[: SLICE_CHARS - 4] + "QQ==" + good[SLICE_CHARS:],
+        good[:76] + "\n" + good[77:],  # a line break
+    ]
+    for text in bad:
+        assert b64_ends(text, 0, 64, 32) is None
+        try:
+            base64.b64decode(text, validate=True)
+        except binascii.Error:
+            continue
+        raise AssertionError("whole, it decodes")
 
 
 # --- the event loop while megabytes are checked, encoded and sent ---------------------------------
