@@ -45,6 +45,13 @@ CODE_MEANINGS: Final = {
     CODE_INSUFFICIENT_BALANCE: "insufficient points balance",
 }
 
+# --- Edits ----------------------------------------------------------------------------------------
+# Source images one edit takes, by model: dall-e-2 exactly one [doc]; gpt-image-1 1 to 16
+# [assumed] (API.md is silent; the upstream model's own documentation allows 16). A known model
+# not listed edits nothing [assumed]: API.md gives edit image rules for these two only, none
+# for dall-e-3.
+EDIT_IMAGES: Final = {"gpt-image-1": 16, "dall-e-2": 1}
+
 # --- Batch detail query ---------------------------------------------------------------------------
 MAX_KEYS_PER_BATCH: Final = 50  # [assumed] more gets CODE_INVALID_PARAMETER
 MAX_IMAGES_PER_JOB: Final = 10  # [doc] n is 1 to 10: an entry listing more is not to be believed

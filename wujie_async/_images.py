@@ -9,12 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Mapping
 from typing import Any, Protocol, Unpack, cast
 
-from . import _contract
+import anyio
+
+from . import _contract, _rules
 from ._errors import InvalidRequestError
 from ._jobs import ImageJob
 from ._models import EditRequest, GenerationRequest, unencodable
 from ._request_fields import CLIENT_ONLY_FIELDS, EditFields, GenerationFields
 from ._results import ImageResult
+from ._slices import OFF_LOOP_CHARS, text_chars
 
 # _send takes these out of a submit's fields by name.
 assert CLIENT_ONLY_FIELDS == {"job_timeout", "extra_body", "tag"}
@@ -80,14 +83,42 @@ class Images:
 
         See :meth:`submit` for the other arguments and errors.
         """
-        return await self._send(_contract.EDITS_PATH, EditRequest, cast(Any, fields))
+        # Every other rule first; then the images' bytes, megabytes of them decoded on a
+        # worker thread (the event loop runs on meanwhile).
+        body, n, job_timeout, extra_body, tag = self._checked(
+            EditRequest, cast(Any, fields), image_bytes=False
+        )
+        if text_chars(body) <= OFF_LOOP_CHARS:
+            found = _rules.image_byte_violations(body)
+        else:
+            found = await anyio.to_thread.run_sync(
+                _rules.image_byte_violations, body, abandon_on_cancel=True
+            )
+        if found:
+            raise InvalidRequestError(found)
+        return await self._submit(_contract.EDITS_PATH, body, n, job_timeout, extra_body, tag)
 
     def _send(
         self, path: str, kind: type[GenerationRequest | EditRequest], fields: dict[str, Any]
     ) -> Awaitable[ImageJob]:
-        """The checked request's submit, to be awaited by the caller's coroutine (``submit``,
-        ``submit_edit``): a plain call, not a coroutine of its own (one layer less per submit;
-        an error here still raises where the caller awaits)."""
+        """The checked request's submit, to be awaited by the caller's coroutine (``submit``):
+        a plain call, not a coroutine of its own (one layer less per submit; an error here
+        still raises where the caller awaits)."""
+        return self._submit(path, *self._checked(kind, fields))
+
+    @staticmethod
+    def _checked(
+        kind: type[GenerationRequest | EditRequest],
+        fields: dict[str, Any],
+        *,
+        image_bytes: bool = True,
+    ) -> tuple[dict[str, Any], int | None, Any, Any, Any]:
+        """``(body, n, job_timeout, extra_body, tag)`` of a submit's ``fields``, checked
+        (``image_bytes``: see ``_rules.violations``).
+
+        Raises:
+            InvalidRequestError: naming every field that breaks a rule (nothing is sent).
+        """
         # The client's own options (CLIENT_ONLY_FIELDS), never sent: taken out of the fields.
         job_timeout = fields.pop("job_timeout", None)
         extra_body = fields.pop("extra_body", None)
@@ -101,19 +132,12 @@ class Images:
             else unencodable({"tag": tag})
         )
         try:
-            body, n = kind.checked_body(fields)
+            body, n = kind.checked_body(fields, image_bytes=image_bytes)
         except InvalidRequestError as exc:
             raise InvalidRequestError(exc.violations + tag_found) from None
         if tag_found:
             raise InvalidRequestError(tag_found)
-        return self._submit(
-            path,
-            body,
-            n,
-            job_timeout,
-            extra_body,
-            tag,
-        )
+        return body, n, job_timeout, extra_body, tag
 
     async def generate(self, **fields: Unpack[GenerationFields]) -> ImageResult:
         """Submit a generation and wait for its result (``submit`` then ``await job``).

@@ -116,8 +116,10 @@ class _Request(BaseModel):
         return self.model_dump(exclude_none=True)
 
     @classmethod
-    def build(cls, fields: dict[str, Any]) -> Self:
-        """Validate ``fields`` (types, then the per-model rules) and build the request.
+    def build(cls, fields: dict[str, Any], *, image_bytes: bool = True) -> Self:
+        """Validate ``fields`` (types, then the per-model rules) and build the request;
+        ``image_bytes=False`` leaves an edit's inline image bytes unchecked (see
+        ``_rules.violations``).
 
         Raises:
             InvalidRequestError: naming every field that breaks a rule, and the rule.
@@ -134,21 +136,26 @@ class _Request(BaseModel):
             found += [(f, rule) for f, rule in unencodable(fields) if f not in named]
             raise InvalidRequestError(found) from None
         # The field values as validated (None for unset): no need to dump the model for this.
-        found = unencodable(request.__dict__) + _rules.violations(cls.kind, request.__dict__)
+        found = unencodable(request.__dict__) + _rules.violations(
+            cls.kind, request.__dict__, image_bytes=image_bytes
+        )
         if found:
             raise InvalidRequestError(found)
         return request
 
     @classmethod
-    def checked_body(cls, fields: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-        """``(body, n)`` of ``build(fields)``: the JSON body and the image count.
+    def checked_body(
+        cls, fields: dict[str, Any], *, image_bytes: bool = True
+    ) -> tuple[dict[str, Any], int | None]:
+        """``(body, n)`` of ``build(fields)``: the JSON body and the image count
+        (``image_bytes``: as for :meth:`build`).
 
         The hot path of every submit. When every value already has its field's exact type
         (``str``, ``int``, a list of ``str``; None for an optional field), validating with
         pydantic would hand the same values back, so it is skipped: the UTF-8 check and the
         per-model rules still run, as in :meth:`build`. Anything else (a str subclass, a bool
-        for an int, an unknown field, a missing one) goes through :meth:`build`, which converts
-        (a str subclass to str, a tuple of images to a list) or names the error. The common
+        for an int, an unknown field, a missing one, a tuple of images) goes through
+        :meth:`build`, which converts a str subclass to str, or names the error. The common
         generation request (prompt, model, n, quality, size; a known model) is first checked
         in one pass (``_common_generation_body``), which only ever accepts: what it does not
         take goes this way.
@@ -162,9 +169,9 @@ class _Request(BaseModel):
                 return body, fields.get("n")
         body = cls._plain_body(fields)
         if body is None:
-            request = cls.build(fields)
+            request = cls.build(fields, image_bytes=image_bytes)
             return request.body(), request.n
-        found = unencodable(fields) + _rules.violations(cls.kind, fields)
+        found = unencodable(fields) + _rules.violations(cls.kind, fields, image_bytes=image_bytes)
         if found:
             raise InvalidRequestError(found)
         return body, fields.get("n")
@@ -248,12 +255,6 @@ class EditRequest(_Request):
 
     image: list[str]
     mask: str | None = None
-
-    @field_validator("image", mode="before")
-    @classmethod
-    def _images_as_list(cls, value: Any) -> Any:
-        # A tuple of texts is the same images: taken as a list (its items are still strict).
-        return list(value) if isinstance(value, tuple) else value
 
     kind: ClassVar[_rules.RequestKind] = "edit"
     _plain_types: ClassVar[dict[str, type]] = {

@@ -15,8 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from ._contract import MAX_IMAGES_PER_JOB
+from ._contract import EDIT_IMAGES, MAX_IMAGES_PER_JOB
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, png_size, sniff_format
+from ._slices import b64_ends, b64_size
 
 RequestKind = Literal["generation", "edit"]
 
@@ -51,6 +52,7 @@ MODEL_RULES: Final[dict[str, ModelRules]] = {
     ),
 }
 KNOWN_MODELS: Final = tuple(MODEL_RULES)
+EDIT_MODELS: Final = tuple(EDIT_IMAGES)
 
 BACKGROUNDS: Final = frozenset({"transparent", "opaque", "auto"})
 MODERATIONS: Final = frozenset({"low", "auto"})
@@ -65,6 +67,12 @@ STRICT_SIZE_RE: Final = re.compile(r"1024x1024|1536x1024|1024x1536")
 # the gateway could refuse (26,000,000 bytes is under 25 MiB) is not sent.
 GPT_IMAGE_MAX_BYTES: Final = 25_000_000
 DALL_E_2_MAX_BYTES: Final = 4_000_000
+# The largest inline image each model takes (exclusive), and the rule an error names.
+_IMAGE_LIMITS: Final = {
+    "gpt-image-1": (GPT_IMAGE_MAX_BYTES, "gpt-image-1 takes images smaller than 25 MB"),
+    "dall-e-2": (DALL_E_2_MAX_BYTES, "dall-e-2 takes a PNG smaller than 4 MB"),
+}
+_GPT_IMAGE_TYPES: Final = frozenset({"image/png", "image/webp", "image/jpeg", "image/jpg"})
 # An unknown model passes unchecked (a new model works at once), so a name no model has is
 # refused for its form: a space at an end, a control or an invisible character (" dall-e-2", a
 # pasted newline, a zero-width space) would skip every rule of the model it was meant to be and
@@ -114,37 +122,67 @@ def size_pixels(size: str | None) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def _image_violations(model: str, images: object) -> list[Violation]:
+def _edit_violations(model: str, present: Mapping[str, Any]) -> list[Violation]:
+    """What an edit's ``image`` and ``mask`` break, told without decoding their bytes: the
+    model (a known one), how many images, each one's form, and an inline one's size by its
+    length."""
+    most = EDIT_IMAGES.get(model, 0)
+    if not most:
+        return [("model", f"{model} does not edit images (edits take {'|'.join(EDIT_MODELS)})")]
+    images = present.get("image")
     if not isinstance(images, list) or not images:
         return [("image", "required: a non-empty array of URL or base64 strings")]
+    if len(images) > most:
+        if most == 1:
+            return [("image", f"{model} takes exactly one image")]
+        return [("image", f"{model} takes 1 to {most} images, got {len(images)}")]
     found: list[Violation] = []
-    if model == "dall-e-2" and len(images) != 1:
-        found.append(("image", "dall-e-2 takes exactly one image"))
     for index, item in enumerate(images):
         found.extend(_item_violations(model, f"image[{index}]", item))
+    found.extend(_mask_violations(model, present.get("mask"), images))
     return found
 
 
 def _item_violations(model: str, field: str, item: object) -> list[Violation]:
     """One image given to an edit (an ``image`` item or the ``mask``): a URL, which the
-    gateway fetches and checks, or an inline image, checked here."""
+    gateway fetches and checks, or an inline image, whose form and size are checked here
+    (its bytes by :func:`image_byte_violations`)."""
     if not isinstance(item, str) or not item:
         return [(field, "must be a non-empty string (URL, base64 or data URL)")]
     if item.startswith(("http://", "https://")):
         return []
-    return _inline_image_violations(model, field, item)
+    mime, start = _inline(item)
+    size = b64_size(item, start)
+    if size is None:
+        return [(field, _not_base64(item, start))]
+    # By its length, before a byte is decoded: a 200 MB text is refused at once.
+    limit, too_large = _IMAGE_LIMITS.get(model, (None, ""))
+    if limit is not None and size >= limit:
+        return [(field, too_large)]
+    if model == "dall-e-2" and mime and mime != "image/png":
+        # The label travels with the image: a PNG sent as another type may be refused.
+        return [(field, f"dall-e-2 takes a PNG labelled image/png (this data URL says {mime})")]
+    if model == "gpt-image-1" and mime and mime not in _GPT_IMAGE_TYPES:
+        return [(field, "gpt-image-1 takes png, webp or jpg images")]
+    return []
 
 
-def _mask_violations(model: str, mask: object, images: object) -> list[Violation]:
+def _not_base64(item: str, start: int) -> str:
+    rule = "must be an http(s) URL, base64, or a base64 data URL"
+    head = item[start : start + 256]
+    if "\n" in head or "\r" in head:  # `base64` wraps at 76 columns by default
+        rule += " (base64 on one line: `base64 -w0`, no line breaks)"
+    return rule
+
+
+def _mask_violations(model: str, mask: object, images: list[Any]) -> list[Violation]:
     """The mask is an image too: the same forms, formats and bounds as ``image`` items, and
     of the size of the image it masks (the first), when both are inline PNGs."""
     if mask is None:
         return []
     found = _item_violations(model, "mask", mask)
-    if found or not isinstance(mask, str):
+    if found or not isinstance(mask, str) or not isinstance(images[0], str):
         return found
-    if not isinstance(images, list) or not images or not isinstance(images[0], str):
-        return []
     mask_size, image_size = _inline_png_size(mask), _inline_png_size(images[0])
     if mask_size and image_size and mask_size != image_size:
         # It marks where to edit the image: of another size, it marks nothing the gateway
@@ -159,13 +197,13 @@ def _mask_violations(model: str, mask: object, images: object) -> list[Violation
     return []
 
 
-def _inline(item: str) -> tuple[str | None, str]:
-    """The media type a data URL gives ("" when it gives none; None for bare base64), and the
-    base64 it carries."""
+def _inline(item: str) -> tuple[str | None, int]:
+    """The media type a data URL gives ("" when it gives none; None for bare base64), and
+    where the base64 it carries begins (an offset: the text, megabytes, is not copied)."""
     match = _DATA_URL_RE.match(item)
     if match is None:
-        return None, item
-    return (match.group("mime") or "").lower(), item[match.end() :]
+        return None, 0
+    return (match.group("mime") or "").lower(), match.end()
 
 
 def _inline_png_size(item: str) -> tuple[int, int] | None:
@@ -173,45 +211,57 @@ def _inline_png_size(item: str) -> tuple[int, int] | None:
     format, or base64 that does not decode."""
     if item.startswith(("http://", "https://")):
         return None
-    _, payload = _inline(item)
+    _, start = _inline(item)
     try:
-        head = base64.b64decode(payload[:32], validate=True)  # 32 characters: 24 bytes
+        head = base64.b64decode(item[start : start + 32], validate=True)  # 32 characters: 24 bytes
     except (binascii.Error, ValueError):
         return None
     return png_size(head)
 
 
-def _inline_image_violations(model: str, field: str, item: str) -> list[Violation]:
-    mime, payload = _inline(item)
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        rule = "must be an http(s) URL, base64, or a base64 data URL"
-        if "\n" in payload or "\r" in payload:  # `base64` wraps at 76 columns by default
-            rule += " (base64 on one line: `base64 -w0`, no line breaks)"
-        return [(field, rule)]
+def image_byte_violations(body: Mapping[str, Any]) -> list[Violation]:
+    """What the bytes of an edit's inline images (and mask) break: each must decode as
+    base64, be a whole png, webp or jpg image, and for dall-e-2 a square PNG.
+
+    The costly half of the edit rules (megabytes decoded): :func:`violations` runs it only for
+    a request that breaks no other rule, and the client on a worker thread for a large one
+    (it decodes a slice at a time, so the event loop runs meanwhile). A model without rules
+    here (an unknown one) is not checked.
+    """
+    model = body.get("model")
+    if not isinstance(model, str) or model not in MODEL_RULES or not EDIT_IMAGES.get(model):
+        return []
+    images = body.get("image")
+    items = list(enumerate(images)) if isinstance(images, list) else []
+    named = [(f"image[{index}]", item) for index, item in items]
+    mask = body.get("mask")
+    if mask is not None:
+        named.append(("mask", mask))
+    found: list[Violation] = []
+    for field, item in named:
+        if isinstance(item, str) and item and not item.startswith(("http://", "https://")):
+            found.extend(_bytes_violations(model, field, item))
+    return found
+
+
+def _bytes_violations(model: str, field: str, item: str) -> list[Violation]:
+    _, start = _inline(item)
+    ends = b64_ends(item, start, HEAD_BYTES, TAIL_BYTES)
+    if ends is None:
+        return [(field, _not_base64(item, start))]
+    head, tail, size = ends
     if model == "dall-e-2":
-        if len(raw) >= DALL_E_2_MAX_BYTES:
-            return [(field, "dall-e-2 takes a PNG smaller than 4 MB")]
-        size = png_size(raw)
-        if size is None or not all(size):
+        pixels = png_size(head)
+        if pixels is None or not all(pixels):
             return [(field, "dall-e-2 takes a PNG image")]
-        if mime and mime != "image/png":
-            # The label travels with the image: a PNG sent as another type may be refused.
-            return [(field, f"dall-e-2 takes a PNG labelled image/png (this data URL says {mime})")]
-        width, height = size
+        width, height = pixels
         if width != height:
             return [(field, f"dall-e-2 takes a square image, got {width}x{height}")]
-    elif model == "gpt-image-1":
-        if len(raw) >= GPT_IMAGE_MAX_BYTES:
-            return [(field, "gpt-image-1 takes images smaller than 25 MB")]
-        if mime and mime not in {"image/png", "image/webp", "image/jpeg", "image/jpg"}:
-            return [(field, "gpt-image-1 takes png, webp or jpg images")]
-    image_format = sniff_format(raw[:16])
+    image_format = sniff_format(head[:16])
     if image_format is None:  # whatever its data URL says: the bytes are what is paid
         return [(field, "must be a png, webp or jpg image (its bytes are neither)")]
     # A file cut short (a partial copy, a truncated paste) has the right first bytes too.
-    cut = end_problem(image_format, raw[:HEAD_BYTES], raw[-TAIL_BYTES:], len(raw))
+    cut = end_problem(image_format, head, tail, size)
     if cut is not None:
         return [(field, f"must be a whole image: {cut}")]
     return []
@@ -223,6 +273,7 @@ def violations(
     *,
     unknown_models: bool = True,
     strict_regexps: bool = False,
+    image_bytes: bool = True,
 ) -> list[Violation]:
     """Every ``(field, rule)`` that ``body`` breaks; empty when it is valid.
 
@@ -232,6 +283,9 @@ def violations(
         unknown_models: let models outside :data:`MODEL_RULES` through unchecked (client
             side), when their name has the form of one (:func:`is_model_name`).
         strict_regexps: also apply the validators printed on the doc page (emulator knob).
+        image_bytes: also check an edit's inline image bytes (:func:`image_byte_violations`),
+            when nothing else is wrong; False leaves that to the caller (the client, which
+            decodes megabytes on a worker thread).
     """
     found: list[Violation] = []
     present = {name: value for name, value in body.items() if value is not None}
@@ -266,9 +320,11 @@ def violations(
         if isinstance(size, str) and not STRICT_SIZE_RE.fullmatch(size):
             found.append(("size", "Validate[regexp: 1024x1024|1536x1024|1024x1536]"))
     if kind == "edit":
-        images = present.get("image")
-        found.extend(_image_violations(model, images))
-        found.extend(_mask_violations(model, present.get("mask"), images))
+        # The cheap rules first: a request they refuse is refused before megabytes of its
+        # images are decoded.
+        found.extend(_edit_violations(model, present))
+        if image_bytes and not found:
+            found.extend(image_byte_violations(present))
     return found
 
 
@@ -325,4 +381,4 @@ def _field_violations(model: str, rules: ModelRules, present: Mapping[str, Any])
     return found
 
 
-__all__ = ["KNOWN_MODELS", "MODEL_RULES", "size_pixels", "violations"]
+__all__ = ["KNOWN_MODELS", "MODEL_RULES", "image_byte_violations", "size_pixels", "violations"]

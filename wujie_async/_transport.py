@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
+import anyio
 import backoff
 
 from ._auth import HeaderSigner
@@ -76,6 +77,8 @@ from ._failures import (
     unverified_certificate,
 )
 from ._ratelimit import AdaptiveLimiter
+from ._request_body import RequestBody
+from ._slices import OFF_LOOP_CHARS, json_pieces, text_chars
 from ._stats import TransportCounters
 from ._telemetry import Telemetry, brake_changed
 
@@ -229,12 +232,34 @@ class Transport:
             WujieError: the typed error of the last attempt; for a submit whose fate is unknown,
                 ``SubmitUncertainError`` (its ``__cause__`` says what happened).
         """
+        if kind == "submit" and text_chars(body) > OFF_LOOP_CHARS:
+            # An edit's inline images: encoded on a worker thread, not on the loop.
+            return self._post_large(path, body, kind, parent, on_wire, before_retry)
         payload = _JSON_ENCODER.encode(body).encode()
         keys = len(body) if kind == "poll" and isinstance(body, list) else None
         # A partial, not a lambda: a closure over these seven names would make a cell for each
         # on every call (objects the garbage collector then tracks, per request).
         return self._with_retries(
             functools.partial(self._post_once, path, payload, kind, keys, parent, on_wire),
+            kind,
+            body,
+            on_wire,
+            before_retry,
+        )
+
+    async def _post_large(
+        self,
+        path: str,
+        body: Any,
+        kind: CallKind,
+        parent: JobTrace | BatchTrace | None,
+        on_wire: Callable[[bool], None] | None,
+        before_retry: Callable[[], Awaitable[None]] | None,
+    ) -> Any:
+        """``post`` of a body whose JSON is encoded on a worker thread (megabytes of it)."""
+        payload = await anyio.to_thread.run_sync(json_pieces, body, abandon_on_cancel=True)
+        return await self._with_retries(
+            functools.partial(self._post_once, path, payload, kind, None, parent, on_wire),
             kind,
             body,
             on_wire,
@@ -329,7 +354,7 @@ class Transport:
     def _post_once(
         self,
         path: str,
-        payload: bytes,
+        payload: bytes | list[bytes],
         kind: CallKind,
         keys: int | None,
         parent: JobTrace | BatchTrace | None,
@@ -350,7 +375,7 @@ class Transport:
     async def _post_once_waited(
         self,
         path: str,
-        payload: bytes,
+        payload: bytes | list[bytes],
         kind: CallKind,
         keys: int | None,
         parent: JobTrace | BatchTrace | None,
@@ -381,7 +406,7 @@ class Transport:
     async def _send(
         self,
         path: str,
-        payload: bytes,
+        payload: bytes | list[bytes],
         kind: CallKind,
         sent_at: float,
         on_wire: Callable[[bool], None] | None,
@@ -466,7 +491,11 @@ class Transport:
             connector.heard_keep_alive(header)
 
     async def _exchange(
-        self, url: str, payload: bytes, kind: CallKind, on_wire: Callable[[bool], None] | None
+        self,
+        url: str,
+        payload: bytes | list[bytes],
+        kind: CallKind,
+        on_wire: Callable[[bool], None] | None,
     ) -> _Reply | WujieError:
         """One signed POST. A failure is returned as a clean error, not raised (see module doc).
 
@@ -488,12 +517,15 @@ class Transport:
             if on_wire is None
             else (None, on_wire)
         )
+        # Made afresh for each attempt; it says whether any of the body was handed to the
+        # connection: until then, nothing can have reached the gateway, whatever is raised.
+        sent = RequestBody(payload)
         try:
             # Awaited, not entered (``async with``): its enter and exit are four coroutines
             # more per request; the reply is released below as its exit would.
             reply = await session.post(
                 url,
-                data=payload,
+                data=sent,
                 headers={
                     "Authorization": self._signer.cached() or await self._signer.header(),
                     **self._request_headers,
@@ -567,12 +599,23 @@ class Transport:
             reason = failure_reason(exc)
             if isinstance(exc, TimeoutError) and not str(exc):
                 reason = f"no reply within {self._timeouts.request} s (Timeouts.request)"
+            if not sent.handed:
+                return TransportError(
+                    f"no reply from {url}: {reason}, before any of the request's body was "
+                    "written: nothing reached the gateway",
+                    reached_server=False,
+                )
             return TransportError(f"no complete reply from {url}: {reason}", reached_server=True)
         except asyncio.CancelledError as exc:
             # Same message (anyio tells its own cancels by it); no traceback into aiohttp.
             cancelled = asyncio.CancelledError(*exc.args)
             reply = None  # its request_info holds the header: not kept by this frame
+            _unsent_unless_handed(sent, on_wire)
         except Exception as exc:
+            # Raised before any of the body was handed to the connection (a warning turned
+            # into an error, a trace hook's bug, the signer's): the request never left, and a
+            # submit so ended is not "may have been charged" (never resent).
+            _unsent_unless_handed(sent, on_wire)
             # Not a failed exchange: a session closed under the client (the caller's own, its
             # app's shutdown closing it first), or a bug. Raised from here either way, never
             # with aiohttp's frames, whose locals hold the header.
@@ -630,6 +673,13 @@ class Transport:
                 return _unless_status_says(decoder, reply.status, problem)
         body = decoder.finish()
         return _unless_status_says(decoder, reply.status, body)
+
+
+def _unsent_unless_handed(sent: RequestBody, on_wire: Callable[[bool], None] | None) -> None:
+    """Tell ``on_wire`` that nothing is on the wire, when none of ``sent`` was handed to the
+    connection (a request ended so never reached the gateway)."""
+    if on_wire is not None and not sent.handed:
+        on_wire(False)
 
 
 def _unless_status_says(
