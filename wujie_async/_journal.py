@@ -45,9 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import anyio
+
 from ._errors import ClientStateError
 from ._gateway_identity import GatewayIdentity
 from ._journal_worker import JournalWorker, Op
+from ._slices import OFF_LOOP_CHARS, json_pieces, text_chars
 from ._telemetry import RepeatedWarnings
 
 logger = logging.getLogger("wujie_async")
@@ -281,7 +284,12 @@ class Journal:
         at the next open): the row is marked ``unsent`` as soon as it lands.
         """
         now = time.time()
-        text = json.dumps(request, ensure_ascii=False)
+        if text_chars(request) > OFF_LOOP_CHARS:
+            # Megabytes of inline image: encoded a slice at a time on a worker thread, as the
+            # request's own body is (one json.dumps held the loop 100 ms for a 20 MB edit).
+            text = await anyio.to_thread.run_sync(_encoded_in_slices, request)
+        else:
+            text = json.dumps(request, ensure_ascii=False)
         gateway = self.gateway
         base_url, fingerprint = (gateway.base_url, gateway.fingerprint) if gateway else (None, None)
         future = self._worker.write_soon(
@@ -558,3 +566,7 @@ def _prepare(connection: sqlite3.Connection) -> None:
         "UPDATE submits SET state='uncertain', error=?, updated=? WHERE state='intent'",
         ("the process stopped before the gateway's reply was recorded", time.time()),
     )
+
+
+def _encoded_in_slices(request: dict[str, Any]) -> str:
+    return b"".join(json_pieces(request)).decode()
