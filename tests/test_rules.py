@@ -55,6 +55,14 @@ GENERATIONS: list[dict[str, Any]] = [
     {"prompt": "a cat", "model": "gpt-image-1 "},
     {"model": "gpt-image-1"},
     {"size": "auto", "n": 3, "model": "gpt-image-1", "prompt": "a cat"},  # order of the body
+    # Prompt lengths: each model's bound, met and broken; an unknown model's.
+    {"prompt": "c" * 1_000, "model": "dall-e-2"},
+    {"prompt": "c" * 1_001, "model": "dall-e-2"},
+    {"prompt": "c" * 4_001, "model": "dall-e-3", "n": 1},
+    {"prompt": "c" * 32_000, "model": "gpt-image-1"},
+    {"prompt": "c" * 32_001, "model": "gpt-image-1"},
+    {"prompt": "c" * 32_001, "model": "a-new-model"},
+    {"prompt": "c" * 5_000_000},  # a runaway line, no model
 ]
 EDITS: list[dict[str, Any]] = [
     {"prompt": "a hat", "model": "gpt-image-1", "image": ["https://example.com/a.png"]},
@@ -106,3 +114,22 @@ def test_a_dall_e_2_png_labelled_as_another_type_is_told_so() -> None:
     assert violations("edit", body) == []
     body["image"] = [inline]
     assert violations("edit", body) == []
+
+
+@pytest.mark.parametrize(
+    ("model", "length", "rule"),
+    [
+        ("dall-e-2", 1_001, "dall-e-2 takes at most 1,000 characters, got 1,001"),
+        ("dall-e-3", 4_001, "dall-e-3 takes at most 4,000 characters, got 4,001"),
+        ("gpt-image-1", 50_000_000, "gpt-image-1 takes at most 32,000 characters, got 50,000,000"),
+        ("a-new-model", 32_001, "a model takes at most 32,000 characters, got 32,001"),
+    ],
+)
+def test_a_prompt_over_its_models_bound_is_refused_naming_it(
+    model: str, length: int, rule: str
+) -> None:
+    """API.md gives no bound; a bulk input's runaway line (5 MB, 50 MB) was sent and paid for.
+    The upstream models' own bounds hold (the largest for a model the client does not know)."""
+    with pytest.raises(InvalidRequestError) as refused:
+        GenerationRequest.checked_body({"prompt": "c" * length, "model": model})
+    assert refused.value.violations == [("prompt", rule)]

@@ -45,6 +45,14 @@ CODE_MEANINGS: Final = {
     CODE_INSUFFICIENT_BALANCE: "insufficient points balance",
 }
 
+# --- Prompts --------------------------------------------------------------------------------------
+# [assumed] API.md gives no bound on a prompt: these are the upstream models' own (a longer
+# prompt is refused there, after the gateway may have charged for it). A model not listed (a
+# model name the client does not know) gets the largest of them. A bound, above all, against
+# an accident: a 50 MB line of a bulk input was sent, and paid for.
+MAX_PROMPT_CHARS: Final = {"gpt-image-1": 32_000, "dall-e-3": 4_000, "dall-e-2": 1_000}
+MAX_PROMPT_CHARS_OTHER: Final = 32_000
+
 # --- Edits ----------------------------------------------------------------------------------------
 # Source images one edit takes, by model: dall-e-2 exactly one [doc]; gpt-image-1 1 to 16
 # [assumed] (API.md is silent; the upstream model's own documentation allows 16). A known model

@@ -213,8 +213,9 @@ def _common_generation_body(fields: dict[str, Any]) -> dict[str, Any] | None:
 
     The submit path's fast path: fields among prompt, model, n, quality and size, each of its
     exact type, a model of ``_rules.MODEL_RULES``. For such a request, this checks what
-    ``unencodable`` and ``_rules.violations`` check (prompt not blank, text UTF-8, n from 1 to
-    the model's bound, quality and size the model's), in a few tests rather than a few dozen
+    ``unencodable`` and ``_rules.violations`` check (prompt not blank nor too long, text
+    UTF-8, n from 1 to the model's bound, quality and size the model's), in a few tests rather
+    than a few dozen
     calls. It only accepts: a request it does not take, valid or not, goes the full way,
     which names every error as before (tests/test_rules.py holds the two paths together).
     """
@@ -226,6 +227,8 @@ def _common_generation_body(fields: dict[str, Any]) -> dict[str, Any] | None:
         return None
     rules = _rules.MODEL_RULES.get(model)  # a known model's name is ASCII: nothing to encode
     if rules is None or not prompt.strip() or not _utf8(prompt):
+        return None
+    if len(prompt) > _rules.prompt_limit(model):
         return None
     body: dict[str, Any] = {"prompt": prompt, "model": model}  # model_dump's order
     n = fields.get("n")

@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from ._contract import EDIT_IMAGES, MAX_IMAGES_PER_JOB
+from ._contract import (
+    EDIT_IMAGES,
+    MAX_IMAGES_PER_JOB,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_CHARS_OTHER,
+)
 from ._image_formats import HEAD_BYTES, TAIL_BYTES, end_problem, png_size, sniff_format
 from ._slices import b64_ends, b64_size
 
@@ -291,9 +296,12 @@ def violations(
     present = {name: value for name, value in body.items() if value is not None}
 
     prompt = present.get("prompt")
+    model = present.get("model")
     if not isinstance(prompt, str) or not prompt.strip():
         found.append(("prompt", "required: a non-empty string"))
-    model = present.get("model")
+    elif len(prompt) > (limit := prompt_limit(model)):
+        whose = model if isinstance(model, str) and model in MAX_PROMPT_CHARS else "a model"
+        found.append(("prompt", f"{whose} takes at most {limit:,} characters, got {len(prompt):,}"))
     if not isinstance(model, str) or not model:
         found.append(("model", f"required: one of {'|'.join(KNOWN_MODELS)}"))
         return found
@@ -382,3 +390,10 @@ def _field_violations(model: str, rules: ModelRules, present: Mapping[str, Any])
 
 
 __all__ = ["KNOWN_MODELS", "MODEL_RULES", "image_byte_violations", "size_pixels", "violations"]
+
+
+def prompt_limit(model: object) -> int:
+    """The most characters a prompt for ``model`` may hold (see ``_contract``)."""
+    if isinstance(model, str):
+        return MAX_PROMPT_CHARS.get(model, MAX_PROMPT_CHARS_OTHER)
+    return MAX_PROMPT_CHARS_OTHER
