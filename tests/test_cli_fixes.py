@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
+import anyio
 import pytest
+
+from wujie_async.cli._manifest import Manifest
+from wujie_async.cli._rows import ROWS_DEADLINE_S
+from wujie_async.cli._run_rows import RunRows
+from wujie_async.cli._stops import OutputUnwritableError
 
 from .cli_helpers import (
     Served,
+    cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
     served_emulator,
 )
@@ -70,3 +80,72 @@ async def test_sigint_while_a_background_run_starts_stops_it(tmp_path: Path) -> 
         assert taken <= accepted <= taken + outcomes.get("uncertain", 0)
         assert accepted < 1_000
 
+
+@pytest.mark.long
+async def test_a_backlog_of_rows_on_a_slow_but_steady_disk_is_no_stalled_disk() -> None:
+    """Many rows queued at once (a stop ends thousands of lines ``not_sent`` together) on a disk
+    that takes them steadily, if slowly: the run waits for them, and does not stop as at a
+    disk that took no row for ``ROWS_DEADLINE_S``. The oldest row's age was read as the disk's
+    wait: a healthy backlog longer than 1.5 s stopped the run ("its disk took no row")."""
+    read_end, write_end = os.pipe()
+    # The "disk": a reader that takes 64 KiB every 10 ms, about 6 MB/s, never pausing long.
+    taken = bytearray()
+
+    def disk() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                taken.extend(chunk)
+                time.sleep(0.01)
+
+    reader = threading.Thread(target=disk, daemon=True)
+    reader.start()
+    stops: list[OutputUnwritableError] = []
+    manifest = Manifest(os.fdopen(write_end, "wb", buffering=0), source="in.jsonl")
+    rows = RunRows(manifest, not_written=[], stop=stops.append)
+    count = 3000  # about 12 MB: some 2 s of writing, past ROWS_DEADLINE_S
+    for line in range(1, count + 1):
+        rows.write({"status": "not_sent", "line": line, "prompt": "x" * 4000})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await rows.settle()
+    took = loop.time() - started
+    assert stops == [], stops
+    assert not rows.held
+    assert took > ROWS_DEADLINE_S  # the backlog outlasted the old deadline
+    rows.close()
+    await anyio.to_thread.run_sync(reader.join, 10)
+    assert taken.count(b"\n") == count
+
+
+@pytest.mark.long
+async def test_a_rerun_sends_no_new_probe_for_a_kind_whose_cost_was_never_reported(
+    tmp_path: Path,
+) -> None:
+    """A gateway that reports no cost, ``--max-points 20`` and no ``--point-price``: the first
+    run sends one job of the kind to learn its price (it is never told) and keeps the rest
+    back; a re-run knows from the manifest that such a job was charged at an unknown price,
+    and sends nothing more of the kind: its lines end ``not_sent`` (``unpriced``) with the
+    advice to pass ``--point-price``, exit 1. Each re-run sent one more such job (5 re-runs of
+    the same command charged 80 points on the 20-point budget)."""
+    async with served_emulator(tmp_path) as emu:
+        await emu.set_faults(cost_unreported=1.0)
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text("".join(json.dumps({"prompt": f"p{i}", "n": 2}) + "\n" for i in range(6)))
+        out = tmp_path / "out"
+        bulk = ("bulk", str(rows), "-o", str(out), "--json", "--max-points", "20")
+        code, stdout, err = await cli(*bulk, env=emu.env)
+        assert code == 1 and json.loads(stdout)["outcomes"]["saved"] == 1, err
+        first = int((await emu.stats())["submits_accepted"])
+        assert first == 1
+        for _ in range(2):
+            code, stdout, err = await cli(*bulk, env=emu.env)
+            summary = json.loads(stdout)
+            assert code == 1, err
+            assert summary["outcomes"]["not_sent"] == 5, err
+            assert (
+                "--point-price" in err and "never reported" in (out / "manifest.jsonl").read_text()
+            )
+            assert int((await emu.stats())["submits_accepted"]) == first  # no new probe
+        # With the price given, the re-run holds the budget by it and sends what fits.
+        code, stdout, err = await cli(*bulk, "--point-price", "gpt-image-1=1", env=emu.env)
+        assert json.loads(stdout)["outcomes"]["saved"] > 1, err
