@@ -15,6 +15,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from wujie_async.cli._manifest import Manifest
 from wujie_async.cli._rows import ROWS_DEADLINE_S
@@ -25,6 +27,9 @@ from .cli_helpers import (
     Served,
     cli,
     cli_zygote,  # noqa: F401  # stops the fork server before run_guard looks
+    manifest,
+    proc_alive,
+    running_cli,
     served_emulator,
 )
 from .helpers import eventually, stop_process
@@ -41,6 +46,10 @@ def _big_input(path: Path, lines: int) -> Path:
 
 async def _accepted(emu: Served) -> int:
     return int((await emu.stats())["submits_accepted"])
+
+
+async def _accepted_ge(emu: Served, count: int) -> bool:
+    return await _accepted(emu) >= count
 
 
 @pytest.mark.long
@@ -149,3 +158,79 @@ async def test_a_rerun_sends_no_new_probe_for_a_kind_whose_cost_was_never_report
         # With the price given, the re-run holds the budget by it and sends what fits.
         code, stdout, err = await cli(*bulk, "--point-price", "gpt-image-1=1", env=emu.env)
         assert json.loads(stdout)["outcomes"]["saved"] > 1, err
+
+
+def _another_accounts_key() -> str:
+    """A private key the gateway does not know for this app id: its calls are refused (401)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+@pytest.mark.long
+async def test_collecting_with_refused_credentials_stops_at_once_with_exit_3(
+    tmp_path: Path,
+) -> None:
+    """A run stopped while its jobs ran, then ``resume`` and the bulk re-run with a key the
+    gateway refuses (401 on every batch call): each stops within seconds, exit 3, the summary
+    naming the refused credentials, and the lines stay pending (collected with the right key).
+    They polled for the jobs' whole deadline (902 s), then ended every line "timed out"."""
+    async with served_emulator(tmp_path, "--time-scale", "1", "--job-seconds", "60,60") as emu:
+        rows = tmp_path / "rows.txt"
+        rows.write_text("a fox\na hen\n")
+        out = tmp_path / "out"
+        async with running_cli("bulk", str(rows), "-o", str(out), env=emu.env) as run:
+            alive = proc_alive(run)
+            await eventually(lambda: _accepted_ge(emu, 2), what="2 jobs accepted", alive=alive)
+            run.send_signal(signal.SIGINT)
+            code, _, err = await run.finish(20)
+        assert code == 130, err
+        refused = emu.env | {"WUJIE_PRIVATE_KEY": _another_accounts_key()}
+        journal = str(out / "journal.sqlite")
+        for command in (("resume", journal, "-o", str(out)), ("bulk", str(rows), "-o", str(out))):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            code, stdout, err = await cli(*command, "--json", env=refused, timeout=20, process=True)
+            assert code == 3, err
+            assert loop.time() - started < 10
+            summary = json.loads(stdout)
+            assert summary["exit_code"] == 3
+            assert "refused the credentials (HTTP 401" in summary["stopped"], summary
+            assert summary["pending"] == 2 and not any(summary["outcomes"].values()), summary
+        # Every line's last row: pending, with its key (nothing ended "timed out").
+        last = {record["line"]: record for record in manifest(out)}
+        assert {record["status"] for record in last.values()} == {"pending"}
+        assert all(record.get("key") for record in last.values())
+
+
+@pytest.mark.parametrize(
+    ("row", "said"),
+    [
+        (
+            '{"prompt": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "not valid JSON (nested too deeply)",
+        ),
+        ('{"prompt": "a", "n": ' + "9" * 5000 + "}", "not valid JSON (an integer of more than"),
+        ('{"prompt": "a fox", "prompt": "a hen"}', "prompt: given more than once in the row"),
+    ],
+    ids=["deep", "bigint", "repeated-key"],
+)
+async def test_json_rows_python_cannot_read_or_that_repeat_a_key_are_bad_input(
+    tmp_path: Path, row: str, said: str
+) -> None:
+    """A JSONL line nested 100,000 deep (RecursionError) or holding a 5,000-digit integer
+    (ValueError) ended the command as an internal error, exit 70; a row that gave "prompt"
+    twice was sent with the last one, silently. Each is bad input: exit 2, naming its line,
+    nothing sent."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "fine"}\n' + row + "\n")
+    code, stdout, err = await cli(
+        "bulk", str(rows), "-o", str(tmp_path / "out"), "--emulator", "--json"
+    )
+    assert code == 2, err
+    assert f"{rows}:2: {said}" in err
+    assert json.loads(stdout)["exit_code"] == 2
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
