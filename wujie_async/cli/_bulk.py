@@ -39,7 +39,7 @@ from ._bulk_data import BulkResult, Row
 from ._image_problems import GONE, describe, disk_refused, lasting_problem, precedence
 from ._manifest import Manifest, base_record
 from ._manifest_prices import learn_price
-from ._outcome import LineOutcome, Status, classify, clean, is_systemic
+from ._outcome import LineOutcome, Status, classify, clean, counted_as, is_systemic
 from ._progress import Display
 from ._refusals import watching_refusals
 from ._rows import ROWS_DEADLINE_S
@@ -128,7 +128,7 @@ class BulkRun:
         self._charged_before = charged_before
         self._downloads: collections.Counter[int] = collections.Counter()  # per row, now
         for number, outcome in enumerate(settled):
-            self._tally.settle(-1 - number, outcome.status)
+            self._tally.settle(-1 - number, counted_as(outcome))
         self._unrecorded = unrecorded or []
         self._names_taken = names_taken or {}
         self._keys_on_accept = keys_on_accept
