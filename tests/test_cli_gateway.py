@@ -52,6 +52,10 @@ async def test_a_rerun_on_another_gateway_neither_collects_nor_resends_its_paid_
             assert code == 1, err
             summary = json.loads(stdout)
             assert summary["outcomes"]["saved"] == 0 and summary["exit_code"] == 1, summary
+            # Counted under their own name: known accepted, not "maybe charged, no reply".
+            assert summary["outcomes"]["other_gateway"] == 2, summary
+            assert summary["outcomes"]["uncertain"] == 0, summary
+            assert "other_gateway 2" in err and "without a reply" not in err, err
             assert "line 1, line 2" in err and gateway_a.base_url in err, err
             assert f"--base-url {gateway_a.base_url}" in err, err
             assert creds.private_key not in err + stdout

@@ -22,6 +22,7 @@ import anyio.abc
 
 from .. import (
     APIError,
+    AuthenticationError,
     ClientStateError,
     GeneratedImage,
     ImageJob,
@@ -38,8 +39,9 @@ from ._bulk_data import BulkResult, Row
 from ._image_problems import GONE, describe, disk_refused, lasting_problem, precedence
 from ._manifest import Manifest, base_record
 from ._manifest_prices import learn_price
-from ._outcome import LineOutcome, Status, classify, clean, is_systemic
+from ._outcome import LineOutcome, Status, classify, clean, counted_as, is_systemic
 from ._progress import Display
+from ._refusals import watching_refusals
 from ._rows import ROWS_DEADLINE_S
 from ._run_rows import RunRows
 from ._signals import Signals, unread
@@ -108,6 +110,9 @@ class BulkRun:
         self._already_saved = already_saved
         self._job_timeout = job_timeout
         self._stop = stop or anyio.Event()
+        # The gateway refused a batch call for the credentials: collecting stops too, as at a
+        # signal (the jobs are left pending: collected with the right credentials).
+        self._refused = anyio.Event()
         self._submitters_idle = anyio.Event()
         # A systemic error (or a disk that refuses) stops the sending but not the collection;
         # ``stop`` is the caller's (a signal), and stops both.
@@ -123,7 +128,7 @@ class BulkRun:
         self._charged_before = charged_before
         self._downloads: collections.Counter[int] = collections.Counter()  # per row, now
         for number, outcome in enumerate(settled):
-            self._tally.settle(-1 - number, outcome.status)
+            self._tally.settle(-1 - number, counted_as(outcome))
         self._unrecorded = unrecorded or []
         self._names_taken = names_taken or {}
         self._keys_on_accept = keys_on_accept
@@ -164,7 +169,7 @@ class BulkRun:
         # The lines a stop left end inside the display, so its last line counts them as the
         # summary does (it said "to send 19" above a summary of 20 not sent).
         with self._display.running():
-            with anyio.CancelScope() as scope:
+            with anyio.CancelScope() as scope, watching_refusals(self._credentials_refused):
                 # A bare task, not a task group's: the watcher waits on ``stop``, which may
                 # never come, so it must not hold the run open, and a task group around the
                 # collectors would wrap their ExceptionGroup in another. It is cancelled when
@@ -227,8 +232,30 @@ class BulkRun:
         with contextlib.suppress(ClientStateError):
             self._client.stop_submitting()
 
+    def _credentials_refused(self, refusal: AuthenticationError) -> None:
+        """The gateway refused a batch call for the credentials: every later call would be
+        refused too, and the jobs would wait out their deadlines (902 s) to end "timed out".
+        The run stops as at a refused submit (exit 3), and stops collecting: its jobs are
+        left pending, for the same command with the right credentials."""
+        if self.result.systemic is None:
+            self.result.systemic = refusal
+        self._systemic_stop = True
+        self._halt_sending()
+        self._refused.set()
+
+    async def _stopped_or_refused(self) -> None:
+        """Wait for a signal's stop, or for the gateway to refuse the credentials."""
+        async with anyio.create_task_group() as either:
+
+            async def first(event: anyio.Event) -> None:
+                await event.wait()
+                either.cancel_scope.cancel()
+
+            either.start_soon(first, self._stop)
+            either.start_soon(first, self._refused)
+
     async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
-        await self._stop.wait()
+        await self._stopped_or_refused()
         self._halt_sending()
         if self._journaled:
             await self._submits_done_or_journal_held()

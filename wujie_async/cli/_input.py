@@ -15,6 +15,7 @@ import io
 import json
 import shlex
 import stat
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,15 +182,16 @@ def _raw_rows(path: Path, kind: str, text: str) -> list[tuple[int, Any]]:
             if not stripped or stripped.startswith("#"):
                 continue
             try:
-                rows.append((number, json.loads(stripped)))
-            except json.JSONDecodeError as exc:
-                rows.append((number, _Bad(f"not valid JSON ({exc.msg})")))
+                rows.append((number, _json(stripped)))
+            except _UnreadableJson as exc:
+                rows.append((number, _Bad(f"not valid JSON ({exc.why})")))
         return rows
     if kind == "json":
         try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputFileError([f"{path}:{exc.lineno}: not valid JSON ({exc.msg})"]) from None
+            loaded = _json(text)
+        except _UnreadableJson as exc:
+            where = f"{path}:{exc.line}" if exc.line is not None else str(path)
+            raise InputFileError([f"{where}: not valid JSON ({exc.why})"]) from None
         if not isinstance(loaded, list):
             raise InputFileError([f"{path}:1: must be a JSON array of prompts or request objects"])
         return [
@@ -234,6 +236,47 @@ class _Bad:
     """A row that could not even be parsed, with why."""
 
     reason: str
+
+
+class _UnreadableJson(Exception):
+    """JSON input that cannot be read: why, and its line when known."""
+
+    def __init__(self, why: str, line: int | None = None) -> None:
+        super().__init__(why)
+        self.why = why
+        self.line = line
+
+
+class _Object(dict[str, Any]):
+    """A JSON object as read, with the keys it gave more than once (the last one won)."""
+
+    __slots__ = ("repeated",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.repeated: list[str] = []
+        if len(self) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    self.repeated.append(key)
+                seen.add(key)
+
+
+def _json(text: str) -> Any:
+    """``text`` read as JSON, each object an :class:`_Object`. What Python's reader raises
+    besides a syntax error is bad input too, said as such (it ended the command as an
+    internal error, exit 70): nesting too deep for it (``[[[...`` 100,000 deep, a
+    RecursionError) and an integer of more digits than it converts (a ValueError)."""
+    try:
+        return json.loads(text, object_pairs_hook=_Object)
+    except json.JSONDecodeError as exc:
+        raise _UnreadableJson(exc.msg, exc.lineno) from None
+    except RecursionError:
+        raise _UnreadableJson("nested too deeply") from None
+    except ValueError:  # the one other ValueError: an integer past Python's digit limit
+        digits = sys.get_int_max_str_digits()
+        raise _UnreadableJson(f"an integer of more than {digits} digits") from None
 
 
 def sniff_format(text: str) -> str:
@@ -314,6 +357,12 @@ def _check_row(
         return raw.reason
     if not isinstance(raw, dict):
         return "must be a JSON object with a prompt (or, in a .json array, a string)"
+    repeated = getattr(raw, "repeated", None)
+    if repeated:
+        # JSON leaves a repeated key to the reader (Python's keeps the last): which prompt or
+        # size was meant is not known, and the row would be sent as one of them, unsaid.
+        names = ", ".join(dict.fromkeys(repeated))
+        return f"{names}: given more than once in the row; give each field once"
     unknown = sorted(name for name in raw if name not in ALLOWED_FIELDS)
     if unknown:
         return f"{', '.join(unknown)}: unknown field; allowed: {', '.join(ALLOWED_FIELDS)}"

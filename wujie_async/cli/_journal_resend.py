@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import JournalEntry, JournalFile, Limits
-from .._budget import Kind, kind_of
+from .._budget import Kind, PriceKind, kind_of
 from .._file_names import PlannedJob
 from .._keys import images_in
 from ._bulk import BulkRun
@@ -61,6 +62,7 @@ from ._manifest_prices import (
     uncertain_cost,
     uncertain_unpriced,
     unreported_cost,
+    unreported_unpriced,
     with_learned_prices,
 )
 from ._out_lock import LOCK_NAME, out_folder_lock
@@ -216,11 +218,13 @@ async def _resend_in(args: argparse.Namespace, console: Console, path: Path) -> 
             check_names(args.name, [_planned(row) for row in rows], taken=_run_files(args, path))
             # Rows of a kind an uncertain line may have been charged for at no known price:
             # not sent, as bulk's re-run does (--max-points could not be held).
-            unpriced = [
-                (row, _unpriced(row, args.max_points))
-                for row in rows
-                if kind_of(row.body, images_in(row.body) or 1) in budget.unpriced
-            ]
+            # So are rows of a kind whose earlier jobs were charged a cost never reported.
+            unpriced: list[tuple[Row, LineOutcome]] = []
+            for row in rows:
+                kind = kind_of(row.body, images_in(row.body) or 1)
+                if kind in budget.unpriced or kind[:3] in budget.unreported:
+                    why = _unpriced(row, args.max_points, unreported=kind not in budget.unpriced)
+                    unpriced.append((row, why))
             held = {id(row) for row, _ in unpriced}
             send = [row for row in rows if id(row) not in held]
             display = Display(Tally(len(rows)), console, mode="none", quiet=args.quiet)
@@ -336,9 +340,13 @@ class _Budget:
     """What ``--max-points`` leaves a resend, as a ``bulk`` re-run of the folder's input
     reckons it: the limits of its client, and the kinds it cannot price."""
 
-    def __init__(self, limits: Limits, unpriced: set[Kind]) -> None:
+    def __init__(
+        self, limits: Limits, unpriced: set[Kind], unreported: Collection[PriceKind] = ()
+    ) -> None:
         self.limits = limits
         self.unpriced = unpriced
+        # Kinds of saved jobs whose cost the gateway never reported, with no known price.
+        self.unreported = unreported
 
 
 async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, Any]]) -> _Budget:
@@ -367,11 +375,18 @@ async def _budget(args: argparse.Namespace, path: Path, records: list[dict[str, 
     limits = Limits(
         max_concurrent_submits=4, max_points=max(room, 0.0), point_prices=prices or None
     )
-    return _Budget(limits, uncertain_unpriced(held, bodies, prices))
+    return _Budget(
+        limits, uncertain_unpriced(held, bodies, prices), unreported_unpriced(mine, bodies, prices)
+    )
 
 
-def _unpriced(row: Row, max_points: float) -> LineOutcome:
+def _unpriced(row: Row, max_points: float, *, unreported: bool) -> LineOutcome:
     model = row.body.get("model")
+    why = (
+        f"{model} jobs of earlier runs were charged a cost the gateway never reported"
+        if unreported
+        else f"a {model} line may have been charged without a reply"
+    )
     return LineOutcome(
         "not_sent",
         row.line,
@@ -379,9 +394,9 @@ def _unpriced(row: Row, max_points: float) -> LineOutcome:
         None,
         "unpriced",
         clean(
-            f"not sent: a {model} line may have been charged without a reply, and what a "
-            f"{model} job costs is not known, so --max-points {max_points:g} cannot be held; "
-            f"give its price with --point-price {model}=POINTS (points per image) and resend it"
+            f"not sent: {why}, and what a {model} job costs is not known, so --max-points "
+            f"{max_points:g} cannot be held; give its price with --point-price {model}=POINTS "
+            "(points per image) and resend it"
         ),
     )
 

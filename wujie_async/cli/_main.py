@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         guard = ExitGuard(lambda exc: _said(exc, console, verbose=verbose))
         if args.command not in ("emulator", "completion"):
             signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+            # Ctrl-C stops the command from here on, as the run's own handler does later. A
+            # process started with SIGINT ignored (a script's background job, `cmd &`) kept it
+            # ignored until the run installed its handler: a `kill -INT` while it read and
+            # planned a large input was lost, and the run went on sending, and paying.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "emulator":
             return emulator.run(args)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._budget import Budget, Kind, kind_of
+from .._budget import Budget, Kind, PriceKind, kind_of
 from .._config import price_key_problem
 from .._keys import images_in
 from ._manifest import lines_ended, recorded_request
@@ -174,6 +174,37 @@ def unreported_cost(
     request bodies by row tag). A job with an image not saved yet is left out: the re-run
     collects it, and its budget holds the job's cost itself.
     """
+    return priced_at(_unreported_requests(records, bodies), prices)
+
+
+def unreported_unpriced(
+    records: Iterable[dict[str, Any]],
+    bodies: Mapping[str, Mapping[str, Any]],
+    prices: Mapping[str, float] | None,
+) -> dict[PriceKind, int]:
+    """The kinds (model, size, quality) of earlier runs' jobs that saved their images without
+    the gateway reporting their cost (see :func:`unreported_cost`) and that have no known
+    price, each with how many such jobs.
+
+    Such jobs were charged, and nothing counts them. A re-run with a budget that sent another
+    job of the kind to learn its price would learn nothing from a gateway that never reports
+    it, and pay once more past the budget: once per re-run (5 re-runs of a 20-point budget
+    paid 80). So a re-run sends no line of such a kind until ``--point-price`` gives one.
+    """
+    pricing = Budget(math.inf, prices)
+    kinds: dict[PriceKind, int] = {}
+    for body in _unreported_requests(records, bodies):
+        kind = kind_of(body, images_in(body) or 1)
+        if isinstance(body.get("model"), str) and pricing.estimate(kind) is None:
+            kinds[kind[:3]] = kinds.get(kind[:3], 0) + 1
+    return kinds
+
+
+def _unreported_requests(
+    records: Iterable[dict[str, Any]], bodies: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The requests of earlier runs' jobs that saved every image while no row records their
+    cost (see :func:`unreported_cost`)."""
     rows: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         if isinstance(key := record.get("key"), str):
@@ -187,4 +218,4 @@ def unreported_cost(
         body = recorded_request(first, dict(bodies.get(str(first.get("tag"))) or {}))
         if len({record.get("index") for record in saved}) >= (images_in(body) or 1):
             requests.append(body)
-    return priced_at(requests, prices)
+    return requests

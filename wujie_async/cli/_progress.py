@@ -38,8 +38,17 @@ LineState = Literal[
     "rejected",
     "uncertain",
     "not_sent",
+    "other_gateway",
 ]
-ENDED: Final = ("saved", "failed", "moderated", "rejected", "uncertain", "not_sent")
+ENDED: Final = (
+    "saved",
+    "failed",
+    "moderated",
+    "rejected",
+    "uncertain",
+    "not_sent",
+    "other_gateway",
+)
 PLAIN_INTERVAL_S: Final = 10.0
 
 

@@ -26,7 +26,7 @@ from .. import (
     Limits,
     WujieClient,
 )
-from .._budget import Kind, kind_of
+from .._budget import Kind, PriceKind, kind_of
 from .._file_names import DEFAULT_NAME
 from .._keys import images_in
 from ._bulk import BulkRun
@@ -56,6 +56,7 @@ from ._manifest_prices import (
     uncertain_cost,
     uncertain_unpriced,
     unreported_cost,
+    unreported_unpriced,
     with_learned_prices,
 )
 from ._outcome import LineOutcome, clean
@@ -132,6 +133,9 @@ class Session:
         self.points_uncertain = 0.0  # what their uncertain lines may have been (with a budget)
         # With a budget: kinds of their uncertain lines that have no known price (see _unpriced).
         self.unpriced_kinds: set[Kind] = set()
+        # With a budget: kinds (model, size, quality) of their saved jobs whose cost the gateway
+        # never reported and that have no known price, with how many (see _unpriced).
+        self.unreported_kinds: dict[PriceKind, int] = {}
         self.prices_before: dict[str, float] = {}  # with a budget: their cost per image, by kind
         # Earlier runs' saved jobs whose cost the gateway did not report, at their kind's price:
         # counted with what earlier runs spent (and against the budget).
@@ -163,7 +167,17 @@ class Session:
         send = []
         for row in plan.send:
             model = row.body.get("model")
-            if kind_of(row.body, images_in(row.body) or 1) not in self.unpriced_kinds:
+            kind = kind_of(row.body, images_in(row.body) or 1)
+            if kind in self.unpriced_kinds:
+                why = f"a {model} line of an earlier run may have been charged without a reply"
+            elif (jobs := self.unreported_kinds.get(kind[:3])) is not None:
+                # A job sent to learn the price: this gateway did not report it for the
+                # earlier ones, and each re-run so paid one more job past the budget.
+                why = (
+                    f"{jobs} {model} job(s) of earlier runs were charged a cost the gateway "
+                    "never reported"
+                )
+            else:
                 send.append(row)
                 continue
             outcome = LineOutcome(
@@ -173,10 +187,9 @@ class Session:
                 None,
                 "unpriced",
                 clean(
-                    f"not sent: a {model} line of an earlier run may have been charged without "
-                    f"a reply, and what a {model} job costs is not known, so --max-points "
-                    f"{self.args.max_points:g} cannot be held; give its price with "
-                    f"--point-price {model}=POINTS (points per image) and re-run"
+                    f"not sent: {why}, and what a {model} job costs is not known, so "
+                    f"--max-points {self.args.max_points:g} cannot be held; give its price "
+                    f"with --point-price {model}=POINTS (points per image) and re-run"
                 ),
             )
             plan.settled.append(outcome)
@@ -235,6 +248,7 @@ class Session:
                     records = [*records, *await journal_uncertain(self.journal, items, records)]
                 self.points_uncertain = uncertain_cost(records, bodies, self._point_prices())
                 self.unpriced_kinds = uncertain_unpriced(records, bodies, self._point_prices())
+                self.unreported_kinds = unreported_unpriced(records, bodies, self._point_prices())
         async with self._opened(items) as (client, reserve, close):
             if args.command == "resume":
                 plan = await plan_resume(client, records)
@@ -280,7 +294,7 @@ class Session:
                     "whose job it accepted (no resend): their images are saved if it lists them "
                     "done now, else they stay uncertain"
                 )
-            if self.unpriced_kinds:
+            if self.unpriced_kinds or self.unreported_kinds:
                 self._unpriced(plan)
             # A gateway that hands out a key again (a counter reset by a restart) gave a new
             # line an earlier run's key: it was taken for that saved job, read "saved", and

@@ -76,8 +76,9 @@ class RunRows:
         self._stop(OutputUnwritableError.manifest_gone(journaled=self._journaled))
 
     async def settle(self) -> None:
-        """Wait (at most ``ROWS_DEADLINE_S``) until the rows queued are written. Rows the disk
-        has not taken by then (it stopped answering) are listed with the rows it refused, and
+        """Wait until the rows queued are written, as long as the disk keeps taking them (a
+        backlog of many rows is no stalled disk). Rows left once it has taken none for
+        ``ROWS_DEADLINE_S`` (it stopped answering) are listed with the rows it refused, and
         the run ends as a refusal ends it (exit 3, keys in the summary). A cancel (a signal
         that ends the closing waits) lists the rows not written yet the same way."""
         rows = self._rows

@@ -440,7 +440,7 @@ class Summary:
         elsewhere = [o for o in result.outcomes if o.error_code == OTHER_GATEWAY]
         if elsewhere:
             self._elsewhere_said(elsewhere)
-        if counts["uncertain"] - accepted - len(missing) - len(elsewhere):
+        if counts["uncertain"] - accepted - len(missing):
             see = (
                 f"wujie-async journal list --status uncertain --journal {_sh(self.journal)}"
                 if self.journal is not None
@@ -452,7 +452,7 @@ class Summary:
                 else "resend them by adding --retry-uncertain"
             )
             say(
-                f"{counts['uncertain'] - accepted - len(missing) - len(elsewhere)} line(s) may "
+                f"{counts['uncertain'] - accepted - len(missing)} line(s) may "
                 "have been charged "
                 "without a "
                 f"reply; they are never resent silently. See them with: {see}; once the "
