@@ -229,6 +229,26 @@ async def test_unknown_models_pass_through_to_the_gateway(emulator: EmulatorFact
         assert emu.stats()["requests"] == {"generations": 1}
 
 
+async def test_batch_calls_refused_for_the_credentials_are_counted_as_such(
+    emulator: EmulatorFactory,
+) -> None:
+    """Another account's key: every batch call is refused (401), and stats says why (a
+    process that only collects stops on it), not only that a call failed."""
+    async with emulator() as emu:
+        client = WujieClient(
+            throwaway_credentials(), base_url=emu.base_url, poll=FAST_POLL, retry=INSTANT_RETRY
+        )
+        async with client:
+            job = client.images.attach("0123456789ABCDEF0123456789ABCDEF")
+            await eventually(lambda: client.stats.credentials_refused >= 2)
+            stats = client.stats
+            assert stats.batch_errors >= stats.credentials_refused >= 2
+            job.cancel()
+        async with make_client(emu) as client:  # the right key: a failed call is no refusal
+            client.images.attach("0123456789ABCDEF0123456789ABCDEF").cancel()
+            assert client.stats.credentials_refused == 0
+
+
 @pytest.mark.fake_clock  # the grace period passes on the loop's clock, not in real time
 async def test_a_key_absent_past_the_grace_period_fails_as_unknown(
     emulator: EmulatorFactory,

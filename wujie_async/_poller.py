@@ -52,6 +52,7 @@ from . import _contract
 from ._call_watch import DeadlineWatch, SendTime
 from ._config import Limits, PollPolicy
 from ._errors import (
+    AuthenticationError,
     JobError,
     ParameterError,
     ProtocolError,
@@ -362,6 +363,8 @@ class BatchPoller(_FanOut):
                 )
             else:
                 self.counters.batch_errors += 1
+                if isinstance(exc, AuthenticationError):
+                    self.counters.credentials_refused += 1
                 # A reply too large, or one entry nested too deep to read: asked in halves, so
                 # that only the keys it concerns end.
                 if isinstance(exc, ResponseTooLargeError | ReplyTooComplexError):

@@ -16,6 +16,7 @@ class PollerCounters:
 
     batch_calls: int = 0
     batch_errors: int = 0
+    credentials_refused: int = 0
     keys_polled: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -77,6 +78,10 @@ class ClientStats:
         batch_calls: batch-detail calls sent.
         batch_errors: batch-detail calls that failed after their retries (a call refused with
             429 is counted in ``rate_limited``; its keys are asked again after Retry-After).
+        credentials_refused: of ``batch_errors``, the calls the gateway refused for the
+            credentials (HTTP 401 or 403, ``AuthenticationError``): every later call with these
+            credentials will be too, and the jobs will wait out their deadlines. A process that
+            only collects (the CLI's ``resume``) stops on the first.
         keys_polled: keys asked about, over all batch calls.
         mean_batch_fill: keys per batch call on average (50 is full).
         http_calls: HTTP requests sent, retries included.
@@ -115,6 +120,7 @@ class ClientStats:
     poll_rate_limit: float | None = None
     fleet: FleetStats | None = None
     submits_uncertain: int = 0
+    credentials_refused: int = 0
 
 
 def snapshot(
@@ -153,4 +159,5 @@ def snapshot(
         poll_rate_limit=poll_rate_limit,
         fleet=fleet,
         submits_uncertain=submits_uncertain,
+        credentials_refused=poller.credentials_refused,
     )

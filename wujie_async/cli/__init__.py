@@ -14,9 +14,6 @@ documented internal seams, each for one reason:
 * ``wujie_async._journal`` (``ALL_STATES``): the row states ``journal list`` filters on;
 * ``wujie_async._telemetry`` (``show_log``, ``log_level``): ``--verbose`` and ``WUJIE_LOG`` show
   the library's log the one way the library itself does;
-* the client's WARNING ``batch query of N keys failed: ...`` (logger ``wujie_async``), whose
-  text says an ``AuthenticationError``'s own words: a run that only collects stops on the
-  first one (``_refusals``), as ``client.stats`` counts failed batch calls but not why.
 
 Modules: ``_main`` (the entry point: logging, signals, how an error ends the process),
 ``_parser`` (the parser), ``_dispatch`` (a parsed command line checked and run), ``_common``

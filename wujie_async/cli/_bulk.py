@@ -169,21 +169,22 @@ class BulkRun:
         # The lines a stop left end inside the display, so its last line counts them as the
         # summary does (it said "to send 19" above a summary of 20 not sent).
         with self._display.running():
-            with anyio.CancelScope() as scope, watching_refusals(self._credentials_refused):
-                # A bare task, not a task group's: the watcher waits on ``stop``, which may
-                # never come, so it must not hold the run open, and a task group around the
-                # collectors would wrap their ExceptionGroup in another. It is cancelled when
-                # the work ends.
-                watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
-                try:
-                    async with anyio.create_task_group() as collectors:
-                        for row, job in self._collect:
-                            self._keys.add(job.key)
-                            self._move(row, "generating")
-                            collectors.start_soon(self._collect_job, row, job)
-                        await self._submit_all(queue, collectors)
-                finally:
-                    watcher.cancel()
+            async with watching_refusals(self._client, self._credentials_refused):
+                with anyio.CancelScope() as scope:
+                    # A bare task, not a task group's: the watcher waits on ``stop``, which may
+                    # never come, so it must not hold the run open, and a task group around the
+                    # collectors would wrap their ExceptionGroup in another. It is cancelled when
+                    # the work ends.
+                    watcher = asyncio.get_running_loop().create_task(self._cancel_on_stop(scope))
+                    try:
+                        async with anyio.create_task_group() as collectors:
+                            for row, job in self._collect:
+                                self._keys.add(job.key)
+                                self._move(row, "generating")
+                                collectors.start_soon(self._collect_job, row, job)
+                            await self._submit_all(queue, collectors)
+                    finally:
+                        watcher.cancel()
             self._end_on_the_wire()  # submits stopped waiting for a journal that took no write
             return self._close(interrupted=self._stop.is_set())
 
