@@ -9,6 +9,7 @@ the key to look for it) are left out.
 
 from __future__ import annotations
 
+import argparse
 import base64
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from wujie_async import Credentials, InvalidRequestError, WujieClient
+from wujie_async.cli._common import UsageError
+from wujie_async.cli._common import credentials as cli_credentials
 
 from .helpers import error_chain
 
@@ -158,3 +161,19 @@ def test_a_good_key_read_from_the_environment_without_an_app_id_is_kept_by_no_fr
     error = _refused(_READERS[reader])
     assert error.field == "WUJIE_APP_ID"
     assert _kept(error, _pieces(_PEM)) == []
+
+
+@pytest.mark.parametrize("how", ["variable", "file"])
+@pytest.mark.parametrize("damage", ["der cut short", "der with a bad character", "ec key"])
+def test_a_refused_key_the_cli_reads_is_kept_by_no_frame(
+    how: str, damage: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The CLI's credentials (from the environment, as ``bulk`` reads them): its usage error
+    for a refused key leaves the key in none of its frames."""
+    key = _damaged()[damage]
+    _read_from_env(how, monkeypatch, key, tmp_path)
+    args = argparse.Namespace(app_id=None, private_key_file=None)
+    with pytest.raises(UsageError) as info:
+        cli_credentials(args)
+    assert "WUJIE_PRIVATE_KEY" in str(info.value)
+    assert _kept(info.value, _pieces(key)) == []

@@ -168,7 +168,10 @@ def credentials(args: argparse.Namespace) -> Credentials:
     try:
         return Credentials(app_id=app_id, private_key=private_key)
     except InvalidRequestError as exc:
-        raise UsageError(f"{where}: {exc.rule}") from None
+        rule = exc.rule
+    # A refused key must not stay in this frame's locals (error reporters record them).
+    del private_key, env
+    raise UsageError(f"{where}: {rule}")
 
 
 def emulator_faults(pairs: list[str]) -> FaultConfig:
