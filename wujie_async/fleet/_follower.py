@@ -119,10 +119,11 @@ class Follower:
         applied = loop.time()
         while True:
             reports = await self._inbox.read(_READ_WAIT)
-            if reports and loop.time() - applied > _READ_WAIT + self._stood_still:
-                # Woken from a freeze with reports waiting: a job they end could be one
-                # another member claimed meanwhile; the member finds out (and says so, per
-                # job) before any consumer sees the job end here.
+            if loop.time() - applied > _READ_WAIT + self._stood_still:
+                # Woken from a freeze: a job the reports end (these, or the next: the read
+                # that stood still may bring only its own empty reply) could be one another
+                # member claimed meanwhile; the member finds out (and says so, per job)
+                # before any consumer sees the job end here.
                 await self._check_in()
             for report in reports:
                 self._apply(report)

@@ -382,13 +382,16 @@ class FleetMember:
         )
         self._set_role()
 
-    async def _join_again(self, joins: int) -> None:
+    async def _join_again(self, joins: int, *, unless_alive: bool = False) -> None:
         """The fleet declared this member dead (or Redis lost it) while it was alive: it
         joins again and registers its keys again; its tasks carry on (a lease it held has
         run out, and its leader saw that on its own clock). ``joins``: ``self._joins`` when
-        the caller found it out; a join since then (another caller's) has done it all."""
+        the caller found it out; a join since then (another caller's) has done it all.
+        ``unless_alive``: a heartbeat first, and nothing more if it lands."""
         async with self._joining:
             if joins != self._joins:
+                return
+            if unless_alive and await self._membership.heartbeat():
                 return
             written, restored, claimed = await self._put_back()
             self._joins += 1
@@ -412,10 +415,10 @@ class FleetMember:
 
     async def _check_in(self) -> None:
         """Heartbeat now, and join again if the fleet declared this member dead (the
-        follower, woken from a freeze with reports waiting, asks before applying them)."""
-        joins = self._joins
-        if not await self._membership.heartbeat():
-            await self._join_again(joins)
+        follower, woken from a freeze with reports waiting, asks before applying them). The
+        heartbeat waits for a join under way: one that landed is no news until the claims
+        are noted."""
+        await self._join_again(self._joins, unless_alive=True)
 
     async def _watch(self) -> None:
         """Heartbeats and the fleet's figures while joined; rejoining while not."""
