@@ -57,20 +57,10 @@ def test_a_path_that_is_not_a_database_number_is_refused(url: str) -> None:
     assert "database number" in str(caught.value)
     for shown in (str(caught.value), repr(caught.value), *reported_locals(caught.value)):
         assert "s3cret" not in shown
-
-
-@pytest.mark.parametrize(
-    "url",
-    [
-        "redis://127.0.0.1:6379",
-        "redis://127.0.0.1:6379/",
-        "redis://127.0.0.1:6379/15",
-        "rediss://:pw@127.0.0.1:6379/%32",  # "2", percent-encoded: redis-py reads it so
-        "unix:///tmp/redis.sock?db=2",  # there the path is the socket's
-    ],
-)
-def test_a_database_number_or_no_path_is_accepted(url: str) -> None:
-    RedisFleet(url, name="x")
+    # A database number (percent-encoded too: redis-py reads it so), or no path, is fine.
+    base = url.split("/")[:3]
+    for path in ("", "/", "/15", "/%32"):
+        RedisFleet("/".join(base) + path, name="x")
 
 
 @pytest.mark.long
