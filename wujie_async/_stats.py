@@ -48,9 +48,24 @@ class FleetStats:
         keys_polled: keys those calls asked about.
         mean_batch_fill: keys per fleet-wide batch call on average (50 is full).
         leader_calls: batch calls this member sent as a leader (part of ``batch_calls``).
-        leader_keys: keys those calls asked about.
+        leader_keys: keys those calls asked about, so far (a key once per call that asked
+            about it; ``open_keys`` is how many there are now).
         jobs_learned: ended jobs this member's poll schedule has learned from: its own, and
             those of the other members it polled as a leader; each job once.
+        leaders: per shard, the member id of its leader (the holder of its lease) as this
+            member last read it (about every second; kept while ``local``); None: no leader
+            then (it died, and its lease has not run out or been taken yet).
+        open_keys: this member's jobs the fleet polls for it now: its keys in the registry
+            (or to be written there once Redis answers).
+        jobs_claimed_by_others: jobs of this member that other members claimed (their
+            ``resume()``) while the fleet held this member dead, though it was alive (its
+            loop frozen, Redis away from it, past ``member_timeout``); found out when it
+            joins again (a WARNING says how many).
+        keys_claimed_by_others: the keys of those jobs, oldest first (the latest 10,000; a
+            tuple: ``dataclasses.asdict`` of the stats stays JSON-friendly). Such a job
+            resolves here and at its claimer: a consumer that publishes results skips a job
+            whose key is here (its claimer publishes it). Noted before a report of the
+            fleet's leader ends the job here.
     """
 
     role: Literal["leader", "follower", "local"]
@@ -62,6 +77,10 @@ class FleetStats:
     leader_calls: int
     leader_keys: int
     jobs_learned: int = 0
+    leaders: tuple[str | None, ...] = ()
+    open_keys: int = 0
+    jobs_claimed_by_others: int = 0
+    keys_claimed_by_others: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

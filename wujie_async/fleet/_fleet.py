@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .._errors import ClientStateError, InvalidRequestError
 from ._errors import FleetUnavailableError
@@ -115,7 +115,17 @@ def _url_problem(url: object) -> str | None:
             "cannot be read as a Redis URL (a password with '#', '?' or '/' must be "
             "percent-encoded: %23, %3F, %2F)"
         )
+    if parts.scheme != "unix" and not _is_db_path(parts.path):
+        # redis-py reads the path as the database number and, unable to, drops it unread:
+        # redis://host/x and redis://host/1x used database 0 without a word.
+        return "has a path that is not a database number (redis://host:6379/0, or no path)"
     return _query_problem(url, parts.scheme)
+
+
+def _is_db_path(path: str) -> bool:
+    """``path`` (of a redis:// or rediss:// URL) is none, or ``/`` and a database number."""
+    number = unquote(path).removeprefix("/")
+    return number == "" or (number.isascii() and number.isdigit())
 
 
 def _query_problem(url: str, scheme: str) -> str | None:
@@ -213,7 +223,8 @@ class RedisFleet:
 
     Args:
         url: ``redis://[:password@]host:port/db`` (also ``rediss://``, ``unix://``); a
-            password's ``#``, ``?`` and ``/`` percent-encoded (``%23``, ``%3F``, ``%2F``).
+            password's ``#``, ``?`` and ``/`` percent-encoded (``%23``, ``%3F``, ``%2F``);
+            the path, if any, a database number.
         name: the fleet's name; members with the same name share limits, poller and journal.
         member_timeout: seconds without a heartbeat after which a member counts as dead and
             its jobs may be claimed; members heartbeat every third of it.

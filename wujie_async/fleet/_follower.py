@@ -13,19 +13,37 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from .._jobs import ImageJob
 from .._poller import BatchPoller
 from ._exchange import VERDICTS, Inbox, KeyInfo, KeyRegistry, Report
 from ._link import RedisLink
 
+_READ_WAIT = 1.0  # seconds a read of the inbox waits for reports
+# A read that comes back this much later than its wait (since the last reports were applied)
+# finds a process that stood still (a SIGSTOP, a blocked loop), not a slow Redis alone; or
+# half of member_timeout, if less (a shorter stall cannot get a member declared dead).
+_STOOD_STILL = 1.0
+
 
 class Follower:
     """One member's keys in the fleet's registry, and the leader's reports about them, applied
     to the client's poller (which sends no batch call while the member follows)."""
 
-    def __init__(self, link: RedisLink, member_id: str, poller: BatchPoller) -> None:
+    def __init__(
+        self,
+        link: RedisLink,
+        member_id: str,
+        poller: BatchPoller,
+        check_in: Callable[[], Awaitable[None]],
+    ) -> None:
+        """``check_in``: awaited before reports read after the process stood still are
+        applied (the fleet may have declared the member dead meanwhile, and given its jobs
+        to others: see ``FleetMember._check_in``)."""
         self._member_id = member_id
+        self._check_in = check_in
+        self._stood_still = min(_STOOD_STILL, link.config.member_timeout / 2)
         self._poller = poller
         self._registry = KeyRegistry(link)
         self._inbox = Inbox(link, member_id)
@@ -37,6 +55,10 @@ class Follower:
     def keys(self) -> int:
         """How many keys this member has registered (or will, once Redis answers)."""
         return len(self._mine)
+
+    def tracked_keys(self) -> list[str]:
+        """The keys of the jobs this member follows now."""
+        return list(self._mine)
 
     def track(self, job: ImageJob, first_delay: float | None) -> None:
         """Register ``job``'s key (soon, in the background) until the job ends."""
@@ -93,11 +115,20 @@ class Follower:
 
     async def read(self) -> None:
         """Apply the leader's reports as they come (a background task)."""
+        loop = asyncio.get_running_loop()
+        applied = loop.time()
         while True:
-            reports = await self._inbox.read(1.0)
+            reports = await self._inbox.read(_READ_WAIT)
+            if loop.time() - applied > _READ_WAIT + self._stood_still:
+                # Woken from a freeze: a job the reports end (these, or the next: the read
+                # that stood still may bring only its own empty reply) could be one another
+                # member claimed meanwhile; the member finds out (and says so, per job)
+                # before any consumer sees the job end here.
+                await self._check_in()
             for report in reports:
                 self._apply(report)
             await self._inbox.ack(reports)
+            applied = loop.time()
 
     def _apply(self, report: Report) -> None:
         if report.keys:

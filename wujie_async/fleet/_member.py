@@ -37,10 +37,15 @@ from ._lease import LeaderLease
 from ._limiter import FleetLimiter
 from ._link import FleetConnection, refused_for_its_data, stop_task
 from ._membership import Membership, new_member_id
+from ._takeover import Takeover
 
 logger = logging.getLogger("wujie_async.fleet")
 
 _T = TypeVar("_T")
+_CLAIMED_HINT = (
+    " (they resolve here too, and the claimers' resume() returned them: a consumer that "
+    "publishes results checks client.stats.fleet.keys_claimed_by_others first)"
+)
 _RETRY = 0.25  # a member away from Redis tries it again this often
 # A member lost again within this many seconds of rejoining is flapping (a Redis at its memory
 # limit takes the rejoin's small writes and refuses the reports): its next rejoin waits twice
@@ -48,6 +53,9 @@ _RETRY = 0.25  # a member away from Redis tries it again this often
 _STEADY = 2.0
 _REJOIN_WAIT_MAX = 4.0
 _FIGURES_EVERY = 1.0
+# Keys of this member's jobs other members claimed, kept for FleetStats (the oldest go first):
+# a consumer checks a job's key there after it ends, shortly after.
+_CLAIMED_KEPT = 10_000
 
 
 class FleetMember:
@@ -86,6 +94,15 @@ class FleetMember:
         self._failing_last = 0.0
         self._failing_why = ""
         self._size = 1
+        self._leader_ids: tuple[str | None, ...] = (None,) * config.shards  # as last read
+        self._takeover = Takeover(link, self._member_id)
+        self._claimed: dict[str, None] = {}  # keys other members claimed, oldest first
+        self._claimed_keys: tuple[str, ...] = ()
+        self._jobs_claimed = 0
+        # Joining again is done by one caller at a time; one that found the member dead
+        # before another joined it again meanwhile has nothing left to do (see _join_again).
+        self._joining = asyncio.Lock()
+        self._joins = 0
         self._fleet_calls = self._fleet_keys = 0
         self._flushed_calls = self._flushed_keys = 0
 
@@ -126,7 +143,7 @@ class FleetMember:
             await self.aclose()
             raise
         self._poller, self._transport = poller, transport
-        self._follower = Follower(self._link, self._member_id, poller)
+        self._follower = Follower(self._link, self._member_id, poller, self._check_in)
         self._leaders = [
             ShardLeader(self._link, lease, transport, poll, limits, poller.schedule)
             for lease in self._leases
@@ -277,10 +294,11 @@ class FleetMember:
         self._rejoin_at = now + self._rejoin_wait
         self._wake.set()  # _watch may be asleep for a while as a joined member
 
-    async def _put_back(self) -> str:
+    async def _put_back(self) -> tuple[str, int, int]:
         """Join the member list again and write back what Redis may have lost: this
         member's keys in the registry, and its open jobs' journal rows. Returns what was
-        written, in words for the log line."""
+        written, in words for the log line, how many journal rows were written again, and
+        how many of the jobs it follows other members claimed meanwhile (see _note_claimed)."""
         follower = self._follower
         assert follower is not None
         try:
@@ -302,10 +320,27 @@ class FleetMember:
             )
             for lease in self._leases:
                 await lease.try_acquire(take_from=dropped)
+        # Before its keys are registered again: no report of theirs ends a job here before
+        # the member knows whether another member claimed it.
+        claimed = await self._note_claimed(follower)
         await follower.register_all()
         restored = await self._journal.restore()
         rows = f", and {restored} journal rows Redis had lost" if restored else ""
-        return f"its {follower.keys} keys registered again{rows}"
+        return f"its {follower.keys} keys registered again{rows}", restored, claimed
+
+    async def _note_claimed(self, follower: Follower) -> int:
+        """Note which of the jobs this member follows other members claimed while the fleet
+        held it dead (their journal rows are the claimers' now: their ``resume()`` returned
+        the jobs, which resolve here too). Returns how many new."""
+        taken = [k for k in await self._takeover.taken(follower.tracked_keys())
+                 if k not in self._claimed]  # fmt: skip
+        if taken:
+            self._jobs_claimed += len(taken)
+            self._claimed.update(dict.fromkeys(taken))
+            for old in list(self._claimed)[: max(0, len(self._claimed) - _CLAIMED_KEPT)]:
+                del self._claimed[old]
+            self._claimed_keys = tuple(self._claimed)
+        return len(taken)
 
     def _keep_out(self, refusal: FleetMismatchError) -> None:
         """The fleet's live members use another gateway: this member stays out (local, its
@@ -332,7 +367,11 @@ class FleetMember:
     async def _rejoin(self) -> None:
         await self._stop_tasks()
         await self._journal.warm()
-        written = await self._put_back()
+        written, _, claimed = await self._put_back()
+        self._joins += 1
+        if claimed:
+            # Redis was away from it longer than member_timeout: the fleet declared it dead.
+            written += f"; other members claimed {claimed} of its jobs meanwhile{_CLAIMED_HINT}"
         self._joined = True
         if self._poller is not None:
             self._poller.set_asking(False)
@@ -343,19 +382,43 @@ class FleetMember:
         )
         self._set_role()
 
-    async def _join_again(self) -> None:
+    async def _join_again(self, joins: int, *, unless_alive: bool = False) -> None:
         """The fleet declared this member dead (or Redis lost it) while it was alive: it
         joins again and registers its keys again; its tasks carry on (a lease it held has
-        run out, and its leader saw that on its own clock)."""
-        written = await self._put_back()
+        run out, and its leader saw that on its own clock). ``joins``: ``self._joins`` when
+        the caller found it out; a join since then (another caller's) has done it all.
+        ``unless_alive``: a heartbeat first, and nothing more if it lands."""
+        async with self._joining:
+            if joins != self._joins:
+                return
+            if unless_alive and await self._membership.heartbeat():
+                return
+            written, restored, claimed = await self._put_back()
+            self._joins += 1
+        timeout = self._config.member_timeout
+        if claimed:
+            what = (
+                f"was declared dead (no heartbeat for {timeout:g}s) and other members claimed "
+                f"{claimed} of its jobs{_CLAIMED_HINT}"
+            )
+        elif restored:
+            what = "was forgotten by Redis (a FLUSHALL, or a restart without persistence)"
+        else:
+            what = f"was declared dead (no heartbeat for {timeout:g}s) or forgotten by Redis"
         logger.warning(
-            "fleet %s: member %s was declared dead (no heartbeat for %gs) or forgotten by "
-            "Redis; it joined again (%s)",
+            "fleet %s: member %s %s; it joined again (%s)",
             self._config.name,
             self._member_id,
-            self._config.member_timeout,
+            what,
             written,
         )
+
+    async def _check_in(self) -> None:
+        """Heartbeat now, and join again if the fleet declared this member dead (the
+        follower, woken from a freeze with reports waiting, asks before applying them). The
+        heartbeat waits for a join under way: one that landed is no news until the claims
+        are noted."""
+        await self._join_again(self._joins, unless_alive=True)
 
     async def _watch(self) -> None:
         """Heartbeats and the fleet's figures while joined; rejoining while not."""
@@ -377,16 +440,18 @@ class FleetMember:
                         await self._rejoin()
                         beat_at = loop.time() + self._config.heartbeat_interval
                     continue
+                joins = self._joins
                 if loop.time() >= beat_at:
                     beat_at = loop.time() + self._config.heartbeat_interval
                     if not await self._membership.heartbeat():
-                        await self._join_again()
+                        await self._join_again(joins)
+                        joins = self._joins
                 if not await self._refresh_figures():
                     # Redis lost this member (a FLUSHALL, a restart without AOF) or the fleet
                     # declared it dead: join again now, not at the next heartbeat (a third of
                     # member_timeout away), so its keys are not left unpolled until then.
                     beat_at = loop.time() + self._config.heartbeat_interval
-                    await self._join_again()
+                    await self._join_again(joins)
             except FleetUnavailableError as exc:
                 self._lost(str(exc))
             except FleetMismatchError:
@@ -485,6 +550,7 @@ class FleetMember:
             self._follower.track(job, first_delay)
 
     async def resumable(self) -> list[JournalEntry]:
+        joins = self._joins
         try:
             claim = await self._journal.claim_dead()
         except ClientStateError:
@@ -494,7 +560,7 @@ class FleetMember:
             # others' heartbeats may not have landed yet, and they would look dead.
             if await self._membership.beat() != "unknown":
                 raise
-            await self._join_again()
+            await self._join_again(joins)
             claim = await self._journal.claim_dead()
         for dead in claim.dead_members:
             with contextlib.suppress(FleetUnavailableError):
@@ -516,6 +582,10 @@ class FleetMember:
             leader_calls=calls,
             leader_keys=keys,
             jobs_learned=self._poller.schedule.jobs_learned if self._poller is not None else 0,
+            leaders=self._leader_ids,
+            open_keys=self._follower.keys if self._follower is not None else 0,
+            jobs_claimed_by_others=self._jobs_claimed,
+            keys_claimed_by_others=self._claimed_keys,
         )
 
     async def _refresh_figures(self) -> bool:
@@ -526,6 +596,7 @@ class FleetMember:
         and a key of another type reads as no figures (not as Redis failing).
         """
         key, info = self._link.keys.stats, self._link.keys.member_info
+        leases = [self._link.keys.lease(shard) for shard in range(self._config.shards)]
         now = self.stats()
         calls, keys = now.leader_calls - self._flushed_calls, now.leader_keys - self._flushed_keys
 
@@ -537,6 +608,8 @@ class FleetMember:
                 pipe.hgetall(key)
                 # Joined members have their info; a journal write alone puts one back without.
                 pipe.hexists(info, self._member_id)
+                for lease in leases:  # who leads each shard, for FleetStats
+                    pipe.get(lease)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
             for item in results:
                 if isinstance(item, BaseException) and not refused_for_its_data(item):
@@ -545,6 +618,8 @@ class FleetMember:
 
         reply = await self._link.call(exchange, once=True)  # increments: not asked again
         self._flushed_calls, self._flushed_keys = now.leader_calls, now.leader_keys
+        held, reply = reply[-len(leases) :], reply[: -len(leases)]
+        self._leader_ids = tuple(_holder(value) for value in held)
         figures = reply[-2] if isinstance(reply[-2], dict) else {}
         self._fleet_calls = _counter(figures.get("batch_calls"))
         self._fleet_keys = _counter(figures.get("keys_polled"))
@@ -554,6 +629,13 @@ class FleetMember:
         age = ages.get(self._member_id)
         has_info = reply[-1] not in (False, 0)  # only a definite "no" (not a refusal) counts
         return has_info and age is not None and age <= timeout
+
+
+def _holder(lease: object) -> str | None:
+    """The member holding a lease (``"<member>|<token>"``), None for none (or garbled)."""
+    if not isinstance(lease, str) or "|" not in lease:
+        return None
+    return lease.rpartition("|")[0] or None
 
 
 def _counter(raw: object) -> int:
