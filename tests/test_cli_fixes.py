@@ -127,17 +127,19 @@ async def test_a_backlog_of_rows_on_a_slow_but_steady_disk_is_no_stalled_disk() 
 
 
 @pytest.mark.long
+@pytest.mark.parametrize("fault", ["cost_unreported", "cost_zero"])
 async def test_a_rerun_sends_no_new_probe_for_a_kind_whose_cost_was_never_reported(
-    tmp_path: Path,
+    tmp_path: Path, fault: str
 ) -> None:
     """A gateway that reports no cost, ``--max-points 20`` and no ``--point-price``: the first
     run sends one job of the kind to learn its price (it is never told) and keeps the rest
     back; a re-run knows from the manifest that such a job was charged at an unknown price,
     and sends nothing more of the kind: its lines end ``not_sent`` (``unpriced``) with the
     advice to pass ``--point-price``, exit 1. Each re-run sent one more such job (5 re-runs of
-    the same command charged 80 points on the 20-point budget)."""
+    the same command charged 80 points on the 20-point budget). A cost reported as 0 (a
+    gateway that says 0 until the cost is settled) is none reported: it was read as paid 0."""
     async with served_emulator(tmp_path) as emu:
-        await emu.set_faults(cost_unreported=1.0)
+        await emu.set_faults(**{fault: 1.0})
         rows = tmp_path / "rows.jsonl"
         rows.write_text("".join(json.dumps({"prompt": f"p{i}", "n": 2}) + "\n" for i in range(6)))
         out = tmp_path / "out"
@@ -199,6 +201,7 @@ async def test_collecting_with_refused_credentials_stops_at_once_with_exit_3(
             summary = json.loads(stdout)
             assert summary["exit_code"] == 3
             assert "refused the credentials" in summary["stopped"], summary
+            assert "HTTP None" not in summary["stopped"], summary
             assert summary["pending"] == 2 and not any(summary["outcomes"].values()), summary
         # Every line's last row: pending, with its key (nothing ended "timed out").
         last = {record["line"]: record for record in manifest(out)}

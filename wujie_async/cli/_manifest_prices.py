@@ -212,7 +212,10 @@ def _unreported_requests(
     requests: list[dict[str, Any]] = []
     for mine in rows.values():
         saved = [record for record in mine if record.get("status") == "saved"]
-        if not saved or any(_points_of(record) is not None for record in mine):
+        # A cost of 0 for a job that saved its images is no cost reported (a gateway that
+        # says 0 until the cost is settled), as the library's budget reads it: counted as 0,
+        # each re-run under --max-points paid one more job past the budget.
+        if not saved or any((_points_of(record) or 0) > 0 for record in mine):
             continue
         first = saved[0]
         body = recorded_request(first, dict(bodies.get(str(first.get("tag"))) or {}))

@@ -69,9 +69,9 @@ def fix_message(exc: BaseException, base_url: str, *, app_id_flag: bool) -> str:
     """The one line that says what stopped the run and what to change."""
     where = "--app-id" if app_id_flag else "WUJIE_APP_ID"
     if isinstance(exc, AuthenticationError):
-        status = exc.http_status
+        status = "" if exc.http_status is None else f"HTTP {exc.http_status}: "
         return (
-            f"stopped: the gateway refused the credentials (HTTP {status}: {clean(exc.message)}); "
+            f"stopped: the gateway refused the credentials ({status}{clean(exc.message)}); "
             f"check {where} and WUJIE_PRIVATE_KEY (or --private-key-file), and the clock"
         )
     if isinstance(exc, InsufficientBalanceError):
