@@ -193,11 +193,10 @@ async def test_collecting_with_refused_credentials_stops_at_once_with_exit_3(
         refused = emu.env | {"WUJIE_PRIVATE_KEY": _another_accounts_key()}
         journal = str(out / "journal.sqlite")
         for command in (("resume", journal, "-o", str(out)), ("bulk", str(rows), "-o", str(out))):
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            # Within seconds: the timeout fails the test (the jobs' deadline was 902 s); no
+            # tighter bound on the clock, which a loaded machine would break.
             code, stdout, err = await cli(*command, "--json", env=refused, timeout=20, process=True)
             assert code == 3, err
-            assert loop.time() - started < 10
             summary = json.loads(stdout)
             assert summary["exit_code"] == 3
             assert "refused the credentials" in summary["stopped"], summary

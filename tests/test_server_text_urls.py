@@ -54,6 +54,12 @@ WITH_PASSWORD = f"https://user:{PASSWORD}@cdn.example.com/img/0.png#frag"
             f"<p>moved to <a href='{SIGNED}'>{SIGNED}</a></p>",
             "moved to https://cdn.example.com/img/K00000/0.png?<hidden>",
         ),
+        (
+            # A password holding an unescaped '@': the host follows the last '@', as for
+            # urllib and yarl (it showed "<hidden>@ss@cdn...", the password's tail).
+            "see https://user:p@ss@cdn.example.com/a.png",
+            "see https://<hidden>@cdn.example.com/a.png",
+        ),
         ("no url here? fine", "no url here? fine"),
         ("https://cdn.example.com/plain.png", "https://cdn.example.com/plain.png"),
         ("mail me at someone@example.com?", "mail me at someone@example.com?"),

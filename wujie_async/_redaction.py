@@ -32,13 +32,15 @@ _recent: deque[frozenset[str]] = deque(maxlen=_KEPT)
 _pieces: frozenset[str] = frozenset()  # every piece of the recent signatures
 
 
-# A URL in free text: its scheme, ``user:password@`` if any, where it points, its query, its
-# fragment. JSON's escaped slashes (``https:\/\/``) count: a reply's body is quoted as sent.
+# A URL in free text: its scheme, ``user:password@`` if any (up to the last ``@`` before the
+# path, as urllib and yarl split it: a password may hold an unescaped ``@``), where it points,
+# its query, its fragment. JSON's escaped slashes (``https:\/\/``) count: a reply's body is
+# quoted as sent.
 # A query or fragment ends at whitespace, a quote or an angle bracket (the text around it).
 _URL_IN_TEXT = re.compile(
     r"""
     (?P<scheme> \b[A-Za-z][A-Za-z0-9+.-]{0,31}:\\?/\\?/ )
-    (?P<userinfo> [^\s/\\?#@"'<>`]*@ )?
+    (?P<userinfo> [^\s/\\?#"'<>`]*@ )?
     (?P<where> [^\s?#"'<>`]* )
     (?P<query> \?[^\s#"'<>`]+ )?
     (?P<fragment> \#[^\s"'<>`]+ )?
