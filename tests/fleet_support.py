@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import pytest
 
-from wujie_async import Limits, PollPolicy, WujieClient
+from wujie_async import FleetStats, Limits, PollPolicy, WujieClient
 from wujie_async.emulator import Emulator
 
 from .conftest import FAST_POLL, INSTANT_RETRY
@@ -293,3 +293,10 @@ def member(
         limits=limits,
         fleet=RedisFleet(url, name=name, **fleet_options),  # type: ignore[arg-type]
     )
+
+
+def fleet_of(client: WujieClient) -> FleetStats:
+    """The fleet's stats as ``client`` sees them (a member's: never None)."""
+    stats = client.stats.fleet
+    assert stats is not None
+    return stats

@@ -20,7 +20,6 @@ import aiohttp.abc
 import pytest
 
 from wujie_async import (
-    FleetStats,
     InvalidRequestError,
     JobProtocolError,
     JobTimeoutError,
@@ -43,7 +42,15 @@ from wujie_async.fleet._membership import Membership, new_member_id
 from wujie_async.testing import INSTANT_RETRY
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .fleet_support import any_redis, fleet_name, forget_fleet, free_port, member, own_redis
+from .fleet_support import (
+    any_redis,
+    fleet_name,
+    fleet_of,
+    forget_fleet,
+    free_port,
+    member,
+    own_redis,
+)
 from .helpers import eventually
 from .hostile import all_running, images_at, scripted_gateway, throwaway_credentials
 
@@ -54,12 +61,6 @@ pytestmark = pytest.mark.anyio
 async def url(tmp_path: Path) -> AsyncIterator[str]:
     async with any_redis(tmp_path) as redis_url:
         yield redis_url
-
-
-def fleet_of(client: WujieClient) -> FleetStats:
-    stats = client.stats.fleet
-    assert stats is not None
-    return stats
 
 
 def roles(*clients: WujieClient) -> list[str]:

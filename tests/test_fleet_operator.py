@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from wujie_async import Credentials, FleetStats, InvalidRequestError, WujieClient
+from wujie_async import Credentials, InvalidRequestError, WujieClient
 from wujie_async.fleet import RedisFleet
 from wujie_async.testing import INSTANT_RETRY
 
 from .conftest import FAST_POLL, EmulatorFactory
-from .fleet_support import any_redis, emulator_process, fleet_name, forget_fleet, member
+from .fleet_support import any_redis, emulator_process, fleet_name, fleet_of, forget_fleet, member
 from .helpers import eventually, reported_locals, stop_process
 
 pytestmark = pytest.mark.anyio
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.anyio
 async def url(tmp_path: Path) -> AsyncIterator[str]:
     async with any_redis(tmp_path) as redis_url:
         yield redis_url
-
-
-def fleet_of(client: WujieClient) -> FleetStats:
-    stats = client.stats.fleet
-    assert stats is not None
-    return stats
 
 
 @pytest.mark.parametrize(
