@@ -56,6 +56,14 @@ _DRIFT = 0.02  # trust the lease 2% less than its TTL: clocks of Redis and membe
 _RETRY = 0.5  # a member waiting for a lease tries at least this often
 
 
+def lease_holder(lease: object) -> str | None:
+    """The member holding a lease, from the lease key's value (``"<member>|<token>"``, as read
+    from Redis); None for no lease (or a garbled one)."""
+    if not isinstance(lease, str) or "|" not in lease:
+        return None
+    return lease.rpartition("|")[0] or None
+
+
 class LeaderLease:
     """The lease of one shard, as one member holds it or waits for it."""
 

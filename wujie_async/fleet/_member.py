@@ -33,7 +33,7 @@ from ._exchange import Inbox
 from ._follower import Follower
 from ._journal import RedisJournal
 from ._leader import ShardLeader
-from ._lease import LeaderLease
+from ._lease import LeaderLease, lease_holder
 from ._limiter import FleetLimiter
 from ._link import FleetConnection, refused_for_its_data, stop_task
 from ._membership import Membership, new_member_id
@@ -619,7 +619,7 @@ class FleetMember:
         reply = await self._link.call(exchange, once=True)  # increments: not asked again
         self._flushed_calls, self._flushed_keys = now.leader_calls, now.leader_keys
         held, reply = reply[-len(leases) :], reply[: -len(leases)]
-        self._leader_ids = tuple(_holder(value) for value in held)
+        self._leader_ids = tuple(lease_holder(value) for value in held)
         figures = reply[-2] if isinstance(reply[-2], dict) else {}
         self._fleet_calls = _counter(figures.get("batch_calls"))
         self._fleet_keys = _counter(figures.get("keys_polled"))
@@ -629,13 +629,6 @@ class FleetMember:
         age = ages.get(self._member_id)
         has_info = reply[-1] not in (False, 0)  # only a definite "no" (not a refusal) counts
         return has_info and age is not None and age <= timeout
-
-
-def _holder(lease: object) -> str | None:
-    """The member holding a lease (``"<member>|<token>"``), None for none (or garbled)."""
-    if not isinstance(lease, str) or "|" not in lease:
-        return None
-    return lease.rpartition("|")[0] or None
 
 
 def _counter(raw: object) -> int:
